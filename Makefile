@@ -1,0 +1,152 @@
+# duogen — the one build entry.
+#
+#   make            build/duogend, build/duogenctl, build/libduogen.a, tools, tests
+#   make deps       install the Debian packages the build and the tests need (when missing)
+#   make test       build everything and run every test; the last line is "N passed, N failed"
+#   make bench      benchmarks; figures on stdout, JSON under build/bench/
+#   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
+#   make demo       the main job on the default model (arrives with the engine, issue 7)
+#   make install    PREFIX=/usr/local DESTDIR=
+#
+# Where sources live decides what they become, so a new unit needs no Makefile edit:
+#   engine/*.c kernels/cpu/*.c  -> build/libduogen.a          (the engine; no Redis, no protobuf)
+#   daemon/*.c                  -> build/duogend              (links libduogen)
+#   tools/<name>/*.c            -> build/<name>               (links libduogen and the protocol)
+#   tests/test_*.c              -> build/tests/test_*         (one unit-test program each)
+#   tests/fuzz_*.c              -> build/fuzz/fuzz_*          (libFuzzer targets, `make fuzz`)
+#   tests/engine_fake/*.c       -> build/tests/duogend-fake   (duogend over the test engine;
+#                                                              never installed)
+
+CC      ?= cc
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BUILD   := build
+
+OPENBLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
+OPENBLAS_LIB := /usr/lib/x86_64-linux-gnu/openblas-openmp
+
+PKGS      := hiredis libprotobuf-c libpng libsystemd libpcre2-8 libutf8proc jansson libturbojpeg
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+WARN     := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-missing-braces
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(WARN) -MMD -MP \
+            -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
+LDLIBS   += $(PKG_LIBS) -L$(OPENBLAS_LIB) -Wl,-rpath,$(OPENBLAS_LIB) -lopenblas -fopenmp -lpthread -lm
+
+PROTO_C  := $(BUILD)/gen/duogen.pb-c.c
+PROTO_H  := $(BUILD)/gen/duogen.pb-c.h
+PROTO_PY := $(BUILD)/gen/python/duogen_pb2.py
+
+ENGINE_SRC := $(wildcard engine/*.c kernels/cpu/*.c)
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o)
+LIB        := $(BUILD)/libduogen.a
+
+DAEMON_SRC := $(wildcard daemon/*.c)
+DAEMON_OBJ := $(DAEMON_SRC:%.c=$(BUILD)/obj/%.o)
+# duogend's objects without its main(), shared with the test build of the daemon
+DAEMON_LIB_OBJ := $(filter-out $(BUILD)/obj/daemon/main.o,$(DAEMON_OBJ))
+PROTO_OBJ  := $(BUILD)/obj/gen/duogen.pb-c.o
+
+TOOLS      := $(notdir $(patsubst %/,%,$(sort $(dir $(wildcard tools/*/*.c)))))
+TOOL_BINS  := $(TOOLS:%=$(BUILD)/%)
+
+TEST_SRC   := $(wildcard tests/test_*.c)
+TEST_BINS  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+TEST_COMMON_SRC := $(wildcard tests/common/*.c)
+TEST_COMMON_OBJ := $(TEST_COMMON_SRC:%.c=$(BUILD)/obj/%.o)
+FAKE_SRC   := $(wildcard tests/engine_fake/*.c)
+FAKE_OBJ   := $(FAKE_SRC:%.c=$(BUILD)/obj/%.o)
+FAKE_BIN   := $(if $(FAKE_SRC),$(BUILD)/tests/duogend-fake)
+
+FUZZ_SRC   := $(wildcard tests/fuzz_*.c)
+FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
+
+ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY)
+
+.PHONY: all deps test bench bench-queue fuzz demo install clean
+all: $(LIB) $(ALL_BINS)
+
+# ---- protocol: generated at build time, never committed -------------------------------
+$(PROTO_C) $(PROTO_H): proto/duogen.proto
+	@mkdir -p $(BUILD)/gen
+	protoc-c --proto_path=proto --c_out=$(BUILD)/gen proto/duogen.proto
+
+$(PROTO_PY): proto/duogen.proto
+	@mkdir -p $(BUILD)/gen/python
+	protoc --proto_path=proto --python_out=$(BUILD)/gen/python proto/duogen.proto
+
+$(PROTO_OBJ): $(PROTO_C)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Wno-unused-parameter -c $< -o $@
+
+# every object may include the generated header: build it first
+$(BUILD)/obj/%.o: %.c | $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+# ---- the engine library ----------------------------------------------------------------
+$(LIB): $(ENGINE_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+# ---- the worker ----------------------------------------------------------------------
+$(BUILD)/duogend: $(DAEMON_OBJ) $(PROTO_OBJ) $(LIB)
+	$(CC) $(CFLAGS) -o $@ $(DAEMON_OBJ) $(PROTO_OBJ) $(LIB) $(LDLIBS)
+
+$(FAKE_BIN): $(BUILD)/obj/daemon/main.o $(DAEMON_LIB_OBJ) $(FAKE_OBJ) $(PROTO_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+# ---- tools: one binary per folder ------------------------------------------------------
+define tool_rule
+$(BUILD)/$(1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(PROTO_OBJ) $(LIB)
+	$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
+endef
+$(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
+
+# ---- unit tests ----------------------------------------------------------------------
+$(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+test: all
+	tests/run-all
+
+# ---- fuzzing: clang with libFuzzer and ASan/UBSan, a bounded time per target ----------
+FUZZ_SECONDS ?= 30
+FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined \
+               -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
+$(BUILD)/fuzz/fuzz_%: tests/fuzz_%.c $(ENGINE_SRC) $(PROTO_C)
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -fopenmp -o $@ $< $(ENGINE_SRC) $(PROTO_C) $(LDLIBS)
+
+fuzz: $(FUZZ_BINS)
+	@set -e; for f in $(FUZZ_BINS); do \
+	  mkdir -p $(BUILD)/fuzz/corpus/$$(basename $$f); \
+	  echo "fuzz: $$f for $(FUZZ_SECONDS) s"; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(BUILD)/fuzz/corpus/$$(basename $$f) \
+	      $$( [ -d tests/fuzz-seeds/$$(basename $$f) ] && echo tests/fuzz-seeds/$$(basename $$f) ); \
+	done
+
+# ---- benchmarks ----------------------------------------------------------------------
+bench: bench-queue
+
+bench-queue: all
+	@mkdir -p $(BUILD)/bench
+	/usr/bin/python3 tools/bench/bench_queue.py --json $(BUILD)/bench/queue.json
+
+# ---- set-up --------------------------------------------------------------------------
+deps:
+	tools/deps.sh
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(BUILD)/duogend $(DESTDIR)$(PREFIX)/bin/duogend
+	install -m 0755 $(BUILD)/duogenctl $(DESTDIR)$(PREFIX)/bin/duogenctl
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,220 @@
+/* duogen.h — the engine's public interface: the only engine header the daemon includes.
+ *
+ * The engine turns a conversation (text and images) into an interleaved answer: the MLLM
+ * writes text, and on <BOV> the DiT draws an image that goes back into the context. It
+ * knows nothing of Redis or protobuf; results leave through a table of callbacks.
+ *
+ * Usage (one thread owns a scheduler; a model may be shared by several schedulers):
+ *
+ *     dg_model *m; dg_sched *s; char err[256]; uint64_t seq;
+ *     if (dg_model_open("models/tiny", &(dg_model_opts){.device = "cpu"}, &m, err, sizeof err))
+ *         die("%s", err);
+ *     if (dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err))
+ *         die("%s", err);
+ *     dg_sched_submit(s, &request, &sink, &seq, err, sizeof err);
+ *     while (dg_sched_active(s) > 0)
+ *         if (dg_sched_step(s, err, sizeof err) < 0) die("%s", err);   // fatal: exit
+ *     dg_sched_free(s);
+ *     dg_model_close(m);
+ *
+ * Errors are negative DG_E* values; dg_error_class() tells what the caller should do.
+ * Error messages name what was wrong ("image 2: not a PNG or JPEG (first bytes 47 49 46)").
+ */
+#ifndef DUOGEN_H
+#define DUOGEN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- errors ---------------------------------------------------------------------------
+ * Each code belongs to one class:
+ *   bad input  the request is wrong: fail the job with the message, keep the worker;
+ *   retryable  a passing condition (memory pressure, capacity): the job may run again later;
+ *   fatal      the engine cannot go on (device fault, broken model): the process should exit
+ *              and let its supervisor restart it. */
+enum {
+    DG_OK        = 0,
+    DG_EINVAL    = -1,  /* bad input: malformed request or parameter out of range */
+    DG_EIMAGE    = -2,  /* bad input: an image that cannot be decoded or is too large */
+    DG_ELIMIT    = -3,  /* bad input: over a configured limit (tokens, pixels, images) */
+    DG_EAGAIN    = -4,  /* retryable: no free slot or cache capacity now */
+    DG_ENOMEM    = -5,  /* retryable: an allocation failed */
+    DG_EMODEL    = -6,  /* fatal: the model package is missing, malformed or inconsistent */
+    DG_EDEVICE   = -7,  /* fatal: the compute device failed */
+    DG_EINTERNAL = -8,  /* fatal: a broken invariant inside the engine */
+};
+
+typedef enum {
+    DG_ERROR_BAD_INPUT,
+    DG_ERROR_RETRYABLE,
+    DG_ERROR_FATAL,
+} dg_error_class_t;
+
+dg_error_class_t dg_error_class(int code);
+const char      *dg_error_name(int code);   /* "EINVAL", ...; never NULL */
+
+/* ---- requests ---------------------------------------------------------------------------
+ * All request memory is borrowed for the duration of dg_sched_submit(): the engine copies
+ * (or decodes) what it keeps. */
+
+typedef enum { DG_PART_TEXT, DG_PART_IMAGE } dg_part_kind;
+
+typedef struct {
+    dg_part_kind   kind;
+    const char    *text;        /* DG_PART_TEXT: UTF-8, text_len bytes */
+    size_t         text_len;
+    const uint8_t *image;       /* DG_PART_IMAGE: encoded PNG or JPEG bytes */
+    size_t         image_len;
+} dg_part;
+
+typedef enum { DG_ROLE_SYSTEM, DG_ROLE_USER, DG_ROLE_ASSISTANT } dg_role;
+
+typedef struct {
+    dg_role        role;
+    const dg_part *parts;
+    size_t         n_parts;
+} dg_message;
+
+typedef struct {
+    int32_t token;
+    float   bias;               /* added to the token's logit; -INFINITY bans it */
+} dg_logit_bias;
+
+/* A zero field means "the model's default" (duogen.json). */
+typedef struct {
+    int32_t              max_new_tokens;
+    float                temperature;      /* 0 with do_sample off = greedy */
+    float                top_p;
+    int32_t              top_k;
+    float                repetition_penalty;
+    const char *const   *stop;             /* stop strings, n_stop of them */
+    size_t               n_stop;
+    const dg_logit_bias *logit_bias;
+    size_t               n_logit_bias;
+} dg_text_params;
+
+typedef struct {
+    int32_t width, height;      /* pixels of generated images */
+    int32_t steps;              /* denoising steps */
+    float   guidance_scale;
+    int32_t max_images;         /* after this many images <BOV> is banned */
+    float   shift;              /* flow-matching schedule shift */
+} dg_image_params;
+
+typedef struct {
+    const char *key;
+    const char *value;
+} dg_kv;
+
+typedef struct {
+    const char       *id;                /* job id, for messages and PNG text chunks */
+    const dg_message *messages;
+    size_t            n_messages;
+    dg_text_params    text;
+    dg_image_params   image;
+    uint64_t          seed;
+    int64_t           deadline_unix_ms;  /* 0: none; past it the sequence ends DG_FINISH_DEADLINE */
+    const dg_kv      *metadata;          /* free-form job metadata, n_metadata pairs */
+    size_t            n_metadata;
+} dg_request;
+
+/* ---- results ------------------------------------------------------------------------------ */
+
+typedef enum {
+    DG_FINISH_STOP,        /* EOS or a stop string */
+    DG_FINISH_LENGTH,      /* max_new_tokens reached */
+    DG_FINISH_CANCELLED,   /* dg_sched_cancel() */
+    DG_FINISH_DEADLINE,    /* deadline_unix_ms passed */
+} dg_finish_reason;
+
+typedef struct {
+    int64_t prompt_tokens;
+    int64_t cached_prompt_tokens;    /* served by the prefix KV cache */
+    int64_t generated_tokens;
+    int64_t images;
+    int64_t cached_latents;          /* condition images whose VAE latent came from the cache */
+    int64_t cached_vision;           /* images whose vision-tower output came from the cache */
+} dg_usage;
+
+typedef struct {
+    double prefill_ms, decode_ms, vision_ms, diffusion_ms, vae_ms, total_ms;
+} dg_timings;
+
+/* Callbacks run on the thread that calls dg_sched_step() (or dg_sched_submit() for errors
+ * found there). Pointers passed in are borrowed for the call only. Exactly one of
+ * finished() and failed() is called per submitted sequence, and nothing after it. */
+typedef struct {
+    void *user;
+    void (*text)(void *user, const char *delta, size_t len);            /* whole UTF-8 characters */
+    void (*image_started)(void *user, int index, int width, int height, int steps);
+    void (*step)(void *user, int index, int step, int steps);           /* after denoising step `step` (1-based) */
+    void (*image_done)(void *user, int index, int width, int height,
+                       const uint8_t *png, size_t png_len);
+    void (*finished)(void *user, dg_finish_reason reason, const dg_usage *usage,
+                     const dg_timings *timings);
+    void (*failed)(void *user, int code, const char *message);
+} dg_sink;
+
+/* ---- model and scheduler ------------------------------------------------------------------- */
+
+typedef struct dg_model dg_model;   /* loaded weights; read-only after open, shareable */
+typedef struct dg_sched dg_sched;   /* one per worker thread: sequences, KV blocks, caches */
+
+typedef struct {
+    const char *device;             /* "cpu" or "cuda:N"; NULL = "cpu" */
+    int         threads;            /* CPU threads; 0 = all cores */
+    /* Called now and then during a long load (at least every few seconds), so that a
+     * supervisor can be told the process is alive. May be NULL. */
+    void      (*progress)(void *user, const char *phase, double fraction);
+    void       *progress_user;
+} dg_model_opts;
+
+typedef struct {
+    int     max_inflight;           /* sequences stepped together; 0 = 1 */
+    size_t  kv_cache_bytes;         /* prefix KV cache budget; 0 = the model's default */
+    size_t  latent_cache_bytes;     /* VAE latent cache budget */
+    size_t  vision_cache_bytes;     /* vision-tower output cache budget */
+} dg_sched_opts;
+
+/* Cache counters, cumulative since dg_sched_new(). */
+typedef struct {
+    int64_t kv_hits, kv_misses;         size_t kv_bytes;
+    int64_t latent_hits, latent_misses; size_t latent_bytes;
+    int64_t vision_hits, vision_misses; size_t vision_bytes;
+} dg_cache_stats;
+
+/* A one-line description of the loaded model ("tiny: qwen2.5-vl 2L/64d + cosmos 2L"). */
+const char *dg_model_describe(const dg_model *m);
+
+int  dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen);
+void dg_model_close(dg_model *m);   /* accepts NULL */
+
+int  dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen);
+void dg_sched_free(dg_sched *s);    /* accepts NULL; ends live sequences without callbacks */
+
+/* Admits a request. On success *seq names the sequence and the sink will hear of it until
+ * finished() or failed(). A bad request returns its DG_E* code with the message in err and
+ * the sink is not called. DG_EAGAIN when max_inflight sequences are active. */
+int  dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint64_t *seq,
+                     char *err, size_t errlen);
+
+/* Advances every active sequence by one decode token or one denoising step. Per-sequence
+ * problems go to that sequence's failed() and return 0; a negative return is fatal for the
+ * whole scheduler (the caller should exit). */
+int  dg_sched_step(dg_sched *s, char *err, size_t errlen);
+
+/* Asks a sequence to stop: its finished(DG_FINISH_CANCELLED) arrives during the next
+ * dg_sched_step(). Returns DG_EINVAL for an unknown or ended sequence. */
+int  dg_sched_cancel(dg_sched *s, uint64_t seq);
+
+int  dg_sched_active(const dg_sched *s);
+void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs the Debian 12 packages that duogen builds, tests and demos with, when missing.
+# Runs as root (or through sudo when it is there). Safe to run again.
+set -e
+PKGS="build-essential pkg-config clang
+libhiredis-dev redis-server redis-tools
+protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
+libpng-dev libturbojpeg0-dev libjpeg62-turbo-dev
+libsystemd-dev systemd
+libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libjansson-dev
+python3 python3-redis python3-protobuf python3-pytest python3-venv"
+
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && { echo "deps: all packages present"; exit 0; }
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO=sudo
+echo "deps: installing$missing"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing

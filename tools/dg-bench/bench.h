@@ -1,0 +1,32 @@
+/* dg-bench: each benchmark registers itself with DG_BENCH(name, fn) in its own file under
+ * tools/dg-bench/, and main.c runs the ones named on the command line (all by default).
+ *
+ * A benchmark prints its figures on stdout, one line each, and adds them to the JSON
+ * report with bench_record(). No benchmark asserts a time. */
+#ifndef DG_BENCH_H
+#define DG_BENCH_H
+
+#include <jansson.h>
+
+typedef struct {
+    int         threads;        /* --threads N (0 = the benchmark's default) */
+    const char *model_dir;      /* --model DIR, or NULL */
+    const char *vocab_dir;      /* --vocab DIR, or NULL */
+    int         quick;          /* --quick: smaller sizes, for a smoke run */
+    json_t     *report;         /* object: benchmark name -> object of figures */
+} bench_ctx;
+
+typedef int (*bench_fn)(bench_ctx *ctx, json_t *out);   /* 0 or a negative error */
+
+void   bench_register(const char *name, const char *what, bench_fn fn);
+double bench_now_ms(void);   /* monotonic clock */
+
+/* Records one figure under the benchmark's JSON object and prints "name: value unit". */
+void   bench_record(json_t *out, const char *name, double value, const char *unit);
+
+#define DG_BENCH(name, what, fn)                                                   \
+    __attribute__((constructor)) static void bench_register_##name(void) {         \
+        bench_register(#name, what, fn);                                           \
+    }
+
+#endif

@@ -1,0 +1,86 @@
+/* dg-bench — the engine's benchmarks.
+ *
+ *   dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] [--quick] [NAME...]
+ *   dg-bench --list
+ */
+#include "bench.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define BENCH_MAX 64
+
+static struct bench_entry { const char *name, *what; bench_fn fn; } benches[BENCH_MAX];
+static int n_benches;
+
+void bench_register(const char *name, const char *what, bench_fn fn) {
+    if (n_benches < BENCH_MAX) benches[n_benches++] = (struct bench_entry){name, what, fn};
+}
+
+double bench_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+void bench_record(json_t *out, const char *name, double value, const char *unit) {
+    json_object_set_new(out, name, json_real(value));
+    printf("  %-44s %12.3f %s\n", name, value, unit);
+    fflush(stdout);
+}
+
+static int by_name(const void *a, const void *b) {
+    return strcmp(((const struct bench_entry *)a)->name, ((const struct bench_entry *)b)->name);
+}
+
+static int usage(void) {
+    fprintf(stderr, "usage: dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] "
+                    "[--quick] [--list] [NAME...]\n");
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    bench_ctx ctx = {0};
+    const char *json_path = NULL;
+    const char *names[BENCH_MAX];
+    int n_names = 0;
+
+    qsort(benches, (size_t)n_benches, sizeof benches[0], by_name);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--json") && i + 1 < argc) json_path = argv[++i];
+        else if (!strcmp(a, "--threads") && i + 1 < argc) ctx.threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--model") && i + 1 < argc) ctx.model_dir = argv[++i];
+        else if (!strcmp(a, "--vocab") && i + 1 < argc) ctx.vocab_dir = argv[++i];
+        else if (!strcmp(a, "--quick")) ctx.quick = 1;
+        else if (!strcmp(a, "--list")) {
+            for (int b = 0; b < n_benches; b++) printf("%-20s %s\n", benches[b].name, benches[b].what);
+            return 0;
+        } else if (a[0] == '-') return usage();
+        else if (n_names < BENCH_MAX) names[n_names++] = a;
+    }
+
+    ctx.report = json_object();
+    int failed = 0;
+    for (int b = 0; b < n_benches; b++) {
+        int wanted = n_names == 0;
+        for (int k = 0; k < n_names; k++) wanted |= !strcmp(names[k], benches[b].name);
+        if (!wanted) continue;
+        printf("%s: %s\n", benches[b].name, benches[b].what);
+        json_t *out = json_object();
+        int rc = benches[b].fn(&ctx, out);
+        if (rc < 0) {
+            fprintf(stderr, "dg-bench: %s failed (%d)\n", benches[b].name, rc);
+            failed++;
+        }
+        json_object_set_new(ctx.report, benches[b].name, out);
+    }
+    if (json_path && json_dump_file(ctx.report, json_path, JSON_INDENT(2) | JSON_SORT_KEYS) != 0) {
+        fprintf(stderr, "dg-bench: cannot write \"%s\"\n", json_path);
+        failed++;
+    }
+    json_decref(ctx.report);
+    return failed ? 1 : 0;
+}
