@@ -29,7 +29,7 @@ PKGS      := hiredis libprotobuf-c libpng libsystemd libpcre2-8 libutf8proc jans
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
-WARN     := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-missing-braces
+WARN     := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-missing-braces -Wno-format-truncation
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(WARN) -MMD -MP \
             -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
@@ -84,32 +84,38 @@ $(PROTO_OBJ): $(PROTO_C)
 # every object may include the generated header: build it first
 $(BUILD)/obj/%.o: %.c | $(PROTO_H)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	@echo "  CC      $<"
+	@$(CC) $(CFLAGS) -c $< -o $@
 
 # ---- the engine library ----------------------------------------------------------------
 $(LIB): $(ENGINE_OBJ)
 	@mkdir -p $(dir $@)
-	rm -f $@ && ar rcs $@ $^
+	@echo "  AR      $@"
+	@rm -f $@ && ar rcs $@ $^
 
 # ---- the worker ----------------------------------------------------------------------
 $(BUILD)/duogend: $(DAEMON_OBJ) $(PROTO_OBJ) $(LIB)
-	$(CC) $(CFLAGS) -o $@ $(DAEMON_OBJ) $(PROTO_OBJ) $(LIB) $(LDLIBS)
+	@echo "  LD      $@"
+	@$(CC) $(CFLAGS) -o $@ $(DAEMON_OBJ) $(PROTO_OBJ) $(LIB) $(LDLIBS)
 
-$(FAKE_BIN): $(BUILD)/obj/daemon/main.o $(DAEMON_LIB_OBJ) $(FAKE_OBJ) $(PROTO_OBJ)
+$(FAKE_BIN): $(BUILD)/obj/daemon/main.o $(DAEMON_LIB_OBJ) $(FAKE_OBJ) $(BUILD)/obj/engine/error.o $(PROTO_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+	@echo "  LD      $@"
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
 # ---- tools: one binary per folder ------------------------------------------------------
 define tool_rule
 $(BUILD)/$(1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(PROTO_OBJ) $(LIB)
-	$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
+	@echo "  LD      $$@"
+	@$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
 endef
 $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
 
 # ---- unit tests ----------------------------------------------------------------------
 $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+	@echo "  LD      $@"
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
 test: all
 	tests/run-all

@@ -1,1 +1,124 @@
-int main(void) { return 0; }
+/* duogend — the duogen worker daemon.
+ *
+ *   duogend [--config FILE] [--redis URL] [--model DIR] [--device cpu|cuda:N] [--KEY VALUE]...
+ *
+ * Exit status: 0 after a clean stop; 75 when the engine failed (systemd restarts it);
+ * 78 for a configuration problem, a model that cannot be opened, or Redis refusing our
+ * credentials or commands (RestartPreventExitStatus=78 keeps systemd from looping). */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "duogen.h"
+#include "log.h"
+#include "notify.h"
+#include "worker.h"
+
+#define EX_TEMPFAIL 75
+#define EX_CONFIG   78
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig) {
+    (void)sig;
+    if (stop_requested < 2) stop_requested++;   /* the second signal: stop now */
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: duogend [--config FILE] [--SETTING VALUE]...\n\nsettings:\n");
+    dg_config_usage();
+}
+
+/* While the model loads: a STATUS= line and EXTEND_TIMEOUT_USEC= so that systemd's start
+ * timeout follows the load instead of cutting it. */
+static void on_load_progress(void *user, const char *phase, double fraction) {
+    (void)user;
+    dg_notify_status("loading model: %s %.0f%%", phase, fraction * 100);
+    dg_notify_extend(30u * 1000000u);
+}
+
+int main(int argc, char **argv) {
+    dg_config cfg;
+    char err[1024];
+    dg_config_defaults(&cfg);
+    dg_log_init();
+    dg_notify_init();
+
+    /* --config first, so that the other options override the file */
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage();
+            return 0;
+        }
+        if (!strcmp(argv[i], "--config") && i + 1 < argc && dg_config_load(&cfg, argv[i + 1], err, sizeof err)) {
+            fprintf(stderr, "duogend: %s\n", err);
+            return EX_CONFIG;
+        }
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--config")) { i++; continue; }
+        if (strncmp(a, "--", 2) || i + 1 >= argc) {
+            fprintf(stderr, "duogend: unexpected argument \"%s\"\n", a);
+            usage();
+            return EX_CONFIG;
+        }
+        const char *key = a + 2;
+        if (!strcmp(key, "redis")) key = "redis_url";
+        if (dg_config_set(&cfg, key, argv[++i], err, sizeof err)) {
+            fprintf(stderr, "duogend: %s\n", err);
+            return EX_CONFIG;
+        }
+    }
+    if (dg_config_finish(&cfg, err, sizeof err)) {
+        fprintf(stderr, "duogend: %s\n", err);
+        return EX_CONFIG;
+    }
+    dg_log_level = dg_log_parse_level(cfg.log_level);
+    srand((unsigned)time(NULL) ^ (unsigned)getpid());
+
+    struct sigaction sa = {0};
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    log_info("worker \"%s\" starting: model \"%s\" on %s, Redis %s, prefix \"%s\", group \"%s\"",
+             cfg.worker_id, cfg.model, cfg.device, cfg.sentinel[0] ? cfg.sentinel : cfg.redis_url,
+             cfg.prefix, cfg.group);
+    dg_notify_status("loading model %s", cfg.model);
+    dg_notify_extend(30u * 1000000u);
+
+    dg_model *model = NULL;
+    dg_model_opts mo = {.device = cfg.device, .threads = cfg.threads, .progress = on_load_progress};
+    int rc = dg_model_open(cfg.model, &mo, &model, err, sizeof err);
+    if (rc) {
+        log_error("cannot open the model: %s", err);
+        dg_notify_status("failed: %s", err);
+        return dg_error_class(rc) == DG_ERROR_RETRYABLE || rc == DG_EDEVICE ? EX_TEMPFAIL : EX_CONFIG;
+    }
+    log_info("model loaded: %s", dg_model_describe(model));
+
+    dg_worker w;
+    rc = dg_worker_init(&w, &cfg, model, &stop_requested, err, sizeof err);
+    if (rc) {
+        log_error("%s", err);
+        dg_worker_free(&w);
+        dg_model_close(model);
+        return rc == DG_EDEVICE || dg_error_class(rc) == DG_ERROR_RETRYABLE ? EX_TEMPFAIL : EX_CONFIG;
+    }
+    dg_notify_ready("idle");
+    log_info("ready");
+
+    int code = stop_requested ? 0 : dg_worker_run(&w);
+    dg_notify_stopping("stopped");
+    log_info("stopped (exit %d)", code);
+    dg_worker_free(&w);
+    dg_model_close(model);
+    return code;
+}

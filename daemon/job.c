@@ -1,0 +1,392 @@
+#include "job.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int dg_job_id_valid(const char *id, size_t len) {
+    if (!id || len == 0 || len > 128) return 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = id[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == ':' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+/* Returns the offset of the first byte that is not part of valid UTF-8, or -1. */
+static long utf8_invalid_at(const char *s, size_t n) {
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = p[i];
+        size_t k;
+        unsigned min;
+        if (c < 0x80) { i++; continue; }
+        else if ((c & 0xE0) == 0xC0) { k = 1; min = 0x80; c &= 0x1F; }
+        else if ((c & 0xF0) == 0xE0) { k = 2; min = 0x800; c &= 0x0F; }
+        else if ((c & 0xF8) == 0xF0) { k = 3; min = 0x10000; c &= 0x07; }
+        else return (long)i;
+        for (size_t t = 1; t <= k; t++) {
+            if (i + t >= n || (p[i + t] & 0xC0) != 0x80) return (long)i;
+            c = (c << 6) | (p[i + t] & 0x3F);
+        }
+        if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return (long)i;
+        i += k + 1;
+    }
+    return -1;
+}
+
+/* Wire types of Job's own fields, to say which field is broken when unpacking fails. */
+static const char *job_field_name(uint32_t field, int *wire) {
+    static const struct { uint32_t n; int wire; const char *name; } f[] = {
+        {1, 2, "id"}, {2, 2, "messages"}, {3, 2, "text"}, {4, 2, "image"}, {5, 0, "seed"},
+        {6, 0, "deadline_unix_ms"}, {7, 0, "max_attempts"}, {8, 0, "result_ttl_s"},
+        {9, 0, "inline_images"}, {10, 2, "metadata"},
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+        if (f[i].n == field) { *wire = f[i].wire; return f[i].name; }
+    return NULL;
+}
+
+static int read_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *v) {
+    *v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (*pos >= n) return -1;
+        uint8_t b = p[(*pos)++];
+        *v |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) return 0;
+    }
+    return -1;
+}
+
+/* Walks the top level of a Job that protobuf-c refused and describes the first problem. */
+static void describe_malformed(const uint8_t *p, size_t n, char *err, size_t errlen) {
+    size_t pos = 0;
+    while (pos < n) {
+        size_t at = pos;
+        uint64_t key, v;
+        if (read_varint(p, n, &pos, &key)) {
+            snprintf(err, errlen, "job: not a duogen.v1.Job protobuf: truncated field key at byte %zu", at);
+            return;
+        }
+        uint32_t field = (uint32_t)(key >> 3);
+        int wire = (int)(key & 7), want = -1;
+        const char *name = job_field_name(field, &want);
+        if (field == 0) {
+            snprintf(err, errlen, "job: not a duogen.v1.Job protobuf: field number 0 at byte %zu", at);
+            return;
+        }
+        if (name && wire != want) {
+            snprintf(err, errlen, "job: field %u (%s) has wire type %d, expected %d", field, name,
+                     wire, want);
+            return;
+        }
+        switch (wire) {
+        case 0: if (read_varint(p, n, &pos, &v)) goto truncated; break;
+        case 1: if (n - pos < 8) goto truncated; pos += 8; break;
+        case 5: if (n - pos < 4) goto truncated; pos += 4; break;
+        case 2:
+            if (read_varint(p, n, &pos, &v) || v > n - pos) goto truncated;
+            pos += v;
+            break;
+        default:
+            snprintf(err, errlen, "job: not a duogen.v1.Job protobuf: wire type %d at byte %zu",
+                     wire, at);
+            return;
+        truncated:
+            snprintf(err, errlen, "job: field %u%s%s%s truncated at byte %zu of %zu", field,
+                     name ? " (" : "", name ? name : "", name ? ")" : "", at, n);
+            return;
+        }
+    }
+    snprintf(err, errlen, "job: not a valid duogen.v1.Job protobuf (%zu bytes; a nested message "
+             "is malformed or a field has the wrong type)", n);
+}
+
+#define FAIL(code, ...) do { snprintf(err, errlen, __VA_ARGS__); return (code); } while (0)
+
+static int finite_in(float v, float lo, float hi) { return isfinite(v) && v >= lo && v <= hi; }
+
+static dg_job_status validate(const Duogen__V1__Job *pb, const dg_config *cfg, char *err, size_t errlen) {
+    if (!dg_job_id_valid(pb->id, strlen(pb->id)))
+        FAIL(DG_JOB_BAD_REQUEST, pb->id[0] ? "id: \"%.64s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -"
+                                           : "id: missing%s", pb->id[0] ? pb->id : "");
+    if (pb->n_messages == 0) FAIL(DG_JOB_BAD_REQUEST, "messages: empty");
+    if (pb->n_messages > (size_t)cfg->max_messages)
+        FAIL(DG_JOB_BAD_REQUEST, "messages: %zu, over the limit of %d", pb->n_messages, cfg->max_messages);
+    size_t text_bytes = 0;
+    int images = 0;
+    for (size_t m = 0; m < pb->n_messages; m++) {
+        const Duogen__V1__Message *msg = pb->messages[m];
+        if (msg->role == DUOGEN__V1__MESSAGE__ROLE__ROLE_UNSPECIFIED || msg->role > 3)
+            FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].role: must be SYSTEM, USER or ASSISTANT", m);
+        if (msg->n_parts == 0) FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].parts: empty", m);
+        for (size_t p = 0; p < msg->n_parts; p++) {
+            const Duogen__V1__Part *part = msg->parts[p];
+            if (part->kind_case == DUOGEN__V1__PART__KIND_TEXT) {
+                size_t n = strlen(part->text);
+                long bad = utf8_invalid_at(part->text, n);
+                if (bad >= 0) FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].parts[%zu].text: invalid UTF-8 at byte %ld", m, p, bad);
+                text_bytes += n;
+            } else if (part->kind_case == DUOGEN__V1__PART__KIND_IMAGE) {
+                const Duogen__V1__Image *im = part->image;
+                images++;
+                if (im->source_case == DUOGEN__V1__IMAGE__SOURCE__NOT_SET)
+                    FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].parts[%zu].image: no data, redis_key or path", m, p);
+                if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_DATA) {
+                    if (im->data.len == 0) FAIL(DG_JOB_BAD_IMAGE, "messages[%zu].parts[%zu].image: empty data", m, p);
+                    if (im->data.len > cfg->max_image_bytes)
+                        FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].parts[%zu].image: %zu bytes, over max_image_bytes %zu",
+                             m, p, im->data.len, cfg->max_image_bytes);
+                }
+                if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH && !cfg->image_root[0])
+                    FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].parts[%zu].image.path: this worker reads no files (image_root unset)", m, p);
+            } else {
+                FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].parts[%zu]: neither text nor image", m, p);
+            }
+        }
+    }
+    if (text_bytes > cfg->max_text_bytes)
+        FAIL(DG_JOB_BAD_REQUEST, "messages: %zu bytes of text, over max_text_bytes %zu", text_bytes, cfg->max_text_bytes);
+    if (images > cfg->max_input_images)
+        FAIL(DG_JOB_BAD_REQUEST, "messages: %d images, over max_input_images %d", images, cfg->max_input_images);
+
+    const Duogen__V1__TextParams *t = pb->text;
+    if (t) {
+        if (t->max_new_tokens > (uint32_t)cfg->max_new_tokens)
+            FAIL(DG_JOB_BAD_REQUEST, "text.max_new_tokens: %u, over the limit of %d", t->max_new_tokens, cfg->max_new_tokens);
+        if (!finite_in(t->temperature, 0, 100)) FAIL(DG_JOB_BAD_REQUEST, "text.temperature: %g is not in 0..100", t->temperature);
+        if (!finite_in(t->top_p, 0, 1)) FAIL(DG_JOB_BAD_REQUEST, "text.top_p: %g is not in 0..1", t->top_p);
+        if (t->top_k > 1000000) FAIL(DG_JOB_BAD_REQUEST, "text.top_k: %u is too large", t->top_k);
+        if (!finite_in(t->repetition_penalty, 0, 100))
+            FAIL(DG_JOB_BAD_REQUEST, "text.repetition_penalty: %g is not in 0..100", t->repetition_penalty);
+        if (t->n_stop > (size_t)cfg->max_stop_strings)
+            FAIL(DG_JOB_BAD_REQUEST, "text.stop: %zu strings, over the limit of %d", t->n_stop, cfg->max_stop_strings);
+        for (size_t i = 0; i < t->n_stop; i++)
+            if (!t->stop[i][0] || strlen(t->stop[i]) > 256)
+                FAIL(DG_JOB_BAD_REQUEST, "text.stop[%zu]: must be 1..256 bytes", i);
+        if (t->n_logit_bias > (size_t)cfg->max_logit_bias)
+            FAIL(DG_JOB_BAD_REQUEST, "text.logit_bias: %zu entries, over the limit of %d", t->n_logit_bias, cfg->max_logit_bias);
+        for (size_t i = 0; i < t->n_logit_bias; i++) {
+            float b = t->logit_bias[i]->value;
+            if (t->logit_bias[i]->key < 0 || isnan(b) || b == INFINITY || (isfinite(b) && fabsf(b) > 1000))
+                FAIL(DG_JOB_BAD_REQUEST, "text.logit_bias[%d]: %g must be within -1000..1000 or -inf",
+                     t->logit_bias[i]->key, b);
+        }
+    }
+    const Duogen__V1__ImageParams *ip = pb->image;
+    if (ip) {
+        if (ip->width % 16 || ip->height % 16 || ip->width > (uint32_t)cfg->max_image_side ||
+            ip->height > (uint32_t)cfg->max_image_side)
+            FAIL(DG_JOB_BAD_REQUEST, "image.width/height: %ux%u must be multiples of 16 up to %d",
+                 ip->width, ip->height, cfg->max_image_side);
+        if (ip->steps > (uint32_t)cfg->max_steps)
+            FAIL(DG_JOB_BAD_REQUEST, "image.steps: %u, over the limit of %d", ip->steps, cfg->max_steps);
+        if (!finite_in(ip->guidance_scale, 0, 100))
+            FAIL(DG_JOB_BAD_REQUEST, "image.guidance_scale: %g is not in 0..100", ip->guidance_scale);
+        if (ip->max_images > (uint32_t)cfg->max_output_images)
+            FAIL(DG_JOB_BAD_REQUEST, "image.max_images: %u, over the limit of %d", ip->max_images, cfg->max_output_images);
+        if (!finite_in(ip->shift, 0, 100)) FAIL(DG_JOB_BAD_REQUEST, "image.shift: %g is not in 0..100", ip->shift);
+    }
+    if (pb->max_attempts > 100) FAIL(DG_JOB_BAD_REQUEST, "max_attempts: %u, over 100", pb->max_attempts);
+    if (pb->result_ttl_s > 365u * 86400u) FAIL(DG_JOB_BAD_REQUEST, "result_ttl_s: %u, over one year", pb->result_ttl_s);
+    return DG_JOB_OK;
+}
+
+dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_config *cfg,
+                           char *err, size_t errlen) {
+    memset(j, 0, sizeof *j);
+    if (len > cfg->max_job_bytes)
+        FAIL(DG_JOB_BAD_REQUEST, "job: %zu bytes, over max_job_bytes %zu", len, cfg->max_job_bytes);
+    if (len == 0) FAIL(DG_JOB_BAD_REQUEST, "job: empty (0 bytes)");
+    j->pb = duogen__v1__job__unpack(NULL, len, data);
+    if (!j->pb) {
+        describe_malformed(data, len, err, errlen);
+        return DG_JOB_BAD_REQUEST;
+    }
+    return validate(j->pb, cfg, err, errlen);
+}
+
+/* Reads a file below image_root: the path is resolved and must stay inside the root. */
+static dg_job_status read_image_file(const char *root, const char *path, size_t limit, uint8_t **out,
+                                     size_t *len, const char *what, char *err, size_t errlen) {
+    char full[PATH_MAX], real[PATH_MAX], real_root[PATH_MAX];
+    if (path[0] == '/') snprintf(full, sizeof full, "%s", path);
+    else snprintf(full, sizeof full, "%s/%s", root, path);
+    if (!realpath(root, real_root)) FAIL(DG_JOB_UNAVAILABLE, "%s: image_root \"%s\": %s", what, root, strerror(errno));
+    if (!realpath(full, real)) FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\": %s", what, path, strerror(errno));
+    size_t rl = strlen(real_root);
+    if (strncmp(real, real_root, rl) || (real[rl] != '/' && real[rl] != 0))
+        FAIL(DG_JOB_BAD_REQUEST, "%s: \"%s\" is outside the image root", what, path);
+    int fd = open(real, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\": %s", what, path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
+        close(fd);
+        FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\" is not a regular file", what, path);
+    }
+    if ((size_t)st.st_size > limit || st.st_size == 0) {
+        close(fd);
+        FAIL(DG_JOB_BAD_IMAGE, "%s: \"%s\" is %lld bytes (allowed 1..%zu)", what, path, (long long)st.st_size, limit);
+    }
+    uint8_t *buf = malloc((size_t)st.st_size);
+    if (!buf) abort();
+    size_t got = 0;
+    while (got < (size_t)st.st_size) {
+        ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
+        if (n <= 0) {
+            close(fd);
+            free(buf);
+            FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\": short read", what, path);
+        }
+        got += (size_t)n;
+    }
+    close(fd);
+    *out = buf;
+    *len = got;
+    return DG_JOB_OK;
+}
+
+static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redis *r,
+                                 const dg_config *cfg, const char *what, dg_part *part,
+                                 char *err, size_t errlen) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_DATA) {
+        part->image = im->data.data;
+        part->image_len = im->data.len;
+        return DG_JOB_OK;
+    }
+    if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH) {
+        dg_job_status st = read_image_file(cfg->image_root, im->path, cfg->max_image_bytes, &buf,
+                                           &len, what, err, errlen);
+        if (st != DG_JOB_OK) return st;
+    } else {
+        redisReply *rep = dg_redis_cmdv(r, "GET", im->redis_key, NULL);
+        if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, im->redis_key);
+        dg_job_status st = DG_JOB_OK;
+        if (rep->type == REDIS_REPLY_NIL)
+            st = DG_JOB_UNAVAILABLE, snprintf(err, errlen, "%s: key \"%s\" does not exist", what, im->redis_key);
+        else if (rep->type != REDIS_REPLY_STRING)
+            st = DG_JOB_UNAVAILABLE, snprintf(err, errlen, "%s: key \"%s\": %s", what, im->redis_key,
+                                              rep->type == REDIS_REPLY_ERROR ? rep->str : "not a string");
+        else if (rep->len == 0 || rep->len > cfg->max_image_bytes)
+            st = DG_JOB_BAD_IMAGE, snprintf(err, errlen, "%s: key \"%s\" holds %zu bytes (allowed 1..%zu)",
+                                            what, im->redis_key, (size_t)rep->len, cfg->max_image_bytes);
+        if (st == DG_JOB_OK) {
+            len = rep->len;
+            buf = malloc(len);
+            if (!buf) abort();
+            memcpy(buf, rep->str, len);
+        }
+        freeReplyObject(rep);
+        if (st != DG_JOB_OK) return st;
+    }
+    j->fetched[j->n_fetched++] = buf;
+    part->image = buf;
+    part->image_len = len;
+    return DG_JOB_OK;
+}
+
+dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_config *cfg, char *err, size_t errlen) {
+    const Duogen__V1__Job *pb = j->pb;
+    size_t n_parts = 0;
+    for (size_t m = 0; m < pb->n_messages; m++) n_parts += pb->messages[m]->n_parts;
+    j->messages = calloc(pb->n_messages, sizeof *j->messages);
+    j->parts = calloc(n_parts, sizeof *j->parts);
+    j->fetched = calloc(n_parts, sizeof *j->fetched);
+    if (!j->messages || !j->parts || !j->fetched) abort();
+
+    dg_part *part = j->parts;
+    int image_no = 0;
+    for (size_t m = 0; m < pb->n_messages; m++) {
+        const Duogen__V1__Message *msg = pb->messages[m];
+        j->messages[m].role = msg->role == DUOGEN__V1__MESSAGE__ROLE__SYSTEM ? DG_ROLE_SYSTEM
+                            : msg->role == DUOGEN__V1__MESSAGE__ROLE__USER   ? DG_ROLE_USER
+                                                                             : DG_ROLE_ASSISTANT;
+        j->messages[m].parts = part;
+        j->messages[m].n_parts = msg->n_parts;
+        for (size_t p = 0; p < msg->n_parts; p++, part++) {
+            const Duogen__V1__Part *in = msg->parts[p];
+            if (in->kind_case == DUOGEN__V1__PART__KIND_TEXT) {
+                part->kind = DG_PART_TEXT;
+                part->text = in->text;
+                part->text_len = strlen(in->text);
+            } else {
+                char what[64];
+                snprintf(what, sizeof what, "image %d (messages[%zu].parts[%zu])", ++image_no, m, p);
+                part->kind = DG_PART_IMAGE;
+                dg_job_status st = fetch_image(j, in->image, r, cfg, what, part, err, errlen);
+                if (st != DG_JOB_OK) return st;
+            }
+        }
+    }
+
+    dg_request *q = &j->req;
+    q->id = pb->id;
+    q->messages = j->messages;
+    q->n_messages = pb->n_messages;
+    q->seed = pb->seed;
+    q->deadline_unix_ms = pb->deadline_unix_ms;
+    if (pb->text) {
+        const Duogen__V1__TextParams *t = pb->text;
+        q->text.max_new_tokens = (int32_t)t->max_new_tokens;
+        q->text.temperature = t->temperature;
+        q->text.top_p = t->top_p;
+        q->text.top_k = (int32_t)t->top_k;
+        q->text.repetition_penalty = t->repetition_penalty;
+        if (t->n_stop) {
+            j->stop = calloc(t->n_stop, sizeof *j->stop);
+            if (!j->stop) abort();
+            for (size_t i = 0; i < t->n_stop; i++) j->stop[i] = t->stop[i];
+            q->text.stop = j->stop;
+            q->text.n_stop = t->n_stop;
+        }
+        if (t->n_logit_bias) {
+            j->bias = calloc(t->n_logit_bias, sizeof *j->bias);
+            if (!j->bias) abort();
+            for (size_t i = 0; i < t->n_logit_bias; i++)
+                j->bias[i] = (dg_logit_bias){t->logit_bias[i]->key, t->logit_bias[i]->value};
+            q->text.logit_bias = j->bias;
+            q->text.n_logit_bias = t->n_logit_bias;
+        }
+    }
+    if (pb->image) {
+        q->image.width = (int32_t)pb->image->width;
+        q->image.height = (int32_t)pb->image->height;
+        q->image.steps = (int32_t)pb->image->steps;
+        q->image.guidance_scale = pb->image->guidance_scale;
+        q->image.max_images = (int32_t)pb->image->max_images;
+        q->image.shift = pb->image->shift;
+    }
+    if (pb->n_metadata) {
+        j->meta = calloc(pb->n_metadata, sizeof *j->meta);
+        if (!j->meta) abort();
+        for (size_t i = 0; i < pb->n_metadata; i++)
+            j->meta[i] = (dg_kv){pb->metadata[i]->key, pb->metadata[i]->value};
+        q->metadata = j->meta;
+        q->n_metadata = pb->n_metadata;
+    }
+    return DG_JOB_OK;
+}
+
+void dg_job_free(dg_job *j) {
+    if (!j) return;
+    if (j->pb) duogen__v1__job__free_unpacked(j->pb, NULL);
+    for (int i = 0; i < j->n_fetched; i++) free(j->fetched[i]);
+    free(j->fetched);
+    free(j->messages);
+    free(j->parts);
+    free(j->stop);
+    free(j->bias);
+    free(j->meta);
+    memset(j, 0, sizeof *j);
+}

@@ -1,0 +1,48 @@
+/* A job as the engine sees it: the protobuf Job decoded, validated against the worker's
+ * limits, its images fetched, and turned into a dg_request that points into it. */
+#ifndef DG_JOB_H
+#define DG_JOB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "duogen.h"
+#include "duogen.pb-c.h"
+#include "redis.h"
+
+/* What went wrong with a job, as the Error.Code of the protocol. */
+typedef enum {
+    DG_JOB_OK = 0,
+    DG_JOB_BAD_REQUEST = DUOGEN__V1__ERROR__CODE__BAD_REQUEST,
+    DG_JOB_BAD_IMAGE = DUOGEN__V1__ERROR__CODE__BAD_IMAGE,
+    DG_JOB_UNAVAILABLE = DUOGEN__V1__ERROR__CODE__UNAVAILABLE,
+    DG_JOB_RETRY = -1,    /* Redis went away while fetching: try again later */
+} dg_job_status;
+
+typedef struct {
+    Duogen__V1__Job *pb;          /* owned: protobuf_c unpacked */
+    dg_request       req;         /* points into pb and the arrays below */
+    dg_message      *messages;    /* owned, req.n_messages */
+    dg_part         *parts;       /* owned, all parts of all messages */
+    const char     **stop;        /* owned array, strings borrowed from pb */
+    dg_logit_bias   *bias;        /* owned */
+    dg_kv           *meta;        /* owned array, strings borrowed from pb */
+    uint8_t        **fetched;     /* owned image bytes read from redis_key / path */
+    int              n_fetched;
+} dg_job;
+
+/* 1 if id is a usable job id: 1..128 bytes of [A-Za-z0-9._:-]. */
+int dg_job_id_valid(const char *id, size_t len);
+
+/* Decodes and validates. On failure returns the error code and a message naming the
+ * field at fault ("messages[0].parts[2].image: 31457280 bytes, over max_image_bytes"). */
+dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_config *cfg,
+                           char *err, size_t errlen);
+
+/* Reads the images given by redis_key or path and builds j->req. */
+dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_config *cfg, char *err, size_t errlen);
+
+void dg_job_free(dg_job *j);   /* accepts a zeroed or half-built job */
+
+#endif

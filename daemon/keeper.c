@@ -1,0 +1,191 @@
+/* The keeper thread: with its own connection, so that a long engine step never delays it,
+ * it refreshes the worker's heartbeat hash, renews the leases of held entries (XCLAIM ...
+ * JUSTID from our own consumer resets their idle time, so no reaper takes a live job), and
+ * trims the job streams below what every consumer has acknowledged. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "worker.h"
+
+/* Renews the lease of each held entry that still belongs to us. */
+static void renew(dg_worker *w, dg_redis *rd) {
+    pthread_mutex_lock(&w->lock);
+    int n = w->n_leases;
+    dg_lease *l = n ? malloc((size_t)n * sizeof *l) : NULL;
+    if (n && !l) abort();
+    if (n) memcpy(l, w->leases, (size_t)n * sizeof *l);
+    pthread_mutex_unlock(&w->lock);
+    if (!n) return;
+
+    dg_cmd **cmds = calloc((size_t)n, sizeof *cmds);
+    redisReply **rep = calloc((size_t)n, sizeof *rep);
+    if (!cmds || !rep) abort();
+    for (int i = 0; i < n; i++)
+        cmds[i] = dg_cmd_of("XPENDING", l[i].stream, w->cfg->group, l[i].entry, l[i].entry, "1", NULL);
+    if (dg_redis_pipeline(rd, cmds, n, rep) == 0) {
+        int m = 0;
+        for (int i = 0; i < n; i++) {
+            dg_cmd_free(cmds[i]);
+            cmds[i] = NULL;
+            const redisReply *p = rep[i];
+            int ours = p->type == REDIS_REPLY_ARRAY && p->elements == 1 && p->element[0]->elements == 4 &&
+                       !strcmp(p->element[0]->element[1]->str, w->cfg->worker_id);
+            if (ours)
+                cmds[m++] = dg_cmd_of("XCLAIM", l[i].stream, w->cfg->group, w->cfg->worker_id, "0",
+                                      l[i].entry, "JUSTID", NULL);
+            else if (p->type == REDIS_REPLY_ARRAY && p->elements == 1)
+                log_warn("entry %s of \"%s\" now belongs to \"%s\": its lease was lost (result stays "
+                         "exactly-once)", l[i].entry, l[i].stream, p->element[0]->element[1]->str);
+        }
+        for (int i = 0; i < n; i++) if (rep[i]) freeReplyObject(rep[i]);
+        if (m && dg_redis_pipeline(rd, cmds, m, rep) == 0)
+            for (int i = 0; i < m; i++) freeReplyObject(rep[i]);
+        for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
+    } else {
+        for (int i = 0; i < n; i++) dg_cmd_free(cmds[i]);
+    }
+    free(cmds);
+    free(rep);
+    free(l);
+}
+
+static int id_less(const char *a, const char *b) {
+    unsigned long long ams = 0, aseq = 0, bms = 0, bseq = 0;
+    sscanf(a, "%llu-%llu", &ams, &aseq);
+    sscanf(b, "%llu-%llu", &bms, &bseq);
+    return ams < bms || (ams == bms && aseq < bseq);
+}
+
+/* XTRIM MINID ~ floor, where floor is the oldest entry some group still needs (its oldest
+ * pending entry, or the first entry after its last delivered one), and no later than the
+ * retention time: acknowledged entries stay jobs_retain_s for inspection. */
+static void trim(dg_worker *w, dg_redis *rd) {
+    for (int s = 0; s < 2; s++) {
+        redisReply *groups = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->streams[s], NULL);
+        if (!groups) return;
+        char floor[64];
+        snprintf(floor, sizeof floor, "%lld-0", (long long)(dg_now_ms() - (int64_t)w->cfg->jobs_retain_s * 1000));
+        int ok = groups->type == REDIS_REPLY_ARRAY;
+        for (size_t g = 0; ok && g < groups->elements; g++) {
+            const redisReply *info = groups->element[g];
+            const char *name = NULL, *last = NULL;
+            for (size_t k = 0; k + 1 < info->elements; k += 2) {
+                if (!strcmp(info->element[k]->str, "name")) name = info->element[k + 1]->str;
+                if (!strcmp(info->element[k]->str, "last-delivered-id")) last = info->element[k + 1]->str;
+            }
+            if (!name || !last) { ok = 0; break; }
+            /* first entry after the last delivered one */
+            unsigned long long ms = 0, seq = 0;
+            sscanf(last, "%llu-%llu", &ms, &seq);
+            char next[64];
+            snprintf(next, sizeof next, "%llu-%llu", ms, seq + 1);
+            if (id_less(next, floor)) snprintf(floor, sizeof floor, "%s", next);
+            redisReply *pend = dg_redis_cmdv(rd, "XPENDING", w->streams[s], name, NULL);
+            if (!pend) { ok = 0; break; }
+            if (pend->type == REDIS_REPLY_ARRAY && pend->elements >= 2 &&
+                pend->element[1]->type == REDIS_REPLY_STRING && id_less(pend->element[1]->str, floor))
+                snprintf(floor, sizeof floor, "%s", pend->element[1]->str);
+            freeReplyObject(pend);
+        }
+        freeReplyObject(groups);
+        if (!ok) continue;
+        redisReply *rep = dg_redis_cmdv(rd, "XTRIM", w->streams[s], "MINID", "~", floor, NULL);
+        if (!rep) return;
+        if (rep->type == REDIS_REPLY_INTEGER && rep->integer > 0)
+            log_debug("trimmed %lld acknowledged entries of \"%s\"", rep->integer, w->streams[s]);
+        freeReplyObject(rep);
+    }
+}
+
+static void heartbeat(dg_worker *w, dg_redis *rd) {
+    dg_worker_stats st;
+    pthread_mutex_lock(&w->lock);
+    st = w->stats;
+    pthread_mutex_unlock(&w->lock);
+    dg_cmd *c = dg_cmd_of("HSET", w->k_worker, "state", st.state, "job", st.jobs,
+                          "device", w->cfg->device, "model", dg_model_describe(w->model), NULL);
+#define NUM(name, v) do { dg_cmd_adds(c, name); dg_cmd_addf(c, "%lld", (long long)(v)); } while (0)
+    NUM("jobs_done", st.jobs_done);
+    NUM("jobs_failed", st.jobs_failed);
+    NUM("jobs_cancelled", st.jobs_cancelled);
+    NUM("jobs_expired", st.jobs_expired);
+    NUM("jobs_dead", st.jobs_dead);
+    NUM("jobs_skipped", st.jobs_skipped);
+    NUM("entries_lost", st.entries_lost);
+    NUM("tokens", st.tokens);
+    NUM("images", st.images);
+    NUM("started_ms", st.started_ms);
+    NUM("updated_ms", dg_now_ms());
+    NUM("pid", getpid());
+#undef NUM
+    char ttl[16];
+    int ttl_ms = w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3;
+    snprintf(ttl, sizeof ttl, "%d", ttl_ms);
+    dg_cmd *cmds[2] = {c, dg_cmd_of("PEXPIRE", w->k_worker, ttl, NULL)};
+    redisReply *rep[2];
+    if (dg_redis_pipeline(rd, cmds, 2, rep) == 0) {
+        if (rep[0]->type == REDIS_REPLY_ERROR) log_warn("heartbeat refused: %s", rep[0]->str);
+        freeReplyObject(rep[0]);
+        freeReplyObject(rep[1]);
+    }
+    dg_cmd_free(cmds[0]);
+    dg_cmd_free(cmds[1]);
+}
+
+static void *keeper_main(void *arg) {
+    dg_worker *w = arg;
+    dg_redis rd;
+    char err[256];
+    if (dg_redis_init(&rd, w->cfg, "keeper", 5000, err, sizeof err)) return NULL;
+    snprintf(rd.client_name, sizeof rd.client_name, "%s:keeper", w->cfg->worker_id);
+    int64_t next_beat = 0, next_renew = 0, next_trim = dg_mono_ms() + w->cfg->trim_ms;
+    while (!w->keeper_stop) {
+        int64_t now = dg_mono_ms();
+        if (dg_redis_ready(&rd)) {
+            if (now >= next_renew) {
+                renew(w, &rd);
+                next_renew = now + w->cfg->renew_ms;
+            }
+            if (now >= next_beat) {
+                heartbeat(w, &rd);
+                next_beat = now + w->cfg->heartbeat_ms;
+            }
+            if (now >= next_trim) {
+                trim(w, &rd);
+                next_trim = now + w->cfg->trim_ms;
+            }
+        }
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    /* the last word: this worker is gone (the hash would expire anyway) */
+    if (rd.c) {
+        pthread_mutex_lock(&w->lock);
+        snprintf(w->stats.state, sizeof w->stats.state, "stopped");
+        pthread_mutex_unlock(&w->lock);
+        heartbeat(w, &rd);
+    }
+    dg_redis_close(&rd);
+    return NULL;
+}
+
+int dg_keeper_start(dg_worker *w, char *err, size_t errlen) {
+    w->keeper_stop = 0;
+    if (pthread_create(&w->keeper, NULL, keeper_main, w)) {
+        snprintf(err, errlen, "cannot start the keeper thread");
+        return -1;
+    }
+    w->keeper_running = 1;
+    return 0;
+}
+
+void dg_keeper_stop(dg_worker *w) {
+    if (!w->keeper_running) return;
+    w->keeper_stop = 1;
+    pthread_join(w->keeper, NULL);
+    w->keeper_running = 0;
+}

@@ -1,0 +1,58 @@
+#include "notify.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+
+static uint64_t watchdog_usec;     /* 0: no watchdog */
+static uint64_t last_ping_usec;
+static char     last_status[256];
+
+static uint64_t mono_usec(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+void dg_notify_init(void) {
+    uint64_t usec = 0;
+    if (sd_watchdog_enabled(0, &usec) > 0) watchdog_usec = usec;
+}
+
+void dg_notify_ready(const char *status) {
+    sd_notifyf(0, "READY=1\nSTATUS=%s", status);
+    snprintf(last_status, sizeof last_status, "%s", status);
+}
+
+void dg_notify_status(const char *fmt, ...) {
+    char buf[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    /* STATUS= lines are cheap but not free: send a status only when it changes */
+    for (size_t i = 0; ; i++) {
+        if (buf[i] != last_status[i]) break;
+        if (!buf[i]) return;
+    }
+    snprintf(last_status, sizeof last_status, "%s", buf);
+    sd_notifyf(0, "STATUS=%s", buf);
+}
+
+void dg_notify_extend(uint64_t usec) {
+    sd_notifyf(0, "EXTEND_TIMEOUT_USEC=%llu", (unsigned long long)usec);
+}
+
+void dg_notify_stopping(const char *status) {
+    sd_notifyf(0, "STOPPING=1\nSTATUS=%s", status);
+    snprintf(last_status, sizeof last_status, "%s", status);
+}
+
+void dg_notify_watchdog(void) {
+    if (!watchdog_usec) return;
+    uint64_t now = mono_usec();
+    if (now - last_ping_usec < watchdog_usec / 4) return;
+    last_ping_usec = now;
+    sd_notify(0, "WATCHDOG=1");
+}

@@ -1,0 +1,373 @@
+#include "redis.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+
+/* ---- commands ---------------------------------------------------------------------------- */
+
+dg_cmd *dg_cmd_new(void) {
+    dg_cmd *c = calloc(1, sizeof *c);
+    if (!c) abort();
+    return c;
+}
+
+void dg_cmd_free(dg_cmd *c) {
+    if (!c) return;
+    for (int i = 0; i < c->argc; i++) free(c->argv[i]);
+    free(c->argv);
+    free(c->len);
+    free(c);
+}
+
+void dg_cmd_add(dg_cmd *c, const void *data, size_t len) {
+    if (c->argc == c->cap) {
+        c->cap = c->cap ? c->cap * 2 : 8;
+        c->argv = realloc(c->argv, (size_t)c->cap * sizeof *c->argv);
+        c->len = realloc(c->len, (size_t)c->cap * sizeof *c->len);
+        if (!c->argv || !c->len) abort();
+    }
+    char *copy = malloc(len + 1);
+    if (!copy) abort();
+    if (len) memcpy(copy, data, len);
+    copy[len] = 0;
+    c->argv[c->argc] = copy;
+    c->len[c->argc] = len;
+    c->argc++;
+}
+
+void dg_cmd_adds(dg_cmd *c, const char *s) { dg_cmd_add(c, s, strlen(s)); }
+
+void dg_cmd_addf(dg_cmd *c, const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0) n = 0;
+    if ((size_t)n >= sizeof buf) n = sizeof buf - 1;
+    dg_cmd_add(c, buf, (size_t)n);
+}
+
+static dg_cmd *cmd_from_va(const char *arg0, va_list ap) {
+    dg_cmd *c = dg_cmd_new();
+    for (const char *a = arg0; a; a = va_arg(ap, const char *)) dg_cmd_adds(c, a);
+    return c;
+}
+
+dg_cmd *dg_cmd_of(const char *arg0, ...) {
+    va_list ap;
+    va_start(ap, arg0);
+    dg_cmd *c = cmd_from_va(arg0, ap);
+    va_end(ap);
+    return c;
+}
+
+/* ---- time ---------------------------------------------------------------------------------- */
+
+int64_t dg_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t dg_mono_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- configuration ------------------------------------------------------------------------- */
+
+/* redis://[user[:password]@]host[:port][/db]  or  unix:///path[?db=N] */
+static int parse_url(dg_redis *r, const char *url, char *err, size_t errlen) {
+    r->port = 6379;
+    if (!strncmp(url, "unix://", 7)) {
+        const char *p = url + 7, *q = strchr(p, '?');
+        size_t n = q ? (size_t)(q - p) : strlen(p);
+        if (!n || n >= sizeof r->unix_path) goto bad;
+        memcpy(r->unix_path, p, n);
+        if (q && sscanf(q, "?db=%d", &r->db) != 1) goto bad;
+        return 0;
+    }
+    if (strncmp(url, "redis://", 8)) goto bad;
+    const char *p = url + 8, *at = strchr(p, '@');
+    if (at) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        size_t ul = (size_t)((colon ? colon : at) - p);
+        if (ul >= sizeof r->user) goto bad;
+        memcpy(r->user, p, ul);
+        if (colon) {
+            size_t pl = (size_t)(at - colon - 1);
+            if (pl >= sizeof r->password) goto bad;
+            memcpy(r->password, colon + 1, pl);
+        }
+        p = at + 1;
+    }
+    const char *slash = strchr(p, '/');
+    const char *hostend = slash ? slash : p + strlen(p);
+    const char *colon = memchr(p, ':', (size_t)(hostend - p));
+    size_t hl = (size_t)((colon ? colon : hostend) - p);
+    if (!hl || hl >= sizeof r->host) goto bad;
+    memcpy(r->host, p, hl);
+    if (colon) {
+        char *end;
+        long port = strtol(colon + 1, &end, 10);
+        if (end != hostend || port <= 0 || port > 65535) goto bad;
+        r->port = (int)port;
+    }
+    if (slash && slash[1]) {
+        char *end;
+        long db = strtol(slash + 1, &end, 10);
+        if (*end || db < 0) goto bad;
+        r->db = (int)db;
+    }
+    return 0;
+bad:
+    snprintf(err, errlen, "redis_url: \"%s\" is not redis://[user@]host[:port][/db] or unix:///path[?db=N]", url);
+    return -1;
+}
+
+static int read_password(dg_redis *r, const char *path, char *err, size_t errlen) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "password_file \"%s\": %s", path, strerror(errno));
+        return -1;
+    }
+    char *ok = fgets(r->password, sizeof r->password, f);
+    fclose(f);
+    if (!ok) {
+        snprintf(err, errlen, "password_file \"%s\": empty", path);
+        return -1;
+    }
+    r->password[strcspn(r->password, "\r\n")] = 0;
+    return 0;
+}
+
+static int parse_sentinels(dg_redis *r, const char *list, char *err, size_t errlen) {
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", list);
+    char *save = NULL;
+    for (char *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *colon = strrchr(tok, ':');
+        if (!colon || r->n_sentinels == DG_SENTINELS_MAX) goto bad;
+        *colon = 0;
+        int port = atoi(colon + 1);
+        if (port <= 0 || port > 65535 || !*tok || strlen(tok) >= sizeof r->sentinel_host[0]) goto bad;
+        snprintf(r->sentinel_host[r->n_sentinels], sizeof r->sentinel_host[0], "%s", tok);
+        r->sentinel_port[r->n_sentinels++] = port;
+    }
+    if (r->n_sentinels) return 0;
+bad:
+    snprintf(err, errlen, "sentinel: \"%s\" is not host:port[,host:port...] (at most %d)", list,
+             DG_SENTINELS_MAX);
+    return -1;
+}
+
+int dg_redis_init(dg_redis *r, const dg_config *cfg, const char *client_name, int read_timeout_ms,
+                  char *err, size_t errlen) {
+    memset(r, 0, sizeof *r);
+    if (parse_url(r, cfg->redis_url, err, errlen)) return -1;
+    if (cfg->password_file[0] && read_password(r, cfg->password_file, err, errlen)) return -1;
+    if (cfg->sentinel[0]) {
+        if (parse_sentinels(r, cfg->sentinel, err, errlen)) return -1;
+        snprintf(r->master_name, sizeof r->master_name, "%s", cfg->master_name);
+    }
+    snprintf(r->client_name, sizeof r->client_name, "%s", client_name);
+    for (char *p = r->client_name; *p; p++)
+        if (*p == ' ' || *p == '\n') *p = '_';   /* CLIENT SETNAME refuses spaces */
+    r->read_timeout_ms = read_timeout_ms;
+    return 0;
+}
+
+/* ---- connecting ---------------------------------------------------------------------------- */
+
+static redisContext *open_tcp(const char *host, int port, int timeout_ms) {
+    struct timeval ct = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    return redisConnectWithTimeout(host, port, ct);
+}
+
+/* Asks each Sentinel in turn for the master's address. */
+static int resolve_master(dg_redis *r) {
+    for (int i = 0; i < r->n_sentinels; i++) {
+        redisContext *s = open_tcp(r->sentinel_host[i], r->sentinel_port[i], 1000);
+        if (!s || s->err) {
+            if (s) redisFree(s);
+            continue;
+        }
+        struct timeval tv = {1, 0};
+        redisSetTimeout(s, tv);
+        redisReply *rep = redisCommand(s, "SENTINEL get-master-addr-by-name %s", r->master_name);
+        int ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+                 rep->element[0]->type == REDIS_REPLY_STRING && rep->element[0]->len < sizeof r->host;
+        if (ok) {
+            snprintf(r->host, sizeof r->host, "%s", rep->element[0]->str);
+            r->port = atoi(rep->element[1]->str);
+        }
+        if (rep) freeReplyObject(rep);
+        redisFree(s);
+        if (ok) return 0;
+    }
+    snprintf(r->error, sizeof r->error, "no Sentinel of %d answered for master \"%s\"",
+             r->n_sentinels, r->master_name);
+    return -1;
+}
+
+/* Runs one set-up command; on an error reply records it and returns -1. */
+static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
+    if (!rep) {
+        snprintf(r->error, sizeof r->error, "%s: %s", what, r->c->errstr);
+        return -1;
+    }
+    int bad = rep->type == REDIS_REPLY_ERROR;
+    if (bad) {
+        snprintf(r->error, sizeof r->error, "%s refused: %s", what, rep->str);
+        if (!strncmp(rep->str, "WRONGPASS", 9) || !strncmp(rep->str, "NOPERM", 6) ||
+            !strncmp(rep->str, "NOAUTH", 6) || strstr(rep->str, "invalid password"))
+            r->fatal = 1;
+    }
+    freeReplyObject(rep);
+    return bad ? -1 : 0;
+}
+
+static int connect_now(dg_redis *r) {
+    if (r->n_sentinels && resolve_master(r)) return -1;
+    r->c = r->unix_path[0] ? redisConnectUnixWithTimeout(r->unix_path, (struct timeval){1, 0})
+                           : open_tcp(r->host, r->port, 1000);
+    if (!r->c || r->c->err) {
+        snprintf(r->error, sizeof r->error, "connect %s:%d: %s",
+                 r->unix_path[0] ? r->unix_path : r->host, r->port,
+                 r->c ? r->c->errstr : "out of memory");
+        goto fail;
+    }
+    struct timeval rt = {r->read_timeout_ms / 1000, (r->read_timeout_ms % 1000) * 1000};
+    if (redisSetTimeout(r->c, rt) != REDIS_OK || (!r->unix_path[0] && redisEnableKeepAlive(r->c) != REDIS_OK)) {
+        snprintf(r->error, sizeof r->error, "socket options: %s", r->c->errstr);
+        goto fail;
+    }
+    if (r->password[0]) {
+        redisReply *rep = r->user[0] ? redisCommand(r->c, "AUTH %s %s", r->user, r->password)
+                                     : redisCommand(r->c, "AUTH %s", r->password);
+        if (setup_cmd(r, "AUTH", rep)) goto fail;
+    }
+    if (r->db && setup_cmd(r, "SELECT", redisCommand(r->c, "SELECT %d", r->db))) goto fail;
+    if (r->n_sentinels) {
+        redisReply *rep = redisCommand(r->c, "ROLE");
+        int master = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements > 0 &&
+                     rep->element[0]->type == REDIS_REPLY_STRING && !strcmp(rep->element[0]->str, "master");
+        if (rep) freeReplyObject(rep);
+        if (!master) {
+            snprintf(r->error, sizeof r->error, "%s:%d is not a master (yet)", r->host, r->port);
+            goto fail;
+        }
+    }
+    /* CLIENT SETNAME is cosmetic (it names us in CLIENT LIST); an ACL that forbids it is not
+     * a reason to stay away. */
+    redisReply *rep = redisCommand(r->c, "CLIENT SETNAME %s", r->client_name);
+    if (!rep) goto fail;
+    freeReplyObject(rep);
+    return 0;
+fail:
+    if (r->c) redisFree(r->c);
+    r->c = NULL;
+    return -1;
+}
+
+int dg_redis_ready(dg_redis *r) {
+    if (r->c) return 1;
+    int64_t now = dg_mono_ms();
+    if (now < r->next_try_ms) return 0;
+    if (connect_now(r) == 0) {
+        if (r->failures) log_info("reconnected to Redis %s:%d after %d attempts",
+                                  r->unix_path[0] ? r->unix_path : r->host, r->port, r->failures);
+        r->failures = 0;
+        r->backoff_ms = 0;
+        r->error[0] = 0;
+        return 1;
+    }
+    r->failures++;
+    r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : 100;
+    if (r->backoff_ms > 5000) r->backoff_ms = 5000;
+    /* +-20% jitter so that a fleet does not reconnect in lockstep */
+    int jitter = (int)(((unsigned)rand() % 41u)) - 20;
+    r->next_try_ms = now + r->backoff_ms + r->backoff_ms * jitter / 100;
+    if (r->failures == 1 || r->failures % 20 == 0)
+        log_warn("Redis unavailable (attempt %d): %s", r->failures, r->error);
+    return 0;
+}
+
+int dg_redis_wait_ms(const dg_redis *r) {
+    if (r->c) return 0;
+    int64_t d = r->next_try_ms - dg_mono_ms();
+    return d > 0 ? (int)d : 0;
+}
+
+void dg_redis_drop(dg_redis *r, const char *why) {
+    if (!r->c) return;
+    snprintf(r->error, sizeof r->error, "%s", why);
+    log_warn("Redis connection lost: %s", why);
+    redisFree(r->c);
+    r->c = NULL;
+    r->next_try_ms = dg_mono_ms() + 100;
+}
+
+void dg_redis_close(dg_redis *r) {
+    if (r->c) redisFree(r->c);
+    r->c = NULL;
+}
+
+/* ---- commands ------------------------------------------------------------------------------- */
+
+redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd) {
+    if (!r->c) return NULL;
+    redisReply *rep = redisCommandArgv(r->c, cmd->argc, (const char **)cmd->argv, cmd->len);
+    if (!rep) dg_redis_drop(r, r->c->errstr[0] ? r->c->errstr : "I/O error");
+    return rep;
+}
+
+redisReply *dg_redis_cmdv(dg_redis *r, const char *arg0, ...) {
+    va_list ap;
+    va_start(ap, arg0);
+    dg_cmd *c = cmd_from_va(arg0, ap);
+    va_end(ap);
+    redisReply *rep = dg_redis_cmd(r, c);
+    dg_cmd_free(c);
+    return rep;
+}
+
+int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **replies) {
+    for (int i = 0; i < n; i++) replies[i] = NULL;
+    if (!r->c) return -1;
+    for (int i = 0; i < n; i++)
+        if (redisAppendCommandArgv(r->c, cmds[i]->argc, (const char **)cmds[i]->argv, cmds[i]->len) != REDIS_OK)
+            goto fail;
+    for (int i = 0; i < n; i++) {
+        void *rep = NULL;
+        if (redisGetReply(r->c, &rep) != REDIS_OK) goto fail;
+        replies[i] = rep;
+    }
+    return 0;
+fail:
+    for (int i = 0; i < n; i++) {
+        if (replies[i]) freeReplyObject(replies[i]);
+        replies[i] = NULL;
+    }
+    dg_redis_drop(r, r->c && r->c->errstr[0] ? r->c->errstr : "I/O error");
+    return -1;
+}
+
+int dg_reply_is_error(const redisReply *rep, const char *prefix) {
+    return rep && rep->type == REDIS_REPLY_ERROR && !strncmp(rep->str, prefix, strlen(prefix));
+}
+
+long long dg_reply_int(const redisReply *rep, long long dflt) {
+    if (!rep) return dflt;
+    if (rep->type == REDIS_REPLY_INTEGER) return rep->integer;
+    if (rep->type == REDIS_REPLY_STRING) return strtoll(rep->str, NULL, 10);
+    return dflt;
+}

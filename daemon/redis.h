@@ -1,0 +1,84 @@
+/* Redis connections of the daemon (hiredis 0.14 API, RESP2).
+ *
+ * A dg_redis is one connection that heals itself: when a command fails with an I/O error
+ * the context is dropped, and dg_redis_ready() reconnects later with jittered exponential
+ * backoff (100 ms .. 5 s), re-applying the socket timeouts (hiredis 0.14 forgets them on
+ * reconnect), keepalive, AUTH, SELECT and CLIENT SETNAME. With Sentinels configured, every
+ * reconnect asks them for the current master and checks its ROLE.
+ *
+ * Not thread-safe: each thread owns its connections. */
+#ifndef DG_REDIS_H
+#define DG_REDIS_H
+
+#include <hiredis.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+
+/* A command under construction: binary-safe arguments with their lengths. */
+typedef struct {
+    int     argc, cap;
+    char  **argv;   /* owned copies, each NUL-terminated */
+    size_t *len;
+} dg_cmd;
+
+dg_cmd *dg_cmd_new(void);
+void    dg_cmd_free(dg_cmd *c);   /* accepts NULL */
+void    dg_cmd_add(dg_cmd *c, const void *data, size_t len);
+void    dg_cmd_adds(dg_cmd *c, const char *s);
+void    dg_cmd_addf(dg_cmd *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+dg_cmd *dg_cmd_of(const char *arg0, ...);   /* strings, NULL-terminated */
+
+#define DG_SENTINELS_MAX 8
+
+typedef struct {
+    /* where: from the URL, or from the Sentinels at each connect */
+    char   host[256];
+    int    port;
+    char   unix_path[256];
+    int    db;
+    char   user[128];
+    char   password[512];
+    int    n_sentinels;
+    char   sentinel_host[DG_SENTINELS_MAX][256];
+    int    sentinel_port[DG_SENTINELS_MAX];
+    char   master_name[128];
+    char   client_name[256];
+    int    read_timeout_ms;     /* must exceed any BLOCK used on this connection */
+
+    redisContext *c;            /* owned; NULL while disconnected */
+    int64_t next_try_ms;        /* monotonic time of the next connect attempt */
+    int     backoff_ms;
+    int     failures;           /* consecutive failed connects */
+    int     fatal;              /* authentication or permission refused: retrying will not help */
+    char    error[512];         /* the last problem, for logs and the heartbeat */
+} dg_redis;
+
+/* Parses the configuration (URL, password file, Sentinels). No network I/O. */
+int  dg_redis_init(dg_redis *r, const dg_config *cfg, const char *client_name,
+                   int read_timeout_ms, char *err, size_t errlen);
+/* 1 when connected (connecting now if the backoff allows), 0 when not. Sets r->fatal when
+ * the server refused our credentials. */
+int  dg_redis_ready(dg_redis *r);
+/* Milliseconds until the next connect attempt (0 when connected or due). */
+int  dg_redis_wait_ms(const dg_redis *r);
+void dg_redis_drop(dg_redis *r, const char *why);
+void dg_redis_close(dg_redis *r);
+
+/* One command. NULL on an I/O error (the connection is dropped) or when disconnected.
+ * Error replies are returned as replies. The caller frees the reply. */
+redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd);
+redisReply *dg_redis_cmdv(dg_redis *r, const char *arg0, ...);   /* strings, NULL-terminated */
+
+/* Sends n commands in one pipeline and reads n replies into replies[]. Returns 0, or -1
+ * on an I/O error (connection dropped, replies[] all NULL). */
+int  dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **replies);
+
+/* Helpers over replies. */
+int  dg_reply_is_error(const redisReply *rep, const char *prefix);   /* error starting with prefix */
+long long dg_reply_int(const redisReply *rep, long long dflt);
+int64_t dg_now_ms(void);      /* CLOCK_REALTIME, ms */
+int64_t dg_mono_ms(void);     /* CLOCK_MONOTONIC, ms */
+
+#endif

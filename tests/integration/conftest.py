@@ -1,0 +1,219 @@
+"""Fixtures for the integration tests: a real redis-server on a free loopback port, real
+duogend processes (over the deterministic test engine), and a Python producer that speaks
+the protobuf protocol of proto/duogen.proto."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import redis
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BUILD = os.path.join(ROOT, "build")
+sys.path.insert(0, os.path.join(BUILD, "gen", "python"))
+import duogen_pb2 as pb  # noqa: E402  (generated at build time from proto/duogen.proto)
+
+WORKER_BIN = os.path.join(BUILD, "tests", "duogend-fake")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout=10.0, every=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    """A redis-server of our own; restartable on the same port and data directory."""
+
+    def __init__(self, tmp, appendonly=False, extra=()):
+        self.port = free_port()
+        self.dir = tmp
+        self.appendonly = appendonly
+        self.extra = list(extra)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", self.dir, "--save", "", "--daemonize", "no",
+                "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "always" if self.appendonly else "everysec",
+                "--logfile", os.path.join(self.dir, "redis.log")] + self.extra
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._ping, 10, what="redis-server to start")
+
+    def _ping(self):
+        try:
+            return redis.Redis(port=self.port, socket_timeout=0.5).ping()
+        except redis.exceptions.RedisError:
+            return False
+
+    def stop(self, hard=False):
+        if self.proc and self.proc.poll() is None:
+            if hard:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self, **kw):
+        return redis.Redis(port=self.port, socket_timeout=30, **kw)
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+class Worker:
+    """One duogend process with its own log file."""
+
+    def __init__(self, tmp, redis_url, worker_id, model_dir, env=None, args=()):
+        self.id = worker_id
+        self.log_path = os.path.join(tmp, f"{worker_id}.log")
+        self.cmd = [WORKER_BIN, "--redis", redis_url, "--model", model_dir,
+                    "--worker-id", worker_id, "--block-ms", "200", "--claim-idle-ms", "1500",
+                    "--reaper-ms", "300", "--heartbeat-ms", "200", "--log-level", "debug"] + list(args)
+        self.env = dict(os.environ, **(env or {}))
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.env.update(env or {})
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill(self):
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def term(self, timeout=30):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def logs(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+
+class Cluster:
+    """A Redis server, workers, and a producer's helpers."""
+
+    def __init__(self, tmp, appendonly=False, prefix="duogen"):
+        self.tmp = tmp
+        self.prefix = prefix
+        self.server = RedisServer(tmp, appendonly=appendonly)
+        self.r = self.server.client()
+        self.model = os.path.join(tmp, "model")
+        os.makedirs(self.model, exist_ok=True)
+        self.workers = []
+
+    def worker(self, worker_id=None, env=None, args=()):
+        wid = worker_id or f"w{len(self.workers) + 1}"
+        w = Worker(self.tmp, self.server.url, wid, self.model, env=env,
+                   args=["--prefix", self.prefix] + list(args))
+        self.workers.append(w)
+        return w
+
+    def wait_groups(self):
+        def ok():
+            try:
+                return all(self.r.xinfo_groups(self.key(s)) for s in ("jobs", "jobs:high"))
+            except redis.exceptions.ResponseError:
+                return False
+        wait_until(ok, what="consumer groups")
+
+    def wait_heartbeat(self, worker_id, state=None):
+        def ok():
+            h = self.r.hgetall(self.key("worker", worker_id))
+            return h and (state is None or h.get(b"state") == state.encode())
+        return wait_until(ok, what=f"heartbeat of {worker_id}")
+
+    def key(self, *parts):
+        return ":".join([self.prefix] + [str(p) for p in parts])
+
+    def enqueue(self, job_id, text="hello world", meta=None, stream="jobs", raw=None, fields=None, **kw):
+        if raw is None:
+            job = make_job(job_id, text, meta=meta, **kw)
+            raw = job.SerializeToString()
+        entry = {"id": job_id, "job": raw} if fields is None else fields
+        return self.r.xadd(self.key(stream), entry)
+
+    def result(self, job_id):
+        h = self.r.hgetall(self.key("result", job_id))
+        return {k.decode(): v for k, v in h.items()}
+
+    def wait_result(self, job_id, timeout=20):
+        return wait_until(lambda: self.result(job_id) or None, timeout, what=f"result of {job_id}")
+
+    def events(self, job_id):
+        out = []
+        for _id, fields in self.r.xrange(self.key("events", job_id)):
+            out.append({k.decode(): v for k, v in fields.items()})
+        return out
+
+    def close(self):
+        for w in self.workers:
+            w.kill()
+        self.server.stop(hard=True)
+
+
+def make_job(job_id, text="hello world", meta=None, images=(), system=None, **kw):
+    job = pb.Job(id=job_id)
+    if system:
+        m = job.messages.add(role=pb.Message.SYSTEM)
+        m.parts.add(text=system)
+    m = job.messages.add(role=pb.Message.USER)
+    for im in images:
+        m.parts.add(image=pb.Image(data=im))
+    m.parts.add(text=text)
+    for k, v in (meta or {}).items():
+        job.metadata[k] = str(v)
+    for k, v in kw.items():
+        if k in ("max_new_tokens", "temperature", "top_p", "top_k"):
+            setattr(job.text, k, v)
+        elif k in ("width", "height", "steps", "max_images", "guidance_scale"):
+            setattr(job.image, k, v)
+        else:
+            setattr(job, k, v)
+    return job
+
+
+@pytest.fixture
+def tmpdir_path():
+    d = tempfile.mkdtemp(prefix="duogen-it-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(tmpdir_path):
+    c = Cluster(tmpdir_path)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def aof_cluster(tmpdir_path):
+    c = Cluster(tmpdir_path, appendonly=True)
+    yield c
+    c.close()
