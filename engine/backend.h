@@ -1,0 +1,104 @@
+/* backend.h — the one compute interface the model code calls.
+ *
+ * A backend is a table of operations chosen at run time (dg_backend_new("cpu")). Model
+ * code (engine/qwen2.c, later the vision tower, the DiT and the VAE) is written once over
+ * these operations and never includes a kernel header. The CPU implementation lives in
+ * kernels/cpu/; a CUDA one will fill the same table from kernels/cuda/.
+ *
+ * Conventions shared by every operation:
+ *   - activations are fp32, row-major, contiguous: x[m, n] is m rows (tokens) of n values;
+ *   - a weight is a dg_weight: a row-major [rows, cols] matrix in its stored dtype (BF16,
+ *     F16 or F32), rows = output features, cols = input features (PyTorch nn.Linear
+ *     layout), so y = x · Wᵀ + b;
+ *   - buffers passed to operations come from be->alloc (host memory on the CPU, device
+ *     memory on a GPU); weights are made usable by be->weight_prepare once, at load;
+ *   - operations do not allocate: scratch they need is reserved when the backend is made;
+ *   - operations cannot fail on valid shapes; shapes are validated at load time.
+ *
+ * Extending it: a later block (vision conv, GELU, group norm...) adds a member at the end
+ * of struct dg_backend and implements it in every backend; model code checks nothing. */
+#ifndef DG_BACKEND_H
+#define DG_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dtype.h"
+
+typedef struct {
+    const void *data;          /* borrowed: the mmap'ed tensor (CPU) or device copy */
+    dg_dtype    dtype;
+    int64_t     rows;          /* output features */
+    int64_t     cols;          /* input features */
+} dg_weight;
+
+/* The KV of one layer as attention reads it: fixed-size blocks of positions, reached
+ * through a sequence's block table (see kv_cache.h). Position p of the sequence lives at
+ * row (block_table[p / block_size] * block_size + p % block_size) of k and v. */
+typedef struct {
+    float         *k;            /* [n_blocks * block_size, n_kv_heads * head_dim] */
+    float         *v;            /* [n_blocks * block_size, n_kv_heads * head_dim] */
+    const int32_t *block_table;  /* [ceil(n_positions / block_size)] block ids */
+    int            block_size;   /* positions per block */
+} dg_kv_view;
+
+/* Rotary embedding parameters (spec qwen2_5_vl.md §3.2-3.3). Frequency j < head_dim/2
+ * rotates dims j and j + head_dim/2 (rotate_half pairing) by angle pos * theta^(-2j/head_dim),
+ * where pos is taken from row t for j < section[0], row h for the next section[1]
+ * frequencies, row w for the last section[2]. Plain 1-D RoPE is section {head_dim/2, 0, 0}. */
+typedef struct {
+    float theta;
+    int   section[3];
+} dg_rope_params;
+
+typedef struct dg_backend dg_backend;
+
+struct dg_backend {
+    const char *name;            /* "cpu", "cpu-scalar" */
+    int         n_threads;
+    void       *impl;            /* owned by the backend */
+
+    void  (*free)(dg_backend *be);
+    void *(*alloc)(dg_backend *be, size_t bytes);   /* NULL on failure; 64-byte aligned */
+    void  (*release)(dg_backend *be, void *p);      /* accepts NULL */
+    /* Makes a host weight usable by the ops (CPU: nothing; GPU: upload). */
+    int   (*weight_prepare)(dg_backend *be, dg_weight *w, char *err, size_t errlen);
+
+    /* y[m, w.rows] = x[m, w.cols] · Wᵀ (+ bias[w.rows] when bias != NULL).
+     * m == 1 is the decode case (a bandwidth-bound GEMV); larger m a GEMM. */
+    void (*matmul)(dg_backend *be, float *y, const float *x, const dg_weight *w,
+                   const float *bias, int m);
+    /* y[m, n] = x / sqrt(mean(x²) + eps) * weight[n], per row; y may equal x. */
+    void (*rmsnorm)(dg_backend *be, float *y, const float *x, const float *weight, int m, int n,
+                    float eps);
+    /* In place on x[m, n_heads, head_dim]; pos is [3, m] (rows t, h, w). */
+    void (*rope)(dg_backend *be, float *x, const int32_t *pos, int m, int n_heads, int head_dim,
+                 const dg_rope_params *p);
+    /* Stores k, v [m, kv_dim] at positions start .. start+m-1 of the view. */
+    void (*kv_write)(dg_backend *be, const dg_kv_view *kv, int start, const float *k,
+                     const float *v, int m, int kv_dim);
+    /* Causal GQA attention of m new queries at positions n_past .. n_past+m-1 over the
+     * positions 0 .. n_past+m-1 of the view (the new ones already written):
+     * out[m, n_heads*head_dim]; q head h reads kv head h / (n_heads / n_kv_heads). */
+    void (*attention)(dg_backend *be, float *out, const float *q, const dg_kv_view *kv,
+                      int n_past, int m, int n_heads, int n_kv_heads, int head_dim, float scale);
+    /* y[i] = silu(gate[i]) * up[i], i < n. */
+    void (*silu_mul)(dg_backend *be, float *y, const float *gate, const float *up, int64_t n);
+    /* y[i] += x[i], i < n. */
+    void (*add)(dg_backend *be, float *y, const float *x, int64_t n);
+    /* y[m, table.cols] = rows ids[0..m-1] of table, as fp32. */
+    void (*embed)(dg_backend *be, float *y, const dg_weight *table, const int32_t *ids, int m);
+    /* In place, per row of x[m, n]. */
+    void (*softmax)(dg_backend *be, float *x, int m, int n);
+    /* Copies n floats between host memory and backend memory (CPU: memcpy). */
+    void (*download)(dg_backend *be, float *host, const float *src, int64_t n);
+    void (*upload)(dg_backend *be, float *dst, const float *host, int64_t n);
+};
+
+/* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar) or
+ * "cpu-scalar" (the portable kernels only; the reference in tests). n_threads 0 = all
+ * cores. The only place that will choose CUDA. */
+int  dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err, size_t errlen);
+void dg_backend_free(dg_backend *be);   /* accepts NULL */
+
+#endif

@@ -1,0 +1,58 @@
+/* safetensors.h — read-only access to safetensors checkpoints by memory map.
+ *
+ * A dg_st is a set of tensors gathered from one file, from the shards listed by a
+ * `*.safetensors.index.json`, or from memory buffers (tests, fuzzing). Tensor data stays
+ * in the mapping: nothing is copied. Names are normalised once, at parse time, to the
+ * published layout (spec qwen2_5_vl.md §2.2): a leading `model.language_model.` becomes
+ * `model.`, a leading `model.visual.` becomes `visual.`.
+ *
+ *     dg_st *st; char err[256];
+ *     if (dg_st_open("pkg/mllm", &st, err, sizeof err) < 0) ...;
+ *     const dg_st_tensor *t = dg_st_find(st, "model.norm.weight");
+ *     dg_st_close(st);
+ *
+ * Every header is validated before use (JSON shape, dtype, offsets inside the file, byte
+ * size = product of the shape times the element size, no overlap with the header), so a
+ * truncated or hostile file gives DG_EMODEL and a message, never a read out of bounds. */
+#ifndef DG_SAFETENSORS_H
+#define DG_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dtype.h"
+
+#define DG_ST_MAX_DIMS 8
+
+typedef struct {
+    char       *name;                     /* owned by the dg_st; normalised */
+    dg_dtype    dtype;
+    int         n_dims;
+    int64_t     shape[DG_ST_MAX_DIMS];
+    const void *data;                     /* borrowed from the mapping or buffer */
+    size_t      nbytes;
+} dg_st_tensor;
+
+typedef struct dg_st dg_st;
+
+/* Opens `path`: a directory (its model.safetensors.index.json if present, else its
+ * model.safetensors), an index file, or a single .safetensors file. */
+int  dg_st_open(const char *path, dg_st **out, char *err, size_t errlen);
+void dg_st_close(dg_st *st);   /* accepts NULL */
+
+/* An empty set, and the parser behind dg_st_open: adds the tensors of one safetensors
+ * image held in [data, data+size) (borrowed: it must outlive the set). `label` names the
+ * file in messages. On error the set is unchanged. */
+int  dg_st_new(dg_st **out);
+int  dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *label,
+                      char *err, size_t errlen);
+
+/* Lookup by (normalised) name; NULL when absent. Load-time only: O(log n). */
+const dg_st_tensor *dg_st_find(const dg_st *st, const char *name);
+size_t              dg_st_count(const dg_st *st);
+const dg_st_tensor *dg_st_at(const dg_st *st, size_t i);
+
+/* "[896, 151936]" into buf. */
+const char *dg_st_shape_str(const int64_t *shape, int n_dims, char *buf, size_t len);
+
+#endif

@@ -1,0 +1,43 @@
+/* cpu_kernels.h — kernels shared by the CPU backend's files (not a public interface).
+ *
+ * Each hot kernel has a portable C version and an AVX2/FMA(/F16C) version compiled with
+ * __attribute__((target)) and chosen at run time by `simd` (set once from
+ * __builtin_cpu_supports when the backend is made). */
+#ifndef DG_CPU_KERNELS_H
+#define DG_CPU_KERNELS_H
+
+#include <stdint.h>
+
+#include "backend.h"
+
+typedef struct {
+    int     n_threads;
+    int     simd;            /* 1: AVX2 + FMA + F16C kernels */
+    float  *conv;            /* owned scratch: weight rows converted to fp32 for GEMM */
+    int64_t conv_floats;     /* its size */
+} dg_cpu;
+
+/* y[n] = W[n, k] · x[k] (+ bias); rows split over threads. */
+void  dg_cpu_gemv(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias);
+/* dst[nr, cols] = rows r0 .. r0+nr-1 of w as fp32 (the caller parallelises). */
+void  dg_cpu_rows_f32(int simd, float *dst, const dg_weight *w, int64_t r0, int64_t nr);
+float dg_cpu_dot(int simd, const float *a, const float *b, int n);
+/* y[i] = y[i] * s + a * x[i] */
+void  dg_cpu_scale_axpy(int simd, float *y, float s, float a, const float *x, int n);
+
+
+/* ops.c: the backend operations of the same names (backend.h states their contracts). */
+void dg_cpu_rmsnorm(const dg_cpu *c, float *y, const float *x, const float *weight, int m, int n,
+                    float eps);
+void dg_cpu_rope(const dg_cpu *c, float *x, const int32_t *pos, int m, int n_heads, int head_dim,
+                 const dg_rope_params *p);
+void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const float *k,
+                     const float *v, int m, int kv_dim);
+void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
+                      int m, int n_heads, int n_kv_heads, int head_dim, float scale);
+void dg_cpu_silu_mul(const dg_cpu *c, float *y, const float *gate, const float *up, int64_t n);
+void dg_cpu_add(const dg_cpu *c, float *y, const float *x, int64_t n);
+void dg_cpu_embed(const dg_cpu *c, float *y, const dg_weight *table, const int32_t *ids, int m);
+void dg_cpu_softmax(const dg_cpu *c, float *x, int m, int n);
+
+#endif

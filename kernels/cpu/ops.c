@@ -1,0 +1,127 @@
+/* ops.c — the CPU backend's element-wise, normalisation, rotary and attention kernels. */
+#include <math.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#define ATT_CHUNK 64   /* keys scored at once by the online softmax (stack buffer) */
+
+/* HF Qwen2RMSNorm in fp32: y = weight * (x * rsqrt(mean(x²) + eps)). */
+void dg_cpu_rmsnorm(const dg_cpu *c, float *y, const float *x, const float *weight, int m, int n,
+                    float eps) {
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
+    for (int i = 0; i < m; i++) {
+        const float *xi = x + (int64_t)i * n;
+        float *yi = y + (int64_t)i * n;
+        float r = 1.0f / sqrtf(dg_cpu_dot(c->simd, xi, xi, n) / (float)n + eps);
+        for (int j = 0; j < n; j++) yi[j] = weight[j] * (xi[j] * r);
+    }
+}
+
+/* Frequencies as transformers computes them in fp32: 1 / theta^(float(2j) / head_dim). */
+static float inv_freq(float theta, int j, int head_dim) {
+    return 1.0f / powf(theta, (float)(2 * j) / (float)head_dim);
+}
+
+void dg_cpu_rope(const dg_cpu *c, float *x, const int32_t *pos, int m, int n_heads, int head_dim,
+                 const dg_rope_params *p) {
+    const int half = head_dim / 2;
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
+    for (int i = 0; i < m; i++) {
+        float cs[256], sn[256];          /* head_dim <= 512 (checked by the config reader) */
+        for (int j = 0; j < half; j++) {
+            int row = j < p->section[0] ? 0 : j < p->section[0] + p->section[1] ? 1 : 2;
+            float a = (float)pos[row * m + i] * inv_freq(p->theta, j, head_dim);
+            cs[j] = cosf(a);
+            sn[j] = sinf(a);
+        }
+        for (int h = 0; h < n_heads; h++) {
+            float *v = x + ((int64_t)i * n_heads + h) * head_dim;
+            for (int j = 0; j < half; j++) {
+                float a = v[j], b = v[j + half];
+                v[j] = a * cs[j] - b * sn[j];
+                v[j + half] = b * cs[j] + a * sn[j];
+            }
+        }
+    }
+}
+
+static inline int64_t kv_row(const dg_kv_view *kv, int p) {
+    return (int64_t)kv->block_table[p / kv->block_size] * kv->block_size + p % kv->block_size;
+}
+
+void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const float *k,
+                     const float *v, int m, int kv_dim) {
+    (void)c;
+    for (int i = 0; i < m; i++) {
+        int64_t r = kv_row(kv, start + i);
+        memcpy(kv->k + r * kv_dim, k + (int64_t)i * kv_dim, sizeof(float) * (size_t)kv_dim);
+        memcpy(kv->v + r * kv_dim, v + (int64_t)i * kv_dim, sizeof(float) * (size_t)kv_dim);
+    }
+}
+
+/* One (query, head) pair at a time with an online softmax over chunks of keys: the same
+ * value as softmax(q·Kᵀ·scale)·V up to fp32 rounding, without a [context]-sized buffer. */
+void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
+                      int m, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    const int group = n_heads / n_kv_heads, kv_dim = n_kv_heads * head_dim;
+    const int64_t pairs = (int64_t)m * n_heads;
+#pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 4)
+    for (int64_t ih = 0; ih < pairs; ih++) {
+        const int i = (int)(ih / n_heads), h = (int)(ih % n_heads), kvh = h / group;
+        const float *qi = q + ih * head_dim;
+        float *o = out + ih * head_dim;
+        const int n_ctx = n_past + i + 1;
+        float s[ATT_CHUNK], mx = -INFINITY, l = 0.0f;
+        memset(o, 0, sizeof(float) * (size_t)head_dim);
+        for (int p0 = 0; p0 < n_ctx; p0 += ATT_CHUNK) {
+            const int nc = n_ctx - p0 < ATT_CHUNK ? n_ctx - p0 : ATT_CHUNK;
+            float cm = -INFINITY;
+            for (int j = 0; j < nc; j++) {
+                const float *kj = kv->k + kv_row(kv, p0 + j) * kv_dim + kvh * head_dim;
+                s[j] = dg_cpu_dot(c->simd, qi, kj, head_dim) * scale;
+                if (s[j] > cm) cm = s[j];
+            }
+            const float mnew = cm > mx ? cm : mx;
+            float corr = expf(mx - mnew);          /* 0 on the first chunk (mx = -inf) */
+            l *= corr;
+            for (int j = 0; j < nc; j++) {
+                const float e = expf(s[j] - mnew);
+                const float *vj = kv->v + kv_row(kv, p0 + j) * kv_dim + kvh * head_dim;
+                dg_cpu_scale_axpy(c->simd, o, j == 0 ? corr : 1.0f, e, vj, head_dim);
+                l += e;
+            }
+            mx = mnew;
+        }
+        const float inv = 1.0f / l;
+        for (int d = 0; d < head_dim; d++) o[d] *= inv;
+    }
+}
+
+void dg_cpu_silu_mul(const dg_cpu *c, float *y, const float *gate, const float *up, int64_t n) {
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        y[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+void dg_cpu_add(const dg_cpu *c, float *y, const float *x, int64_t n) {
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+void dg_cpu_embed(const dg_cpu *c, float *y, const dg_weight *table, const int32_t *ids, int m) {
+    for (int i = 0; i < m; i++) dg_cpu_rows_f32(c->simd, y + (int64_t)i * table->cols, table, ids[i], 1);
+}
+
+void dg_cpu_softmax(const dg_cpu *c, float *x, int m, int n) {
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
+    for (int i = 0; i < m; i++) {
+        float *r = x + (int64_t)i * n, mx = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < n; j++) if (r[j] > mx) mx = r[j];
+        for (int j = 0; j < n; j++) sum += (r[j] = expf(r[j] - mx));
+        const float inv = 1.0f / sum;
+        for (int j = 0; j < n; j++) r[j] *= inv;
+    }
+}
