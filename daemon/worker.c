@@ -639,6 +639,11 @@ int dg_worker_run(dg_worker *w) {
             publish(w);
         }
         check_deadlines(w);
+        /* what new jobs queued (job hash "running", the started event) is written before the
+         * first step: if the step crashes the process, the next attempt can tell */
+        int fresh = 0;
+        for (dg_run *r = w->runs; r; r = r->next) fresh |= r->n_out > 0;
+        if (fresh && dg_redis_ready(&w->redis)) flush_progress(w);
         stepping = 0;
         for (dg_run *r = w->runs; r; r = r->next) stepping |= r->submitted && !r->ended;
         if (stepping) {

@@ -1,0 +1,236 @@
+"""Faults: many workers, killed workers, a restarted Redis, poison jobs. Every job ends
+with exactly one result; none is lost, none is done twice."""
+import os
+import signal
+import time
+
+from conftest import pb, wait_until
+
+
+def results_of(cluster, ids):
+    return {j: cluster.result(j) for j in ids}
+
+
+def test_three_workers_300_jobs_each_exactly_once(cluster):
+    for i in range(3):
+        cluster.worker(args=["--max-inflight", "2"])
+    ids = [f"bulk-{i:03d}" for i in range(300)]
+    pipe = cluster.r.pipeline(transaction=False)
+    for j in ids:
+        pipe.xadd(cluster.key("jobs"), {"id": j, "job": __import__("conftest").make_job(j, f"n {j}").SerializeToString()})
+    pipe.execute()
+    wait_until(lambda: cluster.r.xlen("duogen:done") >= 300, timeout=120, what="300 results")
+    time.sleep(0.5)
+    done = [f[b"id"].decode() for _, f in cluster.r.xrange("duogen:done")]
+    assert sorted(done) == ids, "every job exactly once in the done stream"
+    res = results_of(cluster, ids)
+    assert all(r["status"] == b"done" for r in res.values())
+    # started events: one per job (no job ran twice)
+    for j in ids[:50]:
+        assert [e["type"] for e in cluster.events(j)].count(b"started") == 1
+    workers = {r["worker"] for r in res.values()}
+    assert len(workers) == 3, f"all three workers took jobs: {workers}"
+    assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0
+
+
+def test_killed_worker_job_taken_over_and_long_job_not_stolen(cluster):
+    w1 = cluster.worker("w1")
+    cluster.wait_groups()
+    # a long job (40 steps x 150 ms = 6 s, four times claim_idle) on w1
+    cluster.enqueue("long", "a b c d e f g h i j k l m n o p q r s t u v w x y z aa bb cc dd ee ff gg hh ii jj kk ll mm",
+                    meta={"fake.step_ms": 150})
+    wait_until(lambda: cluster.r.hget("duogen:job:long", "state") == b"running", what="long job running")
+    w2 = cluster.worker("w2")
+    res = cluster.wait_result("long", timeout=30)
+    # w2's reaper ran all along, but w1 kept its claim fresh: w1 finished, once
+    assert res["worker"] == b"w1" and res["status"] == b"done"
+    assert [e["type"] for e in cluster.events("long")].count(b"started") == 1
+
+    # now kill w1 in the middle of a job: w2 takes it over after the idle time and finishes
+    cluster.enqueue("orphan", "one two three four five six seven eight nine ten", meta={"fake.step_ms": 200})
+    wait_until(lambda: cluster.r.hget("duogen:job:orphan", "worker") in (b"w1", b"w2")
+               and cluster.r.hget("duogen:job:orphan", "state") == b"running", what="orphan running")
+    owner = cluster.r.hget("duogen:job:orphan", "worker").decode()
+    victim = w1 if owner == "w1" else w2
+    survivor = w2 if victim is w1 else w1
+    victim.kill()
+    res = cluster.wait_result("orphan", timeout=30)
+    assert res["status"] == b"done" and res["worker"] == survivor.id.encode()
+    assert pb.Result.FromString(res["pb"]).attempt == 2
+    assert "took over 1 abandoned" in survivor.logs()
+    assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0
+    assert [f[b"id"] for _, f in cluster.r.xrange("duogen:done")].count(b"orphan") == 1
+
+
+def test_redis_restart_mid_job_and_down_10s(aof_cluster):
+    c = aof_cluster
+    w = c.worker("w1")
+    c.wait_groups()
+    c.enqueue("survivor", " ".join(f"w{i}" for i in range(30)), meta={"fake.step_ms": 100})
+    wait_until(lambda: c.r.hget("duogen:job:survivor", "state") == b"running", what="running")
+    time.sleep(0.5)
+    c.server.stop()               # SHUTDOWN with AOF: the pending entry survives
+    time.sleep(10)                # down for 10 s: the worker must live through it
+    assert w.alive(), w.logs()[-2000:]
+    c.server.start()
+    c.r = c.server.client()
+    res = c.wait_result("survivor", timeout=30)
+    assert res["status"] == b"done"
+    assert [f[b"id"] for _, f in c.r.xrange("duogen:done")] == [b"survivor"]
+    assert c.r.xpending(c.key("jobs"), "duogen")["pending"] == 0
+    # the whole answer made it through, although Redis was away for part of it
+    assert res["text"].decode() == "Echo: " + " ".join(f"w{i}" for i in range(30))
+    assert "reconnected to Redis" in w.logs()
+    # and the worker takes new jobs afterwards
+    c.enqueue("after", "hi")
+    assert c.wait_result("after")["status"] == b"done"
+    assert w.alive()
+
+
+def test_bad_jobs_fail_clearly_and_worker_keeps_running(cluster):
+    w = cluster.worker(args=["--max-image-bytes", "4096", "--max-job-bytes", "65536"])
+    cluster.wait_groups()
+    cases = {}
+    # malformed protobuf
+    cases["garbage"] = cluster.enqueue("garbage", raw=b"\xff\xff\xff\xff not protobuf")
+    # a known field with the wrong wire type: field 2 (messages) as a varint
+    cases["wrongtype"] = cluster.enqueue("wrongtype", raw=b"\x0a\x09wrongtype\x10\x05")
+    # no id anywhere
+    job = pb.Job()
+    job.messages.add(role=pb.Message.USER).parts.add(text="hi")
+    cases["noid"] = cluster.r.xadd(cluster.key("jobs"), {"job": job.SerializeToString()})
+    # an image that is not an image
+    cluster.enqueue("notimage", "look", images=[b"GIF89a this is no png"])
+    # oversize image and oversize job
+    cluster.enqueue("bigimage", "look", images=[b"\x89PNG\r\n\x1a\n" + b"\0" * 5000])
+    cluster.enqueue("bigjob", "x" * 70000)
+    # unknown fields (a newer producer) are fine and do not fail the job
+    ok = pb.Job(id="unknownfield")
+    ok.messages.add(role=pb.Message.USER).parts.add(text="hello")
+    cluster.enqueue("unknownfield", raw=ok.SerializeToString() + b"\xa0\x06\x01")   # field 100, varint 1
+
+    noid_key = "entry-" + cases["noid"].decode()
+    expect = {
+        "garbage": ("BAD_REQUEST", "not a duogen.v1.Job protobuf"),
+        "wrongtype": ("BAD_REQUEST", "field 2 (messages) has wire type 0, expected 2"),
+        noid_key: ("BAD_REQUEST", "id: missing"),
+        "notimage": ("BAD_IMAGE", "image 1: not a PNG or JPEG"),
+        "bigimage": ("BAD_REQUEST", "over max_image_bytes"),
+        "bigjob": ("BAD_REQUEST", "over max_job_bytes"),
+    }
+    for j, (code, msg) in expect.items():
+        res = cluster.wait_result(j)
+        assert res["status"] == b"failed", j
+        assert res["error_code"].decode() == code, (j, res["error_code"])
+        assert msg in res["error"].decode(), (j, res["error"])
+        r = pb.Result.FromString(res["pb"])
+        assert r.error.message == res["error"].decode()
+        ev = cluster.events(j)
+        assert ev[-1]["type"] == b"failed" and msg in ev[-1]["error"].decode()
+    assert cluster.wait_result("unknownfield")["status"] == b"done"
+    dead = {f[b"id"].decode(): f for _, f in cluster.r.xrange("duogen:dead")}
+    assert set(dead) == set(expect)
+    assert dead["garbage"][b"job"] == b"\xff\xff\xff\xff not protobuf"   # the original bytes kept
+    assert dead[noid_key][b"entry"] == cases["noid"]
+    assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0
+    assert w.alive()
+
+
+def test_crashing_job_goes_dead_after_max_attempts(cluster):
+    # each attempt kills its worker (a crashing kernel); a supervisor restarts workers
+    ws = [cluster.worker(f"w{i}") for i in (1, 2)]
+    cluster.wait_groups()
+    cluster.enqueue("poison", "boom", meta={"fake.fail": "crash"}, max_attempts=2)
+    cluster.enqueue("fine", "ok")
+
+    def supervise():
+        for w in ws:
+            if not w.alive():
+                w.start()
+        return cluster.result("poison") or None
+    res = wait_until(supervise, timeout=60, every=0.1, what="poison job to be dead-lettered")
+    assert res["status"] == b"failed" and res["error_code"] == b"EXHAUSTED"
+    assert "gave up after 2 deliveries" in res["error"].decode()
+    assert "ended without a result" in res["error"].decode()
+    dead = cluster.r.xrange("duogen:dead")
+    assert len(dead) == 1 and dead[0][1][b"id"] == b"poison" and dead[0][1][b"deliveries"] == b"3"
+    assert cluster.wait_result("fine")["status"] == b"done"
+
+
+def test_retryable_failure_retried_then_dead_with_last_error(cluster):
+    cluster.worker()
+    cluster.wait_groups()
+    cluster.enqueue("flaky", "x", meta={"fake.fail": "retry"}, max_attempts=2)
+    res = cluster.wait_result("flaky", timeout=30)
+    assert res["error_code"] == b"EXHAUSTED"
+    assert "last error: fake engine: asked to fail this attempt as retryable" in res["error"].decode()
+
+
+def test_cancel_and_deadline(cluster):
+    cluster.worker()
+    cluster.wait_groups()
+    cluster.enqueue("cancelme", " ".join(["w"] * 100), meta={"fake.step_ms": 50})
+    wait_until(lambda: int(cluster.r.hget("duogen:job:cancelme", "tokens") or 0) >= 3, what="a few tokens")
+    cluster.r.set("duogen:cancel:cancelme", 1, ex=60)
+    res = cluster.wait_result("cancelme")
+    assert res["status"] == b"cancelled"
+    assert int(res["images"]) == 0 and 3 <= len(res["text"].split()) < 50
+    assert cluster.events("cancelme")[-1]["type"] == b"cancelled"
+    assert cluster.r.hget("duogen:job:cancelme", "state") == b"cancelled"
+
+    # expired before it starts: not run at all
+    cluster.enqueue("late", "hi", deadline_unix_ms=int(time.time() * 1000) - 1000)
+    res = cluster.wait_result("late")
+    assert res["status"] == b"expired" and res["text"] == b""
+    assert [e["type"] for e in cluster.events("late")] == [b"done"]
+    # expires while running: stops at the next step
+    cluster.enqueue("slow", " ".join(["w"] * 100), meta={"fake.step_ms": 50},
+                    deadline_unix_ms=int(time.time() * 1000) + 600)
+    res = cluster.wait_result("slow")
+    assert res["status"] == b"expired" and 0 < len(res["text"].split()) < 50
+    # cancelled before it starts
+    cluster.r.set("duogen:cancel:early", 1)
+    cluster.enqueue("early", "hi")
+    assert cluster.wait_result("early")["status"] == b"cancelled"
+
+
+def test_sigterm_drains_or_leaves_pending(cluster):
+    w1 = cluster.worker("w1", args=["--drain-ms", "5000"])
+    cluster.wait_groups()
+    cluster.enqueue("drained", "one two three four five six", meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:drained", "state") == b"running", what="running")
+    cluster.enqueue("queued-after", "hi")
+    assert w1.term() == 0
+    assert cluster.result("drained")["status"] == b"done"   # finished within the drain time
+    assert cluster.result("queued-after") == {}              # not taken while stopping
+    assert cluster.r.hget("duogen:worker:w1", "state") == b"stopped"
+
+    # a job longer than the drain time is left pending, and another worker finishes it
+    w2 = cluster.worker("w2", args=["--drain-ms", "300"])
+    assert cluster.wait_result("queued-after")["worker"] == b"w2"
+    cluster.enqueue("toolong", " ".join(["w"] * 40), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:toolong", "state") == b"running", what="running")
+    assert w2.term() == 0
+    assert cluster.result("toolong") == {}
+    assert "left pending for another worker" in w2.logs()
+    cluster.worker("w3")
+    res = cluster.wait_result("toolong", timeout=30)
+    assert res["status"] == b"done" and res["worker"] == b"w3"
+
+
+def test_streams_trimmed_and_keys_expire(cluster):
+    cluster.worker(args=["--trim-ms", "200", "--jobs-retain-s", "0", "--result-ttl-s", "2",
+                         "--events-maxlen", "10", "--done-maxlen", "10"])
+    cluster.wait_groups()
+    for i in range(150):
+        cluster.enqueue(f"t{i}", " ".join(["w"] * 30))
+    wait_until(lambda: cluster.result("t149"), timeout=60, what="last job")
+    # event streams capped (MAXLEN ~ keeps whole macro nodes, so allow some slack)
+    assert cluster.r.xlen("duogen:events:t149") < 40
+    # acknowledged job entries trimmed away
+    wait_until(lambda: cluster.r.xlen(cluster.key("jobs")) < 150, timeout=10, what="job stream trimmed")
+    assert cluster.r.xlen("duogen:done") < 150
+    # results, events and images expire with the TTL
+    assert 0 < cluster.r.ttl("duogen:result:t149") <= 2
+    wait_until(lambda: not cluster.r.exists("duogen:result:t0", "duogen:events:t0", "duogen:job:t0"),
+               timeout=10, what="keys to expire")
