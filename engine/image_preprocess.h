@@ -57,7 +57,9 @@ int  dg_image_grid(int32_t height, int32_t width, const dg_image_preprocess_conf
  * (horizontal pass into an 8-bit image of the rows needed, then vertical), the a = -0.5
  * cubic with its support widened by the scale when shrinking, coefficients normalised to
  * sum 1 and quantised to 22 fractional bits, each pass rounded and clamped to 8 bits.
- * A pass whose size does not change is skipped. DG_EINVAL, DG_ENOMEM. */
+ * A pass whose size does not change is skipped; the vertical pass goes first when the
+ * height shrinks by more than twice as many pixels as the width (Pillow 13's order).
+ * DG_EINVAL, DG_ENOMEM. */
 int  dg_image_resize(const dg_image *in, int32_t width, int32_t height, dg_image **out);
 
 typedef struct {
