@@ -526,6 +526,14 @@ static int jpeg_orientation(const uint8_t *p, size_t n) {
     return o;
 }
 
+/* Whether an EOI marker (FF D9) follows the first SOS (FF DA): entropy-coded data never
+ * holds FF D9 (an FF there is followed by 00 or a restart marker), so without one the file
+ * was cut short. */
+static int jpeg_complete(const uint8_t *p, size_t n) {
+    const uint8_t *sos = memmem(p, n, "\xff\xda", 2);
+    return sos && memmem(sos, n - (size_t)(sos - p), "\xff\xd9", 2) != NULL;
+}
+
 static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
                              const dg_image_limits *limits, dg_image **out, int *orientation,
                              char *err, size_t errlen) {
@@ -535,14 +543,15 @@ static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
     tjhandle tj = tjInitDecompress();
     if (!tj)
         return image_fail(err, errlen, DG_ENOMEM, label, "out of memory");
-    int w, h, subsamp, colorspace;
+    int w = 0, h = 0, subsamp, colorspace;
     if (len > ULONG_MAX ||
-        tjDecompressHeader3(tj, data, (unsigned long)len, &w, &h, &subsamp, &colorspace) < 0) {
+        tjDecompressHeader3(tj, data, (unsigned long)len, &w, &h, &subsamp, &colorspace) < 0 ||
+        w < 1 || h < 1) {
         rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt JPEG header (%s)",
                         tjGetErrorStr2(tj));
         goto done;
     }
-    if ((int64_t)w * h > limits->max_pixels) {
+    if ((int64_t)w * h > limits->max_pixels || w > 65535 || h > 65535) {
         rc = image_fail(err, errlen, DG_ELIMIT, label, "%dx%d JPEG is over the limit of %lld pixels",
                         w, h, (long long)limits->max_pixels);
         goto done;
@@ -561,14 +570,13 @@ static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
     int flags = TJFLAG_ACCURATEDCT | TJFLAG_LIMITSCANS;
     int r = is_cmyk ? tjDecompress2(tj, data, (unsigned long)len, cmyk, w, w * 4, h, TJPF_CMYK, flags)
                     : tjDecompress2(tj, data, (unsigned long)len, img->rgb, w, w * 3, h, TJPF_RGB, flags);
-    if (r < 0) {
-        /* A warning leaves a whole image; Pillow takes it too, except a truncated file
-         * ("Premature end of JPEG file"), which it refuses as "image file is truncated". */
-        const char *why = tjGetErrorStr2(tj);
-        if (tjGetErrorCode(tj) != TJERR_WARNING || strstr(why, "Premature end")) {
-            rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt or truncated JPEG (%s)", why);
-            goto done;
-        }
+    if (r < 0 && (tjGetErrorCode(tj) != TJERR_WARNING || !jpeg_complete(data, len))) {
+        /* A warning (corrupt entropy data, extraneous bytes) still leaves a whole image,
+         * which Pillow takes too; but a file cut short is refused, as Pillow refuses it
+         * ("image file is truncated"). */
+        rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt or truncated JPEG (%s)",
+                        tjGetErrorStr2(tj));
+        goto done;
     }
     if (is_cmyk) {
         for (size_t i = 0, n = (size_t)w * h; i < n; i++) {

@@ -1,0 +1,287 @@
+/* Image decoding (against Pillow + transformers' convert_to_rgb, tests/golden/image), the
+ * limits and error messages for bad input, PNG encoding with text chunks, and the hash. */
+#include "common/harness.h"
+#include "image.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GOLDEN "tests/golden/image/"
+
+static uint8_t *read_file(const char *name, size_t *len) {
+    char path[512];
+    snprintf(path, sizeof path, GOLDEN "%s", name);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *buf = malloc(n > 0 ? (size_t)n + 1 : 1);
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+static void hex(const dg_image_digest *d, char out[33]) {
+    for (int i = 0; i < 16; i++)
+        snprintf(out + 2 * i, 3, "%02x", d->bytes[i]);
+}
+
+/* Every golden input decodes to exactly the RGB the reference pipeline sees: 8/16-bit,
+ * palette (with tRNS), 1-bit gray, gray+alpha, RGBA, RGB colour key, CMYK and gray JPEG,
+ * progressive and 4:2:0/4:2:2/4:4:4 JPEG, EXIF (JPEG, PNG eXIf) and XMP orientation. */
+TEST(decode_matches_reference) {
+    size_t len;
+    char *man = (char *)read_file("manifest.txt", &len);
+    CHECK(man != NULL);
+    if (!man)
+        return;
+    man[len] = 0;
+    int n = 0;
+    for (char *line = strtok(man, "\n"); line; line = strtok(NULL, "\n")) {
+        char name[128], want[33], got[33];
+        int w, h;
+        if (sscanf(line, "decode %127s %d %d %32s", name, &w, &h, want) != 4)
+            continue;
+        size_t dlen;
+        uint8_t *data = read_file(name, &dlen);
+        dg_image *img = NULL;
+        char err[256];
+        int rc = data ? dg_image_decode(data, dlen, name, NULL, &img, err, sizeof err) : -99;
+        if (rc != 0) {
+            test_fail(__FILE__, __LINE__, "%s: rc %d: %s", name, rc, rc == -99 ? "missing" : err);
+        } else {
+            CHECK_EQ_INT(img->width, w);
+            CHECK_EQ_INT(img->height, h);
+            dg_image_digest d;
+            dg_image_hash(img, &d);
+            hex(&d, got);
+            if (strcmp(got, want) != 0)
+                test_fail(__FILE__, __LINE__, "%s decodes to other pixels than Pillow", name);
+        }
+        dg_image_free(img);
+        free(data);
+        n++;
+    }
+    CHECK(n >= 20);
+    free(man);
+}
+
+TEST(hash_is_sha256_of_size_and_pixels) {
+    dg_image *img;
+    CHECK_EQ_INT(dg_image_new(2, 1, &img), 0);
+    for (int i = 0; i < 6; i++)
+        img->rgb[i] = (uint8_t)(i + 1);
+    dg_image_digest d;
+    char got[33];
+    dg_image_hash(img, &d);
+    hex(&d, got);
+    /* python: sha256(struct.pack("<II", 2, 1) + bytes([1,2,3,4,5,6])).hexdigest()[:32] */
+    CHECK_EQ_STR(got, "f25af82c68d29a6c012779bae23ccc6e");
+    img->rgb[5] ^= 1;
+    dg_image_digest d2;
+    dg_image_hash(img, &d2);
+    CHECK(memcmp(d.bytes, d2.bytes, 16) != 0);
+    dg_image_free(img);
+}
+
+TEST(hash_long_input_crosses_blocks) {
+    /* 64x1: 8 + 192 bytes, several SHA-256 blocks and a two-block padding tail */
+    dg_image *img;
+    CHECK_EQ_INT(dg_image_new(64, 1, &img), 0);
+    for (int i = 0; i < 192; i++)
+        img->rgb[i] = (uint8_t)(i * 7);
+    dg_image_digest d;
+    char got[33];
+    dg_image_hash(img, &d);
+    hex(&d, got);
+    /* python: sha256(pack("<II",64,1) + bytes((i*7)%256 for i in range(192))).hexdigest()[:32] */
+    CHECK_EQ_STR(got, "3a7e16935515aed446643f7b1b88e74f");
+    dg_image_free(img);
+}
+
+static int decode(const uint8_t *data, size_t len, const dg_image_limits *lim, char *err, size_t errlen) {
+    dg_image *img = NULL;
+    int rc = dg_image_decode(data, len, "image 2", lim, &img, err, errlen);
+    CHECK(rc == 0 ? img != NULL : img == NULL);
+    dg_image_free(img);
+    return rc;
+}
+
+TEST(decode_rejects_other_formats_with_a_named_message) {
+    char err[256];
+    CHECK_EQ_INT(decode((const uint8_t *)"GIF89a....", 10, NULL, err, sizeof err), DG_EIMAGE);
+    CHECK_EQ_STR(err, "image 2: not a PNG or JPEG (first bytes 47 49 46)");
+    CHECK_EQ_INT(decode((const uint8_t *)"", 0, NULL, err, sizeof err), DG_EIMAGE);
+    CHECK_EQ_STR(err, "image 2: empty image");
+    CHECK_EQ_INT(decode((const uint8_t *)"\x89P", 2, NULL, err, sizeof err), DG_EIMAGE);
+    CHECK_EQ_STR(err, "image 2: not a PNG or JPEG (first bytes 89 50)");
+    dg_image *img = NULL;
+    CHECK_EQ_INT(dg_image_decode(NULL, 5, NULL, NULL, &img, err, sizeof err), DG_EINVAL);
+}
+
+TEST(decode_truncated_and_corrupt_files_fail_cleanly) {
+    const char *files[] = {"rgb_57x91.png", "rgb_640x427.jpg", "rgb_97x97_444p.jpg", "pal_64x48_trns.png"};
+    for (size_t f = 0; f < sizeof files / sizeof files[0]; f++) {
+        size_t len;
+        uint8_t *data = read_file(files[f], &len);
+        CHECK(data != NULL);
+        if (!data)
+            continue;
+        char err[256];
+        /* cut inside the image data */
+        for (size_t cut = 9; cut < len - 20; cut += len / 7) {
+            int rc = decode(data, cut, NULL, err, sizeof err);
+            CHECK_EQ_INT(rc, DG_EIMAGE);
+            CHECK(strncmp(err, "image 2: ", 9) == 0);
+        }
+        /* flipped bytes anywhere: any outcome but a crash (and the sanitizers are happy) */
+        for (size_t i = 0; i < len; i += 1 + len / 64) {
+            uint8_t keep = data[i];
+            data[i] ^= 0x5a;
+            decode(data, len, NULL, err, sizeof err);
+            data[i] = keep;
+        }
+        free(data);
+    }
+}
+
+TEST(decode_png_without_iend_is_accepted_like_pillow) {
+    size_t len;
+    uint8_t *data = read_file("rgb_57x91.png", &len);
+    CHECK(data != NULL);
+    if (!data)
+        return;
+    char err[256];
+    CHECK_EQ_INT(decode(data, len - 12, NULL, err, sizeof err), 0);   /* IEND is 12 bytes */
+    free(data);
+}
+
+TEST(decode_limits_bytes_and_pixels) {
+    size_t len;
+    uint8_t *data = read_file("rgb_640x427.jpg", &len);
+    CHECK(data != NULL);
+    if (!data)
+        return;
+    char err[256];
+    CHECK_EQ_INT(decode(data, len, &(dg_image_limits){.max_bytes = len - 1}, err, sizeof err), DG_ELIMIT);
+    CHECK(strstr(err, "image 2: ") == err && strstr(err, "bytes") != NULL);
+    CHECK_EQ_INT(decode(data, len, &(dg_image_limits){.max_pixels = 640 * 427 - 1}, err, sizeof err), DG_ELIMIT);
+    CHECK(strstr(err, "640x427") != NULL);
+    CHECK_EQ_INT(decode(data, len, &(dg_image_limits){.max_pixels = 640 * 427}, err, sizeof err), 0);
+    free(data);
+    data = read_file("rgb_57x91.png", &len);
+    CHECK(data != NULL);
+    if (!data)
+        return;
+    CHECK_EQ_INT(decode(data, len, &(dg_image_limits){.max_pixels = 57 * 91 - 1}, err, sizeof err), DG_ELIMIT);
+    free(data);
+}
+
+/* A decompression bomb: a tiny file that claims a huge image is refused from its header,
+ * before anything of that size is allocated. */
+TEST(decode_refuses_bombs_from_the_header) {
+    dg_image *img;
+    CHECK_EQ_INT(dg_image_new(8, 8, &img), 0);
+    uint8_t *png = NULL;
+    size_t png_len = 0;
+    char err[256];
+    CHECK_EQ_INT(dg_image_encode_png(img, NULL, 0, &png, &png_len, err, sizeof err), 0);
+    /* IHDR width/height at bytes 16..23; the CRC is now wrong, but the size check comes
+     * first and libpng checks the IHDR CRC... so rewrite the CRC too */
+    uint8_t *bomb = malloc(png_len);
+    memcpy(bomb, png, png_len);
+    bomb[16] = 0; bomb[17] = 0; bomb[18] = 0xC3; bomb[19] = 0x50;   /* 50000 */
+    bomb[20] = 0; bomb[21] = 0; bomb[22] = 0xC3; bomb[23] = 0x50;
+    uint32_t crc = 0xffffffffu;
+    for (int i = 12; i < 29; i++) {
+        crc ^= bomb[i];
+        for (int b = 0; b < 8; b++)
+            crc = crc & 1 ? (crc >> 1) ^ 0xedb88320u : crc >> 1;
+    }
+    crc ^= 0xffffffffu;
+    bomb[29] = (uint8_t)(crc >> 24); bomb[30] = (uint8_t)(crc >> 16);
+    bomb[31] = (uint8_t)(crc >> 8);  bomb[32] = (uint8_t)crc;
+    CHECK_EQ_INT(decode(bomb, png_len, NULL, err, sizeof err), DG_ELIMIT);
+    CHECK(strstr(err, "50000x50000") != NULL);
+    free(bomb);
+    free(png);
+    dg_image_free(img);
+
+    /* JPEG SOF0 claiming 65000x65000 */
+    size_t len;
+    uint8_t *jpg = read_file("rgb_640x427.jpg", &len);
+    CHECK(jpg != NULL);
+    if (!jpg)
+        return;
+    for (size_t i = 2; i + 9 < len; i++)
+        if (jpg[i] == 0xFF && jpg[i + 1] == 0xC0) {
+            jpg[i + 5] = 0xFD; jpg[i + 6] = 0xE8;   /* height 65000 */
+            jpg[i + 7] = 0xFD; jpg[i + 8] = 0xE8;   /* width 65000 */
+            break;
+        }
+    CHECK_EQ_INT(decode(jpg, len, NULL, err, sizeof err), DG_ELIMIT);
+    free(jpg);
+}
+
+TEST(encode_png_roundtrip_with_text_chunks) {
+    dg_image *img, *back = NULL;
+    CHECK_EQ_INT(dg_image_new(37, 23, &img), 0);
+    for (int i = 0; i < 37 * 23 * 3; i++)
+        img->rgb[i] = (uint8_t)(i * 131 + (i >> 5));
+    const dg_kv text[] = {
+        {"duogen:job", "job-42"}, {"duogen:seed", "1234567890123"},
+        {"duogen:model", "qwen2.5-vl-7b + cosmos-predict2.5"}, {"Comment", "caf\xc3\xa9"},
+    };
+    uint8_t *png = NULL;
+    size_t len = 0;
+    char err[256];
+    CHECK_EQ_INT(dg_image_encode_png(img, text, 4, &png, &len, err, sizeof err), 0);
+    CHECK(png != NULL && len > 8 && memcmp(png, "\x89PNG\r\n\x1a\n", 8) == 0);
+    CHECK(memmem(png, len, "tEXtduogen:job\0job-42", 21) != NULL);
+    CHECK(memmem(png, len, "tEXtduogen:seed\0" "1234567890123", 29) != NULL);
+    CHECK(memmem(png, len, "tEXtduogen:model\0", 17) != NULL);
+    CHECK(memmem(png, len, "iTXtComment\0", 12) != NULL);               /* UTF-8 value */
+    CHECK_EQ_INT(dg_image_decode(png, len, "roundtrip", NULL, &back, err, sizeof err), 0);
+    if (back) {
+        CHECK_EQ_INT(back->width, 37);
+        CHECK_EQ_INT(back->height, 23);
+        CHECK(memcmp(back->rgb, img->rgb, 37 * 23 * 3) == 0);
+    }
+    free(png);
+    dg_image_free(back);
+    dg_image_free(img);
+}
+
+TEST(encode_png_rejects_bad_keys) {
+    dg_image *img;
+    CHECK_EQ_INT(dg_image_new(1, 1, &img), 0);
+    uint8_t *png = NULL;
+    size_t len;
+    char err[256];
+    const char *bad[] = {"", " lead", "trail ", "two  spaces", "tab\there",
+                         "0123456789012345678901234567890123456789012345678901234567890123456789012345678901"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        dg_kv kv = {bad[i], "v"};
+        CHECK_EQ_INT(dg_image_encode_png(img, &kv, 1, &png, &len, err, sizeof err), DG_EINVAL);
+    }
+    CHECK(png == NULL);
+    dg_image_free(img);
+}
+
+TEST(new_checks_its_size) {
+    dg_image *img = NULL;
+    CHECK_EQ_INT(dg_image_new(0, 5, &img), DG_EINVAL);
+    CHECK_EQ_INT(dg_image_new(5, 65536, &img), DG_EINVAL);
+    CHECK(img == NULL);
+    dg_image_free(NULL);
+}
+
+int main(void) { return test_main(); }
