@@ -2,12 +2,14 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
 
 static uint64_t watchdog_usec;     /* 0: no watchdog */
 static uint64_t last_ping_usec;
 static char     last_status[256];
+static uint64_t last_status_usec;
 
 static uint64_t mono_usec(void) {
     struct timespec ts;
@@ -31,11 +33,13 @@ void dg_notify_status(const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    /* STATUS= lines are cheap but not free: send a status only when it changes */
-    for (size_t i = 0; ; i++) {
-        if (buf[i] != last_status[i]) break;
-        if (!buf[i]) return;
-    }
+    /* a status only when it changes, and at most 4 a second: the manager reads every
+     * datagram, and a status per token would be noise (and, with a slow reader, a full
+     * socket buffer that blocks the main loop) */
+    if (!strcmp(buf, last_status)) return;
+    uint64_t now = mono_usec();
+    if (now - last_status_usec < 250000) return;
+    last_status_usec = now;
     snprintf(last_status, sizeof last_status, "%s", buf);
     sd_notifyf(0, "STATUS=%s", buf);
 }
