@@ -221,6 +221,35 @@ TEST(prefill_and_greedy_decode_match_transformers) { run_all("cpu", 128); }
 TEST(chunked_prefill_matches) { run_all("cpu", 7); }
 TEST(scalar_kernels_match) { run_all("cpu-scalar", 128); }
 
+/* A second sequence with the same prompt takes the first one's full blocks from the
+ * cache and computes only the rest: its logits must still match the goldens. */
+TEST(prefix_reuse_gives_the_same_logits) {
+    model x;
+    char err[256];
+    if (!setup() || model_open(&x, "cpu") < 0) { CHECK(!"setup"); return; }
+    json_t *p = json_array_get(json_object_get(goldens, "prompts"), 2);
+    int n;
+    int32_t *ids = ids_of(json_object_get(p, "ids"), &n);
+    const int V = x.m.cfg.vocab_size;
+    dg_kv_seq a, b;
+    CHECK(dg_kv_seq_init(&a, 256, 16) == 0 && dg_kv_seq_init(&b, 256, 16) == 0);
+    CHECK_EQ_INT(dg_qwen2_forward(&x.m, x.s, x.kv, &a, &(dg_qwen2_input){.ids = ids, .n = n},
+                                  NULL, err, sizeof err), 0);
+    dg_kv_seq_release(x.kv, &a);
+    int reused = dg_kv_seq_match_prefix(x.kv, &b, ids, NULL, n);
+    CHECK_EQ_INT(reused, (n - 1) / 16 * 16);
+    dg_qwen2_input in = {.ids = ids + reused, .n = n - reused, .n_logits = n - reused};
+    CHECK_EQ_INT(dg_qwen2_forward(&x.m, x.s, x.kv, &b, &in, NULL, err, sizeof err), 0);
+    json_t *pre = json_object_get(p, "prefill_topk");
+    for (int i = 0; i < n - reused; i++)
+        check_topk(x.s->logits + (int64_t)i * V, json_array_get(pre, (size_t)(reused + i)), "reused pos", reused + i);
+    dg_kv_seq_release(x.kv, &b);
+    dg_kv_seq_free(&a);
+    dg_kv_seq_free(&b);
+    free(ids);
+    model_close(&x);
+}
+
 static int hook_calls, hook_bad;
 static void count_hook(void *user, int layer, const float *hidden, int n, int pos0) {
     model *x = user;

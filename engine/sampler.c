@@ -1,0 +1,294 @@
+/* sampler.c — repetition penalty, logit bias, temperature, top-k, top-p, seeded draws; stop strings. */
+#include "sampler.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct dg_sampler {
+    int            vocab;
+    float          temperature, top_p, repetition_penalty;
+    int            top_k;
+    dg_logit_bias *bias;       /* owned: [n_bias] */
+    size_t         n_bias;
+    uint64_t       rng[4];     /* xoshiro256** state */
+    uint8_t       *seen;       /* owned: [vocab] 1 = token occurred */
+    int32_t       *seen_list;  /* owned: [vocab] the seen ids, n_seen of them */
+    int            n_seen;
+    int32_t       *cand;       /* owned: [vocab] candidate ids */
+    float         *prob;       /* owned: [vocab] candidate probabilities */
+};
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t xoshiro(uint64_t *s) {
+    uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t; s[3] = rotl(s[3], 45);
+    return r;
+}
+
+/* Uniform in [0, 1) with 24 random bits: exact in float, the same everywhere. */
+static float uniform(dg_sampler *s) { return (float)(xoshiro(s->rng) >> 40) * (1.0f / 16777216.0f); }
+
+int dg_sampler_new(int vocab, const dg_sampler_params *p, dg_sampler **out, char *err, size_t errlen) {
+    dg_sampler *s = calloc(1, sizeof *s);
+    *out = NULL;
+    if (!s) goto nomem;
+    s->vocab = vocab;
+    s->temperature = p->temperature;
+    s->top_k = p->top_k > 0 && p->top_k < vocab ? p->top_k : 0;
+    s->top_p = p->top_p > 0.0f && p->top_p < 1.0f ? p->top_p : 1.0f;
+    s->repetition_penalty = p->repetition_penalty > 0.0f ? p->repetition_penalty : 1.0f;
+    uint64_t x = p->seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+    s->seen = calloc((size_t)vocab, 1);
+    s->seen_list = malloc(sizeof(int32_t) * (size_t)vocab);
+    s->cand = malloc(sizeof(int32_t) * (size_t)vocab);
+    s->prob = malloc(sizeof(float) * (size_t)vocab);
+    s->bias = malloc(sizeof(dg_logit_bias) * (p->n_logit_bias + 1));
+    if (!s->seen || !s->seen_list || !s->cand || !s->prob || !s->bias) goto nomem;
+    for (size_t i = 0; i < p->n_logit_bias; i++) {
+        if (p->logit_bias[i].token < 0 || p->logit_bias[i].token >= vocab) {
+            snprintf(err, errlen, "logit_bias: token %d outside the vocabulary of %d",
+                     p->logit_bias[i].token, vocab);
+            dg_sampler_free(s);
+            return DG_EINVAL;
+        }
+        s->bias[i] = p->logit_bias[i];
+    }
+    s->n_bias = p->n_logit_bias;
+    *out = s;
+    return 0;
+nomem:
+    dg_sampler_free(s);
+    snprintf(err, errlen, "sampler: out of memory");
+    return DG_ENOMEM;
+}
+
+void dg_sampler_free(dg_sampler *s) {
+    if (!s) return;
+    free(s->seen);
+    free(s->seen_list);
+    free(s->cand);
+    free(s->prob);
+    free(s->bias);
+    free(s);
+}
+
+void dg_sampler_accept(dg_sampler *s, int32_t token) {
+    if (token < 0 || token >= s->vocab || s->seen[token]) return;
+    s->seen[token] = 1;
+    s->seen_list[s->n_seen++] = token;
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+/* Min-heap on logits of the k best candidates so far. */
+static void heap_down(int32_t *h, int n, int i, const float *l) {
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= n) return;
+        if (c + 1 < n && l[h[c + 1]] < l[h[c]]) c++;
+        if (l[h[i]] <= l[h[c]]) return;
+        int32_t t = h[i]; h[i] = h[c]; h[c] = t;
+        i = c;
+    }
+}
+
+static int by_logit_desc(const void *a, const void *b, void *logits) {
+    const float *l = logits;
+    float x = l[*(const int32_t *)a], y = l[*(const int32_t *)b];
+    if (x != y) return x < y ? 1 : -1;
+    return *(const int32_t *)a - *(const int32_t *)b;   /* ties: lower id first, deterministic */
+}
+
+/* Candidates in descending logit order; returns their number. With top-k: the k best.
+ * Without: the tokens that can be in the top-p nucleus (see below), or all. */
+static int candidates(dg_sampler *s, const float *l, float mx, float z) {
+    const int V = s->vocab;
+    int n = 0;
+    if (s->top_k) {
+        for (int i = 0; i < V; i++) {
+            if (n < s->top_k) {
+                s->cand[n++] = i;
+                if (n == s->top_k)
+                    for (int j = n / 2 - 1; j >= 0; j--) heap_down(s->cand, n, j, l);
+            } else if (l[i] > l[s->cand[0]]) {
+                s->cand[0] = i;
+                heap_down(s->cand, n, 0, l);
+            }
+        }
+    } else {
+        /* Tokens with p <= (1 - top_p) / V have total mass <= 1 - top_p and are the
+         * smallest, so top-p removes all of them: dropping them first is exact. */
+        const float floor_p = s->top_p < 1.0f ? (1.0f - s->top_p) / (float)V : -1.0f;
+        for (int i = 0; i < V; i++)
+            if (expf(l[i] - mx) / z > floor_p) s->cand[n++] = i;
+    }
+    qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, (void *)l);
+    return n;
+}
+
+int32_t dg_sampler_sample(dg_sampler *s, float *logits) {
+    const int V = s->vocab;
+    int32_t tok;
+    if (s->repetition_penalty != 1.0f)
+        for (int i = 0; i < s->n_seen; i++) {
+            float *x = &logits[s->seen_list[i]];
+            *x = *x < 0.0f ? *x * s->repetition_penalty : *x / s->repetition_penalty;
+        }
+    for (size_t i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
+    if (s->temperature <= 0.0f) {
+        tok = argmax(logits, V);
+        goto done;
+    }
+    const float inv_t = 1.0f / s->temperature;
+    for (int i = 0; i < V; i++) logits[i] *= inv_t;
+    const float mx = logits[argmax(logits, V)];
+    float z = 0.0f;
+    for (int i = 0; i < V; i++) z += expf(logits[i] - mx);
+    int n = candidates(s, logits, mx, z);
+    if (n == 0) { tok = argmax(logits, V); goto done; }   /* every logit banned: -inf */
+    /* probabilities over the candidates; with top-k they are renormalised over the k */
+    float zc = 0.0f;
+    for (int i = 0; i < n; i++) zc += (s->prob[i] = expf(logits[s->cand[i]] - mx));
+    const float norm = s->top_k ? zc : z;
+    float tail = s->top_k ? 0.0f : 1.0f - zc / z;   /* mass dropped by the p floor */
+    int keep = n;
+    if (s->top_p < 1.0f) {
+        /* transformers' TopP: ascending cumulative mass <= 1 - top_p is removed, the best
+         * token always stays */
+        float cum = tail;
+        while (keep > 1) {
+            cum += s->prob[keep - 1] / norm;
+            if (cum > 1.0f - s->top_p) break;
+            keep--;
+        }
+    }
+    float total = 0.0f;
+    for (int i = 0; i < keep; i++) total += s->prob[i];
+    float u = uniform(s) * total, acc = 0.0f;
+    tok = s->cand[keep - 1];
+    for (int i = 0; i < keep; i++) {
+        acc += s->prob[i];
+        if (u < acc) { tok = s->cand[i]; break; }
+    }
+done:
+    dg_sampler_accept(s, tok);
+    return tok;
+}
+
+/* ---- stop strings --------------------------------------------------------------------- */
+
+struct dg_stop {
+    char  **stop;     /* owned: n_stop strings */
+    size_t *len;
+    size_t  n_stop, max_len;
+    char   *hold;     /* owned: [max_len] bytes that may still start a stop string */
+    size_t  n_hold;
+    char   *tail;     /* owned: [max_len] scratch for the next hold */
+};
+
+int dg_stop_new(const char *const *stop, size_t n_stop, dg_stop **out, char *err, size_t errlen) {
+    dg_stop *s = calloc(1, sizeof *s);
+    *out = NULL;
+    if (!s || !(s->stop = calloc(n_stop + 1, sizeof *s->stop)) ||
+        !(s->len = calloc(n_stop + 1, sizeof *s->len)))
+        goto nomem;
+    for (size_t i = 0; i < n_stop; i++) {
+        if (!stop[i] || !stop[i][0]) continue;   /* an empty stop string never matches */
+        if (!(s->stop[s->n_stop] = strdup(stop[i]))) goto nomem;
+        s->len[s->n_stop] = strlen(stop[i]);
+        if (s->len[s->n_stop] > s->max_len) s->max_len = s->len[s->n_stop];
+        s->n_stop++;
+    }
+    if (!(s->hold = malloc(s->max_len + 1)) || !(s->tail = malloc(s->max_len + 1))) goto nomem;
+    *out = s;
+    return 0;
+nomem:
+    dg_stop_free(s);
+    snprintf(err, errlen, "stop strings: out of memory");
+    return DG_ENOMEM;
+}
+
+void dg_stop_free(dg_stop *s) {
+    if (!s) return;
+    for (size_t i = 0; s->stop && i < s->n_stop; i++) free(s->stop[i]);
+    free(s->stop);
+    free(s->len);
+    free(s->hold);
+    free(s->tail);
+    free(s);
+}
+
+/* The text seen by the matcher is hold[0..n_hold) followed by the new bytes. */
+static char at(const dg_stop *s, const char *text, size_t i) {
+    return i < s->n_hold ? s->hold[i] : text[i - s->n_hold];
+}
+
+static int match_at(const dg_stop *s, const char *text, size_t pos, size_t k) {
+    for (size_t j = 0; j < s->len[k]; j++)
+        if (at(s, text, pos + j) != s->stop[k][j]) return 0;
+    return 1;
+}
+
+/* Emits bytes [a, b) of hold + text, in at most two calls: the held bytes start at a
+ * stop-string prefix, so both pieces begin on a character boundary. */
+static void emit_range(const dg_stop *s, const char *text, size_t a, size_t b, dg_stop_emit emit,
+                       void *user) {
+    if (a < s->n_hold && a < b) emit(user, s->hold + a, (b < s->n_hold ? b : s->n_hold) - a);
+    if (b > s->n_hold) {
+        size_t from = a > s->n_hold ? a : s->n_hold;
+        if (from < b) emit(user, text + from - s->n_hold, b - from);
+    }
+}
+
+int dg_stop_feed(dg_stop *s, const char *text, size_t len, dg_stop_emit emit, void *user) {
+    const size_t total = s->n_hold + len;
+    /* the stop string that completes first (smallest end) wins */
+    size_t best_end = (size_t)-1, best_start = 0;
+    for (size_t k = 0; k < s->n_stop; k++)
+        for (size_t p = 0; p + s->len[k] <= total; p++)
+            if (p + s->len[k] < best_end && match_at(s, text, p, k)) {
+                best_end = p + s->len[k];
+                best_start = p;
+                break;
+            }
+    if (best_end != (size_t)-1) {
+        emit_range(s, text, 0, best_start, emit, user);
+        s->n_hold = 0;
+        return 1;
+    }
+    /* hold back the longest tail that is a proper prefix of a stop string */
+    size_t keep = 0;
+    for (size_t k = 0; k < s->n_stop; k++)
+        for (size_t l = s->len[k] - 1 < total ? s->len[k] - 1 : total; l > keep; l--) {
+            size_t j = 0;
+            while (j < l && at(s, text, total - l + j) == s->stop[k][j]) j++;
+            if (j == l) { keep = l; break; }
+        }
+    emit_range(s, text, 0, total - keep, emit, user);
+    /* new hold = the last `keep` bytes of hold + text */
+    for (size_t j = 0; j < keep; j++) s->tail[j] = at(s, text, total - keep + j);
+    memcpy(s->hold, s->tail, keep);
+    s->n_hold = keep;
+    return 0;
+}
+
+void dg_stop_flush(dg_stop *s, dg_stop_emit emit, void *user) {
+    if (s->n_hold) emit(user, s->hold, s->n_hold);
+    s->n_hold = 0;
+}

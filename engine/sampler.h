@@ -1,0 +1,58 @@
+/* sampler.h — next-token choice and stop strings.
+ *
+ * dg_sampler turns a logits row into a token, in the order transformers applies its
+ * processors (spec qwen2_5_vl.md §7): repetition penalty over every token seen so far
+ * (prompt included), logit bias, then temperature, top-k, top-p, and a draw from a
+ * seeded xoshiro256** generator: the same seed and logits give the same tokens on every
+ * machine. temperature <= 0 is greedy (argmax after penalty and bias).
+ *
+ *     dg_sampler *s;  dg_sampler_new(V, &(dg_sampler_params){.temperature = 0.7f,
+ *                                    .top_p = 0.9f, .seed = 42}, &s, err, sizeof err);
+ *     for (i...) dg_sampler_accept(s, prompt[i]);
+ *     int32_t tok = dg_sampler_sample(s, logits);   // modifies logits; accepts tok itself
+ *
+ * dg_stop holds back the end of the generated text while it could still become one of
+ * the stop strings, and reports a match; the text before the match is emitted, the stop
+ * string itself is not (as the OpenAI API does; transformers' stop_strings keeps it). */
+#ifndef DG_SAMPLER_H
+#define DG_SAMPLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "duogen.h"
+
+typedef struct {
+    float                temperature;         /* <= 0: greedy */
+    int32_t              top_k;               /* <= 0: off */
+    float                top_p;               /* <= 0 or >= 1: off */
+    float                repetition_penalty;  /* <= 0 or 1: off */
+    const dg_logit_bias *logit_bias;          /* copied */
+    size_t               n_logit_bias;
+    uint64_t             seed;
+} dg_sampler_params;
+
+typedef struct dg_sampler dg_sampler;
+
+/* DG_EINVAL for a logit_bias token outside [0, vocab), DG_ENOMEM. */
+int     dg_sampler_new(int vocab, const dg_sampler_params *p, dg_sampler **out, char *err,
+                       size_t errlen);
+void    dg_sampler_free(dg_sampler *s);   /* accepts NULL */
+/* Marks a token as seen (for the repetition penalty): every prompt token, once. */
+void    dg_sampler_accept(dg_sampler *s, int32_t token);
+/* Chooses the next token from logits[vocab] (overwritten) and accepts it. No allocation. */
+int32_t dg_sampler_sample(dg_sampler *s, float *logits);
+
+typedef struct dg_stop dg_stop;
+typedef void (*dg_stop_emit)(void *user, const char *text, size_t len);
+
+int  dg_stop_new(const char *const *stop, size_t n_stop, dg_stop **out, char *err, size_t errlen);
+void dg_stop_free(dg_stop *s);    /* accepts NULL */
+/* Feeds generated text; passes what is certainly not part of a stop string to emit.
+ * Returns 1 when a stop string was completed (the text before it has been emitted and
+ * the sequence should end), else 0. */
+int  dg_stop_feed(dg_stop *s, const char *text, size_t len, dg_stop_emit emit, void *user);
+/* At the end of a sequence that did not stop: emits what was held back. */
+void dg_stop_flush(dg_stop *s, dg_stop_emit emit, void *user);
+
+#endif

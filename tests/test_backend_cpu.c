@@ -1,0 +1,222 @@
+/* Every CPU backend operation against a plain double-precision reference written here,
+ * for both kernel sets ("cpu": AVX2/FMA where present, "cpu-scalar": portable).
+ *
+ * Tolerances: a dot product of k fp32 terms in any summation order is within
+ * k·2^-24·Σ|a_i·b_i| of the exact value; the checks use 1e-5·Σ|a_i·b_i| + 1e-6
+ * (k <= 300 here gives a bound of 1.8e-5·Σ, and typical errors are far smaller). Element-wise
+ * ops (silu, exp, rsqrt, cos/sin) use 1e-5 relative + 1e-6 absolute: a few ulp of libm. Shapes
+ * are odd on purpose (37 rows, 83 columns) so that every SIMD tail runs. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/harness.h"
+#include "backend.h"
+#include "dtype.h"
+#include "duogen.h"
+
+static const char *BACKENDS[] = {"cpu", "cpu-scalar"};
+
+static uint64_t rng = 12345;
+static float frand(void) {   /* uniform in [-1, 1) */
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+/* A weight of the given dtype whose values are exactly representable in it. */
+static void *make_weight(dg_dtype t, int64_t n, float *exact) {
+    void *p = malloc((size_t)n * dg_dtype_size(t));
+    for (int64_t i = 0; i < n; i++) {
+        float v = frand();
+        if (t == DG_DTYPE_BF16) {
+            ((uint16_t *)p)[i] = dg_f32_to_bf16(v);
+            exact[i] = dg_bf16_to_f32(((uint16_t *)p)[i]);
+        } else if (t == DG_DTYPE_F16) {
+            /* f16 with an 8-bit mantissa grid: exactly representable */
+            float q = roundf(v * 256.0f) / 256.0f;
+            uint32_t bits; memcpy(&bits, &q, 4);
+            uint16_t h;
+            if (q == 0.0f) h = (uint16_t)(bits >> 16 & 0x8000);
+            else h = (uint16_t)((bits >> 16 & 0x8000) | (((bits >> 23 & 0xff) - 112) << 10) | (bits >> 13 & 0x3ff));
+            ((uint16_t *)p)[i] = h;
+            exact[i] = dg_f16_to_f32(h);
+        } else {
+            ((float *)p)[i] = v;
+            exact[i] = v;
+        }
+    }
+    return p;
+}
+
+static void check_matmul(dg_backend *be, dg_dtype t, int m, int n, int k, int with_bias) {
+    float *wx = malloc(sizeof(float) * (size_t)n * k), *x = malloc(sizeof(float) * (size_t)m * k);
+    float *y = malloc(sizeof(float) * (size_t)m * n), *b = malloc(sizeof(float) * (size_t)n);
+    void *wd = make_weight(t, (int64_t)n * k, wx);
+    for (int i = 0; i < m * k; i++) x[i] = frand();
+    for (int i = 0; i < n; i++) b[i] = frand();
+    dg_weight w = {wd, t, n, k};
+    be->matmul(be, y, x, &w, with_bias ? b : NULL, m);
+    int bad = 0;
+    for (int i = 0; i < m && !bad; i++)
+        for (int r = 0; r < n && !bad; r++) {
+            double ref = with_bias ? b[r] : 0.0, mag = 0.0;
+            for (int j = 0; j < k; j++) {
+                ref += (double)wx[(int64_t)r * k + j] * x[(int64_t)i * k + j];
+                mag += fabs((double)wx[(int64_t)r * k + j] * x[(int64_t)i * k + j]);
+            }
+            if (fabs(y[(int64_t)i * n + r] - ref) > 1e-5 * mag + 1e-6) {
+                test_fail(__FILE__, __LINE__, "%s matmul %s m=%d: y[%d,%d] %.8g vs %.8g", be->name,
+                          dg_dtype_name(t), m, i, r, y[(int64_t)i * n + r], ref);
+                bad = 1;
+            }
+        }
+    free(wx); free(x); free(y); free(b); free(wd);
+}
+
+TEST(matmul_all_dtypes_gemv_and_gemm) {
+    for (int bi = 0; bi < 2; bi++) {
+        dg_backend *be;
+        char err[128];
+        CHECK(dg_backend_new(BACKENDS[bi], 2, &be, err, sizeof err) == 0);
+        for (int t = 0; t < 3; t++) {
+            check_matmul(be, (dg_dtype)t, 1, 37, 83, 1);     /* GEMV with every tail */
+            check_matmul(be, (dg_dtype)t, 1, 256, 64, 0);
+            check_matmul(be, (dg_dtype)t, 5, 37, 83, 1);     /* GEMM */
+            check_matmul(be, (dg_dtype)t, 9, 300, 300, 0);
+        }
+        dg_backend_free(be);
+    }
+}
+
+TEST(rmsnorm_silu_add_softmax_embed) {
+    for (int bi = 0; bi < 2; bi++) {
+        dg_backend *be;
+        char err[128];
+        CHECK(dg_backend_new(BACKENDS[bi], 2, &be, err, sizeof err) == 0);
+        enum { M = 3, N = 83 };
+        float x[M * N], y[M * N], w[N], g[M * N], u[M * N];
+        for (int i = 0; i < M * N; i++) { x[i] = frand() * 3; g[i] = frand() * 6; u[i] = frand(); }
+        for (int i = 0; i < N; i++) w[i] = 1 + frand() * 0.5f;
+        be->rmsnorm(be, y, x, w, M, N, 1e-6f);
+        for (int i = 0; i < M; i++) {
+            double ss = 0;
+            for (int j = 0; j < N; j++) ss += (double)x[i * N + j] * x[i * N + j];
+            double r = 1.0 / sqrt(ss / N + 1e-6);
+            for (int j = 0; j < N; j++) CHECK_NEAR(y[i * N + j], w[j] * x[i * N + j] * r, 1e-5 * fabs(w[j] * x[i * N + j] * r) + 1e-6);
+        }
+        be->silu_mul(be, y, g, u, M * N);
+        for (int i = 0; i < M * N; i++) {
+            double ref = g[i] / (1 + exp(-(double)g[i])) * u[i];
+            CHECK_NEAR(y[i], ref, 1e-5 * fabs(ref) + 1e-6);
+        }
+        memcpy(y, x, sizeof x);
+        be->add(be, y, g, M * N);
+        for (int i = 0; i < M * N; i++) CHECK(y[i] == x[i] + g[i]);
+        memcpy(y, x, sizeof x);
+        be->softmax(be, y, M, N);
+        for (int i = 0; i < M; i++) {
+            double mx = -1e30, z = 0;
+            for (int j = 0; j < N; j++) mx = fmax(mx, x[i * N + j]);
+            for (int j = 0; j < N; j++) z += exp(x[i * N + j] - mx);
+            for (int j = 0; j < N; j++) CHECK_NEAR(y[i * N + j], exp(x[i * N + j] - mx) / z, 1e-6);
+        }
+        float tab_exact[10 * N];
+        void *tab = make_weight(DG_DTYPE_BF16, 10 * N, tab_exact);
+        dg_weight tw = {tab, DG_DTYPE_BF16, 10, N};
+        int32_t ids[M] = {7, 0, 9};
+        be->embed(be, y, &tw, ids, M);
+        for (int i = 0; i < M; i++)
+            CHECK(!memcmp(y + i * N, tab_exact + ids[i] * N, sizeof(float) * N));
+        free(tab);
+        dg_backend_free(be);
+    }
+}
+
+TEST(rope_text_and_mrope_sections) {
+    enum { M = 4, H = 3, HD = 16 };
+    const dg_rope_params ps[2] = {{10000.0f, {8, 0, 0}}, {1000000.0f, {2, 3, 3}}};
+    const int32_t pos[3 * M] = {0, 1, 5, 100, 0, 2, 7, 130, 0, 3, 9, 170};
+    for (int bi = 0; bi < 2; bi++) {
+        dg_backend *be;
+        char err[128];
+        CHECK(dg_backend_new(BACKENDS[bi], 2, &be, err, sizeof err) == 0);
+        for (int pi = 0; pi < 2; pi++) {
+            float x[M * H * HD], y[M * H * HD];
+            for (int i = 0; i < M * H * HD; i++) x[i] = y[i] = frand();
+            be->rope(be, y, pos, M, H, HD, &ps[pi]);
+            for (int i = 0; i < M; i++)
+                for (int h = 0; h < H; h++)
+                    for (int j = 0; j < HD / 2; j++) {
+                        const int *s = ps[pi].section;
+                        int row = j < s[0] ? 0 : j < s[0] + s[1] ? 1 : 2;
+                        double f = 1.0 / pow(ps[pi].theta, 2.0 * j / HD), a = pos[row * M + i] * f;
+                        const float *v = x + (i * H + h) * HD;
+                        double r0 = v[j] * cos(a) - v[j + HD / 2] * sin(a);
+                        double r1 = v[j + HD / 2] * cos(a) + v[j] * sin(a);
+                        /* fp32 angle: |pos·f| up to 170 loses ~1e-5 absolute to rounding */
+                        CHECK_NEAR(y[(i * H + h) * HD + j], r0, 5e-5);
+                        CHECK_NEAR(y[(i * H + h) * HD + j + HD / 2], r1, 5e-5);
+                    }
+        }
+        dg_backend_free(be);
+    }
+}
+
+/* Causal GQA attention over a block table in scrambled order, after cached positions. */
+TEST(attention_paged_gqa_causal) {
+    enum { BS = 4, NB = 8, H = 4, KVH = 2, HD = 8, KVD = KVH * HD, PAST = 9, M = 6 };
+    const int32_t table[NB] = {5, 2, 7, 0, 3, 1, 6, 4};
+    for (int bi = 0; bi < 2; bi++) {
+        dg_backend *be;
+        char err[128];
+        CHECK(dg_backend_new(BACKENDS[bi], 2, &be, err, sizeof err) == 0);
+        float *K = calloc(NB * BS * KVD, sizeof(float)), *Vv = calloc(NB * BS * KVD, sizeof(float));
+        float kx[(PAST + M) * KVD], vx[(PAST + M) * KVD], q[M * H * HD], out[M * H * HD];
+        for (int i = 0; i < (PAST + M) * KVD; i++) { kx[i] = frand() * 2; vx[i] = frand(); }
+        for (int i = 0; i < M * H * HD; i++) q[i] = frand() * 2;
+        dg_kv_view kv = {K, Vv, table, BS};
+        be->kv_write(be, &kv, 0, kx, vx, PAST, KVD);
+        be->kv_write(be, &kv, PAST, kx + PAST * KVD, vx + PAST * KVD, M, KVD);
+        be->attention(be, out, q, &kv, PAST, M, H, KVH, HD, 0.35f);
+        for (int i = 0; i < M; i++)
+            for (int h = 0; h < H; h++) {
+                int kvh = h / (H / KVH), n = PAST + i + 1;
+                double s[PAST + M], mx = -1e30, z = 0;
+                for (int p = 0; p < n; p++) {
+                    s[p] = 0;
+                    for (int d = 0; d < HD; d++) s[p] += (double)q[(i * H + h) * HD + d] * kx[p * KVD + kvh * HD + d];
+                    s[p] *= 0.35;
+                    mx = fmax(mx, s[p]);
+                }
+                for (int p = 0; p < n; p++) z += (s[p] = exp(s[p] - mx));
+                for (int d = 0; d < HD; d++) {
+                    double ref = 0;
+                    for (int p = 0; p < n; p++) ref += s[p] / z * vx[p * KVD + kvh * HD + d];
+                    CHECK_NEAR(out[(i * H + h) * HD + d], ref, 1e-5);
+                }
+            }
+        free(K); free(Vv);
+        dg_backend_free(be);
+    }
+}
+
+TEST(dtype_conversions) {
+    CHECK(dg_bf16_to_f32(0x3f80) == 1.0f);
+    CHECK(dg_f32_to_bf16(1.0f) == 0x3f80);
+    CHECK(dg_f32_to_bf16(1.00390625f) == 0x3f80);       /* halfway: to even */
+    CHECK(dg_f32_to_bf16(1.01171875f) == 0x3f82);       /* halfway: to even (up) */
+    CHECK(dg_f16_to_f32(0x3c00) == 1.0f);
+    CHECK(dg_f16_to_f32(0xc000) == -2.0f);
+    CHECK(dg_f16_to_f32(0x0001) == ldexpf(1.0f, -24));  /* smallest subnormal */
+    CHECK(isinf(dg_f16_to_f32(0x7c00)));
+}
+
+TEST(unknown_backend_is_refused) {
+    dg_backend *be;
+    char err[128];
+    CHECK_EQ_INT(dg_backend_new("cuda:0", 1, &be, err, sizeof err), DG_EINVAL);
+    CHECK(be == NULL && strstr(err, "cuda:0") != NULL);
+}
+
+int main(void) { return test_main(); }

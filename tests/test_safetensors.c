@@ -1,0 +1,192 @@
+/* safetensors parsing (single, sharded, hostile headers), config.json variants and the
+ * decoder's strict binding (shapes and missing tensors named in the error). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/harness.h"
+#include "backend.h"
+#include "config.h"
+#include "duogen.h"
+#include "qwen2.h"
+#include "safetensors.h"
+
+/* An in-memory safetensors image: header JSON + `data_len` bytes of 0..255. */
+static uint8_t *image(const char *header, size_t data_len, size_t *size) {
+    size_t h = strlen(header);
+    uint8_t *b = malloc(8 + h + data_len + 1);
+    for (int i = 0; i < 8; i++) b[i] = (uint8_t)((uint64_t)h >> (8 * i));
+    memcpy(b + 8, header, h);
+    for (size_t i = 0; i < data_len; i++) b[8 + h + i] = (uint8_t)i;
+    *size = 8 + h + data_len;
+    return b;
+}
+
+static int parse(const char *header, size_t data_len, char *err, size_t errlen) {
+    size_t n;
+    uint8_t *b = image(header, data_len, &n);
+    dg_st *st;
+    dg_st_new(&st);
+    int rc = dg_st_add_buffer(st, b, n, "t.safetensors", err, errlen);
+    dg_st_close(st);
+    free(b);
+    return rc;
+}
+
+TEST(parse_and_normalise_names) {
+    const char *h = "{\"__metadata__\":{\"format\":\"pt\"},"
+                    "\"model.language_model.layers.0.mlp.up_proj.weight\":{\"dtype\":\"BF16\",\"shape\":[2,3],\"data_offsets\":[0,12]},"
+                    "\"model.visual.blocks.0.norm1.weight\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[12,20]},"
+                    "\"lm_head.weight\":{\"dtype\":\"F16\",\"shape\":[],\"data_offsets\":[20,22]}}";
+    size_t n;
+    uint8_t *b = image(h, 22, &n);
+    dg_st *st;
+    char err[256];
+    CHECK(dg_st_new(&st) == 0);
+    CHECK_EQ_INT(dg_st_add_buffer(st, b, n, "t", err, sizeof err), 0);
+    CHECK_EQ_INT(dg_st_count(st), 3);
+    const dg_st_tensor *t = dg_st_find(st, "model.layers.0.mlp.up_proj.weight");
+    CHECK(t && t->dtype == DG_DTYPE_BF16 && t->n_dims == 2 && t->shape[1] == 3 && t->nbytes == 12);
+    CHECK(t && t->data == b + n - 22);
+    t = dg_st_find(st, "visual.blocks.0.norm1.weight");
+    CHECK(t && t->dtype == DG_DTYPE_F32 && ((const uint8_t *)t->data)[0] == 12);
+    CHECK(dg_st_find(st, "lm_head.weight") != NULL);
+    CHECK(dg_st_find(st, "model.language_model.layers.0.mlp.up_proj.weight") == NULL);
+    dg_st_close(st);
+    free(b);
+}
+
+TEST(bad_headers_are_errors_naming_the_tensor) {
+    char err[256];
+    CHECK_EQ_INT(parse("{\"w\":{\"dtype\":\"BF16\",\"shape\":[4,4],\"data_offsets\":[0,32]}}", 16, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"w\"") && strstr(err, "truncated"));
+    CHECK_EQ_INT(parse("{\"w\":{\"dtype\":\"BF16\",\"shape\":[4,4],\"data_offsets\":[0,30]}}", 32, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"w\"") && strstr(err, "[4, 4]") && strstr(err, "32 bytes"));
+    CHECK_EQ_INT(parse("{\"w\":{\"dtype\":\"I8\",\"shape\":[4],\"data_offsets\":[0,4]}}", 4, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"I8\"") != NULL);
+    CHECK_EQ_INT(parse("{\"w\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4, err, sizeof err), DG_EMODEL);
+    CHECK_EQ_INT(parse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1]}}", 4, err, sizeof err), DG_EMODEL);
+    CHECK_EQ_INT(parse("[1,2]", 0, err, sizeof err), DG_EMODEL);
+    CHECK_EQ_INT(parse("{\"w\": ", 0, err, sizeof err), DG_EMODEL);
+    CHECK_EQ_INT(parse("{\"model.a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                       "\"model.language_model.a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+                       8, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "twice") != NULL);
+    /* a header length past the end of the file */
+    uint8_t b[16] = {0xff, 0xff, 0, 0, 0, 0, 0, 0, '{', '}'};
+    dg_st *st;
+    dg_st_new(&st);
+    CHECK_EQ_INT(dg_st_add_buffer(st, b, sizeof b, "t", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_INT(dg_st_add_buffer(st, b, 5, "t", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_INT(dg_st_count(st), 0);
+    dg_st_close(st);
+}
+
+static void write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    CHECK(f && fwrite(data, 1, n, f) == n);
+    if (f) fclose(f);
+}
+
+TEST(single_file_and_sharded_index) {
+    char dir[] = "/tmp/dg_test_st_XXXXXX", path[256], err[256];
+    CHECK(mkdtemp(dir) != NULL);
+    size_t n1, n2;
+    uint8_t *a = image("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8, &n1);
+    uint8_t *b = image("{\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}", 4, &n2);
+    snprintf(path, sizeof path, "%s/model-00001-of-00002.safetensors", dir);
+    write_file(path, a, n1);
+    snprintf(path, sizeof path, "%s/model-00002-of-00002.safetensors", dir);
+    write_file(path, b, n2);
+    const char *idx = "{\"metadata\":{},\"weight_map\":{\"a\":\"model-00001-of-00002.safetensors\","
+                      "\"b\":\"model-00002-of-00002.safetensors\"}}";
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    write_file(path, idx, strlen(idx));
+    dg_st *st;
+    CHECK_EQ_INT(dg_st_open(dir, &st, err, sizeof err), 0);
+    CHECK(st && dg_st_find(st, "a") && dg_st_find(st, "b"));
+    dg_st_close(st);
+    /* an index naming a tensor its shard lacks */
+    const char *bad = "{\"weight_map\":{\"a\":\"model-00001-of-00002.safetensors\","
+                      "\"c\":\"model-00001-of-00002.safetensors\"}}";
+    write_file(path, bad, strlen(bad));
+    CHECK_EQ_INT(dg_st_open(dir, &st, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"c\"") != NULL);
+    /* a single file, and a truncated one */
+    snprintf(path, sizeof path, "%s/one.safetensors", dir);
+    write_file(path, a, n1);
+    CHECK_EQ_INT(dg_st_open(path, &st, err, sizeof err), 0);
+    dg_st_close(st);
+    write_file(path, a, n1 - 3);
+    CHECK_EQ_INT(dg_st_open(path, &st, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"a\"") != NULL);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+    free(a);
+    free(b);
+}
+
+TEST(config_layout_variants) {
+    dg_qwen2vl_config c;
+    char err[256];
+    const char *flat = "{\"hidden_size\":64,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                       "\"num_key_value_heads\":2,\"intermediate_size\":128,\"vocab_size\":320,"
+                       "\"rms_norm_eps\":1e-6,\"rope_theta\":1000000.0,\"tie_word_embeddings\":true,"
+                       "\"rope_scaling\":{\"type\":\"mrope\",\"mrope_section\":[2,3,3]},"
+                       "\"eos_token_id\":[7,8],\"vision_config\":{\"depth\":2,\"hidden_size\":32,\"num_heads\":2}}";
+    CHECK_EQ_INT(dg_config_parse(flat, strlen(flat), "c", &c, err, sizeof err), 0);
+    CHECK(c.text.head_dim == 16 && c.text.mrope_section[1] == 3 && c.text.tie_word_embeddings);
+    CHECK(c.text.n_eos == 2 && c.text.eos_token_id[1] == 8);
+    CHECK(c.vision.depth == 2 && c.vision.intermediate_size == 3420 && c.vision.tokens_per_second == 2);
+    /* transformers 4.53+: nested text_config wins; v5: rope_parameters */
+    const char *nested = "{\"text_config\":{\"hidden_size\":64,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                         "\"intermediate_size\":128,\"vocab_size\":320,"
+                         "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":5000.0,\"mrope_section\":[4,2,2]}},"
+                         "\"hidden_size\":999}";
+    CHECK_EQ_INT(dg_config_parse(nested, strlen(nested), "c", &c, err, sizeof err), 0);
+    CHECK(c.text.hidden_size == 64 && c.text.n_kv_heads == 4 && c.text.rope_theta == 5000.0f);
+    CHECK(c.text.mrope_section[0] == 4 && c.text.rms_norm_eps == 1e-6f);
+    const char *bad = "{\"hidden_size\":64,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                      "\"intermediate_size\":128,\"vocab_size\":320,\"rope_scaling\":{\"mrope_section\":[2,3,4]}}";
+    CHECK_EQ_INT(dg_config_parse(bad, strlen(bad), "c", &c, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "mrope_section") != NULL);
+    const char *missing = "{\"hidden_size\":64}";
+    CHECK_EQ_INT(dg_config_parse(missing, strlen(missing), "c", &c, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "num_hidden_layers") != NULL);
+}
+
+/* The decoder's binding on a real package (mkmodel, own vocabulary) with a config that
+ * disagrees with the weights. */
+TEST(binding_names_tensor_expected_and_found) {
+    char dir[] = "/tmp/dg_test_bind_XXXXXX", cmd[300], pkg[300], err[512];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 3 --out %s >/dev/null", dir);
+    if (system(cmd) != 0) { CHECK(!"mkmodel"); return; }
+    snprintf(pkg, sizeof pkg, "%s/mllm", dir);
+    dg_qwen2vl_config c;
+    dg_backend *be;
+    dg_st *st;
+    dg_qwen2 m;
+    CHECK_EQ_INT(dg_config_load(pkg, &c, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_backend_new("cpu", 1, &be, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_st_open(pkg, &st, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_qwen2_load(&m, &c.text, st, be, err, sizeof err), 0);
+    dg_qwen2_unload(&m);
+    dg_text_config t = c.text;
+    t.intermediate_size = 100;
+    CHECK_EQ_INT(dg_qwen2_load(&m, &t, st, be, err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"model.layers.0.mlp.gate_proj.weight\": expected shape [100, 64], found [128, 64]");
+    t = c.text;
+    t.tie_word_embeddings = 0;
+    CHECK_EQ_INT(dg_qwen2_load(&m, &t, st, be, err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"lm_head.weight\": missing from the checkpoint");
+    dg_st_close(st);
+    dg_backend_free(be);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+}
+
+int main(void) { return test_main(); }
