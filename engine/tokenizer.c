@@ -14,14 +14,33 @@
 #include <string.h>
 #include <utf8proc.h>
 
-/* The pre-tokenizer regex for PCRE2. It is DG_TOK_QWEN2_REGEX with \s and \S spelled
- * out: the reference runs the regex through Oniguruma, whose Unicode \s is the
- * White_Space property (U+0009..U+000D, U+0020, U+0085, and the Zs, Zl, Zp characters),
- * while PCRE2's \s also matches U+180E. */
+/* The pre-tokenizer regex for PCRE2: DG_TOK_QWEN2_REGEX with the character classes
+ * spelled out so that PCRE2 classes every code point as the reference does. The reference
+ * runs the regex through Oniguruma, which differs from PCRE2 10.42 in two ways:
+ *   - its Unicode \s is the White_Space property (U+0009..U+000D, U+0020, U+0085 and the
+ *     Zs, Zl, Zp characters); PCRE2's \s also matches U+180E;
+ *   - its Unicode tables are version 16.0; PCRE2 10.42's are 14.0, so the letters and
+ *     numbers added in 15.0..16.0 are listed here (a newer PCRE2 already has them).
+ * tests/test_tokenizer.c checks every code point against the reference's classes
+ * (tests/golden/tokenizer/unicode_classes.txt). */
 #define WS "\\t-\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
+#define LETTER_EXTRA \
+    "\\x{1C89}-\\x{1C8A}\\x{A7CB}-\\x{A7CD}\\x{A7DA}-\\x{A7DC}\\x{105C0}-\\x{105F3}" \
+    "\\x{10D4A}-\\x{10D65}\\x{10D6F}-\\x{10D85}\\x{10EC2}-\\x{10EC4}\\x{1123F}-\\x{11240}" \
+    "\\x{11380}-\\x{11389}\\x{1138B}\\x{1138E}\\x{11390}-\\x{113B5}\\x{113B7}\\x{113D1}\\x{113D3}" \
+    "\\x{11BC0}-\\x{11BE0}\\x{11F02}\\x{11F04}-\\x{11F10}\\x{11F12}-\\x{11F33}\\x{1342F}" \
+    "\\x{13441}-\\x{13446}\\x{13460}-\\x{143FA}\\x{16100}-\\x{1611D}\\x{16D40}-\\x{16D6C}\\x{18CFF}" \
+    "\\x{1B132}\\x{1B155}\\x{1DF25}-\\x{1DF2A}\\x{1E030}-\\x{1E06D}\\x{1E4D0}-\\x{1E4EB}" \
+    "\\x{1E5D0}-\\x{1E5ED}\\x{1E5F0}\\x{2B739}\\x{2EBF0}-\\x{2EE5D}\\x{31350}-\\x{323AF}"
+#define NUMBER_EXTRA \
+    "\\x{10D40}-\\x{10D49}\\x{116D0}-\\x{116E3}\\x{11BF0}-\\x{11BF9}\\x{11F50}-\\x{11F59}" \
+    "\\x{16130}-\\x{16139}\\x{16D70}-\\x{16D79}\\x{1CCF0}-\\x{1CCF9}\\x{1D2C0}-\\x{1D2D3}" \
+    "\\x{1E4F0}-\\x{1E4F9}\\x{1E5F1}-\\x{1E5FA}"
+#define LETTER "\\p{L}" LETTER_EXTRA
+#define NUMBER "\\p{N}" NUMBER_EXTRA
 static const char pretokenize_regex[] =
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^" WS "\\p{L}\\p{N}]+[\\r\\n]*"
-    "|[" WS "]*[\\r\\n]+|[" WS "]+(?![^" WS "])|[" WS "]+";
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n" LETTER NUMBER "]?[" LETTER "]+|[" NUMBER "]"
+    "| ?[^" WS LETTER NUMBER "]+[\\r\\n]*|[" WS "]*[\\r\\n]+|[" WS "]+(?![^" WS "])|[" WS "]+";
 
 void dg_tok_close(dg_tok *t) {
     if (!t) return;
@@ -96,20 +115,11 @@ static int added_build(dg_tok *t, const dg_tok_files *f) {
     if (!t->added) return DG_ENOMEM;
     for (size_t k = 0; k < f->n_added; k++) {
         const dg_tok_added_entry *e = &f->added[k];
-        dg_tok_added *a = &t->added[t->n_added];
-        uint8_t *nfc = NULL;
-        utf8proc_ssize_t n = (utf8proc_ssize_t)e->content_len;
-        if (e->normalized) {   /* the reference matches these against NFC text: normalize them too */
-            n = utf8proc_map(e->content, n, &nfc, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-            if (n < 0) return DG_ENOMEM;
-        } else if ((nfc = malloc(e->content_len))) {
-            memcpy(nfc, e->content, e->content_len);
-        } else {
-            return DG_ENOMEM;
-        }
-        *a = (dg_tok_added){nfc, (size_t)n, e->id, e->normalized};
-        t->n_added++;
-        t->added_first[nfc[0]] |= e->normalized ? 2 : 1;
+        uint8_t *content = malloc(e->content_len);
+        if (!content) return DG_ENOMEM;
+        memcpy(content, e->content, e->content_len);
+        t->added[t->n_added++] = (dg_tok_added){content, e->content_len, e->id, e->normalized};
+        t->added_first[content[0]] |= e->normalized ? 2 : 1;
     }
     qsort(t->added, t->n_added, sizeof *t->added, added_longest_first);
     return 0;

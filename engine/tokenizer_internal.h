@@ -83,7 +83,7 @@ typedef struct {
 
 typedef struct {
     int32_t  id;
-    uint8_t *content;        /* owned: the text it matches, content_len bytes */
+    uint8_t *content;        /* owned: the text it matches (NFC when normalized), content_len bytes */
     size_t   content_len;
     uint8_t *bytes;          /* owned: what it decodes to (the reference's ByteLevel decoder
                                 maps each character back to a byte when all of them are in

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <utf8proc.h>
 
 #define DG_TOK_MAX_ID (1 << 24)   /* far above any real vocabulary; bounds the id tables */
 
@@ -202,6 +203,9 @@ static bool json_flag(const json_t *o, const char *key) {
     return json_is_true(json_object_get(o, key));
 }
 
+static int added_insert(dg_tok_files *f, const char *content, size_t len, json_int_t id, bool special,
+                        bool normalized, const json_t *o, const char *where, char *err, size_t errlen);
+
 /* One added token, from tokenizer.json "added_tokens" or tokenizer_config.json
  * "added_tokens_decoder"; one with the same id already there must agree with it. */
 static int added_add(const json_t *o, json_int_t id, const char *where, dg_tok_files *f, char *err, size_t errlen) {
@@ -214,11 +218,27 @@ static int added_add(const json_t *o, json_int_t id, const char *where, dg_tok_f
     if (len > DG_TOK_PIECE_MAX) return fail(err, errlen, "%s: content longer than %d bytes", where, DG_TOK_PIECE_MAX);
     if (dg_tok_utf8_valid_prefix((const uint8_t *)content, len) != len)
         return fail(err, errlen, "%s: content is not valid UTF-8", where);
+    bool special = json_flag(o, "special"), normalized = json_flag(o, "normalized");
+    uint8_t *nfc = NULL;   /* the reference keeps a normalized token's content in NFC */
+    if (normalized) {
+        utf8proc_ssize_t m = utf8proc_map((const uint8_t *)content, (utf8proc_ssize_t)len, &nfc,
+                                          UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+        if (m < 0) return DG_ENOMEM;
+        content = (const char *)nfc;
+        len = (size_t)m;
+    }
+    int rc = added_insert(f, content, len, id, special, normalized, o, where, err, errlen);
+    free(nfc);
+    return rc;
+}
+
+static int added_insert(dg_tok_files *f, const char *content, size_t len, json_int_t id, bool special,
+                        bool normalized, const json_t *o, const char *where, char *err, size_t errlen) {
+    if (len > DG_TOK_PIECE_MAX) return fail(err, errlen, "%s: content longer than %d bytes", where, DG_TOK_PIECE_MAX);
     static const char *const unsupported[] = {"lstrip", "rstrip", "single_word"};
     for (size_t k = 0; k < 3; k++)
         if (json_flag(o, unsupported[k]))
             return fail(err, errlen, "%s: \"%s\": %s true is not supported", where, content, unsupported[k]);
-    bool special = json_flag(o, "special"), normalized = json_flag(o, "normalized");
     for (size_t k = 0; k < f->n_added; k++) {
         dg_tok_added_entry *e = &f->added[k];
         bool same_text = e->content_len == len && !memcmp(e->content, content, len);
