@@ -110,6 +110,8 @@ $(BUILD)/$(1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(PRO
 	@$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
 endef
 $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
+# duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects)
+$(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/config.o
 
 # ---- unit tests ----------------------------------------------------------------------
 $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)

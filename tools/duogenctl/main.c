@@ -1,0 +1,552 @@
+/* duogenctl — producer and monitor for duogen queues.
+ *
+ *   duogenctl [--redis URL] [--password-file F] [--prefix P] COMMAND [ARGS]
+ *
+ *   enqueue [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high]
+ *           [--wait] [--out DIR] TEXT...       put a job on the queue (prints its id)
+ *   watch ID                                   follow a job's events until it ends
+ *   result ID [--out DIR]                      print a result; --out writes answer.md + PNGs
+ *   cancel ID                                  ask the worker to stop a job
+ *   stats                                      queue length, pending, lag, workers, dead
+ *   dead [list [--count N] | requeue ID... | requeue --all]
+ *
+ * Exit status: 0 success (for --wait and result: the job is done), 1 the job failed, was
+ * cancelled or expired, 2 usage, 3 Redis or file errors. */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../daemon/config.h"
+#include "../../daemon/redis.h"
+#include "duogen.pb-c.h"
+
+#define EXIT_JOB   1
+#define EXIT_USAGE 2
+#define EXIT_IO    3
+
+static const char *prefix = "duogen";
+static dg_redis R;
+
+static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+static void die(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("duogenctl: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(code);
+}
+
+static void key(char *out, size_t n, const char *kind, const char *id) {
+    if (id) snprintf(out, n, "%s:%s:%s", prefix, kind, id);
+    else snprintf(out, n, "%s:%s", prefix, kind);
+}
+
+static redisReply *cmd(dg_cmd *c) {
+    if (!dg_redis_ready(&R)) die(EXIT_IO, "Redis: %s", R.error);
+    redisReply *rep = dg_redis_cmd(&R, c);
+    dg_cmd_free(c);
+    if (!rep) die(EXIT_IO, "Redis: %s", R.error);
+    if (rep->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep->str);
+    return rep;
+}
+
+static const redisReply *hfield(const redisReply *h, const char *name) {
+    for (size_t i = 0; h && h->type == REDIS_REPLY_ARRAY && i + 1 < h->elements; i += 2)
+        if (!strcmp(h->element[i]->str, name)) return h->element[i + 1];
+    return NULL;
+}
+
+static const char *hstr(const redisReply *h, const char *name) {
+    const redisReply *v = hfield(h, name);
+    return v && v->type == REDIS_REPLY_STRING ? v->str : "";
+}
+
+static uint8_t *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die(EXIT_IO, "\"%s\": %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    if (n <= 0) die(EXIT_IO, "\"%s\": empty or unreadable", path);
+    uint8_t *buf = malloc((size_t)n);
+    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) die(EXIT_IO, "\"%s\": read failed", path);
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+static void write_file(const char *dir, const char *name, const void *data, size_t len) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(data, 1, len, f) != len || fclose(f)) die(EXIT_IO, "cannot write \"%s\"", path);
+}
+
+/* ---- enqueue ------------------------------------------------------------------------------ */
+
+typedef struct {
+    Duogen__V1__Job job;
+    Duogen__V1__TextParams text;
+    Duogen__V1__ImageParams image;
+    char **stop; size_t n_stop;
+    Duogen__V1__TextParams__LogitBiasEntry **bias; size_t n_bias;
+    Duogen__V1__Job__MetadataEntry **meta; size_t n_meta;
+} job_builder;
+
+static float parse_float(const char *k, const char *v) {
+    char *end;
+    float f = strtof(v, &end);
+    if (*end || end == v || !isfinite(f)) die(EXIT_USAGE, "--param %s=%s: not a number", k, v);
+    return f;
+}
+
+static uint32_t parse_uint(const char *k, const char *v) {
+    char *end;
+    unsigned long n = strtoul(v, &end, 10);
+    if (*end || end == v || v[0] == '-') die(EXIT_USAGE, "--param %s=%s: not a non-negative integer", k, v);
+    return (uint32_t)n;
+}
+
+static void set_param(job_builder *b, const char *kv) {
+    char k[128];
+    const char *eq = strchr(kv, '=');
+    if (!eq || (size_t)(eq - kv) >= sizeof k) die(EXIT_USAGE, "--param \"%s\": expected KEY=VALUE", kv);
+    memcpy(k, kv, (size_t)(eq - kv));
+    k[eq - kv] = 0;
+    const char *v = eq + 1;
+    if (!strcmp(k, "max_new_tokens")) b->text.max_new_tokens = parse_uint(k, v);
+    else if (!strcmp(k, "temperature")) b->text.temperature = parse_float(k, v);
+    else if (!strcmp(k, "top_p")) b->text.top_p = parse_float(k, v);
+    else if (!strcmp(k, "top_k")) b->text.top_k = parse_uint(k, v);
+    else if (!strcmp(k, "repetition_penalty")) b->text.repetition_penalty = parse_float(k, v);
+    else if (!strcmp(k, "stop")) {
+        b->stop = realloc(b->stop, (b->n_stop + 1) * sizeof *b->stop);
+        b->stop[b->n_stop++] = strdup(v);
+    } else if (!strncmp(k, "bias.", 5)) {
+        Duogen__V1__TextParams__LogitBiasEntry *e = malloc(sizeof *e);
+        duogen__v1__text_params__logit_bias_entry__init(e);
+        e->key = (int32_t)parse_uint(k, k + 5);
+        e->value = !strcmp(v, "-inf") ? -INFINITY : parse_float(k, v);
+        b->bias = realloc(b->bias, (b->n_bias + 1) * sizeof *b->bias);
+        b->bias[b->n_bias++] = e;
+    } else if (!strcmp(k, "width")) b->image.width = parse_uint(k, v);
+    else if (!strcmp(k, "height")) b->image.height = parse_uint(k, v);
+    else if (!strcmp(k, "steps")) b->image.steps = parse_uint(k, v);
+    else if (!strcmp(k, "guidance_scale") || !strcmp(k, "guidance")) b->image.guidance_scale = parse_float(k, v);
+    else if (!strcmp(k, "max_images")) b->image.max_images = parse_uint(k, v);
+    else if (!strcmp(k, "shift")) b->image.shift = parse_float(k, v);
+    else if (!strcmp(k, "seed")) b->job.seed = strtoull(v, NULL, 10);
+    else if (!strcmp(k, "deadline_s")) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        b->job.deadline_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + (int64_t)(parse_float(k, v) * 1000);
+    } else if (!strcmp(k, "max_attempts")) b->job.max_attempts = parse_uint(k, v);
+    else if (!strcmp(k, "result_ttl_s")) b->job.result_ttl_s = parse_uint(k, v);
+    else if (!strcmp(k, "inline_images")) b->job.inline_images = !strcmp(v, "1") || !strcmp(v, "true");
+    else if (!strncmp(k, "meta.", 5)) {
+        Duogen__V1__Job__MetadataEntry *e = malloc(sizeof *e);
+        duogen__v1__job__metadata_entry__init(e);
+        e->key = strdup(k + 5);
+        e->value = strdup(v);
+        b->meta = realloc(b->meta, (b->n_meta + 1) * sizeof *b->meta);
+        b->meta[b->n_meta++] = e;
+    } else die(EXIT_USAGE, "--param %s: unknown (max_new_tokens temperature top_p top_k repetition_penalty "
+               "stop bias.<token> width height steps guidance_scale max_images shift seed deadline_s "
+               "max_attempts result_ttl_s inline_images meta.<key>)", k);
+}
+
+static int follow(const char *id, int show_text);
+static int write_result(const char *id, const char *out_dir, int print);
+
+static int cmd_enqueue(int argc, char **argv) {
+    job_builder b;
+    memset(&b, 0, sizeof b);
+    duogen__v1__job__init(&b.job);
+    duogen__v1__text_params__init(&b.text);
+    duogen__v1__image_params__init(&b.image);
+    char id[160] = "", text[65536] = "";
+    const char *system = NULL, *out_dir = NULL;
+    const char *images[64];
+    int n_images = 0, wait = 0, high = 0;
+    size_t tl = 0;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--id") && i + 1 < argc) snprintf(id, sizeof id, "%s", argv[++i]);
+        else if (!strcmp(a, "--system") && i + 1 < argc) system = argv[++i];
+        else if (!strcmp(a, "--image") && i + 1 < argc) {
+            if (n_images == 64) die(EXIT_USAGE, "at most 64 images");
+            images[n_images++] = argv[++i];
+        } else if (!strcmp(a, "--param") && i + 1 < argc) set_param(&b, argv[++i]);
+        else if (!strcmp(a, "--wait")) wait = 1;
+        else if (!strcmp(a, "--high")) high = 1;
+        else if (!strcmp(a, "--out") && i + 1 < argc) { out_dir = argv[++i]; wait = 1; }
+        else if (a[0] == '-' && a[1] == '-') die(EXIT_USAGE, "enqueue: unknown option \"%s\"", a);
+        else tl += (size_t)snprintf(text + tl, sizeof text - tl, "%s%s", tl ? " " : "", a);
+    }
+    if (!tl && !n_images) die(EXIT_USAGE, "enqueue: no text and no image");
+    if (!id[0]) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        srand((unsigned)ts.tv_nsec ^ (unsigned)getpid());
+        snprintf(id, sizeof id, "job-%lld-%04x", (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, rand() & 0xffff);
+    }
+
+    Duogen__V1__Message sys_msg, user_msg, *msgs[2];
+    Duogen__V1__Part sys_part, *sys_parts[1], *user_parts[65];
+    Duogen__V1__Part parts[65];
+    Duogen__V1__Image imgs[64];
+    size_t n_msgs = 0, n_parts = 0;
+    if (system) {
+        duogen__v1__message__init(&sys_msg);
+        duogen__v1__part__init(&sys_part);
+        sys_part.kind_case = DUOGEN__V1__PART__KIND_TEXT;
+        sys_part.text = (char *)system;
+        sys_parts[0] = &sys_part;
+        sys_msg.role = DUOGEN__V1__MESSAGE__ROLE__SYSTEM;
+        sys_msg.parts = sys_parts;
+        sys_msg.n_parts = 1;
+        msgs[n_msgs++] = &sys_msg;
+    }
+    for (int i = 0; i < n_images; i++) {
+        duogen__v1__image__init(&imgs[i]);
+        imgs[i].source_case = DUOGEN__V1__IMAGE__SOURCE_DATA;
+        imgs[i].data.data = read_file(images[i], &imgs[i].data.len);
+        duogen__v1__part__init(&parts[n_parts]);
+        parts[n_parts].kind_case = DUOGEN__V1__PART__KIND_IMAGE;
+        parts[n_parts].image = &imgs[i];
+        user_parts[n_parts] = &parts[n_parts];
+        n_parts++;
+    }
+    if (tl) {
+        duogen__v1__part__init(&parts[n_parts]);
+        parts[n_parts].kind_case = DUOGEN__V1__PART__KIND_TEXT;
+        parts[n_parts].text = text;
+        user_parts[n_parts] = &parts[n_parts];
+        n_parts++;
+    }
+    duogen__v1__message__init(&user_msg);
+    user_msg.role = DUOGEN__V1__MESSAGE__ROLE__USER;
+    user_msg.parts = user_parts;
+    user_msg.n_parts = n_parts;
+    msgs[n_msgs++] = &user_msg;
+    b.job.id = id;
+    b.job.messages = msgs;
+    b.job.n_messages = n_msgs;
+    b.text.stop = b.stop;
+    b.text.n_stop = b.n_stop;
+    b.text.logit_bias = b.bias;
+    b.text.n_logit_bias = b.n_bias;
+    b.job.text = &b.text;
+    b.job.image = &b.image;
+    b.job.metadata = b.meta;
+    b.job.n_metadata = b.n_meta;
+
+    size_t len = duogen__v1__job__get_packed_size(&b.job);
+    uint8_t *buf = malloc(len);
+    duogen__v1__job__pack(&b.job, buf);
+    char k_jobs[512], k_job[512];
+    key(k_jobs, sizeof k_jobs, high ? "jobs:high" : "jobs", NULL);
+    key(k_job, sizeof k_job, "job", id);
+    /* "queued" first: the worker's "running" always comes after it */
+    freeReplyObject(cmd(dg_cmd_of("HSETNX", k_job, "state", "queued", NULL)));
+    freeReplyObject(cmd(dg_cmd_of("EXPIRE", k_job, "86400", NULL)));
+    dg_cmd *x = dg_cmd_of("XADD", k_jobs, "*", "id", id, "job", NULL);
+    dg_cmd_add(x, buf, len);
+    freeReplyObject(cmd(x));
+    free(buf);
+    for (int i = 0; i < n_images; i++) free(imgs[i].data.data);
+    printf("%s\n", id);
+    fflush(stdout);
+    if (!wait) return 0;
+    int rc = follow(id, 1);
+    int rc2 = write_result(id, out_dir, 0);
+    return rc ? rc : rc2;
+}
+
+/* ---- following events ----------------------------------------------------------------------- */
+
+static void progress_bar(const char *what, double frac, int tokens) {
+    int width = 30, filled = (int)(frac * width + 0.5);
+    char bar[64];
+    for (int i = 0; i < width; i++) bar[i] = i < filled ? '#' : '.';
+    bar[width] = 0;
+    fprintf(stderr, "\r[%s] %-28s %5d tokens", bar, what, tokens);
+    fflush(stderr);
+}
+
+/* Reads the job's events from the start; prints text as it arrives (show_text) or one line
+ * per event, with a progress bar on a terminal. Returns 0 for done, EXIT_JOB otherwise. */
+static int follow(const char *id, int show_text) {
+    char k_events[512], last[64] = "0";
+    key(k_events, sizeof k_events, "events", id);
+    int tty = isatty(2), tokens = 0, rc = -1;
+    char what[64] = "waiting for a worker";
+    if (tty && show_text) progress_bar(what, 0, 0);
+    while (rc < 0) {
+        redisReply *rep = cmd(dg_cmd_of("XREAD", "COUNT", "100", "BLOCK", "1000", "STREAMS", k_events, last, NULL));
+        if (rep->type != REDIS_REPLY_ARRAY) { freeReplyObject(rep); continue; }
+        const redisReply *entries = rep->element[0]->element[1];
+        for (size_t i = 0; i < entries->elements && rc < 0; i++) {
+            const redisReply *e = entries->element[i], *f = e->element[1];
+            snprintf(last, sizeof last, "%s", e->element[0]->str);
+            const char *type = hstr(f, "type");
+            if (!strcmp(type, "text")) {
+                tokens++;
+                if (show_text) {
+                    if (tty) fputs("\r\033[K", stderr);
+                    fputs(hstr(f, "text"), stdout);
+                    fflush(stdout);
+                } else {
+                    printf("text %s\n", hstr(f, "text"));
+                }
+            } else if (!strcmp(type, "started")) {
+                snprintf(what, sizeof what, "started on %s", hstr(f, "worker"));
+                if (!show_text) printf("started worker=%s attempt=%s\n", hstr(f, "worker"), hstr(f, "attempt"));
+            } else if (!strcmp(type, "image_started")) {
+                snprintf(what, sizeof what, "image %s: %sx%s", hstr(f, "index"), hstr(f, "width"), hstr(f, "height"));
+                if (!show_text) printf("image_started index=%s %sx%s steps=%s\n", hstr(f, "index"),
+                                       hstr(f, "width"), hstr(f, "height"), hstr(f, "steps"));
+            } else if (!strcmp(type, "step")) {
+                snprintf(what, sizeof what, "image %s step %s/%s", hstr(f, "index"), hstr(f, "step"), hstr(f, "steps"));
+                if (!show_text) printf("step index=%s %s/%s\n", hstr(f, "index"), hstr(f, "step"), hstr(f, "steps"));
+                else if (tty) progress_bar(what, atof(hstr(f, "step")) / atof(hstr(f, "steps")), tokens);
+            } else if (!strcmp(type, "image")) {
+                if (show_text) printf("\n[image %s: %s]\n", hstr(f, "index"), hstr(f, "key"));
+                else printf("image index=%s key=%s %sx%s\n", hstr(f, "index"), hstr(f, "key"), hstr(f, "width"), hstr(f, "height"));
+            } else if (!strcmp(type, "done")) {
+                rc = !strcmp(hstr(f, "status"), "done") ? 0 : EXIT_JOB;
+                if (show_text) printf("\n");
+                fprintf(show_text ? stderr : stdout, "%s%s (%s)\n", tty && show_text ? "\r\033[K" : "",
+                        hstr(f, "status"), hstr(f, "finish_reason"));
+            } else if (!strcmp(type, "failed")) {
+                rc = EXIT_JOB;
+                fprintf(show_text ? stderr : stdout, "%sfailed: %s: %s\n", tty && show_text ? "\r\033[K" : "",
+                        hstr(f, "code"), hstr(f, "error"));
+            } else if (!strcmp(type, "cancelled")) {
+                rc = EXIT_JOB;
+                fprintf(show_text ? stderr : stdout, "%scancelled\n", tty && show_text ? "\r\033[K" : "");
+            }
+        }
+        freeReplyObject(rep);
+    }
+    return rc;
+}
+
+/* ---- results ---------------------------------------------------------------------------------- */
+
+/* answer.md with each duogen:image:<id>:<n> link replaced by its file, and the PNGs. */
+static int write_result(const char *id, const char *out_dir, int print) {
+    char k_result[512];
+    key(k_result, sizeof k_result, "result", id);
+    redisReply *h = cmd(dg_cmd_of("HGETALL", k_result, NULL));
+    if (h->elements == 0) {
+        freeReplyObject(h);
+        fprintf(stderr, "duogenctl: no result for \"%s\" (yet)\n", id);
+        return EXIT_JOB;
+    }
+    const char *status = hstr(h, "status"), *text = hstr(h, "text");
+    int rc = !strcmp(status, "done") ? 0 : EXIT_JOB;
+    if (print) {
+        printf("status: %s\n", status);
+        if (*hstr(h, "error")) printf("error: %s: %s\n", hstr(h, "error_code"), hstr(h, "error"));
+        printf("images: %s\n\n%s\n", hstr(h, "images"), text);
+    }
+    if (out_dir) {
+        if (mkdir(out_dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", out_dir, strerror(errno));
+        char link_prefix[512];
+        key(link_prefix, sizeof link_prefix, "image", id);
+        size_t lp = strlen(link_prefix);
+        FILE *md;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/answer.md", out_dir);
+        if (!(md = fopen(path, "w"))) die(EXIT_IO, "cannot write \"%s\"", path);
+        const char *p = text;
+        int n_images = atoi(hstr(h, "images"));
+        while (*p) {
+            const char *hit = strstr(p, link_prefix);
+            if (!hit) { fputs(p, md); break; }
+            fwrite(p, 1, (size_t)(hit - p), md);
+            int n = atoi(hit + lp + 1);
+            fprintf(md, "image-%d.png", n);
+            p = hit + lp + 1;
+            while (*p >= '0' && *p <= '9') p++;
+        }
+        fclose(md);
+        for (int i = 1; i <= n_images; i++) {
+            char k_img[600], name[64];
+            snprintf(k_img, sizeof k_img, "%s:%d", link_prefix, i);
+            redisReply *img = cmd(dg_cmd_of("GET", k_img, NULL));
+            if (img->type == REDIS_REPLY_STRING) {
+                snprintf(name, sizeof name, "image-%d.png", i);
+                write_file(out_dir, name, img->str, img->len);
+            } else {
+                fprintf(stderr, "duogenctl: %s has expired\n", k_img);
+            }
+            freeReplyObject(img);
+        }
+        fprintf(stderr, "wrote %s/answer.md and %d image(s)\n", out_dir, n_images);
+    }
+    freeReplyObject(h);
+    return rc;
+}
+
+/* ---- stats, dead, cancel ------------------------------------------------------------------------ */
+
+static int cmd_stats(void) {
+    const char *names[2] = {"jobs", "jobs:high"};
+    for (int s = 0; s < 2; s++) {
+        char k[512];
+        key(k, sizeof k, names[s], NULL);
+        redisReply *len = cmd(dg_cmd_of("XLEN", k, NULL));
+        printf("stream %-24s length %lld\n", k, len->integer);
+        freeReplyObject(len);
+        dg_cmd *c = dg_cmd_of("XINFO", "GROUPS", k, NULL);
+        redisReply *g = dg_redis_ready(&R) ? dg_redis_cmd(&R, c) : NULL;
+        dg_cmd_free(c);
+        if (g && g->type == REDIS_REPLY_ARRAY)
+            for (size_t i = 0; i < g->elements; i++) {
+                const redisReply *info = g->element[i];
+                const redisReply *lag = hfield(info, "lag");
+                char lagbuf[24] = "?";   /* entries not yet delivered; nil when Redis cannot tell */
+                if (lag && lag->type == REDIS_REPLY_INTEGER) snprintf(lagbuf, sizeof lagbuf, "%lld", lag->integer);
+                printf("  group %-18s consumers %lld  pending %lld  lag %s  last-delivered %s\n",
+                       hstr(info, "name"), hfield(info, "consumers")->integer, hfield(info, "pending")->integer,
+                       lagbuf, hstr(info, "last-delivered-id"));
+            }
+        if (g) freeReplyObject(g);
+    }
+    char pattern[512];
+    key(pattern, sizeof pattern, "worker", "*");
+    printf("\nworkers:\n  %-28s %-9s %-8s %-8s %-7s %-9s %s\n", "id", "state", "done", "failed", "dead", "heartbeat", "job");
+    char cursor[32] = "0";
+    int n_workers = 0;
+    do {
+        redisReply *sc = cmd(dg_cmd_of("SCAN", cursor, "MATCH", pattern, "COUNT", "1000", NULL));
+        snprintf(cursor, sizeof cursor, "%s", sc->element[0]->str);
+        for (size_t i = 0; i < sc->element[1]->elements; i++) {
+            const char *wk = sc->element[1]->element[i]->str;
+            redisReply *h = cmd(dg_cmd_of("HGETALL", wk, NULL));
+            long long age = (long long)(dg_now_ms() - strtoll(hstr(h, "updated_ms"), NULL, 10));
+            printf("  %-28s %-9s %-8s %-8s %-7s %6.1fs ago %s\n", wk + strlen(pattern) - 1, hstr(h, "state"),
+                   hstr(h, "jobs_done"), hstr(h, "jobs_failed"), hstr(h, "jobs_dead"), age / 1000.0, hstr(h, "job"));
+            freeReplyObject(h);
+            n_workers++;
+        }
+        freeReplyObject(sc);
+    } while (strcmp(cursor, "0"));
+    if (!n_workers) printf("  (none alive)\n");
+    char k_dead[512], k_done[512];
+    key(k_dead, sizeof k_dead, "dead", NULL);
+    key(k_done, sizeof k_done, "done", NULL);
+    redisReply *d = cmd(dg_cmd_of("XLEN", k_dead, NULL));
+    redisReply *dn = cmd(dg_cmd_of("XLEN", k_done, NULL));
+    printf("\ndead letters %lld   done entries %lld\n", d->integer, dn->integer);
+    freeReplyObject(d);
+    freeReplyObject(dn);
+    return 0;
+}
+
+static int cmd_dead(int argc, char **argv) {
+    char k_dead[512];
+    key(k_dead, sizeof k_dead, "dead", NULL);
+    if (argc == 0 || !strcmp(argv[0], "list")) {
+        const char *count = "20";
+        if (argc >= 3 && !strcmp(argv[1], "--count")) count = argv[2];
+        redisReply *rep = cmd(dg_cmd_of("XREVRANGE", k_dead, "+", "-", "COUNT", count, NULL));
+        for (size_t i = 0; i < rep->elements; i++) {
+            const redisReply *f = rep->element[i]->element[1];
+            printf("%s  %-24s deliveries %-3s worker %-20s %s: %s\n", rep->element[i]->element[0]->str,
+                   hstr(f, "id"), hstr(f, "deliveries"), hstr(f, "worker"), hstr(f, "code"), hstr(f, "error"));
+        }
+        if (!rep->elements) printf("no dead letters\n");
+        freeReplyObject(rep);
+        return 0;
+    }
+    if (strcmp(argv[0], "requeue") || argc < 2) die(EXIT_USAGE, "dead: list [--count N] | requeue ID... | requeue --all");
+    int all = !strcmp(argv[1], "--all"), requeued = 0;
+    redisReply *rep = cmd(dg_cmd_of("XRANGE", k_dead, "-", "+", NULL));
+    for (size_t i = 0; i < rep->elements; i++) {
+        const char *entry = rep->element[i]->element[0]->str;
+        const redisReply *f = rep->element[i]->element[1];
+        const char *id = hstr(f, "id");
+        int wanted = all;
+        for (int a = 1; a < argc && !wanted; a++) wanted = !strcmp(argv[a], id);
+        if (!wanted) continue;
+        const redisReply *job = hfield(f, "job");
+        char k_jobs[512], k_result[512];
+        key(k_jobs, sizeof k_jobs, "jobs", NULL);
+        key(k_result, sizeof k_result, "result", id);
+        /* the failed result goes, or the worker would acknowledge the job without running it */
+        freeReplyObject(cmd(dg_cmd_of("MULTI", NULL)));
+        freeReplyObject(cmd(dg_cmd_of("DEL", k_result, NULL)));
+        dg_cmd *x = dg_cmd_of("XADD", k_jobs, "*", "id", id, "job", NULL);
+        dg_cmd_add(x, job ? job->str : "", job ? job->len : 0);
+        freeReplyObject(cmd(x));
+        freeReplyObject(cmd(dg_cmd_of("XDEL", k_dead, entry, NULL)));
+        freeReplyObject(cmd(dg_cmd_of("EXEC", NULL)));
+        printf("requeued %s\n", id);
+        requeued++;
+    }
+    freeReplyObject(rep);
+    if (!requeued) {
+        fprintf(stderr, "duogenctl: nothing to requeue\n");
+        return EXIT_JOB;
+    }
+    return 0;
+}
+
+static int usage(void) {
+    fprintf(stderr,
+            "usage: duogenctl [--redis URL] [--password-file F] [--prefix P] COMMAND\n"
+            "  enqueue [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high]\n"
+            "          [--wait] [--out DIR] TEXT...\n"
+            "  watch ID\n  result ID [--out DIR]\n  cancel ID\n  stats\n"
+            "  dead [list [--count N] | requeue ID... | requeue --all]\n");
+    return EXIT_USAGE;
+}
+
+int main(int argc, char **argv) {
+    dg_config cfg;
+    dg_config_defaults(&cfg);
+    const char *env_url = getenv("DUOGEN_REDIS");
+    if (env_url) snprintf(cfg.redis_url, sizeof cfg.redis_url, "%s", env_url);
+    int i = 1;
+    for (; i < argc && argv[i][0] == '-'; i++) {
+        if (!strcmp(argv[i], "--redis") && i + 1 < argc) snprintf(cfg.redis_url, sizeof cfg.redis_url, "%s", argv[++i]);
+        else if (!strcmp(argv[i], "--password-file") && i + 1 < argc)
+            snprintf(cfg.password_file, sizeof cfg.password_file, "%s", argv[++i]);
+        else if (!strcmp(argv[i], "--prefix") && i + 1 < argc) prefix = argv[++i];
+        else return usage();
+    }
+    if (i >= argc) return usage();
+    char err[512];
+    if (dg_redis_init(&R, &cfg, "duogenctl", 10000, err, sizeof err)) die(EXIT_USAGE, "%s", err);
+    const char *c = argv[i++];
+    int n = argc - i;
+    char **rest = argv + i;
+    int rc;
+    if (!strcmp(c, "enqueue")) rc = cmd_enqueue(n, rest);
+    else if (!strcmp(c, "watch") && n == 1) rc = follow(rest[0], 0);
+    else if (!strcmp(c, "result") && n >= 1) {
+        const char *out = n == 3 && !strcmp(rest[1], "--out") ? rest[2] : NULL;
+        rc = write_result(rest[0], out, 1);
+    } else if (!strcmp(c, "cancel") && n == 1) {
+        char k[512];
+        key(k, sizeof k, "cancel", rest[0]);
+        freeReplyObject(cmd(dg_cmd_of("SET", k, "1", "EX", "86400", NULL)));
+        printf("cancel requested for %s\n", rest[0]);
+        rc = 0;
+    } else if (!strcmp(c, "stats") && n == 0) rc = cmd_stats();
+    else if (!strcmp(c, "dead")) rc = cmd_dead(n, rest);
+    else rc = usage();
+    dg_redis_close(&R);
+    return rc;
+}
