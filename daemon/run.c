@@ -264,17 +264,9 @@ void dg_run_sink(dg_run *r, dg_sink *sink) {
 
 void dg_run_started(dg_run *r) {
     dg_worker *w = r->w;
-    char key[DG_KEY_MAX], attempt[16], now[24];
-    dg_key(w, key, "job", r->id);
+    char attempt[16];
     snprintf(attempt, sizeof attempt, "%d", r->deliveries);
-    snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
     r->phase = "prefill";
-    out_push(r, dg_cmd_of("HSET", key, "state", "running", "worker", w->cfg->worker_id,
-                          "attempt", attempt, "phase", "prefill", "progress", "0", "tokens", "0",
-                          "images", "0", "step", "0", "error", "", "updated_ms", now, NULL));
-    dg_cmd *exp = dg_cmd_of("EXPIRE", key, NULL);
-    dg_cmd_addf(exp, "%d", r->ttl_s);
-    out_push(r, exp);
 
     Duogen__V1__Event ev = DUOGEN__V1__EVENT__INIT;
     Duogen__V1__Event__Started st = DUOGEN__V1__EVENT__STARTED__INIT;
@@ -285,7 +277,7 @@ void dg_run_started(dg_run *r) {
     out_push(r, event_cmd(r, &ev, "started", "worker", w->cfg->worker_id, "attempt", attempt, NULL));
     char ekey[DG_KEY_MAX];
     dg_key(w, ekey, "events", r->id);
-    exp = dg_cmd_of("EXPIRE", ekey, NULL);
+    dg_cmd *exp = dg_cmd_of("EXPIRE", ekey, NULL);
     dg_cmd_addf(exp, "%d", r->ttl_s);
     out_push(r, exp);
 }
@@ -438,132 +430,65 @@ static dg_cmd *final_event(dg_run *r) {
     return event_cmd(r, &ev, "done", "status", status, "finish_reason", r->finish, NULL);
 }
 
-static void free_replies(redisReply **rep, int n) {
-    for (int i = 0; i < n; i++)
-        if (rep[i]) freeReplyObject(rep[i]);
-}
-
-/* Sends what is still queued (events, images) so that the final event comes last. */
-static int flush_out(dg_run *r) {
-    if (!r->n_out) return 0;
-    redisReply **rep = calloc((size_t)r->n_out, sizeof *rep);
-    if (!rep) abort();
-    int n = r->n_out;
-    int rc = dg_redis_pipeline(&r->w->redis, r->out, n, rep);
-    free_replies(rep, n);
-    free(rep);
-    if (rc == 0) dg_run_out_written(r, n);
-    return rc;
-}
-
-int dg_run_write_result(dg_run *r) {
+/* The commands of one run's result transaction, without MULTI/EXEC: the result hash, the
+ * job hash, the final event, the done entry, the dead entry when dead-lettered, and the
+ * XACK. Appended to cmds (room for DG_RESULT_CMDS_MAX). */
+int dg_run_result_cmds(dg_run *r, dg_cmd **cmds) {
     dg_worker *w = r->w;
-    dg_redis *rd = &w->redis;
     const dg_config *cfg = w->cfg;
     char k_result[DG_KEY_MAX], k_job[DG_KEY_MAX], k_events[DG_KEY_MAX];
     dg_key(w, k_result, "result", r->id);
     dg_key(w, k_job, "job", r->id);
     dg_key(w, k_events, "events", r->id);
-    if (!dg_redis_ready(rd) || flush_out(r)) return -1;
-
-    /* exactly one visible result: WATCH it, and write nothing if it is there already */
-    dg_cmd *pre[2] = {dg_cmd_of("WATCH", k_result, NULL), dg_cmd_of("EXISTS", k_result, NULL)};
-    redisReply *prep[2];
-    int rc = dg_redis_pipeline(rd, pre, 2, prep);
-    dg_cmd_free(pre[0]);
-    dg_cmd_free(pre[1]);
-    if (rc) return -1;
-    int exists = dg_reply_int(prep[1], 0) == 1;
-    free_replies(prep, 2);
-
-    dg_cmd *cmds[16];
+    char ttl[16], now[24], images[16], attempt[16];
+    snprintf(ttl, sizeof ttl, "%d", r->ttl_s);
+    snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
+    snprintf(images, sizeof images, "%d", r->n_imgs);
+    snprintf(attempt, sizeof attempt, "%d", r->deliveries);
+    const char *status = status_name(r->status);
+    uint8_t *pb;
+    size_t pb_len = pack_result(r, &pb);
     int n = 0;
-    if (exists) {
-        cmds[n++] = dg_cmd_of("UNWATCH", NULL);
-        cmds[n++] = dg_cmd_of("XACK", r->stream, cfg->group, r->entry, NULL);
-    } else {
-        char ttl[16], now[24], images[16], attempt[16], deliveries[16];
-        snprintf(ttl, sizeof ttl, "%d", r->ttl_s);
-        snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
-        snprintf(images, sizeof images, "%d", r->n_imgs);
-        snprintf(attempt, sizeof attempt, "%d", r->deliveries);
-        snprintf(deliveries, sizeof deliveries, "%d", r->deliveries);
-        const char *status = status_name(r->status);
-        uint8_t *pb;
-        size_t pb_len = pack_result(r, &pb);
 
-        cmds[n++] = dg_cmd_of("MULTI", NULL);
-        dg_cmd *hset = dg_cmd_of("HSET", k_result, "status", status, "text", r->md ? r->md : "",
-                                 "images", images, "error", r->error, "error_code",
-                                 r->status == DUOGEN__V1__RESULT__STATUS__FAILED ? code_name(r->err_code) : "",
-                                 "finish_reason", r->finish, "worker", cfg->worker_id,
-                                 "attempt", attempt, "pb", NULL);
-        dg_cmd_add(hset, pb, pb_len);
-        free(pb);
-        cmds[n++] = hset;
-        cmds[n++] = dg_cmd_of("EXPIRE", k_result, ttl, NULL);
-        dg_cmd *job = dg_cmd_of("HSET", k_job, "state", status, "worker", cfg->worker_id,
-                                "phase", "finished", "progress", "1", "images", images,
-                                "error", r->error, "updated_ms", now, "attempt", attempt, NULL);
-        dg_cmd_adds(job, "tokens");
-        dg_cmd_addf(job, "%d", r->tokens);
-        cmds[n++] = job;
-        cmds[n++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
-        cmds[n++] = final_event(r);
-        cmds[n++] = dg_cmd_of("EXPIRE", k_events, ttl, NULL);
-        dg_cmd *done = dg_cmd_of("XADD", w->k_done, "MAXLEN", "~", NULL);
-        dg_cmd_addf(done, "%d", cfg->done_maxlen);
-        dg_cmd_adds(done, "*");
-        dg_cmd_adds(done, "id"); dg_cmd_adds(done, r->id);
-        dg_cmd_adds(done, "status"); dg_cmd_adds(done, status);
-        cmds[n++] = done;
-        if (r->dead) {
-            dg_cmd *dead = dg_cmd_of("XADD", w->k_dead, "MAXLEN", "~", NULL);
-            dg_cmd_addf(dead, "%d", cfg->dead_maxlen);
-            dg_cmd_adds(dead, "*");
-            dg_cmd_adds(dead, "id"); dg_cmd_adds(dead, r->id);
-            dg_cmd_adds(dead, "job"); dg_cmd_add(dead, r->job_bytes ? r->job_bytes : (const uint8_t *)"", r->job_len);
-            dg_cmd_adds(dead, "error"); dg_cmd_adds(dead, r->error);
-            dg_cmd_adds(dead, "code"); dg_cmd_adds(dead, code_name(r->err_code));
-            dg_cmd_adds(dead, "deliveries"); dg_cmd_adds(dead, deliveries);
-            dg_cmd_adds(dead, "worker"); dg_cmd_adds(dead, cfg->worker_id);
-            dg_cmd_adds(dead, "stream"); dg_cmd_adds(dead, r->stream);
-            dg_cmd_adds(dead, "entry"); dg_cmd_adds(dead, r->entry);
-            dg_cmd_adds(dead, "unix_ms"); dg_cmd_adds(dead, now);
-            cmds[n++] = dead;
-        }
-        cmds[n++] = dg_cmd_of("XACK", r->stream, cfg->group, r->entry, NULL);
-        cmds[n++] = dg_cmd_of("EXEC", NULL);
+    dg_cmd *hset = dg_cmd_of("HSET", k_result, "status", status, "text", r->md ? r->md : "",
+                             "images", images, "error", r->error, "error_code",
+                             r->status == DUOGEN__V1__RESULT__STATUS__FAILED ? code_name(r->err_code) : "",
+                             "finish_reason", r->finish, "worker", cfg->worker_id,
+                             "attempt", attempt, "pb", NULL);
+    dg_cmd_add(hset, pb, pb_len);
+    free(pb);
+    cmds[n++] = hset;
+    cmds[n++] = dg_cmd_of("EXPIRE", k_result, ttl, NULL);
+    dg_cmd *job = dg_cmd_of("HSET", k_job, "state", status, "worker", cfg->worker_id,
+                            "phase", "finished", "progress", "1", "images", images,
+                            "error", r->error, "updated_ms", now, "attempt", attempt, NULL);
+    dg_cmd_adds(job, "tokens");
+    dg_cmd_addf(job, "%d", r->tokens);
+    cmds[n++] = job;
+    cmds[n++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
+    cmds[n++] = final_event(r);
+    cmds[n++] = dg_cmd_of("EXPIRE", k_events, ttl, NULL);
+    dg_cmd *done = dg_cmd_of("XADD", w->k_done, "MAXLEN", "~", NULL);
+    dg_cmd_addf(done, "%d", cfg->done_maxlen);
+    dg_cmd_adds(done, "*");
+    dg_cmd_adds(done, "id"); dg_cmd_adds(done, r->id);
+    dg_cmd_adds(done, "status"); dg_cmd_adds(done, status);
+    cmds[n++] = done;
+    if (r->dead) {
+        dg_cmd *dead = dg_cmd_of("XADD", w->k_dead, "MAXLEN", "~", NULL);
+        dg_cmd_addf(dead, "%d", cfg->dead_maxlen);
+        dg_cmd_adds(dead, "*");
+        dg_cmd_adds(dead, "id"); dg_cmd_adds(dead, r->id);
+        dg_cmd_adds(dead, "job"); dg_cmd_add(dead, r->job_bytes ? r->job_bytes : (const uint8_t *)"", r->job_len);
+        dg_cmd_adds(dead, "error"); dg_cmd_adds(dead, r->error);
+        dg_cmd_adds(dead, "code"); dg_cmd_adds(dead, code_name(r->err_code));
+        dg_cmd_adds(dead, "deliveries"); dg_cmd_addf(dead, "%d", r->deliveries);
+        dg_cmd_adds(dead, "worker"); dg_cmd_adds(dead, cfg->worker_id);
+        dg_cmd_adds(dead, "stream"); dg_cmd_adds(dead, r->stream);
+        dg_cmd_adds(dead, "entry"); dg_cmd_adds(dead, r->entry);
+        dg_cmd_adds(dead, "unix_ms"); dg_cmd_adds(dead, now);
+        cmds[n++] = dead;
     }
-    redisReply *rep[16];
-    rc = dg_redis_pipeline(rd, cmds, n, rep);
-    for (int i = 0; i < n; i++) dg_cmd_free(cmds[i]);
-    if (rc) return -1;
-    int result = 0;
-    if (exists) {
-        log_info("job \"%s\" (entry %s) already has a result: acknowledged without writing", r->id, r->entry);
-    } else {
-        redisReply *exec = rep[n - 1];
-        if (exec->type == REDIS_REPLY_NIL) {
-            /* another worker wrote the result between WATCH and EXEC: just acknowledge */
-            redisReply *ack = dg_redis_cmdv(rd, "XACK", r->stream, cfg->group, r->entry, NULL);
-            if (!ack) result = -1;
-            else freeReplyObject(ack);
-            log_info("job \"%s\": result written meanwhile by another worker", r->id);
-        } else if (exec->type == REDIS_REPLY_ERROR) {
-            log_error("job \"%s\": writing the result failed: %s", r->id, exec->str);
-            result = -2;
-        } else {
-            for (size_t i = 0; exec->type == REDIS_REPLY_ARRAY && i < exec->elements; i++)
-                if (exec->element[i]->type == REDIS_REPLY_ERROR)
-                    log_error("job \"%s\": result transaction command %zu: %s", r->id, i, exec->element[i]->str);
-        }
-        for (int i = 1; i < n - 1; i++)   /* QUEUED, or an error queuing (ACL, wrong type) */
-            if (rep[i]->type == REDIS_REPLY_ERROR) {
-                log_error("job \"%s\": result command refused: %s", r->id, rep[i]->str);
-                result = -2;
-            }
-    }
-    free_replies(rep, n);
-    return result;
+    cmds[n++] = dg_cmd_of("XACK", r->stream, cfg->group, r->entry, NULL);
+    return n;
 }

@@ -228,11 +228,22 @@ static int take(dg_worker *w, const char *stream, const redisReply *entry, int d
     dg_key(w, k_result, "result", r->id);
     dg_key(w, k_cancel, "cancel", r->id);
     dg_key(w, k_job, "job", r->id);
-    dg_cmd *pre[3] = {dg_cmd_of("EXISTS", k_result, NULL), dg_cmd_of("EXISTS", k_cancel, NULL),
-                      dg_cmd_of("HGETALL", k_job, NULL)};
-    redisReply *rep[3];
-    int rc = dg_redis_pipeline(&w->redis, pre, deliveries > 1 ? 3 : 2, rep);
-    for (int i = 0; i < 3; i++) dg_cmd_free(pre[i]);
+    /* the job hash says "running" (with worker and attempt) in the same round trip, before
+     * the engine sees the job: if the process dies in a step, the next attempt can tell. The
+     * earlier attempt's fields are read first (pipelines keep their order). */
+    char attempt[16], now[24], ttl[16];
+    snprintf(attempt, sizeof attempt, "%d", deliveries);
+    snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
+    snprintf(ttl, sizeof ttl, "%d", r->ttl_s);
+    dg_cmd *pre[5] = {dg_cmd_of("EXISTS", k_result, NULL), dg_cmd_of("EXISTS", k_cancel, NULL),
+                      dg_cmd_of("HGETALL", k_job, NULL),
+                      dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id,
+                                "attempt", attempt, "phase", "prefill", "progress", "0", "tokens", "0",
+                                "images", "0", "step", "0", "error", "", "updated_ms", now, NULL),
+                      dg_cmd_of("EXPIRE", k_job, ttl, NULL)};
+    redisReply *rep[5];
+    int rc = dg_redis_pipeline(&w->redis, pre, 5, rep);
+    for (int i = 0; i < 5; i++) dg_cmd_free(pre[i]);
     if (rc) {
         unlink_run(w, r);
         dg_run_free(r);
@@ -241,10 +252,17 @@ static int take(dg_worker *w, const char *stream, const redisReply *entry, int d
     int has_result = dg_reply_int(rep[0], 0) == 1, cancelled = dg_reply_int(rep[1], 0) == 1;
     char why[1024] = "";
     if (deliveries > r->max_attempts) last_error(deliveries > 1 ? rep[2] : NULL, why, sizeof why, deliveries);
-    for (int i = 0; i < (deliveries > 1 ? 3 : 2); i++) freeReplyObject(rep[i]);
+    for (int i = 0; i < 5; i++) freeReplyObject(rep[i]);
 
     if (has_result) {
-        /* delivered again after its result was written (the ack was lost): acknowledge only */
+        /* delivered again after its result was written (the ack was lost, or the producer sent
+         * the same id twice): give the job hash back the result's state, acknowledge only */
+        redisReply *rs = dg_redis_cmdv(&w->redis, "HGET", k_result, "status", NULL);
+        if (rs && rs->type == REDIS_REPLY_STRING) {
+            redisReply *h = dg_redis_cmdv(&w->redis, "HSET", k_job, "state", rs->str, "phase", "finished", NULL);
+            if (h) freeReplyObject(h);
+        }
+        if (rs) freeReplyObject(rs);
         redisReply *ack = dg_redis_cmdv(&w->redis, "XACK", stream, cfg->group, entry_id, NULL);
         if (ack) log_info("job \"%s\" (entry %s) already has a result: acknowledged without running",
                           r->id, entry_id);
@@ -476,8 +494,8 @@ static void flush_progress(dg_worker *w) {
     dg_cmd **cmds = malloc((size_t)cap * sizeof *cmds);
     if (!cmds) abort();
 #define PUSH(c) do { if (n == cap) { cap *= 2; cmds = realloc(cmds, (size_t)cap * sizeof *cmds); if (!cmds) abort(); } cmds[n++] = (c); } while (0)
-    for (dg_run *r = w->runs; r; r = r->next)
-        for (int i = 0; i < r->n_out; i++) PUSH(r->out[i]);
+    for (dg_run *r = w->runs; r; r = r->next)   /* an ended run's go with its result */
+        for (int i = 0; !r->ended && i < r->n_out; i++) PUSH(r->out[i]);
     first_extra = n;
     for (dg_run *r = w->runs; r; r = r->next) {
         dg_cmd *p = r->ended ? NULL : dg_run_progress_cmd(r);
@@ -485,19 +503,25 @@ static void flush_progress(dg_worker *w) {
     }
     int first_cancel = n;
     for (dg_run *r = w->runs; r; r = r->next) {
+        if (r->ended) continue;
         char key[DG_KEY_MAX];
         dg_key(w, key, "cancel", r->id);
         PUSH(dg_cmd_of("EXISTS", key, NULL));
     }
 #undef PUSH
+    if (n == 0) {
+        free(cmds);
+        return;
+    }
     redisReply **rep = calloc((size_t)n, sizeof *rep);
     if (!rep) abort();
     int rc = dg_redis_pipeline(&w->redis, cmds, n, rep);
     if (rc == 0) {
         int k = first_cancel;
-        for (dg_run *r = w->runs; r; r = r->next, k++) {
+        for (dg_run *r = w->runs; r; r = r->next) {
+            if (r->ended) continue;
             dg_run_out_written(r, r->n_out);
-            if (dg_reply_int(rep[k], 0) == 1 && r->submitted && !r->ended && !r->cancel_asked) {
+            if (dg_reply_int(rep[k++], 0) == 1 && r->submitted && !r->cancel_asked) {
                 log_info("job \"%s\": cancelled by its producer", r->id);
                 r->cancel_asked = 1;
                 dg_sched_cancel(w->sched, r->seq);
@@ -526,31 +550,127 @@ static void check_deadlines(dg_worker *w) {
         }
 }
 
-static void write_results(dg_worker *w) {
-    dg_run *r = w->runs;
-    while (r) {
-        dg_run *next = r->next;
-        if (r->ended) {
-            int rc = dg_run_write_result(r);
-            if (rc == 0) {
-                log_info("job \"%s\" %s%s%s (%d tokens, %d images, delivery %d)", r->id,
-                         r->status == DUOGEN__V1__RESULT__STATUS__DONE ? "done" :
-                         r->status == DUOGEN__V1__RESULT__STATUS__FAILED ? "failed" :
-                         r->status == DUOGEN__V1__RESULT__STATUS__CANCELLED ? "cancelled" : "expired",
-                         r->error[0] ? ": " : "", r->error, r->tokens, r->n_imgs, r->deliveries);
-                count_end(w, r);
+static void free_replies(redisReply **rep, int n) {
+    for (int i = 0; i < n; i++)
+        if (rep[i]) freeReplyObject(rep[i]);
+}
+
+static void log_end(const dg_run *r, int written) {
+    static const char *names[] = {"?", "done", "failed", "cancelled", "expired"};
+    if (!written) {
+        log_info("job \"%s\" (entry %s) already has a result: acknowledged without writing", r->id, r->entry);
+        return;
+    }
+    log_info("job \"%s\" %s%s%s (%d tokens, %d images, delivery %d)", r->id,
+             names[r->status >= 1 && r->status <= 4 ? r->status : 0], r->error[0] ? ": " : "",
+             r->error, r->tokens, r->n_imgs, r->deliveries);
+}
+
+/* Writes the results of n ended runs: first what they still have queued (events, images)
+ * with WATCH on their result keys and EXISTS of each, then one MULTI/EXEC holding every
+ * result, final event, done (and dead) entry and XACK. A result key that exists already
+ * (the job was done by a worker that lost its lease, or the ack was lost) is only
+ * acknowledged. If EXEC is aborted because a result appeared meanwhile, each run is tried
+ * again alone. Returns 0, -1 when Redis went away, -2 when it refused a command. */
+static int write_batch(dg_worker *w, dg_run **runs, int n) {
+    dg_redis *rd = &w->redis;
+    int cap = 8 + n * (DG_RESULT_CMDS_MAX + 3), m = 0;
+    for (int i = 0; i < n; i++) cap += runs[i]->n_out;
+    dg_cmd **cmds = malloc((size_t)cap * sizeof *cmds);
+    redisReply **rep = calloc((size_t)cap, sizeof *rep);
+    int *exists = calloc((size_t)n, sizeof *exists);
+    if (!cmds || !rep || !exists) abort();
+    int rc = 0;
+
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < runs[i]->n_out; k++) cmds[m++] = runs[i]->out[k];
+    int borrowed = m;
+    dg_cmd *watch = dg_cmd_of("WATCH", NULL);
+    for (int i = 0; i < n; i++) {
+        char key[DG_KEY_MAX];
+        dg_key(w, key, "result", runs[i]->id);
+        dg_cmd_adds(watch, key);
+        cmds[m + 1 + i] = dg_cmd_of("EXISTS", key, NULL);
+    }
+    cmds[m] = watch;
+    m += 1 + n;
+    if (dg_redis_pipeline(rd, cmds, m, rep)) {
+        rc = -1;
+    } else {
+        for (int i = 0; i < n; i++) {
+            exists[i] = dg_reply_int(rep[borrowed + 1 + i], 0) == 1;
+            dg_run_out_written(runs[i], runs[i]->n_out);
+        }
+    }
+    free_replies(rep, m);
+    for (int i = borrowed; i < m; i++) dg_cmd_free(cmds[i]);
+    if (rc) goto out;
+
+    m = 0;
+    int writes = 0;
+    for (int i = 0; i < n; i++)
+        if (exists[i]) cmds[m++] = dg_cmd_of("XACK", runs[i]->stream, w->cfg->group, runs[i]->entry, NULL);
+        else writes++;
+    if (writes) {
+        cmds[m++] = dg_cmd_of("MULTI", NULL);
+        for (int i = 0; i < n; i++)
+            if (!exists[i]) m += dg_run_result_cmds(runs[i], cmds + m);
+        cmds[m++] = dg_cmd_of("EXEC", NULL);
+    } else {
+        cmds[m++] = dg_cmd_of("UNWATCH", NULL);
+    }
+    if (dg_redis_pipeline(rd, cmds, m, rep)) {
+        rc = -1;
+    } else {
+        for (int i = 0; i < m - 1; i++)
+            if (rep[i]->type == REDIS_REPLY_ERROR) {
+                log_error("Redis refused a result command: %s", rep[i]->str);
+                rc = -2;
+            }
+        const redisReply *exec = rep[m - 1];
+        if (writes && exec->type == REDIS_REPLY_NIL) {
+            /* a result key changed between WATCH and EXEC: nothing was written; retry alone */
+            for (int i = 0; i < n && !rc; i++) rc = write_batch(w, &runs[i], 1);
+            goto out_cmds;
+        }
+        if (writes && exec->type == REDIS_REPLY_ERROR) {
+            log_error("result transaction failed: %s", exec->str);
+            rc = -2;
+        }
+        for (size_t i = 0; writes && exec->type == REDIS_REPLY_ARRAY && i < exec->elements; i++)
+            if (exec->element[i]->type == REDIS_REPLY_ERROR) {
+                log_error("result transaction command %zu: %s", i, exec->element[i]->str);
+                rc = -2;
+            }
+        if (!rc)
+            for (int i = 0; i < n; i++) {
+                dg_run *r = runs[i];
+                log_end(r, !exists[i]);
+                if (!exists[i]) count_end(w, r);
                 unlink_run(w, r);
                 dg_run_free(r);
-            } else if (rc == -2) {
-                log_error("Redis refused the result of job \"%s\": check the worker's ACL "
-                          "(it needs HSET, EXPIRE, XADD, XACK, MULTI, EXEC, WATCH on its keys)", r->id);
-                w->fatal = EX_CONFIG;
-                return;
-            } else {
-                return;   /* Redis away: keep it, try again later */
             }
-        }
-        r = next;
+    }
+out_cmds:
+    free_replies(rep, m);
+    for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
+out:
+    free(cmds);
+    free(rep);
+    free(exists);
+    return rc;
+}
+
+static void write_results(dg_worker *w) {
+    dg_run *batch[64];
+    int n = 0;
+    for (dg_run *r = w->runs; r && n < 64; r = r->next)
+        if (r->ended) batch[n++] = r;
+    if (!n) return;
+    if (write_batch(w, batch, n) == -2) {
+        log_error("Redis refused to store results: check the worker's ACL (it needs HSET, EXPIRE, "
+                  "XADD, XACK, MULTI, EXEC, WATCH on its keys)");
+        w->fatal = EX_CONFIG;
     }
 }
 
@@ -639,11 +759,6 @@ int dg_worker_run(dg_worker *w) {
             publish(w);
         }
         check_deadlines(w);
-        /* what new jobs queued (job hash "running", the started event) is written before the
-         * first step: if the step crashes the process, the next attempt can tell */
-        int fresh = 0;
-        for (dg_run *r = w->runs; r; r = r->next) fresh |= r->n_out > 0;
-        if (fresh && dg_redis_ready(&w->redis)) flush_progress(w);
         stepping = 0;
         for (dg_run *r = w->runs; r; r = r->next) stepping |= r->submitted && !r->ended;
         if (stepping) {

@@ -131,15 +131,15 @@ void dg_worker_free(dg_worker *w);
 dg_run *dg_run_new(dg_worker *w, const char *stream, const char *entry);
 void    dg_run_free(dg_run *r);
 void    dg_run_sink(dg_run *r, dg_sink *sink);            /* callbacks into this run */
-void    dg_run_started(dg_run *r);                        /* job hash + started event */
+void    dg_run_started(dg_run *r);                        /* queues the started event */
 void    dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 /* The job hash update for the progress since the last one, or NULL when nothing moved. */
 dg_cmd *dg_run_progress_cmd(dg_run *r);
 void    dg_run_out_written(dg_run *r, int n);            /* frees the first n of r->out */
-/* Writes the result, final event, done entry (and dead entry) and XACK in one MULTI/EXEC,
- * unless a result exists already. 0 when written or found; -1 when Redis is unavailable. */
-int     dg_run_write_result(dg_run *r);
+/* The result transaction's commands for one run (without MULTI/EXEC); returns how many. */
+#define DG_RESULT_CMDS_MAX 9
+int     dg_run_result_cmds(dg_run *r, dg_cmd **cmds);
 
 /* keeper.c */
 int  dg_keeper_start(dg_worker *w, char *err, size_t errlen);
