@@ -65,7 +65,7 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY)
 
-.PHONY: all deps test bench bench-queue fuzz demo install clean
+.PHONY: all deps test bench bench-queue bench-tokenizer fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -119,8 +119,10 @@ $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OB
 	@echo "  LD      $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
-test: all
-	tests/run-all
+test:
+	@tools/deps.sh
+	@$(MAKE) --no-print-directory all
+	@tests/run-all
 
 # ---- fuzzing: clang with libFuzzer and ASan/UBSan, a bounded time per target ----------
 FUZZ_SECONDS ?= 30
@@ -139,11 +141,18 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
-bench: bench-queue
+bench: bench-queue bench-tokenizer
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/bench/bench_queue.py --json $(BUILD)/bench/queue.json
+
+# the tokenizer against Hugging Face tokenizers (one thread) when the reference venv is there
+bench-tokenizer: all
+	@mkdir -p $(BUILD)/bench
+	$(BUILD)/dg-bench --json $(BUILD)/bench/tokenizer.json tokenizer
+	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
+	    tools/reference/bench_tokenizers.py --json $(BUILD)/bench/tokenizer_hf.json; fi
 
 # ---- set-up --------------------------------------------------------------------------
 deps:
