@@ -1,0 +1,152 @@
+/* bench_decoder — the Qwen2.5-VL text decoder on the CPU backend: prefill tok/s for a
+ * 512-token prompt, greedy-free decode tok/s (fixed token ids: the figure is the forward
+ * pass alone, sampling excluded), with 1 and 2 threads (or --threads N), and peak RSS
+ * against the size of the text weights.
+ *
+ * The model is --model DIR (a package: DIR/mllm) or build/models/small, written by
+ * build/mkmodel --preset small --seed 1 when missing (with the Qwen2 vocabulary when
+ * ../shared/vocab/qwen2 or --vocab is there). --quick: a 64-token prompt, 8 decode steps.
+ *
+ * When build/bench/transformers_decoder.json and build/bench/llamacpp_decoder.json exist
+ * (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py), the ratios to them
+ * are printed too. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "bench.h"
+#include "config.h"
+#include "kv_cache.h"
+#include "qwen2.h"
+#include "safetensors.h"
+
+#define DEFAULT_PKG "build/models/small"
+
+static int ensure_model(bench_ctx *ctx, char *dir, size_t len) {
+    if (ctx->model_dir) {
+        snprintf(dir, len, "%s/mllm", ctx->model_dir);
+        return 0;
+    }
+    snprintf(dir, len, DEFAULT_PKG "/mllm");
+    if (access(DEFAULT_PKG "/mllm/config.json", R_OK) == 0) return 0;
+    const char *vocab = ctx->vocab_dir ? ctx->vocab_dir : "../shared/vocab/qwen2";
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "mkdir -p build/models && build/mkmodel --preset small --seed 1 --out " DEFAULT_PKG " %s%s",
+             access(vocab, R_OK) == 0 ? "--vocab " : "", access(vocab, R_OK) == 0 ? vocab : "");
+    printf("  creating %s: %s\n", DEFAULT_PKG, cmd);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0;
+}
+
+static double text_weight_mb(const dg_st *st) {
+    double b = 0;
+    for (size_t i = 0; i < dg_st_count(st); i++) {
+        const dg_st_tensor *t = dg_st_at(st, i);
+        if (strncmp(t->name, "visual.", 7)) b += (double)t->nbytes;
+    }
+    return b / (1024.0 * 1024.0);
+}
+
+/* Prints ours / theirs for a figure recorded by a reference script. */
+static void ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {
+    json_error_t je;
+    json_t *j = json_load_file(file, 0, &je), *v = j ? json_object_get(j, key) : NULL;
+    if (json_is_number(v) && json_number_value(v) > 0) {
+        char name[128];
+        snprintf(name, sizeof name, "%s_vs_%s", key, label);
+        bench_record(out, name, ours / json_number_value(v), "x");
+    }
+    json_decref(j);
+}
+
+static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
+    const int n_prompt = ctx->quick ? 64 : 512, n_decode = ctx->quick ? 8 : 64;
+    dg_qwen2vl_config cfg;
+    dg_backend *be = NULL;
+    dg_st *st = NULL;
+    dg_qwen2 m = {0};
+    dg_qwen2_state *s = NULL;
+    dg_kv_cache *kv = NULL;
+    dg_kv_seq seq = {0};
+    int32_t *ids = NULL;
+    char err[512], name[96];
+    int rc = -1;
+    if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
+        dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 ||
+        dg_st_open(dir, &st, err, sizeof err) < 0 ||
+        dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
+        dg_qwen2_state_new(&m, n_prompt, 1, &s, err, sizeof err) < 0 ||
+        dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
+                        (n_prompt + n_decode) / 16 + 2, &kv, err, sizeof err) < 0 ||
+        dg_kv_seq_init(&seq, n_prompt + n_decode, 16) < 0) {
+        fprintf(stderr, "bench_decoder: %s\n", err);
+        goto out;
+    }
+    ids = malloc(sizeof(int32_t) * (size_t)n_prompt);
+    uint64_t x = 1;
+    for (int i = 0; i < n_prompt; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        ids[i] = (int32_t)((x >> 33) % 151643u % (uint64_t)cfg.text.vocab_size);
+    }
+    /* warm-up: page the weights in, so that the figures are not disk reads */
+    dg_qwen2_input in = {.ids = ids, .n = 16, .n_logits = 1};
+    if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+    dg_kv_seq_release(kv, &seq);
+    double t0 = bench_now_ms();
+    in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
+    if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+    double t1 = bench_now_ms();
+    for (int i = 0; i < n_decode; i++) {
+        in = (dg_qwen2_input){.ids = &ids[i], .n = 1, .n_logits = 1};
+        if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+    }
+    double t2 = bench_now_ms();
+    snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
+    bench_record(out, name, n_prompt / ((t1 - t0) / 1e3), "tok/s");
+    ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_prompt / ((t1 - t0) / 1e3));
+    ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_prompt / ((t1 - t0) / 1e3));
+    snprintf(name, sizeof name, "decode_tok_s_t%d", threads);
+    bench_record(out, name, n_decode / ((t2 - t1) / 1e3), "tok/s");
+    ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_decode / ((t2 - t1) / 1e3));
+    ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_decode / ((t2 - t1) / 1e3));
+    double w = text_weight_mb(st), rss = peak_rss_mb();
+    bench_record(out, "text_weights_mb", w, "MiB");
+    bench_record(out, "peak_rss_mb", rss, "MiB");
+    bench_record(out, "peak_rss_over_weights", rss / w, "x");
+    rc = 0;
+    goto out;
+fail:
+    fprintf(stderr, "bench_decoder: %s\n", err);
+out:
+    free(ids);
+    if (kv) dg_kv_seq_release(kv, &seq);
+    dg_kv_seq_free(&seq);
+    dg_kv_cache_free(kv);
+    if (m.be) dg_qwen2_state_free(&m, s);
+    dg_qwen2_unload(&m);
+    dg_st_close(st);
+    dg_backend_free(be);
+    return rc;
+}
+
+static int bench_decoder(bench_ctx *ctx, json_t *out) {
+    char dir[1024];
+    const char *coretype = getenv("OPENBLAS_CORETYPE");
+    if (ensure_model(ctx, dir, sizeof dir) < 0) return -1;
+    printf("  model %s, OPENBLAS_CORETYPE=%s\n", dir, coretype ? coretype : "(unset)");
+    json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
+    if (ctx->threads > 0) return run(ctx, out, dir, ctx->threads);
+    for (int t = 1; t <= 2; t++)
+        if (run(ctx, out, dir, t) < 0) return -1;
+    return 0;
+}
+
+DG_BENCH(decoder, "Qwen2.5-VL text decoder, small preset: prefill and decode tok/s, peak RSS", bench_decoder)
