@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Baseline for dg-bench's decoder benchmark: llama.cpp (llama-cpp-python from PyPI) on a
+GGUF f32 of the same small package's text weights, 1 and 2 threads, same prompt length
+and decode steps. Writes build/bench/llamacpp_decoder.json with dg-bench's keys.
+
+The GGUF is written here with the `gguf` package: the qwen2 architecture keys, the Qwen2
+BPE vocabulary (vocab.json + merges.txt + added tokens, padded to the embedding rows),
+and every text tensor converted to float32 under llama.cpp's names. Qwen2.5-VL's M-RoPE
+equals plain (NEOX, rotate-half) RoPE for text positions, so architecture qwen2 computes
+the same function. No output.weight: tied embeddings (llama.cpp falls back to token_embd).
+
+  tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py [--quick]
+"""
+import argparse
+import json
+import os
+import resource
+import time
+
+import numpy as np
+from safetensors import safe_open
+
+import gguf
+
+NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_gguf(mdir, path):
+    cfg = json.load(open(os.path.join(mdir, "config.json")))
+    vocab = json.load(open(os.path.join(mdir, "vocab.json")))
+    tcfg = json.load(open(os.path.join(mdir, "tokenizer_config.json")))
+    merges = [l.rstrip("\n") for l in open(os.path.join(mdir, "merges.txt"), encoding="utf-8")
+              if l.strip() and not l.startswith("#version")]
+    n_vocab = cfg["vocab_size"]
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for t, i in vocab.items():
+        tokens[i], types[i] = t, gguf.TokenType.NORMAL
+    for i, a in tcfg.get("added_tokens_decoder", {}).items():
+        tokens[int(i)] = a["content"]
+        types[int(i)] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_name("duogen-small")
+    w.add_context_length(4096)
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+    with safe_open(os.path.join(mdir, "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            if name.startswith("visual."):
+                continue
+            t = f.get_tensor(name).float().numpy().astype(np.float32)
+            if name == "model.embed_tokens.weight":
+                out = "token_embd.weight"
+            elif name == "model.norm.weight":
+                out = "output_norm.weight"
+            elif name == "lm_head.weight":
+                out = "output.weight"
+            else:
+                layer, rest = name[len("model.layers."):].split(".", 1)
+                out = f"blk.{layer}.{NAMES[rest]}"
+            w.add_tensor(out, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def prompt_ids(n, vocab):
+    x, ids = 1, []
+    for _ in range(n):
+        x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        ids.append((x >> 33) % 151643 % vocab)
+    return ids
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.normpath(os.path.join(here, "..", ".."))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(root, "build", "models", "small"))
+    ap.add_argument("--gguf", default=os.path.join(root, "build", "models", "small-f32.gguf"))
+    ap.add_argument("--out", default=os.path.join(root, "build", "bench", "llamacpp_decoder.json"))
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not os.path.exists(args.gguf):
+        write_gguf(os.path.join(args.model, "mllm"), args.gguf)
+    import llama_cpp
+    from llama_cpp import Llama
+    n_prompt, n_decode = (64, 8) if args.quick else (512, 64)
+    res = {"llama_cpp_python": llama_cpp.__version__, "dtype": "f32",
+           "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
+    for t in args.threads:
+        llm = Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=t,
+                    n_threads_batch=t, use_mmap=True, verbose=False)
+        ids = prompt_ids(n_prompt, llm.n_vocab())
+        llm.eval(ids[:16])          # warm-up: page the weights in
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        for i in range(n_decode):
+            llm.eval([ids[i]])
+        t2 = time.perf_counter()
+        res[f"prefill_{n_prompt}_tok_s_t{t}"] = n_prompt / (t1 - t0)
+        res[f"decode_tok_s_t{t}"] = n_decode / (t2 - t1)
+        print(f"threads {t}: prefill {n_prompt / (t1 - t0):.2f} tok/s, decode {n_decode / (t2 - t1):.2f} tok/s")
+        del llm
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {res['peak_rss_mb']:.0f} MiB")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

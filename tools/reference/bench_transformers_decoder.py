@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Baseline for dg-bench's decoder benchmark: transformers (PyTorch, float32, eager CPU)
+on the same small package (build/mkmodel --preset small --seed 1), same prompt length and
+decode steps, 1 and 2 threads. Writes build/bench/transformers_decoder.json with the same
+keys dg-bench uses (prefill_512_tok_s_t1, decode_tok_s_t1, ...), so that dg-bench prints
+the ratios.
+
+  tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py [--quick]
+"""
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+
+def prompt_ids(n, vocab):
+    # the same linear congruential ids as tools/dg-bench/bench_decoder.c
+    x, ids = 1, []
+    for _ in range(n):
+        x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        ids.append((x >> 33) % 151643 % vocab)
+    return ids
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.normpath(os.path.join(here, "..", ".."))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(root, "build", "models", "small"))
+    ap.add_argument("--out", default=os.path.join(root, "build", "bench", "transformers_decoder.json"))
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n_prompt, n_decode = (64, 8) if args.quick else (512, 64)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        os.path.join(args.model, "mllm"), dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    vocab = model.config.text_config.vocab_size
+    ids = prompt_ids(n_prompt, vocab)
+    res = {"torch": torch.__version__, "dtype": "float32", "attn_implementation": "sdpa",
+           "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
+    with torch.inference_mode():
+        for t in args.threads:
+            torch.set_num_threads(t)
+            model.model.rope_deltas = None
+            model(input_ids=torch.tensor([ids[:16]]), use_cache=True)   # warm-up
+            model.model.rope_deltas = None
+            t0 = time.perf_counter()
+            o = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            t1 = time.perf_counter()
+            cache = o.cache if hasattr(o, "cache") else o.past_key_values
+            for i in range(n_decode):
+                o = model(input_ids=torch.tensor([[ids[i]]]), cache=cache, use_cache=True)
+            t2 = time.perf_counter()
+            res[f"prefill_{n_prompt}_tok_s_t{t}"] = n_prompt / (t1 - t0)
+            res[f"decode_tok_s_t{t}"] = n_decode / (t2 - t1)
+            print(f"threads {t}: prefill {n_prompt / (t1 - t0):.2f} tok/s, decode {n_decode / (t2 - t1):.2f} tok/s")
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {res['peak_rss_mb']:.0f} MiB")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
