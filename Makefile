@@ -65,7 +65,7 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY)
 
-.PHONY: all deps test bench bench-queue bench-tokenizer fuzz demo install clean
+.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -141,11 +141,18 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
-bench: bench-queue bench-tokenizer
+bench: bench-queue bench-tokenizer bench-decoder
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/bench/bench_queue.py --json $(BUILD)/bench/queue.json
+
+# the text decoder (small preset, 1 and 2 threads); the transformers and llama.cpp baselines
+# (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py) are run by hand, and
+# dg-bench prints the ratios when their JSON is in build/bench/
+bench-decoder: all
+	@mkdir -p $(BUILD)/bench
+	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder
 
 # the tokenizer against Hugging Face tokenizers (one thread) when the reference venv is there
 bench-tokenizer: all
