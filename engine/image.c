@@ -359,6 +359,10 @@ static int png_decode(struct png_job *j) {
         return png_orientation(j->png, j->info);
     }
     png_set_read_fn(j->png, j, png_job_read);
+    /* Ancillary chunks (text, ICC, eXIf) are buffered whole, decompressed ones too: cap
+     * them, or a chunk header claiming 2 GB makes libpng allocate it before it finds the
+     * file is short. */
+    png_set_chunk_malloc_max(j->png, 8u << 20);
     png_read_info(j->png, j->info);
 
     png_uint_32 w, h;
@@ -437,14 +441,40 @@ static int png_decode(struct png_job *j) {
     return png_orientation(j->png, j->info);
 }
 
+/* Walks the chunk list before libpng sees it: libpng allocates a chunk's declared length
+ * before it reads it, so a 2 GB length in a 200-byte file must not reach it. A chunk that
+ * runs past the end of the data before or inside the image data makes the file truncated
+ * (returns 0); one after the image data cuts the file there, since what follows the pixels
+ * is optional (Pillow ignores a damaged tail too). Returns the length to hand libpng. */
+static size_t png_usable_length(const uint8_t *p, size_t n) {
+    size_t pos = 8;
+    int seen_idat = 0;
+    while (pos + 8 <= n) {
+        uint32_t len = (uint32_t)p[pos] << 24 | (uint32_t)p[pos + 1] << 16 |
+                       (uint32_t)p[pos + 2] << 8 | p[pos + 3];
+        int idat = memcmp(p + pos + 4, "IDAT", 4) == 0;
+        if (len > 0x7fffffffu || (uint64_t)len + 12 > n - pos)
+            return seen_idat && !idat ? pos : 0;
+        if (memcmp(p + pos + 4, "IEND", 4) == 0)
+            return n;
+        seen_idat |= idat;
+        pos += 12 + (size_t)len;
+    }
+    return seen_idat && pos < n ? pos : n;
+}
+
 static int png_decode_bytes(const uint8_t *data, size_t len, const char *label,
                             const dg_image_limits *limits, dg_image **out, int *orientation,
                             char *err, size_t errlen) {
+    size_t usable = png_usable_length(data, len);
+    if (usable == 0)
+        return image_fail(err, errlen, DG_EIMAGE, label,
+                          "truncated PNG (a chunk runs past the end of the data)");
     struct png_job *j = calloc(1, sizeof *j);
     if (!j)
         return image_fail(err, errlen, DG_ENOMEM, label, "out of memory");
     j->data = data;
-    j->len = len;
+    j->len = usable;
     j->limits = limits;
     int rc;
     j->png = png_create_read_struct(PNG_LIBPNG_VER_STRING, j, png_job_error, png_job_warning);

@@ -231,6 +231,24 @@ TEST(decode_refuses_bombs_from_the_header) {
     free(jpg);
 }
 
+/* A chunk header claiming 1.8 GB in a 100-byte file (found by the fuzzer: libpng would
+ * allocate the claimed size first) is refused at once as truncated. */
+TEST(decode_png_chunk_longer_than_the_file) {
+    size_t len;
+    uint8_t *data = read_file("rgb_13x17.png", &len);
+    CHECK(data != NULL);
+    if (!data)
+        return;
+    uint8_t *bad = malloc(len + 12);
+    memcpy(bad, data, 33);                                   /* signature + IHDR */
+    memcpy(bad + 33, "\x6d\x00\x00\x68iTXtXML:com.adobe.xmp", 28);
+    char err[256];
+    CHECK_EQ_INT(decode(bad, 61, NULL, err, sizeof err), DG_EIMAGE);
+    CHECK(strstr(err, "truncated PNG") != NULL);
+    free(bad);
+    free(data);
+}
+
 TEST(encode_png_roundtrip_with_text_chunks) {
     dg_image *img, *back = NULL;
     CHECK_EQ_INT(dg_image_new(37, 23, &img), 0);
