@@ -241,9 +241,9 @@ TEST(decode_png_chunk_longer_than_the_file) {
         return;
     uint8_t *bad = malloc(len + 12);
     memcpy(bad, data, 33);                                   /* signature + IHDR */
-    memcpy(bad + 33, "\x6d\x00\x00\x68iTXtXML:com.adobe.xmp", 28);
+    memcpy(bad + 33, "\x6d\x00\x00\x68iTXtXML:com.adobe.xmp", 25);
     char err[256];
-    CHECK_EQ_INT(decode(bad, 61, NULL, err, sizeof err), DG_EIMAGE);
+    CHECK_EQ_INT(decode(bad, 58, NULL, err, sizeof err), DG_EIMAGE);
     CHECK(strstr(err, "truncated PNG") != NULL);
     free(bad);
     free(data);
