@@ -42,7 +42,8 @@ void dg_image_preprocess_config_default(dg_image_preprocess_config *c);
 
 /* transformers' smart_resize: the size (multiples of factor, aspect ratio kept, pixels
  * within [min_pixels, max_pixels]) an image of height x width is resized to. Python
- * round() is half-to-even. DG_EIMAGE when the aspect ratio is over 200 (the reference
+ * round() is half-to-even; as in transformers 5.24 a side under factor is not an error
+ * (older versions refused < 28) and the shrink branch keeps each side >= factor. DG_EIMAGE when the aspect ratio is over 200 (the reference
  * raises), DG_EINVAL for sizes < 1 or a result of zero. */
 int  dg_image_smart_resize(int32_t height, int32_t width, int32_t factor,
                            int64_t min_pixels, int64_t max_pixels,

@@ -100,6 +100,9 @@ def make_inputs():
     files["gray16_50x50.png"] = png_raw(50, 50, 16, 0, g16.tobytes(), 2)
     save("exif6_77x41.jpg", Image.fromarray(picture(77, 41, 19)), "JPEG", quality=90, exif=exif_bytes(6))
     save("exif5_45x30.jpg", Image.fromarray(picture(45, 30, 20)), "JPEG", quality=90, exif=exif_bytes(5))
+    for o in (2, 3, 4, 7):                               # decode-only: the other orientations
+        save(f"exif{o}_23x14.jpg", Image.fromarray(picture(23, 14, 30 + o)), "JPEG", quality=90,
+             exif=exif_bytes(o))
     save("exif8_60x35.png", Image.fromarray(picture(60, 35, 21)), "PNG", exif=exif_bytes(8))
     info = PngImagePlugin.PngInfo()
     info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description '
@@ -137,6 +140,8 @@ def main():
         for rw, rh in ((w * 3 // 7 + 1, h * 5 // 9 + 1), (w * 2 + 3, h + 11), (28, 56)):
             res = np.array(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=None))
             lines.append(f"resize {name} {rw} {rh} {digest(rw, rh, res.tobytes())}")
+        if name.endswith("_23x14.jpg"):
+            continue
         configs = [SMALL] + ([DEFAULT] if name in ("rgb_200x150.png", "rgb_640x427.jpg", "rgb_1000x29.png") else [])
         for mn, mx in configs:
             proc = Qwen2VLImageProcessorPil(min_pixels=mn, max_pixels=mx)
