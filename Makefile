@@ -119,6 +119,12 @@ $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OB
 	@echo "  LD      $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
+# tests of the daemon's own units link its objects (without main)
+$(BUILD)/tests/test_daemon_%: $(BUILD)/obj/tests/test_daemon_%.o $(DAEMON_LIB_OBJ) $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	@echo "  LD      $@"
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
 test:
 	@tools/deps.sh
 	@$(MAKE) --no-print-directory all
@@ -128,9 +134,11 @@ test:
 FUZZ_SECONDS ?= 30
 FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined \
                -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
+# a target may name more sources: FUZZ_EXTRA_<name>
+FUZZ_EXTRA_job := daemon/job.c daemon/redis.c daemon/log.c daemon/config.c
 $(BUILD)/fuzz/fuzz_%: tests/fuzz_%.c $(ENGINE_SRC) $(PROTO_C)
 	@mkdir -p $(dir $@)
-	clang $(FUZZ_CFLAGS) -fopenmp -o $@ $< $(ENGINE_SRC) $(PROTO_C) $(LDLIBS)
+	clang $(FUZZ_CFLAGS) -fopenmp -o $@ $< $(FUZZ_EXTRA_$*) $(ENGINE_SRC) $(PROTO_C) $(LDLIBS)
 
 fuzz: $(FUZZ_BINS)
 	@set -e; for f in $(FUZZ_BINS); do \

@@ -11,9 +11,9 @@
 
 typedef enum { KEY_STR, KEY_INT, KEY_SIZE } key_type;
 
-#define STR(name, help)          {#name, KEY_STR, offsetof(dg_config, name), sizeof(((dg_config *)0)->name), 0, 0, help}
-#define INT(name, lo, hi, help)  {#name, KEY_INT, offsetof(dg_config, name), 0, lo, hi, help}
-#define SIZE(name, help)         {#name, KEY_SIZE, offsetof(dg_config, name), 0, 1, 0, help}
+#define STR(name, help)          {#name, KEY_STR, offsetof(dg_daemon_config, name), sizeof(((dg_daemon_config *)0)->name), 0, 0, help}
+#define INT(name, lo, hi, help)  {#name, KEY_INT, offsetof(dg_daemon_config, name), 0, lo, hi, help}
+#define SIZE(name, help)         {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 1, 0, help}
 
 static const struct key {
     const char *name;
@@ -62,7 +62,7 @@ static const struct key {
     INT(metrics_port, 0, 65535, "Prometheus metrics port on 127.0.0.1 (0 = off)"),
 };
 
-void dg_config_defaults(dg_config *c) {
+void dg_daemon_config_defaults(dg_daemon_config *c) {
     memset(c, 0, sizeof *c);
     snprintf(c->redis_url, sizeof c->redis_url, "redis://127.0.0.1:6379/0");
     snprintf(c->device, sizeof c->device, "cpu");
@@ -113,7 +113,7 @@ static int parse_size(const char *s, size_t *out) {
     return 0;
 }
 
-int dg_config_set(dg_config *c, const char *key, const char *value, char *err, size_t errlen) {
+int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value, char *err, size_t errlen) {
     char name[64];
     size_t n = strlen(key);
     if (n >= sizeof name) n = sizeof name - 1;
@@ -158,7 +158,7 @@ static char *trim(char *s) {
     return s;
 }
 
-int dg_config_load(dg_config *c, const char *path, char *err, size_t errlen) {
+int dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size_t errlen) {
     FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(err, errlen, "config \"%s\": %s", path, strerror(errno));
@@ -182,7 +182,7 @@ int dg_config_load(dg_config *c, const char *path, char *err, size_t errlen) {
         char *v = trim(eq + 1);
         size_t vl = strlen(v);
         if (vl >= 2 && v[0] == '"' && v[vl - 1] == '"') { v[vl - 1] = 0; v++; }
-        if (dg_config_set(c, trim(s), v, msg, sizeof msg)) {
+        if (dg_daemon_config_set(c, trim(s), v, msg, sizeof msg)) {
             snprintf(err, errlen, "config \"%s\" line %d: %s", path, lineno, msg);
             rc = -1;
             break;
@@ -192,7 +192,7 @@ int dg_config_load(dg_config *c, const char *path, char *err, size_t errlen) {
     return rc;
 }
 
-int dg_config_finish(dg_config *c, char *err, size_t errlen) {
+int dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen) {
     if (!c->worker_id[0]) {
         char host[200] = "localhost";
         gethostname(host, sizeof host - 1);
@@ -225,7 +225,7 @@ int dg_config_finish(dg_config *c, char *err, size_t errlen) {
     return 0;
 }
 
-void dg_config_usage(void) {
+void dg_daemon_config_usage(void) {
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
         char opt[64];
         snprintf(opt, sizeof opt, "--%s", keys[i].name);

@@ -51,15 +51,15 @@ typedef struct {
     int    max_stop_strings;
     int    max_logit_bias;
     int    metrics_port;        /* Prometheus text metrics on 127.0.0.1; 0 = off */
-} dg_config;
+} dg_daemon_config;
 
-void dg_config_defaults(dg_config *c);
+void dg_daemon_config_defaults(dg_daemon_config *c);
 /* Sets one key from text. Returns 0, or -1 with a message naming the key and the value. */
-int  dg_config_set(dg_config *c, const char *key, const char *value, char *err, size_t errlen);
+int  dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value, char *err, size_t errlen);
 /* Reads a file of `key = value` lines ('#' starts a comment). -1 names the file and line. */
-int  dg_config_load(dg_config *c, const char *path, char *err, size_t errlen);
+int  dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size_t errlen);
 /* Fills derived values (worker id, renew interval) and checks consistency. */
-int  dg_config_finish(dg_config *c, char *err, size_t errlen);
-void dg_config_usage(void);
+int  dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen);
+void dg_daemon_config_usage(void);
 
 #endif

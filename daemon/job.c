@@ -115,7 +115,7 @@ static void describe_malformed(const uint8_t *p, size_t n, char *err, size_t err
 
 static int finite_in(float v, float lo, float hi) { return isfinite(v) && v >= lo && v <= hi; }
 
-static dg_job_status validate(const Duogen__V1__Job *pb, const dg_config *cfg, char *err, size_t errlen) {
+static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config *cfg, char *err, size_t errlen) {
     if (!dg_job_id_valid(pb->id, strlen(pb->id)))
         FAIL(DG_JOB_BAD_REQUEST, pb->id[0] ? "id: \"%.64s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -"
                                            : "id: missing%s", pb->id[0] ? pb->id : "");
@@ -201,7 +201,7 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_config *cfg, c
     return DG_JOB_OK;
 }
 
-dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_config *cfg,
+dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_daemon_config *cfg,
                            char *err, size_t errlen) {
     memset(j, 0, sizeof *j);
     if (len > cfg->max_job_bytes)
@@ -256,7 +256,7 @@ static dg_job_status read_image_file(const char *root, const char *path, size_t 
 }
 
 static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redis *r,
-                                 const dg_config *cfg, const char *what, dg_part *part,
+                                 const dg_daemon_config *cfg, const char *what, dg_part *part,
                                  char *err, size_t errlen) {
     uint8_t *buf = NULL;
     size_t len = 0;
@@ -296,7 +296,7 @@ static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redi
     return DG_JOB_OK;
 }
 
-dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_config *cfg, char *err, size_t errlen) {
+dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_daemon_config *cfg, char *err, size_t errlen) {
     const Duogen__V1__Job *pb = j->pb;
     size_t n_parts = 0;
     for (size_t m = 0; m < pb->n_messages; m++) n_parts += pb->messages[m]->n_parts;

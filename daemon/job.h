@@ -37,11 +37,11 @@ int dg_job_id_valid(const char *id, size_t len);
 
 /* Decodes and validates. On failure returns the error code and a message naming the
  * field at fault ("messages[0].parts[2].image: 31457280 bytes, over max_image_bytes"). */
-dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_config *cfg,
+dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_daemon_config *cfg,
                            char *err, size_t errlen);
 
 /* Reads the images given by redis_key or path and builds j->req. */
-dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_config *cfg, char *err, size_t errlen);
+dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_daemon_config *cfg, char *err, size_t errlen);
 
 void dg_job_free(dg_job *j);   /* accepts a zeroed or half-built job */
 

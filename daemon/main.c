@@ -30,7 +30,7 @@ static void on_signal(int sig) {
 
 static void usage(void) {
     fprintf(stderr, "usage: duogend [--config FILE] [--SETTING VALUE]...\n\nsettings:\n");
-    dg_config_usage();
+    dg_daemon_config_usage();
 }
 
 /* While the model loads: a STATUS= line and EXTEND_TIMEOUT_USEC= so that systemd's start
@@ -42,9 +42,9 @@ static void on_load_progress(void *user, const char *phase, double fraction) {
 }
 
 int main(int argc, char **argv) {
-    dg_config cfg;
+    dg_daemon_config cfg;
     char err[1024];
-    dg_config_defaults(&cfg);
+    dg_daemon_config_defaults(&cfg);
     dg_log_init();
     dg_notify_init();
 
@@ -54,7 +54,7 @@ int main(int argc, char **argv) {
             usage();
             return 0;
         }
-        if (!strcmp(argv[i], "--config") && i + 1 < argc && dg_config_load(&cfg, argv[i + 1], err, sizeof err)) {
+        if (!strcmp(argv[i], "--config") && i + 1 < argc && dg_daemon_config_load(&cfg, argv[i + 1], err, sizeof err)) {
             fprintf(stderr, "duogend: %s\n", err);
             return EX_CONFIG;
         }
@@ -69,12 +69,12 @@ int main(int argc, char **argv) {
         }
         const char *key = a + 2;
         if (!strcmp(key, "redis")) key = "redis_url";
-        if (dg_config_set(&cfg, key, argv[++i], err, sizeof err)) {
+        if (dg_daemon_config_set(&cfg, key, argv[++i], err, sizeof err)) {
             fprintf(stderr, "duogend: %s\n", err);
             return EX_CONFIG;
         }
     }
-    if (dg_config_finish(&cfg, err, sizeof err)) {
+    if (dg_daemon_config_finish(&cfg, err, sizeof err)) {
         fprintf(stderr, "duogend: %s\n", err);
         return EX_CONFIG;
     }

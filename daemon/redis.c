@@ -169,7 +169,7 @@ bad:
     return -1;
 }
 
-int dg_redis_init(dg_redis *r, const dg_config *cfg, const char *client_name, int read_timeout_ms,
+int dg_redis_init(dg_redis *r, const dg_daemon_config *cfg, const char *client_name, int read_timeout_ms,
                   char *err, size_t errlen) {
     memset(r, 0, sizeof *r);
     if (parse_url(r, cfg->redis_url, err, errlen)) return -1;

@@ -56,7 +56,7 @@ typedef struct {
 } dg_redis;
 
 /* Parses the configuration (URL, password file, Sentinels). No network I/O. */
-int  dg_redis_init(dg_redis *r, const dg_config *cfg, const char *client_name,
+int  dg_redis_init(dg_redis *r, const dg_daemon_config *cfg, const char *client_name,
                    int read_timeout_ms, char *err, size_t errlen);
 /* 1 when connected (connecting now if the backoff allows), 0 when not. Sets r->fatal when
  * the server refused our credentials. */

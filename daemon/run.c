@@ -435,7 +435,7 @@ static dg_cmd *final_event(dg_run *r) {
  * XACK. Appended to cmds (room for DG_RESULT_CMDS_MAX). */
 int dg_run_result_cmds(dg_run *r, dg_cmd **cmds) {
     dg_worker *w = r->w;
-    const dg_config *cfg = w->cfg;
+    const dg_daemon_config *cfg = w->cfg;
     char k_result[DG_KEY_MAX], k_job[DG_KEY_MAX], k_events[DG_KEY_MAX];
     dg_key(w, k_result, "result", r->id);
     dg_key(w, k_job, "job", r->id);

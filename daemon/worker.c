@@ -20,7 +20,7 @@ void dg_key(const dg_worker *w, char *out, const char *kind, const char *id) {
     else snprintf(out, DG_KEY_MAX, "%s:%s", w->cfg->prefix, kind);
 }
 
-int dg_worker_init(dg_worker *w, dg_config *cfg, dg_model *model, volatile sig_atomic_t *stop,
+int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatile sig_atomic_t *stop,
                    char *err, size_t errlen) {
     memset(w, 0, sizeof *w);
     w->cfg = cfg;
@@ -175,7 +175,7 @@ static void note_retry(dg_worker *w, dg_run *r, const char *why) {
 /* Takes one stream entry: decides whether it runs, and submits it. deliveries counts this
  * delivery. Returns -1 when Redis went away (the entry stays pending). */
 static int take(dg_worker *w, const char *stream, const redisReply *entry, int deliveries) {
-    const dg_config *cfg = w->cfg;
+    const dg_daemon_config *cfg = w->cfg;
     const char *entry_id = entry->element[0]->str;
     const redisReply *fields = entry->elements > 1 ? entry->element[1] : NULL;
     char err[1024];
@@ -700,7 +700,7 @@ static void status_line(dg_worker *w) {
 }
 
 int dg_worker_run(dg_worker *w) {
-    const dg_config *cfg = w->cfg;
+    const dg_daemon_config *cfg = w->cfg;
     char err[512];
     int64_t drain_deadline = 0, last_extend = 0;
     if (dg_keeper_start(w, err, sizeof err)) {

@@ -94,7 +94,7 @@ typedef struct {
 } dg_lease;
 
 struct dg_worker {
-    dg_config *cfg;                  /* borrowed */
+    dg_daemon_config *cfg;                  /* borrowed */
     dg_model  *model;                /* borrowed */
     dg_sched  *sched;                /* owned */
     dg_redis   redis;                /* the main thread's connection */
@@ -122,7 +122,7 @@ struct dg_worker {
 void dg_key(const dg_worker *w, char *out, const char *kind, const char *id);   /* prefix:kind:id */
 
 /* worker.c */
-int  dg_worker_init(dg_worker *w, dg_config *cfg, dg_model *model, volatile sig_atomic_t *stop,
+int  dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatile sig_atomic_t *stop,
                     char *err, size_t errlen);
 int  dg_worker_run(dg_worker *w);     /* returns the process exit code */
 void dg_worker_free(dg_worker *w);

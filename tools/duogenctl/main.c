@@ -514,8 +514,8 @@ static int usage(void) {
 }
 
 int main(int argc, char **argv) {
-    dg_config cfg;
-    dg_config_defaults(&cfg);
+    dg_daemon_config cfg;
+    dg_daemon_config_defaults(&cfg);
     const char *env_url = getenv("DUOGEN_REDIS");
     if (env_url) snprintf(cfg.redis_url, sizeof cfg.redis_url, "%s", env_url);
     int i = 1;

@@ -1,0 +1,24 @@
+/* libFuzzer target: the worker's Job decoder and validator (daemon/job.c) on arbitrary
+ * bytes, as a producer may send them. It must never crash, and every refusal must come
+ * with a message. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "../daemon/job.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    static dg_daemon_config cfg;
+    static int ready;
+    if (!ready) {
+        dg_daemon_config_defaults(&cfg);
+        cfg.max_job_bytes = 1 << 20;
+        ready = 1;
+    }
+    char err[1024] = "";
+    dg_job job;
+    dg_job_status st = dg_job_parse(&job, data, size, &cfg, err, sizeof err);
+    if (st != DG_JOB_OK && !err[0]) abort();   /* a refusal without a reason is a bug */
+    dg_job_free(&job);
+    return 0;
+}

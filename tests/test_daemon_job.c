@@ -1,0 +1,211 @@
+/* The daemon's own parsers: configuration (file, options, sizes, consistency), Redis URLs,
+ * and Job validation (each limit and each malformation names its field). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../daemon/config.h"
+#include "../daemon/job.h"
+#include "../daemon/redis.h"
+#include "common/harness.h"
+
+static char err[1024];
+
+TEST(config_defaults_are_consistent) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    CHECK_EQ_INT(dg_daemon_config_finish(&c, err, sizeof err), 0);
+    CHECK_EQ_INT(c.renew_ms, c.claim_idle_ms / 3);
+    CHECK(strchr(c.worker_id, ':') != NULL);
+}
+
+TEST(config_file_and_options) {
+    char path[] = "/tmp/dg-config-XXXXXX";
+    int fd = mkstemp(path);
+    const char *text = "# a comment\n  redis_url = \"redis://10.0.0.1:6380/2\"\nmax_image_bytes = 2M # trailing\n"
+                       "claim_idle_ms=9000\n\n";
+    CHECK(write(fd, text, strlen(text)) == (ssize_t)strlen(text));
+    close(fd);
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    CHECK_EQ_INT(dg_daemon_config_load(&c, path, err, sizeof err), 0);
+    CHECK_EQ_STR(c.redis_url, "redis://10.0.0.1:6380/2");
+    CHECK_EQ_INT(c.max_image_bytes, 2u << 20);
+    CHECK_EQ_INT(c.claim_idle_ms, 9000);
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "max-inflight", "4", err, sizeof err), 0);
+    CHECK_EQ_INT(c.max_inflight, 4);
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "max_inflight", "0", err, sizeof err), -1);
+    CHECK(strstr(err, "max_inflight") && strstr(err, "1..256"));
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "nonsense", "1", err, sizeof err), -1);
+    CHECK(strstr(err, "unknown setting \"nonsense\""));
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "max_job_bytes", "12Q", err, sizeof err), -1);
+    unlink(path);
+
+    char path2[] = "/tmp/dg-config-XXXXXX";
+    fd = mkstemp(path2);
+    CHECK(write(fd, "block_ms 10\n", 12) == 12);
+    close(fd);
+    CHECK_EQ_INT(dg_daemon_config_load(&c, path2, err, sizeof err), -1);
+    CHECK(strstr(err, "line 1: expected key = value"));
+    unlink(path2);
+    CHECK_EQ_INT(dg_daemon_config_load(&c, "/nonexistent/duogend.conf", err, sizeof err), -1);
+    CHECK(strstr(err, "/nonexistent/duogend.conf"));
+}
+
+TEST(config_refuses_inconsistent_values) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    c.claim_idle_ms = 1000;
+    c.renew_ms = 1000;
+    CHECK_EQ_INT(dg_daemon_config_finish(&c, err, sizeof err), -1);
+    CHECK(strstr(err, "renew_ms"));
+    dg_daemon_config_defaults(&c);
+    c.jobs_retain_s = c.result_ttl_s;
+    CHECK_EQ_INT(dg_daemon_config_finish(&c, err, sizeof err), -1);
+    CHECK(strstr(err, "jobs_retain_s"));
+}
+
+static int url(const char *u, dg_redis *r) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    snprintf(c.redis_url, sizeof c.redis_url, "%s", u);
+    return dg_redis_init(r, &c, "t", 1000, err, sizeof err);
+}
+
+TEST(redis_urls) {
+    dg_redis r;
+    CHECK_EQ_INT(url("redis://127.0.0.1:6390/3", &r), 0);
+    CHECK_EQ_STR(r.host, "127.0.0.1");
+    CHECK_EQ_INT(r.port, 6390);
+    CHECK_EQ_INT(r.db, 3);
+    CHECK_EQ_INT(url("redis://worker:s3cret@redis.example:7000", &r), 0);
+    CHECK_EQ_STR(r.user, "worker");
+    CHECK_EQ_STR(r.password, "s3cret");
+    CHECK_EQ_INT(r.port, 7000);
+    CHECK_EQ_INT(url("redis://queue", &r), 0);
+    CHECK_EQ_INT(r.port, 6379);
+    CHECK_EQ_INT(url("unix:///run/redis.sock?db=5", &r), 0);
+    CHECK_EQ_STR(r.unix_path, "/run/redis.sock");
+    CHECK_EQ_INT(r.db, 5);
+    CHECK_EQ_INT(url("http://x", &r), -1);
+    CHECK(strstr(err, "http://x"));
+    CHECK_EQ_INT(url("redis://h:99999", &r), -1);
+    CHECK_EQ_INT(url("redis://:1", &r), -1);
+}
+
+/* ---- jobs ---------------------------------------------------------------------------- */
+
+static uint8_t *pack(Duogen__V1__Job *j, size_t *n) {
+    *n = duogen__v1__job__get_packed_size(j);
+    uint8_t *b = malloc(*n + 1);
+    duogen__v1__job__pack(j, b);
+    return b;
+}
+
+/* A valid job: one user message with text; tweak() changes one thing. */
+static dg_job_status check_job(void (*tweak)(Duogen__V1__Job *), const dg_daemon_config *cfg) {
+    Duogen__V1__Job j = DUOGEN__V1__JOB__INIT;
+    Duogen__V1__Message m = DUOGEN__V1__MESSAGE__INIT, *ms[1] = {&m};
+    Duogen__V1__Part p = DUOGEN__V1__PART__INIT, *ps[1] = {&p};
+    Duogen__V1__TextParams t = DUOGEN__V1__TEXT_PARAMS__INIT;
+    Duogen__V1__ImageParams ip = DUOGEN__V1__IMAGE_PARAMS__INIT;
+    j.id = "job-1";
+    j.messages = ms;
+    j.n_messages = 1;
+    m.role = DUOGEN__V1__MESSAGE__ROLE__USER;
+    m.parts = ps;
+    m.n_parts = 1;
+    p.kind_case = DUOGEN__V1__PART__KIND_TEXT;
+    p.text = "hello";
+    j.text = &t;
+    j.image = &ip;
+    if (tweak) tweak(&j);
+    size_t n;
+    uint8_t *b = pack(&j, &n);
+    dg_job job;
+    dg_job_status st = dg_job_parse(&job, b, n, cfg, err, sizeof err);
+    dg_job_free(&job);
+    free(b);
+    return st;
+}
+
+static void no_id(Duogen__V1__Job *j) { j->id = ""; }
+static void bad_id(Duogen__V1__Job *j) { j->id = "has space"; }
+static void no_messages(Duogen__V1__Job *j) { j->n_messages = 0; }
+static void no_role(Duogen__V1__Job *j) { j->messages[0]->role = 0; }
+static void bad_utf8(Duogen__V1__Job *j) { j->messages[0]->parts[0]->text = "ok \xc3\x28 bad"; }
+static void surrogate(Duogen__V1__Job *j) { j->messages[0]->parts[0]->text = "\xed\xa0\x80"; }
+static void big_tokens(Duogen__V1__Job *j) { j->text->max_new_tokens = 1u << 30; }
+static void nan_temp(Duogen__V1__Job *j) { j->text->temperature = NAN; }
+static void odd_width(Duogen__V1__Job *j) { j->image->width = 100; }
+static void many_steps(Duogen__V1__Job *j) { j->image->steps = 100000; }
+static void good_params(Duogen__V1__Job *j) {
+    j->text->temperature = 0.7f;
+    j->text->top_p = 0.9f;
+    j->image->width = 512;
+    j->image->height = 768;
+    j->image->steps = 20;
+}
+
+TEST(job_validation_names_the_field) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    CHECK_EQ_INT(check_job(NULL, &c), DG_JOB_OK);
+    CHECK_EQ_INT(check_job(good_params, &c), DG_JOB_OK);
+    CHECK_EQ_INT(check_job(no_id, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "id: missing"));
+    CHECK_EQ_INT(check_job(bad_id, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "\"has space\""));
+    CHECK_EQ_INT(check_job(no_messages, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "messages: empty"));
+    CHECK_EQ_INT(check_job(no_role, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "messages[0].role"));
+    CHECK_EQ_INT(check_job(bad_utf8, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "messages[0].parts[0].text: invalid UTF-8 at byte 3"));
+    CHECK_EQ_INT(check_job(surrogate, &c), DG_JOB_BAD_REQUEST);
+    CHECK_EQ_INT(check_job(big_tokens, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "text.max_new_tokens"));
+    CHECK_EQ_INT(check_job(nan_temp, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "text.temperature"));
+    CHECK_EQ_INT(check_job(odd_width, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "multiples of 16"));
+    CHECK_EQ_INT(check_job(many_steps, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "image.steps"));
+}
+
+TEST(job_malformed_protobuf_is_described) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    dg_job job;
+    /* field 2 (messages) sent as a varint */
+    const uint8_t wrong_type[] = {0x0a, 0x01, 'x', 0x10, 0x05};
+    CHECK_EQ_INT(dg_job_parse(&job, wrong_type, sizeof wrong_type, &c, err, sizeof err), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "field 2 (messages) has wire type 0, expected 2"));
+    dg_job_free(&job);
+    /* a length running past the end */
+    const uint8_t truncated[] = {0x0a, 0x40, 'a', 'b'};
+    CHECK_EQ_INT(dg_job_parse(&job, truncated, sizeof truncated, &c, err, sizeof err), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "field 1 (id) truncated"));
+    dg_job_free(&job);
+    CHECK_EQ_INT(dg_job_parse(&job, (const uint8_t *)"", 0, &c, err, sizeof err), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "empty"));
+    dg_job_free(&job);
+    c.max_job_bytes = 3;
+    CHECK_EQ_INT(dg_job_parse(&job, wrong_type, sizeof wrong_type, &c, err, sizeof err), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "over max_job_bytes 3"));
+    dg_job_free(&job);
+}
+
+TEST(job_ids) {
+    CHECK(dg_job_id_valid("a-b_c.d:1", 9));
+    CHECK(!dg_job_id_valid("", 0));
+    CHECK(!dg_job_id_valid("a/b", 3));
+    char long_id[130];
+    memset(long_id, 'x', sizeof long_id);
+    CHECK(dg_job_id_valid(long_id, 128));
+    CHECK(!dg_job_id_valid(long_id, 129));
+}
+
+int main(void) { return test_main(); }
