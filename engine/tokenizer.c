@@ -49,6 +49,7 @@ void dg_tok_close(dg_tok *t) {
     free(t->len);
     free(t->flags);
     free(t->merges);
+    free(t->byte_pairs);
     for (size_t k = 0; k < t->n_added; k++) free(t->added[k].content);
     free(t->added);
     pcre2_code_free(t->regex);
@@ -234,17 +235,17 @@ static int encode_pretokens(encoder *e, const uint8_t *s, size_t n) {
 /* A segment between raw added tokens: NFC, then normalized added tokens, then BPE. */
 static int encode_segment(encoder *e, const uint8_t *s, size_t n) {
     if (n == 0) return 0;
-    uint8_t *nfc = NULL;
-    if (dg_tok_nfc_needed(s, n)) {
-        utf8proc_ssize_t m = utf8proc_map(s, (utf8proc_ssize_t)n, &nfc, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-        if (m < 0) {
-            snprintf(e->err, e->errlen, "tokenizer: NFC failed: %s", utf8proc_errmsg(m));
-            return m == UTF8PROC_ERROR_NOMEM ? DG_ENOMEM : DG_EINTERNAL;
-        }
-        s = nfc;
-        n = (size_t)m;
+    uint8_t *nfc;
+    size_t nfc_len;
+    int rc = dg_tok_nfc(s, n, &nfc, &nfc_len);
+    if (rc < 0) {
+        snprintf(e->err, e->errlen, "tokenizer: NFC normalization failed");
+        return rc;
     }
-    int rc = 0;
+    if (nfc) {
+        s = nfc;
+        n = nfc_len;
+    }
     size_t pos = 0, at;
     long k;
     while (pos < n && (k = added_find(e->t, s, n, pos, 2, &at)) >= 0) {

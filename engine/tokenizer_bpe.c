@@ -1,8 +1,9 @@
 /* tokenizer_bpe.c — BPE by merge rank over one pre-token, as the tokenizers library's
  * Word::merge_all does it: every adjacent pair that has a merge goes into a min-heap
  * keyed by (rank, position); the lowest rank merges first and, among equal ranks (the
- * same pair), the leftmost. Stale heap entries are recognised by looking the pair up
- * again. O(n log n) in the word's length, so a megabyte-long word is no attack.
+ * same pair), the leftmost. Each position remembers the rank of the pair that starts
+ * there now, so a heap entry whose rank differs is stale. O(n log n) in the word's
+ * length, so a megabyte-long word is no attack.
  *
  * Short words are memoised in dg_tok.memo (the reference keeps a cache too): the memo
  * holds only what BPE would compute again, so a hit or a miss never changes a result. */
@@ -20,13 +21,15 @@ static uint64_t pair_hash(uint32_t a, uint32_t b) {
 
 int dg_tok_merges_build(dg_tok *t, const dg_tok_files *f, char *err, size_t errlen) {
     size_t size = 1024;
-    while (size < 2 * f->n_merges) size *= 2;
+    while (size < f->n_merges + f->n_merges / 3) size *= 2;   /* load factor <= 3/4 */
     t->merges = malloc(size * sizeof *t->merges);
-    if (!t->merges) {
+    t->byte_pairs = malloc(256 * 256 * sizeof *t->byte_pairs);
+    if (!t->merges || !t->byte_pairs) {
         snprintf(err, errlen, "tokenizer: out of memory for %zu merges", f->n_merges);
         return DG_ENOMEM;
     }
     memset(t->merges, 0xFF, size * sizeof *t->merges);
+    memset(t->byte_pairs, 0xFF, 256 * 256 * sizeof *t->byte_pairs);
     t->merge_mask = (uint32_t)(size - 1);
     for (size_t r = 0; r < f->n_merges; r++) {
         uint32_t a = f->pairs[r][0], b = f->pairs[r][1];
@@ -35,6 +38,13 @@ int dg_tok_merges_build(dg_tok *t, const dg_tok_files *f, char *err, size_t errl
             i = (i + 1) & t->merge_mask;
         /* a pair listed twice keeps its last rank, as the reference's hash map does */
         t->merges[i] = (dg_tok_merge){a, b, (uint32_t)r, f->merged[r]};
+    }
+    for (int b = 0; b < 256 * 256; b++) {
+        dg_tok_merge *m = &t->byte_pairs[b];
+        if (dg_tok_merge_find(t, t->byte_id[b >> 8], t->byte_id[b & 0xFF], &m->rank, &m->id)) {
+            m->a = (uint32_t)t->byte_id[b >> 8];
+            m->b = (uint32_t)t->byte_id[b & 0xFF];
+        }
     }
     return 0;
 }
@@ -89,6 +99,12 @@ static int scratch_reserve(dg_tok_bpe_scratch *s, size_t n) {
     int32_t *next = realloc(s->next, cap * sizeof *next);
     if (!next) return DG_ENOMEM;
     s->next = next;
+    uint32_t *rank = realloc(s->rank, cap * sizeof *rank);
+    if (!rank) return DG_ENOMEM;
+    s->rank = rank;
+    int32_t *merged = realloc(s->merged, cap * sizeof *merged);
+    if (!merged) return DG_ENOMEM;
+    s->merged = merged;
     uint64_t *heap = realloc(s->heap, 3 * cap * sizeof *heap);
     if (!heap) return DG_ENOMEM;
     s->heap = heap;
@@ -100,6 +116,8 @@ void dg_tok_bpe_scratch_free(dg_tok_bpe_scratch *s) {
     free(s->sym);
     free(s->prev);
     free(s->next);
+    free(s->rank);
+    free(s->merged);
     free(s->heap);
     *s = (dg_tok_bpe_scratch){0};
 }
@@ -128,12 +146,12 @@ static uint64_t heap_pop(uint64_t *h, size_t *n) {
     return top;
 }
 
-/* Pushes the merge of the pair that starts at position p, if there is one. */
-static void push_pair(const dg_tok *t, dg_tok_bpe_scratch *s, size_t *n_heap, int32_t p) {
-    uint32_t rank;
-    int32_t id;
-    if (p >= 0 && s->next[p] >= 0 && dg_tok_merge_find(t, s->sym[p], s->sym[s->next[p]], &rank, &id))
-        heap_push(s->heap, n_heap, (uint64_t)rank << 32 | (uint32_t)p);
+/* Looks up the pair that now starts at position p, remembers it, and queues its merge. */
+static void pair_update(const dg_tok *t, dg_tok_bpe_scratch *s, size_t *n_heap, int32_t p) {
+    if (p < 0) return;
+    s->rank[p] = UINT32_MAX;
+    if (s->next[p] >= 0 && dg_tok_merge_find(t, s->sym[p], s->sym[s->next[p]], &s->rank[p], &s->merged[p]))
+        heap_push(s->heap, n_heap, (uint64_t)s->rank[p] << 32 | (uint32_t)p);
 }
 
 static uint64_t memo_hash(const uint8_t *p, size_t n) {
@@ -177,22 +195,25 @@ int dg_tok_bpe_word(const dg_tok *t, dg_tok_bpe_scratch *s, const uint8_t *w, si
         s->sym[i] = t->byte_id[w[i]];
         s->prev[i] = (int32_t)i - 1;
         s->next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
+        s->rank[i] = UINT32_MAX;
+        if (i + 1 < n) {
+            const dg_tok_merge *m = &t->byte_pairs[w[i] << 8 | w[i + 1]];
+            s->rank[i] = m->rank;
+            s->merged[i] = m->id;
+            if (m->rank != UINT32_MAX) heap_push(s->heap, &n_heap, (uint64_t)m->rank << 32 | i);
+        }
     }
-    for (size_t i = 0; i + 1 < n; i++) push_pair(t, s, &n_heap, (int32_t)i);
     while (n_heap > 0) {
         uint64_t top = heap_pop(s->heap, &n_heap);
-        int32_t p = (int32_t)(uint32_t)top, q;
-        uint32_t rank;
-        int32_t id;
-        if (s->sym[p] < 0 || (q = s->next[p]) < 0) continue;
-        if (!dg_tok_merge_find(t, s->sym[p], s->sym[q], &rank, &id) || rank != top >> 32)
-            continue;   /* stale: one side merged since this entry was pushed */
-        s->sym[p] = id;
+        int32_t p = (int32_t)(uint32_t)top;
+        if (s->sym[p] < 0 || s->rank[p] != top >> 32) continue;   /* stale: a side merged since */
+        int32_t q = s->next[p];
+        s->sym[p] = s->merged[p];
         s->sym[q] = -1;
         s->next[p] = s->next[q];
         if (s->next[q] >= 0) s->prev[s->next[q]] = p;
-        push_pair(t, s, &n_heap, s->prev[p]);
-        push_pair(t, s, &n_heap, p);
+        pair_update(t, s, &n_heap, s->prev[p]);
+        pair_update(t, s, &n_heap, p);
     }
 
     size_t first = out->n;

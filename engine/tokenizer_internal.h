@@ -62,6 +62,9 @@ struct dg_tok {
 
     dg_tok_merge *merges;   /* owned, [merge_mask + 1]: open addressing, linear probing */
     uint32_t      merge_mask;
+    dg_tok_merge *byte_pairs;  /* owned, [256 * 256]: the merge of two single-byte tokens by
+                                  (first byte << 8 | second byte), rank UINT32_MAX if none:
+                                  every word starts with these lookups */
 
     dg_tok_added *added;    /* owned, [n_added]: longest content first */
     size_t        n_added;
@@ -113,7 +116,9 @@ int  dg_tok_merges_build(dg_tok *t, const dg_tok_files *f, char *err, size_t err
 bool dg_tok_merge_find(const dg_tok *t, int32_t a, int32_t b, uint32_t *rank, int32_t *id);
 
 typedef struct {            /* per encode call: grows to the longest word seen */
-    int32_t  *sym, *prev, *next;   /* [cap] */
+    int32_t  *sym, *prev, *next;   /* [cap]: symbols as a linked list; sym -1 once merged away */
+    uint32_t *rank;                /* [cap]: rank of the pair that starts here (UINT32_MAX: none) */
+    int32_t  *merged;              /* [cap]: the id that pair merges into */
     uint64_t *heap;                /* [3 * cap]: (rank << 32 | position) */
     size_t    cap;
     bool      memo;                /* this call holds memo_lock */
@@ -136,9 +141,10 @@ int      dg_tok_char_byte(uint32_t cp);
 size_t dg_tok_utf8_lossy(const uint8_t *in, size_t n, bool final, uint8_t *out, size_t *consumed);
 /* Length of the longest valid UTF-8 prefix of in[0..n). */
 size_t dg_tok_utf8_valid_prefix(const uint8_t *in, size_t n);
-/* True when NFC may change valid UTF-8 s[0..n): false guarantees NFC(s) == s. */
-bool     dg_tok_nfc_needed(const uint8_t *s, size_t n);
-/* The code point ranges dg_tok_nfc_needed() passes without looking further (tests). */
+/* NFC of valid UTF-8 s[0..n). When it changes nothing, *out is NULL (use s as it is);
+ * otherwise *out is malloc'd, *out_len bytes. Returns 0, DG_ENOMEM or DG_EINTERNAL. */
+int      dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len);
+/* Code points that dg_tok_nfc() passes without asking utf8proc (tests check each). */
 bool     dg_tok_nfc_stable(uint32_t cp);
 
 #endif

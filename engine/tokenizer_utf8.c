@@ -1,7 +1,11 @@
 /* tokenizer_utf8.c — byte-level alphabet, lossy UTF-8 and the NFC fast check. */
 #include "tokenizer_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
+#include <utf8proc.h>
+
+#include "duogen.h"
 
 /* GPT-2 bytes_to_unicode (specs/qwen2_5_vl.md §6.2): the printable bytes '!'..'~',
  * 0xA1..0xAC and 0xAE..0xFF stand for themselves; the other 68 bytes, in byte order,
@@ -126,10 +130,14 @@ size_t dg_tok_utf8_valid_prefix(const uint8_t *in, size_t n) {
 bool dg_tok_nfc_stable(uint32_t cp) {
     static const uint32_t ranges[][2] = {
         {0x0000, 0x02FF},   /* Basic Latin .. Spacing Modifier Letters */
+        {0x0388, 0x03FF},   /* Greek */
         {0x0400, 0x0482},   /* Cyrillic */
         {0x048A, 0x052F},
         {0x05D0, 0x05EA},   /* Hebrew letters */
         {0x0621, 0x064A},   /* Arabic letters */
+        {0x0904, 0x0939},   /* Devanagari letters */
+        {0x093D, 0x0940},
+        {0x0966, 0x096F},   /* Devanagari digits */
         {0x0E01, 0x0E30},   /* Thai consonants */
         {0x200B, 0x2027},   /* zero-width characters (ZWJ), general punctuation */
         {0x2030, 0x205E},
@@ -148,24 +156,72 @@ bool dg_tok_nfc_stable(uint32_t cp) {
     return false;
 }
 
-bool dg_tok_nfc_needed(const uint8_t *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        i = skip_ascii(s, i, n);
-        if (i == n) break;
-        uint8_t c = s[i];
-        uint32_t cp;
-        if (c < 0x80) { i++; continue; }
-        if (c < 0xE0) { cp = (uint32_t)(c & 0x1F) << 6 | (s[i + 1] & 0x3F); i += 2; }
-        else if (c < 0xF0) {
-            cp = (uint32_t)(c & 0x0F) << 12 | (uint32_t)(s[i + 1] & 0x3F) << 6 | (s[i + 2] & 0x3F);
-            i += 3;
-        } else {
-            cp = (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[i + 1] & 0x3F) << 12 |
-                 (uint32_t)(s[i + 2] & 0x3F) << 6 | (s[i + 3] & 0x3F);
-            i += 4;
-        }
-        if (!dg_tok_nfc_stable(cp)) return true;
+/* Decodes the code point at s[*i] of valid UTF-8 and moves *i past it. */
+static uint32_t utf8_next(const uint8_t *s, size_t *i) {
+    uint8_t c = s[*i];
+    if (c < 0x80) { *i += 1; return c; }
+    if (c < 0xE0) { *i += 2; return (uint32_t)(c & 0x1F) << 6 | (s[*i - 1] & 0x3F); }
+    if (c < 0xF0) {
+        *i += 3;
+        return (uint32_t)(c & 0x0F) << 12 | (uint32_t)(s[*i - 2] & 0x3F) << 6 | (s[*i - 1] & 0x3F);
     }
-    return false;
+    *i += 4;
+    return (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[*i - 3] & 0x3F) << 12 | (uint32_t)(s[*i - 2] & 0x3F) << 6 |
+           (s[*i - 1] & 0x3F);
+}
+
+static int out_put(uint8_t **out, size_t *len, size_t *cap, const uint8_t *s, size_t n) {
+    if (*len + n > *cap) {
+        size_t c = *cap ? *cap : 256;
+        while (c < *len + n) c *= 2;
+        uint8_t *p = realloc(*out, c);
+        if (!p) return DG_ENOMEM;
+        *out = p;
+        *cap = c;
+    }
+    memcpy(*out + *len, s, n);
+    *len += n;
+    return 0;
+}
+
+/* Only the spans that can change go through utf8proc: a run of code points that are not
+ * NFC-stable, with the stable code point before it (which such a run may compose with).
+ * Nothing outside the span interacts with it: a stable code point is a starter that
+ * nothing composes onto and that composes onto nothing before it. */
+int dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len) {
+    *out = NULL;
+    *out_len = 0;
+    size_t cap = 0, done = 0, i = 0, stable_at = SIZE_MAX;
+    while (i < n) {
+        size_t ascii = skip_ascii(s, i, n);
+        if (ascii > i) stable_at = ascii - 1;
+        if ((i = ascii) == n) break;
+        size_t at = i;
+        if (dg_tok_nfc_stable(utf8_next(s, &i))) {
+            stable_at = at;
+            continue;
+        }
+        size_t start = stable_at != SIZE_MAX && stable_at >= done ? stable_at : at, end = i;
+        while (end < n) {
+            size_t next = end;
+            if (dg_tok_nfc_stable(utf8_next(s, &next))) break;
+            end = next;
+        }
+        uint8_t *nfc = NULL;
+        utf8proc_ssize_t m = utf8proc_map(s + start, (utf8proc_ssize_t)(end - start), &nfc,
+                                          UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+        int rc = m < 0 ? (m == UTF8PROC_ERROR_NOMEM ? DG_ENOMEM : DG_EINTERNAL) : 0;
+        if (!rc) rc = out_put(out, out_len, &cap, s + done, start - done);
+        if (!rc) rc = out_put(out, out_len, &cap, nfc, (size_t)m);
+        free(nfc);
+        if (rc) {
+            free(*out);
+            *out = NULL;
+            return rc;
+        }
+        done = i = end;
+        stable_at = SIZE_MAX;
+    }
+    if (done == 0) return 0;   /* all stable: the text is its own NFC */
+    return out_put(out, out_len, &cap, s + done, n - done);
 }

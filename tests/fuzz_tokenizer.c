@@ -4,7 +4,8 @@
  *   - decode gives valid UTF-8, and the streaming decoder gives the same bytes, never
  *     ending a push inside a character;
  *   - encode(decode(encode(x))) == encode(x) (decode undoes the byte-level mapping and
- *     the rest is normalized text, which encodes the same way again).
+ *     the rest is normalized text, which encodes the same way again);
+ *   - NFC span by span (dg_tok_nfc) equals utf8proc's NFC of the whole text.
  * The vocabulary comes from $DG_TOK_VOCAB or ../shared/vocab/qwen2 (make fuzz runs from the
  * repository root). */
 #include "tokenizer.h"
@@ -13,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <utf8proc.h>
 
 static dg_tok *tok;
 
@@ -61,6 +63,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(text);
     dg_tok_ids_free(&ids);
     dg_tok_ids_free(&again);
+
+    /* the span-wise NFC equals utf8proc's on the whole (valid) text */
+    size_t used;
+    uint8_t *valid = malloc(3 * size + 1), *nfc, *whole;
+    size_t n_valid = dg_tok_utf8_lossy(data, size, true, valid, &used), nfc_len;
+    REQUIRE(dg_tok_nfc(valid, n_valid, &nfc, &nfc_len) == 0);
+    ptrdiff_t m = utf8proc_map(valid, (ptrdiff_t)n_valid, &whole, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+    REQUIRE(m == (ptrdiff_t)(nfc ? nfc_len : n_valid) && !memcmp(whole, nfc ? nfc : valid, (size_t)m));
+    free(whole);
+    free(nfc);
+    free(valid);
 
     /* the same bytes as ids: mostly unknown ids, which decode skips */
     size_t n = size / 4;

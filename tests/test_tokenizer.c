@@ -593,6 +593,35 @@ TEST(tokenizer_nfc_fast_path_is_sound) {
     CHECK(checked > 30000);
 }
 
+/* dg_tok_nfc (utf8proc only on the spans that can change) equals utf8proc on the whole
+ * text, on random mixes of stable and unstable code points. */
+TEST(tokenizer_nfc_spans_equal_whole_text) {
+    static const uint32_t pool[] = {'a', 'e', 'A', ' ', '>', '=', 0xC5, 0xE9, 0x300, 0x301, 0x308, 0x316, 0x323, 0x338,
+                                    0x344, 0x3B1, 0x386, 0x387, 0x391, 0x1F71, 0x915, 0x93C, 0x94D, 0x958, 0x1100,
+                                    0x1161, 0x11A8, 0xAC00, 0x304B, 0x3099, 0x4E00, 0xF900, 0x212B, 0x2126, 0x1E9B,
+                                    0x0E4D, 0x0E32, 0x0627, 0x0653, 0x05E9, 0x05C1, 0x1F600, 0x200D, 0xFE0F};
+    uint64_t rng = 12345;
+    int bad = 0;
+    for (int r = 0; r < 20000; r++) {
+        uint8_t s[256];
+        size_t n = 0;
+        for (int k = 0, len = 1 + r % 24; k < len; k++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            n += (size_t)utf8proc_encode_char((utf8proc_int32_t)pool[(rng >> 33) % (sizeof pool / sizeof pool[0])], s + n);
+        }
+        uint8_t *ours, *whole;
+        size_t ours_len;
+        CHECK_EQ_INT(dg_tok_nfc(s, n, &ours, &ours_len), 0);
+        utf8proc_ssize_t m = utf8proc_map(s, (utf8proc_ssize_t)n, &whole, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+        const uint8_t *got = ours ? ours : s;
+        size_t got_len = ours ? ours_len : n;
+        if (m != (utf8proc_ssize_t)got_len || memcmp(got, whole, got_len)) bad++;
+        free(ours);
+        free(whole);
+    }
+    CHECK_EQ_INT(bad, 0);
+}
+
 /* The memo is shared: threads that encode at once get the same ids as one thread. */
 static const char *thread_texts[] = {"Hello world, this is a test of the memo.", "\xe4\xbd\xa0\xe5\xa5\xbd, tokens",
                                      "  spaces   and\ttabs\r\n", "don't you WE'LL 12345"};
