@@ -93,6 +93,41 @@ struct dg_backend {
     /* Copies n floats between host memory and backend memory (CPU: memcpy). */
     void (*download)(dg_backend *be, float *host, const float *src, int64_t n);
     void (*upload)(dg_backend *be, float *dst, const float *host, int64_t n);
+
+    /* ---- vision tower and DiT (spec qwen2_5_vl.md §4; cosmos_dit_wan_vae.md) ---- */
+
+    /* Non-causal attention within segments: the vision tower's window and full blocks
+     * (cu_seqlens), DiT self-attention (one segment) and cross-attention (q and kv of
+     * different lengths). Segment s: query rows q_cu[s] .. q_cu[s+1]-1 attend to key/value
+     * rows kv_cu[s] .. kv_cu[s+1]-1, out = softmax(q·kᵀ·scale)·v per head, in fp32.
+     * q_cu and kv_cu are HOST arrays of n_seg + 1 non-decreasing offsets. Row i of q holds
+     * n_heads heads of head_dim at q + i·q_stride; row j of k (and v) holds n_kv_heads
+     * heads at k + j·kv_stride (strides in floats: q, k, v may be column slices of one
+     * fused QKV buffer). Query head h reads kv head h / (n_heads / n_kv_heads).
+     * out[n_q, n_heads·head_dim] is contiguous; only the rows of the segments are written;
+     * an empty kv segment gives zero rows. head_dim <= 256. */
+    void (*attention_segments)(dg_backend *be, float *out, const float *q, int q_stride,
+                               const float *k, const float *v, int kv_stride,
+                               const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
+                               int n_heads, int n_kv_heads, int head_dim, float scale);
+    /* y[m, n] = (x - mean) / sqrt(var + eps) · weight + bias per row, biased variance
+     * (torch.nn.LayerNorm); weight NULL means 1, bias NULL means 0; y may equal x. */
+    void (*layernorm)(dg_backend *be, float *y, const float *x, const float *weight,
+                      const float *bias, int m, int n, float eps);
+    /* y[i] = 0.5·x·(1 + erf(x/√2)), i < n (nn.GELU()); y may equal x. */
+    void (*gelu)(dg_backend *be, float *y, const float *x, int64_t n);
+    /* y[i] = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (nn.GELU(approximate="tanh")). */
+    void (*gelu_tanh)(dg_backend *be, float *y, const float *x, int64_t n);
+    /* Rotary embedding from a table of angles, in place: for row i < m and head h of x
+     * (row i at x + i·stride floats, n_heads heads of head_dim each), dims j and
+     * j + head_dim/2 (rotate_half pairing) rotate by cos[i, j], sin[i, j], j < head_dim/2.
+     * cos, sin [m, head_dim/2] are backend memory. For position schemes `rope` cannot
+     * express (the vision tower's 2-D rotary, spec §4.3). */
+    void (*rope_table)(dg_backend *be, float *x, int stride, const float *cos,
+                       const float *sin, int m, int n_heads, int head_dim);
+    /* y[i, 0..n-1] = x[idx[i], 0..n-1], i < m; idx is a HOST array; y must not overlap x. */
+    void (*gather_rows)(dg_backend *be, float *y, const float *x, const int32_t *idx, int m,
+                        int64_t n);
 };
 
 /* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar) or

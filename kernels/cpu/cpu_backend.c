@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "vision_ops.h"
 #include "duogen.h"
 
 /* GEMM over bf16/f16 weights converts a slab of weight rows to fp32 and hands it to
@@ -158,6 +159,12 @@ int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *
     be->softmax = cpu_softmax;
     be->download = cpu_download;
     be->upload = cpu_upload;
+    be->attention_segments = dg_cpu_attention_segments;
+    be->layernorm = dg_cpu_layernorm;
+    be->gelu = dg_cpu_gelu;
+    be->gelu_tanh = dg_cpu_gelu_tanh;
+    be->rope_table = dg_cpu_rope_table;
+    be->gather_rows = dg_cpu_gather_rows;
     *out = be;
     return 0;
 nomem:

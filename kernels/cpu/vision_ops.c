@@ -1,0 +1,153 @@
+/* vision_ops.c — CPU kernels of the vision tower's and the DiT's operations (backend.h). */
+#include "vision_ops.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+/* Segment attention tiles: QB queries of one head against KC keys at a time, each tile
+ * product an sgemm (OpenBLAS runs single-threaded inside the OpenMP region), with an
+ * online softmax across key tiles. Stack per thread: QB·KC + QB·head_dim floats
+ * (48 KiB at head_dim 256). */
+#define ATT_QB 32
+#define ATT_KC 128
+#define ATT_MAX_HEAD_DIM 256
+
+static const dg_cpu *cpu(const dg_backend *be) { return be->impl; }
+
+/* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. */
+static void attend_block(float *out, int out_stride, const float *q, int q_stride,
+                         const float *k, const float *v, int kv_stride, int nq, int nk,
+                         int head_dim, float scale) {
+    float s[ATT_QB * ATT_KC], o[ATT_QB * ATT_MAX_HEAD_DIM], mx[ATT_QB], l[ATT_QB];
+    for (int i = 0; i < nq; i++) {
+        mx[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    memset(o, 0, sizeof(float) * (size_t)nq * (size_t)head_dim);
+    for (int j0 = 0; j0 < nk; j0 += ATT_KC) {
+        const int nc = nk - j0 < ATT_KC ? nk - j0 : ATT_KC;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nc, head_dim, scale, q, q_stride,
+                    k + (int64_t)j0 * kv_stride, kv_stride, 0.0f, s, ATT_KC);
+        for (int i = 0; i < nq; i++) {
+            float *si = s + i * ATT_KC, cm = mx[i], sum = 0.0f;
+            for (int j = 0; j < nc; j++) cm = si[j] > cm ? si[j] : cm;
+            const float corr = expf(mx[i] - cm);      /* 0 on the first tile (mx = -inf) */
+            for (int j = 0; j < nc; j++) sum += (si[j] = expf(si[j] - cm));
+            l[i] = l[i] * corr + sum;
+            mx[i] = cm;
+            if (corr != 1.0f)
+                for (int d = 0; d < head_dim; d++) o[i * head_dim + d] *= corr;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, head_dim, nc, 1.0f, s, ATT_KC,
+                    v + (int64_t)j0 * kv_stride, kv_stride, 1.0f, o, head_dim);
+    }
+    for (int i = 0; i < nq; i++) {
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;   /* an empty kv segment gives 0 */
+        for (int d = 0; d < head_dim; d++) out[(int64_t)i * out_stride + d] = o[i * head_dim + d] * inv;
+    }
+}
+
+void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,
+                               const float *k, const float *v, int kv_stride,
+                               const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
+                               int n_heads, int n_kv_heads, int head_dim, float scale) {
+    const dg_cpu *c = cpu(be);
+    const int group = n_heads / n_kv_heads, out_stride = n_heads * head_dim;
+    /* tasks: (segment, query block, head), numbered segment by segment */
+    int64_t n_tasks = 0;
+    for (int sg = 0; sg < n_seg; sg++)
+        n_tasks += (int64_t)(q_cu[sg + 1] - q_cu[sg] + ATT_QB - 1) / ATT_QB * n_heads;
+#pragma omp parallel num_threads(c->n_threads)
+    {
+        int sg = 0;
+        int64_t first = 0;   /* the first task of segment sg */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_tasks; t++) {
+            int64_t per;
+            if (t < first) {
+                sg = 0;
+                first = 0;
+            }
+            while (t >= first + (per = (int64_t)(q_cu[sg + 1] - q_cu[sg] + ATT_QB - 1) / ATT_QB * n_heads)) {
+                first += per;
+                sg++;
+            }
+            const int64_t r = t - first;
+            const int h = (int)(r % n_heads), qb = (int)(r / n_heads), kvh = h / group;
+            const int q0 = q_cu[sg] + qb * ATT_QB, q1 = q_cu[sg + 1];
+            const int nq = q1 - q0 < ATT_QB ? q1 - q0 : ATT_QB;
+            attend_block(out + (int64_t)q0 * out_stride + h * head_dim, out_stride,
+                         q + (int64_t)q0 * q_stride + h * head_dim, q_stride,
+                         k + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim,
+                         v + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim, kv_stride, nq,
+                         kv_cu[sg + 1] - kv_cu[sg], head_dim, scale);
+        }
+    }
+}
+
+/* torch.nn.LayerNorm: biased variance, two passes; sums in double so that a row with a
+ * large mean loses nothing to cancellation. */
+void dg_cpu_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
+                      const float *bias, int m, int n, float eps) {
+    const dg_cpu *c = cpu(be);
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
+    for (int i = 0; i < m; i++) {
+        const float *xi = x + (int64_t)i * n;
+        float *yi = y + (int64_t)i * n;
+        double sum = 0.0, sq = 0.0;
+        for (int j = 0; j < n; j++) sum += xi[j];
+        const float mean = (float)(sum / n);
+        for (int j = 0; j < n; j++) sq += (double)(xi[j] - mean) * (xi[j] - mean);
+        const float r = (float)(1.0 / sqrt(sq / n + (double)eps));
+        for (int j = 0; j < n; j++) {
+            float t = (xi[j] - mean) * r;
+            if (weight) t *= weight[j];
+            if (bias) t += bias[j];
+            yi[j] = t;
+        }
+    }
+}
+
+void dg_cpu_gelu(dg_backend *be, float *y, const float *x, int64_t n) {
+    const dg_cpu *c = cpu(be);
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+}
+
+void dg_cpu_gelu_tanh(dg_backend *be, float *y, const float *x, int64_t n) {
+    const dg_cpu *c = cpu(be);
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        const float t = x[i];
+        y[i] = 0.5f * t * (1.0f + tanhf(0.79788456080286536f * (t + 0.044715f * t * t * t)));
+    }
+}
+
+void dg_cpu_rope_table(dg_backend *be, float *x, int stride, const float *cos, const float *sin,
+                       int m, int n_heads, int head_dim) {
+    const dg_cpu *c = cpu(be);
+    const int half = head_dim / 2;
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
+    for (int i = 0; i < m; i++) {
+        const float *cs = cos + (int64_t)i * half, *sn = sin + (int64_t)i * half;
+        for (int h = 0; h < n_heads; h++) {
+            float *r = x + (int64_t)i * stride + h * head_dim;
+            for (int j = 0; j < half; j++) {
+                const float a = r[j], b = r[j + half];
+                r[j] = a * cs[j] - b * sn[j];
+                r[j + half] = b * cs[j] + a * sn[j];
+            }
+        }
+    }
+}
+
+void dg_cpu_gather_rows(dg_backend *be, float *y, const float *x, const int32_t *idx, int m,
+                        int64_t n) {
+    const dg_cpu *c = cpu(be);
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if ((int64_t)m * n > 65536)
+    for (int i = 0; i < m; i++)
+        memcpy(y + (int64_t)i * n, x + (int64_t)idx[i] * n, sizeof(float) * (size_t)n);
+}
