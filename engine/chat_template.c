@@ -43,7 +43,8 @@ static long long rendered_length(const dg_chat_message *m, size_t n, bool gen, c
             const dg_chat_part *p = &m[i].parts[k];
             if (p->kind == DG_CHAT_TEXT && (p->text || p->text_len == 0)) {
                 total += (long long)p->text_len;
-            } else if (p->kind == DG_CHAT_IMAGE && p->image_tokens >= 1 && p->image_tokens <= DG_CHAT_IMAGE_TOKENS_MAX) {
+            } else if (p->kind == DG_CHAT_IMAGE && p->image_tokens >= 1 &&
+                       p->image_tokens <= DG_CHAT_IMAGE_TOKENS_MAX) {
                 total += (long long)(strlen(VISION_START) + strlen(VISION_END)) +
                          (long long)p->image_tokens * (long long)strlen(IMAGE_PAD);
             } else {

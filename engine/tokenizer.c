@@ -120,7 +120,7 @@ static int added_build(dg_tok *t, const dg_tok_files *f) {
         if (!content) return DG_ENOMEM;
         memcpy(content, e->content, e->content_len);
         t->added[t->n_added++] = (dg_tok_added){content, e->content_len, e->id, e->normalized};
-        t->added_first[content[0]] |= e->normalized ? 2 : 1;
+        t->added_first[content[0]] |= e->normalized ? DG_TOK_ADDED_NORMALIZED : DG_TOK_ADDED_RAW;
     }
     qsort(t->added, t->n_added, sizeof *t->added, added_longest_first);
     return 0;
@@ -187,15 +187,15 @@ typedef struct {
     size_t             errlen;
 } encoder;
 
-/* The leftmost added token of the given kind (1 raw, 2 normalized) in s[from..n), the
- * longest one where several start there. Returns its index in t->added, or -1. */
+/* The leftmost added token of the given kind (DG_TOK_ADDED_*) in s[from..n), the longest
+ * one where several start there. Returns its index in t->added, or -1. */
 static long added_find(const dg_tok *t, const uint8_t *s, size_t n, size_t from, int kind, size_t *at) {
     for (size_t i = from; i < n; i++) {
         if (!(t->added_first[s[i]] & kind)) continue;
         for (size_t k = 0; k < t->n_added; k++) {
             const dg_tok_added *a = &t->added[k];
-            if ((a->normalized ? 2 : 1) == kind && a->len <= n - i && a->content[0] == s[i] &&
-                !memcmp(a->content, s + i, a->len)) {
+            int a_kind = a->normalized ? DG_TOK_ADDED_NORMALIZED : DG_TOK_ADDED_RAW;
+            if (a_kind == kind && a->len <= n - i && a->content[0] == s[i] && !memcmp(a->content, s + i, a->len)) {
                 *at = i;
                 return (long)k;
             }
@@ -232,6 +232,22 @@ static int encode_pretokens(encoder *e, const uint8_t *s, size_t n) {
     return 0;
 }
 
+typedef int (*segment_fn)(encoder *e, const uint8_t *s, size_t n);
+
+/* Pushes the ids of the added tokens of one kind in s[0..n) and hands the text between
+ * them to fn. */
+static int split_on_added(encoder *e, const uint8_t *s, size_t n, int kind, segment_fn fn) {
+    size_t pos = 0, at;
+    long k;
+    int rc;
+    while (pos < n && (k = added_find(e->t, s, n, pos, kind, &at)) >= 0) {
+        if ((rc = fn(e, s + pos, at - pos)) < 0 || (rc = dg_tok_ids_push(e->out, e->t->added[k].id)) < 0)
+            return rc;
+        pos = at + e->t->added[k].len;
+    }
+    return fn(e, s + pos, n - pos);
+}
+
 /* A segment between raw added tokens: NFC, then normalized added tokens, then BPE. */
 static int encode_segment(encoder *e, const uint8_t *s, size_t n) {
     if (n == 0) return 0;
@@ -242,18 +258,8 @@ static int encode_segment(encoder *e, const uint8_t *s, size_t n) {
         snprintf(e->err, e->errlen, "tokenizer: NFC normalization failed");
         return rc;
     }
-    if (nfc) {
-        s = nfc;
-        n = nfc_len;
-    }
-    size_t pos = 0, at;
-    long k;
-    while (pos < n && (k = added_find(e->t, s, n, pos, 2, &at)) >= 0) {
-        if ((rc = encode_pretokens(e, s + pos, at - pos)) < 0 || (rc = dg_tok_ids_push(e->out, e->t->added[k].id)) < 0) goto done;
-        pos = at + e->t->added[k].len;
-    }
-    rc = encode_pretokens(e, s + pos, n - pos);
-done:
+    rc = nfc ? split_on_added(e, nfc, nfc_len, DG_TOK_ADDED_NORMALIZED, encode_pretokens)
+             : split_on_added(e, s, n, DG_TOK_ADDED_NORMALIZED, encode_pretokens);
     free(nfc);
     return rc;
 }
@@ -262,25 +268,18 @@ int dg_tok_encode(const dg_tok *t, const char *text, size_t len, dg_tok_ids *out
     encoder e = {.t = t, .out = out, .err = err, .errlen = errlen};
     const uint8_t *s = (const uint8_t *)text;
     uint8_t *valid = NULL;
-    int rc = 0;
+    int rc = DG_ENOMEM;
     if (dg_tok_utf8_valid_prefix(s, len) != len) {
-        if (len > SIZE_MAX / 3 || !(valid = malloc(3 * len))) { rc = DG_ENOMEM; goto done; }
+        if (len > SIZE_MAX / 3 || !(valid = malloc(3 * len))) goto done;
         size_t used;
         len = dg_tok_utf8_lossy(s, len, true, valid, &used);
         s = valid;
     }
-    if (!(e.match = pcre2_match_data_create(1, NULL))) { rc = DG_ENOMEM; goto done; }
+    if (!(e.match = pcre2_match_data_create(1, NULL))) goto done;
     e.bpe.memo = pthread_mutex_trylock(t->memo_lock) == 0;   /* busy: go without the memo */
-
-    size_t pos = 0, at;
-    long k;
-    while (pos < len && (k = added_find(t, s, len, pos, 1, &at)) >= 0) {
-        if ((rc = encode_segment(&e, s + pos, at - pos)) < 0 || (rc = dg_tok_ids_push(out, t->added[k].id)) < 0) goto done;
-        pos = at + t->added[k].len;
-    }
-    rc = encode_segment(&e, s + pos, len - pos);
-done:
+    rc = split_on_added(&e, s, len, DG_TOK_ADDED_RAW, encode_segment);
     if (e.bpe.memo) pthread_mutex_unlock(t->memo_lock);
+done:
     if (rc == DG_ENOMEM) snprintf(err, errlen, "tokenizer: out of memory encoding %zu bytes", len);
     pcre2_match_data_free(e.match);
     dg_tok_bpe_scratch_free(&e.bpe);

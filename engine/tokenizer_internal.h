@@ -33,6 +33,8 @@ typedef struct {
     int32_t  id;        /* the id of the merged token */
 } dg_tok_merge;
 
+enum { DG_TOK_ADDED_RAW = 1, DG_TOK_ADDED_NORMALIZED = 2 };   /* where a token is matched */
+
 typedef struct {
     uint8_t *content;   /* owned: the text matched, len bytes (not the decoded bytes) */
     size_t   len;
@@ -68,8 +70,8 @@ struct dg_tok {
 
     dg_tok_added *added;    /* owned, [n_added]: longest content first */
     size_t        n_added;
-    uint8_t       added_first[256];  /* bit 0: a raw added token starts with this byte,
-                                        bit 1: a normalized one does */
+    uint8_t       added_first[256];  /* DG_TOK_ADDED_* bits: an added token of that kind
+                                        starts with this byte */
 
     pcre2_code   *regex;    /* owned: the pre-tokenizer, JIT-compiled when possible */
 

@@ -15,7 +15,7 @@
 #include <unistd.h>
 #include <utf8proc.h>
 
-#define DG_TOK_MAX_ID (1 << 24)   /* far above any real vocabulary; bounds the id tables */
+#define DG_TOK_MAX_ID (1 << 21)   /* far above any real vocabulary (152k); bounds the id tables */
 
 __attribute__((format(printf, 3, 4)))
 static int fail(char *err, size_t errlen, const char *fmt, ...) {
@@ -56,8 +56,12 @@ static long alphabet_decode(const alphabet *a, const uint8_t *s, size_t n, uint8
     for (size_t i = 0; i < n;) {
         uint32_t cp;
         if (s[i] < 0x80) cp = s[i++];
-        else if ((s[i] & 0xE0) == 0xC0 && i + 1 < n) { cp = (uint32_t)(s[i] & 0x1F) << 6 | (s[i + 1] & 0x3F); i += 2; }
-        else return -1;
+        else if ((s[i] & 0xE0) == 0xC0 && i + 1 < n) {
+            cp = (uint32_t)(s[i] & 0x1F) << 6 | (s[i + 1] & 0x3F);
+            i += 2;
+        } else {
+            return -1;
+        }
         if (cp >= 0x144 || a->byte[cp] < 0) return -1;
         out[o++] = (uint8_t)a->byte[cp];
     }
@@ -93,9 +97,11 @@ static int vocab_load(const json_t *vocab, const char *what, dg_tok_files *f, ch
     json_object_keylen_foreach((json_t *)vocab, key, key_len, value) {
         if (!json_is_integer(value) || json_integer_value(value) < 0 ||
             json_integer_value(value) >= DG_TOK_MAX_ID)
-            return fail(err, errlen, "%s: token \"%s\": the id is not an integer in 0..%d", what, key, DG_TOK_MAX_ID - 1);
+            return fail(err, errlen, "%s: token \"%s\": the id is not an integer in 0..%d", what, key,
+                        DG_TOK_MAX_ID - 1);
         if (key_len == 0 || key_len > 2 * DG_TOK_PIECE_MAX)
-            return fail(err, errlen, "%s: token \"%.40s\": empty or longer than %d bytes", what, key, DG_TOK_PIECE_MAX);
+            return fail(err, errlen, "%s: token \"%.40s\": empty or longer than %d bytes", what, key,
+                        DG_TOK_PIECE_MAX);
         long n = alphabet_decode(&a, (const uint8_t *)key, key_len, buf);
         if (n < 0 || n > DG_TOK_PIECE_MAX)
             return fail(err, errlen, "%s: token \"%s\" (id %lld) has a character outside the byte-level alphabet",
@@ -149,12 +155,14 @@ static int merges_txt_load(const char *path, const json_t *vocab, dg_tok_files *
         if (line_no == 1 && !strncmp(line, "#version", 8)) continue;
         char *sp = memchr(line, ' ', (size_t)n);
         if (!sp || sp == line || sp + 1 == line + n || memchr(sp + 1, ' ', (size_t)(line + n - sp - 1))) {
-            rc = fail(err, errlen, "%s: line %ld: not two tokens separated by one space: \"%.60s\"", path, line_no, line);
+            rc = fail(err, errlen, "%s: line %ld: not two tokens separated by one space: \"%.60s\"", path,
+                      line_no, line);
             break;
         }
         char where[4200];
         snprintf(where, sizeof where, "%s: line %ld", path, line_no);
-        rc = merge_add(vocab, line, (size_t)(sp - line), sp + 1, (size_t)(line + n - sp - 1), where, f, &cap, err, errlen);
+        rc = merge_add(vocab, line, (size_t)(sp - line), sp + 1, (size_t)(line + n - sp - 1), where, f, &cap,
+                       err, errlen);
         if (rc < 0) break;
     }
     if (!rc && ferror(fp)) rc = fail(err, errlen, "%s: read error", path);
@@ -338,7 +346,9 @@ static int tokenizer_json_load(const char *path, dg_tok_files *f, char *err, siz
     char what[4200];
     snprintf(what, sizeof what, "%s: model.vocab", path);
     if (!rc) rc = vocab_load(json_object_get(model, "vocab"), what, f, err, errlen);
-    if (!rc) rc = merges_json_load(json_object_get(model, "merges"), path, json_object_get(model, "vocab"), f, err, errlen);
+    if (!rc)
+        rc = merges_json_load(json_object_get(model, "merges"), path, json_object_get(model, "vocab"), f, err,
+                              errlen);
     const json_t *added = json_object_get(j, "added_tokens");
     if (!rc && added && !json_is_array(added)) rc = fail(err, errlen, "%s: added_tokens is not an array", path);
     size_t i;

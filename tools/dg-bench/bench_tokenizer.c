@@ -52,13 +52,9 @@ static void puts_(corpus *c, const char *s) { put(c, s, strlen(s)); }
 static void put_cp(corpus *c, uint32_t cp) {
     char b[4];
     size_t n = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
-    if (n == 1) b[0] = (char)cp;
-    else if (n == 2) { b[0] = (char)(0xC0 | cp >> 6); b[1] = (char)(0x80 | (cp & 0x3F)); }
-    else if (n == 3) { b[0] = (char)(0xE0 | cp >> 12); b[1] = (char)(0x80 | (cp >> 6 & 0x3F)); b[2] = (char)(0x80 | (cp & 0x3F)); }
-    else {
-        b[0] = (char)(0xF0 | cp >> 18); b[1] = (char)(0x80 | (cp >> 12 & 0x3F));
-        b[2] = (char)(0x80 | (cp >> 6 & 0x3F)); b[3] = (char)(0x80 | (cp & 0x3F));
-    }
+    static const uint8_t lead[5] = {0, 0, 0xC0, 0xE0, 0xF0};
+    for (size_t k = n - 1; k > 0; k--, cp >>= 6) b[k] = (char)(0x80 | (cp & 0x3F));
+    b[0] = (char)(lead[n] | cp);
     put(c, b, n);
 }
 
@@ -75,7 +71,8 @@ static const char *const english[] = {
     "don't", "it's", "we'll", "they're", "I've", "you'd", "isn't", "children", "example", "beautiful", "mountain",
 };
 static const char *const punct[] = {",", ",", ".", ";", ":", "!", "?", " -", " (", ")", "\"", "'"};
-static const char *const emoji[] = {"😀", "🚀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇯🇵", "❤️", "✅", "🤷🏼‍♂️", "🦀", "🎉", "🙏"};
+static const char *const emoji[] = {"😀", "🚀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇯🇵",
+                                    "❤️", "✅", "🤷🏼‍♂️", "🦀", "🎉", "🙏"};
 static const char *const code_kw[] = {"if", "for", "while", "return", "int", "const", "def", "self", "static", "void",
                                       "import", "from", "class", "struct", "None", "NULL", "true", "false"};
 
@@ -92,8 +89,12 @@ static void english_doc(corpus *c) {
             puts_(c, num);
         } else {
             const char *s = english[pick(c, sizeof english / sizeof english[0])];
-            if (w == 0 || pick(c, 100) < 5) { put_cp(c, (uint32_t)(s[0] >= 'a' ? s[0] - 32 : s[0])); puts_(c, s + 1); }
-            else puts_(c, s);
+            if (w == 0 || pick(c, 100) < 5) {   /* capitalised */
+                put_cp(c, (uint32_t)(s[0] >= 'a' ? s[0] - 32 : s[0]));
+                puts_(c, s + 1);
+            } else {
+                puts_(c, s);
+            }
         }
         if (pick(c, 100) < 12) puts_(c, punct[pick(c, sizeof punct / sizeof punct[0])]);
     }
