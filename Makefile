@@ -173,10 +173,24 @@ bench-tokenizer: all
 deps:
 	tools/deps.sh
 
+# Binaries to $(PREFIX)/bin; units, sysusers and tmpfiles snippets to $(PREFIX)/lib/systemd
+# paths that systemd searches (with ExecStart pointing at $(PREFIX)/bin); examples to
+# $(PREFIX)/share/duogen/examples. Nothing under /etc is overwritten.
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 install: all
-	install -d $(DESTDIR)$(PREFIX)/bin
-	install -m 0755 $(BUILD)/duogend $(DESTDIR)$(PREFIX)/bin/duogend
-	install -m 0755 $(BUILD)/duogenctl $(DESTDIR)$(PREFIX)/bin/duogenctl
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
+	           $(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(PREFIX)/share/duogen/examples \
+	           $(DESTDIR)$(PREFIX)/share/doc/duogen
+	install -m 0755 $(BUILD)/duogend $(BUILD)/duogenctl $(BUILD)/mkmodel $(BUILD)/dg-tokenize \
+	           $(DESTDIR)$(PREFIX)/bin/
+	sed 's#/usr/local/#$(PREFIX)/#g' systemd/duogend@.service > $(DESTDIR)$(UNITDIR)/duogend@.service
+	sed 's#/usr/local/#$(PREFIX)/#g' systemd/duogend.target > $(DESTDIR)$(UNITDIR)/duogend.target
+	chmod 0644 $(DESTDIR)$(UNITDIR)/duogend@.service $(DESTDIR)$(UNITDIR)/duogend.target
+	install -m 0644 systemd/duogen.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/duogen.conf
+	install -m 0644 systemd/duogen.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/duogen.conf
+	install -m 0644 systemd/duogend.conf.example systemd/duogend.env.example \
+	           deploy/redis/redis.conf deploy/redis/users.acl.example $(DESTDIR)$(PREFIX)/share/duogen/examples/
+	install -m 0644 README.md LICENSE $(DESTDIR)$(PREFIX)/share/doc/duogen/
 
 clean:
 	rm -rf $(BUILD)

@@ -136,6 +136,32 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     dg_cmd_free(cmds[1]);
 }
 
+/* Pending entries and lag (entries not yet delivered) of the group on the job stream, for
+ * the metrics. Lag is nil in XINFO when Redis cannot tell (after deletions): -1. */
+static void queue_figures(dg_worker *w, dg_redis *rd) {
+    redisReply *rep = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->streams[1], NULL);
+    if (!rep) return;
+    int64_t lag = -1, pending = -1;
+    for (size_t g = 0; rep->type == REDIS_REPLY_ARRAY && g < rep->elements; g++) {
+        const redisReply *info = rep->element[g];
+        int ours = 0;
+        int64_t gl = -1, gp = -1;
+        for (size_t k = 0; k + 1 < info->elements; k += 2) {
+            const char *name = info->element[k]->str;
+            const redisReply *v = info->element[k + 1];
+            if (!strcmp(name, "name")) ours = !strcmp(v->str, w->cfg->group);
+            else if (!strcmp(name, "lag") && v->type == REDIS_REPLY_INTEGER) gl = v->integer;
+            else if (!strcmp(name, "pending") && v->type == REDIS_REPLY_INTEGER) gp = v->integer;
+        }
+        if (ours) { lag = gl; pending = gp; }
+    }
+    freeReplyObject(rep);
+    pthread_mutex_lock(&w->lock);
+    w->stats.queue_lag = lag;
+    w->stats.queue_pending = pending;
+    pthread_mutex_unlock(&w->lock);
+}
+
 static void *keeper_main(void *arg) {
     dg_worker *w = arg;
     dg_redis rd;
@@ -152,6 +178,7 @@ static void *keeper_main(void *arg) {
             }
             if (now >= next_beat) {
                 heartbeat(w, &rd);
+                if (w->cfg->metrics_port) queue_figures(w, &rd);
                 next_beat = now + w->cfg->heartbeat_ms;
             }
             if (now >= next_trim) {

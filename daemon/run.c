@@ -160,6 +160,7 @@ static void on_step(void *user, int index, int step, int steps) {
     snprintf(ss, sizeof ss, "%d", steps);
     r->step = step;
     r->steps = steps;
+    r->steps_done++;
     r->dirty = 1;
     Duogen__V1__Event ev = DUOGEN__V1__EVENT__INIT;
     Duogen__V1__Event__DenoiseStep ds = DUOGEN__V1__EVENT__DENOISE_STEP__INIT;

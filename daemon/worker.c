@@ -35,6 +35,8 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
     w->stats.started_ms = dg_now_ms();
     snprintf(w->stats.state, sizeof w->stats.state, "idle");
     w->drain_own = 1;
+    w->metrics_fd = -1;
+    w->stats.queue_lag = w->stats.queue_pending = -1;
     /* the read timeout must outlast the longest BLOCK, or every idle poll is an I/O error */
     if (dg_redis_init(&w->redis, cfg, cfg->worker_id, cfg->block_ms + 5000, err, errlen)) return -1;
     int rc = dg_sched_new(model, &(dg_sched_opts){.max_inflight = cfg->max_inflight}, &w->sched, err, errlen);
@@ -75,6 +77,8 @@ static void publish(dg_worker *w) {
         int n = snprintf(w->stats.jobs + used, sizeof w->stats.jobs - used, "%s%s", used ? " " : "", r->id);
         if (n > 0 && used + (size_t)n < sizeof w->stats.jobs) used += (size_t)n;
     }
+    dg_sched_cache_stats(w->sched, &w->stats.cache);
+    w->stats.redis_up = w->redis.c != NULL;
     const char *state = *w->stop ? "draining" : w->n_runs ? "running" : "idle";
     snprintf(w->stats.state, sizeof w->stats.state, "%s", state);
     pthread_mutex_unlock(&w->lock);
@@ -91,6 +95,17 @@ static void count_end(dg_worker *w, const dg_run *r) {
     if (r->dead) w->stats.jobs_dead++;
     w->stats.tokens += r->tokens;
     w->stats.images += r->n_imgs;
+    w->stats.steps += r->steps_done;
+    if (r->submitted) {
+        w->stats.timed_jobs++;
+        w->stats.queue_s += r->enqueued_ms > 0 ? (double)(r->taken_ms - r->enqueued_ms) / 1e3 : 0;
+        w->stats.prefill_s += r->timings.prefill_ms / 1e3;
+        w->stats.decode_s += r->timings.decode_ms / 1e3;
+        w->stats.vision_s += r->timings.vision_ms / 1e3;
+        w->stats.diffusion_s += r->timings.diffusion_ms / 1e3;
+        w->stats.vae_s += r->timings.vae_ms / 1e3;
+        w->stats.total_s += (double)(dg_mono_ms() - r->started_mono_ms) / 1e3;
+    }
     pthread_mutex_unlock(&w->lock);
 }
 
@@ -707,6 +722,11 @@ int dg_worker_run(dg_worker *w) {
         log_error("%s", err);
         return EX_TEMPFAIL;
     }
+    if (cfg->metrics_port && dg_metrics_start(w, err, sizeof err)) {
+        log_error("%s", err);
+        dg_keeper_stop(w);
+        return EX_CONFIG;
+    }
     w->next_reaper_ms = dg_mono_ms();
 
     for (;;) {
@@ -781,6 +801,7 @@ int dg_worker_run(dg_worker *w) {
     }
 
     publish(w);
+    dg_metrics_stop(w);
     dg_keeper_stop(w);
     if (w->fatal) return w->fatal;
     return 0;

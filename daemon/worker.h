@@ -56,6 +56,7 @@ typedef struct dg_run {
     /* progress, mirrored into duogen:job:<id> when dirty */
     const char *phase;
     int      tokens, images, step, steps, max_tokens, dirty;
+    int      steps_done;                 /* denoising steps over all images */
     uint64_t event_seq;
     dg_cmd **out;                    /* owned: commands not yet written (events, images) */
     int      n_out, cap_out;
@@ -83,6 +84,12 @@ typedef struct {
     int64_t jobs_done, jobs_failed, jobs_cancelled, jobs_expired, jobs_dead, jobs_skipped;
     int64_t tokens, images, steps, entries_lost;
     int64_t started_ms;
+    /* seconds spent per phase over all finished jobs, and how many jobs they cover */
+    double  queue_s, prefill_s, decode_s, vision_s, diffusion_s, vae_s, total_s;
+    int64_t timed_jobs;
+    dg_cache_stats cache;            /* the scheduler's, copied by the main thread */
+    int64_t queue_lag, queue_pending;    /* of the job stream, read by the keeper; -1 unknown */
+    int     redis_up;
     char    state[32];               /* loading, idle, running, draining, stopped */
     char    jobs[512];               /* ids of running jobs, space-separated */
 } dg_worker_stats;
@@ -116,6 +123,8 @@ struct dg_worker {
     pthread_t keeper;
     int       keeper_running;
     volatile int keeper_stop;
+    int       metrics_fd;            /* listening socket, -1 when off */
+    pthread_t metrics;
 };
 
 /* Key helpers. */
@@ -140,6 +149,10 @@ void    dg_run_out_written(dg_run *r, int n);            /* frees the first n of
 /* The result transaction's commands for one run (without MULTI/EXEC); returns how many. */
 #define DG_RESULT_CMDS_MAX 9
 int     dg_run_result_cmds(dg_run *r, dg_cmd **cmds);
+
+/* metrics.c: Prometheus text format on 127.0.0.1:metrics_port */
+int  dg_metrics_start(dg_worker *w, char *err, size_t errlen);
+void dg_metrics_stop(dg_worker *w);
 
 /* keeper.c */
 int  dg_keeper_start(dg_worker *w, char *err, size_t errlen);

@@ -1,0 +1,184 @@
+/* Prometheus metrics in the text exposition format, served on 127.0.0.1:<metrics_port> by
+ * a thread of its own (GET any path; one response per connection). The figures come from
+ * the worker's stats under its lock; nothing here touches Redis or the engine. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "worker.h"
+
+typedef struct {
+    char  *buf;
+    size_t len, cap;
+} text;
+
+static void put(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(text *t, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(t->buf + t->len, t->cap - t->len, fmt, ap);
+        va_end(ap);
+        if (n >= 0 && (size_t)n < t->cap - t->len) {
+            t->len += (size_t)n;
+            return;
+        }
+        t->cap = t->cap * 2 + (size_t)(n > 0 ? n : 0) + 256;
+        t->buf = realloc(t->buf, t->cap);
+        if (!t->buf) abort();
+    }
+}
+
+static void metric(text *t, const char *name, const char *type, const char *help) {
+    put(t, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void render(dg_worker *w, text *t) {
+    dg_worker_stats s;
+    pthread_mutex_lock(&w->lock);
+    s = w->stats;
+    pthread_mutex_unlock(&w->lock);
+    const char *wid = w->cfg->worker_id;
+
+    metric(t, "duogen_jobs_total", "counter", "Jobs finished by this worker, by outcome.");
+    struct { const char *outcome; int64_t n; } outcomes[] = {
+        {"done", s.jobs_done}, {"failed", s.jobs_failed}, {"cancelled", s.jobs_cancelled},
+        {"expired", s.jobs_expired}, {"dead_lettered", s.jobs_dead}, {"skipped_existing_result", s.jobs_skipped},
+    };
+    for (size_t i = 0; i < sizeof outcomes / sizeof outcomes[0]; i++)
+        put(t, "duogen_jobs_total{worker=\"%s\",outcome=\"%s\"} %lld\n", wid, outcomes[i].outcome,
+            (long long)outcomes[i].n);
+
+    metric(t, "duogen_phase_seconds", "summary", "Time spent per phase over finished jobs.");
+    struct { const char *phase; double sec; } phases[] = {
+        {"queue", s.queue_s}, {"prefill", s.prefill_s}, {"decode", s.decode_s}, {"vision", s.vision_s},
+        {"diffusion", s.diffusion_s}, {"vae", s.vae_s}, {"total", s.total_s},
+    };
+    for (size_t i = 0; i < sizeof phases / sizeof phases[0]; i++) {
+        put(t, "duogen_phase_seconds_sum{worker=\"%s\",phase=\"%s\"} %.6f\n", wid, phases[i].phase, phases[i].sec);
+        put(t, "duogen_phase_seconds_count{worker=\"%s\",phase=\"%s\"} %lld\n", wid, phases[i].phase,
+            (long long)s.timed_jobs);
+    }
+
+    metric(t, "duogen_tokens_total", "counter", "Generated text tokens.");
+    put(t, "duogen_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.tokens);
+    metric(t, "duogen_tokens_per_second", "gauge", "Generated tokens per second of decode time, over the worker's life.");
+    put(t, "duogen_tokens_per_second{worker=\"%s\"} %.3f\n", wid, s.decode_s > 0 ? (double)s.tokens / s.decode_s : 0.0);
+    metric(t, "duogen_images_total", "counter", "Generated images.");
+    put(t, "duogen_images_total{worker=\"%s\"} %lld\n", wid, (long long)s.images);
+    metric(t, "duogen_denoise_steps_total", "counter", "Denoising steps run.");
+    put(t, "duogen_denoise_steps_total{worker=\"%s\"} %lld\n", wid, (long long)s.steps);
+    metric(t, "duogen_denoise_steps_per_second", "gauge", "Denoising steps per second of diffusion time, over the worker's life.");
+    put(t, "duogen_denoise_steps_per_second{worker=\"%s\"} %.3f\n", wid,
+        s.diffusion_s > 0 ? (double)s.steps / s.diffusion_s : 0.0);
+
+    metric(t, "duogen_cache_hits_total", "counter", "Cache hits, by cache.");
+    metric(t, "duogen_cache_misses_total", "counter", "Cache misses, by cache.");
+    metric(t, "duogen_cache_hit_ratio", "gauge", "Hits over lookups, by cache (0 before any lookup).");
+    metric(t, "duogen_cache_bytes", "gauge", "Bytes held, by cache.");
+    struct { const char *cache; int64_t hits, misses; size_t bytes; } caches[] = {
+        {"prefix_kv", s.cache.kv_hits, s.cache.kv_misses, s.cache.kv_bytes},
+        {"latent", s.cache.latent_hits, s.cache.latent_misses, s.cache.latent_bytes},
+        {"vision", s.cache.vision_hits, s.cache.vision_misses, s.cache.vision_bytes},
+    };
+    for (size_t i = 0; i < sizeof caches / sizeof caches[0]; i++) {
+        int64_t look = caches[i].hits + caches[i].misses;
+        put(t, "duogen_cache_hits_total{worker=\"%s\",cache=\"%s\"} %lld\n", wid, caches[i].cache, (long long)caches[i].hits);
+        put(t, "duogen_cache_misses_total{worker=\"%s\",cache=\"%s\"} %lld\n", wid, caches[i].cache, (long long)caches[i].misses);
+        put(t, "duogen_cache_hit_ratio{worker=\"%s\",cache=\"%s\"} %.4f\n", wid, caches[i].cache,
+            look ? (double)caches[i].hits / (double)look : 0.0);
+        put(t, "duogen_cache_bytes{worker=\"%s\",cache=\"%s\"} %zu\n", wid, caches[i].cache, caches[i].bytes);
+    }
+
+    metric(t, "duogen_queue_lag_entries", "gauge", "Entries of the job stream not yet delivered to the group (-1: unknown).");
+    put(t, "duogen_queue_lag_entries{worker=\"%s\"} %lld\n", wid, (long long)s.queue_lag);
+    metric(t, "duogen_queue_pending_entries", "gauge", "Entries delivered to the group and not yet acknowledged (-1: unknown).");
+    put(t, "duogen_queue_pending_entries{worker=\"%s\"} %lld\n", wid, (long long)s.queue_pending);
+    metric(t, "duogen_entries_lost_total", "counter", "Pending entries found deleted (trimmed) before they ran.");
+    put(t, "duogen_entries_lost_total{worker=\"%s\"} %lld\n", wid, (long long)s.entries_lost);
+    metric(t, "duogen_worker_busy", "gauge", "1 while the worker holds jobs.");
+    put(t, "duogen_worker_busy{worker=\"%s\"} %d\n", wid, strcmp(s.state, "idle") != 0);
+    metric(t, "duogen_redis_up", "gauge", "1 while the main Redis connection is up.");
+    put(t, "duogen_redis_up{worker=\"%s\"} %d\n", wid, s.redis_up);
+    metric(t, "duogen_start_time_seconds", "gauge", "Unix time the worker started.");
+    put(t, "duogen_start_time_seconds{worker=\"%s\"} %.3f\n", wid, (double)s.started_ms / 1e3);
+}
+
+static void serve(dg_worker *w, int fd) {
+    char req[2048];
+    struct pollfd p = {fd, POLLIN, 0};
+    /* read the request head (up to a blank line or 1 s); its content does not matter */
+    size_t got = 0;
+    while (got < sizeof req - 1 && poll(&p, 1, 1000) > 0) {
+        ssize_t n = read(fd, req + got, sizeof req - 1 - got);
+        if (n <= 0) break;
+        got += (size_t)n;
+        req[got] = 0;
+        if (strstr(req, "\r\n\r\n") || strstr(req, "\n\n")) break;
+    }
+    text body = {0}, head = {0};
+    render(w, &body);
+    put(&head, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+               "Content-Length: %zu\r\nConnection: close\r\n\r\n", body.len);
+    const text *parts[2] = {&head, &body};
+    for (int i = 0; i < 2; i++) {
+        size_t off = 0;
+        while (off < parts[i]->len) {
+            ssize_t n = write(fd, parts[i]->buf + off, parts[i]->len - off);
+            if (n <= 0) break;
+            off += (size_t)n;
+        }
+    }
+    free(head.buf);
+    free(body.buf);
+}
+
+static void *metrics_main(void *arg) {
+    dg_worker *w = arg;
+    while (!w->keeper_stop) {
+        struct pollfd p = {w->metrics_fd, POLLIN, 0};
+        if (poll(&p, 1, 200) <= 0) continue;
+        int fd = accept(w->metrics_fd, NULL, NULL);
+        if (fd < 0) continue;
+        serve(w, fd);
+        close(fd);
+    }
+    return NULL;
+}
+
+int dg_metrics_start(dg_worker *w, char *err, size_t errlen) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)w->cfg->metrics_port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+        bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 16)) {
+        snprintf(err, errlen, "metrics: cannot listen on 127.0.0.1:%d: %s", w->cfg->metrics_port, strerror(errno));
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    w->metrics_fd = fd;
+    if (pthread_create(&w->metrics, NULL, metrics_main, w)) {
+        close(fd);
+        w->metrics_fd = -1;
+        snprintf(err, errlen, "metrics: cannot start its thread");
+        return -1;
+    }
+    log_info("metrics on http://127.0.0.1:%d/metrics", w->cfg->metrics_port);
+    return 0;
+}
+
+void dg_metrics_stop(dg_worker *w) {
+    if (w->metrics_fd < 0) return;
+    w->keeper_stop = 1;   /* the metrics thread shares the keeper's stop flag */
+    pthread_join(w->metrics, NULL);
+    close(w->metrics_fd);
+    w->metrics_fd = -1;
+}

@@ -1,0 +1,259 @@
+"""Fleet operations: least-privilege Redis users, Sentinel failover, Prometheus metrics,
+the systemd units and `make install`."""
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import redis
+
+from conftest import BUILD, ROOT, RedisServer, Worker, free_port, make_job, pb, wait_until
+
+DEPLOY = os.path.join(ROOT, "deploy", "redis")
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@pytest.fixture
+def acl_redis(tmpdir_path):
+    pw = {role: write(os.path.join(tmpdir_path, f"{role}.pw"), f"{role}-secret-{os.getpid()}\n")
+          for role in ("producer", "worker", "operator")}
+    acl = subprocess.run([os.path.join(DEPLOY, "make-acl.sh"), pw["producer"], pw["worker"], pw["operator"]],
+                         capture_output=True, text=True, check=True).stdout
+    assert "CHANGE-ME" not in acl and "secret" not in acl   # hashes only
+    write(os.path.join(tmpdir_path, "users.acl"), acl)
+    # the shipped redis.conf, with the test's port, directory and ACL file
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", os.path.join(DEPLOY, "redis.conf"), "--port", str(port),
+                             "--bind", "127.0.0.1", "--dir", tmpdir_path,
+                             "--aclfile", os.path.join(tmpdir_path, "users.acl"), "--maxmemory", "256mb",
+                             "--daemonize", "no", "--logfile", os.path.join(tmpdir_path, "redis.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    class Srv:
+        pass
+    srv = Srv()
+    srv.port, srv.proc = port, proc
+    passwords = {r: open(p).read().strip() for r, p in pw.items()}
+
+    def client(role):
+        return redis.Redis(port=srv.port, username=f"duogen-{role}", password=passwords[role], socket_timeout=10)
+    wait_until(lambda: _ping(client("producer")), what="ACL redis")
+    yield srv, pw, client
+    proc.kill()
+    proc.wait(10)
+
+
+def _ping(c):
+    try:
+        return c.ping()
+    except redis.exceptions.RedisError:
+        return False
+
+
+def worker_as(tmp, srv, role, pwfile, wid, args=()):
+    model = os.path.join(tmp, "model")
+    os.makedirs(model, exist_ok=True)
+    return Worker(tmp, f"redis://duogen-{role}@127.0.0.1:{srv.port}/0", wid, model,
+                  args=["--password-file", pwfile] + list(args))
+
+
+def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
+    srv, pw, client = acl_redis
+    prod, oper = client("producer"), client("operator")
+    w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "aclw", args=["--metrics-port", "0"])
+    try:
+        # the producer enqueues and reads state, events, images and the result
+        job = make_job("acl-1", "hello there", meta={"fake.images": 1})
+        prod.hsetnx("duogen:job:acl-1", "state", "queued")
+        prod.xadd("duogen:jobs", {"id": "acl-1", "job": job.SerializeToString()})
+        res = wait_until(lambda: prod.hgetall("duogen:result:acl-1") or None, timeout=20, what="result")
+        assert res[b"status"] == b"done"
+        assert prod.get("duogen:image:acl-1:1")[:4] == b"\x89PNG"
+        assert [e[1][b"type"] for e in prod.xrange("duogen:events:acl-1")][-1] == b"done"
+        prod.set("duogen:cancel:nothing", 1)
+
+        # a job naming an input key outside duogen:input:* fails clearly; the worker lives on
+        bad = pb.Job(id="acl-steal")
+        m = bad.messages.add(role=pb.Message.USER)
+        m.parts.add(image=pb.Image(redis_key="duogen:result:acl-1"))
+        prod.xadd("duogen:jobs", {"id": "acl-steal", "job": bad.SerializeToString()})
+        res = wait_until(lambda: prod.hgetall("duogen:result:acl-steal") or None, timeout=20, what="refusal")
+        assert res[b"status"] == b"failed" and b"NOPERM" in res[b"error"]
+        assert w.alive()
+
+        forbidden_producer = [
+            ("xack", "duogen:jobs", "duogen", "1-1"),
+            ("xgroup", "destroy", "duogen:jobs", "duogen"),
+            ("hset", "duogen:worker:aclw", "state", "idle"),
+            ("del", "duogen:result:acl-1"),
+            ("hset", "duogen:result:acl-1", "status", "forged"),
+            ("xadd", "duogen:done", "*", "id", "x"),
+            ("set", "elsewhere", "1"),
+            ("get", "elsewhere"),
+            ("flushall",), ("config", "get", "*"), ("keys", "*"), ("acl", "list"),
+        ]
+        for cmd in forbidden_producer:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                prod.execute_command(*cmd)
+        # the worker's user as a client: no admin, no enqueueing, no keys elsewhere
+        wc = client("worker")
+        for cmd in [("flushall",), ("config", "set", "maxmemory", "0"), ("keys", "*"),
+                    ("xadd", "duogen:jobs", "*", "id", "x"), ("del", "duogen:jobs"),
+                    ("get", "duogen:result:acl-1"), ("set", "elsewhere", "1"), ("shutdown",)]:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                wc.execute_command(*cmd)
+        # the operator can inspect and requeue, but not administer
+        assert oper.xinfo_groups("duogen:jobs")[0]["name"] == b"duogen"
+        p = subprocess.run([os.path.join(BUILD, "duogenctl"), "--redis",
+                            f"redis://duogen-operator@127.0.0.1:{srv.port}/0", "--password-file", pw["operator"],
+                            "stats"], capture_output=True, text=True, timeout=20)
+        assert p.returncode == 0 and "aclw" in p.stdout and "dead letters 1" in p.stdout, p.stdout + p.stderr
+        for cmd in [("flushall",), ("config", "get", "*"), ("shutdown",), ("keys", "*")]:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                oper.execute_command(*cmd)
+    finally:
+        w.kill()
+
+
+def test_worker_with_wrong_credentials_or_rights_stops_with_a_clear_error(acl_redis, tmpdir_path):
+    srv, pw, client = acl_redis
+    wrong = write(os.path.join(tmpdir_path, "wrong.pw"), "not-the-password\n")
+    w = worker_as(tmpdir_path, srv, "worker", wrong, "wrongpw")
+    assert w.proc.wait(20) == 78
+    assert "AUTH refused" in w.logs() and "WRONGPASS" in w.logs()
+    # the producer's rights are not enough to be a worker: exit 78 naming the refusal
+    w2 = worker_as(tmpdir_path, srv, "producer", pw["producer"], "asproducer")
+    assert w2.proc.wait(20) == 78
+    log = w2.logs()
+    assert "cannot create consumer group" in log and "NOPERM" in log
+    assert log.count("NOPERM") < 5   # said once or twice, not a loop
+
+
+def test_metrics_scraped(cluster):
+    port = free_port()
+    cluster.worker("mw", args=["--metrics-port", str(port)])
+    cluster.wait_groups()
+    cluster.enqueue("m1", "one two three", meta={"fake.images": 1}, steps=3)
+    cluster.enqueue("m2", "x", meta={"fake.fail": "error"})
+    cluster.wait_result("m1")
+    cluster.wait_result("m2")
+
+    def scrape():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                assert r.headers["Content-Type"].startswith("text/plain")
+                return r.read().decode()
+        except OSError:
+            return None
+    text = wait_until(lambda: (lambda t: t if t and 'outcome="failed"} 1' in t else None)(scrape()),
+                      what="metrics after two jobs")
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    assert values['duogen_jobs_total{worker="mw",outcome="done"}'] == 1
+    assert values['duogen_jobs_total{worker="mw",outcome="failed"}'] == 1
+    assert values['duogen_jobs_total{worker="mw",outcome="dead_lettered"}'] == 1
+    assert values['duogen_tokens_total{worker="mw"}'] == 4
+    assert values['duogen_images_total{worker="mw"}'] == 1
+    assert values['duogen_denoise_steps_total{worker="mw"}'] == 3
+    assert values['duogen_phase_seconds_count{worker="mw",phase="decode"}'] == 2
+    assert values['duogen_phase_seconds_sum{worker="mw",phase="total"}'] > 0
+    assert values['duogen_redis_up{worker="mw"}'] == 1
+    for cache in ("prefix_kv", "latent", "vision"):
+        assert f'duogen_cache_hit_ratio{{worker="mw",cache="{cache}"}}' in values
+    wait_until(lambda: "duogen_queue_lag_entries{worker=\"mw\"} 0" in (scrape() or ""), what="lag figure")
+    assert "# TYPE duogen_jobs_total counter" in text
+
+
+def test_sentinel_failover_mid_job(tmpdir_path):
+    d1, d2, ds = (os.path.join(tmpdir_path, n) for n in ("m", "r", "s"))
+    for d in (d1, d2, ds):
+        os.makedirs(d)
+    master = RedisServer(d1, appendonly=True)
+    replica = RedisServer(d2, appendonly=True, extra=["--replicaof", "127.0.0.1", str(master.port)])
+    sport = free_port()
+    sconf = write(os.path.join(ds, "sentinel.conf"),
+                  f"port {sport}\nbind 127.0.0.1\ndir {ds}\n"
+                  f"sentinel monitor dq 127.0.0.1 {master.port} 1\n"
+                  "sentinel down-after-milliseconds dq 1000\nsentinel failover-timeout dq 5000\n")
+    sentinel = subprocess.Popen(["redis-server", sconf, "--sentinel"], stdout=subprocess.DEVNULL)
+    model = os.path.join(tmpdir_path, "model")
+    os.makedirs(model)
+    w = None
+    try:
+        s = redis.Redis(port=sport, socket_timeout=5)
+        wait_until(lambda: _ping(s), what="sentinel")
+        wait_until(lambda: master.client().info("replication")["connected_slaves"] == 1, what="replica")
+        w = Worker(tmpdir_path, "redis://127.0.0.1:1/0", "sw", model,
+                   args=["--sentinel", f"127.0.0.1:{sport}", "--master-name", "dq"])
+        r = master.client()
+        wait_until(lambda: r.exists("duogen:jobs"), what="group on the master")
+        words = " ".join(f"w{i}" for i in range(40))
+        r.xadd("duogen:jobs", {"id": "fo", "job": make_job("fo", words, meta={"fake.step_ms": 100}).SerializeToString()})
+        wait_until(lambda: r.hget("duogen:job:fo", "state") == b"running", what="job running")
+        time.sleep(0.5)
+        master.stop(hard=True)          # the master dies in the middle of the job
+
+        def new_master():
+            addr = s.execute_command("SENTINEL", "get-master-addr-by-name", "dq")
+            return addr and int(addr[1]) == replica.port
+        wait_until(new_master, timeout=30, what="failover to the replica")
+        r2 = replica.client()
+        res = wait_until(lambda: r2.hgetall("duogen:result:fo") or None, timeout=40, what="result on the new master")
+        assert res[b"status"] == b"done"
+        assert res[b"text"].decode() == "Echo: " + words
+        assert [f[b"id"] for _, f in r2.xrange("duogen:done")] == [b"fo"]
+        assert r2.xpending("duogen:jobs", "duogen")["pending"] == 0
+        assert w.alive()
+        # and new jobs go on through the new master
+        r2.xadd("duogen:jobs", {"id": "after-fo", "job": make_job("after-fo", "hi").SerializeToString()})
+        assert wait_until(lambda: r2.hgetall("duogen:result:after-fo") or None, timeout=20)[b"status"] == b"done"
+    finally:
+        if w:
+            w.kill()
+        sentinel.kill()
+        master.stop(hard=True)
+        replica.stop(hard=True)
+
+
+def test_systemd_units_verify_and_make_install(tmpdir_path):
+    dest = os.path.join(tmpdir_path, "dest")
+    p = subprocess.run(["make", "-s", "install", f"DESTDIR={dest}", "PREFIX=/opt/duogen"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    root = os.path.join(dest, "opt", "duogen")
+    for f in ("bin/duogend", "bin/duogenctl", "lib/systemd/system/duogend@.service",
+              "lib/systemd/system/duogend.target", "lib/sysusers.d/duogen.conf", "lib/tmpfiles.d/duogen.conf",
+              "share/duogen/examples/duogend.conf.example", "share/duogen/examples/users.acl.example"):
+        assert os.path.exists(os.path.join(root, f)), f
+    unit = open(os.path.join(root, "lib/systemd/system/duogend@.service")).read()
+    assert "ExecStart=/opt/duogen/bin/duogend " in unit
+    for must in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure",
+                 "RestartPreventExitStatus=78", "KillMode=mixed", "TimeoutStopSec=", "DevicePolicy=closed",
+                 "DeviceAllow=char-nvidia-uvm rw", "LoadCredential=redis-password:"):
+        assert must in unit, must
+    assert "PrivateDevices" not in unit.replace("# Hardening that still reaches the GPU: no PrivateDevices= (it hides /dev/nvidia*)", "")
+    assert "--password-file ${CREDENTIALS_DIRECTORY}/redis-password" in unit
+    assert not re.search(r"ExecStart=.*(password|secret)\s*=", unit)
+
+    # systemd-analyze verify: the installed units, with the built binary in place
+    vdir = os.path.join(tmpdir_path, "units")
+    os.makedirs(vdir)
+    shutil.copy(os.path.join(root, "lib/systemd/system/duogend.target"), vdir)
+    with open(os.path.join(vdir, "duogend@.service"), "w") as f:
+        f.write(unit.replace("/opt/duogen/bin/duogend", os.path.join(root, "bin", "duogend")))
+    os.symlink("duogend@.service", os.path.join(vdir, "duogend@0.service"))
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", "./duogend@0.service", "./duogend.target"],
+                       cwd=vdir, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "" and p.stderr.strip() == "", p.stdout + p.stderr
