@@ -154,6 +154,7 @@ bench: bench-queue bench-tokenizer bench-decoder
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/bench/bench_queue.py --json $(BUILD)/bench/queue.json
+	/usr/bin/python3 tools/bench/redis_memory.py --json $(BUILD)/bench/redis_memory.json
 
 # the text decoder (small preset, 1 and 2 threads); the transformers and llama.cpp baselines
 # (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py) are run by hand, and
