@@ -51,6 +51,25 @@ typedef struct {
     int   section[3];
 } dg_rope_params;
 
+/* A 3-D convolution over frame-major activations (the VAE's layout): x[t, c_in, h, w] ->
+ * y[t_out, c_out, h_out, w_out], weights fp32 [c_out, kt, c_in, kh, kw] (PyTorch's
+ * [c_out, c_in, kt, kh, kw] with kt moved forward, done once at load). Zero padding: pad_t
+ * frames in front only (causal), the four spatial sides as given. A 2-D conv is kt = 1. */
+typedef struct {
+    int c_in, c_out, t, h, w;
+    int kt, kh, kw;
+    int st, sh, sw;                                     /* strides */
+    int pad_t, pad_top, pad_bottom, pad_left, pad_right;
+} dg_conv3d_shape;
+
+static inline int dg_conv3d_out_t(const dg_conv3d_shape *s) { return (s->t + s->pad_t - s->kt) / s->st + 1; }
+static inline int dg_conv3d_out_h(const dg_conv3d_shape *s) {
+    return (s->h + s->pad_top + s->pad_bottom - s->kh) / s->sh + 1;
+}
+static inline int dg_conv3d_out_w(const dg_conv3d_shape *s) {
+    return (s->w + s->pad_left + s->pad_right - s->kw) / s->sw + 1;
+}
+
 typedef struct dg_backend dg_backend;
 
 struct dg_backend {
@@ -128,6 +147,31 @@ struct dg_backend {
     /* y[i, 0..n-1] = x[idx[i], 0..n-1], i < m; idx is a HOST array; y must not overlap x. */
     void (*gather_rows)(dg_backend *be, float *y, const float *x, const int32_t *idx, int m,
                         int64_t n);
+
+    /* ---- image generation: VAE and DiT (cosmos_dit_wan_vae.md §3, §6) ---- */
+
+    /* y = conv3d(x) + bias (bias NULL: none); see dg_conv3d_shape. y must not overlap x. */
+    void (*conv3d)(dg_backend *be, float *y, const float *x, const float *w, const float *bias,
+                   const dg_conv3d_shape *s);
+    /* Wan RMS_norm over channels of x[n_frames, channels, plane]: at every pixel
+     * y = x / max(‖x‖₂, 1e-12) · √channels · gamma[c], then SiLU when silu != 0; y may equal x. */
+    void (*channel_rmsnorm)(dg_backend *be, float *y, const float *x, const float *gamma,
+                            int n_frames, int channels, int64_t plane, int silu);
+    /* Nearest ×2 (= nearest-exact at ×2): y[p, 2h, 2w] from x[p, h, w], p < n_planes. */
+    void (*upsample2x)(dg_backend *be, float *y, const float *x, int64_t n_planes, int h, int w);
+    /* Single-head attention over the pixels of one frame in channel-major layout:
+     * qkv[3·channels, plane] (q, k, v stacked), out[channels, plane] =
+     * (softmax(qᵀk / √channels) vᵀ)ᵀ. out must not overlap qkv. */
+    void (*spatial_attention)(dg_backend *be, float *out, const float *qkv, int channels,
+                              int64_t plane);
+    /* y[i] = x[i] · sigmoid(x[i]), i < n; y may equal x. */
+    void (*silu)(dg_backend *be, float *y, const float *x, int64_t n);
+    /* adaLN: y[m, n] = LayerNorm(x) (no affine, biased variance) · (1 + scale[n]) + shift[n]
+     * per row; y may equal x. */
+    void (*modulate)(dg_backend *be, float *y, const float *x, const float *shift,
+                     const float *scale, int m, int n, float eps);
+    /* Gated residual: y[i, j] += gate[j] · x[i, j], for x, y [m, n]. */
+    void (*add_gated)(dg_backend *be, float *y, const float *x, const float *gate, int m, int n);
 };
 
 /* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar) or

@@ -10,6 +10,7 @@
 
 #include "cpu_kernels.h"
 #include "vision_ops.h"
+#include "dit_ops.h"
 #include "duogen.h"
 
 /* GEMM over bf16/f16 weights converts a slab of weight rows to fp32 and hands it to
@@ -165,6 +166,13 @@ int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *
     be->gelu_tanh = dg_cpu_gelu_tanh;
     be->rope_table = dg_cpu_rope_table;
     be->gather_rows = dg_cpu_gather_rows;
+    be->conv3d = dg_cpu_conv3d;
+    be->channel_rmsnorm = dg_cpu_channel_rmsnorm;
+    be->upsample2x = dg_cpu_upsample2x;
+    be->spatial_attention = dg_cpu_spatial_attention;
+    be->silu = dg_cpu_silu;
+    be->modulate = dg_cpu_modulate;
+    be->add_gated = dg_cpu_add_gated;
     *out = be;
     return 0;
 nomem:

@@ -52,4 +52,9 @@ typedef enum { MK_TINY, MK_SMALL, MK_FULL } mk_preset;
 int  mk_write_mllm(const char *dir, mk_preset preset, uint64_t seed, const char *vocab_dir,
                    char *err, size_t errlen);
 
+/* Writes the tensors as DIR/diffusion_pytorch_model.safetensors (diffusers' name). */
+int  mk_write_diffusers(const char *dir, const mk_list *l, uint64_t seed, char *err, size_t errlen);
+/* DIR/vae (AutoencoderKLWan), DIR/dit (CosmosTransformer3DModel), DIR/connector.safetensors. */
+int  mk_write_vae(const char *dir, mk_preset preset, uint64_t seed, char *err, size_t errlen);
+
 #endif
