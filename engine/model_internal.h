@@ -1,0 +1,34 @@
+/* model_internal.h — what a loaded model package holds, shared by model.c (loading) and
+ * sched.c (running). Not part of the public interface (duogen.h). */
+#ifndef DG_MODEL_INTERNAL_H
+#define DG_MODEL_INTERNAL_H
+
+#include "backend.h"
+#include "config.h"
+#include "duogen.h"
+#include "qwen2.h"
+#include "safetensors.h"
+#include "tokenizer.h"
+
+#define DG_MAX_COND_LAYERS 128
+
+struct dg_model {
+    char              dir[1024];
+    char              describe[256];
+    dg_backend       *be;               /* owned */
+    dg_tok           *tok;              /* owned */
+    dg_qwen2vl_config cfg;              /* mllm/config.json */
+    dg_st            *mllm_st;          /* owned: the MLLM's mapped weights */
+    dg_qwen2          llm;              /* bound text decoder */
+
+    int32_t  bov_id;                    /* <BOV>, or -1 when the package draws no images */
+    int32_t  stop_ids[DG_MAX_EOS + 2];  /* tokens that end the answer: EOS ids and <|im_end|> */
+    int      n_stop_ids;
+    int      max_context;               /* positions of one sequence (prompt + answer) */
+    int      cond_layers[DG_MAX_COND_LAYERS];   /* decoder layers feeding the connector */
+    int      n_cond_layers;
+    dg_text_params  text_defaults;      /* duogen.json "defaults" */
+    dg_image_params image_defaults;
+};
+
+#endif

@@ -1,0 +1,281 @@
+/* The scheduler on the tiny package (text path): the answer it streams is the greedy
+ * continuation the decoder gives directly; the prefix KV cache changes nothing but the
+ * work done; limits, stop strings, cancellation, and bad packages give clear results. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/harness.h"
+#include "duogen.h"
+#include "kv_cache.h"
+#include "model_internal.h"
+#include "qwen2.h"
+
+static char pkg[256];
+
+static int write_manifest(const char *dir, const char *text) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/duogen.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fputs(text, f);
+    return fclose(f);
+}
+
+static int setup(void) {
+    static int state;
+    if (state) return state > 0;
+    state = -1;
+    char tmpl[] = "/tmp/dg_test_sched_XXXXXX", cmd[512];
+    if (!mkdtemp(tmpl)) return 0;
+    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 3 --out %s --vocab ../shared/vocab/qwen2 >/dev/null", tmpl);
+    if (system(cmd) != 0) return 0;
+    if (write_manifest(tmpl, "{\"format\": \"duogen-package-1\", \"name\": \"tiny-test\", "
+                             "\"components\": {\"mllm\": \"mllm\"}, \"max_context\": 512, "
+                             "\"defaults\": {\"max_new_tokens\": 24}}") != 0) return 0;
+    snprintf(pkg, sizeof pkg, "%s", tmpl);
+    state = 1;
+    return 1;
+}
+
+typedef struct {
+    char   text[8192];
+    size_t len;
+    int    finished, failed;
+    dg_finish_reason reason;
+    dg_usage usage;
+    char   error[256];
+} collect;
+
+static void on_text(void *u, const char *d, size_t n) {
+    collect *c = u;
+    if (c->len + n < sizeof c->text) { memcpy(c->text + c->len, d, n); c->len += n; c->text[c->len] = 0; }
+}
+static void on_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) {
+    collect *c = u;
+    (void)t;
+    c->finished++;
+    c->reason = r;
+    c->usage = *us;
+}
+static void on_failed(void *u, int code, const char *msg) {
+    collect *c = u;
+    (void)code;
+    c->failed++;
+    snprintf(c->error, sizeof c->error, "%s", msg);
+}
+
+static dg_sink sink_for(collect *c) {
+    return (dg_sink){.user = c, .text = on_text, .finished = on_finished, .failed = on_failed};
+}
+
+static int run_one(dg_sched *s, const dg_request *r, collect *c, int cancel_after) {
+    char err[256];
+    uint64_t seq;
+    dg_sink sk = sink_for(c);
+    int rc = dg_sched_submit(s, r, &sk, &seq, err, sizeof err);
+    if (rc) return rc;
+    for (int steps = 0; dg_sched_active(s) > 0; steps++) {
+        if (steps == cancel_after) dg_sched_cancel(s, seq);
+        if (dg_sched_step(s, err, sizeof err) < 0) return -100;
+    }
+    return 0;
+}
+
+static dg_request text_request(dg_message *msgs, dg_part *parts, const char *system, const char *user) {
+    parts[0] = (dg_part){.kind = DG_PART_TEXT, .text = system, .text_len = strlen(system)};
+    parts[1] = (dg_part){.kind = DG_PART_TEXT, .text = user, .text_len = strlen(user)};
+    msgs[0] = (dg_message){DG_ROLE_SYSTEM, &parts[0], 1};
+    msgs[1] = (dg_message){DG_ROLE_USER, &parts[1], 1};
+    return (dg_request){.id = "t", .messages = msgs, .n_messages = 2};
+}
+
+static const char *SYSTEM = "You are a careful assistant who answers questions about cooking, "
+                            "baking and kitchen safety in short, precise sentences, and who says so "
+                            "plainly when a question is outside what a kitchen can answer.";
+
+TEST(sched_text_matches_direct_greedy_decode) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[256];
+    dg_model *m;
+    dg_sched *s;
+    CHECK_EQ_INT(dg_model_open(pkg, &(dg_model_opts){.device = "cpu"}, &m, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    dg_message msgs[2];
+    dg_part parts[2];
+    dg_request r = text_request(msgs, parts, SYSTEM, "How long do I boil an egg?");
+    collect c = {0};
+    CHECK_EQ_INT(run_one(s, &r, &c, -1), 0);
+    CHECK_EQ_INT(c.finished, 1);
+    CHECK(c.reason == DG_FINISH_LENGTH || c.reason == DG_FINISH_STOP);
+
+    /* the same prompt, greedy, straight through the decoder */
+    dg_tok_ids ids = {0};
+    char prompt[1024];
+    snprintf(prompt, sizeof prompt, "<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\nHow long do I boil an egg?"
+             "<|im_end|>\n<|im_start|>assistant\n", SYSTEM);
+    CHECK_EQ_INT(dg_tok_encode(m->tok, prompt, strlen(prompt), &ids, err, sizeof err), 0);
+    CHECK_EQ_INT(c.usage.prompt_tokens, (int64_t)ids.n);
+    dg_kv_cache *kv;
+    dg_qwen2_state *st;
+    dg_kv_seq seq;
+    CHECK_EQ_INT(dg_kv_cache_new(m->be, m->cfg.text.n_layers, m->cfg.text.n_kv_heads * m->cfg.text.head_dim, 16, 64,
+                                 &kv, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_qwen2_state_new(&m->llm, 256, 1, &st, err, sizeof err), 0);
+    dg_kv_seq_init(&seq, 512, 16);
+    dg_tok_ids out = {0};
+    dg_qwen2_input in = {.ids = ids.ids, .n = (int)ids.n, .n_logits = 1};
+    for (int step = 0; step < 24; step++) {
+        CHECK_EQ_INT(dg_qwen2_forward(&m->llm, st, kv, &seq, &in, NULL, err, sizeof err), 0);
+        int32_t best = 0;
+        for (int v = 1; v < m->cfg.text.vocab_size; v++) if (st->logits[v] > st->logits[best]) best = v;
+        int stop = 0;
+        for (int k = 0; k < m->n_stop_ids; k++) stop |= best == m->stop_ids[k];
+        if (stop) break;
+        dg_tok_ids_push(&out, best);
+        in = (dg_qwen2_input){.ids = &out.ids[out.n - 1], .n = 1, .n_logits = 1};
+    }
+    char *direct;
+    size_t direct_len;
+    CHECK_EQ_INT(dg_tok_decode(m->tok, out.ids, out.n, DG_TOK_SKIP_SPECIAL, &direct, &direct_len, err, sizeof err), 0);
+    CHECK_EQ_INT(c.usage.generated_tokens, (int64_t)out.n);
+    CHECK_EQ_INT(c.len, direct_len);
+    CHECK(c.len == direct_len && memcmp(c.text, direct, direct_len) == 0);
+    free(direct);
+    dg_tok_ids_free(&out);
+    dg_tok_ids_free(&ids);
+    dg_kv_seq_release(kv, &seq);
+    dg_kv_seq_free(&seq);
+    dg_qwen2_state_free(&m->llm, st);
+    dg_kv_cache_free(kv);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
+TEST(sched_prefix_cache_reuses_blocks_and_changes_nothing) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[256];
+    dg_model *m;
+    dg_sched *s;
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    dg_message msgs[2];
+    dg_part parts[2];
+    dg_request r1 = text_request(msgs, parts, SYSTEM, "What is a roux?");
+    collect a = {0}, b = {0}, fresh = {0};
+    CHECK_EQ_INT(run_one(s, &r1, &a, -1), 0);
+    CHECK_EQ_INT(a.usage.cached_prompt_tokens, 0);
+    dg_message msgs2[2];
+    dg_part parts2[2];
+    dg_request r2 = text_request(msgs2, parts2, SYSTEM, "Why does bread rise?");
+    CHECK_EQ_INT(run_one(s, &r2, &b, -1), 0);
+    /* every full 16-token block of the common prefix (system turn and the user turn's
+     * header) is shared */
+    char p1[1024], p2[1024];
+    snprintf(p1, sizeof p1, "<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\nWhat is a roux?", SYSTEM);
+    snprintf(p2, sizeof p2, "<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\nWhy does bread rise?", SYSTEM);
+    dg_tok_ids i1 = {0}, i2 = {0};
+    dg_tok_encode(m->tok, p1, strlen(p1), &i1, err, sizeof err);
+    dg_tok_encode(m->tok, p2, strlen(p2), &i2, err, sizeof err);
+    size_t common = 0;
+    while (common < i1.n && common < i2.n && i1.ids[common] == i2.ids[common]) common++;
+    CHECK(common >= 32);
+    CHECK_EQ_INT(b.usage.cached_prompt_tokens, (int64_t)(common / 16 * 16));
+    dg_tok_ids_free(&i1);
+    dg_tok_ids_free(&i2);
+    dg_cache_stats cs;
+    dg_sched_cache_stats(s, &cs);
+    CHECK_EQ_INT(cs.kv_hits, (int64_t)(common / 16));
+    /* the same request on a scheduler whose cache is empty: the same answer */
+    dg_sched *s2;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s2, err, sizeof err), 0);
+    CHECK_EQ_INT(run_one(s2, &r2, &fresh, -1), 0);
+    CHECK_EQ_INT(fresh.usage.cached_prompt_tokens, 0);
+    CHECK_EQ_STR(b.text, fresh.text);
+    dg_sched_free(s2);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
+TEST(sched_limits_stop_strings_cancel) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[256];
+    dg_model *m;
+    dg_sched *s;
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2}, &s, err, sizeof err), 0);
+    dg_message msgs[2];
+    dg_part parts[2];
+    dg_request r = text_request(msgs, parts, SYSTEM, "Tell me about knives.");
+    r.text.max_new_tokens = 5;
+    collect c = {0};
+    CHECK_EQ_INT(run_one(s, &r, &c, -1), 0);
+    CHECK(c.reason == DG_FINISH_LENGTH || c.reason == DG_FINISH_STOP);
+    if (c.reason == DG_FINISH_LENGTH) CHECK_EQ_INT(c.usage.generated_tokens, 5);
+
+    /* a stop string taken from the middle of the full answer: the text ends before it */
+    r.text.max_new_tokens = 0;
+    collect full = {0};
+    CHECK_EQ_INT(run_one(s, &r, &full, -1), 0);
+    if (full.len > 8) {
+        char stop[8];
+        memcpy(stop, full.text + full.len / 2, 3);
+        stop[3] = 0;
+        const char *stops[1] = {stop};
+        r.text.stop = stops;
+        r.text.n_stop = 1;
+        collect cut = {0};
+        CHECK_EQ_INT(run_one(s, &r, &cut, -1), 0);
+        CHECK(cut.reason == DG_FINISH_STOP);
+        char *first = strstr(full.text, stop);
+        CHECK(first != NULL);
+        if (first) CHECK_EQ_INT(cut.len, (size_t)(first - full.text));
+        r.text.stop = NULL;
+        r.text.n_stop = 0;
+    }
+    collect cc = {0};
+    CHECK_EQ_INT(run_one(s, &r, &cc, 3), 0);
+    CHECK(cc.reason == DG_FINISH_CANCELLED);
+    CHECK(cc.usage.generated_tokens <= 3);
+
+    /* an input image with no vision path: refused at submit with a clear message */
+    dg_part img_parts[1] = {{.kind = DG_PART_IMAGE, .image = (const uint8_t *)"\x89PNG", .image_len = 4}};
+    dg_message img_msg = {DG_ROLE_USER, img_parts, 1};
+    dg_request ri = {.messages = &img_msg, .n_messages = 1};
+    uint64_t seq;
+    dg_sink sk = sink_for(&c);
+    CHECK_EQ_INT(dg_sched_submit(s, &ri, &sk, &seq, err, sizeof err), DG_EINVAL);
+    CHECK(strstr(err, "messages[0].parts[0]") != NULL);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
+TEST(model_open_errors_name_the_problem) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512], dir[512];
+    dg_model *m = NULL;
+    CHECK_EQ_INT(dg_model_open("/nonexistent/pkg", NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "/nonexistent/pkg/duogen.json") && strstr(err, "needs its duogen.json"));
+    CHECK(m == NULL);
+    snprintf(dir, sizeof dir, "%s/bad1", pkg);
+    CHECK_EQ_INT(mkdir(dir, 0755), 0);
+    write_manifest(dir, "{\"format\": \"duogen-package-1\", \"components\": {}}");
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"components\" must name at least \"mllm\""));
+    write_manifest(dir, "{\"format\": \"duogen-package-1\", \"components\": {\"mllm\": \"../mllm\"}, "
+                        "\"bov_token\": \"<NOPE>\"}");
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "bov_token \"<NOPE>\""));
+    write_manifest(dir, "{\"format\": \"duogen-package-1\", \"components\": {\"mllm\": \"../mllm\"}, "
+                        "\"defaults\": {\"steps\": -3}}");
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"steps\" must be a number in 1..10000"));
+    write_manifest(dir, "{not json");
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "duogen.json: line 1"));
+}
+
+int main(void) { return test_main(); }
