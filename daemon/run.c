@@ -247,6 +247,7 @@ static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usa
 
 static void on_failed(void *user, int code, const char *message) {
     dg_run *r = user;
+    r->retry = dg_error_class(code) == DG_ERROR_RETRYABLE;   /* e.g. no KV block free now */
     int pcode = code == DG_EIMAGE ? DUOGEN__V1__ERROR__CODE__BAD_IMAGE
               : dg_error_class(code) == DG_ERROR_BAD_INPUT ? DUOGEN__V1__ERROR__CODE__BAD_REQUEST
                                                           : DUOGEN__V1__ERROR__CODE__INTERNAL;

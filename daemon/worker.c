@@ -679,6 +679,15 @@ out:
 static void write_results(dg_worker *w) {
     dg_run *batch[64];
     int n = 0;
+    /* a run that failed for a passing reason gets no result: it stays pending, its lease
+     * lapses, and a reaper (this worker's or another's) delivers it again */
+    for (dg_run *r = w->runs, *next; r; r = next) {
+        next = r->next;
+        if (!r->ended || !r->retry) continue;
+        note_retry(w, r, r->error);
+        unlink_run(w, r);
+        dg_run_free(r);
+    }
     for (dg_run *r = w->runs; r && n < 64; r = r->next)
         if (r->ended) batch[n++] = r;
     if (!n) return;

@@ -73,6 +73,7 @@ typedef struct dg_run {
     char     error[1024];
     char     finish[16];             /* stop, length, cancelled, deadline */
     int      dead;                   /* also copy the job to the dead-letter stream */
+    int      retry;                  /* a passing failure: no result; left pending for later */
     int      cancel_asked;           /* dg_sched_cancel() sent */
     int      expired;                /* the deadline passed while running */
     dg_usage usage;
