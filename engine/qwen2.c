@@ -200,6 +200,22 @@ static void layer_forward(const dg_qwen2 *m, const dg_qwen2_layer *L, dg_qwen2_s
     be->add(be, s->x, s->h, (int64_t)n * D);
 }
 
+/* The x rows of the <|image_pad|> tokens <- image_embeds rows, in order (masked_scatter). */
+static void insert_image_rows(const dg_qwen2 *m, dg_qwen2_state *s, const dg_qwen2_input *in) {
+    const int D = m->cfg.hidden_size, image = m->cfg.image_token_id;
+    int32_t idx[64];   /* embedding rows of one run of image tokens, 64 at a time */
+    for (int i = 0, e = 0; i < in->n;) {
+        int run = 0;
+        while (i + run < in->n && run < 64 && in->ids[i + run] == image) {
+            idx[run] = e + run;
+            run++;
+        }
+        if (run) m->be->gather_rows(m->be, s->x + (int64_t)i * D, in->image_embeds, idx, run, D);
+        i += run ? run : 1;
+        e += run;
+    }
+}
+
 int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq,
                      const dg_qwen2_input *in, const dg_qwen2_hook *hook, char *err,
                      size_t errlen) {
@@ -233,6 +249,7 @@ int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_k
     }
 
     be->embed(be, s->x, &m->embed, in->ids, n);
+    if (in->image_embeds) insert_image_rows(m, s, in);
     for (int l = 0; l < c->n_layers; l++) {
         dg_kv_view view = dg_kv_cache_layer(kv, seq, l);
         layer_forward(m, &m->layers[l], s, &view, pos, n_past, n);
@@ -244,6 +261,6 @@ int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_k
         be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, in->n_logits);
         be->download(be, s->logits, s->dev_logits, (int64_t)in->n_logits * c->vocab_size);
     }
-    dg_kv_seq_commit(kv, seq, in->ids, NULL, n);
+    dg_kv_seq_commit(kv, seq, in->ids, in->token_keys, n);
     return 0;
 }

@@ -64,6 +64,12 @@ typedef struct {
     const int32_t *pos;       /* [3, n] M-RoPE positions (t, h, w rows), or NULL for text:
                                  every row = n_past + i + rope_delta (spec §3.4) */
     int            rope_delta;
+    const float   *image_embeds; /* [image tokens in ids, D] backend memory, or NULL: the rows
+                                 that replace the embeddings of the image_token_id tokens, in
+                                 order (spec §3.5; engine/vision.h makes them) */
+    const uint64_t *token_keys; /* [n] or NULL: per-token extra keys of the KV blocks (image
+                                 tokens: their image's content hash, so that a different
+                                 image of the same size never shares cached blocks) */
     int            n;         /* tokens, 1 ..state max_tokens */
     int            n_logits;  /* logits for the last n_logits tokens, 0 ..min(n, max_logits) */
 } dg_qwen2_input;
