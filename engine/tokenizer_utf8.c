@@ -171,6 +171,7 @@ static uint32_t utf8_next(const uint8_t *s, size_t *i) {
 }
 
 static int out_put(uint8_t **out, size_t *len, size_t *cap, const uint8_t *s, size_t n) {
+    if (n == 0) return 0;
     if (*len + n > *cap) {
         size_t c = *cap ? *cap : 256;
         while (c < *len + n) c *= 2;
