@@ -79,6 +79,50 @@ def vae_goldens(pkg, out, g):
     g["vae"] = {"cases": cases, "inputs": {"pixels": [0.9, 0.37, 0.1], "latent": [1.5, 0.61, 0.3]}}
 
 
+# ---- flow sampler -------------------------------------------------------------------------
+
+FLOW_N = 64
+
+
+def synthetic_velocity(x, sigma):
+    """v[k] = 0.8·x[k] − 0.3·sin(3σ + 0.05k) in float32 (test_flow.c computes the same)."""
+    k = torch.arange(x.numel(), dtype=torch.float32).view(x.shape)
+    return 0.8 * x - 0.3 * torch.sin(torch.tensor(3.0, dtype=torch.float32) * torch.tensor(sigma, dtype=torch.float32) + 0.05 * k)
+
+
+def run_scheduler(sched, x):
+    for t in sched.timesteps:
+        sigma = float(sched.sigmas[sched.step_index if sched.step_index is not None else 0])
+        v = synthetic_velocity(x, sigma)
+        x = sched.step(v, t, x, return_dict=False)[0]
+    return x
+
+
+def flow_goldens(pkg, out, g):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    cases = []
+    x0 = torch.from_numpy(wave(FLOW_N, 1.0, 0.7, 0.2)).view(1, 4, 4, 4)   # UniPC wants [B, C, ...]
+    for steps in (36, 6):
+        sched = UniPCMultistepScheduler(use_karras_sigmas=True, use_flow_sigmas=True, prediction_type="flow_prediction",
+                                        sigma_max=200.0, sigma_min=0.01, solver_order=2, solver_type="bh2",
+                                        lower_order_final=True, final_sigmas_type="zero")
+        sched.set_timesteps(steps)
+        x = run_scheduler(sched, x0.clone())
+        cases.append({"name": f"unipc_karras_{steps}", "solver": "unipc", "schedule": "karras", "steps": steps,
+                      "sigmas": [float(s) for s in sched.sigmas], "x": save(out, f"flow_unipc_karras_{steps}.f32", x)})
+    for steps in (10,):
+        sched = FlowMatchEulerDiscreteScheduler(shift=5.0)
+        sched.set_timesteps(steps)
+        x = run_scheduler(sched, x0.clone())
+        cases.append({"name": f"euler_shift5_{steps}", "solver": "euler", "schedule": "shifted", "shift": 5.0,
+                      # set_timesteps spaces u linearly from 1 to the already shifted sigma_min
+                      # (shift(1/1000)) and shifts again
+                      "u_first": 1.0, "u_last": 5.0 * 0.001 / (1 + 4.0 * 0.001), "steps": steps,
+                      "sigmas": [float(s) for s in sched.sigmas], "x": save(out, f"flow_euler_shift5_{steps}.f32", x)})
+    g["flow"] = {"n": FLOW_N, "x_init": [1.0, 0.7, 0.2], "cases": cases}
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.normpath(os.path.join(here, "..", ".."))
@@ -100,7 +144,7 @@ def main():
         import diffusers
         g["versions"] = {"diffusers": diffusers.__version__, "torch": torch.__version__}
         for part in args.only.split(","):
-            {"vae": vae_goldens}[part](tmp, out, g)
+            {"vae": vae_goldens, "flow": flow_goldens}[part](tmp, out, g)
     with open(gpath, "w") as f:
         json.dump(g, f, indent=1)
     print("wrote", gpath)
