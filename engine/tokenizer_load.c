@@ -215,7 +215,8 @@ static int added_insert(dg_tok_files *f, const char *content, size_t len, json_i
                         bool normalized, const json_t *o, const char *where, char *err, size_t errlen);
 
 /* One added token, from tokenizer.json "added_tokens" or tokenizer_config.json
- * "added_tokens_decoder"; one with the same id already there must agree with it. */
+ * "added_tokens_decoder". The same token listed again takes the new flags; another token
+ * with the same id or content is an error. */
 static int added_add(const json_t *o, json_int_t id, const char *where, dg_tok_files *f, char *err, size_t errlen) {
     const json_t *c = json_object_get(o, "content");
     if (!json_is_object(o) || !json_is_string(c) || json_string_length(c) == 0)
@@ -250,7 +251,12 @@ static int added_insert(dg_tok_files *f, const char *content, size_t len, json_i
     for (size_t k = 0; k < f->n_added; k++) {
         dg_tok_added_entry *e = &f->added[k];
         bool same_text = e->content_len == len && !memcmp(e->content, content, len);
-        if (e->id == id && same_text && e->special == special && e->normalized == normalized) return 0;
+        if (e->id == id && same_text) {   /* listed again (tokenizer_config.json after
+                                             tokenizer.json): the later flags win, as in transformers */
+            e->special = special;
+            e->normalized = normalized;
+            return 0;
+        }
         if (e->id == id || same_text)
             return fail(err, errlen, "%s: \"%s\" (id %lld) conflicts with added token \"%s\" (id %d)",
                         where, content, (long long)id, (const char *)e->content, e->id);
