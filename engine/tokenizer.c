@@ -100,7 +100,7 @@ static int tables_build(dg_tok *t, const dg_tok_files *f, const char *dir, char 
         memcpy(t->bytes + at, e->bytes, e->len);
         t->offset[e->id] = (uint32_t)at;
         t->len[e->id] = (uint16_t)e->len;
-        t->flags[e->id] = DG_TOK_F_PRESENT | DG_TOK_F_ADDED | (e->special ? DG_TOK_F_SPECIAL : 0);
+        t->flags[e->id] = DG_TOK_F_PRESENT | (e->special ? DG_TOK_F_SPECIAL : 0);
         at += e->len;
     }
     return 0;

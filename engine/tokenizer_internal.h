@@ -3,7 +3,7 @@
  *   tokenizer.c        dg_tok_open/close, encode (added tokens, NFC, regex split), decode
  *   tokenizer_load.c   reading vocab.json, merges.txt, tokenizer_config.json, tokenizer.json
  *   tokenizer_bpe.c    the merge table, BPE by rank and the memo of encoded words
- *   tokenizer_utf8.c   the byte-level alphabet, lossy UTF-8, the NFC fast check
+ *   tokenizer_utf8.c   the byte-level alphabet, lossy UTF-8, NFC span by span
  */
 #ifndef DG_TOKENIZER_INTERNAL_H
 #define DG_TOKENIZER_INTERNAL_H
@@ -23,8 +23,7 @@
 
 enum {
     DG_TOK_F_PRESENT = 1,   /* the id names a token */
-    DG_TOK_F_ADDED   = 2,   /* an added token (matched on the raw text) */
-    DG_TOK_F_SPECIAL = 4,   /* an added token flagged special */
+    DG_TOK_F_SPECIAL = 2,   /* an added token flagged special */
 };
 
 typedef struct {
