@@ -2,8 +2,9 @@
  *
  * Encodes exactly as the Hugging Face fast tokenizer does (tokenizers library, the
  * pipeline of specs/qwen2_5_vl.md §6): added tokens matched on the raw text first
- * (leftmost, longest), NFC on the rest, the Qwen2 pre-tokenizer regex, the GPT-2
- * byte-to-unicode alphabet and BPE by merge rank. No BOS/EOS is ever added.
+ * (leftmost, longest; any flagged "normalized" on the NFC text), NFC on the rest, the
+ * Qwen2 pre-tokenizer regex (with the reference's Unicode 16 letter and number classes),
+ * the GPT-2 byte-to-unicode alphabet and BPE by merge rank. No BOS/EOS is ever added.
  *
  *     dg_tok *tok; char err[256];
  *     if (dg_tok_open("models/x/mllm", &tok, err, sizeof err) < 0) die("%s", err);
