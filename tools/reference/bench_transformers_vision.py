@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Baseline for dg-bench's vision benchmark: the transformers vision tower (PyTorch,
+float32, CPU) on the same small package (build/mkmodel --preset small --seed 1), the same
+image sizes (448x448 and 1024x1024, preprocessed by the slow Pillow processor; not timed),
+1 and 2 threads. Writes build/bench/transformers_vision.json with the keys dg-bench uses
+(images_s_448_t1, ...), so that dg-bench prints the ratios. Attention: "sdpa" (the
+transformers default) unless --attn eager.
+
+  tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py [--quick]
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+
+def draw(side):
+    # the picture of tools/dg-bench/bench_vision.c (content does not change the work)
+    y, x = np.mgrid[0:side, 0:side]
+    img = np.stack([x * 255 // side, y * 255 // side,
+                    np.where(((x // 37 + y // 29) & 1) == 1, 200, 40)], axis=-1)
+    return Image.fromarray(img.astype(np.uint8), "RGB")
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.normpath(os.path.join(here, "..", ".."))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(root, "build", "models", "small"))
+    ap.add_argument("--out", default=os.path.join(root, "build", "bench", "transformers_vision.json"))
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    sides = [448] if args.quick else [448, 1024]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        os.path.join(args.model, "mllm"), dtype=torch.float32, attn_implementation=args.attn)
+    model.eval()
+    visual = model.model.visual
+    proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
+    res = {"torch": torch.__version__, "dtype": "float32", "attn_implementation": args.attn,
+           "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
+    with torch.inference_mode():
+        for t in args.threads:
+            torch.set_num_threads(t)
+            for side in sides:
+                p = proc(images=[draw(side)], return_tensors="pt")
+                pv, grid = p["pixel_values"], p["image_grid_thw"]
+                reps = 1 if args.quick else (4 if side <= 448 else 2)
+                visual(pv, grid_thw=grid)   # warm-up
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    visual(pv, grid_thw=grid)
+                t1 = time.perf_counter()
+                key = f"images_s_{side}_t{t}"
+                res[key] = reps / (t1 - t0)
+                print(f"{key}: {res[key]:.3f} img/s (grid {grid[0].tolist()})")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
