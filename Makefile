@@ -43,6 +43,26 @@ ENGINE_SRC := $(wildcard engine/*.c kernels/cpu/*.c)
 ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o)
 LIB        := $(BUILD)/libduogen.a
 
+# ---- the CUDA backend: kernels/cuda/*.cu join the library when nvcc is on PATH ------------
+# (sm_90 machine code for the H100/H200 plus compute_80 PTX that newer GPUs JIT-compile);
+# without nvcc the build is the CPU-only product, and "cuda:N" says so at run time.
+NVCC := $(shell command -v nvcc 2>/dev/null)
+ifneq ($(NVCC),)
+CUDA_LIB   := $(abspath $(dir $(NVCC))../lib64)
+CUDA_ARCH  ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80
+NVCCFLAGS  ?= -O3
+NVCCFLAGS  += -std=c++17 $(CUDA_ARCH) -Iengine -Ikernels --Werror all-warnings \
+              -Xcompiler -fPIC,-Wall,-Wextra,-Wno-unused-parameter
+CUDA_OBJ   := $(patsubst %.cu,$(BUILD)/obj/%.o,$(wildcard kernels/cuda/*.cu))
+ENGINE_OBJ += $(CUDA_OBJ)
+LDLIBS     += -L$(CUDA_LIB) -Wl,-rpath,$(CUDA_LIB) -lcublas -lcudart -lstdc++
+$(BUILD)/obj/engine/backend.o: CFLAGS += -DDG_HAVE_CUDA
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	@echo "  NVCC    $<"
+	@$(NVCC) $(NVCCFLAGS) -MMD -MP -MF $(@:.o=.d) -c $< -o $@
+endif
+
 DAEMON_SRC := $(wildcard daemon/*.c)
 DAEMON_OBJ := $(DAEMON_SRC:%.c=$(BUILD)/obj/%.o)
 # duogend's objects without its main(), shared with the test build of the daemon

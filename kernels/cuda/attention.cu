@@ -1,0 +1,396 @@
+/* attention.cu — causal attention over the paged KV cache (decode and prefill), non-causal
+ * segment attention (vision windows, DiT self/cross attention) and the VAE's single-head
+ * spatial attention. All fp32 (q, K, V and the output are fp32 in device memory), exp in
+ * full precision, online softmax; results equal the CPU reference up to summation order.
+ *
+ * Two kernels do the multi-head work:
+ *   - decode (m <= DECODE_MAX_M query rows): split-K ("flash-decoding"). Block (head,
+ *     row, split) scores a chunk of keys with 4 warps, one key per warp at a time (the
+ *     warp reads a K row as coalesced 128-byte pieces, lane l holding dims l, l+32, ...),
+ *     keeps a running max / sum / output per warp, merges the warps in shared memory and
+ *     writes a partial (max, sum, o[head_dim]) to the scratch; a second kernel merges the
+ *     splits. Splits give the chip enough blocks when one token attends to a long context.
+ *   - tiled (prefill and segments): flash-style. Block (query tile of BQ = 32 rows, head)
+ *     walks key tiles of BK = 32: Q, K, V tiles in shared memory (K and Q rows padded by
+ *     one float: the quad of threads that share a query row reads 4 different K rows at
+ *     the same dim, which would otherwise hit one bank), S = Q·Kᵀ per thread 8 scores,
+ *     row max / sum across the 4 threads of a row by shuffles, P through shared memory,
+ *     O += P·V with each thread holding head_dim/4 accumulators in registers. fp32 FMA on
+ *     the CUDA cores: correct and cache-friendly, not yet tensor-core speed (see
+ *     kernels/cuda/NOTES.md). Shared memory 53 KB (head_dim 128) to 103 KB (256): the
+ *     dynamic limit is raised once in dg_cuda_attention_init. */
+#include <math.h>
+
+#include "cuda_common.cuh"
+
+#define DECODE_MAX_M  8
+#define DECODE_WARPS  4
+#define DECODE_CHUNK  64     /* keys per split at least (16 per warp) */
+#define BQ 32
+#define BK 32
+#define TILE_THREADS 128     /* 4 threads per query row */
+
+/* ---- KV addressing ---------------------------------------------------------------------- */
+
+/* Key/value row j: paged (block table) or linear (row j at base + j·stride). */
+struct kv_addr {
+    const float   *k, *v;
+    const int32_t *table;    /* NULL: linear */
+    int            block_size;
+    int            stride;   /* floats between rows */
+};
+
+__device__ __forceinline__ int64_t kv_off(const kv_addr &a, int j) {
+    const int64_t r = a.table ? (int64_t)a.table[j / a.block_size] * a.block_size + j % a.block_size : j;
+    return r * a.stride;
+}
+
+/* ---- decode: split-K --------------------------------------------------------------------- */
+
+/* Partial of block (h, i, s): ml[0] = running max, ml[1] = sum of exp, o[head_dim]. */
+template <int NPL>   /* dims per lane: head_dim <= 32·NPL */
+__global__ void __launch_bounds__(32 * DECODE_WARPS)
+attn_decode_kernel(float *part, const float *q, kv_addr a, int n_past, int n_heads, int group,
+                   int head_dim, int chunk, int n_split, float scale) {
+    const int h = blockIdx.x, i = blockIdx.y, s = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kvh = h / group;
+    const int n_ctx = n_past + i + 1, j0 = s * chunk, j1 = min(j0 + chunk, n_ctx);
+    const float *qi = q + ((int64_t)i * n_heads + h) * head_dim;
+    float qr[NPL], o[NPL], mx = -INFINITY, l = 0.0f;
+#pragma unroll
+    for (int t = 0; t < NPL; t++) {
+        const int d = t * 32 + lane;
+        qr[t] = d < head_dim ? qi[d] * scale : 0.0f;
+        o[t] = 0.0f;
+    }
+    for (int j = j0 + warp; j < j1; j += DECODE_WARPS) {
+        const int64_t off = kv_off(a, j) + (int64_t)kvh * head_dim;
+        float kr[NPL], vr[NPL];
+#pragma unroll
+        for (int t = 0; t < NPL; t++) {      /* both rows' loads issued before any use */
+            const int d = t * 32 + lane;
+            kr[t] = d < head_dim ? a.k[off + d] : 0.0f;
+            vr[t] = d < head_dim ? a.v[off + d] : 0.0f;
+        }
+        float sc = 0.0f;
+#pragma unroll
+        for (int t = 0; t < NPL; t++) sc += qr[t] * kr[t];
+        sc = dg_warp_sum(sc);
+        const float mn = fmaxf(mx, sc), corr = expf(mx - mn), p = expf(sc - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int t = 0; t < NPL; t++) o[t] = o[t] * corr + p * vr[t];
+        mx = mn;
+    }
+    /* merge the warps */
+    __shared__ float sm[DECODE_WARPS], sl[DECODE_WARPS], so[DECODE_WARPS][32 * NPL];
+    if (lane == 0) { sm[warp] = mx; sl[warp] = l; }
+#pragma unroll
+    for (int t = 0; t < NPL; t++) so[warp][t * 32 + lane] = o[t];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < DECODE_WARPS; w++) M = fmaxf(M, sm[w]);
+    float *pp = part + (((int64_t)i * n_heads + h) * n_split + s) * (head_dim + 2);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int w = 0; w < DECODE_WARPS; w++)
+            if (sl[w] > 0.0f) acc += so[w][d] * expf(sm[w] - M);
+        pp[2 + d] = acc;
+    }
+    if (threadIdx.x == 0) {
+        float L = 0.0f;
+        for (int w = 0; w < DECODE_WARPS; w++) if (sl[w] > 0.0f) L += sl[w] * expf(sm[w] - M);
+        pp[0] = M;
+        pp[1] = L;
+    }
+}
+
+/* out[i, h, :] = Σ_s e^(m_s - M) o_s / Σ_s e^(m_s - M) l_s over the splits that saw keys. */
+__global__ void attn_merge_kernel(float *out, const float *part, int n_heads, int head_dim, int n_split) {
+    const int h = blockIdx.x, i = blockIdx.y;
+    const float *pp = part + ((int64_t)i * n_heads + h) * n_split * (head_dim + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < n_split; s++) if (pp[s * (head_dim + 2) + 1] > 0.0f) M = fmaxf(M, pp[s * (head_dim + 2)]);
+    float L = 0.0f;
+    for (int s = 0; s < n_split; s++) {
+        const float *ps = pp + s * (head_dim + 2);
+        if (ps[1] > 0.0f) L += ps[1] * expf(ps[0] - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < n_split; s++) {
+            const float *ps = pp + s * (head_dim + 2);
+            if (ps[1] > 0.0f) acc += ps[2 + d] * expf(ps[0] - M);
+        }
+        out[((int64_t)i * n_heads + h) * head_dim + d] = acc * inv;
+    }
+}
+
+static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_past, int m,
+                       int n_heads, int n_kv_heads, int head_dim, float scale) {
+    const int n_ctx = n_past + m;
+    /* as many splits of >= DECODE_CHUNK keys as the scratch holds */
+    const int64_t per_split = (int64_t)m * n_heads * (head_dim + 2) * (int64_t)sizeof(float);
+    int64_t max_split = (int64_t)c->scratch_bytes / per_split;
+    int n_split = (n_ctx + DECODE_CHUNK - 1) / DECODE_CHUNK;
+    if (n_split > max_split) n_split = (int)max_split;
+    if (n_split > 65535) n_split = 65535;
+    const int chunk = (n_ctx + n_split - 1) / n_split;
+    float *part = (float *)c->scratch;
+    const dim3 grid(n_heads, m, n_split);
+    const int group = n_heads / n_kv_heads;
+    if (head_dim <= 32)
+        attn_decode_kernel<1><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
+    else if (head_dim <= 64)
+        attn_decode_kernel<2><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
+    else if (head_dim <= 128)
+        attn_decode_kernel<4><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
+    else
+        attn_decode_kernel<8><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
+    CUDA_CHECK_LAUNCH(c);
+    attn_merge_kernel<<<dim3(n_heads, m), 128, 0, c->stream>>>(out, part, n_heads, head_dim, n_split);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+/* ---- tiled flash-style ------------------------------------------------------------------ */
+
+/* Tile t: query rows tiles[4t] .. tiles[4t+1]-1 (at most BQ) against key rows tiles[4t+2]
+ * .. tiles[4t+3]-1. causal >= 0: query row r (absolute) sees key rows k0 .. k0 + causal +
+ * (r - q0_of_segment) (the decoder: causal = n_past, one segment from row 0). */
+template <int HD>
+__global__ void __launch_bounds__(TILE_THREADS)
+attn_tile_kernel(float *out, int out_stride, const float *q, int q_stride, kv_addr a,
+                 const int32_t *tiles, int n_heads, int group, int head_dim, float scale, int causal) {
+    extern __shared__ float smem[];
+    float *Qs = smem;                       /* [BQ][HD + 1] */
+    float *Ks = Qs + BQ * (HD + 1);         /* [BK][HD + 1] */
+    float *Vs = Ks + BK * (HD + 1);         /* [BK][HD] */
+    float *Ps = Vs + BK * HD;               /* [BQ][BK + 1] */
+    const int t = threadIdx.x, r = t >> 2, cq = t & 3;
+    const int h = blockIdx.y, kvh = h / group;
+    const int4 tile = ((const int4 *)tiles)[blockIdx.x];
+    const int q0 = tile.x, nq = tile.y - tile.x, k0 = tile.z, nk_all = tile.w - tile.z;
+
+    for (int e = t; e < BQ * HD; e += TILE_THREADS) {
+        const int rr = e / HD, d = e % HD;
+        Qs[rr * (HD + 1) + d] = rr < nq && d < head_dim ? q[(int64_t)(q0 + rr) * q_stride + h * head_dim + d] * scale : 0.0f;
+    }
+    /* keys this tile needs: all, or under the causal mask up to its last row */
+    int nk = nk_all;
+    if (causal >= 0) nk = min(nk_all, causal + (q0 - 0) + nq);
+    const int my_row_limit = causal >= 0 ? causal + q0 + r : 0x7fffffff;   /* last key it may see */
+
+    float o[HD / 4], mx = -INFINITY, l = 0.0f;
+#pragma unroll
+    for (int dd = 0; dd < HD / 4; dd++) o[dd] = 0.0f;
+
+    for (int j0 = 0; j0 < nk; j0 += BK) {
+        __syncthreads();                    /* the previous tile's K, V, P are consumed */
+        for (int e = t; e < BK * HD; e += TILE_THREADS) {
+            const int c = e / HD, d = e % HD, j = j0 + c;
+            float kv = 0.0f, vv = 0.0f;
+            if (j < nk && d < head_dim) {
+                const int64_t off = kv_off(a, k0 + j) + (int64_t)kvh * head_dim + d;
+                kv = a.k[off];
+                vv = a.v[off];
+            }
+            Ks[c * (HD + 1) + d] = kv;
+            Vs[c * HD + d] = vv;
+        }
+        __syncthreads();
+        float s[BK / 4], tmax = -INFINITY;
+#pragma unroll
+        for (int jj = 0; jj < BK / 4; jj++) {
+            const int c = cq + 4 * jj, j = j0 + c;
+            float acc = 0.0f;
+            const float *qr = Qs + r * (HD + 1), *kr = Ks + c * (HD + 1);
+#pragma unroll 8
+            for (int d = 0; d < HD; d++) acc += qr[d] * kr[d];
+            s[jj] = j < nk && j <= my_row_limit ? acc : -INFINITY;
+            tmax = fmaxf(tmax, s[jj]);
+        }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float mn = fmaxf(mx, tmax);
+        const float corr = mn == -INFINITY ? 1.0f : expf(mx - mn);
+        float psum = 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < BK / 4; jj++) {
+            const float p = s[jj] == -INFINITY ? 0.0f : expf(s[jj] - mn);
+            psum += p;
+            Ps[r * (BK + 1) + cq + 4 * jj] = p;
+        }
+        psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+        psum += __shfl_xor_sync(0xffffffffu, psum, 2);
+        l = l * corr + psum;
+        mx = mn;
+        __syncthreads();
+#pragma unroll
+        for (int dd = 0; dd < HD / 4; dd++) o[dd] *= corr;
+        for (int c = 0; c < BK; c++) {
+            const float p = Ps[r * (BK + 1) + c];
+            const float *vr = Vs + c * HD + cq;
+#pragma unroll
+            for (int dd = 0; dd < HD / 4; dd++) o[dd] += p * vr[4 * dd];
+        }
+    }
+    if (r < nq) {
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;   /* an empty kv segment gives 0 */
+        float *orow = out + (int64_t)(q0 + r) * out_stride + h * head_dim;
+#pragma unroll
+        for (int dd = 0; dd < HD / 4; dd++) {
+            const int d = cq + 4 * dd;
+            if (d < head_dim) orow[d] = o[dd] * inv;
+        }
+    }
+}
+
+template <int HD>
+static size_t tile_smem(void) {
+    return sizeof(float) * (size_t)(BQ * (HD + 1) + BK * (HD + 1) + BK * HD + BQ * (BK + 1));
+}
+
+/* Stages n_tiles tile bounds from c->att_tiles and launches over them, every head. */
+static int attn_tiles_launch(dg_cuda *c, int n_tiles, float *out, int out_stride, const float *q,
+                             int q_stride, kv_addr a, int n_heads, int n_kv_heads, int head_dim,
+                             float scale, int causal) {
+    if (n_tiles == 0) return 0;
+    const int32_t *d_tiles = (const int32_t *)dg_cuda_stage(c, c->att_tiles, sizeof(int32_t) * 4 * (size_t)n_tiles);
+    if (!d_tiles) return DG_EDEVICE;
+    const dim3 grid(n_tiles, n_heads);
+    const int group = n_heads / n_kv_heads;
+#define LAUNCH(HD) attn_tile_kernel<HD><<<grid, TILE_THREADS, tile_smem<HD>(), c->stream>>>( \
+        out, out_stride, q, q_stride, a, d_tiles, n_heads, group, head_dim, scale, causal)
+    if (head_dim <= 32) LAUNCH(32);
+    else if (head_dim <= 64) LAUNCH(64);
+    else if (head_dim <= 128) LAUNCH(128);
+    else LAUNCH(256);
+#undef LAUNCH
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+int dg_cuda_attention_init(dg_cuda *c) {
+    CUDA_CHECK(c, cudaFuncSetAttribute(attn_tile_kernel<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem<32>()));
+    CUDA_CHECK(c, cudaFuncSetAttribute(attn_tile_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem<64>()));
+    CUDA_CHECK(c, cudaFuncSetAttribute(attn_tile_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem<128>()));
+    CUDA_CHECK(c, cudaFuncSetAttribute(attn_tile_kernel<256>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem<256>()));
+    return 0;
+}
+
+/* ---- the decoder's attention ------------------------------------------------------------- */
+
+static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
+                     int m, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    if (m <= 0) return 0;
+    const int n_ctx = n_past + m, n_blocks = (n_ctx + kv->block_size - 1) / kv->block_size;
+    const int32_t *d_tab = (const int32_t *)dg_cuda_stage(c, kv->block_table, sizeof(int32_t) * (size_t)n_blocks);
+    if (!d_tab) return DG_EDEVICE;
+    kv_addr a = {kv->k, kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
+    if (m <= DECODE_MAX_M)
+        return attn_decode(c, out, q, a, n_past, m, n_heads, n_kv_heads, head_dim, scale);
+    for (int t0 = 0; t0 < m; t0 += BQ * DG_CUDA_ATT_TILES) {
+        int n = 0;
+        for (int q0 = t0; q0 < m && n < DG_CUDA_ATT_TILES; q0 += BQ, n++) {
+            int32_t *tl = c->att_tiles + 4 * n;
+            tl[0] = q0;
+            tl[1] = q0 + BQ < m ? q0 + BQ : m;
+            tl[2] = 0;
+            tl[3] = n_ctx;
+        }
+        int rc = attn_tiles_launch(c, n, out, n_heads * head_dim, q, n_heads * head_dim, a, n_heads,
+                                   n_kv_heads, head_dim, scale, n_past);
+        if (rc < 0) return rc;
+    }
+    return 0;
+}
+
+/* ---- segments ------------------------------------------------------------------------------ */
+
+static int attention_segments(dg_cuda *c, float *out, const float *q, int q_stride, const float *k,
+                              const float *v, int kv_stride, const int32_t *q_cu, const int32_t *kv_cu,
+                              int n_seg, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    kv_addr a = {k, v, NULL, 1, kv_stride};
+    int n = 0;
+    for (int s = 0; s < n_seg; s++)
+        for (int q0 = q_cu[s]; q0 < q_cu[s + 1]; q0 += BQ) {
+            int32_t *tl = c->att_tiles + 4 * n;
+            tl[0] = q0;
+            tl[1] = q0 + BQ < q_cu[s + 1] ? q0 + BQ : q_cu[s + 1];
+            tl[2] = kv_cu[s];
+            tl[3] = kv_cu[s + 1];
+            if (++n == DG_CUDA_ATT_TILES) {
+                int rc = attn_tiles_launch(c, n, out, n_heads * head_dim, q, q_stride, a, n_heads,
+                                           n_kv_heads, head_dim, scale, -1);
+                if (rc < 0) return rc;
+                n = 0;
+            }
+        }
+    return attn_tiles_launch(c, n, out, n_heads * head_dim, q, q_stride, a, n_heads, n_kv_heads,
+                             head_dim, scale, -1);
+}
+
+/* ---- VAE spatial attention ---------------------------------------------------------------- */
+
+/* Block per query pixel: all plane scores in shared memory (plane · 4 bytes), an exact
+ * softmax, then out[c, p] = Σ_j p_j v[c, j] with one warp per channel reading v's row
+ * contiguously. Channel-major q, k, v make every read coalesced. O(plane² · channels) on
+ * the CUDA cores: correct, slow at 128×128 planes (NOTES.md). */
+__global__ void spatial_attn_kernel(float *out, const float *qkv, int channels, int64_t plane, float scale) {
+    extern __shared__ float sc[];
+    __shared__ float red[32];
+    const int64_t p = blockIdx.x;
+    const float *q = qkv, *k = qkv + channels * plane, *v = qkv + 2 * channels * plane;
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < plane; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int ch = 0; ch < channels; ch++) acc += q[ch * plane + p] * k[ch * plane + j];
+        sc[j] = acc * scale;
+        mx = fmaxf(mx, sc[j]);
+    }
+    mx = dg_block_max(mx, red);
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < plane; j += blockDim.x) s += (sc[j] = expf(sc[j] - mx));
+    const float inv = 1.0f / dg_block_sum(s, red);   /* ends with a barrier: sc is complete */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int ch = warp; ch < channels; ch += nw) {
+        const float *vr = v + ch * plane;
+        float acc = 0.0f;
+        for (int64_t j = lane; j < plane; j += 32) acc += sc[j] * vr[j];
+        acc = dg_warp_sum(acc);
+        if (lane == 0) out[ch * plane + p] = acc * inv;
+    }
+}
+
+static int spatial_attention(dg_cuda *c, float *out, const float *qkv, int channels, int64_t plane) {
+    if (plane <= 0) return 0;
+    const size_t smem = sizeof(float) * (size_t)plane;
+    if (smem > c->prop.sharedMemPerBlockOptin)
+        return dg_cuda_fail(c, "spatial attention plane larger than shared memory", "spatial_attention", __FILE__, __LINE__);
+    CUDA_CHECK(c, cudaFuncSetAttribute(spatial_attn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    spatial_attn_kernel<<<(unsigned)plane, 256, smem, c->stream>>>(out, qkv, channels, plane, 1.0f / sqrtf((float)channels));
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+/* ---- entries ------------------------------------------------------------------------------ */
+
+void dg_cuda_attention(dg_backend *be, float *out, const float *q, const dg_kv_view *kv,
+                       int n_past, int m, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    attention(dg_cuda_of(be), out, q, kv, n_past, m, n_heads, n_kv_heads, head_dim, scale);
+}
+
+void dg_cuda_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,
+                                const float *k, const float *v, int kv_stride,
+                                const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
+                                int n_heads, int n_kv_heads, int head_dim, float scale) {
+    attention_segments(dg_cuda_of(be), out, q, q_stride, k, v, kv_stride, q_cu, kv_cu, n_seg,
+                       n_heads, n_kv_heads, head_dim, scale);
+}
+
+void dg_cuda_spatial_attention(dg_backend *be, float *out, const float *qkv, int channels,
+                               int64_t plane) {
+    spatial_attention(dg_cuda_of(be), out, qkv, channels, plane);
+}

@@ -1,0 +1,337 @@
+/* cuda_backend.cu — the CUDA backend's table, its memory (one arena, sub-allocated),
+ * staging of host arrays, weight upload and host <-> device copies. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_backend.h"
+#include "cuda_common.cuh"
+
+extern "C" {
+#include "dtype.h"
+}
+
+#define ARENA_ALIGN 256   /* cudaMalloc's own alignment; 16-byte vector loads need far less */
+
+struct dg_cuda_seg {
+    size_t off, size;
+    int    used;
+};
+
+int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *file, int line) {
+    if (!c->status) {
+        c->status = DG_EDEVICE;
+        snprintf(c->err, sizeof c->err, "cuda: %s (%s at %s:%d)", what, expr, file, line);
+    }
+    return DG_EDEVICE;
+}
+
+/* ---- the arena ------------------------------------------------------------------------- */
+
+static int seg_insert(dg_cuda *c, int at, dg_cuda_seg s) {
+    if (c->n_segs == c->cap_segs) {
+        int cap = c->cap_segs ? 2 * c->cap_segs : 256;
+        dg_cuda_seg *p = (dg_cuda_seg *)realloc(c->segs, sizeof *p * (size_t)cap);
+        if (!p) return -1;
+        c->segs = p;
+        c->cap_segs = cap;
+    }
+    memmove(c->segs + at + 1, c->segs + at, sizeof *c->segs * (size_t)(c->n_segs - at));
+    c->segs[at] = s;
+    c->n_segs++;
+    return 0;
+}
+
+static void seg_remove(dg_cuda *c, int at) {
+    memmove(c->segs + at, c->segs + at + 1, sizeof *c->segs * (size_t)(c->n_segs - at - 1));
+    c->n_segs--;
+}
+
+/* First fit over the free segments: host bookkeeping only, no CUDA call. */
+static void *arena_alloc(dg_cuda *c, size_t bytes) {
+    size_t n = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
+    if (!n) n = ARENA_ALIGN;
+    for (int i = 0; i < c->n_segs; i++) {
+        dg_cuda_seg *s = &c->segs[i];
+        if (s->used || s->size < n) continue;
+        if (s->size > n) {
+            dg_cuda_seg rest = {s->off + n, s->size - n, 0};
+            if (seg_insert(c, i + 1, rest) < 0) return NULL;
+            s = &c->segs[i];
+            s->size = n;
+        }
+        s->used = 1;
+        c->in_use += n;
+        if (c->in_use > c->peak) c->peak = c->in_use;
+        return c->base + s->off;
+    }
+    return NULL;
+}
+
+static void arena_release(dg_cuda *c, void *p) {
+    if (!p) return;
+    size_t off = (size_t)((char *)p - c->base);
+    int lo = 0, hi = c->n_segs - 1, i = -1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (c->segs[mid].off == off) { i = mid; break; }
+        if (c->segs[mid].off < off) lo = mid + 1; else hi = mid - 1;
+    }
+    if (i < 0 || !c->segs[i].used) return;   /* not ours: ignored, as free() would not be */
+    c->segs[i].used = 0;
+    c->in_use -= c->segs[i].size;
+    if (i + 1 < c->n_segs && !c->segs[i + 1].used) {
+        c->segs[i].size += c->segs[i + 1].size;
+        seg_remove(c, i + 1);
+    }
+    if (i > 0 && !c->segs[i - 1].used) {
+        c->segs[i - 1].size += c->segs[i].size;
+        seg_remove(c, i);
+    }
+}
+
+static void *cuda_alloc(dg_backend *be, size_t bytes) { return arena_alloc(dg_cuda_of(be), bytes); }
+static void cuda_release(dg_backend *be, void *p) { arena_release(dg_cuda_of(be), p); }
+
+/* ---- staging --------------------------------------------------------------------------- */
+
+void *dg_cuda_stage(dg_cuda *c, const void *host, size_t bytes) {
+    const size_t half = DG_CUDA_STAGE_BYTES / 2;
+    size_t n = (bytes + 255) & ~(size_t)255;
+    if (n > half) {
+        dg_cuda_fail(c, "staged array larger than half the ring", "dg_cuda_stage", __FILE__, __LINE__);
+        return NULL;
+    }
+    size_t h = c->stage_pos / half, end = c->stage_pos + n;
+    if (end > (h + 1) * half) {                 /* the next half: wait for its old copies */
+        if (cudaEventRecord(c->stage_done[h], c->stream) != cudaSuccess) goto fail;
+        h = (h + 1) % 2;
+        if (cudaEventSynchronize(c->stage_done[h]) != cudaSuccess) goto fail;
+        c->stage_pos = h * half;
+    }
+    {
+        char *hp = c->stage_host + c->stage_pos, *dp = c->stage_dev + c->stage_pos;
+        memcpy(hp, host, bytes);
+        if (cudaMemcpyAsync(dp, hp, bytes, cudaMemcpyHostToDevice, c->stream) != cudaSuccess) goto fail;
+        c->stage_pos += n;
+        return dp;
+    }
+fail:
+    dg_cuda_fail(c, cudaGetErrorString(cudaGetLastError()), "staging copy", __FILE__, __LINE__);
+    return NULL;
+}
+
+/* ---- copies and weights ---------------------------------------------------------------- */
+
+static int download(dg_cuda *c, float *host, const float *src, int64_t n) {
+    CUDA_CHECK(c, cudaMemcpyAsync(host, src, sizeof(float) * (size_t)n, cudaMemcpyDeviceToHost, c->stream));
+    CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+    return 0;
+}
+
+/* From pageable memory the call returns once `host` has been read, so the caller may
+ * reuse it at once; the copy stays ordered with the work on the stream. */
+static int upload(dg_cuda *c, float *dst, const float *host, int64_t n) {
+    CUDA_CHECK(c, cudaMemcpyAsync(dst, host, sizeof(float) * (size_t)n, cudaMemcpyHostToDevice, c->stream));
+    return 0;
+}
+
+static void cuda_download(dg_backend *be, float *host, const float *src, int64_t n) {
+    download(dg_cuda_of(be), host, src, n);
+}
+
+static void cuda_upload(dg_backend *be, float *dst, const float *host, int64_t n) {
+    upload(dg_cuda_of(be), dst, host, n);
+}
+
+/* Weights live on the device as bf16 whatever their stored dtype: BF16 is copied as it
+ * is (bit-identical to what the CPU backend reads), F16 and F32 are rounded to nearest
+ * even on the host in chunks. w->data becomes the device copy; the host tensor is no
+ * longer read. */
+static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t errlen) {
+    dg_cuda *c = dg_cuda_of(be);
+    const size_t n = (size_t)w->rows * (size_t)w->cols;
+    uint16_t *dev = (uint16_t *)arena_alloc(c, n * 2), *tmp = NULL;
+    if (c->status) goto dev_fail;
+    if (!dev) {
+        snprintf(err, errlen, "cuda: weight [%lld, %lld] does not fit the GPU memory budget "
+                 "(%zu of %zu MiB in use; set DG_GPU_MEMORY)", (long long)w->rows, (long long)w->cols,
+                 c->in_use >> 20, c->size >> 20);
+        return DG_ENOMEM;
+    }
+    if (w->dtype == DG_DTYPE_BF16) {
+        if (cudaMemcpy(dev, w->data, n * 2, cudaMemcpyHostToDevice) != cudaSuccess) goto cuda_fail;
+    } else {
+        const size_t chunk = (size_t)1 << 22;
+        if (!(tmp = (uint16_t *)malloc(chunk * 2))) {
+            arena_release(c, dev);
+            snprintf(err, errlen, "cuda: out of host memory converting a weight");
+            return DG_ENOMEM;
+        }
+        for (size_t i0 = 0; i0 < n; i0 += chunk) {
+            size_t nc = n - i0 < chunk ? n - i0 : chunk;
+            for (size_t i = 0; i < nc; i++) tmp[i] = dg_f32_to_bf16(dg_load_f32(w->data, w->dtype, i0 + i));
+            if (cudaMemcpy(dev + i0, tmp, nc * 2, cudaMemcpyHostToDevice) != cudaSuccess) goto cuda_fail;
+        }
+        free(tmp);
+    }
+    w->data = dev;
+    w->dtype = DG_DTYPE_BF16;
+    return 0;
+cuda_fail:
+    dg_cuda_fail(c, cudaGetErrorString(cudaGetLastError()), "weight upload", __FILE__, __LINE__);
+dev_fail:
+    free(tmp);
+    arena_release(c, dev);
+    snprintf(err, errlen, "%s", c->err);
+    return DG_EDEVICE;
+}
+
+/* ---- creation -------------------------------------------------------------------------- */
+
+static void cuda_free(dg_backend *be) {
+    if (!be) return;
+    dg_cuda *c = dg_cuda_of(be);
+    if (c) {
+        if (c->stream) cudaStreamSynchronize(c->stream);
+        if (c->blas) cublasDestroy(c->blas);
+        for (int i = 0; i < 2; i++) if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
+        if (c->stream) cudaStreamDestroy(c->stream);
+        if (c->stage_host) cudaFreeHost(c->stage_host);
+        if (c->base) cudaFree(c->base);
+        free(c->segs);
+        free(c->att_tiles);
+        free(c);
+    }
+    free(be);
+}
+
+/* "24G", "24000M", "512K" or plain bytes; 0 when unset or unreadable. */
+static size_t parse_size(const char *s) {
+    if (!s || !*s) return 0;
+    char *end;
+    double v = strtod(s, &end);
+    if (v <= 0) return 0;
+    switch (*end) {
+    case 'G': case 'g': v *= 1024.0 * 1024 * 1024; break;
+    case 'M': case 'm': v *= 1024.0 * 1024; break;
+    case 'K': case 'k': v *= 1024.0; break;
+    default: break;
+    }
+    return (size_t)v;
+}
+
+#define SETUP(expr, what)                                                                   \
+    do {                                                                                    \
+        cudaError_t e_ = (expr);                                                            \
+        if (e_ != cudaSuccess) {                                                            \
+            snprintf(err, errlen, "cuda:%d: %s: %s", device, what, cudaGetErrorString(e_)); \
+            rc = DG_EDEVICE;                                                                \
+            goto fail;                                                                      \
+        }                                                                                   \
+    } while (0)
+
+extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, char *err,
+                                   size_t errlen) {
+    dg_backend *be = (dg_backend *)calloc(1, sizeof *be);
+    dg_cuda *c = (dg_cuda *)calloc(1, sizeof *c);
+    int rc = DG_ENOMEM, n_dev = 0;
+    size_t free_b = 0, total_b = 0;
+    *out = NULL;
+    if (!be || !c) {
+        snprintf(err, errlen, "cuda: out of host memory");
+        goto fail;
+    }
+    be->impl = c;
+    c->device = device;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        cudaGetLastError();
+        snprintf(err, errlen, "cuda:%d: no CUDA device", device);
+        rc = DG_EDEVICE;
+        goto fail;
+    }
+    if (device < 0 || device >= n_dev) {
+        snprintf(err, errlen, "cuda:%d: no such device (%d present)", device, n_dev);
+        rc = DG_EDEVICE;
+        goto fail;
+    }
+    SETUP(cudaSetDevice(device), "cudaSetDevice");
+    SETUP(cudaGetDeviceProperties(&c->prop, device), "cudaGetDeviceProperties");
+    SETUP(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    if (!budget) budget = parse_size(getenv("DG_GPU_MEMORY"));
+    if (!budget) budget = free_b / 10 * 9;
+    if (budget > free_b) budget = free_b;
+    budget &= ~(size_t)(ARENA_ALIGN - 1);
+    if (budget < DG_CUDA_SCRATCH_BYTES + DG_CUDA_STAGE_BYTES + ((size_t)64 << 20)) {
+        snprintf(err, errlen, "cuda:%d: a budget of %zu MiB is below the backend's own %zu MiB",
+                 device, budget >> 20, (DG_CUDA_SCRATCH_BYTES + DG_CUDA_STAGE_BYTES + ((size_t)64 << 20)) >> 20);
+        rc = DG_EINVAL;
+        goto fail;
+    }
+    SETUP(cudaMalloc((void **)&c->base, budget), "cudaMalloc of the memory budget");
+    c->size = budget;
+    if (seg_insert(c, 0, dg_cuda_seg{0, budget, 0}) < 0) goto fail;
+    SETUP(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    SETUP(cudaHostAlloc((void **)&c->stage_host, DG_CUDA_STAGE_BYTES, cudaHostAllocDefault), "cudaHostAlloc");
+    for (int i = 0; i < 2; i++)
+        SETUP(cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming), "cudaEventCreate");
+    c->stage_dev = (char *)arena_alloc(c, DG_CUDA_STAGE_BYTES);
+    c->scratch_bytes = DG_CUDA_SCRATCH_BYTES;
+    c->scratch = arena_alloc(c, c->scratch_bytes);
+    c->blas_ws = arena_alloc(c, (size_t)32 << 20);
+    if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetWorkspace(c->blas, c->blas_ws, (size_t)32 << 20) != CUBLAS_STATUS_SUCCESS) {
+        snprintf(err, errlen, "cuda:%d: cuBLAS could not be set up", device);
+        rc = DG_EDEVICE;
+        goto fail;
+    }
+    {
+        const char *g = getenv("DG_CUDA_GEMM");
+        c->gemm_split = g && !strcmp(g, "precise");
+    }
+    if (!(c->att_tiles = (int32_t *)malloc(sizeof(int32_t) * 4 * DG_CUDA_ATT_TILES))) {
+        snprintf(err, errlen, "cuda: out of host memory");
+        goto fail;
+    }
+    if (dg_cuda_attention_init(c) < 0) {
+        snprintf(err, errlen, "%s", c->err);
+        rc = DG_EDEVICE;
+        goto fail;
+    }
+    be->name = "cuda";
+    be->n_threads = 1;
+    be->free = cuda_free;
+    be->alloc = cuda_alloc;
+    be->release = cuda_release;
+    be->weight_prepare = cuda_weight_prepare;
+    be->matmul = dg_cuda_matmul;
+    be->rmsnorm = dg_cuda_rmsnorm;
+    be->rope = dg_cuda_rope;
+    be->kv_write = dg_cuda_kv_write;
+    be->attention = dg_cuda_attention;
+    be->silu_mul = dg_cuda_silu_mul;
+    be->add = dg_cuda_add;
+    be->embed = dg_cuda_embed;
+    be->softmax = dg_cuda_softmax;
+    be->download = cuda_download;
+    be->upload = cuda_upload;
+    be->attention_segments = dg_cuda_attention_segments;
+    be->layernorm = dg_cuda_layernorm;
+    be->gelu = dg_cuda_gelu;
+    be->gelu_tanh = dg_cuda_gelu_tanh;
+    be->rope_table = dg_cuda_rope_table;
+    be->gather_rows = dg_cuda_gather_rows;
+    be->conv3d = dg_cuda_conv3d;
+    be->channel_rmsnorm = dg_cuda_channel_rmsnorm;
+    be->upsample2x = dg_cuda_upsample2x;
+    be->spatial_attention = dg_cuda_spatial_attention;
+    be->silu = dg_cuda_silu;
+    be->modulate = dg_cuda_modulate;
+    be->add_gated = dg_cuda_add_gated;
+    *out = be;
+    return 0;
+fail:
+    if (be) cuda_free(be); else free(c);
+    return rc;
+}

@@ -1,0 +1,182 @@
+/* cuda_common.cuh — what the CUDA backend's files share (not a public interface): the
+ * backend's state, the error macro, the staging of small host arrays, bf16 helpers and the
+ * entry points each op file defines for cuda_backend.cu's table.
+ *
+ * Every op has three layers (as in ggml-cuda): a __global__ kernel, a launcher that picks
+ * the launch geometry and returns 0 or DG_EDEVICE (CUDA_CHECK after every launch), and the
+ * entry in the backend table. Table members return void (backend.h: ops cannot fail on
+ * valid shapes); an entry therefore records the first failure as the backend's sticky
+ * error (dg_cuda.status), which weight_prepare reports and later ops leave untouched. */
+#ifndef DG_CUDA_COMMON_CUH
+#define DG_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend.h"
+#include "duogen.h"
+}
+
+/* Staging ring for small host arrays (positions, ids, block tables, cu_seqlens): a pinned
+ * host ring and a device ring of the same size. Two halves; before the host writes into
+ * a half again, it waits on the event recorded when it last left that half, so a copy
+ * still queued from the pinned memory is never overwritten. */
+#define DG_CUDA_STAGE_BYTES ((size_t)16 << 20)
+
+/* Scratch in the arena, sized once: bf16 activations for cuBLAS GEMMs (in row chunks),
+ * the im2col tiles of conv3d, the split-K partials of attention. */
+#define DG_CUDA_SCRATCH_BYTES ((size_t)256 << 20)
+
+/* Query tiles one attention launch takes (each 4 ints staged: q0, q1, k0, k1). */
+#define DG_CUDA_ATT_TILES 16384
+
+typedef struct dg_cuda_seg dg_cuda_seg;
+
+typedef struct {
+    int             device;
+    cudaStream_t    stream;
+    cublasHandle_t  blas;
+    cudaDeviceProp  prop;
+    /* the arena: [base, base + size), first-fit segments kept sorted by offset */
+    char           *base;
+    size_t          size;
+    dg_cuda_seg    *segs;
+    int             n_segs, cap_segs;
+    size_t          in_use, peak;
+    /* staging */
+    char           *stage_host;    /* owned, pinned: DG_CUDA_STAGE_BYTES */
+    char           *stage_dev;     /* arena */
+    size_t          stage_pos;
+    cudaEvent_t     stage_done[2];
+    /* scratch (arena) */
+    void           *scratch;
+    size_t          scratch_bytes;
+    void           *blas_ws;       /* cuBLAS workspace (arena) */
+    int32_t        *att_tiles;     /* owned host [4 * DG_CUDA_ATT_TILES]: tile bounds of a call */
+    int             gemm_split;    /* 1: x = hi + lo in two bf16 GEMMs (DG_CUDA_GEMM=precise) */
+    int             status;        /* sticky: 0 or the first DG_EDEVICE */
+    char            err[256];
+} dg_cuda;
+
+static inline dg_cuda *dg_cuda_of(dg_backend *be) { return (dg_cuda *)be->impl; }
+
+/* Records a failed CUDA/cuBLAS call (the first one wins) and returns DG_EDEVICE. */
+int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *file, int line);
+
+#define CUDA_CHECK(c, expr)                                                                 \
+    do {                                                                                    \
+        cudaError_t e_ = (expr);                                                            \
+        if (e_ != cudaSuccess) return dg_cuda_fail((c), cudaGetErrorString(e_), #expr, __FILE__, __LINE__); \
+    } while (0)
+
+#define CUBLAS_CHECK(c, expr)                                                               \
+    do {                                                                                    \
+        cublasStatus_t s_ = (expr);                                                         \
+        if (s_ != CUBLAS_STATUS_SUCCESS) return dg_cuda_fail((c), cublasGetStatusString(s_), #expr, __FILE__, __LINE__); \
+    } while (0)
+
+/* After a launch: a bad configuration shows here, a fault in a later call. */
+#define CUDA_CHECK_LAUNCH(c) CUDA_CHECK(c, cudaGetLastError())
+
+/* Device copy of `bytes` of host memory, valid for work queued on c->stream after this
+ * call (NULL only when bytes exceed half the ring, or on a CUDA error: status is set). */
+void *dg_cuda_stage(dg_cuda *c, const void *host, size_t bytes);
+
+static inline unsigned dg_cuda_blocks(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b > 0x7fffffff ? 0x7fffffff : b);
+}
+
+__device__ __forceinline__ float dg_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float dg_warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets it.
+ * `sh` holds 32 floats; the call ends with a barrier so `sh` can be reused at once. */
+__device__ __forceinline__ float dg_block_sum(float v, float *sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = dg_warp_sum(v);
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    v = dg_warp_sum(v);
+    __syncthreads();
+    return v;
+}
+
+__device__ __forceinline__ float dg_block_max(float v, float *sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = dg_warp_max(v);
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : -INFINITY;
+    v = dg_warp_max(v);
+    __syncthreads();
+    return v;
+}
+
+/* ---- entries, one file per op family ------------------------------------------------- */
+
+/* matmul.cu */
+void dg_cuda_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w,
+                    const float *bias, int m);
+void dg_cuda_embed(dg_backend *be, float *y, const dg_weight *table, const int32_t *ids, int m);
+int  dg_cuda_to_bf16(dg_cuda *c, __nv_bfloat16 *dst, const float *src, int64_t n);
+
+/* norm.cu */
+void dg_cuda_rmsnorm(dg_backend *be, float *y, const float *x, const float *weight, int m, int n,
+                     float eps);
+void dg_cuda_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
+                       const float *bias, int m, int n, float eps);
+void dg_cuda_modulate(dg_backend *be, float *y, const float *x, const float *shift,
+                      const float *scale, int m, int n, float eps);
+void dg_cuda_channel_rmsnorm(dg_backend *be, float *y, const float *x, const float *gamma,
+                             int n_frames, int channels, int64_t plane, int silu);
+void dg_cuda_softmax(dg_backend *be, float *x, int m, int n);
+
+/* elementwise.cu */
+void dg_cuda_silu_mul(dg_backend *be, float *y, const float *gate, const float *up, int64_t n);
+void dg_cuda_add(dg_backend *be, float *y, const float *x, int64_t n);
+void dg_cuda_gelu(dg_backend *be, float *y, const float *x, int64_t n);
+void dg_cuda_gelu_tanh(dg_backend *be, float *y, const float *x, int64_t n);
+void dg_cuda_silu(dg_backend *be, float *y, const float *x, int64_t n);
+void dg_cuda_add_gated(dg_backend *be, float *y, const float *x, const float *gate, int m, int n);
+void dg_cuda_upsample2x(dg_backend *be, float *y, const float *x, int64_t n_planes, int h, int w);
+void dg_cuda_gather_rows(dg_backend *be, float *y, const float *x, const int32_t *idx, int m,
+                         int64_t n);
+
+/* rope.cu */
+void dg_cuda_rope(dg_backend *be, float *x, const int32_t *pos, int m, int n_heads, int head_dim,
+                  const dg_rope_params *p);
+void dg_cuda_rope_table(dg_backend *be, float *x, int stride, const float *cos, const float *sin,
+                        int m, int n_heads, int head_dim);
+void dg_cuda_kv_write(dg_backend *be, const dg_kv_view *kv, int start, const float *k,
+                      const float *v, int m, int kv_dim);
+
+/* attention.cu */
+void dg_cuda_attention(dg_backend *be, float *out, const float *q, const dg_kv_view *kv,
+                       int n_past, int m, int n_heads, int n_kv_heads, int head_dim, float scale);
+void dg_cuda_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,
+                                const float *k, const float *v, int kv_stride,
+                                const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
+                                int n_heads, int n_kv_heads, int head_dim, float scale);
+void dg_cuda_spatial_attention(dg_backend *be, float *out, const float *qkv, int channels,
+                               int64_t plane);
+int  dg_cuda_attention_init(dg_cuda *c);
+
+/* conv.cu */
+void dg_cuda_conv3d(dg_backend *be, float *y, const float *x, const float *w, const float *bias,
+                    const dg_conv3d_shape *s);
+
+#endif

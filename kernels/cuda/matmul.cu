@@ -1,0 +1,184 @@
+/* matmul.cu — y = x · Wᵀ (+ bias) over bf16 weights, and the embedding gather.
+ *
+ * Two paths, chosen by the number of rows m:
+ *   m <= GEMV_MAX_M (decode): a GEMV that reads each bf16 weight once, as 16-byte vectors,
+ *     against fp32 activations, fp32 accumulation. The step is bound by weight bytes, so
+ *     this is where decode tok/s is made.
+ *   m > GEMV_MAX_M (prefill, vision, DiT): cuBLAS bf16 GEMM with fp32 accumulation and
+ *     fp32 output (tensor cores); x is first rounded to bf16 in the scratch, in chunks of
+ *     rows. With DG_CUDA_GEMM=precise, x is split into hi = bf16(x) and lo = bf16(x - hi)
+ *     and two GEMMs accumulate: 16 mantissa bits of x instead of 8, at twice the cost. */
+#include "cuda_common.cuh"
+
+#define GEMV_MAX_M   8
+#define GEMV_WARPS   8     /* rows per block: one warp per output row */
+
+/* ---- GEMV ------------------------------------------------------------------------------ */
+
+__device__ __forceinline__ void bf16x8_to_f32(uint4 u, float *f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+/* One warp per row of W; lane l reads elements 8l .. 8l+7 of every 256-wide slice as one
+ * 16-byte load (a warp reads 512 contiguous bytes per step). The unrolled loop keeps four
+ * such loads in flight per lane. x (at most 8 rows) is re-read from L1/L2 by every warp.
+ * Needs k % 8 == 0 and 16-byte aligned rows (arena pointers are 256-aligned). */
+template <int M>
+__global__ void gemv_bf16_vec(float *__restrict__ y, const float *__restrict__ x,
+                              const __nv_bfloat16 *__restrict__ w, const float *__restrict__ bias,
+                              int n, int k) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const uint4 *wr = (const uint4 *)(w + (int64_t)row * k);
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    const int n8 = k / 8;
+#pragma unroll 4
+    for (int i = lane; i < n8; i += 32) {
+        float wf[8];
+        bf16x8_to_f32(__ldg(wr + i), wf);
+#pragma unroll
+        for (int r = 0; r < M; r++) {
+            const float4 *xr = (const float4 *)(x + (int64_t)r * k) + 2 * i;
+            const float4 a = __ldg(xr), b = __ldg(xr + 1);
+            acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w +
+                      wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+        const float s = dg_warp_sum(acc[r]);
+        if (lane == 0) y[(int64_t)r * n + row] = s + (bias ? bias[row] : 0.0f);
+    }
+}
+
+/* Any k: element-wise loads (odd widths such as 3420). */
+__global__ void gemv_bf16_any(float *__restrict__ y, const float *__restrict__ x,
+                              const __nv_bfloat16 *__restrict__ w, const float *__restrict__ bias,
+                              int m, int n, int k) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const __nv_bfloat16 *wr = w + (int64_t)row * k;
+    for (int r = 0; r < m; r++) {
+        float acc = 0.0f;
+        for (int i = lane; i < k; i += 32) acc += __bfloat162float(wr[i]) * x[(int64_t)r * k + i];
+        acc = dg_warp_sum(acc);
+        if (lane == 0) y[(int64_t)r * n + row] = acc + (bias ? bias[row] : 0.0f);
+    }
+}
+
+static int gemv(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, const float *bias,
+                int m, int n, int k) {
+    const dim3 grid(dg_cuda_blocks(n, GEMV_WARPS)), block(32 * GEMV_WARPS);
+    if (k % 8 == 0 && ((uintptr_t)x & 15) == 0) {
+        switch (m) {
+#define CASE(M) case M: gemv_bf16_vec<M><<<grid, block, 0, c->stream>>>(y, x, w, bias, n, k); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+    } else {
+        gemv_bf16_any<<<grid, block, 0, c->stream>>>(y, x, w, bias, m, n, k);
+    }
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+/* ---- GEMM ------------------------------------------------------------------------------ */
+
+/* hi[i] = bf16(x[i]) (round to nearest even); lo[i] = bf16(x[i] - hi[i]) when lo != NULL. */
+__global__ void split_bf16_kernel(__nv_bfloat16 *hi, __nv_bfloat16 *lo, const float *x, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        const __nv_bfloat16 h = __float2bfloat16_rn(v);
+        hi[i] = h;
+        if (lo) lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));
+    }
+}
+
+int dg_cuda_to_bf16(dg_cuda *c, __nv_bfloat16 *dst, const float *src, int64_t n) {
+    const unsigned blocks = dg_cuda_blocks(n, 256) < 65535u ? dg_cuda_blocks(n, 256) : 65535u;
+    split_bf16_kernel<<<blocks, 256, 0, c->stream>>>(dst, NULL, src, n);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+__global__ void add_bias_kernel(float *y, const float *bias, int m, int n) {
+    const int64_t total = (int64_t)m * n;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x)
+        y[i] += bias[i % n];
+}
+
+/* Row-major y[m, n] = x[m, k] · W[n, k]ᵀ is, column-major, y[n, m] = Wᵀ[n, k] · x[k, m]:
+ * cuBLAS with op T on W (ld k) and op N on x (ld k), output ld n. */
+static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, const float *bias,
+                int m, int n, int k) {
+    const int split = c->gemm_split;
+    const int64_t per_row = (int64_t)k * 2 * (split ? 2 : 1);
+    int64_t rows = (int64_t)c->scratch_bytes / per_row;
+    if (rows < 1) return dg_cuda_fail(c, "GEMM row wider than the scratch", "gemm", __FILE__, __LINE__);
+    if (rows > m) rows = m;
+    __nv_bfloat16 *hi = (__nv_bfloat16 *)c->scratch, *lo = split ? hi + rows * k : NULL;
+    const float one = 1.0f, zero = 0.0f;
+    for (int r0 = 0; r0 < m; r0 += (int)rows) {
+        const int mc = m - r0 < rows ? m - r0 : (int)rows;
+        const int64_t cnt = (int64_t)mc * k;
+        const unsigned blocks = dg_cuda_blocks(cnt, 256) < 65535u ? dg_cuda_blocks(cnt, 256) : 65535u;
+        split_bf16_kernel<<<blocks, 256, 0, c->stream>>>(hi, lo, x + (int64_t)r0 * k, cnt);
+        CUDA_CHECK_LAUNCH(c);
+        CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
+                                     hi, CUDA_R_16BF, k, &zero, y + (int64_t)r0 * n, CUDA_R_32F, n,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        if (split)
+            CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
+                                         lo, CUDA_R_16BF, k, &one, y + (int64_t)r0 * n, CUDA_R_32F, n,
+                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    if (bias) {
+        const int64_t total = (int64_t)m * n;
+        const unsigned blocks = dg_cuda_blocks(total, 256) < 65535u ? dg_cuda_blocks(total, 256) : 65535u;
+        add_bias_kernel<<<blocks, 256, 0, c->stream>>>(y, bias, m, n);
+        CUDA_CHECK_LAUNCH(c);
+    }
+    return 0;
+}
+
+void dg_cuda_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w,
+                    const float *bias, int m) {
+    dg_cuda *c = dg_cuda_of(be);
+    const __nv_bfloat16 *wd = (const __nv_bfloat16 *)w->data;   /* weight_prepare made it bf16 */
+    if (m <= GEMV_MAX_M)
+        gemv(c, y, x, wd, bias, m, (int)w->rows, (int)w->cols);
+    else
+        gemm(c, y, x, wd, bias, m, (int)w->rows, (int)w->cols);
+}
+
+/* ---- embedding ------------------------------------------------------------------------- */
+
+__global__ void embed_kernel(float *y, const __nv_bfloat16 *table, const int32_t *ids, int64_t d) {
+    const int64_t row = ids[blockIdx.x];
+    const __nv_bfloat16 *src = table + row * d;
+    float *dst = y + (int64_t)blockIdx.x * d;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = __bfloat162float(src[j]);
+}
+
+static int embed(dg_cuda *c, float *y, const dg_weight *table, const int32_t *ids, int m) {
+    const int32_t *d_ids = (const int32_t *)dg_cuda_stage(c, ids, sizeof(int32_t) * (size_t)m);
+    if (!d_ids) return DG_EDEVICE;
+    embed_kernel<<<m, 256, 0, c->stream>>>(y, (const __nv_bfloat16 *)table->data, d_ids, table->cols);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+void dg_cuda_embed(dg_backend *be, float *y, const dg_weight *table, const int32_t *ids, int m) {
+    embed(dg_cuda_of(be), y, table, ids, m);
+}

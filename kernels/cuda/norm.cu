@@ -1,0 +1,134 @@
+/* norm.cu — row normalisations (RMSNorm, LayerNorm, adaLN modulation), the VAE's channel
+ * RMS norm and the row softmax. Row ops: one block per row, 256 threads striding over the
+ * row, block reductions through shared memory (32 floats); each element is read and
+ * written by the same thread, so y may equal x. Sums in fp32 (the CPU reference sums
+ * LayerNorm in double: the difference is far below the test tolerance at these widths). */
+#include "cuda_common.cuh"
+
+#define ROW_THREADS 256
+
+__global__ void rmsnorm_kernel(float *y, const float *x, const float *weight, int n, float eps) {
+    __shared__ float sh[32];
+    const float *xi = x + (int64_t)blockIdx.x * n;
+    float *yi = y + (int64_t)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) ss += xi[j] * xi[j];
+    ss = dg_block_sum(ss, sh);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);   /* as HF Qwen2RMSNorm in fp32 */
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = weight[j] * (xi[j] * r);
+}
+
+/* Two passes over the row (mean, then squared deviations): no cancellation from a large
+ * mean. With shift/scale (adaLN): y = norm · (1 + scale) + shift; else the affine of
+ * LayerNorm with optional weight and bias. */
+__global__ void layernorm_kernel(float *y, const float *x, const float *weight, const float *bias,
+                                 const float *shift, const float *scale, int n, float eps) {
+    __shared__ float sh[32];
+    const float *xi = x + (int64_t)blockIdx.x * n;
+    float *yi = y + (int64_t)blockIdx.x * n;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += xi[j];
+    const float mean = dg_block_sum(s, sh) / (float)n;
+    float v = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) v += (xi[j] - mean) * (xi[j] - mean);
+    const float r = 1.0f / sqrtf(dg_block_sum(v, sh) / (float)n + eps);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float t = (xi[j] - mean) * r;
+        if (scale) {
+            t = t * (1.0f + scale[j]) + shift[j];
+        } else {
+            if (weight) t *= weight[j];
+            if (bias) t += bias[j];
+        }
+        yi[j] = t;
+    }
+}
+
+/* One thread per pixel of one frame; the channel loop strides by `plane`, so a warp reads
+ * 32 consecutive pixels of one channel (coalesced). */
+__global__ void channel_rmsnorm_kernel(float *y, const float *x, const float *gamma, int channels,
+                                       int64_t plane, int use_silu) {
+    const int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (p >= plane) return;
+    const int64_t f = blockIdx.y;
+    const float *xf = x + f * channels * plane + p;
+    float *yf = y + f * channels * plane + p;
+    float ss = 0.0f;
+    for (int ch = 0; ch < channels; ch++) ss += xf[ch * plane] * xf[ch * plane];
+    const float nrm = sqrtf(ss);
+    const float k = sqrtf((float)channels) / fmaxf(nrm, 1e-12f);   /* F.normalize's eps */
+    for (int ch = 0; ch < channels; ch++) {
+        float v = xf[ch * plane] * k * gamma[ch];
+        if (use_silu) v = v / (1.0f + expf(-v));
+        yf[ch * plane] = v;
+    }
+}
+
+__global__ void softmax_kernel(float *x, int n) {
+    __shared__ float sh[32];
+    float *r = x + (int64_t)blockIdx.x * n;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, r[j]);
+    mx = dg_block_max(mx, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += expf(r[j] - mx);
+    const float inv = 1.0f / dg_block_sum(s, sh);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) r[j] = expf(r[j] - mx) * inv;
+}
+
+/* ---- launchers ------------------------------------------------------------------------- */
+
+static int rmsnorm(dg_cuda *c, float *y, const float *x, const float *w, int m, int n, float eps) {
+    if (m <= 0) return 0;
+    rmsnorm_kernel<<<m, ROW_THREADS, 0, c->stream>>>(y, x, w, n, eps);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+static int layernorm(dg_cuda *c, float *y, const float *x, const float *weight, const float *bias,
+                     const float *shift, const float *scale, int m, int n, float eps) {
+    if (m <= 0) return 0;
+    layernorm_kernel<<<m, ROW_THREADS, 0, c->stream>>>(y, x, weight, bias, shift, scale, n, eps);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+static int channel_rmsnorm(dg_cuda *c, float *y, const float *x, const float *gamma, int n_frames,
+                           int channels, int64_t plane, int silu) {
+    if (n_frames <= 0 || plane <= 0) return 0;
+    const dim3 grid(dg_cuda_blocks(plane, 256), (unsigned)n_frames);
+    channel_rmsnorm_kernel<<<grid, 256, 0, c->stream>>>(y, x, gamma, channels, plane, silu);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+static int softmax(dg_cuda *c, float *x, int m, int n) {
+    if (m <= 0) return 0;
+    softmax_kernel<<<m, ROW_THREADS, 0, c->stream>>>(x, n);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+/* ---- entries --------------------------------------------------------------------------- */
+
+void dg_cuda_rmsnorm(dg_backend *be, float *y, const float *x, const float *weight, int m, int n,
+                     float eps) {
+    rmsnorm(dg_cuda_of(be), y, x, weight, m, n, eps);
+}
+
+void dg_cuda_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
+                       const float *bias, int m, int n, float eps) {
+    layernorm(dg_cuda_of(be), y, x, weight, bias, NULL, NULL, m, n, eps);
+}
+
+void dg_cuda_modulate(dg_backend *be, float *y, const float *x, const float *shift,
+                      const float *scale, int m, int n, float eps) {
+    layernorm(dg_cuda_of(be), y, x, NULL, NULL, shift, scale, m, n, eps);
+}
+
+void dg_cuda_channel_rmsnorm(dg_backend *be, float *y, const float *x, const float *gamma,
+                             int n_frames, int channels, int64_t plane, int silu) {
+    channel_rmsnorm(dg_cuda_of(be), y, x, gamma, n_frames, channels, plane, silu);
+}
+
+void dg_cuda_softmax(dg_backend *be, float *x, int m, int n) { softmax(dg_cuda_of(be), x, m, n); }
