@@ -1,0 +1,196 @@
+/* Fidelity of the Cosmos-Predict2.5 DiT and DuoGen's packing against diffusers.
+ *
+ * Goldens (tests/golden/dit/dit_*.f32, tools/reference/make_dit_goldens.py) on the tiny
+ * package's dit/ (2 heads x 32, 2 blocks, bf16 weights, computed in float32):
+ *   video    diffusers CosmosTransformer3DModel.forward on 3 frames of 8x8 latents, the
+ *            first two conditions (mask channel 1, timestep 1e-4), the third at σ = 0.7:
+ *            our packed path over three equal frames must equal the plain video path;
+ *   packed   frames at their own resolutions (conditions 8x12 and 6x8, target 8x8), the
+ *            reference assembled from diffusers' own modules (patch_embed, rope with the
+ *            frame's temporal index and grid, time_embed, the blocks, norm_out, proj_out),
+ *            which the script checks against the video forward for equal frames;
+ *   sampling a complete 6-step UniPC run (Karras sigmas) with guidance 7 on the packed
+ *            frames, the target starting from dg_flow_noise(seed 7), the negative
+ *            context being the positive one less its last text segment (4 rows).
+ *
+ * Tolerances: one forward |ours - golden| <= 1e-4 + 1e-4·|golden| (outputs up to ~5; fp32
+ * on both sides from the same bf16 weights, different summation orders; seen ~1e-6). The
+ * sampling run: 1e-3 absolute on a result up to ~6: guidance multiplies the velocity
+ * difference by 8 and six steps compound it (seen ~1e-5). A wrong RoPE axis, modulation
+ * order, mask channel or gate gives errors of order 0.1..1. */
+#include "common/harness.h"
+#include "dit_common.h"
+
+#include "backend.h"
+#include "dit.h"
+#include "duogen.h"
+#include "flow.h"
+
+static dg_backend *be;
+static dg_dit dit;
+static dg_dit_state *st;
+static int loaded;
+
+static int setup(void) {
+    char err[512], dir[300];
+    if (loaded) return loaded > 0;
+    loaded = -1;
+    const char *pkg = dit_package("dit");
+    if (!pkg) return 0;
+    snprintf(dir, sizeof dir, "%s/dit", pkg);
+    if (dg_backend_new("cpu", 0, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
+        dg_dit_state_new(&dit, 256, 64, &st, err, sizeof err) < 0) {
+        fprintf(stderr, "setup: %s\n", err);
+        return 0;
+    }
+    loaded = 1;
+    return 1;
+}
+
+typedef struct {
+    dg_dit_layout L;
+    float        *lat, *ctx;
+    const float  *frames[DG_DIT_MAX_FRAMES];
+    float         t[DG_DIT_MAX_FRAMES];
+    int           n_ctx;
+} dit_case;
+
+/* The case's layout, latents (one wave over the frames in order) and context. */
+static int case_inputs(json_t *c, dit_case *k) {
+    json_t *d = json_object_get(dit_goldens(), "dit"), *wave = json_object_get(c, "latent");
+    int h[8], w[8], cond[8], n = (int)json_array_size(json_object_get(c, "h"));
+    char err[256];
+    for (int i = 0; i < n; i++) {
+        h[i] = (int)json_integer_value(json_array_get(json_object_get(c, "h"), i));
+        w[i] = (int)json_integer_value(json_array_get(json_object_get(c, "w"), i));
+        cond[i] = (int)json_integer_value(json_array_get(json_object_get(c, "cond"), i));
+        k->t[i] = (float)json_number_value(json_array_get(json_object_get(c, "timesteps"), i));
+    }
+    if (dg_dit_layout_build(&k->L, h, w, cond, n, 16, 2, 2, err, sizeof err) < 0) return -1;
+    k->lat = malloc(sizeof(float) * (size_t)k->L.n_latent);
+    dit_wave(k->lat, k->L.n_latent, json_number_value(json_array_get(wave, 0)),
+             json_number_value(json_array_get(wave, 1)), json_number_value(json_array_get(wave, 2)));
+    for (int i = 0, o = 0; i < n; o += 16 * h[i] * w[i], i++) k->frames[i] = k->lat + o;
+    k->n_ctx = (int)json_integer_value(json_object_get(d, "n_ctx"));
+    json_t *cw = json_object_get(d, "ctx");
+    k->ctx = malloc(sizeof(float) * (size_t)k->n_ctx * dit.cfg.text_dim);
+    dit_wave(k->ctx, (int64_t)k->n_ctx * dit.cfg.text_dim, json_number_value(json_array_get(cw, 0)),
+             json_number_value(json_array_get(cw, 1)), json_number_value(json_array_get(cw, 2)));
+    return 0;
+}
+
+static void forward_case(const char *name) {
+    json_t *c, *cases = json_object_get(json_object_get(dit_goldens(), "dit"), "cases");
+    size_t i;
+    char err[512];
+    if (!setup()) { CHECK(!"setup"); return; }
+    json_array_foreach(cases, i, c) {
+        if (strcmp(json_string_value(json_object_get(c, "name")), name)) continue;
+        dit_case k;
+        CHECK(case_inputs(c, &k) == 0);
+        float *v = malloc(sizeof(float) * (size_t)k.L.n_latent);
+        float *want = dit_read_f32(json_object_get(c, "velocity"), k.L.n_latent);
+        CHECK(dg_dit_set_layout(&dit, st, &k.L, err, sizeof err) == 0);
+        CHECK(dg_dit_forward(&dit, st, &(dg_dit_input){k.frames, k.t, k.ctx, k.n_ctx}, v, err, sizeof err) == 0);
+        double m = 0, e = want ? dit_err(v, want, k.L.n_latent, 1e-4, 1e-4, &m) : INFINITY;
+        printf("  dit %s: %lld tokens, max |err| %.3g\n", name, (long long)k.L.n_tokens, m);
+        CHECK(e <= 1.0);
+        free(v);
+        free(want);
+        free(k.lat);
+        free(k.ctx);
+        return;
+    }
+    CHECK(!"case not in the goldens");
+}
+
+TEST(dit_video_path_matches_diffusers) { forward_case("video"); }
+
+TEST(dit_packed_frames_match_reference) { forward_case("packed"); }
+
+/* Six UniPC steps with CFG on the packed frames, the noise from the flow RNG. */
+TEST(dit_sampling_matches_diffusers) {
+    json_t *d = json_object_get(dit_goldens(), "dit"), *sm = json_object_get(d, "sampling"), *c = NULL;
+    size_t i;
+    char err[512];
+    if (!setup()) { CHECK(!"setup"); return; }
+    json_array_foreach(json_object_get(d, "cases"), i, c)
+        if (!strcmp(json_string_value(json_object_get(c, "name")), "packed")) break;
+    dit_case k;
+    CHECK(case_inputs(c, &k) == 0);
+    const int steps = (int)json_integer_value(json_object_get(sm, "steps"));
+    const float scale = (float)json_number_value(json_object_get(sm, "guidance"));
+    const int drop = (int)json_integer_value(json_object_get(sm, "drop_last_rows"));
+    const dg_dit_frame_meta *tg = &k.L.frames[2];
+    const int64_t n = 16LL * tg->h * tg->w, off = k.L.n_latent - n;
+    float *x = malloc(sizeof(float) * n), *vc = malloc(sizeof(float) * k.L.n_latent);
+    float *vu = malloc(sizeof(float) * k.L.n_latent), sig[DG_FLOW_MAX_STEPS + 1];
+    dg_flow *f = NULL;
+    dg_flow_noise(x, n, (uint64_t)json_integer_value(json_object_get(sm, "seed")), 0);
+    dg_flow_sigmas_karras(sig, steps, 0.01, 200.0, 7.0);
+    CHECK(dg_flow_new(DG_FLOW_UNIPC, sig, steps, n, &f, err, sizeof err) == 0);
+    CHECK(dg_dit_set_layout(&dit, st, &k.L, err, sizeof err) == 0);
+    k.frames[2] = x;
+    for (int s = 0; f && s < steps; s++) {
+        k.t[2] = dg_flow_sigma(f);
+        CHECK(dg_dit_forward(&dit, st, &(dg_dit_input){k.frames, k.t, k.ctx, k.n_ctx}, vc, err, sizeof err) == 0);
+        CHECK(dg_dit_forward(&dit, st, &(dg_dit_input){k.frames, k.t, k.ctx, k.n_ctx - drop}, vu, err, sizeof err) == 0);
+        dg_flow_cfg(vc + off, vc + off, vu + off, scale, n);
+        dg_flow_step(f, x, vc + off);
+    }
+    float *want = dit_read_f32(json_object_get(sm, "x"), n);
+    double m = 0, e = want ? dit_err(x, want, n, 1e-3, 0.0, &m) : INFINITY;
+    printf("  dit sampling (%d UniPC steps, CFG %g): max |err| %.3g\n", steps, scale, m);
+    CHECK(e <= 1.0);
+    dg_flow_free(f);
+    free(want);
+    free(x);
+    free(vc);
+    free(vu);
+    free(k.lat);
+    free(k.ctx);
+}
+
+/* Packing metadata: offsets, temporal index per image, sizes that do not fit the patch. */
+TEST(dit_layout_metadata) {
+    dg_dit_layout L;
+    char err[256];
+    int h[3] = {8, 6, 8}, w[3] = {12, 8, 8}, cond[3] = {1, 1, 0};
+    CHECK(dg_dit_layout_build(&L, h, w, cond, 3, 16, 2, 2, err, sizeof err) == 0);
+    CHECK_EQ_INT(L.n_tokens, 24 + 12 + 16);
+    CHECK_EQ_INT(L.frames[1].token0, 24);
+    CHECK_EQ_INT(L.frames[2].token0, 36);
+    CHECK_EQ_INT(L.frames[2].t_index, 2);
+    CHECK_EQ_INT(L.frames[2].condition, 0);
+    CHECK_EQ_INT(L.n_latent, 16 * (96 + 48 + 64));
+    h[1] = 7;
+    CHECK(dg_dit_layout_build(&L, h, w, cond, 3, 16, 2, 2, err, sizeof err) == DG_EINVAL);
+    CHECK(strstr(err, "frame 1") != NULL);
+}
+
+/* Patchify then unpatchify of the same channel layout is the identity on the latent. */
+TEST(dit_patchify_roundtrip) {
+    dg_dit_layout L;
+    char err[256];
+    int h = 6, w = 10, cond = 1;
+    float lat[16 * 60], back[16 * 60], tok[15 * 72], out[15 * 64];
+    CHECK(dg_dit_layout_build(&L, &h, &w, &cond, 1, 16, 2, 2, err, sizeof err) == 0);
+    dit_wave(lat, 16 * 60, 1.0, 0.3, 0.0);
+    dg_dit_patchify(&L, 0, lat, 16, tok);
+    CHECK(tok[16 * 4] == 1.0f && tok[17 * 4] == 0.0f);   /* mask, padding channels */
+    for (int t = 0; t < 15; t++)   /* (c, m, n) order in -> (m, n, c) order out */
+        for (int c = 0; c < 16; c++)
+            for (int p = 0; p < 4; p++) out[t * 64 + p * 16 + c] = tok[t * 72 + c * 4 + p];
+    dg_dit_unpatchify(&L, 0, out, 16, back);
+    CHECK(memcmp(lat, back, sizeof lat) == 0);
+}
+
+int main(void) {
+    int rc = test_main();
+    if (loaded > 0) {
+        dg_dit_state_free(&dit, st);
+        dg_dit_unload(&dit);
+        dg_backend_free(be);
+    }
+    return rc;
+}
