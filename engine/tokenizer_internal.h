@@ -147,5 +147,7 @@ size_t dg_tok_utf8_valid_prefix(const uint8_t *in, size_t n);
 int      dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len);
 /* Code points that dg_tok_nfc() passes without asking utf8proc (tests check each). */
 bool     dg_tok_nfc_stable(uint32_t cp);
+/* Code points the reference's NFC does not know as combining: kept apart (see there). */
+bool     dg_tok_nfc_opaque(uint32_t cp);
 
 #endif

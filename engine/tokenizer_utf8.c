@@ -156,6 +156,30 @@ bool dg_tok_nfc_stable(uint32_t cp) {
     return false;
 }
 
+/* Code points that the reference's normalizer (the tokenizers library's NFC, on Unicode
+ * tables older than utf8proc's 15.0) sees as plain starters that combine with nothing,
+ * while utf8proc gives them a combining class or (U+11930) a composition: the marks of
+ * Unicode 11..15 and U+11930 of U+11938. dg_tok_nfc() passes them through untouched and
+ * normalizes the text on either side apart, which is what the reference does. Found and
+ * checked with tests/golden/tokenizer/nfc.json. */
+bool dg_tok_nfc_opaque(uint32_t cp) {
+    static const uint32_t ranges[][2] = {
+        {0x7FD, 0x7FD}, {0x898, 0x89F}, {0x8CA, 0x8D3}, {0x9FE, 0x9FE}, {0xC3C, 0xC3C},
+        {0xD3B, 0xD3C}, {0xEBA, 0xEBA}, {0x1715, 0x1715}, {0x1ABF, 0x1ACE}, {0x1DF6, 0x1DFA},
+        {0xA82C, 0xA82C}, {0x10D24, 0x10D27}, {0x10EAB, 0x10EAC}, {0x10EFD, 0x10EFF},
+        {0x10F46, 0x10F50}, {0x10F82, 0x10F85}, {0x11070, 0x11070}, {0x1133B, 0x1133B},
+        {0x1145E, 0x1145E}, {0x11839, 0x1183A}, {0x11930, 0x11930}, {0x1193D, 0x1193E},
+        {0x11943, 0x11943}, {0x119E0, 0x119E0}, {0x11A34, 0x11A34}, {0x11A47, 0x11A47},
+        {0x11A99, 0x11A99}, {0x11D42, 0x11D42}, {0x11D44, 0x11D45}, {0x11D97, 0x11D97},
+        {0x11F41, 0x11F42}, {0x16FF0, 0x16FF1}, {0x1E08F, 0x1E08F}, {0x1E130, 0x1E136},
+        {0x1E2AE, 0x1E2AE}, {0x1E2EC, 0x1E2EF}, {0x1E4EC, 0x1E4EF},
+    };
+    if (cp < ranges[0][0]) return false;
+    for (size_t r = 0; r < sizeof ranges / sizeof ranges[0]; r++)
+        if (cp >= ranges[r][0] && cp <= ranges[r][1]) return true;
+    return false;
+}
+
 /* Decodes the code point at s[*i] of valid UTF-8 and moves *i past it. */
 static uint32_t utf8_next(const uint8_t *s, size_t *i) {
     uint8_t c = s[*i];
@@ -186,9 +210,9 @@ static int out_put(uint8_t **out, size_t *len, size_t *cap, const uint8_t *s, si
 }
 
 /* Only the spans that can change go through utf8proc: a run of code points that are not
- * NFC-stable, with the stable code point before it (which such a run may compose with).
- * Nothing outside the span interacts with it: a stable code point is a starter that
- * nothing composes onto and that composes onto nothing before it. */
+ * NFC-stable (nor opaque), with the stable code point before it (which such a run may
+ * compose with). Nothing outside the span interacts with it: a stable or opaque code
+ * point is a starter that nothing composes onto and that composes onto nothing before it. */
 int dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len) {
     *out = NULL;
     *out_len = 0;
@@ -198,14 +222,20 @@ int dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len) {
         if (ascii > i) stable_at = ascii - 1;
         if ((i = ascii) == n) break;
         size_t at = i;
-        if (dg_tok_nfc_stable(utf8_next(s, &i))) {
+        uint32_t cp = utf8_next(s, &i);
+        if (dg_tok_nfc_stable(cp)) {
             stable_at = at;
+            continue;
+        }
+        if (dg_tok_nfc_opaque(cp)) {   /* kept as it is, and no span starts before it */
+            stable_at = SIZE_MAX;
             continue;
         }
         size_t start = stable_at != SIZE_MAX && stable_at >= done ? stable_at : at, end = i;
         while (end < n) {
             size_t next = end;
-            if (dg_tok_nfc_stable(utf8_next(s, &next))) break;
+            uint32_t c = utf8_next(s, &next);
+            if (dg_tok_nfc_stable(c) || dg_tok_nfc_opaque(c)) break;
             end = next;
         }
         uint8_t *nfc = NULL;

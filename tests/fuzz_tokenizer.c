@@ -5,7 +5,8 @@
  *     ending a push inside a character;
  *   - encode(decode(encode(x))) == encode(x) (decode undoes the byte-level mapping and
  *     the rest is normalized text, which encodes the same way again);
- *   - NFC span by span (dg_tok_nfc) equals utf8proc's NFC of the whole text.
+ *   - NFC span by span (dg_tok_nfc) equals utf8proc's NFC of the whole text (when no
+ *     code point in it is one the reference's older tables treat differently).
  * The vocabulary comes from $DG_TOK_VOCAB or ../shared/vocab/qwen2 (make fuzz runs from the
  * repository root). */
 #include "tokenizer.h"
@@ -64,13 +65,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     dg_tok_ids_free(&ids);
     dg_tok_ids_free(&again);
 
-    /* the span-wise NFC equals utf8proc's on the whole (valid) text */
+    /* span-wise NFC equals utf8proc's on the whole (valid) text, when that has no code
+     * point that the reference's NFC does not know as combining */
     size_t used;
     uint8_t *valid = malloc(3 * size + 1), *nfc, *whole;
     size_t n_valid = dg_tok_utf8_lossy(data, size, true, valid, &used), nfc_len;
     REQUIRE(dg_tok_nfc(valid, n_valid, &nfc, &nfc_len) == 0);
+    bool opaque = false;
+    for (ptrdiff_t i = 0; i < (ptrdiff_t)n_valid && !opaque;) {
+        utf8proc_int32_t cp;
+        i += utf8proc_iterate(valid + i, (ptrdiff_t)n_valid - i, &cp);
+        opaque = dg_tok_nfc_opaque((uint32_t)cp);
+    }
     ptrdiff_t m = utf8proc_map(valid, (ptrdiff_t)n_valid, &whole, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-    REQUIRE(m == (ptrdiff_t)(nfc ? nfc_len : n_valid) && (m == 0 || !memcmp(whole, nfc ? nfc : valid, (size_t)m)));
+    REQUIRE(opaque || (m == (ptrdiff_t)(nfc ? nfc_len : n_valid) &&
+                       (m == 0 || !memcmp(whole, nfc ? nfc : valid, (size_t)m))));
     free(whole);
     free(nfc);
     free(valid);

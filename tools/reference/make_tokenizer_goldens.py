@@ -17,6 +17,8 @@ specs/qwen2_5_vl.md §6.1, assembles a deterministic corpus of test strings, and
       Qwen2.5-VL processor does) and "ids".
   tests/golden/tokenizer/unicode_classes.txt: how the reference's regex classes every code
       point (letter, number, space, other), as runs "first last class" in hex.
+  tests/golden/tokenizer/nfc.json: what the reference's NFC (older Unicode tables than
+      utf8proc's) treats as combining, and its NFC of every canonical decomposition.
   tests/golden/tokenizer/extra_tokenizer_config.json + extra.jsonl: Qwen's added tokens
       plus <BOV> and two more that pin down matching (normalized, prefix of another), and
       texts that use them.
@@ -178,6 +180,28 @@ def random_soup(rng, n):
     return "".join(out)
 
 
+def random_wide(rng):
+    """Any code point (unassigned and private use too), with ASCII, spaces, marks and added
+    tokens mixed in: where Unicode table versions differ between implementations."""
+    out = []
+    for _ in range(rng.randint(1, 30)):
+        r = rng.random()
+        if r < 0.3:
+            out.append(chr(rng.randint(0x20, 0x7E)))
+        elif r < 0.4:
+            out.append(rng.choice(" \t\n\r\u00a0\u3000\u2028\u0085\u180e\u200b\x0b\x0c"))
+        elif r < 0.5:
+            out.append(chr(rng.randint(0x300, 0x36F)))
+        elif r < 0.55:
+            out.append(rng.choice(SPECIAL + CONTRACTIONS + COMBINING))
+        else:
+            cp = 0xD800
+            while 0xD800 <= cp <= 0xDFFF:
+                cp = rng.randint(0, 0x10FFFF) if rng.random() < 0.3 else rng.randint(0, 0x2FFFF)
+            out.append(chr(cp))
+    return "".join(out)
+
+
 def corpus():
     """Deterministic list of str (valid) and bytes (raw, may be invalid UTF-8) entries."""
     items = []
@@ -205,6 +229,7 @@ def corpus():
         else:
             parts = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 6))]
             items.append("".join(p + rng.choice(seps) for p in parts))
+    items += [random_wide(rng) for _ in range(1500)]
     return items
 
 
@@ -372,6 +397,33 @@ def unicode_classes(tok):
     return [f"{a:x} {b:x} {c}" for a, b, c in runs]
 
 
+def nfc_goldens(tok):
+    """The reference's NFC, which has its own (older) Unicode tables:
+    - "combining": the code points it reorders as non-starters, as hex runs, found by
+      probing "\\u0345" + X (ccc 240 before X) and X + "\\u0300" (ccc 230 after X);
+    - "cases": every canonical decomposition of Python's unicodedata as input, both the
+      composed code point and its decomposed sequence, with the reference's NFC of each."""
+    nfc = tok.normalizer
+    runs = []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        x = chr(cp)
+        a, b = nfc.normalize_str("\u0345" + x), nfc.normalize_str(x + "\u0300")
+        if (a != "\u0345" + x and a.endswith("\u0345")) or (x != "\u0300" and b.startswith("\u0300")):
+            if runs and runs[-1][1] == cp - 1:
+                runs[-1][1] = cp
+            else:
+                runs.append([cp, cp])
+    cases = []
+    for cp in range(0x110000):
+        d = unicodedata.decomposition(chr(cp)) if not 0xD800 <= cp <= 0xDFFF else ""
+        if d and not d.startswith("<"):
+            for text in (chr(cp), "".join(chr(int(h, 16)) for h in d.split())):
+                cases.append({"text": text, "nfc": nfc.normalize_str(text)})
+    return {"combining": [f"{a:x}-{b:x}" for a, b in runs], "cases": cases}
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
@@ -396,6 +448,11 @@ def main():
     write_jsonl(os.path.join(a.out, "corpus.jsonl"), rows)
     write_jsonl(os.path.join(a.out, "chat.jsonl"), chat_goldens(tok))
     write_jsonl(os.path.join(a.out, "extra.jsonl"), extra_goldens(a.vocab, a.out))
+    path = os.path.join(a.out, "nfc.json")
+    with open(path, "w", encoding="ascii") as f:
+        json.dump(nfc_goldens(tok), f, ensure_ascii=True, separators=(",", ":"))
+        f.write("\n")
+    print(f"{path}: {os.path.getsize(path)} bytes")
     path = os.path.join(a.out, "unicode_classes.txt")
     with open(path, "w", encoding="ascii") as f:
         f.write("".join(line + "\n" for line in unicode_classes(tok)))
