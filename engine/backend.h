@@ -172,6 +172,10 @@ struct dg_backend {
                      const float *scale, int m, int n, float eps);
     /* Gated residual: y[i, j] += gate[j] · x[i, j], for x, y [m, n]. */
     void (*add_gated)(dg_backend *be, float *y, const float *x, const float *gate, int m, int n);
+    /* Per-row standardization of x[m, n] (the Cosmos text-embedding recipe, spec §1.1):
+     * y = (x − mean) / (std + eps) with the UNBIASED std (divide by n − 1) and eps added to
+     * the std, not under the root; y may equal x. */
+    void (*standardize)(dg_backend *be, float *y, const float *x, int m, int n, float eps);
 };
 
 /* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar) or

@@ -89,7 +89,10 @@ static inline const char *dit_package(const char *component) {
     if (state < 0) return NULL;
     const char *want = json_string_value(json_object_get(json_object_get(g, "checksums"), component));
     char path[512], got[32];
-    snprintf(path, sizeof path, "%s/%s/diffusion_pytorch_model.safetensors", dir, component);
+    if (!strcmp(component, "connector"))
+        snprintf(path, sizeof path, "%s/connector.safetensors", dir);
+    else
+        snprintf(path, sizeof path, "%s/%s/diffusion_pytorch_model.safetensors", dir, component);
     snprintf(got, sizeof got, "%016" PRIx64, dit_fnv1a64_file(path));
     if (!want || strcmp(want, got)) {
         fprintf(stderr, "%s: checksum %s, the goldens were made from %s\n", path, got, want ? want : "?");

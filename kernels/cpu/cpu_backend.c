@@ -173,6 +173,7 @@ int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *
     be->silu = dg_cpu_silu;
     be->modulate = dg_cpu_modulate;
     be->add_gated = dg_cpu_add_gated;
+    be->standardize = dg_cpu_standardize;
     *out = be;
     return 0;
 nomem:

@@ -1,7 +1,7 @@
 /* dit_ops.c — CPU kernels of the image-generation operations: the VAE's causal 3-D
  * convolution (im2col tiles + OpenBLAS sgemm), channel RMS norm, nearest upsampling and
- * single-head spatial attention; the DiT's adaLN modulation and gated residual. Contracts
- * in backend.h. */
+ * single-head spatial attention; the DiT's adaLN modulation and gated residual; the
+ * connector's per-token standardization. Contracts in backend.h. */
 #include "dit_ops.h"
 
 #include <cblas.h>
@@ -170,4 +170,23 @@ void dg_cpu_add_gated(dg_backend *be, float *y, const float *x, const float *gat
 #pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
     for (int i = 0; i < m; i++)
         for (int j = 0; j < n; j++) y[(int64_t)i * n + j] += gate[j] * x[(int64_t)i * n + j];
+}
+
+/* ---- connector ---------------------------------------------------------------------------- */
+
+/* Two-pass mean and unbiased variance in double: rows of LLM hidden states reach |x| ~ 1e3
+ * with n = 3584, where a float sum of squares would lose digits. */
+void dg_cpu_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps) {
+    const dg_cpu *c = be->impl;
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
+    for (int i = 0; i < m; i++) {
+        const float *xi = x + (int64_t)i * n;
+        float *yi = y + (int64_t)i * n;
+        double mean = 0.0, var = 0.0;
+        for (int j = 0; j < n; j++) mean += xi[j];
+        mean /= n;
+        for (int j = 0; j < n; j++) var += ((double)xi[j] - mean) * ((double)xi[j] - mean);
+        const double r = 1.0 / (sqrt(var / (n > 1 ? n - 1 : 1)) + eps);
+        for (int j = 0; j < n; j++) yi[j] = (float)(((double)xi[j] - mean) * r);
+    }
 }

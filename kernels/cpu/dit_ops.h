@@ -20,5 +20,6 @@ void dg_cpu_silu(dg_backend *be, float *y, const float *x, int64_t n);
 void dg_cpu_modulate(dg_backend *be, float *y, const float *x, const float *shift,
                      const float *scale, int m, int n, float eps);
 void dg_cpu_add_gated(dg_backend *be, float *y, const float *x, const float *gate, int m, int n);
+void dg_cpu_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps);
 
 #endif

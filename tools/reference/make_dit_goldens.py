@@ -251,6 +251,27 @@ def flow_noise(n, seed):
     return out
 
 
+# ---- connector ----------------------------------------------------------------------------
+
+def connector_goldens(pkg, out, g):
+    """Cosmos' recipe on the full concatenation: per layer (h − mean)/(std_unbiased + 1e-8),
+    concatenated in layer order, Linear + GELU (erf)."""
+    from safetensors.torch import load_file
+
+    cfg = json.load(open(os.path.join(pkg, "mllm", "config.json")))
+    L, D = cfg["num_hidden_layers"], cfg["hidden_size"]
+    sd = load_file(os.path.join(pkg, "connector.safetensors"))
+    W, b = sd["crossattn_proj.0.weight"].float(), sd["crossattn_proj.0.bias"].float()
+    P, drop = 10, 3
+    amps = [3.0 * (1 + 15 * l) for l in range(L)]           # layers of very different scales
+    hs = [torch.from_numpy(wave(P * D, amps[l], 0.37 + 0.01 * l, 0.2 * l).reshape(P, D)) + 0.5 * l for l in range(L)]
+    normed = [(h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-8) for h in hs]
+    ctx = torch.nn.functional.gelu(torch.cat(normed, -1) @ W.T + b)
+    g["connector"] = {"layers": L, "hidden": D, "positions": P, "drop_last": drop,
+                      "hidden_waves": [[amps[l], 0.37 + 0.01 * l, 0.2 * l, 0.5 * l] for l in range(L)],
+                      "ctx": save(out, "connector_ctx.f32", ctx)}
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.normpath(os.path.join(here, "..", ".."))
@@ -269,10 +290,11 @@ def main():
         g["package"] = {"preset": PRESET, "seed": SEED}
         g["checksums"] = {c: "%016x" % fnv1a64(os.path.join(tmp, c, "diffusion_pytorch_model.safetensors"))
                           for c in ("vae", "dit") if os.path.exists(os.path.join(tmp, c))}
+        g["checksums"]["connector"] = "%016x" % fnv1a64(os.path.join(tmp, "connector.safetensors"))
         import diffusers
         g["versions"] = {"diffusers": diffusers.__version__, "torch": torch.__version__}
         for part in args.only.split(","):
-            {"vae": vae_goldens, "flow": flow_goldens, "dit": dit_goldens}[part](tmp, out, g)
+            {"vae": vae_goldens, "flow": flow_goldens, "dit": dit_goldens, "connector": connector_goldens}[part](tmp, out, g)
     with open(gpath, "w") as f:
         json.dump(g, f, indent=1)
     print("wrote", gpath)
