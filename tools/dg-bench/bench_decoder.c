@@ -7,6 +7,9 @@
  * build/mkmodel --preset small --seed 1 when missing (with the Qwen2 vocabulary when
  * ../shared/vocab/qwen2 or --vocab is there). --quick: a 64-token prompt, 8 decode steps.
  *
+ * "prefill_argmax" is the most likely next token after the prompt: the reference scripts
+ * record theirs under the same key, as evidence that all three ran the same weights.
+ *
  * When build/bench/transformers_decoder.json and build/bench/llamacpp_decoder.json exist
  * (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py), the ratios to them
  * are printed too. */
@@ -104,6 +107,10 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
     in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
     double t1 = bench_now_ms();
+    /* the prompt's next token: the reference scripts record theirs, so that the three
+     * runs are seen to compute the same model */
+    int best = 0;
+    for (int i = 1; i < cfg.text.vocab_size; i++) if (s->logits[i] > s->logits[best]) best = i;
     for (int i = 0; i < n_decode; i++) {
         in = (dg_qwen2_input){.ids = &ids[i], .n = 1, .n_logits = 1};
         if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
@@ -117,6 +124,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
     bench_record(out, name, n_decode / ((t2 - t1) / 1e3), "tok/s");
     ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_decode / ((t2 - t1) / 1e3));
     ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_decode / ((t2 - t1) / 1e3));
+    bench_record(out, "prefill_argmax", best, "(token id)");
     double w = text_weight_mb(st), rss = peak_rss_mb();
     bench_record(out, "text_weights_mb", w, "MiB");
     bench_record(out, "peak_rss_mb", rss, "MiB");

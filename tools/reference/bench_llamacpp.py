@@ -123,6 +123,9 @@ def main():
         t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
+        # eval() keeps no logits unless logits_all; the context holds the last row
+        last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        res["prefill_argmax"] = int(np.argmax(last))
         for i in range(n_decode):
             llm.eval([ids[i]])
         t2 = time.perf_counter()

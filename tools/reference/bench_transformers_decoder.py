@@ -52,6 +52,7 @@ def main():
             t0 = time.perf_counter()
             o = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
             t1 = time.perf_counter()
+            res["prefill_argmax"] = int(torch.argmax(o.logits[0, -1]))
             cache = o.cache if hasattr(o, "cache") else o.past_key_values
             for i in range(n_decode):
                 o = model(input_ids=torch.tensor([[ids[i]]]), cache=cache, use_cache=True)
