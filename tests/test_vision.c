@@ -43,7 +43,8 @@
 
 /* Tolerances of the CPU backends (see the top); the CUDA backend rounds the activations
  * entering each GEMM to bf16 (2^-9 relative) unless DG_CUDA_GEMM=precise: its bounds are
- * those of tests/test_cuda_parity.c, scaled to these magnitudes. */
+ * those of tests/test_cuda_parity.c, scaled to these magnitudes. Measured on an H200:
+ * embeddings 1.7e-2, logits 2.9e-2 (default); 2.7e-5, 3.5e-5 (precise). */
 typedef struct {
     double emb_abs, logit_abs, rel;
 } tolerance;
