@@ -608,7 +608,7 @@ static uint8_t *nfc_model(const uint8_t *s, size_t n, size_t *len) {
         uint8_t *nfc = NULL;
         utf8proc_ssize_t m = at > part ? utf8proc_map(s + part, (utf8proc_ssize_t)(at - part), &nfc,
                                                        UTF8PROC_STABLE | UTF8PROC_COMPOSE) : 0;
-        memcpy(out + o, nfc, (size_t)m);
+        if (m > 0) memcpy(out + o, nfc, (size_t)m);
         o += (size_t)m;
         free(nfc);
         memcpy(out + o, s + at, i - at);   /* the opaque code point */
