@@ -2,8 +2,9 @@
  *
  * Decode (one token) is memory-bound: every weight byte is read once per token. The
  * kernels therefore read the weights in their stored dtype (bf16: half the bytes of
- * fp32) and widen in registers. OpenBLAS sgemm at M=1
- * streams weights at a fraction of the bandwidth, hence these kernels. */
+ * fp32) and widen in registers. OpenBLAS sgemm at M=1 streams weights at a fraction of
+ * the bandwidth, hence these kernels. Measured on the 2-core EPYC dev machine: 21-25 GB/s
+ * for one thread over a 272 MB bf16 matrix (a plain AVX2 read loop: 22 GB/s). */
 #include <immintrin.h>
 #include <omp.h>
 
