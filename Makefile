@@ -194,6 +194,9 @@ bench-tokenizer: all
 deps:
 	tools/deps.sh
 
+demo:
+	@tools/demo.sh
+
 # Binaries to $(PREFIX)/bin; units, sysusers and tmpfiles snippets to $(PREFIX)/lib/systemd
 # paths that systemd searches (with ExecStart pointing at $(PREFIX)/bin); examples to
 # $(PREFIX)/share/duogen/examples. Nothing under /etc is overwritten.

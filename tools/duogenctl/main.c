@@ -2,8 +2,9 @@
  *
  *   duogenctl [--redis URL] [--password-file F] [--prefix P] COMMAND [ARGS]
  *
- *   enqueue [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high]
- *           [--wait] [--out DIR] TEXT...       put a job on the queue (prints its id)
+ *   enqueue [--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]...
+ *           [--high] [--wait] [--out DIR] TEXT...   put a job on the queue (prints its id);
+ *           FILE is JSON: {"id", "system", "text", "images": [...], "params": {...}}
  *   watch ID                                   follow a job's events until it ends
  *   result ID [--out DIR]                      print a result; --out writes answer.md + PNGs
  *   cancel ID                                  ask the worker to stop a job
@@ -25,6 +26,7 @@
 #include "../../daemon/config.h"
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
+#include <jansson.h>
 
 #define EXIT_JOB   1
 #define EXIT_USAGE 2
@@ -166,6 +168,52 @@ static void set_param(job_builder *b, const char *kv) {
 static int follow(const char *id, int show_text);
 static int write_result(const char *id, const char *out_dir, int print);
 
+/* A job file (JSON): {"id", "system", "text", "images": [paths relative to the file],
+ * "params": {KEY: VALUE} with the keys of --param}. Returns the parsed document, which
+ * owns the strings handed out; options after --job override it. */
+static json_t *load_job_file(const char *path, job_builder *b, char *id, size_t idlen, const char **system,
+                             char *text, size_t textlen, size_t *tl, char images[][4096], int *n_images) {
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    if (!j || !json_is_object(j)) die(EXIT_USAGE, "job file \"%s\": %s", path, j ? "not a JSON object" : je.text);
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0; else snprintf(dir, sizeof dir, ".");
+    const char *key;
+    json_t *v;
+    json_object_foreach(j, key, v) {
+        if (!strcmp(key, "id") && json_is_string(v)) snprintf(id, idlen, "%s", json_string_value(v));
+        else if (!strcmp(key, "system") && json_is_string(v)) *system = json_string_value(v);
+        else if (!strcmp(key, "text") && json_is_string(v))
+            *tl = (size_t)snprintf(text, textlen, "%s", json_string_value(v));
+        else if (!strcmp(key, "images") && json_is_array(v)) {
+            size_t i;
+            json_t *im;
+            json_array_foreach(v, i, im) {
+                if (!json_is_string(im) || *n_images == 64) die(EXIT_USAGE, "job file \"%s\": images[%zu] is not a path", path, i);
+                const char *p = json_string_value(im);
+                if (p[0] == '/') snprintf(images[*n_images], 4096, "%s", p);
+                else snprintf(images[*n_images], 4096, "%s/%s", dir, p);
+                (*n_images)++;
+            }
+        } else if (!strcmp(key, "params") && json_is_object(v)) {
+            const char *pk;
+            json_t *pv;
+            json_object_foreach(v, pk, pv) {
+                char kv[512];
+                if (json_is_string(pv)) snprintf(kv, sizeof kv, "%s=%s", pk, json_string_value(pv));
+                else if (json_is_integer(pv)) snprintf(kv, sizeof kv, "%s=%lld", pk, (long long)json_integer_value(pv));
+                else if (json_is_number(pv)) snprintf(kv, sizeof kv, "%s=%.9g", pk, json_number_value(pv));
+                else if (json_is_boolean(pv)) snprintf(kv, sizeof kv, "%s=%s", pk, json_is_true(pv) ? "true" : "false");
+                else die(EXIT_USAGE, "job file \"%s\": params.%s must be a string, number or boolean", path, pk);
+                set_param(b, kv);
+            }
+        } else die(EXIT_USAGE, "job file \"%s\": unknown or mistyped key \"%s\" (id system text images params)", path, key);
+    }
+    return j;
+}
+
 static int cmd_enqueue(int argc, char **argv) {
     job_builder b;
     memset(&b, 0, sizeof b);
@@ -174,16 +222,20 @@ static int cmd_enqueue(int argc, char **argv) {
     duogen__v1__image_params__init(&b.image);
     char id[160] = "", text[65536] = "";
     const char *system = NULL, *out_dir = NULL;
-    const char *images[64];
+    static char images[64][4096];
     int n_images = 0, wait = 0, high = 0;
     size_t tl = 0;
+    json_t *job_file = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--id") && i + 1 < argc) snprintf(id, sizeof id, "%s", argv[++i]);
+        if (!strcmp(a, "--job") && i + 1 < argc) {
+            if (job_file) die(EXIT_USAGE, "enqueue: one --job at most");
+            job_file = load_job_file(argv[++i], &b, id, sizeof id, &system, text, sizeof text, &tl, images, &n_images);
+        } else if (!strcmp(a, "--id") && i + 1 < argc) snprintf(id, sizeof id, "%s", argv[++i]);
         else if (!strcmp(a, "--system") && i + 1 < argc) system = argv[++i];
         else if (!strcmp(a, "--image") && i + 1 < argc) {
             if (n_images == 64) die(EXIT_USAGE, "at most 64 images");
-            images[n_images++] = argv[++i];
+            snprintf(images[n_images++], sizeof images[0], "%s", argv[++i]);
         } else if (!strcmp(a, "--param") && i + 1 < argc) set_param(&b, argv[++i]);
         else if (!strcmp(a, "--wait")) wait = 1;
         else if (!strcmp(a, "--high")) high = 1;
@@ -265,9 +317,13 @@ static int cmd_enqueue(int argc, char **argv) {
     for (int i = 0; i < n_images; i++) free(imgs[i].data.data);
     printf("%s\n", id);
     fflush(stdout);
-    if (!wait) return 0;
+    if (!wait) {
+        json_decref(job_file);
+        return 0;
+    }
     int rc = follow(id, 1);
     int rc2 = write_result(id, out_dir, 0);
+    json_decref(job_file);
     return rc ? rc : rc2;
 }
 
@@ -506,7 +562,7 @@ static int cmd_dead(int argc, char **argv) {
 static int usage(void) {
     fprintf(stderr,
             "usage: duogenctl [--redis URL] [--password-file F] [--prefix P] COMMAND\n"
-            "  enqueue [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high]\n"
+            "  enqueue [--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high]\n"
             "          [--wait] [--out DIR] TEXT...\n"
             "  watch ID\n  result ID [--out DIR]\n  cancel ID\n  stats\n"
             "  dead [list [--count N] | requeue ID... | requeue --all]\n");
