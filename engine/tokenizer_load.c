@@ -103,9 +103,11 @@ static int vocab_load(const json_t *vocab, const char *what, dg_tok_files *f, ch
             return fail(err, errlen, "%s: token \"%.40s\": empty or longer than %d bytes", what, key,
                         DG_TOK_PIECE_MAX);
         long n = alphabet_decode(&a, (const uint8_t *)key, key_len, buf);
-        if (n < 0 || n > DG_TOK_PIECE_MAX)
+        if (n < 0)
             return fail(err, errlen, "%s: token \"%s\" (id %lld) has a character outside the byte-level alphabet",
                         what, key, (long long)json_integer_value(value));
+        if (n > DG_TOK_PIECE_MAX)
+            return fail(err, errlen, "%s: token \"%.40s...\" is longer than %d bytes", what, key, DG_TOK_PIECE_MAX);
         dg_tok_vocab_entry *e = &f->vocab[f->n_vocab++];
         e->id = (int32_t)json_integer_value(value);
         e->len = (size_t)n;
