@@ -11,12 +11,13 @@
 /* ---- convolution -------------------------------------------------------------------------- */
 
 /* Fills col[kv_rows, nc] (row-major, row = (tap - k0)·Cin·kh·kw + ci·kh·kw + dy·kw + dx) for
- * output pixels p0 .. p0+nc-1 of one output frame from the input frames of taps k0 .. k1-1. */
+ * output pixels p0 .. p0+nc-1 of one output frame from the input frames of taps k0 .. k1-1.
+ * Walks the tile output row by output row: the valid span of a row is one copy (stride 1)
+ * with zeros around it, so no per-pixel division or bounds test. */
 static void im2col(const dg_cpu *c, float *col, const float *x, const dg_conv3d_shape *s,
-                   int t_out, int k0, int k1, int64_t p0, int64_t nc, int ho, int wo) {
+                   int t_out, int k0, int k1, int64_t p0, int64_t nc, int wo) {
     const int khw = s->kh * s->kw;
     const int64_t rows = (int64_t)(k1 - k0) * s->c_in * khw, plane = (int64_t)s->h * s->w;
-    (void)ho;
 #pragma omp parallel for num_threads(c->n_threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const int k = k0 + (int)(r / ((int64_t)s->c_in * khw));
@@ -24,11 +25,30 @@ static void im2col(const dg_cpu *c, float *col, const float *x, const dg_conv3d_
         const int ti = t_out * s->st + k - s->pad_t;
         const float *src = x + ((int64_t)ti * s->c_in + ci) * plane;
         float *dst = col + r * nc;
-        for (int64_t j = 0; j < nc; j++) {
-            const int64_t p = p0 + j;
-            const int iy = (int)(p / wo) * s->sh + dy - s->pad_top;
-            const int ix = (int)(p % wo) * s->sw + dx - s->pad_left;
-            dst[j] = iy >= 0 && iy < s->h && ix >= 0 && ix < s->w ? src[(int64_t)iy * s->w + ix] : 0.0f;
+        for (int64_t j = 0, p = p0; j < nc;) {
+            const int oy = (int)(p / wo), ox0 = (int)(p % wo);
+            const int cnt = (int)(wo - ox0 < nc - j ? wo - ox0 : nc - j);
+            const int iy = oy * s->sh + dy - s->pad_top;
+            float *d = dst + j;
+            if (iy < 0 || iy >= s->h) {
+                memset(d, 0, sizeof(float) * (size_t)cnt);
+            } else if (s->sw == 1) {
+                const int ix0 = ox0 + dx - s->pad_left;   /* input column of d[0] */
+                int a = ix0 < 0 ? -ix0 : 0, b = s->w - ix0 < cnt ? s->w - ix0 : cnt;
+                if (a > cnt) a = cnt;
+                if (b < a) b = a;
+                memset(d, 0, sizeof(float) * (size_t)a);
+                memcpy(d + a, src + (int64_t)iy * s->w + ix0 + a, sizeof(float) * (size_t)(b - a));
+                memset(d + b, 0, sizeof(float) * (size_t)(cnt - b));
+            } else {
+                const float *srow = src + (int64_t)iy * s->w;
+                for (int q = 0; q < cnt; q++) {
+                    const int ix = (ox0 + q) * s->sw + dx - s->pad_left;
+                    d[q] = ix >= 0 && ix < s->w ? srow[ix] : 0.0f;
+                }
+            }
+            j += cnt;
+            p += cnt;
         }
     }
 }
@@ -60,7 +80,7 @@ void dg_cpu_conv3d(dg_backend *be, float *y, const float *x, const float *w, con
         } else {
             for (int64_t p0 = 0; p0 < hw_out; p0 += tile) {
                 const int64_t nc = hw_out - p0 < tile ? hw_out - p0 : tile;
-                im2col(c, c->conv, x, s, t, k0, k1, p0, nc, ho, wo);
+                im2col(c, c->conv, x, s, t, k0, k1, p0, nc, wo);
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->c_out, (int)nc, (int)kv,
                             1.0f, w + k0 * k_tap, (int)k_all, c->conv, (int)nc, 0.0f, yt + p0,
                             (int)hw_out);
