@@ -61,7 +61,7 @@ static void ref_attention(double *out, const float *q, int q_stride, const float
 }
 
 /* Fused QKV rows [n, 3·H·hd] as the vision tower has them, windows of uneven length
- * (one longer than a key tile, one of one row), and GQA cross-attention with separate
+ * (one over several query blocks and key tiles, one of one row), and GQA cross-attention with separate
  * buffers, different q and kv lengths and an empty kv segment. */
 static void check_attention(dg_backend *be, int fused, int n_heads, int n_kv_heads, int hd,
                             const int32_t *q_cu, const int32_t *kv_cu, int n_seg) {
@@ -93,9 +93,10 @@ TEST(attention_segments_windows_and_cross) {
     for (int b = 0; b < 2; b++) {
         dg_backend *be = open_backend(BACKENDS[b]);
         if (!be) continue;
-        const int32_t win[] = {0, 64, 128, 300, 301, 340};
+        /* one segment longer than a query block (128) and a key tile (256) */
+        const int32_t win[] = {0, 64, 128, 420, 421, 460};
         check_attention(be, 1, 4, 4, 80, win, win, 5);
-        const int32_t q_cu[] = {0, 37, 37, 90}, kv_cu[] = {0, 150, 161, 161};
+        const int32_t q_cu[] = {0, 37, 37, 90}, kv_cu[] = {0, 300, 311, 311};
         check_attention(be, 0, 6, 2, 16, q_cu, kv_cu, 3);
         dg_backend_free(be);
     }

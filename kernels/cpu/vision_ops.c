@@ -2,6 +2,7 @@
 #include "vision_ops.h"
 
 #include <cblas.h>
+#include <immintrin.h>
 #include <math.h>
 #include <string.h>
 
@@ -9,16 +10,76 @@
 
 /* Segment attention tiles: QB queries of one head against KC keys at a time, each tile
  * product an sgemm (OpenBLAS runs single-threaded inside the OpenMP region), with an
- * online softmax across key tiles. Stack per thread: QB·KC + QB·head_dim floats
- * (48 KiB at head_dim 256). */
-#define ATT_QB 32
-#define ATT_KC 128
+ * online softmax across key tiles. Larger tiles pack the query block fewer times: 128x256
+ * ran the 2048-token full attention of the vision tower at 1.3x the speed of 32x128.
+ * Stack per thread: QB·KC + QB·head_dim floats (256 KiB at head_dim 256). */
+#define ATT_QB 128
+#define ATT_KC 256
 #define ATT_MAX_HEAD_DIM 256
 
 static const dg_cpu *cpu(const dg_backend *be) { return be->impl; }
 
+/* One row of a score tile: s[0..n-1] becomes exp(s - m') where m' = max(*mx, max s);
+ * *mx = m', *corr = exp(old *mx - m') (0 on the first tile, *mx = -inf); returns Σ. */
+static float softmax_row_c(float *s, int n, float *mx, float *corr) {
+    float m = *mx, sum = 0.0f;
+    for (int j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    for (int j = 0; j < n; j++) sum += (s[j] = expf(s[j] - m));
+    *corr = expf(*mx - m);
+    *mx = m;
+    return sum;
+}
+
+#define SIMD __attribute__((target("avx2,fma")))
+
+/* exp on 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5
+ * polynomial), within 2 ulp of expf for x in [-87.3, 88.4]; lower x gives 2^-126 (the
+ * weight of a score 87 below the row's maximum: nothing next to the maximum's 1). */
+SIMD static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+SIMD static float softmax_row_avx2(float *s, int n, float *mx, float *corr) {
+    const int n8 = n & ~7;
+    __m256 vm = _mm256_set1_ps(*mx);
+    for (int j = 0; j < n8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float m = _mm_cvtss_f32(h);
+    for (int j = n8; j < n; j++) m = s[j] > m ? s[j] : m;
+    const __m256 bm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (int j = 0; j < n8; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), bm));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    float sum = _mm_cvtss_f32(a);
+    for (int j = n8; j < n; j++) sum += (s[j] = expf(s[j] - m));
+    *corr = expf(*mx - m);
+    *mx = m;
+    return sum;
+}
+
 /* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. */
-static void attend_block(float *out, int out_stride, const float *q, int q_stride,
+static void attend_block(int simd, float *out, int out_stride, const float *q, int q_stride,
                          const float *k, const float *v, int kv_stride, int nq, int nk,
                          int head_dim, float scale) {
     float s[ATT_QB * ATT_KC], o[ATT_QB * ATT_MAX_HEAD_DIM], mx[ATT_QB], l[ATT_QB];
@@ -32,12 +93,10 @@ static void attend_block(float *out, int out_stride, const float *q, int q_strid
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nc, head_dim, scale, q, q_stride,
                     k + (int64_t)j0 * kv_stride, kv_stride, 0.0f, s, ATT_KC);
         for (int i = 0; i < nq; i++) {
-            float *si = s + i * ATT_KC, cm = mx[i], sum = 0.0f;
-            for (int j = 0; j < nc; j++) cm = si[j] > cm ? si[j] : cm;
-            const float corr = expf(mx[i] - cm);      /* 0 on the first tile (mx = -inf) */
-            for (int j = 0; j < nc; j++) sum += (si[j] = expf(si[j] - cm));
+            float corr;
+            const float sum = simd ? softmax_row_avx2(s + i * ATT_KC, nc, &mx[i], &corr)
+                                   : softmax_row_c(s + i * ATT_KC, nc, &mx[i], &corr);
             l[i] = l[i] * corr + sum;
-            mx[i] = cm;
             if (corr != 1.0f)
                 for (int d = 0; d < head_dim; d++) o[i * head_dim + d] *= corr;
         }
@@ -79,7 +138,7 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
             const int h = (int)(r % n_heads), qb = (int)(r / n_heads), kvh = h / group;
             const int q0 = q_cu[sg] + qb * ATT_QB, q1 = q_cu[sg + 1];
             const int nq = q1 - q0 < ATT_QB ? q1 - q0 : ATT_QB;
-            attend_block(out + (int64_t)q0 * out_stride + h * head_dim, out_stride,
+            attend_block(c->simd, out + (int64_t)q0 * out_stride + h * head_dim, out_stride,
                          q + (int64_t)q0 * q_stride + h * head_dim, q_stride,
                          k + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim,
                          v + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim, kv_stride, nq,
