@@ -525,7 +525,6 @@ TEST(tokenizer_load_errors) {
             CHECK(0);
         }
     }
-    rm_tree();
 }
 
 /* ---- internals ------------------------------------------------------------------------ */
@@ -743,6 +742,7 @@ TEST(tokenizer_shared_by_threads) {
 
 int main(void) {
     int rc = test_main();
+    rm_tree();
     dg_tok_close(qwen());
     return rc;
 }
