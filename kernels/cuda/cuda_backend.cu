@@ -102,18 +102,30 @@ void *dg_cuda_stage(dg_cuda *c, const void *host, size_t bytes) {
         dg_cuda_fail(c, "staged array larger than half the ring", "dg_cuda_stage", __FILE__, __LINE__);
         return NULL;
     }
+    if (bytes <= DG_CUDA_MEMO_BYTES)
+        for (int i = 0; i < DG_CUDA_MEMO; i++)
+            if (c->memo[i].dev && c->memo[i].bytes == bytes && !memcmp(c->memo[i].data, host, bytes))
+                return (void *)c->memo[i].dev;
     size_t h = c->stage_pos / half, end = c->stage_pos + n;
     if (end > (h + 1) * half) {                 /* the next half: wait for its old copies */
         if (cudaEventRecord(c->stage_done[h], c->stream) != cudaSuccess) goto fail;
         h = (h + 1) % 2;
         if (cudaEventSynchronize(c->stage_done[h]) != cudaSuccess) goto fail;
         c->stage_pos = h * half;
+        for (int i = 0; i < DG_CUDA_MEMO; i++) c->memo[i].dev = NULL;   /* may be overwritten */
     }
     {
         char *hp = c->stage_host + c->stage_pos, *dp = c->stage_dev + c->stage_pos;
         memcpy(hp, host, bytes);
         if (cudaMemcpyAsync(dp, hp, bytes, cudaMemcpyHostToDevice, c->stream) != cudaSuccess) goto fail;
         c->stage_pos += n;
+        if (bytes <= DG_CUDA_MEMO_BYTES) {
+            int i = c->memo_next;
+            c->memo_next = (i + 1) % DG_CUDA_MEMO;
+            c->memo[i].dev = dp;
+            c->memo[i].bytes = bytes;
+            memcpy(c->memo[i].data, host, bytes);
+        }
         return dp;
     }
 fail:
@@ -160,7 +172,7 @@ static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t e
         return DG_ENOMEM;
     }
     if (w->dtype == DG_DTYPE_BF16) {
-        if (cudaMemcpy(dev, w->data, n * 2, cudaMemcpyHostToDevice) != cudaSuccess) goto cuda_fail;
+        if (cudaMemcpyAsync(dev, w->data, n * 2, cudaMemcpyHostToDevice, c->stream) != cudaSuccess) goto cuda_fail;
     } else {
         const size_t chunk = (size_t)1 << 22;
         if (!(tmp = (uint16_t *)malloc(chunk * 2))) {
@@ -171,10 +183,13 @@ static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t e
         for (size_t i0 = 0; i0 < n; i0 += chunk) {
             size_t nc = n - i0 < chunk ? n - i0 : chunk;
             for (size_t i = 0; i < nc; i++) tmp[i] = dg_f32_to_bf16(dg_load_f32(w->data, w->dtype, i0 + i));
-            if (cudaMemcpy(dev + i0, tmp, nc * 2, cudaMemcpyHostToDevice) != cudaSuccess) goto cuda_fail;
+            if (cudaMemcpyAsync(dev + i0, tmp, nc * 2, cudaMemcpyHostToDevice, c->stream) != cudaSuccess) goto cuda_fail;
         }
         free(tmp);
     }
+    /* on the backend's stream (the legacy default stream would not order with it), and
+     * complete before the call returns: the caller may unmap the tensor */
+    if (cudaStreamSynchronize(c->stream) != cudaSuccess) goto cuda_fail;
     w->data = dev;
     w->dtype = DG_DTYPE_BF16;
     return 0;

@@ -25,6 +25,8 @@ extern "C" {
  * a half again, it waits on the event recorded when it last left that half, so a copy
  * still queued from the pinned memory is never overwritten. */
 #define DG_CUDA_STAGE_BYTES ((size_t)16 << 20)
+#define DG_CUDA_MEMO        4
+#define DG_CUDA_MEMO_BYTES  1024
 
 /* Scratch in the arena, sized once: bf16 activations for cuBLAS GEMMs (in row chunks),
  * the im2col tiles of conv3d, the split-K partials of attention. */
@@ -51,6 +53,11 @@ typedef struct {
     char           *stage_dev;     /* arena */
     size_t          stage_pos;
     cudaEvent_t     stage_done[2];
+    /* the last small arrays staged since the ring last changed halves: a decode step
+     * stages the same positions and block table for every layer, and a copy costs a
+     * queue slot on the stream, so an array equal to one of these is not copied again */
+    struct { const void *dev; size_t bytes; char data[DG_CUDA_MEMO_BYTES]; } memo[DG_CUDA_MEMO];
+    int             memo_next;
     /* scratch (arena) */
     void           *scratch;
     size_t          scratch_bytes;

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# tools/cuda/device_check.sh — the one prepared run on a GPU machine (issue 9):
+#   1. the device, driver and nvcc;
+#   2. nvcc build check of kernels/cuda/*.cu for sm_90 (ptxas register/spill report kept);
+#   3. the programs: a full `make` where this machine has the project's build dependencies,
+#      else the ones tools/cuda/pack.sh packed (.devcarry/bundle.tar.xz, carried);
+#   4. build/tests/test_backend_cuda (every op vs the CPU backend, stated tolerances);
+#   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages);
+#   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit);
+#   7. tools/reference/bench_torch_cuda.py (transformers bf16 on the same GPU), and ratios.
+# Logs and JSON go to $OUT (default build/device-out): at most 8 files.
+#
+#   bash tools/cuda/pack.sh                      # here, once, before the device call
+#   bash tools/cuda/device_check.sh              # there (carry: .devcarry)
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-build/device-out}
+mkdir -p "$OUT" build
+exec > >(tee -a "$OUT/device_check.log") 2>&1
+step() { echo; echo "==== $* ($(date +%T))"; }
+QUICK=${QUICK:-}
+
+step device
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+nvcc --version | tail -1
+uname -m; nproc
+
+step "nvcc build check: kernels/cuda/*.cu for sm_90"
+mkdir -p build/nvcc-check
+pids=()
+for f in kernels/cuda/*.cu; do
+    n=$(basename "$f" .cu)
+    ( nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -Iengine -Ikernels --Werror all-warnings \
+          -Xptxas -v -c "$f" -o "build/nvcc-check/$n.o" > "build/nvcc-check/$n.log" 2>&1 \
+      && echo "ok   $f" || { echo "FAIL $f"; cat "build/nvcc-check/$n.log"; } ) &
+    pids+=($!)
+done
+wait "${pids[@]}"   # (a bare wait would also wait for the tee above)
+grep -h -B1 -A1 "registers\|spill" build/nvcc-check/*.log | grep -v "^--" > "$OUT/ptxas.txt"
+grep -h "spill" build/nvcc-check/*.log | sort | uniq -c
+
+step programs
+if [ -z "${DG_USE_BUNDLE:-}" ] && pkg-config --exists jansson libpng libturbojpeg libutf8proc libpcre2-8 hiredis libprotobuf-c 2>/dev/null &&
+   [ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ]; then
+    echo "building here"
+    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/dg-bench build/mkmodel 2>&1 | tail -3
+else
+    echo "no build dependencies here: the packed programs (tools/cuda/pack.sh)"
+    rm -rf build/carry && mkdir -p build/carry build/tests
+    tar -C build/carry -xJf .devcarry/bundle.tar.xz || { echo "no .devcarry/bundle.tar.xz"; exit 1; }
+    cp build/carry/bin/test_backend_cuda build/carry/bin/test_cuda_parity build/tests/
+    cp build/carry/bin/dg-bench build/carry/bin/mkmodel build/
+    export LD_LIBRARY_PATH="$PWD/build/carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if ldd build/dg-bench | grep -q "libcublas.*not found"; then   # the toolkit's or PyTorch's
+    d=$(dirname "$(find / \( -path /proc -o -path /sys \) -prune -o -name 'libcublasLt.so.13*' -print 2>/dev/null | head -1)")
+    echo "cuBLAS from $d"
+    export LD_LIBRARY_PATH="$d:$(dirname "$(find / \( -path /proc -o -path /sys \) -prune -o -name 'libcudart.so.13*' -print 2>/dev/null | head -1)"):${LD_LIBRARY_PATH:-}"
+fi
+ldd build/dg-bench | grep "not found" && echo "MISSING LIBRARIES"
+
+step "op-by-op test (test_backend_cuda)"
+timeout 90 build/tests/test_backend_cuda 2>&1 | tee "$OUT/test_backend_cuda.txt"
+
+step "model parity (test_cuda_parity)"
+timeout 110 build/tests/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.txt"
+
+step "dg-bench cuda"
+timeout 110 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
+
+step "transformers baseline (bench_torch_cuda.py)"
+PYTHONUNBUFFERED=1 timeout 150 python3 tools/reference/bench_torch_cuda.py ${QUICK:+--quick} --out "$OUT/torch_cuda.json"
+
+step summary
+python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(n):
+    try:
+        return json.load(open(os.path.join(out, n)))
+    except Exception:
+        return {}
+ours, torch = load("bench_cuda.json").get("cuda", {}), load("torch_cuda.json")
+s = {"device": torch.get("device"), "ours": ours, "torch": torch, "ratios": {}}
+for k in ("decode_tok_s", "prefill_512_tok_s", "prefill_2048_tok_s", "prefill_64_tok_s", "prefill_128_tok_s"):
+    if ours.get(k) and torch.get(k):
+        s["ratios"][k] = ours[k] / torch[k]
+if ours.get("decode_bytes_per_step_gb") and torch.get("copy_gb_s"):
+    lim = torch["copy_gb_s"] / ours["decode_bytes_per_step_gb"]
+    s["ratios"]["decode_vs_torch_copy_limit"] = ours.get("decode_tok_s", 0) / lim
+json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2, sort_keys=True)
+print(json.dumps(s["ratios"], indent=1))
+for k in sorted(ours): print(f"ours  {k}: {ours[k]:.4g}")
+for k in sorted(torch): print(f"torch {k}: {torch[k]:.4g}" if isinstance(torch[k], float) else f"torch {k}: {torch[k]}")
+PY
