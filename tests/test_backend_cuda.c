@@ -422,7 +422,7 @@ TEST(cuda_attention_segments) {
 
 TEST(cuda_spatial_attention) {
     if (!ready()) return;
-    static const int shapes[][2] = {{16, 64}, {96, 33 * 17}, {384, 32 * 32}};
+    static const int shapes[][2] = {{16, 64}, {96, 33 * 17}, {384, 32 * 32}, {32, 90 * 100}};   /* > 1 key chunk */
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const int c = shapes[s][0];
         const int64_t plane = shapes[s][1];

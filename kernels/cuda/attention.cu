@@ -334,43 +334,55 @@ static int attention_segments(dg_cuda *c, float *out, const float *q, int q_stri
 
 /* ---- VAE spatial attention ---------------------------------------------------------------- */
 
-/* Block per query pixel: all plane scores in shared memory (plane · 4 bytes), an exact
- * softmax, then out[c, p] = Σ_j p_j v[c, j] with one warp per channel reading v's row
- * contiguously. Channel-major q, k, v make every read coalesced. O(plane² · channels) on
- * the CUDA cores: correct, slow at 128×128 planes (NOTES.md). */
+#define SPATIAL_CHUNK 4096   /* keys scored at once (16 KiB of shared memory) */
+#define SPATIAL_MAX_C 1024   /* channels (the Wan VAE's attention has 384) */
+
+/* Block per query pixel, keys in chunks with an online softmax: scores of a chunk in
+ * shared memory, the running output out[c] in shared memory, rescaled when the running
+ * max grows; out[c] += Σ_j p_j v[c, j] with one warp per channel reading v's row
+ * contiguously. Channel-major q, k, v make every read coalesced. Any plane (backend.h
+ * allows 2^20). O(plane² · channels) on the CUDA cores: correct, slow at 128×128 planes
+ * (NOTES.md). */
 __global__ void spatial_attn_kernel(float *out, const float *qkv, int channels, int64_t plane, float scale) {
-    extern __shared__ float sc[];
-    __shared__ float red[32];
+    __shared__ float sc[SPATIAL_CHUNK], acc[SPATIAL_MAX_C], red[32];
     const int64_t p = blockIdx.x;
     const float *q = qkv, *k = qkv + channels * plane, *v = qkv + 2 * channels * plane;
-    float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j < plane; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int ch = 0; ch < channels; ch++) acc += q[ch * plane + p] * k[ch * plane + j];
-        sc[j] = acc * scale;
-        mx = fmaxf(mx, sc[j]);
-    }
-    mx = dg_block_max(mx, red);
-    float s = 0.0f;
-    for (int64_t j = threadIdx.x; j < plane; j += blockDim.x) s += (sc[j] = expf(sc[j] - mx));
-    const float inv = 1.0f / dg_block_sum(s, red);   /* ends with a barrier: sc is complete */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int ch = warp; ch < channels; ch += nw) {
-        const float *vr = v + ch * plane;
-        float acc = 0.0f;
-        for (int64_t j = lane; j < plane; j += 32) acc += sc[j] * vr[j];
-        acc = dg_warp_sum(acc);
-        if (lane == 0) out[ch * plane + p] = acc * inv;
+    float mx = -INFINITY, l = 0.0f;   /* the same in every thread */
+    for (int ch = threadIdx.x; ch < channels; ch += blockDim.x) acc[ch] = 0.0f;
+    for (int64_t j0 = 0; j0 < plane; j0 += SPATIAL_CHUNK) {
+        const int n = (int)(plane - j0 < SPATIAL_CHUNK ? plane - j0 : SPATIAL_CHUNK);
+        float cm = -INFINITY;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            float d = 0.0f;
+            for (int ch = 0; ch < channels; ch++) d += q[ch * plane + p] * k[ch * plane + j0 + j];
+            sc[j] = d * scale;
+            cm = fmaxf(cm, sc[j]);
+        }
+        const float mn = fmaxf(mx, dg_block_max(cm, red)), corr = expf(mx - mn);
+        float s = 0.0f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) s += (sc[j] = expf(sc[j] - mn));
+        l = l * corr + dg_block_sum(s, red);   /* ends with a barrier: sc is complete */
+        mx = mn;
+        for (int ch = warp; ch < channels; ch += nw) {
+            const float *vr = v + ch * plane + j0;
+            float a = 0.0f;
+            for (int j = lane; j < n; j += 32) a += sc[j] * vr[j];
+            a = dg_warp_sum(a);
+            if (lane == 0) acc[ch] = acc[ch] * corr + a;
+        }
+        __syncthreads();                       /* sc is rewritten by the next chunk */
     }
+    for (int ch = threadIdx.x; ch < channels; ch += blockDim.x) out[ch * plane + p] = acc[ch] / l;
 }
 
 static int spatial_attention(dg_cuda *c, float *out, const float *qkv, int channels, int64_t plane) {
     if (plane <= 0) return 0;
-    const size_t smem = sizeof(float) * (size_t)plane;
-    if (smem > c->prop.sharedMemPerBlockOptin)
-        return dg_cuda_fail(c, "spatial attention plane larger than shared memory", "spatial_attention", __FILE__, __LINE__);
-    CUDA_CHECK(c, cudaFuncSetAttribute(spatial_attn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    spatial_attn_kernel<<<(unsigned)plane, 256, smem, c->stream>>>(out, qkv, channels, plane, 1.0f / sqrtf((float)channels));
+    if (channels > SPATIAL_MAX_C)
+        return dg_cuda_fail(c, "spatial attention over more than 1024 channels", "spatial_attention", __FILE__, __LINE__);
+    if (plane > 0x7fffffff)
+        return dg_cuda_fail(c, "spatial attention plane over 2^31", "spatial_attention", __FILE__, __LINE__);
+    spatial_attn_kernel<<<(unsigned)plane, 256, 0, c->stream>>>(out, qkv, channels, plane, 1.0f / sqrtf((float)channels));
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
