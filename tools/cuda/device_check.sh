@@ -60,16 +60,16 @@ fi
 ldd build/dg-bench | grep "not found" && echo "MISSING LIBRARIES"
 
 step "op-by-op test (test_backend_cuda)"
-timeout 90 build/tests/test_backend_cuda 2>&1 | tee "$OUT/test_backend_cuda.txt"
+timeout 60 build/tests/test_backend_cuda 2>&1 | tee "$OUT/test_backend_cuda.txt"
 
 step "model parity (test_cuda_parity)"
-timeout 110 build/tests/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.txt"
+timeout 75 build/tests/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.txt"
 
 step "dg-bench cuda"
-timeout 110 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
+timeout 75 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
 
 step "transformers baseline (bench_torch_cuda.py)"
-PYTHONUNBUFFERED=1 timeout 150 python3 tools/reference/bench_torch_cuda.py ${QUICK:+--quick} --out "$OUT/torch_cuda.json"
+PYTHONUNBUFFERED=1 timeout 100 python3 tools/reference/bench_torch_cuda.py ${QUICK:+--quick} --out "$OUT/torch_cuda.json"
 
 step summary
 python3 - "$OUT" <<'PY'
