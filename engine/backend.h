@@ -150,7 +150,8 @@ struct dg_backend {
 
     /* ---- image generation: VAE and DiT (cosmos_dit_wan_vae.md §3, §6) ---- */
 
-    /* y = conv3d(x) + bias (bias NULL: none); see dg_conv3d_shape. y must not overlap x. */
+    /* y = conv3d(x) + bias (bias NULL: none); see dg_conv3d_shape. y must not overlap x.
+     * c_in·kt·kh·kw <= 2^20 (the CPU tiles im2col in its 16 MiB scratch). */
     void (*conv3d)(dg_backend *be, float *y, const float *x, const float *w, const float *bias,
                    const dg_conv3d_shape *s);
     /* Wan RMS_norm over channels of x[n_frames, channels, plane]: at every pixel
@@ -161,7 +162,7 @@ struct dg_backend {
     void (*upsample2x)(dg_backend *be, float *y, const float *x, int64_t n_planes, int h, int w);
     /* Single-head attention over the pixels of one frame in channel-major layout:
      * qkv[3·channels, plane] (q, k, v stacked), out[channels, plane] =
-     * (softmax(qᵀk / √channels) vᵀ)ᵀ. out must not overlap qkv. */
+     * (softmax(qᵀk / √channels) vᵀ)ᵀ. out must not overlap qkv. plane <= 2^20. */
     void (*spatial_attention)(dg_backend *be, float *out, const float *qkv, int channels,
                               int64_t plane);
     /* y[i] = x[i] · sigmoid(x[i]), i < n; y may equal x. */

@@ -94,7 +94,7 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
     c->max_h = (int)max_size[1] / c->patch_h;
     c->max_w = (int)max_size[2] / c->patch_w;
     if (patch[0] != 1.0f || c->patch_h < 1 || c->patch_w < 1 || c->latent_channels < 1 ||
-        c->head_dim < 8 || c->head_dim > 512 || c->head_dim % 2 || c->hidden < 1 ||
+        c->head_dim < 16 || c->head_dim > 512 || c->head_dim % 2 || c->hidden < 1 ||
         c->mlp_hidden < 1 || c->out_channels < 1) {
         snprintf(err, errlen, "%s: unsupported shape (patch_size, in_channels, attention_head_dim)", path);
         goto out;

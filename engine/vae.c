@@ -456,6 +456,12 @@ int dg_vae_state_new(const dg_vae *v, int max_frames, int max_h, int max_w, dg_v
     int rc;
     *out = NULL;
     if ((rc = check_clip(v, NULL, max_frames, max_h, max_w, err, errlen)) < 0) return rc;
+    /* the middle attention scores one latent frame's pixels against each other: the
+     * spatial_attention op takes planes of up to 2^20 (8192x8192 pixels) */
+    if ((int64_t)(max_h / dg_vae_spatial_factor(v)) * (max_w / dg_vae_spatial_factor(v)) > (1 << 20)) {
+        snprintf(err, errlen, "vae state: %dx%d is larger than the attention allows", max_h, max_w);
+        return DG_ELIMIT;
+    }
     measure(v, max_frames, max_h, max_w, &need, &need_qkv);
     if (!(s = calloc(1, sizeof *s))) goto nomem;
     s->max_frames = max_frames;

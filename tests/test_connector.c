@@ -107,4 +107,27 @@ TEST(connector_rejects_wrong_layers) {
     dg_backend_free(be);
 }
 
+/* The standardize op: unbiased std, eps added to the std, on rows with a large mean. */
+TEST(connector_op_standardize) {
+    enum { M = 2, N = 3584 };
+    static float x[M * N], y[M * N];
+    dg_backend *be = NULL;
+    char err[256];
+    CHECK(dg_backend_new("cpu", 0, &be, err, sizeof err) == 0);
+    dit_wave(x, M * N, 40.0, 0.0123, 0.3);
+    for (int i = 0; i < N; i++) x[i] += 1000.0f;
+    be->standardize(be, y, x, M, N, 1e-8f);
+    for (int r = 0; r < M; r++) {
+        double mean = 0, var = 0;
+        for (int j = 0; j < N; j++) mean += x[r * N + j];
+        mean /= N;
+        for (int j = 0; j < N; j++) var += (x[r * N + j] - mean) * (x[r * N + j] - mean);
+        const double sd = sqrt(var / (N - 1)) + 1e-8;
+        double worst = 0;
+        for (int j = 0; j < N; j++) worst = fmax(worst, fabs(y[r * N + j] - (x[r * N + j] - mean) / sd));
+        CHECK(worst < 1e-5);
+    }
+    dg_backend_free(be);
+}
+
 int main(void) { return test_main(); }

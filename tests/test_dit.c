@@ -185,6 +185,35 @@ TEST(dit_patchify_roundtrip) {
     CHECK(memcmp(lat, back, sizeof lat) == 0);
 }
 
+/* The DiT's own backend operations against their definitions: adaLN modulate (LayerNorm
+ * without affine, biased variance, eps 1e-6) and the gated residual. Tolerance 1e-5. */
+TEST(dit_op_modulate_and_gate) {
+    enum { M = 3, N = 40 };
+    dg_backend *b = NULL;
+    char err[256];
+    float x[M * N], y[M * N], shift[N], scale[N], gate[N], acc[M * N];
+    CHECK(dg_backend_new("cpu", 0, &b, err, sizeof err) == 0);
+    dit_wave(x, M * N, 3.0, 0.71, 0.2);
+    for (int i = 0; i < M * N; i++) x[i] += 5.0f;   /* a large mean */
+    dit_wave(shift, N, 0.5, 0.3, 0.0);
+    dit_wave(scale, N, 0.7, 0.9, 1.0);
+    dit_wave(gate, N, 1.2, 0.4, 2.0);
+    b->modulate(b, y, x, shift, scale, M, N, 1e-6f);
+    for (int i = 0; i < M; i++) {
+        double mean = 0, var = 0;
+        for (int j = 0; j < N; j++) mean += x[i * N + j];
+        mean /= N;
+        for (int j = 0; j < N; j++) var += (x[i * N + j] - mean) * (x[i * N + j] - mean);
+        var /= N;
+        for (int j = 0; j < N; j++)
+            CHECK_NEAR(y[i * N + j], (x[i * N + j] - mean) / sqrt(var + 1e-6) * (1 + scale[j]) + shift[j], 1e-5);
+    }
+    memcpy(acc, x, sizeof x);
+    b->add_gated(b, acc, y, gate, M, N);
+    for (int i = 0; i < M * N; i++) CHECK_NEAR(acc[i], x[i] + gate[i % N] * y[i], 1e-5);
+    dg_backend_free(b);
+}
+
 int main(void) {
     int rc = test_main();
     if (loaded > 0) {

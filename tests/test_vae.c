@@ -110,4 +110,115 @@ TEST(vae_load_names_bad_tensor) {
     dg_backend_free(be);
 }
 
+/* ---- the VAE's backend operations against direct definitions ---------------------------- */
+
+/* Direct causal conv3d on frame-major x[t, ci, h, w], PyTorch weight order [co, ci, kt, kh, kw]. */
+static void conv_ref(float *y, const float *x, const float *w_pt, const float *bias, const dg_conv3d_shape *s) {
+    const int to = dg_conv3d_out_t(s), ho = dg_conv3d_out_h(s), wo = dg_conv3d_out_w(s);
+    for (int t = 0; t < to; t++)
+        for (int o = 0; o < s->c_out; o++)
+            for (int oy = 0; oy < ho; oy++)
+                for (int ox = 0; ox < wo; ox++) {
+                    double acc = bias[o];
+                    for (int i = 0; i < s->c_in; i++)
+                        for (int a = 0; a < s->kt; a++)
+                            for (int b = 0; b < s->kh; b++)
+                                for (int c = 0; c < s->kw; c++) {
+                                    const int ti = t * s->st + a - s->pad_t, iy = oy * s->sh + b - s->pad_top;
+                                    const int ix = ox * s->sw + c - s->pad_left;
+                                    if (ti < 0 || ti >= s->t || iy < 0 || iy >= s->h || ix < 0 || ix >= s->w) continue;
+                                    acc += (double)w_pt[(((o * s->c_in + i) * s->kt + a) * s->kh + b) * s->kw + c] *
+                                           x[((ti * s->c_in + i) * s->h + iy) * s->w + ix];
+                                }
+                    y[((t * s->c_out + o) * ho + oy) * wo + ox] = (float)acc;
+                }
+}
+
+/* Tolerance 1e-5 relative to the sum of |terms| (<= 5·27 products of unit values): fp32
+ * sgemm against a double loop. */
+TEST(vae_op_conv3d_matches_direct) {
+    static const dg_conv3d_shape cases[] = {
+        {.c_in = 5, .c_out = 7, .t = 4, .h = 9, .w = 11, .kt = 3, .kh = 3, .kw = 3, .st = 1, .sh = 1, .sw = 1,
+         .pad_t = 2, .pad_top = 1, .pad_bottom = 1, .pad_left = 1, .pad_right = 1},     /* causal 3x3x3 */
+        {.c_in = 4, .c_out = 4, .t = 1, .h = 8, .w = 6, .kt = 3, .kh = 3, .kw = 3, .st = 1, .sh = 1, .sw = 1,
+         .pad_t = 2, .pad_top = 1, .pad_bottom = 1, .pad_left = 1, .pad_right = 1},     /* one image */
+        {.c_in = 3, .c_out = 5, .t = 2, .h = 9, .w = 7, .kt = 1, .kh = 3, .kw = 3, .st = 1, .sh = 2, .sw = 2,
+         .pad_bottom = 1, .pad_right = 1},                                               /* downsample2d */
+        {.c_in = 6, .c_out = 6, .t = 5, .h = 3, .w = 4, .kt = 3, .kh = 1, .kw = 1, .st = 2, .sh = 1, .sw = 1}, /* time_conv down */
+        {.c_in = 6, .c_out = 9, .t = 3, .h = 5, .w = 5, .kt = 1, .kh = 1, .kw = 1, .st = 1, .sh = 1, .sw = 1}, /* pointwise */
+    };
+    dg_backend *be = NULL;
+    char err[256];
+    CHECK(dg_backend_new("cpu", 0, &be, err, sizeof err) == 0);
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        const dg_conv3d_shape *s = &cases[k];
+        const int K = s->c_in * s->kt * s->kh * s->kw;
+        const int64_t nx = (int64_t)s->t * s->c_in * s->h * s->w;
+        const int64_t ny = (int64_t)dg_conv3d_out_t(s) * s->c_out * dg_conv3d_out_h(s) * dg_conv3d_out_w(s);
+        float *x = malloc(sizeof(float) * nx), *w = malloc(sizeof(float) * s->c_out * K);
+        float *wr = malloc(sizeof(float) * s->c_out * K), *b = malloc(sizeof(float) * s->c_out);
+        float *y = malloc(sizeof(float) * ny), *yr = malloc(sizeof(float) * ny);
+        dit_wave(x, nx, 1.0, 0.77, 0.1);
+        dit_wave(w, (int64_t)s->c_out * K, 0.5, 1.31, 0.4);
+        dit_wave(b, s->c_out, 0.2, 0.9, 0.0);
+        for (int o = 0; o < s->c_out; o++)   /* [co, ci, kt, khw] -> [co, kt, ci, khw] */
+            for (int i = 0; i < s->c_in; i++)
+                for (int a = 0; a < s->kt; a++)
+                    for (int p = 0; p < s->kh * s->kw; p++)
+                        wr[((o * s->kt + a) * s->c_in + i) * s->kh * s->kw + p] =
+                            w[((o * s->c_in + i) * s->kt + a) * s->kh * s->kw + p];
+        be->conv3d(be, y, x, wr, b, s);
+        conv_ref(yr, x, w, b, s);
+        double m;
+        CHECK(dit_err(y, yr, ny, 1e-5 * K, 0.0, &m) <= 1.0);
+        free(x); free(w); free(wr); free(b); free(y); free(yr);
+    }
+    dg_backend_free(be);
+}
+
+/* Channel RMS norm (+SiLU), nearest x2 and the single-head spatial attention. */
+TEST(vae_op_norm_upsample_attention) {
+    enum { F = 2, C = 5, H = 3, W = 4, P = H * W };
+    dg_backend *be = NULL;
+    char err[256];
+    float x[F * C * P], y[F * C * P], g[C], up[C * 4 * P], qkv[3 * C * P], o[C * P];
+    CHECK(dg_backend_new("cpu", 0, &be, err, sizeof err) == 0);
+    dit_wave(x, F * C * P, 2.0, 0.53, 0.3);
+    dit_wave(g, C, 0.3, 1.1, 0.0);
+    for (int c = 0; c < C; c++) g[c] += 1.0f;
+    be->channel_rmsnorm(be, y, x, g, F, C, P, 1);
+    for (int f = 0; f < F; f++)
+        for (int p = 0; p < P; p++) {
+            double ss = 0;
+            for (int c = 0; c < C; c++) ss += (double)x[(f * C + c) * P + p] * x[(f * C + c) * P + p];
+            for (int c = 0; c < C; c++) {
+                double v = x[(f * C + c) * P + p] / sqrt(ss) * sqrt((double)C) * g[c];
+                CHECK_NEAR(y[(f * C + c) * P + p], v / (1.0 + exp(-v)), 1e-5);
+            }
+        }
+    be->upsample2x(be, up, x, C, H, W);
+    for (int c = 0; c < C; c++)
+        for (int yy = 0; yy < 2 * H; yy++)
+            for (int xx = 0; xx < 2 * W; xx++)
+                CHECK(up[(c * 2 * H + yy) * 2 * W + xx] == x[(c * H + yy / 2) * W + xx / 2]);
+    dit_wave(qkv, 3 * C * P, 1.5, 0.41, 0.2);
+    be->spatial_attention(be, o, qkv, C, P);
+    for (int i = 0; i < P; i++) {
+        double s[P], mx = -1e30, z = 0;
+        for (int j = 0; j < P; j++) {
+            s[j] = 0;
+            for (int c = 0; c < C; c++) s[j] += (double)qkv[c * P + i] * qkv[(C + c) * P + j];
+            s[j] /= sqrt((double)C);
+            if (s[j] > mx) mx = s[j];
+        }
+        for (int j = 0; j < P; j++) z += (s[j] = exp(s[j] - mx));
+        for (int c = 0; c < C; c++) {
+            double v = 0;
+            for (int j = 0; j < P; j++) v += s[j] / z * qkv[(2 * C + c) * P + j];
+            CHECK_NEAR(o[c * P + i], v, 1e-5);
+        }
+    }
+    dg_backend_free(be);
+}
+
 int main(void) { return test_main(); }
