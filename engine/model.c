@@ -102,6 +102,84 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
     return 0;
 }
 
+/* preprocessor_config.json: the fields that change pixel_values (missing ones keep the
+ * checkpoint's values; "size": {"shortest_edge", "longest_edge"} is the newer spelling of
+ * min/max_pixels). */
+static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t errlen) {
+    char path[1300];
+    dg_image_preprocess_config *c = &m->pp;
+    dg_image_preprocess_config_default(c);
+    snprintf(path, sizeof path, "%s/preprocessor_config.json", mllm);
+    struct stat st;
+    if (stat(path, &st)) return 0;
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    if (!j) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+    double v;
+    int rc = 0;
+    json_t *size = json_object_get(j, "size");
+    struct { json_t *obj; const char *key; double lo, hi; int64_t *i64; int32_t *i32; double *d; } keys[] = {
+        {j, "min_pixels", 1, 1e12, &c->min_pixels, NULL, NULL}, {j, "max_pixels", 1, 1e12, &c->max_pixels, NULL, NULL},
+        {size, "shortest_edge", 1, 1e12, &c->min_pixels, NULL, NULL}, {size, "longest_edge", 1, 1e12, &c->max_pixels, NULL, NULL},
+        {j, "patch_size", 1, 1024, NULL, &c->patch_size, NULL}, {j, "temporal_patch_size", 1, 16, NULL, &c->temporal_patch_size, NULL},
+        {j, "merge_size", 1, 16, NULL, &c->merge_size, NULL}, {j, "rescale_factor", 0, 1, NULL, NULL, &c->rescale_factor},
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0] && rc >= 0; i++) {
+        if (!json_is_object(keys[i].obj)) continue;
+        if ((rc = get_num(keys[i].obj, keys[i].key, keys[i].lo, keys[i].hi, &v, path, err, errlen)) <= 0) continue;
+        if (keys[i].i64) *keys[i].i64 = (int64_t)v;
+        else if (keys[i].i32) *keys[i].i32 = (int32_t)v;
+        else *keys[i].d = v;
+    }
+    for (int k = 0; k < 2 && rc >= 0; k++) {
+        json_t *a = json_object_get(j, k ? "image_std" : "image_mean");
+        if (!a) continue;
+        if (!json_is_array(a) || json_array_size(a) != 3) {
+            rc = fail(err, errlen, DG_EMODEL, "%s: \"%s\" must be a list of 3 numbers", path, k ? "image_std" : "image_mean");
+            break;
+        }
+        for (int i = 0; i < 3; i++) (k ? c->image_std : c->image_mean)[i] = json_number_value(json_array_get(a, (size_t)i));
+    }
+    json_decref(j);
+    return rc < 0 ? rc : 0;
+}
+
+/* The drawing side: dit/, vae/ and connector.safetensors come together. */
+static int load_draw(dg_model *m, json_t *comp, char *err, size_t errlen) {
+    const char *dit = json_string_value(json_object_get(comp, "dit"));
+    const char *vae = json_string_value(json_object_get(comp, "vae"));
+    const char *con = json_string_value(json_object_get(comp, "connector"));
+    if (!dit && !vae && !con) return 0;
+    if (!dit || !vae || !con)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: components \"dit\", \"vae\" and \"connector\" "
+                    "come together (found %s%s%s)", m->dir, dit ? "dit " : "", vae ? "vae " : "", con ? "connector" : "");
+    if (m->bov_id < 0)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: a package that draws needs \"bov_token\"", m->dir);
+    if (!m->n_cond_layers)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: a package that draws needs \"condition_layers\"", m->dir);
+    char path[1300];
+    int rc;
+    snprintf(path, sizeof path, "%s/%s", m->dir, dit);
+    if ((rc = dg_dit_load(&m->dit, path, m->be, err, errlen)) < 0) return rc;
+    snprintf(path, sizeof path, "%s/%s", m->dir, vae);
+    if ((rc = dg_vae_load(&m->vae, path, m->be, err, errlen)) < 0) return rc;
+    snprintf(path, sizeof path, "%s/%s", m->dir, con);
+    if ((rc = dg_connector_load(&m->conn, path, m->cond_layers, m->n_cond_layers, m->cfg.text.hidden_size, m->be,
+                                err, errlen)) < 0)
+        return rc;
+    if (m->conn.d_cond != m->dit.cfg.text_dim)
+        return fail(err, errlen, DG_EMODEL, "%s: the connector gives %d channels, the DiT's cross-attention takes %d",
+                    path, m->conn.d_cond, m->dit.cfg.text_dim);
+    if (m->vae.cfg.z_dim != m->dit.cfg.latent_channels)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: the VAE has %d latent channels, the DiT %d", m->dir,
+                    m->vae.cfg.z_dim, m->dit.cfg.latent_channels);
+    if (!m->has_vision)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: a package that draws needs the vision tower "
+                    "(generated images go back into the context)", m->dir);
+    m->has_draw = 1;
+    return 0;
+}
+
 int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen) {
     *out = NULL;
     if (!dir || !dir[0]) return fail(err, errlen, DG_EMODEL, "no model directory given");
@@ -124,6 +202,14 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if (o && o->progress) o->progress(o->progress_user, "weights", 0.1);
     if ((rc = dg_st_open(mllm, &m->mllm_st, err, errlen)) < 0) goto fail;
     if ((rc = dg_qwen2_load(&m->llm, &m->cfg.text, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
+    if (dg_st_find(m->mllm_st, "visual.patch_embed.proj.weight")) {
+        if ((rc = dg_vision_load(&m->vision, &m->cfg.vision, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
+        if ((rc = read_preprocessor(m, mllm, err, errlen)) < 0) goto fail;
+        m->has_vision = 1;
+    }
+    m->image_pad_id = m->cfg.text.image_token_id;
+    m->vision_start_id = m->cfg.text.vision_start_token_id;
+    m->vision_end_id = m->cfg.text.vision_end_token_id;
     for (int i = 0; i < m->n_cond_layers; i++)
         if (m->cond_layers[i] < 0 || m->cond_layers[i] >= m->cfg.text.n_layers) {
             rc = fail(err, errlen, DG_EMODEL, "%s/duogen.json: condition layer %d is outside 0..%d",
@@ -150,9 +236,17 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     }
     if (m->max_context > m->cfg.text.max_position_embeddings && m->cfg.text.max_position_embeddings > 0)
         m->max_context = m->cfg.text.max_position_embeddings;
-    snprintf(m->describe, sizeof m->describe, "%s: qwen2.5-vl %dL/%dd/%dh vocab %d on %s",
-             json_string_value(json_object_get(manifest, "name")) ? json_string_value(json_object_get(manifest, "name")) : dir,
-             m->cfg.text.n_layers, m->cfg.text.hidden_size, m->cfg.text.n_heads, m->cfg.text.vocab_size, m->be->name);
+    if (o && o->progress) o->progress(o->progress_user, "dit, vae and connector", 0.6);
+    if ((rc = load_draw(m, json_object_get(manifest, "components"), err, errlen)) < 0) goto fail;
+    const char *name = json_string_value(json_object_get(manifest, "name"));
+    int n = snprintf(m->describe, sizeof m->describe, "%s: qwen2.5-vl %dL/%dd vocab %d%s", name ? name : dir,
+                     m->cfg.text.n_layers, m->cfg.text.hidden_size, m->cfg.text.vocab_size,
+                     m->has_vision ? " + vision" : "");
+    if (m->has_draw && n > 0 && (size_t)n < sizeof m->describe)
+        n += snprintf(m->describe + n, sizeof m->describe - (size_t)n, " + cosmos dit %dL/%dd + wan vae",
+                      m->dit.cfg.n_layers, m->dit.cfg.hidden);
+    if (n > 0 && (size_t)n < sizeof m->describe)
+        snprintf(m->describe + n, sizeof m->describe - (size_t)n, " on %s", m->be->name);
     if (o && o->progress) o->progress(o->progress_user, "ready", 1.0);
     json_decref(manifest);
     *out = m;
@@ -165,6 +259,10 @@ fail:
 
 void dg_model_close(dg_model *m) {
     if (!m) return;
+    dg_connector_unload(&m->conn);
+    dg_vae_unload(&m->vae);
+    dg_dit_unload(&m->dit);
+    dg_vision_unload(&m->vision);
     dg_qwen2_unload(&m->llm);
     dg_st_close(m->mllm_st);
     dg_tok_close(m->tok);

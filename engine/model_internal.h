@@ -5,10 +5,15 @@
 
 #include "backend.h"
 #include "config.h"
+#include "connector.h"
+#include "dit.h"
 #include "duogen.h"
+#include "image_preprocess.h"
 #include "qwen2.h"
 #include "safetensors.h"
 #include "tokenizer.h"
+#include "vae.h"
+#include "vision.h"
 
 #define DG_MAX_COND_LAYERS 128
 
@@ -20,6 +25,15 @@ struct dg_model {
     dg_qwen2vl_config cfg;              /* mllm/config.json */
     dg_st            *mllm_st;          /* owned: the MLLM's mapped weights */
     dg_qwen2          llm;              /* bound text decoder */
+
+    int               has_vision;       /* visual.* tensors present: images can be read */
+    dg_vision         vision;
+    dg_image_preprocess_config pp;      /* mllm/preprocessor_config.json */
+    int               has_draw;         /* dit, vae and connector present: images can be drawn */
+    dg_dit            dit;
+    dg_vae            vae;
+    dg_connector      conn;
+    int32_t  image_pad_id, vision_start_id, vision_end_id;
 
     int32_t  bov_id;                    /* <BOV>, or -1 when the package draws no images */
     int32_t  stop_ids[DG_MAX_EOS + 2];  /* tokens that end the answer: EOS ids and <|im_end|> */

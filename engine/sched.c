@@ -1,62 +1,33 @@
 /* dg_sched: the step-driven scheduler (DESIGN §6). Each dg_sched_step() advances every
- * active sequence by one unit of work: its prefill, one decode token, or (when the
- * interleaved image path is present) one denoising step. Batch size 1 is the first case
- * of the same loop.
+ * active sequence by one unit of work: a prefill chunk, one decode token, or one
+ * denoising step of the image it is drawing. Batch size 1 is the first case of the same
+ * loop.
  *
  * A sequence's life:
- *   submit   the conversation goes through the chat template into token ids; the longest
- *            cached prefix of full KV blocks is shared (dg_kv_seq_match_prefix)
- *   prefill  the remaining prompt tokens in chunks of at most the state's max_tokens
- *   decode   sample, stream the text (whole UTF-8 characters, stop strings held back),
- *            end at an EOS token, a stop string, max_new_tokens, cancellation or deadline
- * Nothing is allocated per token: the sampler, stop matcher and stream decoder are made at
- * submit, the forward state and KV pool at dg_sched_new. */
+ *   submit   input images decoded and hashed; the conversation goes through the chat
+ *            template into token ids (each image as <|vision_start|> + n <|image_pad|> +
+ *            <|vision_end|>), M-RoPE positions and per-token KV keys (an image's tokens are
+ *            keyed by its content hash); the longest cached prefix of full KV blocks is
+ *            shared, with the condition rows kept beside those blocks
+ *   prefill  the images through the vision tower (cached by content hash), then the prompt
+ *            in chunks; every decoder layer's hidden states feed the condition accumulator
+ *   decode   sample; text streams as whole UTF-8 characters, stop strings held back; the
+ *            answer ends at EOS, a stop string, max_new_tokens, cancellation or deadline
+ *   draw     on <BOV> (sched_draw.c): the connector over the positions before it (and its
+ *            negative), the earlier images as condition frames, one denoising step per
+ *            dg_sched_step(), the VAE, a PNG; then <BOV>, the new image's tokens go into
+ *            the context and decoding goes on. After max_images, <BOV> is banned.
+ * Buffers are sized at dg_sched_new or at submit; nothing is allocated per token or step. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "chat_template.h"
-#include "kv_cache.h"
-#include "model_internal.h"
-#include "sampler.h"
+#include "mrope.h"
+#include "sched_internal.h"
 
-#define PREFILL_CHUNK 256     /* tokens per prefill forward: bounds the state's buffers */
-#define KV_BLOCK 16           /* positions per KV block */
-
-typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE } seq_state;
-
-typedef struct {
-    seq_state     state;
-    uint64_t      id;
-    dg_sink       sink;
-    dg_kv_seq     kv;
-    dg_sampler   *sampler;       /* owned */
-    dg_stop      *stop;          /* owned */
-    dg_tok_stream stream;
-    dg_tok_ids    prompt;        /* owned: the whole prompt */
-    int           n_fed;         /* prompt tokens in the KV cache */
-    int32_t       last;          /* the sampled token to feed next */
-    int           max_new, generated, images, max_images;
-    int           cancelled;
-    int64_t       deadline_ms;
-    dg_usage      usage;
-    dg_timings    t;
-    double        t_submit;
-} dg_seq;
-
-struct dg_sched {
-    dg_model       *m;           /* borrowed */
-    dg_sched_opts   o;
-    dg_kv_cache    *kv;          /* owned */
-    dg_qwen2_state *st;          /* owned */
-    dg_seq         *seqs;        /* owned [max_inflight] */
-    int             n_seqs;
-    uint64_t        next_id;
-};
-
-static double now_ms(void) {
+double dg_sched_now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
@@ -68,6 +39,49 @@ static int64_t unix_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* ---- the decoder hook: condition rows ---------------------------------------------------- */
+
+/* After decoder layer `layer` of a forward: that layer's share of the connector's first
+ * Linear for the forward's positions. Cosmos' last condition layer is HF hidden_states[L],
+ * which is after the final RMSNorm (model.norm); the others are the raw residual stream. */
+static void cond_hook(void *user, int layer, const float *hidden, int n, int pos0) {
+    dg_seq *q = user;
+    dg_sched *s = q->sched;
+    const dg_model *m = s->m;
+    const float *h = hidden;
+    if (q->hook_rc) return;
+    if (layer == m->cfg.text.n_layers - 1) {
+        m->be->rmsnorm(m->be, s->normed, hidden, m->llm.norm, n, m->cfg.text.hidden_size,
+                       m->cfg.text.rms_norm_eps);
+        h = s->normed;
+    }
+    q->hook_rc = dg_cond_acc_add(&m->conn, q->acc, layer, h, n, pos0);
+}
+
+/* Keeps the condition rows of the sequence's full blocks beside the blocks (by block id),
+ * so that a later sequence that shares those blocks from the prefix cache gets them too. */
+static void cond_save_blocks(dg_sched *s, dg_seq *q) {
+    const dg_model *m = s->m;
+    int full = q->kv.n_tokens / DG_KV_BLOCK, d = m->conn.d_cond;
+    for (int b = q->cond_saved; b < full; b++)
+        m->be->download(m->be, s->cond_store + (int64_t)q->kv.blocks[b] * DG_KV_BLOCK * d,
+                        q->acc->acc + (int64_t)b * DG_KV_BLOCK * d, (int64_t)DG_KV_BLOCK * d);
+    if (full > q->cond_saved) q->cond_saved = full;
+}
+
+static void cond_load_blocks(dg_sched *s, dg_seq *q, int n_positions) {
+    const dg_model *m = s->m;
+    int d = m->conn.d_cond;
+    for (int b = 0; b < n_positions / DG_KV_BLOCK; b++)
+        m->be->upload(m->be, q->acc->acc + (int64_t)b * DG_KV_BLOCK * d,
+                      s->cond_store + (int64_t)q->kv.blocks[b] * DG_KV_BLOCK * d, (int64_t)DG_KV_BLOCK * d);
+    /* these positions now hold every layer's share, as if the decoder had run on them */
+    memset(q->acc->seen, m->conn.n_layers, (size_t)n_positions);
+    q->cond_saved = n_positions / DG_KV_BLOCK;
+}
+
+/* ---- scheduler ------------------------------------------------------------------------------ */
+
 int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen) {
     *out = NULL;
     dg_sched *s = calloc(1, sizeof *s);
@@ -77,47 +91,91 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     if (s->o.max_inflight <= 0) s->o.max_inflight = 1;
     const dg_text_config *c = &m->cfg.text;
     size_t kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
-    size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * KV_BLOCK * sizeof(float);
+    size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * DG_KV_BLOCK * sizeof(float);
     /* room for every sequence at full context, plus as much again for cached prefixes,
      * unless the caller set a budget */
-    int per_seq = (m->max_context + KV_BLOCK - 1) / KV_BLOCK;
+    int per_seq = (m->max_context + DG_KV_BLOCK - 1) / DG_KV_BLOCK;
     int n_blocks = s->o.kv_cache_bytes ? (int)(s->o.kv_cache_bytes / block_bytes) : 2 * per_seq * s->o.max_inflight;
-    int rc;
+    int rc = DG_ENOMEM;
     if (n_blocks < per_seq) {
         snprintf(err, errlen, "kv_cache_bytes %zu holds %d blocks of %d positions; one sequence of "
-                 "max_context %d needs %d", s->o.kv_cache_bytes, n_blocks, KV_BLOCK, m->max_context, per_seq);
+                 "max_context %d needs %d", s->o.kv_cache_bytes, n_blocks, DG_KV_BLOCK, m->max_context, per_seq);
         rc = DG_EINVAL;
         goto fail;
     }
     s->n_seqs = s->o.max_inflight;
     s->seqs = calloc((size_t)s->n_seqs, sizeof *s->seqs);
-    if (!s->seqs) { rc = DG_ENOMEM; goto fail; }
-    if ((rc = dg_kv_cache_new(m->be, c->n_layers, (int)kv_dim, KV_BLOCK, n_blocks, &s->kv, err, errlen)) < 0)
+    if (!s->seqs) goto fail;
+    if ((rc = dg_kv_cache_new(m->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, &s->kv, err, errlen)) < 0)
         goto fail;
-    if ((rc = dg_qwen2_state_new(&m->llm, PREFILL_CHUNK, 1, &s->st, err, errlen)) < 0) goto fail;
+    if ((rc = dg_qwen2_state_new(&m->llm, DG_SCHED_CHUNK, 1, &s->st, err, errlen)) < 0) goto fail;
+    rc = DG_ENOMEM;
+    if (m->has_vision) {
+        /* one image can have at most max_context tokens of m² patches each */
+        int64_t max_patches = (int64_t)m->max_context * m->pp.merge_size * m->pp.merge_size;
+        int64_t by_pixels = m->pp.max_pixels / ((int64_t)m->pp.patch_size * m->pp.patch_size);
+        if (by_pixels < max_patches) max_patches = by_pixels;
+        if ((rc = dg_vision_state_new(&m->vision, (int)max_patches, &s->vs, err, errlen)) < 0) goto fail;
+        size_t vc = s->o.vision_cache_bytes ? s->o.vision_cache_bytes : (size_t)64 << 20;
+        if (dg_vision_cache_new(vc, &s->vcache) < 0) goto fail;
+        s->embed_rows = m->max_context;
+        if (!(s->embeds = m->be->alloc(m->be, (size_t)s->embed_rows * c->hidden_size * sizeof(float)))) goto fail;
+    }
+    if (m->has_draw) {
+        size_t lc = s->o.latent_cache_bytes ? s->o.latent_cache_bytes : (size_t)64 << 20;
+        if (dg_latent_cache_new(lc, &s->lcache) < 0) goto fail;
+        if (!(s->normed = m->be->alloc(m->be, (size_t)DG_SCHED_CHUNK * c->hidden_size * sizeof(float)))) goto fail;
+        if (!(s->cond_store = calloc((size_t)n_blocks * DG_KV_BLOCK * (size_t)m->conn.d_cond, sizeof(float))))
+            goto fail;
+        for (int i = 0; i < s->n_seqs; i++)
+            if ((rc = dg_cond_acc_new(&m->conn, m->max_context, DG_SCHED_CHUNK, &s->seqs[i].acc, err, errlen)) < 0)
+                goto fail;
+    }
+    for (int i = 0; i < s->n_seqs; i++) s->seqs[i].sched = s;
     *out = s;
     return 0;
 fail:
+    if (rc == DG_ENOMEM && !err[0]) snprintf(err, errlen, "out of memory for the scheduler's buffers");
     dg_sched_free(s);
     return rc;
 }
 
 static void seq_clear(dg_sched *s, dg_seq *q) {
-    if (q->state != SEQ_FREE || q->kv.blocks) {
-        dg_kv_seq_release(s->kv, &q->kv);
-        dg_kv_seq_free(&q->kv);
-    }
+    if (q->state != SEQ_FREE) dg_kv_seq_release(s->kv, &q->kv);
+    dg_kv_seq_free(&q->kv);
     dg_sampler_free(q->sampler);
     dg_stop_free(q->stop);
     dg_tok_ids_free(&q->prompt);
+    free(q->pos);
+    free(q->keys);
+    for (int i = 0; i < q->n_images; i++) dg_image_free(q->images[i].img);
+    dg_draw_clear(s, q);
+    /* the slot keeps its sched pointer, accumulator and drawing buffers */
+    dg_sched *keep_s = q->sched;
+    dg_cond_acc *keep_acc = q->acc;
+    dg_draw_buffers keep_draw = q->draw_buf;
     memset(q, 0, sizeof *q);
+    q->sched = keep_s;
+    q->acc = keep_acc;
+    q->draw_buf = keep_draw;
 }
 
 void dg_sched_free(dg_sched *s) {
     if (!s) return;
-    for (int i = 0; s->seqs && i < s->n_seqs; i++) seq_clear(s, &s->seqs[i]);
+    const dg_model *m = s->m;
+    for (int i = 0; s->seqs && i < s->n_seqs; i++) {
+        seq_clear(s, &s->seqs[i]);
+        if (m->has_draw) dg_cond_acc_free(&m->conn, s->seqs[i].acc);
+        dg_draw_buffers_free(s, &s->seqs[i].draw_buf);
+    }
     free(s->seqs);
-    dg_qwen2_state_free(&s->m->llm, s->st);
+    if (s->embeds) m->be->release(m->be, s->embeds);
+    if (s->normed) m->be->release(m->be, s->normed);
+    free(s->cond_store);
+    dg_latent_cache_free(s->lcache);
+    dg_vision_cache_free(s->vcache);
+    dg_vision_state_free(&m->vision, s->vs);
+    dg_qwen2_state_free(&m->llm, s->st);
     dg_kv_cache_free(s->kv);
     free(s);
 }
@@ -132,6 +190,14 @@ void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
     dg_kv_stats k;
     dg_kv_cache_stats(s->kv, &k);
     *out = (dg_cache_stats){.kv_hits = k.hits, .kv_misses = k.misses, .kv_bytes = k.bytes};
+    if (s->vcache) {
+        dg_vision_cache_counters v;
+        dg_vision_cache_stats(s->vcache, &v);
+        out->vision_hits = v.hits;
+        out->vision_misses = v.misses;
+        out->vision_bytes = v.bytes;
+    }
+    if (s->lcache) dg_latent_cache_counters(s->lcache, &out->latent_hits, &out->latent_misses, &out->latent_bytes);
 }
 
 int dg_sched_cancel(dg_sched *s, uint64_t seq) {
@@ -145,7 +211,41 @@ int dg_sched_cancel(dg_sched *s, uint64_t seq) {
 
 /* ---- submit ------------------------------------------------------------------------------ */
 
-static int build_prompt(dg_sched *s, const dg_request *r, dg_tok_ids *ids, char *err, size_t errlen) {
+/* A 64-bit KV key of an image from its 128-bit content hash. */
+uint64_t dg_sched_image_key(const dg_image_digest *h) {
+    uint64_t k;
+    memcpy(&k, h->bytes, sizeof k);
+    return k | 1;   /* never 0, the key of a text token */
+}
+
+static int add_input_image(dg_sched *s, dg_seq *q, const dg_part *part, int index, char *err, size_t errlen) {
+    const dg_model *m = s->m;
+    char label[48];
+    snprintf(label, sizeof label, "image %d", index);
+    if (!m->has_vision) {
+        snprintf(err, errlen, "%s: this model package has no vision tower", label);
+        return DG_EINVAL;
+    }
+    if (q->n_images == DG_SEQ_MAX_IMAGES) {
+        snprintf(err, errlen, "%s: more than %d images in one conversation", label, DG_SEQ_MAX_IMAGES);
+        return DG_ELIMIT;
+    }
+    dg_seq_image *im = &q->images[q->n_images];
+    int rc = dg_image_decode(part->image, part->image_len, label, &(dg_image_limits){0}, &im->img, err, errlen);
+    if (rc < 0) return rc;
+    q->n_images++;
+    dg_image_hash(im->img, &im->hash);
+    if ((rc = dg_image_grid(im->img->height, im->img->width, &m->pp, im->grid, err, errlen)) < 0) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", err);
+        snprintf(err, errlen, "%s: %s", label, why);
+        return rc;
+    }
+    im->n_tokens = dg_vision_tokens(&m->vision, im->grid[0], im->grid[1], im->grid[2]);
+    return 0;
+}
+
+static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, size_t errlen) {
     size_t n_parts = 0;
     for (size_t i = 0; i < r->n_messages; i++) n_parts += r->messages[i].n_parts;
     dg_chat_message *msgs = calloc(r->n_messages ? r->n_messages : 1, sizeof *msgs);
@@ -161,21 +261,47 @@ static int build_prompt(dg_sched *s, const dg_request *r, dg_tok_ids *ids, char 
         msgs[i].n_parts = in->n_parts;
         for (size_t k = 0; k < in->n_parts; k++, p++) {
             if (in->parts[k].kind == DG_PART_IMAGE) {
-                snprintf(err, errlen, "messages[%zu].parts[%zu]: this model package takes no input images yet "
-                         "(the vision tower is not wired into the scheduler)", i, k);
-                rc = DG_EINVAL;
-                goto out;
+                if ((rc = add_input_image(s, q, &in->parts[k], q->n_images + 1, err, errlen)) < 0) goto out;
+                p->kind = DG_CHAT_IMAGE;
+                p->image_tokens = q->images[q->n_images - 1].n_tokens;
+            } else {
+                p->kind = DG_CHAT_TEXT;
+                p->text = in->parts[k].text;
+                p->text_len = in->parts[k].text_len;
             }
-            p->kind = DG_CHAT_TEXT;
-            p->text = in->parts[k].text;
-            p->text_len = in->parts[k].text_len;
         }
     }
-    rc = dg_chat_encode(s->m->tok, msgs, r->n_messages, true, ids, err, errlen);
+    q->n_inputs = q->n_images;
+    rc = dg_chat_encode(s->m->tok, msgs, r->n_messages, true, &q->prompt, err, errlen);
 out:
     free(msgs);
     free(parts);
     return rc < 0 ? rc : 0;
+}
+
+/* M-RoPE positions and KV keys of the prompt; the image tokens' context positions. */
+static int place_prompt(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+    const dg_model *m = s->m;
+    int n = (int)q->prompt.n;
+    q->pos = malloc((size_t)3 * n * sizeof *q->pos);
+    q->keys = calloc((size_t)n, sizeof *q->keys);
+    if (!q->pos || !q->keys) return DG_ENOMEM;
+    int32_t grids[DG_SEQ_MAX_IMAGES][3];
+    for (int i = 0; i < q->n_images; i++) memcpy(grids[i], q->images[i].grid, sizeof grids[i]);
+    int next, rc;
+    dg_mrope_params mp = {m->image_pad_id, m->pp.merge_size};
+    if ((rc = dg_mrope_index(q->prompt.ids, n, 0, &mp, (const int32_t (*)[3])grids, q->n_images, q->pos, &next,
+                             err, errlen)) < 0)
+        return rc;
+    q->rope_delta = dg_mrope_delta(next, n);
+    int img = 0, in_run = 0;
+    for (int i = 0; i < n; i++) {
+        if (q->prompt.ids[i] != m->image_pad_id) { in_run = 0; continue; }
+        if (!in_run) q->images[img++].token0 = i;
+        in_run = 1;
+        q->keys[i] = dg_sched_image_key(&q->images[img - 1].hash);
+    }
+    return 0;
 }
 
 int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint64_t *seq,
@@ -191,51 +317,102 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
         snprintf(err, errlen, "the request has no messages");
         return DG_EINVAL;
     }
-    memset(q, 0, sizeof *q);
-    int rc = build_prompt(s, r, &q->prompt, err, errlen);
+    int rc = build_prompt(s, q, r, err, errlen);
     if (rc < 0) goto fail;
+    if ((int)q->prompt.n >= m->max_context) {
+        snprintf(err, errlen, "the prompt is %zu tokens; this model takes at most %d in all", q->prompt.n,
+                 m->max_context);
+        rc = DG_ELIMIT;
+        goto fail;
+    }
+    if ((rc = place_prompt(s, q, err, errlen)) < 0) goto fail;
 
     dg_text_params tp = r->text;
     const dg_text_params *d = &m->text_defaults;
     if (!tp.max_new_tokens) tp.max_new_tokens = d->max_new_tokens;
+    if (!tp.temperature) tp.temperature = d->temperature;
     if (!tp.top_p) tp.top_p = d->top_p;
     if (!tp.repetition_penalty) tp.repetition_penalty = d->repetition_penalty;
     if (!tp.top_k) tp.top_k = d->top_k;
-    if ((int64_t)q->prompt.n + tp.max_new_tokens > m->max_context) {
-        if ((int)q->prompt.n >= m->max_context) {
-            snprintf(err, errlen, "the prompt is %zu tokens; this model takes at most %d in all",
-                     q->prompt.n, m->max_context);
-            rc = DG_ELIMIT;
-            goto fail;
-        }
-        tp.max_new_tokens = m->max_context - (int)q->prompt.n;   /* the answer ends "length" there */
-    }
+    dg_image_params ip = r->image;
+    const dg_image_params *di = &m->image_defaults;
+    if (!ip.width) ip.width = di->width;
+    if (!ip.height) ip.height = di->height;
+    if (!ip.steps) ip.steps = di->steps;
+    if (!ip.guidance_scale) ip.guidance_scale = di->guidance_scale;
+    if (!ip.max_images) ip.max_images = di->max_images;
+    if (!ip.shift) ip.shift = di->shift;
+    if (m->has_draw && (rc = dg_draw_check(s, &ip, err, errlen)) < 0) goto fail;
+    q->ip = ip;
+
     dg_sampler_params sp = {.temperature = tp.temperature, .top_k = tp.top_k, .top_p = tp.top_p,
                             .repetition_penalty = tp.repetition_penalty, .logit_bias = tp.logit_bias,
                             .n_logit_bias = tp.n_logit_bias, .seed = r->seed};
     if ((rc = dg_sampler_new(m->cfg.text.vocab_size, &sp, &q->sampler, err, errlen)) < 0) goto fail;
     if ((rc = dg_stop_new(tp.stop, tp.n_stop, &q->stop, err, errlen)) < 0) goto fail;
-    if ((rc = dg_kv_seq_init(&q->kv, m->max_context, KV_BLOCK)) < 0) {
+    if ((rc = dg_kv_seq_init(&q->kv, m->max_context, DG_KV_BLOCK)) < 0) {
         snprintf(err, errlen, "out of memory for a block table");
         goto fail;
     }
     for (size_t i = 0; i < q->prompt.n; i++) dg_sampler_accept(q->sampler, q->prompt.ids[i]);
     dg_tok_stream_init(&q->stream, DG_TOK_SKIP_SPECIAL);
-    q->n_fed = dg_kv_seq_match_prefix(s->kv, &q->kv, q->prompt.ids, NULL, (int)q->prompt.n);
+    q->state = SEQ_PREFILL;   /* from here on the KV sequence holds blocks */
+    if (m->has_draw) dg_cond_acc_reset(&m->conn, q->acc);
+    q->n_fed = dg_kv_seq_match_prefix(s->kv, &q->kv, q->prompt.ids, q->keys, (int)q->prompt.n);
+    if (m->has_draw && q->n_fed) cond_load_blocks(s, q, q->n_fed);
     q->usage.prompt_tokens = (int64_t)q->prompt.n;
     q->usage.cached_prompt_tokens = q->n_fed;
     q->max_new = tp.max_new_tokens;
-    q->max_images = r->image.max_images ? r->image.max_images : m->image_defaults.max_images;
     q->deadline_ms = r->deadline_unix_ms;
+    q->seed = r->seed;
+    snprintf(q->job_id, sizeof q->job_id, "%s", r->id ? r->id : "");
     q->sink = *sink;
     q->id = ++s->next_id;
-    q->t_submit = now_ms();
-    q->state = SEQ_PREFILL;
+    q->t_submit = dg_sched_now_ms();
     *seq = q->id;
     return 0;
 fail:
     seq_clear(s, q);
     return rc;
+}
+
+/* ---- feeding the decoder ------------------------------------------------------------------- */
+
+/* Runs n tokens through the decoder in chunks, with their positions (3 rows of stride
+ * `pos_stride`, or NULL for text after rope_delta), image embeddings (backend rows of the
+ * image tokens among them, in order) and KV keys. When want_logits, samples the next
+ * token into q->last (with <BOV> banned when no image may be drawn). */
+int dg_sched_feed(dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int32_t *pos, int pos_stride,
+                  const float *embeds, const uint64_t *keys, int want_logits, char *err, size_t errlen) {
+    const dg_model *m = s->m;
+    int D = m->cfg.text.hidden_size, done = 0, emb_row = 0;
+    dg_qwen2_hook hook = {cond_hook, q};
+    while (done < n) {
+        int c = n - done < DG_SCHED_CHUNK ? n - done : DG_SCHED_CHUNK;
+        if (pos)
+            for (int r = 0; r < 3; r++) memcpy(s->chunk_pos + r * c, pos + (int64_t)r * pos_stride + done, (size_t)c * sizeof *pos);
+        int img_tokens = 0;
+        for (int i = 0; i < c; i++) img_tokens += ids[done + i] == m->image_pad_id;
+        dg_qwen2_input in = {.ids = ids + done, .n = c, .pos = pos ? s->chunk_pos : NULL, .rope_delta = q->rope_delta,
+                             .image_embeds = img_tokens ? embeds + (int64_t)emb_row * D : NULL,
+                             .token_keys = keys ? keys + done : NULL,
+                             .n_logits = want_logits && done + c == n ? 1 : 0};
+        q->hook_rc = 0;
+        int rc = dg_qwen2_forward(&m->llm, s->st, s->kv, &q->kv, &in, m->has_draw ? &hook : NULL, err, errlen);
+        if (rc < 0) return rc;
+        if (q->hook_rc < 0) {
+            snprintf(err, errlen, "condition accumulator: position %d out of range", q->kv.n_tokens);
+            return q->hook_rc;
+        }
+        if (m->has_draw) cond_save_blocks(s, q);
+        emb_row += img_tokens;
+        done += c;
+    }
+    if (!want_logits) return 0;
+    float *logits = s->st->logits;
+    if (m->bov_id >= 0 && (!m->has_draw || q->n_drawn >= q->ip.max_images)) logits[m->bov_id] = -INFINITY;
+    q->last = dg_sampler_sample(q->sampler, logits);
+    return 0;
 }
 
 /* ---- stepping ------------------------------------------------------------------------------ */
@@ -253,8 +430,8 @@ static void finish(dg_sched *s, dg_seq *q, dg_finish_reason why, int flush) {
     if (flush && !(n && dg_stop_feed(q->stop, tail, n, emit_text, q)))
         dg_stop_flush(q->stop, emit_text, q);
     q->usage.generated_tokens = q->generated;
-    q->usage.images = q->images;
-    q->t.total_ms = now_ms() - q->t_submit;
+    q->usage.images = q->n_drawn;
+    q->t.total_ms = dg_sched_now_ms() - q->t_submit;
     dg_sink sink = q->sink;
     dg_usage u = q->usage;
     dg_timings t = q->t;
@@ -273,48 +450,69 @@ static int is_stop_token(const dg_model *m, int32_t t) {
     return 0;
 }
 
-/* Feeds `n` tokens to the decoder (prefill chunk or one decode token) and, when last,
- * samples the next token from the last position's logits. */
-static int forward(dg_sched *s, dg_seq *q, const int32_t *ids, int n, int want_logits, char *err, size_t errlen) {
+/* The prompt's images through the vision tower (or the cache), into s->embeds. */
+static int encode_inputs(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     const dg_model *m = s->m;
-    dg_qwen2_input in = {.ids = ids, .n = n, .n_logits = want_logits ? 1 : 0};
-    int rc = dg_qwen2_forward(&m->llm, s->st, s->kv, &q->kv, &in, NULL, err, errlen);
-    if (rc < 0 || !want_logits) return rc;
-    float *logits = s->st->logits;
-    /* <BOV> is banned when the image budget is spent (and until the image path runs here) */
-    if (m->bov_id >= 0) logits[m->bov_id] = -INFINITY;
-    q->last = dg_sampler_sample(q->sampler, logits);
-    return 0;
+    const dg_image *imgs[DG_SEQ_MAX_IMAGES];
+    int rows = 0, computed = 0;
+    for (int i = 0; i < q->n_inputs; i++) {
+        imgs[i] = q->images[i].img;
+        rows += q->images[i].n_tokens;
+    }
+    if (rows > s->embed_rows) {
+        snprintf(err, errlen, "the images take %d tokens, more than the context of %d", rows, s->embed_rows);
+        return DG_ELIMIT;
+    }
+    double t0 = dg_sched_now_ms();
+    int rc = dg_vision_encode(&m->vision, s->vs, s->vcache, &m->pp, imgs, q->n_inputs, s->embeds, &computed, err, errlen);
+    q->t.vision_ms += dg_sched_now_ms() - t0;
+    q->usage.cached_vision += q->n_inputs - computed;
+    return rc;
 }
 
 static int step_seq(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     const dg_model *m = s->m;
     if (q->cancelled) { finish(s, q, DG_FINISH_CANCELLED, 1); return 0; }
     if (q->deadline_ms && unix_ms() >= q->deadline_ms) { finish(s, q, DG_FINISH_DEADLINE, 1); return 0; }
-    double t0 = now_ms();
     int rc;
-    if (q->state == SEQ_PREFILL) {
-        int left = (int)q->prompt.n - q->n_fed;
-        int n = left < PREFILL_CHUNK ? left : PREFILL_CHUNK;
-        rc = forward(s, q, q->prompt.ids + q->n_fed, n, n == left, err, errlen);
-        q->t.prefill_ms += now_ms() - t0;
+    if (q->state == SEQ_DRAW) {
+        if ((rc = dg_draw_step(s, q, err, errlen)) < 0) return rc;
+        if (q->state == SEQ_DRAW) return 0;
+        /* the image is in the context and the next token was sampled: handle it below */
+    } else if (q->state == SEQ_PREFILL) {
+        /* the whole rest of the prompt in one step (in chunks), so that the first token
+         * follows in the same step; the images' embeddings first */
+        if (q->n_inputs && (rc = encode_inputs(s, q, err, errlen)) < 0) return rc;
+        int skip_rows = 0;
+        for (int i = 0; i < q->n_fed; i++) skip_rows += q->prompt.ids[i] == m->image_pad_id;
+        double t0 = dg_sched_now_ms();
+        rc = dg_sched_feed(s, q, q->prompt.ids + q->n_fed, (int)q->prompt.n - q->n_fed, q->pos + q->n_fed,
+                           (int)q->prompt.n, s->embeds + (int64_t)skip_rows * m->cfg.text.hidden_size,
+                           q->keys + q->n_fed, 1, err, errlen);
+        q->t.prefill_ms += dg_sched_now_ms() - t0;
         if (rc < 0) return rc;
-        q->n_fed += n;
-        if (q->n_fed < (int)q->prompt.n) return 0;
+        q->n_fed = (int)q->prompt.n;
         q->state = SEQ_DECODE;
     } else {
-        rc = forward(s, q, &q->last, 1, 1, err, errlen);
-        q->t.decode_ms += now_ms() - t0;
+        double t0 = dg_sched_now_ms();
+        rc = dg_sched_feed(s, q, &q->last, 1, NULL, 0, NULL, NULL, 1, err, errlen);
+        q->t.decode_ms += dg_sched_now_ms() - t0;
         if (rc < 0) return rc;
     }
-    /* q->last is the newly sampled token */
-    int32_t tok = q->last;
+    int32_t tok = q->last;   /* the newly sampled token, not yet in the KV cache */
+    if (tok == m->bov_id) {
+        if ((rc = dg_draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
+        return rc < 0 ? rc : 0;
+    }
     if (is_stop_token(m, tok)) { finish(s, q, DG_FINISH_STOP, 1); return 0; }
     q->generated++;
     char text[DG_TOK_STREAM_OUT_MAX];
     size_t len = dg_tok_stream_push(m->tok, &q->stream, tok, text);
     if (len && dg_stop_feed(q->stop, text, len, emit_text, q)) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
-    if (q->generated >= q->max_new) { finish(s, q, DG_FINISH_LENGTH, 1); return 0; }
+    if (q->generated >= q->max_new || q->kv.n_tokens + 1 >= m->max_context) {
+        finish(s, q, DG_FINISH_LENGTH, 1);
+        return 0;
+    }
     return 0;
 }
 
@@ -322,14 +520,14 @@ int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
     for (int i = 0; i < s->n_seqs; i++) {
         dg_seq *q = &s->seqs[i];
         if (q->state == SEQ_FREE) continue;
-        char msg[512];
+        char msg[512] = "";
         int rc = step_seq(s, q, msg, sizeof msg);
         if (rc == 0) continue;
         if (dg_error_class(rc) == DG_ERROR_FATAL) {
             snprintf(err, errlen, "%s", msg);
             return rc;
         }
-        fail_seq(s, q, rc, msg);   /* this sequence only: out of KV blocks, a limit */
+        fail_seq(s, q, rc, msg);   /* this sequence only: out of KV blocks, a limit, a bad image */
     }
     return 0;
 }

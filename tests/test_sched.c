@@ -241,14 +241,16 @@ TEST(sched_limits_stop_strings_cancel) {
     CHECK(cc.reason == DG_FINISH_CANCELLED);
     CHECK(cc.usage.generated_tokens <= 3);
 
-    /* an input image with no vision path: refused at submit with a clear message */
-    dg_part img_parts[1] = {{.kind = DG_PART_IMAGE, .image = (const uint8_t *)"\x89PNG", .image_len = 4}};
-    dg_message img_msg = {DG_ROLE_USER, img_parts, 1};
+    /* an image that is not one: refused at submit, naming it */
+    dg_part img_parts[2] = {{.kind = DG_PART_TEXT, .text = "see", .text_len = 3},
+                            {.kind = DG_PART_IMAGE, .image = (const uint8_t *)"\x89PNG", .image_len = 4}};
+    dg_message img_msg = {DG_ROLE_USER, img_parts, 2};
     dg_request ri = {.messages = &img_msg, .n_messages = 1};
     uint64_t seq;
     dg_sink sk = sink_for(&c);
-    CHECK_EQ_INT(dg_sched_submit(s, &ri, &sk, &seq, err, sizeof err), DG_EINVAL);
-    CHECK(strstr(err, "messages[0].parts[0]") != NULL);
+    CHECK_EQ_INT(dg_sched_submit(s, &ri, &sk, &seq, err, sizeof err), DG_EIMAGE);
+    CHECK(strstr(err, "image 1") != NULL);
+    CHECK_EQ_INT(dg_sched_active(s), 0);
     dg_sched_free(s);
     dg_model_close(m);
 }
