@@ -1,26 +1,42 @@
-"""duogend with the real engine (libduogen) on the tiny package: a text job end to end."""
-import json
+"""duogend with the real engine (libduogen) on the tiny package: a text job, and the
+interleaved job of issue 7 — two input images, a logit bias that makes <BOV> likely,
+max_images 2 — end to end through Redis."""
 import os
+import struct
 import subprocess
+import zlib
 
 from conftest import BUILD, ROOT, Worker, pb
 
 VOCAB = os.path.join(ROOT, "..", "shared", "vocab", "qwen2")
+BOV = 151665   # mkmodel adds <BOV> right after the Qwen2 vocabulary's last added token
+
+
+def png(w, h, seed):
+    raw = b"".join(b"\0" + bytes(((x * 7 + y * 3 + seed) % 256) for x in range(w) for _ in range(3)) for y in range(h))
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def real_worker(cluster, wid="real1"):
+    pkg = os.path.join(cluster.tmp, "pkg")
+    if not os.path.exists(pkg):
+        subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", "tiny", "--seed", "5", "--out", pkg,
+                        "--vocab", VOCAB], check=True, capture_output=True, timeout=120)
+    w = Worker(cluster.tmp, cluster.server.url, wid, pkg)
+    w.kill()
+    w.cmd[0] = os.path.join(BUILD, "duogend")
+    w.start()
+    cluster.workers.append(w)
+    return w
 
 
 def test_duogend_runs_the_tiny_package(cluster):
-    pkg = os.path.join(cluster.tmp, "pkg")
-    subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", "tiny", "--seed", "5", "--out", pkg,
-                    "--vocab", VOCAB], check=True, capture_output=True, timeout=120)
-    with open(os.path.join(pkg, "duogen.json"), "w") as f:
-        json.dump({"format": "duogen-package-1", "name": "tiny", "components": {"mllm": "mllm"},
-                   "max_context": 512, "defaults": {"max_new_tokens": 12}}, f)
-    w = Worker(cluster.tmp, cluster.server.url, "real1", pkg)
-    w.cmd[0] = os.path.join(BUILD, "duogend")
-    w.kill()
-    w.start()
-    cluster.workers.append(w)
-    cluster.enqueue("real-1", "Hello, what is for dinner?", system="You are a cook.")
+    w = real_worker(cluster)
+    cluster.enqueue("real-1", "Hello, what is for dinner?", system="You are a cook.", max_new_tokens=12,
+                    max_images=0)
     res = cluster.wait_result("real-1", timeout=60)
     assert res["status"] == b"done", res
     r = pb.Result.FromString(res["pb"])
@@ -28,4 +44,38 @@ def test_duogend_runs_the_tiny_package(cluster):
     assert r.finish_reason in ("stop", "length")
     texts = [e["text"] for e in cluster.events("real-1") if e["type"] == b"text"]
     assert b"".join(texts) == res["text"]
-    assert "model loaded: tiny: qwen2.5-vl" in w.logs()
+    assert "model loaded: duogen-tiny: qwen2.5-vl" in w.logs()
+
+
+def test_interleaved_job_with_two_input_images(cluster):
+    real_worker(cluster)
+    job = pb.Job(id="inter-1", seed=3)
+    m = job.messages.add(role=pb.Message.USER)
+    m.parts.add(image=pb.Image(data=png(48, 40, 1)))
+    m.parts.add(text="Here are two dishes.")
+    m.parts.add(image=pb.Image(data=png(30, 66, 2)))
+    m.parts.add(text="Show me how to plate them.")
+    job.text.max_new_tokens = 16
+    job.text.logit_bias[BOV] = 6.0
+    job.image.width, job.image.height, job.image.steps, job.image.max_images = 48, 32, 3, 2
+    cluster.enqueue("inter-1", raw=job.SerializeToString())
+    res = cluster.wait_result("inter-1", timeout=120)
+    assert res["status"] == b"done", res
+    r = pb.Result.FromString(res["pb"])
+    assert r.usage.images == 2 and res["images"] == b"2"
+    text = res["text"].decode()
+    assert "![image 1](duogen:image:inter-1:1)" in text and "![image 2](duogen:image:inter-1:2)" in text
+    assert "<BOV>" not in text
+    for i in (1, 2):
+        data = cluster.r.get(f"duogen:image:inter-1:{i}")
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = struct.unpack(">II", data[16:24])
+        assert (w, h) == (48, 32)
+        assert b"duogen:job" in data and b"inter-1" in data     # the PNG's text chunks
+    types = [e["type"].decode() for e in cluster.events("inter-1")]
+    assert types[0] == "started" and types[-1] == "done"
+    # each image: image_started, 3 steps, image; nothing else in between
+    body = ",".join(types[1:-1])
+    assert body.count("image_started,step,step,step,image") == 2, body
+    assert r.timings.diffusion_ms > 0 and r.timings.vae_ms > 0 and r.timings.vision_ms > 0
+    assert r.usage.cached_latents == 3   # the second image finds both inputs and the first drawn one
