@@ -2,9 +2,10 @@
  * the tiny and small packages (build/mkmodel, random bf16 weights, seed 1), one random
  * 20-token prompt prefilled at once (the cuBLAS path), then 32 greedy decode steps (the
  * GEMV and split-K attention path). The greedy tokens must be identical; the largest
- * logit difference of the prefill's last row is printed, against a bound of 2e-2 (bf16
- * rounding of the activations entering each prefill GEMM, 2^-9 relative, through 24
- * layers) in the default mode and 2e-3 with DG_CUDA_GEMM=precise.
+ * logit difference of the prefill's last row is printed, against a bound of 5e-2 in the
+ * default mode (bf16 rounding, 2^-9 relative, of the activations entering each prefill
+ * GEMM and of q, k, v, p in the tensor-core attention, through 24 layers: 1.4e-2 was
+ * measured on an H200 with the GEMMs alone) and 2e-3 with DG_CUDA_GEMM=precise.
  *
  * Skips (and passes) with "skipped: no CUDA device" where dg_backend_new("cuda:0") fails. */
 #include <math.h>
@@ -127,7 +128,7 @@ static void parity(const char *preset) {
         if (same < N_STEPS)
             test_fail(__FILE__, __LINE__, "%s %s: step %d token %d, cpu %d", preset,
                       precise ? "precise" : "default", same, got[same], ref[same]);
-        CHECK(mx <= (precise ? 2e-3 : 2e-2));
+        CHECK(mx <= (precise ? 2e-3 : 5e-2));
     }
 out:
     free(lref);

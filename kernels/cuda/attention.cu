@@ -5,7 +5,7 @@
  *
  * Two kernels do the multi-head work:
  *   - decode (m <= DECODE_MAX_M query rows): split-K ("flash-decoding"). Block (head,
- *     row, split) scores a chunk of keys with 4 warps, one key per warp at a time (the
+ *     row, split) scores a chunk of keys with 8 warps, two keys per warp at a time (the
  *     warp reads a K row as coalesced 128-byte pieces, lane l holding dims l, l+32, ...),
  *     keeps a running max / sum / output per warp, merges the warps in shared memory and
  *     writes a partial (max, sum, o[head_dim]) to the scratch; a second kernel merges the
@@ -16,16 +16,21 @@
  *     the same dim, which would otherwise hit one bank), S = Q·Kᵀ per thread 8 scores,
  *     row max / sum across the 4 threads of a row by shuffles, P through shared memory,
  *     O += P·V with each thread holding head_dim/4 accumulators in registers. fp32 FMA on
- *     the CUDA cores: correct and cache-friendly, not yet tensor-core speed (see
- *     kernels/cuda/NOTES.md). Shared memory 53 KB (head_dim 128) to 103 KB (256): the
- *     dynamic limit is raised once in dg_cuda_attention_init. */
+ *     the CUDA cores, exact to fp32 rounding: used for head sizes other than 64, 80, 128
+ *     and with DG_CUDA_GEMM=precise. Shared memory 53 KB (head_dim 128) to 103 KB (256).
+ *   - tensor cores (head_dim 64, 80, 128, the default): the same walk with 64-row tiles,
+ *     Q, K, V and P rounded to bf16, S and O accumulated in fp32 by wmma (attn_tc_kernel).
+ *     Rounding the operands costs about 2^-9 relative per element: ~3e-3 relative error
+ *     of the output, the same class of error as the bf16 GEMMs.
+ *   The dynamic shared-memory limits are raised once in dg_cuda_attention_init. */
 #include <math.h>
+#include <mma.h>
 
 #include "cuda_common.cuh"
 
 #define DECODE_MAX_M  8
-#define DECODE_WARPS  4
-#define DECODE_CHUNK  64     /* keys per split at least (16 per warp) */
+#define DECODE_WARPS  8
+#define DECODE_CHUNK  64     /* keys per split at least (8 per warp) */
 #define BQ 32
 #define BK 32
 #define TILE_THREADS 128     /* 4 threads per query row */
@@ -63,23 +68,39 @@ attn_decode_kernel(float *part, const float *q, kv_addr a, int n_past, int n_hea
         qr[t] = d < head_dim ? qi[d] * scale : 0.0f;
         o[t] = 0.0f;
     }
-    for (int j = j0 + warp; j < j1; j += DECODE_WARPS) {
+    /* two keys per step (j and j + DECODE_WARPS): four rows' loads in flight per lane */
+    for (int j = j0 + warp; j < j1; j += 2 * DECODE_WARPS) {
+        const int jb = j + DECODE_WARPS;
+        const bool two = jb < j1;                      /* the same in the whole warp */
         const int64_t off = kv_off(a, j) + (int64_t)kvh * head_dim;
-        float kr[NPL], vr[NPL];
+        const int64_t offb = two ? kv_off(a, jb) + (int64_t)kvh * head_dim : off;
+        float kr[NPL], vr[NPL], kb[NPL], vb[NPL];
 #pragma unroll
-        for (int t = 0; t < NPL; t++) {      /* both rows' loads issued before any use */
+        for (int t = 0; t < NPL; t++) {
             const int d = t * 32 + lane;
-            kr[t] = d < head_dim ? a.k[off + d] : 0.0f;
-            vr[t] = d < head_dim ? a.v[off + d] : 0.0f;
+            const bool in = d < head_dim;
+            kr[t] = in ? a.k[off + d] : 0.0f;
+            vr[t] = in ? a.v[off + d] : 0.0f;
+            kb[t] = in ? a.k[offb + d] : 0.0f;
+            vb[t] = in ? a.v[offb + d] : 0.0f;
         }
-        float sc = 0.0f;
+        float sa = 0.0f, sb = 0.0f;
 #pragma unroll
-        for (int t = 0; t < NPL; t++) sc += qr[t] * kr[t];
-        sc = dg_warp_sum(sc);
-        const float mn = fmaxf(mx, sc), corr = expf(mx - mn), p = expf(sc - mn);
-        l = l * corr + p;
+        for (int t = 0; t < NPL; t++) {
+            sa += qr[t] * kr[t];
+            sb += qr[t] * kb[t];
+        }
 #pragma unroll
-        for (int t = 0; t < NPL; t++) o[t] = o[t] * corr + p * vr[t];
+        for (int o2 = 16; o2 > 0; o2 >>= 1) {          /* both reductions interleaved */
+            sa += __shfl_xor_sync(0xffffffffu, sa, o2);
+            sb += __shfl_xor_sync(0xffffffffu, sb, o2);
+        }
+        if (!two) sb = -INFINITY;
+        const float mn = fmaxf(mx, fmaxf(sa, sb)), corr = expf(mx - mn);
+        const float pa = expf(sa - mn), pb = two ? expf(sb - mn) : 0.0f;
+        l = l * corr + pa + pb;
+#pragma unroll
+        for (int t = 0; t < NPL; t++) o[t] = o[t] * corr + pa * vr[t] + pb * vb[t];
         mx = mn;
     }
     /* merge the warps */
@@ -252,6 +273,155 @@ static size_t tile_smem(void) {
     return sizeof(float) * (size_t)(BQ * (HD + 1) + BK * (HD + 1) + BK * HD + BQ * (BK + 1));
 }
 
+/* ---- tiled flash-style on the tensor cores (bf16 operands, fp32 accumulation) -------------- */
+
+#define TQ 64                /* query rows per block: 16 per warp */
+#define TK 64                /* keys per step */
+#define TC_THREADS 128
+
+/* Shared-memory layout of attn_tc_kernel<HD>; every array starts 32-byte aligned (each
+ * size is a multiple of 32) and each leading dimension keeps wmma's 32-byte fragment rows
+ * aligned while shifting consecutive rows by 16 bytes (fewer bank conflicts). */
+template <int HD>
+struct tc_layout {
+    static constexpr int LQ = HD + 8;      /* bf16 Q, K, V rows */
+    static constexpr int LS = TK + 4;      /* fp32 scores */
+    static constexpr int LP = TK + 8;      /* bf16 probabilities */
+    static constexpr int LO = HD + 4;      /* fp32 output accumulator */
+    static constexpr size_t Q = 0, K = Q + 2 * TQ * LQ, V = K + 2 * TK * LQ, S = V + 2 * TK * LQ,
+                            P = S + 4 * TQ * LS, O = P + 2 * TQ * LP, BYTES = O + 4 * TQ * LO;
+};
+
+/* Block (query tile of 64 rows, head); warp w owns rows 16w .. 16w+15 from scores to
+ * output, so the softmax needs no block barrier. Per key tile of 64: K, V to shared memory
+ * as bf16 (all warps), S = Q·Kᵀ with wmma 16x16x16 (4 column fragments, HD/16 steps),
+ * the online softmax by two lanes per row (32 scores each) writing P in bf16 and rescaling
+ * the fp32 output rows in shared memory, then O += P·V with wmma, the accumulators loaded
+ * from and stored back to shared memory (the rescale needs the row of every element,
+ * which wmma fragments do not expose). Q is scaled before rounding to bf16. */
+template <int HD>
+__global__ void __launch_bounds__(TC_THREADS)
+attn_tc_kernel(float *out, int out_stride, const float *q, int q_stride, kv_addr a,
+               const int32_t *tiles, int n_heads, int group, int head_dim, float scale, int causal) {
+    using namespace nvcuda;
+    typedef tc_layout<HD> L;
+    extern __shared__ __align__(128) unsigned char tc_smem[];
+    __nv_bfloat16 *Qs = (__nv_bfloat16 *)(tc_smem + L::Q), *Ks = (__nv_bfloat16 *)(tc_smem + L::K),
+                  *Vs = (__nv_bfloat16 *)(tc_smem + L::V), *Ps = (__nv_bfloat16 *)(tc_smem + L::P);
+    float *Ss = (float *)(tc_smem + L::S), *Os = (float *)(tc_smem + L::O);
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int h = blockIdx.y, kvh = h / group;
+    const int4 tile = ((const int4 *)tiles)[blockIdx.x];
+    const int q0 = tile.x, nq = tile.y - tile.x, k0 = tile.z, nk_all = tile.w - tile.z;
+    const int nk = causal >= 0 ? min(nk_all, causal + q0 + nq) : nk_all;
+
+    for (int e = t; e < TQ * HD; e += TC_THREADS) {
+        const int r = e / HD, d = e % HD;
+        const float v = r < nq && d < head_dim ? q[(int64_t)(q0 + r) * q_stride + h * head_dim + d] * scale : 0.0f;
+        Qs[r * L::LQ + d] = __float2bfloat16_rn(v);
+    }
+    for (int e = t; e < TQ * HD; e += TC_THREADS) Os[(e / HD) * L::LO + e % HD] = 0.0f;
+    __shared__ int64_t rowoff[TK];                        /* K/V row offsets of a key tile */
+
+    /* the softmax lanes: row `row` of the tile, score columns half·32 .. half·32+31 */
+    const int row = warp * 16 + (lane >> 1), half = lane & 1;
+    const int row_limit = causal >= 0 ? causal + q0 + row : 0x7fffffff;   /* last key it sees */
+    float mx = -INFINITY, l = 0.0f;
+
+    for (int j0 = 0; j0 < nk; j0 += TK) {
+        __syncthreads();              /* the last K, V tiles and row offsets are consumed; at
+                                         the first tile: Qs and Os are complete */
+        if (t < TK) rowoff[t] = j0 + t < nk ? kv_off(a, k0 + j0 + t) + (int64_t)kvh * head_dim : -1;
+        __syncthreads();
+        for (int e = t; e < TK * HD; e += TC_THREADS) {
+            const int c = e / HD, d = e % HD;
+            const int64_t off = rowoff[c];
+            Ks[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.k[off + d] : 0.0f);
+            Vs[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.v[off + d] : 0.0f);
+        }
+        __syncthreads();
+        /* S[16 rows of this warp, 64] = Q·Kᵀ */
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[TK / 16];
+#pragma unroll
+            for (int n = 0; n < TK / 16; n++) wmma::fill_fragment(sacc[n], 0.0f);
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qa;
+                wmma::load_matrix_sync(qa, Qs + warp * 16 * L::LQ + kk * 16, L::LQ);
+#pragma unroll
+                for (int n = 0; n < TK / 16; n++) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kb;
+                    wmma::load_matrix_sync(kb, Ks + n * 16 * L::LQ + kk * 16, L::LQ);
+                    wmma::mma_sync(sacc[n], qa, kb, sacc[n]);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < TK / 16; n++)
+                wmma::store_matrix_sync(Ss + warp * 16 * L::LS + n * 16, sacc[n], L::LS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        /* online softmax of this lane's 32 scores; P in bf16; rescale this lane's O half-row */
+        {
+            const float *sr = Ss + row * L::LS + half * 32;
+            float tmax = -INFINITY;
+#pragma unroll 8
+            for (int c = 0; c < 32; c++) {
+                const int j = j0 + half * 32 + c;
+                if (j < nk && j <= row_limit) tmax = fmaxf(tmax, sr[c]);
+            }
+            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+            const float mn = fmaxf(mx, tmax);
+            const float corr = mn == -INFINITY ? 1.0f : expf(mx - mn);
+            float psum = 0.0f;
+            __nv_bfloat16 *pr = Ps + row * L::LP + half * 32;
+#pragma unroll 8
+            for (int c = 0; c < 32; c++) {
+                const int j = j0 + half * 32 + c;
+                const float p = j < nk && j <= row_limit ? expf(sr[c] - mn) : 0.0f;
+                psum += p;
+                pr[c] = __float2bfloat16_rn(p);
+            }
+            psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+            l = l * corr + psum;
+            mx = mn;
+            float *orow = Os + row * L::LO + half * (HD / 2);
+#pragma unroll 8
+            for (int d = 0; d < HD / 2; d++) orow[d] *= corr;
+        }
+        __syncwarp();
+        /* O[16 rows, HD] += P·V */
+#pragma unroll
+        for (int n = 0; n < HD / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> oacc;
+            wmma::load_matrix_sync(oacc, Os + warp * 16 * L::LO + n * 16, L::LO, wmma::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < TK / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vb;
+                wmma::load_matrix_sync(pa, Ps + warp * 16 * L::LP + kk * 16, L::LP);
+                wmma::load_matrix_sync(vb, Vs + kk * 16 * L::LQ + n * 16, L::LQ);
+                wmma::mma_sync(oacc, pa, vb, oacc);
+            }
+            wmma::store_matrix_sync(Os + warp * 16 * L::LO + n * 16, oacc, L::LO, wmma::mem_row_major);
+        }
+    }
+    __syncthreads();                                      /* Os complete, even with no keys */
+    if (row < nq) {
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;   /* an empty kv segment gives 0 */
+        const float *orow = Os + row * L::LO;
+        float *dst = out + (int64_t)(q0 + row) * out_stride + h * head_dim;
+        for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); d++)
+            if (d < head_dim) dst[d] = orow[d] * inv;
+    }
+}
+
+/* The tensor-core kernel takes these head sizes; the others (and DG_CUDA_GEMM=precise) the
+ * fp32 kernel. */
+static int tc_head_dim(const dg_cuda *c, int head_dim) {
+    return !c->gemm_split && (head_dim == 64 || head_dim == 80 || head_dim == 128);
+}
+
 /* Stages n_tiles tile bounds from c->att_tiles and launches over them, every head. */
 static int attn_tiles_launch(dg_cuda *c, int n_tiles, float *out, int out_stride, const float *q,
                              int q_stride, kv_addr a, int n_heads, int n_kv_heads, int head_dim,
@@ -261,6 +431,16 @@ static int attn_tiles_launch(dg_cuda *c, int n_tiles, float *out, int out_stride
     if (!d_tiles) return DG_EDEVICE;
     const dim3 grid(n_tiles, n_heads);
     const int group = n_heads / n_kv_heads;
+    if (tc_head_dim(c, head_dim)) {
+#define LAUNCH_TC(HD) attn_tc_kernel<HD><<<grid, TC_THREADS, tc_layout<HD>::BYTES, c->stream>>>( \
+        out, out_stride, q, q_stride, a, d_tiles, n_heads, group, head_dim, scale, causal)
+        if (head_dim == 64) LAUNCH_TC(64);
+        else if (head_dim == 80) LAUNCH_TC(80);
+        else LAUNCH_TC(128);
+#undef LAUNCH_TC
+        CUDA_CHECK_LAUNCH(c);
+        return 0;
+    }
 #define LAUNCH(HD) attn_tile_kernel<HD><<<grid, TILE_THREADS, tile_smem<HD>(), c->stream>>>( \
         out, out_stride, q, q_stride, a, d_tiles, n_heads, group, head_dim, scale, causal)
     if (head_dim <= 32) LAUNCH(32);
@@ -277,6 +457,9 @@ int dg_cuda_attention_init(dg_cuda *c) {
     CUDA_CHECK(c, cudaFuncSetAttribute(attn_tile_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem<64>()));
     CUDA_CHECK(c, cudaFuncSetAttribute(attn_tile_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem<128>()));
     CUDA_CHECK(c, cudaFuncSetAttribute(attn_tile_kernel<256>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem<256>()));
+    CUDA_CHECK(c, cudaFuncSetAttribute(attn_tc_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_layout<64>::BYTES));
+    CUDA_CHECK(c, cudaFuncSetAttribute(attn_tc_kernel<80>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_layout<80>::BYTES));
+    CUDA_CHECK(c, cudaFuncSetAttribute(attn_tc_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_layout<128>::BYTES));
     return 0;
 }
 
@@ -291,12 +474,13 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
     kv_addr a = {kv->k, kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
     if (m <= DECODE_MAX_M)
         return attn_decode(c, out, q, a, n_past, m, n_heads, n_kv_heads, head_dim, scale);
-    for (int t0 = 0; t0 < m; t0 += BQ * DG_CUDA_ATT_TILES) {
+    const int bq = tc_head_dim(c, head_dim) ? TQ : BQ;
+    for (int t0 = 0; t0 < m; t0 += bq * DG_CUDA_ATT_TILES) {
         int n = 0;
-        for (int q0 = t0; q0 < m && n < DG_CUDA_ATT_TILES; q0 += BQ, n++) {
+        for (int q0 = t0; q0 < m && n < DG_CUDA_ATT_TILES; q0 += bq, n++) {
             int32_t *tl = c->att_tiles + 4 * n;
             tl[0] = q0;
-            tl[1] = q0 + BQ < m ? q0 + BQ : m;
+            tl[1] = q0 + bq < m ? q0 + bq : m;
             tl[2] = 0;
             tl[3] = n_ctx;
         }
@@ -313,12 +497,13 @@ static int attention_segments(dg_cuda *c, float *out, const float *q, int q_stri
                               const float *v, int kv_stride, const int32_t *q_cu, const int32_t *kv_cu,
                               int n_seg, int n_heads, int n_kv_heads, int head_dim, float scale) {
     kv_addr a = {k, v, NULL, 1, kv_stride};
+    const int bq = tc_head_dim(c, head_dim) ? TQ : BQ;
     int n = 0;
     for (int s = 0; s < n_seg; s++)
-        for (int q0 = q_cu[s]; q0 < q_cu[s + 1]; q0 += BQ) {
+        for (int q0 = q_cu[s]; q0 < q_cu[s + 1]; q0 += bq) {
             int32_t *tl = c->att_tiles + 4 * n;
             tl[0] = q0;
-            tl[1] = q0 + BQ < q_cu[s + 1] ? q0 + BQ : q_cu[s + 1];
+            tl[1] = q0 + bq < q_cu[s + 1] ? q0 + bq : q_cu[s + 1];
             tl[2] = kv_cu[s];
             tl[3] = kv_cu[s + 1];
             if (++n == DG_CUDA_ATT_TILES) {

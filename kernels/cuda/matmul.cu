@@ -25,8 +25,9 @@ __device__ __forceinline__ void bf16x8_to_f32(uint4 u, float *f) {
 }
 
 /* One warp per row of W; lane l reads elements 8l .. 8l+7 of every 256-wide slice as one
- * 16-byte load (a warp reads 512 contiguous bytes per step). The unrolled loop keeps four
- * such loads in flight per lane. x (at most 8 rows) is re-read from L1/L2 by every warp.
+ * 16-byte load (a warp reads 512 contiguous bytes per step). The unrolled loop keeps up to
+ * eight such loads in flight per lane (the tail of a grid runs with few warps per SM, and
+ * each must then cover the memory latency alone). x (at most 8 rows) is re-read from L1/L2 by every warp.
  * Needs k % 8 == 0 and 16-byte aligned rows (arena pointers are 256-aligned). */
 template <int M>
 __global__ void gemv_bf16_vec(float *__restrict__ y, const float *__restrict__ x,
@@ -40,7 +41,7 @@ __global__ void gemv_bf16_vec(float *__restrict__ y, const float *__restrict__ x
 #pragma unroll
     for (int r = 0; r < M; r++) acc[r] = 0.0f;
     const int n8 = k / 8;
-#pragma unroll 4
+#pragma unroll 8
     for (int i = lane; i < n8; i += 32) {
         float wf[8];
         bf16x8_to_f32(__ldg(wr + i), wf);
@@ -56,6 +57,48 @@ __global__ void gemv_bf16_vec(float *__restrict__ y, const float *__restrict__ x
     for (int r = 0; r < M; r++) {
         const float s = dg_warp_sum(acc[r]);
         if (lane == 0) y[(int64_t)r * n + row] = s + (bias ? bias[row] : 0.0f);
+    }
+}
+
+/* Few rows (the 7B's K and V projections: 512 rows = 64 warp-per-row blocks, a sixth of
+ * what fills 132 SMs; measured 0.7 TB/s): one block of 8 warps per row, each thread a
+ * strided share of the row's 16-byte vectors, the partial sums reduced in shared memory. */
+template <int M>
+__global__ void gemv_bf16_rowblock(float *__restrict__ y, const float *__restrict__ x,
+                                   const __nv_bfloat16 *__restrict__ w, const float *__restrict__ bias,
+                                   int n, int k) {
+    __shared__ float red[M][GEMV_WARPS];
+    const int row = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint4 *wr = (const uint4 *)(w + (int64_t)row * k);
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    const int n8 = k / 8;
+#pragma unroll 2
+    for (int i = threadIdx.x; i < n8; i += blockDim.x) {
+        float wf[8];
+        bf16x8_to_f32(__ldg(wr + i), wf);
+#pragma unroll
+        for (int r = 0; r < M; r++) {
+            const float4 *xr = (const float4 *)(x + (int64_t)r * k) + 2 * i;
+            const float4 a = __ldg(xr), b = __ldg(xr + 1);
+            acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w +
+                      wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+        const float s = dg_warp_sum(acc[r]);
+        if (lane == 0) red[r][warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int r = 0; r < M; r++) {
+            float s = lane < GEMV_WARPS ? red[r][lane] : 0.0f;
+            s = dg_warp_sum(s);
+            if (lane == 0) y[(int64_t)r * n + row] = s + (bias ? bias[row] : 0.0f);
+        }
     }
 }
 
@@ -78,7 +121,14 @@ __global__ void gemv_bf16_any(float *__restrict__ y, const float *__restrict__ x
 static int gemv(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, const float *bias,
                 int m, int n, int k) {
     const dim3 grid(dg_cuda_blocks(n, GEMV_WARPS)), block(32 * GEMV_WARPS);
-    if (k % 8 == 0 && ((uintptr_t)x & 15) == 0) {
+    const int few_rows = (int64_t)grid.x < 2LL * c->prop.multiProcessorCount;
+    if (k % 8 == 0 && ((uintptr_t)x & 15) == 0 && few_rows) {
+        switch (m) {
+#define CASE(M) case M: gemv_bf16_rowblock<M><<<n, block, 0, c->stream>>>(y, x, w, bias, n, k); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+    } else if (k % 8 == 0 && ((uintptr_t)x & 15) == 0) {
         switch (m) {
 #define CASE(M) case M: gemv_bf16_vec<M><<<grid, block, 0, c->stream>>>(y, x, w, bias, n, k); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)

@@ -1,11 +1,14 @@
 /* norm.cu — row normalisations (RMSNorm, LayerNorm, adaLN modulation), the VAE's channel
- * RMS norm and the row softmax. Row ops: one block per row, 256 threads striding over the
- * row, block reductions through shared memory (32 floats); each element is read and
+ * RMS norm and the row softmax. Row ops: one block per row, 256 threads (1024 for a few
+ * rows) striding over the row, block reductions through shared memory (32 floats); each element is read and
  * written by the same thread, so y may equal x. Sums in fp32 (the CPU reference sums
  * LayerNorm in double: the difference is far below the test tolerance at these widths). */
 #include "cuda_common.cuh"
 
 #define ROW_THREADS 256
+
+/* A lone row (decode: m = 1) runs on one SM: 1024 threads keep more of it in flight. */
+static int row_threads(int m) { return m < 32 ? 1024 : ROW_THREADS; }
 
 __global__ void rmsnorm_kernel(float *y, const float *x, const float *weight, int n, float eps) {
     __shared__ float sh[32];
@@ -80,7 +83,7 @@ __global__ void softmax_kernel(float *x, int n) {
 
 static int rmsnorm(dg_cuda *c, float *y, const float *x, const float *w, int m, int n, float eps) {
     if (m <= 0) return 0;
-    rmsnorm_kernel<<<m, ROW_THREADS, 0, c->stream>>>(y, x, w, n, eps);
+    rmsnorm_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, w, n, eps);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
@@ -88,7 +91,7 @@ static int rmsnorm(dg_cuda *c, float *y, const float *x, const float *w, int m, 
 static int layernorm(dg_cuda *c, float *y, const float *x, const float *weight, const float *bias,
                      const float *shift, const float *scale, int m, int n, float eps) {
     if (m <= 0) return 0;
-    layernorm_kernel<<<m, ROW_THREADS, 0, c->stream>>>(y, x, weight, bias, shift, scale, n, eps);
+    layernorm_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, weight, bias, shift, scale, n, eps);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
@@ -104,7 +107,7 @@ static int channel_rmsnorm(dg_cuda *c, float *y, const float *x, const float *ga
 
 static int softmax(dg_cuda *c, float *x, int m, int n) {
     if (m <= 0) return 0;
-    softmax_kernel<<<m, ROW_THREADS, 0, c->stream>>>(x, n);
+    softmax_kernel<<<m, row_threads(m), 0, c->stream>>>(x, n);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }

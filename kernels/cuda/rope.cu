@@ -28,7 +28,9 @@ static int rope(dg_cuda *c, float *x, const int32_t *pos, int m, int n_heads, in
     if (m <= 0) return 0;
     const int32_t *d_pos = (const int32_t *)dg_cuda_stage(c, pos, sizeof(int32_t) * 3 * (size_t)m);
     if (!d_pos) return DG_EDEVICE;
-    const int pairs = n_heads * head_dim / 2, threads = pairs < 256 ? (pairs + 31) / 32 * 32 : 256;
+    /* one block per token: a decode step (m = 1) is one block, so make it a wide one */
+    const int pairs = n_heads * head_dim / 2, cap = m < 32 ? 1024 : 256;
+    const int threads = pairs < cap ? (pairs + 31) / 32 * 32 : cap;
     rope_kernel<<<m, threads, 0, c->stream>>>(x, d_pos, m, n_heads, head_dim, p->theta,
                                               p->section[0], p->section[1]);
     CUDA_CHECK_LAUNCH(c);

@@ -7,7 +7,8 @@
 #   4. build/tests/test_backend_cuda (every op vs the CPU backend, stated tolerances);
 #   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages);
 #   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit);
-#   7. tools/reference/bench_torch_cuda.py (transformers bf16 on the same GPU), and ratios.
+#   7. tools/reference/bench_torch_cuda.py (transformers bf16 on the same GPU), and ratios;
+#   8. compute-sanitizer racecheck over the attention cases (shared-memory races).
 # Logs and JSON go to $OUT (default build/device-out): at most 8 files.
 #
 #   bash tools/cuda/pack.sh                      # here, once, before the device call
@@ -93,3 +94,6 @@ print(json.dumps(s["ratios"], indent=1))
 for k in sorted(ours): print(f"ours  {k}: {ours[k]:.4g}")
 for k in sorted(torch): print(f"torch {k}: {torch[k]:.4g}" if isinstance(torch[k], float) else f"torch {k}: {torch[k]}")
 PY
+
+step "racecheck: attention kernels (compute-sanitizer)"
+DG_TEST=attention timeout 45 compute-sanitizer --tool racecheck --racecheck-report hazard build/tests/test_backend_cuda 2>&1 | grep -E "ERROR SUMMARY|hazard|passed|^ok|FAIL" | head -20

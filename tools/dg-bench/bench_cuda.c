@@ -202,14 +202,18 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     double bw = measure_bandwidth(be);
     bench_record(out, "bandwidth_add_gb_s", bw, "GB/s");
 
-    /* warm-up (cuBLAS heuristics, first launches), then prefill n_prompt and decode */
-    dg_qwen2_input in = {.ids = ids, .n = 64, .n_logits = 1};
-    if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-    for (int i = 0; i < 4; i++) {
-        in = (dg_qwen2_input){.ids = &ids[i], .n = 1, .n_logits = 1};
+    /* warm-up at every measured shape (cuBLAS picks its kernels per shape on first use) */
+    dg_qwen2_input in;
+    const int warm[] = {n_prompt, n_long};
+    for (int w = 0; w < 2; w++) {
+        in = (dg_qwen2_input){.ids = ids, .n = warm[w], .n_logits = 1};
         if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+        for (int i = 0; i < 4; i++) {
+            in = (dg_qwen2_input){.ids = &ids[i], .n = 1, .n_logits = 1};
+            if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+        }
+        dg_kv_seq_release(kv, &seq);
     }
-    dg_kv_seq_release(kv, &seq);
     double t0 = bench_now_ms();
     in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;

@@ -89,12 +89,13 @@ def main():
     print(f"model built on the device in {time.perf_counter() - t0:.1f} s", flush=True)
     ids = prompt_ids(n_long + n_decode)
     with torch.inference_mode():
-        # warm-up
-        out = model(input_ids=torch.tensor([ids[:64]], device="cuda"), use_cache=True)
-        for i in range(4):
-            out = model(input_ids=torch.tensor([[ids[i]]], device="cuda"),
-                        past_key_values=out.past_key_values, use_cache=True)
-        del out
+        # warm-up at every measured shape (cuBLAS and SDPA pick kernels per shape)
+        for n in (n_prompt, n_long):
+            out = model(input_ids=torch.tensor([ids[:n]], device="cuda"), use_cache=True)
+            for i in range(4):
+                out = model(input_ids=torch.tensor([[ids[i]]], device="cuda"),
+                            past_key_values=out.past_key_values, use_cache=True)
+            del out
         t0 = sync_ms()
         out = model(input_ids=torch.tensor([ids[:n_prompt]], device="cuda"), use_cache=True)
         out.logits[:, -1].float().cpu()
