@@ -85,7 +85,7 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY)
 
-.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder fuzz demo install clean
+.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-e2e fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -169,7 +169,7 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
-bench: bench-queue bench-tokenizer bench-decoder
+bench: bench-queue bench-tokenizer bench-decoder bench-e2e
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
@@ -179,6 +179,11 @@ bench-queue: all
 # the text decoder (small preset, 1 and 2 threads); the transformers and llama.cpp baselines
 # (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py) are run by hand, and
 # dg-bench prints the ratios when their JSON is in build/bench/
+# whole interleaved jobs through duogend on the CPU: jobs/hour, time per phase, prefix cache
+bench-e2e: all
+	@mkdir -p $(BUILD)/bench
+	/usr/bin/python3 tools/bench/bench_e2e.py --json $(BUILD)/bench/e2e.json
+
 bench-decoder: all
 	@mkdir -p $(BUILD)/bench
 	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder
