@@ -14,6 +14,7 @@ typedef enum { KEY_STR, KEY_INT, KEY_SIZE } key_type;
 #define STR(name, help)          {#name, KEY_STR, offsetof(dg_daemon_config, name), sizeof(((dg_daemon_config *)0)->name), 0, 0, help}
 #define INT(name, lo, hi, help)  {#name, KEY_INT, offsetof(dg_daemon_config, name), 0, lo, hi, help}
 #define SIZE(name, help)         {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 1, 0, help}
+#define SIZE0(name, help)        {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 0, 0, help}
 
 static const struct key {
     const char *name;
@@ -60,6 +61,9 @@ static const struct key {
     INT(max_stop_strings, 0, 1024, "stop strings per job"),
     INT(max_logit_bias, 0, 1000000, "logit_bias entries per job"),
     INT(metrics_port, 0, 65535, "Prometheus metrics port on 127.0.0.1 (0 = off)"),
+    SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
+    SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = default"),
+    SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = default"),
 };
 
 void dg_daemon_config_defaults(dg_daemon_config *c) {
@@ -95,8 +99,8 @@ void dg_daemon_config_defaults(dg_daemon_config *c) {
     c->max_logit_bias = 1024;
 }
 
-/* Accepts 123, 64k, 20M, 1G (powers of 1024). */
-static int parse_size(const char *s, size_t *out) {
+/* Accepts 123, 64k, 20M, 1G (powers of 1024); 0 only where allow_zero. */
+static int parse_size(const char *s, size_t *out, int allow_zero) {
     char *end;
     errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
@@ -108,7 +112,7 @@ static int parse_size(const char *s, size_t *out) {
     case 'g': shift = 30; end++; break;
     default: break;
     }
-    if (*end || v == 0 || v > (SIZE_MAX >> shift)) return -1;
+    if (*end || (v == 0 && !allow_zero) || v > (SIZE_MAX >> shift)) return -1;
     *out = (size_t)(v << shift);
     return 0;
 }
@@ -140,7 +144,7 @@ int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value
             }
             *(int *)field = (int)v;
         } else {
-            if (parse_size(value, (size_t *)field)) {
+            if (parse_size(value, (size_t *)field, k->lo == 0)) {
                 snprintf(err, errlen, "%s: \"%s\" is not a size (e.g. 4096, 64k, 20M)", name, value);
                 return -1;
             }

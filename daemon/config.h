@@ -51,6 +51,9 @@ typedef struct {
     int    max_stop_strings;
     int    max_logit_bias;
     int    metrics_port;        /* Prometheus text metrics on 127.0.0.1; 0 = off */
+    size_t kv_cache_bytes;      /* engine caches; 0 = the engine's default */
+    size_t vision_cache_bytes;
+    size_t latent_cache_bytes;
 } dg_daemon_config;
 
 void dg_daemon_config_defaults(dg_daemon_config *c);

@@ -121,6 +121,17 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     NUM("started_ms", st.started_ms);
     NUM("updated_ms", dg_now_ms());
     NUM("pid", getpid());
+    NUM("kv_cache_hits", st.cache.kv_hits);
+    NUM("kv_cache_misses", st.cache.kv_misses);
+    NUM("vision_cache_hits", st.cache.vision_hits);
+    NUM("vision_cache_misses", st.cache.vision_misses);
+    NUM("latent_cache_hits", st.cache.latent_hits);
+    NUM("latent_cache_misses", st.cache.latent_misses);
+    NUM("steps", st.steps);
+    if (st.decode_s > 0) {
+        dg_cmd_adds(c, "tokens_per_s");
+        dg_cmd_addf(c, "%.2f", (double)st.tokens / st.decode_s);
+    }
 #undef NUM
     char ttl[16];
     int ttl_ms = w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3;

@@ -39,7 +39,9 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
     w->stats.queue_lag = w->stats.queue_pending = -1;
     /* the read timeout must outlast the longest BLOCK, or every idle poll is an I/O error */
     if (dg_redis_init(&w->redis, cfg, cfg->worker_id, cfg->block_ms + 5000, err, errlen)) return -1;
-    int rc = dg_sched_new(model, &(dg_sched_opts){.max_inflight = cfg->max_inflight}, &w->sched, err, errlen);
+    dg_sched_opts so = {.max_inflight = cfg->max_inflight, .kv_cache_bytes = cfg->kv_cache_bytes,
+                        .vision_cache_bytes = cfg->vision_cache_bytes, .latent_cache_bytes = cfg->latent_cache_bytes};
+    int rc = dg_sched_new(model, &so, &w->sched, err, errlen);
     if (rc) return rc;
     return 0;
 }
