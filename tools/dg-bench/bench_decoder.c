@@ -49,6 +49,19 @@ static double peak_rss_mb(void) {
     return (double)ru.ru_maxrss / 1024.0;
 }
 
+/* Resident memory now (VmRSS), MiB: what the process held before the model was opened
+ * (shared libraries; with the CUDA backend linked in, cuBLAS alone brings ~160 MiB). */
+static double rss_now_mb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+    fclose(f);
+    return kb / 1024.0;
+}
+
 static double text_weight_mb(const dg_st *st) {
     double b = 0;
     for (size_t i = 0; i < dg_st_count(st); i++) {
@@ -70,7 +83,7 @@ static void ratio(json_t *out, const char *file, const char *key, const char *la
     json_decref(j);
 }
 
-static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
+static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double rss_start) {
     const int n_prompt = ctx->quick ? 64 : 512, n_decode = ctx->quick ? 8 : 64;
     dg_qwen2vl_config cfg;
     dg_backend *be = NULL;
@@ -129,6 +142,8 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
     bench_record(out, "text_weights_mb", w, "MiB");
     bench_record(out, "peak_rss_mb", rss, "MiB");
     bench_record(out, "peak_rss_over_weights", rss / w, "x");
+    bench_record(out, "rss_before_open_mb", rss_start, "MiB");
+    bench_record(out, "peak_rss_minus_before_open_over_weights", (rss - rss_start) / w, "x");
     rc = 0;
     goto out;
 fail:
@@ -151,9 +166,10 @@ static int bench_decoder(bench_ctx *ctx, json_t *out) {
     if (ensure_model(ctx, dir, sizeof dir) < 0) return -1;
     printf("  model %s, OPENBLAS_CORETYPE=%s\n", dir, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
-    if (ctx->threads > 0) return run(ctx, out, dir, ctx->threads);
+    const double rss_start = rss_now_mb();
+    if (ctx->threads > 0) return run(ctx, out, dir, ctx->threads, rss_start);
     for (int t = 1; t <= 2; t++)
-        if (run(ctx, out, dir, t) < 0) return -1;
+        if (run(ctx, out, dir, t, rss_start) < 0) return -1;
     return 0;
 }
 
