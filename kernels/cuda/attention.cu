@@ -315,10 +315,31 @@ attn_tc_kernel(float *out, int out_stride, const float *q, int q_stride, kv_addr
     const int q0 = tile.x, nq = tile.y - tile.x, k0 = tile.z, nk_all = tile.w - tile.z;
     const int nk = causal >= 0 ? min(nk_all, causal + q0 + nq) : nk_all;
 
-    for (int e = t; e < TQ * HD; e += TC_THREADS) {
-        const int r = e / HD, d = e % HD;
-        const float v = r < nq && d < head_dim ? q[(int64_t)(q0 + r) * q_stride + h * head_dim + d] * scale : 0.0f;
-        Qs[r * L::LQ + d] = __float2bfloat16_rn(v);
+    /* 16-byte loads where every row start is 16-byte aligned (the KV pool, fused qkv rows
+     * of head_dim multiple of 16); the tiles are then read with 8 loads in flight per
+     * thread instead of one (the scalar loop was latency-bound: measured 19k tok/s for
+     * a 2048-token 7B prefill against 37k for PyTorch). */
+    const bool qvec = q_stride % 4 == 0 && ((uintptr_t)q & 15) == 0;
+    const bool kvec = a.stride % 4 == 0 && ((uintptr_t)a.k & 15) == 0 && ((uintptr_t)a.v & 15) == 0;
+    constexpr int V4 = HD / 4;                            /* float4 per row (HD % 16 == 0) */
+    if (qvec) {
+#pragma unroll 8
+        for (int e = t; e < TQ * V4; e += TC_THREADS) {
+            const int r = e / V4, d = 4 * (e % V4);
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r < nq) v = *(const float4 *)(q + (int64_t)(q0 + r) * q_stride + h * head_dim + d);
+            __nv_bfloat16 *dst = Qs + r * L::LQ + d;
+            dst[0] = __float2bfloat16_rn(v.x * scale);
+            dst[1] = __float2bfloat16_rn(v.y * scale);
+            dst[2] = __float2bfloat16_rn(v.z * scale);
+            dst[3] = __float2bfloat16_rn(v.w * scale);
+        }
+    } else {
+        for (int e = t; e < TQ * HD; e += TC_THREADS) {
+            const int r = e / HD, d = e % HD;
+            const float v = r < nq ? q[(int64_t)(q0 + r) * q_stride + h * head_dim + d] * scale : 0.0f;
+            Qs[r * L::LQ + d] = __float2bfloat16_rn(v);
+        }
     }
     for (int e = t; e < TQ * HD; e += TC_THREADS) Os[(e / HD) * L::LO + e % HD] = 0.0f;
     __shared__ int64_t rowoff[TK];                        /* K/V row offsets of a key tile */
@@ -333,11 +354,38 @@ attn_tc_kernel(float *out, int out_stride, const float *q, int q_stride, kv_addr
                                          the first tile: Qs and Os are complete */
         if (t < TK) rowoff[t] = j0 + t < nk ? kv_off(a, k0 + j0 + t) + (int64_t)kvh * head_dim : -1;
         __syncthreads();
-        for (int e = t; e < TK * HD; e += TC_THREADS) {
-            const int c = e / HD, d = e % HD;
-            const int64_t off = rowoff[c];
-            Ks[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.k[off + d] : 0.0f);
-            Vs[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.v[off + d] : 0.0f);
+        if (kvec) {
+            constexpr int ITER = TK * V4 / TC_THREADS, CH = ITER % 8 == 0 ? 8 : ITER % 5 == 0 ? 5 : 1;
+#pragma unroll
+            for (int i0 = 0; i0 < ITER; i0 += CH) {
+                float4 kr[CH], vr[CH];                    /* CH rows' loads, then the stores */
+#pragma unroll
+                for (int i = 0; i < CH; i++) {
+                    const int e = t + (i0 + i) * TC_THREADS, c = e / V4, d = 4 * (e % V4);
+                    const int64_t off = rowoff[c];
+                    kr[i] = vr[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    if (off >= 0) {
+                        kr[i] = *(const float4 *)(a.k + off + d);
+                        vr[i] = *(const float4 *)(a.v + off + d);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < CH; i++) {
+                    const int e = t + (i0 + i) * TC_THREADS, c = e / V4, d = 4 * (e % V4);
+                    __nv_bfloat16 *kd = Ks + c * L::LQ + d, *vd = Vs + c * L::LQ + d;
+                    kd[0] = __float2bfloat16_rn(kr[i].x); kd[1] = __float2bfloat16_rn(kr[i].y);
+                    kd[2] = __float2bfloat16_rn(kr[i].z); kd[3] = __float2bfloat16_rn(kr[i].w);
+                    vd[0] = __float2bfloat16_rn(vr[i].x); vd[1] = __float2bfloat16_rn(vr[i].y);
+                    vd[2] = __float2bfloat16_rn(vr[i].z); vd[3] = __float2bfloat16_rn(vr[i].w);
+                }
+            }
+        } else {
+            for (int e = t; e < TK * HD; e += TC_THREADS) {
+                const int c = e / HD, d = e % HD;
+                const int64_t off = rowoff[c];
+                Ks[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.k[off + d] : 0.0f);
+                Vs[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.v[off + d] : 0.0f);
+            }
         }
         __syncthreads();
         /* S[16 rows of this warp, 64] = Q·Kᵀ */
