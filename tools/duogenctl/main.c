@@ -329,23 +329,56 @@ static int cmd_enqueue(int argc, char **argv) {
 
 /* ---- following events ----------------------------------------------------------------------- */
 
-static void progress_bar(const char *what, double frac, int tokens) {
+/* The terminal view of --wait: the answer's text streams to stdout as it comes; while an
+ * image is drawn, a progress bar stands on a line of its own (stderr) and is cleared when
+ * the text goes on, so the two never overwrite each other. */
+typedef struct {
+    int tty;           /* stderr is a terminal: draw the bar */
+    int bar_shown;     /* the bar occupies the current line */
+    int mid_line;      /* the text printed so far does not end with a newline */
+    int tokens;
+} view;
+
+static void bar_clear(view *v) {
+    if (!v->bar_shown) return;
+    fputs("\r\033[K", stderr);
+    fflush(stderr);
+    v->bar_shown = 0;
+}
+
+static void bar_show(view *v, const char *what, double frac) {
+    if (!v->tty) return;
+    if (!v->bar_shown && v->mid_line) {   /* keep the text's line: the bar goes below it */
+        fputc('\n', stdout);
+        fflush(stdout);
+        v->mid_line = 0;
+    }
     int width = 30, filled = (int)(frac * width + 0.5);
     char bar[64];
     for (int i = 0; i < width; i++) bar[i] = i < filled ? '#' : '.';
     bar[width] = 0;
-    fprintf(stderr, "\r[%s] %-28s %5d tokens", bar, what, tokens);
+    fprintf(stderr, "\r\033[K[%s] %-28s %5d tokens", bar, what, v->tokens);
     fflush(stderr);
+    v->bar_shown = 1;
+}
+
+static void put_text(view *v, const char *text) {
+    size_t n = strlen(text);
+    if (!n) return;
+    bar_clear(v);
+    fputs(text, stdout);
+    fflush(stdout);
+    v->mid_line = text[n - 1] != '\n';
 }
 
 /* Reads the job's events from the start; prints text as it arrives (show_text) or one line
- * per event, with a progress bar on a terminal. Returns 0 for done, EXIT_JOB otherwise. */
+ * per event. Returns 0 for done, EXIT_JOB otherwise. */
 static int follow(const char *id, int show_text) {
-    char k_events[512], last[64] = "0";
+    char k_events[512], last[64] = "0", line[1024];
     key(k_events, sizeof k_events, "events", id);
-    int tty = isatty(2), tokens = 0, rc = -1;
-    char what[64] = "waiting for a worker";
-    if (tty && show_text) progress_bar(what, 0, 0);
+    view v = {.tty = show_text && isatty(2)};
+    int rc = -1;
+    bar_show(&v, "waiting for a worker", 0);
     while (rc < 0) {
         redisReply *rep = cmd(dg_cmd_of("XREAD", "COUNT", "100", "BLOCK", "1000", "STREAMS", k_events, last, NULL));
         if (rep->type != REDIS_REPLY_ARRAY) { freeReplyObject(rep); continue; }
@@ -354,45 +387,59 @@ static int follow(const char *id, int show_text) {
             const redisReply *e = entries->element[i], *f = e->element[1];
             snprintf(last, sizeof last, "%s", e->element[0]->str);
             const char *type = hstr(f, "type");
+            line[0] = 0;
             if (!strcmp(type, "text")) {
-                tokens++;
-                if (show_text) {
-                    if (tty) fputs("\r\033[K", stderr);
-                    fputs(hstr(f, "text"), stdout);
-                    fflush(stdout);
-                } else {
-                    printf("text %s\n", hstr(f, "text"));
-                }
+                v.tokens++;
+                if (show_text) put_text(&v, hstr(f, "text"));
+                else snprintf(line, sizeof line, "text %s", hstr(f, "text"));
             } else if (!strcmp(type, "started")) {
-                snprintf(what, sizeof what, "started on %s", hstr(f, "worker"));
-                if (!show_text) printf("started worker=%s attempt=%s\n", hstr(f, "worker"), hstr(f, "attempt"));
+                snprintf(line, sizeof line, "started worker=%s attempt=%s", hstr(f, "worker"), hstr(f, "attempt"));
+                if (show_text) {
+                    bar_clear(&v);
+                    line[0] = 0;
+                }
             } else if (!strcmp(type, "image_started")) {
-                snprintf(what, sizeof what, "image %s: %sx%s", hstr(f, "index"), hstr(f, "width"), hstr(f, "height"));
-                if (!show_text) printf("image_started index=%s %sx%s steps=%s\n", hstr(f, "index"),
-                                       hstr(f, "width"), hstr(f, "height"), hstr(f, "steps"));
+                snprintf(line, sizeof line, "image_started index=%s %sx%s steps=%s", hstr(f, "index"),
+                         hstr(f, "width"), hstr(f, "height"), hstr(f, "steps"));
+                if (show_text) {
+                    char what[64];
+                    snprintf(what, sizeof what, "image %s: %sx%s", hstr(f, "index"), hstr(f, "width"), hstr(f, "height"));
+                    bar_show(&v, what, 0);
+                    line[0] = 0;
+                }
             } else if (!strcmp(type, "step")) {
-                snprintf(what, sizeof what, "image %s step %s/%s", hstr(f, "index"), hstr(f, "step"), hstr(f, "steps"));
-                if (!show_text) printf("step index=%s %s/%s\n", hstr(f, "index"), hstr(f, "step"), hstr(f, "steps"));
-                else if (tty) progress_bar(what, atof(hstr(f, "step")) / atof(hstr(f, "steps")), tokens);
+                snprintf(line, sizeof line, "step index=%s %s/%s", hstr(f, "index"), hstr(f, "step"), hstr(f, "steps"));
+                if (show_text) {
+                    char what[64];
+                    snprintf(what, sizeof what, "image %s step %s/%s", hstr(f, "index"), hstr(f, "step"), hstr(f, "steps"));
+                    bar_show(&v, what, atof(hstr(f, "step")) / atof(hstr(f, "steps")));
+                    line[0] = 0;
+                }
             } else if (!strcmp(type, "image")) {
-                if (show_text) printf("\n[image %s: %s]\n", hstr(f, "index"), hstr(f, "key"));
-                else printf("image index=%s key=%s %sx%s\n", hstr(f, "index"), hstr(f, "key"), hstr(f, "width"), hstr(f, "height"));
-            } else if (!strcmp(type, "done")) {
-                rc = !strcmp(hstr(f, "status"), "done") ? 0 : EXIT_JOB;
-                if (show_text) printf("\n");
-                fprintf(show_text ? stderr : stdout, "%s%s (%s)\n", tty && show_text ? "\r\033[K" : "",
-                        hstr(f, "status"), hstr(f, "finish_reason"));
-            } else if (!strcmp(type, "failed")) {
-                rc = EXIT_JOB;
-                fprintf(show_text ? stderr : stdout, "%sfailed: %s: %s\n", tty && show_text ? "\r\033[K" : "",
-                        hstr(f, "code"), hstr(f, "error"));
-            } else if (!strcmp(type, "cancelled")) {
-                rc = EXIT_JOB;
-                fprintf(show_text ? stderr : stdout, "%scancelled\n", tty && show_text ? "\r\033[K" : "");
+                snprintf(line, sizeof line, "image index=%s key=%s %sx%s", hstr(f, "index"), hstr(f, "key"),
+                         hstr(f, "width"), hstr(f, "height"));
+                if (show_text) {
+                    snprintf(line, sizeof line, "%s[image %s: %s]\n", v.mid_line ? "\n" : "", hstr(f, "index"), hstr(f, "key"));
+                    put_text(&v, line);
+                    line[0] = 0;
+                }
+            } else if (!strcmp(type, "done") || !strcmp(type, "failed") || !strcmp(type, "cancelled")) {
+                rc = !strcmp(type, "done") && !strcmp(hstr(f, "status"), "done") ? 0 : EXIT_JOB;
+                if (!strcmp(type, "done")) snprintf(line, sizeof line, "%s (%s)", hstr(f, "status"), hstr(f, "finish_reason"));
+                else if (!strcmp(type, "failed")) snprintf(line, sizeof line, "failed: %s: %s", hstr(f, "code"), hstr(f, "error"));
+                else snprintf(line, sizeof line, "cancelled");
+                if (show_text) {
+                    bar_clear(&v);
+                    if (v.mid_line) put_text(&v, "\n");
+                    fprintf(stderr, "%s\n", line);
+                    line[0] = 0;
+                }
             }
+            if (line[0]) printf("%s\n", line);
         }
         freeReplyObject(rep);
     }
+    fflush(stdout);
     return rc;
 }
 
