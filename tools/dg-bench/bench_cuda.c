@@ -162,6 +162,47 @@ static void gemv_shapes(dg_backend *be, const dg_qwen2 *m, json_t *out, double *
     be->release(be, y);
 }
 
+/* The image side's heaviest kernels at 1024x1024 shapes, as TFLOP/s: DiT self-attention
+ * (4096 tokens, 16 heads of 128; 4·n²·d·h flops) and one VAE 3x3 convolution (384 -> 384
+ * channels on a 128x128 frame, the causal 3x3x3 reduced to its one in-range tap). */
+static void image_kernels(dg_backend *be, json_t *out) {
+    const int n = 4096, nh = 16, hd = 128, C = 384, H = 128;
+    const int64_t nqkv = (int64_t)n * 3 * nh * hd, nx = (int64_t)C * H * H, nw = (int64_t)C * 3 * C * 9;
+    const int64_t big = nqkv > nw ? nqkv : nw;
+    float *host = malloc(sizeof(float) * (size_t)big), one;
+    float *qkv = be->alloc(be, sizeof(float) * (size_t)nqkv), *att = be->alloc(be, sizeof(float) * (size_t)n * nh * hd);
+    float *x = be->alloc(be, sizeof(float) * (size_t)nx), *y = be->alloc(be, sizeof(float) * (size_t)nx);
+    float *w = be->alloc(be, sizeof(float) * (size_t)nw);
+    if (host && qkv && att && x && y && w) {
+        uint64_t r = 3;
+        for (int64_t i = 0; i < big; i++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            host[i] = (float)(r >> 40) / 16777216.0f - 0.5f;
+        }
+        be->upload(be, qkv, host, nqkv);
+        be->upload(be, x, host, nx);
+        be->upload(be, w, host, nw);
+        const int32_t cu[2] = {0, n};
+        for (int rep = 0; rep < 2; rep++) {   /* the first is the warm-up */
+            double t0 = bench_now_ms();
+            for (int i = 0; i < 5; i++)
+                be->attention_segments(be, att, qkv, 3 * nh * hd, qkv + nh * hd, qkv + 2 * nh * hd,
+                                       3 * nh * hd, cu, cu, 1, nh, nh, hd, 0.088f);
+            be->download(be, &one, att, 1);
+            if (rep) bench_record(out, "dit_attention_4096_tflops", 4.0 * n * n * hd * nh * 5 / ((bench_now_ms() - t0) / 1e3) / 1e12, "TFLOP/s");
+        }
+        const dg_conv3d_shape cs = {C, C, 1, H, H, 3, 3, 3, 1, 1, 1, 2, 1, 1, 1, 1};
+        for (int rep = 0; rep < 2; rep++) {
+            double t0 = bench_now_ms();
+            for (int i = 0; i < 5; i++) be->conv3d(be, y, x, w, NULL, &cs);
+            be->download(be, &one, y, 1);
+            if (rep) bench_record(out, "vae_conv3x3_384_128_tflops", 2.0 * C * C * 9 * H * H * 5 / ((bench_now_ms() - t0) / 1e3) / 1e12, "TFLOP/s");
+        }
+    }
+    free(host);
+    be->release(be, qkv); be->release(be, att); be->release(be, x); be->release(be, y); be->release(be, w);
+}
+
 static int bench_cuda(bench_ctx *ctx, json_t *out) {
     const char *dev = getenv("DG_BENCH_DEVICE") ? getenv("DG_BENCH_DEVICE") : "cuda:0";
     const int n_prompt = ctx->quick ? 64 : 512, n_long = ctx->quick ? 128 : 2048, n_decode = ctx->quick ? 16 : 128;
@@ -248,6 +289,7 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     double gemv_ms = 0;
     gemv_shapes(be, &m, out, &gemv_ms);
     bench_record(out, "decode_ms_outside_gemv", (t2 - t1) / n_decode - gemv_ms, "ms");
+    image_kernels(be, out);
     rc = 0;
     goto out;
 fail:
