@@ -16,8 +16,9 @@ struct dg_sampler {
     uint8_t       *seen;       /* owned: [vocab] 1 = token occurred */
     int32_t       *seen_list;  /* owned: [vocab] the seen ids, n_seen of them */
     int            n_seen;
-    int32_t       *cand;       /* owned: [vocab] candidate ids */
-    float         *prob;       /* owned: [vocab] candidate probabilities */
+    int32_t       *cand;       /* owned: [vocab] candidate ids, best first */
+    float         *prob;       /* owned: [vocab] exp(logit / T - max) per token */
+    float         *weight;     /* owned: [vocab] prob of cand[i] */
 };
 
 static uint64_t splitmix64(uint64_t *x) {
@@ -54,8 +55,10 @@ int dg_sampler_new(int vocab, const dg_sampler_params *p, dg_sampler **out, char
     s->seen_list = malloc(sizeof(int32_t) * (size_t)vocab);
     s->cand = malloc(sizeof(int32_t) * (size_t)vocab);
     s->prob = malloc(sizeof(float) * (size_t)vocab);
+    s->weight = malloc(sizeof(float) * (size_t)vocab);
     s->bias = malloc(sizeof(dg_logit_bias) * (p->n_logit_bias + 1));
-    if (!s->seen || !s->seen_list || !s->cand || !s->prob || !s->bias) goto nomem;
+    if (!s->seen || !s->seen_list || !s->cand || !s->prob || !s->weight || !s->bias)
+        goto nomem;
     for (size_t i = 0; i < p->n_logit_bias; i++) {
         if (p->logit_bias[i].token < 0 || p->logit_bias[i].token >= vocab) {
             snprintf(err, errlen, "logit_bias: token %d outside the vocabulary of %d",
@@ -80,6 +83,7 @@ void dg_sampler_free(dg_sampler *s) {
     free(s->seen_list);
     free(s->cand);
     free(s->prob);
+    free(s->weight);
     free(s->bias);
     free(s);
 }
@@ -115,31 +119,30 @@ static int by_logit_desc(const void *a, const void *b, void *logits) {
     return *(const int32_t *)a - *(const int32_t *)b;   /* ties: lower id first, deterministic */
 }
 
-/* Candidates in descending logit order; returns their number. With top-k: the k best.
- * Without: the tokens that can be in the top-p nucleus (see below), or all. */
-static int candidates(dg_sampler *s, const float *l, float mx, float z) {
-    const int V = s->vocab;
+/* The k best tokens into s->cand, in descending logit order: O(V log k). */
+static void top(dg_sampler *s, const float *l, int k) {
     int n = 0;
-    if (s->top_k) {
-        for (int i = 0; i < V; i++) {
-            if (n < s->top_k) {
-                s->cand[n++] = i;
-                if (n == s->top_k)
-                    for (int j = n / 2 - 1; j >= 0; j--) heap_down(s->cand, n, j, l);
-            } else if (l[i] > l[s->cand[0]]) {
-                s->cand[0] = i;
-                heap_down(s->cand, n, 0, l);
-            }
+    for (int i = 0; i < s->vocab; i++) {
+        if (n < k) {
+            s->cand[n++] = i;
+            if (n == k)
+                for (int j = n / 2 - 1; j >= 0; j--) heap_down(s->cand, n, j, l);
+        } else if (l[i] > l[s->cand[0]]) {
+            s->cand[0] = i;
+            heap_down(s->cand, n, 0, l);
         }
-    } else {
-        /* Tokens with p <= (1 - top_p) / V have total mass <= 1 - top_p and are the
-         * smallest, so top-p removes all of them: dropping them first is exact. */
-        const float floor_p = s->top_p < 1.0f ? (1.0f - s->top_p) / (float)V : -1.0f;
-        for (int i = 0; i < V; i++)
-            if (expf(l[i] - mx) / z > floor_p) s->cand[n++] = i;
     }
-    qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, (void *)l);
-    return n;
+    qsort_r(s->cand, (size_t)k, sizeof *s->cand, by_logit_desc, (void *)l);
+}
+
+/* A draw from weights w[0..n) (unnormalised, summing to `total`). */
+static int draw(dg_sampler *s, const float *w, int n, float total) {
+    float u = uniform(s) * total, acc = 0.0f;
+    for (int i = 0; i < n; i++) {
+        acc += w[i];
+        if (u < acc) return i;
+    }
+    return n - 1;   /* rounding left u just above the sum */
 }
 
 int32_t dg_sampler_sample(dg_sampler *s, float *logits) {
@@ -151,41 +154,58 @@ int32_t dg_sampler_sample(dg_sampler *s, float *logits) {
             *x = *x < 0.0f ? *x * s->repetition_penalty : *x / s->repetition_penalty;
         }
     for (size_t i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
-    if (s->temperature <= 0.0f) {
-        tok = argmax(logits, V);
+    tok = argmax(logits, V);
+    /* greedy; and when every token is banned (-inf), the argmax is all there is */
+    if (s->temperature <= 0.0f || logits[tok] == -INFINITY) goto done;
+    const float inv_t = 1.0f / s->temperature, mx = logits[tok] * inv_t;
+    /* s->prob[i] = exp(l_i / T - max): the unnormalised distribution, computed once */
+    float z = 0.0f;
+    for (int i = 0; i < V; i++) z += (s->prob[i] = expf(logits[i] * inv_t - mx));
+    if (!s->top_k && s->top_p >= 1.0f) {       /* plain sampling: no order needed */
+        tok = draw(s, s->prob, V, z);
         goto done;
     }
-    const float inv_t = 1.0f / s->temperature;
-    for (int i = 0; i < V; i++) logits[i] *= inv_t;
-    const float mx = logits[argmax(logits, V)];
-    float z = 0.0f;
-    for (int i = 0; i < V; i++) z += expf(logits[i] - mx);
-    int n = candidates(s, logits, mx, z);
-    if (n == 0) { tok = argmax(logits, V); goto done; }   /* every logit banned: -inf */
-    /* probabilities over the candidates; with top-k they are renormalised over the k */
-    float zc = 0.0f;
-    for (int i = 0; i < n; i++) zc += (s->prob[i] = expf(logits[s->cand[i]] - mx));
+    /* Candidates, best first: the top k; for top-p alone, the smallest top set found by
+     * widening (64, 256, ...) whose mass reaches top_p, which holds the whole nucleus. */
+    int n = s->top_k;
+    if (n) {
+        top(s, s->prob, n);
+    } else {
+        for (n = 64; n <= 1024 && n < V; n *= 4) {
+            top(s, s->prob, n);
+            float mass = 0.0f;
+            for (int i = 0; i < n; i++) mass += s->prob[s->cand[i]];
+            if (mass >= s->top_p * z) break;
+        }
+        if (n > 1024 || n >= V) {
+            /* a flat distribution: every token with p > (1 - top_p) / V may be in the
+             * nucleus; the others (total mass <= 1 - top_p, and the smallest) are not */
+            const float floor_w = (1.0f - s->top_p) / (float)V * z;
+            n = 0;
+            for (int i = 0; i < V; i++)
+                if (s->prob[i] > floor_w) s->cand[n++] = i;
+            qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, s->prob);
+        }
+    }
+    float *cw = s->weight, zc = 0.0f;
+    for (int i = 0; i < n; i++) zc += (cw[i] = s->prob[s->cand[i]]);
+    /* transformers' TopP: in ascending order, tokens whose cumulative mass (over the
+     * top-k set when top-k is on, else over all) is <= 1 - top_p are removed; the best
+     * token always stays. Tokens outside the candidates are the smallest: their mass
+     * starts the cumulative sum. */
     const float norm = s->top_k ? zc : z;
-    float tail = s->top_k ? 0.0f : 1.0f - zc / z;   /* mass dropped by the p floor */
     int keep = n;
     if (s->top_p < 1.0f) {
-        /* transformers' TopP: ascending cumulative mass <= 1 - top_p is removed, the best
-         * token always stays */
-        float cum = tail;
+        float cum = s->top_k ? 0.0f : (z - zc) / z;
         while (keep > 1) {
-            cum += s->prob[keep - 1] / norm;
+            cum += cw[keep - 1] / norm;
             if (cum > 1.0f - s->top_p) break;
             keep--;
         }
     }
     float total = 0.0f;
-    for (int i = 0; i < keep; i++) total += s->prob[i];
-    float u = uniform(s) * total, acc = 0.0f;
-    tok = s->cand[keep - 1];
-    for (int i = 0; i < keep; i++) {
-        acc += s->prob[i];
-        if (u < acc) { tok = s->cand[i]; break; }
-    }
+    for (int i = 0; i < keep; i++) total += cw[i];
+    tok = s->cand[draw(s, cw, keep, total)];
 done:
     dg_sampler_accept(s, tok);
     return tok;
