@@ -52,13 +52,18 @@ static inline float dg_f16_to_f32(uint16_t h) {
     return f;
 }
 
-/* Element i of a stored vector, as f32. */
+/* Element i of a stored vector, as f32. By memcpy: safetensors does not promise that a
+ * tensor's data is aligned to its element size (the compiler emits plain loads). */
 static inline float dg_load_f32(const void *p, dg_dtype t, size_t i) {
-    switch (t) {
-    case DG_DTYPE_BF16: return dg_bf16_to_f32(((const uint16_t *)p)[i]);
-    case DG_DTYPE_F16:  return dg_f16_to_f32(((const uint16_t *)p)[i]);
-    default:            return ((const float *)p)[i];
+    const unsigned char *b = (const unsigned char *)p;   /* a cast: also compiled as C++ (CUDA) */
+    if (t == DG_DTYPE_F32) {
+        float f;
+        memcpy(&f, b + 4 * i, 4);
+        return f;
     }
+    uint16_t h;
+    memcpy(&h, b + 2 * i, 2);
+    return t == DG_DTYPE_BF16 ? dg_bf16_to_f32(h) : dg_f16_to_f32(h);
 }
 
 #endif

@@ -102,7 +102,7 @@ SIMD static void rows_f32_bf16(float *dst, const uint16_t *src, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, load_bf16(src + i));
-    for (; i < n; i++) dst[i] = dg_bf16_to_f32(src[i]);
+    for (; i < n; i++) dst[i] = dg_load_f32(src, DG_DTYPE_BF16, (size_t)i);
 }
 
 void dg_cpu_rows_f32(int simd, float *dst, const dg_weight *w, int64_t r0, int64_t nr) {
