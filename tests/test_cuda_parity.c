@@ -7,6 +7,14 @@
  * GEMM and of q, k, v, p in the tensor-core attention, through 24 layers: 1.4e-2 was
  * measured on an H200 with the GEMMs alone) and 2e-3 with DG_CUDA_GEMM=precise.
  *
+ * The DiT and the VAE of the goldens' tiny package (tests/dit_common.h) run on "cpu" and
+ * on "cuda:0" (default and DG_CUDA_GEMM=precise) with the inputs of test_dit's "packed"
+ * case and test_vae's first clip; ‖cuda − cpu‖ / ‖cpu‖ must stay under:
+ *   - DiT velocity: 3e-2 default (bf16 activations into every GEMM of 2 blocks, whose
+ *     outputs reach ~5), 1e-3 precise (16-bit activations; attention at head_dim 32 is fp32);
+ *   - VAE encode / decode: 3e-2 (every conv3d runs in TF32 on both modes, 10 mantissa
+ *     bits, through ~40 convolutions).
+ *
  * Skips (and passes) with "skipped: no CUDA device" where dg_backend_new("cuda:0") fails. */
 #include <math.h>
 #include <stdint.h>
@@ -15,12 +23,16 @@
 #include <string.h>
 
 #include "common/harness.h"
+#include "dit_common.h"
+
 #include "backend.h"
 #include "config.h"
+#include "dit.h"
 #include "duogen.h"
 #include "kv_cache.h"
 #include "qwen2.h"
 #include "safetensors.h"
+#include "vae.h"
 
 #define N_PROMPT 20
 #define N_STEPS  32
@@ -141,6 +153,164 @@ TEST(cuda_parity_tiny) {
 
 TEST(cuda_parity_small) {
     if (have_cuda()) parity("small");
+}
+
+/* ---- DiT and VAE ------------------------------------------------------------------------- */
+
+static double rel_norm(const float *a, const float *b, int64_t n, double *max_abs) {
+    double d2 = 0, r2 = 0;
+    *max_abs = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d == d)) return INFINITY;
+        if (d > *max_abs) *max_abs = d;
+        d2 += d * d;
+        r2 += (double)b[i] * b[i];
+    }
+    return r2 > 0 ? sqrt(d2 / r2) : sqrt(d2);
+}
+
+/* Velocity of test_dit's "packed" case on one backend: [n_latent] (malloc), or NULL. */
+static float *dit_velocity(const char *backend, int64_t *n_out) {
+    json_t *d = json_object_get(dit_goldens(), "dit"), *c = NULL, *e;
+    const char *pkg = dit_package("dit");
+    dg_backend *be = NULL;
+    dg_dit dit = {0};
+    dg_dit_state *st = NULL;
+    dg_dit_layout L;
+    float *lat = NULL, *ctx = NULL, *v = NULL, t[DG_DIT_MAX_FRAMES];
+    const float *frames[DG_DIT_MAX_FRAMES];
+    int h[8], w[8], cond[8], n, n_ctx;
+    char err[512], dir[300];
+    size_t i;
+    json_array_foreach(json_object_get(d, "cases"), i, e)
+        if (!strcmp(json_string_value(json_object_get(e, "name")), "packed")) c = e;
+    if (!pkg || !c) {
+        test_fail(__FILE__, __LINE__, "no tiny dit package or packed case");
+        return NULL;
+    }
+    snprintf(dir, sizeof dir, "%s/dit", pkg);
+    if (dg_backend_new(backend, 0, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
+        dg_dit_state_new(&dit, 256, 64, &st, err, sizeof err) < 0)
+        goto fail;
+    n = (int)json_array_size(json_object_get(c, "h"));
+    for (int k = 0; k < n; k++) {
+        h[k] = (int)json_integer_value(json_array_get(json_object_get(c, "h"), k));
+        w[k] = (int)json_integer_value(json_array_get(json_object_get(c, "w"), k));
+        cond[k] = (int)json_integer_value(json_array_get(json_object_get(c, "cond"), k));
+        t[k] = (float)json_number_value(json_array_get(json_object_get(c, "timesteps"), k));
+    }
+    if (dg_dit_layout_build(&L, h, w, cond, n, 16, 2, 2, err, sizeof err) < 0) goto fail;
+    json_t *wave = json_object_get(c, "latent"), *cw = json_object_get(d, "ctx");
+    lat = malloc(sizeof(float) * (size_t)L.n_latent);
+    dit_wave(lat, L.n_latent, json_number_value(json_array_get(wave, 0)),
+             json_number_value(json_array_get(wave, 1)), json_number_value(json_array_get(wave, 2)));
+    for (int k = 0, o = 0; k < n; o += 16 * h[k] * w[k], k++) frames[k] = lat + o;
+    n_ctx = (int)json_integer_value(json_object_get(d, "n_ctx"));
+    ctx = malloc(sizeof(float) * (size_t)n_ctx * dit.cfg.text_dim);
+    dit_wave(ctx, (int64_t)n_ctx * dit.cfg.text_dim, json_number_value(json_array_get(cw, 0)),
+             json_number_value(json_array_get(cw, 1)), json_number_value(json_array_get(cw, 2)));
+    v = malloc(sizeof(float) * (size_t)L.n_latent);
+    if (dg_dit_set_layout(&dit, st, &L, err, sizeof err) < 0 ||
+        dg_dit_forward(&dit, st, &(dg_dit_input){frames, t, ctx, n_ctx}, v, err, sizeof err) < 0)
+        goto fail;
+    *n_out = L.n_latent;
+    goto out;
+fail:
+    test_fail(__FILE__, __LINE__, "dit on %s: %s", backend, err);
+    free(v);
+    v = NULL;
+out:
+    free(lat);
+    free(ctx);
+    if (dit.be) dg_dit_state_free(&dit, st);
+    dg_dit_unload(&dit);
+    dg_backend_free(be);
+    return v;
+}
+
+TEST(cuda_parity_dit) {
+    if (!have_cuda()) return;
+    int64_t n = 0, n2 = 0;
+    float *ref = dit_velocity("cpu", &n);
+    for (int precise = 0; precise < 2 && ref; precise++) {
+        if (precise) setenv("DG_CUDA_GEMM", "precise", 1);
+        float *got = dit_velocity("cuda:0", &n2);
+        unsetenv("DG_CUDA_GEMM");
+        if (!got) break;
+        double mx, rel = rel_norm(got, ref, n, &mx);
+        printf("  dit packed %s: %lld values, max_abs %.3g, rel %.3g\n", precise ? "precise" : "default",
+               (long long)n, mx, rel);
+        CHECK(n2 == n);
+        CHECK(rel <= (precise ? 1e-3 : 3e-2));
+        free(got);
+    }
+    free(ref);
+}
+
+/* Encode of a wave clip and decode of a wave latent (test_vae's first case) on one backend. */
+static int vae_run(const char *backend, float **lat_out, float **px_out, int64_t *n_lat, int64_t *n_px) {
+    json_t *c = json_array_get(json_object_get(json_object_get(dit_goldens(), "vae"), "cases"), 0);
+    const char *pkg = dit_package("vae");
+    dg_backend *be = NULL;
+    dg_vae vae = {0};
+    dg_vae_state *s = NULL;
+    char err[512] = "", dir[300];
+    int rc = -1;
+    *lat_out = *px_out = NULL;
+    if (!pkg || !c) {
+        test_fail(__FILE__, __LINE__, "no tiny vae package or case");
+        return -1;
+    }
+    const int T = (int)json_integer_value(json_object_get(c, "frames"));
+    const int H = (int)json_integer_value(json_object_get(c, "height"));
+    const int W = (int)json_integer_value(json_object_get(c, "width"));
+    const int Tl = 1 + (T - 1) / 4, h = H / 8, w = W / 8;
+    *n_px = (int64_t)T * 3 * H * W;
+    *n_lat = (int64_t)Tl * 16 * h * w;
+    float *px = malloc(sizeof(float) * (size_t)*n_px), *lat = malloc(sizeof(float) * (size_t)*n_lat);
+    float *dec = malloc(sizeof(float) * (size_t)*n_px);
+    snprintf(dir, sizeof dir, "%s/vae", pkg);
+    if (dg_backend_new(backend, 0, &be, err, sizeof err) < 0 || dg_vae_load(&vae, dir, be, err, sizeof err) < 0 ||
+        dg_vae_state_new(&vae, T, H, W, &s, err, sizeof err) < 0)
+        goto out;
+    dit_wave(px, *n_px, 0.9, 0.37, 0.1);
+    if (dg_vae_encode(&vae, s, px, T, H, W, lat, err, sizeof err) < 0) goto out;
+    float *lat2 = malloc(sizeof(float) * (size_t)*n_lat);
+    dit_wave(lat2, *n_lat, 1.5, 0.61, 0.3);
+    rc = dg_vae_decode(&vae, s, lat2, Tl, h, w, dec, err, sizeof err);
+    free(lat2);
+out:
+    if (rc < 0) {
+        test_fail(__FILE__, __LINE__, "vae on %s: %s", backend, err);
+        free(lat);
+        free(dec);
+    } else {
+        *lat_out = lat;
+        *px_out = dec;
+    }
+    free(px);
+    if (vae.be) dg_vae_state_free(&vae, s);
+    dg_vae_unload(&vae);
+    dg_backend_free(be);
+    return rc;
+}
+
+TEST(cuda_parity_vae) {
+    if (!have_cuda()) return;
+    float *rl, *rp, *gl, *gp;
+    int64_t nl, np;
+    if (vae_run("cpu", &rl, &rp, &nl, &np) < 0) return;
+    if (vae_run("cuda:0", &gl, &gp, &nl, &np) == 0) {
+        double ml, mp, el = rel_norm(gl, rl, nl, &ml), ep = rel_norm(gp, rp, np, &mp);
+        printf("  vae encode: max_abs %.3g rel %.3g; decode: max_abs %.3g rel %.3g\n", ml, el, mp, ep);
+        CHECK(el <= 3e-2);
+        CHECK(ep <= 3e-2);
+        free(gl);
+        free(gp);
+    }
+    free(rl);
+    free(rp);
 }
 
 int main(void) {
