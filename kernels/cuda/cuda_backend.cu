@@ -344,6 +344,7 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     be->silu = dg_cuda_silu;
     be->modulate = dg_cuda_modulate;
     be->add_gated = dg_cuda_add_gated;
+    be->standardize = dg_cuda_standardize;
     *out = be;
     return 0;
 fail:

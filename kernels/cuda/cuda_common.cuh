@@ -151,6 +151,7 @@ void dg_cuda_modulate(dg_backend *be, float *y, const float *x, const float *shi
 void dg_cuda_channel_rmsnorm(dg_backend *be, float *y, const float *x, const float *gamma,
                              int n_frames, int channels, int64_t plane, int silu);
 void dg_cuda_softmax(dg_backend *be, float *x, int m, int n);
+void dg_cuda_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps);
 
 /* elementwise.cu */
 void dg_cuda_silu_mul(dg_backend *be, float *y, const float *gate, const float *up, int64_t n);

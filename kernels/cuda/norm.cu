@@ -1,5 +1,5 @@
-/* norm.cu — row normalisations (RMSNorm, LayerNorm, adaLN modulation), the VAE's channel
- * RMS norm and the row softmax. Row ops: one block per row, 256 threads (1024 for a few
+/* norm.cu — row normalisations (RMSNorm, LayerNorm, adaLN modulation, the connector's
+ * standardization), the VAE's channel RMS norm and the row softmax. Row ops: one block per row, 256 threads (1024 for a few
  * rows) striding over the row, block reductions through shared memory (32 floats); each element is read and
  * written by the same thread, so y may equal x. Sums in fp32 (the CPU reference sums
  * LayerNorm in double: the difference is far below the test tolerance at these widths). */
@@ -67,6 +67,35 @@ __global__ void channel_rmsnorm_kernel(float *y, const float *x, const float *ga
     }
 }
 
+__device__ __forceinline__ double block_sum_d(double v, double *sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    return v;
+}
+
+/* The connector's standardization: y = (x − mean) / (std + eps), unbiased std. Two passes
+ * with double sums, as the CPU reference: LLM hidden states reach |x| ~ 1e3 over 3584
+ * values, where float sums of squares would lose digits (FP64 is cheap at row scale). */
+__global__ void standardize_kernel(float *y, const float *x, int n, float eps) {
+    __shared__ double sh[32];
+    const float *xi = x + (int64_t)blockIdx.x * n;
+    float *yi = y + (int64_t)blockIdx.x * n;
+    double s = 0.0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += xi[j];
+    const double mean = block_sum_d(s, sh) / n;
+    double v = 0.0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) v += ((double)xi[j] - mean) * ((double)xi[j] - mean);
+    const double r = 1.0 / (sqrt(block_sum_d(v, sh) / (n > 1 ? n - 1 : 1)) + eps);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = (float)(((double)xi[j] - mean) * r);
+}
+
 __global__ void softmax_kernel(float *x, int n) {
     __shared__ float sh[32];
     float *r = x + (int64_t)blockIdx.x * n;
@@ -105,6 +134,13 @@ static int channel_rmsnorm(dg_cuda *c, float *y, const float *x, const float *ga
     return 0;
 }
 
+static int standardize(dg_cuda *c, float *y, const float *x, int m, int n, float eps) {
+    if (m <= 0) return 0;
+    standardize_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, n, eps);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
 static int softmax(dg_cuda *c, float *x, int m, int n) {
     if (m <= 0) return 0;
     softmax_kernel<<<m, row_threads(m), 0, c->stream>>>(x, n);
@@ -135,3 +171,7 @@ void dg_cuda_channel_rmsnorm(dg_backend *be, float *y, const float *x, const flo
 }
 
 void dg_cuda_softmax(dg_backend *be, float *x, int m, int n) { softmax(dg_cuda_of(be), x, m, n); }
+
+void dg_cuda_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps) {
+    standardize(dg_cuda_of(be), y, x, m, n, eps);
+}
