@@ -17,7 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+try:   # transformers 5.x names the slow Pillow processor apart; 4.x has only that one
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+except ImportError:
+    from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
 
 def draw(side):
@@ -39,12 +43,19 @@ def main():
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     sides = [448] if args.quick else [448, 1024]
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        os.path.join(args.model, "mllm"), dtype=torch.float32, attn_implementation=args.attn)
+    path = os.path.join(args.model, "mllm")
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=args.attn)
+    except TypeError:   # transformers 4.x
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, torch_dtype=torch.float32, attn_implementation=args.attn)
     model.eval()
-    visual = model.model.visual
+    visual = getattr(model.model, "visual", None) or model.visual
     proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
-    res = {"torch": torch.__version__, "dtype": "float32", "attn_implementation": args.attn,
+    import transformers
+    res = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "torch_threads_max": torch.get_num_threads(), "dtype": "float32", "attn_implementation": args.attn,
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
     with torch.inference_mode():
         for t in args.threads:
