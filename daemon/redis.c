@@ -283,6 +283,7 @@ int dg_redis_ready(dg_redis *r) {
     int64_t now = dg_mono_ms();
     if (now < r->next_try_ms) return 0;
     if (connect_now(r) == 0) {
+        r->connects++;
         if (r->failures) log_info("reconnected to Redis %s:%d after %d attempts",
                                   r->unix_path[0] ? r->unix_path : r->host, r->port, r->failures);
         r->failures = 0;

@@ -52,6 +52,7 @@ typedef struct {
     int     backoff_ms;
     int     failures;           /* consecutive failed connects */
     int     fatal;              /* authentication or permission refused: retrying will not help */
+    uint64_t connects;          /* successful connects so far: a new one forgets WATCHes */
     char    error[512];         /* the last problem, for logs and the heartbeat */
 } dg_redis;
 

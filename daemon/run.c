@@ -276,12 +276,8 @@ void dg_run_started(dg_run *r) {
     st.attempt = (uint32_t)r->deliveries;
     ev.payload_case = DUOGEN__V1__EVENT__PAYLOAD_STARTED;
     ev.started = &st;
+    /* the event stream's TTL is set with the result, which every job gets in the end */
     out_push(r, event_cmd(r, &ev, "started", "worker", w->cfg->worker_id, "attempt", attempt, NULL));
-    char ekey[DG_KEY_MAX];
-    dg_key(w, ekey, "events", r->id);
-    dg_cmd *exp = dg_cmd_of("EXPIRE", ekey, NULL);
-    dg_cmd_addf(exp, "%d", r->ttl_s);
-    out_push(r, exp);
 }
 
 dg_cmd *dg_run_progress_cmd(dg_run *r) {

@@ -20,6 +20,12 @@ void dg_key(const dg_worker *w, char *out, const char *kind, const char *id) {
     else snprintf(out, DG_KEY_MAX, "%s:%s", w->cfg->prefix, kind);
 }
 
+/* WATCHes of the main connection hold until an EXEC, an UNWATCH or a reconnect: the
+ * epoch names the span in which a WATCH still stands (never 0). */
+static uint64_t watch_epoch(const dg_worker *w) {
+    return (w->redis.connects << 32 | (w->execs & 0xffffffffu)) + 1;
+}
+
 int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatile sig_atomic_t *stop,
                    char *err, size_t errlen) {
     memset(w, 0, sizeof *w);
@@ -252,24 +258,32 @@ static int take(dg_worker *w, const char *stream, const redisReply *entry, int d
     snprintf(attempt, sizeof attempt, "%d", deliveries);
     snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
     snprintf(ttl, sizeof ttl, "%d", r->ttl_s);
-    dg_cmd *pre[5] = {dg_cmd_of("EXISTS", k_result, NULL), dg_cmd_of("EXISTS", k_cancel, NULL),
-                      dg_cmd_of("HGETALL", k_job, NULL),
-                      dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id,
-                                "attempt", attempt, "phase", "prefill", "progress", "0", "tokens", "0",
-                                "images", "0", "step", "0", "error", "", "updated_ms", now, NULL),
-                      dg_cmd_of("EXPIRE", k_job, ttl, NULL)};
-    redisReply *rep[5];
-    int rc = dg_redis_pipeline(&w->redis, pre, 5, rep);
-    for (int i = 0; i < 5; i++) dg_cmd_free(pre[i]);
+    /* a first delivery has no earlier attempt to read about: its job hash is not fetched */
+    int again = deliveries > 1, n_pre = 0;
+    dg_cmd *pre[6];
+    /* WATCH the result key now: if nothing else ends the watch before the job does, its
+     * result needs no second look (see write_batch) */
+    pre[n_pre++] = dg_cmd_of("WATCH", k_result, NULL);
+    pre[n_pre++] = dg_cmd_of("EXISTS", k_result, NULL);
+    pre[n_pre++] = dg_cmd_of("EXISTS", k_cancel, NULL);
+    if (again) pre[n_pre++] = dg_cmd_of("HGETALL", k_job, NULL);
+    pre[n_pre++] = dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
+                             "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
+                             "error", "", "updated_ms", now, NULL);
+    pre[n_pre++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
+    redisReply *rep[6];
+    int rc = dg_redis_pipeline(&w->redis, pre, n_pre, rep);
+    for (int i = 0; i < n_pre; i++) dg_cmd_free(pre[i]);
     if (rc) {
         unlink_run(w, r);
         dg_run_free(r);
         return -1;
     }
-    int has_result = dg_reply_int(rep[0], 0) == 1, cancelled = dg_reply_int(rep[1], 0) == 1;
+    int has_result = dg_reply_int(rep[1], 0) == 1, cancelled = dg_reply_int(rep[2], 0) == 1;
+    if (!has_result) r->watched = watch_epoch(w);
     char why[1024] = "";
-    if (deliveries > r->max_attempts) last_error(deliveries > 1 ? rep[2] : NULL, why, sizeof why, deliveries);
-    for (int i = 0; i < 5; i++) freeReplyObject(rep[i]);
+    if (deliveries > r->max_attempts) last_error(again ? rep[3] : NULL, why, sizeof why, deliveries);
+    for (int i = 0; i < n_pre; i++) freeReplyObject(rep[i]);
 
     if (has_result) {
         /* delivered again after its result was written (the ack was lost, or the producer sent
@@ -597,11 +611,22 @@ static int write_batch(dg_worker *w, dg_run **runs, int n) {
     redisReply **rep = calloc((size_t)cap, sizeof *rep);
     int *exists = calloc((size_t)n, sizeof *exists);
     if (!cmds || !rep || !exists) abort();
-    int rc = 0;
+    int rc = 0, borrowed = 0;
+
+    /* the fast path: every result key is still WATCHed from when its job was taken, and was
+     * absent then; if one has been written since, EXEC aborts and each run is tried alone */
+    int fast = 1;
+    for (int i = 0; i < n; i++) fast &= runs[i]->watched == watch_epoch(w);
+    if (fast) {
+        for (int i = 0; i < n; i++)
+            for (int k = 0; k < runs[i]->n_out; k++) cmds[m++] = runs[i]->out[k];
+        borrowed = m;
+        goto transaction;
+    }
 
     for (int i = 0; i < n; i++)
         for (int k = 0; k < runs[i]->n_out; k++) cmds[m++] = runs[i]->out[k];
-    int borrowed = m;
+    borrowed = m;
     dg_cmd *watch = dg_cmd_of("WATCH", NULL);
     for (int i = 0; i < n; i++) {
         char key[DG_KEY_MAX];
@@ -622,8 +647,9 @@ static int write_batch(dg_worker *w, dg_run **runs, int n) {
     free_replies(rep, m);
     for (int i = borrowed; i < m; i++) dg_cmd_free(cmds[i]);
     if (rc) goto out;
+    m = borrowed = 0;
 
-    m = 0;
+transaction:;
     int writes = 0;
     for (int i = 0; i < n; i++)
         if (exists[i]) cmds[m++] = dg_cmd_of("XACK", runs[i]->stream, w->cfg->group, runs[i]->entry, NULL);
@@ -636,17 +662,21 @@ static int write_batch(dg_worker *w, dg_run **runs, int n) {
     } else {
         cmds[m++] = dg_cmd_of("UNWATCH", NULL);
     }
+    w->execs++;   /* EXEC or UNWATCH: every WATCH of the connection ends here */
     if (dg_redis_pipeline(rd, cmds, m, rep)) {
         rc = -1;
     } else {
-        for (int i = 0; i < m - 1; i++)
+        for (int i = 0; i < n && borrowed; i++) dg_run_out_written(runs[i], runs[i]->n_out);
+        for (int i = borrowed; i < m - 1; i++)
             if (rep[i]->type == REDIS_REPLY_ERROR) {
                 log_error("Redis refused a result command: %s", rep[i]->str);
                 rc = -2;
             }
         const redisReply *exec = rep[m - 1];
         if (writes && exec->type == REDIS_REPLY_NIL) {
-            /* a result key changed between WATCH and EXEC: nothing was written; retry alone */
+            /* a result key changed between WATCH and EXEC: nothing was written; retry alone,
+             * each with a fresh WATCH and look */
+            for (int i = 0; i < n; i++) runs[i]->watched = 0;
             for (int i = 0; i < n && !rc; i++) rc = write_batch(w, &runs[i], 1);
             goto out_cmds;
         }
@@ -670,7 +700,7 @@ static int write_batch(dg_worker *w, dg_run **runs, int n) {
     }
 out_cmds:
     free_replies(rep, m);
-    for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
+    for (int i = borrowed; i < m; i++) dg_cmd_free(cmds[i]);
 out:
     free(cmds);
     free(rep);

@@ -74,6 +74,8 @@ typedef struct dg_run {
     char     finish[16];             /* stop, length, cancelled, deadline */
     int      dead;                   /* also copy the job to the dead-letter stream */
     int      retry;                  /* a passing failure: no result; left pending for later */
+    uint64_t watched;                /* the watch epoch in which its result key was WATCHed
+                                        and found absent; 0: not watched */
     int      cancel_asked;           /* dg_sched_cancel() sent */
     int      expired;                /* the deadline passed while running */
     dg_usage usage;
@@ -115,6 +117,7 @@ struct dg_worker {
     int     n_runs;
     int     drain_own;               /* read our own pending entries before new ones */
     int     groups_ok;               /* consumer groups exist on this connection */
+    uint64_t execs;                  /* EXEC/UNWATCH sent on w->redis: each forgets every WATCH */
     int64_t next_reaper_ms;
     int     fatal;                   /* exit code to leave with, 0 while healthy */
 

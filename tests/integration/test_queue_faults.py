@@ -234,3 +234,22 @@ def test_streams_trimmed_and_keys_expire(cluster):
     assert 0 < cluster.r.ttl("duogen:result:t149") <= 2
     wait_until(lambda: not cluster.r.exists("duogen:result:t0", "duogen:events:t0", "duogen:job:t0"),
                timeout=10, what="keys to expire")
+
+
+def test_result_written_by_another_worker_meanwhile_is_kept(cluster):
+    """The race the WATCH guards: while this worker runs a job, another (one that held the
+    job before its lease lapsed, say) writes the result. The running worker must not
+    overwrite it: its EXEC aborts, it only acknowledges the entry."""
+    w = cluster.worker()
+    cluster.wait_groups()
+    cluster.enqueue("raced", " ".join(["w"] * 20), meta={"fake.step_ms": 50})
+    wait_until(lambda: cluster.r.hget("duogen:job:raced", "state") == b"running", what="running")
+    cluster.r.hset("duogen:result:raced", mapping={"status": "done", "text": "from the other worker"})
+    wait_until(lambda: cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0, timeout=20,
+               what="the entry to be acknowledged")
+    assert cluster.result("raced")["text"] == b"from the other worker"
+    assert cluster.r.xlen("duogen:done") == 0      # the other writer's business, not ours
+    assert "result written meanwhile" in w.logs() or "already has a result" in w.logs()
+    # and the worker goes on with the next job normally
+    cluster.enqueue("next", "hi")
+    assert cluster.wait_result("next")["status"] == b"done"
