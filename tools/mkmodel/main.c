@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "mkmodel.h"
 
@@ -32,6 +33,23 @@ int main(int argc, char **argv) {
         else return usage();
     }
     if (!preset || !out || !have_seed) return usage();
+    /* --vocab ../shared/vocab (the folder of vocabularies) means its qwen2/ */
+    char vocab_dir[4096];
+    if (vocab) {
+        snprintf(vocab_dir, sizeof vocab_dir, "%s/vocab.json", vocab);
+        if (access(vocab_dir, R_OK) == 0) {
+            snprintf(vocab_dir, sizeof vocab_dir, "%s", vocab);
+        } else {
+            snprintf(vocab_dir, sizeof vocab_dir, "%s/qwen2", vocab);
+            char probe[4200];
+            snprintf(probe, sizeof probe, "%s/vocab.json", vocab_dir);
+            if (access(probe, R_OK) != 0) {
+                fprintf(stderr, "mkmodel: --vocab \"%s\": no vocab.json there or in qwen2/\n", vocab);
+                return 1;
+            }
+        }
+        vocab = vocab_dir;
+    }
     mk_preset p;
     if (!strcmp(preset, "tiny")) p = MK_TINY;
     else if (!strcmp(preset, "small")) p = MK_SMALL;
