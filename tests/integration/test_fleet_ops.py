@@ -203,6 +203,10 @@ def test_sentinel_failover_mid_job(tmpdir_path):
         r.xadd("duogen:jobs", {"id": "fo", "job": make_job("fo", words, meta={"fake.step_ms": 100}).SerializeToString()})
         wait_until(lambda: r.hget("duogen:job:fo", "state") == b"running", what="job running")
         time.sleep(0.5)
+        # what the master acknowledged has reached the replica (replication is asynchronous:
+        # without this a loaded machine can lose the job with the master, see deploy/README.md)
+        assert r.execute_command("WAIT", 1, 10000) == 1
+        wait_until(lambda: replica.client().hget("duogen:job:fo", "state") == b"running", what="replicated")
         master.stop(hard=True)          # the master dies in the middle of the job
 
         def new_master():
