@@ -9,10 +9,14 @@
 #include "cpu_kernels.h"
 
 /* Segment attention tiles: QB queries of one head against KC keys at a time, each tile
- * product an sgemm (OpenBLAS runs single-threaded inside the OpenMP region), with an
- * online softmax across key tiles. Larger tiles pack the query block fewer times: 128x256
- * ran the 2048-token full attention of the vision tower at 1.3x the speed of 32x128.
- * Stack per thread: QB·KC + QB·head_dim floats (256 KiB at head_dim 256). */
+ * product an sgemm called from inside the OpenMP region, with an online softmax across
+ * key tiles. Larger tiles pack the query block fewer times: 128x256 ran the 2048-token
+ * full attention of the vision tower at 1.3x the speed of 32x128. Stack per thread:
+ * QB·KC + QB·head_dim floats (256 KiB at head_dim 256).
+ * This relies on the OpenMP build of OpenBLAS (the one the Makefile links), which runs a
+ * call made inside a parallel region on the calling thread; a pthreads OpenBLAS starts
+ * its own threads from every one of ours (a run that picked up another libopenblas.so.0
+ * than the Makefile's rpath names was slower at 16 threads than at 2). */
 #define ATT_QB 128
 #define ATT_KC 256
 #define ATT_MAX_HEAD_DIM 256
