@@ -85,7 +85,7 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY)
 
-.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-e2e fuzz demo install clean
+.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-vision bench-e2e fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -169,7 +169,7 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
-bench: bench-queue bench-tokenizer bench-decoder bench-e2e
+bench: bench-queue bench-tokenizer bench-decoder bench-vision bench-e2e
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
@@ -187,6 +187,13 @@ bench-e2e: all
 bench-decoder: all
 	@mkdir -p $(BUILD)/bench
 	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder
+
+# the vision tower (small preset), and transformers beside it when the reference venv is there
+bench-vision: all
+	@mkdir -p $(BUILD)/bench
+	$(BUILD)/dg-bench --json $(BUILD)/bench/vision.json vision
+	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
+	    tools/reference/bench_transformers_vision.py --out $(BUILD)/bench/vision_hf.json; fi
 
 # the tokenizer against Hugging Face tokenizers (one thread) when the reference venv is there
 bench-tokenizer: all
