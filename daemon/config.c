@@ -41,6 +41,7 @@ static const struct key {
     INT(renew_ms, 0, 86400000, "lease renewal interval (0 = claim_idle_ms/3)"),
     INT(reaper_ms, 50, 86400000, "interval of the XAUTOCLAIM reaper"),
     INT(heartbeat_ms, 50, 600000, "worker hash refresh interval"),
+    INT(flush_ms, 0, 10000, "progress of fast steps is written at most this often (cancel checks too)"),
     INT(drain_ms, 0, 86400000, "time running jobs get to finish after SIGTERM"),
     INT(trim_ms, 100, 86400000, "interval of job stream trimming"),
     INT(max_attempts, 1, 1000, "default deliveries before dead-lettering"),
@@ -78,6 +79,7 @@ void dg_daemon_config_defaults(dg_daemon_config *c) {
     c->claim_idle_ms = 60000;
     c->reaper_ms = 15000;
     c->heartbeat_ms = 2000;
+    c->flush_ms = 20;
     c->drain_ms = 120000;
     c->trim_ms = 30000;
     c->max_attempts = 3;

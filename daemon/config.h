@@ -29,6 +29,7 @@ typedef struct {
     int  renew_ms;              /* lease renewal interval for running jobs; 0 = claim_idle/3 */
     int  reaper_ms;             /* how often XAUTOCLAIM looks for abandoned entries */
     int  heartbeat_ms;          /* worker hash refresh */
+    int  flush_ms;              /* progress events of fast steps are written together this often */
     int  drain_ms;              /* on SIGTERM, time the running jobs get to finish */
     int  trim_ms;               /* how often the job streams are trimmed */
     int  max_attempts;          /* default deliveries before dead-lettering */

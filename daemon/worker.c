@@ -482,24 +482,8 @@ static int reap(dg_worker *w, int room) {
     return 0;
 }
 
-/* New entries, high priority stream first; blocks only while idle. */
-static int read_new(dg_worker *w, int room) {
-    char count[16], block[16];
-    snprintf(count, sizeof count, "%d", room);
-    snprintf(block, sizeof block, "%d", w->cfg->block_ms);
-    dg_cmd *c = dg_cmd_of("XREADGROUP", "GROUP", w->cfg->group, w->cfg->worker_id, "COUNT", count, NULL);
-    if (w->n_runs == 0) {
-        dg_cmd_adds(c, "BLOCK");
-        dg_cmd_adds(c, block);
-    }
-    dg_cmd_adds(c, "STREAMS");
-    dg_cmd_adds(c, w->streams[0]);
-    dg_cmd_adds(c, w->streams[1]);
-    dg_cmd_adds(c, ">");
-    dg_cmd_adds(c, ">");
-    redisReply *rep = dg_redis_cmd(&w->redis, c);
-    dg_cmd_free(c);
-    if (!rep) return -1;
+/* Takes what an XREADGROUP of new entries returned. */
+static int take_read(dg_worker *w, const redisReply *rep) {
     int rc = 0;
     if (rep->type == REDIS_REPLY_ERROR) {
         log_error("XREADGROUP: %s", rep->str);
@@ -513,6 +497,34 @@ static int read_new(dg_worker *w, int room) {
             rc = take_entries(w, sr->element[0]->str, sr->element[1], 1);
         }
     }
+    return rc;
+}
+
+/* XREADGROUP of up to `room` new entries, high priority stream first; BLOCK when block. */
+static dg_cmd *read_cmd(dg_worker *w, int room, int block) {
+    char count[16], ms[16];
+    snprintf(count, sizeof count, "%d", room);
+    snprintf(ms, sizeof ms, "%d", w->cfg->block_ms);
+    dg_cmd *c = dg_cmd_of("XREADGROUP", "GROUP", w->cfg->group, w->cfg->worker_id, "COUNT", count, NULL);
+    if (block) {
+        dg_cmd_adds(c, "BLOCK");
+        dg_cmd_adds(c, ms);
+    }
+    dg_cmd_adds(c, "STREAMS");
+    dg_cmd_adds(c, w->streams[0]);
+    dg_cmd_adds(c, w->streams[1]);
+    dg_cmd_adds(c, ">");
+    dg_cmd_adds(c, ">");
+    return c;
+}
+
+/* New entries; blocks only while idle. */
+static int read_new(dg_worker *w, int room) {
+    dg_cmd *c = read_cmd(w, room, w->n_runs == 0);
+    redisReply *rep = dg_redis_cmd(&w->redis, c);
+    dg_cmd_free(c);
+    if (!rep) return -1;
+    int rc = take_read(w, rep);
     freeReplyObject(rep);
     return rc;
 }
@@ -603,9 +615,9 @@ static void log_end(const dg_run *r, int written) {
  * (the job was done by a worker that lost its lease, or the ack was lost) is only
  * acknowledged. If EXEC is aborted because a result appeared meanwhile, each run is tried
  * again alone. Returns 0, -1 when Redis went away, -2 when it refused a command. */
-static int write_batch(dg_worker *w, dg_run **runs, int n) {
+static int write_batch(dg_worker *w, dg_run **runs, int n, dg_cmd *then, redisReply **then_reply) {
     dg_redis *rd = &w->redis;
-    int cap = 8 + n * (DG_RESULT_CMDS_MAX + 3), m = 0;
+    int cap = 9 + n * (DG_RESULT_CMDS_MAX + 3), m = 0;
     for (int i = 0; i < n; i++) cap += runs[i]->n_out;
     dg_cmd **cmds = malloc((size_t)cap * sizeof *cmds);
     redisReply **rep = calloc((size_t)cap, sizeof *rep);
@@ -662,10 +674,20 @@ transaction:;
     } else {
         cmds[m++] = dg_cmd_of("UNWATCH", NULL);
     }
+    int n_then = 0;
+    if (then) {   /* the next read rides in the same round trip; its reply goes back as it is */
+        cmds[m++] = then;
+        n_then = 1;
+    }
     w->execs++;   /* EXEC or UNWATCH: every WATCH of the connection ends here */
     if (dg_redis_pipeline(rd, cmds, m, rep)) {
         rc = -1;
+        m -= n_then;
     } else {
+        if (n_then) {
+            *then_reply = rep[--m];
+            rep[m] = NULL;
+        }
         for (int i = 0; i < n && borrowed; i++) dg_run_out_written(runs[i], runs[i]->n_out);
         for (int i = borrowed; i < m - 1; i++)
             if (rep[i]->type == REDIS_REPLY_ERROR) {
@@ -677,7 +699,7 @@ transaction:;
             /* a result key changed between WATCH and EXEC: nothing was written; retry alone,
              * each with a fresh WATCH and look */
             for (int i = 0; i < n; i++) runs[i]->watched = 0;
-            for (int i = 0; i < n && !rc; i++) rc = write_batch(w, &runs[i], 1);
+            for (int i = 0; i < n && !rc; i++) rc = write_batch(w, &runs[i], 1, NULL, NULL);
             goto out_cmds;
         }
         if (writes && exec->type == REDIS_REPLY_ERROR) {
@@ -708,7 +730,9 @@ out:
     return rc;
 }
 
-static void write_results(dg_worker *w) {
+/* Writes the results of ended runs; when room will be free afterwards and the loop would
+ * read new entries next, the XREADGROUP goes in the same round trip as the EXEC. */
+static void write_results(dg_worker *w, int may_read) {
     dg_run *batch[64];
     int n = 0;
     /* a run that failed for a passing reason gets no result: it stays pending, its lease
@@ -723,11 +747,20 @@ static void write_results(dg_worker *w) {
     for (dg_run *r = w->runs; r && n < 64; r = r->next)
         if (r->ended) batch[n++] = r;
     if (!n) return;
-    if (write_batch(w, batch, n) == -2) {
+    int room = w->cfg->max_inflight - (w->n_runs - n);
+    dg_cmd *then = may_read && room > 0 ? read_cmd(w, room, 0) : NULL;
+    redisReply *got = NULL;
+    int rc = write_batch(w, batch, n, then, &got);
+    if (rc == -2) {
         log_error("Redis refused to store results: check the worker's ACL (it needs HSET, EXPIRE, "
                   "XADD, XACK, MULTI, EXEC, WATCH on its keys)");
         w->fatal = EX_CONFIG;
     }
+    if (got) {
+        if (!w->fatal) take_read(w, got);
+        freeReplyObject(got);
+    }
+    dg_cmd_free(then);
 }
 
 /* ---- the loop -------------------------------------------------------------------------------------------- */
@@ -758,7 +791,7 @@ static void status_line(dg_worker *w) {
 int dg_worker_run(dg_worker *w) {
     const dg_daemon_config *cfg = w->cfg;
     char err[512];
-    int64_t drain_deadline = 0, last_extend = 0;
+    int64_t drain_deadline = 0, last_extend = 0, last_flush = 0;
     if (dg_keeper_start(w, err, sizeof err)) {
         log_error("%s", err);
         return EX_TEMPFAIL;
@@ -830,8 +863,15 @@ int dg_worker_run(dg_worker *w) {
             }
         }
         if (w->runs && dg_redis_ready(&w->redis)) {
-            flush_progress(w);
-            write_results(w);
+            /* progress goes out at most every flush_ms (short steps are coalesced); an ended
+             * run's events go with its result */
+            int64_t t = dg_mono_ms();
+            if (t - last_flush >= cfg->flush_ms) {
+                flush_progress(w);
+                last_flush = t;
+            }
+            int may_read = !drain_deadline && w->groups_ok && !w->drain_own && dg_mono_ms() < w->next_reaper_ms;
+            write_results(w, may_read);
         }
         if (!stepping && !dg_redis_ready(&w->redis)) {
             int wait = dg_redis_wait_ms(&w->redis);
