@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "common/harness.h"
+#include "common/package.h"
 #include "dit_common.h"
 
 #include "backend.h"
@@ -55,10 +56,8 @@ static int have_cuda(void) {
 }
 
 static int make_package(const char *preset, char *dir, size_t len) {
-    char tmpl[] = "/tmp/dg_test_cuda_parity_XXXXXX", cmd[512];
-    if (!mkdtemp(tmpl)) return -1;
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset %s --seed 1 --out %s >/dev/null", preset, tmpl);
-    if (system(cmd) != 0) return -1;
+    char tmpl[200];
+    if (test_make_package(preset, 1, NULL, tmpl, sizeof tmpl) < 0) return -1;
     snprintf(dir, len, "%s/mllm", tmpl);
     return 0;
 }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "common/harness.h"
+#include "common/package.h"
 #include "duogen.h"
 #include "image.h"
 
@@ -19,11 +20,7 @@ static int setup(void) {
     static int state;
     if (state) return state > 0;
     state = -1;
-    char tmpl[] = "/tmp/dg_test_interleaved_XXXXXX", cmd[512];
-    if (!mkdtemp(tmpl)) return 0;
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 11 --out %s --vocab ../shared/vocab/qwen2 >/dev/null", tmpl);
-    if (system(cmd) != 0) return 0;
-    snprintf(pkg, sizeof pkg, "%s", tmpl);
+    if (test_make_package("tiny", 11, TEST_QWEN2_VOCAB, pkg, sizeof pkg) < 0) return 0;
     state = 1;
     return 1;
 }

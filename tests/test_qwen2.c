@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "common/harness.h"
+#include "common/package.h"
 #include "backend.h"
 #include "duogen.h"
 #include "config.h"
@@ -49,32 +50,15 @@ static int setup(void) {
         fprintf(stderr, "cannot read %s/goldens.json: %s\n", GOLDEN_DIR, je.text);
         return 0;
     }
-    char tmpl[] = "/tmp/dg_test_qwen2_XXXXXX", cmd[512];
-    if (!mkdtemp(tmpl)) return 0;
     json_t *p = json_object_get(goldens, "package");
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset %s --seed %" JSON_INTEGER_FORMAT " --out %s --vocab %s >/dev/null",
-             json_string_value(json_object_get(p, "preset")),
-             json_integer_value(json_object_get(p, "seed")), tmpl,
-             json_string_value(json_object_get(p, "vocab")));
-    if (system(cmd) != 0) {
-        fprintf(stderr, "failed: %s\n", cmd);
+    char dir[200];
+    if (test_make_package(json_string_value(json_object_get(p, "preset")),
+                          (long long)json_integer_value(json_object_get(p, "seed")),
+                          json_string_value(json_object_get(p, "vocab")), dir, sizeof dir) < 0)
         return 0;
-    }
-    snprintf(pkg, sizeof pkg, "%s/mllm", tmpl);
+    snprintf(pkg, sizeof pkg, "%s/mllm", dir);
     state = 1;
     return 1;
-}
-
-static uint64_t fnv1a64_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    uint64_t h = 0xcbf29ce484222325ull;
-    unsigned char buf[1 << 16];
-    size_t r;
-    if (!f) return 0;
-    while ((r = fread(buf, 1, sizeof buf, f)) > 0)
-        for (size_t i = 0; i < r; i++) h = (h ^ buf[i]) * 0x100000001b3ull;
-    fclose(f);
-    return h;
 }
 
 typedef struct {
@@ -213,7 +197,7 @@ TEST(package_is_reproduced) {
     if (!setup()) { CHECK(!"setup"); return; }
     snprintf(path, sizeof path, "%s/model.safetensors", pkg);
     char got[32];
-    snprintf(got, sizeof got, "%016" PRIx64, fnv1a64_file(path));
+    snprintf(got, sizeof got, "%016" PRIx64, test_file_fnv1a64(path));
     CHECK_EQ_STR(got, json_string_value(json_object_get(json_object_get(goldens, "package"), "weights_fnv1a64")));
 }
 

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "common/harness.h"
+#include "common/package.h"
 #include "duogen.h"
 #include "kv_cache.h"
 #include "model_internal.h"
@@ -29,10 +30,8 @@ static int setup(void) {
     static int state;
     if (state) return state > 0;
     state = -1;
-    char tmpl[] = "/tmp/dg_test_sched_XXXXXX", cmd[512];
-    if (!mkdtemp(tmpl)) return 0;
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 3 --out %s --vocab ../shared/vocab/qwen2 >/dev/null", tmpl);
-    if (system(cmd) != 0) return 0;
+    char tmpl[200];
+    if (test_make_package("tiny", 3, TEST_QWEN2_VOCAB, tmpl, sizeof tmpl) < 0) return 0;
     if (write_manifest(tmpl, "{\"format\": \"duogen-package-1\", \"name\": \"tiny-test\", "
                              "\"components\": {\"mllm\": \"mllm\"}, \"max_context\": 512, "
                              "\"defaults\": {\"max_new_tokens\": 24}}") != 0) return 0;

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "common/harness.h"
+#include "common/package.h"
 #include "backend.h"
 #include "config.h"
 #include "duogen.h"
@@ -46,11 +47,9 @@ static int setup(void) {
     state = -1;
     json_error_t je;
     if (!(goldens = json_load_file(GOLDEN_DIR "/goldens.json", 0, &je))) return 0;
-    char tmpl[] = "/tmp/dg_test_vision_cache_XXXXXX", cmd[512];
-    if (!mkdtemp(tmpl)) return 0;
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 1 --out %s --vocab ../shared/vocab/qwen2 >/dev/null", tmpl);
-    if (system(cmd) != 0) return 0;
-    snprintf(pkg, sizeof pkg, "%s/mllm", tmpl);
+    char dir[200];
+    if (test_make_package("tiny", 1, TEST_QWEN2_VOCAB, dir, sizeof dir) < 0) return 0;
+    snprintf(pkg, sizeof pkg, "%s/mllm", dir);
     state = 1;
     return 1;
 }

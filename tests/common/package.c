@@ -1,0 +1,33 @@
+#include "package.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen) {
+    char tmpl[] = "/tmp/dg_test_pkg_XXXXXX", cmd[1024];
+    if (!mkdtemp(tmpl)) {
+        perror("mkdtemp");
+        return -1;
+    }
+    snprintf(cmd, sizeof cmd, "build/mkmodel --preset %s --seed %lld --out %s%s%s >/dev/null", preset, seed, tmpl,
+             vocab ? " --vocab " : "", vocab ? vocab : "");
+    if (system(cmd) != 0) {
+        fprintf(stderr, "failed: %s\n", cmd);
+        return -1;
+    }
+    snprintf(dir, dirlen, "%s", tmpl);
+    return 0;
+}
+
+uint64_t test_file_fnv1a64(const char *path) {
+    FILE *f = fopen(path, "rb");
+    uint64_t h = 0xcbf29ce484222325ull;
+    unsigned char buf[1 << 16];
+    size_t r;
+    if (!f) return 0;
+    while ((r = fread(buf, 1, sizeof buf, f)) > 0)
+        for (size_t i = 0; i < r; i++) h = (h ^ buf[i]) * 0x100000001b3ull;
+    fclose(f);
+    return h;
+}

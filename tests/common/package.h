@@ -1,0 +1,18 @@
+/* Model packages for tests: build/mkmodel writes one into a fresh temporary directory
+ * (tests run from the repository root; the real Qwen2 vocabulary is ../shared/vocab/qwen2). */
+#ifndef DG_TEST_PACKAGE_H
+#define DG_TEST_PACKAGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define TEST_QWEN2_VOCAB "../shared/vocab/qwen2"
+
+/* mkmodel --preset PRESET --seed SEED [--vocab VOCAB] into a new /tmp directory, whose
+ * path goes to dir. 0, or -1 after printing the command that failed. */
+int      test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen);
+/* FNV-1a 64 of a file's bytes (0 when it cannot be read): checks that mkmodel wrote the
+ * package the goldens were made from. */
+uint64_t test_file_fnv1a64(const char *path);
+
+#endif
