@@ -12,6 +12,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/package.h"
+
 #define DIT_GOLDEN_DIR "tests/golden/dit"
 
 /* x[i] = a · sin(b·i + c) in double, rounded to float (make_dit_goldens.py `wave`). */
@@ -43,18 +45,6 @@ static inline float *dit_read_f32(json_t *entry, int64_t n) {
     return x;
 }
 
-static inline uint64_t dit_fnv1a64_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    uint64_t h = 0xcbf29ce484222325ull;
-    unsigned char buf[1 << 16];
-    size_t r;
-    if (!f) return 0;
-    while ((r = fread(buf, 1, sizeof buf, f)) > 0)
-        for (size_t i = 0; i < r; i++) h = (h ^ buf[i]) * 0x100000001b3ull;
-    fclose(f);
-    return h;
-}
-
 static char dit_pkg_dir[256];
 
 static void dit_rm_package(void) {
@@ -72,17 +62,11 @@ static inline const char *dit_package(const char *component) {
     json_t *g = dit_goldens();
     if (!state) {
         state = -1;
-        char tmpl[] = "/tmp/dg_test_dit_XXXXXX", cmd[512];
         json_t *p = json_object_get(g, "package");
-        if (!g || !mkdtemp(tmpl)) return NULL;
-        snprintf(cmd, sizeof cmd, "build/mkmodel --preset %s --seed %" JSON_INTEGER_FORMAT " --out %s >/dev/null",
-                 json_string_value(json_object_get(p, "preset")),
-                 json_integer_value(json_object_get(p, "seed")), tmpl);
-        if (system(cmd) != 0) {
-            fprintf(stderr, "failed: %s\n", cmd);
+        if (!g || test_make_package(json_string_value(json_object_get(p, "preset")),
+                                    (long long)json_integer_value(json_object_get(p, "seed")), NULL, dir,
+                                    sizeof dit_pkg_dir) < 0)
             return NULL;
-        }
-        snprintf(dir, sizeof dit_pkg_dir, "%s", tmpl);
         atexit(dit_rm_package);
         state = 1;
     }
@@ -93,7 +77,7 @@ static inline const char *dit_package(const char *component) {
         snprintf(path, sizeof path, "%s/connector.safetensors", dir);
     else
         snprintf(path, sizeof path, "%s/%s/diffusion_pytorch_model.safetensors", dir, component);
-    snprintf(got, sizeof got, "%016" PRIx64, dit_fnv1a64_file(path));
+    snprintf(got, sizeof got, "%016" PRIx64, test_file_fnv1a64(path));
     if (!want || strcmp(want, got)) {
         fprintf(stderr, "%s: checksum %s, the goldens were made from %s\n", path, got, want ? want : "?");
         return NULL;
