@@ -99,14 +99,24 @@ TEST(vae_rejects_bad_shapes) {
     dg_backend_free(be);
 }
 
-/* A checkpoint with a wrong shape names the tensor, expected and found. */
+/* A checkpoint whose shapes disagree with its config names the tensor, expected and found;
+ * a missing directory is DG_EMODEL with a message. */
 TEST(vae_load_names_bad_tensor) {
+    const char *pkg = dit_package("vae");
     dg_backend *be = NULL;
     dg_vae vae;
-    char err[512] = "";
+    char err[512] = "", cmd[1024], dir[300];
+    if (!pkg) { CHECK(pkg); return; }
     CHECK(dg_backend_new("cpu", 0, &be, err, sizeof err) == 0);
     CHECK(dg_vae_load(&vae, "/nonexistent", be, err, sizeof err) == DG_EMODEL);
     CHECK(err[0] != 0);
+    /* the same weights under a config that says base_dim 16 */
+    snprintf(dir, sizeof dir, "%s/vae16", pkg);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s && ln -sf ../vae/diffusion_pytorch_model.safetensors %s/ && "
+             "sed 's/\"base_dim\": 8/\"base_dim\": 16/' %s/vae/config.json > %s/config.json", dir, dir, pkg, dir);
+    CHECK(system(cmd) == 0);
+    CHECK(dg_vae_load(&vae, dir, be, err, sizeof err) == DG_EMODEL);
+    CHECK(strstr(err, "encoder.conv_in.weight") && strstr(err, "[16, 3, 3, 3, 3]") && strstr(err, "[8, 3, 3, 3, 3]"));
     dg_backend_free(be);
 }
 
