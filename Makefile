@@ -85,7 +85,7 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY)
 
-.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-vision bench-e2e fuzz demo install clean
+.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -169,7 +169,7 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
-bench: bench-queue bench-tokenizer bench-decoder bench-vision bench-e2e
+bench: bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
@@ -194,6 +194,14 @@ bench-vision: all
 	$(BUILD)/dg-bench --json $(BUILD)/bench/vision.json vision
 	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
 	    tools/reference/bench_transformers_vision.py --out $(BUILD)/bench/vision_hf.json; fi
+
+# DiT steps and VAE encode/decode (small preset); diffusers first when the reference venv is
+# there, so that dg-bench prints the ratios
+bench-image: all
+	@mkdir -p $(BUILD)/bench
+	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
+	    tools/reference/bench_diffusers.py --threads 2; fi
+	$(BUILD)/dg-bench --threads 2 --json $(BUILD)/bench/image.json image
 
 # the tokenizer against Hugging Face tokenizers (one thread) when the reference venv is there
 bench-tokenizer: all
