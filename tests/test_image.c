@@ -1,6 +1,7 @@
 /* Image decoding (against Pillow + transformers' convert_to_rgb, tests/golden/image), the
  * limits and error messages for bad input, PNG encoding with text chunks, and the hash. */
 #include "common/harness.h"
+#include "common/package.h"
 #include "image.h"
 
 #include <stdint.h>
@@ -8,26 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GOLDEN "tests/golden/image/"
+#define GOLDEN "tests/golden/image"
 
-static uint8_t *read_file(const char *name, size_t *len) {
-    char path[512];
-    snprintf(path, sizeof path, GOLDEN "%s", name);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = malloc(n > 0 ? (size_t)n + 1 : 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
-}
+static uint8_t *read_file(const char *name, size_t *len) { return test_read_file(GOLDEN, name, len); }
 
 static void hex(const dg_image_digest *d, char out[33]) {
     for (int i = 0; i < 16; i++)

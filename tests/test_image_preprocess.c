@@ -4,6 +4,7 @@
  * pixel_values compared bit for bit (digests) and value by value (stored .f32 files, tolerance
  * 1e-6 as asked; the expected difference is 0 because every step is exact). */
 #include "common/harness.h"
+#include "common/package.h"
 #include "image.h"
 #include "image_preprocess.h"
 
@@ -12,26 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GOLDEN "tests/golden/image/"
+#define GOLDEN "tests/golden/image"
 
-static uint8_t *read_file(const char *name, size_t *len) {
-    char path[512];
-    snprintf(path, sizeof path, GOLDEN "%s", name);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = malloc(n > 0 ? (size_t)n : 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
-}
+static uint8_t *read_file(const char *name, size_t *len) { return test_read_file(GOLDEN, name, len); }
 
 static dg_image *decode_golden(const char *name) {
     size_t len;

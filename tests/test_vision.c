@@ -76,21 +76,7 @@ static int setup(void) {
     return 1;
 }
 
-/* Whole file; *len its size. NULL when it cannot be read. */
-static void *read_file(const char *name, size_t *len) {
-    char path[512];
-    snprintf(path, sizeof path, GOLDEN_DIR "/%s", name);
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *buf = malloc((size_t)n + 1);
-    if (fread(buf, 1, (size_t)n, f) != (size_t)n) { free(buf); buf = NULL; }
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
-}
+static void *read_file(const char *name, size_t *len) { return test_read_file(GOLDEN_DIR, name, len); }
 
 typedef struct {
     dg_qwen2vl_config cfg;

@@ -26,20 +26,7 @@
 static char pkg[256];
 static json_t *goldens;
 
-static void *read_file(const char *name, size_t *len) {
-    char path[512];
-    snprintf(path, sizeof path, GOLDEN_DIR "/%s", name);
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *buf = malloc((size_t)n + 1);
-    if (fread(buf, 1, (size_t)n, f) != (size_t)n) { free(buf); buf = NULL; }
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
-}
+static void *read_file(const char *name, size_t *len) { return test_read_file(GOLDEN_DIR, name, len); }
 
 static int setup(void) {
     static int state = 0;

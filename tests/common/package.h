@@ -1,4 +1,4 @@
-/* Model packages for tests: build/mkmodel writes one into a fresh temporary directory
+/* Model packages and golden files for tests: build/mkmodel writes one into a fresh temporary directory
  * (tests run from the repository root; the real Qwen2 vocabulary is ../shared/vocab/qwen2). */
 #ifndef DG_TEST_PACKAGE_H
 #define DG_TEST_PACKAGE_H
@@ -14,5 +14,8 @@ int      test_make_package(const char *preset, long long seed, const char *vocab
 /* FNV-1a 64 of a file's bytes (0 when it cannot be read): checks that mkmodel wrote the
  * package the goldens were made from. */
 uint64_t test_file_fnv1a64(const char *path);
+/* The bytes of dir/name, NUL-terminated (so that a text file is a string); *len without
+ * the NUL. NULL when it cannot be read. The caller frees. */
+void    *test_read_file(const char *dir, const char *name, size_t *len);
 
 #endif
