@@ -15,6 +15,7 @@ if [ ! -f "$model/duogen.json" ]; then
     vocab=""
     [ -f ../shared/vocab/qwen2/vocab.json ] && vocab="--vocab ../shared/vocab/qwen2"
     echo "demo: writing the default model to $model"
+    mkdir -p "$(dirname "$model")"
     # shellcheck disable=SC2086
     build/mkmodel --preset tiny --seed 7 --out "$model" $vocab
 fi
