@@ -152,7 +152,7 @@ test:
 
 # ---- fuzzing: clang with libFuzzer and ASan/UBSan, a bounded time per target ----------
 FUZZ_SECONDS ?= 30
-FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined \
+FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
                -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
 # a target may name more sources: FUZZ_EXTRA_<name>
 FUZZ_EXTRA_job := daemon/job.c daemon/redis.c daemon/log.c daemon/config.c

@@ -193,9 +193,11 @@ int dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *la
         st->tensors = nt;
         st->cap = cap;
     }
-    memcpy(st->tensors + st->n, tmp, n * sizeof *tmp);
-    st->n += n;
-    qsort(st->tensors, st->n, sizeof *st->tensors, by_name);
+    if (n) {   /* a header without tensors adds nothing (and tensors may still be NULL) */
+        memcpy(st->tensors + st->n, tmp, n * sizeof *tmp);
+        st->n += n;
+        qsort(st->tensors, st->n, sizeof *st->tensors, by_name);
+    }
     free(tmp);
     json_decref(root);
     return 0;
