@@ -177,6 +177,10 @@ struct dg_backend {
      * y = (x − mean) / (std + eps) with the UNBIASED std (divide by n − 1) and eps added to
      * the std, not under the root; y may equal x. */
     void (*standardize)(dg_backend *be, float *y, const float *x, int m, int n, float eps);
+    /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
+     * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,
+     * from then on (the backend is not usable again). The CPU backend cannot fail. */
+    int  (*status)(dg_backend *be, char *err, size_t errlen);
 };
 
 /* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar) or

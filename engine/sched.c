@@ -517,6 +517,7 @@ static int step_seq(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
 }
 
 int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
+    dg_backend *be = s->m->be;
     for (int i = 0; i < s->n_seqs; i++) {
         dg_seq *q = &s->seqs[i];
         if (q->state == SEQ_FREE) continue;
@@ -529,5 +530,8 @@ int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
         }
         fail_seq(s, q, rc, msg);   /* this sequence only: out of KV blocks, a limit, a bad image */
     }
-    return 0;
+    /* a device fault during the step: nothing it computed can be trusted, and the process
+     * should go (the daemon exits 75; the jobs stay pending for a new start) */
+    int rc = be->status(be, err, errlen);
+    return rc < 0 ? rc : 0;
 }

@@ -122,6 +122,13 @@ static void cpu_softmax(dg_backend *be, float *x, int m, int n) {
     dg_cpu_softmax(cpu(be), x, m, n);
 }
 
+static int cpu_status(dg_backend *be, char *err, size_t errlen) {
+    (void)be;
+    (void)err;
+    (void)errlen;
+    return 0;
+}
+
 static void cpu_download(dg_backend *be, float *host, const float *src, int64_t n) {
     (void)be;
     memcpy(host, src, sizeof(float) * (size_t)n);
@@ -174,6 +181,7 @@ int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *
     be->modulate = dg_cpu_modulate;
     be->add_gated = dg_cpu_add_gated;
     be->standardize = dg_cpu_standardize;
+    be->status = cpu_status;
     *out = be;
     return 0;
 nomem:

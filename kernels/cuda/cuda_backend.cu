@@ -26,6 +26,13 @@ int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *fil
     return DG_EDEVICE;
 }
 
+/* The sticky error of the first failed operation (backend.h: status). */
+static int cuda_status(dg_backend *be, char *err, size_t errlen) {
+    dg_cuda *c = dg_cuda_of(be);
+    if (c->status && err && errlen) snprintf(err, errlen, "%s", c->err);
+    return c->status;
+}
+
 /* ---- the arena ------------------------------------------------------------------------- */
 
 static int seg_insert(dg_cuda *c, int at, dg_cuda_seg s) {
@@ -345,6 +352,7 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     be->modulate = dg_cuda_modulate;
     be->add_gated = dg_cuda_add_gated;
     be->standardize = dg_cuda_standardize;
+    be->status = cuda_status;
     *out = be;
     return 0;
 fail:
