@@ -65,6 +65,7 @@ static const struct key {
     SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
     SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = default"),
     SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = default"),
+    SIZE0(gpu_memory, "device memory the GPU backend takes at start, e.g. 70G; 0 = 90% of free"),
 };
 
 void dg_daemon_config_defaults(dg_daemon_config *c) {

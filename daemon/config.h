@@ -55,6 +55,7 @@ typedef struct {
     size_t kv_cache_bytes;      /* engine caches; 0 = the engine's default */
     size_t vision_cache_bytes;
     size_t latent_cache_bytes;
+    size_t gpu_memory;          /* bytes the GPU backend takes at start; 0 = 90% of free memory */
 } dg_daemon_config;
 
 void dg_daemon_config_defaults(dg_daemon_config *c);

@@ -95,7 +95,8 @@ int main(int argc, char **argv) {
     dg_notify_extend(30u * 1000000u);
 
     dg_model *model = NULL;
-    dg_model_opts mo = {.device = cfg.device, .threads = cfg.threads, .progress = on_load_progress};
+    dg_model_opts mo = {.device = cfg.device, .threads = cfg.threads, .device_memory = cfg.gpu_memory,
+                        .progress = on_load_progress};
     int rc = dg_model_open(cfg.model, &mo, &model, err, sizeof err);
     if (rc) {
         log_error("cannot open the model: %s", err);

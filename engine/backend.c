@@ -24,13 +24,19 @@ static int cuda_index(const char *name) {
 }
 
 int dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err, size_t errlen) {
+    return dg_backend_new_sized(name, n_threads, 0, out, err, errlen);
+}
+
+int dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, dg_backend **out, char *err,
+                         size_t errlen) {
     *out = NULL;
     if (!name || !strcmp(name, "cpu")) return dg_cpu_backend_new(n_threads, 0, out, err, errlen);
     if (!strcmp(name, "cpu-scalar")) return dg_cpu_backend_new(n_threads, 1, out, err, errlen);
     if (cuda_index(name) >= 0) {
 #ifdef DG_HAVE_CUDA
-        return dg_cuda_backend_new(cuda_index(name), 0, out, err, errlen);
+        return dg_cuda_backend_new(cuda_index(name), device_bytes, out, err, errlen);
 #else
+        (void)device_bytes;
         snprintf(err, errlen, "device \"%s\": this build has no CUDA backend (nvcc was not found)", name);
         return DG_EINVAL;
 #endif

@@ -187,6 +187,11 @@ struct dg_backend {
  * "cpu-scalar" (the portable kernels only; the reference in tests). n_threads 0 = all
  * cores. The only place that will choose CUDA. */
 int  dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err, size_t errlen);
+/* The same with the device memory a GPU backend takes at creation, once, for weights, KV
+ * blocks and activations (0: DG_GPU_MEMORY from the environment, else 90% of the device's
+ * free memory). The CPU backends ignore it. */
+int  dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, dg_backend **out,
+                          char *err, size_t errlen);
 void dg_backend_free(dg_backend *be);   /* accepts NULL */
 
 #endif

@@ -167,6 +167,8 @@ typedef struct dg_sched dg_sched;   /* one per worker thread: sequences, KV bloc
 typedef struct {
     const char *device;             /* "cpu" or "cuda:N"; NULL = "cpu" */
     int         threads;            /* CPU threads; 0 = all cores */
+    size_t      device_memory;      /* bytes a GPU device may take (pool sized once at open);
+                                       0 = DG_GPU_MEMORY or 90% of the free memory */
     /* Called now and then during a long load (at least every few seconds), so that a
      * supervisor can be told the process is alive. May be NULL. */
     void      (*progress)(void *user, const char *phase, double fraction);

@@ -197,7 +197,8 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if (o && o->progress) o->progress(o->progress_user, "tokenizer", 0.0);
     if ((rc = dg_tok_open(mllm, &m->tok, err, errlen)) < 0) goto fail;
     if ((rc = dg_config_load(mllm, &m->cfg, err, errlen)) < 0) goto fail;
-    if ((rc = dg_backend_new(o && o->device ? o->device : "cpu", o ? o->threads : 0, &m->be, err, errlen)) < 0)
+    if ((rc = dg_backend_new_sized(o && o->device ? o->device : "cpu", o ? o->threads : 0, o ? o->device_memory : 0,
+                                   &m->be, err, errlen)) < 0)
         goto fail;
     if (o && o->progress) o->progress(o->progress_user, "weights", 0.1);
     if ((rc = dg_st_open(mllm, &m->mllm_st, err, errlen)) < 0) goto fail;
