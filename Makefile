@@ -21,6 +21,7 @@ CC      ?= cc
 PREFIX  ?= /usr/local
 DESTDIR ?=
 BUILD   := build
+.DEFAULT_GOAL := all
 
 OPENBLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
 OPENBLAS_LIB := /usr/lib/x86_64-linux-gnu/openblas-openmp
@@ -33,7 +34,7 @@ WARN     := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-missing-br
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(WARN) -MMD -MP \
             -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
-LDLIBS   += $(PKG_LIBS) -L$(OPENBLAS_LIB) -Wl,-rpath,$(OPENBLAS_LIB) -lopenblas -fopenmp -lpthread -lm
+LDLIBS   += $(PKG_LIBS) -L$(OPENBLAS_LIB) -Wl,-rpath,$(OPENBLAS_LIB) -lopenblas -fopenmp -lpthread -lm -ldl
 
 PROTO_C  := $(BUILD)/gen/duogen.pb-c.c
 PROTO_H  := $(BUILD)/gen/duogen.pb-c.h
@@ -43,9 +44,11 @@ ENGINE_SRC := $(wildcard engine/*.c kernels/cpu/*.c)
 ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o)
 LIB        := $(BUILD)/libduogen.a
 
-# ---- the CUDA backend: kernels/cuda/*.cu join the library when nvcc is on PATH ------------
-# (sm_90 machine code for the H100/H200 plus compute_80 PTX that newer GPUs JIT-compile);
-# without nvcc the build is the CPU-only product, and "cuda:N" says so at run time.
+# ---- the CUDA backend: kernels/cuda/*.cu become build/libduogen_cuda.so when nvcc is on PATH
+# (sm_90 machine code for the H100/H200 plus compute_80 PTX that newer GPUs JIT-compile).
+# engine/backend.c loads that module on the first "cuda:N", so a process that never asks for
+# a GPU does not map the CUDA libraries; without nvcc the build is the CPU-only product, and
+# "cuda:N" says so at run time.
 NVCC := $(shell command -v nvcc 2>/dev/null)
 ifneq ($(NVCC),)
 CUDA_LIB   := $(abspath $(dir $(NVCC))../lib64)
@@ -54,8 +57,10 @@ NVCCFLAGS  ?= -O3
 NVCCFLAGS  += -std=c++17 $(CUDA_ARCH) -Iengine -Ikernels --Werror all-warnings \
               -Xcompiler -fPIC,-Wall,-Wextra,-Wno-unused-parameter
 CUDA_OBJ   := $(patsubst %.cu,$(BUILD)/obj/%.o,$(wildcard kernels/cuda/*.cu))
-ENGINE_OBJ += $(CUDA_OBJ)
-LDLIBS     += -L$(CUDA_LIB) -Wl,-rpath,$(CUDA_LIB) -lcublas -lcudart -lstdc++
+CUDA_MODULE := $(BUILD)/libduogen_cuda.so
+$(CUDA_MODULE): $(CUDA_OBJ)
+	@echo "  LD      $@"
+	@$(CXX) -shared -o $@ $^ -L$(CUDA_LIB) -Wl,-rpath,$(CUDA_LIB) -lcublas -lcudart
 $(BUILD)/obj/engine/backend.o: CFLAGS += -DDG_HAVE_CUDA
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
@@ -83,7 +88,7 @@ FAKE_BIN   := $(if $(FAKE_SRC),$(BUILD)/tests/duogend-fake)
 FUZZ_SRC   := $(wildcard tests/fuzz_*.c)
 FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
-ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY)
+ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE)
 
 .PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
@@ -235,6 +240,8 @@ install: all
 	install -m 0644 systemd/duogend.conf.example systemd/duogend.env.example \
 	           deploy/redis/redis.conf deploy/redis/users.acl.example $(DESTDIR)$(PREFIX)/share/duogen/examples/
 	install -m 0644 README.md LICENSE $(DESTDIR)$(PREFIX)/share/doc/duogen/
+	if [ -f $(BUILD)/libduogen_cuda.so ]; then install -d $(DESTDIR)$(PREFIX)/lib/duogen && \
+	    install -m 0755 $(BUILD)/libduogen_cuda.so $(DESTDIR)$(PREFIX)/lib/duogen/; fi
 
 clean:
 	rm -rf $(BUILD)

@@ -1,13 +1,56 @@
 /* backend.c — creation of a backend by name: the one place that picks an implementation. */
 #include "backend.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "cpu/cpu_backend.h"
 #include "duogen.h"
 #ifdef DG_HAVE_CUDA
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <unistd.h>
+
 #include "cuda/cuda_backend.h"
+
+typedef int (*cuda_new_fn)(int device, size_t budget, dg_backend **out, char *err, size_t errlen);
+
+/* The CUDA backend is a module, libduogen_cuda.so, loaded on the first "cuda:N": a process
+ * that never asks for a GPU does not map the CUDA libraries (~156 MiB resident). It is
+ * looked for at DG_CUDA_MODULE, beside the executable, one folder up (build/tests/ ->
+ * build/), and in ../lib/duogen/ (an installed tree). The handle stays open for the life
+ * of the process, like a linked library's. */
+static cuda_new_fn cuda_module(char *err, size_t errlen) {
+    char exe[PATH_MAX], path[PATH_MAX + 64];
+    const char *env = getenv("DG_CUDA_MODULE");
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    const char *where[4] = {env, "%s/libduogen_cuda.so", "%s/../libduogen_cuda.so", "%s/../lib/duogen/libduogen_cuda.so"};
+    if (n > 0) {
+        exe[n] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash) *slash = 0;
+    }
+    char why[512] = "not found";
+    for (int i = 0; i < 4; i++) {
+        if (i == 0 && !env) continue;
+        if (i > 0 && n <= 0) break;
+        if (i == 0) snprintf(path, sizeof path, "%s", env);
+        else snprintf(path, sizeof path, where[i], exe);
+        void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!h) {
+            if (access(path, F_OK) == 0) snprintf(why, sizeof why, "%s", dlerror());
+            continue;
+        }
+        cuda_new_fn fn = (cuda_new_fn)(uintptr_t)dlsym(h, "dg_cuda_backend_new");
+        if (fn) return fn;
+        snprintf(why, sizeof why, "%s has no dg_cuda_backend_new", path);
+        dlclose(h);
+    }
+    snprintf(err, errlen, "the CUDA backend module libduogen_cuda.so: %s (set DG_CUDA_MODULE)", why);
+    return NULL;
+}
 #endif
 
 /* "cuda" or "cuda:N": the device index, or -1 when the name is not of that form. */
@@ -34,7 +77,9 @@ int dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, d
     if (!strcmp(name, "cpu-scalar")) return dg_cpu_backend_new(n_threads, 1, out, err, errlen);
     if (cuda_index(name) >= 0) {
 #ifdef DG_HAVE_CUDA
-        return dg_cuda_backend_new(cuda_index(name), device_bytes, out, err, errlen);
+        cuda_new_fn cuda_new = cuda_module(err, errlen);
+        if (!cuda_new) return DG_EDEVICE;
+        return cuda_new(cuda_index(name), device_bytes, out, err, errlen);
 #else
         (void)device_bytes;
         snprintf(err, errlen, "device \"%s\": this build has no CUDA backend (nvcc was not found)", name);

@@ -44,21 +44,22 @@ step programs
 if [ -z "${DG_USE_BUNDLE:-}" ] && pkg-config --exists jansson libpng libturbojpeg libutf8proc libpcre2-8 hiredis libprotobuf-c 2>/dev/null &&
    [ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ]; then
     echo "building here"
-    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/dg-bench build/mkmodel 2>&1 | tail -3
+    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/dg-bench build/mkmodel \
+        build/libduogen_cuda.so 2>&1 | tail -3
 else
     echo "no build dependencies here: the packed programs (tools/cuda/pack.sh)"
     rm -rf build/carry && mkdir -p build/carry build/tests
     tar -C build/carry -xJf .devcarry/bundle.tar.xz || { echo "no .devcarry/bundle.tar.xz"; exit 1; }
     cp build/carry/bin/test_backend_cuda build/carry/bin/test_cuda_parity build/tests/
-    cp build/carry/bin/dg-bench build/carry/bin/mkmodel build/
+    cp build/carry/bin/dg-bench build/carry/bin/mkmodel build/carry/bin/libduogen_cuda.so build/
     export LD_LIBRARY_PATH="$PWD/build/carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-if ldd build/dg-bench | grep -q "libcublas.*not found"; then   # the toolkit's or PyTorch's
+if ldd build/libduogen_cuda.so | grep -q "libcublas.*not found"; then   # the toolkit's or PyTorch's
     d=$(dirname "$(find / \( -path /proc -o -path /sys \) -prune -o -name 'libcublasLt.so.13*' -print 2>/dev/null | head -1)")
     echo "cuBLAS from $d"
     export LD_LIBRARY_PATH="$d:$(dirname "$(find / \( -path /proc -o -path /sys \) -prune -o -name 'libcudart.so.13*' -print 2>/dev/null | head -1)"):${LD_LIBRARY_PATH:-}"
 fi
-ldd build/dg-bench | grep "not found" && echo "MISSING LIBRARIES"
+ldd build/dg-bench build/libduogen_cuda.so | grep "not found" && echo "MISSING LIBRARIES"
 
 step "op-by-op test (test_backend_cuda)"
 timeout 60 build/tests/test_backend_cuda 2>&1 | tee "$OUT/test_backend_cuda.txt"
