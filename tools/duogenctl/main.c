@@ -71,6 +71,11 @@ static const char *hstr(const redisReply *h, const char *name) {
     return v && v->type == REDIS_REPLY_STRING ? v->str : "";
 }
 
+static long long hint(const redisReply *h, const char *name) {
+    const redisReply *v = hfield(h, name);
+    return v && v->type == REDIS_REPLY_INTEGER ? v->integer : 0;
+}
+
 static uint8_t *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) die(EXIT_IO, "\"%s\": %s", path, strerror(errno));
@@ -521,7 +526,7 @@ static int cmd_stats(void) {
                 char lagbuf[24] = "?";   /* entries not yet delivered; nil when Redis cannot tell */
                 if (lag && lag->type == REDIS_REPLY_INTEGER) snprintf(lagbuf, sizeof lagbuf, "%lld", lag->integer);
                 printf("  group %-18s consumers %lld  pending %lld  lag %s  last-delivered %s\n",
-                       hstr(info, "name"), hfield(info, "consumers")->integer, hfield(info, "pending")->integer,
+                       hstr(info, "name"), hint(info, "consumers"), hint(info, "pending"),
                        lagbuf, hstr(info, "last-delivered-id"));
             }
         if (g) freeReplyObject(g);
