@@ -78,7 +78,7 @@ int dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, d
     if (cuda_index(name) >= 0) {
 #ifdef DG_HAVE_CUDA
         cuda_new_fn cuda_new = cuda_module(err, errlen);
-        if (!cuda_new) return DG_EDEVICE;
+        if (!cuda_new) return DG_EINVAL;   /* an installation problem, like a missing device */
         return cuda_new(cuda_index(name), device_bytes, out, err, errlen);
 #else
         (void)device_bytes;

@@ -269,12 +269,12 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
         cudaGetLastError();
         snprintf(err, errlen, "cuda:%d: no CUDA device", device);
-        rc = DG_EDEVICE;
+        rc = DG_EINVAL;   /* a configuration problem: restarting will not make a GPU appear */
         goto fail;
     }
     if (device < 0 || device >= n_dev) {
         snprintf(err, errlen, "cuda:%d: no such device (%d present)", device, n_dev);
-        rc = DG_EDEVICE;
+        rc = DG_EINVAL;
         goto fail;
     }
     SETUP(cudaSetDevice(device), "cudaSetDevice");
