@@ -60,18 +60,7 @@ static int setup(void) {
     static int state = 0;   /* 0 not yet, 1 ready, -1 failed */
     if (state) return state > 0;
     state = -1;
-    json_error_t je;
-    if (!(goldens = json_load_file(GOLDEN_DIR "/goldens.json", 0, &je))) {
-        fprintf(stderr, "cannot read %s/goldens.json: %s\n", GOLDEN_DIR, je.text);
-        return 0;
-    }
-    json_t *p = json_object_get(goldens, "package");
-    char dir[200];
-    if (test_make_package(json_string_value(json_object_get(p, "preset")),
-                          (long long)json_integer_value(json_object_get(p, "seed")),
-                          json_string_value(json_object_get(p, "vocab")), dir, sizeof dir) < 0)
-        return 0;
-    snprintf(pkg, sizeof pkg, "%s/mllm", dir);
+    if (!(goldens = test_golden_package(GOLDEN_DIR, pkg, sizeof pkg))) return 0;
     state = 1;
     return 1;
 }

@@ -32,11 +32,7 @@ static int setup(void) {
     static int state = 0;
     if (state) return state > 0;
     state = -1;
-    json_error_t je;
-    if (!(goldens = json_load_file(GOLDEN_DIR "/goldens.json", 0, &je))) return 0;
-    char dir[200];
-    if (test_make_package("tiny", 1, TEST_QWEN2_VOCAB, dir, sizeof dir) < 0) return 0;
-    snprintf(pkg, sizeof pkg, "%s/mllm", dir);
+    if (!(goldens = test_golden_package(GOLDEN_DIR, pkg, sizeof pkg))) return 0;
     state = 1;
     return 1;
 }

@@ -1,5 +1,6 @@
 #include "package.h"
 
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -49,4 +50,24 @@ void *test_read_file(const char *dir, const char *name, size_t *len) {
     if (buf) buf[n] = 0;
     *len = n > 0 ? (size_t)n : 0;
     return buf;
+}
+
+json_t *test_golden_package(const char *golden_dir, char *mllm, size_t len) {
+    char path[512], dir[200];
+    json_error_t je;
+    snprintf(path, sizeof path, "%s/goldens.json", golden_dir);
+    json_t *g = json_load_file(path, 0, &je);
+    if (!g) {
+        fprintf(stderr, "cannot read %s: %s\n", path, je.text);
+        return NULL;
+    }
+    json_t *p = json_object_get(g, "package");
+    if (test_make_package(json_string_value(json_object_get(p, "preset")),
+                          (long long)json_integer_value(json_object_get(p, "seed")),
+                          json_string_value(json_object_get(p, "vocab")), dir, sizeof dir) < 0) {
+        json_decref(g);
+        return NULL;
+    }
+    snprintf(mllm, len, "%s/mllm", dir);
+    return g;
 }

@@ -17,5 +17,10 @@ uint64_t test_file_fnv1a64(const char *path);
 /* The bytes of dir/name, NUL-terminated (so that a text file is a string); *len without
  * the NUL. NULL when it cannot be read. The caller frees. */
 void    *test_read_file(const char *dir, const char *name, size_t *len);
+/* Loads golden_dir/goldens.json and writes the package its "package" object names
+ * (preset, seed, vocab); mllm gets that package's mllm/ folder. The goldens, or NULL after
+ * printing why. The caller keeps them (json_decref). */
+struct json_t;
+struct json_t *test_golden_package(const char *golden_dir, char *mllm, size_t len);
 
 #endif

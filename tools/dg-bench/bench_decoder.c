@@ -26,21 +26,13 @@
 #include "qwen2.h"
 #include "safetensors.h"
 
-#define DEFAULT_PKG "build/models/small"
 
+/* The small package's MLLM folder. */
 static int ensure_model(bench_ctx *ctx, char *dir, size_t len) {
-    if (ctx->model_dir) {
-        snprintf(dir, len, "%s/mllm", ctx->model_dir);
-        return 0;
-    }
-    snprintf(dir, len, DEFAULT_PKG "/mllm");
-    if (access(DEFAULT_PKG "/mllm/config.json", R_OK) == 0) return 0;
-    const char *vocab = ctx->vocab_dir ? ctx->vocab_dir : "../shared/vocab/qwen2";
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd, "mkdir -p build/models && build/mkmodel --preset small --seed 1 --out " DEFAULT_PKG " %s%s",
-             access(vocab, R_OK) == 0 ? "--vocab " : "", access(vocab, R_OK) == 0 ? vocab : "");
-    printf("  creating %s: %s\n", DEFAULT_PKG, cmd);
-    return system(cmd) == 0 ? 0 : -1;
+    char pkg[900];
+    if (bench_small_package(ctx, pkg, sizeof pkg) < 0) return -1;
+    snprintf(dir, len, "%s/mllm", pkg);
+    return 0;
 }
 
 static double peak_rss_mb(void) {

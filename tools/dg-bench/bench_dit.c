@@ -19,26 +19,8 @@
 #include "flow.h"
 #include "vae.h"
 
-#define DEFAULT_PKG "build/models/small"
 #define N_CTX 512
 #define REF_FILE "build/bench/diffusers_dit.json"
-
-static int ensure_model(bench_ctx *ctx, char *dir, size_t len) {
-    char probe[1100], cmd[1024];
-    snprintf(dir, len, "%s", ctx->model_dir ? ctx->model_dir : DEFAULT_PKG);
-    snprintf(probe, sizeof probe, "%s/dit/config.json", dir);
-    if (ctx->model_dir || access(probe, R_OK) == 0) return 0;
-    /* the decoder benchmark may have written build/models/small already: add the image
-     * components beside it (same preset and seed, so the same bytes as a whole package) */
-    snprintf(cmd, sizeof cmd,
-             "rm -rf build/models/.small-image && build/mkmodel --preset small --seed 1 --out build/models/.small-image >/dev/null && "
-             "mkdir -p %s && rm -rf %s/dit %s/vae && mv build/models/.small-image/dit build/models/.small-image/vae "
-             "build/models/.small-image/connector.safetensors %s/ && "
-             "{ [ -d %s/mllm ] || mv build/models/.small-image/mllm build/models/.small-image/duogen.json %s/; } && "
-             "rm -rf build/models/.small-image", dir, dir, dir, dir, dir, dir);
-    printf("  creating the image components of %s\n", dir);
-    return system(cmd) == 0 ? 0 : -1;
-}
 
 static void ratio(json_t *out, const char *key, double ours) {
     json_error_t je;
@@ -168,7 +150,7 @@ static int bench_image(bench_ctx *ctx, json_t *out) {
     char pkg[1024];
     const char *coretype = getenv("OPENBLAS_CORETYPE");
     const int threads = ctx->threads > 0 ? ctx->threads : 2, reps = ctx->quick ? 1 : 2;
-    if (ensure_model(ctx, pkg, sizeof pkg) < 0) return -1;
+    if (bench_small_package(ctx, pkg, sizeof pkg) < 0) return -1;
     printf("  model %s, %d threads, OPENBLAS_CORETYPE=%s\n", pkg, threads, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
     if (bench_vae(ctx, out, pkg, threads, reps) < 0) return -1;

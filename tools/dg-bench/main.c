@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define BENCH_MAX 64
 
@@ -29,6 +30,24 @@ void bench_record(json_t *out, const char *name, double value, const char *unit)
     json_object_set_new(out, name, json_real(value));
     printf("  %-44s %12.3f %s\n", name, value, unit);
     fflush(stdout);
+}
+
+int bench_small_package(bench_ctx *ctx, char *dir, size_t len) {
+    static const char *pkg = "build/models/small";
+    if (ctx->model_dir) {
+        snprintf(dir, len, "%s", ctx->model_dir);
+        return 0;
+    }
+    snprintf(dir, len, "%s", pkg);
+    if (access("build/models/small/duogen.json", R_OK) == 0 && access("build/models/small/dit/config.json", R_OK) == 0)
+        return 0;
+    const char *vocab = ctx->vocab_dir ? ctx->vocab_dir : "../shared/vocab/qwen2";
+    int have_vocab = access(vocab, R_OK) == 0;
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p build/models && build/mkmodel --preset small --seed 1 --out %s%s%s",
+             pkg, pkg, have_vocab ? " --vocab " : "", have_vocab ? vocab : "");
+    printf("  creating %s: %s\n", pkg, cmd);
+    return system(cmd) == 0 ? 0 : -1;
 }
 
 static int by_name(const void *a, const void *b) {
