@@ -4,9 +4,10 @@
 #include <string.h>
 
 #include "duogen.h"
+#include "lru.h"
 
 typedef struct entry {
-    struct entry *prev, *next;   /* LRU list, most recent first */
+    dg_lru_node lru;             /* first member: the node is the entry */
     dg_image_digest key;
     int      h, w;
     int64_t  n;
@@ -14,7 +15,7 @@ typedef struct entry {
 } entry;
 
 struct dg_latent_cache {
-    entry  *head, *tail;
+    dg_lru  lru;                 /* owns the entries, most recent first */
     size_t  bytes, max_bytes;
     int64_t hits, misses;
 };
@@ -26,21 +27,8 @@ int dg_latent_cache_new(size_t max_bytes, dg_latent_cache **out) {
     return 0;
 }
 
-static void unlink_entry(dg_latent_cache *c, entry *e) {
-    if (e->prev) e->prev->next = e->next; else c->head = e->next;
-    if (e->next) e->next->prev = e->prev; else c->tail = e->prev;
-    e->prev = e->next = NULL;
-}
-
-static void push_front(dg_latent_cache *c, entry *e) {
-    e->next = c->head;
-    e->prev = NULL;
-    if (c->head) c->head->prev = e; else c->tail = e;
-    c->head = e;
-}
-
 static void drop(dg_latent_cache *c, entry *e) {
-    unlink_entry(c, e);
+    dg_lru_unlink(&c->lru, &e->lru);
     c->bytes -= (size_t)e->n * sizeof(float);
     free(e->data);
     free(e);
@@ -48,13 +36,15 @@ static void drop(dg_latent_cache *c, entry *e) {
 
 void dg_latent_cache_free(dg_latent_cache *c) {
     if (!c) return;
-    while (c->head) drop(c, c->head);
+    while (c->lru.head) drop(c, (entry *)c->lru.head);
     free(c);
 }
 
 static entry *find(dg_latent_cache *c, const dg_image_digest *key, int h, int w, int64_t n) {
-    for (entry *e = c->head; e; e = e->next)   /* a few dozen entries: a list is enough */
+    for (dg_lru_node *node = c->lru.head; node; node = node->next) {   /* a few dozen entries */
+        entry *e = (entry *)node;
         if (e->h == h && e->w == w && e->n == n && !memcmp(&e->key, key, sizeof *key)) return e;
+    }
     return NULL;
 }
 
@@ -65,8 +55,7 @@ const float *dg_latent_cache_get(dg_latent_cache *c, const dg_image_digest *key,
         return NULL;
     }
     c->hits++;
-    unlink_entry(c, e);
-    push_front(c, e);
+    dg_lru_touch(&c->lru, &e->lru);
     return e->data;
 }
 
@@ -75,11 +64,10 @@ int dg_latent_cache_put(dg_latent_cache *c, const dg_image_digest *key, int h, i
     if (size > c->max_bytes) return 0;
     entry *e = find(c, key, h, w, n);
     if (e) {
-        unlink_entry(c, e);
-        push_front(c, e);
+        dg_lru_touch(&c->lru, &e->lru);
         return 0;
     }
-    while (c->tail && c->bytes + size > c->max_bytes) drop(c, c->tail);
+    while (c->lru.tail && c->bytes + size > c->max_bytes) drop(c, (entry *)c->lru.tail);
     e = calloc(1, sizeof *e);
     if (!e || !(e->data = malloc(size))) {
         free(e);
@@ -90,7 +78,7 @@ int dg_latent_cache_put(dg_latent_cache *c, const dg_image_digest *key, int h, i
     e->w = w;
     e->n = n;
     memcpy(e->data, latent, size);
-    push_front(c, e);
+    dg_lru_push_front(&c->lru, &e->lru);
     c->bytes += size;
     return 0;
 }

@@ -6,10 +6,11 @@
 #include <string.h>
 
 #include "duogen.h"
+#include "lru.h"
 
 typedef struct entry entry;
 struct entry {
-    entry          *prev, *next;   /* LRU list: head most recent */
+    dg_lru_node     lru;           /* first member: the node is the entry */
     dg_image_digest key;
     int32_t         grid[3];
     int             n_tokens, width;
@@ -18,7 +19,7 @@ struct entry {
 };
 
 struct dg_vision_cache {
-    entry  *head, *tail;           /* owned */
+    dg_lru  lru;                   /* owns the entries */
     size_t  max_bytes, bytes;
     int     n_entries;
     int64_t hits, misses, evictions;
@@ -34,32 +35,21 @@ int dg_vision_cache_new(size_t max_bytes, dg_vision_cache **out) {
 
 void dg_vision_cache_free(dg_vision_cache *c) {
     if (!c) return;
-    for (entry *e = c->head, *nx; e; e = nx) {
-        nx = e->next;
-        free(e);
+    for (dg_lru_node *n = c->lru.head, *nx; n; n = nx) {
+        nx = n->next;
+        free(n);
     }
     free(c);
 }
 
-static void unlink_entry(dg_vision_cache *c, entry *e) {
-    if (e->prev) e->prev->next = e->next; else c->head = e->next;
-    if (e->next) e->next->prev = e->prev; else c->tail = e->prev;
-    e->prev = e->next = NULL;
-}
-
-static void push_front(dg_vision_cache *c, entry *e) {
-    e->next = c->head;
-    e->prev = NULL;
-    if (c->head) c->head->prev = e; else c->tail = e;
-    c->head = e;
-}
-
 /* A linear scan: entries are a few hundred at most (each is an image's worth of rows). */
 static entry *lookup(const dg_vision_cache *c, const dg_image_digest *key, const int32_t grid[3]) {
-    for (entry *e = c->head; e; e = e->next)
+    for (dg_lru_node *n = c->lru.head; n; n = n->next) {
+        entry *e = (entry *)n;
         if (!memcmp(&e->key, key, sizeof *key) && e->grid[0] == grid[0] && e->grid[1] == grid[1] &&
             e->grid[2] == grid[2])
             return e;
+    }
     return NULL;
 }
 
@@ -71,8 +61,7 @@ const float *dg_vision_cache_get(dg_vision_cache *c, const dg_image_digest *key,
         return NULL;
     }
     c->hits++;
-    unlink_entry(c, e);
-    push_front(c, e);
+    dg_lru_touch(&c->lru, &e->lru);
     *n_tokens = e->n_tokens;
     *width = e->width;
     return e->rows;
@@ -83,14 +72,13 @@ int dg_vision_cache_put(dg_vision_cache *c, const dg_image_digest *key, const in
     const size_t bytes = sizeof(float) * (size_t)n_tokens * (size_t)width;
     entry *e = lookup(c, key, grid);
     if (e) {
-        unlink_entry(c, e);
-        push_front(c, e);
+        dg_lru_touch(&c->lru, &e->lru);
         return 0;
     }
     if (bytes > c->max_bytes) return 0;
     while (c->bytes + bytes > c->max_bytes) {
-        entry *old = c->tail;
-        unlink_entry(c, old);
+        entry *old = (entry *)c->lru.tail;
+        dg_lru_unlink(&c->lru, &old->lru);
         c->bytes -= old->bytes;
         c->n_entries--;
         c->evictions++;
@@ -103,7 +91,7 @@ int dg_vision_cache_put(dg_vision_cache *c, const dg_image_digest *key, const in
     e->width = width;
     e->bytes = bytes;
     be->download(be, e->rows, src, (int64_t)n_tokens * width);
-    push_front(c, e);
+    dg_lru_push_front(&c->lru, &e->lru);
     c->bytes += bytes;
     c->n_entries++;
     return 0;
