@@ -247,7 +247,9 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
         n += snprintf(m->describe + n, sizeof m->describe - (size_t)n, " + cosmos dit %dL/%dd + wan vae",
                       m->dit.cfg.n_layers, m->dit.cfg.hidden);
     if (n > 0 && (size_t)n < sizeof m->describe)
-        snprintf(m->describe + n, sizeof m->describe - (size_t)n, " on %s", m->be->name);
+        n += snprintf(m->describe + n, sizeof m->describe - (size_t)n, " on %s", m->be->name);
+    if (dg_st_seeded(m->mllm_st) && n > 0 && (size_t)n < sizeof m->describe)
+        snprintf(m->describe + n, sizeof m->describe - (size_t)n, " (SEEDED weights: benchmark only)");
     if (o && o->progress) o->progress(o->progress_user, "ready", 1.0);
     json_decref(manifest);
     *out = m;

@@ -26,7 +26,10 @@ struct dg_st {
     size_t        n, cap;
     st_map       *maps;               /* owned */
     size_t        n_maps, cap_maps;
+    int           seeded;             /* some file was a seeded one (see safetensors.h) */
 };
+
+int dg_st_seeded(const dg_st *st) { return st->seeded; }
 
 const char *dg_st_shape_str(const int64_t *shape, int n_dims, char *buf, size_t len) {
     size_t o = 0;
@@ -135,8 +138,77 @@ static int parse_entry(const char *label, const char *name, json_t *v, const uin
                  numel * dg_dtype_size(t->dtype), e - b);
         return DG_EMODEL;
     }
-    t->data = data + b;
+    t->data = data ? data + b : NULL;   /* NULL: a seeded file, filled by seed_payload */
     t->nbytes = (size_t)(e - b);
+    return 0;
+}
+
+static int add_map(dg_st *st, void *p, size_t size) {
+    if (st->n_maps == st->cap_maps) {
+        size_t cap = st->cap_maps ? st->cap_maps * 2 : 8;
+        st_map *nm = realloc(st->maps, cap * sizeof *nm);
+        if (!nm) return DG_ENOMEM;
+        st->maps = nm;
+        st->cap_maps = cap;
+    }
+    st->maps[st->n_maps++] = (st_map){p, size};
+    return 0;
+}
+
+/* ---- seeded files (mkmodel --seeded): the header of a real checkpoint, no data ----------
+ * Benchmarks of the full-size package would otherwise read 20 GB from disk for weights
+ * whose values do not matter to a timing. Every tensor of such a file points into one of
+ * a few read-only blocks of random values made here from the file's seed: per dtype, one
+ * for matrices (uniform, std 0.02) and one for vectors (1 ± 0.17, so that norm weights keep
+ * activations at their scale), each as long as the largest tensor of its kind plus 2048
+ * values; a tensor starts at one of 64 offsets chosen by its name. Tensors share memory,
+ * which only a benchmark can accept: the loader refuses such files unless
+ * DG_SEEDED_WEIGHTS=1. */
+#define SEED_SLACK 2048   /* values past the largest tensor: room for the 64 offsets */
+
+static uint64_t seed_fnv(const char *s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 0x100000001b3ull;
+    return h;
+}
+
+static int seed_payload(dg_st *st, const char *seed_str, dg_st_tensor *t, size_t n, const char *label,
+                        char *err, size_t errlen) {
+    uint64_t seed = strtoull(seed_str, NULL, 0);
+    for (int dt = 0; dt < 2; dt++)        /* BF16, F32 */
+        for (int vec = 0; vec < 2; vec++) {
+            const dg_dtype want = dt ? DG_DTYPE_F32 : DG_DTYPE_BF16;
+            size_t most = 0;
+            for (size_t i = 0; i < n; i++)
+                if (t[i].dtype == want && (t[i].n_dims <= 1) == vec && t[i].nbytes > most) most = t[i].nbytes;
+            if (!most) continue;
+            const size_t esz = dg_dtype_size(want), count = most / esz + SEED_SLACK;
+            void *blk = mmap(NULL, count * esz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (blk == MAP_FAILED) {
+                snprintf(err, errlen, "%s: seeded weights: %zu MiB: %s", label, count * esz >> 20, strerror(errno));
+                return DG_ENOMEM;
+            }
+            if (add_map(st, blk, count * esz) < 0) { munmap(blk, count * esz); return DG_ENOMEM; }
+            uint64_t x = seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(1 + 2 * dt + vec));
+            const float mean = vec ? 1.0f : 0.0f, width = vec ? 0.35f : 0.0693f;   /* std = width/√12 */
+            for (size_t i = 0; i < count; i++) {
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                const float v = mean + ((float)(x >> 40) / 16777216.0f - 0.5f) * width;
+                if (dt) ((float *)blk)[i] = v;
+                else ((uint16_t *)blk)[i] = dg_f32_to_bf16(v);
+            }
+            mprotect(blk, count * esz, PROT_READ);
+            for (size_t i = 0; i < n; i++)
+                if (t[i].dtype == want && (t[i].n_dims <= 1) == vec)
+                    t[i].data = (const uint8_t *)blk + (seed_fnv(t[i].name) % 64) * 32 * esz;
+        }
+    for (size_t i = 0; i < n; i++)
+        if (!t[i].data && t[i].nbytes) {
+            snprintf(err, errlen, "%s: tensor \"%s\": a seeded file holds BF16 and F32 tensors only, "
+                     "not %s", label, t[i].name, dg_dtype_name(t[i].dtype));
+            return DG_EMODEL;
+        }
+    st->seeded = 1;
     return 0;
 }
 
@@ -165,6 +237,18 @@ int dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *la
     }
     const uint8_t *payload = data + 8 + hlen;
     size_t payload_len = size - 8 - (size_t)hlen;
+    const char *seeded = json_string_value(json_object_get(json_object_get(root, "__metadata__"),
+                                                          "duogen.seeded"));
+    if (seeded) {
+        const char *allow = getenv("DG_SEEDED_WEIGHTS");
+        if (!allow || strcmp(allow, "1") != 0) {
+            snprintf(err, errlen, "%s: a seeded benchmark file (mkmodel --seeded): its weights are "
+                     "not on disk; only benchmarks run it, with DG_SEEDED_WEIGHTS=1", label);
+            goto fail;
+        }
+        payload = NULL;
+        payload_len = (size_t)1 << 62;   /* data_offsets are checked against the shape alone */
+    }
     tmp = calloc(json_object_size(root) + 1, sizeof *tmp);
     if (!tmp) { rc = DG_ENOMEM; goto fail; }
     const char *key;
@@ -180,6 +264,8 @@ int dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *la
             goto fail;
         }
     }
+    if (seeded && (rc = seed_payload(st, seeded, tmp, n, label, err, errlen)) < 0) goto fail;
+    rc = DG_EMODEL;
     qsort(tmp, n, sizeof *tmp, by_name);
     for (size_t i = 1; i < n; i++)
         if (!strcmp(tmp[i - 1].name, tmp[i].name)) {   /* two prefixes normalised to one name */
@@ -227,14 +313,7 @@ static int map_file(dg_st *st, const char *path, const uint8_t **data, size_t *s
         snprintf(err, errlen, "%s: mmap: %s", path, strerror(errno));
         return DG_EMODEL;
     }
-    if (st->n_maps == st->cap_maps) {
-        size_t cap = st->cap_maps ? st->cap_maps * 2 : 8;
-        st_map *nm = realloc(st->maps, cap * sizeof *nm);
-        if (!nm) { munmap(p, (size_t)sb.st_size); return DG_ENOMEM; }
-        st->maps = nm;
-        st->cap_maps = cap;
-    }
-    st->maps[st->n_maps++] = (st_map){p, (size_t)sb.st_size};
+    if (add_map(st, p, (size_t)sb.st_size) < 0) { munmap(p, (size_t)sb.st_size); return DG_ENOMEM; }
     *data = p;
     *size = (size_t)sb.st_size;
     return 0;

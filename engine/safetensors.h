@@ -52,6 +52,13 @@ const dg_st_tensor *dg_st_find(const dg_st *st, const char *name);
 size_t              dg_st_count(const dg_st *st);
 const dg_st_tensor *dg_st_at(const dg_st *st, size_t i);
 
+/* Whether some file of the set was a seeded one: a checkpoint header without data, written
+ * by `mkmodel --seeded` for benchmarks of the full-size package, whose tensors point into
+ * shared blocks of random values made at load (see safetensors.c). Such files are refused
+ * with DG_EMODEL unless the environment has DG_SEEDED_WEIGHTS=1: a worker never runs
+ * seeded weights by accident. */
+int dg_st_seeded(const dg_st *st);
+
 /* "[896, 151936]" into buf. */
 const char *dg_st_shape_str(const int64_t *shape, int n_dims, char *buf, size_t len);
 

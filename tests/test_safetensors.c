@@ -1,5 +1,6 @@
 /* safetensors parsing (single, sharded, hostile headers), config.json variants and the
  * decoder's strict binding (shapes and missing tensors named in the error). */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,8 +8,10 @@
 #include <unistd.h>
 
 #include "common/harness.h"
+#include "common/package.h"
 #include "backend.h"
 #include "config.h"
+#include "dtype.h"
 #include "duogen.h"
 #include "qwen2.h"
 #include "safetensors.h"
@@ -185,6 +188,141 @@ TEST(binding_names_tensor_expected_and_found) {
     CHECK_EQ_STR(err, "tensor \"lm_head.weight\": missing from the checkpoint");
     dg_st_close(st);
     dg_backend_free(be);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+}
+
+/* mkmodel --seeded: headers without data, filled from the seed at load; refused unless
+ * DG_SEEDED_WEIGHTS=1, so that a worker never runs such a package by accident. */
+TEST(seeded_files_need_the_environment_and_fill_from_the_seed) {
+    const char *hdr = "{\"__metadata__\":{\"format\":\"pt\",\"duogen.seeded\":\"5\"},"
+                      "\"m\":{\"dtype\":\"BF16\",\"shape\":[64,32],\"data_offsets\":[0,4096]},"
+                      "\"v\":{\"dtype\":\"F32\",\"shape\":[32],\"data_offsets\":[4096,4224]}}";
+    char err[512];
+    size_t n;
+    uint8_t *b = image(hdr, 0, &n);
+    dg_st *st;
+    unsetenv("DG_SEEDED_WEIGHTS");
+    dg_st_new(&st);
+    CHECK_EQ_INT(dg_st_add_buffer(st, b, n, "s.safetensors", err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "s.safetensors") && strstr(err, "DG_SEEDED_WEIGHTS=1"));
+    CHECK_EQ_INT(dg_st_count(st), 0);
+    dg_st_close(st);
+
+    setenv("DG_SEEDED_WEIGHTS", "1", 1);
+    dg_st *st2;
+    dg_st_new(&st);
+    dg_st_new(&st2);
+    CHECK_EQ_INT(dg_st_add_buffer(st, b, n, "s.safetensors", err, sizeof err), 0);
+    CHECK_EQ_INT(dg_st_add_buffer(st2, b, n, "s.safetensors", err, sizeof err), 0);
+    CHECK(dg_st_seeded(st) && dg_st_seeded(st2));
+    const dg_st_tensor *m = dg_st_find(st, "m"), *v = dg_st_find(st, "v");
+    CHECK(m && v && m->data && v->data && m->nbytes == 4096 && v->nbytes == 128);
+    /* the same seed gives the same values; matrices ~ U(±0.035) (std 0.02), vectors 1 ± 0.175 */
+    CHECK(memcmp(m->data, dg_st_find(st2, "m")->data, 4096) == 0);
+    double sum = 0, sq = 0, vmin = 1e9, vmax = -1e9;
+    for (int i = 0; i < 2048; i++) {
+        const float x = dg_bf16_to_f32(((const uint16_t *)m->data)[i]);
+        sum += x;
+        sq += (double)x * x;
+    }
+    CHECK_NEAR(sum / 2048, 0.0, 0.003);          /* 4.4 standard errors of the mean */
+    CHECK_NEAR(sqrt(sq / 2048), 0.02, 0.002);
+    for (int i = 0; i < 32; i++) {
+        const float x = ((const float *)v->data)[i];
+        vmin = x < vmin ? x : vmin;
+        vmax = x > vmax ? x : vmax;
+    }
+    CHECK(vmin >= 0.82 && vmax <= 1.18 && vmax > vmin);
+    dg_st_close(st);
+    dg_st_close(st2);
+    free(b);
+
+    /* another seed, other values; F16 and a wrong byte count are still errors */
+    const char *other = "{\"__metadata__\":{\"duogen.seeded\":\"6\"},"
+                        "\"m\":{\"dtype\":\"BF16\",\"shape\":[64,32],\"data_offsets\":[0,4096]}}";
+    b = image(other, 0, &n);
+    dg_st_new(&st);
+    CHECK_EQ_INT(dg_st_add_buffer(st, b, n, "o.safetensors", err, sizeof err), 0);
+    uint8_t *b5 = image(hdr, 0, &n);
+    dg_st_new(&st2);
+    CHECK_EQ_INT(dg_st_add_buffer(st2, b5, n, "s.safetensors", err, sizeof err), 0);
+    CHECK(memcmp(dg_st_find(st, "m")->data, dg_st_find(st2, "m")->data, 4096) != 0);
+    dg_st_close(st);
+    dg_st_close(st2);
+    free(b);
+    free(b5);
+    CHECK_EQ_INT(parse("{\"__metadata__\":{\"duogen.seeded\":\"1\"},"
+                       "\"h\":{\"dtype\":\"F16\",\"shape\":[4],\"data_offsets\":[0,8]}}", 0, err, sizeof err),
+                 DG_EMODEL);
+    CHECK(strstr(err, "\"h\"") && strstr(err, "F16"));
+    CHECK_EQ_INT(parse("{\"__metadata__\":{\"duogen.seeded\":\"1\"},"
+                       "\"w\":{\"dtype\":\"BF16\",\"shape\":[4],\"data_offsets\":[0,6]}}", 0, err, sizeof err),
+                 DG_EMODEL);
+    CHECK(strstr(err, "\"w\"") != NULL);
+    unsetenv("DG_SEEDED_WEIGHTS");
+}
+
+typedef struct {
+    int finished, images;
+    size_t png_len;
+} seeded_obs;
+
+static void seeded_text(void *u, const char *d, size_t n) { (void)u; (void)d; (void)n; }
+static void seeded_started(void *u, int i, int w, int h, int steps) { (void)u; (void)i; (void)w; (void)h; (void)steps; }
+static void seeded_step(void *u, int i, int step, int steps) { (void)u; (void)i; (void)step; (void)steps; }
+static void seeded_done(void *u, int i, int w, int h, const uint8_t *png, size_t len) {
+    seeded_obs *o = u;
+    (void)i; (void)png;
+    if (w == 32 && h == 32) o->images++;
+    o->png_len = len;
+}
+static void seeded_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) {
+    (void)r; (void)us; (void)t;
+    ((seeded_obs *)u)->finished++;
+}
+static void seeded_failed(void *u, int code, const char *msg) {
+    (void)u;
+    printf("  failed: %s: %s\n", dg_error_name(code), msg);
+}
+
+/* A whole seeded package (mkmodel --preset tiny --seeded) opens with the variable set, says
+ * so in its description, and draws an image on the CPU; without it, the open names the file. */
+TEST(seeded_package_opens_only_when_allowed_and_runs) {
+    char dir[] = "/tmp/dg_test_seeded_XXXXXX", cmd[300], err[512];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 2 --seeded --out %s >/dev/null", dir);
+    if (system(cmd) != 0) { CHECK(!"mkmodel"); return; }
+    dg_model *mod = NULL;
+    unsetenv("DG_SEEDED_WEIGHTS");
+    CHECK_EQ_INT(dg_model_open(dir, &(dg_model_opts){.device = "cpu", .threads = 1}, &mod, err, sizeof err),
+                 DG_EMODEL);
+    CHECK(strstr(err, "model.safetensors") && strstr(err, "DG_SEEDED_WEIGHTS"));
+    setenv("DG_SEEDED_WEIGHTS", "1", 1);
+    CHECK_EQ_INT(dg_model_open(dir, &(dg_model_opts){.device = "cpu", .threads = 1}, &mod, err, sizeof err), 0);
+    if (!mod) { printf("  %s\n", err); return; }
+    CHECK(strstr(dg_model_describe(mod), "SEEDED") != NULL);
+    dg_sched *s;
+    CHECK_EQ_INT(dg_sched_new(mod, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Draw.", .text_len = 5};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    seeded_obs o = {0};
+    dg_logit_bias bias = {test_bov_id(dir), 100.0f};   /* random weights never choose <BOV> */
+    CHECK(bias.token > 0);
+    dg_request r = {.id = "seeded", .messages = &msg, .n_messages = 1, .seed = 1,
+                    .text = {.max_new_tokens = 3, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 2.0f, .max_images = 1}};
+    dg_sink sink = {.user = &o, .text = seeded_text, .image_started = seeded_started, .step = seeded_step,
+                    .image_done = seeded_done, .finished = seeded_finished, .failed = seeded_failed};
+    uint64_t seq;
+    CHECK_EQ_INT(dg_sched_submit(s, &r, &sink, &seq, err, sizeof err), 0);
+    while (dg_sched_active(s) > 0) CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
+    CHECK_EQ_INT(o.finished, 1);
+    CHECK_EQ_INT(o.images, 1);
+    CHECK(o.png_len > 8);
+    dg_sched_free(s);
+    dg_model_close(mod);
+    unsetenv("DG_SEEDED_WEIGHTS");
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     CHECK(system(cmd) == 0);
 }

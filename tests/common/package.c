@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 int test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen) {
@@ -19,6 +20,20 @@ int test_make_package(const char *preset, long long seed, const char *vocab, cha
     }
     snprintf(dir, dirlen, "%s", tmpl);
     return 0;
+}
+
+int32_t test_bov_id(const char *pkg) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/mllm/tokenizer_config.json", pkg);
+    json_t *tc = json_load_file(path, 0, NULL), *v;
+    const char *key;
+    int32_t id = -1;
+    json_object_foreach(json_object_get(tc, "added_tokens_decoder"), key, v) {
+        const char *content = json_string_value(json_object_get(v, "content"));
+        if (content && !strcmp(content, "<BOV>")) id = (int32_t)atol(key);
+    }
+    json_decref(tc);
+    return id;
 }
 
 uint64_t test_file_fnv1a64(const char *path) {

@@ -20,6 +20,9 @@ void    *test_read_file(const char *dir, const char *name, size_t *len);
 /* Loads golden_dir/goldens.json and writes the package its "package" object names
  * (preset, seed, vocab); mllm gets that package's mllm/ folder. The goldens, or NULL after
  * printing why. The caller keeps them (json_decref). */
+/* The id of <BOV> in the package's mllm/tokenizer_config.json (mkmodel adds it after the
+ * last added token: 151665 with the Qwen2 vocabulary); -1 when absent. */
+int32_t  test_bov_id(const char *pkg);
 struct json_t;
 struct json_t *test_golden_package(const char *golden_dir, char *mllm, size_t len);
 

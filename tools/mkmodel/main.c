@@ -1,6 +1,10 @@
 /* mkmodel — writes a model package with random weights from a seed (DESIGN §5).
  *
- *   mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR]
+ *   mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR] [--seeded]
+ *
+ * --seeded writes every file but the weights' data: the safetensors files are headers
+ * marked with the seed, which the engine fills with random values at load when
+ * DG_SEEDED_WEIGHTS=1 (safetensors.h). For benchmarks of the full preset (20 GB otherwise).
  *
  * DIR/mllm/ is a Qwen2.5-VL package in the Hugging Face layout. --vocab DIR copies the real
  * Qwen2 tokenizer files (vocab.json, merges.txt, tokenizer_config.json) and sizes the
@@ -15,7 +19,7 @@
 #include "mkmodel.h"
 
 static int usage(void) {
-    fprintf(stderr, "usage: mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR]\n");
+    fprintf(stderr, "usage: mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR] [--seeded]\n");
     return 2;
 }
 
@@ -25,6 +29,7 @@ int main(int argc, char **argv) {
     int have_seed = 0;
     char err[512];
     for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--seeded")) { mk_seeded = 1; continue; }
         if (i + 1 >= argc) return usage();
         if (!strcmp(argv[i], "--preset")) preset = argv[++i];
         else if (!strcmp(argv[i], "--out")) out = argv[++i];
@@ -63,7 +68,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "mkmodel: %s\n", err);
         return 1;
     }
-    printf("mkmodel: wrote %s/mllm (preset %s, seed %" PRIu64 ", %s vocabulary)\n", out, preset,
-           seed, vocab ? "Qwen2" : "own");
+    printf("mkmodel: wrote %s (preset %s, seed %" PRIu64 ", %s vocabulary%s)\n", out, preset,
+           seed, vocab ? "Qwen2" : "own", mk_seeded ? ", seeded: headers only" : "");
     return 0;
 }

@@ -35,6 +35,11 @@ int  mk_add(mk_list *l, dg_dtype dtype, double mean, double std, const char *nam
             const int64_t *shape);
 void mk_list_free(mk_list *l);
 
+/* --seeded: every safetensors file is its header alone, marked "duogen.seeded" with the
+ * seed; the engine fills such tensors from the seed at load, and only with
+ * DG_SEEDED_WEIGHTS=1 (benchmarks of the full preset without 20 GB of files). */
+extern int mk_seeded;
+
 /* Writes the tensors as DIR/model.safetensors, or as model-0000k-of-0000n.safetensors
  * shards of at most max_shard_bytes plus model.safetensors.index.json when they do not
  * fit in one. 0 or -1 with a message in err. */

@@ -8,6 +8,8 @@
 
 #include "mkmodel.h"
 
+int mk_seeded;
+
 int mk_add(mk_list *l, dg_dtype dtype, double mean, double std, const char *name, int n_dims,
            const int64_t *shape) {
     if (l->n == l->cap) {
@@ -85,12 +87,16 @@ static int write_tensor(FILE *f, const mk_tensor *t, uint64_t seed, uint8_t *buf
 }
 
 /* The JSON header of tensors [a, b), padded with spaces to a multiple of 8 bytes. */
-static char *header(const mk_list *l, int a, int b, size_t *len) {
+static char *header(const mk_list *l, int a, int b, uint64_t seed, size_t *len) {
     size_t cap = 256 + (size_t)(b - a) * 256, o = 0;
     char *h = malloc(cap);
     uint64_t off = 0;
     if (!h) return NULL;
-    o += (size_t)snprintf(h + o, cap - o, "{\"__metadata__\":{\"format\":\"pt\"}");
+    if (mk_seeded)   /* no data follows: the loader fills the tensors from the seed */
+        o += (size_t)snprintf(h + o, cap - o, "{\"__metadata__\":{\"format\":\"pt\",\"duogen.seeded\":\"%" PRIu64 "\"}",
+                              seed);
+    else
+        o += (size_t)snprintf(h + o, cap - o, "{\"__metadata__\":{\"format\":\"pt\"}");
     for (int i = a; i < b; i++) {
         const mk_tensor *t = &l->t[i];
         o += (size_t)snprintf(h + o, cap - o, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[", t->name,
@@ -111,7 +117,7 @@ static char *header(const mk_list *l, int a, int b, size_t *len) {
 static int write_file(const char *path, const mk_list *l, int a, int b, uint64_t seed, char *err,
                       size_t errlen) {
     size_t hlen;
-    char *h = header(l, a, b, &hlen);
+    char *h = header(l, a, b, seed, &hlen);
     FILE *f = fopen(path, "wb");
     uint8_t *buf = malloc(CHUNK * 4);
     int rc = -1;
@@ -122,7 +128,7 @@ static int write_file(const char *path, const mk_list *l, int a, int b, uint64_t
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
     if (fwrite(len8, 1, 8, f) != 8 || fwrite(h, 1, hlen, f) != hlen) goto io;
-    for (int i = a; i < b; i++)
+    for (int i = a; i < b && !mk_seeded; i++)
         if (write_tensor(f, &l->t[i], seed, buf) < 0) goto io;
     if (fclose(f) != 0) { f = NULL; goto io; }
     f = NULL;
