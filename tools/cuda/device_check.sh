@@ -6,7 +6,9 @@
 #      else the ones tools/cuda/pack.sh packed (.devcarry/bundle.tar.xz, carried);
 #   4. build/tests/test_backend_cuda (every op vs the CPU backend, stated tolerances);
 #   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages);
-#   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit);
+#   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit)
+#      and dg-bench job (the seeded full package: DiT s/image at 1024² x 35 steps with CFG,
+#      VAE decode ms, one 4-image interleaved job);
 #   7. tools/reference/bench_torch_cuda.py (transformers bf16 on the same GPU), and ratios;
 #   8. compute-sanitizer racecheck over the attention cases (shared-memory races).
 # Logs and JSON go to $OUT (default build/device-out): at most 8 files.
@@ -69,6 +71,14 @@ timeout 75 build/tests/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.txt"
 
 step "dg-bench cuda"
 timeout 75 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
+
+step "dg-bench job: DiT s/image, VAE decode ms, a 4-image interleaved job (seeded full package)"
+export DG_FULL_PKG=${DG_FULL_PKG:-.devcarry/full-seeded}
+if [ -f "$DG_FULL_PKG/duogen.json" ]; then
+    DG_SEEDED_WEIGHTS=1 timeout 300 build/dg-bench ${QUICK:+--quick} --model "$DG_FULL_PKG" --json "$OUT/bench_job.json" job
+else
+    echo "no $DG_FULL_PKG/duogen.json (tools/cuda/pack.sh writes it): skipped"; unset DG_FULL_PKG
+fi
 
 step "transformers baseline (bench_torch_cuda.py)"
 PYTHONUNBUFFERED=1 timeout 100 python3 tools/reference/bench_torch_cuda.py ${QUICK:+--quick} --out "$OUT/torch_cuda.json"

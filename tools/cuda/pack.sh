@@ -4,8 +4,8 @@
 # libraries (OpenBLAS, jansson, libpng, ...): builds with make (nvcc present: the CUDA
 # backend included) and packs the CUDA test programs, dg-bench and mkmodel with the shared
 # libraries they need (not glibc, libstdc++ or the CUDA libraries, which the GPU machine
-# has in versions at least as new) into
-# .devcarry/bundle.tar.xz. .devcarry/ is ignored by git (.git/info/exclude); name it in the
+# has in versions at least as new) into .devcarry/bundle.tar.xz, and writes the seeded full
+# package (weights filled from the seed at load) to .devcarry/full-seeded. .devcarry/ is ignored by git (.git/info/exclude); name it in the
 # device tool's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,4 +23,9 @@ ldd $bins | awk '$3 ~ /^\// {print $3}' | sort -u | while read -r lib; do
 done
 tar -C .devcarry/stage -cJf .devcarry/bundle.tar.xz bin lib
 rm -rf .devcarry/stage
-ls -l .devcarry/bundle.tar.xz
+# the full package as headers only (mkmodel --seeded, ~5 MB with the Qwen2 vocabulary, which
+# the GPU machine does not have): dg-bench job fills its 20 GB of weights from the seed
+vocab=../shared/vocab/qwen2
+[ -f $vocab/vocab.json ] || { echo "pack.sh: no $vocab: the full package gets mkmodel's own small vocabulary" >&2; vocab=; }
+build/mkmodel --preset full --seed 1 --seeded ${vocab:+--vocab $vocab} --out .devcarry/full-seeded
+ls -l .devcarry/bundle.tar.xz; du -sh .devcarry/full-seeded
