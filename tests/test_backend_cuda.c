@@ -21,8 +21,9 @@
  *   - attention, decode (m <= 8), spatial, head sizes off the tensor-core list, and every
  *     attention with DG_CUDA_GEMM=precise: fp32 throughout, online vs exact softmax: 2e-5
  *     max abs on outputs in [-1, 1].
- *   - attention on the tensor cores (m > 8, head_dim 64/80/128): Q, K, V and P rounded to
- *     bf16 (2^-9 relative each), fp32 accumulation: 1e-2 relative norm.
+ *   - attention on the tensor cores (m > 8, head_dim 64/80/128; the mma.sync kernel, and the
+ *     wmma one with DG_CUDA_ATTN=wmma): Q, K, V and P rounded to bf16 (2^-9 relative each),
+ *     fp32 accumulation: 1e-2 relative norm.
  *   - embed, kv_write, gather_rows, upsample2x: copies, exact. */
 #include <math.h>
 #include <stdint.h>
@@ -36,7 +37,7 @@
 
 #define ATT_FAST_REL 1e-2
 
-static dg_backend *cpu, *gpu, *gpu_precise;
+static dg_backend *cpu, *gpu, *gpu_precise, *gpu_wmma;
 static int skipped;
 
 static uint64_t rng = 12345;
@@ -69,6 +70,12 @@ static int ready(void) {
         return 0;
     }
     unsetenv("DG_CUDA_GEMM");
+    setenv("DG_CUDA_ATTN", "wmma", 1);   /* the previous tensor-core attention kernel */
+    if (dg_backend_new("cuda:0", 0, &gpu_wmma, err, sizeof err) < 0) {
+        test_fail(__FILE__, __LINE__, "third cuda backend: %s", err);
+        return 0;
+    }
+    unsetenv("DG_CUDA_ATTN");
     if (dg_backend_new("cpu", 0, &cpu, err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "cpu backend: %s", err);
         return 0;
@@ -360,7 +367,8 @@ TEST(cuda_kv_write_attention) {
     if (!ready()) return;
     static const int shapes[][5] = {   /* n_past, m, heads, kv heads, head_dim */
         {0, 1, 4, 2, 16}, {100, 1, 28, 4, 128}, {1000, 1, 14, 2, 64}, {3000, 2, 28, 4, 128},
-        {0, 20, 14, 2, 64}, {40, 7, 4, 2, 16}, {17, 130, 28, 4, 128}, {0, 77, 16, 16, 256}};
+        {0, 20, 14, 2, 64}, {40, 7, 4, 2, 16}, {17, 130, 28, 4, 128}, {0, 77, 16, 16, 256},
+        {50, 200, 28, 4, 128}, {0, 64, 16, 16, 80}, {3, 9, 8, 8, 64}};
     const int bs = 16;
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const int n_past = shapes[s][0], m = shapes[s][1], nh = shapes[s][2], nkv = shapes[s][3], hd = shapes[s][4];
@@ -373,12 +381,15 @@ TEST(cuda_kv_write_attention) {
         float *ref = run_paged(cpu, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[0]);
         float *got = run_paged(gpu, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[1]);
         float *pre = run_paged(gpu_precise, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp2);
+        float *kp3, *wm = run_paged(gpu_wmma, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp3);
         char shape[64];
         snprintf(shape, sizeof shape, "past%d m%d h%d/%d d%d", n_past, m, nh, nkv, hd);
         compare("kv_write", shape, kp[1], kp[0], (int64_t)n_blocks * bs * kv_dim, 0, 0);
         compare("attention", shape, got, ref, (int64_t)m * nh * hd, ATT_FAST_REL, -1);
         compare("attention precise", shape, pre, ref, (int64_t)m * nh * hd, -1, 2e-5);
+        compare("attention wmma", shape, wm, ref, (int64_t)m * nh * hd, ATT_FAST_REL, -1);
         free(table); free(q); free(k); free(v); free(kp[0]); free(kp[1]); free(kp2); free(ref); free(got); free(pre);
+        free(kp3); free(wm);
     }
 }
 
@@ -413,6 +424,9 @@ TEST(cuda_attention_segments) {
         float *pre = run_segments(gpu_precise, qkv, 300, qs, cu, cu, 5, 300, nh, nkv, hd, NULL, 0);
         compare("attention_segments", "5 windows h16 d80 (fused qkv)", got, ref, 300LL * nh * hd, ATT_FAST_REL, -1);
         compare("att_segments prec", "5 windows h16 d80 (fused qkv)", pre, ref, 300LL * nh * hd, -1, 2e-5);
+        float *wm = run_segments(gpu_wmma, qkv, 300, qs, cu, cu, 5, 300, nh, nkv, hd, NULL, 0);
+        compare("att_segments wmma", "5 windows h16 d80 (fused qkv)", wm, ref, 300LL * nh * hd, ATT_FAST_REL, -1);
+        free(wm);
         free(qkv); free(ref); free(got); free(pre);
     }
     {
@@ -424,6 +438,9 @@ TEST(cuda_attention_segments) {
         float *pre = run_segments(gpu_precise, qkv, n, qs, cu, cu, 1, n, nh, nkv, hd, NULL, 0);
         compare("attention_segments", "1 segment 1024 h16 d128", got, ref, (int64_t)n * nh * hd, ATT_FAST_REL, -1);
         compare("att_segments prec", "1 segment 1024 h16 d128", pre, ref, (int64_t)n * nh * hd, -1, 2e-5);
+        float *wm = run_segments(gpu_wmma, qkv, n, qs, cu, cu, 1, n, nh, nkv, hd, NULL, 0);
+        compare("att_segments wmma", "1 segment 1024 h16 d128", wm, ref, (int64_t)n * nh * hd, ATT_FAST_REL, -1);
+        free(wm);
         free(qkv); free(ref); free(got); free(pre);
     }
     {
@@ -435,6 +452,9 @@ TEST(cuda_attention_segments) {
         float *pre = run_segments(gpu_precise, q, 97, qs, q_cu, kv_cu, 3, 97, nh, nkv, hd, kv, 451);
         compare("attention_segments", "cross GQA 8/2 d64, empty kv", got, ref, 97LL * nh * hd, ATT_FAST_REL, -1);
         compare("att_segments prec", "cross GQA 8/2 d64, empty kv", pre, ref, 97LL * nh * hd, -1, 2e-5);
+        float *wm = run_segments(gpu_wmma, q, 97, qs, q_cu, kv_cu, 3, 97, nh, nkv, hd, kv, 451);
+        compare("att_segments wmma", "cross GQA 8/2 d64, empty kv", wm, ref, 97LL * nh * hd, ATT_FAST_REL, -1);
+        free(wm);
         free(q); free(kv); free(ref); free(got); free(pre);
     }
 }
@@ -499,6 +519,7 @@ int main(void) {
     if (skipped) printf("skipped: no CUDA device: every case above passed without running\n");
     dg_backend_free(gpu);
     dg_backend_free(gpu_precise);
+    dg_backend_free(gpu_wmma);
     dg_backend_free(cpu);
     return rc;
 }

@@ -18,7 +18,9 @@
  *     O += P·V with each thread holding head_dim/4 accumulators in registers. fp32 FMA on
  *     the CUDA cores, exact to fp32 rounding: used for head sizes other than 64, 80, 128
  *     and with DG_CUDA_GEMM=precise. Shared memory 53 KB (head_dim 128) to 103 KB (256).
- *   - tensor cores (head_dim 64, 80, 128, the default): the same walk with 64-row tiles,
+ *   - mma.sync (head_dim 64, 80, 128, the default): attention_mma.cu, FlashAttention-2's
+ *     schedule with Q, S, P and O in registers.
+ *   - wmma (the same head sizes with DG_CUDA_ATTN=wmma): the same walk with 64-row tiles,
  *     Q, K, V and P rounded to bf16, S and O accumulated in fp32 by wmma (attn_tc_kernel).
  *     Rounding the operands costs about 2^-9 relative per element: ~3e-3 relative error
  *     of the output, the same class of error as the bf16 GEMMs.
@@ -26,7 +28,7 @@
 #include <math.h>
 #include <mma.h>
 
-#include "cuda_common.cuh"
+#include "attention.cuh"
 
 #define DECODE_MAX_M  8
 #define DECODE_WARPS  8
@@ -35,20 +37,6 @@
 #define BK 32
 #define TILE_THREADS 128     /* 4 threads per query row */
 
-/* ---- KV addressing ---------------------------------------------------------------------- */
-
-/* Key/value row j: paged (block table) or linear (row j at base + j·stride). */
-struct kv_addr {
-    const float   *k, *v;
-    const int32_t *table;    /* NULL: linear */
-    int            block_size;
-    int            stride;   /* floats between rows */
-};
-
-__device__ __forceinline__ int64_t kv_off(const kv_addr &a, int j) {
-    const int64_t r = a.table ? (int64_t)a.table[j / a.block_size] * a.block_size + j % a.block_size : j;
-    return r * a.stride;
-}
 
 /* ---- decode: split-K --------------------------------------------------------------------- */
 
@@ -470,13 +458,15 @@ static int tc_head_dim(const dg_cuda *c, int head_dim) {
     return !c->gemm_split && (head_dim == 64 || head_dim == 80 || head_dim == 128);
 }
 
-/* Stages n_tiles tile bounds from c->att_tiles and launches over them, every head. */
+/* Stages n_tiles tile bounds from c->att_tiles and launches over them, every head: the mma
+ * kernel on the bf16 copies when mb != NULL (attention_mma.cu), else the wmma or fp32 one. */
 static int attn_tiles_launch(dg_cuda *c, int n_tiles, float *out, int out_stride, const float *q,
                              int q_stride, kv_addr a, int n_heads, int n_kv_heads, int head_dim,
-                             float scale, int causal) {
+                             float scale, int causal, const dg_attn_bf16 *mb) {
     if (n_tiles == 0) return 0;
     const int32_t *d_tiles = (const int32_t *)dg_cuda_stage(c, c->att_tiles, sizeof(int32_t) * 4 * (size_t)n_tiles);
     if (!d_tiles) return DG_EDEVICE;
+    if (mb) return dg_cuda_attn_mma_launch(c, mb, d_tiles, n_tiles, out, out_stride, causal);
     const dim3 grid(n_tiles, n_heads);
     const int group = n_heads / n_kv_heads;
     if (tc_head_dim(c, head_dim)) {
@@ -508,7 +498,7 @@ int dg_cuda_attention_init(dg_cuda *c) {
     CUDA_CHECK(c, cudaFuncSetAttribute(attn_tc_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_layout<64>::BYTES));
     CUDA_CHECK(c, cudaFuncSetAttribute(attn_tc_kernel<80>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_layout<80>::BYTES));
     CUDA_CHECK(c, cudaFuncSetAttribute(attn_tc_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_layout<128>::BYTES));
-    return 0;
+    return dg_cuda_attn_mma_init(c);
 }
 
 /* ---- the decoder's attention ------------------------------------------------------------- */
@@ -522,7 +512,14 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
     kv_addr a = {kv->k, kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
     if (m <= DECODE_MAX_M)
         return attn_decode(c, out, q, a, n_past, m, n_heads, n_kv_heads, head_dim, scale);
-    const int bq = tc_head_dim(c, head_dim) ? TQ : BQ;
+    dg_attn_bf16 mbuf, *mb = NULL;
+    if (dg_cuda_attn_mma_ok(c, head_dim, m, n_ctx, n_heads, n_kv_heads)) {
+        int rc = dg_cuda_attn_mma_prepare(c, &mbuf, q, n_heads * head_dim, a, m, n_ctx, n_heads, n_kv_heads,
+                                          head_dim, scale);
+        if (rc < 0) return rc;
+        mb = &mbuf;
+    }
+    const int bq = mb ? DG_MMA_TQ : tc_head_dim(c, head_dim) ? TQ : BQ;
     for (int t0 = 0; t0 < m; t0 += bq * DG_CUDA_ATT_TILES) {
         int n = 0;
         for (int q0 = t0; q0 < m && n < DG_CUDA_ATT_TILES; q0 += bq, n++) {
@@ -533,7 +530,7 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
             tl[3] = n_ctx;
         }
         int rc = attn_tiles_launch(c, n, out, n_heads * head_dim, q, n_heads * head_dim, a, n_heads,
-                                   n_kv_heads, head_dim, scale, n_past);
+                                   n_kv_heads, head_dim, scale, n_past, mb);
         if (rc < 0) return rc;
     }
     return 0;
@@ -545,7 +542,15 @@ static int attention_segments(dg_cuda *c, float *out, const float *q, int q_stri
                               const float *v, int kv_stride, const int32_t *q_cu, const int32_t *kv_cu,
                               int n_seg, int n_heads, int n_kv_heads, int head_dim, float scale) {
     kv_addr a = {k, v, NULL, 1, kv_stride};
-    const int bq = tc_head_dim(c, head_dim) ? TQ : BQ;
+    if (n_seg <= 0) return 0;
+    dg_attn_bf16 mbuf, *mb = NULL;
+    if (dg_cuda_attn_mma_ok(c, head_dim, q_cu[n_seg], kv_cu[n_seg], n_heads, n_kv_heads)) {
+        int rc = dg_cuda_attn_mma_prepare(c, &mbuf, q, q_stride, a, q_cu[n_seg], kv_cu[n_seg], n_heads,
+                                          n_kv_heads, head_dim, scale);
+        if (rc < 0) return rc;
+        mb = &mbuf;
+    }
+    const int bq = mb ? DG_MMA_TQ : tc_head_dim(c, head_dim) ? TQ : BQ;
     int n = 0;
     for (int s = 0; s < n_seg; s++)
         for (int q0 = q_cu[s]; q0 < q_cu[s + 1]; q0 += bq) {
@@ -556,13 +561,13 @@ static int attention_segments(dg_cuda *c, float *out, const float *q, int q_stri
             tl[3] = kv_cu[s + 1];
             if (++n == DG_CUDA_ATT_TILES) {
                 int rc = attn_tiles_launch(c, n, out, n_heads * head_dim, q, q_stride, a, n_heads,
-                                           n_kv_heads, head_dim, scale, -1);
+                                           n_kv_heads, head_dim, scale, -1, mb);
                 if (rc < 0) return rc;
                 n = 0;
             }
         }
     return attn_tiles_launch(c, n, out, n_heads * head_dim, q, q_stride, a, n_heads, n_kv_heads,
-                             head_dim, scale, -1);
+                             head_dim, scale, -1, mb);
 }
 
 /* ---- VAE spatial attention ---------------------------------------------------------------- */

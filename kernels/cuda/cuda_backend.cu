@@ -311,6 +311,8 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     {
         const char *g = getenv("DG_CUDA_GEMM");
         c->gemm_split = g && !strcmp(g, "precise");
+        const char *at = getenv("DG_CUDA_ATTN");
+        c->attn_wmma = at && !strcmp(at, "wmma");
     }
     if (!(c->att_tiles = (int32_t *)malloc(sizeof(int32_t) * 4 * DG_CUDA_ATT_TILES))) {
         snprintf(err, errlen, "cuda: out of host memory");

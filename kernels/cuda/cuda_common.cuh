@@ -64,6 +64,8 @@ typedef struct {
     void           *blas_ws;       /* cuBLAS workspace (arena) */
     int32_t        *att_tiles;     /* owned host [4 * DG_CUDA_ATT_TILES]: tile bounds of a call */
     int             gemm_split;    /* 1: x = hi + lo in two bf16 GEMMs (DG_CUDA_GEMM=precise) */
+    int             attn_wmma;     /* 1: prefill/segment attention on the wmma kernel, not the
+                                      mma.sync one (DG_CUDA_ATTN=wmma) */
     int             status;        /* sticky: 0 or the first DG_EDEVICE */
     char            err[256];
 } dg_cuda;
