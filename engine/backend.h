@@ -70,6 +70,15 @@ static inline int dg_conv3d_out_w(const dg_conv3d_shape *s) {
     return (s->w + s->pad_left + s->pad_right - s->kw) / s->sw + 1;
 }
 
+/* One of the weights of a dg_matmul_parts call: y[m, w->rows] = x · wᵀ (+ bias). */
+typedef struct {
+    float           *y;
+    const dg_weight *w;
+    const float     *bias;        /* NULL: none */
+} dg_matmul_part;
+
+#define DG_MATMUL_PARTS_MAX 4
+
 typedef struct dg_backend dg_backend;
 
 struct dg_backend {
@@ -177,6 +186,22 @@ struct dg_backend {
      * y = (x − mean) / (std + eps) with the UNBIASED std (divide by n − 1) and eps added to
      * the std, not under the root; y may equal x. */
     void (*standardize)(dg_backend *be, float *y, const float *x, int m, int n, float eps);
+    /* ---- fused forms (optional: NULL means the composition, see the dg_* helpers below).
+     * A GPU gains from them in the decode step, where each launch costs more than the work
+     * of the small ones; the results equal the composition's up to summation order. ---- */
+
+    /* parts[i].y = x · parts[i].wᵀ (+ bias) for n_parts <= DG_MATMUL_PARTS_MAX weights of
+     * equal cols sharing x (q, k and v): n_parts matmul calls in one. */
+    void (*matmul_parts)(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts, int m);
+    /* y[m, F] = silu(x · gateᵀ) ⊙ (x · upᵀ), F = gate->rows = up->rows (the SwiGLU MLP's
+     * first half); tmp [m, F] is backend memory the op may use. y must not overlap x. */
+    void (*matmul_swiglu)(dg_backend *be, float *y, float *tmp, const float *x, const dg_weight *gate,
+                          const dg_weight *up, int m);
+    /* x[m, n] += r, then y = rmsnorm(x) · weight (a residual add and the next norm);
+     * y may equal r, not x. */
+    void (*add_rmsnorm)(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m,
+                        int n, float eps);
+
     /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
      * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,
      * from then on (the backend is not usable again). The CPU backend cannot fail. */
@@ -193,5 +218,36 @@ int  dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err
 int  dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, dg_backend **out,
                           char *err, size_t errlen);
 void dg_backend_free(dg_backend *be);   /* accepts NULL */
+
+/* The fused operations, or their composition where the backend has none. */
+static inline void dg_matmul_parts(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts,
+                                   int m) {
+    if (be->matmul_parts) {
+        be->matmul_parts(be, x, parts, n_parts, m);
+        return;
+    }
+    for (int i = 0; i < n_parts; i++) be->matmul(be, parts[i].y, x, parts[i].w, parts[i].bias, m);
+}
+
+static inline void dg_matmul_swiglu(dg_backend *be, float *y, float *tmp, const float *x, const dg_weight *gate,
+                                    const dg_weight *up, int m) {
+    if (be->matmul_swiglu) {
+        be->matmul_swiglu(be, y, tmp, x, gate, up, m);
+        return;
+    }
+    be->matmul(be, y, x, gate, NULL, m);
+    be->matmul(be, tmp, x, up, NULL, m);
+    be->silu_mul(be, y, y, tmp, (int64_t)m * gate->rows);
+}
+
+static inline void dg_add_rmsnorm(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m,
+                                  int n, float eps) {
+    if (be->add_rmsnorm) {
+        be->add_rmsnorm(be, y, x, r, weight, m, n, eps);
+        return;
+    }
+    be->add(be, x, r, (int64_t)m * n);
+    be->rmsnorm(be, y, x, weight, m, n, eps);
+}
 
 #endif

@@ -78,7 +78,7 @@ typedef struct {
     int      max_tokens, max_logits;
     float   *x;               /* [max_tokens, D]       residual stream */
     float   *h;               /* [max_tokens, D]       normed input / block output */
-    float   *q;               /* [max_tokens, H*hd] */
+    float   *q;               /* [max_tokens, H*hd]; one token: [q | k | v] */
     float   *k;               /* [max_tokens, KV*hd] */
     float   *v;               /* [max_tokens, KV*hd] */
     float   *att;             /* [max_tokens, H*hd]    attention output */

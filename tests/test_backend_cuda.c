@@ -24,7 +24,9 @@
  *   - attention on the tensor cores (m > 8, head_dim 64/80/128; the mma.sync kernel, and the
  *     wmma one with DG_CUDA_ATTN=wmma): Q, K, V and P rounded to bf16 (2^-9 relative each),
  *     fp32 accumulation: 1e-2 relative norm.
- *   - embed, kv_write, gather_rows, upsample2x: copies, exact. */
+ *   - embed, kv_write, gather_rows, upsample2x: copies, exact.
+ *   - the fused decode forms: as their parts (matmul_swiglu 1e-4 at m <= 8: the SiLU of a
+ *     dot product that differs by 1e-5 relative, times another). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -163,6 +165,73 @@ TEST(cuda_matmul) {
             free(p);
         }
         free(w); free(x); free(b); free(ref); free(got);
+    }
+}
+
+/* ---- the fused forms: matmul_parts (q, k, v), matmul_swiglu, add_rmsnorm ------------------ */
+
+/* out = [q | k | v | swiglu | x after the add | y of add_rmsnorm] for the fused helpers,
+ * which take the backend's fused member where it has one (CUDA) and the composition else
+ * (the CPU reference). */
+static float *run_fused(dg_backend *be, const uint16_t *wq, const uint16_t *wk, const uint16_t *wg,
+                        const uint16_t *wu, const float *x, const float *b, const float *res,
+                        const float *nw, int m, int nq, int nk, int f, int k) {
+    char err[256];
+    dg_weight w[5] = {{wq, DG_DTYPE_BF16, nq, k}, {wk, DG_DTYPE_BF16, nk, k}, {wk, DG_DTYPE_BF16, nk, k},
+                      {wg, DG_DTYPE_BF16, f, k}, {wu, DG_DTYPE_BF16, f, k}};
+    for (int i = 0; i < 5; i++)
+        if (be->weight_prepare(be, &w[i], err, sizeof err) < 0) test_fail(__FILE__, __LINE__, "%s", err);
+    const int64_t nout = (int64_t)m * (nq + 2 * nk + f + 2 * k);
+    float *dx = put(be, x, (int64_t)m * k), *db = put(be, b, nq + 2 * nk);
+    float *dq = be->alloc(be, sizeof(float) * (size_t)m * nq), *dk = be->alloc(be, sizeof(float) * (size_t)m * nk);
+    float *dv = be->alloc(be, sizeof(float) * (size_t)m * nk), *dy = be->alloc(be, sizeof(float) * (size_t)m * f);
+    float *tmp = be->alloc(be, sizeof(float) * (size_t)m * f);
+    const dg_matmul_part parts[3] = {{dq, &w[0], db}, {dk, &w[1], db + nq}, {dv, &w[2], NULL}};
+    dg_matmul_parts(be, dx, parts, 3, m);
+    dg_matmul_swiglu(be, dy, tmp, dx, &w[3], &w[4], m);
+    float *dres = put(be, res, (int64_t)m * k), *dnw = put(be, nw, k);
+    dg_add_rmsnorm(be, dres, dx, dres, dnw, m, k, 1e-6f);   /* y = r, as the decoder calls it */
+    float *out = malloc(sizeof(float) * (size_t)nout), *o = out;
+    be->download(be, o, dq, (int64_t)m * nq); o += (int64_t)m * nq;
+    be->download(be, o, dk, (int64_t)m * nk); o += (int64_t)m * nk;
+    be->download(be, o, dv, (int64_t)m * nk); o += (int64_t)m * nk;
+    be->download(be, o, dy, (int64_t)m * f); o += (int64_t)m * f;
+    be->download(be, o, dx, (int64_t)m * k); o += (int64_t)m * k;
+    be->download(be, o, dres, (int64_t)m * k);
+    float *bufs[] = {dx, db, dq, dk, dv, dy, tmp, dres, dnw};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->release(be, bufs[i]);
+    if (be != cpu)
+        for (int i = 0; i < 5; i++) if (i != 2) be->release(be, (void *)w[i].data);
+    return out;
+}
+
+TEST(cuda_fused_decode_ops) {
+    if (!ready()) return;
+    static const int shapes[][5] = {   /* m, q rows, k rows, F, k: 1 and 8 fused, 20 the GEMM path */
+        {1, 512, 128, 1024, 256}, {1, 3584, 512, 4096, 3584}, {8, 256, 64, 512, 256}, {20, 256, 64, 512, 256},
+        {3, 100, 36, 200, 120}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int m = shapes[s][0], nq = shapes[s][1], nk = shapes[s][2], f = shapes[s][3], k = shapes[s][4];
+        uint16_t *wq = rnd_bf16((int64_t)nq * k, 0.05f), *wk = rnd_bf16((int64_t)nk * k, 0.05f);
+        uint16_t *wg = rnd_bf16((int64_t)f * k, 0.05f), *wu = rnd_bf16((int64_t)f * k, 0.05f);
+        float *x = rnd((int64_t)m * k, 1.0f), *b = rnd(nq + 2 * nk, 0.5f), *res = rnd((int64_t)m * k, 1.0f);
+        float *nw = rnd(k, 1.0f);
+        float *ref = run_fused(cpu, wq, wk, wg, wu, x, b, res, nw, m, nq, nk, f, k);
+        float *got = run_fused(gpu, wq, wk, wg, wu, x, b, res, nw, m, nq, nk, f, k);
+        char shape[96];
+        const double tol = m <= 8 ? 1e-5 : 1e-2;   /* fp32 GEMV, or the bf16-rounded GEMM (see top) */
+        int64_t o = 0;
+        snprintf(shape, sizeof shape, "m%d q%d kv%d k%d", m, nq, nk, k);
+        compare("matmul_parts", shape, got, ref, (int64_t)m * (nq + 2 * nk), tol, -1);
+        o += (int64_t)m * (nq + 2 * nk);
+        snprintf(shape, sizeof shape, "m%d F%d k%d", m, f, k);
+        compare("matmul_swiglu", shape, got + o, ref + o, (int64_t)m * f, m <= 8 ? 1e-4 : 1e-2, -1);
+        o += (int64_t)m * f;
+        snprintf(shape, sizeof shape, "m%d n%d", m, k);
+        compare("add_rmsnorm x", shape, got + o, ref + o, (int64_t)m * k, 0, 0);   /* one fp32 add: exact */
+        o += (int64_t)m * k;
+        compare("add_rmsnorm y", shape, got + o, ref + o, (int64_t)m * k, 1e-5, 8e-5);
+        free(wq); free(wk); free(wg); free(wu); free(x); free(b); free(res); free(nw); free(ref); free(got);
     }
 }
 

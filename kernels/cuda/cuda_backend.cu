@@ -330,6 +330,9 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     be->release = cuda_release;
     be->weight_prepare = cuda_weight_prepare;
     be->matmul = dg_cuda_matmul;
+    be->matmul_parts = dg_cuda_matmul_parts;
+    be->matmul_swiglu = dg_cuda_matmul_swiglu;
+    be->add_rmsnorm = dg_cuda_add_rmsnorm;
     be->rmsnorm = dg_cuda_rmsnorm;
     be->rope = dg_cuda_rope;
     be->kv_write = dg_cuda_kv_write;

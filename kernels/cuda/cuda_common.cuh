@@ -142,10 +142,15 @@ void dg_cuda_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w
                     const float *bias, int m);
 void dg_cuda_embed(dg_backend *be, float *y, const dg_weight *table, const int32_t *ids, int m);
 int  dg_cuda_to_bf16(dg_cuda *c, __nv_bfloat16 *dst, const float *src, int64_t n);
+void dg_cuda_matmul_parts(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts, int m);
+void dg_cuda_matmul_swiglu(dg_backend *be, float *y, float *tmp, const float *x, const dg_weight *gate,
+                           const dg_weight *up, int m);
 
 /* norm.cu */
 void dg_cuda_rmsnorm(dg_backend *be, float *y, const float *x, const float *weight, int m, int n,
                      float eps);
+void dg_cuda_add_rmsnorm(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m, int n,
+                         float eps);
 void dg_cuda_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
                        const float *bias, int m, int n, float eps);
 void dg_cuda_modulate(dg_backend *be, float *y, const float *x, const float *shift,
@@ -157,6 +162,7 @@ void dg_cuda_standardize(dg_backend *be, float *y, const float *x, int m, int n,
 
 /* elementwise.cu */
 void dg_cuda_silu_mul(dg_backend *be, float *y, const float *gate, const float *up, int64_t n);
+int  dg_cuda_silu_mul_launch(dg_cuda *c, float *y, const float *gate, const float *up, int64_t n);
 void dg_cuda_add(dg_backend *be, float *y, const float *x, int64_t n);
 void dg_cuda_gelu(dg_backend *be, float *y, const float *x, int64_t n);
 void dg_cuda_gelu_tanh(dg_backend *be, float *y, const float *x, int64_t n);

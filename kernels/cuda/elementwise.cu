@@ -39,6 +39,10 @@ static int ew(dg_cuda *c, float *y, const float *a, const float *b, int64_t n) {
     return 0;
 }
 
+int dg_cuda_silu_mul_launch(dg_cuda *c, float *y, const float *gate, const float *up, int64_t n) {
+    return ew<EW_SILU_MUL>(c, y, gate, up, n);
+}
+
 __global__ void add_gated_kernel(float *y, const float *x, const float *gate, int n, int64_t total) {
     GRID_STRIDE(i, total) y[i] += gate[i % n] * x[i];
 }

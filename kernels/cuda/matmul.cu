@@ -28,6 +28,28 @@ __device__ __forceinline__ void bf16x8_to_f32(uint4 u, float *f) {
     }
 }
 
+/* acc[r] = Σ over this thread's 16-byte pieces i = first, first + step, ... of the bf16 row
+ * wr · x row r (r < M): the inner loop of every GEMV here. UNROLL loads in flight. */
+template <int M, int UNROLL>
+__device__ __forceinline__ void gemv_dot(float *acc, const uint4 *__restrict__ wr, const float *__restrict__ x,
+                                         int k, int first, int step) {
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    const int n8 = k / 8;
+#pragma unroll UNROLL
+    for (int i = first; i < n8; i += step) {
+        float wf[8];
+        bf16x8_to_f32(__ldg(wr + i), wf);
+#pragma unroll
+        for (int r = 0; r < M; r++) {
+            const float4 *xr = (const float4 *)(x + (int64_t)r * k) + 2 * i;
+            const float4 a = __ldg(xr), b = __ldg(xr + 1);
+            acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w +
+                      wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+        }
+    }
+}
+
 /* One warp per row of W; lane l reads elements 8l .. 8l+7 of every 256-wide slice as one
  * 16-byte load (a warp reads 512 contiguous bytes per step). The unrolled loop keeps up to
  * eight such loads in flight per lane (the tail of a grid runs with few warps per SM, and
@@ -42,21 +64,7 @@ __global__ void gemv_bf16_vec(float *__restrict__ y, const float *__restrict__ x
     if (row >= n) return;
     const uint4 *wr = (const uint4 *)(w + (int64_t)row * k);
     float acc[M];
-#pragma unroll
-    for (int r = 0; r < M; r++) acc[r] = 0.0f;
-    const int n8 = k / 8;
-#pragma unroll 8
-    for (int i = lane; i < n8; i += 32) {
-        float wf[8];
-        bf16x8_to_f32(__ldg(wr + i), wf);
-#pragma unroll
-        for (int r = 0; r < M; r++) {
-            const float4 *xr = (const float4 *)(x + (int64_t)r * k) + 2 * i;
-            const float4 a = __ldg(xr), b = __ldg(xr + 1);
-            acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w +
-                      wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
-        }
-    }
+    gemv_dot<M, 8>(acc, wr, x, k, lane, 32);
 #pragma unroll
     for (int r = 0; r < M; r++) {
         const float s = dg_warp_sum(acc[r]);
@@ -75,21 +83,7 @@ __global__ void gemv_bf16_rowblock(float *__restrict__ y, const float *__restric
     const int row = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const uint4 *wr = (const uint4 *)(w + (int64_t)row * k);
     float acc[M];
-#pragma unroll
-    for (int r = 0; r < M; r++) acc[r] = 0.0f;
-    const int n8 = k / 8;
-#pragma unroll 2
-    for (int i = threadIdx.x; i < n8; i += blockDim.x) {
-        float wf[8];
-        bf16x8_to_f32(__ldg(wr + i), wf);
-#pragma unroll
-        for (int r = 0; r < M; r++) {
-            const float4 *xr = (const float4 *)(x + (int64_t)r * k) + 2 * i;
-            const float4 a = __ldg(xr), b = __ldg(xr + 1);
-            acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w +
-                      wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
-        }
-    }
+    gemv_dot<M, 2>(acc, wr, x, k, threadIdx.x, blockDim.x);
 #pragma unroll
     for (int r = 0; r < M; r++) {
         const float s = dg_warp_sum(acc[r]);
@@ -119,6 +113,60 @@ __global__ void gemv_bf16_any(float *__restrict__ y, const float *__restrict__ x
         for (int i = lane; i < k; i += 32) acc += __bfloat162float(wr[i]) * x[(int64_t)r * k + i];
         acc = dg_warp_sum(acc);
         if (lane == 0) y[(int64_t)r * n + row] = acc + (bias ? bias[row] : 0.0f);
+    }
+}
+
+/* Several weights sharing x (q, k, v) in one launch: rows of all parts, one warp each, as
+ * gemv_bf16_vec; the warp finds its part from the cumulative row ends. The part is chosen
+ * with constant indices (a runtime index into a kernel parameter would copy the parameters
+ * to local memory). */
+struct gemv_parts_arg {
+    const __nv_bfloat16 *w[DG_MATMUL_PARTS_MAX];
+    float               *y[DG_MATMUL_PARTS_MAX];
+    const float         *bias[DG_MATMUL_PARTS_MAX];
+    int                  end[DG_MATMUL_PARTS_MAX];   /* cumulative rows */
+    int                  n_parts;
+};
+
+template <int M>
+__global__ void gemv_parts_kernel(gemv_parts_arg p, const float *__restrict__ x, int k) {
+    const int lane = threadIdx.x & 31;
+    const int row_all = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    const __nv_bfloat16 *w = p.w[0];
+    float *y = p.y[0];
+    const float *bias = p.bias[0];
+    int base = 0, end = p.end[0];
+#pragma unroll
+    for (int i = 1; i < DG_MATMUL_PARTS_MAX; i++)
+        if (i < p.n_parts && row_all >= p.end[i - 1]) {
+            w = p.w[i]; y = p.y[i]; bias = p.bias[i]; base = p.end[i - 1]; end = p.end[i];
+        }
+    if (row_all >= end) return;
+    const int row = row_all - base, n = end - base;
+    float acc[M];
+    gemv_dot<M, 8>(acc, (const uint4 *)(w + (int64_t)row * k), x, k, lane, 32);
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+        const float s = dg_warp_sum(acc[r]);
+        if (lane == 0) y[(int64_t)r * n + row] = s + (bias ? bias[row] : 0.0f);
+    }
+}
+
+/* y[r, row] = silu(x_r · gate_row) · (x_r · up_row): the two rows of one output in one warp. */
+template <int M>
+__global__ void gemv_swiglu_kernel(float *__restrict__ y, const float *__restrict__ x,
+                                   const __nv_bfloat16 *__restrict__ wg, const __nv_bfloat16 *__restrict__ wu,
+                                   int n, int k) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (row >= n) return;
+    float g[M], u[M];
+    gemv_dot<M, 4>(g, (const uint4 *)(wg + (int64_t)row * k), x, k, lane, 32);
+    gemv_dot<M, 4>(u, (const uint4 *)(wu + (int64_t)row * k), x, k, lane, 32);
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+        const float a = dg_warp_sum(g[r]), b = dg_warp_sum(u[r]);
+        if (lane == 0) y[(int64_t)r * n + row] = a / (1.0f + expf(-a)) * b;   /* as the silu_mul kernel */
     }
 }
 
@@ -204,6 +252,67 @@ static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, co
         CUDA_CHECK_LAUNCH(c);
     }
     return 0;
+}
+
+/* The fused forms: one launch for the decode step's shapes (m <= GEMV_MAX_M, k % 8 == 0,
+ * x 16-byte aligned), the per-part launches otherwise. */
+static int matmul_parts(dg_cuda *c, const float *x, const dg_matmul_part *parts, int n_parts, int m) {
+    const int k = (int)parts[0].w->cols;
+    if (m <= GEMV_MAX_M && k % 8 == 0 && ((uintptr_t)x & 15) == 0 && n_parts <= DG_MATMUL_PARTS_MAX) {
+        gemv_parts_arg p = {};
+        int rows = 0;
+        for (int i = 0; i < n_parts; i++) {
+            p.w[i] = (const __nv_bfloat16 *)parts[i].w->data;
+            p.y[i] = parts[i].y;
+            p.bias[i] = parts[i].bias;
+            p.end[i] = rows += (int)parts[i].w->rows;
+        }
+        p.n_parts = n_parts;
+        const dim3 grid(dg_cuda_blocks(rows, GEMV_WARPS)), block(32 * GEMV_WARPS);
+        switch (m) {
+#define CASE(M) case M: gemv_parts_kernel<M><<<grid, block, 0, c->stream>>>(p, x, k); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+        CUDA_CHECK_LAUNCH(c);
+        return 0;
+    }
+    for (int i = 0; i < n_parts; i++) {
+        const dg_weight *w = parts[i].w;
+        int rc = m <= GEMV_MAX_M ? gemv(c, parts[i].y, x, (const __nv_bfloat16 *)w->data, parts[i].bias, m, (int)w->rows, k)
+                                 : gemm(c, parts[i].y, x, (const __nv_bfloat16 *)w->data, parts[i].bias, m, (int)w->rows, k);
+        if (rc < 0) return rc;
+    }
+    return 0;
+}
+
+static int matmul_swiglu(dg_cuda *c, float *y, float *tmp, const float *x, const dg_weight *gate,
+                         const dg_weight *up, int m) {
+    const int n = (int)gate->rows, k = (int)gate->cols;
+    const __nv_bfloat16 *wg = (const __nv_bfloat16 *)gate->data, *wu = (const __nv_bfloat16 *)up->data;
+    if (m <= GEMV_MAX_M && k % 8 == 0 && ((uintptr_t)x & 15) == 0) {
+        const dim3 grid(dg_cuda_blocks(n, GEMV_WARPS)), block(32 * GEMV_WARPS);
+        switch (m) {
+#define CASE(M) case M: gemv_swiglu_kernel<M><<<grid, block, 0, c->stream>>>(y, x, wg, wu, n, k); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+        CUDA_CHECK_LAUNCH(c);
+        return 0;
+    }
+    int rc;
+    if ((rc = m <= GEMV_MAX_M ? gemv(c, y, x, wg, NULL, m, n, k) : gemm(c, y, x, wg, NULL, m, n, k)) < 0) return rc;
+    if ((rc = m <= GEMV_MAX_M ? gemv(c, tmp, x, wu, NULL, m, n, k) : gemm(c, tmp, x, wu, NULL, m, n, k)) < 0) return rc;
+    return dg_cuda_silu_mul_launch(c, y, y, tmp, (int64_t)m * n);
+}
+
+void dg_cuda_matmul_parts(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts, int m) {
+    matmul_parts(dg_cuda_of(be), x, parts, n_parts, m);
+}
+
+void dg_cuda_matmul_swiglu(dg_backend *be, float *y, float *tmp, const float *x, const dg_weight *gate,
+                           const dg_weight *up, int m) {
+    matmul_swiglu(dg_cuda_of(be), y, tmp, x, gate, up, m);
 }
 
 void dg_cuda_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w,

@@ -21,6 +21,24 @@ __global__ void rmsnorm_kernel(float *y, const float *x, const float *weight, in
     for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = weight[j] * (xi[j] * r);
 }
 
+/* x += r, then y = rmsnorm(x): the residual add and the next norm in one pass over the row
+ * (the same thread adds, stores and later reads each element, so y may equal r). */
+__global__ void add_rmsnorm_kernel(float *y, float *x, const float *r, const float *weight, int n, float eps) {
+    __shared__ float sh[32];
+    float *xi = x + (int64_t)blockIdx.x * n;
+    const float *ri = r + (int64_t)blockIdx.x * n;
+    float *yi = y + (int64_t)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float v = xi[j] + ri[j];
+        xi[j] = v;
+        ss += v * v;
+    }
+    ss = dg_block_sum(ss, sh);
+    const float rs = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = weight[j] * (xi[j] * rs);
+}
+
 /* Two passes over the row (mean, then squared deviations): no cancellation from a large
  * mean. With shift/scale (adaLN): y = norm · (1 + scale) + shift; else the affine of
  * LayerNorm with optional weight and bias. */
@@ -149,6 +167,18 @@ static int softmax(dg_cuda *c, float *x, int m, int n) {
 }
 
 /* ---- entries --------------------------------------------------------------------------- */
+
+static int add_rmsnorm(dg_cuda *c, float *y, float *x, const float *r, const float *w, int m, int n, float eps) {
+    if (m <= 0) return 0;
+    add_rmsnorm_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, r, w, n, eps);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+void dg_cuda_add_rmsnorm(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m, int n,
+                         float eps) {
+    add_rmsnorm(dg_cuda_of(be), y, x, r, weight, m, n, eps);
+}
 
 void dg_cuda_rmsnorm(dg_backend *be, float *y, const float *x, const float *weight, int m, int n,
                      float eps) {

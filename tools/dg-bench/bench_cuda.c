@@ -157,6 +157,28 @@ static void gemv_shapes(dg_backend *be, const dg_qwen2 *m, json_t *out, double *
         *sum_ms += ms * sh[i].per_step;
     }
     bench_record(out, "gemv_ms_per_step", *sum_ms, "ms");
+    /* the fused forms the decoder uses (one launch each): q, k, v together; gate and up with
+     * SiLU; GB/s over the bytes of all their matrices */
+    float *y2 = be->alloc(be, sizeof(float) * 18944), *y3 = be->alloc(be, sizeof(float) * 512);
+    const dg_matmul_part qkv[3] = {{y, &L->wq, L->bq}, {y2, &L->wk, L->bk}, {y3, &L->wv, L->bv}};
+    for (int f = 0; f < 2; f++) {
+        double t0 = 0;
+        for (int r = -1; r < 20; r++) {
+            if (r == 0) {
+                be->download(be, &one, y, 1);
+                t0 = bench_now_ms();
+            }
+            if (f == 0) dg_matmul_parts(be, x, qkv, 3, 1);
+            else dg_matmul_swiglu(be, y, y2, x, &L->w_gate, &L->w_up, 1);
+        }
+        be->download(be, &one, y, 1);
+        const double ms = (bench_now_ms() - t0) / 20;
+        const double bytes = f == 0 ? 2.0 * (double)(L->wq.rows + 2 * L->wk.rows) * (double)L->wq.cols
+                                    : 4.0 * (double)L->w_gate.rows * (double)L->w_gate.cols;
+        bench_record(out, f == 0 ? "gemv_qkv_fused_gb_s" : "gemv_gate_up_swiglu_gb_s", bytes / (ms / 1e3) / 1e9, "GB/s");
+    }
+    be->release(be, y2);
+    be->release(be, y3);
     free(hx);
     be->release(be, x);
     be->release(be, y);
