@@ -60,7 +60,7 @@ CUDA_OBJ   := $(patsubst %.cu,$(BUILD)/obj/%.o,$(wildcard kernels/cuda/*.cu))
 CUDA_MODULE := $(BUILD)/libduogen_cuda.so
 $(CUDA_MODULE): $(CUDA_OBJ)
 	@echo "  LD      $@"
-	@$(CXX) -shared -o $@ $^ -L$(CUDA_LIB) -Wl,-rpath,$(CUDA_LIB) -lcublas -lcudart
+	@$(CXX) -shared -o $@ $^ -L$(CUDA_LIB) -Wl,-rpath,$(CUDA_LIB) -lcublasLt -lcublas -lcudart
 $(BUILD)/obj/engine/backend.o: CFLAGS += -DDG_HAVE_CUDA
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)

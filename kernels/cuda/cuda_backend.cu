@@ -217,6 +217,7 @@ static void cuda_free(dg_backend *be) {
     if (c) {
         if (c->stream) cudaStreamSynchronize(c->stream);
         if (c->blas) cublasDestroy(c->blas);
+        dg_cuda_lt_free(c);
         for (int i = 0; i < 2; i++) if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
         if (c->stream) cudaStreamDestroy(c->stream);
         if (c->stage_host) cudaFreeHost(c->stage_host);
@@ -305,6 +306,12 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
         cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS ||
         cublasSetWorkspace(c->blas, c->blas_ws, (size_t)32 << 20) != CUBLAS_STATUS_SUCCESS) {
         snprintf(err, errlen, "cuda:%d: cuBLAS could not be set up", device);
+        rc = DG_EDEVICE;
+        goto fail;
+    }
+    if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS ||
+        !(c->lt_plans = (dg_cuda_lt_plan *)calloc(DG_CUDA_LT_PLANS, sizeof *c->lt_plans))) {
+        snprintf(err, errlen, "cuda:%d: cuBLASLt could not be set up", device);
         rc = DG_EDEVICE;
         goto fail;
     }

@@ -10,6 +10,7 @@
 #ifndef DG_CUDA_COMMON_CUH
 #define DG_CUDA_COMMON_CUH
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -37,6 +38,17 @@ extern "C" {
 
 typedef struct dg_cuda_seg dg_cuda_seg;
 
+/* A cuBLASLt plan for one GEMM shape with the bias epilogue (matmul.cu): descriptors and
+ * the heuristic's algorithm, kept so that a shape seen again costs no query. */
+#define DG_CUDA_LT_PLANS 64
+typedef struct {
+    int                     n, m, k;        /* 0: unused */
+    int                     ok;             /* 0: no algorithm; the plain GEMM + bias kernel */
+    cublasLtMatmulDesc_t    desc;
+    cublasLtMatrixLayout_t  a, b, d;
+    cublasLtMatmulAlgo_t    algo;
+} dg_cuda_lt_plan;
+
 typedef struct {
     int             device;
     cudaStream_t    stream;
@@ -62,6 +74,9 @@ typedef struct {
     void           *scratch;
     size_t          scratch_bytes;
     void           *blas_ws;       /* cuBLAS workspace (arena) */
+    cublasLtHandle_t lt;           /* GEMMs with a bias: the bias added in the epilogue */
+    dg_cuda_lt_plan *lt_plans;     /* owned [DG_CUDA_LT_PLANS], filled in use order (then reused round-robin) */
+    int              lt_next;
     int32_t        *att_tiles;     /* owned host [4 * DG_CUDA_ATT_TILES]: tile bounds of a call */
     int             gemm_split;    /* 1: x = hi + lo in two bf16 GEMMs (DG_CUDA_GEMM=precise) */
     int             attn_wmma;     /* 1: prefill/segment attention on the wmma kernel, not the
@@ -142,6 +157,7 @@ void dg_cuda_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w
                     const float *bias, int m);
 void dg_cuda_embed(dg_backend *be, float *y, const dg_weight *table, const int32_t *ids, int m);
 int  dg_cuda_to_bf16(dg_cuda *c, __nv_bfloat16 *dst, const float *src, int64_t n);
+void dg_cuda_lt_free(dg_cuda *c);
 void dg_cuda_matmul_parts(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts, int m);
 void dg_cuda_matmul_swiglu(dg_backend *be, float *y, float *tmp, const float *x, const dg_weight *gate,
                            const dg_weight *up, int m);

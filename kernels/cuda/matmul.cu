@@ -7,7 +7,13 @@
  *   m > GEMV_MAX_M (prefill, vision, DiT): cuBLAS bf16 GEMM with fp32 accumulation and
  *     fp32 output (tensor cores); x is first rounded to bf16 in the scratch, in chunks of
  *     rows. With DG_CUDA_GEMM=precise, x is split into hi = bf16(x) and lo = bf16(x - hi)
- *     and two GEMMs accumulate: 16 mantissa bits of x instead of 8, at twice the cost. */
+ *     and two GEMMs accumulate: 16 mantissa bits of x instead of 8, at twice the cost.
+ *     A bias goes into the GEMM's epilogue through cuBLASLt (a plan per shape, cached);
+ *     where cuBLASLt offers no algorithm, or with the split, a kernel adds it after.
+ * The decode step's fused forms (backend.h): q, k and v in one GEMV launch over all their
+ * rows (matmul_parts), gate and up with the SiLU product in one (matmul_swiglu). */
+#include <string.h>
+
 #include "cuda_common.cuh"
 
 #define GEMV_MAX_M   8
@@ -220,8 +226,68 @@ __global__ void add_bias_kernel(float *y, const float *bias, int m, int n) {
         y[i] += bias[i % n];
 }
 
+/* ---- cuBLASLt: the bias in the GEMM's epilogue ------------------------------------------ */
+
+static void lt_plan_clear(dg_cuda_lt_plan *p) {
+    if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+    if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+    if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+    if (p->d) cublasLtMatrixLayoutDestroy(p->d);
+    memset(p, 0, sizeof *p);
+}
+
+void dg_cuda_lt_free(dg_cuda *c) {
+    for (int i = 0; c->lt_plans && i < DG_CUDA_LT_PLANS; i++) lt_plan_clear(&c->lt_plans[i]);
+    free(c->lt_plans);
+    c->lt_plans = NULL;
+    if (c->lt) cublasLtDestroy(c->lt);
+    c->lt = NULL;
+}
+
+/* The plan of shape (n, m, k): found, or made (descriptors, then the heuristic's best
+ * algorithm within the 32 MiB workspace). NULL when cuBLASLt has no algorithm for it: the
+ * caller then adds the bias with its own kernel. */
+static dg_cuda_lt_plan *lt_plan(dg_cuda *c, int n, int m, int k) {
+    for (int i = 0; i < DG_CUDA_LT_PLANS; i++) {
+        dg_cuda_lt_plan *p = &c->lt_plans[i];
+        if (p->n == n && p->m == m && p->k == k) return p->ok ? p : NULL;
+    }
+    dg_cuda_lt_plan *p = &c->lt_plans[c->lt_next];
+    c->lt_next = (c->lt_next + 1) % DG_CUDA_LT_PLANS;
+    lt_plan_clear(p);
+    p->n = n, p->m = m, p->k = k;
+    const cublasOperation_t opt = CUBLAS_OP_T, opn = CUBLAS_OP_N;
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bias_type = CUDA_R_32F;
+    const size_t ws = (size_t)32 << 20;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t res;
+    int n_res = 0;
+    if (cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opt, sizeof opt) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opn, sizeof opn) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, k, n, k) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, k, m, k) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32F, n, m, n) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoGetHeuristic(c->lt, p->desc, p->a, p->b, p->d, p->d, pref, 1, &res, &n_res) != CUBLAS_STATUS_SUCCESS ||
+        n_res < 1) {
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+        return NULL;                              /* p stays, ok = 0: not asked again */
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    p->algo = res.algo;
+    p->ok = 1;
+    return p;
+}
+
 /* Row-major y[m, n] = x[m, k] · W[n, k]ᵀ is, column-major, y[n, m] = Wᵀ[n, k] · x[k, m]:
- * cuBLAS with op T on W (ld k) and op N on x (ld k), output ld n. */
+ * cuBLAS with op T on W (ld k) and op N on x (ld k), output ld n. With a bias (and one
+ * bf16 part of x), cuBLASLt adds it in the epilogue: bias[i] to row i of the column-major
+ * y[n, m], i.e. to every row-major row, without a second pass over y. */
 static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, const float *bias,
                 int m, int n, int k) {
     const int split = c->gemm_split;
@@ -237,6 +303,15 @@ static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, co
         const unsigned blocks = dg_cuda_blocks(cnt, 256) < 65535u ? dg_cuda_blocks(cnt, 256) : 65535u;
         split_bf16_kernel<<<blocks, 256, 0, c->stream>>>(hi, lo, x + (int64_t)r0 * k, cnt);
         CUDA_CHECK_LAUNCH(c);
+        dg_cuda_lt_plan *p = bias && !split ? lt_plan(c, n, mc, k) : NULL;
+        if (p) {
+            CUBLAS_CHECK(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                           sizeof bias));
+            CUBLAS_CHECK(c, cublasLtMatmul(c->lt, p->desc, &one, w, p->a, hi, p->b, &zero, y + (int64_t)r0 * n, p->d,
+                                           y + (int64_t)r0 * n, p->d, &p->algo, c->blas_ws, (size_t)32 << 20,
+                                           c->stream));
+            continue;
+        }
         CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
                                      hi, CUDA_R_16BF, k, &zero, y + (int64_t)r0 * n, CUDA_R_32F, n,
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -244,12 +319,11 @@ static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, co
             CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
                                          lo, CUDA_R_16BF, k, &one, y + (int64_t)r0 * n, CUDA_R_32F, n,
                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    }
-    if (bias) {
-        const int64_t total = (int64_t)m * n;
-        const unsigned blocks = dg_cuda_blocks(total, 256) < 65535u ? dg_cuda_blocks(total, 256) : 65535u;
-        add_bias_kernel<<<blocks, 256, 0, c->stream>>>(y, bias, m, n);
-        CUDA_CHECK_LAUNCH(c);
+        if (bias) {   /* no epilogue plan (or the split): a pass over this chunk of y */
+            const unsigned bb = dg_cuda_blocks((int64_t)mc * n, 256) < 65535u ? dg_cuda_blocks((int64_t)mc * n, 256) : 65535u;
+            add_bias_kernel<<<bb, 256, 0, c->stream>>>(y + (int64_t)r0 * n, bias, mc, n);
+            CUDA_CHECK_LAUNCH(c);
+        }
     }
     return 0;
 }
