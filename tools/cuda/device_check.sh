@@ -10,11 +10,14 @@
 #      and dg-bench job (the seeded full package: DiT s/image at 1024² x 35 steps with CFG,
 #      VAE decode ms, one 4-image interleaved job);
 #   7. tools/reference/bench_torch_cuda.py (transformers bf16 on the same GPU), and ratios;
-#   8. compute-sanitizer racecheck over the attention cases (shared-memory races).
+#   8. tools/reference/bench_torch_image.py (diffusers bf16: the 2B DiT step, 35-step loop with
+#      guidance, VAE at 1024^2) on $DG_FULL_PKG, with the wheels carried in .whl/;
+#   9. compute-sanitizer racecheck over the attention cases (shared-memory races).
 # Logs and JSON go to $OUT (default build/device-out): at most 8 files.
 #
 #   bash tools/cuda/pack.sh                      # here, once, before the device call
-#   bash tools/cuda/device_check.sh              # there (carry: .devcarry)
+#   bash tools/cuda/wheels.sh                    # here, once: diffusers into .whl/
+#   bash tools/cuda/device_check.sh              # there (carry: .devcarry, .whl)
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-build/device-out}
@@ -83,6 +86,19 @@ fi
 step "transformers baseline (bench_torch_cuda.py)"
 PYTHONUNBUFFERED=1 timeout 100 python3 tools/reference/bench_torch_cuda.py ${QUICK:+--quick} --out "$OUT/torch_cuda.json"
 
+step "diffusers baseline (bench_torch_image.py)"
+if [ -z "${DG_FULL_PKG:-}" ]; then
+    echo "DG_FULL_PKG is not set (no full package was made): skipped"
+else
+    if ls .whl/*.whl > /dev/null 2>&1; then   # this machine has no diffusers and no package index
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+            export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    # about 30 s on an H100: the model built on the device, the VAE at 1024^2, two 35-step loops
+    PYTHONUNBUFFERED=1 timeout 150 python3 tools/reference/bench_torch_image.py ${QUICK:+--quick} \
+        --model "$DG_FULL_PKG" --out "$OUT/torch_image.json"
+fi
+
 step summary
 python3 - "$OUT" <<'PY'
 import json, os, sys
@@ -92,8 +108,9 @@ def load(n):
         return json.load(open(os.path.join(out, n)))
     except Exception:
         return {}
-ours, torch = load("bench_cuda.json").get("cuda", {}), load("torch_cuda.json")
-s = {"device": torch.get("device"), "ours": ours, "torch": torch, "ratios": {}}
+ours, torch, torch_image = load("bench_cuda.json").get("cuda", {}), load("torch_cuda.json"), load("torch_image.json")
+s = {"device": torch.get("device") or torch_image.get("device"), "ours": ours, "torch": torch,
+     "torch_image": torch_image, "ratios": {}}
 for k in ("decode_tok_s", "prefill_512_tok_s", "prefill_2048_tok_s", "prefill_64_tok_s", "prefill_128_tok_s"):
     if ours.get(k) and torch.get(k):
         s["ratios"][k] = ours[k] / torch[k]
@@ -104,6 +121,9 @@ json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2, sort_keys=T
 print(json.dumps(s["ratios"], indent=1))
 for k in sorted(ours): print(f"ours  {k}: {ours[k]:.4g}")
 for k in sorted(torch): print(f"torch {k}: {torch[k]:.4g}" if isinstance(torch[k], float) else f"torch {k}: {torch[k]}")
+for k in sorted(torch_image):
+    v = torch_image[k]
+    print(f"torch_image {k}: {v:.4g}" if isinstance(v, float) else f"torch_image {k}: {v}")
 PY
 
 step "racecheck: segment attention kernels (compute-sanitizer)"
