@@ -129,7 +129,7 @@ TEST(interleaved_two_images_with_two_inputs_and_caches) {
                         {.kind = DG_PART_IMAGE, .image = b, .image_len = l2},
                         {.kind = DG_PART_TEXT, .text = "Cook these two.", .text_len = 15}};
     dg_message msg = {DG_ROLE_USER, parts, 3};
-    dg_logit_bias bias = {151665, 8.0f};   /* <BOV>: mkmodel adds it after the last added token */
+    dg_logit_bias bias = {test_bov_id(pkg), 8.0f};   /* <BOV>: mkmodel adds it after the last added token */
     dg_request r = {.id = "inter-1", .messages = &msg, .n_messages = 1, .seed = 5,
                     .text = {.max_new_tokens = 24, .logit_bias = &bias, .n_logit_bias = 1},
                     .image = {.width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 2}};
@@ -212,7 +212,7 @@ TEST(interleaved_on_cuda) {
     dg_part parts[2] = {{.kind = DG_PART_IMAGE, .image = a, .image_len = l1},
                         {.kind = DG_PART_TEXT, .text = "Cook this.", .text_len = 10}};
     dg_message msg = {DG_ROLE_USER, parts, 2};
-    dg_logit_bias bias = {151665, 8.0f};
+    dg_logit_bias bias = {test_bov_id(pkg), 8.0f};
     dg_request r = {.id = "inter-cuda", .messages = &msg, .n_messages = 1, .seed = 5,
                     .text = {.max_new_tokens = 16, .logit_bias = &bias, .n_logit_bias = 1},
                     .image = {.width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 2}};

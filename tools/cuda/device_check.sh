@@ -13,11 +13,17 @@
 #   8. tools/reference/bench_torch_image.py (diffusers bf16: the 2B DiT step, 35-step loop with
 #      guidance, VAE at 1024^2) on $DG_FULL_PKG, with the wheels carried in .whl/;
 #   9. compute-sanitizer racecheck over the attention cases (shared-memory races).
-# Logs and JSON go to $OUT (default build/device-out): at most 8 files.
+# Logs and JSON go to $OUT (default build/device-out): at most 8 files (the tool's limit):
+# device_check.log (everything printed), ptxas.txt, bench_cuda.json, bench_job.json,
+# torch_cuda.json, torch_image.json, summary.json.
 #
 #   bash tools/cuda/pack.sh                      # here, once, before the device call
 #   bash tools/cuda/wheels.sh                    # here, once: diffusers into .whl/
 #   bash tools/cuda/device_check.sh              # there (carry: .devcarry, .whl)
+# One call of 10 minutes does not hold everything (the image benchmarks alone take ~5):
+# STEPS picks the groups, e.g. STEPS="tests text" in one call and STEPS="image race" in the
+# next (default: all). Groups: tests (3-5), text (6: dg-bench cuda, 7), image (6: dg-bench
+# job, 8), race (9); 1, 2 and the summary always run.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-build/device-out}
@@ -25,6 +31,12 @@ mkdir -p "$OUT" build
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 step() { echo; echo "==== $* ($(date +%T))"; }
 QUICK=${QUICK:-}
+STEPS=${STEPS:-tests text image race}
+want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+# the tests' packages use the real Qwen2 vocabulary from ../shared, which pack.sh carries
+if [ ! -f ../shared/vocab/qwen2/vocab.json ] && [ -f .devcarry/vocab/qwen2/vocab.json ]; then
+    mkdir -p ../shared/vocab && cp -r .devcarry/vocab/qwen2 ../shared/vocab/
+fi
 
 step device
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
@@ -49,13 +61,13 @@ step programs
 if [ -z "${DG_USE_BUNDLE:-}" ] && pkg-config --exists jansson libpng libturbojpeg libutf8proc libpcre2-8 hiredis libprotobuf-c 2>/dev/null &&
    [ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ]; then
     echo "building here"
-    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/dg-bench build/mkmodel \
+    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/dg-bench build/mkmodel \
         build/libduogen_cuda.so 2>&1 | tail -3
 else
     echo "no build dependencies here: the packed programs (tools/cuda/pack.sh)"
     rm -rf build/carry && mkdir -p build/carry build/tests
     tar -C build/carry -xJf .devcarry/bundle.tar.xz || { echo "no .devcarry/bundle.tar.xz"; exit 1; }
-    cp build/carry/bin/test_backend_cuda build/carry/bin/test_cuda_parity build/tests/
+    cp build/carry/bin/test_backend_cuda build/carry/bin/test_cuda_parity build/carry/bin/test_interleaved build/tests/
     cp build/carry/bin/dg-bench build/carry/bin/mkmodel build/carry/bin/libduogen_cuda.so build/
     export LD_LIBRARY_PATH="$PWD/build/carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
@@ -66,28 +78,38 @@ if ldd build/libduogen_cuda.so | grep -q "libcublas.*not found"; then   # the to
 fi
 ldd build/dg-bench build/libduogen_cuda.so | grep "not found" && echo "MISSING LIBRARIES"
 
-step "op-by-op test (test_backend_cuda)"
-timeout 60 build/tests/test_backend_cuda 2>&1 | tee "$OUT/test_backend_cuda.txt"
-
-step "model parity (test_cuda_parity)"
-timeout 75 build/tests/test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.txt"
-
-step "dg-bench cuda"
-timeout 75 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
-
-step "dg-bench job: DiT s/image, VAE decode ms, a 4-image interleaved job (seeded full package)"
-export DG_FULL_PKG=${DG_FULL_PKG:-.devcarry/full-seeded}
-if [ -f "$DG_FULL_PKG/duogen.json" ]; then
-    DG_SEEDED_WEIGHTS=1 timeout 300 build/dg-bench ${QUICK:+--quick} --model "$DG_FULL_PKG" --json "$OUT/bench_job.json" job
-else
-    echo "no $DG_FULL_PKG/duogen.json (tools/cuda/pack.sh writes it): skipped"; unset DG_FULL_PKG
+if want tests; then
+    step "op-by-op test (test_backend_cuda)"
+    timeout 60 build/tests/test_backend_cuda 2>&1
+    step "model parity (test_cuda_parity) and the interleaved loop (test_interleaved's cuda case)"
+    timeout 75 build/tests/test_cuda_parity 2>&1
+    DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
 fi
 
-step "transformers baseline (bench_torch_cuda.py)"
-PYTHONUNBUFFERED=1 timeout 100 python3 tools/reference/bench_torch_cuda.py ${QUICK:+--quick} --out "$OUT/torch_cuda.json"
+if want text; then
+    step "dg-bench cuda"
+    timeout 75 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
+fi
 
-step "diffusers baseline (bench_torch_image.py)"
-if [ -z "${DG_FULL_PKG:-}" ]; then
+export DG_FULL_PKG=${DG_FULL_PKG:-.devcarry/full-seeded}
+if want image; then
+    step "dg-bench job: DiT s/image, VAE decode ms, a 4-image interleaved job (seeded full package)"
+    if [ -f "$DG_FULL_PKG/duogen.json" ]; then
+        DG_SEEDED_WEIGHTS=1 timeout 300 build/dg-bench ${QUICK:+--quick} --model "$DG_FULL_PKG" --json "$OUT/bench_job.json" job
+    else
+        echo "no $DG_FULL_PKG/duogen.json (tools/cuda/pack.sh writes it): skipped"; unset DG_FULL_PKG
+    fi
+fi
+
+if want text; then
+    step "transformers baseline (bench_torch_cuda.py)"
+    PYTHONUNBUFFERED=1 timeout 100 python3 tools/reference/bench_torch_cuda.py ${QUICK:+--quick} --out "$OUT/torch_cuda.json"
+fi
+
+want image && step "diffusers baseline (bench_torch_image.py)"
+if ! want image; then
+    :
+elif [ -z "${DG_FULL_PKG:-}" ]; then
     echo "DG_FULL_PKG is not set (no full package was made): skipped"
 else
     if ls .whl/*.whl > /dev/null 2>&1; then   # this machine has no diffusers and no package index
@@ -109,8 +131,16 @@ def load(n):
     except Exception:
         return {}
 ours, torch, torch_image = load("bench_cuda.json").get("cuda", {}), load("torch_cuda.json"), load("torch_image.json")
-s = {"device": torch.get("device") or torch_image.get("device"), "ours": ours, "torch": torch,
+job = load("bench_job.json").get("job", {})
+s = {"device": torch.get("device") or torch_image.get("device"), "ours": ours, "job": job, "torch": torch,
      "torch_image": torch_image, "ratios": {}}
+# the image side: same keys in dg-bench job and bench_torch_image.py (ours / torch: below 1 is faster)
+for k in sorted(job):
+    if (k.startswith("dit_s_per_image_") or k.startswith("vae_decode_ms_")) \
+            and isinstance(torch_image.get(k), (int, float)) and torch_image[k] > 0:
+        s["ratios"][k + "_ours_over_torch"] = job[k] / torch_image[k]
+if job.get("dit_tflops") and torch.get("bf16_matmul_tflops"):
+    s["ratios"]["dit_tflops_vs_torch_matmul"] = job["dit_tflops"] / torch["bf16_matmul_tflops"]
 for k in ("decode_tok_s", "prefill_512_tok_s", "prefill_2048_tok_s", "prefill_64_tok_s", "prefill_128_tok_s"):
     if ours.get(k) and torch.get(k):
         s["ratios"][k] = ours[k] / torch[k]
@@ -120,13 +150,15 @@ if ours.get("decode_bytes_per_step_gb") and torch.get("copy_gb_s"):
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2, sort_keys=True)
 print(json.dumps(s["ratios"], indent=1))
 for k in sorted(ours): print(f"ours  {k}: {ours[k]:.4g}")
+for k in sorted(job): print(f"job   {k}: {job[k]:.4g}")
 for k in sorted(torch): print(f"torch {k}: {torch[k]:.4g}" if isinstance(torch[k], float) else f"torch {k}: {torch[k]}")
 for k in sorted(torch_image):
     v = torch_image[k]
     print(f"torch_image {k}: {v:.4g}" if isinstance(v, float) else f"torch_image {k}: {v}")
 PY
 
+want race || exit 0
 step "racecheck: segment attention kernels (compute-sanitizer)"
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 echo "compute-sanitizer: ${CS:-not found}"
-[ -n "$CS" ] && DG_TEST=attention_segments timeout 60 "$CS" --tool racecheck build/tests/test_backend_cuda 2>&1 | tail -12
+[ -n "$CS" ] && DG_TEST=cuda_attention_segments timeout 120 "$CS" --tool racecheck build/tests/test_backend_cuda 2>&1 | tail -12

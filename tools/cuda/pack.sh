@@ -10,10 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || echo '/.devcarry/' >> .git/info/exclude
-make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/dg-bench build/mkmodel \
+make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/dg-bench build/mkmodel \
     build/libduogen_cuda.so
 rm -rf .devcarry && mkdir -p .devcarry/stage/bin .devcarry/stage/lib
-bins="build/tests/test_backend_cuda build/tests/test_cuda_parity build/dg-bench build/mkmodel build/libduogen_cuda.so"
+bins="build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/dg-bench build/mkmodel build/libduogen_cuda.so"
 for b in $bins; do strip --strip-debug -o ".devcarry/stage/bin/$(basename "$b")" "$b"; done
 ldd $bins | awk '$3 ~ /^\// {print $3}' | sort -u | while read -r lib; do
     case "$(basename "$lib")" in
@@ -28,4 +28,6 @@ rm -rf .devcarry/stage
 vocab=../shared/vocab/qwen2
 [ -f $vocab/vocab.json ] || { echo "pack.sh: no $vocab: the full package gets mkmodel's own small vocabulary" >&2; vocab=; }
 build/mkmodel --preset full --seed 1 --seeded ${vocab:+--vocab $vocab} --out .devcarry/full-seeded
+# the tests' packages want it too (device_check.sh puts it at ../shared/vocab/qwen2 there)
+if [ -n "$vocab" ]; then mkdir -p .devcarry/vocab/qwen2 && cp $vocab/vocab.json $vocab/merges.txt $vocab/tokenizer_config.json .devcarry/vocab/qwen2/; fi
 ls -l .devcarry/bundle.tar.xz; du -sh .devcarry/full-seeded
