@@ -24,6 +24,10 @@
 #include <stdint.h>
 
 #include "dtype.h"
+#include "duogen.h"
+
+/* The most candidates one topk call returns (the host sampler asks for at most 1024 + 32). */
+#define DG_BACKEND_TOPK_MAX 2048
 
 typedef struct {
     const void *data;          /* borrowed: the mmap'ed tensor (CPU) or device copy */
@@ -201,6 +205,29 @@ struct dg_backend {
      * y may equal r, not x. */
     void (*add_rmsnorm)(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m,
                         int n, float eps);
+
+    /* ---- sampling (engine/sampler.c: the device path of dg_sampler_sample_device) ---- */
+
+    /* In place on a logits row x[n] (backend memory), in the order the host sampler applies
+     * them: for each of the n_seen DISTINCT ids in seen[], x = x < 0 ? x·penalty : x / penalty
+     * (transformers' repetition penalty; pass n_seen 0 when penalty is 1); then
+     * x[bias[j].token] += bias[j].bias for j = 0 .. n_bias-1 in that order (a token may occur
+     * twice; -INFINITY bans). seen and bias are HOST arrays of ids in [0, n). Every step is
+     * one IEEE operation per element, so all backends give the same bits. */
+    void (*logits_adjust)(dg_backend *be, float *x, int n, const int32_t *seen, int n_seen,
+                          float penalty, const dg_logit_bias *bias, int n_bias);
+    /* The k best of x[n] (backend memory), 1 <= k <= min(n, DG_BACKEND_TOPK_MAX), into HOST
+     * arrays val[k] and idx[k]: by value descending, equal values by lower index (-0 equals
+     * +0, as float comparison has it), val[i] = x[idx[i]]; the same set and order on every
+     * backend. A row holding NaN gives an unspecified (but in-range) answer.
+     * lse != NULL: also *lse = log Σ_i exp(x_i·inv_temp), as m + log Σ_i exp(x_i·inv_temp − m)
+     * with m = max·inv_temp rounded to fp32 (no overflow); -INFINITY when every x_i is
+     * -INFINITY. The CPU sums z = Σ expf(x_i·inv_temp − m) in fp32 in index order (the host
+     * sampler's own sum, bit for bit) and returns m + log(z) in double, so exp(lse − m)
+     * rounded to fp32 is that z again; a GPU sums in its own order (kernels/cuda/sample.cu
+     * states its error). */
+    void (*topk)(dg_backend *be, const float *x, int n, int k, float inv_temp, float *val,
+                 int32_t *idx, double *lse);
 
     /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
      * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,

@@ -265,7 +265,8 @@ int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_k
         const int first = n - in->n_logits;
         be->rmsnorm(be, s->h, s->x + (int64_t)first * D, m->norm, in->n_logits, D, c->rms_norm_eps);
         be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, in->n_logits);
-        be->download(be, s->logits, s->dev_logits, (int64_t)in->n_logits * c->vocab_size);
+        if (!in->logits_on_device)
+            be->download(be, s->logits, s->dev_logits, (int64_t)in->n_logits * c->vocab_size);
     }
     dg_kv_seq_commit(kv, seq, in->ids, in->token_keys, n);
     return 0;

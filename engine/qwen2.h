@@ -72,6 +72,8 @@ typedef struct {
                                  image of the same size never shares cached blocks) */
     int            n;         /* tokens, 1 ..state max_tokens */
     int            n_logits;  /* logits for the last n_logits tokens, 0 ..min(n, max_logits) */
+    int            logits_on_device; /* 1: the logits stay in s->dev_logits (the caller samples
+                                 there: dg_sampler_sample_device); 0: also copied to s->logits */
 } dg_qwen2_input;
 
 typedef struct {
@@ -101,8 +103,8 @@ void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s);   /* accepts NUL
 
 /* Runs in->n tokens of one sequence (prefill: many; decode: one) after the seq's
  * n_tokens cached positions; writes their K/V (reserving blocks), commits them to the
- * sequence, and leaves the logits of the last in->n_logits tokens in s->logits
- * [n_logits, V]. DG_EAGAIN: no free KV block (nothing was committed); DG_ELIMIT/DG_EINVAL:
+ * sequence, and leaves the logits of the last in->n_logits tokens in s->dev_logits and
+ * (unless in->logits_on_device) s->logits [n_logits, V]. DG_EAGAIN: no free KV block (nothing was committed); DG_ELIMIT/DG_EINVAL:
  * sizes out of range. */
 int  dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq,
                       const dg_qwen2_input *in, const dg_qwen2_hook *hook, char *err,

@@ -100,13 +100,20 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
-/* Min-heap on logits of the k best candidates so far. */
+/* Token a ranks below token b in weights l: a lower weight, or the same and a higher id.
+ * A total order, so "the k best" is one set: ties at the edge keep the lower ids, as
+ * by_logit_desc orders them and as the backends' topk selects. */
+static int worse(const float *l, int32_t a, int32_t b) {
+    return l[a] < l[b] || (l[a] == l[b] && a > b);
+}
+
+/* Min-heap of the k best candidates so far, the worst at h[0]. */
 static void heap_down(int32_t *h, int n, int i, const float *l) {
     for (;;) {
         int c = 2 * i + 1;
         if (c >= n) return;
-        if (c + 1 < n && l[h[c + 1]] < l[h[c]]) c++;
-        if (l[h[i]] <= l[h[c]]) return;
+        if (c + 1 < n && worse(l, h[c + 1], h[c])) c++;
+        if (!worse(l, h[c], h[i])) return;
         int32_t t = h[i]; h[i] = h[c]; h[c] = t;
         i = c;
     }
@@ -119,7 +126,8 @@ static int by_logit_desc(const void *a, const void *b, void *logits) {
     return *(const int32_t *)a - *(const int32_t *)b;   /* ties: lower id first, deterministic */
 }
 
-/* The k best tokens into s->cand, in descending logit order: O(V log k). */
+/* The k best tokens into s->cand, in descending logit order: O(V log k). A later id never
+ * displaces an equal weight (it ranks below it). */
 static void top(dg_sampler *s, const float *l, int k) {
     int n = 0;
     for (int i = 0; i < s->vocab; i++) {
@@ -145,26 +153,56 @@ static int draw(dg_sampler *s, const float *w, int n, float total) {
     return n - 1;   /* rounding left u just above the sum */
 }
 
-int32_t dg_sampler_sample(dg_sampler *s, float *logits) {
-    const int V = s->vocab;
-    int32_t tok;
+/* Repetition penalty over the seen tokens, then the logit biases, in place. */
+static void adjust(dg_sampler *s, float *logits) {
     if (s->repetition_penalty != 1.0f)
         for (int i = 0; i < s->n_seen; i++) {
             float *x = &logits[s->seen_list[i]];
             *x = *x < 0.0f ? *x * s->repetition_penalty : *x / s->repetition_penalty;
         }
     for (size_t i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
-    tok = argmax(logits, V);
+}
+
+/* Top-p over the candidates s->cand[0..n) (best first) with their weights s->weight[0..n)
+ * (exp(l/T - max)), then the draw. z: the weight of the whole vocabulary (top-p alone;
+ * unused with top-k). Both paths end here, so they sum the same floats in the same order.
+ *
+ * transformers' TopP: in ascending order, tokens whose cumulative mass (over the top-k set
+ * when top-k is on, else over all) is <= 1 - top_p are removed; the best token always
+ * stays. Tokens outside the candidates are the smallest: their mass starts the cumulative
+ * sum. */
+static int32_t nucleus_draw(dg_sampler *s, int n, float z) {
+    const float *cw = s->weight;
+    float zc = 0.0f;
+    for (int i = 0; i < n; i++) zc += cw[i];
+    const float norm = s->top_k ? zc : z;
+    int keep = n;
+    if (s->top_p < 1.0f) {
+        float cum = s->top_k ? 0.0f : (z - zc) / z;
+        while (keep > 1) {
+            cum += cw[keep - 1] / norm;
+            if (cum > 1.0f - s->top_p) break;
+            keep--;
+        }
+    }
+    float total = 0.0f;
+    for (int i = 0; i < keep; i++) total += cw[i];
+    return s->cand[draw(s, cw, keep, total)];
+}
+
+/* The token for an adjusted row logits[V] (host memory), not yet accepted. */
+static int32_t choose(dg_sampler *s, const float *logits) {
+    const int V = s->vocab;
+    int32_t tok = argmax(logits, V);
     /* greedy; and when every token is banned (-inf), the argmax is all there is */
-    if (s->temperature <= 0.0f || logits[tok] == -INFINITY) goto done;
+    if (s->temperature <= 0.0f || logits[tok] == -INFINITY) return tok;
     const float inv_t = 1.0f / s->temperature, mx = logits[tok] * inv_t;
-    /* s->prob[i] = exp(l_i / T - max): the unnormalised distribution, computed once */
+    /* s->prob[i] = exp(l_i / T - max): the unnormalised distribution, computed once (the
+     * CPU backend's topk sums the same expression in the same order: keep them in step) */
     float z = 0.0f;
     for (int i = 0; i < V; i++) z += (s->prob[i] = expf(logits[i] * inv_t - mx));
-    if (!s->top_k && s->top_p >= 1.0f) {       /* plain sampling: no order needed */
-        tok = draw(s, s->prob, V, z);
-        goto done;
-    }
+    if (!s->top_k && s->top_p >= 1.0f)         /* plain sampling: no order needed */
+        return draw(s, s->prob, V, z);
     /* Candidates, best first: the top k; for top-p alone, the smallest top set found by
      * widening (64, 256, 1024) whose mass reaches top_p, which holds the whole nucleus.
      * Measured at V = 151936: plain temperature 1.8 ms/token, top-k 50 + top-p 1.8 ms,
@@ -189,26 +227,111 @@ int32_t dg_sampler_sample(dg_sampler *s, float *logits) {
             qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, s->prob);
         }
     }
-    float *cw = s->weight, zc = 0.0f;
-    for (int i = 0; i < n; i++) zc += (cw[i] = s->prob[s->cand[i]]);
-    /* transformers' TopP: in ascending order, tokens whose cumulative mass (over the
-     * top-k set when top-k is on, else over all) is <= 1 - top_p are removed; the best
-     * token always stays. Tokens outside the candidates are the smallest: their mass
-     * starts the cumulative sum. */
-    const float norm = s->top_k ? zc : z;
-    int keep = n;
-    if (s->top_p < 1.0f) {
-        float cum = s->top_k ? 0.0f : (z - zc) / z;
-        while (keep > 1) {
-            cum += cw[keep - 1] / norm;
-            if (cum > 1.0f - s->top_p) break;
-            keep--;
+    for (int i = 0; i < n; i++) s->weight[i] = s->prob[s->cand[i]];
+    return nucleus_draw(s, n, z);
+}
+
+int32_t dg_sampler_sample(dg_sampler *s, float *logits) {
+    adjust(s, logits);
+    int32_t tok = choose(s, logits);
+    dg_sampler_accept(s, tok);
+    return tok;
+}
+
+/* ---- the device path ----------------------------------------------------------------- */
+
+/* Candidates fetched beyond those the host path would hold, so that a token just past them
+ * can be shown not to belong (see candidates()). */
+#define CAND_MARGIN 32
+
+/* Asks the backend for the best K = min(need + CAND_MARGIN, V) tokens of the adjusted row
+ * and orders them as the host path orders its candidates: s->cand[0..K) with weights
+ * s->weight[0..K) = exp(l/T - mx) (the host's expression), by weight descending, ties by
+ * lower id. *mx: the top logit scaled by 1/T; *lse (when asked): the backend's log-sum-exp.
+ *
+ * Returns 1 when the first `need` of them are the host's first `need` (same ids where the
+ * weight is not 0, the same weights everywhere), else 0. The backend's order is by logit;
+ * a token it left out has a logit <= that of the last one it returned, l_K, so its weight is
+ * at most w_K's plus an ulp (expf is within 1 ulp of a monotone function; two ulps are
+ * allowed): the first `need` are certain when the need-th weight is above that bound. When
+ * w_K is 0, so is every left-out weight (expf underflows below one threshold): the zero
+ * weights among the first `need` may then name other tokens than the host's, but a zero
+ * weight changes no sum and is never drawn, so the token drawn is the same. K = V: all are
+ * there. 0 also when K is over DG_BACKEND_TOPK_MAX; -1 when the top logit is not finite
+ * (every token banned, or an infinite bias): the caller decides. */
+static int candidates(dg_sampler *s, dg_backend *be, const float *row, int need, float inv_t,
+                      float *mx, double *lse) {
+    const int V = s->vocab, K = need + CAND_MARGIN < V ? need + CAND_MARGIN : V;
+    float *w = s->weight;
+    int32_t *id = s->cand;
+    if (K > DG_BACKEND_TOPK_MAX) return 0;
+    be->topk(be, row, V, K, inv_t, w, id, lse);
+    if (!isfinite(w[0])) return -1;
+    *mx = w[0] * inv_t;
+    for (int i = 0; i < K; i++) w[i] = expf(w[i] * inv_t - *mx);
+    const float w_last = w[K - 1];
+    /* by weight: already in order but where distinct logits gave equal weights (or, in
+     * principle, expf was not monotone by an ulp): insertion sort, ~K compares */
+    for (int i = 1; i < K; i++) {
+        float wi = w[i];
+        int32_t ii = id[i];
+        int j = i;
+        for (; j > 0 && (w[j - 1] < wi || (w[j - 1] == wi && id[j - 1] > ii)); j--) {
+            w[j] = w[j - 1];
+            id[j] = id[j - 1];
         }
+        w[j] = wi;
+        id[j] = ii;
     }
-    float total = 0.0f;
-    for (int i = 0; i < keep; i++) total += cw[i];
-    tok = s->cand[draw(s, cw, keep, total)];
-done:
+    if (K == V || w_last == 0.0f) return 1;
+    return w[need - 1] > nextafterf(nextafterf(w_last, INFINITY), INFINITY);
+}
+
+/* The token from the backend's candidates, or -1 when they cannot decide it. */
+static int32_t choose_on_device(dg_sampler *s, dg_backend *be, const float *row) {
+    const int V = s->vocab;
+    const float inv_t = 1.0f / s->temperature;
+    float mx;
+    int rc;
+    if (s->top_k) {
+        rc = candidates(s, be, row, s->top_k, inv_t, &mx, NULL);
+        if (rc <= 0) return rc < 0 && s->weight[0] == -INFINITY ? s->cand[0] : -1;
+        return nucleus_draw(s, s->top_k, 0.0f);
+    }
+    if (s->top_p >= 1.0f) return -1;   /* plain sampling draws over every token, in index order */
+    /* top-p alone: the host's widening, one backend call per width */
+    double lse = 0.0;
+    float z = 0.0f;
+    int n;
+    for (n = 64; n <= 1024 && n < V; n *= 4) {
+        rc = candidates(s, be, row, n, inv_t, &mx, n == 64 ? &lse : NULL);
+        if (rc <= 0) return rc < 0 && s->weight[0] == -INFINITY ? s->cand[0] : -1;
+        /* the CPU's lse is m + log(z) in double: this is the host's z, bit for bit */
+        if (n == 64) z = (float)exp(lse - (double)mx);
+        float mass = 0.0f;
+        for (int i = 0; i < n; i++) mass += s->weight[i];
+        if (mass >= s->top_p * z) break;
+    }
+    if (n > 1024 || n >= V) return -1;   /* a flat distribution: the host's floor pass */
+    return nucleus_draw(s, n, z);
+}
+
+int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int32_t ban,
+                                 float *host) {
+    int n_bias = (int)s->n_bias;
+    int32_t tok;
+    /* after the user's biases: -inf + b and (x + b) + -inf agree for every finite x */
+    if (ban >= 0 && ban < s->vocab) s->bias[n_bias++] = (dg_logit_bias){ban, -INFINITY};
+    be->logits_adjust(be, row, s->vocab, s->seen_list,
+                      s->repetition_penalty != 1.0f ? s->n_seen : 0, s->repetition_penalty,
+                      s->bias, n_bias);
+    if (s->temperature <= 0.0f) {
+        be->topk(be, row, s->vocab, 1, 1.0f, s->weight, s->cand, NULL);
+        tok = s->cand[0];
+    } else if ((tok = choose_on_device(s, be, row)) < 0) {
+        be->download(be, host, row, s->vocab);
+        tok = choose(s, host);
+    }
     dg_sampler_accept(s, tok);
     return tok;
 }

@@ -11,6 +11,12 @@
  *     for (i...) dg_sampler_accept(s, prompt[i]);
  *     int32_t tok = dg_sampler_sample(s, logits);   // modifies logits; accepts tok itself
  *
+ * dg_sampler_sample_device does the same from a row in backend memory: penalty and bias on
+ * the backend (be->logits_adjust), the best ~100 tokens fetched with be->topk, temperature,
+ * top-k, top-p and the draw on the host over those only; rows that these candidates do not
+ * decide are downloaded and finished by the host path. On the CPU backends it picks exactly
+ * the token dg_sampler_sample picks (tests/test_sampler.c checks it over many rows).
+ *
  * dg_stop holds back the end of the generated text while it could still become one of
  * the stop strings, and reports a match; the text before the match is emitted, the stop
  * string itself is not (as the OpenAI API does; transformers' stop_strings keeps it). */
@@ -20,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "backend.h"
 #include "duogen.h"
 
 typedef struct {
@@ -42,6 +49,17 @@ void    dg_sampler_free(dg_sampler *s);   /* accepts NULL */
 void    dg_sampler_accept(dg_sampler *s, int32_t token);
 /* Chooses the next token from logits[vocab] (overwritten) and accepts it. No allocation. */
 int32_t dg_sampler_sample(dg_sampler *s, float *logits);
+/* The token dg_sampler_sample(s, logits) would give after logits[ban] = -INFINITY (ban -1:
+ * none), for the row `row` [vocab] in be's memory, which is modified (penalty, bias, ban);
+ * accepts it. Greedy is one topk of 1; top-k (up to 2016) and top-p (nuclei up to 1024
+ * tokens) use at most 1056 candidates; plain temperature sampling (no top-k, no top-p),
+ * wider nuclei and ties at the candidates' edge download the row into `host` [vocab]
+ * (scratch) and take the host path. The same token as the host path on the CPU backends
+ * (for finite logits); on a GPU also for greedy and top-k, while top-p without top-k
+ * normalises by the GPU's sum, which may move a cutoff that falls within ~1e-5 of the mass
+ * of a token (kernels/cuda/sample.cu). No allocation. */
+int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int32_t ban,
+                                 float *host);
 
 typedef struct dg_stop dg_stop;
 typedef void (*dg_stop_emit)(void *user, const char *text, size_t len);

@@ -18,7 +18,6 @@
  *            dg_sched_step(), the VAE, a PNG; then <BOV>, the new image's tokens go into
  *            the context and decoding goes on. After max_images, <BOV> is banned.
  * Buffers are sized at dg_sched_new or at submit; nothing is allocated per token or step. */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -396,7 +395,8 @@ int dg_sched_feed(dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int32
         dg_qwen2_input in = {.ids = ids + done, .n = c, .pos = pos ? s->chunk_pos : NULL, .rope_delta = q->rope_delta,
                              .image_embeds = img_tokens ? embeds + (int64_t)emb_row * D : NULL,
                              .token_keys = keys ? keys + done : NULL,
-                             .n_logits = want_logits && done + c == n ? 1 : 0};
+                             .n_logits = want_logits && done + c == n ? 1 : 0,
+                             .logits_on_device = 1};
         q->hook_rc = 0;
         int rc = dg_qwen2_forward(&m->llm, s->st, s->kv, &q->kv, &in, m->has_draw ? &hook : NULL, err, errlen);
         if (rc < 0) return rc;
@@ -409,9 +409,13 @@ int dg_sched_feed(dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int32
         done += c;
     }
     if (!want_logits) return 0;
-    float *logits = s->st->logits;
-    if (m->bov_id >= 0 && (!m->has_draw || q->n_drawn >= q->ip.max_images)) logits[m->bov_id] = -INFINITY;
-    q->last = dg_sampler_sample(q->sampler, logits);
+    /* On every backend: on a GPU it spares the 0.6 MB download and the host pass over the
+     * vocabulary; on the CPU it picks the same token and is no slower (V = 152064, one
+     * core: greedy 0.06 vs 0.56 ms, top-k 50 0.10 vs 1.2 ms, top-p 0.9 alone 0.61 vs
+     * 1.2 ms, plain temperature 1.16 ms both). st->logits is its scratch for the rows the
+     * candidates do not decide. */
+    int32_t ban = m->bov_id >= 0 && (!m->has_draw || q->n_drawn >= q->ip.max_images) ? m->bov_id : -1;
+    q->last = dg_sampler_sample_device(q->sampler, m->be, s->st->dev_logits, ban, s->st->logits);
     return 0;
 }
 

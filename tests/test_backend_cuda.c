@@ -26,7 +26,15 @@
  *     fp32 accumulation: 1e-2 relative norm.
  *   - embed, kv_write, gather_rows, upsample2x: copies, exact.
  *   - the fused decode forms: as their parts (matmul_swiglu 1e-4 at m <= 8: the SiLU of a
- *     dot product that differs by 1e-5 relative, times another). */
+ *     dot product that differs by 1e-5 relative, times another).
+ *   - logits_adjust: one IEEE multiply, divide or add per element, in the same order: exact.
+ *   - topk: a selection, exact (the same indices and value bits, ties by lower index). Its
+ *     lse: the CPU sums exp in fp32 in index order (error up to ~sqrt(V)·2^-24 relative, ~2e-5
+ *     at V = 152064), the GPU in blocks combined in double: 1e-4 absolute on the lse.
+ *   - the sampler's device path on the GPU against the host path: the same token for greedy
+ *     and top-k (+ top-p), which read only the exact candidates; top-p alone normalises by
+ *     the GPU's lse, so a cutoff within ~1e-5 of a token's mass could differ; the rows are
+ *     not built to be borderline, so any difference fails the case (and names itself). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -36,6 +44,7 @@
 #include "common/harness.h"
 #include "backend.h"
 #include "duogen.h"
+#include "sampler.h"
 
 #define ATT_FAST_REL 1e-2
 
@@ -581,6 +590,121 @@ TEST(cuda_conv3d) {
         compare("conv3d", shape, res[1], res[0], ny, 5e-3, -1);
         free(x); free(w); free(b); free(res[0]); free(res[1]);
     }
+}
+
+/* ---- sampling ------------------------------------------------------------------------- */
+
+/* A logits-like row: kind 0 spread values, 1 quantised (ties, -0 and +0), 2 a third banned,
+ * 3 peaked (a few tokens far above the rest, as a language model gives). */
+static void logits_row(float *x, int n, int kind) {
+    for (int i = 0; i < n; i++) {
+        float v = frand();
+        switch (kind) {
+        case 0: x[i] = 8.0f * v; break;
+        case 1: x[i] = roundf(8.0f * v) / 2.0f; if (x[i] == 0.0f && i % 2) x[i] = -0.0f; break;
+        case 2: x[i] = i % 3 == 1 ? -INFINITY : 8.0f * v; break;
+        default: x[i] = 2.0f * v + (i % 499 == 7 ? 14.0f + 4.0f * frand() : 0.0f); break;
+        }
+    }
+}
+
+TEST(cuda_logits_adjust) {
+    if (!ready()) return;
+    const int n = 152064;
+    float *x = rnd(n, 8.0f), *res[2];
+    int32_t seen[4000];
+    for (int i = 0; i < 4000; i++) seen[i] = (int32_t)((int64_t)i * 37 % n);   /* distinct: 37 is prime to n */
+    dg_logit_bias bias[5] = {{5, 2.5f}, {151643, -INFINITY}, {5, -1.25f}, {0, 0.75f}, {n - 1, 1e-3f}};
+    dg_backend *bes[2] = {cpu, gpu};
+    for (int b = 0; b < 2; b++) {
+        float *dx = put(bes[b], x, n);
+        bes[b]->logits_adjust(bes[b], dx, n, seen, 4000, 1.3f, bias, 5);
+        bes[b]->logits_adjust(bes[b], dx, n, NULL, 0, 1.0f, bias, 1);   /* bias only */
+        res[b] = get(bes[b], dx, n);
+    }
+    int same = memcmp(res[0], res[1], sizeof(float) * (size_t)n) == 0;
+    printf("  %-18s %-34s %s\n", "logits_adjust", "n152064 seen4000 bias5", same ? "exact" : "DIFFERENT");
+    CHECK(same);
+    free(x); free(res[0]); free(res[1]);
+}
+
+TEST(cuda_topk) {
+    if (!ready()) return;
+    static const int ns[] = {1000, 8192, 8193, 40000, 152064};
+    static const int ks[] = {1, 2, 33, 82, 1056, 2048};
+    float val[2][DG_BACKEND_TOPK_MAX];
+    int32_t idx[2][DG_BACKEND_TOPK_MAX];
+    for (size_t a = 0; a < sizeof ns / sizeof *ns; a++)
+        for (int kind = 0; kind < 4; kind++) {
+            const int n = ns[a];
+            float *x = malloc(sizeof(float) * (size_t)n);
+            logits_row(x, n, kind);
+            float *dx[2] = {put(cpu, x, n), put(gpu, x, n)};
+            for (size_t q = 0; q < sizeof ks / sizeof *ks; q++) {
+                const int k = ks[q] < n ? ks[q] : n;
+                double lse[2];
+                dg_backend *bes[2] = {cpu, gpu};
+                for (int b = 0; b < 2; b++) bes[b]->topk(bes[b], dx[b], n, k, 1.0f / 0.7f, val[b], idx[b], &lse[b]);
+                int same = !memcmp(idx[0], idx[1], sizeof(int32_t) * (size_t)k) &&
+                           !memcmp(val[0], val[1], sizeof(float) * (size_t)k);
+                double d = fabs(lse[1] - lse[0]);
+                printf("  %-18s n%-6d kind%d k%-4d %-18s lse diff %.3g\n", "topk", n, kind, k,
+                       same ? "exact" : "DIFFERENT", d);
+                if (!same || !(d <= 1e-4))
+                    test_fail(__FILE__, __LINE__, "topk n %d kind %d k %d: %s, lse %.9g vs %.9g", n, kind, k,
+                              same ? "same candidates" : "different candidates", lse[1], lse[0]);
+            }
+            cpu->release(cpu, dx[0]);
+            gpu->release(gpu, dx[1]);
+            free(x);
+        }
+}
+
+TEST(cuda_sampler_device_path) {
+    if (!ready()) return;
+    const int V = 152064, rows = 25;
+    static const dg_sampler_params ps[] = {
+        {.seed = 1},
+        {.temperature = 0.7f, .top_k = 50, .repetition_penalty = 1.05f, .seed = 2},
+        {.temperature = 1.0f, .top_k = 1000, .top_p = 0.9f, .seed = 3},
+        {.temperature = 0.7f, .top_p = 0.8f, .repetition_penalty = 1.1f, .seed = 4},
+    };
+    float *x = malloc(sizeof(float) * V), *host = malloc(sizeof(float) * V);
+    float *scratch = malloc(sizeof(float) * V), *dx = gpu->alloc(gpu, sizeof(float) * V);
+    char err[256];
+    for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) {
+        dg_sampler *h, *d;
+        CHECK(dg_sampler_new(V, &ps[i], &h, err, sizeof err) == 0);
+        CHECK(dg_sampler_new(V, &ps[i], &d, err, sizeof err) == 0);
+        for (int t = 0; t < 300; t++) {
+            dg_sampler_accept(h, t * 211 % V);
+            dg_sampler_accept(d, t * 211 % V);
+        }
+        int differ = 0;
+        for (int r = 0; r < rows; r++) {
+            logits_row(x, V, r % 2 ? 3 : 0);
+            memcpy(host, x, sizeof(float) * V);
+            host[151665] = -INFINITY;
+            int32_t th = dg_sampler_sample(h, host);
+            gpu->upload(gpu, dx, x, V);
+            int32_t td = dg_sampler_sample_device(d, gpu, dx, 151665, scratch);
+            if (th != td) {   /* the histories part here: later rows would not compare */
+                differ = r + 1;
+                break;
+            }
+        }
+        printf("  %-18s T %g top_k %d top_p %g: %s\n", "sampler on cuda", ps[i].temperature,
+               ps[i].top_k, ps[i].top_p, differ ? "a row differs" : "every row the same");
+        if (differ)
+            test_fail(__FILE__, __LINE__, "sampler on cuda, T %g top_k %d top_p %g: row %d differs%s",
+                      ps[i].temperature, ps[i].top_k, ps[i].top_p, differ - 1,
+                      ps[i].top_k || ps[i].temperature <= 0 ? "" : " (top-p alone: a borderline cutoff?)");
+        dg_sampler_free(h);
+        dg_sampler_free(d);
+    }
+    CHECK(gpu->status(gpu, err, sizeof err) == 0);
+    gpu->release(gpu, dx);
+    free(x); free(host); free(scratch);
 }
 
 int main(void) {

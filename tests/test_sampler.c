@@ -1,11 +1,16 @@
 /* Sampling: greedy, repetition penalty, logit bias, temperature, top-k, top-p, seeds;
  * stop strings. Distribution checks use 20000 draws: a frequency is within 0.015 of its
- * probability with margin > 4 standard deviations (sd <= 0.0036). */
+ * probability with margin > 4 standard deviations (sd <= 0.0036).
+ *
+ * The device path (dg_sampler_sample_device over the CPU backends' logits_adjust and topk)
+ * must pick exactly the host path's token: compared over random rows of several shapes
+ * (peaked, flat, tied, banned), vocabularies and every combination of the parameters. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/harness.h"
+#include "backend.h"
 #include "sampler.h"
 
 static dg_sampler *make(int v, dg_sampler_params p) {
@@ -98,6 +103,229 @@ TEST(seeded_and_reproducible) {
     dg_sampler_free(a); dg_sampler_free(b); dg_sampler_free(c);
 }
 
+TEST(top_k_ties_keep_lower_ids) {
+    /* four equal logits, k = 2: ids 0 and 1, whatever order the heap met them in */
+    const float l[6] = {1.0f, 1.0f, 1.0f, 0.5f, 1.0f, 0.0f};
+    double f[6];
+    freq((dg_sampler_params){.temperature = 1.0f, .top_k = 2, .seed = 7}, l, 6, f);
+    CHECK(f[0] > 0.4 && f[1] > 0.4 && f[2] == 0 && f[4] == 0);
+    /* one better token first: {2, 0} */
+    const float m[4] = {1.0f, 1.0f, 2.0f, 1.0f};
+    freq((dg_sampler_params){.temperature = 1.0f, .top_k = 2, .seed = 8}, m, 4, f);
+    CHECK(f[2] > 0.6 && f[0] > 0.2 && f[1] == 0 && f[3] == 0);
+}
+
+/* ---- the device path against the host path ----------------------------------------- */
+
+static uint64_t rs = 0x2545f4914f6cdd1dull;
+static uint32_t rnd32(void) {
+    rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17;
+    return (uint32_t)(rs >> 32);
+}
+static double urand(void) { return (rnd32() + 0.5) / 4294967296.0; }
+static float gauss(void) { return (float)(sqrt(-2.0 * log(urand())) * cos(6.283185307179586 * urand())); }
+
+/* near: distinct logits a few ulps apart, whose weights exp(l/T - max) collapse into a few
+ * equal values, so that the host's order (weight, then id) is not the logits' order */
+enum { ROW_GAUSS, ROW_LM, ROW_TIED, ROW_BANNED, ROW_FLAT, ROW_FEW, ROW_NONE, ROW_NEAR, ROW_KINDS };
+static const char *ROW_NAMES[] = {"gauss", "lm", "tied", "banned", "flat", "few", "all-banned", "near"};
+
+static void make_row(float *l, int V, int kind) {
+    for (int i = 0; i < V; i++) {
+        float g = gauss();
+        switch (kind) {
+        case ROW_GAUSS:  l[i] = 3.0f * g; break;
+        case ROW_LM:     l[i] = 2.0f * g + (rnd32() % 500 == 0 ? 12.0f + 4.0f * g : 0.0f); break;
+        case ROW_TIED:   l[i] = roundf(4.0f * g) / 4.0f; if (l[i] == 0.0f && rnd32() % 2) l[i] = -0.0f; break;
+        case ROW_BANNED: l[i] = rnd32() % 3 ? 3.0f * g : -INFINITY; break;
+        case ROW_FLAT:   l[i] = rnd32() % 50 ? 1.5f : 1.5f + fabsf(g); break;
+        case ROW_FEW:    l[i] = rnd32() % 97 ? -INFINITY : g; break;
+        case ROW_NEAR:   l[i] = 0.25f + (float)(rnd32() % 64) * 0x1p-25f; break;
+        default:         l[i] = -INFINITY; break;
+        }
+    }
+}
+
+/* The CPU backend with its download counted: a download is the device path's fallback. */
+static dg_backend counted, *base[2];   /* base: "cpu", "cpu-scalar", opened once */
+static void (*real_download)(dg_backend *, float *, const float *, int64_t);
+static int n_downloads;
+static void count_download(dg_backend *be, float *host, const float *src, int64_t n) {
+    n_downloads++;
+    real_download(be, host, src, n);
+}
+
+static dg_backend *counting_backend(const char *name) {
+    char err[128];
+    int which = strcmp(name, "cpu") != 0;
+    if (!base[which]) CHECK(dg_backend_new(name, 1, &base[which], err, sizeof err) == 0);
+    counted = *base[which];
+    real_download = base[which]->download;
+    counted.download = count_download;
+    return &counted;
+}
+
+typedef struct {
+    int decided, fell_back;
+} path_count;
+
+/* `steps` rows of one kind through two samplers of the same parameters, one per path, with
+ * the same prompt accepted and a <BOV>-like ban on some steps. */
+static void compare_paths(dg_backend *be, int V, dg_sampler_params p, int kind, int steps,
+                          path_count *pc) {
+    dg_sampler *a = make(V, p), *b = make(V, p);
+    float *ref = malloc(sizeof(float) * (size_t)V), *host = malloc(sizeof(float) * (size_t)V);
+    float *scratch = malloc(sizeof(float) * (size_t)V);
+    float *row = be->alloc(be, sizeof(float) * (size_t)V);
+    for (int i = 0; i < 24; i++) {
+        int32_t t = (int32_t)(rnd32() % (uint32_t)V);
+        dg_sampler_accept(a, t);
+        dg_sampler_accept(b, t);
+    }
+    for (int step = 0; step < steps; step++) {
+        make_row(ref, V, kind);
+        int32_t ban = rnd32() % 3 == 0 ? (int32_t)(rnd32() % (uint32_t)V) : -1;
+        memcpy(host, ref, sizeof(float) * (size_t)V);
+        if (ban >= 0) host[ban] = -INFINITY;
+        int32_t ta = dg_sampler_sample(a, host);
+        be->upload(be, row, ref, V);
+        int before = n_downloads;
+        int32_t tb = dg_sampler_sample_device(b, be, row, ban, scratch);
+        if (n_downloads > before) pc->fell_back++; else pc->decided++;
+        if (ta != tb) {
+            test_fail(__FILE__, __LINE__, "%s V %d %s step %d: T %g top_k %d top_p %g penalty %g "
+                      "bias %zu ban %d: host %d, device %d", be->name, V, ROW_NAMES[kind], step,
+                      p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.n_logit_bias, ban, ta, tb);
+            break;
+        }
+    }
+    be->release(be, row);
+    free(ref);
+    free(host);
+    free(scratch);
+    dg_sampler_free(a);
+    dg_sampler_free(b);
+}
+
+TEST(device_ops_cpu) {
+    dg_backend *be = counting_backend("cpu");
+    char name[64];
+    for (int V = 1; V <= 3000; V = V * 3 + 1) {
+        float *x = malloc(sizeof(float) * (size_t)V), *val = malloc(sizeof(float) * DG_BACKEND_TOPK_MAX);
+        int32_t *idx = malloc(sizeof(int32_t) * DG_BACKEND_TOPK_MAX), *order = malloc(sizeof(int32_t) * (size_t)V);
+        for (int kind = 0; kind < ROW_KINDS; kind++) {
+            make_row(x, V, kind);
+            /* the reference order: value descending, lower index first (selection sort) */
+            for (int i = 0; i < V; i++) order[i] = i;
+            for (int i = 0; i < V && i < DG_BACKEND_TOPK_MAX; i++)
+                for (int j = i + 1; j < V; j++)
+                    if (x[order[j]] > x[order[i]] || (x[order[j]] == x[order[i]] && order[j] < order[i])) {
+                        int32_t t = order[i]; order[i] = order[j]; order[j] = t;
+                    }
+            const int ks[] = {1, 2, 33, V / 2, V, DG_BACKEND_TOPK_MAX};
+            for (size_t q = 0; q < sizeof ks / sizeof *ks; q++) {
+                int k = ks[q];
+                if (k < 1 || k > V || k > DG_BACKEND_TOPK_MAX) continue;
+                double lse = 0;
+                be->topk(be, x, V, k, 1.0f / 0.7f, val, idx, &lse);
+                int same = 1;
+                for (int i = 0; i < k; i++) same &= idx[i] == order[i] && val[i] == x[order[i]];
+                snprintf(name, sizeof name, "V %d %s k %d", V, ROW_NAMES[kind], k);
+                if (!same) test_fail(__FILE__, __LINE__, "topk %s: not the reference order", name);
+                double ref = -INFINITY, m = x[order[0]] / 0.7, acc = 0;
+                for (int i = 0; i < V; i++) acc += exp(x[i] / 0.7 - m);
+                if (m != -INFINITY) ref = m + log(acc);
+                if (ref == -INFINITY) CHECK(lse == -INFINITY);
+                else if (!(fabs(lse - ref) <= 1e-5 * (1 + fabs(ref))))
+                    test_fail(__FILE__, __LINE__, "topk %s: lse %.9g, reference %.9g", name, lse, ref);
+            }
+        }
+        /* penalty on the seen ids, then the biases in order (a repeated id adds twice) */
+        for (int i = 0; i < V; i++) x[i] = (float)(i % 7) - 3.0f;
+        int32_t seen[3] = {0, V / 2, V - 1};
+        dg_logit_bias bias[3] = {{V - 1, 0.5f}, {0, -INFINITY}, {V - 1, 0.25f}};
+        float want[3] = {x[0] < 0 ? x[0] * 1.5f : x[0] / 1.5f, x[V / 2] < 0 ? x[V / 2] * 1.5f : x[V / 2] / 1.5f,
+                         x[V - 1] < 0 ? x[V - 1] * 1.5f : x[V - 1] / 1.5f};
+        want[2] = want[2] + 0.5f + 0.25f;
+        if (V >= 3) {
+            be->logits_adjust(be, x, V, seen, 3, 1.5f, bias, 3);
+            CHECK(x[0] == -INFINITY);
+            CHECK(x[V / 2] == want[1]);
+            CHECK(x[V - 1] == want[2]);
+        }
+        free(x); free(val); free(idx); free(order);
+    }
+}
+
+/* Every combination of the parameters on small vocabularies, a few rows of each kind. */
+TEST(device_path_equals_host_path) {
+    const float temps[] = {0.0f, 0.1f, 0.7f, 1.3f};
+    const int top_ks[] = {0, 1, 2, 40, 1000, 2016, 2017};
+    const float top_ps[] = {1.0f, 0.05f, 0.6f, 0.95f};
+    const int vocabs[] = {5, 64, 97, 300, 1500, 5000};
+    path_count by_mode[4] = {{0}};   /* greedy, top-k, top-p alone, plain */
+    for (int b = 0; b < 2; b++) {
+        dg_backend *be = counting_backend(b ? "cpu-scalar" : "cpu");
+        for (size_t v = 0; v < sizeof vocabs / sizeof *vocabs; v++) {
+            const int V = vocabs[v];
+            dg_logit_bias bias[4] = {{V / 3, 2.5f}, {V - 1, -INFINITY}, {V / 3, -1.0f}, {0, 0.75f}};
+            for (size_t t = 0; t < 4; t++)
+                for (size_t k = 0; k < sizeof top_ks / sizeof *top_ks; k++)
+                    for (size_t q = 0; q < 4; q++)
+                        for (int pen = 0; pen < 2; pen++)
+                            for (int kind = 0; kind < ROW_KINDS; kind++) {
+                                if (b && (kind % 2 || V > 1500)) continue;   /* the scalar backend: a sample */
+                                dg_sampler_params p = {.temperature = temps[t], .top_k = top_ks[k],
+                                                       .top_p = top_ps[q], .repetition_penalty = pen ? 1.3f : 1.0f,
+                                                       .logit_bias = kind % 3 ? bias : NULL,
+                                                       .n_logit_bias = kind % 3 ? 4 : 0,
+                                                       .seed = rnd32()};
+                                int mode = temps[t] <= 0 ? 0 : top_ks[k] > 0 && top_ks[k] < V ? 1
+                                         : top_ps[q] < 1 ? 2 : 3;
+                                path_count pc = {0};
+                                compare_paths(be, V, p, kind, 3, &pc);
+                                by_mode[mode].decided += pc.decided;
+                                by_mode[mode].fell_back += pc.fell_back;
+                                /* greedy never needs the row; peaked rows decide top-k within the
+                                 * limit and small nuclei; plain sampling always needs the row */
+                                if (mode == 0 || (kind == ROW_LM && V > 96 &&
+                                                  ((mode == 1 && V > top_ks[k] + 32 && top_ks[k] <= 1000) ||
+                                                   (mode == 2 && temps[t] <= 0.1f))))
+                                    CHECK_EQ_INT(pc.fell_back, 0);
+                                if (mode == 3) CHECK_EQ_INT(pc.decided, 0);
+                            }
+        }
+    }
+    static const char *modes[] = {"greedy", "top-k", "top-p", "plain"};
+    for (int m = 0; m < 4; m++)
+        printf("  %-7s decided on the device %d, fell back %d\n", modes[m], by_mode[m].decided,
+               by_mode[m].fell_back);
+    CHECK(by_mode[1].decided > 4 * by_mode[1].fell_back);
+}
+
+/* The full Qwen2.5-VL vocabulary, the shapes a model gives (peaked, with penalty and bias). */
+TEST(device_path_full_vocabulary) {
+    const int V = 152064;
+    dg_backend *be = counting_backend("cpu");
+    dg_logit_bias bias[2] = {{151643, -INFINITY}, {1000, 3.0f}};
+    const dg_sampler_params ps[] = {
+        {.seed = 1},
+        {.temperature = 0.7f, .top_k = 50, .seed = 2},
+        {.temperature = 0.7f, .top_k = 50, .top_p = 0.8f, .repetition_penalty = 1.05f, .seed = 3},
+        {.temperature = 1.0f, .top_p = 0.9f, .repetition_penalty = 1.1f, .logit_bias = bias, .n_logit_bias = 2, .seed = 4},
+        {.temperature = 0.1f, .top_p = 0.001f, .top_k = 1, .repetition_penalty = 1.05f, .seed = 5},
+        {.temperature = 1.0f, .seed = 6},
+    };
+    for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) {
+        path_count pc = {0};
+        for (int kind = ROW_GAUSS; kind <= ROW_LM; kind++) compare_paths(be, V, ps[i], kind, 3, &pc);
+        printf("  V %d, T %g top_k %d top_p %g: decided on the device %d, fell back %d\n", V,
+               ps[i].temperature, ps[i].top_k, ps[i].top_p, pc.decided, pc.fell_back);
+        if (ps[i].temperature <= 0 || ps[i].top_k) CHECK_EQ_INT(pc.fell_back, 0);
+        if (ps[i].temperature > 0 && !ps[i].top_k && !ps[i].top_p) CHECK_EQ_INT(pc.decided, 0);
+    }
+}
+
 static char out[256];
 static size_t out_len;
 static int calls;
@@ -146,4 +374,9 @@ TEST(stop_strings) {
     dg_stop_free(s);
 }
 
-int main(void) { return test_main(); }
+int main(void) {
+    int rc = test_main();
+    dg_backend_free(base[0]);
+    dg_backend_free(base[1]);
+    return rc;
+}

@@ -11,6 +11,7 @@
 #include "cpu_kernels.h"
 #include "vision_ops.h"
 #include "dit_ops.h"
+#include "sample_ops.h"
 #include "duogen.h"
 
 /* GEMM over bf16/f16 weights converts a slab of weight rows to fp32 and hands it to
@@ -181,6 +182,8 @@ int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *
     be->modulate = dg_cpu_modulate;
     be->add_gated = dg_cpu_add_gated;
     be->standardize = dg_cpu_standardize;
+    be->logits_adjust = dg_cpu_logits_adjust;
+    be->topk = dg_cpu_topk;
     be->status = cpu_status;
     *out = be;
     return 0;

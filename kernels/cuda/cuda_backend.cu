@@ -221,6 +221,7 @@ static void cuda_free(dg_backend *be) {
         for (int i = 0; i < 2; i++) if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
         if (c->stream) cudaStreamDestroy(c->stream);
         if (c->stage_host) cudaFreeHost(c->stage_host);
+        if (c->readback) cudaFreeHost(c->readback);
         if (c->base) cudaFree(c->base);
         free(c->segs);
         free(c->att_tiles);
@@ -296,6 +297,7 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     if (seg_insert(c, 0, dg_cuda_seg{0, budget, 0}) < 0) goto fail;
     SETUP(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "cudaStreamCreate");
     SETUP(cudaHostAlloc((void **)&c->stage_host, DG_CUDA_STAGE_BYTES, cudaHostAllocDefault), "cudaHostAlloc");
+    SETUP(cudaHostAlloc((void **)&c->readback, DG_CUDA_READBACK_BYTES, cudaHostAllocDefault), "cudaHostAlloc");
     for (int i = 0; i < 2; i++)
         SETUP(cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming), "cudaEventCreate");
     c->stage_dev = (char *)arena_alloc(c, DG_CUDA_STAGE_BYTES);
@@ -364,6 +366,8 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     be->modulate = dg_cuda_modulate;
     be->add_gated = dg_cuda_add_gated;
     be->standardize = dg_cuda_standardize;
+    be->logits_adjust = dg_cuda_logits_adjust;
+    be->topk = dg_cuda_topk;
     be->status = cuda_status;
     *out = be;
     return 0;

@@ -33,6 +33,9 @@ extern "C" {
  * the im2col tiles of conv3d, the split-K partials of attention. */
 #define DG_CUDA_SCRATCH_BYTES ((size_t)256 << 20)
 
+/* Pinned host memory for small results the host waits for (topk: 8 + 8·k bytes). */
+#define DG_CUDA_READBACK_BYTES ((size_t)32 << 10)
+
 /* Query tiles one attention launch takes (each 4 ints staged: q0, q1, k0, k1). */
 #define DG_CUDA_ATT_TILES 16384
 
@@ -70,6 +73,7 @@ typedef struct {
      * queue slot on the stream, so an array equal to one of these is not copied again */
     struct { const void *dev; size_t bytes; char data[DG_CUDA_MEMO_BYTES]; } memo[DG_CUDA_MEMO];
     int             memo_next;
+    char           *readback;      /* owned, pinned: DG_CUDA_READBACK_BYTES */
     /* scratch (arena) */
     void           *scratch;
     size_t          scratch_bytes;
@@ -206,6 +210,12 @@ void dg_cuda_attention_segments(dg_backend *be, float *out, const float *q, int 
 void dg_cuda_spatial_attention(dg_backend *be, float *out, const float *qkv, int channels,
                                int64_t plane);
 int  dg_cuda_attention_init(dg_cuda *c);
+
+/* sample.cu */
+void dg_cuda_logits_adjust(dg_backend *be, float *x, int n, const int32_t *seen, int n_seen,
+                           float penalty, const dg_logit_bias *bias, int n_bias);
+void dg_cuda_topk(dg_backend *be, const float *x, int n, int k, float inv_temp, float *val,
+                  int32_t *idx, double *lse);
 
 /* conv.cu */
 void dg_cuda_conv3d(dg_backend *be, float *y, const float *x, const float *w, const float *bias,
