@@ -229,6 +229,16 @@ struct dg_backend {
     void (*topk)(dg_backend *be, const float *x, int n, int k, float inv_temp, float *val,
                  int32_t *idx, double *lse);
 
+    /* ---- a fixed sequence of operations, recorded once and replayed (optional) ----
+     * ops(ctx) issues operations whose arguments (pointers, sizes, scalars) are the same at
+     * every call with this *slot and that stage no host array: the decode step's runs
+     * between its per-token operations. A GPU backend records them into *slot the first time
+     * (a CUDA graph) and replays that from then on, instead of launching each; it runs
+     * ops(ctx) directly where it cannot record. *slot starts NULL; graph_release frees it.
+     * NULL members: ops(ctx) is called every time (dg_graph_run). */
+    void (*graph_run)(dg_backend *be, void **slot, void (*ops)(void *ctx), void *ctx);
+    void (*graph_release)(dg_backend *be, void *slot);   /* accepts NULL */
+
     /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
      * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,
      * from then on (the backend is not usable again). The CPU backend cannot fail. */
@@ -265,6 +275,11 @@ static inline void dg_matmul_swiglu(dg_backend *be, float *y, float *tmp, const 
     be->matmul(be, y, x, gate, NULL, m);
     be->matmul(be, tmp, x, up, NULL, m);
     be->silu_mul(be, y, y, tmp, (int64_t)m * gate->rows);
+}
+
+static inline void dg_graph_run(dg_backend *be, void **slot, void (*ops)(void *ctx), void *ctx) {
+    if (be->graph_run && slot) be->graph_run(be, slot, ops, ctx);
+    else ops(ctx);
 }
 
 static inline void dg_add_rmsnorm(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m,

@@ -148,8 +148,9 @@ int dg_qwen2_state_new(const dg_qwen2 *m, int max_tokens, int max_logits, dg_qwe
     s->dev_logits = be->alloc(be, (VL ? VL : 1) * sizeof(float));
     s->logits = malloc((VL ? VL : 1) * sizeof(float));
     s->pos = malloc(3 * T * sizeof(int32_t));
+    s->graphs = calloc(2 * (size_t)c->n_layers, sizeof *s->graphs);
     if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
-        !s->dev_logits || !s->logits || !s->pos)
+        !s->dev_logits || !s->logits || !s->pos || !s->graphs)
         goto nomem;
     *out = s;
     return 0;
@@ -164,6 +165,8 @@ void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s) {
     dg_backend *be = m->be;
     float *bufs[] = {s->x, s->h, s->q, s->k, s->v, s->att, s->gate, s->up, s->dev_logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->release(be, bufs[i]);
+    for (int i = 0; s->graphs && be->graph_release && i < 2 * m->cfg.n_layers; i++) be->graph_release(be, s->graphs[i]);
+    free(s->graphs);
     free(s->logits);
     free(s->pos);
     free(s);
@@ -171,24 +174,60 @@ void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s) {
 
 /* ---- forward ------------------------------------------------------------------------------ */
 
+/* The runs of a layer that are the same at every token (pointers, sizes, no staged host
+ * array), as functions of their arguments, so that a GPU backend can record one token's
+ * and replay them (backend.h graph_run): the input norm and q, k, v; and everything after
+ * the attention (output projection, residual, norm, MLP, residual). */
+typedef struct {
+    const dg_qwen2 *m;
+    const dg_qwen2_layer *L;
+    dg_qwen2_state *s;
+    const dg_matmul_part *qkv;
+    int n;
+} layer_run;
+
+static void run_qkv(void *ctx) {
+    const layer_run *r = ctx;
+    const dg_text_config *c = &r->m->cfg;
+    dg_backend *be = r->m->be;
+    be->rmsnorm(be, r->s->h, r->s->x, r->L->input_norm, r->n, c->hidden_size, c->rms_norm_eps);
+    dg_matmul_parts(be, r->s->h, r->qkv, 3, r->n);
+}
+
+static void run_after_attention(void *ctx) {
+    const layer_run *r = ctx;
+    const dg_text_config *c = &r->m->cfg;
+    dg_backend *be = r->m->be;
+    dg_qwen2_state *s = r->s;
+    const int n = r->n, D = c->hidden_size;
+    be->matmul(be, s->h, s->att, &r->L->wo, NULL, n);
+    dg_add_rmsnorm(be, s->h, s->x, s->h, r->L->post_norm, n, D, c->rms_norm_eps);
+    dg_matmul_swiglu(be, s->gate, s->up, s->h, &r->L->w_gate, &r->L->w_up, n);
+    be->matmul(be, s->h, s->gate, &r->L->w_down, NULL, n);
+    be->add(be, s->x, s->h, (int64_t)n * D);
+}
+
 /* One decoder layer over n tokens, in place on s->x [n, D] (spec §3.1). */
-static void layer_forward(const dg_qwen2 *m, const dg_qwen2_layer *L, dg_qwen2_state *s,
-                          const dg_kv_view *kv, const int32_t *pos, int n_past, int n) {
+static void layer_forward(const dg_qwen2 *m, int l, dg_qwen2_state *s, const dg_kv_view *kv,
+                          const int32_t *pos, int n_past, int n) {
     const dg_text_config *c = &m->cfg;
+    const dg_qwen2_layer *L = &m->layers[l];
     dg_backend *be = m->be;
-    const int D = c->hidden_size, hd = c->head_dim, KD = c->n_kv_heads * hd;
+    const int hd = c->head_dim, KD = c->n_kv_heads * hd;
     const dg_rope_params rope = {c->rope_theta, {c->mrope_section[0], c->mrope_section[1],
                                                  c->mrope_section[2]}};
 
     /* one token (decode): q, k, v as one row [q | k | v] in s->q, so that one RoPE call
-     * rotates the heads of q and k together; the fused forms below save a GPU four launches
-     * a layer (the step is ~300 small launches otherwise) */
+     * rotates the heads of q and k together; the fused forms save a GPU four launches a
+     * layer (the step is ~300 small launches otherwise), and the fixed runs around the
+     * per-token operations (RoPE positions, the KV slot, the attention's length) may be
+     * replayed rather than launched */
     const int one = n == 1;
     float *q = s->q, *k = one ? s->q + c->n_heads * hd : s->k, *v = one ? k + KD : s->v;
     const dg_matmul_part qkv[3] = {{q, &L->wq, L->bq}, {k, &L->wk, L->bk}, {v, &L->wv, L->bv}};
+    layer_run r = {m, L, s, qkv, n};
 
-    be->rmsnorm(be, s->h, s->x, L->input_norm, n, D, c->rms_norm_eps);
-    dg_matmul_parts(be, s->h, qkv, 3, n);
+    dg_graph_run(be, one ? &s->graphs[2 * l] : NULL, run_qkv, &r);
     if (one) {
         be->rope(be, q, pos, 1, c->n_heads + c->n_kv_heads, hd, &rope);
     } else {
@@ -198,12 +237,7 @@ static void layer_forward(const dg_qwen2 *m, const dg_qwen2_layer *L, dg_qwen2_s
     be->kv_write(be, kv, n_past, k, v, n, KD);
     be->attention(be, s->att, q, kv, n_past, n, c->n_heads, c->n_kv_heads, hd,
                   1.0f / sqrtf((float)hd));
-    be->matmul(be, s->h, s->att, &L->wo, NULL, n);
-    dg_add_rmsnorm(be, s->h, s->x, s->h, L->post_norm, n, D, c->rms_norm_eps);
-
-    dg_matmul_swiglu(be, s->gate, s->up, s->h, &L->w_gate, &L->w_up, n);
-    be->matmul(be, s->h, s->gate, &L->w_down, NULL, n);
-    be->add(be, s->x, s->h, (int64_t)n * D);
+    dg_graph_run(be, one ? &s->graphs[2 * l + 1] : NULL, run_after_attention, &r);
 }
 
 /* The x rows of the <|image_pad|> tokens <- image_embeds rows, in order (masked_scatter). */
@@ -258,7 +292,7 @@ int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_k
     if (in->image_embeds) insert_image_rows(m, s, in);
     for (int l = 0; l < c->n_layers; l++) {
         dg_kv_view view = dg_kv_cache_layer(kv, seq, l);
-        layer_forward(m, &m->layers[l], s, &view, pos, n_past, n);
+        layer_forward(m, l, s, &view, pos, n_past, n);
         if (hook && hook->fn) hook->fn(hook->user, l, s->x, n, n_past);
     }
     if (in->n_logits > 0) {

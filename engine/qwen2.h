@@ -89,6 +89,8 @@ typedef struct {
     float   *dev_logits;      /* [max_logits, V]       backend memory */
     float   *logits;          /* [max_logits, V]       host copy: the result of a forward */
     int32_t *pos;             /* [3, max_tokens]       text positions built here */
+    void   **graphs;          /* [2 * layers]          one token's fixed runs per layer
+                                 (backend.h graph_run): before and after the attention */
 } dg_qwen2_state;
 
 /* Binds every text tensor of `st` to its field, checking dtype and shape; the error names

@@ -25,6 +25,8 @@
  *     wmma one with DG_CUDA_ATTN=wmma): Q, K, V and P rounded to bf16 (2^-9 relative each),
  *     fp32 accumulation: 1e-2 relative norm.
  *   - embed, kv_write, gather_rows, upsample2x: copies, exact.
+ *   - graph_run (DG_CUDA_GRAPHS=1): a recorded rmsnorm + add replayed on new inputs, as
+ *     rmsnorm's bounds.
  *   - the fused decode forms: as their parts (matmul_swiglu 1e-4 at m <= 8: the SiLU of a
  *     dot product that differs by 1e-5 relative, times another).
  *   - logits_adjust: one IEEE multiply, divide or add per element, in the same order: exact.
@@ -241,6 +243,60 @@ TEST(cuda_fused_decode_ops) {
         o += (int64_t)m * k;
         compare("add_rmsnorm y", shape, got + o, ref + o, (int64_t)m * k, 1e-5, 8e-5);
         free(wq); free(wk); free(wg); free(wu); free(x); free(b); free(res); free(nw); free(ref); free(got);
+    }
+}
+
+/* ---- graph_run: a fixed run recorded once (DG_CUDA_GRAPHS=1) and replayed ------------------ */
+
+typedef struct {
+    dg_backend *be;
+    float      *y, *a, *b, *w;
+    int         m, n;
+} graph_ops;
+
+static void graph_ops_run(void *ctx) {   /* y = rmsnorm(a)·w + b */
+    graph_ops *g = ctx;
+    g->be->rmsnorm(g->be, g->y, g->a, g->w, g->m, g->n, 1e-6f);
+    g->be->add(g->be, g->y, g->b, (int64_t)g->m * g->n);
+}
+
+TEST(cuda_graph_run_replays_with_new_inputs) {
+    if (!ready()) return;
+    char err[256];
+    dg_backend *gg = gpu;
+    setenv("DG_CUDA_GRAPHS", "1", 1);   /* read when the slot is first used */
+    const int m = 3, n = 1000;
+    dg_backend *bes[2] = {cpu, gg};
+    graph_ops ops[2];
+    for (int k = 0; k < 2; k++) {
+        dg_backend *be = bes[k];
+        ops[k] = (graph_ops){be, be->alloc(be, sizeof(float) * m * n), be->alloc(be, sizeof(float) * m * n),
+                             be->alloc(be, sizeof(float) * m * n), be->alloc(be, sizeof(float) * n), m, n};
+    }
+    void *slot[2] = {NULL, NULL};
+    for (int round = 0; round < 3; round++) {   /* recorded in round 0, replayed in 1 and 2 */
+        float *a = rnd((int64_t)m * n, 2.0f), *b = rnd((int64_t)m * n, 1.0f), *w = rnd(n, 1.0f), *res[2];
+        for (int k = 0; k < 2; k++) {
+            dg_backend *be = bes[k];
+            be->upload(be, ops[k].a, a, (int64_t)m * n);
+            be->upload(be, ops[k].b, b, (int64_t)m * n);
+            be->upload(be, ops[k].w, w, n);
+            dg_graph_run(be, &slot[k], graph_ops_run, &ops[k]);
+            res[k] = malloc(sizeof(float) * m * n);
+            be->download(be, res[k], ops[k].y, (int64_t)m * n);
+        }
+        char shape[64];
+        snprintf(shape, sizeof shape, "rmsnorm+add m%d n%d round %d", m, n, round);
+        compare("graph_run", shape, res[1], res[0], (int64_t)m * n, 1e-5, 8e-5);
+        CHECK(slot[1] != NULL || !gg->graph_run);   /* the CUDA backend recorded it */
+        CHECK_EQ_INT(gg->status(gg, err, sizeof err), 0);
+        free(a); free(b); free(w); free(res[0]); free(res[1]);
+    }
+    unsetenv("DG_CUDA_GRAPHS");
+    if (gg->graph_release) gg->graph_release(gg, slot[1]);
+    for (int k = 0; k < 2; k++) {
+        bes[k]->release(bes[k], ops[k].y); bes[k]->release(bes[k], ops[k].a);
+        bes[k]->release(bes[k], ops[k].b); bes[k]->release(bes[k], ops[k].w);
     }
 }
 

@@ -5,7 +5,9 @@
  * logit difference of the prefill's last row is printed, against a bound of 5e-2 in the
  * default mode (bf16 rounding, 2^-9 relative, of the activations entering each prefill
  * GEMM and of q, k, v, p in the tensor-core attention, through 24 layers: 1.4e-2 was
- * measured on an H200 with the GEMMs alone) and 2e-3 with DG_CUDA_GEMM=precise.
+ * measured on an H200 with the GEMMs alone) and 2e-3 with DG_CUDA_GEMM=precise. A third
+ * run records the decode step's fixed runs as CUDA graphs (DG_CUDA_GRAPHS=1) and replays
+ * them: the same tokens as without.
  *
  * The DiT and the VAE of the goldens' tiny package (tests/dit_common.h) run on "cpu" and
  * on "cuda:0" (default and DG_CUDA_GEMM=precise) with the inputs of test_dit's "packed"
@@ -125,20 +127,24 @@ static void parity(const char *preset) {
     }
     float *lref = malloc(sizeof(float) * 200000), *lgot = malloc(sizeof(float) * 200000);
     if (greedy(pkg, "cpu", prompt, ref, lref, &vocab) < 0) goto out;
-    for (int precise = 0; precise < 2; precise++) {
+    static const char *modes[] = {"default", "precise", "graphs"};   /* graphs: DG_CUDA_GRAPHS=1 */
+    for (int mode = 0; mode < 3; mode++) {
+        const int precise = mode == 1;
         if (precise) setenv("DG_CUDA_GEMM", "precise", 1);
+        if (mode == 2) setenv("DG_CUDA_GRAPHS", "1", 1);
         int rc = greedy(pkg, "cuda:0", prompt, got, lgot, &vocab);
         unsetenv("DG_CUDA_GEMM");
+        unsetenv("DG_CUDA_GRAPHS");
         if (rc < 0) goto out;
         double mx = 0;
         for (int i = 0; i < vocab; i++) mx = fmax(mx, fabs((double)lgot[i] - lref[i]));
         int same = 0;
         while (same < N_STEPS && got[same] == ref[same]) same++;
         printf("  %s %s: %d of %d greedy tokens identical, prefill logits max_abs %.3g\n", preset,
-               precise ? "precise" : "default", same, N_STEPS, mx);
+               modes[mode], same, N_STEPS, mx);
         if (same < N_STEPS)
-            test_fail(__FILE__, __LINE__, "%s %s: step %d token %d, cpu %d", preset,
-                      precise ? "precise" : "default", same, got[same], ref[same]);
+            test_fail(__FILE__, __LINE__, "%s %s: step %d token %d, cpu %d", preset, modes[mode], same,
+                      got[same], ref[same]);
         CHECK(mx <= (precise ? 2e-3 : 5e-2));
     }
 out:

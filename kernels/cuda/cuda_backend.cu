@@ -33,6 +33,63 @@ static int cuda_status(dg_backend *be, char *err, size_t errlen) {
     return c->status;
 }
 
+/* ---- recorded runs (backend.h graph_run): CUDA graphs -------------------------------------
+ * The decode step's fixed runs (engine/qwen2.c: a layer's norm and q/k/v; everything after
+ * its attention) are recorded by stream capture the first time and replayed with one
+ * cudaGraphLaunch from then on: 196 kernel launches of a 7B step become 56 graph launches.
+ * Off unless DG_CUDA_GRAPHS=1 (read when a slot is first used, so that dg-bench can time
+ * both in one process) until a device run shows they pay (NOTES.md). Where a
+ * capture fails, the run goes on uncaptured from then on: the operations inside did not
+ * execute during the failed capture, so they are issued again directly, and a failure the
+ * capture alone caused is not kept as the backend's sticky error. */
+typedef struct {
+    cudaGraphExec_t exec;
+    int             off;   /* cannot be recorded: run directly */
+} cuda_graph;
+
+static void cuda_graph_run(dg_backend *be, void **slot, void (*ops)(void *ctx), void *ctx) {
+    dg_cuda *c = dg_cuda_of(be);
+    cuda_graph *g = (cuda_graph *)*slot;
+    if (g && g->exec) {
+        const cudaError_t e = cudaGraphLaunch(g->exec, c->stream);
+        if (e != cudaSuccess) dg_cuda_fail(c, cudaGetErrorString(e), "cudaGraphLaunch", __FILE__, __LINE__);
+        return;
+    }
+    const char *on = g ? "1" : getenv("DG_CUDA_GRAPHS");   /* asked when a slot is first used */
+    if (!on || strcmp(on, "1") || c->status || (g && g->off) || (!g && !(g = (cuda_graph *)calloc(1, sizeof *g)))) {
+        ops(ctx);
+        return;
+    }
+    *slot = g;
+    cudaGraph_t graph = NULL;
+    if (cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+        ops(ctx);
+        const cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
+        if (e == cudaSuccess && !c->status && cudaGraphInstantiate(&g->exec, graph, 0) == cudaSuccess) {
+            cudaGraphDestroy(graph);
+            const cudaError_t l = cudaGraphLaunch(g->exec, c->stream);
+            if (l != cudaSuccess) dg_cuda_fail(c, cudaGetErrorString(l), "cudaGraphLaunch", __FILE__, __LINE__);
+            return;
+        }
+    }
+    if (graph) cudaGraphDestroy(graph);
+    if (g->exec) cudaGraphExecDestroy(g->exec);
+    g->exec = NULL;
+    g->off = 1;
+    (void)cudaGetLastError();           /* the capture's error, not the device's */
+    c->status = 0;                      /* healthy before (checked above): the capture failed */
+    c->err[0] = 0;
+    ops(ctx);
+}
+
+static void cuda_graph_release(dg_backend *be, void *slot) {
+    cuda_graph *g = (cuda_graph *)slot;
+    (void)be;
+    if (!g) return;
+    if (g->exec) cudaGraphExecDestroy(g->exec);
+    free(g);
+}
+
 /* ---- the arena ------------------------------------------------------------------------- */
 
 static int seg_insert(dg_cuda *c, int at, dg_cuda_seg s) {
@@ -369,6 +426,8 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     be->logits_adjust = dg_cuda_logits_adjust;
     be->topk = dg_cuda_topk;
     be->status = cuda_status;
+    be->graph_run = cuda_graph_run;
+    be->graph_release = cuda_graph_release;
     *out = be;
     return 0;
 fail:

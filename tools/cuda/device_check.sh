@@ -144,6 +144,8 @@ if job.get("dit_tflops") and torch.get("bf16_matmul_tflops"):
 for k in ("decode_tok_s", "prefill_512_tok_s", "prefill_2048_tok_s", "prefill_64_tok_s", "prefill_128_tok_s"):
     if ours.get(k) and torch.get(k):
         s["ratios"][k] = ours[k] / torch[k]
+if ours.get("decode_graphs_tok_s") and ours.get("decode_tok_s"):
+    s["ratios"]["decode_graphs_over_plain"] = ours["decode_graphs_tok_s"] / ours["decode_tok_s"]
 if ours.get("decode_bytes_per_step_gb") and torch.get("copy_gb_s"):
     lim = torch["copy_gb_s"] / ours["decode_bytes_per_step_gb"]
     s["ratios"]["decode_vs_torch_copy_limit"] = ours.get("decode_tok_s", 0) / lim

@@ -308,6 +308,33 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     bench_record(out, "decode_bandwidth_limit_tok_s", limit, "tok/s");
     bench_record(out, "decode_fraction_of_limit", limit > 0 ? dec / limit : 0, "x");
     bench_record(out, "decode_achieved_gb_s", step_bytes * dec / 1e9, "GB/s");
+    /* the same decode with the fixed runs recorded as CUDA graphs and replayed (backend.h
+     * graph_run; DG_CUDA_GRAPHS is read when a state's slots are first used) */
+    {
+        dg_qwen2_state *sg = NULL;
+        setenv("DG_CUDA_GRAPHS", "1", 1);
+        if (dg_qwen2_state_new(&m, max_tokens, 1, &sg, err, sizeof err) == 0) {
+            in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
+            int ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0;
+            for (int i = 0; ok && i < 4; i++) {   /* records the graphs */
+                in = (dg_qwen2_input){.ids = &ids[n_prompt + i], .n = 1, .n_logits = 1};
+                ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0;
+            }
+            const double g0 = bench_now_ms();
+            for (int i = 4; ok && i < n_decode + 4; i++) {
+                in = (dg_qwen2_input){.ids = &ids[n_prompt + i], .n = 1, .n_logits = 1};
+                ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0;
+            }
+            if (ok) {
+                bench_record(out, "decode_graphs_tok_s", n_decode / ((bench_now_ms() - g0) / 1e3), "tok/s");
+            } else {
+                fprintf(stderr, "bench_cuda: graphs: %s\n", err);
+            }
+            dg_kv_seq_release(kv, &seq);
+            dg_qwen2_state_free(&m, sg);
+        }
+        unsetenv("DG_CUDA_GRAPHS");
+    }
     double gemv_ms = 0;
     gemv_shapes(be, &m, out, &gemv_ms);
     bench_record(out, "decode_ms_outside_gemv", (t2 - t1) / n_decode - gemv_ms, "ms");
