@@ -220,7 +220,10 @@ TEST(cuda_fused_decode_ops) {
     if (!ready()) return;
     static const int shapes[][5] = {   /* m, q rows, k rows, F, k: 1 and 8 fused, 20 the GEMM path */
         {1, 512, 128, 1024, 256}, {1, 3584, 512, 4096, 3584}, {8, 256, 64, 512, 256}, {20, 256, 64, 512, 256},
-        {3, 100, 36, 200, 120}};
+        {3, 100, 36, 200, 120},
+        /* the GEMM path with k's bias 400 and 404 bytes into its buffer: cuBLASLt's epilogue
+         * with a 16-byte-aligned bias, and the bias kernel for a 4-byte-aligned one */
+        {20, 100, 36, 200, 120}, {20, 101, 36, 200, 120}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const int m = shapes[s][0], nq = shapes[s][1], nk = shapes[s][2], f = shapes[s][3], k = shapes[s][4];
         uint16_t *wq = rnd_bf16((int64_t)nq * k, 0.05f), *wk = rnd_bf16((int64_t)nk * k, 0.05f);

@@ -22,8 +22,9 @@
  * rounded to bf16, fp32 accumulation, P rounded to bf16 before P·V.
  *
  * Block: 4 warps, 64 query rows (16 per warp) of one head; shared memory 2 × 2 tiles of
- * 64 × (head_dim + 8) bf16 (70 KB at 128: three blocks per SM). Registers at head_dim 128:
- * O 64, S 32, Q 32 floats per thread.
+ * 64 × (head_dim + 8) bf16 (70 KB at 128: three blocks per SM, which the launch bounds
+ * hold the registers to). Registers at head_dim 128: O 64, S 32, Q 32 floats per thread.
+ * K's and V's B fragments come from ldmatrix (.x4: two 8-key or 8-dim pieces a load).
  *
  * Not yet run on a GPU (written in a session without one): test_backend_cuda compares it
  * with the CPU (and DG_CUDA_ATTN=wmma selects the previous kernel, which it also checks). */
@@ -58,7 +59,16 @@ __device__ __forceinline__ void mma_bf16(float *d, const uint32_t *a, uint32_t b
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* Four 8x8 bf16 matrices, transposed: lanes 8i .. 8i+7 give the row addresses of matrix i. */
+/* Four 8x8 bf16 matrices: lanes 8i .. 8i+7 give the row addresses of matrix i; lane 4g + t
+ * receives row g, elements 2t and 2t+1 of each. */
+__device__ __forceinline__ void ldmatrix_x4(uint32_t *r, const void *smem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+/* The same, transposed: lane 4g + t receives elements (2t, g) and (2t + 1, g) of each. */
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, const void *smem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -92,7 +102,8 @@ __global__ void attn_to_bf16_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, kv_add
 /* ---- the kernel ------------------------------------------------------------------------------ */
 
 template <int HD>
-__global__ void __launch_bounds__(MMA_THREADS)
+__global__ void __launch_bounds__(MMA_THREADS)   /* 168 registers at 128 (nvcc 13): 3 blocks an SM;
+                                                    a min-blocks bound of 3 made ptxas spill */
 attn_mma_kernel(float *out, int out_stride, const __nv_bfloat16 *__restrict__ qb,
                 const __nv_bfloat16 *__restrict__ kb, const __nv_bfloat16 *__restrict__ vb,
                 const int32_t *tiles, int n_heads, int n_kv_heads, int causal) {
@@ -153,16 +164,22 @@ attn_mma_kernel(float *out, int out_stride, const __nv_bfloat16 *__restrict__ qb
         __syncthreads();
         const __nv_bfloat16 *Kt = Ks + buf * MK * L::LD, *Vt = Vs + buf * MK * L::LD;
 
-        /* S[16 rows, 64 keys] = Q·Kᵀ: B fragment of keys n·8 .. n·8+7 = K rows, read as pairs */
+        /* S[16 rows, 64 keys] = Q·Kᵀ: the B fragment of keys n·8 .. n·8+7 is those K rows
+         * untransposed (b0: dims 2t, 2t+1 of key g; b1: dims +8); one ldmatrix.x4 gives
+         * both registers for two 8-key pieces (matrices: keys of n, dims 0-7 and 8-15 of
+         * the step, then the same for n+1) */
         float s[MK / 8][4];
 #pragma unroll
         for (int n = 0; n < MK / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        const __nv_bfloat16 *krow = Kt + ((lane >> 4) * 8 + (lane & 7)) * L::LD + ((lane >> 3) & 1) * 8;
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++)
 #pragma unroll
-            for (int n = 0; n < MK / 8; n++) {
-                const __nv_bfloat16 *kp = Kt + (n * 8 + g) * L::LD + kk * 16 + 2 * tq;
-                mma_bf16(s[n], qf[kk], ld_u32(kp), ld_u32(kp + 8));
+            for (int n = 0; n < MK / 8; n += 2) {
+                uint32_t kf[4];
+                ldmatrix_x4(kf, krow + n * 8 * L::LD + kk * 16);
+                mma_bf16(s[n], qf[kk], kf[0], kf[1]);
+                mma_bf16(s[n + 1], qf[kk], kf[2], kf[3]);
             }
 
         /* mask, the online softmax in base 2 */

@@ -46,6 +46,7 @@ typedef struct dg_cuda_seg dg_cuda_seg;
 #define DG_CUDA_LT_PLANS 64
 typedef struct {
     int                     n, m, k;        /* 0: unused */
+    int                     align_w, align_y;  /* the pointers' alignments it was chosen for */
     int                     ok;             /* 0: no algorithm; the plain GEMM + bias kernel */
     cublasLtMatmulDesc_t    desc;
     cublasLtMatrixLayout_t  a, b, d;

@@ -244,18 +244,30 @@ void dg_cuda_lt_free(dg_cuda *c) {
     c->lt = NULL;
 }
 
-/* The plan of shape (n, m, k): found, or made (descriptors, then the heuristic's best
- * algorithm within the 32 MiB workspace). NULL when cuBLASLt has no algorithm for it: the
- * caller then adds the bias with its own kernel. */
-static dg_cuda_lt_plan *lt_plan(dg_cuda *c, int n, int m, int k) {
+/* The largest power of two <= 256 that divides the address: what an algorithm may assume
+ * of a pointer (cuBLASLt's heuristic assumes 256 unless told). */
+static int lt_align(const void *p) {
+    int a = 256;
+    while (a > 1 && ((uintptr_t)p & (uintptr_t)(a - 1))) a >>= 1;
+    return a;
+}
+
+/* The plan of shape (n, m, k) and pointer alignments (W, y): found, or made (descriptors,
+ * then the heuristic's best algorithm within the 32 MiB workspace for those alignments).
+ * NULL when cuBLASLt has no algorithm for it: the caller then adds the bias with its own
+ * kernel. (x is the scratch: 256-aligned; the bias must be 16-aligned, checked by the
+ * caller: cuBLASLt states no alignment for it, and PyTorch met faults below 16.) */
+static dg_cuda_lt_plan *lt_plan(dg_cuda *c, int n, int m, int k, int align_w, int align_y) {
     for (int i = 0; i < DG_CUDA_LT_PLANS; i++) {
         dg_cuda_lt_plan *p = &c->lt_plans[i];
-        if (p->n == n && p->m == m && p->k == k) return p->ok ? p : NULL;
+        if (p->n == n && p->m == m && p->k == k && p->align_w == align_w && p->align_y == align_y)
+            return p->ok ? p : NULL;
     }
     dg_cuda_lt_plan *p = &c->lt_plans[c->lt_next];
     c->lt_next = (c->lt_next + 1) % DG_CUDA_LT_PLANS;
     lt_plan_clear(p);
-    p->n = n, p->m = m, p->k = k;
+    p->n = n, p->m = m, p->k = k, p->align_w = align_w, p->align_y = align_y;
+    const uint32_t aw = (uint32_t)align_w, ax = 256, ay = (uint32_t)align_y;
     const cublasOperation_t opt = CUBLAS_OP_T, opn = CUBLAS_OP_N;
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
     const cudaDataType_t bias_type = CUDA_R_32F;
@@ -273,6 +285,10 @@ static dg_cuda_lt_plan *lt_plan(dg_cuda *c, int n, int m, int k) {
         cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32F, n, m, n) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof aw) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof ax) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof ay) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ay, sizeof ay) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatmulAlgoGetHeuristic(c->lt, p->desc, p->a, p->b, p->d, p->d, pref, 1, &res, &n_res) != CUBLAS_STATUS_SUCCESS ||
         n_res < 1) {
         if (pref) cublasLtMatmulPreferenceDestroy(pref);
@@ -303,7 +319,8 @@ static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, co
         const unsigned blocks = dg_cuda_blocks(cnt, 256) < 65535u ? dg_cuda_blocks(cnt, 256) : 65535u;
         split_bf16_kernel<<<blocks, 256, 0, c->stream>>>(hi, lo, x + (int64_t)r0 * k, cnt);
         CUDA_CHECK_LAUNCH(c);
-        dg_cuda_lt_plan *p = bias && !split ? lt_plan(c, n, mc, k) : NULL;
+        dg_cuda_lt_plan *p = bias && !split && ((uintptr_t)bias & 15) == 0
+                                 ? lt_plan(c, n, mc, k, lt_align(w), lt_align(y + (int64_t)r0 * n)) : NULL;
         if (p) {
             CUBLAS_CHECK(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                            sizeof bias));
