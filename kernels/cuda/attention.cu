@@ -512,8 +512,11 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
     kv_addr a = {kv->k, kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
     if (m <= DECODE_MAX_M)
         return attn_decode(c, out, q, a, n_past, m, n_heads, n_kv_heads, head_dim, scale);
+    /* the mma kernel's pre-pass converts all n_ctx K/V rows of the layer: for fewer new rows
+     * than one of its tiles, after a long context, that costs more than it saves (12 bytes
+     * a K/V element against the wmma kernel reading the fp32 rows, mostly from L2) */
     dg_attn_bf16 mbuf, *mb = NULL;
-    if (dg_cuda_attn_mma_ok(c, head_dim, m, n_ctx, n_heads, n_kv_heads)) {
+    if (m >= DG_MMA_TQ && dg_cuda_attn_mma_ok(c, head_dim, m, n_ctx, n_heads, n_kv_heads)) {
         int rc = dg_cuda_attn_mma_prepare(c, &mbuf, q, n_heads * head_dim, a, m, n_ctx, n_heads, n_kv_heads,
                                           head_dim, scale);
         if (rc < 0) return rc;
