@@ -56,6 +56,16 @@ __device__ __forceinline__ void gemv_dot(float *acc, const uint4 *__restrict__ w
     }
 }
 
+/* y[r, row] = the warp's sum of acc[r] (+ bias[row]), r < M: the end of a warp-per-row GEMV. */
+template <int M>
+__device__ __forceinline__ void gemv_store(float *y, const float *acc, const float *bias, int n, int row, int lane) {
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+        const float s = dg_warp_sum(acc[r]);
+        if (lane == 0) y[(int64_t)r * n + row] = s + (bias ? bias[row] : 0.0f);
+    }
+}
+
 /* One warp per row of W; lane l reads elements 8l .. 8l+7 of every 256-wide slice as one
  * 16-byte load (a warp reads 512 contiguous bytes per step). The unrolled loop keeps up to
  * eight such loads in flight per lane (the tail of a grid runs with few warps per SM, and
@@ -71,11 +81,7 @@ __global__ void gemv_bf16_vec(float *__restrict__ y, const float *__restrict__ x
     const uint4 *wr = (const uint4 *)(w + (int64_t)row * k);
     float acc[M];
     gemv_dot<M, 8>(acc, wr, x, k, lane, 32);
-#pragma unroll
-    for (int r = 0; r < M; r++) {
-        const float s = dg_warp_sum(acc[r]);
-        if (lane == 0) y[(int64_t)r * n + row] = s + (bias ? bias[row] : 0.0f);
-    }
+    gemv_store<M>(y, acc, bias, n, row, lane);
 }
 
 /* Few rows (the 7B's K and V projections: 512 rows = 64 warp-per-row blocks, a sixth of
@@ -151,11 +157,7 @@ __global__ void gemv_parts_kernel(gemv_parts_arg p, const float *__restrict__ x,
     const int row = row_all - base, n = end - base;
     float acc[M];
     gemv_dot<M, 8>(acc, (const uint4 *)(w + (int64_t)row * k), x, k, lane, 32);
-#pragma unroll
-    for (int r = 0; r < M; r++) {
-        const float s = dg_warp_sum(acc[r]);
-        if (lane == 0) y[(int64_t)r * n + row] = s + (bias ? bias[row] : 0.0f);
-    }
+    gemv_store<M>(y, acc, bias, n, row, lane);
 }
 
 /* y[r, row] = silu(x_r · gate_row) · (x_r · up_row): the two rows of one output in one warp. */
