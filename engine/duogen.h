@@ -137,7 +137,8 @@ typedef struct {
     int64_t generated_tokens;
     int64_t images;
     int64_t cached_latents;          /* condition images whose VAE latent came from the cache */
-    int64_t cached_vision;           /* images whose vision-tower output came from the cache */
+    int64_t cached_vision;           /* images whose vision-tower output came from the cache (or
+                                        from the same picture earlier in the request) */
 } dg_usage;
 
 typedef struct {

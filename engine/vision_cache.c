@@ -136,28 +136,57 @@ static int flush(const dg_vision *m, dg_vision_state *s, dg_vision_cache *cache,
     return rc;
 }
 
+/* Copies the rows of an image seen earlier in the same call (its n_tok rows from row src)
+ * to row dst of out, on the backend: idx is scratch for the row numbers. */
+static void copy_rows(const dg_vision *m, float *out, int64_t src, int64_t dst, int n_tok, int32_t *idx) {
+    const int O = m->cfg.out_hidden_size;
+    for (int i0 = 0; i0 < n_tok; i0 += 4096) {
+        const int k = n_tok - i0 < 4096 ? n_tok - i0 : 4096;
+        for (int i = 0; i < k; i++) idx[i] = i0 + i;
+        m->be->gather_rows(m->be, out + (dst + i0) * O, out + src * O, idx, k, O);
+    }
+}
+
 int dg_vision_encode(const dg_vision *m, dg_vision_state *s, dg_vision_cache *cache,
                      const dg_image_preprocess_config *pp, const dg_image *const *images, int n,
                      float *out, int *n_computed, char *err, size_t errlen) {
     const int O = m->cfg.out_hidden_size;
     batch b = {0};
     int64_t row = 0;
-    int computed = 0, rc = 0;
+    int computed = 0, rc = 0, n_dup = 0;
+    /* per image: its key, grid and first row, so that a repeat within the call (the same
+     * picture twice in one request) copies the first one's rows instead of running the
+     * tower again; the copies wait until every batch has run */
+    dg_image_digest *keys = calloc((size_t)n, sizeof *keys);
+    int32_t (*grids)[3] = calloc((size_t)n, sizeof *grids), *idx = malloc(sizeof(int32_t) * 4096);
+    int64_t *rows_at = calloc((size_t)n, sizeof *rows_at), (*dups)[3] = calloc((size_t)n, sizeof *dups);
     b.patches = calloc((size_t)n, sizeof *b.patches);
     b.keys = calloc((size_t)n, sizeof *b.keys);
-    if (!b.patches || !b.keys) {
+    if (!b.patches || !b.keys || !keys || !grids || !idx || !rows_at || !dups) {
         rc = DG_ENOMEM;
         snprintf(err, errlen, "vision: out of memory");
         goto out;
     }
     for (int i = 0; i < n; i++) {
-        int32_t grid[3];
-        dg_image_digest key;
+        int32_t *grid = grids[i];
+        dg_image_digest *key = &keys[i];
         int n_tok, width;
         if ((rc = dg_image_grid(images[i]->height, images[i]->width, pp, grid, err, errlen)) < 0)
             goto out;
-        dg_image_hash(images[i], &key);
-        const float *rows = cache ? dg_vision_cache_get(cache, &key, grid, &n_tok, &width) : NULL;
+        dg_image_hash(images[i], key);
+        rows_at[i] = row;
+        int j = 0;
+        while (j < i && (memcmp(&keys[j], key, sizeof *key) || memcmp(grids[j], grid, sizeof grids[j]))) j++;
+        if (j < i) {   /* a batch's rows are contiguous: it runs before this gap */
+            if ((rc = flush(m, s, cache, &b, out, &computed, err, errlen)) < 0) goto out;
+            const int nt = dg_vision_tokens(m, grid[0], grid[1], grid[2]);
+            dups[n_dup][0] = rows_at[j];
+            dups[n_dup][1] = row;
+            dups[n_dup++][2] = nt;
+            row += nt;
+            continue;
+        }
+        const float *rows = cache ? dg_vision_cache_get(cache, key, grid, &n_tok, &width) : NULL;
         if (rows && width == O) {
             if ((rc = flush(m, s, cache, &b, out, &computed, err, errlen)) < 0) goto out;
             m->be->upload(m->be, out + row * O, rows, (int64_t)n_tok * O);
@@ -181,15 +210,21 @@ int dg_vision_encode(const dg_vision *m, dg_vision_state *s, dg_vision_cache *ca
         }
         if (b.n == 0) b.first = row;
         b.patches[b.n] = p;
-        b.keys[b.n++] = key;
+        b.keys[b.n++] = *key;
         b.n_patches += np;
         row += dg_vision_tokens(m, p->grid_t, p->grid_h, p->grid_w);
     }
     rc = flush(m, s, cache, &b, out, &computed, err, errlen);
+    for (int d = 0; rc == 0 && d < n_dup; d++) copy_rows(m, out, dups[d][0], dups[d][1], (int)dups[d][2], idx);
 out:
     for (int i = 0; b.patches && i < b.n; i++) dg_image_patches_free(b.patches[i]);
     free(b.patches);
     free(b.keys);
+    free(keys);
+    free(grids);
+    free(idx);
+    free(rows_at);
+    free(dups);
     if (n_computed) *n_computed = computed;
     return rc;
 }

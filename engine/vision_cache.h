@@ -53,8 +53,9 @@ void dg_vision_cache_stats(const dg_vision_cache *c, dg_vision_cache_counters *o
 /* The vision embeddings of a request's n images into out (backend memory)
  * [Σ tokens, out_hidden], image after image: each image's rows come from the cache when
  * present; the others are preprocessed (pp) and run through the tower, as many at once as
- * the state holds, and then cached. cache may be NULL (no caching). *n_computed (may be
- * NULL) = images the tower ran on. Errors as dg_image_patches_new and dg_vision_forward
+ * the state holds, and then cached; a picture repeated within the call (same content and
+ * grid) runs once, its later places get copies of its rows. cache may be NULL (no
+ * caching). *n_computed (may be NULL) = images the tower ran on. Errors as dg_image_patches_new and dg_vision_forward
  * (DG_ELIMIT: one image has more patches than the state holds). */
 int  dg_vision_encode(const dg_vision *m, dg_vision_state *s, dg_vision_cache *cache,
                       const dg_image_preprocess_config *pp, const dg_image *const *images, int n,

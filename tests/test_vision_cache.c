@@ -1,7 +1,7 @@
 /* The vision cache (engine/vision_cache.c): LRU order, byte budget, counters, and
  * dg_vision_encode: a second request with the same image takes its rows from the cache
- * without running the tower, gives the same bytes, and mixed hits and misses land in the
- * right rows. Uses the tiny package and the images of tests/golden/vision; embeddings are
+ * without running the tower, gives the same bytes, a picture repeated within one request
+ * runs once, and mixed hits and misses land in the right rows. Uses the tiny package and the images of tests/golden/vision; embeddings are
  * compared with the transformers goldens at the tolerance of test_vision.c. */
 #include <jansson.h>
 #include <stdio.h>
@@ -133,6 +133,44 @@ TEST(second_request_with_the_same_images_skips_the_tower) {
     CHECK_EQ_INT(st.bytes, sizeof(float) * (size_t)n_tok * O);
     free(first);
     free(second);
+out:
+    dg_vision_cache_free(c);
+    close_fixture(&x);
+}
+
+/* The same picture twice in one request (and a third copy after another image), with and
+ * without a cache: the tower runs once per distinct picture, and every copy's rows equal
+ * the goldens. */
+TEST(the_same_image_twice_in_one_request_runs_once) {
+    fixture x;
+    dg_vision_cache *c = NULL;
+    dg_image_preprocess_config pp;
+    char err[256];
+    int computed = -1;
+    if (open_fixture(&x, 2048) < 0 || dg_vision_cache_new(1 << 20, &c) < 0) { CHECK(!"setup"); goto out; }
+    dg_image_preprocess_config_default(&pp);
+    const int O = x.cfg.vision.out_hidden_size, t0 = tokens_of(0), t1 = tokens_of(1);
+    const int n_tok = 3 * t0 + t1;
+    const dg_image *req[4] = {x.img[0], x.img[0], x.img[1], x.img[0]};
+    float *rows = malloc(sizeof(float) * (size_t)n_tok * O);
+    for (int with_cache = 0; with_cache < 2; with_cache++) {
+        memset(rows, 0, sizeof(float) * (size_t)n_tok * O);
+        x.be->upload(x.be, x.out, rows, (int64_t)n_tok * O);   /* the copies must write */
+        CHECK_EQ_INT(dg_vision_encode(&x.vm, x.vs, with_cache ? c : NULL, &pp, req, 4, x.out, &computed, err,
+                                      sizeof err), 0);
+        CHECK_EQ_INT(computed, 2);
+        x.be->download(x.be, rows, x.out, (int64_t)n_tok * O);
+        check_golden(rows, 0, O);
+        check_golden(rows + (int64_t)t0 * O, 0, O);
+        check_golden(rows + (int64_t)2 * t0 * O, 1, O);
+        check_golden(rows + (int64_t)(2 * t0 + t1) * O, 0, O);
+        CHECK(memcmp(rows, rows + (int64_t)(2 * t0 + t1) * O, sizeof(float) * (size_t)t0 * O) == 0);
+    }
+    dg_vision_cache_counters st;
+    dg_vision_cache_stats(c, &st);
+    CHECK_EQ_INT(st.misses, 2);   /* the repeats never asked the cache */
+    CHECK_EQ_INT(st.n_entries, 2);
+    free(rows);
 out:
     dg_vision_cache_free(c);
     close_fixture(&x);
