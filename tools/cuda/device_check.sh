@@ -82,7 +82,7 @@ if want tests; then
     step "op-by-op test (test_backend_cuda)"
     timeout 60 build/tests/test_backend_cuda 2>&1
     step "model parity (test_cuda_parity) and the interleaved loop (test_interleaved's cuda case)"
-    timeout 75 build/tests/test_cuda_parity 2>&1
+    timeout 120 build/tests/test_cuda_parity 2>&1
     DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
 fi
 
@@ -95,7 +95,7 @@ export DG_FULL_PKG=${DG_FULL_PKG:-.devcarry/full-seeded}
 if want image; then
     step "dg-bench job: DiT s/image, VAE decode ms, a 4-image interleaved job (seeded full package)"
     if [ -f "$DG_FULL_PKG/duogen.json" ]; then
-        DG_SEEDED_WEIGHTS=1 timeout 300 build/dg-bench ${QUICK:+--quick} --model "$DG_FULL_PKG" --json "$OUT/bench_job.json" job
+        DG_SEEDED_WEIGHTS=1 timeout 240 build/dg-bench ${QUICK:+--quick} --model "$DG_FULL_PKG" --json "$OUT/bench_job.json" job
     else
         echo "no $DG_FULL_PKG/duogen.json (tools/cuda/pack.sh writes it): skipped"; unset DG_FULL_PKG
     fi
