@@ -160,7 +160,9 @@ for k in sorted(torch_image):
 PY
 
 want race || exit 0
-step "racecheck: segment attention kernels (compute-sanitizer)"
+step "racecheck: the attention and top-k kernels (compute-sanitizer)"
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 echo "compute-sanitizer: ${CS:-not found}"
-[ -n "$CS" ] && DG_TEST=cuda_attention_segments timeout 120 "$CS" --tool racecheck build/tests/test_backend_cuda 2>&1 | tail -12
+for t in cuda_attention_segments cuda_topk; do   # the kernels with shared-memory handoffs
+    [ -n "$CS" ] && DG_TEST=$t timeout 90 "$CS" --tool racecheck build/tests/test_backend_cuda 2>&1 | tail -8
+done
