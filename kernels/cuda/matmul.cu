@@ -306,8 +306,9 @@ static dg_cuda_lt_plan *lt_plan(dg_cuda *c, int n, int m, int k, int align_w, in
  * cuBLAS with op T on W (ld k) and op N on x (ld k), output ld n. With a bias (and one
  * bf16 part of x), cuBLASLt adds it in the epilogue: bias[i] to row i of the column-major
  * y[n, m], i.e. to every row-major row, without a second pass over y. */
-static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, const float *bias,
-                int m, int n, int k) {
+/* parts[i].y = x · parts[i].wᵀ (+ bias) for weights of k columns sharing x: x is rounded
+ * to bf16 once per chunk of rows, for all of them (q, k and v of a prefill; gate and up). */
+static int gemm_parts(dg_cuda *c, const float *x, const dg_matmul_part *parts, int n_parts, int m, int k) {
     const int split = c->gemm_split;
     const int64_t per_row = (int64_t)k * 2 * (split ? 2 : 1);
     int64_t rows = (int64_t)c->scratch_bytes / per_row;
@@ -321,30 +322,41 @@ static int gemm(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, co
         const unsigned blocks = dg_cuda_blocks(cnt, 256) < 65535u ? dg_cuda_blocks(cnt, 256) : 65535u;
         split_bf16_kernel<<<blocks, 256, 0, c->stream>>>(hi, lo, x + (int64_t)r0 * k, cnt);
         CUDA_CHECK_LAUNCH(c);
-        dg_cuda_lt_plan *p = bias && !split && ((uintptr_t)bias & 15) == 0
-                                 ? lt_plan(c, n, mc, k, lt_align(w), lt_align(y + (int64_t)r0 * n)) : NULL;
-        if (p) {
-            CUBLAS_CHECK(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
-                                                           sizeof bias));
-            CUBLAS_CHECK(c, cublasLtMatmul(c->lt, p->desc, &one, w, p->a, hi, p->b, &zero, y + (int64_t)r0 * n, p->d,
-                                           y + (int64_t)r0 * n, p->d, &p->algo, c->blas_ws, (size_t)32 << 20,
-                                           c->stream));
-            continue;
-        }
-        CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
-                                     hi, CUDA_R_16BF, k, &zero, y + (int64_t)r0 * n, CUDA_R_32F, n,
-                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        if (split)
+        for (int i = 0; i < n_parts; i++) {
+            const __nv_bfloat16 *w = (const __nv_bfloat16 *)parts[i].w->data;
+            const float *bias = parts[i].bias;
+            const int n = (int)parts[i].w->rows;
+            float *y = parts[i].y + (int64_t)r0 * n;
+            dg_cuda_lt_plan *p = bias && !split && ((uintptr_t)bias & 15) == 0
+                                     ? lt_plan(c, n, mc, k, lt_align(w), lt_align(y)) : NULL;
+            if (p) {
+                CUBLAS_CHECK(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                               sizeof bias));
+                CUBLAS_CHECK(c, cublasLtMatmul(c->lt, p->desc, &one, w, p->a, hi, p->b, &zero, y, p->d, y, p->d,
+                                               &p->algo, c->blas_ws, (size_t)32 << 20, c->stream));
+                continue;
+            }
             CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
-                                         lo, CUDA_R_16BF, k, &one, y + (int64_t)r0 * n, CUDA_R_32F, n,
+                                         hi, CUDA_R_16BF, k, &zero, y, CUDA_R_32F, n,
                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        if (bias) {   /* no epilogue plan (or the split): a pass over this chunk of y */
-            const unsigned bb = dg_cuda_blocks((int64_t)mc * n, 256) < 65535u ? dg_cuda_blocks((int64_t)mc * n, 256) : 65535u;
-            add_bias_kernel<<<bb, 256, 0, c->stream>>>(y + (int64_t)r0 * n, bias, mc, n);
-            CUDA_CHECK_LAUNCH(c);
+            if (split)
+                CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
+                                             lo, CUDA_R_16BF, k, &one, y, CUDA_R_32F, n,
+                                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            if (bias) {   /* no epilogue plan (or the split): a pass over this chunk of y */
+                const int64_t total = (int64_t)mc * n;
+                const unsigned bb = dg_cuda_blocks(total, 256) < 65535u ? dg_cuda_blocks(total, 256) : 65535u;
+                add_bias_kernel<<<bb, 256, 0, c->stream>>>(y, bias, mc, n);
+                CUDA_CHECK_LAUNCH(c);
+            }
         }
     }
     return 0;
+}
+
+static int gemm(dg_cuda *c, float *y, const float *x, const dg_weight *w, const float *bias, int m) {
+    const dg_matmul_part part = {y, w, bias};
+    return gemm_parts(c, x, &part, 1, m, (int)w->cols);
 }
 
 /* The fused forms: one launch for the decode step's shapes (m <= GEMV_MAX_M, k % 8 == 0,
@@ -370,10 +382,10 @@ static int matmul_parts(dg_cuda *c, const float *x, const dg_matmul_part *parts,
         CUDA_CHECK_LAUNCH(c);
         return 0;
     }
+    if (m > GEMV_MAX_M) return gemm_parts(c, x, parts, n_parts, m, k);
     for (int i = 0; i < n_parts; i++) {
         const dg_weight *w = parts[i].w;
-        int rc = m <= GEMV_MAX_M ? gemv(c, parts[i].y, x, (const __nv_bfloat16 *)w->data, parts[i].bias, m, (int)w->rows, k)
-                                 : gemm(c, parts[i].y, x, (const __nv_bfloat16 *)w->data, parts[i].bias, m, (int)w->rows, k);
+        int rc = gemv(c, parts[i].y, x, (const __nv_bfloat16 *)w->data, parts[i].bias, m, (int)w->rows, k);
         if (rc < 0) return rc;
     }
     return 0;
@@ -393,10 +405,9 @@ static int matmul_swiglu(dg_cuda *c, float *y, float *tmp, const float *x, const
         CUDA_CHECK_LAUNCH(c);
         return 0;
     }
-    int rc;
-    if ((rc = m <= GEMV_MAX_M ? gemv(c, y, x, wg, NULL, m, n, k) : gemm(c, y, x, wg, NULL, m, n, k)) < 0) return rc;
-    if ((rc = m <= GEMV_MAX_M ? gemv(c, tmp, x, wu, NULL, m, n, k) : gemm(c, tmp, x, wu, NULL, m, n, k)) < 0) return rc;
-    return dg_cuda_silu_mul_launch(c, y, y, tmp, (int64_t)m * n);
+    const dg_matmul_part parts[2] = {{y, gate, NULL}, {tmp, up, NULL}};
+    int rc = matmul_parts(c, x, parts, 2, m);
+    return rc < 0 ? rc : dg_cuda_silu_mul_launch(c, y, y, tmp, (int64_t)m * n);
 }
 
 void dg_cuda_matmul_parts(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts, int m) {
@@ -415,7 +426,7 @@ void dg_cuda_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w
     if (m <= GEMV_MAX_M)
         gemv(c, y, x, wd, bias, m, (int)w->rows, (int)w->cols);
     else
-        gemm(c, y, x, wd, bias, m, (int)w->rows, (int)w->cols);
+        gemm(c, y, x, w, bias, m);
 }
 
 /* ---- embedding ------------------------------------------------------------------------- */

@@ -225,6 +225,17 @@ static void image_kernels(dg_backend *be, json_t *out) {
     be->release(be, qkv); be->release(be, att); be->release(be, x); be->release(be, y); be->release(be, w);
 }
 
+/* n one-token forwards of ids[0 .. n-1] after what seq holds: a decode with sampling left out. */
+static int decode_steps(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq,
+                        const int32_t *ids, int n, char *err, size_t errlen) {
+    for (int i = 0; i < n; i++) {
+        const dg_qwen2_input in = {.ids = &ids[i], .n = 1, .n_logits = 1};
+        int rc = dg_qwen2_forward(m, s, kv, seq, &in, NULL, err, errlen);
+        if (rc < 0) return rc;
+    }
+    return 0;
+}
+
 static int bench_cuda(bench_ctx *ctx, json_t *out) {
     const char *dev = getenv("DG_BENCH_DEVICE") ? getenv("DG_BENCH_DEVICE") : "cuda:0";
     const int n_prompt = ctx->quick ? 64 : 512, n_long = ctx->quick ? 128 : 2048, n_decode = ctx->quick ? 16 : 128;
@@ -271,20 +282,14 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     for (int w = 0; w < 2; w++) {
         in = (dg_qwen2_input){.ids = ids, .n = warm[w], .n_logits = 1};
         if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-        for (int i = 0; i < 4; i++) {
-            in = (dg_qwen2_input){.ids = &ids[i], .n = 1, .n_logits = 1};
-            if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-        }
+        if (decode_steps(&m, s, kv, &seq, ids, 4, err, sizeof err) < 0) goto fail;
         dg_kv_seq_release(kv, &seq);
     }
     double t0 = bench_now_ms();
     in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
     double t1 = bench_now_ms();
-    for (int i = 0; i < n_decode; i++) {
-        in = (dg_qwen2_input){.ids = &ids[n_prompt + i], .n = 1, .n_logits = 1};
-        if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-    }
+    if (decode_steps(&m, s, kv, &seq, ids + n_prompt, n_decode, err, sizeof err) < 0) goto fail;
     double t2 = bench_now_ms();
     dg_kv_seq_release(kv, &seq);
     in = (dg_qwen2_input){.ids = ids, .n = n_long, .n_logits = 1};
@@ -315,16 +320,10 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
         setenv("DG_CUDA_GRAPHS", "1", 1);
         if (dg_qwen2_state_new(&m, max_tokens, 1, &sg, err, sizeof err) == 0) {
             in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
-            int ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0;
-            for (int i = 0; ok && i < 4; i++) {   /* records the graphs */
-                in = (dg_qwen2_input){.ids = &ids[n_prompt + i], .n = 1, .n_logits = 1};
-                ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0;
-            }
+            int ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0 &&
+                     decode_steps(&m, sg, kv, &seq, ids + n_prompt, 4, err, sizeof err) == 0;   /* records them */
             const double g0 = bench_now_ms();
-            for (int i = 4; ok && i < n_decode + 4; i++) {
-                in = (dg_qwen2_input){.ids = &ids[n_prompt + i], .n = 1, .n_logits = 1};
-                ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0;
-            }
+            ok = ok && decode_steps(&m, sg, kv, &seq, ids + n_prompt + 4, n_decode, err, sizeof err) == 0;
             if (ok) {
                 bench_record(out, "decode_graphs_tok_s", n_decode / ((bench_now_ms() - g0) / 1e3), "tok/s");
             } else {
