@@ -6,7 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "config.h"
+#include "daemon_config.h"
 #include "duogen.h"
 #include "duogen.pb-c.h"
 #include "redis.h"

@@ -12,7 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "config.h"
+#include "daemon_config.h"
 #include "duogen.h"
 #include "log.h"
 #include "notify.h"

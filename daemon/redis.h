@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "config.h"
+#include "daemon_config.h"
 
 /* A command under construction: binary-safe arguments with their lengths. */
 typedef struct {

@@ -10,7 +10,7 @@
 #include <signal.h>
 #include <stdint.h>
 
-#include "config.h"
+#include "daemon_config.h"
 #include "duogen.h"
 #include "job.h"
 #include "redis.h"

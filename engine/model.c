@@ -16,7 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "model_internal.h"
+#include "model.h"
 
 const char *dg_model_describe(const dg_model *m) { return m ? m->describe : "none"; }
 

@@ -22,9 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "chat_template.h"
-#include "mrope.h"
-#include "sched_internal.h"
+#include "text/chat_template.h"
+#include "mllm/mrope.h"
+#include "scheduler.h"
 
 double dg_sched_now_ms(void) {
     struct timespec ts;

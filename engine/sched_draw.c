@@ -23,9 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "image_preprocess.h"
-#include "mrope.h"
-#include "sched_internal.h"
+#include "io/image_preprocess.h"
+#include "mllm/mrope.h"
+#include "scheduler.h"
 
 #define COND_TIMESTEP 1e-4f   /* the timestep of clean condition frames (post-trained Cosmos) */
 

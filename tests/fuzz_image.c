@@ -7,8 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "image.h"
-#include "image_preprocess.h"
+#include "io/image.h"
+#include "io/image_preprocess.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     dg_image *img = NULL;

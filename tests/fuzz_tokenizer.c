@@ -7,10 +7,10 @@
  *     the rest is normalized text, which encodes the same way again);
  *   - NFC span by span (dg_tok_nfc) equals utf8proc's NFC of the whole text (when no
  *     code point in it is one the reference's older tables treat differently).
- * The vocabulary comes from $DG_TOK_VOCAB or ../shared/vocab/qwen2 (make fuzz runs from the
+ * The vocabulary comes from $DG_TOK_VOCAB or tools/mkmodel/vocab/qwen2 (make fuzz runs from the
  * repository root). */
-#include "tokenizer.h"
-#include "tokenizer_internal.h"
+#include "text/tokenizer.h"
+#include "text/tokenizer_internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +22,7 @@ static dg_tok *tok;
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
-    const char *dir = getenv("DG_TOK_VOCAB") ? getenv("DG_TOK_VOCAB") : "../shared/vocab/qwen2";
+    const char *dir = getenv("DG_TOK_VOCAB") ? getenv("DG_TOK_VOCAB") : "tools/mkmodel/vocab/qwen2";
     char err[512];
     if (dg_tok_open(dir, &tok, err, sizeof err) < 0) {
         fprintf(stderr, "fuzz_tokenizer: %s (set DG_TOK_VOCAB)\n", err);

@@ -2,8 +2,8 @@
  * with random inputs drawn afresh per case. Prints one line per case with the maximum
  * absolute error and the relative norm error ‖cuda − cpu‖ / ‖cpu‖.
  *
- * Skips (and passes) with "skipped: no CUDA device" where dg_backend_new("cuda:0") fails:
- * a machine without a GPU, or a build without nvcc.
+ * Each case is skipped (not passed) where there is no GPU to test: a machine without one,
+ * or a build without nvcc (tests/common/device.h).
  *
  * Tolerances, and why:
  *   - matmul, m <= 8 (the GEMV): the same bf16 weights and fp32 activations on both sides,
@@ -43,15 +43,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/device.h"
 #include "common/harness.h"
 #include "backend.h"
 #include "duogen.h"
-#include "sampler.h"
+#include "text/sampler.h"
 
 #define ATT_FAST_REL 1e-2
 
 static dg_backend *cpu, *gpu, *gpu_precise, *gpu_wmma;
-static int skipped;
 
 static uint64_t rng = 12345;
 static float frand(void) {   /* uniform in [-1, 1) */
@@ -65,16 +65,17 @@ static float *rnd(int64_t n, float scale) {
     return p;
 }
 
-/* Opens the backends once; 0 when the CUDA one cannot be had (the case then returns). */
+/* Opens the backends once; 0 when they cannot be had (no GPU: the case skips; else it
+ * failed). */
 static int ready(void) {
-    static int state;   /* 0 not tried, 1 ready, -1 skipped */
+    static int state;   /* 0 not tried, 1 ready, -1 not */
     char err[256];
     if (state) return state > 0;
     state = -1;
     if (!getenv("DG_GPU_MEMORY")) setenv("DG_GPU_MEMORY", "6G", 1);
+    if (!test_cuda_present()) return 0;
     if (dg_backend_new("cuda:0", 0, &gpu, err, sizeof err) < 0) {
-        printf("skipped: no CUDA device (%s)\n", err);
-        skipped = 1;
+        test_fail(__FILE__, __LINE__, "cuda backend: %s", err);
         return 0;
     }
     setenv("DG_CUDA_GEMM", "precise", 1);
@@ -157,7 +158,7 @@ static float *run_matmul(dg_backend *be, const uint16_t *wh, const float *x, con
 }
 
 TEST(cuda_matmul) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][4] = {   /* m, n, k, bias */
         {1, 64, 64, 1}, {1, 896, 896, 1}, {1, 4864, 896, 0}, {1, 3584, 18944, 0}, {1, 1000, 3420, 1},
         {3, 512, 3584, 1}, {8, 1024, 1280, 0}, {9, 256, 896, 1}, {37, 896, 4864, 0}, {130, 1280, 1280, 1},
@@ -217,7 +218,7 @@ static float *run_fused(dg_backend *be, const uint16_t *wq, const uint16_t *wk, 
 }
 
 TEST(cuda_fused_decode_ops) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][5] = {   /* m, q rows, k rows, F, k: 1 and 8 fused, 20 the GEMM path */
         {1, 512, 128, 1024, 256}, {1, 3584, 512, 4096, 3584}, {8, 256, 64, 512, 256}, {20, 256, 64, 512, 256},
         {3, 100, 36, 200, 120},
@@ -264,7 +265,7 @@ static void graph_ops_run(void *ctx) {   /* y = rmsnorm(a)·w + b */
 }
 
 TEST(cuda_graph_run_replays_with_new_inputs) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     char err[256];
     dg_backend *gg = gpu;
     setenv("DG_CUDA_GRAPHS", "1", 1);   /* read when the slot is first used */
@@ -315,7 +316,7 @@ static float *run_embed(dg_backend *be, const uint16_t *th, const int32_t *ids, 
 }
 
 TEST(cuda_embed) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     const int v = 1000, d = 896, m = 17;
     uint16_t *t = rnd_bf16((int64_t)v * d, 1.0f);
     int32_t ids[17];
@@ -358,7 +359,7 @@ static float *run_rows(dg_backend *be, int op, const float *xh, const float *ah,
 }
 
 TEST(cuda_rows_and_elementwise) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][2] = {{1, 64}, {7, 896}, {33, 3584}, {4, 1281}, {300, 2048}};
     for (int op = 0; op <= OP_STANDARDIZE; op++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
@@ -386,7 +387,7 @@ static float *run_channel_rmsnorm(dg_backend *be, const float *xh, const float *
 }
 
 TEST(cuda_channel_rmsnorm_upsample) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][3] = {{1, 16, 64 * 64}, {2, 96, 33 * 17}, {1, 384, 32 * 32}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int silu = 0; silu < 2; silu++) {
@@ -419,7 +420,7 @@ TEST(cuda_channel_rmsnorm_upsample) {
 }
 
 TEST(cuda_gather_rows) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     const int rows = 50, m = 23;
     const int64_t n = 1280;
     float *x = rnd(rows * n, 1.0f), *res[2];
@@ -439,7 +440,7 @@ TEST(cuda_gather_rows) {
 /* ---- rotary ----------------------------------------------------------------------------- */
 
 TEST(cuda_rope) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][6] = {   /* m, heads, head_dim, sections t h w */
         {1, 28, 128, 16, 24, 24}, {19, 14, 64, 8, 12, 12}, {5, 4, 16, 2, 3, 3}, {64, 2, 128, 64, 0, 0}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
@@ -501,7 +502,7 @@ static float *run_paged(dg_backend *be, const float *q, const float *k_all, cons
 }
 
 TEST(cuda_kv_write_attention) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][5] = {   /* n_past, m, heads, kv heads, head_dim */
         {0, 1, 4, 2, 16}, {100, 1, 28, 4, 128}, {1000, 1, 14, 2, 64}, {3000, 2, 28, 4, 128},
         {0, 20, 14, 2, 64}, {40, 7, 4, 2, 16}, {17, 130, 28, 4, 128}, {0, 77, 16, 16, 256},
@@ -550,7 +551,7 @@ static float *run_segments(dg_backend *be, const float *qkv, int rows, int qs, c
 }
 
 TEST(cuda_attention_segments) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     /* vision-like windows (head_dim 80), a DiT-like single segment (128), GQA (64), empty kv */
     {
         const int nh = 16, nkv = 16, hd = 80, qs = (nh + 2 * nkv) * hd;
@@ -597,7 +598,7 @@ TEST(cuda_attention_segments) {
 }
 
 TEST(cuda_spatial_attention) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][2] = {{16, 64}, {96, 33 * 17}, {384, 32 * 32}, {32, 90 * 100}};   /* > 1 key chunk */
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const int c = shapes[s][0];
@@ -620,7 +621,7 @@ TEST(cuda_spatial_attention) {
 /* ---- convolution --------------------------------------------------------------------------- */
 
 TEST(cuda_conv3d) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const dg_conv3d_shape shapes[] = {
         /* c_in c_out t h w  kt kh kw  st sh sw  pad_t top bottom left right */
         {16, 32, 3, 20, 24, 3, 3, 3, 1, 1, 1, 2, 1, 1, 1, 1},    /* causal 3x3x3 */
@@ -668,7 +669,7 @@ static void logits_row(float *x, int n, int kind) {
 }
 
 TEST(cuda_logits_adjust) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     const int n = 152064;
     float *x = rnd(n, 8.0f), *res[2];
     int32_t seen[4000];
@@ -688,7 +689,7 @@ TEST(cuda_logits_adjust) {
 }
 
 TEST(cuda_topk) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int ns[] = {1000, 8192, 8193, 40000, 152064};
     static const int ks[] = {1, 2, 33, 82, 1056, 2048};
     float val[2][DG_BACKEND_TOPK_MAX];
@@ -720,7 +721,7 @@ TEST(cuda_topk) {
 }
 
 TEST(cuda_sampler_device_path) {
-    if (!ready()) return;
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
     const int V = 152064, rows = 25;
     static const dg_sampler_params ps[] = {
         {.seed = 1},
@@ -768,7 +769,6 @@ TEST(cuda_sampler_device_path) {
 
 int main(void) {
     int rc = test_main();
-    if (skipped) printf("skipped: no CUDA device: every case above passed without running\n");
     dg_backend_free(gpu);
     dg_backend_free(gpu_precise);
     dg_backend_free(gpu_wmma);

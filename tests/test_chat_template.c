@@ -3,7 +3,7 @@
  * renders it, then the processor's image expansion) must render byte-identically and
  * encode to the same ids; bad conversations fail with DG_EINVAL. */
 #include "common/harness.h"
-#include "chat_template.h"
+#include "text/chat_template.h"
 #include "duogen.h"
 
 #include <jansson.h>
@@ -12,7 +12,7 @@
 static dg_tok *qwen(void) {
     static dg_tok *tok;
     char err[512];
-    const char *dir = getenv("DG_TOK_VOCAB") ? getenv("DG_TOK_VOCAB") : "../shared/vocab/qwen2";
+    const char *dir = getenv("DG_TOK_VOCAB") ? getenv("DG_TOK_VOCAB") : "tools/mkmodel/vocab/qwen2";
     if (!tok && dg_tok_open(dir, &tok, err, sizeof err) < 0) {
         printf("  cannot load %s: %s\n", dir, err);
         exit(1);

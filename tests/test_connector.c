@@ -14,7 +14,7 @@
 #include "dit_common.h"
 
 #include "backend.h"
-#include "connector.h"
+#include "draw/connector.h"
 #include "duogen.h"
 
 TEST(connector_accumulator_equals_full_concatenation) {

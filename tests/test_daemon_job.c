@@ -6,7 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../daemon/config.h"
+#include "../daemon/daemon_config.h"
 #include "../daemon/job.h"
 #include "../daemon/redis.h"
 #include "common/harness.h"

@@ -22,9 +22,9 @@
 #include "dit_common.h"
 
 #include "backend.h"
-#include "dit.h"
+#include "draw/dit.h"
 #include "duogen.h"
-#include "flow.h"
+#include "draw/flow.h"
 
 static dg_backend *be;
 static dg_dit dit;

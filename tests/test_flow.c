@@ -14,7 +14,7 @@
 #include "dit_common.h"
 
 #include "duogen.h"
-#include "flow.h"
+#include "draw/flow.h"
 
 static void velocity(float *v, const float *x, float sigma, int n) {
     for (int k = 0; k < n; k++) v[k] = 0.8f * x[k] - 0.3f * sinf(3.0f * sigma + 0.05f * (float)k);

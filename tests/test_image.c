@@ -2,7 +2,7 @@
  * limits and error messages for bad input, PNG encoding with text chunks, and the hash. */
 #include "common/harness.h"
 #include "common/package.h"
-#include "image.h"
+#include "io/image.h"
 
 #include <stdint.h>
 #include <stdio.h>

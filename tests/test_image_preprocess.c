@@ -5,8 +5,8 @@
  * 1e-6 as asked; the expected difference is 0 because every step is exact). */
 #include "common/harness.h"
 #include "common/package.h"
-#include "image.h"
-#include "image_preprocess.h"
+#include "io/image.h"
+#include "io/image_preprocess.h"
 
 #include <stdint.h>
 #include <stdio.h>

@@ -9,10 +9,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/device.h"
 #include "common/harness.h"
 #include "common/package.h"
 #include "duogen.h"
-#include "image.h"
+#include "io/image.h"
 
 static char pkg[256];
 
@@ -192,17 +193,17 @@ TEST(interleaved_two_images_with_two_inputs_and_caches) {
     dg_model_close(m);
 }
 
-/* The same job on the CUDA backend where a device is present (skipped elsewhere): the loop
+/* The same job on the CUDA backend (skipped where there is no GPU): the loop
  * runs end to end and gives images of the requested size. The text may differ from the
  * CPU's: bf16 weights and TF32 convolutions move logits by ~1e-2 (tests/test_cuda_parity.c),
  * enough to change greedy choices between near-equal tokens of a random model. */
 TEST(interleaved_on_cuda) {
+    if (!test_cuda_present()) SKIP("%s", test_cuda_absent_reason());
     if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
     dg_model *m;
-    if (!getenv("DG_GPU_MEMORY")) setenv("DG_GPU_MEMORY", "8G", 1);
     if (dg_model_open(pkg, &(dg_model_opts){.device = "cuda:0"}, &m, err, sizeof err) < 0) {
-        printf("  skipped: no CUDA device (%s)\n", err);
+        test_fail(__FILE__, __LINE__, "model on cuda:0: %s", err);
         return;
     }
     dg_sched *s;

@@ -7,7 +7,7 @@
 #include "common/harness.h"
 #include "backend.h"
 #include "duogen.h"
-#include "kv_cache.h"
+#include "cache/kv_cache.h"
 
 enum { BS = 16 };
 

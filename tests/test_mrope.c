@@ -7,7 +7,7 @@
 
 #include "common/harness.h"
 #include "duogen.h"
-#include "mrope.h"
+#include "mllm/mrope.h"
 
 #define IMG 151655
 static const dg_mrope_params P = {IMG, 2};

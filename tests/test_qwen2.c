@@ -28,10 +28,10 @@
 #include "common/package.h"
 #include "backend.h"
 #include "duogen.h"
-#include "config.h"
-#include "kv_cache.h"
-#include "qwen2.h"
-#include "safetensors.h"
+#include "mllm/qwen2vl_config.h"
+#include "cache/kv_cache.h"
+#include "mllm/qwen2.h"
+#include "io/safetensors.h"
 
 #define GOLDEN_DIR "tests/golden/qwen2"
 #define ABS_TOL 1e-3

@@ -10,11 +10,11 @@
 #include "common/harness.h"
 #include "common/package.h"
 #include "backend.h"
-#include "config.h"
+#include "mllm/qwen2vl_config.h"
 #include "dtype.h"
 #include "duogen.h"
-#include "qwen2.h"
-#include "safetensors.h"
+#include "mllm/qwen2.h"
+#include "io/safetensors.h"
 
 /* An in-memory safetensors image: header JSON + `data_len` bytes of 0..255. */
 static uint8_t *image(const char *header, size_t data_len, size_t *size) {
@@ -166,7 +166,7 @@ TEST(config_layout_variants) {
 TEST(binding_names_tensor_expected_and_found) {
     char dir[] = "/tmp/dg_test_bind_XXXXXX", cmd[300], pkg[300], err[512];
     CHECK(mkdtemp(dir) != NULL);
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 3 --out %s >/dev/null", dir);
+    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 3 --vocab own --out %s >/dev/null", dir);
     if (system(cmd) != 0) { CHECK(!"mkmodel"); return; }
     snprintf(pkg, sizeof pkg, "%s/mllm", dir);
     dg_qwen2vl_config c;
@@ -291,7 +291,7 @@ static void seeded_failed(void *u, int code, const char *msg) {
 TEST(seeded_package_opens_only_when_allowed_and_runs) {
     char dir[] = "/tmp/dg_test_seeded_XXXXXX", cmd[300], err[512];
     CHECK(mkdtemp(dir) != NULL);
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 2 --seeded --out %s >/dev/null", dir);
+    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 2 --seeded --vocab own --out %s >/dev/null", dir);
     if (system(cmd) != 0) { CHECK(!"mkmodel"); return; }
     dg_model *mod = NULL;
     unsetenv("DG_SEEDED_WEIGHTS");

@@ -11,7 +11,7 @@
 
 #include "common/harness.h"
 #include "backend.h"
-#include "sampler.h"
+#include "text/sampler.h"
 
 static dg_sampler *make(int v, dg_sampler_params p) {
     dg_sampler *s;

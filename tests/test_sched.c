@@ -11,9 +11,9 @@
 #include "common/harness.h"
 #include "common/package.h"
 #include "duogen.h"
-#include "kv_cache.h"
-#include "model_internal.h"
-#include "qwen2.h"
+#include "cache/kv_cache.h"
+#include "model.h"
+#include "mllm/qwen2.h"
 
 static char pkg[256];
 

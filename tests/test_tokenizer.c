@@ -2,11 +2,11 @@
  * tokenizers library (tools/reference/make_tokenizer_goldens.py), decode and streaming
  * decode, invalid UTF-8, the loaders' errors, tokenizer.json, and the NFC fast path.
  *
- * Data: ../shared/vocab/qwen2 (or $DG_TOK_VOCAB) and tests/golden/tokenizer/. */
+ * Data: tools/mkmodel/vocab/qwen2 (or $DG_TOK_VOCAB) and tests/golden/tokenizer/. */
 #include "common/harness.h"
 #include "duogen.h"
-#include "tokenizer.h"
-#include "tokenizer_internal.h"
+#include "text/tokenizer.h"
+#include "text/tokenizer_internal.h"
 
 #include <jansson.h>
 #include <pthread.h>
@@ -18,7 +18,7 @@
 
 static const char *vocab_dir(void) {
     const char *d = getenv("DG_TOK_VOCAB");
-    return d ? d : "../shared/vocab/qwen2";
+    return d ? d : "tools/mkmodel/vocab/qwen2";
 }
 
 static dg_tok *qwen(void) {

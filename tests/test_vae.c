@@ -16,7 +16,7 @@
 
 #include "backend.h"
 #include "duogen.h"
-#include "vae.h"
+#include "draw/vae.h"
 
 #define ABS_TOL 2e-4
 #define REL_TOL 1e-3

@@ -26,18 +26,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/device.h"
 #include "common/harness.h"
 #include "common/package.h"
 #include "backend.h"
-#include "config.h"
+#include "mllm/qwen2vl_config.h"
 #include "duogen.h"
-#include "image.h"
-#include "image_preprocess.h"
-#include "kv_cache.h"
-#include "mrope.h"
-#include "qwen2.h"
-#include "safetensors.h"
-#include "vision.h"
+#include "io/image.h"
+#include "io/image_preprocess.h"
+#include "cache/kv_cache.h"
+#include "mllm/mrope.h"
+#include "mllm/qwen2.h"
+#include "io/safetensors.h"
+#include "mllm/vision.h"
 
 #define GOLDEN_DIR "tests/golden/vision"
 #define MAX_PATCHES 2048
@@ -323,21 +324,9 @@ out:
 
 TEST(multimodal_prefill_and_greedy_match_transformers) { multimodal("cpu"); }
 
-/* The same on the CUDA backend where there is a device (skipped and passed elsewhere). */
-static int have_cuda(void) {
-    static int state;
-    if (state) return state > 0;
-    dg_backend *be = NULL;
-    char err[256];
-    if (!getenv("DG_GPU_MEMORY")) setenv("DG_GPU_MEMORY", "8G", 1);
-    state = dg_backend_new("cuda:0", 0, &be, err, sizeof err) < 0 ? -1 : 1;
-    if (state < 0) printf("  skipped: no CUDA device (%s)\n", err);
-    dg_backend_free(be);
-    return state > 0;
-}
-
+/* The same on the CUDA backend (skipped where there is no GPU). */
 TEST(cuda_matches_transformers) {
-    if (!have_cuda()) return;
+    if (!test_cuda_present()) SKIP("%s", test_cuda_absent_reason());
     max_emb_err = max_logit_err = 0;
     tol = CUDA_TOL;
     single_images("cuda:0");

@@ -12,12 +12,9 @@ make -s all
 
 model=build/models/demo
 if [ ! -f "$model/duogen.json" ]; then
-    vocab=""
-    [ -f ../shared/vocab/qwen2/vocab.json ] && vocab="--vocab ../shared/vocab/qwen2"
     echo "demo: writing the default model to $model"
     mkdir -p "$(dirname "$model")"
-    # shellcheck disable=SC2086
-    build/mkmodel --preset tiny --seed 7 --out "$model" $vocab
+    build/mkmodel --preset tiny --seed 7 --out "$model"
 fi
 # random weights do not choose <BOV> on their own: bias it, as a trained model would emit it
 bov=$(printf '<BOV>' | build/dg-tokenize --model "$model" --raw | tr -d '[:space:]')

@@ -1,11 +1,15 @@
 /* A small unit-test harness: each test program registers cases with TEST(name) and ends
- * with the line "N passed, N failed" that tests/run-all sums up.
+ * with the line "N passed, N failed, N skipped" that tests/run-all sums up.
  *
  *   TEST(tokenizer_roundtrip) { CHECK(x == 1); CHECK_EQ_INT(a, b); CHECK_NEAR(x, y, 1e-5); }
  *   int main(void) { return test_main(); }
  *
  * A failed CHECK prints file:line and the values, marks the case failed and goes on with
- * the case (so that one run shows every broken check). */
+ * the case (so that one run shows every broken check).
+ *
+ * SKIP("no CUDA device: %s", why) ends a case that cannot run on this machine (no GPU, a
+ * missing optional tool): it prints "skip NAME: reason" and counts as skipped, never as
+ * passed. A case that failed a CHECK before it skipped still counts as failed. */
 #ifndef DG_TEST_HARNESS_H
 #define DG_TEST_HARNESS_H
 
@@ -18,6 +22,9 @@ void test_register(const char *name, test_fn fn);
 int  test_main(void);
 void test_fail(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+void test_skip(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#define SKIP(...) do { test_skip(__VA_ARGS__); return; } while (0)
 
 #define TEST(name)                                                            \
     static void test_##name(void);                                            \

@@ -13,7 +13,7 @@ int test_make_package(const char *preset, long long seed, const char *vocab, cha
         return -1;
     }
     snprintf(cmd, sizeof cmd, "build/mkmodel --preset %s --seed %lld --out %s%s%s >/dev/null", preset, seed, tmpl,
-             vocab ? " --vocab " : "", vocab ? vocab : "");
+             " --vocab ", vocab ? vocab : "own");
     if (system(cmd) != 0) {
         fprintf(stderr, "failed: %s\n", cmd);
         return -1;

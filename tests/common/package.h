@@ -1,12 +1,12 @@
 /* Model packages and golden files for tests: build/mkmodel writes one into a fresh temporary directory
- * (tests run from the repository root; the real Qwen2 vocabulary is ../shared/vocab/qwen2). */
+ * (tests run from the repository root; the real Qwen2 vocabulary is tools/mkmodel/vocab/qwen2). */
 #ifndef DG_TEST_PACKAGE_H
 #define DG_TEST_PACKAGE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define TEST_QWEN2_VOCAB "../shared/vocab/qwen2"
+#define TEST_QWEN2_VOCAB "tools/mkmodel/vocab/qwen2"
 
 /* mkmodel --preset PRESET --seed SEED [--vocab VOCAB] into a new /tmp directory, whose
  * path goes to dir. 0, or -1 after printing the command that failed. */

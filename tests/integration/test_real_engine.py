@@ -8,7 +8,7 @@ import zlib
 
 from conftest import BUILD, ROOT, Worker, pb
 
-VOCAB = os.path.join(ROOT, "..", "shared", "vocab", "qwen2")
+VOCAB = os.path.join(ROOT, "tools", "mkmodel", "vocab", "qwen2")
 BOV = 151665   # mkmodel adds <BOV> right after the Qwen2 vocabulary's last added token
 
 

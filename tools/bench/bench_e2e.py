@@ -28,7 +28,6 @@ BUILD = os.path.join(ROOT, "build")
 sys.path.insert(0, os.path.join(BUILD, "gen", "python"))
 import duogen_pb2 as pb  # noqa: E402
 
-VOCAB = os.path.join(ROOT, "..", "shared", "vocab", "qwen2")
 SETTINGS = {   # per preset: image side, denoising steps, new tokens
     "tiny": (64, 6, 32),
     "small": (128, 4, 16),
@@ -51,9 +50,8 @@ def bov_id(pkg):
 
 def run_preset(preset, n_jobs, tmp, r, url):
     pkg = os.path.join(tmp, preset)
-    vocab = ["--vocab", VOCAB] if os.path.exists(os.path.join(VOCAB, "vocab.json")) else []
     t0 = time.time()
-    subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", preset, "--seed", "1", "--out", pkg] + vocab,
+    subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", preset, "--seed", "1", "--out", pkg],
                    check=True, capture_output=True)
     mk_s = time.time() - t0
     prefix = f"b{preset}"

@@ -33,10 +33,6 @@ step() { echo; echo "==== $* ($(date +%T))"; }
 QUICK=${QUICK:-}
 STEPS=${STEPS:-tests text image race}
 want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
-# the tests' packages use the real Qwen2 vocabulary from ../shared, which pack.sh carries
-if [ ! -f ../shared/vocab/qwen2/vocab.json ] && [ -f .devcarry/vocab/qwen2/vocab.json ]; then
-    mkdir -p ../shared/vocab && cp -r .devcarry/vocab/qwen2 ../shared/vocab/
-fi
 
 step device
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv

@@ -23,11 +23,8 @@ ldd $bins | awk '$3 ~ /^\// {print $3}' | sort -u | while read -r lib; do
 done
 tar -C .devcarry/stage -cJf .devcarry/bundle.tar.xz bin lib
 rm -rf .devcarry/stage
-# the full package as headers only (mkmodel --seeded, ~5 MB with the Qwen2 vocabulary, which
-# the GPU machine does not have): dg-bench job fills its 20 GB of weights from the seed
-vocab=../shared/vocab/qwen2
-[ -f $vocab/vocab.json ] || { echo "pack.sh: no $vocab: the full package gets mkmodel's own small vocabulary" >&2; vocab=; }
-build/mkmodel --preset full --seed 1 --seeded ${vocab:+--vocab $vocab} --out .devcarry/full-seeded
-# the tests' packages want it too (device_check.sh puts it at ../shared/vocab/qwen2 there)
-if [ -n "$vocab" ]; then mkdir -p .devcarry/vocab/qwen2 && cp $vocab/vocab.json $vocab/merges.txt $vocab/tokenizer_config.json .devcarry/vocab/qwen2/; fi
+# the full package as headers only (mkmodel --seeded, ~5 MB with the Qwen2 vocabulary):
+# dg-bench job fills its 20 GB of weights from the seed. The vocabulary itself travels with
+# the working tree (tools/mkmodel/vocab/qwen2).
+build/mkmodel --preset full --seed 1 --seeded --out .devcarry/full-seeded
 ls -l .devcarry/bundle.tar.xz; du -sh .devcarry/full-seeded

@@ -22,8 +22,8 @@ void   bench_register(const char *name, const char *what, bench_fn fn);
 double bench_now_ms(void);   /* monotonic clock */
 
 /* The package the benchmarks run on: --model DIR, else build/models/small, written by
- * build/mkmodel --preset small --seed 1 (with the Qwen2 vocabulary when --vocab or
- * ../shared/vocab/qwen2 is there) when it is missing or lacks a component. 0 or -1. */
+ * build/mkmodel --preset small --seed 1 (with the Qwen2 vocabulary, or --vocab DIR) when it
+ * is missing or lacks a component. 0 or -1. */
 int    bench_small_package(bench_ctx *ctx, char *dir, size_t len);
 
 /* Records one figure under the benchmark's JSON object and prints "name: value unit". */

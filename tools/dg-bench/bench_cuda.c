@@ -20,10 +20,10 @@
 
 #include "backend.h"
 #include "bench.h"
-#include "config.h"
+#include "mllm/qwen2vl_config.h"
 #include "dtype.h"
-#include "kv_cache.h"
-#include "qwen2.h"
+#include "cache/kv_cache.h"
+#include "mllm/qwen2.h"
 
 #define FILL_BF16 ((int64_t)128 << 20)   /* random bf16 values in the host block */
 

@@ -4,8 +4,8 @@
  * against the size of the text weights.
  *
  * The model is --model DIR (a package: DIR/mllm) or build/models/small, written by
- * build/mkmodel --preset small --seed 1 when missing (with the Qwen2 vocabulary when
- * ../shared/vocab/qwen2 or --vocab is there). --quick: a 64-token prompt, 8 decode steps.
+ * build/mkmodel --preset small --seed 1 when missing (with the Qwen2 vocabulary, or --vocab).
+ * --quick: a 64-token prompt, 8 decode steps.
  *
  * "prefill_argmax" is the most likely next token after the prompt: the reference scripts
  * record theirs under the same key, as evidence that all three ran the same weights.
@@ -21,10 +21,10 @@
 
 #include "backend.h"
 #include "bench.h"
-#include "config.h"
-#include "kv_cache.h"
-#include "qwen2.h"
-#include "safetensors.h"
+#include "mllm/qwen2vl_config.h"
+#include "cache/kv_cache.h"
+#include "mllm/qwen2.h"
+#include "io/safetensors.h"
 
 
 /* The small package's MLLM folder. */

@@ -15,9 +15,9 @@
 
 #include "backend.h"
 #include "bench.h"
-#include "dit.h"
-#include "flow.h"
-#include "vae.h"
+#include "draw/dit.h"
+#include "draw/flow.h"
+#include "draw/vae.h"
 
 #define N_CTX 512
 #define REF_FILE "build/bench/diffusers_dit.json"

@@ -9,7 +9,7 @@
  *   encode_whole_mb_s   the corpus as one text
  *   encode_lines_mb_s   each line (document) as its own call
  *   decode_mb_s         the ids of the whole corpus back to text
- * The vocabulary is --vocab DIR, --model DIR (DIR/mllm), $DG_TOK_VOCAB or ../shared/vocab/qwen2.
+ * The vocabulary is --vocab DIR, --model DIR (DIR/mllm), $DG_TOK_VOCAB or tools/mkmodel/vocab/qwen2.
  * When build/bench/tokenizer_hf.json exists, the reference's figures and the ratios are
  * added. */
 #include <stdio.h>
@@ -18,7 +18,7 @@
 #include <sys/stat.h>
 
 #include "bench.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 #define CORPUS_PATH "build/bench/tokenizer-corpus.txt"
 #define HF_PATH     "build/bench/tokenizer_hf.json"
@@ -193,7 +193,7 @@ static int bench_tokenizer(bench_ctx *ctx, json_t *out) {
     const char *env = getenv("DG_TOK_VOCAB");
     if (ctx->vocab_dir) snprintf(dir, sizeof dir, "%s", ctx->vocab_dir);
     else if (ctx->model_dir) snprintf(dir, sizeof dir, "%s/mllm", ctx->model_dir);
-    else snprintf(dir, sizeof dir, "%s", env ? env : "../shared/vocab/qwen2");
+    else snprintf(dir, sizeof dir, "%s", env ? env : "tools/mkmodel/vocab/qwen2");
     double t0 = bench_now_ms();
     dg_tok *tok;
     if (dg_tok_open(dir, &tok, err, sizeof err) < 0) {

@@ -17,11 +17,11 @@
 
 #include "backend.h"
 #include "bench.h"
-#include "config.h"
-#include "image.h"
-#include "image_preprocess.h"
-#include "safetensors.h"
-#include "vision.h"
+#include "mllm/qwen2vl_config.h"
+#include "io/image.h"
+#include "io/image_preprocess.h"
+#include "io/safetensors.h"
+#include "mllm/vision.h"
 
 #define BASELINE "build/bench/transformers_vision.json"
 

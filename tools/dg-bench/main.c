@@ -41,11 +41,9 @@ int bench_small_package(bench_ctx *ctx, char *dir, size_t len) {
     snprintf(dir, len, "%s", pkg);
     if (access("build/models/small/duogen.json", R_OK) == 0 && access("build/models/small/dit/config.json", R_OK) == 0)
         return 0;
-    const char *vocab = ctx->vocab_dir ? ctx->vocab_dir : "../shared/vocab/qwen2";
-    int have_vocab = access(vocab, R_OK) == 0;
     char cmd[1024];
     snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p build/models && build/mkmodel --preset small --seed 1 --out %s%s%s",
-             pkg, pkg, have_vocab ? " --vocab " : "", have_vocab ? vocab : "");
+             pkg, pkg, ctx->vocab_dir ? " --vocab " : "", ctx->vocab_dir ? ctx->vocab_dir : "");
     printf("  creating %s: %s\n", pkg, cmd);
     return system(cmd) == 0 ? 0 : -1;
 }

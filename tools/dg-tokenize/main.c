@@ -9,7 +9,7 @@
  * becomes one line of text (with --raw, all the ids become one text, printed as it is).
  */
 #include "duogen.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 #include <stdio.h>
 #include <stdlib.h>

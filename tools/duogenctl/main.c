@@ -23,7 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../daemon/config.h"
+#include "../../daemon/daemon_config.h"
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
 #include <jansson.h>

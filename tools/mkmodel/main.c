@@ -1,16 +1,19 @@
 /* mkmodel — writes a model package with random weights from a seed (DESIGN §5).
  *
- *   mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR] [--seeded]
+ *   mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR|own] [--seeded]
  *
  * --seeded writes every file but the weights' data: the safetensors files are headers
  * marked with the seed, which the engine fills with random values at load when
  * DG_SEEDED_WEIGHTS=1 (safetensors.h). For benchmarks of the full preset (20 GB otherwise).
  *
- * DIR/mllm/ is a Qwen2.5-VL package in the Hugging Face layout. --vocab DIR copies the real
- * Qwen2 tokenizer files (vocab.json, merges.txt, tokenizer_config.json) and sizes the
- * embedding for it; without it a small byte-level vocabulary of its own is written.
+ * DIR/mllm/ is a Qwen2.5-VL package in the Hugging Face layout with the real Qwen2 tokenizer
+ * files (vocab.json, merges.txt, tokenizer_config.json) and an embedding sized for them:
+ * by default the copy the project carries (tools/mkmodel/vocab/qwen2/, found from the
+ * executable: build/mkmodel in a checkout, $PREFIX/bin/mkmodel installed), or --vocab DIR.
+ * --vocab own writes a small byte-level vocabulary of its own instead (fast tests).
  * The same arguments give the same bytes on every machine. */
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,8 +21,30 @@
 
 #include "mkmodel.h"
 
+/* The vocabulary the project carries, from the executable's place: build/mkmodel ->
+ * tools/mkmodel/vocab/qwen2 of the checkout; $PREFIX/bin/mkmodel ->
+ * $PREFIX/share/duogen/vocab/qwen2. 0, or -1 with the places tried in out. */
+static int find_vocab(char *out, size_t len) {
+    static const char *const where[] = {"%s/../tools/mkmodel/vocab/qwen2", "%s/../share/duogen/vocab/qwen2"};
+    char exe[PATH_MAX], probe[PATH_MAX + 128];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n <= 0) {
+        snprintf(out, len, "/proc/self/exe unreadable");
+        return -1;
+    }
+    exe[n] = 0;
+    *strrchr(exe, '/') = 0;
+    for (size_t i = 0; i < sizeof where / sizeof where[0]; i++) {
+        snprintf(out, len, where[i], exe);
+        snprintf(probe, sizeof probe, "%s/vocab.json", out);
+        if (access(probe, R_OK) == 0) return 0;
+    }
+    snprintf(out, len, "looked in %s/../tools/mkmodel/vocab/qwen2 and %s/../share/duogen/vocab/qwen2", exe, exe);
+    return -1;
+}
+
 static int usage(void) {
-    fprintf(stderr, "usage: mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR] [--seeded]\n");
+    fprintf(stderr, "usage: mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR|own] [--seeded]\n");
     return 2;
 }
 
@@ -38,22 +63,22 @@ int main(int argc, char **argv) {
         else return usage();
     }
     if (!preset || !out || !have_seed) return usage();
-    /* --vocab ../shared/vocab (the folder of vocabularies) means its qwen2/ */
     char vocab_dir[4096];
-    if (vocab) {
-        snprintf(vocab_dir, sizeof vocab_dir, "%s/vocab.json", vocab);
-        if (access(vocab_dir, R_OK) == 0) {
-            snprintf(vocab_dir, sizeof vocab_dir, "%s", vocab);
-        } else {
-            snprintf(vocab_dir, sizeof vocab_dir, "%s/qwen2", vocab);
-            char probe[4200];
-            snprintf(probe, sizeof probe, "%s/vocab.json", vocab_dir);
-            if (access(probe, R_OK) != 0) {
-                fprintf(stderr, "mkmodel: --vocab \"%s\": no vocab.json there or in qwen2/\n", vocab);
-                return 1;
-            }
+    if (!vocab) {
+        if (find_vocab(vocab_dir, sizeof vocab_dir) < 0) {
+            fprintf(stderr, "mkmodel: the Qwen2 vocabulary is not beside this executable (%s); "
+                            "name it with --vocab DIR, or --vocab own\n", vocab_dir);
+            return 1;
         }
         vocab = vocab_dir;
+    } else if (!strcmp(vocab, "own")) {
+        vocab = NULL;
+    } else {
+        snprintf(vocab_dir, sizeof vocab_dir, "%s/vocab.json", vocab);
+        if (access(vocab_dir, R_OK) != 0) {
+            fprintf(stderr, "mkmodel: --vocab \"%s\": no vocab.json there\n", vocab);
+            return 1;
+        }
     }
     mk_preset p;
     if (!strcmp(preset, "tiny")) p = MK_TINY;

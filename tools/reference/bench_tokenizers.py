@@ -40,7 +40,7 @@ def best_of(n, fn):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vocab", default="../shared/vocab/qwen2")
+    ap.add_argument("--vocab", default="tools/mkmodel/vocab/qwen2")
     ap.add_argument("--corpus", default="build/bench/tokenizer-corpus.txt")
     ap.add_argument("--json", default="build/bench/tokenizer_hf.json")
     ap.add_argument("--ours", default="build/bench/tokenizer.json")

@@ -286,7 +286,7 @@ def main():
     g = json.load(open(gpath)) if os.path.exists(gpath) else {}
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([os.path.join(root, "build", "mkmodel"), "--preset", PRESET, "--seed", str(SEED),
-                        "--out", tmp], check=True, stdout=subprocess.DEVNULL)
+                        "--vocab", "own", "--out", tmp], check=True, stdout=subprocess.DEVNULL)
         g["package"] = {"preset": PRESET, "seed": SEED}
         g["checksums"] = {c: "%016x" % fnv1a64(os.path.join(tmp, c, "diffusion_pytorch_model.safetensors"))
                           for c in ("vae", "dit") if os.path.exists(os.path.join(tmp, c))}

@@ -60,7 +60,7 @@ def main():
     root = os.path.normpath(os.path.join(here, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--mkmodel", default=os.path.join(root, "build", "mkmodel"))
-    ap.add_argument("--vocab", default=os.path.normpath(os.path.join(root, "..", "shared", "vocab", "qwen2")))
+    ap.add_argument("--vocab", default=os.path.join(root, "tools", "mkmodel", "vocab", "qwen2"))
     ap.add_argument("--out", default=os.path.join(root, "tests", "golden", "qwen2"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def main():
             "torch": torch.__version__,
             "dtype": "float32",
             "attn_implementation": "eager",
-            "package": {"preset": PRESET, "seed": SEED, "vocab": "../shared/vocab/qwen2",
+            "package": {"preset": PRESET, "seed": SEED, "vocab": "tools/mkmodel/vocab/qwen2",
                         "weights_fnv1a64": f"{checksum:016x}"},
             "topk": TOPK,
             "prompts": [],

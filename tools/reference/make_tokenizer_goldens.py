@@ -27,7 +27,7 @@ It also checks the tokenizer against transformers' own Qwen2TokenizerFast built 
 same folder, and the template against the spec's rendered example.
 
     tools/reference/.venv/bin/python tools/reference/make_tokenizer_goldens.py \
-        [--vocab ../shared/vocab/qwen2] [--out tests/golden/tokenizer]
+        [--vocab tools/mkmodel/vocab/qwen2] [--out tests/golden/tokenizer]
 """
 import argparse
 import json
@@ -433,7 +433,7 @@ def write_jsonl(path, rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vocab", default="../shared/vocab/qwen2")
+    ap.add_argument("--vocab", default="tools/mkmodel/vocab/qwen2")
     ap.add_argument("--out", default="tests/golden/tokenizer")
     ap.add_argument("--no-cross-check", action="store_true")
     a = ap.parse_args()

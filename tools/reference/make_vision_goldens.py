@@ -88,7 +88,7 @@ def main():
     root = os.path.normpath(os.path.join(here, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--mkmodel", default=os.path.join(root, "build", "mkmodel"))
-    ap.add_argument("--vocab", default=os.path.normpath(os.path.join(root, "..", "shared", "vocab", "qwen2")))
+    ap.add_argument("--vocab", default=os.path.join(root, "tools", "mkmodel", "vocab", "qwen2"))
     ap.add_argument("--out", default=os.path.join(root, "tests", "golden", "vision"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def main():
             "dtype": "float32",
             "attn_implementation": "eager",
             "image_processor": "Qwen2VLImageProcessorPil",
-            "package": {"preset": PRESET, "seed": SEED, "vocab": "../shared/vocab/qwen2",
+            "package": {"preset": PRESET, "seed": SEED, "vocab": "tools/mkmodel/vocab/qwen2",
                         "weights_fnv1a64": f"{fnv1a64(os.path.join(mdir, 'model.safetensors')):016x}"},
             "out_hidden": vcfg.out_hidden_size,
             "topk": TOPK,

@@ -1,0 +1,242 @@
+#include "daemon_config.h"
+#include "log.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef enum { KEY_STR, KEY_INT, KEY_SIZE } key_type;
+
+#define STR(name, help)          {#name, KEY_STR, offsetof(dg_daemon_config, name), sizeof(((dg_daemon_config *)0)->name), 0, 0, help}
+#define INT(name, lo, hi, help)  {#name, KEY_INT, offsetof(dg_daemon_config, name), 0, lo, hi, help}
+#define SIZE(name, help)         {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 1, 0, help}
+#define SIZE0(name, help)        {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 0, 0, help}
+
+static const struct key {
+    const char *name;
+    key_type    type;
+    size_t      offset, size;
+    long long   lo, hi;
+    const char *help;
+} keys[] = {
+    STR(redis_url, "redis://[user@]host:port/db or unix:///path"),
+    STR(password_file, "file holding the Redis password"),
+    STR(sentinel, "host:port,... of Redis Sentinels"),
+    STR(master_name, "Sentinel master name"),
+    STR(model, "model package directory"),
+    STR(device, "cpu or cuda:N"),
+    STR(prefix, "Redis key prefix"),
+    STR(group, "consumer group"),
+    STR(worker_id, "consumer name (default <hostname>:<device>)"),
+    STR(image_root, "directory under which Image.path may point"),
+    STR(log_level, "err, warning, info or debug"),
+    INT(threads, 0, 1024, "engine CPU threads (0 = all)"),
+    INT(max_inflight, 1, 256, "jobs stepped together"),
+    INT(block_ms, 10, 60000, "XREADGROUP BLOCK while idle"),
+    INT(claim_idle_ms, 100, 86400000, "idle time after which an entry is taken over"),
+    INT(renew_ms, 0, 86400000, "lease renewal interval (0 = claim_idle_ms/3)"),
+    INT(reaper_ms, 50, 86400000, "interval of the XAUTOCLAIM reaper"),
+    INT(heartbeat_ms, 50, 600000, "worker hash refresh interval"),
+    INT(flush_ms, 0, 10000, "progress of fast steps is written at most this often (cancel checks too)"),
+    INT(drain_ms, 0, 86400000, "time running jobs get to finish after SIGTERM"),
+    INT(trim_ms, 100, 86400000, "interval of job stream trimming"),
+    INT(max_attempts, 1, 1000, "default deliveries before dead-lettering"),
+    INT(result_ttl_s, 1, 365 * 86400, "default TTL of results, events and images"),
+    INT(jobs_retain_s, 0, 365 * 86400, "acknowledged job entries are kept this long"),
+    INT(events_maxlen, 10, 10000000, "cap of each job's event stream"),
+    INT(done_maxlen, 10, 100000000, "cap of the done stream"),
+    INT(dead_maxlen, 10, 100000000, "cap of the dead-letter stream"),
+    SIZE(max_job_bytes, "largest serialized Job"),
+    SIZE(max_image_bytes, "largest encoded input image"),
+    INT(max_input_images, 0, 1024, "input images per job"),
+    INT(max_messages, 1, 100000, "messages per job"),
+    SIZE(max_text_bytes, "text bytes per job"),
+    INT(max_new_tokens, 1, 1000000, "upper bound of TextParams.max_new_tokens"),
+    INT(max_steps, 1, 10000, "upper bound of ImageParams.steps"),
+    INT(max_image_side, 16, 16384, "upper bound of generated width and height"),
+    INT(max_output_images, 0, 1024, "upper bound of ImageParams.max_images"),
+    INT(max_stop_strings, 0, 1024, "stop strings per job"),
+    INT(max_logit_bias, 0, 1000000, "logit_bias entries per job"),
+    INT(metrics_port, 0, 65535, "Prometheus metrics port on 127.0.0.1 (0 = off)"),
+    SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
+    SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = default"),
+    SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = default"),
+    SIZE0(gpu_memory, "device memory the GPU backend takes at start, e.g. 70G; 0 = 90% of free"),
+};
+
+void dg_daemon_config_defaults(dg_daemon_config *c) {
+    memset(c, 0, sizeof *c);
+    snprintf(c->redis_url, sizeof c->redis_url, "redis://127.0.0.1:6379/0");
+    snprintf(c->device, sizeof c->device, "cpu");
+    snprintf(c->prefix, sizeof c->prefix, "duogen");
+    snprintf(c->group, sizeof c->group, "duogen");
+    snprintf(c->log_level, sizeof c->log_level, "info");
+    c->max_inflight = 1;
+    c->block_ms = 2000;
+    c->claim_idle_ms = 60000;
+    c->reaper_ms = 15000;
+    c->heartbeat_ms = 2000;
+    c->flush_ms = 20;
+    c->drain_ms = 120000;
+    c->trim_ms = 30000;
+    c->max_attempts = 3;
+    c->result_ttl_s = 86400;
+    c->jobs_retain_s = 3600;
+    c->events_maxlen = 10000;
+    c->done_maxlen = 100000;
+    c->dead_maxlen = 100000;
+    c->max_job_bytes = 64u << 20;
+    c->max_image_bytes = 20u << 20;
+    c->max_input_images = 16;
+    c->max_messages = 256;
+    c->max_text_bytes = 1u << 20;
+    c->max_new_tokens = 8192;
+    c->max_steps = 200;
+    c->max_image_side = 2048;
+    c->max_output_images = 16;
+    c->max_stop_strings = 16;
+    c->max_logit_bias = 1024;
+}
+
+/* Accepts 123, 64k, 20M, 1G (powers of 1024); 0 only where allow_zero. */
+static int parse_size(const char *s, size_t *out, int allow_zero) {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || s[0] == '-') return -1;
+    unsigned shift = 0;
+    switch (tolower((unsigned char)*end)) {
+    case 'k': shift = 10; end++; break;
+    case 'm': shift = 20; end++; break;
+    case 'g': shift = 30; end++; break;
+    default: break;
+    }
+    if (*end || (v == 0 && !allow_zero) || v > (SIZE_MAX >> shift)) return -1;
+    *out = (size_t)(v << shift);
+    return 0;
+}
+
+int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value, char *err, size_t errlen) {
+    char name[64];
+    size_t n = strlen(key);
+    if (n >= sizeof name) n = sizeof name - 1;
+    for (size_t i = 0; i < n; i++) name[i] = key[i] == '-' ? '_' : key[i];
+    name[n] = 0;
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        const struct key *k = &keys[i];
+        if (strcmp(k->name, name)) continue;
+        char *field = (char *)c + k->offset;
+        if (k->type == KEY_STR) {
+            if (strlen(value) >= k->size) {
+                snprintf(err, errlen, "%s: value longer than %zu bytes", name, k->size - 1);
+                return -1;
+            }
+            memcpy(field, value, strlen(value) + 1);
+        } else if (k->type == KEY_INT) {
+            char *end;
+            errno = 0;
+            long long v = strtoll(value, &end, 10);
+            if (errno || end == value || *end || v < k->lo || v > k->hi) {
+                snprintf(err, errlen, "%s: \"%s\" is not an integer in %lld..%lld", name, value,
+                         k->lo, k->hi);
+                return -1;
+            }
+            *(int *)field = (int)v;
+        } else {
+            if (parse_size(value, (size_t *)field, k->lo == 0)) {
+                snprintf(err, errlen, "%s: \"%s\" is not a size (e.g. 4096, 64k, 20M)", name, value);
+                return -1;
+            }
+        }
+        return 0;
+    }
+    snprintf(err, errlen, "unknown setting \"%s\"", key);
+    return -1;
+}
+
+static char *trim(char *s) {
+    while (isspace((unsigned char)*s)) s++;
+    char *e = s + strlen(s);
+    while (e > s && isspace((unsigned char)e[-1])) *--e = 0;
+    return s;
+}
+
+int dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size_t errlen) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "config \"%s\": %s", path, strerror(errno));
+        return -1;
+    }
+    char line[2048], msg[512];
+    int lineno = 0, rc = 0;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        char *hash = strchr(line, '#');
+        if (hash) *hash = 0;
+        char *s = trim(line);
+        if (!*s) continue;
+        char *eq = strchr(s, '=');
+        if (!eq) {
+            snprintf(err, errlen, "config \"%s\" line %d: expected key = value", path, lineno);
+            rc = -1;
+            break;
+        }
+        *eq = 0;
+        char *v = trim(eq + 1);
+        size_t vl = strlen(v);
+        if (vl >= 2 && v[0] == '"' && v[vl - 1] == '"') { v[vl - 1] = 0; v++; }
+        if (dg_daemon_config_set(c, trim(s), v, msg, sizeof msg)) {
+            snprintf(err, errlen, "config \"%s\" line %d: %s", path, lineno, msg);
+            rc = -1;
+            break;
+        }
+    }
+    fclose(f);
+    return rc;
+}
+
+int dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen) {
+    if (!c->worker_id[0]) {
+        char host[200] = "localhost";
+        gethostname(host, sizeof host - 1);
+        snprintf(c->worker_id, sizeof c->worker_id, "%s:%s", host, c->device);
+    }
+    if (!c->renew_ms) c->renew_ms = c->claim_idle_ms / 3;
+    if (c->renew_ms >= c->claim_idle_ms) {
+        snprintf(err, errlen, "renew_ms (%d) must be below claim_idle_ms (%d), or running jobs "
+                 "would be taken over", c->renew_ms, c->claim_idle_ms);
+        return -1;
+    }
+    if (dg_log_parse_level(c->log_level) < 0) {
+        snprintf(err, errlen, "log_level: \"%s\" is not err, warning, info or debug", c->log_level);
+        return -1;
+    }
+    if (!c->prefix[0] || !c->group[0]) {
+        snprintf(err, errlen, "prefix and group must not be empty");
+        return -1;
+    }
+    if (c->sentinel[0] && !c->master_name[0]) {
+        snprintf(err, errlen, "sentinel is set but master_name is not");
+        return -1;
+    }
+    if ((int64_t)c->jobs_retain_s >= c->result_ttl_s) {
+        snprintf(err, errlen, "jobs_retain_s (%d) must be below result_ttl_s (%d): an entry still in "
+                 "the stream must find its result if it is ever delivered again", c->jobs_retain_s,
+                 c->result_ttl_s);
+        return -1;
+    }
+    return 0;
+}
+
+void dg_daemon_config_usage(void) {
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        char opt[64];
+        snprintf(opt, sizeof opt, "--%s", keys[i].name);
+        for (char *p = opt + 2; *p; p++) if (*p == '_') *p = '-';
+        fprintf(stderr, "  %-22s %s\n", opt, keys[i].help);
+    }
+}

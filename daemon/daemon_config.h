@@ -1,0 +1,70 @@
+/* daemon_config.h — duogend configuration: defaults, a `key = value` file (--config FILE) and command-line
+ * options (--key value, dashes for underscores), applied in that order. */
+#ifndef DG_DAEMON_CONFIG_H
+#define DG_DAEMON_CONFIG_H
+
+#include <stddef.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    /* where */
+    char redis_url[512];        /* redis://[user@]host:port/db or unix:///path[?db=N] */
+    char password_file[512];    /* file whose first line is the Redis password; "" = none */
+    char sentinel[512];         /* host:port,host:port of Redis Sentinels; "" = none */
+    char master_name[128];      /* the Sentinel master name */
+    char model[512];            /* model package directory */
+    char device[64];            /* cpu | cuda:N */
+    char prefix[128];           /* key prefix, e.g. "duogen" or "{duogen}" */
+    char group[128];            /* consumer group */
+    char worker_id[256];        /* consumer name; default <hostname>:<device> */
+    char image_root[512];       /* Image.path must resolve below it; "" = paths refused */
+    char log_level[16];
+    int  threads;               /* engine CPU threads; 0 = all */
+    int  max_inflight;          /* jobs stepped together */
+
+    /* queue behaviour, milliseconds unless named otherwise */
+    int  block_ms;              /* XREADGROUP BLOCK while idle */
+    int  claim_idle_ms;         /* an entry idle this long is taken over from its owner */
+    int  renew_ms;              /* lease renewal interval for running jobs; 0 = claim_idle/3 */
+    int  reaper_ms;             /* how often XAUTOCLAIM looks for abandoned entries */
+    int  heartbeat_ms;          /* worker hash refresh */
+    int  flush_ms;              /* progress events of fast steps are written together this often */
+    int  drain_ms;              /* on SIGTERM, time the running jobs get to finish */
+    int  trim_ms;               /* how often the job streams are trimmed */
+    int  max_attempts;          /* default deliveries before dead-lettering */
+    int  result_ttl_s;          /* default TTL of result, events, images, job hash */
+    int  jobs_retain_s;         /* acknowledged job entries are kept this long */
+    int  events_maxlen;         /* cap of each duogen:events:<id> stream */
+    int  done_maxlen;           /* cap of duogen:done */
+    int  dead_maxlen;           /* cap of duogen:dead */
+
+    /* limits on one job */
+    size_t max_job_bytes;       /* serialized Job */
+    size_t max_image_bytes;     /* one encoded input image */
+    int    max_input_images;
+    int    max_messages;
+    size_t max_text_bytes;      /* all text of the job */
+    int    max_new_tokens;      /* upper bound for TextParams.max_new_tokens */
+    int    max_steps;
+    int    max_image_side;      /* pixels, width and height of generated images */
+    int    max_output_images;
+    int    max_stop_strings;
+    int    max_logit_bias;
+    int    metrics_port;        /* Prometheus text metrics on 127.0.0.1; 0 = off */
+    size_t kv_cache_bytes;      /* engine caches; 0 = the engine's default */
+    size_t vision_cache_bytes;
+    size_t latent_cache_bytes;
+    size_t gpu_memory;          /* bytes the GPU backend takes at start; 0 = 90% of free memory */
+} dg_daemon_config;
+
+void dg_daemon_config_defaults(dg_daemon_config *c);
+/* Sets one key from text. Returns 0, or -1 with a message naming the key and the value. */
+int  dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value, char *err, size_t errlen);
+/* Reads a file of `key = value` lines ('#' starts a comment). -1 names the file and line. */
+int  dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size_t errlen);
+/* Fills derived values (worker id, renew interval) and checks consistency. */
+int  dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen);
+void dg_daemon_config_usage(void);
+
+#endif

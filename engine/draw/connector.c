@@ -1,0 +1,148 @@
+/* connector.c — the connector's weights and the condition accumulator. */
+#include "draw/connector.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "duogen.h"
+
+int dg_connector_load(dg_connector *c, const char *path, const int *layers, int n_layers,
+                      int hidden, dg_backend *be, char *err, size_t errlen) {
+    dg_st *st = NULL;
+    const dg_st_tensor *w, *b;
+    int rc;
+    memset(c, 0, sizeof *c);
+    c->be = be;
+    if (n_layers < 1 || n_layers > DG_CONNECTOR_MAX_LAYERS || hidden < 1) {
+        snprintf(err, errlen, "connector: %d condition layers of width %d", n_layers, hidden);
+        return DG_EMODEL;
+    }
+    if ((rc = dg_st_open(path, &st, err, errlen)) < 0) goto fail;
+    const dg_st_tensor *probe = dg_st_find(st, "crossattn_proj.0.weight");
+    const int64_t d_cond = probe && probe->n_dims == 2 ? probe->shape[0] : 0;
+    const int64_t shape[2] = {d_cond, (int64_t)n_layers * hidden};
+    if ((rc = dg_gw_find(st, "crossattn_proj.0.weight", shape, 2, &w, err, errlen)) < 0 ||
+        (rc = dg_gw_find(st, "crossattn_proj.0.bias", &d_cond, 1, &b, err, errlen)) < 0)
+        goto fail;
+    c->n_layers = n_layers;
+    c->hidden = hidden;
+    c->d_cond = (int)d_cond;
+    if ((rc = dg_gw_upload(be, &c->owned, b, 0, &c->bias, err, errlen)) < 0) goto fail;
+    /* the column block of each layer, made contiguous in the stored dtype */
+    const size_t es = dg_dtype_size(w->dtype), row = (size_t)hidden * es;
+    if (!(c->slices = malloc((size_t)d_cond * n_layers * row))) {
+        rc = DG_ENOMEM;
+        snprintf(err, errlen, "connector: out of memory");
+        goto fail;
+    }
+    for (int k = 0; k < n_layers; k++) {
+        char *dst = (char *)c->slices + (size_t)k * d_cond * row;
+        for (int64_t r = 0; r < d_cond; r++)
+            memcpy(dst + r * row, (const char *)w->data + ((size_t)r * n_layers + k) * row, row);
+        c->layer_of[k] = layers[k];
+        c->slice[k] = (dg_weight){dst, w->dtype, d_cond, hidden};
+        if ((rc = be->weight_prepare(be, &c->slice[k], err, errlen)) < 0) goto fail;
+    }
+    dg_st_close(st);
+    return 0;
+fail:
+    dg_st_close(st);
+    dg_connector_unload(c);
+    return rc;
+}
+
+void dg_connector_unload(dg_connector *c) {
+    if (c->be) dg_gw_release(c->be, &c->owned);
+    free(c->slices);
+    memset(c, 0, sizeof *c);
+}
+
+int dg_cond_acc_new(const dg_connector *c, int max_positions, int max_chunk, dg_cond_acc **out,
+                    char *err, size_t errlen) {
+    dg_backend *be = c->be;
+    dg_cond_acc *a;
+    const size_t P = (size_t)max_positions, K = (size_t)max_chunk, sf = sizeof(float);
+    *out = NULL;
+    if (max_positions < 1 || max_chunk < 1) {
+        snprintf(err, errlen, "condition accumulator: %d positions, chunks of %d", max_positions, max_chunk);
+        return DG_EINVAL;
+    }
+    if (!(a = calloc(1, sizeof *a))) goto nomem;
+    a->max_positions = max_positions;
+    a->max_chunk = max_chunk;
+    if (!(a->acc = be->alloc(be, P * c->d_cond * sf)) || !(a->ctx = be->alloc(be, P * c->d_cond * sf)) ||
+        !(a->normed = be->alloc(be, K * c->hidden * sf)) || !(a->share = be->alloc(be, K * c->d_cond * sf)) ||
+        !(a->seen = calloc(P, 1)))
+        goto nomem;
+    *out = a;
+    return 0;
+nomem:
+    dg_cond_acc_free(c, a);
+    snprintf(err, errlen, "condition accumulator: out of memory for %d positions", max_positions);
+    return DG_ENOMEM;
+}
+
+void dg_cond_acc_free(const dg_connector *c, dg_cond_acc *a) {
+    if (!a) return;
+    c->be->release(c->be, a->acc);
+    c->be->release(c->be, a->ctx);
+    c->be->release(c->be, a->normed);
+    c->be->release(c->be, a->share);
+    free(a->seen);
+    free(a);
+}
+
+void dg_cond_acc_reset(const dg_connector *c, dg_cond_acc *a) { dg_cond_acc_truncate(c, a, 0); }
+
+void dg_cond_acc_truncate(const dg_connector *c, dg_cond_acc *a, int n_positions) {
+    (void)c;
+    if (n_positions < 0) n_positions = 0;
+    if (n_positions < a->max_positions) memset(a->seen + n_positions, 0, (size_t)(a->max_positions - n_positions));
+}
+
+int dg_cond_acc_add(const dg_connector *c, dg_cond_acc *a, int layer, const float *hidden, int n,
+                    int pos0) {
+    dg_backend *be = c->be;
+    int k = 0;
+    while (k < c->n_layers && c->layer_of[k] != layer) k++;
+    if (k == c->n_layers) return 0;
+    if (pos0 < 0 || n < 0 || pos0 + n > a->max_positions) return DG_ELIMIT;
+    for (int i = 1; i < n; i++)
+        if (a->seen[pos0 + i] != a->seen[pos0]) return DG_EINVAL;
+    for (int i0 = 0; i0 < n; i0 += a->max_chunk) {
+        const int m = n - i0 < a->max_chunk ? n - i0 : a->max_chunk, p = pos0 + i0;
+        float *dst = a->acc + (int64_t)p * c->d_cond;
+        be->standardize(be, a->normed, hidden + (int64_t)i0 * c->hidden, m, c->hidden, DG_CONNECTOR_EPS);
+        /* the first layer a position receives initialises its row: no separate clear */
+        if (a->seen[p] == 0) {
+            be->matmul(be, dst, a->normed, &c->slice[k], NULL, m);
+        } else {
+            be->matmul(be, a->share, a->normed, &c->slice[k], NULL, m);
+            be->add(be, dst, a->share, (int64_t)m * c->d_cond);
+        }
+        for (int i = 0; i < m; i++) a->seen[p + i]++;
+    }
+    return 0;
+}
+
+int dg_cond_acc_finish(const dg_connector *c, dg_cond_acc *a, const int32_t *positions, int n,
+                       float *ctx, char *err, size_t errlen) {
+    dg_backend *be = c->be;
+    if (n < 1 || n > a->max_positions) {
+        snprintf(err, errlen, "connector: %d positions (1 .. %d)", n, a->max_positions);
+        return DG_EINVAL;
+    }
+    for (int i = 0; i < n; i++)
+        if (positions[i] < 0 || positions[i] >= a->max_positions || a->seen[positions[i]] != c->n_layers) {
+            snprintf(err, errlen, "connector: position %d has %d of %d condition layers", positions[i],
+                     positions[i] >= 0 && positions[i] < a->max_positions ? a->seen[positions[i]] : 0,
+                     c->n_layers);
+            return DG_EINVAL;
+        }
+    be->gather_rows(be, a->ctx, a->acc, positions, n, c->d_cond);
+    for (int i = 0; i < n; i++) be->add(be, a->ctx + (int64_t)i * c->d_cond, c->bias, c->d_cond);
+    be->gelu(be, a->ctx, a->ctx, (int64_t)n * c->d_cond);
+    be->download(be, ctx, a->ctx, (int64_t)n * c->d_cond);
+    return 0;
+}

@@ -1,0 +1,402 @@
+/* dit.c — Cosmos-Predict2.5 DiT: binding (diffusers names) and the packed forward pass. */
+#include "draw/dit.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "duogen.h"
+
+#define LN_EPS 1e-6f       /* CosmosAdaLayerNorm(Zero): nn.LayerNorm(eps=1e-6), no affine */
+#define T_NORM_EPS 1e-6f   /* time_embed.norm: RMSNorm(eps=1e-6) */
+#define QK_EPS 1e-5f       /* diffusers Attention(qk_norm="rms_norm") default eps (spec §9.3) */
+
+/* ---- binding ------------------------------------------------------------------------------ */
+
+static int bind_mat(dg_dit *m, const char *name, int64_t rows, int64_t cols, dg_weight *w, char *err,
+                    size_t errlen) {
+    const int64_t shape[2] = {rows, cols};
+    const dg_st_tensor *t;
+    int rc = dg_gw_find(m->st, name, shape, 2, &t, err, errlen);
+    if (rc < 0) return rc;
+    *w = (dg_weight){t->data, t->dtype, rows, cols};
+    return m->be->weight_prepare(m->be, w, err, errlen);
+}
+
+static int bind_vec(dg_dit *m, const char *name, int64_t n, float **out, char *err, size_t errlen) {
+    const dg_st_tensor *t;
+    int rc = dg_gw_find(m->st, name, &n, 1, &t, err, errlen);
+    return rc < 0 ? rc : dg_gw_upload(m->be, &m->owned, t, 0, out, err, errlen);
+}
+
+static int json_triple(json_t *j, const char *key, const char *path, float *out, char *err,
+                       size_t errlen) {
+    int n;
+    int rc = dg_gw_json_floats(j, key, out, 3, &n, path, err, errlen);
+    if (rc == 0 && n != 3) {
+        snprintf(err, errlen, "%s: \"%s\" must have 3 values", path, key);
+        return DG_EMODEL;
+    }
+    return rc;
+}
+
+/* Keys whose non-default values select a Cosmos variant this forward does not have. */
+static int check_variant(json_t *j, const char *path, char *err, size_t errlen) {
+    static const char *must_be_null[] = {"extra_pos_embed_type", "img_context_dim_in",
+                                         "controlnet_block_every_n"};
+    for (size_t i = 0; i < sizeof must_be_null / sizeof *must_be_null; i++) {
+        json_t *v = json_object_get(j, must_be_null[i]);
+        if (v && !json_is_null(v) && !(json_is_integer(v) && json_integer_value(v) == 0)) {
+            snprintf(err, errlen, "%s: \"%s\" is not supported (Cosmos-Predict2.5 has none)", path,
+                     must_be_null[i]);
+            return DG_EMODEL;
+        }
+    }
+    json_t *v = json_object_get(j, "concat_padding_mask");
+    if (!json_is_true(v)) {
+        snprintf(err, errlen, "%s: \"concat_padding_mask\" must be true", path);
+        return DG_EMODEL;
+    }
+    return 0;
+}
+
+static int read_config(dg_dit_config *c, const char *path, char *err, size_t errlen) {
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    float ratio, patch[3], max_size[3];
+    int in_ch, rc;
+    if (!j) {
+        snprintf(err, errlen, "%s: %s", path, je.text);
+        return DG_EMODEL;
+    }
+    memset(c, 0, sizeof *c);
+    if ((rc = check_variant(j, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_int(j, "in_channels", 0, 1, &in_ch, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_int(j, "out_channels", 0, 1, &c->out_channels, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_int(j, "num_attention_heads", 0, 1, &c->n_heads, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_int(j, "attention_head_dim", 0, 1, &c->head_dim, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_int(j, "num_layers", 0, 1, &c->n_layers, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_int(j, "text_embed_dim", 0, 1, &c->text_dim, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_int(j, "adaln_lora_dim", 0, 1, &c->lora_dim, path, err, errlen)) < 0 ||
+        (rc = dg_gw_json_float(j, "mlp_ratio", 4.0, &ratio, path, err, errlen)) < 0 ||
+        (rc = json_triple(j, "patch_size", path, patch, err, errlen)) < 0 ||
+        (rc = json_triple(j, "max_size", path, max_size, err, errlen)) < 0 ||
+        (rc = json_triple(j, "rope_scale", path, c->rope_scale, err, errlen)) < 0)
+        goto out;
+    rc = DG_EMODEL;
+    c->latent_channels = in_ch - 1;   /* in_channels counts the condition mask */
+    c->hidden = c->n_heads * c->head_dim;
+    c->mlp_hidden = (int)(c->hidden * ratio);
+    c->patch_h = (int)patch[1];
+    c->patch_w = (int)patch[2];
+    c->max_t = (int)max_size[0] / (int)patch[0];
+    c->max_h = (int)max_size[1] / c->patch_h;
+    c->max_w = (int)max_size[2] / c->patch_w;
+    if (patch[0] != 1.0f || c->patch_h < 1 || c->patch_w < 1 || c->latent_channels < 1 ||
+        c->head_dim < 16 || c->head_dim > 512 || c->head_dim % 2 || c->hidden < 1 ||
+        c->mlp_hidden < 1 || c->out_channels < 1) {
+        snprintf(err, errlen, "%s: unsupported shape (patch_size, in_channels, attention_head_dim)", path);
+        goto out;
+    }
+    rc = 0;
+out:
+    json_decref(j);
+    return rc;
+}
+
+int dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t errlen) {
+    const char *blk = "transformer_blocks";
+    char path[4096], n[256];
+    int rc;
+    memset(m, 0, sizeof *m);
+    m->be = be;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if ((rc = read_config(&m->cfg, path, err, errlen)) < 0) goto fail;
+    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
+    if ((rc = dg_st_open(path, &m->st, err, errlen)) < 0) goto fail;
+    const dg_dit_config *c = &m->cfg;
+    const int64_t D = c->hidden, F = c->mlp_hidden, hd = c->head_dim, R = c->lora_dim;
+    const int64_t pp = (int64_t)c->patch_h * c->patch_w;
+    if (!(m->blocks = calloc((size_t)c->n_layers, sizeof *m->blocks))) {
+        rc = DG_ENOMEM;
+        snprintf(err, errlen, "dit: out of memory");
+        goto fail;
+    }
+#define MAT(w, rows, cols, ...)                                                      \
+    do {                                                                             \
+        snprintf(n, sizeof n, __VA_ARGS__);                                          \
+        if ((rc = bind_mat(m, n, rows, cols, w, err, errlen)) < 0) goto fail;        \
+    } while (0)
+#define VEC(p, len, ...)                                                             \
+    do {                                                                             \
+        snprintf(n, sizeof n, __VA_ARGS__);                                          \
+        if ((rc = bind_vec(m, n, len, p, err, errlen)) < 0) goto fail;               \
+    } while (0)
+    MAT(&m->patch, D, (c->latent_channels + 2) * pp, "patch_embed.proj.weight");
+    MAT(&m->t1, D, D, "time_embed.t_embedder.linear_1.weight");
+    MAT(&m->t2, 3 * D, D, "time_embed.t_embedder.linear_2.weight");
+    VEC(&m->t_norm, D, "time_embed.norm.weight");
+    for (int l = 0; l < c->n_layers; l++) {
+        dg_dit_block *B = &m->blocks[l];
+        MAT(&B->wq, D, D, "%s.%d.attn1.to_q.weight", blk, l);
+        MAT(&B->wk, D, D, "%s.%d.attn1.to_k.weight", blk, l);
+        MAT(&B->wv, D, D, "%s.%d.attn1.to_v.weight", blk, l);
+        MAT(&B->wo, D, D, "%s.%d.attn1.to_out.0.weight", blk, l);
+        VEC(&B->q_norm, hd, "%s.%d.attn1.norm_q.weight", blk, l);
+        VEC(&B->k_norm, hd, "%s.%d.attn1.norm_k.weight", blk, l);
+        MAT(&B->cq, D, D, "%s.%d.attn2.to_q.weight", blk, l);
+        MAT(&B->ck, D, c->text_dim, "%s.%d.attn2.to_k.weight", blk, l);
+        MAT(&B->cv, D, c->text_dim, "%s.%d.attn2.to_v.weight", blk, l);
+        MAT(&B->co, D, D, "%s.%d.attn2.to_out.0.weight", blk, l);
+        VEC(&B->cq_norm, hd, "%s.%d.attn2.norm_q.weight", blk, l);
+        VEC(&B->ck_norm, hd, "%s.%d.attn2.norm_k.weight", blk, l);
+        MAT(&B->ff1, F, D, "%s.%d.ff.net.0.proj.weight", blk, l);
+        MAT(&B->ff2, D, F, "%s.%d.ff.net.2.weight", blk, l);
+        for (int k = 0; k < 3; k++) {
+            MAT(&B->mod1[k], R, D, "%s.%d.norm%d.linear_1.weight", blk, l, k + 1);
+            MAT(&B->mod2[k], 3 * D, R, "%s.%d.norm%d.linear_2.weight", blk, l, k + 1);
+        }
+    }
+    MAT(&m->out1, R, D, "norm_out.linear_1.weight");
+    MAT(&m->out2, 2 * D, R, "norm_out.linear_2.weight");
+    MAT(&m->proj_out, pp * c->out_channels, D, "proj_out.weight");
+#undef MAT
+#undef VEC
+    /* A Cosmos checkpoint may carry crossattn_proj (use_crossattn_projection): in a DuoGen
+     * package that projection is the connector's (connector.safetensors); it is not read here. */
+    return 0;
+fail:
+    dg_dit_unload(m);
+    return rc;
+}
+
+void dg_dit_unload(dg_dit *m) {
+    if (m->be) dg_gw_release(m->be, &m->owned);
+    dg_st_close(m->st);
+    free(m->blocks);
+    memset(m, 0, sizeof *m);
+}
+
+/* ---- state -------------------------------------------------------------------------------- */
+
+int dg_dit_state_new(const dg_dit *m, int max_tokens, int max_ctx, dg_dit_state **out, char *err,
+                     size_t errlen) {
+    const dg_dit_config *c = &m->cfg;
+    dg_backend *be = m->be;
+    const size_t T = (size_t)max_tokens, D = (size_t)c->hidden, F = (size_t)c->mlp_hidden;
+    const size_t pp = (size_t)c->patch_h * c->patch_w, in_dim = (c->latent_channels + 2) * pp;
+    const size_t out_dim = pp * c->out_channels, half = (size_t)c->head_dim / 2, FR = DG_DIT_MAX_FRAMES;
+    const size_t X = (size_t)max_ctx, sf = sizeof(float);
+    dg_dit_state *s;
+    *out = NULL;
+    if (max_tokens < 1 || max_ctx < 1) {
+        snprintf(err, errlen, "dit state: %d tokens, %d context rows", max_tokens, max_ctx);
+        return DG_EINVAL;
+    }
+    if (!(s = calloc(1, sizeof *s))) goto nomem;
+    s->max_tokens = max_tokens;
+    s->max_ctx = max_ctx;
+    float **dev[] = {&s->x, &s->h, &s->q, &s->k, &s->v, &s->att, &s->ff, &s->ctx, &s->ck, &s->cv,
+                     &s->tok, &s->out, &s->cos, &s->sin, &s->sinus, &s->temb, &s->emb, &s->lora, &s->mod};
+    const size_t dev_n[] = {T * D, T * D, T * D, T * D, T * D, T * D, T * F, X * c->text_dim, X * D,
+                            X * D, T * in_dim, T * out_dim, T * half, T * half, FR * D, FR * 3 * D,
+                            FR * D, FR * c->lora_dim, FR * 3 * D};
+    for (size_t i = 0; i < sizeof dev / sizeof *dev; i++)
+        if (!(*dev[i] = be->alloc(be, dev_n[i] * sf))) goto nomem;
+    if (!(s->host_tok = malloc(T * in_dim * sf)) || !(s->host_out = malloc(T * out_dim * sf)) ||
+        !(s->host_rope = malloc(2 * T * half * sf)) || !(s->host_sinus = malloc(FR * D * sf)))
+        goto nomem;
+    *out = s;
+    return 0;
+nomem:
+    dg_dit_state_free(m, s);
+    snprintf(err, errlen, "dit state: out of memory for %d tokens", max_tokens);
+    return DG_ENOMEM;
+}
+
+void dg_dit_state_free(const dg_dit *m, dg_dit_state *s) {
+    if (!s) return;
+    dg_backend *be = m->be;
+    float *dev[] = {s->x, s->h, s->q, s->k, s->v, s->att, s->ff, s->ctx, s->ck, s->cv, s->tok,
+                    s->out, s->cos, s->sin, s->sinus, s->temb, s->emb, s->lora, s->mod};
+    for (size_t i = 0; i < sizeof dev / sizeof *dev; i++) be->release(be, dev[i]);
+    free(s->host_tok);
+    free(s->host_out);
+    free(s->host_rope);
+    free(s->host_sinus);
+    free(s);
+}
+
+int dg_dit_set_layout(const dg_dit *m, dg_dit_state *s, const dg_dit_layout *L, char *err,
+                      size_t errlen) {
+    const dg_dit_config *c = &m->cfg;
+    const int64_t half = c->head_dim / 2;
+    if (L->patch_h != c->patch_h || L->patch_w != c->patch_w) {
+        snprintf(err, errlen, "dit: layout patch %dx%d, model patch %dx%d", L->patch_h, L->patch_w,
+                 c->patch_h, c->patch_w);
+        return DG_EINVAL;
+    }
+    if (L->n_tokens > s->max_tokens || L->n_frames > c->max_t) {
+        snprintf(err, errlen, "dit: %lld tokens in %d frames exceed the state's %d tokens or %d frames",
+                 (long long)L->n_tokens, L->n_frames, s->max_tokens, c->max_t);
+        return DG_ELIMIT;
+    }
+    for (int f = 0; f < L->n_frames; f++)
+        if (L->frames[f].h / c->patch_h > c->max_h || L->frames[f].w / c->patch_w > c->max_w) {
+            snprintf(err, errlen, "dit: frame %d (%dx%d latents) exceeds the RoPE range %dx%d patches",
+                     f, L->frames[f].h, L->frames[f].w, c->max_h, c->max_w);
+            return DG_ELIMIT;
+        }
+    float *cs = s->host_rope, *sn = s->host_rope + L->n_tokens * half;
+    dg_dit_rope_table(L, c->head_dim, c->rope_scale, cs, sn);
+    m->be->upload(m->be, s->cos, cs, L->n_tokens * half);
+    m->be->upload(m->be, s->sin, sn, L->n_tokens * half);
+    s->layout = *L;
+    s->has_layout = 1;
+    return 0;
+}
+
+/* ---- forward ------------------------------------------------------------------------------ */
+
+/* Timestep embedding per frame (spec §1.2; diffusers Timesteps(flip_sin_to_cos=True,
+ * downscale_freq_shift=0) in float32): s = [cos(t·f), sin(t·f)], f_i = exp(−ln(1e4)·i/half);
+ * temb = W2·SiLU(W1·s) (the adaLN-LoRA term, 3D wide); emb = SiLU(RMSNorm(s)·g), the input
+ * every modulation MLP starts from. */
+static void time_embed(const dg_dit *m, dg_dit_state *s, const float *timesteps, int n_frames) {
+    dg_backend *be = m->be;
+    const int D = m->cfg.hidden, half = D / 2;
+    for (int f = 0; f < n_frames; f++)
+        for (int i = 0; i < half; i++) {
+            const float freq = expf(-logf(10000.0f) * (float)i / (float)half);
+            const float a = timesteps[f] * freq;
+            s->host_sinus[(int64_t)f * D + i] = cosf(a);
+            s->host_sinus[(int64_t)f * D + half + i] = sinf(a);
+        }
+    be->upload(be, s->sinus, s->host_sinus, (int64_t)n_frames * D);
+    be->matmul(be, s->h, s->sinus, &m->t1, NULL, n_frames);
+    be->silu(be, s->h, s->h, (int64_t)n_frames * D);
+    be->matmul(be, s->temb, s->h, &m->t2, NULL, n_frames);
+    be->rmsnorm(be, s->emb, s->sinus, m->t_norm, n_frames, D, T_NORM_EPS);
+    be->silu(be, s->emb, s->emb, (int64_t)n_frames * D);
+}
+
+/* mod[f] = W2·(W1·emb[f]) + temb[f] (first `width` values): shift, scale(, gate) per frame. */
+static void modulation(const dg_dit *m, dg_dit_state *s, const dg_weight *w1, const dg_weight *w2,
+                       int n_frames) {
+    dg_backend *be = m->be;
+    const int64_t width = w2->rows, D = m->cfg.hidden;
+    be->matmul(be, s->lora, s->emb, w1, NULL, n_frames);
+    be->matmul(be, s->mod, s->lora, w2, NULL, n_frames);
+    for (int f = 0; f < n_frames; f++) be->add(be, s->mod + f * width, s->temb + f * 3 * D, width);
+}
+
+/* h = LN(x)·(1 + scale_f) + shift_f over each frame's tokens. */
+static void modulate(const dg_dit *m, dg_dit_state *s, float *h, const float *x) {
+    const dg_dit_layout *L = &s->layout;
+    const int64_t D = m->cfg.hidden, width = 3 * D;
+    for (int f = 0; f < L->n_frames; f++) {
+        const dg_dit_frame_meta *fm = &L->frames[f];
+        m->be->modulate(m->be, h + fm->token0 * D, x + fm->token0 * D, s->mod + f * width,
+                        s->mod + f * width + D, (int)fm->n_tokens, (int)D, LN_EPS);
+    }
+}
+
+/* x += gate_f · y over each frame's tokens. */
+static void gated_add(const dg_dit *m, dg_dit_state *s, const float *y) {
+    const dg_dit_layout *L = &s->layout;
+    const int64_t D = m->cfg.hidden;
+    for (int f = 0; f < L->n_frames; f++) {
+        const dg_dit_frame_meta *fm = &L->frames[f];
+        m->be->add_gated(m->be, s->x + fm->token0 * D, y + fm->token0 * D, s->mod + f * 3 * D + 2 * D,
+                         (int)fm->n_tokens, (int)D);
+    }
+}
+
+/* One transformer block over the packed tokens (spec §3; diffusers CosmosTransformerBlock). */
+static void block_forward(const dg_dit *m, const dg_dit_block *B, dg_dit_state *s, int n_ctx) {
+    dg_backend *be = m->be;
+    const dg_dit_config *c = &m->cfg;
+    const int n = (int)s->layout.n_tokens, D = c->hidden, H = c->n_heads, hd = c->head_dim;
+    const int nf = s->layout.n_frames;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int32_t q_cu[2] = {0, n}, self_cu[2] = {0, n}, ctx_cu[2] = {0, n_ctx};
+
+    /* self-attention: RMSNorm per head on q and k, RoPE, full attention over all frames */
+    modulation(m, s, &B->mod1[0], &B->mod2[0], nf);
+    modulate(m, s, s->h, s->x);
+    be->matmul(be, s->q, s->h, &B->wq, NULL, n);
+    be->matmul(be, s->k, s->h, &B->wk, NULL, n);
+    be->matmul(be, s->v, s->h, &B->wv, NULL, n);
+    be->rmsnorm(be, s->q, s->q, B->q_norm, n * H, hd, QK_EPS);
+    be->rmsnorm(be, s->k, s->k, B->k_norm, n * H, hd, QK_EPS);
+    be->rope_table(be, s->q, D, s->cos, s->sin, n, H, hd);
+    be->rope_table(be, s->k, D, s->cos, s->sin, n, H, hd);
+    be->attention_segments(be, s->att, s->q, D, s->k, s->v, D, q_cu, self_cu, 1, H, H, hd, scale);
+    be->matmul(be, s->h, s->att, &B->wo, NULL, n);
+    gated_add(m, s, s->h);
+
+    /* cross-attention to the context: no RoPE, no mask */
+    modulation(m, s, &B->mod1[1], &B->mod2[1], nf);
+    modulate(m, s, s->h, s->x);
+    be->matmul(be, s->q, s->h, &B->cq, NULL, n);
+    be->rmsnorm(be, s->q, s->q, B->cq_norm, n * H, hd, QK_EPS);
+    be->matmul(be, s->ck, s->ctx, &B->ck, NULL, n_ctx);
+    be->rmsnorm(be, s->ck, s->ck, B->ck_norm, n_ctx * H, hd, QK_EPS);
+    be->matmul(be, s->cv, s->ctx, &B->cv, NULL, n_ctx);
+    be->attention_segments(be, s->att, s->q, D, s->ck, s->cv, D, q_cu, ctx_cu, 1, H, H, hd, scale);
+    be->matmul(be, s->h, s->att, &B->co, NULL, n);
+    gated_add(m, s, s->h);
+
+    /* MLP: GELU (erf), no biases */
+    modulation(m, s, &B->mod1[2], &B->mod2[2], nf);
+    modulate(m, s, s->h, s->x);
+    be->matmul(be, s->ff, s->h, &B->ff1, NULL, n);
+    be->gelu(be, s->ff, s->ff, (int64_t)n * c->mlp_hidden);
+    be->matmul(be, s->h, s->ff, &B->ff2, NULL, n);
+    gated_add(m, s, s->h);
+}
+
+int dg_dit_forward(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, float *velocity,
+                   char *err, size_t errlen) {
+    dg_backend *be = m->be;
+    const dg_dit_config *c = &m->cfg;
+    const dg_dit_layout *L = &s->layout;
+    const int C = c->latent_channels, D = c->hidden;
+    const int64_t pp = (int64_t)c->patch_h * c->patch_w, in_dim = (C + 2) * pp;
+    const int64_t out_dim = pp * c->out_channels;
+    if (!s->has_layout) {
+        snprintf(err, errlen, "dit: no layout installed (dg_dit_set_layout)");
+        return DG_EINVAL;
+    }
+    if (in->n_ctx < 1 || in->n_ctx > s->max_ctx) {
+        snprintf(err, errlen, "dit: %d context rows for a state of %d", in->n_ctx, s->max_ctx);
+        return DG_ELIMIT;
+    }
+    const int n = (int)L->n_tokens, nf = L->n_frames;
+    for (int f = 0; f < nf; f++) dg_dit_patchify(L, f, in->latents[f], C, s->host_tok);
+    be->upload(be, s->tok, s->host_tok, (int64_t)n * in_dim);
+    be->upload(be, s->ctx, in->ctx, (int64_t)in->n_ctx * c->text_dim);
+    be->matmul(be, s->x, s->tok, &m->patch, NULL, n);
+    time_embed(m, s, in->timesteps, nf);
+    for (int l = 0; l < c->n_layers; l++) block_forward(m, &m->blocks[l], s, in->n_ctx);
+
+    /* final layer: shift, scale from norm_out (+ the first 2D of temb), then proj_out */
+    be->matmul(be, s->lora, s->emb, &m->out1, NULL, nf);
+    be->matmul(be, s->mod, s->lora, &m->out2, NULL, nf);
+    for (int f = 0; f < nf; f++) {
+        const dg_dit_frame_meta *fm = &L->frames[f];
+        float *mf = s->mod + (int64_t)f * 2 * D;
+        be->add(be, mf, s->temb + (int64_t)f * 3 * D, 2 * D);
+        be->modulate(be, s->q + fm->token0 * D, s->x + fm->token0 * D, mf, mf + D, (int)fm->n_tokens, D,
+                     LN_EPS);
+    }
+    be->matmul(be, s->out, s->q, &m->proj_out, NULL, n);
+    be->download(be, s->host_out, s->out, (int64_t)n * out_dim);
+    float *dst = velocity;
+    for (int f = 0; f < nf; f++) {
+        dg_dit_unpatchify(L, f, s->host_out, c->out_channels, dst);
+        dst += (int64_t)c->out_channels * L->frames[f].h * L->frames[f].w;
+    }
+    return 0;
+}

@@ -1,0 +1,901 @@
+/* image.c — PNG (libpng) and JPEG (TurboJPEG) decoding to 8-bit RGB the way the reference
+ * Python pipeline sees an image (see image.h for the rules and their sources), PNG encoding
+ * with text chunks, and the SHA-256 based content hash. */
+#include "io/image.h"
+
+#include <limits.h>
+#include <png.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <turbojpeg.h>
+
+/* ---- errors ----------------------------------------------------------------------------- */
+
+/* Writes "label: message" into err and returns code. */
+static int image_fail(char *err, size_t errlen, int code, const char *label, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+static int image_fail(char *err, size_t errlen, int code, const char *label, const char *fmt, ...) {
+    if (err && errlen > 0) {
+        int n = snprintf(err, errlen, "%s: ", label ? label : "image");
+        if (n >= 0 && (size_t)n < errlen) {
+            va_list ap;
+            va_start(ap, fmt);
+            vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
+            va_end(ap);
+        }
+    }
+    return code;
+}
+
+/* ---- the image object ------------------------------------------------------------------- */
+
+int dg_image_new(int32_t width, int32_t height, dg_image **out) {
+    if (!out || width < 1 || height < 1 || width > 65535 || height > 65535)
+        return DG_EINVAL;
+    size_t bytes = (size_t)width * (size_t)height * 3;
+    dg_image *img = calloc(1, sizeof *img + bytes);
+    if (!img)
+        return DG_ENOMEM;
+    img->width = width;
+    img->height = height;
+    img->rgb = (uint8_t *)(img + 1);
+    *out = img;
+    return DG_OK;
+}
+
+void dg_image_free(dg_image *img) {
+    free(img);
+}
+
+/* ---- pixel rules shared by the decoders ------------------------------------------------- */
+
+/* Pillow's alpha_composite of (c, a) over opaque white, channel by channel: with the
+ * destination opaque its coefficients reduce exactly to a*128 and (255-a)*128 (7 bits of
+ * extra precision), then SHIFTFORDIV255 rounding. Checked against Pillow for all 65536
+ * (c, a) pairs. a == 0 copies the destination (white). */
+static inline uint8_t composite_white(unsigned c, unsigned a) {
+    if (a == 0)
+        return 255;
+    unsigned t = c * a * 128 + 255 * (255 - a) * 128 + (0x80 << 7);
+    return (uint8_t)((((t >> 8) + t) >> 8) >> 7);
+}
+
+/* Pillow's CMYK -> RGB on Adobe-inverted CMYK samples (JpegImagePlugin reads CMYK as
+ * "CMYK;I"): c' = 255 - c, nk = 255 - k' = k, out = clip(nk - muldiv255(c', nk)). */
+static inline uint8_t cmyk_channel(unsigned c, unsigned k) {
+    unsigned t = (255 - c) * k + 128;
+    unsigned m = ((t >> 8) + t) >> 8;
+    return (uint8_t)(m > k ? 0 : k - m);
+}
+
+/* EXIF orientation 2..8 applied to an RGB buffer, as PIL.ImageOps.exif_transpose does
+ * (2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse,
+ * 8 rotate 90 counter-clockwise). Replaces *img; returns 0 or DG_ENOMEM. */
+static int image_orient(dg_image **img, int orientation) {
+    dg_image *src = *img, *dst = NULL;
+    int32_t w = src->width, h = src->height;
+    int swap = orientation >= 5;
+    int rc = dg_image_new(swap ? h : w, swap ? w : h, &dst);
+    if (rc < 0)
+        return rc;
+    int32_t ow = dst->width, oh = dst->height;
+    for (int32_t y = 0; y < oh; y++) {
+        for (int32_t x = 0; x < ow; x++) {
+            int32_t sx, sy;
+            switch (orientation) {
+            case 2:  sx = w - 1 - x; sy = y;         break;
+            case 3:  sx = w - 1 - x; sy = h - 1 - y; break;
+            case 4:  sx = x;         sy = h - 1 - y; break;
+            case 5:  sx = y;         sy = x;         break;
+            case 6:  sx = y;         sy = h - 1 - x; break;
+            case 7:  sx = w - 1 - y; sy = h - 1 - x; break;
+            default: sx = w - 1 - y; sy = x;         break;   /* 8 */
+            }
+            memcpy(dst->rgb + ((size_t)y * ow + x) * 3, src->rgb + ((size_t)sy * w + sx) * 3, 3);
+        }
+    }
+    dg_image_free(src);
+    *img = dst;
+    return DG_OK;
+}
+
+/* ---- EXIF / XMP orientation -------------------------------------------------------------- */
+
+static unsigned rd16(const uint8_t *p, int big) {
+    return big ? (unsigned)p[0] << 8 | p[1] : (unsigned)p[1] << 8 | p[0];
+}
+
+static uint32_t rd32(const uint8_t *p, int big) {
+    return big ? (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]
+               : (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
+}
+
+/* The Orientation tag (0x0112, one SHORT or LONG) of IFD0 of an EXIF blob (a TIFF file,
+ * after any "Exif\0\0" prefixes, as PIL.Image.Exif.load strips them); 0 when absent or
+ * unreadable (where Pillow would raise, the image is taken as it is). */
+static int exif_orientation(const uint8_t *p, size_t n) {
+    while (n >= 6 && memcmp(p, "Exif\0\0", 6) == 0) {
+        p += 6;
+        n -= 6;
+    }
+    if (n < 8)
+        return 0;
+    int big;
+    if (memcmp(p, "II*\0", 4) == 0)
+        big = 0;
+    else if (memcmp(p, "MM\0*", 4) == 0)
+        big = 1;
+    else
+        return 0;
+    uint32_t ifd = rd32(p + 4, big);
+    if (ifd > n - 2)
+        return 0;
+    unsigned count = rd16(p + ifd, big);
+    for (unsigned i = 0; i < count; i++) {
+        size_t e = (size_t)ifd + 2 + (size_t)i * 12;
+        if (e + 12 > n)
+            return 0;
+        if (rd16(p + e, big) != 0x0112)
+            continue;
+        unsigned type = rd16(p + e + 2, big);
+        uint32_t cnt = rd32(p + e + 4, big);
+        if (cnt != 1)
+            return 0;
+        if (type == 3)
+            return (int)rd16(p + e + 8, big);
+        if (type == 4) {
+            uint32_t v = rd32(p + e + 8, big);
+            return v > 9 ? 0 : (int)v;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+/* Pillow's XMP fallback: the first match of the regex  tiff:Orientation(="|>)([0-9]) . */
+static int xmp_orientation(const uint8_t *p, size_t n) {
+    static const char key[] = "tiff:Orientation";
+    size_t k = sizeof key - 1;
+    for (size_t i = 0; i + k < n; i++) {
+        if (memcmp(p + i, key, k) != 0)
+            continue;
+        size_t j = i + k;
+        if (j + 2 < n && p[j] == '=' && p[j + 1] == '"' && p[j + 2] >= '0' && p[j + 2] <= '9')
+            return p[j + 2] - '0';
+        if (j + 1 < n && p[j] == '>' && p[j + 1] >= '0' && p[j + 1] <= '9')
+            return p[j + 1] - '0';
+    }
+    return 0;
+}
+
+/* ImageMagick's "Raw profile type exif" text: "\nexif\n<len>\n<hex lines>"; Pillow decodes
+ * the hex of everything after the third newline. Returns the orientation or 0. */
+static int raw_profile_orientation(const char *text, size_t n) {
+    size_t i = 0;
+    for (int nl = 0; nl < 3 && i < n; i++)
+        if (text[i] == '\n')
+            nl++;
+    uint8_t *bin = malloc(n / 2 + 1);
+    if (!bin)
+        return 0;
+    size_t m = 0;
+    int hi = -1, bad = 0;
+    for (; i < n && !bad; i++) {
+        char c = text[i];
+        int v;
+        if (c >= '0' && c <= '9')
+            v = c - '0';
+        else if (c >= 'a' && c <= 'f')
+            v = c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F')
+            v = c - 'A' + 10;
+        else if (c == ' ' || c == '\n' || c == '\t' || c == '\r')
+            continue;
+        else {
+            bad = 1;
+            continue;
+        }
+        if (hi < 0)
+            hi = v;
+        else {
+            bin[m++] = (uint8_t)(hi << 4 | v);
+            hi = -1;
+        }
+    }
+    int o = bad || hi >= 0 ? 0 : exif_orientation(bin, m);
+    free(bin);
+    return o;
+}
+
+/* ---- PNG decoding ------------------------------------------------------------------------ */
+
+/* How libpng's samples (after png_set_packing: 8 or 16 bits) become RGB. */
+struct png_format {
+    int     color_type, bit_depth;
+    int     has_key;                 /* a gray/RGB tRNS colour key */
+    unsigned key[3];                 /* as Pillow compares it (see png_decode_rows) */
+    int     has_alpha;               /* composite on white */
+    uint8_t pal[256][4];             /* palette RGBA, alpha from tRNS, 255 past it */
+};
+
+/* Everything the libpng callbacks and the cleanup touch lives here, not in locals of the
+ * function that calls setjmp(), so that nothing is clobbered by the longjmp. */
+struct png_job {
+    const uint8_t   *data;
+    size_t           len, pos;
+    const dg_image_limits *limits;
+    png_structp      png;
+    png_infop        info;
+    uint8_t         *raw;            /* owned: [height][rowbytes] as libpng delivers it */
+    png_bytep       *rows;           /* owned: [height] into raw */
+    dg_image        *img;            /* owned until handed out */
+    struct png_format fmt;
+    int              pixels_done;    /* the image data is complete */
+    int              code;           /* DG_E* for the failure, when one is set */
+    char             msg[160];
+};
+
+static void png_job_read(png_structp png, png_bytep out, size_t n) {
+    struct png_job *j = png_get_io_ptr(png);
+    if (n > j->len - j->pos)
+        png_error(png, "truncated file");
+    memcpy(out, j->data + j->pos, n);
+    j->pos += n;
+}
+
+static void png_job_error(png_structp png, png_const_charp msg) {
+    struct png_job *j = png_get_error_ptr(png);
+    if (j->code == 0) {
+        j->code = DG_EIMAGE;
+        snprintf(j->msg, sizeof j->msg, "corrupt or truncated PNG (%s)", msg);
+    }
+    png_longjmp(png, 1);
+}
+
+static void png_job_warning(png_structp png, png_const_charp msg) {
+    (void)png;
+    (void)msg;
+}
+
+/* One row of libpng samples (w pixels) to RGB, composited on white when the image has
+ * transparency (Pillow: an "A" band or a "transparency" entry in info). */
+static void png_convert_row(const struct png_format *f, const uint8_t *in, uint8_t *out, int32_t w) {
+    int b16 = f->bit_depth == 16;
+    unsigned gray_scale = f->bit_depth == 1 ? 255 : f->bit_depth == 2 ? 85 : f->bit_depth == 4 ? 17 : 1;
+    for (int32_t x = 0; x < w; x++, out += 3) {
+        unsigned r, g, b, a = 255;
+        switch (f->color_type) {
+        case PNG_COLOR_TYPE_GRAY:
+            if (b16) {
+                /* Pillow "I;16" -> RGB clips; the colour key is compared on 16 bits */
+                unsigned v = (unsigned)in[2 * x] << 8 | in[2 * x + 1];
+                if (f->has_key && v == f->key[0])
+                    a = 0;
+                r = g = b = v > 255 ? 255 : v;
+            } else {
+                r = g = b = in[x] * gray_scale;
+                if (f->has_key && r == f->key[0])
+                    a = 0;
+            }
+            break;
+        case PNG_COLOR_TYPE_GRAY_ALPHA:
+            r = g = b = in[(2 * x) << b16];
+            a = in[(2 * x + 1) << b16];
+            break;
+        case PNG_COLOR_TYPE_PALETTE:
+            r = f->pal[in[x]][0];
+            g = f->pal[in[x]][1];
+            b = f->pal[in[x]][2];
+            a = f->pal[in[x]][3];
+            break;
+        case PNG_COLOR_TYPE_RGB:
+            r = in[(3 * x) << b16];
+            g = in[(3 * x + 1) << b16];
+            b = in[(3 * x + 2) << b16];
+            if (f->has_key && r == f->key[0] && g == f->key[1] && b == f->key[2])
+                a = 0;
+            break;
+        default: /* PNG_COLOR_TYPE_RGB_ALPHA */
+            r = in[(4 * x) << b16];
+            g = in[(4 * x + 1) << b16];
+            b = in[(4 * x + 2) << b16];
+            a = in[(4 * x + 3) << b16];
+            break;
+        }
+        if (f->has_alpha) {
+            out[0] = composite_white(r, a);
+            out[1] = composite_white(g, a);
+            out[2] = composite_white(b, a);
+        } else {
+            out[0] = (uint8_t)r;
+            out[1] = (uint8_t)g;
+            out[2] = (uint8_t)b;
+        }
+    }
+}
+
+/* The orientation Pillow would find in a PNG: eXIf, else "Raw profile type exif" text,
+ * else XMP in an "XML:com.adobe.xmp" text chunk (the last chunk of a key wins, as in
+ * Pillow's info dict). */
+static int png_orientation(png_structp png, png_infop info) {
+    png_uint_32 n_exif = 0;
+    png_bytep exif = NULL;
+    if (png_get_eXIf_1(png, info, &n_exif, &exif) && exif && n_exif > 0)
+        return exif_orientation(exif, n_exif);
+    png_textp text = NULL;
+    int n_text = 0;
+    png_get_text(png, info, &text, &n_text);
+    const png_text *raw = NULL, *xmp = NULL;
+    for (int i = 0; i < n_text; i++) {
+        if (strcmp(text[i].key, "Raw profile type exif") == 0)
+            raw = &text[i];
+        else if (strcmp(text[i].key, "XML:com.adobe.xmp") == 0)
+            xmp = &text[i];
+    }
+    if (raw) {
+        size_t len = raw->compression > 0 ? raw->itxt_length : raw->text_length;
+        return raw_profile_orientation(raw->text, len);
+    }
+    if (xmp) {
+        size_t len = xmp->compression > 0 ? xmp->itxt_length : xmp->text_length;
+        return xmp_orientation((const uint8_t *)xmp->text, len);
+    }
+    return 0;
+}
+
+
+/* The libpng part of dg_image_decode(): on success j->img holds the image as stored (not
+ * yet oriented) and the return is the orientation found (0: none); -1 with j->code set.
+ * Locals are only declared after setjmp() and never read after a longjmp. */
+static int png_decode(struct png_job *j) {
+    if (setjmp(png_jmpbuf(j->png))) {
+        if (!j->pixels_done)
+            return -1;
+        j->code = 0;                 /* an error after the pixels: see png_read_end below */
+        return png_orientation(j->png, j->info);
+    }
+    png_set_read_fn(j->png, j, png_job_read);
+    /* Ancillary chunks (text, ICC, eXIf) are buffered whole, decompressed ones too: cap
+     * them, or a chunk header claiming 2 GB makes libpng allocate it before it finds the
+     * file is short. */
+    png_set_chunk_malloc_max(j->png, 8u << 20);
+    png_read_info(j->png, j->info);
+
+    png_uint_32 w, h;
+    int bit_depth, color_type;
+    png_get_IHDR(j->png, j->info, &w, &h, &bit_depth, &color_type, NULL, NULL, NULL);
+    if ((uint64_t)w * h > (uint64_t)j->limits->max_pixels || w > 65535 || h > 65535) {
+        j->code = DG_ELIMIT;
+        snprintf(j->msg, sizeof j->msg, "%ux%u PNG is over the limit of %lld pixels",
+                 (unsigned)w, (unsigned)h, (long long)j->limits->max_pixels);
+        return -1;
+    }
+
+    struct png_format *f = &j->fmt;
+    f->color_type = color_type;
+    f->bit_depth = bit_depth;
+    f->has_alpha = (color_type & PNG_COLOR_MASK_ALPHA) != 0;
+    if (color_type == PNG_COLOR_TYPE_PALETTE) {
+        png_colorp plte = NULL;
+        int n_plte = 0;
+        png_get_PLTE(j->png, j->info, &plte, &n_plte);
+        for (int i = 0; i < 256; i++) {
+            f->pal[i][0] = i < n_plte ? plte[i].red : 0;
+            f->pal[i][1] = i < n_plte ? plte[i].green : 0;
+            f->pal[i][2] = i < n_plte ? plte[i].blue : 0;
+            f->pal[i][3] = 255;
+        }
+    }
+    png_bytep trans_alpha = NULL;
+    int n_trans = 0;
+    png_color_16p trans_color = NULL;
+    if (png_get_tRNS(j->png, j->info, &trans_alpha, &n_trans, &trans_color) & PNG_INFO_tRNS) {
+        f->has_alpha = 1;
+        if (color_type == PNG_COLOR_TYPE_PALETTE) {
+            for (int i = 0; i < n_trans && i < 256; i++)
+                f->pal[i][3] = trans_alpha[i];
+        } else if (color_type == PNG_COLOR_TYPE_GRAY && trans_color) {
+            /* Pillow compares the stored key with the pixel as it holds it: 16 bits for
+             * "I;16", key*255 for mode "1", and the raw key against the scaled value for
+             * 2- and 4-bit gray (so keys 1..14 never match there) */
+            f->has_key = 1;
+            f->key[0] = bit_depth == 1 ? trans_color->gray * 255u : trans_color->gray;
+        } else if (color_type == PNG_COLOR_TYPE_RGB && trans_color) {
+            /* 16-bit RGB: Pillow matches the low byte of each key sample against the
+             * high byte of the pixel's ("RGB;16B" keeps the high byte) */
+            f->has_key = 1;
+            unsigned mask = bit_depth == 16 ? 0xff : 0xffff;
+            f->key[0] = trans_color->red & mask;
+            f->key[1] = trans_color->green & mask;
+            f->key[2] = trans_color->blue & mask;
+        }
+    }
+    if (bit_depth < 8)
+        png_set_packing(j->png);
+    png_set_interlace_handling(j->png);
+    png_read_update_info(j->png, j->info);
+
+    size_t rowbytes = png_get_rowbytes(j->png, j->info);
+    j->raw = malloc(rowbytes * h);
+    j->rows = malloc(sizeof *j->rows * h);
+    if (!j->raw || !j->rows || dg_image_new((int32_t)w, (int32_t)h, &j->img) < 0) {
+        dg_image_free(j->img);
+        j->img = NULL;
+        j->code = DG_ENOMEM;
+        snprintf(j->msg, sizeof j->msg, "out of memory for a %ux%u PNG", (unsigned)w, (unsigned)h);
+        return -1;
+    }
+    for (png_uint_32 y = 0; y < h; y++)
+        j->rows[y] = j->raw + rowbytes * y;
+    png_read_image(j->png, j->rows);
+    for (png_uint_32 y = 0; y < h; y++)
+        png_convert_row(f, j->rows[y], j->img->rgb + (size_t)y * w * 3, (int32_t)w);
+    /* The pixels are complete: like Pillow, a damaged or missing tail after the image
+     * data (text, eXIf, IEND) is not an error; the longjmp above returns 0 then. */
+    j->pixels_done = 1;
+    png_read_end(j->png, j->info);
+    return png_orientation(j->png, j->info);
+}
+
+/* Walks the chunk list before libpng sees it: libpng allocates a chunk's declared length
+ * before it reads it, so a 2 GB length in a 200-byte file must not reach it. A chunk that
+ * runs past the end of the data before or inside the image data makes the file truncated
+ * (returns 0); one after the image data cuts the file there, since what follows the pixels
+ * is optional (Pillow ignores a damaged tail too). Returns the length to hand libpng. */
+static size_t png_usable_length(const uint8_t *p, size_t n) {
+    size_t pos = 8;
+    int seen_idat = 0;
+    while (pos + 8 <= n) {
+        uint32_t len = (uint32_t)p[pos] << 24 | (uint32_t)p[pos + 1] << 16 |
+                       (uint32_t)p[pos + 2] << 8 | p[pos + 3];
+        int idat = memcmp(p + pos + 4, "IDAT", 4) == 0;
+        if (len > 0x7fffffffu || (uint64_t)len + 12 > n - pos)
+            return seen_idat && !idat ? pos : 0;
+        if (memcmp(p + pos + 4, "IEND", 4) == 0)
+            return n;
+        seen_idat |= idat;
+        pos += 12 + (size_t)len;
+    }
+    return seen_idat && pos < n ? pos : n;
+}
+
+static int png_decode_bytes(const uint8_t *data, size_t len, const char *label,
+                            const dg_image_limits *limits, dg_image **out, int *orientation,
+                            char *err, size_t errlen) {
+    size_t usable = png_usable_length(data, len);
+    if (usable == 0)
+        return image_fail(err, errlen, DG_EIMAGE, label,
+                          "truncated PNG (a chunk runs past the end of the data)");
+    struct png_job *j = calloc(1, sizeof *j);
+    if (!j)
+        return image_fail(err, errlen, DG_ENOMEM, label, "out of memory");
+    j->data = data;
+    j->len = usable;
+    j->limits = limits;
+    int rc;
+    j->png = png_create_read_struct(PNG_LIBPNG_VER_STRING, j, png_job_error, png_job_warning);
+    j->info = j->png ? png_create_info_struct(j->png) : NULL;
+    if (!j->info) {
+        rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory");
+        goto done;
+    }
+    int o = png_decode(j);
+    if (o < 0) {
+        rc = image_fail(err, errlen, j->code ? j->code : DG_EIMAGE, label, "%s",
+                        j->code ? j->msg : "corrupt PNG");
+        goto done;
+    }
+    *out = j->img;
+    j->img = NULL;
+    *orientation = o;
+    rc = DG_OK;
+done:
+    png_destroy_read_struct(j->png ? &j->png : NULL, j->info ? &j->info : NULL, NULL);
+    dg_image_free(j->img);
+    free(j->rows);
+    free(j->raw);
+    free(j);
+    return rc;
+}
+
+/* ---- JPEG decoding ----------------------------------------------------------------------- */
+
+/* The orientation Pillow's JpegImagePlugin would find: the Exif APP1 segments (the first
+ * one, with the payload of later ones appended), else the last XMP APP1 segment. Walks the
+ * markers up to the first SOS as Pillow does (skipping stray non-0xFF bytes). */
+static int jpeg_orientation(const uint8_t *p, size_t n) {
+    static const char xmp_id[] = "http://ns.adobe.com/xap/1.0/";   /* then a NUL */
+    uint8_t *exif = NULL;
+    size_t exif_len = 0;
+    const uint8_t *xmp = NULL;
+    size_t xmp_len = 0;
+    size_t i = 2;
+    while (i + 1 < n) {
+        if (p[i] != 0xFF) {
+            i++;
+            continue;
+        }
+        unsigned m = p[i + 1];
+        if (m == 0xFF) {
+            i++;
+            continue;
+        }
+        i += 2;
+        if (m == 0xD8 || m == 0x01 || (m >= 0xD0 && m <= 0xD7))
+            continue;
+        if (m == 0xDA || m == 0xD9 || i + 2 > n)
+            break;
+        size_t seg = (size_t)p[i] << 8 | p[i + 1];
+        if (seg < 2 || i + seg > n)
+            break;
+        const uint8_t *s = p + i + 2;
+        size_t sl = seg - 2;
+        if (m == 0xE1 && sl >= 6 && memcmp(s, "Exif\0\0", 6) == 0) {
+            const uint8_t *add = exif ? s + 6 : s;
+            size_t add_len = exif ? sl - 6 : sl;
+            uint8_t *grown = realloc(exif, exif_len + add_len + 1);
+            if (!grown)
+                break;
+            exif = grown;
+            memcpy(exif + exif_len, add, add_len);
+            exif_len += add_len;
+        } else if (m == 0xE1 && sl >= sizeof xmp_id && memcmp(s, xmp_id, sizeof xmp_id) == 0) {
+            xmp = s + sizeof xmp_id;
+            xmp_len = sl - sizeof xmp_id;
+        }
+        i += seg;
+    }
+    int o = exif ? exif_orientation(exif, exif_len) : 0;
+    if (o == 0 && xmp)
+        o = xmp_orientation(xmp, xmp_len);
+    free(exif);
+    return o;
+}
+
+/* Whether an EOI marker (FF D9) follows the first SOS (FF DA): entropy-coded data never
+ * holds FF D9 (an FF there is followed by 00 or a restart marker), so without one the file
+ * was cut short. */
+static int jpeg_complete(const uint8_t *p, size_t n) {
+    const uint8_t *sos = memmem(p, n, "\xff\xda", 2);
+    return sos && memmem(sos, n - (size_t)(sos - p), "\xff\xd9", 2) != NULL;
+}
+
+static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
+                             const dg_image_limits *limits, dg_image **out, int *orientation,
+                             char *err, size_t errlen) {
+    dg_image *img = NULL;
+    uint8_t *cmyk = NULL;
+    int rc;
+    tjhandle tj = tjInitDecompress();
+    if (!tj)
+        return image_fail(err, errlen, DG_ENOMEM, label, "out of memory");
+    int w = 0, h = 0, subsamp, colorspace;
+    if (len > ULONG_MAX ||
+        tjDecompressHeader3(tj, data, (unsigned long)len, &w, &h, &subsamp, &colorspace) < 0 ||
+        w < 1 || h < 1) {
+        rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt JPEG header (%s)",
+                        tjGetErrorStr2(tj));
+        goto done;
+    }
+    if ((int64_t)w * h > limits->max_pixels || w > 65535 || h > 65535) {
+        rc = image_fail(err, errlen, DG_ELIMIT, label, "%dx%d JPEG is over the limit of %lld pixels",
+                        w, h, (long long)limits->max_pixels);
+        goto done;
+    }
+    if (dg_image_new(w, h, &img) < 0) {
+        rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory for a %dx%d JPEG", w, h);
+        goto done;
+    }
+    /* Pillow's libjpeg defaults: the accurate integer IDCT and fancy upsampling. Progressive
+     * files with more than 500 scans are refused (a CPU bomb, not a photograph). */
+    int is_cmyk = colorspace == TJCS_CMYK || colorspace == TJCS_YCCK;
+    if (is_cmyk && !(cmyk = malloc((size_t)w * h * 4))) {
+        rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory for a %dx%d JPEG", w, h);
+        goto done;
+    }
+    int flags = TJFLAG_ACCURATEDCT | TJFLAG_LIMITSCANS;
+    int r = is_cmyk ? tjDecompress2(tj, data, (unsigned long)len, cmyk, w, w * 4, h, TJPF_CMYK, flags)
+                    : tjDecompress2(tj, data, (unsigned long)len, img->rgb, w, w * 3, h, TJPF_RGB, flags);
+    if (r < 0 && (tjGetErrorCode(tj) != TJERR_WARNING || !jpeg_complete(data, len))) {
+        /* A warning (corrupt entropy data, extraneous bytes) still leaves a whole image,
+         * which Pillow takes too; but a file cut short is refused, as Pillow refuses it
+         * ("image file is truncated"). */
+        rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt or truncated JPEG (%s)",
+                        tjGetErrorStr2(tj));
+        goto done;
+    }
+    if (is_cmyk) {
+        for (size_t i = 0, n = (size_t)w * h; i < n; i++) {
+            const uint8_t *c = cmyk + 4 * i;
+            img->rgb[3 * i + 0] = cmyk_channel(c[0], c[3]);
+            img->rgb[3 * i + 1] = cmyk_channel(c[1], c[3]);
+            img->rgb[3 * i + 2] = cmyk_channel(c[2], c[3]);
+        }
+    }
+    *orientation = jpeg_orientation(data, len);
+    *out = img;
+    img = NULL;
+    rc = DG_OK;
+done:
+    free(cmyk);
+    dg_image_free(img);
+    tjDestroy(tj);
+    return rc;
+}
+
+/* ---- decoding entry ---------------------------------------------------------------------- */
+
+int dg_image_decode(const uint8_t *data, size_t len, const char *label,
+                    const dg_image_limits *limits, dg_image **out, char *err, size_t errlen) {
+    if (!out || (!data && len > 0))
+        return image_fail(err, errlen, DG_EINVAL, label, "no image or no output given");
+    *out = NULL;
+    dg_image_limits lim = limits ? *limits : (dg_image_limits){0};
+    if (lim.max_bytes == 0)
+        lim.max_bytes = DG_IMAGE_DEFAULT_MAX_BYTES;
+    if (lim.max_pixels <= 0)
+        lim.max_pixels = DG_IMAGE_DEFAULT_MAX_PIXELS;
+    if (len > lim.max_bytes)
+        return image_fail(err, errlen, DG_ELIMIT, label, "%zu bytes is over the limit of %zu",
+                          len, lim.max_bytes);
+
+    dg_image *img = NULL;
+    int orientation = 0, rc;
+    if (len >= 8 && memcmp(data, "\x89PNG\r\n\x1a\n", 8) == 0)
+        rc = png_decode_bytes(data, len, label, &lim, &img, &orientation, err, errlen);
+    else if (len >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF)
+        rc = jpeg_decode_bytes(data, len, label, &lim, &img, &orientation, err, errlen);
+    else if (len == 0)
+        return image_fail(err, errlen, DG_EIMAGE, label, "empty image");
+    else {
+        char hex[3 * 4] = "";
+        for (size_t i = 0; i < len && i < 3; i++)
+            snprintf(hex + 3 * i, sizeof hex - 3 * i, " %02x", data[i]);
+        return image_fail(err, errlen, DG_EIMAGE, label, "not a PNG or JPEG (first bytes%s)", hex);
+    }
+    if (rc < 0)
+        return rc;
+    if (orientation >= 2 && orientation <= 8 && (rc = image_orient(&img, orientation)) < 0) {
+        dg_image_free(img);
+        return image_fail(err, errlen, rc, label, "out of memory");
+    }
+    *out = img;
+    return DG_OK;
+}
+
+/* ---- PNG encoding ------------------------------------------------------------------------ */
+
+struct png_enc_job {
+    const dg_image *img;
+    png_structp     png;
+    png_infop       info;
+    png_text       *text;            /* owned array; the strings are borrowed */
+    size_t          n_text;
+    uint8_t        *buf;             /* owned: the file so far */
+    size_t          len, cap;
+    int             code;
+};
+
+static void png_enc_write(png_structp png, png_bytep data, size_t n) {
+    struct png_enc_job *j = png_get_io_ptr(png);
+    if (n > j->cap - j->len) {
+        size_t cap = j->cap ? j->cap : 1 << 16;
+        while (cap - j->len < n)
+            cap *= 2;
+        uint8_t *grown = realloc(j->buf, cap);
+        if (!grown) {
+            j->code = DG_ENOMEM;
+            png_error(png, "out of memory");
+        }
+        j->buf = grown;
+        j->cap = cap;
+    }
+    memcpy(j->buf + j->len, data, n);
+    j->len += n;
+}
+
+static void png_enc_flush(png_structp png) {
+    (void)png;
+}
+
+static void png_enc_error(png_structp png, png_const_charp msg) {
+    struct png_enc_job *j = png_get_error_ptr(png);
+    (void)msg;
+    if (j->code == 0)
+        j->code = DG_EINTERNAL;
+    png_longjmp(png, 1);
+}
+
+/* The libpng part of dg_image_encode_png(); -1 with j->code set on failure. */
+static int png_encode(struct png_enc_job *j) {
+    if (setjmp(png_jmpbuf(j->png)))
+        return -1;
+    png_set_write_fn(j->png, j, png_enc_write, png_enc_flush);
+    png_set_IHDR(j->png, j->info, (png_uint_32)j->img->width, (png_uint_32)j->img->height, 8,
+                 PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
+                 PNG_FILTER_TYPE_DEFAULT);
+    if (j->n_text > 0)
+        png_set_text(j->png, j->info, j->text, (int)j->n_text);
+    png_write_info(j->png, j->info);
+    for (int32_t y = 0; y < j->img->height; y++)
+        png_write_row(j->png, j->img->rgb + (size_t)y * j->img->width * 3);
+    png_write_end(j->png, j->info);
+    return 0;
+}
+
+/* The PNG rule for a text keyword: 1..79 Latin-1 printable bytes, no leading, trailing or
+ * consecutive spaces. */
+static int png_key_valid(const char *key) {
+    size_t n = key ? strlen(key) : 0;
+    if (n < 1 || n > 79 || key[0] == ' ' || key[n - 1] == ' ')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)key[i];
+        if (!((c >= 32 && c <= 126) || c >= 161))
+            return 0;
+        if (c == ' ' && key[i + 1] == ' ')
+            return 0;
+    }
+    return 1;
+}
+
+int dg_image_encode_png(const dg_image *img, const dg_kv *text, size_t n_text,
+                        uint8_t **png, size_t *png_len, char *err, size_t errlen) {
+    if (!img || !img->rgb || img->width < 1 || img->height < 1 || !png || !png_len ||
+        (n_text > 0 && !text) || n_text > INT_MAX)
+        return image_fail(err, errlen, DG_EINVAL, "png", "bad image or arguments");
+    for (size_t i = 0; i < n_text; i++) {
+        if (!png_key_valid(text[i].key))
+            return image_fail(err, errlen, DG_EINVAL, "png", "text key \"%s\" is not a PNG keyword",
+                              text[i].key ? text[i].key : "");
+        if (!text[i].value)
+            return image_fail(err, errlen, DG_EINVAL, "png", "text key \"%s\" has no value",
+                              text[i].key);
+    }
+    int rc;
+    struct png_enc_job *j = calloc(1, sizeof *j);
+    if (!j)
+        return image_fail(err, errlen, DG_ENOMEM, "png", "out of memory");
+    j->img = img;
+    j->n_text = n_text;
+    if (n_text > 0 && !(j->text = calloc(n_text, sizeof *j->text))) {
+        rc = image_fail(err, errlen, DG_ENOMEM, "png", "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < n_text; i++) {
+        int ascii = 1;
+        for (const char *c = text[i].value; *c; c++)
+            if ((unsigned char)*c >= 0x80)
+                ascii = 0;
+        /* libpng copies the strings and does not write through these pointers */
+        j->text[i].compression = ascii ? PNG_TEXT_COMPRESSION_NONE : PNG_ITXT_COMPRESSION_NONE;
+        j->text[i].key = (png_charp)(uintptr_t)text[i].key;
+        j->text[i].text = (png_charp)(uintptr_t)text[i].value;
+        j->text[i].text_length = strlen(text[i].value);
+    }
+    j->png = png_create_write_struct(PNG_LIBPNG_VER_STRING, j, png_enc_error, png_job_warning);
+    j->info = j->png ? png_create_info_struct(j->png) : NULL;
+    if (!j->info) {
+        rc = image_fail(err, errlen, DG_ENOMEM, "png", "out of memory");
+        goto done;
+    }
+    if (png_encode(j) < 0) {
+        rc = image_fail(err, errlen, j->code, "png", "%s", j->code == DG_ENOMEM
+                        ? "out of memory" : "libpng refused the image");
+        goto done;
+    }
+    *png = j->buf;
+    *png_len = j->len;
+    j->buf = NULL;
+    rc = DG_OK;
+done:
+    png_destroy_write_struct(j->png ? &j->png : NULL, j->info ? &j->info : NULL);
+    free(j->buf);
+    free(j->text);
+    free(j);
+    return rc;
+}
+
+/* ---- content hash: SHA-256 (FIPS 180-4) ------------------------------------------------- */
+
+struct sha256 {
+    uint32_t h[8];
+    uint64_t total;                  /* bytes hashed */
+    uint8_t  block[64];
+    size_t   used;                   /* bytes in block */
+};
+
+static const uint32_t sha256_k[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+
+static inline uint32_t ror32(uint32_t x, int n) {
+    return x >> n | x << (32 - n);
+}
+
+static void sha256_block(struct sha256 *s, const uint8_t *p) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ror32(w[i - 15], 7) ^ ror32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ror32(w[i - 2], 17) ^ ror32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = s->h[0], b = s->h[1], c = s->h[2], d = s->h[3];
+    uint32_t e = s->h[4], f = s->h[5], g = s->h[6], h = s->h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = h + (ror32(e, 6) ^ ror32(e, 11) ^ ror32(e, 25)) + ((e & f) ^ (~e & g)) +
+                      sha256_k[i] + w[i];
+        uint32_t t2 = (ror32(a, 2) ^ ror32(a, 13) ^ ror32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        h = g; g = f; f = e; e = d + t1;
+        d = c; c = b; b = a; a = t1 + t2;
+    }
+    s->h[0] += a; s->h[1] += b; s->h[2] += c; s->h[3] += d;
+    s->h[4] += e; s->h[5] += f; s->h[6] += g; s->h[7] += h;
+}
+
+static void sha256_init(struct sha256 *s) {
+    static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    memcpy(s->h, h0, sizeof h0);
+    s->total = 0;
+    s->used = 0;
+}
+
+static void sha256_update(struct sha256 *s, const uint8_t *p, size_t n) {
+    s->total += n;
+    if (s->used > 0) {
+        size_t take = 64 - s->used < n ? 64 - s->used : n;
+        memcpy(s->block + s->used, p, take);
+        s->used += take;
+        p += take;
+        n -= take;
+        if (s->used < 64)
+            return;
+        sha256_block(s, s->block);
+        s->used = 0;
+    }
+    for (; n >= 64; p += 64, n -= 64)
+        sha256_block(s, p);
+    memcpy(s->block, p, n);
+    s->used = n;
+}
+
+static void sha256_final(struct sha256 *s, uint8_t out[32]) {
+    uint64_t bits = s->total * 8;
+    uint8_t pad[72] = {0x80};
+    size_t padlen = (s->used < 56 ? 56 : 120) - s->used;
+    for (int i = 0; i < 8; i++)
+        pad[padlen + i] = (uint8_t)(bits >> (56 - 8 * i));
+    sha256_update(s, pad, padlen + 8);
+    for (int i = 0; i < 8; i++)
+        for (int b = 0; b < 4; b++)
+            out[4 * i + b] = (uint8_t)(s->h[i] >> (24 - 8 * b));
+}
+
+void dg_image_hash(const dg_image *img, dg_image_digest *out) {
+    struct sha256 s;
+    uint8_t head[8], full[32];
+    for (int i = 0; i < 4; i++) {
+        head[i] = (uint8_t)((uint32_t)img->width >> (8 * i));
+        head[4 + i] = (uint8_t)((uint32_t)img->height >> (8 * i));
+    }
+    sha256_init(&s);
+    sha256_update(&s, head, sizeof head);
+    sha256_update(&s, img->rgb, (size_t)img->width * img->height * 3);
+    sha256_final(&s, full);
+    memcpy(out->bytes, full, sizeof out->bytes);
+}

@@ -1,0 +1,307 @@
+/* qwen2.c — Qwen2.5-VL text decoder: weight binding and the forward pass. */
+#include "mllm/qwen2.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "duogen.h"
+
+/* ---- binding ------------------------------------------------------------------------------ */
+
+static const dg_st_tensor *find(const dg_st *st, const char *name, char *err, size_t errlen) {
+    const dg_st_tensor *t = dg_st_find(st, name);
+    if (!t) snprintf(err, errlen, "tensor \"%s\": missing from the checkpoint", name);
+    return t;
+}
+
+static int check_shape(const dg_st_tensor *t, const int64_t *shape, int n_dims, char *err,
+                       size_t errlen) {
+    int ok = t->n_dims == n_dims;
+    for (int i = 0; ok && i < n_dims; i++) ok = t->shape[i] == shape[i];
+    if (ok) return 0;
+    char e[96], f[96];
+    snprintf(err, errlen, "tensor \"%s\": expected shape %s, found %s", t->name,
+             dg_st_shape_str(shape, n_dims, e, sizeof e), dg_st_shape_str(t->shape, t->n_dims, f, sizeof f));
+    return DG_EMODEL;
+}
+
+static int bind_matrix(dg_backend *be, const dg_st *st, const char *name, int64_t rows,
+                       int64_t cols, dg_weight *w, char *err, size_t errlen) {
+    const dg_st_tensor *t = find(st, name, err, errlen);
+    int64_t shape[2] = {rows, cols};
+    if (!t) return DG_EMODEL;
+    if (check_shape(t, shape, 2, err, errlen) < 0) return DG_EMODEL;
+    *w = (dg_weight){t->data, t->dtype, rows, cols};
+    return be->weight_prepare(be, w, err, errlen);
+}
+
+/* Vectors (norm weights, biases) are widened to fp32 once: they are tiny and read often. */
+static int bind_vector(const dg_st *st, const char *name, int64_t n, float *dst, char *err,
+                       size_t errlen) {
+    const dg_st_tensor *t = find(st, name, err, errlen);
+    if (!t) return DG_EMODEL;
+    if (check_shape(t, &n, 1, err, errlen) < 0) return DG_EMODEL;
+    for (int64_t i = 0; i < n; i++) dst[i] = dg_load_f32(t->data, t->dtype, (size_t)i);
+    return 0;
+}
+
+int dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_backend *be,
+                  char *err, size_t errlen) {
+    const int64_t D = cfg->hidden_size, F = cfg->intermediate_size, V = cfg->vocab_size;
+    const int64_t QD = (int64_t)cfg->n_heads * cfg->head_dim, KD = (int64_t)cfg->n_kv_heads * cfg->head_dim;
+    const int64_t per_layer = 2 * D + QD + 2 * KD, n_vec = cfg->n_layers * per_layer + D;
+    float *host = NULL;   /* owned: the vectors before upload */
+    char name[160];
+    int rc = DG_ENOMEM;
+
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->be = be;
+    m->layers = calloc((size_t)cfg->n_layers, sizeof *m->layers);
+    host = malloc(sizeof(float) * (size_t)n_vec);
+    m->vectors = be->alloc(be, sizeof(float) * (size_t)n_vec);
+    if (!m->layers || !host || !m->vectors) {
+        snprintf(err, errlen, "qwen2: out of memory");
+        goto fail;
+    }
+#define MAT(field, rows, cols, ...)                                                              \
+    do {                                                                                     \
+        snprintf(name, sizeof name, __VA_ARGS__);                                            \
+        if ((rc = bind_matrix(be, st, name, rows, cols, field, err, errlen)) < 0) goto fail; \
+    } while (0)
+#define VEC(field, off, n, ...)                                                                  \
+    do {                                                                                     \
+        snprintf(name, sizeof name, __VA_ARGS__);                                            \
+        if ((rc = bind_vector(st, name, n, host + (off), err, errlen)) < 0) goto fail;       \
+        field = m->vectors + (off);                                                          \
+    } while (0)
+    MAT(&m->embed, V, D, "model.embed_tokens.weight");
+    for (int l = 0; l < cfg->n_layers; l++) {
+        dg_qwen2_layer *L = &m->layers[l];
+        int64_t o = l * per_layer;
+        VEC(L->input_norm, o, D, "model.layers.%d.input_layernorm.weight", l);
+        VEC(L->post_norm, o + D, D, "model.layers.%d.post_attention_layernorm.weight", l);
+        VEC(L->bq, o + 2 * D, QD, "model.layers.%d.self_attn.q_proj.bias", l);
+        VEC(L->bk, o + 2 * D + QD, KD, "model.layers.%d.self_attn.k_proj.bias", l);
+        VEC(L->bv, o + 2 * D + QD + KD, KD, "model.layers.%d.self_attn.v_proj.bias", l);
+        MAT(&L->wq, QD, D, "model.layers.%d.self_attn.q_proj.weight", l);
+        MAT(&L->wk, KD, D, "model.layers.%d.self_attn.k_proj.weight", l);
+        MAT(&L->wv, KD, D, "model.layers.%d.self_attn.v_proj.weight", l);
+        MAT(&L->wo, D, QD, "model.layers.%d.self_attn.o_proj.weight", l);
+        MAT(&L->w_gate, F, D, "model.layers.%d.mlp.gate_proj.weight", l);
+        MAT(&L->w_up, F, D, "model.layers.%d.mlp.up_proj.weight", l);
+        MAT(&L->w_down, D, F, "model.layers.%d.mlp.down_proj.weight", l);
+    }
+    VEC(m->norm, cfg->n_layers * per_layer, D, "model.norm.weight");
+    /* tied: the published 3B and 0.5B files carry no lm_head.weight; one that is present
+     * anyway (re-saved checkpoints) equals the embedding and is not needed */
+    if (cfg->tie_word_embeddings)
+        m->lm_head = m->embed;
+    else
+        MAT(&m->lm_head, V, D, "lm_head.weight");
+#undef MAT
+#undef VEC
+    be->upload(be, m->vectors, host, n_vec);
+    free(host);
+    return 0;
+fail:
+    free(host);
+    dg_qwen2_unload(m);
+    return rc;
+}
+
+void dg_qwen2_unload(dg_qwen2 *m) {
+    if (m->be) m->be->release(m->be, m->vectors);
+    free(m->layers);
+    memset(m, 0, sizeof *m);
+}
+
+/* ---- state -------------------------------------------------------------------------------- */
+
+int dg_qwen2_state_new(const dg_qwen2 *m, int max_tokens, int max_logits, dg_qwen2_state **out,
+                       char *err, size_t errlen) {
+    const dg_text_config *c = &m->cfg;
+    dg_backend *be = m->be;
+    const size_t T = (size_t)max_tokens, D = (size_t)c->hidden_size, F = (size_t)c->intermediate_size;
+    const size_t QD = (size_t)c->n_heads * (size_t)c->head_dim, KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
+    const size_t VL = (size_t)c->vocab_size * (size_t)max_logits;
+    dg_qwen2_state *s = calloc(1, sizeof *s);
+    *out = NULL;
+    if (max_tokens < 1 || max_logits < 0 || max_logits > max_tokens) {
+        free(s);
+        snprintf(err, errlen, "qwen2 state: max_tokens %d / max_logits %d out of range", max_tokens, max_logits);
+        return DG_EINVAL;
+    }
+    if (!s) goto nomem;
+    s->max_tokens = max_tokens;
+    s->max_logits = max_logits;
+    s->x = be->alloc(be, T * D * sizeof(float));
+    s->h = be->alloc(be, T * D * sizeof(float));
+    s->q = be->alloc(be, (T * QD > QD + 2 * KD ? T * QD : QD + 2 * KD) * sizeof(float));
+    s->k = be->alloc(be, T * KD * sizeof(float));
+    s->v = be->alloc(be, T * KD * sizeof(float));
+    s->att = be->alloc(be, T * QD * sizeof(float));
+    s->gate = be->alloc(be, T * F * sizeof(float));
+    s->up = be->alloc(be, T * F * sizeof(float));
+    s->dev_logits = be->alloc(be, (VL ? VL : 1) * sizeof(float));
+    s->logits = malloc((VL ? VL : 1) * sizeof(float));
+    s->pos = malloc(3 * T * sizeof(int32_t));
+    s->graphs = calloc(2 * (size_t)c->n_layers, sizeof *s->graphs);
+    if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
+        !s->dev_logits || !s->logits || !s->pos || !s->graphs)
+        goto nomem;
+    *out = s;
+    return 0;
+nomem:
+    dg_qwen2_state_free(m, s);
+    snprintf(err, errlen, "qwen2 state: out of memory for %d tokens", max_tokens);
+    return DG_ENOMEM;
+}
+
+void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s) {
+    if (!s) return;
+    dg_backend *be = m->be;
+    float *bufs[] = {s->x, s->h, s->q, s->k, s->v, s->att, s->gate, s->up, s->dev_logits};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->release(be, bufs[i]);
+    for (int i = 0; s->graphs && be->graph_release && i < 2 * m->cfg.n_layers; i++) be->graph_release(be, s->graphs[i]);
+    free(s->graphs);
+    free(s->logits);
+    free(s->pos);
+    free(s);
+}
+
+/* ---- forward ------------------------------------------------------------------------------ */
+
+/* The runs of a layer that are the same at every token (pointers, sizes, no staged host
+ * array), as functions of their arguments, so that a GPU backend can record one token's
+ * and replay them (backend.h graph_run): the input norm and q, k, v; and everything after
+ * the attention (output projection, residual, norm, MLP, residual). */
+typedef struct {
+    const dg_qwen2 *m;
+    const dg_qwen2_layer *L;
+    dg_qwen2_state *s;
+    const dg_matmul_part *qkv;
+    int n;
+} layer_run;
+
+static void run_qkv(void *ctx) {
+    const layer_run *r = ctx;
+    const dg_text_config *c = &r->m->cfg;
+    dg_backend *be = r->m->be;
+    be->rmsnorm(be, r->s->h, r->s->x, r->L->input_norm, r->n, c->hidden_size, c->rms_norm_eps);
+    dg_matmul_parts(be, r->s->h, r->qkv, 3, r->n);
+}
+
+static void run_after_attention(void *ctx) {
+    const layer_run *r = ctx;
+    const dg_text_config *c = &r->m->cfg;
+    dg_backend *be = r->m->be;
+    dg_qwen2_state *s = r->s;
+    const int n = r->n, D = c->hidden_size;
+    be->matmul(be, s->h, s->att, &r->L->wo, NULL, n);
+    dg_add_rmsnorm(be, s->h, s->x, s->h, r->L->post_norm, n, D, c->rms_norm_eps);
+    dg_matmul_swiglu(be, s->gate, s->up, s->h, &r->L->w_gate, &r->L->w_up, n);
+    be->matmul(be, s->h, s->gate, &r->L->w_down, NULL, n);
+    be->add(be, s->x, s->h, (int64_t)n * D);
+}
+
+/* One decoder layer over n tokens, in place on s->x [n, D] (spec §3.1). */
+static void layer_forward(const dg_qwen2 *m, int l, dg_qwen2_state *s, const dg_kv_view *kv,
+                          const int32_t *pos, int n_past, int n) {
+    const dg_text_config *c = &m->cfg;
+    const dg_qwen2_layer *L = &m->layers[l];
+    dg_backend *be = m->be;
+    const int hd = c->head_dim, KD = c->n_kv_heads * hd;
+    const dg_rope_params rope = {c->rope_theta, {c->mrope_section[0], c->mrope_section[1],
+                                                 c->mrope_section[2]}};
+
+    /* one token (decode): q, k, v as one row [q | k | v] in s->q, so that one RoPE call
+     * rotates the heads of q and k together; the fused forms save a GPU four launches a
+     * layer (the step is ~300 small launches otherwise), and the fixed runs around the
+     * per-token operations (RoPE positions, the KV slot, the attention's length) may be
+     * replayed rather than launched */
+    const int one = n == 1;
+    float *q = s->q, *k = one ? s->q + c->n_heads * hd : s->k, *v = one ? k + KD : s->v;
+    const dg_matmul_part qkv[3] = {{q, &L->wq, L->bq}, {k, &L->wk, L->bk}, {v, &L->wv, L->bv}};
+    layer_run r = {m, L, s, qkv, n};
+
+    dg_graph_run(be, one ? &s->graphs[2 * l] : NULL, run_qkv, &r);
+    if (one) {
+        be->rope(be, q, pos, 1, c->n_heads + c->n_kv_heads, hd, &rope);
+    } else {
+        be->rope(be, q, pos, n, c->n_heads, hd, &rope);
+        be->rope(be, k, pos, n, c->n_kv_heads, hd, &rope);
+    }
+    be->kv_write(be, kv, n_past, k, v, n, KD);
+    be->attention(be, s->att, q, kv, n_past, n, c->n_heads, c->n_kv_heads, hd,
+                  1.0f / sqrtf((float)hd));
+    dg_graph_run(be, one ? &s->graphs[2 * l + 1] : NULL, run_after_attention, &r);
+}
+
+/* The x rows of the <|image_pad|> tokens <- image_embeds rows, in order (masked_scatter). */
+static void insert_image_rows(const dg_qwen2 *m, dg_qwen2_state *s, const dg_qwen2_input *in) {
+    const int D = m->cfg.hidden_size, image = m->cfg.image_token_id;
+    int32_t idx[64];   /* embedding rows of one run of image tokens, 64 at a time */
+    for (int i = 0, e = 0; i < in->n;) {
+        int run = 0;
+        while (i + run < in->n && run < 64 && in->ids[i + run] == image) {
+            idx[run] = e + run;
+            run++;
+        }
+        if (run) m->be->gather_rows(m->be, s->x + (int64_t)i * D, in->image_embeds, idx, run, D);
+        i += run ? run : 1;
+        e += run;
+    }
+}
+
+int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq,
+                     const dg_qwen2_input *in, const dg_qwen2_hook *hook, char *err,
+                     size_t errlen) {
+    const dg_text_config *c = &m->cfg;
+    dg_backend *be = m->be;
+    const int n = in->n, n_past = seq->n_tokens, D = c->hidden_size;
+    const int32_t *pos = in->pos;
+    int rc;
+
+    if (n < 1 || n > s->max_tokens || in->n_logits < 0 || in->n_logits > n ||
+        in->n_logits > s->max_logits) {
+        snprintf(err, errlen, "qwen2: %d tokens / %d logits for a state of %d / %d", n,
+                 in->n_logits, s->max_tokens, s->max_logits);
+        return DG_EINVAL;
+    }
+    for (int i = 0; i < n; i++)
+        if (in->ids[i] < 0 || in->ids[i] >= c->vocab_size) {
+            snprintf(err, errlen, "qwen2: token %d at %d is outside the vocabulary of %d",
+                     in->ids[i], i, c->vocab_size);
+            return DG_EINVAL;
+        }
+    if ((rc = dg_kv_seq_reserve(kv, seq, n)) < 0) {
+        snprintf(err, errlen, "qwen2: no KV room for %d more tokens after %d (%s)", n, n_past,
+                 rc == DG_ELIMIT ? "sequence limit" : "cache full");
+        return rc;
+    }
+    if (!pos) {
+        for (int r = 0; r < 3; r++)
+            for (int i = 0; i < n; i++) s->pos[r * n + i] = n_past + i + in->rope_delta;
+        pos = s->pos;
+    }
+
+    be->embed(be, s->x, &m->embed, in->ids, n);
+    if (in->image_embeds) insert_image_rows(m, s, in);
+    for (int l = 0; l < c->n_layers; l++) {
+        dg_kv_view view = dg_kv_cache_layer(kv, seq, l);
+        layer_forward(m, l, s, &view, pos, n_past, n);
+        if (hook && hook->fn) hook->fn(hook->user, l, s->x, n, n_past);
+    }
+    if (in->n_logits > 0) {
+        const int first = n - in->n_logits;
+        be->rmsnorm(be, s->h, s->x + (int64_t)first * D, m->norm, in->n_logits, D, c->rms_norm_eps);
+        be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, in->n_logits);
+        if (!in->logits_on_device)
+            be->download(be, s->logits, s->dev_logits, (int64_t)in->n_logits * c->vocab_size);
+    }
+    dg_kv_seq_commit(kv, seq, in->ids, in->token_keys, n);
+    return 0;
+}

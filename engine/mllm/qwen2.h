@@ -1,0 +1,115 @@
+/* qwen2.h — the Qwen2.5-VL text decoder (spec qwen2_5_vl.md §3) over the backend interface.
+ *
+ * The model (dg_qwen2) is the bound weights: read-only after dg_qwen2_load, shareable.
+ * The state (dg_qwen2_state) is one caller's scratch, sized once for the largest forward
+ * call; nothing is allocated per token. K/V live in a dg_kv_cache, per sequence.
+ *
+ *     dg_qwen2 m; dg_qwen2_state *s;
+ *     dg_qwen2_load(&m, &cfg, st, be, err, sizeof err);
+ *     dg_qwen2_state_new(&m, 512, 1, &s, err, sizeof err);
+ *     dg_qwen2_forward(&m, s, kv, &seq, &(dg_qwen2_input){.ids = prompt, .n = n, .n_logits = 1},
+ *                      NULL, err, sizeof err);           // prefill: s->logits = last row
+ *     dg_qwen2_forward(&m, s, kv, &seq, &(dg_qwen2_input){.ids = &tok, .n = 1, .n_logits = 1},
+ *                      NULL, err, sizeof err);           // one decode step
+ *
+ * Numerics: fp32 everywhere (weights widened from their stored dtype as they are read),
+ * which matches transformers run in float32 on the same bf16 checkpoint to fp32 rounding. */
+#ifndef DG_QWEN2_H
+#define DG_QWEN2_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "mllm/qwen2vl_config.h"
+#include "cache/kv_cache.h"
+#include "io/safetensors.h"
+
+typedef struct {
+    float    *input_norm;   /* [D]              input_layernorm.weight, fp32 copy */
+    dg_weight wq;           /* [H*hd, D]        self_attn.q_proj.weight */
+    float    *bq;           /* [H*hd]           self_attn.q_proj.bias */
+    dg_weight wk;           /* [KV*hd, D]       self_attn.k_proj.weight */
+    float    *bk;           /* [KV*hd] */
+    dg_weight wv;           /* [KV*hd, D]       self_attn.v_proj.weight */
+    float    *bv;           /* [KV*hd] */
+    dg_weight wo;           /* [D, H*hd]        self_attn.o_proj.weight (no bias) */
+    float    *post_norm;    /* [D]              post_attention_layernorm.weight */
+    dg_weight w_gate;       /* [F, D]           mlp.gate_proj.weight */
+    dg_weight w_up;         /* [F, D]           mlp.up_proj.weight */
+    dg_weight w_down;       /* [D, F]           mlp.down_proj.weight */
+} dg_qwen2_layer;
+
+typedef struct {
+    dg_text_config  cfg;
+    dg_backend     *be;       /* borrowed */
+    dg_weight       embed;    /* [V, D]  model.embed_tokens.weight */
+    dg_qwen2_layer *layers;   /* owned: [L] */
+    float          *norm;     /* [D]     model.norm.weight */
+    dg_weight       lm_head;  /* [V, D]  lm_head.weight, or embed when tie_word_embeddings */
+    float          *vectors;  /* owned (backend memory): every fp32 norm weight and bias */
+} dg_qwen2;
+
+/* Called after each decoder layer with that layer's output (the residual stream, HF
+ * hidden_states[layer + 1]) for the n tokens of the call, at positions pos0 ..; `hidden`
+ * is the forward's own buffer [n, D] in backend memory: read it, do not keep it. This is
+ * where the condition accumulator (DESIGN §6) adds norm(h_l) · W_l per position. */
+typedef struct {
+    void (*fn)(void *user, int layer, const float *hidden, int n, int pos0);
+    void  *user;
+} dg_qwen2_hook;
+
+typedef struct {
+    const int32_t *ids;       /* [n] token ids */
+    const int32_t *pos;       /* [3, n] M-RoPE positions (t, h, w rows), or NULL for text:
+                                 every row = n_past + i + rope_delta (spec §3.4) */
+    int            rope_delta;
+    const float   *image_embeds; /* [image tokens in ids, D] backend memory, or NULL: the rows
+                                 that replace the embeddings of the image_token_id tokens, in
+                                 order (spec §3.5; engine/vision.h makes them) */
+    const uint64_t *token_keys; /* [n] or NULL: per-token extra keys of the KV blocks (image
+                                 tokens: their image's content hash, so that a different
+                                 image of the same size never shares cached blocks) */
+    int            n;         /* tokens, 1 ..state max_tokens */
+    int            n_logits;  /* logits for the last n_logits tokens, 0 ..min(n, max_logits) */
+    int            logits_on_device; /* 1: the logits stay in s->dev_logits (the caller samples
+                                 there: dg_sampler_sample_device); 0: also copied to s->logits */
+} dg_qwen2_input;
+
+typedef struct {
+    int      max_tokens, max_logits;
+    float   *x;               /* [max_tokens, D]       residual stream */
+    float   *h;               /* [max_tokens, D]       normed input / block output */
+    float   *q;               /* [max_tokens, H*hd]; one token: [q | k | v] */
+    float   *k;               /* [max_tokens, KV*hd] */
+    float   *v;               /* [max_tokens, KV*hd] */
+    float   *att;             /* [max_tokens, H*hd]    attention output */
+    float   *gate;            /* [max_tokens, F] */
+    float   *up;              /* [max_tokens, F] */
+    float   *dev_logits;      /* [max_logits, V]       backend memory */
+    float   *logits;          /* [max_logits, V]       host copy: the result of a forward */
+    int32_t *pos;             /* [3, max_tokens]       text positions built here */
+    void   **graphs;          /* [2 * layers]          one token's fixed runs per layer
+                                 (backend.h graph_run): before and after the attention */
+} dg_qwen2_state;
+
+/* Binds every text tensor of `st` to its field, checking dtype and shape; the error names
+ * the tensor with the expected and found shapes. */
+int  dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_backend *be,
+                   char *err, size_t errlen);
+void dg_qwen2_unload(dg_qwen2 *m);   /* accepts a zeroed or half-loaded model */
+
+int  dg_qwen2_state_new(const dg_qwen2 *m, int max_tokens, int max_logits, dg_qwen2_state **out,
+                        char *err, size_t errlen);
+void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s);   /* accepts NULL */
+
+/* Runs in->n tokens of one sequence (prefill: many; decode: one) after the seq's
+ * n_tokens cached positions; writes their K/V (reserving blocks), commits them to the
+ * sequence, and leaves the logits of the last in->n_logits tokens in s->dev_logits and
+ * (unless in->logits_on_device) s->logits [n_logits, V]. DG_EAGAIN: no free KV block (nothing was committed); DG_ELIMIT/DG_EINVAL:
+ * sizes out of range. */
+int  dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq,
+                      const dg_qwen2_input *in, const dg_qwen2_hook *hook, char *err,
+                      size_t errlen);
+
+#endif

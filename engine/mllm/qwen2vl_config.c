@@ -1,0 +1,210 @@
+/* config.c — config.json reading with jansson. */
+#include "mllm/qwen2vl_config.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "duogen.h"
+
+/* Looks a key up in the nested object first (newer layouts), then in the flat root. */
+static json_t *get(json_t *root, json_t *nested, const char *key) {
+    json_t *v = nested ? json_object_get(nested, key) : NULL;
+    return v ? v : json_object_get(root, key);
+}
+
+static int get_int(json_t *root, json_t *nested, const char *key, int def, int required, int *out,
+                   const char *label, char *err, size_t errlen) {
+    json_t *v = get(root, nested, key);
+    if (!v || json_is_null(v)) {
+        if (required) {
+            snprintf(err, errlen, "%s: \"%s\" is missing", label, key);
+            return DG_EMODEL;
+        }
+        *out = def;
+        return 0;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > (1 << 30)) {
+        snprintf(err, errlen, "%s: \"%s\" is not a non-negative integer", label, key);
+        return DG_EMODEL;
+    }
+    *out = (int)json_integer_value(v);
+    return 0;
+}
+
+static int get_float(json_t *root, json_t *nested, const char *key, double def, float *out,
+                     const char *label, char *err, size_t errlen) {
+    json_t *v = get(root, nested, key);
+    if (!v || json_is_null(v)) { *out = (float)def; return 0; }
+    if (!json_is_number(v)) {
+        snprintf(err, errlen, "%s: \"%s\" is not a number", label, key);
+        return DG_EMODEL;
+    }
+    *out = (float)json_number_value(v);
+    return 0;
+}
+
+static int parse_text(json_t *root, const char *label, dg_text_config *t, char *err, size_t errlen) {
+    json_t *tc = json_object_get(root, "text_config");
+    if (tc && !json_is_object(tc)) tc = NULL;
+    int rc = 0;
+#define INT(key, def, req, dst) if ((rc = get_int(root, tc, key, def, req, dst, label, err, errlen)) < 0) return rc
+    INT("hidden_size", 0, 1, &t->hidden_size);
+    INT("num_hidden_layers", 0, 1, &t->n_layers);
+    INT("num_attention_heads", 0, 1, &t->n_heads);
+    INT("num_key_value_heads", t->n_heads, 0, &t->n_kv_heads);
+    INT("intermediate_size", 0, 1, &t->intermediate_size);
+    INT("vocab_size", 0, 1, &t->vocab_size);
+    INT("max_position_embeddings", 128000, 0, &t->max_position_embeddings);
+    INT("bos_token_id", 151643, 0, &t->bos_token_id);
+    INT("vision_start_token_id", 151652, 0, &t->vision_start_token_id);
+    INT("vision_end_token_id", 151653, 0, &t->vision_end_token_id);
+    INT("image_token_id", 151655, 0, &t->image_token_id);
+    INT("video_token_id", 151656, 0, &t->video_token_id);
+    if (t->n_heads <= 0 || t->hidden_size <= 0 || t->n_layers <= 0 || t->vocab_size <= 0 ||
+        t->intermediate_size <= 0) {
+        snprintf(err, errlen, "%s: hidden_size, num_hidden_layers, num_attention_heads, "
+                 "intermediate_size and vocab_size must be positive", label);
+        return DG_EMODEL;
+    }
+    INT("head_dim", t->hidden_size / t->n_heads, 0, &t->head_dim);
+#undef INT
+    if (t->n_kv_heads <= 0 || t->n_heads % t->n_kv_heads || t->head_dim <= 0 || t->head_dim % 2 ||
+        t->head_dim > 512) {
+        snprintf(err, errlen, "%s: heads %d / kv heads %d / head_dim %d are inconsistent", label,
+                 t->n_heads, t->n_kv_heads, t->head_dim);
+        return DG_EMODEL;
+    }
+    /* rms_norm_eps: the file value; 1e-6 is what every Qwen2.5-VL checkpoint says (§1.2 trap) */
+    if ((rc = get_float(root, tc, "rms_norm_eps", 1e-6, &t->rms_norm_eps, label, err, errlen)) < 0)
+        return rc;
+    json_t *rp = get(root, tc, "rope_parameters");
+    json_t *rs = get(root, tc, "rope_scaling");
+    json_t *rope = json_is_object(rp) ? rp : json_is_object(rs) ? rs : NULL;
+    float theta_def = 1000000.0f;
+    if (rope && json_is_number(json_object_get(rope, "rope_theta")))
+        theta_def = (float)json_number_value(json_object_get(rope, "rope_theta"));
+    if ((rc = get_float(root, tc, "rope_theta", theta_def, &t->rope_theta, label, err, errlen)) < 0)
+        return rc;
+    json_t *sec = rope ? json_object_get(rope, "mrope_section") : NULL;
+    if (sec) {
+        if (!json_is_array(sec) || json_array_size(sec) != 3) {
+            snprintf(err, errlen, "%s: mrope_section is not an array of 3 integers", label);
+            return DG_EMODEL;
+        }
+        int sum = 0;
+        for (int i = 0; i < 3; i++) {
+            json_t *x = json_array_get(sec, (size_t)i);
+            if (!json_is_integer(x) || json_integer_value(x) < 0 || json_integer_value(x) > 512) {
+                snprintf(err, errlen, "%s: mrope_section[%d] is not a small integer", label, i);
+                return DG_EMODEL;
+            }
+            t->mrope_section[i] = (int)json_integer_value(x);
+            sum += t->mrope_section[i];
+        }
+        if (sum != t->head_dim / 2) {
+            snprintf(err, errlen, "%s: mrope_section sums to %d, expected head_dim/2 = %d", label, sum,
+                     t->head_dim / 2);
+            return DG_EMODEL;
+        }
+    } else {
+        t->mrope_section[0] = t->head_dim / 2;      /* plain 1-D RoPE */
+        t->mrope_section[1] = t->mrope_section[2] = 0;
+    }
+    json_t *tie = get(root, tc, "tie_word_embeddings");
+    t->tie_word_embeddings = tie ? json_is_true(tie) : 0;
+    json_t *eos = get(root, tc, "eos_token_id");
+    t->n_eos = 0;
+    if (json_is_integer(eos)) {
+        t->eos_token_id[t->n_eos++] = (int)json_integer_value(eos);
+    } else if (json_is_array(eos)) {
+        for (size_t i = 0; i < json_array_size(eos) && t->n_eos < DG_MAX_EOS; i++)
+            if (json_is_integer(json_array_get(eos, i)))
+                t->eos_token_id[t->n_eos++] = (int)json_integer_value(json_array_get(eos, i));
+    }
+    return 0;
+}
+
+static int parse_vision(json_t *root, const char *label, dg_vision_config *v, char *err, size_t errlen) {
+    json_t *vc = json_object_get(root, "vision_config");
+    json_t *empty = json_object();
+    int rc = 0;
+    if (!json_is_object(vc)) vc = empty;
+    /* defaults: transformers Qwen2_5_VLVisionConfig, except hidden_size (1280 in every
+     * checkpoint, 3584 in the class) and tokens_per_second (2 vs 4): spec §1.2 */
+#define INT(key, def, dst) if ((rc = get_int(vc, NULL, key, def, 0, dst, label, err, errlen)) < 0) goto out
+    INT("depth", 32, &v->depth);
+    INT("hidden_size", 1280, &v->hidden_size);
+    INT("num_heads", 16, &v->num_heads);
+    INT("intermediate_size", 3420, &v->intermediate_size);
+    INT("in_chans", 3, &v->in_chans);
+    if (json_object_get(vc, "in_channels")) INT("in_channels", 3, &v->in_chans);
+    INT("patch_size", 14, &v->patch_size);
+    INT("temporal_patch_size", 2, &v->temporal_patch_size);
+    INT("spatial_merge_size", 2, &v->spatial_merge_size);
+    INT("window_size", 112, &v->window_size);
+    INT("out_hidden_size", 3584, &v->out_hidden_size);
+    INT("tokens_per_second", 2, &v->tokens_per_second);
+#undef INT
+    json_t *fa = json_object_get(vc, "fullatt_block_indexes");
+    v->n_fullatt = 0;
+    if (json_is_array(fa)) {
+        for (size_t i = 0; i < json_array_size(fa) && v->n_fullatt < 16; i++)
+            if (json_is_integer(json_array_get(fa, i)))
+                v->fullatt_block_indexes[v->n_fullatt++] = (int)json_integer_value(json_array_get(fa, i));
+    } else {
+        for (int i = 0; i < 4; i++) v->fullatt_block_indexes[v->n_fullatt++] = 7 + 8 * i;
+    }
+    if (v->num_heads <= 0 || v->hidden_size % v->num_heads) {
+        snprintf(err, errlen, "%s: vision_config hidden_size %d is not a multiple of num_heads %d",
+                 label, v->hidden_size, v->num_heads);
+        rc = DG_EMODEL;
+    }
+out:
+    json_decref(empty);
+    return rc;
+}
+
+int dg_config_parse(const char *json, size_t len, const char *label, dg_qwen2vl_config *c, char *err,
+                    size_t errlen) {
+    json_error_t je;
+    json_t *root = json_loadb(json, len, 0, &je);
+    int rc;
+    memset(c, 0, sizeof *c);
+    if (!json_is_object(root)) {
+        snprintf(err, errlen, "%s: not a JSON object (%s, line %d)", label, root ? "" : je.text, je.line);
+        json_decref(root);
+        return DG_EMODEL;
+    }
+    rc = parse_text(root, label, &c->text, err, errlen);
+    if (rc == 0) rc = parse_vision(root, label, &c->vision, err, errlen);
+    json_decref(root);
+    return rc;
+}
+
+int dg_config_load(const char *dir, dg_qwen2vl_config *c, char *err, size_t errlen) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "%s: cannot open", path);
+        return DG_EMODEL;
+    }
+    char *buf = NULL;
+    size_t len = 0, cap = 0, r;
+    int rc = 0;
+    do {
+        if (len + 65536 > cap) {
+            char *nb = realloc(buf, cap = len + 65536 * 2);
+            if (!nb) { rc = DG_ENOMEM; break; }
+            buf = nb;
+        }
+        r = fread(buf + len, 1, cap - len, f);
+        len += r;
+    } while (r > 0 && len < (16u << 20));
+    fclose(f);
+    if (rc == 0) rc = dg_config_parse(buf, len, path, c, err, errlen);
+    free(buf);
+    return rc;
+}

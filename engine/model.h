@@ -1,0 +1,48 @@
+/* model.h — what a loaded model package holds, shared by model.c (loading) and
+ * sched.c (running). Not part of the public interface (duogen.h). */
+#ifndef DG_MODEL_H
+#define DG_MODEL_H
+
+#include "backend.h"
+#include "mllm/qwen2vl_config.h"
+#include "draw/connector.h"
+#include "draw/dit.h"
+#include "duogen.h"
+#include "io/image_preprocess.h"
+#include "mllm/qwen2.h"
+#include "io/safetensors.h"
+#include "text/tokenizer.h"
+#include "draw/vae.h"
+#include "mllm/vision.h"
+
+#define DG_MAX_COND_LAYERS 128
+
+struct dg_model {
+    char              dir[1024];
+    char              describe[256];
+    dg_backend       *be;               /* owned */
+    dg_tok           *tok;              /* owned */
+    dg_qwen2vl_config cfg;              /* mllm/config.json */
+    dg_st            *mllm_st;          /* owned: the MLLM's mapped weights */
+    dg_qwen2          llm;              /* bound text decoder */
+
+    int               has_vision;       /* visual.* tensors present: images can be read */
+    dg_vision         vision;
+    dg_image_preprocess_config pp;      /* mllm/preprocessor_config.json */
+    int               has_draw;         /* dit, vae and connector present: images can be drawn */
+    dg_dit            dit;
+    dg_vae            vae;
+    dg_connector      conn;
+    int32_t  image_pad_id, vision_start_id, vision_end_id;
+
+    int32_t  bov_id;                    /* <BOV>, or -1 when the package draws no images */
+    int32_t  stop_ids[DG_MAX_EOS + 2];  /* tokens that end the answer: EOS ids and <|im_end|> */
+    int      n_stop_ids;
+    int      max_context;               /* positions of one sequence (prompt + answer) */
+    int      cond_layers[DG_MAX_COND_LAYERS];   /* decoder layers feeding the connector */
+    int      n_cond_layers;
+    dg_text_params  text_defaults;      /* duogen.json "defaults" */
+    dg_image_params image_defaults;
+};
+
+#endif
