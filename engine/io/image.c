@@ -1,7 +1,8 @@
 /* image.c — PNG (libpng) and JPEG (TurboJPEG) decoding to 8-bit RGB the way the reference
  * Python pipeline sees an image (see image.h for the rules and their sources), PNG encoding
- * with text chunks, and the SHA-256 based content hash. */
+ * with text chunks, and the content hash (io/sha256.c). */
 #include "io/image.h"
+#include "io/sha256.h"
 
 #include <limits.h>
 #include <png.h>
@@ -800,102 +801,18 @@ done:
     return rc;
 }
 
-/* ---- content hash: SHA-256 (FIPS 180-4) ------------------------------------------------- */
-
-struct sha256 {
-    uint32_t h[8];
-    uint64_t total;                  /* bytes hashed */
-    uint8_t  block[64];
-    size_t   used;                   /* bytes in block */
-};
-
-static const uint32_t sha256_k[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-};
-
-static inline uint32_t ror32(uint32_t x, int n) {
-    return x >> n | x << (32 - n);
-}
-
-static void sha256_block(struct sha256 *s, const uint8_t *p) {
-    uint32_t w[64];
-    for (int i = 0; i < 16; i++)
-        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
-               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
-    for (int i = 16; i < 64; i++) {
-        uint32_t s0 = ror32(w[i - 15], 7) ^ ror32(w[i - 15], 18) ^ (w[i - 15] >> 3);
-        uint32_t s1 = ror32(w[i - 2], 17) ^ ror32(w[i - 2], 19) ^ (w[i - 2] >> 10);
-        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    uint32_t a = s->h[0], b = s->h[1], c = s->h[2], d = s->h[3];
-    uint32_t e = s->h[4], f = s->h[5], g = s->h[6], h = s->h[7];
-    for (int i = 0; i < 64; i++) {
-        uint32_t t1 = h + (ror32(e, 6) ^ ror32(e, 11) ^ ror32(e, 25)) + ((e & f) ^ (~e & g)) +
-                      sha256_k[i] + w[i];
-        uint32_t t2 = (ror32(a, 2) ^ ror32(a, 13) ^ ror32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-        h = g; g = f; f = e; e = d + t1;
-        d = c; c = b; b = a; a = t1 + t2;
-    }
-    s->h[0] += a; s->h[1] += b; s->h[2] += c; s->h[3] += d;
-    s->h[4] += e; s->h[5] += f; s->h[6] += g; s->h[7] += h;
-}
-
-static void sha256_init(struct sha256 *s) {
-    static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    memcpy(s->h, h0, sizeof h0);
-    s->total = 0;
-    s->used = 0;
-}
-
-static void sha256_update(struct sha256 *s, const uint8_t *p, size_t n) {
-    s->total += n;
-    if (s->used > 0) {
-        size_t take = 64 - s->used < n ? 64 - s->used : n;
-        memcpy(s->block + s->used, p, take);
-        s->used += take;
-        p += take;
-        n -= take;
-        if (s->used < 64)
-            return;
-        sha256_block(s, s->block);
-        s->used = 0;
-    }
-    for (; n >= 64; p += 64, n -= 64)
-        sha256_block(s, p);
-    memcpy(s->block, p, n);
-    s->used = n;
-}
-
-static void sha256_final(struct sha256 *s, uint8_t out[32]) {
-    uint64_t bits = s->total * 8;
-    uint8_t pad[72] = {0x80};
-    size_t padlen = (s->used < 56 ? 56 : 120) - s->used;
-    for (int i = 0; i < 8; i++)
-        pad[padlen + i] = (uint8_t)(bits >> (56 - 8 * i));
-    sha256_update(s, pad, padlen + 8);
-    for (int i = 0; i < 8; i++)
-        for (int b = 0; b < 4; b++)
-            out[4 * i + b] = (uint8_t)(s->h[i] >> (24 - 8 * b));
-}
+/* ---- content hash ------------------------------------------------------------------------- */
 
 void dg_image_hash(const dg_image *img, dg_image_digest *out) {
-    struct sha256 s;
-    uint8_t head[8], full[32];
+    dg_sha256 s;
+    uint8_t head[8], full[DG_SHA256_BYTES];
     for (int i = 0; i < 4; i++) {
         head[i] = (uint8_t)((uint32_t)img->width >> (8 * i));
         head[4 + i] = (uint8_t)((uint32_t)img->height >> (8 * i));
     }
-    sha256_init(&s);
-    sha256_update(&s, head, sizeof head);
-    sha256_update(&s, img->rgb, (size_t)img->width * img->height * 3);
-    sha256_final(&s, full);
+    dg_sha256_init(&s);
+    dg_sha256_update(&s, head, sizeof head);
+    dg_sha256_update(&s, img->rgb, (size_t)img->width * img->height * 3);
+    dg_sha256_final(&s, full);
     memcpy(out->bytes, full, sizeof out->bytes);
 }
