@@ -225,7 +225,8 @@ demo:
 
 # Binaries to $(PREFIX)/bin; units, sysusers and tmpfiles snippets to $(PREFIX)/lib/systemd
 # paths that systemd searches (with ExecStart pointing at $(PREFIX)/bin); examples to
-# $(PREFIX)/share/duogen/examples. Nothing under /etc is overwritten.
+# $(PREFIX)/share/duogen/examples; the Qwen2 vocabulary mkmodel uses to
+# $(PREFIX)/share/duogen/vocab/qwen2. Nothing under /etc is overwritten.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
@@ -241,6 +242,8 @@ install: all
 	install -m 0644 systemd/duogend.conf.example systemd/duogend.env.example \
 	           deploy/redis/redis.conf deploy/redis/users.acl.example $(DESTDIR)$(PREFIX)/share/duogen/examples/
 	install -m 0644 README.md LICENSE $(DESTDIR)$(PREFIX)/share/doc/duogen/
+	install -d $(DESTDIR)$(PREFIX)/share/duogen/vocab/qwen2
+	install -m 0644 tools/mkmodel/vocab/qwen2/* $(DESTDIR)$(PREFIX)/share/duogen/vocab/qwen2/
 	if [ -f $(BUILD)/libduogen_cuda.so ]; then install -d $(DESTDIR)$(PREFIX)/lib/duogen && \
 	    install -m 0755 $(BUILD)/libduogen_cuda.so $(DESTDIR)$(PREFIX)/lib/duogen/; fi
 
