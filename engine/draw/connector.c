@@ -10,7 +10,7 @@
 int dg_connector_load(dg_connector *c, const char *path, const int *layers, int n_layers,
                       int hidden, dg_backend *be, char *err, size_t errlen) {
     dg_st *st = NULL;
-    const dg_st_tensor *w, *b;
+    const dg_st_tensor *w;
     int rc;
     memset(c, 0, sizeof *c);
     c->be = be;
@@ -19,16 +19,16 @@ int dg_connector_load(dg_connector *c, const char *path, const int *layers, int 
         return DG_EMODEL;
     }
     if ((rc = dg_st_open(path, &st, err, errlen)) < 0) goto fail;
+    /* d_cond is the checkpoint's: the DiT's text_embed_dim is checked against it (model.c) */
     const dg_st_tensor *probe = dg_st_find(st, "crossattn_proj.0.weight");
     const int64_t d_cond = probe && probe->n_dims == 2 ? probe->shape[0] : 0;
-    const int64_t shape[2] = {d_cond, (int64_t)n_layers * hidden};
-    if ((rc = dg_gw_find(st, "crossattn_proj.0.weight", shape, 2, &w, err, errlen)) < 0 ||
-        (rc = dg_gw_find(st, "crossattn_proj.0.bias", &d_cond, 1, &b, err, errlen)) < 0)
-        goto fail;
+    dg_binder b = {.st = st, .be = be, .owned = &c->owned, .err = err, .errlen = errlen};
+    dg_bind_find(&b, DG_SHAPE(d_cond, (int64_t)n_layers * hidden), &w, "crossattn_proj.0.weight");
+    dg_bind_fp32(&b, &c->bias, DG_SHAPE(d_cond), "crossattn_proj.0.bias");
+    if ((rc = b.rc) < 0) goto fail;
     c->n_layers = n_layers;
     c->hidden = hidden;
     c->d_cond = (int)d_cond;
-    if ((rc = dg_gw_upload(be, &c->owned, b, 0, &c->bias, err, errlen)) < 0) goto fail;
     /* the column block of each layer, made contiguous in the stored dtype */
     const size_t es = dg_dtype_size(w->dtype), row = (size_t)hidden * es;
     if (!(c->slices = malloc((size_t)d_cond * n_layers * row))) {
@@ -53,7 +53,7 @@ fail:
 }
 
 void dg_connector_unload(dg_connector *c) {
-    if (c->be) dg_gw_release(c->be, &c->owned);
+    dg_buffer_list_release(&c->owned);
     free(c->slices);
     memset(c, 0, sizeof *c);
 }

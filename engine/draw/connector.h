@@ -31,8 +31,8 @@
 #include <stdint.h>
 
 #include "backend.h"
-#include "draw/gen_weights.h"
 #include "io/safetensors.h"
+#include "io/weights.h"
 
 #define DG_CONNECTOR_MAX_LAYERS 128
 #define DG_CONNECTOR_EPS 1e-8f     /* added to the std (spec §1.1) */
@@ -44,7 +44,7 @@ typedef struct {
     int        layer_of[DG_CONNECTOR_MAX_LAYERS]; /* slot k <- decoder layer layer_of[k] */
     dg_weight  slice[DG_CONNECTOR_MAX_LAYERS];    /* [d_cond, D] W's column block of slot k */
     float     *bias;                              /* [d_cond] backend memory */
-    dg_gw_owned owned;                            /* the bias buffer */
+    dg_buffer_list owned;                         /* the bias buffer */
     void      *slices;                            /* owned: the repacked blocks (host) */
     dg_backend *be;                               /* borrowed */
 } dg_connector;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "duogen.h"
+#include "io/json_config.h"
 
 #define LN_EPS 1e-6f       /* CosmosAdaLayerNorm(Zero): nn.LayerNorm(eps=1e-6), no affine */
 #define T_NORM_EPS 1e-6f   /* time_embed.norm: RMSNorm(eps=1e-6) */
@@ -14,26 +15,10 @@
 
 /* ---- binding ------------------------------------------------------------------------------ */
 
-static int bind_mat(dg_dit *m, const char *name, int64_t rows, int64_t cols, dg_weight *w, char *err,
-                    size_t errlen) {
-    const int64_t shape[2] = {rows, cols};
-    const dg_st_tensor *t;
-    int rc = dg_gw_find(m->st, name, shape, 2, &t, err, errlen);
-    if (rc < 0) return rc;
-    *w = (dg_weight){t->data, t->dtype, rows, cols};
-    return m->be->weight_prepare(m->be, w, err, errlen);
-}
-
-static int bind_vec(dg_dit *m, const char *name, int64_t n, float **out, char *err, size_t errlen) {
-    const dg_st_tensor *t;
-    int rc = dg_gw_find(m->st, name, &n, 1, &t, err, errlen);
-    return rc < 0 ? rc : dg_gw_upload(m->be, &m->owned, t, 0, out, err, errlen);
-}
-
 static int json_triple(json_t *j, const char *key, const char *path, float *out, char *err,
                        size_t errlen) {
     int n;
-    int rc = dg_gw_json_floats(j, key, out, 3, &n, path, err, errlen);
+    int rc = dg_json_floats(j, key, out, 3, &n, path, err, errlen);
     if (rc == 0 && n != 3) {
         snprintf(err, errlen, "%s: \"%s\" must have 3 values", path, key);
         return DG_EMODEL;
@@ -72,14 +57,14 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
     }
     memset(c, 0, sizeof *c);
     if ((rc = check_variant(j, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "in_channels", 0, 1, &in_ch, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "out_channels", 0, 1, &c->out_channels, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "num_attention_heads", 0, 1, &c->n_heads, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "attention_head_dim", 0, 1, &c->head_dim, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "num_layers", 0, 1, &c->n_layers, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "text_embed_dim", 0, 1, &c->text_dim, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "adaln_lora_dim", 0, 1, &c->lora_dim, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_float(j, "mlp_ratio", 4.0, &ratio, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "in_channels", 0, 1, &in_ch, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "out_channels", 0, 1, &c->out_channels, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "num_attention_heads", 0, 1, &c->n_heads, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "attention_head_dim", 0, 1, &c->head_dim, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "num_layers", 0, 1, &c->n_layers, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "text_embed_dim", 0, 1, &c->text_dim, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "adaln_lora_dim", 0, 1, &c->lora_dim, path, err, errlen)) < 0 ||
+        (rc = dg_json_float(j, "mlp_ratio", 4.0, &ratio, path, err, errlen)) < 0 ||
         (rc = json_triple(j, "patch_size", path, patch, err, errlen)) < 0 ||
         (rc = json_triple(j, "max_size", path, max_size, err, errlen)) < 0 ||
         (rc = json_triple(j, "rope_scale", path, c->rope_scale, err, errlen)) < 0)
@@ -106,8 +91,7 @@ out:
 }
 
 int dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t errlen) {
-    const char *blk = "transformer_blocks";
-    char path[4096], n[256];
+    char path[4096], prefix[64];
     int rc;
     memset(m, 0, sizeof *m);
     m->be = be;
@@ -117,52 +101,45 @@ int dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t er
     if ((rc = dg_st_open(path, &m->st, err, errlen)) < 0) goto fail;
     const dg_dit_config *c = &m->cfg;
     const int64_t D = c->hidden, F = c->mlp_hidden, hd = c->head_dim, R = c->lora_dim;
-    const int64_t pp = (int64_t)c->patch_h * c->patch_w;
+    const int64_t pp = (int64_t)c->patch_h * c->patch_w, X = c->text_dim;
     if (!(m->blocks = calloc((size_t)c->n_layers, sizeof *m->blocks))) {
         rc = DG_ENOMEM;
         snprintf(err, errlen, "dit: out of memory");
         goto fail;
     }
-#define MAT(w, rows, cols, ...)                                                      \
-    do {                                                                             \
-        snprintf(n, sizeof n, __VA_ARGS__);                                          \
-        if ((rc = bind_mat(m, n, rows, cols, w, err, errlen)) < 0) goto fail;        \
-    } while (0)
-#define VEC(p, len, ...)                                                             \
-    do {                                                                             \
-        snprintf(n, sizeof n, __VA_ARGS__);                                          \
-        if ((rc = bind_vec(m, n, len, p, err, errlen)) < 0) goto fail;               \
-    } while (0)
-    MAT(&m->patch, D, (c->latent_channels + 2) * pp, "patch_embed.proj.weight");
-    MAT(&m->t1, D, D, "time_embed.t_embedder.linear_1.weight");
-    MAT(&m->t2, 3 * D, D, "time_embed.t_embedder.linear_2.weight");
-    VEC(&m->t_norm, D, "time_embed.norm.weight");
+    dg_binder b = {.st = m->st, .be = be, .owned = &m->owned, .err = err, .errlen = errlen};
+    dg_bind_matrix(&b, &m->patch, DG_SHAPE(D, (c->latent_channels + 2) * pp), "patch_embed.proj.weight");
+    dg_bind_matrix(&b, &m->t1, DG_SHAPE(D, D), "time_embed.t_embedder.linear_1.weight");
+    dg_bind_matrix(&b, &m->t2, DG_SHAPE(3 * D, D), "time_embed.t_embedder.linear_2.weight");
+    dg_bind_fp32(&b, &m->t_norm, DG_SHAPE(D), "time_embed.norm.weight");
     for (int l = 0; l < c->n_layers; l++) {
         dg_dit_block *B = &m->blocks[l];
-        MAT(&B->wq, D, D, "%s.%d.attn1.to_q.weight", blk, l);
-        MAT(&B->wk, D, D, "%s.%d.attn1.to_k.weight", blk, l);
-        MAT(&B->wv, D, D, "%s.%d.attn1.to_v.weight", blk, l);
-        MAT(&B->wo, D, D, "%s.%d.attn1.to_out.0.weight", blk, l);
-        VEC(&B->q_norm, hd, "%s.%d.attn1.norm_q.weight", blk, l);
-        VEC(&B->k_norm, hd, "%s.%d.attn1.norm_k.weight", blk, l);
-        MAT(&B->cq, D, D, "%s.%d.attn2.to_q.weight", blk, l);
-        MAT(&B->ck, D, c->text_dim, "%s.%d.attn2.to_k.weight", blk, l);
-        MAT(&B->cv, D, c->text_dim, "%s.%d.attn2.to_v.weight", blk, l);
-        MAT(&B->co, D, D, "%s.%d.attn2.to_out.0.weight", blk, l);
-        VEC(&B->cq_norm, hd, "%s.%d.attn2.norm_q.weight", blk, l);
-        VEC(&B->ck_norm, hd, "%s.%d.attn2.norm_k.weight", blk, l);
-        MAT(&B->ff1, F, D, "%s.%d.ff.net.0.proj.weight", blk, l);
-        MAT(&B->ff2, D, F, "%s.%d.ff.net.2.weight", blk, l);
+        snprintf(prefix, sizeof prefix, "transformer_blocks.%d.", l);
+        b.prefix = prefix;
+        dg_bind_matrix(&b, &B->wq, DG_SHAPE(D, D), "attn1.to_q.weight");
+        dg_bind_matrix(&b, &B->wk, DG_SHAPE(D, D), "attn1.to_k.weight");
+        dg_bind_matrix(&b, &B->wv, DG_SHAPE(D, D), "attn1.to_v.weight");
+        dg_bind_matrix(&b, &B->wo, DG_SHAPE(D, D), "attn1.to_out.0.weight");
+        dg_bind_fp32(&b, &B->q_norm, DG_SHAPE(hd), "attn1.norm_q.weight");
+        dg_bind_fp32(&b, &B->k_norm, DG_SHAPE(hd), "attn1.norm_k.weight");
+        dg_bind_matrix(&b, &B->cq, DG_SHAPE(D, D), "attn2.to_q.weight");
+        dg_bind_matrix(&b, &B->ck, DG_SHAPE(D, X), "attn2.to_k.weight");
+        dg_bind_matrix(&b, &B->cv, DG_SHAPE(D, X), "attn2.to_v.weight");
+        dg_bind_matrix(&b, &B->co, DG_SHAPE(D, D), "attn2.to_out.0.weight");
+        dg_bind_fp32(&b, &B->cq_norm, DG_SHAPE(hd), "attn2.norm_q.weight");
+        dg_bind_fp32(&b, &B->ck_norm, DG_SHAPE(hd), "attn2.norm_k.weight");
+        dg_bind_matrix(&b, &B->ff1, DG_SHAPE(F, D), "ff.net.0.proj.weight");
+        dg_bind_matrix(&b, &B->ff2, DG_SHAPE(D, F), "ff.net.2.weight");
         for (int k = 0; k < 3; k++) {
-            MAT(&B->mod1[k], R, D, "%s.%d.norm%d.linear_1.weight", blk, l, k + 1);
-            MAT(&B->mod2[k], 3 * D, R, "%s.%d.norm%d.linear_2.weight", blk, l, k + 1);
+            dg_bind_matrix(&b, &B->mod1[k], DG_SHAPE(R, D), "norm%d.linear_1.weight", k + 1);
+            dg_bind_matrix(&b, &B->mod2[k], DG_SHAPE(3 * D, R), "norm%d.linear_2.weight", k + 1);
         }
     }
-    MAT(&m->out1, R, D, "norm_out.linear_1.weight");
-    MAT(&m->out2, 2 * D, R, "norm_out.linear_2.weight");
-    MAT(&m->proj_out, pp * c->out_channels, D, "proj_out.weight");
-#undef MAT
-#undef VEC
+    b.prefix = NULL;
+    dg_bind_matrix(&b, &m->out1, DG_SHAPE(R, D), "norm_out.linear_1.weight");
+    dg_bind_matrix(&b, &m->out2, DG_SHAPE(2 * D, R), "norm_out.linear_2.weight");
+    dg_bind_matrix(&b, &m->proj_out, DG_SHAPE(pp * c->out_channels, D), "proj_out.weight");
+    if ((rc = b.rc) < 0) goto fail;
     /* A Cosmos checkpoint may carry crossattn_proj (use_crossattn_projection): in a DuoGen
      * package that projection is the connector's (connector.safetensors); it is not read here. */
     return 0;
@@ -172,7 +149,7 @@ fail:
 }
 
 void dg_dit_unload(dg_dit *m) {
-    if (m->be) dg_gw_release(m->be, &m->owned);
+    dg_buffer_list_release(&m->owned);
     dg_st_close(m->st);
     free(m->blocks);
     memset(m, 0, sizeof *m);

@@ -27,8 +27,8 @@
 
 #include "backend.h"
 #include "draw/dit_pack.h"
-#include "draw/gen_weights.h"
 #include "io/safetensors.h"
+#include "io/weights.h"
 
 typedef struct {
     int   latent_channels;   /* 16: in_channels (17) less the condition mask */
@@ -67,7 +67,7 @@ typedef struct {
     dg_weight     out1;        /* [lora, D] norm_out.linear_1 */
     dg_weight     out2;        /* [2D, lora] norm_out.linear_2 */
     dg_weight     proj_out;    /* [ph·pw·C_out, D] */
-    dg_gw_owned   owned;       /* fp32 norm weights in backend memory */
+    dg_buffer_list owned;      /* fp32 norm weights in backend memory */
 } dg_dit;
 
 typedef struct {

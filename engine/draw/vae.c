@@ -7,39 +7,25 @@
 #include <string.h>
 
 #include "duogen.h"
+#include "io/json_config.h"
+#include "io/safetensors.h"
 
 /* ---- binding ------------------------------------------------------------------------------ */
 
-typedef struct {
-    const dg_st *st;
-    dg_vae      *v;
-    char        *err;
-    size_t       errlen;
-} binder;
-
-static int bind_conv(binder *b, dg_vae_conv *cv, const char *prefix, int c_out, int c_in, int kt,
+/* A convolution's weight and bias; kt = 0 for a 2-D conv (a 4-D weight [o, i, kh, kw]). */
+static int bind_conv(dg_binder *b, dg_vae_conv *cv, const char *prefix, int c_out, int c_in, int kt,
                      int kh, int kw) {
-    char name[256];
-    const dg_st_tensor *t;
-    int rc;
     const int is3d = kt > 0;
-    const int64_t shape5[5] = {c_out, c_in, kt, kh, kw}, shape4[4] = {c_out, c_in, kh, kw};
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    if ((rc = dg_gw_find(b->st, name, is3d ? shape5 : shape4, is3d ? 5 : 4, &t, b->err, b->errlen)) < 0 ||
-        (rc = dg_gw_upload(b->v->be, &b->v->owned, t, is3d, &cv->w, b->err, b->errlen)) < 0)
-        return rc;
-    const int64_t nb = c_out;
-    snprintf(name, sizeof name, "%s.bias", prefix);
-    if ((rc = dg_gw_find(b->st, name, &nb, 1, &t, b->err, b->errlen)) < 0 ||
-        (rc = dg_gw_upload(b->v->be, &b->v->owned, t, 0, &cv->b, b->err, b->errlen)) < 0)
-        return rc;
+    dg_bind_conv(b, &cv->w, is3d ? DG_SHAPE(c_out, c_in, kt, kh, kw) : DG_SHAPE(c_out, c_in, kh, kw),
+                 "%s.weight", prefix);
+    dg_bind_fp32(b, &cv->b, DG_SHAPE(c_out), "%s.bias", prefix);
     cv->shape = (dg_conv3d_shape){.c_in = c_in, .c_out = c_out, .kt = is3d ? kt : 1, .kh = kh,
                                   .kw = kw, .st = 1, .sh = 1, .sw = 1};
-    return 0;
+    return b->rc;
 }
 
 /* A causal 3x3x3 conv with padding 1: front pad 2 frames, 1 pixel on every side. */
-static int bind_conv3(binder *b, dg_vae_conv *cv, const char *prefix, int c_out, int c_in) {
+static int bind_conv3(dg_binder *b, dg_vae_conv *cv, const char *prefix, int c_out, int c_in) {
     int rc = bind_conv(b, cv, prefix, c_out, c_in, 3, 3, 3);
     cv->shape.pad_t = 2;
     cv->shape.pad_top = cv->shape.pad_bottom = cv->shape.pad_left = cv->shape.pad_right = 1;
@@ -47,17 +33,11 @@ static int bind_conv3(binder *b, dg_vae_conv *cv, const char *prefix, int c_out,
 }
 
 /* RMS_norm gamma: [c, 1, 1, 1] in residual blocks and heads, [c, 1, 1] in attention. */
-static int bind_gamma(binder *b, float **out, const char *prefix, int c, int n_dims) {
-    char name[256];
-    const int64_t shape[4] = {c, 1, 1, 1};
-    const dg_st_tensor *t;
-    int rc;
-    snprintf(name, sizeof name, "%s.gamma", prefix);
-    if ((rc = dg_gw_find(b->st, name, shape, n_dims, &t, b->err, b->errlen)) < 0) return rc;
-    return dg_gw_upload(b->v->be, &b->v->owned, t, 0, out, b->err, b->errlen);
+static int bind_gamma(dg_binder *b, float **out, const char *prefix, int c, int n_dims) {
+    return dg_bind_fp32(b, out, n_dims == 4 ? DG_SHAPE(c, 1, 1, 1) : DG_SHAPE(c, 1, 1), "%s.gamma", prefix);
 }
 
-static int bind_res(binder *b, dg_vae_layer *L, const char *p, int c_in, int c_out) {
+static int bind_res(dg_binder *b, dg_vae_layer *L, const char *p, int c_in, int c_out) {
     char n[256];
     int rc;
     *L = (dg_vae_layer){.kind = DG_VAE_RES, .c_in = c_in, .c_out = c_out};
@@ -76,7 +56,7 @@ static int bind_res(binder *b, dg_vae_layer *L, const char *p, int c_in, int c_o
     return 0;
 }
 
-static int bind_attn(binder *b, dg_vae_layer *L, const char *p, int c) {
+static int bind_attn(dg_binder *b, dg_vae_layer *L, const char *p, int c) {
     char n[256];
     int rc;
     *L = (dg_vae_layer){.kind = DG_VAE_ATTN, .c_in = c, .c_out = c};
@@ -89,7 +69,7 @@ static int bind_attn(binder *b, dg_vae_layer *L, const char *p, int c) {
 }
 
 /* Resample(c, mode) (spec §6.3): the 2-D conv and, for the 3-D modes, the time conv. */
-static int bind_resample(binder *b, dg_vae_layer *L, const char *p, int c, dg_vae_layer_kind kind) {
+static int bind_resample(dg_binder *b, dg_vae_layer *L, const char *p, int c, dg_vae_layer_kind kind) {
     char n[256];
     int rc;
     const int up = kind == DG_VAE_UP2D || kind == DG_VAE_UP3D;
@@ -113,7 +93,7 @@ static int bind_resample(binder *b, dg_vae_layer *L, const char *p, int c, dg_va
     return 0;
 }
 
-static int bind_mid(binder *b, dg_vae_layer *L, const char *stack, int c) {
+static int bind_mid(dg_binder *b, dg_vae_layer *L, const char *stack, int c) {
     char n[256];
     int rc;
     snprintf(n, sizeof n, "%s.mid_block.resnets.0", stack);
@@ -124,9 +104,9 @@ static int bind_mid(binder *b, dg_vae_layer *L, const char *stack, int c) {
     return bind_res(b, &L[2], n, c, c);
 }
 
-static int bind_encoder(binder *b) {
-    const dg_vae_config *c = &b->v->cfg;
-    dg_vae_stack *s = &b->v->enc;
+static int bind_encoder(dg_binder *b, dg_vae *v) {
+    const dg_vae_config *c = &v->cfg;
+    dg_vae_stack *s = &v->enc;
     int dims[DG_VAE_MAX_LEVELS + 1], rc, k = 0;
     char n[256];
     dims[0] = c->base_dim;
@@ -152,9 +132,9 @@ static int bind_encoder(binder *b) {
     return bind_conv3(b, &s->conv_out, "encoder.conv_out", 2 * c->z_dim, cm);
 }
 
-static int bind_decoder(binder *b) {
-    const dg_vae_config *c = &b->v->cfg;
-    dg_vae_stack *s = &b->v->dec;
+static int bind_decoder(dg_binder *b, dg_vae *v) {
+    const dg_vae_config *c = &v->cfg;
+    dg_vae_stack *s = &v->dec;
     const int L = c->n_levels;
     int dims[DG_VAE_MAX_LEVELS + 1], rc, k = 3;
     char n[256];
@@ -192,14 +172,14 @@ static int read_config(dg_vae_config *c, const char *path, char *err, size_t err
         return DG_EMODEL;
     }
     memset(c, 0, sizeof *c);
-    if ((rc = dg_gw_json_int(j, "base_dim", 96, 0, &c->base_dim, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "z_dim", 16, 0, &c->z_dim, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "num_res_blocks", 2, 0, &c->num_res_blocks, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "in_channels", 3, 0, &in_ch, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_int(j, "out_channels", 3, 0, &out_ch, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_ints(j, "dim_mult", c->dim_mult, DG_VAE_MAX_LEVELS, &c->n_levels, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_ints(j, "temperal_downsample", c->temporal_down, DG_VAE_MAX_LEVELS, &n, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_ints(j, "attn_scales", scratch, DG_VAE_MAX_LEVELS, &n_mean, path, err, errlen)) < 0)
+    if ((rc = dg_json_int(j, "base_dim", 96, 0, &c->base_dim, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "z_dim", 16, 0, &c->z_dim, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "num_res_blocks", 2, 0, &c->num_res_blocks, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "in_channels", 3, 0, &in_ch, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "out_channels", 3, 0, &out_ch, path, err, errlen)) < 0 ||
+        (rc = dg_json_ints(j, "dim_mult", c->dim_mult, DG_VAE_MAX_LEVELS, &c->n_levels, path, err, errlen)) < 0 ||
+        (rc = dg_json_ints(j, "temperal_downsample", c->temporal_down, DG_VAE_MAX_LEVELS, &n, path, err, errlen)) < 0 ||
+        (rc = dg_json_ints(j, "attn_scales", scratch, DG_VAE_MAX_LEVELS, &n_mean, path, err, errlen)) < 0)
         goto out;
     rc = DG_EMODEL;
     if (c->n_levels < 2 || n != c->n_levels - 1 || c->z_dim < 1 || c->z_dim > DG_VAE_MAX_Z ||
@@ -215,8 +195,8 @@ static int read_config(dg_vae_config *c, const char *path, char *err, size_t err
         snprintf(err, errlen, "%s: not a Wan2.1 VAE (attn_scales, is_residual, patch_size or decoder_base_dim)", path);
         goto out;
     }
-    if ((rc = dg_gw_json_floats(j, "latents_mean", c->latents_mean, DG_VAE_MAX_Z, &n_mean, path, err, errlen)) < 0 ||
-        (rc = dg_gw_json_floats(j, "latents_std", c->latents_std, DG_VAE_MAX_Z, &n_std, path, err, errlen)) < 0)
+    if ((rc = dg_json_floats(j, "latents_mean", c->latents_mean, DG_VAE_MAX_Z, &n_mean, path, err, errlen)) < 0 ||
+        (rc = dg_json_floats(j, "latents_std", c->latents_std, DG_VAE_MAX_Z, &n_std, path, err, errlen)) < 0)
         goto out;
     rc = DG_EMODEL;
     if (n_mean != c->z_dim || n_std != c->z_dim) {
@@ -239,9 +219,9 @@ int dg_vae_load(dg_vae *v, const char *dir, dg_backend *be, char *err, size_t er
     if ((rc = read_config(&v->cfg, path, err, errlen)) < 0) goto fail;
     snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
     if ((rc = dg_st_open(path, &st, err, errlen)) < 0) goto fail;
-    binder b = {st, v, err, errlen};
+    dg_binder b = {.st = st, .be = be, .owned = &v->owned, .err = err, .errlen = errlen};
     const int z = v->cfg.z_dim;
-    if ((rc = bind_encoder(&b)) < 0 || (rc = bind_decoder(&b)) < 0 ||
+    if ((rc = bind_encoder(&b, v)) < 0 || (rc = bind_decoder(&b, v)) < 0 ||
         (rc = bind_conv(&b, &v->quant_conv, "quant_conv", 2 * z, 2 * z, 1, 1, 1)) < 0 ||
         (rc = bind_conv(&b, &v->post_quant_conv, "post_quant_conv", z, z, 1, 1, 1)) < 0)
         goto fail;
@@ -255,7 +235,7 @@ fail:
 }
 
 void dg_vae_unload(dg_vae *v) {
-    if (v->be) dg_gw_release(v->be, &v->owned);
+    dg_buffer_list_release(&v->owned);
     free(v->enc.layers);
     free(v->dec.layers);
     memset(v, 0, sizeof *v);

@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #include "backend.h"
-#include "draw/gen_weights.h"
+#include "io/weights.h"
 
 #define DG_VAE_MAX_LEVELS 5
 #define DG_VAE_MAX_Z 64
@@ -82,7 +82,7 @@ typedef struct {
     dg_vae_stack  enc, dec;
     dg_vae_conv   quant_conv;       /* 1x1x1, 2z -> 2z */
     dg_vae_conv   post_quant_conv;  /* 1x1x1, z -> z */
-    dg_gw_owned   owned;            /* every backend buffer of the weights */
+    dg_buffer_list owned;           /* every backend buffer of the weights */
 } dg_vae;
 
 typedef struct {

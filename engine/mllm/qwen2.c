@@ -7,45 +7,9 @@
 #include <string.h>
 
 #include "duogen.h"
+#include "io/weights.h"
 
 /* ---- binding ------------------------------------------------------------------------------ */
-
-static const dg_st_tensor *find(const dg_st *st, const char *name, char *err, size_t errlen) {
-    const dg_st_tensor *t = dg_st_find(st, name);
-    if (!t) snprintf(err, errlen, "tensor \"%s\": missing from the checkpoint", name);
-    return t;
-}
-
-static int check_shape(const dg_st_tensor *t, const int64_t *shape, int n_dims, char *err,
-                       size_t errlen) {
-    int ok = t->n_dims == n_dims;
-    for (int i = 0; ok && i < n_dims; i++) ok = t->shape[i] == shape[i];
-    if (ok) return 0;
-    char e[96], f[96];
-    snprintf(err, errlen, "tensor \"%s\": expected shape %s, found %s", t->name,
-             dg_st_shape_str(shape, n_dims, e, sizeof e), dg_st_shape_str(t->shape, t->n_dims, f, sizeof f));
-    return DG_EMODEL;
-}
-
-static int bind_matrix(dg_backend *be, const dg_st *st, const char *name, int64_t rows,
-                       int64_t cols, dg_weight *w, char *err, size_t errlen) {
-    const dg_st_tensor *t = find(st, name, err, errlen);
-    int64_t shape[2] = {rows, cols};
-    if (!t) return DG_EMODEL;
-    if (check_shape(t, shape, 2, err, errlen) < 0) return DG_EMODEL;
-    *w = (dg_weight){t->data, t->dtype, rows, cols};
-    return be->weight_prepare(be, w, err, errlen);
-}
-
-/* Vectors (norm weights, biases) are widened to fp32 once: they are tiny and read often. */
-static int bind_vector(const dg_st *st, const char *name, int64_t n, float *dst, char *err,
-                       size_t errlen) {
-    const dg_st_tensor *t = find(st, name, err, errlen);
-    if (!t) return DG_EMODEL;
-    if (check_shape(t, &n, 1, err, errlen) < 0) return DG_EMODEL;
-    for (int64_t i = 0; i < n; i++) dst[i] = dg_load_f32(t->data, t->dtype, (size_t)i);
-    return 0;
-}
 
 int dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_backend *be,
                   char *err, size_t errlen) {
@@ -53,7 +17,8 @@ int dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_ba
     const int64_t QD = (int64_t)cfg->n_heads * cfg->head_dim, KD = (int64_t)cfg->n_kv_heads * cfg->head_dim;
     const int64_t per_layer = 2 * D + QD + 2 * KD, n_vec = cfg->n_layers * per_layer + D;
     float *host = NULL;   /* owned: the vectors before upload */
-    char name[160];
+    dg_binder b = {.st = st, .be = be, .err = err, .errlen = errlen};
+    char prefix[64];
     int rc = DG_ENOMEM;
 
     memset(m, 0, sizeof *m);
@@ -66,43 +31,41 @@ int dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_ba
         snprintf(err, errlen, "qwen2: out of memory");
         goto fail;
     }
-#define MAT(field, rows, cols, ...)                                                              \
-    do {                                                                                     \
-        snprintf(name, sizeof name, __VA_ARGS__);                                            \
-        if ((rc = bind_matrix(be, st, name, rows, cols, field, err, errlen)) < 0) goto fail; \
+    /* norm weights and biases: widened to fp32 once into one buffer (tiny, read often) */
+#define VEC(field, off, n, name)                                         \
+    do {                                                                 \
+        dg_bind_fp32_host(&b, host + (off), DG_SHAPE(n), name);          \
+        field = m->vectors + (off);                                      \
     } while (0)
-#define VEC(field, off, n, ...)                                                                  \
-    do {                                                                                     \
-        snprintf(name, sizeof name, __VA_ARGS__);                                            \
-        if ((rc = bind_vector(st, name, n, host + (off), err, errlen)) < 0) goto fail;       \
-        field = m->vectors + (off);                                                          \
-    } while (0)
-    MAT(&m->embed, V, D, "model.embed_tokens.weight");
+    dg_bind_matrix(&b, &m->embed, DG_SHAPE(V, D), "model.embed_tokens.weight");
     for (int l = 0; l < cfg->n_layers; l++) {
         dg_qwen2_layer *L = &m->layers[l];
-        int64_t o = l * per_layer;
-        VEC(L->input_norm, o, D, "model.layers.%d.input_layernorm.weight", l);
-        VEC(L->post_norm, o + D, D, "model.layers.%d.post_attention_layernorm.weight", l);
-        VEC(L->bq, o + 2 * D, QD, "model.layers.%d.self_attn.q_proj.bias", l);
-        VEC(L->bk, o + 2 * D + QD, KD, "model.layers.%d.self_attn.k_proj.bias", l);
-        VEC(L->bv, o + 2 * D + QD + KD, KD, "model.layers.%d.self_attn.v_proj.bias", l);
-        MAT(&L->wq, QD, D, "model.layers.%d.self_attn.q_proj.weight", l);
-        MAT(&L->wk, KD, D, "model.layers.%d.self_attn.k_proj.weight", l);
-        MAT(&L->wv, KD, D, "model.layers.%d.self_attn.v_proj.weight", l);
-        MAT(&L->wo, D, QD, "model.layers.%d.self_attn.o_proj.weight", l);
-        MAT(&L->w_gate, F, D, "model.layers.%d.mlp.gate_proj.weight", l);
-        MAT(&L->w_up, F, D, "model.layers.%d.mlp.up_proj.weight", l);
-        MAT(&L->w_down, D, F, "model.layers.%d.mlp.down_proj.weight", l);
+        const int64_t o = l * per_layer;
+        snprintf(prefix, sizeof prefix, "model.layers.%d.", l);
+        b.prefix = prefix;
+        VEC(L->input_norm, o, D, "input_layernorm.weight");
+        VEC(L->post_norm, o + D, D, "post_attention_layernorm.weight");
+        VEC(L->bq, o + 2 * D, QD, "self_attn.q_proj.bias");
+        VEC(L->bk, o + 2 * D + QD, KD, "self_attn.k_proj.bias");
+        VEC(L->bv, o + 2 * D + QD + KD, KD, "self_attn.v_proj.bias");
+        dg_bind_matrix(&b, &L->wq, DG_SHAPE(QD, D), "self_attn.q_proj.weight");
+        dg_bind_matrix(&b, &L->wk, DG_SHAPE(KD, D), "self_attn.k_proj.weight");
+        dg_bind_matrix(&b, &L->wv, DG_SHAPE(KD, D), "self_attn.v_proj.weight");
+        dg_bind_matrix(&b, &L->wo, DG_SHAPE(D, QD), "self_attn.o_proj.weight");
+        dg_bind_matrix(&b, &L->w_gate, DG_SHAPE(F, D), "mlp.gate_proj.weight");
+        dg_bind_matrix(&b, &L->w_up, DG_SHAPE(F, D), "mlp.up_proj.weight");
+        dg_bind_matrix(&b, &L->w_down, DG_SHAPE(D, F), "mlp.down_proj.weight");
     }
+    b.prefix = NULL;
     VEC(m->norm, cfg->n_layers * per_layer, D, "model.norm.weight");
+#undef VEC
     /* tied: the published 3B and 0.5B files carry no lm_head.weight; one that is present
      * anyway (re-saved checkpoints) equals the embedding and is not needed */
     if (cfg->tie_word_embeddings)
         m->lm_head = m->embed;
     else
-        MAT(&m->lm_head, V, D, "lm_head.weight");
-#undef MAT
-#undef VEC
+        dg_bind_matrix(&b, &m->lm_head, DG_SHAPE(V, D), "lm_head.weight");
+    if ((rc = b.rc) < 0) goto fail;
     be->upload(be, m->vectors, host, n_vec);
     free(host);
     return 0;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "duogen.h"
+#include "io/weights.h"
 
 /* The vision rotary base: not in the published config.json; transformers' default for
  * the axial vision rope (Qwen2_5_VLVisionConfig rope_parameters). */
@@ -14,45 +15,6 @@
 #define VISION_NORM_EPS   1e-6f
 
 /* ---- binding ------------------------------------------------------------------------------ */
-
-static const dg_st_tensor *find_shaped(const dg_st *st, const char *name, const int64_t *shape,
-                                       int n_dims, char *err, size_t errlen) {
-    const dg_st_tensor *t = dg_st_find(st, name);
-    char e[128], f[128];
-    if (!t) {
-        snprintf(err, errlen, "tensor \"%s\": missing from the checkpoint", name);
-        return NULL;
-    }
-    int ok = t->n_dims == n_dims;
-    for (int i = 0; ok && i < n_dims; i++) ok = t->shape[i] == shape[i];
-    if (!ok) {
-        snprintf(err, errlen, "tensor \"%s\": expected shape %s, found %s", name,
-                 dg_st_shape_str(shape, n_dims, e, sizeof e),
-                 dg_st_shape_str(t->shape, t->n_dims, f, sizeof f));
-        return NULL;
-    }
-    return t;
-}
-
-/* A weight of any rank used as the matrix [rows, cols] of its row-major layout. */
-static int bind_matrix(dg_backend *be, const dg_st *st, const char *name, const int64_t *shape,
-                       int n_dims, dg_weight *w, char *err, size_t errlen) {
-    const dg_st_tensor *t = find_shaped(st, name, shape, n_dims, err, errlen);
-    if (!t) return DG_EMODEL;
-    int64_t cols = 1;
-    for (int i = 1; i < n_dims; i++) cols *= shape[i];
-    *w = (dg_weight){t->data, t->dtype, shape[0], cols};
-    return be->weight_prepare(be, w, err, errlen);
-}
-
-/* Norm weights and biases are widened to fp32 once (host copy, uploaded at the end). */
-static int bind_vector(const dg_st *st, const char *name, int64_t n, float *dst, char *err,
-                       size_t errlen) {
-    const dg_st_tensor *t = find_shaped(st, name, &n, 1, err, errlen);
-    if (!t) return DG_EMODEL;
-    for (int64_t i = 0; i < n; i++) dst[i] = dg_load_f32(t->data, t->dtype, (size_t)i);
-    return 0;
-}
 
 static int check_config(const dg_vision_config *c, char *err, size_t errlen) {
     const int m = c->spatial_merge_size;
@@ -74,8 +36,10 @@ int dg_vision_load(dg_vision *m, const dg_vision_config *cfg, const dg_st *st, d
     const int64_t C = cfg->hidden_size, I = cfg->intermediate_size, O = cfg->out_hidden_size;
     const int64_t mm = (int64_t)cfg->spatial_merge_size * cfg->spatial_merge_size, M = mm * C;
     const int64_t per_block = 2 * C + 3 * C + C + 2 * I + C, n_vec = cfg->depth * per_block + C + M + O;
+    const int64_t T = cfg->temporal_patch_size, p = cfg->patch_size;
     float *host = NULL;   /* owned: the vectors before upload */
-    char name[160];
+    dg_binder b = {.st = st, .be = be, .err = err, .errlen = errlen};
+    char prefix[64];
     int rc;
 
     memset(m, 0, sizeof *m);
@@ -93,45 +57,42 @@ int dg_vision_load(dg_vision *m, const dg_vision_config *cfg, const dg_st *st, d
         snprintf(err, errlen, "vision: out of memory");
         goto fail;
     }
-#define MAT(field, nd, ...)                                                                      \
-    do {                                                                                     \
-        const int64_t shape_[] = {__VA_ARGS__};                                              \
-        if ((rc = bind_matrix(be, st, name, shape_, nd, field, err, errlen)) < 0) goto fail; \
+    /* norm weights and biases: widened to fp32 once (host copy, uploaded at the end) */
+#define VEC(field, off, n, name)                                         \
+    do {                                                                 \
+        dg_bind_fp32_host(&b, host + (off), DG_SHAPE(n), name);          \
+        field = m->vectors + (off);                                      \
     } while (0)
-#define VEC(field, off, n)                                                                       \
-    do {                                                                                     \
-        if ((rc = bind_vector(st, name, n, host + (off), err, errlen)) < 0) goto fail;       \
-        field = m->vectors + (off);                                                          \
-    } while (0)
-#define NAME(...) snprintf(name, sizeof name, __VA_ARGS__)
-    NAME("visual.patch_embed.proj.weight");
-    MAT(&m->patch, 5, C, cfg->in_chans, cfg->temporal_patch_size, cfg->patch_size, cfg->patch_size);
+    /* the Conv3d [C, 3, T, p, p] as the matrix [C, 3·T·p²] */
+    dg_bind_matrix(&b, &m->patch, DG_SHAPE(C, cfg->in_chans, T, p, p), "visual.patch_embed.proj.weight");
     for (int j = 0; j < cfg->depth; j++) {
         dg_vision_block *B = &m->blocks[j];
         const int64_t o = j * per_block;
-        NAME("visual.blocks.%d.norm1.weight", j);         VEC(B->norm1, o, C);
-        NAME("visual.blocks.%d.norm2.weight", j);         VEC(B->norm2, o + C, C);
-        NAME("visual.blocks.%d.attn.qkv.bias", j);        VEC(B->b_qkv, o + 2 * C, 3 * C);
-        NAME("visual.blocks.%d.attn.proj.bias", j);       VEC(B->b_proj, o + 5 * C, C);
-        NAME("visual.blocks.%d.mlp.gate_proj.bias", j);   VEC(B->b_gate, o + 6 * C, I);
-        NAME("visual.blocks.%d.mlp.up_proj.bias", j);     VEC(B->b_up, o + 6 * C + I, I);
-        NAME("visual.blocks.%d.mlp.down_proj.bias", j);   VEC(B->b_down, o + 6 * C + 2 * I, C);
-        NAME("visual.blocks.%d.attn.qkv.weight", j);      MAT(&B->qkv, 2, 3 * C, C);
-        NAME("visual.blocks.%d.attn.proj.weight", j);     MAT(&B->proj, 2, C, C);
-        NAME("visual.blocks.%d.mlp.gate_proj.weight", j); MAT(&B->gate, 2, I, C);
-        NAME("visual.blocks.%d.mlp.up_proj.weight", j);   MAT(&B->up, 2, I, C);
-        NAME("visual.blocks.%d.mlp.down_proj.weight", j); MAT(&B->down, 2, C, I);
+        snprintf(prefix, sizeof prefix, "visual.blocks.%d.", j);
+        b.prefix = prefix;
+        VEC(B->norm1, o, C, "norm1.weight");
+        VEC(B->norm2, o + C, C, "norm2.weight");
+        VEC(B->b_qkv, o + 2 * C, 3 * C, "attn.qkv.bias");
+        VEC(B->b_proj, o + 5 * C, C, "attn.proj.bias");
+        VEC(B->b_gate, o + 6 * C, I, "mlp.gate_proj.bias");
+        VEC(B->b_up, o + 6 * C + I, I, "mlp.up_proj.bias");
+        VEC(B->b_down, o + 6 * C + 2 * I, C, "mlp.down_proj.bias");
+        dg_bind_matrix(&b, &B->qkv, DG_SHAPE(3 * C, C), "attn.qkv.weight");
+        dg_bind_matrix(&b, &B->proj, DG_SHAPE(C, C), "attn.proj.weight");
+        dg_bind_matrix(&b, &B->gate, DG_SHAPE(I, C), "mlp.gate_proj.weight");
+        dg_bind_matrix(&b, &B->up, DG_SHAPE(I, C), "mlp.up_proj.weight");
+        dg_bind_matrix(&b, &B->down, DG_SHAPE(C, I), "mlp.down_proj.weight");
         for (int f = 0; f < cfg->n_fullatt; f++) B->full |= cfg->fullatt_block_indexes[f] == j;
     }
+    b.prefix = "visual.merger.";
     const int64_t o = cfg->depth * per_block;
-    NAME("visual.merger.ln_q.weight");  VEC(m->ln_q, o, C);
-    NAME("visual.merger.mlp.0.bias");   VEC(m->b_mlp0, o + C, M);
-    NAME("visual.merger.mlp.2.bias");   VEC(m->b_mlp2, o + C + M, O);
-    NAME("visual.merger.mlp.0.weight"); MAT(&m->mlp0, 2, M, M);
-    NAME("visual.merger.mlp.2.weight"); MAT(&m->mlp2, 2, O, M);
-#undef MAT
+    VEC(m->ln_q, o, C, "ln_q.weight");
+    VEC(m->b_mlp0, o + C, M, "mlp.0.bias");
+    VEC(m->b_mlp2, o + C + M, O, "mlp.2.bias");
+    dg_bind_matrix(&b, &m->mlp0, DG_SHAPE(M, M), "mlp.0.weight");
+    dg_bind_matrix(&b, &m->mlp2, DG_SHAPE(O, M), "mlp.2.weight");
 #undef VEC
-#undef NAME
+    if ((rc = b.rc) < 0) goto fail;
     be->upload(be, m->vectors, host, n_vec);
     free(host);
     return 0;

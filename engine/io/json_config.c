@@ -1,0 +1,83 @@
+/* json_config.c — typed readers of config.json keys (see json_config.h). */
+#include "io/json_config.h"
+
+#include <stdio.h>
+
+#include "duogen.h"
+
+int dg_json_int(json_t *root, const char *key, int def, int required, int *out,
+                const char *label, char *err, size_t errlen) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) {
+        if (required) {
+            snprintf(err, errlen, "%s: missing \"%s\"", label, key);
+            return DG_EMODEL;
+        }
+        *out = def;
+        return 0;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > (1 << 30)) {
+        snprintf(err, errlen, "%s: \"%s\" must be a non-negative integer", label, key);
+        return DG_EMODEL;
+    }
+    *out = (int)json_integer_value(v);
+    return 0;
+}
+
+int dg_json_float(json_t *root, const char *key, double def, float *out, const char *label,
+                  char *err, size_t errlen) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) {
+        *out = (float)def;
+        return 0;
+    }
+    if (!json_is_number(v)) {
+        snprintf(err, errlen, "%s: \"%s\" must be a number", label, key);
+        return DG_EMODEL;
+    }
+    *out = (float)json_number_value(v);
+    return 0;
+}
+
+static json_t *array(json_t *root, const char *key, int max, const char *label, char *err,
+                     size_t errlen) {
+    json_t *v = json_object_get(root, key);
+    if (!json_is_array(v) || json_array_size(v) > (size_t)max) {
+        snprintf(err, errlen, "%s: \"%s\" must be an array of at most %d values", label, key, max);
+        return NULL;
+    }
+    return v;
+}
+
+int dg_json_floats(json_t *root, const char *key, float *out, int max, int *n,
+                   const char *label, char *err, size_t errlen) {
+    json_t *a = array(root, key, max, label, err, errlen), *e;
+    size_t i;
+    if (!a) return DG_EMODEL;
+    json_array_foreach(a, i, e) {
+        if (!json_is_number(e)) {
+            snprintf(err, errlen, "%s: \"%s\"[%zu] must be a number", label, key, i);
+            return DG_EMODEL;
+        }
+        out[i] = (float)json_number_value(e);
+    }
+    *n = (int)json_array_size(a);
+    return 0;
+}
+
+int dg_json_ints(json_t *root, const char *key, int *out, int max, int *n, const char *label,
+                 char *err, size_t errlen) {
+    json_t *a = array(root, key, max, label, err, errlen), *e;
+    size_t i;
+    if (!a) return DG_EMODEL;
+    json_array_foreach(a, i, e) {
+        if (json_is_boolean(e)) out[i] = json_is_true(e);
+        else if (json_is_integer(e)) out[i] = (int)json_integer_value(e);
+        else {
+            snprintf(err, errlen, "%s: \"%s\"[%zu] must be an integer or a boolean", label, key, i);
+            return DG_EMODEL;
+        }
+    }
+    *n = (int)json_array_size(a);
+    return 0;
+}

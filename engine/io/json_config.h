@@ -1,0 +1,25 @@
+/* json_config.h — typed readers of config.json keys (jansson), for the components whose
+ * config is a flat object of numbers and arrays (the DiT's and the VAE's).
+ *
+ * Each returns 0 or DG_EMODEL with a message "LABEL: ..." naming the key (label is the
+ * file, usually). */
+#ifndef DG_JSON_CONFIG_H
+#define DG_JSON_CONFIG_H
+
+#include <jansson.h>
+#include <stddef.h>
+
+/* A non-negative integer (at most 2^30); absent or null: def, or an error when required. */
+int dg_json_int(json_t *root, const char *key, int def, int required, int *out,
+                const char *label, char *err, size_t errlen);
+/* A number; absent or null: def. */
+int dg_json_float(json_t *root, const char *key, double def, float *out, const char *label,
+                  char *err, size_t errlen);
+/* An array of up to max numbers (as float) or booleans/integers (as int); *n receives the
+ * count. The array is required. */
+int dg_json_floats(json_t *root, const char *key, float *out, int max, int *n,
+                   const char *label, char *err, size_t errlen);
+int dg_json_ints(json_t *root, const char *key, int *out, int max, int *n, const char *label,
+                 char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,184 @@
+/* weights.c — find, check and bind checkpoint tensors (see weights.h). */
+#include "io/weights.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "duogen.h"
+
+#define NAME_MAX_LEN 512
+
+void dg_buffer_list_release(dg_buffer_list *l) {
+    for (int i = 0; i < l->n; i++) l->be->release(l->be, l->p[i]);
+    free(l->p);
+    memset(l, 0, sizeof *l);
+}
+
+/* Records the first error; returns it. */
+static int fail(dg_binder *b, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(dg_binder *b, int rc, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->err, b->errlen, fmt, ap);
+    va_end(ap);
+    return b->rc = rc;
+}
+
+/* name <- prefix + the formatted rest. */
+static int format_name(dg_binder *b, char *name, const char *fmt, va_list ap) {
+    const char *prefix = b->prefix ? b->prefix : "";
+    const int np = snprintf(name, NAME_MAX_LEN, "%s", prefix);
+    if (np >= NAME_MAX_LEN || vsnprintf(name + np, (size_t)(NAME_MAX_LEN - np), fmt, ap) >= NAME_MAX_LEN - np)
+        return fail(b, DG_EMODEL, "tensor \"%.64s...\": name longer than %d bytes", name, NAME_MAX_LEN - 1);
+    return 0;
+}
+
+static const char *dtypes_str(unsigned mask, char *buf, size_t len) {
+    const dg_dtype all[] = {DG_DTYPE_BF16, DG_DTYPE_F16, DG_DTYPE_F32};
+    size_t at = 0;
+    buf[0] = 0;
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        if (mask & DG_DTYPE_BIT(all[i]))
+            at += (size_t)snprintf(buf + at, len - at, "%s%s", at ? " or " : "", dg_dtype_name(all[i]));
+    return buf;
+}
+
+/* The tensor `name`, its shape and dtype checked; NULL after recording the error. */
+static const dg_st_tensor *find(dg_binder *b, const char *name, const dg_shape *shape) {
+    const dg_st_tensor *t = dg_st_find(b->st, name);
+    if (!t) {
+        fail(b, DG_EMODEL, "tensor \"%s\": missing from the checkpoint", name);
+        return NULL;
+    }
+    int ok = t->n_dims == shape->n_dims;
+    for (int i = 0; ok && i < shape->n_dims; i++) ok = t->shape[i] == shape->dims[i];
+    if (!ok) {
+        char e[192], f[192];
+        fail(b, DG_EMODEL, "tensor \"%s\": expected shape %s, found %s", name,
+             dg_st_shape_str(shape->dims, shape->n_dims, e, sizeof e),
+             dg_st_shape_str(t->shape, t->n_dims, f, sizeof f));
+        return NULL;
+    }
+    if (b->dtypes && !(b->dtypes & DG_DTYPE_BIT(t->dtype))) {
+        char e[32];
+        fail(b, DG_EMODEL, "tensor \"%s\": expected dtype %s, found %s", name,
+             dtypes_str(b->dtypes, e, sizeof e), dg_dtype_name(t->dtype));
+        return NULL;
+    }
+    return t;
+}
+
+/* The common head of every bind: a sticky error returns at once, else the checked tensor. */
+static const dg_st_tensor *lookup(dg_binder *b, const dg_shape *shape, const char *fmt, va_list ap) {
+    char name[NAME_MAX_LEN];
+    if (b->rc < 0 || format_name(b, name, fmt, ap) < 0) return NULL;
+    return find(b, name, shape);
+}
+
+static size_t elements(const dg_st_tensor *t) {
+    size_t n = 1;
+    for (int i = 0; i < t->n_dims; i++) n *= (size_t)t->shape[i];
+    return n;
+}
+
+/* dst <- t widened to fp32; a 5-D conv weight [o, i, kt, kh, kw] as [o, kt, i, kh, kw] when
+ * kt_first is set. */
+static void widen(const dg_st_tensor *t, int kt_first, float *dst) {
+    if (!kt_first) {
+        const size_t n = elements(t);
+        for (size_t i = 0; i < n; i++) dst[i] = dg_load_f32(t->data, t->dtype, i);
+        return;
+    }
+    const size_t o = (size_t)t->shape[0], ci = (size_t)t->shape[1], kt = (size_t)t->shape[2];
+    const size_t khw = (size_t)t->shape[3] * (size_t)t->shape[4];
+    for (size_t a = 0; a < o; a++)
+        for (size_t c = 0; c < ci; c++)
+            for (size_t k = 0; k < kt; k++)
+                for (size_t p = 0; p < khw; p++)
+                    dst[((a * kt + k) * ci + c) * khw + p] =
+                        dg_load_f32(t->data, t->dtype, ((a * ci + c) * kt + k) * khw + p);
+}
+
+/* *out = a backend buffer holding t widened (see widen), recorded in b->owned. */
+static int upload(dg_binder *b, const dg_st_tensor *t, int kt_first, float **out) {
+    dg_buffer_list *l = b->owned;
+    const size_t n = elements(t);
+    float *host = malloc(n * sizeof(float)), *dev = NULL;
+    if (!host) goto nomem;
+    if (l->n == l->cap) {
+        const int cap = l->cap * 2 + 64;
+        void **p = realloc(l->p, sizeof *p * (size_t)cap);
+        if (!p) goto nomem;
+        l->p = p;
+        l->cap = cap;
+    }
+    widen(t, kt_first, host);
+    if (!(dev = b->be->alloc(b->be, n * sizeof(float)))) goto nomem;
+    b->be->upload(b->be, dev, host, (int64_t)n);
+    l->be = b->be;
+    l->p[l->n++] = dev;
+    free(host);
+    *out = dev;
+    return 0;
+nomem:
+    free(host);
+    return fail(b, DG_ENOMEM, "tensor \"%s\": out of memory", t->name);
+}
+
+int dg_bind_find(dg_binder *b, dg_shape shape, const dg_st_tensor **out, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    *out = lookup(b, &shape, fmt, ap);
+    va_end(ap);
+    return *out ? 0 : b->rc;
+}
+
+int dg_bind_has(dg_binder *b, const char *fmt, ...) {
+    char name[NAME_MAX_LEN];
+    va_list ap;
+    va_start(ap, fmt);
+    const int ok = b->rc == 0 && format_name(b, name, fmt, ap) == 0 && dg_st_find(b->st, name);
+    va_end(ap);
+    return ok;
+}
+
+int dg_bind_matrix(dg_binder *b, dg_weight *w, dg_shape shape, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    const dg_st_tensor *t = lookup(b, &shape, fmt, ap);
+    va_end(ap);
+    if (!t) return b->rc;
+    int64_t cols = 1;
+    for (int i = 1; i < shape.n_dims; i++) cols *= shape.dims[i];
+    *w = (dg_weight){t->data, t->dtype, shape.dims[0], cols};
+    const int rc = b->be->weight_prepare(b->be, w, b->err, b->errlen);
+    return rc < 0 ? (b->rc = rc) : 0;
+}
+
+int dg_bind_fp32_host(dg_binder *b, float *dst, dg_shape shape, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    const dg_st_tensor *t = lookup(b, &shape, fmt, ap);
+    va_end(ap);
+    if (!t) return b->rc;
+    widen(t, 0, dst);
+    return 0;
+}
+
+int dg_bind_fp32(dg_binder *b, float **out, dg_shape shape, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    const dg_st_tensor *t = lookup(b, &shape, fmt, ap);
+    va_end(ap);
+    return t ? upload(b, t, 0, out) : b->rc;
+}
+
+int dg_bind_conv(dg_binder *b, float **out, dg_shape shape, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    const dg_st_tensor *t = lookup(b, &shape, fmt, ap);
+    va_end(ap);
+    return t ? upload(b, t, shape.n_dims == 5, out) : b->rc;
+}

@@ -1,0 +1,267 @@
+/* The weight binder (io/weights.h): every kind on small safetensors files this test writes
+ * (one file, and two shards behind an index), and every error (missing tensor, wrong shape,
+ * wrong dtype) as DG_EMODEL with a message naming the tensor, the expected and the found.
+ *
+ * Values are compared exactly: widening BF16, F16 and F32 to fp32 is exact, and the conv
+ * reorder only moves values. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/harness.h"
+#include "backend.h"
+#include "duogen.h"
+#include "io/safetensors.h"
+#include "io/weights.h"
+
+typedef struct {
+    const char *name, *dtype;   /* dtype as safetensors spells it */
+    int         n_dims;
+    int64_t     shape[5];
+    const void *data;
+    size_t      nbytes;
+} tensor_spec;
+
+/* A safetensors file of the given tensors: 8-byte header length, JSON header, data. */
+static void write_st(const char *path, const tensor_spec *t, int n) {
+    char header[4096];
+    size_t h = 0, off = 0;
+    h += (size_t)snprintf(header + h, sizeof header - h, "{");
+    for (int i = 0; i < n; i++) {
+        h += (size_t)snprintf(header + h, sizeof header - h,
+                              "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[", i ? "," : "", t[i].name,
+                              t[i].dtype);
+        for (int d = 0; d < t[i].n_dims; d++)
+            h += (size_t)snprintf(header + h, sizeof header - h, "%s%lld", d ? "," : "",
+                                  (long long)t[i].shape[d]);
+        h += (size_t)snprintf(header + h, sizeof header - h, "],\"data_offsets\":[%zu,%zu]}", off,
+                              off + t[i].nbytes);
+        off += t[i].nbytes;
+    }
+    h += (size_t)snprintf(header + h, sizeof header - h, "}");
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    if (!f) return;
+    uint8_t len[8];
+    for (int i = 0; i < 8; i++) len[i] = (uint8_t)((uint64_t)h >> (8 * i));
+    CHECK(fwrite(len, 1, 8, f) == 8 && fwrite(header, 1, h, f) == h);
+    for (int i = 0; i < n; i++) CHECK(fwrite(t[i].data, 1, t[i].nbytes, f) == t[i].nbytes);
+    fclose(f);
+}
+
+/* conv [o=2, i=3, kt=2, kh=1, kw=2] F32 holding 0 .. 23; the others small known values. */
+static float conv5[24], mat[12], vec_f32[3] = {1.5f, -2.0f, 0.25f};
+static const uint16_t vec_bf16[2] = {0x3f00, 0xc040};   /* 0.5, -3 */
+static const uint16_t vec_f16[2] = {0x3c00, 0xc000};    /* 1, -2 */
+static const uint16_t mat_bf16[6] = {0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0};   /* 1 .. 6 */
+
+typedef struct {
+    char        dir[64];
+    dg_st      *st;
+    dg_backend *be;
+} fixture;
+
+/* Two shards and their index in a fresh folder, opened as one set. */
+static int fixture_open(fixture *fx) {
+    char path[128], err[256];
+    for (int i = 0; i < 24; i++) conv5[i] = (float)i;
+    for (int i = 0; i < 12; i++) mat[i] = (float)(i - 6);
+    const tensor_spec a[] = {
+        {"mat", "F32", 2, {3, 4}, mat, sizeof mat},
+        {"conv", "F32", 5, {2, 3, 2, 1, 2}, conv5, sizeof conv5},
+        {"conv2d", "F32", 4, {2, 3, 2, 2}, conv5, sizeof conv5},
+        {"vec_f32", "F32", 1, {3}, vec_f32, sizeof vec_f32},
+    };
+    const tensor_spec b[] = {
+        {"blocks.0.vec_bf16", "BF16", 1, {2}, vec_bf16, sizeof vec_bf16},
+        {"blocks.0.vec_f16", "F16", 1, {2}, vec_f16, sizeof vec_f16},
+        {"blocks.0.gamma", "BF16", 4, {2, 1, 1, 1}, vec_bf16, sizeof vec_bf16},
+        {"mat_bf16", "BF16", 2, {2, 3}, mat_bf16, sizeof mat_bf16},
+    };
+    snprintf(fx->dir, sizeof fx->dir, "/tmp/dg_test_weights_XXXXXX");
+    if (!mkdtemp(fx->dir)) return -1;
+    snprintf(path, sizeof path, "%s/model-00001-of-00002.safetensors", fx->dir);
+    write_st(path, a, 4);
+    snprintf(path, sizeof path, "%s/model-00002-of-00002.safetensors", fx->dir);
+    write_st(path, b, 4);
+    const char *index = "{\"weight_map\":{"
+                        "\"mat\":\"model-00001-of-00002.safetensors\","
+                        "\"conv\":\"model-00001-of-00002.safetensors\","
+                        "\"conv2d\":\"model-00001-of-00002.safetensors\","
+                        "\"vec_f32\":\"model-00001-of-00002.safetensors\","
+                        "\"blocks.0.vec_bf16\":\"model-00002-of-00002.safetensors\","
+                        "\"blocks.0.vec_f16\":\"model-00002-of-00002.safetensors\","
+                        "\"blocks.0.gamma\":\"model-00002-of-00002.safetensors\","
+                        "\"mat_bf16\":\"model-00002-of-00002.safetensors\"}}";
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", fx->dir);
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fputs(index, f);
+    fclose(f);
+    if (dg_st_open(fx->dir, &fx->st, err, sizeof err) < 0 ||
+        dg_backend_new("cpu", 1, &fx->be, err, sizeof err) < 0) {
+        printf("  %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+static void fixture_close(fixture *fx) {
+    char cmd[128];
+    dg_st_close(fx->st);
+    dg_backend_free(fx->be);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", fx->dir);
+    CHECK(system(cmd) == 0);
+}
+
+TEST(matrix_is_a_prepared_view_of_the_mapped_tensor) {
+    fixture fx = {0};
+    char err[256] = "";
+    if (fixture_open(&fx) < 0) { CHECK(!"fixture"); fixture_close(&fx); return; }
+    dg_binder b = {.st = fx.st, .be = fx.be, .err = err, .errlen = sizeof err};
+    dg_weight w = {0}, wb = {0}, wc = {0};
+    CHECK_EQ_INT(dg_bind_matrix(&b, &w, DG_SHAPE(3, 4), "mat"), 0);
+    CHECK(w.data == dg_st_find(fx.st, "mat")->data && w.dtype == DG_DTYPE_F32 && w.rows == 3 && w.cols == 4);
+    CHECK_EQ_INT(dg_bind_matrix(&b, &wb, DG_SHAPE(2, 3), "mat_bf16"), 0);   /* from the other shard */
+    CHECK(wb.dtype == DG_DTYPE_BF16 && wb.rows == 2 && wb.cols == 3);
+    CHECK(dg_load_f32(wb.data, wb.dtype, 5) == 6.0f);
+    /* any rank: the row-major [shape[0], product of the rest] */
+    CHECK_EQ_INT(dg_bind_matrix(&b, &wc, DG_SHAPE(2, 3, 2, 1, 2), "conv"), 0);
+    CHECK(wc.rows == 2 && wc.cols == 12);
+    CHECK_EQ_INT(b.rc, 0);
+    fixture_close(&fx);
+}
+
+TEST(vectors_widen_to_fp32_on_the_host_and_in_backend_memory) {
+    fixture fx = {0};
+    char err[256] = "";
+    if (fixture_open(&fx) < 0) { CHECK(!"fixture"); fixture_close(&fx); return; }
+    dg_buffer_list owned = {0};
+    dg_binder b = {.st = fx.st, .be = fx.be, .owned = &owned, .err = err, .errlen = sizeof err};
+    float host[7], got[2];
+    float *dev_f16 = NULL, *dev_gamma = NULL;
+    CHECK_EQ_INT(dg_bind_fp32_host(&b, host, DG_SHAPE(3), "vec_f32"), 0);
+    b.prefix = "blocks.0.";
+    CHECK_EQ_INT(dg_bind_fp32_host(&b, host + 3, DG_SHAPE(2), "vec_bf16"), 0);
+    CHECK_EQ_INT(dg_bind_fp32_host(&b, host + 5, DG_SHAPE(2), "vec_%s", "f16"), 0);
+    CHECK(host[0] == 1.5f && host[1] == -2.0f && host[2] == 0.25f);
+    CHECK(host[3] == 0.5f && host[4] == -3.0f && host[5] == 1.0f && host[6] == -2.0f);
+    /* a backend buffer each, owned by the list; a small tensor of any rank */
+    CHECK_EQ_INT(dg_bind_fp32(&b, &dev_f16, DG_SHAPE(2), "vec_f16"), 0);
+    CHECK_EQ_INT(dg_bind_fp32(&b, &dev_gamma, DG_SHAPE(2, 1, 1, 1), "gamma"), 0);
+    CHECK(dev_f16 && dev_gamma && owned.n == 2 && owned.be == fx.be);
+    if (dev_f16 && dev_gamma) {
+        fx.be->download(fx.be, got, dev_f16, 2);
+        CHECK(got[0] == 1.0f && got[1] == -2.0f);
+        fx.be->download(fx.be, got, dev_gamma, 2);
+        CHECK(got[0] == 0.5f && got[1] == -3.0f);
+    }
+    dg_buffer_list_release(&owned);
+    CHECK(owned.n == 0 && owned.p == NULL);
+    dg_buffer_list_release(&owned);   /* an empty list */
+    fixture_close(&fx);
+}
+
+TEST(conv_weights_move_kt_first) {
+    fixture fx = {0};
+    char err[256] = "";
+    if (fixture_open(&fx) < 0) { CHECK(!"fixture"); fixture_close(&fx); return; }
+    dg_buffer_list owned = {0};
+    dg_binder b = {.st = fx.st, .be = fx.be, .owned = &owned, .err = err, .errlen = sizeof err};
+    float *w5 = NULL, *w4 = NULL, got[24];
+    CHECK_EQ_INT(dg_bind_conv(&b, &w5, DG_SHAPE(2, 3, 2, 1, 2), "conv"), 0);
+    CHECK_EQ_INT(dg_bind_conv(&b, &w4, DG_SHAPE(2, 3, 2, 2), "conv2d"), 0);
+    if (w5 && w4) {
+        /* [o, i, kt, kh·kw] stored as [o, kt, i, kh·kw] */
+        fx.be->download(fx.be, got, w5, 24);
+        int same = 1;
+        for (int o = 0; o < 2; o++)
+            for (int i = 0; i < 3; i++)
+                for (int k = 0; k < 2; k++)
+                    for (int p = 0; p < 2; p++)
+                        same &= got[((o * 2 + k) * 3 + i) * 2 + p] == conv5[((o * 3 + i) * 2 + k) * 2 + p];
+        CHECK(same);
+        /* by hand: [0, kt 0, i 1, 0] <- source [0, i 1, kt 0, 0] = (1·2 + 0)·2 = 4;
+         * [0, kt 1, i 0, 0] <- source [0, i 0, kt 1, 0] = (0·2 + 1)·2 = 2 */
+        CHECK(got[2] == 4.0f && got[6] == 2.0f);
+        fx.be->download(fx.be, got, w4, 24);   /* 2-D: as stored */
+        CHECK(memcmp(got, conv5, sizeof conv5) == 0);
+    }
+    dg_buffer_list_release(&owned);
+    fixture_close(&fx);
+}
+
+TEST(optional_tensors_are_reported_absent) {
+    fixture fx = {0};
+    char err[256] = "";
+    if (fixture_open(&fx) < 0) { CHECK(!"fixture"); fixture_close(&fx); return; }
+    dg_binder b = {.st = fx.st, .be = fx.be, .err = err, .errlen = sizeof err};
+    dg_weight w = {0};
+    CHECK_EQ_INT(dg_bind_has(&b, "mat"), 1);
+    CHECK_EQ_INT(dg_bind_has(&b, "crossattn_proj.0.weight"), 0);
+    b.prefix = "blocks.0.";
+    CHECK_EQ_INT(dg_bind_has(&b, "vec_bf16"), 1);
+    CHECK_EQ_INT(dg_bind_has(&b, "mat"), 0);
+    CHECK_EQ_INT(b.rc, 0);   /* absence is not an error */
+    CHECK(err[0] == 0);
+    b.prefix = NULL;
+    if (dg_bind_has(&b, "lm_head.weight")) dg_bind_matrix(&b, &w, DG_SHAPE(3, 4), "lm_head.weight");
+    CHECK(w.data == NULL && b.rc == 0);
+    fixture_close(&fx);
+}
+
+/* Each failing bind gets a fresh binder: errors are sticky. */
+static int bind_one(fixture *fx, unsigned dtypes, const char *prefix, dg_shape shape,
+                    const char *name, char *err, size_t errlen) {
+    dg_binder b = {.st = fx->st, .be = fx->be, .prefix = prefix, .dtypes = dtypes, .err = err,
+                   .errlen = errlen};
+    dg_weight w;
+    return dg_bind_matrix(&b, &w, shape, "%s", name);
+}
+
+TEST(errors_name_tensor_expected_and_found) {
+    fixture fx = {0};
+    char err[256] = "";
+    if (fixture_open(&fx) < 0) { CHECK(!"fixture"); fixture_close(&fx); return; }
+    CHECK_EQ_INT(bind_one(&fx, 0, NULL, DG_SHAPE(3, 4), "lm_head.weight", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"lm_head.weight\": missing from the checkpoint");
+    CHECK_EQ_INT(bind_one(&fx, 0, NULL, DG_SHAPE(4, 3), "mat", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"mat\": expected shape [4, 3], found [3, 4]");
+    CHECK_EQ_INT(bind_one(&fx, 0, NULL, DG_SHAPE(12), "mat", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"mat\": expected shape [12], found [3, 4]");
+    CHECK_EQ_INT(bind_one(&fx, DG_DTYPE_BIT(DG_DTYPE_BF16), NULL, DG_SHAPE(3, 4), "mat", err, sizeof err),
+                 DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"mat\": expected dtype BF16, found F32");
+    CHECK_EQ_INT(bind_one(&fx, DG_DTYPE_BIT(DG_DTYPE_BF16) | DG_DTYPE_BIT(DG_DTYPE_F16), NULL,
+                          DG_SHAPE(3, 4), "mat", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"mat\": expected dtype BF16 or F16, found F32");
+    CHECK_EQ_INT(bind_one(&fx, DG_DTYPE_BIT(DG_DTYPE_BF16), NULL, DG_SHAPE(2, 3), "mat_bf16", err,
+                          sizeof err), 0);
+    /* the full name, prefix included */
+    CHECK_EQ_INT(bind_one(&fx, 0, "blocks.0.", DG_SHAPE(3), "vec_bf16", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"blocks.0.vec_bf16\": expected shape [3], found [2]");
+    CHECK_EQ_INT(bind_one(&fx, 0, "blocks.1.", DG_SHAPE(2), "vec_bf16", err, sizeof err), DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"blocks.1.vec_bf16\": missing from the checkpoint");
+    fixture_close(&fx);
+}
+
+TEST(first_error_sticks_and_later_binds_do_nothing) {
+    fixture fx = {0};
+    char err[256] = "";
+    if (fixture_open(&fx) < 0) { CHECK(!"fixture"); fixture_close(&fx); return; }
+    dg_buffer_list owned = {0};
+    dg_binder b = {.st = fx.st, .be = fx.be, .owned = &owned, .err = err, .errlen = sizeof err};
+    float *dev = NULL, host[3] = {7, 7, 7};
+    const dg_st_tensor *t = dg_st_find(fx.st, "mat");
+    CHECK_EQ_INT(dg_bind_fp32(&b, &dev, DG_SHAPE(4), "vec_f32"), DG_EMODEL);
+    CHECK_EQ_INT(dg_bind_fp32_host(&b, host, DG_SHAPE(3), "vec_f32"), DG_EMODEL);
+    CHECK_EQ_INT(dg_bind_find(&b, DG_SHAPE(3), &t, "vec_f32"), DG_EMODEL);
+    CHECK_EQ_INT(dg_bind_has(&b, "vec_f32"), 0);
+    CHECK(dev == NULL && host[0] == 7.0f && t == NULL && owned.n == 0 && b.rc == DG_EMODEL);
+    CHECK_EQ_STR(err, "tensor \"vec_f32\": expected shape [4], found [3]");
+    dg_buffer_list_release(&owned);
+    fixture_close(&fx);
+}
+
+int main(void) { return test_main(); }
