@@ -13,24 +13,26 @@
  *            in chunks; every decoder layer's hidden states feed the condition accumulator
  *   decode   sample; text streams as whole UTF-8 characters, stop strings held back; the
  *            answer ends at EOS, a stop string, max_new_tokens, cancellation or deadline
- *   draw     on <BOV> (sched_draw.c): the connector over the positions before it (and its
- *            negative), the earlier images as condition frames, one denoising step per
- *            dg_sched_step(), the VAE, a PNG; then <BOV>, the new image's tokens go into
- *            the context and decoding goes on. After max_images, <BOV> is banned.
- * Buffers are sized at dg_sched_new or at submit; nothing is allocated per token or step. */
+ *   draw     on <BOV>, if the image's tokens fit in the context: the slot's painter
+ *            (draw/painter.h) is given the condition positions — all before <BOV>, and for
+ *            the negative those before the text after the most recent image — and the
+ *            earlier images; one painter step per dg_sched_step(), then its 8-bit RGB image,
+ *            which the scheduler sends as a PNG, runs through the vision tower and feeds
+ *            as <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE
+ *            positions; the next token is sampled and decoding goes on. After max_images,
+ *            <BOV> is banned.
+ * The painter knows nothing of sequences: the scheduler calls it and emits the events.
+ * Buffers are sized at dg_sched_new or at submit (the painter's at an image's start);
+ * nothing is allocated per token or step. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
+#include "clock.h"
 #include "text/chat_template.h"
 #include "mllm/mrope.h"
 #include "scheduler.h"
-
-double dg_sched_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static int64_t unix_ms(void) {
     struct timespec ts;
@@ -127,7 +129,8 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         if (!(s->cond_store = calloc((size_t)n_blocks * DG_KV_BLOCK * (size_t)m->conn.d_cond, sizeof(float))))
             goto fail;
         for (int i = 0; i < s->n_seqs; i++)
-            if ((rc = dg_cond_acc_new(&m->conn, m->max_context, DG_SCHED_CHUNK, &s->seqs[i].acc, err, errlen)) < 0)
+            if ((rc = dg_cond_acc_new(&m->conn, m->max_context, DG_SCHED_CHUNK, &s->seqs[i].acc, err, errlen)) < 0 ||
+                (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, m->max_context, &s->seqs[i].painter, err, errlen)) < 0)
                 goto fail;
     }
     for (int i = 0; i < s->n_seqs; i++) s->seqs[i].sched = s;
@@ -148,15 +151,15 @@ static void seq_clear(dg_sched *s, dg_seq *q) {
     free(q->pos);
     free(q->keys);
     for (int i = 0; i < q->n_images; i++) dg_image_free(q->images[i].img);
-    dg_draw_clear(s, q);
-    /* the slot keeps its sched pointer, accumulator and drawing buffers */
+    /* the slot keeps its sched pointer, accumulator and painter (an image in progress is
+     * dropped by the painter's next begin) */
     dg_sched *keep_s = q->sched;
     dg_cond_acc *keep_acc = q->acc;
-    dg_draw_buffers keep_draw = q->draw_buf;
+    dg_painter *keep_painter = q->painter;
     memset(q, 0, sizeof *q);
     q->sched = keep_s;
     q->acc = keep_acc;
-    q->draw_buf = keep_draw;
+    q->painter = keep_painter;
 }
 
 void dg_sched_free(dg_sched *s) {
@@ -165,7 +168,7 @@ void dg_sched_free(dg_sched *s) {
     for (int i = 0; s->seqs && i < s->n_seqs; i++) {
         seq_clear(s, &s->seqs[i]);
         if (m->has_draw) dg_cond_acc_free(&m->conn, s->seqs[i].acc);
-        dg_draw_buffers_free(s, &s->seqs[i].draw_buf);
+        dg_painter_free(s->seqs[i].painter);
     }
     free(s->seqs);
     if (s->embeds) m->be->release(m->be, s->embeds);
@@ -211,7 +214,7 @@ int dg_sched_cancel(dg_sched *s, uint64_t seq) {
 /* ---- submit ------------------------------------------------------------------------------ */
 
 /* A 64-bit KV key of an image from its 128-bit content hash. */
-uint64_t dg_sched_image_key(const dg_image_digest *h) {
+static uint64_t image_key(const dg_image_digest *h) {
     uint64_t k;
     memcpy(&k, h->bytes, sizeof k);
     return k | 1;   /* never 0, the key of a text token */
@@ -298,7 +301,7 @@ static int place_prompt(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
         if (q->prompt.ids[i] != m->image_pad_id) { in_run = 0; continue; }
         if (!in_run) q->images[img++].token0 = i;
         in_run = 1;
-        q->keys[i] = dg_sched_image_key(&q->images[img - 1].hash);
+        q->keys[i] = image_key(&q->images[img - 1].hash);
     }
     return 0;
 }
@@ -341,7 +344,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     if (!ip.guidance_scale) ip.guidance_scale = di->guidance_scale;
     if (!ip.max_images) ip.max_images = di->max_images;
     if (!ip.shift) ip.shift = di->shift;
-    if (m->has_draw && (rc = dg_draw_check(s, &ip, err, errlen)) < 0) goto fail;
+    if (m->has_draw && (rc = dg_painter_check(q->painter, &ip, err, errlen)) < 0) goto fail;
     q->ip = ip;
 
     dg_sampler_params sp = {.temperature = tp.temperature, .top_k = tp.top_k, .top_p = tp.top_p,
@@ -367,7 +370,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     snprintf(q->job_id, sizeof q->job_id, "%s", r->id ? r->id : "");
     q->sink = *sink;
     q->id = ++s->next_id;
-    q->t_submit = dg_sched_now_ms();
+    q->t_submit = dg_clock_now_ms();
     *seq = q->id;
     return 0;
 fail:
@@ -381,8 +384,8 @@ fail:
  * `pos_stride`, or NULL for text after rope_delta), image embeddings (backend rows of the
  * image tokens among them, in order) and KV keys. When want_logits, samples the next
  * token into q->last (with <BOV> banned when no image may be drawn). */
-int dg_sched_feed(dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int32_t *pos, int pos_stride,
-                  const float *embeds, const uint64_t *keys, int want_logits, char *err, size_t errlen) {
+static int seq_feed(dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int32_t *pos, int pos_stride,
+                    const float *embeds, const uint64_t *keys, int want_logits, char *err, size_t errlen) {
     const dg_model *m = s->m;
     int D = m->cfg.text.hidden_size, done = 0, emb_row = 0;
     dg_qwen2_hook hook = {cond_hook, q};
@@ -419,6 +422,125 @@ int dg_sched_feed(dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int32
     return 0;
 }
 
+/* ---- drawing: the scheduler's side of an image ---------------------------------------------- */
+
+/* On a sampled <BOV>: the slot's painter begins the image (state SEQ_DRAW), or 1 when the
+ * context has no room for <BOV>, the image's tokens and one more token. */
+static int draw_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+    const dg_model *m = s->m;
+    int32_t grid[3];
+    int rc;
+    if ((rc = dg_image_grid(q->ip.height, q->ip.width, &m->pp, grid, err, errlen)) < 0) return rc;
+    int tokens = dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
+    if (q->n_images == DG_SEQ_MAX_IMAGES || q->kv.n_tokens + tokens + 4 >= m->max_context) return 1;
+    /* The negative condition drops the last text segment, the positions after the most
+     * recent image; with no earlier image the whole conversation is that segment, and
+     * the negative keeps only the first position, the way an empty prompt is the
+     * unconditional branch of text-to-image guidance. */
+    dg_painter_cond conds[DG_SEQ_MAX_IMAGES];
+    int seg = 0;
+    for (int i = 0; i < q->n_images; i++) {
+        int end = q->images[i].token0 + q->images[i].n_tokens + 1;   /* after <|vision_end|> */
+        if (end > seg) seg = end;
+        conds[i] = (dg_painter_cond){q->images[i].img, &q->images[i].hash};
+    }
+    dg_painter_job job = {.acc = q->acc, .n_pos = q->kv.n_tokens, .n_neg = seg > 0 ? seg : 1, .conds = conds,
+                          .n_conds = q->n_images, .lcache = s->lcache, .seed = q->seed, .index = q->n_drawn,
+                          .params = q->ip};
+    if ((rc = dg_painter_begin(q->painter, &job, err, errlen)) < 0) return rc;
+    q->state = SEQ_DRAW;
+    q->sink.image_started(q->sink.user, q->n_drawn + 1, q->ip.width, q->ip.height, q->ip.steps);
+    return 0;
+}
+
+/* What the image in progress cost, into the sequence's timings and usage: once, when the
+ * image ends or the sequence ends while drawing. */
+static void draw_account(dg_seq *q) {
+    dg_painter_cost c;
+    dg_painter_cost_get(q->painter, &c);
+    q->t.diffusion_ms += c.diffusion_ms;
+    q->t.vae_ms += c.vae_ms;
+    q->usage.cached_latents += c.cached_latents;
+}
+
+/* The drawn image as a PNG (with the job id, seed and model in text chunks) to the sink. */
+static int send_png(dg_sched *s, dg_seq *q, const dg_image *img, char *err, size_t errlen) {
+    char seed[32];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)q->seed);
+    dg_kv text[3] = {{"duogen:job", q->job_id}, {"duogen:seed", seed}, {"duogen:model", dg_model_describe(s->m)}};
+    uint8_t *png = NULL;
+    size_t png_len = 0;
+    int rc = dg_image_encode_png(img, text, 3, &png, &png_len, err, errlen);
+    if (rc < 0) return rc;
+    q->n_drawn++;
+    q->sink.image_done(q->sink.user, q->n_drawn, img->width, img->height, png, png_len);
+    free(png);
+    return 0;
+}
+
+/* A drawn image into the context: through the vision tower, then <BOV> <|vision_start|>
+ * <|image_pad|>*n <|vision_end|> fed with M-RoPE positions from n_past + rope_delta; the
+ * next token is sampled into q->last. */
+static int feed_image(dg_sched *s, dg_seq *q, dg_seq_image *im, char *err, size_t errlen) {
+    const dg_model *m = s->m;
+    double t0 = dg_clock_now_ms();
+    int rc = dg_image_grid(im->img->height, im->img->width, &m->pp, im->grid, err, errlen);
+    if (rc < 0) return rc;
+    im->n_tokens = dg_vision_tokens(&m->vision, im->grid[0], im->grid[1], im->grid[2]);
+    const dg_image *one[1] = {im->img};
+    int computed = 0;
+    if ((rc = dg_vision_encode(&m->vision, s->vs, s->vcache, &m->pp, one, 1, s->embeds, &computed, err, errlen)) < 0)
+        return rc;
+    q->t.vision_ms += dg_clock_now_ms() - t0;
+    int n = im->n_tokens + 3, n_past = q->kv.n_tokens;
+    int32_t *ids = malloc((size_t)n * sizeof *ids), *pos = malloc((size_t)3 * n * sizeof *pos);
+    uint64_t *keys = calloc((size_t)n, sizeof *keys);
+    if (!ids || !pos || !keys) {
+        rc = DG_ENOMEM;
+        snprintf(err, errlen, "out of memory for an image's tokens");
+        goto out;
+    }
+    ids[0] = m->bov_id;
+    ids[1] = m->vision_start_id;
+    for (int i = 0; i < im->n_tokens; i++) {
+        ids[2 + i] = m->image_pad_id;
+        keys[2 + i] = image_key(&im->hash);
+    }
+    ids[n - 1] = m->vision_end_id;
+    im->token0 = n_past + 2;
+    int next;
+    dg_mrope_params mp = {m->image_pad_id, m->pp.merge_size};
+    if ((rc = dg_mrope_index(ids, n, n_past + q->rope_delta, &mp, (const int32_t (*)[3])im->grid, 1, pos, &next, err,
+                             errlen)) < 0)
+        goto out;
+    t0 = dg_clock_now_ms();
+    rc = seq_feed(s, q, ids, n, pos, n, s->embeds, keys, 1, err, errlen);
+    q->t.prefill_ms += dg_clock_now_ms() - t0;
+    q->rope_delta = dg_mrope_delta(next, n_past + n);
+out:
+    free(ids);
+    free(pos);
+    free(keys);
+    return rc;
+}
+
+/* One denoising step of the image in progress; after the last, the image is finished, sent
+ * and fed, and the next token is in q->last (state SEQ_DECODE). */
+static int draw_step(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+    int step = dg_painter_step(q->painter, err, errlen);
+    if (step < 0) return step;
+    q->sink.step(q->sink.user, q->n_drawn + 1, step, q->ip.steps);
+    if (step < q->ip.steps) return 0;
+    q->state = SEQ_DECODE;
+    dg_seq_image *im = &q->images[q->n_images];
+    int rc = dg_painter_finish(q->painter, &im->img, &im->hash, err, errlen);
+    draw_account(q);
+    if (rc < 0) return rc;
+    q->n_images++;
+    if ((rc = send_png(s, q, im->img, err, errlen)) < 0) return rc;
+    return feed_image(s, q, im, err, errlen);
+}
+
 /* ---- stepping ------------------------------------------------------------------------------ */
 
 static void emit_text(void *user, const char *text, size_t len) {
@@ -433,9 +555,10 @@ static void finish(dg_sched *s, dg_seq *q, dg_finish_reason why, int flush) {
     size_t n = dg_tok_stream_finish(&q->stream, tail);
     if (flush && !(n && dg_stop_feed(q->stop, tail, n, emit_text, q)))
         dg_stop_flush(q->stop, emit_text, q);
+    if (q->state == SEQ_DRAW) draw_account(q);   /* cancelled or past the deadline while drawing */
     q->usage.generated_tokens = q->generated;
     q->usage.images = q->n_drawn;
-    q->t.total_ms = dg_sched_now_ms() - q->t_submit;
+    q->t.total_ms = dg_clock_now_ms() - q->t_submit;
     dg_sink sink = q->sink;
     dg_usage u = q->usage;
     dg_timings t = q->t;
@@ -467,9 +590,9 @@ static int encode_inputs(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
         snprintf(err, errlen, "the images take %d tokens, more than the context of %d", rows, s->embed_rows);
         return DG_ELIMIT;
     }
-    double t0 = dg_sched_now_ms();
+    double t0 = dg_clock_now_ms();
     int rc = dg_vision_encode(&m->vision, s->vs, s->vcache, &m->pp, imgs, q->n_inputs, s->embeds, &computed, err, errlen);
-    q->t.vision_ms += dg_sched_now_ms() - t0;
+    q->t.vision_ms += dg_clock_now_ms() - t0;
     q->usage.cached_vision += q->n_inputs - computed;
     return rc;
 }
@@ -480,7 +603,7 @@ static int step_seq(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     if (q->deadline_ms && unix_ms() >= q->deadline_ms) { finish(s, q, DG_FINISH_DEADLINE, 1); return 0; }
     int rc;
     if (q->state == SEQ_DRAW) {
-        if ((rc = dg_draw_step(s, q, err, errlen)) < 0) return rc;
+        if ((rc = draw_step(s, q, err, errlen)) < 0) return rc;
         if (q->state == SEQ_DRAW) return 0;
         /* the image is in the context and the next token was sampled: handle it below */
     } else if (q->state == SEQ_PREFILL) {
@@ -489,23 +612,23 @@ static int step_seq(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
         if (q->n_inputs && (rc = encode_inputs(s, q, err, errlen)) < 0) return rc;
         int skip_rows = 0;
         for (int i = 0; i < q->n_fed; i++) skip_rows += q->prompt.ids[i] == m->image_pad_id;
-        double t0 = dg_sched_now_ms();
-        rc = dg_sched_feed(s, q, q->prompt.ids + q->n_fed, (int)q->prompt.n - q->n_fed, q->pos + q->n_fed,
-                           (int)q->prompt.n, s->embeds + (int64_t)skip_rows * m->cfg.text.hidden_size,
-                           q->keys + q->n_fed, 1, err, errlen);
-        q->t.prefill_ms += dg_sched_now_ms() - t0;
+        double t0 = dg_clock_now_ms();
+        rc = seq_feed(s, q, q->prompt.ids + q->n_fed, (int)q->prompt.n - q->n_fed, q->pos + q->n_fed,
+                      (int)q->prompt.n, s->embeds + (int64_t)skip_rows * m->cfg.text.hidden_size,
+                      q->keys + q->n_fed, 1, err, errlen);
+        q->t.prefill_ms += dg_clock_now_ms() - t0;
         if (rc < 0) return rc;
         q->n_fed = (int)q->prompt.n;
         q->state = SEQ_DECODE;
     } else {
-        double t0 = dg_sched_now_ms();
-        rc = dg_sched_feed(s, q, &q->last, 1, NULL, 0, NULL, NULL, 1, err, errlen);
-        q->t.decode_ms += dg_sched_now_ms() - t0;
+        double t0 = dg_clock_now_ms();
+        rc = seq_feed(s, q, &q->last, 1, NULL, 0, NULL, NULL, 1, err, errlen);
+        q->t.decode_ms += dg_clock_now_ms() - t0;
         if (rc < 0) return rc;
     }
     int32_t tok = q->last;   /* the newly sampled token, not yet in the KV cache */
     if (tok == m->bov_id) {
-        if ((rc = dg_draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
+        if ((rc = draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
         return rc < 0 ? rc : 0;
     }
     if (is_stop_token(m, tok)) { finish(s, q, DG_FINISH_STOP, 1); return 0; }

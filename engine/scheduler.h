@@ -1,20 +1,17 @@
-/* scheduler.h — the scheduler's sequences, shared by sched.c (prompt, prefill,
- * decode) and sched_draw.c (drawing an image on <BOV>). Not a public header. */
+/* scheduler.h — the scheduler's sequences and slots (sched.c). Not a public header; the
+ * drawing code (draw/painter.h) does not see it: a slot owns a painter and drives it. */
 #ifndef DG_SCHEDULER_H
 #define DG_SCHEDULER_H
 
 #include <stdint.h>
-#include <time.h>
 
 #include "draw/connector.h"
-#include "draw/dit.h"
-#include "draw/flow.h"
+#include "draw/painter.h"
 #include "io/image.h"
 #include "cache/kv_cache.h"
 #include "cache/latent_cache.h"
 #include "model.h"
 #include "text/sampler.h"
-#include "draw/vae.h"
 #include "cache/vision_cache.h"
 
 #define DG_KV_BLOCK        16    /* positions per KV block */
@@ -31,17 +28,6 @@ typedef struct {
     int             n_tokens;   /* its <|image_pad|> tokens in the context */
     int             token0;     /* context position of the first of them */
 } dg_seq_image;
-
-/* A slot's drawing buffers, grown when an image needs more and kept for the next. */
-typedef struct {
-    dg_dit_state *dit;   int dit_tokens;
-    dg_vae_state *vae;   int vae_h, vae_w;
-    float   *latents;    int64_t latents_cap;   /* host: every frame's latent, frame after frame */
-    float   *vel_c, *vel_u; int64_t vel_cap;    /* host: the DiT's velocity, both CFG branches */
-    float   *pixels;     int64_t pixels_cap;    /* host [3, H, W] in [-1, 1] */
-    float   *ctx_pos, *ctx_neg;                 /* host [max_context, d_cond] */
-    int32_t *positions;                         /* [max_context] */
-} dg_draw_buffers;
 
 typedef struct dg_seq {
     struct dg_sched *sched;      /* borrowed: the slot's scheduler */
@@ -71,16 +57,9 @@ typedef struct dg_seq {
     int           cond_saved;    /* leading full blocks whose rows are in the block store */
     int           hook_rc;
 
-    /* drawing the current image */
-    int           n_drawn;
-    dg_flow      *flow;          /* owned while drawing */
-    dg_dit_layout layout;
-    int           n_frames, target;           /* frames; the target's frame index */
-    float        *frame_lat[DG_DIT_MAX_FRAMES];   /* into draw_buf.latents */
-    float         timesteps[DG_DIT_MAX_FRAMES];
-    int           n_ctx_pos, n_ctx_neg;
-    int           W, H, lat_w, lat_h;
-    dg_draw_buffers draw_buf;    /* slot-owned */
+    /* drawing (state SEQ_DRAW: the painter has an image in progress) */
+    int           n_drawn;       /* images drawn so far */
+    dg_painter   *painter;       /* slot-owned; NULL when the model does not draw */
 
     dg_usage      usage;
     dg_timings    t;
@@ -106,22 +85,5 @@ struct dg_sched {
     float           *normed;     /* backend [DG_SCHED_CHUNK, D]: the last layer after model.norm */
     float           *cond_store; /* host [n_blocks, DG_KV_BLOCK, d_cond]: condition rows by KV block */
 };
-
-double   dg_sched_now_ms(void);
-uint64_t dg_sched_image_key(const dg_image_digest *h);
-int      dg_sched_feed(struct dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int32_t *pos,
-                       int pos_stride, const float *embeds, const uint64_t *keys, int want_logits,
-                       char *err, size_t errlen);
-
-/* sched_draw.c */
-int  dg_draw_check(struct dg_sched *s, const dg_image_params *ip, char *err, size_t errlen);
-/* On a sampled <BOV>: sets the sequence drawing (state SEQ_DRAW), or returns 1 when the
- * context has no room for another image (the answer then ends "length"). */
-int  dg_draw_begin(struct dg_sched *s, dg_seq *q, char *err, size_t errlen);
-/* One denoising step; after the last, the image is decoded, sent, put into the context,
- * and the next token is sampled into q->last (state SEQ_DECODE). */
-int  dg_draw_step(struct dg_sched *s, dg_seq *q, char *err, size_t errlen);
-void dg_draw_clear(struct dg_sched *s, dg_seq *q);              /* the current image's state */
-void dg_draw_buffers_free(struct dg_sched *s, dg_draw_buffers *b);
 
 #endif

@@ -236,10 +236,105 @@ static int decode_steps(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, d
     return 0;
 }
 
+/* n token ids drawn from a fixed LCG below the added tokens (owned by the caller). */
+static int32_t *seeded_ids(int n) {
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
+    uint64_t x = 1;
+    for (int i = 0; ids && i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        ids[i] = (int32_t)((x >> 33) % 151643u);
+    }
+    return ids;
+}
+
+typedef struct {
+    int n_prompt, n_long, n_decode;   /* prompt tokens, the long prompt's, decode steps */
+} run_sizes;
+
+typedef struct {
+    double t0, t1, t2;   /* prompt prefill from t0 to t1, then the decode steps to t2 */
+    double t3, t4;       /* the long prompt's prefill */
+} run_times;
+
+/* After a warm-up at every measured shape (cuBLAS picks its kernels per shape on first
+ * use): the prompt's prefill and the decode after it, then the long prompt's prefill.
+ * seq is left empty. */
+static int time_runs(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq, const int32_t *ids,
+                     const run_sizes *n, run_times *t, char *err, size_t errlen) {
+    dg_qwen2_input in;
+    const int warm[] = {n->n_prompt, n->n_long};
+    for (int w = 0; w < 2; w++) {
+        in = (dg_qwen2_input){.ids = ids, .n = warm[w], .n_logits = 1};
+        if (dg_qwen2_forward(m, s, kv, seq, &in, NULL, err, errlen) < 0) return -1;
+        if (decode_steps(m, s, kv, seq, ids, 4, err, errlen) < 0) return -1;
+        dg_kv_seq_release(kv, seq);
+    }
+    t->t0 = bench_now_ms();
+    in = (dg_qwen2_input){.ids = ids, .n = n->n_prompt, .n_logits = 1};
+    if (dg_qwen2_forward(m, s, kv, seq, &in, NULL, err, errlen) < 0) return -1;
+    t->t1 = bench_now_ms();
+    if (decode_steps(m, s, kv, seq, ids + n->n_prompt, n->n_decode, err, errlen) < 0) return -1;
+    t->t2 = bench_now_ms();
+    dg_kv_seq_release(kv, seq);
+    in = (dg_qwen2_input){.ids = ids, .n = n->n_long, .n_logits = 1};
+    t->t3 = bench_now_ms();
+    if (dg_qwen2_forward(m, s, kv, seq, &in, NULL, err, errlen) < 0) return -1;
+    t->t4 = bench_now_ms();
+    dg_kv_seq_release(kv, seq);
+    return 0;
+}
+
+/* Prefill and decode rates, and the decode against the bandwidth limit: the bytes of a
+ * step are the weights plus the fp32 K and V of the mean context, every layer. */
+static void record_runs(json_t *out, const run_sizes *n, const run_times *t, const dg_text_config *c,
+                        double wbytes, double bw) {
+    const int kv_dim = c->n_kv_heads * c->head_dim;
+    const double dec = n->n_decode / ((t->t2 - t->t1) / 1e3);
+    const double ctx_mean = n->n_prompt + n->n_decode / 2.0;
+    const double step_bytes = wbytes + ctx_mean * kv_dim * 2.0 * 4.0 * c->n_layers;
+    const double limit = bw > 0 ? bw * 1e9 / step_bytes : 0;
+    char name[64];
+    snprintf(name, sizeof name, "prefill_%d_tok_s", n->n_prompt);
+    bench_record(out, name, n->n_prompt / ((t->t1 - t->t0) / 1e3), "tok/s");
+    snprintf(name, sizeof name, "prefill_%d_tok_s", n->n_long);
+    bench_record(out, name, n->n_long / ((t->t4 - t->t3) / 1e3), "tok/s");
+    bench_record(out, "decode_tok_s", dec, "tok/s");
+    bench_record(out, "decode_ms_per_token", (t->t2 - t->t1) / n->n_decode, "ms");
+    bench_record(out, "decode_bytes_per_step_gb", step_bytes / 1e9, "GB");
+    bench_record(out, "decode_bandwidth_limit_tok_s", limit, "tok/s");
+    bench_record(out, "decode_fraction_of_limit", limit > 0 ? dec / limit : 0, "x");
+    bench_record(out, "decode_achieved_gb_s", step_bytes * dec / 1e9, "GB/s");
+}
+
+/* The same decode with the fixed runs recorded as CUDA graphs and replayed (backend.h
+ * graph_run; DG_CUDA_GRAPHS is read when a state's slots are first used), on a state of
+ * its own. A failure is printed, not returned: the plain figures stand. */
+static void decode_with_graphs(const dg_qwen2 *m, int max_tokens, dg_kv_cache *kv, dg_kv_seq *seq,
+                               const int32_t *ids, const run_sizes *n, json_t *out) {
+    dg_qwen2_state *sg = NULL;
+    char err[512];
+    setenv("DG_CUDA_GRAPHS", "1", 1);
+    if (dg_qwen2_state_new(m, max_tokens, 1, &sg, err, sizeof err) == 0) {
+        dg_qwen2_input in = {.ids = ids, .n = n->n_prompt, .n_logits = 1};
+        int ok = dg_qwen2_forward(m, sg, kv, seq, &in, NULL, err, sizeof err) == 0 &&
+                 decode_steps(m, sg, kv, seq, ids + n->n_prompt, 4, err, sizeof err) == 0;   /* records them */
+        const double g0 = bench_now_ms();
+        ok = ok && decode_steps(m, sg, kv, seq, ids + n->n_prompt + 4, n->n_decode, err, sizeof err) == 0;
+        if (ok) {
+            bench_record(out, "decode_graphs_tok_s", n->n_decode / ((bench_now_ms() - g0) / 1e3), "tok/s");
+        } else {
+            fprintf(stderr, "bench_cuda: graphs: %s\n", err);
+        }
+        dg_kv_seq_release(kv, seq);
+        dg_qwen2_state_free(m, sg);
+    }
+    unsetenv("DG_CUDA_GRAPHS");
+}
+
 static int bench_cuda(bench_ctx *ctx, json_t *out) {
     const char *dev = getenv("DG_BENCH_DEVICE") ? getenv("DG_BENCH_DEVICE") : "cuda:0";
-    const int n_prompt = ctx->quick ? 64 : 512, n_long = ctx->quick ? 128 : 2048, n_decode = ctx->quick ? 16 : 128;
-    const int max_tokens = n_long;
+    const run_sizes n = {ctx->quick ? 64 : 512, ctx->quick ? 128 : 2048, ctx->quick ? 16 : 128};
+    const int max_tokens = n.n_long;
     dg_backend *be = NULL;
     dg_qwen2 m = {0};
     dg_qwen2_state *s = NULL;
@@ -260,88 +355,28 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     }
     printf("  %s: seeded 7B text weights (%.2f GB) in %.1f s\n", dev, wbytes / 1e9, (bench_now_ms() - t_load) / 1e3);
     const dg_text_config *c = &m.cfg;
-    const int kv_dim = c->n_kv_heads * c->head_dim;
     if (dg_qwen2_state_new(&m, max_tokens, 1, &s, err, sizeof err) < 0 ||
-        dg_kv_cache_new(be, c->n_layers, kv_dim, 16, (n_long + n_decode) / 16 + 4, &kv, err, sizeof err) < 0 ||
-        dg_kv_seq_init(&seq, n_long + n_decode + 1, 16) < 0) {
+        dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, 16, (n.n_long + n.n_decode) / 16 + 4, &kv, err,
+                        sizeof err) < 0 ||
+        dg_kv_seq_init(&seq, n.n_long + n.n_decode + 1, 16) < 0) {
         fprintf(stderr, "bench_cuda: %s\n", err);
         goto out;
     }
-    ids = malloc(sizeof(int32_t) * (size_t)(n_long + n_decode));
-    uint64_t x = 1;
-    for (int i = 0; i < n_long + n_decode; i++) {
-        x = x * 6364136223846793005ull + 1442695040888963407ull;
-        ids[i] = (int32_t)((x >> 33) % 151643u);
-    }
+    ids = seeded_ids(n.n_long + n.n_decode);
     double bw = measure_bandwidth(be);
     bench_record(out, "bandwidth_add_gb_s", bw, "GB/s");
-
-    /* warm-up at every measured shape (cuBLAS picks its kernels per shape on first use) */
-    dg_qwen2_input in;
-    const int warm[] = {n_prompt, n_long};
-    for (int w = 0; w < 2; w++) {
-        in = (dg_qwen2_input){.ids = ids, .n = warm[w], .n_logits = 1};
-        if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-        if (decode_steps(&m, s, kv, &seq, ids, 4, err, sizeof err) < 0) goto fail;
-        dg_kv_seq_release(kv, &seq);
+    run_times t;
+    if (time_runs(&m, s, kv, &seq, ids, &n, &t, err, sizeof err) < 0) {
+        fprintf(stderr, "bench_cuda: %s\n", err);
+        goto out;
     }
-    double t0 = bench_now_ms();
-    in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
-    if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-    double t1 = bench_now_ms();
-    if (decode_steps(&m, s, kv, &seq, ids + n_prompt, n_decode, err, sizeof err) < 0) goto fail;
-    double t2 = bench_now_ms();
-    dg_kv_seq_release(kv, &seq);
-    in = (dg_qwen2_input){.ids = ids, .n = n_long, .n_logits = 1};
-    double t3 = bench_now_ms();
-    if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-    double t4 = bench_now_ms();
-    dg_kv_seq_release(kv, &seq);
-
-    const double dec = n_decode / ((t2 - t1) / 1e3);
-    const double ctx_mean = n_prompt + n_decode / 2.0;
-    const double step_bytes = wbytes + ctx_mean * kv_dim * 2.0 * 4.0 * c->n_layers;
-    const double limit = bw > 0 ? bw * 1e9 / step_bytes : 0;
-    char name[64];
-    snprintf(name, sizeof name, "prefill_%d_tok_s", n_prompt);
-    bench_record(out, name, n_prompt / ((t1 - t0) / 1e3), "tok/s");
-    snprintf(name, sizeof name, "prefill_%d_tok_s", n_long);
-    bench_record(out, name, n_long / ((t4 - t3) / 1e3), "tok/s");
-    bench_record(out, "decode_tok_s", dec, "tok/s");
-    bench_record(out, "decode_ms_per_token", (t2 - t1) / n_decode, "ms");
-    bench_record(out, "decode_bytes_per_step_gb", step_bytes / 1e9, "GB");
-    bench_record(out, "decode_bandwidth_limit_tok_s", limit, "tok/s");
-    bench_record(out, "decode_fraction_of_limit", limit > 0 ? dec / limit : 0, "x");
-    bench_record(out, "decode_achieved_gb_s", step_bytes * dec / 1e9, "GB/s");
-    /* the same decode with the fixed runs recorded as CUDA graphs and replayed (backend.h
-     * graph_run; DG_CUDA_GRAPHS is read when a state's slots are first used) */
-    {
-        dg_qwen2_state *sg = NULL;
-        setenv("DG_CUDA_GRAPHS", "1", 1);
-        if (dg_qwen2_state_new(&m, max_tokens, 1, &sg, err, sizeof err) == 0) {
-            in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
-            int ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0 &&
-                     decode_steps(&m, sg, kv, &seq, ids + n_prompt, 4, err, sizeof err) == 0;   /* records them */
-            const double g0 = bench_now_ms();
-            ok = ok && decode_steps(&m, sg, kv, &seq, ids + n_prompt + 4, n_decode, err, sizeof err) == 0;
-            if (ok) {
-                bench_record(out, "decode_graphs_tok_s", n_decode / ((bench_now_ms() - g0) / 1e3), "tok/s");
-            } else {
-                fprintf(stderr, "bench_cuda: graphs: %s\n", err);
-            }
-            dg_kv_seq_release(kv, &seq);
-            dg_qwen2_state_free(&m, sg);
-        }
-        unsetenv("DG_CUDA_GRAPHS");
-    }
+    record_runs(out, &n, &t, c, wbytes, bw);
+    decode_with_graphs(&m, max_tokens, kv, &seq, ids, &n, out);
     double gemv_ms = 0;
     gemv_shapes(be, &m, out, &gemv_ms);
-    bench_record(out, "decode_ms_outside_gemv", (t2 - t1) / n_decode - gemv_ms, "ms");
+    bench_record(out, "decode_ms_outside_gemv", (t.t2 - t.t1) / n.n_decode - gemv_ms, "ms");
     image_kernels(be, out);
     rc = 0;
-    goto out;
-fail:
-    fprintf(stderr, "bench_cuda: %s\n", err);
 out:
     free(ids);
     if (kv) dg_kv_seq_release(kv, &seq);

@@ -219,116 +219,151 @@ static json_t *load_job_file(const char *path, job_builder *b, char *id, size_t 
     return j;
 }
 
-static int cmd_enqueue(int argc, char **argv) {
+/* What enqueue's options (and its job file) say. */
+typedef struct {
     job_builder b;
-    memset(&b, 0, sizeof b);
-    duogen__v1__job__init(&b.job);
-    duogen__v1__text_params__init(&b.text);
-    duogen__v1__image_params__init(&b.image);
-    char id[160] = "", text[65536] = "";
-    const char *system = NULL, *out_dir = NULL;
-    static char images[64][4096];
-    int n_images = 0, wait = 0, high = 0;
-    size_t tl = 0;
-    json_t *job_file = NULL;
+    char        id[160], text[65536];
+    size_t      tl;                  /* bytes of text */
+    const char *system, *out_dir;
+    char        images[64][4096];    /* paths */
+    int         n_images, wait, high;
+    json_t     *job_file;            /* owns the strings a job file handed out; NULL without */
+} enqueue_opts;
+
+/* job-<unix ms>-<4 random hex digits>. */
+static void new_job_id(char *id, size_t n) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    srand((unsigned)ts.tv_nsec ^ (unsigned)getpid());
+    snprintf(id, n, "job-%lld-%04x", (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, rand() & 0xffff);
+}
+
+static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
+    duogen__v1__job__init(&o->b.job);
+    duogen__v1__text_params__init(&o->b.text);
+    duogen__v1__image_params__init(&o->b.image);
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--job") && i + 1 < argc) {
-            if (job_file) die(EXIT_USAGE, "enqueue: one --job at most");
-            job_file = load_job_file(argv[++i], &b, id, sizeof id, &system, text, sizeof text, &tl, images, &n_images);
-        } else if (!strcmp(a, "--id") && i + 1 < argc) snprintf(id, sizeof id, "%s", argv[++i]);
-        else if (!strcmp(a, "--system") && i + 1 < argc) system = argv[++i];
+            if (o->job_file) die(EXIT_USAGE, "enqueue: one --job at most");
+            o->job_file = load_job_file(argv[++i], &o->b, o->id, sizeof o->id, &o->system, o->text, sizeof o->text,
+                                        &o->tl, o->images, &o->n_images);
+        } else if (!strcmp(a, "--id") && i + 1 < argc) snprintf(o->id, sizeof o->id, "%s", argv[++i]);
+        else if (!strcmp(a, "--system") && i + 1 < argc) o->system = argv[++i];
         else if (!strcmp(a, "--image") && i + 1 < argc) {
-            if (n_images == 64) die(EXIT_USAGE, "at most 64 images");
-            snprintf(images[n_images++], sizeof images[0], "%s", argv[++i]);
-        } else if (!strcmp(a, "--param") && i + 1 < argc) set_param(&b, argv[++i]);
-        else if (!strcmp(a, "--wait")) wait = 1;
-        else if (!strcmp(a, "--high")) high = 1;
-        else if (!strcmp(a, "--out") && i + 1 < argc) { out_dir = argv[++i]; wait = 1; }
+            if (o->n_images == 64) die(EXIT_USAGE, "at most 64 images");
+            snprintf(o->images[o->n_images++], sizeof o->images[0], "%s", argv[++i]);
+        } else if (!strcmp(a, "--param") && i + 1 < argc) set_param(&o->b, argv[++i]);
+        else if (!strcmp(a, "--wait")) o->wait = 1;
+        else if (!strcmp(a, "--high")) o->high = 1;
+        else if (!strcmp(a, "--out") && i + 1 < argc) { o->out_dir = argv[++i]; o->wait = 1; }
         else if (a[0] == '-' && a[1] == '-') die(EXIT_USAGE, "enqueue: unknown option \"%s\"", a);
-        else tl += (size_t)snprintf(text + tl, sizeof text - tl, "%s%s", tl ? " " : "", a);
+        else o->tl += (size_t)snprintf(o->text + o->tl, sizeof o->text - o->tl, "%s%s", o->tl ? " " : "", a);
     }
-    if (!tl && !n_images) die(EXIT_USAGE, "enqueue: no text and no image");
-    if (!id[0]) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        srand((unsigned)ts.tv_nsec ^ (unsigned)getpid());
-        snprintf(id, sizeof id, "job-%lld-%04x", (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, rand() & 0xffff);
-    }
+    if (!o->tl && !o->n_images) die(EXIT_USAGE, "enqueue: no text and no image");
+    if (!o->id[0]) new_job_id(o->id, sizeof o->id);
+}
 
-    Duogen__V1__Message sys_msg, user_msg, *msgs[2];
-    Duogen__V1__Part sys_part, *sys_parts[1], *user_parts[65];
-    Duogen__V1__Part parts[65];
-    Duogen__V1__Image imgs[64];
-    size_t n_msgs = 0, n_parts = 0;
-    if (system) {
-        duogen__v1__message__init(&sys_msg);
-        duogen__v1__part__init(&sys_part);
-        sys_part.kind_case = DUOGEN__V1__PART__KIND_TEXT;
-        sys_part.text = (char *)system;
-        sys_parts[0] = &sys_part;
-        sys_msg.role = DUOGEN__V1__MESSAGE__ROLE__SYSTEM;
-        sys_msg.parts = sys_parts;
-        sys_msg.n_parts = 1;
-        msgs[n_msgs++] = &sys_msg;
+/* A Job's messages: the system text (if any), then one user message of the images and the
+ * text. They point into this storage, which lives until the job is packed; the image bytes
+ * are read into imgs[i].data (freed by free_messages). */
+typedef struct {
+    Duogen__V1__Message  sys_msg, user_msg, *msgs[2];
+    Duogen__V1__Part     sys_part, *sys_parts[1], *user_parts[65], parts[65];
+    Duogen__V1__Image    imgs[64];
+    size_t               n_msgs;
+    int                  n_imgs;
+} job_messages;
+
+static void build_messages(job_messages *m, enqueue_opts *o) {
+    size_t n_parts = 0;
+    m->n_msgs = 0;
+    if (o->system) {
+        duogen__v1__message__init(&m->sys_msg);
+        duogen__v1__part__init(&m->sys_part);
+        m->sys_part.kind_case = DUOGEN__V1__PART__KIND_TEXT;
+        m->sys_part.text = (char *)o->system;
+        m->sys_parts[0] = &m->sys_part;
+        m->sys_msg.role = DUOGEN__V1__MESSAGE__ROLE__SYSTEM;
+        m->sys_msg.parts = m->sys_parts;
+        m->sys_msg.n_parts = 1;
+        m->msgs[m->n_msgs++] = &m->sys_msg;
     }
-    for (int i = 0; i < n_images; i++) {
-        duogen__v1__image__init(&imgs[i]);
-        imgs[i].source_case = DUOGEN__V1__IMAGE__SOURCE_DATA;
-        imgs[i].data.data = read_file(images[i], &imgs[i].data.len);
-        duogen__v1__part__init(&parts[n_parts]);
-        parts[n_parts].kind_case = DUOGEN__V1__PART__KIND_IMAGE;
-        parts[n_parts].image = &imgs[i];
-        user_parts[n_parts] = &parts[n_parts];
+    for (int i = 0; i < o->n_images; i++) {
+        duogen__v1__image__init(&m->imgs[i]);
+        m->imgs[i].source_case = DUOGEN__V1__IMAGE__SOURCE_DATA;
+        m->imgs[i].data.data = read_file(o->images[i], &m->imgs[i].data.len);
+        duogen__v1__part__init(&m->parts[n_parts]);
+        m->parts[n_parts].kind_case = DUOGEN__V1__PART__KIND_IMAGE;
+        m->parts[n_parts].image = &m->imgs[i];
+        m->user_parts[n_parts] = &m->parts[n_parts];
         n_parts++;
     }
-    if (tl) {
-        duogen__v1__part__init(&parts[n_parts]);
-        parts[n_parts].kind_case = DUOGEN__V1__PART__KIND_TEXT;
-        parts[n_parts].text = text;
-        user_parts[n_parts] = &parts[n_parts];
+    m->n_imgs = o->n_images;
+    if (o->tl) {
+        duogen__v1__part__init(&m->parts[n_parts]);
+        m->parts[n_parts].kind_case = DUOGEN__V1__PART__KIND_TEXT;
+        m->parts[n_parts].text = o->text;
+        m->user_parts[n_parts] = &m->parts[n_parts];
         n_parts++;
     }
-    duogen__v1__message__init(&user_msg);
-    user_msg.role = DUOGEN__V1__MESSAGE__ROLE__USER;
-    user_msg.parts = user_parts;
-    user_msg.n_parts = n_parts;
-    msgs[n_msgs++] = &user_msg;
-    b.job.id = id;
-    b.job.messages = msgs;
-    b.job.n_messages = n_msgs;
-    b.text.stop = b.stop;
-    b.text.n_stop = b.n_stop;
-    b.text.logit_bias = b.bias;
-    b.text.n_logit_bias = b.n_bias;
-    b.job.text = &b.text;
-    b.job.image = &b.image;
-    b.job.metadata = b.meta;
-    b.job.n_metadata = b.n_meta;
+    duogen__v1__message__init(&m->user_msg);
+    m->user_msg.role = DUOGEN__V1__MESSAGE__ROLE__USER;
+    m->user_msg.parts = m->user_parts;
+    m->user_msg.n_parts = n_parts;
+    m->msgs[m->n_msgs++] = &m->user_msg;
+}
 
-    size_t len = duogen__v1__job__get_packed_size(&b.job);
+static void free_messages(job_messages *m) {
+    for (int i = 0; i < m->n_imgs; i++) free(m->imgs[i].data.data);
+}
+
+/* The job, packed, onto the (high or normal) queue stream, with its state "queued". */
+static void push_job(enqueue_opts *o) {
+    job_messages m;
+    job_builder *b = &o->b;
+    build_messages(&m, o);
+    b->job.id = o->id;
+    b->job.messages = m.msgs;
+    b->job.n_messages = m.n_msgs;
+    b->text.stop = b->stop;
+    b->text.n_stop = b->n_stop;
+    b->text.logit_bias = b->bias;
+    b->text.n_logit_bias = b->n_bias;
+    b->job.text = &b->text;
+    b->job.image = &b->image;
+    b->job.metadata = b->meta;
+    b->job.n_metadata = b->n_meta;
+
+    size_t len = duogen__v1__job__get_packed_size(&b->job);
     uint8_t *buf = malloc(len);
-    duogen__v1__job__pack(&b.job, buf);
+    duogen__v1__job__pack(&b->job, buf);
     char k_jobs[512], k_job[512];
-    key(k_jobs, sizeof k_jobs, high ? "jobs:high" : "jobs", NULL);
-    key(k_job, sizeof k_job, "job", id);
+    key(k_jobs, sizeof k_jobs, o->high ? "jobs:high" : "jobs", NULL);
+    key(k_job, sizeof k_job, "job", o->id);
     /* "queued" first: the worker's "running" always comes after it */
     freeReplyObject(cmd(dg_cmd_of("HSETNX", k_job, "state", "queued", NULL)));
     freeReplyObject(cmd(dg_cmd_of("EXPIRE", k_job, "86400", NULL)));
-    dg_cmd *x = dg_cmd_of("XADD", k_jobs, "*", "id", id, "job", NULL);
+    dg_cmd *x = dg_cmd_of("XADD", k_jobs, "*", "id", o->id, "job", NULL);
     dg_cmd_add(x, buf, len);
     freeReplyObject(cmd(x));
     free(buf);
-    for (int i = 0; i < n_images; i++) free(imgs[i].data.data);
-    printf("%s\n", id);
+    free_messages(&m);
+}
+
+static int cmd_enqueue(int argc, char **argv) {
+    static enqueue_opts o;   /* static: 320 KB of text and image paths */
+    parse_enqueue(argc, argv, &o);
+    push_job(&o);
+    printf("%s\n", o.id);
     fflush(stdout);
-    if (!wait) {
-        json_decref(job_file);
+    if (!o.wait) {
+        json_decref(o.job_file);
         return 0;
     }
-    int rc = follow(id, 1);
-    int rc2 = write_result(id, out_dir, 0);
-    json_decref(job_file);
+    int rc = follow(o.id, 1);
+    int rc2 = write_result(o.id, o.out_dir, 0);
+    json_decref(o.job_file);
     return rc ? rc : rc2;
 }
 

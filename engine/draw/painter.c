@@ -1,0 +1,337 @@
+/* painter.c — drawing one image: conditions, DiT steps with the flow sampler, VAE
+ * (painter.h says what and in which order). One painter per scheduler slot; its buffers
+ * grow at begin when an image needs more and are kept for the next. */
+#include "draw/painter.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clock.h"
+#include "draw/flow.h"
+#include "io/image_preprocess.h"
+
+#define COND_TIMESTEP 1e-4f   /* the timestep of clean condition frames (post-trained Cosmos) */
+
+struct dg_painter {
+    const dg_dit       *dit;    /* borrowed */
+    const dg_vae       *vae;    /* borrowed */
+    const dg_connector *conn;   /* borrowed */
+    int                 max_context;
+
+    /* buffers, grown at begin and kept for the next image */
+    dg_dit_state *dit_state;    int dit_tokens;
+    dg_vae_state *vae_state;    int vae_h, vae_w;
+    float   *latents;  int64_t latents_cap;   /* host: every frame's latent, frame after frame */
+    float   *vel_c;    int64_t vel_c_cap;     /* host: the DiT's velocity of every frame, conditional */
+    float   *vel_u;    int64_t vel_u_cap;     /* host: the same, unconditional */
+    float   *pixels;   int64_t pixels_cap;    /* host [3, H, W] in [-1, 1] */
+    float   *ctx_pos, *ctx_neg;               /* host [max_context, d_cond] */
+    int32_t *positions;                       /* [max_context] 0, 1, 2, ... */
+
+    /* the image in progress */
+    dg_latent_cache *lcache;    /* borrowed from begin until finish */
+    dg_flow         *flow;      /* owned; NULL when no image is in progress */
+    dg_dit_layout    layout;
+    int              n_frames, target;                 /* frames; the target's frame index */
+    float           *frame_lat[DG_DIT_MAX_FRAMES];     /* into latents */
+    float            timesteps[DG_DIT_MAX_FRAMES];
+    int              n_ctx_pos, n_ctx_neg;
+    int              W, H, lat_w, lat_h;
+    int              steps;
+    float            guidance_scale;
+    dg_painter_cost  cost;
+};
+
+int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, int max_context,
+                   dg_painter **out, char *err, size_t errlen) {
+    *out = calloc(1, sizeof **out);
+    if (!*out) {
+        snprintf(err, errlen, "out of memory for a painter");
+        return DG_ENOMEM;
+    }
+    (*out)->dit = dit;
+    (*out)->vae = vae;
+    (*out)->conn = conn;
+    (*out)->max_context = max_context;
+    return 0;
+}
+
+void dg_painter_free(dg_painter *p) {
+    if (!p) return;
+    dg_flow_free(p->flow);
+    dg_dit_state_free(p->dit, p->dit_state);
+    dg_vae_state_free(p->vae, p->vae_state);
+    free(p->latents);
+    free(p->vel_c);
+    free(p->vel_u);
+    free(p->pixels);
+    free(p->ctx_pos);
+    free(p->ctx_neg);
+    free(p->positions);
+    free(p);
+}
+
+int dg_painter_check(const dg_painter *p, const dg_image_params *params, char *err, size_t errlen) {
+    int f = dg_vae_spatial_factor(p->vae) * p->dit->cfg.patch_h;
+    if (params->width <= 0 || params->height <= 0 || params->width % f || params->height % f) {
+        snprintf(err, errlen, "image size %dx%d: width and height must be positive multiples of %d", params->width,
+                 params->height, f);
+        return DG_EINVAL;
+    }
+    if (params->steps < 1 || params->steps > DG_FLOW_MAX_STEPS) {
+        snprintf(err, errlen, "image steps %d: must be 1..%d", params->steps, DG_FLOW_MAX_STEPS);
+        return DG_EINVAL;
+    }
+    return 0;
+}
+
+void dg_painter_cost_get(const dg_painter *p, dg_painter_cost *out) { *out = p->cost; }
+
+/* ---- buffers ----------------------------------------------------------------------------- */
+
+/* Grows a host float buffer to n elements (at the start of an image, never per step). */
+static int grow(float **buf, int64_t *cap, int64_t n, const char *what, char *err, size_t errlen) {
+    if (*cap >= n) return 0;
+    float *q = realloc(*buf, (size_t)n * sizeof *q);
+    if (!q) {
+        snprintf(err, errlen, "out of memory for %lld %s values", (long long)n, what);
+        return DG_ENOMEM;
+    }
+    *buf = q;
+    *cap = n;
+    return 0;
+}
+
+/* Makes sure the VAE state fits an h x w frame. */
+static int vae_room(dg_painter *p, int h, int w, char *err, size_t errlen) {
+    if (p->vae_state && p->vae_h >= h && p->vae_w >= w) return 0;
+    int nh = h > p->vae_h ? h : p->vae_h, nw = w > p->vae_w ? w : p->vae_w;
+    dg_vae_state_free(p->vae, p->vae_state);
+    p->vae_state = NULL;
+    int rc = dg_vae_state_new(p->vae, 1, nh, nw, &p->vae_state, err, errlen);
+    if (rc < 0) return rc;
+    p->vae_h = nh;
+    p->vae_w = nw;
+    return 0;
+}
+
+/* ---- begin -------------------------------------------------------------------------------- */
+
+/* The connector's rows of both branches into ctx_pos and ctx_neg. */
+static int semantic_conditions(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen) {
+    if (!p->ctx_pos) {
+        size_t rows = (size_t)p->max_context * (size_t)p->conn->d_cond;
+        if (!(p->ctx_pos = malloc(rows * sizeof(float))) || !(p->ctx_neg = malloc(rows * sizeof(float))) ||
+            !(p->positions = malloc((size_t)p->max_context * sizeof(int32_t)))) {
+            snprintf(err, errlen, "out of memory for the condition rows");
+            return DG_ENOMEM;
+        }
+        for (int i = 0; i < p->max_context; i++) p->positions[i] = i;
+    }
+    int rc;
+    if ((rc = dg_cond_acc_finish(p->conn, job->acc, p->positions, job->n_pos, p->ctx_pos, err, errlen)) < 0 ||
+        (rc = dg_cond_acc_finish(p->conn, job->acc, p->positions, job->n_neg, p->ctx_neg, err, errlen)) < 0)
+        return rc;
+    p->n_ctx_pos = job->n_pos;
+    p->n_ctx_neg = job->n_neg;
+    return 0;
+}
+
+/* A condition frame's size: the image's aspect ratio at about the target's area, in
+ * multiples of `f` pixels. */
+static void cond_size(int w0, int h0, int W, int H, int f, int *w, int *h) {
+    double scale = sqrt((double)W * H / ((double)w0 * h0));
+    *w = (int)lround(w0 * scale / f) * f;
+    *h = (int)lround(h0 * scale / f) * f;
+    if (*w < f) *w = f;
+    if (*h < f) *h = f;
+}
+
+/* Frame sizes (the earlier images, then the target), their places in the latent buffer,
+ * and the DiT layout; the buffers grown to fit. */
+static int place_frames(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen) {
+    int f = dg_vae_spatial_factor(p->vae), z = p->vae->cfg.z_dim;
+    int n_frames = job->n_conds + 1, rc;
+    if (n_frames > DG_DIT_MAX_FRAMES) {
+        snprintf(err, errlen, "%d earlier images: the DiT takes at most %d condition frames", job->n_conds,
+                 DG_DIT_MAX_FRAMES - 1);
+        return DG_ELIMIT;
+    }
+    int lat_h[DG_DIT_MAX_FRAMES], lat_w[DG_DIT_MAX_FRAMES], cond[DG_DIT_MAX_FRAMES];
+    int64_t total = 0;
+    for (int i = 0; i < n_frames; i++) {
+        int w = p->W, h = p->H;
+        if (i < job->n_conds)
+            cond_size(job->conds[i].img->width, job->conds[i].img->height, p->W, p->H, f * p->dit->cfg.patch_h, &w, &h);
+        lat_h[i] = h / f;
+        lat_w[i] = w / f;
+        cond[i] = i < job->n_conds;
+        total += (int64_t)z * lat_h[i] * lat_w[i];
+    }
+    if ((rc = grow(&p->latents, &p->latents_cap, total, "latent", err, errlen)) < 0 ||
+        (rc = grow(&p->vel_c, &p->vel_c_cap, total, "velocity", err, errlen)) < 0 ||
+        (rc = grow(&p->vel_u, &p->vel_u_cap, total, "velocity", err, errlen)) < 0)
+        return rc;
+    float *lat = p->latents;
+    for (int i = 0; i < n_frames; i++) {
+        p->frame_lat[i] = lat;
+        p->timesteps[i] = COND_TIMESTEP;
+        lat += (int64_t)z * lat_h[i] * lat_w[i];
+    }
+    p->n_frames = n_frames;
+    p->target = n_frames - 1;
+    return dg_dit_layout_build(&p->layout, lat_h, lat_w, cond, n_frames, z, p->dit->cfg.patch_h,
+                               p->dit->cfg.patch_w, err, errlen);
+}
+
+static void rgb_to_pixels(const dg_image *img, float *px) {
+    int64_t plane = (int64_t)img->width * img->height;
+    for (int64_t i = 0; i < plane; i++)
+        for (int c = 0; c < 3; c++) px[c * plane + i] = img->rgb[i * 3 + c] / 127.5f - 1.0f;
+}
+
+/* The latent of earlier image i at its frame's size into its frame: from the cache, or
+ * encoded (and then cached). */
+static int cond_latent(dg_painter *p, const dg_painter_job *job, int i, char *err, size_t errlen) {
+    int f = dg_vae_spatial_factor(p->vae), z = p->vae->cfg.z_dim;
+    int h = p->layout.frames[i].h * f, w = p->layout.frames[i].w * f;
+    int64_t n = (int64_t)z * p->layout.frames[i].h * p->layout.frames[i].w;
+    const dg_painter_cond *c = &job->conds[i];
+    float *out = p->frame_lat[i];
+    const float *hit = dg_latent_cache_get(job->lcache, c->hash, h, w, n);
+    if (hit) {
+        memcpy(out, hit, (size_t)n * sizeof *out);
+        p->cost.cached_latents++;
+        return 0;
+    }
+    double t0 = dg_clock_now_ms();
+    dg_image *sized = NULL;
+    int rc = 0;
+    if (c->img->width != w || c->img->height != h) rc = dg_image_resize(c->img, w, h, &sized);
+    if (rc < 0) {
+        snprintf(err, errlen, "image %d: resizing to %dx%d failed", i + 1, w, h);
+        return rc;
+    }
+    if ((rc = vae_room(p, h, w, err, errlen)) < 0 ||
+        (rc = grow(&p->pixels, &p->pixels_cap, 3LL * w * h, "pixel", err, errlen)) < 0)
+        goto out;
+    rgb_to_pixels(sized ? sized : c->img, p->pixels);
+    if ((rc = dg_vae_encode(p->vae, p->vae_state, p->pixels, 1, h, w, out, err, errlen)) < 0) goto out;
+    if ((rc = dg_latent_cache_put(job->lcache, c->hash, h, w, out, n)) < 0)
+        snprintf(err, errlen, "image %d: out of memory for the latent cache", i + 1);
+out:
+    dg_image_free(sized);
+    p->cost.vae_ms += dg_clock_now_ms() - t0;
+    return rc;
+}
+
+/* The target's noise, a DiT state that fits the layout, and the sampler. */
+static int prepare_sampler(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen) {
+    int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
+    dg_flow_noise(p->frame_lat[p->target], n_target, job->seed * 0x9E3779B97F4A7C15ull + (uint64_t)job->index + 1, 0);
+    int rc;
+    if (!p->dit_state || p->dit_tokens < p->layout.n_tokens) {
+        dg_dit_state_free(p->dit, p->dit_state);
+        p->dit_state = NULL;
+        if ((rc = dg_dit_state_new(p->dit, (int)p->layout.n_tokens, p->max_context, &p->dit_state, err, errlen)) < 0)
+            return rc;
+        p->dit_tokens = (int)p->layout.n_tokens;
+    }
+    if ((rc = dg_dit_set_layout(p->dit, p->dit_state, &p->layout, err, errlen)) < 0) return rc;
+    const dg_image_params *ip = &job->params;
+    float sig[DG_FLOW_MAX_STEPS + 1];
+    if (ip->shift > 0) dg_flow_sigmas_shifted(sig, ip->steps, ip->shift, 0.999, 0.999 / ip->steps);
+    else dg_flow_sigmas_karras(sig, ip->steps, 0.01, 200.0, 7.0);
+    return dg_flow_new(DG_FLOW_UNIPC, sig, ip->steps, n_target, &p->flow, err, errlen);
+}
+
+int dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen) {
+    double t0 = dg_clock_now_ms();
+    int f = dg_vae_spatial_factor(p->vae), rc;
+    dg_flow_free(p->flow);
+    p->flow = NULL;
+    p->cost = (dg_painter_cost){0};
+    p->lcache = job->lcache;
+    p->W = job->params.width;
+    p->H = job->params.height;
+    p->lat_w = p->W / f;
+    p->lat_h = p->H / f;
+    p->steps = job->params.steps;
+    p->guidance_scale = job->params.guidance_scale;
+    if ((rc = semantic_conditions(p, job, err, errlen)) < 0 || (rc = place_frames(p, job, err, errlen)) < 0)
+        return rc;
+    for (int i = 0; i < job->n_conds; i++)
+        if ((rc = cond_latent(p, job, i, err, errlen)) < 0) return rc;
+    if ((rc = prepare_sampler(p, job, err, errlen)) < 0) return rc;
+    p->cost.diffusion_ms += dg_clock_now_ms() - t0;
+    return 0;
+}
+
+/* ---- steps and the result ------------------------------------------------------------------- */
+
+int dg_painter_step(dg_painter *p, char *err, size_t errlen) {
+    double t0 = dg_clock_now_ms();
+    p->timesteps[p->target] = dg_flow_sigma(p->flow);
+    const float *const *lat = (const float *const *)p->frame_lat;
+    dg_dit_input in = {.latents = lat, .timesteps = p->timesteps, .ctx = p->ctx_pos, .n_ctx = p->n_ctx_pos};
+    int rc = dg_dit_forward(p->dit, p->dit_state, &in, p->vel_c, err, errlen);
+    if (rc < 0) return rc;
+    int64_t off = p->frame_lat[p->target] - p->latents;   /* the target's velocity follows the conditions' */
+    int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
+    float *v = p->vel_c + off;
+    if (p->guidance_scale > 0) {
+        in.ctx = p->ctx_neg;
+        in.n_ctx = p->n_ctx_neg;
+        if ((rc = dg_dit_forward(p->dit, p->dit_state, &in, p->vel_u, err, errlen)) < 0) return rc;
+        dg_flow_cfg(v, v, p->vel_u + off, p->guidance_scale, n_target);
+    }
+    if ((rc = dg_flow_step(p->flow, p->frame_lat[p->target], v)) < 0) {
+        snprintf(err, errlen, "sampler: step past the end");
+        return rc;
+    }
+    p->cost.diffusion_ms += dg_clock_now_ms() - t0;
+    return p->flow->step;
+}
+
+static void pixels_to_rgb(const float *px, dg_image *img) {
+    int64_t plane = (int64_t)img->width * img->height;
+    for (int64_t i = 0; i < plane; i++)
+        for (int c = 0; c < 3; c++) {
+            float v = (px[c * plane + i] + 1.0f) * 127.5f;
+            img->rgb[i * 3 + c] = (uint8_t)(v <= 0 ? 0 : v >= 255 ? 255 : lrintf(v));
+        }
+}
+
+int dg_painter_finish(dg_painter *p, dg_image **out, dg_image_digest *hash, char *err, size_t errlen) {
+    *out = NULL;
+    double t0 = dg_clock_now_ms();
+    dg_image *img = NULL;
+    int W = p->W, H = p->H, rc;
+    const float *target = p->frame_lat[p->target];
+    if ((rc = vae_room(p, H, W, err, errlen)) < 0 ||
+        (rc = grow(&p->pixels, &p->pixels_cap, 3LL * W * H, "pixel", err, errlen)) < 0 ||
+        (rc = dg_vae_decode(p->vae, p->vae_state, target, 1, p->lat_h, p->lat_w, p->pixels, err, errlen)) < 0)
+        goto out;
+    if ((rc = dg_image_new(W, H, &img)) < 0) {
+        snprintf(err, errlen, "out of memory for a %dx%d image", W, H);
+        goto out;
+    }
+    pixels_to_rgb(p->pixels, img);
+    dg_image_hash(img, hash);
+    int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
+    if ((rc = dg_latent_cache_put(p->lcache, hash, H, W, target, n_target)) < 0) {
+        snprintf(err, errlen, "out of memory for the drawn image's latent in the latent cache");
+        goto out;
+    }
+    *out = img;
+    img = NULL;
+out:
+    dg_image_free(img);
+    dg_flow_free(p->flow);
+    p->flow = NULL;
+    p->lcache = NULL;
+    p->cost.vae_ms += dg_clock_now_ms() - t0;
+    return rc;
+}

@@ -1,0 +1,112 @@
+/* painter.h — drawing one image of an interleaved answer (DESIGN §2 step 4, §6), from the
+ * condition rows of a context and the earlier images to an 8-bit RGB image, one denoising
+ * step per call. The painter knows nothing of sequences, tokens or the scheduler: its
+ * caller says which condition positions and which earlier images to use, emits the
+ * events, and puts the finished image into its context.
+ *
+ *   semantic condition  the connector over the caller's accumulated condition rows:
+ *                       positions [0, n_pos) for the conditional branch, [0, n_neg) for the
+ *                       unconditional (CFG) one
+ *   visual condition    every earlier image as a clean VAE latent frame at its own aspect
+ *                       ratio, scaled to the target's area (multiples of the VAE factor times
+ *                       the DiT patch) so that the DiT's work stays bounded; latents come
+ *                       from the latent cache when the image (by content hash) was seen at
+ *                       that size, and are put there when encoded
+ *   sampling            the flow-matching sampler (UniPC over the post-trained Karras
+ *                       schedule; shift > 0 selects the shifted schedule), one call per
+ *                       denoising step, classifier-free guidance with the visual conditions
+ *                       in both branches; the target's noise is stream
+ *                       seed·0x9E3779B97F4A7C15 + index + 1, so a job draws the same images
+ *                       on every machine
+ *   finish              VAE decode into 8-bit RGB; the sampler's latent goes to the latent
+ *                       cache under the image's content hash, so that the image as a later
+ *                       condition is never encoded again
+ *
+ * Usage (one painter per scheduler slot, kept from image to image: its buffers grow to the
+ * largest image seen, at begin, never during the steps):
+ *
+ *     dg_painter *p;
+ *     dg_painter_new(&m->dit, &m->vae, &m->conn, max_context, &p, err, sizeof err);
+ *     dg_painter_check(p, &params, err, sizeof err);                   // at admission
+ *     dg_painter_begin(p, &(dg_painter_job){...}, err, sizeof err);    // on <BOV>
+ *     do step = dg_painter_step(p, err, sizeof err);                   // one per scheduler step
+ *     while (step > 0 && step < params.steps);
+ *     dg_painter_finish(p, &img, &hash, err, sizeof err);              // img is the caller's
+ *     dg_painter_free(p);
+ *
+ * Every call takes the painter alone, never a sequence, so that painters drawing images of
+ * one layout can later be stepped together. Not thread-safe: one scheduler owns a painter.
+ * Errors are negative DG_E* values with the message in err. */
+#ifndef DG_PAINTER_H
+#define DG_PAINTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache/latent_cache.h"
+#include "draw/connector.h"
+#include "draw/dit.h"
+#include "draw/vae.h"
+#include "duogen.h"
+#include "io/image.h"
+
+typedef struct dg_painter dg_painter;
+
+/* An earlier image of the conversation: a condition frame of the next one. */
+typedef struct {
+    const dg_image        *img;    /* borrowed: 8-bit RGB */
+    const dg_image_digest *hash;   /* borrowed: its content hash, the latent cache key */
+} dg_painter_cond;
+
+/* One image to draw. Borrowed for dg_painter_begin, except the latent cache, which is
+ * borrowed until dg_painter_finish. */
+typedef struct {
+    dg_cond_acc           *acc;      /* condition rows of at least positions [0, n_pos) */
+    int                    n_pos;    /* conditional branch: positions [0, n_pos) */
+    int                    n_neg;    /* unconditional branch: positions [0, n_neg) */
+    const dg_painter_cond *conds;    /* [n_conds] the earlier images, oldest first */
+    int                    n_conds;
+    dg_latent_cache       *lcache;   /* condition latents in, the drawn latent out */
+    uint64_t               seed;     /* the job's seed */
+    int                    index;    /* the image's index in the job (0-based): its noise */
+    dg_image_params        params;   /* width, height, steps, guidance_scale, shift
+                                        (checked by dg_painter_check) */
+} dg_painter_job;
+
+/* What the image in progress has cost since dg_painter_begin; the caller adds it to its
+ * timings and usage when the image ends. */
+typedef struct {
+    double  diffusion_ms;     /* begin (conditions, noise, layout) and the denoising steps */
+    double  vae_ms;           /* encoding condition images (also inside diffusion_ms), decoding */
+    int64_t cached_latents;   /* condition images whose latent came from the latent cache */
+} dg_painter_cost;
+
+/* A painter over the model's drawing components (borrowed; they outlive it); max_context
+ * bounds the condition positions. DG_ENOMEM. Buffers are allocated by the first begin. */
+int  dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, int max_context,
+                    dg_painter **out, char *err, size_t errlen);
+void dg_painter_free(dg_painter *p);   /* accepts NULL; drops an image in progress */
+
+/* DG_EINVAL unless width and height are positive multiples of the VAE factor times the DiT
+ * patch and steps is 1..DG_FLOW_MAX_STEPS. */
+int  dg_painter_check(const dg_painter *p, const dg_image_params *params, char *err, size_t errlen);
+
+/* Sets up the image: the semantic conditions, the condition frames (VAE-encoded or from
+ * the latent cache), the target's noise, the DiT layout and the sampler. An image still in
+ * progress is dropped. DG_ELIMIT beyond DG_DIT_MAX_FRAMES - 1 earlier images or the DiT's
+ * position limits; DG_ENOMEM; DG_EINVAL for condition positions the accumulator lacks. */
+int  dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen);
+
+/* One denoising step (two DiT forwards with guidance, one without). Returns the steps
+ * taken so far, 1..steps: at `steps` the latent is ready for dg_painter_finish. */
+int  dg_painter_step(dg_painter *p, char *err, size_t errlen);
+
+/* After the last step: the VAE decodes the latent into *out (a new image, the caller's)
+ * and *hash gets its content hash, under which the latent goes to the latent cache. The
+ * painter then holds no image in progress. On error *out is NULL. */
+int  dg_painter_finish(dg_painter *p, dg_image **out, dg_image_digest *hash, char *err, size_t errlen);
+
+/* The cost of the image begun last (zero before any). */
+void dg_painter_cost_get(const dg_painter *p, dg_painter_cost *out);
+
+#endif
