@@ -97,7 +97,7 @@ static int vae_room(dg_sched *s, dg_seq *q, int h, int w, char *err, size_t errl
     int nh = h > b->vae_h ? h : b->vae_h, nw = w > b->vae_w ? w : b->vae_w;
     dg_vae_state_free(&s->m->vae, b->vae);
     b->vae = NULL;
-    int rc = dg_vae_state_new(&s->m->vae, 1, nh, nw, &b->vae, err, errlen);
+    int rc = dg_vae_state_new(&s->m->vae, s->be, 1, nh, nw, &b->vae, err, errlen);
     if (rc < 0) return rc;
     b->vae_h = nh;
     b->vae_w = nw;
@@ -217,7 +217,7 @@ int dg_draw_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     if (!b->dit || b->dit_tokens < q->layout.n_tokens) {
         dg_dit_state_free(&m->dit, b->dit);
         b->dit = NULL;
-        if ((rc = dg_dit_state_new(&m->dit, (int)q->layout.n_tokens, m->max_context, &b->dit, err, errlen)) < 0)
+        if ((rc = dg_dit_state_new(&m->dit, s->be, (int)q->layout.n_tokens, m->max_context, &b->dit, err, errlen)) < 0)
             return rc;
         b->dit_tokens = (int)q->layout.n_tokens;
     }

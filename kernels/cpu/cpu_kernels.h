@@ -13,7 +13,9 @@
 typedef struct {
     int     n_threads;
     int     simd;            /* 1: AVX2 + FMA + F16C kernels */
-    float  *conv;            /* owned scratch: weight rows converted to fp32 for GEMM */
+    float  *conv;            /* owned scratch, one per backend (a fork has its own): weight
+                                rows converted to fp32 for GEMM, conv3d's im2col tiles, the
+                                VAE attention's score tiles */
     int64_t conv_floats;     /* its size */
 } dg_cpu;
 

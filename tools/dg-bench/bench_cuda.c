@@ -261,7 +261,7 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     printf("  %s: seeded 7B text weights (%.2f GB) in %.1f s\n", dev, wbytes / 1e9, (bench_now_ms() - t_load) / 1e3);
     const dg_text_config *c = &m.cfg;
     const int kv_dim = c->n_kv_heads * c->head_dim;
-    if (dg_qwen2_state_new(&m, max_tokens, 1, &s, err, sizeof err) < 0 ||
+    if (dg_qwen2_state_new(&m, m.be, max_tokens, 1, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, c->n_layers, kv_dim, 16, (n_long + n_decode) / 16 + 4, &kv, err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, n_long + n_decode + 1, 16) < 0) {
         fprintf(stderr, "bench_cuda: %s\n", err);
@@ -318,7 +318,7 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     {
         dg_qwen2_state *sg = NULL;
         setenv("DG_CUDA_GRAPHS", "1", 1);
-        if (dg_qwen2_state_new(&m, max_tokens, 1, &sg, err, sizeof err) == 0) {
+        if (dg_qwen2_state_new(&m, m.be, max_tokens, 1, &sg, err, sizeof err) == 0) {
             in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
             int ok = dg_qwen2_forward(&m, sg, kv, &seq, &in, NULL, err, sizeof err) == 0 &&
                      decode_steps(&m, sg, kv, &seq, ids + n_prompt, 4, err, sizeof err) == 0;   /* records them */
