@@ -40,6 +40,7 @@ void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_v
 void dg_cpu_silu_mul(const dg_cpu *c, float *y, const float *gate, const float *up, int64_t n);
 void dg_cpu_add(const dg_cpu *c, float *y, const float *x, int64_t n);
 void dg_cpu_embed(const dg_cpu *c, float *y, const dg_weight *table, const int32_t *ids, int m);
+/* In place, per row of x[m, n] (exact, two passes): the VAE attention's score tiles. */
 void dg_cpu_softmax(const dg_cpu *c, float *x, int m, int n);
 
 #endif

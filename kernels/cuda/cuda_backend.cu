@@ -135,7 +135,6 @@ static void *arena_alloc(dg_cuda_device *d, size_t bytes) {
         }
         s->used = 1;
         d->in_use += n;
-        if (d->in_use > d->peak) d->peak = d->in_use;
         p = d->base + s->off;
         break;
     }
@@ -166,6 +165,14 @@ static void arena_release(dg_cuda_device *d, void *p) {
         }
     }
     pthread_mutex_unlock(&d->lock);
+}
+
+/* MiB in use, for messages. */
+static size_t arena_in_use_mib(dg_cuda_device *d) {
+    pthread_mutex_lock(&d->lock);
+    const size_t n = d->in_use >> 20;
+    pthread_mutex_unlock(&d->lock);
+    return n;
 }
 
 static void *cuda_alloc(dg_backend *be, size_t bytes) { return arena_alloc(dg_cuda_of(be)->dev, bytes); }
@@ -256,7 +263,7 @@ static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t e
     if (!dev) {
         snprintf(err, errlen, "cuda: weight [%lld, %lld] does not fit the GPU memory budget "
                  "(%zu of %zu MiB in use; set DG_GPU_MEMORY)", (long long)w->rows, (long long)w->cols,
-                 c->dev->in_use >> 20, c->dev->size >> 20);
+                 arena_in_use_mib(c->dev), c->dev->size >> 20);
         return DG_ENOMEM;
     }
     if (w->dtype == DG_DTYPE_BF16) {
@@ -313,7 +320,7 @@ static int exec_new(dg_cuda *c, char *err, size_t errlen) {
         snprintf(err, errlen, "cuda:%d: a backend's %zu MiB of scratch do not fit the memory budget "
                  "(%zu of %zu MiB in use; set DG_GPU_MEMORY)", device,
                  (DG_CUDA_STAGE_BYTES + DG_CUDA_SCRATCH_BYTES + DG_CUDA_BLAS_WS_BYTES) >> 20,
-                 c->dev->in_use >> 20, c->dev->size >> 20);
+                 arena_in_use_mib(c->dev), c->dev->size >> 20);
         return DG_ENOMEM;
     }
     if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS ||

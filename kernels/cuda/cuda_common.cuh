@@ -72,7 +72,7 @@ typedef struct {
     size_t          size;
     dg_cuda_seg    *segs;
     int             n_segs, cap_segs;
-    size_t          in_use, peak;
+    size_t          in_use;        /* bytes in used segments */
 } dg_cuda_device;
 
 /* One backend: the device it shares and the execution state it alone uses (one thread at a
