@@ -6,11 +6,15 @@
 #                   the last line is "N passed, N failed, N skipped"
 #   make bench      benchmarks; figures on stdout, JSON under build/bench/
 #   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
-#   make demo       the main job on the default model (arrives with the engine, issue 7)
+#   make demo       the main job on the default model, through Redis and a worker, into
+#                   out/answer.md (tools/demo.sh)
 #   make install    PREFIX=/usr/local DESTDIR=
 #
 # Where sources live decides what they become, so a new unit needs no Makefile edit:
-#   engine/*.c kernels/cpu/*.c  -> build/libduogen.a          (the engine; no Redis, no protobuf)
+#   engine/*.c engine/*/*.c kernels/cpu/*.c
+#                               -> build/libduogen.a          (the engine; no Redis, no protobuf)
+#   kernels/cuda/*.cu           -> build/libduogen_cuda.so    (the CUDA backend, when nvcc is
+#                                                              on PATH; loaded at run time)
 #   daemon/*.c                  -> build/duogend              (links libduogen)
 #   tools/<name>/*.c            -> build/<name>               (links libduogen and the protocol)
 #   tests/test_*.c              -> build/tests/test_*         (one unit-test program each)
@@ -46,7 +50,8 @@ ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o)
 LIB        := $(BUILD)/libduogen.a
 
 # ---- the CUDA backend: kernels/cuda/*.cu become build/libduogen_cuda.so when nvcc is on PATH
-# (sm_90 machine code for the H100/H200 plus compute_80 PTX that newer GPUs JIT-compile).
+# (sm_90 machine code for the H100/H200 plus compute_80 PTX that other GPUs, Ampere on,
+# JIT-compile).
 # engine/backend.c loads that module on the first "cuda:N", so a process that never asks for
 # a GPU does not map the CUDA libraries; without nvcc the build is the CPU-only product, and
 # "cuda:N" says so at run time.
@@ -182,14 +187,14 @@ bench-queue: all
 	/usr/bin/python3 tools/bench/bench_queue.py --json $(BUILD)/bench/queue.json
 	/usr/bin/python3 tools/bench/redis_memory.py --json $(BUILD)/bench/redis_memory.json
 
-# the text decoder (small preset, 1 and 2 threads); the transformers and llama.cpp baselines
-# (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py) are run by hand, and
-# dg-bench prints the ratios when their JSON is in build/bench/
 # whole interleaved jobs through duogend on the CPU: jobs/hour, time per phase, prefix cache
 bench-e2e: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/bench/bench_e2e.py --json $(BUILD)/bench/e2e.json
 
+# the text decoder (small preset, 1 and 2 threads); the transformers and llama.cpp baselines
+# (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py) are run by hand, and
+# dg-bench prints the ratios when their JSON is in build/bench/
 bench-decoder: all
 	@mkdir -p $(BUILD)/bench
 	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder

@@ -1,4 +1,5 @@
-/* backend.c — creation of a backend by name: the one place that picks an implementation. */
+/* backend.c — creation of a backend by name (the one place that picks an implementation),
+ * forks, and the check that a table has every operation. */
 #include "backend.h"
 
 #include <stdint.h>
@@ -66,28 +67,72 @@ static int cuda_index(const char *name) {
     return n;
 }
 
+/* Every member but the optional ones (the fused forms and graph_run/graph_release, which
+ * have their composition in backend.h). */
+#define REQUIRED_MEMBERS(X)                                                                    \
+    X(free) X(fork) X(alloc) X(release) X(weight_prepare) X(matmul) X(rmsnorm) X(rope)         \
+    X(kv_write) X(attention) X(silu_mul) X(add) X(embed) X(download) X(upload)                 \
+    X(attention_segments) X(gelu) X(rope_table) X(gather_rows) X(conv3d) X(channel_rmsnorm)    \
+    X(upsample2x) X(spatial_attention) X(silu) X(modulate) X(add_gated) X(standardize)         \
+    X(logits_adjust) X(topk) X(status)
+
+int dg_backend_check(const dg_backend *be, char *err, size_t errlen) {
+    char missing[512] = "";
+    size_t n = 0;
+#define CHECK_MEMBER(op)                                                                       \
+    if (!be->op && n < sizeof missing)                                                         \
+        n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%s", n ? ", " : "", #op);
+    REQUIRED_MEMBERS(CHECK_MEMBER)
+#undef CHECK_MEMBER
+    if (!n) return 0;
+    snprintf(err, errlen, "backend \"%s\": no %s", be->name ? be->name : "?", missing);
+    return DG_EINTERNAL;
+}
+
+/* A backend just made: kept when its table is whole, else freed (where it can be). */
+static int checked(dg_backend *be, dg_backend **out, char *err, size_t errlen) {
+    int rc = dg_backend_check(be, err, errlen);
+    if (rc < 0) {
+        if (be->free) be->free(be);
+        return rc;
+    }
+    *out = be;
+    return 0;
+}
+
 int dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err, size_t errlen) {
     return dg_backend_new_sized(name, n_threads, 0, out, err, errlen);
 }
 
 int dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, dg_backend **out, char *err,
                          size_t errlen) {
+    dg_backend *be = NULL;
+    int rc;
     *out = NULL;
-    if (!name || !strcmp(name, "cpu")) return dg_cpu_backend_new(n_threads, 0, out, err, errlen);
-    if (!strcmp(name, "cpu-scalar")) return dg_cpu_backend_new(n_threads, 1, out, err, errlen);
-    if (cuda_index(name) >= 0) {
+    if (!name || !strcmp(name, "cpu")) rc = dg_cpu_backend_new(n_threads, 0, &be, err, errlen);
+    else if (!strcmp(name, "cpu-scalar")) rc = dg_cpu_backend_new(n_threads, 1, &be, err, errlen);
+    else if (cuda_index(name) >= 0) {
 #ifdef DG_HAVE_CUDA
         cuda_new_fn cuda_new = cuda_module(err, errlen);
         if (!cuda_new) return DG_EINVAL;   /* an installation problem, like a missing device */
-        return cuda_new(cuda_index(name), device_bytes, out, err, errlen);
+        rc = cuda_new(cuda_index(name), device_bytes, &be, err, errlen);
 #else
         (void)device_bytes;
         snprintf(err, errlen, "device \"%s\": this build has no CUDA backend (nvcc was not found)", name);
         return DG_EINVAL;
 #endif
+    } else {
+        snprintf(err, errlen, "device \"%s\": not \"cpu\", \"cpu-scalar\" or \"cuda:N\"", name);
+        return DG_EINVAL;
     }
-    snprintf(err, errlen, "device \"%s\": this build has only \"cpu\"", name);
-    return DG_EINVAL;
+    return rc < 0 ? rc : checked(be, out, err, errlen);
+}
+
+int dg_backend_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) {
+    dg_backend *f = NULL;
+    *out = NULL;
+    int rc = be->fork(be, &f, err, errlen);
+    return rc < 0 ? rc : checked(f, out, err, errlen);
 }
 
 void dg_backend_free(dg_backend *be) {

@@ -1,9 +1,11 @@
 /* backend.h — the one compute interface the model code calls.
  *
- * A backend is a table of operations chosen at run time (dg_backend_new("cpu")). Model
- * code (engine/qwen2.c, later the vision tower, the DiT and the VAE) is written once over
- * these operations and never includes a kernel header. The CPU implementation lives in
- * kernels/cpu/; a CUDA one will fill the same table from kernels/cuda/.
+ * A backend is a table of operations chosen at run time by name (dg_backend_new: "cpu",
+ * "cpu-scalar", "cuda:N"). Model code (engine/mllm/qwen2.c and vision.c, engine/draw/dit.c,
+ * vae.c and connector.c, the sampler's device path) is written once over these operations
+ * and never includes a kernel header. The CPU implementation lives in kernels/cpu/; the
+ * CUDA one in kernels/cuda/, built into the module build/libduogen_cuda.so that
+ * engine/backend.c loads on the first "cuda:N".
  *
  * Conventions shared by every operation:
  *   - activations are fp32, row-major, contiguous: x[m, n] is m rows (tokens) of n values;
@@ -15,8 +17,31 @@
  *   - operations do not allocate: scratch they need is reserved when the backend is made;
  *   - operations cannot fail on valid shapes; shapes are validated at load time.
  *
- * Extending it: a later block (vision conv, GELU, group norm...) adds a member at the end
- * of struct dg_backend and implements it in every backend; model code checks nothing. */
+ * Threads. A backend is used by one thread at a time: its operations, and the order in
+ * which they run, are that thread's. dg_backend_fork makes another backend for another
+ * thread (a scheduler each): the same operations and settings, its OWN execution state
+ * (CPU: the scratch of GEMM, convolution and VAE attention; CUDA: a stream, cuBLAS and
+ * cuBLASLt handles, their workspace and plans, the staging ring for host arrays, the
+ * scratch, the readback buffer, the sticky status), and the parent's device-wide resources
+ * SHARED: the device, its memory (CUDA: one arena, whose alloc and release are locked, so
+ * any backend of the family may allocate or release while the others run operations), and
+ * so the weights prepared by any of them. Hence:
+ *   - backends of one family run operations concurrently on their own threads; two of
+ *     them may read the same memory (weights) at once, but the operations of two
+ *     backends are not ordered with each other (two CUDA streams), so memory that one
+ *     writes is not touched by another — each thread's buffers are its own;
+ *   - a fork sees everything its parent issued before dg_backend_fork returned (the
+ *     weights uploaded at load); dg_backend_fork may run on any thread, several at once;
+ *   - memory goes back through release on the backend that allocated it, which returns
+ *     it to the shared pool only after that backend's issued work is done (so another
+ *     backend's next alloc never gets memory still being read);
+ *   - a fork is freed before its parent; freeing a fork frees its own state only.
+ *
+ * Extending it: a new operation adds a member to struct dg_backend, implements it in every
+ * backend, and joins the list of required members in backend.c, which dg_backend_new and
+ * dg_backend_fork check (a fused form that defaults to its composition may stay optional);
+ * model code checks nothing. A member that no engine code calls is removed, not kept for
+ * tests. */
 #ifndef DG_BACKEND_H
 #define DG_BACKEND_H
 
@@ -37,7 +62,7 @@ typedef struct {
 } dg_weight;
 
 /* The KV of one layer as attention reads it: fixed-size blocks of positions, reached
- * through a sequence's block table (see kv_cache.h). Position p of the sequence lives at
+ * through a sequence's block table (see cache/kv_cache.h). Position p of the sequence lives at
  * row (block_table[p / block_size] * block_size + p % block_size) of k and v. */
 typedef struct {
     float         *k;            /* [n_blocks * block_size, n_kv_heads * head_dim] */
@@ -86,13 +111,16 @@ typedef struct {
 typedef struct dg_backend dg_backend;
 
 struct dg_backend {
-    const char *name;            /* "cpu", "cpu-scalar" */
-    int         n_threads;
+    const char *name;            /* "cpu", "cpu-scalar", "cuda" */
+    int         n_threads;       /* CPU threads an operation uses (CUDA: 1) */
     void       *impl;            /* owned by the backend */
 
     void  (*free)(dg_backend *be);
+    /* A new backend over the same device (see "Threads" above): *out, or a negative DG_E*
+     * with err (DG_ENOMEM: its scratch does not fit; DG_EDEVICE: the parent has failed). */
+    int   (*fork)(dg_backend *be, dg_backend **out, char *err, size_t errlen);
     void *(*alloc)(dg_backend *be, size_t bytes);   /* NULL on failure; 64-byte aligned */
-    void  (*release)(dg_backend *be, void *p);      /* accepts NULL */
+    void  (*release)(dg_backend *be, void *p);      /* accepts NULL; see "Threads" */
     /* Makes a host weight usable by the ops (CPU: nothing; GPU: upload). */
     int   (*weight_prepare)(dg_backend *be, dg_weight *w, char *err, size_t errlen);
 
@@ -120,8 +148,6 @@ struct dg_backend {
     void (*add)(dg_backend *be, float *y, const float *x, int64_t n);
     /* y[m, table.cols] = rows ids[0..m-1] of table, as fp32. */
     void (*embed)(dg_backend *be, float *y, const dg_weight *table, const int32_t *ids, int m);
-    /* In place, per row of x[m, n]. */
-    void (*softmax)(dg_backend *be, float *x, int m, int n);
     /* Copies n floats between host memory and backend memory (CPU: memcpy). */
     void (*download)(dg_backend *be, float *host, const float *src, int64_t n);
     void (*upload)(dg_backend *be, float *dst, const float *host, int64_t n);
@@ -142,14 +168,8 @@ struct dg_backend {
                                const float *k, const float *v, int kv_stride,
                                const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
                                int n_heads, int n_kv_heads, int head_dim, float scale);
-    /* y[m, n] = (x - mean) / sqrt(var + eps) · weight + bias per row, biased variance
-     * (torch.nn.LayerNorm); weight NULL means 1, bias NULL means 0; y may equal x. */
-    void (*layernorm)(dg_backend *be, float *y, const float *x, const float *weight,
-                      const float *bias, int m, int n, float eps);
     /* y[i] = 0.5·x·(1 + erf(x/√2)), i < n (nn.GELU()); y may equal x. */
     void (*gelu)(dg_backend *be, float *y, const float *x, int64_t n);
-    /* y[i] = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (nn.GELU(approximate="tanh")). */
-    void (*gelu_tanh)(dg_backend *be, float *y, const float *x, int64_t n);
     /* Rotary embedding from a table of angles, in place: for row i < m and head h of x
      * (row i at x + i·stride floats, n_heads heads of head_dim each), dims j and
      * j + head_dim/2 (rotate_half pairing) rotate by cos[i, j], sin[i, j], j < head_dim/2.
@@ -206,7 +226,7 @@ struct dg_backend {
     void (*add_rmsnorm)(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m,
                         int n, float eps);
 
-    /* ---- sampling (engine/sampler.c: the device path of dg_sampler_sample_device) ---- */
+    /* ---- sampling (engine/text/sampler.c: the device path of dg_sampler_sample_device) ---- */
 
     /* In place on a logits row x[n] (backend memory), in the order the host sampler applies
      * them: for each of the n_seen DISTINCT ids in seen[], x = x < 0 ? x·penalty : x / penalty
@@ -234,27 +254,40 @@ struct dg_backend {
      * every call with this *slot and that stage no host array: the decode step's runs
      * between its per-token operations. A GPU backend records them into *slot the first time
      * (a CUDA graph) and replays that from then on, instead of launching each; it runs
-     * ops(ctx) directly where it cannot record. *slot starts NULL; graph_release frees it.
-     * NULL members: ops(ctx) is called every time (dg_graph_run). */
+     * ops(ctx) directly where it cannot record. *slot starts NULL, belongs to the backend
+     * that first ran it (a recording replays on that backend's stream) and is freed by its
+     * graph_release. NULL members: ops(ctx) is called every time (dg_graph_run). */
     void (*graph_run)(dg_backend *be, void **slot, void (*ops)(void *ctx), void *ctx);
     void (*graph_release)(dg_backend *be, void *slot);   /* accepts NULL */
 
     /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
      * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,
-     * from then on (the backend is not usable again). The CPU backend cannot fail. */
+     * from then on (the backend is not usable again). Each backend of a family keeps its
+     * own: a fault is seen by the thread whose operation met it. The CPU backend cannot
+     * fail. */
     int  (*status)(dg_backend *be, char *err, size_t errlen);
 };
 
-/* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar) or
- * "cpu-scalar" (the portable kernels only; the reference in tests). n_threads 0 = all
- * cores. The only place that will choose CUDA. */
+/* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar),
+ * "cpu-scalar" (the portable kernels only; the reference in tests) or "cuda:N" ("cuda" is
+ * "cuda:0"; DG_EINVAL where the build or the machine has no such device). n_threads 0 =
+ * all cores. The only place that chooses an implementation. The table is checked
+ * (dg_backend_check): a missing operation fails the creation with DG_EINTERNAL. */
 int  dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err, size_t errlen);
 /* The same with the device memory a GPU backend takes at creation, once, for weights, KV
- * blocks and activations (0: DG_GPU_MEMORY from the environment, else 90% of the device's
- * free memory). The CPU backends ignore it. */
+ * blocks, activations and its forks' scratch (0: DG_GPU_MEMORY from the environment, else
+ * 90% of the device's free memory). The CPU backends ignore it. */
 int  dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, dg_backend **out,
                           char *err, size_t errlen);
+/* A backend for another thread, sharing be's device, memory and weights (see "Threads"
+ * above); checked as dg_backend_new's. The fork is freed with dg_backend_free before be. */
+int  dg_backend_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen);
 void dg_backend_free(dg_backend *be);   /* accepts NULL */
+
+/* 0 when every required member of the table is filled (all but the fused forms
+ * matmul_parts, matmul_swiglu and add_rmsnorm, and graph_run/graph_release); else
+ * DG_EINTERNAL with err naming the missing members ("backend \"cpu\": no fork, topk"). */
+int  dg_backend_check(const dg_backend *be, char *err, size_t errlen);
 
 /* The fused operations, or their composition where the backend has none. */
 static inline void dg_matmul_parts(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts,

@@ -4,7 +4,8 @@
  * writes text, and on <BOV> the DiT draws an image that goes back into the context. It
  * knows nothing of Redis or protobuf; results leave through a table of callbacks.
  *
- * Usage (one thread owns a scheduler; a model may be shared by several schedulers):
+ * Usage (one thread owns a scheduler; a model may be shared by several schedulers, see
+ * "Threads" below):
  *
  *     dg_model *m; dg_sched *s; char err[256]; uint64_t seq;
  *     if (dg_model_open("models/tiny", &(dg_model_opts){.device = "cpu"}, &m, err, sizeof err))
@@ -19,6 +20,24 @@
  *
  * Errors are negative DG_E* values; dg_error_class() tells what the caller should do.
  * Error messages name what was wrong ("image 2: not a PNG or JPEG (first bytes 47 49 46)").
+ *
+ * Threads:
+ *   - A dg_model is read-only once dg_model_open() has returned. Any number of schedulers
+ *     may share it, created by dg_sched_new() on any thread (several at once too), and
+ *     they step concurrently, each on its own thread: a scheduler computes on its own fork
+ *     of the model's compute backend (its own scratch; on a GPU its own stream, cuBLAS
+ *     handles, staging buffers and device error), sharing with the others only the
+ *     weights and, on a GPU, the device memory the model took at open. A job's answer
+ *     does not depend on what other schedulers run beside it.
+ *   - Every call on one scheduler (dg_sched_submit, _step, _cancel, _active,
+ *     _cache_stats, _free) comes from one thread at a time; which thread may change
+ *     between calls. Its sink's callbacks run on the calling thread.
+ *   - dg_model_close() comes after every scheduler of the model is freed.
+ *   - dg_model_describe(), dg_error_class() and dg_error_name() may be called from any
+ *     thread at any time.
+ *   - A device fault (DG_EDEVICE from dg_sched_step) is reported by the scheduler whose
+ *     work met it; a GPU that faulted is usually lost to every scheduler of the process,
+ *     which should exit (fatal, as the error class says).
  */
 #ifndef DUOGEN_H
 #define DUOGEN_H
@@ -162,14 +181,18 @@ typedef struct {
 
 /* ---- model and scheduler ------------------------------------------------------------------- */
 
-typedef struct dg_model dg_model;   /* loaded weights; read-only after open, shareable */
-typedef struct dg_sched dg_sched;   /* one per worker thread: sequences, KV blocks, caches */
+typedef struct dg_model dg_model;   /* loaded weights; read-only after open, shared by schedulers */
+typedef struct dg_sched dg_sched;   /* one per worker thread: sequences, KV blocks, caches, and
+                                       its own compute scratch (see "Threads" above) */
 
 typedef struct {
     const char *device;             /* "cpu" or "cuda:N"; NULL = "cpu" */
-    int         threads;            /* CPU threads; 0 = all cores */
-    size_t      device_memory;      /* bytes a GPU device may take (pool sized once at open);
-                                       0 = DG_GPU_MEMORY or 90% of the free memory */
+    int         threads;            /* CPU threads of each scheduler's operations (schedulers
+                                       stepping at once use as many each); 0 = all cores */
+    size_t      device_memory;      /* bytes a GPU device may take (pool sized once at open,
+                                       for the weights and every scheduler's buffers, ~300 MiB
+                                       of scratch each among them); 0 = DG_GPU_MEMORY or 90%
+                                       of the free memory */
     /* Called now and then during a long load (at least every few seconds), so that a
      * supervisor can be told the process is alive. May be NULL. */
     void      (*progress)(void *user, const char *phase, double fraction);

@@ -20,7 +20,8 @@
 struct dg_model {
     char              dir[1024];
     char              describe[256];
-    dg_backend       *be;               /* owned */
+    dg_backend       *be;               /* owned: the weights' backend (load only); each
+                                           scheduler runs on a fork of it */
     dg_tok           *tok;              /* owned */
     dg_qwen2vl_config cfg;              /* mllm/config.json */
     dg_st            *mllm_st;          /* owned: the MLLM's mapped weights */

@@ -52,7 +52,7 @@ static void cond_hook(void *user, int layer, const float *hidden, int n, int pos
     const float *h = hidden;
     if (q->hook_rc) return;
     if (layer == m->cfg.text.n_layers - 1) {
-        m->be->rmsnorm(m->be, s->normed, hidden, m->llm.norm, n, m->cfg.text.hidden_size,
+        s->be->rmsnorm(s->be, s->normed, hidden, m->llm.norm, n, m->cfg.text.hidden_size,
                        m->cfg.text.rms_norm_eps);
         h = s->normed;
     }
@@ -65,7 +65,7 @@ static void cond_save_blocks(dg_sched *s, dg_seq *q) {
     const dg_model *m = s->m;
     int full = q->kv.n_tokens / DG_KV_BLOCK, d = m->conn.d_cond;
     for (int b = q->cond_saved; b < full; b++)
-        m->be->download(m->be, s->cond_store + (int64_t)q->kv.blocks[b] * DG_KV_BLOCK * d,
+        s->be->download(s->be, s->cond_store + (int64_t)q->kv.blocks[b] * DG_KV_BLOCK * d,
                         q->acc->acc + (int64_t)b * DG_KV_BLOCK * d, (int64_t)DG_KV_BLOCK * d);
     if (full > q->cond_saved) q->cond_saved = full;
 }
@@ -74,7 +74,7 @@ static void cond_load_blocks(dg_sched *s, dg_seq *q, int n_positions) {
     const dg_model *m = s->m;
     int d = m->conn.d_cond;
     for (int b = 0; b < n_positions / DG_KV_BLOCK; b++)
-        m->be->upload(m->be, q->acc->acc + (int64_t)b * DG_KV_BLOCK * d,
+        s->be->upload(s->be, q->acc->acc + (int64_t)b * DG_KV_BLOCK * d,
                       s->cond_store + (int64_t)q->kv.blocks[b] * DG_KV_BLOCK * d, (int64_t)DG_KV_BLOCK * d);
     /* these positions now hold every layer's share, as if the decoder had run on them */
     memset(q->acc->seen, m->conn.n_layers, (size_t)n_positions);
@@ -104,33 +104,36 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         rc = DG_EINVAL;
         goto fail;
     }
+    if ((rc = dg_backend_fork(m->be, &s->be, err, errlen)) < 0) goto fail;
+    rc = DG_ENOMEM;
     s->n_seqs = s->o.max_inflight;
     s->seqs = calloc((size_t)s->n_seqs, sizeof *s->seqs);
     if (!s->seqs) goto fail;
-    if ((rc = dg_kv_cache_new(m->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, &s->kv, err, errlen)) < 0)
+    if ((rc = dg_kv_cache_new(s->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, &s->kv, err, errlen)) < 0)
         goto fail;
-    if ((rc = dg_qwen2_state_new(&m->llm, DG_SCHED_CHUNK, 1, &s->st, err, errlen)) < 0) goto fail;
+    if ((rc = dg_qwen2_state_new(&m->llm, s->be, DG_SCHED_CHUNK, 1, &s->st, err, errlen)) < 0) goto fail;
     rc = DG_ENOMEM;
     if (m->has_vision) {
         /* one image can have at most max_context tokens of m² patches each */
         int64_t max_patches = (int64_t)m->max_context * m->pp.merge_size * m->pp.merge_size;
         int64_t by_pixels = m->pp.max_pixels / ((int64_t)m->pp.patch_size * m->pp.patch_size);
         if (by_pixels < max_patches) max_patches = by_pixels;
-        if ((rc = dg_vision_state_new(&m->vision, (int)max_patches, &s->vs, err, errlen)) < 0) goto fail;
+        if ((rc = dg_vision_state_new(&m->vision, s->be, (int)max_patches, &s->vs, err, errlen)) < 0) goto fail;
         size_t vc = s->o.vision_cache_bytes ? s->o.vision_cache_bytes : (size_t)64 << 20;
         if (dg_vision_cache_new(vc, &s->vcache) < 0) goto fail;
         s->embed_rows = m->max_context;
-        if (!(s->embeds = m->be->alloc(m->be, (size_t)s->embed_rows * c->hidden_size * sizeof(float)))) goto fail;
+        if (!(s->embeds = s->be->alloc(s->be, (size_t)s->embed_rows * c->hidden_size * sizeof(float)))) goto fail;
     }
     if (m->has_draw) {
         size_t lc = s->o.latent_cache_bytes ? s->o.latent_cache_bytes : (size_t)64 << 20;
         if (dg_latent_cache_new(lc, &s->lcache) < 0) goto fail;
-        if (!(s->normed = m->be->alloc(m->be, (size_t)DG_SCHED_CHUNK * c->hidden_size * sizeof(float)))) goto fail;
+        if (!(s->normed = s->be->alloc(s->be, (size_t)DG_SCHED_CHUNK * c->hidden_size * sizeof(float)))) goto fail;
         if (!(s->cond_store = calloc((size_t)n_blocks * DG_KV_BLOCK * (size_t)m->conn.d_cond, sizeof(float))))
             goto fail;
         for (int i = 0; i < s->n_seqs; i++)
-            if ((rc = dg_cond_acc_new(&m->conn, m->max_context, DG_SCHED_CHUNK, &s->seqs[i].acc, err, errlen)) < 0 ||
-                (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, m->max_context, &s->seqs[i].painter, err, errlen)) < 0)
+            if ((rc = dg_cond_acc_new(&m->conn, s->be, m->max_context, DG_SCHED_CHUNK, &s->seqs[i].acc, err, errlen)) < 0 ||
+                (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, s->be, m->max_context, &s->seqs[i].painter, err,
+                                     errlen)) < 0)
                 goto fail;
     }
     for (int i = 0; i < s->n_seqs; i++) s->seqs[i].sched = s;
@@ -171,14 +174,15 @@ void dg_sched_free(dg_sched *s) {
         dg_painter_free(s->seqs[i].painter);
     }
     free(s->seqs);
-    if (s->embeds) m->be->release(m->be, s->embeds);
-    if (s->normed) m->be->release(m->be, s->normed);
+    if (s->embeds) s->be->release(s->be, s->embeds);
+    if (s->normed) s->be->release(s->be, s->normed);
     free(s->cond_store);
     dg_latent_cache_free(s->lcache);
     dg_vision_cache_free(s->vcache);
     dg_vision_state_free(&m->vision, s->vs);
     dg_qwen2_state_free(&m->llm, s->st);
     dg_kv_cache_free(s->kv);
+    dg_backend_free(s->be);
     free(s);
 }
 
@@ -418,7 +422,7 @@ static int seq_feed(dg_sched *s, dg_seq *q, const int32_t *ids, int n, const int
      * 1.2 ms, plain temperature 1.16 ms both). st->logits is its scratch for the rows the
      * candidates do not decide. */
     int32_t ban = m->bov_id >= 0 && (!m->has_draw || q->n_drawn >= q->ip.max_images) ? m->bov_id : -1;
-    q->last = dg_sampler_sample_device(q->sampler, m->be, s->st->dev_logits, ban, s->st->logits);
+    q->last = dg_sampler_sample_device(q->sampler, s->be, s->st->dev_logits, ban, s->st->logits);
     return 0;
 }
 
@@ -644,7 +648,7 @@ static int step_seq(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
 }
 
 int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
-    dg_backend *be = s->m->be;
+    dg_backend *be = s->be;
     for (int i = 0; i < s->n_seqs; i++) {
         dg_seq *q = &s->seqs[i];
         if (q->state == SEQ_FREE) continue;

@@ -68,6 +68,9 @@ typedef struct dg_seq {
 
 struct dg_sched {
     dg_model        *m;          /* borrowed */
+    dg_backend      *be;         /* owned: a fork of m->be (backend.h), on which everything of
+                                    this scheduler runs, so that schedulers on other threads
+                                    share the weights but no execution state */
     dg_sched_opts    o;
     dg_kv_cache     *kv;         /* owned */
     dg_qwen2_state  *st;         /* owned */

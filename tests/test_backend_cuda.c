@@ -12,8 +12,8 @@
  *     element); with random signs the error of a dot product is about 2^-9/√3 of its norm:
  *     1e-2 relative norm allowed. DG_CUDA_GEMM=precise (x as hi + lo bf16, 16 bits): 1e-4.
  *   - conv3d: TF32 tensor cores (10 mantissa bits on x and w): 5e-3 relative norm.
- *   - norms, softmax, activations, adaLN: fp32 with another summation order and the
- *     device's libm (erff, tanhf, expf within 2 ulp): 1e-5 relative norm, 8e-5 max abs.
+ *   - norms, activations, adaLN: fp32 with another summation order and the device's
+ *     libm (erff, expf within 2 ulp): 1e-5 relative norm, 8e-5 max abs.
  *     standardize sums in double on both sides: the same bounds, on |x| ~ 1e3 inputs.
  *   - rope: the angle pos·theta^(-2j/d) is rounded once in fp32 on both sides, but powf
  *     may differ by 1 ulp, which at positions <= 2048 moves the angle by <= 2.5e-4 rad:
@@ -33,11 +33,15 @@
  *   - topk: a selection, exact (the same indices and value bits, ties by lower index). Its
  *     lse: the CPU sums exp in fp32 in index order (error up to ~sqrt(V)·2^-24 relative, ~2e-5
  *     at V = 152064), the GPU in blocks combined in double: 1e-4 absolute on the lse.
+ *   - forks (two threads, each on its own fork of one backend, the same operations on the
+ *     same inputs): the bits of the parent's run, exactly; the kernels, cuBLAS(Lt) and the
+ *     top-k are deterministic on one device, so any difference is state the forks share.
  *   - the sampler's device path on the GPU against the host path: the same token for greedy
  *     and top-k (+ top-p), which read only the exact candidates; top-p alone normalises by
  *     the GPU's lse, so a cutoff within ~1e-5 of a token's mass could differ; the rows are
  *     not built to be borderline, so any difference fails the case (and names itself). */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -326,12 +330,10 @@ TEST(cuda_embed) {
     free(t); free(ref); free(got);
 }
 
-/* ---- norms, softmax, element-wise ------------------------------------------------------ */
+/* ---- norms, element-wise --------------------------------------------------------------- */
 
-enum { OP_RMSNORM, OP_LAYERNORM, OP_LAYERNORM_NOAFF, OP_MODULATE, OP_SOFTMAX, OP_SILU_MUL, OP_ADD,
-       OP_GELU, OP_GELU_TANH, OP_SILU, OP_ADD_GATED, OP_STANDARDIZE };
-static const char *OP_NAMES[] = {"rmsnorm", "layernorm", "layernorm plain", "modulate", "softmax",
-                                 "silu_mul", "add", "gelu", "gelu_tanh", "silu", "add_gated",
+enum { OP_RMSNORM, OP_MODULATE, OP_SILU_MUL, OP_ADD, OP_GELU, OP_SILU, OP_ADD_GATED, OP_STANDARDIZE };
+static const char *OP_NAMES[] = {"rmsnorm", "modulate", "silu_mul", "add", "gelu", "silu", "add_gated",
                                  "standardize"};
 
 /* x, a [m, n]; p, q [n] (weights, bias, shift, scale, gate); result [m, n]. */
@@ -342,14 +344,10 @@ static float *run_rows(dg_backend *be, int op, const float *xh, const float *ah,
     float *y = be->alloc(be, sizeof(float) * (size_t)mn);
     switch (op) {
     case OP_RMSNORM: be->rmsnorm(be, y, x, p, m, n, 1e-6f); break;
-    case OP_LAYERNORM: be->layernorm(be, y, x, p, q, m, n, 1e-5f); break;
-    case OP_LAYERNORM_NOAFF: be->layernorm(be, y, x, NULL, NULL, m, n, 1e-6f); break;
     case OP_MODULATE: be->modulate(be, y, x, p, q, m, n, 1e-6f); break;
-    case OP_SOFTMAX: be->upload(be, y, xh, mn); be->softmax(be, y, m, n); break;
     case OP_SILU_MUL: be->silu_mul(be, y, x, a, mn); break;
     case OP_ADD: be->upload(be, y, ah, mn); be->add(be, y, x, mn); break;
     case OP_GELU: be->gelu(be, y, x, mn); break;
-    case OP_GELU_TANH: be->gelu_tanh(be, y, x, mn); break;
     case OP_SILU: be->silu(be, y, x, mn); break;
     case OP_ADD_GATED: be->upload(be, y, ah, mn); be->add_gated(be, y, x, p, m, n); break;
     case OP_STANDARDIZE: be->standardize(be, y, x, m, n, 1e-6f); break;
@@ -765,6 +763,116 @@ TEST(cuda_sampler_device_path) {
     CHECK(gpu->status(gpu, err, sizeof err) == 0);
     gpu->release(gpu, dx);
     free(x); free(host); free(scratch);
+}
+
+/* ---- forks: two threads, each on its own fork, give the parent's bits -------------------------- */
+
+enum { FK_M = 37, FK_N = 1024, FK_K = 896, FK_H = 8, FK_HD = 128, FK_ROWS = 300, FK_CTX = 200,
+       FK_V = 50000, FK_TOPK = 64, FK_ROUNDS = 10 };
+
+/* The inputs, host side; the weight is prepared once, on the parent, and shared. */
+typedef struct {
+    dg_weight w;                       /* [FK_N, FK_K] on the device */
+    float    *x, *bias, *qkv, *kv, *q1, *logits, *cx, *cw;
+    int32_t   table[FK_CTX / 16 + 1];
+} fork_inputs;
+
+static const dg_conv3d_shape FK_CONV = {32, 32, 1, 24, 24, 1, 3, 3, 1, 1, 1, 0, 1, 1, 1, 1};
+#define FK_NOUT (1 * FK_N + FK_M * FK_N + FK_ROWS * FK_H * FK_HD + FK_H * FK_HD + 32 * 24 * 24)
+
+/* matmul (the GEMV and the cuBLASLt GEMM with a bias), segment attention (the mma path's
+ * bf16 copies in the scratch), kv_write and the split-K decode attention (staged block
+ * table, partials in the scratch), conv3d (im2col in the scratch, cuBLAS) and top-k (the
+ * pinned readback): every piece of a backend's own state. out [FK_NOUT], idx [FK_TOPK]. */
+static void fork_ops_once(dg_backend *be, const fork_inputs *in, float *out, int32_t *idx) {
+    const int qs = 3 * FK_H * FK_HD, kvd = FK_H * FK_HD;
+    const int32_t cu[3] = {0, 100, FK_ROWS};
+    float *x = put(be, in->x, (int64_t)FK_M * FK_K), *b = put(be, in->bias, FK_N);
+    float *qkv = put(be, in->qkv, (int64_t)FK_ROWS * qs), *kv = put(be, in->kv, (int64_t)2 * FK_CTX * kvd);
+    float *q1 = put(be, in->q1, kvd), *lg = put(be, in->logits, FK_V);
+    float *cx = put(be, in->cx, 32 * 24 * 24), *cw = put(be, in->cw, 32 * 32 * 9);
+    const int64_t pool = (int64_t)(FK_CTX / 16 + 1) * 16 * kvd;
+    float *kp = be->alloc(be, sizeof(float) * (size_t)pool), *vp = be->alloc(be, sizeof(float) * (size_t)pool);
+    float *y = be->alloc(be, sizeof(float) * FK_NOUT), *o = y;
+    be->matmul(be, o, x, &in->w, b, 1);
+    o += FK_N;
+    be->matmul(be, o, x, &in->w, b, FK_M);
+    o += FK_M * FK_N;
+    be->attention_segments(be, o, qkv, qs, qkv + kvd, qkv + 2 * kvd, qs, cu, cu, 2, FK_H, FK_H, FK_HD,
+                           1.0f / sqrtf((float)FK_HD));
+    o += FK_ROWS * kvd;
+    dg_kv_view view = {kp, vp, in->table, 16};
+    be->kv_write(be, &view, 0, kv, kv + (int64_t)FK_CTX * kvd, FK_CTX, kvd);
+    be->attention(be, o, q1, &view, FK_CTX - 1, 1, FK_H, FK_H, FK_HD, 1.0f / sqrtf((float)FK_HD));
+    o += kvd;
+    be->conv3d(be, o, cx, cw, NULL, &FK_CONV);
+    float val[FK_TOPK];
+    double lse;
+    be->topk(be, lg, FK_V, FK_TOPK, 1.0f, val, idx, &lse);
+    be->download(be, out, y, FK_NOUT);
+    float *bufs[] = {x, b, qkv, kv, q1, lg, cx, cw, kp, vp, y};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->release(be, bufs[i]);
+}
+
+typedef struct {
+    dg_backend        *be;
+    const fork_inputs *in;
+    const float       *ref;
+    const int32_t     *ref_idx;
+    float             *out;
+    int32_t            idx[FK_TOPK];
+    int                differ;
+} fork_thread;
+
+static void *fork_thread_run(void *arg) {
+    fork_thread *t = arg;
+    for (int r = 0; r < FK_ROUNDS; r++) {
+        fork_ops_once(t->be, t->in, t->out, t->idx);
+        t->differ += memcmp(t->out, t->ref, sizeof(float) * FK_NOUT) != 0 ||
+                     memcmp(t->idx, t->ref_idx, sizeof t->idx) != 0;
+    }
+    return NULL;
+}
+
+TEST(cuda_forks_on_two_threads_give_the_same_bits) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    char err[256];
+    fork_inputs in = {.w = {rnd_bf16((int64_t)FK_N * FK_K, 0.05f), DG_DTYPE_BF16, FK_N, FK_K}};
+    uint16_t *wh = (uint16_t *)in.w.data;
+    in.x = rnd((int64_t)FK_M * FK_K, 1.0f);
+    in.bias = rnd(FK_N, 0.5f);
+    in.qkv = rnd((int64_t)FK_ROWS * 3 * FK_H * FK_HD, 1.0f);
+    in.kv = rnd((int64_t)2 * FK_CTX * FK_H * FK_HD, 1.0f);
+    in.q1 = rnd(FK_H * FK_HD, 1.0f);
+    in.logits = rnd(FK_V, 8.0f);
+    in.cx = rnd(32 * 24 * 24, 1.0f);
+    in.cw = rnd(32 * 32 * 9, 0.1f);
+    for (int i = 0; i < FK_CTX / 16 + 1; i++) in.table[i] = FK_CTX / 16 - i;   /* not the identity */
+    CHECK(gpu->weight_prepare(gpu, &in.w, err, sizeof err) == 0);
+    float *ref = malloc(sizeof(float) * FK_NOUT);
+    int32_t ref_idx[FK_TOPK];
+    fork_ops_once(gpu, &in, ref, ref_idx);
+    dg_backend *f[2] = {NULL, NULL};
+    fork_thread t[2];
+    pthread_t th[2];
+    for (int k = 0; k < 2; k++) {
+        if (dg_backend_fork(gpu, &f[k], err, sizeof err) < 0) test_fail(__FILE__, __LINE__, "fork: %s", err);
+        t[k] = (fork_thread){.be = f[k], .in = &in, .ref = ref, .ref_idx = ref_idx,
+                             .out = malloc(sizeof(float) * FK_NOUT)};
+    }
+    for (int k = 0; k < 2 && f[0] && f[1]; k++) CHECK(pthread_create(&th[k], NULL, fork_thread_run, &t[k]) == 0);
+    for (int k = 0; k < 2 && f[0] && f[1]; k++) pthread_join(th[k], NULL);
+    for (int k = 0; k < 2; k++) {
+        printf("  %-18s fork %d: %d of %d rounds differ from the parent\n", "forks", k, t[k].differ, FK_ROUNDS);
+        CHECK_EQ_INT(t[k].differ, 0);
+        if (f[k]) CHECK_EQ_INT(f[k]->status(f[k], err, sizeof err), 0);
+        dg_backend_free(f[k]);
+        free(t[k].out);
+    }
+    CHECK_EQ_INT(gpu->status(gpu, err, sizeof err), 0);
+    gpu->release(gpu, (void *)in.w.data);
+    free(wh); free(in.x); free(in.bias); free(in.qkv); free(in.kv); free(in.q1); free(in.logits);
+    free(in.cx); free(in.cw); free(ref);
 }
 
 int main(void) {

@@ -39,7 +39,7 @@ TEST(connector_accumulator_equals_full_concatenation) {
         return;
     }
     CHECK_EQ_INT(cn.d_cond, 32);
-    CHECK(dg_cond_acc_new(&cn, 64, 4, &acc, err, sizeof err) == 0);   /* chunks of 4: splits */
+    CHECK(dg_cond_acc_new(&cn, cn.be, 64, 4, &acc, err, sizeof err) == 0);   /* chunks of 4: splits */
     float *h[2], *dev = be->alloc(be, sizeof(float) * (size_t)P * D);
     for (int l = 0; l < L; l++) {
         json_t *w = json_array_get(json_object_get(g, "hidden_waves"), l);

@@ -64,7 +64,7 @@ static int greedy(const char *pkg, const char *backend, const int32_t *prompt, i
         dg_backend_new(backend, 0, &be, err, sizeof err) < 0 ||
         dg_st_open(pkg, &st, err, sizeof err) < 0 ||
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
-        dg_qwen2_state_new(&m, N_PROMPT, 1, &s, err, sizeof err) < 0 ||
+        dg_qwen2_state_new(&m, m.be, N_PROMPT, 1, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 8, &kv,
                         err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, N_PROMPT + N_STEPS + 1, 16) < 0) {
@@ -182,7 +182,7 @@ static float *dit_velocity(const char *backend, int64_t *n_out) {
     }
     snprintf(dir, sizeof dir, "%s/dit", pkg);
     if (dg_backend_new(backend, 0, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
-        dg_dit_state_new(&dit, 256, 64, &st, err, sizeof err) < 0)
+        dg_dit_state_new(&dit, dit.be, 256, 64, &st, err, sizeof err) < 0)
         goto fail;
     n = (int)json_array_size(json_object_get(c, "h"));
     for (int k = 0; k < n; k++) {
@@ -263,7 +263,7 @@ static int vae_run(const char *backend, float **lat_out, float **px_out, int64_t
     float *dec = malloc(sizeof(float) * (size_t)*n_px);
     snprintf(dir, sizeof dir, "%s/vae", pkg);
     if (dg_backend_new(backend, 0, &be, err, sizeof err) < 0 || dg_vae_load(&vae, dir, be, err, sizeof err) < 0 ||
-        dg_vae_state_new(&vae, T, H, W, &s, err, sizeof err) < 0)
+        dg_vae_state_new(&vae, vae.be, T, H, W, &s, err, sizeof err) < 0)
         goto out;
     dit_wave(px, *n_px, 0.9, 0.37, 0.1);
     if (dg_vae_encode(&vae, s, px, T, H, W, lat, err, sizeof err) < 0) goto out;

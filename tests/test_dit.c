@@ -39,7 +39,7 @@ static int setup(void) {
     if (!pkg) return 0;
     snprintf(dir, sizeof dir, "%s/dit", pkg);
     if (dg_backend_new("cpu", 0, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
-        dg_dit_state_new(&dit, 256, 64, &st, err, sizeof err) < 0) {
+        dg_dit_state_new(&dit, dit.be, 256, 64, &st, err, sizeof err) < 0) {
         fprintf(stderr, "setup: %s\n", err);
         return 0;
     }

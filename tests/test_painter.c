@@ -73,7 +73,7 @@ static int direct_conditions(const dg_model *m, const char *text, dg_tok_ids *id
     hook_ctx h = {m, acc, m->be->alloc(m->be, ids->n * (size_t)c->hidden_size * sizeof(float)), 0};
     int rc = -1;
     if (!h.normed || dg_kv_cache_new(m->be, c->n_layers, c->n_kv_heads * c->head_dim, 16, 64, &kv, err, sizeof err) < 0 ||
-        dg_qwen2_state_new(&m->llm, 256, 1, &st, err, sizeof err) < 0 || dg_kv_seq_init(&seq, m->max_context, 16) < 0)
+        dg_qwen2_state_new(&m->llm, m->be, 256, 1, &st, err, sizeof err) < 0 || dg_kv_seq_init(&seq, m->max_context, 16) < 0)
         goto out;
     dg_cond_acc_reset(&m->conn, acc);
     dg_qwen2_input in = {.ids = ids->ids, .n = (int)ids->n};
@@ -124,7 +124,7 @@ static dg_image *direct_draw(const dg_model *m, dg_cond_acc *acc, direct_job *j,
         dg_cond_acc_finish(&m->conn, acc, positions, j->n_neg, ctx_neg, err, sizeof err) < 0 ||
         dg_dit_layout_build(&L, j->lat_h, j->lat_w, cond, n_frames, z, m->dit.cfg.patch_h, m->dit.cfg.patch_w, err,
                             sizeof err) < 0 ||
-        dg_dit_state_new(&m->dit, (int)L.n_tokens, m->max_context, &ds, err, sizeof err) < 0 ||
+        dg_dit_state_new(&m->dit, m->be, (int)L.n_tokens, m->max_context, &ds, err, sizeof err) < 0 ||
         dg_dit_set_layout(&m->dit, ds, &L, err, sizeof err) < 0)
         goto out;
     lat = malloc((size_t)L.n_latent * sizeof *lat);
@@ -160,7 +160,7 @@ static dg_image *direct_draw(const dg_model *m, dg_cond_acc *acc, direct_job *j,
         }
         dg_flow_step(flow, x, v);
     }
-    if (dg_vae_state_new(&m->vae, 1, j->H, j->W, &vs, err, sizeof err) < 0 ||
+    if (dg_vae_state_new(&m->vae, m->be, 1, j->H, j->W, &vs, err, sizeof err) < 0 ||
         dg_vae_decode(&m->vae, vs, x, 1, j->lat_h[j->n_cond], j->lat_w[j->n_cond], px, err, sizeof err) < 0 ||
         dg_image_new(j->W, j->H, &img) < 0)
         goto out;
@@ -250,7 +250,7 @@ TEST(first_image_of_an_answer_is_the_components_run_directly) {
 
     dg_tok_ids ids = {0};
     dg_cond_acc *acc = NULL;
-    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->max_context, 256, &acc, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
     CHECK_EQ_INT(direct_conditions(m, text, &ids, acc), 0);
     /* the package's default shift, as the scheduler fills it in for a job that leaves 0 */
     direct_job j = {.n_pos = (int)ids.n, .n_neg = 1, .W = 32, .H = 48, .steps = 3, .guidance = 3.0f,
@@ -321,7 +321,7 @@ static float *direct_cond_latent(const dg_model *m, const dg_image *img, int w, 
     int64_t plane = (int64_t)w * h;
     for (int64_t i = 0; i < plane; i++)
         for (int c = 0; c < 3; c++) px[c * plane + i] = sized->rgb[i * 3 + c] / 127.5f - 1.0f;
-    if (dg_vae_state_new(&m->vae, 1, h, w, &vs, err, sizeof err) < 0 ||
+    if (dg_vae_state_new(&m->vae, m->be, 1, h, w, &vs, err, sizeof err) < 0 ||
         dg_vae_encode(&m->vae, vs, px, 1, h, w, lat, err, sizeof err) < 0)
         goto fail;
     goto out;
@@ -345,9 +345,9 @@ TEST(painter_with_a_condition_frame_is_the_components_run_directly) {
     dg_latent_cache *lc = NULL;
     dg_cond_acc *acc = NULL;
     dg_tok_ids ids = {0};
-    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->max_context, &p, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, &p, err, sizeof err), 0);
     CHECK_EQ_INT(dg_latent_cache_new((size_t)1 << 20, &lc), 0);
-    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->max_context, 256, &acc, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
     CHECK_EQ_INT(direct_conditions(m, "Now the same cake, sliced.", &ids, acc), 0);
 
     CHECK_EQ_INT(dg_painter_check(p, &(dg_image_params){.width = 40, .height = 32, .steps = 2}, err, sizeof err),

@@ -66,7 +66,7 @@ static int model_open(model *x, const char *backend) {
         dg_backend_new(backend, 0, &x->be, err, sizeof err) < 0 ||
         dg_st_open(pkg, &x->st, err, sizeof err) < 0 ||
         dg_qwen2_load(&x->m, &cfg.text, x->st, x->be, err, sizeof err) < 0 ||
-        dg_qwen2_state_new(&x->m, 128, 128, &x->s, err, sizeof err) < 0 ||
+        dg_qwen2_state_new(&x->m, x->m.be, 128, 128, &x->s, err, sizeof err) < 0 ||
         dg_kv_cache_new(x->be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 64,
                         &x->kv, err, sizeof err) < 0) {
         fprintf(stderr, "model_open: %s\n", err);

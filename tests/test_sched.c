@@ -123,7 +123,7 @@ TEST(sched_text_matches_direct_greedy_decode) {
     dg_kv_seq seq;
     CHECK_EQ_INT(dg_kv_cache_new(m->be, m->cfg.text.n_layers, m->cfg.text.n_kv_heads * m->cfg.text.head_dim, 16, 64,
                                  &kv, err, sizeof err), 0);
-    CHECK_EQ_INT(dg_qwen2_state_new(&m->llm, 256, 1, &st, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_qwen2_state_new(&m->llm, m->llm.be, 256, 1, &st, err, sizeof err), 0);
     dg_kv_seq_init(&seq, 512, 16);
     dg_tok_ids out = {0};
     dg_qwen2_input in = {.ids = ids.ids, .n = (int)ids.n, .n_logits = 1};

@@ -37,7 +37,7 @@ static void run_cases(const char *backend_name) {
         dg_backend_free(be);
         return;
     }
-    CHECK(dg_vae_state_new(&vae, 5, 32, 48, &s, err, sizeof err) == 0);
+    CHECK(dg_vae_state_new(&vae, vae.be, 5, 32, 48, &s, err, sizeof err) == 0);
     json_t *c;
     size_t i;
     json_array_foreach(json_object_get(json_object_get(g, "vae"), "cases"), i, c) {
@@ -89,7 +89,7 @@ TEST(vae_rejects_bad_shapes) {
     snprintf(dir, sizeof dir, "%s/vae", pkg);
     CHECK(dg_backend_new("cpu", 0, &be, err, sizeof err) == 0);
     CHECK(dg_vae_load(&vae, dir, be, err, sizeof err) == 0);
-    CHECK(dg_vae_state_new(&vae, 1, 16, 16, &s, err, sizeof err) == 0);
+    CHECK(dg_vae_state_new(&vae, vae.be, 1, 16, 16, &s, err, sizeof err) == 0);
     CHECK(dg_vae_encode(&vae, s, buf, 1, 12, 16, buf, err, sizeof err) == DG_EINVAL);
     CHECK(strstr(err, "multiples of 8") != NULL);
     CHECK(dg_vae_encode(&vae, s, buf, 2, 16, 16, buf, err, sizeof err) == DG_EINVAL);

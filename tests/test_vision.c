@@ -84,7 +84,7 @@ static int tower_open(tower *x, const char *backend) {
         dg_backend_new(backend, 0, &x->be, err, sizeof err) < 0 ||
         dg_st_open(pkg, &x->st, err, sizeof err) < 0 ||
         dg_vision_load(&x->vm, &x->cfg.vision, x->st, x->be, err, sizeof err) < 0 ||
-        dg_vision_state_new(&x->vm, MAX_PATCHES, &x->vs, err, sizeof err) < 0) {
+        dg_vision_state_new(&x->vm, x->vm.be, MAX_PATCHES, &x->vs, err, sizeof err) < 0) {
         fprintf(stderr, "tower_open: %s\n", err);
         return -1;
     }
@@ -266,7 +266,7 @@ static void multimodal(const char *backend) {
     }
     int next = 0;
     if (dg_qwen2_load(&lm, tc, x.st, x.be, err, sizeof err) < 0 ||
-        dg_qwen2_state_new(&lm, 256, 256, &s, err, sizeof err) < 0 ||
+        dg_qwen2_state_new(&lm, lm.be, 256, 256, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(x.be, tc->n_layers, tc->n_kv_heads * tc->head_dim, 16, 32, &kv, err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, 512, 16) < 0 ||
         dg_vision_forward(&x.vm, x.vs, list, 2, x.emb, err, sizeof err) < 0 ||

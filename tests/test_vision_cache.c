@@ -54,7 +54,7 @@ static int open_fixture(fixture *x, int max_patches) {
         dg_backend_new("cpu", 0, &x->be, err, sizeof err) < 0 ||
         dg_st_open(pkg, &x->st, err, sizeof err) < 0 ||
         dg_vision_load(&x->vm, &x->cfg.vision, x->st, x->be, err, sizeof err) < 0 ||
-        dg_vision_state_new(&x->vm, max_patches, &x->vs, err, sizeof err) < 0) {
+        dg_vision_state_new(&x->vm, x->vm.be, max_patches, &x->vs, err, sizeof err) < 0) {
         fprintf(stderr, "open_fixture: %s\n", err);
         return -1;
     }

@@ -1,10 +1,10 @@
 /* The backend operations added for the vision tower and the DiT (attention_segments,
- * layernorm, gelu, gelu_tanh, rope_table, gather_rows) against double-precision
+ * gelu, rope_table, gather_rows) against double-precision
  * references written here, on both kernel sets ("cpu", "cpu-scalar").
  *
  * Tolerances: attention is a softmax-weighted mean of values in [-1, 1] after dot products
  * of head_dim <= 80 fp32 terms; fp32 rounding in the products, the online softmax and the
- * final division stays below 1e-5 (2e-5 allowed). Norms and activations: a few ulp of libm,
+ * final division stays below 1e-5 (2e-5 allowed). GELU: a few ulp of libm's erff,
  * 1e-5 relative + 1e-6 absolute. The rotary and the gather are exact up to one rounding. */
 #include <math.h>
 #include <stdint.h>
@@ -102,34 +102,7 @@ TEST(attention_segments_windows_and_cross) {
     }
 }
 
-TEST(layernorm_with_and_without_affine) {
-    const int m = 37, n = 83;
-    float x[37 * 83], y[37 * 83], w[83], bias[83];
-    for (int i = 0; i < m * n; i++) x[i] = frand() * 3.0f + 5.0f;   /* a large mean */
-    for (int j = 0; j < n; j++) { w[j] = frand(); bias[j] = frand(); }
-    for (int b = 0; b < 2; b++) {
-        dg_backend *be = open_backend(BACKENDS[b]);
-        if (!be) continue;
-        for (int affine = 0; affine < 2; affine++) {
-            be->layernorm(be, y, x, affine ? w : NULL, affine ? bias : NULL, m, n, 1e-6f);
-            for (int i = 0; i < m; i++) {
-                double mean = 0, var = 0;
-                for (int j = 0; j < n; j++) mean += x[i * n + j];
-                mean /= n;
-                for (int j = 0; j < n; j++) var += (x[i * n + j] - mean) * (x[i * n + j] - mean);
-                var /= n;
-                for (int j = 0; j < n; j++) {
-                    double r = (x[i * n + j] - mean) / sqrt(var + 1e-6);
-                    if (affine) r = r * w[j] + bias[j];
-                    CHECK_NEAR(y[i * n + j], r, 1e-5 * fabs(r) + 1e-5);
-                }
-            }
-        }
-        dg_backend_free(be);
-    }
-}
-
-TEST(gelu_erf_and_tanh) {
+TEST(gelu_erf) {
     enum { N = 1001 };
     float x[N], y[N];
     for (int i = 0; i < N; i++) x[i] = (float)(i - 500) / 50.0f;   /* -10 .. 10 */
@@ -139,12 +112,6 @@ TEST(gelu_erf_and_tanh) {
         be->gelu(be, y, x, N);
         for (int i = 0; i < N; i++) {
             double r = 0.5 * x[i] * (1.0 + erf(x[i] / sqrt(2.0)));
-            CHECK_NEAR(y[i], r, 1e-5 * fabs(r) + 1e-6);
-        }
-        be->gelu_tanh(be, y, x, N);
-        for (int i = 0; i < N; i++) {
-            double t = x[i];
-            double r = 0.5 * t * (1.0 + tanh(sqrt(2.0 / M_PI) * (t + 0.044715 * t * t * t)));
             CHECK_NEAR(y[i], r, 1e-5 * fabs(r) + 1e-6);
         }
         memcpy(y, x, sizeof y);

@@ -125,7 +125,7 @@ static int flush(const dg_vision *m, dg_vision_state *s, dg_vision_cache *cache,
         const int32_t grid[3] = {p->grid_t, p->grid_h, p->grid_w};
         const int n_tok = dg_vision_tokens(m, p->grid_t, p->grid_h, p->grid_w);
         if (rc == 0 && cache &&
-            (rc = dg_vision_cache_put(cache, &b->keys[i], grid, m->be, out + row * O, n_tok, O)) < 0)
+            (rc = dg_vision_cache_put(cache, &b->keys[i], grid, s->be, out + row * O, n_tok, O)) < 0)
             snprintf(err, errlen, "vision cache: out of memory");
         row += n_tok;
         dg_image_patches_free(b->patches[i]);
@@ -137,13 +137,14 @@ static int flush(const dg_vision *m, dg_vision_state *s, dg_vision_cache *cache,
 }
 
 /* Copies the rows of an image seen earlier in the same call (its n_tok rows from row src)
- * to row dst of out, on the backend: idx is scratch for the row numbers. */
-static void copy_rows(const dg_vision *m, float *out, int64_t src, int64_t dst, int n_tok, int32_t *idx) {
+ * to row dst of out, on the state's backend: idx is scratch for the row numbers. */
+static void copy_rows(const dg_vision *m, const dg_vision_state *s, float *out, int64_t src, int64_t dst, int n_tok,
+                      int32_t *idx) {
     const int O = m->cfg.out_hidden_size;
     for (int i0 = 0; i0 < n_tok; i0 += 4096) {
         const int k = n_tok - i0 < 4096 ? n_tok - i0 : 4096;
         for (int i = 0; i < k; i++) idx[i] = i0 + i;
-        m->be->gather_rows(m->be, out + (dst + i0) * O, out + src * O, idx, k, O);
+        s->be->gather_rows(s->be, out + (dst + i0) * O, out + src * O, idx, k, O);
     }
 }
 
@@ -189,7 +190,7 @@ int dg_vision_encode(const dg_vision *m, dg_vision_state *s, dg_vision_cache *ca
         const float *rows = cache ? dg_vision_cache_get(cache, key, grid, &n_tok, &width) : NULL;
         if (rows && width == O) {
             if ((rc = flush(m, s, cache, &b, out, &computed, err, errlen)) < 0) goto out;
-            m->be->upload(m->be, out + row * O, rows, (int64_t)n_tok * O);
+            s->be->upload(s->be, out + row * O, rows, (int64_t)n_tok * O);
             row += n_tok;
             continue;
         }
@@ -215,7 +216,7 @@ int dg_vision_encode(const dg_vision *m, dg_vision_state *s, dg_vision_cache *ca
         row += dg_vision_tokens(m, p->grid_t, p->grid_h, p->grid_w);
     }
     rc = flush(m, s, cache, &b, out, &computed, err, errlen);
-    for (int d = 0; rc == 0 && d < n_dup; d++) copy_rows(m, out, dups[d][0], dups[d][1], (int)dups[d][2], idx);
+    for (int d = 0; rc == 0 && d < n_dup; d++) copy_rows(m, s, out, dups[d][0], dups[d][1], (int)dups[d][2], idx);
 out:
     for (int i = 0; b.patches && i < b.n; i++) dg_image_patches_free(b.patches[i]);
     free(b.patches);

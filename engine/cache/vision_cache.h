@@ -50,7 +50,7 @@ int  dg_vision_cache_put(dg_vision_cache *c, const dg_image_digest *key, const i
 
 void dg_vision_cache_stats(const dg_vision_cache *c, dg_vision_cache_counters *out);
 
-/* The vision embeddings of a request's n images into out (backend memory)
+/* The vision embeddings of a request's n images into out (memory of s's backend)
  * [Σ tokens, out_hidden], image after image: each image's rows come from the cache when
  * present; the others are preprocessed (pp) and run through the tower, as many at once as
  * the state holds, and then cached; a picture repeated within the call (same content and

@@ -58,9 +58,8 @@ void dg_connector_unload(dg_connector *c) {
     memset(c, 0, sizeof *c);
 }
 
-int dg_cond_acc_new(const dg_connector *c, int max_positions, int max_chunk, dg_cond_acc **out,
-                    char *err, size_t errlen) {
-    dg_backend *be = c->be;
+int dg_cond_acc_new(const dg_connector *c, dg_backend *be, int max_positions, int max_chunk,
+                    dg_cond_acc **out, char *err, size_t errlen) {
     dg_cond_acc *a;
     const size_t P = (size_t)max_positions, K = (size_t)max_chunk, sf = sizeof(float);
     *out = NULL;
@@ -69,6 +68,7 @@ int dg_cond_acc_new(const dg_connector *c, int max_positions, int max_chunk, dg_
         return DG_EINVAL;
     }
     if (!(a = calloc(1, sizeof *a))) goto nomem;
+    a->be = be;
     a->max_positions = max_positions;
     a->max_chunk = max_chunk;
     if (!(a->acc = be->alloc(be, P * c->d_cond * sf)) || !(a->ctx = be->alloc(be, P * c->d_cond * sf)) ||
@@ -85,10 +85,10 @@ nomem:
 
 void dg_cond_acc_free(const dg_connector *c, dg_cond_acc *a) {
     if (!a) return;
-    c->be->release(c->be, a->acc);
-    c->be->release(c->be, a->ctx);
-    c->be->release(c->be, a->normed);
-    c->be->release(c->be, a->share);
+    a->be->release(a->be, a->acc);
+    a->be->release(a->be, a->ctx);
+    a->be->release(a->be, a->normed);
+    a->be->release(a->be, a->share);
     free(a->seen);
     free(a);
 }
@@ -103,7 +103,7 @@ void dg_cond_acc_truncate(const dg_connector *c, dg_cond_acc *a, int n_positions
 
 int dg_cond_acc_add(const dg_connector *c, dg_cond_acc *a, int layer, const float *hidden, int n,
                     int pos0) {
-    dg_backend *be = c->be;
+    dg_backend *be = a->be;
     int k = 0;
     while (k < c->n_layers && c->layer_of[k] != layer) k++;
     if (k == c->n_layers) return 0;
@@ -128,7 +128,7 @@ int dg_cond_acc_add(const dg_connector *c, dg_cond_acc *a, int layer, const floa
 
 int dg_cond_acc_finish(const dg_connector *c, dg_cond_acc *a, const int32_t *positions, int n,
                        float *ctx, char *err, size_t errlen) {
-    dg_backend *be = c->be;
+    dg_backend *be = a->be;
     if (n < 1 || n > a->max_positions) {
         snprintf(err, errlen, "connector: %d positions (1 .. %d)", n, a->max_positions);
         return DG_EINVAL;

@@ -15,7 +15,7 @@
  *
  *     dg_connector cn; dg_cond_acc *acc;
  *     dg_connector_load(&cn, "pkg/connector.safetensors", layers, n_layers, D, be, err, n);
- *     dg_cond_acc_new(&cn, max_positions, max_chunk, &acc, err, n);
+ *     dg_cond_acc_new(&cn, be, max_positions, max_chunk, &acc, err, n);
  *     // decoder hook, after layer `layer` for n tokens at pos0 (hidden: backend [n, D]):
  *     dg_cond_acc_add(&cn, acc, layer, hidden, n, pos0);
  *     // at <BOV>:
@@ -46,10 +46,13 @@ typedef struct {
     float     *bias;                              /* [d_cond] backend memory */
     dg_buffer_list owned;                         /* the bias buffer */
     void      *slices;                            /* owned: the repacked blocks (host) */
-    dg_backend *be;                               /* borrowed */
+    dg_backend *be;                               /* borrowed: the load's (weights, bias) */
 } dg_connector;
 
+/* One sequence's condition rows, on the backend the accumulator runs on (the connector's,
+ * or a fork of it: backend.h). */
 typedef struct {
+    dg_backend *be;  /* borrowed: the buffers' and the operations' backend */
     int    max_positions, max_chunk;
     float *acc;      /* [max_positions, d_cond] Σ over the layers added so far */
     float *normed;   /* [max_chunk, D]      a standardized chunk */
@@ -65,8 +68,9 @@ int  dg_connector_load(dg_connector *c, const char *path, const int *layers, int
                        int hidden, dg_backend *be, char *err, size_t errlen);
 void dg_connector_unload(dg_connector *c);   /* accepts a zeroed or half-loaded one */
 
-int  dg_cond_acc_new(const dg_connector *c, int max_positions, int max_chunk, dg_cond_acc **out,
-                     char *err, size_t errlen);
+/* be: c's backend or a fork of it, which must outlive the accumulator. */
+int  dg_cond_acc_new(const dg_connector *c, dg_backend *be, int max_positions, int max_chunk,
+                     dg_cond_acc **out, char *err, size_t errlen);
 void dg_cond_acc_free(const dg_connector *c, dg_cond_acc *a);   /* accepts NULL */
 /* Forgets every position (a new sequence). */
 void dg_cond_acc_reset(const dg_connector *c, dg_cond_acc *a);

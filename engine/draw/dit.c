@@ -157,10 +157,9 @@ void dg_dit_unload(dg_dit *m) {
 
 /* ---- state -------------------------------------------------------------------------------- */
 
-int dg_dit_state_new(const dg_dit *m, int max_tokens, int max_ctx, dg_dit_state **out, char *err,
-                     size_t errlen) {
+int dg_dit_state_new(const dg_dit *m, dg_backend *be, int max_tokens, int max_ctx, dg_dit_state **out,
+                     char *err, size_t errlen) {
     const dg_dit_config *c = &m->cfg;
-    dg_backend *be = m->be;
     const size_t T = (size_t)max_tokens, D = (size_t)c->hidden, F = (size_t)c->mlp_hidden;
     const size_t pp = (size_t)c->patch_h * c->patch_w, in_dim = (c->latent_channels + 2) * pp;
     const size_t out_dim = pp * c->out_channels, half = (size_t)c->head_dim / 2, FR = DG_DIT_MAX_FRAMES;
@@ -172,6 +171,7 @@ int dg_dit_state_new(const dg_dit *m, int max_tokens, int max_ctx, dg_dit_state 
         return DG_EINVAL;
     }
     if (!(s = calloc(1, sizeof *s))) goto nomem;
+    s->be = be;
     s->max_tokens = max_tokens;
     s->max_ctx = max_ctx;
     float **dev[] = {&s->x, &s->h, &s->q, &s->k, &s->v, &s->att, &s->ff, &s->ctx, &s->ck, &s->cv,
@@ -194,7 +194,7 @@ nomem:
 
 void dg_dit_state_free(const dg_dit *m, dg_dit_state *s) {
     if (!s) return;
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     float *dev[] = {s->x, s->h, s->q, s->k, s->v, s->att, s->ff, s->ctx, s->ck, s->cv, s->tok,
                     s->out, s->cos, s->sin, s->sinus, s->temb, s->emb, s->lora, s->mod};
     for (size_t i = 0; i < sizeof dev / sizeof *dev; i++) be->release(be, dev[i]);
@@ -227,8 +227,8 @@ int dg_dit_set_layout(const dg_dit *m, dg_dit_state *s, const dg_dit_layout *L, 
         }
     float *cs = s->host_rope, *sn = s->host_rope + L->n_tokens * half;
     dg_dit_rope_table(L, c->head_dim, c->rope_scale, cs, sn);
-    m->be->upload(m->be, s->cos, cs, L->n_tokens * half);
-    m->be->upload(m->be, s->sin, sn, L->n_tokens * half);
+    s->be->upload(s->be, s->cos, cs, L->n_tokens * half);
+    s->be->upload(s->be, s->sin, sn, L->n_tokens * half);
     s->layout = *L;
     s->has_layout = 1;
     return 0;
@@ -241,7 +241,7 @@ int dg_dit_set_layout(const dg_dit *m, dg_dit_state *s, const dg_dit_layout *L, 
  * temb = W2·SiLU(W1·s) (the adaLN-LoRA term, 3D wide); emb = SiLU(RMSNorm(s)·g), the input
  * every modulation MLP starts from. */
 static void time_embed(const dg_dit *m, dg_dit_state *s, const float *timesteps, int n_frames) {
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const int D = m->cfg.hidden, half = D / 2;
     for (int f = 0; f < n_frames; f++)
         for (int i = 0; i < half; i++) {
@@ -261,7 +261,7 @@ static void time_embed(const dg_dit *m, dg_dit_state *s, const float *timesteps,
 /* mod[f] = W2·(W1·emb[f]) + temb[f] (first `width` values): shift, scale(, gate) per frame. */
 static void modulation(const dg_dit *m, dg_dit_state *s, const dg_weight *w1, const dg_weight *w2,
                        int n_frames) {
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const int64_t width = w2->rows, D = m->cfg.hidden;
     be->matmul(be, s->lora, s->emb, w1, NULL, n_frames);
     be->matmul(be, s->mod, s->lora, w2, NULL, n_frames);
@@ -274,7 +274,7 @@ static void modulate(const dg_dit *m, dg_dit_state *s, float *h, const float *x)
     const int64_t D = m->cfg.hidden, width = 3 * D;
     for (int f = 0; f < L->n_frames; f++) {
         const dg_dit_frame_meta *fm = &L->frames[f];
-        m->be->modulate(m->be, h + fm->token0 * D, x + fm->token0 * D, s->mod + f * width,
+        s->be->modulate(s->be, h + fm->token0 * D, x + fm->token0 * D, s->mod + f * width,
                         s->mod + f * width + D, (int)fm->n_tokens, (int)D, LN_EPS);
     }
 }
@@ -285,14 +285,14 @@ static void gated_add(const dg_dit *m, dg_dit_state *s, const float *y) {
     const int64_t D = m->cfg.hidden;
     for (int f = 0; f < L->n_frames; f++) {
         const dg_dit_frame_meta *fm = &L->frames[f];
-        m->be->add_gated(m->be, s->x + fm->token0 * D, y + fm->token0 * D, s->mod + f * 3 * D + 2 * D,
+        s->be->add_gated(s->be, s->x + fm->token0 * D, y + fm->token0 * D, s->mod + f * 3 * D + 2 * D,
                          (int)fm->n_tokens, (int)D);
     }
 }
 
 /* One transformer block over the packed tokens (spec §3; diffusers CosmosTransformerBlock). */
 static void block_forward(const dg_dit *m, const dg_dit_block *B, dg_dit_state *s, int n_ctx) {
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const dg_dit_config *c = &m->cfg;
     const int n = (int)s->layout.n_tokens, D = c->hidden, H = c->n_heads, hd = c->head_dim;
     const int nf = s->layout.n_frames;
@@ -336,7 +336,7 @@ static void block_forward(const dg_dit *m, const dg_dit_block *B, dg_dit_state *
 
 int dg_dit_forward(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, float *velocity,
                    char *err, size_t errlen) {
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const dg_dit_config *c = &m->cfg;
     const dg_dit_layout *L = &s->layout;
     const int C = c->latent_channels, D = c->hidden;

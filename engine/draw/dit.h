@@ -6,11 +6,12 @@
  *
  * The model (dg_dit) is immutable after load and shareable; it keeps the checkpoint mapped
  * (matrices are read in their stored dtype). A dg_dit_state is one caller's scratch, sized
- * once for the largest packed sequence and context; nothing is allocated per step.
+ * once for the largest packed sequence and context, and the backend its forwards run on
+ * (the load's, or a fork of it: backend.h); nothing is allocated per step.
  *
  *     dg_dit dit; dg_dit_state *s; dg_dit_layout L;
  *     dg_dit_load(&dit, "pkg/dit", be, err, sizeof err);
- *     dg_dit_state_new(&dit, 4096, 512, &s, err, sizeof err);
+ *     dg_dit_state_new(&dit, be, 4096, 512, &s, err, sizeof err);
  *     dg_dit_layout_build(&L, h, w, cond, n, dit.cfg.latent_channels, 2, 2, err, sizeof err);
  *     dg_dit_set_layout(&dit, s, &L, err, sizeof err);     // RoPE tables: once per image
  *     for each step, for each CFG branch:
@@ -57,7 +58,7 @@ typedef struct {
 
 typedef struct {
     dg_dit_config cfg;
-    dg_backend   *be;          /* borrowed */
+    dg_backend   *be;          /* borrowed: the load's (weights); forwards use the state's */
     dg_st        *st;          /* owned: the mapped checkpoint the matrices point into */
     dg_weight     patch;       /* [D, (C+2)·ph·pw] patch_embed.proj */
     dg_weight     t1;          /* [D, D]  time_embed.t_embedder.linear_1 */
@@ -79,6 +80,7 @@ typedef struct {
 } dg_dit_input;
 
 typedef struct {
+    dg_backend    *be;         /* borrowed: the buffers' and the forwards' backend */
     int            max_tokens, max_ctx;
     dg_dit_layout  layout;     /* set by dg_dit_set_layout */
     int            has_layout;
@@ -107,7 +109,8 @@ typedef struct {
 int  dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t errlen);
 void dg_dit_unload(dg_dit *m);   /* accepts a zeroed or half-loaded model */
 
-int  dg_dit_state_new(const dg_dit *m, int max_tokens, int max_ctx, dg_dit_state **out,
+/* be: m's backend or a fork of it (backend.h), which must outlive the state. */
+int  dg_dit_state_new(const dg_dit *m, dg_backend *be, int max_tokens, int max_ctx, dg_dit_state **out,
                       char *err, size_t errlen);
 void dg_dit_state_free(const dg_dit *m, dg_dit_state *s);   /* accepts NULL */
 

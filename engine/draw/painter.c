@@ -18,6 +18,7 @@ struct dg_painter {
     const dg_dit       *dit;    /* borrowed */
     const dg_vae       *vae;    /* borrowed */
     const dg_connector *conn;   /* borrowed */
+    dg_backend         *be;     /* borrowed: the scheduler's fork */
     int                 max_context;
 
     /* buffers, grown at begin and kept for the next image */
@@ -44,8 +45,8 @@ struct dg_painter {
     dg_painter_cost  cost;
 };
 
-int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, int max_context,
-                   dg_painter **out, char *err, size_t errlen) {
+int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, dg_backend *be,
+                   int max_context, dg_painter **out, char *err, size_t errlen) {
     *out = calloc(1, sizeof **out);
     if (!*out) {
         snprintf(err, errlen, "out of memory for a painter");
@@ -54,6 +55,7 @@ int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *con
     (*out)->dit = dit;
     (*out)->vae = vae;
     (*out)->conn = conn;
+    (*out)->be = be;
     (*out)->max_context = max_context;
     return 0;
 }
@@ -110,7 +112,7 @@ static int vae_room(dg_painter *p, int h, int w, char *err, size_t errlen) {
     int nh = h > p->vae_h ? h : p->vae_h, nw = w > p->vae_w ? w : p->vae_w;
     dg_vae_state_free(p->vae, p->vae_state);
     p->vae_state = NULL;
-    int rc = dg_vae_state_new(p->vae, 1, nh, nw, &p->vae_state, err, errlen);
+    int rc = dg_vae_state_new(p->vae, p->be, 1, nh, nw, &p->vae_state, err, errlen);
     if (rc < 0) return rc;
     p->vae_h = nh;
     p->vae_w = nw;
@@ -235,7 +237,7 @@ static int prepare_sampler(dg_painter *p, const dg_painter_job *job, char *err, 
     if (!p->dit_state || p->dit_tokens < p->layout.n_tokens) {
         dg_dit_state_free(p->dit, p->dit_state);
         p->dit_state = NULL;
-        if ((rc = dg_dit_state_new(p->dit, (int)p->layout.n_tokens, p->max_context, &p->dit_state, err, errlen)) < 0)
+        if ((rc = dg_dit_state_new(p->dit, p->be, (int)p->layout.n_tokens, p->max_context, &p->dit_state, err, errlen)) < 0)
             return rc;
         p->dit_tokens = (int)p->layout.n_tokens;
     }

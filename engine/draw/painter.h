@@ -26,7 +26,7 @@
  * largest image seen, at begin, never during the steps):
  *
  *     dg_painter *p;
- *     dg_painter_new(&m->dit, &m->vae, &m->conn, max_context, &p, err, sizeof err);
+ *     dg_painter_new(&m->dit, &m->vae, &m->conn, be, max_context, &p, err, sizeof err);
  *     dg_painter_check(p, &params, err, sizeof err);                   // at admission
  *     dg_painter_begin(p, &(dg_painter_job){...}, err, sizeof err);    // on <BOV>
  *     do step = dg_painter_step(p, err, sizeof err);                   // one per scheduler step
@@ -81,10 +81,12 @@ typedef struct {
     int64_t cached_latents;   /* condition images whose latent came from the latent cache */
 } dg_painter_cost;
 
-/* A painter over the model's drawing components (borrowed; they outlive it); max_context
- * bounds the condition positions. DG_ENOMEM. Buffers are allocated by the first begin. */
-int  dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, int max_context,
-                    dg_painter **out, char *err, size_t errlen);
+/* A painter over the model's drawing components (borrowed; they outlive it), running on
+ * `be` (borrowed: the scheduler's fork of the model's backend, engine/backend.h "Threads");
+ * max_context bounds the condition positions. DG_ENOMEM. Buffers are allocated by the
+ * first begin. */
+int  dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, dg_backend *be,
+                    int max_context, dg_painter **out, char *err, size_t errlen);
 void dg_painter_free(dg_painter *p);   /* accepts NULL; drops an image in progress */
 
 /* DG_EINVAL unless width and height are positive multiples of the VAE factor times the DiT

@@ -428,9 +428,8 @@ static void measure(const dg_vae *v, int T, int H, int W, int64_t *need, int64_t
     *need_qkv = e.need_qkv > d.need_qkv ? e.need_qkv : d.need_qkv;
 }
 
-int dg_vae_state_new(const dg_vae *v, int max_frames, int max_h, int max_w, dg_vae_state **out,
-                     char *err, size_t errlen) {
-    dg_backend *be = v->be;
+int dg_vae_state_new(const dg_vae *v, dg_backend *be, int max_frames, int max_h, int max_w,
+                     dg_vae_state **out, char *err, size_t errlen) {
     dg_vae_state *s;
     int64_t need, need_qkv;
     int rc;
@@ -444,6 +443,7 @@ int dg_vae_state_new(const dg_vae *v, int max_frames, int max_h, int max_w, dg_v
     }
     measure(v, max_frames, max_h, max_w, &need, &need_qkv);
     if (!(s = calloc(1, sizeof *s))) goto nomem;
+    s->be = be;
     s->max_frames = max_frames;
     s->max_h = max_h;
     s->max_w = max_w;
@@ -462,8 +462,8 @@ nomem:
 
 void dg_vae_state_free(const dg_vae *v, dg_vae_state *s) {
     if (!s) return;
-    for (int i = 0; i < 4; i++) v->be->release(v->be, s->buf[i]);
-    v->be->release(v->be, s->qkv);
+    for (int i = 0; i < 4; i++) s->be->release(s->be, s->buf[i]);
+    s->be->release(s->be, s->qkv);
     free(s->io);
     free(s);
 }
@@ -473,8 +473,8 @@ int dg_vae_encode(const dg_vae *v, dg_vae_state *s, const float *pixels, int T, 
     const dg_vae_config *c = &v->cfg;
     int rc, h, w;
     if ((rc = check_clip(v, s, T, H, W, err, errlen)) < 0) return rc;
-    walk r = {.v = v, .be = v->be, .s = s, .cur = s->buf[0], .t = T, .c = 3, .h = H, .w = W};
-    v->be->upload(v->be, s->buf[0], pixels, (int64_t)T * 3 * H * W);
+    walk r = {.v = v, .be = s->be, .s = s, .cur = s->buf[0], .t = T, .c = 3, .h = H, .w = W};
+    s->be->upload(s->be, s->buf[0], pixels, (int64_t)T * 3 * H * W);
     stack_forward(&r, &v->enc);
     float *q = spare(&r, r.cur, NULL, NULL);
     conv(&r, &v->quant_conv, q, r.cur, r.t, r.h, r.w, &h, &w);
@@ -482,7 +482,7 @@ int dg_vae_encode(const dg_vae *v, dg_vae_state *s, const float *pixels, int T, 
     const int64_t plane = (int64_t)h * w;
     for (int t = 0; t < r.t; t++) {
         float *dst = latent + (int64_t)t * c->z_dim * plane;
-        v->be->download(v->be, dst, q + (int64_t)t * 2 * c->z_dim * plane, c->z_dim * plane);
+        s->be->download(s->be, dst, q + (int64_t)t * 2 * c->z_dim * plane, c->z_dim * plane);
         for (int ch = 0; ch < c->z_dim; ch++)
             for (int64_t p = 0; p < plane; p++)
                 dst[ch * plane + p] = (dst[ch * plane + p] - c->latents_mean[ch]) / c->latents_std[ch];
@@ -504,12 +504,12 @@ int dg_vae_decode(const dg_vae *v, dg_vae_state *s, const float *latent, int T_l
         const int ch = (int)(i / plane % c->z_dim);
         s->io[i] = latent[i] * c->latents_std[ch] + c->latents_mean[ch];
     }
-    walk r = {.v = v, .be = v->be, .s = s, .cur = s->buf[1], .t = T_lat, .c = c->z_dim, .h = h, .w = w};
-    v->be->upload(v->be, s->buf[0], s->io, n);
+    walk r = {.v = v, .be = s->be, .s = s, .cur = s->buf[1], .t = T_lat, .c = c->z_dim, .h = h, .w = w};
+    s->be->upload(s->be, s->buf[0], s->io, n);
     conv(&r, &v->post_quant_conv, s->buf[1], s->buf[0], T_lat, h, w, &ho, &wo);
     stack_forward(&r, &v->dec);
     const int64_t out_n = (int64_t)r.t * 3 * r.h * r.w;
-    v->be->download(v->be, pixels, r.cur, out_n);
+    s->be->download(s->be, pixels, r.cur, out_n);
     for (int64_t i = 0; i < out_n; i++)
         pixels[i] = pixels[i] < -1.0f ? -1.0f : pixels[i] > 1.0f ? 1.0f : pixels[i];
     return 0;

@@ -4,13 +4,14 @@
  * per-channel latent normalization.
  *
  * The model (dg_vae) is immutable after load and shareable; a dg_vae_state is one caller's
- * scratch, sized for the largest clip it will see. Whole sequences are processed at once
+ * scratch, sized for the largest clip it will see, and the backend it runs on (the load's,
+ * or a fork of it: backend.h). Whole sequences are processed at once
  * (no chunking): the reference's 1+4+4... chunks with feature caches compute the same
  * causal convolution over the whole sequence (spec §6.4).
  *
  *     dg_vae vae; dg_vae_state *s;
  *     dg_vae_load(&vae, "pkg/vae", be, err, sizeof err);
- *     dg_vae_state_new(&vae, 1, 512, 512, &s, err, sizeof err);
+ *     dg_vae_state_new(&vae, be, 1, 512, 512, &s, err, sizeof err);
  *     dg_vae_encode(&vae, s, rgb, 1, 512, 512, latent, err, sizeof err);   // [1,16,64,64]
  *     dg_vae_decode(&vae, s, latent, 1, 64, 64, rgb, err, sizeof err);
  *
@@ -78,7 +79,7 @@ typedef struct {
 
 typedef struct {
     dg_vae_config cfg;
-    dg_backend   *be;               /* borrowed */
+    dg_backend   *be;               /* borrowed: the load's (weights); forwards use the state's */
     dg_vae_stack  enc, dec;
     dg_vae_conv   quant_conv;       /* 1x1x1, 2z -> 2z */
     dg_vae_conv   post_quant_conv;  /* 1x1x1, z -> z */
@@ -86,6 +87,7 @@ typedef struct {
 } dg_vae;
 
 typedef struct {
+    dg_backend *be;                     /* borrowed: the buffers' and the forwards' backend */
     int     max_frames, max_h, max_w;   /* pixel limits */
     int64_t buf_floats;                 /* size of each of buf[] */
     float  *buf[4];                     /* [buf_floats] activations, ping-pong */
@@ -102,7 +104,8 @@ void dg_vae_unload(dg_vae *v);   /* accepts a zeroed or half-loaded model */
 int  dg_vae_spatial_factor(const dg_vae *v);
 int  dg_vae_temporal_factor(const dg_vae *v);
 
-int  dg_vae_state_new(const dg_vae *v, int max_frames, int max_h, int max_w,
+/* be: v's backend or a fork of it (backend.h), which must outlive the state. */
+int  dg_vae_state_new(const dg_vae *v, dg_backend *be, int max_frames, int max_h, int max_w,
                       dg_vae_state **out, char *err, size_t errlen);
 void dg_vae_state_free(const dg_vae *v, dg_vae_state *s);   /* accepts NULL */
 

@@ -83,10 +83,9 @@ void dg_qwen2_unload(dg_qwen2 *m) {
 
 /* ---- state -------------------------------------------------------------------------------- */
 
-int dg_qwen2_state_new(const dg_qwen2 *m, int max_tokens, int max_logits, dg_qwen2_state **out,
-                       char *err, size_t errlen) {
+int dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int max_logits,
+                       dg_qwen2_state **out, char *err, size_t errlen) {
     const dg_text_config *c = &m->cfg;
-    dg_backend *be = m->be;
     const size_t T = (size_t)max_tokens, D = (size_t)c->hidden_size, F = (size_t)c->intermediate_size;
     const size_t QD = (size_t)c->n_heads * (size_t)c->head_dim, KD = (size_t)c->n_kv_heads * (size_t)c->head_dim;
     const size_t VL = (size_t)c->vocab_size * (size_t)max_logits;
@@ -98,6 +97,7 @@ int dg_qwen2_state_new(const dg_qwen2 *m, int max_tokens, int max_logits, dg_qwe
         return DG_EINVAL;
     }
     if (!s) goto nomem;
+    s->be = be;
     s->max_tokens = max_tokens;
     s->max_logits = max_logits;
     s->x = be->alloc(be, T * D * sizeof(float));
@@ -125,7 +125,7 @@ nomem:
 
 void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s) {
     if (!s) return;
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     float *bufs[] = {s->x, s->h, s->q, s->k, s->v, s->att, s->gate, s->up, s->dev_logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->release(be, bufs[i]);
     for (int i = 0; s->graphs && be->graph_release && i < 2 * m->cfg.n_layers; i++) be->graph_release(be, s->graphs[i]);
@@ -152,7 +152,7 @@ typedef struct {
 static void run_qkv(void *ctx) {
     const layer_run *r = ctx;
     const dg_text_config *c = &r->m->cfg;
-    dg_backend *be = r->m->be;
+    dg_backend *be = r->s->be;
     be->rmsnorm(be, r->s->h, r->s->x, r->L->input_norm, r->n, c->hidden_size, c->rms_norm_eps);
     dg_matmul_parts(be, r->s->h, r->qkv, 3, r->n);
 }
@@ -160,8 +160,8 @@ static void run_qkv(void *ctx) {
 static void run_after_attention(void *ctx) {
     const layer_run *r = ctx;
     const dg_text_config *c = &r->m->cfg;
-    dg_backend *be = r->m->be;
     dg_qwen2_state *s = r->s;
+    dg_backend *be = s->be;
     const int n = r->n, D = c->hidden_size;
     be->matmul(be, s->h, s->att, &r->L->wo, NULL, n);
     dg_add_rmsnorm(be, s->h, s->x, s->h, r->L->post_norm, n, D, c->rms_norm_eps);
@@ -175,7 +175,7 @@ static void layer_forward(const dg_qwen2 *m, int l, dg_qwen2_state *s, const dg_
                           const int32_t *pos, int n_past, int n) {
     const dg_text_config *c = &m->cfg;
     const dg_qwen2_layer *L = &m->layers[l];
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const int hd = c->head_dim, KD = c->n_kv_heads * hd;
     const dg_rope_params rope = {c->rope_theta, {c->mrope_section[0], c->mrope_section[1],
                                                  c->mrope_section[2]}};
@@ -213,7 +213,7 @@ static void insert_image_rows(const dg_qwen2 *m, dg_qwen2_state *s, const dg_qwe
             idx[run] = e + run;
             run++;
         }
-        if (run) m->be->gather_rows(m->be, s->x + (int64_t)i * D, in->image_embeds, idx, run, D);
+        if (run) s->be->gather_rows(s->be, s->x + (int64_t)i * D, in->image_embeds, idx, run, D);
         i += run ? run : 1;
         e += run;
     }
@@ -223,7 +223,7 @@ int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_k
                      const dg_qwen2_input *in, const dg_qwen2_hook *hook, char *err,
                      size_t errlen) {
     const dg_text_config *c = &m->cfg;
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const int n = in->n, n_past = seq->n_tokens, D = c->hidden_size;
     const int32_t *pos = in->pos;
     int rc;

@@ -2,11 +2,13 @@
  *
  * The model (dg_qwen2) is the bound weights: read-only after dg_qwen2_load, shareable.
  * The state (dg_qwen2_state) is one caller's scratch, sized once for the largest forward
- * call; nothing is allocated per token. K/V live in a dg_kv_cache, per sequence.
+ * call, and the backend its forwards run on (the load's, or a fork of it for another
+ * thread: backend.h); nothing is allocated per token. K/V live in a dg_kv_cache (on the
+ * same backend), per sequence.
  *
  *     dg_qwen2 m; dg_qwen2_state *s;
  *     dg_qwen2_load(&m, &cfg, st, be, err, sizeof err);
- *     dg_qwen2_state_new(&m, 512, 1, &s, err, sizeof err);
+ *     dg_qwen2_state_new(&m, be, 512, 1, &s, err, sizeof err);
  *     dg_qwen2_forward(&m, s, kv, &seq, &(dg_qwen2_input){.ids = prompt, .n = n, .n_logits = 1},
  *                      NULL, err, sizeof err);           // prefill: s->logits = last row
  *     dg_qwen2_forward(&m, s, kv, &seq, &(dg_qwen2_input){.ids = &tok, .n = 1, .n_logits = 1},
@@ -42,7 +44,7 @@ typedef struct {
 
 typedef struct {
     dg_text_config  cfg;
-    dg_backend     *be;       /* borrowed */
+    dg_backend     *be;       /* borrowed: the load's (weights, vectors); forwards use the state's */
     dg_weight       embed;    /* [V, D]  model.embed_tokens.weight */
     dg_qwen2_layer *layers;   /* owned: [L] */
     float          *norm;     /* [D]     model.norm.weight */
@@ -77,6 +79,7 @@ typedef struct {
 } dg_qwen2_input;
 
 typedef struct {
+    dg_backend *be;           /* borrowed: the buffers' and the forwards' backend */
     int      max_tokens, max_logits;
     float   *x;               /* [max_tokens, D]       residual stream */
     float   *h;               /* [max_tokens, D]       normed input / block output */
@@ -99,8 +102,9 @@ int  dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_b
                    char *err, size_t errlen);
 void dg_qwen2_unload(dg_qwen2 *m);   /* accepts a zeroed or half-loaded model */
 
-int  dg_qwen2_state_new(const dg_qwen2 *m, int max_tokens, int max_logits, dg_qwen2_state **out,
-                        char *err, size_t errlen);
+/* be: m's backend or a fork of it (backend.h), which must outlive the state. */
+int  dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int max_logits,
+                        dg_qwen2_state **out, char *err, size_t errlen);
 void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s);   /* accepts NULL */
 
 /* Runs in->n tokens of one sequence (prefill: many; decode: one) after the seq's

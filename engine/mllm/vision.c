@@ -110,10 +110,9 @@ void dg_vision_unload(dg_vision *m) {
 
 /* ---- state -------------------------------------------------------------------------------- */
 
-int dg_vision_state_new(const dg_vision *m, int max_patches, dg_vision_state **out, char *err,
-                        size_t errlen) {
+int dg_vision_state_new(const dg_vision *m, dg_backend *be, int max_patches, dg_vision_state **out,
+                        char *err, size_t errlen) {
     const dg_vision_config *c = &m->cfg;
-    dg_backend *be = m->be;
     const int mm = m->merge * m->merge;
     const size_t N = (size_t)max_patches, G = N / (size_t)mm, C = (size_t)c->hidden_size;
     const size_t I = (size_t)c->intermediate_size, O = (size_t)c->out_hidden_size;
@@ -126,6 +125,7 @@ int dg_vision_state_new(const dg_vision *m, int max_patches, dg_vision_state **o
         return DG_EINVAL;
     }
     if (!(s = calloc(1, sizeof *s))) goto nomem;
+    s->be = be;
     s->max_patches = max_patches;
     s->pix = be->alloc(be, N * P * sizeof(float));
     s->x = be->alloc(be, N * C * sizeof(float));
@@ -157,7 +157,7 @@ nomem:
 
 void dg_vision_state_free(const dg_vision *m, dg_vision_state *s) {
     if (!s) return;
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     float *bufs[] = {s->pix, s->x, s->h, s->qkv, s->att, s->gate, s->up, s->merged, s->cos, s->sin};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->release(be, bufs[i]);
     free(s->host_cos);
@@ -246,7 +246,7 @@ static void build_rope(const dg_vision *m, dg_vision_state *s, const dg_image_pa
 static void block_forward(const dg_vision *m, const dg_vision_block *B, dg_vision_state *s,
                           const int32_t *cu, int n_seg, int n) {
     const dg_vision_config *c = &m->cfg;
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const int C = c->hidden_size, hd = m->head_dim, H = c->num_heads;
 
     be->rmsnorm(be, s->h, s->x, B->norm1, n, C, VISION_NORM_EPS);
@@ -269,7 +269,7 @@ static void block_forward(const dg_vision *m, const dg_vision_block *B, dg_visio
 int dg_vision_forward(const dg_vision *m, dg_vision_state *s, const dg_image_patches *const *images,
                       int n, float *out, char *err, size_t errlen) {
     const dg_vision_config *c = &m->cfg;
-    dg_backend *be = m->be;
+    dg_backend *be = s->be;
     const int C = c->hidden_size, mm = m->merge * m->merge, P = (int)m->patch.cols;
     int64_t n_patch = 0;
 

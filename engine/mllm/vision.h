@@ -2,11 +2,12 @@
  *
  * The model (dg_vision) is the bound visual.* weights: read-only after dg_vision_load,
  * shareable. The state (dg_vision_state) is one caller's scratch, sized once for the most
- * patches one forward call may take (all its images together); nothing is allocated per call.
+ * patches one forward call may take (all its images together), and the backend its forwards
+ * run on (the load's, or a fork of it: backend.h); nothing is allocated per call.
  *
  *     dg_vision vm; dg_vision_state *vs;
  *     dg_vision_load(&vm, &cfg.vision, st, be, err, sizeof err);
- *     dg_vision_state_new(&vm, 16384, &vs, err, sizeof err);      // up to 16384 patches a call
+ *     dg_vision_state_new(&vm, be, 16384, &vs, err, sizeof err);  // up to 16384 patches a call
  *     const dg_image_patches *imgs[2] = {p0, p1};                 // engine/image_preprocess.h
  *     int n_tok = dg_vision_tokens(&vm, p0->grid_t, p0->grid_h, p0->grid_w) + ...;
  *     float *emb = be->alloc(be, sizeof(float) * n_tok * cfg.vision.out_hidden_size);
@@ -50,7 +51,7 @@ typedef struct {
 
 typedef struct {
     dg_vision_config cfg;
-    dg_backend      *be;          /* borrowed */
+    dg_backend      *be;          /* borrowed: the load's (weights); forwards use the state's */
     dg_weight        patch;       /* [C, P]   patch_embed.proj.weight, the Conv3d [C,3,T,p,p] as rows */
     dg_vision_block *blocks;      /* owned: [depth] */
     float           *ln_q;        /* [C]      merger.ln_q.weight (RMSNorm) */
@@ -66,6 +67,7 @@ typedef struct {
 
 /* N = max_patches (all images of one call), G = N / m² merged tokens, hd = head_dim */
 typedef struct {
+    dg_backend *be;        /* borrowed: the buffers' and the forwards' backend */
     int      max_patches;
     float   *pix;          /* [N, P]      pixel_values of the call's images, concatenated */
     float   *x;            /* [N, C]      residual stream, in window order */
@@ -90,8 +92,9 @@ int  dg_vision_load(dg_vision *m, const dg_vision_config *cfg, const dg_st *st, 
                     char *err, size_t errlen);
 void dg_vision_unload(dg_vision *m);   /* accepts a zeroed or half-loaded model */
 
-int  dg_vision_state_new(const dg_vision *m, int max_patches, dg_vision_state **out, char *err,
-                         size_t errlen);
+/* be: m's backend or a fork of it (backend.h), which must outlive the state. */
+int  dg_vision_state_new(const dg_vision *m, dg_backend *be, int max_patches, dg_vision_state **out,
+                         char *err, size_t errlen);
 void dg_vision_state_free(const dg_vision *m, dg_vision_state *s);   /* accepts NULL */
 
 /* Output rows (LLM tokens) of an image of this patch grid: t·h·w / m². */

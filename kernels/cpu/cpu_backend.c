@@ -20,6 +20,7 @@
 #define CONV_FLOATS (4 << 20)
 
 static dg_cpu *cpu(dg_backend *be) { return be->impl; }
+static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen);
 
 /* AVX2 + FMA (the compiler's check includes OS support for the ymm state) and F16C
  * (CPUID.1:ECX bit 29; not every compiler's __builtin_cpu_supports knows "f16c"). */
@@ -119,10 +120,6 @@ static void cpu_embed(dg_backend *be, float *y, const dg_weight *table, const in
     dg_cpu_embed(cpu(be), y, table, ids, m);
 }
 
-static void cpu_softmax(dg_backend *be, float *x, int m, int n) {
-    dg_cpu_softmax(cpu(be), x, m, n);
-}
-
 static int cpu_status(dg_backend *be, char *err, size_t errlen) {
     (void)be;
     (void)err;
@@ -140,20 +137,20 @@ static void cpu_upload(dg_backend *be, float *dst, const float *host, int64_t n)
     memcpy(dst, host, sizeof(float) * (size_t)n);
 }
 
-int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *err, size_t errlen) {
+/* A backend with these settings and its own scratch: the table is set here once, for new and
+ * fork alike. */
+static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t errlen) {
     dg_backend *be = calloc(1, sizeof *be);
     dg_cpu *c = calloc(1, sizeof *c);
     *out = NULL;
     if (!be || !c) goto nomem;
     be->impl = c;
-    c->n_threads = n_threads > 0 ? n_threads : omp_get_num_procs();
-    c->simd = !force_scalar && has_simd();
-    c->conv_floats = CONV_FLOATS;
+    *c = *settings;
     if (!(c->conv = cpu_alloc(be, sizeof(float) * (size_t)c->conv_floats))) goto nomem;
-    openblas_set_num_threads(c->n_threads);
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
     be->free = cpu_free;
+    be->fork = cpu_fork;
     be->alloc = cpu_alloc;
     be->release = cpu_release;
     be->weight_prepare = cpu_weight_prepare;
@@ -165,13 +162,10 @@ int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *
     be->silu_mul = cpu_silu_mul;
     be->add = cpu_add;
     be->embed = cpu_embed;
-    be->softmax = cpu_softmax;
     be->download = cpu_download;
     be->upload = cpu_upload;
     be->attention_segments = dg_cpu_attention_segments;
-    be->layernorm = dg_cpu_layernorm;
     be->gelu = dg_cpu_gelu;
-    be->gelu_tanh = dg_cpu_gelu_tanh;
     be->rope_table = dg_cpu_rope_table;
     be->gather_rows = dg_cpu_gather_rows;
     be->conv3d = dg_cpu_conv3d;
@@ -192,4 +186,23 @@ nomem:
     cpu_free(be);
     snprintf(err, errlen, "cpu backend: out of memory");
     return DG_ENOMEM;
+}
+
+/* The conv scratch is the one thing an operation writes besides its outputs (the rest keep
+ * their temporaries on the stack of the calling thread): a fork gets its own, and shares
+ * nothing else, since host memory and the mapped weights need no sharing arrangement. Each
+ * thread's OpenMP regions get a team of their own; OpenBLAS's OpenMP build (0.3.21, one
+ * set of thread buffers) lets a threaded GEMM wait while another thread's runs, so two
+ * forks' sgemm calls are correct but take turns. */
+static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) {
+    dg_cpu settings = *cpu(be);
+    settings.conv = NULL;
+    return cpu_make(&settings, out, err, errlen);
+}
+
+int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *err, size_t errlen) {
+    dg_cpu settings = {.n_threads = n_threads > 0 ? n_threads : omp_get_num_procs(),
+                       .simd = !force_scalar && has_simd(), .conv_floats = CONV_FLOATS};
+    openblas_set_num_threads(settings.n_threads);
+    return cpu_make(&settings, out, err, errlen);
 }

@@ -13,7 +13,9 @@
 typedef struct {
     int     n_threads;
     int     simd;            /* 1: AVX2 + FMA + F16C kernels */
-    float  *conv;            /* owned scratch: weight rows converted to fp32 for GEMM */
+    float  *conv;            /* owned scratch, one per backend (a fork has its own): weight
+                                rows converted to fp32 for GEMM, conv3d's im2col tiles, the
+                                VAE attention's score tiles */
     int64_t conv_floats;     /* its size */
 } dg_cpu;
 
@@ -38,6 +40,7 @@ void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_v
 void dg_cpu_silu_mul(const dg_cpu *c, float *y, const float *gate, const float *up, int64_t n);
 void dg_cpu_add(const dg_cpu *c, float *y, const float *x, int64_t n);
 void dg_cpu_embed(const dg_cpu *c, float *y, const dg_weight *table, const int32_t *ids, int m);
+/* In place, per row of x[m, n] (exact, two passes): the VAE attention's score tiles. */
 void dg_cpu_softmax(const dg_cpu *c, float *x, int m, int n);
 
 #endif

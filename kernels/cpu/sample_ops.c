@@ -1,6 +1,6 @@
 /* sample_ops.c — the CPU sampling operations: penalty and bias in place, top-k with the
  * log-sum-exp. Single-threaded on purpose: the sum must be the host sampler's own (one fp32
- * sum in index order, engine/sampler.c), so that sampling through these operations on the
+ * sum in index order, engine/text/sampler.c), so that sampling through these operations on the
  * CPU picks exactly the token the host path picks. */
 #include "sample_ops.h"
 
@@ -57,7 +57,7 @@ void dg_cpu_topk(dg_backend *be, const float *x, int n, int k, float inv_temp, f
         *lse = -INFINITY;
         return;
     }
-    /* the expression and the order of engine/sampler.c's z: keep them in step */
+    /* the expression and the order of engine/text/sampler.c's z: keep them in step */
     const float mx = val[0] * inv_temp;
     float z = 0.0f;
     for (int i = 0; i < n; i++) z += expf(x[i] * inv_temp - mx);

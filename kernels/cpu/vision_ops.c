@@ -151,42 +151,10 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
     }
 }
 
-/* torch.nn.LayerNorm: biased variance, two passes; sums in double so that a row with a
- * large mean loses nothing to cancellation. */
-void dg_cpu_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
-                      const float *bias, int m, int n, float eps) {
-    const dg_cpu *c = cpu(be);
-#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
-    for (int i = 0; i < m; i++) {
-        const float *xi = x + (int64_t)i * n;
-        float *yi = y + (int64_t)i * n;
-        double sum = 0.0, sq = 0.0;
-        for (int j = 0; j < n; j++) sum += xi[j];
-        const float mean = (float)(sum / n);
-        for (int j = 0; j < n; j++) sq += (double)(xi[j] - mean) * (xi[j] - mean);
-        const float r = (float)(1.0 / sqrt(sq / n + (double)eps));
-        for (int j = 0; j < n; j++) {
-            float t = (xi[j] - mean) * r;
-            if (weight) t *= weight[j];
-            if (bias) t += bias[j];
-            yi[j] = t;
-        }
-    }
-}
-
 void dg_cpu_gelu(dg_backend *be, float *y, const float *x, int64_t n) {
     const dg_cpu *c = cpu(be);
 #pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
-}
-
-void dg_cpu_gelu_tanh(dg_backend *be, float *y, const float *x, int64_t n) {
-    const dg_cpu *c = cpu(be);
-#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) {
-        const float t = x[i];
-        y[i] = 0.5f * t * (1.0f + tanhf(0.79788456080286536f * (t + 0.044715f * t * t * t)));
-    }
 }
 
 void dg_cpu_rope_table(dg_backend *be, float *x, int stride, const float *cos, const float *sin,

@@ -1,6 +1,6 @@
 /* vision_ops.h — CPU kernels of the backend operations added for the vision tower and the
- * DiT (not a public interface): non-causal segment attention, layer norm, GELU, rotary
- * from a cos/sin table, row gather. Each takes the backend itself so that
+ * DiT (not a public interface): non-causal segment attention, GELU, rotary from a cos/sin
+ * table, row gather. Each takes the backend itself so that
  * cpu_backend.c puts it in the table as it is; backend.h states the contracts. */
 #ifndef DG_CPU_VISION_OPS_H
 #define DG_CPU_VISION_OPS_H
@@ -13,10 +13,7 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
                                const float *k, const float *v, int kv_stride,
                                const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
                                int n_heads, int n_kv_heads, int head_dim, float scale);
-void dg_cpu_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
-                      const float *bias, int m, int n, float eps);
 void dg_cpu_gelu(dg_backend *be, float *y, const float *x, int64_t n);
-void dg_cpu_gelu_tanh(dg_backend *be, float *y, const float *x, int64_t n);
 void dg_cpu_rope_table(dg_backend *be, float *x, int stride, const float *cos, const float *sin,
                        int m, int n_heads, int head_dim);
 void dg_cpu_gather_rows(dg_backend *be, float *y, const float *x, const int32_t *idx, int m,

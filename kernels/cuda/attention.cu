@@ -1,30 +1,38 @@
 /* attention.cu — causal attention over the paged KV cache (decode and prefill), non-causal
  * segment attention (vision windows, DiT self/cross attention) and the VAE's single-head
- * spatial attention. All fp32 (q, K, V and the output are fp32 in device memory), exp in
- * full precision, online softmax; results equal the CPU reference up to summation order.
+ * spatial attention. q, K, V and the output are fp32 in device memory; the softmax is
+ * online (running max and sum per row) with exp in full precision.
  *
- * Two kernels do the multi-head work:
- *   - decode (m <= DECODE_MAX_M query rows): split-K ("flash-decoding"). Block (head,
- *     row, split) scores a chunk of keys with 8 warps, two keys per warp at a time (the
- *     warp reads a K row as coalesced 128-byte pieces, lane l holding dims l, l+32, ...),
- *     keeps a running max / sum / output per warp, merges the warps in shared memory and
- *     writes a partial (max, sum, o[head_dim]) to the scratch; a second kernel merges the
- *     splits. Splits give the chip enough blocks when one token attends to a long context.
- *   - tiled (prefill and segments): flash-style. Block (query tile of BQ = 32 rows, head)
- *     walks key tiles of BK = 32: Q, K, V tiles in shared memory (K and Q rows padded by
- *     one float: the quad of threads that share a query row reads 4 different K rows at
- *     the same dim, which would otherwise hit one bank), S = Q·Kᵀ per thread 8 scores,
- *     row max / sum across the 4 threads of a row by shuffles, P through shared memory,
- *     O += P·V with each thread holding head_dim/4 accumulators in registers. fp32 FMA on
- *     the CUDA cores, exact to fp32 rounding: used for head sizes other than 64, 80, 128
- *     and with DG_CUDA_GEMM=precise. Shared memory 53 KB (head_dim 128) to 103 KB (256).
- *   - mma.sync (head_dim 64, 80, 128, the default): attention_mma.cu, FlashAttention-2's
- *     schedule with Q, S, P and O in registers.
- *   - wmma (the same head sizes with DG_CUDA_ATTN=wmma): the same walk with 64-row tiles,
- *     Q, K, V and P rounded to bf16, S and O accumulated in fp32 by wmma (attn_tc_kernel).
- *     Rounding the operands costs about 2^-9 relative per element: ~3e-3 relative error
- *     of the output, the same class of error as the bf16 GEMMs.
- *   The dynamic shared-memory limits are raised once in dg_cuda_attention_init. */
+ * Which kernel runs:
+ *   - decode (the paged attention of m <= DECODE_MAX_M new rows): split-K
+ *     ("flash-decoding"), fp32. Block (head, row, split) scores a chunk of keys with 8
+ *     warps, two keys per warp at a time (the warp reads a K row as coalesced 128-byte
+ *     pieces, lane l holding dims l, l+32, ...), keeps a running max / sum / output per
+ *     warp, merges the warps in shared memory and writes a partial (max, sum, o[head_dim])
+ *     to the scratch; a second kernel merges the splits. Splits give the chip enough
+ *     blocks when one token attends to a long context.
+ *   - prefill (more rows) and segments, head_dim 64, 80 or 128: the mma.sync kernel of
+ *     attention_mma.cu (FlashAttention-2's schedule, Q, S, P and O in registers) on bf16
+ *     copies of q, K and V that a pre-pass writes to the scratch; for a prefill of fewer
+ *     new rows than one of its tiles, or where the copies do not fit the scratch, the wmma
+ *     kernel below instead.
+ *   - wmma (attn_tc_kernel; the same head sizes with DG_CUDA_ATTN=wmma, and the cases the
+ *     mma path leaves): blocks of TQ = 64 query rows walking key tiles of TK = 64, Q, K, V
+ *     and P rounded to bf16, S and O accumulated in fp32 by wmma in shared memory. Both
+ *     tensor-core paths round the operands to bf16 (2^-9 relative per element, ~3e-3
+ *     relative error of the output: the same class of error as the bf16 GEMMs).
+ *   - tiled fp32 (attn_tile_kernel; every other head size, and all of them with
+ *     DG_CUDA_GEMM=precise): flash-style, block (query tile of BQ = 32 rows, head) walking
+ *     key tiles of BK = 32: Q, K, V tiles in shared memory (K and Q rows padded by one
+ *     float: the quad of threads that share a query row reads 4 different K rows at the
+ *     same dim, which would otherwise hit one bank), S = Q·Kᵀ per thread 8 scores, row max
+ *     / sum across the 4 threads of a row by shuffles, P through shared memory, O += P·V
+ *     with each thread holding head_dim/4 accumulators in registers, fp32 FMA on the CUDA
+ *     cores. Shared memory 53 KB (head_dim 128) to 103 KB (256).
+ *   - VAE spatial attention: its own kernel, fp32 (below).
+ * The decode and tiled kernels equal the CPU reference up to summation order; the query
+ * tiles of a call are staged from the backend's host tile list (c->att_tiles). The dynamic
+ * shared-memory limits are raised once per device in dg_cuda_attention_init. */
 #include <math.h>
 #include <mma.h>
 
@@ -452,8 +460,8 @@ attn_tc_kernel(float *out, int out_stride, const float *q, int q_stride, kv_addr
     }
 }
 
-/* The tensor-core kernel takes these head sizes; the others (and DG_CUDA_GEMM=precise) the
- * fp32 kernel. */
+/* The wmma kernel takes these head sizes where the mma one does not; the others (and every
+ * size with DG_CUDA_GEMM=precise) the fp32 kernel. */
 static int tc_head_dim(const dg_cuda *c, int head_dim) {
     return !c->gemm_split && (head_dim == 64 || head_dim == 80 || head_dim == 128);
 }

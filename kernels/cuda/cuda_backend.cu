@@ -1,5 +1,6 @@
-/* cuda_backend.cu — the CUDA backend's table, its memory (one arena, sub-allocated),
- * staging of host arrays, weight upload and host <-> device copies. */
+/* cuda_backend.cu — the CUDA backend's table, its memory (one arena per device,
+ * sub-allocated, shared with the forks), staging of host arrays, weight upload, host <->
+ * device copies, and the forks: a backend per thread with its own stream and scratch. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,11 @@ struct dg_cuda_seg {
     int    used;
 };
 
+void dg_cuda_use_device(dg_cuda *c) {
+    const cudaError_t e = cudaSetDevice(c->dev->device);
+    if (e != cudaSuccess) dg_cuda_fail(c, cudaGetErrorString(e), "cudaSetDevice", __FILE__, __LINE__);
+}
+
 int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *file, int line) {
     if (!c->status) {
         c->status = DG_EDEVICE;
@@ -34,7 +40,7 @@ static int cuda_status(dg_backend *be, char *err, size_t errlen) {
 }
 
 /* ---- recorded runs (backend.h graph_run): CUDA graphs -------------------------------------
- * The decode step's fixed runs (engine/qwen2.c: a layer's norm and q/k/v; everything after
+ * The decode step's fixed runs (engine/mllm/qwen2.c: a layer's norm and q/k/v; everything after
  * its attention) are recorded by stream capture the first time and replayed with one
  * cudaGraphLaunch from then on: 196 kernel launches of a 7B step become 56 graph launches.
  * Off unless DG_CUDA_GRAPHS=1 (read when a slot is first used, so that dg-bench can time
@@ -90,72 +96,97 @@ static void cuda_graph_release(dg_backend *be, void *slot) {
     free(g);
 }
 
-/* ---- the arena ------------------------------------------------------------------------- */
+/* ---- the arena: one per device, shared by a backend and its forks ------------------------ */
 
-static int seg_insert(dg_cuda *c, int at, dg_cuda_seg s) {
-    if (c->n_segs == c->cap_segs) {
-        int cap = c->cap_segs ? 2 * c->cap_segs : 256;
-        dg_cuda_seg *p = (dg_cuda_seg *)realloc(c->segs, sizeof *p * (size_t)cap);
+static int seg_insert(dg_cuda_device *d, int at, dg_cuda_seg s) {
+    if (d->n_segs == d->cap_segs) {
+        int cap = d->cap_segs ? 2 * d->cap_segs : 256;
+        dg_cuda_seg *p = (dg_cuda_seg *)realloc(d->segs, sizeof *p * (size_t)cap);
         if (!p) return -1;
-        c->segs = p;
-        c->cap_segs = cap;
+        d->segs = p;
+        d->cap_segs = cap;
     }
-    memmove(c->segs + at + 1, c->segs + at, sizeof *c->segs * (size_t)(c->n_segs - at));
-    c->segs[at] = s;
-    c->n_segs++;
+    memmove(d->segs + at + 1, d->segs + at, sizeof *d->segs * (size_t)(d->n_segs - at));
+    d->segs[at] = s;
+    d->n_segs++;
     return 0;
 }
 
-static void seg_remove(dg_cuda *c, int at) {
-    memmove(c->segs + at, c->segs + at + 1, sizeof *c->segs * (size_t)(c->n_segs - at - 1));
-    c->n_segs--;
+static void seg_remove(dg_cuda_device *d, int at) {
+    memmove(d->segs + at, d->segs + at + 1, sizeof *d->segs * (size_t)(d->n_segs - at - 1));
+    d->n_segs--;
 }
 
-/* First fit over the free segments: host bookkeeping only, no CUDA call. */
-static void *arena_alloc(dg_cuda *c, size_t bytes) {
+/* First fit over the free segments: host bookkeeping only, no CUDA call; under the lock,
+ * since the backends of the device allocate from their own threads. */
+static void *arena_alloc(dg_cuda_device *d, size_t bytes) {
     size_t n = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
+    void *p = NULL;
     if (!n) n = ARENA_ALIGN;
-    for (int i = 0; i < c->n_segs; i++) {
-        dg_cuda_seg *s = &c->segs[i];
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->n_segs; i++) {
+        dg_cuda_seg *s = &d->segs[i];
         if (s->used || s->size < n) continue;
         if (s->size > n) {
             dg_cuda_seg rest = {s->off + n, s->size - n, 0};
-            if (seg_insert(c, i + 1, rest) < 0) return NULL;
-            s = &c->segs[i];
+            if (seg_insert(d, i + 1, rest) < 0) break;
+            s = &d->segs[i];
             s->size = n;
         }
         s->used = 1;
-        c->in_use += n;
-        if (c->in_use > c->peak) c->peak = c->in_use;
-        return c->base + s->off;
+        d->in_use += n;
+        p = d->base + s->off;
+        break;
     }
-    return NULL;
+    pthread_mutex_unlock(&d->lock);
+    return p;
 }
 
-static void arena_release(dg_cuda *c, void *p) {
+static void arena_release(dg_cuda_device *d, void *p) {
     if (!p) return;
-    size_t off = (size_t)((char *)p - c->base);
-    int lo = 0, hi = c->n_segs - 1, i = -1;
+    size_t off = (size_t)((char *)p - d->base);
+    pthread_mutex_lock(&d->lock);
+    int lo = 0, hi = d->n_segs - 1, i = -1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;
-        if (c->segs[mid].off == off) { i = mid; break; }
-        if (c->segs[mid].off < off) lo = mid + 1; else hi = mid - 1;
+        if (d->segs[mid].off == off) { i = mid; break; }
+        if (d->segs[mid].off < off) lo = mid + 1; else hi = mid - 1;
     }
-    if (i < 0 || !c->segs[i].used) return;   /* not ours: ignored, as free() would not be */
-    c->segs[i].used = 0;
-    c->in_use -= c->segs[i].size;
-    if (i + 1 < c->n_segs && !c->segs[i + 1].used) {
-        c->segs[i].size += c->segs[i + 1].size;
-        seg_remove(c, i + 1);
+    if (i >= 0 && d->segs[i].used) {   /* else not ours: ignored, as free() would not be */
+        d->segs[i].used = 0;
+        d->in_use -= d->segs[i].size;
+        if (i + 1 < d->n_segs && !d->segs[i + 1].used) {
+            d->segs[i].size += d->segs[i + 1].size;
+            seg_remove(d, i + 1);
+        }
+        if (i > 0 && !d->segs[i - 1].used) {
+            d->segs[i - 1].size += d->segs[i].size;
+            seg_remove(d, i);
+        }
     }
-    if (i > 0 && !c->segs[i - 1].used) {
-        c->segs[i - 1].size += c->segs[i].size;
-        seg_remove(c, i);
-    }
+    pthread_mutex_unlock(&d->lock);
 }
 
-static void *cuda_alloc(dg_backend *be, size_t bytes) { return arena_alloc(dg_cuda_of(be), bytes); }
-static void cuda_release(dg_backend *be, void *p) { arena_release(dg_cuda_of(be), p); }
+/* MiB in use, for messages. */
+static size_t arena_in_use_mib(dg_cuda_device *d) {
+    pthread_mutex_lock(&d->lock);
+    const size_t n = d->in_use >> 20;
+    pthread_mutex_unlock(&d->lock);
+    return n;
+}
+
+static void *cuda_alloc(dg_backend *be, size_t bytes) { return arena_alloc(dg_cuda_of(be)->dev, bytes); }
+
+/* The memory goes back to the shared arena once this backend's queued work is done: the
+ * next alloc may be another fork's, whose stream is not ordered with this one's. A release
+ * comes at set-up or an image's start, never per operation, so the wait costs nothing. */
+static void cuda_release(dg_backend *be, void *p) {
+    dg_cuda *c = dg_cuda_of(be);
+    if (!p) return;
+    const cudaError_t e = cudaStreamSynchronize(c->stream);
+    if (e != cudaSuccess) dg_cuda_fail(c, cudaGetErrorString(e), "cudaStreamSynchronize", __FILE__, __LINE__);
+    arena_release(c->dev, p);
+}
 
 /* ---- staging --------------------------------------------------------------------------- */
 
@@ -227,12 +258,12 @@ static void cuda_upload(dg_backend *be, float *dst, const float *host, int64_t n
 static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t errlen) {
     dg_cuda *c = dg_cuda_of(be);
     const size_t n = (size_t)w->rows * (size_t)w->cols;
-    uint16_t *dev = (uint16_t *)arena_alloc(c, n * 2), *tmp = NULL;
+    uint16_t *dev = (uint16_t *)arena_alloc(c->dev, n * 2), *tmp = NULL;
     if (c->status) goto dev_fail;
     if (!dev) {
         snprintf(err, errlen, "cuda: weight [%lld, %lld] does not fit the GPU memory budget "
                  "(%zu of %zu MiB in use; set DG_GPU_MEMORY)", (long long)w->rows, (long long)w->cols,
-                 c->in_use >> 20, c->size >> 20);
+                 arena_in_use_mib(c->dev), c->dev->size >> 20);
         return DG_ENOMEM;
     }
     if (w->dtype == DG_DTYPE_BF16) {
@@ -240,7 +271,7 @@ static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t e
     } else {
         const size_t chunk = (size_t)1 << 22;
         if (!(tmp = (uint16_t *)malloc(chunk * 2))) {
-            arena_release(c, dev);
+            arena_release(c->dev, dev);
             snprintf(err, errlen, "cuda: out of host memory converting a weight");
             return DG_ENOMEM;
         }
@@ -261,27 +292,89 @@ cuda_fail:
     dg_cuda_fail(c, cudaGetErrorString(cudaGetLastError()), "weight upload", __FILE__, __LINE__);
 dev_fail:
     free(tmp);
-    arena_release(c, dev);
+    arena_release(c->dev, dev);
     snprintf(err, errlen, "%s", c->err);
     return DG_EDEVICE;
 }
 
-/* ---- creation -------------------------------------------------------------------------- */
+/* ---- creation: the device, then each backend's own state ---------------------------------- */
 
+/* What one backend alone uses: its stream and handles, the pinned staging and readback
+ * memory, and its scratch from the arena. Freed by exec_free (a half-made one too). */
+static int exec_new(dg_cuda *c, char *err, size_t errlen) {
+    const int device = c->dev->device;
+    cudaError_t e;
+    const char *what = "cudaStreamCreate";
+    if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess) goto cuda_fail;
+    what = "cudaHostAlloc";
+    if ((e = cudaHostAlloc((void **)&c->stage_host, DG_CUDA_STAGE_BYTES, cudaHostAllocDefault)) != cudaSuccess ||
+        (e = cudaHostAlloc((void **)&c->readback, DG_CUDA_READBACK_BYTES, cudaHostAllocDefault)) != cudaSuccess)
+        goto cuda_fail;
+    what = "cudaEventCreate";
+    for (int i = 0; i < 2; i++)
+        if ((e = cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming)) != cudaSuccess) goto cuda_fail;
+    c->scratch_bytes = DG_CUDA_SCRATCH_BYTES;
+    if (!(c->stage_dev = (char *)arena_alloc(c->dev, DG_CUDA_STAGE_BYTES)) ||
+        !(c->scratch = arena_alloc(c->dev, c->scratch_bytes)) ||
+        !(c->blas_ws = arena_alloc(c->dev, DG_CUDA_BLAS_WS_BYTES))) {
+        snprintf(err, errlen, "cuda:%d: a backend's %zu MiB of scratch do not fit the memory budget "
+                 "(%zu of %zu MiB in use; set DG_GPU_MEMORY)", device,
+                 (DG_CUDA_STAGE_BYTES + DG_CUDA_SCRATCH_BYTES + DG_CUDA_BLAS_WS_BYTES) >> 20,
+                 arena_in_use_mib(c->dev), c->dev->size >> 20);
+        return DG_ENOMEM;
+    }
+    if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetWorkspace(c->blas, c->blas_ws, DG_CUDA_BLAS_WS_BYTES) != CUBLAS_STATUS_SUCCESS) {
+        snprintf(err, errlen, "cuda:%d: cuBLAS could not be set up", device);
+        return DG_EDEVICE;
+    }
+    if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS ||
+        !(c->lt_plans = (dg_cuda_lt_plan *)calloc(DG_CUDA_LT_PLANS, sizeof *c->lt_plans))) {
+        snprintf(err, errlen, "cuda:%d: cuBLASLt could not be set up", device);
+        return DG_EDEVICE;
+    }
+    if (!(c->att_tiles = (int32_t *)malloc(sizeof(int32_t) * 4 * DG_CUDA_ATT_TILES))) {
+        snprintf(err, errlen, "cuda: out of host memory");
+        return DG_ENOMEM;
+    }
+    return 0;
+cuda_fail:
+    snprintf(err, errlen, "cuda:%d: %s: %s", device, what, cudaGetErrorString(e));
+    return DG_EDEVICE;
+}
+
+static void exec_free(dg_cuda *c) {
+    if (c->stream) cudaStreamSynchronize(c->stream);
+    if (c->blas) cublasDestroy(c->blas);
+    dg_cuda_lt_free(c);
+    for (int i = 0; i < 2; i++) if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
+    if (c->stream) cudaStreamDestroy(c->stream);
+    if (c->stage_host) cudaFreeHost(c->stage_host);
+    if (c->readback) cudaFreeHost(c->readback);
+    arena_release(c->dev, c->stage_dev);
+    arena_release(c->dev, c->scratch);
+    arena_release(c->dev, c->blas_ws);
+    free(c->att_tiles);
+}
+
+static void device_free(dg_cuda_device *d) {
+    if (!d) return;
+    if (d->base) cudaFree(d->base);
+    pthread_mutex_destroy(&d->lock);
+    free(d->segs);
+    free(d);
+}
+
+/* A fork's own state is freed, the device only with the backend that made it (its forks
+ * are gone by then: backend.h). */
 static void cuda_free(dg_backend *be) {
     if (!be) return;
-    dg_cuda *c = dg_cuda_of(be);
+    dg_cuda *c = (dg_cuda *)be->impl;
     if (c) {
-        if (c->stream) cudaStreamSynchronize(c->stream);
-        if (c->blas) cublasDestroy(c->blas);
-        dg_cuda_lt_free(c);
-        for (int i = 0; i < 2; i++) if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
-        if (c->stream) cudaStreamDestroy(c->stream);
-        if (c->stage_host) cudaFreeHost(c->stage_host);
-        if (c->readback) cudaFreeHost(c->readback);
-        if (c->base) cudaFree(c->base);
-        free(c->segs);
-        free(c->att_tiles);
+        if (c->dev && c->dev->base) cudaSetDevice(c->dev->device);   /* set up: this thread's too */
+        if (c->dev) exec_free(c);
+        if (c->own_dev) device_free(c->dev);
         free(c);
     }
     free(be);
@@ -307,91 +400,74 @@ static size_t parse_size(const char *s) {
         cudaError_t e_ = (expr);                                                            \
         if (e_ != cudaSuccess) {                                                            \
             snprintf(err, errlen, "cuda:%d: %s: %s", device, what, cudaGetErrorString(e_)); \
-            rc = DG_EDEVICE;                                                                \
-            goto fail;                                                                      \
+            return DG_EDEVICE;                                                              \
         }                                                                                   \
     } while (0)
 
-extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, char *err,
-                                   size_t errlen) {
-    dg_backend *be = (dg_backend *)calloc(1, sizeof *be);
-    dg_cuda *c = (dg_cuda *)calloc(1, sizeof *c);
-    int rc = DG_ENOMEM, n_dev = 0;
+/* The device's side: its properties, the arena of `budget` bytes (see cuda_backend.h), the
+ * kernels' shared-memory limits (per device, for every backend of it). c->dev is set
+ * first, so that cuda_free frees a half-made one. */
+static int device_new(dg_cuda *c, int device, size_t budget, char *err, size_t errlen) {
+    dg_cuda_device *d = (dg_cuda_device *)calloc(1, sizeof *d);
     size_t free_b = 0, total_b = 0;
-    *out = NULL;
-    if (!be || !c) {
+    int n_dev = 0;
+    if (!d) {
         snprintf(err, errlen, "cuda: out of host memory");
-        goto fail;
+        return DG_ENOMEM;
     }
-    be->impl = c;
-    c->device = device;
+    pthread_mutex_init(&d->lock, NULL);
+    d->device = device;
+    c->dev = d;
+    c->own_dev = 1;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
         cudaGetLastError();
         snprintf(err, errlen, "cuda:%d: no CUDA device", device);
-        rc = DG_EINVAL;   /* a configuration problem: restarting will not make a GPU appear */
-        goto fail;
+        return DG_EINVAL;   /* a configuration problem: restarting will not make a GPU appear */
     }
     if (device < 0 || device >= n_dev) {
         snprintf(err, errlen, "cuda:%d: no such device (%d present)", device, n_dev);
-        rc = DG_EINVAL;
-        goto fail;
+        return DG_EINVAL;
     }
     SETUP(cudaSetDevice(device), "cudaSetDevice");
-    SETUP(cudaGetDeviceProperties(&c->prop, device), "cudaGetDeviceProperties");
+    SETUP(cudaGetDeviceProperties(&d->prop, device), "cudaGetDeviceProperties");
     SETUP(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
     if (!budget) budget = parse_size(getenv("DG_GPU_MEMORY"));
     if (!budget) budget = free_b / 10 * 9;
     if (budget > free_b) budget = free_b;
     budget &= ~(size_t)(ARENA_ALIGN - 1);
-    if (budget < DG_CUDA_SCRATCH_BYTES + DG_CUDA_STAGE_BYTES + ((size_t)64 << 20)) {
+    const size_t own = DG_CUDA_SCRATCH_BYTES + DG_CUDA_STAGE_BYTES + DG_CUDA_BLAS_WS_BYTES + ((size_t)32 << 20);
+    if (budget < own) {
         snprintf(err, errlen, "cuda:%d: a budget of %zu MiB is below the backend's own %zu MiB",
-                 device, budget >> 20, (DG_CUDA_SCRATCH_BYTES + DG_CUDA_STAGE_BYTES + ((size_t)64 << 20)) >> 20);
-        rc = DG_EINVAL;
-        goto fail;
+                 device, budget >> 20, own >> 20);
+        return DG_EINVAL;
     }
-    SETUP(cudaMalloc((void **)&c->base, budget), "cudaMalloc of the memory budget");
-    c->size = budget;
-    if (seg_insert(c, 0, dg_cuda_seg{0, budget, 0}) < 0) goto fail;
-    SETUP(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "cudaStreamCreate");
-    SETUP(cudaHostAlloc((void **)&c->stage_host, DG_CUDA_STAGE_BYTES, cudaHostAllocDefault), "cudaHostAlloc");
-    SETUP(cudaHostAlloc((void **)&c->readback, DG_CUDA_READBACK_BYTES, cudaHostAllocDefault), "cudaHostAlloc");
-    for (int i = 0; i < 2; i++)
-        SETUP(cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming), "cudaEventCreate");
-    c->stage_dev = (char *)arena_alloc(c, DG_CUDA_STAGE_BYTES);
-    c->scratch_bytes = DG_CUDA_SCRATCH_BYTES;
-    c->scratch = arena_alloc(c, c->scratch_bytes);
-    c->blas_ws = arena_alloc(c, (size_t)32 << 20);
-    if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS ||
-        cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS ||
-        cublasSetWorkspace(c->blas, c->blas_ws, (size_t)32 << 20) != CUBLAS_STATUS_SUCCESS) {
-        snprintf(err, errlen, "cuda:%d: cuBLAS could not be set up", device);
-        rc = DG_EDEVICE;
-        goto fail;
-    }
-    if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS ||
-        !(c->lt_plans = (dg_cuda_lt_plan *)calloc(DG_CUDA_LT_PLANS, sizeof *c->lt_plans))) {
-        snprintf(err, errlen, "cuda:%d: cuBLASLt could not be set up", device);
-        rc = DG_EDEVICE;
-        goto fail;
-    }
-    {
-        const char *g = getenv("DG_CUDA_GEMM");
-        c->gemm_split = g && !strcmp(g, "precise");
-        const char *at = getenv("DG_CUDA_ATTN");
-        c->attn_wmma = at && !strcmp(at, "wmma");
-    }
-    if (!(c->att_tiles = (int32_t *)malloc(sizeof(int32_t) * 4 * DG_CUDA_ATT_TILES))) {
+    SETUP(cudaMalloc((void **)&d->base, budget), "cudaMalloc of the memory budget");
+    d->size = budget;
+    if (seg_insert(d, 0, dg_cuda_seg{0, budget, 0}) < 0) {
         snprintf(err, errlen, "cuda: out of host memory");
-        goto fail;
+        return DG_ENOMEM;
     }
     if (dg_cuda_attention_init(c) < 0) {
         snprintf(err, errlen, "%s", c->err);
-        rc = DG_EDEVICE;
-        goto fail;
+        return DG_EDEVICE;
+    }
+    return 0;
+}
+
+static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t errlen);
+
+/* A backend over c (its device set, its own state not yet made): the table, then the
+ * state. Frees everything on failure. */
+static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, size_t errlen) {
+    int rc = exec_new(c, err, errlen);
+    if (rc < 0) {
+        cuda_free(be);
+        return rc;
     }
     be->name = "cuda";
     be->n_threads = 1;
     be->free = cuda_free;
+    be->fork = cuda_fork;
     be->alloc = cuda_alloc;
     be->release = cuda_release;
     be->weight_prepare = cuda_weight_prepare;
@@ -406,13 +482,10 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     be->silu_mul = dg_cuda_silu_mul;
     be->add = dg_cuda_add;
     be->embed = dg_cuda_embed;
-    be->softmax = dg_cuda_softmax;
     be->download = cuda_download;
     be->upload = cuda_upload;
     be->attention_segments = dg_cuda_attention_segments;
-    be->layernorm = dg_cuda_layernorm;
     be->gelu = dg_cuda_gelu;
-    be->gelu_tanh = dg_cuda_gelu_tanh;
     be->rope_table = dg_cuda_rope_table;
     be->gather_rows = dg_cuda_gather_rows;
     be->conv3d = dg_cuda_conv3d;
@@ -430,7 +503,55 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     be->graph_release = cuda_graph_release;
     *out = be;
     return 0;
-fail:
-    if (be) cuda_free(be); else free(c);
-    return rc;
+}
+
+/* The parent's device and settings, a stream and scratch of its own. The parent's queued
+ * work (the weights' uploads) is complete first: the fork's stream is not ordered with
+ * the parent's. A parent that has failed makes no forks. */
+static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t errlen) {
+    dg_cuda *p = dg_cuda_of(parent);
+    dg_backend *be = (dg_backend *)calloc(1, sizeof *be);
+    dg_cuda *c = (dg_cuda *)calloc(1, sizeof *c);
+    *out = NULL;
+    if (!be || !c) {
+        free(be);
+        free(c);
+        snprintf(err, errlen, "cuda: out of host memory");
+        return DG_ENOMEM;
+    }
+    be->impl = c;
+    c->dev = p->dev;
+    c->gemm_split = p->gemm_split;
+    c->attn_wmma = p->attn_wmma;
+    const cudaError_t e = cudaStreamSynchronize(p->stream);
+    if (e != cudaSuccess) dg_cuda_fail(p, cudaGetErrorString(e), "cudaStreamSynchronize", __FILE__, __LINE__);
+    if (p->status) {
+        snprintf(err, errlen, "%s", p->err);
+        cuda_free(be);
+        return DG_EDEVICE;
+    }
+    return cuda_make(be, c, out, err, errlen);
+}
+
+extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, char *err,
+                                   size_t errlen) {
+    dg_backend *be = (dg_backend *)calloc(1, sizeof *be);
+    dg_cuda *c = (dg_cuda *)calloc(1, sizeof *c);
+    *out = NULL;
+    if (!be || !c) {
+        free(be);
+        free(c);
+        snprintf(err, errlen, "cuda: out of host memory");
+        return DG_ENOMEM;
+    }
+    be->impl = c;
+    const char *g = getenv("DG_CUDA_GEMM"), *at = getenv("DG_CUDA_ATTN");
+    c->gemm_split = g && !strcmp(g, "precise");
+    c->attn_wmma = at && !strcmp(at, "wmma");
+    int rc = device_new(c, device, budget, err, errlen);
+    if (rc < 0) {
+        cuda_free(be);
+        return rc;
+    }
+    return cuda_make(be, c, out, err, errlen);
 }

@@ -6,7 +6,12 @@
  * Memory: one cudaMalloc arena taken when the backend is made, `budget` bytes (0: the
  * DG_GPU_MEMORY environment variable, e.g. "24G" or "24000M", else 90% of the device's
  * free memory). be->alloc, weights and the backend's own scratch come from it, so nothing
- * calls cudaMalloc once the backend exists. */
+ * calls cudaMalloc once the backend exists. Its forks (be->fork, backend.h) share the
+ * arena (a lock guards its bookkeeping) and take their own scratch from it: 304 MiB each
+ * (staging ring, scratch, cuBLAS workspace), besides their own stream and handles.
+ *
+ * Threads: the CUDA runtime's current device is per host thread; every operation makes
+ * its backend's device current on the calling thread, so a fork may run on any thread. */
 #ifndef DG_CUDA_BACKEND_H
 #define DG_CUDA_BACKEND_H
 

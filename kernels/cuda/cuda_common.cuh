@@ -1,6 +1,7 @@
 /* cuda_common.cuh — what the CUDA backend's files share (not a public interface): the
- * backend's state, the error macro, the staging of small host arrays, bf16 helpers and the
- * entry points each op file defines for cuda_backend.cu's table.
+ * backend's state (what one device's backends share, and what each has of its own), the
+ * error macro, the staging of small host arrays, block reductions and the entry points
+ * each op file defines for cuda_backend.cu's table.
  *
  * Every op has three layers (as in ggml-cuda): a __global__ kernel, a launcher that picks
  * the launch geometry and returns 0 or DG_EDEVICE (CUDA_CHECK after every launch), and the
@@ -14,6 +15,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <pthread.h>
 #include <stdint.h>
 
 extern "C" {
@@ -32,6 +34,9 @@ extern "C" {
 /* Scratch in the arena, sized once: bf16 activations for cuBLAS GEMMs (in row chunks),
  * the im2col tiles of conv3d, the split-K partials of attention. */
 #define DG_CUDA_SCRATCH_BYTES ((size_t)256 << 20)
+
+/* The cuBLAS and cuBLASLt workspace (arena). */
+#define DG_CUDA_BLAS_WS_BYTES ((size_t)32 << 20)
 
 /* Pinned host memory for small results the host waits for (topk: 8 + 8·k bytes). */
 #define DG_CUDA_READBACK_BYTES ((size_t)32 << 10)
@@ -53,17 +58,30 @@ typedef struct {
     cublasLtMatmulAlgo_t    algo;
 } dg_cuda_lt_plan;
 
+/* What the backends of one device share (backend.h "Threads"): made with the backend that
+ * dg_cuda_backend_new returns, which owns it; its forks borrow it. Read-only after
+ * creation but for the arena, whose bookkeeping the lock guards (an alloc or release may
+ * come from any fork's thread; they happen at set-up and at an image's start, never per
+ * operation). */
 typedef struct {
     int             device;
-    cudaStream_t    stream;
-    cublasHandle_t  blas;
     cudaDeviceProp  prop;
+    pthread_mutex_t lock;
     /* the arena: [base, base + size), first-fit segments kept sorted by offset */
     char           *base;
     size_t          size;
     dg_cuda_seg    *segs;
     int             n_segs, cap_segs;
-    size_t          in_use, peak;
+    size_t          in_use;        /* bytes in used segments */
+} dg_cuda_device;
+
+/* One backend: the device it shares and the execution state it alone uses (one thread at a
+ * time). */
+typedef struct {
+    dg_cuda_device *dev;           /* owned when own_dev, else the parent's (a fork) */
+    int             own_dev;
+    cudaStream_t    stream;
+    cublasHandle_t  blas;
     /* staging */
     char           *stage_host;    /* owned, pinned: DG_CUDA_STAGE_BYTES */
     char           *stage_dev;     /* arena */
@@ -75,7 +93,7 @@ typedef struct {
     struct { const void *dev; size_t bytes; char data[DG_CUDA_MEMO_BYTES]; } memo[DG_CUDA_MEMO];
     int             memo_next;
     char           *readback;      /* owned, pinned: DG_CUDA_READBACK_BYTES */
-    /* scratch (arena) */
+    /* scratch (arena; given back when a fork is freed) */
     void           *scratch;
     size_t          scratch_bytes;
     void           *blas_ws;       /* cuBLAS workspace (arena) */
@@ -90,10 +108,21 @@ typedef struct {
     char            err[256];
 } dg_cuda;
 
-static inline dg_cuda *dg_cuda_of(dg_backend *be) { return (dg_cuda *)be->impl; }
-
 /* Records a failed CUDA/cuBLAS call (the first one wins) and returns DG_EDEVICE. */
 int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *file, int line);
+/* cudaSetDevice(c's device), recording a failure. */
+void dg_cuda_use_device(dg_cuda *c);
+
+/* The state of an entry's backend, with its device made current on the calling thread: the
+ * CUDA runtime's current device is per host thread, and a fork runs on another thread than
+ * the one that made it (a launch on a stream of another device fails). Every table entry
+ * starts here; cudaGetDevice only reads the runtime's thread state. */
+static inline dg_cuda *dg_cuda_of(dg_backend *be) {
+    dg_cuda *c = (dg_cuda *)be->impl;
+    int cur = -1;
+    if (cudaGetDevice(&cur) != cudaSuccess || cur != c->dev->device) dg_cuda_use_device(c);
+    return c;
+}
 
 #define CUDA_CHECK(c, expr)                                                                 \
     do {                                                                                    \
@@ -161,7 +190,6 @@ __device__ __forceinline__ float dg_block_max(float v, float *sh) {
 void dg_cuda_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w,
                     const float *bias, int m);
 void dg_cuda_embed(dg_backend *be, float *y, const dg_weight *table, const int32_t *ids, int m);
-int  dg_cuda_to_bf16(dg_cuda *c, __nv_bfloat16 *dst, const float *src, int64_t n);
 void dg_cuda_lt_free(dg_cuda *c);
 void dg_cuda_matmul_parts(dg_backend *be, const float *x, const dg_matmul_part *parts, int n_parts, int m);
 void dg_cuda_matmul_swiglu(dg_backend *be, float *y, float *tmp, const float *x, const dg_weight *gate,
@@ -172,13 +200,10 @@ void dg_cuda_rmsnorm(dg_backend *be, float *y, const float *x, const float *weig
                      float eps);
 void dg_cuda_add_rmsnorm(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m, int n,
                          float eps);
-void dg_cuda_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
-                       const float *bias, int m, int n, float eps);
 void dg_cuda_modulate(dg_backend *be, float *y, const float *x, const float *shift,
                       const float *scale, int m, int n, float eps);
 void dg_cuda_channel_rmsnorm(dg_backend *be, float *y, const float *x, const float *gamma,
                              int n_frames, int channels, int64_t plane, int silu);
-void dg_cuda_softmax(dg_backend *be, float *x, int m, int n);
 void dg_cuda_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps);
 
 /* elementwise.cu */
@@ -186,7 +211,6 @@ void dg_cuda_silu_mul(dg_backend *be, float *y, const float *gate, const float *
 int  dg_cuda_silu_mul_launch(dg_cuda *c, float *y, const float *gate, const float *up, int64_t n);
 void dg_cuda_add(dg_backend *be, float *y, const float *x, int64_t n);
 void dg_cuda_gelu(dg_backend *be, float *y, const float *x, int64_t n);
-void dg_cuda_gelu_tanh(dg_backend *be, float *y, const float *x, int64_t n);
 void dg_cuda_silu(dg_backend *be, float *y, const float *x, int64_t n);
 void dg_cuda_add_gated(dg_backend *be, float *y, const float *x, const float *gate, int m, int n);
 void dg_cuda_upsample2x(dg_backend *be, float *y, const float *x, int64_t n_planes, int h, int w);

@@ -1,6 +1,6 @@
 /* elementwise.cu — activations, residual adds, nearest upsampling and row gathers.
  * Memory-bound one-pass kernels: a grid-stride loop over n elements, 256 threads, at most
- * 65535 blocks (enough to fill the chip many times over); expf/erff/tanhf in full fp32
+ * 65535 blocks (enough to fill the chip many times over); expf/erff in full fp32
  * precision (no --use_fast_math), so results match the CPU to a few ulps. */
 #include "cuda_common.cuh"
 
@@ -15,7 +15,7 @@ static unsigned ew_blocks(int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n);               \
          i += (int64_t)gridDim.x * blockDim.x)
 
-enum { EW_SILU_MUL, EW_ADD, EW_GELU, EW_GELU_TANH, EW_SILU };
+enum { EW_SILU_MUL, EW_ADD, EW_GELU, EW_SILU };
 
 template <int OP>
 __global__ void ew_kernel(float *y, const float *a, const float *b, int64_t n) {
@@ -25,7 +25,6 @@ __global__ void ew_kernel(float *y, const float *a, const float *b, int64_t n) {
         if (OP == EW_SILU_MUL) r = t / (1.0f + expf(-t)) * b[i];
         else if (OP == EW_ADD) r = y[i] + t;
         else if (OP == EW_GELU) r = 0.5f * t * (1.0f + erff(t * 0.70710678118654752f));
-        else if (OP == EW_GELU_TANH) r = 0.5f * t * (1.0f + tanhf(0.79788456080286536f * (t + 0.044715f * t * t * t)));
         else r = t / (1.0f + expf(-t));
         y[i] = r;
     }
@@ -98,9 +97,6 @@ void dg_cuda_add(dg_backend *be, float *y, const float *x, int64_t n) {
 }
 void dg_cuda_gelu(dg_backend *be, float *y, const float *x, int64_t n) {
     ew<EW_GELU>(dg_cuda_of(be), y, x, NULL, n);
-}
-void dg_cuda_gelu_tanh(dg_backend *be, float *y, const float *x, int64_t n) {
-    ew<EW_GELU_TANH>(dg_cuda_of(be), y, x, NULL, n);
 }
 void dg_cuda_silu(dg_backend *be, float *y, const float *x, int64_t n) {
     ew<EW_SILU>(dg_cuda_of(be), y, x, NULL, n);

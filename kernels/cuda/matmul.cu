@@ -181,7 +181,7 @@ __global__ void gemv_swiglu_kernel(float *__restrict__ y, const float *__restric
 static int gemv(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, const float *bias,
                 int m, int n, int k) {
     const dim3 grid(dg_cuda_blocks(n, GEMV_WARPS)), block(32 * GEMV_WARPS);
-    const int few_rows = (int64_t)grid.x < 2LL * c->prop.multiProcessorCount;
+    const int few_rows = (int64_t)grid.x < 2LL * c->dev->prop.multiProcessorCount;
     if (k % 8 == 0 && ((uintptr_t)x & 15) == 0 && few_rows) {
         switch (m) {
 #define CASE(M) case M: gemv_bf16_rowblock<M><<<n, block, 0, c->stream>>>(y, x, w, bias, n, k); break;
@@ -212,13 +212,6 @@ __global__ void split_bf16_kernel(__nv_bfloat16 *hi, __nv_bfloat16 *lo, const fl
         hi[i] = h;
         if (lo) lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));
     }
-}
-
-int dg_cuda_to_bf16(dg_cuda *c, __nv_bfloat16 *dst, const float *src, int64_t n) {
-    const unsigned blocks = dg_cuda_blocks(n, 256) < 65535u ? dg_cuda_blocks(n, 256) : 65535u;
-    split_bf16_kernel<<<blocks, 256, 0, c->stream>>>(dst, NULL, src, n);
-    CUDA_CHECK_LAUNCH(c);
-    return 0;
 }
 
 __global__ void add_bias_kernel(float *y, const float *bias, int m, int n) {
@@ -273,7 +266,7 @@ static dg_cuda_lt_plan *lt_plan(dg_cuda *c, int n, int m, int k, int align_w, in
     const cublasOperation_t opt = CUBLAS_OP_T, opn = CUBLAS_OP_N;
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
     const cudaDataType_t bias_type = CUDA_R_32F;
-    const size_t ws = (size_t)32 << 20;
+    const size_t ws = DG_CUDA_BLAS_WS_BYTES;
     cublasLtMatmulPreference_t pref = NULL;
     cublasLtMatmulHeuristicResult_t res;
     int n_res = 0;
@@ -333,7 +326,7 @@ static int gemm_parts(dg_cuda *c, const float *x, const dg_matmul_part *parts, i
                 CUBLAS_CHECK(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                                sizeof bias));
                 CUBLAS_CHECK(c, cublasLtMatmul(c->lt, p->desc, &one, w, p->a, hi, p->b, &zero, y, p->d, y, p->d,
-                                               &p->algo, c->blas_ws, (size_t)32 << 20, c->stream));
+                                               &p->algo, c->blas_ws, DG_CUDA_BLAS_WS_BYTES, c->stream));
                 continue;
             }
             CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,

@@ -1,7 +1,8 @@
-/* norm.cu — row normalisations (RMSNorm, LayerNorm, adaLN modulation, the connector's
- * standardization), the VAE's channel RMS norm and the row softmax. Row ops: one block per row, 256 threads (1024 for a few
- * rows) striding over the row, block reductions through shared memory (32 floats); each element is read and
- * written by the same thread, so y may equal x. Sums in fp32 (the CPU reference sums
+/* norm.cu — row normalisations (RMSNorm, RMSNorm after a residual add, adaLN modulation,
+ * the connector's standardization) and the VAE's channel RMS norm. Row ops: one block per
+ * row, 256 threads (1024 for a few rows) striding over the row, block reductions through
+ * shared memory (32 floats); each element is read and written by the same thread, so y may
+ * equal x. Sums in fp32 but the standardization's (the CPU reference sums the modulation's
  * LayerNorm in double: the difference is far below the test tolerance at these widths). */
 #include "cuda_common.cuh"
 
@@ -39,11 +40,10 @@ __global__ void add_rmsnorm_kernel(float *y, float *x, const float *r, const flo
     for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = weight[j] * (xi[j] * rs);
 }
 
-/* Two passes over the row (mean, then squared deviations): no cancellation from a large
- * mean. With shift/scale (adaLN): y = norm · (1 + scale) + shift; else the affine of
- * LayerNorm with optional weight and bias. */
-__global__ void layernorm_kernel(float *y, const float *x, const float *weight, const float *bias,
-                                 const float *shift, const float *scale, int n, float eps) {
+/* adaLN: y = LayerNorm(x) · (1 + scale) + shift, with two passes over the row (mean, then
+ * squared deviations): no cancellation from a large mean. */
+__global__ void modulate_kernel(float *y, const float *x, const float *shift, const float *scale, int n,
+                                float eps) {
     __shared__ float sh[32];
     const float *xi = x + (int64_t)blockIdx.x * n;
     float *yi = y + (int64_t)blockIdx.x * n;
@@ -53,16 +53,7 @@ __global__ void layernorm_kernel(float *y, const float *x, const float *weight, 
     float v = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) v += (xi[j] - mean) * (xi[j] - mean);
     const float r = 1.0f / sqrtf(dg_block_sum(v, sh) / (float)n + eps);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float t = (xi[j] - mean) * r;
-        if (scale) {
-            t = t * (1.0f + scale[j]) + shift[j];
-        } else {
-            if (weight) t *= weight[j];
-            if (bias) t += bias[j];
-        }
-        yi[j] = t;
-    }
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = (xi[j] - mean) * r * (1.0f + scale[j]) + shift[j];
 }
 
 /* One thread per pixel of one frame; the channel loop strides by `plane`, so a warp reads
@@ -114,18 +105,6 @@ __global__ void standardize_kernel(float *y, const float *x, int n, float eps) {
     for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = (float)(((double)xi[j] - mean) * r);
 }
 
-__global__ void softmax_kernel(float *x, int n) {
-    __shared__ float sh[32];
-    float *r = x + (int64_t)blockIdx.x * n;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, r[j]);
-    mx = dg_block_max(mx, sh);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) s += expf(r[j] - mx);
-    const float inv = 1.0f / dg_block_sum(s, sh);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) r[j] = expf(r[j] - mx) * inv;
-}
-
 /* ---- launchers ------------------------------------------------------------------------- */
 
 static int rmsnorm(dg_cuda *c, float *y, const float *x, const float *w, int m, int n, float eps) {
@@ -135,10 +114,10 @@ static int rmsnorm(dg_cuda *c, float *y, const float *x, const float *w, int m, 
     return 0;
 }
 
-static int layernorm(dg_cuda *c, float *y, const float *x, const float *weight, const float *bias,
-                     const float *shift, const float *scale, int m, int n, float eps) {
+static int modulate(dg_cuda *c, float *y, const float *x, const float *shift, const float *scale, int m, int n,
+                    float eps) {
     if (m <= 0) return 0;
-    layernorm_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, weight, bias, shift, scale, n, eps);
+    modulate_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, shift, scale, n, eps);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
@@ -155,13 +134,6 @@ static int channel_rmsnorm(dg_cuda *c, float *y, const float *x, const float *ga
 static int standardize(dg_cuda *c, float *y, const float *x, int m, int n, float eps) {
     if (m <= 0) return 0;
     standardize_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, n, eps);
-    CUDA_CHECK_LAUNCH(c);
-    return 0;
-}
-
-static int softmax(dg_cuda *c, float *x, int m, int n) {
-    if (m <= 0) return 0;
-    softmax_kernel<<<m, row_threads(m), 0, c->stream>>>(x, n);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
@@ -185,22 +157,15 @@ void dg_cuda_rmsnorm(dg_backend *be, float *y, const float *x, const float *weig
     rmsnorm(dg_cuda_of(be), y, x, weight, m, n, eps);
 }
 
-void dg_cuda_layernorm(dg_backend *be, float *y, const float *x, const float *weight,
-                       const float *bias, int m, int n, float eps) {
-    layernorm(dg_cuda_of(be), y, x, weight, bias, NULL, NULL, m, n, eps);
-}
-
 void dg_cuda_modulate(dg_backend *be, float *y, const float *x, const float *shift,
                       const float *scale, int m, int n, float eps) {
-    layernorm(dg_cuda_of(be), y, x, NULL, NULL, shift, scale, m, n, eps);
+    modulate(dg_cuda_of(be), y, x, shift, scale, m, n, eps);
 }
 
 void dg_cuda_channel_rmsnorm(dg_backend *be, float *y, const float *x, const float *gamma,
                              int n_frames, int channels, int64_t plane, int silu) {
     channel_rmsnorm(dg_cuda_of(be), y, x, gamma, n_frames, channels, plane, silu);
 }
-
-void dg_cuda_softmax(dg_backend *be, float *x, int m, int n) { softmax(dg_cuda_of(be), x, m, n); }
 
 void dg_cuda_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps) {
     standardize(dg_cuda_of(be), y, x, m, n, eps);

@@ -1,6 +1,6 @@
 /* sample.cu — the sampling operations (backend.h: logits_adjust, topk): repetition penalty
  * and logit biases in place on the logits row, and the k best tokens of the row (with the
- * log-sum-exp for top-p) brought back to the host, so that the sampler (engine/sampler.c)
+ * log-sum-exp for top-p) brought back to the host, so that the sampler (engine/text/sampler.c)
  * reads ~1000 candidates instead of downloading the 152064 logits of every token.
  *
  * topk, in two kernels and one small copy back:

@@ -5,7 +5,9 @@
 #   3. the programs: a full `make` where this machine has the project's build dependencies,
 #      else the ones tools/cuda/pack.sh packed (.devcarry/bundle.tar.xz, carried);
 #   4. build/tests/test_backend_cuda (every op vs the CPU backend, stated tolerances);
-#   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages);
+#   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages), and the
+#      CUDA cases of test_interleaved and test_sched_threads (one model, two schedulers on
+#      two threads);
 #   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit)
 #      and dg-bench job (the seeded full package: DiT s/image at 1024² x 35 steps with CFG,
 #      VAE decode ms, one 4-image interleaved job);
@@ -57,13 +59,14 @@ step programs
 if [ -z "${DG_USE_BUNDLE:-}" ] && pkg-config --exists jansson libpng libturbojpeg libutf8proc libpcre2-8 hiredis libprotobuf-c 2>/dev/null &&
    [ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ]; then
     echo "building here"
-    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/dg-bench build/mkmodel \
+    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/tests/test_sched_threads build/dg-bench build/mkmodel \
         build/libduogen_cuda.so 2>&1 | tail -3
 else
     echo "no build dependencies here: the packed programs (tools/cuda/pack.sh)"
     rm -rf build/carry && mkdir -p build/carry build/tests
     tar -C build/carry -xJf .devcarry/bundle.tar.xz || { echo "no .devcarry/bundle.tar.xz"; exit 1; }
-    cp build/carry/bin/test_backend_cuda build/carry/bin/test_cuda_parity build/carry/bin/test_interleaved build/tests/
+    cp build/carry/bin/test_backend_cuda build/carry/bin/test_cuda_parity build/carry/bin/test_interleaved \
+       build/carry/bin/test_sched_threads build/tests/
     cp build/carry/bin/dg-bench build/carry/bin/mkmodel build/carry/bin/libduogen_cuda.so build/
     export LD_LIBRARY_PATH="$PWD/build/carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
@@ -77,9 +80,10 @@ ldd build/dg-bench build/libduogen_cuda.so | grep "not found" && echo "MISSING L
 if want tests; then
     step "op-by-op test (test_backend_cuda)"
     timeout 60 build/tests/test_backend_cuda 2>&1
-    step "model parity (test_cuda_parity) and the interleaved loop (test_interleaved's cuda case)"
+    step "model parity (test_cuda_parity), the interleaved loop (test_interleaved's cuda case), two schedulers on two threads (test_sched_threads' cuda case)"
     timeout 120 build/tests/test_cuda_parity 2>&1
     DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
+    DG_TEST=two_schedulers_on_two_threads_answer_as_one_on_cuda timeout 60 build/tests/test_sched_threads 2>&1
 fi
 
 if want text; then

@@ -314,7 +314,7 @@ static void decode_with_graphs(const dg_qwen2 *m, int max_tokens, dg_kv_cache *k
     dg_qwen2_state *sg = NULL;
     char err[512];
     setenv("DG_CUDA_GRAPHS", "1", 1);
-    if (dg_qwen2_state_new(m, max_tokens, 1, &sg, err, sizeof err) == 0) {
+    if (dg_qwen2_state_new(m, m->be, max_tokens, 1, &sg, err, sizeof err) == 0) {
         dg_qwen2_input in = {.ids = ids, .n = n->n_prompt, .n_logits = 1};
         int ok = dg_qwen2_forward(m, sg, kv, seq, &in, NULL, err, sizeof err) == 0 &&
                  decode_steps(m, sg, kv, seq, ids + n->n_prompt, 4, err, sizeof err) == 0;   /* records them */
@@ -355,7 +355,7 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     }
     printf("  %s: seeded 7B text weights (%.2f GB) in %.1f s\n", dev, wbytes / 1e9, (bench_now_ms() - t_load) / 1e3);
     const dg_text_config *c = &m.cfg;
-    if (dg_qwen2_state_new(&m, max_tokens, 1, &s, err, sizeof err) < 0 ||
+    if (dg_qwen2_state_new(&m, m.be, max_tokens, 1, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, 16, (n.n_long + n.n_decode) / 16 + 4, &kv, err,
                         sizeof err) < 0 ||
         dg_kv_seq_init(&seq, n.n_long + n.n_decode + 1, 16) < 0) {

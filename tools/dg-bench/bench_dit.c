@@ -46,7 +46,7 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
     const int max_lat = sides[n_sides - 1] / 8, max_frames = 1 + conds[n_conds - 1];
     const int max_tok = max_frames * (max_lat / 2) * (max_lat / 2);
     if (dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
-        dg_dit_state_new(&dit, max_tok, N_CTX, &s, err, sizeof err) < 0)
+        dg_dit_state_new(&dit, dit.be, max_tok, N_CTX, &s, err, sizeof err) < 0)
         goto fail;
     const int64_t frame = 16LL * max_lat * max_lat;
     lat = malloc(sizeof(float) * (size_t)(frame * max_frames));
@@ -108,7 +108,7 @@ static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, 
     int rc = -1;
     snprintf(dir, sizeof dir, "%s/vae", pkg);
     if (dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 || dg_vae_load(&vae, dir, be, err, sizeof err) < 0 ||
-        dg_vae_state_new(&vae, 1, max_side, max_side, &s, err, sizeof err) < 0)
+        dg_vae_state_new(&vae, vae.be, 1, max_side, max_side, &s, err, sizeof err) < 0)
         goto fail;
     px = malloc(sizeof(float) * 3 * (size_t)max_side * max_side);
     lat = malloc(sizeof(float) * 16 * (size_t)(max_side / 8) * (max_side / 8));

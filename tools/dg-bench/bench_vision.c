@@ -75,7 +75,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
         dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 ||
         dg_st_open(dir, &st, err, sizeof err) < 0 ||
         dg_vision_load(&m, &cfg.vision, st, be, err, sizeof err) < 0 ||
-        dg_vision_state_new(&m, 74 * 74, &s, err, sizeof err) < 0) {
+        dg_vision_state_new(&m, m.be, 74 * 74, &s, err, sizeof err) < 0) {
         fprintf(stderr, "bench_vision: %s\n", err);
         goto out;
     }

@@ -1,0 +1,225 @@
+/* One model shared by schedulers on several threads (duogen.h: "a model may be shared by
+ * several schedulers"): two schedulers over one model, each stepped by its own thread at the
+ * same time, run the same fixed-seed jobs — an answer that draws an image after reading
+ * one, and a sampled text-only answer — and every text byte and PNG byte equals what one
+ * scheduler alone gives for those jobs. Each scheduler runs on its own fork of the model's
+ * backend (backend.h), so nothing but the weights is shared; a shared scratch, stream or
+ * staging buffer would mix the threads' work and change the bits.
+ *
+ * Exact equality is the right bar on either backend: the same operations on the same
+ * inputs in the same order give the same bits (the CPU's OpenMP splits are static for a
+ * given thread count; the CUDA kernels and cuBLAS are deterministic for a given device),
+ * whatever another thread runs beside them. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/device.h"
+#include "common/harness.h"
+#include "common/package.h"
+#include "duogen.h"
+#include "io/image.h"
+
+static char pkg[256];
+
+static int setup(void) {
+    static int state;
+    if (state) return state > 0;
+    state = -1;
+    if (test_make_package("tiny", 11, TEST_QWEN2_VOCAB, pkg, sizeof pkg) < 0) return 0;
+    state = 1;
+    return 1;
+}
+
+#define N_JOBS 2
+
+/* What the sink heard of one job. */
+typedef struct {
+    char     text[8192];
+    size_t   len;
+    uint8_t *png[4];
+    size_t   png_len[4];
+    int      n_png, finished, failed;
+    char     error[256];
+} answer;
+
+static void on_text(void *u, const char *d, size_t n) {
+    answer *a = u;
+    if (a->len + n < sizeof a->text) {
+        memcpy(a->text + a->len, d, n);
+        a->len += n;
+    }
+}
+static void on_started(void *u, int index, int w, int h, int steps) { (void)u; (void)index; (void)w; (void)h; (void)steps; }
+static void on_step(void *u, int index, int step, int steps) { (void)u; (void)index; (void)step; (void)steps; }
+static void on_done(void *u, int index, int w, int h, const uint8_t *png, size_t len) {
+    answer *a = u;
+    (void)index; (void)w; (void)h;
+    if (a->n_png < 4 && (a->png[a->n_png] = malloc(len))) {
+        memcpy(a->png[a->n_png], png, len);
+        a->png_len[a->n_png++] = len;
+    }
+}
+static void on_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) {
+    (void)r; (void)us; (void)t;
+    ((answer *)u)->finished = 1;
+}
+static void on_failed(void *u, int code, const char *msg) {
+    answer *a = u;
+    a->failed = code;
+    snprintf(a->error, sizeof a->error, "%s", msg);
+}
+
+static void answer_free(answer *a) {
+    for (int i = 0; i < a->n_png; i++) free(a->png[i]);
+}
+
+/* A w x h gradient as PNG bytes (the caller frees). */
+static uint8_t *test_png(int w, int h, size_t *len) {
+    dg_image *img;
+    uint8_t *png = NULL;
+    char err[128];
+    if (dg_image_new(w, h, &img)) return NULL;
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) {
+            uint8_t *p = img->rgb + ((size_t)y * w + x) * 3;
+            p[0] = (uint8_t)(x * 255 / w);
+            p[1] = (uint8_t)(y * 255 / h);
+            p[2] = 90;
+        }
+    dg_image_encode_png(img, NULL, 0, &png, len, err, sizeof err);
+    dg_image_free(img);
+    return png;
+}
+
+/* The jobs every scheduler runs, in order. */
+typedef struct {
+    uint8_t      *png;
+    size_t        png_len;
+    dg_part       parts[2][2];
+    dg_message    msg[2];
+    dg_logit_bias bias;
+    dg_request    req[N_JOBS];
+} jobs;
+
+static int jobs_init(jobs *j) {
+    memset(j, 0, sizeof *j);
+    if (!(j->png = test_png(40, 28, &j->png_len))) return -1;
+    j->parts[0][0] = (dg_part){.kind = DG_PART_IMAGE, .image = j->png, .image_len = j->png_len};
+    j->parts[0][1] = (dg_part){.kind = DG_PART_TEXT, .text = "Draw what comes next.", .text_len = 21};
+    j->parts[1][0] = (dg_part){.kind = DG_PART_TEXT, .text = "Tell a story.", .text_len = 13};
+    j->msg[0] = (dg_message){DG_ROLE_USER, j->parts[0], 2};
+    j->msg[1] = (dg_message){DG_ROLE_USER, j->parts[1], 1};
+    /* <BOV> biased the way test_interleaved does, so that the random weights draw */
+    j->bias = (dg_logit_bias){test_bov_id(pkg), 8.0f};
+    j->req[0] = (dg_request){.id = "threads-draw", .messages = &j->msg[0], .n_messages = 1, .seed = 3,
+                             .text = {.max_new_tokens = 12, .logit_bias = &j->bias, .n_logit_bias = 1},
+                             .image = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 3.0f,
+                                       .max_images = 1}};
+    j->req[1] = (dg_request){.id = "threads-text", .messages = &j->msg[1], .n_messages = 1, .seed = 9,
+                             .text = {.max_new_tokens = 16, .temperature = 0.8f, .top_k = 40}};
+    return 0;
+}
+
+/* One thread's work: a scheduler of its own over the shared model, every job in turn. */
+typedef struct {
+    dg_model          *m;
+    const jobs        *j;
+    pthread_barrier_t *start;    /* NULL: run at once */
+    answer             out[N_JOBS];
+    int                rc;
+    char               error[512];
+} worker;
+
+static void *work(void *arg) {
+    worker *w = arg;
+    dg_sched *s = NULL;
+    w->rc = dg_sched_new(w->m, &(dg_sched_opts){.max_inflight = 1}, &s, w->error, sizeof w->error);
+    if (w->start) pthread_barrier_wait(w->start);   /* both schedulers exist: step together */
+    for (int i = 0; i < N_JOBS && w->rc == 0; i++) {
+        dg_sink sink = {.user = &w->out[i], .text = on_text, .image_started = on_started, .step = on_step,
+                        .image_done = on_done, .finished = on_finished, .failed = on_failed};
+        uint64_t seq;
+        if ((w->rc = dg_sched_submit(s, &w->j->req[i], &sink, &seq, w->error, sizeof w->error)) < 0) break;
+        while (w->rc == 0 && dg_sched_active(s) > 0) w->rc = dg_sched_step(s, w->error, sizeof w->error);
+    }
+    dg_sched_free(s);
+    return NULL;
+}
+
+static void check_same(const worker *got, const worker *ref, const char *label) {
+    for (int i = 0; i < N_JOBS; i++) {
+        const answer *a = &got->out[i], *r = &ref->out[i];
+        if (a->failed || !a->finished) test_fail(__FILE__, __LINE__, "%s job %d: %s", label, i, a->error);
+        if (a->len != r->len || memcmp(a->text, r->text, r->len))
+            test_fail(__FILE__, __LINE__, "%s job %d: text \"%.*s\", alone \"%.*s\"", label, i, (int)a->len,
+                      a->text, (int)r->len, r->text);
+        CHECK_EQ_INT(a->n_png, r->n_png);
+        for (int k = 0; k < a->n_png && k < r->n_png; k++)
+            if (a->png_len[k] != r->png_len[k] || memcmp(a->png[k], r->png[k], r->png_len[k]))
+                test_fail(__FILE__, __LINE__, "%s job %d: image %d differs from the one drawn alone", label, i, k + 1);
+    }
+}
+
+/* The jobs on one scheduler alone, then on two at once (threads), on `device`. */
+static void run_shared_model(const char *device) {
+    char err[512];
+    dg_model *m;
+    jobs j;
+    if (dg_model_open(pkg, &(dg_model_opts){.device = device, .threads = 2}, &m, err, sizeof err) < 0) {
+        test_fail(__FILE__, __LINE__, "model on %s: %s", device, err);
+        return;
+    }
+    if (jobs_init(&j) < 0) {
+        test_fail(__FILE__, __LINE__, "test image");
+        dg_model_close(m);
+        return;
+    }
+    worker *ref = calloc(1, sizeof *ref), *w = calloc(2, sizeof *w);
+    *ref = (worker){.m = m, .j = &j};
+    work(ref);
+    CHECK_EQ_INT(ref->rc, 0);
+    if (ref->rc) printf("  alone: %s\n", ref->error);
+    CHECK_EQ_INT(ref->out[0].n_png, 1);   /* the bias made it draw */
+    CHECK(ref->out[1].len > 0);
+    printf("  %s alone: %zu + %zu bytes of text, %d image(s)\n", device, ref->out[0].len, ref->out[1].len,
+           ref->out[0].n_png);
+
+    pthread_barrier_t start;
+    pthread_barrier_init(&start, NULL, 2);
+    pthread_t t[2];
+    for (int k = 0; k < 2; k++) {
+        w[k] = (worker){.m = m, .j = &j, .start = &start};
+        CHECK(pthread_create(&t[k], NULL, work, &w[k]) == 0);
+    }
+    for (int k = 0; k < 2; k++) pthread_join(t[k], NULL);
+    pthread_barrier_destroy(&start);
+    for (int k = 0; k < 2; k++) {
+        CHECK_EQ_INT(w[k].rc, 0);
+        if (w[k].rc) printf("  thread %d: %s\n", k, w[k].error);
+        check_same(&w[k], ref, k ? "thread 1" : "thread 0");
+    }
+    for (int i = 0; i < N_JOBS; i++) {
+        answer_free(&ref->out[i]);
+        answer_free(&w[0].out[i]);
+        answer_free(&w[1].out[i]);
+    }
+    free(ref);
+    free(w);
+    free(j.png);
+    dg_model_close(m);
+}
+
+TEST(two_schedulers_on_two_threads_answer_as_one) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    run_shared_model("cpu");
+}
+
+TEST(two_schedulers_on_two_threads_answer_as_one_on_cuda) {
+    if (!test_cuda_present()) SKIP("%s", test_cuda_absent_reason());
+    if (!setup()) { CHECK(!"setup"); return; }
+    run_shared_model("cuda:0");
+}
+
+int main(void) { return test_main(); }
