@@ -65,7 +65,7 @@ static int id_less(const char *a, const char *b) {
  * retention time: acknowledged entries stay jobs_retain_s for inspection. */
 static void trim(dg_worker *w, dg_redis *rd) {
     for (int s = 0; s < 2; s++) {
-        redisReply *groups = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->streams[s], NULL);
+        redisReply *groups = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->keys.streams[s], NULL);
         if (!groups) return;
         char floor[64];
         snprintf(floor, sizeof floor, "%lld-0", (long long)(dg_now_ms() - (int64_t)w->cfg->jobs_retain_s * 1000));
@@ -84,7 +84,7 @@ static void trim(dg_worker *w, dg_redis *rd) {
             char next[64];
             snprintf(next, sizeof next, "%llu-%llu", ms, seq + 1);
             if (id_less(next, floor)) snprintf(floor, sizeof floor, "%s", next);
-            redisReply *pend = dg_redis_cmdv(rd, "XPENDING", w->streams[s], name, NULL);
+            redisReply *pend = dg_redis_cmdv(rd, "XPENDING", w->keys.streams[s], name, NULL);
             if (!pend) { ok = 0; break; }
             if (pend->type == REDIS_REPLY_ARRAY && pend->elements >= 2 &&
                 pend->element[1]->type == REDIS_REPLY_STRING && id_less(pend->element[1]->str, floor))
@@ -93,10 +93,10 @@ static void trim(dg_worker *w, dg_redis *rd) {
         }
         freeReplyObject(groups);
         if (!ok) continue;
-        redisReply *rep = dg_redis_cmdv(rd, "XTRIM", w->streams[s], "MINID", "~", floor, NULL);
+        redisReply *rep = dg_redis_cmdv(rd, "XTRIM", w->keys.streams[s], "MINID", "~", floor, NULL);
         if (!rep) return;
         if (rep->type == REDIS_REPLY_INTEGER && rep->integer > 0)
-            log_debug("trimmed %lld acknowledged entries of \"%s\"", rep->integer, w->streams[s]);
+            log_debug("trimmed %lld acknowledged entries of \"%s\"", rep->integer, w->keys.streams[s]);
         freeReplyObject(rep);
     }
 }
@@ -106,7 +106,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     pthread_mutex_lock(&w->lock);
     st = w->stats;
     pthread_mutex_unlock(&w->lock);
-    dg_cmd *c = dg_cmd_of("HSET", w->k_worker, "state", st.state, "job", st.jobs,
+    dg_cmd *c = dg_cmd_of("HSET", w->keys.worker, "state", st.state, "job", st.jobs,
                           "device", w->cfg->device, "model", dg_model_describe(w->model), NULL);
 #define NUM(name, v) do { dg_cmd_adds(c, name); dg_cmd_addf(c, "%lld", (long long)(v)); } while (0)
     NUM("jobs_done", st.jobs_done);
@@ -136,7 +136,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     char ttl[16];
     int ttl_ms = w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3;
     snprintf(ttl, sizeof ttl, "%d", ttl_ms);
-    dg_cmd *cmds[2] = {c, dg_cmd_of("PEXPIRE", w->k_worker, ttl, NULL)};
+    dg_cmd *cmds[2] = {c, dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
     redisReply *rep[2];
     if (dg_redis_pipeline(rd, cmds, 2, rep) == 0) {
         if (rep[0]->type == REDIS_REPLY_ERROR) log_warn("heartbeat refused: %s", rep[0]->str);
@@ -150,7 +150,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
 /* Pending entries and lag (entries not yet delivered) of the group on the job stream, for
  * the metrics. Lag is nil in XINFO when Redis cannot tell (after deletions): -1. */
 static void queue_figures(dg_worker *w, dg_redis *rd) {
-    redisReply *rep = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->streams[1], NULL);
+    redisReply *rep = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->keys.streams[1], NULL);
     if (!rep) return;
     int64_t lag = -1, pending = -1;
     for (size_t g = 0; rep->type == REDIS_REPLY_ARRAY && g < rep->elements; g++) {

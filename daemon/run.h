@@ -1,0 +1,125 @@
+/* A run: one job this worker holds, from the moment its stream entry is taken until its
+ * result is written (commit.h) or it is given back (take.h). The engine's callbacks land
+ * here and become commands queued on the run (events, image keys) and the progress of its
+ * job hash; the worker writes them between steps. A run knows its job and the settings,
+ * nothing of the worker's loop.
+ *
+ *   dg_run *r = dg_run_new(cfg, stream, entry);     // then fill id, job, deliveries
+ *   dg_sink sink;
+ *   dg_run_sink(r, &sink);
+ *   dg_run_started(r);
+ *   dg_sched_submit(sched, &r->job.req, &sink, &r->seq, ...);
+ *   ... steps: r->out fills, dg_run_progress_cmd(r), dg_run_out_written(r, n) ...
+ *   ... the engine ends it: r->ended, r->status ...
+ *
+ * Not thread-safe: runs belong to the worker's main thread. */
+#ifndef DG_RUN_H
+#define DG_RUN_H
+
+#include <stdint.h>
+
+#include "daemon_config.h"
+#include "duogen.h"
+#include "job.h"
+#include "keys.h"
+#include "redis.h"
+
+/* One output image of a run. */
+typedef struct {
+    int      index, width, height;
+    char     key[DG_KEY_MAX];
+    uint8_t *png;          /* owned; kept only for inline_images */
+    size_t   png_len;
+} dg_out_image;
+
+/* One answer segment: text, or an image (index into images). */
+typedef struct {
+    int    image;          /* -1 for text */
+    char  *text;           /* owned */
+    size_t len, cap;
+} dg_segment;
+
+/* A job this worker holds: taken from a stream, maybe running in the engine, maybe ended
+ * and waiting for its result to be written. */
+typedef struct dg_run {
+    struct dg_run *next;
+    const dg_daemon_config *cfg;     /* borrowed */
+    char     stream[DG_KEY_MAX];     /* the job stream it came from */
+    char     entry[64];              /* its stream entry id */
+    char     id[160];                /* job id: names its keys */
+    uint8_t *job_bytes;              /* owned: the `job` field as received */
+    size_t   job_len;
+    int      parsed;                 /* job.pb is valid */
+    dg_job   job;
+    int      deliveries;             /* delivery count of this entry, this one included */
+    int      max_attempts, ttl_s;
+    int64_t  enqueued_ms, taken_ms, started_mono_ms;
+
+    uint64_t seq;                    /* engine sequence, when submitted */
+    int      submitted;
+
+    /* progress, mirrored into prefix:job:<id> when dirty */
+    const char *phase;
+    int      tokens, images, step, steps, max_tokens, dirty;
+    int      steps_done;             /* denoising steps over all images */
+    uint64_t event_seq;
+    dg_cmd **out;                    /* owned: commands not yet written (events, images) */
+    int      n_out, cap_out;
+
+    /* the answer */
+    dg_segment   *segs;  int n_segs, cap_segs;
+    dg_out_image *imgs;  int n_imgs, cap_imgs;
+    char   *md;   size_t md_len, md_cap;      /* Markdown with image links */
+
+    /* the end */
+    int      ended;
+    int      status;                 /* Duogen__V1__Result__Status */
+    int      err_code;               /* Duogen__V1__Error__Code when failed */
+    char     error[1024];
+    char     finish[16];             /* stop, length, cancelled, deadline */
+    int      dead;                   /* also copy the job to the dead-letter stream */
+    int      retry;                  /* a passing failure: no result; left pending for later */
+    uint64_t watched;                /* the watch epoch in which its result key was WATCHed
+                                        and found absent (dg_commit_watch_epoch); 0: not */
+    int      cancel_asked;           /* dg_sched_cancel() sent */
+    int      expired;                /* the deadline passed while running */
+    dg_usage usage;
+    dg_timings timings;
+} dg_run;
+
+/* A run of the entry `entry` of `stream`, taken now; the caller fills id, job and
+ * deliveries. max_attempts and ttl_s start at the settings' defaults. Never NULL. */
+dg_run *dg_run_new(const dg_daemon_config *cfg, const char *stream, const char *entry);
+void    dg_run_free(dg_run *r);                           /* accepts NULL */
+void    dg_run_sink(dg_run *r, dg_sink *sink);            /* callbacks into this run */
+void    dg_run_started(dg_run *r);                        /* queues the started event */
+/* Ends the run once (later calls do nothing): status is a Result status, err_code the
+ * Error code when failed; fmt gives the error when failed, else the finish reason. */
+void    dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* The job hash update for the progress since the last one, or NULL when nothing moved.
+ * The caller frees it. */
+dg_cmd *dg_run_progress_cmd(dg_run *r);
+void    dg_run_out_written(dg_run *r, int n);             /* frees the first n of r->out */
+/* XADD prefix:events:<id> MAXLEN ~ events_maxlen * type <type> seq <n> <fields...> pb <ev>:
+ * the next event of the run, numbered and stamped here; the readable fields come as
+ * NULL-terminated name/value pairs. The caller frees it. */
+dg_cmd *dg_run_event_cmd(dg_run *r, Duogen__V1__Event *ev, const char *type, ...)
+    __attribute__((sentinel));
+
+/* The runs a worker holds: a list, newest first. */
+typedef struct {
+    dg_run *first;                   /* owned */
+    int     n;
+} dg_runs;
+
+dg_run *dg_runs_find(const dg_runs *l, const char *stream, const char *entry);
+void    dg_runs_add(dg_runs *l, dg_run *r);               /* the list owns r from now on */
+void    dg_runs_drop(dg_runs *l, dg_run *r);              /* unlinks r and frees it */
+void    dg_runs_free(dg_runs *l);                         /* every run; the list is empty after */
+int     dg_runs_stepping(const dg_runs *l);               /* 1 if the engine runs one of them */
+/* Deadlines of running jobs: past its deadline (unix ms), a job is cancelled in the engine
+ * and ends at its next step as `expired`. */
+void    dg_runs_expire(dg_runs *l, dg_sched *sched, int64_t now_ms);
+
+#endif

@@ -1,0 +1,490 @@
+/* Taking jobs: the plan (dg_take_decide), and its effects, which turn stream entries into
+ * runs (see take.h). */
+#include "take.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "duogen.pb-c.h"
+#include "log.h"
+
+/* ---- the decision ------------------------------------------------------------------------------ */
+
+static dg_take_step one(dg_take_source source, const char *stream, int count) {
+    return (dg_take_step){.source = source, .streams = {stream}, .n_streams = 1, .count = count};
+}
+
+dg_take_plan dg_take_decide(const dg_take_facts *f) {
+    dg_take_plan p = {0};
+    if (!f->connected) return p;
+    int own = f->own_pending;
+    if (!f->groups_ok) {
+        p.steps[p.n_steps++] = (dg_take_step){.source = DG_TAKE_GROUPS, .streams = {f->high, f->normal},
+                                              .n_streams = 2};
+        own = 1;   /* made again, a group may hold entries of an earlier life of this consumer */
+    }
+    if (f->room <= 0 || f->draining) return p;
+    if (own) {
+        p.steps[p.n_steps++] = one(DG_TAKE_OWN, f->high, f->room);
+        p.steps[p.n_steps++] = one(DG_TAKE_OWN, f->normal, f->room);
+    } else if (f->reaper_due) {
+        p.steps[p.n_steps++] = one(DG_TAKE_REAP, f->high, f->room);
+        p.steps[p.n_steps++] = one(DG_TAKE_REAP, f->normal, f->room);
+    } else {
+        /* both streams in one read, COUNT on each: high is first in the reply, not first
+         * served when several slots are free */
+        p.steps[p.n_steps++] = (dg_take_step){.source = DG_TAKE_READ, .streams = {f->high, f->normal},
+                                              .n_streams = 2, .count = f->room,
+                                              .block_ms = f->held ? 0 : f->block_ms};
+    }
+    return p;
+}
+
+/* ---- state ------------------------------------------------------------------------------------- */
+
+void dg_take_init(dg_taker *t, dg_redis *redis, const dg_daemon_config *cfg, const dg_keys *keys,
+                  dg_sched *sched, dg_committer *commit, dg_runs *held) {
+    *t = (dg_taker){.redis = redis, .cfg = cfg, .keys = keys, .sched = sched, .commit = commit,
+                    .held = held, .own_pending = 1, .next_reaper_ms = dg_mono_ms()};
+}
+
+dg_take_facts dg_take_facts_now(const dg_taker *t, int connected, int draining, int room) {
+    return (dg_take_facts){
+        .connected = connected, .groups_ok = t->groups_ok, .own_pending = t->own_pending,
+        .reaper_due = dg_mono_ms() >= t->next_reaper_ms, .draining = draining, .room = room,
+        .held = t->held->n, .block_ms = t->cfg->block_ms,
+        .high = t->keys->streams[0], .normal = t->keys->streams[1],
+    };
+}
+
+/* ---- one entry --------------------------------------------------------------------------------- */
+
+static const redisReply *field(const redisReply *fields, const char *name) {
+    if (!fields || fields->type != REDIS_REPLY_ARRAY) return NULL;
+    for (size_t i = 0; i + 1 < fields->elements; i += 2)
+        if (fields->element[i]->type == REDIS_REPLY_STRING && !strcmp(fields->element[i]->str, name))
+            return fields->element[i + 1];
+    return NULL;
+}
+
+/* The last error of earlier attempts, for a job that is given up. */
+static void last_error(const redisReply *hash, char *out, size_t outlen, int deliveries) {
+    const redisReply *err = field(hash, "error"), *worker = field(hash, "worker"),
+                     *state = field(hash, "state"), *attempt = field(hash, "attempt");
+    if (err && err->type == REDIS_REPLY_STRING && err->len)
+        snprintf(out, outlen, "gave up after %d deliveries; last error: %s", deliveries - 1, err->str);
+    else if (state && state->type == REDIS_REPLY_STRING && !strcmp(state->str, "running"))
+        snprintf(out, outlen, "gave up after %d deliveries; attempt %s on worker \"%s\" ended without "
+                 "a result (the worker died or lost the job)", deliveries - 1,
+                 attempt && attempt->type == REDIS_REPLY_STRING ? attempt->str : "?",
+                 worker && worker->type == REDIS_REPLY_STRING ? worker->str : "?");
+    else
+        snprintf(out, outlen, "gave up after %d deliveries without a recorded error", deliveries - 1);
+}
+
+/* Records a retryable problem in the job hash, so that the attempt that gives up can say it. */
+static void note_retry(dg_taker *t, const dg_run *r, const char *why) {
+    char key[DG_KEY_MAX], now[24];
+    dg_key_job(key, t->cfg->prefix, r->id);
+    snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
+    redisReply *rep = dg_redis_cmdv(t->redis, "HSET", key, "state", "retrying", "error", why,
+                                    "worker", t->cfg->worker_id, "updated_ms", now, NULL);
+    if (rep) freeReplyObject(rep);
+    log_warn("job \"%s\" (entry %s): %s; left pending for a later attempt", r->id, r->entry, why);
+}
+
+/* Fills a new run from its entry's fields: the job as received and parsed, the id that
+ * names its keys, and the job's own limits. Returns the parse status; err says why not. */
+static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *fields, char *err, size_t errlen) {
+    const redisReply *fid = field(fields, "id"), *fjob = field(fields, "job");
+    if (fjob && fjob->type == REDIS_REPLY_STRING) {
+        r->job_len = fjob->len;
+        r->job_bytes = malloc(fjob->len ? fjob->len : 1);
+        if (!r->job_bytes) abort();
+        memcpy(r->job_bytes, fjob->str, fjob->len);
+    }
+    dg_job_status st = DG_JOB_BAD_REQUEST;
+    if (!fjob) snprintf(err, errlen, "stream entry has no `job` field");
+    else st = dg_job_parse(&r->job, r->job_bytes, r->job_len, t->cfg, err, errlen);
+    r->parsed = r->job.pb != NULL;
+
+    /* the job id names every key: the protobuf's, else the entry's `id` field, else the entry id */
+    if (r->parsed && dg_job_id_valid(r->job.pb->id, strlen(r->job.pb->id)))
+        snprintf(r->id, sizeof r->id, "%s", r->job.pb->id);
+    else if (fid && fid->type == REDIS_REPLY_STRING && dg_job_id_valid(fid->str, fid->len))
+        snprintf(r->id, sizeof r->id, "%s", fid->str);
+    else
+        snprintf(r->id, sizeof r->id, "entry-%s", r->entry);
+    if (r->parsed) {
+        if (r->job.pb->max_attempts) r->max_attempts = (int)r->job.pb->max_attempts;
+        if (r->job.pb->result_ttl_s) r->ttl_s = (int)r->job.pb->result_ttl_s;
+        r->max_tokens = r->job.pb->text && r->job.pb->text->max_new_tokens
+                            ? (int)r->job.pb->text->max_new_tokens : 0;
+    }
+    return st;
+}
+
+/* What Redis says about a job before it runs. */
+typedef struct {
+    int  has_result;         /* its result key exists */
+    int  cancelled;          /* its cancel key exists */
+    char why[1024];          /* delivered over max_attempts: what the earlier attempts left */
+} seen;
+
+/* One round trip for everything that decides whether to run. The job hash says "running"
+ * (with worker and attempt) in the same round trip, before the engine sees the job: if the
+ * process dies in a step, the next attempt can tell. The earlier attempt's fields are read
+ * first (pipelines keep their order). Returns 0, or -1 when Redis went away. */
+static int look(dg_taker *t, dg_run *r, seen *s) {
+    const dg_daemon_config *cfg = t->cfg;
+    char k_result[DG_KEY_MAX], k_cancel[DG_KEY_MAX], k_job[DG_KEY_MAX];
+    dg_key_result(k_result, cfg->prefix, r->id);
+    dg_key_cancel(k_cancel, cfg->prefix, r->id);
+    dg_key_job(k_job, cfg->prefix, r->id);
+    char attempt[16], now[24], ttl[16];
+    snprintf(attempt, sizeof attempt, "%d", r->deliveries);
+    snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
+    snprintf(ttl, sizeof ttl, "%d", r->ttl_s);
+    /* a first delivery has no earlier attempt to read about: its job hash is not fetched */
+    int again = r->deliveries > 1, n_pre = 0;
+    dg_cmd *pre[6];
+    /* WATCH the result key now: if nothing else ends the watch before the job does, its
+     * result needs no second look (dg_commit_write) */
+    pre[n_pre++] = dg_cmd_of("WATCH", k_result, NULL);
+    pre[n_pre++] = dg_cmd_of("EXISTS", k_result, NULL);
+    pre[n_pre++] = dg_cmd_of("EXISTS", k_cancel, NULL);
+    if (again) pre[n_pre++] = dg_cmd_of("HGETALL", k_job, NULL);
+    pre[n_pre++] = dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
+                             "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
+                             "error", "", "updated_ms", now, NULL);
+    pre[n_pre++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
+    redisReply *rep[6];
+    int rc = dg_redis_pipeline(t->redis, pre, n_pre, rep);
+    for (int i = 0; i < n_pre; i++) dg_cmd_free(pre[i]);
+    if (rc) return -1;
+    s->has_result = dg_reply_int(rep[1], 0) == 1;
+    s->cancelled = dg_reply_int(rep[2], 0) == 1;
+    if (!s->has_result) r->watched = dg_commit_watch_epoch(t->commit);
+    s->why[0] = 0;
+    if (r->deliveries > r->max_attempts) last_error(again ? rep[3] : NULL, s->why, sizeof s->why, r->deliveries);
+    for (int i = 0; i < n_pre; i++) freeReplyObject(rep[i]);
+    return 0;
+}
+
+/* What becomes of a job that has no result yet, in this order of precedence. */
+typedef enum { RUN, REFUSED, EXHAUSTED, CANCELLED, EXPIRED } verdict;
+
+static verdict judge(const dg_run *r, dg_job_status parsed, const seen *s, int64_t now_ms) {
+    if (parsed != DG_JOB_OK) return REFUSED;
+    if (r->deliveries > r->max_attempts) return EXHAUSTED;
+    if (s->cancelled) return CANCELLED;
+    if (r->job.pb->deadline_unix_ms && r->job.pb->deadline_unix_ms <= now_ms) return EXPIRED;
+    return RUN;
+}
+
+/* Takes one stream entry: decides whether it runs, and submits it. deliveries counts this
+ * delivery. Returns -1 when Redis went away (the entry stays pending). */
+static int take(dg_taker *t, const char *stream, const redisReply *entry, int deliveries, dg_take_report *out) {
+    const char *entry_id = entry->element[0]->str;
+    const redisReply *fields = entry->elements > 1 ? entry->element[1] : NULL;
+    char err[1024];
+    seen s;
+
+    if (dg_runs_find(t->held, stream, entry_id)) return 0;   /* already ours and running */
+    if (!fields || fields->type != REDIS_REPLY_ARRAY) {
+        /* trimmed while pending: nothing left to run; acknowledge so it leaves the PEL */
+        log_warn("entry %s of \"%s\" was deleted while pending: job lost before it ran", entry_id, stream);
+        out->lost++;
+        return dg_commit_ack(t->commit, stream, entry_id);
+    }
+    dg_run *r = dg_run_new(t->cfg, stream, entry_id);
+    r->deliveries = deliveries;
+    dg_job_status st = parse(t, r, fields, err, sizeof err);
+    dg_runs_add(t->held, r);
+    if (look(t, r, &s)) {
+        dg_runs_drop(t->held, r);
+        return -1;
+    }
+    if (s.has_result) {
+        /* delivered again after its result was written (the ack was lost, or the producer sent
+         * the same id twice): give the job hash back the result's state, acknowledge only */
+        int rc = dg_commit_skip(t->commit, r);
+        if (!rc) log_info("job \"%s\" (entry %s) already has a result: acknowledged without running", r->id, entry_id);
+        dg_runs_drop(t->held, r);
+        if (rc) return -1;
+        out->skipped++;
+        return 0;
+    }
+    switch (judge(r, st, &s, dg_now_ms())) {
+    case REFUSED:
+        r->dead = 1;
+        dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, st, "%s", err);
+        log_warn("job \"%s\" (entry %s) refused: %s", r->id, entry_id, err);
+        return 0;
+    case EXHAUSTED:
+        r->dead = 1;
+        dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__EXHAUSTED, "%s", s.why);
+        log_warn("job \"%s\" (entry %s) delivered %d times (max_attempts %d): %s", r->id, entry_id,
+                 deliveries, r->max_attempts, s.why);
+        return 0;
+    case CANCELLED: dg_run_end(r, DUOGEN__V1__RESULT__STATUS__CANCELLED, 0, "cancelled"); return 0;
+    case EXPIRED:   dg_run_end(r, DUOGEN__V1__RESULT__STATUS__EXPIRED, 0, "deadline"); return 0;
+    case RUN:       break;
+    }
+    st = dg_job_prepare(&r->job, t->redis, t->cfg, err, sizeof err);
+    if (st == DG_JOB_RETRY) {
+        dg_runs_drop(t->held, r);
+        return -1;
+    }
+    if (st != DG_JOB_OK) {
+        r->dead = 1;
+        dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, st, "%s", err);
+        log_warn("job \"%s\" (entry %s): %s", r->id, entry_id, err);
+        return 0;
+    }
+
+    dg_sink sink;
+    dg_run_sink(r, &sink);
+    dg_run_started(r);
+    int rc = dg_sched_submit(t->sched, &r->job.req, &sink, &r->seq, err, sizeof err);
+    if (rc == 0) {
+        r->submitted = 1;
+        log_info("job \"%s\" (entry %s, delivery %d) started", r->id, entry_id, deliveries);
+        return 0;
+    }
+    switch (dg_error_class(rc)) {
+    case DG_ERROR_BAD_INPUT:
+        r->dead = 1;
+        dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED,
+                   rc == DG_EIMAGE ? DUOGEN__V1__ERROR__CODE__BAD_IMAGE : DUOGEN__V1__ERROR__CODE__BAD_REQUEST,
+                   "%s", err);
+        log_warn("job \"%s\" (entry %s) refused by the engine: %s", r->id, entry_id, err);
+        return 0;
+    case DG_ERROR_RETRYABLE:
+        note_retry(t, r, err);
+        break;
+    case DG_ERROR_FATAL:
+        log_error("job \"%s\": engine failure: %s", r->id, err);
+        out->engine_failed = 1;
+        break;
+    }
+    dg_runs_drop(t->held, r);
+    return 0;
+}
+
+/* ---- entries of a command ----------------------------------------------------------------------- */
+
+/* Delivery counts of entries, from XPENDING <stream> <group> <id> <id> 1. */
+static int delivery_counts(dg_taker *t, const char *stream, const redisReply *entries, int *counts) {
+    int n = (int)entries->elements;
+    if (!n) return 0;
+    dg_cmd **cmds = calloc((size_t)n, sizeof *cmds);
+    redisReply **rep = calloc((size_t)n, sizeof *rep);
+    if (!cmds || !rep) abort();
+    for (int i = 0; i < n; i++) {
+        const char *id = entries->element[i]->element[0]->str;
+        cmds[i] = dg_cmd_of("XPENDING", stream, t->cfg->group, id, id, "1", NULL);
+    }
+    int rc = dg_redis_pipeline(t->redis, cmds, n, rep);
+    for (int i = 0; i < n; i++) {
+        counts[i] = 1;
+        if (!rc && rep[i]->type == REDIS_REPLY_ARRAY && rep[i]->elements == 1 &&
+            rep[i]->element[0]->elements == 4)
+            counts[i] = (int)rep[i]->element[0]->element[3]->integer;
+        dg_cmd_free(cmds[i]);
+        if (rep[i]) freeReplyObject(rep[i]);
+    }
+    free(cmds);
+    free(rep);
+    return rc;
+}
+
+static int take_entries(dg_taker *t, const char *stream, const redisReply *entries, int first_delivery,
+                        dg_take_report *out) {
+    if (!entries || entries->type != REDIS_REPLY_ARRAY || !entries->elements) return 0;
+    int *counts = calloc(entries->elements, sizeof *counts);
+    if (!counts) abort();
+    int rc = 0;
+    if (first_delivery) for (size_t i = 0; i < entries->elements; i++) counts[i] = 1;
+    else rc = delivery_counts(t, stream, entries, counts);
+    for (size_t i = 0; !rc && i < entries->elements; i++) {
+        const redisReply *e = entries->element[i];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING) continue;
+        rc = take(t, stream, e, counts[i], out);
+    }
+    free(counts);
+    return rc;
+}
+
+/* ---- the steps ---------------------------------------------------------------------------------- */
+
+/* XGROUP CREATE ... 0 MKSTREAM on the step's streams; BUSYGROUP means it exists.
+ * At 0, not `$`: producers may enqueue before the first worker ever starts, and `$` would
+ * skip those jobs for good. The usual objection to 0 (a group re-created on a surviving
+ * stream delivers its history again) does not bite here: acknowledged entries are trimmed
+ * after jobs_retain_s, which is shorter than the result TTL, so any entry delivered again
+ * still finds its result and is acknowledged without running. Returns 0, or -1 when the
+ * groups were not made. */
+static int ensure_groups(dg_taker *t, const dg_take_step *s, dg_take_report *out) {
+    for (int i = 0; i < s->n_streams; i++) {
+        redisReply *rep = dg_redis_cmdv(t->redis, "XGROUP", "CREATE", s->streams[i], t->cfg->group,
+                                        "0", "MKSTREAM", NULL);
+        if (!rep) return -1;
+        int ok = rep->type != REDIS_REPLY_ERROR || dg_reply_is_error(rep, "BUSYGROUP");
+        if (!ok) {
+            log_error("cannot create consumer group \"%s\" on \"%s\": %s", t->cfg->group,
+                      s->streams[i], rep->str);
+            if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
+        }
+        freeReplyObject(rep);
+        if (!ok) return -1;
+    }
+    t->groups_ok = 1;
+    t->own_pending = 1;
+    return 0;
+}
+
+/* Our own pending entries of a stream (left by an earlier life of this consumer, or read
+ * before a connection broke), up to count, claimed again so that their delivery count
+ * grows. Sets *more when more of them may wait. */
+static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
+    char want_s[16];
+    int want = count + t->held->n + 1;   /* one more than we can take: tells whether more wait */
+    snprintf(want_s, sizeof want_s, "%d", want);
+    redisReply *pend = dg_redis_cmdv(t->redis, "XPENDING", stream, t->cfg->group, "-", "+", want_s,
+                                     t->cfg->worker_id, NULL);
+    if (!pend) return -1;
+    dg_cmd *claim = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", NULL);
+    int n = 0;
+    for (size_t i = 0; pend->type == REDIS_REPLY_ARRAY && i < pend->elements && n < count; i++) {
+        const char *id = pend->element[i]->element[0]->str;
+        if (dg_runs_find(t->held, stream, id)) continue;
+        dg_cmd_adds(claim, id);
+        n++;
+    }
+    if (pend->type == REDIS_REPLY_ARRAY && (int)pend->elements == want) *more = 1;
+    freeReplyObject(pend);
+    if (!n) {
+        dg_cmd_free(claim);
+        return 0;
+    }
+    redisReply *got = dg_redis_cmd(t->redis, claim);
+    dg_cmd_free(claim);
+    if (!got) return -1;
+    if (got->elements) log_info("re-taking %zu of our own pending entries of \"%s\"", got->elements, stream);
+    int rc = take_entries(t, stream, got, 0, out);
+    *taken += (int)got->elements;
+    freeReplyObject(got);
+    return rc ? -1 : 0;
+}
+
+/* XAUTOCLAIM on a stream: up to count entries idle past claim_idle_ms, whose worker died or
+ * lost them. */
+static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_report *out) {
+    char idle[16], count_s[16];
+    snprintf(idle, sizeof idle, "%d", t->cfg->claim_idle_ms);
+    snprintf(count_s, sizeof count_s, "%d", count);
+    redisReply *rep = dg_redis_cmdv(t->redis, "XAUTOCLAIM", stream, t->cfg->group, t->cfg->worker_id,
+                                    idle, "0-0", "COUNT", count_s, NULL);
+    if (!rep) return -1;
+    int rc = 0;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2) {
+        const redisReply *entries = rep->element[1];
+        if (entries->elements) log_info("took over %zu abandoned entries of \"%s\"", entries->elements, stream);
+        if (rep->elements >= 3 && rep->element[2]->elements) {
+            log_warn("%zu pending entries of \"%s\" were deleted before they ran (trimmed): lost",
+                     rep->element[2]->elements, stream);
+            out->lost += (int64_t)rep->element[2]->elements;
+        }
+        rc = take_entries(t, stream, entries, 0, out);
+        *taken += (int)entries->elements;
+    } else if (rep->type == REDIS_REPLY_ERROR) {
+        log_error("XAUTOCLAIM on \"%s\": %s", stream, rep->str);
+        if (dg_reply_is_error(rep, "NOGROUP")) t->groups_ok = 0;
+        if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
+    }
+    freeReplyObject(rep);
+    return rc ? -1 : 0;
+}
+
+/* Takes what an XREADGROUP of new entries returned. */
+static int take_read(dg_taker *t, const redisReply *rep, int *taken, dg_take_report *out) {
+    int rc = 0;
+    if (rep->type == REDIS_REPLY_ERROR) {
+        log_error("XREADGROUP: %s", rep->str);
+        if (dg_reply_is_error(rep, "NOGROUP")) t->groups_ok = 0;
+        else if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
+    } else if (rep->type == REDIS_REPLY_ARRAY) {
+        /* COUNT applies per stream: more than the room may come back; all of it is ours now
+         * and runs (max_inflight is exceeded by at most one read's worth) */
+        for (size_t s = 0; s < rep->elements && !rc; s++) {
+            const redisReply *sr = rep->element[s];
+            rc = take_entries(t, sr->element[0]->str, sr->element[1], 1, out);
+            *taken += (int)sr->element[1]->elements;
+        }
+    }
+    return rc;
+}
+
+dg_cmd *dg_take_read_cmd(const dg_taker *t, const dg_take_step *s) {
+    dg_cmd *c = dg_cmd_of("XREADGROUP", "GROUP", t->cfg->group, t->cfg->worker_id, "COUNT", NULL);
+    dg_cmd_addf(c, "%d", s->count);
+    if (s->block_ms) {
+        dg_cmd_adds(c, "BLOCK");
+        dg_cmd_addf(c, "%d", s->block_ms);
+    }
+    dg_cmd_adds(c, "STREAMS");
+    for (int i = 0; i < s->n_streams; i++) dg_cmd_adds(c, s->streams[i]);
+    for (int i = 0; i < s->n_streams; i++) dg_cmd_adds(c, ">");
+    return c;
+}
+
+/* New entries: the step's XREADGROUP, or its reply when it came along another round trip. */
+static int read_new(dg_taker *t, const dg_take_step *s, const redisReply *read, int *taken, dg_take_report *out) {
+    if (read) return take_read(t, read, taken, out);
+    dg_cmd *c = dg_take_read_cmd(t, s);
+    redisReply *rep = dg_redis_cmd(t->redis, c);
+    dg_cmd_free(c);
+    if (!rep) return -1;
+    int rc = take_read(t, rep, taken, out);
+    freeReplyObject(rep);
+    return rc;
+}
+
+int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_take_report *out) {
+    int taken = 0, more = 0, own = 0, reaped = 0, rc = 0;   /* rc 1: the plan ends here, no error */
+    for (int i = 0; i < p->n_steps && !rc; i++) {
+        dg_take_step s = p->steps[i];
+        s.count -= taken;
+        if (s.source != DG_TAKE_GROUPS && s.count <= 0) break;
+        switch (s.source) {
+        case DG_TAKE_GROUPS:
+            rc = ensure_groups(t, &s, out) ? 1 : 0;
+            break;
+        case DG_TAKE_OWN:
+            own = 1;
+            rc = drain_own(t, s.streams[0], s.count, &taken, &more, out);
+            break;
+        case DG_TAKE_REAP:
+            reaped = 1;
+            rc = reap(t, s.streams[0], s.count, &taken, out);
+            break;
+        case DG_TAKE_READ:
+            rc = read_new(t, &s, i == 0 ? read : NULL, &taken, out);
+            break;
+        }
+    }
+    if (own && !rc) t->own_pending = more;
+    if (reaped) t->next_reaper_ms = dg_mono_ms() + t->cfg->reaper_ms;
+    return rc < 0 ? -1 : 0;
+}
+
+void dg_take_release(dg_taker *t) {
+    for (dg_run *r = t->held->first, *next; r; r = next) {
+        next = r->next;
+        if (!r->ended || !r->retry) continue;
+        note_retry(t, r, r->error);
+        dg_runs_drop(t->held, r);
+    }
+}
