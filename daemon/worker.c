@@ -1,4 +1,4 @@
-/* The worker's main loop (DESIGN §6b). A job's path through the files, in order:
+/* The worker's main loop (docs/DESIGN.md §6b). A job's path through the files, in order:
  *
  *   take.c    dg_take_decide() chooses the commands that get entries: XGROUP CREATE while
  *             the groups are not known to exist, then our own pending list (XPENDING, XCLAIM),

@@ -3,7 +3,7 @@
  * connection refreshes the heartbeat hash and the leases (XCLAIM JUSTID) of running jobs,
  * and trims the job streams; a metrics thread serves Prometheus text. Both read what the
  * main thread publishes in `stats` and `leases` under `lock`, and the worker calls them only
- * to start and stop them. See DESIGN.md §3 and §6b. */
+ * to start and stop them. See docs/DESIGN.md §3 and §6b. */
 #ifndef DG_WORKER_H
 #define DG_WORKER_H
 

@@ -71,7 +71,7 @@ typedef struct {
     int            block_size;   /* positions per block */
 } dg_kv_view;
 
-/* Rotary embedding parameters (spec qwen2_5_vl.md §3.2-3.3). Frequency j < head_dim/2
+/* Rotary embedding parameters (docs/specs/qwen2_5_vl.md §3.2-3.3). Frequency j < head_dim/2
  * rotates dims j and j + head_dim/2 (rotate_half pairing) by angle pos * theta^(-2j/head_dim),
  * where pos is taken from row t for j < section[0], row h for the next section[1]
  * frequencies, row w for the last section[2]. Plain 1-D RoPE is section {head_dim/2, 0, 0}. */
@@ -152,7 +152,7 @@ struct dg_backend {
     void (*download)(dg_backend *be, float *host, const float *src, int64_t n);
     void (*upload)(dg_backend *be, float *dst, const float *host, int64_t n);
 
-    /* ---- vision tower and DiT (spec qwen2_5_vl.md §4; cosmos_dit_wan_vae.md) ---- */
+    /* ---- vision tower and DiT (docs/specs/qwen2_5_vl.md §4; docs/specs/cosmos_dit_wan_vae.md) ---- */
 
     /* Non-causal attention within segments: the vision tower's window and full blocks
      * (cu_seqlens), DiT self-attention (one segment) and cross-attention (q and kv of
@@ -181,7 +181,7 @@ struct dg_backend {
     void (*gather_rows)(dg_backend *be, float *y, const float *x, const int32_t *idx, int m,
                         int64_t n);
 
-    /* ---- image generation: VAE and DiT (cosmos_dit_wan_vae.md §3, §6) ---- */
+    /* ---- image generation: VAE and DiT (docs/specs/cosmos_dit_wan_vae.md §3, §6) ---- */
 
     /* y = conv3d(x) + bias (bias NULL: none); see dg_conv3d_shape. y must not overlap x.
      * c_in·kt·kh·kw <= 2^20 (the CPU tiles im2col in its 16 MiB scratch). */

@@ -1,4 +1,4 @@
-/* dg_model: opening a model package (DESIGN §5).
+/* dg_model: opening a model package (docs/DESIGN.md §5).
  *
  *   DIR/duogen.json   {"format": "duogen-package-1", "name": ..., "components": {"mllm": "mllm",
  *                      "dit": "dit", "vae": "vae", "connector": "connector.safetensors"},

@@ -1,4 +1,4 @@
-/* dg_sched: the step-driven scheduler (DESIGN §6). Each dg_sched_step() advances every
+/* dg_sched: the step-driven scheduler (docs/DESIGN.md §6). Each dg_sched_step() advances every
  * active sequence by one unit of work: a prefill chunk, one decode token, or one
  * denoising step of the image it is drawing. Batch size 1 is the first case of the same
  * loop.

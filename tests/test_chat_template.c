@@ -86,7 +86,7 @@ TEST(chat_template_goldens) {
     CHECK_EQ_INT(ok, n);
 }
 
-/* specs/qwen2_5_vl.md §8: the first 17 prompt ids of [image, "What kind of dog is this?"]. */
+/* docs/specs/qwen2_5_vl.md §8: the first 17 prompt ids of [image, "What kind of dog is this?"]. */
 TEST(chat_template_spec_prompt_ids) {
     static const int32_t want[17] = {151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13,
                                      151645, 198, 151644, 872, 198, 151652, 151655, 151655};

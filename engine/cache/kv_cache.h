@@ -1,4 +1,4 @@
-/* kv_cache.h — block-paged KV cache with prefix reuse (DESIGN §6).
+/* kv_cache.h — block-paged KV cache with prefix reuse (docs/DESIGN.md §6).
  *
  * The cache owns one pool of fixed-size blocks per layer (K and V, fp32, in backend
  * memory). A sequence holds a block table: position p lives in block table[p / block_size]

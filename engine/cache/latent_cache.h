@@ -1,4 +1,4 @@
-/* latent_cache.h — the latent cache (DESIGN §6): an LRU map from an image's content hash
+/* latent_cache.h — the latent cache (docs/DESIGN.md §6): an LRU map from an image's content hash
  * and latent size to its VAE latent, bounded in bytes, with hit and miss counters. A
  * condition image seen before (an input image of an earlier job, or an image this engine
  * drew: its latent is stored straight from the sampler) is not VAE-encoded again.

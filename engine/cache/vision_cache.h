@@ -1,4 +1,4 @@
-/* vision_cache.h — the vision cache (DESIGN §6): an LRU map from an image's content hash
+/* vision_cache.h — the vision cache (docs/DESIGN.md §6): an LRU map from an image's content hash
  * and patch grid to the vision tower's output for it, bounded in bytes, with hit, miss
  * and eviction counters; and dg_vision_encode, which takes a request's images through it.
  *

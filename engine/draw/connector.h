@@ -1,5 +1,5 @@
-/* connector.h — the MLLM→DiT connector and the condition accumulator (DESIGN §6; spec
- * cosmos_dit_wan_vae.md §1.1, duogen_paper.md §1.2-1.4).
+/* connector.h — the MLLM→DiT connector and the condition accumulator (docs/DESIGN.md §6;
+ * docs/specs/cosmos_dit_wan_vae.md §1.1, docs/specs/duogen_paper.md §1.2-1.4).
  *
  * The connector is Cosmos-Predict2.5's text projection: for every position, the hidden
  * states of L configured decoder layers, each standardized per token

@@ -1,5 +1,5 @@
 /* dit.h — the Cosmos-Predict2.5 DiT (diffusers CosmosTransformer3DModel layout; spec
- * cosmos_dit_wan_vae.md §1-3) over the backend interface, run on DuoGen's packed frames
+ * docs/specs/cosmos_dit_wan_vae.md §1-3) over the backend interface, run on DuoGen's packed frames
  * (dit_pack.h): patch embedding with the condition-mask and padding-mask channels,
  * timestep embedding and adaLN-LoRA modulation, per-head RMSNorm on q and k, 3-D RoPE,
  * self- and cross-attention, GELU MLP, final layer, unpatchify.

@@ -1,5 +1,5 @@
-/* dit_pack.h — DuoGen's multi-frame packing for the DiT (spec duogen_paper.md §1.2
- * "Visual conditions"; cosmos_dit_wan_vae.md §1.3, §3).
+/* dit_pack.h — DuoGen's multi-frame packing for the DiT (docs/specs/duogen_paper.md §1.2
+ * "Visual conditions"; docs/specs/cosmos_dit_wan_vae.md §1.3, §3).
  *
  * Every earlier image is a clean condition frame at its own latent resolution; the noisy
  * target comes last. Their patches are flattened into one token sequence, frame after

@@ -1,4 +1,4 @@
-/* flow.h — the rectified-flow sampler of the DiT (spec cosmos_dit_wan_vae.md §5): sigma
+/* flow.h — the rectified-flow sampler of the DiT (docs/specs/cosmos_dit_wan_vae.md §5): sigma
  * schedules, the UniPC (bh2, order 2, corrector on) and Euler solvers, classifier-free
  * guidance and seeded Gaussian noise. (engine/sampler.h is the TOKEN sampler.)
  *

@@ -1,4 +1,4 @@
-/* painter.h — drawing one image of an interleaved answer (DESIGN §2 step 4, §6), from the
+/* painter.h — drawing one image of an interleaved answer (docs/DESIGN.md §2 step 4, §6), from the
  * condition rows of a context and the earlier images to an 8-bit RGB image, one denoising
  * step per call. The painter knows nothing of sequences, tokens or the scheduler: its
  * caller says which condition positions and which earlier images to use, emits the

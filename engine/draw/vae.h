@@ -1,4 +1,4 @@
-/* vae.h — the Wan2.1 VAE (diffusers AutoencoderKLWan layout; spec cosmos_dit_wan_vae.md §6)
+/* vae.h — the Wan2.1 VAE (diffusers AutoencoderKLWan layout; docs/specs/cosmos_dit_wan_vae.md §6)
  * over the backend interface: causal 3-D convolutions, channel RMS norm, residual blocks,
  * the middle attention, spatial/temporal resampling with the first-frame rules, and the
  * per-channel latent normalization.

@@ -1,6 +1,6 @@
 /* image_preprocess.h — Qwen2.5-VL image preprocessing: a decoded RGB image to the vision
  * tower's pixel_values, equal to transformers' slow Pillow processor
- * (Qwen2VLImageProcessorPil, transformers 5.24 with Pillow 13; spec qwen2_5_vl.md §4.1, §5):
+ * (Qwen2VLImageProcessorPil, transformers 5.24 with Pillow 13; docs/specs/qwen2_5_vl.md §4.1, §5):
  *
  *   smart_resize -> Pillow BICUBIC resize (8-bit, two passes) -> (f32)(u8 * (1/255.0))
  *   -> (x - mean_f32) / std_f32 in float32 -> patches of 2x14x14 per channel, 2x2 merge

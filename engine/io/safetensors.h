@@ -3,7 +3,7 @@
  * A dg_st is a set of tensors gathered from one file, from the shards listed by a
  * `*.safetensors.index.json`, or from memory buffers (tests, fuzzing). Tensor data stays
  * in the mapping: nothing is copied. Names are normalised once, at parse time, to the
- * published layout (spec qwen2_5_vl.md §2.2): a leading `model.language_model.` becomes
+ * published layout (docs/specs/qwen2_5_vl.md §2.2): a leading `model.language_model.` becomes
  * `model.`, a leading `model.visual.` becomes `visual.`.
  *
  *     dg_st *st; char err[256];

@@ -1,4 +1,4 @@
-/* mrope.c — get_rope_index for text and images (spec qwen2_5_vl.md §3.4). */
+/* mrope.c — get_rope_index for text and images (docs/specs/qwen2_5_vl.md §3.4). */
 #include "mllm/mrope.h"
 
 #include <stdio.h>

@@ -1,4 +1,4 @@
-/* mrope.h — Qwen2.5-VL multimodal rotary positions (spec qwen2_5_vl.md §3.4): transformers'
+/* mrope.h — Qwen2.5-VL multimodal rotary positions (docs/specs/qwen2_5_vl.md §3.4): transformers'
  * get_rope_index for text and images, and the decode-time delta.
  *
  *     int32_t pos[3 * n]; int next;

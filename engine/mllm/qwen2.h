@@ -1,4 +1,4 @@
-/* qwen2.h — the Qwen2.5-VL text decoder (spec qwen2_5_vl.md §3) over the backend interface.
+/* qwen2.h — the Qwen2.5-VL text decoder (docs/specs/qwen2_5_vl.md §3) over the backend interface.
  *
  * The model (dg_qwen2) is the bound weights: read-only after dg_qwen2_load, shareable.
  * The state (dg_qwen2_state) is one caller's scratch, sized once for the largest forward
@@ -55,7 +55,7 @@ typedef struct {
 /* Called after each decoder layer with that layer's output (the residual stream, HF
  * hidden_states[layer + 1]) for the n tokens of the call, at positions pos0 ..; `hidden`
  * is the forward's own buffer [n, D] in backend memory: read it, do not keep it. This is
- * where the condition accumulator (DESIGN §6) adds norm(h_l) · W_l per position. */
+ * where the condition accumulator (docs/DESIGN.md §6) adds norm(h_l) · W_l per position. */
 typedef struct {
     void (*fn)(void *user, int layer, const float *hidden, int n, int pos0);
     void  *user;

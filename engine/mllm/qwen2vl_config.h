@@ -1,4 +1,4 @@
-/* qwen2vl_config.h — the Qwen2.5-VL config.json, read once at load (spec qwen2_5_vl.md §1).
+/* qwen2vl_config.h — the Qwen2.5-VL config.json, read once at load (docs/specs/qwen2_5_vl.md §1).
  *
  * Accepts the published flat layout and the re-saved variants of §1.2: a nested
  * "text_config" (its values win over flat ones), rope_scaling {"type":"mrope"} or

@@ -1,4 +1,4 @@
-/* vision.h — the Qwen2.5-VL vision tower (spec qwen2_5_vl.md §4) over the backend interface.
+/* vision.h — the Qwen2.5-VL vision tower (docs/specs/qwen2_5_vl.md §4) over the backend interface.
  *
  * The model (dg_vision) is the bound visual.* weights: read-only after dg_vision_load,
  * shareable. The state (dg_vision_state) is one caller's scratch, sized once for the most

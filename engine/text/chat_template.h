@@ -1,4 +1,4 @@
-/* chat_template.h — the Qwen2.5-VL chat template (specs/qwen2_5_vl.md §5.6), rendered in C.
+/* chat_template.h — the Qwen2.5-VL chat template (docs/specs/qwen2_5_vl.md §5.6), rendered in C.
  *
  * The output is byte-identical to transformers' rendering of the model's Jinja template
  * followed by the Qwen2.5-VL processor's image expansion (each image's one <|image_pad|>

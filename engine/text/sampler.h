@@ -1,7 +1,7 @@
 /* sampler.h — next-token choice and stop strings.
  *
  * dg_sampler turns a logits row into a token, in the order transformers applies its
- * processors (spec qwen2_5_vl.md §7): repetition penalty over every token seen so far
+ * processors (docs/specs/qwen2_5_vl.md §7): repetition penalty over every token seen so far
  * (prompt included), logit bias, then temperature, top-k, top-p, and a draw from a
  * seeded xoshiro256** generator: the same seed and logits give the same tokens on every
  * machine. temperature <= 0 is greedy (argmax after penalty and bias).

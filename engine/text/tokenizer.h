@@ -1,7 +1,7 @@
 /* tokenizer.h — the Qwen2 byte-level BPE tokenizer (Qwen2 / Qwen2.5 / Qwen2.5-VL).
  *
  * Encodes exactly as the Hugging Face fast tokenizer does (tokenizers library, the
- * pipeline of specs/qwen2_5_vl.md §6): added tokens matched on the raw text first
+ * pipeline of docs/specs/qwen2_5_vl.md §6): added tokens matched on the raw text first
  * (leftmost, longest; any flagged "normalized" on the NFC text), NFC on the rest, the
  * Qwen2 pre-tokenizer regex (with the reference's Unicode 16 letter and number classes),
  * the GPT-2 byte-to-unicode alphabet and BPE by merge rank. No BOS/EOS is ever added.

@@ -16,7 +16,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
-/* The Qwen2 pre-tokenizer regex as tokenizer.json spells it (specs/qwen2_5_vl.md §6.1). */
+/* The Qwen2 pre-tokenizer regex as tokenizer.json spells it (docs/specs/qwen2_5_vl.md §6.1). */
 #define DG_TOK_QWEN2_REGEX                                                              \
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+" \
     "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"

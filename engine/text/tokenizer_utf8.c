@@ -7,7 +7,7 @@
 
 #include "duogen.h"
 
-/* GPT-2 bytes_to_unicode (specs/qwen2_5_vl.md §6.2): the printable bytes '!'..'~',
+/* GPT-2 bytes_to_unicode (docs/specs/qwen2_5_vl.md §6.2): the printable bytes '!'..'~',
  * 0xA1..0xAC and 0xAE..0xFF stand for themselves; the other 68 bytes, in byte order,
  * become U+0100, U+0101, ... */
 static bool byte_printable(unsigned b) {

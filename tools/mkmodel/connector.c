@@ -1,5 +1,5 @@
 /* connector.c — writes DIR/connector.safetensors: the projection from the MLLM's condition
- * layers to the DiT's context (DESIGN §6; spec duogen_paper.md §1.4: Cosmos-Predict2.5's
+ * layers to the DiT's context (docs/DESIGN.md §6; docs/specs/duogen_paper.md §1.4: Cosmos-Predict2.5's
  * crossattn_proj = Linear(L·D → d_cond, bias) + GELU over all L decoder layers).
  *
  * Reads L (num_hidden_layers) and D (hidden_size) from DIR/mllm/config.json, so it follows

@@ -1,5 +1,5 @@
 /* dit.c — writes DIR/dit/: a Cosmos-Predict2.5 DiT in the diffusers CosmosTransformer3DModel
- * layout (spec cosmos_dit_wan_vae.md §1-2) with random bf16 weights.
+ * layout (docs/specs/cosmos_dit_wan_vae.md §1-2) with random bf16 weights.
  *
  * tiny: 2 heads x 32, 2 blocks, text width 32, LoRA 16 (seconds on a CPU);
  * small: 8 heads x 128 (D 1024), 8 blocks, text 1024, LoRA 256 (about 0.15 B, CPU benchmarks);

@@ -1,4 +1,4 @@
-/* mkmodel — writes a model package with random weights from a seed (DESIGN §5).
+/* mkmodel — writes a model package with random weights from a seed (docs/DESIGN.md §5).
  *
  *   mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR|own] [--seeded]
  *

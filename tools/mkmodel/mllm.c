@@ -1,5 +1,5 @@
 /* mllm.c — writes DIR/mllm/: a Qwen2.5-VL package in the Hugging Face layout (spec
- * qwen2_5_vl.md §1-2, §5.1, §7) with random weights: the text decoder and the vision tower. */
+ * docs/specs/qwen2_5_vl.md §1-2, §5.1, §7) with random weights: the text decoder and the vision tower. */
 #include <errno.h>
 #include <jansson.h>
 #include <stdio.h>

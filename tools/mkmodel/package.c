@@ -1,8 +1,8 @@
-/* The package manifest (DESIGN §5): DIR/duogen.json naming the components that were
+/* The package manifest (docs/DESIGN.md §5): DIR/duogen.json naming the components that were
  * written, the <BOV> token, the LLM layers whose hidden states feed the connector, and the
  * preset's defaults. <BOV> is added to mllm/tokenizer_config.json as a special added token
  * right after the last one (151665 for the real Qwen2 vocabulary, inside the 151936
- * embedding rows: no resize, as OmniGen2 does for its image token; spec duogen_paper.md). */
+ * embedding rows: no resize, as OmniGen2 does for its image token; docs/specs/duogen_paper.md). */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,5 +1,5 @@
 /* vae.c — writes DIR/vae/: a Wan2.1 VAE in the diffusers AutoencoderKLWan layout (spec
- * cosmos_dit_wan_vae.md §6, Appendix B) with random fp32 weights.
+ * docs/specs/cosmos_dit_wan_vae.md §6, Appendix B) with random fp32 weights.
  *
  * tiny: base width 8 (widths 8, 16, 32, 32), the real depth and resampling; small and full:
  * the real shapes (base 96, 126.9 M parameters).

@@ -3,7 +3,7 @@
 
 Builds the Hugging Face fast tokenizer (the `tokenizers` library) from the same vocab.json,
 merges.txt and added tokens that duogen loads, with the Qwen2 pipeline of
-specs/qwen2_5_vl.md §6.1, assembles a deterministic corpus of test strings, and writes:
+docs/specs/qwen2_5_vl.md §6.1, assembles a deterministic corpus of test strings, and writes:
 
   tests/golden/tokenizer/corpus.jsonl  one object per string:
       "text" (the string) or "hex" (raw bytes that are not valid UTF-8; the reference
@@ -41,7 +41,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# specs/qwen2_5_vl.md §5.6, verbatim (its line breaks are literal "\n" characters).
+# docs/specs/qwen2_5_vl.md §5.6, verbatim (its line breaks are literal "\n" characters).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
