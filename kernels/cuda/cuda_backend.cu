@@ -505,21 +505,29 @@ static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, si
     return 0;
 }
 
+/* An empty table and its state, joined (host memory only). DG_ENOMEM. */
+static int cuda_shell(dg_backend **be, dg_cuda **c, char *err, size_t errlen) {
+    *be = (dg_backend *)calloc(1, sizeof **be);
+    *c = (dg_cuda *)calloc(1, sizeof **c);
+    if (!*be || !*c) {
+        free(*be);
+        free(*c);
+        snprintf(err, errlen, "cuda: out of host memory");
+        return DG_ENOMEM;
+    }
+    (*be)->impl = *c;
+    return 0;
+}
+
 /* The parent's device and settings, a stream and scratch of its own. The parent's queued
  * work (the weights' uploads) is complete first: the fork's stream is not ordered with
  * the parent's. A parent that has failed makes no forks. */
 static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t errlen) {
     dg_cuda *p = dg_cuda_of(parent);
-    dg_backend *be = (dg_backend *)calloc(1, sizeof *be);
-    dg_cuda *c = (dg_cuda *)calloc(1, sizeof *c);
+    dg_backend *be;
+    dg_cuda *c;
     *out = NULL;
-    if (!be || !c) {
-        free(be);
-        free(c);
-        snprintf(err, errlen, "cuda: out of host memory");
-        return DG_ENOMEM;
-    }
-    be->impl = c;
+    if (cuda_shell(&be, &c, err, errlen) < 0) return DG_ENOMEM;
     c->dev = p->dev;
     c->gemm_split = p->gemm_split;
     c->attn_wmma = p->attn_wmma;
@@ -535,16 +543,10 @@ static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t err
 
 extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, char *err,
                                    size_t errlen) {
-    dg_backend *be = (dg_backend *)calloc(1, sizeof *be);
-    dg_cuda *c = (dg_cuda *)calloc(1, sizeof *c);
+    dg_backend *be;
+    dg_cuda *c;
     *out = NULL;
-    if (!be || !c) {
-        free(be);
-        free(c);
-        snprintf(err, errlen, "cuda: out of host memory");
-        return DG_ENOMEM;
-    }
-    be->impl = c;
+    if (cuda_shell(&be, &c, err, errlen) < 0) return DG_ENOMEM;
     const char *g = getenv("DG_CUDA_GEMM"), *at = getenv("DG_CUDA_ATTN");
     c->gemm_split = g && !strcmp(g, "precise");
     c->attn_wmma = at && !strcmp(at, "wmma");

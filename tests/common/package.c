@@ -22,6 +22,22 @@ int test_make_package(const char *preset, long long seed, const char *vocab, cha
     return 0;
 }
 
+const char *test_package_once(const char *preset, long long seed, const char *vocab) {
+    static int state;   /* 0 not made, 1 made, -1 failed */
+    static char dir[256], made_with[512];
+    char args[512];
+    snprintf(args, sizeof args, "%s %lld %s", preset, seed, vocab ? vocab : "own");
+    if (state && strcmp(args, made_with)) {
+        fprintf(stderr, "test_package_once: asked for %s after %s\n", args, made_with);
+        return NULL;
+    }
+    if (!state) {
+        snprintf(made_with, sizeof made_with, "%s", args);
+        state = test_make_package(preset, seed, vocab, dir, sizeof dir) < 0 ? -1 : 1;
+    }
+    return state > 0 ? dir : NULL;
+}
+
 int32_t test_bov_id(const char *pkg) {
     char path[4200];
     snprintf(path, sizeof path, "%s/mllm/tokenizer_config.json", pkg);

@@ -11,6 +11,10 @@
 /* mkmodel --preset PRESET --seed SEED [--vocab VOCAB] into a new /tmp directory, whose
  * path goes to dir. 0, or -1 after printing the command that failed. */
 int      test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen);
+/* The same, made once per process and kept: the package's directory, or NULL after the
+ * first failure (printed). For a test program whose cases share one package; a second
+ * call with other arguments is a bug in the test and returns NULL. */
+const char *test_package_once(const char *preset, long long seed, const char *vocab);
 /* FNV-1a 64 of a file's bytes (0 when it cannot be read): checks that mkmodel wrote the
  * package the goldens were made from. */
 uint64_t test_file_fnv1a64(const char *path);
