@@ -37,7 +37,7 @@
  *     thread at any time.
  *   - A device fault (DG_EDEVICE from dg_sched_step) is reported by the scheduler whose
  *     work met it; a GPU that faulted is usually lost to every scheduler of the process,
- *     which should exit (fatal, as the error class says).
+ *     whose process should end (fatal, as the error class says).
  */
 #ifndef DUOGEN_H
 #define DUOGEN_H
