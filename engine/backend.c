@@ -67,14 +67,14 @@ static int cuda_index(const char *name) {
     return n;
 }
 
-/* Every member but the optional ones (the fused forms and graph_run/graph_release, which
- * have their composition in backend.h). */
+/* Every member but the optional ones: the fused forms and graph_run/graph_release (their
+ * composition is in backend.h) and the sampling pair (the sampler's host path). */
 #define REQUIRED_MEMBERS(X)                                                                    \
     X(free) X(fork) X(alloc) X(release) X(weight_prepare) X(matmul) X(rmsnorm) X(rope)         \
     X(kv_write) X(attention) X(silu_mul) X(add) X(embed) X(download) X(upload)                 \
     X(attention_segments) X(gelu) X(rope_table) X(gather_rows) X(conv3d) X(channel_rmsnorm)    \
     X(upsample2x) X(spatial_attention) X(silu) X(modulate) X(add_gated) X(standardize)         \
-    X(logits_adjust) X(topk) X(status)
+    X(status)
 
 int dg_backend_check(const dg_backend *be, char *err, size_t errlen) {
     char missing[512] = "";
@@ -84,6 +84,9 @@ int dg_backend_check(const dg_backend *be, char *err, size_t errlen) {
         n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%s", n ? ", " : "", #op);
     REQUIRED_MEMBERS(CHECK_MEMBER)
 #undef CHECK_MEMBER
+    if (!be->logits_adjust != !be->topk && n < sizeof missing)
+        n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%s", n ? ", " : "",
+                              be->topk ? "logits_adjust (it comes with topk)" : "topk (it comes with logits_adjust)");
     if (!n) return 0;
     snprintf(err, errlen, "backend \"%s\": no %s", be->name ? be->name : "?", missing);
     return DG_EINTERNAL;

@@ -226,7 +226,9 @@ struct dg_backend {
     void (*add_rmsnorm)(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m,
                         int n, float eps);
 
-    /* ---- sampling (engine/text/sampler.c: the device path of dg_sampler_sample_device) ---- */
+    /* ---- sampling (engine/text/sampler.c: the device path of dg_sampler_sample_device).
+     * Optional, the two together: NULL means the sampler downloads the row and chooses on
+     * the host (a backend whose kernels for them are not verified on its device). ---- */
 
     /* In place on a logits row x[n] (backend memory), in the order the host sampler applies
      * them: for each of the n_seen DISTINCT ids in seen[], x = x < 0 ? x·penalty : x / penalty
@@ -285,8 +287,9 @@ int  dg_backend_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen)
 void dg_backend_free(dg_backend *be);   /* accepts NULL */
 
 /* 0 when every required member of the table is filled (all but the fused forms
- * matmul_parts, matmul_swiglu and add_rmsnorm, and graph_run/graph_release); else
- * DG_EINTERNAL with err naming the missing members ("backend \"cpu\": no fork, topk"). */
+ * matmul_parts, matmul_swiglu and add_rmsnorm, graph_run/graph_release, and the sampling
+ * pair logits_adjust/topk, which come together or not at all); else DG_EINTERNAL with err
+ * naming the missing members ("backend \"cpu\": no fork, conv3d"). */
 int  dg_backend_check(const dg_backend *be, char *err, size_t errlen);
 
 /* The fused operations, or their composition where the backend has none. */

@@ -228,10 +228,16 @@ TEST(table_check_names_missing_members) {
         copy.fork = NULL;
         CHECK_EQ_INT(dg_backend_check(&copy, err, sizeof err), DG_EINTERNAL);
         CHECK(strstr(err, BACKENDS[bi]) && strstr(err, "no fork"));
-        copy.topk = NULL;
         copy.conv3d = NULL;
         CHECK_EQ_INT(dg_backend_check(&copy, err, sizeof err), DG_EINTERNAL);
-        CHECK(strstr(err, "fork, conv3d, topk") != NULL);
+        CHECK(strstr(err, "fork, conv3d") != NULL);
+        copy.topk = NULL;   /* the sampling pair is optional, but only as a pair */
+        CHECK_EQ_INT(dg_backend_check(&copy, err, sizeof err), DG_EINTERNAL);
+        CHECK(strstr(err, "fork, conv3d, topk (it comes with logits_adjust)") != NULL);
+        copy.fork = be->fork;
+        copy.conv3d = be->conv3d;
+        copy.logits_adjust = NULL;
+        CHECK_EQ_INT(dg_backend_check(&copy, err, sizeof err), 0);
         dg_backend *f;
         CHECK_EQ_INT(dg_backend_fork(be, &f, err, sizeof err), 0);
         CHECK(f && f != be && f->impl != be->impl && !strcmp(f->name, be->name) && f->n_threads == 1);

@@ -22,7 +22,7 @@
  *     attention with DG_CUDA_GEMM=precise: fp32 throughout, online vs exact softmax: 2e-5
  *     max abs on outputs in [-1, 1].
  *   - attention on the tensor cores (m > 8, head_dim 64/80/128; the mma.sync kernel, and the
- *     wmma one with DG_CUDA_ATTN=wmma): Q, K, V and P rounded to bf16 (2^-9 relative each),
+ *     wmma one, the default without DG_CUDA_UNVERIFIED=1): Q, K, V and P rounded to bf16 (2^-9 relative each),
  *     fp32 accumulation: 1e-2 relative norm.
  *   - embed, kv_write, gather_rows, upsample2x: copies, exact.
  *   - graph_run (DG_CUDA_GRAPHS=1): a recorded rmsnorm + add replayed on new inputs, as
@@ -55,7 +55,7 @@
 
 #define ATT_FAST_REL 1e-2
 
-static dg_backend *cpu, *gpu, *gpu_precise, *gpu_wmma;
+static dg_backend *cpu, *gpu, *gpu_precise, *gpu_default;
 
 static uint64_t rng = 12345;
 static float frand(void) {   /* uniform in [-1, 1) */
@@ -78,6 +78,10 @@ static int ready(void) {
     state = -1;
     if (!getenv("DG_GPU_MEMORY")) setenv("DG_GPU_MEMORY", "6G", 1);
     if (!test_cuda_present()) return 0;
+    /* gpu: every kernel, those not yet verified on a device too (the point of this test);
+     * gpu_default: what runs without DG_CUDA_UNVERIFIED (the verified set: wmma attention,
+     * no fused forms, the bias kernel, no sampling pair, standardize on the host) */
+    setenv("DG_CUDA_UNVERIFIED", "1", 1);
     if (dg_backend_new("cuda:0", 0, &gpu, err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "cuda backend: %s", err);
         return 0;
@@ -88,12 +92,13 @@ static int ready(void) {
         return 0;
     }
     unsetenv("DG_CUDA_GEMM");
-    setenv("DG_CUDA_ATTN", "wmma", 1);   /* the previous tensor-core attention kernel */
-    if (dg_backend_new("cuda:0", 0, &gpu_wmma, err, sizeof err) < 0) {
+    unsetenv("DG_CUDA_UNVERIFIED");
+    if (dg_backend_new("cuda:0", 0, &gpu_default, err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "third cuda backend: %s", err);
         return 0;
     }
-    unsetenv("DG_CUDA_ATTN");
+    if (gpu_default->matmul_parts || gpu_default->topk || !gpu->matmul_parts || !gpu->topk)
+        test_fail(__FILE__, __LINE__, "DG_CUDA_UNVERIFIED does not choose the table's optional members");
     if (dg_backend_new("cpu", 0, &cpu, err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "cpu backend: %s", err);
         return 0;
@@ -371,6 +376,11 @@ TEST(cuda_rows_and_elementwise) {
             char shape[64];
             snprintf(shape, sizeof shape, "m%d n%d", m, n);
             compare(OP_NAMES[op], shape, got, ref, (int64_t)m * n, 1e-5, 1e-5 * 8);
+            if (op == OP_STANDARDIZE) {   /* the default's host round trip: the CPU's own arithmetic */
+                float *host = run_rows(gpu_default, op, x, a, p, q, m, n);
+                compare("standardize (host path)", shape, host, ref, (int64_t)m * n, 0, 0);
+                free(host);
+            }
             free(x); free(a); free(p); free(q); free(ref); free(got);
         }
 }
@@ -517,7 +527,7 @@ TEST(cuda_kv_write_attention) {
         float *ref = run_paged(cpu, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[0]);
         float *got = run_paged(gpu, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[1]);
         float *pre = run_paged(gpu_precise, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp2);
-        float *kp3, *wm = run_paged(gpu_wmma, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp3);
+        float *kp3, *wm = run_paged(gpu_default, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp3);
         char shape[64];
         snprintf(shape, sizeof shape, "past%d m%d h%d/%d d%d", n_past, m, nh, nkv, hd);
         compare("kv_write", shape, kp[1], kp[0], (int64_t)n_blocks * bs * kv_dim, 0, 0);
@@ -560,7 +570,7 @@ TEST(cuda_attention_segments) {
         float *pre = run_segments(gpu_precise, qkv, 300, qs, cu, cu, 5, 300, nh, nkv, hd, NULL, 0);
         compare("attention_segments", "5 windows h16 d80 (fused qkv)", got, ref, 300LL * nh * hd, ATT_FAST_REL, -1);
         compare("att_segments prec", "5 windows h16 d80 (fused qkv)", pre, ref, 300LL * nh * hd, -1, 2e-5);
-        float *wm = run_segments(gpu_wmma, qkv, 300, qs, cu, cu, 5, 300, nh, nkv, hd, NULL, 0);
+        float *wm = run_segments(gpu_default, qkv, 300, qs, cu, cu, 5, 300, nh, nkv, hd, NULL, 0);
         compare("att_segments wmma", "5 windows h16 d80 (fused qkv)", wm, ref, 300LL * nh * hd, ATT_FAST_REL, -1);
         free(wm);
         free(qkv); free(ref); free(got); free(pre);
@@ -574,7 +584,7 @@ TEST(cuda_attention_segments) {
         float *pre = run_segments(gpu_precise, qkv, n, qs, cu, cu, 1, n, nh, nkv, hd, NULL, 0);
         compare("attention_segments", "1 segment 1024 h16 d128", got, ref, (int64_t)n * nh * hd, ATT_FAST_REL, -1);
         compare("att_segments prec", "1 segment 1024 h16 d128", pre, ref, (int64_t)n * nh * hd, -1, 2e-5);
-        float *wm = run_segments(gpu_wmma, qkv, n, qs, cu, cu, 1, n, nh, nkv, hd, NULL, 0);
+        float *wm = run_segments(gpu_default, qkv, n, qs, cu, cu, 1, n, nh, nkv, hd, NULL, 0);
         compare("att_segments wmma", "1 segment 1024 h16 d128", wm, ref, (int64_t)n * nh * hd, ATT_FAST_REL, -1);
         free(wm);
         free(qkv); free(ref); free(got); free(pre);
@@ -588,7 +598,7 @@ TEST(cuda_attention_segments) {
         float *pre = run_segments(gpu_precise, q, 97, qs, q_cu, kv_cu, 3, 97, nh, nkv, hd, kv, 451);
         compare("attention_segments", "cross GQA 8/2 d64, empty kv", got, ref, 97LL * nh * hd, ATT_FAST_REL, -1);
         compare("att_segments prec", "cross GQA 8/2 d64, empty kv", pre, ref, 97LL * nh * hd, -1, 2e-5);
-        float *wm = run_segments(gpu_wmma, q, 97, qs, q_cu, kv_cu, 3, 97, nh, nkv, hd, kv, 451);
+        float *wm = run_segments(gpu_default, q, 97, qs, q_cu, kv_cu, 3, 97, nh, nkv, hd, kv, 451);
         compare("att_segments wmma", "cross GQA 8/2 d64, empty kv", wm, ref, 97LL * nh * hd, ATT_FAST_REL, -1);
         free(wm);
         free(q); free(kv); free(ref); free(got); free(pre);
@@ -879,7 +889,7 @@ int main(void) {
     int rc = test_main();
     dg_backend_free(gpu);
     dg_backend_free(gpu_precise);
-    dg_backend_free(gpu_wmma);
+    dg_backend_free(gpu_default);
     dg_backend_free(cpu);
     return rc;
 }

@@ -303,6 +303,28 @@ TEST(device_path_equals_host_path) {
     CHECK(by_mode[1].decided > 4 * by_mode[1].fell_back);
 }
 
+/* A backend without the sampling pair (a GPU whose kernels for it are not verified): every
+ * token is chosen on the host from the downloaded row, and is the host path's token. */
+TEST(backend_without_sampling_ops_takes_the_host_path) {
+    dg_backend *be = counting_backend("cpu");
+    counted.logits_adjust = NULL;
+    counted.topk = NULL;
+    const float temps[] = {0.0f, 0.7f};
+    const int top_ks[] = {0, 40};
+    for (int t = 0; t < 2; t++)
+        for (int k = 0; k < 2; k++)
+            for (int kind = 0; kind < ROW_KINDS; kind++) {
+                dg_logit_bias bias[2] = {{7, 2.5f}, {300, -INFINITY}};
+                dg_sampler_params p = {.temperature = temps[t], .top_k = top_ks[k], .top_p = 0.9f,
+                                       .repetition_penalty = 1.3f, .logit_bias = bias, .n_logit_bias = 2,
+                                       .seed = rnd32()};
+                path_count pc = {0};
+                compare_paths(be, 1500, p, kind, 4, &pc);
+                CHECK_EQ_INT(pc.decided, 0);   /* every step downloaded the row */
+                CHECK_EQ_INT(pc.fell_back, 4);
+            }
+}
+
 /* The full Qwen2.5-VL vocabulary, the shapes a model gives (peaked, with penalty and bias). */
 TEST(device_path_full_vocabulary) {
     const int V = 152064;

@@ -320,6 +320,14 @@ int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int3
                                  float *host) {
     int n_bias = (int)s->n_bias;
     int32_t tok;
+    if (!be->topk) {   /* no device path on this backend (backend.h): the host path */
+        be->download(be, host, row, s->vocab);
+        adjust(s, host);
+        if (ban >= 0 && ban < s->vocab) host[ban] = -INFINITY;
+        tok = choose(s, host);
+        dg_sampler_accept(s, tok);
+        return tok;
+    }
     /* after the user's biases: -inf + b and (x + b) + -inf agree for every finite x */
     if (ban >= 0 && ban < s->vocab) s->bias[n_bias++] = (dg_logit_bias){ban, -INFINITY};
     be->logits_adjust(be, row, s->vocab, s->seen_list,

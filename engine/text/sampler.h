@@ -57,7 +57,8 @@ int32_t dg_sampler_sample(dg_sampler *s, float *logits);
  * (scratch) and take the host path. The same token as the host path on the CPU backends
  * (for finite logits); on a GPU also for greedy and top-k, while top-p without top-k
  * normalises by the GPU's sum, which may move a cutoff that falls within ~1e-5 of the mass
- * of a token (kernels/cuda/sample.cu). No allocation. */
+ * of a token (kernels/cuda/sample.cu). A backend without the sampling pair (backend.h)
+ * has the row downloaded into `host` and the host path choose. No allocation. */
 int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int32_t ban,
                                  float *host);
 

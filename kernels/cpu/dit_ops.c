@@ -8,6 +8,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "standardize_row.h"
+
 /* ---- convolution -------------------------------------------------------------------------- */
 
 /* Fills col[kv_rows, nc] (row-major, row = (tap - k0)·Cin·kh·kw + ci·kh·kw + dy·kw + dx) for
@@ -194,19 +196,8 @@ void dg_cpu_add_gated(dg_backend *be, float *y, const float *x, const float *gat
 
 /* ---- connector ---------------------------------------------------------------------------- */
 
-/* Two-pass mean and unbiased variance in double: rows of LLM hidden states reach |x| ~ 1e3
- * with n = 3584, where a float sum of squares would lose digits. */
 void dg_cpu_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps) {
     const dg_cpu *c = be->impl;
 #pragma omp parallel for num_threads(c->n_threads) schedule(static) if (m > 1)
-    for (int i = 0; i < m; i++) {
-        const float *xi = x + (int64_t)i * n;
-        float *yi = y + (int64_t)i * n;
-        double mean = 0.0, var = 0.0;
-        for (int j = 0; j < n; j++) mean += xi[j];
-        mean /= n;
-        for (int j = 0; j < n; j++) var += ((double)xi[j] - mean) * ((double)xi[j] - mean);
-        const double r = 1.0 / (sqrt(var / (n > 1 ? n - 1 : 1)) + eps);
-        for (int j = 0; j < n; j++) yi[j] = (float)(((double)xi[j] - mean) * r);
-    }
+    for (int i = 0; i < m; i++) dg_standardize_row(y + (int64_t)i * n, x + (int64_t)i * n, n, eps);
 }

@@ -11,13 +11,13 @@
  *     warp, merges the warps in shared memory and writes a partial (max, sum, o[head_dim])
  *     to the scratch; a second kernel merges the splits. Splits give the chip enough
  *     blocks when one token attends to a long context.
- *   - prefill (more rows) and segments, head_dim 64, 80 or 128: the mma.sync kernel of
- *     attention_mma.cu (FlashAttention-2's schedule, Q, S, P and O in registers) on bf16
- *     copies of q, K and V that a pre-pass writes to the scratch; for a prefill of fewer
- *     new rows than one of its tiles, or where the copies do not fit the scratch, the wmma
- *     kernel below instead.
- *   - wmma (attn_tc_kernel; the same head sizes with DG_CUDA_ATTN=wmma, and the cases the
- *     mma path leaves): blocks of TQ = 64 query rows walking key tiles of TK = 64, Q, K, V
+ *   - prefill (more rows) and segments, head_dim 64, 80 or 128, by default: the wmma
+ *     kernel below (verified on an H200, NOTES.md). With DG_CUDA_UNVERIFIED=1: the mma.sync
+ *     kernel of attention_mma.cu (FlashAttention-2's schedule, Q, S, P and O in registers)
+ *     on bf16 copies of q, K and V that a pre-pass writes to the scratch; for a prefill of
+ *     fewer new rows than one of its tiles, or where the copies do not fit the scratch, the
+ *     wmma kernel instead (and always with DG_CUDA_ATTN=wmma).
+ *   - wmma (attn_tc_kernel): blocks of TQ = 64 query rows walking key tiles of TK = 64, Q, K, V
  *     and P rounded to bf16, S and O accumulated in fp32 by wmma in shared memory. Both
  *     tensor-core paths round the operands to bf16 (2^-9 relative per element, ~3e-3
  *     relative error of the output: the same class of error as the bf16 GEMMs).

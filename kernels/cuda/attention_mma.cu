@@ -26,8 +26,9 @@
  * hold the registers to). Registers at head_dim 128: O 64, S 32, Q 32 floats per thread.
  * K's and V's B fragments come from ldmatrix (.x4: two 8-key or 8-dim pieces a load).
  *
- * Not yet run on a GPU (written in a session without one): test_backend_cuda compares it
- * with the CPU (and DG_CUDA_ATTN=wmma selects the previous kernel, which it also checks). */
+ * Not yet run on a GPU (written in a session without one), so used only with
+ * DG_CUDA_UNVERIFIED=1 until a device run verifies it (NOTES.md): test_backend_cuda compares
+ * it with the CPU, and the wmma kernel, the default, too. */
 #include <math.h>
 
 #include "attention.cuh"

@@ -356,6 +356,7 @@ static void exec_free(dg_cuda *c) {
     arena_release(c->dev, c->scratch);
     arena_release(c->dev, c->blas_ws);
     free(c->att_tiles);
+    free(c->std_host);
 }
 
 static void device_free(dg_cuda_device *d) {
@@ -472,9 +473,9 @@ static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, si
     be->release = cuda_release;
     be->weight_prepare = cuda_weight_prepare;
     be->matmul = dg_cuda_matmul;
-    be->matmul_parts = dg_cuda_matmul_parts;
-    be->matmul_swiglu = dg_cuda_matmul_swiglu;
-    be->add_rmsnorm = dg_cuda_add_rmsnorm;
+    be->matmul_parts = c->unverified ? dg_cuda_matmul_parts : NULL;
+    be->matmul_swiglu = c->unverified ? dg_cuda_matmul_swiglu : NULL;
+    be->add_rmsnorm = c->unverified ? dg_cuda_add_rmsnorm : NULL;
     be->rmsnorm = dg_cuda_rmsnorm;
     be->rope = dg_cuda_rope;
     be->kv_write = dg_cuda_kv_write;
@@ -496,8 +497,8 @@ static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, si
     be->modulate = dg_cuda_modulate;
     be->add_gated = dg_cuda_add_gated;
     be->standardize = dg_cuda_standardize;
-    be->logits_adjust = dg_cuda_logits_adjust;
-    be->topk = dg_cuda_topk;
+    be->logits_adjust = c->unverified ? dg_cuda_logits_adjust : NULL;
+    be->topk = c->unverified ? dg_cuda_topk : NULL;
     be->status = cuda_status;
     be->graph_run = cuda_graph_run;
     be->graph_release = cuda_graph_release;
@@ -531,6 +532,7 @@ static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t err
     c->dev = p->dev;
     c->gemm_split = p->gemm_split;
     c->attn_wmma = p->attn_wmma;
+    c->unverified = p->unverified;
     const cudaError_t e = cudaStreamSynchronize(p->stream);
     if (e != cudaSuccess) dg_cuda_fail(p, cudaGetErrorString(e), "cudaStreamSynchronize", __FILE__, __LINE__);
     if (p->status) {
@@ -547,9 +549,10 @@ extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, 
     dg_cuda *c;
     *out = NULL;
     if (cuda_shell(&be, &c, err, errlen) < 0) return DG_ENOMEM;
-    const char *g = getenv("DG_CUDA_GEMM"), *at = getenv("DG_CUDA_ATTN");
+    const char *g = getenv("DG_CUDA_GEMM"), *at = getenv("DG_CUDA_ATTN"), *u = getenv("DG_CUDA_UNVERIFIED");
     c->gemm_split = g && !strcmp(g, "precise");
-    c->attn_wmma = at && !strcmp(at, "wmma");
+    c->unverified = u && !strcmp(u, "1");
+    c->attn_wmma = !c->unverified || (at && !strcmp(at, "wmma"));
     int rc = device_new(c, device, budget, err, errlen);
     if (rc < 0) {
         cuda_free(be);

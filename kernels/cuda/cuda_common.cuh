@@ -103,7 +103,16 @@ typedef struct {
     int32_t        *att_tiles;     /* owned host [4 * DG_CUDA_ATT_TILES]: tile bounds of a call */
     int             gemm_split;    /* 1: x = hi + lo in two bf16 GEMMs (DG_CUDA_GEMM=precise) */
     int             attn_wmma;     /* 1: prefill/segment attention on the wmma kernel, not the
-                                      mma.sync one (DG_CUDA_ATTN=wmma) */
+                                      mma.sync one (the default; DG_CUDA_ATTN=wmma forces it
+                                      with DG_CUDA_UNVERIFIED=1) */
+    /* 1 (DG_CUDA_UNVERIFIED=1): the kernels written since their last device run are used
+     * (NOTES.md "Kernels and their last device run"): the mma.sync attention, the fused
+     * decode forms, the cuBLASLt bias epilogue, the sampling pair, standardize. 0 (the
+     * default): their verified alternatives: the wmma attention, the compositions, the bias
+     * kernel, the host sampler, standardize on the host. */
+    int             unverified;
+    float          *std_host;      /* owned: standardize's host round trip, std_cap floats */
+    size_t          std_cap;
     int             status;        /* sticky: 0 or the first DG_EDEVICE */
     char            err[256];
 } dg_cuda;

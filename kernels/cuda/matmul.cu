@@ -320,7 +320,7 @@ static int gemm_parts(dg_cuda *c, const float *x, const dg_matmul_part *parts, i
             const float *bias = parts[i].bias;
             const int n = (int)parts[i].w->rows;
             float *y = parts[i].y + (int64_t)r0 * n;
-            dg_cuda_lt_plan *p = bias && !split && ((uintptr_t)bias & 15) == 0
+            dg_cuda_lt_plan *p = bias && !split && c->unverified && ((uintptr_t)bias & 15) == 0
                                      ? lt_plan(c, n, mc, k, lt_align(w), lt_align(y)) : NULL;
             if (p) {
                 CUBLAS_CHECK(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,

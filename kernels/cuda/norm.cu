@@ -5,6 +5,7 @@
  * equal x. Sums in fp32 but the standardization's (the CPU reference sums the modulation's
  * LayerNorm in double: the difference is far below the test tolerance at these widths). */
 #include "cuda_common.cuh"
+#include "standardize_row.h"
 
 #define ROW_THREADS 256
 
@@ -167,6 +168,28 @@ void dg_cuda_channel_rmsnorm(dg_backend *be, float *y, const float *x, const flo
     channel_rmsnorm(dg_cuda_of(be), y, x, gamma, n_frames, channels, plane, silu);
 }
 
+/* Without DG_CUDA_UNVERIFIED=1 the rows go through the host and the CPU's arithmetic
+ * (standardize_row.h): the kernel above has not yet run on a device (NOTES.md). The host
+ * buffer grows to the largest call and is kept; a call is a few rows of the decoder width. */
+static void standardize_on_host(dg_backend *be, dg_cuda *c, float *y, const float *x, int m, int n, float eps) {
+    const size_t count = (size_t)m * (size_t)n;
+    if (m <= 0) return;
+    if (c->std_cap < count) {
+        float *p = (float *)realloc(c->std_host, count * sizeof *p);
+        if (!p) {
+            dg_cuda_fail(c, "out of host memory", "standardize", __FILE__, __LINE__);
+            return;
+        }
+        c->std_host = p;
+        c->std_cap = count;
+    }
+    be->download(be, c->std_host, x, (int64_t)count);
+    for (int i = 0; i < m; i++) dg_standardize_row(c->std_host + (size_t)i * n, c->std_host + (size_t)i * n, n, eps);
+    be->upload(be, y, c->std_host, (int64_t)count);
+}
+
 void dg_cuda_standardize(dg_backend *be, float *y, const float *x, int m, int n, float eps) {
-    standardize(dg_cuda_of(be), y, x, m, n, eps);
+    dg_cuda *c = dg_cuda_of(be);
+    if (c->unverified) standardize(c, y, x, m, n, eps);
+    else standardize_on_host(be, c, y, x, m, n, eps);
 }

@@ -5,9 +5,10 @@
 #   3. the programs: a full `make` where this machine has the project's build dependencies,
 #      else the ones tools/cuda/pack.sh packed (.devcarry/bundle.tar.xz, carried);
 #   4. build/tests/test_backend_cuda (every op vs the CPU backend, stated tolerances);
-#   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages), and the
-#      CUDA cases of test_interleaved and test_sched_threads (one model, two schedulers on
-#      two threads);
+#   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages, in the
+#      default, precise, graphs and unverified modes), and the CUDA cases of test_interleaved
+#      and test_sched_threads (one model, two schedulers on two threads), with the default
+#      (verified) kernels and again with DG_CUDA_UNVERIFIED=1;
 #   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit)
 #      and dg-bench job (the seeded full package: DiT s/image at 1024² x 35 steps with CFG,
 #      VAE decode ms, one 4-image interleaved job);
@@ -84,18 +85,22 @@ if want tests; then
     timeout 120 build/tests/test_cuda_parity 2>&1
     DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
     DG_TEST=two_schedulers_on_two_threads_answer_as_one_on_cuda timeout 60 build/tests/test_sched_threads 2>&1
+    step "the same two with the kernels not yet verified on a device (DG_CUDA_UNVERIFIED=1)"
+    DG_CUDA_UNVERIFIED=1 DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
+    DG_CUDA_UNVERIFIED=1 DG_TEST=two_schedulers_on_two_threads_answer_as_one_on_cuda timeout 60 build/tests/test_sched_threads 2>&1
 fi
 
 if want text; then
     step "dg-bench cuda"
-    timeout 75 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
+    # with every kernel, so that the figures show what the unverified ones would give
+    DG_CUDA_UNVERIFIED=1 timeout 75 build/dg-bench ${QUICK:+--quick} --json "$OUT/bench_cuda.json" cuda
 fi
 
 export DG_FULL_PKG=${DG_FULL_PKG:-.devcarry/full-seeded}
 if want image; then
     step "dg-bench job: DiT s/image, VAE decode ms, a 4-image interleaved job (seeded full package)"
     if [ -f "$DG_FULL_PKG/duogen.json" ]; then
-        DG_SEEDED_WEIGHTS=1 timeout 240 build/dg-bench ${QUICK:+--quick} --model "$DG_FULL_PKG" --json "$OUT/bench_job.json" job
+        DG_CUDA_UNVERIFIED=1 DG_SEEDED_WEIGHTS=1 timeout 240 build/dg-bench ${QUICK:+--quick} --model "$DG_FULL_PKG" --json "$OUT/bench_job.json" job
     else
         echo "no $DG_FULL_PKG/duogen.json (tools/cuda/pack.sh writes it): skipped"; unset DG_FULL_PKG
     fi
