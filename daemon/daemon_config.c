@@ -63,8 +63,10 @@ static const struct key {
     INT(max_logit_bias, 0, 1000000, "logit_bias entries per job"),
     INT(metrics_port, 0, 65535, "Prometheus metrics port on 127.0.0.1 (0 = off)"),
     SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
-    SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = default"),
-    SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = default"),
+    SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = 64 images at the model's default size"),
+    SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = 64 images at the model's default size"),
+    INT(max_condition_pixels, 0, 268435456, "earlier images above this many pixels are scaled down as "
+        "condition frames; 0 = 1048576 (1024x1024)"),
     SIZE0(gpu_memory, "device memory the GPU backend takes at start, e.g. 70G; 0 = 90% of free"),
 };
 

@@ -55,6 +55,8 @@ typedef struct {
     size_t kv_cache_bytes;      /* engine caches; 0 = the engine's default */
     size_t vision_cache_bytes;
     size_t latent_cache_bytes;
+    int    max_condition_pixels; /* earlier images larger than this are scaled down as DiT
+                                    condition frames; 0 = the engine's default (1024²) */
     size_t gpu_memory;          /* bytes the GPU backend takes at start; 0 = 90% of free memory */
 } dg_daemon_config;
 

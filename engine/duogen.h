@@ -155,9 +155,11 @@ typedef struct {
     int64_t cached_prompt_tokens;    /* served by the prefix KV cache */
     int64_t generated_tokens;
     int64_t images;
-    int64_t cached_latents;          /* condition images whose VAE latent came from the cache */
-    int64_t cached_vision;           /* images whose vision-tower output came from the cache (or
-                                        from the same picture earlier in the request) */
+    int64_t cached_latents;          /* condition frames whose VAE latent came from the cache */
+    int64_t cached_vision;           /* images, given or drawn, the vision tower did not run on:
+                                        every position of theirs came from the prefix KV cache,
+                                        or their output from the vision cache or from the same
+                                        picture earlier in the request */
 } dg_usage;
 
 typedef struct {
@@ -202,8 +204,13 @@ typedef struct {
 typedef struct {
     int     max_inflight;           /* sequences stepped together; 0 = 1 */
     size_t  kv_cache_bytes;         /* prefix KV cache budget; 0 = the model's default */
-    size_t  latent_cache_bytes;     /* VAE latent cache budget */
-    size_t  vision_cache_bytes;     /* vision-tower output cache budget */
+    size_t  latent_cache_bytes;     /* VAE latent cache budget (host memory); 0 = 64 latents of
+                                       the package's default image size */
+    size_t  vision_cache_bytes;     /* vision-tower output cache budget (host memory); 0 = the
+                                       rows of 64 images of the package's default image size */
+    int64_t max_condition_pixels;   /* an earlier image larger than this is scaled down (aspect
+                                       kept) before it becomes a condition frame of the DiT;
+                                       0 = 1024² (every image otherwise keeps its own size) */
 } dg_sched_opts;
 
 /* Cache counters, cumulative since dg_sched_new(). */

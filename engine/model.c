@@ -229,6 +229,12 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     const char *bov = json_string_value(json_object_get(manifest, "bov_token"));
     if (bov) {
         m->bov_id = dg_tok_added_id(m->tok, bov);
+        if (strlen(bov) >= sizeof m->bov_text) {
+            rc = fail(err, errlen, DG_EMODEL, "%s/duogen.json: bov_token \"%.40s...\" is longer than %zu bytes",
+                      dir, bov, sizeof m->bov_text - 1);
+            goto fail;
+        }
+        snprintf(m->bov_text, sizeof m->bov_text, "%s", bov);
         if (m->bov_id < 0 || m->bov_id >= m->cfg.text.vocab_size) {
             rc = fail(err, errlen, DG_EMODEL, "%s/duogen.json: bov_token \"%s\" is not an added token of %s "
                       "within its %d embedding rows", dir, bov, mllm, m->cfg.text.vocab_size);

@@ -37,6 +37,7 @@ struct dg_model {
     int32_t  image_pad_id, vision_start_id, vision_end_id;
 
     int32_t  bov_id;                    /* <BOV>, or -1 when the package draws no images */
+    char     bov_text[64];              /* its text ("<BOV>"), "" with bov_id -1 */
     int32_t  stop_ids[DG_MAX_EOS + 2];  /* tokens that end the answer: EOS ids and <|im_end|> */
     int      n_stop_ids;
     int      max_context;               /* positions of one sequence (prompt + answer) */

@@ -6,21 +6,27 @@
  * A sequence's life:
  *   submit   input images decoded and hashed; the conversation goes through the chat
  *            template into token ids (each image as <|vision_start|> + n <|image_pad|> +
- *            <|vision_end|>), M-RoPE positions and per-token KV keys (an image's tokens are
- *            keyed by its content hash); the longest cached prefix of full KV blocks is
+ *            <|vision_end|>, an image of an assistant message with the <BOV> before it that
+ *            the model emitted), M-RoPE positions and per-token KV keys (an image's tokens
+ *            are keyed by its content hash); the longest cached prefix of full KV blocks is
  *            shared, with the condition rows kept beside those blocks
- *   prefill  the images through the vision tower (cached by content hash), then the prompt
- *            in chunks; every decoder layer's hidden states feed the condition accumulator
+ *   prefill  the images with a position after the shared prefix through the vision tower
+ *            (cached by content hash; an image wholly inside the prefix needs no rows), then
+ *            the rest of the prompt in chunks; every decoder layer's hidden states feed the
+ *            condition accumulator
  *   decode   sample; text streams as whole UTF-8 characters, stop strings held back; the
  *            answer ends at EOS, a stop string, max_new_tokens, cancellation or deadline
  *   draw     on <BOV>, if the image's tokens fit in the context: the slot's painter
  *            (draw/painter.h) is given the condition positions — all before <BOV>, and for
  *            the negative those before the text after the most recent image — and the
- *            earlier images; one painter step per dg_sched_step(), then its 8-bit RGB image,
- *            which the scheduler sends as a PNG, runs through the vision tower and feeds
- *            as <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE
- *            positions; the next token is sampled and decoding goes on. After max_images,
- *            <BOV> is banned.
+ *            earlier images (it VAE-encodes each from its pixels, or takes the latent
+ *            cache's copy of that encoding); one painter step per dg_sched_step(), then its
+ *            8-bit RGB image, which the scheduler sends as a PNG, runs through the vision
+ *            tower and feeds as <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with
+ *            its M-RoPE positions; the next token is sampled and decoding goes on. After
+ *            max_images, <BOV> is banned.
+ * What a cache holds never changes an answer, only the work (docs/DESIGN.md §6
+ * "Determinism"): a cached row is the row the sequence would have computed.
  * The painter knows nothing of sequences: the scheduler calls it and emits the events.
  * Buffers are sized at dg_sched_new or at submit (the painter's at an image's start);
  * nothing is allocated per token or step. */
@@ -83,6 +89,27 @@ static void cond_load_blocks(dg_sched *s, dg_seq *q, int n_positions) {
 
 /* ---- scheduler ------------------------------------------------------------------------------ */
 
+#define DG_CACHE_DEFAULT_IMAGES 64   /* images the vision and latent caches hold by default */
+
+/* The default budgets of the vision and latent caches: DG_CACHE_DEFAULT_IMAGES images at
+ * the package's default image size (its vision-tower rows; its VAE latent), so that the
+ * caches hold as many images whatever the model's width (docs/DESIGN.md §6). */
+static void default_cache_budgets(const dg_model *m, size_t *vision_bytes, size_t *latent_bytes) {
+    const dg_image_params *d = &m->image_defaults;
+    int32_t grid[3];
+    char err[128];
+    *vision_bytes = *latent_bytes = 0;
+    if (m->has_vision && dg_image_grid(d->height, d->width, &m->pp, grid, err, sizeof err) == 0) {
+        size_t rows = (size_t)dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
+        *vision_bytes = DG_CACHE_DEFAULT_IMAGES * rows * (size_t)m->cfg.vision.out_hidden_size * sizeof(float);
+    }
+    if (m->has_draw) {
+        int f = dg_vae_spatial_factor(&m->vae);
+        *latent_bytes = (size_t)DG_CACHE_DEFAULT_IMAGES * (size_t)m->vae.cfg.z_dim * (size_t)(d->height / f) *
+                        (size_t)(d->width / f) * sizeof(float);
+    }
+}
+
 int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen) {
     *out = NULL;
     dg_sched *s = calloc(1, sizeof *s);
@@ -112,6 +139,8 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     if ((rc = dg_kv_cache_new(s->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, &s->kv, err, errlen)) < 0)
         goto fail;
     if ((rc = dg_qwen2_state_new(&m->llm, s->be, DG_SCHED_CHUNK, 1, &s->st, err, errlen)) < 0) goto fail;
+    size_t vision_default, latent_default;
+    default_cache_budgets(m, &vision_default, &latent_default);
     rc = DG_ENOMEM;
     if (m->has_vision) {
         /* one image can have at most max_context tokens of m² patches each */
@@ -119,21 +148,21 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         int64_t by_pixels = m->pp.max_pixels / ((int64_t)m->pp.patch_size * m->pp.patch_size);
         if (by_pixels < max_patches) max_patches = by_pixels;
         if ((rc = dg_vision_state_new(&m->vision, s->be, (int)max_patches, &s->vs, err, errlen)) < 0) goto fail;
-        size_t vc = s->o.vision_cache_bytes ? s->o.vision_cache_bytes : (size_t)64 << 20;
+        size_t vc = s->o.vision_cache_bytes ? s->o.vision_cache_bytes : vision_default;
         if (dg_vision_cache_new(vc, &s->vcache) < 0) goto fail;
         s->embed_rows = m->max_context;
         if (!(s->embeds = s->be->alloc(s->be, (size_t)s->embed_rows * c->hidden_size * sizeof(float)))) goto fail;
     }
     if (m->has_draw) {
-        size_t lc = s->o.latent_cache_bytes ? s->o.latent_cache_bytes : (size_t)64 << 20;
+        size_t lc = s->o.latent_cache_bytes ? s->o.latent_cache_bytes : latent_default;
         if (dg_latent_cache_new(lc, &s->lcache) < 0) goto fail;
         if (!(s->normed = s->be->alloc(s->be, (size_t)DG_SCHED_CHUNK * c->hidden_size * sizeof(float)))) goto fail;
         if (!(s->cond_store = calloc((size_t)n_blocks * DG_KV_BLOCK * (size_t)m->conn.d_cond, sizeof(float))))
             goto fail;
         for (int i = 0; i < s->n_seqs; i++)
             if ((rc = dg_cond_acc_new(&m->conn, s->be, m->max_context, DG_SCHED_CHUNK, &s->seqs[i].acc, err, errlen)) < 0 ||
-                (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, s->be, m->max_context, &s->seqs[i].painter, err,
-                                     errlen)) < 0)
+                (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, s->be, m->max_context, s->o.max_condition_pixels,
+                                     &s->seqs[i].painter, err, errlen)) < 0)
                 goto fail;
     }
     for (int i = 0; i < s->n_seqs; i++) s->seqs[i].sched = s;
@@ -270,6 +299,8 @@ static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, 
                 if ((rc = add_input_image(s, q, &in->parts[k], q->n_images + 1, err, errlen)) < 0) goto out;
                 p->kind = DG_CHAT_IMAGE;
                 p->image_tokens = q->images[q->n_images - 1].n_tokens;
+                /* as the model produced it: <BOV> before an image of its own answer */
+                if (in->role == DG_ROLE_ASSISTANT && s->m->bov_id >= 0) p->bov = s->m->bov_text;
             } else {
                 p->kind = DG_CHAT_TEXT;
                 p->text = in->parts[k].text;
@@ -496,6 +527,7 @@ static int feed_image(dg_sched *s, dg_seq *q, dg_seq_image *im, char *err, size_
     if ((rc = dg_vision_encode(&m->vision, s->vs, s->vcache, &m->pp, one, 1, s->embeds, &computed, err, errlen)) < 0)
         return rc;
     q->t.vision_ms += dg_clock_now_ms() - t0;
+    q->usage.cached_vision += computed == 0;
     int n = im->n_tokens + 3, n_past = q->kv.n_tokens;
     int32_t *ids = malloc((size_t)n * sizeof *ids), *pos = malloc((size_t)3 * n * sizeof *pos);
     uint64_t *keys = calloc((size_t)n, sizeof *keys);
@@ -581,23 +613,32 @@ static int is_stop_token(const dg_model *m, int32_t t) {
     return 0;
 }
 
-/* The prompt's images through the vision tower (or the cache), into s->embeds. */
-static int encode_inputs(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+/* The image rows the prefill still needs, into s->embeds: those of the prompt's images with
+ * a position at or after n_fed, through the vision tower (or the vision cache). An image
+ * whose positions all came from the prefix KV cache needs none and skips the tower. The
+ * images that need rows are the last ones of the prompt; *skip_rows gets the rows of the
+ * first of them whose positions came from the cache, where the feed's rows begin. */
+static int encode_inputs(dg_sched *s, dg_seq *q, int *skip_rows, char *err, size_t errlen) {
     const dg_model *m = s->m;
     const dg_image *imgs[DG_SEQ_MAX_IMAGES];
-    int rows = 0, computed = 0;
-    for (int i = 0; i < q->n_inputs; i++) {
-        imgs[i] = q->images[i].img;
+    int first = 0, n = 0, rows = 0, computed = 0;
+    *skip_rows = 0;
+    while (first < q->n_inputs && q->images[first].token0 + q->images[first].n_tokens <= q->n_fed) first++;
+    q->usage.cached_vision += first;
+    for (int i = first; i < q->n_inputs; i++) {
+        imgs[n++] = q->images[i].img;
         rows += q->images[i].n_tokens;
     }
+    if (n == 0) return 0;
     if (rows > s->embed_rows) {
         snprintf(err, errlen, "the images take %d tokens, more than the context of %d", rows, s->embed_rows);
         return DG_ELIMIT;
     }
+    if (q->images[first].token0 < q->n_fed) *skip_rows = q->n_fed - q->images[first].token0;
     double t0 = dg_clock_now_ms();
-    int rc = dg_vision_encode(&m->vision, s->vs, s->vcache, &m->pp, imgs, q->n_inputs, s->embeds, &computed, err, errlen);
+    int rc = dg_vision_encode(&m->vision, s->vs, s->vcache, &m->pp, imgs, n, s->embeds, &computed, err, errlen);
     q->t.vision_ms += dg_clock_now_ms() - t0;
-    q->usage.cached_vision += q->n_inputs - computed;
+    q->usage.cached_vision += n - computed;
     return rc;
 }
 
@@ -613,9 +654,8 @@ static int step_seq(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     } else if (q->state == SEQ_PREFILL) {
         /* the whole rest of the prompt in one step (in chunks), so that the first token
          * follows in the same step; the images' embeddings first */
-        if (q->n_inputs && (rc = encode_inputs(s, q, err, errlen)) < 0) return rc;
         int skip_rows = 0;
-        for (int i = 0; i < q->n_fed; i++) skip_rows += q->prompt.ids[i] == m->image_pad_id;
+        if ((rc = encode_inputs(s, q, &skip_rows, err, errlen)) < 0) return rc;
         double t0 = dg_clock_now_ms();
         rc = seq_feed(s, q, q->prompt.ids + q->n_fed, (int)q->prompt.n - q->n_fed, q->pos + q->n_fed,
                       (int)q->prompt.n, s->embeds + (int64_t)skip_rows * m->cfg.text.hidden_size,

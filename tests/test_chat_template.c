@@ -102,6 +102,24 @@ TEST(chat_template_spec_prompt_ids) {
     dg_tok_ids_free(&ids);
 }
 
+/* DuoGen's addition: an image part with `bov` renders that text before <|vision_start|>,
+ * as the drawing model emitted it; an image part without it is unchanged. */
+TEST(chat_template_image_of_an_answer_keeps_its_bov) {
+    dg_chat_part user = {.kind = DG_CHAT_TEXT, .text = "Draw.", .text_len = 5};
+    dg_chat_part answer[] = {{.kind = DG_CHAT_TEXT, .text = "Here:", .text_len = 5},
+                             {.kind = DG_CHAT_IMAGE, .image_tokens = 2, .bov = "<BOV>"},
+                             {.kind = DG_CHAT_IMAGE, .image_tokens = 1}};
+    dg_chat_message m[] = {{DG_CHAT_SYSTEM, NULL, 0}, {DG_CHAT_USER, &user, 1}, {DG_CHAT_ASSISTANT, answer, 3}};
+    char *text = NULL, err[256];
+    size_t len = 0;
+    CHECK_EQ_INT(dg_chat_render(m, 3, false, &text, &len, err, sizeof err), 0);
+    CHECK_EQ_STR(text, "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nDraw.<|im_end|>\n"
+                       "<|im_start|>assistant\nHere:<BOV><|vision_start|><|image_pad|><|image_pad|><|vision_end|>"
+                       "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n");
+    CHECK_EQ_INT(len, text ? strlen(text) : 0);
+    free(text);
+}
+
 TEST(chat_template_rejects_bad_input) {
     char *text = (char *)1, err[256];
     size_t len;

@@ -9,6 +9,9 @@
  *            reference assembled from diffusers' own modules (patch_embed, rope with the
  *            frame's temporal index and grid, time_embed, the blocks, norm_out, proj_out),
  *            which the script checks against the video forward for equal frames;
+ *   native   the painter's packing of earlier images at their own sizes: conditions 12x8
+ *            (larger than the target, another aspect), 4x10 and 10x6, target 6x8, each
+ *            frame's spatial RoPE from its own grid, the same reference;
  *   sampling a complete 6-step UniPC run (Karras sigmas) with guidance 7 on the packed
  *            frames, the target starting from dg_flow_noise(seed 7), the negative
  *            context being the positive one less its last text segment (4 rows).
@@ -107,6 +110,8 @@ static void forward_case(const char *name) {
 TEST(dit_video_path_matches_diffusers) { forward_case("video"); }
 
 TEST(dit_packed_frames_match_reference) { forward_case("packed"); }
+
+TEST(dit_native_resolution_frames_match_reference) { forward_case("native"); }
 
 /* Six UniPC steps with CFG on the packed frames, the noise from the flow RNG. */
 TEST(dit_sampling_matches_diffusers) {

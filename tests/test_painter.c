@@ -6,10 +6,14 @@
  *     and the VAE; same RGB and same PNG bytes. So the scheduler hands the painter the
  *     right positions, seed and parameters, and the painter composes the components as
  *     documented;
- *   - the painter alone, with an earlier image as a condition frame (resized to the
- *     target's area, VAE-encoded), gives the directly composed image, puts the sampler's
- *     latent into the latent cache, and a second time takes the condition latent from the
- *     cache and gives the same image.
+ *   - the painter alone, with an earlier image as a condition frame (at its own size in
+ *     multiples of 16 pixels, VAE-encoded), gives the directly composed image, puts nothing
+ *     of the drawn image into the latent cache, and a second time takes the condition
+ *     latent from the cache and gives the same image; the drawn image as a condition of the
+ *     next is the VAE encoding of its 8-bit pixels, like any other image (a sampler latent
+ *     would make a later job's answer depend on what the cache held);
+ *   - max_condition_pixels: a larger earlier image becomes a frame scaled down with its
+ *     aspect kept.
  * Equality is exact, with no tolerance: both sides run the same kernels on the same inputs
  * in the same order on one machine, so any difference is a change of what is computed. */
 #include <math.h>
@@ -301,8 +305,8 @@ fail:
     return NULL;
 }
 
-/* The earlier image's latent as the condition frame contract says: its aspect ratio at the
- * target's area in multiples of 16 pixels, resized, VAE-encoded. */
+/* An earlier image's latent as the condition frame contract says: resized to w x h (its
+ * own size in multiples of 16 pixels, or less under max_condition_pixels), VAE-encoded. */
 static float *direct_cond_latent(const dg_model *m, const dg_image *img, int w, int h) {
     char err[256];
     dg_image *sized = NULL;
@@ -338,7 +342,7 @@ TEST(painter_with_a_condition_frame_is_the_components_run_directly) {
     dg_latent_cache *lc = NULL;
     dg_cond_acc *acc = NULL;
     dg_tok_ids ids = {0};
-    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, &p, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 0, &p, err, sizeof err), 0);
     CHECK_EQ_INT(dg_latent_cache_new((size_t)1 << 20, &lc), 0);
     CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
     CHECK_EQ_INT(direct_conditions(m, "Now the same cake, sliced.", &ids, acc), 0);
@@ -362,8 +366,7 @@ TEST(painter_with_a_condition_frame_is_the_components_run_directly) {
     dg_painter_cost_get(p, &cost);
     CHECK_EQ_INT(cost.cached_latents, 0);
 
-    /* 33x71 at the area of 48x32: scale sqrt(1536/2343) = 0.8097, 26.7 x 57.5 pixels,
-     * rounded to multiples of 16: 32 x 64 */
+    /* 33x71 at its own size, rounded to multiples of 16: 32 x 64 */
     int f = dg_vae_spatial_factor(&m->vae);
     float *cond_lat = direct_cond_latent(m, earlier, 32, 64);
     direct_job j = {.n_pos = (int)ids.n, .n_neg = 5, .cond = {cond_lat}, .lat_h = {64 / f}, .lat_w = {32 / f}, .n_cond = 1,
@@ -372,15 +375,17 @@ TEST(painter_with_a_condition_frame_is_the_components_run_directly) {
     dg_image *direct = cond_lat ? direct_draw(m, acc, &j, &latent) : NULL;
     CHECK(direct != NULL);
     CHECK(same_image(a, direct));
-    /* the drawn image's latent, straight from the sampler, is in the cache under its hash */
     if (a) {
         dg_image_digest want;
         dg_image_hash(a, &want);
         CHECK(memcmp(&want, &h1, sizeof want) == 0);
     }
-    int64_t n_target = (int64_t)m->vae.cfg.z_dim * (32 / f) * (48 / f);
-    const float *cached = dg_latent_cache_get(lc, &h1, 32, 48, n_target);
-    CHECK(cached && latent && memcmp(cached, latent, (size_t)n_target * sizeof *cached) == 0);
+    /* nothing of the drawn image went to the latent cache: only the condition's latent */
+    int64_t n_drawn = (int64_t)m->vae.cfg.z_dim * (32 / f) * (48 / f);
+    int64_t lat_hits, lat_misses;
+    size_t lat_bytes;
+    dg_latent_cache_counters(lc, &lat_hits, &lat_misses, &lat_bytes);
+    CHECK_EQ_INT(lat_bytes, (int64_t)m->vae.cfg.z_dim * (64 / f) * (32 / f) * sizeof(float));
 
     /* again: the condition latent from the cache, the same image */
     dg_image *b = paint(p, &job, &h2);
@@ -388,8 +393,79 @@ TEST(painter_with_a_condition_frame_is_the_components_run_directly) {
     CHECK_EQ_INT(cost.cached_latents, 1);
     CHECK(same_image(a, b));
 
+    /* the drawn image as a condition of the next (48x32, already in multiples of 16): its
+     * latent is the VAE encoding of its pixels, which the cache then holds */
+    dg_image_digest h3;
+    dg_painter_cond conds2[2] = {{earlier, &earlier_hash}, {a, &h1}};
+    dg_painter_job job2 = job;
+    job2.conds = conds2;
+    job2.n_conds = 2;
+    job2.index = 2;
+    dg_image *c = a ? paint(p, &job2, &h3) : NULL;
+    dg_painter_cost_get(p, &cost);
+    CHECK_EQ_INT(cost.cached_latents, 1);   /* the earlier image's; the drawn one encoded */
+    float *drawn_lat = a ? direct_cond_latent(m, a, 48, 32) : NULL, *latent2 = NULL;
+    direct_job j2 = {.n_pos = (int)ids.n, .n_neg = 5, .cond = {cond_lat, drawn_lat}, .lat_h = {64 / f, 32 / f},
+                     .lat_w = {32 / f, 48 / f}, .n_cond = 2, .W = 48, .H = 32, .steps = 2, .guidance = 2.5f,
+                     .shift = 0, .seed = 7, .index = 2};
+    dg_image *direct2 = drawn_lat ? direct_draw(m, acc, &j2, &latent2) : NULL;
+    CHECK(direct2 != NULL);
+    CHECK(same_image(c, direct2));
+    const float *cached = dg_latent_cache_get(lc, &h1, 32, 48, n_drawn);
+    CHECK(cached && drawn_lat && memcmp(cached, drawn_lat, (size_t)n_drawn * sizeof *cached) == 0);
+    dg_image_free(c);
+    dg_image_free(direct2);
+    free(drawn_lat);
+    free(latent2);
+
     dg_image_free(a);
     dg_image_free(b);
+    dg_image_free(direct);
+    dg_image_free(earlier);
+    free(cond_lat);
+    free(latent);
+    dg_tok_ids_free(&ids);
+    dg_cond_acc_free(&m->conn, acc);
+    dg_latent_cache_free(lc);
+    dg_painter_free(p);
+    dg_model_close(m);
+}
+
+/* max_condition_pixels 1024: the 33x71 image (2343 pixels) is scaled by sqrt(1024/2343) to
+ * 21.8 x 46.9 pixels, 1.4 x 2.9 patches of 16, rounded to 1 x 3: a 16x48 frame (768 pixels,
+ * the aspect kept as far as whole patches allow); a negative bound is refused. */
+TEST(painter_scales_large_condition_frames_down) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *m;
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
+    dg_painter *p = NULL;
+    dg_latent_cache *lc = NULL;
+    dg_cond_acc *acc = NULL;
+    dg_tok_ids ids = {0};
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, -1, &p, err, sizeof err), DG_EINVAL);
+    CHECK(strstr(err, "max_condition_pixels") != NULL);
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 1024, &p, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_latent_cache_new((size_t)1 << 20, &lc), 0);
+    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
+    CHECK_EQ_INT(direct_conditions(m, "A smaller plate.", &ids, acc), 0);
+    dg_image *earlier = gradient(33, 71, 3);
+    dg_image_digest earlier_hash, h;
+    dg_image_hash(earlier, &earlier_hash);
+    dg_painter_cond cond = {earlier, &earlier_hash};
+    dg_image_params params = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 2.0f, .shift = 3.0f};
+    dg_painter_job job = {.acc = acc, .n_pos = (int)ids.n, .n_neg = 3, .conds = &cond, .n_conds = 1,
+                          .lcache = lc, .seed = 9, .index = 0, .params = params};
+    dg_image *a = paint(p, &job, &h);
+    CHECK(a != NULL);
+    int f = dg_vae_spatial_factor(&m->vae);
+    CHECK(dg_latent_cache_get(lc, &earlier_hash, 48, 16, (int64_t)m->vae.cfg.z_dim * (48 / f) * (16 / f)) != NULL);
+    float *cond_lat = direct_cond_latent(m, earlier, 16, 48), *latent = NULL;
+    direct_job j = {.n_pos = (int)ids.n, .n_neg = 3, .cond = {cond_lat}, .lat_h = {48 / f}, .lat_w = {16 / f}, .n_cond = 1,
+                    .W = 32, .H = 32, .steps = 2, .guidance = 2.0f, .shift = 3.0f, .seed = 9, .index = 0};
+    dg_image *direct = cond_lat ? direct_draw(m, acc, &j, &latent) : NULL;
+    CHECK(same_image(a, direct));
+    dg_image_free(a);
     dg_image_free(direct);
     dg_image_free(earlier);
     free(cond_lat);

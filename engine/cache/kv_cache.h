@@ -6,6 +6,10 @@
  * before and in it (image tokens may add a per-token key, e.g. the image's content hash),
  * so two sequences with the same prefix produce the same keys block by block.
  *
+ * A block is keyed when it fills up (dg_kv_seq_commit), whatever forward filled it: a
+ * prefill chunk, an image's tokens, or decode one token at a time; a sequence's partial
+ * last block is never keyed and is freed at release.
+ *
  * Blocks are reference counted. A released block whose key is known is not freed but put
  * on an LRU list: a later sequence with the same prefix takes it back
  * (dg_kv_seq_match_prefix). Allocation takes a free block, else evicts the least recently

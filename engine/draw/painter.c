@@ -20,6 +20,7 @@ struct dg_painter {
     const dg_connector *conn;   /* borrowed */
     dg_backend         *be;     /* borrowed: the scheduler's fork */
     int                 max_context;
+    int64_t             max_condition_pixels;
 
     /* buffers, grown at begin and kept for the next image */
     dg_dit_state *dit_state;    int dit_tokens;
@@ -32,7 +33,6 @@ struct dg_painter {
     int32_t *positions;                       /* [max_context] 0, 1, 2, ... */
 
     /* the image in progress */
-    dg_latent_cache *lcache;    /* borrowed from begin until finish */
     dg_flow         *flow;      /* owned; NULL when no image is in progress */
     dg_dit_layout    layout;
     int              n_frames, target;                 /* frames; the target's frame index */
@@ -46,7 +46,13 @@ struct dg_painter {
 };
 
 int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, dg_backend *be,
-                   int max_context, dg_painter **out, char *err, size_t errlen) {
+                   int max_context, int64_t max_condition_pixels, dg_painter **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (max_condition_pixels < 0) {
+        snprintf(err, errlen, "max_condition_pixels %lld: must be 0 (the default) or positive",
+                 (long long)max_condition_pixels);
+        return DG_EINVAL;
+    }
     *out = calloc(1, sizeof **out);
     if (!*out) {
         snprintf(err, errlen, "out of memory for a painter");
@@ -57,6 +63,7 @@ int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *con
     (*out)->conn = conn;
     (*out)->be = be;
     (*out)->max_context = max_context;
+    (*out)->max_condition_pixels = max_condition_pixels ? max_condition_pixels : DG_PAINTER_MAX_CONDITION_PIXELS;
     return 0;
 }
 
@@ -141,14 +148,25 @@ static int semantic_conditions(dg_painter *p, const dg_painter_job *job, char *e
     return 0;
 }
 
-/* A condition frame's size: the image's aspect ratio at about the target's area, in
- * multiples of `f` pixels. */
-static void cond_size(int w0, int h0, int W, int H, int f, int *w, int *h) {
-    double scale = sqrt((double)W * H / ((double)w0 * h0));
-    *w = (int)lround(w0 * scale / f) * f;
-    *h = (int)lround(h0 * scale / f) * f;
-    if (*w < f) *w = f;
-    if (*h < f) *h = f;
+/* A condition frame's size in pixels, multiples of f (the VAE factor times the DiT patch,
+ * at least f each): the image's own size, rounded to the nearest multiples; when the image
+ * has more than max_condition_pixels pixels or more patches than the DiT's RoPE range,
+ * scaled down first, aspect kept (rounded down where the nearest multiples would break
+ * the pixel bound). */
+static void cond_size(const dg_painter *p, int w0, int h0, int f, int *w, int *h) {
+    const double max_px = (double)p->max_condition_pixels;
+    const double max_w = (double)p->dit->cfg.max_w * f, max_h = (double)p->dit->cfg.max_h * f;
+    double s = 1.0;
+    if ((double)w0 * h0 > max_px) s = sqrt(max_px / ((double)w0 * h0));
+    if (w0 * s > max_w) s = max_w / w0;
+    if (h0 * s > max_h) s = max_h / h0;
+    long nw = lround(w0 * s / f), nh = lround(h0 * s / f);
+    if ((double)nw * nh * f * f > max_px) {
+        nw = (long)floor(w0 * s / f);
+        nh = (long)floor(h0 * s / f);
+    }
+    *w = (int)(nw < 1 ? 1 : nw) * f;
+    *h = (int)(nh < 1 ? 1 : nh) * f;
 }
 
 /* Frame sizes (the earlier images, then the target), their places in the latent buffer,
@@ -166,7 +184,7 @@ static int place_frames(dg_painter *p, const dg_painter_job *job, char *err, siz
     for (int i = 0; i < n_frames; i++) {
         int w = p->W, h = p->H;
         if (i < job->n_conds)
-            cond_size(job->conds[i].img->width, job->conds[i].img->height, p->W, p->H, f * p->dit->cfg.patch_h, &w, &h);
+            cond_size(p, job->conds[i].img->width, job->conds[i].img->height, f * p->dit->cfg.patch_h, &w, &h);
         lat_h[i] = h / f;
         lat_w[i] = w / f;
         cond[i] = i < job->n_conds;
@@ -194,8 +212,9 @@ static void rgb_to_pixels(const dg_image *img, float *px) {
         for (int c = 0; c < 3; c++) px[c * plane + i] = img->rgb[i * 3 + c] / 127.5f - 1.0f;
 }
 
-/* The latent of earlier image i at its frame's size into its frame: from the cache, or
- * encoded (and then cached). */
+/* The latent of earlier image i at its frame's size into its frame: the VAE encoding of
+ * its 8-bit pixels (resized to the frame when they differ), from the cache, or encoded and
+ * then cached. */
 static int cond_latent(dg_painter *p, const dg_painter_job *job, int i, char *err, size_t errlen) {
     int f = dg_vae_spatial_factor(p->vae), z = p->vae->cfg.z_dim;
     int h = p->layout.frames[i].h * f, w = p->layout.frames[i].w * f;
@@ -255,7 +274,6 @@ int dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_t
     dg_flow_free(p->flow);
     p->flow = NULL;
     p->cost = (dg_painter_cost){0};
-    p->lcache = job->lcache;
     p->W = job->params.width;
     p->H = job->params.height;
     p->lat_w = p->W / f;
@@ -322,18 +340,12 @@ int dg_painter_finish(dg_painter *p, dg_image **out, dg_image_digest *hash, char
     }
     pixels_to_rgb(p->pixels, img);
     dg_image_hash(img, hash);
-    int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
-    if ((rc = dg_latent_cache_put(p->lcache, hash, H, W, target, n_target)) < 0) {
-        snprintf(err, errlen, "out of memory for the drawn image's latent in the latent cache");
-        goto out;
-    }
     *out = img;
     img = NULL;
 out:
     dg_image_free(img);
     dg_flow_free(p->flow);
     p->flow = NULL;
-    p->lcache = NULL;
     p->cost.vae_ms += dg_clock_now_ms() - t0;
     return rc;
 }

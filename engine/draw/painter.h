@@ -7,26 +7,30 @@
  *   semantic condition  the connector over the caller's accumulated condition rows:
  *                       positions [0, n_pos) for the conditional branch, [0, n_neg) for the
  *                       unconditional (CFG) one
- *   visual condition    every earlier image as a clean VAE latent frame at its own aspect
- *                       ratio, scaled to the target's area (multiples of the VAE factor times
- *                       the DiT patch) so that the DiT's work stays bounded; latents come
- *                       from the latent cache when the image (by content hash) was seen at
- *                       that size, and are put there when encoded
+ *   visual condition    every earlier image, given or drawn, as a clean VAE latent frame at
+ *                       its own resolution (docs/specs/duogen_paper.md "Visual conditions":
+ *                       spatial RoPE from each image's native size): its width and height
+ *                       rounded to multiples of the VAE factor times the DiT patch (16 px),
+ *                       scaled down first, aspect kept, when it has more than
+ *                       max_condition_pixels pixels or more patches than the DiT's RoPE
+ *                       range; the latent is the VAE encoding of the image's 8-bit pixels at
+ *                       that size, from the latent cache when the image (by content hash)
+ *                       was encoded at that size before, else encoded and put there. A drawn
+ *                       image is no exception (its sampler latent is not what its PNG decodes
+ *                       to), so a condition is the same whatever a cache holds
  *   sampling            the flow-matching sampler (UniPC over the post-trained Karras
  *                       schedule; shift > 0 selects the shifted schedule), one call per
  *                       denoising step, classifier-free guidance with the visual conditions
  *                       in both branches; the target's noise is stream
  *                       seed·0x9E3779B97F4A7C15 + index + 1, so a job draws the same images
  *                       on every machine
- *   finish              VAE decode into 8-bit RGB; the sampler's latent goes to the latent
- *                       cache under the image's content hash, so that the image as a later
- *                       condition is never encoded again
+ *   finish              VAE decode into 8-bit RGB and its content hash
  *
  * Usage (one painter per scheduler slot, kept from image to image: its buffers grow to the
  * largest image seen, at begin, never during the steps):
  *
  *     dg_painter *p;
- *     dg_painter_new(&m->dit, &m->vae, &m->conn, be, max_context, &p, err, sizeof err);
+ *     dg_painter_new(&m->dit, &m->vae, &m->conn, be, max_context, 0, &p, err, sizeof err);
  *     dg_painter_check(p, &params, err, sizeof err);                   // at admission
  *     dg_painter_begin(p, &(dg_painter_job){...}, err, sizeof err);    // on <BOV>
  *     do step = dg_painter_step(p, err, sizeof err);                   // one per scheduler step
@@ -58,15 +62,14 @@ typedef struct {
     const dg_image_digest *hash;   /* borrowed: its content hash, the latent cache key */
 } dg_painter_cond;
 
-/* One image to draw. Borrowed for dg_painter_begin, except the latent cache, which is
- * borrowed until dg_painter_finish. */
+/* One image to draw. Borrowed for dg_painter_begin. */
 typedef struct {
     dg_cond_acc           *acc;      /* condition rows of at least positions [0, n_pos) */
     int                    n_pos;    /* conditional branch: positions [0, n_pos) */
     int                    n_neg;    /* unconditional branch: positions [0, n_neg) */
     const dg_painter_cond *conds;    /* [n_conds] the earlier images, oldest first */
     int                    n_conds;
-    dg_latent_cache       *lcache;   /* condition latents in, the drawn latent out */
+    dg_latent_cache       *lcache;   /* condition latents: looked up, and put when encoded */
     uint64_t               seed;     /* the job's seed */
     int                    index;    /* the image's index in the job (0-based): its noise */
     dg_image_params        params;   /* width, height, steps, guidance_scale, shift
@@ -81,12 +84,18 @@ typedef struct {
     int64_t cached_latents;   /* condition images whose latent came from the latent cache */
 } dg_painter_cost;
 
+/* Pixels of a condition frame when the worker sets no bound (max_condition_pixels 0):
+ * 1024², the full package's image size, 4096 DiT tokens per earlier image. */
+#define DG_PAINTER_MAX_CONDITION_PIXELS (1024 * 1024)
+
 /* A painter over the model's drawing components (borrowed; they outlive it), running on
  * `be` (borrowed: the scheduler's fork of the model's backend, engine/backend.h "Threads");
- * max_context bounds the condition positions. DG_ENOMEM. Buffers are allocated by the
- * first begin. */
+ * max_context bounds the condition positions; max_condition_pixels bounds a condition
+ * frame's pixels (0: DG_PAINTER_MAX_CONDITION_PIXELS; a frame keeps at least one patch).
+ * DG_EINVAL for a negative bound; DG_ENOMEM. Buffers are allocated by the first begin. */
 int  dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, dg_backend *be,
-                    int max_context, dg_painter **out, char *err, size_t errlen);
+                    int max_context, int64_t max_condition_pixels, dg_painter **out, char *err,
+                    size_t errlen);
 void dg_painter_free(dg_painter *p);   /* accepts NULL; drops an image in progress */
 
 /* DG_EINVAL unless width and height are positive multiples of the VAE factor times the DiT
@@ -104,8 +113,9 @@ int  dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_
 int  dg_painter_step(dg_painter *p, char *err, size_t errlen);
 
 /* After the last step: the VAE decodes the latent into *out (a new image, the caller's)
- * and *hash gets its content hash, under which the latent goes to the latent cache. The
- * painter then holds no image in progress. On error *out is NULL. */
+ * and *hash gets its content hash. The painter then holds no image in progress. On error
+ * *out is NULL. Nothing goes to the latent cache: as a later condition the image is
+ * VAE-encoded from these pixels like any other (see "visual condition" above). */
 int  dg_painter_finish(dg_painter *p, dg_image **out, dg_image_digest *hash, char *err, size_t errlen);
 
 /* The cost of the image begun last (zero before any). */

@@ -46,7 +46,8 @@ static long long rendered_length(const dg_chat_message *m, size_t n, bool gen, c
             } else if (p->kind == DG_CHAT_IMAGE && p->image_tokens >= 1 &&
                        p->image_tokens <= DG_CHAT_IMAGE_TOKENS_MAX) {
                 total += (long long)(strlen(VISION_START) + strlen(VISION_END)) +
-                         (long long)p->image_tokens * (long long)strlen(IMAGE_PAD);
+                         (long long)p->image_tokens * (long long)strlen(IMAGE_PAD) +
+                         (long long)(p->bov ? strlen(p->bov) : 0);
             } else {
                 snprintf(err, errlen, "chat message %zu part %zu: %s", i, k,
                          p->kind == DG_CHAT_TEXT  ? "text is NULL"
@@ -86,6 +87,7 @@ int dg_chat_render(const dg_chat_message *m, size_t n, bool gen, char **text, si
                 if (p->text_len) at = put(at, p->text, p->text_len);
                 continue;
             }
+            if (p->bov) at = put(at, p->bov, strlen(p->bov));
             at = put(at, LIT(VISION_START));
             for (int32_t t = 0; t < p->image_tokens; t++) at = put(at, LIT(IMAGE_PAD));
             at = put(at, LIT(VISION_END));

@@ -10,7 +10,11 @@
  *     <|im_start|>assistant\n                                          (add_generation_prompt)
  *
  * where a text part is its text, as it is, and an image part is
- * <|vision_start|> + n x <|image_pad|> + <|vision_end|>; parts have no separator.
+ * <|vision_start|> + n x <|image_pad|> + <|vision_end|>; parts have no separator. DuoGen's
+ * one addition: an image part may carry the begin-of-vision token's text ("<BOV>"), put
+ * before its <|vision_start|> the way the drawing model emits it before an image of its
+ * own, so that a conversation's earlier answer renders as the tokens the model produced
+ * (and a follow-up job meets the earlier job's KV blocks).
  *
  *     dg_chat_part parts[] = {{.kind = DG_CHAT_IMAGE, .image_tokens = 256},
  *                             {.kind = DG_CHAT_TEXT, .text = "Describe this image.", .text_len = 20}};
@@ -41,6 +45,9 @@ typedef struct {
     const char       *text;           /* DG_CHAT_TEXT: UTF-8, text_len bytes (borrowed) */
     size_t            text_len;
     int32_t           image_tokens;   /* DG_CHAT_IMAGE: merged vision tokens, 1..DG_CHAT_IMAGE_TOKENS_MAX */
+    const char       *bov;            /* DG_CHAT_IMAGE: text put before <|vision_start|> (the
+                                         model's "<BOV>" on an image of an assistant message),
+                                         or NULL (borrowed) */
 } dg_chat_part;
 
 typedef struct {

@@ -78,4 +78,70 @@ def test_interleaved_job_with_two_input_images(cluster):
     body = ",".join(types[1:-1])
     assert body.count("image_started,step,step,step,image") == 2, body
     assert r.timings.diffusion_ms > 0 and r.timings.vae_ms > 0 and r.timings.vision_ms > 0
-    assert r.usage.cached_latents == 3   # the second image finds both inputs and the first drawn one
+    # the second image finds both inputs in the latent cache; the first drawn one is encoded
+    # from its pixels, as a later job that sends its PNG back would have it
+    assert r.usage.cached_latents == 2
+
+
+def pixels(data):
+    """A PNG's header and pixel data (IHDR, inflated IDAT), without its text chunks (which
+    carry the job id)."""
+    out, at = [], 8
+    idat = b""
+    while at < len(data):
+        n, = struct.unpack(">I", data[at:at + 4])
+        kind, body = data[at + 4:at + 8], data[at + 8:at + 8 + n]
+        if kind == b"IHDR":
+            out.append(body)
+        elif kind == b"IDAT":
+            idat += body
+        at += 12 + n
+    return out[0] + zlib.decompress(idat)
+
+
+def follow_up(job_id, question, images, answer):
+    """The conversation so far (question; the earlier answer: its drawn PNGs, then its text)
+    and a new question; the answer draws one image."""
+    job = pb.Job(id=job_id, seed=4)
+    job.messages.add(role=pb.Message.USER).parts.add(text=question)
+    a = job.messages.add(role=pb.Message.ASSISTANT)
+    for im in images:
+        a.parts.add(image=pb.Image(data=im))
+    a.parts.add(text=answer)
+    job.messages.add(role=pb.Message.USER).parts.add(text="Now slice it.")
+    job.text.max_new_tokens = 6
+    job.text.logit_bias[BOV] = 100.0
+    job.image.width, job.image.height, job.image.steps, job.image.max_images = 32, 48, 3, 1
+    return job.SerializeToString()
+
+
+def test_follow_up_with_drawn_pngs_is_the_same_on_a_fresh_worker(cluster):
+    """Issue 14: a job that sends the worker's own PNGs back gets the same answer on the
+    worker that drew them (its caches hold that job's blocks and latents) and on a fresh
+    worker."""
+    a = real_worker(cluster, "warm")
+    question = "Draw a pancake, twice."
+    job = pb.Job(id="draw-1", seed=4)
+    job.messages.add(role=pb.Message.USER).parts.add(text=question)
+    job.text.max_new_tokens = 8
+    job.text.logit_bias[BOV] = 100.0      # both images first
+    job.image.width, job.image.height, job.image.steps, job.image.max_images = 32, 48, 3, 2
+    cluster.enqueue("draw-1", raw=job.SerializeToString())
+    assert cluster.wait_result("draw-1", timeout=120)["status"] == b"done"
+    pngs = [cluster.r.get(f"duogen:image:draw-1:{i}") for i in (1, 2)]
+    answer = b"".join(e["text"] for e in cluster.events("draw-1") if e["type"] == b"text").decode()
+
+    def run(job_id):
+        cluster.enqueue(job_id, raw=follow_up(job_id, question, pngs, answer))
+        res = cluster.wait_result(job_id, timeout=120)
+        assert res["status"] == b"done", res
+        text = b"".join(e["text"] for e in cluster.events(job_id) if e["type"] == b"text")
+        return pb.Result.FromString(res["pb"]), text, pixels(cluster.r.get(f"duogen:image:{job_id}:1"))
+
+    warm, warm_text, warm_px = run("follow-warm")
+    assert a.term() == 0
+    real_worker(cluster, "fresh")
+    fresh, fresh_text, fresh_px = run("follow-fresh")
+    assert warm.usage.cached_prompt_tokens > 0 and warm.usage.cached_vision == 2
+    assert fresh.usage.cached_prompt_tokens == 0 and fresh.usage.cached_vision == 0
+    assert warm_text == fresh_text and warm_px == fresh_px

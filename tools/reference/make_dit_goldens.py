@@ -210,6 +210,21 @@ def dit_goldens(pkg, out, g):
         res["cases"].append({"name": "packed", "h": hs, "w": ws, "cond": [1, 1, 0], "timesteps": tsteps,
                              "latent": [1.0, 0.13, 0.9], "velocity": save(out, "dit_packed.f32", v)})
 
+        # (b') as the painter packs earlier images at their own sizes: a condition larger
+        # than the target and of another aspect (12x8), a small wide one (4x10), a third
+        # (10x6), then the 6x8 target; each frame's spatial RoPE from its own grid
+        hs_n, ws_n = [12, 4, 10, 6], [8, 10, 6, 8]
+        n_lat = sum(16 * h * w for h, w in zip(hs_n, ws_n))
+        flat_n = torch.from_numpy(wave(n_lat, 0.8, 0.17, 0.3))
+        frames_n, o = [], 0
+        for h, w in zip(hs_n, ws_n):
+            frames_n.append(flat_n[o:o + 16 * h * w].view(16, h, w))
+            o += 16 * h * w
+        tsteps = [COND_T, COND_T, COND_T, 0.8]
+        v = torch.cat([x.flatten() for x in packed_forward(model, frames_n, [1, 1, 1, 0], tsteps, ctx)])
+        res["cases"].append({"name": "native", "h": hs_n, "w": ws_n, "cond": [1, 1, 1, 0], "timesteps": tsteps,
+                             "latent": [0.8, 0.17, 0.3], "velocity": save(out, "dit_native.f32", v)})
+
         # (c) a complete 6-step UniPC run with guidance 7 on the packed frames of (b): the
         # target starts from the C noise stream (seed 7), the negative context drops the
         # last text segment (its last 4 rows)
