@@ -387,7 +387,7 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
         }
         n++;
     }
-    if (!whole) *more = 1;
+    if (pend->type == REDIS_REPLY_ARRAY && !whole) *more = 1;
     freeReplyObject(pend);
     int rc = n_claim ? claim_own(t, stream, claim, 0, taken, out) : 0;
     dg_cmd_free(claim);
