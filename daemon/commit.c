@@ -111,6 +111,7 @@ static size_t pack_result(const dg_committer *c, dg_run *r, uint8_t **out) {
     usage.images = (uint64_t)r->usage.images;
     usage.cached_latents = (uint64_t)r->usage.cached_latents;
     usage.cached_vision = (uint64_t)r->usage.cached_vision;
+    usage.dit_forwards = (uint64_t)r->usage.dit_forwards;
     res.usage = &usage;
     tim.queue_ms = r->enqueued_ms > 0 ? (double)(r->taken_ms - r->enqueued_ms) : 0;
     tim.prefill_ms = r->timings.prefill_ms;

@@ -111,6 +111,10 @@ static void describe_malformed(const uint8_t *p, size_t n, char *err, size_t err
              "is malformed or a field has the wrong type)", n);
 }
 
+/* A parameter with presence (a one-field oneof `_<name>` in duogen.proto): present when its
+ * case is not NOT_SET (0). */
+#define HAS(msg, field) ((msg)->_##field##_case != 0)
+
 #define FAIL(code, ...) do { snprintf(err, errlen, __VA_ARGS__); return (code); } while (0)
 
 static int finite_in(float v, float lo, float hi) { return isfinite(v) && v >= lo && v <= hi; }
@@ -163,11 +167,15 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
     if (t) {
         if (t->max_new_tokens > (uint32_t)cfg->max_new_tokens)
             FAIL(DG_JOB_BAD_REQUEST, "text.max_new_tokens: %u, over the limit of %d", t->max_new_tokens, cfg->max_new_tokens);
-        if (!finite_in(t->temperature, 0, 100)) FAIL(DG_JOB_BAD_REQUEST, "text.temperature: %g is not in 0..100", t->temperature);
-        if (!finite_in(t->top_p, 0, 1)) FAIL(DG_JOB_BAD_REQUEST, "text.top_p: %g is not in 0..1", t->top_p);
-        if (t->top_k > 1000000) FAIL(DG_JOB_BAD_REQUEST, "text.top_k: %u is too large", t->top_k);
-        if (!finite_in(t->repetition_penalty, 0, 100))
-            FAIL(DG_JOB_BAD_REQUEST, "text.repetition_penalty: %g is not in 0..100", t->repetition_penalty);
+        /* optional fields: checked when present (absent takes the package's default) */
+        if (HAS(t, temperature) && !finite_in(t->temperature, 0, 100))
+            FAIL(DG_JOB_BAD_REQUEST, "text.temperature: %g is not in 0..100 (0: greedy)", t->temperature);
+        if (HAS(t, top_p) && !(finite_in(t->top_p, 0, 1) && t->top_p > 0))
+            FAIL(DG_JOB_BAD_REQUEST, "text.top_p: %g is not in (0, 1] (1: off)", t->top_p);
+        if (HAS(t, top_k) && t->top_k > 1000000)
+            FAIL(DG_JOB_BAD_REQUEST, "text.top_k: %u is over 1000000 (0: off)", t->top_k);
+        if (HAS(t, repetition_penalty) && !(finite_in(t->repetition_penalty, 0, 100) && t->repetition_penalty > 0))
+            FAIL(DG_JOB_BAD_REQUEST, "text.repetition_penalty: %g is not in (0, 100] (1: off)", t->repetition_penalty);
         if (t->n_stop > (size_t)cfg->max_stop_strings)
             FAIL(DG_JOB_BAD_REQUEST, "text.stop: %zu strings, over the limit of %d", t->n_stop, cfg->max_stop_strings);
         for (size_t i = 0; i < t->n_stop; i++)
@@ -190,11 +198,18 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
                  ip->width, ip->height, cfg->max_image_side);
         if (ip->steps > (uint32_t)cfg->max_steps)
             FAIL(DG_JOB_BAD_REQUEST, "image.steps: %u, over the limit of %d", ip->steps, cfg->max_steps);
-        if (!finite_in(ip->guidance_scale, 0, 100))
-            FAIL(DG_JOB_BAD_REQUEST, "image.guidance_scale: %g is not in 0..100", ip->guidance_scale);
-        if (ip->max_images > (uint32_t)cfg->max_output_images)
+        if (HAS(ip, guidance_scale) && !finite_in(ip->guidance_scale, 0, 100))
+            FAIL(DG_JOB_BAD_REQUEST, "image.guidance_scale: %g is not in 0..100 (0: no guidance)", ip->guidance_scale);
+        if (HAS(ip, max_images) && ip->max_images > (uint32_t)cfg->max_output_images)
             FAIL(DG_JOB_BAD_REQUEST, "image.max_images: %u, over the limit of %d", ip->max_images, cfg->max_output_images);
-        if (!finite_in(ip->shift, 0, 100)) FAIL(DG_JOB_BAD_REQUEST, "image.shift: %g is not in 0..100", ip->shift);
+        if (ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SCHEDULE_DEFAULT &&
+            ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS &&
+            ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SHIFTED)
+            FAIL(DG_JOB_BAD_REQUEST, "image.schedule: %d is not SCHEDULE_DEFAULT, KARRAS or SHIFTED", (int)ip->schedule);
+        if (HAS(ip, shift) && !(finite_in(ip->shift, 0, 100) && ip->shift > 0))
+            FAIL(DG_JOB_BAD_REQUEST, "image.shift: %g is not in (0, 100]", ip->shift);
+        if (HAS(ip, shift) && ip->schedule == DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS)
+            FAIL(DG_JOB_BAD_REQUEST, "image.shift: the KARRAS schedule has no shift");
     }
     if (pb->max_attempts > 100) FAIL(DG_JOB_BAD_REQUEST, "max_attempts: %u, over 100", pb->max_attempts);
     if (pb->result_ttl_s > 365u * 86400u) FAIL(DG_JOB_BAD_REQUEST, "result_ttl_s: %u, over one year", pb->result_ttl_s);
@@ -296,6 +311,66 @@ static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redi
     return DG_JOB_OK;
 }
 
+/* The protocol's presence becomes the engine's set bits: an optional field when present, a
+ * plain one (0 = the package's default) when not 0. Values are in range (validate()). */
+static void text_params(const Duogen__V1__TextParams *t, dg_text_params *out) {
+    if (t->max_new_tokens) {
+        out->set |= DG_TEXT_MAX_NEW_TOKENS;
+        out->max_new_tokens = (int32_t)t->max_new_tokens;
+    }
+    if (HAS(t, temperature)) {
+        out->set |= DG_TEXT_TEMPERATURE;
+        out->temperature = t->temperature;
+    }
+    if (HAS(t, top_p)) {
+        out->set |= DG_TEXT_TOP_P;
+        out->top_p = t->top_p;
+    }
+    if (HAS(t, top_k)) {
+        out->set |= DG_TEXT_TOP_K;
+        out->top_k = (int32_t)t->top_k;
+    }
+    if (HAS(t, repetition_penalty)) {
+        out->set |= DG_TEXT_REPETITION_PENALTY;
+        out->repetition_penalty = t->repetition_penalty;
+    }
+}
+
+static void image_params(const Duogen__V1__ImageParams *ip, dg_image_params *out) {
+    if (ip->width) {
+        out->set |= DG_IMAGE_WIDTH;
+        out->width = (int32_t)ip->width;
+    }
+    if (ip->height) {
+        out->set |= DG_IMAGE_HEIGHT;
+        out->height = (int32_t)ip->height;
+    }
+    if (ip->steps) {
+        out->set |= DG_IMAGE_STEPS;
+        out->steps = (int32_t)ip->steps;
+    }
+    if (HAS(ip, guidance_scale)) {
+        out->set |= DG_IMAGE_GUIDANCE_SCALE;
+        out->guidance_scale = ip->guidance_scale;
+    }
+    if (HAS(ip, max_images)) {
+        out->set |= DG_IMAGE_MAX_IMAGES;
+        out->max_images = (int32_t)ip->max_images;
+    }
+    if (HAS(ip, shift)) {
+        out->set |= DG_IMAGE_SHIFT;
+        out->shift = ip->shift;
+    }
+    if (ip->schedule == DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS) {
+        out->set |= DG_IMAGE_SCHEDULE;
+        out->schedule = DG_SCHEDULE_KARRAS;
+    }
+    if (ip->schedule == DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SHIFTED) {
+        out->set |= DG_IMAGE_SCHEDULE;
+        out->schedule = DG_SCHEDULE_SHIFTED;
+    }
+}
+
 dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_daemon_config *cfg, char *err, size_t errlen) {
     const Duogen__V1__Job *pb = j->pb;
     size_t n_parts = 0;
@@ -338,11 +413,7 @@ dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_daemon_config *cfg
     q->deadline_unix_ms = pb->deadline_unix_ms;
     if (pb->text) {
         const Duogen__V1__TextParams *t = pb->text;
-        q->text.max_new_tokens = (int32_t)t->max_new_tokens;
-        q->text.temperature = t->temperature;
-        q->text.top_p = t->top_p;
-        q->text.top_k = (int32_t)t->top_k;
-        q->text.repetition_penalty = t->repetition_penalty;
+        text_params(t, &q->text);
         if (t->n_stop) {
             j->stop = calloc(t->n_stop, sizeof *j->stop);
             if (!j->stop) abort();
@@ -359,14 +430,7 @@ dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_daemon_config *cfg
             q->text.n_logit_bias = t->n_logit_bias;
         }
     }
-    if (pb->image) {
-        q->image.width = (int32_t)pb->image->width;
-        q->image.height = (int32_t)pb->image->height;
-        q->image.steps = (int32_t)pb->image->steps;
-        q->image.guidance_scale = pb->image->guidance_scale;
-        q->image.max_images = (int32_t)pb->image->max_images;
-        q->image.shift = pb->image->shift;
-    }
+    if (pb->image) image_params(pb->image, &q->image);
     if (pb->n_metadata) {
         j->meta = calloc(pb->n_metadata, sizeof *j->meta);
         if (!j->meta) abort();

@@ -25,21 +25,25 @@ dg_take_plan dg_take_decide(const dg_take_facts *f) {
         own = 1;   /* made again, a group may hold entries of an earlier life of this consumer */
     }
     if (f->room <= 0 || f->draining) return p;
-    if (own) {
-        p.steps[p.n_steps++] = one(DG_TAKE_OWN, f->high, f->room);
-        p.steps[p.n_steps++] = one(DG_TAKE_OWN, f->normal, f->room);
-    } else if (f->reaper_due) {
-        p.steps[p.n_steps++] = one(DG_TAKE_REAP, f->high, f->room);
-        p.steps[p.n_steps++] = one(DG_TAKE_REAP, f->normal, f->room);
-    } else {
-        /* both streams in one read, COUNT on each: high is first in the reply, not first
-         * served when several slots are free */
-        p.steps[p.n_steps++] = (dg_take_step){.source = DG_TAKE_READ, .streams = {f->high, f->normal},
-                                              .n_streams = 2, .count = f->room,
-                                              .block_ms = f->held ? 0 : f->block_ms};
+    /* priority: every source of the high stream before any of the normal one */
+    const char *streams[2] = {f->high, f->normal};
+    for (int i = 0; i < 2; i++) {
+        if (own) p.steps[p.n_steps++] = one(DG_TAKE_OWN, streams[i], f->room);
+        if (f->reaper_due) p.steps[p.n_steps++] = one(DG_TAKE_REAP, streams[i], f->room);
+        p.steps[p.n_steps++] = one(DG_TAKE_READ, streams[i], f->room);
     }
+    if (!f->held && f->block_ms > 0)
+        p.steps[p.n_steps++] = (dg_take_step){.source = DG_TAKE_READ, .streams = {f->high, f->normal},
+                                              .n_streams = 2, .count = 1, .block_ms = f->block_ms};
     return p;
 }
+
+int dg_take_step_count(const dg_take_step *s, int taken) {
+    if (s->source == DG_TAKE_READ && s->n_streams == 2) return taken ? 0 : s->count;   /* the idle wait */
+    return s->count > taken ? s->count - taken : 0;
+}
+
+int dg_take_park_normal(const dg_take_step *s, int high_got) { return high_got >= s->count; }
 
 /* ---- state ------------------------------------------------------------------------------------- */
 
@@ -345,38 +349,57 @@ static int ensure_groups(dg_taker *t, const dg_take_step *s, dg_take_report *out
     return 0;
 }
 
-/* Our own pending entries of a stream (left by an earlier life of this consumer, or read
- * before a connection broke), up to count, claimed again so that their delivery count
- * grows. Sets *more when more of them may wait. */
+/* Sends an XCLAIM of our own entries and takes what it returns; first: their delivery is
+ * the first (a parked entry's). */
+static int claim_own(dg_taker *t, const char *stream, dg_cmd *claim, int first, int *taken, dg_take_report *out) {
+    redisReply *got = dg_redis_cmd(t->redis, claim);
+    if (!got) return -1;
+    if (got->elements) log_info("re-taking %zu of our own pending entries of \"%s\"", got->elements, stream);
+    int rc = take_entries(t, stream, got, first, out);
+    *taken += (int)got->elements;
+    freeReplyObject(got);
+    return rc ? -1 : 0;
+}
+
+/* Our own pending entries of a stream (left by an earlier life of this consumer, read before
+ * a connection broke, or parked by the idle wait), up to count, claimed again so that their
+ * delivery count grows; a parked entry's does not (RETRYCOUNT 1: the delivery that parked
+ * it never ran). Sets *more when more of them may wait. */
 static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
+    int parking_stream = t->parked[0] && !strcmp(stream, t->keys->streams[1]);
     char want_s[16];
     int want = count + t->held->n + 1;   /* one more than we can take: tells whether more wait */
     snprintf(want_s, sizeof want_s, "%d", want);
     redisReply *pend = dg_redis_cmdv(t->redis, "XPENDING", stream, t->cfg->group, "-", "+", want_s,
                                      t->cfg->worker_id, NULL);
     if (!pend) return -1;
+    int whole = pend->type == REDIS_REPLY_ARRAY && (int)pend->elements < want;   /* the whole list */
     dg_cmd *claim = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", NULL);
-    int n = 0;
+    int n = 0, n_claim = 0, parked_listed = 0;
     for (size_t i = 0; pend->type == REDIS_REPLY_ARRAY && i < pend->elements && n < count; i++) {
         const char *id = pend->element[i]->element[0]->str;
         if (dg_runs_find(t->held, stream, id)) continue;
-        dg_cmd_adds(claim, id);
+        if (parking_stream && !strcmp(id, t->parked)) {
+            parked_listed = 1;
+        } else {
+            dg_cmd_adds(claim, id);
+            n_claim++;
+        }
         n++;
     }
-    if (pend->type == REDIS_REPLY_ARRAY && (int)pend->elements == want) *more = 1;
+    if (pend->type == REDIS_REPLY_ARRAY && !whole) *more = 1;
     freeReplyObject(pend);
-    if (!n) {
-        dg_cmd_free(claim);
-        return 0;
-    }
-    redisReply *got = dg_redis_cmd(t->redis, claim);
+    int rc = n_claim ? claim_own(t, stream, claim, 0, taken, out) : 0;
     dg_cmd_free(claim);
-    if (!got) return -1;
-    if (got->elements) log_info("re-taking %zu of our own pending entries of \"%s\"", got->elements, stream);
-    int rc = take_entries(t, stream, got, 0, out);
-    *taken += (int)got->elements;
-    freeReplyObject(got);
-    return rc ? -1 : 0;
+    if (rc || !parking_stream) return rc;
+    if (parked_listed) {
+        claim = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", t->parked, "RETRYCOUNT", "1", NULL);
+        rc = claim_own(t, stream, claim, 1, taken, out);
+        dg_cmd_free(claim);
+    }
+    /* taken now, or missing from the whole list: another worker took it over */
+    if (!rc && (parked_listed || whole)) t->parked[0] = 0;
+    return rc;
 }
 
 /* XAUTOCLAIM on a stream: up to count entries idle past claim_idle_ms, whose worker died or
@@ -408,21 +431,40 @@ static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_
     return rc ? -1 : 0;
 }
 
-/* Takes what an XREADGROUP of new entries returned. */
-static int take_read(dg_taker *t, const redisReply *rep, int *taken, dg_take_report *out) {
-    int rc = 0;
+/* The idle wait's normal entry, beside a high one: it stays pending in our list, not run,
+ * and an OWN step of the normal stream takes it once no high job waits. */
+static void park(dg_taker *t, const char *stream, const redisReply *entries) {
+    const redisReply *e = entries->element[0];
+    if (e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING) return;
+    snprintf(t->parked, sizeof t->parked, "%s", e->element[0]->str);
+    log_info("entry %s of \"%s\" came with a high-priority job: left pending until no high job waits",
+             t->parked, stream);
+}
+
+/* Takes what an XREADGROUP of new entries returned: a read of one stream, all of it (its
+ * COUNT was the room); the idle wait, its high entry, and its normal entry unless
+ * dg_take_park_normal() says to park it. */
+static int take_read(dg_taker *t, const dg_take_step *s, const redisReply *rep, int *taken, dg_take_report *out) {
     if (rep->type == REDIS_REPLY_ERROR) {
         log_error("XREADGROUP: %s", rep->str);
         if (dg_reply_is_error(rep, "NOGROUP")) t->groups_ok = 0;
         else if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
-    } else if (rep->type == REDIS_REPLY_ARRAY) {
-        /* COUNT applies per stream: more than the room may come back; all of it is ours now
-         * and runs (max_inflight is exceeded by at most one read's worth) */
-        for (size_t s = 0; s < rep->elements && !rc; s++) {
-            const redisReply *sr = rep->element[s];
-            rc = take_entries(t, sr->element[0]->str, sr->element[1], 1, out);
-            *taken += (int)sr->element[1]->elements;
+        return 0;
+    }
+    if (rep->type != REDIS_REPLY_ARRAY) return 0;
+    const redisReply *got[2] = {NULL, NULL};   /* the entries of s->streams[0], [1] */
+    for (size_t i = 0; i < rep->elements; i++)
+        for (int k = 0; k < s->n_streams; k++)
+            if (!strcmp(rep->element[i]->element[0]->str, s->streams[k])) got[k] = rep->element[i]->element[1];
+    int rc = 0;
+    for (int k = 0; k < s->n_streams && !rc; k++) {
+        if (!got[k] || !got[k]->elements) continue;
+        if (k == 1 && dg_take_park_normal(s, got[0] ? (int)got[0]->elements : 0)) {
+            park(t, s->streams[1], got[1]);
+            continue;
         }
+        rc = take_entries(t, s->streams[k], got[k], 1, out);
+        *taken += (int)got[k]->elements;
     }
     return rc;
 }
@@ -442,32 +484,36 @@ dg_cmd *dg_take_read_cmd(const dg_taker *t, const dg_take_step *s) {
 
 /* New entries: the step's XREADGROUP, or its reply when it came along another round trip. */
 static int read_new(dg_taker *t, const dg_take_step *s, const redisReply *read, int *taken, dg_take_report *out) {
-    if (read) return take_read(t, read, taken, out);
+    if (read) return take_read(t, s, read, taken, out);
     dg_cmd *c = dg_take_read_cmd(t, s);
     redisReply *rep = dg_redis_cmd(t->redis, c);
     dg_cmd_free(c);
     if (!rep) return -1;
-    int rc = take_read(t, rep, taken, out);
+    int rc = take_read(t, s, rep, taken, out);
     freeReplyObject(rep);
     return rc;
 }
 
 int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_take_report *out) {
-    int taken = 0, more = 0, own = 0, reaped = 0, rc = 0;   /* rc 1: the plan ends here, no error */
+    int taken = 0, more = 0, rc = 0;   /* rc 1: the plan ends here, no error */
+    int own_steps = 0, own_ran = 0, reap_steps = 0, reap_ran = 0;
+    for (int i = 0; i < p->n_steps; i++) {
+        own_steps += p->steps[i].source == DG_TAKE_OWN;
+        reap_steps += p->steps[i].source == DG_TAKE_REAP;
+    }
     for (int i = 0; i < p->n_steps && !rc; i++) {
         dg_take_step s = p->steps[i];
-        s.count -= taken;
-        if (s.source != DG_TAKE_GROUPS && s.count <= 0) break;
+        if (s.source != DG_TAKE_GROUPS && (s.count = dg_take_step_count(&p->steps[i], taken)) <= 0) break;
         switch (s.source) {
         case DG_TAKE_GROUPS:
             rc = ensure_groups(t, &s, out) ? 1 : 0;
             break;
         case DG_TAKE_OWN:
-            own = 1;
+            own_ran++;
             rc = drain_own(t, s.streams[0], s.count, &taken, &more, out);
             break;
         case DG_TAKE_REAP:
-            reaped = 1;
+            reap_ran++;
             rc = reap(t, s.streams[0], s.count, &taken, out);
             break;
         case DG_TAKE_READ:
@@ -475,8 +521,12 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
             break;
         }
     }
-    if (own && !rc) t->own_pending = more;
-    if (reaped) t->next_reaper_ms = dg_mono_ms() + t->cfg->reaper_ms;
+    /* an OWN step that did not run (the high stream filled the room) leaves the normal
+     * stream's own entries to the next plan, as a REAP step that did not run leaves the
+     * reaper due */
+    if (own_steps && !rc) t->own_pending = more || own_ran < own_steps;
+    if (t->parked[0]) t->own_pending = 1;
+    if (reap_steps && reap_ran == reap_steps) t->next_reaper_ms = dg_mono_ms() + t->cfg->reaper_ms;
     return rc < 0 ? -1 : 0;
 }
 

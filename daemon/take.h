@@ -51,9 +51,12 @@ typedef enum {
     DG_TAKE_READ,           /* XREADGROUP ... STREAMS ... >: new entries */
 } dg_take_source;
 
-/* One command of a plan. OWN and REAP steps name one stream; a READ step reads its streams
- * in one XREADGROUP, in the order given, and COUNT applies to each of them (so more than
- * `count` may come back: all of it runs). */
+/* One command of a plan. OWN, REAP and READ steps name one stream and take at most COUNT
+ * entries of it. The one step over both streams is the idle wait: a READ of the high and
+ * the normal stream with COUNT 1 and BLOCK, which wakes the worker for a job on either;
+ * should it return one of each (both arrived at once), the high one runs and the normal one
+ * is parked (dg_take_park_normal): left pending, not run, until an OWN step of the normal
+ * stream takes it. */
 typedef struct {
     dg_take_source source;
     const char *streams[2];  /* borrowed from the facts */
@@ -62,11 +65,11 @@ typedef struct {
     int  block_ms;           /* READ: BLOCK; 0: answer at once */
 } dg_take_step;
 
-#define DG_TAKE_STEPS_MAX 3
+#define DG_TAKE_STEPS_MAX 8
 
-/* The steps run in order. A step's COUNT is lowered by the entries the earlier steps of the
- * plan took, and a step with no count left ends the plan; GROUPS steps take nothing, and a
- * failed GROUPS step ends the plan. */
+/* The steps run in order; dg_take_step_count() says with which COUNT, and a step with no
+ * count left ends the plan. GROUPS steps take nothing, and a failed GROUPS step ends the
+ * plan. */
 typedef struct {
     int n_steps;             /* 0: take nothing now */
     dg_take_step steps[DG_TAKE_STEPS_MAX];
@@ -74,10 +77,21 @@ typedef struct {
 
 /* The policy. Nothing while disconnected. The consumer groups first when they are not known
  * to exist (our own pending list is looked at after making them). Then, with room and not
- * draining, exactly one source: our own pending entries (high stream, then normal), else
- * the reaper when due (high, then normal), else new entries of both streams in one read
- * that blocks only while nothing is held. */
+ * draining, every source of the high stream before any of the normal stream, each with
+ * COUNT room: our own pending entries (when they may exist), the reaper's XAUTOCLAIM (when
+ * due), new entries; then the same three of the normal stream. Since each step's COUNT is
+ * the room the steps before it left, a normal entry is taken only when the high stream's
+ * sources left room, that is when they held no more entries than they returned. Last, while
+ * nothing is held, the idle wait (see dg_take_step). */
 dg_take_plan dg_take_decide(const dg_take_facts *f);
+
+/* The COUNT of step `s` of a plan whose earlier steps took `taken` entries: its count less
+ * what was taken; the idle wait only when nothing was. 0: the plan ends before this step. */
+int dg_take_step_count(const dg_take_step *s, int taken);
+
+/* In the idle wait's reply, whether the normal stream's entry must be parked: when the high
+ * stream returned `high_got` entries, as many as the COUNT, it may hold more. */
+int dg_take_park_normal(const dg_take_step *s, int high_got);
 
 /* ---- the effects ------------------------------------------------------------------------- */
 
@@ -90,8 +104,15 @@ typedef struct {
     dg_runs *held;                   /* borrowed: the worker's runs; taken ones join it */
     /* what taking remembers between plans: the facts it owns */
     int groups_ok;
-    int own_pending;
-    int64_t next_reaper_ms;          /* monotonic */
+    int own_pending;                 /* kept set while an OWN step of a plan did not run, or
+                                        an entry is parked */
+    int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran */
+    char parked[64];                 /* the entry of the normal stream the idle wait parked
+                                        (pending, not run; its one delivery did not count),
+                                        "" when none: the idle wait's COUNT 1 parks at most
+                                        one, and runs only when the plan before it, whose
+                                        OWN step of the normal stream takes a parked entry,
+                                        took nothing */
 } dg_taker;
 
 /* What a plan's effects tell the worker (added up over calls by the caller). */

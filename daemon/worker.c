@@ -1,8 +1,9 @@
 /* The worker's main loop (docs/DESIGN.md §6b). A job's path through the files, in order:
  *
  *   take.c    dg_take_decide() chooses the commands that get entries: XGROUP CREATE while
- *             the groups are not known to exist, then our own pending list (XPENDING, XCLAIM),
- *             XAUTOCLAIM when the reaper is due, else XREADGROUP. dg_take_run() sends them
+ *             the groups are not known to exist, then, for the high stream and after it the
+ *             normal one, our own pending list (XPENDING, XCLAIM), XAUTOCLAIM when the reaper
+ *             is due, and XREADGROUP. dg_take_run() sends them
  *             and, for each entry, one round trip (WATCH and EXISTS of the result key, EXISTS
  *             of the cancel key, the job hash set to running) decides what it becomes:
  *             acknowledged at once (deleted while pending, or its result exists), ended at
@@ -15,7 +16,7 @@
  *   take.c    dg_take_release(): a run ended by a passing failure goes back, still pending.
  *   commit.c  dg_commit_write(): the result hash, job hash, final event, done entry, dead
  *             letter and the XACK, in one MULTI/EXEC with the result key WATCHed; the next
- *             XREADGROUP rides in the same round trip.
+ *             plan's first XREADGROUP rides in the same round trip.
  *
  * keys.c names every key on the way and redis.c carries every command; keeper.c and
  * metrics.c only read what publish() leaves under the lock. Redis being away never loses
@@ -193,8 +194,10 @@ static void flush_progress(dg_worker *w) {
 
 
 /* Writes the results of ended runs (after giving back those that failed for a passing
- * reason); when there will be room afterwards and the next plan is a plain read, its
- * XREADGROUP goes in the same round trip as the EXEC. */
+ * reason); when there will be room afterwards and the next plan starts with a read (of the
+ * high stream: dg_take_decide), that XREADGROUP goes in the same round trip as the EXEC and
+ * the plan's other steps follow it. It never blocks: the runs being committed count as
+ * held. */
 static void write_results(dg_worker *w, int draining) {
     dg_run *batch[64];
     int outcome[64], n = 0;
@@ -204,7 +207,7 @@ static void write_results(dg_worker *w, int draining) {
     if (!n) return;
     dg_take_facts f = dg_take_facts_now(&w->taker, 1, draining, w->cfg->max_inflight - (w->runs.n - n));
     dg_take_plan next = dg_take_decide(&f);
-    int ride = next.n_steps == 1 && next.steps[0].source == DG_TAKE_READ;
+    int ride = next.n_steps > 0 && next.steps[0].source == DG_TAKE_READ && !next.steps[0].block_ms;
     dg_cmd *then = ride ? dg_take_read_cmd(&w->taker, &next.steps[0]) : NULL;
     redisReply *got = NULL;
     int rc = dg_commit_write(&w->committer, batch, n, outcome, then, &got);

@@ -103,25 +103,63 @@ typedef struct {
     float   bias;               /* added to the token's logit; -INFINITY bans it */
 } dg_logit_bias;
 
-/* A zero field means "the model's default" (duogen.json). */
+/* Parameters carry presence: `set` is a bit set of the fields that hold a value (the
+ * DG_TEXT_* and DG_IMAGE_* bits below). A field whose bit is clear takes the package's
+ * default (duogen.json "defaults"), whatever it holds; a field whose bit is set is used as
+ * it is, 0 included: temperature 0 is greedy, guidance_scale 0 draws without guidance,
+ * max_images 0 draws nothing. A zeroed struct asks for every default. A set value out of
+ * its range fails dg_sched_submit() with DG_EINVAL and a message naming the field
+ * ("text.top_p: 0 is not in (0, 1]"). The lists (stop, logit_bias) have no bit: empty is
+ * none. */
+enum {
+    DG_TEXT_MAX_NEW_TOKENS     = 1u << 0,
+    DG_TEXT_TEMPERATURE        = 1u << 1,
+    DG_TEXT_TOP_P              = 1u << 2,
+    DG_TEXT_TOP_K              = 1u << 3,
+    DG_TEXT_REPETITION_PENALTY = 1u << 4,
+};
+
 typedef struct {
-    int32_t              max_new_tokens;
-    float                temperature;      /* 0 with do_sample off = greedy */
-    float                top_p;
-    int32_t              top_k;
-    float                repetition_penalty;
-    const char *const   *stop;             /* stop strings, n_stop of them */
+    uint32_t             set;                /* DG_TEXT_* bits: the fields below that hold a value */
+    int32_t              max_new_tokens;     /* >= 1 */
+    float                temperature;        /* >= 0; 0 = greedy */
+    float                top_p;              /* (0, 1]; 1 = off */
+    int32_t              top_k;              /* >= 0; 0 = off */
+    float                repetition_penalty; /* > 0; 1 = off */
+    const char *const   *stop;               /* stop strings, n_stop of them */
     size_t               n_stop;
     const dg_logit_bias *logit_bias;
     size_t               n_logit_bias;
 } dg_text_params;
 
+/* The flow sampler's sigma schedule (docs/specs/cosmos_dit_wan_vae.md §5.2). */
+typedef enum {
+    DG_SCHEDULE_KARRAS,    /* post-trained Cosmos-Predict2.5: Karras sigmas 0.01..200, rho 7; no shift */
+    DG_SCHEDULE_SHIFTED,   /* shifted linear sigmas (pre-trained Cosmos-Predict2.5), by `shift` */
+} dg_schedule;
+
+enum {
+    DG_IMAGE_WIDTH          = 1u << 0,
+    DG_IMAGE_HEIGHT         = 1u << 1,
+    DG_IMAGE_STEPS          = 1u << 2,
+    DG_IMAGE_GUIDANCE_SCALE = 1u << 3,
+    DG_IMAGE_MAX_IMAGES     = 1u << 4,
+    DG_IMAGE_SHIFT          = 1u << 5,
+    DG_IMAGE_SCHEDULE       = 1u << 6,
+};
+
 typedef struct {
-    int32_t width, height;      /* pixels of generated images */
-    int32_t steps;              /* denoising steps */
-    float   guidance_scale;
-    int32_t max_images;         /* after this many images <BOV> is banned */
-    float   shift;              /* flow-matching schedule shift */
+    uint32_t    set;             /* DG_IMAGE_* bits: the fields below that hold a value */
+    int32_t     width, height;   /* pixels of generated images: positive multiples of the VAE
+                                    factor times the DiT patch (16) */
+    int32_t     steps;           /* denoising steps, 1..1000 */
+    float       guidance_scale;  /* >= 0: v = v_c + g·(v_c − v_u); 0 = no guidance, one DiT
+                                    forward per step instead of two */
+    int32_t     max_images;      /* >= 0: after this many images <BOV> is banned */
+    float       shift;           /* > 0, the shifted schedule's; set without DG_IMAGE_SCHEDULE
+                                    it selects DG_SCHEDULE_SHIFTED, and with
+                                    DG_SCHEDULE_KARRAS it is an error */
+    dg_schedule schedule;
 } dg_image_params;
 
 typedef struct {
@@ -160,6 +198,8 @@ typedef struct {
                                         every position of theirs came from the prefix KV cache,
                                         or their output from the vision cache or from the same
                                         picture earlier in the request */
+    int64_t dit_forwards;            /* DiT forward passes: steps per image, twice that with
+                                        guidance */
 } dg_usage;
 
 typedef struct {

@@ -3,7 +3,8 @@
  *   DIR/duogen.json   {"format": "duogen-package-1", "name": ..., "components": {"mllm": "mllm",
  *                      "dit": "dit", "vae": "vae", "connector": "connector.safetensors"},
  *                      "bov_token": "<BOV>", "condition_layers": [...],
- *                      "max_context": N, "defaults": {"max_new_tokens": ..., ...}}
+ *                      "max_context": N, "defaults": {"max_new_tokens": ..., ...,
+ *                      "schedule": "karras" | "shifted"}}
  *   DIR/mllm/         Qwen2.5-VL in the Hugging Face layout (config.json, safetensors, tokenizer)
  *
  * Every problem stops the load with a message naming the file and the key or tensor. */
@@ -17,6 +18,7 @@
 #include <sys/stat.h>
 
 #include "model.h"
+#include "params.h"
 
 const char *dg_model_describe(const dg_model *m) { return m ? m->describe : "none"; }
 
@@ -38,6 +40,47 @@ static int get_num(json_t *obj, const char *key, double lo, double hi, double *o
         return fail(err, errlen, DG_EMODEL, "%s: \"%s\" must be a number in %g..%g", file, key, lo, hi);
     *out = json_number_value(v);
     return 1;
+}
+
+/* duogen.json "defaults": what a request gets for each parameter it does not set (duogen.h).
+ * "schedule" is "karras" or "shifted"; without it a package's shift > 0 means shifted (the
+ * rule of packages written before the schedule was a parameter). */
+static int read_defaults(dg_model *m, json_t *d, const char *path, char *err, size_t errlen) {
+    dg_text_params *t = &m->text_defaults;
+    dg_image_params *im = &m->image_defaults;
+    *t = (dg_text_params){.max_new_tokens = 512, .top_p = 1.0f, .repetition_penalty = 1.0f};
+    *im = (dg_image_params){.width = 512, .height = 512, .steps = 35, .guidance_scale = 7.0f,
+                            .max_images = 4, .shift = 5.0f};
+    if (d && !json_is_object(d)) return fail(err, errlen, DG_EMODEL, "%s: \"defaults\" must be an object", path);
+    json_t *schedule = d ? json_object_get(d, "schedule") : NULL;
+    if (d) {
+        struct { const char *key; double lo, hi; int is_int; void *field; } keys[] = {
+            {"max_new_tokens", 1, 1e6, 1, &t->max_new_tokens}, {"temperature", 0, 100, 0, &t->temperature},
+            {"top_p", 0, 1, 0, &t->top_p}, {"top_k", 0, 1e6, 1, &t->top_k},
+            {"repetition_penalty", 0, 100, 0, &t->repetition_penalty},
+            {"width", 16, 16384, 1, &im->width}, {"height", 16, 16384, 1, &im->height},
+            {"steps", 1, 10000, 1, &im->steps}, {"guidance_scale", 0, 100, 0, &im->guidance_scale},
+            {"max_images", 0, 1024, 1, &im->max_images}, {"shift", 0, 100, 0, &im->shift},
+        };
+        double v;
+        int rc;
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+            if ((rc = get_num(d, keys[i].key, keys[i].lo, keys[i].hi, &v, path, err, errlen)) < 0) return rc;
+            if (!rc) continue;
+            if (keys[i].is_int) *(int32_t *)keys[i].field = (int32_t)v;
+            else *(float *)keys[i].field = (float)v;
+        }
+    }
+    const char *name = json_string_value(schedule);
+    if (schedule && (!name || (strcmp(name, "karras") && strcmp(name, "shifted"))))
+        return fail(err, errlen, DG_EMODEL, "%s: defaults \"schedule\" must be \"karras\" or \"shifted\"", path);
+    im->schedule = name ? (!strcmp(name, "shifted") ? DG_SCHEDULE_SHIFTED : DG_SCHEDULE_KARRAS)
+                        : (im->shift > 0 ? DG_SCHEDULE_SHIFTED : DG_SCHEDULE_KARRAS);
+    if (im->schedule == DG_SCHEDULE_SHIFTED && !(im->shift > 0))
+        return fail(err, errlen, DG_EMODEL, "%s: defaults \"schedule\" is \"shifted\" but \"shift\" is 0", path);
+    t->set = DG_TEXT_ALL;
+    im->set = DG_IMAGE_ALL;
+    return 0;
 }
 
 static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen) {
@@ -75,31 +118,7 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
     m->max_context = 4096;
     if ((rc = get_num(j, "max_context", 16, 1 << 20, &v, path, err, errlen)) < 0) return rc;
     if (rc) m->max_context = (int)v;
-
-    json_t *d = json_object_get(j, "defaults");
-    dg_text_params *t = &m->text_defaults;
-    dg_image_params *im = &m->image_defaults;
-    *t = (dg_text_params){.max_new_tokens = 512, .top_p = 1.0f, .repetition_penalty = 1.0f};
-    *im = (dg_image_params){.width = 512, .height = 512, .steps = 35, .guidance_scale = 7.0f,
-                            .max_images = 4, .shift = 5.0f};
-    if (d && !json_is_object(d)) return fail(err, errlen, DG_EMODEL, "%s: \"defaults\" must be an object", path);
-    if (d) {
-        struct { const char *key; double lo, hi; int is_int; void *field; } keys[] = {
-            {"max_new_tokens", 1, 1e6, 1, &t->max_new_tokens}, {"temperature", 0, 100, 0, &t->temperature},
-            {"top_p", 0, 1, 0, &t->top_p}, {"top_k", 0, 1e6, 1, &t->top_k},
-            {"repetition_penalty", 0, 100, 0, &t->repetition_penalty},
-            {"width", 16, 16384, 1, &im->width}, {"height", 16, 16384, 1, &im->height},
-            {"steps", 1, 10000, 1, &im->steps}, {"guidance_scale", 0, 100, 0, &im->guidance_scale},
-            {"max_images", 0, 1024, 1, &im->max_images}, {"shift", 0, 100, 0, &im->shift},
-        };
-        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
-            if ((rc = get_num(d, keys[i].key, keys[i].lo, keys[i].hi, &v, path, err, errlen)) < 0) return rc;
-            if (!rc) continue;
-            if (keys[i].is_int) *(int32_t *)keys[i].field = (int32_t)v;
-            else *(float *)keys[i].field = (float)v;
-        }
-    }
-    return 0;
+    return read_defaults(m, json_object_get(j, "defaults"), path, err, errlen);
 }
 
 /* preprocessor_config.json: the fields that change pixel_values (missing ones keep the

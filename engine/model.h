@@ -43,7 +43,7 @@ struct dg_model {
     int      max_context;               /* positions of one sequence (prompt + answer) */
     int      cond_layers[DG_MAX_COND_LAYERS];   /* decoder layers feeding the connector */
     int      n_cond_layers;
-    dg_text_params  text_defaults;      /* duogen.json "defaults" */
+    dg_text_params  text_defaults;      /* duogen.json "defaults": every field a value */
     dg_image_params image_defaults;
 };
 

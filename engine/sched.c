@@ -38,6 +38,7 @@
 #include "clock.h"
 #include "text/chat_template.h"
 #include "mllm/mrope.h"
+#include "params.h"
 #include "scheduler.h"
 
 static int64_t unix_ms(void) {
@@ -364,21 +365,11 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     }
     if ((rc = place_prompt(s, q, err, errlen)) < 0) goto fail;
 
-    dg_text_params tp = r->text;
-    const dg_text_params *d = &m->text_defaults;
-    if (!tp.max_new_tokens) tp.max_new_tokens = d->max_new_tokens;
-    if (!tp.temperature) tp.temperature = d->temperature;
-    if (!tp.top_p) tp.top_p = d->top_p;
-    if (!tp.repetition_penalty) tp.repetition_penalty = d->repetition_penalty;
-    if (!tp.top_k) tp.top_k = d->top_k;
-    dg_image_params ip = r->image;
-    const dg_image_params *di = &m->image_defaults;
-    if (!ip.width) ip.width = di->width;
-    if (!ip.height) ip.height = di->height;
-    if (!ip.steps) ip.steps = di->steps;
-    if (!ip.guidance_scale) ip.guidance_scale = di->guidance_scale;
-    if (!ip.max_images) ip.max_images = di->max_images;
-    if (!ip.shift) ip.shift = di->shift;
+    dg_text_params tp;
+    dg_image_params ip;
+    if ((rc = dg_params_resolve_text(&r->text, &m->text_defaults, &tp, err, errlen)) < 0 ||
+        (rc = dg_params_resolve_image(&r->image, &m->image_defaults, &ip, err, errlen)) < 0)
+        goto fail;
     if (m->has_draw && (rc = dg_painter_check(q->painter, &ip, err, errlen)) < 0) goto fail;
     q->ip = ip;
 
@@ -496,6 +487,7 @@ static void draw_account(dg_seq *q) {
     q->t.diffusion_ms += c.diffusion_ms;
     q->t.vae_ms += c.vae_ms;
     q->usage.cached_latents += c.cached_latents;
+    q->usage.dit_forwards += c.dit_forwards;
 }
 
 /* The drawn image as a PNG (with the job id, seed and model in text chunks) to the sink. */

@@ -48,7 +48,7 @@ typedef struct dg_seq {
     int32_t       last;          /* the sampled token to feed next */
     int           max_new, generated, cancelled;
     int64_t       deadline_ms;
-    dg_image_params ip;          /* with the model's defaults filled in */
+    dg_image_params ip;          /* resolved: the request's values over the model's defaults */
     dg_seq_image  images[DG_SEQ_MAX_IMAGES];
     int           n_images, n_inputs;
 

@@ -138,11 +138,43 @@ static void no_role(Duogen__V1__Job *j) { j->messages[0]->role = 0; }
 static void bad_utf8(Duogen__V1__Job *j) { j->messages[0]->parts[0]->text = "ok \xc3\x28 bad"; }
 static void surrogate(Duogen__V1__Job *j) { j->messages[0]->parts[0]->text = "\xed\xa0\x80"; }
 static void big_tokens(Duogen__V1__Job *j) { j->text->max_new_tokens = 1u << 30; }
-static void nan_temp(Duogen__V1__Job *j) { j->text->temperature = NAN; }
+static void nan_temp(Duogen__V1__Job *j) {
+    j->text->_temperature_case = DUOGEN__V1__TEXT_PARAMS___TEMPERATURE_TEMPERATURE;
+    j->text->temperature = NAN;
+}
+static void zero_top_p(Duogen__V1__Job *j) { j->text->_top_p_case = DUOGEN__V1__TEXT_PARAMS___TOP_P_TOP_P; }
+static void zero_penalty(Duogen__V1__Job *j) {
+    j->text->_repetition_penalty_case = DUOGEN__V1__TEXT_PARAMS___REPETITION_PENALTY_REPETITION_PENALTY;
+}
+static void many_images(Duogen__V1__Job *j) {
+    j->image->_max_images_case = DUOGEN__V1__IMAGE_PARAMS___MAX_IMAGES_MAX_IMAGES;
+    j->image->max_images = 1000;
+}
+static void zero_shift(Duogen__V1__Job *j) { j->image->_shift_case = DUOGEN__V1__IMAGE_PARAMS___SHIFT_SHIFT; }
+static void karras_shift(Duogen__V1__Job *j) {
+    j->image->schedule = DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS;
+    j->image->_shift_case = DUOGEN__V1__IMAGE_PARAMS___SHIFT_SHIFT;
+    j->image->shift = 3.0f;
+}
+static void unknown_schedule(Duogen__V1__Job *j) { j->image->schedule = 7; }
+static void negative_guidance(Duogen__V1__Job *j) {
+    j->image->_guidance_scale_case = DUOGEN__V1__IMAGE_PARAMS___GUIDANCE_SCALE_GUIDANCE_SCALE;
+    j->image->guidance_scale = -1.0f;
+}
+/* every parameter that may be 0, present as 0: valid (greedy, no top-k, no guidance, no images) */
+static void zeros(Duogen__V1__Job *j) {
+    j->text->_temperature_case = DUOGEN__V1__TEXT_PARAMS___TEMPERATURE_TEMPERATURE;
+    j->text->_top_k_case = DUOGEN__V1__TEXT_PARAMS___TOP_K_TOP_K;
+    j->image->_guidance_scale_case = DUOGEN__V1__IMAGE_PARAMS___GUIDANCE_SCALE_GUIDANCE_SCALE;
+    j->image->_max_images_case = DUOGEN__V1__IMAGE_PARAMS___MAX_IMAGES_MAX_IMAGES;
+    j->image->schedule = DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS;
+}
 static void odd_width(Duogen__V1__Job *j) { j->image->width = 100; }
 static void many_steps(Duogen__V1__Job *j) { j->image->steps = 100000; }
 static void good_params(Duogen__V1__Job *j) {
+    j->text->_temperature_case = DUOGEN__V1__TEXT_PARAMS___TEMPERATURE_TEMPERATURE;
     j->text->temperature = 0.7f;
+    j->text->_top_p_case = DUOGEN__V1__TEXT_PARAMS___TOP_P_TOP_P;
     j->text->top_p = 0.9f;
     j->image->width = 512;
     j->image->height = 768;
@@ -173,6 +205,65 @@ TEST(job_validation_names_the_field) {
     CHECK(strstr(err, "multiples of 16"));
     CHECK_EQ_INT(check_job(many_steps, &c), DG_JOB_BAD_REQUEST);
     CHECK(strstr(err, "image.steps"));
+}
+
+/* Parameters with presence: a present value is checked (0 where 0 means something is
+ * valid), an absent one is not looked at. */
+TEST(job_validation_of_present_parameters) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    CHECK_EQ_INT(check_job(zeros, &c), DG_JOB_OK);
+    CHECK_EQ_INT(check_job(zero_top_p, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "text.top_p: 0 is not in (0, 1]"));
+    CHECK_EQ_INT(check_job(zero_penalty, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "text.repetition_penalty: 0 is not in (0, 100]"));
+    CHECK_EQ_INT(check_job(many_images, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "image.max_images: 1000, over the limit"));
+    CHECK_EQ_INT(check_job(zero_shift, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "image.shift: 0 is not in (0, 100]"));
+    CHECK_EQ_INT(check_job(karras_shift, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "image.shift: the KARRAS schedule has no shift"));
+    CHECK_EQ_INT(check_job(unknown_schedule, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "image.schedule: 7"));
+    CHECK_EQ_INT(check_job(negative_guidance, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "image.guidance_scale: -1"));
+}
+
+/* The engine's set bits follow the protocol's presence: a present 0 is set, an absent field
+ * and a plain field at 0 are not; a schedule other than SCHEDULE_DEFAULT is set. */
+TEST(job_presence_becomes_set_bits) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    Duogen__V1__Job j = DUOGEN__V1__JOB__INIT;
+    Duogen__V1__Message m = DUOGEN__V1__MESSAGE__INIT, *ms[1] = {&m};
+    Duogen__V1__Part p = DUOGEN__V1__PART__INIT, *ps[1] = {&p};
+    Duogen__V1__TextParams t = DUOGEN__V1__TEXT_PARAMS__INIT;
+    Duogen__V1__ImageParams ip = DUOGEN__V1__IMAGE_PARAMS__INIT;
+    j.id = "job-1";
+    j.messages = ms;
+    j.n_messages = 1;
+    m.role = DUOGEN__V1__MESSAGE__ROLE__USER;
+    m.parts = ps;
+    m.n_parts = 1;
+    p.kind_case = DUOGEN__V1__PART__KIND_TEXT;
+    p.text = "hello";
+    j.text = &t;
+    j.image = &ip;
+    zeros(&j);
+    ip.steps = 7;
+    size_t n;
+    uint8_t *b = pack(&j, &n);
+    dg_job job;
+    CHECK_EQ_INT(dg_job_parse(&job, b, n, &c, err, sizeof err), DG_JOB_OK);
+    CHECK_EQ_INT(dg_job_prepare(&job, NULL, &c, err, sizeof err), DG_JOB_OK);
+    CHECK_EQ_INT(job.req.text.set, DG_TEXT_TEMPERATURE | DG_TEXT_TOP_K);
+    CHECK(job.req.text.temperature == 0.0f && job.req.text.top_k == 0);
+    CHECK_EQ_INT(job.req.image.set, DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE | DG_IMAGE_MAX_IMAGES | DG_IMAGE_SCHEDULE);
+    CHECK_EQ_INT(job.req.image.steps, 7);
+    CHECK_EQ_INT(job.req.image.max_images, 0);
+    CHECK_EQ_INT(job.req.image.schedule, DG_SCHEDULE_KARRAS);
+    dg_job_free(&job);
+    free(b);
 }
 
 TEST(job_malformed_protobuf_is_described) {

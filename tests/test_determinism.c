@@ -76,8 +76,11 @@ static void image_part(dg_part *p, const uint8_t *png, size_t len) {
 static void drawing_job(job_spec *j, const char *id, int n_messages, float bov_bias, int max_new, int max_images) {
     j->bias[0] = (dg_logit_bias){test_bov_id(pkg), bov_bias};
     j->r = (dg_request){.id = id, .messages = j->msgs, .n_messages = (size_t)n_messages, .seed = 5,
-                        .text = {.max_new_tokens = max_new, .logit_bias = j->bias, .n_logit_bias = 1},
-                        .image = {.width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f,
+                        .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = max_new,
+                                 .logit_bias = j->bias, .n_logit_bias = 1},
+                        .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS |
+                                         DG_IMAGE_GUIDANCE_SCALE | DG_IMAGE_MAX_IMAGES,
+                                  .width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f,
                                   .max_images = max_images}};
 }
 
@@ -142,7 +145,8 @@ TEST(determinism_cold_warm_and_after_other_jobs) {
     drawing_job(&Y, "det-y", 1, 100.0f, 6, 1);
     text_part(&Z.parts[0][0], "How long does rice take?");
     Z.msgs[0] = (dg_message){DG_ROLE_USER, Z.parts[0], 1};
-    Z.r = (dg_request){.id = "det-z", .messages = Z.msgs, .n_messages = 1, .seed = 9, .text = {.max_new_tokens = 16}};
+    Z.r = (dg_request){.id = "det-z", .messages = Z.msgs, .n_messages = 1, .seed = 9,
+                       .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 16}};
     test_job x = {0}, y = {0}, z = {0};
     CHECK_EQ_INT(test_job_run(s2, &X.r, &x), 0);
     CHECK_EQ_INT(test_job_run(s2, &Y.r, &y), 0);

@@ -39,8 +39,10 @@ TEST(interleaved_two_images_with_two_inputs_and_caches) {
     dg_message msg = {DG_ROLE_USER, parts, 3};
     dg_logit_bias bias = {test_bov_id(pkg), 8.0f};   /* <BOV>: mkmodel adds it after the last added token */
     dg_request r = {.id = "inter-1", .messages = &msg, .n_messages = 1, .seed = 5,
-                    .text = {.max_new_tokens = 24, .logit_bias = &bias, .n_logit_bias = 1},
-                    .image = {.width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 2}};
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 24, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
+                                     DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 2}};
     test_job c1 = {0};
     rc = test_job_run(s, &r, &c1);
     CHECK_EQ_INT(rc, 0);
@@ -123,8 +125,10 @@ TEST(interleaved_on_cuda) {
     dg_message msg = {DG_ROLE_USER, parts, 2};
     dg_logit_bias bias = {test_bov_id(pkg), 8.0f};
     dg_request r = {.id = "inter-cuda", .messages = &msg, .n_messages = 1, .seed = 5,
-                    .text = {.max_new_tokens = 16, .logit_bias = &bias, .n_logit_bias = 1},
-                    .image = {.width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 2}};
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 16, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
+                                     DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 2}};
     test_job c = {0};
     CHECK_EQ_INT(test_job_run(s, &r, &c), 0);
     CHECK_EQ_INT(c.n_png, 2);

@@ -234,8 +234,10 @@ TEST(first_image_of_an_answer_is_the_components_run_directly) {
     dg_message msg = {DG_ROLE_USER, &part, 1};
     dg_logit_bias bias = {test_bov_id(pkg), 100.0f};   /* <BOV> first, whatever the random weights say */
     dg_request r = {.id = "painter-1", .messages = &msg, .n_messages = 1, .seed = 21,
-                    .text = {.max_new_tokens = 2, .logit_bias = &bias, .n_logit_bias = 1},
-                    .image = {.width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 1}};
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 2, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
+                                     DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 1}};
     collect c = {0};
     dg_sink sk = {.user = &c, .text = on_text, .image_started = on_started, .step = on_step,
                   .image_done = on_done, .finished = on_finished, .failed = on_failed};
@@ -249,7 +251,8 @@ TEST(first_image_of_an_answer_is_the_components_run_directly) {
     dg_cond_acc *acc = NULL;
     CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
     CHECK_EQ_INT(direct_conditions(m, text, &ids, acc), 0);
-    /* the package's default shift, as the scheduler fills it in for a job that leaves 0 */
+    /* the package's default schedule (shifted) and shift, as the scheduler fills them in for a
+     * job that sets neither */
     direct_job j = {.n_pos = (int)ids.n, .n_neg = 1, .W = 32, .H = 48, .steps = 3, .guidance = 3.0f,
                     .shift = m->image_defaults.shift, .seed = 21, .index = 0};
     float *latent = NULL;
@@ -453,7 +456,8 @@ TEST(painter_scales_large_condition_frames_down) {
     dg_image_digest earlier_hash, h;
     dg_image_hash(earlier, &earlier_hash);
     dg_painter_cond cond = {earlier, &earlier_hash};
-    dg_image_params params = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 2.0f, .shift = 3.0f};
+    dg_image_params params = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 2.0f, .shift = 3.0f,
+                              .schedule = DG_SCHEDULE_SHIFTED};
     dg_painter_job job = {.acc = acc, .n_pos = (int)ids.n, .n_neg = 3, .conds = &cond, .n_conds = 1,
                           .lcache = lc, .seed = 9, .index = 0, .params = params};
     dg_image *a = paint(p, &job, &h);

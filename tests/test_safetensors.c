@@ -310,8 +310,10 @@ TEST(seeded_package_opens_only_when_allowed_and_runs) {
     dg_logit_bias bias = {test_bov_id(dir), 100.0f};   /* random weights never choose <BOV> */
     CHECK(bias.token > 0);
     dg_request r = {.id = "seeded", .messages = &msg, .n_messages = 1, .seed = 1,
-                    .text = {.max_new_tokens = 3, .logit_bias = &bias, .n_logit_bias = 1},
-                    .image = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 2.0f, .max_images = 1}};
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 3, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
+                                     DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 32, .steps = 2, .guidance_scale = 2.0f, .max_images = 1}};
     dg_sink sink = {.user = &o, .text = seeded_text, .image_started = seeded_started, .step = seeded_step,
                     .image_done = seeded_done, .finished = seeded_finished, .failed = seeded_failed};
     uint64_t seq;

@@ -209,6 +209,7 @@ TEST(sched_limits_stop_strings_cancel) {
     dg_message msgs[2];
     dg_part parts[2];
     dg_request r = text_request(msgs, parts, SYSTEM, "Tell me about knives.");
+    r.text.set = DG_TEXT_MAX_NEW_TOKENS;
     r.text.max_new_tokens = 5;
     collect c = {0};
     CHECK_EQ_INT(run_one(s, &r, &c, -1), 0);
@@ -216,7 +217,7 @@ TEST(sched_limits_stop_strings_cancel) {
     if (c.reason == DG_FINISH_LENGTH) CHECK_EQ_INT(c.usage.generated_tokens, 5);
 
     /* a stop string taken from the middle of the full answer: the text ends before it */
-    r.text.max_new_tokens = 0;
+    r.text.set = 0;   /* the package's max_new_tokens */
     collect full = {0};
     CHECK_EQ_INT(run_one(s, &r, &full, -1), 0);
     if (full.len > 8) {
@@ -254,6 +255,54 @@ TEST(sched_limits_stop_strings_cancel) {
     dg_model_close(m);
 }
 
+/* Temperature 0, set, is greedy on a package whose default samples (temperature 1): the
+ * answer is the default package's greedy one whatever the seed, while the unset temperature
+ * samples (two seeds, two answers). Exact text comparisons: greedy decoding is one argmax
+ * chain on the same weights. */
+TEST(sched_set_zero_temperature_is_greedy_over_a_sampling_default) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512], hot[512];
+    snprintf(hot, sizeof hot, "%s/hot", pkg);
+    CHECK_EQ_INT(mkdir(hot, 0755), 0);
+    CHECK_EQ_INT(write_manifest(hot, "{\"format\": \"duogen-package-1\", \"components\": {\"mllm\": \"../mllm\"}, "
+                                     "\"max_context\": 512, \"defaults\": {\"max_new_tokens\": 24, \"temperature\": 1.0}}"), 0);
+    dg_model *m, *mh;
+    dg_sched *s, *sh;
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_model_open(hot, NULL, &mh, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, NULL, &s, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(mh, NULL, &sh, err, sizeof err), 0);
+    dg_message msgs[2];
+    dg_part parts[2];
+    dg_request r = text_request(msgs, parts, SYSTEM, "What goes into a vinaigrette?");
+    collect greedy = {0}, sampled[2] = {{0}}, forced[2] = {{0}};
+    CHECK_EQ_INT(run_one(s, &r, &greedy, -1), 0);   /* the default package's temperature is 0 */
+    for (int i = 0; i < 2; i++) {
+        r.seed = (uint64_t)i + 1;
+        r.text.set = 0;
+        CHECK_EQ_INT(run_one(sh, &r, &sampled[i], -1), 0);
+        r.text.set = DG_TEXT_TEMPERATURE;
+        r.text.temperature = 0.0f;
+        CHECK_EQ_INT(run_one(sh, &r, &forced[i], -1), 0);
+        CHECK_EQ_INT(forced[i].len, greedy.len);
+        CHECK(strcmp(forced[i].text, greedy.text) == 0);
+    }
+    CHECK(strcmp(sampled[0].text, sampled[1].text) != 0);
+    /* a set value out of range fails the submission with the field's name */
+    uint64_t seq;
+    collect bad = {0};
+    dg_sink sk = sink_for(&bad);
+    r.text.set = DG_TEXT_TOP_P;
+    r.text.top_p = 0.0f;
+    CHECK_EQ_INT(dg_sched_submit(sh, &r, &sk, &seq, err, sizeof err), DG_EINVAL);
+    CHECK(strstr(err, "text.top_p: 0 is not in (0, 1]"));
+    CHECK_EQ_INT(dg_sched_active(sh), 0);
+    dg_sched_free(sh);
+    dg_sched_free(s);
+    dg_model_close(mh);
+    dg_model_close(m);
+}
+
 TEST(model_open_errors_name_the_problem) {
     if (!setup()) { CHECK(!"setup"); return; }
     char err[512], dir[512];
@@ -274,6 +323,14 @@ TEST(model_open_errors_name_the_problem) {
                         "\"defaults\": {\"steps\": -3}}");
     CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
     CHECK(strstr(err, "\"steps\" must be a number in 1..10000"));
+    write_manifest(dir, "{\"format\": \"duogen-package-1\", \"components\": {\"mllm\": \"../mllm\"}, "
+                        "\"defaults\": {\"schedule\": \"fancy\"}}");
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "defaults \"schedule\" must be \"karras\" or \"shifted\""));
+    write_manifest(dir, "{\"format\": \"duogen-package-1\", \"components\": {\"mllm\": \"../mllm\"}, "
+                        "\"defaults\": {\"schedule\": \"shifted\", \"shift\": 0}}");
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"shift\" is 0"));
     write_manifest(dir, "{not json");
     CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
     CHECK(strstr(err, "duogen.json: line 1"));

@@ -107,11 +107,15 @@ static int jobs_init(jobs *j) {
     /* <BOV> biased the way test_interleaved does, so that the random weights draw */
     j->bias = (dg_logit_bias){test_bov_id(pkg), 8.0f};
     j->req[0] = (dg_request){.id = "threads-draw", .messages = &j->msg[0], .n_messages = 1, .seed = 3,
-                             .text = {.max_new_tokens = 12, .logit_bias = &j->bias, .n_logit_bias = 1},
-                             .image = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 3.0f,
+                             .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 12, .logit_bias = &j->bias,
+                                      .n_logit_bias = 1},
+                             .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS |
+                                              DG_IMAGE_GUIDANCE_SCALE | DG_IMAGE_MAX_IMAGES,
+                                       .width = 32, .height = 32, .steps = 2, .guidance_scale = 3.0f,
                                        .max_images = 1}};
     j->req[1] = (dg_request){.id = "threads-text", .messages = &j->msg[1], .n_messages = 1, .seed = 9,
-                             .text = {.max_new_tokens = 16, .temperature = 0.8f, .top_k = 40}};
+                             .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE | DG_TEXT_TOP_K,
+                                      .max_new_tokens = 16, .temperature = 0.8f, .top_k = 40}};
     return 0;
 }
 

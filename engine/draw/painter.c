@@ -263,7 +263,7 @@ static int prepare_sampler(dg_painter *p, const dg_painter_job *job, char *err, 
     if ((rc = dg_dit_set_layout(p->dit, p->dit_state, &p->layout, err, errlen)) < 0) return rc;
     const dg_image_params *ip = &job->params;
     float sig[DG_FLOW_MAX_STEPS + 1];
-    if (ip->shift > 0) dg_flow_sigmas_shifted(sig, ip->steps, ip->shift, 0.999, 0.999 / ip->steps);
+    if (ip->schedule == DG_SCHEDULE_SHIFTED) dg_flow_sigmas_shifted(sig, ip->steps, ip->shift, 0.999, 0.999 / ip->steps);
     else dg_flow_sigmas_karras(sig, ip->steps, 0.01, 200.0, 7.0);
     return dg_flow_new(DG_FLOW_UNIPC, sig, ip->steps, n_target, &p->flow, err, errlen);
 }
@@ -298,6 +298,7 @@ int dg_painter_step(dg_painter *p, char *err, size_t errlen) {
     dg_dit_input in = {.latents = lat, .timesteps = p->timesteps, .ctx = p->ctx_pos, .n_ctx = p->n_ctx_pos};
     int rc = dg_dit_forward(p->dit, p->dit_state, &in, p->vel_c, err, errlen);
     if (rc < 0) return rc;
+    p->cost.dit_forwards++;
     int64_t off = p->frame_lat[p->target] - p->latents;   /* the target's velocity follows the conditions' */
     int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
     float *v = p->vel_c + off;
@@ -305,6 +306,7 @@ int dg_painter_step(dg_painter *p, char *err, size_t errlen) {
         in.ctx = p->ctx_neg;
         in.n_ctx = p->n_ctx_neg;
         if ((rc = dg_dit_forward(p->dit, p->dit_state, &in, p->vel_u, err, errlen)) < 0) return rc;
+        p->cost.dit_forwards++;
         dg_flow_cfg(v, v, p->vel_u + off, p->guidance_scale, n_target);
     }
     if ((rc = dg_flow_step(p->flow, p->frame_lat[p->target], v)) < 0) {

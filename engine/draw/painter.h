@@ -18,10 +18,11 @@
  *                       was encoded at that size before, else encoded and put there. A drawn
  *                       image is no exception (its sampler latent is not what its PNG decodes
  *                       to), so a condition is the same whatever a cache holds
- *   sampling            the flow-matching sampler (UniPC over the post-trained Karras
- *                       schedule; shift > 0 selects the shifted schedule), one call per
+ *   sampling            the flow-matching sampler (UniPC over the schedule the params
+ *                       name: the post-trained Karras one or the shifted one), one call per
  *                       denoising step, classifier-free guidance with the visual conditions
- *                       in both branches; the target's noise is stream
+ *                       in both branches (guidance_scale 0: the conditional branch alone,
+ *                       one DiT forward per step); the target's noise is stream
  *                       seed·0x9E3779B97F4A7C15 + index + 1, so a job draws the same images
  *                       on every machine
  *   finish              VAE decode into 8-bit RGB and its content hash
@@ -72,8 +73,9 @@ typedef struct {
     dg_latent_cache       *lcache;   /* condition latents: looked up, and put when encoded */
     uint64_t               seed;     /* the job's seed */
     int                    index;    /* the image's index in the job (0-based): its noise */
-    dg_image_params        params;   /* width, height, steps, guidance_scale, shift
-                                        (checked by dg_painter_check) */
+    dg_image_params        params;   /* width, height, steps, guidance_scale, schedule,
+                                        shift: every field a value (`set` is not read;
+                                        checked by dg_painter_check) */
 } dg_painter_job;
 
 /* What the image in progress has cost since dg_painter_begin; the caller adds it to its
@@ -82,6 +84,7 @@ typedef struct {
     double  diffusion_ms;     /* begin (conditions, noise, layout) and the denoising steps */
     double  vae_ms;           /* encoding condition images (also inside diffusion_ms), decoding */
     int64_t cached_latents;   /* condition images whose latent came from the latent cache */
+    int64_t dit_forwards;     /* DiT forward passes: one per step, two with guidance */
 } dg_painter_cost;
 
 /* Pixels of a condition frame when the worker sets no bound (max_condition_pixels 0):

@@ -4,8 +4,13 @@
  * Behaviour, steered by job metadata:
  *   text       "Echo: " and the words of the last user text, one word per step;
  *              max_new_tokens cuts it (finish "length")
- *   fake.images=N      draws N images after the first word: image_started, one step event
- *                      per denoising step, image_done with a PNG of the requested size
+ *   fake.report=1      the first word reports the submission and the parameters as the
+ *                      worker passed them: "params{seq=N;temperature=0;top_p=-;...}", in
+ *                      submission order N (1, 2, ... per worker process) and "-" for a
+ *                      field whose set bit is clear
+ *   fake.images=N      draws N images after the first word (at most max_images, when set):
+ *                      image_started, one step event per denoising step, image_done with a
+ *                      PNG of the requested size (64x64 and 4 steps unless set)
  *   fake.step_ms=MS    sleeps MS per step (a long job)
  *   fake.fail=crash    abort() at step fake.fail_step (default 1): the worker process dies
  *   fake.fail=error    the sequence fails with DG_EINVAL at step fake.fail_step
@@ -153,6 +158,31 @@ static void add_word(fake_seq *q, const char *w, size_t n) {
     q->words[q->n_words++] = strndup(w, n);
 }
 
+/* "params{seq=N;max_new_tokens=-;temperature=0;...}": what fake.report=1 puts first. */
+static void add_report(fake_seq *q, uint64_t seq, const dg_text_params *t, const dg_image_params *im) {
+    char w[512], v[32];
+    int n = snprintf(w, sizeof w, "params{seq=%llu", (unsigned long long)seq);
+#define FIELD(bits, bit, name, fmt, val) do { \
+        if ((bits) & (bit)) snprintf(v, sizeof v, fmt, val); else snprintf(v, sizeof v, "-"); \
+        n += snprintf(w + n, sizeof w - (size_t)n, ";%s=%s", name, v); \
+    } while (0)
+    FIELD(t->set, DG_TEXT_MAX_NEW_TOKENS, "max_new_tokens", "%d", t->max_new_tokens);
+    FIELD(t->set, DG_TEXT_TEMPERATURE, "temperature", "%g", t->temperature);
+    FIELD(t->set, DG_TEXT_TOP_P, "top_p", "%g", t->top_p);
+    FIELD(t->set, DG_TEXT_TOP_K, "top_k", "%d", t->top_k);
+    FIELD(t->set, DG_TEXT_REPETITION_PENALTY, "repetition_penalty", "%g", t->repetition_penalty);
+    FIELD(im->set, DG_IMAGE_WIDTH, "width", "%d", im->width);
+    FIELD(im->set, DG_IMAGE_HEIGHT, "height", "%d", im->height);
+    FIELD(im->set, DG_IMAGE_STEPS, "steps", "%d", im->steps);
+    FIELD(im->set, DG_IMAGE_GUIDANCE_SCALE, "guidance_scale", "%g", im->guidance_scale);
+    FIELD(im->set, DG_IMAGE_MAX_IMAGES, "max_images", "%d", im->max_images);
+    FIELD(im->set, DG_IMAGE_SHIFT, "shift", "%g", im->shift);
+    FIELD(im->set, DG_IMAGE_SCHEDULE, "schedule", "%s", im->schedule == DG_SCHEDULE_KARRAS ? "karras" : "shifted");
+#undef FIELD
+    snprintf(w + n, sizeof w - (size_t)n, "}");
+    add_word(q, w, strlen(w));
+}
+
 int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint64_t *seq,
                     char *err, size_t errlen) {
     fake_seq *q = NULL;
@@ -186,6 +216,9 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
             }
         }
     memset(q, 0, sizeof *q);
+    const char *v;
+    q->seq = ++s->next_seq;
+    if ((v = meta(r, "fake.report")) && !strcmp(v, "1")) add_report(q, q->seq, &r->text, &r->image);
     add_word(q, "Echo:", 5);
     for (size_t i = 0; i < last_len;) {
         while (i < last_len && last_text[i] == ' ') i++;
@@ -195,15 +228,14 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
         i = j;
     }
     q->live = 1;
-    q->seq = ++s->next_seq;
     q->sink = *sink;
-    q->max_tokens = r->text.max_new_tokens;
-    const char *v;
+    const dg_image_params *im = &r->image;
+    q->max_tokens = r->text.set & DG_TEXT_MAX_NEW_TOKENS ? r->text.max_new_tokens : 0;
     q->images_wanted = (v = meta(r, "fake.images")) ? atoi(v) : 0;
-    if (r->image.max_images && q->images_wanted > r->image.max_images) q->images_wanted = r->image.max_images;
-    q->width = r->image.width ? r->image.width : 64;
-    q->height = r->image.height ? r->image.height : 64;
-    q->steps = r->image.steps ? r->image.steps : 4;
+    if (im->set & DG_IMAGE_MAX_IMAGES && q->images_wanted > im->max_images) q->images_wanted = im->max_images;
+    q->width = im->set & DG_IMAGE_WIDTH ? im->width : 64;
+    q->height = im->set & DG_IMAGE_HEIGHT ? im->height : 64;
+    q->steps = im->set & DG_IMAGE_STEPS ? im->steps : 4;
     q->step_ms = (v = meta(r, "fake.step_ms")) ? atoi(v) : 0;
     q->fail_mode = !fail ? FAIL_NONE : !strcmp(fail, "crash") ? FAIL_CRASH
                  : !strcmp(fail, "error") ? FAIL_ERROR : !strcmp(fail, "fatal") ? FAIL_FATAL : FAIL_NONE;

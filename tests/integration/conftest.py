@@ -189,9 +189,9 @@ def make_job(job_id, text="hello world", meta=None, images=(), system=None, **kw
     for k, v in (meta or {}).items():
         job.metadata[k] = str(v)
     for k, v in kw.items():
-        if k in ("max_new_tokens", "temperature", "top_p", "top_k"):
-            setattr(job.text, k, v)
-        elif k in ("width", "height", "steps", "max_images", "guidance_scale"):
+        if k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+            setattr(job.text, k, v)   # a field with presence is present once set, 0 included
+        elif k in ("width", "height", "steps", "max_images", "guidance_scale", "shift", "schedule"):
             setattr(job.image, k, v)
         else:
             setattr(job, k, v)

@@ -1,6 +1,8 @@
 """duogend with the real engine (libduogen) on the tiny package: a text job, and the
 interleaved job of issue 7 — two input images, a logit bias that makes <BOV> likely,
-max_images 2 — end to end through Redis."""
+max_images 2 — end to end through Redis; and parameters whose effect shows: guidance 0 is one
+DiT forward per step, temperature 0 is greedy over a sampling default, the schedule."""
+import json
 import os
 import struct
 import subprocess
@@ -20,11 +22,19 @@ def png(w, h, seed):
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-def real_worker(cluster, wid="real1"):
+def real_worker(cluster, wid="real1", defaults=None):
+    """A duogend over the tiny package; `defaults` overrides keys of its duogen.json "defaults"."""
     pkg = os.path.join(cluster.tmp, "pkg")
     if not os.path.exists(pkg):
         subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", "tiny", "--seed", "5", "--out", pkg,
                         "--vocab", VOCAB], check=True, capture_output=True, timeout=120)
+    if defaults:
+        path = os.path.join(pkg, "duogen.json")
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["defaults"].update(defaults)
+        with open(path, "w") as f:
+            json.dump(manifest, f)
     w = Worker(cluster.tmp, cluster.server.url, wid, pkg)
     w.kill()
     w.cmd[0] = os.path.join(BUILD, "duogend")
@@ -145,3 +155,66 @@ def test_follow_up_with_drawn_pngs_is_the_same_on_a_fresh_worker(cluster):
     assert warm.usage.cached_prompt_tokens > 0 and warm.usage.cached_vision == 2
     assert fresh.usage.cached_prompt_tokens == 0 and fresh.usage.cached_vision == 0
     assert warm_text == fresh_text and warm_px == fresh_px
+
+
+def drawing_job(job_id, seed=3, **image):
+    """One 32x32 image in 3 steps, <BOV> forced first; `image` sets more ImageParams."""
+    job = pb.Job(id=job_id, seed=seed)
+    job.messages.add(role=pb.Message.USER).parts.add(text="Draw a lemon.")
+    job.text.max_new_tokens = 4
+    job.text.logit_bias[BOV] = 100.0
+    job.image.width, job.image.height, job.image.steps, job.image.max_images = 32, 32, 3, 1
+    for k, v in image.items():
+        setattr(job.image, k, v)
+    return job.SerializeToString()
+
+
+def test_guidance_zero_is_one_dit_forward_per_step(cluster):
+    real_worker(cluster)   # the tiny package's default guidance is 4
+    cluster.enqueue("cfg-default", raw=drawing_job("cfg-default"))
+    cluster.enqueue("cfg-zero", raw=drawing_job("cfg-zero", guidance_scale=0.0))
+    cluster.enqueue("no-images", raw=drawing_job("no-images", max_images=0))
+    forwards = {}
+    for job_id in ("cfg-default", "cfg-zero", "no-images"):
+        res = cluster.wait_result(job_id, timeout=120)
+        assert res["status"] == b"done", res
+        forwards[job_id] = (pb.Result.FromString(res["pb"]).usage.dit_forwards, res["images"])
+    assert forwards["cfg-default"] == (6, b"1")   # 3 steps, conditional and unconditional
+    assert forwards["cfg-zero"] == (3, b"1")      # 3 steps, the conditional branch alone
+    assert forwards["no-images"] == (0, b"0")     # max_images 0: <BOV> banned from the start
+
+
+def test_temperature_zero_is_greedy_over_a_sampling_default(cluster):
+    real_worker(cluster, defaults={"temperature": 1.0})
+    for seed in (1, 2):
+        for temperature in (None, 0.0):
+            job = pb.Job(id=f"t{seed}-{temperature}", seed=seed)
+            job.messages.add(role=pb.Message.USER).parts.add(text="Name a soup.")
+            job.text.max_new_tokens = 12
+            job.image.max_images = 0
+            if temperature is not None:
+                job.text.temperature = temperature
+            cluster.enqueue(job.id, raw=job.SerializeToString())
+    text = {}
+    for seed in (1, 2):
+        for temperature in (None, 0.0):
+            res = cluster.wait_result(f"t{seed}-{temperature}", timeout=60)
+            assert res["status"] == b"done", res
+            text[seed, temperature] = res["text"]
+    assert text[1, 0.0] == text[2, 0.0]       # greedy: the seed does not matter
+    assert text[1, None] != text[2, None]     # the package's temperature 1 samples
+
+
+def test_schedule_default_is_the_packages_and_karras_differs(cluster):
+    real_worker(cluster)   # mkmodel's packages: shift 5 and no "schedule", so shifted
+    jobs = {"default": {}, "shifted": {"schedule": pb.ImageParams.SHIFTED},
+            "shift5": {"shift": 5.0}, "karras": {"schedule": pb.ImageParams.KARRAS}}
+    for name, image in jobs.items():
+        cluster.enqueue(f"sched-{name}", raw=drawing_job(f"sched-{name}", **image))
+    seen = {}
+    for name in jobs:
+        res = cluster.wait_result(f"sched-{name}", timeout=120)
+        assert res["status"] == b"done" and res["images"] == b"1", res
+        seen[name] = pixels(cluster.r.get(f"duogen:image:sched-{name}:1"))
+    assert seen["default"] == seen["shifted"] == seen["shift5"]
+    assert seen["karras"] != seen["default"]

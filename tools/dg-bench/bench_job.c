@@ -109,9 +109,11 @@ static int run_job(dg_sched *s, int32_t bov, const char *id, uint64_t seed, int 
     dg_message msg = {DG_ROLE_USER, &part, 1};
     dg_logit_bias bias = {bov, 100.0f};
     dg_request r = {.id = id, .messages = &msg, .n_messages = 1, .seed = seed,
-                    .text = {.max_new_tokens = tokens, .temperature = 1.0f, .logit_bias = &bias,
-                             .n_logit_bias = 1},
-                    .image = {.width = side, .height = side, .steps = steps, .guidance_scale = guidance,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE, .max_new_tokens = tokens,
+                             .temperature = 1.0f, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
+                                     DG_IMAGE_MAX_IMAGES,
+                              .width = side, .height = side, .steps = steps, .guidance_scale = guidance,
                               .max_images = images}};
     dg_sink sink = {o, on_text, on_image_started, on_step, on_image_done, on_finished, on_failed};
     char err[512];

@@ -4,7 +4,9 @@
  *
  *   enqueue [--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]...
  *           [--high] [--wait] [--out DIR] TEXT...   put a job on the queue (prints its id);
- *           FILE is JSON: {"id", "system", "text", "images": [...], "params": {...}}
+ *           FILE is JSON: {"id", "system", "text", "images": [...], "params": {...}};
+ *           --param sets one field (the keys: PARAM_KEYS below); a field not given takes
+ *           the package's default, a field given is used, 0 included (temperature=0 greedy)
  *   watch ID                                   follow a job's events until it ends
  *   result ID [--out DIR]                      print a result; --out writes answer.md + PNGs
  *   cancel ID                                  ask the worker to stop a job
@@ -31,6 +33,10 @@
 #define EXIT_JOB   1
 #define EXIT_USAGE 2
 #define EXIT_IO    3
+
+#define PARAM_KEYS "max_new_tokens temperature top_p top_k repetition_penalty stop bias.<token> width height " \
+                   "steps guidance_scale max_images schedule shift seed deadline_s max_attempts result_ttl_s " \
+                   "inline_images meta.<key>"
 
 static const char *prefix = "duogen";
 static dg_redis R;
@@ -122,6 +128,16 @@ static uint32_t parse_uint(const char *k, const char *v) {
     return (uint32_t)n;
 }
 
+static Duogen__V1__ImageParams__Schedule parse_schedule(const char *v) {
+    if (!strcmp(v, "default")) return DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SCHEDULE_DEFAULT;
+    if (!strcmp(v, "karras")) return DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS;
+    if (!strcmp(v, "shifted")) return DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SHIFTED;
+    die(EXIT_USAGE, "--param schedule=%s: not default, karras or shifted", v);
+}
+
+/* One --param KEY=VALUE into the job. A key given sets its field, 0 included (the fields
+ * with presence in duogen.proto: temperature=0 is greedy, guidance_scale=0 no guidance,
+ * max_images=0 text only); a key not given leaves the field absent: the package's default. */
 static void set_param(job_builder *b, const char *kv) {
     char k[128];
     const char *eq = strchr(kv, '=');
@@ -130,11 +146,19 @@ static void set_param(job_builder *b, const char *kv) {
     k[eq - kv] = 0;
     const char *v = eq + 1;
     if (!strcmp(k, "max_new_tokens")) b->text.max_new_tokens = parse_uint(k, v);
-    else if (!strcmp(k, "temperature")) b->text.temperature = parse_float(k, v);
-    else if (!strcmp(k, "top_p")) b->text.top_p = parse_float(k, v);
-    else if (!strcmp(k, "top_k")) b->text.top_k = parse_uint(k, v);
-    else if (!strcmp(k, "repetition_penalty")) b->text.repetition_penalty = parse_float(k, v);
-    else if (!strcmp(k, "stop")) {
+    else if (!strcmp(k, "temperature")) {
+        b->text._temperature_case = DUOGEN__V1__TEXT_PARAMS___TEMPERATURE_TEMPERATURE;
+        b->text.temperature = parse_float(k, v);
+    } else if (!strcmp(k, "top_p")) {
+        b->text._top_p_case = DUOGEN__V1__TEXT_PARAMS___TOP_P_TOP_P;
+        b->text.top_p = parse_float(k, v);
+    } else if (!strcmp(k, "top_k")) {
+        b->text._top_k_case = DUOGEN__V1__TEXT_PARAMS___TOP_K_TOP_K;
+        b->text.top_k = parse_uint(k, v);
+    } else if (!strcmp(k, "repetition_penalty")) {
+        b->text._repetition_penalty_case = DUOGEN__V1__TEXT_PARAMS___REPETITION_PENALTY_REPETITION_PENALTY;
+        b->text.repetition_penalty = parse_float(k, v);
+    } else if (!strcmp(k, "stop")) {
         b->stop = realloc(b->stop, (b->n_stop + 1) * sizeof *b->stop);
         b->stop[b->n_stop++] = strdup(v);
     } else if (!strncmp(k, "bias.", 5)) {
@@ -147,9 +171,16 @@ static void set_param(job_builder *b, const char *kv) {
     } else if (!strcmp(k, "width")) b->image.width = parse_uint(k, v);
     else if (!strcmp(k, "height")) b->image.height = parse_uint(k, v);
     else if (!strcmp(k, "steps")) b->image.steps = parse_uint(k, v);
-    else if (!strcmp(k, "guidance_scale") || !strcmp(k, "guidance")) b->image.guidance_scale = parse_float(k, v);
-    else if (!strcmp(k, "max_images")) b->image.max_images = parse_uint(k, v);
-    else if (!strcmp(k, "shift")) b->image.shift = parse_float(k, v);
+    else if (!strcmp(k, "guidance_scale") || !strcmp(k, "guidance")) {
+        b->image._guidance_scale_case = DUOGEN__V1__IMAGE_PARAMS___GUIDANCE_SCALE_GUIDANCE_SCALE;
+        b->image.guidance_scale = parse_float(k, v);
+    } else if (!strcmp(k, "max_images")) {
+        b->image._max_images_case = DUOGEN__V1__IMAGE_PARAMS___MAX_IMAGES_MAX_IMAGES;
+        b->image.max_images = parse_uint(k, v);
+    } else if (!strcmp(k, "shift")) {
+        b->image._shift_case = DUOGEN__V1__IMAGE_PARAMS___SHIFT_SHIFT;
+        b->image.shift = parse_float(k, v);
+    } else if (!strcmp(k, "schedule")) b->image.schedule = parse_schedule(v);
     else if (!strcmp(k, "seed")) b->job.seed = strtoull(v, NULL, 10);
     else if (!strcmp(k, "deadline_s")) {
         struct timespec ts;
@@ -165,9 +196,7 @@ static void set_param(job_builder *b, const char *kv) {
         e->value = strdup(v);
         b->meta = realloc(b->meta, (b->n_meta + 1) * sizeof *b->meta);
         b->meta[b->n_meta++] = e;
-    } else die(EXIT_USAGE, "--param %s: unknown (max_new_tokens temperature top_p top_k repetition_penalty "
-               "stop bias.<token> width height steps guidance_scale max_images shift seed deadline_s "
-               "max_attempts result_ttl_s inline_images meta.<key>)", k);
+    } else die(EXIT_USAGE, "--param %s: unknown (" PARAM_KEYS ")", k);
 }
 
 static int follow(const char *id, int show_text);
@@ -652,7 +681,9 @@ static int usage(void) {
             "  enqueue [--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high]\n"
             "          [--wait] [--out DIR] TEXT...\n"
             "  watch ID\n  result ID [--out DIR]\n  cancel ID\n  stats\n"
-            "  dead [list [--count N] | requeue ID... | requeue --all]\n");
+            "  dead [list [--count N] | requeue ID... | requeue --all]\n"
+            "--param keys (a key not given takes the package's default; a key given, 0 included, is used):\n"
+            "  " PARAM_KEYS "\n");
     return EXIT_USAGE;
 }
 
