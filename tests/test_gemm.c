@@ -4,17 +4,18 @@
  * cache filled by decode (m = 1) on a warm worker and by prefill on a cold one depends on
  * it (issue 14 item 3).
  *
- * Shapes: k = 83 (not a multiple of the 16 lanes), k = 1100 (three k-blocks of 512, the
- * last one with a tail); n = 37 and 101 (not multiples of any tile's rows of W, nor of the
- * 48-row chunk); m = 1, 2, 3, 5, 17, 64, 300 (partial tiles of x, one and several 64-row
- * m-blocks). Each batch of m rows is computed twice, from row 0 and from row 3 of x, so a
- * row meets a different tile position; every row is compared with memcmp to that row alone
- * (m = 1, the GEMV).
+ * Shapes: k = 83 (not a multiple of the 16 lanes), k = 1100 (two blocks of the order, 1024
+ * and 76 columns, the last with a tail); n = 37 and 101 (not multiples of any tile's rows of
+ * W, nor of the 96-row chunk); m = 1, 2, 3, 5, 17, 64, 300 (partial tiles of x; one m-block,
+ * or several: 120 or 240 rows). Each batch of m rows is computed twice, from row 0 and from
+ * row 3 of x, so a row meets a different tile position; every row is compared with memcmp
+ * to that row alone (m = 1, the GEMV).
  *
- * Accuracy against a double-precision reference: in the canonical order each output is a
- * chain of ceil(k/16) roundings per lane (fused multiply-add, or in the portable kernels a
- * rounded product and a rounded sum), 4 more in the tree and 1 for the bias, so its error
- * is at most (ceil(k/16) + 6)·2^-24·(Σ|x_j·w_j| + |b|) to first order; the check allows
+ * Accuracy against a double-precision reference: in the canonical order a product meets at
+ * most ceil(k/16) roundings in its lane's chain (fused multiply-add; the portable kernels
+ * add one for the rounded product), 4 in the tree, one per later block and one for the
+ * bias: at most ceil(k/16) + 7 for these shapes, so the error is within
+ * (ceil(k/16) + 7)·2^-24·(Σ|x_j·w_j| + |b|) to first order; the check allows
  * (ceil(k/16) + 8)·2^-24·(Σ|x_j·w_j| + |b|). */
 #include <math.h>
 #include <stdint.h>

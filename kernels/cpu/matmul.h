@@ -45,8 +45,8 @@
 /* GEMM blocking (matmul.c). A task is an m-block of x against a chunk of at most NC rows
  * of W. For each block of k, the chunk's panels (nr rows x the block, widened: 24 KiB at
  * nr = 6, in L1) are packed one after the other, each used by every tile of the m-block;
- * the m-block's XSLAB floats of x (512 KiB: MC = 128 rows of a full block) stay in L2
- * while the chunk's panels pass. */
+ * the m-block's XSLAB floats of x (512 KiB: 120 rows of a full block, 144 of k = 896) stay
+ * in L2 while the chunk's panels pass. */
 #define DG_MATMUL_XSLAB (128 * 1024)
 #define DG_MATMUL_MC_MAX 240   /* a multiple of every mr (2, 3, 4) */
 #define DG_MATMUL_NC 96        /* a multiple of every nr (2, 3, 4, 6) */

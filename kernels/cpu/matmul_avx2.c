@@ -3,11 +3,11 @@
  * kernels' bit for bit. Also the panel packing both use.
  *
  * The tile is 3 x 2: its 12 ymm accumulators, the 2 panel vectors of a half step and a row of
- * x use 15 of the 16 registers. A dot-product tile holds one output per accumulator (two
- * here), where an outer-product GEMM holds eight: with 16 registers it streams twice the x
- * per FMA that the AVX-512 tile does, and runs at ~75% of OpenBLAS's AVX2 sgemm on this
- * project's EPYC (72-79 against 92-98 GFLOP/s, one thread, forced to AVX2). The AVX-512
- * kernels are the ones this machine uses. */
+ * x use 15 of the 16 registers. A dot-product tile holds one output in two accumulators,
+ * where an outer-product GEMM holds eight outputs in one: with 16 registers it streams
+ * twice the x per FMA that the AVX-512 tile does, and runs at 76-87% of OpenBLAS's AVX2
+ * sgemm on this project's EPYC (77-83 against 88-97 GFLOP/s, one thread, forced to AVX2).
+ * This machine uses the AVX-512 kernels. */
 #include <immintrin.h>
 #include <string.h>
 
