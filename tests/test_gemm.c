@@ -5,8 +5,9 @@
  * it (issue 14 item 3).
  *
  * Shapes: k = 83 (not a multiple of the 16 lanes), k = 1100 (two blocks of the order, 1024
- * and 76 columns, the last with a tail); n = 37 and 101 (not multiples of any tile's rows of
- * W, nor of the 96-row chunk); m = 1, 2, 3, 5, 17, 64, 300 (partial tiles of x; one m-block,
+ * and 76 columns, the last with a tail), k = 7 (a tail only); n = 37 and 101 (not multiples
+ * of any tile's rows of W, nor of the 96-row chunk), n = 5 (less than a tile); and two
+ * shapes drawn from the seed; m = 1, 2, 3, 5, 17, 64, 300 (partial tiles of x; one m-block,
  * or several: 120 or 240 rows). Each batch of m rows is computed twice, from row 0 and from
  * row 3 of x, so a row meets a different tile position; every row is compared with memcmp
  * to that row alone (m = 1, the GEMV).
@@ -30,7 +31,8 @@
 enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
 
 static const int MS[] = {2, 3, 5, 17, 64, 300};
-static const int SHAPES[][2] = {{37, 83}, {101, 1100}};   /* n, k */
+static const int SHAPES[][2] = {{37, 83}, {101, 1100}, {5, 7}};   /* n, k */
+enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..1100 drawn from the seed */
 
 static uint64_t rng = 2024;
 static float frand(void) {   /* uniform in [-1, 1) */
@@ -160,10 +162,17 @@ TEST(rows_are_the_same_bits_whatever_m_offset_threads_and_isa) {
             test_fail(__FILE__, __LINE__, "%s: %s", CONFIGS[c].label, err);
             goto out;
         }
+    enum { N_FIXED = sizeof SHAPES / sizeof SHAPES[0] };
+    int shapes[N_FIXED + N_RANDOM_SHAPES][2];
+    memcpy(shapes, SHAPES, sizeof SHAPES);
+    for (int s = N_FIXED; s < N_FIXED + N_RANDOM_SHAPES; s++) {
+        shapes[s][0] = 1 + (int)((frand() + 1.0f) * 24.0f);     /* 1 .. 48 */
+        shapes[s][1] = 1 + (int)((frand() + 1.0f) * 550.0f);    /* 1 .. 1100 */
+    }
     for (int t = 0; t < 3; t++)
-        for (size_t s = 0; s < sizeof SHAPES / sizeof SHAPES[0]; s++)
+        for (int s = 0; s < N_FIXED + N_RANDOM_SHAPES; s++)
             for (int with_bias = 0; with_bias < 2; with_bias++)
-                check_weight(be, (dg_dtype)t, SHAPES[s][0], SHAPES[s][1], with_bias);
+                check_weight(be, (dg_dtype)t, shapes[s][0], shapes[s][1], with_bias);
 out:
     for (int c = 0; c < N_CONFIGS; c++) dg_backend_free(be[c]);
 }
