@@ -24,17 +24,15 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen);
 
 /* The widest kernel set of the machine (DG_CPU_*). AVX2 + FMA (the compiler's check
  * includes OS support for the ymm state) and F16C (CPUID.1:ECX bit 29; not every compiler's
- * __builtin_cpu_supports knows "f16c"); AVX-512 F/BW/VL (the check includes OS support for
- * the zmm state). */
+ * __builtin_cpu_supports knows "f16c"); AVX-512 F (the check includes OS support for the
+ * zmm state). */
 static int simd_level(void) {
     unsigned a, b, c, d;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
         !__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 29)))
         return DG_CPU_PORTABLE;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl"))
-        return DG_CPU_AVX512;
+    if (__builtin_cpu_supports("avx512f")) return DG_CPU_AVX512;
     return DG_CPU_AVX2;
 }
 

@@ -12,7 +12,7 @@
 enum {
     DG_CPU_PORTABLE = 0,   /* plain C: "cpu-scalar" */
     DG_CPU_AVX2     = 1,   /* AVX2 + FMA + F16C */
-    DG_CPU_AVX512   = 2,   /* and AVX-512 F/BW/VL (the matmul only) */
+    DG_CPU_AVX512   = 2,   /* and AVX-512 F (the GEMM tile only) */
 };
 
 /* A CPU backend using the widest kernel set that the machine has and that is at most

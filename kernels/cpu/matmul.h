@@ -17,8 +17,9 @@
  *      c[l] = b[l] + b[l + 4] (l < 4), d[l] = c[l] + c[l + 2] (l < 2), t = d[0] + d[1];
  *   3. s = t of block 0, then s = s + t for each next block in order;
  *   4. y = s + bias[r] when there is a bias, else y = s.
- * AVX-512 holds the 16 lanes in one zmm accumulator, AVX2 in two ymm (lanes 0-7 and 8-15),
- * so the two give the same bits, and a fleet of mixed CPUs the same answers. The portable
+ * The AVX-512 tile holds the 16 lanes in one zmm accumulator, the AVX2 kernels in two ymm
+ * (lanes 0-7 and 8-15), so the two give the same bits, and a fleet of mixed CPUs the same
+ * answers. The portable
  * kernels ("cpu-scalar") follow the same blocks, lanes and tree with a rounded multiply and
  * a rounded add instead of the fused multiply-add: their own order, with the same
  * invariance. Weights are widened to fp32 exactly (bf16: a shift; f16: IEEE binary16), in
@@ -76,7 +77,9 @@ typedef struct {
 
 extern const dg_matmul_kernels dg_matmul_portable, dg_matmul_avx2, dg_matmul_avx512;
 
-/* The panel packing of the AVX2 file, which the AVX-512 kernels share (packing is a copy). */
+/* The GEMV and the panel packing of the AVX2 file, which the AVX-512 kernels share. */
+void dg_matmul_rows_avx2(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
+                         int64_t r1);
 void dg_matmul_pack_avx2(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                          int64_t kc);
 

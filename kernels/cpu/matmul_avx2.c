@@ -1,6 +1,6 @@
 /* matmul_avx2.c — the matmul kernels (canonical order: matmul.h) for AVX2 + FMA + F16C: the
  * 16 lanes in two ymm accumulators (lanes 0-7 and 8-15), so the results equal the AVX-512
- * kernels' bit for bit. Also the panel packing both use.
+ * kernels' bit for bit. Also the GEMV and the panel packing both use.
  *
  * The tile is 3 x 2: its 12 ymm accumulators, the 2 panel vectors of a half step and a row of
  * x use 15 of the 16 registers. A dot-product tile holds one output in two accumulators,
@@ -73,7 +73,8 @@ ROWS(rows_bf16, uint16_t, load_bf16)
 ROWS(rows_f16, uint16_t, load_f16)
 ROWS(rows_f32, float, load_f32)
 
-static void rows(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0, int64_t r1) {
+void dg_matmul_rows_avx2(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
+                         int64_t r1) {
     if (w->dtype == DG_DTYPE_BF16) rows_bf16(y, x, w, bias, r0, r1);
     else if (w->dtype == DG_DTYPE_F16) rows_f16(y, x, w, bias, r0, r1);
     else rows_f32(y, x, w, bias, r0, r1);
@@ -177,4 +178,4 @@ static void tile(int rm, const float *x, int64_t ldx, const float *panel, int64_
     f[rm](x, ldx, panel, kc, flags, y, ldy, nn, bias);
 }
 
-const dg_matmul_kernels dg_matmul_avx2 = {MR, NR, rows, dg_matmul_pack_avx2, tile};
+const dg_matmul_kernels dg_matmul_avx2 = {MR, NR, dg_matmul_rows_avx2, dg_matmul_pack_avx2, tile};

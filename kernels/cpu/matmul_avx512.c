@@ -1,5 +1,8 @@
-/* matmul_avx512.c — the matmul kernels (canonical order: matmul.h) for AVX-512 F/BW/VL:
- * the 16 lanes in one zmm accumulator, tails by masked loads.
+/* matmul_avx512.c — the GEMM tile (canonical order: matmul.h) for AVX-512 F: the 16 lanes
+ * in one zmm accumulator, the tail of k by masked loads. The GEMV and the panel packing are
+ * the AVX2 file's: the same bits, and for the GEMV faster than one zmm accumulator a row
+ * (one chain of 16 lanes: 27-29 GB/s from L3 on an 8.7 MB matrix, against 31-37 for two
+ * chains of 8; the same ~21-27 GB/s from memory, which decode streams from).
  *
  * The tile is 4 x 6: 24 zmm accumulators, the 6 panel vectors of a k-step and one row of x
  * fill 31 of the 32 registers; a k-step loads 10 vectors for 24 FMAs. In L1 it runs at
@@ -8,7 +11,7 @@
 
 #include "matmul.h"
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c,avx2")))
+#define TARGET __attribute__((target("avx512f,fma,avx2")))
 #define INLINE static inline __attribute__((always_inline))
 #define MR 4
 #define NR 6
@@ -21,59 +24,6 @@ TARGET INLINE float reduce(__m512 a) {
     const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
     const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
     return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-}
-
-/* Sixteen stored weights widened to fp32; the masked forms read only the lanes in m and
- * give zeros in the others. */
-TARGET INLINE __m512 load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-TARGET INLINE __m512 load_bf16_mask(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-TARGET INLINE __m512 load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-TARGET INLINE __m512 load_f16_mask(const uint16_t *p, __mmask16 m) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-TARGET INLINE __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
-TARGET INLINE __m512 load_f32_mask(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-
-/* ---- GEMV: one row at a time, one accumulator. From memory (the 272 MB lm_head) as fast
- * as the four-accumulator GEMV before it, 24-27 GB/s on one core; from L3 a single chain
- * is slower (38 against 50 GB/s on an 8.7 MB matrix), which decode, streaming 1 GB of
- * weights a token, does not meet. ---- */
-
-#define ROWS(NAME, T, LOAD, LOAD_MASK)                                                          \
-    TARGET static void NAME(float *y, const float *x, const dg_weight *w, const float *bias,   \
-                            int64_t r0, int64_t r1) {                                           \
-        const int64_t k = w->cols;                                                              \
-        for (int64_t r = r0; r < r1; r++) {                                                     \
-            const T *wr = (const T *)w->data + r * k;                                           \
-            float s = 0.0f;                                                                     \
-            for (int64_t k0 = 0; k0 < k; k0 += DG_MATMUL_KB) {                                  \
-                const int64_t kc = k - k0 < DG_MATMUL_KB ? k - k0 : DG_MATMUL_KB;               \
-                const int64_t end = k0 + kc / 16 * 16;                                          \
-                const __mmask16 tail = (__mmask16)((1u << (kc % 16)) - 1);                      \
-                __m512 a = _mm512_setzero_ps();                                                 \
-                for (int64_t j = k0; j < end; j += 16)                                          \
-                    a = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), LOAD(wr + j), a);               \
-                if (tail)                                                                       \
-                    a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + end),                   \
-                                        LOAD_MASK(wr + end, tail), a);                          \
-                s = k0 == 0 ? reduce(a) : s + reduce(a);                                        \
-            }                                                                                   \
-            y[r] = bias ? s + bias[r] : s;                                                      \
-        }                                                                                       \
-    }
-
-ROWS(rows_bf16, uint16_t, load_bf16, load_bf16_mask)
-ROWS(rows_f16, uint16_t, load_f16, load_f16_mask)
-ROWS(rows_f32, float, load_f32, load_f32_mask)
-
-static void rows(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0, int64_t r1) {
-    if (w->dtype == DG_DTYPE_BF16) rows_bf16(y, x, w, bias, r0, r1);
-    else if (w->dtype == DG_DTYPE_F16) rows_f16(y, x, w, bias, r0, r1);
-    else rows_f32(y, x, w, bias, r0, r1);
 }
 
 /* ---- GEMM tile: rm x NR outputs over one block of k (matmul.h dg_matmul_kernels.tile) ---- */
@@ -135,4 +85,4 @@ static void tile(int rm, const float *x, int64_t ldx, const float *panel, int64_
     f[rm](x, ldx, panel, kc, flags, y, ldy, nn, bias);
 }
 
-const dg_matmul_kernels dg_matmul_avx512 = {MR, NR, rows, dg_matmul_pack_avx2, tile};
+const dg_matmul_kernels dg_matmul_avx512 = {MR, NR, dg_matmul_rows_avx2, dg_matmul_pack_avx2, tile};
