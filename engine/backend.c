@@ -112,8 +112,8 @@ int dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, d
     dg_backend *be = NULL;
     int rc;
     *out = NULL;
-    if (!name || !strcmp(name, "cpu")) rc = dg_cpu_backend_new(n_threads, 0, &be, err, errlen);
-    else if (!strcmp(name, "cpu-scalar")) rc = dg_cpu_backend_new(n_threads, 1, &be, err, errlen);
+    if (!name || !strcmp(name, "cpu")) rc = dg_cpu_backend_new(n_threads, DG_CPU_AVX512, &be, err, errlen);
+    else if (!strcmp(name, "cpu-scalar")) rc = dg_cpu_backend_new(n_threads, DG_CPU_PORTABLE, &be, err, errlen);
     else if (cuda_index(name) >= 0) {
 #ifdef DG_HAVE_CUDA
         cuda_new_fn cuda_new = cuda_module(err, errlen);

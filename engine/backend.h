@@ -125,7 +125,12 @@ struct dg_backend {
     int   (*weight_prepare)(dg_backend *be, dg_weight *w, char *err, size_t errlen);
 
     /* y[m, w.rows] = x[m, w.cols] · Wᵀ (+ bias[w.rows] when bias != NULL).
-     * m == 1 is the decode case (a bandwidth-bound GEMV); larger m a GEMM. */
+     * m == 1 is the decode case (a bandwidth-bound GEMV); larger m a GEMM.
+     * Rows are bit-identical whatever m (CPU backends): row i of y depends on row i of x, W
+     * and bias only, not on m, the row's place in the batch or the thread count, so KV that
+     * decode computed one token at a time equals KV that a prefill computed (the order:
+     * kernels/cpu/matmul.h; "cpu" gives the same bits with AVX2 or AVX-512). The CUDA backend
+     * does not promise it (a GEMV for m <= 8, cuBLAS above). */
     void (*matmul)(dg_backend *be, float *y, const float *x, const dg_weight *w,
                    const float *bias, int m);
     /* y[m, n] = x / sqrt(mean(x²) + eps) * weight[n], per row; y may equal x. */

@@ -1,5 +1,6 @@
 /* Every CPU backend operation against a plain double-precision reference written here,
- * for both kernel sets ("cpu": AVX2/FMA where present, "cpu-scalar": portable).
+ * for both kernel sets ("cpu": AVX2/FMA or AVX-512 where present, "cpu-scalar": portable);
+ * the matmul's row invariance is tests/test_gemm.c.
  *
  * Tolerances: a dot product of k fp32 terms in any summation order is within
  * k·2^-24·Σ|a_i·b_i| of the exact value; the checks use 1e-5·Σ|a_i·b_i| + 1e-6

@@ -10,11 +10,13 @@
  *   - 32 greedy decode steps through the paged KV cache: identical tokens, and the top-16
  *     logits of every step;
  *   - the same with the prompt fed in chunks (prefill after cached positions) and with the
- *     portable scalar kernels.
+ *     portable scalar kernels;
+ *   - a prompt fed one token at a time, or in chunks, gives the same logits bit for bit as
+ *     one prefill (exact: no tolerance).
  *
  * Tolerance: |ours - golden| <= 1e-3 + 1e-4·|golden| on logits of magnitude up to ~5.
  * Both sides compute in fp32 from the same bf16 weights; they differ only in summation
- * order (OpenBLAS/AVX2 vs PyTorch's kernels) and in the online vs two-pass softmax, which
+ * order (our matmul vs PyTorch's kernels) and in the online vs two-pass softmax, which
  * gives errors of order 1e-6..1e-5 here (the largest seen is printed). A wrong rotary
  * pairing, bias, norm or mask gives errors of order 0.1..1, far above it. */
 #include <inttypes.h>
@@ -221,6 +223,56 @@ TEST(prefix_reuse_gives_the_same_logits) {
     dg_kv_seq_free(&b);
     free(ids);
     model_close(&x);
+}
+
+/* The logits of every position of a prompt, fed in chunks of `chunk` tokens: rows[n, V]. */
+static float *prompt_logits(model *x, const int32_t *ids, int n, int chunk) {
+    const int V = x->m.cfg.vocab_size;
+    char err[256];
+    float *rows = malloc(sizeof(float) * (size_t)n * (size_t)V);
+    dg_kv_seq seq;
+    CHECK(dg_kv_seq_init(&seq, 1024, dg_kv_cache_block_size(x->kv)) == 0);
+    for (int p0 = 0; p0 < n; p0 += chunk) {
+        const int m = n - p0 < chunk ? n - p0 : chunk;
+        dg_qwen2_input in = {.ids = ids + p0, .n = m, .n_logits = m};
+        CHECK_EQ_INT(dg_qwen2_forward(&x->m, x->s, x->kv, &seq, &in, NULL, err, sizeof err), 0);
+        memcpy(rows + (int64_t)p0 * V, x->s->logits, sizeof(float) * (size_t)m * (size_t)V);
+    }
+    dg_kv_seq_release(x->kv, &seq);
+    dg_kv_seq_free(&seq);
+    return rows;
+}
+
+/* KV computed one token at a time (decode, as on a worker that generated the earlier turns)
+ * and by one prefill (a cold worker) give the same logits, bit for bit, at every position:
+ * every op of the CPU decoder computes a row alike whatever the number of rows (the matmul:
+ * kernels/cpu/matmul.h; issue 14). Chunks of 1, 2 and 7 against one prefill of the prompt. */
+TEST(decode_and_prefill_give_the_same_bits) {
+    static const char *backends[] = {"cpu", "cpu-scalar"};
+    static const int chunks[] = {1, 2, 7};
+    if (!setup()) { CHECK(!"setup"); return; }
+    json_t *p = json_array_get(json_object_get(goldens, "prompts"), 2);
+    int n;
+    int32_t *ids = ids_of(json_object_get(p, "ids"), &n);
+    for (int b = 0; b < 2; b++) {
+        model x;
+        if (model_open(&x, backends[b]) < 0) { CHECK(!"setup"); break; }
+        const int V = x.m.cfg.vocab_size;
+        float *whole = prompt_logits(&x, ids, n, n);
+        for (int c = 0; c < 3; c++) {
+            float *parts = prompt_logits(&x, ids, n, chunks[c]);
+            for (int i = 0; i < n; i++)
+                if (memcmp(parts + (int64_t)i * V, whole + (int64_t)i * V, sizeof(float) * (size_t)V)) {
+                    test_fail(__FILE__, __LINE__, "%s, chunks of %d: logits of position %d differ from one prefill's",
+                              backends[b], chunks[c], i);
+                    break;
+                }
+            free(parts);
+        }
+        free(whole);
+        model_close(&x);
+    }
+    free(ids);
 }
 
 static int hook_calls, hook_bad;

@@ -1,4 +1,4 @@
-/* cpu_backend.c — the CPU backend's operation table, GEMM dispatch and memory. */
+/* cpu_backend.c — the CPU backend's operation table, kernel-set detection and memory. */
 #include "cpu_backend.h"
 
 #include <cblas.h>
@@ -9,31 +9,39 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "matmul.h"
 #include "vision_ops.h"
 #include "dit_ops.h"
 #include "sample_ops.h"
 #include "duogen.h"
 
-/* GEMM over bf16/f16 weights converts a slab of weight rows to fp32 and hands it to
- * OpenBLAS. 4M floats (16 MiB) hold >= 200 rows of the widest Qwen2.5-VL-7B matrix
- * (down_proj, 18944 columns): large enough for sgemm to run at full speed. */
+/* The convolution's scratch: 4M floats (16 MiB) of im2col tiles (backend.h bounds conv3d's
+ * c_in·kt·kh·kw by it) and the VAE attention's score tiles. */
 #define CONV_FLOATS (4 << 20)
 
 static dg_cpu *cpu(dg_backend *be) { return be->impl; }
 static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen);
 
-/* AVX2 + FMA (the compiler's check includes OS support for the ymm state) and F16C
- * (CPUID.1:ECX bit 29; not every compiler's __builtin_cpu_supports knows "f16c"). */
-static int has_simd(void) {
+/* The widest kernel set of the machine (DG_CPU_*). AVX2 + FMA (the compiler's check
+ * includes OS support for the ymm state) and F16C (CPUID.1:ECX bit 29; not every compiler's
+ * __builtin_cpu_supports knows "f16c"); AVX-512 F (the check includes OS support for the
+ * zmm state). */
+static int simd_level(void) {
     unsigned a, b, c, d;
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
-    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
+        !__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 29)))
+        return DG_CPU_PORTABLE;
+    if (__builtin_cpu_supports("avx512f")) return DG_CPU_AVX512;
+    return DG_CPU_AVX2;
 }
 
 static void cpu_free(dg_backend *be) {
     if (!be) return;
-    if (be->impl) free(cpu(be)->conv);
+    if (be->impl) {
+        free(cpu(be)->conv);
+        free(cpu(be)->gemm);
+    }
     free(be->impl);
     free(be);
 }
@@ -53,38 +61,9 @@ static int cpu_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t er
     return 0;   /* the ops read the mapped tensor in place */
 }
 
-static void add_bias(dg_cpu *c, float *y, const float *bias, int m, int64_t n) {
-#pragma omp parallel for num_threads(c->n_threads) schedule(static)
-    for (int i = 0; i < m; i++)
-        for (int64_t j = 0; j < n; j++) y[(int64_t)i * n + j] += bias[j];
-}
-
 static void cpu_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w,
                        const float *bias, int m) {
-    dg_cpu *c = cpu(be);
-    const int64_t n = w->rows, k = w->cols;
-    if (m == 1) {
-        dg_cpu_gemv(c, y, x, w, bias);
-        return;
-    }
-    if (w->dtype == DG_DTYPE_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, (int)n, (int)k, 1.0f, x, (int)k,
-                    w->data, (int)k, 0.0f, y, (int)n);
-    } else {
-        const int64_t slab = c->conv_floats / k;          /* rows converted at once */
-        for (int64_t r0 = 0; r0 < n; r0 += slab) {
-            const int64_t nr = n - r0 < slab ? n - r0 : slab;
-            const int64_t per = (nr + c->n_threads - 1) / c->n_threads;
-#pragma omp parallel for num_threads(c->n_threads) schedule(static)
-            for (int t = 0; t < c->n_threads; t++) {
-                int64_t a = t * per, b = a + per < nr ? a + per : nr;
-                if (a < b) dg_cpu_rows_f32(c->simd, c->conv + a * k, w, r0 + a, b - a);
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, (int)nr, (int)k, 1.0f, x,
-                        (int)k, c->conv, (int)k, 0.0f, y + r0, (int)n);
-        }
-    }
-    if (bias) add_bias(c, y, bias, m, n);
+    dg_cpu_matmul(cpu(be), y, x, w, bias, m);
 }
 
 static void cpu_rmsnorm(dg_backend *be, float *y, const float *x, const float *weight, int m,
@@ -146,7 +125,9 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     if (!be || !c) goto nomem;
     be->impl = c;
     *c = *settings;
-    if (!(c->conv = cpu_alloc(be, sizeof(float) * (size_t)c->conv_floats))) goto nomem;
+    if (!(c->conv = cpu_alloc(be, sizeof(float) * (size_t)c->conv_floats)) ||
+        !(c->gemm = cpu_alloc(be, sizeof(float) * DG_MATMUL_SCRATCH_FLOATS * (size_t)c->n_threads)))
+        goto nomem;
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
     be->free = cpu_free;
@@ -188,21 +169,22 @@ nomem:
     return DG_ENOMEM;
 }
 
-/* The conv scratch is the one thing an operation writes besides its outputs (the rest keep
- * their temporaries on the stack of the calling thread): a fork gets its own, and shares
- * nothing else, since host memory and the mapped weights need no sharing arrangement. Each
- * thread's OpenMP regions get a team of their own; OpenBLAS's OpenMP build (0.3.21, one
- * set of thread buffers) lets a threaded GEMM wait while another thread's runs, so two
- * forks' sgemm calls are correct but take turns. */
+/* The conv and matmul scratch are the only things an operation writes besides its outputs
+ * (the rest keep their temporaries on the stack of the calling thread): a fork gets its
+ * own, and shares nothing else, since host memory and the mapped weights need no sharing
+ * arrangement. Each thread's OpenMP regions get a team of their own; OpenBLAS's OpenMP
+ * build (0.3.21, one set of thread buffers) lets a threaded sgemm wait while another
+ * thread's runs, so two forks' convolutions are correct but take turns. */
 static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) {
     dg_cpu settings = *cpu(be);
-    settings.conv = NULL;
+    settings.conv = settings.gemm = NULL;
     return cpu_make(&settings, out, err, errlen);
 }
 
-int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *err, size_t errlen) {
+int dg_cpu_backend_new(int n_threads, int max_simd, dg_backend **out, char *err, size_t errlen) {
+    const int level = simd_level();
     dg_cpu settings = {.n_threads = n_threads > 0 ? n_threads : omp_get_num_procs(),
-                       .simd = !force_scalar && has_simd(), .conv_floats = CONV_FLOATS};
+                       .simd = level < max_simd ? level : max_simd, .conv_floats = CONV_FLOATS};
     openblas_set_num_threads(settings.n_threads);
     return cpu_make(&settings, out, err, errlen);
 }

@@ -1,4 +1,6 @@
-/* cpu_backend.h — the CPU backend (fp32 compute, OpenBLAS GEMM, OpenMP, AVX2/FMA GEMV). */
+/* cpu_backend.h — the CPU backend: fp32 compute, OpenMP, our own matmul (GEMV and GEMM in one
+ * order whatever m: kernels/cpu/matmul.h) and OpenBLAS for the activation products of the
+ * vision and VAE attention and the VAE convolution. */
 #ifndef DG_CPU_BACKEND_H
 #define DG_CPU_BACKEND_H
 
@@ -6,7 +8,17 @@
 
 #include "backend.h"
 
-/* force_scalar: use the portable kernels even where AVX2/FMA/F16C is present. */
-int dg_cpu_backend_new(int n_threads, int force_scalar, dg_backend **out, char *err, size_t errlen);
+/* Kernel sets, each wider one requiring the ones before it. */
+enum {
+    DG_CPU_PORTABLE = 0,   /* plain C: "cpu-scalar" */
+    DG_CPU_AVX2     = 1,   /* AVX2 + FMA + F16C */
+    DG_CPU_AVX512   = 2,   /* and AVX-512 F (the GEMM tile only) */
+};
+
+/* A CPU backend using the widest kernel set that the machine has and that is at most
+ * max_simd (DG_CPU_*): "cpu" is DG_CPU_AVX512, "cpu-scalar" DG_CPU_PORTABLE. The name is
+ * "cpu-scalar" for the portable set, else "cpu"; the AVX2 and AVX-512 matmuls give the same
+ * bits (matmul.h). n_threads <= 0: one per processor. */
+int dg_cpu_backend_new(int n_threads, int max_simd, dg_backend **out, char *err, size_t errlen);
 
 #endif

@@ -2,25 +2,28 @@
  *
  * Each hot kernel has a portable C version and an AVX2/FMA(/F16C) version compiled with
  * __attribute__((target)) and chosen at run time by `simd` (set once from
- * __builtin_cpu_supports when the backend is made). */
+ * __builtin_cpu_supports when the backend is made); the matmul also has an AVX-512 one
+ * (matmul.h). */
 #ifndef DG_CPU_KERNELS_H
 #define DG_CPU_KERNELS_H
 
 #include <stdint.h>
 
 #include "backend.h"
+#include "cpu_backend.h"
 
 typedef struct {
     int     n_threads;
-    int     simd;            /* 1: AVX2 + FMA + F16C kernels */
-    float  *conv;            /* owned scratch, one per backend (a fork has its own): weight
-                                rows converted to fp32 for GEMM, conv3d's im2col tiles, the
-                                VAE attention's score tiles */
+    int     simd;            /* DG_CPU_*: the widest kernel set used (cpu_backend.h); the
+                                kernels other than the matmul test simd != 0 for AVX2 */
+    float  *conv;            /* owned scratch, one per backend (a fork has its own): conv3d's
+                                im2col tiles, the VAE attention's score tiles */
     int64_t conv_floats;     /* its size */
+    float  *gemm;            /* owned: the matmul's scratch, DG_MATMUL_SCRATCH_FLOATS for
+                                each of n_threads (matmul.h) */
 } dg_cpu;
 
-/* y[n] = W[n, k] · x[k] (+ bias); rows split over threads. */
-void  dg_cpu_gemv(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias);
+/* vector.c */
 /* dst[nr, cols] = rows r0 .. r0+nr-1 of w as fp32 (the caller parallelises). */
 void  dg_cpu_rows_f32(int simd, float *dst, const dg_weight *w, int64_t r0, int64_t nr);
 float dg_cpu_dot(int simd, const float *a, const float *b, int n);

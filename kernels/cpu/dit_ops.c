@@ -57,7 +57,10 @@ static void im2col(const dg_cpu *c, float *col, const float *x, const dg_conv3d_
 
 /* Per output frame, only the taps whose input frame lies inside the sequence contribute
  * (the causal front padding is zeros): they are a contiguous block of the [Cout, kt, ...]
- * weight, so a single image (T = 1) through a 3x3x3 conv costs a 2-D conv, not three. */
+ * weight, so a single image (T = 1) through a 3x3x3 conv costs a 2-D conv, not three.
+ * OpenBLAS, unlike the matmul (matmul.h): an image's convolutions have the same shapes and
+ * tiles every time it is encoded or decoded, so it gets the same bits without the matmul's
+ * row invariance; nothing computes part of an image's rows in another batch. */
 void dg_cpu_conv3d(dg_backend *be, float *y, const float *x, const float *w, const float *bias,
                    const dg_conv3d_shape *s) {
     const dg_cpu *c = be->impl;
@@ -150,7 +153,8 @@ void dg_cpu_silu(dg_backend *be, float *y, const float *x, int64_t n) {
 }
 
 /* Scores of a tile of queries at once ([tq, plane] in the conv scratch), exact softmax per
- * row, then out[:, tile] = V · Sᵀ: two sgemms per tile. */
+ * row, then out[:, tile] = V · Sᵀ: two sgemms per tile (OpenBLAS, as conv3d: the tiles of
+ * a frame are the same every time). */
 void dg_cpu_spatial_attention(dg_backend *be, float *out, const float *qkv, int channels,
                               int64_t plane) {
     const dg_cpu *c = be->impl;

@@ -16,7 +16,11 @@
  * This relies on the OpenMP build of OpenBLAS (the one the Makefile links), which runs a
  * call made inside a parallel region on the calling thread; a pthreads OpenBLAS starts
  * its own threads from every one of ours (a run that picked up another libopenblas.so.0
- * than the Makefile's rpath names was slower at 16 threads than at 2). */
+ * than the Makefile's rpath names was slower at 16 threads than at 2).
+ * OpenBLAS, unlike the matmul (matmul.h): a segment's query blocks start at the segment
+ * and do not depend on the other segments, so an image (or a DiT sequence) of the same
+ * shape gets the same bits; a query row is not promised the same bits in a segment of
+ * another length. */
 #define ATT_QB 128
 #define ATT_KC 256
 #define ATT_MAX_HEAD_DIM 256

@@ -1,0 +1,180 @@
+/* The CPU matmul's row invariance (kernels/cpu/matmul.h): row i of y = x · Wᵀ (+ bias) is the
+ * same bits whatever m, wherever the row sits in the batch, whatever the thread count, and
+ * (on a machine with AVX-512) whether the AVX-512 or the AVX2 kernels compute it. A KV
+ * cache filled by decode (m = 1) on a warm worker and by prefill on a cold one depends on
+ * it (issue 14 item 3).
+ *
+ * Shapes: k = 83 (not a multiple of the 16 lanes), k = 1100 (two blocks of the order, 1024
+ * and 76 columns, the last with a tail), k = 7 (a tail only); n = 37 and 101 (not multiples
+ * of any tile's rows of W, nor of the 96-row chunk), n = 5 (less than a tile); and two
+ * shapes drawn from the seed; m = 1, 2, 3, 5, 17, 64, 300 (partial tiles of x; one m-block,
+ * or several: 120 or 240 rows). Each batch of m rows is computed twice, from row 0 and from
+ * row 3 of x, so a row meets a different tile position; every row is compared with memcmp
+ * to that row alone (m = 1, the GEMV).
+ *
+ * Accuracy against a double-precision reference: in the canonical order a product meets at
+ * most ceil(k/16) roundings in its lane's chain (fused multiply-add; the portable kernels
+ * add one for the rounded product), 4 in the tree, one per later block and one for the
+ * bias: at most ceil(k/16) + 7 for these shapes, so the error is within
+ * (ceil(k/16) + 7)·2^-24·(Σ|x_j·w_j| + |b|) to first order; the check allows
+ * (ceil(k/16) + 8)·2^-24·(Σ|x_j·w_j| + |b|). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/harness.h"
+#include "backend.h"
+#include "cpu/cpu_backend.h"
+#include "dtype.h"
+
+enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
+
+static const int MS[] = {2, 3, 5, 17, 64, 300};
+static const int SHAPES[][2] = {{37, 83}, {101, 1100}, {5, 7}};   /* n, k */
+enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..1100 drawn from the seed */
+
+static uint64_t rng = 2024;
+static float frand(void) {   /* uniform in [-1, 1) */
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+/* w[n, k] of dtype t with values exact in it (wx: the same values in fp32). */
+static void *make_weight(dg_dtype t, int64_t count, float *wx) {
+    void *p = malloc((size_t)count * dg_dtype_size(t));
+    for (int64_t i = 0; i < count; i++) {
+        const float v = frand();
+        if (t == DG_DTYPE_BF16) {
+            ((uint16_t *)p)[i] = dg_f32_to_bf16(v);
+            wx[i] = dg_bf16_to_f32(((uint16_t *)p)[i]);
+        } else if (t == DG_DTYPE_F16) {
+            /* multiples of 2^-10 in [-1, 1): exact in binary16 */
+            const float q = roundf(v * 1024.0f) / 1024.0f;
+            const uint16_t sign = q < 0 ? 0x8000 : 0;
+            const float a = fabsf(q);
+            uint16_t h = 0;
+            if (a != 0.0f) {
+                int e;
+                const float f = frexpf(a, &e);                 /* a = f·2^e, f in [0.5, 1) */
+                h = (uint16_t)((e + 14) << 10 | ((int)(f * 2048.0f) & 0x3ff));
+            }
+            ((uint16_t *)p)[i] = sign | h;
+            wx[i] = dg_f16_to_f32(((uint16_t *)p)[i]);
+        } else {
+            ((float *)p)[i] = v;
+            wx[i] = v;
+        }
+    }
+    return p;
+}
+
+/* The backends compared: "cpu" at 1 and 2 threads and its AVX2 kernels at 2 threads (one
+ * group, one expected bit pattern), "cpu-scalar" at 1 and 2 threads (another group). */
+typedef struct {
+    const char *label;
+    int         simd, threads, group;
+} config;
+
+static const config CONFIGS[] = {
+    {"cpu t1", DG_CPU_AVX512, 1, 0},     {"cpu t2", DG_CPU_AVX512, 2, 0},
+    {"cpu avx2 t2", DG_CPU_AVX2, 2, 0},  {"cpu-scalar t1", DG_CPU_PORTABLE, 1, 1},
+    {"cpu-scalar t2", DG_CPU_PORTABLE, 2, 1},
+};
+enum { N_CONFIGS = sizeof CONFIGS / sizeof CONFIGS[0] };
+
+/* Every output of y[rows, n] within the bound stated at the top. */
+static int accurate(const float *y, const float *x, const float *wx, const float *b, int rows, int n,
+                    int k, const char *what) {
+    const double u = ldexp(1.0, -24), chain = (k + 15) / 16 + 8;
+    for (int i = 0; i < rows; i++)
+        for (int r = 0; r < n; r++) {
+            double ref = b ? b[r] : 0.0, mag = b ? fabs(b[r]) : 0.0;
+            for (int j = 0; j < k; j++) {
+                const double t = (double)x[(int64_t)i * k + j] * wx[(int64_t)r * k + j];
+                ref += t;
+                mag += fabs(t);
+            }
+            if (fabs(y[(int64_t)i * n + r] - ref) > chain * u * mag) {
+                test_fail(__FILE__, __LINE__, "%s: y[%d,%d] %.9g vs %.9g (bound %.3g)", what, i, r,
+                          y[(int64_t)i * n + r], ref, chain * u * mag);
+                return 0;
+            }
+        }
+    return 1;
+}
+
+/* Row i of y[m, n] equals row first + i of the per-row results `single`. */
+static int rows_match(const float *y, const float *single, int first, int m, int n, const char *what) {
+    for (int i = 0; i < m; i++)
+        if (memcmp(y + (int64_t)i * n, single + (int64_t)(first + i) * n, sizeof(float) * (size_t)n)) {
+            test_fail(__FILE__, __LINE__, "%s: row %d of the batch differs from its m = 1 result",
+                      what, first + i);
+            return 0;
+        }
+    return 1;
+}
+
+/* One weight: every config's per-row results, equal within a group, and every batch's rows
+ * equal to them. */
+static void check_weight(dg_backend **be, dg_dtype t, int n, int k, int with_bias) {
+    float *wx = malloc(sizeof(float) * (size_t)n * k), *x = malloc(sizeof(float) * (size_t)ROWS * k);
+    float *b = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)ROWS * n);
+    float *single[2] = {malloc(sizeof(float) * (size_t)ROWS * n), malloc(sizeof(float) * (size_t)ROWS * n)};
+    void *wd = make_weight(t, (int64_t)n * k, wx);
+    const dg_weight w = {wd, t, n, k};
+    const float *bias = with_bias ? b : NULL;
+    char what[160];
+    for (int i = 0; i < ROWS * k; i++) x[i] = frand();
+    for (int i = 0; i < n; i++) b[i] = frand();
+    for (int c = 0; c < N_CONFIGS; c++) {
+        const config *cf = &CONFIGS[c];
+        float *ref = single[cf->group];
+        const int first_of_group = c == 0 || CONFIGS[c - 1].group != cf->group;
+        snprintf(what, sizeof what, "%s %s n=%d k=%d%s", cf->label, dg_dtype_name(t), n, k,
+                 with_bias ? " +bias" : "");
+        /* the group's first config computes every row alone; the others a few rows alone
+         * (each m = 1 call is a parallel region: hundreds of them cost seconds on a shared
+         * machine where waiting OpenMP threads spin) and every batch */
+        const int singles = first_of_group ? ROWS : 8;
+        for (int i = 0; i < singles; i++)
+            be[c]->matmul(be[c], (first_of_group ? ref : y) + (int64_t)i * n, x + (int64_t)i * k, &w, bias, 1);
+        if (first_of_group) {
+            if (!accurate(ref, x, wx, bias, ROWS, n, k, what)) break;
+        } else if (!rows_match(y, ref, 0, singles, n, what)) {
+            break;
+        }
+        for (size_t mi = 0; mi < sizeof MS / sizeof MS[0]; mi++)
+            for (int first = 0; first <= OFFSET; first += OFFSET) {
+                be[c]->matmul(be[c], y, x + (int64_t)first * k, &w, bias, MS[mi]);
+                if (!rows_match(y, ref, first, MS[mi], n, what)) goto out;
+            }
+    }
+out:
+    free(wx); free(x); free(b); free(y); free(single[0]); free(single[1]); free(wd);
+}
+
+TEST(rows_are_the_same_bits_whatever_m_offset_threads_and_isa) {
+    dg_backend *be[N_CONFIGS] = {0};
+    char err[256];
+    for (int c = 0; c < N_CONFIGS; c++)
+        if (dg_cpu_backend_new(CONFIGS[c].threads, CONFIGS[c].simd, &be[c], err, sizeof err) < 0) {
+            test_fail(__FILE__, __LINE__, "%s: %s", CONFIGS[c].label, err);
+            goto out;
+        }
+    enum { N_FIXED = sizeof SHAPES / sizeof SHAPES[0] };
+    int shapes[N_FIXED + N_RANDOM_SHAPES][2];
+    memcpy(shapes, SHAPES, sizeof SHAPES);
+    for (int s = N_FIXED; s < N_FIXED + N_RANDOM_SHAPES; s++) {
+        shapes[s][0] = 1 + (int)((frand() + 1.0f) * 24.0f);     /* 1 .. 48 */
+        shapes[s][1] = 1 + (int)((frand() + 1.0f) * 550.0f);    /* 1 .. 1100 */
+    }
+    for (int t = 0; t < 3; t++)
+        for (int s = 0; s < N_FIXED + N_RANDOM_SHAPES; s++)
+            for (int with_bias = 0; with_bias < 2; with_bias++)
+                check_weight(be, (dg_dtype)t, shapes[s][0], shapes[s][1], with_bias);
+out:
+    for (int c = 0; c < N_CONFIGS; c++) dg_backend_free(be[c]);
+}
+
+int main(void) { return test_main(); }
