@@ -2,10 +2,16 @@
  *
  *   DIR/duogen.json   {"format": "duogen-package-1", "name": ..., "components": {"mllm": "mllm",
  *                      "dit": "dit", "vae": "vae", "connector": "connector.safetensors"},
- *                      "bov_token": "<BOV>", "condition_layers": [...],
- *                      "max_context": N, "defaults": {"max_new_tokens": ..., ...,
- *                      "schedule": "karras" | "shifted"}}
+ *                      "bov_token": "<BOV>", "bov_id": N, "draw_marker": "[image]",
+ *                      "system_prompt": "...", "condition_layers": [...],
+ *                      "condition": {"source": "prompt", ...}, "max_context": N,
+ *                      "defaults": {"max_new_tokens": ..., ..., "schedule": "karras" | "shifted"}}
  *   DIR/mllm/         Qwen2.5-VL in the Hugging Face layout (config.json, safetensors, tokenizer)
+ *
+ * "connector" may be absent when the DiT carries its own crossattn_proj (a published
+ * Cosmos-Predict2.5 transformer); "bov_id" puts a "bov_token" the tokenizer lacks on that
+ * embedding row; "condition" records a published pipeline's conditioning (docs/PUBLISHED.md).
+ * A component path is relative to DIR unless it is absolute.
  *
  * Every problem stops the load with a message naming the file and the key or tensor. */
 #include <errno.h>
@@ -163,32 +169,106 @@ static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t er
     return rc < 0 ? rc : 0;
 }
 
-/* The drawing side: dit/, vae/ and connector.safetensors come together. */
+/* A string of at most cap - 1 bytes into out ("" when absent). */
+static int get_text(json_t *obj, const char *key, char *out, size_t cap, const char *path, char *err,
+                    size_t errlen) {
+    json_t *v = json_object_get(obj, key);
+    out[0] = 0;
+    if (!v) return 0;
+    if (!json_is_string(v) || json_string_length(v) >= cap)
+        return fail(err, errlen, DG_EMODEL, "%s: \"%s\" must be a string of less than %zu bytes", path, key, cap);
+    memcpy(out, json_string_value(v), json_string_length(v) + 1);
+    return 1;
+}
+
+/* duogen.json "condition": how the DiT's semantic condition is made. "context" (the default):
+ * the conversation's positions through the accumulator (docs/DESIGN.md §6); "prompt": as a
+ * published pipeline does (draw/prompt_cond.h), with its system prompt, negative prompt,
+ * max_tokens, pad token and side. "std" and "eps" name the standardization, which must be
+ * the connector's (unbiased std, 1e-8 added to it). Read once the tokenizer is open. */
+static int read_condition(dg_model *m, json_t *c, const char *path, char *err, size_t errlen) {
+    char source[16], pad[64], side[8], std[16];
+    dg_prompt_recipe *r = &m->recipe;
+    double v = 512, eps = DG_CONNECTOR_EPS;
+    int rc;
+    if (!c) return 0;
+    if (!json_is_object(c)) return fail(err, errlen, DG_EMODEL, "%s: \"condition\" must be an object", path);
+    if ((rc = get_text(c, "source", source, sizeof source, path, err, errlen)) < 0 ||
+        (rc = get_text(c, "system_prompt", r->system_prompt, sizeof r->system_prompt, path, err, errlen)) < 0 ||
+        (rc = get_text(c, "negative_prompt", r->negative_prompt, sizeof r->negative_prompt, path, err, errlen)) < 0 ||
+        (rc = get_text(c, "pad_token", pad, sizeof pad, path, err, errlen)) < 0 ||
+        (rc = get_text(c, "padding_side", side, sizeof side, path, err, errlen)) < 0 ||
+        (rc = get_text(c, "std", std, sizeof std, path, err, errlen)) < 0 ||
+        (rc = get_num(c, "max_tokens", 1, DG_PROMPT_MAX_TOKENS, &v, path, err, errlen)) < 0 ||
+        (rc = get_num(c, "eps", 0, 1, &eps, path, err, errlen)) < 0)
+        return rc;
+    if ((std[0] && strcmp(std, "unbiased")) || (float)eps != DG_CONNECTOR_EPS)
+        return fail(err, errlen, DG_EMODEL, "%s: condition \"std\" \"%s\", \"eps\" %g: only the unbiased "
+                    "std plus %g is supported (docs/PUBLISHED.md)", path, std, eps, (double)DG_CONNECTOR_EPS);
+    if (!source[0] || !strcmp(source, "context")) return 0;
+    if (strcmp(source, "prompt"))
+        return fail(err, errlen, DG_EMODEL, "%s: condition \"source\" must be \"context\" or \"prompt\"", path);
+    r->max_tokens = (int)v;
+    r->pad_left = !strcmp(side, "left");
+    if (side[0] && !r->pad_left && strcmp(side, "right"))
+        return fail(err, errlen, DG_EMODEL, "%s: condition \"padding_side\" must be \"left\" or \"right\"", path);
+    if ((r->pad_id = dg_tok_added_id(m->tok, pad)) < 0)
+        return fail(err, errlen, DG_EMODEL, "%s: condition \"pad_token\" \"%s\" is not an added token of the "
+                    "tokenizer", path, pad);
+    if (r->max_tokens > m->max_context)
+        return fail(err, errlen, DG_EMODEL, "%s: condition \"max_tokens\" %d is more than max_context %d", path,
+                    r->max_tokens, m->max_context);
+    m->cond_from_prompt = 1;
+    return 0;
+}
+
+/* DIR/name, or name when it is absolute. */
+static void component_path(const dg_model *m, const char *name, char *out, size_t cap) {
+    if (name[0] == '/') snprintf(out, cap, "%s", name);
+    else snprintf(out, cap, "%s/%s", m->dir, name);
+}
+
+/* The connector: connector.safetensors, or the DiT's own crossattn_proj (one of the two). */
+static int load_connector(dg_model *m, const char *con, char *err, size_t errlen) {
+    char path[1300];
+    if (con && m->dit.cfg.proj_in)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: the DiT has its own crossattn_proj and the package "
+                    "names a connector too: keep one", m->dir);
+    if (!con && !m->dit.cfg.proj_in)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: no \"connector\" component and the DiT has no "
+                    "crossattn_proj", m->dir);
+    if (!con)
+        return dg_connector_bind(&m->conn, m->dit.st, m->cond_layers, m->n_cond_layers, m->cfg.text.hidden_size,
+                                 m->be, err, errlen);
+    component_path(m, con, path, sizeof path);
+    return dg_connector_load(&m->conn, path, m->cond_layers, m->n_cond_layers, m->cfg.text.hidden_size, m->be,
+                             err, errlen);
+}
+
+/* The drawing side: dit/ and vae/ come together, with a connector (load_connector). */
 static int load_draw(dg_model *m, json_t *comp, char *err, size_t errlen) {
     const char *dit = json_string_value(json_object_get(comp, "dit"));
     const char *vae = json_string_value(json_object_get(comp, "vae"));
     const char *con = json_string_value(json_object_get(comp, "connector"));
     if (!dit && !vae && !con) return 0;
-    if (!dit || !vae || !con)
-        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: components \"dit\", \"vae\" and \"connector\" "
-                    "come together (found %s%s%s)", m->dir, dit ? "dit " : "", vae ? "vae " : "", con ? "connector" : "");
+    if (!dit || !vae)
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: components \"dit\" and \"vae\" come together, with "
+                    "a \"connector\" unless the DiT has its own (found %s%s%s)", m->dir, dit ? "dit " : "",
+                    vae ? "vae " : "", con ? "connector" : "");
     if (m->bov_id < 0)
         return fail(err, errlen, DG_EMODEL, "%s/duogen.json: a package that draws needs \"bov_token\"", m->dir);
     if (!m->n_cond_layers)
         return fail(err, errlen, DG_EMODEL, "%s/duogen.json: a package that draws needs \"condition_layers\"", m->dir);
     char path[1300];
     int rc;
-    snprintf(path, sizeof path, "%s/%s", m->dir, dit);
+    component_path(m, dit, path, sizeof path);
     if ((rc = dg_dit_load(&m->dit, path, m->be, err, errlen)) < 0) return rc;
-    snprintf(path, sizeof path, "%s/%s", m->dir, vae);
+    component_path(m, vae, path, sizeof path);
     if ((rc = dg_vae_load(&m->vae, path, m->be, err, errlen)) < 0) return rc;
-    snprintf(path, sizeof path, "%s/%s", m->dir, con);
-    if ((rc = dg_connector_load(&m->conn, path, m->cond_layers, m->n_cond_layers, m->cfg.text.hidden_size, m->be,
-                                err, errlen)) < 0)
-        return rc;
+    if ((rc = load_connector(m, con, err, errlen)) < 0) return rc;
     if (m->conn.d_cond != m->dit.cfg.text_dim)
-        return fail(err, errlen, DG_EMODEL, "%s: the connector gives %d channels, the DiT's cross-attention takes %d",
-                    path, m->conn.d_cond, m->dit.cfg.text_dim);
+        return fail(err, errlen, DG_EMODEL, "%s/duogen.json: the connector gives %d channels, the DiT's "
+                    "cross-attention takes %d", m->dir, m->conn.d_cond, m->dit.cfg.text_dim);
     if (m->vae.cfg.z_dim != m->dit.cfg.latent_channels)
         return fail(err, errlen, DG_EMODEL, "%s/duogen.json: the VAE has %d latent channels, the DiT %d", m->dir,
                     m->vae.cfg.z_dim, m->dit.cfg.latent_channels);
@@ -196,6 +276,34 @@ static int load_draw(dg_model *m, json_t *comp, char *err, size_t errlen) {
         return fail(err, errlen, DG_EMODEL, "%s/duogen.json: a package that draws needs the vision tower "
                     "(generated images go back into the context)", m->dir);
     m->has_draw = 1;
+    return 0;
+}
+
+/* The MLLM's tokenizer, with "bov_token" added on the row "bov_id" when the package gives
+ * one (a tokenizer that lacks <BOV>; docs/PUBLISHED.md "<BOV>"). */
+static int open_tokenizer(dg_model *m, json_t *manifest, const char *mllm, const char *path, char *err,
+                          size_t errlen) {
+    const char *bov = json_string_value(json_object_get(manifest, "bov_token"));
+    json_t *id = json_object_get(manifest, "bov_id");
+    if (!id) return dg_tok_open(mllm, &m->tok, err, errlen);
+    if (!bov || !json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) >= (1 << 30))
+        return fail(err, errlen, DG_EMODEL, "%s: \"bov_id\" must be a row number, with \"bov_token\"", path);
+    dg_tok_token extra = {bov, (int32_t)json_integer_value(id)};
+    return dg_tok_open_with(mllm, &extra, 1, &m->tok, err, errlen);
+}
+
+/* "draw_marker" (bov_text becomes it: the text the model writes before an image) and
+ * "system_prompt". */
+static int read_prompts(dg_model *m, json_t *manifest, const char *path, char *err, size_t errlen) {
+    int rc = get_text(manifest, "draw_marker", m->draw_marker, sizeof m->draw_marker, path, err, errlen);
+    if (rc < 0) return rc;
+    if (m->draw_marker[0] && m->bov_id < 0)
+        return fail(err, errlen, DG_EMODEL, "%s: a \"draw_marker\" needs \"bov_token\"", path);
+    if (m->draw_marker[0]) snprintf(m->bov_text, sizeof m->bov_text, "%s", m->draw_marker);
+    json_t *sp = json_object_get(manifest, "system_prompt");
+    if (!sp) return 0;
+    if (!json_is_string(sp) || !(m->system_prompt = strdup(json_string_value(sp))))
+        return fail(err, errlen, DG_EMODEL, "%s: \"system_prompt\" must be a string", path);
     return 0;
 }
 
@@ -210,11 +318,12 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     m->bov_id = -1;
     if ((rc = read_package(m, &manifest, err, errlen)) < 0) goto fail;
 
-    char mllm[1200];
-    snprintf(mllm, sizeof mllm, "%s/%s", dir,
-             json_string_value(json_object_get(json_object_get(manifest, "components"), "mllm")));
+    char mllm[1200], path[1200];
+    component_path(m, json_string_value(json_object_get(json_object_get(manifest, "components"), "mllm")), mllm,
+                   sizeof mllm);
+    snprintf(path, sizeof path, "%s/duogen.json", dir);
     if (o && o->progress) o->progress(o->progress_user, "tokenizer", 0.0);
-    if ((rc = dg_tok_open(mllm, &m->tok, err, errlen)) < 0) goto fail;
+    if ((rc = open_tokenizer(m, manifest, mllm, path, err, errlen)) < 0) goto fail;
     if ((rc = dg_config_load(mllm, &m->cfg, err, errlen)) < 0) goto fail;
     if ((rc = dg_backend_new_sized(o && o->device ? o->device : "cpu", o ? o->threads : 0, o ? o->device_memory : 0,
                                    &m->be, err, errlen)) < 0)
@@ -262,6 +371,9 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     }
     if (m->max_context > m->cfg.text.max_position_embeddings && m->cfg.text.max_position_embeddings > 0)
         m->max_context = m->cfg.text.max_position_embeddings;
+    if ((rc = read_condition(m, json_object_get(manifest, "condition"), path, err, errlen)) < 0 ||
+        (rc = read_prompts(m, manifest, path, err, errlen)) < 0)
+        goto fail;
     if (o && o->progress) o->progress(o->progress_user, "dit, vae and connector", 0.6);
     if ((rc = load_draw(m, json_object_get(manifest, "components"), err, errlen)) < 0) goto fail;
     const char *name = json_string_value(json_object_get(manifest, "name"));
@@ -295,5 +407,6 @@ void dg_model_close(dg_model *m) {
     dg_st_close(m->mllm_st);
     dg_tok_close(m->tok);
     dg_backend_free(m->be);
+    free(m->system_prompt);
     free(m);
 }

@@ -7,6 +7,7 @@
 #include "mllm/qwen2vl_config.h"
 #include "draw/connector.h"
 #include "draw/dit.h"
+#include "draw/prompt_cond.h"
 #include "duogen.h"
 #include "io/image_preprocess.h"
 #include "mllm/qwen2.h"
@@ -36,8 +37,20 @@ struct dg_model {
     dg_connector      conn;
     int32_t  image_pad_id, vision_start_id, vision_end_id;
 
-    int32_t  bov_id;                    /* <BOV>, or -1 when the package draws no images */
-    char     bov_text[64];              /* its text ("<BOV>"), "" with bov_id -1 */
+    int32_t  bov_id;                    /* <BOV>, or -1 when the package draws no images: an
+                                           added token of the tokenizer, or the free embedding
+                                           row duogen.json "bov_id" gives it */
+    char     bov_text[64];              /* what the model writes before an image: the draw
+                                           marker when the package has one, else <BOV>'s text;
+                                           "" with bov_id -1 */
+    char     draw_marker[64];           /* duogen.json "draw_marker": text that acts as <BOV>
+                                           when the model writes it, never in the answer; "" */
+    char    *system_prompt;             /* owned: duogen.json "system_prompt", the system
+                                           message of a job that has none; NULL: the chat
+                                           template's */
+    int      cond_from_prompt;          /* duogen.json "condition" "source": "prompt": the DiT
+                                           is conditioned as the pipeline does (recipe) */
+    dg_prompt_recipe recipe;
     int32_t  stop_ids[DG_MAX_EOS + 2];  /* tokens that end the answer: EOS ids and <|im_end|> */
     int      n_stop_ids;
     int      max_context;               /* positions of one sequence (prompt + answer) */

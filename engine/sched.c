@@ -165,6 +165,10 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
                 (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, s->be, m->max_context, s->o.max_condition_pixels,
                                      &s->seqs[i].painter, err, errlen)) < 0)
                 goto fail;
+        if (m->cond_from_prompt &&
+            (rc = dg_prompt_cond_new(&m->llm, &m->conn, m->tok, &m->recipe, s->be, DG_SCHED_CHUNK, &s->pc, err,
+                                     errlen)) < 0)
+            goto fail;
     }
     for (int i = 0; i < s->n_seqs; i++) s->seqs[i].sched = s;
     *out = s;
@@ -180,6 +184,7 @@ static void seq_clear(dg_sched *s, dg_seq *q) {
     dg_kv_seq_free(&q->kv);
     dg_sampler_free(q->sampler);
     dg_stop_free(q->stop);
+    dg_stop_free(q->marker);
     dg_tok_ids_free(&q->prompt);
     free(q->pos);
     free(q->keys);
@@ -207,6 +212,7 @@ void dg_sched_free(dg_sched *s) {
     if (s->embeds) s->be->release(s->be, s->embeds);
     if (s->normed) s->be->release(s->be, s->normed);
     free(s->cond_store);
+    dg_prompt_cond_free(s->pc);
     dg_latent_cache_free(s->lcache);
     dg_vision_cache_free(s->vcache);
     dg_vision_state_free(&m->vision, s->vs);
@@ -282,19 +288,27 @@ static int add_input_image(dg_sched *s, dg_seq *q, const dg_part *part, int inde
 }
 
 static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, size_t errlen) {
-    size_t n_parts = 0;
+    size_t n_parts = 1;
     for (size_t i = 0; i < r->n_messages; i++) n_parts += r->messages[i].n_parts;
-    dg_chat_message *msgs = calloc(r->n_messages ? r->n_messages : 1, sizeof *msgs);
-    dg_chat_part *parts = calloc(n_parts ? n_parts : 1, sizeof *parts);
+    dg_chat_message *msgs = calloc(r->n_messages + 1, sizeof *msgs);
+    dg_chat_part *parts = calloc(n_parts, sizeof *parts);
     int rc = DG_ENOMEM;
     if (!msgs || !parts) goto out;
     dg_chat_part *p = parts;
+    /* the package's system prompt for a job that has none (a draw marker's instructions) */
+    size_t n_msgs = 0, n_user = 0;
+    if (s->m->system_prompt && r->messages[0].role != DG_ROLE_SYSTEM) {
+        *p = (dg_chat_part){.kind = DG_CHAT_TEXT, .text = s->m->system_prompt, .text_len = strlen(s->m->system_prompt)};
+        msgs[n_msgs++] = (dg_chat_message){DG_CHAT_SYSTEM, p++, 1};
+    }
     for (size_t i = 0; i < r->n_messages; i++) {
         const dg_message *in = &r->messages[i];
-        msgs[i].role = in->role == DG_ROLE_SYSTEM ? DG_CHAT_SYSTEM : in->role == DG_ROLE_USER ? DG_CHAT_USER
+        dg_chat_message *out = &msgs[n_msgs++];
+        if (in->role == DG_ROLE_USER) n_user = 0;   /* the last user message's text: an image's prompt */
+        out->role = in->role == DG_ROLE_SYSTEM ? DG_CHAT_SYSTEM : in->role == DG_ROLE_USER ? DG_CHAT_USER
                                                                                           : DG_CHAT_ASSISTANT;
-        msgs[i].parts = p;
-        msgs[i].n_parts = in->n_parts;
+        out->parts = p;
+        out->n_parts = in->n_parts;
         for (size_t k = 0; k < in->n_parts; k++, p++) {
             if (in->parts[k].kind == DG_PART_IMAGE) {
                 if ((rc = add_input_image(s, q, &in->parts[k], q->n_images + 1, err, errlen)) < 0) goto out;
@@ -306,11 +320,17 @@ static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, 
                 p->kind = DG_CHAT_TEXT;
                 p->text = in->parts[k].text;
                 p->text_len = in->parts[k].text_len;
+                size_t take = p->text_len < DG_SEQ_PROMPT_TEXT / 2 - n_user ? p->text_len : DG_SEQ_PROMPT_TEXT / 2 - n_user;
+                if (in->role == DG_ROLE_USER) {
+                    memcpy(q->cond_text + n_user, p->text, take);
+                    n_user += take;
+                }
             }
         }
     }
     q->n_inputs = q->n_images;
-    rc = dg_chat_encode(s->m->tok, msgs, r->n_messages, true, &q->prompt, err, errlen);
+    q->n_cond_user = q->n_cond_text = n_user;
+    rc = dg_chat_encode(s->m->tok, msgs, n_msgs, true, &q->prompt, err, errlen);
 out:
     free(msgs);
     free(parts);
@@ -378,6 +398,8 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
                             .n_logit_bias = tp.n_logit_bias, .seed = r->seed};
     if ((rc = dg_sampler_new(m->cfg.text.vocab_size, &sp, &q->sampler, err, errlen)) < 0) goto fail;
     if ((rc = dg_stop_new(tp.stop, tp.n_stop, &q->stop, err, errlen)) < 0) goto fail;
+    const char *marker = m->draw_marker;
+    if (marker[0] && (rc = dg_stop_new(&marker, 1, &q->marker, err, errlen)) < 0) goto fail;
     if ((rc = dg_kv_seq_init(&q->kv, m->max_context, DG_KV_BLOCK)) < 0) {
         snprintf(err, errlen, "out of memory for a block table");
         goto fail;
@@ -473,6 +495,12 @@ static int draw_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     dg_painter_job job = {.acc = q->acc, .n_pos = q->kv.n_tokens, .n_neg = seg > 0 ? seg : 1, .conds = conds,
                           .n_conds = q->n_images, .lcache = s->lcache, .seed = q->seed, .index = q->n_drawn,
                           .params = q->ip};
+    if (m->cond_from_prompt) {   /* a published pipeline's condition: the image's prompt alone */
+        if ((rc = dg_prompt_cond_encode(s->pc, s->st, q->cond_text, q->n_cond_text, &job.acc, err, errlen)) < 0 ||
+            (rc = dg_prompt_cond_negative(s->pc, s->st, &job.acc_neg, err, errlen)) < 0)
+            return rc;
+        job.n_pos = job.n_neg = m->recipe.max_tokens;
+    }
     if ((rc = dg_painter_begin(q->painter, &job, err, errlen)) < 0) return rc;
     q->state = SEQ_DRAW;
     q->sink.image_started(q->sink.user, q->n_drawn + 1, q->ip.width, q->ip.height, q->ip.steps);
@@ -528,7 +556,7 @@ static int feed_image(dg_sched *s, dg_seq *q, dg_seq_image *im, char *err, size_
         snprintf(err, errlen, "out of memory for an image's tokens");
         goto out;
     }
-    ids[0] = m->bov_id;
+    ids[0] = q->last;   /* <BOV>, or the draw marker's last token */
     ids[1] = m->vision_start_id;
     for (int i = 0; i < im->n_tokens; i++) {
         ids[2 + i] = m->image_pad_id;
@@ -545,6 +573,7 @@ static int feed_image(dg_sched *s, dg_seq *q, dg_seq_image *im, char *err, size_
     rc = seq_feed(s, q, ids, n, pos, n, s->embeds, keys, 1, err, errlen);
     q->t.prefill_ms += dg_clock_now_ms() - t0;
     q->rope_delta = dg_mrope_delta(next, n_past + n);
+    q->n_cond_text = q->n_cond_user;   /* the next image's prompt: the text after this one */
 out:
     free(ids);
     free(pos);
@@ -573,7 +602,37 @@ static int draw_step(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
 
 static void emit_text(void *user, const char *text, size_t len) {
     dg_seq *q = user;
-    if (len) q->sink.text(q->sink.user, text, len);
+    if (!len) return;
+    q->sink.text(q->sink.user, text, len);
+    /* the answer since the last image, after the user's text: the next image's prompt */
+    size_t room = DG_SEQ_PROMPT_TEXT / 2 - (q->n_cond_text - q->n_cond_user);
+    if (q->n_cond_text == q->n_cond_user && room && q->n_cond_user) {
+        q->cond_text[q->n_cond_text++] = '\n';
+        room--;
+    }
+    if (len > room) len = room;
+    memcpy(q->cond_text + q->n_cond_text, text, len);
+    q->n_cond_text += len;
+}
+
+/* Text through the stop strings; a completed one sets q->stopped. */
+static void emit_checked(void *user, const char *text, size_t len) {
+    dg_seq *q = user;
+    if (!q->stopped && dg_stop_feed(q->stop, text, len, emit_text, q)) q->stopped = 1;
+}
+
+/* The answer's text: through the draw marker's matcher (the marker is never emitted), then
+ * the stop strings. 0: go on; 1: a stop string ended the answer; 2: the marker completed
+ * (the text after it in `text` waits in q->rest for after the image). */
+static int feed_text(dg_seq *q, const char *text, size_t len) {
+    if (!q->marker) return dg_stop_feed(q->stop, text, len, emit_text, q);
+    int hit = dg_stop_feed(q->marker, text, len, emit_checked, q);
+    if (q->stopped) return 1;
+    if (!hit) return 0;
+    size_t end = dg_stop_match_end(q->marker);
+    q->n_rest = len - end;
+    memcpy(q->rest, text + end, q->n_rest);
+    return 2;
 }
 
 /* Ends a sequence. flush: emit what the stream decoder and the stop matcher still hold
@@ -581,8 +640,10 @@ static void emit_text(void *user, const char *text, size_t len) {
 static void finish(dg_sched *s, dg_seq *q, dg_finish_reason why, int flush) {
     char tail[DG_TOK_STREAM_OUT_MAX];
     size_t n = dg_tok_stream_finish(&q->stream, tail);
-    if (flush && !(n && dg_stop_feed(q->stop, tail, n, emit_text, q)))
-        dg_stop_flush(q->stop, emit_text, q);
+    if (flush && !(n && feed_text(q, tail, n) == 1)) {
+        if (q->marker) dg_stop_flush(q->marker, emit_checked, q);
+        if (!q->stopped) dg_stop_flush(q->stop, emit_text, q);
+    }
     if (q->state == SEQ_DRAW) draw_account(q);   /* cancelled or past the deadline while drawing */
     q->usage.generated_tokens = q->generated;
     q->usage.images = q->n_drawn;
@@ -670,8 +731,19 @@ static int step_seq(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     if (is_stop_token(m, tok)) { finish(s, q, DG_FINISH_STOP, 1); return 0; }
     q->generated++;
     char text[DG_TOK_STREAM_OUT_MAX];
+    int fed = 0;
+    if (q->n_rest) {   /* what followed a draw marker, now after its image; a marker in it draws nothing */
+        size_t n = q->n_rest;
+        q->n_rest = 0;
+        fed = feed_text(q, q->rest, n) == 1;
+    }
     size_t len = dg_tok_stream_push(m->tok, &q->stream, tok, text);
-    if (len && dg_stop_feed(q->stop, text, len, emit_text, q)) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
+    if (!fed && len) fed = feed_text(q, text, len);
+    if (fed == 1) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
+    if (fed == 2 && m->has_draw && q->n_drawn < q->ip.max_images) {   /* the marker acts as <BOV> */
+        if ((rc = draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
+        return rc < 0 ? rc : 0;
+    }
     if (q->generated >= q->max_new || q->kv.n_tokens + 1 >= m->max_context) {
         finish(s, q, DG_FINISH_LENGTH, 1);
         return 0;

@@ -17,6 +17,7 @@
 #define DG_KV_BLOCK        16    /* positions per KV block */
 #define DG_SCHED_CHUNK     256   /* tokens per decoder forward: bounds the forward state */
 #define DG_SEQ_MAX_IMAGES  32    /* input and generated images of one sequence */
+#define DG_SEQ_PROMPT_TEXT 4096  /* bytes of an image's prompt (prompt conditioning) */
 
 typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE, SEQ_DRAW } dg_seq_state;
 
@@ -39,6 +40,11 @@ typedef struct dg_seq {
     dg_kv_seq     kv;
     dg_sampler   *sampler;       /* owned */
     dg_stop      *stop;          /* owned */
+    dg_stop      *marker;        /* owned: the package's draw marker as a matcher; NULL: none */
+    int           stopped;       /* a stop string matched inside the marker matcher's output */
+    char          rest[DG_TOK_STREAM_OUT_MAX];   /* text after a marker in its token's text,
+                                                    fed after the image */
+    size_t        n_rest;
     dg_tok_stream stream;
     dg_tok_ids    prompt;        /* owned: the whole prompt */
     int32_t      *pos;           /* owned [3, prompt.n] M-RoPE positions of the prompt */
@@ -56,6 +62,11 @@ typedef struct dg_seq {
     dg_cond_acc  *acc;
     int           cond_saved;    /* leading full blocks whose rows are in the block store */
     int           hook_rc;
+
+    /* prompt conditioning (m->cond_from_prompt): the image's prompt is the last user message's
+     * text, then the answer's text since the last image, each cut at DG_SEQ_PROMPT_TEXT / 2 */
+    char          cond_text[DG_SEQ_PROMPT_TEXT];
+    size_t        n_cond_user, n_cond_text;
 
     /* drawing (state SEQ_DRAW: the painter has an image in progress) */
     int           n_drawn;       /* images drawn so far */
@@ -87,6 +98,7 @@ struct dg_sched {
     dg_latent_cache *lcache;     /* owned */
     float           *normed;     /* backend [DG_SCHED_CHUNK, D]: the last layer after model.norm */
     float           *cond_store; /* host [n_blocks, DG_KV_BLOCK, d_cond]: condition rows by KV block */
+    dg_prompt_cond  *pc;         /* owned: prompt conditioning (m->cond_from_prompt), else NULL */
 };
 
 #endif

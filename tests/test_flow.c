@@ -123,4 +123,26 @@ TEST(flow_noise_is_reproducible) {
     for (int i = 0; i < 4; i++) CHECK(a[i] == want[i]);
 }
 
+/* The noise the parity goldens handed to the diffusers pipeline as its `latents`
+ * (tools/reference/make_pipeline_goldens.py recomputes dg_flow_noise in Python): bit for bit
+ * the engine's, so the pipeline and duogend start from the same x. */
+TEST(flow_noise_is_what_the_pipeline_goldens_used) {
+    FILE *f = fopen("tests/golden/pipeline/goldens.json", "rb");
+    json_error_t je;
+    json_t *g = f ? json_loadf(f, 0, &je) : NULL, *noise = json_object_get(g, "noise");
+    if (f) fclose(f);
+    CHECK(noise != NULL);
+    if (!noise) return;
+    const json_t *shape = json_object_get(noise, "shape");
+    const int64_t n = json_integer_value(json_array_get(shape, 0)) * json_integer_value(json_array_get(shape, 1)) *
+                      json_integer_value(json_array_get(shape, 2));
+    float want[4096], got[4096];
+    FILE *b = fopen("tests/golden/pipeline/noise.f32", "rb");
+    CHECK(b && n > 0 && n <= 4096 && fread(want, sizeof(float), (size_t)n, b) == (size_t)n);
+    if (b) fclose(b);
+    dg_flow_noise(got, n, (uint64_t)json_integer_value(json_object_get(noise, "stream")), 0);
+    CHECK(memcmp(got, want, (size_t)n * sizeof(float)) == 0);
+    json_decref(g);
+}
+
 int main(void) { return test_main(); }

@@ -7,9 +7,8 @@
 
 #include "duogen.h"
 
-int dg_connector_load(dg_connector *c, const char *path, const int *layers, int n_layers,
-                      int hidden, dg_backend *be, char *err, size_t errlen) {
-    dg_st *st = NULL;
+int dg_connector_bind(dg_connector *c, const dg_st *st, const int *layers, int n_layers, int hidden,
+                      dg_backend *be, char *err, size_t errlen) {
     const dg_st_tensor *w;
     int rc;
     memset(c, 0, sizeof *c);
@@ -18,7 +17,6 @@ int dg_connector_load(dg_connector *c, const char *path, const int *layers, int 
         snprintf(err, errlen, "connector: %d condition layers of width %d", n_layers, hidden);
         return DG_EMODEL;
     }
-    if ((rc = dg_st_open(path, &st, err, errlen)) < 0) goto fail;
     /* d_cond is the checkpoint's: the DiT's text_embed_dim is checked against it (model.c) */
     const dg_st_tensor *probe = dg_st_find(st, "crossattn_proj.0.weight");
     const int64_t d_cond = probe && probe->n_dims == 2 ? probe->shape[0] : 0;
@@ -44,11 +42,22 @@ int dg_connector_load(dg_connector *c, const char *path, const int *layers, int 
         c->slice[k] = (dg_weight){dst, w->dtype, d_cond, hidden};
         if ((rc = be->weight_prepare(be, &c->slice[k], err, errlen)) < 0) goto fail;
     }
-    dg_st_close(st);
     return 0;
 fail:
-    dg_st_close(st);
     dg_connector_unload(c);
+    return rc;
+}
+
+int dg_connector_load(dg_connector *c, const char *path, const int *layers, int n_layers,
+                      int hidden, dg_backend *be, char *err, size_t errlen) {
+    dg_st *st = NULL;
+    int rc = dg_st_open(path, &st, err, errlen);
+    if (rc < 0) {
+        memset(c, 0, sizeof *c);
+        return rc;
+    }
+    rc = dg_connector_bind(c, st, layers, n_layers, hidden, be, err, errlen);
+    dg_st_close(st);
     return rc;
 }
 

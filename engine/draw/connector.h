@@ -5,7 +5,7 @@
  * states of L configured decoder layers, each standardized per token
  * ((h − mean)/(std_unbiased + 1e-8)), concatenated to L·D channels, then
  * ctx = GELU(W·concat + b) with W [d_cond, L·D] (connector.safetensors,
- * crossattn_proj.0.weight/bias). The standardization and W are position-wise and W splits
+ * crossattn_proj.0.weight/bias, or the DiT checkpoint's own crossattn_proj). The standardization and W are position-wise and W splits
  * by layer into column blocks W_l [d_cond, D], so
  *     W·concat = Σ_l W_l · std(h_l)
  * and the accumulator adds each layer's share while the decoder runs, keeping one d_cond
@@ -61,9 +61,15 @@ typedef struct {
     uint8_t *seen;   /* host [max_positions]: layers added per position (for checks) */
 } dg_cond_acc;
 
-/* Reads `path` (connector.safetensors); `layers` lists the decoder layers (0-based, as the
- * qwen2 hook numbers them) in concatenation order; D is the decoder width. The weight must
- * be [d_cond, n_layers·D]: a mismatch names the tensor, expected and found shapes. */
+/* Binds crossattn_proj.0.weight/bias of `st` (borrowed; the connector keeps copies, so st
+ * may be closed after): a DuoGen connector.safetensors, or the DiT checkpoint's own
+ * projection (Cosmos-Predict2.5 use_crossattn_projection). `layers` lists the decoder layers
+ * (0-based, as the qwen2 hook numbers them) in concatenation order; D is the decoder width.
+ * The weight must be [d_cond, n_layers·D]: a mismatch (an MLLM of another width or depth
+ * than the one the projection was trained on) names the tensor, expected and found shapes. */
+int  dg_connector_bind(dg_connector *c, const dg_st *st, const int *layers, int n_layers,
+                       int hidden, dg_backend *be, char *err, size_t errlen);
+/* The same from the file `path` (connector.safetensors). */
 int  dg_connector_load(dg_connector *c, const char *path, const int *layers, int n_layers,
                        int hidden, dg_backend *be, char *err, size_t errlen);
 void dg_connector_unload(dg_connector *c);   /* accepts a zeroed or half-loaded one */

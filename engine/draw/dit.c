@@ -26,7 +26,10 @@ static int json_triple(json_t *j, const char *key, const char *path, float *out,
     return rc;
 }
 
-/* Keys whose non-default values select a Cosmos variant this forward does not have. */
+/* Keys that select a Cosmos variant this forward does not have (Cosmos-Predict2.5 has none):
+ * null or 0 in its published config, and read nowhere else. img_context_num_tokens and
+ * img_context_dim_out only size the image-context projection that img_context_dim_in
+ * turns on, so any value is accepted with it off. */
 static int check_variant(json_t *j, const char *path, char *err, size_t errlen) {
     static const char *must_be_null[] = {"extra_pos_embed_type", "img_context_dim_in",
                                          "controlnet_block_every_n"};
@@ -41,6 +44,29 @@ static int check_variant(json_t *j, const char *path, char *err, size_t errlen) 
     json_t *v = json_object_get(j, "concat_padding_mask");
     if (!json_is_true(v)) {
         snprintf(err, errlen, "%s: \"concat_padding_mask\" must be true", path);
+        return DG_EMODEL;
+    }
+    return 0;
+}
+
+/* use_crossattn_projection: the checkpoint carries crossattn_proj (Linear + GELU) from
+ * crossattn_proj_in_channels to encoder_hidden_states_channels, which must be the blocks'
+ * cross-attention width (text_embed_dim). */
+static int read_projection(dg_dit_config *c, json_t *j, const char *path, char *err, size_t errlen) {
+    json_t *v = json_object_get(j, "use_crossattn_projection");
+    int rc, out_ch;
+    if (v && !json_is_boolean(v)) {
+        snprintf(err, errlen, "%s: \"use_crossattn_projection\" must be true or false", path);
+        return DG_EMODEL;
+    }
+    c->proj_in = 0;
+    if (!json_is_true(v)) return 0;
+    if ((rc = dg_json_int(j, "crossattn_proj_in_channels", 0, 1, &c->proj_in, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "encoder_hidden_states_channels", 0, 1, &out_ch, path, err, errlen)) < 0)
+        return rc;
+    if (out_ch != c->text_dim || c->proj_in < 1) {
+        snprintf(err, errlen, "%s: crossattn_proj gives encoder_hidden_states_channels %d, the blocks take "
+                 "text_embed_dim %d", path, out_ch, c->text_dim);
         return DG_EMODEL;
     }
     return 0;
@@ -67,7 +93,8 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
         (rc = dg_json_float(j, "mlp_ratio", 4.0, &ratio, path, err, errlen)) < 0 ||
         (rc = json_triple(j, "patch_size", path, patch, err, errlen)) < 0 ||
         (rc = json_triple(j, "max_size", path, max_size, err, errlen)) < 0 ||
-        (rc = json_triple(j, "rope_scale", path, c->rope_scale, err, errlen)) < 0)
+        (rc = json_triple(j, "rope_scale", path, c->rope_scale, err, errlen)) < 0 ||
+        (rc = read_projection(c, j, path, err, errlen)) < 0)
         goto out;
     rc = DG_EMODEL;
     c->latent_channels = in_ch - 1;   /* in_channels counts the condition mask */
@@ -97,8 +124,7 @@ int dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t er
     m->be = be;
     snprintf(path, sizeof path, "%s/config.json", dir);
     if ((rc = read_config(&m->cfg, path, err, errlen)) < 0) goto fail;
-    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
-    if ((rc = dg_st_open(path, &m->st, err, errlen)) < 0) goto fail;
+    if ((rc = dg_st_open(dir, &m->st, err, errlen)) < 0) goto fail;
     const dg_dit_config *c = &m->cfg;
     const int64_t D = c->hidden, F = c->mlp_hidden, hd = c->head_dim, R = c->lora_dim;
     const int64_t pp = (int64_t)c->patch_h * c->patch_w, X = c->text_dim;
@@ -139,9 +165,19 @@ int dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t er
     dg_bind_matrix(&b, &m->out1, DG_SHAPE(R, D), "norm_out.linear_1.weight");
     dg_bind_matrix(&b, &m->out2, DG_SHAPE(2 * D, R), "norm_out.linear_2.weight");
     dg_bind_matrix(&b, &m->proj_out, DG_SHAPE(pp * c->out_channels, D), "proj_out.weight");
+    /* crossattn_proj (use_crossattn_projection) is the connector's first Linear: the
+     * connector binds it from m->st (connector.h); here only its presence and shape */
+    if (c->proj_in) {
+        const dg_st_tensor *t;
+        dg_bind_find(&b, DG_SHAPE(X, c->proj_in), &t, "crossattn_proj.0.weight");
+        dg_bind_find(&b, DG_SHAPE(X), &t, "crossattn_proj.0.bias");
+    } else if (dg_bind_has(&b, "crossattn_proj.0.weight")) {
+        snprintf(err, errlen, "%s/config.json: use_crossattn_projection is false, yet the checkpoint "
+                 "has crossattn_proj.0.weight", dir);
+        rc = DG_EMODEL;
+        goto fail;
+    }
     if ((rc = b.rc) < 0) goto fail;
-    /* A Cosmos checkpoint may carry crossattn_proj (use_crossattn_projection): in a DuoGen
-     * package that projection is the connector's (connector.safetensors); it is not read here. */
     return 0;
 fail:
     dg_dit_unload(m);

@@ -43,6 +43,8 @@ typedef struct {
     int   patch_h, patch_w;  /* 2, 2 (patch_t must be 1) */
     int   max_t, max_h, max_w;  /* max_size / patch: RoPE position limits */
     float rope_scale[3];     /* t, h, w: 1, 3, 3 */
+    int   proj_in;           /* crossattn_proj_in_channels (100352) when the checkpoint carries
+                                its own crossattn_proj (use_crossattn_projection), else 0 */
 } dg_dit_config;
 
 typedef struct {
@@ -59,7 +61,8 @@ typedef struct {
 typedef struct {
     dg_dit_config cfg;
     dg_backend   *be;          /* borrowed: the load's (weights); forwards use the state's */
-    dg_st        *st;          /* owned: the mapped checkpoint the matrices point into */
+    dg_st        *st;          /* owned: the mapped checkpoint the matrices point into (and
+                                  crossattn_proj, read by the connector) */
     dg_weight     patch;       /* [D, (C+2)·ph·pw] patch_embed.proj */
     dg_weight     t1;          /* [D, D]  time_embed.t_embedder.linear_1 */
     dg_weight     t2;          /* [3D, D] time_embed.t_embedder.linear_2 */
@@ -104,8 +107,11 @@ typedef struct {
     float *host_sinus;  /* host [F_max, D] */
 } dg_dit_state;
 
-/* Reads DIR/config.json and DIR/diffusion_pytorch_model.safetensors; binds every tensor
- * with its shape checked. DG_EMODEL names the key or tensor. */
+/* Reads DIR/config.json (every key of the published Cosmos-Predict2.5 config: docs/PUBLISHED.md
+ * lists what each must be) and DIR's weights (diffusion_pytorch_model.safetensors, or its
+ * shards through diffusion_pytorch_model.safetensors.index.json; bf16, fp16 or fp32); binds
+ * every tensor with its shape checked, and checks crossattn_proj's shape when the config has
+ * one (the connector binds it from m->st). DG_EMODEL names the key or tensor. */
 int  dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t errlen);
 void dg_dit_unload(dg_dit *m);   /* accepts a zeroed or half-loaded model */
 

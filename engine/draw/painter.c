@@ -141,7 +141,8 @@ static int semantic_conditions(dg_painter *p, const dg_painter_job *job, char *e
     }
     int rc;
     if ((rc = dg_cond_acc_finish(p->conn, job->acc, p->positions, job->n_pos, p->ctx_pos, err, errlen)) < 0 ||
-        (rc = dg_cond_acc_finish(p->conn, job->acc, p->positions, job->n_neg, p->ctx_neg, err, errlen)) < 0)
+        (rc = dg_cond_acc_finish(p->conn, job->acc_neg ? job->acc_neg : job->acc, p->positions, job->n_neg,
+                                 p->ctx_neg, err, errlen)) < 0)
         return rc;
     p->n_ctx_pos = job->n_pos;
     p->n_ctx_neg = job->n_neg;

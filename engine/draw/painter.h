@@ -6,7 +6,8 @@
  *
  *   semantic condition  the connector over the caller's accumulated condition rows:
  *                       positions [0, n_pos) for the conditional branch, [0, n_neg) for the
- *                       unconditional (CFG) one
+ *                       unconditional (CFG) one (of a second accumulator when the caller
+ *                       conditions as a published pipeline does: prompt_cond.h)
  *   visual condition    every earlier image, given or drawn, as a clean VAE latent frame at
  *                       its own resolution (docs/specs/duogen_paper.md "Visual conditions":
  *                       spatial RoPE from each image's native size): its width and height
@@ -66,8 +67,11 @@ typedef struct {
 /* One image to draw. Borrowed for dg_painter_begin. */
 typedef struct {
     dg_cond_acc           *acc;      /* condition rows of at least positions [0, n_pos) */
-    int                    n_pos;    /* conditional branch: positions [0, n_pos) */
-    int                    n_neg;    /* unconditional branch: positions [0, n_neg) */
+    dg_cond_acc           *acc_neg;  /* the unconditional branch's rows: acc when NULL (the
+                                        conversation's), or the negative prompt's
+                                        (prompt_cond.h) */
+    int                    n_pos;    /* conditional branch: positions [0, n_pos) of acc */
+    int                    n_neg;    /* unconditional branch: positions [0, n_neg) of acc_neg */
     const dg_painter_cond *conds;    /* [n_conds] the earlier images, oldest first */
     int                    n_conds;
     dg_latent_cache       *lcache;   /* condition latents: looked up, and put when encoded */

@@ -191,8 +191,22 @@ static int read_config(dg_vae_config *c, const char *path, char *err, size_t err
      * attention at other scales are not the Wan2.1 VAE */
     if (n_mean != 0 || ((v = json_object_get(j, "is_residual")) && json_is_true(v)) ||
         ((v = json_object_get(j, "patch_size")) && !json_is_null(v)) ||
-        ((v = json_object_get(j, "decoder_base_dim")) && !json_is_null(v))) {
+        ((v = json_object_get(j, "decoder_base_dim")) && !json_is_null(v) &&
+         !(json_is_integer(v) && json_integer_value(v) == c->base_dim))) {
         snprintf(err, errlen, "%s: not a Wan2.1 VAE (attn_scales, is_residual, patch_size or decoder_base_dim)", path);
+        goto out;
+    }
+    /* the compression the pipeline reads from the config must be what the layers do; dropout
+     * is a training setting, any value is accepted */
+    int spatial = 1 << (c->n_levels - 1), temporal = 1, st, ss;
+    for (int i = 0; i < n; i++) temporal <<= c->temporal_down[i] != 0;
+    if ((rc = dg_json_int(j, "scale_factor_temporal", temporal, 0, &st, path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "scale_factor_spatial", spatial, 0, &ss, path, err, errlen)) < 0)
+        goto out;
+    rc = DG_EMODEL;
+    if (st != temporal || ss != spatial) {
+        snprintf(err, errlen, "%s: scale_factor_temporal %d / scale_factor_spatial %d, but dim_mult and "
+                 "temperal_downsample compress by %d / %d", path, st, ss, temporal, spatial);
         goto out;
     }
     if ((rc = dg_json_floats(j, "latents_mean", c->latents_mean, DG_VAE_MAX_Z, &n_mean, path, err, errlen)) < 0 ||
@@ -217,8 +231,7 @@ int dg_vae_load(dg_vae *v, const char *dir, dg_backend *be, char *err, size_t er
     v->be = be;
     snprintf(path, sizeof path, "%s/config.json", dir);
     if ((rc = read_config(&v->cfg, path, err, errlen)) < 0) goto fail;
-    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
-    if ((rc = dg_st_open(path, &st, err, errlen)) < 0) goto fail;
+    if ((rc = dg_st_open(dir, &st, err, errlen)) < 0) goto fail;
     dg_binder b = {.st = st, .be = be, .owned = &v->owned, .err = err, .errlen = errlen};
     const int z = v->cfg.z_dim;
     if ((rc = bind_encoder(&b, v)) < 0 || (rc = bind_decoder(&b, v)) < 0 ||

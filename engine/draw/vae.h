@@ -95,8 +95,10 @@ typedef struct {
     float  *io;                         /* [max(3·T·H·W, z·T_lat·h·w)] input/output staging */
 } dg_vae_state;
 
-/* Reads DIR/config.json and DIR/diffusion_pytorch_model.safetensors, binds and checks every
- * tensor (the error names tensor, expected and found shape), converts weights to fp32. */
+/* Reads DIR/config.json (every key of the published Wan2.1 AutoencoderKLWan config:
+ * docs/PUBLISHED.md lists what each must be) and DIR's weights (diffusion_pytorch_model.safetensors
+ * or its index and shards; fp32, bf16 or fp16), binds and checks every tensor (the error
+ * names tensor, expected and found shape), converts weights to fp32. */
 int  dg_vae_load(dg_vae *v, const char *dir, dg_backend *be, char *err, size_t errlen);
 void dg_vae_unload(dg_vae *v);   /* accepts a zeroed or half-loaded model */
 

@@ -386,12 +386,22 @@ int dg_st_open(const char *path, dg_st **out, char *err, size_t errlen) {
     *out = NULL;
     if ((rc = dg_st_new(&st)) < 0) return rc;
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
-        snprintf(buf, sizeof buf, "%s/model.safetensors.index.json", path);
-        if (access(buf, R_OK) == 0) {
-            rc = add_index(st, buf, err, errlen);
-        } else {
-            snprintf(buf, sizeof buf, "%s/model.safetensors", path);
-            rc = add_file(st, buf, err, errlen);
+        /* Hugging Face's names (transformers), then diffusers' */
+        static const char *stems[] = {"model", "diffusion_pytorch_model"};
+        rc = 1;
+        for (int i = 0; i < 2 && rc > 0; i++) {
+            snprintf(buf, sizeof buf, "%s/%s.safetensors.index.json", path, stems[i]);
+            if (access(buf, R_OK) == 0) {
+                rc = add_index(st, buf, err, errlen);
+                break;
+            }
+            snprintf(buf, sizeof buf, "%s/%s.safetensors", path, stems[i]);
+            if (access(buf, R_OK) == 0) rc = add_file(st, buf, err, errlen);
+        }
+        if (rc > 0) {
+            snprintf(err, errlen, "%s: no model.safetensors or diffusion_pytorch_model.safetensors "
+                     "(nor their .index.json)", path);
+            rc = DG_EMODEL;
         }
     } else {
         size_t l = strlen(path);

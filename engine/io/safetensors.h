@@ -35,8 +35,10 @@ typedef struct {
 
 typedef struct dg_st dg_st;
 
-/* Opens `path`: a directory (its model.safetensors.index.json if present, else its
- * model.safetensors), an index file, or a single .safetensors file. */
+/* Opens `path`: a directory (the first present of model.safetensors.index.json,
+ * model.safetensors, diffusion_pytorch_model.safetensors.index.json and
+ * diffusion_pytorch_model.safetensors: the transformers and diffusers names, unsharded or
+ * sharded), an index file, or a single .safetensors file. */
 int  dg_st_open(const char *path, dg_st **out, char *err, size_t errlen);
 void dg_st_close(dg_st *st);   /* accepts NULL */
 

@@ -353,6 +353,7 @@ struct dg_stop {
     char   *hold;     /* owned: [max_len] bytes that may still start a stop string */
     size_t  n_hold;
     char   *tail;     /* owned: [max_len] scratch for the next hold */
+    size_t  match_end;/* the last match's end in the text of its feed */
 };
 
 int dg_stop_new(const char *const *stop, size_t n_stop, dg_stop **out, char *err, size_t errlen) {
@@ -422,6 +423,7 @@ int dg_stop_feed(dg_stop *s, const char *text, size_t len, dg_stop_emit emit, vo
             }
     if (best_end != (size_t)-1) {
         emit_range(s, text, 0, best_start, emit, user);
+        s->match_end = best_end - s->n_hold;   /* >= 0: a held prefix never matches alone */
         s->n_hold = 0;
         return 1;
     }
@@ -440,6 +442,8 @@ int dg_stop_feed(dg_stop *s, const char *text, size_t len, dg_stop_emit emit, vo
     s->n_hold = keep;
     return 0;
 }
+
+size_t dg_stop_match_end(const dg_stop *s) { return s->match_end; }
 
 void dg_stop_flush(dg_stop *s, dg_stop_emit emit, void *user) {
     if (s->n_hold) emit(user, s->hold, s->n_hold);

@@ -73,5 +73,9 @@ void dg_stop_free(dg_stop *s);    /* accepts NULL */
 int  dg_stop_feed(dg_stop *s, const char *text, size_t len, dg_stop_emit emit, void *user);
 /* At the end of a sequence that did not stop: emits what was held back. */
 void dg_stop_flush(dg_stop *s, dg_stop_emit emit, void *user);
+/* After dg_stop_feed returned 1: how many bytes of that call's text the match took (the
+ * bytes after them were neither emitted nor held). A caller that goes on after a match (the
+ * scheduler's draw marker) feeds text + that offset again. */
+size_t dg_stop_match_end(const dg_stop *s);
 
 #endif

@@ -143,11 +143,19 @@ static int regex_build(dg_tok *t, char *err, size_t errlen) {
 }
 
 int dg_tok_open(const char *dir, dg_tok **out, char *err, size_t errlen) {
+    return dg_tok_open_with(dir, NULL, 0, out, err, errlen);
+}
+
+int dg_tok_open_with(const char *dir, const dg_tok_token *extra, size_t n_extra, dg_tok **out, char *err,
+                     size_t errlen) {
     *out = NULL;
     dg_tok_files f;
+    dg_tok *t = NULL;
     int rc = dg_tok_files_load(dir, &f, err, errlen);
     if (rc < 0) return rc;
-    dg_tok *t = calloc(1, sizeof *t);
+    for (size_t i = 0; i < n_extra; i++)
+        if ((rc = dg_tok_files_add_special(&f, extra[i].content, extra[i].id, err, errlen)) < 0) goto fail;
+    t = calloc(1, sizeof *t);
     if (!t) { rc = DG_ENOMEM; goto fail; }
     if ((rc = tables_build(t, &f, dir, err, errlen)) < 0) goto fail;
     if ((rc = dg_tok_merges_build(t, &f, err, errlen)) < 0) goto fail;

@@ -49,6 +49,19 @@ void dg_tok_ids_free(dg_tok_ids *ids);
  * Returns 0, or DG_EMODEL (a missing or malformed file: err names the file and what is
  * wrong) or DG_ENOMEM. *out is NULL on failure. */
 int  dg_tok_open(const char *dir, dg_tok **out, char *err, size_t errlen);
+
+/* A token a model package adds to the files' vocabulary (docs/DESIGN.md §5: <BOV> on a free
+ * embedding row of a tokenizer that lacks it). */
+typedef struct {
+    const char *content;   /* borrowed: its text, matched on the raw text */
+    int32_t     id;
+} dg_tok_token;
+
+/* dg_tok_open, then each of extra[0..n_extra) as a special added token (skipped by
+ * DG_TOK_SKIP_SPECIAL like <|im_end|>); DG_EMODEL when its id or text is already another
+ * token's. */
+int  dg_tok_open_with(const char *dir, const dg_tok_token *extra, size_t n_extra, dg_tok **out,
+                      char *err, size_t errlen);
 void dg_tok_close(dg_tok *tok);   /* accepts NULL */
 
 /* Number of token ids: the largest vocab or added id + 1 (ids in gaps have no token). */

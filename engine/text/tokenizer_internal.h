@@ -110,6 +110,9 @@ typedef struct {
 } dg_tok_files;
 
 int  dg_tok_files_load(const char *dir, dg_tok_files *f, char *err, size_t errlen);
+/* Adds a special added token (matched on the raw text) that the files lack; DG_EMODEL when
+ * its id or text is another token's. */
+int  dg_tok_files_add_special(dg_tok_files *f, const char *content, int32_t id, char *err, size_t errlen);
 void dg_tok_files_free(dg_tok_files *f);
 
 /* ---- tokenizer_bpe.c ---- */

@@ -287,6 +287,16 @@ static int added_insert(dg_tok_files *f, const char *content, size_t len, json_i
     return 0;
 }
 
+int dg_tok_files_add_special(dg_tok_files *f, const char *content, int32_t id, char *err, size_t errlen) {
+    size_t len = strlen(content);
+    if (len == 0 || id < 0 || id >= DG_TOK_MAX_ID || dg_tok_utf8_valid_prefix((const uint8_t *)content, len) != len)
+        return fail(err, errlen, "added token \"%s\" (id %d): empty, not UTF-8 or id out of range", content, id);
+    for (size_t i = 0; i < f->n_vocab; i++)
+        if (f->vocab[i].id == id)
+            return fail(err, errlen, "added token \"%s\": id %d is a token of the vocabulary", content, id);
+    return added_insert(f, content, len, id, true, false, NULL, "the package's added token", err, errlen);
+}
+
 static int config_load(const char *path, dg_tok_files *f, char *err, size_t errlen) {
     json_t *j = load_json(path, err, errlen);
     if (!j) return DG_EMODEL;
@@ -304,6 +314,17 @@ static int config_load(const char *path, dg_tok_files *f, char *err, size_t errl
     }
     json_decref(j);
     return rc;
+}
+
+/* A TemplateProcessing whose "single" is the sequence alone and that names no special
+ * token: what transformers 5 saves for Qwen2 tokenizers (it adds nothing, like null). */
+static bool template_plain(const json_t *post) {
+    const char *type = json_string_value(json_object_get(post, "type"));
+    const json_t *single = json_object_get(post, "single"), *special = json_object_get(post, "special_tokens");
+    if (!type || strcmp(type, "TemplateProcessing") || !json_is_array(single) || json_array_size(single) != 1 ||
+        !json_object_get(json_array_get(single, 0), "Sequence"))
+        return false;
+    return !special || (json_is_object(special) && json_object_size(special) == 0);
 }
 
 /* Checks that a tokenizer.json describes the Qwen2 pipeline that dg_tok implements. */
@@ -341,8 +362,9 @@ static int pipeline_check(const json_t *j, const char *path, char *err, size_t e
     if (!dec || strcmp(dec, "ByteLevel")) return fail(err, errlen, "%s: decoder must be ByteLevel", path);
     const json_t *post = json_object_get(j, "post_processor");
     const char *post_type = json_string_value(json_object_get(post, "type"));
-    if (post && !json_is_null(post) && (!post_type || strcmp(post_type, "ByteLevel")))
-        return fail(err, errlen, "%s: post_processor must be ByteLevel or null (no BOS/EOS)", path);
+    if (post && !json_is_null(post) && (!post_type || (strcmp(post_type, "ByteLevel") && !template_plain(post))))
+        return fail(err, errlen, "%s: post_processor must be ByteLevel, null, or a TemplateProcessing that "
+                    "adds no token (no BOS/EOS)", path);
     return 0;
 }
 

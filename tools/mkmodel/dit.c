@@ -4,8 +4,11 @@
  * tiny: 2 heads x 32, 2 blocks, text width 32, LoRA 16 (seconds on a CPU);
  * small: 8 heads x 128 (D 1024), 8 blocks, text 1024, LoRA 256 (about 0.15 B, CPU benchmarks);
  * full: the 2B shapes (16 x 128, 28 blocks, text 1024, LoRA 256).
- * The text projection (crossattn_proj) is the connector's (connector.safetensors), so
- * use_crossattn_projection is false and the DiT reads text_embed_dim-wide context.
+ * tiny and small: the text projection (crossattn_proj) is the connector's
+ * (connector.safetensors), so use_crossattn_projection is false and the DiT reads
+ * text_embed_dim-wide context; full: the published Cosmos-Predict2.5-2B layout, with
+ * crossattn_proj (100352 -> 1024, bias) in the DiT's own file and config
+ * (docs/PUBLISHED.md), and no connector.safetensors.
  * Init: matrices N(0, 1/fan_in) so that every block changes the stream by O(1) (a fidelity
  * test then sees every part); norm weights 1 ± 0.1. */
 #include <errno.h>
@@ -18,13 +21,16 @@
 
 typedef struct {
     int heads, head_dim, layers, text, lora;
+    int proj_in;   /* crossattn_proj_in_channels when the DiT carries its projection, else 0 */
 } dit_shape;
 
 static const dit_shape SHAPES[] = {
-    [MK_TINY] = {2, 32, 2, 32, 16},
-    [MK_SMALL] = {8, 128, 8, 1024, 256},
-    [MK_FULL] = {16, 128, 28, 1024, 256},
+    [MK_TINY] = {2, 32, 2, 32, 16, 0},
+    [MK_SMALL] = {8, 128, 8, 1024, 256, 0},
+    [MK_FULL] = {16, 128, 28, 1024, 256, 28 * 3584},   /* Qwen2.5-VL-7B: 28 layers x 3584 */
 };
+
+int mk_dit_has_projection(mk_preset preset) { return SHAPES[preset].proj_in > 0; }
 
 int mk_dit_text_dim(mk_preset preset) { return SHAPES[preset].text; }
 
@@ -78,6 +84,12 @@ int mk_write_dit(const char *dir, mk_preset preset, uint64_t seed, char *err, si
     M(R, D, "norm_out.linear_1.weight");
     M(2 * D, R, "norm_out.linear_2.weight");
     M(4 * C, D, "proj_out.weight");
+    if (s->proj_in) {   /* inputs standardized per token: N(0, 1/fan_in) keeps unit scale */
+        M(s->text, s->proj_in, "crossattn_proj.0.weight");
+        snprintf(n, sizeof n, "crossattn_proj.0.bias");
+        const int64_t nb = s->text;
+        if (mk_add(&l, DG_DTYPE_BF16, 0.0, 0.1, n, 1, &nb)) goto mem;
+    }
 #undef M
 #undef V
     snprintf(cfg, sizeof cfg,
@@ -86,9 +98,10 @@ int mk_write_dit(const char *dir, mk_preset preset, uint64_t seed, char *err, si
              "  \"num_layers\": %d,\n  \"mlp_ratio\": 4.0,\n  \"text_embed_dim\": %d,\n"
              "  \"adaln_lora_dim\": %d,\n  \"max_size\": [128, 240, 240],\n  \"patch_size\": [1, 2, 2],\n"
              "  \"rope_scale\": [1.0, 3.0, 3.0],\n  \"concat_padding_mask\": true,\n"
-             "  \"extra_pos_embed_type\": null,\n  \"use_crossattn_projection\": false,\n"
-             "  \"encoder_hidden_states_channels\": %d\n}\n",
-             s->heads, s->head_dim, s->layers, s->text, s->lora, s->text);
+             "  \"extra_pos_embed_type\": null,\n  \"use_crossattn_projection\": %s,\n"
+             "  \"crossattn_proj_in_channels\": %d,\n  \"encoder_hidden_states_channels\": %d\n}\n",
+             s->heads, s->head_dim, s->layers, s->text, s->lora, s->proj_in ? "true" : "false",
+             s->proj_in ? s->proj_in : s->text, s->text);
     if (mk_write_text(sub, "config.json", cfg, err, errlen) < 0) goto out;
     if (mk_write_diffusers(sub, &l, seed, err, errlen) < 0) goto out;
     rc = 0;

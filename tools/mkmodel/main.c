@@ -88,7 +88,7 @@ int main(int argc, char **argv) {
     if (mk_write_mllm(out, p, seed, vocab, err, sizeof err) < 0 ||
         mk_write_vae(out, p, seed, err, sizeof err) < 0 ||
         mk_write_dit(out, p, seed, err, sizeof err) < 0 ||
-        mk_write_connector(out, p, seed, err, sizeof err) < 0 ||
+        (!mk_dit_has_projection(p) && mk_write_connector(out, p, seed, err, sizeof err) < 0) ||
         mk_write_package(out, p, err, sizeof err) < 0) {
         fprintf(stderr, "mkmodel: %s\n", err);
         return 1;

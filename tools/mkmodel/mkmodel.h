@@ -59,10 +59,12 @@ int  mk_write_mllm(const char *dir, mk_preset preset, uint64_t seed, const char 
 
 /* Writes the tensors as DIR/diffusion_pytorch_model.safetensors (diffusers' name). */
 int  mk_write_diffusers(const char *dir, const mk_list *l, uint64_t seed, char *err, size_t errlen);
-/* DIR/vae (AutoencoderKLWan), DIR/dit (CosmosTransformer3DModel), DIR/connector.safetensors. */
+/* DIR/vae (AutoencoderKLWan), DIR/dit (CosmosTransformer3DModel), DIR/connector.safetensors
+ * (presets whose DiT has no crossattn_proj of its own). */
 int  mk_write_vae(const char *dir, mk_preset preset, uint64_t seed, char *err, size_t errlen);
 int  mk_write_dit(const char *dir, mk_preset preset, uint64_t seed, char *err, size_t errlen);
 int  mk_dit_text_dim(mk_preset preset);   /* the DiT's context width: the connector's output */
+int  mk_dit_has_projection(mk_preset preset);   /* the DiT carries crossattn_proj (full) */
 int  mk_write_connector(const char *dir, mk_preset preset, uint64_t seed, char *err, size_t errlen);
 /* DIR/duogen.json for the components present, and <BOV> in mllm/tokenizer_config.json. */
 int  mk_write_package(const char *dir, mk_preset preset, char *err, size_t errlen);
