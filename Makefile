@@ -7,7 +7,7 @@
 #   make bench      benchmarks; figures on stdout, JSON under build/bench/
 #   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
 #   make soak       10,000 jobs through 3 workers while workers are SIGKILLed and Redis restarts
-#                   twice (tools/soak/soak.py, ~10 min; not in `make test`): jobs lost, doubled,
+#                   twice (tools/soak/soak.py, ~5 min; not in `make test`): jobs lost, doubled,
 #                   dead, worker RSS and Redis memory; JSON in build/bench/soak.json
 #   make demo       the main job on the default model, through Redis and a worker, into
 #                   out/answer.md (tools/demo.sh)

@@ -115,7 +115,7 @@ class Spec:
         self.error = ""           # a phrase of its error
         self.dead = False         # must be in duogen:dead
         self.text = None          # the exact result text (fake engine), or None
-        self.text_prefix = None   # the result text must start this (cancelled while running)
+        self.whole_text = None    # the answer uncut, of which the result text is a prefix (cancelled)
         self.finish = None        # finish_reason, or None: not checked
         self.images = 0           # images drawn; -1: at most max_images (real engine)
         self.max_images = 0
@@ -193,7 +193,7 @@ def fake_spec(jid, kind, rng, step_ms, inputs):
         words = [rng.choice(WORDS) for _ in range(400)]
         meta["fake.step_ms"] = 20
         s.status, s.finish, s.cancel = "cancelled", "cancelled", "running"
-        s.text_prefix = expected_markdown(jid, words, 0)
+        s.whole_text = expected_markdown(jid, words, 0)
     if job is None:
         job = new_job(s, " ".join(words))
     if kind in ("retry", "poison"):
@@ -652,7 +652,7 @@ def check_job(spec, jid, res, jobh, events, imgs):
     text = res.get("text", b"").decode("utf-8", "replace")
     if spec.text is not None and text != spec.text:
         bad(f"text {text[:80]!r}, expected {spec.text[:80]!r}")
-    if spec.text_prefix is not None and not spec.text_prefix.startswith(text):
+    if spec.whole_text is not None and not spec.whole_text.startswith(text):
         bad(f"text {text[:80]!r} is not a prefix of the answer")
     n_img = out["images"] = int(res.get("images", b"0") or 0)
     if spec.images >= 0 and n_img != spec.images:
@@ -699,8 +699,9 @@ def memory_points(soak):
 
 
 def rss_growth(samples, warm_jobs=300):
-    """Per worker process that ended enough jobs: RSS from the sample where it had ended
-    warm_jobs to its last sample, and the slope in KiB per 1000 jobs."""
+    """Per worker process that ended enough jobs: its RSS once it had ended warm_jobs, halfway
+    from there to its last sample, and at its last; the slope of the second half in KiB per
+    1000 jobs (a leak keeps its slope, warm-up does not)."""
     by_pid = collections.defaultdict(list)
     for s in samples:
         for wid, w in s["workers"].items():
@@ -709,12 +710,13 @@ def rss_growth(samples, warm_jobs=300):
     out = []
     for (wid, pid), pts in by_pid.items():
         warm = [p for p in pts if p[0] >= warm_jobs]
-        if len(warm) < 2 or warm[-1][0] - warm[0][0] < 500:
+        if len(warm) < 3 or warm[-1][0] - warm[0][0] < 500:
             continue
-        (j0, r0), (j1, r1) = warm[0], warm[-1]
-        out.append({"worker": wid, "pid": pid, "jobs_from": j0, "jobs_to": j1, "rss_kb_from": r0, "rss_kb_to": r1,
-                    "kb_per_1000_jobs": round((r1 - r0) * 1000 / (j1 - j0), 1)})
-    return sorted(out, key=lambda x: -(x["jobs_to"] - x["jobs_from"]))
+        (j0, r0), (j2, r2) = warm[0], warm[-1]
+        j1, r1 = next(p for p in warm if p[0] >= (j0 + j2) / 2)
+        out.append({"worker": wid, "pid": pid, "jobs": [j0, j1, j2], "rss_kb": [r0, r1, r2],
+                    "kb_per_1000_jobs_second_half": round((r2 - r1) * 1000 / max(1, j2 - j1), 1)})
+    return sorted(out, key=lambda x: x["jobs"][0] - x["jobs"][2])
 
 
 def report_of(soak, dead, pending, done_info, no_ttl, stops):
@@ -746,6 +748,7 @@ def report_of(soak, dead, pending, done_info, no_ttl, stops):
         "jobs_per_s": round(len(soak.seen) / max(1e-9, soak.t_last - soak.t_first), 1),
         "kinds": dict(kinds), "statuses": dict(statuses),
         "images_drawn": sum(v["images"] for v in soak.seen.values()),
+        "cancelled_while_running": sum(1 for s in specs if s.cancel == "running" and soak.seen.get(s.id, {}).get("runs")),
         "lost": lost, "doubled": doubled, "wrong": problems,
         "dead": {"expected": len(want_dead), "found": len(dead_count), "missing": missing_dead,
                  "unexpected": {j: {"code": f["code"].decode(), "deliveries": int(f["deliveries"]),
@@ -782,7 +785,7 @@ def print_report(rep):
     print(f"  accounted {rep['jobs'] - len(rep['lost'])}   lost {len(rep['lost'])}   doubled {len(rep['doubled'])}"
           f"   wrong {len(rep['wrong'])}")
     print("  outcomes  " + "  ".join(f"{k} {v}" for k, v in sorted(rep["statuses"].items(), key=str))
-          + f"   ({rep['images_drawn']} images drawn)")
+          + f"   ({rep['images_drawn']} images drawn, {rep['cancelled_while_running']} cancelled while running)")
     d = rep["dead"]
     print(f"  dead      {d['found']} (expected {d['expected']}: the bad, poison and retried jobs; "
           f"missing {len(d['missing'])}, unexpected {len(d['unexpected'])})")
@@ -804,18 +807,15 @@ def print_report(rep):
     print("    s / jobs ended   " + "".join(f"{p['t']:.0f}/{p['jobs_ended']}".rjust(11) for p in pts.values()))
     print("    Redis used_memory" + "".join(f"    {mb(p['redis_used_memory'])}" for p in pts.values()))
     print("    Redis keys       " + "".join(f"{p['redis_keys']:11d}" for p in pts.values()))
-    wids = sorted({w for p in pts.values() for w in p["workers"]})
-    for wid in wids:
-        cells = []
-        for p in pts.values():
-            w = p["workers"].get(wid)
-            cells.append(f"    {mb(w['rss_kb'] * 1024) if w and w['rss_kb'] else mb(None)}")
-        print(f"    {wid} RSS     " + "".join(cells) + "   (pid/jobs: " + ", ".join(
-            f"{p['workers'][wid]['pid']}/{p['workers'][wid]['jobs']}" if wid in p["workers"] else "-"
-            for p in pts.values()) + ")")
+    for wid in sorted({w for p in pts.values() for w in p["workers"]}):
+        ws = [p["workers"].get(wid) for p in pts.values()]
+        rss = "".join(f"    {mb(w['rss_kb'] * 1024) if w and w['rss_kb'] else mb(None)}" for w in ws)
+        who = ", ".join(f"{w['pid']}/{'?' if w['jobs'] is None else w['jobs']}" if w else "-" for w in ws)
+        print(f"    {wid} RSS     {rss}   (pid/jobs it ended: {who})")
     for g in rep["rss_growth"][:3]:
-        print(f"    {g['worker']} pid {g['pid']}: RSS {g['rss_kb_from']} -> {g['rss_kb_to']} KiB over jobs "
-              f"{g['jobs_from']}..{g['jobs_to']} ({g['kb_per_1000_jobs']:+} KiB per 1000 jobs)")
+        print(f"    {g['worker']} pid {g['pid']}: RSS {' -> '.join(map(str, g['rss_kb']))} KiB after "
+              f"{', '.join(map(str, g['jobs']))} jobs ({g['kb_per_1000_jobs_second_half']:+} KiB per 1000 jobs "
+              f"in the second half)")
     for j in rep["lost"][:10]:
         print(f"  LOST {j}")
     for j in rep["doubled"][:10]:
