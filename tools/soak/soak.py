@@ -189,7 +189,8 @@ def fake_spec(jid, kind, rng, step_ms, inputs):
         s.status, s.finish, s.text, s.cancel = "cancelled", "cancelled", "", "before"
     elif kind == "cancel_running":
         # 400 steps of 20 ms: it cannot end before the cancel key, set 0.2 to 1 s after it is
-        # enqueued, is seen, even across a Redis outage (the worker steps on while Redis is away)
+        # enqueued and once it has started, is seen, even across a Redis outage (the worker
+        # steps on while Redis is away)
         words = [rng.choice(WORDS) for _ in range(400)]
         meta["fake.step_ms"] = 20
         s.status, s.finish, s.cancel = "cancelled", "cancelled", "running"
@@ -419,7 +420,7 @@ class Soak:
             self.xadd(r, key(spec.stream), entry, {"id": spec.id, "job": spec.raw})
             self.enqueued += 1
             if spec.cancel == "running":
-                heapq.heappush(cancels, (time.monotonic() + self.rng.uniform(0.2, 1.0), spec.id))
+                heapq.heappush(cancels, (time.monotonic() + self.rng.uniform(0.2, 1.0), spec.id))   # after its start
         while cancels and not self.stop.is_set():
             self.cancel_due(r, cancels)
             time.sleep(0.01)
@@ -439,9 +440,18 @@ class Soak:
                 time.sleep(0.05)
 
     def cancel_due(self, r, cancels):
+        """Sets the cancel keys that are due, of jobs a worker has started (their event
+        stream exists); a job still queued is looked at again 0.1 s later, so that the
+        cancel lands while it runs (with a backlog, jobs wait seconds in the queue)."""
+        later = []
         while cancels and cancels[0][0] <= time.monotonic():
             _, jid = heapq.heappop(cancels)
-            retry(lambda: r.set(key("cancel", jid), 1, ex=3600), self.stop)
+            if retry(lambda: r.exists(key("events", jid)), self.stop):
+                retry(lambda: r.set(key("cancel", jid), 1, ex=3600), self.stop)
+            else:
+                later.append((time.monotonic() + 0.1, jid))
+        for item in later:
+            heapq.heappush(cancels, item)
 
     # ---- collector ----
 
