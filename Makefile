@@ -6,6 +6,9 @@
 #                   the last line is "N passed, N failed, N skipped"
 #   make bench      benchmarks; figures on stdout, JSON under build/bench/
 #   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
+#   make soak       10,000 jobs through 3 workers while workers are SIGKILLed and Redis restarts
+#                   twice (tools/soak/soak.py, ~5 min; not in `make test`): jobs lost, doubled,
+#                   dead, worker RSS and Redis memory; JSON in build/bench/soak.json
 #   make demo       the main job on the default model, through Redis and a worker, into
 #                   out/answer.md (tools/demo.sh)
 #   make install    PREFIX=/usr/local DESTDIR=
@@ -96,7 +99,7 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE)
 
-.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
+.PHONY: all deps test soak bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -220,6 +223,12 @@ bench-tokenizer: all
 	$(BUILD)/dg-bench --json $(BUILD)/bench/tokenizer.json tokenizer
 	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
 	    tools/reference/bench_tokenizers.py --json $(BUILD)/bench/tokenizer_hf.json; fi
+
+# ---- the soak: faults over a long run (SOAK_ARGS="--engine real": the real engine on the tiny
+# package, 200 jobs; --help lists the rest) -------------------------------------------------
+soak: all
+	@mkdir -p $(BUILD)/bench
+	/usr/bin/python3 tools/soak/soak.py --json $(BUILD)/bench/soak.json $(SOAK_ARGS)
 
 # ---- set-up --------------------------------------------------------------------------
 deps:

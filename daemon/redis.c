@@ -187,6 +187,16 @@ int dg_redis_init(dg_redis *r, const dg_daemon_config *cfg, const char *client_n
 
 /* ---- connecting ---------------------------------------------------------------------------- */
 
+/* The error replies of a server that cannot serve now but will: loading its dataset (after a
+ * restart, or a replica's full sync), running a script past its time limit, a replica cut
+ * off from its master. The command was not run. Returns the reply's text, or NULL. */
+static const char *not_ready(const redisReply *rep) {
+    static const char *const states[] = {"LOADING ", "BUSY ", "MASTERDOWN "};
+    for (size_t i = 0; i < sizeof states / sizeof states[0]; i++)
+        if (dg_reply_is_error(rep, states[i])) return rep->str;
+    return NULL;
+}
+
 static redisContext *open_tcp(const char *host, int port, int timeout_ms) {
     struct timeval ct = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
     return redisConnectWithTimeout(host, port, ct);
@@ -271,6 +281,16 @@ static int connect_now(dg_redis *r) {
     redisReply *rep = redisCommand(r->c, "CLIENT SETNAME %s", r->client_name);
     if (!rep) goto fail;
     freeReplyObject(rep);
+    /* a server still loading its dataset accepts connections and answers LOADING to every
+     * command but a few: not connected yet, the backoff applies */
+    if (!(rep = redisCommand(r->c, "PING"))) {
+        snprintf(r->error, sizeof r->error, "PING: %s", r->c->errstr);
+        goto fail;
+    }
+    const char *busy = not_ready(rep);
+    if (busy) snprintf(r->error, sizeof r->error, "not ready: %s", busy);
+    freeReplyObject(rep);
+    if (busy) goto fail;
     return 0;
 fail:
     if (r->c) redisFree(r->c);
@@ -327,7 +347,15 @@ void dg_redis_close(dg_redis *r) {
 redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd) {
     if (!r->c) return NULL;
     redisReply *rep = redisCommandArgv(r->c, cmd->argc, (const char **)cmd->argv, cmd->len);
-    if (!rep) dg_redis_drop(r, r->c->errstr[0] ? r->c->errstr : "I/O error");
+    if (!rep) {
+        dg_redis_drop(r, r->c->errstr[0] ? r->c->errstr : "I/O error");
+    } else if (not_ready(rep)) {
+        char why[sizeof r->error];
+        snprintf(why, sizeof why, "the server is not ready: %s", rep->str);
+        freeReplyObject(rep);
+        rep = NULL;
+        dg_redis_drop(r, why);
+    }
     return rep;
 }
 
@@ -342,6 +370,7 @@ redisReply *dg_redis_cmdv(dg_redis *r, const char *arg0, ...) {
 }
 
 int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **replies) {
+    char why[sizeof r->error] = "I/O error";
     for (int i = 0; i < n; i++) replies[i] = NULL;
     if (!r->c) return -1;
     for (int i = 0; i < n; i++)
@@ -352,13 +381,22 @@ int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **repl
         if (redisGetReply(r->c, &rep) != REDIS_OK) goto fail;
         replies[i] = rep;
     }
+    /* one command refused as not ready: the others' effects are unknown to the caller, as
+     * after a broken connection (a MULTI with a refused command is discarded whole) */
+    for (int i = 0; i < n; i++)
+        if (not_ready(replies[i])) {
+            snprintf(why, sizeof why, "the server is not ready: %s", replies[i]->str);
+            goto drop;
+        }
     return 0;
 fail:
+    if (r->c->errstr[0]) snprintf(why, sizeof why, "%s", r->c->errstr);
+drop:
     for (int i = 0; i < n; i++) {
         if (replies[i]) freeReplyObject(replies[i]);
         replies[i] = NULL;
     }
-    dg_redis_drop(r, r->c && r->c->errstr[0] ? r->c->errstr : "I/O error");
+    dg_redis_drop(r, why);
     return -1;
 }
 

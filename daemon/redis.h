@@ -1,10 +1,12 @@
 /* Redis connections of the daemon (hiredis 0.14 API, RESP2).
  *
- * A dg_redis is one connection that heals itself: when a command fails with an I/O error
- * the context is dropped, and dg_redis_ready() reconnects later with jittered exponential
- * backoff (100 ms .. 5 s), re-applying the socket timeouts (hiredis 0.14 forgets them on
- * reconnect), keepalive, AUTH, SELECT and CLIENT SETNAME. With Sentinels configured, every
- * reconnect asks them for the current master and checks its ROLE.
+ * A dg_redis is one connection that heals itself: when a command fails with an I/O error,
+ * or the server answers that it is not ready (LOADING its dataset after a restart, BUSY with
+ * a script, MASTERDOWN), the context is dropped, and dg_redis_ready() reconnects later with
+ * jittered exponential backoff (100 ms .. 5 s), re-applying the socket timeouts (hiredis
+ * 0.14 forgets them on reconnect), keepalive, AUTH, SELECT and CLIENT SETNAME; a PING that
+ * is answered not ready fails the reconnect. With Sentinels configured, every reconnect
+ * asks them for the current master and checks its ROLE.
  *
  * Not thread-safe: each thread owns its connections. */
 #ifndef DG_REDIS_H
@@ -67,13 +69,15 @@ int  dg_redis_wait_ms(const dg_redis *r);
 void dg_redis_drop(dg_redis *r, const char *why);
 void dg_redis_close(dg_redis *r);
 
-/* One command. NULL on an I/O error (the connection is dropped) or when disconnected.
- * Error replies are returned as replies. The caller frees the reply. */
+/* One command. NULL on an I/O error, or when the server is not ready (it answered LOADING,
+ * BUSY or MASTERDOWN: it loads its dataset, say), the connection then dropped; NULL when
+ * disconnected. Other error replies are returned as replies. The caller frees the reply. */
 redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd);
 redisReply *dg_redis_cmdv(dg_redis *r, const char *arg0, ...);   /* strings, NULL-terminated */
 
 /* Sends n commands in one pipeline and reads n replies into replies[]. Returns 0, or -1
- * on an I/O error (connection dropped, replies[] all NULL). */
+ * on an I/O error or when one reply says the server is not ready (connection dropped,
+ * replies[] all NULL; which of the commands ran is unknown). */
 int  dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **replies);
 
 /* Helpers over replies. */

@@ -136,10 +136,11 @@ typedef struct {
     char why[1024];          /* delivered over max_attempts: what the earlier attempts left */
 } seen;
 
-/* One round trip for everything that decides whether to run. The job hash says "running"
- * (with worker and attempt) in the same round trip, before the engine sees the job: if the
- * process dies in a step, the next attempt can tell. The earlier attempt's fields are read
- * first (pipelines keep their order). Returns 0, or -1 when Redis went away. */
+/* One round trip for everything that decides whether to run. For a delivery within
+ * max_attempts the job hash says "running" (with worker and attempt) in the same round trip,
+ * before the engine sees the job: if the process dies in a step, the next attempt can tell.
+ * The earlier attempt's fields are read first (pipelines keep their order). Returns 0, or -1
+ * when Redis went away. */
 static int look(dg_taker *t, dg_run *r, seen *s) {
     const dg_daemon_config *cfg = t->cfg;
     char k_result[DG_KEY_MAX], k_cancel[DG_KEY_MAX], k_job[DG_KEY_MAX];
@@ -159,10 +160,15 @@ static int look(dg_taker *t, dg_run *r, seen *s) {
     pre[n_pre++] = dg_cmd_of("EXISTS", k_result, NULL);
     pre[n_pre++] = dg_cmd_of("EXISTS", k_cancel, NULL);
     if (again) pre[n_pre++] = dg_cmd_of("HGETALL", k_job, NULL);
-    pre[n_pre++] = dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
-                             "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
-                             "error", "", "updated_ms", now, NULL);
-    pre[n_pre++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
+    /* a delivery past max_attempts does not run: it leaves the earlier attempt's fields as
+     * they are, so that, if its give-up is lost (Redis dies before the commit), the next
+     * delivery still reads the earlier attempt's error, not a run that never was */
+    if (r->deliveries <= r->max_attempts) {
+        pre[n_pre++] = dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
+                                 "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
+                                 "error", "", "updated_ms", now, NULL);
+        pre[n_pre++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
+    }
     redisReply *rep[6];
     int rc = dg_redis_pipeline(t->redis, pre, n_pre, rep);
     for (int i = 0; i < n_pre; i++) dg_cmd_free(pre[i]);

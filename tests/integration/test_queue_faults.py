@@ -253,3 +253,36 @@ def test_result_written_by_another_worker_meanwhile_is_kept(cluster):
     # and the worker goes on with the next job normally
     cluster.enqueue("next", "hi")
     assert cluster.wait_result("next")["status"] == b"done"
+
+
+def test_redis_loading_its_dataset_is_waited_for(aof_cluster):
+    """A restarted Redis accepts connections while it loads its AOF, answering LOADING to
+    every command. Found by `make soak`: the worker took that for a refusal (exit 78, which
+    systemd does not restart) and dropped the progress events it sent meanwhile. It must
+    wait like for an outage: stay up, lose no event, write the result once."""
+    c = aof_cluster
+    pipe = c.r.pipeline(transaction=False)
+    for i in range(3000):   # with key-load-delay 1 ms, about 6 s of loading
+        pipe.set(f"pad:{i}", "x")
+    pipe.execute()
+    w = c.worker("w1")
+    c.wait_groups()
+    words = " ".join(f"w{i}" for i in range(30))
+    c.enqueue("loaded", words, meta={"fake.step_ms": 100})
+    wait_until(lambda: int(c.r.hget("duogen:job:loaded", "tokens") or 0) >= 3, what="a few tokens")
+    c.server.stop()
+    # 1 ms per key loaded; clients answered every 1 kB of AOF read, not every 2 MB
+    c.server.extra = ["--key-load-delay", "1000", "--loading-process-events-interval-bytes", "1024"]
+    c.server.start()                                 # returns once loading is over
+    c.r = c.server.client()
+    res = c.wait_result("loaded", timeout=30)
+    assert w.alive(), w.logs()[-2000:]
+    assert res["status"] == b"done" and res["text"].decode() == "Echo: " + words
+    # every progress event written, none dropped (by seq: one sent again after the broken
+    # connection of the shutdown may be there twice)
+    texts = {int(e["seq"]): e["text"] for e in c.events("loaded") if e["type"] == b"text"}
+    assert b"".join(texts[k] for k in sorted(texts)) == res["text"]
+    assert sorted(texts) == list(range(2, 33)), "seq 1 is started, then 31 text events"
+    assert [f[b"id"] for _, f in c.r.xrange("duogen:done")] == [b"loaded"]
+    assert c.r.xpending(c.key("jobs"), "duogen")["pending"] == 0
+    assert "not ready: LOADING" in w.logs()
