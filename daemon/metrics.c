@@ -107,6 +107,12 @@ static void render(dg_worker *w, text *t) {
     put(t, "duogen_worker_busy{worker=\"%s\"} %d\n", wid, strcmp(s.state, "idle") != 0);
     metric(t, "duogen_redis_up", "gauge", "1 while the main Redis connection is up.");
     put(t, "duogen_redis_up{worker=\"%s\"} %d\n", wid, s.redis_up);
+    metric(t, "duogen_job_phase_seconds", "gauge",
+           "Seconds the held job longest in each phase has been in it (0: no job in that phase).");
+    const int64_t now = dg_mono_ms();
+    for (int p = 0; p < DG_PHASE_COUNT; p++)
+        put(t, "duogen_job_phase_seconds{worker=\"%s\",phase=\"%s\"} %.3f\n", wid, dg_phase_name((dg_phase)p),
+            s.phase_since_ms[p] ? (double)(now - s.phase_since_ms[p]) / 1e3 : 0.0);
     metric(t, "duogen_start_time_seconds", "gauge", "Unix time the worker started.");
     put(t, "duogen_start_time_seconds{worker=\"%s\"} %.3f\n", wid, (double)s.started_ms / 1e3);
 }

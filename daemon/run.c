@@ -9,6 +9,18 @@
 
 #include "duogen.pb-c.h"
 
+const char *dg_phase_name(dg_phase p) {
+    static const char *const names[DG_PHASE_COUNT] = {"queued", "prefill", "decode", "diffusion"};
+    return p >= 0 && p < DG_PHASE_COUNT ? names[p] : "?";
+}
+
+/* A new phase starts its clock; the same phase again keeps it (decode after each token). */
+static void set_phase(dg_run *r, dg_phase p) {
+    if (r->phase == p && r->phase_ms) return;
+    r->phase = p;
+    r->phase_ms = dg_mono_ms();
+}
+
 dg_run *dg_run_new(const dg_daemon_config *cfg, const char *stream, const char *entry) {
     dg_run *r = calloc(1, sizeof *r);
     if (!r) abort();
@@ -20,7 +32,7 @@ dg_run *dg_run_new(const dg_daemon_config *cfg, const char *stream, const char *
     r->taken_ms = dg_now_ms();
     r->started_mono_ms = dg_mono_ms();
     r->enqueued_ms = strtoll(entry, NULL, 10);   /* a stream id starts with its ms time */
-    r->phase = "queued";
+    set_phase(r, DG_PHASE_QUEUED);
     return r;
 }
 
@@ -111,7 +123,7 @@ static void on_text(void *user, const char *delta, size_t len) {
     buf_append(&s->text, &s->len, &s->cap, delta, len);
     buf_append(&r->md, &r->md_len, &r->md_cap, delta, len);
     r->tokens++;
-    r->phase = "decode";
+    set_phase(r, DG_PHASE_DECODE);
     r->dirty = 1;
 
     char *text = strndup(delta, len);
@@ -132,7 +144,7 @@ static void on_image_started(void *user, int index, int width, int height, int s
     snprintf(sw, sizeof sw, "%d", width);
     snprintf(sh, sizeof sh, "%d", height);
     snprintf(ss, sizeof ss, "%d", steps);
-    r->phase = "diffusion";
+    set_phase(r, DG_PHASE_DIFFUSION);
     r->step = 0;
     r->steps = steps;
     r->dirty = 1;
@@ -192,7 +204,7 @@ static void on_image_done(void *user, int index, int width, int height, const ui
     r->segs[r->n_segs++] = (dg_segment){.image = r->n_imgs};
     r->n_imgs++;
     r->images++;
-    r->phase = "decode";
+    set_phase(r, DG_PHASE_DECODE);
     r->dirty = 1;
 
     char link[DG_KEY_MAX + 64];
@@ -261,7 +273,7 @@ void dg_run_started(dg_run *r) {
     const dg_daemon_config *cfg = r->cfg;
     char attempt[16];
     snprintf(attempt, sizeof attempt, "%d", r->deliveries);
-    r->phase = "prefill";
+    set_phase(r, DG_PHASE_PREFILL);
 
     Duogen__V1__Event ev = DUOGEN__V1__EVENT__INIT;
     Duogen__V1__Event__Started st = DUOGEN__V1__EVENT__STARTED__INIT;
@@ -280,7 +292,7 @@ dg_cmd *dg_run_progress_cmd(dg_run *r) {
     dg_key_job(key, r->cfg->prefix, r->id);
     double progress = r->max_tokens > 0 ? (double)r->tokens / r->max_tokens : 0;
     if (progress > 0.99) progress = 0.99;   /* 1 only when the result is written */
-    dg_cmd *c = dg_cmd_of("HSET", key, "phase", r->phase, NULL);
+    dg_cmd *c = dg_cmd_of("HSET", key, "phase", dg_phase_name(r->phase), NULL);
     dg_cmd_adds(c, "progress");  dg_cmd_addf(c, "%.3f", progress);
     dg_cmd_adds(c, "tokens");    dg_cmd_addf(c, "%d", r->tokens);
     dg_cmd_adds(c, "images");    dg_cmd_addf(c, "%d", r->images);

@@ -39,6 +39,11 @@ typedef struct {
     size_t len, cap;
 } dg_segment;
 
+/* Where a held job is: the job hash's "phase" field, the STATUS= line, and the metrics'
+ * label (dg_phase_name). */
+typedef enum { DG_PHASE_QUEUED, DG_PHASE_PREFILL, DG_PHASE_DECODE, DG_PHASE_DIFFUSION, DG_PHASE_COUNT } dg_phase;
+const char *dg_phase_name(dg_phase p);
+
 /* A job this worker holds: taken from a stream, maybe running in the engine, maybe ended
  * and waiting for its result to be written. */
 typedef struct dg_run {
@@ -59,7 +64,8 @@ typedef struct dg_run {
     int      submitted;
 
     /* progress, mirrored into prefix:job:<id> when dirty */
-    const char *phase;
+    dg_phase phase;
+    int64_t  phase_ms;               /* dg_mono_ms() when the phase began */
     int      tokens, images, step, steps, max_tokens, dirty;
     int      steps_done;             /* denoising steps over all images */
     uint64_t event_seq;

@@ -77,8 +77,11 @@ static void publish(dg_worker *w) {
     }
     w->n_leases = 0;
     w->stats.jobs[0] = 0;
+    memset(w->stats.phase_since_ms, 0, sizeof w->stats.phase_since_ms);
     size_t used = 0;
     for (dg_run *r = w->runs.first; r; r = r->next) {
+        int64_t *since = &w->stats.phase_since_ms[r->phase];
+        if (!*since || r->phase_ms < *since) *since = r->phase_ms;
         dg_lease *l = &w->leases[w->n_leases++];
         snprintf(l->stream, sizeof l->stream, "%s", r->stream);
         snprintf(l->entry, sizeof l->entry, "%s", r->entry);
@@ -268,8 +271,8 @@ static void status_line(dg_worker *w) {
         return;
     }
     dg_run *r = w->runs.first;
-    if (r->steps) dg_notify_status("job %s %s step %d/%d (%d running)", r->id, r->phase, r->step, r->steps, w->runs.n);
-    else dg_notify_status("job %s %s %d tokens (%d running)", r->id, r->phase, r->tokens, w->runs.n);
+    if (r->steps) dg_notify_status("job %s %s step %d/%d (%d running)", r->id, dg_phase_name(r->phase), r->step, r->steps, w->runs.n);
+    else dg_notify_status("job %s %s %d tokens (%d running)", r->id, dg_phase_name(r->phase), r->tokens, w->runs.n);
 }
 
 /* ---- the loop -------------------------------------------------------------------------------------- */

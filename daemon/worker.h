@@ -32,6 +32,10 @@ typedef struct {
     int     redis_up;
     char    state[32];               /* loading, idle, running, draining, stopped */
     char    jobs[512];               /* ids of running jobs, space-separated */
+    /* per phase, when the held job longest in that phase entered it (dg_mono_ms; 0: none):
+     * the metrics thread turns it into an age at each scrape, so a main loop that hangs
+     * shows as a phase that never ends */
+    int64_t phase_since_ms[DG_PHASE_COUNT];
 } dg_worker_stats;
 
 /* A held entry whose lease the keeper renews. */
