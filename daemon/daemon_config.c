@@ -33,6 +33,7 @@ static const struct key {
     STR(group, "consumer group"),
     STR(worker_id, "consumer name (default <hostname>:<device>)"),
     STR(image_root, "directory under which Image.path may point"),
+    STR(output_root, "directory drawn images are written under (<id>/<n>.png) instead of Redis"),
     STR(log_level, "err, warning, info or debug"),
     INT(threads, 0, 1024, "engine CPU threads (0 = all)"),
     INT(max_inflight, 1, 256, "jobs stepped together"),

@@ -19,6 +19,7 @@ typedef struct {
     char group[128];            /* consumer group */
     char worker_id[256];        /* consumer name; default <hostname>:<device> */
     char image_root[512];       /* Image.path must resolve below it; "" = paths refused */
+    char output_root[512];      /* drawn images as files below it (Job.image_output); "" = Redis only */
     char log_level[16];
     int  threads;               /* engine CPU threads; 0 = all */
     int  max_inflight;          /* jobs stepped together */

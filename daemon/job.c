@@ -1,4 +1,5 @@
 #include "job.h"
+#include "outdir.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -19,6 +20,12 @@ int dg_job_id_valid(const char *id, size_t len) {
             return 0;
     }
     return 1;
+}
+
+int dg_job_images_to_files(const Duogen__V1__Job *pb, const dg_daemon_config *cfg) {
+    if (!pb || !cfg->output_root[0]) return 0;
+    return pb->image_output == DUOGEN__V1__JOB__IMAGE_OUTPUT__FILES ||
+           pb->image_output == DUOGEN__V1__JOB__IMAGE_OUTPUT__IMAGE_OUTPUT_DEFAULT;
 }
 
 /* Returns the offset of the first byte that is not part of valid UTF-8, or -1. */
@@ -49,7 +56,7 @@ static const char *job_field_name(uint32_t field, int *wire) {
     static const struct { uint32_t n; int wire; const char *name; } f[] = {
         {1, 2, "id"}, {2, 2, "messages"}, {3, 2, "text"}, {4, 2, "image"}, {5, 0, "seed"},
         {6, 0, "deadline_unix_ms"}, {7, 0, "max_attempts"}, {8, 0, "result_ttl_s"},
-        {9, 0, "inline_images"}, {10, 2, "metadata"},
+        {9, 0, "inline_images"}, {10, 2, "metadata"}, {11, 0, "image_output"},
     };
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (f[i].n == field) { *wire = f[i].wire; return f[i].name; }
@@ -211,6 +218,12 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
         if (HAS(ip, shift) && ip->schedule == DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS)
             FAIL(DG_JOB_BAD_REQUEST, "image.shift: the KARRAS schedule has no shift");
     }
+    if (pb->image_output == DUOGEN__V1__JOB__IMAGE_OUTPUT__FILES && !cfg->output_root[0])
+        FAIL(DG_JOB_BAD_REQUEST, "image_output: FILES, but this worker writes no files (output_root unset)");
+    if ((int)pb->image_output < 0 || pb->image_output > DUOGEN__V1__JOB__IMAGE_OUTPUT__FILES)
+        FAIL(DG_JOB_BAD_REQUEST, "image_output: %d is not IMAGE_OUTPUT_DEFAULT, REDIS or FILES", (int)pb->image_output);
+    if (dg_job_images_to_files(pb, cfg) && !dg_outdir_id_ok(pb->id))
+        FAIL(DG_JOB_BAD_REQUEST, "id: \"%s\" cannot name a directory under output_root", pb->id);
     if (pb->max_attempts > 100) FAIL(DG_JOB_BAD_REQUEST, "max_attempts: %u, over 100", pb->max_attempts);
     if (pb->result_ttl_s > 365u * 86400u) FAIL(DG_JOB_BAD_REQUEST, "result_ttl_s: %u, over one year", pb->result_ttl_s);
     return DG_JOB_OK;

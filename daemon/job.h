@@ -34,6 +34,9 @@ typedef struct {
 
 /* 1 if id is a usable job id: 1..128 bytes of [A-Za-z0-9._:-]. */
 int dg_job_id_valid(const char *id, size_t len);
+/* 1 if the job's drawn images go to files under cfg->output_root (Job.image_output FILES, or
+ * the default on a worker that has an output_root), 0 for Redis keys. pb may be NULL. */
+int dg_job_images_to_files(const Duogen__V1__Job *pb, const dg_daemon_config *cfg);
 
 /* Decodes and validates. On failure returns the error code and a message naming the
  * field at fault ("messages[0].parts[2].image: 31457280 bytes, over max_image_bytes"). */

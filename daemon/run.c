@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "duogen.pb-c.h"
+#include "log.h"
+#include "outdir.h"
 
 const char *dg_phase_name(dg_phase p) {
     static const char *const names[DG_PHASE_COUNT] = {"queued", "prefill", "decode", "diffusion"};
@@ -44,7 +46,10 @@ void dg_run_free(dg_run *r) {
     free(r->out);
     for (int i = 0; i < r->n_segs; i++) free(r->segs[i].text);
     free(r->segs);
-    for (int i = 0; i < r->n_imgs; i++) free(r->imgs[i].png);
+    for (int i = 0; i < r->n_imgs; i++) {
+        free(r->imgs[i].png);
+        free(r->imgs[i].path);
+    }
     free(r->imgs);
     free(r->md);
     free(r);
@@ -180,8 +185,28 @@ static void on_step(void *user, int index, int step, int steps) {
     out_push(r, dg_run_event_cmd(r, &ev, "step", "index", si, "step", st, "steps", ss, NULL));
 }
 
+/* Where image `index` goes: under its key (SET, before the event that names it), or to a
+ * file under output_root. A file that cannot be written fails the run for now
+ * (out_failed): the worker cancels it and it is tried again, here or elsewhere. */
+static void store_image(dg_run *r, dg_out_image *im, const uint8_t *png, size_t len) {
+    if (dg_job_images_to_files(r->job.pb, r->cfg)) {
+        char path[4200];
+        if (dg_outdir_write(r->cfg->output_root, r->id, im->index, png, len, path, sizeof path, r->out_failed,
+                            sizeof r->out_failed) == 0 && !(im->path = strdup(path)))
+            abort();
+        return;
+    }
+    dg_key_image(im->key, r->cfg->prefix, r->id, im->index);
+    dg_cmd *set = dg_cmd_of("SET", im->key, NULL);
+    dg_cmd_add(set, png, len);
+    dg_cmd_adds(set, "EX");
+    dg_cmd_addf(set, "%d", r->ttl_s);
+    out_push(r, set);
+}
+
 static void on_image_done(void *user, int index, int width, int height, const uint8_t *png, size_t len) {
     dg_run *r = user;
+    if (r->out_failed[0]) return;   /* cancelled: nothing more is kept */
     if (r->n_imgs == r->cap_imgs) {
         r->cap_imgs = r->cap_imgs ? r->cap_imgs * 2 : 4;
         r->imgs = realloc(r->imgs, (size_t)r->cap_imgs * sizeof *r->imgs);
@@ -189,7 +214,8 @@ static void on_image_done(void *user, int index, int width, int height, const ui
     }
     dg_out_image *im = &r->imgs[r->n_imgs];
     *im = (dg_out_image){.index = index, .width = width, .height = height};
-    dg_key_image(im->key, r->cfg->prefix, r->id, index);
+    store_image(r, im, png, len);
+    if (r->out_failed[0]) return;
     if (r->parsed && r->job.pb->inline_images) {
         im->png = malloc(len);
         if (!im->png) abort();
@@ -207,16 +233,13 @@ static void on_image_done(void *user, int index, int width, int height, const ui
     set_phase(r, DG_PHASE_DECODE);
     r->dirty = 1;
 
-    char link[DG_KEY_MAX + 64];
-    int n = snprintf(link, sizeof link, "\n\n![image %d](%s)\n\n", index, im->key);
+    const char *where = im->path ? im->path : im->key;
+    size_t cap = strlen(where) + 64;
+    char *link = malloc(cap);
+    if (!link) abort();
+    int n = snprintf(link, cap, "\n\n![image %d](%s)\n\n", index, where);
     buf_append(&r->md, &r->md_len, &r->md_cap, link, (size_t)n);
-
-    /* the PNG under its own key, before the event that names it */
-    dg_cmd *set = dg_cmd_of("SET", im->key, NULL);
-    dg_cmd_add(set, png, len);
-    dg_cmd_adds(set, "EX");
-    dg_cmd_addf(set, "%d", r->ttl_s);
-    out_push(r, set);
+    free(link);
 
     char si[16], sw[16], sh[16];
     snprintf(si, sizeof si, "%d", index);
@@ -226,11 +249,13 @@ static void on_image_done(void *user, int index, int width, int height, const ui
     Duogen__V1__Event__ImageDone idn = DUOGEN__V1__EVENT__IMAGE_DONE__INIT;
     idn.index = (uint32_t)index;
     idn.key = im->key;
+    idn.path = im->path ? im->path : (char *)"";
     idn.width = (uint32_t)width;
     idn.height = (uint32_t)height;
     ev.payload_case = DUOGEN__V1__EVENT__PAYLOAD_IMAGE_DONE;
     ev.image_done = &idn;
-    out_push(r, dg_run_event_cmd(r, &ev, "image", "index", si, "key", im->key, "width", sw, "height", sh, NULL));
+    out_push(r, dg_run_event_cmd(r, &ev, "image", "index", si, im->path ? "path" : "key", where, "width", sw,
+                                 "height", sh, NULL));
 }
 
 static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usage, const dg_timings *t) {
@@ -244,7 +269,11 @@ static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usa
         dg_run_end(r, DUOGEN__V1__RESULT__STATUS__EXPIRED, 0, "deadline");
         break;
     case DG_FINISH_CANCELLED:
-        if (r->expired) dg_run_end(r, DUOGEN__V1__RESULT__STATUS__EXPIRED, 0, "deadline");
+        if (r->out_failed[0]) {   /* an image could not be written: another attempt may */
+            r->retry = 1;
+            dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__UNAVAILABLE, "%s",
+                       r->out_failed);
+        } else if (r->expired) dg_run_end(r, DUOGEN__V1__RESULT__STATUS__EXPIRED, 0, "deadline");
         else dg_run_end(r, DUOGEN__V1__RESULT__STATUS__CANCELLED, 0, "cancelled");
         break;
     }
@@ -316,6 +345,8 @@ void dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...) {
     }
     va_end(ap);
     if (!r->timings.total_ms) r->timings.total_ms = (double)(dg_mono_ms() - r->started_mono_ms);
+    /* the final end: files of an earlier attempt beyond this one's images go */
+    if (!r->retry && dg_job_images_to_files(r->job.pb, r->cfg)) dg_outdir_prune(r->cfg->output_root, r->id, r->n_imgs);
 }
 
 /* ---- the list of held runs ------------------------------------------------------------------ */
@@ -359,12 +390,13 @@ int dg_runs_stepping(const dg_runs *l) {
     return 0;
 }
 
-void dg_runs_expire(dg_runs *l, dg_sched *sched, int64_t now_ms) {
-    for (dg_run *r = l->first; r; r = r->next)
-        if (r->submitted && !r->ended && !r->cancel_asked && r->job.pb->deadline_unix_ms &&
-            r->job.pb->deadline_unix_ms <= now_ms) {
-            r->expired = 1;
-            r->cancel_asked = 1;
-            dg_sched_cancel(sched, r->seq);
-        }
+void dg_runs_cancel_due(dg_runs *l, dg_sched *sched, int64_t now_ms) {
+    for (dg_run *r = l->first; r; r = r->next) {
+        if (!r->submitted || r->ended || r->cancel_asked) continue;
+        if (r->job.pb->deadline_unix_ms && r->job.pb->deadline_unix_ms <= now_ms) r->expired = 1;
+        else if (r->out_failed[0]) log_warn("job \"%s\": %s; stopped, to be tried again", r->id, r->out_failed);
+        else continue;
+        r->cancel_asked = 1;
+        dg_sched_cancel(sched, r->seq);
+    }
 }

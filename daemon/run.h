@@ -27,7 +27,8 @@
 /* One output image of a run. */
 typedef struct {
     int      index, width, height;
-    char     key[DG_KEY_MAX];
+    char     key[DG_KEY_MAX];  /* its Redis key, or "" when it went to a file */
+    char    *path;         /* owned: the file it was written to (Job.image_output), or NULL */
     uint8_t *png;          /* owned; kept only for inline_images */
     size_t   png_len;
 } dg_out_image;
@@ -85,6 +86,8 @@ typedef struct dg_run {
     char     finish[16];             /* stop, length, cancelled, deadline */
     int      dead;                   /* also copy the job to the dead-letter stream */
     int      retry;                  /* a passing failure: no result; left pending for later */
+    char     out_failed[512];        /* an image could not be written (output_root): the run is
+                                      * cancelled and ends as a passing failure with this */
     uint64_t watched;                /* the watch epoch in which its result key was WATCHed
                                         and found absent (dg_commit_watch_epoch); 0: not */
     int      cancel_asked;           /* dg_sched_cancel() sent */
@@ -124,8 +127,9 @@ void    dg_runs_add(dg_runs *l, dg_run *r);               /* the list owns r fro
 void    dg_runs_drop(dg_runs *l, dg_run *r);              /* unlinks r and frees it */
 void    dg_runs_free(dg_runs *l);                         /* every run; the list is empty after */
 int     dg_runs_stepping(const dg_runs *l);               /* 1 if the engine runs one of them */
-/* Deadlines of running jobs: past its deadline (unix ms), a job is cancelled in the engine
- * and ends at its next step as `expired`. */
-void    dg_runs_expire(dg_runs *l, dg_sched *sched, int64_t now_ms);
+/* Running jobs that must stop are cancelled in the engine and end at their next step: past
+ * its deadline (unix ms) as `expired`; with an image that could not be written (out_failed)
+ * as a passing failure, left pending for another attempt. */
+void    dg_runs_cancel_due(dg_runs *l, dg_sched *sched, int64_t now_ms);
 
 #endif

@@ -323,7 +323,7 @@ int dg_worker_run(dg_worker *w) {
         if (w->fatal) break;
         publish(w);
 
-        dg_runs_expire(&w->runs, w->sched, dg_now_ms());
+        dg_runs_cancel_due(&w->runs, w->sched, dg_now_ms());
         int stepping = dg_runs_stepping(&w->runs);
         if (stepping && dg_sched_step(w->sched, err, sizeof err) < 0) {
             log_error("engine failure: %s", err);
