@@ -9,6 +9,8 @@
 #   make soak       10,000 jobs through 3 workers while workers are SIGKILLed and Redis restarts
 #                   twice (tools/soak/soak.py, ~5 min; not in `make test`): jobs lost, doubled,
 #                   dead, worker RSS and Redis memory; JSON in build/bench/soak.json
+#   make systemd-check  duogend@0 under systemd in a booted container: READY, restart after
+#                   kill -9, the watchdog, drain on stop (tools/systemd/nspawn-check.sh)
 #   make demo       the main job on the default model, through Redis and a worker, into
 #                   out/answer.md (tools/demo.sh)
 #   make install    PREFIX=/usr/local DESTDIR=
@@ -99,7 +101,7 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE)
 
-.PHONY: all deps test soak bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
+.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -229,6 +231,11 @@ bench-tokenizer: all
 soak: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/soak/soak.py --json $(BUILD)/bench/soak.json $(SOAK_ARGS)
+
+# ---- systemd for real: duogend@0 in a booted Debian container (systemd-nspawn), not in
+# `make test` (root, systemd-container, debootstrap; the root is kept in build/nspawn) ------
+systemd-check: all
+	tools/systemd/nspawn-check.sh
 
 # ---- set-up --------------------------------------------------------------------------
 deps:

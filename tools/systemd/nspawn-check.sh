@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# make systemd-check: duogend@0 under a real systemd, booted in a systemd-nspawn container
+# (a Debian 12 root made by debootstrap), with the units, sysusers and tmpfiles files of
+# systemd/ exactly as they ship. A drop-in adapts what a CPU machine and a short check need
+# (shown below); everything else is the shipped unit. It checks, in order:
+#   ready     `systemctl start duogend@0` returns once the worker sends READY=1 (Type=notify),
+#             the unit is active with the worker's STATUS= line
+#   kill -9   SIGKILL of the main process: the unit is restarted (Restart=on-failure)
+#   watchdog  SIGSTOP of the main process: no WATCHDOG=1 comes, systemd aborts it and
+#             restarts the unit (Result=watchdog)
+#   drain     `systemctl stop` while a job runs: the job ends with its result (finish
+#             "length": it ran to max_new_tokens, 1500), the worker exits 0, the unit is
+#             inactive, not failed
+# Needs root, systemd-container and debootstrap (tools/deps.sh does not install them: this
+# check is not part of `make test`), and Debian's mirror the first time (the root is kept
+# in $DG_NSPAWN_ROOT, default build/nspawn/root). Prints one line per check; exit 0 when
+# all pass. `make` first.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=${DG_NSPAWN_ROOT:-$PWD/build/nspawn/root}
+MACHINE=dgcheck
+PASS=0; FAIL=0
+say() { printf '%s\n' "$*"; }
+check() {   # check NAME CONDITION-COMMAND...
+    local name=$1; shift
+    if "$@"; then say "ok    $name"; PASS=$((PASS + 1)); else say "FAIL  $name"; FAIL=$((FAIL + 1)); fi
+}
+
+for tool in systemd-nspawn debootstrap nsenter; do
+    command -v "$tool" >/dev/null || { say "systemd-check: $tool is missing (apt-get install systemd-container debootstrap)"; exit 2; }
+done
+[ -x build/duogend ] && [ -x build/mkmodel ] || { say "systemd-check: run make first"; exit 2; }
+
+# ---- the root: Debian 12 with systemd, Redis and duogend's runtime libraries --------------
+if [ ! -x "$ROOT/lib/systemd/systemd" ]; then
+    mkdir -p "$(dirname "$ROOT")"
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,redis-server,libhiredis0.14,\
+libprotobuf-c1,libpng16-16,libturbojpeg0,libjpeg62-turbo,libsystemd0,libopenblas0-openmp,libpcre2-8-0,\
+libutf8proc2,libjansson4,libgomp1 bookworm "$ROOT" http://deb.debian.org/debian >"$ROOT.log" 2>&1 \
+        || { say "systemd-check: debootstrap failed (see $ROOT.log)"; exit 2; }
+fi
+echo "$MACHINE" >"$ROOT/etc/hostname"
+install -m 0755 build/duogend "$ROOT/usr/local/bin/duogend"
+install -m 0644 systemd/duogend@.service systemd/duogend.target "$ROOT/etc/systemd/system/"
+install -D -m 0644 systemd/duogen.sysusers "$ROOT/usr/lib/sysusers.d/duogen.conf"
+install -D -m 0644 systemd/duogen.tmpfiles "$ROOT/usr/lib/tmpfiles.d/duogen.conf"
+rm -rf "$ROOT/srv/duogen/model"
+mkdir -p "$ROOT/srv/duogen"
+build/mkmodel --preset tiny --seed 3 --out "$ROOT/srv/duogen/model" >/dev/null
+mkdir -p "$ROOT/etc/duogen"
+password=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+printf '%s\n' "$password" >"$ROOT/etc/duogen/redis-password"
+chmod 0600 "$ROOT/etc/duogen/redis-password"
+sed -i '/^requirepass /d' "$ROOT/etc/redis/redis.conf"
+echo "requirepass $password" >>"$ROOT/etc/redis/redis.conf"
+cat >"$ROOT/etc/duogen/duogend.conf" <<EOF
+redis_url = redis://127.0.0.1:6379/0
+model = /srv/duogen/model
+threads = 1
+drain_ms = 60000
+claim_idle_ms = 60000
+EOF
+# The check's drop-in: the CPU instead of cuda:0, and short waits (watchdog 6 s instead of
+# 120, 2 s restart delay instead of 10, 5 s for an aborted process instead of 60).
+mkdir -p "$ROOT/etc/systemd/system/duogend@.service.d"
+cat >"$ROOT/etc/systemd/system/duogend@.service.d/check.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/usr/local/bin/duogend --config /etc/duogen/duogend.conf --worker-id %H:cpu%i --device cpu \
+          --password-file ${CREDENTIALS_DIRECTORY}/redis-password $DUOGEND_ARGS
+WatchdogSec=6
+RestartSec=2
+TimeoutAbortSec=5
+EOF
+
+# ---- boot ---------------------------------------------------------------------------------
+log=$(mktemp /tmp/duogen-nspawn.XXXXXX)
+systemd-nspawn -D "$ROOT" --boot --register=no --keep-unit --private-network --machine="$MACHINE" \
+    >"$log" 2>&1 &
+nspawn=$!
+cleanup() { kill "$nspawn" 2>/dev/null || true; wait "$nspawn" 2>/dev/null || true; }
+trap cleanup EXIT
+leader=""
+for _ in $(seq 100); do
+    leader=$(pgrep -P "$nspawn" -x systemd || true)
+    [ -n "$leader" ] && break
+    sleep 0.2
+done
+[ -n "$leader" ] || { say "systemd-check: the container did not boot (log: $log)"; exit 2; }
+ctr() { nsenter -t "$leader" -m -u -i -n -p -r -w -- "$@"; }
+for _ in $(seq 150); do
+    state=$(ctr systemctl is-system-running 2>/dev/null || true)
+    case $state in running|degraded) break ;; esac
+    sleep 0.2
+done
+say "booted: systemd in the container is $state"
+rc() { ctr redis-cli -a "$password" --no-auth-warning "$@"; }
+ctr systemctl restart redis-server      # it reads the password written above
+rc FLUSHALL >/dev/null                  # nothing of an earlier run
+prop() { ctr systemctl show -p "$1" --value duogend@0; }
+
+# ---- ready ----------------------------------------------------------------------------------
+ctr systemctl start duogend@0 && started=1 || started=0
+check "ready: systemctl start returned after READY=1 (active: $(prop ActiveState)/$(prop SubState), status \"$(prop StatusText)\")" \
+    test "$started" = 1 -a "$(prop ActiveState)" = active -a "$(prop SubState)" = running
+pid0=$(prop MainPID)
+
+# ---- kill -9 ----------------------------------------------------------------------------------
+ctr systemctl kill -s KILL duogend@0
+for _ in $(seq 100); do
+    pid=$(prop MainPID)
+    [ "$(prop SubState)" = running ] && [ "$pid" != 0 ] && [ "$pid" != "$pid0" ] && break
+    sleep 0.2
+done
+check "kill -9: restarted (main pid $pid0 -> $pid, NRestarts $(prop NRestarts))" \
+    test "$(prop NRestarts)" = 1 -a "$(prop SubState)" = running -a "$pid" != "$pid0"
+
+# ---- watchdog ---------------------------------------------------------------------------------
+pid1=$pid
+ctr sh -c "kill -STOP $pid1"
+for _ in $(seq 150); do
+    pid=$(prop MainPID)
+    [ "$(prop NRestarts)" = 2 ] && [ "$(prop SubState)" = running ] && [ "$pid" != "$pid1" ] && break
+    sleep 0.2
+done
+journal=$(ctr journalctl -u duogend@0 --no-pager -o cat 2>/dev/null | grep -i watchdog | head -n 1 || true)
+check "watchdog: a stopped main loop is aborted and restarted (NRestarts $(prop NRestarts); journal: \"$journal\")" \
+    test "$(prop NRestarts)" = 2 -a "$(prop SubState)" = running -a -n "$journal"
+
+# ---- drain --------------------------------------------------------------------------------------
+job=$(mktemp)
+/usr/bin/python3 - "$job" <<'EOF'
+import sys
+sys.path.insert(0, "build/gen/python")
+import duogen_pb2 as pb
+job = pb.Job(id="drain", seed=1)
+job.messages.add(role=pb.Message.USER).parts.add(text="Tell me a long story.")
+job.text.max_new_tokens = 1500
+job.text.temperature = 0
+for stop_id in (151643, 151645):      # <|endoftext|>, <|im_end|>: it runs to max_new_tokens
+    job.text.logit_bias[stop_id] = float("-inf")
+job.image.max_images = 0
+open(sys.argv[1], "wb").write(job.SerializeToString())
+EOF
+cp "$job" "$ROOT/root/drain.job"
+ctr sh -c "redis-cli -a '$password' --no-auth-warning -x XADD duogen:jobs '*' id drain job </root/drain.job" >/dev/null
+for _ in $(seq 100); do
+    [ "$(rc HGET duogen:job:drain state)" = running ] && [ "$(rc HGET duogen:job:drain tokens)" -gt 0 ] 2>/dev/null && break
+    sleep 0.1
+done
+tokens_at_stop=$(rc HGET duogen:job:drain tokens)
+ctr systemctl stop duogend@0
+status=$(rc HGET duogen:result:drain status); finish=$(rc HGET duogen:result:drain finish_reason)
+tokens=$(rc HGET duogen:job:drain tokens)
+check "drain: stop while the job ran ($tokens_at_stop tokens then) waited for it: result $status/$finish, $tokens tokens; unit $(prop ActiveState), exit status $(prop ExecMainStatus)" \
+    test "$status" = done -a "$finish" = length -a "$tokens" -gt "$((tokens_at_stop + 100))" \
+         -a "$(prop ActiveState)" = inactive -a "$(prop ExecMainStatus)" = 0
+rm -f "$job" "$ROOT/root/drain.job"
+
+say "$PASS passed, $FAIL failed"
+[ "$FAIL" -eq 0 ]
