@@ -1,6 +1,7 @@
 # duogen — the one build entry.
 #
-#   make            build/duogend, build/duogenctl, build/libduogen.a, tools, tests
+#   make            build/duogend, build/duogenctl, build/libduogen.a, tools, tests, and the
+#                   manual pages build/man/duogend.8, duogend.conf.5, duogenctl.1
 #   make deps       install the Debian packages the build and the tests need (when missing)
 #   make test       build everything and run every test (T=name: only those matching);
 #                   the last line is "N passed, N failed, N skipped"
@@ -99,8 +100,24 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE)
 
+# ---- manual pages: each program writes its own (hidden --man) from the tables of its --help
+# (daemon/manpage.h), so that the pages and the code cannot drift
+MAN_PAGES := $(BUILD)/man/duogend.8 $(BUILD)/man/duogend.conf.5 $(BUILD)/man/duogenctl.1
+$(BUILD)/man/duogend.8: $(BUILD)/duogend
+	@mkdir -p $(dir $@)
+	@echo "  MAN     $@"
+	@$< --man 8 > $@.tmp && mv $@.tmp $@
+$(BUILD)/man/duogend.conf.5: $(BUILD)/duogend
+	@mkdir -p $(dir $@)
+	@echo "  MAN     $@"
+	@$< --man 5 > $@.tmp && mv $@.tmp $@
+$(BUILD)/man/duogenctl.1: $(BUILD)/duogenctl
+	@mkdir -p $(dir $@)
+	@echo "  MAN     $@"
+	@$< --man > $@.tmp && mv $@.tmp $@
+
 .PHONY: all deps test soak bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
-all: $(LIB) $(ALL_BINS)
+all: $(LIB) $(ALL_BINS) $(MAN_PAGES)
 
 # ---- protocol: generated at build time, never committed -------------------------------
 $(PROTO_C) $(PROTO_H): proto/duogen.proto
@@ -145,7 +162,8 @@ $(BUILD)/$(1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(PRO
 endef
 $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
 # duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects)
-$(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o
+$(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \
+                   $(BUILD)/obj/daemon/manpage.o
 
 # ---- unit tests ----------------------------------------------------------------------
 $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)
@@ -240,7 +258,8 @@ demo:
 # Binaries to $(PREFIX)/bin; units, sysusers and tmpfiles snippets to $(PREFIX)/lib/systemd
 # paths that systemd searches (with ExecStart pointing at $(PREFIX)/bin); examples to
 # $(PREFIX)/share/duogen/examples; the Qwen2 vocabulary mkmodel uses to
-# $(PREFIX)/share/duogen/vocab/qwen2. Nothing under /etc is overwritten.
+# $(PREFIX)/share/duogen/vocab/qwen2; the manual pages to $(PREFIX)/share/man/man{1,5,8}.
+# Nothing under /etc is overwritten.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
@@ -256,6 +275,10 @@ install: all
 	install -m 0644 systemd/duogend.conf.example systemd/duogend.env.example \
 	           deploy/redis/redis.conf deploy/redis/users.acl.example $(DESTDIR)$(PREFIX)/share/duogen/examples/
 	install -m 0644 README.md LICENSE $(DESTDIR)$(PREFIX)/share/doc/duogen/
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8
+	install -m 0644 $(BUILD)/man/duogenctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 0644 $(BUILD)/man/duogend.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/
+	install -m 0644 $(BUILD)/man/duogend.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 	install -d $(DESTDIR)$(PREFIX)/share/duogen/vocab/qwen2
 	install -m 0644 tools/mkmodel/vocab/qwen2/* $(DESTDIR)$(PREFIX)/share/duogen/vocab/qwen2/
 	if [ -f $(BUILD)/libduogen_cuda.so ]; then install -d $(DESTDIR)$(PREFIX)/lib/duogen && \
