@@ -25,6 +25,8 @@
 #   tests/fuzz_*.c              -> build/fuzz/fuzz_*          (libFuzzer targets, `make fuzz`)
 #   tests/engine_fake/*.c       -> build/tests/duogend-fake   (duogend over the test engine;
 #                                                              never installed)
+#   examples/producers/         -> build/producers/           (the C producer; the Go one when
+#                                                              Debian's Go packages are there)
 
 CC      ?= cc
 PREFIX  ?= /usr/local
@@ -98,7 +100,21 @@ FAKE_BIN   := $(if $(FAKE_SRC),$(BUILD)/tests/duogend-fake)
 FUZZ_SRC   := $(wildcard tests/fuzz_*.c)
 FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
-ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE)
+# ---- example producers (examples/producers/README.md): the C one is always built; the Go one
+# when Debian's Go toolchain and packages are installed (golang-go, protoc-gen-go,
+# golang-github-gomodule-redigo-dev, golang-google-protobuf-dev), in GOPATH mode over
+# /usr/share/gocode with modules and the proxy off, so nothing is downloaded; the Ruby one
+# needs only its generated protocol code
+GOCODE        := /usr/share/gocode
+GO            := $(shell command -v go 2>/dev/null)
+PROTOC_GEN_GO := $(shell command -v protoc-gen-go 2>/dev/null)
+GO_READY      := $(and $(GO),$(PROTOC_GEN_GO),$(wildcard $(GOCODE)/src/github.com/gomodule/redigo/redis),$(wildcard $(GOCODE)/src/google.golang.org/protobuf/proto))
+GO_ENV        := GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(abspath $(BUILD)/go):$(GOCODE) GOCACHE=$(abspath $(BUILD)/go/cache)
+PROTO_RB      := $(BUILD)/gen/ruby/duogen_pb.rb
+PROTO_GO      := $(BUILD)/go/src/duogen/pb/duogen.pb.go
+PRODUCERS     := $(BUILD)/producers/c-producer $(PROTO_RB) $(if $(GO_READY),$(BUILD)/producers/go-producer)
+
+ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE) $(PRODUCERS)
 
 # ---- manual pages: each program writes its own (hidden --man) from the tables of its --help
 # (daemon/manpage.h), so that the pages and the code cannot drift
@@ -127,6 +143,16 @@ $(PROTO_C) $(PROTO_H): proto/duogen.proto
 $(PROTO_PY): proto/duogen.proto
 	@mkdir -p $(BUILD)/gen/python
 	protoc --proto_path=proto --python_out=$(BUILD)/gen/python proto/duogen.proto
+
+$(PROTO_RB): proto/duogen.proto
+	@mkdir -p $(dir $@)
+	protoc --proto_path=proto --ruby_out=$(dir $@) proto/duogen.proto
+
+# the Go package duogen/pb under build/go (a GOPATH of its own beside Debian's)
+$(PROTO_GO): proto/duogen.proto
+	@mkdir -p $(dir $@)
+	protoc --proto_path=proto --go_out=$(dir $@) --go_opt=paths=source_relative \
+	       --go_opt=Mduogen.proto=duogen/pb proto/duogen.proto
 
 $(PROTO_OBJ): $(PROTO_C)
 	@mkdir -p $(dir $@)
@@ -164,6 +190,17 @@ $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
 # duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects)
 $(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \
                    $(BUILD)/obj/daemon/manpage.o
+
+# ---- example producers -------------------------------------------------------------------
+$(BUILD)/producers/c-producer: $(BUILD)/obj/examples/producers/c/producer.o $(PROTO_OBJ)
+	@mkdir -p $(dir $@)
+	@echo "  LD      $@"
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/producers/go-producer: examples/producers/go/main.go $(PROTO_GO)
+	@mkdir -p $(dir $@)
+	@echo "  GO      $@"
+	@$(GO_ENV) go build -o $@ $<
 
 # ---- unit tests ----------------------------------------------------------------------
 $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)
