@@ -190,6 +190,9 @@ $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
 # duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects)
 $(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \
                    $(BUILD)/obj/daemon/manpage.o
+# result --html renders the answer's Markdown with cmark (tools/duogenctl/html.c)
+$(BUILD)/duogenctl: LDLIBS += $(shell pkg-config --libs libcmark 2>/dev/null)
+$(BUILD)/obj/tools/duogenctl/html.o: CFLAGS += $(shell pkg-config --cflags libcmark 2>/dev/null)
 
 # ---- example producers -------------------------------------------------------------------
 $(BUILD)/producers/c-producer: $(BUILD)/obj/examples/producers/c/producer.o $(PROTO_OBJ)

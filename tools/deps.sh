@@ -10,7 +10,7 @@ libhiredis-dev redis-server redis-tools
 protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
 libpng-dev libturbojpeg0-dev libjpeg62-turbo-dev
 libsystemd-dev systemd
-libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libjansson-dev
+libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libjansson-dev libcmark-dev
 python3 python3-redis python3-protobuf python3-pytest python3-venv
 man-db groff-base
 ruby ruby-redis ruby-google-protobuf

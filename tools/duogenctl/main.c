@@ -24,6 +24,7 @@
 #include "../../daemon/manpage.h"
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
+#include "html.h"
 #include <jansson.h>
 
 #define EXIT_JOB   1
@@ -224,7 +225,7 @@ static void set_param(job_builder *b, const char *kv) {
 }
 
 static int follow(const char *id, int show_text);
-static int write_result(const char *id, const char *out_dir, int print);
+static int write_result(const char *id, const char *out_dir, const char *html_dir, int print);
 
 /* A job file (JSON): {"id", "system", "text", "images": [paths relative to the file],
  * "params": {KEY: VALUE} with the keys of --param}. Returns the parsed document, which
@@ -415,7 +416,7 @@ static int cmd_enqueue(int argc, char **argv) {
         return 0;
     }
     int rc = follow(o.id, 1);
-    int rc2 = write_result(o.id, o.out_dir, 0);
+    int rc2 = write_result(o.id, o.out_dir, NULL, 0);
     json_decref(o.job_file);
     return rc ? rc : rc2;
 }
@@ -538,8 +539,84 @@ static int follow(const char *id, int show_text) {
 
 /* ---- results ---------------------------------------------------------------------------------- */
 
-/* answer.md with each duogen:image:<id>:<n> link replaced by its file, and the PNGs. */
-static int write_result(const char *id, const char *out_dir, int print) {
+/* The result's images, image n under imgs[n - 1].key with its bytes (NULL once expired, with
+ * a warning). Returns a calloc'd array; free_images() frees it. */
+static dg_html_image *fetch_images(const char *id, int n, redisReply ***replies) {
+    dg_html_image *imgs = calloc((size_t)n + 1, sizeof *imgs);
+    *replies = calloc((size_t)n + 1, sizeof **replies);
+    if (!imgs || !*replies) die(EXIT_IO, "out of memory");
+    for (int i = 0; i < n; i++) {
+        char base[512], k_img[600];
+        key(base, sizeof base, "image", id);
+        snprintf(k_img, sizeof k_img, "%s:%d", base, i + 1);
+        redisReply *img = cmd(dg_cmd_of("GET", k_img, NULL));
+        imgs[i].key = strdup(k_img);
+        if (img->type == REDIS_REPLY_STRING) {
+            imgs[i].png = (const uint8_t *)img->str;
+            imgs[i].len = img->len;
+        } else {
+            fprintf(stderr, "duogenctl: %s has expired\n", k_img);
+        }
+        (*replies)[i] = img;
+    }
+    return imgs;
+}
+
+static void free_images(dg_html_image *imgs, redisReply **replies, int n) {
+    for (int i = 0; i < n; i++) {
+        free((char *)imgs[i].key);
+        freeReplyObject(replies[i]);
+    }
+    free(imgs);
+    free(replies);
+}
+
+/* DIR/answer.md with each duogen:image:<id>:<n> link replaced by its file, and the PNGs. */
+static void write_markdown(const char *dir, const char *text, const dg_html_image *imgs, int n_images) {
+    char path[4096];
+    if (mkdir(dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", dir, strerror(errno));
+    snprintf(path, sizeof path, "%s/answer.md", dir);
+    FILE *md = fopen(path, "w");
+    if (!md) die(EXIT_IO, "cannot write \"%s\"", path);
+    for (const char *p = text; *p;) {
+        const char *hit = NULL;
+        int n = 0;
+        for (int i = 0; i < n_images; i++) {   /* the earliest link; of :1 and :10 there, :10 */
+            const char *h = strstr(p, imgs[i].key);
+            if (h && (!hit || h < hit || (h == hit && strlen(imgs[i].key) > strlen(imgs[n - 1].key)))) {
+                hit = h;
+                n = i + 1;
+            }
+        }
+        if (!hit) { fputs(p, md); break; }
+        fwrite(p, 1, (size_t)(hit - p), md);
+        fprintf(md, "image-%d.png", n);
+        p = hit + strlen(imgs[n - 1].key);
+    }
+    if (fclose(md)) die(EXIT_IO, "cannot write \"%s\"", path);
+    for (int i = 0; i < n_images; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "image-%d.png", i + 1);
+        if (imgs[i].png) write_file(dir, name, imgs[i].png, imgs[i].len);
+    }
+    fprintf(stderr, "wrote %s/answer.md and %d image(s)\n", dir, n_images);
+}
+
+/* DIR/index.html: the answer rendered, its images in place, the Result's timings and usage. */
+static void write_html(const char *dir, const char *id, const redisReply *h, const dg_html_image *imgs, int n_images) {
+    char err[1024];
+    const redisReply *pb = hfield(h, "pb");
+    Duogen__V1__Result *res = pb && pb->type == REDIS_REPLY_STRING
+                              ? duogen__v1__result__unpack(NULL, pb->len, (const uint8_t *)pb->str) : NULL;
+    if (dg_html_write_answer(dir, id, hstr(h, "text"), imgs, n_images, res, err, sizeof err))
+        die(EXIT_IO, "%s", err);
+    if (res) duogen__v1__result__free_unpacked(res, NULL);
+    fprintf(stderr, "wrote %s/index.html\n", dir);
+}
+
+/* Prints the result (print), and writes it as Markdown and PNGs into out_dir and as one HTML
+ * page into html_dir (either may be NULL). Returns 0 when the job is done, else EXIT_JOB. */
+static int write_result(const char *id, const char *out_dir, const char *html_dir, int print) {
     char k_result[512];
     key(k_result, sizeof k_result, "result", id);
     redisReply *h = cmd(dg_cmd_of("HGETALL", k_result, NULL));
@@ -555,40 +632,13 @@ static int write_result(const char *id, const char *out_dir, int print) {
         if (*hstr(h, "error")) printf("error: %s: %s\n", hstr(h, "error_code"), hstr(h, "error"));
         printf("images: %s\n\n%s\n", hstr(h, "images"), text);
     }
-    if (out_dir) {
-        if (mkdir(out_dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", out_dir, strerror(errno));
-        char link_prefix[512];
-        key(link_prefix, sizeof link_prefix, "image", id);
-        size_t lp = strlen(link_prefix);
-        FILE *md;
-        char path[4096];
-        snprintf(path, sizeof path, "%s/answer.md", out_dir);
-        if (!(md = fopen(path, "w"))) die(EXIT_IO, "cannot write \"%s\"", path);
-        const char *p = text;
+    if (out_dir || html_dir) {
         int n_images = atoi(hstr(h, "images"));
-        while (*p) {
-            const char *hit = strstr(p, link_prefix);
-            if (!hit) { fputs(p, md); break; }
-            fwrite(p, 1, (size_t)(hit - p), md);
-            int n = atoi(hit + lp + 1);
-            fprintf(md, "image-%d.png", n);
-            p = hit + lp + 1;
-            while (*p >= '0' && *p <= '9') p++;
-        }
-        fclose(md);
-        for (int i = 1; i <= n_images; i++) {
-            char k_img[600], name[64];
-            snprintf(k_img, sizeof k_img, "%s:%d", link_prefix, i);
-            redisReply *img = cmd(dg_cmd_of("GET", k_img, NULL));
-            if (img->type == REDIS_REPLY_STRING) {
-                snprintf(name, sizeof name, "image-%d.png", i);
-                write_file(out_dir, name, img->str, img->len);
-            } else {
-                fprintf(stderr, "duogenctl: %s has expired\n", k_img);
-            }
-            freeReplyObject(img);
-        }
-        fprintf(stderr, "wrote %s/answer.md and %d image(s)\n", out_dir, n_images);
+        redisReply **replies;
+        dg_html_image *imgs = fetch_images(id, n_images, &replies);
+        if (out_dir) write_markdown(out_dir, text, imgs, n_images);
+        if (html_dir) write_html(html_dir, id, h, imgs, n_images);
+        free_images(imgs, replies, n_images);
     }
     freeReplyObject(h);
     return rc;
@@ -705,13 +755,14 @@ static int cmd_watch(int argc, char **argv) {
 }
 
 static int cmd_result(int argc, char **argv) {
-    const char *out = NULL;
+    const char *out = NULL, *html = NULL;
     if (argc < 1) return -1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else if (!strcmp(argv[i], "--html") && i + 1 < argc) html = argv[++i];
         else return -1;
     }
-    return write_result(argv[0], out, 1);
+    return write_result(argv[0], out, html, 1);
 }
 
 static int cmd_cancel(int argc, char **argv) {
@@ -746,9 +797,11 @@ static const struct command {
      "and writes the answer there as result --out does.",
      cmd_enqueue},
     {"watch", "ID", "Follow a job's events from its start until it ends, one line per event.", cmd_watch},
-    {"result", "ID [--out DIR]",
+    {"result", "ID [--out DIR] [--html DIR]",
      "Print a job's status, error and text. --out DIR writes DIR/answer.md, the Markdown answer with each "
-     "image link pointing at its file, and the images as DIR/image-N.png.",
+     "image link pointing at its file, and the images as DIR/image-N.png. --html DIR writes DIR/index.html, "
+     "one self-contained page: the answer's Markdown rendered (raw HTML in it is dropped), each image in "
+     "place as a data: URI, then the status, the timings of each phase and the usage.",
      cmd_result},
     {"cancel", "ID", "Ask the worker to stop the job at its next step; it ends as cancelled.", cmd_cancel},
     {"stats", "", "Print each queue stream's length, its group's pending entries and lag, the live workers "

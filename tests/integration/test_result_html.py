@@ -1,0 +1,129 @@
+"""duogenctl result ID --html DIR against a real Redis and worker: one self-contained page
+with the answer's Markdown rendered, every image in place and decodable, the timings and
+usage of the Result; raw HTML from the answer never reaches the page."""
+import base64
+import os
+import re
+import subprocess
+from html.parser import HTMLParser
+
+from conftest import BUILD, pb
+from test_producers import png, png_size
+
+CTL = os.path.join(BUILD, "duogenctl")
+
+
+class Page(HTMLParser):
+    """What a browser would load and show: elements in order, image sources, the text of
+    <main> and of the table rows."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.imgs, self.main_text, self.rows = [], [], [], {}
+        self._in_main = False
+        self._cell = None
+        self._row = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if tag == "main":
+            self._in_main = True
+        if tag == "img":
+            self.imgs.append(a)
+            if self._in_main:
+                self.main_text.append(f"[img {len(self.imgs)}]")
+        if tag in ("th", "td"):
+            self._cell = []
+        if tag == "tr":
+            self._row = []
+
+    def handle_endtag(self, tag):
+        if tag == "main":
+            self._in_main = False
+        if tag in ("th", "td") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        if tag == "tr" and len(self._row) == 2:
+            self.rows[self._row[0]] = self._row[1]
+
+    def handle_data(self, data):
+        if self._in_main:
+            self.main_text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def ctl(cluster, *args):
+    return subprocess.run([CTL, "--redis", cluster.server.url] + list(args), capture_output=True, text=True,
+                          timeout=60)
+
+
+def load(path):
+    page = Page()
+    with open(path, encoding="utf-8") as f:
+        page.feed(f.read())
+    return page
+
+
+def test_html_page_has_text_images_and_timings(cluster, tmpdir_path):
+    cluster.worker()
+    img = os.path.join(tmpdir_path, "in.png")
+    with open(img, "wb") as f:
+        f.write(png(12, 8, 3))
+    p = ctl(cluster, "enqueue", "--id", "page-1", "--image", img, "--param", "meta.fake.images=2",
+            "--param", "width=48", "--param", "height=32", "--wait", "make", "**hot**", "soup")
+    assert p.returncode == 0, p.stderr
+    html_dir = os.path.join(tmpdir_path, "page")
+    p = ctl(cluster, "result", "page-1", "--html", html_dir, "--out", os.path.join(tmpdir_path, "md"))
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(html_dir)) == ["index.html"]
+    page = load(os.path.join(html_dir, "index.html"))
+
+    # self-contained: nothing but data: URIs, no scripts, no stylesheets to fetch
+    assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
+    assert len(page.imgs) == 2
+    for n, attrs in enumerate(page.imgs, 1):
+        assert attrs["alt"] == f"image {n}"
+        head, _, b64 = attrs["src"].partition(",")
+        assert head == "data:image/png;base64"
+        data = base64.b64decode(b64, validate=True)
+        assert data == cluster.r.get(f"duogen:image:page-1:{n}") and png_size(data) == (48, 32)
+
+    # the Markdown rendered: ** became <strong>, the images sit where the worker put them
+    assert "strong" in page.tags
+    text = "".join(page.main_text)
+    assert "**" not in text and "duogen:image" not in text
+    md = cluster.result("page-1")["text"].decode()
+    want = re.sub(r"!\[image (\d)\]\(duogen:image:page-1:\d\)", r"[img \1]", md).replace("**", "")
+    assert " ".join(text.split()) == " ".join(want.split()) == "Echo: [img 1] make [img 2] hot soup"
+
+    # the Result's figures
+    res = pb.Result.FromString(cluster.r.hget("duogen:result:page-1", "pb"))
+    assert page.rows["total"] == f"{res.timings.total_ms:.1f} ms" and res.timings.total_ms > 0
+    assert page.rows["images"] == "2" and page.rows["generated tokens"] == str(res.usage.generated_tokens)
+    assert set(page.rows) >= {"queue", "prefill", "decode", "vision", "diffusion", "vae", "prompt tokens"}
+    with open(os.path.join(html_dir, "index.html"), encoding="utf-8") as f:
+        assert "status: done" in f.read()
+    # --out beside --html still writes the Markdown and the files
+    assert sorted(os.listdir(os.path.join(tmpdir_path, "md"))) == ["answer.md", "image-1.png", "image-2.png"]
+
+
+def test_html_page_drops_raw_html_and_names_a_failure(cluster, tmpdir_path):
+    cluster.worker()
+    p = ctl(cluster, "enqueue", "--id", "page-2", "--wait", "<script>alert(1)</script>",
+            "<img", "src=x", "onerror=alert(2)>", "tea")
+    assert p.returncode == 0, p.stderr
+    assert "<script>" in cluster.result("page-2")["text"].decode()   # the answer does hold raw HTML
+    out = os.path.join(tmpdir_path, "page")
+    assert ctl(cluster, "result", "page-2", "--html", out).returncode == 0
+    page = load(os.path.join(out, "index.html"))
+    assert "script" not in page.tags and page.imgs == [] and "tea" in "".join(page.main_text)
+    raw = open(os.path.join(out, "index.html"), encoding="utf-8").read()
+    assert "<title>duogen page-2</title>" in raw and "onerror" not in raw
+
+    p = ctl(cluster, "enqueue", "--id", "page-3", "--param", "meta.fake.fail=error", "--wait", "x")
+    assert p.returncode == 1
+    assert ctl(cluster, "result", "page-3", "--html", out).returncode == 1   # written, and the job failed
+    raw = open(os.path.join(out, "index.html"), encoding="utf-8").read()
+    assert "status: failed: fake engine: failing as the job asked" in raw
