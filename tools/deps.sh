@@ -12,7 +12,7 @@ libpng-dev libturbojpeg0-dev libjpeg62-turbo-dev
 libsystemd-dev systemd
 libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libjansson-dev libcmark-dev
 python3 python3-redis python3-protobuf python3-pytest python3-venv
-man-db groff-base
+man-db groff-base tmux
 ruby ruby-redis ruby-google-protobuf
 golang-go protoc-gen-go golang-github-gomodule-redigo-dev golang-google-protobuf-dev"
 

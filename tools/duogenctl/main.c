@@ -25,6 +25,7 @@
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
 #include "html.h"
+#include "top.h"
 #include <jansson.h>
 
 #define EXIT_JOB   1
@@ -774,6 +775,21 @@ static int cmd_cancel(int argc, char **argv) {
     return 0;
 }
 
+static int cmd_top(int argc, char **argv) {
+    double interval = 1;
+    int once = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--interval") && i + 1 < argc) interval = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--once")) once = 1;
+        else return -1;
+    }
+    if (!(interval >= 0.05 && interval <= 3600)) die(EXIT_USAGE, "top: --interval is seconds, 0.05 .. 3600");
+    char where[300];   /* never the URL: it may hold a password */
+    if (R.unix_path[0]) snprintf(where, sizeof where, "%s", R.unix_path);
+    else snprintf(where, sizeof where, "%s:%d/%d", R.host, R.port, R.db);
+    return dg_top_run(&R, prefix, where, (int)(interval * 1000), once);
+}
+
 static int cmd_stats_args(int argc, char **argv) {
     (void)argv;
     return argc ? -1 : cmd_stats();
@@ -806,6 +822,12 @@ static const struct command {
     {"cancel", "ID", "Ask the worker to stop the job at its next step; it ends as cancelled.", cmd_cancel},
     {"stats", "", "Print each queue stream's length, its group's pending entries and lag, the live workers "
      "(state, counts, heartbeat age, job), and the dead-letter and done counts.", cmd_stats_args},
+    {"top", "[--interval S] [--once]",
+     "A live view of the fleet, redrawn every S seconds (default 1) until q or Ctrl-C: each queue stream's "
+     "length with its group's pending entries and lag; the jobs finished in the last minute by status and "
+     "the dead letters; each live worker with its state, heartbeat age and counts, and each job it runs with "
+     "its phase, progress, tokens, images and denoising step. --once prints one view as plain lines.",
+     cmd_top},
     {"dead", "[list [--count N] | requeue ID... | requeue --all]",
      "List the dead letters, newest first (20 unless --count), or put dead jobs back on duogen:jobs, "
      "deleting their failed result so that they run again.",
