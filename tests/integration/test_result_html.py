@@ -2,10 +2,14 @@
 with the answer's Markdown rendered, every image in place and decodable, the timings and
 usage of the Result; raw HTML from the answer never reaches the page."""
 import base64
+import io
 import os
 import re
+import shutil
 import subprocess
 from html.parser import HTMLParser
+
+import pytest
 
 from conftest import BUILD, pb
 from test_producers import png, png_size
@@ -128,3 +132,58 @@ def test_html_page_drops_raw_html_and_names_a_failure(cluster, tmpdir_path):
     assert ctl(cluster, "result", "page-3", "--html", out).returncode == 1   # written, and the job failed
     raw = open(os.path.join(out, "index.html"), encoding="utf-8").read()
     assert "status: failed: fake engine: failing as the job asked" in raw
+
+
+def find(shot, img):
+    """(y, x) where img stands in shot pixel for pixel, or None. Both are arrays of RGB bytes;
+    a pixel may differ by 3 levels per channel (Chromium's decode and composite of an untagged
+    8-bit sRGB PNG at scale 1 is exact in practice; 3 leaves room for a blend at an edge, and
+    is far below the gradient's step between neighbours, so a shifted match cannot pass)."""
+    import numpy as np
+    h, w = img.shape[:2]
+    ys, xs = np.nonzero(np.all(np.abs(shot[:-h + 1, :-w + 1] - img[0, 0]) <= 3, axis=2))
+    for y, x in zip(ys, xs):
+        if np.all(np.abs(shot[y:y + h, x:x + w] - img) <= 3):
+            return int(y), int(x)
+    return None
+
+
+def test_html_page_in_headless_chromium_shows_the_pictures(cluster, tmpdir_path):
+    chromium = shutil.which("chromium")
+    if not chromium:
+        pytest.skip("chromium is not installed (tools/deps.sh installs it: chromium)")
+    try:
+        import numpy as np
+        from PIL import Image
+    except ImportError as e:
+        pytest.skip(f"{e.name} is missing (tools/deps.sh installs python3-numpy and python3-pil)")
+    cluster.worker()
+    p = ctl(cluster, "enqueue", "--id", "shot-1", "--param", "meta.fake.images=2", "--param", "width=96",
+            "--param", "height=64", "--param", "seed=11", "--wait", "a", "b", "c")
+    assert p.returncode == 0, p.stderr
+    out = os.path.join(tmpdir_path, "page")
+    assert ctl(cluster, "result", "shot-1", "--html", out).returncode == 0
+    shot_path = os.path.join(tmpdir_path, "shot.png")
+    args = [chromium, "--headless", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1",
+            "--window-size=900,1400", f"--user-data-dir={tmpdir_path}/chromium", f"--screenshot={shot_path}",
+            "file://" + os.path.join(out, "index.html")]
+    if os.geteuid() == 0:
+        args.insert(1, "--no-sandbox")   # Chromium refuses to run its sandbox as root
+    c = subprocess.run(args, capture_output=True, text=True, timeout=120, env=dict(os.environ, HOME=tmpdir_path))
+    assert c.returncode == 0 and os.path.exists(shot_path), c.stderr[-2000:]
+    shot = np.asarray(Image.open(shot_path).convert("RGB"), dtype=np.int16)
+    assert shot.shape == (1400, 900, 3)
+
+    where = []
+    for n in (1, 2):
+        img = Image.open(io.BytesIO(cluster.r.get(f"duogen:image:shot-1:{n}"))).convert("RGB")
+        assert img.size == (96, 64)
+        pixels = np.asarray(img, dtype=np.int16)
+        at = find(shot, pixels)
+        assert at, f"image {n} is not on the screenshot"
+        assert find(shot, pixels[::-1]) is None   # the search tells a picture from its mirror image
+        where.append(at)
+    # one above the other in the answer's order, each with the page's background around it
+    (y1, x1), (y2, x2) = where
+    assert x1 == x2 and y2 >= y1 + 64
+    assert np.all(shot[y1 - 4, x1:x1 + 96] == shot[0, 0]) and tuple(shot[0, 0]) == (255, 255, 255)
