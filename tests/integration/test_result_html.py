@@ -187,3 +187,30 @@ def test_html_page_in_headless_chromium_shows_the_pictures(cluster, tmpdir_path)
     (y1, x1), (y2, x2) = where
     assert x1 == x2 and y2 >= y1 + 64
     assert np.all(shot[y1 - 4, x1:x1 + 96] == shot[0, 0]) and tuple(shot[0, 0]) == (255, 255, 255)
+
+
+def test_html_and_out_take_inline_bytes_and_name_a_gone_image(cluster, tmpdir_path):
+    """The bytes come from the Result when the job asked for inline_images (the keys are not
+    read); without them, an image whose key is gone is named, and the rest is written."""
+    cluster.worker()
+    for job_id, inline in (("inl", "true"), ("gone", "false")):
+        p = ctl(cluster, "enqueue", "--id", job_id, "--param", "meta.fake.images=2", "--param",
+                f"inline_images={inline}", "--wait", "x")
+        assert p.returncode == 0, p.stderr
+    want = {n: cluster.r.get(f"duogen:image:inl:{n}") for n in (1, 2)}
+    cluster.r.delete("duogen:image:inl:1", "duogen:image:inl:2", "duogen:image:gone:1")
+
+    page_dir, md_dir = os.path.join(tmpdir_path, "inl"), os.path.join(tmpdir_path, "inl-md")
+    p = ctl(cluster, "result", "inl", "--html", page_dir, "--out", md_dir)
+    assert p.returncode == 0 and "gone" not in p.stderr, p.stderr
+    srcs = [base64.b64decode(i["src"].partition(",")[2]) for i in load(os.path.join(page_dir, "index.html")).imgs]
+    assert srcs == [want[1], want[2]]
+    assert open(os.path.join(md_dir, "image-1.png"), "rb").read() == want[1]
+
+    page_dir, md_dir = os.path.join(tmpdir_path, "gone"), os.path.join(tmpdir_path, "gone-md")
+    p = ctl(cluster, "result", "gone", "--html", page_dir, "--out", md_dir)
+    assert p.returncode == 0 and "image 1 (duogen:image:gone:1) is gone" in p.stderr
+    imgs = load(os.path.join(page_dir, "index.html")).imgs
+    assert [i["alt"] for i in imgs] == ["image 1", "image 2"] and imgs[0]["src"] == ""
+    assert base64.b64decode(imgs[1]["src"].partition(",")[2]) == cluster.r.get("duogen:image:gone:2")
+    assert sorted(os.listdir(md_dir)) == ["answer.md", "image-2.png"]

@@ -49,7 +49,7 @@ static char *data_uri(const uint8_t *p, size_t n) {
     return out;
 }
 
-/* The answer's HTML: the Markdown parsed, each image node's URL (an image key) replaced by
+/* The answer's HTML: the Markdown parsed, each image node's URL (a key or path) replaced by
  * its bytes as a data: URI, rendered in cmark's safe mode. malloc'd; NULL when out of memory. */
 static char *render_answer(const char *markdown, const dg_html_image *images, int n_images) {
     const int opts = CMARK_OPT_DEFAULT | CMARK_OPT_VALIDATE_UTF8;
@@ -63,7 +63,7 @@ static char *render_answer(const char *markdown, const dg_html_image *images, in
         const char *url = cmark_node_get_url(node);
         char *uri = NULL;
         for (int i = 0; i < n_images && !uri; i++)
-            if (images[i].png && url && !strcmp(url, images[i].key) && !(uri = data_uri(images[i].png, images[i].len)))
+            if (images[i].png && url && !strcmp(url, images[i].url) && !(uri = data_uri(images[i].png, images[i].len)))
                 goto fail;
         cmark_node_set_url(node, uri ? uri : "");
         free(uri);

@@ -12,15 +12,16 @@
 
 /* One image of the answer. */
 typedef struct {
-    const char    *key;   /* duogen:image:<id>:<n>, the URL the Markdown links it by; borrowed */
-    const uint8_t *png;   /* its bytes, borrowed; NULL when the key has expired */
+    const char    *url;   /* what the Markdown links it by: its key duogen:image:<id>:<n>, or
+                             its path when the worker wrote it to a file; borrowed */
+    const uint8_t *png;   /* its bytes, borrowed; NULL when they are gone */
     size_t         len;
 } dg_html_image;
 
 /* Writes DIR/index.html (DIR is created when missing) for job `id` from its result text
  * `markdown` (the result hash's `text`), its images, and `res` (the Result protobuf; NULL
- * leaves out timings and usage). An image link whose key is not in `images`, or whose bytes
- * have expired, keeps its alt text and loses its URL. Returns 0, or -1 with a message
+ * leaves out the status, timings and usage). An image link whose URL is not in `images`, or whose bytes
+ * are gone, keeps its alt text and loses its URL. Returns 0, or -1 with a message
  * naming the file in err. */
 int dg_html_write_answer(const char *dir, const char *id, const char *markdown, const dg_html_image *images,
                          int n_images, const Duogen__V1__Result *res, char *err, size_t errlen);

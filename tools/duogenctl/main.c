@@ -540,39 +540,60 @@ static int follow(const char *id, int show_text) {
 
 /* ---- results ---------------------------------------------------------------------------------- */
 
-/* The result's images, image n under imgs[n - 1].key with its bytes (NULL once expired, with
- * a warning). Returns a calloc'd array; free_images() frees it. */
-static dg_html_image *fetch_images(const char *id, int n, redisReply ***replies) {
-    dg_html_image *imgs = calloc((size_t)n + 1, sizeof *imgs);
-    *replies = calloc((size_t)n + 1, sizeof **replies);
-    if (!imgs || !*replies) die(EXIT_IO, "out of memory");
-    for (int i = 0; i < n; i++) {
-        char base[512], k_img[600];
-        key(base, sizeof base, "image", id);
-        snprintf(k_img, sizeof k_img, "%s:%d", base, i + 1);
-        redisReply *img = cmd(dg_cmd_of("GET", k_img, NULL));
-        imgs[i].key = strdup(k_img);
-        if (img->type == REDIS_REPLY_STRING) {
-            imgs[i].png = (const uint8_t *)img->str;
-            imgs[i].len = img->len;
+/* A file's bytes (malloc'd), or NULL with *len 0 when it cannot be read. */
+static uint8_t *slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    uint8_t *buf = NULL;
+    long n = f && !fseek(f, 0, SEEK_END) ? ftell(f) : -1;
+    *len = 0;
+    if (n > 0 && !fseek(f, 0, SEEK_SET) && (buf = malloc((size_t)n)) && fread(buf, 1, (size_t)n, f) == (size_t)n)
+        *len = (size_t)n;
+    if (f) fclose(f);
+    if (!*len) {
+        free(buf);
+        buf = NULL;
+    }
+    return buf;
+}
+
+/* The answer's images in order, from its Result: each one's URL in the Markdown (its key, or
+ * its path when the worker wrote it to a file) and its bytes (inline in the Result, else the
+ * file, else GET of the key; NULL, with a warning, when they are gone). Returns a calloc'd
+ * array of *n, the URLs borrowed from res and the bytes owned (free_images frees both). */
+static dg_html_image *fetch_images(const Duogen__V1__Result *res, int *n) {
+    dg_html_image *imgs = calloc(res->n_output + 1, sizeof *imgs);
+    if (!imgs) die(EXIT_IO, "out of memory");
+    *n = 0;
+    for (size_t i = 0; i < res->n_output; i++) {
+        const Duogen__V1__Image *im = res->output[i]->kind_case == DUOGEN__V1__PART__KIND_IMAGE ? res->output[i]->image : NULL;
+        if (!im) continue;
+        dg_html_image *out = &imgs[(*n)++];
+        int from_file = im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH && im->path[0];
+        uint8_t *bytes = NULL;
+        size_t len = 0;
+        out->url = from_file ? im->path : im->key;
+        if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_DATA && im->data.len) {
+            if ((bytes = malloc(im->data.len))) memcpy(bytes, im->data.data, len = im->data.len);
+        } else if (from_file) {
+            bytes = slurp(im->path, &len);
         } else {
-            fprintf(stderr, "duogenctl: %s has expired\n", k_img);
+            redisReply *rep = cmd(dg_cmd_of("GET", im->key, NULL));
+            if (rep->type == REDIS_REPLY_STRING && (bytes = malloc(rep->len))) memcpy(bytes, rep->str, len = rep->len);
+            freeReplyObject(rep);
         }
-        (*replies)[i] = img;
+        if (!bytes) fprintf(stderr, "duogenctl: image %d (%s) is gone\n", *n, out->url);
+        out->png = bytes;
+        out->len = len;
     }
     return imgs;
 }
 
-static void free_images(dg_html_image *imgs, redisReply **replies, int n) {
-    for (int i = 0; i < n; i++) {
-        free((char *)imgs[i].key);
-        freeReplyObject(replies[i]);
-    }
+static void free_images(dg_html_image *imgs, int n) {
+    for (int i = 0; i < n; i++) free((uint8_t *)imgs[i].png);
     free(imgs);
-    free(replies);
 }
 
-/* DIR/answer.md with each duogen:image:<id>:<n> link replaced by its file, and the PNGs. */
+/* DIR/answer.md with each image's link replaced by its file image-<n>.png, and the PNGs. */
 static void write_markdown(const char *dir, const char *text, const dg_html_image *imgs, int n_images) {
     char path[4096];
     if (mkdir(dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", dir, strerror(errno));
@@ -583,8 +604,8 @@ static void write_markdown(const char *dir, const char *text, const dg_html_imag
         const char *hit = NULL;
         int n = 0;
         for (int i = 0; i < n_images; i++) {   /* the earliest link; of :1 and :10 there, :10 */
-            const char *h = strstr(p, imgs[i].key);
-            if (h && (!hit || h < hit || (h == hit && strlen(imgs[i].key) > strlen(imgs[n - 1].key)))) {
+            const char *h = imgs[i].url[0] ? strstr(p, imgs[i].url) : NULL;
+            if (h && (!hit || h < hit || (h == hit && strlen(imgs[i].url) > strlen(imgs[n - 1].url)))) {
                 hit = h;
                 n = i + 1;
             }
@@ -592,7 +613,7 @@ static void write_markdown(const char *dir, const char *text, const dg_html_imag
         if (!hit) { fputs(p, md); break; }
         fwrite(p, 1, (size_t)(hit - p), md);
         fprintf(md, "image-%d.png", n);
-        p = hit + strlen(imgs[n - 1].key);
+        p = hit + strlen(imgs[n - 1].url);
     }
     if (fclose(md)) die(EXIT_IO, "cannot write \"%s\"", path);
     for (int i = 0; i < n_images; i++) {
@@ -603,22 +624,10 @@ static void write_markdown(const char *dir, const char *text, const dg_html_imag
     fprintf(stderr, "wrote %s/answer.md and %d image(s)\n", dir, n_images);
 }
 
-/* DIR/index.html: the answer rendered, its images in place, the Result's timings and usage. */
-static void write_html(const char *dir, const char *id, const redisReply *h, const dg_html_image *imgs, int n_images) {
-    char err[1024];
-    const redisReply *pb = hfield(h, "pb");
-    Duogen__V1__Result *res = pb && pb->type == REDIS_REPLY_STRING
-                              ? duogen__v1__result__unpack(NULL, pb->len, (const uint8_t *)pb->str) : NULL;
-    if (dg_html_write_answer(dir, id, hstr(h, "text"), imgs, n_images, res, err, sizeof err))
-        die(EXIT_IO, "%s", err);
-    if (res) duogen__v1__result__free_unpacked(res, NULL);
-    fprintf(stderr, "wrote %s/index.html\n", dir);
-}
-
 /* Prints the result (print), and writes it as Markdown and PNGs into out_dir and as one HTML
  * page into html_dir (either may be NULL). Returns 0 when the job is done, else EXIT_JOB. */
 static int write_result(const char *id, const char *out_dir, const char *html_dir, int print) {
-    char k_result[512];
+    char k_result[512], err[1024];
     key(k_result, sizeof k_result, "result", id);
     redisReply *h = cmd(dg_cmd_of("HGETALL", k_result, NULL));
     if (h->elements == 0) {
@@ -634,12 +643,18 @@ static int write_result(const char *id, const char *out_dir, const char *html_di
         printf("images: %s\n\n%s\n", hstr(h, "images"), text);
     }
     if (out_dir || html_dir) {
-        int n_images = atoi(hstr(h, "images"));
-        redisReply **replies;
-        dg_html_image *imgs = fetch_images(id, n_images, &replies);
+        const redisReply *pb = hfield(h, "pb");
+        Duogen__V1__Result *res = pb && pb->type == REDIS_REPLY_STRING
+                                  ? duogen__v1__result__unpack(NULL, pb->len, (const uint8_t *)pb->str) : NULL;
+        if (!res) die(EXIT_IO, "%s: its pb field is not a Result", k_result);
+        int n_images;
+        dg_html_image *imgs = fetch_images(res, &n_images);
         if (out_dir) write_markdown(out_dir, text, imgs, n_images);
-        if (html_dir) write_html(html_dir, id, h, imgs, n_images);
-        free_images(imgs, replies, n_images);
+        if (html_dir && dg_html_write_answer(html_dir, id, text, imgs, n_images, res, err, sizeof err))
+            die(EXIT_IO, "%s", err);
+        if (html_dir) fprintf(stderr, "wrote %s/index.html\n", html_dir);
+        free_images(imgs, n_images);
+        duogen__v1__result__free_unpacked(res, NULL);
     }
     freeReplyObject(h);
     return rc;

@@ -253,9 +253,12 @@ static void write_answer(redisContext *r, const Duogen__V1__Result *res, const c
         }
         const Duogen__V1__Image *im = part->image;
         redisReply *rep = NULL;
-        const void *data = im->data.data;
+        uint8_t *file = NULL;
+        const void *data = im->data.data;   /* the job asked for inline_images */
         size_t len = im->data.len;
-        if (im->source_case != DUOGEN__V1__IMAGE__SOURCE_DATA) {
+        if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH) {   /* written to a shared file system */
+            data = file = read_file(im->path, &len);
+        } else if (im->source_case != DUOGEN__V1__IMAGE__SOURCE_DATA) {
             rep = must(r, redisCommand(r, "GET %s", im->key), "GET");
             if (rep->type != REDIS_REPLY_STRING) die(EXIT_IO, "%s has expired", im->key);
             data = rep->str;
@@ -265,6 +268,7 @@ static void write_answer(redisContext *r, const Duogen__V1__Result *res, const c
         FILE *f = fopen(path, "wb");
         if (!f || fwrite(data, 1, len, f) != len || fclose(f)) die(EXIT_IO, "cannot write \"%s\"", path);
         freeReplyObject(rep);
+        free(file);
         fprintf(md, "\n\n![image %d](image-%d.png)\n\n", n, n);
     }
     if (fclose(md)) die(EXIT_IO, "cannot write \"%s/answer.md\"", dir);

@@ -139,12 +139,20 @@ func writeAnswer(c redis.Conn, res *pb.Result, dir string) error {
 			continue
 		}
 		im := part.GetImage()
-		data := im.GetData()
-		if _, inline := im.Source.(*pb.Image_Data); !inline {
-			var err error
+		var data []byte
+		var err error
+		switch src := im.Source.(type) {
+		case *pb.Image_Data: // the job asked for inline_images
+			data = src.Data
+		case *pb.Image_Path: // the worker wrote it to a shared file system
+			data, err = os.ReadFile(src.Path)
+		default:
 			if data, err = redis.Bytes(c.Do("GET", im.Key)); err != nil {
-				return fmt.Errorf("%s: %v", im.Key, err)
+				err = fmt.Errorf("%s: %v", im.Key, err)
 			}
+		}
+		if err != nil {
+			return err
 		}
 		n++
 		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("image-%d.png", n)), data, 0o644); err != nil {

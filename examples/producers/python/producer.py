@@ -79,7 +79,14 @@ def write_answer(r, result, out_dir):
             md.append(part.text)
             continue
         n += 1
-        data = part.image.data if part.image.WhichOneof("source") == "data" else r.get(part.image.key)
+        source = part.image.WhichOneof("source")
+        if source == "data":                  # the job asked for inline_images
+            data = part.image.data
+        elif source == "path":                # the worker wrote it to a shared file system
+            with open(part.image.path, "rb") as f:
+                data = f.read()
+        else:
+            data = r.get(part.image.key)
         if data is None:
             raise OSError(f"{part.image.key} has expired")
         with open(os.path.join(out_dir, f"image-{n}.png"), "wb") as f:

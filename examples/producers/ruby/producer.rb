@@ -77,7 +77,11 @@ def write_answer(r, result, dir)
       md << part.text
       next
     end
-    data = part.image.source == :data ? part.image.data : r.get(part.image.key)
+    data = case part.image.source
+           when :data then part.image.data                   # the job asked for inline_images
+           when :path then File.binread(part.image.path)     # the worker wrote it to a shared file system
+           else r.get(part.image.key)
+           end
     raise IOError, "#{part.image.key} has expired" if data.nil?
     n += 1
     File.binwrite(File.join(dir, "image-#{n}.png"), data)
