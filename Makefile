@@ -187,9 +187,10 @@ $(BUILD)/$(1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(PRO
 	@$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
 endef
 $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
-# duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects)
+# duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects),
+# checks job ids by the workers' rule (job.c) and writes its manual page with manpage.c
 $(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \
-                   $(BUILD)/obj/daemon/manpage.o
+                   $(BUILD)/obj/daemon/manpage.o $(BUILD)/obj/daemon/job.o
 # result --html renders the answer's Markdown with cmark (tools/duogenctl/html.c)
 $(BUILD)/duogenctl: LDLIBS += $(shell pkg-config --libs libcmark 2>/dev/null)
 $(BUILD)/obj/tools/duogenctl/html.o: CFLAGS += $(shell pkg-config --cflags libcmark 2>/dev/null)

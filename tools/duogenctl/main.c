@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "../../daemon/daemon_config.h"
+#include "../../daemon/job.h"
 #include "../../daemon/manpage.h"
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
@@ -317,6 +318,9 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
     }
     if (!o->tl && !o->n_images) die(EXIT_USAGE, "enqueue: no text and no image");
     if (!o->id[0]) new_job_id(o->id, sizeof o->id);
+    /* a worker would refuse it under an id of its own, and --wait would wait for nothing */
+    if (!dg_job_id_valid(o->id, strlen(o->id)))
+        die(EXIT_USAGE, "enqueue: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", o->id);
 }
 
 /* A Job's messages: the system text (if any), then one user message of the images and the
