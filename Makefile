@@ -298,7 +298,8 @@ demo:
 
 # Binaries to $(PREFIX)/bin; units, sysusers and tmpfiles snippets to $(PREFIX)/lib/systemd
 # paths that systemd searches (with ExecStart pointing at $(PREFIX)/bin); examples to
-# $(PREFIX)/share/duogen/examples; the Qwen2 vocabulary mkmodel uses to
+# $(PREFIX)/share/duogen/examples (the producers' sources in examples/producers); the Qwen2
+# vocabulary mkmodel uses to
 # $(PREFIX)/share/duogen/vocab/qwen2; the manual pages to $(PREFIX)/share/man/man{1,5,8}.
 # Nothing under /etc is overwritten.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
@@ -316,6 +317,9 @@ install: all
 	install -m 0644 systemd/duogend.conf.example systemd/duogend.env.example \
 	           deploy/redis/redis.conf deploy/redis/users.acl.example $(DESTDIR)$(PREFIX)/share/duogen/examples/
 	install -m 0644 README.md LICENSE $(DESTDIR)$(PREFIX)/share/doc/duogen/
+	for d in python ruby go c; do install -d $(DESTDIR)$(PREFIX)/share/duogen/examples/producers/$$d && \
+	    install -m 0644 examples/producers/$$d/* $(DESTDIR)$(PREFIX)/share/duogen/examples/producers/$$d/; done
+	install -m 0644 examples/producers/README.md $(DESTDIR)$(PREFIX)/share/duogen/examples/producers/
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8
 	install -m 0644 $(BUILD)/man/duogenctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/
 	install -m 0644 $(BUILD)/man/duogend.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/

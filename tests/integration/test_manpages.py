@@ -113,3 +113,5 @@ def test_make_install_puts_pages_where_man_finds_them():
         assert err == "" and "max_inflight = N" in out
         out, _ = render("-M", mandir, "8", "duogend")
         assert "--worker-id text" in out
+        producers = os.path.join(dest, "usr", "share", "duogen", "examples", "producers")
+        assert sorted(os.listdir(producers)) == ["README.md", "c", "go", "python", "ruby"]
