@@ -299,8 +299,8 @@ demo:
 # Binaries to $(PREFIX)/bin; units, sysusers and tmpfiles snippets to $(PREFIX)/lib/systemd
 # paths that systemd searches (with ExecStart pointing at $(PREFIX)/bin); examples to
 # $(PREFIX)/share/duogen/examples (the producers' sources in examples/producers); the Qwen2
-# vocabulary mkmodel uses to
-# $(PREFIX)/share/duogen/vocab/qwen2; the manual pages to $(PREFIX)/share/man/man{1,5,8}.
+# vocabulary mkmodel uses to $(PREFIX)/share/duogen/vocab/qwen2; the manual pages to
+# $(PREFIX)/share/man/man{1,5,8}.
 # Nothing under /etc is overwritten.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 install: all
