@@ -29,6 +29,8 @@
 #include "top.h"
 #include <jansson.h>
 
+#define N_OF(a) (sizeof(a) / sizeof((a)[0]))
+
 #define EXIT_JOB   1
 #define EXIT_USAGE 2
 #define EXIT_IO    3
@@ -220,7 +222,7 @@ static void set_param(job_builder *b, const char *kv) {
         b->meta[b->n_meta++] = e;
     } else {
         fprintf(stderr, "duogenctl: --param %s: unknown; the keys:", k);
-        for (size_t i = 0; i < sizeof params / sizeof params[0]; i++) fprintf(stderr, " %s", params[i].key);
+        for (size_t i = 0; i < N_OF(params); i++) fprintf(stderr, " %s", params[i].key);
         fputc('\n', stderr);
         exit(EXIT_USAGE);
     }
@@ -666,7 +668,9 @@ static int write_result(const char *id, const char *out_dir, const char *html_di
 
 /* ---- stats, dead, cancel ------------------------------------------------------------------------ */
 
-static int cmd_stats(void) {
+static int cmd_stats(int argc, char **argv) {
+    (void)argv;
+    if (argc) return -1;
     const char *names[2] = {"jobs", "jobs:high"};
     for (int s = 0; s < 2; s++) {
         char k[512];
@@ -809,11 +813,6 @@ static int cmd_top(int argc, char **argv) {
     return dg_top_run(&R, prefix, where, (int)(interval * 1000), once);
 }
 
-static int cmd_stats_args(int argc, char **argv) {
-    (void)argv;
-    return argc ? -1 : cmd_stats();
-}
-
 /* The commands: main() dispatches through this table; --help and duogenctl(1) are written
  * from it. `run` gets the words after the command's name and returns an exit status, or -1
  * when they do not fit `args` (the usage, exit 2). */
@@ -840,7 +839,7 @@ static const struct command {
      cmd_result},
     {"cancel", "ID", "Ask the worker to stop the job at its next step; it ends as cancelled.", cmd_cancel},
     {"stats", "", "Print each queue stream's length, its group's pending entries and lag, the live workers "
-     "(state, counts, heartbeat age, job), and the dead-letter and done counts.", cmd_stats_args},
+     "(state, counts, heartbeat age, job), and the dead-letter and done counts.", cmd_stats},
     {"top", "[--interval S] [--once]",
      "A live view of the fleet, redrawn every S seconds (default 1) until q or Ctrl-C: each queue stream's "
      "length with its group's pending entries and lag; the jobs finished in the last minute by status and "
@@ -861,8 +860,6 @@ static const struct global_option {
     {"--password-file", "FILE", "file whose first line is the Redis password"},
     {"--prefix", "PREFIX", "the workers' key prefix (default duogen)"},
 };
-
-#define N_OF(a) (sizeof(a) / sizeof((a)[0]))
 
 static int usage(FILE *out) {
     fprintf(out, "usage: duogenctl [OPTION]... COMMAND [ARG]...\n\noptions:\n");
