@@ -1,6 +1,7 @@
 # duogen — the one build entry.
 #
-#   make            build/duogend, build/duogenctl, build/libduogen.a, tools, tests
+#   make            build/duogend, build/duogenctl, build/libduogen.a, tools, tests, and the
+#                   manual pages build/man/duogend.8, duogend.conf.5, duogenctl.1
 #   make deps       install the Debian packages the build and the tests need (when missing)
 #   make test       build everything and run every test (T=name: only those matching);
 #                   the last line is "N passed, N failed, N skipped"
@@ -26,6 +27,8 @@
 #   tests/fuzz_*.c              -> build/fuzz/fuzz_*          (libFuzzer targets, `make fuzz`)
 #   tests/engine_fake/*.c       -> build/tests/duogend-fake   (duogend over the test engine;
 #                                                              never installed)
+#   examples/producers/         -> build/producers/           (the C producer; the Go one when
+#                                                              Debian's Go packages are there)
 
 CC      ?= cc
 PREFIX  ?= /usr/local
@@ -99,10 +102,40 @@ FAKE_BIN   := $(if $(FAKE_SRC),$(BUILD)/tests/duogend-fake)
 FUZZ_SRC   := $(wildcard tests/fuzz_*.c)
 FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
-ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE)
+# ---- example producers (examples/producers/README.md): the C one is always built; the Go one
+# when Debian's Go toolchain and packages are installed (golang-go, protoc-gen-go,
+# golang-github-gomodule-redigo-dev, golang-google-protobuf-dev), in GOPATH mode over
+# /usr/share/gocode with modules and the proxy off, so nothing is downloaded; the Ruby one
+# needs only its generated protocol code
+GOCODE        := /usr/share/gocode
+GO            := $(shell command -v go 2>/dev/null)
+PROTOC_GEN_GO := $(shell command -v protoc-gen-go 2>/dev/null)
+GO_READY      := $(and $(GO),$(PROTOC_GEN_GO),$(wildcard $(GOCODE)/src/github.com/gomodule/redigo/redis),$(wildcard $(GOCODE)/src/google.golang.org/protobuf/proto))
+GO_ENV        := GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(abspath $(BUILD)/go):$(GOCODE) GOCACHE=$(abspath $(BUILD)/go/cache)
+PROTO_RB      := $(BUILD)/gen/ruby/duogen_pb.rb
+PROTO_GO      := $(BUILD)/go/src/duogen/pb/duogen.pb.go
+PRODUCERS     := $(BUILD)/producers/c-producer $(PROTO_RB) $(if $(GO_READY),$(BUILD)/producers/go-producer)
+
+ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE) $(PRODUCERS)
+
+# ---- manual pages: each program writes its own (hidden --man) from the tables of its --help
+# (daemon/manpage.h), so that the pages and the code cannot drift
+MAN_PAGES := $(BUILD)/man/duogend.8 $(BUILD)/man/duogend.conf.5 $(BUILD)/man/duogenctl.1
+$(BUILD)/man/duogend.8: $(BUILD)/duogend
+	@mkdir -p $(dir $@)
+	@echo "  MAN     $@"
+	@$< --man 8 > $@.tmp && mv $@.tmp $@
+$(BUILD)/man/duogend.conf.5: $(BUILD)/duogend
+	@mkdir -p $(dir $@)
+	@echo "  MAN     $@"
+	@$< --man 5 > $@.tmp && mv $@.tmp $@
+$(BUILD)/man/duogenctl.1: $(BUILD)/duogenctl
+	@mkdir -p $(dir $@)
+	@echo "  MAN     $@"
+	@$< --man > $@.tmp && mv $@.tmp $@
 
 .PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
-all: $(LIB) $(ALL_BINS)
+all: $(LIB) $(ALL_BINS) $(MAN_PAGES)
 
 # ---- protocol: generated at build time, never committed -------------------------------
 $(PROTO_C) $(PROTO_H): proto/duogen.proto
@@ -112,6 +145,16 @@ $(PROTO_C) $(PROTO_H): proto/duogen.proto
 $(PROTO_PY): proto/duogen.proto
 	@mkdir -p $(BUILD)/gen/python
 	protoc --proto_path=proto --python_out=$(BUILD)/gen/python proto/duogen.proto
+
+$(PROTO_RB): proto/duogen.proto
+	@mkdir -p $(dir $@)
+	protoc --proto_path=proto --ruby_out=$(dir $@) proto/duogen.proto
+
+# the Go package duogen/pb under build/go (a GOPATH of its own beside Debian's)
+$(PROTO_GO): proto/duogen.proto
+	@mkdir -p $(dir $@)
+	protoc --proto_path=proto --go_out=$(dir $@) --go_opt=paths=source_relative \
+	       --go_opt=Mduogen.proto=duogen/pb proto/duogen.proto
 
 $(PROTO_OBJ): $(PROTO_C)
 	@mkdir -p $(dir $@)
@@ -146,8 +189,24 @@ $(BUILD)/$(1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(PRO
 	@$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
 endef
 $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
-# duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects)
-$(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o
+# duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects),
+# checks job ids by the workers' rule (job.c) and writes its manual page with manpage.c
+$(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \
+                   $(BUILD)/obj/daemon/manpage.o $(BUILD)/obj/daemon/job.o
+# result --html renders the answer's Markdown with cmark (tools/duogenctl/html.c)
+$(BUILD)/duogenctl: LDLIBS += $(shell pkg-config --libs libcmark 2>/dev/null)
+$(BUILD)/obj/tools/duogenctl/html.o: CFLAGS += $(shell pkg-config --cflags libcmark 2>/dev/null)
+
+# ---- example producers -------------------------------------------------------------------
+$(BUILD)/producers/c-producer: $(BUILD)/obj/examples/producers/c/producer.o $(PROTO_OBJ)
+	@mkdir -p $(dir $@)
+	@echo "  LD      $@"
+	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/producers/go-producer: examples/producers/go/main.go $(PROTO_GO)
+	@mkdir -p $(dir $@)
+	@echo "  GO      $@"
+	@$(GO_ENV) go build -o $@ $<
 
 # ---- unit tests ----------------------------------------------------------------------
 $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)
@@ -246,8 +305,10 @@ demo:
 
 # Binaries to $(PREFIX)/bin; units, sysusers and tmpfiles snippets to $(PREFIX)/lib/systemd
 # paths that systemd searches (with ExecStart pointing at $(PREFIX)/bin); examples to
-# $(PREFIX)/share/duogen/examples; the Qwen2 vocabulary mkmodel uses to
-# $(PREFIX)/share/duogen/vocab/qwen2. Nothing under /etc is overwritten.
+# $(PREFIX)/share/duogen/examples (the producers' sources in examples/producers); the Qwen2
+# vocabulary mkmodel uses to $(PREFIX)/share/duogen/vocab/qwen2; the manual pages to
+# $(PREFIX)/share/man/man{1,5,8}.
+# Nothing under /etc is overwritten.
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
@@ -263,6 +324,13 @@ install: all
 	install -m 0644 systemd/duogend.conf.example systemd/duogend.env.example \
 	           deploy/redis/redis.conf deploy/redis/users.acl.example $(DESTDIR)$(PREFIX)/share/duogen/examples/
 	install -m 0644 README.md LICENSE $(DESTDIR)$(PREFIX)/share/doc/duogen/
+	for d in python ruby go c; do install -d $(DESTDIR)$(PREFIX)/share/duogen/examples/producers/$$d && \
+	    install -m 0644 examples/producers/$$d/* $(DESTDIR)$(PREFIX)/share/duogen/examples/producers/$$d/; done
+	install -m 0644 examples/producers/README.md $(DESTDIR)$(PREFIX)/share/duogen/examples/producers/
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8
+	install -m 0644 $(BUILD)/man/duogenctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 0644 $(BUILD)/man/duogend.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/
+	install -m 0644 $(BUILD)/man/duogend.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 	install -d $(DESTDIR)$(PREFIX)/share/duogen/vocab/qwen2
 	install -m 0644 tools/mkmodel/vocab/qwen2/* $(DESTDIR)$(PREFIX)/share/duogen/vocab/qwen2/
 	if [ -f $(BUILD)/libduogen_cuda.so ]; then install -d $(DESTDIR)$(PREFIX)/lib/duogen && \

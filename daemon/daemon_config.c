@@ -9,8 +9,12 @@
 #include <string.h>
 #include <unistd.h>
 
-typedef enum { KEY_STR, KEY_INT, KEY_SIZE } key_type;
+typedef enum { KEY_GROUP, KEY_STR, KEY_INT, KEY_SIZE } key_type;
 
+/* The one table of settings: the file's keys, the command-line options, --help and the
+ * manual pages duogend(8) and duogend.conf(5) all come from it. A GROUP row starts the
+ * heading the rows after it are listed under; it is not a setting. */
+#define GROUP(title)             {title, KEY_GROUP, 0, 0, 0, 0, NULL}
 #define STR(name, help)          {#name, KEY_STR, offsetof(dg_daemon_config, name), sizeof(((dg_daemon_config *)0)->name), 0, 0, help}
 #define INT(name, lo, hi, help)  {#name, KEY_INT, offsetof(dg_daemon_config, name), 0, lo, hi, help}
 #define SIZE(name, help)         {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 1, 0, help}
@@ -23,20 +27,26 @@ static const struct key {
     long long   lo, hi;
     const char *help;
 } keys[] = {
+    GROUP("Redis"),
     STR(redis_url, "redis://[user@]host:port/db or unix:///path"),
     STR(password_file, "file holding the Redis password"),
     STR(sentinel, "host:port,... of Redis Sentinels"),
     STR(master_name, "Sentinel master name"),
-    STR(model, "model package directory"),
-    STR(device, "cpu or cuda:N"),
     STR(prefix, "Redis key prefix"),
     STR(group, "consumer group"),
     STR(worker_id, "consumer name (default <hostname>:<device>)"),
-    STR(image_root, "directory under which Image.path may point"),
-    STR(output_root, "directory drawn images are written under (<id>/<n>.png) instead of Redis"),
-    STR(log_level, "err, warning, info or debug"),
+    GROUP("Model and engine"),
+    STR(model, "model package directory"),
+    STR(device, "cpu or cuda:N"),
     INT(threads, 0, 1024, "engine CPU threads (0 = all)"),
     INT(max_inflight, 1, 256, "jobs stepped together"),
+    SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
+    SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = 64 images at the model's default size"),
+    SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = 64 images at the model's default size"),
+    INT(max_condition_pixels, 0, 268435456, "earlier images above this many pixels are scaled down as "
+        "condition frames; 0 = 1048576 (1024x1024)"),
+    SIZE0(gpu_memory, "device memory the GPU backend takes at start, e.g. 70G; 0 = 90% of free"),
+    GROUP("Queue behaviour"),
     INT(block_ms, 10, 60000, "XREADGROUP BLOCK while idle"),
     INT(claim_idle_ms, 100, 86400000, "idle time after which an entry is taken over"),
     INT(renew_ms, 0, 86400000, "lease renewal interval (0 = claim_idle_ms/3)"),
@@ -51,6 +61,7 @@ static const struct key {
     INT(events_maxlen, 10, 10000000, "cap of each job's event stream"),
     INT(done_maxlen, 10, 100000000, "cap of the done stream"),
     INT(dead_maxlen, 10, 100000000, "cap of the dead-letter stream"),
+    GROUP("Limits on one job"),
     SIZE(max_job_bytes, "largest serialized Job"),
     SIZE(max_image_bytes, "largest encoded input image"),
     INT(max_input_images, 0, 1024, "input images per job"),
@@ -62,13 +73,11 @@ static const struct key {
     INT(max_output_images, 0, 1024, "upper bound of ImageParams.max_images"),
     INT(max_stop_strings, 0, 1024, "stop strings per job"),
     INT(max_logit_bias, 0, 1000000, "logit_bias entries per job"),
+    STR(image_root, "directory under which Image.path may point (empty: paths refused)"),
+    STR(output_root, "directory drawn images are written under (<id>/<n>.png) instead of Redis"),
+    GROUP("Operation"),
+    STR(log_level, "err, warning, info or debug"),
     INT(metrics_port, 0, 65535, "Prometheus metrics port on 127.0.0.1 (0 = off)"),
-    SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
-    SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = 64 images at the model's default size"),
-    SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = 64 images at the model's default size"),
-    INT(max_condition_pixels, 0, 268435456, "earlier images above this many pixels are scaled down as "
-        "condition frames; 0 = 1048576 (1024x1024)"),
-    SIZE0(gpu_memory, "device memory the GPU backend takes at start, e.g. 70G; 0 = 90% of free"),
 };
 
 void dg_daemon_config_defaults(dg_daemon_config *c) {
@@ -131,7 +140,7 @@ int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value
     name[n] = 0;
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
         const struct key *k = &keys[i];
-        if (strcmp(k->name, name)) continue;
+        if (k->type == KEY_GROUP || strcmp(k->name, name)) continue;
         char *field = (char *)c + k->offset;
         if (k->type == KEY_STR) {
             if (strlen(value) >= k->size) {
@@ -235,11 +244,56 @@ int dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen) {
     return 0;
 }
 
-void dg_daemon_config_usage(void) {
-    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+/* A size as the file would write it: the largest unit that divides it exactly. */
+static void format_size(char *out, size_t n, size_t v) {
+    static const char units[] = "GMk";
+    for (int u = 0; u < 3; u++) {
+        unsigned shift = 30 - 10 * (unsigned)u;
+        if (v && v % ((size_t)1 << shift) == 0) {
+            snprintf(out, n, "%zu%c", v >> shift, units[u]);
+            return;
+        }
+    }
+    snprintf(out, n, "%zu", v);
+}
+
+int dg_daemon_config_setting(size_t i, dg_daemon_setting *out) {
+    static const char *kinds[] = {[KEY_STR] = "text", [KEY_INT] = "integer", [KEY_SIZE] = "size"};
+    dg_daemon_config defaults;
+    const char *group = "";
+    size_t seen = 0;
+    dg_daemon_config_defaults(&defaults);
+    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+        const struct key *key = &keys[k];
+        if (key->type == KEY_GROUP) {
+            group = key->name;
+            continue;
+        }
+        if (seen++ != i) continue;
+        const char *field = (const char *)&defaults + key->offset;
+        *out = (dg_daemon_setting){.name = key->name, .group = group, .kind = kinds[key->type], .help = key->help};
+        if (key->type == KEY_STR) snprintf(out->value, sizeof out->value, "%s", field);
+        else if (key->type == KEY_INT) {
+            snprintf(out->value, sizeof out->value, "%d", *(const int *)field);
+            snprintf(out->range, sizeof out->range, "%lld..%lld", key->lo, key->hi);
+        } else {
+            format_size(out->value, sizeof out->value, *(const size_t *)field);
+            snprintf(out->range, sizeof out->range, key->lo ? "above 0" : "0 or more");
+        }
+        return 0;
+    }
+    return -1;
+}
+
+void dg_daemon_config_usage(FILE *out) {
+    dg_daemon_setting s;
+    const char *group = "";
+    for (size_t i = 0; !dg_daemon_config_setting(i, &s); i++) {
+        if (strcmp(group, s.group)) fprintf(out, "%s%s:\n", i ? "\n" : "", s.group);
+        group = s.group;
         char opt[64];
-        snprintf(opt, sizeof opt, "--%s", keys[i].name);
+        snprintf(opt, sizeof opt, "--%s", s.name);
         for (char *p = opt + 2; *p; p++) if (*p == '_') *p = '-';
-        fprintf(stderr, "  %-22s %s\n", opt, keys[i].help);
+        fprintf(out, "  %-24s %s%s%s%s\n", opt, s.help, s.value[0] ? " [" : "", s.value, s.value[0] ? "]" : "");
     }
 }

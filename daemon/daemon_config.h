@@ -4,7 +4,7 @@
 #define DG_DAEMON_CONFIG_H
 
 #include <stddef.h>
-#include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 
 typedef struct {
@@ -68,6 +68,21 @@ int  dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *valu
 int  dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size_t errlen);
 /* Fills derived values (worker id, renew interval) and checks consistency. */
 int  dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen);
-void dg_daemon_config_usage(void);
+
+/* One setting as --help and the manual pages show it. The strings are static. */
+typedef struct {
+    const char *name;       /* the file's key; the option is --name with '_' as '-' */
+    const char *group;      /* the heading it is listed under, e.g. "Queue behaviour" */
+    const char *kind;       /* "text", "integer" or "size" (123, 64k, 20M, 1G) */
+    const char *help;       /* one line */
+    char        value[64];  /* the default as the file would write it; "" = none */
+    char        range[64];  /* what the value may be, e.g. "1..1000"; "" for text */
+} dg_daemon_setting;
+
+/* Fills *out with setting i (0-based) in the table's order, the order --help lists them.
+ * Returns 0, or -1 when i is past the last setting. */
+int  dg_daemon_config_setting(size_t i, dg_daemon_setting *out);
+/* Writes the settings, under their headings, as --help shows them. */
+void dg_daemon_config_usage(FILE *out);
 
 #endif

@@ -1,6 +1,8 @@
 /* duogend — the duogen worker daemon.
  *
  *   duogend [--config FILE] [--redis URL] [--model DIR] [--device cpu|cuda:N] [--KEY VALUE]...
+ *   duogend --help                 every setting (daemon_config.c's table) with its default
+ *   duogend --man 8 | --man 5      (hidden) duogend(8) or duogend.conf(5) in roff, from that table
  *
  * Exit status: 0 after a clean stop; 75 when the engine failed (systemd restarts it);
  * 78 for a configuration problem, a model that cannot be opened, or Redis refusing our
@@ -15,6 +17,7 @@
 #include "daemon_config.h"
 #include "duogen.h"
 #include "log.h"
+#include "manpage.h"
 #include "notify.h"
 #include "worker.h"
 
@@ -28,9 +31,9 @@ static void on_signal(int sig) {
     if (stop_requested < 2) stop_requested++;   /* the second signal: stop now */
 }
 
-static void usage(void) {
-    fprintf(stderr, "usage: duogend [--config FILE] [--SETTING VALUE]...\n\nsettings:\n");
-    dg_daemon_config_usage();
+static void usage(FILE *out) {
+    fprintf(out, "usage: duogend [--config FILE] [--SETTING VALUE]...\n\n");
+    dg_daemon_config_usage(out);
 }
 
 /* While the model loads: a STATUS= line and EXTEND_TIMEOUT_USEC= so that systemd's start
@@ -51,8 +54,15 @@ int main(int argc, char **argv) {
     /* --config first, so that the other options override the file */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage();
+            usage(stdout);
             return 0;
+        }
+        if (!strcmp(argv[i], "--man")) {   /* hidden: the build writes the manual pages with it */
+            if (i + 1 >= argc || dg_man_duogend(stdout, argv[i + 1])) {
+                fprintf(stderr, "duogend: --man 8 (duogend) or --man 5 (duogend.conf)\n");
+                return EX_CONFIG;
+            }
+            return fflush(stdout) ? EX_CONFIG : 0;
         }
         if (!strcmp(argv[i], "--config") && i + 1 < argc && dg_daemon_config_load(&cfg, argv[i + 1], err, sizeof err)) {
             fprintf(stderr, "duogend: %s\n", err);
@@ -64,7 +74,7 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--config")) { i++; continue; }
         if (strncmp(a, "--", 2) || i + 1 >= argc) {
             fprintf(stderr, "duogend: unexpected argument \"%s\"\n", a);
-            usage();
+            usage(stderr);
             return EX_CONFIG;
         }
         const char *key = a + 2;

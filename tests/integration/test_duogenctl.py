@@ -74,3 +74,8 @@ def test_cancel_stats_dead_requeue(cluster):
     wait_until(lambda: len(cluster.events("bad")) and cluster.result("bad"), what="second run")
     assert [e["type"] for e in cluster.events("bad")].count(b"started") == 2
     assert ctl(cluster, "enqueue", "--param", "bogus=1", "x").returncode == 2
+    # an id the workers would refuse is refused here, before anything is enqueued
+    queued = cluster.r.xlen("duogen:jobs")
+    p = ctl(cluster, "enqueue", "--id", "a<b", "--wait", "x")
+    assert p.returncode == 2 and 'id "a<b" is not 1..128 characters' in p.stderr
+    assert cluster.r.xlen("duogen:jobs") == queued

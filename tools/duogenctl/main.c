@@ -1,17 +1,12 @@
 /* duogenctl — producer and monitor for duogen queues.
  *
  *   duogenctl [--redis URL] [--password-file F] [--prefix P] COMMAND [ARGS]
+ *   duogenctl --help | --man
  *
- *   enqueue [--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]...
- *           [--high] [--wait] [--out DIR] TEXT...   put a job on the queue (prints its id);
- *           FILE is JSON: {"id", "system", "text", "images": [...], "params": {...}};
- *           --param sets one field (the keys: PARAM_KEYS below); a field not given takes
- *           the package's default, a field given is used, 0 included (temperature=0 greedy)
- *   watch ID                                   follow a job's events until it ends
- *   result ID [--out DIR]                      print a result; --out writes answer.md + PNGs
- *   cancel ID                                  ask the worker to stop a job
- *   stats                                      queue length, pending, lag, workers, dead
- *   dead [list [--count N] | requeue ID... | requeue --all]
+ * The commands, the global options and the --param keys are the tables `commands`,
+ * `global_options` and `params` below: main() dispatches through the first, and --help and
+ * the manual page duogenctl(1) (hidden option --man, daemon/manpage.h) are written from all
+ * three, so that neither can drift from the code.
  *
  * Exit status: 0 success (for --wait and result: the job is done), 1 the job failed, was
  * cancelled or expired, 2 usage, 3 Redis or file errors. */
@@ -26,17 +21,46 @@
 #include <unistd.h>
 
 #include "../../daemon/daemon_config.h"
+#include "../../daemon/job.h"
+#include "../../daemon/manpage.h"
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
+#include "html.h"
+#include "top.h"
 #include <jansson.h>
+
+#define N_OF(a) (sizeof(a) / sizeof((a)[0]))
 
 #define EXIT_JOB   1
 #define EXIT_USAGE 2
 #define EXIT_IO    3
 
-#define PARAM_KEYS "max_new_tokens temperature top_p top_k repetition_penalty stop bias.<token> width height " \
-                   "steps guidance_scale max_images schedule shift seed deadline_s max_attempts result_ttl_s " \
-                   "inline_images meta.<key>"
+/* The --param keys, in --help and duogenctl(1); set_param() reads them. `example` is one
+ * valid KEY=VALUE (tests/integration/test_manpages.py enqueues each). */
+static const struct param {
+    const char *key, *example, *help;
+} params[] = {
+    {"max_new_tokens", "max_new_tokens=512", "tokens the answer may have, 1 .. the worker's max_new_tokens"},
+    {"temperature", "temperature=0", "sampling temperature, 0 .. 100; 0 is greedy decoding"},
+    {"top_p", "top_p=0.9", "nucleus sampling, (0, 1]; 1 is off"},
+    {"top_k", "top_k=40", "the k most likely tokens, 0 .. 1000000; 0 is off"},
+    {"repetition_penalty", "repetition_penalty=1.1", "(0, 100]; 1 is off"},
+    {"stop", "stop=END", "a stop string; give it again for more"},
+    {"bias.<token>", "bias.151665=-inf", "added to the logit of token id <token>; -inf bans it"},
+    {"width", "width=512", "pixels of the drawn images, a multiple of 16 up to the worker's max_image_side"},
+    {"height", "height=512", "as width"},
+    {"steps", "steps=20", "denoising steps per image, 1 .. the worker's max_steps"},
+    {"guidance_scale", "guidance_scale=0", "classifier-free guidance, 0 .. 100; 0 is none (one DiT forward per step)"},
+    {"max_images", "max_images=2", "images the answer may have, 0 .. the worker's max_output_images; 0 is text only"},
+    {"schedule", "schedule=karras", "default (the package's), karras or shifted"},
+    {"shift", "shift=3", "the shifted schedule's shift, (0, 100]; given alone it selects shifted"},
+    {"seed", "seed=7", "seed of the sampler and of the noise: the same job and seed give the same answer"},
+    {"deadline_s", "deadline_s=600", "seconds from now: a job not started by then expires, a running one stops"},
+    {"max_attempts", "max_attempts=3", "deliveries before the job is dead-lettered; 0 is the worker's default"},
+    {"result_ttl_s", "result_ttl_s=3600", "seconds the result, events and images are kept; 0 is the worker's default"},
+    {"inline_images", "inline_images=true", "the Result protobuf carries the PNG bytes too"},
+    {"meta.<key>", "meta.user=ann", "free-form metadata, echoed into the job hash"},
+};
 
 static const char *prefix = "duogen";
 static dg_redis R;
@@ -196,11 +220,16 @@ static void set_param(job_builder *b, const char *kv) {
         e->value = strdup(v);
         b->meta = realloc(b->meta, (b->n_meta + 1) * sizeof *b->meta);
         b->meta[b->n_meta++] = e;
-    } else die(EXIT_USAGE, "--param %s: unknown (" PARAM_KEYS ")", k);
+    } else {
+        fprintf(stderr, "duogenctl: --param %s: unknown; the keys:", k);
+        for (size_t i = 0; i < N_OF(params); i++) fprintf(stderr, " %s", params[i].key);
+        fputc('\n', stderr);
+        exit(EXIT_USAGE);
+    }
 }
 
 static int follow(const char *id, int show_text);
-static int write_result(const char *id, const char *out_dir, int print);
+static int write_result(const char *id, const char *out_dir, const char *html_dir, int print);
 
 /* A job file (JSON): {"id", "system", "text", "images": [paths relative to the file],
  * "params": {KEY: VALUE} with the keys of --param}. Returns the parsed document, which
@@ -291,6 +320,9 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
     }
     if (!o->tl && !o->n_images) die(EXIT_USAGE, "enqueue: no text and no image");
     if (!o->id[0]) new_job_id(o->id, sizeof o->id);
+    /* a worker would refuse it under an id of its own, and --wait would wait for nothing */
+    if (!dg_job_id_valid(o->id, strlen(o->id)))
+        die(EXIT_USAGE, "enqueue: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", o->id);
 }
 
 /* A Job's messages: the system text (if any), then one user message of the images and the
@@ -391,7 +423,7 @@ static int cmd_enqueue(int argc, char **argv) {
         return 0;
     }
     int rc = follow(o.id, 1);
-    int rc2 = write_result(o.id, o.out_dir, 0);
+    int rc2 = write_result(o.id, o.out_dir, NULL, 0);
     json_decref(o.job_file);
     return rc ? rc : rc2;
 }
@@ -514,9 +546,94 @@ static int follow(const char *id, int show_text) {
 
 /* ---- results ---------------------------------------------------------------------------------- */
 
-/* answer.md with each duogen:image:<id>:<n> link replaced by its file, and the PNGs. */
-static int write_result(const char *id, const char *out_dir, int print) {
-    char k_result[512];
+/* A file's bytes (malloc'd), or NULL with *len 0 when it cannot be read. */
+static uint8_t *slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    uint8_t *buf = NULL;
+    long n = f && !fseek(f, 0, SEEK_END) ? ftell(f) : -1;
+    *len = 0;
+    if (n > 0 && !fseek(f, 0, SEEK_SET) && (buf = malloc((size_t)n)) && fread(buf, 1, (size_t)n, f) == (size_t)n)
+        *len = (size_t)n;
+    if (f) fclose(f);
+    if (!*len) {
+        free(buf);
+        buf = NULL;
+    }
+    return buf;
+}
+
+/* The answer's images in order, from its Result: each one's URL in the Markdown (its key, or
+ * its path when the worker wrote it to a file) and its bytes (inline in the Result, else the
+ * file, else GET of the key; NULL, with a warning, when they are gone). Returns a calloc'd
+ * array of *n, the URLs borrowed from res and the bytes owned (free_images frees both). */
+static dg_html_image *fetch_images(const Duogen__V1__Result *res, int *n) {
+    dg_html_image *imgs = calloc(res->n_output + 1, sizeof *imgs);
+    if (!imgs) die(EXIT_IO, "out of memory");
+    *n = 0;
+    for (size_t i = 0; i < res->n_output; i++) {
+        const Duogen__V1__Image *im = res->output[i]->kind_case == DUOGEN__V1__PART__KIND_IMAGE ? res->output[i]->image : NULL;
+        if (!im) continue;
+        dg_html_image *out = &imgs[(*n)++];
+        int from_file = im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH && im->path[0];
+        uint8_t *bytes = NULL;
+        size_t len = 0;
+        out->url = from_file ? im->path : im->key;
+        if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_DATA && im->data.len) {
+            if ((bytes = malloc(im->data.len))) memcpy(bytes, im->data.data, len = im->data.len);
+        } else if (from_file) {
+            bytes = slurp(im->path, &len);
+        } else {
+            redisReply *rep = cmd(dg_cmd_of("GET", im->key, NULL));
+            if (rep->type == REDIS_REPLY_STRING && (bytes = malloc(rep->len))) memcpy(bytes, rep->str, len = rep->len);
+            freeReplyObject(rep);
+        }
+        if (!bytes) fprintf(stderr, "duogenctl: image %d (%s) is gone\n", *n, out->url);
+        out->png = bytes;
+        out->len = len;
+    }
+    return imgs;
+}
+
+static void free_images(dg_html_image *imgs, int n) {
+    for (int i = 0; i < n; i++) free((uint8_t *)imgs[i].png);
+    free(imgs);
+}
+
+/* DIR/answer.md with each image's link replaced by its file image-<n>.png, and the PNGs. */
+static void write_markdown(const char *dir, const char *text, const dg_html_image *imgs, int n_images) {
+    char path[4096];
+    if (mkdir(dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", dir, strerror(errno));
+    snprintf(path, sizeof path, "%s/answer.md", dir);
+    FILE *md = fopen(path, "w");
+    if (!md) die(EXIT_IO, "cannot write \"%s\"", path);
+    for (const char *p = text; *p;) {
+        const char *hit = NULL;
+        int n = 0;
+        for (int i = 0; i < n_images; i++) {   /* the earliest link; of :1 and :10 there, :10 */
+            const char *h = imgs[i].url[0] ? strstr(p, imgs[i].url) : NULL;
+            if (h && (!hit || h < hit || (h == hit && strlen(imgs[i].url) > strlen(imgs[n - 1].url)))) {
+                hit = h;
+                n = i + 1;
+            }
+        }
+        if (!hit) { fputs(p, md); break; }
+        fwrite(p, 1, (size_t)(hit - p), md);
+        fprintf(md, "image-%d.png", n);
+        p = hit + strlen(imgs[n - 1].url);
+    }
+    if (fclose(md)) die(EXIT_IO, "cannot write \"%s\"", path);
+    for (int i = 0; i < n_images; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "image-%d.png", i + 1);
+        if (imgs[i].png) write_file(dir, name, imgs[i].png, imgs[i].len);
+    }
+    fprintf(stderr, "wrote %s/answer.md and %d image(s)\n", dir, n_images);
+}
+
+/* Prints the result (print), and writes it as Markdown and PNGs into out_dir and as one HTML
+ * page into html_dir (either may be NULL). Returns 0 when the job is done, else EXIT_JOB. */
+static int write_result(const char *id, const char *out_dir, const char *html_dir, int print) {
+    char k_result[512], err[1024];
     key(k_result, sizeof k_result, "result", id);
     redisReply *h = cmd(dg_cmd_of("HGETALL", k_result, NULL));
     if (h->elements == 0) {
@@ -531,40 +648,19 @@ static int write_result(const char *id, const char *out_dir, int print) {
         if (*hstr(h, "error")) printf("error: %s: %s\n", hstr(h, "error_code"), hstr(h, "error"));
         printf("images: %s\n\n%s\n", hstr(h, "images"), text);
     }
-    if (out_dir) {
-        if (mkdir(out_dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", out_dir, strerror(errno));
-        char link_prefix[512];
-        key(link_prefix, sizeof link_prefix, "image", id);
-        size_t lp = strlen(link_prefix);
-        FILE *md;
-        char path[4096];
-        snprintf(path, sizeof path, "%s/answer.md", out_dir);
-        if (!(md = fopen(path, "w"))) die(EXIT_IO, "cannot write \"%s\"", path);
-        const char *p = text;
-        int n_images = atoi(hstr(h, "images"));
-        while (*p) {
-            const char *hit = strstr(p, link_prefix);
-            if (!hit) { fputs(p, md); break; }
-            fwrite(p, 1, (size_t)(hit - p), md);
-            int n = atoi(hit + lp + 1);
-            fprintf(md, "image-%d.png", n);
-            p = hit + lp + 1;
-            while (*p >= '0' && *p <= '9') p++;
-        }
-        fclose(md);
-        for (int i = 1; i <= n_images; i++) {
-            char k_img[600], name[64];
-            snprintf(k_img, sizeof k_img, "%s:%d", link_prefix, i);
-            redisReply *img = cmd(dg_cmd_of("GET", k_img, NULL));
-            if (img->type == REDIS_REPLY_STRING) {
-                snprintf(name, sizeof name, "image-%d.png", i);
-                write_file(out_dir, name, img->str, img->len);
-            } else {
-                fprintf(stderr, "duogenctl: %s has expired\n", k_img);
-            }
-            freeReplyObject(img);
-        }
-        fprintf(stderr, "wrote %s/answer.md and %d image(s)\n", out_dir, n_images);
+    if (out_dir || html_dir) {
+        const redisReply *pb = hfield(h, "pb");
+        Duogen__V1__Result *res = pb && pb->type == REDIS_REPLY_STRING
+                                  ? duogen__v1__result__unpack(NULL, pb->len, (const uint8_t *)pb->str) : NULL;
+        if (!res) die(EXIT_IO, "%s: its pb field is not a Result", k_result);
+        int n_images;
+        dg_html_image *imgs = fetch_images(res, &n_images);
+        if (out_dir) write_markdown(out_dir, text, imgs, n_images);
+        if (html_dir && dg_html_write_answer(html_dir, id, text, imgs, n_images, res, err, sizeof err))
+            die(EXIT_IO, "%s", err);
+        if (html_dir) fprintf(stderr, "wrote %s/index.html\n", html_dir);
+        free_images(imgs, n_images);
+        duogen__v1__result__free_unpacked(res, NULL);
     }
     freeReplyObject(h);
     return rc;
@@ -572,7 +668,9 @@ static int write_result(const char *id, const char *out_dir, int print) {
 
 /* ---- stats, dead, cancel ------------------------------------------------------------------------ */
 
-static int cmd_stats(void) {
+static int cmd_stats(int argc, char **argv) {
+    (void)argv;
+    if (argc) return -1;
     const char *names[2] = {"jobs", "jobs:high"};
     for (int s = 0; s < 2; s++) {
         char k[512];
@@ -675,16 +773,156 @@ static int cmd_dead(int argc, char **argv) {
     return 0;
 }
 
-static int usage(void) {
-    fprintf(stderr,
-            "usage: duogenctl [--redis URL] [--password-file F] [--prefix P] COMMAND\n"
-            "  enqueue [--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high]\n"
-            "          [--wait] [--out DIR] TEXT...\n"
-            "  watch ID\n  result ID [--out DIR]\n  cancel ID\n  stats\n"
-            "  dead [list [--count N] | requeue ID... | requeue --all]\n"
-            "--param keys (a key not given takes the package's default; a key given, 0 included, is used):\n"
-            "  " PARAM_KEYS "\n");
-    return EXIT_USAGE;
+static int cmd_watch(int argc, char **argv) {
+    if (argc != 1) return -1;
+    return follow(argv[0], 0);
+}
+
+static int cmd_result(int argc, char **argv) {
+    const char *out = NULL, *html = NULL;
+    if (argc < 1) return -1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else if (!strcmp(argv[i], "--html") && i + 1 < argc) html = argv[++i];
+        else return -1;
+    }
+    return write_result(argv[0], out, html, 1);
+}
+
+static int cmd_cancel(int argc, char **argv) {
+    char k[512];
+    if (argc != 1) return -1;
+    key(k, sizeof k, "cancel", argv[0]);
+    freeReplyObject(cmd(dg_cmd_of("SET", k, "1", "EX", "86400", NULL)));
+    printf("cancel requested for %s\n", argv[0]);
+    return 0;
+}
+
+static int cmd_top(int argc, char **argv) {
+    double interval = 1;
+    int once = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--interval") && i + 1 < argc) interval = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--once")) once = 1;
+        else return -1;
+    }
+    if (!(interval >= 0.05 && interval <= 3600)) die(EXIT_USAGE, "top: --interval is seconds, 0.05 .. 3600");
+    char where[300];   /* never the URL: it may hold a password */
+    if (R.unix_path[0]) snprintf(where, sizeof where, "%s", R.unix_path);
+    else snprintf(where, sizeof where, "%s:%d/%d", R.host, R.port, R.db);
+    return dg_top_run(&R, prefix, where, (int)(interval * 1000), once);
+}
+
+/* The commands: main() dispatches through this table; --help and duogenctl(1) are written
+ * from it. `run` gets the words after the command's name and returns an exit status, or -1
+ * when they do not fit `args` (the usage, exit 2). */
+static const struct command {
+    const char *name, *args, *help;
+    int (*run)(int argc, char **argv);
+} commands[] = {
+    {"enqueue", "[--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high] "
+     "[--wait] [--out DIR] TEXT...",
+     "Put a job on the queue (duogen:jobs, or duogen:jobs:high with --high) and print its id (default "
+     "job-<unix ms>-<4 hex digits>). The words TEXT are the user's message, the --image files (PNG or JPEG) "
+     "come before it, --system is a system message. --job FILE reads a JSON job file: {\"id\", \"system\", "
+     "\"text\", \"images\": [paths relative to the file], \"params\": {KEY: VALUE}}; options after it override "
+     "it. --param sets one job parameter (PARAMETERS). --wait follows the job, printing its text as it comes "
+     "with a progress bar while images are drawn, and exits with the job's status; --out DIR implies --wait "
+     "and writes the answer there as result --out does.",
+     cmd_enqueue},
+    {"watch", "ID", "Follow a job's events from its start until it ends, one line per event.", cmd_watch},
+    {"result", "ID [--out DIR] [--html DIR]",
+     "Print a job's status, error and text. --out DIR writes DIR/answer.md, the Markdown answer with each "
+     "image link pointing at its file, and the images as DIR/image-N.png. --html DIR writes DIR/index.html, "
+     "one self-contained page: the answer's Markdown rendered (raw HTML in it is dropped), each image in "
+     "place as a data: URI, then the status, the timings of each phase and the usage.",
+     cmd_result},
+    {"cancel", "ID", "Ask the worker to stop the job at its next step; it ends as cancelled.", cmd_cancel},
+    {"stats", "", "Print each queue stream's length, its group's pending entries and lag, the live workers "
+     "(state, counts, heartbeat age, job), and the dead-letter and done counts.", cmd_stats},
+    {"top", "[--interval S] [--once]",
+     "A live view of the fleet, redrawn every S seconds (default 1) until q or Ctrl-C: each queue stream's "
+     "length with its group's pending entries and lag; the jobs finished in the last minute by status and "
+     "the dead letters; each live worker with its state, heartbeat age and counts, and each job it runs with "
+     "its phase, progress, tokens, images and denoising step. --once prints one view as plain lines.",
+     cmd_top},
+    {"dead", "[list [--count N] | requeue ID... | requeue --all]",
+     "List the dead letters, newest first (20 unless --count), or put dead jobs back on duogen:jobs, "
+     "deleting their failed result so that they run again.",
+     cmd_dead},
+};
+
+static const struct global_option {
+    const char *name, *arg, *help;
+} global_options[] = {
+    {"--redis", "URL", "redis://[user@]host:port/db or unix:///path; default $DUOGEN_REDIS, else "
+     "redis://127.0.0.1:6379/0"},
+    {"--password-file", "FILE", "file whose first line is the Redis password"},
+    {"--prefix", "PREFIX", "the workers' key prefix (default duogen)"},
+};
+
+static int usage(FILE *out) {
+    fprintf(out, "usage: duogenctl [OPTION]... COMMAND [ARG]...\n\noptions:\n");
+    for (size_t i = 0; i < N_OF(global_options); i++) {
+        char opt[64];
+        snprintf(opt, sizeof opt, "%s %s", global_options[i].name, global_options[i].arg);
+        fprintf(out, "  %-22s %s\n", opt, global_options[i].help);
+    }
+    fprintf(out, "\ncommands:\n");
+    for (size_t i = 0; i < N_OF(commands); i++)
+        fprintf(out, "  %s%s%s\n", commands[i].name, commands[i].args[0] ? " " : "", commands[i].args);
+    fprintf(out, "\n--param keys (a key not given takes the package's default; a key given, 0 included, is used):\n");
+    for (size_t i = 0; i < N_OF(params); i++) fprintf(out, "  %-20s %s\n", params[i].key, params[i].help);
+    fprintf(out, "\nduogenctl(1) says more.\n");
+    return out == stdout ? 0 : EXIT_USAGE;
+}
+
+/* duogenctl(1) in roff, from the three tables. */
+static int write_manual(FILE *out) {
+    dg_man_head(out, "duogenctl", "1", "put jobs on duogen queues, follow them, read their results");
+    fputs(".SH SYNOPSIS\n.B duogenctl\n[\\fIoption\\fR]... \\fIcommand\\fR [\\fIarg\\fR]...\n"
+          ".SH DESCRIPTION\n.B duogenctl\nis the command-line producer and monitor of a duogen fleet: it "
+          "speaks the protocol of\n.BR duogend (8)\nthrough Redis, as a producer in any language does "
+          "(examples/producers/ in the sources).\n.SH OPTIONS\n", out);
+    for (size_t i = 0; i < N_OF(global_options); i++) {
+        fputs(".TP\n\\fB", out);
+        dg_man_text(out, global_options[i].name);
+        fputs("\\fR \\fI", out);
+        dg_man_text(out, global_options[i].arg);
+        fputs("\\fR\n", out);
+        dg_man_text(out, global_options[i].help);
+        fputc('\n', out);
+    }
+    fputs(".SH COMMANDS\n", out);
+    for (size_t i = 0; i < N_OF(commands); i++) {
+        fputs(".TP\n\\fB", out);
+        dg_man_text(out, commands[i].name);
+        fputs("\\fR ", out);
+        dg_man_text(out, commands[i].args);
+        fputc('\n', out);
+        dg_man_text(out, commands[i].help);
+        fputc('\n', out);
+    }
+    fputs(".SH PARAMETERS\nThe keys of \\fBenqueue \\-\\-param\\fR \\fIkey\\fB=\\fIvalue\\fR and of a job "
+          "file's \\fBparams\\fR. A key not given takes the model package's default; a key given is used "
+          "as it is, 0 included. A value out of range fails the job with an error naming the field.\n", out);
+    for (size_t i = 0; i < N_OF(params); i++) {
+        fputs(".TP\n\\fB", out);
+        dg_man_text(out, params[i].key);
+        fputs("\\fR\n", out);
+        dg_man_text(out, params[i].help);
+        fputs(" (e.g. \\fB", out);
+        dg_man_text(out, params[i].example);
+        fputs("\\fR)\n", out);
+    }
+    fputs(".SH ENVIRONMENT\n.TP\n\\fBDUOGEN_REDIS\\fR\nThe Redis URL when \\fB\\-\\-redis\\fR is not given.\n"
+          ".SH EXIT STATUS\n.TP\n\\fB0\\fR\nSuccess; for \\fBresult\\fR and \\fB\\-\\-wait\\fR, the job is done.\n"
+          ".TP\n\\fB1\\fR\nThe job failed, was cancelled or expired, or has no result yet.\n"
+          ".TP\n\\fB2\\fR\nA usage error.\n.TP\n\\fB3\\fR\nRedis or a file could not be read or written.\n"
+          ".SH EXAMPLES\n.EX\nduogenctl enqueue \\-\\-image photo.jpg \\-\\-param max_images=2 \\e\n"
+          "    \\-\\-out out \"How do I make this soup?\"\nduogenctl stats\n.EE\n"
+          ".SH SEE ALSO\n.BR duogend (8),\n.BR duogend.conf (5),\n.BR redis\\-cli (1)\n", out);
+    return fflush(out) ? EXIT_IO : 0;
 }
 
 int main(int argc, char **argv) {
@@ -698,29 +936,21 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--password-file") && i + 1 < argc)
             snprintf(cfg.password_file, sizeof cfg.password_file, "%s", argv[++i]);
         else if (!strcmp(argv[i], "--prefix") && i + 1 < argc) prefix = argv[++i];
-        else return usage();
+        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage(stdout);
+        else if (!strcmp(argv[i], "--man")) return write_manual(stdout);   /* hidden: the build's */
+        else return usage(stderr);
     }
-    if (i >= argc) return usage();
+    const struct command *c = NULL;
+    for (size_t k = 0; i < argc && k < N_OF(commands); k++)
+        if (!strcmp(argv[i], commands[k].name)) c = &commands[k];
+    if (!c) return usage(stderr);
     char err[512];
     if (dg_redis_init(&R, &cfg, "duogenctl", 10000, err, sizeof err)) die(EXIT_USAGE, "%s", err);
-    const char *c = argv[i++];
-    int n = argc - i;
-    char **rest = argv + i;
-    int rc;
-    if (!strcmp(c, "enqueue")) rc = cmd_enqueue(n, rest);
-    else if (!strcmp(c, "watch") && n == 1) rc = follow(rest[0], 0);
-    else if (!strcmp(c, "result") && n >= 1) {
-        const char *out = n == 3 && !strcmp(rest[1], "--out") ? rest[2] : NULL;
-        rc = write_result(rest[0], out, 1);
-    } else if (!strcmp(c, "cancel") && n == 1) {
-        char k[512];
-        key(k, sizeof k, "cancel", rest[0]);
-        freeReplyObject(cmd(dg_cmd_of("SET", k, "1", "EX", "86400", NULL)));
-        printf("cancel requested for %s\n", rest[0]);
-        rc = 0;
-    } else if (!strcmp(c, "stats") && n == 0) rc = cmd_stats();
-    else if (!strcmp(c, "dead")) rc = cmd_dead(n, rest);
-    else rc = usage();
+    int rc = c->run(argc - i - 1, argv + i + 1);
     dg_redis_close(&R);
+    if (rc < 0) {
+        fprintf(stderr, "usage: duogenctl [OPTION]... %s %s\n", c->name, c->args);
+        rc = EXIT_USAGE;
+    }
     return rc;
 }
