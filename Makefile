@@ -192,7 +192,7 @@ $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
 # duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects),
 # checks job ids by the workers' rule (job.c) and writes its manual page with manpage.c
 $(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \
-                   $(BUILD)/obj/daemon/manpage.o $(BUILD)/obj/daemon/job.o
+                   $(BUILD)/obj/daemon/manpage.o $(BUILD)/obj/daemon/job.o $(BUILD)/obj/daemon/outdir.o
 # result --html renders the answer's Markdown with cmark (tools/duogenctl/html.c)
 $(BUILD)/duogenctl: LDLIBS += $(shell pkg-config --libs libcmark 2>/dev/null)
 $(BUILD)/obj/tools/duogenctl/html.o: CFLAGS += $(shell pkg-config --cflags libcmark 2>/dev/null)
@@ -230,7 +230,7 @@ FUZZ_SECONDS ?= 30
 FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
                -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
 # a target may name more sources: FUZZ_EXTRA_<name>
-FUZZ_EXTRA_job := daemon/job.c daemon/redis.c daemon/log.c daemon/daemon_config.c
+FUZZ_EXTRA_job := daemon/job.c daemon/outdir.c daemon/redis.c daemon/log.c daemon/daemon_config.c
 $(BUILD)/fuzz/fuzz_%: tests/fuzz_%.c $(ENGINE_SRC) $(PROTO_C)
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -fopenmp -o $@ $< $(FUZZ_EXTRA_$*) $(ENGINE_SRC) $(PROTO_C) $(LDLIBS)
