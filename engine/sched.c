@@ -177,6 +177,7 @@ void dg_sched_free(dg_sched *s) {
     if (s->normed) s->be->release(s->be, s->normed);
     free(s->cond_store);
     dg_latent_cache_free(s->lcache);
+    if (m->has_draw) dg_dit_state_free(&m->dit, s->dit);
     dg_vision_cache_free(s->vcache);
     dg_vision_state_free(&m->vision, s->vs);
     dg_qwen2_state_free(&m->llm, s->st);
@@ -366,80 +367,6 @@ fail:
     return rc;
 }
 
-/* ---- drawing: the scheduler's side of an image ---------------------------------------------- */
-
-/* On a sampled <BOV>: the slot's painter begins the image (state SEQ_DRAW), or 1 when the
- * context has no room for <BOV>, the image's tokens and one more token. */
-static int draw_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
-    const dg_model *m = s->m;
-    int32_t grid[3];
-    int rc;
-    if ((rc = dg_image_grid(q->ip.height, q->ip.width, &m->pp, grid, err, errlen)) < 0) return rc;
-    int tokens = dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
-    if (q->n_images == DG_SEQ_MAX_IMAGES || q->kv.n_tokens + tokens + 4 >= m->max_context) return 1;
-    /* The negative condition drops the last text segment, the positions after the most
-     * recent image; with no earlier image the whole conversation is that segment, and
-     * the negative keeps only the first position, the way an empty prompt is the
-     * unconditional branch of text-to-image guidance. */
-    dg_painter_cond conds[DG_SEQ_MAX_IMAGES];
-    int seg = 0;
-    for (int i = 0; i < q->n_images; i++) {
-        int end = q->images[i].token0 + q->images[i].n_tokens + 1;   /* after <|vision_end|> */
-        if (end > seg) seg = end;
-        conds[i] = (dg_painter_cond){q->images[i].img, &q->images[i].hash};
-    }
-    dg_painter_job job = {.acc = q->acc, .n_pos = q->kv.n_tokens, .n_neg = seg > 0 ? seg : 1, .conds = conds,
-                          .n_conds = q->n_images, .lcache = s->lcache, .seed = q->seed, .index = q->n_drawn,
-                          .params = q->ip};
-    if ((rc = dg_painter_begin(q->painter, &job, err, errlen)) < 0) return rc;
-    q->state = SEQ_DRAW;
-    q->sink.image_started(q->sink.user, q->n_drawn + 1, q->ip.width, q->ip.height, q->ip.steps);
-    return 0;
-}
-
-/* What the image in progress cost, into the sequence's timings and usage: once, when the
- * image ends or the sequence ends while drawing. */
-static void draw_account(dg_seq *q) {
-    dg_painter_cost c;
-    dg_painter_cost_get(q->painter, &c);
-    q->t.diffusion_ms += c.diffusion_ms;
-    q->t.vae_ms += c.vae_ms;
-    q->usage.cached_latents += c.cached_latents;
-    q->usage.dit_forwards += c.dit_forwards;
-}
-
-/* The drawn image as a PNG (with the job id, seed and model in text chunks) to the sink. */
-static int send_png(dg_sched *s, dg_seq *q, const dg_image *img, char *err, size_t errlen) {
-    char seed[32];
-    snprintf(seed, sizeof seed, "%llu", (unsigned long long)q->seed);
-    dg_kv text[3] = {{"duogen:job", q->job_id}, {"duogen:seed", seed}, {"duogen:model", dg_model_describe(s->m)}};
-    uint8_t *png = NULL;
-    size_t png_len = 0;
-    int rc = dg_image_encode_png(img, text, 3, &png, &png_len, err, errlen);
-    if (rc < 0) return rc;
-    q->n_drawn++;
-    q->sink.image_done(q->sink.user, q->n_drawn, img->width, img->height, png, png_len);
-    free(png);
-    return 0;
-}
-
-/* One denoising step of the image in progress; after the last, the image is finished, sent
- * and becomes the sequence's feed (state SEQ_PREFILL), which this step's forward begins. */
-static int draw_step(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
-    int step = dg_painter_step(q->painter, err, errlen);
-    if (step < 0) return step;
-    q->sink.step(q->sink.user, q->n_drawn + 1, step, q->ip.steps);
-    if (step < q->ip.steps) return 0;
-    q->state = SEQ_DECODE;
-    dg_seq_image *im = &q->images[q->n_images];
-    int rc = dg_painter_finish(q->painter, &im->img, &im->hash, err, errlen);
-    draw_account(q);
-    if (rc < 0) return rc;
-    q->n_images++;
-    if ((rc = send_png(s, q, im->img, err, errlen)) < 0) return rc;
-    return dg_sched_feed_image(s, q, err, errlen);
-}
-
 /* ---- stepping ------------------------------------------------------------------------------ */
 
 static void emit_text(void *user, const char *text, size_t len) {
@@ -454,7 +381,7 @@ static void finish(dg_sched *s, dg_seq *q, dg_finish_reason why, int flush) {
     size_t n = dg_tok_stream_finish(&q->stream, tail);
     if (flush && !(n && dg_stop_feed(q->stop, tail, n, emit_text, q)))
         dg_stop_flush(q->stop, emit_text, q);
-    if (q->state == SEQ_DRAW) draw_account(q);   /* cancelled or past the deadline while drawing */
+    if (q->state == SEQ_DRAW) dg_sched_draw_account(q);   /* cancelled or past the deadline while drawing */
     q->usage.generated_tokens = q->generated;
     q->usage.images = q->n_drawn;
     q->t.total_ms = dg_clock_now_ms() - q->t_submit;
@@ -483,7 +410,7 @@ static int take_token(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     int32_t tok = q->last;
     int rc;
     if (tok == m->bov_id) {
-        if ((rc = draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
+        if ((rc = dg_sched_draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
         return rc < 0 ? rc : 0;
     }
     if (is_stop_token(m, tok)) { finish(s, q, DG_FINISH_STOP, 1); return 0; }
@@ -519,13 +446,16 @@ int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
         if (q->state == SEQ_FREE) continue;
         if (q->cancelled) finish(s, q, DG_FINISH_CANCELLED, 1);
         else if (q->deadline_ms && unix_ms() >= q->deadline_ms) finish(s, q, DG_FINISH_DEADLINE, 1);
-        else if (q->state == SEQ_DRAW && (rc = draw_step(s, q, msg, sizeof msg)) < 0 &&
-                 (rc = seq_problem(s, q, rc, msg, err, errlen)) < 0)
-            return rc;
     }
+    if (dg_sched_draw(s) > 0)
+        for (int i = 0; i < s->n_seqs; i++)
+            if (s->seqs[i].state != SEQ_FREE && s->seqs[i].step_rc &&
+                (rc = seq_problem(s, &s->seqs[i], s->seqs[i].step_rc, s->seqs[i].step_err, err, errlen)) < 0)
+                return rc;
     if ((rc = dg_sched_forward(s, err, errlen)) < 0) return rc;
     for (int i = 0; i < s->n_seqs; i++) {
         dg_seq *q = &s->seqs[i];
+        rc = 0;
         if (q->state == SEQ_FREE) continue;
         if (q->step_rc) rc = seq_problem(s, q, q->step_rc, q->step_err, err, errlen);
         else if (q->sampled && (rc = take_token(s, q, msg, sizeof msg)) < 0) rc = seq_problem(s, q, rc, msg, err, errlen);

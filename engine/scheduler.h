@@ -71,7 +71,9 @@ typedef struct dg_seq {
     int32_t      *image_pos;     /* owned [3, feed_n] */
     uint64_t     *image_keys;    /* owned [feed_n] */
 
-    /* this step's outcome of the decoder forward (sched_feed.c), for sched.c */
+    /* this step's outcome of the drawing and the decoder forward (sched_draw.c,
+     * sched_feed.c), for sched.c */
+    int           draw_due;      /* a drawing sequence whose denoising step is still to come */
     int           sampled;       /* q->last is a newly sampled token, not yet handled */
     int           step_rc;       /* a failure of this sequence: negative DG_E*, with step_err */
     char          step_err[256];
@@ -120,9 +122,25 @@ struct dg_sched {
                                     one at a time; another that needs rows waits for it */
     /* images out */
     dg_latent_cache *lcache;     /* owned */
+    dg_dit_state    *dit;        /* owned, or NULL: the DiT state shared by the images of one
+                                    layout stepped together (sched_draw.c) */
+    int              dit_tokens, dit_ctx;   /* what it holds: tokens and context rows */
     float           *normed;     /* backend [DG_SCHED_CHUNK, D]: the last layer after model.norm */
     float           *cond_store; /* host [n_blocks, DG_KV_BLOCK, d_cond]: condition rows by KV block */
 };
+
+/* ---- sched_draw.c: the drawing side of a step ---- */
+
+/* On a sampled <BOV>: the slot's painter begins the image (state SEQ_DRAW, the event
+ * sent), or 1 when the context has no room for <BOV>, the image's tokens and one more. */
+int  dg_sched_draw_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen);
+/* One denoising step of every drawing sequence (images of one layout in one forward). A
+ * sequence whose image ended is fed next (state SEQ_PREFILL); one that failed has q->step_rc
+ * and q->step_err. Returns the number of sequences that drew. */
+int  dg_sched_draw(dg_sched *s);
+/* What the image in progress cost, into the sequence's timings and usage: once, when the
+ * image ends or the sequence ends while drawing. */
+void dg_sched_draw_account(dg_seq *q);
 
 /* ---- sched_feed.c: the decoder's side of a step ---- */
 

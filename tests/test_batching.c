@@ -5,11 +5,13 @@
  * prompt of several chunks, input images (two jobs share one picture), images drawn, a
  * prefix-cache hit (a job submitted once another's system prompt is in the KV blocks), a
  * job cancelled while the others run (its text is a prefix of its alone answer), greedy
- * and seeded sampling.
+ * and seeded sampling, and two images of one layout drawn at the same time (one DiT forward
+ * for both, each with its two guidance branches).
  *
- * Equality is exact (bytes): on the CPU every row of a forward is the same bits whatever
- * rows are stacked beside it (backend.h matmul; the attention reads each sequence's own
- * blocks), so a token, a condition row and a picture do not depend on the batch. */
+ * Equality is exact (bytes), for the text and for the pictures: on the CPU every row of a
+ * forward is the same bits whatever rows are stacked beside it (backend.h matmul; the
+ * attention reads each sequence's own blocks, the DiT's each input's own tokens), so a
+ * token, a condition row and a picture do not depend on the batch. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +20,7 @@
 #include "common/jobs.h"
 #include "common/package.h"
 #include "duogen.h"
+#include "scheduler.h"
 
 #define N_JOBS 8
 
@@ -91,8 +94,8 @@ TEST(batching_eight_jobs_answer_as_each_alone) {
     job(&J[3], "b-3", NULL, b, lb, "Draw it on a blue plate.", 10, 100.0f, 1);
     job(&J[4], "b-4", SYSTEM, a, la, "And how long do the noodles take?", 16, 0, 1);   /* prefix hit */
     job(&J[5], "b-5", NULL, NULL, 0, "Tell me everything about knives.", 40, 0, 1);  /* cancelled */
-    job(&J[6], "b-6", NULL, NULL, 0, "Draw a pancake.", 8, 8.0f, 0);                  /* sampled */
-    job(&J[7], "b-7", NULL, NULL, 0, "Hi.", 3, 0, 1);
+    job(&J[6], "b-6", NULL, NULL, 0, "Draw a pancake.", 8, 100.0f, 0);                /* sampled */
+    job(&J[7], "b-7", NULL, NULL, 0, "Draw a bowl.", 3, 100.0f, 1);
 
     /* alone: each on a fresh scheduler of one sequence; the steps they take in all */
     test_job alone[N_JOBS] = {0};
@@ -147,7 +150,10 @@ TEST(batching_eight_jobs_answer_as_each_alone) {
     CHECK(batched[5].len < alone[5].len && memcmp(batched[5].text, alone[5].text, batched[5].len) == 0);
     CHECK(batched[4].usage.cached_prompt_tokens > 0);
     CHECK_EQ_INT(alone[4].usage.cached_prompt_tokens, 0);
-    CHECK_EQ_INT(batched[3].n_png, 1);
+    CHECK(batched[3].n_png == 1 && batched[6].n_png == 1 && batched[7].n_png == 1);
+    /* jobs 6 and 7 drew images of one layout at the same time: in one DiT forward, on the
+     * scheduler's shared state (job 3's, with a condition frame, is another layout) */
+    CHECK(s->dit != NULL && s->dit_tokens >= 4 * 6);   /* 2 images x 2 branches x 6 tokens (4x6 latents) */
     /* the jobs went together: far fewer steps than one after another */
     printf("  %d steps batched, %d alone; job 4 reused %lld prompt tokens; images drawn:", steps, steps_alone,
            (long long)batched[4].usage.cached_prompt_tokens);
