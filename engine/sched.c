@@ -70,19 +70,34 @@ static void default_cache_budgets(const dg_model *m, size_t *vision_bytes, size_
     }
 }
 
+/* max_inflight 0 (docs/DESIGN.md §6 "Batching"): as many sequences as the memory holds,
+ * each at its full context with as much KV again for cached prefixes and its condition
+ * rows: the KV budget's worth when one is set, else half the backend's free memory (the
+ * other half for the forwards' and the painters' scratch and the other caches); at least
+ * 1, at most DG_SCHED_AUTO_INFLIGHT. */
+static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget, size_t block_bytes, int per_seq) {
+    size_t seq_kv = 2 * (size_t)per_seq * block_bytes;
+    size_t cond = m->has_draw ? 3 * (size_t)m->max_context * (size_t)m->conn.d_cond * sizeof(float) : 0;
+    size_t budget = kv_budget, per = kv_budget ? seq_kv : seq_kv + cond;
+    if (!budget) budget = be->memory_free ? be->memory_free(be) / 2 : 0;
+    size_t n = budget / per;
+    return n < 1 ? 1 : n > DG_SCHED_AUTO_INFLIGHT ? DG_SCHED_AUTO_INFLIGHT : (int)n;
+}
+
 int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen) {
     *out = NULL;
     dg_sched *s = calloc(1, sizeof *s);
     if (!s) return DG_ENOMEM;
     s->m = m;
     s->o = o ? *o : (dg_sched_opts){0};
-    if (s->o.max_inflight <= 0) s->o.max_inflight = 1;
     const dg_text_config *c = &m->cfg.text;
     size_t kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
     size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * DG_KV_BLOCK * sizeof(float);
+    int per_seq = (m->max_context + DG_KV_BLOCK - 1) / DG_KV_BLOCK;
+    if (s->o.max_inflight <= 0)
+        s->o.max_inflight = default_inflight(m, m->be, s->o.kv_cache_bytes, block_bytes, per_seq);
     /* room for every sequence at full context, plus as much again for cached prefixes,
      * unless the caller set a budget */
-    int per_seq = (m->max_context + DG_KV_BLOCK - 1) / DG_KV_BLOCK;
     int n_blocks = s->o.kv_cache_bytes ? (int)(s->o.kv_cache_bytes / block_bytes) : 2 * per_seq * s->o.max_inflight;
     int rc = DG_ENOMEM;
     if (n_blocks < per_seq) {

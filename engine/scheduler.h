@@ -20,6 +20,7 @@
                                     together, beside one row per decoding sequence
                                     (docs/DESIGN.md §6 "Batching") */
 #define DG_SEQ_MAX_IMAGES  32    /* input and generated images of one sequence */
+#define DG_SCHED_AUTO_INFLIGHT 16 /* the most sequences max_inflight 0 gives */
 
 typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE, SEQ_DRAW } dg_seq_state;
 

@@ -20,6 +20,7 @@
 #include "common/jobs.h"
 #include "common/package.h"
 #include "duogen.h"
+#include "model.h"
 #include "scheduler.h"
 
 #define N_JOBS 8
@@ -170,6 +171,101 @@ out:
     free(a);
     free(b);
 }
+/* Fairness (docs/DESIGN.md §6 "Batching"): a decoding job gets a token every step however
+ * many long prompts arrive beside it, and the long prompts, fed 256 tokens a step oldest
+ * first, each get their first token within the steps their own and the older prompts'
+ * tokens take: no job waits for ever, whatever keeps arriving. Four slots: job A decodes 24
+ * tokens; the three others are kept full of long-prompt jobs (one token each). */
+typedef struct {
+    test_job job;
+    int      submitted, done_step;
+} fair_job;
+
+TEST(batching_no_job_starves) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    enum { SLOTS = 4, LONG = 9 };
+    char err[512];
+    char *texts[LONG];
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.max_inflight = SLOTS}, &s, err, sizeof err), 0);
+    if (!s) return;
+    job_spec a = {0}, lj[LONG];
+    fair_job A = {0}, L[LONG];
+    memset(lj, 0, sizeof lj);
+    memset(L, 0, sizeof L);
+    job(&a, "fair-a", NULL, NULL, 0, "Tell me everything about knives.", 24, 0, 1);
+    a.r.text.logit_bias = NULL;
+    for (int i = 0; i < LONG; i++) {
+        texts[i] = malloc(8192);
+        snprintf(texts[i], 8192, "Job %d. ", i);
+        for (int k = 0; k < 40; k++) strcat(texts[i], "Then stir the sauce slowly, taste it, and add salt. ");
+        job(&lj[i], "fair-long", NULL, NULL, 0, texts[i], 1, 0, 1);
+    }
+    dg_sink sink = test_job_sink(&A.job);
+    uint64_t seq;
+    CHECK_EQ_INT(dg_sched_submit(s, &a.r, &sink, &seq, err, sizeof err), 0);
+    int next = 0, step = 0, prompt = 0;
+    while (dg_sched_active(s) > 0 && step < 200) {
+        while (next < LONG && dg_sched_active(s) < SLOTS) {
+            sink = test_job_sink(&L[next].job);
+            CHECK_EQ_INT(dg_sched_submit(s, &lj[next].r, &sink, &seq, err, sizeof err), 0);
+            L[next++].submitted = step;
+        }
+        CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
+        step++;
+        if (A.job.finished && !A.done_step) A.done_step = step;
+        for (int i = 0; i < next; i++)
+            if (L[i].job.finished && !L[i].done_step) L[i].done_step = step;
+    }
+    /* A: its first token in step 1 (its prompt is one chunk), then one a step to 24 */
+    CHECK(A.job.finished && A.job.usage.generated_tokens >= 1);
+    if (A.job.reason == DG_FINISH_LENGTH) CHECK_EQ_INT(A.done_step, 24);
+    CHECK(A.done_step <= 24);
+    /* each long prompt: its tokens and those of the prompts submitted before it that were
+     * still feeding, 256 a step (a step may begin with a partial chunk: + 1) */
+    prompt = (int)L[0].job.usage.prompt_tokens;
+    CHECK(prompt > 2 * 256);
+    for (int i = 0; i < LONG; i++) {
+        CHECK(L[i].job.finished && !L[i].job.error[0]);
+        int bound = (SLOTS - 1) * prompt / 256 + 2;
+        if (L[i].done_step - L[i].submitted > bound)
+            printf("  long job %d: submitted at step %d, first token at step %d (bound %d)\n", i, L[i].submitted,
+                   L[i].done_step, bound);
+        CHECK(L[i].done_step - L[i].submitted <= bound);
+    }
+    printf("  %d steps: A finished at step %d (%lld tokens), %d long prompts of %d tokens\n", step, A.done_step,
+           (long long)A.job.usage.generated_tokens, LONG, prompt);
+    for (int i = 0; i < LONG; i++) free(texts[i]);
+    dg_sched_free(s);
+}
+
+/* max_inflight 0: as many sequences as the KV budget holds at full context with as much
+ * again for cached prefixes (here 5), at most 16; with no budget the backend's free memory
+ * decides (at least 1). */
+TEST(batching_max_inflight_from_memory) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    const dg_text_config *c = &model->cfg.text;
+    size_t block = 2u * (size_t)c->n_layers * (size_t)c->n_kv_heads * (size_t)c->head_dim * 16 * sizeof(float);
+    size_t per_seq = 2 * (size_t)((model->max_context + 15) / 16) * block;
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.kv_cache_bytes = 5 * per_seq + block}, &s, err, sizeof err), 0);
+    if (s) CHECK_EQ_INT(s->n_seqs, 5);
+    dg_sched_free(s);
+    s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.kv_cache_bytes = 100 * per_seq}, &s, err, sizeof err), 0);
+    if (s) CHECK_EQ_INT(s->n_seqs, 16);
+    dg_sched_free(s);
+    s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){0}, &s, err, sizeof err), 0);
+    if (s) {
+        CHECK(s->n_seqs >= 1 && s->n_seqs <= 16);
+        printf("  no budget: %d sequences (%zu MiB free, %zu MiB a sequence)\n", s->n_seqs,
+               s->be->memory_free(s->be) >> 20, per_seq >> 20);
+    }
+    dg_sched_free(s);
+}
+
 int main(void) {
     int rc = test_main();
     dg_model_close(model);
