@@ -1,11 +1,12 @@
 /* bench_batch — continuous batching on the CPU (docs/DESIGN.md §6 "Batching"), small preset
  * (--model DIR, else build/models/small, written when missing), against the number of
- * concurrent jobs N = 1, 2, 4, 8, 16 (--quick: 1, 2, 4, 8):
+ * concurrent jobs N = 1, 2, 4, 8, 16 (--quick: jobs to 8):
  *
  *   decode_tok_s_nN   aggregate decode tok/s of N sequences stepped in one forward each
  *                     step (dg_qwen2_forward_batch: every weight one GEMM over N rows,
- *                     attention per sequence), after a 64-token prompt each; fixed token
- *                     ids, so the figure is the forward alone, sampling excluded.
+ *                     attention per sequence), 16 steps after a 64-token prompt each
+ *                     (--quick: 4 after 16); fixed token ids, so the figure is the
+ *                     forward alone, sampling excluded.
  *                     decode_speedup_nN = decode_tok_s_nN / decode_tok_s_n1 (goal at
  *                     N = 8: >= 4, issue 17).
  *   jobs_per_hour_nN  N whole jobs through the public API on one scheduler of N slots
@@ -92,7 +93,7 @@ static int decode_curve(bench_ctx *ctx, json_t *out, const char *pkg, int thread
         dg_st_open(dir, &st, err, sizeof err) < 0 || dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0)
         goto out;
     for (int n = 1; n <= max_n; n *= 2) {
-        if (decode_run(&m, be, n, 64, ctx->quick ? 4 : 16, &tok_s, err, sizeof err) < 0) goto out;
+        if (decode_run(&m, be, n, ctx->quick ? 16 : 64, ctx->quick ? 4 : 16, &tok_s, err, sizeof err) < 0) goto out;
         if (n == 1) one = tok_s;
         snprintf(name, sizeof name, "decode_tok_s_n%d", n);
         bench_record(out, name, tok_s, "tok/s");
@@ -201,12 +202,12 @@ static int bench_batch_decode(bench_ctx *ctx, json_t *out) {
     int threads = ctx->threads > 0 ? ctx->threads : 2;
     if (bench_small_package(ctx, pkg, sizeof pkg) < 0) return -1;
     printf("  model %s, %d threads\n", pkg, threads);
-    return decode_curve(ctx, out, pkg, threads, ctx->quick ? 8 : MAX_N);
+    return decode_curve(ctx, out, pkg, threads, MAX_N);
 }
 
 static int bench_batch_jobs(bench_ctx *ctx, json_t *out) {
     char pkg[1024], err[512];
-    int threads = ctx->threads > 0 ? ctx->threads : 2, max_n = ctx->quick ? 4 : MAX_N;
+    int threads = ctx->threads > 0 ? ctx->threads : 2, max_n = ctx->quick ? 8 : MAX_N;
     if (bench_small_package(ctx, pkg, sizeof pkg) < 0) return -1;
     printf("  model %s, %d threads\n", pkg, threads);
     dg_model *model = NULL;
