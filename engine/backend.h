@@ -267,6 +267,12 @@ struct dg_backend {
     void (*graph_run)(dg_backend *be, void **slot, void (*ops)(void *ctx), void *ctx);
     void (*graph_release)(dg_backend *be, void *slot);   /* accepts NULL */
 
+    /* Bytes of memory that allocations on this backend could still take: the device's free
+     * memory (CUDA: what the arena has left), the host's available memory (CPU:
+     * MemAvailable). Optional: NULL = not known. The scheduler sizes its default number of
+     * sequences by it (engine/duogen.h max_inflight). */
+    size_t (*memory_free)(dg_backend *be);
+
     /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
      * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,
      * from then on (the backend is not usable again). Each backend of a family keeps its
@@ -292,7 +298,7 @@ int  dg_backend_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen)
 void dg_backend_free(dg_backend *be);   /* accepts NULL */
 
 /* 0 when every required member of the table is filled (all but the fused forms
- * matmul_parts, matmul_swiglu and add_rmsnorm, graph_run/graph_release, and the sampling
+ * matmul_parts, matmul_swiglu and add_rmsnorm, graph_run/graph_release, memory_free, and the sampling
  * pair logits_adjust/topk, which come together or not at all); else DG_EINTERNAL with err
  * naming the missing members ("backend \"cpu\": no fork, conv3d"). */
 int  dg_backend_check(const dg_backend *be, char *err, size_t errlen);

@@ -242,7 +242,12 @@ typedef struct {
 } dg_model_opts;
 
 typedef struct {
-    int     max_inflight;           /* sequences stepped together; 0 = 1 */
+    int     max_inflight;           /* sequences stepped together (one decoder forward a step
+                                       for all, docs/DESIGN.md §6 "Batching"); 0 = as many as
+                                       the memory holds, each at its full context with as
+                                       much KV again for cached prefixes: kv_cache_bytes'
+                                       worth when set, else half the device's (CPU: the
+                                       host's available) free memory; 1 .. 16 */
     size_t  kv_cache_bytes;         /* prefix KV cache budget; 0 = the model's default */
     size_t  latent_cache_bytes;     /* VAE latent cache budget (host memory); 0 = 64 latents of
                                        the package's default image size */
