@@ -64,6 +64,7 @@ static const struct key {
     INT(max_logit_bias, 0, 1000000, "logit_bias entries per job"),
     INT(metrics_port, 0, 65535, "Prometheus metrics port on 127.0.0.1 (0 = off)"),
     SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
+    INT(kv_bf16, 0, 1, "1: keep the KV cache in bf16, half the memory (CPU devices)"),
     SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = 64 images at the model's default size"),
     SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = 64 images at the model's default size"),
     INT(max_condition_pixels, 0, 268435456, "earlier images above this many pixels are scaled down as "

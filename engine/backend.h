@@ -65,10 +65,12 @@ typedef struct {
  * through a sequence's block table (see cache/kv_cache.h). Position p of the sequence lives at
  * row (block_table[p / block_size] * block_size + p % block_size) of k and v. */
 typedef struct {
-    float         *k;            /* [n_blocks * block_size, n_kv_heads * head_dim] */
-    float         *v;            /* [n_blocks * block_size, n_kv_heads * head_dim] */
+    void          *k;            /* [n_blocks * block_size, n_kv_heads * head_dim] of dtype */
+    void          *v;            /* [n_blocks * block_size, n_kv_heads * head_dim] of dtype */
     const int32_t *block_table;  /* [ceil(n_positions / block_size)] block ids */
     int            block_size;   /* positions per block */
+    dg_dtype       dtype;        /* F32, or BF16 where the backend has kv_bf16 (kv_write rounds
+                                    to nearest even; attention widens each row to fp32) */
 } dg_kv_view;
 
 /* Rotary embedding parameters (docs/specs/qwen2_5_vl.md §3.2-3.3). Frequency j < head_dim/2
@@ -113,6 +115,7 @@ typedef struct dg_backend dg_backend;
 struct dg_backend {
     const char *name;            /* "cpu", "cpu-scalar", "cuda" */
     int         n_threads;       /* CPU threads an operation uses (CUDA: 1) */
+    int         kv_bf16;         /* 1: kv_write and attention take a BF16 dg_kv_view */
     void       *impl;            /* owned by the backend */
 
     void  (*free)(dg_backend *be);

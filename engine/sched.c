@@ -92,7 +92,8 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     s->o = o ? *o : (dg_sched_opts){0};
     const dg_text_config *c = &m->cfg.text;
     size_t kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
-    size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * DG_KV_BLOCK * sizeof(float);
+    const dg_dtype kv_dtype = s->o.kv_bf16 ? DG_DTYPE_BF16 : DG_DTYPE_F32;
+    size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * DG_KV_BLOCK * dg_dtype_size(kv_dtype);
     int per_seq = (m->max_context + DG_KV_BLOCK - 1) / DG_KV_BLOCK;
     if (s->o.max_inflight <= 0)
         s->o.max_inflight = default_inflight(m, m->be, s->o.kv_cache_bytes, block_bytes, per_seq);
@@ -114,7 +115,8 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     s->batch_of = calloc((size_t)s->n_seqs, sizeof *s->batch_of);
     s->hooks = calloc((size_t)s->n_seqs, sizeof *s->hooks);
     if (!s->seqs || !s->batch || !s->batch_of || !s->hooks) goto fail;
-    if ((rc = dg_kv_cache_new(s->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, &s->kv, err, errlen)) < 0)
+    if ((rc = dg_kv_cache_new(s->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, kv_dtype, &s->kv, err,
+                              errlen)) < 0)
         goto fail;
     /* a step's forward: the prefill chunks' tokens and a row for each decoding sequence; a
      * logits row for each sequence */

@@ -145,6 +145,7 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
         goto nomem;
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
+    be->kv_bf16 = 1;
     be->free = cpu_free;
     be->fork = cpu_fork;
     be->alloc = cpu_alloc;

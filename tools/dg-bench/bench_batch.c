@@ -48,7 +48,7 @@ static int decode_run(const dg_qwen2 *m, dg_backend *be, int n, int n_prompt, in
     int rc = -1;
     const int per_seq = (n_prompt + n_decode) / 16 + 2;
     if (dg_qwen2_state_new(m, be, n_prompt > n ? n_prompt : n, n, &s, err, errlen) < 0 ||
-        dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, 16, n * per_seq, &kv, err, errlen) < 0)
+        dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, 16, n * per_seq, DG_DTYPE_F32, &kv, err, errlen) < 0)
         goto out;
     uint64_t x = 1;
     for (int i = 0; i < n; i++) {

@@ -93,7 +93,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, m.be, n_prompt, 1, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
-                        (n_prompt + n_decode) / 16 + 2, &kv, err, sizeof err) < 0 ||
+                        (n_prompt + n_decode) / 16 + 2, DG_DTYPE_F32, &kv, err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, n_prompt + n_decode, 16) < 0) {
         fprintf(stderr, "bench_decoder: %s\n", err);
         goto out;
