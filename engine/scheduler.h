@@ -87,7 +87,6 @@ typedef struct dg_seq {
     /* the condition accumulator (slot-owned; NULL when the model does not draw) */
     dg_cond_acc  *acc;
     int           cond_saved;    /* leading full blocks whose rows are in the block store */
-    int           hook_rc;
 
     /* drawing (state SEQ_DRAW: the painter has an image in progress) */
     int           n_drawn;       /* images drawn so far */
@@ -148,12 +147,10 @@ void dg_sched_draw_account(dg_seq *q);
 /* The feed of a sequence just admitted: its prompt after the n_fed cached positions, whose
  * condition rows (a drawing model) come from the block store. */
 void dg_sched_feed_prompt(dg_sched *s, dg_seq *q);
-/* A drawn image (q->images[q->n_images - 1], in the KV at n_past = q->kv.n_tokens) as the
- * next feed: <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE positions
+/* A drawn image (q->images[q->n_images - 1]), to follow the q->kv.n_tokens positions in the
+ * KV, as the next feed: <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE positions
  * (state SEQ_PREFILL). DG_ENOMEM or an image error. */
 int  dg_sched_feed_image(dg_sched *s, dg_seq *q, char *err, size_t errlen);
-/* Keeps the condition rows of the sequence's full blocks beside the blocks. */
-void dg_sched_cond_save(dg_sched *s, dg_seq *q);
 /* One forward of the decoder for the step: a row for every decoding sequence and prefill
  * chunks of the feeding ones, oldest first, within DG_SCHED_CHUNK tokens. Each sequence
  * that took part either has q->sampled (a token to handle) or nothing, or q->step_rc with
