@@ -21,6 +21,10 @@
                                     (docs/DESIGN.md §6 "Batching") */
 #define DG_SEQ_MAX_IMAGES  32    /* input and generated images of one sequence */
 #define DG_SCHED_AUTO_INFLIGHT 16 /* the most sequences max_inflight 0 gives */
+#define DG_SCHED_GROUP_TOKENS 4096 /* the most DiT tokens of one shared forward (sched_draw.c):
+                                     e.g. two 512² images with guidance, ~400 MiB of state
+                                     at the full DiT's width */
+#define DG_SCHED_GROUP_CTX 4096   /* the most context rows of one shared forward */
 
 typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE, SEQ_DRAW } dg_seq_state;
 
