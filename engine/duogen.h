@@ -198,10 +198,13 @@ typedef struct {
                                         every position of theirs came from the prefix KV cache,
                                         or their output from the vision cache or from the same
                                         picture earlier in the request */
-    int64_t dit_forwards;            /* DiT forward passes: steps per image, twice that with
-                                        guidance */
+    int64_t dit_forwards;            /* DiT network evaluations: steps per image, twice that
+                                        with guidance (both branches run in one forward) */
 } dg_usage;
 
+/* Where a job's time went. A forward that served several jobs at once (docs/DESIGN.md §6
+ * "Batching") counts for each by its share of the forward's rows, so the jobs' times add
+ * up to the worker's. */
 typedef struct {
     double prefill_ms, decode_ms, vision_ms, diffusion_ms, vae_ms, total_ms;
 } dg_timings;
@@ -283,7 +286,8 @@ void dg_sched_free(dg_sched *s);    /* accepts NULL; ends live sequences without
 int  dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint64_t *seq,
                      char *err, size_t errlen);
 
-/* Advances every active sequence by one decode token or one denoising step. Per-sequence
+/* Advances every active sequence by one prefill chunk, decode token or denoising step, in
+ * one decoder forward for all and one DiT forward per image layout. Per-sequence
  * problems go to that sequence's failed() and return 0; a negative return is fatal for the
  * whole scheduler (the caller should exit). */
 int  dg_sched_step(dg_sched *s, char *err, size_t errlen);

@@ -1,7 +1,9 @@
 /* dg_sched: the step-driven scheduler (docs/DESIGN.md §6). Each dg_sched_step() advances every
  * active sequence by one unit of work: a prefill chunk, one decode token, or one
- * denoising step of the image it is drawing. Batch size 1 is the first case of the same
- * loop.
+ * denoising step of the image it is drawing — all of them together: one DiT forward for
+ * the images of one layout (sched_draw.c), then one decoder forward for every sequence
+ * that needs the decoder (sched_feed.c; docs/DESIGN.md §6 "Batching"). This file admits
+ * sequences, runs the step, takes the sampled tokens and ends sequences.
  *
  * A sequence's life:
  *   submit   input images decoded and hashed; the conversation goes through the chat
@@ -10,10 +12,10 @@
  *            the model emitted), M-RoPE positions and per-token KV keys (an image's tokens
  *            are keyed by its content hash); the longest cached prefix of full KV blocks is
  *            shared, with the condition rows kept beside those blocks
- *   prefill  the images with a position after the shared prefix through the vision tower
- *            (cached by content hash; an image wholly inside the prefix needs no rows), then
- *            the rest of the prompt in chunks; every decoder layer's hidden states feed the
- *            condition accumulator
+ *   prefill  the feed: the images with a position after the shared prefix through the
+ *            vision tower (cached by content hash; an image wholly inside the prefix needs
+ *            no rows), then the rest of the prompt a chunk a step, the oldest feeds first;
+ *            every decoder layer's hidden states feed the condition accumulator
  *   decode   sample; text streams as whole UTF-8 characters, stop strings held back; the
  *            answer ends at EOS, a stop string, max_new_tokens, cancellation or deadline
  *   draw     on <BOV>, if the image's tokens fit in the context: the slot's painter
@@ -21,10 +23,10 @@
  *            the negative those before the text after the most recent image — and the
  *            earlier images (it VAE-encodes each from its pixels, or takes the latent
  *            cache's copy of that encoding); one painter step per dg_sched_step(), then its
- *            8-bit RGB image, which the scheduler sends as a PNG, runs through the vision
- *            tower and feeds as <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with
- *            its M-RoPE positions; the next token is sampled and decoding goes on. After
- *            max_images, <BOV> is banned.
+ *            8-bit RGB image, which the scheduler sends as a PNG and makes the next feed:
+ *            <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE
+ *            positions, the rows from the vision tower; at the feed's end the next token is
+ *            sampled and decoding goes on. After max_images, <BOV> is banned.
  * What a cache holds never changes an answer, only the work (docs/DESIGN.md §6
  * "Determinism"): a cached row is the row the sequence would have computed.
  * The painter knows nothing of sequences: the scheduler calls it and emits the events.

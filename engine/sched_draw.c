@@ -3,8 +3,10 @@
  * takes one denoising step a scheduler step, and at its end is sent as a PNG and fed back
  * into the context. The sequences whose images have the same DiT layout take their step
  * in one forward (both CFG branches of each, DG_DIT_MAX_BATCH inputs at most) on the
- * scheduler's shared DiT state, which grows when an image begins that could join others;
- * an image alone steps on its painter's own state. On the CPU the pictures are the same
+ * scheduler's shared DiT state, which grows when an image begins that could join others,
+ * up to a bound (small images are where company pays: a large image's forward is large
+ * GEMMs already, and its state would cost a GPU much memory); an image alone steps on its
+ * painter's own state. On the CPU the pictures are the same
  * bits either way (dit.h). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,8 +90,9 @@ static int stepped(dg_sched *s, dg_seq *q, int step, char *err, size_t errlen) {
     if ((rc = send_png(s, q, im->img, err, errlen)) < 0) return rc;
     return dg_sched_feed_image(s, q, err, errlen);
 }
-/* The shared DiT state holds a step of every image of the layout of q's (q's included):
- * grown when needed; left as it was when it cannot grow (those images then step apart). */
+/* The shared DiT state holds a step of every image of the layout of q's (q's included), up
+ * to DG_SCHED_GROUP_TOKENS and DG_SCHED_GROUP_CTX: grown when needed; left as it was when it
+ * cannot grow (those images then step apart). */
 static void group_room(dg_sched *s, dg_seq *q) {
     const dg_dit_layout *L = dg_painter_layout(q->painter);
     dg_dit_input in[2];
@@ -105,10 +108,13 @@ static void group_room(dg_sched *s, dg_seq *q) {
         inputs += k;
         others += r != q;
     }
-    const int tokens = inputs * (int)L->n_tokens;
-    if (!others || (s->dit_tokens >= tokens && s->dit_ctx >= ctx)) return;
+    int t = inputs * (int)L->n_tokens, c = ctx;
+    if (t > DG_SCHED_GROUP_TOKENS) t = DG_SCHED_GROUP_TOKENS;
+    if (c > DG_SCHED_GROUP_CTX) c = DG_SCHED_GROUP_CTX;
+    if (!others || (s->dit_tokens >= t && s->dit_ctx >= c)) return;
+    if (t < s->dit_tokens) t = s->dit_tokens;
+    if (c < s->dit_ctx) c = s->dit_ctx;
     dg_dit_state *grown = NULL;
-    const int t = tokens > s->dit_tokens ? tokens : s->dit_tokens, c = ctx > s->dit_ctx ? ctx : s->dit_ctx;
     if (dg_dit_state_new(&s->m->dit, s->be, t, c, &grown, err, sizeof err) < 0) return;
     dg_dit_state_free(&s->m->dit, s->dit);
     s->dit = grown;

@@ -44,7 +44,7 @@ static void cond_hook(void *user, int layer, const float *hidden, int n, int pos
 
 /* Keeps the condition rows of the sequence's full blocks beside the blocks (by block id),
  * so that a later sequence that shares those blocks from the prefix cache gets them too. */
-void dg_sched_cond_save(dg_sched *s, dg_seq *q) {
+static void cond_save_blocks(dg_sched *s, dg_seq *q) {
     const dg_model *m = s->m;
     int full = q->kv.n_tokens / DG_KV_BLOCK, d = m->conn.d_cond;
     for (int b = q->cond_saved; b < full; b++)
@@ -273,7 +273,7 @@ static void batch_done(dg_sched *s, int i, int n_rows, double ms) {
     const dg_qwen2_input *in = &s->batch[i].in;
     double share = ms * in->n / n_rows;
     if (q->step_rc) return;
-    if (m->has_draw) dg_sched_cond_save(s, q);
+    if (m->has_draw) cond_save_blocks(s, q);
     if (q->state == SEQ_PREFILL) {
         q->t.prefill_ms += share;
         for (int j = 0; j < in->n; j++) q->emb_row += in->ids[j] == m->image_pad_id;

@@ -22,6 +22,10 @@
 #define DG_SEQ_MAX_IMAGES  32    /* input and generated images of one sequence */
 #define DG_SEQ_PROMPT_TEXT 4096  /* bytes of an image's prompt (prompt conditioning) */
 #define DG_SCHED_AUTO_INFLIGHT 16 /* the most sequences max_inflight 0 gives */
+#define DG_SCHED_GROUP_TOKENS 4096 /* the most DiT tokens of one shared forward (sched_draw.c):
+                                     e.g. two 512² images with guidance, ~400 MiB of state
+                                     at the full DiT's width */
+#define DG_SCHED_GROUP_CTX 4096   /* the most context rows of one shared forward */
 
 typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE, SEQ_DRAW } dg_seq_state;
 
@@ -93,7 +97,6 @@ typedef struct dg_seq {
     /* the condition accumulator (slot-owned; NULL when the model does not draw) */
     dg_cond_acc  *acc;
     int           cond_saved;    /* leading full blocks whose rows are in the block store */
-    int           hook_rc;
 
     /* prompt conditioning (m->cond_from_prompt): the image's prompt is the last user message's
      * text, then the answer's text since the last image, each cut at DG_SEQ_PROMPT_TEXT / 2 */
@@ -160,12 +163,10 @@ void dg_sched_draw_account(dg_seq *q);
 /* The feed of a sequence just admitted: its prompt after the n_fed cached positions, whose
  * condition rows (a drawing model) come from the block store. */
 void dg_sched_feed_prompt(dg_sched *s, dg_seq *q);
-/* A drawn image (q->images[q->n_images - 1], in the KV at n_past = q->kv.n_tokens) as the
- * next feed: <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE positions
+/* A drawn image (q->images[q->n_images - 1]), to follow the q->kv.n_tokens positions in the
+ * KV, as the next feed: <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE positions
  * (state SEQ_PREFILL). DG_ENOMEM or an image error. */
 int  dg_sched_feed_image(dg_sched *s, dg_seq *q, char *err, size_t errlen);
-/* Keeps the condition rows of the sequence's full blocks beside the blocks. */
-void dg_sched_cond_save(dg_sched *s, dg_seq *q);
 /* One forward of the decoder for the step: a row for every decoding sequence and prefill
  * chunks of the feeding ones, oldest first, within DG_SCHED_CHUNK tokens. Each sequence
  * that took part either has q->sampled (a token to handle) or nothing, or q->step_rc with
