@@ -134,7 +134,7 @@ $(BUILD)/man/duogenctl.1: $(BUILD)/duogenctl
 	@echo "  MAN     $@"
 	@$< --man > $@.tmp && mv $@.tmp $@
 
-.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
+.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-batch bench-vision bench-image bench-e2e fuzz demo install clean
 all: $(LIB) $(ALL_BINS) $(MAN_PAGES)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -244,7 +244,7 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
-bench: bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e
+bench: bench-queue bench-tokenizer bench-decoder bench-batch bench-vision bench-image bench-e2e
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
@@ -264,6 +264,12 @@ bench-decoder: all
 	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder
 
 # the vision tower (small preset), and transformers beside it when the reference venv is there
+# continuous batching on the CPU, small preset: aggregate decode tok/s and jobs/hour against
+# 1, 2, 4, 8, 16 concurrent jobs, the prefill/decode/draw split
+bench-batch: all
+	@mkdir -p $(BUILD)/bench
+	$(BUILD)/dg-bench --json $(BUILD)/bench/batch.json batch_decode batch_jobs
+
 bench-vision: all
 	@mkdir -p $(BUILD)/bench
 	$(BUILD)/dg-bench --json $(BUILD)/bench/vision.json vision

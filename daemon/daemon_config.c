@@ -41,6 +41,7 @@ static const struct key {
     INT(threads, 0, 1024, "engine CPU threads (0 = all)"),
     INT(max_inflight, 1, 256, "jobs stepped together"),
     SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
+    INT(kv_bf16, 0, 1, "1: keep the KV cache in bf16, half the memory (CPU devices)"),
     SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = 64 images at the model's default size"),
     SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = 64 images at the model's default size"),
     INT(max_condition_pixels, 0, 268435456, "earlier images above this many pixels are scaled down as "

@@ -68,7 +68,7 @@ static int cuda_index(const char *name) {
 }
 
 /* Every member but the optional ones: the fused forms and graph_run/graph_release (their
- * composition is in backend.h) and the sampling pair (the sampler's host path). */
+ * composition is in backend.h), memory_free, and the sampling pair (the sampler's host path). */
 #define REQUIRED_MEMBERS(X)                                                                    \
     X(free) X(fork) X(alloc) X(release) X(weight_prepare) X(matmul) X(rmsnorm) X(rope)         \
     X(kv_write) X(attention) X(silu_mul) X(add) X(embed) X(download) X(upload)                 \

@@ -65,10 +65,12 @@ typedef struct {
  * through a sequence's block table (see cache/kv_cache.h). Position p of the sequence lives at
  * row (block_table[p / block_size] * block_size + p % block_size) of k and v. */
 typedef struct {
-    float         *k;            /* [n_blocks * block_size, n_kv_heads * head_dim] */
-    float         *v;            /* [n_blocks * block_size, n_kv_heads * head_dim] */
+    void          *k;            /* [n_blocks * block_size, n_kv_heads * head_dim] of dtype */
+    void          *v;            /* [n_blocks * block_size, n_kv_heads * head_dim] of dtype */
     const int32_t *block_table;  /* [ceil(n_positions / block_size)] block ids */
     int            block_size;   /* positions per block */
+    dg_dtype       dtype;        /* F32, or BF16 where the backend has kv_bf16 (kv_write rounds
+                                    to nearest even; attention widens each row to fp32) */
 } dg_kv_view;
 
 /* Rotary embedding parameters (docs/specs/qwen2_5_vl.md §3.2-3.3). Frequency j < head_dim/2
@@ -113,6 +115,7 @@ typedef struct dg_backend dg_backend;
 struct dg_backend {
     const char *name;            /* "cpu", "cpu-scalar", "cuda" */
     int         n_threads;       /* CPU threads an operation uses (CUDA: 1) */
+    int         kv_bf16;         /* 1: kv_write and attention take a BF16 dg_kv_view */
     void       *impl;            /* owned by the backend */
 
     void  (*free)(dg_backend *be);
@@ -267,6 +270,12 @@ struct dg_backend {
     void (*graph_run)(dg_backend *be, void **slot, void (*ops)(void *ctx), void *ctx);
     void (*graph_release)(dg_backend *be, void *slot);   /* accepts NULL */
 
+    /* Bytes of memory that allocations on this backend could still take: the device's free
+     * memory (CUDA: what the arena has left), the host's available memory (CPU:
+     * MemAvailable). Optional: NULL = not known. The scheduler sizes its default number of
+     * sequences by it (engine/duogen.h max_inflight). */
+    size_t (*memory_free)(dg_backend *be);
+
     /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
      * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,
      * from then on (the backend is not usable again). Each backend of a family keeps its
@@ -292,7 +301,7 @@ int  dg_backend_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen)
 void dg_backend_free(dg_backend *be);   /* accepts NULL */
 
 /* 0 when every required member of the table is filled (all but the fused forms
- * matmul_parts, matmul_swiglu and add_rmsnorm, graph_run/graph_release, and the sampling
+ * matmul_parts, matmul_swiglu and add_rmsnorm, graph_run/graph_release, memory_free, and the sampling
  * pair logits_adjust/topk, which come together or not at all); else DG_EINTERNAL with err
  * naming the missing members ("backend \"cpu\": no fork, conv3d"). */
 int  dg_backend_check(const dg_backend *be, char *err, size_t errlen);

@@ -198,10 +198,13 @@ typedef struct {
                                         every position of theirs came from the prefix KV cache,
                                         or their output from the vision cache or from the same
                                         picture earlier in the request */
-    int64_t dit_forwards;            /* DiT forward passes: steps per image, twice that with
-                                        guidance */
+    int64_t dit_forwards;            /* DiT network evaluations: steps per image, twice that
+                                        with guidance (both branches run in one forward) */
 } dg_usage;
 
+/* Where a job's time went. A forward that served several jobs at once (docs/DESIGN.md §6
+ * "Batching") counts for each by its share of the forward's rows, so the jobs' times add
+ * up to the worker's. */
 typedef struct {
     double prefill_ms, decode_ms, vision_ms, diffusion_ms, vae_ms, total_ms;
 } dg_timings;
@@ -242,8 +245,16 @@ typedef struct {
 } dg_model_opts;
 
 typedef struct {
-    int     max_inflight;           /* sequences stepped together; 0 = 1 */
+    int     max_inflight;           /* sequences stepped together (one decoder forward a step
+                                       for all, docs/DESIGN.md §6 "Batching"); 0 = as many as
+                                       the memory holds, each at its full context with as
+                                       much KV again for cached prefixes: kv_cache_bytes'
+                                       worth when set, else half the device's (CPU: the
+                                       host's available) free memory; 1 .. 16 */
     size_t  kv_cache_bytes;         /* prefix KV cache budget; 0 = the model's default */
+    int     kv_bf16;                /* 1: K and V kept in bf16 (half the memory, so twice the
+                                       sequences or cached prefix in a budget; CPU backends;
+                                       fidelity: engine/MODELS.md "KV in bf16"); 0: fp32 */
     size_t  latent_cache_bytes;     /* VAE latent cache budget (host memory); 0 = 64 latents of
                                        the package's default image size */
     size_t  vision_cache_bytes;     /* vision-tower output cache budget (host memory); 0 = the
@@ -275,7 +286,8 @@ void dg_sched_free(dg_sched *s);    /* accepts NULL; ends live sequences without
 int  dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint64_t *seq,
                      char *err, size_t errlen);
 
-/* Advances every active sequence by one decode token or one denoising step. Per-sequence
+/* Advances every active sequence by one prefill chunk, decode token or denoising step, in
+ * one decoder forward for all and one DiT forward per image layout. Per-sequence
  * problems go to that sequence's failed() and return 0; a negative return is fatal for the
  * whole scheduler (the caller should exit). */
 int  dg_sched_step(dg_sched *s, char *err, size_t errlen);

@@ -4,6 +4,7 @@
 #define DG_SCHEDULER_H
 
 #include <stdint.h>
+#include <string.h>
 
 #include "draw/connector.h"
 #include "draw/painter.h"
@@ -15,9 +16,16 @@
 #include "cache/vision_cache.h"
 
 #define DG_KV_BLOCK        16    /* positions per KV block */
-#define DG_SCHED_CHUNK     256   /* tokens per decoder forward: bounds the forward state */
+#define DG_SCHED_CHUNK     256   /* prefill tokens one step's forward takes, all sequences
+                                    together, beside one row per decoding sequence
+                                    (docs/DESIGN.md §6 "Batching") */
 #define DG_SEQ_MAX_IMAGES  32    /* input and generated images of one sequence */
 #define DG_SEQ_PROMPT_TEXT 4096  /* bytes of an image's prompt (prompt conditioning) */
+#define DG_SCHED_AUTO_INFLIGHT 16 /* the most sequences max_inflight 0 gives */
+#define DG_SCHED_GROUP_TOKENS 4096 /* the most DiT tokens of one shared forward (sched_draw.c):
+                                     e.g. two 512² images with guidance, ~400 MiB of state
+                                     at the full DiT's width */
+#define DG_SCHED_GROUP_CTX 4096   /* the most context rows of one shared forward */
 
 typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE, SEQ_DRAW } dg_seq_state;
 
@@ -29,6 +37,13 @@ typedef struct {
     int             n_tokens;   /* its <|image_pad|> tokens in the context */
     int             token0;     /* context position of the first of them */
 } dg_seq_image;
+
+/* A 64-bit KV key of an image from its 128-bit content hash. */
+static inline uint64_t dg_seq_image_key(const dg_image_digest *h) {
+    uint64_t k;
+    memcpy(&k, h->bytes, sizeof k);
+    return k | 1;   /* never 0, the key of a text token */
+}
 
 typedef struct dg_seq {
     struct dg_sched *sched;      /* borrowed: the slot's scheduler */
@@ -52,6 +67,27 @@ typedef struct dg_seq {
     int           rope_delta;    /* position of cache index p = p + rope_delta */
     int           n_fed;         /* prompt tokens in the KV cache */
     int32_t       last;          /* the sampled token to feed next */
+
+    /* the feed (state SEQ_PREFILL): tokens on their way into the KV cache, a chunk a step —
+     * the prompt after its cached prefix, or a drawn image's <BOV> <|vision_start|>
+     * <|image_pad|>*n <|vision_end|> */
+    const int32_t  *feed_ids;    /* borrowed [feed_n]: prompt.ids or image_ids */
+    const int32_t  *feed_pos;    /* borrowed [3, feed_n] M-RoPE positions */
+    const uint64_t *feed_keys;   /* borrowed [feed_n] KV keys */
+    int           feed_n, feed_done;
+    int           feed_rows;     /* 1: image tokens remain whose rows are not in s->embeds yet */
+    int           feed_image;    /* 1: a drawn image's feed */
+    int           emb_row;       /* s->embeds row of the next image token, while it holds them */
+    int32_t      *image_ids;     /* owned [feed_n]: a drawn image's feed; NULL otherwise */
+    int32_t      *image_pos;     /* owned [3, feed_n] */
+    uint64_t     *image_keys;    /* owned [feed_n] */
+
+    /* this step's outcome of the drawing and the decoder forward (sched_draw.c,
+     * sched_feed.c), for sched.c */
+    int           draw_due;      /* a drawing sequence whose denoising step is still to come */
+    int           sampled;       /* q->last is a newly sampled token, not yet handled */
+    int           step_rc;       /* a failure of this sequence: negative DG_E*, with step_err */
+    char          step_err[256];
     int           max_new, generated, cancelled;
     int64_t       deadline_ms;
     dg_image_params ip;          /* resolved: the request's values over the model's defaults */
@@ -61,7 +97,6 @@ typedef struct dg_seq {
     /* the condition accumulator (slot-owned; NULL when the model does not draw) */
     dg_cond_acc  *acc;
     int           cond_saved;    /* leading full blocks whose rows are in the block store */
-    int           hook_rc;
 
     /* prompt conditioning (m->cond_from_prompt): the image's prompt is the last user message's
      * text, then the answer's text since the last image, each cut at DG_SEQ_PROMPT_TEXT / 2 */
@@ -88,17 +123,56 @@ struct dg_sched {
     dg_seq          *seqs;       /* owned [max_inflight] */
     int              n_seqs;
     uint64_t         next_id;
-    int32_t          chunk_pos[3 * DG_SCHED_CHUNK];
+    /* one step's forward (sched_feed.c) */
+    dg_qwen2_batch_seq *batch;   /* owned [n_seqs]: the sequences of the forward, in row order */
+    dg_seq          **batch_of;  /* owned [n_seqs]: the slot of each */
+    dg_qwen2_hook    *hooks;     /* owned [n_seqs]: each one's condition hook */
+    int32_t          chunk_pos[3 * DG_SCHED_CHUNK];   /* the prefill chunks' positions, [3, c] each */
     /* images in */
     dg_vision_state *vs;         /* owned; NULL without a vision tower */
     dg_vision_cache *vcache;     /* owned */
     float           *embeds;     /* backend [embed_rows, D]: vision rows of one feed */
     int              embed_rows;
+    dg_seq          *embeds_of;  /* borrowed: the sequence whose feed's rows embeds holds, or NULL:
+                                    one at a time; another that needs rows waits for it */
     /* images out */
     dg_latent_cache *lcache;     /* owned */
+    dg_dit_state    *dit;        /* owned, or NULL: the DiT state shared by the images of one
+                                    layout stepped together (sched_draw.c) */
+    int              dit_tokens, dit_ctx;   /* what it holds: tokens and context rows */
     float           *normed;     /* backend [DG_SCHED_CHUNK, D]: the last layer after model.norm */
     float           *cond_store; /* host [n_blocks, DG_KV_BLOCK, d_cond]: condition rows by KV block */
     dg_prompt_cond  *pc;         /* owned: prompt conditioning (m->cond_from_prompt), else NULL */
 };
+
+/* ---- sched_draw.c: the drawing side of a step ---- */
+
+/* On a sampled <BOV>: the slot's painter begins the image (state SEQ_DRAW, the event
+ * sent), or 1 when the context has no room for <BOV>, the image's tokens and one more. */
+int  dg_sched_draw_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen);
+/* One denoising step of every drawing sequence (images of one layout in one forward). A
+ * sequence whose image ended is fed next (state SEQ_PREFILL); one that failed has q->step_rc
+ * and q->step_err. Returns the number of sequences that drew. */
+int  dg_sched_draw(dg_sched *s);
+/* What the image in progress cost, into the sequence's timings and usage: once, when the
+ * image ends or the sequence ends while drawing. */
+void dg_sched_draw_account(dg_seq *q);
+
+/* ---- sched_feed.c: the decoder's side of a step ---- */
+
+/* The feed of a sequence just admitted: its prompt after the n_fed cached positions, whose
+ * condition rows (a drawing model) come from the block store. */
+void dg_sched_feed_prompt(dg_sched *s, dg_seq *q);
+/* A drawn image (q->images[q->n_images - 1]), to follow the q->kv.n_tokens positions in the
+ * KV, as the next feed: <BOV> <|vision_start|> <|image_pad|>*n <|vision_end|> with its M-RoPE positions
+ * (state SEQ_PREFILL). DG_ENOMEM or an image error. */
+int  dg_sched_feed_image(dg_sched *s, dg_seq *q, char *err, size_t errlen);
+/* One forward of the decoder for the step: a row for every decoding sequence and prefill
+ * chunks of the feeding ones, oldest first, within DG_SCHED_CHUNK tokens. Each sequence
+ * that took part either has q->sampled (a token to handle) or nothing, or q->step_rc with
+ * q->step_err. A negative return is a failure of the whole forward, fatal. */
+int  dg_sched_forward(dg_sched *s, char *err, size_t errlen);
+/* Forgets the sequence's feed (its image arrays, its hold on s->embeds). */
+void dg_sched_feed_clear(dg_sched *s, dg_seq *q);
 
 #endif

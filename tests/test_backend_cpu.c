@@ -157,42 +157,54 @@ TEST(rope_text_and_mrope_sections) {
     }
 }
 
-/* Causal GQA attention over a block table in scrambled order, after cached positions. */
+/* Causal GQA attention over a block table in scrambled order, after cached positions; with
+ * the KV in fp32 and in bf16. In bf16 the reference takes K and V rounded to bf16 as
+ * kv_write stores them, so the same 1e-5 holds: the rounding is the only difference. */
 TEST(attention_paged_gqa_causal) {
     enum { BS = 4, NB = 8, H = 4, KVH = 2, HD = 8, KVD = KVH * HD, PAST = 9, M = 6 };
     const int32_t table[NB] = {5, 2, 7, 0, 3, 1, 6, 4};
-    for (int bi = 0; bi < 2; bi++) {
-        dg_backend *be;
-        char err[128];
-        CHECK(dg_backend_new(BACKENDS[bi], 2, &be, err, sizeof err) == 0);
-        float *K = calloc(NB * BS * KVD, sizeof(float)), *Vv = calloc(NB * BS * KVD, sizeof(float));
-        float kx[(PAST + M) * KVD], vx[(PAST + M) * KVD], q[M * H * HD], out[M * H * HD];
-        for (int i = 0; i < (PAST + M) * KVD; i++) { kx[i] = frand() * 2; vx[i] = frand(); }
-        for (int i = 0; i < M * H * HD; i++) q[i] = frand() * 2;
-        dg_kv_view kv = {K, Vv, table, BS};
-        be->kv_write(be, &kv, 0, kx, vx, PAST, KVD);
-        be->kv_write(be, &kv, PAST, kx + PAST * KVD, vx + PAST * KVD, M, KVD);
-        be->attention(be, out, q, &kv, PAST, M, H, KVH, HD, 0.35f);
-        for (int i = 0; i < M; i++)
-            for (int h = 0; h < H; h++) {
-                int kvh = h / (H / KVH), n = PAST + i + 1;
-                double s[PAST + M], mx = -1e30, z = 0;
-                for (int p = 0; p < n; p++) {
-                    s[p] = 0;
-                    for (int d = 0; d < HD; d++) s[p] += (double)q[(i * H + h) * HD + d] * kx[p * KVD + kvh * HD + d];
-                    s[p] *= 0.35;
-                    mx = fmax(mx, s[p]);
-                }
-                for (int p = 0; p < n; p++) z += (s[p] = exp(s[p] - mx));
-                for (int d = 0; d < HD; d++) {
-                    double ref = 0;
-                    for (int p = 0; p < n; p++) ref += s[p] / z * vx[p * KVD + kvh * HD + d];
-                    CHECK_NEAR(out[(i * H + h) * HD + d], ref, 1e-5);
-                }
+    for (int bi = 0; bi < 2; bi++)
+        for (int ti = 0; ti < 2; ti++) {
+            const dg_dtype dt = ti ? DG_DTYPE_BF16 : DG_DTYPE_F32;
+            dg_backend *be;
+            char err[128];
+            CHECK(dg_backend_new(BACKENDS[bi], 2, &be, err, sizeof err) == 0);
+            CHECK(be->kv_bf16 == 1);
+            void *K = calloc(NB * BS * KVD, dg_dtype_size(dt)), *Vv = calloc(NB * BS * KVD, dg_dtype_size(dt));
+            float kx[(PAST + M) * KVD], vx[(PAST + M) * KVD], q[M * H * HD], out[M * H * HD];
+            float kr[(PAST + M) * KVD], vr[(PAST + M) * KVD];   /* what the cache holds */
+            for (int i = 0; i < (PAST + M) * KVD; i++) {
+                kx[i] = frand() * 2;
+                vx[i] = frand();
+                kr[i] = ti ? dg_bf16_to_f32(dg_f32_to_bf16(kx[i])) : kx[i];
+                vr[i] = ti ? dg_bf16_to_f32(dg_f32_to_bf16(vx[i])) : vx[i];
             }
-        free(K); free(Vv);
-        dg_backend_free(be);
-    }
+            for (int i = 0; i < M * H * HD; i++) q[i] = frand() * 2;
+            dg_kv_view kv = {K, Vv, table, BS, dt};
+            be->kv_write(be, &kv, 0, kx, vx, PAST, KVD);
+            be->kv_write(be, &kv, PAST, kx + PAST * KVD, vx + PAST * KVD, M, KVD);
+            be->attention(be, out, q, &kv, PAST, M, H, KVH, HD, 0.35f);
+            for (int i = 0; i < M; i++)
+                for (int h = 0; h < H; h++) {
+                    int kvh = h / (H / KVH), n = PAST + i + 1;
+                    double s[PAST + M], mx = -1e30, z = 0;
+                    for (int p = 0; p < n; p++) {
+                        s[p] = 0;
+                        for (int d = 0; d < HD; d++) s[p] += (double)q[(i * H + h) * HD + d] * kr[p * KVD + kvh * HD + d];
+                        s[p] *= 0.35;
+                        mx = fmax(mx, s[p]);
+                    }
+                    for (int p = 0; p < n; p++) z += (s[p] = exp(s[p] - mx));
+                    for (int d = 0; d < HD; d++) {
+                        double ref = 0;
+                        for (int p = 0; p < n; p++) ref += s[p] / z * vr[p * KVD + kvh * HD + d];
+                        CHECK_NEAR(out[(i * H + h) * HD + d], ref, 1e-5);
+                    }
+                }
+            free(K);
+            free(Vv);
+            dg_backend_free(be);
+        }
 }
 
 TEST(dtype_conversions) {

@@ -497,7 +497,7 @@ static float *run_paged(dg_backend *be, const float *q, const float *k_all, cons
     const int64_t pool = (int64_t)n_blocks * bs * kv_dim;
     float *zero = calloc((size_t)pool, sizeof(float));
     float *K = put(be, zero, pool), *V = put(be, zero, pool);
-    dg_kv_view kv = {K, V, table, bs};
+    dg_kv_view kv = {K, V, table, bs, DG_DTYPE_F32};
     float *dk = put(be, k_all, (int64_t)(n_past + m) * kv_dim), *dv = put(be, v_all, (int64_t)(n_past + m) * kv_dim);
     be->kv_write(be, &kv, 0, dk, dv, n_past, kv_dim);   /* the cached prefix */
     be->kv_write(be, &kv, n_past, dk + (int64_t)n_past * kv_dim, dv + (int64_t)n_past * kv_dim, m, kv_dim);
@@ -811,7 +811,7 @@ static void fork_ops_once(dg_backend *be, const fork_inputs *in, float *out, int
     be->attention_segments(be, o, qkv, qs, qkv + kvd, qkv + 2 * kvd, qs, cu, cu, 2, FK_H, FK_H, FK_HD,
                            1.0f / sqrtf((float)FK_HD));
     o += FK_ROWS * kvd;
-    dg_kv_view view = {kp, vp, in->table, 16};
+    dg_kv_view view = {kp, vp, in->table, 16, DG_DTYPE_F32};
     be->kv_write(be, &view, 0, kv, kv + (int64_t)FK_CTX * kvd, FK_CTX, kvd);
     be->attention(be, o, q1, &view, FK_CTX - 1, 1, FK_H, FK_H, FK_HD, 1.0f / sqrtf((float)FK_HD));
     o += kvd;

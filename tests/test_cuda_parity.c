@@ -65,7 +65,7 @@ static int greedy(const char *pkg, const char *backend, const int32_t *prompt, i
         dg_st_open(pkg, &st, err, sizeof err) < 0 ||
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, m.be, N_PROMPT, 1, &s, err, sizeof err) < 0 ||
-        dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 8, &kv,
+        dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 8, DG_DTYPE_F32, &kv,
                         err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, N_PROMPT + N_STEPS + 1, 16) < 0) {
         test_fail(__FILE__, __LINE__, "%s: %s", backend, err);

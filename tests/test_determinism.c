@@ -301,7 +301,7 @@ static int feed_in_pieces(const int32_t *ids, int n, const int *pieces, int n_pi
                       malloc(sizeof(float) * (size_t)n * d), malloc(sizeof(float) * (size_t)c->vocab_size)};
     if (!out->kv || !out->cond || !out->logits ||
         !(h.normed = m->be->alloc(m->be, sizeof(float) * (size_t)n * c->hidden_size)) ||
-        dg_kv_cache_new(m->be, c->n_layers, kv_dim, 16, 64, &kv, err, sizeof err) < 0 ||
+        dg_kv_cache_new(m->be, c->n_layers, kv_dim, 16, 64, DG_DTYPE_F32, &kv, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m->llm, m->be, 256, 1, &st, err, sizeof err) < 0 || dg_kv_seq_init(&seq, 1024, 16) < 0 ||
         dg_cond_acc_new(&m->conn, m->be, 1024, 256, &h.acc, err, sizeof err) < 0)
         goto out;
@@ -315,8 +315,9 @@ static int feed_in_pieces(const int32_t *ids, int n, const int *pieces, int n_pi
         dg_kv_view v = dg_kv_cache_layer(kv, &seq, l);
         for (int p = 0; p < n; p++) {
             int64_t row = (int64_t)v.block_table[p / v.block_size] * v.block_size + p % v.block_size;
-            m->be->download(m->be, out->kv + (((int64_t)l * 2 + 0) * n + p) * kv_dim, v.k + row * kv_dim, kv_dim);
-            m->be->download(m->be, out->kv + (((int64_t)l * 2 + 1) * n + p) * kv_dim, v.v + row * kv_dim, kv_dim);
+            const float *k_row = (const float *)v.k + row * kv_dim, *v_row = (const float *)v.v + row * kv_dim;
+            m->be->download(m->be, out->kv + (((int64_t)l * 2 + 0) * n + p) * kv_dim, k_row, kv_dim);
+            m->be->download(m->be, out->kv + (((int64_t)l * 2 + 1) * n + p) * kv_dim, v_row, kv_dim);
         }
     }
     m->be->download(m->be, out->cond, h.acc->acc, (int64_t)n * d);

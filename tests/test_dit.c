@@ -156,6 +156,52 @@ TEST(dit_sampling_matches_diffusers) {
     free(k.ctx);
 }
 
+/* Batched forwards (docs/DESIGN.md §6 "Batching"): the two CFG branches of one image (the
+ * same frames, contexts of different lengths) and a third input of the same layout with
+ * other latents and timesteps (another job's image) in one forward give each the velocity
+ * of its own forward, bit for bit: every row of a matmul is the same whatever m, and
+ * attention runs within each input. Exact comparison, no tolerance. */
+TEST(dit_batched_forward_equals_each_alone) {
+    json_t *d = json_object_get(dit_goldens(), "dit"), *c = NULL;
+    size_t i;
+    char err[512];
+    if (!setup()) { CHECK(!"setup"); return; }
+    json_array_foreach(json_object_get(d, "cases"), i, c)
+        if (!strcmp(json_string_value(json_object_get(c, "name")), "packed")) break;
+    dit_case k;
+    CHECK(case_inputs(c, &k) == 0);
+    dg_dit_state *big = NULL;
+    CHECK(dg_dit_state_new(&dit, dit.be, 3 * (int)k.L.n_tokens, 3 * k.n_ctx, &big, err, sizeof err) == 0);
+    CHECK(dg_dit_set_layout(&dit, st, &k.L, err, sizeof err) == 0);
+    CHECK(big && dg_dit_set_layout(&dit, big, &k.L, err, sizeof err) == 0);
+    const int64_t nl = k.L.n_latent;
+    float *other = malloc(sizeof(float) * nl), *alone = malloc(sizeof(float) * 3 * nl);
+    float *batched = malloc(sizeof(float) * 3 * nl), t2[DG_DIT_MAX_FRAMES];
+    const float *frames2[DG_DIT_MAX_FRAMES];
+    dg_flow_noise(other, nl, 99, 0);
+    for (int f = 0; f < k.L.n_frames; f++) {
+        frames2[f] = other + (k.frames[f] - k.frames[0]);
+        t2[f] = k.t[f] * 0.5f + 0.1f;
+    }
+    const dg_dit_input in[4] = {{k.frames, k.t, k.ctx, k.n_ctx}, {k.frames, k.t, k.ctx, k.n_ctx - 4},
+                                {frames2, t2, k.ctx + 2LL * dit.cfg.text_dim, k.n_ctx - 2},
+                                {k.frames, k.t, k.ctx, k.n_ctx}};
+    float *const vel[4] = {batched, batched + nl, batched + 2 * nl, batched};
+    printf("  %d context rows, %lld tokens a forward\n", k.n_ctx, (long long)k.L.n_tokens);
+    for (int b = 0; b < 3; b++) CHECK(dg_dit_forward(&dit, st, &in[b], alone + b * nl, err, sizeof err) == 0);
+    CHECK(big && dg_dit_forward_batch(&dit, big, in, 3, vel, err, sizeof err) == 0);
+    CHECK(memcmp(alone, batched, sizeof(float) * 3 * nl) == 0);
+    /* and what does not fit the state is refused, naming the sizes */
+    CHECK(big && dg_dit_forward_batch(&dit, big, in, 4, vel, err, sizeof err) == DG_ELIMIT);
+    CHECK(strstr(err, "4 inputs of 52 tokens") != NULL);
+    dg_dit_state_free(&dit, big);
+    free(other);
+    free(alone);
+    free(batched);
+    free(k.lat);
+    free(k.ctx);
+}
+
 /* Packing metadata: offsets, temporal index per image, sizes that do not fit the patch. */
 TEST(dit_layout_metadata) {
     dg_dit_layout L;

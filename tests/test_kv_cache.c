@@ -16,7 +16,7 @@ static dg_kv_cache *make(int n_blocks) {
     dg_kv_cache *c;
     char err[128];
     if (!be) CHECK(dg_backend_new("cpu", 1, &be, err, sizeof err) == 0);
-    CHECK(dg_kv_cache_new(be, 2, 8, BS, n_blocks, &c, err, sizeof err) == 0);
+    CHECK(dg_kv_cache_new(be, 2, 8, BS, n_blocks, DG_DTYPE_F32, &c, err, sizeof err) == 0);
     return c;
 }
 
@@ -38,7 +38,7 @@ TEST(table_and_views) {
     CHECK_EQ_INT(s.n_blocks, 2);
     dg_kv_view v0 = dg_kv_cache_layer(c, &s, 0), v1 = dg_kv_cache_layer(c, &s, 1);
     CHECK(v0.block_table == s.blocks && v0.block_size == BS);
-    CHECK(v1.k - v0.k == 8 * BS * 8);        /* layers are separate pools */
+    CHECK((float *)v1.k - (float *)v0.k == 8 * BS * 8);   /* layers are separate pools */
     dg_kv_stats st;
     dg_kv_cache_stats(c, &st);
     CHECK_EQ_INT(st.n_free, 6);
@@ -110,6 +110,32 @@ TEST(lru_eviction_takes_the_tail_first) {
     dg_kv_seq_free(&a);
     dg_kv_seq_free(&b);
     dg_kv_cache_free(c);
+}
+
+/* KV in bf16: half the bytes for the same blocks, views of that dtype, layers apart by
+ * their bf16 size; a backend without kv_bf16 refuses it, naming itself and the dtype. */
+TEST(bf16_pool_and_refusal) {
+    char err[128];
+    dg_kv_cache *f = make(8), *h = NULL;
+    CHECK_EQ_INT(dg_kv_cache_new(be, 2, 8, BS, 8, DG_DTYPE_BF16, &h, err, sizeof err), 0);
+    dg_kv_stats sf, sh;
+    dg_kv_cache_stats(f, &sf);
+    dg_kv_cache_stats(h, &sh);
+    CHECK(sh.bytes * 2 == sf.bytes && sf.bytes == 2u * 4 * 2 * 8 * BS * 8);
+    dg_kv_seq s;
+    CHECK(dg_kv_seq_init(&s, 100, BS) == 0);
+    dg_kv_view v0 = dg_kv_cache_layer(h, &s, 0), v1 = dg_kv_cache_layer(h, &s, 1);
+    CHECK(v0.dtype == DG_DTYPE_BF16 && (uint16_t *)v1.k - (uint16_t *)v0.k == 8 * BS * 8);
+    dg_kv_seq_free(&s);
+    dg_backend *scalar;
+    CHECK(dg_backend_new("cpu-scalar", 1, &scalar, err, sizeof err) == 0);
+    scalar->kv_bf16 = 0;   /* as a backend without it (CUDA) */
+    dg_kv_cache *no = NULL;
+    CHECK_EQ_INT(dg_kv_cache_new(scalar, 2, 8, BS, 8, DG_DTYPE_BF16, &no, err, sizeof err), DG_EINVAL);
+    CHECK(no == NULL && strstr(err, "cpu-scalar backend keeps KV in F32 only, not BF16"));
+    dg_backend_free(scalar);
+    dg_kv_cache_free(h);
+    dg_kv_cache_free(f);
 }
 
 int main(void) {

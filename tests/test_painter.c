@@ -69,7 +69,8 @@ static int direct_conditions(const dg_model *m, const char *text, dg_tok_ids *id
     dg_kv_seq seq = {0};
     hook_ctx h = {m, acc, m->be->alloc(m->be, ids->n * (size_t)c->hidden_size * sizeof(float)), 0};
     int rc = -1;
-    if (!h.normed || dg_kv_cache_new(m->be, c->n_layers, c->n_kv_heads * c->head_dim, 16, 64, &kv, err, sizeof err) < 0 ||
+    if (!h.normed ||
+        dg_kv_cache_new(m->be, c->n_layers, c->n_kv_heads * c->head_dim, 16, 64, DG_DTYPE_F32, &kv, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m->llm, m->be, 256, 1, &st, err, sizeof err) < 0 || dg_kv_seq_init(&seq, m->max_context, 16) < 0)
         goto out;
     dg_cond_acc_reset(&m->conn, acc);

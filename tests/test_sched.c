@@ -96,13 +96,15 @@ static const char *SYSTEM = "You are a careful assistant who answers questions a
                             "baking and kitchen safety in short, precise sentences, and who says so "
                             "plainly when a question is outside what a kitchen can answer.";
 
-TEST(sched_text_matches_direct_greedy_decode) {
+/* The scheduler's greedy answer is the decoder's own greedy decode of the chat prompt, token
+ * for token; with the KV in bf16 on both sides too (kv_bf16: the same rounding either way). */
+static void text_matches_direct_greedy_decode(int kv_bf16) {
     if (!setup()) { CHECK(!"setup"); return; }
     char err[256];
     dg_model *m;
     dg_sched *s;
     CHECK_EQ_INT(dg_model_open(pkg, &(dg_model_opts){.device = "cpu"}, &m, err, sizeof err), 0);
-    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1, .kv_bf16 = kv_bf16}, &s, err, sizeof err), 0);
     dg_message msgs[2];
     dg_part parts[2];
     dg_request r = text_request(msgs, parts, SYSTEM, "How long do I boil an egg?");
@@ -122,7 +124,7 @@ TEST(sched_text_matches_direct_greedy_decode) {
     dg_qwen2_state *st;
     dg_kv_seq seq;
     CHECK_EQ_INT(dg_kv_cache_new(m->be, m->cfg.text.n_layers, m->cfg.text.n_kv_heads * m->cfg.text.head_dim, 16, 64,
-                                 &kv, err, sizeof err), 0);
+                                 kv_bf16 ? DG_DTYPE_BF16 : DG_DTYPE_F32, &kv, err, sizeof err), 0);
     CHECK_EQ_INT(dg_qwen2_state_new(&m->llm, m->llm.be, 256, 1, &st, err, sizeof err), 0);
     dg_kv_seq_init(&seq, 512, 16);
     dg_tok_ids out = {0};
@@ -151,6 +153,27 @@ TEST(sched_text_matches_direct_greedy_decode) {
     dg_qwen2_state_free(&m->llm, st);
     dg_kv_cache_free(kv);
     dg_sched_free(s);
+    dg_model_close(m);
+}
+
+TEST(sched_text_matches_direct_greedy_decode) { text_matches_direct_greedy_decode(0); }
+TEST(sched_text_matches_direct_greedy_decode_kv_bf16) { text_matches_direct_greedy_decode(1); }
+
+/* kv_bf16 halves the KV pool of the same blocks. */
+TEST(sched_kv_bf16_halves_the_pool) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[256];
+    dg_model *m;
+    dg_sched *f, *h;
+    dg_cache_stats sf, sh;
+    CHECK_EQ_INT(dg_model_open(pkg, &(dg_model_opts){.device = "cpu"}, &m, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2}, &f, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2, .kv_bf16 = 1}, &h, err, sizeof err), 0);
+    dg_sched_cache_stats(f, &sf);
+    dg_sched_cache_stats(h, &sh);
+    CHECK(sf.kv_bytes > 0 && sh.kv_bytes * 2 == sf.kv_bytes);
+    dg_sched_free(h);
+    dg_sched_free(f);
     dg_model_close(m);
 }
 

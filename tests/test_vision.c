@@ -267,7 +267,7 @@ static void multimodal(const char *backend) {
     int next = 0;
     if (dg_qwen2_load(&lm, tc, x.st, x.be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&lm, lm.be, 256, 256, &s, err, sizeof err) < 0 ||
-        dg_kv_cache_new(x.be, tc->n_layers, tc->n_kv_heads * tc->head_dim, 16, 32, &kv, err, sizeof err) < 0 ||
+        dg_kv_cache_new(x.be, tc->n_layers, tc->n_kv_heads * tc->head_dim, 16, 32, DG_DTYPE_F32, &kv, err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, 512, 16) < 0 ||
         dg_vision_forward(&x.vm, x.vs, list, 2, x.emb, err, sizeof err) < 0 ||
         dg_mrope_index(ids, n, 0, &(dg_mrope_params){tc->image_token_id, x.cfg.vision.spatial_merge_size},

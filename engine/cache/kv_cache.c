@@ -20,7 +20,8 @@ typedef struct {
 struct dg_kv_cache {
     dg_backend *be;            /* borrowed */
     int         n_layers, kv_dim, block_size, n_blocks;
-    float      *k, *v;         /* owned (backend memory): [n_layers, n_blocks * block_size, kv_dim] */
+    dg_dtype    dtype;         /* of k and v: F32, or BF16 (half the bytes) */
+    void       *k, *v;         /* owned (backend memory): [n_layers, n_blocks * block_size, kv_dim] */
     kv_block   *blocks;        /* owned: [n_blocks] */
     int32_t    *buckets;       /* owned: [n_buckets] heads of key chains */
     int         n_buckets;     /* power of two */
@@ -100,7 +101,7 @@ static int32_t block_take(dg_kv_cache *c) {
     return id;
 }
 
-int dg_kv_cache_new(dg_backend *be, int n_layers, int kv_dim, int block_size, int n_blocks,
+int dg_kv_cache_new(dg_backend *be, int n_layers, int kv_dim, int block_size, int n_blocks, dg_dtype dtype,
                     dg_kv_cache **out, char *err, size_t errlen) {
     dg_kv_cache *c = calloc(1, sizeof *c);
     *out = NULL;
@@ -110,16 +111,22 @@ int dg_kv_cache_new(dg_backend *be, int n_layers, int kv_dim, int block_size, in
                  n_layers, kv_dim, block_size, n_blocks);
         return DG_EINVAL;
     }
+    if (dtype != DG_DTYPE_F32 && !(dtype == DG_DTYPE_BF16 && be->kv_bf16)) {
+        free(c);
+        snprintf(err, errlen, "kv cache: the %s backend keeps KV in F32 only, not %s", be->name, dg_dtype_name(dtype));
+        return DG_EINVAL;
+    }
     if (!c) goto nomem;
     c->be = be;
+    c->dtype = dtype;
     c->n_layers = n_layers;
     c->kv_dim = kv_dim;
     c->block_size = block_size;
     c->n_blocks = n_blocks;
-    size_t floats = (size_t)n_layers * (size_t)n_blocks * (size_t)block_size * (size_t)kv_dim;
+    size_t elems = (size_t)n_layers * (size_t)n_blocks * (size_t)block_size * (size_t)kv_dim;
     for (c->n_buckets = 16; c->n_buckets < 2 * n_blocks; c->n_buckets *= 2) {}
-    c->k = be->alloc(be, floats * sizeof(float));
-    c->v = be->alloc(be, floats * sizeof(float));
+    c->k = be->alloc(be, elems * dg_dtype_size(dtype));
+    c->v = be->alloc(be, elems * dg_dtype_size(dtype));
     c->blocks = calloc((size_t)n_blocks, sizeof *c->blocks);
     c->buckets = malloc((size_t)c->n_buckets * sizeof *c->buckets);
     if (!c->k || !c->v || !c->blocks || !c->buckets) goto nomem;
@@ -151,14 +158,15 @@ void dg_kv_cache_stats(const dg_kv_cache *c, dg_kv_stats *out) {
     *out = (dg_kv_stats){
         .hits = c->hits, .misses = c->misses, .n_blocks = c->n_blocks, .n_free = c->n_free,
         .n_cached = c->n_cached,
-        .bytes = 2 * sizeof(float) * (size_t)c->n_layers * (size_t)c->n_blocks *
+        .bytes = 2 * dg_dtype_size(c->dtype) * (size_t)c->n_layers * (size_t)c->n_blocks *
                  (size_t)c->block_size * (size_t)c->kv_dim,
     };
 }
 
 dg_kv_view dg_kv_cache_layer(const dg_kv_cache *c, const dg_kv_seq *s, int layer) {
-    size_t off = (size_t)layer * (size_t)c->n_blocks * (size_t)c->block_size * (size_t)c->kv_dim;
-    return (dg_kv_view){c->k + off, c->v + off, s->blocks, c->block_size};
+    size_t off = (size_t)layer * (size_t)c->n_blocks * (size_t)c->block_size * (size_t)c->kv_dim *
+                 dg_dtype_size(c->dtype);
+    return (dg_kv_view){(char *)c->k + off, (char *)c->v + off, s->blocks, c->block_size, c->dtype};
 }
 
 int dg_kv_seq_init(dg_kv_seq *s, int max_tokens, int block_size) {

@@ -46,9 +46,10 @@ typedef struct {
     size_t  bytes;         /* K and V of all layers */
 } dg_kv_stats;
 
-/* n_blocks blocks of block_size positions for n_layers layers of kv_dim floats (K and V
- * each), allocated from the backend. */
-int  dg_kv_cache_new(dg_backend *be, int n_layers, int kv_dim, int block_size, int n_blocks,
+/* n_blocks blocks of block_size positions for n_layers layers of kv_dim elements of dtype (K
+ * and V each), allocated from the backend. dtype: F32, or BF16 on a backend with kv_bf16
+ * (DG_EINVAL naming the backend otherwise). */
+int  dg_kv_cache_new(dg_backend *be, int n_layers, int kv_dim, int block_size, int n_blocks, dg_dtype dtype,
                      dg_kv_cache **out, char *err, size_t errlen);
 void dg_kv_cache_free(dg_kv_cache *c);   /* accepts NULL */
 int  dg_kv_cache_block_size(const dg_kv_cache *c);

@@ -198,7 +198,10 @@ int dg_dit_state_new(const dg_dit *m, dg_backend *be, int max_tokens, int max_ct
     const dg_dit_config *c = &m->cfg;
     const size_t T = (size_t)max_tokens, D = (size_t)c->hidden, F = (size_t)c->mlp_hidden;
     const size_t pp = (size_t)c->patch_h * c->patch_w, in_dim = (c->latent_channels + 2) * pp;
-    const size_t out_dim = pp * c->out_channels, half = (size_t)c->head_dim / 2, FR = DG_DIT_MAX_FRAMES;
+    const size_t out_dim = pp * c->out_channels, half = (size_t)c->head_dim / 2;
+    /* frame rows (time embedding, modulation): a frame has at least one token */
+    const size_t FR = (size_t)max_tokens < (size_t)DG_DIT_MAX_FRAMES * DG_DIT_MAX_BATCH
+                          ? (size_t)max_tokens : (size_t)DG_DIT_MAX_FRAMES * DG_DIT_MAX_BATCH;
     const size_t X = (size_t)max_ctx, sf = sizeof(float);
     dg_dit_state *s;
     *out = NULL;
@@ -272,10 +275,19 @@ int dg_dit_set_layout(const dg_dit *m, dg_dit_state *s, const dg_dit_layout *L, 
 
 /* ---- forward ------------------------------------------------------------------------------ */
 
-/* Timestep embedding per frame (spec §1.2; diffusers Timesteps(flip_sin_to_cos=True,
+/* One forward's inputs stacked: input b's tokens are rows b·n1 .. (b+1)·n1 − 1 (the layout's
+ * n1 tokens), its frames rows b·nf .. of the per-frame buffers, its context rows
+ * ctx_cu[b] .. ctx_cu[b + 1] − 1. */
+typedef struct {
+    int     n_in, n1, nf;
+    int32_t tok_cu[DG_DIT_MAX_BATCH + 1];
+    int32_t ctx_cu[DG_DIT_MAX_BATCH + 1];
+} stack;
+
+/* Timestep embedding per frame row (spec §1.2; diffusers Timesteps(flip_sin_to_cos=True,
  * downscale_freq_shift=0) in float32): s = [cos(t·f), sin(t·f)], f_i = exp(−ln(1e4)·i/half);
  * temb = W2·SiLU(W1·s) (the adaLN-LoRA term, 3D wide); emb = SiLU(RMSNorm(s)·g), the input
- * every modulation MLP starts from. */
+ * every modulation MLP starts from. timesteps: [n_rows]. */
 static void time_embed(const dg_dit *m, dg_dit_state *s, const float *timesteps, int n_frames) {
     dg_backend *be = s->be;
     const int D = m->cfg.hidden, half = D / 2;
@@ -294,7 +306,7 @@ static void time_embed(const dg_dit *m, dg_dit_state *s, const float *timesteps,
     be->silu(be, s->emb, s->emb, (int64_t)n_frames * D);
 }
 
-/* mod[f] = W2·(W1·emb[f]) + temb[f] (first `width` values): shift, scale(, gate) per frame. */
+/* mod[f] = W2·(W1·emb[f]) + temb[f] (first `width` values): shift, scale(, gate) per frame row. */
 static void modulation(const dg_dit *m, dg_dit_state *s, const dg_weight *w1, const dg_weight *w2,
                        int n_frames) {
     dg_backend *be = s->be;
@@ -304,112 +316,150 @@ static void modulation(const dg_dit *m, dg_dit_state *s, const dg_weight *w1, co
     for (int f = 0; f < n_frames; f++) be->add(be, s->mod + f * width, s->temb + f * 3 * D, width);
 }
 
-/* h = LN(x)·(1 + scale_f) + shift_f over each frame's tokens. */
-static void modulate(const dg_dit *m, dg_dit_state *s, float *h, const float *x) {
-    const dg_dit_layout *L = &s->layout;
-    const int64_t D = m->cfg.hidden, width = 3 * D;
-    for (int f = 0; f < L->n_frames; f++) {
-        const dg_dit_frame_meta *fm = &L->frames[f];
-        s->be->modulate(s->be, h + fm->token0 * D, x + fm->token0 * D, s->mod + f * width,
-                        s->mod + f * width + D, (int)fm->n_tokens, (int)D, LN_EPS);
-    }
-}
-
-/* x += gate_f · y over each frame's tokens. */
-static void gated_add(const dg_dit *m, dg_dit_state *s, const float *y) {
+/* h = LN(x)·(1 + scale_f) + shift_f over each frame's tokens, in every input; the frame
+ * rows of mod are `width` apart. */
+static void modulate(const dg_dit *m, dg_dit_state *s, const stack *st, float *h, const float *x, int64_t width) {
     const dg_dit_layout *L = &s->layout;
     const int64_t D = m->cfg.hidden;
-    for (int f = 0; f < L->n_frames; f++) {
-        const dg_dit_frame_meta *fm = &L->frames[f];
-        s->be->add_gated(s->be, s->x + fm->token0 * D, y + fm->token0 * D, s->mod + f * 3 * D + 2 * D,
-                         (int)fm->n_tokens, (int)D);
-    }
+    for (int b = 0; b < st->n_in; b++)
+        for (int f = 0; f < L->n_frames; f++) {
+            const dg_dit_frame_meta *fm = &L->frames[f];
+            const int64_t t0 = st->tok_cu[b] + fm->token0;
+            const float *mf = s->mod + (int64_t)(b * st->nf + f) * width;
+            s->be->modulate(s->be, h + t0 * D, x + t0 * D, mf, mf + D, (int)fm->n_tokens, (int)D, LN_EPS);
+        }
 }
 
-/* One transformer block over the packed tokens (spec §3; diffusers CosmosTransformerBlock). */
-static void block_forward(const dg_dit *m, const dg_dit_block *B, dg_dit_state *s, int n_ctx) {
+/* x += gate_f · y over each frame's tokens, in every input. */
+static void gated_add(const dg_dit *m, dg_dit_state *s, const stack *st, const float *y) {
+    const dg_dit_layout *L = &s->layout;
+    const int64_t D = m->cfg.hidden;
+    for (int b = 0; b < st->n_in; b++)
+        for (int f = 0; f < L->n_frames; f++) {
+            const dg_dit_frame_meta *fm = &L->frames[f];
+            const int64_t t0 = st->tok_cu[b] + fm->token0;
+            s->be->add_gated(s->be, s->x + t0 * D, y + t0 * D, s->mod + (int64_t)(b * st->nf + f) * 3 * D + 2 * D,
+                             (int)fm->n_tokens, (int)D);
+        }
+}
+
+/* One transformer block over the stacked tokens (spec §3; diffusers CosmosTransformerBlock):
+ * every weight over all inputs' tokens at once, attention within each input. */
+static void block_forward(const dg_dit *m, const dg_dit_block *B, dg_dit_state *s, const stack *st) {
     dg_backend *be = s->be;
     const dg_dit_config *c = &m->cfg;
-    const int n = (int)s->layout.n_tokens, D = c->hidden, H = c->n_heads, hd = c->head_dim;
-    const int nf = s->layout.n_frames;
+    const int n = st->tok_cu[st->n_in], D = c->hidden, H = c->n_heads, hd = c->head_dim;
+    const int n_ctx = st->ctx_cu[st->n_in], nf = st->n_in * st->nf;
     const float scale = 1.0f / sqrtf((float)hd);
-    const int32_t q_cu[2] = {0, n}, self_cu[2] = {0, n}, ctx_cu[2] = {0, n_ctx};
 
     /* self-attention: RMSNorm per head on q and k, RoPE, full attention over all frames */
     modulation(m, s, &B->mod1[0], &B->mod2[0], nf);
-    modulate(m, s, s->h, s->x);
+    modulate(m, s, st, s->h, s->x, 3 * D);
     be->matmul(be, s->q, s->h, &B->wq, NULL, n);
     be->matmul(be, s->k, s->h, &B->wk, NULL, n);
     be->matmul(be, s->v, s->h, &B->wv, NULL, n);
     be->rmsnorm(be, s->q, s->q, B->q_norm, n * H, hd, QK_EPS);
     be->rmsnorm(be, s->k, s->k, B->k_norm, n * H, hd, QK_EPS);
-    be->rope_table(be, s->q, D, s->cos, s->sin, n, H, hd);
-    be->rope_table(be, s->k, D, s->cos, s->sin, n, H, hd);
-    be->attention_segments(be, s->att, s->q, D, s->k, s->v, D, q_cu, self_cu, 1, H, H, hd, scale);
+    for (int b = 0; b < st->n_in; b++) {
+        be->rope_table(be, s->q + (int64_t)st->tok_cu[b] * D, D, s->cos, s->sin, st->n1, H, hd);
+        be->rope_table(be, s->k + (int64_t)st->tok_cu[b] * D, D, s->cos, s->sin, st->n1, H, hd);
+    }
+    be->attention_segments(be, s->att, s->q, D, s->k, s->v, D, st->tok_cu, st->tok_cu, st->n_in, H, H, hd, scale);
     be->matmul(be, s->h, s->att, &B->wo, NULL, n);
-    gated_add(m, s, s->h);
+    gated_add(m, s, st, s->h);
 
-    /* cross-attention to the context: no RoPE, no mask */
+    /* cross-attention to each input's context: no RoPE, no mask */
     modulation(m, s, &B->mod1[1], &B->mod2[1], nf);
-    modulate(m, s, s->h, s->x);
+    modulate(m, s, st, s->h, s->x, 3 * D);
     be->matmul(be, s->q, s->h, &B->cq, NULL, n);
     be->rmsnorm(be, s->q, s->q, B->cq_norm, n * H, hd, QK_EPS);
     be->matmul(be, s->ck, s->ctx, &B->ck, NULL, n_ctx);
     be->rmsnorm(be, s->ck, s->ck, B->ck_norm, n_ctx * H, hd, QK_EPS);
     be->matmul(be, s->cv, s->ctx, &B->cv, NULL, n_ctx);
-    be->attention_segments(be, s->att, s->q, D, s->ck, s->cv, D, q_cu, ctx_cu, 1, H, H, hd, scale);
+    be->attention_segments(be, s->att, s->q, D, s->ck, s->cv, D, st->tok_cu, st->ctx_cu, st->n_in, H, H, hd, scale);
     be->matmul(be, s->h, s->att, &B->co, NULL, n);
-    gated_add(m, s, s->h);
+    gated_add(m, s, st, s->h);
 
     /* MLP: GELU (erf), no biases */
     modulation(m, s, &B->mod1[2], &B->mod2[2], nf);
-    modulate(m, s, s->h, s->x);
+    modulate(m, s, st, s->h, s->x, 3 * D);
     be->matmul(be, s->ff, s->h, &B->ff1, NULL, n);
     be->gelu(be, s->ff, s->ff, (int64_t)n * c->mlp_hidden);
     be->matmul(be, s->h, s->ff, &B->ff2, NULL, n);
-    gated_add(m, s, s->h);
+    gated_add(m, s, st, s->h);
 }
 
-int dg_dit_forward(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, float *velocity,
-                   char *err, size_t errlen) {
+/* The inputs against the state and the layout; their tokens, contexts and timesteps into the
+ * state (host_sinus holds the timesteps of every frame row until time_embed). */
+static int stack_inputs(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, int n_in, stack *st, char *err,
+                        size_t errlen) {
     dg_backend *be = s->be;
     const dg_dit_config *c = &m->cfg;
     const dg_dit_layout *L = &s->layout;
-    const int C = c->latent_channels, D = c->hidden;
-    const int64_t pp = (int64_t)c->patch_h * c->patch_w, in_dim = (C + 2) * pp;
-    const int64_t out_dim = pp * c->out_channels;
+    const int64_t in_dim = (int64_t)(c->latent_channels + 2) * c->patch_h * c->patch_w;
     if (!s->has_layout) {
         snprintf(err, errlen, "dit: no layout installed (dg_dit_set_layout)");
         return DG_EINVAL;
     }
-    if (in->n_ctx < 1 || in->n_ctx > s->max_ctx) {
-        snprintf(err, errlen, "dit: %d context rows for a state of %d", in->n_ctx, s->max_ctx);
+    if (n_in < 1 || n_in > DG_DIT_MAX_BATCH || (int64_t)n_in * L->n_tokens > s->max_tokens) {
+        snprintf(err, errlen, "dit: %d inputs of %lld tokens for a state of %d tokens (at most %d inputs)", n_in,
+                 (long long)L->n_tokens, s->max_tokens, DG_DIT_MAX_BATCH);
         return DG_ELIMIT;
     }
-    const int n = (int)L->n_tokens, nf = L->n_frames;
-    for (int f = 0; f < nf; f++) dg_dit_patchify(L, f, in->latents[f], C, s->host_tok);
-    be->upload(be, s->tok, s->host_tok, (int64_t)n * in_dim);
-    be->upload(be, s->ctx, in->ctx, (int64_t)in->n_ctx * c->text_dim);
+    *st = (stack){.n_in = n_in, .n1 = (int)L->n_tokens, .nf = L->n_frames};
+    for (int b = 0; b < n_in; b++) {
+        st->tok_cu[b + 1] = st->tok_cu[b] + st->n1;
+        st->ctx_cu[b + 1] = st->ctx_cu[b] + in[b].n_ctx;
+        if (in[b].n_ctx < 1 || st->ctx_cu[b + 1] > s->max_ctx) {
+            snprintf(err, errlen, "dit: %d context rows after %d for a state of %d", in[b].n_ctx, st->ctx_cu[b],
+                     s->max_ctx);
+            return DG_ELIMIT;
+        }
+    }
+    for (int b = 0; b < n_in; b++) {
+        for (int f = 0; f < L->n_frames; f++)
+            dg_dit_patchify(L, f, in[b].latents[f], c->latent_channels, s->host_tok + (int64_t)st->tok_cu[b] * in_dim);
+        be->upload(be, s->ctx + (int64_t)st->ctx_cu[b] * c->text_dim, in[b].ctx, (int64_t)in[b].n_ctx * c->text_dim);
+    }
+    be->upload(be, s->tok, s->host_tok, (int64_t)st->tok_cu[n_in] * in_dim);
+    return 0;
+}
+
+int dg_dit_forward(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, float *velocity,
+                   char *err, size_t errlen) {
+    return dg_dit_forward_batch(m, s, in, 1, &velocity, err, errlen);
+}
+
+int dg_dit_forward_batch(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, int n_in,
+                         float *const *velocity, char *err, size_t errlen) {
+    dg_backend *be = s->be;
+    const dg_dit_config *c = &m->cfg;
+    const dg_dit_layout *L = &s->layout;
+    const int D = c->hidden;
+    const int64_t out_dim = (int64_t)c->patch_h * c->patch_w * c->out_channels;
+    float t[DG_DIT_MAX_FRAMES * DG_DIT_MAX_BATCH];
+    stack st;
+    int rc = stack_inputs(m, s, in, n_in, &st, err, errlen);
+    if (rc < 0) return rc;
+    const int n = st.tok_cu[n_in], nf = n_in * st.nf;
     be->matmul(be, s->x, s->tok, &m->patch, NULL, n);
-    time_embed(m, s, in->timesteps, nf);
-    for (int l = 0; l < c->n_layers; l++) block_forward(m, &m->blocks[l], s, in->n_ctx);
+    for (int b = 0; b < n_in; b++) memcpy(t + b * st.nf, in[b].timesteps, (size_t)st.nf * sizeof *t);
+    time_embed(m, s, t, nf);
+    for (int l = 0; l < c->n_layers; l++) block_forward(m, &m->blocks[l], s, &st);
 
     /* final layer: shift, scale from norm_out (+ the first 2D of temb), then proj_out */
     be->matmul(be, s->lora, s->emb, &m->out1, NULL, nf);
     be->matmul(be, s->mod, s->lora, &m->out2, NULL, nf);
-    for (int f = 0; f < nf; f++) {
-        const dg_dit_frame_meta *fm = &L->frames[f];
-        float *mf = s->mod + (int64_t)f * 2 * D;
-        be->add(be, mf, s->temb + (int64_t)f * 3 * D, 2 * D);
-        be->modulate(be, s->q + fm->token0 * D, s->x + fm->token0 * D, mf, mf + D, (int)fm->n_tokens, D,
-                     LN_EPS);
-    }
+    for (int f = 0; f < nf; f++) be->add(be, s->mod + (int64_t)f * 2 * D, s->temb + (int64_t)f * 3 * D, 2 * D);
+    modulate(m, s, &st, s->q, s->x, 2 * D);
     be->matmul(be, s->out, s->q, &m->proj_out, NULL, n);
     be->download(be, s->host_out, s->out, (int64_t)n * out_dim);
-    float *dst = velocity;
-    for (int f = 0; f < nf; f++) {
-        dg_dit_unpatchify(L, f, s->host_out, c->out_channels, dst);
-        dst += (int64_t)c->out_channels * L->frames[f].h * L->frames[f].w;
+    for (int b = 0; b < n_in; b++) {
+        float *dst = velocity[b];
+        for (int f = 0; f < L->n_frames; f++) {
+            dg_dit_unpatchify(L, f, s->host_out + (int64_t)st.tok_cu[b] * out_dim, c->out_channels, dst);
+            dst += (int64_t)c->out_channels * L->frames[f].h * L->frames[f].w;
+        }
     }
     return 0;
 }

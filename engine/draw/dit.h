@@ -16,6 +16,13 @@
  *     dg_dit_set_layout(&dit, s, &L, err, sizeof err);     // RoPE tables: once per image
  *     for each step, for each CFG branch:
  *         dg_dit_forward(&dit, s, &(dg_dit_input){latents, t, ctx, n_ctx}, v, err, sizeof err);
+ *     or both branches (or images of one layout) in one forward:
+ *         dg_dit_forward_batch(&dit, s, (dg_dit_input[2]){cond, uncond}, 2, (float *[2]){vc, vu}, ...);
+ *
+ * Batching (docs/DESIGN.md §6 "Batching"): the inputs of one forward share the installed
+ * layout; their tokens are stacked, every weight is one GEMM over all of them, attention
+ * (self and cross) runs within each input. On the CPU each input's velocity is the same
+ * bits as its own forward's (rows whatever m, attention per segment).
  *
  * Numerics: fp32 everywhere (weights widened as read); diffusers' eps values (q/k RMSNorm
  * 1e-5, LayerNorms and the t-embedding norm 1e-6). The timestep input is σ itself (diffusers
@@ -82,9 +89,11 @@ typedef struct {
     int          n_ctx;
 } dg_dit_input;
 
+#define DG_DIT_MAX_BATCH 8   /* inputs of one forward */
+
 typedef struct {
     dg_backend    *be;         /* borrowed: the buffers' and the forwards' backend */
-    int            max_tokens, max_ctx;
+    int            max_tokens, max_ctx;   /* of one forward: all its inputs together */
     dg_dit_layout  layout;     /* set by dg_dit_set_layout */
     int            has_layout;
     float *x;       /* [max_tokens, D]  residual stream */
@@ -96,6 +105,7 @@ typedef struct {
     float *tok;     /* [max_tokens, (C+2)·ph·pw] patch vectors */
     float *out;     /* [max_tokens, ph·pw·C_out] final projection */
     float *cos, *sin;          /* [max_tokens, hd/2] RoPE tables of the layout */
+    /* F_max = min(max_tokens, DG_DIT_MAX_FRAMES · DG_DIT_MAX_BATCH): a row per frame of each input */
     float *sinus;   /* [F_max, D]      timestep sinusoids, one row per frame */
     float *temb;    /* [F_max, 3D]     adaLN-LoRA term (t_embedder output) */
     float *emb;     /* [F_max, D]      SiLU(RMSNorm(sinusoid)): the modulation MLPs' input */
@@ -129,5 +139,10 @@ int  dg_dit_set_layout(const dg_dit *m, dg_dit_state *s, const dg_dit_layout *L,
  * `velocity` (host, the frames' [C_out, h_f, w_f] one after another, n_latent floats). */
 int  dg_dit_forward(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, float *velocity,
                     char *err, size_t errlen);
+/* n_in <= DG_DIT_MAX_BATCH evaluations over the installed layout in one forward:
+ * velocity[i] gets in[i]'s, as dg_dit_forward would. n_in · layout tokens <= max_tokens and
+ * Σ n_ctx <= max_ctx, else DG_ELIMIT. */
+int  dg_dit_forward_batch(const dg_dit *m, dg_dit_state *s, const dg_dit_input *in, int n_in,
+                          float *const *velocity, char *err, size_t errlen);
 
 #endif

@@ -37,6 +37,11 @@ int dg_dit_layout_build(dg_dit_layout *L, const int *h, const int *w, const int 
     return 0;
 }
 
+int dg_dit_layout_same(const dg_dit_layout *a, const dg_dit_layout *b) {
+    return a->n_frames == b->n_frames && a->patch_h == b->patch_h && a->patch_w == b->patch_w &&
+           memcmp(a->frames, b->frames, (size_t)a->n_frames * sizeof a->frames[0]) == 0;
+}
+
 void dg_dit_rope_table(const dg_dit_layout *L, int head_dim, const float rope_scale[3],
                        float *cos_t, float *sin_t) {
     const int dim_h = head_dim / 6 * 2, dim_w = dim_h, dim_t = head_dim - dim_h - dim_w;

@@ -43,6 +43,10 @@ int  dg_dit_layout_build(dg_dit_layout *L, const int *h, const int *w, const int
                          int n_frames, int channels, int patch_h, int patch_w, char *err,
                          size_t errlen);
 
+/* 1 when a and b pack the same frames (sizes, order, condition flags): one forward may
+ * run inputs of both (dg_dit_forward_batch). */
+int  dg_dit_layout_same(const dg_dit_layout *a, const dg_dit_layout *b);
+
 /* Cosmos 3-D RoPE angles of every token (spec §1.3; diffusers CosmosRotaryPosEmbed):
  * head_dim splits into dim_t = hd − 2·(hd/6·2) temporal, dim_h = dim_w = hd/6·2 spatial
  * frequencies; θ_x = 10000 · scale_x^(dim_x / (dim_x − 2)); for a token at (t, y, x)

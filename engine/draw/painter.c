@@ -23,7 +23,7 @@ struct dg_painter {
     int64_t             max_condition_pixels;
 
     /* buffers, grown at begin and kept for the next image */
-    dg_dit_state *dit_state;    int dit_tokens;
+    dg_dit_state *dit_state;    int dit_tokens, dit_ctx;   /* of one forward: both CFG branches */
     dg_vae_state *vae_state;    int vae_h, vae_w;
     float   *latents;  int64_t latents_cap;   /* host: every frame's latent, frame after frame */
     float   *vel_c;    int64_t vel_c_cap;     /* host: the DiT's velocity of every frame, conditional */
@@ -254,12 +254,16 @@ static int prepare_sampler(dg_painter *p, const dg_painter_job *job, char *err, 
     int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
     dg_flow_noise(p->frame_lat[p->target], n_target, job->seed * 0x9E3779B97F4A7C15ull + (uint64_t)job->index + 1, 0);
     int rc;
-    if (!p->dit_state || p->dit_tokens < p->layout.n_tokens) {
+    /* with guidance both branches go through one forward: twice the tokens, both contexts */
+    const int branches = p->guidance_scale > 0 ? 2 : 1;
+    if (!p->dit_state || p->dit_tokens < branches * p->layout.n_tokens || p->dit_ctx < branches * p->max_context) {
         dg_dit_state_free(p->dit, p->dit_state);
         p->dit_state = NULL;
-        if ((rc = dg_dit_state_new(p->dit, p->be, (int)p->layout.n_tokens, p->max_context, &p->dit_state, err, errlen)) < 0)
+        if ((rc = dg_dit_state_new(p->dit, p->be, branches * (int)p->layout.n_tokens, branches * p->max_context,
+                                   &p->dit_state, err, errlen)) < 0)
             return rc;
-        p->dit_tokens = (int)p->layout.n_tokens;
+        p->dit_tokens = branches * (int)p->layout.n_tokens;
+        p->dit_ctx = branches * p->max_context;
     }
     if ((rc = dg_dit_set_layout(p->dit, p->dit_state, &p->layout, err, errlen)) < 0) return rc;
     const dg_image_params *ip = &job->params;
@@ -292,30 +296,44 @@ int dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_t
 
 /* ---- steps and the result ------------------------------------------------------------------- */
 
-int dg_painter_step(dg_painter *p, char *err, size_t errlen) {
-    double t0 = dg_clock_now_ms();
+const dg_dit_layout *dg_painter_layout(const dg_painter *p) { return p->flow ? &p->layout : NULL; }
+
+int dg_painter_inputs(dg_painter *p, dg_dit_input *in, float **velocity) {
     p->timesteps[p->target] = dg_flow_sigma(p->flow);
     const float *const *lat = (const float *const *)p->frame_lat;
-    dg_dit_input in = {.latents = lat, .timesteps = p->timesteps, .ctx = p->ctx_pos, .n_ctx = p->n_ctx_pos};
-    int rc = dg_dit_forward(p->dit, p->dit_state, &in, p->vel_c, err, errlen);
-    if (rc < 0) return rc;
-    p->cost.dit_forwards++;
+    in[0] = (dg_dit_input){.latents = lat, .timesteps = p->timesteps, .ctx = p->ctx_pos, .n_ctx = p->n_ctx_pos};
+    velocity[0] = p->vel_c;
+    if (p->guidance_scale <= 0) return 1;
+    in[1] = (dg_dit_input){.latents = lat, .timesteps = p->timesteps, .ctx = p->ctx_neg, .n_ctx = p->n_ctx_neg};
+    velocity[1] = p->vel_u;
+    return 2;
+}
+
+int dg_painter_advance(dg_painter *p, double forward_ms, char *err, size_t errlen) {
+    double t0 = dg_clock_now_ms();
+    const int branches = p->guidance_scale > 0 ? 2 : 1;
+    p->cost.dit_forwards += branches;
     int64_t off = p->frame_lat[p->target] - p->latents;   /* the target's velocity follows the conditions' */
     int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
     float *v = p->vel_c + off;
-    if (p->guidance_scale > 0) {
-        in.ctx = p->ctx_neg;
-        in.n_ctx = p->n_ctx_neg;
-        if ((rc = dg_dit_forward(p->dit, p->dit_state, &in, p->vel_u, err, errlen)) < 0) return rc;
-        p->cost.dit_forwards++;
-        dg_flow_cfg(v, v, p->vel_u + off, p->guidance_scale, n_target);
-    }
-    if ((rc = dg_flow_step(p->flow, p->frame_lat[p->target], v)) < 0) {
+    if (branches == 2) dg_flow_cfg(v, v, p->vel_u + off, p->guidance_scale, n_target);
+    if (dg_flow_step(p->flow, p->frame_lat[p->target], v) < 0) {
         snprintf(err, errlen, "sampler: step past the end");
-        return rc;
+        return DG_EINTERNAL;
     }
-    p->cost.diffusion_ms += dg_clock_now_ms() - t0;
+    p->cost.diffusion_ms += forward_ms + dg_clock_now_ms() - t0;
     return p->flow->step;
+}
+
+int dg_painter_step(dg_painter *p, char *err, size_t errlen) {
+    dg_dit_input in[2];
+    float *vel[2];
+    const int branches = dg_painter_inputs(p, in, vel);
+    double t0 = dg_clock_now_ms();
+    /* the conditional branch and, with guidance, the unconditional one: one forward */
+    int rc = dg_dit_forward_batch(p->dit, p->dit_state, in, branches, vel, err, errlen);
+    if (rc < 0) return rc;
+    return dg_painter_advance(p, dg_clock_now_ms() - t0, err, errlen);
 }
 
 static void pixels_to_rgb(const float *px, dg_image *img) {

@@ -41,7 +41,7 @@
  *     dg_painter_free(p);
  *
  * Every call takes the painter alone, never a sequence, so that painters drawing images of
- * one layout can later be stepped together. Not thread-safe: one scheduler owns a painter.
+ * one layout can be stepped together (below). Not thread-safe: one scheduler owns a painter.
  * Errors are negative DG_E* values with the message in err. */
 #ifndef DG_PAINTER_H
 #define DG_PAINTER_H
@@ -88,7 +88,8 @@ typedef struct {
     double  diffusion_ms;     /* begin (conditions, noise, layout) and the denoising steps */
     double  vae_ms;           /* encoding condition images (also inside diffusion_ms), decoding */
     int64_t cached_latents;   /* condition images whose latent came from the latent cache */
-    int64_t dit_forwards;     /* DiT forward passes: one per step, two with guidance */
+    int64_t dit_forwards;     /* DiT network evaluations: one per step, two with guidance
+                                 (both in one forward) */
 } dg_painter_cost;
 
 /* Pixels of a condition frame when the worker sets no bound (max_condition_pixels 0):
@@ -118,6 +119,18 @@ int  dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_
 /* One denoising step (two DiT forwards with guidance, one without). Returns the steps
  * taken so far, 1..steps: at `steps` the latent is ready for dg_painter_finish. */
 int  dg_painter_step(dg_painter *p, char *err, size_t errlen);
+
+/* Painters stepped together (docs/DESIGN.md §6 "Batching"). Images of one DiT layout (the
+ * same frame sizes in the same order) may take their denoising step in one forward: for
+ * each painter dg_painter_inputs gives the step's inputs (1, or 2 with guidance) and where
+ * their velocities go; the caller runs dg_dit_forward_batch over all of them on a state of
+ * its own with that layout installed; then dg_painter_advance on each, with its share of
+ * the forward's time. On the CPU the image is the same bits as dg_painter_step's, which is
+ * these three for one painter on its own state. */
+const dg_dit_layout *dg_painter_layout(const dg_painter *p);   /* NULL: no image in progress */
+int  dg_painter_inputs(dg_painter *p, dg_dit_input *in, float **velocity);   /* in[2], velocity[2] */
+/* Guidance and the sampler's step from the velocities: as dg_painter_step returns. */
+int  dg_painter_advance(dg_painter *p, double forward_ms, char *err, size_t errlen);
 
 /* After the last step: the VAE decodes the latent into *out (a new image, the caller's)
  * and *hash gets its content hash. The painter then holds no image in progress. On error

@@ -44,7 +44,7 @@ int dg_prompt_cond_new(const dg_qwen2 *llm, const dg_connector *conn, const dg_t
     if (!p) goto nomem;
     *p = (dg_prompt_cond){.llm = llm, .conn = conn, .tok = tok, .recipe = *recipe, .be = be, .chunk = chunk};
     const int n_blocks = (recipe->max_tokens + BLOCK - 1) / BLOCK;
-    if ((rc = dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, BLOCK, n_blocks, &p->kv, err,
+    if ((rc = dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, BLOCK, n_blocks, DG_DTYPE_F32, &p->kv, err,
                               errlen)) < 0 ||
         (rc = dg_cond_acc_new(conn, be, recipe->max_tokens, chunk, &p->pos, err, errlen)) < 0 ||
         (rc = dg_cond_acc_new(conn, be, recipe->max_tokens, chunk, &p->neg, err, errlen)) < 0)

@@ -111,9 +111,11 @@ int dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int ma
     s->dev_logits = be->alloc(be, (VL ? VL : 1) * sizeof(float));
     s->logits = malloc((VL ? VL : 1) * sizeof(float));
     s->pos = malloc(3 * T * sizeof(int32_t));
+    s->ids = malloc(T * sizeof(int32_t));
+    s->logit_rows = malloc(((size_t)max_logits + 1) * sizeof(int32_t));
     s->graphs = calloc(2 * (size_t)c->n_layers, sizeof *s->graphs);
     if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
-        !s->dev_logits || !s->logits || !s->pos || !s->graphs)
+        !s->dev_logits || !s->logits || !s->pos || !s->ids || !s->logit_rows || !s->graphs)
         goto nomem;
     *out = s;
     return 0;
@@ -132,6 +134,8 @@ void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s) {
     free(s->graphs);
     free(s->logits);
     free(s->pos);
+    free(s->ids);
+    free(s->logit_rows);
     free(s);
 }
 
@@ -170,41 +174,47 @@ static void run_after_attention(void *ctx) {
     be->add(be, s->x, s->h, (int64_t)n * D);
 }
 
-/* One decoder layer over n tokens, in place on s->x [n, D] (spec §3.1). */
-static void layer_forward(const dg_qwen2 *m, int l, dg_qwen2_state *s, const dg_kv_view *kv,
-                          const int32_t *pos, int n_past, int n) {
+/* One decoder layer over the n stacked rows of the batch's sequences, in place on
+ * s->x [n, D] (spec §3.1): norms and every weight over all rows at once, K/V written and
+ * attention read per sequence, in its own blocks. */
+static void layer_forward(const dg_qwen2 *m, int l, dg_qwen2_state *s, const dg_kv_cache *kv,
+                          const dg_qwen2_batch_seq *seqs, int n_seqs, int n) {
     const dg_text_config *c = &m->cfg;
     const dg_qwen2_layer *L = &m->layers[l];
     dg_backend *be = s->be;
-    const int hd = c->head_dim, KD = c->n_kv_heads * hd;
+    const int hd = c->head_dim, QD = c->n_heads * hd, KD = c->n_kv_heads * hd;
     const dg_rope_params rope = {c->rope_theta, {c->mrope_section[0], c->mrope_section[1],
                                                  c->mrope_section[2]}};
 
-    /* one token (decode): q, k, v as one row [q | k | v] in s->q, so that one RoPE call
-     * rotates the heads of q and k together; the fused forms save a GPU four launches a
-     * layer (the step is ~300 small launches otherwise), and the fixed runs around the
-     * per-token operations (RoPE positions, the KV slot, the attention's length) may be
-     * replayed rather than launched */
+    /* one row (a decode step alone): q, k, v as one row [q | k | v] in s->q, so that one
+     * RoPE call rotates the heads of q and k together; the fused forms save a GPU four
+     * launches a layer (the step is ~300 small launches otherwise), and the fixed runs
+     * around the per-token operations (RoPE positions, the KV slot, the attention's length)
+     * may be replayed rather than launched */
     const int one = n == 1;
-    float *q = s->q, *k = one ? s->q + c->n_heads * hd : s->k, *v = one ? k + KD : s->v;
+    float *q = s->q, *k = one ? s->q + QD : s->k, *v = one ? k + KD : s->v;
     const dg_matmul_part qkv[3] = {{q, &L->wq, L->bq}, {k, &L->wk, L->bk}, {v, &L->wv, L->bv}};
     layer_run r = {m, L, s, qkv, n};
 
     dg_graph_run(be, one ? &s->graphs[2 * l] : NULL, run_qkv, &r);
     if (one) {
-        be->rope(be, q, pos, 1, c->n_heads + c->n_kv_heads, hd, &rope);
+        be->rope(be, q, s->pos, 1, c->n_heads + c->n_kv_heads, hd, &rope);
     } else {
-        be->rope(be, q, pos, n, c->n_heads, hd, &rope);
-        be->rope(be, k, pos, n, c->n_kv_heads, hd, &rope);
+        be->rope(be, q, s->pos, n, c->n_heads, hd, &rope);
+        be->rope(be, k, s->pos, n, c->n_kv_heads, hd, &rope);
     }
-    be->kv_write(be, kv, n_past, k, v, n, KD);
-    be->attention(be, s->att, q, kv, n_past, n, c->n_heads, c->n_kv_heads, hd,
-                  1.0f / sqrtf((float)hd));
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].in.n, i++) {
+        const dg_kv_view view = dg_kv_cache_layer(kv, seqs[i].seq, l);
+        const int n_past = seqs[i].seq->n_tokens, rows = seqs[i].in.n;
+        be->kv_write(be, &view, n_past, k + (int64_t)row * KD, v + (int64_t)row * KD, rows, KD);
+        be->attention(be, s->att + (int64_t)row * QD, q + (int64_t)row * QD, &view, n_past, rows, c->n_heads,
+                      c->n_kv_heads, hd, 1.0f / sqrtf((float)hd));
+    }
     dg_graph_run(be, one ? &s->graphs[2 * l + 1] : NULL, run_after_attention, &r);
 }
 
-/* The x rows of the <|image_pad|> tokens <- image_embeds rows, in order (masked_scatter). */
-static void insert_image_rows(const dg_qwen2 *m, dg_qwen2_state *s, const dg_qwen2_input *in) {
+/* The x rows x0.. of the <|image_pad|> tokens <- image_embeds rows, in order (masked_scatter). */
+static void insert_image_rows(const dg_qwen2 *m, dg_qwen2_state *s, float *x0, const dg_qwen2_input *in) {
     const int D = m->cfg.hidden_size, image = m->cfg.image_token_id;
     int32_t idx[64];   /* embedding rows of one run of image tokens, 64 at a time */
     for (int i = 0, e = 0; i < in->n;) {
@@ -213,58 +223,95 @@ static void insert_image_rows(const dg_qwen2 *m, dg_qwen2_state *s, const dg_qwe
             idx[run] = e + run;
             run++;
         }
-        if (run) s->be->gather_rows(s->be, s->x + (int64_t)i * D, in->image_embeds, idx, run, D);
+        if (run) s->be->gather_rows(s->be, x0 + (int64_t)i * D, in->image_embeds, idx, run, D);
         i += run ? run : 1;
         e += run;
     }
 }
 
+/* The batch's sizes and token ids against the state and the vocabulary; then its ids and
+ * positions stacked into s->ids and s->pos [3, n] (text: n_past + i + rope_delta), and the
+ * rows whose logits are asked for into s->logit_rows. *n_rows, *n_logits: the totals. */
+static int batch_stack(const dg_qwen2 *m, dg_qwen2_state *s, dg_qwen2_batch_seq *seqs, int n_seqs, int *n_rows,
+                       int *n_logits, char *err, size_t errlen) {
+    const dg_text_config *c = &m->cfg;
+    int n = 0, nl = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const dg_qwen2_input *in = &seqs[i].in;
+        if (in->n < 1 || in->n_logits < 0 || in->n_logits > in->n || n + in->n > s->max_tokens ||
+            nl + in->n_logits > s->max_logits) {
+            snprintf(err, errlen, "qwen2: %d tokens / %d logits after %d / %d for a state of %d / %d", in->n,
+                     in->n_logits, n, nl, s->max_tokens, s->max_logits);
+            return DG_EINVAL;
+        }
+        for (int j = 0; j < in->n; j++)
+            if (in->ids[j] < 0 || in->ids[j] >= c->vocab_size) {
+                snprintf(err, errlen, "qwen2: token %d at %d is outside the vocabulary of %d", in->ids[j], j,
+                         c->vocab_size);
+                return DG_EINVAL;
+            }
+        n += in->n;
+        nl += in->n_logits;
+    }
+    if (n_seqs < 1) {
+        snprintf(err, errlen, "qwen2: a batch of no sequences");
+        return DG_EINVAL;
+    }
+    for (int i = 0, row = 0, lr = 0; i < n_seqs; row += seqs[i].in.n, i++) {
+        const dg_qwen2_input *in = &seqs[i].in;
+        const int n_past = seqs[i].seq->n_tokens;
+        memcpy(s->ids + row, in->ids, (size_t)in->n * sizeof *in->ids);
+        for (int r = 0; r < 3; r++)
+            for (int j = 0; j < in->n; j++)
+                s->pos[r * n + row + j] = in->pos ? in->pos[r * in->n + j] : n_past + j + in->rope_delta;
+        seqs[i].logits_row = lr;
+        for (int j = in->n - in->n_logits; j < in->n; j++) s->logit_rows[lr++] = row + j;
+    }
+    *n_rows = n;
+    *n_logits = nl;
+    return 0;
+}
+
 int dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq,
                      const dg_qwen2_input *in, const dg_qwen2_hook *hook, char *err,
                      size_t errlen) {
+    dg_qwen2_batch_seq one = {.seq = seq, .in = *in, .hook = hook};
+    return dg_qwen2_forward_batch(m, s, kv, &one, 1, err, errlen);
+}
+
+int dg_qwen2_forward_batch(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv,
+                           dg_qwen2_batch_seq *seqs, int n_seqs, char *err, size_t errlen) {
     const dg_text_config *c = &m->cfg;
     dg_backend *be = s->be;
-    const int n = in->n, n_past = seq->n_tokens, D = c->hidden_size;
-    const int32_t *pos = in->pos;
-    int rc;
+    const int D = c->hidden_size;
+    int n, n_logits, rc, download = 0;
 
-    if (n < 1 || n > s->max_tokens || in->n_logits < 0 || in->n_logits > n ||
-        in->n_logits > s->max_logits) {
-        snprintf(err, errlen, "qwen2: %d tokens / %d logits for a state of %d / %d", n,
-                 in->n_logits, s->max_tokens, s->max_logits);
-        return DG_EINVAL;
-    }
-    for (int i = 0; i < n; i++)
-        if (in->ids[i] < 0 || in->ids[i] >= c->vocab_size) {
-            snprintf(err, errlen, "qwen2: token %d at %d is outside the vocabulary of %d",
-                     in->ids[i], i, c->vocab_size);
-            return DG_EINVAL;
+    if ((rc = batch_stack(m, s, seqs, n_seqs, &n, &n_logits, err, errlen)) < 0) return rc;
+    for (int i = 0; i < n_seqs; i++) {
+        if ((rc = dg_kv_seq_reserve(kv, seqs[i].seq, seqs[i].in.n)) < 0) {
+            snprintf(err, errlen, "qwen2: no KV room for %d more tokens after %d (%s; sequence %d of the batch)",
+                     seqs[i].in.n, seqs[i].seq->n_tokens, rc == DG_ELIMIT ? "sequence limit" : "cache full", i);
+            return rc;
         }
-    if ((rc = dg_kv_seq_reserve(kv, seq, n)) < 0) {
-        snprintf(err, errlen, "qwen2: no KV room for %d more tokens after %d (%s)", n, n_past,
-                 rc == DG_ELIMIT ? "sequence limit" : "cache full");
-        return rc;
-    }
-    if (!pos) {
-        for (int r = 0; r < 3; r++)
-            for (int i = 0; i < n; i++) s->pos[r * n + i] = n_past + i + in->rope_delta;
-        pos = s->pos;
+        download |= seqs[i].in.n_logits > 0 && !seqs[i].in.logits_on_device;
     }
 
-    be->embed(be, s->x, &m->embed, in->ids, n);
-    if (in->image_embeds) insert_image_rows(m, s, in);
+    be->embed(be, s->x, &m->embed, s->ids, n);
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].in.n, i++)
+        if (seqs[i].in.image_embeds) insert_image_rows(m, s, s->x + (int64_t)row * D, &seqs[i].in);
     for (int l = 0; l < c->n_layers; l++) {
-        dg_kv_view view = dg_kv_cache_layer(kv, seq, l);
-        layer_forward(m, l, s, &view, pos, n_past, n);
-        if (hook && hook->fn) hook->fn(hook->user, l, s->x, n, n_past);
+        layer_forward(m, l, s, kv, seqs, n_seqs, n);
+        for (int i = 0, row = 0; i < n_seqs; row += seqs[i].in.n, i++)
+            if (seqs[i].hook && seqs[i].hook->fn)
+                seqs[i].hook->fn(seqs[i].hook->user, l, s->x + (int64_t)row * D, seqs[i].in.n, seqs[i].seq->n_tokens);
     }
-    if (in->n_logits > 0) {
-        const int first = n - in->n_logits;
-        be->rmsnorm(be, s->h, s->x + (int64_t)first * D, m->norm, in->n_logits, D, c->rms_norm_eps);
-        be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, in->n_logits);
-        if (!in->logits_on_device)
-            be->download(be, s->logits, s->dev_logits, (int64_t)in->n_logits * c->vocab_size);
+    if (n_logits > 0) {
+        be->gather_rows(be, s->h, s->x, s->logit_rows, n_logits, D);
+        be->rmsnorm(be, s->h, s->h, m->norm, n_logits, D, c->rms_norm_eps);
+        be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, n_logits);
+        if (download) be->download(be, s->logits, s->dev_logits, (int64_t)n_logits * c->vocab_size);
     }
-    dg_kv_seq_commit(kv, seq, in->ids, in->token_keys, n);
+    for (int i = 0; i < n_seqs; i++)
+        dg_kv_seq_commit(kv, seqs[i].seq, seqs[i].in.ids, seqs[i].in.token_keys, seqs[i].in.n);
     return 0;
 }

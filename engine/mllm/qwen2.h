@@ -14,6 +14,11 @@
  *     dg_qwen2_forward(&m, s, kv, &seq, &(dg_qwen2_input){.ids = &tok, .n = 1, .n_logits = 1},
  *                      NULL, err, sizeof err);           // one decode step
  *
+ * Several sequences share one forward (dg_qwen2_forward_batch, docs/DESIGN.md §6
+ * "Batching"): their rows are stacked, so that every weight is one GEMM over all of them,
+ * and attention runs per sequence over its own paged KV. On the CPU a sequence's rows,
+ * K/V and logits are the same bits batched or alone (backend.h matmul: rows whatever m).
+ *
  * Numerics: fp32 everywhere (weights widened from their stored dtype as they are read),
  * which matches transformers run in float32 on the same bf16 checkpoint to fp32 rounding. */
 #ifndef DG_QWEN2_H
@@ -80,7 +85,7 @@ typedef struct {
 
 typedef struct {
     dg_backend *be;           /* borrowed: the buffers' and the forwards' backend */
-    int      max_tokens, max_logits;
+    int      max_tokens, max_logits;   /* rows and logits rows of one forward, all sequences */
     float   *x;               /* [max_tokens, D]       residual stream */
     float   *h;               /* [max_tokens, D]       normed input / block output */
     float   *q;               /* [max_tokens, H*hd]; one token: [q | k | v] */
@@ -91,7 +96,9 @@ typedef struct {
     float   *up;              /* [max_tokens, F] */
     float   *dev_logits;      /* [max_logits, V]       backend memory */
     float   *logits;          /* [max_logits, V]       host copy: the result of a forward */
-    int32_t *pos;             /* [3, max_tokens]       text positions built here */
+    int32_t *pos;             /* [3, max_tokens]       the rows' positions, stacked here */
+    int32_t *ids;             /* [max_tokens]          the rows' token ids, stacked here */
+    int32_t *logit_rows;      /* [max_logits]          rows of x whose logits are asked for */
     void   **graphs;          /* [2 * layers]          one token's fixed runs per layer
                                  (backend.h graph_run): before and after the attention */
 } dg_qwen2_state;
@@ -115,5 +122,24 @@ void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s);   /* accepts NUL
 int  dg_qwen2_forward(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv, dg_kv_seq *seq,
                       const dg_qwen2_input *in, const dg_qwen2_hook *hook, char *err,
                       size_t errlen);
+
+/* One sequence's share of a batched forward. */
+typedef struct {
+    dg_kv_seq           *seq;        /* its KV (distinct sequences): rows go after n_tokens */
+    dg_qwen2_input       in;         /* its tokens; in.n_logits of them get logits */
+    const dg_qwen2_hook *hook;       /* or NULL: called with this sequence's rows only */
+    int                  logits_row; /* out: the row of s->dev_logits (s->logits) holding its
+                                        first logits; its n_logits rows follow in order */
+} dg_qwen2_batch_seq;
+
+/* dg_qwen2_forward for n_seqs sequences at once: their rows stacked in the order given
+ * ([Σ in.n, D] <= s->max_tokens, Σ in.n_logits <= s->max_logits), each sequence's K/V
+ * written into and attention read from its own blocks, its logits rows after those of the
+ * sequences before it. s->logits is filled when any sequence has !logits_on_device.
+ * Blocks are reserved for every sequence before anything runs: DG_EAGAIN or DG_ELIMIT
+ * names the sequence (its index in the batch) and commits nothing (a caller that reserved
+ * each sequence's room itself, dg_kv_seq_reserve, meets neither). */
+int  dg_qwen2_forward_batch(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv,
+                            dg_qwen2_batch_seq *seqs, int n_seqs, char *err, size_t errlen);
 
 #endif

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cpu_kernels.h"
 #include "matmul.h"
@@ -99,6 +100,20 @@ static void cpu_embed(dg_backend *be, float *y, const dg_weight *table, const in
     dg_cpu_embed(cpu(be), y, table, ids, m);
 }
 
+/* The host's MemAvailable (/proc/meminfo), else its free pages; 0 when neither is known. */
+static size_t cpu_memory_free(dg_backend *be) {
+    (void)be;
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[128];
+    unsigned long long kib = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) break;
+    if (f) fclose(f);
+    if (kib) return (size_t)kib * 1024;
+    long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? (size_t)pages * (size_t)size : 0;
+}
+
 static int cpu_status(dg_backend *be, char *err, size_t errlen) {
     (void)be;
     (void)err;
@@ -130,6 +145,7 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
         goto nomem;
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
+    be->kv_bf16 = 1;
     be->free = cpu_free;
     be->fork = cpu_fork;
     be->alloc = cpu_alloc;
@@ -160,6 +176,7 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->logits_adjust = dg_cpu_logits_adjust;
     be->topk = dg_cpu_topk;
     be->status = cpu_status;
+    be->memory_free = cpu_memory_free;
     *out = be;
     return 0;
 nomem:

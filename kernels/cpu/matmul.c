@@ -89,7 +89,7 @@ static void tile_portable(int rm, const float *x, int64_t ldx, const float *pane
         }
 }
 
-const dg_matmul_kernels dg_matmul_portable = {PORTABLE_MR, PORTABLE_NR, rows_portable, pack_portable,
+const dg_matmul_kernels dg_matmul_portable = {PORTABLE_MR, PORTABLE_NR, rows_portable, NULL, pack_portable,
                                               tile_portable};
 
 /* ---- drivers ---------------------------------------------------------------------------- */
@@ -104,6 +104,17 @@ static void gemv(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const fl
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
     for (int64_t t = 0; t < n_tiles; t++) K->rows(y, x, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
+}
+
+/* m = 2 .. DG_MATMUL_GEMV_ROWS rows of x (the decode step of several sequences): W's rows
+ * split as the GEMV splits them, each read once for all of x's rows. */
+static void gemv_multi(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const float *x,
+                       const dg_weight *w, const float *bias, int m) {
+    const int64_t n = w->rows, tile = 64, n_tiles = (n + tile - 1) / tile;
+    const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
+    for (int64_t t = 0; t < n_tiles; t++)
+        K->rows_multi(y, x, m, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
 }
 
 /* A block of W: rows r0 .. r0+nn-1, columns k0 .. k0+kc-1 (nn = 0: none). */
@@ -174,5 +185,6 @@ void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w
                                : c->simd >= DG_CPU_AVX2   ? &dg_matmul_avx2
                                                           : &dg_matmul_portable;
     if (m == 1) gemv(c, K, y, x, w, bias);
+    else if (m <= DG_MATMUL_GEMV_ROWS && K->rows_multi) gemv_multi(c, K, y, x, w, bias, m);
     else gemm(c, K, y, x, w, bias, m);
 }

@@ -4,9 +4,11 @@
  * The canonical order. Every output y[i, r] is computed by one fixed sequence of fp32
  * operations that depends on x's row i, W's row r, k and bias[r] only: never on m, on the
  * place of row i in the batch, on the tile or thread that computes it, or on the kernel
- * (GEMV for m = 1, GEMM for m > 1). So a row of y is bit-identical whatever m — the
- * guarantee backend.h states, which a KV cache filled by decode (m = 1) and by prefill
- * (m = 512) relies on to give the same tokens on a warm worker as on a cold one (issue 14).
+ * (GEMV for m = 1, the multi-row GEMV for a few rows, GEMM above). So a row of y is
+ * bit-identical whatever m — the guarantee backend.h states, which a KV cache filled by
+ * decode (m = 1) and by prefill (m = 512) relies on to give the same tokens on a warm
+ * worker as on a cold one (issue 14), and batched decode (m = the sequences of a step) on
+ * giving each job the tokens it gets alone (issue 17).
  *
  * The sequence (SIMD kernels, AVX2 and AVX-512 alike):
  *   1. k is cut into blocks of KB = 1024 columns (the last one shorter). In a block, 16
@@ -42,6 +44,8 @@
 #define DG_MATMUL_KB 1024      /* the canonical order's block of k (a multiple of 16) */
 #define DG_MATMUL_MR_MAX 4     /* the most rows of x a tile computes */
 #define DG_MATMUL_NR_MAX 6     /* the most rows of W a tile computes */
+#define DG_MATMUL_GEMV_ROWS 8  /* the most rows of x the multi-row GEMV takes (the decode of
+                                  a few sequences); more go to the GEMM */
 
 /* GEMM blocking (matmul.c). A task is an m-block of x against a chunk of at most NC rows
  * of W. For each block of k, the chunk's panels (nr rows x the block, widened: 24 KiB at
@@ -64,6 +68,11 @@ typedef struct {
     /* GEMV: y[r] for W rows r0 <= r < r1, in the canonical order, from x[k]. */
     void (*rows)(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
                  int64_t r1);
+    /* The GEMV of m = 2 .. DG_MATMUL_GEMV_ROWS rows of x [m, k]: y[i·w.rows + r] for W rows
+     * r0 <= r < r1, each the same bits as `rows` gives for x's row i. NULL: such m go to
+     * the GEMM (the AVX2 and portable kernels). */
+    void (*rows_multi)(float *y, const float *x, int m, const dg_weight *w, const float *bias,
+                       int64_t r0, int64_t r1);
     /* panel[ceil(kc/16)][nr][16] = W rows r0 .. r0+nn-1, columns k0 .. k0+kc-1, as fp32;
      * rows nn .. nr-1 and the columns past kc are zeros. kc <= KB. */
     void (*pack)(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
@@ -83,7 +92,8 @@ void dg_matmul_rows_avx2(float *y, const float *x, const dg_weight *w, const flo
 void dg_matmul_pack_avx2(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                          int64_t kc);
 
-/* y[m, w.rows] = x[m, w.cols] · Wᵀ (+ bias): GEMV for m = 1, GEMM above; rows split over
+/* y[m, w.rows] = x[m, w.cols] · Wᵀ (+ bias): GEMV for m = 1, the multi-row GEMV up to
+ * DG_MATMUL_GEMV_ROWS where the kernels have one, GEMM above; rows split over
  * c->n_threads; scratch is c->gemm (DG_MATMUL_SCRATCH_FLOATS per thread). */
 void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias,
                    int m);

@@ -178,4 +178,4 @@ static void tile(int rm, const float *x, int64_t ldx, const float *panel, int64_
     f[rm](x, ldx, panel, kc, flags, y, ldy, nn, bias);
 }
 
-const dg_matmul_kernels dg_matmul_avx2 = {MR, NR, dg_matmul_rows_avx2, dg_matmul_pack_avx2, tile};
+const dg_matmul_kernels dg_matmul_avx2 = {MR, NR, dg_matmul_rows_avx2, NULL, dg_matmul_pack_avx2, tile};

@@ -4,7 +4,8 @@
 
 #include "cpu_kernels.h"
 
-#define ATT_CHUNK 64   /* keys scored at once by the online softmax (stack buffer) */
+#define ATT_CHUNK 64      /* keys scored at once by the online softmax (stack buffer) */
+#define ATT_HEAD_MAX 512  /* head_dim bound (the config reader checks it): a widened bf16 row */
 
 /* HF Qwen2RMSNorm in fp32: y = weight * (x * rsqrt(mean(x²) + eps)). */
 void dg_cpu_rmsnorm(const dg_cpu *c, float *y, const float *x, const float *weight, int m, int n,
@@ -54,10 +55,29 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
                      const float *v, int m, int kv_dim) {
     (void)c;
     for (int i = 0; i < m; i++) {
-        int64_t r = kv_row(kv, start + i);
-        memcpy(kv->k + r * kv_dim, k + (int64_t)i * kv_dim, sizeof(float) * (size_t)kv_dim);
-        memcpy(kv->v + r * kv_dim, v + (int64_t)i * kv_dim, sizeof(float) * (size_t)kv_dim);
+        const int64_t r = kv_row(kv, start + i) * kv_dim;
+        const float *ki = k + (int64_t)i * kv_dim, *vi = v + (int64_t)i * kv_dim;
+        if (kv->dtype == DG_DTYPE_BF16) {   /* rounded to nearest even, as torch's .to(bfloat16) */
+            uint16_t *kd = (uint16_t *)kv->k + r, *vd = (uint16_t *)kv->v + r;
+            for (int d = 0; d < kv_dim; d++) {
+                kd[d] = dg_f32_to_bf16(ki[d]);
+                vd[d] = dg_f32_to_bf16(vi[d]);
+            }
+        } else {
+            memcpy((float *)kv->k + r, ki, sizeof(float) * (size_t)kv_dim);
+            memcpy((float *)kv->v + r, vi, sizeof(float) * (size_t)kv_dim);
+        }
     }
+}
+
+/* Row p's head `kvh` of K or V as fp32: in place for F32, widened into buf for BF16. */
+static inline const float *kv_head(const dg_kv_view *kv, const void *base, int p, int kv_dim, int kvh,
+                                   int head_dim, float *buf) {
+    const int64_t at = kv_row(kv, p) * kv_dim + (int64_t)kvh * head_dim;
+    if (kv->dtype != DG_DTYPE_BF16) return (const float *)base + at;
+    const uint16_t *h = (const uint16_t *)base + at;
+    for (int d = 0; d < head_dim; d++) buf[d] = dg_bf16_to_f32(h[d]);
+    return buf;
 }
 
 /* One (query, head) pair at a time with an online softmax over chunks of keys: the same
@@ -72,13 +92,13 @@ void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_v
         const float *qi = q + ih * head_dim;
         float *o = out + ih * head_dim;
         const int n_ctx = n_past + i + 1;
-        float s[ATT_CHUNK], mx = -INFINITY, l = 0.0f;
+        float s[ATT_CHUNK], mx = -INFINITY, l = 0.0f, row[ATT_HEAD_MAX];
         memset(o, 0, sizeof(float) * (size_t)head_dim);
         for (int p0 = 0; p0 < n_ctx; p0 += ATT_CHUNK) {
             const int nc = n_ctx - p0 < ATT_CHUNK ? n_ctx - p0 : ATT_CHUNK;
             float cm = -INFINITY;
             for (int j = 0; j < nc; j++) {
-                const float *kj = kv->k + kv_row(kv, p0 + j) * kv_dim + kvh * head_dim;
+                const float *kj = kv_head(kv, kv->k, p0 + j, kv_dim, kvh, head_dim, row);
                 s[j] = dg_cpu_dot(c->simd, qi, kj, head_dim) * scale;
                 if (s[j] > cm) cm = s[j];
             }
@@ -87,7 +107,7 @@ void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_v
             l *= corr;
             for (int j = 0; j < nc; j++) {
                 const float e = expf(s[j] - mnew);
-                const float *vj = kv->v + kv_row(kv, p0 + j) * kv_dim + kvh * head_dim;
+                const float *vj = kv_head(kv, kv->v, p0 + j, kv_dim, kvh, head_dim, row);
                 dg_cpu_scale_axpy(c->simd, o, j == 0 ? corr : 1.0f, e, vj, head_dim);
                 l += e;
             }

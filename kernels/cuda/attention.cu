@@ -517,7 +517,8 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
     const int n_ctx = n_past + m, n_blocks = (n_ctx + kv->block_size - 1) / kv->block_size;
     const int32_t *d_tab = (const int32_t *)dg_cuda_stage(c, kv->block_table, sizeof(int32_t) * (size_t)n_blocks);
     if (!d_tab) return DG_EDEVICE;
-    kv_addr a = {kv->k, kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
+    /* F32: this backend has no kv_bf16, so dg_kv_cache_new gives it no other */
+    kv_addr a = {(const float *)kv->k, (const float *)kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
     if (m <= DECODE_MAX_M)
         return attn_decode(c, out, q, a, n_past, m, n_heads, n_kv_heads, head_dim, scale);
     /* the mma kernel's pre-pass converts all n_ctx K/V rows of the layer: for fewer new rows

@@ -175,6 +175,15 @@ static size_t arena_in_use_mib(dg_cuda_device *d) {
     return n;
 }
 
+/* What the arena has left (in one piece or not). */
+static size_t cuda_memory_free(dg_backend *be) {
+    dg_cuda_device *d = dg_cuda_of(be)->dev;
+    pthread_mutex_lock(&d->lock);
+    const size_t n = d->size - d->in_use;
+    pthread_mutex_unlock(&d->lock);
+    return n;
+}
+
 static void *cuda_alloc(dg_backend *be, size_t bytes) { return arena_alloc(dg_cuda_of(be)->dev, bytes); }
 
 /* The memory goes back to the shared arena once this backend's queued work is done: the
@@ -500,6 +509,7 @@ static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, si
     be->logits_adjust = c->unverified ? dg_cuda_logits_adjust : NULL;
     be->topk = c->unverified ? dg_cuda_topk : NULL;
     be->status = cuda_status;
+    be->memory_free = cuda_memory_free;
     be->graph_run = cuda_graph_run;
     be->graph_release = cuda_graph_release;
     *out = be;

@@ -79,7 +79,8 @@ static int kv_write(dg_cuda *c, const dg_kv_view *kv, int start, const float *k,
     const int32_t *d_tab = (const int32_t *)dg_cuda_stage(c, kv->block_table + b0,
                                                           sizeof(int32_t) * (size_t)(b1 - b0 + 1));
     if (!d_tab) return DG_EDEVICE;
-    kv_write_kernel<<<m, 128, 0, c->stream>>>(kv->k, kv->v, d_tab, b0, kv->block_size, start, k, v, kv_dim);
+    kv_write_kernel<<<m, 128, 0, c->stream>>>((float *)kv->k, (float *)kv->v, d_tab, b0, kv->block_size, start, k, v,
+                                              kv_dim);   /* F32: this backend has no kv_bf16 */
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }

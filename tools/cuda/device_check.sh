@@ -8,7 +8,8 @@
 #   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages, in the
 #      default, precise, graphs and unverified modes), and the CUDA cases of test_interleaved
 #      and test_sched_threads (one model, two schedulers on two threads), with the default
-#      (verified) kernels and again with DG_CUDA_UNVERIFIED=1;
+#      (verified) kernels and again with DG_CUDA_UNVERIFIED=1, and of test_batching (eight
+#      jobs stepped together);
 #   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit)
 #      and dg-bench job (the seeded full package: DiT s/image at 1024² x 35 steps with CFG,
 #      VAE decode ms, one 4-image interleaved job);
@@ -60,14 +61,14 @@ step programs
 if [ -z "${DG_USE_BUNDLE:-}" ] && pkg-config --exists jansson libpng libturbojpeg libutf8proc libpcre2-8 hiredis libprotobuf-c 2>/dev/null &&
    [ -f /usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h ]; then
     echo "building here"
-    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/tests/test_sched_threads build/dg-bench build/mkmodel \
+    make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/tests/test_sched_threads build/tests/test_batching build/dg-bench build/mkmodel \
         build/libduogen_cuda.so 2>&1 | tail -3
 else
     echo "no build dependencies here: the packed programs (tools/cuda/pack.sh)"
     rm -rf build/carry && mkdir -p build/carry build/tests
     tar -C build/carry -xJf .devcarry/bundle.tar.xz || { echo "no .devcarry/bundle.tar.xz"; exit 1; }
     cp build/carry/bin/test_backend_cuda build/carry/bin/test_cuda_parity build/carry/bin/test_interleaved \
-       build/carry/bin/test_sched_threads build/tests/
+       build/carry/bin/test_sched_threads build/carry/bin/test_batching build/tests/
     cp build/carry/bin/dg-bench build/carry/bin/mkmodel build/carry/bin/libduogen_cuda.so build/
     export LD_LIBRARY_PATH="$PWD/build/carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
@@ -85,6 +86,7 @@ if want tests; then
     timeout 120 build/tests/test_cuda_parity 2>&1
     DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
     DG_TEST=two_schedulers_on_two_threads_answer_as_one_on_cuda timeout 60 build/tests/test_sched_threads 2>&1
+    DG_TEST=batching_on_cuda timeout 90 build/tests/test_batching 2>&1
     step "the same two with the kernels not yet verified on a device (DG_CUDA_UNVERIFIED=1)"
     DG_CUDA_UNVERIFIED=1 DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
     DG_CUDA_UNVERIFIED=1 DG_TEST=two_schedulers_on_two_threads_answer_as_one_on_cuda timeout 60 build/tests/test_sched_threads 2>&1

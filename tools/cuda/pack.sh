@@ -10,10 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || echo '/.devcarry/' >> .git/info/exclude
-make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/tests/test_sched_threads build/dg-bench build/mkmodel \
+make -j"$(nproc)" build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/tests/test_sched_threads build/tests/test_batching build/dg-bench build/mkmodel \
     build/libduogen_cuda.so
 rm -rf .devcarry && mkdir -p .devcarry/stage/bin .devcarry/stage/lib
-bins="build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/tests/test_sched_threads build/dg-bench build/mkmodel build/libduogen_cuda.so"
+bins="build/tests/test_backend_cuda build/tests/test_cuda_parity build/tests/test_interleaved build/tests/test_sched_threads build/tests/test_batching build/dg-bench build/mkmodel build/libduogen_cuda.so"
 for b in $bins; do strip --strip-debug -o ".devcarry/stage/bin/$(basename "$b")" "$b"; done
 ldd $bins | awk '$3 ~ /^\// {print $3}' | sort -u | while read -r lib; do
     case "$(basename "$lib")" in

@@ -356,8 +356,8 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     printf("  %s: seeded 7B text weights (%.2f GB) in %.1f s\n", dev, wbytes / 1e9, (bench_now_ms() - t_load) / 1e3);
     const dg_text_config *c = &m.cfg;
     if (dg_qwen2_state_new(&m, m.be, max_tokens, 1, &s, err, sizeof err) < 0 ||
-        dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, 16, (n.n_long + n.n_decode) / 16 + 4, &kv, err,
-                        sizeof err) < 0 ||
+        dg_kv_cache_new(be, c->n_layers, c->n_kv_heads * c->head_dim, 16, (n.n_long + n.n_decode) / 16 + 4,
+                        DG_DTYPE_F32, &kv, err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, n.n_long + n.n_decode + 1, 16) < 0) {
         fprintf(stderr, "bench_cuda: %s\n", err);
         goto out;

@@ -11,8 +11,15 @@
  * record theirs under the same key, as evidence that all three ran the same weights.
  *
  * When build/bench/transformers_decoder.json and build/bench/llamacpp_decoder.json exist
- * (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py), the ratios to them
- * are printed too. */
+ * (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py: bf16, equal precision
+ * with our bf16 weights; their _f32 files, labelled, for comparison), the ratios to them are
+ * printed too, with the baseline's name, version and dtype.
+ *
+ * The machine's read bandwidth is measured in the same run, with the same threads (a sum
+ * over 1 GiB, far past the caches, best of 3), and decode is printed as a fraction of the
+ * limit it implies: the bytes one decode token must read (every text matrix once: the
+ * embedding table as the tied lm_head, or lm_head; the KV read is small here) over that
+ * bandwidth. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,16 +70,65 @@ static double text_weight_mb(const dg_st *st) {
     return b / (1024.0 * 1024.0);
 }
 
-/* Prints ours / theirs for a figure recorded by a reference script. */
+/* Prints ours / theirs for a figure recorded by a reference script, naming the baseline
+ * (its "baseline" line: name, version, dtype). */
 static void ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {
     json_error_t je;
     json_t *j = json_load_file(file, 0, &je), *v = j ? json_object_get(j, key) : NULL;
     if (json_is_number(v) && json_number_value(v) > 0) {
         char name[128];
+        const char *who = json_string_value(json_object_get(j, "baseline"));
         snprintf(name, sizeof name, "%s_vs_%s", key, label);
+        if (who) {
+            printf("  %s: against %s (%s)\n", name, who, file);
+            char k2[160];
+            snprintf(k2, sizeof k2, "%s_baseline", label);
+            json_object_set_new(out, k2, json_string(who));
+        }
         bench_record(out, name, ours / json_number_value(v), "x");
     }
     json_decref(j);
+}
+
+/* Bytes one decode token reads from the text weights: every matrix of the decoder once; of
+ * the embedding table one row, unless it is also the (tied) lm_head. */
+static double decode_bytes_per_token(const dg_st *st, int tied) {
+    double b = 0;
+    for (size_t i = 0; i < dg_st_count(st); i++) {
+        const dg_st_tensor *t = dg_st_at(st, i);
+        if (!strncmp(t->name, "visual.", 7)) continue;
+        if (!strcmp(t->name, "model.embed_tokens.weight") && !tied) continue;
+        b += (double)t->nbytes;
+    }
+    return b;
+}
+
+static volatile uint64_t read_sink;   /* the XORs are stored, so the loops are not dropped */
+
+/* GB/s of reading 1 GiB with `threads` threads, best of 3: an XOR over 64-bit words into
+ * eight independent accumulators, so that the loads, not the arithmetic, set the pace. */
+static double read_bandwidth_gbs(int threads) {
+    const size_t n = (size_t)1 << 27;   /* 64-bit words: 1 GiB */
+    uint64_t *buf = malloc(n * sizeof *buf), sink = 0;
+    double best = 0;
+    if (!buf) return 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (size_t i = 0; i < n; i++) buf[i] = i * 0x9E3779B97F4A7C15ull;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = bench_now_ms();
+        uint64_t x = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(^ : x)
+        for (size_t i = 0; i < n; i += 8) {
+            const uint64_t *p = buf + i;
+            x ^= (p[0] ^ p[1]) ^ (p[2] ^ p[3]) ^ ((p[4] ^ p[5]) ^ (p[6] ^ p[7]));
+        }
+        double gbs = (double)(n * sizeof *buf) / ((bench_now_ms() - t0) / 1e3) / 1e9;
+        sink ^= x;
+        if (gbs > best) best = gbs;
+    }
+    free(buf);
+    read_sink = sink;
+    return best;
 }
 
 static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double rss_start) {
@@ -93,7 +149,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, m.be, n_prompt, 1, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
-                        (n_prompt + n_decode) / 16 + 2, &kv, err, sizeof err) < 0 ||
+                        (n_prompt + n_decode) / 16 + 2, DG_DTYPE_F32, &kv, err, sizeof err) < 0 ||
         dg_kv_seq_init(&seq, n_prompt + n_decode, 16) < 0) {
         fprintf(stderr, "bench_decoder: %s\n", err);
         goto out;
@@ -130,6 +186,13 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_decode / ((t2 - t1) / 1e3));
     ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_decode / ((t2 - t1) / 1e3));
     bench_record(out, "prefill_argmax", best, "(token id)");
+    const double bw = read_bandwidth_gbs(threads), bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
+    snprintf(name, sizeof name, "read_bandwidth_gbs_t%d", threads);
+    bench_record(out, name, bw, "GB/s");
+    snprintf(name, sizeof name, "decode_bytes_per_token_mb");
+    bench_record(out, name, bytes / 1e6, "MB");
+    snprintf(name, sizeof name, "decode_fraction_of_bandwidth_limit_t%d", threads);
+    bench_record(out, name, bw > 0 ? (n_decode / ((t2 - t1) / 1e3)) / (bw * 1e9 / bytes) : 0, "(of 1)");
     double w = text_weight_mb(st), rss = peak_rss_mb();
     bench_record(out, "text_weights_mb", w, "MiB");
     bench_record(out, "peak_rss_mb", rss, "MiB");

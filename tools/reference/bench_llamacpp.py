@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Baseline for dg-bench's decoder benchmark: llama.cpp (llama-cpp-python from PyPI) on a
-GGUF f32 of the same small package's text weights, 1 and 2 threads, same prompt length
-and decode steps. Writes build/bench/llamacpp_decoder.json with dg-bench's keys.
+GGUF of the same small package's text weights, 1 and 2 threads, same prompt length and
+decode steps. --dtype bf16 (the default: the matrices in BF16 as the package stores them,
+norms and biases in F32, as llama.cpp's own converter writes a BF16 model; equal precision
+with duogen's bf16 weights) or f32 (every tensor widened: twice the bytes a token reads;
+kept for comparison, labelled). Writes build/bench/llamacpp_decoder.json (bf16) or
+llamacpp_decoder_f32.json with dg-bench's keys.
 
 The GGUF is written here with the `gguf` package: the qwen2 architecture keys, the Qwen2
 BPE vocabulary (vocab.json + merges.txt + added tokens, padded to the embedding rows),
-and every text tensor converted to float32 under llama.cpp's names. Qwen2.5-VL's M-RoPE
+and every text tensor under llama.cpp's names. Qwen2.5-VL's M-RoPE
 equals plain (NEOX, rotate-half) RoPE for text positions, so architecture qwen2 computes
 the same function. No output.weight: tied embeddings (llama.cpp falls back to token_embd).
 
@@ -34,7 +38,7 @@ NAMES = {
 }
 
 
-def write_gguf(mdir, path):
+def write_gguf(mdir, path, dtype):
     cfg = json.load(open(os.path.join(mdir, "config.json")))
     vocab = json.load(open(os.path.join(mdir, "vocab.json")))
     tcfg = json.load(open(os.path.join(mdir, "tokenizer_config.json")))
@@ -59,7 +63,7 @@ def write_gguf(mdir, path):
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -82,7 +86,11 @@ def write_gguf(mdir, path):
             else:
                 layer, rest = name[len("model.layers."):].split(".", 1)
                 out = f"blk.{layer}.{NAMES[rest]}"
-            w.add_tensor(out, t)
+            if dtype == "bf16" and t.ndim == 2:
+                w.add_tensor(out, gguf.quants.quantize(t, gguf.GGMLQuantizationType.BF16), raw_shape=t.shape,
+                             raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                w.add_tensor(out, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -102,17 +110,23 @@ def main():
     root = os.path.normpath(os.path.join(here, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(root, "build", "models", "small"))
-    ap.add_argument("--gguf", default=os.path.join(root, "build", "models", "small-f32.gguf"))
-    ap.add_argument("--out", default=os.path.join(root, "build", "bench", "llamacpp_decoder.json"))
+    ap.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
+    ap.add_argument("--gguf")
+    ap.add_argument("--out")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    args.gguf = args.gguf or os.path.join(root, "build", "models", f"small-{args.dtype}.gguf")
+    if not args.out:
+        name = "llamacpp_decoder.json" if args.dtype == "bf16" else "llamacpp_decoder_f32.json"
+        args.out = os.path.join(root, "build", "bench", name)
     if not os.path.exists(args.gguf):
-        write_gguf(os.path.join(args.model, "mllm"), args.gguf)
+        write_gguf(os.path.join(args.model, "mllm"), args.gguf, args.dtype)
     import llama_cpp
     from llama_cpp import Llama
     n_prompt, n_decode = (64, 8) if args.quick else (512, 64)
-    res = {"llama_cpp_python": llama_cpp.__version__, "dtype": "f32",
+    res = {"baseline": f"llama-cpp-python {llama_cpp.__version__}, {args.dtype.upper()} GGUF",
+           "llama_cpp_python": llama_cpp.__version__, "dtype": args.dtype,
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
     for t in args.threads:
         llm = Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=t,

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Baseline for dg-bench's decoder benchmark: transformers (PyTorch, float32, eager CPU)
-on the same small package (build/mkmodel --preset small --seed 1), same prompt length and
-decode steps, 1 and 2 threads. Writes build/bench/transformers_decoder.json with the same
-keys dg-bench uses (prefill_512_tok_s_t1, decode_tok_s_t1, ...), so that dg-bench prints
-the ratios.
+"""Baseline for dg-bench's decoder benchmark: transformers (PyTorch, eager CPU) on the same
+small package (build/mkmodel --preset small --seed 1), same prompt length and decode steps,
+1 and 2 threads. --dtype bf16 (the default: the weights as stored, compute in bf16, which is
+what "equal precision" against llama.cpp's BF16 means) or f32 (the weights widened: twice
+the bytes; kept for comparison, labelled). Writes build/bench/transformers_decoder.json
+(bf16) or transformers_decoder_f32.json with the keys dg-bench uses (prefill_512_tok_s_t1,
+decode_tok_s_t1, ...), so that dg-bench prints the ratios.
 
-  tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py [--quick]
+  tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py [--dtype f32] [--quick]
 """
 import argparse
 import json
@@ -31,17 +33,24 @@ def main():
     root = os.path.normpath(os.path.join(here, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(root, "build", "models", "small"))
-    ap.add_argument("--out", default=os.path.join(root, "build", "bench", "transformers_decoder.json"))
+    ap.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
+    ap.add_argument("--out")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if not args.out:
+        name = "transformers_decoder.json" if args.dtype == "bf16" else "transformers_decoder_f32.json"
+        args.out = os.path.join(root, "build", "bench", name)
     n_prompt, n_decode = (64, 8) if args.quick else (512, 64)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        os.path.join(args.model, "mllm"), dtype=torch.float32, attn_implementation="sdpa")
+        os.path.join(args.model, "mllm"), dtype=dtype, attn_implementation="sdpa")
     model.eval()
     vocab = model.config.text_config.vocab_size
     ids = prompt_ids(n_prompt, vocab)
-    res = {"torch": torch.__version__, "dtype": "float32", "attn_implementation": "sdpa",
+    import transformers
+    res = {"baseline": f"transformers {transformers.__version__} (torch {torch.__version__}), {args.dtype}",
+           "torch": torch.__version__, "dtype": args.dtype, "attn_implementation": "sdpa",
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
     with torch.inference_mode():
         for t in args.threads:

@@ -1,0 +1,338 @@
+/* Continuous batching changes no answer (docs/DESIGN.md §6 "Batching"): eight jobs of
+ * different lengths stepped together on one scheduler — one decoder forward a step for all
+ * of them, prefill chunks beside the decoding rows — stream the same text and the same PNG
+ * bytes as each job run alone on a scheduler of its own, on the tiny package. The mix: a
+ * prompt of several chunks, input images (two jobs share one picture), images drawn, a
+ * prefix-cache hit (a job submitted once another's system prompt is in the KV blocks), a
+ * job cancelled while the others run (its text is a prefix of its alone answer), greedy
+ * and seeded sampling, and two images of one layout drawn at the same time (one DiT forward
+ * for both, each with its two guidance branches).
+ *
+ * Equality is exact (bytes), for the text and for the pictures: on the CPU every row of a
+ * forward is the same bits whatever rows are stacked beside it (backend.h matmul; the
+ * attention reads each sequence's own blocks, the DiT's each input's own tokens), so a
+ * token, a condition row and a picture do not depend on the batch. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/device.h"
+#include "common/harness.h"
+#include "common/jobs.h"
+#include "common/package.h"
+#include "duogen.h"
+#include "model.h"
+#include "scheduler.h"
+
+#define N_JOBS 8
+
+static const char *pkg;   /* the tiny package of seed 11 with the Qwen2 vocabulary, made once */
+static dg_model *model;
+
+static int setup(void) {
+    char err[512];
+    if (model) return 1;
+    if (!(pkg = test_package_once("tiny", 11, TEST_QWEN2_VOCAB))) return 0;
+    if (dg_model_open(pkg, NULL, &model, err, sizeof err) < 0) {
+        printf("  %s\n", err);
+        return 0;
+    }
+    return 1;
+}
+
+static const char *SYSTEM = "You are a patient cook who answers in short steps and draws each dish "
+                            "as it should look on the plate, from above, on a round white plate, with a fork.";
+
+typedef struct {
+    dg_part       parts[2][3];
+    dg_message    msgs[2];
+    dg_logit_bias bias;
+    dg_request    r;
+} job_spec;
+
+static void text_part(dg_part *p, const char *text) {
+    *p = (dg_part){.kind = DG_PART_TEXT, .text = text, .text_len = strlen(text)};
+}
+
+static void image_part(dg_part *p, const uint8_t *png, size_t len) {
+    *p = (dg_part){.kind = DG_PART_IMAGE, .image = png, .image_len = len};
+}
+
+/* Job i: [system] user [image] text; max_new tokens; <BOV> biased by bov (0: not). */
+static void job(job_spec *j, const char *id, const char *system, const uint8_t *png, size_t png_len,
+                const char *text, int max_new, float bov, int greedy) {
+    int m = 0, k = 0;
+    if (system) {
+        text_part(&j->parts[0][0], system);
+        j->msgs[m++] = (dg_message){DG_ROLE_SYSTEM, j->parts[0], 1};
+    }
+    if (png) image_part(&j->parts[1][k++], png, png_len);
+    text_part(&j->parts[1][k++], text);
+    j->msgs[m++] = (dg_message){DG_ROLE_USER, j->parts[1], (size_t)k};
+    j->bias = (dg_logit_bias){test_bov_id(pkg), bov};
+    j->r = (dg_request){.id = id, .messages = j->msgs, .n_messages = (size_t)m, .seed = 7,
+                        .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE, .max_new_tokens = max_new,
+                                 .temperature = greedy ? 0.0f : 0.9f, .logit_bias = &j->bias, .n_logit_bias = bov > 0},
+                        .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
+                                         DG_IMAGE_MAX_IMAGES,
+                                  .width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 1}};
+}
+
+/* The eight jobs; their inputs (a, b: PNGs; longer: a prompt of more than two chunks of
+ * DG_SCHED_CHUNK = 256 tokens) outlive them. */
+typedef struct {
+    uint8_t *a, *b;
+    size_t   la, lb;
+    char    *longer;
+    job_spec J[N_JOBS];
+} eight;
+
+static void eight_make(eight *e) {
+    memset(e, 0, sizeof *e);
+    e->a = test_png(60, 40, 1, &e->la);
+    e->b = test_png(33, 71, 2, &e->lb);
+    e->longer = malloc(8192);
+    e->longer[0] = 0;
+    for (int i = 0; i < 40; i++) strcat(e->longer, "Then stir the sauce slowly, taste it, and add salt. ");
+    strcat(e->longer, "Summarize.");
+    job(&e->J[0], "b-0", SYSTEM, NULL, 0, "How long does rice take?", 20, 0, 1);
+    job(&e->J[1], "b-1", NULL, e->a, e->la, "What is on this plate?", 12, 0, 1);
+    job(&e->J[2], "b-2", NULL, NULL, 0, e->longer, 6, 0, 1);
+    job(&e->J[3], "b-3", NULL, e->b, e->lb, "Draw it on a blue plate.", 10, 100.0f, 1);
+    job(&e->J[4], "b-4", SYSTEM, e->a, e->la, "And how long do the noodles take?", 16, 0, 1);   /* prefix hit */
+    job(&e->J[5], "b-5", NULL, NULL, 0, "Tell me everything about knives.", 40, 0, 1);       /* cancelled */
+    job(&e->J[6], "b-6", NULL, NULL, 0, "Draw a pancake.", 8, 100.0f, 0);                     /* sampled */
+    job(&e->J[7], "b-7", NULL, NULL, 0, "Draw a bowl.", 3, 100.0f, 1);
+}
+
+static void eight_free(eight *e) {
+    free(e->a);
+    free(e->b);
+    free(e->longer);
+}
+
+/* Each job on a fresh scheduler of one sequence of m; the steps they took in all. */
+static int run_alone(dg_model *m, eight *e, test_job *alone) {
+    char err[512];
+    int steps = 0;
+    for (int i = 0; i < N_JOBS; i++) {
+        dg_sched *s = NULL;
+        CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+        if (!s) break;
+        dg_sink sink = test_job_sink(&alone[i]);
+        uint64_t seq;
+        CHECK_EQ_INT(dg_sched_submit(s, &e->J[i].r, &sink, &seq, err, sizeof err), 0);
+        while (dg_sched_active(s) > 0 && dg_sched_step(s, err, sizeof err) == 0) steps++;
+        CHECK(alone[i].finished && !alone[i].error[0]);
+        dg_sched_free(s);
+    }
+    return steps;
+}
+
+/* The jobs together on a scheduler of eight sequences (kept for the caller, *out): job 0
+ * first, until its system prompt is in full KV blocks; then the others; job 5 cancelled
+ * after 6 more steps. The steps taken. */
+static int run_batched(dg_model *m, eight *e, test_job *batched, dg_sched **out) {
+    char err[512];
+    dg_sched *s = NULL;
+    dg_sink sinks[N_JOBS];
+    uint64_t seqs[N_JOBS];
+    int steps = 0;
+    *out = NULL;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = N_JOBS}, &s, err, sizeof err), 0);
+    if (!s) return 0;
+    for (int i = 0; i < N_JOBS; i++) sinks[i] = test_job_sink(&batched[i]);
+    CHECK_EQ_INT(dg_sched_submit(s, &e->J[0].r, &sinks[0], &seqs[0], err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
+    steps++;
+    for (int i = 1; i < N_JOBS; i++) CHECK_EQ_INT(dg_sched_submit(s, &e->J[i].r, &sinks[i], &seqs[i], err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_active(s), N_JOBS);
+    for (; dg_sched_active(s) > 0; steps++) {
+        if (steps == 7) CHECK_EQ_INT(dg_sched_cancel(s, seqs[5]), 0);
+        if (dg_sched_step(s, err, sizeof err) < 0) {
+            CHECK(!"step");
+            printf("  %s\n", err);
+            break;
+        }
+    }
+    for (int i = 0; i < N_JOBS; i++) CHECK(batched[i].finished && !batched[i].error[0]);
+    CHECK(batched[5].reason == DG_FINISH_CANCELLED);
+    CHECK(batched[3].n_png == 1 && batched[6].n_png == 1 && batched[7].n_png == 1);
+    *out = s;
+    return steps;
+}
+
+TEST(batching_eight_jobs_answer_as_each_alone) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    eight e;
+    eight_make(&e);
+    test_job alone[N_JOBS] = {0}, batched[N_JOBS] = {0};
+    int steps_alone = run_alone(model, &e, alone);
+    CHECK_EQ_INT(alone[3].n_png, 1);
+    CHECK(alone[5].usage.generated_tokens > 10);
+    dg_sched *s = NULL;
+    int steps = run_batched(model, &e, batched, &s);
+    for (int i = 0; i < N_JOBS; i++) {
+        if (i == 5) continue;
+        if (!test_job_same(&batched[i], &alone[i]) || strcmp(batched[i].events, alone[i].events)) {
+            printf("  job %d differs: \"%s\" / \"%s\"\n", i, batched[i].text, alone[i].text);
+            CHECK(!"the same answer batched and alone");
+        }
+        CHECK_EQ_INT(batched[i].usage.generated_tokens, alone[i].usage.generated_tokens);
+    }
+    CHECK(batched[5].len < alone[5].len && memcmp(batched[5].text, alone[5].text, batched[5].len) == 0);
+    CHECK(batched[4].usage.cached_prompt_tokens > 0);
+    CHECK_EQ_INT(alone[4].usage.cached_prompt_tokens, 0);
+    /* jobs 6 and 7 drew images of one layout at the same time: in one DiT forward, on the
+     * scheduler's shared state (job 3's, with a condition frame, is another layout) */
+    CHECK(s && s->dit != NULL && s->dit_tokens >= 4 * 6);   /* 2 images x 2 branches x 6 tokens (4x6 latents) */
+    /* the jobs went together: far fewer steps than one after another */
+    printf("  %d steps batched, %d alone; job 4 reused %lld prompt tokens; images drawn:", steps, steps_alone,
+           (long long)batched[4].usage.cached_prompt_tokens);
+    for (int i = 0; i < N_JOBS; i++) printf(" %d", batched[i].n_png);
+    printf("; prompts:");
+    for (int i = 0; i < N_JOBS; i++) printf(" %lld", (long long)batched[i].usage.prompt_tokens);
+    printf("\n");
+    CHECK(2 * steps < steps_alone);
+    for (int i = 0; i < N_JOBS; i++) {
+        test_job_free(&batched[i]);
+        test_job_free(&alone[i]);
+    }
+    dg_sched_free(s);
+    eight_free(&e);
+}
+
+/* The same eight jobs on the CUDA backend: they run together to their ends (the cancelled
+ * one cancelled, the drawn images of the requested size, no device fault). The answers are
+ * not compared with the jobs alone: the CUDA backend computes a row differently by the
+ * number of rows beside it (backend.h matmul: a GEMV up to 8 rows, cuBLAS above), which can
+ * flip a near tie of a random model's tokens; how many jobs agree is printed. */
+TEST(batching_on_cuda) {
+    if (!test_cuda_present()) SKIP("%s", test_cuda_absent_reason());
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *m = NULL;
+    if (dg_model_open(pkg, &(dg_model_opts){.device = "cuda:0"}, &m, err, sizeof err) < 0) {
+        test_fail(__FILE__, __LINE__, "model on cuda:0: %s", err);
+        return;
+    }
+    eight e;
+    eight_make(&e);
+    test_job alone[N_JOBS] = {0}, batched[N_JOBS] = {0};
+    int steps_alone = run_alone(m, &e, alone);
+    dg_sched *s = NULL;
+    int steps = run_batched(m, &e, batched, &s), same = 0;
+    for (int i = 0; i < N_JOBS; i++) {
+        same += i != 5 && test_job_same(&batched[i], &alone[i]);
+        for (int k = 0; k < batched[i].n_png; k++) CHECK(batched[i].png_w[k] == 32 && batched[i].png_h[k] == 48);
+    }
+    printf("  cuda: %d steps batched, %d alone; %d of 7 jobs the same bytes as alone\n", steps, steps_alone, same);
+    for (int i = 0; i < N_JOBS; i++) {
+        test_job_free(&batched[i]);
+        test_job_free(&alone[i]);
+    }
+    dg_sched_free(s);
+    eight_free(&e);
+    dg_model_close(m);
+}
+
+/* Fairness (docs/DESIGN.md §6 "Batching"): a decoding job gets a token every step however
+ * many long prompts arrive beside it, and the long prompts, fed 256 tokens a step oldest
+ * first, each get their first token within the steps their own and the older prompts'
+ * tokens take: no job waits for ever, whatever keeps arriving. Four slots: job A decodes 24
+ * tokens; the three others are kept full of long-prompt jobs (one token each). */
+typedef struct {
+    test_job job;
+    int      submitted, done_step;
+} fair_job;
+
+TEST(batching_no_job_starves) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    enum { SLOTS = 4, LONG = 9 };
+    char err[512];
+    char *texts[LONG];
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.max_inflight = SLOTS}, &s, err, sizeof err), 0);
+    if (!s) return;
+    job_spec a = {0}, lj[LONG];
+    fair_job A = {0}, L[LONG];
+    memset(lj, 0, sizeof lj);
+    memset(L, 0, sizeof L);
+    job(&a, "fair-a", NULL, NULL, 0, "Tell me everything about knives.", 24, 0, 1);
+    a.r.text.logit_bias = NULL;
+    for (int i = 0; i < LONG; i++) {
+        texts[i] = malloc(8192);
+        snprintf(texts[i], 8192, "Job %d. ", i);
+        for (int k = 0; k < 40; k++) strcat(texts[i], "Then stir the sauce slowly, taste it, and add salt. ");
+        job(&lj[i], "fair-long", NULL, NULL, 0, texts[i], 1, 0, 1);
+    }
+    dg_sink sink = test_job_sink(&A.job);
+    uint64_t seq;
+    CHECK_EQ_INT(dg_sched_submit(s, &a.r, &sink, &seq, err, sizeof err), 0);
+    int next = 0, step = 0, prompt = 0;
+    while (dg_sched_active(s) > 0 && step < 200) {
+        while (next < LONG && dg_sched_active(s) < SLOTS) {
+            sink = test_job_sink(&L[next].job);
+            CHECK_EQ_INT(dg_sched_submit(s, &lj[next].r, &sink, &seq, err, sizeof err), 0);
+            L[next++].submitted = step;
+        }
+        CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
+        step++;
+        if (A.job.finished && !A.done_step) A.done_step = step;
+        for (int i = 0; i < next; i++)
+            if (L[i].job.finished && !L[i].done_step) L[i].done_step = step;
+    }
+    /* A: its first token in step 1 (its prompt is one chunk), then one a step to 24 */
+    CHECK(A.job.finished && A.job.usage.generated_tokens >= 1);
+    if (A.job.reason == DG_FINISH_LENGTH) CHECK_EQ_INT(A.done_step, 24);
+    CHECK(A.done_step <= 24);
+    /* each long prompt: its tokens and those of the prompts submitted before it that were
+     * still feeding, 256 a step (a step may begin with a partial chunk: + 1) */
+    prompt = (int)L[0].job.usage.prompt_tokens;
+    CHECK(prompt > 2 * 256);
+    for (int i = 0; i < LONG; i++) {
+        CHECK(L[i].job.finished && !L[i].job.error[0]);
+        int bound = (SLOTS - 1) * prompt / 256 + 2;
+        if (L[i].done_step - L[i].submitted > bound)
+            printf("  long job %d: submitted at step %d, first token at step %d (bound %d)\n", i, L[i].submitted,
+                   L[i].done_step, bound);
+        CHECK(L[i].done_step - L[i].submitted <= bound);
+    }
+    printf("  %d steps: A finished at step %d (%lld tokens), %d long prompts of %d tokens\n", step, A.done_step,
+           (long long)A.job.usage.generated_tokens, LONG, prompt);
+    for (int i = 0; i < LONG; i++) free(texts[i]);
+    dg_sched_free(s);
+}
+
+/* max_inflight 0: as many sequences as the KV budget holds at full context with as much
+ * again for cached prefixes (here 5), at most 16; with no budget the backend's free memory
+ * decides (at least 1). */
+TEST(batching_max_inflight_from_memory) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    const dg_text_config *c = &model->cfg.text;
+    size_t block = 2u * (size_t)c->n_layers * (size_t)c->n_kv_heads * (size_t)c->head_dim * 16 * sizeof(float);
+    size_t per_seq = 2 * (size_t)((model->max_context + 15) / 16) * block;
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.kv_cache_bytes = 5 * per_seq + block}, &s, err, sizeof err), 0);
+    if (s) CHECK_EQ_INT(s->n_seqs, 5);
+    dg_sched_free(s);
+    s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.kv_cache_bytes = 100 * per_seq}, &s, err, sizeof err), 0);
+    if (s) CHECK_EQ_INT(s->n_seqs, 16);
+    dg_sched_free(s);
+    s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){0}, &s, err, sizeof err), 0);
+    if (s) {
+        CHECK(s->n_seqs >= 1 && s->n_seqs <= 16);
+        printf("  no budget: %d sequences (%zu MiB free, %zu MiB a sequence)\n", s->n_seqs,
+               s->be->memory_free(s->be) >> 20, per_seq >> 20);
+    }
+    dg_sched_free(s);
+}
+
+int main(void) {
+    int rc = test_main();
+    dg_model_close(model);
+    return rc;
+}
