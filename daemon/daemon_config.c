@@ -39,7 +39,7 @@ static const struct key {
     STR(model, "model package directory"),
     STR(device, "cpu or cuda:N"),
     INT(threads, 0, 1024, "engine CPU threads (0 = all)"),
-    INT(max_inflight, 1, 256, "jobs stepped together"),
+    INT(max_inflight, 0, 256, "jobs stepped together; 0 = as many as the memory holds (1..16)"),
     SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
     INT(kv_bf16, 0, 1, "1: keep the KV cache in bf16, half the memory (CPU devices)"),
     SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = 64 images at the model's default size"),
@@ -88,7 +88,7 @@ void dg_daemon_config_defaults(dg_daemon_config *c) {
     snprintf(c->prefix, sizeof c->prefix, "duogen");
     snprintf(c->group, sizeof c->group, "duogen");
     snprintf(c->log_level, sizeof c->log_level, "info");
-    c->max_inflight = 1;
+    c->max_inflight = 0;
     c->block_ms = 2000;
     c->claim_idle_ms = 60000;
     c->reaper_ms = 15000;

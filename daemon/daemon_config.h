@@ -22,7 +22,7 @@ typedef struct {
     char output_root[512];      /* drawn images as files below it (Job.image_output); "" = Redis only */
     char log_level[16];
     int  threads;               /* engine CPU threads; 0 = all */
-    int  max_inflight;          /* jobs stepped together */
+    int  max_inflight;          /* jobs stepped together; 0 until the worker sizes it (dg_sched_max_inflight) */
 
     /* queue behaviour, milliseconds unless named otherwise */
     int  block_ms;              /* XREADGROUP BLOCK while idle */

@@ -126,6 +126,30 @@ static void describe_malformed(const uint8_t *p, size_t n, char *err, size_t err
 
 static int finite_in(float v, float lo, float hi) { return isfinite(v) && v >= lo && v <= hi; }
 
+/* ImageParams: each limit and choice, naming the field. */
+static dg_job_status validate_image(const Duogen__V1__ImageParams *ip, const dg_daemon_config *cfg, char *err,
+                                    size_t errlen) {
+    if (ip->width % 16 || ip->height % 16 || ip->width > (uint32_t)cfg->max_image_side ||
+        ip->height > (uint32_t)cfg->max_image_side)
+        FAIL(DG_JOB_BAD_REQUEST, "image.width/height: %ux%u must be multiples of 16 up to %d",
+             ip->width, ip->height, cfg->max_image_side);
+    if (ip->steps > (uint32_t)cfg->max_steps)
+        FAIL(DG_JOB_BAD_REQUEST, "image.steps: %u, over the limit of %d", ip->steps, cfg->max_steps);
+    if (HAS(ip, guidance_scale) && !finite_in(ip->guidance_scale, 0, 100))
+        FAIL(DG_JOB_BAD_REQUEST, "image.guidance_scale: %g is not in 0..100 (0: no guidance)", ip->guidance_scale);
+    if (HAS(ip, max_images) && ip->max_images > (uint32_t)cfg->max_output_images)
+        FAIL(DG_JOB_BAD_REQUEST, "image.max_images: %u, over the limit of %d", ip->max_images, cfg->max_output_images);
+    if (ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SCHEDULE_DEFAULT &&
+        ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS &&
+        ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SHIFTED)
+        FAIL(DG_JOB_BAD_REQUEST, "image.schedule: %d is not SCHEDULE_DEFAULT, KARRAS or SHIFTED", (int)ip->schedule);
+    if (HAS(ip, shift) && !(finite_in(ip->shift, 0, 100) && ip->shift > 0))
+        FAIL(DG_JOB_BAD_REQUEST, "image.shift: %g is not in (0, 100]", ip->shift);
+    if (HAS(ip, shift) && ip->schedule == DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS)
+        FAIL(DG_JOB_BAD_REQUEST, "image.shift: the KARRAS schedule has no shift");
+    return DG_JOB_OK;
+}
+
 static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config *cfg, char *err, size_t errlen) {
     if (!dg_job_id_valid(pb->id, strlen(pb->id)))
         FAIL(DG_JOB_BAD_REQUEST, pb->id[0] ? "id: \"%.64s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -"
@@ -197,27 +221,8 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
                      t->logit_bias[i]->key, b);
         }
     }
-    const Duogen__V1__ImageParams *ip = pb->image;
-    if (ip) {
-        if (ip->width % 16 || ip->height % 16 || ip->width > (uint32_t)cfg->max_image_side ||
-            ip->height > (uint32_t)cfg->max_image_side)
-            FAIL(DG_JOB_BAD_REQUEST, "image.width/height: %ux%u must be multiples of 16 up to %d",
-                 ip->width, ip->height, cfg->max_image_side);
-        if (ip->steps > (uint32_t)cfg->max_steps)
-            FAIL(DG_JOB_BAD_REQUEST, "image.steps: %u, over the limit of %d", ip->steps, cfg->max_steps);
-        if (HAS(ip, guidance_scale) && !finite_in(ip->guidance_scale, 0, 100))
-            FAIL(DG_JOB_BAD_REQUEST, "image.guidance_scale: %g is not in 0..100 (0: no guidance)", ip->guidance_scale);
-        if (HAS(ip, max_images) && ip->max_images > (uint32_t)cfg->max_output_images)
-            FAIL(DG_JOB_BAD_REQUEST, "image.max_images: %u, over the limit of %d", ip->max_images, cfg->max_output_images);
-        if (ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SCHEDULE_DEFAULT &&
-            ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS &&
-            ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SHIFTED)
-            FAIL(DG_JOB_BAD_REQUEST, "image.schedule: %d is not SCHEDULE_DEFAULT, KARRAS or SHIFTED", (int)ip->schedule);
-        if (HAS(ip, shift) && !(finite_in(ip->shift, 0, 100) && ip->shift > 0))
-            FAIL(DG_JOB_BAD_REQUEST, "image.shift: %g is not in (0, 100]", ip->shift);
-        if (HAS(ip, shift) && ip->schedule == DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS)
-            FAIL(DG_JOB_BAD_REQUEST, "image.shift: the KARRAS schedule has no shift");
-    }
+    dg_job_status st = pb->image ? validate_image(pb->image, cfg, err, errlen) : DG_JOB_OK;
+    if (st != DG_JOB_OK) return st;
     if (pb->image_output == DUOGEN__V1__JOB__IMAGE_OUTPUT__FILES && !cfg->output_root[0])
         FAIL(DG_JOB_BAD_REQUEST, "image_output: FILES, but this worker writes no files (output_root unset)");
     if ((int)pb->image_output < 0 || pb->image_output > DUOGEN__V1__JOB__IMAGE_OUTPUT__FILES)

@@ -54,6 +54,10 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
                         .max_condition_pixels = cfg->max_condition_pixels};
     int rc = dg_sched_new(model, &so, &w->sched, err, errlen);
     if (rc) return rc;
+    if (!cfg->max_inflight) {   /* sized by the engine from the memory (docs/DESIGN.md §6 "Batching") */
+        cfg->max_inflight = dg_sched_max_inflight(w->sched);
+        log_info("max_inflight %d (from the memory)", cfg->max_inflight);
+    }
     dg_commit_init(&w->committer, &w->redis, cfg, &w->keys);
     dg_take_init(&w->taker, &w->redis, cfg, &w->keys, w->sched, &w->committer, &w->runs);
     return 0;

@@ -297,6 +297,8 @@ int  dg_sched_step(dg_sched *s, char *err, size_t errlen);
 int  dg_sched_cancel(dg_sched *s, uint64_t seq);
 
 int  dg_sched_active(const dg_sched *s);
+/* The sequences it steps together: dg_sched_opts.max_inflight, or what 0 came to. */
+int  dg_sched_max_inflight(const dg_sched *s);
 void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out);
 
 #ifdef __cplusplus

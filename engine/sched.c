@@ -211,6 +211,8 @@ void dg_sched_free(dg_sched *s) {
     free(s);
 }
 
+int dg_sched_max_inflight(const dg_sched *s) { return s->n_seqs; }
+
 int dg_sched_active(const dg_sched *s) {
     int n = 0;
     for (int i = 0; i < s->n_seqs; i++) n += s->seqs[i].state != SEQ_FREE;

@@ -351,6 +351,8 @@ int dg_sched_cancel(dg_sched *s, uint64_t seq) {
     return DG_EINVAL;
 }
 
+int dg_sched_max_inflight(const dg_sched *s) { return s->cap; }
+
 int dg_sched_active(const dg_sched *s) {
     int n = 0;
     for (int i = 0; i < s->cap; i++) n += s->seqs[i].live;

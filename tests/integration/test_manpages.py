@@ -55,7 +55,7 @@ def test_every_setting_in_duogend_8_and_conf_5():
     # --help lists the same settings, each once, in the same order
     help_text = subprocess.run([os.path.join(BUILD, "duogend"), "--help"], capture_output=True, text=True,
                                check=True).stdout
-    listed = re.findall(r"^  --([a-z-]+) ", help_text, re.M)
+    listed = re.findall(r"^  --([a-z0-9-]+) ", help_text, re.M)
     assert listed == [n.replace("_", "-") for n in names]
     # and the defaults shown are the ones the worker uses
     assert "\\fBredis_url\\fR = \\fItext\\fR\nredis://[user@]host:port/db" in page5
