@@ -87,7 +87,7 @@ def write_gguf(mdir, path, dtype):
                 layer, rest = name[len("model.layers."):].split(".", 1)
                 out = f"blk.{layer}.{NAMES[rest]}"
             if dtype == "bf16" and t.ndim == 2:
-                w.add_tensor(out, gguf.quants.quantize(t, gguf.GGMLQuantizationType.BF16), raw_shape=t.shape,
+                w.add_tensor(out, gguf.quants.quantize(t, gguf.GGMLQuantizationType.BF16),
                              raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
                 w.add_tensor(out, t)
