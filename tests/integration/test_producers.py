@@ -145,6 +145,28 @@ def test_producer_writes_the_answer_with_its_pictures(cluster, tmpdir_path, lang
 
 
 @pytest.mark.parametrize("lang", LANGS)
+def test_producer_follows_images_written_to_files(cluster, tmpdir_path, lang):
+    """A worker with output_root: the events and the Result name files, and the producer
+    reads its pictures from them (nothing of them is in Redis)."""
+    root = os.path.join(tmpdir_path, "files")
+    os.makedirs(root)
+    cluster.worker(args=["--output-root", root])
+    image = os.path.join(tmpdir_path, "in.png")
+    with open(image, "wb") as f:
+        f.write(png(24, 16, 6))
+    out = os.path.join(tmpdir_path, "out")
+    job_id = f"{lang}-files"
+    p = run(cluster, lang, job_id, out, image, "fake.images=1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    path = os.path.join(root, job_id, "1.png")
+    assert f"image 1 done {path}" in p.stdout.splitlines(), p.stdout
+    assert not cluster.r.exists(f"duogen:image:{job_id}:1")
+    assert open(os.path.join(out, "image-1.png"), "rb").read() == open(path, "rb").read()
+    answer = open(os.path.join(out, "answer.md"), encoding="utf-8").read()
+    assert "![image 1](image-1.png)" in answer and path not in answer, answer
+
+
+@pytest.mark.parametrize("lang", LANGS)
 def test_producer_reports_a_failed_job(cluster, tmpdir_path, lang):
     cluster.worker()
     image = os.path.join(tmpdir_path, "in.png")

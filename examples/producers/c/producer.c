@@ -189,7 +189,8 @@ static int print_event(const Duogen__V1__Event *ev) {
         printf("image %u step %u/%u\n", ev->step->index, ev->step->step, ev->step->steps);
         return 0;
     case DUOGEN__V1__EVENT__PAYLOAD_IMAGE_DONE:
-        printf("image %u done %s\n", ev->image_done->index, ev->image_done->key);
+        printf("image %u done %s\n", ev->image_done->index,   /* its key, or its file (output_root) */
+               ev->image_done->key[0] ? ev->image_done->key : ev->image_done->path);
         return 0;
     case DUOGEN__V1__EVENT__PAYLOAD_DONE:
         printf("%s\n", enum_name(&duogen__v1__result__status__descriptor, ev->done->status, 1, name, sizeof name));

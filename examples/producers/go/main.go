@@ -81,7 +81,11 @@ func eventLine(ev *pb.Event) (string, bool) {
 	case *pb.Event_Step:
 		return fmt.Sprintf("image %d step %d/%d", p.Step.Index, p.Step.Step, p.Step.Steps), false
 	case *pb.Event_ImageDone_:
-		return fmt.Sprintf("image %d done %s", p.ImageDone.Index, p.ImageDone.Key), false
+		where := p.ImageDone.Key // a key, or a file (output_root)
+		if where == "" {
+			where = p.ImageDone.Path
+		}
+		return fmt.Sprintf("image %d done %s", p.ImageDone.Index, where), false
 	case *pb.Event_Done_:
 		return strings.ToLower(p.Done.Status.String()), true
 	case *pb.Event_Failed_:

@@ -43,7 +43,7 @@ def event_line(ev):
     if kind == "step":
         return f"image {ev.step.index} step {ev.step.step}/{ev.step.steps}", False
     if kind == "image_done":
-        return f"image {ev.image_done.index} done {ev.image_done.key}", False
+        return f"image {ev.image_done.index} done {ev.image_done.key or ev.image_done.path}", False
     if kind == "done":
         return pb.Result.Status.Name(ev.done.status).lower(), True
     if kind == "failed":

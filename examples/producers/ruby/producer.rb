@@ -43,7 +43,9 @@ def event_line(ev)
     s = ev.image_started
     ["image #{s.index} started #{s.width}x#{s.height} steps=#{s.steps}", false]
   when :step then ["image #{ev.step.index} step #{ev.step.step}/#{ev.step.steps}", false]
-  when :image_done then ["image #{ev.image_done.index} done #{ev.image_done.key}", false]
+  when :image_done
+    where = ev.image_done.key.empty? ? ev.image_done.path : ev.image_done.key   # a key, or a file (output_root)
+    ["image #{ev.image_done.index} done #{where}", false]
   when :done then [ev.done.status.to_s.downcase, true]
   when :failed then ["failed #{ev.failed.error.code}: #{ev.failed.error.message}", true]
   when :cancelled then ["cancelled", true]
