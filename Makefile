@@ -7,6 +7,7 @@
 #   make bench      benchmarks; figures on stdout, JSON under build/bench/
 #   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
 #   make demo       the main job on the default model (arrives with the engine, issue 7)
+#   make train-shapes   train the shapes model into tools/train/shapes (hours on a CPU; eval-shapes scores it)
 #   make install    PREFIX=/usr/local DESTDIR=
 #
 # Where sources live decides what they become, so a new unit needs no Makefile edit:
@@ -91,7 +92,8 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 
 ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE)
 
-.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean
+.PHONY: all deps test bench bench-queue bench-tokenizer bench-decoder bench-vision bench-image bench-e2e fuzz demo install clean \
+        train-shapes eval-shapes
 all: $(LIB) $(ALL_BINS)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -215,6 +217,20 @@ bench-tokenizer: all
 	$(BUILD)/dg-bench --json $(BUILD)/bench/tokenizer.json tokenizer
 	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
 	    tools/reference/bench_tokenizers.py --json $(BUILD)/bench/tokenizer_hf.json; fi
+
+# ---- the shapes model (tools/train/) ---------------------------------------------------
+# train-shapes: every training stage into $(BUILD)/train (checkpointed: run it again to
+# resume), the package into tools/train/shapes/, then its goldens (tests/golden/shapes/);
+# PyTorch comes from PyPI into tools/train/.venv (TRAIN_PY= another interpreter that has it).
+# eval-shapes: held-out conversations through duogend, scored (tools/train/eval.py).
+TRAIN_PY ?= tools/train/.venv/bin/python
+train-shapes:
+	@[ -x $(TRAIN_PY) ] || tools/train/setup-venv.sh
+	nice $(TRAIN_PY) tools/train/train.py --work $(BUILD)/train --out tools/train/shapes
+	nice $(TRAIN_PY) tools/train/make_shapes_goldens.py
+
+eval-shapes: all
+	nice /usr/bin/python3 tools/train/eval.py --model tools/train/shapes --json $(BUILD)/train/eval.json
 
 # ---- set-up --------------------------------------------------------------------------
 deps:

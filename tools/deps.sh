@@ -8,7 +8,7 @@ protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
 libpng-dev libturbojpeg0-dev libjpeg62-turbo-dev
 libsystemd-dev systemd
 libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libjansson-dev
-python3 python3-redis python3-protobuf python3-pytest python3-venv"
+python3 python3-redis python3-protobuf python3-pytest python3-venv python3-numpy python3-pil"
 
 missing=""
 for p in $PKGS; do

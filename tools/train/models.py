@@ -39,7 +39,7 @@ SIZES = {
     "mllm": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, mrope=[4, 6, 6],
                  v_depth=3, v_hidden=64, v_heads=2, v_intermediate=192),
     "vae": dict(base_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, content_channels=8),
-    "dit": dict(heads=4, head_dim=64, layers=6, d_cond=128, lora=64),
+    "dit": dict(heads=4, head_dim=48, layers=6, d_cond=128, lora=64),
 }
 
 
@@ -79,7 +79,8 @@ def build_mllm(mllm_dir):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     cfg = Qwen2_5_VLConfig.from_pretrained(mllm_dir)
     cfg._attn_implementation = "sdpa"
-    return Qwen2_5_VLForConditionalGeneration(cfg)
+    # config.json says bfloat16 (how the weights ship); train and compute in float32
+    return Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.float32)
 
 
 def image_processor():
@@ -121,8 +122,19 @@ def vae_config(s, latents_mean=None, latents_std=None):
 
 
 def build_vae(cfg):
+    """AutoencoderKLWan with unit-gain convolutions: weights N(0, 1/fan_in) over the spatial
+    taps one picture meets, biases 0. (PyTorch's default init leaves the colour of a region
+    far below the biases, and the per-pixel RMS norms then all but erase it: a VAE so
+    initialised learnt where shapes are long before it learnt any colour.)"""
     from diffusers import AutoencoderKLWan
-    return AutoencoderKLWan(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    vae = AutoencoderKLWan(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                fan = m.in_channels * m.kernel_size[-1] * m.kernel_size[-2]
+                m.weight.normal_(0.0, fan ** -0.5)
+                m.bias.zero_()
+    return vae
 
 
 def use_single_frame_convs():
