@@ -114,25 +114,31 @@ CORNERS = {"circle": "A circle has no corners: it is round.", "square": "A squar
 ROUND = {"circle": "Yes, a circle is round.", "square": "No, a square is not round.",
          "triangle": "No, a triangle is not round."}
 TALK = [
-    (["What shapes can you draw?", "Which shapes can you draw?"], ["What shapes do you know?"],
-     "I can draw circles, squares and triangles."),
-    (["What colours can you use?", "Which colours do you know?"], ["What colours do you know?"],
-     "I can use red, orange, yellow, green, blue and purple."),
-    (["What sizes can a shape have?", "How big can shapes be?"], ["Which sizes can a shape have?"],
-     "A shape can be large or small."),
-    (["Where can you put a shape?", "Which places are there?"], ["Where can a shape go?"],
+    (["What shapes can you draw?", "Which shapes can you draw?", "What shapes can you make?",
+      "Which shapes do you draw?", "Tell me the shapes you know."],
+     ["What shapes do you know?", "Which shapes can you make?"], "I can draw circles, squares and triangles."),
+    (["What colours can you use?", "Which colours do you know?", "What colours do you have?",
+      "Tell me the colours you can use."],
+     ["What colours do you know?", "Which colours can you use?"], "I can use red, orange, yellow, green, blue and purple."),
+    (["What sizes can a shape have?", "How big can shapes be?", "Which sizes are there?", "How big can a shape be?"],
+     ["Which sizes can a shape have?", "What sizes are there?"], "A shape can be large or small."),
+    (["Where can you put a shape?", "Which places are there?", "Where can shapes go?", "Where can a shape be?",
+      "What places can a shape have?"],
+     ["Where can a shape go?", "Which places can a shape have?"],
      "There are nine places: " + ", ".join(PLACES[:-1]) + " and " + PLACES[-1] + "."),
-    (["Hello!", "Hi there!", "Good morning!"], ["Hello there!"],
+    (["Hello!", "Hi there!", "Good morning!", "Hi!"], ["Hello there!", "Good morning there!"],
      "Hello! Ask me to draw circles, squares and triangles in six colours."),
-    (["What can you do?", "What do you do?"], ["What can you do for me?"],
+    (["What can you do?", "What do you do?", "What can you do for me?"], ["What do you do for me?"],
      "I draw pictures of shapes, change them and describe them."),
-    (["Thank you!", "Thanks a lot!"], ["Thank you a lot!"], "You are welcome!"),
-    (["How many shapes fit in one picture?", "How many shapes can a picture have?"],
+    (["Thank you!", "Thanks a lot!", "Thank you very much!"], ["Thanks!", "Thank you a lot!"], "You are welcome!"),
+    (["How many shapes fit in one picture?", "How many shapes can a picture have?", "How many shapes fit in a picture?"],
      ["How many shapes can one picture have?"], "Up to nine: one in each place."),
-    (["How many sides does a {kind} have?"], [], SIDES),
-    (["How many corners has a {kind}?"], ["How many corners does a {kind} have?"], CORNERS),
-    (["Is a {kind} round?"], ["Is the {kind} round?"], ROUND),
-    (["What is the difference between a square and a triangle?"],
+    (["How many sides does a {kind} have?", "How many sides has a {kind}?"], ["How many sides does the {kind} have?"],
+     SIDES),
+    (["How many corners has a {kind}?", "How many corners does a {kind} have?"], ["How many corners has the {kind}?"],
+     CORNERS),
+    (["Is a {kind} round?", "Is a {kind} a round shape?"], ["Is the {kind} round?"], ROUND),
+    (["What is the difference between a square and a triangle?", "How is a square different from a triangle?"],
      ["What is the difference between a triangle and a square?"],
      "A square has four sides and a triangle has three."),
 ]
@@ -301,8 +307,9 @@ def make_talk(rng, split):
 
 
 MAKERS = {"draw": make_draw, "step": make_step, "edit": make_edit, "describe": make_describe, "talk": make_talk}
-# training mixture: pictures are where the work is, talk is easy
-MIX = {"draw": 0.25, "step": 0.25, "edit": 0.25, "describe": 0.15, "talk": 0.10}
+# the MLLM's mixture: reading pictures (describe, edit) is the hard part; the DiT's stage
+# draws from draw, step and edit alone
+MIX = {"draw": 0.2, "step": 0.2, "edit": 0.25, "describe": 0.25, "talk": 0.10}
 
 
 def make(seed, index, split, kind=None):

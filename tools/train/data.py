@@ -112,6 +112,19 @@ def mllm_batch(codec, pixels, tokenized, cut=None):
     return out, labels
 
 
+N_CELL_CLASSES = 1 + len(world.COLOUR_NAMES) * len(world.KINDS) * len(world.SIZE_NAMES)
+
+
+def cell_labels(shapes):
+    """What each of a picture's 9 merged vision tokens (one per cell, raster order) holds:
+    0 for nothing, else 1 + (colour, kind, size) index. [9]"""
+    out = [0] * 9
+    for s in shapes:
+        out[s.cell] = 1 + (world.COLOUR_NAMES.index(s.colour) * len(world.KINDS) + world.KINDS.index(s.kind)) * \
+            len(world.SIZE_NAMES) + world.SIZE_NAMES.index(s.size)
+    return out
+
+
 class DrawSample:
     """One drawn picture's DiT sample: the conversation up to its <BOV>."""
 

@@ -32,6 +32,13 @@ import torch
 import torch.nn.functional as F
 
 LATENT_SIDE = 12            # 96 / 8
+# M-RoPE base of the text decoder. Qwen2.5-VL gives a picture's token (row r, column c) the
+# positions (t, s+r, s+c) and splits the rotary frequencies [t | rows | columns] from the
+# highest down (mrope_section), so columns get the lowest ones: with head_dim 32 and the
+# usual base (1e4 .. 1e6) a column step turns them by 0.003 rad or less and the decoder
+# cannot tell the left of a picture from its right (descriptions then named rows, not
+# columns). Base 10 turns them by 0.12 .. 0.24 rad per column.
+MLLM_ROPE_THETA = 10.0
 COORD_AMPLITUDE = 2.0       # the ramps run from -A to +A across the 12 latent rows / columns
 
 SIZES = {
@@ -57,7 +64,7 @@ def mllm_config(s, vocab_rows, base):
         "max_position_embeddings": 4096, "max_window_layers": s["layers"],
         "num_attention_heads": s["heads"], "num_hidden_layers": s["layers"], "num_key_value_heads": s["kv_heads"],
         "rms_norm_eps": 1e-6, "rope_scaling": {"type": "mrope", "mrope_section": s["mrope"]},
-        "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "rope_theta": MLLM_ROPE_THETA, "sliding_window": 4096, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
         "use_cache": True, "use_sliding_window": False, "vocab_size": vocab_rows,
         "vision_config": {
             "depth": s["v_depth"], "hidden_act": "silu", "hidden_size": s["v_hidden"],
