@@ -138,8 +138,9 @@ def score_answer(conv, text, pictures):
       present     per requested shape: found with its colour in its place
       kind        per requested shape found: the right kind
       size        per requested shape found: the right size
-      kept        per later picture of a step answer: every shape of the picture before
-                  it is still there, with the same colour, place and kind
+      kept        per later picture of a step answer whose previous picture holds at
+                  least one of its asked shapes: every such shape is still there, with the
+                  same colour, place and kind
       edit        the asked change made, nothing else changed (every other shape of the
                   source in place with its colour and kind, no new shape)
       describe    the text names exactly the picture's shapes (kind, colour, place)
@@ -166,12 +167,12 @@ def score_answer(conv, text, pictures):
     if conv["kind"] == "step":
         kept = trials = 0
         for k in range(1, min(len(dets), len(conv["images"]))):
+            drawn = [(s, d) for s in conv["images"][k - 1] if (d := at(dets[k - 1], s.colour, s.cell))]
+            if not drawn:       # nothing of the earlier picture was drawn: nothing to keep
+                continue
             trials += 1
-            ok = True
-            for s in conv["images"][k - 1]:
-                before, after = at(dets[k - 1], s.colour, s.cell), at(dets[k], s.colour, s.cell)
-                ok &= before is None or (after is not None and after.kind == before.kind)
-            kept += ok
+            kept += all((after := at(dets[k], s.colour, s.cell)) is not None and after.kind == d.kind
+                        for s, d in drawn)
         if trials:
             r["kept"] = (kept, trials)
     if conv["kind"] == "edit":
