@@ -4,7 +4,7 @@ redis-server, build/duogend on the package, and one build/duogenctl job per held
 conversation (conversations.py, split "eval": held-out request wordings, and about half
 the pictures asking for held-out colour-shape-place triples). Each answer (its text and
 PNGs) is scored by score.py; the table of measures goes to stdout (Markdown) and, with
---json, to a file.
+--json, to a file. Each job has its own fixed seed, so the run is repeatable.
 
 Needs only Python 3, numpy and Pillow beside the built programs and redis-server.
 
@@ -67,8 +67,9 @@ class Worker:
             time.sleep(0.1)
         raise RuntimeError("duogend did not start:\n" + open(self.log).read())
 
-    def ask(self, job_id, text, images, out):
-        cmd = [os.path.join(ROOT, "build", "duogenctl"), "--redis", self.url, "enqueue", "--id", job_id]
+    def ask(self, job_id, seed, text, images, out):
+        cmd = [os.path.join(ROOT, "build", "duogenctl"), "--redis", self.url, "enqueue", "--id", job_id,
+               "--param", f"seed={seed}"]
         for p in images:
             cmd += ["--image", p]
         cmd += ["--out", out, text]
@@ -133,7 +134,7 @@ def main():
                         images.append(p)
                     else:
                         text = v
-                answer, pictures = w.ask(job, text, images, out)
+                answer, pictures = w.ask(job, 1000 * (conversations.KINDS.index(kind) + 1) + i, text, images, out)
                 r = score.score_answer(conv, answer, pictures)
                 score.add_up(total, r)
                 score.add_up(by_kind.setdefault(kind, {}), r)

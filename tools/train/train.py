@@ -46,7 +46,7 @@ import world  # noqa: E402
 PLAN = {
     "vae": dict(steps=1500, batch=16, lr=2e-3, warmup=50, probe=300),
     "mllm": dict(steps=2400, batch=32, lr=2e-3, warmup=100, probe=400),
-    "dit": dict(steps=2000, batch=32, lr=1e-3, warmup=100, probe=250),
+    "dit": dict(steps=1800, batch=32, lr=1e-3, warmup=100, probe=300),
 }
 VOCAB_SIZE = 768          # BPE target (bytes included); the world's text needs ~600
 VAE_NOISE = 0.1          # stage vae: noise added to the content latents
