@@ -105,6 +105,28 @@ def table(total, by_kind):
     return "\n".join(lines)
 
 
+def montage(work, path, rows=4):
+    """A figure of the first `rows` answers of the step and edit kinds, one answer a row
+    (an edit's input picture first, then every picture drawn), pictures at 2x; returns
+    the requests, one a row."""
+    lines, requests = [], []
+    for kind in ("step", "edit"):
+        for i in range(rows):
+            d = os.path.join(work, f"{kind}-{i}")
+            names = sorted(f for f in os.listdir(d) if f.startswith("input-")) + \
+                sorted((f for f in os.listdir(d) if f.startswith("image-")), key=lambda f: int(f[6:-4]))
+            lines.append([Image.open(os.path.join(d, f)).convert("RGB") for f in names])
+            requests.append(f"{kind}-{i}: " + json.load(open(os.path.join(d, "score.json")))["request"])
+    side, gap = 2 * world.SIDE, 6
+    fig = Image.new("RGB", (gap + max(len(r) for r in lines) * (side + gap), gap + len(lines) * (side + gap)),
+                    (128, 128, 128))
+    for y, row in enumerate(lines):
+        for x, pic in enumerate(row):
+            fig.paste(pic.resize((side, side), Image.NEAREST), (gap + x * (side + gap), gap + y * (side + gap)))
+    fig.save(path)
+    return requests
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(HERE, "shapes"))
@@ -113,6 +135,7 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, "build", "train", "eval"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--montage", help="a PNG of the first step and edit answers (montage())")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
@@ -138,7 +161,7 @@ def main():
                 r = score.score_answer(conv, answer, pictures)
                 score.add_up(total, r)
                 score.add_up(by_kind.setdefault(kind, {}), r)
-                asks_held = any(s.triple() in world.HELD_OUT for new in conv["new"] for s in new)
+                asks_held = any(s.triple() in world.HELD_OUT for s in sum(conv["new"], conv.get("shapes", [])))
                 score.add_up(held.setdefault("held-out triple" if asks_held else "seen triples", {}), r)
                 with open(os.path.join(out, "score.json"), "w") as f:
                     json.dump({"request": text, "answer": answer, "score": r}, f, indent=1)
@@ -147,6 +170,8 @@ def main():
     n = len(conversations.KINDS) * args.per_kind
     print(f"{n} held-out conversations through duogend in {time.time() - t0:.0f} s\n")
     print(table(total, {**by_kind, **held}))
+    if args.montage:
+        print("\nfigure " + args.montage + ", one answer a row:\n" + "\n".join(montage(args.work, args.montage)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"total": total, "by_kind": by_kind, "by_triple": held, "conversations": n}, f, indent=1)
