@@ -6,7 +6,7 @@
 #                   the last line is "N passed, N failed, N skipped"
 #   make bench      benchmarks; figures on stdout, JSON under build/bench/
 #   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
-#   make demo       the main job on the default model (arrives with the engine, issue 7)
+#   make demo       the demo jobs on the shipped shapes model (tools/train/shapes; tools/demo.sh)
 #   make train-shapes   train the shapes model into tools/train/shapes (hours on a CPU; eval-shapes scores it)
 #   make install    PREFIX=/usr/local DESTDIR=
 #
@@ -230,7 +230,8 @@ train-shapes:
 	nice $(TRAIN_PY) tools/train/make_shapes_goldens.py
 
 eval-shapes: all
-	nice /usr/bin/python3 tools/train/eval.py --model tools/train/shapes --json $(BUILD)/train/eval.json
+	nice /usr/bin/python3 tools/train/eval.py --model tools/train/shapes --json $(BUILD)/train/eval.json \
+	    --montage tools/train/shapes/samples.png
 
 # ---- set-up --------------------------------------------------------------------------
 deps:

