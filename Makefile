@@ -12,8 +12,8 @@
 #                   dead, worker RSS and Redis memory; JSON in build/bench/soak.json
 #   make systemd-check  duogend@0 under systemd in a booted container: READY, restart after
 #                   kill -9, the watchdog, drain on stop (tools/systemd/nspawn-check.sh)
-#   make demo       the main job on the default model, through Redis and a worker, into
-#                   out/answer.md (tools/demo.sh)
+#   make demo       the demo jobs on the shipped shapes model (tools/train/shapes; tools/demo.sh)
+#   make train-shapes   train the shapes model into tools/train/shapes (hours on a CPU; eval-shapes scores it)
 #   make install    PREFIX=/usr/local DESTDIR=
 #
 # Where sources live decides what they become, so a new unit needs no Makefile edit:
@@ -134,7 +134,8 @@ $(BUILD)/man/duogenctl.1: $(BUILD)/duogenctl
 	@echo "  MAN     $@"
 	@$< --man > $@.tmp && mv $@.tmp $@
 
-.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-batch bench-vision bench-image bench-e2e fuzz demo install clean
+.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-batch bench-vision bench-image bench-e2e fuzz demo install clean \
+        train-shapes eval-shapes
 all: $(LIB) $(ALL_BINS) $(MAN_PAGES)
 
 # ---- protocol: generated at build time, never committed -------------------------------
@@ -301,6 +302,21 @@ soak: all
 # `make test` (root, systemd-container, debootstrap; the root is kept in build/nspawn) ------
 systemd-check: all
 	tools/systemd/nspawn-check.sh
+
+# ---- the shapes model (tools/train/) ---------------------------------------------------
+# train-shapes: every training stage into $(BUILD)/train (checkpointed: run it again to
+# resume), the package into tools/train/shapes/, then its goldens (tests/golden/shapes/);
+# PyTorch comes from PyPI into tools/train/.venv (TRAIN_PY= another interpreter that has it).
+# eval-shapes: held-out conversations through duogend, scored (tools/train/eval.py).
+TRAIN_PY ?= tools/train/.venv/bin/python
+train-shapes:
+	@[ -x $(TRAIN_PY) ] || tools/train/setup-venv.sh
+	nice $(TRAIN_PY) tools/train/train.py --work $(BUILD)/train --out tools/train/shapes
+	nice $(TRAIN_PY) tools/train/make_shapes_goldens.py
+
+eval-shapes: all
+	nice /usr/bin/python3 tools/train/eval.py --model tools/train/shapes --json $(BUILD)/train/eval.json \
+	    --montage tools/train/shapes/samples.png
 
 # ---- set-up --------------------------------------------------------------------------
 deps:

@@ -1,0 +1,537 @@
+#!/usr/bin/env python3
+"""Trains the shapes model, stage by stage, the paper's recipe (duogen_paper.md):
+
+  tokenizer  a byte-level BPE over the training split's text (tokenizer.py); the mllm/
+             folder's config.json and side files
+  vae        the Wan2.1 VAE alone, reconstruction on pictures of the world, plus the
+             coordinate channels (models.py); then the latents' per-channel statistics
+  mllm       stage 1: the Qwen2.5-VL decoder and vision tower, next-token loss on what the
+             assistant says (<BOV> included); at the end the weights are rounded to bf16,
+             as they ship, so that stage 2 conditions on exactly the shipped model's states
+  dit        stage 2: the MLLM and the VAE frozen; the connector and the DiT trained with
+             flow matching on each drawn picture, conditioned on the hidden states before
+             its <BOV> and on every earlier picture as a clean condition frame; with
+             probability P_UNCOND the condition is the engine's CFG negative instead (the
+             last text segment dropped), so that guidance works; an EMA of the weights
+  export     the package (export.py)
+
+Every stage is deterministic with the seed (the data of step k come from (seed, k); the
+noise from a generator seeded by (seed, stage, k)), logs its losses to WORK/train.log,
+checkpoints to WORK/<stage>.pt every few minutes and resumes from there when run again;
+a finished stage is skipped. Every PROBE steps a stage measures itself on held-out
+conversations with the scorer (score.py).
+
+    tools/train/.venv/bin/python tools/train/train.py --work build/train [--stage all]
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conversations  # noqa: E402
+import data  # noqa: E402
+import models  # noqa: E402
+import pipeline  # noqa: E402
+import score  # noqa: E402
+import tokenizer  # noqa: E402
+import world  # noqa: E402
+
+# per stage: steps, batch, peak learning rate, warm-up steps, probe interval
+PLAN = {
+    "vae": dict(steps=1500, batch=16, lr=2e-3, warmup=50, probe=300),
+    "mllm": dict(steps=2400, batch=32, lr=2e-3, warmup=100, probe=400),
+    "dit": dict(steps=1800, batch=32, lr=1e-3, warmup=100, probe=300),
+}
+VOCAB_SIZE = 768          # BPE target (bytes included); the world's text needs ~600
+VAE_NOISE = 0.1          # stage vae: noise added to the content latents
+CELL_WEIGHT = 0.5        # stage mllm: weight of the per-cell probe of the vision tokens
+P_UNCOND = 0.12           # stage 2: share of samples conditioned on the CFG negative
+EMA_DECAY = 0.995
+SIGMA_MEAN, SIGMA_STD = 0.3, 1.0   # logit-normal training sigmas: sigmoid(N(m, s))
+# the probes' and the package's sampler defaults. Guidance 4 was chosen on the finished
+# model's probe set (48 held-out conversations, 70 requested shapes: present 42 at
+# guidance 2, 44 at 4, 43 at 6); the committed run's training probes drew at 2.
+SAMPLER = dict(steps=16, guidance=4.0, shift=3.0)
+CHECKPOINT_SECONDS = 300
+STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3}
+
+
+class Run:
+    """The working directory: logging and checkpoints."""
+
+    def __init__(self, work, seed):
+        self.work, self.seed = work, seed
+        os.makedirs(work, exist_ok=True)
+        self.t0 = time.time()
+
+    def path(self, *p):
+        return os.path.join(self.work, *p)
+
+    def log(self, msg):
+        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        with open(self.path("train.log"), "a") as f:
+            f.write(line + "\n")
+
+    def save(self, name, state):
+        tmp = self.path(name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path(name))
+
+    def load(self, name):
+        p = self.path(name)
+        return torch.load(p, weights_only=False) if os.path.exists(p) else None
+
+    def gen(self, stage, step):
+        """The noise generator of step `step` of a stage: a resumed run draws the same."""
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1000003 + STAGE_SALT[stage] * 7919 + step)
+        return g
+
+
+# ---- tokenizer and the mllm folder --------------------------------------------------------
+
+def stage_tokenizer(run):
+    mdir = run.path("mllm")
+    if os.path.exists(os.path.join(mdir, "config.json")):
+        return
+    os.makedirs(mdir, exist_ok=True)
+    texts = [conversations.SYSTEM + "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"]
+    for i in range(20000):
+        for kind, v, _ in conversations.segments(conversations.make(run.seed, i, "train")):
+            if kind == "text":
+                texts.append(v)
+    base = tokenizer.write(tokenizer.train_bpe(texts, VOCAB_SIZE), mdir)
+    n_ids = base + len(tokenizer.SPECIALS) + 1
+    rows = (n_ids + 63) // 64 * 64                     # embedding rows, padded as Qwen pads
+    models.write_json(os.path.join(mdir, "config.json"), models.mllm_config(models.SIZES["mllm"], rows, base))
+    models.write_json(os.path.join(mdir, "preprocessor_config.json"), models.PREPROCESSOR)
+    models.write_json(os.path.join(mdir, "generation_config.json"),
+                      {"bos_token_id": base, "pad_token_id": base, "eos_token_id": [base + 2, base],
+                       "do_sample": False})
+    run.log(f"tokenizer: {base} BPE tokens, specials at {base}..{base + 21}, <BOV> {base + 22}, {rows} rows")
+
+
+def codec_for(run):
+    from transformers import AutoTokenizer
+    return data.Codec(AutoTokenizer.from_pretrained(run.path("mllm")))
+
+
+# ---- the VAE ------------------------------------------------------------------------------
+
+def vae_pictures(run, step, n, offset=0):
+    """n pictures of 0..4 shapes for VAE step `step` (training split: no held-out triple)."""
+    out = []
+    for i in range(n):
+        rng = world.rng_for(run.seed, step * n + i + offset, "vae")
+        out.append(world.render(world.random_scene(rng, rng.choice([0, 1, 2, 3, 4, 4]))))
+    return torch.stack([pipeline.to_pixels(p) for p in out])
+
+
+def stage_vae(run, plan):
+    if os.path.exists(run.path("vae", "config.json")):
+        return
+    models.use_single_frame_convs()
+    cfg = models.vae_config(models.SIZES["vae"])
+    zc = models.SIZES["vae"]["content_channels"]
+    torch.manual_seed(run.seed)
+    vae = models.build_vae(cfg)
+    # the decoder never reads the coordinate channels: their post_quant_conv columns are 0
+    with torch.no_grad():
+        vae.post_quant_conv.weight[:, zc:] = 0
+    vae.post_quant_conv.weight.register_hook(lambda g: torch.cat([g[:, :zc], torch.zeros_like(g[:, zc:])], 1))
+    opt = torch.optim.AdamW(vae.parameters(), lr=plan["lr"], betas=(0.9, 0.99), weight_decay=0.0)
+    step = 0
+    ck = run.load("vae.pt")
+    if ck:
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        run.log(f"vae: resumed at step {step}")
+    ramps = models.coord_ramps()[None]
+    last_save = time.time()
+    run.log(f"vae: {models.n_params(vae) / 1e6:.2f} M parameters, {plan['steps']} steps of {plan['batch']}")
+    while step < plan["steps"]:
+        for g in opt.param_groups:
+            g["lr"] = models.lr_at(step, plan["steps"], plan["lr"], plan["warmup"])
+        x = vae_pictures(run, step, plan["batch"])
+        gen = run.gen("vae", step)
+        mu, _ = models.vae_encode_raw(vae, x)
+        # a fixed small noise on the content latents keeps the decoder robust to the DiT's
+        # imprecision; a light L2 keeps their scale from growing past it
+        z = mu[:, :zc] + VAE_NOISE * torch.randn(mu[:, :zc].shape, generator=gen)
+        y = models.vae_decode_raw(vae, torch.cat([z, mu[:, zc:]], 1))
+        rec = F.mse_loss(y, x) + 0.5 * F.l1_loss(y, x)
+        l2 = mu[:, :zc].pow(2).mean()
+        coord = F.mse_loss(mu[:, zc:], ramps.expand(len(x), -1, -1, -1))
+        loss = rec + 1e-3 * l2 + 0.1 * coord
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            run.log(f"vae {step}: loss {loss.item():.4f} rec {rec.item():.4f} l2 {l2.item():.2f} coord {coord.item():.4f}")
+        if step % plan["probe"] == 0 or step == plan["steps"]:
+            probe_vae(run, vae)
+        if time.time() - last_save > CHECKPOINT_SECONDS or step == plan["steps"]:
+            run.save("vae.pt", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+            last_save = time.time()
+    # the latents' statistics: the DiT sees (mu - mean) / std per channel, coordinates as they are
+    with torch.no_grad():
+        mu = torch.cat([models.vae_encode_raw(vae, vae_pictures(run, k, 64, offset=10 ** 7))[0] for k in range(8)])
+    mean = mu[:, :zc].mean((0, 2, 3)).tolist() + [0.0, 0.0]
+    std = mu[:, :zc].std((0, 2, 3)).tolist() + [1.0, 1.0]
+    cfg = models.vae_config(models.SIZES["vae"], mean, std)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    os.makedirs(run.path("vae"), exist_ok=True)
+    torch.save(vae.state_dict(), run.path("vae", "weights.pt"))
+    models.write_json(run.path("vae", "config.json"), cfg)
+    run.log(f"vae: done; latent mean {[round(v, 2) for v in mean]} std {[round(v, 2) for v in std]}")
+
+
+def load_vae(run):
+    models.use_single_frame_convs()
+    cfg = json.load(open(run.path("vae", "config.json")))
+    vae = models.build_vae(cfg)
+    vae.load_state_dict(torch.load(run.path("vae", "weights.pt")))
+    return vae.eval().requires_grad_(False)
+
+
+def probe_vae(run, vae):
+    """Reconstructions of held-out scenes (eval split) through the scorer: every shape found
+    with its colour, place and kind, nothing else."""
+    vae.eval()
+    ok = n = 0
+    err = 0.0
+    with torch.no_grad():
+        for i in range(48):
+            shapes = world.random_scene(world.rng_for(run.seed, i, "vae-probe"), 1 + i % 4, allow_held_out=True)
+            x = pipeline.to_pixels(world.render(shapes))[None]
+            mu, _ = models.vae_encode_raw(vae, x)
+            y = models.vae_decode_raw(vae, mu).clamp(-1, 1)
+            err += F.mse_loss(y, x).item()
+            ok += score.same_picture(score.detect(pipeline.to_picture(y[0])), shapes)
+            n += 1
+    vae.train()
+    run.log(f"vae probe: reconstruction mse {err / n:.5f}, pictures read back exactly {ok}/{n}")
+
+
+# ---- stage 1: the MLLM ----------------------------------------------------------------------
+
+def stage_mllm(run, plan):
+    """Stage 1. Beside the next-token loss, each picture's 9 merged vision tokens (one per
+    grid cell) are read by a linear probe that must tell what the cell holds (CELL_WEIGHT):
+    a direct signal that teaches the vision tower the world in a few hundred steps, where
+    the next-token loss alone had not after 800 (descriptions then ignored the picture).
+    The probe is not part of the model and is not shipped."""
+    if os.path.exists(run.path("mllm", "weights.pt")):
+        return
+    codec = codec_for(run)
+    pixels = data.Pixels(models.image_processor())
+    torch.manual_seed(run.seed)
+    mllm = models.build_mllm(run.path("mllm"))
+    head = torch.nn.Linear(mllm.config.text_config.hidden_size, data.N_CELL_CLASSES)
+    opt = torch.optim.AdamW(list(mllm.parameters()) + list(head.parameters()), lr=plan["lr"], betas=(0.9, 0.98),
+                            weight_decay=0.01)
+    step = 0
+    ck = run.load("mllm.pt")
+    if ck:
+        mllm.load_state_dict(ck["model"])
+        head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        run.log(f"mllm: resumed at step {step}")
+    run.log(f"mllm: {models.n_params(mllm) / 1e6:.2f} M parameters, {plan['steps']} steps of {plan['batch']}")
+    last_save = time.time()
+    mllm.train()
+    while step < plan["steps"]:
+        for g in opt.param_groups:
+            g["lr"] = models.lr_at(step, plan["steps"], plan["lr"], plan["warmup"])
+        convs = [conversations.make(run.seed, step * plan["batch"] + i, "train") for i in range(plan["batch"])]
+        tokenized = [codec.encode(c) for c in convs]
+        batch, labels = data.mllm_batch(codec, pixels, tokenized)
+        pv = batch.pop("pixel_values")
+        img = mllm.model.get_image_features(pv, batch["image_grid_thw"], return_dict=True)
+        mllm.model.rope_deltas = None
+        logits = mllm(**batch, mm_encoder_outputs={"image": img}, use_cache=False).logits
+        lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        cells = torch.tensor([c for t in tokenized for p in t.pictures for c in data.cell_labels(p)])
+        cell = F.cross_entropy(head(torch.cat(img.pooler_output)), cells)
+        loss = lm + CELL_WEIGHT * cell
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(mllm.parameters()) + list(head.parameters()), 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            run.log(f"mllm {step}: loss {lm.item():.4f} cells {cell.item():.4f}")
+        if step % plan["probe"] == 0 or step == plan["steps"]:
+            probe_mllm(run, mllm, codec, pixels)
+        if time.time() - last_save > CHECKPOINT_SECONDS or step == plan["steps"]:
+            run.save("mllm.pt", {"model": mllm.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+                                 "step": step})
+            last_save = time.time()
+    with torch.no_grad():                       # as shipped: bf16
+        for p in mllm.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    torch.save(mllm.state_dict(), run.path("mllm", "weights.pt"))
+    probe_mllm(run, mllm, codec, pixels)
+    run.log("mllm: done (weights rounded to bf16)")
+
+
+def load_mllm(run):
+    mllm = models.build_mllm(run.path("mllm"))
+    mllm.load_state_dict(torch.load(run.path("mllm", "weights.pt")))
+    return mllm.eval().requires_grad_(False)
+
+
+def gt_painter(conv):
+    """Probes of the MLLM alone feed back the pictures the conversation asks for."""
+    return lambda ids, pictures, vision_end, k: world.render(conv["images"][k]) if k < len(conv["images"]) \
+        else world.render([])
+
+
+def probe_mllm(run, mllm, codec, pixels, n_per_kind=8):
+    """Greedy answers to held-out conversations (eval split), pictures fed back from the
+    ground truth: decision accuracy, descriptions, and whether each sentence before a
+    <BOV> names the requested shapes canonically."""
+    mllm.eval()
+    total, said = {}, [0, 0]
+    for kind in conversations.KINDS:
+        for i in range(n_per_kind):
+            conv = conversations.make(run.seed, i, "eval", kind)
+            gen, text, drawn = pipeline.answer(mllm, codec, pixels, conv, gt_painter(conv))
+            score.add_up(total, {k: v for k, v in score.score_answer(conv, text, drawn).items()
+                                 if k in ("decision", "count", "describe")})
+            if conv["new"]:   # sizes the user left open are the assistant's choice
+                want = {(s.kind, s.colour, s.cell) for new in conv["new"] for s in new}
+                got = {(s.kind, s.colour, s.cell) for s in conversations.parse_shapes(text)}
+                said[0] += want <= got
+                said[1] += 1
+    mllm.train()
+    run.log("mllm probe: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in total.items()) +
+            f", drawn shapes named right {said[0]}/{said[1]}")
+
+
+# ---- stage 2: connector and DiT ---------------------------------------------------------
+
+def dit_batch(run, step, batch, codec, pixels, mllm, vae, layers):
+    """The frozen parts of a stage-2 batch: per drawn picture, the condition states of its
+    context (positive, and the negative's length), its earlier pictures' latents and its
+    target latent (coordinate channels exact)."""
+    rng = random.Random(f"dit:{run.seed}:{step}")
+    samples, i = [], 0
+    while len(samples) < batch:
+        conv = conversations.make(run.seed, step * batch * 2 + i, "train", rng.choice(["draw", "step", "edit"]))
+        i += 1
+        samples.append(data.draw_samples(codec.encode(conv), rng))
+    mb, _ = data.mllm_batch(codec, pixels, [s.tokenized for s in samples], cut=[s.n_pos for s in samples])
+    with torch.no_grad():
+        mllm.model.rope_deltas = None
+        hs = mllm(**mb, output_hidden_states=True, use_cache=False).hidden_states
+        states = models.condition_states(hs, layers)                  # [B, T, L·D]
+        F_ = 1 + max(len(s.conds) for s in samples)
+        z = vae.config.z_dim
+        zc = z - 2
+        lat = torch.zeros(len(samples), F_, z, models.LATENT_SIDE, models.LATENT_SIDE)
+        frame_mask = torch.zeros(len(samples), F_, dtype=torch.bool)
+        pics, where = [], []
+        for b, s in enumerate(samples):
+            for f, shapes in enumerate(s.conds + [s.target]):
+                pics.append(pipeline.to_pixels(world.render(shapes)))
+                where.append((b, f))
+                frame_mask[b, f] = True
+        enc = torch.cat([models.vae_encode(vae, torch.stack(pics[k:k + 64])) for k in range(0, len(pics), 64)])
+        for (b, f), e in zip(where, enc):
+            lat[b, f] = e
+        targets = torch.tensor([len(s.conds) for s in samples])
+        lat[torch.arange(len(samples)), targets, zc:] = models.coord_ramps()
+    n_pos = torch.tensor([s.n_pos for s in samples])
+    n_neg = torch.tensor([s.n_neg for s in samples])
+    return states, n_pos, n_neg, lat, frame_mask, targets
+
+
+def target_velocity(dit, x, is_cond, ts, targets, ctx, ctx_mask):
+    """The DiT's velocity on each sample's target frame [B, C, h, w], the samples run in
+    groups of equal frame count: what one padded forward over [B, max F] gives (padding
+    frames are attended by nobody), at about half its cost, since a batch mixes one- to
+    four-frame samples."""
+    out = torch.empty(x.shape[0], *x.shape[2:])
+    for f in sorted(set(targets.tolist())):
+        idx = (targets == f).nonzero()[:, 0]
+        n = f + 1
+        v = models.dit_forward(dit, x[idx, :n], is_cond[idx, :n], ts[idx, :n], torch.ones(len(idx), n, dtype=torch.bool),
+                               ctx[idx], ctx_mask[idx])
+        out = out.index_put((idx,), v[:, f])
+    return out
+
+
+def stage_dit(run, plan):
+    if os.path.exists(run.path("dit", "weights.pt")):
+        return
+    codec = codec_for(run)
+    pixels = data.Pixels(models.image_processor())
+    mllm, vae = load_mllm(run), load_vae(run)
+    L = mllm.config.text_config.num_hidden_layers
+    layers = list(range(L))
+    torch.manual_seed(run.seed)
+    z = vae.config.z_dim
+    dit = models.build_dit(models.dit_config(models.SIZES["dit"], z))
+    conn = models.Connector(L * mllm.config.text_config.hidden_size, models.SIZES["dit"]["d_cond"])
+    with torch.no_grad():                       # start as a zero velocity with plain modulations
+        dit.proj_out.weight.zero_()
+        for blk in dit.transformer_blocks:
+            for norm in (blk.norm1, blk.norm2, blk.norm3):
+                norm.linear_2.weight.mul_(0.1)
+    params = list(dit.parameters()) + list(conn.parameters())
+    opt = torch.optim.AdamW(params, lr=plan["lr"], betas=(0.9, 0.99), weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    step = 0
+    ck = run.load("dit.pt")
+    if ck:
+        dit.load_state_dict(ck["dit"])
+        conn.load_state_dict(ck["conn"])
+        opt.load_state_dict(ck["opt"])
+        ema = ck["ema"]
+        step = ck["step"]
+        run.log(f"dit: resumed at step {step}")
+    run.log(f"dit: {models.n_params(dit) / 1e6:.2f} M parameters (connector {models.n_params(conn) / 1e6:.2f} M), "
+            f"{plan['steps']} steps of {plan['batch']}")
+    last_save = time.time()
+    while step < plan["steps"]:
+        for g in opt.param_groups:
+            g["lr"] = models.lr_at(step, plan["steps"], plan["lr"], plan["warmup"])
+        states, n_pos, n_neg, lat, frame_mask, targets = dit_batch(run, step, plan["batch"], codec, pixels, mllm,
+                                                                  vae, layers)
+        gen = run.gen("dit", step)
+        B, T = states.shape[:2]
+        drop = torch.rand(B, generator=gen) < P_UNCOND
+        n_ctx = torch.where(drop, n_neg, n_pos)
+        ctx_mask = torch.arange(T)[None] < n_ctx[:, None]
+        ctx = conn(states)
+        sigma = torch.sigmoid(SIGMA_MEAN + SIGMA_STD * torch.randn(B, generator=gen))
+        eps = torch.randn(lat.shape, generator=gen)
+        bi = torch.arange(B)
+        x0 = lat[bi, targets]
+        x = lat.clone()
+        x[bi, targets] = sigma.view(-1, 1, 1, 1) * eps[bi, targets] + (1 - sigma.view(-1, 1, 1, 1)) * x0
+        is_cond = frame_mask.clone()
+        is_cond[bi, targets] = False
+        ts = torch.full(frame_mask.shape, 1e-4)
+        ts[bi, targets] = sigma
+        v = target_velocity(dit, x, is_cond, ts, targets, ctx, ctx_mask)
+        loss = F.mse_loss(v, eps[bi, targets] - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - EMA_DECAY)
+        step += 1
+        if step % 25 == 0:
+            run.log(f"dit {step}: loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        if step % plan["probe"] == 0 or step == plan["steps"]:
+            probe_dit(run, mllm, vae, dit, conn, ema, params, codec, pixels, layers)
+        if time.time() - last_save > CHECKPOINT_SECONDS or step == plan["steps"]:
+            run.save("dit.pt", {"dit": dit.state_dict(), "conn": conn.state_dict(), "opt": opt.state_dict(),
+                                "ema": ema, "step": step})
+            last_save = time.time()
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    os.makedirs(run.path("dit"), exist_ok=True)
+    torch.save({"dit": dit.state_dict(), "conn": conn.state_dict()}, run.path("dit", "weights.pt"))
+    run.log("dit: done (EMA weights kept)")
+
+
+def swap(params, ema):
+    for p, e in zip(params, ema):
+        t = p.detach().clone()
+        p.data.copy_(e)
+        e.copy_(t)
+
+
+def probe_dit(run, mllm, vae, dit, conn, ema, params, codec, pixels, layers, n_per_kind=8, **sampler):
+    """Pictures drawn for held-out conversations (eval split) by the EMA weights, with the
+    ground-truth text before each <BOV> and the earlier pictures as drawn, scored. The
+    k-th pictures of all conversations are drawn together."""
+    sampler = {**SAMPLER, **sampler}
+    swap(params, ema)
+    dit.eval()
+    convs = [conversations.make(run.seed, 1000 + i, "eval", kind)
+             for kind in ("draw", "step", "edit") for i in range(n_per_kind)]
+    toks = [codec.encode(c) for c in convs]
+    pics = [[world.render(p) for p in t.pictures] for t in toks]   # drawn ones get replaced
+    drawn = [[] for _ in convs]
+    for k in range(max(len(t.bov) for t in toks)):
+        todo = [(b, sorted(t.bov)[k]) for b, t in enumerate(toks) if k < len(t.bov)]
+        pos, neg = [], []
+        with torch.no_grad():
+            for b, j in todo:
+                t = toks[b]
+                p, n = pipeline.context(mllm, codec, pixels, conn, layers, t.ids[:t.bov[j]], pics[b][:j],
+                                        t.vision_end[j - 1] + 1 if j > 0 else 1)
+                pos.append(p[0])
+                neg.append(n[0])
+        out = pipeline.paint_batch(dit, vae, pos, neg, [pics[b][:j] for b, j in todo], [(1, k)] * len(todo), **sampler)
+        for (b, j), pic in zip(todo, out):
+            pics[b][j] = pic
+            drawn[b].append(pic)
+    total = {}
+    for conv, d in zip(convs, drawn):
+        r = score.score_answer(conv, "", d)
+        score.add_up(total, {k: v for k, v in r.items() if k in ("present", "kind", "kept", "edit")})
+    swap(params, ema)
+    dit.train()
+    run.log("dit probe: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in total.items()))
+    os.makedirs(run.path("probe"), exist_ok=True)
+    for b in range(0, len(convs), n_per_kind):
+        for i, p in enumerate(drawn[b]):
+            p.save(run.path("probe", f"{convs[b]['kind']}{i}.png"))
+    return total
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.normpath(os.path.join(here, "..", ".."))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=os.path.join(root, "build", "train"))
+    ap.add_argument("--stage", default="all", choices=["tokenizer", "vae", "mllm", "dit", "export", "all"])
+    ap.add_argument("--seed", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", default="", help="override steps, e.g. vae=100,mllm=200")
+    ap.add_argument("--out", default=os.path.join(here, "shapes"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    plan = {k: dict(v) for k, v in PLAN.items()}
+    for kv in filter(None, args.steps.split(",")):
+        k, v = kv.split("=")
+        plan[k]["steps"] = int(v)
+    run = Run(args.work, args.seed)
+    stages = ["tokenizer", "vae", "mllm", "dit", "export"] if args.stage == "all" else [args.stage]
+    for st in stages:
+        t0 = time.time()
+        if st == "tokenizer":
+            stage_tokenizer(run)
+        elif st == "vae":
+            stage_vae(run, plan["vae"])
+        elif st == "mllm":
+            stage_mllm(run, plan["mllm"])
+        elif st == "dit":
+            stage_dit(run, plan["dit"])
+        else:
+            import export
+            export.write_package(run, args.out, SAMPLER)
+        run.log(f"stage {st}: {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
