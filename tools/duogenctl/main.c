@@ -877,6 +877,18 @@ static int usage(FILE *out) {
     return out == stdout ? 0 : EXIT_USAGE;
 }
 
+/* One .TP entry: NAME in bold, then ARGS in the font `font` selects ("" roman, "\\fI" italic),
+ * then HELP as the paragraph. */
+static void man_entry(FILE *out, const char *name, const char *font, const char *args, const char *help) {
+    fputs(".TP\n\\fB", out);
+    dg_man_text(out, name);
+    fprintf(out, "\\fR %s", font);
+    dg_man_text(out, args);
+    fputs(font[0] ? "\\fR\n" : "\n", out);
+    dg_man_text(out, help);
+    fputc('\n', out);
+}
+
 /* duogenctl(1) in roff, from the three tables. */
 static int write_manual(FILE *out) {
     dg_man_head(out, "duogenctl", "1", "put jobs on duogen queues, follow them, read their results");
@@ -884,25 +896,10 @@ static int write_manual(FILE *out) {
           ".SH DESCRIPTION\n.B duogenctl\nis the command-line producer and monitor of a duogen fleet: it "
           "speaks the protocol of\n.BR duogend (8)\nthrough Redis, as a producer in any language does "
           "(examples/producers/ in the sources).\n.SH OPTIONS\n", out);
-    for (size_t i = 0; i < N_OF(global_options); i++) {
-        fputs(".TP\n\\fB", out);
-        dg_man_text(out, global_options[i].name);
-        fputs("\\fR \\fI", out);
-        dg_man_text(out, global_options[i].arg);
-        fputs("\\fR\n", out);
-        dg_man_text(out, global_options[i].help);
-        fputc('\n', out);
-    }
+    for (size_t i = 0; i < N_OF(global_options); i++)
+        man_entry(out, global_options[i].name, "\\fI", global_options[i].arg, global_options[i].help);
     fputs(".SH COMMANDS\n", out);
-    for (size_t i = 0; i < N_OF(commands); i++) {
-        fputs(".TP\n\\fB", out);
-        dg_man_text(out, commands[i].name);
-        fputs("\\fR ", out);
-        dg_man_text(out, commands[i].args);
-        fputc('\n', out);
-        dg_man_text(out, commands[i].help);
-        fputc('\n', out);
-    }
+    for (size_t i = 0; i < N_OF(commands); i++) man_entry(out, commands[i].name, "", commands[i].args, commands[i].help);
     fputs(".SH PARAMETERS\nThe keys of \\fBenqueue \\-\\-param\\fR \\fIkey\\fB=\\fIvalue\\fR and of a job "
           "file's \\fBparams\\fR. A key not given takes the model package's default; a key given is used "
           "as it is, 0 included. A value out of range fails the job with an error naming the field.\n", out);
