@@ -29,16 +29,7 @@
 static const char *pkg;   /* the tiny package of seed 11 with the Qwen2 vocabulary, made once */
 static dg_model *model;
 
-static int setup(void) {
-    char err[512];
-    if (model) return 1;
-    if (!(pkg = test_package_once("tiny", 11, TEST_QWEN2_VOCAB))) return 0;
-    if (dg_model_open(pkg, NULL, &model, err, sizeof err) < 0) {
-        printf("  %s\n", err);
-        return 0;
-    }
-    return 1;
-}
+static int setup(void) { return (model = test_model_once("tiny", 11, TEST_QWEN2_VOCAB, &pkg)) != NULL; }
 
 static const char *SYSTEM = "You are a patient cook who answers in short steps and draws each dish "
                             "as it should look on the plate, from above, on a round white plate, with a fork.";

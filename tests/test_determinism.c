@@ -33,16 +33,7 @@
 static const char *pkg;   /* the tiny package of seed 11 with the Qwen2 vocabulary, made once */
 static dg_model *model;
 
-static int setup(void) {
-    char err[512];
-    if (model) return 1;
-    if (!(pkg = test_package_once("tiny", 11, TEST_QWEN2_VOCAB))) return 0;
-    if (dg_model_open(pkg, NULL, &model, err, sizeof err) < 0) {
-        printf("  %s\n", err);
-        return 0;
-    }
-    return 1;
-}
+static int setup(void) { return (model = test_model_once("tiny", 11, TEST_QWEN2_VOCAB, &pkg)) != NULL; }
 
 static dg_sched *sched_new(int max_inflight) {
     char err[512];

@@ -17,6 +17,7 @@
 
 #include "common/device.h"
 #include "common/harness.h"
+#include "common/jobs.h"
 #include "common/package.h"
 #include "duogen.h"
 #include "io/image.h"
@@ -68,24 +69,6 @@ static void answer_free(answer *a) {
     for (int i = 0; i < a->n_png; i++) free(a->png[i]);
 }
 
-/* A w x h gradient as PNG bytes (the caller frees). */
-static uint8_t *test_png(int w, int h, size_t *len) {
-    dg_image *img;
-    uint8_t *png = NULL;
-    char err[128];
-    if (dg_image_new(w, h, &img)) return NULL;
-    for (int y = 0; y < h; y++)
-        for (int x = 0; x < w; x++) {
-            uint8_t *p = img->rgb + ((size_t)y * w + x) * 3;
-            p[0] = (uint8_t)(x * 255 / w);
-            p[1] = (uint8_t)(y * 255 / h);
-            p[2] = 90;
-        }
-    dg_image_encode_png(img, NULL, 0, &png, len, err, sizeof err);
-    dg_image_free(img);
-    return png;
-}
-
 /* The jobs every scheduler runs, in order. */
 typedef struct {
     uint8_t      *png;
@@ -98,7 +81,7 @@ typedef struct {
 
 static int jobs_init(jobs *j) {
     memset(j, 0, sizeof *j);
-    if (!(j->png = test_png(40, 28, &j->png_len))) return -1;
+    if (!(j->png = test_png(40, 28, 1, &j->png_len))) return -1;
     j->parts[0][0] = (dg_part){.kind = DG_PART_IMAGE, .image = j->png, .image_len = j->png_len};
     j->parts[0][1] = (dg_part){.kind = DG_PART_TEXT, .text = "Draw what comes next.", .text_len = 21};
     j->parts[1][0] = (dg_part){.kind = DG_PART_TEXT, .text = "Tell a story.", .text_len = 13};

@@ -6,6 +6,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "duogen.h"
+
 int test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen) {
     char tmpl[] = "/tmp/dg_test_pkg_XXXXXX", cmd[1024];
     if (!mkdtemp(tmpl)) {
@@ -101,4 +103,19 @@ json_t *test_golden_package(const char *golden_dir, char *mllm, size_t len) {
     }
     snprintf(mllm, len, "%s/mllm", dir);
     return g;
+}
+
+dg_model *test_model_once(const char *preset, long long seed, const char *vocab, const char **pkg) {
+    static dg_model *model;
+    static int failed;
+    char err[512];
+    const char *dir = test_package_once(preset, seed, vocab);
+    if (pkg) *pkg = dir;
+    if (model || failed) return model;
+    if (!dir || dg_model_open(dir, NULL, &model, err, sizeof err) < 0) {
+        if (dir) printf("  %s\n", err);
+        failed = 1;
+        model = NULL;
+    }
+    return model;
 }

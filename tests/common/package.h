@@ -15,6 +15,10 @@ int      test_make_package(const char *preset, long long seed, const char *vocab
  * first failure (printed). For a test program whose cases share one package; a second
  * call with other arguments is a bug in the test and returns NULL. */
 const char *test_package_once(const char *preset, long long seed, const char *vocab);
+/* test_package_once's package opened once on the default device (cpu) and kept: the model,
+ * or NULL after printing why; *pkg (when not NULL) gets the package's directory. */
+struct dg_model;
+struct dg_model *test_model_once(const char *preset, long long seed, const char *vocab, const char **pkg);
 /* FNV-1a 64 of a file's bytes (0 when it cannot be read): checks that mkmodel wrote the
  * package the goldens were made from. */
 uint64_t test_file_fnv1a64(const char *path);
