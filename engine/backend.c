@@ -104,23 +104,25 @@ static int checked(dg_backend *be, dg_backend **out, char *err, size_t errlen) {
 }
 
 int dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err, size_t errlen) {
-    return dg_backend_new_sized(name, n_threads, 0, out, err, errlen);
+    return dg_backend_new_opts(name, &(dg_backend_opts){.n_threads = n_threads}, out, err, errlen);
 }
 
-int dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, dg_backend **out, char *err,
-                         size_t errlen) {
+int dg_backend_new_opts(const char *name, const dg_backend_opts *o, dg_backend **out, char *err,
+                        size_t errlen) {
+    const dg_backend_opts opts = o ? *o : (dg_backend_opts){0};
     dg_backend *be = NULL;
     int rc;
     *out = NULL;
-    if (!name || !strcmp(name, "cpu")) rc = dg_cpu_backend_new(n_threads, DG_CPU_AVX512, &be, err, errlen);
-    else if (!strcmp(name, "cpu-scalar")) rc = dg_cpu_backend_new(n_threads, DG_CPU_PORTABLE, &be, err, errlen);
+    if (!name || !strcmp(name, "cpu"))
+        rc = dg_cpu_backend_new(opts.n_threads, DG_CPU_AVX512_BF16, opts.cpu_bf16_compute, &be, err, errlen);
+    else if (!strcmp(name, "cpu-scalar"))
+        rc = dg_cpu_backend_new(opts.n_threads, DG_CPU_PORTABLE, opts.cpu_bf16_compute, &be, err, errlen);
     else if (cuda_index(name) >= 0) {
 #ifdef DG_HAVE_CUDA
         cuda_new_fn cuda_new = cuda_module(err, errlen);
         if (!cuda_new) return DG_EINVAL;   /* an installation problem, like a missing device */
-        rc = cuda_new(cuda_index(name), device_bytes, &be, err, errlen);
+        rc = cuda_new(cuda_index(name), opts.device_bytes, &be, err, errlen);
 #else
-        (void)device_bytes;
         snprintf(err, errlen, "device \"%s\": this build has no CUDA backend (nvcc was not found)", name);
         return DG_EINVAL;
 #endif

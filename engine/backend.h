@@ -116,6 +116,9 @@ struct dg_backend {
     const char *name;            /* "cpu", "cpu-scalar", "cuda" */
     int         n_threads;       /* CPU threads an operation uses (CUDA: 1) */
     int         kv_bf16;         /* 1: kv_write and attention take a BF16 dg_kv_view */
+    int         bf16_compute;    /* 1: matmul over a BF16 weight rounds x to bf16 and sums
+                                    bf16 products (CPU: kernels/cpu/matmul.h, the bf16
+                                    compute order); 0: fp32 compute */
     void       *impl;            /* owned by the backend */
 
     void  (*free)(dg_backend *be);
@@ -132,7 +135,8 @@ struct dg_backend {
      * Rows are bit-identical whatever m (CPU backends): row i of y depends on row i of x, W
      * and bias only, not on m, the row's place in the batch or the thread count, so KV that
      * decode computed one token at a time equals KV that a prefill computed (the order:
-     * kernels/cpu/matmul.h; "cpu" gives the same bits with AVX2 or AVX-512). The CUDA backend
+     * kernels/cpu/matmul.h; "cpu" gives the same bits with AVX2 or AVX-512, and in
+     * bf16_compute with or without AVX-512 BF16). The CUDA backend
      * does not promise it (a GEMV for m <= 8, cuBLAS above). */
     void (*matmul)(dg_backend *be, float *y, const float *x, const dg_weight *w,
                    const float *bias, int m);
@@ -284,17 +288,29 @@ struct dg_backend {
     int  (*status)(dg_backend *be, char *err, size_t errlen);
 };
 
-/* Creates a backend by name: "cpu" (best kernels this CPU has: AVX2/FMA or scalar),
- * "cpu-scalar" (the portable kernels only; the reference in tests) or "cuda:N" ("cuda" is
- * "cuda:0"; DG_EINVAL where the build or the machine has no such device). n_threads 0 =
- * all cores. The only place that chooses an implementation. The table is checked
- * (dg_backend_check): a missing operation fails the creation with DG_EINTERNAL. */
+/* A backend's settings at creation (dg_backend_new_opts); zeros are the defaults. */
+typedef struct {
+    int    n_threads;          /* CPU threads an operation uses; 0 = all cores */
+    size_t device_bytes;       /* the device memory a GPU backend takes at creation, once, for
+                                  weights, KV blocks, activations and its forks' scratch (0:
+                                  DG_GPU_MEMORY from the environment, else 90% of the
+                                  device's free memory); the CPU backends ignore it */
+    int    cpu_bf16_compute;   /* CPU: 1 = matmuls over BF16 weights in the bf16 compute
+                                  order (activations rounded to bf16, VDPBF16PS or the same
+                                  bits without it: kernels/cpu/matmul.h); 0 = fp32, the
+                                  default. The CUDA backend ignores it */
+} dg_backend_opts;
+
+/* Creates a backend by name: "cpu" (best kernels this CPU has: AVX-512 (BF16), AVX2/FMA or
+ * scalar), "cpu-scalar" (the portable kernels only; the reference in tests) or "cuda:N"
+ * ("cuda" is "cuda:0"; DG_EINVAL where the build or the machine has no such device), with
+ * the settings o (NULL: the defaults). The only place that chooses an implementation. The
+ * table is checked (dg_backend_check): a missing operation fails the creation with
+ * DG_EINTERNAL. */
+int  dg_backend_new_opts(const char *name, const dg_backend_opts *o, dg_backend **out, char *err,
+                         size_t errlen);
+/* The same with the default settings but n_threads (0 = all cores). */
 int  dg_backend_new(const char *name, int n_threads, dg_backend **out, char *err, size_t errlen);
-/* The same with the device memory a GPU backend takes at creation, once, for weights, KV
- * blocks, activations and its forks' scratch (0: DG_GPU_MEMORY from the environment, else
- * 90% of the device's free memory). The CPU backends ignore it. */
-int  dg_backend_new_sized(const char *name, int n_threads, size_t device_bytes, dg_backend **out,
-                          char *err, size_t errlen);
 /* A backend for another thread, sharing be's device, memory and weights (see "Threads"
  * above); checked as dg_backend_new's. The fork is freed with dg_backend_free before be. */
 int  dg_backend_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen);

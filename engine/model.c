@@ -325,8 +325,9 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if (o && o->progress) o->progress(o->progress_user, "tokenizer", 0.0);
     if ((rc = open_tokenizer(m, manifest, mllm, path, err, errlen)) < 0) goto fail;
     if ((rc = dg_config_load(mllm, &m->cfg, err, errlen)) < 0) goto fail;
-    if ((rc = dg_backend_new_sized(o && o->device ? o->device : "cpu", o ? o->threads : 0, o ? o->device_memory : 0,
-                                   &m->be, err, errlen)) < 0)
+    const dg_backend_opts bo = {.n_threads = o ? o->threads : 0, .device_bytes = o ? o->device_memory : 0,
+                                .cpu_bf16_compute = o ? o->cpu_bf16_compute : 0};
+    if ((rc = dg_backend_new_opts(o && o->device ? o->device : "cpu", &bo, &m->be, err, errlen)) < 0)
         goto fail;
     if (o && o->progress) o->progress(o->progress_user, "weights", 0.1);
     if ((rc = dg_st_open(mllm, &m->mllm_st, err, errlen)) < 0) goto fail;
@@ -384,7 +385,8 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
         n += snprintf(m->describe + n, sizeof m->describe - (size_t)n, " + cosmos dit %dL/%dd + wan vae",
                       m->dit.cfg.n_layers, m->dit.cfg.hidden);
     if (n > 0 && (size_t)n < sizeof m->describe)
-        n += snprintf(m->describe + n, sizeof m->describe - (size_t)n, " on %s", m->be->name);
+        n += snprintf(m->describe + n, sizeof m->describe - (size_t)n, " on %s%s", m->be->name,
+                      m->be->bf16_compute ? " (bf16 compute)" : "");
     if (dg_st_seeded(m->mllm_st) && n > 0 && (size_t)n < sizeof m->describe)
         snprintf(m->describe + n, sizeof m->describe - (size_t)n, " (SEEDED weights: benchmark only)");
     if (o && o->progress) o->progress(o->progress_user, "ready", 1.0);

@@ -159,7 +159,7 @@ TEST(rows_are_the_same_bits_whatever_m_offset_threads_and_isa) {
     dg_backend *be[N_CONFIGS] = {0};
     char err[256];
     for (int c = 0; c < N_CONFIGS; c++)
-        if (dg_cpu_backend_new(CONFIGS[c].threads, CONFIGS[c].simd, &be[c], err, sizeof err) < 0) {
+        if (dg_cpu_backend_new(CONFIGS[c].threads, CONFIGS[c].simd, 0, &be[c], err, sizeof err) < 0) {
             test_fail(__FILE__, __LINE__, "%s: %s", CONFIGS[c].label, err);
             goto out;
         }

@@ -26,15 +26,18 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen);
 /* The widest kernel set of the machine (DG_CPU_*). AVX2 + FMA (the compiler's check
  * includes OS support for the ymm state) and F16C (CPUID.1:ECX bit 29; not every compiler's
  * __builtin_cpu_supports knows "f16c"); AVX-512 F (the check includes OS support for the
- * zmm state). */
+ * zmm state); then AVX-512 BW and BF16 (CPUID.(EAX=7,ECX=1):EAX bit 5, which GCC 12's
+ * __builtin_cpu_supports does not know either). */
 static int simd_level(void) {
     unsigned a, b, c, d;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
         !__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 29)))
         return DG_CPU_PORTABLE;
-    if (__builtin_cpu_supports("avx512f")) return DG_CPU_AVX512;
-    return DG_CPU_AVX2;
+    if (!__builtin_cpu_supports("avx512f")) return DG_CPU_AVX2;
+    if (__builtin_cpu_supports("avx512bw") && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)))
+        return DG_CPU_AVX512_BF16;
+    return DG_CPU_AVX512;
 }
 
 static void cpu_free(dg_backend *be) {
@@ -42,6 +45,8 @@ static void cpu_free(dg_backend *be) {
     if (be->impl) {
         free(cpu(be)->conv);
         free(cpu(be)->gemm);
+        free(cpu(be)->gemm_bf16);
+        free(cpu(be)->xbf16);
     }
     free(be->impl);
     free(be);
@@ -141,11 +146,15 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->impl = c;
     *c = *settings;
     if (!(c->conv = cpu_alloc(be, sizeof(float) * (size_t)c->conv_floats)) ||
-        !(c->gemm = cpu_alloc(be, sizeof(float) * DG_MATMUL_SCRATCH_FLOATS * (size_t)c->n_threads)))
+        !(c->gemm = cpu_alloc(be, sizeof(float) * DG_MATMUL_SCRATCH_FLOATS * (size_t)c->n_threads)) ||
+        (c->bf16_compute &&
+         (!(c->gemm_bf16 = cpu_alloc(be, sizeof(uint16_t) * DG_MATMUL_BF16_PANEL * (size_t)c->n_threads)) ||
+          !(c->xbf16 = cpu_alloc(be, sizeof(uint16_t) * DG_MATMUL_BF16_XBUF)))))
         goto nomem;
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
     be->kv_bf16 = 1;
+    be->bf16_compute = c->bf16_compute;
     be->free = cpu_free;
     be->fork = cpu_fork;
     be->alloc = cpu_alloc;
@@ -195,13 +204,16 @@ nomem:
 static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) {
     dg_cpu settings = *cpu(be);
     settings.conv = settings.gemm = NULL;
+    settings.gemm_bf16 = settings.xbf16 = NULL;
     return cpu_make(&settings, out, err, errlen);
 }
 
-int dg_cpu_backend_new(int n_threads, int max_simd, dg_backend **out, char *err, size_t errlen) {
+int dg_cpu_backend_new(int n_threads, int max_simd, int bf16_compute, dg_backend **out, char *err,
+                       size_t errlen) {
     const int level = simd_level();
     dg_cpu settings = {.n_threads = n_threads > 0 ? n_threads : omp_get_num_procs(),
-                       .simd = level < max_simd ? level : max_simd, .conv_floats = CONV_FLOATS};
+                       .simd = level < max_simd ? level : max_simd, .conv_floats = CONV_FLOATS,
+                       .bf16_compute = bf16_compute != 0};
     openblas_set_num_threads(settings.n_threads);
     return cpu_make(&settings, out, err, errlen);
 }

@@ -13,12 +13,16 @@ enum {
     DG_CPU_PORTABLE = 0,   /* plain C: "cpu-scalar" */
     DG_CPU_AVX2     = 1,   /* AVX2 + FMA + F16C */
     DG_CPU_AVX512   = 2,   /* and AVX-512 F (the GEMM tile only) */
+    DG_CPU_AVX512_BF16 = 3,/* and AVX-512 BW and BF16 (the bf16 compute order's kernels) */
 };
 
 /* A CPU backend using the widest kernel set that the machine has and that is at most
- * max_simd (DG_CPU_*): "cpu" is DG_CPU_AVX512, "cpu-scalar" DG_CPU_PORTABLE. The name is
- * "cpu-scalar" for the portable set, else "cpu"; the AVX2 and AVX-512 matmuls give the same
- * bits (matmul.h). n_threads <= 0: one per processor. */
-int dg_cpu_backend_new(int n_threads, int max_simd, dg_backend **out, char *err, size_t errlen);
+ * max_simd (DG_CPU_*): "cpu" is DG_CPU_AVX512_BF16, "cpu-scalar" DG_CPU_PORTABLE. The name
+ * is "cpu-scalar" for the portable set, else "cpu"; the AVX2 and AVX-512 matmuls give the
+ * same bits (matmul.h). bf16_compute 1: matmuls over BF16 weights take the bf16 compute
+ * order (matmul.h; every kernel set gives the same bits in it); 0: the fp32 order.
+ * n_threads <= 0: one per processor. */
+int dg_cpu_backend_new(int n_threads, int max_simd, int bf16_compute, dg_backend **out, char *err,
+                       size_t errlen);
 
 #endif

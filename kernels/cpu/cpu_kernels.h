@@ -2,8 +2,8 @@
  *
  * Each hot kernel has a portable C version and an AVX2/FMA(/F16C) version compiled with
  * __attribute__((target)) and chosen at run time by `simd` (set once from
- * __builtin_cpu_supports when the backend is made); the matmul also has an AVX-512 one
- * (matmul.h). */
+ * __builtin_cpu_supports when the backend is made); the matmul also has an AVX-512 one,
+ * and its bf16 compute order an AVX-512 BF16 one (matmul.h). */
 #ifndef DG_CPU_KERNELS_H
 #define DG_CPU_KERNELS_H
 
@@ -21,6 +21,12 @@ typedef struct {
     int64_t conv_floats;     /* its size */
     float  *gemm;            /* owned: the matmul's scratch, DG_MATMUL_SCRATCH_FLOATS for
                                 each of n_threads (matmul.h) */
+    int     bf16_compute;    /* 1: matmuls over BF16 weights in the bf16 compute order
+                                (matmul.h) */
+    uint16_t *gemm_bf16;     /* owned, with bf16_compute: its panels,
+                                DG_MATMUL_BF16_PANEL for each of n_threads */
+    uint16_t *xbf16;         /* owned, with bf16_compute: a call's rounded x,
+                                DG_MATMUL_BF16_XBUF (matmul.h) */
 } dg_cpu;
 
 /* vector.c */

@@ -29,14 +29,6 @@
 #define PORTABLE_MR 4
 #define PORTABLE_NR 4
 
-/* The tree of matmul.h step 2. */
-static float reduce16(const float a[DG_MATMUL_LANES]) {
-    float b[8], c[4];
-    for (int l = 0; l < 8; l++) b[l] = a[l] + a[l + 8];
-    for (int l = 0; l < 4; l++) c[l] = b[l] + b[l + 4];
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
 static void rows_portable(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
                           int64_t r1) {
     const int64_t k = w->cols;
@@ -49,7 +41,7 @@ static void rows_portable(float *y, const float *x, const dg_weight *w, const fl
                 const float wv = j < k ? dg_load_f32(w->data, w->dtype, (size_t)(r * k + j)) : 0.0f;
                 a[(j - k0) % 16] += (j < k ? x[j] : 0.0f) * wv;
             }
-            s = k0 == 0 ? reduce16(a) : s + reduce16(a);
+            s = k0 == 0 ? dg_matmul_reduce16(a) : s + dg_matmul_reduce16(a);
         }
         y[r] = bias ? s + bias[r] : s;
     }
@@ -84,7 +76,7 @@ static void tile_portable(int rm, const float *x, int64_t ldx, const float *pane
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < nn; j++) {
             float *o = y + i * ldy + j;
-            *o = flags & DG_TILE_FIRST ? reduce16(a[i][j]) : *o + reduce16(a[i][j]);
+            *o = flags & DG_TILE_FIRST ? dg_matmul_reduce16(a[i][j]) : *o + dg_matmul_reduce16(a[i][j]);
             if ((flags & DG_TILE_LAST) && bias) *o += bias[j];
         }
 }
@@ -132,6 +124,18 @@ static void prefetch_slice(const dg_weight *w, w_block b, int part, int parts) {
         __builtin_prefetch((const char *)w->data + ((b.r0 + q / lines) * w->cols + b.k0) * esize + q % lines * 64, 0, 2);
 }
 
+/* The panel a task packs after the one of rows n0 + p (nr of them) in the block of k at k0
+ * of kc columns (blocks of kb): the next rows of this block, else the first of the next
+ * block (nn = 0 after the last). */
+static w_block next_panel(const dg_weight *w, int64_t n0, int nc, int p, int nr, int64_t k0, int64_t kc,
+                          int64_t kb) {
+    const int64_t k = w->cols;
+    w_block next = {n0 + p + nr, k0, kc, nc - p - nr < nr ? nc - p - nr : nr};
+    if (next.nn <= 0)
+        next = (w_block){n0, k0 + kc, k - k0 - kc < kb ? k - k0 - kc : kb, k0 + kc < k ? (nc < nr ? nc : nr) : 0};
+    return next;
+}
+
 /* Rows m0 .. m0+mc-1 of x against rows n0 .. n0+nc-1 of W, all of k (matmul.h, blocking). */
 static void gemm_task(const dg_matmul_kernels *K, float *panel, float *y, const float *x,
                       const dg_weight *w, const float *bias, int64_t m0, int mc, int64_t n0, int nc) {
@@ -141,11 +145,7 @@ static void gemm_task(const dg_matmul_kernels *K, float *panel, float *y, const 
         const int flags = (k0 == 0 ? DG_TILE_FIRST : 0) | (k0 + kc == k ? DG_TILE_LAST : 0);
         for (int p = 0; p < nc; p += K->nr) {
             const int nn = nc - p < K->nr ? nc - p : K->nr;
-            /* the next panel: the next rows of this block of k, else the first of the next */
-            w_block next = {n0 + p + K->nr, k0, kc, nc - p - K->nr < K->nr ? nc - p - K->nr : K->nr};
-            if (next.nn <= 0)
-                next = (w_block){n0, k0 + kc, k - k0 - kc < DG_MATMUL_KB ? k - k0 - kc : DG_MATMUL_KB,
-                                 k0 + kc < k ? (nc < K->nr ? nc : K->nr) : 0};
+            const w_block next = next_panel(w, n0, nc, p, K->nr, k0, kc, DG_MATMUL_KB);
             K->pack(panel, w, n0 + p, nn, K->nr, k0, kc);
             for (int i = 0; i < mc; i += K->mr) {
                 prefetch_slice(w, next, i / K->mr, (int)tiles_m);
@@ -156,31 +156,138 @@ static void gemm_task(const dg_matmul_kernels *K, float *panel, float *y, const 
     }
 }
 
+/* The GEMM's tasks: m-blocks of mc rows of x (from the slab of x a block of k may take)
+ * against chunks of nc rows of W, task t = (chunk t / n_mb, m-block t % n_mb), so that
+ * neighbouring tasks share a W chunk. */
+typedef struct {
+    int64_t mc, nc, n_mb, n_tasks;
+    int     nt;                /* threads */
+} gemm_plan;
+
+static gemm_plan plan(const dg_cpu *c, int64_t m, int64_t n, int64_t slab_rows, int nr) {
+    gemm_plan g;
+    /* rows of x per m-block: the slab's, in whole tiles of any mr (12 | MC) */
+    g.mc = slab_rows / 12 * 12;
+    g.mc = g.mc < 12 ? 12 : g.mc > DG_MATMUL_MC_MAX ? DG_MATMUL_MC_MAX : g.mc;
+    g.n_mb = (m + g.mc - 1) / g.mc;
+    /* Chunks of W rows: NC, or fewer where that leaves under 4 tasks a thread (a small n
+     * or m), down to one panel. */
+    const int64_t want = (4 * c->n_threads + g.n_mb - 1) / g.n_mb;
+    g.nc = ((n + want - 1) / want + nr - 1) / nr * nr;
+    if (g.nc > DG_MATMUL_NC) g.nc = DG_MATMUL_NC;
+    g.n_tasks = g.n_mb * ((n + g.nc - 1) / g.nc);
+    g.nt = g.n_tasks < c->n_threads ? (int)g.n_tasks : c->n_threads;
+    return g;
+}
+
 static void gemm(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const float *x,
                  const dg_weight *w, const float *bias, int m) {
     const int64_t n = w->rows, k = w->cols, kc = k < DG_MATMUL_KB ? k : DG_MATMUL_KB;
-    /* rows of x per m-block: XSLAB floats of them, in whole tiles of any mr (12 | MC) */
-    int64_t mc = DG_MATMUL_XSLAB / kc / 12 * 12;
-    mc = mc < 12 ? 12 : mc > DG_MATMUL_MC_MAX ? DG_MATMUL_MC_MAX : mc;
-    const int64_t n_mb = (m + mc - 1) / mc;
-    /* Chunks of W rows: NC, or fewer where that leaves under 4 tasks a thread (a small n
-     * or m), down to one panel. */
-    const int64_t want = (4 * c->n_threads + n_mb - 1) / n_mb;
-    int64_t nc = ((n + want - 1) / want + K->nr - 1) / K->nr * K->nr;
-    if (nc > DG_MATMUL_NC) nc = DG_MATMUL_NC;
-    const int64_t n_nb = (n + nc - 1) / nc, n_tasks = n_mb * n_nb;
-    const int nt = n_tasks < c->n_threads ? (int)n_tasks : c->n_threads;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t t = 0; t < n_tasks; t++) {
-        const int64_t nb = t / n_mb, mb = t % n_mb;   /* neighbouring tasks share a W chunk */
-        const int64_t m0 = mb * mc, n0 = nb * nc;
+    const gemm_plan g = plan(c, m, n, DG_MATMUL_XSLAB / kc, K->nr);
+#pragma omp parallel for num_threads(g.nt) schedule(dynamic, 1)
+    for (int64_t t = 0; t < g.n_tasks; t++) {
+        const int64_t m0 = t % g.n_mb * g.mc, n0 = t / g.n_mb * g.nc;
         gemm_task(K, c->gemm + (int64_t)omp_get_thread_num() * DG_MATMUL_SCRATCH_FLOATS, y, x, w,
-                  bias, m0, (int)(m - m0 < mc ? m - m0 : mc), n0, (int)(n - n0 < nc ? n - n0 : nc));
+                  bias, m0, (int)(m - m0 < g.mc ? m - m0 : g.mc), n0, (int)(n - n0 < g.nc ? n - n0 : g.nc));
     }
+}
+
+/* ---- the bf16 compute order's drivers (matmul.h) ---------------------------------------- */
+
+/* Rounded x in c->xbf16 (step 0, once per element): rows i0 .. i0+mi-1 of x, columns
+ * k0 .. k0+kc-1 (whole blocks of the order, the last of k perhaps shorter), a row every ld
+ * (kc rounded up to 32) elements. */
+typedef struct {
+    const uint16_t *xb;
+    int64_t         i0, k0, kc, ld;
+    int             mi;
+} x_span;
+
+/* m = 1 .. DG_MATMUL_GEMV_ROWS: W's rows split as the GEMV splits them, each read once for
+ * all of x's rows, block after block of the span. */
+static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
+                      const float *bias, const x_span *s) {
+    const int64_t n = w->rows, k = w->cols, tile = 64, n_tiles = (n + tile - 1) / tile;
+    const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
+    for (int64_t t = 0; t < n_tiles; t++)
+        for (int64_t k0 = s->k0; k0 < s->k0 + s->kc; k0 += DG_MATMUL_BF16_KB) {
+            const int64_t kc = k - k0 < DG_MATMUL_BF16_KB ? k - k0 : DG_MATMUL_BF16_KB;
+            const int flags = (k0 == 0 ? DG_TILE_FIRST : 0) | (k0 + kc == k ? DG_TILE_LAST : 0);
+            K->rows(y, n, s->xb + (k0 - s->k0), s->ld, s->mi, w, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n,
+                    k0, kc, flags, bias);
+        }
+}
+
+/* gemm_task in the bf16 order over the span's blocks: rows m0 .. m0+mc-1 of the span
+ * against rows n0 .. n0+nc-1 of W. */
+static void gemm_task_bf16(const dg_matmul_bf16_kernels *K, uint16_t *panel, float *y, const dg_weight *w,
+                           const float *bias, const x_span *s, int64_t m0, int mc, int64_t n0, int nc) {
+    const int64_t n = w->rows, k = w->cols, tiles_m = (mc + K->mr - 1) / K->mr;
+    for (int64_t k0 = s->k0; k0 < s->k0 + s->kc; k0 += DG_MATMUL_BF16_KB) {
+        const int64_t kc = k - k0 < DG_MATMUL_BF16_KB ? k - k0 : DG_MATMUL_BF16_KB;
+        const int flags = (k0 == 0 ? DG_TILE_FIRST : 0) | (k0 + kc == k ? DG_TILE_LAST : 0);
+        for (int p = 0; p < nc; p += K->nr) {
+            const int nn = nc - p < K->nr ? nc - p : K->nr;
+            const w_block next = next_panel(w, n0, nc, p, K->nr, k0, kc, DG_MATMUL_BF16_KB);
+            dg_matmul_bf16_pack(panel, w, n0 + p, nn, K->nr, k0, kc);
+            for (int i = 0; i < mc; i += K->mr) {
+                prefetch_slice(w, next, i / K->mr, (int)tiles_m);
+                K->tile(mc - i < K->mr ? mc - i : K->mr, s->xb + (m0 + i) * s->ld + (k0 - s->k0), s->ld, panel,
+                        kc, flags, y + (m0 + i) * n + n0 + p, n, nn, bias ? bias + n0 + p : NULL);
+            }
+        }
+    }
+}
+
+/* The span's rows of y (y points at the span's first row). */
+static void gemm_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
+                      const float *bias, const x_span *s) {
+    const int64_t n = w->rows, kc = s->kc < DG_MATMUL_BF16_KB ? s->kc : DG_MATMUL_BF16_KB;
+    const gemm_plan g = plan(c, s->mi, n, DG_MATMUL_BF16_XSLAB / ((kc + 31) / 32 * 32), K->nr);
+#pragma omp parallel for num_threads(g.nt) schedule(dynamic, 1)
+    for (int64_t t = 0; t < g.n_tasks; t++) {
+        const int64_t m0 = t % g.n_mb * g.mc, n0 = t / g.n_mb * g.nc;
+        gemm_task_bf16(K, c->gemm_bf16 + (int64_t)omp_get_thread_num() * DG_MATMUL_BF16_PANEL, y, w, bias, s, m0,
+                       (int)(s->mi - m0 < g.mc ? s->mi - m0 : g.mc), n0, (int)(n - n0 < g.nc ? n - n0 : g.nc));
+    }
+}
+
+/* x is rounded once, a span of it at a time into c->xbf16 (DG_MATMUL_BF16_XBUF elements):
+ * all of it when it fits, else as many rows as fit with a block each (at most
+ * DG_MATMUL_BF16_XBUF / DG_MATMUL_BF16_KB), and as many blocks as fit with those rows. */
+static void matmul_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const float *x,
+                        const dg_weight *w, const float *bias, int m) {
+    const int64_t k = w->cols, kp = (k + 31) / 32 * 32, block = kp < DG_MATMUL_BF16_KB ? kp : DG_MATMUL_BF16_KB;
+    const int rows = m < DG_MATMUL_BF16_XBUF / block ? m : (int)(DG_MATMUL_BF16_XBUF / block);
+    const int64_t blocks = DG_MATMUL_BF16_XBUF / ((int64_t)rows * DG_MATMUL_BF16_KB),
+                  span = blocks > 1 ? blocks * DG_MATMUL_BF16_KB : DG_MATMUL_BF16_KB;
+    for (int i0 = 0; i0 < m; i0 += rows)
+        for (int64_t k0 = 0; k0 < k; k0 += span) {
+            x_span s = {c->xbf16, i0, k0, k - k0 < span ? k - k0 : span, 0, m - i0 < rows ? m - i0 : rows};
+            s.ld = (s.kc + 31) / 32 * 32;
+            if (s.mi <= DG_MATMUL_GEMV_ROWS) {
+                K->round(c->xbf16, s.ld, x + i0 * k + k0, k, s.mi, s.kc);
+            } else {
+                const int nt = s.mi / 8 < c->n_threads ? s.mi / 8 : c->n_threads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+                for (int i = 0; i < s.mi; i += 8)
+                    K->round(c->xbf16 + i * s.ld, s.ld, x + (i0 + i) * k + k0, k, s.mi - i < 8 ? s.mi - i : 8, s.kc);
+            }
+            if (m <= DG_MATMUL_GEMV_ROWS) gemv_bf16(c, K, y, w, bias, &s);
+            else gemm_bf16(c, K, y + i0 * w->rows, w, bias, &s);
+        }
 }
 
 void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias,
                    int m) {
+    if (c->bf16_compute && w->dtype == DG_DTYPE_BF16) {
+        const dg_matmul_bf16_kernels *K = c->simd >= DG_CPU_AVX512_BF16 ? &dg_matmul_bf16_avx512
+                                        : c->simd >= DG_CPU_AVX2        ? &dg_matmul_bf16_avx2
+                                                                        : &dg_matmul_bf16_portable;
+        matmul_bf16(c, K, y, x, w, bias, m);
+        return;
+    }
     const dg_matmul_kernels *K = c->simd >= DG_CPU_AVX512 ? &dg_matmul_avx512
                                : c->simd >= DG_CPU_AVX2   ? &dg_matmul_avx2
                                                           : &dg_matmul_portable;

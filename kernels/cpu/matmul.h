@@ -32,7 +32,45 @@
  * of many outputs can afford in registers (a 4 x 6 tile holds 24 zmm accumulators). The
  * blocks let the GEMM walk k in pieces whose panel stays in L1 and carry only a scalar per
  * output between them (in y itself), as a GEMM carries its C tile; without them the 16
- * lanes of every output would have to be kept between pieces, 16 times the traffic. */
+ * lanes of every output would have to be kept between pieces, 16 times the traffic.
+ *
+ * The bf16 compute order. A second canonical order, for W in BF16 on a backend made with
+ * bf16 compute (dg_backend_opts.cpu_bf16_compute; off by default, F32 and F16 weights keep
+ * the order above): the activations are rounded to bf16, as llama.cpp's BF16 path does,
+ * and each pair of products is one lane step of VDPBF16PS (_mm512_dpbf16_ps), which does
+ * 32 bf16 multiply-adds per zmm instruction, twice the fp32 FMA, and reads the weights
+ * without widening. The same invariance: y[i, r] depends on x's row i, W's row r, k and
+ * bias[r] only.
+ *   0. x's row is rounded to bf16 (each element once, as VCVTNEPS2BF16 does): zeros and
+ *      fp32 denormals become a zero of their sign, a NaN the quiet NaN (u >> 16) | 0x40,
+ *      any other u (the bits) (u + 0x7fff + ((u >> 16) & 1)) >> 16 (round to nearest even;
+ *      overflow gives the infinity). xb[j] is that value, W[r, j] the stored one.
+ *   1. k is cut into blocks of KB = 2048 columns (the last one shorter). In a block, 16
+ *      lanes; step s takes the block's columns 32s .. 32s + 31, lane l the pair
+ *      c = 32s + 2l, c + 1:
+ *          a[l] = F(a[l] + xb[c + 1]·W[r, c + 1]);  a[l] = F(a[l] + xb[c]·W[r, c]),
+ *      the odd column first (Intel's pseudo-code of VDPBF16PS), each a fused multiply-add in
+ *      fp32 rounded to nearest even (the product of two bf16 is exact in fp32 unless it
+ *      leaves the exponent range), where F reads a denormal input (a weight, the
+ *      accumulator) as a zero of its sign and returns a zero of the result's sign for a
+ *      tiny result (below 2^-126 after rounding to 24 bits with an unbounded exponent):
+ *      MXCSR's DAZ and FTZ, which the instruction applies whatever MXCSR holds. From
+ *      a[l] = +0; the end of k is padded with zeros (x = W = +0) up to a multiple of 32.
+ *   2. - 4. as in the order above (the tree, the blocks' sums in order, the bias): plain
+ *      fp32 adds under the thread's MXCSR (by default no flushing).
+ * The AVX-512 BF16 kernels (matmul_bf16.c) are the instruction itself. The fallback
+ * (matmul_bf16_fallback.c: AVX2 + FMA, and portable C) computes the same lane steps with
+ * fused multiply-adds while MXCSR has DAZ and FTZ set, and gives the same bits (checked
+ * against the instruction bit for bit, denormal and underflowing products included), so a
+ * fleet with and without avx512_bf16 agrees; it is slower than the fp32 order there.
+ *
+ * Why these choices: the pairs are adjacent columns, so a weight row is used as stored (the
+ * GEMV streams it, the GEMM copies 64-byte pieces into its panel) and a rounded row of x
+ * likewise; the 16 lanes, the tree, the block sums and the bias are the fp32 order's, so
+ * its tile, blocking and drivers carry over. KB is 2048 so that a panel of 6 bf16 rows
+ * fills 24 KiB of L1 as the fp32 panel does at 1024, and the horizontal sums, a tenth of
+ * the tile's work at 1024, cost half as much. Rounding x is row-local, so m-invariant; each
+ * task rounds the rows and block of x it uses (a repeat of 1/96 of the products or less). */
 #ifndef DG_CPU_MATMUL_H
 #define DG_CPU_MATMUL_H
 
@@ -92,9 +130,60 @@ void dg_matmul_rows_avx2(float *y, const float *x, const dg_weight *w, const flo
 void dg_matmul_pack_avx2(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                          int64_t kc);
 
+/* The plain fp32 adds of the tree (step 2 of both orders), in the order's sequence. */
+static inline float dg_matmul_reduce16(const float a[DG_MATMUL_LANES]) {
+    float b[8], c[4];
+    for (int l = 0; l < 8; l++) b[l] = a[l] + a[l + 8];
+    for (int l = 0; l < 4; l++) c[l] = b[l] + b[l + 4];
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* ---- the bf16 compute order's kernels ---- */
+
+#define DG_MATMUL_BF16_KB 2048          /* its block of k (a multiple of 32) */
+#define DG_MATMUL_BF16_NR_MAX 6         /* the most rows of W a tile computes */
+#define DG_MATMUL_BF16_PANEL (DG_MATMUL_BF16_NR_MAX * DG_MATMUL_BF16_KB)   /* per-thread scratch,
+                                                                            elements */
+/* The rounded x of a matmul call (per backend, elements: 4 MiB): all of it when it fits,
+ * else a span of rows and blocks at a time (matmul.c). */
+#define DG_MATMUL_BF16_XBUF (2048 * 1024)
+/* The rows of rounded x a GEMM task takes per block of k (its m-block) stay in L2: 256 Ki
+ * elements, 512 KiB (120 rows of a full block, 240 of k = 896). */
+#define DG_MATMUL_BF16_XSLAB (256 * 1024)
+
+/* One instruction set's bf16 compute kernels. Rounded x (step 0) lives in rows of xb with
+ * a stride ldxb (a multiple of 32); a block's row is zero past its kc columns, up to the
+ * next multiple of 32. */
+typedef struct {
+    int mr, nr;                /* GEMM tile: rows of x, rows of W (nr <= DG_MATMUL_BF16_NR_MAX) */
+    /* Step 0: xb[i·ldxb + c] = x[i·ldx + c] rounded, for i < m, c < kc; zeros from kc to the
+     * next multiple of 32. */
+    void (*round)(uint16_t *xb, int64_t ldxb, const float *x, int64_t ldx, int m, int64_t kc);
+    /* The GEMV of m = 1 .. DG_MATMUL_GEMV_ROWS rounded rows of x over one block of k
+     * (columns k0 .. k0+kc-1), W read where it lies: y[i·ldy + r] for W rows r0 <= r < r1
+     * (steps 1-3 of the order, then 4 on DG_TILE_LAST; flags as the tile's). */
+    void (*rows)(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
+                 int64_t r0, int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias);
+    /* An rm x nr tile (rm <= mr) over one block of kc columns: rounded x rows at
+     * xb + i·ldxb, the panel of dg_matmul_bf16_pack; the outputs are y[i·ldy + j] for
+     * j < nn, bias + j when bias != NULL. */
+    void (*tile)(int rm, const uint16_t *xb, int64_t ldxb, const uint16_t *panel, int64_t kc,
+                 int flags, float *y, int64_t ldy, int nn, const float *bias);
+} dg_matmul_bf16_kernels;
+
+extern const dg_matmul_bf16_kernels dg_matmul_bf16_portable, dg_matmul_bf16_avx2, dg_matmul_bf16_avx512;
+
+/* panel[ceil(kc/32)][nr][32] = W rows r0 .. r0+nn-1 (BF16), columns k0 .. k0+kc-1, as
+ * stored; rows nn .. nr-1 and the columns past kc are zeros. kc <= DG_MATMUL_BF16_KB. The
+ * pairs of a lane are adjacent columns, so each piece is a copy of 64 bytes. */
+void dg_matmul_bf16_pack(uint16_t *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
+                         int64_t kc);
+
 /* y[m, w.rows] = x[m, w.cols] · Wᵀ (+ bias): GEMV for m = 1, the multi-row GEMV up to
  * DG_MATMUL_GEMV_ROWS where the kernels have one, GEMM above; rows split over
- * c->n_threads; scratch is c->gemm (DG_MATMUL_SCRATCH_FLOATS per thread). */
+ * c->n_threads; scratch is c->gemm (DG_MATMUL_SCRATCH_FLOATS per thread). A BF16 W on a
+ * backend with bf16 compute takes the bf16 order, its kernels (the widest c->simd has)
+ * with c->xbf16 and c->gemm_bf16 (DG_MATMUL_BF16_PANEL per thread). */
 void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias,
                    int m);
 

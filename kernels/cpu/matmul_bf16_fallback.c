@@ -1,0 +1,246 @@
+/* matmul_bf16_fallback.c — the bf16 compute order (matmul.h) where the CPU has no AVX-512
+ * BF16: AVX2 + FMA kernels and portable C ones, the same bits as VDPBF16PS, and the panel
+ * packing all kernel sets share.
+ *
+ * A lane step of VDPBF16PS is a fused multiply-add in fp32 (the product of two bf16 is
+ * exact) with DAZ on its inputs and FTZ on its result. So the fallback runs its
+ * multiply-adds while MXCSR has DAZ and FTZ set, which makes an FMA instruction (or fmaf)
+ * that step exactly, the tininess of FTZ included (x86 detects it after rounding, as the
+ * instruction does). The flushing must not reach the tree, the block sums and the bias
+ * (plain adds in the order), and a compiler may move floating-point arithmetic across an
+ * MXCSR write (it does not model the floating-point mode): so the multiply-adds are in
+ * functions of their own (noinline), called between the MXCSR writes, which take and
+ * leave the accumulators in memory; the sums are done after MXCSR is restored.
+ *
+ * The AVX2 lanes are two ymm (lanes 0-7 and 8-15); a dword of a rounded row or a weight
+ * row is a pair (the even column in its low half), so the odd column as fp32 is the dword
+ * with its low half cleared, the even one the dword shifted left by 16. */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "matmul.h"
+
+#define TARGET __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline))
+#define L DG_MATMUL_LANES
+
+/* MXCSR's DAZ (bit 6) and FTZ (bit 15) on; the value to restore. */
+static unsigned lane_steps_begin(void) {
+    const unsigned old = _mm_getcsr();
+    _mm_setcsr(old | 0x8040u);
+    return old;
+}
+
+/* ---- shared ---- */
+
+void dg_matmul_bf16_pack(uint16_t *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
+                         int64_t kc) {
+    const int64_t steps = (kc + 31) / 32;
+    const uint16_t *base = (const uint16_t *)w->data;
+    for (int j = 0; j < nr; j++) {
+        const uint16_t *src = base + (r0 + j) * w->cols + k0;
+        const int64_t full = j < nn ? kc / 32 : 0;
+        for (int64_t s = 0; s < full; s++) memcpy(panel + (s * nr + j) * 32, src + s * 32, 64);
+        for (int64_t s = full; s < steps; s++) {   /* the tail, and rows past nn */
+            uint16_t *p = panel + (s * nr + j) * 32;
+            const int64_t n = j < nn ? kc - s * 32 : 0;
+            memset(p, 0, 64);
+            memcpy(p, src + s * 32, sizeof(uint16_t) * (size_t)n);
+        }
+    }
+}
+
+/* Step 0 for one element (matmul.h). */
+static uint16_t round1(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (!(u & 0x7f800000u)) return (uint16_t)((u >> 16) & 0x8000u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Steps 2-4 from the lanes acc of an output into *o. */
+static void finish1(const float acc[L], int flags, float *o, const float *bias) {
+    const float t = dg_matmul_reduce16(acc);
+    *o = flags & DG_TILE_FIRST ? t : *o + t;
+    if ((flags & DG_TILE_LAST) && bias) *o += *bias;
+}
+
+/* ---- portable ---- */
+
+static float bf16_at(const uint16_t *p, int64_t i) {
+    uint16_t h;
+    memcpy(&h, p + i, sizeof h);   /* a weight may not be 2-byte aligned (dtype.h) */
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Step 1 over n columns of one output, on acc (under DAZ and FTZ): x rounded and zero past n
+ * up to a multiple of 32, W from w; the columns of W past n read as zeros. */
+__attribute__((noinline)) static void steps_portable(float acc[L], const uint16_t *x, const uint16_t *w, int64_t n) {
+    for (int64_t c = 0; c < n; c += 32)
+        for (int l = 0; l < L; l++) {
+            const int64_t j = c + 2 * l;
+            acc[l] = fmaf(bf16_at(x, j + 1), j + 1 < n ? bf16_at(w, j + 1) : 0.0f, acc[l]);
+            acc[l] = fmaf(bf16_at(x, j), j < n ? bf16_at(w, j) : 0.0f, acc[l]);
+        }
+}
+
+static void round_portable(uint16_t *xb, int64_t ldxb, const float *x, int64_t ldx, int m, int64_t kc) {
+    const int64_t kp = (kc + 31) / 32 * 32;
+    for (int i = 0; i < m; i++)
+        for (int64_t c = 0; c < kp; c++) xb[i * ldxb + c] = c < kc ? round1(x[i * ldx + c]) : 0;
+}
+
+static void rows_portable(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
+                          int64_t r0, int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int i = 0; i < m; i++) {
+            float acc[L] = {0};
+            const unsigned csr = lane_steps_begin();
+            steps_portable(acc, xb + i * ldxb, (const uint16_t *)w->data + r * w->cols + k0, kc);
+            _mm_setcsr(csr);
+            finish1(acc, flags, y + i * ldy + r, bias ? bias + r : NULL);
+        }
+}
+
+static void tile_portable(int rm, const uint16_t *xb, int64_t ldxb, const uint16_t *panel, int64_t kc, int flags,
+                          float *y, int64_t ldy, int nn, const float *bias) {
+    enum { NR = 4 };
+    const int64_t steps = (kc + 31) / 32;
+    uint16_t wrow[DG_MATMUL_BF16_KB];
+    for (int j = 0; j < nn; j++) {
+        for (int64_t s = 0; s < steps; s++) memcpy(wrow + s * 32, panel + (s * NR + j) * 32, 64);
+        for (int i = 0; i < rm; i++) {
+            float acc[L] = {0};
+            const unsigned csr = lane_steps_begin();
+            steps_portable(acc, xb + i * ldxb, wrow, steps * 32);
+            _mm_setcsr(csr);
+            finish1(acc, flags, y + i * ldy + j, bias ? bias + j : NULL);
+        }
+    }
+}
+
+const dg_matmul_bf16_kernels dg_matmul_bf16_portable = {4, 4, round_portable, rows_portable, tile_portable};
+
+/* ---- AVX2 + FMA ---- */
+
+/* Step 0 on 8 values: the 32-bit words whose low halves are the bf16. */
+TARGET INLINE __m256i round8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i e = _mm256_and_si256(u, _mm256_set1_epi32(0x7f800000));
+    const __m256i zero = _mm256_cmpeq_epi32(e, _mm256_setzero_si256());
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i hi = _mm256_srli_epi32(u, 16);
+    const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    return _mm256_blendv_epi8(r, _mm256_and_si256(hi, _mm256_set1_epi32(0x8000)), zero);
+}
+
+TARGET static void round_avx2(uint16_t *xb, int64_t ldxb, const float *x, int64_t ldx, int m, int64_t kc) {
+    const int64_t kp = (kc + 31) / 32 * 32;
+    for (int i = 0; i < m; i++)
+        for (int64_t c = 0; c < kp; c += 16) {
+            float t[16] = {0};
+            const float *src = x + i * ldx + c;
+            if (kc - c < 16) {
+                if (kc > c) memcpy(t, src, sizeof(float) * (size_t)(kc - c));
+                src = t;
+            }
+            /* packus interleaves the 128-bit halves: lanes 0-3 of a, 0-3 of b, 4-7 of a, 4-7 of b */
+            const __m256i h = _mm256_packus_epi32(round8(_mm256_loadu_ps(src)), round8(_mm256_loadu_ps(src + 8)));
+            _mm256_storeu_si256((__m256i *)(xb + i * ldxb + c), _mm256_permute4x64_epi64(h, 0xd8));
+        }
+}
+
+/* Step 1 for 2 rows of x and 2 rows of W over `steps` steps of 32 columns, on acc (in memory,
+ * under DAZ and FTZ): x row i at x[i], W row j at w[j] + s·wss. */
+TARGET __attribute__((noinline)) static void steps_avx2(float acc[2][2][L], const uint16_t *const x[2],
+                                                        const uint16_t *const w[2], int64_t wss, int64_t steps) {
+    const __m256i odd_mask = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 a[2][2][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 2; i++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 2; j++)
+#pragma GCC unroll 8
+            for (int h = 0; h < 2; h++) a[i][j][h] = _mm256_loadu_ps(acc[i][j] + h * 8);
+    for (int64_t s = 0; s < steps; s++)
+#pragma GCC unroll 8
+        for (int h = 0; h < 2; h++) {   /* lanes h·8 .. h·8+7: 16 bf16 */
+            __m256 wo[2], we[2];
+#pragma GCC unroll 8
+            for (int j = 0; j < 2; j++) {
+                const __m256i d = _mm256_loadu_si256((const __m256i *)(w[j] + s * wss + h * 16));
+                wo[j] = _mm256_castsi256_ps(_mm256_and_si256(d, odd_mask));
+                we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < 2; i++) {
+                const __m256i d = _mm256_loadu_si256((const __m256i *)(x[i] + s * 32 + h * 16));
+                const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(d, odd_mask));
+                const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+#pragma GCC unroll 8
+                for (int j = 0; j < 2; j++)
+                    a[i][j][h] = _mm256_fmadd_ps(xe, we[j], _mm256_fmadd_ps(xo, wo[j], a[i][j][h]));
+            }
+        }
+#pragma GCC unroll 8
+    for (int i = 0; i < 2; i++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 2; j++)
+#pragma GCC unroll 8
+            for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc[i][j] + h * 8, a[i][j][h]);
+}
+
+/* rm <= 2 rows of x against nn <= 2 rows of W over one block: the lanes of steps_avx2 (a
+ * missing row repeats the first: computed, not stored), then steps 2-4 into
+ * y[i·ldy + j], bias + j. W row j at w[j] + s·wss for the full steps; the last step, when
+ * tail_w is not NULL, from tail_w[j] (zero-padded copies). */
+static void block_2x2(int rm, const uint16_t *xb, int64_t ldxb, const uint16_t *const w[2], int64_t wss,
+                      int64_t steps, const uint16_t *const tail_w[2], int flags, float *y, int64_t ldy, int nn,
+                      const float *bias) {
+    float acc[2][2][L] = {{{0}}};
+    const uint16_t *x[2] = {xb, xb + (rm > 1 ? ldxb : 0)};
+    const unsigned csr = lane_steps_begin();
+    steps_avx2(acc, x, w, wss, steps);
+    if (tail_w) {
+        const uint16_t *xt[2] = {x[0] + steps * 32, x[1] + steps * 32};
+        steps_avx2(acc, xt, tail_w, 32, 1);
+    }
+    _mm_setcsr(csr);
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < nn; j++) finish1(acc[i][j], flags, y + i * ldy + j, bias ? bias + j : NULL);
+}
+
+static void rows_avx2(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
+                      int64_t r0, int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) {
+    const int64_t steps = kc / 32, tail = kc % 32;
+    for (int64_t rb = r0; rb < r1; rb += 2) {
+        const int nn = r1 - rb < 2 ? (int)(r1 - rb) : 2;
+        const uint16_t *wr[2], *wt[2];
+        uint16_t t[2][32] = {{0}};
+        for (int j = 0; j < 2; j++) {
+            wr[j] = (const uint16_t *)w->data + (rb + (j < nn ? j : 0)) * w->cols + k0;
+            memcpy(t[j], wr[j] + steps * 32, sizeof(uint16_t) * (size_t)tail);
+            wt[j] = t[j];
+        }
+        for (int i = 0; i < m; i += 2)
+            block_2x2(m - i < 2 ? m - i : 2, xb + i * ldxb, ldxb, wr, 32, steps, tail ? wt : NULL, flags,
+                      y + i * ldy + rb, ldy, nn, bias ? bias + rb : NULL);
+    }
+}
+
+static void tile_avx2(int rm, const uint16_t *xb, int64_t ldxb, const uint16_t *panel, int64_t kc, int flags,
+                      float *y, int64_t ldy, int nn, const float *bias) {
+    enum { NR = 2 };
+    const uint16_t *w[2] = {panel, panel + 32};
+    block_2x2(rm, xb, ldxb, w, NR * 32, (kc + 31) / 32, NULL, flags, y, ldy, nn, bias);
+}
+
+const dg_matmul_bf16_kernels dg_matmul_bf16_avx2 = {2, 2, round_avx2, rows_avx2, tile_avx2};

@@ -1,0 +1,227 @@
+/* The CPU matmul's bf16 compute order (kernels/cpu/matmul.h): every kernel set gives the same
+ * bits, a row of y is the same bits whatever m, and the result is within a stated bound of
+ * the exact one on the bf16-rounded inputs.
+ *
+ * The reference is the portable fallback at 1 thread ("cpu-scalar" with bf16 compute): each
+ * row computed alone (m = 1, the GEMV). Against it, bit for bit (memcmp): the portable
+ * fallback at 2 threads and the AVX2 fallback (a backend capped at AVX-512 F or at AVX2:
+ * this order's kernels below AVX-512 BF16 are the AVX2 ones) at 1 and 2 threads; and, in a
+ * case of its own that is skipped where the CPU lacks AVX-512 BF16, the VDPBF16PS kernels
+ * at 1 and 2 threads. Each config computes every batch m in {1, 2, 3, 5, 8 (the GEMV of a
+ * few rows), 9, 17, 64, 300 (the GEMM: partial tiles, one or several m-blocks)}, from row 0
+ * and from row 3 of x, so that a row meets a different tile position.
+ *
+ * Shapes (n, k): k = 83 (a tail of 19 columns after 2 steps of 32), k = 2100 (two blocks of
+ * the order, 2048 and 52 columns), k = 7 (a tail only); n = 37 and 101 (not multiples of any
+ * tile's rows of W, nor of the 96-row chunk), n = 5 (less than a tile); two shapes drawn
+ * from the seed; with and without a bias. Values uniform in [-1, 1), and a "tiny" set
+ * (x and W near 2^-63, a tenth of the weights bf16 denormals, some x fp32 denormals): the
+ * products fall below 2^-126, so DAZ and FTZ decide the bits, where an emulation that got
+ * them wrong would differ.
+ *
+ * Accuracy (the uniform values only): the products of the bf16-rounded inputs are exact; a
+ * product meets at most 2·ceil(k/32) roundings in its lane's chain (two fused
+ * multiply-adds a step), 4 in the tree, one per later block and one for the bias: at most
+ * 2·ceil(k/32) + 7 here, so |y - Σ xb_j·w_j - b| <= (2·ceil(k/32) + 7)·2^-24·(Σ|xb_j·w_j| +
+ * |b|) to first order; the check allows (2·ceil(k/32) + 8)·2^-24·(Σ|xb_j·w_j| + |b|), the
+ * reference computed in double on x rounded by this file's own step 0. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/harness.h"
+#include "backend.h"
+#include "cpu/cpu_backend.h"
+#include "cpu/cpu_kernels.h"
+#include "dtype.h"
+
+enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
+
+static const int MS[] = {1, 2, 3, 5, 8, 9, 17, 64, 300};
+static const int SHAPES[][2] = {{37, 83}, {101, 2100}, {5, 7}};   /* n, k */
+enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..2200 drawn from the seed */
+
+static uint64_t rng = 2025;
+static float frand(void) {   /* uniform in [-1, 1) */
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+static float from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Step 0 of the order, written from its text (not the kernels'). */
+static float rounded(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (!(u & 0x7f800000u)) return from_bits(u & 0x80000000u);
+    return from_bits(((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16);
+}
+
+typedef struct {
+    const char *label;
+    int         simd, threads;
+} config;
+
+/* the first is the reference */
+static const config FALLBACK[] = {
+    {"cpu-scalar t1", DG_CPU_PORTABLE, 1}, {"cpu-scalar t2", DG_CPU_PORTABLE, 2},
+    {"cpu below avx512-bf16 t2", DG_CPU_AVX512, 2}, {"cpu avx2 t1", DG_CPU_AVX2, 1},
+};
+static const config VDPBF16PS[] = {
+    {"cpu-scalar t1", DG_CPU_PORTABLE, 1}, {"cpu avx512-bf16 t1", DG_CPU_AVX512_BF16, 1},
+    {"cpu avx512-bf16 t2", DG_CPU_AVX512_BF16, 2},
+};
+
+/* Every output of y[rows, n] within the bound stated at the top. */
+static int accurate(const float *y, const float *x, const float *wx, const float *b, int rows, int n,
+                    int k, const char *what) {
+    const double u = ldexp(1.0, -24), chain = 2 * ((k + 31) / 32) + 8;
+    for (int i = 0; i < rows; i++)
+        for (int r = 0; r < n; r++) {
+            double ref = b ? b[r] : 0.0, mag = b ? fabs(b[r]) : 0.0;
+            for (int j = 0; j < k; j++) {
+                const double t = (double)rounded(x[(int64_t)i * k + j]) * wx[(int64_t)r * k + j];
+                ref += t;
+                mag += fabs(t);
+            }
+            if (fabs(y[(int64_t)i * n + r] - ref) > chain * u * mag) {
+                test_fail(__FILE__, __LINE__, "%s: y[%d,%d] %.9g vs %.9g (bound %.3g)", what, i, r,
+                          y[(int64_t)i * n + r], ref, chain * u * mag);
+                return 0;
+            }
+        }
+    return 1;
+}
+
+/* Row i of y[m, n] equals row first + i of the reference's per-row results. */
+static int rows_match(const float *y, const float *single, int first, int m, int n, const char *what) {
+    for (int i = 0; i < m; i++)
+        if (memcmp(y + (int64_t)i * n, single + (int64_t)(first + i) * n, sizeof(float) * (size_t)n)) {
+            test_fail(__FILE__, __LINE__, "%s: row %d of m = %d differs from the reference's", what, first + i, m);
+            return 0;
+        }
+    return 1;
+}
+
+/* Weights of n x k (wx: their values in fp32) and x of ROWS x k, uniform or tiny (see the
+ * top). */
+static void make_inputs(int tiny, int n, int k, uint16_t *w, float *wx, float *x) {
+    const float scale = tiny ? ldexpf(1.0f, -63) : 1.0f;
+    for (int64_t i = 0; i < (int64_t)n * k; i++) {
+        w[i] = dg_f32_to_bf16(frand() * scale);
+        if (tiny && frand() < -0.8f) w[i] = (uint16_t)((w[i] & 0x8000) | ((uint16_t)(frand() * 64.0f + 64.0f) & 0x7f));
+        wx[i] = dg_bf16_to_f32(w[i]);
+    }
+    for (int64_t i = 0; i < (int64_t)ROWS * k; i++) {
+        x[i] = frand() * scale;
+        if (tiny && frand() < -0.9f) x[i] = from_bits((uint32_t)(frand() * 4194304.0f + 4194304.0f));
+    }
+}
+
+/* One weight: the reference's rows, then every other config's singles and batches. */
+static void check_weight(dg_backend **be, const config *cf, int n_configs, int n, int k, int with_bias, int tiny) {
+    uint16_t *wd = malloc(sizeof(uint16_t) * (size_t)n * k);
+    float *wx = malloc(sizeof(float) * (size_t)n * k), *x = malloc(sizeof(float) * (size_t)ROWS * k);
+    float *b = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)ROWS * n);
+    float *ref = malloc(sizeof(float) * (size_t)ROWS * n);
+    const dg_weight w = {wd, DG_DTYPE_BF16, n, k};
+    const float *bias = with_bias ? b : NULL;
+    char what[160];
+    make_inputs(tiny, n, k, wd, wx, x);
+    for (int i = 0; i < n; i++) b[i] = frand() * (tiny ? ldexpf(1.0f, -126) : 1.0f);
+    for (int c = 0; c < n_configs; c++) {
+        snprintf(what, sizeof what, "%s n=%d k=%d%s%s", cf[c].label, n, k, with_bias ? " +bias" : "",
+                 tiny ? " tiny" : "");
+        /* the reference computes every row alone, the others a few (each m = 1 call is a
+         * parallel region: hundreds of them cost seconds where waiting threads spin) */
+        const int singles = c == 0 ? ROWS : 8;
+        for (int i = 0; i < singles; i++)
+            be[c]->matmul(be[c], (c == 0 ? ref : y) + (int64_t)i * n, x + (int64_t)i * k, &w, bias, 1);
+        if (c == 0 ? !tiny && !accurate(ref, x, wx, bias, ROWS, n, k, what) : !rows_match(y, ref, 0, singles, n, what))
+            break;
+        for (size_t mi = 0; mi < sizeof MS / sizeof MS[0]; mi++)
+            for (int first = 0; first <= OFFSET; first += OFFSET) {
+                be[c]->matmul(be[c], y, x + (int64_t)first * k, &w, bias, MS[mi]);
+                if (!rows_match(y, ref, first, MS[mi], n, what)) goto out;
+            }
+    }
+out:
+    free(wd); free(wx); free(x); free(b); free(y); free(ref);
+}
+
+static void check_configs(const config *cf, int n_configs) {
+    dg_backend *be[8] = {0};
+    char err[256];
+    for (int c = 0; c < n_configs; c++)
+        if (dg_cpu_backend_new(cf[c].threads, cf[c].simd, 1, &be[c], err, sizeof err) < 0) {
+            test_fail(__FILE__, __LINE__, "%s: %s", cf[c].label, err);
+            goto out;
+        }
+    enum { N_FIXED = sizeof SHAPES / sizeof SHAPES[0] };
+    int shapes[N_FIXED + N_RANDOM_SHAPES][2];
+    memcpy(shapes, SHAPES, sizeof SHAPES);
+    for (int s = N_FIXED; s < N_FIXED + N_RANDOM_SHAPES; s++) {
+        shapes[s][0] = 1 + (int)((frand() + 1.0f) * 24.0f);     /* 1 .. 48 */
+        shapes[s][1] = 1 + (int)((frand() + 1.0f) * 1100.0f);   /* 1 .. 2200 */
+    }
+    for (int s = 0; s < N_FIXED + N_RANDOM_SHAPES; s++)
+        for (int with_bias = 0; with_bias < 2; with_bias++)
+            check_weight(be, cf, n_configs, shapes[s][0], shapes[s][1], with_bias, 0);
+    check_weight(be, cf, n_configs, 37, 2100, 1, 1);
+out:
+    for (int c = 0; c < n_configs; c++) dg_backend_free(be[c]);
+}
+
+TEST(fallback_kernels_agree_row_invariant_and_accurate) {
+    check_configs(FALLBACK, sizeof FALLBACK / sizeof FALLBACK[0]);
+}
+
+TEST(vdpbf16ps_kernels_equal_the_fallback) {
+    dg_backend *be = NULL;
+    char err[256];
+    CHECK_EQ_INT(dg_cpu_backend_new(1, DG_CPU_AVX512_BF16, 1, &be, err, sizeof err), 0);
+    const int simd = be ? ((const dg_cpu *)be->impl)->simd : 0;
+    dg_backend_free(be);
+    if (simd < DG_CPU_AVX512_BF16)
+        SKIP("this CPU has no AVX-512 BF16 (CPUID.(EAX=7,ECX=1):EAX bit 5 with AVX-512 F and BW): only the "
+             "fallback kernels run here");
+    check_configs(VDPBF16PS, sizeof VDPBF16PS / sizeof VDPBF16PS[0]);
+}
+
+/* F32 and F16 weights keep the fp32 order in bf16 compute: the same bits as without it. */
+TEST(other_dtypes_keep_the_fp32_order) {
+    enum { N = 19, K = 150, M = 9 };
+    dg_backend *on = NULL, *off = NULL;
+    char err[256];
+    CHECK_EQ_INT(dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 1, .cpu_bf16_compute = 1}, &on, err,
+                                     sizeof err), 0);
+    CHECK_EQ_INT(dg_backend_new("cpu", 1, &off, err, sizeof err), 0);
+    if (!on || !off) goto out;
+    CHECK(on->bf16_compute == 1 && off->bf16_compute == 0);
+    static float x[M * K], y_on[M * N], y_off[M * N];
+    static uint16_t w16[N * K];
+    static float w32[N * K];
+    for (int i = 0; i < M * K; i++) x[i] = frand();
+    for (int i = 0; i < N * K; i++) w32[i] = dg_bf16_to_f32(w16[i] = dg_f32_to_bf16(frand()));
+    for (int m = 1; m <= M; m += M - 1) {
+        const dg_weight wf = {w32, DG_DTYPE_F32, N, K}, wb = {w16, DG_DTYPE_BF16, N, K};
+        on->matmul(on, y_on, x, &wf, NULL, m);
+        off->matmul(off, y_off, x, &wf, NULL, m);
+        CHECK(!memcmp(y_on, y_off, sizeof(float) * (size_t)(m * N)));
+        /* a BF16 weight of the same values: fp32 off, the bf16 order on (x rounded) */
+        off->matmul(off, y_on, x, &wb, NULL, m);
+        CHECK(!memcmp(y_on, y_off, sizeof(float) * (size_t)(m * N)));
+        on->matmul(on, y_on, x, &wb, NULL, m);
+        CHECK(memcmp(y_on, y_off, sizeof(float) * (size_t)(m * N)) != 0);
+    }
+out:
+    dg_backend_free(on);
+    dg_backend_free(off);
+}
+
+int main(void) { return test_main(); }
