@@ -50,8 +50,7 @@ TARGET static void round_rows(uint16_t *xb, int64_t ldxb, const float *x, int64_
  * whose W is loaded under the mask tail (the columns past k are not read). pf, when not
  * NULL: the next group's g rows (the same columns), prefetched g lines a step, row after
  * row, as one stream at the pace of these (the hardware prefetcher follows several short
- * interleaved streams badly: without it the lm_head at m = 2 read 8-9 GB/s from memory,
- * with it 14-16). */
+ * interleaved streams badly: M = 8 over two rows took 1.6x as long without it). */
 TARGET INLINE void accumulate(const int rm, const int g, __m512 a[ROWS_X][NR], const uint16_t *x, int64_t ldx,
                               const uint16_t *const *w, int64_t steps, __mmask32 tail,
                               const uint16_t *const *pf) {
@@ -151,12 +150,13 @@ static void tile(int rm, const uint16_t *x, int64_t ldx, const uint16_t *panel, 
 
 /* ---- the GEMV of 1 .. 8 rows of x (dg_matmul_bf16_kernels.rows) ----
  * Groups of G weight rows, read where they lie, each step of a group used by all M rows of
- * x: M·G accumulators, G(M) the most that fit beside G weight vectors and a row of x (24
- * outputs for M = 5 .. 8), the next group prefetched. For M = 1 one row at a time and no
- * prefetch: one sequential stream, which the hardware follows best from memory (the
- * 151936 x 896 lm_head, one thread: 19-21 GB/s, against 16-17 for two rows with the
- * prefetch and 10 without; two rows were faster from L3, 63-75 GB/s against 48-55, but
- * decode reads its weights from memory). A group of fewer than G rows repeats its last one
+ * x (M·G accumulators). Decode reads its weights from memory, where the hardware
+ * prefetcher follows one sequential stream best: for M <= 4 one row at a time (G = 1, no
+ * prefetch); for M = 5 .. 8 two, the next two prefetched (one row left the loads of x
+ * the limit). Measured on the small preset's matrices (a decode step's 630 MB, one
+ * thread, against the fp32 order's GEMVs in the same run): M = 1 1.00-1.06x their time,
+ * M = 2 0.9x, M = 4 0.6x, M = 8 0.65-0.7x; four rows a group with the prefetch were 1.2x
+ * at M = 2, three 0.72x at M = 8. A group of fewer than G rows repeats its last one
  * (computed, not stored). */
 #define ROWS(M, G)                                                                              \
     TARGET static void rows##M(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, const dg_weight *w, \
@@ -171,11 +171,11 @@ static void tile(int rm, const uint16_t *x, int64_t ldx, const uint16_t *panel, 
                 nx[j] = base + (rb + G + j < r1 ? rb + G + j : r1 - 1) * k + k0;                \
             }                                                                                   \
             __m512 a[ROWS_X][NR];                                                               \
-            accumulate(M, G, a, xb, ldxb, wr, steps, tail, M > 1 && rb + G < r1 ? nx : NULL);   \
+            accumulate(M, G, a, xb, ldxb, wr, steps, tail, G > 1 && rb + G < r1 ? nx : NULL);   \
             finish(M, G, a, flags, y + rb, ldy, (int)(r1 - rb), bias ? bias + rb : NULL);       \
         }                                                                                       \
     }
-ROWS(1, 1) ROWS(2, 4) ROWS(3, 4) ROWS(4, 4) ROWS(5, 4) ROWS(6, 4) ROWS(7, 3) ROWS(8, 3)
+ROWS(1, 1) ROWS(2, 1) ROWS(3, 1) ROWS(4, 1) ROWS(5, 2) ROWS(6, 2) ROWS(7, 2) ROWS(8, 2)
 
 static void rows(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w, int64_t r0,
                  int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) {

@@ -8,11 +8,15 @@
 
 #include <jansson.h>
 
+#include "backend.h"
+
 typedef struct {
     int         threads;        /* --threads N (0 = the benchmark's default) */
     const char *model_dir;      /* --model DIR, or NULL */
     const char *vocab_dir;      /* --vocab DIR, or NULL */
     int         quick;          /* --quick: smaller sizes, for a smoke run */
+    int         bf16_compute;   /* --bf16-compute: the CPU backends in the bf16 compute order
+                                   (kernels/cpu/matmul.h), else fp32 */
     json_t     *report;         /* object: benchmark name -> object of figures */
 } bench_ctx;
 
@@ -28,6 +32,13 @@ int    bench_small_package(bench_ctx *ctx, char *dir, size_t len);
 
 /* Records one figure under the benchmark's JSON object and prints "name: value unit". */
 void   bench_record(json_t *out, const char *name, double value, const char *unit);
+
+/* A "cpu" backend of `threads` threads in the compute --bf16-compute chose: 0, or a
+ * negative DG_E* with err. */
+int    bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, char *err, size_t errlen);
+/* Records which compute the benchmark ran, as the figure "bf16_compute" (1: the bf16 compute
+ * order, 0: fp32), for every benchmark whose matmuls it changes. */
+void   bench_record_compute(const bench_ctx *ctx, json_t *out);
 
 #define DG_BENCH(name, what, fn)                                                   \
     __attribute__((constructor)) static void bench_register_##name(void) {         \

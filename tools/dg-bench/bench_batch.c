@@ -78,7 +78,7 @@ static int decode_curve(bench_ctx *ctx, json_t *out, const char *pkg, int thread
     double best[N_SIZES];
     int rc = -1;
     snprintf(dir, sizeof dir, "%s/mllm", pkg);
-    if (dg_config_load(dir, &cfg, err, sizeof err) < 0 || dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 ||
+    if (dg_config_load(dir, &cfg, err, sizeof err) < 0 || bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
         dg_st_open(dir, &st, err, sizeof err) < 0 || dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, be, n_prompt > MAX_N ? n_prompt : MAX_N, MAX_N, &d.s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, n_seqs * per_seq,
@@ -216,6 +216,7 @@ static int bench_batch_decode(bench_ctx *ctx, json_t *out) {
     int threads = ctx->threads > 0 ? ctx->threads : 2;
     if (bench_small_package(ctx, pkg, sizeof pkg) < 0) return -1;
     printf("  model %s, %d threads\n", pkg, threads);
+    bench_record_compute(ctx, out);
     return decode_curve(ctx, out, pkg, threads);
 }
 
@@ -224,8 +225,10 @@ static int bench_batch_jobs(bench_ctx *ctx, json_t *out) {
     int threads = ctx->threads > 0 ? ctx->threads : 2, max_n = ctx->quick ? 8 : MAX_N;
     if (bench_small_package(ctx, pkg, sizeof pkg) < 0) return -1;
     printf("  model %s, %d threads\n", pkg, threads);
+    bench_record_compute(ctx, out);
     dg_model *model = NULL;
-    if (dg_model_open(pkg, &(dg_model_opts){.threads = threads}, &model, err, sizeof err) < 0) {
+    if (dg_model_open(pkg, &(dg_model_opts){.threads = threads, .cpu_bf16_compute = ctx->bf16_compute}, &model, err,
+                      sizeof err) < 0) {
         fprintf(stderr, "bench_batch: %s\n", err);
         return -1;
     }

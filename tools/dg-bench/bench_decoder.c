@@ -144,7 +144,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     char err[512], name[96];
     int rc = -1;
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
-        dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 ||
+        bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
         dg_st_open(dir, &st, err, sizeof err) < 0 ||
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, m.be, n_prompt, 1, &s, err, sizeof err) < 0 ||
@@ -221,6 +221,7 @@ static int bench_decoder(bench_ctx *ctx, json_t *out) {
     if (ensure_model(ctx, dir, sizeof dir) < 0) return -1;
     printf("  model %s, OPENBLAS_CORETYPE=%s\n", dir, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
+    bench_record_compute(ctx, out);
     const double rss_start = rss_now_mb();
     if (ctx->threads > 0) return run(ctx, out, dir, ctx->threads, rss_start);
     for (int t = 1; t <= 2; t++)

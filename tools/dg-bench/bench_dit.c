@@ -45,7 +45,7 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
     snprintf(dir, sizeof dir, "%s/dit", pkg);
     const int max_lat = sides[n_sides - 1] / 8, max_frames = 1 + conds[n_conds - 1];
     const int max_tok = max_frames * (max_lat / 2) * (max_lat / 2);
-    if (dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
+    if (bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
         dg_dit_state_new(&dit, dit.be, max_tok, N_CTX, &s, err, sizeof err) < 0)
         goto fail;
     const int64_t frame = 16LL * max_lat * max_lat;
@@ -107,7 +107,7 @@ static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, 
     char err[512], dir[1100], name[96];
     int rc = -1;
     snprintf(dir, sizeof dir, "%s/vae", pkg);
-    if (dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 || dg_vae_load(&vae, dir, be, err, sizeof err) < 0 ||
+    if (bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 || dg_vae_load(&vae, dir, be, err, sizeof err) < 0 ||
         dg_vae_state_new(&vae, vae.be, 1, max_side, max_side, &s, err, sizeof err) < 0)
         goto fail;
     px = malloc(sizeof(float) * 3 * (size_t)max_side * max_side);
@@ -153,6 +153,7 @@ static int bench_image(bench_ctx *ctx, json_t *out) {
     if (bench_small_package(ctx, pkg, sizeof pkg) < 0) return -1;
     printf("  model %s, %d threads, OPENBLAS_CORETYPE=%s\n", pkg, threads, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
+    bench_record_compute(ctx, out);
     if (bench_vae(ctx, out, pkg, threads, reps) < 0) return -1;
     return bench_dit_steps(ctx, out, pkg, threads, reps);
 }

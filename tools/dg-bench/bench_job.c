@@ -180,8 +180,9 @@ static int bench_job(bench_ctx *ctx, json_t *out) {
     char err[512];
     setenv("DG_SEEDED_WEIGHTS", "1", 0);   /* a benchmark: a seeded package is what it expects */
     double t0 = bench_now_ms();
-    if (dg_model_open(ctx->model_dir, &(dg_model_opts){.device = dev, .threads = ctx->threads}, &m, err,
-                      sizeof err) < 0) {
+    if (dg_model_open(ctx->model_dir,
+                      &(dg_model_opts){.device = dev, .threads = ctx->threads, .cpu_bf16_compute = ctx->bf16_compute},
+                      &m, err, sizeof err) < 0) {
         printf("  skipped: %s\n", err);
         return 0;
     }

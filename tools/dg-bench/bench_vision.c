@@ -72,7 +72,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
     int rc = -1;
     dg_image_preprocess_config_default(&pp);
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
-        dg_backend_new("cpu", threads, &be, err, sizeof err) < 0 ||
+        bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
         dg_st_open(dir, &st, err, sizeof err) < 0 ||
         dg_vision_load(&m, &cfg.vision, st, be, err, sizeof err) < 0 ||
         dg_vision_state_new(&m, m.be, 74 * 74, &s, err, sizeof err) < 0) {
@@ -127,6 +127,7 @@ static int bench_vision(bench_ctx *ctx, json_t *out) {
     if (ensure_model(ctx, dir, sizeof dir) < 0) return -1;
     printf("  model %s, OPENBLAS_CORETYPE=%s\n", dir, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
+    bench_record_compute(ctx, out);
     if (ctx->threads > 0) return run(ctx, out, dir, ctx->threads);
     for (int t = 1; t <= 2; t++)
         if (run(ctx, out, dir, t) < 0) return -1;

@@ -1,6 +1,7 @@
 /* dg-bench — the engine's benchmarks.
  *
- *   dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] [--quick] [NAME...]
+ *   dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] [--quick] [--bf16-compute]
+ *            [NAME...]
  *   dg-bench --list
  */
 #include "bench.h"
@@ -32,6 +33,15 @@ void bench_record(json_t *out, const char *name, double value, const char *unit)
     fflush(stdout);
 }
 
+int bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, char *err, size_t errlen) {
+    return dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = threads, .cpu_bf16_compute = ctx->bf16_compute},
+                               out, err, errlen);
+}
+
+void bench_record_compute(const bench_ctx *ctx, json_t *out) {
+    bench_record(out, "bf16_compute", ctx->bf16_compute, ctx->bf16_compute ? "(bf16 compute)" : "(fp32 compute)");
+}
+
 int bench_small_package(bench_ctx *ctx, char *dir, size_t len) {
     static const char *pkg = "build/models/small";
     if (ctx->model_dir) {
@@ -54,7 +64,7 @@ static int by_name(const void *a, const void *b) {
 
 static int usage(void) {
     fprintf(stderr, "usage: dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] "
-                    "[--quick] [--list] [NAME...]\n");
+                    "[--quick] [--bf16-compute] [--list] [NAME...]\n");
     return 2;
 }
 
@@ -72,6 +82,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--model") && i + 1 < argc) ctx.model_dir = argv[++i];
         else if (!strcmp(a, "--vocab") && i + 1 < argc) ctx.vocab_dir = argv[++i];
         else if (!strcmp(a, "--quick")) ctx.quick = 1;
+        else if (!strcmp(a, "--bf16-compute")) ctx.bf16_compute = 1;
         else if (!strcmp(a, "--list")) {
             for (int b = 0; b < n_benches; b++) printf("%-20s %s\n", benches[b].name, benches[b].what);
             return 0;
