@@ -39,9 +39,15 @@
 #define ABS_TOL 1e-3
 #define REL_TOL 1e-4
 
-/* The KV cache's element type and the tolerance the cases below hold the logits to: fp32
- * KV and ABS_TOL/REL_TOL, except in kv_in_bf16_matches (its comment says why). */
+/* The KV cache's element type, the backend's compute and the tolerance the cases below hold
+ * the logits to: fp32 KV and compute and ABS_TOL/REL_TOL, except in kv_in_bf16_matches and
+ * bf16_compute_matches (their comments say why). */
 static dg_dtype kv_dtype = DG_DTYPE_F32;
+static int bf16_compute;
+/* 1: a greedy token that differs from the golden one ends the prompt's comparison when the
+ * goldens' top two logits of that step are closer than twice the tolerance (a near-tie the
+ * tolerance lets flip; after it the sequences differ), else fails; 0: it fails. */
+static int near_ties_end_a_prompt;
 static double abs_tol = ABS_TOL, rel_tol = REL_TOL;
 
 static json_t *goldens;
@@ -70,7 +76,8 @@ static int model_open(model *x, const char *backend) {
     char err[512];
     memset(x, 0, sizeof *x);
     if (dg_config_load(pkg, &cfg, err, sizeof err) < 0 ||
-        dg_backend_new(backend, 0, &x->be, err, sizeof err) < 0 ||
+        dg_backend_new_opts(backend, &(dg_backend_opts){.cpu_bf16_compute = bf16_compute}, &x->be, err,
+                            sizeof err) < 0 ||
         dg_st_open(pkg, &x->st, err, sizeof err) < 0 ||
         dg_qwen2_load(&x->m, &cfg.text, x->st, x->be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&x->m, x->m.be, 128, 128, &x->s, err, sizeof err) < 0 ||
@@ -90,6 +97,9 @@ static void model_close(model *x) {
     dg_backend_free(x->be);
 }
 
+/* The tolerance on a logit of golden value `want`. */
+static double tolerance(double want) { return abs_tol + rel_tol * fabs(want); }
+
 /* Compares a logits row with a golden top-k list [[id, logit], ...]. */
 static void check_topk(const float *row, json_t *topk, const char *what, int idx) {
     size_t i;
@@ -98,7 +108,7 @@ static void check_topk(const float *row, json_t *topk, const char *what, int idx
         int id = (int)json_integer_value(json_array_get(e, 0));
         double want = json_real_value(json_array_get(e, 1)), got = row[id], d = fabs(got - want);
         if (d > max_err) max_err = d;
-        if (d > abs_tol + rel_tol * fabs(want))
+        if (d > tolerance(want))
             test_fail(__FILE__, __LINE__, "%s %d: logit[%d] %.7f, golden %.7f", what, idx, id, got, want);
     }
 }
@@ -148,7 +158,7 @@ static void run_prompt(model *x, json_t *p, int np, int chunk) {
         for (int i = 0; i < V; i++) {
             double d = fabs(ours[i] - row[i]);
             if (d > worst) worst = d;
-            if (d > abs_tol + rel_tol * fabs(row[i])) {
+            if (d > tolerance(row[i])) {
                 test_fail(__FILE__, __LINE__, "prompt %d last row: logit[%d] %.7f, golden %.7f", np, i, ours[i], row[i]);
                 break;
             }
@@ -160,6 +170,15 @@ static void run_prompt(model *x, json_t *p, int np, int chunk) {
     for (int t = 0; t < (int)json_array_size(greedy); t++) {
         int want = (int)json_integer_value(json_array_get(greedy, (size_t)t));
         if (tok != want) {
+            /* the goldens' top two of the logits that chose this token */
+            json_t *top = t ? json_array_get(steps, (size_t)t - 1) : json_array_get(pre, (size_t)n - 1);
+            const double a = json_real_value(json_array_get(json_array_get(top, 0), 1)),
+                         b = json_real_value(json_array_get(json_array_get(top, 1), 1));
+            if (near_ties_end_a_prompt && a - b < 2 * tolerance(a)) {
+                printf("  prompt %d: greedy tokens equal for %d steps, then a near-tie (golden top two %.4f apart)\n",
+                       np, t, a - b);
+                break;
+            }
             test_fail(__FILE__, __LINE__, "prompt %d step %d: greedy token %d, golden %d", np, t, tok, want);
             break;
         }
@@ -222,6 +241,31 @@ TEST(kv_in_bf16_matches) {
     if (worst_f32 > max_err) max_err = worst_f32;
 }
 
+/* bf16 compute (dg_backend_opts.cpu_bf16_compute, kernels/cpu/matmul.h): every matmul's
+ * input rounded to bf16, 8 mantissa bits (relative error <= 2^-9 an element), the products
+ * summed in fp32. Each projection's output moves by about 2^-9 of its scale over sqrt(k)
+ * and the residual stream carries that through the layers: up to 0.038 on these logits
+ * (magnitude ~5). Tolerance 5e-2 + 1e-2·|golden|, as for KV in bf16 (the same rounding),
+ * still far under what a real bug gives (0.1..1, see the top of this file). The goldens
+ * are transformers in fp32, which our fp32 compute matches to 1e-3 token for token, so the
+ * greedy tokens checked here are the fp32 mode's: equal for every prompt until a step whose
+ * top two logits are closer than the tolerance allows to keep apart (with these random
+ * weights prompt 0 meets one at step 31, 0.002 apart, and prompt 3 at step 24, 0.004). */
+TEST(bf16_compute_matches) {
+    const double before = max_err;
+    bf16_compute = near_ties_end_a_prompt = 1;
+    abs_tol = 5e-2;
+    rel_tol = 1e-2;
+    max_err = 0;
+    run_all("cpu", 128);
+    run_all("cpu", 7);
+    printf("  bf16 compute: largest |logit error| %.3g\n", max_err);
+    bf16_compute = near_ties_end_a_prompt = 0;
+    abs_tol = ABS_TOL;
+    rel_tol = REL_TOL;
+    max_err = before;
+}
+
 /* A second sequence with the same prompt takes the first one's full blocks from the
  * cache and computes only the rest: its logits must still match the goldens. */
 TEST(prefix_reuse_gives_the_same_logits) {
@@ -272,16 +316,18 @@ static float *prompt_logits(model *x, const int32_t *ids, int n, int chunk) {
 /* KV computed one token at a time (decode, as on a worker that generated the earlier turns)
  * and by one prefill (a cold worker) give the same logits, bit for bit, at every position:
  * every op of the CPU decoder computes a row alike whatever the number of rows (the matmul:
- * kernels/cpu/matmul.h; issue 14). Chunks of 1, 2 and 7 against one prefill of the prompt. */
+ * kernels/cpu/matmul.h; issue 14), in fp32 and in bf16 compute. Chunks of 1, 2 and 7
+ * against one prefill of the prompt. */
 TEST(decode_and_prefill_give_the_same_bits) {
-    static const char *backends[] = {"cpu", "cpu-scalar"};
+    static const char *backends[] = {"cpu", "cpu-scalar", "cpu"};
     static const int chunks[] = {1, 2, 7};
     if (!setup()) { CHECK(!"setup"); return; }
     json_t *p = json_array_get(json_object_get(goldens, "prompts"), 2);
     int n;
     int32_t *ids = ids_of(json_object_get(p, "ids"), &n);
-    for (int b = 0; b < 2; b++) {
+    for (int b = 0; b < 3; b++) {
         model x;
+        bf16_compute = b == 2;   /* and in bf16 compute, whose rows are as invariant */
         if (model_open(&x, backends[b]) < 0) { CHECK(!"setup"); break; }
         const int V = x.m.cfg.vocab_size;
         float *whole = prompt_logits(&x, ids, n, n);
@@ -289,8 +335,8 @@ TEST(decode_and_prefill_give_the_same_bits) {
             float *parts = prompt_logits(&x, ids, n, chunks[c]);
             for (int i = 0; i < n; i++)
                 if (memcmp(parts + (int64_t)i * V, whole + (int64_t)i * V, sizeof(float) * (size_t)V)) {
-                    test_fail(__FILE__, __LINE__, "%s, chunks of %d: logits of position %d differ from one prefill's",
-                              backends[b], chunks[c], i);
+                    test_fail(__FILE__, __LINE__, "%s%s, chunks of %d: logits of position %d differ from one prefill's",
+                              backends[b], bf16_compute ? " bf16 compute" : "", chunks[c], i);
                     break;
                 }
             free(parts);
@@ -298,6 +344,7 @@ TEST(decode_and_prefill_give_the_same_bits) {
         free(whole);
         model_close(&x);
     }
+    bf16_compute = 0;
     free(ids);
 }
 
