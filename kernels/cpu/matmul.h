@@ -67,10 +67,10 @@
  * Why these choices: the pairs are adjacent columns, so a weight row is used as stored (the
  * GEMV streams it, the GEMM copies 64-byte pieces into its panel) and a rounded row of x
  * likewise; the 16 lanes, the tree, the block sums and the bias are the fp32 order's, so
- * its tile, blocking and drivers carry over. KB is 2048 so that a panel of 6 bf16 rows
- * fills 24 KiB of L1 as the fp32 panel does at 1024, and the horizontal sums, a tenth of
- * the tile's work at 1024, cost half as much. Rounding x is row-local, so m-invariant; each
- * task rounds the rows and block of x it uses (a repeat of 1/96 of the products or less). */
+ * its tile shape, blocking and drivers carry over. KB is 2048 so that a panel of 6 bf16
+ * rows fills 24 KiB of L1 as the fp32 panel does at 1024, and a tile's horizontal sums
+ * come half as often (the tile ran 3-5% faster than at 1024). Rounding x is row-local, so
+ * m-invariant; the driver rounds it once per call into the backend's buffer (matmul.c). */
 #ifndef DG_CPU_MATMUL_H
 #define DG_CPU_MATMUL_H
 

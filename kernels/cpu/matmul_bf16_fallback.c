@@ -158,81 +158,80 @@ TARGET static void round_avx2(uint16_t *xb, int64_t ldxb, const float *x, int64_
         }
 }
 
-/* Step 1 for 2 rows of x and 2 rows of W over `steps` steps of 32 columns, on acc (in memory,
- * under DAZ and FTZ): x row i at x[i], W row j at w[j] + s·wss. */
-TARGET __attribute__((noinline)) static void steps_avx2(float acc[2][2][L], const uint16_t *const x[2],
-                                                        const uint16_t *const w[2], int64_t wss, int64_t steps) {
-    const __m256i odd_mask = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 a[2][2][2];
-#pragma GCC unroll 8
-    for (int i = 0; i < 2; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < 2; j++)
-#pragma GCC unroll 8
-            for (int h = 0; h < 2; h++) a[i][j][h] = _mm256_loadu_ps(acc[i][j] + h * 8);
-    for (int64_t s = 0; s < steps; s++)
-#pragma GCC unroll 8
-        for (int h = 0; h < 2; h++) {   /* lanes h·8 .. h·8+7: 16 bf16 */
-            __m256 wo[2], we[2];
-#pragma GCC unroll 8
-            for (int j = 0; j < 2; j++) {
-                const __m256i d = _mm256_loadu_si256((const __m256i *)(w[j] + s * wss + h * 16));
-                wo[j] = _mm256_castsi256_ps(_mm256_and_si256(d, odd_mask));
-                we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
-            }
-#pragma GCC unroll 8
-            for (int i = 0; i < 2; i++) {
-                const __m256i d = _mm256_loadu_si256((const __m256i *)(x[i] + s * 32 + h * 16));
-                const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(d, odd_mask));
-                const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
-#pragma GCC unroll 8
-                for (int j = 0; j < 2; j++)
-                    a[i][j][h] = _mm256_fmadd_ps(xe, we[j], _mm256_fmadd_ps(xo, wo[j], a[i][j][h]));
-            }
-        }
-#pragma GCC unroll 8
-    for (int i = 0; i < 2; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < 2; j++)
-#pragma GCC unroll 8
-            for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc[i][j] + h * 8, a[i][j][h]);
-}
-
-/* rm <= 2 rows of x against nn <= 2 rows of W over one block: the lanes of steps_avx2 (a
- * missing row repeats the first: computed, not stored), then steps 2-4 into
- * y[i·ldy + j], bias + j. W row j at w[j] + s·wss for the full steps; the last step, when
- * tail_w is not NULL, from tail_w[j] (zero-padded copies). */
-static void block_2x2(int rm, const uint16_t *xb, int64_t ldxb, const uint16_t *const w[2], int64_t wss,
-                      int64_t steps, const uint16_t *const tail_w[2], int flags, float *y, int64_t ldy, int nn,
-                      const float *bias) {
-    float acc[2][2][L] = {{{0}}};
-    const uint16_t *x[2] = {xb, xb + (rm > 1 ? ldxb : 0)};
-    const unsigned csr = lane_steps_begin();
-    steps_avx2(acc, x, w, wss, steps);
-    if (tail_w) {
-        const uint16_t *xt[2] = {x[0] + steps * 32, x[1] + steps * 32};
-        steps_avx2(acc, xt, tail_w, 32, 1);
+/* Step 1 for RM rows of x and 2 rows of W over `steps` steps of 32 columns, on the lanes
+ * acc[i][j] (in memory, under DAZ and FTZ): x row i at x[i], W row j at w[j] + s·wss. */
+#define STEPS(RM)                                                                               \
+    TARGET __attribute__((noinline)) static void steps##RM(float *const acc[RM][2], const uint16_t *const x[RM], \
+                                                           const uint16_t *const w[2], int64_t wss, int64_t steps) { \
+        const __m256i odd_mask = _mm256_set1_epi32((int)0xffff0000u);                          \
+        __m256 a[RM][2][2];                                                                     \
+        _Pragma("GCC unroll 8") for (int i = 0; i < RM; i++)                                    \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++)                                 \
+                _Pragma("GCC unroll 8") for (int h = 0; h < 2; h++) a[i][j][h] = _mm256_loadu_ps(acc[i][j] + h * 8); \
+        for (int64_t s = 0; s < steps; s++)                                                     \
+            _Pragma("GCC unroll 8") for (int h = 0; h < 2; h++) { /* lanes h·8 .. h·8+7 */      \
+                __m256 wo[2], we[2];                                                            \
+                _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++) {                           \
+                    const __m256i d = _mm256_loadu_si256((const __m256i *)(w[j] + s * wss + h * 16)); \
+                    wo[j] = _mm256_castsi256_ps(_mm256_and_si256(d, odd_mask));                 \
+                    we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));                      \
+                }                                                                               \
+                _Pragma("GCC unroll 8") for (int i = 0; i < RM; i++) {                          \
+                    const __m256i d = _mm256_loadu_si256((const __m256i *)(x[i] + s * 32 + h * 16)); \
+                    const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(d, odd_mask));       \
+                    const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));            \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++)                         \
+                        a[i][j][h] = _mm256_fmadd_ps(xe, we[j], _mm256_fmadd_ps(xo, wo[j], a[i][j][h])); \
+                }                                                                               \
+            }                                                                                   \
+        _Pragma("GCC unroll 8") for (int i = 0; i < RM; i++)                                    \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++)                                 \
+                _Pragma("GCC unroll 8") for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc[i][j] + h * 8, a[i][j][h]); \
     }
-    _mm_setcsr(csr);
-    for (int i = 0; i < rm; i++)
-        for (int j = 0; j < nn; j++) finish1(acc[i][j], flags, y + i * ldy + j, bias ? bias + j : NULL);
+STEPS(1) STEPS(2)
+
+/* Step 1 for rm <= 2 rows of x (rows of xb, ldxb apart) and 2 rows of W, on acc: the full
+ * steps from w[j] + s·wss, then the last one, when tail_w is not NULL, from tail_w[j]
+ * (zero-padded copies). */
+static void steps_rows(int rm, float *const acc[2][2], const uint16_t *xb, int64_t ldxb, const uint16_t *const w[2],
+                       int64_t wss, int64_t steps, const uint16_t *const tail_w[2]) {
+    const uint16_t *x[2] = {xb, xb + ldxb}, *xt[2] = {x[0] + steps * 32, x[1] + steps * 32};
+    if (rm == 1) steps1(acc, x, w, wss, steps);
+    else steps2(acc, x, w, wss, steps);
+    if (tail_w && rm == 1) steps1(acc, xt, tail_w, 32, 1);
+    else if (tail_w) steps2(acc, xt, tail_w, 32, 1);
 }
 
+/* W rows r0 .. r1-1 a chunk of CHUNK at a time: the lanes of all the chunk's outputs under
+ * one MXCSR switch (each switch costs about as much as 20 multiply-adds), then the sums. */
 static void rows_avx2(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
                       int64_t r0, int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) {
+    enum { CHUNK = 16 };
     const int64_t steps = kc / 32, tail = kc % 32;
-    for (int64_t rb = r0; rb < r1; rb += 2) {
-        const int nn = r1 - rb < 2 ? (int)(r1 - rb) : 2;
-        const uint16_t *wr[2], *wt[2];
-        uint16_t t[2][32] = {{0}};
-        for (int j = 0; j < 2; j++) {
-            wr[j] = (const uint16_t *)w->data + (rb + (j < nn ? j : 0)) * w->cols + k0;
-            memcpy(t[j], wr[j] + steps * 32, sizeof(uint16_t) * (size_t)tail);
-            wt[j] = t[j];
+    float acc[CHUNK + 1][DG_MATMUL_GEMV_ROWS][L];   /* [W row of the chunk][x row]; the last: a
+                                                       repeated row's, not stored */
+    for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
+        const int nc = r1 - c0 < CHUNK ? (int)(r1 - c0) : CHUNK;
+        memset(acc, 0, sizeof acc);
+        const unsigned csr = lane_steps_begin();
+        for (int j = 0; j < nc; j += 2) {
+            const uint16_t *wr[2], *wt[2];
+            uint16_t t[2][32] = {{0}};
+            for (int q = 0; q < 2; q++) {
+                wr[q] = (const uint16_t *)w->data + (c0 + (j + q < nc ? j + q : j)) * w->cols + k0;
+                memcpy(t[q], wr[q] + steps * 32, sizeof(uint16_t) * (size_t)tail);
+                wt[q] = t[q];
+            }
+            for (int i = 0; i < m; i += 2) {
+                float *const a[2][2] = {{acc[j][i], acc[j + 1 < nc ? j + 1 : CHUNK][i]},
+                                        {acc[j][i + 1 < m ? i + 1 : i], acc[j + 1 < nc ? j + 1 : CHUNK][i + 1 < m ? i + 1 : i]}};
+                steps_rows(m - i < 2 ? 1 : 2, a, xb + i * ldxb, ldxb, wr, 32, steps, tail ? wt : NULL);
+            }
         }
-        for (int i = 0; i < m; i += 2)
-            block_2x2(m - i < 2 ? m - i : 2, xb + i * ldxb, ldxb, wr, 32, steps, tail ? wt : NULL, flags,
-                      y + i * ldy + rb, ldy, nn, bias ? bias + rb : NULL);
+        _mm_setcsr(csr);
+        for (int j = 0; j < nc; j++)
+            for (int i = 0; i < m; i++)
+                finish1(acc[j][i], flags, y + i * ldy + c0 + j, bias ? bias + c0 + j : NULL);
     }
 }
 
@@ -240,7 +239,13 @@ static void tile_avx2(int rm, const uint16_t *xb, int64_t ldxb, const uint16_t *
                       float *y, int64_t ldy, int nn, const float *bias) {
     enum { NR = 2 };
     const uint16_t *w[2] = {panel, panel + 32};
-    block_2x2(rm, xb, ldxb, w, NR * 32, (kc + 31) / 32, NULL, flags, y, ldy, nn, bias);
+    float acc[2][2][L] = {{{0}}};
+    float *const a[2][2] = {{acc[0][0], acc[0][1]}, {acc[1][0], acc[1][1]}};
+    const unsigned csr = lane_steps_begin();
+    steps_rows(rm, a, xb, ldxb, w, NR * 32, (kc + 31) / 32, NULL);
+    _mm_setcsr(csr);
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < nn; j++) finish1(acc[i][j], flags, y + i * ldy + j, bias ? bias + j : NULL);
 }
 
 const dg_matmul_bf16_kernels dg_matmul_bf16_avx2 = {2, 2, round_avx2, rows_avx2, tile_avx2};
