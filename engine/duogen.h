@@ -239,10 +239,10 @@ typedef struct {
                                        of scratch each among them); 0 = DG_GPU_MEMORY or 90%
                                        of the free memory */
     int         cpu_bf16_compute;   /* CPU: 1 = the matmuls over BF16 weights round their
-                                       activations to bf16 and use bf16 products (about twice
-                                       the prefill and batched-decode speed where the CPU
-                                       has AVX-512 BF16; logits move by ~1e-2, fidelity:
-                                       engine/MODELS.md "bf16 compute"); 0 = fp32, the default */
+                                       activations to bf16 and sum bf16 products (where the
+                                       CPU has AVX-512 BF16 they run ~1.9x, a prefill ~1.5x;
+                                       logits move by up to ~0.04: engine/MODELS.md "bf16
+                                       compute"); 0 = fp32, the default */
     /* Called now and then during a long load (at least every few seconds), so that a
      * supervisor can be told the process is alive. May be NULL. */
     void      (*progress)(void *user, const char *phase, double fraction);
