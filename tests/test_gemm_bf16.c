@@ -193,6 +193,34 @@ TEST(vdpbf16ps_kernels_equal_the_fallback) {
     check_configs(VDPBF16PS, sizeof VDPBF16PS / sizeof VDPBF16PS[0]);
 }
 
+/* x rounded a span at a time (matmul.c: more rows than its buffer holds with a block each,
+ * 2 Mi elements / 2048 = 1024): 1100 rows of k = 2100 are two spans of rows times two of
+ * blocks, and every row is still the bits it gets alone. */
+TEST(rows_in_spans_of_x_are_the_same_bits) {
+    enum { N = 7, K = 2100, M = 1100 };
+    dg_backend *be = NULL;
+    char err[256];
+    CHECK_EQ_INT(dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 2, .cpu_bf16_compute = 1}, &be, err,
+                                     sizeof err), 0);
+    float *x = malloc(sizeof(float) * M * K), *y = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N);
+    uint16_t *wd = malloc(sizeof(uint16_t) * N * K);
+    for (int i = 0; i < M * K; i++) x[i] = frand();
+    for (int i = 0; i < N * K; i++) wd[i] = dg_f32_to_bf16(frand());
+    const dg_weight w = {wd, DG_DTYPE_BF16, N, K};
+    if (be) {
+        be->matmul(be, y, x, &w, NULL, M);
+        for (int i = 0; i < M; i++) {
+            be->matmul(be, one, x + (int64_t)i * K, &w, NULL, 1);
+            if (memcmp(one, y + (int64_t)i * N, sizeof(float) * N)) {
+                test_fail(__FILE__, __LINE__, "row %d of m = %d differs from its m = 1 result", i, M);
+                break;
+            }
+        }
+    }
+    free(x); free(y); free(one); free(wd);
+    dg_backend_free(be);
+}
+
 /* F32 and F16 weights keep the fp32 order in bf16 compute: the same bits as without it. */
 TEST(other_dtypes_keep_the_fp32_order) {
     enum { N = 19, K = 150, M = 9 };

@@ -13,7 +13,12 @@
  * does. A panel of nr weight rows is widened to fp32 once per k-block and used by every
  * tile of the m-block; the blocking constants are in matmul.h. Threads take whole tasks
  * (an m-block against a chunk of W rows): an output is computed by one thread, in one
- * order, whatever the thread count. */
+ * order, whatever the thread count.
+ *
+ * The bf16 compute order (matmul.h) has drivers of the same shape over its own kernels:
+ * x is rounded to bf16 once per call into the backend's buffer (a span of it at a time when
+ * it is larger), then the GEMV or the GEMM reads the rounded rows as the fp32 drivers read
+ * x, the GEMM's panels being copies of the weights, not widened. */
 #include "matmul.h"
 
 #include <omp.h>
@@ -194,12 +199,12 @@ static void gemm(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const fl
 
 /* ---- the bf16 compute order's drivers (matmul.h) ---------------------------------------- */
 
-/* Rounded x in c->xbf16 (step 0, once per element): rows i0 .. i0+mi-1 of x, columns
- * k0 .. k0+kc-1 (whole blocks of the order, the last of k perhaps shorter), a row every ld
- * (kc rounded up to 32) elements. */
+/* Rounded x in c->xbf16 (step 0, once per element): mi rows of x, columns k0 .. k0+kc-1
+ * (whole blocks of the order, the last of k perhaps shorter), a row every ld (kc rounded up
+ * to 32) elements. */
 typedef struct {
     const uint16_t *xb;
-    int64_t         i0, k0, kc, ld;
+    int64_t         k0, kc, ld;
     int             mi;
 } x_span;
 
@@ -264,7 +269,7 @@ static void matmul_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float 
                   span = blocks > 1 ? blocks * DG_MATMUL_BF16_KB : DG_MATMUL_BF16_KB;
     for (int i0 = 0; i0 < m; i0 += rows)
         for (int64_t k0 = 0; k0 < k; k0 += span) {
-            x_span s = {c->xbf16, i0, k0, k - k0 < span ? k - k0 : span, 0, m - i0 < rows ? m - i0 : rows};
+            x_span s = {c->xbf16, k0, k - k0 < span ? k - k0 : span, 0, m - i0 < rows ? m - i0 : rows};
             s.ld = (s.kc + 31) / 32 * 32;
             if (s.mi <= DG_MATMUL_GEMV_ROWS) {
                 K->round(c->xbf16, s.ld, x + i0 * k + k0, k, s.mi, s.kc);
