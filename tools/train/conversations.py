@@ -181,7 +181,73 @@ def list_phrase(shapes):
 
 # ---- the five kinds -----------------------------------------------------------------------
 
+# ---- compositional request frames (split "train2") ---------------------------------------
+#
+# The continuation stages (mllm2, dit2) train on requests built as a wrapper around a verb
+# phrase ("Could you {x}?" around "add {obj} to the picture"), every wrapper with every
+# phrase of its kind, so that the model learns that the verb phrase alone decides what is
+# asked and the wrapper is only politeness. The held-out frames (TEMPLATES[...]["eval"])
+# are some of these combinations and are left out of train2: every one of their wrappers
+# and phrases is trained, in other pairings, never together (checked by frames2()).
+
+POLITE = ["{X}.", "Please {x}.", "Can you {x}?", "Could you {x}?", "Would you {x}?", "I want you to {x}.",
+          "Now {x}."]
+FOR_ME = POLITE + ["{X} for me.", "Please {x} for me.", "Can you {x} for me?", "Could you {x} for me?"]
+STEPWISE = ["{X} step by step.", "Step by step, {x}.", "{X}, one shape at a time.", "One shape at a time, {x}.",
+            "Can you {x} step by step?", "Please {x} step by step.", "Could you {x} one shape at a time?",
+            "Show me step by step how to {x}.", "Can you show me step by step how to {x}?"]
+COMPOSED = {
+    "draw": [(FOR_ME, ["draw {obj}", "paint {obj}", "sketch {obj}", "make a picture of {obj}", "make an image of {obj}",
+                       "show me a picture of {obj}", "create an image with {obj}", "draw me {obj}",
+                       "put {obj} on a picture"]),
+             (["I would like a picture of {obj}.", "I want a picture of {obj}."], [""])],
+    "step": [(STEPWISE, ["draw {list}", "build a scene with {list}", "make a picture with {list}", "build {list}",
+                         "build a picture with {list}", "make {list}", "paint {list}"]),
+             (["Walk me through drawing {list}.", "Walk me through making {list}."], [""])],
+    "add": [(POLITE, ["add {obj}", "add {obj} to the picture", "add {obj} to it", "put {obj} in the picture",
+                      "put {obj} in it", "also draw {obj}", "include {obj}"])],
+    "remove": [(POLITE, ["remove {ref}", "take away {ref}", "delete {ref}", "erase {ref}", "get rid of {ref}",
+                         "remove {ref} from the picture", "take out {ref}"])],
+    "move": [(POLITE, ["move {ref} {to}", "put {ref} {to}", "put {ref} {to} instead", "shift {ref} {to}",
+                       "place {ref} {to}"])],
+    "recolour": [(POLITE, ["make {ref} {colour}", "change {ref} to {colour}", "paint {ref} {colour}",
+                           "change the colour of {ref} to {colour}", "colour {ref} {colour}", "turn {ref} {colour}"])],
+    "describe": [(["{X}.", "Please {x}.", "Can you {x}?", "Could you {x}?"],
+                  ["describe this picture", "describe the image", "tell me what this picture shows",
+                   "list the shapes you see", "tell me what is in the image", "name the shapes in this picture"]),
+                 (["What do you see{t}?", "What can you see{t}?", "Which shapes do you see{t}?",
+                   "What shapes do you see{t}?"], ["", " in this picture", " in the image", " here"]),
+                 (["What is{t}?", "Which shapes are{t}?", "What shapes are{t}?"],
+                  [" in this picture", " in the image", " here"])],
+}
+
+
+def _compose(wrapper, phrase):
+    if "{t}" in wrapper:
+        return wrapper.replace("{t}", phrase)
+    if not phrase:
+        return wrapper
+    return wrapper.replace("{X}", phrase[0].upper() + phrase[1:]).replace("{x}", phrase)
+
+
+_FRAMES2 = {}
+
+
+def frames2(key):
+    """The train2 frames of a request kind: every wrapper with every phrase of its group,
+    less the held-out frames, each of which must be such a combination."""
+    if key not in _FRAMES2:
+        every = [_compose(w, p) for wrappers, phrases in COMPOSED[key] for w in wrappers for p in phrases]
+        held = TEMPLATES[key]["eval"]
+        missing = [f for f in held if f not in every]
+        assert not missing, f"held-out {key} frames not composed of trained parts: {missing}"
+        _FRAMES2[key] = [f for f in every if f not in held]
+    return _FRAMES2[key]
+
+
 def pick(rng, split, key):
+    if split == "train2":
+        return rng.choice(frames2(key))
     return rng.choice(TEMPLATES[key][split])
 
 
@@ -296,7 +362,7 @@ def make_describe(rng, split):
 def make_talk(rng, split):
     while True:
         train_q, eval_q, answer = rng.choice(TALK)
-        qs = train_q if split == "train" else eval_q
+        qs = eval_q if split == "eval" else train_q
         if qs:
             break
     q = rng.choice(qs)
@@ -310,6 +376,8 @@ MAKERS = {"draw": make_draw, "step": make_step, "edit": make_edit, "describe": m
 # the MLLM's mixture: reading pictures (describe, edit) is the hard part; the DiT's stage
 # draws from draw, step and edit alone
 MIX = {"draw": 0.2, "step": 0.2, "edit": 0.25, "describe": 0.25, "talk": 0.10}
+# train2 (the continuation) leans further to what stage 1 left weakest: steps, edits, descriptions
+MIX2 = {"draw": 0.15, "step": 0.25, "edit": 0.27, "describe": 0.28, "talk": 0.05}
 
 
 def make(seed, index, split, kind=None):
@@ -317,7 +385,7 @@ def make(seed, index, split, kind=None):
     rng = world.rng_for(seed, index, split)
     if kind is None:
         r, acc = rng.random(), 0.0
-        for kind, p in MIX.items():
+        for kind, p in (MIX2 if split == "train2" else MIX).items():
             acc += p
             if r < acc:
                 break

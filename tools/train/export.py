@@ -55,12 +55,12 @@ def vae_tensors(vae):
 
 def write_package(run, out, sampler):
     import train
-    mllm, vae = train.load_mllm(run), train.load_vae(run)
+    mllm, vae = train.load_mllm(run, train.MLLM_OF["export"]), train.load_vae(run)
     dit_cfg = models.dit_config(models.SIZES["dit"], vae.config.z_dim)
     dit = models.build_dit(dit_cfg)
     L, D = mllm.config.text_config.num_hidden_layers, mllm.config.text_config.hidden_size
     conn = models.Connector(L * D, dit_cfg["text_embed_dim"])
-    w = torch.load(run.path("dit", "weights.pt"))
+    w = torch.load(run.path(train.DIT_OF["export"], "weights.pt"))
     dit.load_state_dict(w["dit"])
     conn.load_state_dict(w["conn"])
     for sub in ("mllm", "vae", "dit"):

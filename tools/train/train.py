@@ -42,12 +42,22 @@ import score  # noqa: E402
 import tokenizer  # noqa: E402
 import world  # noqa: E402
 
-# per stage: steps, batch, peak learning rate, warm-up steps, probe interval
+# per stage: steps, batch, peak learning rate, warm-up steps, probe interval, PyTorch threads
+# (the committed run's: a thread count can change the order of PyTorch's sums, so the stages
+# are repeated bit for bit only with the threads they ran with)
 PLAN = {
-    "vae": dict(steps=1500, batch=16, lr=2e-3, warmup=50, probe=300),
-    "mllm": dict(steps=2400, batch=32, lr=2e-3, warmup=100, probe=400),
-    "dit": dict(steps=1800, batch=32, lr=1e-3, warmup=100, probe=300),
+    "vae": dict(steps=1500, batch=16, lr=2e-3, warmup=50, probe=300, threads=1),
+    "mllm": dict(steps=2400, batch=32, lr=2e-3, warmup=100, probe=400, threads=1),
+    "dit": dict(steps=1800, batch=32, lr=1e-3, warmup=100, probe=300, threads=1),
+    # the continuation: both networks again from where they stopped, on the compositional
+    # request frames (conversations.COMPOSED, split "train2"), a fresh optimizer and a
+    # second, lower cosine cycle
+    "mllm2": dict(steps=2000, batch=32, lr=1e-3, warmup=50, probe=500, threads=2),
+    "dit2": dict(steps=1400, batch=32, lr=6e-4, warmup=50, probe=350, threads=2),
 }
+# which stage's weights each later stage (and the package) starts from
+MLLM_OF = {"dit": "mllm", "mllm2": "mllm", "dit2": "mllm2", "export": "mllm2"}
+DIT_OF = {"dit2": "dit", "export": "dit2"}
 VOCAB_SIZE = 768          # BPE target (bytes included); the world's text needs ~600
 VAE_NOISE = 0.1          # stage vae: noise added to the content latents
 CELL_WEIGHT = 0.5        # stage mllm: weight of the per-cell probe of the vision tokens
@@ -59,7 +69,8 @@ SIGMA_MEAN, SIGMA_STD = 0.3, 1.0   # logit-normal training sigmas: sigmoid(N(m, 
 # guidance 2, 44 at 4, 43 at 6); the committed run's training probes drew at 2.
 SAMPLER = dict(steps=16, guidance=4.0, shift=3.0)
 CHECKPOINT_SECONDS = 300
-STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3}
+STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3, "mllm2": 4, "dit2": 5}
+SPLIT = {"mllm": "train", "dit": "train", "mllm2": "train2", "dit2": "train2"}
 
 
 class Run:
@@ -225,14 +236,16 @@ def probe_vae(run, vae):
 
 # ---- stage 1: the MLLM ----------------------------------------------------------------------
 
-def stage_mllm(run, plan):
+def stage_mllm(run, plan, name="mllm"):
     """Stage 1. Beside the next-token loss, each picture's 9 merged vision tokens (one per
     grid cell) are read by a linear probe that must tell what the cell holds (CELL_WEIGHT):
     a direct signal that teaches the vision tower the world in a few hundred steps, where
     the next-token loss alone had not after 800 (descriptions then ignored the picture).
-    The probe is not part of the model and is not shipped."""
-    if os.path.exists(run.path("mllm", "weights.pt")):
+    The probe is not part of the model and is not shipped. Stage mllm2 starts from the
+    finished stage 1 (weights and probe head) with a fresh optimizer."""
+    if os.path.exists(run.path(name, "weights.pt")):
         return
+    split = SPLIT[name]
     codec = codec_for(run)
     pixels = data.Pixels(models.image_processor())
     torch.manual_seed(run.seed)
@@ -241,20 +254,23 @@ def stage_mllm(run, plan):
     opt = torch.optim.AdamW(list(mllm.parameters()) + list(head.parameters()), lr=plan["lr"], betas=(0.9, 0.98),
                             weight_decay=0.01)
     step = 0
-    ck = run.load("mllm.pt")
+    if name in MLLM_OF:
+        mllm.load_state_dict(torch.load(run.path(MLLM_OF[name], "weights.pt")))
+        head.load_state_dict(run.load(MLLM_OF[name] + ".pt")["head"])
+    ck = run.load(name + ".pt")
     if ck:
         mllm.load_state_dict(ck["model"])
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-        run.log(f"mllm: resumed at step {step}")
-    run.log(f"mllm: {models.n_params(mllm) / 1e6:.2f} M parameters, {plan['steps']} steps of {plan['batch']}")
+        run.log(f"{name}: resumed at step {step}")
+    run.log(f"{name}: {models.n_params(mllm) / 1e6:.2f} M parameters, {plan['steps']} steps of {plan['batch']}")
     last_save = time.time()
     mllm.train()
     while step < plan["steps"]:
         for g in opt.param_groups:
             g["lr"] = models.lr_at(step, plan["steps"], plan["lr"], plan["warmup"])
-        convs = [conversations.make(run.seed, step * plan["batch"] + i, "train") for i in range(plan["batch"])]
+        convs = [conversations.make(run.seed, step * plan["batch"] + i, split) for i in range(plan["batch"])]
         tokenized = [codec.encode(c) for c in convs]
         batch, labels = data.mllm_batch(codec, pixels, tokenized)
         pv = batch.pop("pixel_values")
@@ -271,24 +287,26 @@ def stage_mllm(run, plan):
         opt.step()
         step += 1
         if step % 25 == 0:
-            run.log(f"mllm {step}: loss {lm.item():.4f} cells {cell.item():.4f}")
+            run.log(f"{name} {step}: loss {lm.item():.4f} cells {cell.item():.4f}")
         if step % plan["probe"] == 0 or step == plan["steps"]:
             probe_mllm(run, mllm, codec, pixels)
         if time.time() - last_save > CHECKPOINT_SECONDS or step == plan["steps"]:
-            run.save("mllm.pt", {"model": mllm.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                                 "step": step})
+            run.save(name + ".pt", {"model": mllm.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+                                    "step": step})
             last_save = time.time()
     with torch.no_grad():                       # as shipped: bf16
         for p in mllm.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    torch.save(mllm.state_dict(), run.path("mllm", "weights.pt"))
+    os.makedirs(run.path(name), exist_ok=True)
+    torch.save(mllm.state_dict(), run.path(name, "weights.pt"))
     probe_mllm(run, mllm, codec, pixels)
-    run.log("mllm: done (weights rounded to bf16)")
+    run.log(f"{name}: done (weights rounded to bf16)")
 
 
-def load_mllm(run):
+def load_mllm(run, name="mllm"):
+    """The finished MLLM of stage `name` (its config and tokenizer are stage 1's)."""
     mllm = models.build_mllm(run.path("mllm"))
-    mllm.load_state_dict(torch.load(run.path("mllm", "weights.pt")))
+    mllm.load_state_dict(torch.load(run.path(name, "weights.pt")))
     return mllm.eval().requires_grad_(False)
 
 
@@ -322,14 +340,14 @@ def probe_mllm(run, mllm, codec, pixels, n_per_kind=8):
 
 # ---- stage 2: connector and DiT ---------------------------------------------------------
 
-def dit_batch(run, step, batch, codec, pixels, mllm, vae, layers):
+def dit_batch(run, step, batch, codec, pixels, mllm, vae, layers, split="train"):
     """The frozen parts of a stage-2 batch: per drawn picture, the condition states of its
     context (positive, and the negative's length), its earlier pictures' latents and its
     target latent (coordinate channels exact)."""
     rng = random.Random(f"dit:{run.seed}:{step}")
     samples, i = [], 0
     while len(samples) < batch:
-        conv = conversations.make(run.seed, step * batch * 2 + i, "train", rng.choice(["draw", "step", "edit"]))
+        conv = conversations.make(run.seed, step * batch * 2 + i, split, rng.choice(["draw", "step", "edit"]))
         i += 1
         samples.append(data.draw_samples(codec.encode(conv), rng))
     mb, _ = data.mllm_batch(codec, pixels, [s.tokenized for s in samples], cut=[s.n_pos for s in samples])
@@ -373,12 +391,14 @@ def target_velocity(dit, x, is_cond, ts, targets, ctx, ctx_mask):
     return out
 
 
-def stage_dit(run, plan):
-    if os.path.exists(run.path("dit", "weights.pt")):
+def stage_dit(run, plan, name="dit"):
+    """Stage 2; stage dit2 goes on from dit's EMA weights, conditioned on mllm2."""
+    if os.path.exists(run.path(name, "weights.pt")):
         return
+    split = SPLIT[name]
     codec = codec_for(run)
     pixels = data.Pixels(models.image_processor())
-    mllm, vae = load_mllm(run), load_vae(run)
+    mllm, vae = load_mllm(run, MLLM_OF[name]), load_vae(run)
     L = mllm.config.text_config.num_hidden_layers
     layers = list(range(L))
     torch.manual_seed(run.seed)
@@ -390,27 +410,31 @@ def stage_dit(run, plan):
         for blk in dit.transformer_blocks:
             for norm in (blk.norm1, blk.norm2, blk.norm3):
                 norm.linear_2.weight.mul_(0.1)
+    if name in DIT_OF:
+        w = torch.load(run.path(DIT_OF[name], "weights.pt"))
+        dit.load_state_dict(w["dit"])
+        conn.load_state_dict(w["conn"])
     params = list(dit.parameters()) + list(conn.parameters())
     opt = torch.optim.AdamW(params, lr=plan["lr"], betas=(0.9, 0.99), weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     step = 0
-    ck = run.load("dit.pt")
+    ck = run.load(name + ".pt")
     if ck:
         dit.load_state_dict(ck["dit"])
         conn.load_state_dict(ck["conn"])
         opt.load_state_dict(ck["opt"])
         ema = ck["ema"]
         step = ck["step"]
-        run.log(f"dit: resumed at step {step}")
-    run.log(f"dit: {models.n_params(dit) / 1e6:.2f} M parameters (connector {models.n_params(conn) / 1e6:.2f} M), "
+        run.log(f"{name}: resumed at step {step}")
+    run.log(f"{name}: {models.n_params(dit) / 1e6:.2f} M parameters (connector {models.n_params(conn) / 1e6:.2f} M), "
             f"{plan['steps']} steps of {plan['batch']}")
     last_save = time.time()
     while step < plan["steps"]:
         for g in opt.param_groups:
             g["lr"] = models.lr_at(step, plan["steps"], plan["lr"], plan["warmup"])
         states, n_pos, n_neg, lat, frame_mask, targets = dit_batch(run, step, plan["batch"], codec, pixels, mllm,
-                                                                  vae, layers)
-        gen = run.gen("dit", step)
+                                                                  vae, layers, split)
+        gen = run.gen(name, step)
         B, T = states.shape[:2]
         drop = torch.rand(B, generator=gen) < P_UNCOND
         n_ctx = torch.where(drop, n_neg, n_pos)
@@ -437,19 +461,19 @@ def stage_dit(run, plan):
                 e.lerp_(p.detach(), 1 - EMA_DECAY)
         step += 1
         if step % 25 == 0:
-            run.log(f"dit {step}: loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            run.log(f"{name} {step}: loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
         if step % plan["probe"] == 0 or step == plan["steps"]:
             probe_dit(run, mllm, vae, dit, conn, ema, params, codec, pixels, layers)
         if time.time() - last_save > CHECKPOINT_SECONDS or step == plan["steps"]:
-            run.save("dit.pt", {"dit": dit.state_dict(), "conn": conn.state_dict(), "opt": opt.state_dict(),
-                                "ema": ema, "step": step})
+            run.save(name + ".pt", {"dit": dit.state_dict(), "conn": conn.state_dict(), "opt": opt.state_dict(),
+                                    "ema": ema, "step": step})
             last_save = time.time()
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    os.makedirs(run.path("dit"), exist_ok=True)
-    torch.save({"dit": dit.state_dict(), "conn": conn.state_dict()}, run.path("dit", "weights.pt"))
-    run.log("dit: done (EMA weights kept)")
+    os.makedirs(run.path(name), exist_ok=True)
+    torch.save({"dit": dit.state_dict(), "conn": conn.state_dict()}, run.path(name, "weights.pt"))
+    run.log(f"{name}: done (EMA weights kept)")
 
 
 def swap(params, ema):
@@ -504,29 +528,29 @@ def main():
     root = os.path.normpath(os.path.join(here, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=os.path.join(root, "build", "train"))
-    ap.add_argument("--stage", default="all", choices=["tokenizer", "vae", "mllm", "dit", "export", "all"])
+    ap.add_argument("--stage", default="all", choices=["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "export", "all"])
     ap.add_argument("--seed", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: each stage's, PLAN)")
     ap.add_argument("--steps", default="", help="override steps, e.g. vae=100,mllm=200")
     ap.add_argument("--out", default=os.path.join(here, "shapes"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     plan = {k: dict(v) for k, v in PLAN.items()}
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
         plan[k]["steps"] = int(v)
     run = Run(args.work, args.seed)
-    stages = ["tokenizer", "vae", "mllm", "dit", "export"] if args.stage == "all" else [args.stage]
+    stages = ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "export"] if args.stage == "all" else [args.stage]
     for st in stages:
         t0 = time.time()
+        torch.set_num_threads(args.threads or plan.get(st, {}).get("threads", 1))
         if st == "tokenizer":
             stage_tokenizer(run)
         elif st == "vae":
             stage_vae(run, plan["vae"])
-        elif st == "mllm":
-            stage_mllm(run, plan["mllm"])
-        elif st == "dit":
-            stage_dit(run, plan["dit"])
+        elif st in ("mllm", "mllm2"):
+            stage_mllm(run, plan[st], st)
+        elif st in ("dit", "dit2"):
+            stage_dit(run, plan[st], st)
         else:
             import export
             export.write_package(run, args.out, SAMPLER)
