@@ -13,7 +13,10 @@
              its <BOV> and on every earlier picture as a clean condition frame; with
              probability P_UNCOND the condition is the engine's CFG negative instead (the
              last text segment dropped), so that guidance works; an EMA of the weights
-  export     the package (export.py)
+  mllm2      the continuation of stage 1 from its bf16 weights, on the compositional
+             request frames (conversations.COMPOSED, split "train2"), rounded to bf16 again
+  dit2       the continuation of stage 2 from its EMA weights, conditioned on mllm2's states
+  export     the package (export.py): mllm2, dit2, the VAE
 
 Every stage is deterministic with the seed (the data of step k come from (seed, k); the
 noise from a generator seeded by (seed, stage, k)), logs its losses to WORK/train.log,
