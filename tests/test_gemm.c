@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/gemm_check.h"
 #include "common/harness.h"
 #include "backend.h"
 #include "cpu/cpu_backend.h"
@@ -84,38 +85,6 @@ static const config CONFIGS[] = {
 };
 enum { N_CONFIGS = sizeof CONFIGS / sizeof CONFIGS[0] };
 
-/* Every output of y[rows, n] within the bound stated at the top. */
-static int accurate(const float *y, const float *x, const float *wx, const float *b, int rows, int n,
-                    int k, const char *what) {
-    const double u = ldexp(1.0, -24), chain = (k + 15) / 16 + 8;
-    for (int i = 0; i < rows; i++)
-        for (int r = 0; r < n; r++) {
-            double ref = b ? b[r] : 0.0, mag = b ? fabs(b[r]) : 0.0;
-            for (int j = 0; j < k; j++) {
-                const double t = (double)x[(int64_t)i * k + j] * wx[(int64_t)r * k + j];
-                ref += t;
-                mag += fabs(t);
-            }
-            if (fabs(y[(int64_t)i * n + r] - ref) > chain * u * mag) {
-                test_fail(__FILE__, __LINE__, "%s: y[%d,%d] %.9g vs %.9g (bound %.3g)", what, i, r,
-                          y[(int64_t)i * n + r], ref, chain * u * mag);
-                return 0;
-            }
-        }
-    return 1;
-}
-
-/* Row i of y[m, n] equals row first + i of the per-row results `single`. */
-static int rows_match(const float *y, const float *single, int first, int m, int n, const char *what) {
-    for (int i = 0; i < m; i++)
-        if (memcmp(y + (int64_t)i * n, single + (int64_t)(first + i) * n, sizeof(float) * (size_t)n)) {
-            test_fail(__FILE__, __LINE__, "%s: row %d of the batch differs from its m = 1 result",
-                      what, first + i);
-            return 0;
-        }
-    return 1;
-}
-
 /* One weight: every config's per-row results, equal within a group, and every batch's rows
  * equal to them. */
 static void check_weight(dg_backend **be, dg_dtype t, int n, int k, int with_bias) {
@@ -141,14 +110,14 @@ static void check_weight(dg_backend **be, dg_dtype t, int n, int k, int with_bia
         for (int i = 0; i < singles; i++)
             be[c]->matmul(be[c], (first_of_group ? ref : y) + (int64_t)i * n, x + (int64_t)i * k, &w, bias, 1);
         if (first_of_group) {
-            if (!accurate(ref, x, wx, bias, ROWS, n, k, what)) break;
-        } else if (!rows_match(y, ref, 0, singles, n, what)) {
+            if (!gemm_within_bound(ref, x, NULL, wx, bias, ROWS, n, k, (k + 15) / 16 + 8, what)) break;
+        } else if (!gemm_rows_match(y, ref, 0, singles, n, what)) {
             break;
         }
         for (size_t mi = 0; mi < sizeof MS / sizeof MS[0]; mi++)
             for (int first = 0; first <= OFFSET; first += OFFSET) {
                 be[c]->matmul(be[c], y, x + (int64_t)first * k, &w, bias, MS[mi]);
-                if (!rows_match(y, ref, first, MS[mi], n, what)) goto out;
+                if (!gemm_rows_match(y, ref, first, MS[mi], n, what)) goto out;
             }
     }
 out:

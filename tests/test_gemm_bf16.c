@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/gemm_check.h"
 #include "common/harness.h"
 #include "backend.h"
 #include "cpu/cpu_backend.h"
@@ -77,37 +78,6 @@ static const config VDPBF16PS[] = {
     {"cpu avx512-bf16 t2", DG_CPU_AVX512_BF16, 2},
 };
 
-/* Every output of y[rows, n] within the bound stated at the top. */
-static int accurate(const float *y, const float *x, const float *wx, const float *b, int rows, int n,
-                    int k, const char *what) {
-    const double u = ldexp(1.0, -24), chain = 2 * ((k + 31) / 32) + 8;
-    for (int i = 0; i < rows; i++)
-        for (int r = 0; r < n; r++) {
-            double ref = b ? b[r] : 0.0, mag = b ? fabs(b[r]) : 0.0;
-            for (int j = 0; j < k; j++) {
-                const double t = (double)rounded(x[(int64_t)i * k + j]) * wx[(int64_t)r * k + j];
-                ref += t;
-                mag += fabs(t);
-            }
-            if (fabs(y[(int64_t)i * n + r] - ref) > chain * u * mag) {
-                test_fail(__FILE__, __LINE__, "%s: y[%d,%d] %.9g vs %.9g (bound %.3g)", what, i, r,
-                          y[(int64_t)i * n + r], ref, chain * u * mag);
-                return 0;
-            }
-        }
-    return 1;
-}
-
-/* Row i of y[m, n] equals row first + i of the reference's per-row results. */
-static int rows_match(const float *y, const float *single, int first, int m, int n, const char *what) {
-    for (int i = 0; i < m; i++)
-        if (memcmp(y + (int64_t)i * n, single + (int64_t)(first + i) * n, sizeof(float) * (size_t)n)) {
-            test_fail(__FILE__, __LINE__, "%s: row %d of m = %d differs from the reference's", what, first + i, m);
-            return 0;
-        }
-    return 1;
-}
-
 /* Weights of n x k (wx: their values in fp32) and x of ROWS x k, uniform or tiny (see the
  * top). */
 static void make_inputs(int tiny, int n, int k, uint16_t *w, float *wx, float *x) {
@@ -142,12 +112,13 @@ static void check_weight(dg_backend **be, const config *cf, int n_configs, int n
         const int singles = c == 0 ? ROWS : 8;
         for (int i = 0; i < singles; i++)
             be[c]->matmul(be[c], (c == 0 ? ref : y) + (int64_t)i * n, x + (int64_t)i * k, &w, bias, 1);
-        if (c == 0 ? !tiny && !accurate(ref, x, wx, bias, ROWS, n, k, what) : !rows_match(y, ref, 0, singles, n, what))
+        if (c == 0 ? !tiny && !gemm_within_bound(ref, x, rounded, wx, bias, ROWS, n, k, 2 * ((k + 31) / 32) + 8, what)
+                   : !gemm_rows_match(y, ref, 0, singles, n, what))
             break;
         for (size_t mi = 0; mi < sizeof MS / sizeof MS[0]; mi++)
             for (int first = 0; first <= OFFSET; first += OFFSET) {
                 be[c]->matmul(be[c], y, x + (int64_t)first * k, &w, bias, MS[mi]);
-                if (!rows_match(y, ref, first, MS[mi], n, what)) goto out;
+                if (!gemm_rows_match(y, ref, first, MS[mi], n, what)) goto out;
             }
     }
 out:
