@@ -71,7 +71,7 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
     INT("head_dim", t->hidden_size / t->n_heads, 0, &t->head_dim);
 #undef INT
     if (t->n_kv_heads <= 0 || t->n_heads % t->n_kv_heads || t->head_dim <= 0 || t->head_dim % 2 ||
-        t->head_dim > 512) {
+        t->head_dim > 512 || t->n_heads / t->n_kv_heads > 64) {
         snprintf(err, errlen, "%s: heads %d / kv heads %d / head_dim %d are inconsistent", label,
                  t->n_heads, t->n_kv_heads, t->head_dim);
         return DG_EMODEL;

@@ -6,6 +6,7 @@
 
 #define ATT_CHUNK 64      /* keys scored at once by the online softmax (stack buffer) */
 #define ATT_HEAD_MAX 512  /* head_dim bound (the config reader checks it): a widened bf16 row */
+#define ATT_GROUP_MAX 64  /* n_heads / n_kv_heads bound (qwen2vl_config.c checks it) */
 
 /* HF Qwen2RMSNorm in fp32: y = weight * (x * rsqrt(mean(x²) + eps)). */
 void dg_cpu_rmsnorm(const dg_cpu *c, float *y, const float *x, const float *weight, int m, int n,
@@ -70,51 +71,80 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
     }
 }
 
-/* Row p's head `kvh` of K or V as fp32: in place for F32, widened into buf for BF16. */
-static inline const float *kv_head(const dg_kv_view *kv, const void *base, int p, int kv_dim, int kvh,
-                                   int head_dim, float *buf) {
-    const int64_t at = kv_row(kv, p) * kv_dim + (int64_t)kvh * head_dim;
-    if (kv->dtype != DG_DTYPE_BF16) return (const float *)base + at;
-    const uint16_t *h = (const uint16_t *)base + at;
-    for (int d = 0; d < head_dim; d++) buf[d] = dg_bf16_to_f32(h[d]);
+/* Rows p0 .. p0+nc-1, head `kvh` of K or V as fp32 rows of stride `*ld`: in place for F32
+ * (when the rows are contiguous in one block), else copied/widened into buf[nc, head_dim]. */
+static const float *kv_chunk(const dg_kv_view *kv, const void *base, int p0, int nc, int kv_dim,
+                             int kvh, int head_dim, float *buf, int *ld) {
+    const int64_t at0 = kv_row(kv, p0) * kv_dim + (int64_t)kvh * head_dim;
+    if (kv->dtype != DG_DTYPE_BF16 && p0 % kv->block_size + nc <= kv->block_size) {
+        *ld = kv_dim;
+        return (const float *)base + at0;
+    }
+    for (int j = 0; j < nc; j++) {
+        const int64_t at = kv_row(kv, p0 + j) * kv_dim + (int64_t)kvh * head_dim;
+        float *r = buf + (int64_t)j * head_dim;
+        if (kv->dtype == DG_DTYPE_BF16) {
+            const uint16_t *h = (const uint16_t *)base + at;
+            for (int d = 0; d < head_dim; d++) r[d] = dg_bf16_to_f32(h[d]);
+        } else {
+            memcpy(r, (const float *)base + at, sizeof(float) * (size_t)head_dim);
+        }
+    }
+    *ld = head_dim;
     return buf;
 }
 
-/* One (query, head) pair at a time with an online softmax over chunks of keys: the same
- * value as softmax(q·Kᵀ·scale)·V up to fp32 rounding, without a [context]-sized buffer. */
+/* One (query, kv head) pair at a time: its `group` query heads share each chunk of K and V
+ * rows, read (and widened from BF16) once. Each query head still runs the same fixed
+ * sequence as alone — an online softmax over chunks of ATT_CHUNK keys, dot, scalar expf,
+ * scale_axpy in key order — so its bits depend only on its q, the keys/values and n_ctx,
+ * never on m, its place in the batch or the thread. The value is softmax(q·Kᵀ·scale)·V up
+ * to fp32 rounding, without a [context]-sized buffer. */
 void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
                       int m, int n_heads, int n_kv_heads, int head_dim, float scale) {
     const int group = n_heads / n_kv_heads, kv_dim = n_kv_heads * head_dim;
-    const int64_t pairs = (int64_t)m * n_heads;
-#pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 4)
-    for (int64_t ih = 0; ih < pairs; ih++) {
-        const int i = (int)(ih / n_heads), h = (int)(ih % n_heads), kvh = h / group;
-        const float *qi = q + ih * head_dim;
-        float *o = out + ih * head_dim;
+    const int64_t pairs = (int64_t)m * n_kv_heads;
+#pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 1)
+    for (int64_t ig = 0; ig < pairs; ig++) {
+        const int i = (int)(ig / n_kv_heads), kvh = (int)(ig % n_kv_heads);
+        const int64_t ih0 = (int64_t)i * n_heads + (int64_t)kvh * group;
         const int n_ctx = n_past + i + 1;
-        float s[ATT_CHUNK], mx = -INFINITY, l = 0.0f, row[ATT_HEAD_MAX];
-        memset(o, 0, sizeof(float) * (size_t)head_dim);
+        float s[ATT_CHUNK], mx[ATT_GROUP_MAX], l[ATT_GROUP_MAX];
+        static _Thread_local float kb[ATT_CHUNK * ATT_HEAD_MAX], vb[ATT_CHUNK * ATT_HEAD_MAX];
+        for (int g = 0; g < group; g++) {
+            mx[g] = -INFINITY;
+            l[g] = 0.0f;
+            memset(out + (ih0 + g) * head_dim, 0, sizeof(float) * (size_t)head_dim);
+        }
         for (int p0 = 0; p0 < n_ctx; p0 += ATT_CHUNK) {
             const int nc = n_ctx - p0 < ATT_CHUNK ? n_ctx - p0 : ATT_CHUNK;
-            float cm = -INFINITY;
-            for (int j = 0; j < nc; j++) {
-                const float *kj = kv_head(kv, kv->k, p0 + j, kv_dim, kvh, head_dim, row);
-                s[j] = dg_cpu_dot(c->simd, qi, kj, head_dim) * scale;
-                if (s[j] > cm) cm = s[j];
+            int ldk, ldv;
+            const float *kc = kv_chunk(kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, &ldk);
+            const float *vc = kv_chunk(kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, &ldv);
+            for (int g = 0; g < group; g++) {
+                const float *qi = q + (ih0 + g) * head_dim;
+                float *o = out + (ih0 + g) * head_dim, cm = -INFINITY;
+                for (int j = 0; j < nc; j++) {
+                    s[j] = dg_cpu_dot(c->simd, qi, kc + (int64_t)j * ldk, head_dim) * scale;
+                    if (s[j] > cm) cm = s[j];
+                }
+                const float mnew = cm > mx[g] ? cm : mx[g];
+                const float corr = expf(mx[g] - mnew);   /* 0 on the first chunk (mx = -inf) */
+                l[g] *= corr;
+                for (int j = 0; j < nc; j++) {
+                    const float e = expf(s[j] - mnew);
+                    dg_cpu_scale_axpy(c->simd, o, j == 0 ? corr : 1.0f, e, vc + (int64_t)j * ldv,
+                                      head_dim);
+                    l[g] += e;
+                }
+                mx[g] = mnew;
             }
-            const float mnew = cm > mx ? cm : mx;
-            float corr = expf(mx - mnew);          /* 0 on the first chunk (mx = -inf) */
-            l *= corr;
-            for (int j = 0; j < nc; j++) {
-                const float e = expf(s[j] - mnew);
-                const float *vj = kv_head(kv, kv->v, p0 + j, kv_dim, kvh, head_dim, row);
-                dg_cpu_scale_axpy(c->simd, o, j == 0 ? corr : 1.0f, e, vj, head_dim);
-                l += e;
-            }
-            mx = mnew;
         }
-        const float inv = 1.0f / l;
-        for (int d = 0; d < head_dim; d++) o[d] *= inv;
+        for (int g = 0; g < group; g++) {
+            float *o = out + (ih0 + g) * head_dim;
+            const float inv = 1.0f / l[g];
+            for (int d = 0; d < head_dim; d++) o[d] *= inv;
+        }
     }
 }
 
