@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "simd_math.h"
 
 #define ATT_CHUNK 64      /* keys scored at once by the online softmax (stack buffer) */
 #define ATT_HEAD_MAX 512  /* head_dim bound (the config reader checks it): a widened bf16 row */
@@ -94,12 +95,106 @@ static const float *kv_chunk(const dg_kv_view *kv, const void *base, int p0, int
     return buf;
 }
 
+/* One query head against one chunk of nc keys, the online softmax's step (AVX2): the
+ * scores (dot_avx2's order, vector.c, four keys at a time), their maximum m' = max(*mx,
+ * max s), exp(s - m') on 8 lanes (dg_exp256) summed lane-wise in key order, then
+ * o = o·corr (corr = expf(*mx - m'), 0 on the first chunk) and o += e_j·v_j in key order,
+ * 64 columns of o at a time in registers. */
+DG_SIMD_AVX2 static void attend_chunk_avx2(float *o, const float *q, const float *kc, int ldk, const float *vc,
+                                           int ldv, int nc, int hd, float scale, float *mx, float *l) {
+    float s[ATT_CHUNK + 8] __attribute__((aligned(32)));
+    int j = 0;
+    for (; j + 4 <= nc; j += 4) {
+        const float *k[4] = {kc + (int64_t)j * ldk, kc + (int64_t)(j + 1) * ldk, kc + (int64_t)(j + 2) * ldk,
+                             kc + (int64_t)(j + 3) * ldk};
+        __m256 a0[4], a1[4];
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+        int d = 0;
+        for (; d + 16 <= hd; d += 16) {
+            const __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + d + 8);
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {
+                a0[t] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k[t] + d), a0[t]);
+                a1[t] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k[t] + d + 8), a1[t]);
+            }
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {
+            int e = d;
+            if (e + 8 <= hd) {
+                a0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k[t] + e), a0[t]);
+                e += 8;
+            }
+            float v = dg_hsum256(_mm256_add_ps(a0[t], a1[t]));
+            for (; e < hd; e++) v += q[e] * k[t][e];
+            s[j + t] = v * scale;
+        }
+    }
+    for (; j < nc; j++) s[j] = dg_cpu_dot(DG_CPU_AVX2, q, kc + (int64_t)j * ldk, hd) * scale;
+
+    float m = *mx;
+    for (j = 0; j < nc; j++) m = s[j] > m ? s[j] : m;
+    const float corr = expf(*mx - m);   /* 0 on the first chunk (mx = -inf) */
+    const __m256 bm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (j = 0; j < nc; j += 8) {      /* lanes past nc: 0 (s[] has room for them) */
+        const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nc), lane));
+        const __m256 e = _mm256_and_ps(dg_exp256(_mm256_sub_ps(_mm256_load_ps(s + j), bm)), live);
+        _mm256_store_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    *l = *l * corr + dg_hsum256(acc);
+    *mx = m;
+
+    const __m256 vcorr = _mm256_set1_ps(corr);
+    int d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        __m256 y[8];
+        _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) y[b] = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 8 * b), vcorr);
+        for (j = 0; j < nc; j++) {
+            const __m256 e = _mm256_set1_ps(s[j]);
+            const float *v = vc + (int64_t)j * ldv + d0;
+            _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) y[b] = _mm256_fmadd_ps(e, _mm256_loadu_ps(v + 8 * b), y[b]);
+        }
+        _Pragma("GCC unroll 8") for (int b = 0; b < 8; b++) _mm256_storeu_ps(o + d0 + 8 * b, y[b]);
+    }
+    for (; d0 + 8 <= hd; d0 += 8) {
+        __m256 y = _mm256_mul_ps(_mm256_loadu_ps(o + d0), vcorr);
+        for (j = 0; j < nc; j++)
+            y = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(vc + (int64_t)j * ldv + d0), y);
+        _mm256_storeu_ps(o + d0, y);
+    }
+    for (; d0 < hd; d0++) {
+        float y = o[d0] * corr;
+        for (j = 0; j < nc; j++) y = y + s[j] * vc[(int64_t)j * ldv + d0];
+        o[d0] = y;
+    }
+}
+
+/* The same step, portable: dot, scalar expf and scale_axpy in key order. */
+static void attend_chunk_c(float *o, const float *q, const float *kc, int ldk, const float *vc, int ldv, int nc,
+                           int hd, float scale, float *mx, float *l) {
+    float s[ATT_CHUNK], cm = -INFINITY;
+    for (int j = 0; j < nc; j++) {
+        s[j] = dg_cpu_dot(DG_CPU_PORTABLE, q, kc + (int64_t)j * ldk, hd) * scale;
+        if (s[j] > cm) cm = s[j];
+    }
+    const float mnew = cm > *mx ? cm : *mx;
+    const float corr = expf(*mx - mnew);   /* 0 on the first chunk (mx = -inf) */
+    *l *= corr;
+    for (int j = 0; j < nc; j++) {
+        const float e = expf(s[j] - mnew);
+        dg_cpu_scale_axpy(DG_CPU_PORTABLE, o, j == 0 ? corr : 1.0f, e, vc + (int64_t)j * ldv, hd);
+        *l += e;
+    }
+    *mx = mnew;
+}
+
 /* One (query, kv head) pair at a time: its `group` query heads share each chunk of K and V
- * rows, read (and widened from BF16) once. Each query head still runs the same fixed
- * sequence as alone — an online softmax over chunks of ATT_CHUNK keys, dot, scalar expf,
- * scale_axpy in key order — so its bits depend only on its q, the keys/values and n_ctx,
- * never on m, its place in the batch or the thread. The value is softmax(q·Kᵀ·scale)·V up
- * to fp32 rounding, without a [context]-sized buffer. */
+ * rows, read (and widened from BF16) once; each query head runs the online softmax over
+ * chunks of ATT_CHUNK keys (attend_chunk_*), chunks starting at multiples of ATT_CHUNK, so
+ * its bits depend only on its q, the keys/values and n_ctx, never on m, its place in the
+ * batch or the thread. The value is softmax(q·Kᵀ·scale)·V up to fp32 rounding, without a
+ * [context]-sized buffer. */
 void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
                       int m, int n_heads, int n_kv_heads, int head_dim, float scale) {
     const int group = n_heads / n_kv_heads, kv_dim = n_kv_heads * head_dim;
@@ -109,7 +204,7 @@ void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_v
         const int i = (int)(ig / n_kv_heads), kvh = (int)(ig % n_kv_heads);
         const int64_t ih0 = (int64_t)i * n_heads + (int64_t)kvh * group;
         const int n_ctx = n_past + i + 1;
-        float s[ATT_CHUNK], mx[ATT_GROUP_MAX], l[ATT_GROUP_MAX];
+        float mx[ATT_GROUP_MAX], l[ATT_GROUP_MAX];
         static _Thread_local float kb[ATT_CHUNK * ATT_HEAD_MAX], vb[ATT_CHUNK * ATT_HEAD_MAX];
         for (int g = 0; g < group; g++) {
             mx[g] = -INFINITY;
@@ -122,22 +217,10 @@ void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_v
             const float *kc = kv_chunk(kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, &ldk);
             const float *vc = kv_chunk(kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, &ldv);
             for (int g = 0; g < group; g++) {
+                float *o = out + (ih0 + g) * head_dim;
                 const float *qi = q + (ih0 + g) * head_dim;
-                float *o = out + (ih0 + g) * head_dim, cm = -INFINITY;
-                for (int j = 0; j < nc; j++) {
-                    s[j] = dg_cpu_dot(c->simd, qi, kc + (int64_t)j * ldk, head_dim) * scale;
-                    if (s[j] > cm) cm = s[j];
-                }
-                const float mnew = cm > mx[g] ? cm : mx[g];
-                const float corr = expf(mx[g] - mnew);   /* 0 on the first chunk (mx = -inf) */
-                l[g] *= corr;
-                for (int j = 0; j < nc; j++) {
-                    const float e = expf(s[j] - mnew);
-                    dg_cpu_scale_axpy(c->simd, o, j == 0 ? corr : 1.0f, e, vc + (int64_t)j * ldv,
-                                      head_dim);
-                    l[g] += e;
-                }
-                mx[g] = mnew;
+                if (c->simd) attend_chunk_avx2(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
+                else attend_chunk_c(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
             }
         }
         for (int g = 0; g < group; g++) {
@@ -148,7 +231,33 @@ void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_v
     }
 }
 
+/* y = g / (1 + exp(-g)) * up on 8 lanes, every element through dg_exp256 (the last, short
+ * group by masked loads and stores): an element's bits do not depend on where it sits. */
+DG_SIMD_AVX2 static void silu_mul_avx2(float *y, const float *gate, const float *up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = dg_exp256(_mm256_sub_ps(zero, g));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) {
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 g = _mm256_maskload_ps(gate + i, live);
+        const __m256 e = dg_exp256(_mm256_sub_ps(zero, g));
+        _mm256_maskstore_ps(y + i, live, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                                       _mm256_maskload_ps(up + i, live)));
+    }
+}
+
 void dg_cpu_silu_mul(const dg_cpu *c, float *y, const float *gate, const float *up, int64_t n) {
+    if (c->simd) {
+        const int64_t per = 8192, parts = (n + per - 1) / per;
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
+        for (int64_t p = 0; p < parts; p++)
+            silu_mul_avx2(y + p * per, gate + p * per, up + p * per, p + 1 < parts ? per : n - p * per);
+        return;
+    }
 #pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i];

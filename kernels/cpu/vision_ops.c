@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "simd_math.h"
 
 /* Segment attention tiles: QB queries of one head against KC keys at a time, each tile
  * product an sgemm called from inside the OpenMP region, with an online softmax across
@@ -40,26 +41,6 @@ static float softmax_row_c(float *s, int n, float *mx, float *corr) {
 
 #define SIMD __attribute__((target("avx2,fma")))
 
-/* exp on 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5
- * polynomial), within 2 ulp of expf for x in [-87.3, 88.4]; lower x gives 2^-126 (the
- * weight of a score 87 below the row's maximum: nothing next to the maximum's 1). */
-SIMD static inline __m256 exp256(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 SIMD static float softmax_row_avx2(float *s, int n, float *mx, float *corr) {
     const int n8 = n & ~7;
     __m256 vm = _mm256_set1_ps(*mx);
@@ -72,7 +53,7 @@ SIMD static float softmax_row_avx2(float *s, int n, float *mx, float *corr) {
     const __m256 bm = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
     for (int j = 0; j < n8; j += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), bm));
+        const __m256 e = dg_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), bm));
         _mm256_storeu_ps(s + j, e);
         acc = _mm256_add_ps(acc, e);
     }
