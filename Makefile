@@ -257,12 +257,20 @@ bench-e2e: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/bench/bench_e2e.py --json $(BUILD)/bench/e2e.json
 
-# the text decoder (small preset, 1 and 2 threads); the transformers and llama.cpp baselines
-# (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py) are run by hand, and
-# dg-bench prints the ratios when their JSON is in build/bench/
+# the text decoder (small preset, 1 and 2 threads), in fp32 and in bf16 compute; the
+# baselines at bf16 (tools/reference/bench_llamacpp.py: llama.cpp on a BF16 GGUF of the same
+# weights; bench_transformers_decoder.py) run first, in the same run, when the reference
+# venv has them, and dg-bench prints the ratios to their JSON in build/bench/
 bench-decoder: all
 	@mkdir -p $(BUILD)/bench
+	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
+	@if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then \
+	    tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py; \
+	    else echo "bench-decoder: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi
+	@if tools/reference/.venv/bin/python -c 'import transformers' 2>/dev/null; then \
+	    tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py; fi
 	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder
+	$(BUILD)/dg-bench --bf16-compute --json $(BUILD)/bench/decoder_bf16.json decoder
 
 # the vision tower (small preset), and transformers beside it when the reference venv is there
 # continuous batching on the CPU, small preset: aggregate decode tok/s and jobs/hour against
