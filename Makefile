@@ -279,19 +279,26 @@ bench-batch: all
 	@mkdir -p $(BUILD)/bench
 	$(BUILD)/dg-bench --json $(BUILD)/bench/batch.json batch_decode batch_jobs
 
+# (float32 and bf16; ours in fp32 and in bf16 compute against the baseline of its precision)
 bench-vision: all
 	@mkdir -p $(BUILD)/bench
+	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
+	@if [ -x tools/reference/.venv/bin/python ]; then \
+	    tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py && \
+	    tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py --dtype bf16; fi
 	$(BUILD)/dg-bench --json $(BUILD)/bench/vision.json vision
-	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
-	    tools/reference/bench_transformers_vision.py --out $(BUILD)/bench/vision_hf.json; fi
+	$(BUILD)/dg-bench --bf16-compute --json $(BUILD)/bench/vision_bf16.json vision
 
-# DiT steps and VAE encode/decode (small preset); diffusers first when the reference venv is
-# there, so that dg-bench prints the ratios
+# DiT steps and VAE encode/decode (small preset); diffusers first (float32, and the DiT in
+# bf16) when the reference venv is there, so that dg-bench prints the ratios
 bench-image: all
 	@mkdir -p $(BUILD)/bench
-	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
-	    tools/reference/bench_diffusers.py --threads 2; fi
+	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
+	@if [ -x tools/reference/.venv/bin/python ]; then \
+	    tools/reference/.venv/bin/python tools/reference/bench_diffusers.py --threads 2 && \
+	    tools/reference/.venv/bin/python tools/reference/bench_diffusers.py --threads 2 --dtype bf16; fi
 	$(BUILD)/dg-bench --threads 2 --json $(BUILD)/bench/image.json image
+	$(BUILD)/dg-bench --threads 2 --bf16-compute --json $(BUILD)/bench/image_bf16.json image
 
 # the tokenizer against Hugging Face tokenizers (one thread) when the reference venv is there
 bench-tokenizer: all

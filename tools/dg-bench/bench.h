@@ -33,6 +33,11 @@ int    bench_small_package(bench_ctx *ctx, char *dir, size_t len);
 /* Records one figure under the benchmark's JSON object and prints "name: value unit". */
 void   bench_record(json_t *out, const char *name, double value, const char *unit);
 
+/* Records ours / theirs as "<key>_vs_<label>" when `file` (a reference script's JSON in
+ * build/bench/) holds `key`, printing the baseline it names (its "baseline": name, version,
+ * dtype) and recording that as "<label>_baseline". Nothing when the file or key is absent. */
+void   bench_ratio(json_t *out, const char *file, const char *key, const char *label, double ours);
+
 /* A "cpu" backend of `threads` threads in the compute --bf16-compute chose: 0, or a
  * negative DG_E* with err. */
 int    bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, char *err, size_t errlen);

@@ -70,26 +70,6 @@ static double text_weight_mb(const dg_st *st) {
     return b / (1024.0 * 1024.0);
 }
 
-/* Prints ours / theirs for a figure recorded by a reference script, naming the baseline
- * (its "baseline" line: name, version, dtype). */
-static void ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {
-    json_error_t je;
-    json_t *j = json_load_file(file, 0, &je), *v = j ? json_object_get(j, key) : NULL;
-    if (json_is_number(v) && json_number_value(v) > 0) {
-        char name[128];
-        const char *who = json_string_value(json_object_get(j, "baseline"));
-        snprintf(name, sizeof name, "%s_vs_%s", key, label);
-        if (who) {
-            printf("  %s: against %s (%s)\n", name, who, file);
-            char k2[160];
-            snprintf(k2, sizeof k2, "%s_baseline", label);
-            json_object_set_new(out, k2, json_string(who));
-        }
-        bench_record(out, name, ours / json_number_value(v), "x");
-    }
-    json_decref(j);
-}
-
 /* Bytes one decode token reads from the text weights: every matrix of the decoder once; of
  * the embedding table one row, unless it is also the (tied) lm_head. */
 static double decode_bytes_per_token(const dg_st *st, int tied) {
@@ -179,12 +159,12 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     double t2 = bench_now_ms();
     snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
     bench_record(out, name, n_prompt / ((t1 - t0) / 1e3), "tok/s");
-    ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_prompt / ((t1 - t0) / 1e3));
-    ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_prompt / ((t1 - t0) / 1e3));
+    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_prompt / ((t1 - t0) / 1e3));
+    bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_prompt / ((t1 - t0) / 1e3));
     snprintf(name, sizeof name, "decode_tok_s_t%d", threads);
     bench_record(out, name, n_decode / ((t2 - t1) / 1e3), "tok/s");
-    ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_decode / ((t2 - t1) / 1e3));
-    ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_decode / ((t2 - t1) / 1e3));
+    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_decode / ((t2 - t1) / 1e3));
+    bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_decode / ((t2 - t1) / 1e3));
     bench_record(out, "prefill_argmax", best, "(token id)");
     const double bw = read_bandwidth_gbs(threads), bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d", threads);

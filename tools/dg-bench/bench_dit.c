@@ -7,7 +7,9 @@
  * by build/mkmodel --preset small --seed 1 when missing. --quick: 256x256 only, 0 and 1
  * condition frames. When build/bench/diffusers_dit.json exists
  * (tools/reference/bench_diffusers.py, same keys, same machine and threads), the ratios
- * ours / diffusers are printed too (below 1: faster than diffusers). */
+ * ours / diffusers are printed too (below 1: faster than diffusers); with --bf16-compute,
+ * against diffusers_dit_bf16.json (--dtype bf16: the DiT in bf16; the VAE, whose weights
+ * are fp32, has no bf16 figures). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,17 +22,11 @@
 #include "draw/vae.h"
 
 #define N_CTX 512
-#define REF_FILE "build/bench/diffusers_dit.json"
-
-static void ratio(json_t *out, const char *key, double ours) {
-    json_error_t je;
-    json_t *j = json_load_file(REF_FILE, 0, &je), *v = j ? json_object_get(j, key) : NULL;
-    if (json_is_number(v) && json_number_value(v) > 0) {
-        char name[128];
-        snprintf(name, sizeof name, "%s_vs_diffusers", key);
-        bench_record(out, name, ours / json_number_value(v), "x");
-    }
-    json_decref(j);
+/* The diffusers baseline of the same compute: fp32 (weights widened) against our fp32
+ * compute, bf16 against our bf16 compute (tools/reference/bench_diffusers.py --dtype). */
+static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double ours) {
+    bench_ratio(out, ctx->bf16_compute ? "build/bench/diffusers_dit_bf16.json" : "build/bench/diffusers_dit.json", key,
+                "diffusers", ours);
 }
 
 static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int threads, int reps) {
@@ -81,7 +77,7 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
             }
             snprintf(name, sizeof name, "dit_step_ms_%d_c%d_t%d", sides[si], conds[ci], threads);
             bench_record(out, name, best, "ms");
-            ratio(out, name, best);
+            ratio(ctx, out, name, best);
         }
     rc = 0;
     goto out;
@@ -128,10 +124,10 @@ static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, 
         }
         snprintf(name, sizeof name, "vae_encode_ms_%d_t%d", S, threads);
         bench_record(out, name, enc, "ms");
-        ratio(out, name, enc);
+        ratio(ctx, out, name, enc);
         snprintf(name, sizeof name, "vae_decode_ms_%d_t%d", S, threads);
         bench_record(out, name, dec, "ms");
-        ratio(out, name, dec);
+        ratio(ctx, out, name, dec);
     }
     rc = 0;
     goto out;

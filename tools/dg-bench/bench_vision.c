@@ -9,7 +9,8 @@
  * build/mkmodel --preset small --seed 1 when missing. --quick: the 448 image only, once.
  *
  * When build/bench/transformers_vision.json exists
- * (tools/reference/bench_transformers_vision.py), the ratios to it are printed too. */
+ * (tools/reference/bench_transformers_vision.py), the ratios to it are printed too; with
+ * --bf16-compute, to transformers_vision_bf16.json (its --dtype bf16). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,8 +23,6 @@
 #include "io/image_preprocess.h"
 #include "io/safetensors.h"
 #include "mllm/vision.h"
-
-#define BASELINE "build/bench/transformers_vision.json"
 
 /* The small package's MLLM folder. */
 static int ensure_model(bench_ctx *ctx, char *dir, size_t len) {
@@ -47,15 +46,11 @@ static dg_image *draw(int side) {
     return img;
 }
 
-static void ratio(json_t *out, const char *key, double ours) {
-    json_error_t je;
-    json_t *j = json_load_file(BASELINE, 0, &je), *v = j ? json_object_get(j, key) : NULL;
-    if (json_is_number(v) && json_number_value(v) > 0) {
-        char name[128];
-        snprintf(name, sizeof name, "%s_vs_transformers", key);
-        bench_record(out, name, ours / json_number_value(v), "x");
-    }
-    json_decref(j);
+/* The transformers baseline of the same compute: float32 against our fp32 compute, bf16
+ * against our bf16 compute (tools/reference/bench_transformers_vision.py --dtype). */
+static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double ours) {
+    bench_ratio(out, ctx->bf16_compute ? "build/bench/transformers_vision_bf16.json" : "build/bench/transformers_vision.json",
+                key, "transformers", ours);
 }
 
 static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
@@ -103,7 +98,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
             bench_record(out, name, t1 - t0, "ms");
             snprintf(name, sizeof name, "images_s_%d_t%d", sides[k], threads);
             bench_record(out, name, reps / ((t3 - t2) / 1e3), "img/s");
-            ratio(out, name, reps / ((t3 - t2) / 1e3));
+            ratio(ctx, out, name, reps / ((t3 - t2) / 1e3));
         } else {
             fprintf(stderr, "bench_vision: %s\n", err);
         }

@@ -33,6 +33,24 @@ void bench_record(json_t *out, const char *name, double value, const char *unit)
     fflush(stdout);
 }
 
+void bench_ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {
+    json_error_t je;
+    json_t *j = json_load_file(file, 0, &je), *v = j ? json_object_get(j, key) : NULL;
+    if (json_is_number(v) && json_number_value(v) > 0) {
+        char name[128];
+        const char *who = json_string_value(json_object_get(j, "baseline"));
+        snprintf(name, sizeof name, "%s_vs_%s", key, label);
+        if (who) {
+            printf("  %s: against %s (%s)\n", name, who, file);
+            char k2[160];
+            snprintf(k2, sizeof k2, "%s_baseline", label);
+            json_object_set_new(out, k2, json_string(who));
+        }
+        bench_record(out, name, ours / json_number_value(v), "x");
+    }
+    json_decref(j);
+}
+
 int bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, char *err, size_t errlen) {
     return dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = threads, .cpu_bf16_compute = ctx->bf16_compute},
                                out, err, errlen);

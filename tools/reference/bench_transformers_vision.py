@@ -4,9 +4,11 @@ float32, CPU) on the same small package (build/mkmodel --preset small --seed 1),
 image sizes (448x448 and 1024x1024, preprocessed by the slow Pillow processor; not timed),
 1 and 2 threads. Writes build/bench/transformers_vision.json with the keys dg-bench uses
 (images_s_448_t1, ...), so that dg-bench prints the ratios. Attention: "sdpa" (the
-transformers default) unless --attn eager.
+transformers default) unless --attn eager. --dtype bf16: the tower in bfloat16 (the
+package's own weights, unwidened), written to transformers_vision_bf16.json, the baseline
+of `dg-bench --bf16-compute vision`.
 
-  tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py [--quick]
+  tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py [--quick] [--dtype bf16]
 """
 import argparse
 import json
@@ -37,32 +39,40 @@ def main():
     root = os.path.normpath(os.path.join(here, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(root, "build", "models", "small"))
-    ap.add_argument("--out", default=os.path.join(root, "build", "bench", "transformers_vision.json"))
+    ap.add_argument("--out")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if not args.out:
+        name = "transformers_vision_bf16.json" if args.dtype == "bf16" else "transformers_vision.json"
+        args.out = os.path.join(root, "build", "bench", name)
     sides = [448] if args.quick else [448, 1024]
     path = os.path.join(args.model, "mllm")
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, attn_implementation=args.attn)
+            path, dtype=dtype, attn_implementation=args.attn)
     except TypeError:   # transformers 4.x
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, torch_dtype=torch.float32, attn_implementation=args.attn)
+            path, torch_dtype=dtype, attn_implementation=args.attn)
     model.eval()
     visual = getattr(model.model, "visual", None) or model.visual
     proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
     import transformers
     res = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "torch_threads_max": torch.get_num_threads(), "dtype": "float32", "attn_implementation": args.attn,
+           "torch_threads_max": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+           "attn_implementation": args.attn,
+           "baseline": f"transformers {transformers.__version__} (torch {torch.__version__}), {str(dtype).replace('torch.', '')}, "
+                       f"{args.attn}",
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
     with torch.inference_mode():
         for t in args.threads:
             torch.set_num_threads(t)
             for side in sides:
                 p = proc(images=[draw(side)], return_tensors="pt")
-                pv, grid = p["pixel_values"], p["image_grid_thw"]
+                pv, grid = p["pixel_values"].to(dtype), p["image_grid_thw"]
                 reps = 1 if args.quick else (4 if side <= 448 else 2)
                 visual(pv, grid_thw=grid)   # warm-up
                 t0 = time.perf_counter()
