@@ -44,6 +44,8 @@ static const struct key {
     INT(kv_bf16, 0, 1, "1: keep the KV cache in bf16, half the memory (CPU devices)"),
     INT(cpu_bf16_compute, 0, 1, "1: matmuls over bf16 weights round activations to bf16 (~1.5x prefill "
         "where the CPU has AVX-512 BF16; logits move by ~0.04) (CPU devices)"),
+    INT(cpu_mapped_weights, 0, 1, "1: read weights from the memory-mapped files (page cache shared between "
+        "processes); 0: copy them into transparent huge pages at load, faster decode (CPU devices)"),
     SIZE0(vision_cache_bytes, "vision-tower output cache budget; 0 = 64 images at the model's default size"),
     SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = 64 images at the model's default size"),
     INT(max_condition_pixels, 0, 268435456, "earlier images above this many pixels are scaled down as "

@@ -113,10 +113,11 @@ int dg_backend_new_opts(const char *name, const dg_backend_opts *o, dg_backend *
     dg_backend *be = NULL;
     int rc;
     *out = NULL;
-    if (!name || !strcmp(name, "cpu"))
-        rc = dg_cpu_backend_new(opts.n_threads, DG_CPU_AVX512_BF16, opts.cpu_bf16_compute, &be, err, errlen);
-    else if (!strcmp(name, "cpu-scalar"))
-        rc = dg_cpu_backend_new(opts.n_threads, DG_CPU_PORTABLE, opts.cpu_bf16_compute, &be, err, errlen);
+    if (!name || !strcmp(name, "cpu") || !strcmp(name, "cpu-scalar")) {
+        rc = dg_cpu_backend_new(opts.n_threads, name && !strcmp(name, "cpu-scalar") ? DG_CPU_PORTABLE : DG_CPU_AVX512_BF16,
+                                opts.cpu_bf16_compute, &be, err, errlen);
+        if (rc == 0) be->weights_hugepages = !opts.cpu_mapped_weights;
+    }
     else if (cuda_index(name) >= 0) {
 #ifdef DG_HAVE_CUDA
         cuda_new_fn cuda_new = cuda_module(err, errlen);

@@ -119,6 +119,10 @@ struct dg_backend {
     int         bf16_compute;    /* 1: matmul over a BF16 weight rounds x to bf16 and sums
                                     bf16 products (CPU: kernels/cpu/matmul.h, the bf16
                                     compute order); 0: fp32 compute */
+    int         weights_hugepages; /* 1: the loaders read weight files into huge pages
+                                    (dg_st_open_flags DG_ST_HUGEPAGES): the CPU backend,
+                                    which reads weights where they lie, unless
+                                    cpu_mapped_weights; 0: mapped (GPU: uploaded from there) */
     void       *impl;            /* owned by the backend */
 
     void  (*free)(dg_backend *be);
@@ -299,6 +303,10 @@ typedef struct {
                                   order (activations rounded to bf16, VDPBF16PS or the same
                                   bits without it: kernels/cpu/matmul.h); 0 = fp32, the
                                   default. The CUDA backend ignores it */
+    int    cpu_mapped_weights; /* CPU: 1 = weights read from the files' memory maps (shared
+                                  page cache, no copy); 0 = copied into transparent huge
+                                  pages at load (weights_hugepages), the default: decode
+                                  streams them faster. The CUDA backend ignores it */
 } dg_backend_opts;
 
 /* Creates a backend by name: "cpu" (best kernels this CPU has: AVX-512 (BF16), AVX2/FMA or

@@ -326,11 +326,13 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if ((rc = open_tokenizer(m, manifest, mllm, path, err, errlen)) < 0) goto fail;
     if ((rc = dg_config_load(mllm, &m->cfg, err, errlen)) < 0) goto fail;
     const dg_backend_opts bo = {.n_threads = o ? o->threads : 0, .device_bytes = o ? o->device_memory : 0,
-                                .cpu_bf16_compute = o ? o->cpu_bf16_compute : 0};
+                                .cpu_bf16_compute = o ? o->cpu_bf16_compute : 0,
+                                .cpu_mapped_weights = o ? o->cpu_mapped_weights : 0};
     if ((rc = dg_backend_new_opts(o && o->device ? o->device : "cpu", &bo, &m->be, err, errlen)) < 0)
         goto fail;
     if (o && o->progress) o->progress(o->progress_user, "weights", 0.1);
-    if ((rc = dg_st_open(mllm, &m->mllm_st, err, errlen)) < 0) goto fail;
+    if ((rc = dg_st_open_flags(mllm, m->be->weights_hugepages ? DG_ST_HUGEPAGES : 0, &m->mllm_st, err, errlen)) < 0)
+        goto fail;
     if ((rc = dg_qwen2_load(&m->llm, &m->cfg.text, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
     if (dg_st_find(m->mllm_st, "visual.patch_embed.proj.weight")) {
         if ((rc = dg_vision_load(&m->vision, &m->cfg.vision, m->mllm_st, m->be, err, errlen)) < 0) goto fail;

@@ -132,6 +132,53 @@ TEST(single_file_and_sharded_index) {
     free(b);
 }
 
+/* DG_ST_HUGEPAGES: the file read into huge-page memory gives the same tensors, byte for byte,
+ * as its memory map, and the same errors; where the kernel offers transparent huge pages the
+ * copy starts on a 2 MiB boundary (that is what the flag is for). */
+TEST(huge_page_copy_equals_the_map) {
+    char dir[] = "/tmp/dg_test_st_XXXXXX", path[256], err[256];
+    CHECK(mkdtemp(dir) != NULL);
+    const char *header = "{\"w\":{\"dtype\":\"BF16\",\"shape\":[1536,1024],\"data_offsets\":[0,3145728]},"
+                         "\"b\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[3145728,3145740]}}";
+    size_t n;
+    uint8_t *img = image(header, 3145740, &n);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    write_file(path, img, n);
+    dg_st *mapped = NULL, *huge = NULL;
+    CHECK_EQ_INT(dg_st_open(dir, &mapped, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_st_open_flags(dir, DG_ST_HUGEPAGES, &huge, err, sizeof err), 0);
+    CHECK(mapped && huge && dg_st_count(mapped) == 2 && dg_st_count(huge) == 2);
+    for (size_t i = 0; mapped && huge && i < dg_st_count(mapped); i++) {
+        const dg_st_tensor *a = dg_st_at(mapped, i), *b = dg_st_at(huge, i);
+        CHECK(!strcmp(a->name, b->name) && a->dtype == b->dtype && a->nbytes == b->nbytes);
+        CHECK(memcmp(a->data, b->data, a->nbytes) == 0);
+    }
+    char line[128] = "";
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (f) {
+        if (!fgets(line, sizeof line, f)) line[0] = 0;
+        fclose(f);
+    }
+    if (huge && line[0] && !strstr(line, "[never]")) {
+        const dg_st_tensor *w = dg_st_find(huge, "w");
+        const uintptr_t start = (uintptr_t)w->data - 8 - strlen(header);   /* the file's first byte */
+        CHECK_EQ_INT((int)(start % ((uintptr_t)2 << 20)), 0);
+        CHECK(w->data != dg_st_find(mapped, "w")->data);
+    }
+    dg_st_close(mapped);
+    dg_st_close(huge);
+    /* a truncated file: the same error either way */
+    write_file(path, img, n - 5);
+    char err2[256];
+    CHECK_EQ_INT(dg_st_open(dir, &mapped, err, sizeof err), DG_EMODEL);
+    CHECK_EQ_INT(dg_st_open_flags(dir, DG_ST_HUGEPAGES, &huge, err2, sizeof err2), DG_EMODEL);
+    CHECK(!strcmp(err, err2) && strstr(err, "\"b\"") != NULL);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+    free(img);
+}
+
 TEST(config_layout_variants) {
     dg_qwen2vl_config c;
     char err[256];

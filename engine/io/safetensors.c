@@ -27,6 +27,7 @@ struct dg_st {
     st_map       *maps;               /* owned */
     size_t        n_maps, cap_maps;
     int           seeded;             /* some file was a seeded one (see safetensors.h) */
+    int           flags;              /* DG_ST_* of dg_st_open_flags */
 };
 
 int dg_st_seeded(const dg_st *st) { return st->seeded; }
@@ -189,6 +190,7 @@ static int seed_payload(dg_st *st, const char *seed_str, dg_st_tensor *t, size_t
                 return DG_ENOMEM;
             }
             if (add_map(st, blk, count * esz) < 0) { munmap(blk, count * esz); return DG_ENOMEM; }
+            if (st->flags & DG_ST_HUGEPAGES) madvise(blk, count * esz, MADV_HUGEPAGE);
             uint64_t x = seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(1 + 2 * dt + vec));
             const float mean = vec ? 1.0f : 0.0f, width = vec ? 0.35f : 0.0693f;   /* std = width/√12 */
             for (size_t i = 0; i < count; i++) {
@@ -294,6 +296,53 @@ fail:
     return rc;
 }
 
+#define HUGE_PAGE ((size_t)2 << 20)
+
+/* Whether the kernel gives transparent huge pages to a madvise'd region. */
+static int thp_offered(void) {
+    static int offered = -1;
+    if (offered < 0) {
+        char line[128] = "";
+        FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+        if (f) {
+            if (!fgets(line, sizeof line, f)) line[0] = 0;
+            fclose(f);
+        }
+        offered = line[0] && !strstr(line, "[never]");
+    }
+    return offered;
+}
+
+/* The file of fd (size bytes) read into anonymous memory whose data start on a 2 MiB
+ * boundary, advised as huge pages; read-only afterwards. The mapping goes to st's maps. */
+static int read_huge(dg_st *st, int fd, const char *path, size_t size, const uint8_t **data, char *err,
+                     size_t errlen) {
+    const size_t len = (size + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    uint8_t *raw = mmap(NULL, len + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) {
+        snprintf(err, errlen, "%s: %zu MiB for its weights: %s", path, size >> 20, strerror(errno));
+        return DG_ENOMEM;
+    }
+    uint8_t *p = (uint8_t *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    if (p > raw) munmap(raw, (size_t)(p - raw));                        /* the unaligned head */
+    if (raw + len + HUGE_PAGE > p + len) munmap(p + len, (size_t)(raw + len + HUGE_PAGE - (p + len)));
+    madvise(p, len, MADV_HUGEPAGE);   /* advice: without it the copy is still right */
+    for (size_t got = 0; got < size;) {
+        const ssize_t r = pread(fd, p + got, size - got > ((size_t)1 << 30) ? (size_t)1 << 30 : size - got,
+                                (off_t)got);
+        if (r <= 0) {
+            snprintf(err, errlen, "%s: read at byte %zu: %s", path, got, r < 0 ? strerror(errno) : "unexpected end of file");
+            munmap(p, len);
+            return DG_EMODEL;
+        }
+        got += (size_t)r;
+    }
+    mprotect(p, len, PROT_READ);
+    if (add_map(st, p, len) < 0) { munmap(p, len); return DG_ENOMEM; }
+    *data = p;
+    return 0;
+}
+
 static int map_file(dg_st *st, const char *path, const uint8_t **data, size_t *size, char *err,
                     size_t errlen) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -306,6 +355,13 @@ static int map_file(dg_st *st, const char *path, const uint8_t **data, size_t *s
         snprintf(err, errlen, "%s: %s", path, sb.st_size < 8 ? "file shorter than 8 bytes" : strerror(errno));
         close(fd);
         return DG_EMODEL;
+    }
+    if ((st->flags & DG_ST_HUGEPAGES) && thp_offered()) {
+        const int rc = read_huge(st, fd, path, (size_t)sb.st_size, data, err, errlen);
+        close(fd);
+        if (rc < 0) return rc;
+        *size = (size_t)sb.st_size;
+        return 0;
     }
     void *p = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
@@ -379,12 +435,17 @@ out:
 }
 
 int dg_st_open(const char *path, dg_st **out, char *err, size_t errlen) {
+    return dg_st_open_flags(path, 0, out, err, errlen);
+}
+
+int dg_st_open_flags(const char *path, int flags, dg_st **out, char *err, size_t errlen) {
     dg_st *st;
     struct stat sb;
     char buf[4096];
     int rc;
     *out = NULL;
     if ((rc = dg_st_new(&st)) < 0) return rc;
+    st->flags = flags;
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
         /* Hugging Face's names (transformers), then diffusers' */
         static const char *stems[] = {"model", "diffusion_pytorch_model"};

@@ -2,7 +2,7 @@
  *
  * A dg_st is a set of tensors gathered from one file, from the shards listed by a
  * `*.safetensors.index.json`, or from memory buffers (tests, fuzzing). Tensor data stays
- * in the mapping: nothing is copied. Names are normalised once, at parse time, to the
+ * in the mapping: nothing is copied (dg_st_open_flags can read files into huge pages). Names are normalised once, at parse time, to the
  * published layout (docs/specs/qwen2_5_vl.md §2.2): a leading `model.language_model.` becomes
  * `model.`, a leading `model.visual.` becomes `visual.`.
  *
@@ -40,6 +40,15 @@ typedef struct dg_st dg_st;
  * diffusion_pytorch_model.safetensors: the transformers and diffusers names, unsharded or
  * sharded), an index file, or a single .safetensors file. */
 int  dg_st_open(const char *path, dg_st **out, char *err, size_t errlen);
+
+/* The same with flags: DG_ST_HUGEPAGES reads each file into anonymous memory in 2 MiB
+ * transparent huge pages (madvise) instead of mapping it, where the kernel offers them
+ * (/sys/kernel/mm/transparent_hugepage/enabled not "never"; else the file is mapped). For a
+ * CPU backend, which reads weights in place: a decode streams them without a TLB miss and a
+ * restart of the hardware prefetcher every 4 KiB (engine/MODELS.md). The data are copied
+ * once at open; the page cache keeps the file, the process's resident size is the same. */
+#define DG_ST_HUGEPAGES 1
+int  dg_st_open_flags(const char *path, int flags, dg_st **out, char *err, size_t errlen);
 void dg_st_close(dg_st *st);   /* accepts NULL */
 
 /* An empty set, and the parser behind dg_st_open: adds the tensors of one safetensors

@@ -205,7 +205,9 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) 
     dg_cpu settings = *cpu(be);
     settings.conv = settings.gemm = NULL;
     settings.gemm_bf16 = settings.xbf16 = NULL;
-    return cpu_make(&settings, out, err, errlen);
+    const int rc = cpu_make(&settings, out, err, errlen);
+    if (rc == 0) (*out)->weights_hugepages = be->weights_hugepages;
+    return rc;
 }
 
 int dg_cpu_backend_new(int n_threads, int max_simd, int bf16_compute, dg_backend **out, char *err,

@@ -17,6 +17,8 @@ typedef struct {
     int         quick;          /* --quick: smaller sizes, for a smoke run */
     int         bf16_compute;   /* --bf16-compute: the CPU backends in the bf16 compute order
                                    (kernels/cpu/matmul.h), else fp32 */
+    int         mapped_weights; /* --mapped-weights: weights read from the files' maps
+                                   (dg_backend_opts.cpu_mapped_weights), not huge pages */
     json_t     *report;         /* object: benchmark name -> object of figures */
 } bench_ctx;
 

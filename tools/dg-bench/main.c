@@ -1,6 +1,7 @@
 /* dg-bench — the engine's benchmarks.
  *
  *   dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] [--quick] [--bf16-compute]
+ *            [--mapped-weights]
  *            [NAME...]
  *   dg-bench --list
  */
@@ -52,12 +53,16 @@ void bench_ratio(json_t *out, const char *file, const char *key, const char *lab
 }
 
 int bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, char *err, size_t errlen) {
-    return dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = threads, .cpu_bf16_compute = ctx->bf16_compute},
+    return dg_backend_new_opts("cpu",
+                               &(dg_backend_opts){.n_threads = threads, .cpu_bf16_compute = ctx->bf16_compute,
+                                                  .cpu_mapped_weights = ctx->mapped_weights},
                                out, err, errlen);
 }
 
 void bench_record_compute(const bench_ctx *ctx, json_t *out) {
     bench_record(out, "bf16_compute", ctx->bf16_compute, ctx->bf16_compute ? "(bf16 compute)" : "(fp32 compute)");
+    bench_record(out, "mapped_weights", ctx->mapped_weights,
+                 ctx->mapped_weights ? "(weights read from the file maps)" : "(weights in huge pages)");
 }
 
 int bench_small_package(bench_ctx *ctx, char *dir, size_t len) {
@@ -82,7 +87,7 @@ static int by_name(const void *a, const void *b) {
 
 static int usage(void) {
     fprintf(stderr, "usage: dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] "
-                    "[--quick] [--bf16-compute] [--list] [NAME...]\n");
+                    "[--quick] [--bf16-compute] [--mapped-weights] [--list] [NAME...]\n");
     return 2;
 }
 
@@ -101,6 +106,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--vocab") && i + 1 < argc) ctx.vocab_dir = argv[++i];
         else if (!strcmp(a, "--quick")) ctx.quick = 1;
         else if (!strcmp(a, "--bf16-compute")) ctx.bf16_compute = 1;
+        else if (!strcmp(a, "--mapped-weights")) ctx.mapped_weights = 1;
         else if (!strcmp(a, "--list")) {
             for (int b = 0; b < n_benches; b++) printf("%-20s %s\n", benches[b].name, benches[b].what);
             return 0;
