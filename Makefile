@@ -325,7 +325,7 @@ systemd-check: all
 # eval-shapes: held-out conversations through duogend, scored (tools/train/eval.py).
 TRAIN_PY ?= tools/train/.venv/bin/python
 train-shapes:
-	@[ -x $(TRAIN_PY) ] || tools/train/setup-venv.sh
+	@[ -x $(TRAIN_PY) ] || tools/setup-venv.sh tools/train
 	nice $(TRAIN_PY) tools/train/train.py --work $(BUILD)/train --out tools/train/shapes
 	nice $(TRAIN_PY) tools/train/make_shapes_goldens.py
 

@@ -11,7 +11,7 @@ attention, and writes tests/golden/qwen2/:
   prompt<N>.last.f32  the full last-position prefill logits row (little-endian float32)
                       for the prompts listed in "full_rows"
 
-Run:  tools/reference/setup-venv.sh
+Run:  tools/setup-venv.sh tools/reference
       tools/reference/.venv/bin/python tools/reference/make_qwen2_goldens.py
 """
 import argparse
