@@ -313,11 +313,19 @@ static int thp_offered(void) {
     return offered;
 }
 
-/* The file of fd (size bytes) read into anonymous memory whose data start on a 2 MiB
- * boundary, advised as huge pages; read-only afterwards. The mapping goes to st's maps. */
+/* The file of fd (size bytes) read into anonymous memory advised as huge pages, read-only
+ * afterwards; the mapping goes to st's maps. The file starts 0-63 bytes past a 2 MiB
+ * boundary, so that its data section (after the 8-byte length and the header) starts on a
+ * 64-byte line: the format aligns it to 8 only, and a matrix of rows of whole lines (any
+ * bf16 row of a multiple of 32 values) then has every row on a line. */
 static int read_huge(dg_st *st, int fd, const char *path, size_t size, const uint8_t **data, char *err,
                      size_t errlen) {
-    const size_t len = (size + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    uint8_t h8[8];
+    uint64_t hlen = 0;
+    if (pread(fd, h8, 8, 0) == 8)
+        for (int i = 0; i < 8; i++) hlen |= (uint64_t)h8[i] << (8 * i);
+    const size_t shift = hlen < size ? (64 - (size_t)((8 + hlen) % 64)) % 64 : 0;
+    const size_t len = (size + shift + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
     uint8_t *raw = mmap(NULL, len + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) {
         snprintf(err, errlen, "%s: %zu MiB for its weights: %s", path, size >> 20, strerror(errno));
@@ -328,7 +336,7 @@ static int read_huge(dg_st *st, int fd, const char *path, size_t size, const uin
     if (raw + len + HUGE_PAGE > p + len) munmap(p + len, (size_t)(raw + len + HUGE_PAGE - (p + len)));
     madvise(p, len, MADV_HUGEPAGE);   /* advice: without it the copy is still right */
     for (size_t got = 0; got < size;) {
-        const ssize_t r = pread(fd, p + got, size - got > ((size_t)1 << 30) ? (size_t)1 << 30 : size - got,
+        const ssize_t r = pread(fd, p + shift + got, size - got > ((size_t)1 << 30) ? (size_t)1 << 30 : size - got,
                                 (off_t)got);
         if (r <= 0) {
             snprintf(err, errlen, "%s: read at byte %zu: %s", path, got, r < 0 ? strerror(errno) : "unexpected end of file");
@@ -339,7 +347,7 @@ static int read_huge(dg_st *st, int fd, const char *path, size_t size, const uin
     }
     mprotect(p, len, PROT_READ);
     if (add_map(st, p, len) < 0) { munmap(p, len); return DG_ENOMEM; }
-    *data = p;
+    *data = p + shift;
     return 0;
 }
 
