@@ -15,7 +15,8 @@
              last text segment dropped), so that guidance works; an EMA of the weights
   mllm2      the continuation of stage 1 from its bf16 weights, on the compositional
              request frames (conversations.COMPOSED, split "train2"), rounded to bf16 again
-  dit2       the continuation of stage 2 from its EMA weights, conditioned on mllm2's states
+  dit2       the continuation of stage 2 from its EMA weights, conditioned on mllm2's states,
+             its pictures leaning to edits (DIT_KINDS)
   export     the package (export.py): mllm2, dit2, the VAE
 
 Every stage is deterministic with the seed (the data of step k come from (seed, k); the
@@ -56,8 +57,12 @@ PLAN = {
     # request frames (conversations.COMPOSED, split "train2"), a fresh optimizer and a
     # second, lower cosine cycle
     "mllm2": dict(steps=2000, batch=32, lr=1e-3, warmup=50, probe=500, threads=2),
-    "dit2": dict(steps=1400, batch=32, lr=6e-4, warmup=50, probe=350, threads=2),
+    "dit2": dict(steps=2000, batch=32, lr=6e-4, warmup=50, probe=500, threads=2),
 }
+# stage 2's drawn pictures by conversation kind: dit draws from the three alike; dit2 leans
+# to edits, the kind furthest from its goal after dit (the asked change, the rest copied
+# from the condition frame)
+DIT_KINDS = {"dit": None, "dit2": {"draw": 0.2, "step": 0.35, "edit": 0.45}}
 # which stage's weights each later stage (and the package) starts from
 MLLM_OF = {"dit": "mllm", "mllm2": "mllm", "dit2": "mllm2", "export": "mllm2"}
 DIT_OF = {"dit2": "dit", "export": "dit2"}
@@ -343,14 +348,17 @@ def probe_mllm(run, mllm, codec, pixels, n_per_kind=8):
 
 # ---- stage 2: connector and DiT ---------------------------------------------------------
 
-def dit_batch(run, step, batch, codec, pixels, mllm, vae, layers, split="train"):
+def dit_batch(run, step, batch, codec, pixels, mllm, vae, layers, split="train", kinds=None):
     """The frozen parts of a stage-2 batch: per drawn picture, the condition states of its
     context (positive, and the negative's length), its earlier pictures' latents and its
-    target latent (coordinate channels exact)."""
+    target latent (coordinate channels exact). `kinds` weighs the conversation kinds (None:
+    alike)."""
     rng = random.Random(f"dit:{run.seed}:{step}")
     samples, i = [], 0
     while len(samples) < batch:
-        conv = conversations.make(run.seed, step * batch * 2 + i, split, rng.choice(["draw", "step", "edit"]))
+        kind = rng.choice(["draw", "step", "edit"]) if kinds is None else \
+            rng.choices(list(kinds), weights=list(kinds.values()))[0]
+        conv = conversations.make(run.seed, step * batch * 2 + i, split, kind)
         i += 1
         samples.append(data.draw_samples(codec.encode(conv), rng))
     mb, _ = data.mllm_batch(codec, pixels, [s.tokenized for s in samples], cut=[s.n_pos for s in samples])
@@ -436,7 +444,7 @@ def stage_dit(run, plan, name="dit"):
         for g in opt.param_groups:
             g["lr"] = models.lr_at(step, plan["steps"], plan["lr"], plan["warmup"])
         states, n_pos, n_neg, lat, frame_mask, targets = dit_batch(run, step, plan["batch"], codec, pixels, mllm,
-                                                                  vae, layers, split)
+                                                                  vae, layers, split, DIT_KINDS[name])
         gen = run.gen(name, step)
         B, T = states.shape[:2]
         drop = torch.rand(B, generator=gen) < P_UNCOND
