@@ -246,7 +246,7 @@ typedef struct {
     int         cpu_mapped_weights; /* CPU: 1 = the weights are read where the files are
                                        memory-mapped (page cache shared between processes);
                                        0 = copied at load into transparent huge pages, the
-                                       default (decode ~10% faster: engine/MODELS.md) */
+                                       default (decode 3-10% faster: engine/MODELS.md) */
     /* Called now and then during a long load (at least every few seconds), so that a
      * supervisor can be told the process is alive. May be NULL. */
     void      (*progress)(void *user, const char *phase, double fraction);
