@@ -135,7 +135,8 @@ DG_SIMD_AVX2 static void attend_chunk_avx2(float *o, const float *q, const float
     const float corr = expf(*mx - m);   /* 0 on the first chunk (mx = -inf) */
     const __m256 bm = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
-    for (j = 0; j < nc; j += 8) {      /* lanes past nc: 0 (s[] has room for them) */
+    for (j = nc; j % 8; j++) s[j] = m;  /* lanes past nc: defined, then masked to 0 */
+    for (j = 0; j < nc; j += 8) {
         const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nc), lane));
         const __m256 e = _mm256_and_ps(dg_exp256(_mm256_sub_ps(_mm256_load_ps(s + j), bm)), live);
