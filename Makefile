@@ -13,7 +13,7 @@
 #   make systemd-check  duogend@0 under systemd in a booted container: READY, restart after
 #                   kill -9, the watchdog, drain on stop (tools/systemd/nspawn-check.sh)
 #   make demo       the demo jobs on the shipped shapes model (tools/train/shapes; tools/demo.sh)
-#   make train-shapes   train the shapes model into tools/train/shapes (hours on a CPU; eval-shapes scores it)
+#   make train-shapes   train the shapes model into tools/train/shapes (hours on a CPU; TRAIN_DEVICE=cuda for a GPU; eval-shapes scores it)
 #   make install    PREFIX=/usr/local DESTDIR=
 #
 # Where sources live decides what they become, so a new unit needs no Makefile edit:
@@ -324,9 +324,10 @@ systemd-check: all
 # PyTorch comes from PyPI into tools/train/.venv (TRAIN_PY= another interpreter that has it).
 # eval-shapes: held-out conversations through duogend, scored (tools/train/eval.py).
 TRAIN_PY ?= tools/train/.venv/bin/python
+TRAIN_DEVICE ?= cpu
 train-shapes:
 	@[ -x $(TRAIN_PY) ] || tools/setup-venv.sh tools/train
-	nice $(TRAIN_PY) tools/train/train.py --work $(BUILD)/train --out tools/train/shapes
+	nice $(TRAIN_PY) tools/train/train.py --work $(BUILD)/train --out tools/train/shapes --device $(TRAIN_DEVICE)
 	nice $(TRAIN_PY) tools/train/make_shapes_goldens.py
 
 eval-shapes: all

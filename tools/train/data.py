@@ -78,12 +78,14 @@ class Pixels:
 
     def __call__(self, shapes):
         if hasattr(shapes, "convert"):
-            return self.proc(images=[shapes.convert("RGB")], return_tensors="pt")["pixel_values"]
+            return self.proc(images=[shapes.convert("RGB")], return_tensors="pt")["pixel_values"].to(
+                torch.get_default_device())
         key = tuple(sorted(s.key() for s in shapes))
         if key not in self.cache:
             if len(self.cache) > 20000:
                 self.cache.clear()
-            self.cache[key] = self.proc(images=[world.render(shapes)], return_tensors="pt")["pixel_values"]
+            self.cache[key] = self.proc(images=[world.render(shapes)], return_tensors="pt")["pixel_values"].to(
+                torch.get_default_device())
         return self.cache[key]
 
 

@@ -60,7 +60,7 @@ def write_package(run, out, sampler):
     dit = models.build_dit(dit_cfg)
     L, D = mllm.config.text_config.num_hidden_layers, mllm.config.text_config.hidden_size
     conn = models.Connector(L * D, dit_cfg["text_embed_dim"])
-    w = torch.load(run.path(train.DIT_OF["export"], "weights.pt"))
+    w = torch.load(run.path(train.DIT_OF["export"], "weights.pt"), map_location="cpu")
     dit.load_state_dict(w["dit"])
     conn.load_state_dict(w["conn"])
     for sub in ("mllm", "vae", "dit"):

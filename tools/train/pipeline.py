@@ -76,13 +76,13 @@ def answer(mllm, codec, pixel_fn, conv, paint_fn, max_tokens=MAX_TOKENS, max_ima
 
 def to_pixels(picture):
     """PIL picture -> [3, H, W] in [-1, 1] (the painter's rgb_to_pixels)."""
-    a = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32))
+    a = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32)).to(torch.get_default_device())
     return (a / 127.5 - 1.0).permute(2, 0, 1)
 
 
 def to_picture(pixels):
     """[3, H, W] in [-1, 1] -> 8-bit PIL picture (the painter's pixels_to_rgb: lrintf)."""
-    v = ((pixels.clamp(-1, 1) + 1.0) * 127.5).permute(1, 2, 0).numpy()
+    v = ((pixels.clamp(-1, 1) + 1.0) * 127.5).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.clip(np.rint(v), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -103,7 +103,8 @@ def paint(dit, vae, ctx_pos, ctx_neg, conds, seed, index, steps, guidance, shift
     z, side = dit.config.out_channels, models.LATENT_SIDE
     with torch.no_grad():
         frames = [models.vae_encode(vae, to_pixels(c)[None])[0] for c in conds]
-        x = torch.from_numpy(flow.noise(z * side * side, flow.image_seed(seed, index))).view(z, side, side)
+        x = torch.from_numpy(flow.noise(z * side * side, flow.image_seed(seed, index))).to(
+            torch.get_default_device()).view(z, side, side)
         sampler = flow.UniPC(flow.schedule(steps, shift))
         F_ = len(frames) + 1
         is_cond = torch.tensor([[i < len(frames) for i in range(F_)]])
@@ -148,7 +149,7 @@ def paint_batch(dit, vae, ctx_pos, ctx_neg, conds, seeds, steps, guidance, shift
         frame_mask = torch.arange(F_)[None] <= targets[:, None]
         is_cond = torch.arange(F_)[None] < targets[:, None]
         x = torch.stack([torch.from_numpy(flow.noise(z * side * side, flow.image_seed(s, i))).view(z, side, side)
-                         for s, i in seeds])
+                         for s, i in seeds]).to(torch.get_default_device())
         sampler = flow.UniPC(flow.schedule(steps, shift))
         pos, pos_mask = _pad_rows(ctx_pos)
         neg, neg_mask = _pad_rows(ctx_neg)

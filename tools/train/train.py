@@ -105,13 +105,25 @@ class Run:
 
     def load(self, name):
         p = self.path(name)
-        return torch.load(p, weights_only=False) if os.path.exists(p) else None
+        return torch.load(p, weights_only=False, map_location=here()) if os.path.exists(p) else None
 
     def gen(self, stage, step):
         """The noise generator of step `step` of a stage: a resumed run draws the same."""
         g = torch.Generator()
         g.manual_seed(self.seed * 1000003 + STAGE_SALT[stage] * 7919 + step)
         return g
+
+
+def here():
+    """The device the stages compute on: torch's default device, which --device sets (cpu
+    unless asked)."""
+    return torch.get_default_device()
+
+
+def drawn(fn, shape, gen):
+    """fn (torch.randn, torch.rand) of `shape` from a stage's CPU generator, moved to the
+    compute device: a GPU run draws the same numbers as the CPU one."""
+    return fn(shape, generator=gen, device="cpu").to(here())
 
 
 # ---- tokenizer and the mllm folder --------------------------------------------------------
@@ -184,7 +196,7 @@ def stage_vae(run, plan):
         mu, _ = models.vae_encode_raw(vae, x)
         # a fixed small noise on the content latents keeps the decoder robust to the DiT's
         # imprecision; a light L2 keeps their scale from growing past it
-        z = mu[:, :zc] + VAE_NOISE * torch.randn(mu[:, :zc].shape, generator=gen)
+        z = mu[:, :zc] + VAE_NOISE * drawn(torch.randn, mu[:, :zc].shape, gen)
         y = models.vae_decode_raw(vae, torch.cat([z, mu[:, zc:]], 1))
         rec = F.mse_loss(y, x) + 0.5 * F.l1_loss(y, x)
         l2 = mu[:, :zc].pow(2).mean()
@@ -219,7 +231,7 @@ def load_vae(run):
     models.use_single_frame_convs()
     cfg = json.load(open(run.path("vae", "config.json")))
     vae = models.build_vae(cfg)
-    vae.load_state_dict(torch.load(run.path("vae", "weights.pt")))
+    vae.load_state_dict(torch.load(run.path("vae", "weights.pt"), map_location=here()))
     return vae.eval().requires_grad_(False)
 
 
@@ -263,7 +275,7 @@ def stage_mllm(run, plan, name="mllm"):
                             weight_decay=0.01)
     step = 0
     if name in MLLM_OF:
-        mllm.load_state_dict(torch.load(run.path(MLLM_OF[name], "weights.pt")))
+        mllm.load_state_dict(torch.load(run.path(MLLM_OF[name], "weights.pt"), map_location=here()))
         head.load_state_dict(run.load(MLLM_OF[name] + ".pt")["head"])
     ck = run.load(name + ".pt")
     if ck:
@@ -314,7 +326,7 @@ def stage_mllm(run, plan, name="mllm"):
 def load_mllm(run, name="mllm"):
     """The finished MLLM of stage `name` (its config and tokenizer are stage 1's)."""
     mllm = models.build_mllm(run.path("mllm"))
-    mllm.load_state_dict(torch.load(run.path(name, "weights.pt")))
+    mllm.load_state_dict(torch.load(run.path(name, "weights.pt"), map_location=here()))
     return mllm.eval().requires_grad_(False)
 
 
@@ -422,7 +434,7 @@ def stage_dit(run, plan, name="dit"):
             for norm in (blk.norm1, blk.norm2, blk.norm3):
                 norm.linear_2.weight.mul_(0.1)
     if name in DIT_OF:
-        w = torch.load(run.path(DIT_OF[name], "weights.pt"))
+        w = torch.load(run.path(DIT_OF[name], "weights.pt"), map_location=here())
         dit.load_state_dict(w["dit"])
         conn.load_state_dict(w["conn"])
     params = list(dit.parameters()) + list(conn.parameters())
@@ -447,12 +459,12 @@ def stage_dit(run, plan, name="dit"):
                                                                   vae, layers, split, DIT_KINDS[name])
         gen = run.gen(name, step)
         B, T = states.shape[:2]
-        drop = torch.rand(B, generator=gen) < P_UNCOND
+        drop = drawn(torch.rand, B, gen) < P_UNCOND
         n_ctx = torch.where(drop, n_neg, n_pos)
         ctx_mask = torch.arange(T)[None] < n_ctx[:, None]
         ctx = conn(states)
-        sigma = torch.sigmoid(SIGMA_MEAN + SIGMA_STD * torch.randn(B, generator=gen))
-        eps = torch.randn(lat.shape, generator=gen)
+        sigma = torch.sigmoid(SIGMA_MEAN + SIGMA_STD * drawn(torch.randn, B, gen))
+        eps = drawn(torch.randn, lat.shape, gen)
         bi = torch.arange(B)
         x0 = lat[bi, targets]
         x = lat.clone()
@@ -535,15 +547,20 @@ def probe_dit(run, mllm, vae, dit, conn, ema, params, codec, pixels, layers, n_p
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.normpath(os.path.join(here, "..", ".."))
+    folder = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.normpath(os.path.join(folder, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=os.path.join(root, "build", "train"))
     ap.add_argument("--stage", default="all", choices=["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "export", "all"])
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: each stage's, PLAN)")
     ap.add_argument("--steps", default="", help="override steps, e.g. vae=100,mllm=200")
-    ap.add_argument("--out", default=os.path.join(here, "shapes"))
+    ap.add_argument("--out", default=os.path.join(folder, "shapes"))
+    ap.add_argument("--device", default="cpu",
+                    help="where the stages compute: cpu (the committed run), cuda, cuda:N. The data, the "
+                         "noise draws and the export stay on the CPU; on a GPU the sums run in another "
+                         "order, so the weights differ from a CPU run's (the model card says where they "
+                         "were trained)")
     args = ap.parse_args()
     plan = {k: dict(v) for k, v in PLAN.items()}
     for kv in filter(None, args.steps.split(",")):
@@ -554,6 +571,7 @@ def main():
     for st in stages:
         t0 = time.time()
         torch.set_num_threads(args.threads or plan.get(st, {}).get("threads", 1))
+        torch.set_default_device("cpu" if st == "export" else args.device)
         if st == "tokenizer":
             stage_tokenizer(run)
         elif st == "vae":
