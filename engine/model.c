@@ -307,6 +307,13 @@ static int read_prompts(dg_model *m, json_t *manifest, const char *path, char *e
     return 0;
 }
 
+/* The MLLM file's read into huge pages, as load progress between "weights" (0.1) and the
+ * binding (0.3). */
+static void weights_tick(void *user, double done) {
+    const dg_model_opts *o = user;
+    o->progress(o->progress_user, "weights", 0.1 + 0.2 * done);
+}
+
 int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen) {
     *out = NULL;
     if (!dir || !dir[0]) return fail(err, errlen, DG_EMODEL, "no model directory given");
@@ -331,7 +338,8 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if ((rc = dg_backend_new_opts(o && o->device ? o->device : "cpu", &bo, &m->be, err, errlen)) < 0)
         goto fail;
     if (o && o->progress) o->progress(o->progress_user, "weights", 0.1);
-    if ((rc = dg_st_open_flags(mllm, m->be->weights_hugepages ? DG_ST_HUGEPAGES : 0, &m->mllm_st, err, errlen)) < 0)
+    if ((rc = dg_st_open_flags(mllm, m->be->weights_hugepages ? DG_ST_HUGEPAGES : 0, o && o->progress ? weights_tick : NULL,
+                               (void *)o, &m->mllm_st, err, errlen)) < 0)
         goto fail;
     if ((rc = dg_qwen2_load(&m->llm, &m->cfg.text, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
     if (dg_st_find(m->mllm_st, "visual.patch_embed.proj.weight")) {

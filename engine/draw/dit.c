@@ -124,7 +124,7 @@ int dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t er
     m->be = be;
     snprintf(path, sizeof path, "%s/config.json", dir);
     if ((rc = read_config(&m->cfg, path, err, errlen)) < 0) goto fail;
-    if ((rc = dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, &m->st, err, errlen)) < 0) goto fail;
+    if ((rc = dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, NULL, NULL, &m->st, err, errlen)) < 0) goto fail;
     const dg_dit_config *c = &m->cfg;
     const int64_t D = c->hidden, F = c->mlp_hidden, hd = c->head_dim, R = c->lora_dim;
     const int64_t pp = (int64_t)c->patch_h * c->patch_w, X = c->text_dim;

@@ -28,6 +28,8 @@ struct dg_st {
     size_t        n_maps, cap_maps;
     int           seeded;             /* some file was a seeded one (see safetensors.h) */
     int           flags;              /* DG_ST_* of dg_st_open_flags */
+    dg_st_tick    tick;               /* and its tick, with tick_user */
+    void         *tick_user;
 };
 
 int dg_st_seeded(const dg_st *st) { return st->seeded; }
@@ -336,7 +338,8 @@ static int read_huge(dg_st *st, int fd, const char *path, size_t size, const uin
     if (raw + len + HUGE_PAGE > p + len) munmap(p + len, (size_t)(raw + len + HUGE_PAGE - (p + len)));
     madvise(p, len, MADV_HUGEPAGE);   /* advice: without it the copy is still right */
     for (size_t got = 0; got < size;) {
-        const ssize_t r = pread(fd, p + shift + got, size - got > ((size_t)1 << 30) ? (size_t)1 << 30 : size - got,
+        if (got && st->tick) st->tick(st->tick_user, (double)got / (double)size);
+        const ssize_t r = pread(fd, p + shift + got, size - got > ((size_t)256 << 20) ? (size_t)256 << 20 : size - got,
                                 (off_t)got);
         if (r <= 0) {
             snprintf(err, errlen, "%s: read at byte %zu: %s", path, got, r < 0 ? strerror(errno) : "unexpected end of file");
@@ -345,6 +348,7 @@ static int read_huge(dg_st *st, int fd, const char *path, size_t size, const uin
         }
         got += (size_t)r;
     }
+    if (st->tick) st->tick(st->tick_user, 1.0);
     mprotect(p, len, PROT_READ);
     if (add_map(st, p, len) < 0) { munmap(p, len); return DG_ENOMEM; }
     *data = p + shift;
@@ -443,10 +447,11 @@ out:
 }
 
 int dg_st_open(const char *path, dg_st **out, char *err, size_t errlen) {
-    return dg_st_open_flags(path, 0, out, err, errlen);
+    return dg_st_open_flags(path, 0, NULL, NULL, out, err, errlen);
 }
 
-int dg_st_open_flags(const char *path, int flags, dg_st **out, char *err, size_t errlen) {
+int dg_st_open_flags(const char *path, int flags, dg_st_tick tick, void *user, dg_st **out, char *err,
+                     size_t errlen) {
     dg_st *st;
     struct stat sb;
     char buf[4096];
@@ -454,6 +459,8 @@ int dg_st_open_flags(const char *path, int flags, dg_st **out, char *err, size_t
     *out = NULL;
     if ((rc = dg_st_new(&st)) < 0) return rc;
     st->flags = flags;
+    st->tick = tick;
+    st->tick_user = user;
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
         /* Hugging Face's names (transformers), then diffusers' */
         static const char *stems[] = {"model", "diffusion_pytorch_model"};

@@ -48,7 +48,13 @@ int  dg_st_open(const char *path, dg_st **out, char *err, size_t errlen);
  * restart of the hardware prefetcher every 4 KiB (engine/MODELS.md). The data are copied
  * once at open; the page cache keeps the file, the process's resident size is the same. */
 #define DG_ST_HUGEPAGES 1
-int  dg_st_open_flags(const char *path, int flags, dg_st **out, char *err, size_t errlen);
+/* tick (may be NULL) is called with user after every 256 MiB read into huge pages and at
+ * the end of each file, with the share of the file read so far (1 at its end): a long read
+ * from a cold disk can keep a supervisor told that the process is alive
+ * (dg_model_opts.progress). */
+typedef void (*dg_st_tick)(void *user, double done);
+int  dg_st_open_flags(const char *path, int flags, dg_st_tick tick, void *user, dg_st **out, char *err,
+                      size_t errlen);
 void dg_st_close(dg_st *st);   /* accepts NULL */
 
 /* An empty set, and the parser behind dg_st_open: adds the tensors of one safetensors

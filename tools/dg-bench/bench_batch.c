@@ -79,7 +79,7 @@ static int decode_curve(bench_ctx *ctx, json_t *out, const char *pkg, int thread
     int rc = -1;
     snprintf(dir, sizeof dir, "%s/mllm", pkg);
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 || bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
-        dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, &st, err, sizeof err) < 0 || dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
+        dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, NULL, NULL, &st, err, sizeof err) < 0 || dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, be, n_prompt > MAX_N ? n_prompt : MAX_N, MAX_N, &d.s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, n_seqs * per_seq,
                         DG_DTYPE_F32, &d.kv, err, sizeof err) < 0)

@@ -125,7 +125,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     int rc = -1;
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
         bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
-        dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, &st, err, sizeof err) < 0 ||
+        dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, NULL, NULL, &st, err, sizeof err) < 0 ||
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, m.be, n_prompt, 1, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,

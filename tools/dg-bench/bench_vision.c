@@ -68,7 +68,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
     dg_image_preprocess_config_default(&pp);
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
         bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
-        dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, &st, err, sizeof err) < 0 ||
+        dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, NULL, NULL, &st, err, sizeof err) < 0 ||
         dg_vision_load(&m, &cfg.vision, st, be, err, sizeof err) < 0 ||
         dg_vision_state_new(&m, m.be, 74 * 74, &s, err, sizeof err) < 0) {
         fprintf(stderr, "bench_vision: %s\n", err);
