@@ -73,12 +73,7 @@ static void *make_weight(dg_dtype t, int64_t count, float *wx) {
 
 /* The backends compared: "cpu" at 1 and 2 threads and its AVX2 kernels at 2 threads (one
  * group, one expected bit pattern), "cpu-scalar" at 1 and 2 threads (another group). */
-typedef struct {
-    const char *label;
-    int         simd, threads, group;
-} config;
-
-static const config CONFIGS[] = {
+static const gemm_config CONFIGS[] = {
     {"cpu t1", DG_CPU_AVX512, 1, 0},     {"cpu t2", DG_CPU_AVX512, 2, 0},
     {"cpu avx2 t2", DG_CPU_AVX2, 2, 0},  {"cpu-scalar t1", DG_CPU_PORTABLE, 1, 1},
     {"cpu-scalar t2", DG_CPU_PORTABLE, 2, 1},
@@ -98,7 +93,7 @@ static void check_weight(dg_backend **be, dg_dtype t, int n, int k, int with_bia
     for (int i = 0; i < ROWS * k; i++) x[i] = frand();
     for (int i = 0; i < n; i++) b[i] = frand();
     for (int c = 0; c < N_CONFIGS; c++) {
-        const config *cf = &CONFIGS[c];
+        const gemm_config *cf = &CONFIGS[c];
         float *ref = single[cf->group];
         const int first_of_group = c == 0 || CONFIGS[c - 1].group != cf->group;
         snprintf(what, sizeof what, "%s %s n=%d k=%d%s", cf->label, dg_dtype_name(t), n, k,
@@ -126,19 +121,10 @@ out:
 
 TEST(rows_are_the_same_bits_whatever_m_offset_threads_and_isa) {
     dg_backend *be[N_CONFIGS] = {0};
-    char err[256];
-    for (int c = 0; c < N_CONFIGS; c++)
-        if (dg_cpu_backend_new(CONFIGS[c].threads, CONFIGS[c].simd, 0, &be[c], err, sizeof err) < 0) {
-            test_fail(__FILE__, __LINE__, "%s: %s", CONFIGS[c].label, err);
-            goto out;
-        }
+    if (gemm_open_backends(be, CONFIGS, N_CONFIGS, 0) < 0) goto out;
     enum { N_FIXED = sizeof SHAPES / sizeof SHAPES[0] };
     int shapes[N_FIXED + N_RANDOM_SHAPES][2];
-    memcpy(shapes, SHAPES, sizeof SHAPES);
-    for (int s = N_FIXED; s < N_FIXED + N_RANDOM_SHAPES; s++) {
-        shapes[s][0] = 1 + (int)((frand() + 1.0f) * 24.0f);     /* 1 .. 48 */
-        shapes[s][1] = 1 + (int)((frand() + 1.0f) * 550.0f);    /* 1 .. 1100 */
-    }
+    gemm_draw_shapes(shapes, SHAPES, N_FIXED, N_RANDOM_SHAPES, 1100, frand);
     for (int t = 0; t < 3; t++)
         for (int s = 0; s < N_FIXED + N_RANDOM_SHAPES; s++)
             for (int with_bias = 0; with_bias < 2; with_bias++)

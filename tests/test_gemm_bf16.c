@@ -63,19 +63,14 @@ static float rounded(float f) {
     return from_bits(((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16);
 }
 
-typedef struct {
-    const char *label;
-    int         simd, threads;
-} config;
-
 /* the first is the reference */
-static const config FALLBACK[] = {
-    {"cpu-scalar t1", DG_CPU_PORTABLE, 1}, {"cpu-scalar t2", DG_CPU_PORTABLE, 2},
-    {"cpu below avx512-bf16 t2", DG_CPU_AVX512, 2}, {"cpu avx2 t1", DG_CPU_AVX2, 1},
+static const gemm_config FALLBACK[] = {
+    {"cpu-scalar t1", DG_CPU_PORTABLE, 1, 0}, {"cpu-scalar t2", DG_CPU_PORTABLE, 2, 0},
+    {"cpu below avx512-bf16 t2", DG_CPU_AVX512, 2, 0}, {"cpu avx2 t1", DG_CPU_AVX2, 1, 0},
 };
-static const config VDPBF16PS[] = {
-    {"cpu-scalar t1", DG_CPU_PORTABLE, 1}, {"cpu avx512-bf16 t1", DG_CPU_AVX512_BF16, 1},
-    {"cpu avx512-bf16 t2", DG_CPU_AVX512_BF16, 2},
+static const gemm_config VDPBF16PS[] = {
+    {"cpu-scalar t1", DG_CPU_PORTABLE, 1, 0}, {"cpu avx512-bf16 t1", DG_CPU_AVX512_BF16, 1, 0},
+    {"cpu avx512-bf16 t2", DG_CPU_AVX512_BF16, 2, 0},
 };
 
 /* Weights of n x k (wx: their values in fp32) and x of ROWS x k, uniform or tiny (see the
@@ -94,7 +89,7 @@ static void make_inputs(int tiny, int n, int k, uint16_t *w, float *wx, float *x
 }
 
 /* One weight: the reference's rows, then every other config's singles and batches. */
-static void check_weight(dg_backend **be, const config *cf, int n_configs, int n, int k, int with_bias, int tiny) {
+static void check_weight(dg_backend **be, const gemm_config *cf, int n_configs, int n, int k, int with_bias, int tiny) {
     uint16_t *wd = malloc(sizeof(uint16_t) * (size_t)n * k);
     float *wx = malloc(sizeof(float) * (size_t)n * k), *x = malloc(sizeof(float) * (size_t)ROWS * k);
     float *b = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)ROWS * n);
@@ -125,21 +120,12 @@ out:
     free(wd); free(wx); free(x); free(b); free(y); free(ref);
 }
 
-static void check_configs(const config *cf, int n_configs) {
+static void check_configs(const gemm_config *cf, int n_configs) {
     dg_backend *be[8] = {0};
-    char err[256];
-    for (int c = 0; c < n_configs; c++)
-        if (dg_cpu_backend_new(cf[c].threads, cf[c].simd, 1, &be[c], err, sizeof err) < 0) {
-            test_fail(__FILE__, __LINE__, "%s: %s", cf[c].label, err);
-            goto out;
-        }
+    if (gemm_open_backends(be, cf, n_configs, 1) < 0) goto out;
     enum { N_FIXED = sizeof SHAPES / sizeof SHAPES[0] };
     int shapes[N_FIXED + N_RANDOM_SHAPES][2];
-    memcpy(shapes, SHAPES, sizeof SHAPES);
-    for (int s = N_FIXED; s < N_FIXED + N_RANDOM_SHAPES; s++) {
-        shapes[s][0] = 1 + (int)((frand() + 1.0f) * 24.0f);     /* 1 .. 48 */
-        shapes[s][1] = 1 + (int)((frand() + 1.0f) * 1100.0f);   /* 1 .. 2200 */
-    }
+    gemm_draw_shapes(shapes, SHAPES, N_FIXED, N_RANDOM_SHAPES, 2200, frand);
     for (int s = 0; s < N_FIXED + N_RANDOM_SHAPES; s++)
         for (int with_bias = 0; with_bias < 2; with_bias++)
             check_weight(be, cf, n_configs, shapes[s][0], shapes[s][1], with_bias, 0);

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "harness.h"
+#include "cpu/cpu_backend.h"
 
 int gemm_within_bound(const float *y, const float *x, float (*xmap)(float), const float *wx,
                       const float *b, int rows, int n, int k, double chain, const char *what) {
@@ -36,4 +37,23 @@ int gemm_rows_match(const float *y, const float *single, int first, int m, int n
             return 0;
         }
     return 1;
+}
+
+int gemm_open_backends(dg_backend **be, const gemm_config *cf, int n, int bf16_compute) {
+    char err[256];
+    for (int c = 0; c < n; c++)
+        if (dg_cpu_backend_new(cf[c].threads, cf[c].simd, bf16_compute, &be[c], err, sizeof err) < 0) {
+            test_fail(__FILE__, __LINE__, "%s: %s", cf[c].label, err);
+            return -1;
+        }
+    return 0;
+}
+
+void gemm_draw_shapes(int (*out)[2], const int (*fixed)[2], int n_fixed, int n_random, int k_max,
+                      float (*frand)(void)) {
+    memcpy(out, fixed, sizeof(int[2]) * (size_t)n_fixed);
+    for (int s = n_fixed; s < n_fixed + n_random; s++) {
+        out[s][0] = 1 + (int)((frand() + 1.0f) * 24.0f);                 /* 1 .. 48 */
+        out[s][1] = 1 + (int)((frand() + 1.0f) * ((float)k_max / 2.0f)); /* 1 .. k_max */
+    }
 }

@@ -2,6 +2,25 @@
 #ifndef DG_TESTS_GEMM_CHECK_H
 #define DG_TESTS_GEMM_CHECK_H
 
+#include "backend.h"
+
+/* A CPU backend a matmul test compares: its kernel set (DG_CPU_*), threads, and a group
+ * (configs of one group must give the same bits; test_gemm's fp32 kernels and the scalar
+ * ones are two groups, the bf16 test has one). */
+typedef struct {
+    const char *label;
+    int         simd, threads, group;
+} gemm_config;
+
+/* be[c] = a backend of cf[c] for c < n (bf16_compute: the bf16 compute order); 0, or -1
+ * after failing the test naming the config (be[] holds what was made: free it either way). */
+int gemm_open_backends(dg_backend **be, const gemm_config *cf, int n, int bf16_compute);
+
+/* out[0 .. n_fixed-1] = fixed, then n_random shapes (n, k) drawn with frand (uniform in
+ * [-1, 1)): n in 1 .. 48, k in 1 .. k_max. */
+void gemm_draw_shapes(int (*out)[2], const int (*fixed)[2], int n_fixed, int n_random, int k_max,
+                      float (*frand)(void));
+
 /* Every y[i, r] of y[rows, n] against a double-precision Σ_j xmap(x[i, j])·wx[r, j] + b[r]
  * (b may be NULL; xmap NULL: x as it is): within chain·2^-24·(Σ|products| + |b[r]|), where
  * chain bounds the roundings an output meets (each test states its own). Fails the test,
