@@ -109,11 +109,8 @@ static void check_weight(dg_backend **be, dg_dtype t, int n, int k, int with_bia
         } else if (!gemm_rows_match(y, ref, 0, singles, n, what)) {
             break;
         }
-        for (size_t mi = 0; mi < sizeof MS / sizeof MS[0]; mi++)
-            for (int first = 0; first <= OFFSET; first += OFFSET) {
-                be[c]->matmul(be[c], y, x + (int64_t)first * k, &w, bias, MS[mi]);
-                if (!gemm_rows_match(y, ref, first, MS[mi], n, what)) goto out;
-            }
+        if (!gemm_batches_match(be[c], y, x, k, &w, bias, ref, n, MS, (int)(sizeof MS / sizeof MS[0]), OFFSET, what))
+            goto out;
     }
 out:
     free(wx); free(x); free(b); free(y); free(single[0]); free(single[1]); free(wd);

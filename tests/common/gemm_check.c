@@ -57,3 +57,13 @@ void gemm_draw_shapes(int (*out)[2], const int (*fixed)[2], int n_fixed, int n_r
         out[s][1] = 1 + (int)((frand() + 1.0f) * ((float)k_max / 2.0f)); /* 1 .. k_max */
     }
 }
+
+int gemm_batches_match(dg_backend *be, float *y, const float *x, int k, const dg_weight *w, const float *bias,
+                       const float *ref, int n, const int *ms, int n_ms, int offset, const char *what) {
+    for (int mi = 0; mi < n_ms; mi++)
+        for (int first = 0; first <= offset; first += offset) {
+            be->matmul(be, y, x + (int64_t)first * k, w, bias, ms[mi]);
+            if (!gemm_rows_match(y, ref, first, ms[mi], n, what)) return 0;
+        }
+    return 1;
+}

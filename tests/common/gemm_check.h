@@ -12,6 +12,12 @@ typedef struct {
     int         simd, threads, group;
 } gemm_config;
 
+/* y = x·wᵀ (+ bias) for every batch m in ms[0 .. n_ms-1], from row 0 and from row `offset`
+ * of x [.., k] (so that a row meets another tile position), each batch's rows checked bit
+ * for bit against ref (every row computed alone; gemm_rows_match). 1, or 0 after failing. */
+int gemm_batches_match(dg_backend *be, float *y, const float *x, int k, const dg_weight *w, const float *bias,
+                       const float *ref, int n, const int *ms, int n_ms, int offset, const char *what);
+
 /* be[c] = a backend of cf[c] for c < n (bf16_compute: the bf16 compute order); 0, or -1
  * after failing the test naming the config (be[] holds what was made: free it either way). */
 int gemm_open_backends(dg_backend **be, const gemm_config *cf, int n, int bf16_compute);
