@@ -73,6 +73,14 @@ typedef struct {
                                     to nearest even; attention widens each row to fp32) */
 } dg_kv_view;
 
+/* One sequence of a batched attention call (attention_batch): its layer's view, the
+ * positions already in it, and its new rows. */
+typedef struct {
+    dg_kv_view kv;
+    int        n_past;
+    int        m;
+} dg_attn_seq;
+
 /* Rotary embedding parameters (docs/specs/qwen2_5_vl.md §3.2-3.3). Frequency j < head_dim/2
  * rotates dims j and j + head_dim/2 (rotate_half pairing) by angle pos * theta^(-2j/head_dim),
  * where pos is taken from row t for j < section[0], row h for the next section[1]
@@ -241,6 +249,15 @@ struct dg_backend {
      * y may equal r, not x. */
     void (*add_rmsnorm)(dg_backend *be, float *y, float *x, const float *r, const float *weight, int m,
                         int n, float eps);
+    /* The K/V writes and the attention of a batch's sequences in one call (the decode step
+     * of many jobs: a launch or a parallel region per layer, not one per sequence). For each
+     * seqs[i], its m new rows stacked after those of the sequences before it: kv_write of
+     * k, v [m, n_kv_heads·head_dim] at n_past of its view, then attention of q
+     * [m, n_heads·head_dim] into out. Each sequence's rows equal what its own kv_write and
+     * attention give, up to summation order (CPU: the same bits). */
+    void (*attention_batch)(dg_backend *be, float *out, const float *q, const float *k, const float *v,
+                            const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                            float scale);
 
     /* ---- sampling (engine/text/sampler.c: the device path of dg_sampler_sample_device).
      * Optional, the two together: NULL means the sampler downloads the row and chooses on
@@ -325,9 +342,10 @@ int  dg_backend_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen)
 void dg_backend_free(dg_backend *be);   /* accepts NULL */
 
 /* 0 when every required member of the table is filled (all but the fused forms
- * matmul_parts, matmul_swiglu and add_rmsnorm, graph_run/graph_release, memory_free, and the sampling
- * pair logits_adjust/topk, which come together or not at all); else DG_EINTERNAL with err
- * naming the missing members ("backend \"cpu\": no fork, conv3d"). */
+ * matmul_parts, matmul_swiglu, add_rmsnorm and attention_batch, graph_run/graph_release,
+ * memory_free, and the sampling pair logits_adjust/topk, which come together or not at
+ * all); else DG_EINTERNAL with err naming the missing members ("backend \"cpu\": no fork,
+ * conv3d"). */
 int  dg_backend_check(const dg_backend *be, char *err, size_t errlen);
 
 /* The fused operations, or their composition where the backend has none. */
@@ -349,6 +367,21 @@ static inline void dg_matmul_swiglu(dg_backend *be, float *y, float *tmp, const 
     be->matmul(be, y, x, gate, NULL, m);
     be->matmul(be, tmp, x, up, NULL, m);
     be->silu_mul(be, y, y, tmp, (int64_t)m * gate->rows);
+}
+
+static inline void dg_attention_batch(dg_backend *be, float *out, const float *q, const float *k,
+                                      const float *v, const dg_attn_seq *seqs, int n_seqs, int n_heads,
+                                      int n_kv_heads, int head_dim, float scale) {
+    if (be->attention_batch) {
+        be->attention_batch(be, out, q, k, v, seqs, n_seqs, n_heads, n_kv_heads, head_dim, scale);
+        return;
+    }
+    const int64_t QD = (int64_t)n_heads * head_dim, KD = (int64_t)n_kv_heads * head_dim;
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].m, i++) {
+        be->kv_write(be, &seqs[i].kv, seqs[i].n_past, k + row * KD, v + row * KD, seqs[i].m, (int)KD);
+        be->attention(be, out + row * QD, q + row * QD, &seqs[i].kv, seqs[i].n_past, seqs[i].m, n_heads,
+                      n_kv_heads, head_dim, scale);
+    }
 }
 
 static inline void dg_graph_run(dg_backend *be, void **slot, void (*ops)(void *ctx), void *ctx) {

@@ -251,6 +251,58 @@ TEST(attention_m_invariant_bits) {
         }
 }
 
+/* attention_batch: five sequences of different histories and new rows (decode rows, a
+ * prefill chunk, an empty history, one spanning blocks), each in its own blocks of one pool,
+ * in one call: the pools and every output row the same bits as kv_write + attention per
+ * sequence (dg_attention_batch's composition), in F32 and BF16 KV, on both backends. */
+TEST(attention_batch_equals_each_sequence) {
+    enum { H = 8, KVH = 2, HD = 64, KVD = KVH * HD, QD = H * HD, BS = 16, NSEQ = 5, PER = 8 };
+    static const int past[NSEQ] = {37, 0, 100, 5, 16}, rows[NSEQ] = {1, 20, 1, 3, 1};
+    int n = 0;
+    for (int i = 0; i < NSEQ; i++) n += rows[i];
+    int32_t tables[NSEQ][PER];
+    for (int i = 0; i < NSEQ; i++)   /* sequence i owns blocks i, i + 5, i + 10, ... shuffled */
+        for (int b = 0; b < PER; b++) tables[i][b] = ((b * 3) % PER) * NSEQ + i;
+    const size_t pool = (size_t)NSEQ * PER * BS * KVD;
+    float *q = malloc(sizeof(float) * n * QD), *k = malloc(sizeof(float) * n * KVD), *v = malloc(sizeof(float) * n * KVD);
+    float *hist = malloc(sizeof(float) * 100 * KVD), *outs[2];
+    for (int i = 0; i < n * QD; i++) q[i] = frand() * 2;
+    for (int i = 0; i < n * KVD; i++) k[i] = frand() * 2, v[i] = frand();
+    for (int i = 0; i < 100 * KVD; i++) hist[i] = frand();
+    for (size_t b = 0; b < sizeof BACKENDS / sizeof BACKENDS[0]; b++)
+        for (int ti = 0; ti < 2; ti++) {
+            const dg_dtype dt = ti ? DG_DTYPE_BF16 : DG_DTYPE_F32;
+            dg_backend *be;
+            char err[128];
+            CHECK(dg_backend_new(BACKENDS[b], 2, &be, err, sizeof err) == 0);
+            CHECK(be->attention_batch != NULL);
+            void *pools[2][2];
+            for (int way = 0; way < 2; way++) {   /* 0: one attention_batch call; 1: per sequence */
+                pools[way][0] = calloc(pool, dg_dtype_size(dt));
+                pools[way][1] = calloc(pool, dg_dtype_size(dt));
+                outs[way] = malloc(sizeof(float) * n * QD);
+                dg_attn_seq seqs[NSEQ];
+                for (int i = 0; i < NSEQ; i++) {
+                    seqs[i] = (dg_attn_seq){{pools[way][0], pools[way][1], tables[i], BS, dt}, past[i], rows[i]};
+                    be->kv_write(be, &seqs[i].kv, 0, hist, hist, past[i], KVD);   /* the history */
+                }
+                if (way == 0) {
+                    be->attention_batch(be, outs[0], q, k, v, seqs, NSEQ, H, KVH, HD, 0.125f);
+                } else {
+                    dg_backend plain = *be;   /* the same backend without the member: the helper's composition */
+                    plain.attention_batch = NULL;
+                    dg_attention_batch(&plain, outs[1], q, k, v, seqs, NSEQ, H, KVH, HD, 0.125f);
+                }
+            }
+            CHECK(memcmp(pools[0][0], pools[1][0], pool * dg_dtype_size(dt)) == 0);
+            CHECK(memcmp(pools[0][1], pools[1][1], pool * dg_dtype_size(dt)) == 0);
+            CHECK(memcmp(outs[0], outs[1], sizeof(float) * n * QD) == 0);
+            for (int way = 0; way < 2; way++) free(pools[way][0]), free(pools[way][1]), free(outs[way]);
+            dg_backend_free(be);
+        }
+    free(q), free(k), free(v), free(hist);
+}
+
 TEST(dtype_conversions) {
     CHECK(dg_bf16_to_f32(0x3f80) == 1.0f);
     CHECK(dg_f32_to_bf16(1.0f) == 0x3f80);

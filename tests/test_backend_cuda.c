@@ -24,6 +24,9 @@
  *   - attention on the tensor cores (m > 8, head_dim 64/80/128; the mma.sync kernel, and the
  *     wmma one, the default without DG_CUDA_UNVERIFIED=1): Q, K, V and P rounded to bf16 (2^-9 relative each),
  *     fp32 accumulation: 1e-2 relative norm.
+ *   - attention_batch (the decode rows of many sequences in one launch): as attention, by
+ *     the kernel a sequence's rows take (decode 2e-5 max abs, a prefill chunk 1e-2 relative
+ *     norm); its K/V writes are copies, exact.
  *   - embed, kv_write, gather_rows, upsample2x: copies, exact.
  *   - graph_run (DG_CUDA_GRAPHS=1): a recorded rmsnorm + add replayed on new inputs, as
  *     rmsnorm's bounds.
@@ -536,6 +539,93 @@ TEST(cuda_kv_write_attention) {
         compare("attention wmma", shape, wm, ref, (int64_t)m * nh * hd, ATT_FAST_REL, -1);
         free(table); free(q); free(k); free(v); free(kp[0]); free(kp[1]); free(kp2); free(ref); free(got); free(pre);
         free(kp3); free(wm);
+    }
+}
+
+/* attention_batch: the sequences of one decoder step in one call. Each case's sequences own
+ * shuffled blocks of one or two pools (two pools: two runs of the op), their histories
+ * written first; then one call for all. On the GPU with DG_CUDA_UNVERIFIED=1 the batched
+ * kernels run (every new K/V row in one launch, the decode rows of all sequences in one
+ * split-K launch), without it the per-sequence composition. Pools exact (copies); decode
+ * rows (m <= 8 a sequence) as the decode attention, 2e-5 max abs; a prefill chunk goes to
+ * the tensor-core tiles: 1e-2 relative norm. */
+#define AB_MAX 16
+typedef struct {
+    int n, pools, nh, nkv, hd, past[AB_MAX], m[AB_MAX];
+} ab_case;
+
+static void run_attention_batch(dg_backend *be, const ab_case *t, const float *q, const float *k, const float *v,
+                                const float *hist, int32_t (*tables)[64], int bs, int64_t pool_rows, float **out,
+                                float **pools) {
+    const int kv_dim = t->nkv * t->hd;
+    int rows = 0;
+    for (int i = 0; i < t->n; i++) rows += t->m[i];
+    float *zero = calloc((size_t)(pool_rows * kv_dim), sizeof(float));
+    float *P[4];
+    for (int p = 0; p < 2 * t->pools; p++) P[p] = put(be, zero, pool_rows * kv_dim);
+    float *dh = put(be, hist, 2048LL * kv_dim);
+    float *dq = put(be, q, (int64_t)rows * t->nh * t->hd), *dk = put(be, k, (int64_t)rows * kv_dim);
+    float *dv = put(be, v, (int64_t)rows * kv_dim), *dout = be->alloc(be, sizeof(float) * (size_t)rows * t->nh * t->hd);
+    dg_attn_seq seqs[AB_MAX];
+    for (int i = 0; i < t->n; i++) {
+        const int p = t->pools > 1 && i >= t->n / 2;   /* the second half in the second pool */
+        seqs[i] = (dg_attn_seq){{P[2 * p], P[2 * p + 1], tables[i], bs, DG_DTYPE_F32}, t->past[i], t->m[i]};
+        be->kv_write(be, &seqs[i].kv, 0, dh, dh + 1024LL * kv_dim, t->past[i], kv_dim);
+    }
+    dg_attention_batch(be, dout, dq, dk, dv, seqs, t->n, t->nh, t->nkv, t->hd, 1.0f / sqrtf((float)t->hd));
+    be->release(be, dh); be->release(be, dq); be->release(be, dk); be->release(be, dv);
+    for (int p = 0; p < 2 * t->pools; p++) pools[p] = get(be, P[p], pool_rows * kv_dim);
+    *out = get(be, dout, (int64_t)rows * t->nh * t->hd);
+    free(zero);
+}
+
+TEST(cuda_attention_batch) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    static const ab_case cases[] = {
+        /* eight decoding jobs of different lengths, one pool (the scheduler's step) */
+        {8, 1, 28, 4, 128, {0, 17, 100, 255, 256, 700, 1000, 31}, {1, 1, 1, 1, 1, 1, 1, 1}},
+        /* decode rows beside a prefill chunk and a few-row sequence, two pools */
+        {5, 2, 14, 2, 64, {37, 0, 100, 5, 300}, {1, 40, 1, 3, 1}},
+        /* sixteen lone rows, GQA 16/2, head_dim 80 */
+        {16, 1, 16, 2, 80, {1, 2, 3, 60, 61, 62, 63, 64, 65, 500, 501, 900, 0, 15, 16, 1000}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}},
+    };
+    const int bs = 16;
+    static int32_t tables[AB_MAX][64];
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const ab_case *t = &cases[ci];
+        const int kv_dim = t->nkv * t->hd, per = 64;
+        const int64_t pool_rows = (int64_t)AB_MAX * per * bs;
+        for (int i = 0; i < t->n; i++)   /* sequence i: blocks i, i + 16, ... in a shuffled order */
+            for (int b = 0; b < per; b++) tables[i][b] = ((b * 5) % per) * AB_MAX + i;
+        int rows = 0;
+        for (int i = 0; i < t->n; i++) rows += t->m[i];
+        float *q = rnd((int64_t)rows * t->nh * t->hd, 1.0f), *k = rnd((int64_t)rows * kv_dim, 1.0f);
+        float *v = rnd((int64_t)rows * kv_dim, 1.0f), *hist = rnd(2048LL * kv_dim, 1.0f);
+        float *ref, *refp[4];
+        run_attention_batch(cpu, t, q, k, v, hist, tables, bs, pool_rows, &ref, refp);
+        dg_backend *bes[2] = {gpu, gpu_default};
+        for (int b = 0; b < 2; b++) {
+            float *got, *gotp[4];
+            run_attention_batch(bes[b], t, q, k, v, hist, tables, bs, pool_rows, &got, gotp);
+            for (int p = 0; p < 2 * t->pools; p++) {
+                char shape[64];
+                snprintf(shape, sizeof shape, "case %zu %s pool %d%s", ci, b ? "default" : "batched", p / 2,
+                         p % 2 ? " v" : " k");
+                compare("attention_batch kv", shape, gotp[p], refp[p], pool_rows * kv_dim, 0, 0);
+                free(gotp[p]);
+            }
+            for (int i = 0, row = 0; i < t->n; row += t->m[i], i++) {
+                char shape[64];
+                snprintf(shape, sizeof shape, "case %zu %s seq %d past%d m%d", ci, b ? "default" : "batched", i,
+                         t->past[i], t->m[i]);
+                const int64_t at = (int64_t)row * t->nh * t->hd, n = (int64_t)t->m[i] * t->nh * t->hd;
+                if (t->m[i] <= 8) compare("attention_batch", shape, got + at, ref + at, n, -1, 2e-5);
+                else compare("attention_batch", shape, got + at, ref + at, n, ATT_FAST_REL, -1);
+            }
+            free(got);
+        }
+        for (int p = 0; p < 2 * t->pools; p++) free(refp[p]);
+        free(ref); free(q); free(k); free(v); free(hist);
     }
 }
 

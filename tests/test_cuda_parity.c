@@ -7,11 +7,14 @@
  * GEMM and of q, k, v, p in the tensor-core attention, through 24 layers: 1.4e-2 was
  * measured on an H200 with the GEMMs alone) and 2e-3 with DG_CUDA_GEMM=precise. A third
  * run records the decode step's fixed runs as CUDA graphs (DG_CUDA_GRAPHS=1) and replays
- * them: the same tokens as without.
+ * them: the same tokens as without. A batched case steps four sequences of different
+ * prompt lengths together (cuda_parity_batched): each one's tokens must be the CPU's.
  *
  * The DiT and the VAE of the goldens' tiny package (tests/dit_common.h) run on "cpu" and
  * on "cuda:0" (default and DG_CUDA_GEMM=precise) with the inputs of test_dit's "packed"
- * case and test_vae's first clip; ‖cuda − cpu‖ / ‖cpu‖ must stay under:
+ * case and test_vae's first clip, the DiT also batched (that input and one with half its
+ * context in one forward, as a guidance pair runs); ‖cuda − cpu‖ / ‖cpu‖ of each input
+ * must stay under:
  *   - DiT velocity: 3e-2 default (bf16 activations into every GEMM of 2 blocks, whose
  *     outputs reach ~5), 1e-3 precise (16-bit activations; attention at head_dim 32 is fp32);
  *   - VAE encode / decode: 3e-2 (every conv3d runs in TF32 on both modes, 10 mantissa
@@ -48,46 +51,63 @@ static int make_package(const char *preset, char *dir, size_t len) {
     return 0;
 }
 
-/* Prefill, then greedy steps; fills tokens[N_STEPS] and the prefill's last logits row. */
-static int greedy(const char *pkg, const char *backend, const int32_t *prompt, int32_t *tokens,
-                  float *first_logits, int *vocab) {
+#define N_SEQS 4   /* the batched case's sequences */
+
+/* n_seqs sequences stepped together (dg_qwen2_forward_batch): their prompts (lens[i] tokens
+ * of prompts[i]) prefilled in one forward, then N_STEPS greedy steps of one row each, all
+ * sequences in one forward a step. Fills tokens[i][N_STEPS] and sequence 0's prefill
+ * logits row. n_seqs 1 is the plain prefill-then-decode of one sequence. */
+static int greedy(const char *pkg, const char *backend, int n_seqs, const int32_t *const *prompts, const int *lens,
+                  int32_t (*tokens)[N_STEPS], float *first_logits, int *vocab) {
     dg_qwen2vl_config cfg;
     dg_backend *be = NULL;
     dg_st *st = NULL;
     dg_qwen2 m = {0};
     dg_qwen2_state *s = NULL;
     dg_kv_cache *kv = NULL;
-    dg_kv_seq seq = {0};
+    dg_kv_seq seq[N_SEQS] = {0};
+    dg_qwen2_batch_seq b[N_SEQS];
     char err[512];
-    int rc = -1;
+    int rc = -1, rows = 0;
+    for (int i = 0; i < n_seqs; i++) rows += lens[i];
     if (dg_config_load(pkg, &cfg, err, sizeof err) < 0 ||
         dg_backend_new(backend, 0, &be, err, sizeof err) < 0 ||
         dg_st_open(pkg, &st, err, sizeof err) < 0 ||
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
-        dg_qwen2_state_new(&m, m.be, N_PROMPT, 1, &s, err, sizeof err) < 0 ||
-        dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 8, DG_DTYPE_F32, &kv,
-                        err, sizeof err) < 0 ||
-        dg_kv_seq_init(&seq, N_PROMPT + N_STEPS + 1, 16) < 0) {
+        dg_qwen2_state_new(&m, m.be, rows > n_seqs ? rows : n_seqs, n_seqs, &s, err, sizeof err) < 0 ||
+        dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 8 * n_seqs, DG_DTYPE_F32,
+                        &kv, err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "%s: %s", backend, err);
         goto out;
     }
+    for (int i = 0; i < n_seqs; i++) {
+        if (dg_kv_seq_init(&seq[i], N_PROMPT + N_STEPS + 1, 16) < 0) {
+            test_fail(__FILE__, __LINE__, "%s: kv sequence", backend);
+            goto out;
+        }
+        b[i] = (dg_qwen2_batch_seq){.seq = &seq[i], .in = {.ids = prompts[i], .n = lens[i], .n_logits = 1}};
+    }
     *vocab = cfg.text.vocab_size;
-    dg_qwen2_input in = {.ids = prompt, .n = N_PROMPT, .n_logits = 1};
     for (int t = 0; t < N_STEPS; t++) {
-        if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) {
+        if (dg_qwen2_forward_batch(&m, s, kv, b, n_seqs, err, sizeof err) < 0) {
             test_fail(__FILE__, __LINE__, "%s step %d: %s", backend, t, err);
             goto out;
         }
         if (t == 0 && first_logits) memcpy(first_logits, s->logits, sizeof(float) * (size_t)*vocab);
-        int best = 0;
-        for (int i = 1; i < *vocab; i++) if (s->logits[i] > s->logits[best]) best = i;
-        tokens[t] = best;
-        in = (dg_qwen2_input){.ids = &tokens[t], .n = 1, .n_logits = 1};
+        for (int i = 0; i < n_seqs; i++) {
+            const float *row = s->logits + (size_t)b[i].logits_row * (size_t)*vocab;
+            int best = 0;
+            for (int j = 1; j < *vocab; j++) if (row[j] > row[best]) best = j;
+            tokens[i][t] = best;
+            b[i].in = (dg_qwen2_input){.ids = &tokens[i][t], .n = 1, .n_logits = 1};
+        }
     }
     rc = 0;
 out:
-    if (kv) dg_kv_seq_release(kv, &seq);
-    dg_kv_seq_free(&seq);
+    for (int i = 0; i < N_SEQS; i++) {
+        if (kv) dg_kv_seq_release(kv, &seq[i]);
+        dg_kv_seq_free(&seq[i]);
+    }
     dg_kv_cache_free(kv);
     if (m.be) dg_qwen2_state_free(&m, s);
     dg_qwen2_unload(&m);
@@ -96,21 +116,26 @@ out:
     return rc;
 }
 
+static void random_prompt(int32_t *p, int n, uint64_t x) {
+    for (int i = 0; i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        p[i] = (int32_t)((x >> 33) % 250);   /* inside every vocabulary mkmodel writes */
+    }
+}
+
 static void parity(const char *preset) {
     char pkg[256];
-    int32_t prompt[N_PROMPT], ref[N_STEPS], got[N_STEPS];
+    int32_t prompt[N_PROMPT], ref[1][N_STEPS], got[1][N_STEPS];
+    const int32_t *prompts[1] = {prompt};
+    const int lens[1] = {N_PROMPT};
     int vocab = 0;
     if (make_package(preset, pkg, sizeof pkg) < 0) {
         test_fail(__FILE__, __LINE__, "mkmodel --preset %s failed", preset);
         return;
     }
-    uint64_t x = 7;
-    for (int i = 0; i < N_PROMPT; i++) {
-        x = x * 6364136223846793005ull + 1442695040888963407ull;
-        prompt[i] = (int32_t)((x >> 33) % 250);   /* inside every vocabulary mkmodel writes */
-    }
+    random_prompt(prompt, N_PROMPT, 7);
     float *lref = malloc(sizeof(float) * 200000), *lgot = malloc(sizeof(float) * 200000);
-    if (greedy(pkg, "cpu", prompt, ref, lref, &vocab) < 0) goto out;
+    if (greedy(pkg, "cpu", 1, prompts, lens, ref, lref, &vocab) < 0) goto out;
     /* graphs: DG_CUDA_GRAPHS=1; unverified: DG_CUDA_UNVERIFIED=1 (NOTES.md) */
     static const char *modes[] = {"default", "precise", "graphs", "unverified"};
     for (int mode = 0; mode < 4; mode++) {
@@ -118,7 +143,7 @@ static void parity(const char *preset) {
         if (precise) setenv("DG_CUDA_GEMM", "precise", 1);
         if (mode == 2) setenv("DG_CUDA_GRAPHS", "1", 1);
         if (mode == 3) setenv("DG_CUDA_UNVERIFIED", "1", 1);
-        int rc = greedy(pkg, "cuda:0", prompt, got, lgot, &vocab);
+        int rc = greedy(pkg, "cuda:0", 1, prompts, lens, got, lgot, &vocab);
         unsetenv("DG_CUDA_GEMM");
         unsetenv("DG_CUDA_GRAPHS");
         unsetenv("DG_CUDA_UNVERIFIED");
@@ -126,12 +151,12 @@ static void parity(const char *preset) {
         double mx = 0;
         for (int i = 0; i < vocab; i++) mx = fmax(mx, fabs((double)lgot[i] - lref[i]));
         int same = 0;
-        while (same < N_STEPS && got[same] == ref[same]) same++;
+        while (same < N_STEPS && got[0][same] == ref[0][same]) same++;
         printf("  %s %s: %d of %d greedy tokens identical, prefill logits max_abs %.3g\n", preset,
                modes[mode], same, N_STEPS, mx);
         if (same < N_STEPS)
             test_fail(__FILE__, __LINE__, "%s %s: step %d token %d, cpu %d", preset, modes[mode], same,
-                      got[same], ref[same]);
+                      got[0][same], ref[0][same]);
         CHECK(mx <= (precise ? 2e-3 : 5e-2));
     }
 out:
@@ -149,6 +174,46 @@ TEST(cuda_parity_small) {
     parity("small");
 }
 
+/* Four sequences of 20, 7, 13 and 1 prompt tokens stepped together on the small package: one
+ * forward for their 41 prompt rows (cuBLAS GEMMs; the tensor-core tiles for the two longer
+ * prompts beside the decode kernel for the two short ones), then 32 steps of four rows (the
+ * multi-row GEMV; with DG_CUDA_UNVERIFIED=1 the K/V rows of all four in one launch and their
+ * attention in one split-K launch, attention_batch; without, per sequence). Each sequence's
+ * greedy tokens must be the CPU's, whose tokens are the same batched or alone
+ * (test_batching): the bounds of the one-sequence case hold row by row. */
+TEST(cuda_parity_batched) {
+    if (!test_cuda_present()) SKIP("%s", test_cuda_absent_reason());
+    char pkg[256];
+    static const int lens[N_SEQS] = {20, 7, 13, 1};
+    int32_t prompt[N_SEQS][N_PROMPT], ref[N_SEQS][N_STEPS], got[N_SEQS][N_STEPS];
+    const int32_t *prompts[N_SEQS];
+    int vocab = 0;
+    if (make_package("small", pkg, sizeof pkg) < 0) {
+        test_fail(__FILE__, __LINE__, "mkmodel --preset small failed");
+        return;
+    }
+    for (int i = 0; i < N_SEQS; i++) {
+        random_prompt(prompt[i], lens[i], 7 + (uint64_t)i);
+        prompts[i] = prompt[i];
+    }
+    if (greedy(pkg, "cpu", N_SEQS, prompts, lens, ref, NULL, &vocab) < 0) return;
+    for (int mode = 0; mode < 2; mode++) {
+        if (mode) setenv("DG_CUDA_UNVERIFIED", "1", 1);
+        int rc = greedy(pkg, "cuda:0", N_SEQS, prompts, lens, got, NULL, &vocab);
+        unsetenv("DG_CUDA_UNVERIFIED");
+        if (rc < 0) return;
+        for (int i = 0; i < N_SEQS; i++) {
+            int same = 0;
+            while (same < N_STEPS && got[i][same] == ref[i][same]) same++;
+            printf("  small batched %s: sequence %d (%d prompt tokens): %d of %d greedy tokens identical\n",
+                   mode ? "unverified" : "default", i, lens[i], same, N_STEPS);
+            if (same < N_STEPS)
+                test_fail(__FILE__, __LINE__, "batched %s sequence %d: step %d token %d, cpu %d",
+                          mode ? "unverified" : "default", i, same, got[i][same], ref[i][same]);
+        }
+    }
+}
+
 /* ---- DiT and VAE ------------------------------------------------------------------------- */
 
 static double rel_norm(const float *a, const float *b, int64_t n, double *max_abs) {
@@ -164,8 +229,10 @@ static double rel_norm(const float *a, const float *b, int64_t n, double *max_ab
     return r2 > 0 ? sqrt(d2 / r2) : sqrt(d2);
 }
 
-/* Velocity of test_dit's "packed" case on one backend: [n_latent] (malloc), or NULL. */
-static float *dit_velocity(const char *backend, int64_t *n_out) {
+/* Velocity of test_dit's "packed" case on one backend: [n_latent] (malloc), or NULL. batch 2:
+ * also the same latents under half the context (a guidance pair's shape) in the same
+ * forward (dg_dit_forward_batch), after the first: [2, n_latent]. */
+static float *dit_velocity(const char *backend, int batch, int64_t *n_out) {
     json_t *d = json_object_get(dit_goldens(), "dit"), *c = NULL, *e;
     const char *pkg = dit_package("dit");
     dg_backend *be = NULL;
@@ -185,7 +252,7 @@ static float *dit_velocity(const char *backend, int64_t *n_out) {
     }
     snprintf(dir, sizeof dir, "%s/dit", pkg);
     if (dg_backend_new(backend, 0, &be, err, sizeof err) < 0 || dg_dit_load(&dit, dir, be, err, sizeof err) < 0 ||
-        dg_dit_state_new(&dit, dit.be, 256, 64, &st, err, sizeof err) < 0)
+        dg_dit_state_new(&dit, dit.be, 512, 128, &st, err, sizeof err) < 0)
         goto fail;
     n = (int)json_array_size(json_object_get(c, "h"));
     for (int k = 0; k < n; k++) {
@@ -204,11 +271,13 @@ static float *dit_velocity(const char *backend, int64_t *n_out) {
     ctx = malloc(sizeof(float) * (size_t)n_ctx * dit.cfg.text_dim);
     dit_wave(ctx, (int64_t)n_ctx * dit.cfg.text_dim, json_number_value(json_array_get(cw, 0)),
              json_number_value(json_array_get(cw, 1)), json_number_value(json_array_get(cw, 2)));
-    v = malloc(sizeof(float) * (size_t)L.n_latent);
+    v = malloc(sizeof(float) * (size_t)L.n_latent * (size_t)batch);
+    const dg_dit_input in[2] = {{frames, t, ctx, n_ctx}, {frames, t, ctx, n_ctx / 2}};
+    float *const vs[2] = {v, v + L.n_latent};
     if (dg_dit_set_layout(&dit, st, &L, err, sizeof err) < 0 ||
-        dg_dit_forward(&dit, st, &(dg_dit_input){frames, t, ctx, n_ctx}, v, err, sizeof err) < 0)
+        dg_dit_forward_batch(&dit, st, in, batch, vs, err, sizeof err) < 0)
         goto fail;
-    *n_out = L.n_latent;
+    *n_out = L.n_latent * batch;
     goto out;
 fail:
     test_fail(__FILE__, __LINE__, "dit on %s: %s", backend, err);
@@ -225,21 +294,25 @@ out:
 
 TEST(cuda_parity_dit) {
     if (!test_cuda_present()) SKIP("%s", test_cuda_absent_reason());
-    int64_t n = 0, n2 = 0;
-    float *ref = dit_velocity("cpu", &n);
-    for (int precise = 0; precise < 2 && ref; precise++) {
-        if (precise) setenv("DG_CUDA_GEMM", "precise", 1);
-        float *got = dit_velocity("cuda:0", &n2);
-        unsetenv("DG_CUDA_GEMM");
-        if (!got) break;
-        double mx, rel = rel_norm(got, ref, n, &mx);
-        printf("  dit packed %s: %lld values, max_abs %.3g, rel %.3g\n", precise ? "precise" : "default",
-               (long long)n, mx, rel);
-        CHECK(n2 == n);
-        CHECK(rel <= (precise ? 1e-3 : 3e-2));
-        free(got);
+    for (int batch = 1; batch <= 2; batch++) {
+        int64_t n = 0, n2 = 0;
+        float *ref = dit_velocity("cpu", batch, &n);
+        for (int precise = 0; precise < 2 && ref; precise++) {
+            if (precise) setenv("DG_CUDA_GEMM", "precise", 1);
+            float *got = dit_velocity("cuda:0", batch, &n2);
+            unsetenv("DG_CUDA_GEMM");
+            if (!got) break;
+            CHECK(n2 == n);
+            for (int i = 0; i < batch && n2 == n; i++) {   /* each input of the forward on its own */
+                double mx, rel = rel_norm(got + i * (n / batch), ref + i * (n / batch), n / batch, &mx);
+                printf("  dit packed %s, input %d of %d: %lld values, max_abs %.3g, rel %.3g\n",
+                       precise ? "precise" : "default", i + 1, batch, (long long)(n / batch), mx, rel);
+                CHECK(rel <= (precise ? 1e-3 : 3e-2));
+            }
+            free(got);
+        }
+        free(ref);
     }
-    free(ref);
 }
 
 /* Encode of a wave clip and decode of a wave latent (test_vae's first case) on one backend. */

@@ -114,8 +114,9 @@ int dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int ma
     s->ids = malloc(T * sizeof(int32_t));
     s->logit_rows = malloc(((size_t)max_logits + 1) * sizeof(int32_t));
     s->graphs = calloc(2 * (size_t)c->n_layers, sizeof *s->graphs);
+    s->att_seqs = malloc(T * sizeof *s->att_seqs);
     if (!s->x || !s->h || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
-        !s->dev_logits || !s->logits || !s->pos || !s->ids || !s->logit_rows || !s->graphs)
+        !s->dev_logits || !s->logits || !s->pos || !s->ids || !s->logit_rows || !s->graphs || !s->att_seqs)
         goto nomem;
     *out = s;
     return 0;
@@ -136,6 +137,7 @@ void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s) {
     free(s->pos);
     free(s->ids);
     free(s->logit_rows);
+    free(s->att_seqs);
     free(s);
 }
 
@@ -176,7 +178,7 @@ static void run_after_attention(void *ctx) {
 
 /* One decoder layer over the n stacked rows of the batch's sequences, in place on
  * s->x [n, D] (spec §3.1): norms and every weight over all rows at once, K/V written and
- * attention read per sequence, in its own blocks. */
+ * attention read per sequence, in its own blocks (one attention_batch call for all). */
 static void layer_forward(const dg_qwen2 *m, int l, dg_qwen2_state *s, const dg_kv_cache *kv,
                           const dg_qwen2_batch_seq *seqs, int n_seqs, int n) {
     const dg_text_config *c = &m->cfg;
@@ -203,13 +205,10 @@ static void layer_forward(const dg_qwen2 *m, int l, dg_qwen2_state *s, const dg_
         be->rope(be, q, s->pos, n, c->n_heads, hd, &rope);
         be->rope(be, k, s->pos, n, c->n_kv_heads, hd, &rope);
     }
-    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].in.n, i++) {
-        const dg_kv_view view = dg_kv_cache_layer(kv, seqs[i].seq, l);
-        const int n_past = seqs[i].seq->n_tokens, rows = seqs[i].in.n;
-        be->kv_write(be, &view, n_past, k + (int64_t)row * KD, v + (int64_t)row * KD, rows, KD);
-        be->attention(be, s->att + (int64_t)row * QD, q + (int64_t)row * QD, &view, n_past, rows, c->n_heads,
-                      c->n_kv_heads, hd, 1.0f / sqrtf((float)hd));
-    }
+    for (int i = 0; i < n_seqs; i++)
+        s->att_seqs[i] = (dg_attn_seq){dg_kv_cache_layer(kv, seqs[i].seq, l), seqs[i].seq->n_tokens, seqs[i].in.n};
+    dg_attention_batch(be, s->att, q, k, v, s->att_seqs, n_seqs, c->n_heads, c->n_kv_heads, hd,
+                       1.0f / sqrtf((float)hd));
     dg_graph_run(be, one ? &s->graphs[2 * l + 1] : NULL, run_after_attention, &r);
 }
 

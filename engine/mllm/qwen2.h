@@ -101,6 +101,7 @@ typedef struct {
     int32_t *logit_rows;      /* [max_logits]          rows of x whose logits are asked for */
     void   **graphs;          /* [2 * layers]          one token's fixed runs per layer
                                  (backend.h graph_run): before and after the attention */
+    dg_attn_seq *att_seqs;    /* [max_tokens]          a layer's sequences for attention_batch */
 } dg_qwen2_state;
 
 /* Binds every text tensor of `st` to its field, checking dtype and shape; the error names

@@ -93,6 +93,12 @@ static void cpu_attention(dg_backend *be, float *out, const float *q, const dg_k
     dg_cpu_attention(cpu(be), out, q, kv, n_past, m, n_heads, n_kv_heads, head_dim, scale);
 }
 
+static void cpu_attention_batch(dg_backend *be, float *out, const float *q, const float *k, const float *v,
+                                const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                                float scale) {
+    dg_cpu_attention_batch(cpu(be), out, q, k, v, seqs, n_seqs, n_heads, n_kv_heads, head_dim, scale);
+}
+
 static void cpu_silu_mul(dg_backend *be, float *y, const float *gate, const float *up, int64_t n) {
     dg_cpu_silu_mul(cpu(be), y, gate, up, n);
 }
@@ -165,6 +171,7 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->rope = cpu_rope;
     be->kv_write = cpu_kv_write;
     be->attention = cpu_attention;
+    be->attention_batch = cpu_attention_batch;
     be->silu_mul = cpu_silu_mul;
     be->add = cpu_add;
     be->embed = cpu_embed;

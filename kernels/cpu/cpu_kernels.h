@@ -46,6 +46,9 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
                      const float *v, int m, int kv_dim);
 void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
                       int m, int n_heads, int n_kv_heads, int head_dim, float scale);
+void dg_cpu_attention_batch(const dg_cpu *c, float *out, const float *q, const float *k, const float *v,
+                            const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                            float scale);
 void dg_cpu_silu_mul(const dg_cpu *c, float *y, const float *gate, const float *up, int64_t n);
 void dg_cpu_add(const dg_cpu *c, float *y, const float *x, int64_t n);
 void dg_cpu_embed(const dg_cpu *c, float *y, const dg_weight *table, const int32_t *ids, int m);

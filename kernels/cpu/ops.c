@@ -196,38 +196,70 @@ static void attend_chunk_c(float *o, const float *q, const float *kc, int ldk, c
  * its bits depend only on its q, the keys/values and n_ctx, never on m, its place in the
  * batch or the thread. The value is softmax(q·Kᵀ·scale)·V up to fp32 rounding, without a
  * [context]-sized buffer. */
+/* One work item of the decoder's attention: the query heads of kv head kvh in one query row
+ * (q, out: that row; n_ctx: its position + 1, the keys it sees). */
+static void attend_group(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_ctx,
+                         int n_heads, int n_kv_heads, int kvh, int head_dim, float scale) {
+    const int group = n_heads / n_kv_heads, kv_dim = n_kv_heads * head_dim;
+    const int64_t h0 = (int64_t)kvh * group * head_dim;
+    float mx[ATT_GROUP_MAX], l[ATT_GROUP_MAX];
+    static _Thread_local float kb[ATT_CHUNK * ATT_HEAD_MAX], vb[ATT_CHUNK * ATT_HEAD_MAX];
+    for (int g = 0; g < group; g++) {
+        mx[g] = -INFINITY;
+        l[g] = 0.0f;
+        memset(out + h0 + (int64_t)g * head_dim, 0, sizeof(float) * (size_t)head_dim);
+    }
+    for (int p0 = 0; p0 < n_ctx; p0 += ATT_CHUNK) {
+        const int nc = n_ctx - p0 < ATT_CHUNK ? n_ctx - p0 : ATT_CHUNK;
+        int ldk, ldv;
+        const float *kc = kv_chunk(kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, &ldk);
+        const float *vc = kv_chunk(kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, &ldv);
+        for (int g = 0; g < group; g++) {
+            float *o = out + h0 + (int64_t)g * head_dim;
+            const float *qi = q + h0 + (int64_t)g * head_dim;
+            if (c->simd) attend_chunk_avx2(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
+            else attend_chunk_c(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        float *o = out + h0 + (int64_t)g * head_dim;
+        const float inv = 1.0f / l[g];
+        for (int d = 0; d < head_dim; d++) o[d] *= inv;
+    }
+}
+
 void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
                       int m, int n_heads, int n_kv_heads, int head_dim, float scale) {
-    const int group = n_heads / n_kv_heads, kv_dim = n_kv_heads * head_dim;
-    const int64_t pairs = (int64_t)m * n_kv_heads;
+    const int64_t QD = (int64_t)n_heads * head_dim, pairs = (int64_t)m * n_kv_heads;
 #pragma omp parallel for num_threads(c->n_threads) schedule(dynamic, 1)
     for (int64_t ig = 0; ig < pairs; ig++) {
         const int i = (int)(ig / n_kv_heads), kvh = (int)(ig % n_kv_heads);
-        const int64_t ih0 = (int64_t)i * n_heads + (int64_t)kvh * group;
-        const int n_ctx = n_past + i + 1;
-        float mx[ATT_GROUP_MAX], l[ATT_GROUP_MAX];
-        static _Thread_local float kb[ATT_CHUNK * ATT_HEAD_MAX], vb[ATT_CHUNK * ATT_HEAD_MAX];
-        for (int g = 0; g < group; g++) {
-            mx[g] = -INFINITY;
-            l[g] = 0.0f;
-            memset(out + (ih0 + g) * head_dim, 0, sizeof(float) * (size_t)head_dim);
-        }
-        for (int p0 = 0; p0 < n_ctx; p0 += ATT_CHUNK) {
-            const int nc = n_ctx - p0 < ATT_CHUNK ? n_ctx - p0 : ATT_CHUNK;
-            int ldk, ldv;
-            const float *kc = kv_chunk(kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, &ldk);
-            const float *vc = kv_chunk(kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, &ldv);
-            for (int g = 0; g < group; g++) {
-                float *o = out + (ih0 + g) * head_dim;
-                const float *qi = q + (ih0 + g) * head_dim;
-                if (c->simd) attend_chunk_avx2(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
-                else attend_chunk_c(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
-            }
-        }
-        for (int g = 0; g < group; g++) {
-            float *o = out + (ih0 + g) * head_dim;
-            const float inv = 1.0f / l[g];
-            for (int d = 0; d < head_dim; d++) o[d] *= inv;
+        attend_group(c, out + i * QD, q + i * QD, kv, n_past + i + 1, n_heads, n_kv_heads, kvh, head_dim, scale);
+    }
+}
+
+/* Every sequence's K/V rows written, then one parallel loop over the (row, kv head) items
+ * of all of them: a decode step of many sequences opens one parallel region a layer, and
+ * two threads share the items of eight sequences rather than the two kv heads of each.
+ * An item is the same work as in dg_cpu_attention, so the bits are its. */
+void dg_cpu_attention_batch(const dg_cpu *c, float *out, const float *q, const float *k, const float *v,
+                            const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                            float scale) {
+    const int64_t QD = (int64_t)n_heads * head_dim, KD = (int64_t)n_kv_heads * head_dim;
+    int n = 0;
+    for (int i = 0; i < n_seqs; n += seqs[i].m, i++)
+        dg_cpu_kv_write(c, &seqs[i].kv, seqs[i].n_past, k + n * KD, v + n * KD, seqs[i].m, (int)KD);
+    const int64_t items = (int64_t)n * n_kv_heads;
+#pragma omp parallel num_threads(c->n_threads)
+    {
+        int si = 0, row0 = 0;   /* this thread's sequence cursor: items come in row order */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            const int row = (int)(it / n_kv_heads), kvh = (int)(it % n_kv_heads);
+            if (row < row0) si = 0, row0 = 0;
+            while (row >= row0 + seqs[si].m) row0 += seqs[si++].m;
+            attend_group(c, out + row * QD, q + row * QD, &seqs[si].kv, seqs[si].n_past + row - row0 + 1, n_heads,
+                         n_kv_heads, kvh, head_dim, scale);
         }
     }
 }

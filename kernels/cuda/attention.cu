@@ -10,7 +10,9 @@
  *     pieces, lane l holding dims l, l+32, ...), keeps a running max / sum / output per
  *     warp, merges the warps in shared memory and writes a partial (max, sum, o[head_dim])
  *     to the scratch; a second kernel merges the splits. Splits give the chip enough
- *     blocks when one token attends to a long context.
+ *     blocks when one token attends to a long context. attention_batch (a decoder step of
+ *     many sequences, DG_CUDA_UNVERIFIED=1) runs the decode rows of all of them in one such
+ *     launch, each row with its own length and block table (attn_decode_rows_kernel).
  *   - prefill (more rows) and segments, head_dim 64, 80 or 128, by default: the wmma
  *     kernel below (verified on an H200, NOTES.md). With DG_CUDA_UNVERIFIED=1: the mma.sync
  *     kernel of attention_mma.cu (FlashAttention-2's schedule, Q, S, P and O in registers)
@@ -48,15 +50,14 @@
 
 /* ---- decode: split-K --------------------------------------------------------------------- */
 
-/* Partial of block (h, i, s): ml[0] = running max, ml[1] = sum of exp, o[head_dim]. */
+/* A block's partial: keys s·chunk .. of the n_ctx that query row qi (one head) sees, with
+ * kv head kvh; pp[0] = running max, pp[1] = sum of exp, pp[2..] = o[head_dim] (a split past
+ * n_ctx writes sum 0, which the merge skips). */
 template <int NPL>   /* dims per lane: head_dim <= 32·NPL */
-__global__ void __launch_bounds__(32 * DECODE_WARPS)
-attn_decode_kernel(float *part, const float *q, kv_addr a, int n_past, int n_heads, int group,
-                   int head_dim, int chunk, int n_split, float scale) {
-    const int h = blockIdx.x, i = blockIdx.y, s = blockIdx.z;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kvh = h / group;
-    const int n_ctx = n_past + i + 1, j0 = s * chunk, j1 = min(j0 + chunk, n_ctx);
-    const float *qi = q + ((int64_t)i * n_heads + h) * head_dim;
+__device__ __forceinline__ void decode_partial(float *pp, const float *qi, const kv_addr &a, int n_ctx, int kvh,
+                                               int head_dim, int chunk, int s, float scale) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int j0 = s * chunk, j1 = min(j0 + chunk, n_ctx);
     float qr[NPL], o[NPL], mx = -INFINITY, l = 0.0f;
 #pragma unroll
     for (int t = 0; t < NPL; t++) {
@@ -107,7 +108,6 @@ attn_decode_kernel(float *part, const float *q, kv_addr a, int n_past, int n_hea
     __syncthreads();
     float M = -INFINITY;
     for (int w = 0; w < DECODE_WARPS; w++) M = fmaxf(M, sm[w]);
-    float *pp = part + (((int64_t)i * n_heads + h) * n_split + s) * (head_dim + 2);
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc = 0.0f;
         for (int w = 0; w < DECODE_WARPS; w++)
@@ -122,10 +122,35 @@ attn_decode_kernel(float *part, const float *q, kv_addr a, int n_past, int n_hea
     }
 }
 
-/* out[i, h, :] = Σ_s e^(m_s - M) o_s / Σ_s e^(m_s - M) l_s over the splits that saw keys. */
-__global__ void attn_merge_kernel(float *out, const float *part, int n_heads, int head_dim, int n_split) {
-    const int h = blockIdx.x, i = blockIdx.y;
-    const float *pp = part + ((int64_t)i * n_heads + h) * n_split * (head_dim + 2);
+/* Block (h, i) of the decode over one sequence: query row i at position n_past + i. */
+template <int NPL>
+__global__ void __launch_bounds__(32 * DECODE_WARPS)
+attn_decode_kernel(float *part, const float *q, kv_addr a, int n_past, int n_heads, int group,
+                   int head_dim, int chunk, int n_split, float scale) {
+    const int h = blockIdx.x, i = blockIdx.y, s = blockIdx.z;
+    decode_partial<NPL>(part + (((int64_t)i * n_heads + h) * n_split + s) * (head_dim + 2),
+                        q + ((int64_t)i * n_heads + h) * head_dim, a, n_past + i + 1, h / group, head_dim, chunk,
+                        s, scale);
+}
+
+/* Block (h, r) of the decode over many sequences (attention_batch): rows[r] = {its row of
+ * q and out, n_ctx, the offset of its sequence's block table in a.table, 0}. */
+template <int NPL>
+__global__ void __launch_bounds__(32 * DECODE_WARPS)
+attn_decode_rows_kernel(float *part, const float *q, kv_addr a, const int4 *rows, int n_heads, int group,
+                        int head_dim, int chunk, int n_split, float scale) {
+    const int h = blockIdx.x, r = blockIdx.y, s = blockIdx.z;
+    const int4 row = rows[r];
+    kv_addr ar = a;
+    ar.table = a.table + row.z;
+    decode_partial<NPL>(part + (((int64_t)r * n_heads + h) * n_split + s) * (head_dim + 2),
+                        q + ((int64_t)row.x * n_heads + h) * head_dim, ar, row.y, h / group, head_dim, chunk, s,
+                        scale);
+}
+
+/* out[h, :] = Σ_s e^(m_s - M) o_s / Σ_s e^(m_s - M) l_s over the splits that saw keys (pp: the
+ * n_split partials of one row and head). */
+__device__ __forceinline__ void merge_partials(float *out, const float *pp, int head_dim, int n_split) {
     float M = -INFINITY;
     for (int s = 0; s < n_split; s++) if (pp[s * (head_dim + 2) + 1] > 0.0f) M = fmaxf(M, pp[s * (head_dim + 2)]);
     float L = 0.0f;
@@ -140,9 +165,31 @@ __global__ void attn_merge_kernel(float *out, const float *part, int n_heads, in
             const float *ps = pp + s * (head_dim + 2);
             if (ps[1] > 0.0f) acc += ps[2 + d] * expf(ps[0] - M);
         }
-        out[((int64_t)i * n_heads + h) * head_dim + d] = acc * inv;
+        out[d] = acc * inv;
     }
 }
+
+__global__ void attn_merge_kernel(float *out, const float *part, int n_heads, int head_dim, int n_split) {
+    const int h = blockIdx.x, i = blockIdx.y;
+    merge_partials(out + ((int64_t)i * n_heads + h) * head_dim,
+                   part + ((int64_t)i * n_heads + h) * n_split * (head_dim + 2), head_dim, n_split);
+}
+
+__global__ void attn_merge_rows_kernel(float *out, const float *part, const int4 *rows, int n_heads, int head_dim,
+                                       int n_split) {
+    const int h = blockIdx.x, r = blockIdx.y;
+    merge_partials(out + ((int64_t)rows[r].x * n_heads + h) * head_dim,
+                   part + ((int64_t)r * n_heads + h) * n_split * (head_dim + 2), head_dim, n_split);
+}
+
+/* KERNEL<dims per lane>(args...) on grid, for head_dim <= 32, 64, 128, 256. */
+#define DECODE_LAUNCH(KERNEL, grid, ...)                                                           \
+    do {                                                                                          \
+        if (head_dim <= 32) KERNEL<1><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(__VA_ARGS__);    \
+        else if (head_dim <= 64) KERNEL<2><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(__VA_ARGS__); \
+        else if (head_dim <= 128) KERNEL<4><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(__VA_ARGS__); \
+        else KERNEL<8><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(__VA_ARGS__);                  \
+    } while (0)
 
 static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_past, int m,
                        int n_heads, int n_kv_heads, int head_dim, float scale) {
@@ -157,16 +204,30 @@ static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_
     float *part = (float *)c->scratch;
     const dim3 grid(n_heads, m, n_split);
     const int group = n_heads / n_kv_heads;
-    if (head_dim <= 32)
-        attn_decode_kernel<1><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
-    else if (head_dim <= 64)
-        attn_decode_kernel<2><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
-    else if (head_dim <= 128)
-        attn_decode_kernel<4><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
-    else
-        attn_decode_kernel<8><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
+    DECODE_LAUNCH(attn_decode_kernel, grid, part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
     CUDA_CHECK_LAUNCH(c);
     attn_merge_kernel<<<dim3(n_heads, m), 128, 0, c->stream>>>(out, part, n_heads, head_dim, n_split);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+/* The decode of n rows of many sequences in one launch: d_rows [n] int4 {row, n_ctx, table
+ * offset, 0} (device, staged), a.table the sequences' block tables one after another. The
+ * splits are sized by the longest row; a shorter row's splits past its keys are empty. */
+static int attn_decode_rows(dg_cuda *c, float *out, const float *q, kv_addr a, const int4 *d_rows, int n,
+                            int max_ctx, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    const int64_t per_split = (int64_t)n * n_heads * (head_dim + 2) * (int64_t)sizeof(float);
+    int64_t max_split = (int64_t)c->scratch_bytes / per_split;
+    int n_split = (max_ctx + DECODE_CHUNK - 1) / DECODE_CHUNK;
+    if (n_split > max_split) n_split = (int)max_split;
+    if (n_split > 65535) n_split = 65535;
+    const int chunk = (max_ctx + n_split - 1) / n_split;
+    float *part = (float *)c->scratch;
+    const dim3 grid(n_heads, n, n_split);
+    const int group = n_heads / n_kv_heads;
+    DECODE_LAUNCH(attn_decode_rows_kernel, grid, part, q, a, d_rows, n_heads, group, head_dim, chunk, n_split, scale);
+    CUDA_CHECK_LAUNCH(c);
+    attn_merge_rows_kernel<<<dim3(n_heads, n), 128, 0, c->stream>>>(out, part, d_rows, n_heads, head_dim, n_split);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
@@ -548,6 +609,133 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
     return 0;
 }
 
+/* ---- many sequences at once (attention_batch) --------------------------------------------- */
+
+/* Block per new row: its K and V rows to pool row slot[row]. */
+__global__ void kv_write_rows_kernel(float *kc, float *vc, const int64_t *slot, const float *k, const float *v,
+                                     int kv_dim) {
+    const int64_t r = slot[blockIdx.x];
+    const float *ki = k + (int64_t)blockIdx.x * kv_dim, *vi = v + (int64_t)blockIdx.x * kv_dim;
+    for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
+        kc[r * kv_dim + j] = ki[j];
+        vc[r * kv_dim + j] = vi[j];
+    }
+}
+
+/* The host side of a call's arrays is c->att_tiles (4 · DG_CUDA_ATT_TILES ints), free while
+ * nothing else of the call uses it: the K/V slots (int64), then per group of decode rows
+ * their descriptors and the block tables they read. */
+#define BATCH_INTS     (4 * DG_CUDA_ATT_TILES)
+#define BATCH_ROWS_MAX 2048                          /* decode rows of one launch */
+#define BATCH_TAB_MAX  (BATCH_INTS - 4 * BATCH_ROWS_MAX)
+
+static int kv_write_rows(dg_cuda *c, const dg_kv_view *kv, const int64_t *slot, int n, const float *k,
+                         const float *v, int kv_dim) {
+    if (n <= 0) return 0;
+    const int64_t *d_slot = (const int64_t *)dg_cuda_stage(c, slot, sizeof(int64_t) * (size_t)n);
+    if (!d_slot) return DG_EDEVICE;
+    kv_write_rows_kernel<<<n, 128, 0, c->stream>>>((float *)kv->k, (float *)kv->v, d_slot, k, v, kv_dim);
+    CUDA_CHECK_LAUNCH(c);
+    return 0;
+}
+
+static int decode_rows_flush(dg_cuda *c, float *out, const float *q, const dg_kv_view *kv, int32_t *desc, int nr,
+                             int32_t *tab, int nt, int max_ctx, int n_heads, int n_kv_heads, int head_dim,
+                             float scale) {
+    if (nr == 0) return 0;
+    const int4 *d_desc = (const int4 *)dg_cuda_stage(c, desc, sizeof(int32_t) * 4 * (size_t)nr);
+    const int32_t *d_tab = d_desc ? (const int32_t *)dg_cuda_stage(c, tab, sizeof(int32_t) * (size_t)nt) : NULL;
+    if (!d_tab) return DG_EDEVICE;
+    kv_addr a = {(const float *)kv->k, (const float *)kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
+    return attn_decode_rows(c, out, q, a, d_desc, nr, max_ctx, n_heads, n_kv_heads, head_dim, scale);
+}
+
+/* Sequences over one pool (the layer's of one KV cache): every new K/V row in one launch;
+ * the decode rows (sequences of m <= DECODE_MAX_M) of all sequences in one split-K launch
+ * and its merge; a prefill chunk (more rows) through `attention` on its own. */
+static int attention_pool(dg_cuda *c, float *out, const float *q, const float *k, const float *v,
+                          const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                          float scale) {
+    const int kv_dim = n_kv_heads * head_dim;
+    const int64_t QD = (int64_t)n_heads * head_dim;
+    int rc = 0;
+    const dg_kv_view *kv = &seqs[0].kv;
+    const int bs = kv->block_size;
+
+    /* the K/V rows */
+    int64_t *slot = (int64_t *)c->att_tiles;
+    int cnt = 0, first = 0;
+    for (int i = 0; i < n_seqs; i++)
+        for (int j = 0; j < seqs[i].m; j++) {
+            const int p = seqs[i].n_past + j;
+            slot[cnt++] = (int64_t)seqs[i].kv.block_table[p / bs] * bs + p % bs;
+            if (cnt == BATCH_INTS / 2) {
+                if ((rc = kv_write_rows(c, kv, slot, cnt, k + first * (int64_t)kv_dim, v + first * (int64_t)kv_dim,
+                                        kv_dim)) < 0)
+                    return rc;
+                first += cnt;
+                cnt = 0;
+            }
+        }
+    if ((rc = kv_write_rows(c, kv, slot, cnt, k + first * (int64_t)kv_dim, v + first * (int64_t)kv_dim, kv_dim)) < 0)
+        return rc;
+
+    /* the decode rows, in groups that fit the host arrays */
+    int32_t *desc = c->att_tiles, *tab = c->att_tiles + 4 * BATCH_ROWS_MAX;
+    int nr = 0, nt = 0, max_ctx = 0;
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].m, i++) {
+        const int n_ctx = seqs[i].n_past + seqs[i].m, nb = (n_ctx + bs - 1) / bs;
+        if (seqs[i].m > DECODE_MAX_M || nb > BATCH_TAB_MAX) continue;   /* below */
+        if (nr + seqs[i].m > BATCH_ROWS_MAX || nt + nb > BATCH_TAB_MAX) {
+            if ((rc = decode_rows_flush(c, out, q, kv, desc, nr, tab, nt, max_ctx, n_heads, n_kv_heads, head_dim,
+                                        scale)) < 0)
+                return rc;
+            nr = nt = max_ctx = 0;
+        }
+        memcpy(tab + nt, seqs[i].kv.block_table, sizeof(int32_t) * (size_t)nb);
+        for (int j = 0; j < seqs[i].m; j++, nr++) {
+            desc[4 * nr] = row + j;
+            desc[4 * nr + 1] = seqs[i].n_past + j + 1;
+            desc[4 * nr + 2] = nt;
+            desc[4 * nr + 3] = 0;
+        }
+        nt += nb;
+        if (n_ctx > max_ctx) max_ctx = n_ctx;
+    }
+    if ((rc = decode_rows_flush(c, out, q, kv, desc, nr, tab, nt, max_ctx, n_heads, n_kv_heads, head_dim, scale)) < 0)
+        return rc;
+
+    /* the prefill chunks (attention uses c->att_tiles for its tile lists: after the groups) */
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].m, i++) {
+        const int n_ctx = seqs[i].n_past + seqs[i].m, nb = (n_ctx + bs - 1) / bs;
+        if (seqs[i].m > DECODE_MAX_M || nb > BATCH_TAB_MAX)
+            if ((rc = attention(c, out + row * QD, q + row * QD, &seqs[i].kv, seqs[i].n_past, seqs[i].m, n_heads,
+                                n_kv_heads, head_dim, scale)) < 0)
+                return rc;
+    }
+    return 0;
+}
+
+/* Runs of consecutive sequences over one pool (in the decoder, one run: every sequence's
+ * view is the layer's of one cache). */
+static int attention_batch(dg_cuda *c, float *out, const float *q, const float *k, const float *v,
+                           const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                           float scale) {
+    const int64_t QD = (int64_t)n_heads * head_dim, KD = (int64_t)n_kv_heads * head_dim;
+    for (int i0 = 0, row = 0; i0 < n_seqs;) {
+        int i1 = i0 + 1, rows = seqs[i0].m;
+        while (i1 < n_seqs && seqs[i1].kv.k == seqs[i0].kv.k && seqs[i1].kv.v == seqs[i0].kv.v &&
+               seqs[i1].kv.block_size == seqs[i0].kv.block_size)
+            rows += seqs[i1++].m;
+        int rc = attention_pool(c, out + row * QD, q + row * QD, k + row * KD, v + row * KD, seqs + i0, i1 - i0,
+                                n_heads, n_kv_heads, head_dim, scale);
+        if (rc < 0) return rc;
+        row += rows;
+        i0 = i1;
+    }
+    return 0;
+}
+
 /* ---- segments ------------------------------------------------------------------------------ */
 
 static int attention_segments(dg_cuda *c, float *out, const float *q, int q_stride, const float *k,
@@ -642,6 +830,12 @@ static int spatial_attention(dg_cuda *c, float *out, const float *qkv, int chann
 void dg_cuda_attention(dg_backend *be, float *out, const float *q, const dg_kv_view *kv,
                        int n_past, int m, int n_heads, int n_kv_heads, int head_dim, float scale) {
     attention(dg_cuda_of(be), out, q, kv, n_past, m, n_heads, n_kv_heads, head_dim, scale);
+}
+
+void dg_cuda_attention_batch(dg_backend *be, float *out, const float *q, const float *k, const float *v,
+                             const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                             float scale) {
+    attention_batch(dg_cuda_of(be), out, q, k, v, seqs, n_seqs, n_heads, n_kv_heads, head_dim, scale);
 }
 
 void dg_cuda_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,

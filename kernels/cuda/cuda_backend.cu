@@ -485,6 +485,7 @@ static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, si
     be->matmul_parts = c->unverified ? dg_cuda_matmul_parts : NULL;
     be->matmul_swiglu = c->unverified ? dg_cuda_matmul_swiglu : NULL;
     be->add_rmsnorm = c->unverified ? dg_cuda_add_rmsnorm : NULL;
+    be->attention_batch = c->unverified ? dg_cuda_attention_batch : NULL;
     be->rmsnorm = dg_cuda_rmsnorm;
     be->rope = dg_cuda_rope;
     be->kv_write = dg_cuda_kv_write;

@@ -107,9 +107,9 @@ typedef struct {
                                       with DG_CUDA_UNVERIFIED=1) */
     /* 1 (DG_CUDA_UNVERIFIED=1): the kernels written since their last device run are used
      * (NOTES.md "Kernels and their last device run"): the mma.sync attention, the fused
-     * decode forms, the cuBLASLt bias epilogue, the sampling pair, standardize. 0 (the
-     * default): their verified alternatives: the wmma attention, the compositions, the bias
-     * kernel, the host sampler, standardize on the host. */
+     * decode forms, the batched decode attention, the cuBLASLt bias epilogue, the sampling
+     * pair, standardize. 0 (the default): their verified alternatives: the wmma attention,
+     * the compositions, the bias kernel, the host sampler, standardize on the host. */
     int             unverified;
     float          *std_host;      /* owned: standardize's host round trip, std_cap floats */
     size_t          std_cap;
@@ -237,6 +237,9 @@ void dg_cuda_kv_write(dg_backend *be, const dg_kv_view *kv, int start, const flo
 /* attention.cu */
 void dg_cuda_attention(dg_backend *be, float *out, const float *q, const dg_kv_view *kv,
                        int n_past, int m, int n_heads, int n_kv_heads, int head_dim, float scale);
+void dg_cuda_attention_batch(dg_backend *be, float *out, const float *q, const float *k, const float *v,
+                             const dg_attn_seq *seqs, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                             float scale);
 void dg_cuda_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,
                                 const float *k, const float *v, int kv_stride,
                                 const int32_t *q_cu, const int32_t *kv_cu, int n_seg,

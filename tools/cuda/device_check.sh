@@ -6,10 +6,11 @@
 #      else the ones tools/cuda/pack.sh packed (.devcarry/bundle.tar.xz, carried);
 #   4. build/tests/test_backend_cuda (every op vs the CPU backend, stated tolerances);
 #   5. build/tests/test_cuda_parity (greedy tokens on the tiny and small packages, in the
-#      default, precise, graphs and unverified modes), and the CUDA cases of test_interleaved
+#      default, precise, graphs and unverified modes, and of four sequences stepped together;
+#      the DiT alone and batched), and the CUDA cases of test_interleaved
 #      and test_sched_threads (one model, two schedulers on two threads), with the default
 #      (verified) kernels and again with DG_CUDA_UNVERIFIED=1, and of test_batching (eight
-#      jobs stepped together);
+#      jobs stepped together; both ways too);
 #   6. dg-bench cuda (7B decoder shapes, seeded weights: prefill, decode, bandwidth limit)
 #      and dg-bench job (the seeded full package: DiT s/image at 1024² x 35 steps with CFG,
 #      VAE decode ms, one 4-image interleaved job);
@@ -83,13 +84,14 @@ if want tests; then
     step "op-by-op test (test_backend_cuda)"
     timeout 60 build/tests/test_backend_cuda 2>&1
     step "model parity (test_cuda_parity), the interleaved loop (test_interleaved's cuda case), two schedulers on two threads (test_sched_threads' cuda case)"
-    timeout 120 build/tests/test_cuda_parity 2>&1
+    timeout 180 build/tests/test_cuda_parity 2>&1
     DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
     DG_TEST=two_schedulers_on_two_threads_answer_as_one_on_cuda timeout 60 build/tests/test_sched_threads 2>&1
     DG_TEST=batching_on_cuda timeout 90 build/tests/test_batching 2>&1
-    step "the same two with the kernels not yet verified on a device (DG_CUDA_UNVERIFIED=1)"
+    step "the same three with the kernels not yet verified on a device (DG_CUDA_UNVERIFIED=1)"
     DG_CUDA_UNVERIFIED=1 DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
     DG_CUDA_UNVERIFIED=1 DG_TEST=two_schedulers_on_two_threads_answer_as_one_on_cuda timeout 60 build/tests/test_sched_threads 2>&1
+    DG_CUDA_UNVERIFIED=1 DG_TEST=batching_on_cuda timeout 90 build/tests/test_batching 2>&1
 fi
 
 if want text; then
