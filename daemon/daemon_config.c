@@ -41,7 +41,8 @@ static const struct key {
     INT(threads, 0, 1024, "engine CPU threads (0 = all)"),
     INT(max_inflight, 0, 256, "jobs stepped together; 0 = as many as the memory holds (1..16)"),
     SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
-    INT(kv_bf16, 0, 1, "1: keep the KV cache in bf16, half the memory (CPU devices)"),
+    INT(kv_bf16, -1, 1, "1: keep the KV cache in bf16, half the memory; -1: in fp32; 0: the device's "
+        "default (fp32 on the CPU, bf16 on a GPU where its bf16 attention is in use)"),
     INT(cpu_bf16_compute, 0, 1, "1: matmuls over bf16 weights round activations to bf16 (~1.5x prefill "
         "where the CPU has AVX-512 BF16; logits move by ~0.04) (CPU devices)"),
     INT(cpu_mapped_weights, 0, 1, "1: read weights from the memory-mapped files (page cache shared between "

@@ -124,6 +124,10 @@ struct dg_backend {
     const char *name;            /* "cpu", "cpu-scalar", "cuda" */
     int         n_threads;       /* CPU threads an operation uses (CUDA: 1) */
     int         kv_bf16;         /* 1: kv_write and attention take a BF16 dg_kv_view */
+    int         kv_bf16_default; /* 1: a scheduler keeps its KV in bf16 unless told fp32
+                                    (dg_sched_opts kv_bf16 0): the GPU's default, where its
+                                    bf16 attention is in use (CUDA: DG_CUDA_UNVERIFIED=1 until
+                                    a device run verifies it); 0: fp32 unless asked (CPU) */
     int         bf16_compute;    /* 1: matmul over a BF16 weight rounds x to bf16 and sums
                                     bf16 products (CPU: kernels/cpu/matmul.h, the bf16
                                     compute order); 0: fp32 compute */

@@ -262,8 +262,10 @@ typedef struct {
                                        host's available) free memory; 1 .. 16 */
     size_t  kv_cache_bytes;         /* prefix KV cache budget; 0 = the model's default */
     int     kv_bf16;                /* 1: K and V kept in bf16 (half the memory, so twice the
-                                       sequences or cached prefix in a budget; CPU backends;
-                                       fidelity: engine/MODELS.md "KV in bf16"); 0: fp32 */
+                                       sequences or cached prefix in a budget; fidelity:
+                                       engine/MODELS.md "KV in bf16"); -1: fp32; 0: the
+                                       backend's default (kv_bf16_default: fp32 on the CPU,
+                                       bf16 on a GPU whose bf16 attention is in use) */
     size_t  latent_cache_bytes;     /* VAE latent cache budget (host memory); 0 = 64 latents of
                                        the package's default image size */
     size_t  vision_cache_bytes;     /* vision-tower output cache budget (host memory); 0 = the

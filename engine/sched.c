@@ -94,7 +94,8 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     s->o = o ? *o : (dg_sched_opts){0};
     const dg_text_config *c = &m->cfg.text;
     size_t kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
-    const dg_dtype kv_dtype = s->o.kv_bf16 ? DG_DTYPE_BF16 : DG_DTYPE_F32;
+    const int bf16 = s->o.kv_bf16 > 0 || (s->o.kv_bf16 == 0 && m->be->kv_bf16_default);
+    const dg_dtype kv_dtype = bf16 ? DG_DTYPE_BF16 : DG_DTYPE_F32;
     size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * DG_KV_BLOCK * dg_dtype_size(kv_dtype);
     int per_seq = (m->max_context + DG_KV_BLOCK - 1) / DG_KV_BLOCK;
     if (s->o.max_inflight <= 0)

@@ -27,6 +27,8 @@
  *   - attention_batch (the decode rows of many sequences in one launch): as attention, by
  *     the kernel a sequence's rows take (decode 2e-5 max abs, a prefill chunk 1e-2 relative
  *     norm); its K/V writes are copies, exact.
+ *   - KV in bf16 (kv_bf16): kv_write rounds to nearest even on both sides, exact; the
+ *     attention widens the same bf16 values exactly: the fp32 bounds above.
  *   - embed, kv_write, gather_rows, upsample2x: copies, exact.
  *   - graph_run (DG_CUDA_GRAPHS=1): a recorded rmsnorm + add replayed on new inputs, as
  *     rmsnorm's bounds.
@@ -491,16 +493,17 @@ TEST(cuda_rope) {
 
 /* ---- paged attention ---------------------------------------------------------------------- */
 
-/* Writes m new K/V rows after n_past random ones into a paged cache with a shuffled block
- * table, then attends; returns out [m, heads·hd] (and the K pool, to check kv_write). */
-static float *run_paged(dg_backend *be, const float *q, const float *k_all, const float *v_all,
+/* Writes m new K/V rows after n_past random ones into a paged cache of dtype dt with a
+ * shuffled block table, then attends; returns out [m, heads·hd] (and the K pool's bytes as
+ * floats, pool·dtype size / 4 of them, to check kv_write). */
+static float *run_paged(dg_backend *be, dg_dtype dt, const float *q, const float *k_all, const float *v_all,
                         const int32_t *table, int n_blocks, int bs, int n_past, int m, int nh,
                         int nkv, int hd, float **kpool) {
     const int kv_dim = nkv * hd;
-    const int64_t pool = (int64_t)n_blocks * bs * kv_dim;
+    const int64_t pool = (int64_t)n_blocks * bs * kv_dim * (int64_t)dg_dtype_size(dt) / 4;   /* in floats */
     float *zero = calloc((size_t)pool, sizeof(float));
     float *K = put(be, zero, pool), *V = put(be, zero, pool);
-    dg_kv_view kv = {K, V, table, bs, DG_DTYPE_F32};
+    dg_kv_view kv = {K, V, table, bs, dt};
     float *dk = put(be, k_all, (int64_t)(n_past + m) * kv_dim), *dv = put(be, v_all, (int64_t)(n_past + m) * kv_dim);
     be->kv_write(be, &kv, 0, dk, dv, n_past, kv_dim);   /* the cached prefix */
     be->kv_write(be, &kv, n_past, dk + (int64_t)n_past * kv_dim, dv + (int64_t)n_past * kv_dim, m, kv_dim);
@@ -527,10 +530,10 @@ TEST(cuda_kv_write_attention) {
         float *q = rnd((int64_t)m * nh * hd, 1.0f), *k = rnd((int64_t)n_ctx * kv_dim, 1.0f),
               *v = rnd((int64_t)n_ctx * kv_dim, 1.0f), *kp[2];
         float *kp2;
-        float *ref = run_paged(cpu, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[0]);
-        float *got = run_paged(gpu, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[1]);
-        float *pre = run_paged(gpu_precise, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp2);
-        float *kp3, *wm = run_paged(gpu_default, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp3);
+        float *ref = run_paged(cpu, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[0]);
+        float *got = run_paged(gpu, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[1]);
+        float *pre = run_paged(gpu_precise, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp2);
+        float *kp3, *wm = run_paged(gpu_default, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp3);
         char shape[64];
         snprintf(shape, sizeof shape, "past%d m%d h%d/%d d%d", n_past, m, nh, nkv, hd);
         compare("kv_write", shape, kp[1], kp[0], (int64_t)n_blocks * bs * kv_dim, 0, 0);
@@ -539,6 +542,41 @@ TEST(cuda_kv_write_attention) {
         compare("attention wmma", shape, wm, ref, (int64_t)m * nh * hd, ATT_FAST_REL, -1);
         free(table); free(q); free(k); free(v); free(kp[0]); free(kp[1]); free(kp2); free(ref); free(got); free(pre);
         free(kp3); free(wm);
+    }
+}
+
+/* KV in bf16 (the GPU's default where its bf16 attention is in use: kv_bf16_default):
+ * kv_write rounds to nearest even on both backends, so the pools are the same bits; the
+ * attention widens the same bf16 values exactly, so the fp32 tolerances hold (decode 2e-5
+ * max abs, tensor-core tiles 1e-2, fp32 tiles with DG_CUDA_GEMM=precise 2e-5). The backends
+ * without DG_CUDA_UNVERIFIED=1 do not take bf16 KV (kv_bf16 0). */
+TEST(cuda_kv_bf16) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    CHECK(gpu->kv_bf16 && gpu->kv_bf16_default && !gpu_default->kv_bf16 && !gpu_default->kv_bf16_default);
+    static const int shapes[][5] = {   /* n_past, m, heads, kv heads, head_dim */
+        {0, 1, 4, 2, 16}, {100, 1, 28, 4, 128}, {1000, 3, 14, 2, 64}, {17, 130, 28, 4, 128}, {0, 64, 16, 16, 80},
+        {40, 7, 4, 2, 16}};
+    const int bs = 16;
+    for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
+        const int n_past = shapes[sh][0], m = shapes[sh][1], nh = shapes[sh][2], nkv = shapes[sh][3], hd = shapes[sh][4];
+        const int n_ctx = n_past + m, n_blocks = (n_ctx + bs - 1) / bs + 3, kv_dim = nkv * hd;
+        const int64_t pool_bytes = (int64_t)n_blocks * bs * kv_dim * 2;
+        int32_t *table = malloc(sizeof(int32_t) * (size_t)n_blocks);
+        for (int i = 0; i < n_blocks; i++) table[i] = n_blocks - 1 - i;
+        float *q = rnd((int64_t)m * nh * hd, 1.0f), *k = rnd((int64_t)n_ctx * kv_dim, 1.0f),
+              *v = rnd((int64_t)n_ctx * kv_dim, 1.0f), *kp[3];
+        float *ref = run_paged(cpu, DG_DTYPE_BF16, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[0]);
+        float *got = run_paged(gpu, DG_DTYPE_BF16, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[1]);
+        float *pre = run_paged(gpu_precise, DG_DTYPE_BF16, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[2]);
+        char shape[64];
+        snprintf(shape, sizeof shape, "bf16 past%d m%d h%d/%d d%d", n_past, m, nh, nkv, hd);
+        const int same = !memcmp(kp[0], kp[1], (size_t)pool_bytes) && !memcmp(kp[0], kp[2], (size_t)pool_bytes);
+        printf("  %-18s %-34s %s\n", "kv_write", shape, same ? "the same bits" : "DIFFERENT BITS");
+        if (!same) test_fail(__FILE__, __LINE__, "kv_write %s: the bf16 pools differ from the CPU's", shape);
+        compare("attention", shape, got, ref, (int64_t)m * nh * hd, m <= 8 ? -1 : ATT_FAST_REL, m <= 8 ? 2e-5 : -1);
+        compare("attention precise", shape, pre, ref, (int64_t)m * nh * hd, -1, 2e-5);
+        for (int i = 0; i < 3; i++) free(kp[i]);
+        free(table); free(q); free(k); free(v); free(ref); free(got); free(pre);
     }
 }
 

@@ -7,8 +7,10 @@
  * GEMM and of q, k, v, p in the tensor-core attention, through 24 layers: 1.4e-2 was
  * measured on an H200 with the GEMMs alone) and 2e-3 with DG_CUDA_GEMM=precise. A third
  * run records the decode step's fixed runs as CUDA graphs (DG_CUDA_GRAPHS=1) and replays
- * them: the same tokens as without. A batched case steps four sequences of different
- * prompt lengths together (cuda_parity_batched): each one's tokens must be the CPU's.
+ * them: the same tokens as without. A fifth keeps K and V in bf16 (the GPU's default where
+ * its bf16 attention is in use) against the CPU with bf16 KV: both round K and V alike, so
+ * the same bounds. A batched case steps four sequences of different prompt lengths together
+ * (cuda_parity_batched): each one's tokens must be the CPU's.
  *
  * The DiT and the VAE of the goldens' tiny package (tests/dit_common.h) run on "cpu" and
  * on "cuda:0" (default and DG_CUDA_GEMM=precise) with the inputs of test_dit's "packed"
@@ -56,9 +58,10 @@ static int make_package(const char *preset, char *dir, size_t len) {
 /* n_seqs sequences stepped together (dg_qwen2_forward_batch): their prompts (lens[i] tokens
  * of prompts[i]) prefilled in one forward, then N_STEPS greedy steps of one row each, all
  * sequences in one forward a step. Fills tokens[i][N_STEPS] and sequence 0's prefill
- * logits row. n_seqs 1 is the plain prefill-then-decode of one sequence. */
-static int greedy(const char *pkg, const char *backend, int n_seqs, const int32_t *const *prompts, const int *lens,
-                  int32_t (*tokens)[N_STEPS], float *first_logits, int *vocab) {
+ * logits row. n_seqs 1 is the plain prefill-then-decode of one sequence. K and V are kept in
+ * kv_dt (F32, or BF16 where the backend has kv_bf16). */
+static int greedy(const char *pkg, const char *backend, dg_dtype kv_dt, int n_seqs, const int32_t *const *prompts,
+                  const int *lens, int32_t (*tokens)[N_STEPS], float *first_logits, int *vocab) {
     dg_qwen2vl_config cfg;
     dg_backend *be = NULL;
     dg_st *st = NULL;
@@ -75,8 +78,8 @@ static int greedy(const char *pkg, const char *backend, int n_seqs, const int32_
         dg_st_open(pkg, &st, err, sizeof err) < 0 ||
         dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, m.be, rows > n_seqs ? rows : n_seqs, n_seqs, &s, err, sizeof err) < 0 ||
-        dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 8 * n_seqs, DG_DTYPE_F32,
-                        &kv, err, sizeof err) < 0) {
+        dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16, 8 * n_seqs, kv_dt, &kv,
+                        err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "%s: %s", backend, err);
         goto out;
     }
@@ -135,32 +138,40 @@ static void parity(const char *preset) {
     }
     random_prompt(prompt, N_PROMPT, 7);
     float *lref = malloc(sizeof(float) * 200000), *lgot = malloc(sizeof(float) * 200000);
-    if (greedy(pkg, "cpu", 1, prompts, lens, ref, lref, &vocab) < 0) goto out;
-    /* graphs: DG_CUDA_GRAPHS=1; unverified: DG_CUDA_UNVERIFIED=1 (NOTES.md) */
-    static const char *modes[] = {"default", "precise", "graphs", "unverified"};
-    for (int mode = 0; mode < 4; mode++) {
-        const int precise = mode == 1;
+    float *lref16 = malloc(sizeof(float) * 200000);
+    int32_t ref16[1][N_STEPS];
+    if (greedy(pkg, "cpu", DG_DTYPE_F32, 1, prompts, lens, ref, lref, &vocab) < 0 ||
+        greedy(pkg, "cpu", DG_DTYPE_BF16, 1, prompts, lens, ref16, lref16, &vocab) < 0)
+        goto out;
+    /* graphs: DG_CUDA_GRAPHS=1; unverified: DG_CUDA_UNVERIFIED=1 (NOTES.md); bf16 kv: K and V
+     * in bf16 (unverified), against the CPU with its KV in bf16 */
+    static const char *modes[] = {"default", "precise", "graphs", "unverified", "bf16 kv"};
+    for (int mode = 0; mode < 5; mode++) {
+        const int precise = mode == 1, kv16 = mode == 4;
         if (precise) setenv("DG_CUDA_GEMM", "precise", 1);
         if (mode == 2) setenv("DG_CUDA_GRAPHS", "1", 1);
-        if (mode == 3) setenv("DG_CUDA_UNVERIFIED", "1", 1);
-        int rc = greedy(pkg, "cuda:0", 1, prompts, lens, got, lgot, &vocab);
+        if (mode >= 3) setenv("DG_CUDA_UNVERIFIED", "1", 1);
+        int rc = greedy(pkg, "cuda:0", kv16 ? DG_DTYPE_BF16 : DG_DTYPE_F32, 1, prompts, lens, got, lgot, &vocab);
         unsetenv("DG_CUDA_GEMM");
         unsetenv("DG_CUDA_GRAPHS");
         unsetenv("DG_CUDA_UNVERIFIED");
         if (rc < 0) goto out;
+        const float *lr = kv16 ? lref16 : lref;
+        const int32_t *rt = kv16 ? ref16[0] : ref[0];
         double mx = 0;
-        for (int i = 0; i < vocab; i++) mx = fmax(mx, fabs((double)lgot[i] - lref[i]));
+        for (int i = 0; i < vocab; i++) mx = fmax(mx, fabs((double)lgot[i] - lr[i]));
         int same = 0;
-        while (same < N_STEPS && got[0][same] == ref[0][same]) same++;
+        while (same < N_STEPS && got[0][same] == rt[same]) same++;
         printf("  %s %s: %d of %d greedy tokens identical, prefill logits max_abs %.3g\n", preset,
                modes[mode], same, N_STEPS, mx);
         if (same < N_STEPS)
             test_fail(__FILE__, __LINE__, "%s %s: step %d token %d, cpu %d", preset, modes[mode], same,
-                      got[0][same], ref[0][same]);
+                      got[0][same], rt[same]);
         CHECK(mx <= (precise ? 2e-3 : 5e-2));
     }
 out:
     free(lref);
+    free(lref16);
     free(lgot);
 }
 
@@ -185,8 +196,9 @@ TEST(cuda_parity_batched) {
     if (!test_cuda_present()) SKIP("%s", test_cuda_absent_reason());
     char pkg[256];
     static const int lens[N_SEQS] = {20, 7, 13, 1};
-    int32_t prompt[N_SEQS][N_PROMPT], ref[N_SEQS][N_STEPS], got[N_SEQS][N_STEPS];
+    int32_t prompt[N_SEQS][N_PROMPT], ref[2][N_SEQS][N_STEPS], got[N_SEQS][N_STEPS];
     const int32_t *prompts[N_SEQS];
+    static const char *modes[] = {"default", "unverified", "unverified bf16 kv"};
     int vocab = 0;
     if (make_package("small", pkg, sizeof pkg) < 0) {
         test_fail(__FILE__, __LINE__, "mkmodel --preset small failed");
@@ -196,20 +208,23 @@ TEST(cuda_parity_batched) {
         random_prompt(prompt[i], lens[i], 7 + (uint64_t)i);
         prompts[i] = prompt[i];
     }
-    if (greedy(pkg, "cpu", N_SEQS, prompts, lens, ref, NULL, &vocab) < 0) return;
-    for (int mode = 0; mode < 2; mode++) {
+    if (greedy(pkg, "cpu", DG_DTYPE_F32, N_SEQS, prompts, lens, ref[0], NULL, &vocab) < 0 ||
+        greedy(pkg, "cpu", DG_DTYPE_BF16, N_SEQS, prompts, lens, ref[1], NULL, &vocab) < 0)
+        return;
+    for (int mode = 0; mode < 3; mode++) {
+        const int kv16 = mode == 2;
         if (mode) setenv("DG_CUDA_UNVERIFIED", "1", 1);
-        int rc = greedy(pkg, "cuda:0", N_SEQS, prompts, lens, got, NULL, &vocab);
+        int rc = greedy(pkg, "cuda:0", kv16 ? DG_DTYPE_BF16 : DG_DTYPE_F32, N_SEQS, prompts, lens, got, NULL, &vocab);
         unsetenv("DG_CUDA_UNVERIFIED");
         if (rc < 0) return;
         for (int i = 0; i < N_SEQS; i++) {
             int same = 0;
-            while (same < N_STEPS && got[i][same] == ref[i][same]) same++;
+            while (same < N_STEPS && got[i][same] == ref[kv16][i][same]) same++;
             printf("  small batched %s: sequence %d (%d prompt tokens): %d of %d greedy tokens identical\n",
-                   mode ? "unverified" : "default", i, lens[i], same, N_STEPS);
+                   modes[mode], i, lens[i], same, N_STEPS);
             if (same < N_STEPS)
-                test_fail(__FILE__, __LINE__, "batched %s sequence %d: step %d token %d, cpu %d",
-                          mode ? "unverified" : "default", i, same, got[i][same], ref[i][same]);
+                test_fail(__FILE__, __LINE__, "batched %s sequence %d: step %d token %d, cpu %d", modes[mode], i, same,
+                          got[i][same], ref[kv16][i][same]);
         }
     }
 }

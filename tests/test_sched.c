@@ -159,7 +159,7 @@ static void text_matches_direct_greedy_decode(int kv_bf16) {
 TEST(sched_text_matches_direct_greedy_decode) { text_matches_direct_greedy_decode(0); }
 TEST(sched_text_matches_direct_greedy_decode_kv_bf16) { text_matches_direct_greedy_decode(1); }
 
-/* kv_bf16 halves the KV pool of the same blocks. */
+/* kv_bf16 halves the KV pool of the same blocks; 0 follows the backend's default. */
 TEST(sched_kv_bf16_halves_the_pool) {
     if (!setup()) { CHECK(!"setup"); return; }
     char err[256];
@@ -174,6 +174,23 @@ TEST(sched_kv_bf16_halves_the_pool) {
     CHECK(sf.kv_bytes > 0 && sh.kv_bytes * 2 == sf.kv_bytes);
     dg_sched_free(h);
     dg_sched_free(f);
+    /* kv_bf16 0 is the backend's default: fp32 on the CPU; bf16 on a backend whose default
+     * it is (a GPU's), unless -1 asks for fp32 */
+    dg_sched *d, *g, *x;
+    dg_cache_stats sd, sg, sx;
+    CHECK_EQ_INT(m->be->kv_bf16_default, 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2, .kv_bf16 = 0}, &d, err, sizeof err), 0);
+    m->be->kv_bf16_default = 1;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2, .kv_bf16 = 0}, &g, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2, .kv_bf16 = -1}, &x, err, sizeof err), 0);
+    m->be->kv_bf16_default = 0;
+    dg_sched_cache_stats(d, &sd);
+    dg_sched_cache_stats(g, &sg);
+    dg_sched_cache_stats(x, &sx);
+    CHECK(sd.kv_bytes == sf.kv_bytes && sg.kv_bytes == sh.kv_bytes && sx.kv_bytes == sf.kv_bytes);
+    dg_sched_free(x);
+    dg_sched_free(g);
+    dg_sched_free(d);
     dg_model_close(m);
 }
 

@@ -76,10 +76,10 @@ __device__ __forceinline__ void decode_partial(float *pp, const float *qi, const
         for (int t = 0; t < NPL; t++) {
             const int d = t * 32 + lane;
             const bool in = d < head_dim;
-            kr[t] = in ? a.k[off + d] : 0.0f;
-            vr[t] = in ? a.v[off + d] : 0.0f;
-            kb[t] = in ? a.k[offb + d] : 0.0f;
-            vb[t] = in ? a.v[offb + d] : 0.0f;
+            kr[t] = in ? kv_at(a, a.k, off + d) : 0.0f;
+            vr[t] = in ? kv_at(a, a.v, off + d) : 0.0f;
+            kb[t] = in ? kv_at(a, a.k, offb + d) : 0.0f;
+            vb[t] = in ? kv_at(a, a.v, offb + d) : 0.0f;
         }
         float sa = 0.0f, sb = 0.0f;
 #pragma unroll
@@ -271,8 +271,8 @@ attn_tile_kernel(float *out, int out_stride, const float *q, int q_stride, kv_ad
             float kv = 0.0f, vv = 0.0f;
             if (j < nk && d < head_dim) {
                 const int64_t off = kv_off(a, k0 + j) + (int64_t)kvh * head_dim + d;
-                kv = a.k[off];
-                vv = a.v[off];
+                kv = kv_at(a, a.k, off);
+                vv = kv_at(a, a.v, off);
             }
             Ks[c * (HD + 1) + d] = kv;
             Vs[c * HD + d] = vv;
@@ -377,7 +377,7 @@ attn_tc_kernel(float *out, int out_stride, const float *q, int q_stride, kv_addr
      * thread instead of one (the scalar loop was latency-bound: measured 19k tok/s for
      * a 2048-token 7B prefill against 37k for PyTorch). */
     const bool qvec = q_stride % 4 == 0 && ((uintptr_t)q & 15) == 0;
-    const bool kvec = a.stride % 4 == 0 && ((uintptr_t)a.k & 15) == 0 && ((uintptr_t)a.v & 15) == 0;
+    const bool kvec = !a.bf16 && a.stride % 4 == 0 && ((uintptr_t)a.k & 15) == 0 && ((uintptr_t)a.v & 15) == 0;
     constexpr int V4 = HD / 4;                            /* float4 per row (HD % 16 == 0) */
     if (qvec) {
 #pragma unroll 8
@@ -440,8 +440,8 @@ attn_tc_kernel(float *out, int out_stride, const float *q, int q_stride, kv_addr
             for (int e = t; e < TK * HD; e += TC_THREADS) {
                 const int c = e / HD, d = e % HD;
                 const int64_t off = rowoff[c];
-                Ks[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.k[off + d] : 0.0f);
-                Vs[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? a.v[off + d] : 0.0f);
+                Ks[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? kv_at(a, a.k, off + d) : 0.0f);
+                Vs[c * L::LQ + d] = __float2bfloat16_rn(off >= 0 ? kv_at(a, a.v, off + d) : 0.0f);
             }
         }
         __syncthreads();
@@ -578,8 +578,8 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
     const int n_ctx = n_past + m, n_blocks = (n_ctx + kv->block_size - 1) / kv->block_size;
     const int32_t *d_tab = (const int32_t *)dg_cuda_stage(c, kv->block_table, sizeof(int32_t) * (size_t)n_blocks);
     if (!d_tab) return DG_EDEVICE;
-    /* F32: this backend has no kv_bf16, so dg_kv_cache_new gives it no other */
-    kv_addr a = {(const float *)kv->k, (const float *)kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
+    kv_addr a = {(const float *)kv->k, (const float *)kv->v, d_tab, kv->block_size, n_kv_heads * head_dim,
+                 kv->dtype == DG_DTYPE_BF16};
     if (m <= DECODE_MAX_M)
         return attn_decode(c, out, q, a, n_past, m, n_heads, n_kv_heads, head_dim, scale);
     /* the mma kernel's pre-pass converts all n_ctx K/V rows of the layer: for fewer new rows
@@ -611,14 +611,20 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
 
 /* ---- many sequences at once (attention_batch) --------------------------------------------- */
 
-/* Block per new row: its K and V rows to pool row slot[row]. */
-__global__ void kv_write_rows_kernel(float *kc, float *vc, const int64_t *slot, const float *k, const float *v,
-                                     int kv_dim) {
+/* Block per new row: its K and V rows to pool row slot[row] (bf16: rounded to nearest even,
+ * as the CPU's kv_write). */
+__global__ void kv_write_rows_kernel(void *kc, void *vc, const int64_t *slot, const float *k, const float *v,
+                                     int kv_dim, int bf16) {
     const int64_t r = slot[blockIdx.x];
     const float *ki = k + (int64_t)blockIdx.x * kv_dim, *vi = v + (int64_t)blockIdx.x * kv_dim;
     for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
-        kc[r * kv_dim + j] = ki[j];
-        vc[r * kv_dim + j] = vi[j];
+        if (bf16) {
+            ((__nv_bfloat16 *)kc)[r * kv_dim + j] = __float2bfloat16_rn(ki[j]);
+            ((__nv_bfloat16 *)vc)[r * kv_dim + j] = __float2bfloat16_rn(vi[j]);
+        } else {
+            ((float *)kc)[r * kv_dim + j] = ki[j];
+            ((float *)vc)[r * kv_dim + j] = vi[j];
+        }
     }
 }
 
@@ -634,7 +640,7 @@ static int kv_write_rows(dg_cuda *c, const dg_kv_view *kv, const int64_t *slot, 
     if (n <= 0) return 0;
     const int64_t *d_slot = (const int64_t *)dg_cuda_stage(c, slot, sizeof(int64_t) * (size_t)n);
     if (!d_slot) return DG_EDEVICE;
-    kv_write_rows_kernel<<<n, 128, 0, c->stream>>>((float *)kv->k, (float *)kv->v, d_slot, k, v, kv_dim);
+    kv_write_rows_kernel<<<n, 128, 0, c->stream>>>(kv->k, kv->v, d_slot, k, v, kv_dim, kv->dtype == DG_DTYPE_BF16);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
@@ -646,7 +652,8 @@ static int decode_rows_flush(dg_cuda *c, float *out, const float *q, const dg_kv
     const int4 *d_desc = (const int4 *)dg_cuda_stage(c, desc, sizeof(int32_t) * 4 * (size_t)nr);
     const int32_t *d_tab = d_desc ? (const int32_t *)dg_cuda_stage(c, tab, sizeof(int32_t) * (size_t)nt) : NULL;
     if (!d_tab) return DG_EDEVICE;
-    kv_addr a = {(const float *)kv->k, (const float *)kv->v, d_tab, kv->block_size, n_kv_heads * head_dim};
+    kv_addr a = {(const float *)kv->k, (const float *)kv->v, d_tab, kv->block_size, n_kv_heads * head_dim,
+                 kv->dtype == DG_DTYPE_BF16};
     return attn_decode_rows(c, out, q, a, d_desc, nr, max_ctx, n_heads, n_kv_heads, head_dim, scale);
 }
 
@@ -741,7 +748,7 @@ static int attention_batch(dg_cuda *c, float *out, const float *q, const float *
 static int attention_segments(dg_cuda *c, float *out, const float *q, int q_stride, const float *k,
                               const float *v, int kv_stride, const int32_t *q_cu, const int32_t *kv_cu,
                               int n_seg, int n_heads, int n_kv_heads, int head_dim, float scale) {
-    kv_addr a = {k, v, NULL, 1, kv_stride};
+    kv_addr a = {k, v, NULL, 1, kv_stride, 0};
     if (n_seg <= 0) return 0;
     dg_attn_bf16 mbuf, *mb = NULL;
     if (dg_cuda_attn_mma_ok(c, head_dim, q_cu[n_seg], kv_cu[n_seg], n_heads, n_kv_heads)) {

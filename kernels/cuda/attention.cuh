@@ -7,11 +7,17 @@
 
 /* Key/value row j: paged (block table) or linear (row j at base + j·stride). */
 struct kv_addr {
-    const float   *k, *v;
+    const float   *k, *v;    /* fp32 rows; with bf16, __nv_bfloat16 rows at these addresses */
     const int32_t *table;    /* NULL: linear */
     int            block_size;
-    int            stride;   /* floats between rows */
+    int            stride;   /* elements between rows */
+    int            bf16;     /* 1: K and V are bf16 (a BF16 dg_kv_view of the cache) */
 };
+
+/* Element i of K or V (base a.k or a.v) as fp32: bf16 widens exactly. */
+__device__ __forceinline__ float kv_at(const kv_addr &a, const float *base, int64_t i) {
+    return a.bf16 ? __bfloat162float(((const __nv_bfloat16 *)base)[i]) : base[i];
+}
 
 __device__ __forceinline__ int64_t kv_off(const kv_addr &a, int j) {
     const int64_t r = a.table ? (int64_t)a.table[j / a.block_size] * a.block_size + j % a.block_size : j;

@@ -86,8 +86,9 @@ __device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16 *p) { return *(co
 
 /* ---- pre-pass: fp32 rows -> bf16 copies ---------------------------------------------------- */
 
-/* dk[row][heads][hd] = bf16(a.k row · scale), and dv likewise from a.v when dv != NULL; one
- * thread per pair of elements (hd is even). */
+/* dk[row][heads][hd] = bf16(a.k row · scale), and dv likewise from a.v when dv != NULL (rows
+ * already bf16, a BF16 KV cache: widened, scaled, rounded again); one thread per pair of
+ * elements (hd is even). */
 __global__ void attn_to_bf16_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, kv_addr a, int rows, int heads,
                                     int hd, float scale) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -96,8 +97,8 @@ __global__ void attn_to_bf16_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, kv_add
     if (i >= (int64_t)rows * per_row) return;
     const int row = (int)(i / per_row), rem = (int)(i % per_row), hh = rem / hp, d = 2 * (rem % hp);
     const int64_t src = kv_off(a, row) + (int64_t)hh * hd + d, dst = ((int64_t)row * heads + hh) * hd + d;
-    *(__nv_bfloat162 *)(dk + dst) = __floats2bfloat162_rn(a.k[src] * scale, a.k[src + 1] * scale);
-    if (dv) *(__nv_bfloat162 *)(dv + dst) = __floats2bfloat162_rn(a.v[src], a.v[src + 1]);
+    *(__nv_bfloat162 *)(dk + dst) = __floats2bfloat162_rn(kv_at(a, a.k, src) * scale, kv_at(a, a.k, src + 1) * scale);
+    if (dv) *(__nv_bfloat162 *)(dv + dst) = __floats2bfloat162_rn(kv_at(a, a.v, src), kv_at(a, a.v, src + 1));
 }
 
 /* ---- the kernel ------------------------------------------------------------------------------ */
@@ -284,7 +285,7 @@ int dg_cuda_attn_mma_prepare(dg_cuda *c, dg_attn_bf16 *b, const float *q, int q_
     __nv_bfloat16 *dk = (__nv_bfloat16 *)((char *)c->scratch + qbytes);
     __nv_bfloat16 *dv = (__nv_bfloat16 *)((char *)c->scratch + qbytes + kvbytes);
     *b = (dg_attn_bf16){dq, dk, dv, n_heads, n_kv_heads, head_dim};
-    const kv_addr qa = {q, NULL, NULL, 1, q_stride};
+    const kv_addr qa = {q, NULL, NULL, 1, q_stride, 0};
     const int64_t nq = (int64_t)q_rows * n_heads * head_dim / 2, nkv = (int64_t)kv_rows * n_kv_heads * head_dim / 2;
     if (nq > 0) {
         attn_to_bf16_kernel<<<dg_cuda_blocks(nq, 256), 256, 0, c->stream>>>(dq, NULL, qa, q_rows, n_heads, head_dim,

@@ -475,6 +475,8 @@ static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, si
         return rc;
     }
     be->name = "cuda";
+    be->kv_bf16 = be->kv_bf16_default = c->unverified;   /* bf16 KV: kv_write and the attention
+                                                            kernels' bf16 reads, not yet run on a device */
     be->n_threads = 1;
     be->free = cuda_free;
     be->fork = cuda_fork;

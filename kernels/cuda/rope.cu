@@ -62,13 +62,19 @@ static int rope_table(dg_cuda *c, float *x, int stride, const float *cos, const 
 
 /* One block per new position: K and V rows to row table[p / bs]·bs + p % bs of the pool.
  * `table` holds the block ids from block first_block on (staged slice). */
-__global__ void kv_write_kernel(float *kc, float *vc, const int32_t *table, int first_block,
-                                int block_size, int start, const float *k, const float *v, int kv_dim) {
+__global__ void kv_write_kernel(void *kc, void *vc, const int32_t *table, int first_block,
+                                int block_size, int start, const float *k, const float *v, int kv_dim, int bf16) {
     const int p = start + blockIdx.x;
     const int64_t r = (int64_t)table[p / block_size - first_block] * block_size + p % block_size;
     for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
-        kc[r * kv_dim + j] = k[(int64_t)blockIdx.x * kv_dim + j];
-        vc[r * kv_dim + j] = v[(int64_t)blockIdx.x * kv_dim + j];
+        const float kj = k[(int64_t)blockIdx.x * kv_dim + j], vj = v[(int64_t)blockIdx.x * kv_dim + j];
+        if (bf16) {   /* rounded to nearest even, as the CPU's kv_write */
+            ((__nv_bfloat16 *)kc)[r * kv_dim + j] = __float2bfloat16_rn(kj);
+            ((__nv_bfloat16 *)vc)[r * kv_dim + j] = __float2bfloat16_rn(vj);
+        } else {
+            ((float *)kc)[r * kv_dim + j] = kj;
+            ((float *)vc)[r * kv_dim + j] = vj;
+        }
     }
 }
 
@@ -79,8 +85,8 @@ static int kv_write(dg_cuda *c, const dg_kv_view *kv, int start, const float *k,
     const int32_t *d_tab = (const int32_t *)dg_cuda_stage(c, kv->block_table + b0,
                                                           sizeof(int32_t) * (size_t)(b1 - b0 + 1));
     if (!d_tab) return DG_EDEVICE;
-    kv_write_kernel<<<m, 128, 0, c->stream>>>((float *)kv->k, (float *)kv->v, d_tab, b0, kv->block_size, start, k, v,
-                                              kv_dim);   /* F32: this backend has no kv_bf16 */
+    kv_write_kernel<<<m, 128, 0, c->stream>>>(kv->k, kv->v, d_tab, b0, kv->block_size, start, k, v, kv_dim,
+                                              kv->dtype == DG_DTYPE_BF16);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
