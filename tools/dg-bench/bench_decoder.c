@@ -19,7 +19,8 @@
  * over 1 GiB, far past the caches, best of 3), and decode is printed as a fraction of the
  * limit it implies: the bytes one decode token must read (every text matrix once: the
  * embedding table as the tied lm_head, or lm_head; the KV read is small here) over that
- * bandwidth. */
+ * bandwidth. The same tokens' matrix-vector products are then timed alone
+ * (decode_matmuls_*): their share of a decode step, and their own fraction of the limit. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -162,6 +163,23 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
     }
     double t2 = bench_now_ms();
+    /* the same tokens' matrix-vector products alone (every matrix of every layer and the
+     * lm_head at m = 1, on the activations the last step left): what the rest of a step
+     * (norms, RoPE, attention, the threads' meeting points) adds is the difference */
+    for (int i = 0; i < n_decode; i++) {
+        for (int l = 0; l < cfg.text.n_layers; l++) {
+            const dg_qwen2_layer *L = &m.layers[l];
+            be->matmul(be, s->q, s->h, &L->wq, NULL, 1);
+            be->matmul(be, s->k, s->h, &L->wk, NULL, 1);
+            be->matmul(be, s->v, s->h, &L->wv, NULL, 1);
+            be->matmul(be, s->x, s->att, &L->wo, NULL, 1);
+            be->matmul(be, s->gate, s->h, &L->w_gate, NULL, 1);
+            be->matmul(be, s->up, s->h, &L->w_up, NULL, 1);
+            be->matmul(be, s->x, s->gate, &L->w_down, NULL, 1);
+        }
+        be->matmul(be, s->dev_logits, s->h, &m.lm_head, NULL, 1);
+    }
+    double t3 = bench_now_ms();
     snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
     bench_record(out, name, n_prompt / ((t1 - t0) / 1e3), "tok/s");
     bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_prompt / ((t1 - t0) / 1e3));
@@ -178,6 +196,12 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     bench_record(out, name, bytes / 1e6, "MB");
     snprintf(name, sizeof name, "decode_fraction_of_bandwidth_limit_t%d", threads);
     bench_record(out, name, bw > 0 ? (n_decode / ((t2 - t1) / 1e3)) / (bw * 1e9 / bytes) : 0, "(of 1)");
+    snprintf(name, sizeof name, "decode_matmuls_ms_per_token_t%d", threads);
+    bench_record(out, name, (t3 - t2) / n_decode, "ms");
+    snprintf(name, sizeof name, "decode_matmuls_share_of_step_t%d", threads);
+    bench_record(out, name, (t3 - t2) / (t2 - t1), "(of 1)");
+    snprintf(name, sizeof name, "decode_matmuls_fraction_of_bandwidth_limit_t%d", threads);
+    bench_record(out, name, bw > 0 ? (n_decode / ((t3 - t2) / 1e3)) / (bw * 1e9 / bytes) : 0, "(of 1)");
     double w = text_weight_mb(st), rss = peak_rss_mb();
     bench_record(out, "text_weights_mb", w, "MiB");
     bench_record(out, "peak_rss_mb", rss, "MiB");
