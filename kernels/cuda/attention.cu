@@ -191,20 +191,26 @@ __global__ void attn_merge_rows_kernel(float *out, const float *part, const int4
         else KERNEL<8><<<grid, 32 * DECODE_WARPS, 0, c->stream>>>(__VA_ARGS__);                  \
     } while (0)
 
-static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_past, int m,
-                       int n_heads, int n_kv_heads, int head_dim, float scale) {
-    const int n_ctx = n_past + m;
-    /* as many splits of >= DECODE_CHUNK keys as the scratch holds */
-    const int64_t per_split = (int64_t)m * n_heads * (head_dim + 2) * (int64_t)sizeof(float);
-    int64_t max_split = (int64_t)c->scratch_bytes / per_split;
+/* Splits of the split-K decode for `rows` query rows whose longest sees n_ctx keys: as
+ * many of >= DECODE_CHUNK keys as the scratch holds partials for; *chunk keys each. */
+static int decode_splits(const dg_cuda *c, int rows, int n_ctx, int n_heads, int head_dim, int *chunk) {
+    const int64_t per_split = (int64_t)rows * n_heads * (head_dim + 2) * (int64_t)sizeof(float);
+    const int64_t max_split = (int64_t)c->scratch_bytes / per_split;
     int n_split = (n_ctx + DECODE_CHUNK - 1) / DECODE_CHUNK;
     if (n_split > max_split) n_split = (int)max_split;
     if (n_split > 65535) n_split = 65535;
-    const int chunk = (n_ctx + n_split - 1) / n_split;
+    if (n_split < 1) n_split = 1;
+    *chunk = (n_ctx + n_split - 1) / n_split;
+    return n_split;
+}
+
+static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_past, int m,
+                       int n_heads, int n_kv_heads, int head_dim, float scale) {
+    int chunk;
+    const int n_split = decode_splits(c, m, n_past + m, n_heads, head_dim, &chunk);
     float *part = (float *)c->scratch;
-    const dim3 grid(n_heads, m, n_split);
-    const int group = n_heads / n_kv_heads;
-    DECODE_LAUNCH(attn_decode_kernel, grid, part, q, a, n_past, n_heads, group, head_dim, chunk, n_split, scale);
+    DECODE_LAUNCH(attn_decode_kernel, dim3(n_heads, m, n_split), part, q, a, n_past, n_heads, n_heads / n_kv_heads,
+                  head_dim, chunk, n_split, scale);
     CUDA_CHECK_LAUNCH(c);
     attn_merge_kernel<<<dim3(n_heads, m), 128, 0, c->stream>>>(out, part, n_heads, head_dim, n_split);
     CUDA_CHECK_LAUNCH(c);
@@ -216,16 +222,11 @@ static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_
  * splits are sized by the longest row; a shorter row's splits past its keys are empty. */
 static int attn_decode_rows(dg_cuda *c, float *out, const float *q, kv_addr a, const int4 *d_rows, int n,
                             int max_ctx, int n_heads, int n_kv_heads, int head_dim, float scale) {
-    const int64_t per_split = (int64_t)n * n_heads * (head_dim + 2) * (int64_t)sizeof(float);
-    int64_t max_split = (int64_t)c->scratch_bytes / per_split;
-    int n_split = (max_ctx + DECODE_CHUNK - 1) / DECODE_CHUNK;
-    if (n_split > max_split) n_split = (int)max_split;
-    if (n_split > 65535) n_split = 65535;
-    const int chunk = (max_ctx + n_split - 1) / n_split;
+    int chunk;
+    const int n_split = decode_splits(c, n, max_ctx, n_heads, head_dim, &chunk);
     float *part = (float *)c->scratch;
-    const dim3 grid(n_heads, n, n_split);
-    const int group = n_heads / n_kv_heads;
-    DECODE_LAUNCH(attn_decode_rows_kernel, grid, part, q, a, d_rows, n_heads, group, head_dim, chunk, n_split, scale);
+    DECODE_LAUNCH(attn_decode_rows_kernel, dim3(n_heads, n, n_split), part, q, a, d_rows, n_heads,
+                  n_heads / n_kv_heads, head_dim, chunk, n_split, scale);
     CUDA_CHECK_LAUNCH(c);
     attn_merge_rows_kernel<<<dim3(n_heads, n), 128, 0, c->stream>>>(out, part, d_rows, n_heads, head_dim, n_split);
     CUDA_CHECK_LAUNCH(c);
