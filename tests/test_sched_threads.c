@@ -28,47 +28,6 @@ static int setup(void) { return (pkg = test_package_once("tiny", 11, TEST_QWEN2_
 
 #define N_JOBS 2
 
-/* What the sink heard of one job. */
-typedef struct {
-    char     text[8192];
-    size_t   len;
-    uint8_t *png[4];
-    size_t   png_len[4];
-    int      n_png, finished, failed;
-    char     error[256];
-} answer;
-
-static void on_text(void *u, const char *d, size_t n) {
-    answer *a = u;
-    if (a->len + n < sizeof a->text) {
-        memcpy(a->text + a->len, d, n);
-        a->len += n;
-    }
-}
-static void on_started(void *u, int index, int w, int h, int steps) { (void)u; (void)index; (void)w; (void)h; (void)steps; }
-static void on_step(void *u, int index, int step, int steps) { (void)u; (void)index; (void)step; (void)steps; }
-static void on_done(void *u, int index, int w, int h, const uint8_t *png, size_t len) {
-    answer *a = u;
-    (void)index; (void)w; (void)h;
-    if (a->n_png < 4 && (a->png[a->n_png] = malloc(len))) {
-        memcpy(a->png[a->n_png], png, len);
-        a->png_len[a->n_png++] = len;
-    }
-}
-static void on_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) {
-    (void)r; (void)us; (void)t;
-    ((answer *)u)->finished = 1;
-}
-static void on_failed(void *u, int code, const char *msg) {
-    answer *a = u;
-    a->failed = code;
-    snprintf(a->error, sizeof a->error, "%s", msg);
-}
-
-static void answer_free(answer *a) {
-    for (int i = 0; i < a->n_png; i++) free(a->png[i]);
-}
-
 /* The jobs every scheduler runs, in order. */
 typedef struct {
     uint8_t      *png;
@@ -107,7 +66,7 @@ typedef struct {
     dg_model          *m;
     const jobs        *j;
     pthread_barrier_t *start;    /* NULL: run at once */
-    answer             out[N_JOBS];
+    test_job           out[N_JOBS];
     int                rc;
     char               error[512];
 } worker;
@@ -118,8 +77,7 @@ static void *work(void *arg) {
     w->rc = dg_sched_new(w->m, &(dg_sched_opts){.max_inflight = 1}, &s, w->error, sizeof w->error);
     if (w->start) pthread_barrier_wait(w->start);   /* both schedulers exist: step together */
     for (int i = 0; i < N_JOBS && w->rc == 0; i++) {
-        dg_sink sink = {.user = &w->out[i], .text = on_text, .image_started = on_started, .step = on_step,
-                        .image_done = on_done, .finished = on_finished, .failed = on_failed};
+        dg_sink sink = test_job_sink(&w->out[i]);
         uint64_t seq;
         if ((w->rc = dg_sched_submit(s, &w->j->req[i], &sink, &seq, w->error, sizeof w->error)) < 0) break;
         while (w->rc == 0 && dg_sched_active(s) > 0) w->rc = dg_sched_step(s, w->error, sizeof w->error);
@@ -130,8 +88,8 @@ static void *work(void *arg) {
 
 static void check_same(const worker *got, const worker *ref, const char *label) {
     for (int i = 0; i < N_JOBS; i++) {
-        const answer *a = &got->out[i], *r = &ref->out[i];
-        if (a->failed || !a->finished) test_fail(__FILE__, __LINE__, "%s job %d: %s", label, i, a->error);
+        const test_job *a = &got->out[i], *r = &ref->out[i];
+        if (a->error[0] || !a->finished) test_fail(__FILE__, __LINE__, "%s job %d: %s", label, i, a->error);
         if (a->len != r->len || memcmp(a->text, r->text, r->len))
             test_fail(__FILE__, __LINE__, "%s job %d: text \"%.*s\", alone \"%.*s\"", label, i, (int)a->len,
                       a->text, (int)r->len, r->text);
@@ -181,9 +139,9 @@ static void run_shared_model(const char *device) {
         check_same(&w[k], ref, k ? "thread 1" : "thread 0");
     }
     for (int i = 0; i < N_JOBS; i++) {
-        answer_free(&ref->out[i]);
-        answer_free(&w[0].out[i]);
-        answer_free(&w[1].out[i]);
+        test_job_free(&ref->out[i]);
+        test_job_free(&w[0].out[i]);
+        test_job_free(&w[1].out[i]);
     }
     free(ref);
     free(w);

@@ -30,6 +30,7 @@
 #include <sys/stat.h>
 
 #include "common/harness.h"
+#include "common/jobs.h"
 #include "common/package.h"
 #include "duogen.h"
 #include "io/image.h"
@@ -38,60 +39,6 @@
 #define GOLDEN_DIR "tests/golden/shapes"
 #define MAX_ABS 6
 #define MAX_MEAN 0.1
-
-typedef struct {
-    char     text[4096];
-    size_t   len;
-    uint8_t *png[8];
-    size_t   png_len[8];
-    int      n_png;
-    int      failed;
-    char     error[512];
-} answer;
-
-static void on_text(void *u, const char *d, size_t n) {
-    answer *a = u;
-    if (a->len + n < sizeof a->text) {
-        memcpy(a->text + a->len, d, n);
-        a->len += n;
-        a->text[a->len] = 0;
-    }
-}
-static void on_started(void *u, int index, int w, int h, int steps) { (void)u; (void)index; (void)w; (void)h; (void)steps; }
-static void on_step(void *u, int index, int step, int steps) { (void)u; (void)index; (void)step; (void)steps; }
-static void on_done(void *u, int index, int w, int h, const uint8_t *png, size_t len) {
-    answer *a = u;
-    (void)index; (void)w; (void)h;
-    if (a->n_png < 8 && (a->png[a->n_png] = malloc(len))) {
-        memcpy(a->png[a->n_png], png, len);
-        a->png_len[a->n_png++] = len;
-    }
-}
-static void on_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) { (void)u; (void)r; (void)us; (void)t; }
-static void on_failed(void *u, int code, const char *msg) {
-    answer *a = u;
-    a->failed = code;
-    snprintf(a->error, sizeof a->error, "%s", msg);
-}
-
-/* Runs one request to the end on the scheduler. 0 or the error. */
-static int ask(dg_sched *s, const dg_request *r, answer *a) {
-    char err[512];
-    uint64_t seq;
-    dg_sink sk = {.user = a, .text = on_text, .image_started = on_started, .step = on_step,
-                  .image_done = on_done, .finished = on_finished, .failed = on_failed};
-    int rc = dg_sched_submit(s, r, &sk, &seq, err, sizeof err);
-    if (rc) {
-        snprintf(a->error, sizeof a->error, "%s", err);
-        return rc;
-    }
-    while (dg_sched_active(s) > 0)
-        if ((rc = dg_sched_step(s, err, sizeof err)) < 0) {
-            snprintf(a->error, sizeof a->error, "%s", err);
-            return rc;
-        }
-    return a->failed;
-}
 
 /* Decodes a PNG (bytes) into an image; NULL on failure. */
 static dg_image *decode(const uint8_t *png, size_t len) {
@@ -172,9 +119,8 @@ static void run_case(dg_sched *s, json_t *c, double *worst_max, double *worst_me
     dg_message msg = {DG_ROLE_USER, parts, n};
     dg_request r = {.id = name, .messages = &msg, .n_messages = 1,
                     .seed = (uint64_t)json_integer_value(json_object_get(c, "seed"))};
-    answer a = {0};
-    int rc = ask(s, &r, &a);
-    if (rc) test_fail(__FILE__, __LINE__, "%s: %s", name, a.error);
+    test_job a = {0};
+    if (test_job_run(s, &r, &a) || a.error[0]) test_fail(__FILE__, __LINE__, "%s: %s", name, a.error);
     const char *want = json_string_value(json_object_get(c, "answer"));
     if (strcmp(a.text, want)) test_fail(__FILE__, __LINE__, "%s: text \"%s\", golden \"%s\"", name, a.text, want);
     json_t *pics = json_object_get(c, "pictures");
@@ -191,7 +137,7 @@ static void run_case(dg_sched *s, json_t *c, double *worst_max, double *worst_me
         if (mx > *worst_max) *worst_max = mx;
         if (mean > *worst_mean) *worst_mean = mean;
     }
-    for (int k = 0; k < a.n_png; k++) free(a.png[k]);
+    test_job_free(&a);
     free(in_png);
 }
 
