@@ -190,14 +190,13 @@ static void attend_chunk_c(float *o, const float *q, const float *kc, int ldk, c
     *mx = mnew;
 }
 
-/* One (query, kv head) pair at a time: its `group` query heads share each chunk of K and V
- * rows, read (and widened from BF16) once; each query head runs the online softmax over
- * chunks of ATT_CHUNK keys (attend_chunk_*), chunks starting at multiples of ATT_CHUNK, so
- * its bits depend only on its q, the keys/values and n_ctx, never on m, its place in the
- * batch or the thread. The value is softmax(q·Kᵀ·scale)·V up to fp32 rounding, without a
- * [context]-sized buffer. */
-/* One work item of the decoder's attention: the query heads of kv head kvh in one query row
- * (q, out: that row; n_ctx: its position + 1, the keys it sees). */
+/* One work item of the decoder's attention, a (query row, kv head) pair (q, out: that row;
+ * n_ctx: its position + 1, the keys it sees): its `group` query heads share each chunk of K
+ * and V rows, read (and widened from BF16) once; each query head runs the online softmax
+ * over chunks of ATT_CHUNK keys (attend_chunk_*), chunks starting at multiples of
+ * ATT_CHUNK, so its bits depend only on its q, the keys/values and n_ctx, never on m, its
+ * place in the batch or the thread. The value is softmax(q·Kᵀ·scale)·V up to fp32
+ * rounding, without a [context]-sized buffer. */
 static void attend_group(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_ctx,
                          int n_heads, int n_kv_heads, int kvh, int head_dim, float scale) {
     const int group = n_heads / n_kv_heads, kv_dim = n_kv_heads * head_dim;
