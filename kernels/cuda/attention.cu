@@ -612,21 +612,11 @@ static int attention(dg_cuda *c, float *out, const float *q, const dg_kv_view *k
 
 /* ---- many sequences at once (attention_batch) --------------------------------------------- */
 
-/* Block per new row: its K and V rows to pool row slot[row] (bf16: rounded to nearest even,
- * as the CPU's kv_write). */
+/* Block per new row: its K and V rows to pool row slot[row]. */
 __global__ void kv_write_rows_kernel(void *kc, void *vc, const int64_t *slot, const float *k, const float *v,
                                      int kv_dim, int bf16) {
-    const int64_t r = slot[blockIdx.x];
-    const float *ki = k + (int64_t)blockIdx.x * kv_dim, *vi = v + (int64_t)blockIdx.x * kv_dim;
-    for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
-        if (bf16) {
-            ((__nv_bfloat16 *)kc)[r * kv_dim + j] = __float2bfloat16_rn(ki[j]);
-            ((__nv_bfloat16 *)vc)[r * kv_dim + j] = __float2bfloat16_rn(vi[j]);
-        } else {
-            ((float *)kc)[r * kv_dim + j] = ki[j];
-            ((float *)vc)[r * kv_dim + j] = vi[j];
-        }
-    }
+    dg_cuda_kv_store_row(kc, vc, slot[blockIdx.x], k + (int64_t)blockIdx.x * kv_dim, v + (int64_t)blockIdx.x * kv_dim,
+                         kv_dim, bf16);
 }
 
 /* The host side of a call's arrays is c->att_tiles (4 · DG_CUDA_ATT_TILES ints), free while
@@ -644,6 +634,12 @@ static int kv_write_rows(dg_cuda *c, const dg_kv_view *kv, const int64_t *slot, 
     kv_write_rows_kernel<<<n, 128, 0, c->stream>>>(kv->k, kv->v, d_slot, k, v, kv_dim, kv->dtype == DG_DTYPE_BF16);
     CUDA_CHECK_LAUNCH(c);
     return 0;
+}
+
+/* Whether a sequence's rows go into the batched split-K launch: a few new rows (a decode
+ * step) whose block table fits the host array; the others take `attention` on their own. */
+static inline int decode_rows_take(const dg_attn_seq *s) {
+    return s->m <= DECODE_MAX_M && (s->n_past + s->m + s->kv.block_size - 1) / s->kv.block_size <= BATCH_TAB_MAX;
 }
 
 static int decode_rows_flush(dg_cuda *c, float *out, const float *q, const dg_kv_view *kv, int32_t *desc, int nr,
@@ -692,8 +688,8 @@ static int attention_pool(dg_cuda *c, float *out, const float *q, const float *k
     int32_t *desc = c->att_tiles, *tab = c->att_tiles + 4 * BATCH_ROWS_MAX;
     int nr = 0, nt = 0, max_ctx = 0;
     for (int i = 0, row = 0; i < n_seqs; row += seqs[i].m, i++) {
+        if (!decode_rows_take(&seqs[i])) continue;   /* below */
         const int n_ctx = seqs[i].n_past + seqs[i].m, nb = (n_ctx + bs - 1) / bs;
-        if (seqs[i].m > DECODE_MAX_M || nb > BATCH_TAB_MAX) continue;   /* below */
         if (nr + seqs[i].m > BATCH_ROWS_MAX || nt + nb > BATCH_TAB_MAX) {
             if ((rc = decode_rows_flush(c, out, q, kv, desc, nr, tab, nt, max_ctx, n_heads, n_kv_heads, head_dim,
                                         scale)) < 0)
@@ -714,13 +710,11 @@ static int attention_pool(dg_cuda *c, float *out, const float *q, const float *k
         return rc;
 
     /* the prefill chunks (attention uses c->att_tiles for its tile lists: after the groups) */
-    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].m, i++) {
-        const int n_ctx = seqs[i].n_past + seqs[i].m, nb = (n_ctx + bs - 1) / bs;
-        if (seqs[i].m > DECODE_MAX_M || nb > BATCH_TAB_MAX)
+    for (int i = 0, row = 0; i < n_seqs; row += seqs[i].m, i++)
+        if (!decode_rows_take(&seqs[i]))
             if ((rc = attention(c, out + row * QD, q + row * QD, &seqs[i].kv, seqs[i].n_past, seqs[i].m, n_heads,
                                 n_kv_heads, head_dim, scale)) < 0)
                 return rc;
-    }
     return 0;
 }
 

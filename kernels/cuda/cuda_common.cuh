@@ -117,6 +117,21 @@ typedef struct {
     char            err[256];
 } dg_cuda;
 
+/* A block's share of one K/V row write: k, v [kv_dim] to pool row r, the block's threads
+ * striding over the row; bf16 pools rounded to nearest even, as the CPU's kv_write. */
+__device__ __forceinline__ void dg_cuda_kv_store_row(void *kc, void *vc, int64_t r, const float *k, const float *v,
+                                                     int kv_dim, int bf16) {
+    for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
+        if (bf16) {
+            ((__nv_bfloat16 *)kc)[r * kv_dim + j] = __float2bfloat16_rn(k[j]);
+            ((__nv_bfloat16 *)vc)[r * kv_dim + j] = __float2bfloat16_rn(v[j]);
+        } else {
+            ((float *)kc)[r * kv_dim + j] = k[j];
+            ((float *)vc)[r * kv_dim + j] = v[j];
+        }
+    }
+}
+
 /* Records a failed CUDA/cuBLAS call (the first one wins) and returns DG_EDEVICE. */
 int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *file, int line);
 /* cudaSetDevice(c's device), recording a failure. */

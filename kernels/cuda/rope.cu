@@ -66,16 +66,7 @@ __global__ void kv_write_kernel(void *kc, void *vc, const int32_t *table, int fi
                                 int block_size, int start, const float *k, const float *v, int kv_dim, int bf16) {
     const int p = start + blockIdx.x;
     const int64_t r = (int64_t)table[p / block_size - first_block] * block_size + p % block_size;
-    for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) {
-        const float kj = k[(int64_t)blockIdx.x * kv_dim + j], vj = v[(int64_t)blockIdx.x * kv_dim + j];
-        if (bf16) {   /* rounded to nearest even, as the CPU's kv_write */
-            ((__nv_bfloat16 *)kc)[r * kv_dim + j] = __float2bfloat16_rn(kj);
-            ((__nv_bfloat16 *)vc)[r * kv_dim + j] = __float2bfloat16_rn(vj);
-        } else {
-            ((float *)kc)[r * kv_dim + j] = kj;
-            ((float *)vc)[r * kv_dim + j] = vj;
-        }
-    }
+    dg_cuda_kv_store_row(kc, vc, r, k + (int64_t)blockIdx.x * kv_dim, v + (int64_t)blockIdx.x * kv_dim, kv_dim, bf16);
 }
 
 static int kv_write(dg_cuda *c, const dg_kv_view *kv, int start, const float *k, const float *v,
