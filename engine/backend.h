@@ -322,8 +322,10 @@ typedef struct {
                                   device's free memory); the CPU backends ignore it */
     int    cpu_bf16_compute;   /* CPU: 1 = matmuls over BF16 weights in the bf16 compute
                                   order (activations rounded to bf16, VDPBF16PS or the same
-                                  bits without it: kernels/cpu/matmul.h); 0 = fp32, the
-                                  default. The CUDA backend ignores it */
+                                  bits without it: kernels/cpu/matmul.h), and on AVX-512
+                                  BF16 the segment attention's products in bf16
+                                  (kernels/cpu/attention_bf16.h); 0 = fp32, the default.
+                                  The CUDA backend ignores it */
     int    cpu_mapped_weights; /* CPU: 1 = weights read from the files' memory maps (shared
                                   page cache, no copy); 0 = copied into transparent huge
                                   pages at load (weights_hugepages), the default: decode

@@ -5,7 +5,8 @@
  * Tolerances: attention is a softmax-weighted mean of values in [-1, 1] after dot products
  * of head_dim <= 80 fp32 terms; fp32 rounding in the products, the online softmax and the
  * final division stays below 1e-5 (2e-5 allowed). GELU: a few ulp of libm's erff,
- * 1e-5 relative + 1e-6 absolute. The rotary and the gather are exact up to one rounding. */
+ * 1e-5 relative + 1e-6 absolute; and relative everywhere, the negative tail included (see
+ * gelu_relative_to_the_tail). The rotary and the gather are exact up to one rounding. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,6 +14,9 @@
 
 #include "common/harness.h"
 #include "backend.h"
+#include "cpu/attention_bf16.h"
+#include "cpu/cpu_backend.h"
+#include "cpu/cpu_kernels.h"
 #include "duogen.h"
 
 static const char *BACKENDS[] = {"cpu", "cpu-scalar"};
@@ -21,6 +25,15 @@ static uint64_t rng = 777;
 static float frand(void) {   /* uniform in [-1, 1) */
     rng = rng * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((rng >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+/* Round to nearest even bf16, as fp32 (kernels/cpu/matmul.h step 0; no denormals here). */
+static float bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 static dg_backend *open_backend(const char *name) {
@@ -64,7 +77,7 @@ static void ref_attention(double *out, const float *q, int q_stride, const float
  * (one over several query blocks and key tiles, one of one row), and GQA cross-attention with separate
  * buffers, different q and kv lengths and an empty kv segment. */
 static void check_attention(dg_backend *be, int fused, int n_heads, int n_kv_heads, int hd,
-                            const int32_t *q_cu, const int32_t *kv_cu, int n_seg) {
+                            const int32_t *q_cu, const int32_t *kv_cu, int n_seg, double tol) {
     const int nq = q_cu[n_seg], nkv = kv_cu[n_seg], QD = n_heads * hd, KD = n_kv_heads * hd;
     const int q_stride = fused ? QD + 2 * KD : QD, kv_stride = fused ? QD + 2 * KD : KD;
     const int nrows = nq > nkv ? nq : nkv;
@@ -78,13 +91,17 @@ static void check_attention(dg_backend *be, int fused, int n_heads, int n_kv_hea
     const float scale = 1.0f / sqrtf((float)hd);
     be->attention_segments(be, out, q, q_stride, k, v, kv_stride, q_cu, kv_cu, n_seg, n_heads,
                            n_kv_heads, hd, scale);
+    if (be->bf16_compute)   /* the reference from the inputs as the bf16 products see them */
+        for (int64_t i = 0; i < (int64_t)nrows * (QD + 2 * KD); i++) qkv[i] = bf16_round(qkv[i]);
+    if (be->bf16_compute)
+        for (int64_t i = 0; i < (int64_t)nkv * KD; i++) { kb[i] = bf16_round(kb[i]); vb[i] = bf16_round(vb[i]); }
     ref_attention(ref, q, q_stride, k, v, kv_stride, q_cu, kv_cu, n_seg, n_heads, n_kv_heads, hd, scale);
     double worst = 0.0;
     for (int64_t i = 0; i < (int64_t)nq * QD; i++) {
         double d = fabs(out[i] - ref[i]);
         if (d > worst) worst = d;
     }
-    if (worst > 2e-5)
+    if (worst > tol)
         test_fail(__FILE__, __LINE__, "%s attention_segments fused=%d: max error %.3g", be->name, fused, worst);
     free(qkv); free(kb); free(vb); free(out); free(ref);
 }
@@ -95,11 +112,105 @@ TEST(attention_segments_windows_and_cross) {
         if (!be) continue;
         /* one segment longer than a query block (128) and a key tile (256) */
         const int32_t win[] = {0, 64, 128, 420, 421, 460};
-        check_attention(be, 1, 4, 4, 80, win, win, 5);
+        check_attention(be, 1, 4, 4, 80, win, win, 5, 2e-5);
         const int32_t q_cu[] = {0, 37, 37, 90}, kv_cu[] = {0, 300, 311, 311};
-        check_attention(be, 0, 6, 2, 16, q_cu, kv_cu, 3);
+        check_attention(be, 0, 6, 2, 16, q_cu, kv_cu, 3, 2e-5);
         dg_backend_free(be);
     }
+}
+
+/* With bf16 compute: on AVX-512 BF16 the products take bf16 inputs (attention_bf16.h),
+ * elsewhere they stay fp32. The reference is computed from q, k, v rounded to bf16 (for the
+ * fp32 products that rounding is the whole difference, below the bound too). What remains
+ * is the rounding of the probabilities: each weight p_j moves by at most 2^-9 of itself, so
+ * an output, a weighted mean of values in [-1, 1], by at most 2^-9 = 1.95e-3; the fp32
+ * arithmetic adds < 2e-5 (the test above): 2e-3. The products themselves are checked
+ * tightly in attention_bf16_products. */
+TEST(attention_segments_bf16_compute) {
+    for (int b = 0; b < 2; b++) {
+        dg_backend *be = NULL;
+        char err[128];
+        if (dg_backend_new_opts(BACKENDS[b], &(dg_backend_opts){.n_threads = 2, .cpu_bf16_compute = 1}, &be, err,
+                                sizeof err) < 0)
+            test_fail(__FILE__, __LINE__, "%s", err);
+        const int32_t win[] = {0, 64, 128, 420, 421, 460};
+        check_attention(be, 1, 4, 4, 80, win, win, 5, 2e-3);
+        const int32_t q_cu[] = {0, 37, 37, 90}, kv_cu[] = {0, 300, 311, 311};
+        check_attention(be, 0, 6, 2, 16, q_cu, kv_cu, 3, 2e-3);
+        check_attention(be, 0, 2, 2, 128, q_cu, kv_cu, 3, 2e-3);
+        dg_backend_free(be);
+    }
+}
+
+/* The bf16 products themselves (attention_bf16.h), against double on the rounded inputs:
+ * a score is a chain of hd fused steps from 0, an output a chain of 2·ceil(nc/2) steps from
+ * its fp32 value, each step one rounding of at most 2^-24 of the partial sum, whose
+ * magnitude is at most the sum of the magnitudes Σ: |error| <= (steps + 1)·2^-24·Σ (the one
+ * more: the scale's multiply). Products of unrounded fp32 inputs would be off by ~2^-9
+ * relative, 10^4 times that. Shapes: head_dim 80 and 128, tiles of 201 keys (odd: a pair
+ * with one key; not a multiple of 16 or 64) and 256, 37 and 128 rows (not and a multiple of
+ * 4); a row computed alone has the bits it has among the others. Skipped where the CPU has
+ * no AVX-512 BF16: these kernels run nowhere else. */
+TEST(attention_bf16_products) {
+    dg_backend *be = NULL;
+    char err[256];
+    CHECK_EQ_INT(dg_cpu_backend_new(1, DG_CPU_AVX512_BF16, 1, &be, err, sizeof err), 0);
+    const int simd = be ? ((const dg_cpu *)be->impl)->simd : 0;
+    dg_backend_free(be);
+    if (simd < DG_CPU_AVX512_BF16) SKIP("this CPU has no AVX-512 BF16: the bf16 attention products run nowhere else");
+    enum { QB = 128, KC = 256, HD_MAX = 128 };
+    static float q[QB * HD_MAX], k[KC * HD_MAX], v[KC * HD_MAX], s[QB * KC], s1[KC], p[QB * KC], o[QB * HD_MAX],
+        o0[QB * HD_MAX], o1[HD_MAX];
+    uint32_t *scratch = aligned_alloc(64, sizeof(uint32_t) * DG_ATT_BF16_WORDS(QB, KC));
+    const int hds[2] = {80, 128}, ncs[2] = {201, 256}, nqs[2] = {37, 128};
+    for (int c = 0; c < 8; c++) {
+        const int hd = hds[c & 1], nc = ncs[(c >> 1) & 1], nq = nqs[c >> 2];
+        const float scale = 1.0f / sqrtf((float)hd);
+        for (int i = 0; i < nq * hd; i++) q[i] = frand();
+        for (int i = 0; i < nc * hd; i++) { k[i] = frand(); v[i] = frand(); }
+        for (int i = 0; i < nq * KC; i++) p[i] = 0.5f * (frand() + 1.0f);   /* like probabilities */
+        for (int i = 0; i < nq * hd; i++) o0[i] = o[i] = frand();
+        dg_att_bf16 a;
+        dg_att_bf16_begin(&a, scratch, QB, KC, q, hd, nq, hd);
+        dg_att_bf16_tile(&a, k, v, hd, nc);
+        dg_att_bf16_scores(&a, s, KC, nc, scale);
+        dg_att_bf16_pv(&a, o, p, KC, nc);
+        double worst_s = 0, worst_o = 0;   /* error / bound */
+        for (int i = 0; i < nq; i++) {
+            for (int j = 0; j < nc; j++) {
+                double exact = 0, mag = 0;
+                for (int d = 0; d < hd; d++) {
+                    const double t = (double)bf16_round(q[i * hd + d]) * bf16_round(k[j * hd + d]);
+                    exact += t;
+                    mag += fabs(t);
+                }
+                const double e = fabs(s[i * KC + j] - exact * scale) / ((hd + 1) * 0x1p-24 * mag * scale + 1e-30);
+                if (e > worst_s) worst_s = e;
+            }
+            for (int d = 0; d < hd; d++) {
+                double exact = o0[i * hd + d], mag = fabs(o0[i * hd + d]);
+                for (int j = 0; j < nc; j++) {
+                    const double t = (double)bf16_round(p[i * KC + j]) * bf16_round(v[j * hd + d]);
+                    exact += t;
+                    mag += fabs(t);
+                }
+                const double e = fabs(o[i * hd + d] - exact) / ((2 * ((nc + 1) / 2) + 1) * 0x1p-24 * mag);
+                if (e > worst_o) worst_o = e;
+            }
+        }
+        if (worst_s > 1.0 || worst_o > 1.0)
+            test_fail(__FILE__, __LINE__, "hd %d, %d keys, %d rows: scores at %.3g of the bound, outputs at %.3g", hd,
+                      nc, nq, worst_s, worst_o);
+        /* row 5 alone: the same bits */
+        memcpy(o1, o0 + 5 * hd, sizeof(float) * (size_t)hd);
+        dg_att_bf16_begin(&a, scratch, QB, KC, q + 5 * hd, hd, 1, hd);
+        dg_att_bf16_tile(&a, k, v, hd, nc);
+        dg_att_bf16_scores(&a, s1, KC, nc, scale);
+        dg_att_bf16_pv(&a, o1, p + 5 * KC, KC, nc);
+        CHECK(memcmp(s1, s + 5 * KC, sizeof(float) * (size_t)nc) == 0);
+        CHECK(memcmp(o1, o + 5 * hd, sizeof(float) * (size_t)hd) == 0);
+    }
+    free(scratch);
 }
 
 TEST(gelu_erf) {
@@ -117,6 +228,34 @@ TEST(gelu_erf) {
         memcpy(y, x, sizeof y);
         be->gelu(be, y, y, N);   /* in place */
         CHECK_NEAR(y[600], 0.5 * x[600] * (1.0 + erf(x[600] / sqrt(2.0))), 1e-6);
+        dg_backend_free(be);
+    }
+}
+
+/* GELU relative to its value from x = -13 to 13, where the value is 1e-37 at the low end: 1 +
+ * erf(x/√2) is computed without a sum that cancels (vision_ops.c). Tolerance: the vector
+ * form's fits are within 5.5e-7 relative and its exp 2 ulp (libm's erfcf a few ulp): 2e-6;
+ * and z = x·fp32(1/√2) is off the exact x/√2 by up to two roundings (the constant's and the
+ * product's, 2^-24 relative each), which move erfc(-z) by 2z² times that, and the vector
+ * form rounds z² too: 3e-7·z² added (2.5e-5 at x = -13). Below -13 the
+ * value underflows; the kernels give at most 1e-36 there, of the right sign. */
+TEST(gelu_relative_to_the_tail) {
+    enum { N = 26003 };   /* not a multiple of 8: a masked tail */
+    static float x[N], y[N];
+    for (int i = 0; i < N; i++) x[i] = -13.0f + 26.0f * (float)i / (N - 1);
+    for (int b = 0; b < 2; b++) {
+        dg_backend *be = open_backend(BACKENDS[b]);
+        if (!be) continue;
+        be->gelu(be, y, x, N);
+        for (int i = 0; i < N; i++) {
+            const double z = x[i] / sqrt(2.0), r = 0.5 * x[i] * erfc(-z);
+            if (r == 0.0) CHECK(y[i] == 0.0f);
+            else CHECK_NEAR(y[i] / r, 1.0, 2e-6 + 3e-7 * z * z);
+        }
+        float lo[5] = {-13.5f, -20.0f, -100.0f, -1e30f, -0.0f}, ylo[5];
+        be->gelu(be, ylo, lo, 5);
+        for (int i = 0; i < 4; i++) CHECK(ylo[i] <= 0.0f && ylo[i] >= -1e-36f);
+        CHECK(ylo[4] == 0.0f);
         dg_backend_free(be);
     }
 }

@@ -47,6 +47,7 @@ static void cpu_free(dg_backend *be) {
         free(cpu(be)->gemm);
         free(cpu(be)->gemm_bf16);
         free(cpu(be)->xbf16);
+        free(cpu(be)->att_bf16);
     }
     free(be->impl);
     free(be);
@@ -155,7 +156,9 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
         !(c->gemm = cpu_alloc(be, sizeof(float) * DG_MATMUL_SCRATCH_FLOATS * (size_t)c->n_threads)) ||
         (c->bf16_compute &&
          (!(c->gemm_bf16 = cpu_alloc(be, sizeof(uint16_t) * DG_MATMUL_BF16_PANEL * (size_t)c->n_threads)) ||
-          !(c->xbf16 = cpu_alloc(be, sizeof(uint16_t) * DG_MATMUL_BF16_XBUF)))))
+          !(c->xbf16 = cpu_alloc(be, sizeof(uint16_t) * DG_MATMUL_BF16_XBUF)))) ||
+        (c->bf16_compute && c->simd >= DG_CPU_AVX512_BF16 &&
+         !(c->att_bf16 = cpu_alloc(be, sizeof(uint32_t) * DG_ATT_SCRATCH_WORDS * (size_t)c->n_threads))))
         goto nomem;
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
@@ -212,6 +215,7 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) 
     dg_cpu settings = *cpu(be);
     settings.conv = settings.gemm = NULL;
     settings.gemm_bf16 = settings.xbf16 = NULL;
+    settings.att_bf16 = NULL;
     const int rc = cpu_make(&settings, out, err, errlen);
     if (rc == 0) (*out)->weights_hugepages = be->weights_hugepages;
     return rc;

@@ -27,6 +27,9 @@ typedef struct {
                                 DG_MATMUL_BF16_PANEL for each of n_threads */
     uint16_t *xbf16;         /* owned, with bf16_compute: a call's rounded x,
                                 DG_MATMUL_BF16_XBUF (matmul.h) */
+    uint32_t *att_bf16;      /* owned, with bf16_compute on AVX-512 BF16: the segment
+                                attention's scratch, DG_ATT_SCRATCH_WORDS for each of
+                                n_threads (vision_ops.h) */
 } dg_cpu;
 
 /* vector.c */

@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "cpu_kernels.h"
@@ -21,9 +22,11 @@
  * OpenBLAS, unlike the matmul (matmul.h): a segment's query blocks start at the segment
  * and do not depend on the other segments, so an image (or a DiT sequence) of the same
  * shape gets the same bits; a query row is not promised the same bits in a segment of
- * another length. */
-#define ATT_QB 128
-#define ATT_KC 256
+ * another length.
+ * With bf16 compute on AVX-512 BF16, the two products are attention_bf16.h's (bf16 inputs,
+ * fp32 accumulation, as PyTorch's bf16 attention); the softmax between them is the same. */
+#define ATT_QB DG_ATT_QB
+#define ATT_KC DG_ATT_KC
 #define ATT_MAX_HEAD_DIM 256
 
 static const dg_cpu *cpu(const dg_backend *be) { return be->impl; }
@@ -67,20 +70,27 @@ SIMD static float softmax_row_avx2(float *s, int n, float *mx, float *corr) {
     return sum;
 }
 
-/* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. */
-static void attend_block(int simd, float *out, int out_stride, const float *q, int q_stride,
+/* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. bf: NULL, or the
+ * thread's attention_bf16.h scratch (the bf16 products). */
+static void attend_block(int simd, uint32_t *bf, float *out, int out_stride, const float *q, int q_stride,
                          const float *k, const float *v, int kv_stride, int nq, int nk,
                          int head_dim, float scale) {
-    float s[ATT_QB * ATT_KC], o[ATT_QB * ATT_MAX_HEAD_DIM], mx[ATT_QB], l[ATT_QB];
+    float s[ATT_QB * ATT_KC] __attribute__((aligned(64))), o[ATT_QB * ATT_MAX_HEAD_DIM], mx[ATT_QB], l[ATT_QB];
+    dg_att_bf16 ab;
     for (int i = 0; i < nq; i++) {
         mx[i] = -INFINITY;
         l[i] = 0.0f;
     }
     memset(o, 0, sizeof(float) * (size_t)nq * (size_t)head_dim);
+    if (bf) dg_att_bf16_begin(&ab, bf, ATT_QB, ATT_KC, q, q_stride, nq, head_dim);
     for (int j0 = 0; j0 < nk; j0 += ATT_KC) {
         const int nc = nk - j0 < ATT_KC ? nk - j0 : ATT_KC;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nc, head_dim, scale, q, q_stride,
-                    k + (int64_t)j0 * kv_stride, kv_stride, 0.0f, s, ATT_KC);
+        if (bf) {
+            dg_att_bf16_tile(&ab, k + (int64_t)j0 * kv_stride, v + (int64_t)j0 * kv_stride, kv_stride, nc);
+            dg_att_bf16_scores(&ab, s, ATT_KC, nc, scale);
+        } else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nc, head_dim, scale, q, q_stride,
+                        k + (int64_t)j0 * kv_stride, kv_stride, 0.0f, s, ATT_KC);
         for (int i = 0; i < nq; i++) {
             float corr;
             const float sum = simd ? softmax_row_avx2(s + i * ATT_KC, nc, &mx[i], &corr)
@@ -89,8 +99,10 @@ static void attend_block(int simd, float *out, int out_stride, const float *q, i
             if (corr != 1.0f)
                 for (int d = 0; d < head_dim; d++) o[i * head_dim + d] *= corr;
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, head_dim, nc, 1.0f, s, ATT_KC,
-                    v + (int64_t)j0 * kv_stride, kv_stride, 1.0f, o, head_dim);
+        if (bf) dg_att_bf16_pv(&ab, o, s, ATT_KC, nc);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, head_dim, nc, 1.0f, s, ATT_KC,
+                        v + (int64_t)j0 * kv_stride, kv_stride, 1.0f, o, head_dim);
     }
     for (int i = 0; i < nq; i++) {
         const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;   /* an empty kv segment gives 0 */
@@ -104,6 +116,7 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
                                int n_heads, int n_kv_heads, int head_dim, float scale) {
     const dg_cpu *c = cpu(be);
     const int group = n_heads / n_kv_heads, out_stride = n_heads * head_dim;
+    const int bf16 = c->att_bf16 && DG_ATT_BF16_OK(head_dim);
     /* tasks: (segment, query block, head), numbered segment by segment */
     int64_t n_tasks = 0;
     for (int sg = 0; sg < n_seg; sg++)
@@ -127,7 +140,8 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
             const int h = (int)(r % n_heads), qb = (int)(r / n_heads), kvh = h / group;
             const int q0 = q_cu[sg] + qb * ATT_QB, q1 = q_cu[sg + 1];
             const int nq = q1 - q0 < ATT_QB ? q1 - q0 : ATT_QB;
-            attend_block(c->simd, out + (int64_t)q0 * out_stride + h * head_dim, out_stride,
+            attend_block(c->simd, bf16 ? c->att_bf16 + (int64_t)omp_get_thread_num() * DG_ATT_SCRATCH_WORDS : NULL,
+                         out + (int64_t)q0 * out_stride + h * head_dim, out_stride,
                          q + (int64_t)q0 * q_stride + h * head_dim, q_stride,
                          k + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim,
                          v + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim, kv_stride, nq,
@@ -136,10 +150,57 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
     }
 }
 
+/* GELU (erf form): y = x/2 · (1 + erf(z)), z = x/√2, 8 lanes at a time. 1 + erf(z) is
+ * computed as a whole, never as a sum that cancels:
+ *     |z| < 1:  1 + z·P(z²)
+ *     z >= 1:   2 - E,  z <= -1:  E,  where E = erfc(|z|) = exp(-z²)·Q(1/|z|)
+ * P and Q are tools/reference/fit_erf.py's fits (relative error 1.2e-7 and 5.5e-7 in float32
+ * Horner), exp is dg_exp256 (2 ulp). So 1 + erf(z) is within ~1e-6 relative everywhere,
+ * the negative tail included (the portable path: 1 + erf(z) = erfc(-z), libm's erfcf).
+ * Past |z| = 9.3 dg_exp256 stays at its floor 2^-126 (E < 1e-38 where the true value
+ * underflows); past |z| = 10, the end of Q's fit, E is 0. libm's scalar erff, and the
+ * expf it calls, were 15-18% of a bf16 DiT step. */
+DG_SIMD_AVX2 static inline __m256 gelu8(__m256 x) {
+    static const float P[6] = {1.12837911f, -0.376122802f, 0.112798952f, -0.0267045144f, 0.00491057709f,
+                               -0.000560563814f};
+    static const float Q[10] = {3.45271519e-06f, 0.564101696f, 0.00064759294f, -0.280455381f, -0.0534192994f,
+                                0.781572223f, -1.20685756f, 0.952383697f, -0.403005242f, 0.0726123899f};
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z), z2 = _mm256_mul_ps(z, z);
+    __m256 p = _mm256_set1_ps(P[5]);
+    for (int k = 4; k >= 0; k--) p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(P[k]));
+    const __m256 u = _mm256_div_ps(one, a);   /* inf at z = 0: that lane takes the |z| < 1 form */
+    __m256 q = _mm256_set1_ps(Q[9]);
+    for (int k = 8; k >= 0; k--) q = _mm256_fmadd_ps(q, u, _mm256_set1_ps(Q[k]));
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(a, _mm256_set1_ps(10.0f), _CMP_GE_OQ),
+                                      _mm256_mul_ps(dg_exp256(_mm256_sub_ps(zero, z2)), q));   /* 0 past 10 */
+    const __m256 tail = _mm256_blendv_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.0f), e), _mm256_cmp_ps(z, zero, _CMP_GT_OQ));
+    const __m256 t = _mm256_blendv_ps(tail, _mm256_fmadd_ps(z, p, one), _mm256_cmp_ps(a, one, _CMP_LT_OQ));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), t);
+}
+
+/* gelu8 over n elements (the last, short group by masked loads and stores): an element's
+ * bits do not depend on where it sits. */
+DG_SIMD_AVX2 static void gelu_avx2(float *y, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_maskstore_ps(y + i, live, gelu8(_mm256_maskload_ps(x + i, live)));
+    }
+}
+
 void dg_cpu_gelu(dg_backend *be, float *y, const float *x, int64_t n) {
     const dg_cpu *c = cpu(be);
+    if (c->simd) {
+        const int64_t per = 8192, parts = (n + per - 1) / per;
 #pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+        for (int64_t p = 0; p < parts; p++) gelu_avx2(y + p * per, x + p * per, p + 1 < parts ? per : n - p * per);
+        return;
+    }
+#pragma omp parallel for num_threads(c->n_threads) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * erfcf(x[i] * -0.70710678118654752f);
 }
 
 void dg_cpu_rope_table(dg_backend *be, float *x, int stride, const float *cos, const float *sin,

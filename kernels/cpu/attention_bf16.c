@@ -1,0 +1,129 @@
+/* attention_bf16.c — the segment attention's products on AVX-512 BF16 (attention_bf16.h).
+ *
+ * Both products are GEMM tiles of 4 rows by 4 zmm of 16 lanes (16 accumulators, 4 operand
+ * vectors and a broadcast: 21 of the 32 registers), a step one pair: the scores' lanes are
+ * 16 keys (the keys packed a pair of dimensions by 16 keys), the outputs' lanes 16 dims (the
+ * values packed a pair of keys by 16 dims). The rows of queries and probabilities are
+ * rounded once into pairs, so a step broadcasts one 32-bit word per row. Packing a tile
+ * costs a pass over its keys and values, against the 4·nq·nc·hd flops of the block. */
+#include "attention_bf16.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl,avx2,fma")))
+#define INLINE static inline __attribute__((always_inline))
+
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+/* n values at x rounded (matmul.h step 0: VCVTNEPS2BF16) into n/2 words at w, n even. */
+TARGET static void round_pairs(uint32_t *w, const float *x, int n) {
+    for (int c = 0; c < n; c += 16) {
+        const int left = n - c;
+        const __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + c));
+        _mm256_mask_storeu_epi32(w + c / 2, left >= 16 ? 0xff : (__mmask8)((1u << (left / 2)) - 1), h);
+    }
+}
+
+/* One value rounded, as a 16-bit word (the same instruction on one lane). */
+TARGET static uint32_t round1(float f) {
+    return (uint32_t)(uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(f)));
+}
+
+void dg_att_bf16_begin(dg_att_bf16 *a, uint32_t *scratch, int qb, int kc, const float *q, int q_stride, int nq,
+                       int hd) {
+    const int hq = hd / 2, rows = round_up(nq, 4);
+    a->q = scratch;
+    a->k = a->q + (int64_t)qb * 128;
+    a->v = a->k + (int64_t)kc * 128;
+    a->p = a->v + (int64_t)kc * 128 + 16;
+    a->nq = nq;
+    a->hd = hd;
+    for (int i = 0; i < nq; i++) round_pairs(a->q + (int64_t)i * hq, q + (int64_t)i * q_stride, hd);
+    memset(a->q + (int64_t)nq * hq, 0, sizeof(uint32_t) * (size_t)(rows - nq) * hq);
+}
+
+TARGET void dg_att_bf16_tile(dg_att_bf16 *a, const float *k, const float *v, int kv_stride, int nc) {
+    const int hd = a->hd, hq = hd / 2, groups = round_up(nc, 64) / 16, np = (nc + 1) / 2;
+    uint32_t row[128];
+    /* keys: word (g, t, l) = key 16g + l's dims 2t, 2t + 1; keys past nc are zeros */
+    for (int j = 0; j < groups * 16; j++) {
+        uint32_t *dst = a->k + (int64_t)(j / 16) * hq * 16 + j % 16;
+        if (j < nc) round_pairs(row, k + (int64_t)j * kv_stride, hd);
+        else memset(row, 0, sizeof(uint32_t) * (size_t)hq);
+        for (int t = 0; t < hq; t++) dst[t * 16] = row[t];
+    }
+    /* values: word (g, t, l) = dim 16g + l of keys 2t (low half) and 2t + 1 (high; 0 past nc) */
+    for (int t = 0; t < np; t++) {
+        const float *v0 = v + (int64_t)(2 * t) * kv_stride, *v1 = v0 + kv_stride;
+        for (int d = 0; d < hd; d += 16) {
+            const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v0 + d));
+            const __m256i hi = 2 * t + 1 < nc ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v1 + d))
+                                              : _mm256_setzero_si256();
+            const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(lo),
+                                              _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+            _mm512_storeu_si512(a->v + ((int64_t)(d / 16) * np + t) * 16, w);
+        }
+    }
+}
+
+/* 4 rows x 4 zmm over `steps` pairs: acc[r][g] += broadcast(x[r·ldx + t]) · y[(g·gstride + t)·16]. */
+TARGET INLINE void block(__m512 acc[4][4], const int gn, const uint32_t *x, int64_t ldx, const uint32_t *y,
+                         int64_t gstride, int steps) {
+    for (int t = 0; t < steps; t++) {
+        __m512i yv[4];
+#pragma GCC unroll 4
+        for (int g = 0; g < gn; g++) yv[g] = _mm512_loadu_si512(y + ((int64_t)g * gstride + t) * 16);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m512i b = _mm512_set1_epi32((int)x[r * ldx + t]);
+#pragma GCC unroll 4
+            for (int g = 0; g < gn; g++) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], (__m512bh)yv[g], (__m512bh)b);
+        }
+    }
+}
+
+TARGET void dg_att_bf16_scores(const dg_att_bf16 *a, float *s, int lds, int nc, float scale) {
+    const int hq = a->hd / 2, groups = round_up(nc, 64) / 16;
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i0 = 0; i0 < a->nq; i0 += 4)
+        for (int g0 = 0; g0 < groups; g0 += 4) {
+            __m512 acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int g = 0; g < 4; g++) acc[r][g] = _mm512_setzero_ps();
+            block(acc, 4, a->q + (int64_t)i0 * hq, hq, a->k + (int64_t)g0 * hq * 16, hq, hq);
+            for (int r = 0; r < 4 && i0 + r < a->nq; r++)
+                for (int g = 0; g < 4; g++)
+                    _mm512_storeu_ps(s + (int64_t)(i0 + r) * lds + (g0 + g) * 16, _mm512_mul_ps(acc[r][g], sc));
+        }
+}
+
+/* Rows i0 .. i0+3 of o, dim groups g0 .. g0+gn-1. */
+TARGET INLINE void pv_block(const dg_att_bf16 *a, float *o, int i0, int g0, const int gn, int np) {
+    const int hd = a->hd;
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int g = 0; g < gn; g++)
+            acc[r][g] = i0 + r < a->nq ? _mm512_loadu_ps(o + (int64_t)(i0 + r) * hd + (g0 + g) * 16) : _mm512_setzero_ps();
+    block(acc, gn, a->p + (int64_t)i0 * np, np, a->v + (int64_t)g0 * np * 16, np, np);
+    for (int r = 0; r < 4 && i0 + r < a->nq; r++)
+        for (int g = 0; g < gn; g++) _mm512_storeu_ps(o + (int64_t)(i0 + r) * hd + (g0 + g) * 16, acc[r][g]);
+}
+
+TARGET void dg_att_bf16_pv(dg_att_bf16 *a, float *o, const float *p, int lds, int nc) {
+    const int np = (nc + 1) / 2, rows = round_up(a->nq, 4), groups = a->hd / 16;
+    for (int i = 0; i < a->nq; i++) {
+        uint32_t *w = a->p + (int64_t)i * np;
+        round_pairs(w, p + (int64_t)i * lds, nc & ~1);
+        if (nc & 1) w[np - 1] = round1(p[(int64_t)i * lds + nc - 1]);   /* its pair's high half 0 */
+    }
+    memset(a->p + (int64_t)a->nq * np, 0, sizeof(uint32_t) * (size_t)(rows - a->nq) * np);
+    for (int i0 = 0; i0 < a->nq; i0 += 4)
+        for (int g0 = 0; g0 < groups; g0 += 4) switch (groups - g0) {
+            case 1: pv_block(a, o, i0, g0, 1, np); break;
+            case 2: pv_block(a, o, i0, g0, 2, np); break;
+            case 3: pv_block(a, o, i0, g0, 3, np); break;
+            default: pv_block(a, o, i0, g0, 4, np); break;
+            }
+}
