@@ -134,7 +134,7 @@ $(BUILD)/man/duogenctl.1: $(BUILD)/duogenctl
 	@echo "  MAN     $@"
 	@$< --man > $@.tmp && mv $@.tmp $@
 
-.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-batch bench-vision bench-image bench-e2e fuzz demo install clean \
+.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e fuzz demo install clean \
         train-shapes eval-shapes
 all: $(LIB) $(ALL_BINS) $(MAN_PAGES)
 
@@ -245,7 +245,7 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
-bench: bench-queue bench-tokenizer bench-decoder bench-batch bench-vision bench-image bench-e2e
+bench: bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
@@ -271,6 +271,18 @@ bench-decoder: all
 	    tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py; fi
 	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder
 	$(BUILD)/dg-bench --bf16-compute --json $(BUILD)/bench/decoder_bf16.json decoder
+
+# decoding with drafts by prompt lookup against without (dg_sched_opts draft_tokens): the
+# small preset's greedy jobs (bf16 compute, 1 and 2 threads) beside llama.cpp's plain decode
+# of the same weights (BF16 GGUF, run first), and the shapes model's jobs
+bench-drafts: all
+	@mkdir -p $(BUILD)/bench
+	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
+	@if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then \
+	    tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py; \
+	    else echo "bench-drafts: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi
+	$(BUILD)/dg-bench --bf16-compute --threads 1 --json $(BUILD)/bench/drafts_t1.json drafts
+	$(BUILD)/dg-bench --bf16-compute --threads 2 --json $(BUILD)/bench/drafts_t2.json drafts
 
 # the vision tower (small preset), and transformers beside it when the reference venv is there
 # continuous batching on the CPU, small preset: aggregate decode tok/s and jobs/hour against

@@ -55,6 +55,7 @@ typedef struct {
     int    metrics_port;        /* Prometheus text metrics on 127.0.0.1; 0 = off */
     size_t kv_cache_bytes;      /* engine caches; 0 = the engine's default */
     int    kv_bf16;             /* 1: KV in bf16 (dg_sched_opts.kv_bf16) */
+    int    draft_tokens;        /* dg_sched_opts.draft_tokens */
     int    cpu_bf16_compute;    /* 1: bf16 compute (dg_model_opts.cpu_bf16_compute) */
     int    cpu_mapped_weights;  /* 1: weights read in place (dg_model_opts.cpu_mapped_weights) */
     size_t vision_cache_bytes;

@@ -49,7 +49,7 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
     /* the read timeout must outlast the longest BLOCK, or every idle poll is an I/O error */
     if (dg_redis_init(&w->redis, cfg, cfg->worker_id, cfg->block_ms + 5000, err, errlen)) return -1;
     dg_sched_opts so = {.max_inflight = cfg->max_inflight, .kv_cache_bytes = cfg->kv_cache_bytes,
-                        .kv_bf16 = cfg->kv_bf16,
+                        .kv_bf16 = cfg->kv_bf16, .draft_tokens = cfg->draft_tokens,
                         .vision_cache_bytes = cfg->vision_cache_bytes, .latent_cache_bytes = cfg->latent_cache_bytes,
                         .max_condition_pixels = cfg->max_condition_pixels};
     int rc = dg_sched_new(model, &so, &w->sched, err, errlen);

@@ -128,6 +128,11 @@ struct dg_backend {
                                     (dg_sched_opts kv_bf16 0): the GPU's default, where its
                                     bf16 attention is in use (CUDA: DG_CUDA_UNVERIFIED=1 until
                                     a device run verifies it); 0: fp32 unless asked (CPU) */
+    int         rows_exact;      /* 1: a row of a decoder forward is the same bits whatever
+                                    the batch: the matmul's rows (below) and attention of a
+                                    chunk's row or a decode row (CPU); so a scheduler may feed
+                                    drafted tokens and keep the answers (dg_sched_opts
+                                    draft_tokens); 0: not promised (CUDA) */
     int         bf16_compute;    /* 1: matmul over a BF16 weight rounds x to bf16 and sums
                                     bf16 products (CPU: kernels/cpu/matmul.h, the bf16
                                     compute order); 0: fp32 compute */

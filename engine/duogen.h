@@ -270,6 +270,16 @@ typedef struct {
                                        the package's default image size */
     size_t  vision_cache_bytes;     /* vision-tower output cache budget (host memory); 0 = the
                                        rows of 64 images of the package's default image size */
+    int     draft_tokens;           /* speculative decoding by prompt lookup (engine/MODELS.md
+                                       "Drafts"): a decoding sequence whose last tokens
+                                       occurred before in its context feeds, with its next
+                                       token, up to this many of the tokens that followed
+                                       them, and keeps those the model chooses itself: the
+                                       same answer, fewer forwards where text repeats. -1:
+                                       off; 0: the default: 4 where the backend's rows are
+                                       exact at any batch size (the CPU) and a decode token
+                                       reads 64 MiB of weights or more; else off (a GPU, a
+                                       decoder that stays in cache); 1 .. 7 */
     int64_t max_condition_pixels;   /* an earlier image larger than this is scaled down (aspect
                                        kept) before it becomes a condition frame of the DiT;
                                        0 = 1024² (every image otherwise keeps its own size) */
@@ -311,6 +321,8 @@ int  dg_sched_active(const dg_sched *s);
 /* The sequences it steps together: dg_sched_opts.max_inflight, or what 0 came to. */
 int  dg_sched_max_inflight(const dg_sched *s);
 void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out);
+/* Drafted tokens fed and kept since dg_sched_new (dg_sched_opts draft_tokens). */
+void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept);
 
 #ifdef __cplusplus
 }

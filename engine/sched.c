@@ -86,6 +86,19 @@ static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget,
     return n < 1 ? 1 : n > DG_SCHED_AUTO_INFLIGHT ? DG_SCHED_AUTO_INFLIGHT : (int)n;
 }
 
+/* The bytes of weights a decode token reads: every layer's matrices and the lm_head. */
+static double decode_bytes(const dg_qwen2 *q) {
+    const dg_weight *w[7];
+    double b = (double)q->lm_head.rows * (double)q->lm_head.cols * (double)dg_dtype_size(q->lm_head.dtype);
+    for (int l = 0; l < q->cfg.n_layers; l++) {
+        const dg_qwen2_layer *y = &q->layers[l];
+        w[0] = &y->wq, w[1] = &y->wk, w[2] = &y->wv, w[3] = &y->wo, w[4] = &y->w_gate, w[5] = &y->w_up,
+        w[6] = &y->w_down;
+        for (int i = 0; i < 7; i++) b += (double)w[i]->rows * (double)w[i]->cols * (double)dg_dtype_size(w[i]->dtype);
+    }
+    return b;
+}
+
 int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen) {
     *out = NULL;
     dg_sched *s = calloc(1, sizeof *s);
@@ -95,6 +108,16 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     const dg_text_config *c = &m->cfg.text;
     size_t kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
     const int bf16 = s->o.kv_bf16 > 0 || (s->o.kv_bf16 == 0 && m->be->kv_bf16_default);
+    if (s->o.draft_tokens < -1 || s->o.draft_tokens > DG_SCHED_DRAFT_MAX) {
+        snprintf(err, errlen, "draft_tokens %d: -1 (off), 0 (the backend's default) or 1 .. %d", s->o.draft_tokens,
+                 DG_SCHED_DRAFT_MAX);
+        free(s);
+        return DG_EINVAL;
+    }
+    s->draft = s->o.draft_tokens > 0 ? s->o.draft_tokens
+               : s->o.draft_tokens == 0 && m->be->rows_exact && decode_bytes(&m->llm) >= DG_SCHED_DRAFT_MIN_BYTES
+                   ? DG_SCHED_DRAFT_DEFAULT
+                   : 0;
     const dg_dtype kv_dtype = bf16 ? DG_DTYPE_BF16 : DG_DTYPE_F32;
     size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * DG_KV_BLOCK * dg_dtype_size(kv_dtype);
     int per_seq = (m->max_context + DG_KV_BLOCK - 1) / DG_KV_BLOCK;
@@ -121,10 +144,14 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     if ((rc = dg_kv_cache_new(s->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, kv_dtype, &s->kv, err,
                               errlen)) < 0)
         goto fail;
-    /* a step's forward: the prefill chunks' tokens and a row for each decoding sequence; a
-     * logits row for each sequence */
-    if ((rc = dg_qwen2_state_new(&m->llm, s->be, DG_SCHED_CHUNK + s->n_seqs, s->n_seqs, &s->st, err, errlen)) < 0)
+    /* a step's forward: the prefill chunks' tokens and the rows of each decoding sequence
+     * (its token and its drafts), each with a logits row */
+    const int rows = s->n_seqs * (1 + s->draft);
+    if ((rc = dg_qwen2_state_new(&m->llm, s->be, DG_SCHED_CHUNK + rows, rows, &s->st, err, errlen)) < 0)
         goto fail;
+    rc = DG_ENOMEM;
+    for (int i = 0; s->draft && i < s->n_seqs; i++)
+        if (!(s->seqs[i].hist = malloc(sizeof(int32_t) * (size_t)m->max_context))) goto fail;
     size_t vision_default, latent_default;
     default_cache_budgets(m, &vision_default, &latent_default);
     rc = DG_ENOMEM;
@@ -180,10 +207,12 @@ static void seq_clear(dg_sched *s, dg_seq *q) {
     dg_sched *keep_s = q->sched;
     dg_cond_acc *keep_acc = q->acc;
     dg_painter *keep_painter = q->painter;
+    int32_t *keep_hist = q->hist;
     memset(q, 0, sizeof *q);
     q->sched = keep_s;
     q->acc = keep_acc;
     q->painter = keep_painter;
+    q->hist = keep_hist;
 }
 
 void dg_sched_free(dg_sched *s) {
@@ -193,6 +222,7 @@ void dg_sched_free(dg_sched *s) {
         seq_clear(s, &s->seqs[i]);
         if (m->has_draw) dg_cond_acc_free(&m->conn, s->seqs[i].acc);
         dg_painter_free(s->seqs[i].painter);
+        free(s->seqs[i].hist);
     }
     free(s->seqs);
     free(s->batch);
@@ -232,6 +262,11 @@ void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
         out->vision_bytes = v.bytes;
     }
     if (s->lcache) dg_latent_cache_counters(s->lcache, &out->latent_hits, &out->latent_misses, &out->latent_bytes);
+}
+
+void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept) {
+    *drafted = s->n_drafted;
+    *kept = s->n_accepted;
 }
 
 int dg_sched_cancel(dg_sched *s, uint64_t seq) {
@@ -394,6 +429,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     q->state = SEQ_PREFILL;   /* from here on the KV sequence holds blocks */
     if (m->has_draw) dg_cond_acc_reset(&m->conn, q->acc);
     q->n_fed = dg_kv_seq_match_prefix(s->kv, &q->kv, q->prompt.ids, q->keys, (int)q->prompt.n);
+    if (q->hist) memcpy(q->hist, q->prompt.ids, sizeof *q->hist * (size_t)q->n_fed);
     dg_sched_feed_prompt(s, q);
     q->usage.prompt_tokens = (int64_t)q->prompt.n;
     q->usage.cached_prompt_tokens = q->n_fed;
@@ -509,6 +545,22 @@ static int take_token(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     return 0;
 }
 
+/* The tokens of a sequence that fed drafts (sched_feed.c "Drafts"): row by row, each
+ * sampled token taken as take_token takes it, while it is the next drafted token and the
+ * sequence decodes on. */
+static int take_drafted(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+    for (int j = 0;; j++) {
+        dg_sched_draft_take(s, q, j);
+        const int32_t t = q->last;
+        const int rc = take_token(s, q, err, errlen);
+        if (q->state == SEQ_FREE) return rc;   /* ended: nothing more of it to keep */
+        if (rc < 0 || q->state != SEQ_DECODE || j == q->n_draft || t != q->draft[j + 1]) {
+            dg_sched_draft_end(s, q);
+            return rc;
+        }
+    }
+}
+
 /* A sequence's problem of this step: a fatal one is the scheduler's (returned, with its
  * message in err); any other fails this sequence only (out of KV blocks, a limit, a bad
  * image). */
@@ -545,7 +597,8 @@ int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
         rc = 0;
         if (q->state == SEQ_FREE) continue;
         if (q->step_rc) rc = seq_problem(s, q, q->step_rc, q->step_err, err, errlen);
-        else if (q->sampled && (rc = take_token(s, q, msg, sizeof msg)) < 0) rc = seq_problem(s, q, rc, msg, err, errlen);
+        else if (q->sampled && (rc = q->n_draft ? take_drafted(s, q, msg, sizeof msg) : take_token(s, q, msg, sizeof msg)) < 0)
+            rc = seq_problem(s, q, rc, msg, err, errlen);
         if (rc < 0) return rc;
     }
     /* a device fault during the step: nothing it computed can be trusted, and the process

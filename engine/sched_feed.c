@@ -9,7 +9,22 @@
  *
  * Image rows: s->embeds holds the vision rows of one feed at a time; a feed that needs
  * rows takes it when it is free (running the tower, or the vision cache) and holds it to
- * its end; another waits, and its chunks wait with it. */
+ * its end; another waits, and its chunks wait with it.
+ *
+ * Drafts (speculative decoding by prompt lookup, dg_sched_opts draft_tokens). Where the
+ * context's last 3 (else 2) tokens occurred before, a decoding sequence feeds, after its
+ * sampled token, the tokens that followed that occurrence, up to s->draft of them: its
+ * row becomes 1 + k rows with a logits row each, whose K/V the forward writes but does
+ * not commit. After the forward the rows are taken in order (sched.c): row j's K/V is
+ * committed and its logits sampled, exactly as plain decoding would sample after feeding
+ * that token; while the token sampled is the next drafted one, the next row is taken too.
+ * So a step emits 1 + (drafted tokens kept) tokens, and every one is the token plain
+ * decoding gives: on a backend whose rows are the same bits at any batch size (rows_exact:
+ * the CPU) the logits are the same bits, the sampler is called with the same rows in the
+ * same order (its random stream included), and no token after the first refused draft is
+ * sampled. The rows not kept are written over by the next forward; their condition rows
+ * are dropped. Decode on the CPU streams the weights once for 1 or 8 rows (the multi-row
+ * GEMV), so a step of 1 + k rows costs little more than one of 1 row. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,6 +231,73 @@ static void add_chunk(dg_sched *s, int *n, dg_seq *q, int *budget, int *pos_used
     *pos_used += 3 * c;
 }
 
+/* q->last = the token sampled from logits row `row` of the forward (with <BOV> banned when
+ * no image may be drawn).
+ * On every backend: on a GPU it spares the 0.6 MB download and the host pass over the
+ * vocabulary; on the CPU it picks the same token and is no slower (V = 152064, one
+ * core: greedy 0.06 vs 0.56 ms, top-k 50 0.10 vs 1.2 ms, top-p 0.9 alone 0.61 vs
+ * 1.2 ms, plain temperature 1.16 ms both). st->logits is its scratch for the rows the
+ * candidates do not decide. */
+static void sample_row(dg_sched *s, dg_seq *q, int row) {
+    const dg_model *m = s->m;
+    int32_t ban = m->bov_id >= 0 && (!m->has_draw || q->n_drawn >= q->ip.max_images) ? m->bov_id : -1;
+    float *logits = s->st->dev_logits + (int64_t)row * m->cfg.text.vocab_size;
+    q->last = dg_sampler_sample_device(q->sampler, s->be, logits, ban, s->st->logits);
+}
+
+/* ---- drafts ---------------------------------------------------------------------------------- */
+
+/* A token no draft goes through: an image's tokens and <BOV> begin work of their own. */
+static int draft_stops(const dg_model *m, int32_t t) {
+    return t == m->image_pad_id || t == m->vision_start_id || t == m->vision_end_id || t == m->bov_id;
+}
+
+/* The drafted tokens of a decoding sequence into q->draft[1 ..]: the context is q->hist's
+ * committed tokens and q->last; for g = DG_SCHED_DRAFT_NGRAM down to 2, the latest earlier
+ * occurrence of its last g tokens whose next token may be drafted gives the tokens that
+ * follow it (up to s->draft, within the context, none at or past a draft_stops token).
+ * Fewer where the context or max_new_tokens ends first. Returns how many (0: none found). */
+static int draft_lookup(dg_sched *s, dg_seq *q) {
+    const dg_model *m = s->m;
+    const int n = q->kv.n_tokens + 1;   /* the context's length, q->last included */
+    int max = s->draft;
+    if (max > m->max_context - 1 - n) max = m->max_context - 1 - n;   /* positions n-1 .. n-1+k must fit */
+    if (max > q->max_new - q->generated - 1) max = q->max_new - q->generated - 1;
+    if (max <= 0) return 0;
+    int32_t *h = q->hist;
+    h[n - 1] = q->last;
+    for (int g = DG_SCHED_DRAFT_NGRAM; g >= 2; g--) {
+        if (n <= g) continue;
+        const int32_t *suf = h + n - g;
+        for (int p = n - g - 1; p >= 0; p--) {   /* an occurrence h[p .. p+g) with a next token */
+            if (h[p] != suf[0] || memcmp(h + p + 1, suf + 1, sizeof *h * (size_t)(g - 1)) != 0) continue;
+            int k = 0;
+            while (k < max && p + g + k < n && !draft_stops(m, h[p + g + k])) {
+                q->draft[1 + k] = h[p + g + k];
+                k++;
+            }
+            if (k) return k;
+        }
+    }
+    return 0;
+}
+
+void dg_sched_draft_take(dg_sched *s, dg_seq *q, int j) {
+    q->hist[q->kv.n_tokens] = q->draft[j];
+    dg_kv_seq_commit(s->kv, &q->kv, &q->draft[j], NULL, 1);
+    s->n_accepted += j > 0;
+    sample_row(s, q, q->draft_row + j);
+}
+
+void dg_sched_draft_end(dg_sched *s, dg_seq *q) {
+    const dg_model *m = s->m;
+    if (m->has_draw) {
+        dg_cond_acc_truncate(&m->conn, q->acc, q->kv.n_tokens);
+        cond_save_blocks(s, q);
+    }
+    q->n_draft = 0;
+}
+
 /* Marks a sequence's failure for sched.c (which fails it after the forward). */
 static void seq_failed(dg_seq *q, int rc, const char *msg) {
     q->step_rc = rc;
@@ -231,9 +313,14 @@ static int batch_plan(dg_sched *s) {
     for (int i = 0; i < s->n_seqs; i++) {
         dg_seq *q = &s->seqs[i];
         q->sampled = q->step_rc = 0;
-        if (q->state == SEQ_DECODE)
-            batch_add(s, &n, q, (dg_qwen2_input){.ids = &q->last, .n = 1, .rope_delta = q->rope_delta, .n_logits = 1,
-                                                 .logits_on_device = 1});
+        if (q->state == SEQ_DECODE) {
+            const int k = s->draft ? draft_lookup(s, q) : 0;
+            q->draft[0] = q->last;
+            q->n_draft = k;
+            s->n_drafted += k;
+            batch_add(s, &n, q, (dg_qwen2_input){.ids = q->draft, .n = 1 + k, .rope_delta = q->rope_delta,
+                                                 .n_logits = 1 + k, .logits_on_device = 1, .no_commit = k > 0});
+        }
     }
     for (uint64_t after = 0; budget > 0;) {
         dg_seq *q = NULL;   /* the oldest feed not yet considered */
@@ -265,14 +352,16 @@ static int batch_plan(dg_sched *s) {
 }
 
 /* After the forward, for batch entry i: the feed moves on (at its end the sequence
- * decodes), the condition rows are kept, the next token is sampled (with <BOV> banned when
- * no image may be drawn), and the forward's time goes to the sequence by its share of rows. */
+ * decodes), the condition rows are kept, the next token is sampled, and the forward's
+ * time goes to the sequence by its share of rows. */
 static void batch_done(dg_sched *s, int i, int n_rows, double ms) {
     const dg_model *m = s->m;
     dg_seq *q = s->batch_of[i];
     const dg_qwen2_input *in = &s->batch[i].in;
     double share = ms * in->n / n_rows;
     if (q->step_rc) return;
+    if (q->hist && !in->no_commit)   /* the tokens the forward committed */
+        memcpy(q->hist + q->kv.n_tokens - in->n, in->ids, (size_t)in->n * sizeof *in->ids);
     if (m->has_draw) cond_save_blocks(s, q);
     if (q->state == SEQ_PREFILL) {
         q->t.prefill_ms += share;
@@ -287,14 +376,12 @@ static void batch_done(dg_sched *s, int i, int n_rows, double ms) {
         q->t.decode_ms += share;
     }
     if (!in->n_logits) return;
-    /* On every backend: on a GPU it spares the 0.6 MB download and the host pass over the
-     * vocabulary; on the CPU it picks the same token and is no slower (V = 152064, one
-     * core: greedy 0.06 vs 0.56 ms, top-k 50 0.10 vs 1.2 ms, top-p 0.9 alone 0.61 vs
-     * 1.2 ms, plain temperature 1.16 ms both). st->logits is its scratch for the rows the
-     * candidates do not decide. */
-    int32_t ban = m->bov_id >= 0 && (!m->has_draw || q->n_drawn >= q->ip.max_images) ? m->bov_id : -1;
-    float *row = s->st->dev_logits + (int64_t)s->batch[i].logits_row * m->cfg.text.vocab_size;
-    q->last = dg_sampler_sample_device(q->sampler, s->be, row, ban, s->st->logits);
+    if (q->n_draft) {   /* its rows are taken one at a time (dg_sched_draft_take) */
+        q->draft_row = s->batch[i].logits_row;
+        q->sampled = 1;
+        return;
+    }
+    sample_row(s, q, s->batch[i].logits_row);
     q->sampled = 1;
 }
 

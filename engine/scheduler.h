@@ -26,6 +26,15 @@
                                      e.g. two 512² images with guidance, ~400 MiB of state
                                      at the full DiT's width */
 #define DG_SCHED_GROUP_CTX 4096   /* the most context rows of one shared forward */
+#define DG_SCHED_DRAFT_MAX 7      /* the most drafted tokens a sequence feeds in a step
+                                     (dg_sched_opts draft_tokens; sched_feed.c "Drafts") */
+#define DG_SCHED_DRAFT_DEFAULT 4  /* draft_tokens 0 on a backend with exact rows, for a
+                                     decoder of DG_SCHED_DRAFT_MIN_BYTES or more */
+#define DG_SCHED_DRAFT_MIN_BYTES (64 << 20)   /* the weights a decode token reads: from here
+                                     on a step is their stream, which 1 + k rows share; a
+                                     smaller decoder (in cache) pays for each row (the shapes
+                                     model's 2.4 MB ran 0.89x with drafts: engine/MODELS.md) */
+#define DG_SCHED_DRAFT_NGRAM 3    /* the longest suffix looked up; 2 the shortest */
 
 typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE, SEQ_DRAW } dg_seq_state;
 
@@ -67,6 +76,14 @@ typedef struct dg_seq {
     int           rope_delta;    /* position of cache index p = p + rope_delta */
     int           n_fed;         /* prompt tokens in the KV cache */
     int32_t       last;          /* the sampled token to feed next */
+    /* drafts (sched_feed.c): this step's fed tokens draft[0 .. n_draft], q->last and the
+     * drafted ones, whose logits rows begin at draft_row; taken one at a time after the
+     * forward (dg_sched_draft_take) */
+    int32_t       draft[1 + DG_SCHED_DRAFT_MAX];
+    int           n_draft;
+    int           draft_row;
+    int32_t      *hist;          /* slot-owned [max_context] when drafts are on: the tokens at
+                                    the KV's positions 0 .. kv.n_tokens - 1, then q->last */
 
     /* the feed (state SEQ_PREFILL): tokens on their way into the KV cache, a chunk a step —
      * the prompt after its cached prefix, or a drawn image's <BOV> <|vision_start|>
@@ -143,6 +160,8 @@ struct dg_sched {
     float           *normed;     /* backend [DG_SCHED_CHUNK, D]: the last layer after model.norm */
     float           *cond_store; /* host [n_blocks, DG_KV_BLOCK, d_cond]: condition rows by KV block */
     dg_prompt_cond  *pc;         /* owned: prompt conditioning (m->cond_from_prompt), else NULL */
+    int              draft;      /* the most drafted tokens a sequence feeds a step; 0: none */
+    int64_t          n_drafted, n_accepted;   /* drafted tokens fed, and kept, since dg_sched_new */
 };
 
 /* ---- sched_draw.c: the drawing side of a step ---- */
@@ -174,5 +193,14 @@ int  dg_sched_feed_image(dg_sched *s, dg_seq *q, char *err, size_t errlen);
 int  dg_sched_forward(dg_sched *s, char *err, size_t errlen);
 /* Forgets the sequence's feed (its image arrays, its hold on s->embeds). */
 void dg_sched_feed_clear(dg_sched *s, dg_seq *q);
+/* A sequence that fed drafted tokens (q->n_draft > 0), after the forward, for j = 0, 1, ..
+ * in order: commits the K/V of fed token j and samples the logits of its row into q->last
+ * (the token plain decoding would have sampled there). The caller goes on to j + 1 only
+ * while the token sampled at j is drafted token j + 1 and the sequence decodes on; then
+ * dg_sched_draft_end. */
+void dg_sched_draft_take(dg_sched *s, dg_seq *q, int j);
+/* After the last dg_sched_draft_take of a sequence still live: the condition rows of the
+ * positions not committed are dropped, those of full blocks kept. */
+void dg_sched_draft_end(dg_sched *s, dg_seq *q);
 
 #endif

@@ -38,6 +38,7 @@ typedef struct {
     dg_part       parts[2][3];
     dg_message    msgs[2];
     dg_logit_bias bias;
+    dg_logit_bias loop[4];   /* job_loop's biases */
     dg_request    r;
 } job_spec;
 
@@ -67,6 +68,17 @@ static void job(job_spec *j, const char *id, const char *system, const uint8_t *
                         .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
                                          DG_IMAGE_MAX_IMAGES,
                                   .width = 32, .height = 48, .steps = 3, .guidance_scale = 3.0f, .max_images = 1}};
+}
+
+/* Job j's answer made of three tokens (ids 100, 200, 300 raised by 40 over the random
+ * model's logits, which span a few units; <BOV>'s bias kept): the order of the three is
+ * still the model's, so a drafted continuation is sometimes right and sometimes not. */
+static void job_loop(job_spec *j) {
+    int n = 0;
+    if (j->r.text.n_logit_bias) j->loop[n++] = j->bias;
+    for (int k = 1; k <= 3; k++) j->loop[n++] = (dg_logit_bias){100 * k, 40.0f};
+    j->r.text.logit_bias = j->loop;
+    j->r.text.n_logit_bias = (size_t)n;
 }
 
 /* The eight jobs; their inputs (a, b: PNGs; longer: a prompt of more than two chunks of
@@ -102,13 +114,14 @@ static void eight_free(eight *e) {
     free(e->longer);
 }
 
-/* Each job on a fresh scheduler of one sequence of m; the steps they took in all. */
-static int run_alone(dg_model *m, eight *e, test_job *alone) {
+/* Each job on a fresh scheduler of one sequence of m (draft: dg_sched_opts draft_tokens);
+ * the steps they took in all. */
+static int run_alone(dg_model *m, eight *e, test_job *alone, int draft) {
     char err[512];
     int steps = 0;
     for (int i = 0; i < N_JOBS; i++) {
         dg_sched *s = NULL;
-        CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+        CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1, .draft_tokens = draft}, &s, err, sizeof err), 0);
         if (!s) break;
         dg_sink sink = test_job_sink(&alone[i]);
         uint64_t seq;
@@ -123,14 +136,14 @@ static int run_alone(dg_model *m, eight *e, test_job *alone) {
 /* The jobs together on a scheduler of eight sequences (kept for the caller, *out): job 0
  * first, until its system prompt is in full KV blocks; then the others; job 5 cancelled
  * after 6 more steps. The steps taken. */
-static int run_batched(dg_model *m, eight *e, test_job *batched, dg_sched **out) {
+static int run_batched(dg_model *m, eight *e, test_job *batched, dg_sched **out, int draft) {
     char err[512];
     dg_sched *s = NULL;
     dg_sink sinks[N_JOBS];
     uint64_t seqs[N_JOBS];
     int steps = 0;
     *out = NULL;
-    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = N_JOBS}, &s, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = N_JOBS, .draft_tokens = draft}, &s, err, sizeof err), 0);
     if (!s) return 0;
     for (int i = 0; i < N_JOBS; i++) sinks[i] = test_job_sink(&batched[i]);
     CHECK_EQ_INT(dg_sched_submit(s, &e->J[0].r, &sinks[0], &seqs[0], err, sizeof err), 0);
@@ -158,11 +171,11 @@ TEST(batching_eight_jobs_answer_as_each_alone) {
     eight e;
     eight_make(&e);
     test_job alone[N_JOBS] = {0}, batched[N_JOBS] = {0};
-    int steps_alone = run_alone(model, &e, alone);
+    int steps_alone = run_alone(model, &e, alone, 0);
     CHECK_EQ_INT(alone[3].n_png, 1);
     CHECK(alone[5].usage.generated_tokens > 10);
     dg_sched *s = NULL;
-    int steps = run_batched(model, &e, batched, &s);
+    int steps = run_batched(model, &e, batched, &s, 0);
     for (int i = 0; i < N_JOBS; i++) {
         if (i == 5) continue;
         if (!test_job_same(&batched[i], &alone[i]) || strcmp(batched[i].events, alone[i].events)) {
@@ -193,6 +206,50 @@ TEST(batching_eight_jobs_answer_as_each_alone) {
     eight_free(&e);
 }
 
+/* Drafts change no answer (engine/sched_feed.c "Drafts"): the eight jobs alone with drafts
+ * off, and together with up to 7 drafted tokens a step, stream the same bytes (text and
+ * PNGs; the cancelled job a prefix); four of them answer in three tokens (job_loop), so
+ * their contexts repeat: drafts were fed, some kept and some refused, and the batched run
+ * took fewer steps than the same run without drafts. Exact, as the test above: a drafted row's
+ * logits are the bits the row has when fed alone (rows_exact), and the tokens are sampled
+ * in the same order, the seeded job's random stream included. */
+TEST(drafts_change_no_answer) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    eight e;
+    eight_make(&e);
+    test_job alone[N_JOBS] = {0}, batched[N_JOBS] = {0}, plain[N_JOBS] = {0};
+    const int loops[] = {0, 1, 5, 6};   /* greedy, greedy after an image, cancelled, sampled with an image */
+    for (size_t i = 0; i < sizeof loops / sizeof loops[0]; i++) job_loop(&e.J[loops[i]]);
+    e.J[6].r.text.max_new_tokens = 40;   /* sampled among the three: drafts refused too */
+    run_alone(model, &e, alone, -1);
+    dg_sched *s = NULL, *s_plain = NULL;
+    int steps = run_batched(model, &e, batched, &s, 7), steps_plain = run_batched(model, &e, plain, &s_plain, -1);
+    for (int i = 0; i < N_JOBS; i++) {
+        if (i == 5) continue;
+        if (!test_job_same(&batched[i], &alone[i]) || strcmp(batched[i].events, alone[i].events)) {
+            printf("  job %d differs: \"%s\" / \"%s\"\n", i, batched[i].text, alone[i].text);
+            CHECK(!"the same answer with drafts and without");
+        }
+        CHECK_EQ_INT(batched[i].usage.generated_tokens, alone[i].usage.generated_tokens);
+    }
+    CHECK(batched[5].len <= alone[5].len && memcmp(batched[5].text, alone[5].text, batched[5].len) == 0);
+    int64_t drafted = 0, kept = 0, drafted_plain = 0, kept_plain = 0;
+    if (s) dg_sched_draft_stats(s, &drafted, &kept);
+    if (s_plain) dg_sched_draft_stats(s_plain, &drafted_plain, &kept_plain);
+    printf("  drafts: %lld fed, %lld kept; %d steps, %d without drafts\n", (long long)drafted, (long long)kept, steps,
+           steps_plain);
+    CHECK(drafted > kept && kept > 0 && drafted_plain == 0);   /* drafts kept and refused */
+    CHECK(steps < steps_plain);
+    for (int i = 0; i < N_JOBS; i++) {
+        test_job_free(&batched[i]);
+        test_job_free(&alone[i]);
+        test_job_free(&plain[i]);
+    }
+    dg_sched_free(s);
+    dg_sched_free(s_plain);
+    eight_free(&e);
+}
+
 /* The same eight jobs on the CUDA backend: they run together to their ends (the cancelled
  * one cancelled, the drawn images of the requested size, no device fault). The answers are
  * not compared with the jobs alone: the CUDA backend computes a row differently by the
@@ -210,9 +267,9 @@ TEST(batching_on_cuda) {
     eight e;
     eight_make(&e);
     test_job alone[N_JOBS] = {0}, batched[N_JOBS] = {0};
-    int steps_alone = run_alone(m, &e, alone);
+    int steps_alone = run_alone(m, &e, alone, 0);
     dg_sched *s = NULL;
-    int steps = run_batched(m, &e, batched, &s), same = 0;
+    int steps = run_batched(m, &e, batched, &s, 0), same = 0;
     for (int i = 0; i < N_JOBS; i++) {
         same += i != 5 && test_job_same(&batched[i], &alone[i]);
         for (int k = 0; k < batched[i].n_png; k++) CHECK(batched[i].png_w[k] == 32 && batched[i].png_h[k] == 48);

@@ -311,6 +311,6 @@ int dg_qwen2_forward_batch(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv
         if (download) be->download(be, s->logits, s->dev_logits, (int64_t)n_logits * c->vocab_size);
     }
     for (int i = 0; i < n_seqs; i++)
-        dg_kv_seq_commit(kv, seqs[i].seq, seqs[i].in.ids, seqs[i].in.token_keys, seqs[i].in.n);
+        if (!seqs[i].in.no_commit) dg_kv_seq_commit(kv, seqs[i].seq, seqs[i].in.ids, seqs[i].in.token_keys, seqs[i].in.n);
     return 0;
 }

@@ -81,6 +81,10 @@ typedef struct {
     int            n_logits;  /* logits for the last n_logits tokens, 0 ..min(n, max_logits) */
     int            logits_on_device; /* 1: the logits stay in s->dev_logits (the caller samples
                                  there: dg_sampler_sample_device); 0: also copied to s->logits */
+    int            no_commit; /* 1: the rows' K/V are written at the sequence's next positions
+                                 but not committed: the caller commits those it keeps
+                                 (dg_kv_seq_commit, in order); the rest are written over by
+                                 the next forward (drafted tokens, engine/sched_feed.c) */
 } dg_qwen2_input;
 
 typedef struct {

@@ -163,6 +163,7 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
     be->kv_bf16 = 1;
+    be->rows_exact = 1;
     be->bf16_compute = c->bf16_compute;
     be->free = cpu_free;
     be->fork = cpu_fork;
