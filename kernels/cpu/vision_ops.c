@@ -70,24 +70,31 @@ SIMD static float softmax_row_avx2(float *s, int n, float *mx, float *corr) {
     return sum;
 }
 
-/* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. bf: NULL, or the
- * thread's attention_bf16.h scratch (the bf16 products). */
-static void attend_block(int simd, uint32_t *bf, float *out, int out_stride, const float *q, int q_stride,
+/* A block's working rows: scores [qb, ATT_KC], outputs [qb, head_dim], running maxima and
+ * sums [qb]; bf: the bf16 products' state, or NULL (fp32 products, OpenBLAS). */
+typedef struct {
+    float      *s, *o, *mx, *l;
+    dg_att_bf16 *bf;
+} att_block;
+
+/* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. */
+static void attend_block(int simd, const att_block *w, float *out, int out_stride, const float *q, int q_stride,
                          const float *k, const float *v, int kv_stride, int nq, int nk,
                          int head_dim, float scale) {
-    float s[ATT_QB * ATT_KC] __attribute__((aligned(64))), o[ATT_QB * ATT_MAX_HEAD_DIM], mx[ATT_QB], l[ATT_QB];
-    dg_att_bf16 ab;
+    float *s = w->s, *o = w->o, *mx = w->mx, *l = w->l;
+    dg_att_bf16 *bf = w->bf;
     for (int i = 0; i < nq; i++) {
         mx[i] = -INFINITY;
         l[i] = 0.0f;
     }
     memset(o, 0, sizeof(float) * (size_t)nq * (size_t)head_dim);
-    if (bf) dg_att_bf16_begin(&ab, bf, ATT_QB, ATT_KC, q, q_stride, nq, head_dim);
+    if (bf) dg_att_bf16_begin(bf, (uint32_t *)(w->l + DG_ATT_QB_BF16), DG_ATT_QB_BF16, ATT_KC, q, q_stride, nq,
+                              head_dim);
     for (int j0 = 0; j0 < nk; j0 += ATT_KC) {
         const int nc = nk - j0 < ATT_KC ? nk - j0 : ATT_KC;
         if (bf) {
-            dg_att_bf16_tile(&ab, k + (int64_t)j0 * kv_stride, v + (int64_t)j0 * kv_stride, kv_stride, nc);
-            dg_att_bf16_scores(&ab, s, ATT_KC, nc, scale);
+            dg_att_bf16_tile(bf, k + (int64_t)j0 * kv_stride, v + (int64_t)j0 * kv_stride, kv_stride, nc);
+            dg_att_bf16_scores(bf, s, ATT_KC, nc, scale);
         } else
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nc, head_dim, scale, q, q_stride,
                         k + (int64_t)j0 * kv_stride, kv_stride, 0.0f, s, ATT_KC);
@@ -99,7 +106,7 @@ static void attend_block(int simd, uint32_t *bf, float *out, int out_stride, con
             if (corr != 1.0f)
                 for (int d = 0; d < head_dim; d++) o[i * head_dim + d] *= corr;
         }
-        if (bf) dg_att_bf16_pv(&ab, o, s, ATT_KC, nc);
+        if (bf) dg_att_bf16_pv(bf, o, s, ATT_KC, nc);
         else
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, head_dim, nc, 1.0f, s, ATT_KC,
                         v + (int64_t)j0 * kv_stride, kv_stride, 1.0f, o, head_dim);
@@ -116,15 +123,26 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
                                int n_heads, int n_kv_heads, int head_dim, float scale) {
     const dg_cpu *c = cpu(be);
     const int group = n_heads / n_kv_heads, out_stride = n_heads * head_dim;
-    const int bf16 = c->att_bf16 && DG_ATT_BF16_OK(head_dim);
+    const int bf16 = c->att_bf16 && DG_ATT_BF16_OK(head_dim), QB = bf16 ? DG_ATT_QB_BF16 : ATT_QB;
     /* tasks: (segment, query block, head), numbered segment by segment */
     int64_t n_tasks = 0;
     for (int sg = 0; sg < n_seg; sg++)
-        n_tasks += (int64_t)(q_cu[sg + 1] - q_cu[sg] + ATT_QB - 1) / ATT_QB * n_heads;
+        n_tasks += (int64_t)(q_cu[sg + 1] - q_cu[sg] + QB - 1) / QB * n_heads;
 #pragma omp parallel num_threads(c->n_threads)
     {
         int sg = 0;
         int64_t first = 0;   /* the first task of segment sg */
+        /* the block's rows: on the stack for the fp32 products (128 queries), in the
+         * thread's scratch for the bf16 ones (512) */
+        float s_stack[bf16 ? 1 : ATT_QB * ATT_KC], o_stack[bf16 ? 1 : ATT_QB * ATT_MAX_HEAD_DIM];
+        float mx_stack[ATT_QB], l_stack[ATT_QB];
+        dg_att_bf16 ab;
+        att_block w = {s_stack, o_stack, mx_stack, l_stack, NULL};
+        if (bf16) {
+            float *base = (float *)(c->att_bf16 + (int64_t)omp_get_thread_num() * DG_ATT_SCRATCH_WORDS);
+            w = (att_block){base, base + DG_ATT_QB_BF16 * ATT_KC, base + DG_ATT_QB_BF16 * (ATT_KC + 256),
+                            base + DG_ATT_QB_BF16 * (ATT_KC + 257), &ab};
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_tasks; t++) {
             int64_t per;
@@ -132,16 +150,15 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
                 sg = 0;
                 first = 0;
             }
-            while (t >= first + (per = (int64_t)(q_cu[sg + 1] - q_cu[sg] + ATT_QB - 1) / ATT_QB * n_heads)) {
+            while (t >= first + (per = (int64_t)(q_cu[sg + 1] - q_cu[sg] + QB - 1) / QB * n_heads)) {
                 first += per;
                 sg++;
             }
             const int64_t r = t - first;
             const int h = (int)(r % n_heads), qb = (int)(r / n_heads), kvh = h / group;
-            const int q0 = q_cu[sg] + qb * ATT_QB, q1 = q_cu[sg + 1];
-            const int nq = q1 - q0 < ATT_QB ? q1 - q0 : ATT_QB;
-            attend_block(c->simd, bf16 ? c->att_bf16 + (int64_t)omp_get_thread_num() * DG_ATT_SCRATCH_WORDS : NULL,
-                         out + (int64_t)q0 * out_stride + h * head_dim, out_stride,
+            const int q0 = q_cu[sg] + qb * QB, q1 = q_cu[sg + 1];
+            const int nq = q1 - q0 < QB ? q1 - q0 : QB;
+            attend_block(c->simd, &w, out + (int64_t)q0 * out_stride + h * head_dim, out_stride,
                          q + (int64_t)q0 * q_stride + h * head_dim, q_stride,
                          k + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim,
                          v + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim, kv_stride, nq,

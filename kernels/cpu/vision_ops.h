@@ -10,11 +10,16 @@
 #include "attention_bf16.h"
 #include "backend.h"
 
-/* Segment attention tiles (vision_ops.c): queries of one head per block, keys per tile. */
+/* Segment attention tiles (vision_ops.c): queries of one head per block (the bf16
+ * products' blocks larger: each packs the keys and values once per block), keys per tile. */
 #define DG_ATT_QB 128
+#define DG_ATT_QB_BF16 512
 #define DG_ATT_KC 256
-/* Its per-thread scratch with bf16 compute on AVX-512 BF16 (dg_cpu.att_bf16), words. */
-#define DG_ATT_SCRATCH_WORDS DG_ATT_BF16_WORDS(DG_ATT_QB, DG_ATT_KC)
+/* Its per-thread scratch with bf16 compute on AVX-512 BF16 (dg_cpu.att_bf16), words: the
+ * products' (attention_bf16.h), then the block's scores [QB, KC], outputs [QB, 256],
+ * running maxima and sums [QB] each. */
+#define DG_ATT_SCRATCH_WORDS \
+    (DG_ATT_BF16_WORDS(DG_ATT_QB_BF16, DG_ATT_KC) + (int64_t)DG_ATT_QB_BF16 * (DG_ATT_KC + 256 + 2))
 
 void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,
                                const float *k, const float *v, int kv_stride,
