@@ -337,6 +337,14 @@ static int batch_plan(dg_sched *s) {
     int kept = 0;
     for (int i = 0; i < n; i++) {
         int rc = dg_kv_seq_reserve(s->kv, s->batch[i].seq, s->batch[i].in.n);
+        dg_seq *q = s->batch_of[i];
+        if (rc == DG_EAGAIN && q->n_draft) {   /* no room for the drafts: the plain row */
+            s->n_drafted -= q->n_draft;
+            q->n_draft = 0;
+            s->batch[i].in.n = s->batch[i].in.n_logits = 1;
+            s->batch[i].in.no_commit = 0;
+            rc = dg_kv_seq_reserve(s->kv, s->batch[i].seq, 1);
+        }
         if (rc < 0) {
             snprintf(msg, sizeof msg, "no KV room for %d more tokens after %d (%s)", s->batch[i].in.n,
                      s->batch[i].seq->n_tokens, rc == DG_ELIMIT ? "sequence limit" : "cache full");
