@@ -128,6 +128,8 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     NUM("latent_cache_hits", st.cache.latent_hits);
     NUM("latent_cache_misses", st.cache.latent_misses);
     NUM("steps", st.steps);
+    NUM("draft_tokens", st.draft_tokens);
+    NUM("draft_kept", st.draft_kept);
     if (st.decode_s > 0) {
         dg_cmd_adds(c, "tokens_per_s");
         dg_cmd_addf(c, "%.2f", (double)st.tokens / st.decode_s);

@@ -71,6 +71,10 @@ static void render(dg_worker *w, text *t) {
     put(t, "duogen_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.tokens);
     metric(t, "duogen_tokens_per_second", "gauge", "Generated tokens per second of decode time, over the worker's life.");
     put(t, "duogen_tokens_per_second{worker=\"%s\"} %.3f\n", wid, s.decode_s > 0 ? (double)s.tokens / s.decode_s : 0.0);
+    metric(t, "duogen_draft_tokens_total", "counter", "Drafted tokens fed to the decoder (draft_tokens).");
+    put(t, "duogen_draft_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.draft_tokens);
+    metric(t, "duogen_draft_kept_total", "counter", "Drafted tokens the model chose itself: tokens that cost no step.");
+    put(t, "duogen_draft_kept_total{worker=\"%s\"} %lld\n", wid, (long long)s.draft_kept);
     metric(t, "duogen_images_total", "counter", "Generated images.");
     put(t, "duogen_images_total{worker=\"%s\"} %lld\n", wid, (long long)s.images);
     metric(t, "duogen_denoise_steps_total", "counter", "Denoising steps run.");

@@ -94,6 +94,7 @@ static void publish(dg_worker *w) {
         if (n > 0 && used + (size_t)n < sizeof w->stats.jobs) used += (size_t)n;
     }
     dg_sched_cache_stats(w->sched, &w->stats.cache);
+    dg_sched_draft_stats(w->sched, &w->stats.draft_tokens, &w->stats.draft_kept);
     w->stats.redis_up = w->redis.c != NULL;
     const char *state = *w->stop ? "draining" : w->runs.n ? "running" : "idle";
     snprintf(w->stats.state, sizeof w->stats.state, "%s", state);

@@ -28,6 +28,7 @@ typedef struct {
     double  queue_s, prefill_s, decode_s, vision_s, diffusion_s, vae_s, total_s;
     int64_t timed_jobs;
     dg_cache_stats cache;            /* the scheduler's, copied by the main thread */
+    int64_t draft_tokens, draft_kept;    /* drafted tokens fed and kept (dg_sched_draft_stats) */
     int64_t queue_lag, queue_pending;    /* of the job stream, read by the keeper; -1 unknown */
     int     redis_up;
     char    state[32];               /* loading, idle, running, draining, stopped */

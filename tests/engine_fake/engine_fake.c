@@ -363,3 +363,9 @@ void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
     (void)s;
     memset(out, 0, sizeof *out);
 }
+
+/* The fake decodes no drafts. */
+void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept) {
+    (void)s;
+    *drafted = *kept = 0;
+}
