@@ -245,6 +245,13 @@ fuzz: $(FUZZ_BINS)
 	done
 
 # ---- benchmarks ----------------------------------------------------------------------
+# the small package the benchmarks run on, written when missing
+SMALL_PACKAGE = @[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null
+# llama.cpp on a BF16 GGUF of the small package's weights (build/bench/llamacpp_decoder.json),
+# when the reference venv has llama-cpp-python
+LLAMACPP_BASELINE = @if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then \
+	    tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py; \
+	    else echo "$@: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi
 bench: bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e
 
 bench-queue: all
@@ -263,10 +270,8 @@ bench-e2e: all
 # venv has them, and dg-bench prints the ratios to their JSON in build/bench/
 bench-decoder: all
 	@mkdir -p $(BUILD)/bench
-	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
-	@if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then \
-	    tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py; \
-	    else echo "bench-decoder: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi
+	$(SMALL_PACKAGE)
+	$(LLAMACPP_BASELINE)
 	@if tools/reference/.venv/bin/python -c 'import transformers' 2>/dev/null; then \
 	    tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py; fi
 	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder.json decoder
@@ -277,24 +282,22 @@ bench-decoder: all
 # of the same weights (BF16 GGUF, run first), and the shapes model's jobs
 bench-drafts: all
 	@mkdir -p $(BUILD)/bench
-	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
-	@if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then \
-	    tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py; \
-	    else echo "bench-drafts: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi
+	$(SMALL_PACKAGE)
+	$(LLAMACPP_BASELINE)
 	$(BUILD)/dg-bench --bf16-compute --threads 1 --json $(BUILD)/bench/drafts_t1.json drafts
 	$(BUILD)/dg-bench --bf16-compute --threads 2 --json $(BUILD)/bench/drafts_t2.json drafts
 
-# the vision tower (small preset), and transformers beside it when the reference venv is there
 # continuous batching on the CPU, small preset: aggregate decode tok/s and jobs/hour against
 # 1, 2, 4, 8, 16 concurrent jobs, the prefill/decode/draw split
 bench-batch: all
 	@mkdir -p $(BUILD)/bench
 	$(BUILD)/dg-bench --json $(BUILD)/bench/batch.json batch_decode batch_jobs
 
+# the vision tower (small preset), and transformers beside it when the reference venv is there
 # (float32 and bf16; ours in fp32 and in bf16 compute against the baseline of its precision)
 bench-vision: all
 	@mkdir -p $(BUILD)/bench
-	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
+	$(SMALL_PACKAGE)
 	@if [ -x tools/reference/.venv/bin/python ]; then \
 	    tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py && \
 	    tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py --dtype bf16; fi
@@ -305,7 +308,7 @@ bench-vision: all
 # bf16) when the reference venv is there, so that dg-bench prints the ratios
 bench-image: all
 	@mkdir -p $(BUILD)/bench
-	@[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null   # writes the small package
+	$(SMALL_PACKAGE)
 	@if [ -x tools/reference/.venv/bin/python ]; then \
 	    tools/reference/.venv/bin/python tools/reference/bench_diffusers.py --threads 2 && \
 	    tools/reference/.venv/bin/python tools/reference/bench_diffusers.py --threads 2 --dtype bf16; fi

@@ -166,6 +166,20 @@ static int run_batched(dg_model *m, eight *e, test_job *batched, dg_sched **out,
     return steps;
 }
 
+/* Every job of `run` streamed what it streamed in `alone`, events and token counts too; the
+ * cancelled job 5 a prefix of it. */
+static void same_answers(const test_job *run, const test_job *alone) {
+    for (int i = 0; i < N_JOBS; i++) {
+        if (i == 5) continue;
+        if (!test_job_same(&run[i], &alone[i]) || strcmp(run[i].events, alone[i].events)) {
+            printf("  job %d differs: \"%s\" / \"%s\"\n", i, run[i].text, alone[i].text);
+            CHECK(!"the same answer as alone");
+        }
+        CHECK_EQ_INT(run[i].usage.generated_tokens, alone[i].usage.generated_tokens);
+    }
+    CHECK(run[5].len <= alone[5].len && memcmp(run[5].text, alone[5].text, run[5].len) == 0);
+}
+
 TEST(batching_eight_jobs_answer_as_each_alone) {
     if (!setup()) { CHECK(!"setup"); return; }
     eight e;
@@ -176,15 +190,8 @@ TEST(batching_eight_jobs_answer_as_each_alone) {
     CHECK(alone[5].usage.generated_tokens > 10);
     dg_sched *s = NULL;
     int steps = run_batched(model, &e, batched, &s, 0);
-    for (int i = 0; i < N_JOBS; i++) {
-        if (i == 5) continue;
-        if (!test_job_same(&batched[i], &alone[i]) || strcmp(batched[i].events, alone[i].events)) {
-            printf("  job %d differs: \"%s\" / \"%s\"\n", i, batched[i].text, alone[i].text);
-            CHECK(!"the same answer batched and alone");
-        }
-        CHECK_EQ_INT(batched[i].usage.generated_tokens, alone[i].usage.generated_tokens);
-    }
-    CHECK(batched[5].len < alone[5].len && memcmp(batched[5].text, alone[5].text, batched[5].len) == 0);
+    same_answers(batched, alone);
+    CHECK(batched[5].len < alone[5].len);   /* cancelled before its end */
     CHECK(batched[4].usage.cached_prompt_tokens > 0);
     CHECK_EQ_INT(alone[4].usage.cached_prompt_tokens, 0);
     /* jobs 6 and 7 drew images of one layout at the same time: in one DiT forward, on the
@@ -224,15 +231,7 @@ TEST(drafts_change_no_answer) {
     run_alone(model, &e, alone, -1);
     dg_sched *s = NULL, *s_plain = NULL;
     int steps = run_batched(model, &e, batched, &s, 7), steps_plain = run_batched(model, &e, plain, &s_plain, -1);
-    for (int i = 0; i < N_JOBS; i++) {
-        if (i == 5) continue;
-        if (!test_job_same(&batched[i], &alone[i]) || strcmp(batched[i].events, alone[i].events)) {
-            printf("  job %d differs: \"%s\" / \"%s\"\n", i, batched[i].text, alone[i].text);
-            CHECK(!"the same answer with drafts and without");
-        }
-        CHECK_EQ_INT(batched[i].usage.generated_tokens, alone[i].usage.generated_tokens);
-    }
-    CHECK(batched[5].len <= alone[5].len && memcmp(batched[5].text, alone[5].text, batched[5].len) == 0);
+    same_answers(batched, alone);
     int64_t drafted = 0, kept = 0, drafted_plain = 0, kept_plain = 0;
     if (s) dg_sched_draft_stats(s, &drafted, &kept);
     if (s_plain) dg_sched_draft_stats(s_plain, &drafted_plain, &kept_plain);

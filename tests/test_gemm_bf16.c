@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/device.h"
 #include "common/gemm_check.h"
 #include "common/harness.h"
 #include "backend.h"
@@ -136,14 +137,7 @@ TEST(fallback_kernels_agree_row_invariant_and_accurate) {
 }
 
 TEST(vdpbf16ps_kernels_equal_the_fallback) {
-    dg_backend *be = NULL;
-    char err[256];
-    CHECK_EQ_INT(dg_cpu_backend_new(1, DG_CPU_AVX512_BF16, 1, &be, err, sizeof err), 0);
-    const int simd = be ? ((const dg_cpu *)be->impl)->simd : 0;
-    dg_backend_free(be);
-    if (simd < DG_CPU_AVX512_BF16)
-        SKIP("this CPU has no AVX-512 BF16 (CPUID.(EAX=7,ECX=1):EAX bit 5 with AVX-512 F and BW): only the "
-             "fallback kernels run here");
+    if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
     check_configs(VDPBF16PS, sizeof VDPBF16PS / sizeof VDPBF16PS[0]);
 }
 

@@ -14,9 +14,8 @@
 
 #include "common/harness.h"
 #include "backend.h"
+#include "common/device.h"
 #include "cpu/attention_bf16.h"
-#include "cpu/cpu_backend.h"
-#include "cpu/cpu_kernels.h"
 #include "duogen.h"
 
 static const char *BACKENDS[] = {"cpu", "cpu-scalar"};
@@ -152,12 +151,7 @@ TEST(attention_segments_bf16_compute) {
  * 4); a row computed alone has the bits it has among the others. Skipped where the CPU has
  * no AVX-512 BF16: these kernels run nowhere else. */
 TEST(attention_bf16_products) {
-    dg_backend *be = NULL;
-    char err[256];
-    CHECK_EQ_INT(dg_cpu_backend_new(1, DG_CPU_AVX512_BF16, 1, &be, err, sizeof err), 0);
-    const int simd = be ? ((const dg_cpu *)be->impl)->simd : 0;
-    dg_backend_free(be);
-    if (simd < DG_CPU_AVX512_BF16) SKIP("this CPU has no AVX-512 BF16: the bf16 attention products run nowhere else");
+    if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
     enum { QB = 128, KC = 256, HD_MAX = 128 };
     static float q[QB * HD_MAX], k[KC * HD_MAX], v[KC * HD_MAX], s[QB * KC], s1[KC], p[QB * KC], o[QB * HD_MAX],
         o0[QB * HD_MAX], o1[HD_MAX];

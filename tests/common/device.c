@@ -5,6 +5,8 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cpu/cpu_backend.h"
+#include "cpu/cpu_kernels.h"
 #include "harness.h"
 
 static int  state;          /* 0 not tried, 1 present, -1 absent, -2 broken */
@@ -31,3 +33,15 @@ int test_cuda_present(void) {
 }
 
 const char *test_cuda_absent_reason(void) { return reason; }
+
+int test_cpu_avx512_bf16(void) {
+    dg_backend *be = NULL;
+    char err[256];
+    if (dg_cpu_backend_new(1, DG_CPU_AVX512_BF16, 1, &be, err, sizeof err) < 0) {
+        test_fail(__FILE__, __LINE__, "%s", err);
+        return 0;
+    }
+    const int simd = ((const dg_cpu *)be->impl)->simd;
+    dg_backend_free(be);
+    return simd >= DG_CPU_AVX512_BF16;
+}

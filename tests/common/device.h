@@ -14,4 +14,14 @@
 int         test_cuda_present(void);
 const char *test_cuda_absent_reason(void);   /* why test_cuda_present() said 0 */
 
+/* 1 when the "cpu" backend uses AVX-512 BF16 kernels here (VDPBF16PS: the bf16 compute
+ * order's and the bf16 attention's), as it decides from CPUID; 0 otherwise. A case of
+ * those kernels only skips where it is 0:
+ *
+ *     if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
+ */
+int         test_cpu_avx512_bf16(void);
+#define TEST_NO_AVX512_BF16 \
+    "this CPU has no AVX-512 BF16 (CPUID.(EAX=7,ECX=1):EAX bit 5 with AVX-512 F and BW): its kernels run nowhere here"
+
 #endif

@@ -9,6 +9,7 @@
 #include <jansson.h>
 
 #include "backend.h"
+#include "duogen.h"
 
 typedef struct {
     int         threads;        /* --threads N (0 = the benchmark's default) */
@@ -46,6 +47,23 @@ int    bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, ch
 /* Records which compute the benchmark ran, as the figure "bf16_compute" (1: the bf16 compute
  * order, 0: fp32), for every benchmark whose matmuls it changes. */
 void   bench_record_compute(const bench_ctx *ctx, json_t *out);
+
+/* What a job told its sink: its text (the first 4095 bytes), images, usage and timings,
+ * when its first BENCH_OBS_IMAGES images started and took their last step, and how it
+ * ended. */
+#define BENCH_OBS_IMAGES 8
+typedef struct {
+    int        done, failed, code, images;
+    double     start_ms[BENCH_OBS_IMAGES], last_step_ms[BENCH_OBS_IMAGES], done_ms;
+    size_t     len;
+    char       text[4096];
+    dg_usage   usage;
+    dg_timings t;
+    char       message[512];
+} bench_obs;
+
+/* A sink that records into o (zeroed here). */
+dg_sink bench_obs_sink(bench_obs *o);
 
 #define DG_BENCH(name, what, fn)                                                   \
     __attribute__((constructor)) static void bench_register_##name(void) {         \

@@ -125,40 +125,13 @@ out:
 
 /* ---- whole jobs through the scheduler ------------------------------------------------------ */
 
-typedef struct {
-    int        done, failed;
-    dg_usage   usage;
-    dg_timings t;
-    char       message[256];
-} job_obs;
-
-static void on_text(void *u, const char *d, size_t n) { (void)u; (void)d; (void)n; }
-static void on_started(void *u, int i, int w, int h, int steps) { (void)u; (void)i; (void)w; (void)h; (void)steps; }
-static void on_step(void *u, int i, int step, int steps) { (void)u; (void)i; (void)step; (void)steps; }
-static void on_image(void *u, int i, int w, int h, const uint8_t *png, size_t len) {
-    (void)u; (void)i; (void)w; (void)h; (void)png; (void)len;
-}
-static void on_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) {
-    job_obs *o = u;
-    (void)r;
-    o->done = 1;
-    o->usage = *us;
-    o->t = *t;
-}
-static void on_failed(void *u, int code, const char *msg) {
-    job_obs *o = u;
-    (void)code;
-    o->done = o->failed = 1;
-    snprintf(o->message, sizeof o->message, "%s", msg);
-}
-
 /* N jobs on a scheduler of N slots; bov: <BOV>'s id (-1: the package has none). */
 static int jobs_run(bench_ctx *ctx, json_t *out, dg_model *model, int n, int32_t bov) {
     static const char *topics[MAX_N] = {"rice", "noodles", "bread", "soup", "fish", "salad", "eggs", "beans",
                                         "pasta", "curry", "pie", "tofu", "stew", "cake", "tea", "corn"};
     char err[512], text[MAX_N][160], name[64];
     dg_sched *s = NULL;
-    job_obs obs[MAX_N] = {0};
+    bench_obs obs[MAX_N];
     dg_part parts[MAX_N];
     dg_message msgs[MAX_N];
     dg_logit_bias bias = {bov, 100.0f};
@@ -178,8 +151,7 @@ static int jobs_run(bench_ctx *ctx, json_t *out, dg_model *model, int n, int32_t
                                  .logit_bias = &bias, .n_logit_bias = bov >= 0},
                         .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_MAX_IMAGES,
                                   .width = side, .height = side, .steps = ctx->quick ? 2 : 4, .max_images = 1}};
-        dg_sink sink = {.user = &obs[i], .text = on_text, .image_started = on_started, .step = on_step,
-                        .image_done = on_image, .finished = on_finished, .failed = on_failed};
+        dg_sink sink = bench_obs_sink(&obs[i]);
         uint64_t seq;
         if (dg_sched_submit(s, &r, &sink, &seq, err, sizeof err) < 0) goto fail;
     }

@@ -29,43 +29,6 @@
 #include "duogen.h"
 
 #define MAX_JOBS 4
-#define TEXT_MAX 4096
-
-typedef struct {
-    int        done, failed, n_png;
-    size_t     len;
-    char       text[TEXT_MAX];
-    dg_usage   usage;
-    dg_timings t;
-    char       message[256];
-} obs;
-
-static void on_text(void *u, const char *d, size_t n) {
-    obs *o = u;
-    if (o->len + n < TEXT_MAX) {
-        memcpy(o->text + o->len, d, n);
-        o->len += n;
-    }
-}
-static void on_started(void *u, int i, int w, int h, int steps) { (void)u; (void)i; (void)w; (void)h; (void)steps; }
-static void on_step(void *u, int i, int step, int steps) { (void)u; (void)i; (void)step; (void)steps; }
-static void on_image(void *u, int i, int w, int h, const uint8_t *png, size_t len) {
-    (void)i; (void)w; (void)h; (void)png; (void)len;
-    ((obs *)u)->n_png++;
-}
-static void on_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) {
-    obs *o = u;
-    (void)r;
-    o->done = 1;
-    o->usage = *us;
-    o->t = *t;
-}
-static void on_failed(void *u, int code, const char *msg) {
-    obs *o = u;
-    (void)code;
-    o->done = o->failed = 1;
-    snprintf(o->message, sizeof o->message, "%s", msg);
-}
 
 typedef struct {
     double tok_s, jobs_s;
@@ -74,7 +37,7 @@ typedef struct {
 } run_figures;
 
 /* The n jobs one after another on a scheduler of one slot with draft_tokens `draft`. */
-static int run_jobs(dg_model *m, const char *const *prompts, int n, int max_new, int draft, obs *o,
+static int run_jobs(dg_model *m, const char *const *prompts, int n, int max_new, int draft, bench_obs *o,
                     run_figures *f, char *err, size_t errlen) {
     dg_sched *s = NULL;
     int rc = dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1, .draft_tokens = draft}, &s, err, errlen);
@@ -88,10 +51,8 @@ static int run_jobs(dg_model *m, const char *const *prompts, int n, int max_new,
         dg_request r = {.id = "bench", .messages = &msg, .n_messages = 1, .seed = (uint64_t)i + 1,
                         .text = {.set = max_new ? DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE : 0,
                                  .max_new_tokens = max_new, .temperature = 0.0f}};
-        dg_sink sink = {.user = &o[i], .text = on_text, .image_started = on_started, .step = on_step,
-                        .image_done = on_image, .finished = on_finished, .failed = on_failed};
+        dg_sink sink = bench_obs_sink(&o[i]);
         uint64_t seq;
-        memset(&o[i], 0, sizeof o[i]);
         if ((rc = dg_sched_submit(s, &r, &sink, &seq, err, errlen)) < 0) break;
         while (rc == 0 && dg_sched_active(s) > 0) {
             rc = dg_sched_step(s, err, errlen);
@@ -116,7 +77,7 @@ static int run_jobs(dg_model *m, const char *const *prompts, int n, int max_new,
 /* Off and on, alternated `rounds` times; the figures under prefix. */
 static int compare(json_t *out, dg_model *m, const char *prefix, const char *const *prompts, int n,
                    int max_new, int threads) {
-    static obs o[2][MAX_JOBS];
+    static bench_obs o[2][MAX_JOBS];
     run_figures best[2] = {{0}}, f;
     char err[512], name[96];
     const int rounds = 2, draft[2] = {-1, 4};
@@ -131,7 +92,7 @@ static int compare(json_t *out, dg_model *m, const char *prefix, const char *con
         }
     for (int i = 0; i < n; i++)
         same &= o[0][i].len == o[1][i].len && !memcmp(o[0][i].text, o[1][i].text, o[0][i].len) &&
-                o[0][i].usage.generated_tokens == o[1][i].usage.generated_tokens && o[0][i].n_png == o[1][i].n_png;
+                o[0][i].usage.generated_tokens == o[1][i].usage.generated_tokens && o[0][i].images == o[1][i].images;
     const char *side[2] = {"off", "on"};
     for (int k = 0; k < 2; k++) {
         snprintf(name, sizeof name, "%s_decode_tok_s_%s_t%d", prefix, side[k], threads);

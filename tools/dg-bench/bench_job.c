@@ -35,42 +35,6 @@
 
 #define PEAK_BF16_TFLOPS 989.4
 
-typedef struct {
-    int        images, failed, code;
-    double     start_ms[8], last_step_ms[8];   /* per image: its start and its last step */
-    double     done_ms;
-    dg_usage   usage;
-    dg_timings t;
-    char       message[512];
-} job_obs;
-
-static void on_text(void *u, const char *d, size_t n) { (void)u; (void)d; (void)n; }
-static void on_image_started(void *u, int index, int w, int h, int steps) {
-    (void)w; (void)h; (void)steps;
-    if (index >= 1 && index <= 8) ((job_obs *)u)->start_ms[index - 1] = bench_now_ms();
-}
-static void on_step(void *u, int index, int step, int steps) {
-    (void)step; (void)steps;
-    if (index >= 1 && index <= 8) ((job_obs *)u)->last_step_ms[index - 1] = bench_now_ms();
-}
-static void on_image_done(void *u, int i, int w, int h, const uint8_t *png, size_t len) {
-    (void)i; (void)w; (void)h; (void)png; (void)len;
-    ((job_obs *)u)->images++;
-}
-static void on_finished(void *u, dg_finish_reason r, const dg_usage *us, const dg_timings *t) {
-    job_obs *o = u;
-    (void)r;
-    o->usage = *us;
-    o->t = *t;
-    o->done_ms = bench_now_ms();
-}
-static void on_failed(void *u, int code, const char *msg) {
-    job_obs *o = u;
-    o->failed = 1;
-    o->code = code;
-    snprintf(o->message, sizeof o->message, "%s", msg);
-}
-
 /* <BOV>'s id from the package's tokenizer_config.json (mkmodel adds it after the last added
  * token); -1 when absent. */
 static int32_t bov_id(const char *pkg) {
@@ -99,7 +63,7 @@ static int env_int(const char *name, int dflt) {
 
 /* One job to its end; 0, or -1 after printing why. */
 static int run_job(dg_sched *s, int32_t bov, const char *id, uint64_t seed, int side, int steps, float guidance, int images,
-                   int tokens, job_obs *o) {
+                   int tokens, bench_obs *o) {
     /* the id first and a seed per job: no job's prompt, images or their vision-tower
      * output come from the caches the previous job filled */
     char prompt[256];
@@ -115,10 +79,9 @@ static int run_job(dg_sched *s, int32_t bov, const char *id, uint64_t seed, int 
                                      DG_IMAGE_MAX_IMAGES,
                               .width = side, .height = side, .steps = steps, .guidance_scale = guidance,
                               .max_images = images}};
-    dg_sink sink = {o, on_text, on_image_started, on_step, on_image_done, on_finished, on_failed};
+    dg_sink sink = bench_obs_sink(o);
     char err[512];
     uint64_t seq;
-    memset(o, 0, sizeof *o);
     if (dg_sched_submit(s, &r, &sink, &seq, err, sizeof err) < 0) {
         fprintf(stderr, "bench_job: %s: %s\n", id, err);
         return -1;
@@ -190,7 +153,7 @@ static int bench_job(bench_ctx *ctx, json_t *out) {
            (bench_now_ms() - t0) / 1e3, side, side, steps, guidance, images);
     bench_record(out, "open_s", (bench_now_ms() - t0) / 1e3, "s");
     int rc = -1;
-    job_obs o;
+    bench_obs o;
     if (dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err) < 0) {
         fprintf(stderr, "bench_job: %s\n", err);
         goto out;
