@@ -23,8 +23,9 @@
  * the CPU) the logits are the same bits, the sampler is called with the same rows in the
  * same order (its random stream included), and no token after the first refused draft is
  * sampled. The rows not kept are written over by the next forward; their condition rows
- * are dropped. Decode on the CPU streams the weights once for 1 or 8 rows (the multi-row
- * GEMV), so a step of 1 + k rows costs little more than one of 1 row. */
+ * are dropped. Decode on the CPU streams the weights once for 1 to 8 rows (the multi-row
+ * GEMV), so a step of 1 + k rows costs little more than one of 1 row; drafts take only the
+ * rows up to 8 that the step's decoding sequences leave (DG_SCHED_DRAFT_ROWS). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -255,12 +256,13 @@ static int draft_stops(const dg_model *m, int32_t t) {
 /* The drafted tokens of a decoding sequence into q->draft[1 ..]: the context is q->hist's
  * committed tokens and q->last; for g = DG_SCHED_DRAFT_NGRAM down to 2, the latest earlier
  * occurrence of its last g tokens whose next token may be drafted gives the tokens that
- * follow it (up to s->draft, within the context, none at or past a draft_stops token).
- * Fewer where the context or max_new_tokens ends first. Returns how many (0: none found). */
-static int draft_lookup(dg_sched *s, dg_seq *q) {
+ * follow it (up to s->draft and `rows`, within the context, none at or past a draft_stops
+ * token). Fewer where the context or max_new_tokens ends first. Returns how many (0: none
+ * found). */
+static int draft_lookup(dg_sched *s, dg_seq *q, int rows) {
     const dg_model *m = s->m;
     const int n = q->kv.n_tokens + 1;   /* the context's length, q->last included */
-    int max = s->draft;
+    int max = s->draft < rows ? s->draft : rows;
     if (max > m->max_context - 1 - n) max = m->max_context - 1 - n;   /* positions n-1 .. n-1+k must fit */
     if (max > q->max_new - q->generated - 1) max = q->max_new - q->generated - 1;
     if (max <= 0) return 0;
@@ -308,13 +310,15 @@ static void seq_failed(dg_seq *q, int rc, const char *msg) {
  * within DG_SCHED_CHUNK tokens. The sequences' KV room is reserved here, so that one that
  * cannot get it fails alone. Returns the batch's size. */
 static int batch_plan(dg_sched *s) {
-    int n = 0, budget = DG_SCHED_CHUNK, pos_used = 0;
+    int n = 0, budget = DG_SCHED_CHUNK, pos_used = 0, draft_rows = DG_SCHED_DRAFT_ROWS;
     char msg[256];
+    for (int i = 0; i < s->n_seqs; i++) draft_rows -= s->seqs[i].state == SEQ_DECODE;
     for (int i = 0; i < s->n_seqs; i++) {
         dg_seq *q = &s->seqs[i];
         q->sampled = q->step_rc = 0;
         if (q->state == SEQ_DECODE) {
-            const int k = s->draft ? draft_lookup(s, q) : 0;
+            const int k = s->draft && draft_rows > 0 ? draft_lookup(s, q, draft_rows) : 0;
+            draft_rows -= k;
             q->draft[0] = q->last;
             q->n_draft = k;
             s->n_drafted += k;
