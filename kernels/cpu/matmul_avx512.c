@@ -18,14 +18,7 @@
 #define NR 6
 #define XPF 12   /* steps of x prefetched ahead */
 
-/* matmul.h step 2: lanes l + 8, then + 4, + 2, + 1. */
-TARGET INLINE float reduce(__m512 a) {
-    const __m256 b = _mm256_add_ps(_mm512_castps512_ps256(a),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-    const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
-    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-}
+#include "matmul_zmm.h"
 
 /* ---- GEMM tile: rm x NR outputs over one block of k (matmul.h dg_matmul_kernels.tile) ---- */
 
@@ -61,30 +54,10 @@ TARGET INLINE void tile_rows(const int rm, const float *x, int64_t ldx, const fl
     }
     if (tail) STEP(steps, _mm512_maskz_loadu_ps(tail, x + i * ldx + steps * 16));
 #undef STEP
-#pragma GCC unroll 8
-    for (int i = 0; i < rm; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) {
-            if (j >= nn) continue;
-            float *o = y + i * ldy + j;
-            *o = flags & DG_TILE_FIRST ? reduce(a[i][j]) : *o + reduce(a[i][j]);
-            if ((flags & DG_TILE_LAST) && bias) *o += bias[j];
-        }
+    zmm_finish(rm, NR, a, flags, y, ldy, nn, bias);
 }
 
-#define TILE(R)                                                                                 \
-    TARGET static void tile##R(const float *x, int64_t ldx, const float *panel, int64_t kc, int flags, \
-                               float *y, int64_t ldy, int nn, const float *bias) {                 \
-        tile_rows(R, x, ldx, panel, kc, flags, y, ldy, nn, bias);                                \
-    }
-TILE(1) TILE(2) TILE(3) TILE(4)
-
-static void tile(int rm, const float *x, int64_t ldx, const float *panel, int64_t kc, int flags, float *y,
-                 int64_t ldy, int nn, const float *bias) {
-    static void (*const f[MR + 1])(const float *, int64_t, const float *, int64_t, int, float *, int64_t, int,
-                                   const float *) = {tile1, tile1, tile2, tile3, tile4};
-    f[rm](x, ldx, panel, kc, flags, y, ldy, nn, bias);
-}
+ZMM_TILES(float)
 
 /* ---- the GEMV of a few rows of x (matmul.h dg_matmul_kernels.rows_multi) ----
  * The decode step of several sequences (m = 2 .. DG_MATMUL_GEMV_ROWS): a block of 4 weight
@@ -142,7 +115,7 @@ static void tile(int rm, const float *x, int64_t ldx, const float *panel, int64_
                     }                                                                           \
                     for (int i = 0; i < 4; i++)                                                 \
                         for (int j = 0; j < 4; j++)                                             \
-                            s[i][j] = k0 == 0 ? reduce(a[i][j]) : s[i][j] + reduce(a[i][j]);    \
+                            s[i][j] = k0 == 0 ? zmm_reduce(a[i][j]) : s[i][j] + zmm_reduce(a[i][j]);    \
                 }                                                                               \
                 for (int i = 0; i < 4 && i0 + i < m; i++)                                       \
                     for (int j = 0; j < 4 && rb + j < r1; j++)                                  \

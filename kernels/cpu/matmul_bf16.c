@@ -4,7 +4,7 @@
  * results do not depend on the thread's floating-point mode.
  *
  * The GEMM tile reads W from a packed panel, the GEMV of 1 .. 8 rows of x where it lies;
- * both end in the same reduction (finish). The tile is 4 x 6, as the fp32 AVX-512
+ * both end in the same reduction (zmm_finish, matmul_zmm.h). The tile is 4 x 6, as the fp32 AVX-512
  * tile: 24 zmm accumulators, the 6 panel vectors of a step and a row of x in 31 of the 32
  * registers; a step loads 10 vectors for 24 VDPBF16PS. In L1 it runs at ~210 GFLOP/s on
  * this project's EPYC (Zen 4, one thread), the fp32 tile at ~108: a VDPBF16PS does the
@@ -21,14 +21,7 @@
 #define XPF 12   /* steps of x prefetched ahead in the tile */
 #define ROWS_X 8 /* the most rows of x the core takes (DG_MATMUL_GEMV_ROWS) */
 
-/* matmul.h step 2: lanes l + 8, then + 4, + 2, + 1. */
-TARGET INLINE float reduce(__m512 a) {
-    const __m256 b = _mm256_add_ps(_mm512_castps512_ps256(a),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-    const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));
-    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-}
+#include "matmul_zmm.h"
 
 /* ---- step 0 (dg_matmul_bf16_kernels.round) ---- */
 
@@ -91,20 +84,6 @@ TARGET INLINE void accumulate(const int rm, const int g, __m512 a[ROWS_X][NR], c
     }
 }
 
-/* Steps 2-4 into y[i·ldy + j], j < nn (of the g computed). */
-TARGET INLINE void finish(const int rm, const int g, __m512 a[ROWS_X][NR], int flags, float *y, int64_t ldy,
-                          int nn, const float *bias) {
-#pragma GCC unroll 8
-    for (int i = 0; i < rm; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < g; j++) {
-            if (j >= nn) continue;
-            float *o = y + i * ldy + j;
-            *o = flags & DG_TILE_FIRST ? reduce(a[i][j]) : *o + reduce(a[i][j]);
-            if ((flags & DG_TILE_LAST) && bias) *o += bias[j];
-        }
-}
-
 /* ---- GEMM tile: rm x NR outputs over one block of k (dg_matmul_bf16_kernels.tile) ---- */
 
 TARGET INLINE void tile_rows(const int rm, const uint16_t *x, int64_t ldx, const uint16_t *panel, int64_t kc,
@@ -131,22 +110,10 @@ TARGET INLINE void tile_rows(const int rm, const uint16_t *x, int64_t ldx, const
             for (int j = 0; j < NR; j++) a[i][j] = _mm512_dpbf16_ps(a[i][j], xv, (__m512bh)wv[j]);
         }
     }
-    finish(rm, NR, a, flags, y, ldy, nn, bias);
+    zmm_finish(rm, NR, a, flags, y, ldy, nn, bias);
 }
 
-#define TILE(R)                                                                                 \
-    TARGET static void tile##R(const uint16_t *x, int64_t ldx, const uint16_t *panel, int64_t kc, int flags, \
-                               float *y, int64_t ldy, int nn, const float *bias) {                 \
-        tile_rows(R, x, ldx, panel, kc, flags, y, ldy, nn, bias);                                \
-    }
-TILE(1) TILE(2) TILE(3) TILE(4)
-
-static void tile(int rm, const uint16_t *x, int64_t ldx, const uint16_t *panel, int64_t kc, int flags, float *y,
-                 int64_t ldy, int nn, const float *bias) {
-    static void (*const f[MR + 1])(const uint16_t *, int64_t, const uint16_t *, int64_t, int, float *, int64_t,
-                                   int, const float *) = {tile1, tile1, tile2, tile3, tile4};
-    f[rm](x, ldx, panel, kc, flags, y, ldy, nn, bias);
-}
+ZMM_TILES(uint16_t)
 
 /* ---- the GEMV of 1 .. 8 rows of x (dg_matmul_bf16_kernels.rows) ----
  * Groups of G weight rows, read where they lie, each step of a group used by all M rows of
@@ -172,7 +139,7 @@ static void tile(int rm, const uint16_t *x, int64_t ldx, const uint16_t *panel, 
             }                                                                                   \
             __m512 a[ROWS_X][NR];                                                               \
             accumulate(M, G, a, xb, ldxb, wr, steps, tail, G > 1 && rb + G < r1 ? nx : NULL);   \
-            finish(M, G, a, flags, y + rb, ldy, (int)(r1 - rb), bias ? bias + rb : NULL);       \
+            zmm_finish(M, G, a, flags, y + rb, ldy, (int)(r1 - rb), bias ? bias + rb : NULL);       \
         }                                                                                       \
     }
 ROWS(1, 1) ROWS(2, 1) ROWS(3, 1) ROWS(4, 1) ROWS(5, 2) ROWS(6, 2) ROWS(7, 2) ROWS(8, 2)
