@@ -2,7 +2,7 @@
 """make soak: many jobs through a few workers while workers are killed with SIGKILL and
 Redis is restarted; at the end every job is accounted for.
 
-  soak.py [--jobs 10000] [--workers 3] [--engine fake|real] [--kills 12] [--seed 1]
+  soak.py [--jobs 10000] [--workers 3] [--engine fake|real] [--draft-tokens N] [--kills 12] [--seed 1]
           [--json build/bench/soak.json] [--keep]
 
 In a temporary directory, on loopback:
@@ -378,7 +378,7 @@ class Soak:
         if a.engine == "real":
             subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", "tiny", "--seed", "5", "--out", model,
                             "--vocab", VOCAB], check=True, capture_output=True, timeout=600)
-            binary = [os.path.join(BUILD, "duogend"), "--threads", "1"]
+            binary = [os.path.join(BUILD, "duogend"), "--threads", "1", "--draft-tokens", str(a.draft_tokens)]
         else:
             os.makedirs(model)
             binary = [os.path.join(BUILD, "tests", "duogend-fake")]
@@ -850,6 +850,8 @@ def main():
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--engine", choices=("fake", "real"), default="fake")
     ap.add_argument("--inflight", type=int, default=4, help="max_inflight of each worker")
+    ap.add_argument("--draft-tokens", type=int, default=0,
+                    help="--engine real: the workers' draft_tokens (0: the engine's default, -1: off)")
     ap.add_argument("--kills", type=int, help="worker SIGKILLs over the run")
     ap.add_argument("--poison", type=int, default=3, help="jobs that abort() their worker (max_attempts 2)")
     ap.add_argument("--step-ms", type=int, default=4, help="mean fake.step_ms of a job (the test engine's pace)")
