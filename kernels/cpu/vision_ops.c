@@ -71,10 +71,12 @@ SIMD static float softmax_row_avx2(float *s, int n, float *mx, float *corr) {
 }
 
 /* A block's working rows: scores [qb, ATT_KC], outputs [qb, head_dim], running maxima and
- * sums [qb]; bf: the bf16 products' state, or NULL (fp32 products, OpenBLAS). */
+ * sums [qb]; bf: the bf16 products' state, or NULL (fp32 products, OpenBLAS), and words its
+ * scratch (DG_ATT_BF16_WORDS(DG_ATT_QB_BF16, ATT_KC)). */
 typedef struct {
     float      *s, *o, *mx, *l;
     dg_att_bf16 *bf;
+    uint32_t   *words;
 } att_block;
 
 /* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. */
@@ -88,8 +90,7 @@ static void attend_block(int simd, const att_block *w, float *out, int out_strid
         l[i] = 0.0f;
     }
     memset(o, 0, sizeof(float) * (size_t)nq * (size_t)head_dim);
-    if (bf) dg_att_bf16_begin(bf, (uint32_t *)(w->l + DG_ATT_QB_BF16), DG_ATT_QB_BF16, ATT_KC, q, q_stride, nq,
-                              head_dim);
+    if (bf) dg_att_bf16_begin(bf, w->words, DG_ATT_QB_BF16, ATT_KC, q, q_stride, nq, head_dim);
     for (int j0 = 0; j0 < nk; j0 += ATT_KC) {
         const int nc = nk - j0 < ATT_KC ? nk - j0 : ATT_KC;
         if (bf) {
@@ -137,11 +138,12 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
         float s_stack[bf16 ? 1 : ATT_QB * ATT_KC], o_stack[bf16 ? 1 : ATT_QB * ATT_MAX_HEAD_DIM];
         float mx_stack[ATT_QB], l_stack[ATT_QB];
         dg_att_bf16 ab;
-        att_block w = {s_stack, o_stack, mx_stack, l_stack, NULL};
-        if (bf16) {
-            float *base = (float *)(c->att_bf16 + (int64_t)omp_get_thread_num() * DG_ATT_SCRATCH_WORDS);
-            w = (att_block){base, base + DG_ATT_QB_BF16 * ATT_KC, base + DG_ATT_QB_BF16 * (ATT_KC + 256),
-                            base + DG_ATT_QB_BF16 * (ATT_KC + 257), &ab};
+        att_block w = {s_stack, o_stack, mx_stack, l_stack, NULL, NULL};
+        if (bf16) {   /* vision_ops.h DG_ATT_SCRATCH_WORDS: the products' words, then the rows */
+            uint32_t *words = c->att_bf16 + (int64_t)omp_get_thread_num() * DG_ATT_SCRATCH_WORDS;
+            float *rows = (float *)(words + DG_ATT_BF16_WORDS(DG_ATT_QB_BF16, ATT_KC));
+            w = (att_block){rows, rows + DG_ATT_QB_BF16 * ATT_KC, rows + DG_ATT_QB_BF16 * (ATT_KC + 256),
+                            rows + DG_ATT_QB_BF16 * (ATT_KC + 257), &ab, words};
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_tasks; t++) {
