@@ -144,10 +144,12 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     if ((rc = dg_kv_cache_new(s->be, c->n_layers, (int)kv_dim, DG_KV_BLOCK, n_blocks, kv_dtype, &s->kv, err,
                               errlen)) < 0)
         goto fail;
-    /* a step's forward: the prefill chunks' tokens and the rows of each decoding sequence
-     * (its token and its drafts), each with a logits row */
-    const int rows = s->n_seqs * (1 + s->draft);
-    if ((rc = dg_qwen2_state_new(&m->llm, s->be, DG_SCHED_CHUNK + rows, rows, &s->st, err, errlen)) < 0)
+    /* a step's forward: the prefill chunks' tokens, a row for each decoding sequence and the
+     * drafts (fewer than DG_SCHED_DRAFT_ROWS in all); a logits row for each sequence and
+     * each draft */
+    const int drafts = s->n_seqs * s->draft < DG_SCHED_DRAFT_ROWS - 1 ? s->n_seqs * s->draft : DG_SCHED_DRAFT_ROWS - 1;
+    if ((rc = dg_qwen2_state_new(&m->llm, s->be, DG_SCHED_CHUNK + s->n_seqs + drafts, s->n_seqs + drafts, &s->st, err,
+                                 errlen)) < 0)
         goto fail;
     rc = DG_ENOMEM;
     for (int i = 0; s->draft && i < s->n_seqs; i++)
