@@ -288,16 +288,22 @@ void dg_sched_draft_take(dg_sched *s, dg_seq *q, int j) {
     q->hist[q->kv.n_tokens] = q->draft[j];
     dg_kv_seq_commit(s->kv, &q->kv, &q->draft[j], NULL, 1);
     s->n_accepted += j > 0;
+    q->draft_kept = j;
     sample_row(s, q, q->draft_row + j);
 }
 
+/* Drafts all refused make a sequence wait 1, 3, 7, 15, 15 .. steps before it drafts again
+ * (text that does not repeat itself costs the rows of one draft now and then); one kept
+ * ends the wait. */
 void dg_sched_draft_end(dg_sched *s, dg_seq *q) {
     const dg_model *m = s->m;
     if (m->has_draw) {
         dg_cond_acc_truncate(&m->conn, q->acc, q->kv.n_tokens);
         cond_save_blocks(s, q);
     }
-    q->n_draft = 0;
+    if (q->draft_kept) q->draft_wait = 0;
+    else q->draft_skip = q->draft_wait = q->draft_wait * 2 + 1 < 15 ? q->draft_wait * 2 + 1 : 15;
+    q->n_draft = q->draft_kept = 0;
 }
 
 /* Marks a sequence's failure for sched.c (which fails it after the forward). */
@@ -317,7 +323,8 @@ static int batch_plan(dg_sched *s) {
         dg_seq *q = &s->seqs[i];
         q->sampled = q->step_rc = 0;
         if (q->state == SEQ_DECODE) {
-            const int k = s->draft && draft_rows > 0 ? draft_lookup(s, q, draft_rows) : 0;
+            const int k = s->draft && draft_rows > 0 && !(q->draft_skip && q->draft_skip--)
+                              ? draft_lookup(s, q, draft_rows) : 0;
             draft_rows -= k;
             q->draft[0] = q->last;
             q->n_draft = k;

@@ -86,6 +86,9 @@ typedef struct dg_seq {
     int32_t       draft[1 + DG_SCHED_DRAFT_MAX];
     int           n_draft;
     int           draft_row;
+    int           draft_kept;    /* drafted tokens kept this step */
+    int           draft_wait, draft_skip;   /* after drafts all refused: steps to wait before
+                                    the next (doubling, at most 15), and those left */
     int32_t      *hist;          /* slot-owned [max_context] when drafts are on: the tokens at
                                     the KV's positions 0 .. kv.n_tokens - 1, then q->last */
 
