@@ -295,6 +295,61 @@ TEST(sched_limits_stop_strings_cancel) {
     dg_model_close(m);
 }
 
+/* Drafts at the edges (engine/sched_feed.c "Drafts"): answers of 1, 2, 3 and 40 tokens (the
+ * cut by max_new_tokens inside a step's drafts), a prompt whose answer runs into the
+ * context's end (max_context 512: drafts must stop short of it), stop strings met inside a
+ * drafted run; greedy and sampled, three tokens raised by 40 so that the answers repeat and
+ * drafts are taken. Each with drafts 7 streams what it streams with drafts off: text,
+ * reason, token count; and drafts were kept. */
+TEST(sched_drafts_at_the_limits) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[256], longer[4096] = "";
+    dg_model *m;
+    dg_sched *s[2];
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
+    for (int d = 0; d < 2; d++)
+        CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1, .draft_tokens = d ? 7 : -1}, &s[d], err,
+                                  sizeof err), 0);
+    for (int i = 0; i < 38; i++) strcat(longer, "Then stir the sauce slowly, and taste it. ");
+    dg_logit_bias loop[3] = {{100, 40.0f}, {200, 40.0f}, {300, 40.0f}};
+    char stop[8] = "";   /* from the middle of case 3's answer */
+    const char *stops[1] = {stop};
+    struct { const char *user; int max_new, sampled, stop; } cases[] = {
+        {"Say one word.", 1, 0, 0},  {"Say two words.", 2, 0, 0}, {"Say three words.", 3, 1, 0},
+        {"Talk.", 40, 0, 0},         {"Talk.", 40, 1, 0},         {longer, 200, 0, 0},
+        {"Talk.", 40, 0, 1},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        collect c[2] = {{0}, {0}};
+        for (int d = 0; d < 2; d++) {
+            dg_message msgs[2];
+            dg_part parts[2];
+            dg_request r = text_request(msgs, parts, SYSTEM, cases[k].user);
+            r.seed = 5;
+            r.text = (dg_text_params){.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE,
+                                      .max_new_tokens = cases[k].max_new,
+                                      .temperature = cases[k].sampled ? 0.8f : 0.0f, .logit_bias = loop,
+                                      .n_logit_bias = 3, .stop = cases[k].stop ? stops : NULL,
+                                      .n_stop = cases[k].stop ? 1 : 0};
+            CHECK_EQ_INT(run_one(s[d], &r, &c[d], -1), 0);
+            CHECK_EQ_INT(c[d].finished, 1);
+        }
+        CHECK_EQ_INT(c[1].len, c[0].len);
+        CHECK(c[1].len == c[0].len && memcmp(c[1].text, c[0].text, c[0].len) == 0);
+        CHECK_EQ_INT((int)c[1].reason, (int)c[0].reason);
+        CHECK_EQ_INT(c[1].usage.generated_tokens, c[0].usage.generated_tokens);
+        if (k == 3 && c[0].len > 8) memcpy(stop, c[0].text + c[0].len / 2 + 1, 3);
+        if (k == 5) CHECK(c[0].reason == DG_FINISH_LENGTH && c[0].usage.prompt_tokens + c[0].usage.generated_tokens >= 510);
+        if (k == 6) CHECK(c[0].reason == DG_FINISH_STOP);
+    }
+    int64_t drafted, kept;
+    dg_sched_draft_stats(s[1], &drafted, &kept);
+    printf("  drafts: %lld fed, %lld kept\n", (long long)drafted, (long long)kept);
+    CHECK(kept > 0);
+    for (int d = 0; d < 2; d++) dg_sched_free(s[d]);
+    dg_model_close(m);
+}
+
 /* Temperature 0, set, is greedy on a package whose default samples (temperature 1): the
  * answer is the default package's greedy one whatever the seed, while the unset temperature
  * samples (two seeds, two answers). Exact text comparisons: greedy decoding is one argmax
