@@ -86,19 +86,6 @@ static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget,
     return n < 1 ? 1 : n > DG_SCHED_AUTO_INFLIGHT ? DG_SCHED_AUTO_INFLIGHT : (int)n;
 }
 
-/* The bytes of weights a decode token reads: every layer's matrices and the lm_head. */
-static double decode_bytes(const dg_qwen2 *q) {
-    const dg_weight *w[7];
-    double b = (double)q->lm_head.rows * (double)q->lm_head.cols * (double)dg_dtype_size(q->lm_head.dtype);
-    for (int l = 0; l < q->cfg.n_layers; l++) {
-        const dg_qwen2_layer *y = &q->layers[l];
-        w[0] = &y->wq, w[1] = &y->wk, w[2] = &y->wv, w[3] = &y->wo, w[4] = &y->w_gate, w[5] = &y->w_up,
-        w[6] = &y->w_down;
-        for (int i = 0; i < 7; i++) b += (double)w[i]->rows * (double)w[i]->cols * (double)dg_dtype_size(w[i]->dtype);
-    }
-    return b;
-}
-
 int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen) {
     *out = NULL;
     dg_sched *s = calloc(1, sizeof *s);
@@ -115,7 +102,7 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         return DG_EINVAL;
     }
     s->draft = s->o.draft_tokens > 0 ? s->o.draft_tokens
-               : s->o.draft_tokens == 0 && m->be->rows_exact && decode_bytes(&m->llm) >= DG_SCHED_DRAFT_MIN_BYTES
+               : s->o.draft_tokens == 0 && m->be->rows_exact && dg_qwen2_decode_bytes(&m->llm) >= DG_SCHED_DRAFT_MIN_BYTES
                    ? DG_SCHED_DRAFT_DEFAULT
                    : 0;
     const dg_dtype kv_dtype = bf16 ? DG_DTYPE_BF16 : DG_DTYPE_F32;

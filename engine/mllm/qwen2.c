@@ -75,6 +75,18 @@ fail:
     return rc;
 }
 
+double dg_qwen2_decode_bytes(const dg_qwen2 *q) {
+    const dg_weight *w[7];
+    double b = (double)q->lm_head.rows * (double)q->lm_head.cols * (double)dg_dtype_size(q->lm_head.dtype);
+    for (int l = 0; l < q->cfg.n_layers; l++) {
+        const dg_qwen2_layer *y = &q->layers[l];
+        w[0] = &y->wq, w[1] = &y->wk, w[2] = &y->wv, w[3] = &y->wo, w[4] = &y->w_gate, w[5] = &y->w_up,
+        w[6] = &y->w_down;
+        for (int i = 0; i < 7; i++) b += (double)w[i]->rows * (double)w[i]->cols * (double)dg_dtype_size(w[i]->dtype);
+    }
+    return b;
+}
+
 void dg_qwen2_unload(dg_qwen2 *m) {
     if (m->be) m->be->release(m->be, m->vectors);
     free(m->layers);

@@ -113,6 +113,8 @@ typedef struct {
 int  dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_backend *be,
                    char *err, size_t errlen);
 void dg_qwen2_unload(dg_qwen2 *m);   /* accepts a zeroed or half-loaded model */
+/* The bytes of weights a decode token reads: every layer's matrices and the lm_head. */
+double dg_qwen2_decode_bytes(const dg_qwen2 *m);
 
 /* be: m's backend or a fork of it (backend.h), which must outlive the state. */
 int  dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int max_logits,
