@@ -141,7 +141,8 @@ def test_metrics_scraped(cluster):
     port = free_port()
     cluster.worker("mw", args=["--metrics-port", str(port)])
     cluster.wait_groups()
-    cluster.enqueue("m1", "one two three", meta={"fake.images": 1}, steps=3)
+    # 2 ms a step: the job lasts more than the millisecond the phase seconds are counted in
+    cluster.enqueue("m1", "one two three", meta={"fake.images": 1, "fake.step_ms": 2}, steps=3)
     cluster.enqueue("m2", "x", meta={"fake.fail": "error"})
     cluster.wait_result("m1")
     cluster.wait_result("m2")
