@@ -209,19 +209,14 @@ typedef struct {
 } x_span;
 
 /* m = 1 .. DG_MATMUL_GEMV_ROWS: W's rows split as the GEMV splits them, each read once for
- * all of x's rows, block after block of the span. */
+ * all of x's rows, to the span's end before the next row (the kernels walk the blocks). */
 static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
-    const int64_t n = w->rows, k = w->cols, tile = 64, n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, tile = 64, n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
     for (int64_t t = 0; t < n_tiles; t++)
-        for (int64_t k0 = s->k0; k0 < s->k0 + s->kc; k0 += DG_MATMUL_BF16_KB) {
-            const int64_t kc = k - k0 < DG_MATMUL_BF16_KB ? k - k0 : DG_MATMUL_BF16_KB;
-            const int flags = (k0 == 0 ? DG_TILE_FIRST : 0) | (k0 + kc == k ? DG_TILE_LAST : 0);
-            K->rows(y, n, s->xb + (k0 - s->k0), s->ld, s->mi, w, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n,
-                    k0, kc, flags, bias);
-        }
+        K->rows(y, n, s->xb, s->ld, s->mi, w, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n, s->k0, s->kc, bias);
 }
 
 /* gemm_task in the bf16 order over the span's blocks: rows m0 .. m0+mc-1 of the span

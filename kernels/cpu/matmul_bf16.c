@@ -20,6 +20,7 @@
 #define NR 6
 #define XPF 12   /* steps of x prefetched ahead in the tile */
 #define ROWS_X 8 /* the most rows of x the core takes (DG_MATMUL_GEMV_ROWS) */
+#define AHEAD 3072 /* bytes of W prefetched ahead of the GEMV's one row, at 3 and 4 rows of x */
 
 #include "matmul_zmm.h"
 
@@ -43,7 +44,11 @@ TARGET static void round_rows(uint16_t *xb, int64_t ldxb, const float *x, int64_
  * whose W is loaded under the mask tail (the columns past k are not read). pf, when not
  * NULL: the next group's g rows (the same columns), prefetched g lines a step, row after
  * row, as one stream at the pace of these (the hardware prefetcher follows several short
- * interleaved streams badly: M = 8 over two rows took 1.6x as long without it). */
+ * interleaved streams badly: M = 8 over two rows took 1.6x as long without it). With one
+ * row of W and 3 or 4 of x, the line AHEAD bytes on in W's stream is asked for each step:
+ * each load of W holds 3-4 products in the scheduler, which then fills before the loads
+ * run far enough ahead of memory (M = 3 0.93x, M = 4 0.88x the time without it; at M = 2
+ * it cost 1.6x, and M = 1 reads at the limit alone). */
 TARGET INLINE void accumulate(const int rm, const int g, __m512 a[ROWS_X][NR], const uint16_t *x, int64_t ldx,
                               const uint16_t *const *w, int64_t steps, __mmask32 tail,
                               const uint16_t *const *pf) {
@@ -58,6 +63,7 @@ TARGET INLINE void accumulate(const int rm, const int g, __m512 a[ROWS_X][NR], c
         __m512i wv[NR];
 #pragma GCC unroll 8
         for (int j = 0; j < g; j++) wv[j] = _mm512_loadu_si512(w[j] + s * 32);
+        if (rm >= 3 && g == 1) _mm_prefetch((const char *)(w[0] + s * 32) + AHEAD, _MM_HINT_T0);
         if (pf)
 #pragma GCC unroll 8
             for (int j = 0; j < g; j++) {
@@ -118,38 +124,50 @@ ZMM_TILES(uint16_t)
 /* ---- the GEMV of 1 .. 8 rows of x (dg_matmul_bf16_kernels.rows) ----
  * Groups of G weight rows, read where they lie, each step of a group used by all M rows of
  * x (M·G accumulators). Decode reads its weights from memory, where the hardware
- * prefetcher follows one sequential stream best: for M <= 4 one row at a time (G = 1, no
- * prefetch); for M = 5 .. 8 two, the next two prefetched (one row left the loads of x
- * the limit). Measured on the small preset's matrices (a decode step's 630 MB, one
- * thread, against the fp32 order's GEMVs in the same run): M = 1 1.00-1.06x their time,
- * M = 2 0.9x, M = 4 0.6x, M = 8 0.65-0.7x; four rows a group with the prefetch were 1.2x
- * at M = 2, three 0.72x at M = 8. A group of fewer than G rows repeats its last one
- * (computed, not stored). */
+ * prefetcher follows one sequential stream best: for M <= 4 one row at a time (G = 1);
+ * for M = 5 .. 8 two, the next two prefetched (one row left the loads of x the limit).
+ * Each group reads its rows to the span's end, block after block, before the next group:
+ * rows longer than a block (the MLP's down projection, k = 4864) are then still one
+ * stream; walked a block of 64 rows at a time, that matrix was read at 12 GB/s against
+ * 33 for the others, and a decode token took 41 ms of products instead of 33. Measured
+ * on the small preset's matrices (a decode step's 988 MB in huge pages, one thread, the
+ * median of 9): M = 1 and 2 32 ms (~31 GB/s, at the machine's read rate), M = 3 40,
+ * M = 4 48, M = 8 66 (then 8 rows' products: the instruction's rate, ~180 GFLOP/s from
+ * L2, is the bound more than memory). Three rows a group were 1.15x at M = 8, two 1.3x
+ * at M = 3 - 4. A group of fewer than G rows repeats its last one (computed, not
+ * stored). */
 #define ROWS(M, G)                                                                              \
     TARGET static void rows##M(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, const dg_weight *w, \
-                               int64_t r0, int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) { \
+                               int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias) { \
         const uint16_t *base = (const uint16_t *)w->data;                                      \
-        const int64_t k = w->cols, steps = kc / 32;                                             \
-        const __mmask32 tail = (__mmask32)((1ull << (kc % 32)) - 1);                            \
+        const int64_t k = w->cols;                                                              \
         for (int64_t rb = r0; rb < r1; rb += G) {                                               \
-            const uint16_t *wr[G], *nx[G];                                                      \
-            for (int j = 0; j < G; j++) {                                                       \
-                wr[j] = base + (rb + j < r1 ? rb + j : r1 - 1) * k + k0;                        \
-                nx[j] = base + (rb + G + j < r1 ? rb + G + j : r1 - 1) * k + k0;                \
+            const uint16_t *row[G], *wr[G], *nx[G];                                             \
+            for (int j = 0; j < G; j++) row[j] = base + (rb + j < r1 ? rb + j : r1 - 1) * k;    \
+            for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {                               \
+                const int64_t bc = kc - b < DG_MATMUL_BF16_KB ? kc - b : DG_MATMUL_BF16_KB;     \
+                const int flags = (k0 + b == 0 ? DG_TILE_FIRST : 0) | (k0 + b + bc == k ? DG_TILE_LAST : 0); \
+                /* prefetched: these rows' next block, else the next group's first */          \
+                const int more = b + bc < kc, next = more || rb + G < r1;                       \
+                for (int j = 0; j < G; j++) {                                                   \
+                    wr[j] = row[j] + k0 + b;                                                    \
+                    nx[j] = more ? wr[j] + bc : base + (rb + G + j < r1 ? rb + G + j : r1 - 1) * k + k0; \
+                }                                                                               \
+                __m512 a[ROWS_X][NR];                                                           \
+                accumulate(M, G, a, xb + b, ldxb, wr, bc / 32, (__mmask32)((1ull << (bc % 32)) - 1), \
+                           G > 1 && next ? nx : NULL);                                          \
+                zmm_finish(M, G, a, flags, y + rb, ldy, (int)(r1 - rb), bias ? bias + rb : NULL); \
             }                                                                                   \
-            __m512 a[ROWS_X][NR];                                                               \
-            accumulate(M, G, a, xb, ldxb, wr, steps, tail, G > 1 && rb + G < r1 ? nx : NULL);   \
-            zmm_finish(M, G, a, flags, y + rb, ldy, (int)(r1 - rb), bias ? bias + rb : NULL);       \
         }                                                                                       \
     }
 ROWS(1, 1) ROWS(2, 1) ROWS(3, 1) ROWS(4, 1) ROWS(5, 2) ROWS(6, 2) ROWS(7, 2) ROWS(8, 2)
 
 static void rows(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w, int64_t r0,
-                 int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) {
+                 int64_t r1, int64_t k0, int64_t kc, const float *bias) {
     static void (*const f[ROWS_X + 1])(float *, int64_t, const uint16_t *, int64_t, const dg_weight *, int64_t,
-                                       int64_t, int64_t, int64_t, int, const float *) = {
+                                       int64_t, int64_t, int64_t, const float *) = {
         rows1, rows1, rows2, rows3, rows4, rows5, rows6, rows7, rows8};
-    f[m](y, ldy, xb, ldxb, w, r0, r1, k0, kc, flags, bias);
+    f[m](y, ldy, xb, ldxb, w, r0, r1, k0, kc, bias);
 }
 
 const dg_matmul_bf16_kernels dg_matmul_bf16_avx512 = {MR, NR, round_rows, rows, tile};

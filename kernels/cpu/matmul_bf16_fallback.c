@@ -95,15 +95,23 @@ static void round_portable(uint16_t *xb, int64_t ldxb, const float *x, int64_t l
         for (int64_t c = 0; c < kp; c++) xb[i * ldxb + c] = c < kc ? round1(x[i * ldx + c]) : 0;
 }
 
+/* The flags of the span's block at column b (matmul.h, dg_matmul_bf16_kernels.rows). */
+static int block_flags(const dg_weight *w, int64_t k0, int64_t b, int64_t bc) {
+    return (k0 + b == 0 ? DG_TILE_FIRST : 0) | (k0 + b + bc == w->cols ? DG_TILE_LAST : 0);
+}
+
 static void rows_portable(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
-                          int64_t r0, int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) {
+                          int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias) {
     for (int64_t r = r0; r < r1; r++)
-        for (int i = 0; i < m; i++) {
-            float acc[L] = {0};
-            const unsigned csr = lane_steps_begin();
-            steps_portable(acc, xb + i * ldxb, (const uint16_t *)w->data + r * w->cols + k0, kc);
-            _mm_setcsr(csr);
-            finish1(acc, flags, y + i * ldy + r, bias ? bias + r : NULL);
+        for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {
+            const int64_t bc = kc - b < DG_MATMUL_BF16_KB ? kc - b : DG_MATMUL_BF16_KB;
+            for (int i = 0; i < m; i++) {
+                float acc[L] = {0};
+                const unsigned csr = lane_steps_begin();
+                steps_portable(acc, xb + i * ldxb + b, (const uint16_t *)w->data + r * w->cols + k0 + b, bc);
+                _mm_setcsr(csr);
+                finish1(acc, block_flags(w, k0, b, bc), y + i * ldy + r, bias ? bias + r : NULL);
+            }
         }
 }
 
@@ -202,36 +210,40 @@ static void steps_rows(int rm, float *const acc[2][2], const uint16_t *xb, int64
     else if (tail_w) steps2(acc, xt, tail_w, 32, 1);
 }
 
-/* W rows r0 .. r1-1 a chunk of CHUNK at a time: the lanes of all the chunk's outputs under
- * one MXCSR switch (each switch costs about as much as 20 multiply-adds), then the sums. */
+/* W rows r0 .. r1-1 a chunk of CHUNK at a time, block after block of the span: the lanes of
+ * all the chunk's outputs under one MXCSR switch (each switch costs about as much as 20
+ * multiply-adds), then the sums. */
 static void rows_avx2(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
-                      int64_t r0, int64_t r1, int64_t k0, int64_t kc, int flags, const float *bias) {
+                      int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias) {
     enum { CHUNK = 16 };
-    const int64_t steps = kc / 32, tail = kc % 32;
     float acc[CHUNK + 1][DG_MATMUL_GEMV_ROWS][L];   /* [W row of the chunk][x row]; the last: a
                                                        repeated row's, not stored */
     for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
-        const int nc = r1 - c0 < CHUNK ? (int)(r1 - c0) : CHUNK;
-        memset(acc, 0, sizeof acc);
-        const unsigned csr = lane_steps_begin();
-        for (int j = 0; j < nc; j += 2) {
-            const uint16_t *wr[2], *wt[2];
-            uint16_t t[2][32] = {{0}};
-            for (int q = 0; q < 2; q++) {
-                wr[q] = (const uint16_t *)w->data + (c0 + (j + q < nc ? j + q : j)) * w->cols + k0;
-                memcpy(t[q], wr[q] + steps * 32, sizeof(uint16_t) * (size_t)tail);
-                wt[q] = t[q];
+        for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {
+            const int64_t bc = kc - b < DG_MATMUL_BF16_KB ? kc - b : DG_MATMUL_BF16_KB, steps = bc / 32, tail = bc % 32;
+            const int flags = block_flags(w, k0, b, bc);
+            const int nc = r1 - c0 < CHUNK ? (int)(r1 - c0) : CHUNK;
+            memset(acc, 0, sizeof acc);
+            const unsigned csr = lane_steps_begin();
+            for (int j = 0; j < nc; j += 2) {
+                const uint16_t *wr[2], *wt[2];
+                uint16_t t[2][32] = {{0}};
+                for (int q = 0; q < 2; q++) {
+                    wr[q] = (const uint16_t *)w->data + (c0 + (j + q < nc ? j + q : j)) * w->cols + k0 + b;
+                    memcpy(t[q], wr[q] + steps * 32, sizeof(uint16_t) * (size_t)tail);
+                    wt[q] = t[q];
+                }
+                for (int i = 0; i < m; i += 2) {
+                    float *const a[2][2] = {{acc[j][i], acc[j + 1 < nc ? j + 1 : CHUNK][i]},
+                                            {acc[j][i + 1 < m ? i + 1 : i], acc[j + 1 < nc ? j + 1 : CHUNK][i + 1 < m ? i + 1 : i]}};
+                    steps_rows(m - i < 2 ? 1 : 2, a, xb + i * ldxb + b, ldxb, wr, 32, steps, tail ? wt : NULL);
+                }
             }
-            for (int i = 0; i < m; i += 2) {
-                float *const a[2][2] = {{acc[j][i], acc[j + 1 < nc ? j + 1 : CHUNK][i]},
-                                        {acc[j][i + 1 < m ? i + 1 : i], acc[j + 1 < nc ? j + 1 : CHUNK][i + 1 < m ? i + 1 : i]}};
-                steps_rows(m - i < 2 ? 1 : 2, a, xb + i * ldxb, ldxb, wr, 32, steps, tail ? wt : NULL);
-            }
+            _mm_setcsr(csr);
+            for (int j = 0; j < nc; j++)
+                for (int i = 0; i < m; i++)
+                    finish1(acc[j][i], flags, y + i * ldy + c0 + j, bias ? bias + c0 + j : NULL);
         }
-        _mm_setcsr(csr);
-        for (int j = 0; j < nc; j++)
-            for (int i = 0; i < m; i++)
-                finish1(acc[j][i], flags, y + i * ldy + c0 + j, bias ? bias + c0 + j : NULL);
     }
 }
 
