@@ -190,6 +190,8 @@ $(BUILD)/$(1): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(PRO
 	@$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDLIBS)
 endef
 $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
+# the chat template's bytes are in chat_template.o (.incbin)
+$(BUILD)/obj/tools/mkmodel/chat_template.o: tools/mkmodel/chat_template.jinja
 # duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects),
 # checks job ids by the workers' rule (job.c) and writes its manual page with manpage.c
 $(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \

@@ -31,6 +31,9 @@ typedef struct {
     int        n, cap;
 } mk_list;
 
+/* The Qwen2.5-VL chat template (chat_template.jinja, NUL-terminated; chat_template.c). */
+extern const char mk_chat_template[];
+
 int  mk_add(mk_list *l, dg_dtype dtype, double mean, double std, const char *name, int n_dims,
             const int64_t *shape);
 void mk_list_free(mk_list *l);

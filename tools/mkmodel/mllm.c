@@ -34,6 +34,8 @@ static const mllm_shape SHAPES[] = {
                  32, 1280, 16, 3420, 7},
 };
 
+/* Qwen2.5's added tokens in id order (its published tokenizer_config.json, vocab/qwen2 here,
+ * which tools/train/tokenizer.py reads) */
 static const char *SPECIALS[] = {
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -52,21 +54,6 @@ static const char *OWN_MERGES[][2] = {
 };
 #define N_OWN_MERGES 8
 #define OWN_VOCAB 320          /* embedding rows: 256 + 8 + 22 tokens, padded like Qwen's */
-
-static const char *CHAT_TEMPLATE =
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
-    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
-    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 static int dump(const char *dir, const char *name, json_t *j, char *err, size_t errlen) {
     char path[4096];
@@ -204,7 +191,7 @@ static int write_own_tokenizer(const char *dir, char *err, size_t errlen) {
     json_object_set_new(tc, "add_prefix_space", json_false());
     json_object_set_new(tc, "added_tokens_decoder", added);
     json_object_set_new(tc, "bos_token", json_null());
-    json_object_set_new(tc, "chat_template", json_string(CHAT_TEMPLATE));
+    json_object_set_new(tc, "chat_template", json_string(mk_chat_template));
     json_object_set_new(tc, "clean_up_tokenization_spaces", json_false());
     json_object_set_new(tc, "eos_token", json_string("<|im_end|>"));
     json_object_set_new(tc, "errors", json_string("replace"));

@@ -23,29 +23,26 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-            "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-            "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-            "<|repo_name|>", "<|file_sep|>"]
-N_SPECIAL_TRUE = 14
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _published_specials():
+    """Qwen2.5's 22 added tokens in id order and how many lead with "special": true, from the
+    published tokenizer_config.json that tools/mkmodel ships (vocab/qwen2)."""
+    with open(os.path.join(_HERE, "..", "mkmodel", "vocab", "qwen2", "tokenizer_config.json"), encoding="utf-8") as f:
+        added = json.load(f)["added_tokens_decoder"]
+    tokens = [added[k] for k in sorted(added, key=int)]
+    n_true = next((i for i, t in enumerate(tokens) if not t["special"]), len(tokens))
+    assert all(not t["special"] for t in tokens[n_true:]), "the specials are not a leading run"
+    return [t["content"] for t in tokens], n_true
+
+
+SPECIALS, N_SPECIAL_TRUE = _published_specials()
 BOV = "<BOV>"
 
-# The Qwen2.5-VL chat template (as tools/mkmodel/mllm.c writes it)
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
-    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
-    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The Qwen2.5-VL chat template, the one tools/mkmodel writes (its chat_template.jinja)
+with open(os.path.join(_HERE, "..", "mkmodel", "chat_template.jinja"), encoding="utf-8") as _f:
+    CHAT_TEMPLATE = _f.read()
 
 
 def train_bpe(texts, vocab_size):
