@@ -91,15 +91,23 @@ const dg_matmul_kernels dg_matmul_portable = {PORTABLE_MR, PORTABLE_NR, rows_por
 
 /* ---- drivers ---------------------------------------------------------------------------- */
 
+/* The GEMVs' split of W's rows: tiles handed out one at a time, so that each thread streams
+ * contiguous weight memory and a thread slowed down by another process (the cores are
+ * shared) does not hold the others back, as a static split would. 64 rows a tile, or fewer
+ * (down to 16) where that would leave under 4 tiles a thread: the k and v projections (128
+ * rows) were one pair of tiles, which one thread took while the other waited, and the 896-row
+ * matrices split 4:3 (in pairs); with two threads libgomp's waiting was ~8% of a decode
+ * step's samples. */
+static int64_t gemv_tile(const dg_cpu *c, int64_t n) {
+    const int64_t per = (n + 4 * c->n_threads - 1) / (4 * c->n_threads);
+    return per >= 64 ? 64 : per <= 16 ? 16 : (per + 15) / 16 * 16;
+}
+
 static void gemv(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const float *x,
                  const dg_weight *w, const float *bias) {
-    const int64_t n = w->rows;
-    /* Tiles of 64 rows handed out dynamically: each thread streams contiguous weight
-     * memory, and a thread slowed down by another process (the cores are shared) does
-     * not hold the others back, as a static split would. */
-    const int64_t tile = 64, n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, tile = gemv_tile(c, n), n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < n_tiles; t++) K->rows(y, x, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
 }
 
@@ -107,9 +115,9 @@ static void gemv(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const fl
  * split as the GEMV splits them, each read once for all of x's rows. */
 static void gemv_multi(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const float *x,
                        const dg_weight *w, const float *bias, int m) {
-    const int64_t n = w->rows, tile = 64, n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, tile = gemv_tile(c, n), n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < n_tiles; t++)
         K->rows_multi(y, x, m, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
 }
@@ -212,9 +220,9 @@ typedef struct {
  * all of x's rows, to the span's end before the next row (the kernels walk the blocks). */
 static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
-    const int64_t n = w->rows, tile = 64, n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, tile = gemv_tile(c, n), n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t t = 0; t < n_tiles; t++)
         K->rows(y, n, s->xb, s->ld, s->mi, w, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n, s->k0, s->kc, bias);
 }
