@@ -8,6 +8,7 @@
 #include "text/tokenizer.h"
 #include "text/tokenizer_internal.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -314,9 +315,14 @@ static char tmp_root[] = "/tmp/dg-tok-test-XXXXXX";
 
 /* A fresh folder under tmp_root holding links to the shared vocab.json and merges.txt. */
 static void make_dir(const char *name, char *dir, size_t cap, int links) {
-    if (tmp_root[sizeof tmp_root - 2] == 'X' && !mkdtemp(tmp_root)) return;
     snprintf(dir, cap, "%s/%s", tmp_root, name);
-    mkdir(dir, 0700);
+    if (tmp_root[sizeof tmp_root - 2] == 'X' && !mkdtemp(tmp_root)) {
+        test_fail(__FILE__, __LINE__, "mkdtemp %s: %s", tmp_root, strerror(errno));
+        return;
+    }
+    snprintf(dir, cap, "%s/%s", tmp_root, name);
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+        test_fail(__FILE__, __LINE__, "mkdir %s: %s", dir, strerror(errno));
     char src[1024], dst[1024], cwd[512];
     if (!getcwd(cwd, sizeof cwd)) return;
     static const char *files[] = {"vocab.json", "merges.txt", "tokenizer_config.json"};
@@ -333,6 +339,10 @@ static void write_text(const char *dir, const char *file, const char *text) {
     snprintf(path, sizeof path, "%s/%s", dir, file);
     unlink(path);
     FILE *f = fopen(path, "w");
+    if (!f) {
+        test_fail(__FILE__, __LINE__, "cannot write %s: %s", path, strerror(errno));
+        return;
+    }
     fputs(text, f);
     fclose(f);
 }
