@@ -45,7 +45,7 @@ static const struct key {
         "default (fp32 on the CPU, bf16 on a GPU where its bf16 attention is in use)"),
     INT(draft_tokens, -1, 7, "decode drafts by prompt lookup: up to N tokens that followed the context's last "
         "tokens where they occurred before are fed and checked in the same forward (the same answers, fewer "
-        "steps where text repeats); -1: off; 0: the default (4 on the CPU for a decoder of 64 MiB or more, else "
+        "steps where text repeats); -1: off; 0: the default (2 on the CPU for a decoder of 64 MiB or more, else "
         "off)"),
     INT(cpu_bf16_compute, 0, 1, "1: matmuls over bf16 weights round activations to bf16 (~1.5x prefill "
         "where the CPU has AVX-512 BF16; logits move by ~0.04) (CPU devices)"),

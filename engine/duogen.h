@@ -276,7 +276,7 @@ typedef struct {
                                        token, up to this many of the tokens that followed
                                        them, and keeps those the model chooses itself: the
                                        same answer, fewer forwards where text repeats. -1:
-                                       off; 0: the default: 4 where the backend's rows are
+                                       off; 0: the default: 2 where the backend's rows are
                                        exact at any batch size (the CPU) and a decode token
                                        reads 64 MiB of weights or more; else off (a GPU, a
                                        decoder that stays in cache); 1 .. 7 */

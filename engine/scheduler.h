@@ -28,8 +28,11 @@
 #define DG_SCHED_GROUP_CTX 4096   /* the most context rows of one shared forward */
 #define DG_SCHED_DRAFT_MAX 7      /* the most drafted tokens a sequence feeds in a step
                                      (dg_sched_opts draft_tokens; sched_feed.c "Drafts") */
-#define DG_SCHED_DRAFT_DEFAULT 4  /* draft_tokens 0 on a backend with exact rows, for a
-                                     decoder of DG_SCHED_DRAFT_MIN_BYTES or more */
+#define DG_SCHED_DRAFT_DEFAULT 2  /* draft_tokens 0 on a backend with exact rows, for a
+                                     decoder of DG_SCHED_DRAFT_MIN_BYTES or more: on the CPU
+                                     2 rows cost what 1 does, 3 1.25x, 5 1.7x (the GEMV is
+                                     compute-bound from 3 rows), and `small`'s bench jobs ran
+                                     42.7 / 43.2 / 40.4 / 39.3 tok/s with 1 / 2 / 3 / 4 */
 #define DG_SCHED_DRAFT_MIN_BYTES (64 << 20)   /* the weights a decode token reads: from here
                                      on a step is their stream, which 1 + k rows share; a
                                      smaller decoder (in cache) pays for each row (the shapes

@@ -1,6 +1,8 @@
 /* bench_drafts — decoding with drafts by prompt lookup (dg_sched_opts draft_tokens;
  * engine/sched_feed.c "Drafts") against decoding without, the same jobs through the public
- * API, alternated (off, on, off, on: the best of each kept; the cores are shared):
+ * API, alternated (off, on, off, on: the best of each kept; the cores are shared); on is
+ * draft_tokens DG_SCHED_DRAFT_DEFAULT, what the CPU's default takes for a decoder of 64 MiB
+ * or more (the shapes model's decoder, smaller, is measured with them all the same):
  *
  *   small   the small preset (--model DIR, else build/models/small: the decoder of the
  *           `decoder` bench), three text jobs, greedy, 96 new tokens each (--quick: 24),
@@ -27,6 +29,7 @@
 
 #include "bench.h"
 #include "duogen.h"
+#include "scheduler.h"
 
 #define MAX_JOBS 4
 
@@ -80,7 +83,7 @@ static int compare(json_t *out, dg_model *m, const char *prefix, const char *con
     static bench_obs o[2][MAX_JOBS];
     run_figures best[2] = {{0}}, f;
     char err[512], name[96];
-    const int rounds = 2, draft[2] = {-1, 4};
+    const int rounds = 2, draft[2] = {-1, DG_SCHED_DRAFT_DEFAULT};
     int same = 1;
     for (int r = 0; r < rounds; r++)
         for (int k = 0; k < 2; k++) {
