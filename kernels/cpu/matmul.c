@@ -79,11 +79,8 @@ static void tile_portable(int rm, const float *x, int64_t ldx, const float *pane
                 for (int l = 0; l < L; l++) a[i][j][l] += xs[l] * panel[(s * NR + j) * L + l];
         }
     for (int i = 0; i < rm; i++)
-        for (int j = 0; j < nn; j++) {
-            float *o = y + i * ldy + j;
-            *o = flags & DG_TILE_FIRST ? dg_matmul_reduce16(a[i][j]) : *o + dg_matmul_reduce16(a[i][j]);
-            if ((flags & DG_TILE_LAST) && bias) *o += bias[j];
-        }
+        for (int j = 0; j < nn; j++)
+            dg_matmul_store(y + i * ldy + j, dg_matmul_reduce16(a[i][j]), flags, bias ? bias + j : NULL);
 }
 
 const dg_matmul_kernels dg_matmul_portable = {PORTABLE_MR, PORTABLE_NR, rows_portable, NULL, pack_portable,

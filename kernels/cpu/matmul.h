@@ -138,6 +138,14 @@ static inline float dg_matmul_reduce16(const float a[DG_MATMUL_LANES]) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+/* Steps 3 - 4 of both orders for one output: the block's sum t into *o (set on k's first
+ * block, added after: *o + t), then the bias (when not NULL) after k's last (flags of a
+ * tile call). */
+static inline void dg_matmul_store(float *o, float t, int flags, const float *bias) {
+    *o = flags & DG_TILE_FIRST ? t : *o + t;
+    if ((flags & DG_TILE_LAST) && bias) *o += *bias;
+}
+
 /* ---- the bf16 compute order's kernels ---- */
 
 #define DG_MATMUL_BF16_KB 2048          /* its block of k (a multiple of 32) */

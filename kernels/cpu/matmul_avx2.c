@@ -158,9 +158,7 @@ TARGET INLINE void tile_rows(const int rm, const float *x, int64_t ldx, const fl
 #pragma GCC unroll 8
         for (int j = 0; j < NR; j++) {
             if (j >= nn) continue;
-            float *o = y + i * ldy + j;
-            *o = flags & DG_TILE_FIRST ? reduce(a[i][j][0], a[i][j][1]) : *o + reduce(a[i][j][0], a[i][j][1]);
-            if ((flags & DG_TILE_LAST) && bias) *o += bias[j];
+            dg_matmul_store(y + i * ldy + j, reduce(a[i][j][0], a[i][j][1]), flags, bias ? bias + j : NULL);
         }
 }
 

@@ -62,9 +62,7 @@ static uint16_t round1(float f) {
 
 /* Steps 2-4 from the lanes acc of an output into *o. */
 static void finish1(const float acc[L], int flags, float *o, const float *bias) {
-    const float t = dg_matmul_reduce16(acc);
-    *o = flags & DG_TILE_FIRST ? t : *o + t;
-    if ((flags & DG_TILE_LAST) && bias) *o += *bias;
+    dg_matmul_store(o, dg_matmul_reduce16(acc), flags, bias);
 }
 
 /* ---- portable ---- */

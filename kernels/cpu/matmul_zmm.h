@@ -28,9 +28,7 @@ TARGET INLINE void zmm_finish(const int rm, const int g, __m512 a[][NR], int fla
 #pragma GCC unroll 8
         for (int j = 0; j < g; j++) {
             if (j >= nn) continue;
-            float *o = y + i * ldy + j;
-            *o = flags & DG_TILE_FIRST ? zmm_reduce(a[i][j]) : *o + zmm_reduce(a[i][j]);
-            if ((flags & DG_TILE_LAST) && bias) *o += bias[j];
+            dg_matmul_store(y + i * ldy + j, zmm_reduce(a[i][j]), flags, bias ? bias + j : NULL);
         }
 }
 
