@@ -318,13 +318,10 @@ static int  tmp_made;   /* tmp_root was made (its last character says nothing: m
 
 /* A fresh folder under tmp_root holding links to the shared vocab.json and merges.txt. */
 static void make_dir(const char *name, char *dir, size_t cap, int links) {
+    if (!tmp_made && mkdtemp(tmp_root)) tmp_made = 1;
+    else if (!tmp_made) test_fail(__FILE__, __LINE__, "mkdtemp %s: %s", tmp_root, strerror(errno));
     snprintf(dir, cap, "%s/%s", tmp_root, name);
-    if (!tmp_made && !mkdtemp(tmp_root)) {
-        test_fail(__FILE__, __LINE__, "mkdtemp %s: %s", tmp_root, strerror(errno));
-        return;
-    }
-    tmp_made = 1;
-    snprintf(dir, cap, "%s/%s", tmp_root, name);
+    if (!tmp_made) return;
     if (mkdir(dir, 0700) != 0 && errno != EEXIST)
         test_fail(__FILE__, __LINE__, "mkdir %s: %s", dir, strerror(errno));
     char src[1024], dst[1024], cwd[512];

@@ -154,7 +154,7 @@ static void gemm_task(const dg_matmul_kernels *K, float *panel, float *y, const 
     const int64_t n = w->rows, k = w->cols, tiles_m = (mc + K->mr - 1) / K->mr;
     for (int64_t k0 = 0; k0 < k; k0 += DG_MATMUL_KB) {
         const int64_t kc = k - k0 < DG_MATMUL_KB ? k - k0 : DG_MATMUL_KB;
-        const int flags = (k0 == 0 ? DG_TILE_FIRST : 0) | (k0 + kc == k ? DG_TILE_LAST : 0);
+        const int flags = dg_matmul_block_flags(k0, kc, k);
         for (int p = 0; p < nc; p += K->nr) {
             const int nn = nc - p < K->nr ? nc - p : K->nr;
             const w_block next = next_panel(w, n0, nc, p, K->nr, k0, kc, DG_MATMUL_KB);
@@ -233,7 +233,7 @@ static void gemm_task_bf16(const dg_matmul_bf16_kernels *K, uint16_t *panel, flo
     const int64_t n = w->rows, k = w->cols, tiles_m = (mc + K->mr - 1) / K->mr;
     for (int64_t k0 = s->k0; k0 < s->k0 + s->kc; k0 += DG_MATMUL_BF16_KB) {
         const int64_t kc = k - k0 < DG_MATMUL_BF16_KB ? k - k0 : DG_MATMUL_BF16_KB;
-        const int flags = (k0 == 0 ? DG_TILE_FIRST : 0) | (k0 + kc == k ? DG_TILE_LAST : 0);
+        const int flags = dg_matmul_block_flags(k0, kc, k);
         for (int p = 0; p < nc; p += K->nr) {
             const int nn = nc - p < K->nr ? nc - p : K->nr;
             const w_block next = next_panel(w, n0, nc, p, K->nr, k0, kc, DG_MATMUL_BF16_KB);

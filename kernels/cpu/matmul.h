@@ -138,6 +138,11 @@ static inline float dg_matmul_reduce16(const float a[DG_MATMUL_LANES]) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+/* The flags of a tile call for the block of kc columns at k0 of a row of k. */
+static inline int dg_matmul_block_flags(int64_t k0, int64_t kc, int64_t k) {
+    return (k0 == 0 ? DG_TILE_FIRST : 0) | (k0 + kc == k ? DG_TILE_LAST : 0);
+}
+
 /* Steps 3 - 4 of both orders for one output: the block's sum t into *o (set on k's first
  * block, added after: *o + t), then the bias (when not NULL) after k's last (flags of a
  * tile call). */

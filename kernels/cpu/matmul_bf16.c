@@ -146,7 +146,7 @@ ZMM_TILES(uint16_t)
             for (int j = 0; j < G; j++) row[j] = base + (rb + j < r1 ? rb + j : r1 - 1) * k;    \
             for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {                               \
                 const int64_t bc = kc - b < DG_MATMUL_BF16_KB ? kc - b : DG_MATMUL_BF16_KB;     \
-                const int flags = (k0 + b == 0 ? DG_TILE_FIRST : 0) | (k0 + b + bc == k ? DG_TILE_LAST : 0); \
+                const int flags = dg_matmul_block_flags(k0 + b, bc, k);                         \
                 /* prefetched: these rows' next block, else the next group's first */          \
                 const int more = b + bc < kc, next = more || rb + G < r1;                       \
                 for (int j = 0; j < G; j++) {                                                   \

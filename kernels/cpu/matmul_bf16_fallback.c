@@ -93,11 +93,6 @@ static void round_portable(uint16_t *xb, int64_t ldxb, const float *x, int64_t l
         for (int64_t c = 0; c < kp; c++) xb[i * ldxb + c] = c < kc ? round1(x[i * ldx + c]) : 0;
 }
 
-/* The flags of the span's block at column b (matmul.h, dg_matmul_bf16_kernels.rows). */
-static int block_flags(const dg_weight *w, int64_t k0, int64_t b, int64_t bc) {
-    return (k0 + b == 0 ? DG_TILE_FIRST : 0) | (k0 + b + bc == w->cols ? DG_TILE_LAST : 0);
-}
-
 static void rows_portable(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
                           int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias) {
     for (int64_t r = r0; r < r1; r++)
@@ -108,7 +103,7 @@ static void rows_portable(float *y, int64_t ldy, const uint16_t *xb, int64_t ldx
                 const unsigned csr = lane_steps_begin();
                 steps_portable(acc, xb + i * ldxb + b, (const uint16_t *)w->data + r * w->cols + k0 + b, bc);
                 _mm_setcsr(csr);
-                finish1(acc, block_flags(w, k0, b, bc), y + i * ldy + r, bias ? bias + r : NULL);
+                finish1(acc, dg_matmul_block_flags(k0 + b, bc, w->cols), y + i * ldy + r, bias ? bias + r : NULL);
             }
         }
 }
@@ -217,10 +212,10 @@ static void rows_avx2(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, i
     float acc[CHUNK + 1][DG_MATMUL_GEMV_ROWS][L];   /* [W row of the chunk][x row]; the last: a
                                                        repeated row's, not stored */
     for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
+        const int nc = r1 - c0 < CHUNK ? (int)(r1 - c0) : CHUNK;
         for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {
             const int64_t bc = kc - b < DG_MATMUL_BF16_KB ? kc - b : DG_MATMUL_BF16_KB, steps = bc / 32, tail = bc % 32;
-            const int flags = block_flags(w, k0, b, bc);
-            const int nc = r1 - c0 < CHUNK ? (int)(r1 - c0) : CHUNK;
+            const int flags = dg_matmul_block_flags(k0 + b, bc, w->cols);
             memset(acc, 0, sizeof acc);
             const unsigned csr = lane_steps_begin();
             for (int j = 0; j < nc; j += 2) {
