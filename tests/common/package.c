@@ -8,12 +8,40 @@
 
 #include "duogen.h"
 
+/* The packages this process made, removed when it exits (a package is 2-28 MB, the small
+ * preset's 1.7 GB: left behind, every run of the suite filled /tmp by another ~100 MB).
+ * Only by the process that made them: a child that forks from a test and exits leaves
+ * them to it. */
+#define MADE_MAX 16
+static char  made[MADE_MAX][32];
+static int   n_made;
+static pid_t made_by;
+
+static void remove_made(void) {
+    char cmd[64];
+    if (getpid() != made_by) return;
+    for (int i = 0; i < n_made; i++) {
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", made[i]);
+        if (system(cmd) != 0) fprintf(stderr, "test package %s: could not be removed\n", made[i]);
+    }
+    n_made = 0;
+}
+
 int test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen) {
     char tmpl[] = "/tmp/dg_test_pkg_XXXXXX", cmd[1024];
+    if (n_made == MADE_MAX) {
+        fprintf(stderr, "test_make_package: more than %d packages in one process\n", MADE_MAX);
+        return -1;
+    }
     if (!mkdtemp(tmpl)) {
         perror("mkdtemp");
         return -1;
     }
+    if (!made_by) {
+        made_by = getpid();
+        atexit(remove_made);
+    }
+    snprintf(made[n_made++], sizeof made[0], "%s", tmpl);
     snprintf(cmd, sizeof cmd, "build/mkmodel --preset %s --seed %lld --out %s%s%s >/dev/null", preset, seed, tmpl,
              " --vocab ", vocab ? vocab : "own");
     if (system(cmd) != 0) {

@@ -9,7 +9,8 @@
 #define TEST_QWEN2_VOCAB "tools/mkmodel/vocab/qwen2"
 
 /* mkmodel --preset PRESET --seed SEED [--vocab VOCAB] into a new /tmp directory, whose
- * path goes to dir. 0, or -1 after printing the command that failed. */
+ * path goes to dir, removed when the process exits. 0, or -1 after printing the command
+ * that failed. */
 int      test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen);
 /* The same, made once per process and kept: the package's directory, or NULL after the
  * first failure (printed). For a test program whose cases share one package; a second
