@@ -8,8 +8,9 @@
  * and 76 columns, the last with a tail), k = 7 (a tail only); n = 37 and 101 (not multiples
  * of any tile's rows of W, nor of the 96-row chunk), n = 5 (less than a tile); and two
  * shapes drawn from the seed; m = 1, 2, 3, 5, 8 (the multi-row GEMV: one group of x rows or
- * two), 17, 64, 300 (partial tiles of x; one m-block,
- * or several: 120 or 240 rows). Each batch of m rows is computed twice, from row 0 and from
+ * two), 17, 48 (the multi-row GEMV 8 rows at a time against tiles of W; at n = 101, k = 1100
+ * in fp32 tiles of 32 rows, cut to the bytes kept in L2), 49, 64, 300 (the GEMM: partial
+ * tiles of x; one m-block, or several: 120 or 240 rows). Each batch of m rows is computed twice, from row 0 and from
  * row 3 of x, so a row meets a different tile position; every row is compared with memcmp
  * to that row alone (m = 1, the GEMV).
  *
@@ -32,7 +33,7 @@
 
 enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
 
-static const int MS[] = {2, 3, 5, 8, 17, 64, 300};
+static const int MS[] = {2, 3, 5, 8, 17, 48, 49, 64, 300};
 static const int SHAPES[][2] = {{37, 83}, {101, 1100}, {5, 7}};   /* n, k */
 enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..1100 drawn from the seed */
 

@@ -8,8 +8,10 @@
  * this order's kernels below AVX-512 BF16 are the AVX2 ones) at 1 and 2 threads; and, in a
  * case of its own that is skipped where the CPU lacks AVX-512 BF16, the VDPBF16PS kernels
  * at 1 and 2 threads. Each config computes every batch m in {1, 2, 3, 4, 5, 8 (the GEMV of a
- * few rows), 9, 17, 64, 300 (the GEMM: partial tiles, one or several m-blocks)}, from row 0
- * and from row 3 of x, so that a row meets a different tile position.
+ * few rows), 9, 17, 48 (the GEMV 8 rows at a time against tiles of W; at n = 101, k = 2100
+ * tiles of 32 rows, cut to the bytes it keeps in L2), 49, 64, 300 (the GEMM: partial tiles,
+ * one or several m-blocks)}, from row 0 and from row 3 of x, so that a row meets a
+ * different tile position.
  *
  * Shapes (n, k): k = 83 (a tail of 19 columns after 2 steps of 32), k = 2100 (two blocks of
  * the order, 2048 and 52 columns), k = 7 (a tail only); n = 37 and 101 (not multiples of any
@@ -40,7 +42,7 @@
 
 enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
 
-static const int MS[] = {1, 2, 3, 4, 5, 8, 9, 17, 64, 300};
+static const int MS[] = {1, 2, 3, 4, 5, 8, 9, 17, 48, 49, 64, 300};
 static const int SHAPES[][2] = {{37, 83}, {101, 2100}, {5, 7}};   /* n, k */
 enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..2200 drawn from the seed */
 

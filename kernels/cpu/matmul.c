@@ -110,15 +110,29 @@ static void gemv(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const fl
     for (int64_t t = 0; t < n_tiles; t++) K->rows(y, x, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
 }
 
-/* m = 2 .. DG_MATMUL_GEMV_ROWS rows of x (the decode step of several sequences): W's rows
- * split as the GEMV splits them, each read once for all of x's rows. */
+/* The tile of W rows for a GEMV of m rows of x over kc columns of esize bytes: gemv_tile's;
+ * past DG_MATMUL_GEMV_ROWS rows of x, each tile is taken by the kernel once for each 8 of
+ * them, the first time from memory and then from L2, so it is cut to DG_MATMUL_GEMV_L2
+ * bytes (16 rows at the least). */
+static int64_t gemv_tile_for(const dg_cpu *c, int64_t n, int m, int64_t kc, int64_t esize) {
+    const int64_t tile = gemv_tile(c, n), cap = DG_MATMUL_GEMV_L2 / (kc * esize) / 16 * 16;
+    if (m <= DG_MATMUL_GEMV_ROWS || tile <= cap) return tile;
+    return cap < 16 ? 16 : cap;
+}
+
+/* m = 2 .. DG_MATMUL_GEMV_MAX rows of x (the decode step of several sequences): W's rows
+ * split as the GEMV splits them, each read once from memory for all of x's rows. */
 static void gemv_multi(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const float *x,
                        const dg_weight *w, const float *bias, int m) {
-    const int64_t n = w->rows, tile = gemv_tile(c, n), n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, k = w->cols,
+                  tile = gemv_tile_for(c, n, m, k, (int64_t)dg_dtype_size(w->dtype)),
+                  n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
 #pragma omp parallel for num_threads(nt) schedule(guided)
     for (int64_t t = 0; t < n_tiles; t++)
-        K->rows_multi(y, x, m, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
+        for (int i = 0; i < m; i += DG_MATMUL_GEMV_ROWS)
+            K->rows_multi(y + i * n, x + i * k, m - i < DG_MATMUL_GEMV_ROWS ? m - i : DG_MATMUL_GEMV_ROWS, w, bias,
+                          t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
 }
 
 /* A block of W: rows r0 .. r0+nn-1, columns k0 .. k0+kc-1 (nn = 0: none). */
@@ -215,15 +229,19 @@ typedef struct {
     int             mi;
 } x_span;
 
-/* m = 1 .. DG_MATMUL_GEMV_ROWS: W's rows split as the GEMV splits them, each read once for
- * all of x's rows, to the span's end before the next row (the kernels walk the blocks). */
+/* m = 1 .. DG_MATMUL_GEMV_MAX: W's rows split as the GEMV splits them, each read once from
+ * memory for all of x's rows (8 at a time against a tile: gemv_tile_for), to the span's
+ * end before the next row (the kernels walk the blocks). */
 static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
-    const int64_t n = w->rows, tile = gemv_tile(c, n), n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, tile = gemv_tile_for(c, n, s->mi, s->kc, 2), n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
 #pragma omp parallel for num_threads(nt) schedule(guided)
     for (int64_t t = 0; t < n_tiles; t++)
-        K->rows(y, n, s->xb, s->ld, s->mi, w, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n, s->k0, s->kc, bias);
+        for (int i = 0; i < s->mi; i += DG_MATMUL_GEMV_ROWS)
+            K->rows(y + i * n, n, s->xb + i * s->ld, s->ld,
+                    s->mi - i < DG_MATMUL_GEMV_ROWS ? s->mi - i : DG_MATMUL_GEMV_ROWS, w, t * tile,
+                    (t + 1) * tile < n ? (t + 1) * tile : n, s->k0, s->kc, bias);
 }
 
 /* gemm_task in the bf16 order over the span's blocks: rows m0 .. m0+mc-1 of the span
@@ -281,7 +299,7 @@ static void matmul_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float 
                 for (int i = 0; i < s.mi; i += 8)
                     K->round(c->xbf16 + i * s.ld, s.ld, x + (i0 + i) * k + k0, k, s.mi - i < 8 ? s.mi - i : 8, s.kc);
             }
-            if (m <= DG_MATMUL_GEMV_ROWS) gemv_bf16(c, K, y, w, bias, &s);
+            if (m <= DG_MATMUL_GEMV_MAX) gemv_bf16(c, K, y + i0 * w->rows, w, bias, &s);
             else gemm_bf16(c, K, y + i0 * w->rows, w, bias, &s);
         }
 }
@@ -299,6 +317,6 @@ void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w
                                : c->simd >= DG_CPU_AVX2   ? &dg_matmul_avx2
                                                           : &dg_matmul_portable;
     if (m == 1) gemv(c, K, y, x, w, bias);
-    else if (m <= DG_MATMUL_GEMV_ROWS && K->rows_multi) gemv_multi(c, K, y, x, w, bias, m);
+    else if (m <= DG_MATMUL_GEMV_MAX && K->rows_multi) gemv_multi(c, K, y, x, w, bias, m);
     else gemm(c, K, y, x, w, bias, m);
 }

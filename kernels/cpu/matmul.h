@@ -82,8 +82,12 @@
 #define DG_MATMUL_KB 1024      /* the canonical order's block of k (a multiple of 16) */
 #define DG_MATMUL_MR_MAX 4     /* the most rows of x a tile computes */
 #define DG_MATMUL_NR_MAX 6     /* the most rows of W a tile computes */
-#define DG_MATMUL_GEMV_ROWS 8  /* the most rows of x the multi-row GEMV takes (the decode of
-                                  a few sequences); more go to the GEMM */
+#define DG_MATMUL_GEMV_ROWS 8  /* the most rows of x a multi-row GEMV kernel call takes (the
+                                  decode of a few sequences) */
+/* The GEMV takes up to GEMV_MAX rows of x (the GEMM above), past GEMV_ROWS in calls of 8
+ * rows against tiles of W of at most GEMV_L2 bytes (matmul.c gemv_tile_for). */
+#define DG_MATMUL_GEMV_MAX 48
+#define DG_MATMUL_GEMV_L2 (192 * 1024)
 
 /* GEMM blocking (matmul.c). A task is an m-block of x against a chunk of at most NC rows
  * of W. For each block of k, the chunk's panels (nr rows x the block, widened: 24 KiB at

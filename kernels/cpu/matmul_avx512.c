@@ -17,6 +17,8 @@
 #define MR 4
 #define NR 6
 #define XPF 12   /* steps of x prefetched ahead */
+#define FAR 24576 /* bytes of W asked into L2 ahead of the multi-row GEMV's group of rows */
+#define FAR_ROWS 2 /* from this many rows of x */
 
 #include "matmul_zmm.h"
 
@@ -67,7 +69,12 @@ ZMM_TILES(float)
  * group of fewer than 4 weight or x rows repeats its last one (computed, not stored); x rows
  * past 4 take the same weight rows again, from L1. The next 4 weight rows are prefetched
  * while these are read: four short streams at once (k = 896: 1.8 KB a row) defeat the
- * hardware prefetcher, which made m = 2 cost three times m = 1 on the lm_head. */
+ * hardware prefetcher, which made m = 2 cost three times m = 1 on the lm_head. And from
+ * FAR_ROWS rows of x on, the group's bytes FAR on are asked into L2 at the same pace (by
+ * the first 4 rows of x; the others find the group in L1): with the FMAs of several rows
+ * waiting on each load of W the loads did not run far enough ahead of memory (a decode
+ * step's products, the small preset's matrices, one thread: 4 rows 72 -> 52 ms, 8 rows
+ * 106 -> 87, 2 rows 50 -> 48). */
 #define ROWS_MULTI(NAME, T, LOAD)                                                               \
     TARGET static void NAME(float *y, const float *x, int m, const dg_weight *w,               \
                             const float *bias, int64_t r0, int64_t r1) {                        \
@@ -83,7 +90,9 @@ ZMM_TILES(float)
                 memset(wt[j], 0, sizeof wt[j]);                                                 \
                 memcpy(wt[j], wr[j] + end, sizeof(T) * (size_t)tail);                           \
             }                                                                                   \
+            const char *grp = (const char *)((const T *)w->data + rb * k);                     \
             for (int i0 = 0; i0 < m; i0 += 4) {                                                 \
+                const int far = m >= FAR_ROWS && i0 == 0;                            \
                 const float *xr[4];                                                             \
                 for (int i = 0; i < 4; i++) xr[i] = x + (i0 + i < m ? i0 + i : m - 1) * k;       \
                 float s[4][4];                                                                  \
@@ -96,6 +105,9 @@ ZMM_TILES(float)
                         /* the next 4 rows (contiguous) at the pace of these: a step's share */ \
                         for (int l = 0; l < (int)sizeof(T) && nxt; l++)                         \
                             _mm_prefetch(nxt + (c / 16 * (int)sizeof(T) + l) * 64, _MM_HINT_T0); \
+                        if (far)                                                                \
+                            for (int l = 0; l < (int)sizeof(T); l++)                            \
+                                _mm_prefetch(grp + (c / 16 * (int)sizeof(T) + l) * 64 + FAR, _MM_HINT_T1); \
                         __m512 wv[4];                                                           \
                         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = LOAD(wr[j] + c); \
                         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {                   \

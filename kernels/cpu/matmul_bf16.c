@@ -20,7 +20,7 @@
 #define NR 6
 #define XPF 12   /* steps of x prefetched ahead in the tile */
 #define ROWS_X 8 /* the most rows of x the core takes (DG_MATMUL_GEMV_ROWS) */
-#define AHEAD 3072 /* bytes of W prefetched ahead of the GEMV's one row, at 3 and 4 rows of x */
+#define FAR 24576  /* bytes of W asked into L2 ahead of the GEMV's rows, at 3 or more rows of x */
 
 #include "matmul_zmm.h"
 
@@ -44,11 +44,14 @@ TARGET static void round_rows(uint16_t *xb, int64_t ldxb, const float *x, int64_
  * whose W is loaded under the mask tail (the columns past k are not read). pf, when not
  * NULL: the next group's g rows (the same columns), prefetched g lines a step, row after
  * row, as one stream at the pace of these (the hardware prefetcher follows several short
- * interleaved streams badly: M = 8 over two rows took 1.6x as long without it). With one
- * row of W and 3 or 4 of x, the line AHEAD bytes on in W's stream is asked for each step:
- * each load of W holds 3-4 products in the scheduler, which then fills before the loads
- * run far enough ahead of memory (M = 3 0.93x, M = 4 0.88x the time without it; at M = 2
- * it cost 1.6x, and M = 1 reads at the limit alone). */
+ * interleaved streams badly: M = 8 over two rows took 1.6x as long without it). From 3
+ * rows of x on, each row of W also asks for its line FAR bytes on into L2, a step: each
+ * load of W then holds 3-8 products in the scheduler, which fills before the loads run far
+ * enough ahead of memory for the hardware prefetcher to keep up, and compute and memory
+ * took turns instead of overlapping (a decode step's products at 8 rows of x 66 -> 50 ms,
+ * 6 rows 59 -> 41, 4 rows 50 -> 44; 16-32 KiB ahead measured alike, 8 KiB 1.1x, 2-4 KiB
+ * little better than none; into L1 at 16 KiB 1.2x slower than none). At 1 and 2 rows it
+ * costs 1.15-1.3x: M = 1 reads at the limit alone. */
 TARGET INLINE void accumulate(const int rm, const int g, __m512 a[ROWS_X][NR], const uint16_t *x, int64_t ldx,
                               const uint16_t *const *w, int64_t steps, __mmask32 tail,
                               const uint16_t *const *pf) {
@@ -63,7 +66,9 @@ TARGET INLINE void accumulate(const int rm, const int g, __m512 a[ROWS_X][NR], c
         __m512i wv[NR];
 #pragma GCC unroll 8
         for (int j = 0; j < g; j++) wv[j] = _mm512_loadu_si512(w[j] + s * 32);
-        if (rm >= 3 && g == 1) _mm_prefetch((const char *)(w[0] + s * 32) + AHEAD, _MM_HINT_T0);
+        if (rm >= 3)
+#pragma GCC unroll 8
+            for (int j = 0; j < g; j++) _mm_prefetch((const char *)(w[j] + s * 32) + FAR, _MM_HINT_T1);
         if (pf)
 #pragma GCC unroll 8
             for (int j = 0; j < g; j++) {
@@ -124,18 +129,18 @@ ZMM_TILES(uint16_t)
 /* ---- the GEMV of 1 .. 8 rows of x (dg_matmul_bf16_kernels.rows) ----
  * Groups of G weight rows, read where they lie, each step of a group used by all M rows of
  * x (M·G accumulators). Decode reads its weights from memory, where the hardware
- * prefetcher follows one sequential stream best: for M <= 4 one row at a time (G = 1);
- * for M = 5 .. 8 two, the next two prefetched (one row left the loads of x the limit).
+ * prefetcher follows one sequential stream best: for M <= 2 one row at a time (G = 1);
+ * for M = 3 .. 8 two, the next two prefetched (one row left the loads of x the limit;
+ * with the far prefetch, M = 3 and 4 took 0.9x the time of one row a group).
  * Each group reads its rows to the span's end, block after block, before the next group:
  * rows longer than a block (the MLP's down projection, k = 4864) are then still one
  * stream; walked a block of 64 rows at a time, that matrix was read at 12 GB/s against
  * 33 for the others, and a decode token took 41 ms of products instead of 33. Measured
  * on the small preset's matrices (a decode step's 988 MB in huge pages, one thread, the
- * median of 9): M = 1 and 2 32 ms (~31 GB/s, at the machine's read rate), M = 3 40,
- * M = 4 48, M = 8 66 (then 8 rows' products: the instruction's rate, ~180 GFLOP/s from
- * L2, is the bound more than memory). At M = 8 three rows a group took about as long,
- * four 1.15x, six 1.7x; two rows a group took 1.3x at M = 3 and 1.15x at M = 4. A group
- * of fewer than G rows repeats its last one (computed, not stored). */
+ * median of 15): M = 1 and 2 32-34 ms (~30 GB/s, at the machine's read rate), M = 3 and 4
+ * 42-45, M = 8 50 (8 rows' products at ~160 GFLOP/s: the instruction's rate from L1 is
+ * ~190). At M = 8 three rows a group took about as long, four 1.15x, six 1.7x. A group of
+ * fewer than G rows repeats its last one (computed, not stored). */
 #define ROWS(M, G)                                                                              \
     TARGET static void rows##M(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, const dg_weight *w, \
                                int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias) { \
@@ -160,7 +165,7 @@ ZMM_TILES(uint16_t)
             }                                                                                   \
         }                                                                                       \
     }
-ROWS(1, 1) ROWS(2, 1) ROWS(3, 1) ROWS(4, 1) ROWS(5, 2) ROWS(6, 2) ROWS(7, 2) ROWS(8, 2)
+ROWS(1, 1) ROWS(2, 1) ROWS(3, 2) ROWS(4, 2) ROWS(5, 2) ROWS(6, 2) ROWS(7, 2) ROWS(8, 2)
 
 static void rows(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w, int64_t r0,
                  int64_t r1, int64_t k0, int64_t kc, const float *bias) {
