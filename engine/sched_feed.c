@@ -23,9 +23,9 @@
  * the CPU) the logits are the same bits, the sampler is called with the same rows in the
  * same order (its random stream included), and no token after the first refused draft is
  * sampled. The rows not kept are written over by the next forward; their condition rows
- * are dropped. Decode on the CPU streams the weights once for 1 to 8 rows (the multi-row
- * GEMV), so a step of 1 + k rows costs little more than one of 1 row; drafts take only the
- * rows up to 8 that the step's decoding sequences leave (DG_SCHED_DRAFT_ROWS). */
+ * are dropped. Decode on the CPU streams the weights once for 1 to 8 rows in one pass (the
+ * multi-row GEMV), so a step of 1 + k rows costs little more than one of 1 row; drafts take
+ * only the rows up to 8 that the step's decoding sequences leave (DG_SCHED_DRAFT_ROWS). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

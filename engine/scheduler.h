@@ -39,9 +39,10 @@
                                      model's 2.4 MB ran 0.89x with drafts: engine/MODELS.md) */
 #define DG_SCHED_DRAFT_NGRAM 3    /* the longest suffix looked up; 2 the shortest */
 #define DG_SCHED_DRAFT_ROWS 8     /* a step's decode rows, drafts included, at most: the rows
-                                     the CPU's multi-row GEMV reads the weights once for
-                                     (more go to the GEMM, whose cost grows with the rows);
-                                     so 8 or more decoding sequences feed no drafts */
+                                     one pass of the CPU's multi-row GEMV takes as they come
+                                     from memory (a step's products at 8 rows 1.6x one row's;
+                                     past 8 each 8 more take the weights again from L2, 9 rows
+                                     2.1x); so 8 or more decoding sequences feed no drafts */
 
 typedef enum { SEQ_FREE, SEQ_PREFILL, SEQ_DECODE, SEQ_DRAW } dg_seq_state;
 
