@@ -47,14 +47,8 @@ static inline float *dit_read_f32(json_t *entry, int64_t n) {
 
 static char dit_pkg_dir[256];
 
-static void dit_rm_package(void) {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dit_pkg_dir);
-    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dit_pkg_dir);
-}
-
 /* The tiny package of the goldens, written once per test program into a temporary
- * directory by build/mkmodel (removed at exit); the component's checksum must match the goldens' (mkmodel
+ * directory by build/mkmodel (removed at exit: test_make_package); the component's checksum must match the goldens' (mkmodel
  * is deterministic across machines). Returns the package directory or NULL. */
 static inline const char *dit_package(const char *component) {
     char *dir = dit_pkg_dir;
@@ -67,7 +61,6 @@ static inline const char *dit_package(const char *component) {
                                     (long long)json_integer_value(json_object_get(p, "seed")), NULL, dir,
                                     sizeof dit_pkg_dir) < 0)
             return NULL;
-        atexit(dit_rm_package);
         state = 1;
     }
     if (state < 0) return NULL;

@@ -92,7 +92,7 @@ ZMM_TILES(float)
             }                                                                                   \
             const char *grp = (const char *)((const T *)w->data + rb * k);                     \
             for (int i0 = 0; i0 < m; i0 += 4) {                                                 \
-                const int far = m >= FAR_ROWS && i0 == 0;                            \
+                const int far = m >= FAR_ROWS && i0 == 0;                                       \
                 const float *xr[4];                                                             \
                 for (int i = 0; i < 4; i++) xr[i] = x + (i0 + i < m ? i0 + i : m - 1) * k;       \
                 float s[4][4];                                                                  \
