@@ -144,10 +144,12 @@ TEST(vdpbf16ps_kernels_equal_the_fallback) {
 }
 
 /* x rounded a span at a time (matmul.c: more rows than its buffer holds with a block each,
- * 2 Mi elements / 2048 = 1024): 1100 rows of k = 2100 are two spans of rows times two of
- * blocks, and every row is still the bits it gets alone. */
-TEST(rows_in_spans_of_x_are_the_same_bits) {
-    enum { N = 7, K = 2100, M = 1100 };
+ * 2 Mi elements / 2048 = 1024): M rows of k = K in spans, and every row is still the bits
+ * it gets alone. 1100 rows of k = 2100 (the GEMM) are two spans of rows times two of
+ * blocks; 48 rows of k = 45000 (the GEMV, 8 rows at a time) two spans of blocks, 21 blocks
+ * (43008 columns) and 1992 columns. */
+static void check_spans(int M, int K) {
+    enum { N = 7 };
     dg_backend *be = NULL;
     char err[256];
     CHECK_EQ_INT(dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 2, .cpu_bf16_compute = 1}, &be, err,
@@ -169,6 +171,11 @@ TEST(rows_in_spans_of_x_are_the_same_bits) {
     }
     free(x); free(y); free(one); free(wd);
     dg_backend_free(be);
+}
+
+TEST(rows_in_spans_of_x_are_the_same_bits) {
+    check_spans(1100, 2100);
+    check_spans(48, 45000);
 }
 
 /* F32 and F16 weights keep the fp32 order in bf16 compute: the same bits as without it. */
