@@ -4,7 +4,8 @@
  * With bf16 compute, PyTorch's bf16 attention (the baselines of `make bench-vision` and
  * `make bench-image`) multiplies bf16 queries by bf16 keys and bf16 probabilities by bf16
  * values, accumulating in fp32; these kernels do the same with VDPBF16PS, twice the fp32
- * FMA's work an instruction. The softmax between them stays in fp32 (vision_ops.c).
+ * FMA's work an instruction. The softmax between them stays in fp32 (vision_ops.c's online
+ * softmax, here with its probabilities rounded as they are written: dg_att_bf16_softmax).
  *
  * The order. q, k, v and the probabilities p are rounded to bf16 as the matmul's step 0
  * (matmul.h). A score s[i, j] is one lane's chain over the head's pairs of dimensions
@@ -45,5 +46,15 @@ void dg_att_bf16_tile(dg_att_bf16 *a, const float *k, const float *v, int kv_str
 void dg_att_bf16_scores(const dg_att_bf16 *a, float *s, int lds, int nc, float scale);
 /* o[i·hd + d] += Σ_j p[i·lds + j]·v[j, d] in the order above, p rounded first. */
 void dg_att_bf16_pv(dg_att_bf16 *a, float *o, const float *p, int lds, int nc);
+/* The online softmax's step for row i of the tile's scores s[0 .. nc-1] (vision_ops.c): with
+ * m' = max(*mx, max s), the probabilities exp(s - m') rounded straight into the row's pairs
+ * for dg_att_bf16_pv_rows (not stored as floats), *corr = exp(*mx - m') (0 from *mx = -inf),
+ * *mx = m'; returns Σ exp(s - m') over the unrounded values. exp is dg_exp512 (dg_exp256's
+ * bits), the sum 16 lanes wide. */
+float dg_att_bf16_softmax(dg_att_bf16 *a, int i, const float *s, int nc, float *mx, float *corr);
+/* dg_att_bf16_pv on the pairs dg_att_bf16_softmax left for rows 0 .. nq-1, each row of o
+ * first multiplied by corr[i] (the online softmax's correction: the same fp32 product as a
+ * separate pass) when corr is not NULL. */
+void dg_att_bf16_pv_rows(dg_att_bf16 *a, float *o, int nc, const float *corr);
 
 #endif
