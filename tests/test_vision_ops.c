@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "common/device.h"
 #include "cpu/attention_bf16.h"
+#include "cpu/simd_math.h"
 #include "duogen.h"
 
 static const char *BACKENDS[] = {"cpu", "cpu-scalar"};
@@ -205,6 +206,27 @@ TEST(attention_bf16_products) {
         CHECK(memcmp(o1, o + 5 * hd, sizeof(float) * (size_t)hd) == 0);
     }
     free(scratch);
+}
+
+/* dg_exp512 (the bf16 attention's softmax) is dg_exp256 (the fp32 one's) on 16 lanes: the
+ * same bits for every x, the clamps at both ends included. AVX-512 only (dg_exp512 runs
+ * nowhere else: the bf16 attention needs AVX-512 BF16). */
+__attribute__((target("avx512f,avx2,fma"))) static void exp_both(float *e8, float *e16, const float *x, int n) {
+    for (int i = 0; i < n; i += 16) {
+        _mm256_storeu_ps(e8 + i, dg_exp256(_mm256_loadu_ps(x + i)));
+        _mm256_storeu_ps(e8 + i + 8, dg_exp256(_mm256_loadu_ps(x + i + 8)));
+        _mm512_storeu_ps(e16 + i, dg_exp512(_mm512_loadu_ps(x + i)));
+    }
+}
+
+TEST(exp512_is_exp256) {
+    if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
+    enum { N = 1 << 16 };
+    static float x[N], e8[N], e16[N];
+    for (int i = 0; i < N; i++) x[i] = i < N / 2 ? -100.0f + 200.0f * (float)i / (N / 2) : frand() * 30.0f;
+    exp_both(e8, e16, x, N);
+    CHECK(memcmp(e8, e16, sizeof e8) == 0);
+    CHECK_NEAR(e16[N / 4], 1.0, 1e-6);   /* x = 0 */
 }
 
 TEST(gelu_erf) {

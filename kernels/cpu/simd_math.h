@@ -7,21 +7,35 @@
 
 #define DG_SIMD_AVX2 __attribute__((target("avx2,fma")))
 
+/* Cephes' expf: the clamp, ln 2 in two parts, the polynomial; dg_exp256 and dg_exp512 are
+ * the same operations on these, so that a lane has the same bits at either width. */
+#define DG_EXP_HI 88.3762626647949f
+#define DG_EXP_LO -87.3365447504f
+#define DG_EXP_LOG2E 1.44269504088896341f
+#define DG_EXP_C1 0.693359375f
+#define DG_EXP_C2 -2.12194440e-4f
+#define DG_EXP_P0 1.9875691500e-4f
+#define DG_EXP_P1 1.3981999507e-3f
+#define DG_EXP_P2 8.3334519073e-3f
+#define DG_EXP_P3 4.1665795894e-2f
+#define DG_EXP_P4 1.6666665459e-1f
+#define DG_EXP_P5 5.0000001201e-1f
+
 /* exp on 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5
  * polynomial), within 2 ulp of expf for x in [-87.3, 88.4]; lower x gives 2^-126 (the
  * weight of a score 87 below the row's maximum: nothing next to the maximum's 1). */
 DG_SIMD_AVX2 static inline __m256 dg_exp256(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(DG_EXP_HI)), _mm256_set1_ps(DG_EXP_LO));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(DG_EXP_LOG2E)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(DG_EXP_C1), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(DG_EXP_C2), r);
+    __m256 p = _mm256_set1_ps(DG_EXP_P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(DG_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(DG_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(DG_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(DG_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(DG_EXP_P5));
     p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -29,17 +43,17 @@ DG_SIMD_AVX2 static inline __m256 dg_exp256(__m256 x) {
 
 /* dg_exp256 on 16 lanes: the same operations, so a lane's bits are dg_exp256's. */
 __attribute__((target("avx512f"))) static inline __m512 dg_exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(DG_EXP_HI)), _mm512_set1_ps(DG_EXP_LO));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(DG_EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(DG_EXP_C1), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(DG_EXP_C2), r);
+    __m512 p = _mm512_set1_ps(DG_EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(DG_EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(DG_EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(DG_EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(DG_EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(DG_EXP_P5));
     p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
