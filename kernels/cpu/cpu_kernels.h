@@ -23,7 +23,7 @@ typedef struct {
                                 each of n_threads (matmul.h) */
     int     bf16_compute;    /* 1: matmuls over BF16 weights in the bf16 compute order
                                 (matmul.h) */
-    uint16_t *gemm_bf16;     /* owned, with bf16_compute: its panels,
+    uint16_t *gemm_bf16;     /* owned, with bf16_compute: its packed chunks of W,
                                 DG_MATMUL_BF16_PANEL for each of n_threads */
     uint16_t *xbf16;         /* owned, with bf16_compute: a call's rounded x,
                                 DG_MATMUL_BF16_XBUF (matmul.h) */

@@ -244,38 +244,46 @@ static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y
                     (t + 1) * tile < n ? (t + 1) * tile : n, s->k0, s->kc, bias);
 }
 
-/* gemm_task in the bf16 order over the span's blocks: rows m0 .. m0+mc-1 of the span
- * against rows n0 .. n0+nc-1 of W. */
-static void gemm_task_bf16(const dg_matmul_bf16_kernels *K, uint16_t *panel, float *y, const dg_weight *w,
-                           const float *bias, const x_span *s, int64_t m0, int mc, int64_t n0, int nc) {
-    const int64_t n = w->rows, k = w->cols, tiles_m = (mc + K->mr - 1) / K->mr;
+/* The bf16 GEMM's task: rows n0 .. n0+nc-1 of W against all the span's rows of x. For each
+ * block of k the task packs its nc rows once (DG_MATMUL_BF16_PANEL per thread: kept in L2
+ * beside an m-block of x), then runs them against x's rows an m-block of mc at a time
+ * (each m-block's rows in L2, a panel in L1). */
+static void gemm_task_bf16(const dg_matmul_bf16_kernels *K, uint16_t *panels, float *y, const dg_weight *w,
+                           const float *bias, const x_span *s, int64_t mc, int64_t n0, int nc) {
+    const int64_t n = w->rows, k = w->cols;
     for (int64_t k0 = s->k0; k0 < s->k0 + s->kc; k0 += DG_MATMUL_BF16_KB) {
         const int64_t kc = k - k0 < DG_MATMUL_BF16_KB ? k - k0 : DG_MATMUL_BF16_KB;
+        const int64_t psize = (kc + 31) / 32 * 32 * K->nr;
         const int flags = dg_matmul_block_flags(k0, kc, k);
-        for (int p = 0; p < nc; p += K->nr) {
-            const int nn = nc - p < K->nr ? nc - p : K->nr;
-            const w_block next = next_panel(w, n0, nc, p, K->nr, k0, kc, DG_MATMUL_BF16_KB);
-            dg_matmul_bf16_pack(panel, w, n0 + p, nn, K->nr, k0, kc);
-            for (int i = 0; i < mc; i += K->mr) {
-                prefetch_slice(w, next, i / K->mr, (int)tiles_m);
-                K->tile(mc - i < K->mr ? mc - i : K->mr, s->xb + (m0 + i) * s->ld + (k0 - s->k0), s->ld, panel,
-                        kc, flags, y + (m0 + i) * n + n0 + p, n, nn, bias ? bias + n0 + p : NULL);
+        for (int p = 0; p < nc; p += K->nr)
+            dg_matmul_bf16_pack(panels + p / K->nr * psize, w, n0 + p, nc - p < K->nr ? nc - p : K->nr, K->nr, k0, kc);
+        for (int64_t m0 = 0; m0 < s->mi; m0 += mc) {
+            const int64_t m1 = s->mi - m0 < mc ? s->mi : m0 + mc;
+            for (int p = 0; p < nc; p += K->nr) {
+                const int nn = nc - p < K->nr ? nc - p : K->nr;
+                for (int64_t i = m0; i < m1; i += K->mr)
+                    K->tile(m1 - i < K->mr ? (int)(m1 - i) : K->mr, s->xb + i * s->ld + (k0 - s->k0), s->ld,
+                            panels + p / K->nr * psize, kc, flags, y + i * n + n0 + p, n, nn,
+                            bias ? bias + n0 + p : NULL);
             }
         }
     }
 }
 
-/* The span's rows of y (y points at the span's first row). */
 static void gemm_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
     const int64_t n = w->rows, kc = s->kc < DG_MATMUL_BF16_KB ? s->kc : DG_MATMUL_BF16_KB;
-    const gemm_plan g = plan(c, s->mi, n, DG_MATMUL_BF16_XSLAB / ((kc + 31) / 32 * 32), K->nr);
-#pragma omp parallel for num_threads(g.nt) schedule(dynamic, 1)
-    for (int64_t t = 0; t < g.n_tasks; t++) {
-        const int64_t m0 = t % g.n_mb * g.mc, n0 = t / g.n_mb * g.nc;
-        gemm_task_bf16(K, c->gemm_bf16 + (int64_t)omp_get_thread_num() * DG_MATMUL_BF16_PANEL, y, w, bias, s, m0,
-                       (int)(s->mi - m0 < g.mc ? s->mi - m0 : g.mc), n0, (int)(n - n0 < g.nc ? n - n0 : g.nc));
-    }
+    int64_t mc = DG_MATMUL_BF16_XSLAB / ((kc + 31) / 32 * 32) / 12 * 12;
+    mc = mc < 12 ? 12 : mc;
+    /* chunks of W rows: 4 a thread, at most DG_MATMUL_NC rows */
+    int64_t nc = ((n + 4 * c->n_threads - 1) / (4 * c->n_threads) + K->nr - 1) / K->nr * K->nr;
+    if (nc > DG_MATMUL_NC) nc = DG_MATMUL_NC;
+    const int64_t n_tasks = (n + nc - 1) / nc;
+    const int nt = n_tasks < c->n_threads ? (int)n_tasks : c->n_threads;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_tasks; t++)
+        gemm_task_bf16(K, c->gemm_bf16 + (int64_t)omp_get_thread_num() * DG_MATMUL_BF16_PANEL, y, w, bias, s, mc,
+                       t * nc, (int)(n - t * nc < nc ? n - t * nc : nc));
 }
 
 /* x is rounded once, a span of it at a time into c->xbf16 (DG_MATMUL_BF16_XBUF elements):

@@ -159,8 +159,11 @@ static inline void dg_matmul_store(float *o, float t, int flags, const float *bi
 
 #define DG_MATMUL_BF16_KB 2048          /* its block of k (a multiple of 32) */
 #define DG_MATMUL_BF16_NR_MAX 6         /* the most rows of W a tile computes */
-#define DG_MATMUL_BF16_PANEL (DG_MATMUL_BF16_NR_MAX * DG_MATMUL_BF16_KB)   /* per-thread scratch,
-                                                                            elements */
+/* Per-thread scratch, elements: a GEMM task's chunk of W (at most DG_MATMUL_NC rows) packed
+ * for one block of k, 384 KiB, kept in L2 beside an m-block of x while the task runs all of
+ * x's rows against it (packed once a block instead of once per m-block, which was 4.7% of
+ * the vision tower's time: its GEMMs at one thread 197-203 -> 193-196 ms). */
+#define DG_MATMUL_BF16_PANEL ((int64_t)DG_MATMUL_NC * DG_MATMUL_BF16_KB)
 /* The rounded x of a matmul call (per backend, elements: 4 MiB): all of it when it fits,
  * else a span of rows and blocks at a time (matmul.c). */
 #define DG_MATMUL_BF16_XBUF (2048 * 1024)
