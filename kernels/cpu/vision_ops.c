@@ -233,6 +233,15 @@ void dg_cpu_gelu(dg_backend *be, float *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * erfcf(x[i] * -0.70710678118654752f);
 }
 
+/* Pairs j0 .. half-1 of one head rotated: r[j], r[j + half] by cs[j], sn[j]. */
+static inline void rope_pairs(float *r, const float *cs, const float *sn, int j0, int half) {
+    for (int j = j0; j < half; j++) {
+        const float a = r[j], b = r[j + half];
+        r[j] = a * cs[j] - b * sn[j];
+        r[j + half] = b * cs[j] + a * sn[j];
+    }
+}
+
 /* One row's heads rotated by a row of the table: r[j], r[j + half] of each head. The same
  * roundings as the scalar loop (a product each, then the sum: no fused multiply-add), 8
  * pairs at a time; the scalar loop was 1.2% of the vision tower at 448². */
@@ -247,11 +256,7 @@ DG_SIMD_AVX2 static void rope_row_avx2(float *x, const float *cs, const float *s
             _mm256_storeu_ps(r + j, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
             _mm256_storeu_ps(r + j + half, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
         }
-        for (; j < half; j++) {
-            const float a = r[j], b = r[j + half];
-            r[j] = a * cs[j] - b * sn[j];
-            r[j + half] = b * cs[j] + a * sn[j];
-        }
+        rope_pairs(r, cs, sn, j, half);
     }
 }
 
@@ -266,14 +271,7 @@ void dg_cpu_rope_table(dg_backend *be, float *x, int stride, const float *cos, c
             rope_row_avx2(x + (int64_t)i * stride, cs, sn, n_heads, head_dim);
             continue;
         }
-        for (int h = 0; h < n_heads; h++) {
-            float *r = x + (int64_t)i * stride + h * head_dim;
-            for (int j = 0; j < half; j++) {
-                const float a = r[j], b = r[j + half];
-                r[j] = a * cs[j] - b * sn[j];
-                r[j + half] = b * cs[j] + a * sn[j];
-            }
-        }
+        for (int h = 0; h < n_heads; h++) rope_pairs(x + (int64_t)i * stride + h * head_dim, cs, sn, 0, half);
     }
 }
 
