@@ -151,11 +151,10 @@ static void prefetch_slice(const dg_weight *w, w_block b, int part, int parts) {
 }
 
 /* The panel a task packs after the one of rows n0 + p (nr of them) in the block of k at k0
- * of kc columns (blocks of kb): the next rows of this block, else the first of the next
- * block (nn = 0 after the last). */
-static w_block next_panel(const dg_weight *w, int64_t n0, int nc, int p, int nr, int64_t k0, int64_t kc,
-                          int64_t kb) {
-    const int64_t k = w->cols;
+ * of kc columns (blocks of DG_MATMUL_KB): the next rows of this block, else the first of
+ * the next block (nn = 0 after the last). */
+static w_block next_panel(const dg_weight *w, int64_t n0, int nc, int p, int nr, int64_t k0, int64_t kc) {
+    const int64_t k = w->cols, kb = DG_MATMUL_KB;
     w_block next = {n0 + p + nr, k0, kc, nc - p - nr < nr ? nc - p - nr : nr};
     if (next.nn <= 0)
         next = (w_block){n0, k0 + kc, k - k0 - kc < kb ? k - k0 - kc : kb, k0 + kc < k ? (nc < nr ? nc : nr) : 0};
@@ -171,7 +170,7 @@ static void gemm_task(const dg_matmul_kernels *K, float *panel, float *y, const 
         const int flags = dg_matmul_block_flags(k0, kc, k);
         for (int p = 0; p < nc; p += K->nr) {
             const int nn = nc - p < K->nr ? nc - p : K->nr;
-            const w_block next = next_panel(w, n0, nc, p, K->nr, k0, kc, DG_MATMUL_KB);
+            const w_block next = next_panel(w, n0, nc, p, K->nr, k0, kc);
             K->pack(panel, w, n0 + p, nn, K->nr, k0, kc);
             for (int i = 0; i < mc; i += K->mr) {
                 prefetch_slice(w, next, i / K->mr, (int)tiles_m);
@@ -273,17 +272,12 @@ static void gemm_task_bf16(const dg_matmul_bf16_kernels *K, uint16_t *panels, fl
 static void gemm_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
     const int64_t n = w->rows, kc = s->kc < DG_MATMUL_BF16_KB ? s->kc : DG_MATMUL_BF16_KB;
-    int64_t mc = DG_MATMUL_BF16_XSLAB / ((kc + 31) / 32 * 32) / 12 * 12;
-    mc = mc < 12 ? 12 : mc;
-    /* chunks of W rows: 4 a thread, at most DG_MATMUL_NC rows */
-    int64_t nc = ((n + 4 * c->n_threads - 1) / (4 * c->n_threads) + K->nr - 1) / K->nr * K->nr;
-    if (nc > DG_MATMUL_NC) nc = DG_MATMUL_NC;
-    const int64_t n_tasks = (n + nc - 1) / nc;
-    const int nt = n_tasks < c->n_threads ? (int)n_tasks : c->n_threads;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t t = 0; t < n_tasks; t++)
-        gemm_task_bf16(K, c->gemm_bf16 + (int64_t)omp_get_thread_num() * DG_MATMUL_BF16_PANEL, y, w, bias, s, mc,
-                       t * nc, (int)(n - t * nc < nc ? n - t * nc : nc));
+    /* planned as for one m-block (m = 1): a task is a chunk of W, and walks x's m-blocks itself */
+    const gemm_plan g = plan(c, 1, n, DG_MATMUL_BF16_XSLAB / ((kc + 31) / 32 * 32), K->nr);
+#pragma omp parallel for num_threads(g.nt) schedule(dynamic, 1)
+    for (int64_t t = 0; t < g.n_tasks; t++)
+        gemm_task_bf16(K, c->gemm_bf16 + (int64_t)omp_get_thread_num() * DG_MATMUL_BF16_PANEL, y, w, bias, s, g.mc,
+                       t * g.nc, (int)(n - t * g.nc < g.nc ? n - t * g.nc : g.nc));
 }
 
 /* x is rounded once, a span of it at a time into c->xbf16 (DG_MATMUL_BF16_XBUF elements):
