@@ -20,6 +20,9 @@ typedef struct {
                                    (kernels/cpu/matmul.h), else fp32 */
     int         mapped_weights; /* --mapped-weights: weights read from the files' maps
                                    (dg_backend_opts.cpu_mapped_weights), not huge pages */
+    const char *llamacpp;       /* --llamacpp CMD: llama.cpp's baseline as a co-process
+                                   (tools/reference/bench_llamacpp.py --serve), which the
+                                   decoder benchmark runs turn about with ours; or NULL */
     json_t     *report;         /* object: benchmark name -> object of figures */
 } bench_ctx;
 
@@ -47,6 +50,26 @@ int    bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, ch
 /* Records which compute the benchmark ran, as the figure "bf16_compute" (1: the bf16 compute
  * order, 0: fp32), for every benchmark whose matmuls it changes. */
 void   bench_record_compute(const bench_ctx *ctx, json_t *out);
+
+/* A baseline as a co-process (tools/reference/bench_llamacpp.py --serve), so that ours and
+ * it are timed turn about, seconds apart, in one run: this host's memory bandwidth moves
+ * between ~20 and ~65 GB/s on two threads from one minute to the next, and a figure taken
+ * minutes after the other's compares two machines. bench_peer_start runs `cmd` through
+ * /bin/sh with pipes on its stdin and stdout and reads its first line, a JSON object naming
+ * the baseline ("baseline", "n_prompt"); each bench_peer_ask sends one command line and reads
+ * one JSON object back (the caller's to json_decref). A reply {"error": ...}, a peer that
+ * exits or says nothing for 300 s: NULL with err. */
+typedef struct {
+    int   pid, from, len;
+    FILE *to;
+    char  buf[4096];        /* what the peer wrote past the last line read */
+    char  baseline[200];    /* its "baseline": name, version, dtype */
+    int   n_prompt;         /* its prompt's length */
+} bench_peer;
+
+int     bench_peer_start(bench_peer *p, const char *cmd, char *err, size_t errlen);   /* 0 or -1 */
+json_t *bench_peer_ask(bench_peer *p, const char *line, char *err, size_t errlen);
+void    bench_peer_stop(bench_peer *p);   /* "quit", then waits for it; nothing if never started */
 
 /* What a job told its sink: its text (the first 4095 bytes), images, usage and timings,
  * when its first BENCH_OBS_IMAGES images started and took their last step, and how it

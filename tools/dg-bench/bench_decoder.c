@@ -10,22 +10,30 @@
  * "prefill_argmax" is the most likely next token after the prompt: the reference scripts
  * record theirs under the same key, as evidence that all three ran the same weights.
  *
- * When build/bench/transformers_decoder.json and build/bench/llamacpp_decoder.json exist
- * (tools/reference/bench_transformers_decoder.py, bench_llamacpp.py: bf16, equal precision
- * with our bf16 weights; their _f32 files, labelled, for comparison), the ratios to them are
- * printed too, with the baseline's name, version and dtype.
+ * Baselines (bf16: equal precision with our bf16 weights). llama.cpp, with --llamacpp CMD
+ * (tools/reference/bench_llamacpp.py --serve, which `make bench-decoder` passes when the
+ * reference venv has llama-cpp-python), runs as a co-process turn about with ours: three
+ * prompts each, then 8 rounds of 8 decode tokens each, the order alternating, and a ratio
+ * is the median of the rounds' ratios (its _min and _max beside it). This host's memory
+ * bandwidth moves between ~20 and ~65 GB/s on two threads from one minute to the next, and
+ * decode with it: two runs minutes apart compared two machines (0.95x and 1.22x the same
+ * day). Without --llamacpp, build/bench/llamacpp_decoder.json (bench_llamacpp.py's own run)
+ * is compared, as is build/bench/transformers_decoder.json
+ * (tools/reference/bench_transformers_decoder.py; their _f32 files, labelled, for
+ * comparison); the ratio names the file and the baseline's name, version and dtype.
  *
- * The machine's read bandwidth is measured in the same run, with the same threads (a sum
- * over 1 GiB, far past the caches, best of 3), and decode is printed as a fraction of the
- * limit it implies: the bytes one decode token must read (every text matrix once: the
- * embedding table as the tied lm_head, or lm_head; the KV read is small here) over that
- * bandwidth. The same tokens' matrix-vector products are then timed alone
- * (decode_matmuls_*): their share of a decode step, and their own fraction of the limit. */
+ * The machine's read bandwidth is measured in every decode round, with the same threads (a
+ * sum over 512 MiB, far past the caches, best of 3), and decode is printed as a fraction of
+ * the limit it implies (the median of the rounds', each against its own round's bandwidth):
+ * the bytes one decode token must read (every text matrix once: the embedding table as the
+ * tied lm_head, or lm_head; the KV read is small here) over that bandwidth; llama.cpp's too.
+ * The same tokens' matrix-vector products are timed alone in every round
+ * (decode_matmuls_*): their share of a decode step, and their own fraction of the limit.
+ * Peak RSS is taken before the bandwidth's buffer is made, and is each thread count's own. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -44,23 +52,29 @@ static int ensure_model(bench_ctx *ctx, char *dir, size_t len) {
     return 0;
 }
 
-static double peak_rss_mb(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_maxrss / 1024.0;
-}
-
-/* Resident memory now (VmRSS), MiB: what the process held before the model was opened
- * (shared libraries; with the CUDA backend linked in, cuBLAS alone brings ~160 MiB). */
-static double rss_now_mb(void) {
+/* A line of /proc/self/status in MiB: "VmRSS" (resident now) or "VmHWM" (its peak since
+ * the start or since reset_peak_rss). */
+static double status_mb(const char *key) {
     FILE *f = fopen("/proc/self/status", "r");
     char line[256];
+    const size_t n = strlen(key);
     double kb = 0;
     if (!f) return 0;
     while (fgets(line, sizeof line, f))
-        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+        if (!strncmp(line, key, n) && line[n] == ':') kb = atof(line + n + 1);
     fclose(f);
     return kb / 1024.0;
+}
+
+/* The peak resident memory back to what is resident now (Linux's clear_refs "5"), so that
+ * each thread count's peak is its own, not the last one's bandwidth buffer. Where that file
+ * cannot be written the peak is the process's, and the later figure at most too high. */
+static void reset_peak_rss(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (f) {
+        fputs("5", f);
+        fclose(f);
+    }
 }
 
 static double text_weight_mb(const dg_st *st) {
@@ -87,38 +101,106 @@ static double decode_bytes_per_token(const dg_st *st, int tied) {
 
 static volatile uint64_t read_sink;   /* the XORs are stored, so the loops are not dropped */
 
-/* GB/s of reading 1 GiB with `threads` threads, best of 3: an XOR over 64-bit words into
- * eight independent accumulators, so that the loads, not the arithmetic, set the pace. The
- * buffer is in the pages the weights are in: 2 MiB huge pages when the backend reads them
- * from there (reading through 4 KiB pages gave ~10% less here, and a limit measured in
- * them would flatter the decode's fraction of it), else ordinary ones. */
-static double read_bandwidth_gbs(int threads, int hugepages) {
-    const size_t n = (size_t)1 << 27;   /* 64-bit words: 1 GiB */
-    uint64_t *buf = mmap(NULL, n * sizeof *buf, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), sink = 0;
-    double best = 0;
-    if (buf == MAP_FAILED) return 0;
-    if (hugepages) madvise(buf, n * sizeof *buf, MADV_HUGEPAGE);
+/* A buffer for the read bandwidth: 512 MiB, far past the caches, in the pages the weights
+ * are in: 2 MiB huge pages when the backend reads them from there (reading through 4 KiB
+ * pages gave ~10% less here, and a limit measured in them would flatter the decode's
+ * fraction of it), else ordinary ones; written once. NULL when out of memory. */
+#define READ_WORDS ((size_t)1 << 26)
+static uint64_t *read_buffer(int threads, int hugepages) {
+    uint64_t *buf = mmap(NULL, READ_WORDS * sizeof *buf, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED) return NULL;
+    if (hugepages) madvise(buf, READ_WORDS * sizeof *buf, MADV_HUGEPAGE);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (size_t i = 0; i < n; i++) buf[i] = i * 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < READ_WORDS; i++) buf[i] = i * 0x9E3779B97F4A7C15ull;
+    return buf;
+}
+
+/* GB/s of reading the buffer with `threads` threads, best of 3: an XOR over 64-bit words
+ * into eight independent accumulators, so that the loads, not the arithmetic, set the pace. */
+static double read_bandwidth_gbs(const uint64_t *buf, int threads) {
+    double best = 0;
+    uint64_t sink = 0;
     for (int rep = 0; rep < 3; rep++) {
         double t0 = bench_now_ms();
         uint64_t x = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(^ : x)
-        for (size_t i = 0; i < n; i += 8) {
+        for (size_t i = 0; i < READ_WORDS; i += 8) {
             const uint64_t *p = buf + i;
             x ^= (p[0] ^ p[1]) ^ (p[2] ^ p[3]) ^ ((p[4] ^ p[5]) ^ (p[6] ^ p[7]));
         }
-        double gbs = (double)(n * sizeof *buf) / ((bench_now_ms() - t0) / 1e3) / 1e9;
+        double gbs = (double)(READ_WORDS * sizeof *buf) / ((bench_now_ms() - t0) / 1e3) / 1e9;
         sink ^= x;
         if (gbs > best) best = gbs;
     }
-    munmap(buf, n * sizeof *buf);
     read_sink = sink;
     return best;
 }
 
+static int by_value(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The median of v[0..n) (sorted in place). */
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, by_value);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* The baseline's turn: the seconds its reply to `cmd` reports (its "s"; *argmax its
+ * "argmax" when asked for). A baseline that fails is stopped and dropped with a message
+ * (*live = 0), and our figures go on without it: 0. */
+static double peer_turn(bench_peer *p, int *live, const char *cmd, int *argmax) {
+    char err[512];
+    if (!*live) return 0;
+    json_t *r = bench_peer_ask(p, cmd, err, sizeof err);
+    const double s = r ? json_number_value(json_object_get(r, "s")) : 0;
+    if (r && argmax) *argmax = (int)json_integer_value(json_object_get(r, "argmax"));
+    if (r && s <= 0) snprintf(err, sizeof err, "baseline: no time in its reply to \"%s\"", cmd);
+    json_decref(r);
+    if (s > 0) return s;
+    fprintf(stderr, "bench_decoder: the llama.cpp baseline dropped: %s\n", err);
+    bench_peer_stop(p);
+    *live = 0;
+    return 0;
+}
+
+/* The decode steps' matrix-vector products alone, for `tokens` tokens: every matrix of
+ * every layer and the lm_head at m = 1, on the activations the last step left; what the
+ * rest of a step (norms, RoPE, attention, the threads' meeting points) adds is the
+ * difference. Milliseconds. */
+static double matmuls_alone_ms(const dg_qwen2 *m, dg_qwen2_state *s, int tokens) {
+    dg_backend *be = m->be;
+    const double t0 = bench_now_ms();
+    for (int i = 0; i < tokens; i++) {
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            const dg_qwen2_layer *L = &m->layers[l];
+            be->matmul(be, s->q, s->h, &L->wq, NULL, 1);
+            be->matmul(be, s->k, s->h, &L->wk, NULL, 1);
+            be->matmul(be, s->v, s->h, &L->wv, NULL, 1);
+            be->matmul(be, s->x, s->att, &L->wo, NULL, 1);
+            be->matmul(be, s->gate, s->h, &L->w_gate, NULL, 1);
+            be->matmul(be, s->up, s->h, &L->w_up, NULL, 1);
+            be->matmul(be, s->x, s->gate, &L->w_down, NULL, 1);
+        }
+        be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, 1);
+    }
+    return bench_now_ms() - t0;
+}
+
+#define PREFILL_ROUNDS 3
+#define DECODE_ROUNDS 8
+
+/* The figures of one thread count. Prefill: PREFILL_ROUNDS prompts each, ours and the
+ * baseline's in turn. Decode: DECODE_ROUNDS rounds of n_decode / DECODE_ROUNDS tokens, each
+ * round ours, the same tokens' matrix-vector products alone, the baseline's, and the read
+ * bandwidth, the order of ours and the baseline's alternating. A ratio is the median of the
+ * rounds' ratios, a fraction of the bandwidth limit the median of the rounds' fractions,
+ * each against the bandwidth of its own round. */
 static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double rss_start) {
     const int n_prompt = ctx->quick ? 64 : 512, n_decode = ctx->quick ? 8 : 64;
+    const int pre_rounds = ctx->quick ? 1 : PREFILL_ROUNDS, rounds = ctx->quick ? 2 : DECODE_ROUNDS;
+    const int per = n_decode / rounds;
     dg_qwen2vl_config cfg;
     dg_backend *be = NULL;
     dg_st *st = NULL;
@@ -126,9 +208,25 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_qwen2_state *s = NULL;
     dg_kv_cache *kv = NULL;
     dg_kv_seq seq = {0};
+    bench_peer peer = {.pid = -1, .from = -1};
+    uint64_t *bwbuf = NULL;
     int32_t *ids = NULL;
-    char err[512], name[96];
-    int rc = -1;
+    char err[512], name[96], cmd[2200];
+    int rc = -1, have_peer = 0, peer_argmax = -1;
+    double ours_pre[PREFILL_ROUNDS], peer_pre[PREFILL_ROUNDS], pre_ratio[PREFILL_ROUNDS];
+    double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], peer_dec[DECODE_ROUNDS], bw[DECODE_ROUNDS];
+    double dec_ratio[DECODE_ROUNDS], frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS], frac_peer[DECODE_ROUNDS];
+    if (ctx->llamacpp) {
+        snprintf(cmd, sizeof cmd, "%s --threads %d%s", ctx->llamacpp, threads, ctx->quick ? " --quick" : "");
+        if (bench_peer_start(&peer, cmd, err, sizeof err) < 0)
+            fprintf(stderr, "bench_decoder: no llama.cpp baseline at %d threads: %s\n", threads, err);
+        else if (peer.n_prompt != n_prompt)
+            fprintf(stderr, "bench_decoder: the baseline's prompt is %d tokens, ours %d: not compared\n",
+                    peer.n_prompt, n_prompt);
+        else
+            have_peer = 1;
+        if (!have_peer) bench_peer_stop(&peer);
+    }
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
         bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
         dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, NULL, NULL, &st, err, sizeof err) < 0 ||
@@ -149,60 +247,103 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     /* warm-up: page the weights in, so that the figures are not disk reads */
     dg_qwen2_input in = {.ids = ids, .n = 16, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-    dg_kv_seq_release(kv, &seq);
-    double t0 = bench_now_ms();
-    in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
-    if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
-    double t1 = bench_now_ms();
-    /* the prompt's next token: the reference scripts record theirs, so that the three
-     * runs are seen to compute the same model */
+    for (int r = 0; r < pre_rounds; r++) {
+        if (r % 2) peer_pre[r] = peer_turn(&peer, &have_peer, "prefill", &peer_argmax);
+        dg_kv_seq_release(kv, &seq);
+        double t0 = bench_now_ms();
+        in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
+        if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+        ours_pre[r] = (bench_now_ms() - t0) / 1e3;
+        if (!(r % 2)) peer_pre[r] = peer_turn(&peer, &have_peer, "prefill", &peer_argmax);
+        pre_ratio[r] = have_peer ? peer_pre[r] / ours_pre[r] : 0;
+    }
+    /* the prompt's next token: the reference scripts record theirs, so that the runs are
+     * seen to compute the same model */
     int best = 0;
     for (int i = 1; i < cfg.text.vocab_size; i++) if (s->logits[i] > s->logits[best]) best = i;
-    for (int i = 0; i < n_decode; i++) {
-        in = (dg_qwen2_input){.ids = &ids[i], .n = 1, .n_logits = 1};
-        if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+    /* the memory the decoder holds, before the bandwidth's buffer adds its own */
+    const double rss = status_mb("VmHWM");
+    if (!(bwbuf = read_buffer(threads, be->weights_hugepages))) {
+        snprintf(err, sizeof err, "no memory for the bandwidth's buffer");
+        goto fail;
     }
-    double t2 = bench_now_ms();
-    /* the same tokens' matrix-vector products alone (every matrix of every layer and the
-     * lm_head at m = 1, on the activations the last step left): what the rest of a step
-     * (norms, RoPE, attention, the threads' meeting points) adds is the difference */
-    for (int i = 0; i < n_decode; i++) {
-        for (int l = 0; l < cfg.text.n_layers; l++) {
-            const dg_qwen2_layer *L = &m.layers[l];
-            be->matmul(be, s->q, s->h, &L->wq, NULL, 1);
-            be->matmul(be, s->k, s->h, &L->wk, NULL, 1);
-            be->matmul(be, s->v, s->h, &L->wv, NULL, 1);
-            be->matmul(be, s->x, s->att, &L->wo, NULL, 1);
-            be->matmul(be, s->gate, s->h, &L->w_gate, NULL, 1);
-            be->matmul(be, s->up, s->h, &L->w_up, NULL, 1);
-            be->matmul(be, s->x, s->gate, &L->w_down, NULL, 1);
+    const double bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
+    snprintf(cmd, sizeof cmd, "decode %d", per);
+    for (int r = 0, k = 0; r < rounds; r++) {
+        if (r % 2) peer_dec[r] = peer_turn(&peer, &have_peer, cmd, NULL);
+        double t0 = bench_now_ms();
+        for (int i = 0; i < per; i++, k++) {
+            in = (dg_qwen2_input){.ids = &ids[k % n_prompt], .n = 1, .n_logits = 1};
+            if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
         }
-        be->matmul(be, s->dev_logits, s->h, &m.lm_head, NULL, 1);
+        ours_dec[r] = (bench_now_ms() - t0) / 1e3;
+        alone[r] = matmuls_alone_ms(&m, s, per) / 1e3;
+        if (!(r % 2)) peer_dec[r] = peer_turn(&peer, &have_peer, cmd, NULL);
+        bw[r] = read_bandwidth_gbs(bwbuf, threads);
+        const double limit = bw[r] * 1e9 / bytes;   /* tokens a second the bandwidth allows */
+        frac[r] = per / ours_dec[r] / limit;
+        frac_alone[r] = per / alone[r] / limit;
+        frac_peer[r] = have_peer ? per / peer_dec[r] / limit : 0;
+        dec_ratio[r] = have_peer ? peer_dec[r] / ours_dec[r] : 0;
     }
-    double t3 = bench_now_ms();
+    double sum_pre = 0, sum_peer_pre = 0, sum_dec = 0, sum_alone = 0, sum_peer_dec = 0;
+    for (int r = 0; r < pre_rounds; r++) sum_pre += ours_pre[r], sum_peer_pre += have_peer ? peer_pre[r] : 0;
+    for (int r = 0; r < rounds; r++)
+        sum_dec += ours_dec[r], sum_alone += alone[r], sum_peer_dec += have_peer ? peer_dec[r] : 0;
+
+    const double pre_tok_s = pre_rounds * n_prompt / sum_pre, dec_tok_s = n_decode / sum_dec;
+    if (have_peer) {
+        json_object_set_new(out, "llamacpp_baseline", json_string(peer.baseline));
+        printf("  llama.cpp: %s, a co-process, turn about with ours in each round\n", peer.baseline);
+    }
     snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
-    bench_record(out, name, n_prompt / ((t1 - t0) / 1e3), "tok/s");
-    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_prompt / ((t1 - t0) / 1e3));
-    bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_prompt / ((t1 - t0) / 1e3));
+    bench_record(out, name, pre_tok_s, "tok/s");
+    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", pre_tok_s);
+    if (have_peer) {
+        char k2[128];
+        snprintf(k2, sizeof k2, "llamacpp_%s", name);
+        bench_record(out, k2, pre_rounds * n_prompt / sum_peer_pre, "tok/s");
+        snprintf(k2, sizeof k2, "%s_vs_llamacpp", name);
+        bench_record(out, k2, median(pre_ratio, pre_rounds), "x (median of the rounds)");
+    } else if (!ctx->llamacpp) {   /* a co-process that failed is not replaced by an older file */
+        bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", pre_tok_s);
+    }
     snprintf(name, sizeof name, "decode_tok_s_t%d", threads);
-    bench_record(out, name, n_decode / ((t2 - t1) / 1e3), "tok/s");
-    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", n_decode / ((t2 - t1) / 1e3));
-    bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", n_decode / ((t2 - t1) / 1e3));
+    bench_record(out, name, dec_tok_s, "tok/s");
+    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", dec_tok_s);
+    if (have_peer) {
+        char k2[128];
+        snprintf(k2, sizeof k2, "llamacpp_%s", name);
+        bench_record(out, k2, n_decode / sum_peer_dec, "tok/s");
+        snprintf(k2, sizeof k2, "%s_vs_llamacpp", name);
+        bench_record(out, k2, median(dec_ratio, rounds), "x (median of the rounds)");
+        snprintf(k2, sizeof k2, "%s_vs_llamacpp_min", name);
+        bench_record(out, k2, dec_ratio[0], "x");   /* median() sorted them */
+        snprintf(k2, sizeof k2, "%s_vs_llamacpp_max", name);
+        bench_record(out, k2, dec_ratio[rounds - 1], "x");
+        snprintf(k2, sizeof k2, "llamacpp_decode_fraction_of_bandwidth_limit_t%d", threads);
+        bench_record(out, k2, median(frac_peer, rounds), "(of 1)");
+        bench_record(out, "llamacpp_prefill_argmax", peer_argmax, "(token id)");
+    } else if (!ctx->llamacpp) {   /* a co-process that failed is not replaced by an older file */
+        bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", dec_tok_s);
+    }
     bench_record(out, "prefill_argmax", best, "(token id)");
-    const double bw = read_bandwidth_gbs(threads, be->weights_hugepages), bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d", threads);
-    bench_record(out, name, bw, "GB/s");
-    snprintf(name, sizeof name, "decode_bytes_per_token_mb");
-    bench_record(out, name, bytes / 1e6, "MB");
+    bench_record(out, name, median(bw, rounds), "GB/s (median of the rounds)");
+    snprintf(name, sizeof name, "read_bandwidth_gbs_t%d_min", threads);
+    bench_record(out, name, bw[0], "GB/s");
+    snprintf(name, sizeof name, "read_bandwidth_gbs_t%d_max", threads);
+    bench_record(out, name, bw[rounds - 1], "GB/s");
+    bench_record(out, "decode_bytes_per_token_mb", bytes / 1e6, "MB");
     snprintf(name, sizeof name, "decode_fraction_of_bandwidth_limit_t%d", threads);
-    bench_record(out, name, bw > 0 ? (n_decode / ((t2 - t1) / 1e3)) / (bw * 1e9 / bytes) : 0, "(of 1)");
+    bench_record(out, name, median(frac, rounds), "(of 1)");
     snprintf(name, sizeof name, "decode_matmuls_ms_per_token_t%d", threads);
-    bench_record(out, name, (t3 - t2) / n_decode, "ms");
+    bench_record(out, name, sum_alone * 1e3 / n_decode, "ms");
     snprintf(name, sizeof name, "decode_matmuls_share_of_step_t%d", threads);
-    bench_record(out, name, (t3 - t2) / (t2 - t1), "(of 1)");
+    bench_record(out, name, sum_alone / sum_dec, "(of 1)");
     snprintf(name, sizeof name, "decode_matmuls_fraction_of_bandwidth_limit_t%d", threads);
-    bench_record(out, name, bw > 0 ? (n_decode / ((t3 - t2) / 1e3)) / (bw * 1e9 / bytes) : 0, "(of 1)");
-    double w = text_weight_mb(st), rss = peak_rss_mb();
+    bench_record(out, name, median(frac_alone, rounds), "(of 1)");
+    double w = text_weight_mb(st);
     bench_record(out, "text_weights_mb", w, "MiB");
     bench_record(out, "peak_rss_mb", rss, "MiB");
     bench_record(out, "peak_rss_over_weights", rss / w, "x");
@@ -213,6 +354,8 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
 fail:
     fprintf(stderr, "bench_decoder: %s\n", err);
 out:
+    bench_peer_stop(&peer);
+    if (bwbuf) munmap(bwbuf, READ_WORDS * sizeof *bwbuf);
     free(ids);
     if (kv) dg_kv_seq_release(kv, &seq);
     dg_kv_seq_free(&seq);
@@ -231,10 +374,12 @@ static int bench_decoder(bench_ctx *ctx, json_t *out) {
     printf("  model %s, OPENBLAS_CORETYPE=%s\n", dir, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
     bench_record_compute(ctx, out);
-    const double rss_start = rss_now_mb();
+    const double rss_start = status_mb("VmRSS");
     if (ctx->threads > 0) return run(ctx, out, dir, ctx->threads, rss_start);
-    for (int t = 1; t <= 2; t++)
+    for (int t = 1; t <= 2; t++) {
+        reset_peak_rss();
         if (run(ctx, out, dir, t, rss_start) < 0) return -1;
+    }
     return 0;
 }
 

@@ -7,6 +7,16 @@ with duogen's bf16 weights) or f32 (every tensor widened: twice the bytes a toke
 kept for comparison, labelled). Writes build/bench/llamacpp_decoder.json (bf16) or
 llamacpp_decoder_f32.json with dg-bench's keys.
 
+--serve (one --threads value): the baseline as dg-bench's co-process, so that the two are
+timed turn about in one run rather than minutes apart (this host's memory bandwidth moves
+between ~20 and ~65 GB/s for two threads from one minute to the next, and a decode figure
+with it). It loads the model, prints one JSON line {"baseline": ...}, then answers each
+command on stdin with one JSON line on stdout:
+  prefill      reset, the n-token prompt (n = 512, or 64 with --quick) -> {"s": seconds, "argmax": id}
+  decode N     the next N prompt ids one token at a time, after what is there -> {"s": seconds}
+  quit
+Errors are {"error": "..."}; llama.cpp's own messages go to stderr.
+
 The GGUF is written here with the `gguf` package: the qwen2 architecture keys, the Qwen2
 BPE vocabulary (vocab.json + merges.txt + added tokens, padded to the embedding rows),
 and every text tensor under llama.cpp's names. Qwen2.5-VL's M-RoPE
@@ -14,6 +24,7 @@ equals plain (NEOX, rotate-half) RoPE for text positions, so architecture qwen2 
 the same function. No output.weight: tied embeddings (llama.cpp falls back to token_embd).
 
   tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py [--quick]
+  tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py --serve --threads 2
 """
 import argparse
 import json
@@ -105,6 +116,60 @@ def prompt_ids(n, vocab):
     return ids
 
 
+def load(gguf_path, threads):
+    from llama_cpp import Llama
+    return Llama(model_path=gguf_path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
+                 n_threads_batch=threads, use_mmap=True, verbose=False)
+
+
+def serve(args, n_prompt):
+    """The co-process loop (module docstring): one JSON line per command."""
+    import sys
+    import llama_cpp
+
+    def say(obj):
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    if len(args.threads) != 1:
+        say({"error": "--serve takes one --threads value"})
+        return 2
+    llm = load(args.gguf, args.threads[0])
+    ids = prompt_ids(n_prompt, llm.n_vocab())
+    llm.eval(ids[:16])          # warm-up: page the weights in
+    llm.reset()
+    say({"baseline": f"llama-cpp-python {llama_cpp.__version__}, {args.dtype.upper()} GGUF",
+         "threads": args.threads[0], "n_prompt": n_prompt})
+    k = 0
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "quit":
+            break
+        if cmd[0] == "prefill":
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            s = time.perf_counter() - t0
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            k = 0
+            say({"s": s, "argmax": int(np.argmax(last))})
+        elif cmd[0] == "decode" and len(cmd) == 2 and cmd[1].isdigit():
+            n = int(cmd[1])
+            if llm.n_tokens + n > 1024:
+                say({"error": f"decode {n}: the context of 1024 is full at {llm.n_tokens}"})
+                continue
+            t0 = time.perf_counter()
+            for _ in range(n):
+                llm.eval([ids[k % n_prompt]])
+                k += 1
+            say({"s": time.perf_counter() - t0})
+        else:
+            say({"error": f"unknown command {line.strip()!r}"})
+    return 0
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.normpath(os.path.join(here, "..", ".."))
@@ -115,6 +180,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--serve", action="store_true")
     args = ap.parse_args()
     args.gguf = args.gguf or os.path.join(root, "build", "models", f"small-{args.dtype}.gguf")
     if not args.out:
@@ -122,15 +188,15 @@ def main():
         args.out = os.path.join(root, "build", "bench", name)
     if not os.path.exists(args.gguf):
         write_gguf(os.path.join(args.model, "mllm"), args.gguf, args.dtype)
-    import llama_cpp
-    from llama_cpp import Llama
     n_prompt, n_decode = (64, 8) if args.quick else (512, 64)
+    if args.serve:
+        return serve(args, n_prompt)
+    import llama_cpp
     res = {"baseline": f"llama-cpp-python {llama_cpp.__version__}, {args.dtype.upper()} GGUF",
            "llama_cpp_python": llama_cpp.__version__, "dtype": args.dtype,
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
     for t in args.threads:
-        llm = Llama(model_path=args.gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=t,
-                    n_threads_batch=t, use_mmap=True, verbose=False)
+        llm = load(args.gguf, t)
         ids = prompt_ids(n_prompt, llm.n_vocab())
         llm.eval(ids[:16])          # warm-up: page the weights in
         llm.reset()
@@ -155,4 +221,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
