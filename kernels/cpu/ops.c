@@ -5,7 +5,6 @@
 #include "cpu_kernels.h"
 #include "simd_math.h"
 
-#define ATT_CHUNK 64      /* keys scored at once by the online softmax (stack buffer) */
 #define ATT_HEAD_MAX 512  /* head_dim bound (the config reader checks it): a widened bf16 row */
 #define ATT_GROUP_MAX 64  /* n_heads / n_kv_heads bound (qwen2vl_config.c checks it) */
 
@@ -95,6 +94,23 @@ static const float *kv_chunk(const dg_kv_view *kv, const void *base, int p0, int
     return buf;
 }
 
+/* Rows p0 .. p0+nc-1, head `kvh` of K or V as pointers to fp32 rows: into the cache for
+ * F32, else widened into buf[nc, head_dim]. */
+static void kv_rows(const dg_kv_view *kv, const void *base, int p0, int nc, int kv_dim, int kvh, int head_dim,
+                    float *buf, const float **rows) {
+    for (int j = 0; j < nc; j++) {
+        const int64_t at = kv_row(kv, p0 + j) * kv_dim + (int64_t)kvh * head_dim;
+        if (kv->dtype == DG_DTYPE_BF16) {
+            const uint16_t *h = (const uint16_t *)base + at;
+            float *r = buf + (int64_t)j * head_dim;
+            for (int d = 0; d < head_dim; d++) r[d] = dg_bf16_to_f32(h[d]);
+            rows[j] = r;
+        } else {
+            rows[j] = (const float *)base + at;
+        }
+    }
+}
+
 /* One query head against one chunk of nc keys, the online softmax's step (AVX2): the
  * scores (dot_avx2's order, vector.c, four keys at a time), their maximum m' = max(*mx,
  * max s), exp(s - m') on 8 lanes (dg_exp256) summed lane-wise in key order, then
@@ -102,7 +118,7 @@ static const float *kv_chunk(const dg_kv_view *kv, const void *base, int p0, int
  * 64 columns of o at a time in registers. */
 DG_SIMD_AVX2 static void attend_chunk_avx2(float *o, const float *q, const float *kc, int ldk, const float *vc,
                                            int ldv, int nc, int hd, float scale, float *mx, float *l) {
-    float s[ATT_CHUNK + 8] __attribute__((aligned(32)));
+    float s[DG_ATT_CHUNK + 8] __attribute__((aligned(32)));
     int j = 0;
     for (; j + 4 <= nc; j += 4) {
         const float *k[4] = {kc + (int64_t)j * ldk, kc + (int64_t)(j + 1) * ldk, kc + (int64_t)(j + 2) * ldk,
@@ -174,7 +190,7 @@ DG_SIMD_AVX2 static void attend_chunk_avx2(float *o, const float *q, const float
 /* The same step, portable: dot, scalar expf and scale_axpy in key order. */
 static void attend_chunk_c(float *o, const float *q, const float *kc, int ldk, const float *vc, int ldv, int nc,
                            int hd, float scale, float *mx, float *l) {
-    float s[ATT_CHUNK], cm = -INFINITY;
+    float s[DG_ATT_CHUNK], cm = -INFINITY;
     for (int j = 0; j < nc; j++) {
         s[j] = dg_cpu_dot(DG_CPU_PORTABLE, q, kc + (int64_t)j * ldk, hd) * scale;
         if (s[j] > cm) cm = s[j];
@@ -193,31 +209,42 @@ static void attend_chunk_c(float *o, const float *q, const float *kc, int ldk, c
 /* One work item of the decoder's attention, a (query row, kv head) pair (q, out: that row;
  * n_ctx: its position + 1, the keys it sees): its `group` query heads share each chunk of K
  * and V rows, read (and widened from BF16) once; each query head runs the online softmax
- * over chunks of ATT_CHUNK keys (attend_chunk_*), chunks starting at multiples of
- * ATT_CHUNK, so its bits depend only on its q, the keys/values and n_ctx, never on m, its
- * place in the batch or the thread. The value is softmax(q·Kᵀ·scale)·V up to fp32
+ * over chunks of DG_ATT_CHUNK keys (attend_chunk_*; on AVX-512 with head_dim a multiple of
+ * 16, all the group's heads a chunk at once in attention_zmm.c), chunks starting at
+ * multiples of DG_ATT_CHUNK, so its bits depend only on its q, the keys/values and n_ctx,
+ * never on m, its place in the batch or the thread. The value is softmax(q·Kᵀ·scale)·V up to fp32
  * rounding, without a [context]-sized buffer. */
 static void attend_group(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_ctx,
                          int n_heads, int n_kv_heads, int kvh, int head_dim, float scale) {
     const int group = n_heads / n_kv_heads, kv_dim = n_kv_heads * head_dim;
     const int64_t h0 = (int64_t)kvh * group * head_dim;
     float mx[ATT_GROUP_MAX], l[ATT_GROUP_MAX];
-    static _Thread_local float kb[ATT_CHUNK * ATT_HEAD_MAX], vb[ATT_CHUNK * ATT_HEAD_MAX];
+    static _Thread_local float kb[DG_ATT_CHUNK * ATT_HEAD_MAX], vb[DG_ATT_CHUNK * ATT_HEAD_MAX];
     for (int g = 0; g < group; g++) {
         mx[g] = -INFINITY;
         l[g] = 0.0f;
         memset(out + h0 + (int64_t)g * head_dim, 0, sizeof(float) * (size_t)head_dim);
     }
-    for (int p0 = 0; p0 < n_ctx; p0 += ATT_CHUNK) {
-        const int nc = n_ctx - p0 < ATT_CHUNK ? n_ctx - p0 : ATT_CHUNK;
-        int ldk, ldv;
-        const float *kc = kv_chunk(kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, &ldk);
-        const float *vc = kv_chunk(kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, &ldv);
-        for (int g = 0; g < group; g++) {
-            float *o = out + h0 + (int64_t)g * head_dim;
-            const float *qi = q + h0 + (int64_t)g * head_dim;
-            if (c->simd) attend_chunk_avx2(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
-            else attend_chunk_c(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
+    if (c->simd >= DG_CPU_AVX512 && head_dim % 16 == 0) {   /* attention_zmm.c: all the heads a chunk */
+        const float *kr[DG_ATT_CHUNK], *vr[DG_ATT_CHUNK];
+        for (int p0 = 0; p0 < n_ctx; p0 += DG_ATT_CHUNK) {
+            const int nc = n_ctx - p0 < DG_ATT_CHUNK ? n_ctx - p0 : DG_ATT_CHUNK;
+            kv_rows(kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, kr);
+            kv_rows(kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, vr);
+            dg_cpu_att_group_chunk_zmm(out + h0, q + h0, kr, vr, nc, group, head_dim, scale, mx, l);
+        }
+    } else {
+        for (int p0 = 0; p0 < n_ctx; p0 += DG_ATT_CHUNK) {
+            const int nc = n_ctx - p0 < DG_ATT_CHUNK ? n_ctx - p0 : DG_ATT_CHUNK;
+            int ldk, ldv;
+            const float *kc = kv_chunk(kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, &ldk);
+            const float *vc = kv_chunk(kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, &ldv);
+            for (int g = 0; g < group; g++) {
+                float *o = out + h0 + (int64_t)g * head_dim;
+                const float *qi = q + h0 + (int64_t)g * head_dim;
+                if (c->simd) attend_chunk_avx2(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
+                else attend_chunk_c(o, qi, kc, ldk, vc, ldv, nc, head_dim, scale, &mx[g], &l[g]);
+            }
         }
     }
     for (int g = 0; g < group; g++) {
