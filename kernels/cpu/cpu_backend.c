@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "cpu_kernels.h"
@@ -53,10 +54,24 @@ static void cpu_free(dg_backend *be) {
     free(be);
 }
 
+/* Buffers of 2 MiB and more (the KV pool, the decoder's activations) aligned to and rounded
+ * up to 2 MiB and advised into transparent huge pages (where THP is "madvise", as here, the
+ * kernel gives none without the advice), as the weights are (safetensors.c read_huge): the
+ * decoder's attention walks the pool a block of rows at a time across pages. Measured at
+ * one thread after a 512-token prompt, alternated three times: a decode step's matrix
+ * products 33.5-35.7 -> 31.4-32.5 ms, its attention over 4096 tokens 13.2-13.4 -> 12.4-13.0
+ * ms. Smaller buffers stay on the heap. */
+#define HUGE_ALLOC ((size_t)2 << 20)
 static void *cpu_alloc(dg_backend *be, size_t bytes) {
     (void)be;
     void *p = NULL;
     size_t n = (bytes + 63) & ~(size_t)63;
+    if (n >= HUGE_ALLOC) {
+        n = (n + HUGE_ALLOC - 1) & ~(HUGE_ALLOC - 1);
+        if (posix_memalign(&p, HUGE_ALLOC, n)) return NULL;
+        madvise(p, n, MADV_HUGEPAGE);
+        return p;
+    }
     if (posix_memalign(&p, 64, n ? n : 64)) return NULL;
     return p;
 }
