@@ -299,15 +299,16 @@ bench-batch: all
 	$(BUILD)/dg-bench --json $(BUILD)/bench/batch.json batch_decode batch_jobs
 
 # the vision tower (small preset), and transformers beside it when the reference venv is there
-# (float32 and bf16; ours in fp32 and in bf16 compute against the baseline of its precision)
+# (float32 and bf16; ours in fp32 and in bf16 compute against the baseline of its precision),
+# as dg-bench's co-process timed turn about with ours (bench_transformers_vision.py --serve)
+TRANSFORMERS_VISION = tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py --serve
 bench-vision: all
 	@mkdir -p $(BUILD)/bench
 	$(SMALL_PACKAGE)
-	@if [ -x tools/reference/.venv/bin/python ]; then \
-	    tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py && \
-	    tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py --dtype bf16; fi
-	$(BUILD)/dg-bench --json $(BUILD)/bench/vision.json vision
-	$(BUILD)/dg-bench --bf16-compute --json $(BUILD)/bench/vision_bf16.json vision
+	@peer=; if tools/reference/.venv/bin/python -c 'import transformers' 2>/dev/null; then peer="$(TRANSFORMERS_VISION)"; \
+	    else echo "$@: no transformers in tools/reference/.venv: no transformers baseline"; fi; \
+	set -x; $(BUILD)/dg-bench $${peer:+--transformers "$$peer"} --json $(BUILD)/bench/vision.json vision && \
+	$(BUILD)/dg-bench --bf16-compute $${peer:+--transformers "$$peer --dtype bf16"} --json $(BUILD)/bench/vision_bf16.json vision
 
 # DiT steps and VAE encode/decode (small preset); diffusers first (float32, and the DiT in
 # bf16) when the reference venv is there, so that dg-bench prints the ratios

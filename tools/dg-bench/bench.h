@@ -23,6 +23,9 @@ typedef struct {
     const char *llamacpp;       /* --llamacpp CMD: llama.cpp's baseline as a co-process
                                    (tools/reference/bench_llamacpp.py --serve), which the
                                    decoder benchmark runs turn about with ours; or NULL */
+    const char *transformers;   /* --transformers CMD: the transformers baseline as a co-process
+                                   (bench_transformers_vision.py --serve) for the vision
+                                   benchmark, likewise; or NULL */
     json_t     *report;         /* object: benchmark name -> object of figures */
 } bench_ctx;
 
@@ -70,6 +73,12 @@ typedef struct {
 int     bench_peer_start(bench_peer *p, const char *cmd, char *err, size_t errlen);   /* 0 or -1 */
 json_t *bench_peer_ask(bench_peer *p, const char *line, char *err, size_t errlen);
 void    bench_peer_stop(bench_peer *p);   /* "quit", then waits for it; nothing if never started */
+static inline int bench_peer_live(const bench_peer *p) { return p->pid > 0; }
+/* The peer's turn: sends `cmd` and returns the seconds its reply reports ("s"; its "argmax"
+ * into *argmax when that is not NULL). A peer that fails is stopped, with a message naming
+ * it (`who`), and is no longer live, so that our figures go on without it: 0, as when it
+ * is not live. */
+double  bench_peer_turn(bench_peer *p, const char *who, const char *cmd, int *argmax);
 
 /* What a job told its sink: its text (the first 4095 bytes), images, usage and timings,
  * when its first BENCH_OBS_IMAGES images started and took their last step, and how it

@@ -147,24 +147,6 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* The baseline's turn: the seconds its reply to `cmd` reports (its "s"; *argmax its
- * "argmax" when asked for). A baseline that fails is stopped and dropped with a message
- * (*live = 0), and our figures go on without it: 0. */
-static double peer_turn(bench_peer *p, int *live, const char *cmd, int *argmax) {
-    char err[512];
-    if (!*live) return 0;
-    json_t *r = bench_peer_ask(p, cmd, err, sizeof err);
-    const double s = r ? json_number_value(json_object_get(r, "s")) : 0;
-    if (r && argmax) *argmax = (int)json_integer_value(json_object_get(r, "argmax"));
-    if (r && s <= 0) snprintf(err, sizeof err, "baseline: no time in its reply to \"%s\"", cmd);
-    json_decref(r);
-    if (s > 0) return s;
-    fprintf(stderr, "bench_decoder: the llama.cpp baseline dropped: %s\n", err);
-    bench_peer_stop(p);
-    *live = 0;
-    return 0;
-}
-
 /* The decode steps' matrix-vector products alone, for `tokens` tokens: every matrix of
  * every layer and the lm_head at m = 1, on the activations the last step left; what the
  * rest of a step (norms, RoPE, attention, the threads' meeting points) adds is the
@@ -212,7 +194,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     uint64_t *bwbuf = NULL;
     int32_t *ids = NULL;
     char err[512], name[96], cmd[2200];
-    int rc = -1, have_peer = 0, peer_argmax = -1;
+    int rc = -1, peer_argmax = -1;
     double ours_pre[PREFILL_ROUNDS], peer_pre[PREFILL_ROUNDS], pre_ratio[PREFILL_ROUNDS];
     double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], peer_dec[DECODE_ROUNDS], bw[DECODE_ROUNDS];
     double dec_ratio[DECODE_ROUNDS], frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS], frac_peer[DECODE_ROUNDS];
@@ -220,12 +202,11 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         snprintf(cmd, sizeof cmd, "%s --threads %d%s", ctx->llamacpp, threads, ctx->quick ? " --quick" : "");
         if (bench_peer_start(&peer, cmd, err, sizeof err) < 0)
             fprintf(stderr, "bench_decoder: no llama.cpp baseline at %d threads: %s\n", threads, err);
-        else if (peer.n_prompt != n_prompt)
+        else if (peer.n_prompt != n_prompt) {
             fprintf(stderr, "bench_decoder: the baseline's prompt is %d tokens, ours %d: not compared\n",
                     peer.n_prompt, n_prompt);
-        else
-            have_peer = 1;
-        if (!have_peer) bench_peer_stop(&peer);
+            bench_peer_stop(&peer);
+        }
     }
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
         bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
@@ -248,14 +229,14 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_qwen2_input in = {.ids = ids, .n = 16, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
     for (int r = 0; r < pre_rounds; r++) {
-        if (r % 2) peer_pre[r] = peer_turn(&peer, &have_peer, "prefill", &peer_argmax);
+        if (r % 2) peer_pre[r] = bench_peer_turn(&peer, "llama.cpp", "prefill", &peer_argmax);
         dg_kv_seq_release(kv, &seq);
         double t0 = bench_now_ms();
         in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
         if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
         ours_pre[r] = (bench_now_ms() - t0) / 1e3;
-        if (!(r % 2)) peer_pre[r] = peer_turn(&peer, &have_peer, "prefill", &peer_argmax);
-        pre_ratio[r] = have_peer ? peer_pre[r] / ours_pre[r] : 0;
+        if (!(r % 2)) peer_pre[r] = bench_peer_turn(&peer, "llama.cpp", "prefill", &peer_argmax);
+        pre_ratio[r] = bench_peer_live(&peer) ? peer_pre[r] / ours_pre[r] : 0;
     }
     /* the prompt's next token: the reference scripts record theirs, so that the runs are
      * seen to compute the same model */
@@ -270,7 +251,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     const double bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
     snprintf(cmd, sizeof cmd, "decode %d", per);
     for (int r = 0, k = 0; r < rounds; r++) {
-        if (r % 2) peer_dec[r] = peer_turn(&peer, &have_peer, cmd, NULL);
+        if (r % 2) peer_dec[r] = bench_peer_turn(&peer, "llama.cpp", cmd, NULL);
         double t0 = bench_now_ms();
         for (int i = 0; i < per; i++, k++) {
             in = (dg_qwen2_input){.ids = &ids[k % n_prompt], .n = 1, .n_logits = 1};
@@ -278,28 +259,28 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         }
         ours_dec[r] = (bench_now_ms() - t0) / 1e3;
         alone[r] = matmuls_alone_ms(&m, s, per) / 1e3;
-        if (!(r % 2)) peer_dec[r] = peer_turn(&peer, &have_peer, cmd, NULL);
+        if (!(r % 2)) peer_dec[r] = bench_peer_turn(&peer, "llama.cpp", cmd, NULL);
         bw[r] = read_bandwidth_gbs(bwbuf, threads);
         const double limit = bw[r] * 1e9 / bytes;   /* tokens a second the bandwidth allows */
         frac[r] = per / ours_dec[r] / limit;
         frac_alone[r] = per / alone[r] / limit;
-        frac_peer[r] = have_peer ? per / peer_dec[r] / limit : 0;
-        dec_ratio[r] = have_peer ? peer_dec[r] / ours_dec[r] : 0;
+        frac_peer[r] = bench_peer_live(&peer) ? per / peer_dec[r] / limit : 0;
+        dec_ratio[r] = bench_peer_live(&peer) ? peer_dec[r] / ours_dec[r] : 0;
     }
     double sum_pre = 0, sum_peer_pre = 0, sum_dec = 0, sum_alone = 0, sum_peer_dec = 0;
-    for (int r = 0; r < pre_rounds; r++) sum_pre += ours_pre[r], sum_peer_pre += have_peer ? peer_pre[r] : 0;
+    for (int r = 0; r < pre_rounds; r++) sum_pre += ours_pre[r], sum_peer_pre += bench_peer_live(&peer) ? peer_pre[r] : 0;
     for (int r = 0; r < rounds; r++)
-        sum_dec += ours_dec[r], sum_alone += alone[r], sum_peer_dec += have_peer ? peer_dec[r] : 0;
+        sum_dec += ours_dec[r], sum_alone += alone[r], sum_peer_dec += bench_peer_live(&peer) ? peer_dec[r] : 0;
 
     const double pre_tok_s = pre_rounds * n_prompt / sum_pre, dec_tok_s = n_decode / sum_dec;
-    if (have_peer) {
+    if (bench_peer_live(&peer)) {
         json_object_set_new(out, "llamacpp_baseline", json_string(peer.baseline));
         printf("  llama.cpp: %s, a co-process, turn about with ours in each round\n", peer.baseline);
     }
     snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
     bench_record(out, name, pre_tok_s, "tok/s");
     bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", pre_tok_s);
-    if (have_peer) {
+    if (bench_peer_live(&peer)) {
         char k2[128];
         snprintf(k2, sizeof k2, "llamacpp_%s", name);
         bench_record(out, k2, pre_rounds * n_prompt / sum_peer_pre, "tok/s");
@@ -311,7 +292,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     snprintf(name, sizeof name, "decode_tok_s_t%d", threads);
     bench_record(out, name, dec_tok_s, "tok/s");
     bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", dec_tok_s);
-    if (have_peer) {
+    if (bench_peer_live(&peer)) {
         char k2[128];
         snprintf(k2, sizeof k2, "llamacpp_%s", name);
         bench_record(out, k2, n_decode / sum_peer_dec, "tok/s");

@@ -8,9 +8,14 @@
  * The model is --model DIR (a package: DIR/mllm) or build/models/small, written by
  * build/mkmodel --preset small --seed 1 when missing. --quick: the 448 image only, once.
  *
- * When build/bench/transformers_vision.json exists
- * (tools/reference/bench_transformers_vision.py), the ratios to it are printed too; with
- * --bf16-compute, to transformers_vision_bf16.json (its --dtype bf16). */
+ * The baseline is transformers of the same compute (float32 against our fp32 compute, bf16
+ * against --bf16-compute). With --transformers CMD (tools/reference/
+ * bench_transformers_vision.py --serve [--dtype bf16], which `make bench-vision` passes when
+ * the reference venv is there) it runs as a co-process turn about with ours: 3 rounds at
+ * each size and thread count, each round our timed runs and then the same number of its
+ * (the order alternating), a ratio the median of the rounds' ratios with their range beside
+ * it (bench.h bench_peer says why). Without it, build/bench/transformers_vision.json (or
+ * transformers_vision_bf16.json), that script's own run, is compared. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,14 +51,44 @@ static dg_image *draw(int side) {
     return img;
 }
 
-/* The transformers baseline of the same compute: float32 against our fp32 compute, bf16
- * against our bf16 compute (tools/reference/bench_transformers_vision.py --dtype). */
+/* The transformers baseline's file, of the same compute, when there is no co-process. */
 static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double ours) {
     bench_ratio(out, ctx->bf16_compute ? "build/bench/transformers_vision_bf16.json" : "build/bench/transformers_vision.json",
                 key, "transformers", ours);
 }
 
-static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
+#define ROUNDS 3
+
+static int by_value(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The figures of one size: ours (and the peer's, turn about) over `rounds` rounds of `reps`
+ * runs. */
+static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, int reps, int rounds,
+                   const double *ours_s, const double *theirs_s) {
+    double sum = 0, sum_t = 0, r[ROUNDS];
+    for (int i = 0; i < rounds; i++) sum += ours_s[i], sum_t += theirs_s[i];
+    bench_record(out, key, rounds * reps / sum, "img/s");
+    if (!bench_peer_live(peer)) {
+        if (!ctx->transformers) ratio(ctx, out, key, rounds * reps / sum);
+        return;
+    }
+    char k2[128];
+    for (int i = 0; i < rounds; i++) r[i] = theirs_s[i] / ours_s[i];
+    qsort(r, (size_t)rounds, sizeof *r, by_value);
+    snprintf(k2, sizeof k2, "transformers_%s", key);
+    bench_record(out, k2, rounds * reps / sum_t, "img/s");
+    snprintf(k2, sizeof k2, "%s_vs_transformers", key);
+    bench_record(out, k2, r[rounds / 2], "x (median of the rounds)");
+    snprintf(k2, sizeof k2, "%s_vs_transformers_min", key);
+    bench_record(out, k2, r[0], "x");
+    snprintf(k2, sizeof k2, "%s_vs_transformers_max", key);
+    bench_record(out, k2, r[rounds - 1], "x");
+}
+
+static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, bench_peer *peer) {
     static const int sides[2] = {448, 1024};
     const int n_sides = ctx->quick ? 1 : 2;
     dg_qwen2vl_config cfg;
@@ -87,18 +122,24 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads) {
         }
         double t1 = bench_now_ms();
         const dg_image_patches *list[1] = {p};
-        /* one run pages the weights in and warms the caches; then timed runs */
-        const int reps = ctx->quick ? 1 : sides[k] <= 448 ? 4 : 2;
+        /* one run pages the weights in and warms the caches; then timed rounds */
+        const int reps = ctx->quick ? 1 : sides[k] <= 448 ? 4 : 2, rounds = ctx->quick ? 1 : ROUNDS;
+        double ours_s[ROUNDS], theirs_s[ROUNDS] = {0};
+        char cmd[64];
+        snprintf(cmd, sizeof cmd, "tower %d %d %d", sides[k], threads, reps);
         rc = dg_vision_forward(&m, s, list, 1, emb, err, sizeof err);
-        double t2 = bench_now_ms();
-        for (int r = 0; rc == 0 && r < reps; r++) rc = dg_vision_forward(&m, s, list, 1, emb, err, sizeof err);
-        double t3 = bench_now_ms();
+        for (int r = 0; rc == 0 && r < rounds; r++) {
+            if (r % 2) theirs_s[r] = bench_peer_turn(peer, "transformers", cmd, NULL);
+            double t2 = bench_now_ms();
+            for (int i = 0; rc == 0 && i < reps; i++) rc = dg_vision_forward(&m, s, list, 1, emb, err, sizeof err);
+            ours_s[r] = (bench_now_ms() - t2) / 1e3;
+            if (!(r % 2)) theirs_s[r] = bench_peer_turn(peer, "transformers", cmd, NULL);
+        }
         if (rc == 0) {
             snprintf(name, sizeof name, "preprocess_ms_%d", sides[k]);
             bench_record(out, name, t1 - t0, "ms");
             snprintf(name, sizeof name, "images_s_%d_t%d", sides[k], threads);
-            bench_record(out, name, reps / ((t3 - t2) / 1e3), "img/s");
-            ratio(ctx, out, name, reps / ((t3 - t2) / 1e3));
+            record(ctx, out, peer, name, reps, rounds, ours_s, theirs_s);
         } else {
             fprintf(stderr, "bench_vision: %s\n", err);
         }
@@ -123,10 +164,21 @@ static int bench_vision(bench_ctx *ctx, json_t *out) {
     printf("  model %s, OPENBLAS_CORETYPE=%s\n", dir, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
     bench_record_compute(ctx, out);
-    if (ctx->threads > 0) return run(ctx, out, dir, ctx->threads);
-    for (int t = 1; t <= 2; t++)
-        if (run(ctx, out, dir, t) < 0) return -1;
-    return 0;
+    bench_peer peer = {.pid = -1, .from = -1};
+    char err[512];
+    int rc = 0;
+    if (ctx->transformers) {
+        if (bench_peer_start(&peer, ctx->transformers, err, sizeof err) < 0) {
+            fprintf(stderr, "bench_vision: no transformers baseline: %s\n", err);
+        } else {
+            json_object_set_new(out, "transformers_baseline", json_string(peer.baseline));
+            printf("  transformers: %s, a co-process, turn about with ours in each round\n", peer.baseline);
+        }
+    }
+    if (ctx->threads > 0) rc = run(ctx, out, dir, ctx->threads, &peer);
+    for (int t = 1; ctx->threads <= 0 && t <= 2 && rc == 0; t++) rc = run(ctx, out, dir, t, &peer);
+    bench_peer_stop(&peer);
+    return rc < 0 ? -1 : 0;
 }
 
 DG_BENCH(vision, "Qwen2.5-VL vision tower, small preset: images/s at 448x448 and 1024x1024", bench_vision)

@@ -135,3 +135,17 @@ void bench_peer_stop(bench_peer *p) {
     p->pid = -1;
     p->from = -1;
 }
+
+double bench_peer_turn(bench_peer *p, const char *who, const char *cmd, int *argmax) {
+    char err[512];
+    if (!bench_peer_live(p)) return 0;
+    json_t *r = bench_peer_ask(p, cmd, err, sizeof err);
+    const double s = r ? json_number_value(json_object_get(r, "s")) : 0;
+    if (r && argmax) *argmax = (int)json_integer_value(json_object_get(r, "argmax"));
+    if (r && s <= 0) snprintf(err, sizeof err, "baseline: no time in its reply to \"%s\"", cmd);
+    json_decref(r);
+    if (s > 0) return s;
+    fprintf(stderr, "dg-bench: the %s baseline dropped: %s\n", who, err);
+    bench_peer_stop(p);
+    return 0;
+}

@@ -8,7 +8,17 @@ transformers default) unless --attn eager. --dtype bf16: the tower in bfloat16 (
 package's own weights, unwidened), written to transformers_vision_bf16.json, the baseline
 of `dg-bench --bf16-compute vision`.
 
+--serve: the baseline as dg-bench's co-process (`dg-bench --transformers CMD vision`), so
+that the two are timed turn about in one run rather than minutes apart (tools/dg-bench/
+bench.h bench_peer). It loads the model, prints one JSON line {"baseline": ...}, then answers
+each command on stdin with one JSON line:
+  tower SIDE THREADS N   N runs of the tower on the SIDE x SIDE picture with THREADS threads
+                         (the first for a SIDE and THREADS warms up first, untimed) -> {"s": seconds}
+  quit
+Errors are {"error": "..."}.
+
   tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py [--quick] [--dtype bf16]
+  tools/reference/.venv/bin/python tools/reference/bench_transformers_vision.py --serve [--dtype bf16]
 """
 import argparse
 import json
@@ -34,6 +44,45 @@ def draw(side):
     return Image.fromarray(img.astype(np.uint8), "RGB")
 
 
+def serve(visual, proc, dtype, baseline):
+    """The co-process loop (module docstring): one JSON line per command."""
+    import sys
+
+    def say(obj):
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    inputs, warm = {}, set()
+    say({"baseline": baseline})
+    with torch.inference_mode():
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd:
+                continue
+            if cmd[0] == "quit":
+                break
+            if cmd[0] != "tower" or len(cmd) != 4 or not all(c.isdigit() for c in cmd[1:]):
+                say({"error": f"unknown command {line.strip()!r}"})
+                continue
+            side, threads, n = (int(c) for c in cmd[1:])
+            if not 56 <= side <= 4096 or threads < 1 or n < 1:
+                say({"error": f"tower {side} {threads} {n}: out of range"})
+                continue
+            torch.set_num_threads(threads)
+            if side not in inputs:
+                p = proc(images=[draw(side)], return_tensors="pt")
+                inputs[side] = (p["pixel_values"].to(dtype), p["image_grid_thw"])
+            pv, grid = inputs[side]
+            if (side, threads) not in warm:
+                visual(pv, grid_thw=grid)
+                warm.add((side, threads))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                visual(pv, grid_thw=grid)
+            say({"s": time.perf_counter() - t0})
+    return 0
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.normpath(os.path.join(here, "..", ".."))
@@ -44,6 +93,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--serve", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if not args.out:
@@ -67,6 +117,8 @@ def main():
            "baseline": f"transformers {transformers.__version__} (torch {torch.__version__}), {str(dtype).replace('torch.', '')}, "
                        f"{args.attn}",
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
+    if args.serve:
+        return serve(visual, proc, dtype, res["baseline"])
     with torch.inference_mode():
         for t in args.threads:
             torch.set_num_threads(t)
@@ -89,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
