@@ -124,12 +124,8 @@ def load(gguf_path, threads):
 
 def serve(args, n_prompt):
     """The co-process loop (module docstring): one JSON line per command."""
-    import sys
     import llama_cpp
-
-    def say(obj):
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+    from bench_peer import commands, say
 
     if len(args.threads) != 1:
         say({"error": "--serve takes one --threads value"})
@@ -141,12 +137,7 @@ def serve(args, n_prompt):
     say({"baseline": f"llama-cpp-python {llama_cpp.__version__}, {args.dtype.upper()} GGUF",
          "threads": args.threads[0], "n_prompt": n_prompt})
     k = 0
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd:
-            continue
-        if cmd[0] == "quit":
-            break
+    for cmd in commands():
         if cmd[0] == "prefill":
             llm.reset()
             t0 = time.perf_counter()
@@ -166,7 +157,7 @@ def serve(args, n_prompt):
                 k += 1
             say({"s": time.perf_counter() - t0})
         else:
-            say({"error": f"unknown command {line.strip()!r}"})
+            say({"error": f"unknown command {' '.join(cmd)!r}"})
     return 0
 
 

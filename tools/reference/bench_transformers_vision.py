@@ -46,23 +46,14 @@ def draw(side):
 
 def serve(visual, proc, dtype, baseline):
     """The co-process loop (module docstring): one JSON line per command."""
-    import sys
-
-    def say(obj):
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+    from bench_peer import commands, say
 
     inputs, warm = {}, set()
     say({"baseline": baseline})
     with torch.inference_mode():
-        for line in sys.stdin:
-            cmd = line.split()
-            if not cmd:
-                continue
-            if cmd[0] == "quit":
-                break
+        for cmd in commands():
             if cmd[0] != "tower" or len(cmd) != 4 or not all(c.isdigit() for c in cmd[1:]):
-                say({"error": f"unknown command {line.strip()!r}"})
+                say({"error": f"unknown command {' '.join(cmd)!r}"})
                 continue
             side, threads, n = (int(c) for c in cmd[1:])
             if not 56 <= side <= 4096 or threads < 1 or n < 1:
