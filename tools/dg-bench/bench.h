@@ -42,6 +42,9 @@ int    bench_small_package(bench_ctx *ctx, char *dir, size_t len);
 /* Records one figure under the benchmark's JSON object and prints "name: value unit". */
 void   bench_record(json_t *out, const char *name, double value, const char *unit);
 
+/* The median of v[0..n), n >= 1, sorting v in place (v[0] and v[n-1] are then the range). */
+double bench_median(double *v, int n);
+
 /* Records ours / theirs as "<key>_vs_<label>" when `file` (a reference script's JSON in
  * build/bench/) holds `key`, printing the baseline it names (its "baseline": name, version,
  * dtype) and recording that as "<label>_baseline". Nothing when the file or key is absent. */

@@ -136,17 +136,6 @@ static double read_bandwidth_gbs(const uint64_t *buf, int threads) {
     return best;
 }
 
-static int by_value(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* The median of v[0..n) (sorted in place). */
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, by_value);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* The decode steps' matrix-vector products alone, for `tokens` tokens: every matrix of
  * every layer and the lm_head at m = 1, on the activations the last step left; what the
  * rest of a step (norms, RoPE, attention, the threads' meeting points) adds is the
@@ -285,7 +274,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         snprintf(k2, sizeof k2, "llamacpp_%s", name);
         bench_record(out, k2, pre_rounds * n_prompt / sum_peer_pre, "tok/s");
         snprintf(k2, sizeof k2, "%s_vs_llamacpp", name);
-        bench_record(out, k2, median(pre_ratio, pre_rounds), "x (median of the rounds)");
+        bench_record(out, k2, bench_median(pre_ratio, pre_rounds), "x (median of the rounds)");
     } else if (!ctx->llamacpp) {   /* a co-process that failed is not replaced by an older file */
         bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", pre_tok_s);
     }
@@ -297,33 +286,33 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         snprintf(k2, sizeof k2, "llamacpp_%s", name);
         bench_record(out, k2, n_decode / sum_peer_dec, "tok/s");
         snprintf(k2, sizeof k2, "%s_vs_llamacpp", name);
-        bench_record(out, k2, median(dec_ratio, rounds), "x (median of the rounds)");
+        bench_record(out, k2, bench_median(dec_ratio, rounds), "x (median of the rounds)");
         snprintf(k2, sizeof k2, "%s_vs_llamacpp_min", name);
-        bench_record(out, k2, dec_ratio[0], "x");   /* median() sorted them */
+        bench_record(out, k2, dec_ratio[0], "x");   /* bench_median() sorted them */
         snprintf(k2, sizeof k2, "%s_vs_llamacpp_max", name);
         bench_record(out, k2, dec_ratio[rounds - 1], "x");
         snprintf(k2, sizeof k2, "llamacpp_decode_fraction_of_bandwidth_limit_t%d", threads);
-        bench_record(out, k2, median(frac_peer, rounds), "(of 1)");
+        bench_record(out, k2, bench_median(frac_peer, rounds), "(of 1)");
         bench_record(out, "llamacpp_prefill_argmax", peer_argmax, "(token id)");
     } else if (!ctx->llamacpp) {   /* a co-process that failed is not replaced by an older file */
         bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", dec_tok_s);
     }
     bench_record(out, "prefill_argmax", best, "(token id)");
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d", threads);
-    bench_record(out, name, median(bw, rounds), "GB/s (median of the rounds)");
+    bench_record(out, name, bench_median(bw, rounds), "GB/s (median of the rounds)");
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d_min", threads);
     bench_record(out, name, bw[0], "GB/s");
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d_max", threads);
     bench_record(out, name, bw[rounds - 1], "GB/s");
     bench_record(out, "decode_bytes_per_token_mb", bytes / 1e6, "MB");
     snprintf(name, sizeof name, "decode_fraction_of_bandwidth_limit_t%d", threads);
-    bench_record(out, name, median(frac, rounds), "(of 1)");
+    bench_record(out, name, bench_median(frac, rounds), "(of 1)");
     snprintf(name, sizeof name, "decode_matmuls_ms_per_token_t%d", threads);
     bench_record(out, name, sum_alone * 1e3 / n_decode, "ms");
     snprintf(name, sizeof name, "decode_matmuls_share_of_step_t%d", threads);
     bench_record(out, name, sum_alone / sum_dec, "(of 1)");
     snprintf(name, sizeof name, "decode_matmuls_fraction_of_bandwidth_limit_t%d", threads);
-    bench_record(out, name, median(frac_alone, rounds), "(of 1)");
+    bench_record(out, name, bench_median(frac_alone, rounds), "(of 1)");
     double w = text_weight_mb(st);
     bench_record(out, "text_weights_mb", w, "MiB");
     bench_record(out, "peak_rss_mb", rss, "MiB");

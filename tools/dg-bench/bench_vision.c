@@ -59,11 +59,6 @@ static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double our
 
 #define ROUNDS 3
 
-static int by_value(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* The figures of one size: ours (and the peer's, turn about) over `rounds` rounds of `reps`
  * runs. */
 static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, int reps, int rounds,
@@ -77,11 +72,11 @@ static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *ke
     }
     char k2[128];
     for (int i = 0; i < rounds; i++) r[i] = theirs_s[i] / ours_s[i];
-    qsort(r, (size_t)rounds, sizeof *r, by_value);
+    const double mid = bench_median(r, rounds);   /* sorts r */
     snprintf(k2, sizeof k2, "transformers_%s", key);
     bench_record(out, k2, rounds * reps / sum_t, "img/s");
     snprintf(k2, sizeof k2, "%s_vs_transformers", key);
-    bench_record(out, k2, r[rounds / 2], "x (median of the rounds)");
+    bench_record(out, k2, mid, "x (median of the rounds)");
     snprintf(k2, sizeof k2, "%s_vs_transformers_min", key);
     bench_record(out, k2, r[0], "x");
     snprintf(k2, sizeof k2, "%s_vs_transformers_max", key);

@@ -34,6 +34,16 @@ void bench_record(json_t *out, const char *name, double value, const char *unit)
     fflush(stdout);
 }
 
+static int by_value(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+double bench_median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, by_value);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 void bench_ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {
     json_error_t je;
     json_t *j = json_load_file(file, 0, &je), *v = j ? json_object_get(j, key) : NULL;
