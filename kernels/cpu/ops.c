@@ -71,29 +71,6 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
     }
 }
 
-/* Rows p0 .. p0+nc-1, head `kvh` of K or V as fp32 rows of stride `*ld`: in place for F32
- * (when the rows are contiguous in one block), else copied/widened into buf[nc, head_dim]. */
-static const float *kv_chunk(const dg_kv_view *kv, const void *base, int p0, int nc, int kv_dim,
-                             int kvh, int head_dim, float *buf, int *ld) {
-    const int64_t at0 = kv_row(kv, p0) * kv_dim + (int64_t)kvh * head_dim;
-    if (kv->dtype != DG_DTYPE_BF16 && p0 % kv->block_size + nc <= kv->block_size) {
-        *ld = kv_dim;
-        return (const float *)base + at0;
-    }
-    for (int j = 0; j < nc; j++) {
-        const int64_t at = kv_row(kv, p0 + j) * kv_dim + (int64_t)kvh * head_dim;
-        float *r = buf + (int64_t)j * head_dim;
-        if (kv->dtype == DG_DTYPE_BF16) {
-            const uint16_t *h = (const uint16_t *)base + at;
-            for (int d = 0; d < head_dim; d++) r[d] = dg_bf16_to_f32(h[d]);
-        } else {
-            memcpy(r, (const float *)base + at, sizeof(float) * (size_t)head_dim);
-        }
-    }
-    *ld = head_dim;
-    return buf;
-}
-
 /* Rows p0 .. p0+nc-1, head `kvh` of K or V as pointers to fp32 rows: into the cache for
  * F32, else widened into buf[nc, head_dim]. */
 static void kv_rows(const dg_kv_view *kv, const void *base, int p0, int nc, int kv_dim, int kvh, int head_dim,
@@ -109,6 +86,26 @@ static void kv_rows(const dg_kv_view *kv, const void *base, int p0, int nc, int 
             rows[j] = (const float *)base + at;
         }
     }
+}
+
+/* The same rows as one array of stride `*ld`: in place for F32 when they are contiguous in
+ * one block, else the F32 rows copied into buf[nc, head_dim] (BF16 rows are widened there
+ * by kv_rows already). */
+static const float *kv_chunk(const dg_kv_view *kv, const void *base, int p0, int nc, int kv_dim,
+                             int kvh, int head_dim, float *buf, int *ld) {
+    const float *rows[DG_ATT_CHUNK];
+    kv_rows(kv, base, p0, nc, kv_dim, kvh, head_dim, buf, rows);
+    if (kv->dtype == DG_DTYPE_BF16) {
+        *ld = head_dim;
+        return buf;
+    }
+    if (p0 % kv->block_size + nc <= kv->block_size) {
+        *ld = kv_dim;
+        return rows[0];
+    }
+    for (int j = 0; j < nc; j++) memcpy(buf + (int64_t)j * head_dim, rows[j], sizeof(float) * (size_t)head_dim);
+    *ld = head_dim;
+    return buf;
 }
 
 /* One query head against one chunk of nc keys, the online softmax's step (AVX2): the
