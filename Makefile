@@ -249,11 +249,6 @@ fuzz: $(FUZZ_BINS)
 # ---- benchmarks ----------------------------------------------------------------------
 # the small package the benchmarks run on, written when missing
 SMALL_PACKAGE = @[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null
-# llama.cpp on a BF16 GGUF of the small package's weights (build/bench/llamacpp_decoder.json),
-# when the reference venv has llama-cpp-python
-LLAMACPP_BASELINE = @if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then \
-	    tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py; \
-	    else echo "$@: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi
 bench: bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e
 
 bench-queue: all
@@ -283,14 +278,16 @@ bench-decoder: all
 	$(BUILD)/dg-bench --bf16-compute $${peer:+--llamacpp "$$peer"} --json $(BUILD)/bench/decoder_bf16.json decoder
 
 # decoding with drafts by prompt lookup against without (dg_sched_opts draft_tokens): the
-# small preset's greedy jobs (bf16 compute, 1 and 2 threads) beside llama.cpp's plain decode
-# of the same weights (BF16 GGUF, run first), and the shapes model's jobs
+# small preset's greedy jobs (bf16 compute, 1 and 2 threads) and llama.cpp's on the same
+# weights (BF16 GGUF), plain and with the same drafts, timed turn about as dg-bench's
+# co-process when the reference venv has llama-cpp-python; and the shapes model's jobs
 bench-drafts: all
 	@mkdir -p $(BUILD)/bench
 	$(SMALL_PACKAGE)
-	$(LLAMACPP_BASELINE)
-	$(BUILD)/dg-bench --bf16-compute --threads 1 --json $(BUILD)/bench/drafts_t1.json drafts
-	$(BUILD)/dg-bench --bf16-compute --threads 2 --json $(BUILD)/bench/drafts_t2.json drafts
+	@peer=; if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then peer="$(LLAMACPP_SERVE)"; \
+	    else echo "$@: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi; \
+	set -x; $(BUILD)/dg-bench --bf16-compute --threads 1 $${peer:+--llamacpp "$$peer"} --json $(BUILD)/bench/drafts_t1.json drafts && \
+	$(BUILD)/dg-bench --bf16-compute --threads 2 $${peer:+--llamacpp "$$peer"} --json $(BUILD)/bench/drafts_t2.json drafts
 
 # continuous batching on the CPU, small preset: aggregate decode tok/s and jobs/hour against
 # 1, 2, 4, 8, 16 concurrent jobs, the prefill/decode/draw split

@@ -14,6 +14,16 @@ with it). It loads the model, prints one JSON line {"baseline": ...}, then answe
 command on stdin with one JSON line on stdout:
   prefill      reset, the n-token prompt (n = 512, or 64 with --quick) -> {"s": seconds, "argmax": id}
   decode N     the next N prompt ids one token at a time, after what is there -> {"s": seconds}
+  generate MAX K STOPS NODRAFT ID...
+               reset, the prompt ID... (timed apart), then greedy decoding of up to MAX new
+               tokens, ending before a token of STOPS; with K > 0 drafts by prompt lookup as
+               duogen's scheduler takes them (engine/sched_feed.c "Drafts": the latest earlier
+               occurrence of the context's last 3, else 2, tokens; up to K of the tokens that
+               followed it, none of NODRAFT; fed after the sampled token in one batch, each
+               row's logits kept; taken while the argmax is the next drafted token; all
+               refused: no drafts for 1, 3, 7, then 15 steps) -> {"prefill_s", "s" (the
+               decode's seconds), "tokens", "steps", "drafted", "kept"}. STOPS and NODRAFT
+               are ids joined by commas ("-": none).
   quit
 Errors are {"error": "..."}; llama.cpp's own messages go to stderr.
 
@@ -122,6 +132,90 @@ def load(gguf_path, threads):
                  n_threads_batch=threads, use_mmap=True, verbose=False)
 
 
+def draft_lookup(h, k, nodraft):
+    """Up to k drafted tokens after the context h (engine/sched_feed.c draft_lookup)."""
+    n = len(h)
+    for g in (3, 2):
+        if n <= g:
+            continue
+        suf = h[n - g:]
+        for p in range(n - g - 1, -1, -1):
+            if h[p] == suf[0] and h[p:p + g] == suf:
+                d = []
+                while len(d) < k and p + g + len(d) < n and h[p + g + len(d)] not in nodraft:
+                    d.append(h[p + g + len(d)])
+                if d:
+                    return d
+    return []
+
+
+def generate(llm, prompt, max_new, k, stops, nodraft):
+    """The "generate" command: greedy decoding with (k > 0) or without drafts, token for
+    token as duogen's scheduler takes them (engine/sched.c take_drafted, take_token)."""
+    n_vocab = llm.n_vocab()
+
+    def rows(tokens, n_past, all_rows):
+        """Feeds tokens at n_past: the argmax of the logits of each row (else the last)."""
+        llm._batch.set_batch(batch=tokens, n_past=n_past, logits_all=all_rows)
+        llm._ctx.decode(llm._batch)
+        n = len(tokens) if all_rows else 1
+        out = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n, n_vocab))
+        return [int(i) for i in out.argmax(axis=1)]
+
+    llm.reset()
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    t0 = time.perf_counter()
+    for i in range(0, len(prompt), llm.n_batch):
+        last = rows(prompt[i:i + llm.n_batch], i, False)[-1]
+    t1 = time.perf_counter()
+    hist, out = list(prompt), []
+    steps = drafted = kept = wait = skip = 0
+    n_past = len(prompt)
+    if last not in stops:
+        out.append(last)
+    while out and last not in stops and len(out) < max_new:
+        d = []
+        if k > 0:
+            if skip:
+                skip -= 1
+            elif min(k, max_new - len(out) - 1) > 0:
+                d = draft_lookup(hist + [last], min(k, max_new - len(out) - 1), nodraft)
+        am = rows([last] + d, n_past, True)
+        steps += 1
+        drafted += len(d)
+        hist.append(last)
+        n_past += 1
+        j, ended = 0, False
+        while True:   # row j: its token taken; the next row while it is the next draft
+            t = am[j]
+            if t in stops:
+                ended = True
+                break
+            out.append(t)
+            if len(out) >= max_new:
+                ended = True
+                break
+            if j == len(d) or t != d[j]:
+                break
+            hist.append(t)
+            n_past += 1
+            j += 1
+        kept += j
+        if ended:
+            break
+        if d:
+            wait = 0 if j else min(wait * 2 + 1, 15)
+            skip = wait
+        last = t
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "s": t2 - t1, "tokens": out, "steps": steps, "drafted": drafted, "kept": kept}
+
+
+def ids_arg(word):
+    return set() if word == "-" else {int(t) for t in word.split(",")}
+
+
 def serve(args, n_prompt):
     """The co-process loop (module docstring): one JSON line per command."""
     import llama_cpp
@@ -156,6 +250,13 @@ def serve(args, n_prompt):
                 llm.eval([ids[k % n_prompt]])
                 k += 1
             say({"s": time.perf_counter() - t0})
+        elif cmd[0] == "generate" and len(cmd) > 5 and all(w.isdigit() for w in cmd[1:3] + cmd[5:]):
+            prompt = [int(w) for w in cmd[5:]]
+            if len(prompt) + int(cmd[1]) > 1024:
+                say({"error": f"generate: {len(prompt)} + {cmd[1]} tokens exceed the context of 1024"})
+                continue
+            say(generate(llm, prompt, int(cmd[1]), int(cmd[2]), ids_arg(cmd[3]), ids_arg(cmd[4])))
+            k = 0
         else:
             say({"error": f"unknown command {' '.join(cmd)!r}"})
     return 0
