@@ -24,12 +24,12 @@
 static dg_cpu *cpu(dg_backend *be) { return be->impl; }
 static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen);
 
-/* The widest kernel set of the machine (DG_CPU_*). AVX2 + FMA (the compiler's check
+/* The widest kernel set of the machine (cpu_backend.h). AVX2 + FMA (the compiler's check
  * includes OS support for the ymm state) and F16C (CPUID.1:ECX bit 29; not every compiler's
  * __builtin_cpu_supports knows "f16c"); AVX-512 F (the check includes OS support for the
  * zmm state); then AVX-512 BW and BF16 (CPUID.(EAX=7,ECX=1):EAX bit 5, which GCC 12's
  * __builtin_cpu_supports does not know either). */
-static int simd_level(void) {
+int dg_cpu_simd_level(void) {
     unsigned a, b, c, d;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
@@ -239,7 +239,7 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) 
 
 int dg_cpu_backend_new(int n_threads, int max_simd, int bf16_compute, dg_backend **out, char *err,
                        size_t errlen) {
-    const int level = simd_level();
+    const int level = dg_cpu_simd_level();
     dg_cpu settings = {.n_threads = n_threads > 0 ? n_threads : omp_get_num_procs(),
                        .simd = level < max_simd ? level : max_simd, .conv_floats = CONV_FLOATS,
                        .bf16_compute = bf16_compute != 0};

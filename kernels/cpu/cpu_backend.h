@@ -16,6 +16,10 @@ enum {
     DG_CPU_AVX512_BF16 = 3,/* and AVX-512 BW and BF16 (the bf16 compute order's kernels) */
 };
 
+/* The widest kernel set of this machine (DG_CPU_*), its operating system's support of the
+ * registers included. */
+int dg_cpu_simd_level(void);
+
 /* A CPU backend using the widest kernel set that the machine has and that is at most
  * max_simd (DG_CPU_*): "cpu" is DG_CPU_AVX512_BF16, "cpu-scalar" DG_CPU_PORTABLE. The name
  * is "cpu-scalar" for the portable set, else "cpu"; the AVX2 and AVX-512 matmuls give the

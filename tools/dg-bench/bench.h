@@ -45,6 +45,12 @@ void   bench_record(json_t *out, const char *name, double value, const char *uni
 /* The median of v[0..n), n >= 1, sorting v in place (v[0] and v[n-1] are then the range). */
 double bench_median(double *v, int n);
 
+/* The arithmetic limit of `threads` threads running at once, GFLOP/s: VDPBF16PS (bf16 != 0;
+ * 64 flop an instruction) or VFMADD231PS (32) on zmm registers, 12 independent chains a
+ * thread, no loads; the best of 3 runs of ~0.3 s (peak.c). 0 where the CPU lacks the
+ * instruction. What a compute-bound benchmark prints its rate against. */
+double bench_peak_gflops(int threads, int bf16);
+
 /* Records ours / theirs as "<key>_vs_<label>" when `file` (a reference script's JSON in
  * build/bench/) holds `key`, printing the baseline it names (its "baseline": name, version,
  * dtype) and recording that as "<label>_baseline". Nothing when the file or key is absent. */

@@ -15,7 +15,13 @@
  * each size and thread count, each round our timed runs and then the same number of its
  * (the order alternating), a ratio the median of the rounds' ratios with their range beside
  * it (bench.h bench_peer says why). Without it, build/bench/transformers_vision.json (or
- * transformers_vision_bf16.json), that script's own run, is compared. */
+ * transformers_vision_bf16.json), that script's own run, is compared.
+ *
+ * The tower is bound by arithmetic, so each rate is also printed as GFLOP/s (tower_flop: the
+ * matmuls and the attention's products) and as a fraction of the instruction's rate at that
+ * thread count, measured in the same run (bench_peak_gflops: VDPBF16PS with --bf16-compute,
+ * else FMA), for ours and for the baseline: the vision tower's counterpart of the decoder's
+ * fraction of the read bandwidth. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,13 +65,51 @@ static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double our
 
 #define ROUNDS 3
 
+/* The tower's arithmetic for one image of p's grid, flop: the matmuls (the patch
+ * embedding; each block's qkv, proj and gated MLP; the merger's two) and the attention's
+ * two products (over the whole image in the full-attention blocks, within each window of
+ * window_size pixels in the others). Norms, RoPE, softmax and activations are not counted:
+ * the work both sides must do at the instruction's rate. */
+static double tower_flop(const dg_vision_config *v, const dg_image_patches *p) {
+    const double n = (double)p->grid_t * p->grid_h * p->grid_w, d = v->hidden_size, f = v->intermediate_size;
+    const int ms = v->spatial_merge_size, side = v->window_size / v->patch_size / ms;   /* merged units */
+    const int lh = p->grid_h / ms, lw = p->grid_w / ms;
+    double windows = 0;   /* the sum of the windows' tokens squared */
+    for (int i = 0; i < lh; i += side)
+        for (int j = 0; j < lw; j += side) {
+            const double t = (double)(lh - i < side ? lh - i : side) * (lw - j < side ? lw - j : side) * ms * ms;
+            windows += p->grid_t * t * t;
+        }
+    double flop = 2 * n * d * p->patch_dim;
+    for (int b = 0; b < v->depth; b++) {
+        int full = 0;
+        for (int i = 0; i < v->n_fullatt; i++) full |= v->fullatt_block_indexes[i] == b;
+        flop += 2 * n * d * (4 * d + 3 * f) + 4 * d * (full ? n * n : windows);
+    }
+    const double merged = n / (ms * ms), dm = d * ms * ms;
+    return flop + 2 * merged * dm * (dm + v->out_hidden_size);
+}
+
+/* A rate of `img_s` images of `flop` as GFLOP/s and as a fraction of the instruction's
+ * limit (`peak`, this run's bench_peak_gflops), under the names "<key>_gflops" and
+ * "<key>_of_peak". */
+static void record_rate(json_t *out, const char *key, double img_s, double flop, double peak) {
+    char k2[128];
+    snprintf(k2, sizeof k2, "%s_gflops", key);
+    bench_record(out, k2, img_s * flop / 1e9, "GFLOP/s");
+    if (peak <= 0) return;
+    snprintf(k2, sizeof k2, "%s_of_peak", key);
+    bench_record(out, k2, img_s * flop / 1e9 / peak, "(of the instruction's limit)");
+}
+
 /* The figures of one size: ours (and the peer's, turn about) over `rounds` rounds of `reps`
- * runs. */
+ * runs, images/s and the arithmetic rate of `flop` an image against `peak` GFLOP/s. */
 static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, int reps, int rounds,
-                   const double *ours_s, const double *theirs_s) {
+                   const double *ours_s, const double *theirs_s, double flop, double peak) {
     double sum = 0, sum_t = 0, r[ROUNDS];
     for (int i = 0; i < rounds; i++) sum += ours_s[i], sum_t += theirs_s[i];
     bench_record(out, key, rounds * reps / sum, "img/s");
+    record_rate(out, key, rounds * reps / sum, flop, peak);
     if (!bench_peer_live(peer)) {
         if (!ctx->transformers) ratio(ctx, out, key, rounds * reps / sum);
         return;
@@ -75,6 +119,7 @@ static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *ke
     const double mid = bench_median(r, rounds);   /* sorts r */
     snprintf(k2, sizeof k2, "transformers_%s", key);
     bench_record(out, k2, rounds * reps / sum_t, "img/s");
+    record_rate(out, k2, rounds * reps / sum_t, flop, peak);
     snprintf(k2, sizeof k2, "%s_vs_transformers", key);
     bench_record(out, k2, mid, "x (median of the rounds)");
     snprintf(k2, sizeof k2, "%s_vs_transformers_min", key);
@@ -105,6 +150,10 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, bench_
         goto out;
     }
     emb = be->alloc(be, sizeof(float) * 74 * 74 / 4 * (size_t)cfg.vision.out_hidden_size);
+    /* the instruction's limit at this thread count, in this run (the host's rate moves) */
+    const double peak = bench_peak_gflops(threads, ctx->bf16_compute);
+    snprintf(name, sizeof name, "peak_gflops_t%d", threads);
+    bench_record(out, name, peak, ctx->bf16_compute ? "GFLOP/s (VDPBF16PS, no loads)" : "GFLOP/s (VFMADD231PS, no loads)");
     for (int k = 0; k < n_sides; k++) {
         dg_image *img = draw(sides[k]);
         dg_image_patches *p = NULL;
@@ -133,8 +182,10 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, bench_
         if (rc == 0) {
             snprintf(name, sizeof name, "preprocess_ms_%d", sides[k]);
             bench_record(out, name, t1 - t0, "ms");
+            snprintf(name, sizeof name, "gflop_%d", sides[k]);
+            bench_record(out, name, tower_flop(&cfg.vision, p) / 1e9, "GFLOP an image");
             snprintf(name, sizeof name, "images_s_%d_t%d", sides[k], threads);
-            record(ctx, out, peer, name, reps, rounds, ours_s, theirs_s);
+            record(ctx, out, peer, name, reps, rounds, ours_s, theirs_s, tower_flop(&cfg.vision, p), peak);
         } else {
             fprintf(stderr, "bench_vision: %s\n", err);
         }
