@@ -307,16 +307,17 @@ bench-vision: all
 	set -x; $(BUILD)/dg-bench $${peer:+--transformers "$$peer"} --json $(BUILD)/bench/vision.json vision && \
 	$(BUILD)/dg-bench --bf16-compute $${peer:+--transformers "$$peer --dtype bf16"} --json $(BUILD)/bench/vision_bf16.json vision
 
-# DiT steps and VAE encode/decode (small preset); diffusers first (float32, and the DiT in
-# bf16) when the reference venv is there, so that dg-bench prints the ratios
+# DiT steps and VAE encode/decode (small preset), fp32 and bf16 compute; diffusers beside
+# them (float32, and the DiT in bf16) when the reference venv is there, as dg-bench's
+# co-process timed turn about with ours (bench_diffusers.py --serve)
+DIFFUSERS_SERVE = tools/reference/.venv/bin/python tools/reference/bench_diffusers.py --serve
 bench-image: all
 	@mkdir -p $(BUILD)/bench
 	$(SMALL_PACKAGE)
-	@if [ -x tools/reference/.venv/bin/python ]; then \
-	    tools/reference/.venv/bin/python tools/reference/bench_diffusers.py --threads 2 && \
-	    tools/reference/.venv/bin/python tools/reference/bench_diffusers.py --threads 2 --dtype bf16; fi
-	$(BUILD)/dg-bench --threads 2 --json $(BUILD)/bench/image.json image
-	$(BUILD)/dg-bench --threads 2 --bf16-compute --json $(BUILD)/bench/image_bf16.json image
+	@peer=; if tools/reference/.venv/bin/python -c 'import diffusers' 2>/dev/null; then peer="$(DIFFUSERS_SERVE)"; \
+	    else echo "$@: no diffusers in tools/reference/.venv: no diffusers baseline"; fi; \
+	set -x; $(BUILD)/dg-bench --threads 2 $${peer:+--diffusers "$$peer"} --json $(BUILD)/bench/image.json image && \
+	$(BUILD)/dg-bench --threads 2 --bf16-compute $${peer:+--diffusers "$$peer --dtype bf16"} --json $(BUILD)/bench/image_bf16.json image
 
 # the tokenizer against Hugging Face tokenizers (one thread) when the reference venv is there
 bench-tokenizer: all

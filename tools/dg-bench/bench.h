@@ -26,6 +26,9 @@ typedef struct {
     const char *transformers;   /* --transformers CMD: the transformers baseline as a co-process
                                    (bench_transformers_vision.py --serve) for the vision
                                    benchmark, likewise; or NULL */
+    const char *diffusers;      /* --diffusers CMD: the diffusers baseline as a co-process
+                                   (bench_diffusers.py --serve) for the image benchmark's DiT
+                                   steps and VAE, likewise; or NULL */
     json_t     *report;         /* object: benchmark name -> object of figures */
 } bench_ctx;
 

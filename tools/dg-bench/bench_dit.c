@@ -5,11 +5,18 @@
  *
  * The model is --model DIR or build/models/small; its dit/, vae/ and connector are written
  * by build/mkmodel --preset small --seed 1 when missing. --quick: 256x256 only, 0 and 1
- * condition frames. When build/bench/diffusers_dit.json exists
- * (tools/reference/bench_diffusers.py, same keys, same machine and threads), the ratios
- * ours / diffusers are printed too (below 1: faster than diffusers); with --bf16-compute,
- * against diffusers_dit_bf16.json (--dtype bf16: the DiT in bf16; the VAE, whose weights
- * are fp32, has no bf16 figures). */
+ * condition frames.
+ *
+ * The baseline is diffusers of the same compute (float32 against our fp32 compute; with
+ * --bf16-compute the DiT in bfloat16, the VAE, whose weights are fp32, without a bf16
+ * figure). With --diffusers CMD (tools/reference/bench_diffusers.py --serve [--dtype bf16],
+ * which `make bench-image` passes when the reference venv is there) it runs as a co-process
+ * turn about with ours (bench.h bench_peer): 3 rounds of each figure, each round `reps` of
+ * our runs and as many of its (the order alternating); the speed-up, its time over ours, is
+ * the median of the rounds' with their range ("<key>_speedup_vs_diffusers", above 1: ours
+ * faster), its time "diffusers_<key>" (the best round's mean). Without it, when
+ * build/bench/diffusers_dit.json (or diffusers_dit_bf16.json) exists, that script's own run,
+ * ours / its is printed (below 1: faster than diffusers). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,14 +36,78 @@ static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double our
                 "diffusers", ours);
 }
 
-static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int threads, int reps) {
+#define ROUNDS 3
+#define ERRLEN 512   /* the err buffers the jobs below write into */
+
+/* One figure of ours (ms a run, the best run) beside the peer's, turn about: run(arg) does
+ * `reps` of our runs and returns their ms (< 0: failed, the message in the job's err);
+ * peer_cmd is the peer's command for as many. Rounds alternate who goes first. Returns 0,
+ * or -1 when ours failed. */
+typedef double (*run_fn)(void *arg, double *best);
+
+static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, const char *peer_cmd, int reps,
+                  run_fn run, void *arg) {
+    const int rounds = bench_peer_live(peer) ? ROUNDS : 1;
+    double best = 1e30, ours[ROUNDS], theirs[ROUNDS] = {0}, speedup[ROUNDS];
+    char k2[160];
+    for (int r = 0; r < rounds; r++) {
+        if (r % 2) theirs[r] = bench_peer_turn(peer, "diffusers", peer_cmd, NULL) * 1e3;
+        if ((ours[r] = run(arg, &best)) < 0) return -1;
+        if (!(r % 2)) theirs[r] = bench_peer_turn(peer, "diffusers", peer_cmd, NULL) * 1e3;
+    }
+    bench_record(out, key, best, "ms");
+    if (!bench_peer_live(peer)) {
+        if (!ctx->diffusers) ratio(ctx, out, key, best);
+        return 0;
+    }
+    double their_best = 1e30;
+    for (int r = 0; r < rounds; r++) {
+        speedup[r] = theirs[r] / ours[r];
+        if (theirs[r] / reps < their_best) their_best = theirs[r] / reps;
+    }
+    snprintf(k2, sizeof k2, "diffusers_%s", key);
+    bench_record(out, k2, their_best, "ms (the best round's mean)");
+    const double mid = bench_median(speedup, rounds);
+    snprintf(k2, sizeof k2, "%s_speedup_vs_diffusers", key);
+    bench_record(out, k2, mid, "x (its time over ours, median of the rounds)");
+    snprintf(k2, sizeof k2, "%s_speedup_vs_diffusers_min", key);
+    bench_record(out, k2, speedup[0], "x");
+    snprintf(k2, sizeof k2, "%s_speedup_vs_diffusers_max", key);
+    bench_record(out, k2, speedup[rounds - 1], "x");
+    return 0;
+}
+
+/* `reps` DiT forwards (dit_run's arg). */
+typedef struct {
+    dg_dit            *dit;
+    dg_dit_state      *s;
+    const dg_dit_input *in;
+    float             *vel;
+    int                reps;
+    char              *err;
+} dit_job;
+
+static double dit_run(void *arg, double *best) {
+    dit_job *j = arg;
+    double sum = 0;
+    for (int r = 0; r < j->reps; r++) {
+        const double t0 = bench_now_ms();
+        if (dg_dit_forward(j->dit, j->s, j->in, j->vel, j->err, ERRLEN) < 0) return -1;
+        const double dt = bench_now_ms() - t0;
+        sum += dt;
+        if (dt < *best) *best = dt;
+    }
+    return sum;
+}
+
+static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int threads, int reps, bench_peer *peer) {
     static const int sides[2] = {256, 512}, conds[3] = {0, 1, 3};
     const int n_sides = ctx->quick ? 1 : 2, n_conds = ctx->quick ? 2 : 3;
     dg_backend *be = NULL;
     dg_dit dit = {0};
     dg_dit_state *s = NULL;
     float *lat = NULL, *ctxv = NULL, *vel = NULL;
-    char err[512], dir[1100], name[96];
+    char err[ERRLEN], dir[1100], name[96];
     int rc = -1;
     snprintf(dir, sizeof dir, "%s/dit", pkg);
     const int max_lat = sides[n_sides - 1] / 8, max_frames = 1 + conds[n_conds - 1];
@@ -67,17 +138,14 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
             if (dg_dit_layout_build(&L, h, w, cond, n, 16, 2, 2, err, sizeof err) < 0 ||
                 dg_dit_set_layout(&dit, s, &L, err, sizeof err) < 0)
                 goto fail;
-            double best = 1e30;
-            for (int r = 0; r <= reps; r++) {   /* r = 0: warm-up (pages the weights in) */
-                double t0 = bench_now_ms();
-                if (dg_dit_forward(&dit, s, &(dg_dit_input){frames, t, ctxv, N_CTX}, vel, err, sizeof err) < 0)
-                    goto fail;
-                double dt = bench_now_ms() - t0;
-                if (r > 0 && dt < best) best = dt;
-            }
+            const dg_dit_input in = {frames, t, ctxv, N_CTX};
+            /* a warm-up (pages the weights in), then the figure */
+            if (dg_dit_forward(&dit, s, &in, vel, err, sizeof err) < 0) goto fail;
+            dit_job job = {&dit, s, &in, vel, reps, err};
+            char cmd[64];
             snprintf(name, sizeof name, "dit_step_ms_%d_c%d_t%d", sides[si], conds[ci], threads);
-            bench_record(out, name, best, "ms");
-            ratio(ctx, out, name, best);
+            snprintf(cmd, sizeof cmd, "dit %d %d %d", sides[si], conds[ci], reps);
+            if (figure(ctx, out, peer, name, cmd, reps, dit_run, &job) < 0) goto fail;
         }
     rc = 0;
     goto out;
@@ -93,14 +161,38 @@ out:
     return rc;
 }
 
-static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, int reps) {
+/* `reps` VAE encodes, or decodes, of one image (vae_run's arg). */
+typedef struct {
+    dg_vae       *vae;
+    dg_vae_state *s;
+    float        *px, *lat;
+    int           side, reps, decode;
+    char         *err;
+} vae_job;
+
+static double vae_run(void *arg, double *best) {
+    vae_job *j = arg;
+    double sum = 0;
+    for (int r = 0; r < j->reps; r++) {
+        const double t0 = bench_now_ms();
+        const int rc = j->decode ? dg_vae_decode(j->vae, j->s, j->lat, 1, j->side / 8, j->side / 8, j->px, j->err, ERRLEN)
+                                 : dg_vae_encode(j->vae, j->s, j->px, 1, j->side, j->side, j->lat, j->err, ERRLEN);
+        if (rc < 0) return -1;
+        const double dt = bench_now_ms() - t0;
+        sum += dt;
+        if (dt < *best) *best = dt;
+    }
+    return sum;
+}
+
+static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, int reps, bench_peer *peer) {
     static const int sides[2] = {256, 512};
     const int n_sides = ctx->quick ? 1 : 2, max_side = sides[n_sides - 1];
     dg_backend *be = NULL;
     dg_vae vae = {0};
     dg_vae_state *s = NULL;
     float *px = NULL, *lat = NULL;
-    char err[512], dir[1100], name[96];
+    char err[ERRLEN], dir[1100], name[96];
     int rc = -1;
     snprintf(dir, sizeof dir, "%s/vae", pkg);
     if (bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 || dg_vae_load(&vae, dir, be, err, sizeof err) < 0 ||
@@ -111,23 +203,20 @@ static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, 
     if (!px || !lat) goto fail;
     for (int si = 0; si < n_sides; si++) {
         const int S = sides[si];
-        double enc = 1e30, dec = 1e30;
         for (int i = 0; i < 3 * S * S; i++) px[i] = (float)((i * 7919 % 2001) / 1000.0 - 1.0);
-        for (int r = 0; r <= reps; r++) {
-            double t0 = bench_now_ms();
-            if (dg_vae_encode(&vae, s, px, 1, S, S, lat, err, sizeof err) < 0) goto fail;
-            double t1 = bench_now_ms();
-            if (dg_vae_decode(&vae, s, lat, 1, S / 8, S / 8, px, err, sizeof err) < 0) goto fail;
-            double t2 = bench_now_ms();
-            if (r > 0 && t1 - t0 < enc) enc = t1 - t0;
-            if (r > 0 && t2 - t1 < dec) dec = t2 - t1;
+        /* a warm-up of both (the decode's input is the encode's output), then the figures;
+         * the peer has no bf16 VAE */
+        if (dg_vae_encode(&vae, s, px, 1, S, S, lat, err, sizeof err) < 0 ||
+            dg_vae_decode(&vae, s, lat, 1, S / 8, S / 8, px, err, sizeof err) < 0)
+            goto fail;
+        bench_peer none = {.pid = -1, .from = -1}, *p = ctx->bf16_compute ? &none : peer;
+        for (int d = 0; d < 2; d++) {
+            vae_job job = {&vae, s, px, lat, S, reps, d, err};
+            char cmd[64];
+            snprintf(cmd, sizeof cmd, "vae %d %d %s", S, reps, d ? "decode" : "encode");
+            snprintf(name, sizeof name, "vae_%s_ms_%d_t%d", d ? "decode" : "encode", S, threads);
+            if (figure(ctx, out, p, name, cmd, reps, vae_run, &job) < 0) goto fail;
         }
-        snprintf(name, sizeof name, "vae_encode_ms_%d_t%d", S, threads);
-        bench_record(out, name, enc, "ms");
-        ratio(ctx, out, name, enc);
-        snprintf(name, sizeof name, "vae_decode_ms_%d_t%d", S, threads);
-        bench_record(out, name, dec, "ms");
-        ratio(ctx, out, name, dec);
     }
     rc = 0;
     goto out;
@@ -150,8 +239,21 @@ static int bench_image(bench_ctx *ctx, json_t *out) {
     printf("  model %s, %d threads, OPENBLAS_CORETYPE=%s\n", pkg, threads, coretype ? coretype : "(unset)");
     json_object_set_new(out, "openblas_coretype", json_string(coretype ? coretype : ""));
     bench_record_compute(ctx, out);
-    if (bench_vae(ctx, out, pkg, threads, reps) < 0) return -1;
-    return bench_dit_steps(ctx, out, pkg, threads, reps);
+    bench_peer peer = {.pid = -1, .from = -1};
+    char err[512], cmd[2200];
+    if (ctx->diffusers) {
+        snprintf(cmd, sizeof cmd, "%s --threads %d", ctx->diffusers, threads);
+        if (bench_peer_start(&peer, cmd, err, sizeof err) < 0) {
+            fprintf(stderr, "bench_image: no diffusers baseline: %s\n", err);
+        } else {
+            json_object_set_new(out, "diffusers_baseline", json_string(peer.baseline));
+            printf("  diffusers: %s, a co-process, turn about with ours in each round\n", peer.baseline);
+        }
+    }
+    int rc = bench_vae(ctx, out, pkg, threads, reps, &peer);
+    if (rc == 0) rc = bench_dit_steps(ctx, out, pkg, threads, reps, &peer);
+    bench_peer_stop(&peer);
+    return rc;
 }
 
 DG_BENCH(image, "DiT step (0/1/3 condition frames) and VAE encode/decode at 256 and 512 px, small preset", bench_image)

@@ -1,7 +1,7 @@
 /* dg-bench — the engine's benchmarks.
  *
  *   dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] [--quick] [--bf16-compute]
- *            [--mapped-weights] [--llamacpp CMD] [--transformers CMD]
+ *            [--mapped-weights] [--llamacpp CMD] [--transformers CMD] [--diffusers CMD]
  *            [NAME...]
  *   dg-bench --list
  */
@@ -97,7 +97,8 @@ static int by_name(const void *a, const void *b) {
 
 static int usage(void) {
     fprintf(stderr, "usage: dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] "
-                    "[--quick] [--bf16-compute] [--mapped-weights] [--llamacpp CMD] [--transformers CMD] [--list] [NAME...]\n");
+                    "[--quick] [--bf16-compute] [--mapped-weights] [--llamacpp CMD] [--transformers CMD] [--diffusers CMD] "
+                    "[--list] [NAME...]\n");
     return 2;
 }
 
@@ -119,6 +120,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--mapped-weights")) ctx.mapped_weights = 1;
         else if (!strcmp(a, "--llamacpp") && i + 1 < argc) ctx.llamacpp = argv[++i];
         else if (!strcmp(a, "--transformers") && i + 1 < argc) ctx.transformers = argv[++i];
+        else if (!strcmp(a, "--diffusers") && i + 1 < argc) ctx.diffusers = argv[++i];
         else if (!strcmp(a, "--list")) {
             for (int b = 0; b < n_benches; b++) printf("%-20s %s\n", benches[b].name, benches[b].what);
             return 0;
