@@ -16,7 +16,9 @@
  * the median of the rounds' with their range ("<key>_speedup_vs_diffusers", above 1: ours
  * faster), its time "diffusers_<key>" (the best round's mean). Without it, when
  * build/bench/diffusers_dit.json (or diffusers_dit_bf16.json) exists, that script's own run,
- * ours / its is printed (below 1: faster than diffusers). */
+ * ours / its is printed (below 1: faster than diffusers). A DiT step's time is also printed
+ * as GFLOP/s (dit_flop) and as a fraction of the instruction's rate measured in the same run
+ * (bench_peak_gflops), for ours and the baseline, as the vision benchmark does. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,14 +41,45 @@ static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double our
 #define ROUNDS 3
 #define ERRLEN 512   /* the err buffers the jobs below write into */
 
+/* The arithmetic of one DiT forward over n tokens in nf frames against n_ctx context rows,
+ * flop: every matmul (the weights' shapes: per token, per context row, or per frame for the
+ * time embedding and the modulations) and the attention's two products (self-attention
+ * over all n tokens, cross-attention to the context). Norms, RoPE, softmax and GELU are not
+ * counted: the work both sides must do at the instruction's rate. */
+static double dit_flop(const dg_dit *m, double n, double nf, double n_ctx) {
+#define W(w) ((double)(w).rows * (double)(w).cols)
+    const double d = m->cfg.hidden;
+    double flop = 2 * n * (W(m->patch) + W(m->proj_out)) + 2 * nf * (W(m->t1) + W(m->t2) + W(m->out1) + W(m->out2));
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const dg_dit_block *B = &m->blocks[l];
+        flop += 2 * n * (W(B->wq) + W(B->wk) + W(B->wv) + W(B->wo) + W(B->cq) + W(B->co) + W(B->ff1) + W(B->ff2)) +
+                2 * n_ctx * (W(B->ck) + W(B->cv)) + 4 * n * n * d + 4 * n * n_ctx * d;
+        for (int i = 0; i < 3; i++) flop += 2 * nf * (W(B->mod1[i]) + W(B->mod2[i]));
+    }
+    return flop;
+#undef W
+}
+
+/* A time of `ms` for `flop` as GFLOP/s and as a fraction of the instruction's limit
+ * (`peak`, this run's bench_peak_gflops): "<key>_gflops", "<key>_of_peak". */
+static void record_rate(json_t *out, const char *key, double ms, double flop, double peak) {
+    char k2[160];
+    snprintf(k2, sizeof k2, "%s_gflops", key);
+    bench_record(out, k2, flop / ms / 1e6, "GFLOP/s");
+    if (peak <= 0) return;
+    snprintf(k2, sizeof k2, "%s_of_peak", key);
+    bench_record(out, k2, flop / ms / 1e6 / peak, "(of the instruction's limit)");
+}
+
 /* One figure of ours (ms a run, the best run) beside the peer's, turn about: run(arg) does
  * `reps` of our runs and returns their ms (< 0: failed, the message in the job's err);
- * peer_cmd is the peer's command for as many. Rounds alternate who goes first. Returns 0,
- * or -1 when ours failed. */
+ * peer_cmd is the peer's command for as many. Rounds alternate who goes first. With flop
+ * > 0 (the work of a run), both sides' rates against `peak` too, each from its best round's
+ * mean. Returns 0, or -1 when ours failed. */
 typedef double (*run_fn)(void *arg, double *best);
 
 static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, const char *peer_cmd, int reps,
-                  run_fn run, void *arg) {
+                  run_fn run, void *arg, double flop, double peak) {
     const int rounds = bench_peer_live(peer) ? ROUNDS : 1;
     double best = 1e30, ours[ROUNDS], theirs[ROUNDS] = {0}, speedup[ROUNDS];
     char k2[160];
@@ -56,6 +89,10 @@ static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key
         if (!(r % 2)) theirs[r] = bench_peer_turn(peer, "diffusers", peer_cmd, NULL) * 1e3;
     }
     bench_record(out, key, best, "ms");
+    double our_mean = 1e30;   /* the rates: each side's best round's mean */
+    for (int r = 0; r < rounds; r++)
+        if (ours[r] / reps < our_mean) our_mean = ours[r] / reps;
+    if (flop > 0) record_rate(out, key, our_mean, flop, peak);
     if (!bench_peer_live(peer)) {
         if (!ctx->diffusers) ratio(ctx, out, key, best);
         return 0;
@@ -67,6 +104,7 @@ static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key
     }
     snprintf(k2, sizeof k2, "diffusers_%s", key);
     bench_record(out, k2, their_best, "ms (the best round's mean)");
+    if (flop > 0) record_rate(out, k2, their_best, flop, peak);
     const double mid = bench_median(speedup, rounds);
     snprintf(k2, sizeof k2, "%s_speedup_vs_diffusers", key);
     bench_record(out, k2, mid, "x (its time over ours, median of the rounds)");
@@ -122,6 +160,10 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
     if (!lat || !vel || !ctxv) goto fail;
     dg_flow_noise(lat, frame * max_frames, 1, 0);
     dg_flow_noise(ctxv, (int64_t)N_CTX * dit.cfg.text_dim, 2, 0);
+    /* the instruction's limit at this thread count, in this run (the host's rate moves) */
+    const double peak = bench_peak_gflops(threads, ctx->bf16_compute);
+    snprintf(name, sizeof name, "peak_gflops_t%d", threads);
+    bench_record(out, name, peak, ctx->bf16_compute ? "GFLOP/s (VDPBF16PS, no loads)" : "GFLOP/s (VFMADD231PS, no loads)");
     for (int si = 0; si < n_sides; si++)
         for (int ci = 0; ci < n_conds; ci++) {
             const int n = 1 + conds[ci], hl = sides[si] / 8;
@@ -145,7 +187,8 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
             char cmd[64];
             snprintf(name, sizeof name, "dit_step_ms_%d_c%d_t%d", sides[si], conds[ci], threads);
             snprintf(cmd, sizeof cmd, "dit %d %d %d", sides[si], conds[ci], reps);
-            if (figure(ctx, out, peer, name, cmd, reps, dit_run, &job) < 0) goto fail;
+            const double flop = dit_flop(&dit, (double)n * (hl / 2) * (hl / 2), n, N_CTX);
+            if (figure(ctx, out, peer, name, cmd, reps, dit_run, &job, flop, peak) < 0) goto fail;
         }
     rc = 0;
     goto out;
@@ -215,7 +258,7 @@ static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, 
             char cmd[64];
             snprintf(cmd, sizeof cmd, "vae %d %d %s", S, reps, d ? "decode" : "encode");
             snprintf(name, sizeof name, "vae_%s_ms_%d_t%d", d ? "decode" : "encode", S, threads);
-            if (figure(ctx, out, p, name, cmd, reps, vae_run, &job) < 0) goto fail;
+            if (figure(ctx, out, p, name, cmd, reps, vae_run, &job, 0, 0) < 0) goto fail;
         }
     }
     rc = 0;
