@@ -48,11 +48,18 @@ void   bench_record(json_t *out, const char *name, double value, const char *uni
 /* The median of v[0..n), n >= 1, sorting v in place (v[0] and v[n-1] are then the range). */
 double bench_median(double *v, int n);
 
+/* Records the median of v[0..n) as `key` (`unit`, "(median of the rounds)" added) and the
+ * range as "<key>_min" and "<key>_max" (sorting v); returns the median. */
+double bench_record_rounds(json_t *out, const char *key, double *v, int n, const char *unit);
+
 /* The arithmetic limit of `threads` threads running at once, GFLOP/s: VDPBF16PS (bf16 != 0;
  * 64 flop an instruction) or VFMADD231PS (32) on zmm registers, 12 independent chains a
  * thread, no loads; the best of 3 runs of ~0.3 s (peak.c). 0 where the CPU lacks the
  * instruction. What a compute-bound benchmark prints its rate against. */
 double bench_peak_gflops(int threads, int bf16);
+/* Records an arithmetic rate as "<key>_gflops" and, when peak > 0, as the fraction of it
+ * "<key>_of_peak". */
+void   bench_record_rate(json_t *out, const char *key, double gflops, double peak);
 
 /* Records ours / theirs as "<key>_vs_<label>" when `file` (a reference script's JSON in
  * build/bench/) holds `key`, printing the baseline it names (its "baseline": name, version,

@@ -286,11 +286,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         snprintf(k2, sizeof k2, "llamacpp_%s", name);
         bench_record(out, k2, n_decode / sum_peer_dec, "tok/s");
         snprintf(k2, sizeof k2, "%s_vs_llamacpp", name);
-        bench_record(out, k2, bench_median(dec_ratio, rounds), "x (median of the rounds)");
-        snprintf(k2, sizeof k2, "%s_vs_llamacpp_min", name);
-        bench_record(out, k2, dec_ratio[0], "x");   /* bench_median() sorted them */
-        snprintf(k2, sizeof k2, "%s_vs_llamacpp_max", name);
-        bench_record(out, k2, dec_ratio[rounds - 1], "x");
+        bench_record_rounds(out, k2, dec_ratio, rounds, "x");
         snprintf(k2, sizeof k2, "llamacpp_decode_fraction_of_bandwidth_limit_t%d", threads);
         bench_record(out, k2, bench_median(frac_peer, rounds), "(of 1)");
         bench_record(out, "llamacpp_prefill_argmax", peer_argmax, "(token id)");
@@ -299,11 +295,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     }
     bench_record(out, "prefill_argmax", best, "(token id)");
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d", threads);
-    bench_record(out, name, bench_median(bw, rounds), "GB/s (median of the rounds)");
-    snprintf(name, sizeof name, "read_bandwidth_gbs_t%d_min", threads);
-    bench_record(out, name, bw[0], "GB/s");
-    snprintf(name, sizeof name, "read_bandwidth_gbs_t%d_max", threads);
-    bench_record(out, name, bw[rounds - 1], "GB/s");
+    bench_record_rounds(out, name, bw, rounds, "GB/s");
     bench_record(out, "decode_bytes_per_token_mb", bytes / 1e6, "MB");
     snprintf(name, sizeof name, "decode_fraction_of_bandwidth_limit_t%d", threads);
     bench_record(out, name, bench_median(frac, rounds), "(of 1)");

@@ -60,23 +60,12 @@ static double dit_flop(const dg_dit *m, double n, double nf, double n_ctx) {
 #undef W
 }
 
-/* A time of `ms` for `flop` as GFLOP/s and as a fraction of the instruction's limit
- * (`peak`, this run's bench_peak_gflops): "<key>_gflops", "<key>_of_peak". */
-static void record_rate(json_t *out, const char *key, double ms, double flop, double peak) {
-    char k2[160];
-    snprintf(k2, sizeof k2, "%s_gflops", key);
-    bench_record(out, k2, flop / ms / 1e6, "GFLOP/s");
-    if (peak <= 0) return;
-    snprintf(k2, sizeof k2, "%s_of_peak", key);
-    bench_record(out, k2, flop / ms / 1e6 / peak, "(of the instruction's limit)");
-}
-
-/* One figure of ours (ms a run, the best run) beside the peer's, turn about: run(arg) does
- * `reps` of our runs and returns their ms (< 0: failed, the message in the job's err);
- * peer_cmd is the peer's command for as many. Rounds alternate who goes first. With flop
+/* One figure of ours (ms a run, the best run) beside the peer's, turn about: each round
+ * `reps` of our runs (run(arg): one, 0 or < 0 when it failed, the message in the job's err)
+ * and peer_cmd, the peer's command for as many; rounds alternate who goes first. With flop
  * > 0 (the work of a run), both sides' rates against `peak` too, each from its best round's
  * mean. Returns 0, or -1 when ours failed. */
-typedef double (*run_fn)(void *arg, double *best);
+typedef int (*run_fn)(void *arg);
 
 static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, const char *peer_cmd, int reps,
                   run_fn run, void *arg, double flop, double peak) {
@@ -85,14 +74,21 @@ static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key
     char k2[160];
     for (int r = 0; r < rounds; r++) {
         if (r % 2) theirs[r] = bench_peer_turn(peer, "diffusers", peer_cmd, NULL) * 1e3;
-        if ((ours[r] = run(arg, &best)) < 0) return -1;
+        ours[r] = 0;
+        for (int i = 0; i < reps; i++) {
+            const double t0 = bench_now_ms();
+            if (run(arg) < 0) return -1;
+            const double dt = bench_now_ms() - t0;
+            ours[r] += dt;
+            if (dt < best) best = dt;
+        }
         if (!(r % 2)) theirs[r] = bench_peer_turn(peer, "diffusers", peer_cmd, NULL) * 1e3;
     }
     bench_record(out, key, best, "ms");
     double our_mean = 1e30;   /* the rates: each side's best round's mean */
     for (int r = 0; r < rounds; r++)
         if (ours[r] / reps < our_mean) our_mean = ours[r] / reps;
-    if (flop > 0) record_rate(out, key, our_mean, flop, peak);
+    if (flop > 0) bench_record_rate(out, key, flop / our_mean / 1e6, peak);
     if (!bench_peer_live(peer)) {
         if (!ctx->diffusers) ratio(ctx, out, key, best);
         return 0;
@@ -104,38 +100,24 @@ static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key
     }
     snprintf(k2, sizeof k2, "diffusers_%s", key);
     bench_record(out, k2, their_best, "ms (the best round's mean)");
-    if (flop > 0) record_rate(out, k2, their_best, flop, peak);
-    const double mid = bench_median(speedup, rounds);
+    if (flop > 0) bench_record_rate(out, k2, flop / their_best / 1e6, peak);
     snprintf(k2, sizeof k2, "%s_speedup_vs_diffusers", key);
-    bench_record(out, k2, mid, "x (its time over ours, median of the rounds)");
-    snprintf(k2, sizeof k2, "%s_speedup_vs_diffusers_min", key);
-    bench_record(out, k2, speedup[0], "x");
-    snprintf(k2, sizeof k2, "%s_speedup_vs_diffusers_max", key);
-    bench_record(out, k2, speedup[rounds - 1], "x");
+    bench_record_rounds(out, k2, speedup, rounds, "x");
     return 0;
 }
 
-/* `reps` DiT forwards (dit_run's arg). */
+/* A DiT forward (dit_run's arg). */
 typedef struct {
-    dg_dit            *dit;
-    dg_dit_state      *s;
+    dg_dit             *dit;
+    dg_dit_state       *s;
     const dg_dit_input *in;
-    float             *vel;
-    int                reps;
-    char              *err;
+    float              *vel;
+    char               *err;
 } dit_job;
 
-static double dit_run(void *arg, double *best) {
+static int dit_run(void *arg) {
     dit_job *j = arg;
-    double sum = 0;
-    for (int r = 0; r < j->reps; r++) {
-        const double t0 = bench_now_ms();
-        if (dg_dit_forward(j->dit, j->s, j->in, j->vel, j->err, ERRLEN) < 0) return -1;
-        const double dt = bench_now_ms() - t0;
-        sum += dt;
-        if (dt < *best) *best = dt;
-    }
-    return sum;
+    return dg_dit_forward(j->dit, j->s, j->in, j->vel, j->err, ERRLEN);
 }
 
 static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int threads, int reps, bench_peer *peer) {
@@ -183,7 +165,7 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
             const dg_dit_input in = {frames, t, ctxv, N_CTX};
             /* a warm-up (pages the weights in), then the figure */
             if (dg_dit_forward(&dit, s, &in, vel, err, sizeof err) < 0) goto fail;
-            dit_job job = {&dit, s, &in, vel, reps, err};
+            dit_job job = {&dit, s, &in, vel, err};
             char cmd[64];
             snprintf(name, sizeof name, "dit_step_ms_%d_c%d_t%d", sides[si], conds[ci], threads);
             snprintf(cmd, sizeof cmd, "dit %d %d %d", sides[si], conds[ci], reps);
@@ -204,28 +186,19 @@ out:
     return rc;
 }
 
-/* `reps` VAE encodes, or decodes, of one image (vae_run's arg). */
+/* A VAE encode, or decode, of one image (vae_run's arg). */
 typedef struct {
     dg_vae       *vae;
     dg_vae_state *s;
     float        *px, *lat;
-    int           side, reps, decode;
+    int           side, decode;
     char         *err;
 } vae_job;
 
-static double vae_run(void *arg, double *best) {
+static int vae_run(void *arg) {
     vae_job *j = arg;
-    double sum = 0;
-    for (int r = 0; r < j->reps; r++) {
-        const double t0 = bench_now_ms();
-        const int rc = j->decode ? dg_vae_decode(j->vae, j->s, j->lat, 1, j->side / 8, j->side / 8, j->px, j->err, ERRLEN)
-                                 : dg_vae_encode(j->vae, j->s, j->px, 1, j->side, j->side, j->lat, j->err, ERRLEN);
-        if (rc < 0) return -1;
-        const double dt = bench_now_ms() - t0;
-        sum += dt;
-        if (dt < *best) *best = dt;
-    }
-    return sum;
+    return j->decode ? dg_vae_decode(j->vae, j->s, j->lat, 1, j->side / 8, j->side / 8, j->px, j->err, ERRLEN)
+                     : dg_vae_encode(j->vae, j->s, j->px, 1, j->side, j->side, j->lat, j->err, ERRLEN);
 }
 
 static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, int reps, bench_peer *peer) {
@@ -254,7 +227,7 @@ static int bench_vae(bench_ctx *ctx, json_t *out, const char *pkg, int threads, 
             goto fail;
         bench_peer none = {.pid = -1, .from = -1}, *p = ctx->bf16_compute ? &none : peer;
         for (int d = 0; d < 2; d++) {
-            vae_job job = {&vae, s, px, lat, S, reps, d, err};
+            vae_job job = {&vae, s, px, lat, S, d, err};
             char cmd[64];
             snprintf(cmd, sizeof cmd, "vae %d %d %s", S, reps, d ? "decode" : "encode");
             snprintf(name, sizeof name, "vae_%s_ms_%d_t%d", d ? "decode" : "encode", S, threads);

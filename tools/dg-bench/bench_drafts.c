@@ -253,13 +253,8 @@ static int compare(json_t *out, dg_model *m, const char *prefix, const char *con
         snprintf(name, sizeof name, "%s_llamacpp_drafted", prefix);
         bench_record(out, name, (double)pf[0][1].drafted, "tokens");
         for (int w = 0; w < 3; w++) {
-            const double mid = bench_median(ratio[w], rounds);
             snprintf(name, sizeof name, "%s_%s_t%d", prefix, what[w], threads);
-            bench_record(out, name, mid, "x (median of the rounds)");
-            snprintf(name, sizeof name, "%s_%s_t%d_min", prefix, what[w], threads);
-            bench_record(out, name, ratio[w][0], "x");
-            snprintf(name, sizeof name, "%s_%s_t%d_max", prefix, what[w], threads);
-            bench_record(out, name, ratio[w][rounds - 1], "x");
+            bench_record_rounds(out, name, ratio[w], rounds, "x");
         }
     } else if (!strcmp(prefix, "small")) {   /* llama.cpp's own earlier run: "decode_tok_s_tN" */
         snprintf(name, sizeof name, "decode_tok_s_t%d", threads);

@@ -90,18 +90,6 @@ static double tower_flop(const dg_vision_config *v, const dg_image_patches *p) {
     return flop + 2 * merged * dm * (dm + v->out_hidden_size);
 }
 
-/* A rate of `img_s` images of `flop` as GFLOP/s and as a fraction of the instruction's
- * limit (`peak`, this run's bench_peak_gflops), under the names "<key>_gflops" and
- * "<key>_of_peak". */
-static void record_rate(json_t *out, const char *key, double img_s, double flop, double peak) {
-    char k2[128];
-    snprintf(k2, sizeof k2, "%s_gflops", key);
-    bench_record(out, k2, img_s * flop / 1e9, "GFLOP/s");
-    if (peak <= 0) return;
-    snprintf(k2, sizeof k2, "%s_of_peak", key);
-    bench_record(out, k2, img_s * flop / 1e9 / peak, "(of the instruction's limit)");
-}
-
 /* The figures of one size: ours (and the peer's, turn about) over `rounds` rounds of `reps`
  * runs, images/s and the arithmetic rate of `flop` an image against `peak` GFLOP/s. */
 static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, int reps, int rounds,
@@ -109,23 +97,18 @@ static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *ke
     double sum = 0, sum_t = 0, r[ROUNDS];
     for (int i = 0; i < rounds; i++) sum += ours_s[i], sum_t += theirs_s[i];
     bench_record(out, key, rounds * reps / sum, "img/s");
-    record_rate(out, key, rounds * reps / sum, flop, peak);
+    bench_record_rate(out, key, rounds * reps / sum * flop / 1e9, peak);
     if (!bench_peer_live(peer)) {
         if (!ctx->transformers) ratio(ctx, out, key, rounds * reps / sum);
         return;
     }
     char k2[128];
     for (int i = 0; i < rounds; i++) r[i] = theirs_s[i] / ours_s[i];
-    const double mid = bench_median(r, rounds);   /* sorts r */
     snprintf(k2, sizeof k2, "transformers_%s", key);
     bench_record(out, k2, rounds * reps / sum_t, "img/s");
-    record_rate(out, k2, rounds * reps / sum_t, flop, peak);
+    bench_record_rate(out, k2, rounds * reps / sum_t * flop / 1e9, peak);
     snprintf(k2, sizeof k2, "%s_vs_transformers", key);
-    bench_record(out, k2, mid, "x (median of the rounds)");
-    snprintf(k2, sizeof k2, "%s_vs_transformers_min", key);
-    bench_record(out, k2, r[0], "x");
-    snprintf(k2, sizeof k2, "%s_vs_transformers_max", key);
-    bench_record(out, k2, r[rounds - 1], "x");
+    bench_record_rounds(out, k2, r, rounds, "x");
 }
 
 static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, bench_peer *peer) {

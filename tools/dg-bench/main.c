@@ -44,6 +44,27 @@ double bench_median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+void bench_record_rate(json_t *out, const char *key, double gflops, double peak) {
+    char name[160];
+    snprintf(name, sizeof name, "%s_gflops", key);
+    bench_record(out, name, gflops, "GFLOP/s");
+    if (peak <= 0) return;
+    snprintf(name, sizeof name, "%s_of_peak", key);
+    bench_record(out, name, gflops / peak, "(of the instruction's limit)");
+}
+
+double bench_record_rounds(json_t *out, const char *key, double *v, int n, const char *unit) {
+    char name[160], u[96];
+    const double mid = bench_median(v, n);
+    snprintf(u, sizeof u, "%s (median of the rounds)", unit);
+    bench_record(out, key, mid, u);
+    snprintf(name, sizeof name, "%s_min", key);
+    bench_record(out, name, v[0], unit);
+    snprintf(name, sizeof name, "%s_max", key);
+    bench_record(out, name, v[n - 1], unit);
+    return mid;
+}
+
 void bench_ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {
     json_error_t je;
     json_t *j = json_load_file(file, 0, &je), *v = j ? json_object_get(j, key) : NULL;
