@@ -262,20 +262,20 @@ bench-e2e: all
 	/usr/bin/python3 tools/bench/bench_e2e.py --json $(BUILD)/bench/e2e.json
 
 # the text decoder (small preset, 1 and 2 threads), in fp32 and in bf16 compute; the
-# baselines at bf16 when the reference venv has them: llama.cpp on a BF16 GGUF of the same
-# weights as dg-bench's co-process, timed turn about with ours (bench_llamacpp.py --serve;
-# tools/dg-bench/bench_decoder.c says why), and bench_transformers_decoder.py, run first,
-# whose JSON in build/bench/ dg-bench compares
+# baselines at bf16 when the reference venv has them, as dg-bench's co-processes timed turn
+# about with ours (tools/dg-bench/bench_decoder.c says why): llama.cpp on a BF16 GGUF of the
+# same weights (bench_llamacpp.py --serve) and transformers (bench_transformers_decoder.py --serve)
 LLAMACPP_SERVE = tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py --serve
+TRANSFORMERS_DECODER = tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py --serve
 bench-decoder: all
 	@mkdir -p $(BUILD)/bench
 	$(SMALL_PACKAGE)
-	@if tools/reference/.venv/bin/python -c 'import transformers' 2>/dev/null; then \
-	    tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py; fi
 	@peer=; if tools/reference/.venv/bin/python -c 'import llama_cpp' 2>/dev/null; then peer="$(LLAMACPP_SERVE)"; \
 	    else echo "$@: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi; \
-	set -x; $(BUILD)/dg-bench $${peer:+--llamacpp "$$peer"} --json $(BUILD)/bench/decoder.json decoder && \
-	$(BUILD)/dg-bench --bf16-compute $${peer:+--llamacpp "$$peer"} --json $(BUILD)/bench/decoder_bf16.json decoder
+	tpeer=; if tools/reference/.venv/bin/python -c 'import transformers' 2>/dev/null; then tpeer="$(TRANSFORMERS_DECODER)"; \
+	    else echo "$@: no transformers in tools/reference/.venv: no transformers baseline"; fi; \
+	set -x; $(BUILD)/dg-bench $${peer:+--llamacpp "$$peer"} $${tpeer:+--transformers "$$tpeer"} --json $(BUILD)/bench/decoder.json decoder && \
+	$(BUILD)/dg-bench --bf16-compute $${peer:+--llamacpp "$$peer"} $${tpeer:+--transformers "$$tpeer"} --json $(BUILD)/bench/decoder_bf16.json decoder
 
 # decoding with drafts by prompt lookup against without (dg_sched_opts draft_tokens): the
 # small preset's greedy jobs (bf16 compute, 1 and 2 threads) and llama.cpp's on the same

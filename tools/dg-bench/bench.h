@@ -24,8 +24,9 @@ typedef struct {
                                    (tools/reference/bench_llamacpp.py --serve), which the
                                    decoder benchmark runs turn about with ours; or NULL */
     const char *transformers;   /* --transformers CMD: the transformers baseline as a co-process
-                                   (bench_transformers_vision.py --serve) for the vision
-                                   benchmark, likewise; or NULL */
+                                   for the vision benchmark (bench_transformers_vision.py
+                                   --serve) or the decoder's (bench_transformers_decoder.py
+                                   --serve), likewise; or NULL */
     const char *diffusers;      /* --diffusers CMD: the diffusers baseline as a co-process
                                    (bench_diffusers.py --serve) for the image benchmark's DiT
                                    steps and VAE, likewise; or NULL */

@@ -11,16 +11,16 @@
  * record theirs under the same key, as evidence that all three ran the same weights.
  *
  * Baselines (bf16: equal precision with our bf16 weights). llama.cpp, with --llamacpp CMD
- * (tools/reference/bench_llamacpp.py --serve, which `make bench-decoder` passes when the
- * reference venv has llama-cpp-python), runs as a co-process turn about with ours: three
+ * (tools/reference/bench_llamacpp.py --serve), and transformers, with --transformers CMD
+ * (tools/reference/bench_transformers_decoder.py --serve; `make bench-decoder` passes both
+ * when the reference venv has them), run as co-processes turn about with ours: three
  * prompts each, then 8 rounds of 8 decode tokens each, the order alternating, and a ratio
  * is the median of the rounds' ratios (its _min and _max beside it). This host's memory
  * bandwidth moves between ~20 and ~65 GB/s on two threads from one minute to the next, and
  * decode with it: two runs minutes apart compared two machines (0.95x and 1.22x the same
- * day). Without --llamacpp, build/bench/llamacpp_decoder.json (bench_llamacpp.py's own run)
- * is compared, as is build/bench/transformers_decoder.json
- * (tools/reference/bench_transformers_decoder.py; their _f32 files, labelled, for
- * comparison); the ratio names the file and the baseline's name, version and dtype.
+ * day). Without a co-process, its script's own earlier run is compared
+ * (build/bench/llamacpp_decoder.json, transformers_decoder.json); the ratio names the file
+ * and the baseline's name, version and dtype.
  *
  * The machine's read bandwidth is measured in every decode round, with the same threads (a
  * sum over 512 MiB, far past the caches, best of 3), and decode is printed as a fraction of
@@ -162,6 +162,34 @@ static double matmuls_alone_ms(const dg_qwen2 *m, dg_qwen2_state *s, int tokens)
 #define PREFILL_ROUNDS 3
 #define DECODE_ROUNDS 8
 
+/* A baseline timed turn about with ours (bench.h bench_peer), its times and ratios a round. */
+typedef struct {
+    const char *who, *label; /* its name in messages; the figures' prefix ("llamacpp_...") */
+    const char *cmd;         /* --llamacpp / --transformers CMD, or NULL */
+    const char *file;        /* its script's own earlier run, compared when there is no cmd */
+    bench_peer  p;
+    int         argmax;      /* the prompt's next token by its prefill */
+    double      pre[PREFILL_ROUNDS], pre_ratio[PREFILL_ROUNDS];
+    double      dec[DECODE_ROUNDS], dec_ratio[DECODE_ROUNDS], frac[DECODE_ROUNDS];
+} baseline;
+
+/* The baseline's figures beside ours (`name` and ours in tok/s, `n` tokens in `rounds`
+ * rounds of times t and ratios ratio), or its file's when it has no co-process. */
+static void record_baseline(json_t *out, const baseline *b, const char *name, double ours, int n, const double *t,
+                            double *ratio, int rounds) {
+    char k2[160];
+    if (!bench_peer_live(&b->p)) {
+        if (!b->cmd) bench_ratio(out, b->file, name, b->label, ours);
+        return;   /* a co-process that failed is not replaced by an older file */
+    }
+    double sum = 0;
+    for (int r = 0; r < rounds; r++) sum += t[r];
+    snprintf(k2, sizeof k2, "%s_%s", b->label, name);
+    bench_record(out, k2, n / sum, "tok/s");
+    snprintf(k2, sizeof k2, "%s_vs_%s", name, b->label);
+    bench_record_rounds(out, k2, ratio, rounds, "x");
+}
+
 /* The figures of one thread count. Prefill: PREFILL_ROUNDS prompts each, ours and the
  * baseline's in turn. Decode: DECODE_ROUNDS rounds of n_decode / DECODE_ROUNDS tokens, each
  * round ours, the same tokens' matrix-vector products alone, the baseline's, and the read
@@ -179,22 +207,26 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_qwen2_state *s = NULL;
     dg_kv_cache *kv = NULL;
     dg_kv_seq seq = {0};
-    bench_peer peer = {.pid = -1, .from = -1};
+    baseline B[2] = {{.who = "llama.cpp", .label = "llamacpp", .cmd = ctx->llamacpp,
+                      .file = "build/bench/llamacpp_decoder.json", .p = {.pid = -1, .from = -1}, .argmax = -1},
+                     {.who = "transformers", .label = "transformers", .cmd = ctx->transformers,
+                      .file = "build/bench/transformers_decoder.json", .p = {.pid = -1, .from = -1}, .argmax = -1}};
     uint64_t *bwbuf = NULL;
     int32_t *ids = NULL;
     char err[512], name[96], cmd[2200];
-    int rc = -1, peer_argmax = -1;
-    double ours_pre[PREFILL_ROUNDS], peer_pre[PREFILL_ROUNDS], pre_ratio[PREFILL_ROUNDS];
-    double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], peer_dec[DECODE_ROUNDS], bw[DECODE_ROUNDS];
-    double dec_ratio[DECODE_ROUNDS], frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS], frac_peer[DECODE_ROUNDS];
-    if (ctx->llamacpp) {
-        snprintf(cmd, sizeof cmd, "%s --threads %d%s", ctx->llamacpp, threads, ctx->quick ? " --quick" : "");
-        if (bench_peer_start(&peer, cmd, err, sizeof err) < 0)
-            fprintf(stderr, "bench_decoder: no llama.cpp baseline at %d threads: %s\n", threads, err);
-        else if (peer.n_prompt != n_prompt) {
-            fprintf(stderr, "bench_decoder: the baseline's prompt is %d tokens, ours %d: not compared\n",
-                    peer.n_prompt, n_prompt);
-            bench_peer_stop(&peer);
+    int rc = -1;
+    double ours_pre[PREFILL_ROUNDS];
+    double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], bw[DECODE_ROUNDS];
+    double frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS];
+    for (int b = 0; b < 2; b++) {
+        if (!B[b].cmd) continue;
+        snprintf(cmd, sizeof cmd, "%s --threads %d%s", B[b].cmd, threads, ctx->quick ? " --quick" : "");
+        if (bench_peer_start(&B[b].p, cmd, err, sizeof err) < 0)
+            fprintf(stderr, "bench_decoder: no %s baseline at %d threads: %s\n", B[b].who, threads, err);
+        else if (B[b].p.n_prompt != n_prompt) {
+            fprintf(stderr, "bench_decoder: the %s baseline's prompt is %d tokens, ours %d: not compared\n", B[b].who,
+                    B[b].p.n_prompt, n_prompt);
+            bench_peer_stop(&B[b].p);
         }
     }
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
@@ -218,14 +250,14 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_qwen2_input in = {.ids = ids, .n = 16, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
     for (int r = 0; r < pre_rounds; r++) {
-        if (r % 2) peer_pre[r] = bench_peer_turn(&peer, "llama.cpp", "prefill", &peer_argmax);
+        for (int b = 0; b < 2 && r % 2; b++) B[b].pre[r] = bench_peer_turn(&B[b].p, B[b].who, "prefill", &B[b].argmax);
         dg_kv_seq_release(kv, &seq);
         double t0 = bench_now_ms();
         in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
         if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
         ours_pre[r] = (bench_now_ms() - t0) / 1e3;
-        if (!(r % 2)) peer_pre[r] = bench_peer_turn(&peer, "llama.cpp", "prefill", &peer_argmax);
-        pre_ratio[r] = bench_peer_live(&peer) ? peer_pre[r] / ours_pre[r] : 0;
+        for (int b = 0; b < 2 && !(r % 2); b++) B[b].pre[r] = bench_peer_turn(&B[b].p, B[b].who, "prefill", &B[b].argmax);
+        for (int b = 0; b < 2; b++) B[b].pre_ratio[r] = B[b].pre[r] / ours_pre[r];
     }
     /* the prompt's next token: the reference scripts record theirs, so that the runs are
      * seen to compute the same model */
@@ -240,7 +272,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     const double bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
     snprintf(cmd, sizeof cmd, "decode %d", per);
     for (int r = 0, k = 0; r < rounds; r++) {
-        if (r % 2) peer_dec[r] = bench_peer_turn(&peer, "llama.cpp", cmd, NULL);
+        for (int b = 0; b < 2 && r % 2; b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
         double t0 = bench_now_ms();
         for (int i = 0; i < per; i++, k++) {
             in = (dg_qwen2_input){.ids = &ids[k % n_prompt], .n = 1, .n_logits = 1};
@@ -248,50 +280,41 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         }
         ours_dec[r] = (bench_now_ms() - t0) / 1e3;
         alone[r] = matmuls_alone_ms(&m, s, per) / 1e3;
-        if (!(r % 2)) peer_dec[r] = bench_peer_turn(&peer, "llama.cpp", cmd, NULL);
+        for (int b = 0; b < 2 && !(r % 2); b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
         bw[r] = read_bandwidth_gbs(bwbuf, threads);
         const double limit = bw[r] * 1e9 / bytes;   /* tokens a second the bandwidth allows */
         frac[r] = per / ours_dec[r] / limit;
         frac_alone[r] = per / alone[r] / limit;
-        frac_peer[r] = bench_peer_live(&peer) ? per / peer_dec[r] / limit : 0;
-        dec_ratio[r] = bench_peer_live(&peer) ? peer_dec[r] / ours_dec[r] : 0;
+        for (int b = 0; b < 2; b++) {
+            B[b].frac[r] = B[b].dec[r] > 0 ? per / B[b].dec[r] / limit : 0;
+            B[b].dec_ratio[r] = B[b].dec[r] / ours_dec[r];
+        }
     }
-    double sum_pre = 0, sum_peer_pre = 0, sum_dec = 0, sum_alone = 0, sum_peer_dec = 0;
-    for (int r = 0; r < pre_rounds; r++) sum_pre += ours_pre[r], sum_peer_pre += bench_peer_live(&peer) ? peer_pre[r] : 0;
-    for (int r = 0; r < rounds; r++)
-        sum_dec += ours_dec[r], sum_alone += alone[r], sum_peer_dec += bench_peer_live(&peer) ? peer_dec[r] : 0;
+    double sum_pre = 0, sum_dec = 0, sum_alone = 0;
+    for (int r = 0; r < pre_rounds; r++) sum_pre += ours_pre[r];
+    for (int r = 0; r < rounds; r++) sum_dec += ours_dec[r], sum_alone += alone[r];
 
     const double pre_tok_s = pre_rounds * n_prompt / sum_pre, dec_tok_s = n_decode / sum_dec;
-    if (bench_peer_live(&peer)) {
-        json_object_set_new(out, "llamacpp_baseline", json_string(peer.baseline));
-        printf("  llama.cpp: %s, a co-process, turn about with ours in each round\n", peer.baseline);
-    }
+    for (int b = 0; b < 2; b++)
+        if (bench_peer_live(&B[b].p)) {
+            snprintf(name, sizeof name, "%s_baseline", B[b].label);
+            json_object_set_new(out, name, json_string(B[b].p.baseline));
+            printf("  %s: %s, a co-process, turn about with ours in each round\n", B[b].who, B[b].p.baseline);
+        }
     snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
     bench_record(out, name, pre_tok_s, "tok/s");
-    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", pre_tok_s);
-    if (bench_peer_live(&peer)) {
-        char k2[128];
-        snprintf(k2, sizeof k2, "llamacpp_%s", name);
-        bench_record(out, k2, pre_rounds * n_prompt / sum_peer_pre, "tok/s");
-        snprintf(k2, sizeof k2, "%s_vs_llamacpp", name);
-        bench_record(out, k2, bench_median(pre_ratio, pre_rounds), "x (median of the rounds)");
-    } else if (!ctx->llamacpp) {   /* a co-process that failed is not replaced by an older file */
-        bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", pre_tok_s);
-    }
+    for (int b = 0; b < 2; b++)
+        record_baseline(out, &B[b], name, pre_tok_s, pre_rounds * n_prompt, B[b].pre, B[b].pre_ratio, pre_rounds);
     snprintf(name, sizeof name, "decode_tok_s_t%d", threads);
     bench_record(out, name, dec_tok_s, "tok/s");
-    bench_ratio(out, "build/bench/transformers_decoder.json", name, "transformers", dec_tok_s);
-    if (bench_peer_live(&peer)) {
-        char k2[128];
-        snprintf(k2, sizeof k2, "llamacpp_%s", name);
-        bench_record(out, k2, n_decode / sum_peer_dec, "tok/s");
-        snprintf(k2, sizeof k2, "%s_vs_llamacpp", name);
-        bench_record_rounds(out, k2, dec_ratio, rounds, "x");
-        snprintf(k2, sizeof k2, "llamacpp_decode_fraction_of_bandwidth_limit_t%d", threads);
-        bench_record(out, k2, bench_median(frac_peer, rounds), "(of 1)");
-        bench_record(out, "llamacpp_prefill_argmax", peer_argmax, "(token id)");
-    } else if (!ctx->llamacpp) {   /* a co-process that failed is not replaced by an older file */
-        bench_ratio(out, "build/bench/llamacpp_decoder.json", name, "llamacpp", dec_tok_s);
+    for (int b = 0; b < 2; b++) {
+        record_baseline(out, &B[b], name, dec_tok_s, n_decode, B[b].dec, B[b].dec_ratio, rounds);
+        if (!bench_peer_live(&B[b].p)) continue;
+        char k2[160];
+        snprintf(k2, sizeof k2, "%s_decode_fraction_of_bandwidth_limit_t%d", B[b].label, threads);
+        bench_record(out, k2, bench_median(B[b].frac, rounds), "(of 1)");
+        snprintf(k2, sizeof k2, "%s_prefill_argmax", B[b].label);
+        bench_record(out, k2, B[b].argmax, "(token id)");
     }
     bench_record(out, "prefill_argmax", best, "(token id)");
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d", threads);
@@ -316,7 +339,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
 fail:
     fprintf(stderr, "bench_decoder: %s\n", err);
 out:
-    bench_peer_stop(&peer);
+    for (int b = 0; b < 2; b++) bench_peer_stop(&B[b].p);
     if (bwbuf) munmap(bwbuf, READ_WORDS * sizeof *bwbuf);
     free(ids);
     if (kv) dg_kv_seq_release(kv, &seq);

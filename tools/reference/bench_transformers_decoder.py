@@ -7,7 +7,15 @@ the bytes; kept for comparison, labelled). Writes build/bench/transformers_decod
 (bf16) or transformers_decoder_f32.json with the keys dg-bench uses (prefill_512_tok_s_t1,
 decode_tok_s_t1, ...), so that dg-bench prints the ratios.
 
+--serve (one --threads value): the baseline as dg-bench's co-process (`dg-bench
+--transformers CMD decoder`), timed turn about with ours and llama.cpp in one run
+(tools/dg-bench/bench.h bench_peer), with the commands of bench_llamacpp.py --serve:
+  prefill      a new cache, the n-token prompt (512, or 64 with --quick) -> {"s": seconds, "argmax": id}
+  decode N     the next N prompt ids one token at a time, after what is there -> {"s": seconds}
+  quit
+
   tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py [--dtype f32] [--quick]
+  tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py --serve --threads 2
 """
 import argparse
 import json
@@ -28,6 +36,35 @@ def prompt_ids(n, vocab):
     return ids
 
 
+def serve(model, ids, threads, baseline):
+    """The co-process loop (module docstring): one JSON line per command."""
+    from bench_peer import commands, say
+
+    torch.set_num_threads(threads)
+    cache, k = None, 0
+    with torch.inference_mode():
+        model.model.rope_deltas = None
+        model(input_ids=torch.tensor([ids[:16]]), use_cache=True)   # warm-up
+        say({"baseline": baseline, "threads": threads, "n_prompt": len(ids)})
+        for cmd in commands():
+            if cmd[0] == "prefill":
+                model.model.rope_deltas = None
+                t0 = time.perf_counter()
+                o = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                s = time.perf_counter() - t0
+                cache, k = (o.cache if hasattr(o, "cache") else o.past_key_values), 0
+                say({"s": s, "argmax": int(torch.argmax(o.logits[0, -1]))})
+            elif cmd[0] == "decode" and len(cmd) == 2 and cmd[1].isdigit() and cache is not None:
+                t0 = time.perf_counter()
+                for _ in range(int(cmd[1])):
+                    model(input_ids=torch.tensor([[ids[k % len(ids)]]]), cache=cache, use_cache=True)
+                    k += 1
+                say({"s": time.perf_counter() - t0})
+            else:
+                say({"error": f"unknown command {' '.join(cmd)!r} (decode needs a prefill first)"})
+    return 0
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.normpath(os.path.join(here, "..", ".."))
@@ -37,6 +74,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--serve", action="store_true")
     args = ap.parse_args()
     if not args.out:
         name = "transformers_decoder.json" if args.dtype == "bf16" else "transformers_decoder_f32.json"
@@ -52,6 +90,11 @@ def main():
     res = {"baseline": f"transformers {transformers.__version__} (torch {torch.__version__}), {args.dtype}",
            "torch": torch.__version__, "dtype": args.dtype, "attn_implementation": "sdpa",
            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
+    if args.serve:
+        if len(args.threads) != 1:
+            print(json.dumps({"error": "--serve takes one --threads value"}), flush=True)
+            return 2
+        return serve(model, ids, args.threads[0], res["baseline"])
     with torch.inference_mode():
         for t in args.threads:
             torch.set_num_threads(t)
@@ -77,4 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
