@@ -50,14 +50,16 @@ void   bench_record(json_t *out, const char *name, double value, const char *uni
 double bench_median(double *v, int n);
 
 /* Records the median of v[0..n) as `key` (`unit`, "(median of the rounds)" added) and the
- * range as "<key>_min" and "<key>_max" (sorting v); returns the median. */
-double bench_record_rounds(json_t *out, const char *key, double *v, int n, const char *unit);
+ * range as "<key>_min" and "<key>_max" (sorting v). */
+void   bench_record_rounds(json_t *out, const char *key, double *v, int n, const char *unit);
 
 /* The arithmetic limit of `threads` threads running at once, GFLOP/s: VDPBF16PS (bf16 != 0;
  * 64 flop an instruction) or VFMADD231PS (32) on zmm registers, 12 independent chains a
  * thread, no loads; the best of 3 runs of ~0.3 s (peak.c). 0 where the CPU lacks the
  * instruction. What a compute-bound benchmark prints its rate against. */
 double bench_peak_gflops(int threads, int bf16);
+/* bench_peak_gflops(threads, bf16), recorded as "peak_gflops_t<threads>"; returns it. */
+double bench_record_peak(json_t *out, int threads, int bf16);
 /* Records an arithmetic rate as "<key>_gflops" and, when peak > 0, as the fraction of it
  * "<key>_of_peak". */
 void   bench_record_rate(json_t *out, const char *key, double gflops, double peak);
@@ -99,6 +101,9 @@ static inline int bench_peer_live(const bench_peer *p) { return p->pid > 0; }
  * it (`who`), and is no longer live, so that our figures go on without it: 0, as when it
  * is not live. */
 double  bench_peer_turn(bench_peer *p, const char *who, const char *cmd, int *argmax);
+/* A live peer's name, version and dtype recorded as "<label>_baseline" and printed, naming
+ * it `who`; nothing when it is not live. */
+void    bench_peer_announce(const bench_peer *p, json_t *out, const char *who, const char *label);
 
 /* What a job told its sink: its text (the first 4095 bytes), images, usage and timings,
  * when its first BENCH_OBS_IMAGES images started and took their last step, and how it

@@ -295,12 +295,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     for (int r = 0; r < rounds; r++) sum_dec += ours_dec[r], sum_alone += alone[r];
 
     const double pre_tok_s = pre_rounds * n_prompt / sum_pre, dec_tok_s = n_decode / sum_dec;
-    for (int b = 0; b < 2; b++)
-        if (bench_peer_live(&B[b].p)) {
-            snprintf(name, sizeof name, "%s_baseline", B[b].label);
-            json_object_set_new(out, name, json_string(B[b].p.baseline));
-            printf("  %s: %s, a co-process, turn about with ours in each round\n", B[b].who, B[b].p.baseline);
-        }
+    for (int b = 0; b < 2; b++) bench_peer_announce(&B[b].p, out, B[b].who, B[b].label);
     snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
     bench_record(out, name, pre_tok_s, "tok/s");
     for (int b = 0; b < 2; b++)

@@ -143,9 +143,7 @@ static int bench_dit_steps(bench_ctx *ctx, json_t *out, const char *pkg, int thr
     dg_flow_noise(lat, frame * max_frames, 1, 0);
     dg_flow_noise(ctxv, (int64_t)N_CTX * dit.cfg.text_dim, 2, 0);
     /* the instruction's limit at this thread count, in this run (the host's rate moves) */
-    const double peak = bench_peak_gflops(threads, ctx->bf16_compute);
-    snprintf(name, sizeof name, "peak_gflops_t%d", threads);
-    bench_record(out, name, peak, ctx->bf16_compute ? "GFLOP/s (VDPBF16PS, no loads)" : "GFLOP/s (VFMADD231PS, no loads)");
+    const double peak = bench_record_peak(out, threads, ctx->bf16_compute);
     for (int si = 0; si < n_sides; si++)
         for (int ci = 0; ci < n_conds; ci++) {
             const int n = 1 + conds[ci], hl = sides[si] / 8;
@@ -259,12 +257,9 @@ static int bench_image(bench_ctx *ctx, json_t *out) {
     char err[512], cmd[2200];
     if (ctx->diffusers) {
         snprintf(cmd, sizeof cmd, "%s --threads %d", ctx->diffusers, threads);
-        if (bench_peer_start(&peer, cmd, err, sizeof err) < 0) {
+        if (bench_peer_start(&peer, cmd, err, sizeof err) < 0)
             fprintf(stderr, "bench_image: no diffusers baseline: %s\n", err);
-        } else {
-            json_object_set_new(out, "diffusers_baseline", json_string(peer.baseline));
-            printf("  diffusers: %s, a co-process, turn about with ours in each round\n", peer.baseline);
-        }
+        bench_peer_announce(&peer, out, "diffusers", "diffusers");
     }
     int rc = bench_vae(ctx, out, pkg, threads, reps, &peer);
     if (rc == 0) rc = bench_dit_steps(ctx, out, pkg, threads, reps, &peer);

@@ -235,8 +235,7 @@ static int compare(json_t *out, dg_model *m, const char *prefix, const char *con
             ratio[1][r] = fr[r][1].tok_s / drafts;
             ratio[2][r] = fr[r][1].tok_s / plain;
         }
-        json_object_set_new(out, "llamacpp_baseline", json_string(peer->baseline));
-        printf("  llama.cpp: %s, a co-process, turn about with ours in each round\n", peer->baseline);
+        bench_peer_announce(peer, out, "llama.cpp", "llamacpp");
         for (int j = 0; j < 2; j++) {
             snprintf(name, sizeof name, "%s_llamacpp_%s_tok_s_t%d", prefix, j ? "drafts" : "plain", threads);
             bench_record(out, name, tokens[j] / s[j], "tok/s (its decode, all rounds)");

@@ -134,9 +134,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, bench_
     }
     emb = be->alloc(be, sizeof(float) * 74 * 74 / 4 * (size_t)cfg.vision.out_hidden_size);
     /* the instruction's limit at this thread count, in this run (the host's rate moves) */
-    const double peak = bench_peak_gflops(threads, ctx->bf16_compute);
-    snprintf(name, sizeof name, "peak_gflops_t%d", threads);
-    bench_record(out, name, peak, ctx->bf16_compute ? "GFLOP/s (VDPBF16PS, no loads)" : "GFLOP/s (VFMADD231PS, no loads)");
+    const double peak = bench_record_peak(out, threads, ctx->bf16_compute);
     for (int k = 0; k < n_sides; k++) {
         dg_image *img = draw(sides[k]);
         dg_image_patches *p = NULL;
@@ -165,10 +163,11 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, bench_
         if (rc == 0) {
             snprintf(name, sizeof name, "preprocess_ms_%d", sides[k]);
             bench_record(out, name, t1 - t0, "ms");
+            const double flop = tower_flop(&cfg.vision, p);
             snprintf(name, sizeof name, "gflop_%d", sides[k]);
-            bench_record(out, name, tower_flop(&cfg.vision, p) / 1e9, "GFLOP an image");
+            bench_record(out, name, flop / 1e9, "GFLOP an image");
             snprintf(name, sizeof name, "images_s_%d_t%d", sides[k], threads);
-            record(ctx, out, peer, name, reps, rounds, ours_s, theirs_s, tower_flop(&cfg.vision, p), peak);
+            record(ctx, out, peer, name, reps, rounds, ours_s, theirs_s, flop, peak);
         } else {
             fprintf(stderr, "bench_vision: %s\n", err);
         }
@@ -197,12 +196,9 @@ static int bench_vision(bench_ctx *ctx, json_t *out) {
     char err[512];
     int rc = 0;
     if (ctx->transformers) {
-        if (bench_peer_start(&peer, ctx->transformers, err, sizeof err) < 0) {
+        if (bench_peer_start(&peer, ctx->transformers, err, sizeof err) < 0)
             fprintf(stderr, "bench_vision: no transformers baseline: %s\n", err);
-        } else {
-            json_object_set_new(out, "transformers_baseline", json_string(peer.baseline));
-            printf("  transformers: %s, a co-process, turn about with ours in each round\n", peer.baseline);
-        }
+        bench_peer_announce(&peer, out, "transformers", "transformers");
     }
     if (ctx->threads > 0) rc = run(ctx, out, dir, ctx->threads, &peer);
     for (int t = 1; ctx->threads <= 0 && t <= 2 && rc == 0; t++) rc = run(ctx, out, dir, t, &peer);

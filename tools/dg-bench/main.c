@@ -53,16 +53,14 @@ void bench_record_rate(json_t *out, const char *key, double gflops, double peak)
     bench_record(out, name, gflops / peak, "(of the instruction's limit)");
 }
 
-double bench_record_rounds(json_t *out, const char *key, double *v, int n, const char *unit) {
+void bench_record_rounds(json_t *out, const char *key, double *v, int n, const char *unit) {
     char name[160], u[96];
-    const double mid = bench_median(v, n);
     snprintf(u, sizeof u, "%s (median of the rounds)", unit);
-    bench_record(out, key, mid, u);
+    bench_record(out, key, bench_median(v, n), u);
     snprintf(name, sizeof name, "%s_min", key);
     bench_record(out, name, v[0], unit);
     snprintf(name, sizeof name, "%s_max", key);
     bench_record(out, name, v[n - 1], unit);
-    return mid;
 }
 
 void bench_ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {

@@ -56,3 +56,11 @@ double bench_peak_gflops(int threads, int bf16) {
     }
     return best;
 }
+
+double bench_record_peak(json_t *out, int threads, int bf16) {
+    char name[64];
+    const double peak = bench_peak_gflops(threads, bf16);
+    snprintf(name, sizeof name, "peak_gflops_t%d", threads);
+    bench_record(out, name, peak, bf16 ? "GFLOP/s (VDPBF16PS, no loads)" : "GFLOP/s (VFMADD231PS, no loads)");
+    return peak;
+}

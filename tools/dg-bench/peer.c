@@ -149,3 +149,11 @@ double bench_peer_turn(bench_peer *p, const char *who, const char *cmd, int *arg
     bench_peer_stop(p);
     return 0;
 }
+
+void bench_peer_announce(const bench_peer *p, json_t *out, const char *who, const char *label) {
+    char name[96];
+    if (!bench_peer_live(p)) return;
+    snprintf(name, sizeof name, "%s_baseline", label);
+    json_object_set_new(out, name, json_string(p->baseline));
+    printf("  %s: %s, a co-process, turn about with ours in each round\n", who, p->baseline);
+}
