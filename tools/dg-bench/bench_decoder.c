@@ -28,7 +28,9 @@
  * the bytes one decode token must read (every text matrix once: the embedding table as the
  * tied lm_head, or lm_head; the KV read is small here) over that bandwidth; llama.cpp's too.
  * The same tokens' matrix-vector products are timed alone in every round
- * (decode_matmuls_*): their share of a decode step, and their own fraction of the limit.
+ * (decode_matmuls_*): their share of a decode step, and their own fraction of the limit;
+ * and the lm_head's alone (decode_lm_head_*: the largest matrix, one stream), its GB/s
+ * against the read loop's of the same round: the GEMV's own rate.
  * Peak RSS is taken before the bandwidth's buffer is made, and is each thread count's own. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -159,6 +161,21 @@ static double matmuls_alone_ms(const dg_qwen2 *m, dg_qwen2_state *s, int tokens)
     return bench_now_ms() - t0;
 }
 
+/* GB/s of the lm_head's matrix-vector product alone (the largest matrix, one stream read
+ * once: the GEMV's own rate, without the other products' starts and ends), best of 2. */
+static double lm_head_gbs(const dg_qwen2 *m, dg_qwen2_state *s) {
+    dg_backend *be = m->be;
+    const double bytes = (double)m->lm_head.rows * (double)m->lm_head.cols * (double)dg_dtype_size(m->lm_head.dtype);
+    double best = 0;
+    for (int rep = 0; rep < 2; rep++) {
+        const double t0 = bench_now_ms();
+        be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, 1);
+        const double gbs = bytes / ((bench_now_ms() - t0) / 1e3) / 1e9;
+        if (gbs > best) best = gbs;
+    }
+    return best;
+}
+
 #define PREFILL_ROUNDS 3
 #define DECODE_ROUNDS 8
 
@@ -217,7 +234,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     int rc = -1;
     double ours_pre[PREFILL_ROUNDS];
     double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], bw[DECODE_ROUNDS];
-    double frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS];
+    double frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS], head[DECODE_ROUNDS], frac_head[DECODE_ROUNDS];
     for (int b = 0; b < 2; b++) {
         if (!B[b].cmd) continue;
         snprintf(cmd, sizeof cmd, "%s --threads %d%s", B[b].cmd, threads, ctx->quick ? " --quick" : "");
@@ -280,11 +297,13 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         }
         ours_dec[r] = (bench_now_ms() - t0) / 1e3;
         alone[r] = matmuls_alone_ms(&m, s, per) / 1e3;
+        head[r] = lm_head_gbs(&m, s);
         for (int b = 0; b < 2 && !(r % 2); b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
         bw[r] = read_bandwidth_gbs(bwbuf, threads);
         const double limit = bw[r] * 1e9 / bytes;   /* tokens a second the bandwidth allows */
         frac[r] = per / ours_dec[r] / limit;
         frac_alone[r] = per / alone[r] / limit;
+        frac_head[r] = head[r] / bw[r];
         for (int b = 0; b < 2; b++) {
             B[b].frac[r] = B[b].dec[r] > 0 ? per / B[b].dec[r] / limit : 0;
             B[b].dec_ratio[r] = B[b].dec[r] / ours_dec[r];
@@ -323,6 +342,10 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     bench_record(out, name, sum_alone / sum_dec, "(of 1)");
     snprintf(name, sizeof name, "decode_matmuls_fraction_of_bandwidth_limit_t%d", threads);
     bench_record(out, name, bench_median(frac_alone, rounds), "(of 1)");
+    snprintf(name, sizeof name, "decode_lm_head_read_gbs_t%d", threads);
+    bench_record_rounds(out, name, head, rounds, "GB/s");
+    snprintf(name, sizeof name, "decode_lm_head_fraction_of_read_bandwidth_t%d", threads);
+    bench_record(out, name, bench_median(frac_head, rounds), "(of 1)");
     double w = text_weight_mb(st);
     bench_record(out, "text_weights_mb", w, "MiB");
     bench_record(out, "peak_rss_mb", rss, "MiB");
