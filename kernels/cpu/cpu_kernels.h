@@ -35,6 +35,8 @@ typedef struct {
 /* vector.c */
 /* dst[nr, cols] = rows r0 .. r0+nr-1 of w as fp32 (the caller parallelises). */
 void  dg_cpu_rows_f32(int simd, float *dst, const dg_weight *w, int64_t r0, int64_t nr);
+/* dst[n] = src[n] BF16 widened to fp32 (exact), 8 lanes at a time when simd. */
+void  dg_cpu_widen_bf16(int simd, float *dst, const uint16_t *src, int64_t n);
 float dg_cpu_dot(int simd, const float *a, const float *b, int n);
 /* y[i] = y[i] * s + a * x[i] */
 void  dg_cpu_scale_axpy(int simd, float *y, float s, float a, const float *x, int n);

@@ -71,15 +71,6 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
     }
 }
 
-/* n BF16 values widened to fp32 (exact: the bits shifted up), 8 at a time. */
-DG_SIMD_AVX2 static void widen_bf16_avx2(float *r, const uint16_t *h, int n) {
-    int d = 0;
-    for (; d + 8 <= n; d += 8)
-        _mm256_storeu_si256((__m256i *)(r + d),
-                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + d))), 16));
-    for (; d < n; d++) r[d] = dg_bf16_to_f32(h[d]);
-}
-
 /* Rows p0 .. p0+nc-1, head `kvh` of K or V as pointers to fp32 rows: into the cache for
  * F32, else widened into buf[nc, head_dim] (8 lanes at a time where the CPU has AVX2: one
  * value at a time, the widening cost a decode step with a bf16 cache more than the half of
@@ -91,9 +82,7 @@ static void kv_rows(int simd, const dg_kv_view *kv, const void *base, int p0, in
         if (kv->dtype == DG_DTYPE_BF16) {
             const uint16_t *h = (const uint16_t *)base + at;
             float *r = buf + (int64_t)j * head_dim;
-            if (simd) widen_bf16_avx2(r, h, head_dim);
-            else
-                for (int d = 0; d < head_dim; d++) r[d] = dg_bf16_to_f32(h[d]);
+            dg_cpu_widen_bf16(simd, r, h, head_dim);
             rows[j] = r;
         } else {
             rows[j] = (const float *)base + at;

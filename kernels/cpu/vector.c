@@ -1,5 +1,6 @@
 /* vector.c — the CPU backend's vector helpers: a dot product, a scaled axpy and the
- * widening of stored weight rows to fp32 (the embedding look-up). The matmul is matmul.c. */
+ * widening of stored rows to fp32 (the embedding look-up, a bf16 KV cache's rows). The matmul
+ * is matmul.c. */
 #include <immintrin.h>
 
 #include "cpu_kernels.h"
@@ -12,17 +13,25 @@ SIMD static inline __m256 load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-SIMD static void rows_f32_bf16(float *dst, const uint16_t *src, int64_t n) {
+SIMD static void widen_bf16_avx2(float *dst, const uint16_t *src, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, load_bf16(src + i));
-    for (; i < n; i++) dst[i] = dg_load_f32(src, DG_DTYPE_BF16, (size_t)i);
+    for (; i < n; i++) dst[i] = dg_bf16_to_f32(src[i]);
+}
+
+void dg_cpu_widen_bf16(int simd, float *dst, const uint16_t *src, int64_t n) {
+    if (simd) {
+        widen_bf16_avx2(dst, src, n);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) dst[i] = dg_bf16_to_f32(src[i]);
 }
 
 void dg_cpu_rows_f32(int simd, float *dst, const dg_weight *w, int64_t r0, int64_t nr) {
     const int64_t n = nr * w->cols, off = r0 * w->cols;
-    if (simd && w->dtype == DG_DTYPE_BF16) {
-        rows_f32_bf16(dst, (const uint16_t *)w->data + off, n);
+    if (w->dtype == DG_DTYPE_BF16) {
+        dg_cpu_widen_bf16(simd, dst, (const uint16_t *)w->data + off, n);
         return;
     }
     for (int64_t i = 0; i < n; i++) dst[i] = dg_load_f32(w->data, w->dtype, (size_t)(off + i));
