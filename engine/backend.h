@@ -9,9 +9,10 @@
  *
  * Conventions shared by every operation:
  *   - activations are fp32, row-major, contiguous: x[m, n] is m rows (tokens) of n values;
- *   - a weight is a dg_weight: a row-major [rows, cols] matrix in its stored dtype (BF16,
- *     F16 or F32), rows = output features, cols = input features (PyTorch nn.Linear
- *     layout), so y = x · Wᵀ + b;
+ *   - a weight is a dg_weight: a [rows, cols] matrix in its stored dtype (BF16, F16 or
+ *     F32), rows = output features, cols = input features (PyTorch nn.Linear layout), so
+ *     y = x · Wᵀ + b; row-major as stored, or (a backend with weights_blocked) cut into
+ *     blocks of DG_WEIGHT_KB columns (dg_weight.kb, dg_weight_at below);
  *   - buffers passed to operations come from be->alloc (host memory on the CPU, device
  *     memory on a GPU); weights are made usable by be->weight_prepare once, at load;
  *   - operations do not allocate: scratch they need is reserved when the backend is made;
@@ -55,11 +56,41 @@
 #define DG_BACKEND_TOPK_MAX 2048
 
 typedef struct {
-    const void *data;          /* borrowed: the mmap'ed tensor (CPU) or device copy */
+    const void *data;          /* borrowed: the mapped tensor (CPU) or device copy */
     dg_dtype    dtype;
     int64_t     rows;          /* output features */
     int64_t     cols;          /* input features */
+    int64_t     kb;            /* 0: row-major; DG_WEIGHT_KB: blocked (below) */
 } dg_weight;
+
+/* The blocked layout, which a backend with weights_blocked reads (the CPU's): the matrix
+ * is stored block after block of DG_WEIGHT_KB columns (the last block narrower), each
+ * block its rows one after another: column c of row r at element (c / KB)·KB·rows + r·bw
+ * + c % KB, bw the block's width. A GEMV then reads one block at a time as one sequential
+ * stream, with only that block's part of x in L1: row-major, a long x row shares the 32 KB
+ * L1 with the weight stream (the small preset's down projection in fp32 compute, x 19 KB,
+ * read at 16-17 GB/s where the others read at 30; the 7B's, 74 KB, at 12: engine/MODELS.md).
+ * 2048 is the bf16 compute order's block and twice the fp32 order's (kernels/cpu/matmul.h),
+ * so every block of either order lies in one block of the layout. dg_weight_kb_for (below
+ * struct dg_backend) says which matrices a backend wants so. */
+#define DG_WEIGHT_KB 2048
+
+/* The elements from one row to the next in column c's block: cols, or the block's width. */
+static inline int64_t dg_weight_ld(const dg_weight *w, int64_t c) {
+    if (!w->kb) return w->cols;
+    const int64_t b0 = c / w->kb * w->kb;
+    return w->cols - b0 < w->kb ? w->cols - b0 : w->kb;
+}
+
+/* The element of row r at column c (c, and the columns read after it, in c's block). A
+ * kernel takes row 0's and dg_weight_ld once a block, and steps from row to row: a division
+ * a row cost a GEMV of 896 columns 8% of its speed. */
+static inline const void *dg_weight_at(const dg_weight *w, int64_t r, int64_t c) {
+    const size_t es = w->dtype == DG_DTYPE_F32 ? 4 : 2;
+    if (!w->kb) return (const char *)w->data + (size_t)(r * w->cols + c) * es;
+    const int64_t b0 = c / w->kb * w->kb;
+    return (const char *)w->data + (size_t)(b0 * w->rows + r * dg_weight_ld(w, c) + c - b0) * es;
+}
 
 /* The KV of one layer as attention reads it: fixed-size blocks of positions, reached
  * through a sequence's block table (see cache/kv_cache.h). Position p of the sequence lives at
@@ -136,6 +167,10 @@ struct dg_backend {
     int         bf16_compute;    /* 1: matmul over a BF16 weight rounds x to bf16 and sums
                                     bf16 products (CPU: kernels/cpu/matmul.h, the bf16
                                     compute order); 0: fp32 compute */
+    int         weights_blocked; /* 1: its kernels read either layout, and dg_bind_matrix
+                                    gives it the blocked one where dg_weight_kb_for says
+                                    (the CPU); 0: row-major only (CUDA, which copies weights
+                                    at weight_prepare) */
     int         weights_hugepages; /* 1: the loaders read weight files into huge pages
                                     (dg_st_open_flags DG_ST_HUGEPAGES): the CPU backend,
                                     which reads weights where they lie, unless
@@ -317,6 +352,18 @@ struct dg_backend {
      * fail. */
     int  (*status)(dg_backend *be, char *err, size_t errlen);
 };
+
+/* The layout be reads a weight of dtype with cols columns in best: DG_WEIGHT_KB (blocked)
+ * where be has weights_blocked and a GEMV's row of x, as its matmul reads it (2 bytes a
+ * column in bf16 compute over a BF16 weight, else 4), is more than DG_WEIGHT_X_L1 bytes;
+ * else 0 (row-major). Measured, one thread, from memory (engine/MODELS.md): fp32 x of
+ * 4864 columns 17 -> 31 GB/s, of 3584 29 -> 31, of 3072 and 2560 1-2% slower blocked; bf16
+ * x of 18944 and 9728 columns 21-22 -> 32-34, of 6144 alike, of 4864 3% slower. */
+#define DG_WEIGHT_X_L1 (12 * 1024)
+static inline int64_t dg_weight_kb_for(const dg_backend *be, dg_dtype dtype, int64_t cols) {
+    const int64_t x_bytes = cols * (be->bf16_compute && dtype == DG_DTYPE_BF16 ? 2 : 4);
+    return be->weights_blocked && x_bytes > DG_WEIGHT_X_L1 ? DG_WEIGHT_KB : 0;
+}
 
 /* A backend's settings at creation (dg_backend_new_opts); zeros are the defaults. */
 typedef struct {

@@ -57,7 +57,7 @@ static void check_matmul(dg_backend *be, dg_dtype t, int m, int n, int k, int wi
     void *wd = make_weight(t, (int64_t)n * k, wx);
     for (int i = 0; i < m * k; i++) x[i] = frand();
     for (int i = 0; i < n; i++) b[i] = frand();
-    dg_weight w = {wd, t, n, k};
+    dg_weight w = {wd, t, n, k, 0};
     be->matmul(be, y, x, &w, with_bias ? b : NULL, m);
     int bad = 0;
     for (int i = 0; i < m && !bad; i++)
@@ -117,7 +117,7 @@ TEST(rmsnorm_silu_add_embed) {
         for (int i = 0; i < M * N; i++) CHECK(y[i] == x[i] + g[i]);
         float tab_exact[10 * N];
         void *tab = make_weight(DG_DTYPE_BF16, 10 * N, tab_exact);
-        dg_weight tw = {tab, DG_DTYPE_BF16, 10, N};
+        dg_weight tw = {tab, DG_DTYPE_BF16, 10, N, 0};
         int32_t ids[M] = {7, 0, 9};
         be->embed(be, y, &tw, ids, M);
         for (int i = 0; i < M; i++)
@@ -410,7 +410,7 @@ TEST(forks_on_two_threads_give_the_same_bits) {
         for (int i = 0; i < FK_M * FK_K; i++) x[i] = frand();
         for (int i = 0; i < FK_C * FK_C * 9; i++) cw[i] = frand() * 0.1f;
         for (int i = 0; i < 3 * FK_C * FK_PLANE; i++) qkv[i] = frand();
-        dg_weight w = {wd, DG_DTYPE_BF16, FK_N, FK_K};
+        dg_weight w = {wd, DG_DTYPE_BF16, FK_N, FK_K, 0};
         fork_run *ref = calloc(1, sizeof *ref), *run = calloc(2, sizeof *run);
         *ref = (fork_run){.be = be, .w = &w, .x = x, .cw = cw, .qkv = qkv};
         fork_ops(ref);

@@ -156,7 +156,7 @@ static uint16_t *rnd_bf16(int64_t n, float scale) {
 static float *run_matmul(dg_backend *be, const uint16_t *wh, const float *x, const float *bias,
                          int m, int n, int k) {
     char err[256];
-    dg_weight w = {wh, DG_DTYPE_BF16, n, k};
+    dg_weight w = {wh, DG_DTYPE_BF16, n, k, 0};
     if (be->weight_prepare(be, &w, err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "weight_prepare: %s", err);
         return calloc((size_t)m * n, sizeof(float));
@@ -203,8 +203,8 @@ static float *run_fused(dg_backend *be, const uint16_t *wq, const uint16_t *wk, 
                         const uint16_t *wu, const float *x, const float *b, const float *res,
                         const float *nw, int m, int nq, int nk, int f, int k) {
     char err[256];
-    dg_weight w[5] = {{wq, DG_DTYPE_BF16, nq, k}, {wk, DG_DTYPE_BF16, nk, k}, {wk, DG_DTYPE_BF16, nk, k},
-                      {wg, DG_DTYPE_BF16, f, k}, {wu, DG_DTYPE_BF16, f, k}};
+    dg_weight w[5] = {{wq, DG_DTYPE_BF16, nq, k, 0}, {wk, DG_DTYPE_BF16, nk, k, 0}, {wk, DG_DTYPE_BF16, nk, k, 0},
+                      {wg, DG_DTYPE_BF16, f, k, 0}, {wu, DG_DTYPE_BF16, f, k, 0}};
     for (int i = 0; i < 5; i++)
         if (be->weight_prepare(be, &w[i], err, sizeof err) < 0) test_fail(__FILE__, __LINE__, "%s", err);
     const int64_t nout = (int64_t)m * (nq + 2 * nk + f + 2 * k);
@@ -320,7 +320,7 @@ TEST(cuda_graph_run_replays_with_new_inputs) {
 
 static float *run_embed(dg_backend *be, const uint16_t *th, const int32_t *ids, int m, int v, int d) {
     char err[256];
-    dg_weight w = {th, DG_DTYPE_BF16, v, d};
+    dg_weight w = {th, DG_DTYPE_BF16, v, d, 0};
     if (be->weight_prepare(be, &w, err, sizeof err) < 0) test_fail(__FILE__, __LINE__, "%s", err);
     float *dy = be->alloc(be, sizeof(float) * (size_t)m * d);
     be->embed(be, dy, &w, ids, m);

@@ -12,7 +12,9 @@
  * in fp32 tiles of 32 rows, cut to the bytes kept in L2), 49, 64, 300 (the GEMM: partial
  * tiles of x; one m-block, or several: 120 or 240 rows). Each batch of m rows is computed twice, from row 0 and from
  * row 3 of x, so a row meets a different tile position; every row is compared with memcmp
- * to that row alone (m = 1, the GEMV).
+ * to that row alone (m = 1, the GEMV). k = 4500 is three blocks of the weights' blocked
+ * layout (backend.h: 2048, 2048 and 404 columns, the last ending in a tail): there the same
+ * weight in that layout gives the same bits again, alone and in every batch.
  *
  * Accuracy against a double-precision reference: in the canonical order a product meets at
  * most ceil(k/16) roundings in its lane's chain (fused multiply-add; the portable kernels
@@ -34,7 +36,7 @@
 enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
 
 static const int MS[] = {2, 3, 5, 8, 17, 48, 49, 64, 300};
-static const int SHAPES[][2] = {{37, 83}, {101, 1100}, {5, 7}};   /* n, k */
+static const int SHAPES[][2] = {{37, 83}, {101, 1100}, {5, 7}, {21, 4500}};   /* n, k */
 enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..1100 drawn from the seed */
 
 static uint64_t rng = 2024;
@@ -88,7 +90,7 @@ static void check_weight(dg_backend **be, dg_dtype t, int n, int k, int with_bia
     float *b = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)ROWS * n);
     float *single[2] = {malloc(sizeof(float) * (size_t)ROWS * n), malloc(sizeof(float) * (size_t)ROWS * n)};
     void *wd = make_weight(t, (int64_t)n * k, wx);
-    const dg_weight w = {wd, t, n, k};
+    const dg_weight w = {wd, t, n, k, 0};
     const float *bias = with_bias ? b : NULL;
     char what[160];
     for (int i = 0; i < ROWS * k; i++) x[i] = frand();
@@ -112,6 +114,21 @@ static void check_weight(dg_backend **be, dg_dtype t, int n, int k, int with_bia
         }
         if (!gemm_batches_match(be[c], y, x, k, &w, bias, ref, n, MS, (int)(sizeof MS / sizeof MS[0]), OFFSET, what))
             goto out;
+        if (k > DG_WEIGHT_KB) {   /* the blocked layout: the same bits */
+            dg_weight wb;
+            void *blk = gemm_blocked_copy(&w, &wb);
+            snprintf(what, sizeof what, "%s %s n=%d k=%d%s blocked", cf->label, dg_dtype_name(t), n, k,
+                     with_bias ? " +bias" : "");
+            int ok = blk != NULL;
+            CHECK(ok);
+            for (int i = 0; ok && i < 8; i++)
+                be[c]->matmul(be[c], y + (int64_t)i * n, x + (int64_t)i * k, &wb, bias, 1);
+            ok = ok && gemm_rows_match(y, ref, 0, 8, n, what) &&
+                 gemm_batches_match(be[c], y, x, k, &wb, bias, ref, n, MS, (int)(sizeof MS / sizeof MS[0]), OFFSET,
+                                    what);
+            free(blk);
+            if (!ok) goto out;
+        }
     }
 out:
     free(wx); free(x); free(b); free(y); free(single[0]); free(single[1]); free(wd);

@@ -14,7 +14,9 @@
  * different tile position.
  *
  * Shapes (n, k): k = 83 (a tail of 19 columns after 2 steps of 32), k = 2100 (two blocks of
- * the order, 2048 and 52 columns), k = 7 (a tail only); n = 37 and 101 (not multiples of any
+ * the order, 2048 and 52 columns), k = 7 (a tail only), k = 4500 (three blocks, 2048, 2048
+ * and 404 columns: there the same weight in the blocked layout of backend.h gives the same
+ * bits again, in every batch); n = 37 and 101 (not multiples of any
  * tile's rows of W, nor of the 96-row chunk), n = 5 (less than a tile); two shapes drawn
  * from the seed; with and without a bias. Values uniform in [-1, 1), and a "tiny" set
  * (x and W near 2^-63, a tenth of the weights bf16 denormals, some x fp32 denormals): the
@@ -43,7 +45,7 @@
 enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
 
 static const int MS[] = {1, 2, 3, 4, 5, 8, 9, 17, 48, 49, 64, 300};
-static const int SHAPES[][2] = {{37, 83}, {101, 2100}, {5, 7}};   /* n, k */
+static const int SHAPES[][2] = {{37, 83}, {101, 2100}, {5, 7}, {21, 4500}};   /* n, k */
 enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..2200 drawn from the seed */
 
 static uint64_t rng = 2025;
@@ -97,7 +99,7 @@ static void check_weight(dg_backend **be, const gemm_config *cf, int n_configs, 
     float *wx = malloc(sizeof(float) * (size_t)n * k), *x = malloc(sizeof(float) * (size_t)ROWS * k);
     float *b = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)ROWS * n);
     float *ref = malloc(sizeof(float) * (size_t)ROWS * n);
-    const dg_weight w = {wd, DG_DTYPE_BF16, n, k};
+    const dg_weight w = {wd, DG_DTYPE_BF16, n, k, 0};
     const float *bias = with_bias ? b : NULL;
     char what[160];
     make_inputs(tiny, n, k, wd, wx, x);
@@ -115,6 +117,17 @@ static void check_weight(dg_backend **be, const gemm_config *cf, int n_configs, 
             break;
         if (!gemm_batches_match(be[c], y, x, k, &w, bias, ref, n, MS, (int)(sizeof MS / sizeof MS[0]), OFFSET, what))
             goto out;
+        if (k > DG_WEIGHT_KB) {   /* the blocked layout (backend.h): the same bits */
+            dg_weight wb;
+            void *blk = gemm_blocked_copy(&w, &wb);
+            snprintf(what, sizeof what, "%s n=%d k=%d%s%s blocked", cf[c].label, n, k, with_bias ? " +bias" : "",
+                     tiny ? " tiny" : "");
+            CHECK(blk != NULL);
+            const int ok = blk && gemm_batches_match(be[c], y, x, k, &wb, bias, ref, n, MS,
+                                                      (int)(sizeof MS / sizeof MS[0]), OFFSET, what);
+            free(blk);
+            if (!ok) goto out;
+        }
     }
 out:
     free(wd); free(wx); free(x); free(b); free(y); free(ref);
@@ -147,7 +160,8 @@ TEST(vdpbf16ps_kernels_equal_the_fallback) {
  * 2 Mi elements / 2048 = 1024): M rows of k = K in spans, and every row is still the bits
  * it gets alone. 1100 rows of k = 2100 (the GEMM) are two spans of rows times two of
  * blocks; 48 rows of k = 45000 (the GEMV, 8 rows at a time) two spans of blocks, 21 blocks
- * (43008 columns) and 1992 columns. */
+ * (43008 columns) and 1992 columns. The same weight in the blocked layout (backend.h) gives
+ * the same bits, a row alone and the whole batch. */
 static void check_spans(int M, int K) {
     enum { N = 7 };
     dg_backend *be = NULL;
@@ -158,7 +172,10 @@ static void check_spans(int M, int K) {
     uint16_t *wd = malloc(sizeof(uint16_t) * N * K);
     for (int i = 0; i < M * K; i++) x[i] = frand();
     for (int i = 0; i < N * K; i++) wd[i] = dg_f32_to_bf16(frand());
-    const dg_weight w = {wd, DG_DTYPE_BF16, N, K};
+    const dg_weight w = {wd, DG_DTYPE_BF16, N, K, 0};
+    dg_weight wb;
+    void *blk = gemm_blocked_copy(&w, &wb);   /* and in the blocked layout (backend.h) */
+    CHECK(blk != NULL);
     if (be) {
         be->matmul(be, y, x, &w, NULL, M);
         for (int i = 0; i < M; i++) {
@@ -169,7 +186,19 @@ static void check_spans(int M, int K) {
             }
         }
     }
-    free(x); free(y); free(one); free(wd);
+    if (be && blk) {   /* blocked: rows alone, and the whole batch */
+        for (int i = 0; i < 4; i++) {
+            be->matmul(be, one, x + (int64_t)i * K, &wb, NULL, 1);
+            if (memcmp(one, y + (int64_t)i * N, sizeof(float) * N))
+                test_fail(__FILE__, __LINE__, "blocked weight: row %d alone differs (k = %d)", i, K);
+        }
+        float *yb = malloc(sizeof(float) * M * N);
+        be->matmul(be, yb, x, &wb, NULL, M);
+        if (memcmp(yb, y, sizeof(float) * M * N))
+            test_fail(__FILE__, __LINE__, "blocked weight: m = %d differs from row-major (k = %d)", M, K);
+        free(yb);
+    }
+    free(x); free(y); free(one); free(wd); free(blk);
     dg_backend_free(be);
 }
 
@@ -194,7 +223,7 @@ TEST(other_dtypes_keep_the_fp32_order) {
     for (int i = 0; i < M * K; i++) x[i] = frand();
     for (int i = 0; i < N * K; i++) w32[i] = dg_bf16_to_f32(w16[i] = dg_f32_to_bf16(frand()));
     for (int m = 1; m <= M; m += M - 1) {
-        const dg_weight wf = {w32, DG_DTYPE_F32, N, K}, wb = {w16, DG_DTYPE_BF16, N, K};
+        const dg_weight wf = {w32, DG_DTYPE_F32, N, K, 0}, wb = {w16, DG_DTYPE_BF16, N, K, 0};
         on->matmul(on, y_on, x, &wf, NULL, m);
         off->matmul(off, y_off, x, &wf, NULL, m);
         CHECK(!memcmp(y_on, y_off, sizeof(float) * (size_t)(m * N)));

@@ -1,6 +1,11 @@
 /* The weight binder (io/weights.h): every kind on small safetensors files this test writes
  * (one file, and two shards behind an index), and every error (missing tensor, wrong shape,
- * wrong dtype) as DG_EMODEL with a message naming the tensor, the expected and the found.
+ * wrong dtype) as DG_EMODEL with a message naming the tensor, the expected and the found;
+ * and a matrix whose GEMV reads a long row of x, which the CPU reads in the blocked layout
+ * (backend.h dg_weight_kb_for): rewritten where the set's memory lies (mapped and in huge
+ * pages), found so by a second bind, read through the layout by the other kinds,
+ * row-major again for a backend without the layout, copied where the set borrows its
+ * buffer; and left alone where the row of x is short (bf16 compute).
  *
  * Values are compared exactly: widening BF16, F16 and F32 to fp32 is exact, and the conv
  * reorder only moves values. */
@@ -262,6 +267,133 @@ TEST(first_error_sticks_and_later_binds_do_nothing) {
     CHECK_EQ_STR(err, "tensor \"vec_f32\": expected shape [4], found [3]");
     dg_buffer_list_release(&owned);
     fixture_close(&fx);
+}
+
+/* ---- the blocked layout (backend.h) ---- */
+
+enum { WR = 3, WC = 4500 };   /* three blocks of the layout: 2048, 2048 and 404 columns */
+static uint16_t wide[WR * WC];
+
+static float wide_at(int64_t r, int64_t c) { return dg_bf16_to_f32(wide[r * WC + c]); }
+
+/* Every element of w (any layout, through dg_weight_at) is wide's. */
+static int wide_matches(const dg_weight *w) {
+    for (int64_t r = 0; r < WR; r++)
+        for (int64_t c = 0; c < WC; c++)
+            if (dg_load_f32(dg_weight_at(w, r, c), w->dtype, 0) != wide_at(r, c)) return 0;
+    return 1;
+}
+
+/* A file holding `wide` (BF16 [3, 4500]) in a fresh folder; its path in path. */
+static int wide_file(char *dir, size_t dlen, char *path, size_t plen) {
+    for (int i = 0; i < WR * WC; i++) wide[i] = dg_f32_to_bf16((float)(i % 509 - 254));   /* exact in bf16 */
+    const tensor_spec t[] = {{"wide", "BF16", 2, {WR, WC}, wide, sizeof wide}};
+    snprintf(dir, dlen, "/tmp/dg_test_weights_XXXXXX");
+    if (!mkdtemp(dir)) return -1;
+    snprintf(path, plen, "%s/model.safetensors", dir);
+    write_st(path, t, 1);
+    return 0;
+}
+
+/* A backend without the layout that copies at weight_prepare, as the GPU's does. */
+static int copying_prepare(dg_backend *be, dg_weight *w, char *err, size_t errlen) {
+    (void)be; (void)err; (void)errlen;
+    const size_t bytes = (size_t)w->rows * (size_t)w->cols * dg_dtype_size(w->dtype);
+    void *p = malloc(bytes);
+    if (!p) return DG_ENOMEM;
+    memcpy(p, w->data, bytes);
+    w->data = p;
+    return 0;
+}
+
+TEST(wide_matrices_are_rewritten_into_blocks_for_the_cpu) {
+    char dir[64], path[128], err[256] = "", cmd[128];
+    if (wide_file(dir, sizeof dir, path, sizeof path) < 0) { CHECK(!"folder"); return; }
+    dg_backend *be = NULL, *be16 = NULL;
+    CHECK_EQ_INT(dg_backend_new("cpu", 1, &be, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 1, .cpu_bf16_compute = 1}, &be16,
+                                     err, sizeof err), 0);
+    CHECK(be && be->weights_blocked == 1 && be16);
+    if (be && be16) {   /* blocked where x's row, as the matmul reads it, passes 12 KiB */
+        CHECK(dg_weight_kb_for(be, DG_DTYPE_BF16, 3072) == 0 && dg_weight_kb_for(be, DG_DTYPE_BF16, 3073) == DG_WEIGHT_KB);
+        CHECK(dg_weight_kb_for(be16, DG_DTYPE_BF16, 6144) == 0 && dg_weight_kb_for(be16, DG_DTYPE_BF16, 6145) == DG_WEIGHT_KB);
+        CHECK(dg_weight_kb_for(be16, DG_DTYPE_F32, 3073) == DG_WEIGHT_KB);   /* F32 weights: the fp32 order */
+    }
+    for (int flags = 0; be && be16 && flags <= DG_ST_HUGEPAGES; flags += DG_ST_HUGEPAGES) {   /* mapped; huge pages */
+        dg_st *st = NULL;
+        CHECK_EQ_INT(dg_st_open_flags(dir, flags, NULL, NULL, &st, err, sizeof err), 0);
+        if (!st) break;
+        const dg_st_tensor *t = dg_st_find(st, "wide");
+        dg_buffer_list owned = {0};
+        dg_binder b = {.st = st, .be = be16, .owned = &owned, .err = err, .errlen = sizeof err};
+        dg_weight w = {0}, tied = {0}, w16 = {0};
+        float *host = malloc(sizeof(float) * WR * WC);
+        /* bf16 compute reads x's 4500 columns as 9 KB: row-major, untouched */
+        CHECK_EQ_INT(dg_bind_matrix(&b, &w16, DG_SHAPE(WR, WC), "wide"), 0);
+        CHECK(w16.kb == 0 && t->kb == 0 && w16.data == t->data && wide_matches(&w16));
+        b.be = be;
+        /* fp32 compute, 18 KB: in place, in the set's own memory, no copy */
+        CHECK_EQ_INT(dg_bind_matrix(&b, &w, DG_SHAPE(WR, WC), "wide"), 0);
+        CHECK(w.kb == DG_WEIGHT_KB && t->kb == DG_WEIGHT_KB && w.data == t->data && owned.n == 0);
+        CHECK(wide_matches(&w));
+        /* by the definition: block 1 (columns 2048 .. 4095) at 2048·rows, its row 1 2048 on;
+         * block 2 (404 columns) at 4096·rows, its rows 404 apart */
+        CHECK(dg_bf16_to_f32(((const uint16_t *)w.data)[2048 * WR + 1 * 2048 + 5]) == wide_at(1, 2053));
+        CHECK(dg_bf16_to_f32(((const uint16_t *)w.data)[4096 * WR + 2 * 404 + 403]) == wide_at(2, 4499));
+        /* bound again (a tied lm_head): found so */
+        CHECK_EQ_INT(dg_bind_matrix(&b, &tied, DG_SHAPE(WR, WC), "wide"), 0);
+        CHECK(tied.data == w.data && tied.kb == DG_WEIGHT_KB);
+        /* and bf16 compute now reads it blocked, as it lies */
+        b.be = be16;
+        CHECK_EQ_INT(dg_bind_matrix(&b, &w16, DG_SHAPE(WR, WC), "wide"), 0);
+        CHECK(w16.kb == DG_WEIGHT_KB && w16.data == t->data && wide_matches(&w16));
+        b.be = be;
+        /* the other kinds read through the layout; the raw tensor is refused */
+        CHECK_EQ_INT(dg_bind_fp32_host(&b, host, DG_SHAPE(WR, WC), "wide"), 0);
+        int same = 1;
+        for (int i = 0; i < WR * WC; i++) same &= host[i] == wide_at(i / WC, i % WC);
+        CHECK(same);
+        const dg_st_tensor *raw = NULL;
+        CHECK_EQ_INT(dg_bind_find(&b, DG_SHAPE(WR, WC), &raw, "wide"), DG_EMODEL);
+        CHECK_EQ_STR(err, "tensor \"wide\": bound as a matrix already, not readable as stored");
+        CHECK(raw == NULL);
+        /* a backend without the layout (the GPU's kind) gets it row-major again */
+        dg_backend dev = {.weights_blocked = 0, .weight_prepare = copying_prepare};
+        dg_binder bd = {.st = st, .be = &dev, .err = err, .errlen = sizeof err};
+        dg_weight wd = {0};
+        CHECK_EQ_INT(dg_bind_matrix(&bd, &wd, DG_SHAPE(WR, WC), "wide"), 0);
+        CHECK(wd.kb == 0 && wd.data && wd.data != w.data && wide_matches(&wd));
+        CHECK(wd.data && !memcmp(wd.data, wide, sizeof wide));
+        free((void *)wd.data);
+        free(host);
+        dg_buffer_list_release(&owned);
+        dg_st_close(st);
+    }
+    /* a buffer the set borrows is not written: a copy in the binder's list, else row-major */
+    FILE *f = fopen(path, "rb");
+    static uint8_t image[WR * WC * 2 + 4096];
+    const size_t size = f ? fread(image, 1, sizeof image, f) : 0;
+    if (f) fclose(f);
+    dg_st *st = NULL;
+    CHECK_EQ_INT(dg_st_new(&st), 0);
+    CHECK_EQ_INT(dg_st_add_buffer(st, image, size, "image", err, sizeof err), 0);
+    if (be && st && dg_st_find(st, "wide")) {
+        dg_buffer_list owned = {0};
+        dg_binder b = {.st = st, .be = be, .owned = &owned, .err = err, .errlen = sizeof err};
+        dg_weight w = {0}, plain = {0};
+        CHECK_EQ_INT(dg_bind_matrix(&b, &w, DG_SHAPE(WR, WC), "wide"), 0);
+        CHECK(w.kb == DG_WEIGHT_KB && w.data != dg_st_find(st, "wide")->data && owned.n == 1 && wide_matches(&w));
+        CHECK(dg_st_find(st, "wide")->kb == 0);
+        b.owned = NULL;
+        CHECK_EQ_INT(dg_bind_matrix(&b, &plain, DG_SHAPE(WR, WC), "wide"), 0);
+        CHECK(plain.kb == 0 && plain.data == dg_st_find(st, "wide")->data && wide_matches(&plain));
+        dg_buffer_list_release(&owned);
+    }
+    dg_st_close(st);
+    dg_backend_free(be);
+    dg_backend_free(be16);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
 }
 
 int main(void) { return test_main(); }

@@ -34,12 +34,17 @@ int dg_connector_bind(dg_connector *c, const dg_st *st, const int *layers, int n
         snprintf(err, errlen, "connector: out of memory");
         goto fail;
     }
+    /* in the blocked layout where the backend reads that (backend.h) */
+    const int64_t kb = dg_weight_kb_for(be, w->dtype, hidden);
     for (int k = 0; k < n_layers; k++) {
-        char *dst = (char *)c->slices + (size_t)k * d_cond * row;
+        const dg_weight to = {(char *)c->slices + (size_t)k * d_cond * row, w->dtype, d_cond, hidden, kb};
         for (int64_t r = 0; r < d_cond; r++)
-            memcpy(dst + r * row, (const char *)w->data + ((size_t)r * n_layers + k) * row, row);
+            for (int64_t c0 = 0; c0 < hidden; c0 += DG_WEIGHT_KB)
+                memcpy((void *)dg_weight_at(&to, r, c0),
+                       (const char *)w->data + ((size_t)r * n_layers + k) * row + (size_t)c0 * es,
+                       (size_t)(hidden - c0 < DG_WEIGHT_KB ? hidden - c0 : DG_WEIGHT_KB) * es);
         c->layer_of[k] = layers[k];
-        c->slice[k] = (dg_weight){dst, w->dtype, d_cond, hidden};
+        c->slice[k] = to;
         if ((rc = be->weight_prepare(be, &c->slice[k], err, errlen)) < 0) goto fail;
     }
     return 0;

@@ -83,12 +83,21 @@ static size_t elements(const dg_st_tensor *t) {
     return n;
 }
 
+/* Where element i of t's row-major order is stored: i itself, or in the blocked layout
+ * a bind as a matrix gave it (dg_st_block: t read as [shape[0], the rest]). */
+static size_t stored(const dg_st_tensor *t, size_t i) {
+    if (!t->kb) return i;
+    const size_t rows = (size_t)t->shape[0], cols = elements(t) / rows, r = i / cols, c = i % cols,
+                 kb = (size_t)t->kb, b0 = c / kb * kb, bw = cols - b0 < kb ? cols - b0 : kb;
+    return b0 * rows + r * bw + c - b0;
+}
+
 /* dst <- t widened to fp32; a 5-D conv weight [o, i, kt, kh, kw] as [o, kt, i, kh, kw] when
  * kt_first is set. */
 static void widen(const dg_st_tensor *t, int kt_first, float *dst) {
     if (!kt_first) {
         const size_t n = elements(t);
-        for (size_t i = 0; i < n; i++) dst[i] = dg_load_f32(t->data, t->dtype, i);
+        for (size_t i = 0; i < n; i++) dst[i] = dg_load_f32(t->data, t->dtype, stored(t, i));
         return;
     }
     const size_t o = (size_t)t->shape[0], ci = (size_t)t->shape[1], kt = (size_t)t->shape[2];
@@ -98,27 +107,36 @@ static void widen(const dg_st_tensor *t, int kt_first, float *dst) {
             for (size_t k = 0; k < kt; k++)
                 for (size_t p = 0; p < khw; p++)
                     dst[((a * kt + k) * ci + c) * khw + p] =
-                        dg_load_f32(t->data, t->dtype, ((a * ci + c) * kt + k) * khw + p);
+                        dg_load_f32(t->data, t->dtype, stored(t, ((a * ci + c) * kt + k) * khw + p));
+}
+
+/* p recorded in b->owned (a backend buffer of b->be); DG_ENOMEM when the list cannot grow. */
+static int own(dg_binder *b, void *p) {
+    dg_buffer_list *l = b->owned;
+    if (l->n == l->cap) {
+        const int cap = l->cap * 2 + 64;
+        void **q = realloc(l->p, sizeof *q * (size_t)cap);
+        if (!q) return DG_ENOMEM;
+        l->p = q;
+        l->cap = cap;
+    }
+    l->be = b->be;
+    l->p[l->n++] = p;
+    return 0;
 }
 
 /* *out = a backend buffer holding t widened (see widen), recorded in b->owned. */
 static int upload(dg_binder *b, const dg_st_tensor *t, int kt_first, float **out) {
-    dg_buffer_list *l = b->owned;
     const size_t n = elements(t);
     float *host = malloc(n * sizeof(float)), *dev = NULL;
     if (!host) goto nomem;
-    if (l->n == l->cap) {
-        const int cap = l->cap * 2 + 64;
-        void **p = realloc(l->p, sizeof *p * (size_t)cap);
-        if (!p) goto nomem;
-        l->p = p;
-        l->cap = cap;
-    }
     widen(t, kt_first, host);
     if (!(dev = b->be->alloc(b->be, n * sizeof(float)))) goto nomem;
+    if (own(b, dev) < 0) {
+        b->be->release(b->be, dev);
+        goto nomem;
+    }
     b->be->upload(b->be, dev, host, (int64_t)n);
-    l->be = b->be;
-    l->p[l->n++] = dev;
     free(host);
     *out = dev;
     return 0;
@@ -132,6 +150,10 @@ int dg_bind_find(dg_binder *b, dg_shape shape, const dg_st_tensor **out, const c
     va_start(ap, fmt);
     *out = lookup(b, &shape, fmt, ap);
     va_end(ap);
+    if (*out && (*out)->kb) {   /* its bytes are a matrix's blocked layout now, not as stored */
+        fail(b, DG_EMODEL, "tensor \"%s\": bound as a matrix already, not readable as stored", (*out)->name);
+        *out = NULL;
+    }
     return *out ? 0 : b->rc;
 }
 
@@ -152,8 +174,41 @@ int dg_bind_matrix(dg_binder *b, dg_weight *w, dg_shape shape, const char *fmt, 
     if (!t) return b->rc;
     int64_t cols = 1;
     for (int i = 1; i < shape.n_dims; i++) cols *= shape.dims[i];
-    *w = (dg_weight){t->data, t->dtype, shape.dims[0], cols};
+    const int64_t rows = shape.dims[0], kb = dg_weight_kb_for(b->be, t->dtype, cols);
+    *w = (dg_weight){t->data, t->dtype, rows, cols, t->kb};
+    void *copy = NULL, *temp = NULL;
+    if (kb && !t->kb) {
+        /* rewritten where it lies; where the set borrows the buffer, a copy kept by the
+         * network (no list: left row-major, which the kernels also read) */
+        const int rc = dg_st_block(b->st, t, rows, cols, kb);
+        if (rc < 0) return fail(b, rc, "tensor \"%s\": out of memory", t->name);
+        if (rc == 0) {
+            w->kb = kb;
+        } else if (b->owned) {
+            copy = b->be->alloc(b->be, (size_t)rows * (size_t)cols * dg_dtype_size(t->dtype));
+            if (!copy || own(b, copy) < 0) {
+                if (copy) b->be->release(b->be, copy);
+                return fail(b, DG_ENOMEM, "tensor \"%s\": out of memory", t->name);
+            }
+        }
+    } else if (t->kb && !b->be->weights_blocked) {
+        /* another backend's bind rewrote it: row-major again for this one's weight_prepare,
+         * which copies (a CPU backend reads it blocked as it is) */
+        if (!(temp = malloc((size_t)rows * (size_t)cols * dg_dtype_size(t->dtype))))
+            return fail(b, DG_ENOMEM, "tensor \"%s\": out of memory", t->name);
+    }
+    if (copy || temp) {
+        const size_t es = dg_dtype_size(t->dtype);
+        const dg_weight to = {copy ? copy : temp, t->dtype, rows, cols, copy ? kb : 0};
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c += DG_WEIGHT_KB)
+                memcpy((void *)dg_weight_at(&to, r, c), dg_weight_at(w, r, c),
+                       (size_t)(cols - c < DG_WEIGHT_KB ? cols - c : DG_WEIGHT_KB) * es);
+        *w = to;
+    }
     const int rc = b->be->weight_prepare(b->be, w, b->err, b->errlen);
+    free(temp);
+    if (rc < 0 && temp) w->data = NULL;
     return rc < 0 ? (b->rc = rc) : 0;
 }
 

@@ -9,7 +9,14 @@
  *   dg_bind_matrix     a dg_weight view of the mapped tensor, made usable by
  *                      be->weight_prepare (CPU: read in place, so the dg_st must outlive
  *                      the network; GPU: a device copy); any rank, used as the
- *                      [shape[0], product of the rest] matrix of its row-major layout;
+ *                      [shape[0], product of the rest] matrix of its row-major layout.
+ *                      Where dg_weight_kb_for asks for the blocked layout (backend.h; the
+ *                      CPU, wide matrices), the tensor is rewritten where it lies
+ *                      (dg_st_block; a second bind, a tied lm_head, finds it so), or where
+ *                      the set only borrows its buffer, copied into the binder's buffer
+ *                      list (no list: left row-major, which the kernels also read). A
+ *                      backend without weights_blocked gets a row-major copy of a tensor
+ *                      that another backend's bind rewrote, for its weight_prepare;
  *   dg_bind_fp32_host  a small tensor (norm weight, bias) widened to fp32 into the
  *                      caller's host array (a network that uploads all of them at once);
  *   dg_bind_fp32       the same into a backend buffer of its own, kept in the binder's
@@ -18,7 +25,8 @@
  *                      [o, i, kt, kh, kw] is stored [o, kt, i, kh, kw] (backend.h's conv3d
  *                      layout), a 4-D [o, i, kh, kw] as it is (kt = 1);
  *   dg_bind_find       the checked tensor itself, for a network that lays it out its own
- *                      way (the connector's column blocks);
+ *                      way (the connector's column blocks); DG_EMODEL for a tensor a bind
+ *                      as a matrix rewrote (the other kinds read it through the layout);
  *   dg_bind_has        whether an optional tensor is there (bind it only then).
  *
  * Dtypes: every kind reads the three stored dtypes dtype.h names (BF16, F16, F32): each

@@ -80,7 +80,7 @@ static void cpu_release(dg_backend *be, void *p) { (void)be; free(p); }
 
 static int cpu_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t errlen) {
     (void)be; (void)w; (void)err; (void)errlen;
-    return 0;   /* the ops read the mapped tensor in place */
+    return 0;   /* the ops read the mapped tensor in place, in either layout (backend.h) */
 }
 
 static void cpu_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w,
@@ -179,6 +179,7 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->n_threads = c->n_threads;
     be->kv_bf16 = 1;
     be->rows_exact = 1;
+    be->weights_blocked = 1;
     be->bf16_compute = c->bf16_compute;
     be->free = cpu_free;
     be->fork = cpu_fork;

@@ -6,7 +6,13 @@
  * dtype (bf16: half the bytes of fp32), widened in registers. One row at a time: the
  * weights are then one sequential stream. (Four rows side by side read four short
  * interleaved streams, which the hardware prefetcher follows badly: 8.5 GB/s against
- * 19-21 GB/s for one stream, measured again on this project's EPYC for this order.)
+ * 19-21 GB/s for one stream, measured again on this project's EPYC for this order.) A
+ * weight whose row of x is long is stored in blocks of DG_WEIGHT_KB columns (backend.h
+ * dg_weight_kb_for), and the GEMV takes it a block at a time over all its rows (gemv_span),
+ * the sums of the blocks before waiting in y: one stream still, with only the block's part
+ * of x in L1. (Row-major, the fp32 x of the down projection, 19 KB, shared the 32 KB L1
+ * with the weight stream and the matrix was read at 16-17 GB/s; in blocks 31, as the
+ * others.)
  *
  * GEMM. Dot-product tiles (the tinyBLAS approach): each output of an mr x nr tile has its
  * own 16-lane accumulator over k, so the tile computes each output exactly as the GEMV
@@ -35,20 +41,22 @@
 #define PORTABLE_NR 4
 
 static void rows_portable(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
-                          int64_t r1) {
-    const int64_t k = w->cols;
+                          int64_t r1, int64_t p0, int64_t p1) {
+    const int64_t k = w->cols, ld = dg_weight_ld(w, p0);
+    const size_t es = dg_dtype_size(w->dtype);
+    const char *w0 = dg_weight_at(w, 0, p0);   /* row r's column p0 + j: w0 + (r·ld + j)·es */
     for (int64_t r = r0; r < r1; r++) {
-        float s = 0.0f;
-        for (int64_t k0 = 0; k0 < k; k0 += DG_MATMUL_KB) {
+        float s = p0 ? y[r] : 0.0f;   /* the sum of the blocks before p0 */
+        for (int64_t k0 = p0; k0 < p1; k0 += DG_MATMUL_KB) {
             const int64_t end = k0 + DG_MATMUL_KB < k ? k0 + DG_MATMUL_KB : k;
             float a[DG_MATMUL_LANES] = {0};
             for (int64_t j = k0; j < k0 + (end - k0 + 15) / 16 * 16; j++) {
-                const float wv = j < k ? dg_load_f32(w->data, w->dtype, (size_t)(r * k + j)) : 0.0f;
+                const float wv = j < k ? dg_load_f32(w0 + (size_t)(r * ld) * es, w->dtype, (size_t)(j - p0)) : 0.0f;
                 a[(j - k0) % 16] += (j < k ? x[j] : 0.0f) * wv;
             }
             s = k0 == 0 ? dg_matmul_reduce16(a) : s + dg_matmul_reduce16(a);
         }
-        y[r] = bias ? s + bias[r] : s;
+        y[r] = p1 == k && bias ? s + bias[r] : s;
     }
 }
 
@@ -60,9 +68,7 @@ static void pack_portable(float *panel, const dg_weight *w, int64_t r0, int nn, 
             for (int l = 0; l < 16; l++) {
                 const int64_t col = s * 16 + l;
                 panel[(s * nr + j) * 16 + l] =
-                    j < nn && col < kc
-                        ? dg_load_f32(w->data, w->dtype, (size_t)((r0 + j) * w->cols + k0 + col))
-                        : 0.0f;
+                    j < nn && col < kc ? dg_load_f32(dg_weight_at(w, r0 + j, k0), w->dtype, (size_t)col) : 0.0f;
             }
 }
 
@@ -102,12 +108,24 @@ static int64_t gemv_tile(const dg_cpu *c, int64_t n) {
     return per >= 64 ? 64 : per <= 16 ? 16 : (per + 15) / 16 * 16;
 }
 
+/* The columns a GEMV reads in one pass over W's rows: all of k where W is row-major (each
+ * row to its end, one stream), one block at a time where it is blocked (backend.h: each
+ * block one stream, and only the block's part of x in L1). Taken a block at a time but
+ * each tile's rows through all the blocks, the blocks were three streams in turn, and the
+ * down projection read at 29-31 GB/s against 33 in bf16 compute. */
+static int64_t gemv_span(const dg_weight *w) { return w->kb ? w->kb : w->cols; }
+
 static void gemv(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const float *x,
                  const dg_weight *w, const float *bias) {
-    const int64_t n = w->rows, tile = gemv_tile(c, n), n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, k = w->cols, span = gemv_span(w), tile = gemv_tile(c, n),
+                  n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
+    for (int64_t p0 = 0; p0 < k; p0 += span) {
+        const int64_t p1 = k - p0 < span ? k : p0 + span;
 #pragma omp parallel for num_threads(nt) schedule(guided)
-    for (int64_t t = 0; t < n_tiles; t++) K->rows(y, x, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
+        for (int64_t t = 0; t < n_tiles; t++)
+            K->rows(y, x, w, bias, t * tile, (t + 1) * tile < n ? (t + 1) * tile : n, p0, p1);
+    }
 }
 
 /* The tile of W rows for a GEMV of m rows of x over kc columns of esize bytes: gemv_tile's;
@@ -124,15 +142,18 @@ static int64_t gemv_tile_for(const dg_cpu *c, int64_t n, int m, int64_t kc, int6
  * split as the GEMV splits them, each read once from memory for all of x's rows. */
 static void gemv_multi(const dg_cpu *c, const dg_matmul_kernels *K, float *y, const float *x,
                        const dg_weight *w, const float *bias, int m) {
-    const int64_t n = w->rows, k = w->cols,
-                  tile = gemv_tile_for(c, n, m, k, (int64_t)dg_dtype_size(w->dtype)),
+    const int64_t n = w->rows, k = w->cols, span = gemv_span(w),
+                  tile = gemv_tile_for(c, n, m, span < k ? span : k, (int64_t)dg_dtype_size(w->dtype)),
                   n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
+    for (int64_t p0 = 0; p0 < k; p0 += span) {
+        const int64_t p1 = k - p0 < span ? k : p0 + span;
 #pragma omp parallel for num_threads(nt) schedule(guided)
-    for (int64_t t = 0; t < n_tiles; t++)
-        for (int i = 0; i < m; i += DG_MATMUL_GEMV_ROWS)
-            K->rows_multi(y + i * n, x + i * k, m - i < DG_MATMUL_GEMV_ROWS ? m - i : DG_MATMUL_GEMV_ROWS, w, bias,
-                          t * tile, (t + 1) * tile < n ? (t + 1) * tile : n);
+        for (int64_t t = 0; t < n_tiles; t++)
+            for (int i = 0; i < m; i += DG_MATMUL_GEMV_ROWS)
+                K->rows_multi(y + i * n, x + i * k, m - i < DG_MATMUL_GEMV_ROWS ? m - i : DG_MATMUL_GEMV_ROWS, w, bias,
+                              t * tile, (t + 1) * tile < n ? (t + 1) * tile : n, p0, p1);
+    }
 }
 
 /* A block of W: rows r0 .. r0+nn-1, columns k0 .. k0+kc-1 (nn = 0: none). */
@@ -145,9 +166,12 @@ typedef struct {
  * per tile of the panel before it, so that packing does not wait on memory (it did, for a
  * tenth of the GEMM's time) and the requests do not come in one burst. */
 static void prefetch_slice(const dg_weight *w, w_block b, int part, int parts) {
-    const int64_t esize = (int64_t)dg_dtype_size(w->dtype), lines = (b.kc * esize + 63) / 64;
+    if (b.nn <= 0) return;
+    const int64_t esize = (int64_t)dg_dtype_size(w->dtype), lines = (b.kc * esize + 63) / 64,
+                  ld = dg_weight_ld(w, b.k0) * esize;
+    const char *w0 = dg_weight_at(w, b.r0, b.k0);
     for (int64_t q = b.nn * lines * part / parts; q < b.nn * lines * (part + 1) / parts; q++)
-        __builtin_prefetch((const char *)w->data + ((b.r0 + q / lines) * w->cols + b.k0) * esize + q % lines * 64, 0, 2);
+        __builtin_prefetch(w0 + q / lines * ld + q % lines * 64, 0, 2);
 }
 
 /* The panel a task packs after the one of rows n0 + p (nr of them) in the block of k at k0
@@ -233,14 +257,18 @@ typedef struct {
  * end before the next row (the kernels walk the blocks). */
 static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
-    const int64_t n = w->rows, tile = gemv_tile_for(c, n, s->mi, s->kc, 2), n_tiles = (n + tile - 1) / tile;
+    const int64_t n = w->rows, span = w->kb ? w->kb : s->kc,   /* gemv_span within x's span */
+                  tile = gemv_tile_for(c, n, s->mi, span < s->kc ? span : s->kc, 2), n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
+    for (int64_t b = 0; b < s->kc; b += span) {
+        const int64_t bc = s->kc - b < span ? s->kc - b : span;
 #pragma omp parallel for num_threads(nt) schedule(guided)
-    for (int64_t t = 0; t < n_tiles; t++)
-        for (int i = 0; i < s->mi; i += DG_MATMUL_GEMV_ROWS)
-            K->rows(y + i * n, n, s->xb + i * s->ld, s->ld,
-                    s->mi - i < DG_MATMUL_GEMV_ROWS ? s->mi - i : DG_MATMUL_GEMV_ROWS, w, t * tile,
-                    (t + 1) * tile < n ? (t + 1) * tile : n, s->k0, s->kc, bias);
+        for (int64_t t = 0; t < n_tiles; t++)
+            for (int i = 0; i < s->mi; i += DG_MATMUL_GEMV_ROWS)
+                K->rows(y + i * n, n, s->xb + i * s->ld + b, s->ld,
+                        s->mi - i < DG_MATMUL_GEMV_ROWS ? s->mi - i : DG_MATMUL_GEMV_ROWS, w, t * tile,
+                        (t + 1) * tile < n ? (t + 1) * tile : n, s->k0 + b, bc, bias);
+    }
 }
 
 /* The bf16 GEMM's task: rows n0 .. n0+nc-1 of W against all the span's rows of x. For each

@@ -107,14 +107,17 @@
 /* One instruction set's kernels. */
 typedef struct {
     int mr, nr;                /* tile: rows of x, rows of W */
-    /* GEMV: y[r] for W rows r0 <= r < r1, in the canonical order, from x[k]. */
+    /* GEMV: y[r] for W rows r0 <= r < r1, in the canonical order, from x[k], over the
+     * columns p0 .. p1-1 (a GEMV span, matmul.c: all of k, or one block of W's blocked
+     * layout), each row of W read across the span before the next: the sum of the blocks
+     * before p0 is taken from y, the bias added when p1 = k. */
     void (*rows)(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
-                 int64_t r1);
+                 int64_t r1, int64_t p0, int64_t p1);
     /* The GEMV of m = 2 .. DG_MATMUL_GEMV_ROWS rows of x [m, k]: y[i·w.rows + r] for W rows
-     * r0 <= r < r1, each the same bits as `rows` gives for x's row i. NULL: such m go to
-     * the GEMM (the AVX2 and portable kernels). */
+     * r0 <= r < r1 over the span, each the same bits as `rows` gives for x's row i. NULL:
+     * such m go to the GEMM (the AVX2 and portable kernels). */
     void (*rows_multi)(float *y, const float *x, int m, const dg_weight *w, const float *bias,
-                       int64_t r0, int64_t r1);
+                       int64_t r0, int64_t r1, int64_t p0, int64_t p1);
     /* panel[ceil(kc/16)][nr][16] = W rows r0 .. r0+nn-1, columns k0 .. k0+kc-1, as fp32;
      * rows nn .. nr-1 and the columns past kc are zeros. kc <= KB. */
     void (*pack)(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
@@ -130,7 +133,7 @@ extern const dg_matmul_kernels dg_matmul_portable, dg_matmul_avx2, dg_matmul_avx
 
 /* The GEMV and the panel packing of the AVX2 file, which the AVX-512 kernels share. */
 void dg_matmul_rows_avx2(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
-                         int64_t r1);
+                         int64_t r1, int64_t p0, int64_t p1);
 void dg_matmul_pack_avx2(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                          int64_t kc);
 
@@ -181,11 +184,12 @@ typedef struct {
     void (*round)(uint16_t *xb, int64_t ldxb, const float *x, int64_t ldx, int m, int64_t kc);
     /* The GEMV of m = 1 .. DG_MATMUL_GEMV_ROWS rounded rows of x over columns k0 .. k0+kc-1
      * (k0 a multiple of DG_MATMUL_BF16_KB: whole blocks of the order, the last perhaps
-     * shorter), W read where it lies: y[i·ldy + r] for W rows r0 <= r < r1, steps 1-3 of
-     * the order block after block (into y: the first block of k sets it, the others add),
-     * then 4 after k's last block. Each row of W is read to the span's end before the next
-     * (decode's weights are then one sequential stream: walked block by block, the
-     * 896 x 4864 matrix was read at 12 GB/s against 33 here). */
+     * shorter; a GEMV span, matmul.c: one block where W is in the blocked layout), W read
+     * where it lies: y[i·ldy + r] for W rows r0 <= r < r1, steps 1-3 of the order block
+     * after block (into y: the first block of k sets it, the others add), then 4 after k's
+     * last block. Each row of W is read to the span's end before the next (decode's weights
+     * are then one sequential stream: walked block by block over a row-major W, the 896 x
+     * 4864 matrix was read at 12 GB/s against 33 here). */
     void (*rows)(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
                  int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias);
     /* An rm x nr tile (rm <= mr) over one block of kc columns: rounded x rows at

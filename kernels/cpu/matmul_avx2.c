@@ -38,19 +38,20 @@ TARGET INLINE __m256i first_lanes(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* ---- GEMV: one row at a time; the tail of k through zero-padded copies ---- */
+/* ---- GEMV: one row at a time over the span; the tail of k through zero-padded copies ---- */
 
 #define ROWS(NAME, T, LOAD)                                                                     \
     TARGET static void NAME(float *y, const float *x, const dg_weight *w, const float *bias,   \
-                            int64_t r0, int64_t r1) {                                           \
-        const int64_t k = w->cols, end = k / 16 * 16;                                           \
+                            int64_t r0, int64_t r1, int64_t p0, int64_t p1) {                   \
+        const int64_t k = w->cols, end = k / 16 * 16, ld = dg_weight_ld(w, p0);                 \
         const int tail = (int)(k % 16);                                                         \
+        const T *w0 = (const T *)dg_weight_at(w, 0, p0) - p0;   /* row r: w0 + r·ld, at [p0, p1) */ \
         float xt[16] = {0};                                                                     \
         memcpy(xt, x + end, sizeof(float) * (size_t)tail);                                      \
         for (int64_t r = r0; r < r1; r++) {                                                     \
-            const T *wr = (const T *)w->data + r * k;                                           \
-            float s = 0.0f;                                                                     \
-            for (int64_t k0 = 0; k0 < k; k0 += DG_MATMUL_KB) {                                  \
+            const T *wr = w0 + r * ld;                                                          \
+            float s = p0 ? y[r] : 0.0f;   /* the sum of the blocks before p0 */                 \
+            for (int64_t k0 = p0; k0 < p1; k0 += DG_MATMUL_KB) {                                \
                 const int64_t k1 = k0 + DG_MATMUL_KB < end ? k0 + DG_MATMUL_KB : end;           \
                 __m256 lo = _mm256_setzero_ps(), hi = lo;                                       \
                 for (int64_t j = k0; j < k1; j += 16) {                                         \
@@ -65,7 +66,7 @@ TARGET INLINE __m256i first_lanes(int n) {
                 }                                                                               \
                 s = k0 == 0 ? reduce(lo, hi) : s + reduce(lo, hi);                              \
             }                                                                                   \
-            y[r] = bias ? s + bias[r] : s;                                                      \
+            y[r] = p1 == k && bias ? s + bias[r] : s;                                           \
         }                                                                                       \
     }
 
@@ -74,10 +75,10 @@ ROWS(rows_f16, uint16_t, load_f16)
 ROWS(rows_f32, float, load_f32)
 
 void dg_matmul_rows_avx2(float *y, const float *x, const dg_weight *w, const float *bias, int64_t r0,
-                         int64_t r1) {
-    if (w->dtype == DG_DTYPE_BF16) rows_bf16(y, x, w, bias, r0, r1);
-    else if (w->dtype == DG_DTYPE_F16) rows_f16(y, x, w, bias, r0, r1);
-    else rows_f32(y, x, w, bias, r0, r1);
+                         int64_t r1, int64_t p0, int64_t p1) {
+    if (w->dtype == DG_DTYPE_BF16) rows_bf16(y, x, w, bias, r0, r1, p0, p1);
+    else if (w->dtype == DG_DTYPE_F16) rows_f16(y, x, w, bias, r0, r1, p0, p1);
+    else rows_f32(y, x, w, bias, r0, r1, p0, p1);
 }
 
 /* ---- panel packing (dg_matmul_kernels.pack) ---- */
@@ -103,18 +104,19 @@ PACK_ROW(pack_row_f32, float, load_f32)
 
 TARGET void dg_matmul_pack_avx2(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                                 int64_t kc) {
-    const int64_t steps = (kc + 15) / 16;
+    const int64_t steps = (kc + 15) / 16, ld = dg_weight_ld(w, k0), es = (int64_t)dg_dtype_size(w->dtype);
+    const char *w0 = dg_weight_at(w, r0, k0);
     for (int j = 0; j < nr; j++) {
         float *p = panel + j * 16;
-        const int64_t off = (r0 + j) * w->cols + k0;
+        const void *src = j < nn ? w0 + j * ld * es : NULL;
         if (j >= nn) {
             for (int64_t s = 0; s < steps; s++) memset(p + s * nr * 16, 0, sizeof(float) * 16);
         } else if (w->dtype == DG_DTYPE_BF16) {
-            pack_row_bf16(p, (const uint16_t *)w->data + off, nr, kc);
+            pack_row_bf16(p, src, nr, kc);
         } else if (w->dtype == DG_DTYPE_F16) {
-            pack_row_f16(p, (const uint16_t *)w->data + off, nr, kc);
+            pack_row_f16(p, src, nr, kc);
         } else {
-            pack_row_f32(p, (const float *)w->data + off, nr, kc);
+            pack_row_f32(p, src, nr, kc);
         }
     }
 }

@@ -77,37 +77,42 @@ ZMM_TILES(float)
  * 106 -> 87, 2 rows 50 -> 48). */
 #define ROWS_MULTI(NAME, T, LOAD)                                                               \
     TARGET static void NAME(float *y, const float *x, int m, const dg_weight *w,               \
-                            const float *bias, int64_t r0, int64_t r1) {                        \
-        const int64_t k = w->cols, n = w->rows, end = k / 16 * 16;                              \
+                            const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1) { \
+        const int64_t k = w->cols, n = w->rows, end = k / 16 * 16, ld = dg_weight_ld(w, p0);    \
         const int tail = (int)(k % 16);                                                         \
         const __mmask16 tmask = (__mmask16)((1u << tail) - 1);                                  \
+        const T *w0 = (const T *)dg_weight_at(w, 0, p0) - p0;   /* row r: w0 + r·ld, at [p0, p1) */ \
         for (int64_t rb = r0; rb < r1; rb += 4) {                                               \
-            const char *nxt = rb + 8 <= n ? (const char *)((const T *)w->data + (rb + 4) * k) : NULL; \
+            /* the next 4 rows follow these (the span's rows are ld apart, contiguous) */       \
+            const char *nxt = rb + 8 <= n ? (const char *)(w0 + (rb + 4) * ld + p0) : NULL;     \
             const T *wr[4];                                                                     \
             T wt[4][16];                                                                        \
             for (int j = 0; j < 4; j++) {                                                       \
-                wr[j] = (const T *)w->data + (rb + j < r1 ? rb + j : r1 - 1) * k;               \
+                wr[j] = w0 + (rb + j < r1 ? rb + j : r1 - 1) * ld;                              \
                 memset(wt[j], 0, sizeof wt[j]);                                                 \
-                memcpy(wt[j], wr[j] + end, sizeof(T) * (size_t)tail);                           \
+                if (p1 == k) memcpy(wt[j], wr[j] + end, sizeof(T) * (size_t)tail);              \
             }                                                                                   \
-            const char *grp = (const char *)((const T *)w->data + rb * k);                     \
+            const char *grp = (const char *)(w0 + rb * ld + p0);                                \
             for (int i0 = 0; i0 < m; i0 += 4) {                                                 \
                 const int far = m >= FAR_ROWS && i0 == 0;                                       \
                 const float *xr[4];                                                             \
                 for (int i = 0; i < 4; i++) xr[i] = x + (i0 + i < m ? i0 + i : m - 1) * k;       \
                 float s[4][4];                                                                  \
-                for (int64_t k0 = 0; k0 < k; k0 += DG_MATMUL_KB) {                              \
+                for (int i = 0; i < 4 && p0; i++)   /* the sums of the blocks before p0 */       \
+                    for (int j = 0; j < 4; j++)                                                 \
+                        s[i][j] = i0 + i < m && rb + j < r1 ? y[(i0 + i) * n + rb + j] : 0.0f;  \
+                for (int64_t k0 = p0; k0 < p1; k0 += DG_MATMUL_KB) {                            \
                     const int64_t k1 = k0 + DG_MATMUL_KB < end ? k0 + DG_MATMUL_KB : end;       \
                     __m512 a[4][4];                                                             \
                     _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)                         \
                         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps(); \
                     for (int64_t c = k0; c < k1; c += 16) {                                     \
-                        /* the next 4 rows (contiguous) at the pace of these: a step's share */ \
+                        /* the next 4 rows at the pace of these: a step's share */              \
                         for (int l = 0; l < (int)sizeof(T) && nxt; l++)                         \
-                            _mm_prefetch(nxt + (c / 16 * (int)sizeof(T) + l) * 64, _MM_HINT_T0); \
+                            _mm_prefetch(nxt + ((c - p0) / 16 * (int)sizeof(T) + l) * 64, _MM_HINT_T0); \
                         if (far)                                                                \
                             for (int l = 0; l < (int)sizeof(T); l++)                            \
-                                _mm_prefetch(grp + (c / 16 * (int)sizeof(T) + l) * 64 + FAR, _MM_HINT_T1); \
+                                _mm_prefetch(grp + ((c - p0) / 16 * (int)sizeof(T) + l) * 64 + FAR, _MM_HINT_T1); \
                         __m512 wv[4];                                                           \
                         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = LOAD(wr[j] + c); \
                         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {                   \
@@ -127,11 +132,11 @@ ZMM_TILES(float)
                     }                                                                           \
                     for (int i = 0; i < 4; i++)                                                 \
                         for (int j = 0; j < 4; j++)                                             \
-                            s[i][j] = k0 == 0 ? zmm_reduce(a[i][j]) : s[i][j] + zmm_reduce(a[i][j]);    \
+                            s[i][j] = k0 == 0 ? zmm_reduce(a[i][j]) : s[i][j] + zmm_reduce(a[i][j]); \
                 }                                                                               \
                 for (int i = 0; i < 4 && i0 + i < m; i++)                                       \
                     for (int j = 0; j < 4 && rb + j < r1; j++)                                  \
-                        y[(i0 + i) * n + rb + j] = bias ? s[i][j] + bias[rb + j] : s[i][j];     \
+                        y[(i0 + i) * n + rb + j] = p1 == k && bias ? s[i][j] + bias[rb + j] : s[i][j]; \
             }                                                                                   \
         }                                                                                       \
     }
@@ -147,10 +152,10 @@ ROWS_MULTI(rows_multi_f16, uint16_t, load16_f16)
 ROWS_MULTI(rows_multi_f32, float, load16_f32)
 
 static void rows_multi(float *y, const float *x, int m, const dg_weight *w, const float *bias, int64_t r0,
-                       int64_t r1) {
-    if (w->dtype == DG_DTYPE_BF16) rows_multi_bf16(y, x, m, w, bias, r0, r1);
-    else if (w->dtype == DG_DTYPE_F16) rows_multi_f16(y, x, m, w, bias, r0, r1);
-    else rows_multi_f32(y, x, m, w, bias, r0, r1);
+                       int64_t r1, int64_t p0, int64_t p1) {
+    if (w->dtype == DG_DTYPE_BF16) rows_multi_bf16(y, x, m, w, bias, r0, r1, p0, p1);
+    else if (w->dtype == DG_DTYPE_F16) rows_multi_f16(y, x, m, w, bias, r0, r1, p0, p1);
+    else rows_multi_f32(y, x, m, w, bias, r0, r1, p0, p1);
 }
 
 const dg_matmul_kernels dg_matmul_avx512 = {MR, NR, dg_matmul_rows_avx2, rows_multi, dg_matmul_pack_avx2, tile};

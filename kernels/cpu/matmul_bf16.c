@@ -134,8 +134,9 @@ ZMM_TILES(uint16_t)
  * with the far prefetch, M = 3 and 4 took 0.9x the time of one row a group).
  * Each group reads its rows to the span's end, block after block, before the next group:
  * rows longer than a block (the MLP's down projection, k = 4864) are then still one
- * stream; walked a block of 64 rows at a time, that matrix was read at 12 GB/s against
- * 33 for the others, and a decode token took 41 ms of products instead of 33. Measured
+ * stream where W is row-major; walked a block of 64 rows at a time, that matrix was read
+ * at 12 GB/s against 33 for the others, and a decode token took 41 ms of products instead
+ * of 33. Where W is in blocks (backend.h) the span is one block (matmul.c). Measured
  * on the small preset's matrices (a decode step's 988 MB in huge pages, one thread, the
  * median of 15): M = 1 and 2 32-34 ms (~30 GB/s, at the machine's read rate), M = 3 and 4
  * 42-45, M = 8 50 (8 rows' products at ~160 GFLOP/s: the instruction's rate from L1 is
@@ -144,19 +145,19 @@ ZMM_TILES(uint16_t)
 #define ROWS(M, G)                                                                              \
     TARGET static void rows##M(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, const dg_weight *w, \
                                int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias) { \
-        const uint16_t *base = (const uint16_t *)w->data;                                      \
-        const int64_t k = w->cols;                                                              \
+        const int64_t k = w->cols, ld = dg_weight_ld(w, k0);                                    \
+        const uint16_t *w0 = dg_weight_at(w, 0, k0);   /* row r's column k0 + b: w0 + r·ld + b */ \
         for (int64_t rb = r0; rb < r1; rb += G) {                                               \
             const uint16_t *row[G], *wr[G], *nx[G];                                             \
-            for (int j = 0; j < G; j++) row[j] = base + (rb + j < r1 ? rb + j : r1 - 1) * k;    \
+            for (int j = 0; j < G; j++) row[j] = w0 + (rb + j < r1 ? rb + j : r1 - 1) * ld;     \
             for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {                               \
                 const int64_t bc = kc - b < DG_MATMUL_BF16_KB ? kc - b : DG_MATMUL_BF16_KB;     \
                 const int flags = dg_matmul_block_flags(k0 + b, bc, k);                         \
                 /* prefetched: these rows' next block, else the next group's first */          \
                 const int more = b + bc < kc, next = more || rb + G < r1;                       \
                 for (int j = 0; j < G; j++) {                                                   \
-                    wr[j] = row[j] + k0 + b;                                                    \
-                    nx[j] = more ? wr[j] + bc : base + (rb + G + j < r1 ? rb + G + j : r1 - 1) * k + k0; \
+                    wr[j] = row[j] + b;                                                         \
+                    nx[j] = more ? wr[j] + bc : w0 + (rb + G + j < r1 ? rb + G + j : r1 - 1) * ld; \
                 }                                                                               \
                 __m512 a[ROWS_X][NR];                                                           \
                 accumulate(M, G, a, xb + b, ldxb, wr, bc / 32, (__mmask32)((1ull << (bc % 32)) - 1), \

@@ -36,17 +36,17 @@ static unsigned lane_steps_begin(void) {
 
 void dg_matmul_bf16_pack(uint16_t *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                          int64_t kc) {
-    const int64_t steps = (kc + 31) / 32;
-    const uint16_t *base = (const uint16_t *)w->data;
+    const int64_t steps = (kc + 31) / 32, ld = dg_weight_ld(w, k0);
+    const uint16_t *w0 = dg_weight_at(w, r0, k0);
     for (int j = 0; j < nr; j++) {
-        const uint16_t *src = base + (r0 + j) * w->cols + k0;
+        const uint16_t *src = j < nn ? w0 + j * ld : NULL;
         const int64_t full = j < nn ? kc / 32 : 0;
         for (int64_t s = 0; s < full; s++) memcpy(panel + (s * nr + j) * 32, src + s * 32, 64);
         for (int64_t s = full; s < steps; s++) {   /* the tail, and rows past nn */
             uint16_t *p = panel + (s * nr + j) * 32;
             const int64_t n = j < nn ? kc - s * 32 : 0;
             memset(p, 0, 64);
-            memcpy(p, src + s * 32, sizeof(uint16_t) * (size_t)n);
+            if (n > 0) memcpy(p, src + s * 32, sizeof(uint16_t) * (size_t)n);
         }
     }
 }
@@ -95,13 +95,15 @@ static void round_portable(uint16_t *xb, int64_t ldxb, const float *x, int64_t l
 
 static void rows_portable(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m, const dg_weight *w,
                           int64_t r0, int64_t r1, int64_t k0, int64_t kc, const float *bias) {
+    const uint16_t *w0 = dg_weight_at(w, 0, k0);   /* row r's column k0 + b: w0 + r·ld + b */
+    const int64_t ld = dg_weight_ld(w, k0);
     for (int64_t r = r0; r < r1; r++)
         for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {
             const int64_t bc = kc - b < DG_MATMUL_BF16_KB ? kc - b : DG_MATMUL_BF16_KB;
             for (int i = 0; i < m; i++) {
                 float acc[L] = {0};
                 const unsigned csr = lane_steps_begin();
-                steps_portable(acc, xb + i * ldxb + b, (const uint16_t *)w->data + r * w->cols + k0 + b, bc);
+                steps_portable(acc, xb + i * ldxb + b, w0 + r * ld + b, bc);
                 _mm_setcsr(csr);
                 finish1(acc, dg_matmul_block_flags(k0 + b, bc, w->cols), y + i * ldy + r, bias ? bias + r : NULL);
             }
@@ -211,6 +213,8 @@ static void rows_avx2(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, i
     enum { CHUNK = 16 };
     float acc[CHUNK + 1][DG_MATMUL_GEMV_ROWS][L];   /* [W row of the chunk][x row]; the last: a
                                                        repeated row's, not stored */
+    const uint16_t *w0 = dg_weight_at(w, 0, k0);     /* row r's column k0 + b: w0 + r·ld + b */
+    const int64_t ld = dg_weight_ld(w, k0);
     for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
         const int nc = r1 - c0 < CHUNK ? (int)(r1 - c0) : CHUNK;
         for (int64_t b = 0; b < kc; b += DG_MATMUL_BF16_KB) {
@@ -222,7 +226,7 @@ static void rows_avx2(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, i
                 const uint16_t *wr[2], *wt[2];
                 uint16_t t[2][32] = {{0}};
                 for (int q = 0; q < 2; q++) {
-                    wr[q] = (const uint16_t *)w->data + (c0 + (j + q < nc ? j + q : j)) * w->cols + k0 + b;
+                    wr[q] = w0 + (c0 + (j + q < nc ? j + q : j)) * ld + b;
                     memcpy(t[q], wr[q] + steps * 32, sizeof(uint16_t) * (size_t)tail);
                     wt[q] = t[q];
                 }

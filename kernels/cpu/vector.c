@@ -29,12 +29,13 @@ void dg_cpu_widen_bf16(int simd, float *dst, const uint16_t *src, int64_t n) {
 }
 
 void dg_cpu_rows_f32(int simd, float *dst, const dg_weight *w, int64_t r0, int64_t nr) {
-    const int64_t n = nr * w->cols, off = r0 * w->cols;
-    if (w->dtype == DG_DTYPE_BF16) {
-        dg_cpu_widen_bf16(simd, dst, (const uint16_t *)w->data + off, n);
-        return;
-    }
-    for (int64_t i = 0; i < n; i++) dst[i] = dg_load_f32(w->data, w->dtype, (size_t)(off + i));
+    for (int64_t r = r0; r < r0 + nr; r++)   /* a piece of a row at a time: either layout */
+        for (int64_t c = 0; c < w->cols; c += DG_WEIGHT_KB) {
+            const int64_t n = w->cols - c < DG_WEIGHT_KB ? w->cols - c : DG_WEIGHT_KB;
+            float *d = dst + (r - r0) * w->cols + c;
+            if (w->dtype == DG_DTYPE_BF16) dg_cpu_widen_bf16(simd, d, dg_weight_at(w, r, c), n);
+            else for (int64_t i = 0; i < n; i++) d[i] = dg_load_f32(dg_weight_at(w, r, c), w->dtype, (size_t)i);
+        }
 }
 
 SIMD static float dot_avx2(const float *a, const float *b, int n) {

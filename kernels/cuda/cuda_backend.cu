@@ -266,6 +266,11 @@ static void cuda_upload(dg_backend *be, float *dst, const float *host, int64_t n
  * longer read. */
 static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t errlen) {
     dg_cuda *c = dg_cuda_of(be);
+    if (w->kb) {   /* dg_bind_matrix gives this backend (weights_blocked 0) row-major ones */
+        snprintf(err, errlen, "cuda: weight [%lld, %lld] is in the CPU's blocked layout, not row-major",
+                 (long long)w->rows, (long long)w->cols);
+        return DG_EINVAL;
+    }
     const size_t n = (size_t)w->rows * (size_t)w->cols;
     uint16_t *dev = (uint16_t *)arena_alloc(c->dev, n * 2), *tmp = NULL;
     if (c->status) goto dev_fail;

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "harness.h"
@@ -66,4 +67,18 @@ int gemm_batches_match(dg_backend *be, float *y, const float *x, int k, const dg
             if (!gemm_rows_match(y, ref, first, ms[mi], n, what)) return 0;
         }
     return 1;
+}
+
+void *gemm_blocked_copy(const dg_weight *w, dg_weight *out) {
+    const size_t es = dg_dtype_size(w->dtype), rows = (size_t)w->rows, cols = (size_t)w->cols, kb = DG_WEIGHT_KB;
+    char *p = malloc(rows * cols * es);
+    if (!p) return NULL;
+    /* block after block of kb columns (the last narrower), each block's rows in turn */
+    for (size_t b0 = 0; b0 < cols; b0 += kb) {
+        const size_t bw = cols - b0 < kb ? cols - b0 : kb;
+        for (size_t r = 0; r < rows; r++)
+            memcpy(p + (b0 * rows + r * bw) * es, (const char *)w->data + (r * cols + b0) * es, bw * es);
+    }
+    *out = (dg_weight){p, w->dtype, w->rows, w->cols, DG_WEIGHT_KB};
+    return p;
 }

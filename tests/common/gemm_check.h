@@ -18,6 +18,11 @@ typedef struct {
 int gemm_batches_match(dg_backend *be, float *y, const float *x, int k, const dg_weight *w, const float *bias,
                        const float *ref, int n, const int *ms, int n_ms, int offset, const char *what);
 
+/* A copy of w (row-major) in the blocked layout of DG_WEIGHT_KB columns (backend.h), laid
+ * out here by the layout's definition, not through dg_weight_at: *out views it (kb set);
+ * the caller frees the returned buffer. NULL when out of memory. */
+void *gemm_blocked_copy(const dg_weight *w, dg_weight *out);
+
 /* be[c] = a backend of cf[c] for c < n (bf16_compute: the bf16 compute order); 0, or -1
  * after failing the test naming the config (be[] holds what was made: free it either way). */
 int gemm_open_backends(dg_backend **be, const gemm_config *cf, int n, int bf16_compute);

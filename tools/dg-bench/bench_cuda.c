@@ -43,7 +43,7 @@ static int fill_weight(dg_backend *be, filler *f, dg_weight *w, int64_t rows, in
         i += take;
         f->cursor = (f->cursor + take) % (FILL_BF16 - 2);
     }
-    *w = (dg_weight){dev, DG_DTYPE_BF16, rows, cols};
+    *w = (dg_weight){dev, DG_DTYPE_BF16, rows, cols, 0};
     return 0;
 }
 
