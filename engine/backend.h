@@ -379,9 +379,11 @@ typedef struct {
                                   (kernels/cpu/attention_bf16.h); 0 = fp32, the default.
                                   The CUDA backend ignores it */
     int    cpu_mapped_weights; /* CPU: 1 = weights read from the files' memory maps (shared
-                                  page cache, no copy); 0 = copied into transparent huge
-                                  pages at load (weights_hugepages), the default: decode
-                                  streams them faster. The CUDA backend ignores it */
+                                  page cache, no copy; a matrix rewritten into the blocked
+                                  layout, dg_weight_kb_for, becomes the process's own
+                                  pages); 0 = copied into transparent huge pages at load
+                                  (weights_hugepages), the default: decode streams them
+                                  faster. The CUDA backend ignores it */
 } dg_backend_opts;
 
 /* Creates a backend by name: "cpu" (best kernels this CPU has: AVX-512 (BF16), AVX2/FMA or
