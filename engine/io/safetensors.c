@@ -34,7 +34,8 @@ struct dg_st {
 
 int dg_st_seeded(const dg_st *st) { return st->seeded; }
 
-int dg_st_block(const dg_st *st, const dg_st_tensor *t, int64_t rows, int64_t cols, int64_t kb) {
+int dg_st_rewrite(const dg_st *st, const dg_st_tensor *t, int64_t kb, int (*rewrite)(void *ctx, void *data),
+                  void *ctx) {
     dg_st_tensor *mt = (dg_st_tensor *)t;   /* the set's own array: the one change load allows */
     if (t->kb == kb) return 0;
     if (t->kb) return 1;
@@ -47,23 +48,11 @@ int dg_st_block(const dg_st *st, const dg_st_tensor *t, int64_t rows, int64_t co
         if ((const uint8_t *)t->data >= (const uint8_t *)st->maps[i].base &&
             (const uint8_t *)t->data + t->nbytes <= (const uint8_t *)st->maps[i].base + st->maps[i].size)
             map = &st->maps[i];
-    if (!map) return 1;
-    const size_t es = dg_dtype_size(t->dtype);
-    uint8_t *tmp = malloc(t->nbytes), *dst = (uint8_t *)t->data;
-    if (!tmp) return DG_ENOMEM;
-    memcpy(tmp, t->data, t->nbytes);
     /* the whole map at once: a part of it would split its huge pages */
-    if (mprotect(map->base, map->size, PROT_READ | PROT_WRITE) < 0) {
-        free(tmp);
-        return 1;
-    }
-    for (int64_t b0 = 0; b0 < cols; b0 += kb) {
-        const int64_t bw = cols - b0 < kb ? cols - b0 : kb;
-        for (int64_t r = 0; r < rows; r++)
-            memcpy(dst + (size_t)(b0 * rows + r * bw) * es, tmp + (size_t)(r * cols + b0) * es, (size_t)bw * es);
-    }
+    if (!map || mprotect(map->base, map->size, PROT_READ | PROT_WRITE) < 0) return 1;
+    const int rc = rewrite(ctx, (void *)t->data);
     mprotect(map->base, map->size, PROT_READ);
-    free(tmp);
+    if (rc < 0) return rc;
     mt->kb = kb;
     return 0;
 }

@@ -31,7 +31,7 @@ typedef struct {
     int64_t     shape[DG_ST_MAX_DIMS];
     const void *data;                     /* borrowed from the mapping or buffer */
     size_t      nbytes;
-    int64_t     kb;                       /* 0: as stored; else rewritten by dg_st_block */
+    int64_t     kb;                       /* 0: as stored; else its layout since dg_st_rewrite */
 } dg_st_tensor;
 
 typedef struct dg_st dg_st;
@@ -77,16 +77,17 @@ const dg_st_tensor *dg_st_at(const dg_st *st, size_t i);
  * seeded weights by accident. */
 int dg_st_seeded(const dg_st *st);
 
-/* Rewrites t, read as a [rows, cols] matrix (rows·cols elements), into the blocked layout
- * of kb columns (backend.h, dg_weight_at) where it lies, for a backend that reads weights
- * in place in that layout: the file's memory is the set's own (read into huge pages, or a
- * private map: the pages written become the process's), made writable for the rewrite
- * and read-only again, through one temporary copy of the tensor. Returns 0 with t->kb =
- * kb (also when it already was), or 1 when the set cannot: the tensor lies in a buffer
- * the set borrows (dg_st_add_buffer) or is in another layout already (the caller then
- * copies it); DG_ENOMEM. A seeded file's tensors are only marked: their values are random,
- * and read in another order they are as random. Load time only (it writes *t). */
-int dg_st_block(const dg_st *st, const dg_st_tensor *t, int64_t rows, int64_t cols, int64_t kb);
+/* Lets rewrite(ctx, data) change t's bytes where they lie (data: t->data, writable during
+ * the call), for a backend that reads a matrix in place in another layout (the blocked one
+ * of kb columns, backend.h): the file's memory is the set's own (read into huge pages, or a
+ * private map: the pages written become the process's), made writable for the call and
+ * read-only again. Returns 0 with t->kb = kb (also when it already was), 1 when the set
+ * cannot (the tensor lies in a buffer the set borrows, dg_st_add_buffer, or is in another
+ * layout already: the caller copies it), or rewrite's negative return (t unchanged in its
+ * record). A seeded file's tensors are only marked: their values are random, and read in
+ * another order they are as random. Load time only (it writes *t). */
+int dg_st_rewrite(const dg_st *st, const dg_st_tensor *t, int64_t kb, int (*rewrite)(void *ctx, void *data),
+                  void *ctx);
 
 /* "[896, 151936]" into buf. */
 const char *dg_st_shape_str(const int64_t *shape, int n_dims, char *buf, size_t len);

@@ -84,7 +84,7 @@ static size_t elements(const dg_st_tensor *t) {
 }
 
 /* Where element i of t's row-major order is stored: i itself, or in the blocked layout
- * a bind as a matrix gave it (dg_st_block: t read as [shape[0], the rest]). */
+ * a bind as a matrix gave it (dg_st_rewrite: t read as [shape[0], the rest]). */
 static size_t stored(const dg_st_tensor *t, size_t i) {
     if (!t->kb) return i;
     const size_t rows = (size_t)t->shape[0], cols = elements(t) / rows, r = i / cols, c = i % cols,
@@ -166,6 +166,30 @@ int dg_bind_has(dg_binder *b, const char *fmt, ...) {
     return ok;
 }
 
+/* The matrix of from into to's layout (the same rows, cols and dtype): a row's pieces of
+ * DG_WEIGHT_KB columns are contiguous in either layout. */
+static void copy_layout(const dg_weight *to, const dg_weight *from) {
+    const size_t es = dg_dtype_size(from->dtype);
+    for (int64_t r = 0; r < from->rows; r++)
+        for (int64_t c = 0; c < from->cols; c += DG_WEIGHT_KB)
+            memcpy((void *)dg_weight_at(to, r, c), dg_weight_at(from, r, c),
+                   (size_t)(from->cols - c < DG_WEIGHT_KB ? from->cols - c : DG_WEIGHT_KB) * es);
+}
+
+/* dg_st_rewrite's step: the row-major matrix *ctx (its data the tensor's) into the blocked
+ * layout where it lies, through a copy of it. */
+static int to_blocked(void *ctx, void *data) {
+    const dg_weight *w = ctx;
+    const size_t bytes = (size_t)w->rows * (size_t)w->cols * dg_dtype_size(w->dtype);
+    void *tmp = malloc(bytes);
+    if (!tmp) return DG_ENOMEM;
+    memcpy(tmp, data, bytes);
+    copy_layout(&(dg_weight){data, w->dtype, w->rows, w->cols, DG_WEIGHT_KB},
+                &(dg_weight){tmp, w->dtype, w->rows, w->cols, 0});
+    free(tmp);
+    return 0;
+}
+
 int dg_bind_matrix(dg_binder *b, dg_weight *w, dg_shape shape, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -175,35 +199,31 @@ int dg_bind_matrix(dg_binder *b, dg_weight *w, dg_shape shape, const char *fmt, 
     int64_t cols = 1;
     for (int i = 1; i < shape.n_dims; i++) cols *= shape.dims[i];
     const int64_t rows = shape.dims[0], kb = dg_weight_kb_for(b->be, t->dtype, cols);
+    const size_t bytes = (size_t)rows * (size_t)cols * dg_dtype_size(t->dtype);
     *w = (dg_weight){t->data, t->dtype, rows, cols, t->kb};
     void *copy = NULL, *temp = NULL;
     if (kb && !t->kb) {
         /* rewritten where it lies; where the set borrows the buffer, a copy kept by the
          * network (no list: left row-major, which the kernels also read) */
-        const int rc = dg_st_block(b->st, t, rows, cols, kb);
+        const int rc = dg_st_rewrite(b->st, t, kb, to_blocked, w);
         if (rc < 0) return fail(b, rc, "tensor \"%s\": out of memory", t->name);
         if (rc == 0) {
             w->kb = kb;
         } else if (b->owned) {
-            copy = b->be->alloc(b->be, (size_t)rows * (size_t)cols * dg_dtype_size(t->dtype));
-            if (!copy || own(b, copy) < 0) {
+            if (!(copy = b->be->alloc(b->be, bytes)) || own(b, copy) < 0) {
                 if (copy) b->be->release(b->be, copy);
                 return fail(b, DG_ENOMEM, "tensor \"%s\": out of memory", t->name);
             }
+            const dg_weight to = {copy, t->dtype, rows, cols, kb};
+            copy_layout(&to, w);
+            *w = to;
         }
     } else if (t->kb && !b->be->weights_blocked) {
         /* another backend's bind rewrote it: row-major again for this one's weight_prepare,
          * which copies (a CPU backend reads it blocked as it is) */
-        if (!(temp = malloc((size_t)rows * (size_t)cols * dg_dtype_size(t->dtype))))
-            return fail(b, DG_ENOMEM, "tensor \"%s\": out of memory", t->name);
-    }
-    if (copy || temp) {
-        const size_t es = dg_dtype_size(t->dtype);
-        const dg_weight to = {copy ? copy : temp, t->dtype, rows, cols, copy ? kb : 0};
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t c = 0; c < cols; c += DG_WEIGHT_KB)
-                memcpy((void *)dg_weight_at(&to, r, c), dg_weight_at(w, r, c),
-                       (size_t)(cols - c < DG_WEIGHT_KB ? cols - c : DG_WEIGHT_KB) * es);
+        if (!(temp = malloc(bytes))) return fail(b, DG_ENOMEM, "tensor \"%s\": out of memory", t->name);
+        const dg_weight to = {temp, t->dtype, rows, cols, 0};
+        copy_layout(&to, w);
         *w = to;
     }
     const int rc = b->be->weight_prepare(b->be, w, b->err, b->errlen);

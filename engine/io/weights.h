@@ -12,7 +12,7 @@
  *                      [shape[0], product of the rest] matrix of its row-major layout.
  *                      Where dg_weight_kb_for asks for the blocked layout (backend.h; the
  *                      CPU, wide matrices), the tensor is rewritten where it lies
- *                      (dg_st_block; a second bind, a tied lm_head, finds it so), or where
+ *                      (dg_st_rewrite; a second bind, a tied lm_head, finds it so), or where
  *                      the set only borrows its buffer, copied into the binder's buffer
  *                      list (no list: left row-major, which the kernels also read). A
  *                      backend without weights_blocked gets a row-major copy of a tensor

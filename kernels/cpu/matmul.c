@@ -257,7 +257,7 @@ typedef struct {
  * end before the next row (the kernels walk the blocks). */
 static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
-    const int64_t n = w->rows, span = w->kb ? w->kb : s->kc,   /* gemv_span within x's span */
+    const int64_t n = w->rows, span = gemv_span(w) < s->kc ? gemv_span(w) : s->kc,   /* within x's span */
                   tile = gemv_tile_for(c, n, s->mi, span < s->kc ? span : s->kc, 2), n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
     for (int64_t b = 0; b < s->kc; b += span) {
