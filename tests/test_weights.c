@@ -45,6 +45,7 @@ static void write_st(const char *path, const tensor_spec *t, int n) {
         off += t[i].nbytes;
     }
     h += (size_t)snprintf(header + h, sizeof header - h, "}");
+    while ((8 + h) % 8) header[h++] = ' ';   /* the data aligned, as the format's writers pad it */
     FILE *f = fopen(path, "wb");
     CHECK(f != NULL);
     if (!f) return;
