@@ -260,6 +260,52 @@ TEST(attention_m_invariant_bits) {
         }
 }
 
+/* A bf16 cache gives, bit for bit, what an fp32 cache holding its values (K and V rounded to
+ * bf16 first) gives: widening is exact, and each path computes the same operations on the
+ * same values (the AVX-512 path reads the bf16 rows where they lie and widens them in
+ * registers; the others widen them into a buffer). Head_dim 64 and 80 (a multiple of 16
+ * that is not of 64), 150 cached keys in blocks of 16 (chunks spanning blocks), blocks of
+ * 128 (rows in place), prefill rows and a decode row, both backends. */
+TEST(attention_bf16_cache_equals_fp32_cache_of_its_values) {
+    enum { H = 14, KVH = 2, PAST = 150, M = 5, N = PAST + M };
+    const int hds[2] = {64, 80}, bss[2] = {16, 128};
+    for (size_t b = 0; b < sizeof BACKENDS / sizeof BACKENDS[0]; b++)
+        for (int hi = 0; hi < 2; hi++)
+            for (int bi = 0; bi < 2; bi++) {
+                const int HD = hds[hi], KVD = KVH * HD, BS = bss[bi], NB = (N + BS - 1) / BS;
+                dg_backend *be;
+                char err[128];
+                CHECK(dg_backend_new(BACKENDS[b], 2, &be, err, sizeof err) == 0);
+                int32_t *table = malloc(sizeof(int32_t) * NB);
+                for (int i = 0; i < NB; i++) table[i] = NB - 1 - i;
+                float *kx = malloc(sizeof(float) * N * KVD), *vx = malloc(sizeof(float) * N * KVD);
+                float *q = malloc(sizeof(float) * M * H * HD), *out[2] = {malloc(sizeof(float) * M * H * HD),
+                                                                           malloc(sizeof(float) * M * H * HD)};
+                for (int i = 0; i < N * KVD; i++) {   /* bf16 values, so that both caches hold the same */
+                    kx[i] = dg_bf16_to_f32(dg_f32_to_bf16(frand() * 2));
+                    vx[i] = dg_bf16_to_f32(dg_f32_to_bf16(frand()));
+                }
+                for (int i = 0; i < M * H * HD; i++) q[i] = frand() * 2;
+                void *pools[2][2];
+                for (int ti = 0; ti < 2; ti++) {
+                    const dg_dtype dt = ti ? DG_DTYPE_BF16 : DG_DTYPE_F32;
+                    pools[ti][0] = calloc((size_t)NB * BS * KVD, dg_dtype_size(dt));
+                    pools[ti][1] = calloc((size_t)NB * BS * KVD, dg_dtype_size(dt));
+                    dg_kv_view kv = {pools[ti][0], pools[ti][1], table, BS, dt};
+                    be->kv_write(be, &kv, 0, kx, vx, N, KVD);
+                    be->attention(be, out[ti], q, &kv, PAST, M - 1, H, KVH, HD, 0.125f);      /* prefill rows */
+                    be->attention(be, out[ti] + (size_t)(M - 1) * H * HD, q + (size_t)(M - 1) * H * HD, &kv,
+                                  PAST + M - 1, 1, H, KVH, HD, 0.125f);                      /* a decode row */
+                }
+                if (memcmp(out[0], out[1], sizeof(float) * M * H * HD))
+                    test_fail(__FILE__, __LINE__, "%s head_dim %d blocks of %d: a bf16 cache differs from an fp32 cache "
+                              "of its values", BACKENDS[b], HD, BS);
+                for (int ti = 0; ti < 2; ti++) free(pools[ti][0]), free(pools[ti][1]), free(out[ti]);
+                free(table), free(kx), free(vx), free(q);
+                dg_backend_free(be);
+            }
+}
+
 /* attention_batch: five sequences of different histories and new rows (decode rows, a
  * prefill chunk, an empty history, one spanning blocks), each in its own blocks of one pool,
  * in one call: the pools and every output row the same bits as kv_write + attention per

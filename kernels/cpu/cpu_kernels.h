@@ -53,12 +53,13 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
  * start at multiples of it, so a query's bits do not depend on the batch around it. */
 #define DG_ATT_CHUNK 64
 
-/* One chunk of nc <= DG_ATT_CHUNK keys (rows krow[j], vrow[j], hd fp32 each) for the `group`
- * query heads q[group, hd] that share a kv head, the online softmax's step on their outputs
- * o[group, hd], maxima mx[group] and sums l[group] (attention_zmm.c; AVX-512 F, hd a
- * multiple of 16). */
-void dg_cpu_att_group_chunk_zmm(float *o, const float *q, const float *const *krow, const float *const *vrow,
-                                int nc, int group, int hd, float scale, float *mx, float *l);
+/* One chunk of nc <= DG_ATT_CHUNK keys (rows krow[j], vrow[j], hd values each: fp32, or bf16
+ * where bf16 is set) for the `group` query heads q[group, hd] that share a kv head, the
+ * online softmax's step on their outputs o[group, hd], maxima mx[group] and sums l[group]
+ * (attention_zmm.c; AVX-512 F, hd a multiple of 16). Bf16 rows give the bits of fp32 rows
+ * holding their values. */
+void dg_cpu_att_group_chunk_zmm(float *o, const float *q, const void *const *krow, const void *const *vrow,
+                                int nc, int group, int hd, float scale, float *mx, float *l, int bf16);
 void dg_cpu_attention(const dg_cpu *c, float *out, const float *q, const dg_kv_view *kv, int n_past,
                       int m, int n_heads, int n_kv_heads, int head_dim, float scale);
 void dg_cpu_attention_batch(const dg_cpu *c, float *out, const float *q, const float *k, const float *v,

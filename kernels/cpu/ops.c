@@ -225,12 +225,17 @@ static void attend_group(const dg_cpu *c, float *out, const float *q, const dg_k
         memset(out + h0 + (int64_t)g * head_dim, 0, sizeof(float) * (size_t)head_dim);
     }
     if (c->simd >= DG_CPU_AVX512 && head_dim % 16 == 0) {   /* attention_zmm.c: all the heads a chunk */
-        const float *kr[DG_ATT_CHUNK], *vr[DG_ATT_CHUNK];
+        const void *kr[DG_ATT_CHUNK], *vr[DG_ATT_CHUNK];   /* the rows where they lie, either dtype */
+        const int bf16 = kv->dtype == DG_DTYPE_BF16;
+        const int64_t es = bf16 ? 2 : 4;
         for (int p0 = 0; p0 < n_ctx; p0 += DG_ATT_CHUNK) {
             const int nc = n_ctx - p0 < DG_ATT_CHUNK ? n_ctx - p0 : DG_ATT_CHUNK;
-            kv_rows(c->simd, kv, kv->k, p0, nc, kv_dim, kvh, head_dim, kb, kr);
-            kv_rows(c->simd, kv, kv->v, p0, nc, kv_dim, kvh, head_dim, vb, vr);
-            dg_cpu_att_group_chunk_zmm(out + h0, q + h0, kr, vr, nc, group, head_dim, scale, mx, l);
+            for (int j = 0; j < nc; j++) {
+                const int64_t at = (kv_row(kv, p0 + j) * kv_dim + (int64_t)kvh * head_dim) * es;
+                kr[j] = (const char *)kv->k + at;
+                vr[j] = (const char *)kv->v + at;
+            }
+            dg_cpu_att_group_chunk_zmm(out + h0, q + h0, kr, vr, nc, group, head_dim, scale, mx, l, bf16);
         }
     } else {
         for (int p0 = 0; p0 < n_ctx; p0 += DG_ATT_CHUNK) {
