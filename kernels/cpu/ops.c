@@ -71,10 +71,11 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
     }
 }
 
-/* Rows p0 .. p0+nc-1, head `kvh` of K or V as pointers to fp32 rows: into the cache for
- * F32, else widened into buf[nc, head_dim] (8 lanes at a time where the CPU has AVX2: one
- * value at a time, the widening cost a decode step with a bf16 cache more than the half of
- * the KV bytes it saves; 0.92-0.96x the fp32 cache's decode at 512-576 tokens). */
+/* Rows p0 .. p0+nc-1, head `kvh` of K or V as pointers to fp32 rows, for the AVX2 and
+ * portable paths: into the cache for F32, else widened into buf[nc, head_dim] (8 lanes at a
+ * time where the CPU has AVX2: one value at a time, the widening cost a decode step with a
+ * bf16 cache more than the half of the KV bytes it saves; 0.92-0.96x the fp32 cache's decode
+ * at 512-576 tokens). The AVX-512 path reads bf16 rows where they lie (attention_zmm.c). */
 static void kv_rows(int simd, const dg_kv_view *kv, const void *base, int p0, int nc, int kv_dim, int kvh,
                     int head_dim, float *buf, const float **rows) {
     for (int j = 0; j < nc; j++) {
