@@ -30,8 +30,12 @@
  * The same tokens' matrix-vector products are timed alone in every round
  * (decode_matmuls_*): their share of a decode step, and their own fraction of the limit;
  * and the lm_head's alone (decode_lm_head_*: the largest matrix, one stream), its GB/s
- * against the read loop's of the same round: the GEMV's own rate.
- * Peak RSS is taken before the bandwidth's buffer is made, and is each thread count's own. */
+ * against the read loop's of the same round: the GEMV's own rate. The same tokens are decoded
+ * in every round with the prompt's KV in bf16 as well (kv_bf16, the CPU's option: a cache of
+ * its own, filled by the same prefill), the two in turn, the order alternating:
+ * decode_tok_s_tN_kv_bf16 and decode_kv_bf16_time_over_fp32_tN (the median of the rounds).
+ * Peak RSS is taken before the bandwidth's buffer and the bf16 cache are made, and is each
+ * thread count's own. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -222,8 +226,8 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_st *st = NULL;
     dg_qwen2 m = {0};
     dg_qwen2_state *s = NULL;
-    dg_kv_cache *kv = NULL;
-    dg_kv_seq seq = {0};
+    dg_kv_cache *kv = NULL, *kv16 = NULL;   /* the KV in fp32 (the default), and in bf16 beside it */
+    dg_kv_seq seq = {0}, seq16 = {0};
     baseline B[2] = {{.who = "llama.cpp", .label = "llamacpp", .cmd = ctx->llamacpp,
                       .file = "build/bench/llamacpp_decoder.json", .p = {.pid = -1, .from = -1}, .argmax = -1},
                      {.who = "transformers", .label = "transformers", .cmd = ctx->transformers,
@@ -233,7 +237,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     char err[512], name[96], cmd[2200];
     int rc = -1;
     double ours_pre[PREFILL_ROUNDS];
-    double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], bw[DECODE_ROUNDS];
+    double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], bw[DECODE_ROUNDS], dec16[DECODE_ROUNDS], ratio16[DECODE_ROUNDS];
     double frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS], head[DECODE_ROUNDS], frac_head[DECODE_ROUNDS];
     for (int b = 0; b < 2; b++) {
         if (!B[b].cmd) continue;
@@ -286,16 +290,29 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         snprintf(err, sizeof err, "no memory for the bandwidth's buffer");
         goto fail;
     }
+    /* the same prompt into a bf16 KV cache (kv_bf16: half the bytes), decoded beside ours */
+    if (dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
+                        (n_prompt + n_decode) / 16 + 2, DG_DTYPE_BF16, &kv16, err, sizeof err) < 0 ||
+        dg_kv_seq_init(&seq16, n_prompt + n_decode, 16) < 0)
+        goto fail;
+    in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
+    if (dg_qwen2_forward(&m, s, kv16, &seq16, &in, NULL, err, sizeof err) < 0) goto fail;
     const double bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
     snprintf(cmd, sizeof cmd, "decode %d", per);
     for (int r = 0, k = 0; r < rounds; r++) {
         for (int b = 0; b < 2 && r % 2; b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
-        double t0 = bench_now_ms();
-        for (int i = 0; i < per; i++, k++) {
-            in = (dg_qwen2_input){.ids = &ids[k % n_prompt], .n = 1, .n_logits = 1};
-            if (dg_qwen2_forward(&m, s, kv, &seq, &in, NULL, err, sizeof err) < 0) goto fail;
+        for (int way = 0; way < 2; way++) {   /* fp32 KV and bf16 KV, the same tokens, in turn */
+            const int c16 = way ^ (r % 2);
+            double t0 = bench_now_ms();
+            for (int i = 0; i < per; i++) {
+                in = (dg_qwen2_input){.ids = &ids[(k + i) % n_prompt], .n = 1, .n_logits = 1};
+                if (dg_qwen2_forward(&m, s, c16 ? kv16 : kv, c16 ? &seq16 : &seq, &in, NULL, err, sizeof err) < 0)
+                    goto fail;
+            }
+            *(c16 ? &dec16[r] : &ours_dec[r]) = (bench_now_ms() - t0) / 1e3;
         }
-        ours_dec[r] = (bench_now_ms() - t0) / 1e3;
+        k += per;
+        ratio16[r] = dec16[r] / ours_dec[r];
         alone[r] = matmuls_alone_ms(&m, s, per) / 1e3;
         head[r] = lm_head_gbs(&m, s);
         for (int b = 0; b < 2 && !(r % 2); b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
@@ -336,6 +353,12 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     bench_record(out, "decode_bytes_per_token_mb", bytes / 1e6, "MB");
     snprintf(name, sizeof name, "decode_fraction_of_bandwidth_limit_t%d", threads);
     bench_record(out, name, bench_median(frac, rounds), "(of 1)");
+    double sum16 = 0;
+    for (int r = 0; r < rounds; r++) sum16 += dec16[r];
+    snprintf(name, sizeof name, "decode_tok_s_t%d_kv_bf16", threads);
+    bench_record(out, name, n_decode / sum16, "tok/s");
+    snprintf(name, sizeof name, "decode_kv_bf16_time_over_fp32_t%d", threads);
+    bench_record_rounds(out, name, ratio16, rounds, "x");
     snprintf(name, sizeof name, "decode_matmuls_ms_per_token_t%d", threads);
     bench_record(out, name, sum_alone * 1e3 / n_decode, "ms");
     snprintf(name, sizeof name, "decode_matmuls_share_of_step_t%d", threads);
@@ -361,8 +384,11 @@ out:
     if (bwbuf) munmap(bwbuf, READ_WORDS * sizeof *bwbuf);
     free(ids);
     if (kv) dg_kv_seq_release(kv, &seq);
+    if (kv16) dg_kv_seq_release(kv16, &seq16);
     dg_kv_seq_free(&seq);
+    dg_kv_seq_free(&seq16);
     dg_kv_cache_free(kv);
+    dg_kv_cache_free(kv16);
     if (m.be) dg_qwen2_state_free(&m, s);
     dg_qwen2_unload(&m);
     dg_st_close(st);
