@@ -83,13 +83,13 @@ static size_t elements(const dg_st_tensor *t) {
     return n;
 }
 
-/* Where element i of t's row-major order is stored: i itself, or in the blocked layout
- * a bind as a matrix gave it (dg_st_rewrite: t read as [shape[0], the rest]). */
-static size_t stored(const dg_st_tensor *t, size_t i) {
-    if (!t->kb) return i;
-    const size_t rows = (size_t)t->shape[0], cols = elements(t) / rows, r = i / cols, c = i % cols,
-                 kb = (size_t)t->kb, b0 = c / kb * kb, bw = cols - b0 < kb ? cols - b0 : kb;
-    return b0 * rows + r * bw + c - b0;
+/* Element i of t's row-major order as fp32, wherever the layout a bind as a matrix gave it
+ * put it (dg_st_rewrite: t read as [shape[0], the rest]; backend.h dg_weight_at). */
+static float element(const dg_st_tensor *t, size_t i) {
+    if (!t->kb) return dg_load_f32(t->data, t->dtype, i);
+    const int64_t rows = t->shape[0], cols = (int64_t)(elements(t) / (size_t)rows);
+    const dg_weight v = {t->data, t->dtype, rows, cols, t->kb};
+    return dg_load_f32(dg_weight_at(&v, (int64_t)i / cols, (int64_t)i % cols), t->dtype, 0);
 }
 
 /* dst <- t widened to fp32; a 5-D conv weight [o, i, kt, kh, kw] as [o, kt, i, kh, kw] when
@@ -97,7 +97,7 @@ static size_t stored(const dg_st_tensor *t, size_t i) {
 static void widen(const dg_st_tensor *t, int kt_first, float *dst) {
     if (!kt_first) {
         const size_t n = elements(t);
-        for (size_t i = 0; i < n; i++) dst[i] = dg_load_f32(t->data, t->dtype, stored(t, i));
+        for (size_t i = 0; i < n; i++) dst[i] = element(t, i);
         return;
     }
     const size_t o = (size_t)t->shape[0], ci = (size_t)t->shape[1], kt = (size_t)t->shape[2];
@@ -107,7 +107,7 @@ static void widen(const dg_st_tensor *t, int kt_first, float *dst) {
             for (size_t k = 0; k < kt; k++)
                 for (size_t p = 0; p < khw; p++)
                     dst[((a * kt + k) * ci + c) * khw + p] =
-                        dg_load_f32(t->data, t->dtype, stored(t, ((a * ci + c) * kt + k) * khw + p));
+                        element(t, ((a * ci + c) * kt + k) * khw + p);
 }
 
 /* p recorded in b->owned (a backend buffer of b->be); DG_ENOMEM when the list cannot grow. */

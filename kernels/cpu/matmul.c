@@ -62,13 +62,14 @@ static void rows_portable(float *y, const float *x, const dg_weight *w, const fl
 
 static void pack_portable(float *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                           int64_t kc) {
-    const int64_t steps = (kc + 15) / 16;
+    const int64_t steps = (kc + 15) / 16, ld = dg_weight_ld(w, k0);
+    const char *w0 = dg_weight_at(w, r0, k0);   /* row r0 + j's column k0 + col: element j·ld + col */
     for (int64_t s = 0; s < steps; s++)
         for (int j = 0; j < nr; j++)
             for (int l = 0; l < 16; l++) {
                 const int64_t col = s * 16 + l;
                 panel[(s * nr + j) * 16 + l] =
-                    j < nn && col < kc ? dg_load_f32(dg_weight_at(w, r0 + j, k0), w->dtype, (size_t)col) : 0.0f;
+                    j < nn && col < kc ? dg_load_f32(w0, w->dtype, (size_t)(j * ld + col)) : 0.0f;
             }
 }
 
@@ -258,7 +259,7 @@ typedef struct {
 static void gemv_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y, const dg_weight *w,
                       const float *bias, const x_span *s) {
     const int64_t n = w->rows, span = gemv_span(w) < s->kc ? gemv_span(w) : s->kc,   /* within x's span */
-                  tile = gemv_tile_for(c, n, s->mi, span < s->kc ? span : s->kc, 2), n_tiles = (n + tile - 1) / tile;
+                  tile = gemv_tile_for(c, n, s->mi, span, 2), n_tiles = (n + tile - 1) / tile;
     const int nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
     for (int64_t b = 0; b < s->kc; b += span) {
         const int64_t bc = s->kc - b < span ? s->kc - b : span;

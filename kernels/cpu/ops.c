@@ -52,6 +52,13 @@ static inline int64_t kv_row(const dg_kv_view *kv, int p) {
     return (int64_t)kv->block_table[p / kv->block_size] * kv->block_size + p % kv->block_size;
 }
 
+/* Position p's values of kv head kvh in base (kv->k or kv->v), in the cache's dtype. */
+static inline const void *kv_head_row(const dg_kv_view *kv, const void *base, int p, int kv_dim, int kvh,
+                                      int head_dim) {
+    const int64_t at = kv_row(kv, p) * kv_dim + (int64_t)kvh * head_dim;
+    return (const char *)base + at * (kv->dtype == DG_DTYPE_BF16 ? 2 : 4);
+}
+
 void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const float *k,
                      const float *v, int m, int kv_dim) {
     (void)c;
@@ -79,14 +86,13 @@ void dg_cpu_kv_write(const dg_cpu *c, const dg_kv_view *kv, int start, const flo
 static void kv_rows(int simd, const dg_kv_view *kv, const void *base, int p0, int nc, int kv_dim, int kvh,
                     int head_dim, float *buf, const float **rows) {
     for (int j = 0; j < nc; j++) {
-        const int64_t at = kv_row(kv, p0 + j) * kv_dim + (int64_t)kvh * head_dim;
+        const void *h = kv_head_row(kv, base, p0 + j, kv_dim, kvh, head_dim);
         if (kv->dtype == DG_DTYPE_BF16) {
-            const uint16_t *h = (const uint16_t *)base + at;
             float *r = buf + (int64_t)j * head_dim;
             dg_cpu_widen_bf16(simd, r, h, head_dim);
             rows[j] = r;
         } else {
-            rows[j] = (const float *)base + at;
+            rows[j] = h;
         }
     }
 }
@@ -227,16 +233,14 @@ static void attend_group(const dg_cpu *c, float *out, const float *q, const dg_k
     }
     if (c->simd >= DG_CPU_AVX512 && head_dim % 16 == 0) {   /* attention_zmm.c: all the heads a chunk */
         const void *kr[DG_ATT_CHUNK], *vr[DG_ATT_CHUNK];   /* the rows where they lie, either dtype */
-        const int bf16 = kv->dtype == DG_DTYPE_BF16;
-        const int64_t es = bf16 ? 2 : 4;
         for (int p0 = 0; p0 < n_ctx; p0 += DG_ATT_CHUNK) {
             const int nc = n_ctx - p0 < DG_ATT_CHUNK ? n_ctx - p0 : DG_ATT_CHUNK;
             for (int j = 0; j < nc; j++) {
-                const int64_t at = (kv_row(kv, p0 + j) * kv_dim + (int64_t)kvh * head_dim) * es;
-                kr[j] = (const char *)kv->k + at;
-                vr[j] = (const char *)kv->v + at;
+                kr[j] = kv_head_row(kv, kv->k, p0 + j, kv_dim, kvh, head_dim);
+                vr[j] = kv_head_row(kv, kv->v, p0 + j, kv_dim, kvh, head_dim);
             }
-            dg_cpu_att_group_chunk_zmm(out + h0, q + h0, kr, vr, nc, group, head_dim, scale, mx, l, bf16);
+            dg_cpu_att_group_chunk_zmm(out + h0, q + h0, kr, vr, nc, group, head_dim, scale, mx, l,
+                                       kv->dtype == DG_DTYPE_BF16);
         }
     } else {
         for (int p0 = 0; p0 < n_ctx; p0 += DG_ATT_CHUNK) {

@@ -33,8 +33,9 @@ void dg_cpu_rows_f32(int simd, float *dst, const dg_weight *w, int64_t r0, int64
         for (int64_t c = 0; c < w->cols; c += DG_WEIGHT_KB) {
             const int64_t n = w->cols - c < DG_WEIGHT_KB ? w->cols - c : DG_WEIGHT_KB;
             float *d = dst + (r - r0) * w->cols + c;
-            if (w->dtype == DG_DTYPE_BF16) dg_cpu_widen_bf16(simd, d, dg_weight_at(w, r, c), n);
-            else for (int64_t i = 0; i < n; i++) d[i] = dg_load_f32(dg_weight_at(w, r, c), w->dtype, (size_t)i);
+            const void *src = dg_weight_at(w, r, c);
+            if (w->dtype == DG_DTYPE_BF16) dg_cpu_widen_bf16(simd, d, src, n);
+            else for (int64_t i = 0; i < n; i++) d[i] = dg_load_f32(src, w->dtype, (size_t)i);
         }
 }
 
