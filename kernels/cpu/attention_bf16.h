@@ -29,18 +29,31 @@
 
 typedef struct {
     uint32_t *q;     /* [round4(nq)][hd/2 padded to 16] the rounded queries, pairs */
-    uint32_t *k;     /* [round64(nc)/16][hd/2][16] the tile's keys, a pair of dims by 16 keys */
-    uint32_t *v;     /* [hd/16][nc/2 rounded up][16] the tile's values, a pair of keys by 16 dims */
+    const uint32_t *k; /* [round64(nc)/16][hd/2][16] the tile's keys, a pair of dims by 16 keys */
+    const uint32_t *v; /* [hd/16][nc/2 rounded up][16] the tile's values, a pair of keys by 16 dims */
+    uint32_t *kv;    /* the scratch dg_att_bf16_tile packs a tile into (k, then v) */
     uint32_t *p;     /* [round4(nq)][kc/2 padded to 16] the rounded probabilities, pairs */
     int nq, hd;
 } dg_att_bf16;
+
+/* The words of a tile of nc keys packed (its keys, then its values). */
+static inline int64_t dg_att_bf16_tile_words(int nc, int hd) {
+    return (int64_t)(nc + 63) / 64 * 64 * (hd / 2) + (int64_t)hd * ((nc + 1) / 2);
+}
 
 /* Carves the scratch (DG_ATT_BF16_WORDS(qb, kc) words) and rounds nq query rows of hd at
  * q + i·q_stride into it. */
 void dg_att_bf16_begin(dg_att_bf16 *a, uint32_t *scratch, int qb, int kc, const float *q, int q_stride, int nq,
                        int hd);
-/* The tile's nc keys and values (rows at k + j·kv_stride, v + j·kv_stride), rounded and packed. */
+/* nc keys and values of hd (rows at k + j·kv_stride, v + j·kv_stride) rounded and packed
+ * into dst (dg_att_bf16_tile_words(nc, hd) words): the keys, then the values. */
+void dg_att_bf16_pack(uint32_t *dst, const float *k, const float *v, int kv_stride, int nc, int hd);
+/* The tile's nc keys and values packed into the scratch (dg_att_bf16_pack), the tile the
+ * products read next. */
 void dg_att_bf16_tile(dg_att_bf16 *a, const float *k, const float *v, int kv_stride, int nc);
+/* The tile of nc keys dg_att_bf16_pack left at packed (read there, not copied), the tile the
+ * products read next. */
+void dg_att_bf16_use(dg_att_bf16 *a, const uint32_t *packed, int nc);
 /* s[i·lds + j] = scale · q_i·k_j for the begun rows and the tile's keys (j < nc; lds a
  * multiple of 64 and at least nc rounded up to 64: columns up to there are written). */
 void dg_att_bf16_scores(const dg_att_bf16 *a, float *s, int lds, int nc, float scale);

@@ -49,6 +49,7 @@ static void cpu_free(dg_backend *be) {
         free(cpu(be)->gemm_bf16);
         free(cpu(be)->xbf16);
         free(cpu(be)->att_bf16);
+        free(cpu(be)->att_kv);
     }
     free(be->impl);
     free(be);
@@ -232,7 +233,8 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) 
     dg_cpu settings = *cpu(be);
     settings.conv = settings.gemm = NULL;
     settings.gemm_bf16 = settings.xbf16 = NULL;
-    settings.att_bf16 = NULL;
+    settings.att_bf16 = settings.att_kv = NULL;
+    settings.att_kv_words = 0;
     const int rc = cpu_make(&settings, out, err, errlen);
     if (rc == 0) (*out)->weights_hugepages = be->weights_hugepages;
     return rc;

@@ -11,7 +11,8 @@
 #include "backend.h"
 
 /* Segment attention tiles (vision_ops.c): queries of one head per block (the bf16
- * products' blocks larger: each packs the keys and values once per block), keys per tile. */
+ * products' blocks larger: a segment of one block packs its keys and values in the block's
+ * task, one of several once for all, into dg_cpu.att_kv), keys per tile. */
 #define DG_ATT_QB 128
 #define DG_ATT_QB_BF16 512
 #define DG_ATT_KC 256
