@@ -267,6 +267,33 @@ TEST(exp512_is_exp256) {
     CHECK_NEAR(e16[N / 4], 1.0, 1e-6);   /* x = 0 */
 }
 
+/* dg_exp512_nonpos (the bf16 attention's softmax) against exp in double for x in [-87, 0]:
+ * 2e-6 relative (its polynomial 1.9e-7; the reduction x·log2(e) - n with log2(e) a float
+ * 2.2e-8 off moves the result by up to 87·2.2e-8·ln 2 = 1.3e-6 at the low end). Below -87,
+ * where the value leaves float's normal range, at most 2^-126 and not negative, 0 at -inf;
+ * exp(0) = 1 exactly. */
+__attribute__((target("avx512f"))) static void exp_nonpos(float *e, const float *x, int n) {
+    for (int i = 0; i < n; i += 16) _mm512_storeu_ps(e + i, dg_exp512_nonpos(_mm512_loadu_ps(x + i)));
+}
+
+TEST(exp512_nonpos_relative) {
+    if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
+    enum { N = 1 << 18 };
+    static float x[N], e[N];
+    for (int i = 0; i < N; i++) x[i] = -87.0f * (float)i / (N - 1);
+    x[N - 16] = -90.0f, x[N - 15] = -150.0f, x[N - 14] = -1e30f, x[N - 13] = -INFINITY;
+    exp_nonpos(e, x, N);
+    double worst = 0.0;
+    for (int i = 0; i < N - 16; i++) {
+        const double r = fabs(e[i] / exp((double)x[i]) - 1.0);
+        if (r > worst) worst = r;
+    }
+    if (worst > 2e-6) test_fail(__FILE__, __LINE__, "relative error %.3g", worst);
+    CHECK(e[0] == 1.0f);
+    for (int i = N - 16; i < N - 12; i++) CHECK(e[i] >= 0.0f && e[i] <= 0x1p-126f);
+    CHECK(e[N - 13] == 0.0f);
+}
+
 TEST(gelu_erf) {
     enum { N = 1001 };
     float x[N], y[N];

@@ -223,7 +223,7 @@ TARGET float dg_att_bf16_softmax(dg_att_bf16 *a, int i, const float *s, int nc, 
     for (int c = 0; c < nc; c += 16) {
         const int left = nc - c;
         const __mmask16 k = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(k, dg_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + c), bm)));
+        const __m512 e = _mm512_maskz_mov_ps(k, dg_exp512_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + c), bm)));
         acc = _mm512_add_ps(acc, e);
         _mm256_mask_storeu_epi32(w + c / 2, left >= 16 ? 0xff : (__mmask8)((1u << ((left + 1) / 2)) - 1),
                                  (__m256i)_mm512_cvtneps_pbh(e));

@@ -62,8 +62,10 @@ void dg_att_bf16_pv(dg_att_bf16 *a, float *o, const float *p, int lds, int nc);
 /* The online softmax's step for row i of the tile's scores s[0 .. nc-1] (vision_ops.c): with
  * m' = max(*mx, max s), the probabilities exp(s - m') rounded straight into the row's pairs
  * for dg_att_bf16_pv_rows (not stored as floats), *corr = exp(*mx - m') (0 from *mx = -inf),
- * *mx = m'; returns Σ exp(s - m') over the unrounded values. exp is dg_exp512 (dg_exp256's
- * bits), the sum 16 lanes wide. */
+ * *mx = m'; returns Σ exp(s - m') over the unrounded values. exp is dg_exp512_nonpos
+ * (simd_math.h: 1.3e-6 relative at worst, well under the probabilities' rounding to bf16,
+ * 2^-9; dg_exp512's Cephes form, 17 instructions to its 10, was 5-7% of the attention), the
+ * sum 16 lanes wide; *corr is libm's expf. */
 float dg_att_bf16_softmax(dg_att_bf16 *a, int i, const float *s, int nc, float *mx, float *corr);
 /* dg_att_bf16_pv on the pairs dg_att_bf16_softmax left for rows 0 .. nq-1, each row of o
  * first multiplied by corr[i] (the online softmax's correction: the same fp32 product as a
