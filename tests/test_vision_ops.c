@@ -149,16 +149,16 @@ TEST(attention_segments_bf16_compute) {
 /* The keys and values of a segment over several query blocks are packed once for all of them
  * (vision_ops.c pack_segments), those of a one-block segment by its task: a row gets the
  * same bits either way, so row r of a 700-query segment equals the row computed as a
- * segment of its own over the same 600 keys. head_dim 80 and 128, GQA. Only where the bf16
- * products run (AVX-512 BF16). */
-TEST(attention_segments_bf16_packed_once_same_bits) {
-    if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
+ * segment of its own over the same 600 keys. head_dim 80 and 128, GQA; the bf16 products
+ * (AVX-512 BF16) and the own fp32 ones (AVX-512 F), where they run. */
+static void packed_once_same_bits(int bf16) {
     dg_backend *be = NULL;
     char err[128];
-    if (dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 2, .cpu_bf16_compute = 1}, &be, err, sizeof err) < 0)
+    if (dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 2, .cpu_bf16_compute = bf16}, &be, err,
+                            sizeof err) < 0)
         test_fail(__FILE__, __LINE__, "%s", err);
     enum { NQ = 700, NK = 600, H = 4, KVH = 2 };
-    const int hds[2] = {80, 128}, rows[5] = {0, 300, 511, 512, 699};
+    const int hds[2] = {80, 128}, rows[6] = {0, 127, 128, 300, 512, 699};
     for (int c = 0; c < 2; c++) {
         const int hd = hds[c];
         float *q = malloc(sizeof(float) * NQ * H * hd), *k = malloc(sizeof(float) * NK * KVH * hd),
@@ -169,15 +169,26 @@ TEST(attention_segments_bf16_packed_once_same_bits) {
         const int32_t q_cu[] = {0, NQ}, kv_cu[] = {0, NK}, one_cu[] = {0, 1};
         const float scale = 1.0f / sqrtf((float)hd);
         be->attention_segments(be, out, q, H * hd, k, v, KVH * hd, q_cu, kv_cu, 1, H, KVH, hd, scale);
-        for (int r = 0; r < 5; r++) {
+        for (int r = 0; r < 6; r++) {
             be->attention_segments(be, one, q + (int64_t)rows[r] * H * hd, H * hd, k, v, KVH * hd, one_cu, kv_cu, 1, H,
                                    KVH, hd, scale);
             if (memcmp(one, out + (int64_t)rows[r] * H * hd, sizeof(float) * H * hd))
-                test_fail(__FILE__, __LINE__, "head_dim %d: row %d differs from the row alone", hd, rows[r]);
+                test_fail(__FILE__, __LINE__, "%s, head_dim %d: row %d differs from the row alone",
+                          bf16 ? "bf16" : "fp32", hd, rows[r]);
         }
         free(q); free(k); free(v); free(out); free(one);
     }
     dg_backend_free(be);
+}
+
+TEST(attention_segments_bf16_packed_once_same_bits) {
+    if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
+    packed_once_same_bits(1);
+}
+
+TEST(attention_segments_f32_packed_once_same_bits) {
+    if (!test_cpu_avx512()) SKIP("%s", TEST_NO_AVX512);
+    packed_once_same_bits(0);
 }
 
 /* The bf16 products themselves (attention_bf16.h), against double on the rounded inputs:

@@ -59,34 +59,6 @@ void dg_att_bf16_begin(dg_att_bf16 *a, uint32_t *scratch, int qb, int kc, const 
     memset(a->q + (int64_t)nq * hq, 0, sizeof(uint32_t) * (size_t)(rows - nq) * hq);
 }
 
-/* 16 rows of 16 words transposed in registers: c[j] lane i = r[i] lane j. */
-TARGET INLINE void transpose16(__m512i c[16], const __m512i r[16]) {
-    __m512i a[16], b[16];
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; k++) {   /* words: lanes of each 128 bits, rows 2k and 2k + 1 */
-        a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-        a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-    }
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; k++) {   /* b[4k + m], 128-bit lane L: rows 4k .. 4k+3 of column 4L + m */
-        b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
-        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
-        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
-        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < 4; m++) {   /* column 4L + m: lane L of b[m], b[4 + m], b[8 + m], b[12 + m] */
-        const __m512i p0 = _mm512_shuffle_i32x4(b[m], b[4 + m], _MM_SHUFFLE(1, 0, 1, 0)),
-                      p1 = _mm512_shuffle_i32x4(b[m], b[4 + m], _MM_SHUFFLE(3, 2, 3, 2)),
-                      q0 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], _MM_SHUFFLE(1, 0, 1, 0)),
-                      q1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], _MM_SHUFFLE(3, 2, 3, 2));
-        c[m] = _mm512_shuffle_i32x4(p0, q0, _MM_SHUFFLE(2, 0, 2, 0));
-        c[4 + m] = _mm512_shuffle_i32x4(p0, q0, _MM_SHUFFLE(3, 1, 3, 1));
-        c[8 + m] = _mm512_shuffle_i32x4(p1, q1, _MM_SHUFFLE(2, 0, 2, 0));
-        c[12 + m] = _mm512_shuffle_i32x4(p1, q1, _MM_SHUFFLE(3, 1, 3, 1));
-    }
-}
-
 /* Words t0 .. t0+15 of a key row (dims 2t, 2t + 1 rounded, as round_pairs writes them; zeros
  * from dim hd on): two rows of 16 floats rounded into one of 16 pairs. */
 TARGET INLINE __m512i key_words(const float *k, int t0, int hd) {
@@ -107,7 +79,7 @@ TARGET void dg_att_bf16_pack(uint32_t *dst, const float *k, const float *v, int 
 #pragma GCC unroll 16
             for (int l = 0; l < 16; l++)
                 r[l] = 16 * g + l < nc ? key_words(k + (int64_t)(16 * g + l) * kv_stride, t0, hd) : _mm512_setzero_si512();
-            transpose16(c, r);
+            dg_transpose16(c, r);
             uint32_t *out = kw + ((int64_t)g * hq + t0) * 16;
 #pragma GCC unroll 16
             for (int j = 0; j < 16; j++)

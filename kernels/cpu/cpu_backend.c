@@ -50,6 +50,7 @@ static void cpu_free(dg_backend *be) {
         free(cpu(be)->xbf16);
         free(cpu(be)->att_bf16);
         free(cpu(be)->att_kv);
+        free(cpu(be)->att_f32);
     }
     free(be->impl);
     free(be);
@@ -174,7 +175,9 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
          (!(c->gemm_bf16 = cpu_alloc(be, sizeof(uint16_t) * DG_MATMUL_BF16_PANEL * (size_t)c->n_threads)) ||
           !(c->xbf16 = cpu_alloc(be, sizeof(uint16_t) * DG_MATMUL_BF16_XBUF)))) ||
         (c->bf16_compute && c->simd >= DG_CPU_AVX512_BF16 &&
-         !(c->att_bf16 = cpu_alloc(be, sizeof(uint32_t) * DG_ATT_SCRATCH_WORDS * (size_t)c->n_threads))))
+         !(c->att_bf16 = cpu_alloc(be, sizeof(uint32_t) * DG_ATT_SCRATCH_WORDS * (size_t)c->n_threads))) ||
+        (c->simd >= DG_CPU_AVX512 && !(c->bf16_compute && c->simd >= DG_CPU_AVX512_BF16) &&
+         !(c->att_f32 = cpu_alloc(be, sizeof(float) * DG_ATT_F32_SCRATCH_FLOATS * (size_t)c->n_threads))))
         goto nomem;
     be->name = c->simd ? "cpu" : "cpu-scalar";
     be->n_threads = c->n_threads;
@@ -234,6 +237,7 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) 
     settings.conv = settings.gemm = NULL;
     settings.gemm_bf16 = settings.xbf16 = NULL;
     settings.att_bf16 = settings.att_kv = NULL;
+    settings.att_f32 = NULL;
     settings.att_kv_words = 0;
     const int rc = cpu_make(&settings, out, err, errlen);
     if (rc == 0) (*out)->weights_hugepages = be->weights_hugepages;

@@ -30,9 +30,12 @@ typedef struct {
     uint32_t *att_bf16;      /* owned, with bf16_compute on AVX-512 BF16: the segment
                                 attention's scratch, DG_ATT_SCRATCH_WORDS for each of
                                 n_threads (vision_ops.h) */
+    float    *att_f32;       /* owned, on AVX-512 without bf16 compute: the segment attention's
+                                fp32 tiles, DG_ATT_F32_SCRATCH_FLOATS for each of n_threads */
     uint32_t *att_kv;        /* owned, grown on demand and kept: the keys and values of the
                                 segments with several query blocks, packed once a call
-                                (vision_ops.c; 4 bytes a key and dim, 16 MiB at the DiT's
+                                (vision_ops.c; 4 bytes a key and dim for the bf16
+                                products, 8 for the fp32 ones: 16 and 32 MiB at the DiT's
                                 4096 tokens of 8 x 128) */
     int64_t   att_kv_words;  /* its size */
 } dg_cpu;

@@ -80,6 +80,35 @@ __attribute__((target("avx512f"))) static inline __m512 dg_exp512_nonpos(__m512 
     return _mm512_scalef_ps(p, n);
 }
 
+/* 16 rows of 16 32-bit lanes transposed in registers: c[j] lane i = r[i] lane j (the
+ * segment attention's packing of 16 keys, attention_bf16.c and attention_f32.c). */
+__attribute__((target("avx512f"))) static inline void dg_transpose16(__m512i c[16], const __m512i r[16]) {
+    __m512i a[16], b[16];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) {   /* lanes of each 128 bits, rows 2k and 2k + 1 */
+        a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {   /* b[4k + m], 128-bit lane L: rows 4k .. 4k+3 of column 4L + m */
+        b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; m++) {   /* column 4L + m: lane L of b[m], b[4 + m], b[8 + m], b[12 + m] */
+        const __m512i p0 = _mm512_shuffle_i32x4(b[m], b[4 + m], _MM_SHUFFLE(1, 0, 1, 0)),
+                      p1 = _mm512_shuffle_i32x4(b[m], b[4 + m], _MM_SHUFFLE(3, 2, 3, 2)),
+                      q0 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], _MM_SHUFFLE(1, 0, 1, 0)),
+                      q1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], _MM_SHUFFLE(3, 2, 3, 2));
+        c[m] = _mm512_shuffle_i32x4(p0, q0, _MM_SHUFFLE(2, 0, 2, 0));
+        c[4 + m] = _mm512_shuffle_i32x4(p0, q0, _MM_SHUFFLE(3, 1, 3, 1));
+        c[8 + m] = _mm512_shuffle_i32x4(p1, q1, _MM_SHUFFLE(2, 0, 2, 0));
+        c[12 + m] = _mm512_shuffle_i32x4(p1, q1, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
 /* The sum of 8 lanes: l + 4, then + 2, + 1. */
 DG_SIMD_AVX2 static inline float dg_hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -11,23 +11,28 @@
 #include "cpu_kernels.h"
 #include "simd_math.h"
 
-/* Segment attention tiles: QB queries of one head against KC keys at a time, each tile
- * product an sgemm called from inside the OpenMP region, with an online softmax across
- * key tiles. Larger tiles pack the query block fewer times: 128x256 ran the 2048-token
- * full attention of the vision tower at 1.3x the speed of 32x128. Stack per thread:
- * QB·KC + QB·head_dim floats (256 KiB at head_dim 256).
- * This relies on the OpenMP build of OpenBLAS (the one the Makefile links), which runs a
- * call made inside a parallel region on the calling thread; a pthreads OpenBLAS starts
- * its own threads from every one of ours (a run that picked up another libopenblas.so.0
- * than the Makefile's rpath names was slower at 16 threads than at 2).
- * OpenBLAS, unlike the matmul (matmul.h): a segment's query blocks start at the segment
- * and do not depend on the other segments, so an image (or a DiT sequence) of the same
- * shape gets the same bits; a query row is not promised the same bits in a segment of
- * another length.
- * With bf16 compute on AVX-512 BF16, the two products are attention_bf16.h's (bf16 inputs,
- * fp32 accumulation, as PyTorch's bf16 attention); the softmax between them is the same
- * online softmax in fp32 (dg_att_bf16_softmax: 16 lanes, the probabilities rounded to the
- * second product's pairs as they are written). */
+/* Segment attention tiles: QB queries of one head against KC keys at a time, with an
+ * online softmax across key tiles. The two products of a tile:
+ * - with bf16 compute on AVX-512 BF16, attention_bf16.h's (bf16 inputs, fp32 accumulation,
+ *   as PyTorch's bf16 attention); the softmax between them is the same online softmax in
+ *   fp32 (dg_att_bf16_softmax: 16 lanes, the probabilities rounded to the second product's
+ *   pairs as they are written);
+ * - else on AVX-512 F (head_dim a multiple of 16), attention_f32.h's: the DiT's 4096-token
+ *   attention 0.68 -> 0.84 of the FMA's limit against OpenBLAS's sgemm, whose copies of
+ *   both operands on every call were a fifth of its time;
+ * - else an sgemm each, called from inside the OpenMP region. This relies on the OpenMP
+ *   build of OpenBLAS (the one the Makefile links), which runs a call made inside a
+ *   parallel region on the calling thread; a pthreads OpenBLAS starts its own threads from
+ *   every one of ours (a run that picked up another libopenblas.so.0 than the Makefile's
+ *   rpath names was slower at 16 threads than at 2). Larger tiles pack the query block
+ *   fewer times: 128x256 ran the 2048-token full attention of the vision tower at 1.3x the
+ *   speed of 32x128. OpenBLAS, unlike the matmul (matmul.h): a query row is not promised
+ *   the same bits in a segment of another length (an image, or a DiT sequence, of the same
+ *   shape gets the same bits). The kernels of the other two give a row its bits whatever
+ *   the rows beside it.
+ * The segments of more than one query block have their keys and values packed once for all
+ * their blocks (pack_segments), the others in their task. Stack per thread: QB·KC +
+ * QB·head_dim floats (256 KiB at head_dim 256) for the fp32 products. */
 #define ATT_QB DG_ATT_QB
 #define ATT_KC DG_ATT_KC
 #define ATT_MAX_HEAD_DIM 256
@@ -80,11 +85,12 @@ typedef struct {
     float      *s, *o, *mx, *l;
     dg_att_bf16 *bf;
     uint32_t   *words;
+    float      *ft;            /* own fp32 products (AVX-512): a tile packed by the task, or NULL */
 } att_block;
 
-/* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. packed (bf16 products):
- * the segment's keys and values of the head's kv head as dg_att_bf16_pack left them, tile
- * after tile, or NULL: each tile packed here. */
+/* One (segment, head, query block): out rows q0 .. q0+nq-1, head h. packed (bf16 or own
+ * fp32 products): the segment's keys and values of the head's kv head as dg_att_bf16_pack or
+ * dg_att_f32_pack left them, tile after tile, or NULL: each tile packed here. */
 static void attend_block(int simd, const att_block *w, float *out, int out_stride, const float *q, int q_stride,
                          const float *k, const float *v, int kv_stride, int nq, int nk,
                          int head_dim, float scale, const uint32_t *packed) {
@@ -98,33 +104,41 @@ static void attend_block(int simd, const att_block *w, float *out, int out_strid
     if (bf) dg_att_bf16_begin(bf, w->words, DG_ATT_QB_BF16, ATT_KC, q, q_stride, nq, head_dim);
     for (int j0 = 0; j0 < nk; j0 += ATT_KC) {
         const int nc = nk - j0 < ATT_KC ? nk - j0 : ATT_KC;
-        if (bf) {
+        const float *kj = k + (int64_t)j0 * kv_stride, *vj = v + (int64_t)j0 * kv_stride;
+        float corr[ATT_QB > DG_ATT_QB_BF16 ? ATT_QB : DG_ATT_QB_BF16];
+        if (bf) {   /* the correction of o folded into the second product's loads of it */
             if (packed) dg_att_bf16_use(bf, packed + j0 / ATT_KC * dg_att_bf16_tile_words(ATT_KC, head_dim), nc);
-            else dg_att_bf16_tile(bf, k + (int64_t)j0 * kv_stride, v + (int64_t)j0 * kv_stride, kv_stride, nc);
+            else dg_att_bf16_tile(bf, kj, vj, kv_stride, nc);
             dg_att_bf16_scores(bf, s, ATT_KC, nc, scale);
-        } else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nc, head_dim, scale, q, q_stride,
-                        k + (int64_t)j0 * kv_stride, kv_stride, 0.0f, s, ATT_KC);
-        if (bf) {   /* the correction of o folded into the next product's loads of it */
-            float corr[DG_ATT_QB_BF16];
             for (int i = 0; i < nq; i++) {
                 const float sum = dg_att_bf16_softmax(bf, i, s + i * ATT_KC, nc, &mx[i], &corr[i]);
                 l[i] = l[i] * corr[i] + sum;
             }
             dg_att_bf16_pv_rows(bf, o, nc, j0 ? corr : NULL);
-            continue;
-        }
-        for (int i = 0; i < nq; i++) {
-            float corr;
-            const float sum = simd ? softmax_row_avx2(s + i * ATT_KC, nc, &mx[i], &corr)
-                                   : softmax_row_c(s + i * ATT_KC, nc, &mx[i], &corr);
-            l[i] = l[i] * corr + sum;
-            if (corr != 1.0f)
+        } else if (w->ft) {   /* the same, in fp32 */
+            const float *tile = w->ft;
+            if (packed) tile = (const float *)packed + j0 / ATT_KC * dg_att_f32_tile_floats(ATT_KC, head_dim);
+            else dg_att_f32_pack(w->ft, kj, vj, kv_stride, nc, head_dim);
+            dg_att_f32_scores(s, ATT_KC, q, q_stride, nq, tile, nc, head_dim, scale);
+            for (int i = 0; i < nq; i++) {
+                const float sum = softmax_row_avx2(s + i * ATT_KC, nc, &mx[i], &corr[i]);
+                l[i] = l[i] * corr[i] + sum;
+            }
+            dg_att_f32_pv(o, head_dim, s, ATT_KC, nq, tile, nc, j0 ? corr : NULL);
+        } else {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nc, head_dim, scale, q, q_stride, kj, kv_stride,
+                        0.0f, s, ATT_KC);
+            for (int i = 0; i < nq; i++) {
+                const float sum = simd ? softmax_row_avx2(s + i * ATT_KC, nc, &mx[i], &corr[i])
+                                       : softmax_row_c(s + i * ATT_KC, nc, &mx[i], &corr[i]);
+                l[i] = l[i] * corr[i] + sum;
+                if (corr[i] != 1.0f)
 #pragma omp simd
-                for (int d = 0; d < head_dim; d++) o[i * head_dim + d] *= corr;
+                    for (int d = 0; d < head_dim; d++) o[i * head_dim + d] *= corr[i];
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, head_dim, nc, 1.0f, s, ATT_KC, vj, kv_stride,
+                        1.0f, o, head_dim);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, head_dim, nc, 1.0f, s, ATT_KC,
-                    v + (int64_t)j0 * kv_stride, kv_stride, 1.0f, o, head_dim);
     }
     for (int i = 0; i < nq; i++) {
         const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;   /* an empty kv segment gives 0 */
@@ -135,31 +149,36 @@ static void attend_block(int simd, const att_block *w, float *out, int out_strid
 
 #define TILES(nk) (((nk) + ATT_KC - 1) / ATT_KC)
 
-/* The words of one kv head's nk keys and values packed: its tiles of ATT_KC, the last
- * perhaps shorter. */
-static int64_t head_words(int nk, int head_dim) {
-    return nk / ATT_KC * dg_att_bf16_tile_words(ATT_KC, head_dim) +
-           (nk % ATT_KC ? dg_att_bf16_tile_words(nk % ATT_KC, head_dim) : 0);
+/* The 4-byte words of a packed tile of nc keys: bf16 products' (f32 = 0) or fp32's. */
+static int64_t tile_words(int f32, int nc, int head_dim) {
+    return f32 ? dg_att_f32_tile_floats(nc, head_dim) : dg_att_bf16_tile_words(nc, head_dim);
 }
 
-/* The bf16 products' keys and values packed once for the segments of more than one query
- * block, each (segment, kv head) its tiles in turn from off[sg] + kv head · its words
+/* The words of one kv head's nk keys and values packed: its tiles of ATT_KC, the last
+ * perhaps shorter. */
+static int64_t head_words(int f32, int nk, int head_dim) {
+    return nk / ATT_KC * tile_words(f32, ATT_KC, head_dim) + (nk % ATT_KC ? tile_words(f32, nk % ATT_KC, head_dim) : 0);
+}
+
+/* The keys and values packed once for the segments of more than one query block, for the
+ * bf16 products or (f32) the own fp32 ones, each (segment, kv head) its tiles in turn from
+ * off[sg] + kv head · its words
  * (off[sg] = -1: a segment of one block, whose tasks pack their tiles). Packed a query
  * block at a time, the 4096-token attention of the DiT at 512² read and packed its keys and
  * values 8 times, 9% of its time; once, 1.3%. Returns the packed words, or NULL (none to
  * pack, or no memory for them: the tasks pack their tiles). */
-static const uint32_t *pack_segments(dg_backend *be, int64_t *off, const float *k, const float *v, int kv_stride,
-                                     const int32_t *q_cu, const int32_t *kv_cu, int n_seg, int n_kv_heads,
-                                     int head_dim, int QB) {
+static const uint32_t *pack_segments(dg_backend *be, int f32, int64_t *off, const float *k, const float *v,
+                                     int kv_stride, const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
+                                     int n_kv_heads, int head_dim, int QB) {
     dg_cpu *c = be->impl;
-    const int64_t full = dg_att_bf16_tile_words(ATT_KC, head_dim);
+    const int64_t full = tile_words(f32, ATT_KC, head_dim);
     int64_t words = 0, n_tasks = 0;
     for (int sg = 0; sg < n_seg; sg++) {
         const int nk = kv_cu[sg + 1] - kv_cu[sg];
         off[sg] = -1;
         if (q_cu[sg + 1] - q_cu[sg] <= QB || nk <= 0) continue;
         off[sg] = words;
-        words += n_kv_heads * head_words(nk, head_dim);
+        words += n_kv_heads * head_words(f32, nk, head_dim);
         n_tasks += (int64_t)n_kv_heads * TILES(nk);
     }
     if (!n_tasks) return NULL;
@@ -184,17 +203,20 @@ static const uint32_t *pack_segments(dg_backend *be, int64_t *off, const float *
             const int nk = kv_cu[sg + 1] - kv_cu[sg];
             const int h = (int)((t - first) / TILES(nk)), j0 = (int)((t - first) % TILES(nk)) * ATT_KC;
             const int64_t row = (int64_t)(kv_cu[sg] + j0) * kv_stride + (int64_t)h * head_dim;
-            dg_att_bf16_pack(kv + off[sg] + h * head_words(nk, head_dim) + j0 / ATT_KC * full, k + row, v + row,
-                             kv_stride, nk - j0 < ATT_KC ? nk - j0 : ATT_KC, head_dim);
+            uint32_t *dst = kv + off[sg] + h * head_words(f32, nk, head_dim) + j0 / ATT_KC * full;
+            const int nc = nk - j0 < ATT_KC ? nk - j0 : ATT_KC;
+            if (f32) dg_att_f32_pack((float *)dst, k + row, v + row, kv_stride, nc, head_dim);
+            else dg_att_bf16_pack(dst, k + row, v + row, kv_stride, nc, head_dim);
         }
     }
     return kv;
 }
 
 /* Where pack_segments left segment sg's kv head kvh, or NULL. */
-static const uint32_t *seg_packed(const uint32_t *packed, const int64_t *off, int sg, int kvh, const int32_t *kv_cu,
-                                  int head_dim) {
-    return packed && off[sg] >= 0 ? packed + off[sg] + kvh * head_words(kv_cu[sg + 1] - kv_cu[sg], head_dim) : NULL;
+static const uint32_t *seg_packed(const uint32_t *packed, int f32, const int64_t *off, int sg, int kvh,
+                                  const int32_t *kv_cu, int head_dim) {
+    return packed && off[sg] >= 0 ? packed + off[sg] + kvh * head_words(f32, kv_cu[sg + 1] - kv_cu[sg], head_dim)
+                                   : NULL;
 }
 
 void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,
@@ -204,9 +226,10 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
     const dg_cpu *c = cpu(be);
     const int group = n_heads / n_kv_heads, out_stride = n_heads * head_dim;
     const int bf16 = c->att_bf16 && DG_ATT_BF16_OK(head_dim), QB = bf16 ? DG_ATT_QB_BF16 : ATT_QB;
-    int64_t *off = bf16 ? malloc(sizeof(int64_t) * (size_t)(n_seg > 0 ? n_seg : 1)) : NULL;
+    const int f32 = !bf16 && c->att_f32 && DG_ATT_F32_OK(head_dim);   /* own fp32 products */
+    int64_t *off = bf16 || f32 ? malloc(sizeof(int64_t) * (size_t)(n_seg > 0 ? n_seg : 1)) : NULL;
     const uint32_t *packed =
-        off ? pack_segments(be, off, k, v, kv_stride, q_cu, kv_cu, n_seg, n_kv_heads, head_dim, QB) : NULL;
+        off ? pack_segments(be, f32, off, k, v, kv_stride, q_cu, kv_cu, n_seg, n_kv_heads, head_dim, QB) : NULL;
     /* tasks: (segment, query block, head), numbered segment by segment */
     int64_t n_tasks = 0;
     for (int sg = 0; sg < n_seg; sg++)
@@ -220,12 +243,13 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
         float s_stack[bf16 ? 1 : ATT_QB * ATT_KC], o_stack[bf16 ? 1 : ATT_QB * ATT_MAX_HEAD_DIM];
         float mx_stack[ATT_QB], l_stack[ATT_QB];
         dg_att_bf16 ab;
-        att_block w = {s_stack, o_stack, mx_stack, l_stack, NULL, NULL};
+        att_block w = {s_stack, o_stack, mx_stack, l_stack, NULL, NULL,
+                       f32 ? c->att_f32 + (int64_t)omp_get_thread_num() * DG_ATT_F32_SCRATCH_FLOATS : NULL};
         if (bf16) {   /* vision_ops.h DG_ATT_SCRATCH_WORDS: the products' words, then the rows */
             uint32_t *words = c->att_bf16 + (int64_t)omp_get_thread_num() * DG_ATT_SCRATCH_WORDS;
             float *rows = (float *)(words + DG_ATT_BF16_WORDS(DG_ATT_QB_BF16, ATT_KC));
             w = (att_block){rows, rows + DG_ATT_QB_BF16 * ATT_KC, rows + DG_ATT_QB_BF16 * (ATT_KC + 256),
-                            rows + DG_ATT_QB_BF16 * (ATT_KC + 257), &ab, words};
+                            rows + DG_ATT_QB_BF16 * (ATT_KC + 257), &ab, words, NULL};
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_tasks; t++) {
@@ -246,7 +270,7 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
                          q + (int64_t)q0 * q_stride + h * head_dim, q_stride,
                          k + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim,
                          v + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim, kv_stride, nq,
-                         kv_cu[sg + 1] - kv_cu[sg], head_dim, scale, seg_packed(packed, off, sg, kvh, kv_cu, head_dim));
+                         kv_cu[sg + 1] - kv_cu[sg], head_dim, scale, seg_packed(packed, f32, off, sg, kvh, kv_cu, head_dim));
         }
     }
     free(off);

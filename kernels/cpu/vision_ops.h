@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "attention_bf16.h"
+#include "attention_f32.h"
 #include "backend.h"
 
 /* Segment attention tiles (vision_ops.c): queries of one head per block (the bf16
@@ -21,6 +22,9 @@
  * running maxima and sums [QB] each. */
 #define DG_ATT_SCRATCH_WORDS \
     (DG_ATT_BF16_WORDS(DG_ATT_QB_BF16, DG_ATT_KC) + (int64_t)DG_ATT_QB_BF16 * (DG_ATT_KC + 256 + 2))
+/* Its per-thread scratch with the own fp32 products on AVX-512 (dg_cpu.att_f32), floats: a
+ * tile of keys and values packed (attention_f32.h), head_dim up to 256. */
+#define DG_ATT_F32_SCRATCH_FLOATS (2 * (int64_t)DG_ATT_KC * 256)
 
 void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q_stride,
                                const float *k, const float *v, int kv_stride,

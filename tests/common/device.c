@@ -34,14 +34,19 @@ int test_cuda_present(void) {
 
 const char *test_cuda_absent_reason(void) { return reason; }
 
-int test_cpu_avx512_bf16(void) {
+/* The kernel set a "cpu" backend of at most max_simd uses here, as it decides from CPUID. */
+static int cpu_simd(int max_simd, int bf16_compute) {
     dg_backend *be = NULL;
     char err[256];
-    if (dg_cpu_backend_new(1, DG_CPU_AVX512_BF16, 1, &be, err, sizeof err) < 0) {
+    if (dg_cpu_backend_new(1, max_simd, bf16_compute, &be, err, sizeof err) < 0) {
         test_fail(__FILE__, __LINE__, "%s", err);
         return 0;
     }
     const int simd = ((const dg_cpu *)be->impl)->simd;
     dg_backend_free(be);
-    return simd >= DG_CPU_AVX512_BF16;
+    return simd;
 }
+
+int test_cpu_avx512(void) { return cpu_simd(DG_CPU_AVX512, 0) >= DG_CPU_AVX512; }
+
+int test_cpu_avx512_bf16(void) { return cpu_simd(DG_CPU_AVX512_BF16, 1) >= DG_CPU_AVX512_BF16; }

@@ -21,6 +21,11 @@ const char *test_cuda_absent_reason(void);   /* why test_cuda_present() said 0 *
  *     if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
  */
 int         test_cpu_avx512_bf16(void);
+/* 1 when the "cpu" backend uses AVX-512 F kernels here (without bf16 compute: the fp32
+ * segment attention's own products, kernels/cpu/attention_f32.h). */
+int         test_cpu_avx512(void);
+#define TEST_NO_AVX512 "this CPU has no AVX-512 F: the kernels run nowhere here"
+
 #define TEST_NO_AVX512_BF16 \
     "this CPU has no AVX-512 BF16 (CPUID.(EAX=7,ECX=1):EAX bit 5 with AVX-512 F and BW): its kernels run nowhere here"
 
