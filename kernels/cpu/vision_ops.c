@@ -270,7 +270,8 @@ void dg_cpu_attention_segments(dg_backend *be, float *out, const float *q, int q
                          q + (int64_t)q0 * q_stride + h * head_dim, q_stride,
                          k + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim,
                          v + (int64_t)kv_cu[sg] * kv_stride + kvh * head_dim, kv_stride, nq,
-                         kv_cu[sg + 1] - kv_cu[sg], head_dim, scale, seg_packed(packed, f32, off, sg, kvh, kv_cu, head_dim));
+                         kv_cu[sg + 1] - kv_cu[sg], head_dim, scale,
+                         seg_packed(packed, f32, off, sg, kvh, kv_cu, head_dim));
         }
     }
     free(off);
