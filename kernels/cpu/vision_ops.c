@@ -162,11 +162,10 @@ static int64_t head_words(int f32, int nk, int head_dim) {
 
 /* The keys and values packed once for the segments of more than one query block, for the
  * bf16 products or (f32) the own fp32 ones, each (segment, kv head) its tiles in turn from
- * off[sg] + kv head · its words
- * (off[sg] = -1: a segment of one block, whose tasks pack their tiles). Packed a query
- * block at a time, the 4096-token attention of the DiT at 512² read and packed its keys and
- * values 8 times, 9% of its time; once, 1.3%. Returns the packed words, or NULL (none to
- * pack, or no memory for them: the tasks pack their tiles). */
+ * off[sg] + kv head · its words (off[sg] = -1: a segment of one block, whose tasks pack
+ * their tiles). Packed a query block at a time, the 4096-token attention of the DiT at 512²
+ * read and packed its keys and values 8 times, 9% of its time; once, 1.3%. Returns the
+ * packed words, or NULL (none to pack, or no memory for them: the tasks pack their tiles). */
 static const uint32_t *pack_segments(dg_backend *be, int f32, int64_t *off, const float *k, const float *v,
                                      int kv_stride, const int32_t *q_cu, const int32_t *kv_cu, int n_seg,
                                      int n_kv_heads, int head_dim, int QB) {
