@@ -12,7 +12,9 @@
  *   - a weight is a dg_weight: a [rows, cols] matrix in its stored dtype (BF16, F16 or
  *     F32), rows = output features, cols = input features (PyTorch nn.Linear layout), so
  *     y = x · Wᵀ + b; row-major as stored, or (a backend with weights_blocked) cut into
- *     blocks of DG_WEIGHT_KB columns (dg_weight.kb, dg_weight_at below);
+ *     blocks of DG_WEIGHT_KB columns (dg_weight.kb, dg_weight_at below), or (a backend
+ *     with weights_panels, for the matrices a loader offers) in panels of
+ *     DG_WEIGHT_PANEL_ROWS rows;
  *   - buffers passed to operations come from be->alloc (host memory on the CPU, device
  *     memory on a GPU); weights are made usable by be->weight_prepare once, at load;
  *   - operations do not allocate: scratch they need is reserved when the backend is made;
@@ -60,7 +62,8 @@ typedef struct {
     dg_dtype    dtype;
     int64_t     rows;          /* output features */
     int64_t     cols;          /* input features */
-    int64_t     kb;            /* 0: row-major; DG_WEIGHT_KB: blocked (below) */
+    int64_t     kb;            /* the layout: 0 row-major; DG_WEIGHT_KB blocked;
+                                  DG_WEIGHT_PANELS panels (below) */
 } dg_weight;
 
 /* The blocked layout, which a backend with weights_blocked reads (the CPU's): the matrix
@@ -75,6 +78,20 @@ typedef struct {
  * struct dg_backend) says which matrices a backend wants so. */
 #define DG_WEIGHT_KB 2048
 
+/* The panel layout, which a backend with weights_panels reads (the CPU's in bf16 compute,
+ * for a BF16 matrix of an even number of columns that its loader offers: the vision
+ * tower's and the DiT's, which only its matmul reads): the rows in panels of
+ * DG_WEIGHT_PANEL_ROWS (the last panel p has np = rows - 64p of them, fewer when rows is
+ * not a multiple), each panel the 32-bit pairs of columns 2s, 2s + 1 of its np rows, step
+ * after step: column c of row r at element (r / 64)·64·cols + (c / 2)·2·np + (r % 64)·2 +
+ * c % 2. A step of a panel is up to four zmm of pairs, which VDPBF16PS multiplies by a
+ * pair of x broadcast to all lanes: each lane is one output, so no horizontal sums (the
+ * bf16 panel order, kernels/cpu/matmul.h), and W is read as one stream, in the order
+ * the products use it. Only the matmul reads it: dg_weight_at gives an element's address,
+ * but a run of columns is not contiguous (a pair is), and dg_weight_ld has no meaning. */
+#define DG_WEIGHT_PANELS (-1)
+#define DG_WEIGHT_PANEL_ROWS 64
+
 /* The elements from one row to the next in column c's block: cols, or the block's width. */
 static inline int64_t dg_weight_ld(const dg_weight *w, int64_t c) {
     if (!w->kb) return w->cols;
@@ -88,6 +105,11 @@ static inline int64_t dg_weight_ld(const dg_weight *w, int64_t c) {
 static inline const void *dg_weight_at(const dg_weight *w, int64_t r, int64_t c) {
     const size_t es = w->dtype == DG_DTYPE_F32 ? 4 : 2;
     if (!w->kb) return (const char *)w->data + (size_t)(r * w->cols + c) * es;
+    if (w->kb == DG_WEIGHT_PANELS) {
+        const int64_t p0 = r / DG_WEIGHT_PANEL_ROWS * DG_WEIGHT_PANEL_ROWS,
+                      np = w->rows - p0 < DG_WEIGHT_PANEL_ROWS ? w->rows - p0 : DG_WEIGHT_PANEL_ROWS;
+        return (const char *)w->data + (size_t)(p0 * w->cols + c / 2 * 2 * np + (r - p0) * 2 + c % 2) * es;
+    }
     const int64_t b0 = c / w->kb * w->kb;
     return (const char *)w->data + (size_t)(b0 * w->rows + r * dg_weight_ld(w, c) + c - b0) * es;
 }
@@ -171,6 +193,10 @@ struct dg_backend {
                                     gives it the blocked one where dg_weight_kb_for says
                                     (the CPU); 0: row-major only (CUDA, which copies weights
                                     at weight_prepare) */
+    int         weights_panels;  /* 1: its matmul reads the panel layout (the CPU in bf16
+                                    compute), and dg_bind_matrix gives it that one for a BF16
+                                    matrix of an even number of columns where the binder
+                                    offers it (dg_binder.panels); 0: never */
     int         weights_hugepages; /* 1: the loaders read weight files into huge pages
                                     (dg_st_open_flags DG_ST_HUGEPAGES): the CPU backend,
                                     which reads weights where they lie, unless
@@ -363,6 +389,14 @@ struct dg_backend {
 static inline int64_t dg_weight_kb_for(const dg_backend *be, dg_dtype dtype, int64_t cols) {
     const int64_t x_bytes = cols * (be->bf16_compute && dtype == DG_DTYPE_BF16 ? 2 : 4);
     return be->weights_blocked && x_bytes > DG_WEIGHT_X_L1 ? DG_WEIGHT_KB : 0;
+}
+
+/* The layout dg_bind_matrix gives a matrix: the panels where be reads them, the matrix is
+ * BF16 of an even number of columns and its loader offers it (panels: 1); else
+ * dg_weight_kb_for's. */
+static inline int64_t dg_weight_layout_for(const dg_backend *be, dg_dtype dtype, int64_t cols, int panels) {
+    if (panels && be->weights_panels && dtype == DG_DTYPE_BF16 && cols % 2 == 0) return DG_WEIGHT_PANELS;
+    return dg_weight_kb_for(be, dtype, cols);
 }
 
 /* A backend's settings at creation (dg_backend_new_opts); zeros are the defaults. */

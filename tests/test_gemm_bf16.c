@@ -46,6 +46,9 @@ enum { M_MAX = 300, OFFSET = 3, ROWS = M_MAX + OFFSET };
 
 static const int MS[] = {1, 2, 3, 4, 5, 8, 9, 17, 48, 49, 64, 300};
 static const int SHAPES[][2] = {{37, 83}, {101, 2100}, {5, 7}, {21, 4500}};   /* n, k */
+/* the panel order's: panels of 64 rows, one partial (37, 5), one full (64), two and a
+ * partial (130, 2 rows); k even, one step (2), a few (84), thousands (2100, 4500) */
+static const int PANEL_SHAPES[][2] = {{37, 84}, {130, 2100}, {5, 2}, {64, 4500}};
 enum { N_RANDOM_SHAPES = 2 };   /* and n in 1..48, k in 1..2200 drawn from the seed */
 
 static uint64_t rng = 2025;
@@ -94,30 +97,40 @@ static void make_inputs(int tiny, int n, int k, uint16_t *w, float *wx, float *x
 }
 
 /* One weight: the reference's rows, then every other config's singles and batches. */
-static void check_weight(dg_backend **be, const gemm_config *cf, int n_configs, int n, int k, int with_bias, int tiny) {
+static void check_weight(dg_backend **be, const gemm_config *cf, int n_configs, int n, int k, int with_bias, int tiny,
+                         int panels) {
     uint16_t *wd = malloc(sizeof(uint16_t) * (size_t)n * k);
     float *wx = malloc(sizeof(float) * (size_t)n * k), *x = malloc(sizeof(float) * (size_t)ROWS * k);
     float *b = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)ROWS * n);
     float *ref = malloc(sizeof(float) * (size_t)ROWS * n);
-    const dg_weight w = {wd, DG_DTYPE_BF16, n, k, 0};
+    const dg_weight rm = {wd, DG_DTYPE_BF16, n, k, 0};
+    dg_weight w = rm;
     const float *bias = with_bias ? b : NULL;
     char what[160];
     make_inputs(tiny, n, k, wd, wx, x);
+    void *pan = panels ? gemm_panel_copy(&rm, &w) : NULL;   /* the panel order's layout */
+    if (panels && !pan) {
+        CHECK(!"out of memory");
+        goto out;
+    }
+    /* a product meets 2 roundings a step of 32 columns, 4 in the tree, 1 a later block and
+     * 1 for the bias (the top); in the panel order 2 a pair of columns and the bias's */
+    const double chain = panels ? k + 2 : 2 * ((k + 31) / 32) + 8;
     for (int i = 0; i < n; i++) b[i] = frand() * (tiny ? ldexpf(1.0f, -126) : 1.0f);
     for (int c = 0; c < n_configs; c++) {
-        snprintf(what, sizeof what, "%s n=%d k=%d%s%s", cf[c].label, n, k, with_bias ? " +bias" : "",
-                 tiny ? " tiny" : "");
+        snprintf(what, sizeof what, "%s n=%d k=%d%s%s%s", cf[c].label, n, k, with_bias ? " +bias" : "",
+                 tiny ? " tiny" : "", panels ? " panels" : "");
         /* the reference computes every row alone, the others a few (each m = 1 call is a
          * parallel region: hundreds of them cost seconds where waiting threads spin) */
         const int singles = c == 0 ? ROWS : 8;
         for (int i = 0; i < singles; i++)
             be[c]->matmul(be[c], (c == 0 ? ref : y) + (int64_t)i * n, x + (int64_t)i * k, &w, bias, 1);
-        if (c == 0 ? !tiny && !gemm_within_bound(ref, x, rounded, wx, bias, ROWS, n, k, 2 * ((k + 31) / 32) + 8, what)
+        if (c == 0 ? !tiny && !gemm_within_bound(ref, x, rounded, wx, bias, ROWS, n, k, chain, what)
                    : !gemm_rows_match(y, ref, 0, singles, n, what))
             break;
         if (!gemm_batches_match(be[c], y, x, k, &w, bias, ref, n, MS, (int)(sizeof MS / sizeof MS[0]), OFFSET, what))
             goto out;
-        if (k > DG_WEIGHT_KB) {   /* the blocked layout (backend.h): the same bits */
+        if (!panels && k > DG_WEIGHT_KB) {   /* the blocked layout (backend.h): the same bits */
             dg_weight wb;
             void *blk = gemm_blocked_copy(&w, &wb);
             snprintf(what, sizeof what, "%s n=%d k=%d%s%s blocked", cf[c].label, n, k, with_bias ? " +bias" : "",
@@ -130,30 +143,45 @@ static void check_weight(dg_backend **be, const gemm_config *cf, int n_configs, 
         }
     }
 out:
-    free(wd); free(wx); free(x); free(b); free(y); free(ref);
+    free(wd); free(wx); free(x); free(b); free(y); free(ref); free(pan);
 }
 
-static void check_configs(const gemm_config *cf, int n_configs) {
+static void check_configs(const gemm_config *cf, int n_configs, int panels) {
     dg_backend *be[8] = {0};
     if (gemm_open_backends(be, cf, n_configs, 1) < 0) goto out;
-    enum { N_FIXED = sizeof SHAPES / sizeof SHAPES[0] };
-    int shapes[N_FIXED + N_RANDOM_SHAPES][2];
-    gemm_draw_shapes(shapes, SHAPES, N_FIXED, N_RANDOM_SHAPES, 2200, frand);
-    for (int s = 0; s < N_FIXED + N_RANDOM_SHAPES; s++)
+    enum { N_FIXED = sizeof SHAPES / sizeof SHAPES[0], N_PANEL = sizeof PANEL_SHAPES / sizeof PANEL_SHAPES[0] };
+    int shapes[N_PANEL + N_RANDOM_SHAPES][2];
+    if (panels) {   /* the panel layout takes an even k */
+        gemm_draw_shapes(shapes, PANEL_SHAPES, N_PANEL, N_RANDOM_SHAPES, 2200, frand);
+        for (int s = N_PANEL; s < N_PANEL + N_RANDOM_SHAPES; s++) shapes[s][1] += shapes[s][1] % 2;
+    } else {
+        gemm_draw_shapes(shapes, SHAPES, N_FIXED, N_RANDOM_SHAPES, 2200, frand);
+    }
+    const int n_shapes = (panels ? N_PANEL : N_FIXED) + N_RANDOM_SHAPES;
+    for (int s = 0; s < n_shapes; s++)
         for (int with_bias = 0; with_bias < 2; with_bias++)
-            check_weight(be, cf, n_configs, shapes[s][0], shapes[s][1], with_bias, 0);
-    check_weight(be, cf, n_configs, 37, 2100, 1, 1);
+            check_weight(be, cf, n_configs, shapes[s][0], shapes[s][1], with_bias, 0, panels);
+    check_weight(be, cf, n_configs, panels ? 101 : 37, 2100, 1, 1, panels);
 out:
     for (int c = 0; c < n_configs; c++) dg_backend_free(be[c]);
 }
 
 TEST(fallback_kernels_agree_row_invariant_and_accurate) {
-    check_configs(FALLBACK, sizeof FALLBACK / sizeof FALLBACK[0]);
+    check_configs(FALLBACK, sizeof FALLBACK / sizeof FALLBACK[0], 0);
 }
 
 TEST(vdpbf16ps_kernels_equal_the_fallback) {
     if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
-    check_configs(VDPBF16PS, sizeof VDPBF16PS / sizeof VDPBF16PS[0]);
+    check_configs(VDPBF16PS, sizeof VDPBF16PS / sizeof VDPBF16PS[0], 0);
+}
+
+TEST(panel_order_fallback_kernels_agree_row_invariant_and_accurate) {
+    check_configs(FALLBACK, sizeof FALLBACK / sizeof FALLBACK[0], 1);
+}
+
+TEST(panel_order_vdpbf16ps_kernels_equal_the_fallback) {
+    if (!test_cpu_avx512_bf16()) SKIP("%s", TEST_NO_AVX512_BF16);
+    check_configs(VDPBF16PS, sizeof VDPBF16PS / sizeof VDPBF16PS[0], 1);
 }
 
 /* x rounded a span at a time (matmul.c: more rows than its buffer holds with a block each,
@@ -186,6 +214,21 @@ static void check_spans(int M, int K) {
             }
         }
     }
+    dg_weight wp;
+    void *pan = K % 2 == 0 ? gemm_panel_copy(&w, &wp) : NULL;   /* the panel order: rows alone, and the batch */
+    if (be && pan) {
+        float *yp = malloc(sizeof(float) * M * N);
+        be->matmul(be, yp, x, &wp, NULL, M);
+        for (int i = 0; i < M; i += i < 4 ? 1 : M / 5) {
+            be->matmul(be, one, x + (int64_t)i * K, &wp, NULL, 1);
+            if (memcmp(one, yp + (int64_t)i * N, sizeof(float) * N)) {
+                test_fail(__FILE__, __LINE__, "panels: row %d of m = %d differs from its m = 1 result (k = %d)", i, M, K);
+                break;
+            }
+        }
+        free(yp);
+    }
+    free(pan);
     if (be && blk) {   /* blocked: rows alone, and the whole batch */
         for (int i = 0; i < 4; i++) {
             be->matmul(be, one, x + (int64_t)i * K, &wb, NULL, 1);

@@ -77,11 +77,12 @@ typedef struct {
     float            *emb;     /* [MAX_PATCHES / 4, O] backend memory */
 } tower;
 
-static int tower_open(tower *x, const char *backend) {
+/* The tower on `backend` ("cpu" with bf16: bf16 compute). */
+static int tower_open_opts(tower *x, const char *backend, int bf16) {
     char err[512];
     memset(x, 0, sizeof *x);
     if (!setup() || dg_config_load(pkg, &x->cfg, err, sizeof err) < 0 ||
-        dg_backend_new(backend, 0, &x->be, err, sizeof err) < 0 ||
+        dg_backend_new_opts(backend, &(dg_backend_opts){.cpu_bf16_compute = bf16}, &x->be, err, sizeof err) < 0 ||
         dg_st_open(pkg, &x->st, err, sizeof err) < 0 ||
         dg_vision_load(&x->vm, &x->cfg.vision, x->st, x->be, err, sizeof err) < 0 ||
         dg_vision_state_new(&x->vm, x->vm.be, MAX_PATCHES, &x->vs, err, sizeof err) < 0) {
@@ -91,6 +92,8 @@ static int tower_open(tower *x, const char *backend) {
     x->emb = x->be->alloc(x->be, sizeof(float) * MAX_PATCHES / 4 * (size_t)x->cfg.vision.out_hidden_size);
     return 0;
 }
+
+static int tower_open(tower *x, const char *backend) { return tower_open_opts(x, backend, 0); }
 
 static void tower_close(tower *x) {
     if (x->be) x->be->release(x->be, x->emb);
@@ -191,6 +194,52 @@ static void single_images(const char *backend) {
 
 TEST(single_images_match_transformers) { single_images("cpu"); }
 TEST(single_images_scalar_kernels) { single_images("cpu-scalar"); }
+
+/* bf16 compute (dg_backend_opts.cpu_bf16_compute): the tower's matrices take the panel
+ * layout and the bf16 panel order (kernels/cpu/matmul.h), the segment attention's products
+ * bf16 inputs on AVX-512 BF16 (attention_bf16.h), as transformers in bfloat16 rounds its
+ * matmuls' inputs. Against the float32 goldens: an input rounded to bf16 is off by up to
+ * 2^-9 = 0.2% relative, and each of the products on a path through the tiny tower (the
+ * patch embedding, per block q/k/v, the scores and the weighted values, the projection,
+ * the MLP's three; the merger's two) adds an error of that order on values of magnitude
+ * ~1-3: 3e-2 + 2e-2·|golden|. Seen: 1.5e-2. fp32 compute stays within 2e-4 (above); a wrong
+ * pairing or panel layout gives errors of order 1. And each image of a call of two gives
+ * the bits it gives alone: every operation of the tower is row-local or per image. */
+TEST(bf16_compute_matches_transformers_and_rows_are_their_own) {
+    tower x;
+    char err[256];
+    if (tower_open_opts(&x, "cpu", 1) < 0) { CHECK(!"setup"); return; }
+    CHECK(x.vm.blocks[0].qkv.kb == DG_WEIGHT_PANELS && x.vm.mlp0.kb == DG_WEIGHT_PANELS);
+    json_t *pr = json_object_get(goldens, "prompt"), *which = json_object_get(pr, "images");
+    dg_image_patches *p[2] = {patches_of((int)json_integer_value(json_array_get(which, 0))),
+                              patches_of((int)json_integer_value(json_array_get(which, 1)))};
+    if (p[0] && p[1]) {
+        const int O = x.cfg.vision.out_hidden_size;
+        const int n0 = dg_vision_tokens(&x.vm, p[0]->grid_t, p[0]->grid_h, p[0]->grid_w),
+                  n1 = dg_vision_tokens(&x.vm, p[1]->grid_t, p[1]->grid_h, p[1]->grid_w);
+        float *pair = malloc(sizeof(float) * (size_t)(n0 + n1) * O), *alone = malloc(sizeof(float) * (size_t)n1 * O);
+        const dg_image_patches *list[2] = {p[0], p[1]};
+        CHECK_EQ_INT(dg_vision_forward(&x.vm, x.vs, list, 2, x.emb, err, sizeof err), 0);
+        x.be->download(x.be, pair, x.emb, (int64_t)(n0 + n1) * O);
+        const tolerance saved = tol;
+        double worst = 0;
+        tol.rel = 2e-2;
+        check_rows(pair, json_string_value(json_object_get(pr, "pair_embeddings")), (int64_t)(n0 + n1) * O, 3e-2,
+                   &worst, "bf16 compute pair embeddings");
+        tol = saved;
+        printf("  bf16 compute: largest |embedding error| %.3g\n", worst);
+        for (int i = 0; i < 2; i++) {
+            CHECK_EQ_INT(dg_vision_forward(&x.vm, x.vs, list + i, 1, x.emb, err, sizeof err), 0);
+            x.be->download(x.be, alone, x.emb, (int64_t)(i ? n1 : n0) * O);
+            CHECK(!memcmp(alone, pair + (i ? (size_t)n0 * O : 0), sizeof(float) * (size_t)(i ? n1 : n0) * O));
+        }
+        free(pair);
+        free(alone);
+    }
+    dg_image_patches_free(p[0]);
+    dg_image_patches_free(p[1]);
+    tower_close(&x);
+}
 
 /* The two prompt images (different sizes) in one call: the rows of each stay its own. */
 TEST(two_images_of_different_sizes_in_one_call) {

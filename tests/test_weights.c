@@ -397,4 +397,94 @@ TEST(wide_matrices_are_rewritten_into_blocks_for_the_cpu) {
     CHECK(system(cmd) == 0);
 }
 
+/* ---- the panel layout (backend.h) ---- */
+
+enum { TR = 130, TC = 10 };   /* two full panels of 64 rows and one of 2 */
+static uint16_t tall[TR * TC], odd_cols[5 * 7];
+
+static float tall_at(int64_t r, int64_t c) { return dg_bf16_to_f32(tall[r * TC + c]); }
+
+static int tall_matches(const dg_weight *w) {
+    for (int64_t r = 0; r < TR; r++)
+        for (int64_t c = 0; c < TC; c++)
+            if (dg_load_f32(dg_weight_at(w, r, c), w->dtype, 0) != tall_at(r, c)) return 0;
+    return 1;
+}
+
+TEST(offered_matrices_take_the_panel_layout_in_bf16_compute) {
+    char dir[64], path[128], err[256] = "", cmd[128];
+    for (int i = 0; i < TR * TC; i++) tall[i] = dg_f32_to_bf16((float)(i % 251 - 125));   /* exact in bf16 */
+    for (int i = 0; i < 5 * 7; i++) odd_cols[i] = dg_f32_to_bf16((float)i);
+    const tensor_spec ts[] = {{"tall", "BF16", 2, {TR, TC}, tall, sizeof tall},
+                              {"odd", "BF16", 2, {5, 7}, odd_cols, sizeof odd_cols}};
+    snprintf(dir, sizeof dir, "/tmp/dg_test_weights_XXXXXX");
+    if (!mkdtemp(dir)) { CHECK(!"folder"); return; }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    write_st(path, ts, 2);
+    dg_backend *be = NULL, *be16 = NULL;
+    CHECK_EQ_INT(dg_backend_new("cpu", 1, &be, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 1, .cpu_bf16_compute = 1}, &be16,
+                                     err, sizeof err), 0);
+    CHECK(be && be16 && be->weights_panels == 0 && be16->weights_panels == 1);
+    if (be && be16) {   /* only offered, BF16, an even number of columns, on a backend that reads them */
+        CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, TC, 1) == DG_WEIGHT_PANELS);
+        CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, TC, 0) == 0);
+        CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, 7, 1) == 0);
+        CHECK(dg_weight_layout_for(be16, DG_DTYPE_F32, TC, 1) == 0);
+        CHECK(dg_weight_layout_for(be, DG_DTYPE_BF16, TC, 1) == 0);
+    }
+    dg_st *st = NULL;
+    if (be && be16) CHECK_EQ_INT(dg_st_open_flags(dir, DG_ST_HUGEPAGES, NULL, NULL, &st, err, sizeof err), 0);
+    if (st) {
+        const dg_st_tensor *t = dg_st_find(st, "tall");
+        dg_buffer_list owned = {0};
+        dg_binder b = {.st = st, .be = be16, .owned = &owned, .panels = 1, .err = err, .errlen = sizeof err};
+        dg_weight w = {0}, wo = {0}, wf = {0}, again = {0};
+        /* rewritten where it lies, no copy */
+        CHECK_EQ_INT(dg_bind_matrix(&b, &w, DG_SHAPE(TR, TC), "tall"), 0);
+        CHECK(w.kb == DG_WEIGHT_PANELS && t->kb == DG_WEIGHT_PANELS && w.data == t->data && owned.n == 0);
+        CHECK(tall_matches(&w));
+        /* by the definition: row 65 is row 1 of panel 1 (64 rows), column 3 the odd half of
+         * step 1; row 129 row 1 of panel 2 (2 rows), column 9 the odd half of step 4 */
+        const uint16_t *raw = w.data;
+        CHECK(dg_bf16_to_f32(raw[64 * TC + 1 * 2 * 64 + 1 * 2 + 1]) == tall_at(65, 3));
+        CHECK(dg_bf16_to_f32(raw[128 * TC + 4 * 2 * 2 + 1 * 2 + 1]) == tall_at(129, 9));
+        CHECK(dg_bf16_to_f32(raw[0 * TC + 0 * 2 * 64 + 63 * 2 + 0]) == tall_at(63, 0));
+        CHECK_EQ_INT(dg_bind_matrix(&b, &again, DG_SHAPE(TR, TC), "tall"), 0);
+        CHECK(again.data == w.data && again.kb == DG_WEIGHT_PANELS);
+        /* an odd number of columns stays row-major */
+        CHECK_EQ_INT(dg_bind_matrix(&b, &wo, DG_SHAPE(5, 7), "odd"), 0);
+        CHECK(wo.kb == 0 && wo.data == dg_st_find(st, "odd")->data);
+        /* the other kinds read through the layout */
+        float *host = malloc(sizeof(float) * TR * TC);
+        CHECK_EQ_INT(dg_bind_fp32_host(&b, host, DG_SHAPE(TR, TC), "tall"), 0);
+        int same = 1;
+        for (int i = 0; i < TR * TC; i++) same &= host[i] == tall_at(i / TC, i % TC);
+        CHECK(same);
+        free(host);
+        /* a backend that does not read panels (fp32 compute) gets a copy in its own layout */
+        b.be = be;
+        CHECK_EQ_INT(dg_bind_matrix(&b, &wf, DG_SHAPE(TR, TC), "tall"), 0);
+        CHECK(wf.kb == 0 && wf.data != w.data && owned.n == 1 && tall_matches(&wf));
+        CHECK(wf.data && !memcmp(wf.data, tall, sizeof tall));
+        /* which needs the binder's list */
+        b.owned = NULL;
+        CHECK_EQ_INT(dg_bind_matrix(&b, &wf, DG_SHAPE(TR, TC), "tall"), DG_EINVAL);
+        CHECK_EQ_STR(err, "tensor \"tall\": in another bind's panel layout, and no buffer list for a copy out of it");
+        /* a backend without the blocked or panel layout (the GPU's kind) gets it row-major */
+        dg_backend dev = {.weights_blocked = 0, .weight_prepare = copying_prepare};
+        dg_binder bd = {.st = st, .be = &dev, .panels = 1, .err = err, .errlen = sizeof err};
+        dg_weight wd = {0};
+        CHECK_EQ_INT(dg_bind_matrix(&bd, &wd, DG_SHAPE(TR, TC), "tall"), 0);
+        CHECK(wd.kb == 0 && wd.data && !memcmp(wd.data, tall, sizeof tall));
+        free((void *)wd.data);
+        dg_buffer_list_release(&owned);
+        dg_st_close(st);
+    }
+    dg_backend_free(be);
+    dg_backend_free(be16);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+}
+
 int main(void) { return test_main(); }

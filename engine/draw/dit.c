@@ -133,7 +133,8 @@ int dg_dit_load(dg_dit *m, const char *dir, dg_backend *be, char *err, size_t er
         snprintf(err, errlen, "dit: out of memory");
         goto fail;
     }
-    dg_binder b = {.st = m->st, .be = be, .owned = &m->owned, .err = err, .errlen = errlen};
+    /* the panel layout where the backend reads it: only the matmul reads these matrices */
+    dg_binder b = {.st = m->st, .be = be, .owned = &m->owned, .panels = 1, .err = err, .errlen = errlen};
     dg_bind_matrix(&b, &m->patch, DG_SHAPE(D, (c->latent_channels + 2) * pp), "patch_embed.proj.weight");
     dg_bind_matrix(&b, &m->t1, DG_SHAPE(D, D), "time_embed.t_embedder.linear_1.weight");
     dg_bind_matrix(&b, &m->t2, DG_SHAPE(3 * D, D), "time_embed.t_embedder.linear_2.weight");

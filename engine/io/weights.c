@@ -167,24 +167,31 @@ int dg_bind_has(dg_binder *b, const char *fmt, ...) {
 }
 
 /* The matrix of from into to's layout (the same rows, cols and dtype): a row's pieces of
- * DG_WEIGHT_KB columns are contiguous in either layout. */
+ * DG_WEIGHT_KB columns are contiguous in the row-major and the blocked layout, its pairs
+ * of columns in the panels. */
 static void copy_layout(const dg_weight *to, const dg_weight *from) {
     const size_t es = dg_dtype_size(from->dtype);
+    if (to->kb == DG_WEIGHT_PANELS || from->kb == DG_WEIGHT_PANELS) {   /* BF16, cols even */
+        for (int64_t r = 0; r < from->rows; r++)
+            for (int64_t c = 0; c < from->cols; c += 2)
+                memcpy((void *)dg_weight_at(to, r, c), dg_weight_at(from, r, c), 2 * es);
+        return;
+    }
     for (int64_t r = 0; r < from->rows; r++)
         for (int64_t c = 0; c < from->cols; c += DG_WEIGHT_KB)
             memcpy((void *)dg_weight_at(to, r, c), dg_weight_at(from, r, c),
                    (size_t)(from->cols - c < DG_WEIGHT_KB ? from->cols - c : DG_WEIGHT_KB) * es);
 }
 
-/* dg_st_rewrite's step: the row-major matrix *ctx (its data the tensor's) into the blocked
- * layout where it lies, through a copy of it. */
-static int to_blocked(void *ctx, void *data) {
+/* dg_st_rewrite's step: the row-major matrix *ctx (its data the tensor's) into the layout
+ * ctx->kb where it lies, through a copy of it. */
+static int to_layout(void *ctx, void *data) {
     const dg_weight *w = ctx;
     const size_t bytes = (size_t)w->rows * (size_t)w->cols * dg_dtype_size(w->dtype);
     void *tmp = malloc(bytes);
     if (!tmp) return DG_ENOMEM;
     memcpy(tmp, data, bytes);
-    copy_layout(&(dg_weight){data, w->dtype, w->rows, w->cols, DG_WEIGHT_KB},
+    copy_layout(&(dg_weight){data, w->dtype, w->rows, w->cols, w->kb},
                 &(dg_weight){tmp, w->dtype, w->rows, w->cols, 0});
     free(tmp);
     return 0;
@@ -198,14 +205,29 @@ int dg_bind_matrix(dg_binder *b, dg_weight *w, dg_shape shape, const char *fmt, 
     if (!t) return b->rc;
     int64_t cols = 1;
     for (int i = 1; i < shape.n_dims; i++) cols *= shape.dims[i];
-    const int64_t rows = shape.dims[0], kb = dg_weight_kb_for(b->be, t->dtype, cols);
+    const int64_t rows = shape.dims[0], kb = dg_weight_layout_for(b->be, t->dtype, cols, b->panels);
     const size_t bytes = (size_t)rows * (size_t)cols * dg_dtype_size(t->dtype);
     *w = (dg_weight){t->data, t->dtype, rows, cols, t->kb};
     void *copy = NULL, *temp = NULL;
-    if (kb && !t->kb) {
+    if (t->kb == DG_WEIGHT_PANELS && kb != DG_WEIGHT_PANELS && b->be->weights_blocked) {
+        /* another bind gave it the panels, which only a backend that asks for them reads
+         * (the matmul's order is theirs): a copy in this one's layout, kept by the network */
+        if (!b->owned)
+            return fail(b, DG_EINVAL, "tensor \"%s\": in another bind's panel layout, and no buffer list for "
+                        "a copy out of it", t->name);
+        if (!(copy = b->be->alloc(b->be, bytes)) || own(b, copy) < 0) {
+            if (copy) b->be->release(b->be, copy);
+            return fail(b, DG_ENOMEM, "tensor \"%s\": out of memory", t->name);
+        }
+        const dg_weight to = {copy, t->dtype, rows, cols, kb};
+        copy_layout(&to, w);
+        *w = to;
+    } else if (kb && !t->kb) {
         /* rewritten where it lies; where the set borrows the buffer, a copy kept by the
          * network (no list: left row-major, which the kernels also read) */
-        const int rc = dg_st_rewrite(b->st, t, kb, to_blocked, w);
+        w->kb = kb;   /* to_layout's target */
+        const int rc = dg_st_rewrite(b->st, t, kb, to_layout, w);
+        w->kb = t->kb;
         if (rc < 0) return fail(b, rc, "tensor \"%s\": out of memory", t->name);
         if (rc == 0) {
             w->kb = kb;

@@ -14,7 +14,11 @@
  *                      CPU, wide matrices), the tensor is rewritten where it lies
  *                      (dg_st_rewrite; a second bind, a tied lm_head, finds it so), or where
  *                      the set only borrows its buffer, copied into the binder's buffer
- *                      list (no list: left row-major, which the kernels also read). A
+ *                      list (no list: left row-major, which the kernels also read).
+ *                      Where the binder offers it (panels) and the backend reads it, the
+ *                      panel layout instead, the same way; a backend that does not read
+ *                      the panels gets a copy in its own layout of a tensor another bind
+ *                      gave them (into the list: DG_EINVAL without one). A
  *                      backend without weights_blocked gets a row-major copy of a tensor
  *                      that another backend's bind rewrote, for its weight_prepare;
  *   dg_bind_fp32_host  a small tensor (norm weight, bias) widened to fp32 into the
@@ -93,6 +97,11 @@ typedef struct {
                                  network makes none) */
     const char     *prefix;   /* borrowed: prepended to every name; NULL or "" for none */
     unsigned        dtypes;   /* accepted stored dtypes (DG_DTYPE_BIT); 0: all three */
+    int             panels;   /* 1: dg_bind_matrix may give a matrix the panel layout where
+                                 the backend reads it (dg_weight_layout_for): for a network
+                                 whose matrices only be->matmul reads, and whose rows need
+                                 not be the same bits as a decoder's GEMV (the vision tower,
+                                 the DiT); 0: never */
     char           *err;      /* borrowed: [errlen], the first error's message */
     size_t          errlen;
     int             rc;       /* sticky: 0, or the first error */

@@ -38,7 +38,8 @@ int dg_vision_load(dg_vision *m, const dg_vision_config *cfg, const dg_st *st, d
     const int64_t per_block = 2 * C + 3 * C + C + 2 * I + C, n_vec = cfg->depth * per_block + C + M + O;
     const int64_t T = cfg->temporal_patch_size, p = cfg->patch_size;
     float *host = NULL;   /* owned: the vectors before upload */
-    dg_binder b = {.st = st, .be = be, .err = err, .errlen = errlen};
+    /* the panel layout where the backend reads it: only the matmul reads these matrices */
+    dg_binder b = {.st = st, .be = be, .panels = 1, .err = err, .errlen = errlen};
     char prefix[64];
     int rc;
 

@@ -309,6 +309,46 @@ static void gemm_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y
                        t * g.nc, (int)(n - t * g.nc < g.nc ? n - t * g.nc : g.nc));
 }
 
+/* Step 0 of mi rows of x (columns k0 .. k0+kc-1, a row every k) into xb, a row every ld:
+ * 8 rows a task over the threads where there are more than DG_MATMUL_GEMV_ROWS. */
+int dg_exp_flag;
+static void round_x(const dg_cpu *c, const dg_matmul_bf16_kernels *K, uint16_t *xb, int64_t ld, const float *x,
+                    int64_t k, int mi, int64_t kc) {
+    if (mi <= DG_MATMUL_GEMV_ROWS) {
+        K->round(xb, ld, x, k, mi, kc);
+        return;
+    }
+    const int nt = mi / 8 < c->n_threads ? mi / 8 : c->n_threads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int i = 0; i < mi; i += 8) K->round(xb + i * ld, ld, x + i * k, k, mi - i < 8 ? mi - i : 8, kc);
+}
+
+/* The panel order (matmul.h) over a W in the panel layout (backend.h): x rounded as many
+ * rows at a time as c->xbf16 holds, then a panel a task, each against all those rows,
+ * DG_MATMUL_PANEL_MR at a time: the panel (64 rows x k, 160 KiB at k = 1280) is read from
+ * memory by the first and from L2 by the others, x's rows stream from L3. Smaller tasks
+ * (an m-block of x against a chunk of panels, x then in L2) measured alike or slower. */
+static void matmul_panels(const dg_cpu *c, const dg_matmul_bf16_kernels *R, float *y, const float *x,
+                          const dg_weight *w, const float *bias, int m, dg_matmul_panel_tile tile) {
+    const int64_t n = w->rows, k = w->cols, kp = (k + 31) / 32 * 32, steps = k / 2;
+    const int64_t panels = (n + DG_WEIGHT_PANEL_ROWS - 1) / DG_WEIGHT_PANEL_ROWS;
+    const int rows = m < DG_MATMUL_BF16_XBUF / kp ? m : (int)(DG_MATMUL_BF16_XBUF / kp);
+    const int nt = panels < c->n_threads ? (int)panels : c->n_threads;
+    for (int i0 = 0; i0 < m; i0 += rows) {
+        const int mi = m - i0 < rows ? m - i0 : rows;
+        round_x(c, R, c->xbf16, kp, x + (int64_t)i0 * k, k, mi, k);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t r0 = p * DG_WEIGHT_PANEL_ROWS;
+            const int np = n - r0 < DG_WEIGHT_PANEL_ROWS ? (int)(n - r0) : DG_WEIGHT_PANEL_ROWS;
+            const uint32_t *panel = (const uint32_t *)dg_weight_at(w, r0, 0);
+            for (int i = 0; i < mi; i += DG_MATMUL_PANEL_MR)
+                tile(mi - i < DG_MATMUL_PANEL_MR ? mi - i : DG_MATMUL_PANEL_MR, c->xbf16 + (int64_t)i * kp, kp, panel,
+                     np, steps, y + (int64_t)(i0 + i) * n + r0, n, bias ? bias + r0 : NULL);
+        }
+    }
+}
+
 /* x is rounded once, a span of it at a time into c->xbf16 (DG_MATMUL_BF16_XBUF elements):
  * all of it when it fits, else as many rows as fit with a block each (at most
  * DG_MATMUL_BF16_XBUF / DG_MATMUL_BF16_KB), and as many blocks as fit with those rows. */
@@ -322,14 +362,7 @@ static void matmul_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float 
         for (int64_t k0 = 0; k0 < k; k0 += span) {
             x_span s = {c->xbf16, k0, k - k0 < span ? k - k0 : span, 0, m - i0 < rows ? m - i0 : rows};
             s.ld = (s.kc + 31) / 32 * 32;
-            if (s.mi <= DG_MATMUL_GEMV_ROWS) {
-                K->round(c->xbf16, s.ld, x + i0 * k + k0, k, s.mi, s.kc);
-            } else {
-                const int nt = s.mi / 8 < c->n_threads ? s.mi / 8 : c->n_threads;
-#pragma omp parallel for num_threads(nt) schedule(static)
-                for (int i = 0; i < s.mi; i += 8)
-                    K->round(c->xbf16 + i * s.ld, s.ld, x + (i0 + i) * k + k0, k, s.mi - i < 8 ? s.mi - i : 8, s.kc);
-            }
+            round_x(c, K, c->xbf16, s.ld, x + i0 * k + k0, k, s.mi, s.kc);
             if (m <= DG_MATMUL_GEMV_MAX) gemv_bf16(c, K, y + i0 * w->rows, w, bias, &s);
             else gemm_bf16(c, K, y + i0 * w->rows, w, bias, &s);
         }
@@ -341,7 +374,13 @@ void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w
         const dg_matmul_bf16_kernels *K = c->simd >= DG_CPU_AVX512_BF16 ? &dg_matmul_bf16_avx512
                                         : c->simd >= DG_CPU_AVX2        ? &dg_matmul_bf16_avx2
                                                                         : &dg_matmul_bf16_portable;
-        matmul_bf16(c, K, y, x, w, bias, m);
+        if (w->kb == DG_WEIGHT_PANELS)
+            matmul_panels(c, K, y, x, w, bias, m,
+                          c->simd >= DG_CPU_AVX512_BF16 ? dg_matmul_panel_avx512
+                          : c->simd >= DG_CPU_AVX2      ? dg_matmul_panel_avx2
+                                                        : dg_matmul_panel_portable);
+        else
+            matmul_bf16(c, K, y, x, w, bias, m);
         return;
     }
     const dg_matmul_kernels *K = c->simd >= DG_CPU_AVX512 ? &dg_matmul_avx512

@@ -70,7 +70,31 @@
  * its tile shape, blocking and drivers carry over. KB is 2048 so that a panel of 6 bf16
  * rows fills 24 KiB of L1 as the fp32 panel does at 1024, and a tile's horizontal sums
  * come half as often (the tile ran 3-5% faster than at 1024). Rounding x is row-local, so
- * m-invariant; the driver rounds it once per call into the backend's buffer (matmul.c). */
+ * m-invariant; the driver rounds it once per call into the backend's buffer (matmul.c).
+ *
+ * The bf16 panel order. A third, for a BF16 W in the panel layout (backend.h, which only a
+ * backend in bf16 compute gives, and only to the matrices of a network whose rows need not
+ * be a decoder's GEMV's bits: the vision tower, the DiT). Step 0 as above; then one
+ * accumulator per output, the lane step of VDPBF16PS over all of k in order:
+ *     a = +0; for s = 0 .. k/2 - 1:  a = F(a + xb[2s + 1]·W[r, 2s + 1]);  a = F(a + xb[2s]·W[r, 2s]);
+ *     y = a + bias[r] (a plain fp32 add) when there is a bias, else y = a;
+ * F as above (DAZ and FTZ). No lanes of k, no tree, no blocks: the same invariance (y[i, r]
+ * depends on x's row i, W's row r, k and bias[r] only). The AVX-512 BF16 kernel
+ * (matmul_bf16.c) is VDPBF16PS with x's pair broadcast and 16 outputs of a panel in each
+ * zmm; the fallback (matmul_bf16_fallback.c: AVX2 + FMA, portable C) the same lane steps
+ * under DAZ and FTZ, the same bits.
+ *
+ * Why: the canonical orders' lanes run along k, so every output ends in a horizontal sum
+ * (46 cycles a 4 x 6 tile, 4.5% of the tile at k = 1280) and both operands of a product
+ * stream through L1 (a step of that tile loads 10 zmm for 24 VDPBF16PS; at k = 2048 its
+ * panel and rows of x are 40 KB, more than L1, and the vision tower's down projection and
+ * merger ran at 200 GFLOP/s against 212 at k = 1280). Here a step loads 2 zmm of W and 12
+ * broadcast pairs of x for 24 VDPBF16PS, W is read once per 12 rows of x as one stream in
+ * the order it is stored, and nothing is packed at run time: ~215-226 GFLOP/s on the same
+ * shapes (engine/MODELS.md). A decoder's matrices keep the canonical order: its GEMV reads
+ * each row as one stream, and a row's bits must not depend on the batch (a prefill chunk
+ * beside decode rows), which a panel's GEMV would also give, but not its speed on a
+ * row-major stream. */
 #ifndef DG_CPU_MATMUL_H
 #define DG_CPU_MATMUL_H
 
@@ -207,11 +231,25 @@ extern const dg_matmul_bf16_kernels dg_matmul_bf16_portable, dg_matmul_bf16_avx2
 void dg_matmul_bf16_pack(uint16_t *panel, const dg_weight *w, int64_t r0, int nn, int nr, int64_t k0,
                          int64_t kc);
 
+/* ---- the bf16 panel order's kernels (over the panel layout, backend.h) ---- */
+
+#define DG_MATMUL_PANEL_MR 6   /* the most rows of x a panel tile takes */
+
+/* One instruction set's panel tile: rm <= DG_MATMUL_PANEL_MR rounded rows of x at
+ * xb + i·ldxb (pairs: ldxb even) against one panel of np <= DG_WEIGHT_PANEL_ROWS rows of W
+ * (panel[s·np + j] the pair of step s of its row j), `steps` steps: y[i·ldy + j] for j < np,
+ * plus bias[j] when bias != NULL. */
+typedef void (*dg_matmul_panel_tile)(int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np,
+                                     int64_t steps, float *y, int64_t ldy, const float *bias);
+
+extern const dg_matmul_panel_tile dg_matmul_panel_portable, dg_matmul_panel_avx2, dg_matmul_panel_avx512;
+
 /* y[m, w.rows] = x[m, w.cols] · Wᵀ (+ bias): GEMV for m = 1, the multi-row GEMV up to
  * DG_MATMUL_GEMV_ROWS where the kernels have one, GEMM above; rows split over
  * c->n_threads; scratch is c->gemm (DG_MATMUL_SCRATCH_FLOATS per thread). A BF16 W on a
  * backend with bf16 compute takes the bf16 order, its kernels (the widest c->simd has)
- * with c->xbf16 and c->gemm_bf16 (DG_MATMUL_BF16_PANEL per thread). */
+ * with c->xbf16 and c->gemm_bf16 (DG_MATMUL_BF16_PANEL per thread); a W in the panel
+ * layout (bf16 compute only) the panel order, a panel a task, with c->xbf16. */
 void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias,
                    int m);
 

@@ -11,6 +11,7 @@
  * work of two FMAs in the same time. 4 x 6, 6 x 4, 5 x 5 and 8 x 3 measured within 5% of
  * each other, 3 x 8 (33 registers: spills) 20% below. */
 #include <immintrin.h>
+#include <string.h>
 
 #include "matmul.h"
 
@@ -177,3 +178,64 @@ static void rows(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int m,
 }
 
 const dg_matmul_bf16_kernels dg_matmul_bf16_avx512 = {MR, NR, round_rows, rows, tile};
+
+/* ---- the bf16 panel order's tile (dg_matmul_panel_tile, matmul.h) ----
+ * rm rows of x against one panel: 4 zmm accumulators a row (the panel's outputs 16v ..
+ * 16v + 15), a step loading W's four vectors of pairs once for all rows and each row's
+ * pair of x broadcast (VPBROADCASTD from memory): 24 VDPBF16PS, 4 vector loads and 6
+ * broadcasts a step at rm = 6, in 29 registers. A panel of np < 64 rows reads its steps np
+ * words apart under masks (the lanes past np compute zeros, not stored). Measured on the
+ * vision tower's shapes at one thread, W from memory: 6 x 64 and 8 x 48 220-224 GFLOP/s at
+ * k = 1280, 12 x 32 216-218; 225-228 at k = 3420 and 5120 (engine/MODELS.md). */
+#define PNV (DG_WEIGHT_PANEL_ROWS / 16)
+TARGET INLINE void panel_rows(const int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np,
+                              int64_t steps, float *y, int64_t ldy, const float *bias) {
+    __mmask16 mk[PNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < PNV; v++) {
+        const int left = np - 16 * v;
+        mk[v] = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    }
+    __m512 a[DG_MATMUL_PANEL_MR][PNV];
+#pragma GCC unroll 8
+    for (int i = 0; i < rm; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < PNV; v++) a[i][v] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < steps; s++) {
+        __m512bh wv[PNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < PNV; v++) wv[v] = (__m512bh)_mm512_maskz_loadu_epi32(mk[v], panel + s * np + 16 * v);
+#pragma GCC unroll 8
+        for (int i = 0; i < rm; i++) {
+            uint32_t pair;
+            memcpy(&pair, xb + i * ldxb + 2 * s, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+#pragma GCC unroll 4
+            for (int v = 0; v < PNV; v++) a[i][v] = _mm512_dpbf16_ps(a[i][v], xv, wv[v]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < PNV; v++) {
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mk[v], bias + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int i = 0; i < rm; i++)
+            _mm512_mask_storeu_ps(y + i * ldy + 16 * v, mk[v], bias ? _mm512_add_ps(a[i][v], b) : a[i][v]);
+    }
+}
+
+#define PANEL_TILE(RM)                                                                          \
+    TARGET static void panel##RM(const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np, int64_t steps, \
+                                 float *y, int64_t ldy, const float *bias) {                   \
+        panel_rows(RM, xb, ldxb, panel, np, steps, y, ldy, bias);                              \
+    }
+PANEL_TILE(1) PANEL_TILE(2) PANEL_TILE(3) PANEL_TILE(4) PANEL_TILE(5) PANEL_TILE(6)
+
+static void panel_tile(int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np, int64_t steps,
+                       float *y, int64_t ldy, const float *bias) {
+    static void (*const f[DG_MATMUL_PANEL_MR + 1])(const uint16_t *, int64_t, const uint32_t *, int, int64_t, float *,
+                                                   int64_t, const float *) = {panel1, panel1, panel2, panel3,
+                                                                              panel4, panel5, panel6};
+    f[rm](xb, ldxb, panel, np, steps, y, ldy, bias);
+}
+
+const dg_matmul_panel_tile dg_matmul_panel_avx512 = panel_tile;

@@ -82,3 +82,18 @@ void *gemm_blocked_copy(const dg_weight *w, dg_weight *out) {
     *out = (dg_weight){p, w->dtype, w->rows, w->cols, DG_WEIGHT_KB};
     return p;
 }
+
+void *gemm_panel_copy(const dg_weight *w, dg_weight *out) {
+    const size_t rows = (size_t)w->rows, cols = (size_t)w->cols, pr = DG_WEIGHT_PANEL_ROWS;
+    uint32_t *p = malloc(rows * cols * 2);
+    if (!p) return NULL;
+    /* panel after panel of pr rows (the last np <= pr), each the pairs of its rows step after step */
+    for (size_t p0 = 0; p0 < rows; p0 += pr) {
+        const size_t np = rows - p0 < pr ? rows - p0 : pr;
+        for (size_t s = 0; s < cols / 2; s++)
+            for (size_t j = 0; j < np; j++)
+                memcpy(p + p0 * cols / 2 + s * np + j, (const uint16_t *)w->data + (p0 + j) * cols + 2 * s, 4);
+    }
+    *out = (dg_weight){p, w->dtype, w->rows, w->cols, DG_WEIGHT_PANELS};
+    return p;
+}

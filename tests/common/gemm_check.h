@@ -23,6 +23,10 @@ int gemm_batches_match(dg_backend *be, float *y, const float *x, int k, const dg
  * the caller frees the returned buffer. NULL when out of memory. */
 void *gemm_blocked_copy(const dg_weight *w, dg_weight *out);
 
+/* A copy of w (BF16, row-major, cols even) in the panel layout of backend.h, laid out here
+ * by the layout's definition; as gemm_blocked_copy. */
+void *gemm_panel_copy(const dg_weight *w, dg_weight *out);
+
 /* be[c] = a backend of cf[c] for c < n (bf16_compute: the bf16 compute order); 0, or -1
  * after failing the test naming the config (be[] holds what was made: free it either way). */
 int gemm_open_backends(dg_backend **be, const gemm_config *cf, int n, int bf16_compute);
