@@ -277,23 +277,39 @@ static uint16_t wide[WR * WC];
 
 static float wide_at(int64_t r, int64_t c) { return dg_bf16_to_f32(wide[r * WC + c]); }
 
-/* Every element of w (any layout, through dg_weight_at) is wide's. */
-static int wide_matches(const dg_weight *w) {
-    for (int64_t r = 0; r < WR; r++)
-        for (int64_t c = 0; c < WC; c++)
-            if (dg_load_f32(dg_weight_at(w, r, c), w->dtype, 0) != wide_at(r, c)) return 0;
+/* Every element of w (any layout, through dg_weight_at) is src's, a row-major BF16 matrix
+ * of w's shape. */
+static int matches(const dg_weight *w, const uint16_t *src) {
+    for (int64_t r = 0; r < w->rows; r++)
+        for (int64_t c = 0; c < w->cols; c++)
+            if (dg_load_f32(dg_weight_at(w, r, c), w->dtype, 0) != dg_bf16_to_f32(src[r * w->cols + c])) return 0;
     return 1;
+}
+static int wide_matches(const dg_weight *w) { return matches(w, wide); }
+
+/* A file of the n tensors t in a fresh folder; its path in path. */
+static int st_folder(char *dir, size_t dlen, char *path, size_t plen, const tensor_spec *t, int n) {
+    snprintf(dir, dlen, "/tmp/dg_test_weights_XXXXXX");
+    if (!mkdtemp(dir)) return -1;
+    snprintf(path, plen, "%s/model.safetensors", dir);
+    write_st(path, t, n);
+    return 0;
+}
+
+/* A layout test's end: its two backends freed, its folder removed. */
+static void layout_test_end(dg_backend *be, dg_backend *be16, const char *dir) {
+    char cmd[128];
+    dg_backend_free(be);
+    dg_backend_free(be16);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
 }
 
 /* A file holding `wide` (BF16 [3, 4500]) in a fresh folder; its path in path. */
 static int wide_file(char *dir, size_t dlen, char *path, size_t plen) {
     for (int i = 0; i < WR * WC; i++) wide[i] = dg_f32_to_bf16((float)(i % 509 - 254));   /* exact in bf16 */
     const tensor_spec t[] = {{"wide", "BF16", 2, {WR, WC}, wide, sizeof wide}};
-    snprintf(dir, dlen, "/tmp/dg_test_weights_XXXXXX");
-    if (!mkdtemp(dir)) return -1;
-    snprintf(path, plen, "%s/model.safetensors", dir);
-    write_st(path, t, 1);
-    return 0;
+    return st_folder(dir, dlen, path, plen, t, 1);
 }
 
 /* A backend without the layout that copies at weight_prepare, as the GPU's does. */
@@ -308,7 +324,7 @@ static int copying_prepare(dg_backend *be, dg_weight *w, char *err, size_t errle
 }
 
 TEST(wide_matrices_are_rewritten_into_blocks_for_the_cpu) {
-    char dir[64], path[128], err[256] = "", cmd[128];
+    char dir[64], path[128], err[256] = "";
     if (wide_file(dir, sizeof dir, path, sizeof path) < 0) { CHECK(!"folder"); return; }
     dg_backend *be = NULL, *be16 = NULL;
     CHECK_EQ_INT(dg_backend_new("cpu", 1, &be, err, sizeof err), 0);
@@ -391,10 +407,7 @@ TEST(wide_matrices_are_rewritten_into_blocks_for_the_cpu) {
         dg_buffer_list_release(&owned);
     }
     dg_st_close(st);
-    dg_backend_free(be);
-    dg_backend_free(be16);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    CHECK(system(cmd) == 0);
+    layout_test_end(be, be16, dir);
 }
 
 /* ---- the panel layout (backend.h) ---- */
@@ -404,23 +417,15 @@ static uint16_t tall[TR * TC], odd_cols[5 * 7];
 
 static float tall_at(int64_t r, int64_t c) { return dg_bf16_to_f32(tall[r * TC + c]); }
 
-static int tall_matches(const dg_weight *w) {
-    for (int64_t r = 0; r < TR; r++)
-        for (int64_t c = 0; c < TC; c++)
-            if (dg_load_f32(dg_weight_at(w, r, c), w->dtype, 0) != tall_at(r, c)) return 0;
-    return 1;
-}
+static int tall_matches(const dg_weight *w) { return matches(w, tall); }
 
 TEST(offered_matrices_take_the_panel_layout_in_bf16_compute) {
-    char dir[64], path[128], err[256] = "", cmd[128];
+    char dir[64], path[128], err[256] = "";
     for (int i = 0; i < TR * TC; i++) tall[i] = dg_f32_to_bf16((float)(i % 251 - 125));   /* exact in bf16 */
     for (int i = 0; i < 5 * 7; i++) odd_cols[i] = dg_f32_to_bf16((float)i);
     const tensor_spec ts[] = {{"tall", "BF16", 2, {TR, TC}, tall, sizeof tall},
                               {"odd", "BF16", 2, {5, 7}, odd_cols, sizeof odd_cols}};
-    snprintf(dir, sizeof dir, "/tmp/dg_test_weights_XXXXXX");
-    if (!mkdtemp(dir)) { CHECK(!"folder"); return; }
-    snprintf(path, sizeof path, "%s/model.safetensors", dir);
-    write_st(path, ts, 2);
+    if (st_folder(dir, sizeof dir, path, sizeof path, ts, 2) < 0) { CHECK(!"folder"); return; }
     dg_backend *be = NULL, *be16 = NULL;
     CHECK_EQ_INT(dg_backend_new("cpu", 1, &be, err, sizeof err), 0);
     CHECK_EQ_INT(dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 1, .cpu_bf16_compute = 1}, &be16,
@@ -481,10 +486,7 @@ TEST(offered_matrices_take_the_panel_layout_in_bf16_compute) {
         dg_buffer_list_release(&owned);
         dg_st_close(st);
     }
-    dg_backend_free(be);
-    dg_backend_free(be16);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    CHECK(system(cmd) == 0);
+    layout_test_end(be, be16, dir);
 }
 
 int main(void) { return test_main(); }

@@ -88,10 +88,10 @@
  * (46 cycles a 4 x 6 tile, 4.5% of the tile at k = 1280) and both operands of a product
  * stream through L1 (a step of that tile loads 10 zmm for 24 VDPBF16PS; at k = 2048 its
  * panel and rows of x are 40 KB, more than L1, and the vision tower's down projection and
- * merger ran at 200 GFLOP/s against 212 at k = 1280). Here a step loads 2 zmm of W and 12
- * broadcast pairs of x for 24 VDPBF16PS, W is read once per 12 rows of x as one stream in
- * the order it is stored, and nothing is packed at run time: ~215-226 GFLOP/s on the same
- * shapes (engine/MODELS.md). A decoder's matrices keep the canonical order: its GEMV reads
+ * merger ran at 200 GFLOP/s against 212 at k = 1280). Here a step loads 4 zmm of W and 6
+ * broadcast pairs of x for 24 VDPBF16PS, W is read once per 6 rows of x as one stream in
+ * the order it is stored, and nothing is packed at run time: 219-228 GFLOP/s on the same
+ * shapes, the tower 0.94x the time (engine/MODELS.md, "The bf16 panel order"). A decoder's matrices keep the canonical order: its GEMV reads
  * each row as one stream, and a row's bits must not depend on the batch (a prefill chunk
  * beside decode rows), which a panel's GEMV would also give, but not its speed on a
  * row-major stream. */
