@@ -148,4 +148,49 @@ out:
     for (int c = 0; c < N_CONFIGS; c++) dg_backend_free(be[c]);
 }
 
+/* ---- the fp32 panel order (matmul.h) over a BF16 weight in the panel layout (backend.h) ----
+ * Every config gives the same bits here (the portable kernel's fmaf is the SIMD tiles'
+ * fused multiply-add): "cpu" at 1 thread is the reference, each row alone; the others'
+ * rows alone and every batch, bit for bit. n = 37, 5 (one partial panel), 64 (one full),
+ * 130 (two and one of 2 rows); k even: 2 (one pair), 84, 1100, 4500; with and without a
+ * bias. Accuracy: a product meets at most k roundings in its output's chain (one fused
+ * multiply-add a column) and one for the bias: the check allows (k + 2)·2^-24·(Σ|x_j·w_j|
+ * + |b|). */
+static void check_panels(dg_backend **be, int n, int k, int with_bias) {
+    float *wx = malloc(sizeof(float) * (size_t)n * k), *x = malloc(sizeof(float) * (size_t)ROWS * k);
+    float *b = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)ROWS * n);
+    float *ref = malloc(sizeof(float) * (size_t)ROWS * n);
+    void *wd = make_weight(DG_DTYPE_BF16, (int64_t)n * k, wx);
+    const dg_weight rm = {wd, DG_DTYPE_BF16, n, k, 0};
+    dg_weight w;
+    void *pan = gemm_panel_copy(&rm, &w);
+    const float *bias = with_bias ? b : NULL;
+    char what[160];
+    CHECK(pan != NULL);
+    for (int i = 0; i < ROWS * k; i++) x[i] = frand();
+    for (int i = 0; i < n; i++) b[i] = frand();
+    for (int c = 0; pan && c < N_CONFIGS; c++) {
+        snprintf(what, sizeof what, "%s panels n=%d k=%d%s", CONFIGS[c].label, n, k, with_bias ? " +bias" : "");
+        const int singles = c == 0 ? ROWS : 8;
+        for (int i = 0; i < singles; i++)
+            be[c]->matmul(be[c], (c == 0 ? ref : y) + (int64_t)i * n, x + (int64_t)i * k, &w, bias, 1);
+        if (c == 0 ? !gemm_within_bound(ref, x, NULL, wx, bias, ROWS, n, k, k + 2, what)
+                   : !gemm_rows_match(y, ref, 0, singles, n, what))
+            break;
+        if (!gemm_batches_match(be[c], y, x, k, &w, bias, ref, n, MS, (int)(sizeof MS / sizeof MS[0]), OFFSET, what))
+            break;
+    }
+    free(wx); free(x); free(b); free(y); free(ref); free(wd); free(pan);
+}
+
+TEST(panel_order_rows_are_the_same_bits_on_every_kernel_set) {
+    static const int shapes[][2] = {{37, 84}, {5, 2}, {64, 1100}, {130, 4500}};
+    dg_backend *be[N_CONFIGS] = {0};
+    if (gemm_open_backends(be, CONFIGS, N_CONFIGS, 0) < 0) goto out;
+    for (int s = 0; s < (int)(sizeof shapes / sizeof shapes[0]); s++)
+        for (int with_bias = 0; with_bias < 2; with_bias++) check_panels(be, shapes[s][0], shapes[s][1], with_bias);
+out:
+    for (int c = 0; c < N_CONFIGS; c++) dg_backend_free(be[c]);
+}
+
 int main(void) { return test_main(); }

@@ -419,7 +419,13 @@ static float tall_at(int64_t r, int64_t c) { return dg_bf16_to_f32(tall[r * TC +
 
 static int tall_matches(const dg_weight *w) { return matches(w, tall); }
 
-TEST(offered_matrices_take_the_panel_layout_in_bf16_compute) {
+/* A CPU-like weight_prepare: the matrix read where it lies. */
+static int in_place_prepare(dg_backend *be, dg_weight *w, char *err, size_t errlen) {
+    (void)be; (void)w; (void)err; (void)errlen;
+    return 0;
+}
+
+TEST(offered_bf16_matrices_take_the_panel_layout_on_the_cpu) {
     char dir[64], path[128], err[256] = "";
     for (int i = 0; i < TR * TC; i++) tall[i] = dg_f32_to_bf16((float)(i % 251 - 125));   /* exact in bf16 */
     for (int i = 0; i < 5 * 7; i++) odd_cols[i] = dg_f32_to_bf16((float)i);
@@ -430,13 +436,18 @@ TEST(offered_matrices_take_the_panel_layout_in_bf16_compute) {
     CHECK_EQ_INT(dg_backend_new("cpu", 1, &be, err, sizeof err), 0);
     CHECK_EQ_INT(dg_backend_new_opts("cpu", &(dg_backend_opts){.n_threads = 1, .cpu_bf16_compute = 1}, &be16,
                                      err, sizeof err), 0);
-    CHECK(be && be16 && be->weights_panels == 0 && be16->weights_panels == 1);
+    CHECK(be && be16 && be->weights_panels == 1 && be16->weights_panels == 1);
+    /* a CPU-like backend that does not read them */
+    dg_backend blocked_only = {.weights_blocked = 1, .weights_panels = 0, .weight_prepare = in_place_prepare};
     if (be && be16) {   /* only offered, BF16, an even number of columns, on a backend that reads them */
+        blocked_only.alloc = be->alloc;   /* host memory: the CPU's functions ignore their backend */
+        blocked_only.release = be->release;
         CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, TC, 1) == DG_WEIGHT_PANELS);
+        CHECK(dg_weight_layout_for(be, DG_DTYPE_BF16, TC, 1) == DG_WEIGHT_PANELS);
         CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, TC, 0) == 0);
         CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, 7, 1) == 0);
         CHECK(dg_weight_layout_for(be16, DG_DTYPE_F32, TC, 1) == 0);
-        CHECK(dg_weight_layout_for(be, DG_DTYPE_BF16, TC, 1) == 0);
+        CHECK(dg_weight_layout_for(&blocked_only, DG_DTYPE_BF16, TC, 1) == 0);
     }
     dg_st *st = NULL;
     if (be && be16) CHECK_EQ_INT(dg_st_open_flags(dir, DG_ST_HUGEPAGES, NULL, NULL, &st, err, sizeof err), 0);
@@ -467,12 +478,18 @@ TEST(offered_matrices_take_the_panel_layout_in_bf16_compute) {
         for (int i = 0; i < TR * TC; i++) same &= host[i] == tall_at(i / TC, i % TC);
         CHECK(same);
         free(host);
-        /* a backend that does not read panels (fp32 compute) gets a copy in its own layout */
+        /* fp32 compute reads the same panels (its own order over them) */
         b.be = be;
+        CHECK_EQ_INT(dg_bind_matrix(&b, &wf, DG_SHAPE(TR, TC), "tall"), 0);
+        CHECK(wf.kb == DG_WEIGHT_PANELS && wf.data == w.data && owned.n == 0);
+        /* a backend that does not read panels gets a copy in its own layout */
+        b.be = &blocked_only;
         CHECK_EQ_INT(dg_bind_matrix(&b, &wf, DG_SHAPE(TR, TC), "tall"), 0);
         CHECK(wf.kb == 0 && wf.data != w.data && owned.n == 1 && tall_matches(&wf));
         CHECK(wf.data && !memcmp(wf.data, tall, sizeof tall));
+        b.be = be;
         /* which needs the binder's list */
+        b.be = &blocked_only;
         b.owned = NULL;
         CHECK_EQ_INT(dg_bind_matrix(&b, &wf, DG_SHAPE(TR, TC), "tall"), DG_EINVAL);
         CHECK_EQ_STR(err, "tensor \"tall\": in another bind's panel layout, and no buffer list for a copy out of it");

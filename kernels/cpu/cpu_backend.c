@@ -185,7 +185,7 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->rows_exact = 1;
     be->weights_blocked = 1;
     be->bf16_compute = c->bf16_compute;
-    be->weights_panels = c->bf16_compute;
+    be->weights_panels = 1;
     be->free = cpu_free;
     be->fork = cpu_fork;
     be->alloc = cpu_alloc;

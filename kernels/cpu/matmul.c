@@ -28,6 +28,8 @@
 #include "matmul.h"
 
 #include <omp.h>
+#include <math.h>
+#include <string.h>
 
 /* The portable kernels must not fuse a multiply and an add (GCC does not in ISO C mode;
  * clang would within one expression where the target has FMA). */
@@ -89,6 +91,29 @@ static void tile_portable(int rm, const float *x, int64_t ldx, const float *pane
         for (int j = 0; j < nn; j++)
             dg_matmul_store(y + i * ldy + j, dg_matmul_reduce16(a[i][j]), flags, bias ? bias + j : NULL);
 }
+
+/* The fp32 panel order (matmul.h) in C: fmaf is the fused multiply-add the SIMD tiles do,
+ * so the same bits. */
+static void panel_f32_portable(int rm, const float *x, int64_t ldx, const uint32_t *panel, int np, int64_t steps,
+                               float *y, int64_t ldy, const float *bias) {
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < np; j++) {
+            float a = 0.0f;
+            for (int64_t s = 0; s < steps; s++) {
+                uint32_t d, lo, hi;
+                memcpy(&d, panel + s * np + j, sizeof d);   /* a panel may not be 4-byte aligned */
+                lo = d << 16;
+                hi = d & 0xffff0000u;
+                float we, wo;
+                memcpy(&we, &lo, 4);
+                memcpy(&wo, &hi, 4);
+                a = fmaf(x[i * ldx + 2 * s + 1], wo, fmaf(x[i * ldx + 2 * s], we, a));
+            }
+            y[i * ldy + j] = bias ? a + bias[j] : a;
+        }
+}
+
+const dg_matmul_panel_f32_tile dg_matmul_panel_f32_portable = panel_f32_portable;
 
 const dg_matmul_kernels dg_matmul_portable = {PORTABLE_MR, PORTABLE_NR, rows_portable, NULL, pack_portable,
                                               tile_portable};
@@ -323,28 +348,33 @@ static void round_x(const dg_cpu *c, const dg_matmul_bf16_kernels *K, uint16_t *
     for (int i = 0; i < mi; i += 8) K->round(xb + i * ld, ld, x + i * k, k, mi - i < 8 ? mi - i : 8, kc);
 }
 
-/* The panel order (matmul.h) over a W in the panel layout (backend.h): x rounded as many
- * rows at a time as c->xbf16 holds, then a panel a task, each against all those rows,
- * DG_MATMUL_PANEL_MR at a time: the panel (64 rows x k, 160 KiB at k = 1280) is read from
- * memory by the first and from L2 by the others, x's rows stream from L3. Smaller tasks
- * (an m-block of x against a chunk of panels, x then in L2) measured alike or slower. */
-static void matmul_panels(const dg_cpu *c, const dg_matmul_bf16_kernels *R, float *y, const float *x,
-                          const dg_weight *w, const float *bias, int m, dg_matmul_panel_tile tile) {
+/* The panel orders (matmul.h) over a W in the panel layout (backend.h): a panel a task,
+ * each against all of x's rows DG_MATMUL_PANEL_MR at a time: the panel (64 rows x k, 160
+ * KiB at k = 1280) is read from memory by the first tile and from L2 by the others, x's
+ * rows stream from L3. Smaller tasks (an m-block of x against a chunk of panels, x then
+ * in L2) measured alike or slower. The bf16 order (R and tile16 not NULL) rounds x first,
+ * as many rows at a time as c->xbf16 holds; the fp32 order reads x as it is. */
+static void matmul_panels(const dg_cpu *c, const dg_matmul_bf16_kernels *R, dg_matmul_panel_tile tile16,
+                          dg_matmul_panel_f32_tile tile32, float *y, const float *x, const dg_weight *w,
+                          const float *bias, int m) {
     const int64_t n = w->rows, k = w->cols, kp = (k + 31) / 32 * 32, steps = k / 2;
     const int64_t panels = (n + DG_WEIGHT_PANEL_ROWS - 1) / DG_WEIGHT_PANEL_ROWS;
-    const int rows = m < DG_MATMUL_BF16_XBUF / kp ? m : (int)(DG_MATMUL_BF16_XBUF / kp);
+    const int rows = !tile16 ? m : m < DG_MATMUL_BF16_XBUF / kp ? m : (int)(DG_MATMUL_BF16_XBUF / kp);
     const int nt = panels < c->n_threads ? (int)panels : c->n_threads;
     for (int i0 = 0; i0 < m; i0 += rows) {
         const int mi = m - i0 < rows ? m - i0 : rows;
-        round_x(c, R, c->xbf16, kp, x + (int64_t)i0 * k, k, mi, k);
+        if (tile16) round_x(c, R, c->xbf16, kp, x + (int64_t)i0 * k, k, mi, k);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (int64_t p = 0; p < panels; p++) {
             const int64_t r0 = p * DG_WEIGHT_PANEL_ROWS;
             const int np = n - r0 < DG_WEIGHT_PANEL_ROWS ? (int)(n - r0) : DG_WEIGHT_PANEL_ROWS;
             const uint32_t *panel = (const uint32_t *)dg_weight_at(w, r0, 0);
-            for (int i = 0; i < mi; i += DG_MATMUL_PANEL_MR)
-                tile(mi - i < DG_MATMUL_PANEL_MR ? mi - i : DG_MATMUL_PANEL_MR, c->xbf16 + (int64_t)i * kp, kp, panel,
-                     np, steps, y + (int64_t)(i0 + i) * n + r0, n, bias ? bias + r0 : NULL);
+            for (int i = 0; i < mi; i += DG_MATMUL_PANEL_MR) {
+                const int rm = mi - i < DG_MATMUL_PANEL_MR ? mi - i : DG_MATMUL_PANEL_MR;
+                float *yi = y + (int64_t)(i0 + i) * n + r0;
+                if (tile16) tile16(rm, c->xbf16 + (int64_t)i * kp, kp, panel, np, steps, yi, n, bias ? bias + r0 : NULL);
+                else tile32(rm, x + (int64_t)(i0 + i) * k, k, panel, np, steps, yi, n, bias ? bias + r0 : NULL);
+            }
         }
     }
 }
@@ -375,12 +405,21 @@ void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w
                                         : c->simd >= DG_CPU_AVX2        ? &dg_matmul_bf16_avx2
                                                                         : &dg_matmul_bf16_portable;
         if (w->kb == DG_WEIGHT_PANELS)
-            matmul_panels(c, K, y, x, w, bias, m,
+            matmul_panels(c, K,
                           c->simd >= DG_CPU_AVX512_BF16 ? dg_matmul_panel_avx512
                           : c->simd >= DG_CPU_AVX2      ? dg_matmul_panel_avx2
-                                                        : dg_matmul_panel_portable);
+                                                        : dg_matmul_panel_portable,
+                          NULL, y, x, w, bias, m);
         else
             matmul_bf16(c, K, y, x, w, bias, m);
+        return;
+    }
+    if (w->kb == DG_WEIGHT_PANELS) {
+        matmul_panels(c, NULL, NULL,
+                      c->simd >= DG_CPU_AVX512 ? dg_matmul_panel_f32_avx512
+                      : c->simd >= DG_CPU_AVX2 ? dg_matmul_panel_f32_avx2
+                                               : dg_matmul_panel_f32_portable,
+                      y, x, w, bias, m);
         return;
     }
     const dg_matmul_kernels *K = c->simd >= DG_CPU_AVX512 ? &dg_matmul_avx512

@@ -244,6 +244,13 @@ typedef void (*dg_matmul_panel_tile)(int rm, const uint16_t *xb, int64_t ldxb, c
 
 extern const dg_matmul_panel_tile dg_matmul_panel_portable, dg_matmul_panel_avx2, dg_matmul_panel_avx512;
 
+/* The same for the fp32 panel order: x's rows as they are (ldx apart). */
+typedef void (*dg_matmul_panel_f32_tile)(int rm, const float *x, int64_t ldx, const uint32_t *panel, int np,
+                                         int64_t steps, float *y, int64_t ldy, const float *bias);
+
+extern const dg_matmul_panel_f32_tile dg_matmul_panel_f32_portable, dg_matmul_panel_f32_avx2,
+    dg_matmul_panel_f32_avx512;
+
 /* y[m, w.rows] = x[m, w.cols] · Wᵀ (+ bias): GEMV for m = 1, the multi-row GEMV up to
  * DG_MATMUL_GEMV_ROWS where the kernels have one, GEMM above; rows split over
  * c->n_threads; scratch is c->gemm (DG_MATMUL_SCRATCH_FLOATS per thread). A BF16 W on a

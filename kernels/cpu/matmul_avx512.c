@@ -159,3 +159,51 @@ static void rows_multi(float *y, const float *x, int m, const dg_weight *w, cons
 }
 
 const dg_matmul_kernels dg_matmul_avx512 = {MR, NR, dg_matmul_rows_avx2, rows_multi, dg_matmul_pack_avx2, tile};
+
+/* ---- the fp32 panel order's tile (dg_matmul_panel_f32_tile, matmul.h) ----
+ * As the bf16 one (matmul_bf16.c): rm <= 6 rows of x against a panel of up to 64 rows, 4
+ * zmm accumulators a row; a step is a pair of columns: W's 4 vectors of pairs widened into
+ * 4 of even and 4 of odd columns (a shift, an and), then per row x's two values broadcast
+ * and 8 FMAs, the even column first. 48 FMAs, 4 loads, 8 widenings and 12 broadcasts a
+ * step at rm = 6. The DiT's shapes at one thread, W from memory: 111-115 GFLOP/s, the
+ * FMA's limit, where the canonical order's GEMM ran at 101-107 (engine/MODELS.md). */
+#include "matmul_panel_zmm.h"
+
+/* The steps, W's vectors loaded whole (full) or under mk (panel_load). */
+TARGET INLINE void panel_steps(const int rm, const int full, __m512 a[][PNV], const float *x, int64_t ldx,
+                               const uint32_t *panel, int np, int64_t steps, const __mmask16 mk[PNV]) {
+    const __m512i odd = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t s = 0; s < steps; s++) {
+        __m512 we[PNV], wo[PNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < PNV; v++) {
+            const __m512i d = panel_load(full, mk[v], panel + s * np + 16 * v);
+            we[v] = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+            wo[v] = _mm512_castsi512_ps(_mm512_and_si512(d, odd));
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < rm; i++) {
+            const __m512 xe = _mm512_set1_ps(x[i * ldx + 2 * s]), xo = _mm512_set1_ps(x[i * ldx + 2 * s + 1]);
+#pragma GCC unroll 4
+            for (int v = 0; v < PNV; v++) a[i][v] = _mm512_fmadd_ps(xo, wo[v], _mm512_fmadd_ps(xe, we[v], a[i][v]));
+        }
+    }
+}
+
+TARGET INLINE void panel_rows(const int rm, const float *x, int64_t ldx, const uint32_t *panel, int np,
+                              int64_t steps, float *y, int64_t ldy, const float *bias) {
+    __mmask16 mk[PNV];
+    panel_masks(np, mk);
+    __m512 a[DG_MATMUL_PANEL_MR][PNV];
+#pragma GCC unroll 8
+    for (int i = 0; i < rm; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < PNV; v++) a[i][v] = _mm512_setzero_ps();
+    if (np == DG_WEIGHT_PANEL_ROWS) panel_steps(rm, 1, a, x, ldx, panel, np, steps, mk);
+    else panel_steps(rm, 0, a, x, ldx, panel, np, steps, mk);
+    panel_store(rm, a, mk, y, ldy, bias);
+}
+
+PANEL_TILES(float)
+
+const dg_matmul_panel_f32_tile dg_matmul_panel_f32_avx512 = panel_tile;

@@ -187,24 +187,15 @@ const dg_matmul_bf16_kernels dg_matmul_bf16_avx512 = {MR, NR, round_rows, rows, 
  * words apart under masks (the lanes past np compute zeros, not stored). Measured on the
  * vision tower's shapes at one thread, W from memory: 6 x 64 and 8 x 48 220-224 GFLOP/s at
  * k = 1280, 12 x 32 216-218; 225-228 at k = 3420 and 5120 (engine/MODELS.md). */
-#define PNV (DG_WEIGHT_PANEL_ROWS / 16)
-TARGET INLINE void panel_rows(const int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np,
-                              int64_t steps, float *y, int64_t ldy, const float *bias) {
-    __mmask16 mk[PNV];
-#pragma GCC unroll 4
-    for (int v = 0; v < PNV; v++) {
-        const int left = np - 16 * v;
-        mk[v] = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-    }
-    __m512 a[DG_MATMUL_PANEL_MR][PNV];
-#pragma GCC unroll 8
-    for (int i = 0; i < rm; i++)
-#pragma GCC unroll 4
-        for (int v = 0; v < PNV; v++) a[i][v] = _mm512_setzero_ps();
+#include "matmul_panel_zmm.h"
+
+/* The steps, W's vectors loaded whole (full) or under mk (panel_load). */
+TARGET INLINE void panel_steps(const int rm, const int full, __m512 a[][PNV], const uint16_t *xb, int64_t ldxb,
+                               const uint32_t *panel, int np, int64_t steps, const __mmask16 mk[PNV]) {
     for (int64_t s = 0; s < steps; s++) {
         __m512bh wv[PNV];
 #pragma GCC unroll 4
-        for (int v = 0; v < PNV; v++) wv[v] = (__m512bh)_mm512_maskz_loadu_epi32(mk[v], panel + s * np + 16 * v);
+        for (int v = 0; v < PNV; v++) wv[v] = (__m512bh)panel_load(full, mk[v], panel + s * np + 16 * v);
 #pragma GCC unroll 8
         for (int i = 0; i < rm; i++) {
             uint32_t pair;
@@ -214,28 +205,22 @@ TARGET INLINE void panel_rows(const int rm, const uint16_t *xb, int64_t ldxb, co
             for (int v = 0; v < PNV; v++) a[i][v] = _mm512_dpbf16_ps(a[i][v], xv, wv[v]);
         }
     }
-#pragma GCC unroll 4
-    for (int v = 0; v < PNV; v++) {
-        const __m512 b = bias ? _mm512_maskz_loadu_ps(mk[v], bias + 16 * v) : _mm512_setzero_ps();
+}
+
+TARGET INLINE void panel_rows(const int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np,
+                              int64_t steps, float *y, int64_t ldy, const float *bias) {
+    __mmask16 mk[PNV];
+    panel_masks(np, mk);
+    __m512 a[DG_MATMUL_PANEL_MR][PNV];
 #pragma GCC unroll 8
-        for (int i = 0; i < rm; i++)
-            _mm512_mask_storeu_ps(y + i * ldy + 16 * v, mk[v], bias ? _mm512_add_ps(a[i][v], b) : a[i][v]);
-    }
+    for (int i = 0; i < rm; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < PNV; v++) a[i][v] = _mm512_setzero_ps();
+    if (np == DG_WEIGHT_PANEL_ROWS) panel_steps(rm, 1, a, xb, ldxb, panel, np, steps, mk);
+    else panel_steps(rm, 0, a, xb, ldxb, panel, np, steps, mk);
+    panel_store(rm, a, mk, y, ldy, bias);
 }
 
-#define PANEL_TILE(RM)                                                                          \
-    TARGET static void panel##RM(const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np, int64_t steps, \
-                                 float *y, int64_t ldy, const float *bias) {                   \
-        panel_rows(RM, xb, ldxb, panel, np, steps, y, ldy, bias);                              \
-    }
-PANEL_TILE(1) PANEL_TILE(2) PANEL_TILE(3) PANEL_TILE(4) PANEL_TILE(5) PANEL_TILE(6)
-
-static void panel_tile(int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np, int64_t steps,
-                       float *y, int64_t ldy, const float *bias) {
-    static void (*const f[DG_MATMUL_PANEL_MR + 1])(const uint16_t *, int64_t, const uint32_t *, int, int64_t, float *,
-                                                   int64_t, const float *) = {panel1, panel1, panel2, panel3,
-                                                                              panel4, panel5, panel6};
-    f[rm](xb, ldxb, panel, np, steps, y, ldy, bias);
-}
+PANEL_TILES(uint16_t)
 
 const dg_matmul_panel_tile dg_matmul_panel_avx512 = panel_tile;
