@@ -78,16 +78,17 @@ typedef struct {
  * struct dg_backend) says which matrices a backend wants so. */
 #define DG_WEIGHT_KB 2048
 
-/* The panel layout, which a backend with weights_panels reads (the CPU's in bf16 compute,
- * for a BF16 matrix of an even number of columns that its loader offers: the vision
- * tower's and the DiT's, which only its matmul reads): the rows in panels of
+/* The panel layout, which a backend with weights_panels reads (the CPU's, in either
+ * compute, for a BF16 matrix of an even number of columns that its loader offers: the
+ * vision tower's and the DiT's, which only its matmul reads): the rows in panels of
  * DG_WEIGHT_PANEL_ROWS (the last panel p has np = rows - 64p of them, fewer when rows is
  * not a multiple), each panel the 32-bit pairs of columns 2s, 2s + 1 of its np rows, step
  * after step: column c of row r at element (r / 64)·64·cols + (c / 2)·2·np + (r % 64)·2 +
  * c % 2. A step of a panel is up to four zmm of pairs, which VDPBF16PS multiplies by a
- * pair of x broadcast to all lanes: each lane is one output, so no horizontal sums (the
- * bf16 panel order, kernels/cpu/matmul.h), and W is read as one stream, in the order
- * the products use it. Only the matmul reads it: dg_weight_at gives an element's address,
+ * pair of x broadcast to all lanes (or which are widened into even and odd columns for
+ * FMAs by x's two values): each lane is one output, so no horizontal sums (the panel
+ * orders, kernels/cpu/matmul.h), and W is read as one stream, in the order the products
+ * use it. Only the matmul reads it: dg_weight_at gives an element's address,
  * but a run of columns is not contiguous (a pair is), and dg_weight_ld has no meaning. */
 #define DG_WEIGHT_PANELS (-1)
 #define DG_WEIGHT_PANEL_ROWS 64
@@ -193,8 +194,8 @@ struct dg_backend {
                                     gives it the blocked one where dg_weight_kb_for says
                                     (the CPU); 0: row-major only (CUDA, which copies weights
                                     at weight_prepare) */
-    int         weights_panels;  /* 1: its matmul reads the panel layout (the CPU in bf16
-                                    compute), and dg_bind_matrix gives it that one for a BF16
+    int         weights_panels;  /* 1: its matmul reads the panel layout (the CPU, in its
+                                    compute's panel order), and dg_bind_matrix gives it that one for a BF16
                                     matrix of an even number of columns where the binder
                                     offers it (dg_binder.panels); 0: never */
     int         weights_hugepages; /* 1: the loaders read weight files into huge pages

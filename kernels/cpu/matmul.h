@@ -72,29 +72,36 @@
  * come half as often (the tile ran 3-5% faster than at 1024). Rounding x is row-local, so
  * m-invariant; the driver rounds it once per call into the backend's buffer (matmul.c).
  *
- * The bf16 panel order. A third, for a BF16 W in the panel layout (backend.h, which only a
- * backend in bf16 compute gives, and only to the matrices of a network whose rows need not
- * be a decoder's GEMV's bits: the vision tower, the DiT). Step 0 as above; then one
- * accumulator per output, the lane step of VDPBF16PS over all of k in order:
- *     a = +0; for s = 0 .. k/2 - 1:  a = F(a + xb[2s + 1]·W[r, 2s + 1]);  a = F(a + xb[2s]·W[r, 2s]);
- *     y = a + bias[r] (a plain fp32 add) when there is a bias, else y = a;
- * F as above (DAZ and FTZ). No lanes of k, no tree, no blocks: the same invariance (y[i, r]
- * depends on x's row i, W's row r, k and bias[r] only). The AVX-512 BF16 kernel
- * (matmul_bf16.c) is VDPBF16PS with x's pair broadcast and 16 outputs of a panel in each
- * zmm; the fallback (matmul_bf16_fallback.c: AVX2 + FMA, portable C) the same lane steps
- * under DAZ and FTZ, the same bits.
+ * The panel orders. Two more, for a BF16 W in the panel layout (backend.h, which the CPU
+ * backend gives only to the matrices of a network whose rows need not be a decoder's
+ * GEMV's bits: the vision tower, the DiT), one accumulator per output over all of k:
+ *   bf16 compute (the bf16 panel order): step 0 as above; then the lane step of VDPBF16PS
+ *     over all of k in order:
+ *       a = +0; for s = 0 .. k/2 - 1:  a = F(a + xb[2s + 1]·W[r, 2s + 1]);  a = F(a + xb[2s]·W[r, 2s]);
+ *     F as above (DAZ and FTZ);
+ *   fp32 compute (the fp32 panel order): x as it is,
+ *       a = +0; for c = 0 .. k - 1:  a = fma(x[i, c], W[r, c], a)   (ascending c),
+ *     fused multiply-adds rounded to nearest under the thread's MXCSR;
+ * then y = a + bias[r] (a plain fp32 add) when there is a bias, else y = a. No lanes of k,
+ * no tree, no blocks: the same invariance (y[i, r] depends on x's row i, W's row r, k and
+ * bias[r] only). The AVX-512 kernels (matmul_bf16.c, matmul_avx512.c) keep 16 outputs of
+ * a panel in each zmm, x's pair (or value) broadcast; the fallbacks (AVX2 + FMA, portable
+ * C: matmul_bf16_fallback.c, matmul_avx2.c, matmul.c) do the same steps, the same bits
+ * (the portable fp32 one with fmaf, unlike the canonical order's portable kernels).
  *
  * Why: the canonical orders' lanes run along k, so every output ends in a horizontal sum
- * (46 cycles a 4 x 6 tile, 4.5% of the tile at k = 1280) and both operands of a product
- * stream through L1 (a step of that tile loads 10 zmm for 24 VDPBF16PS; at k = 2048 its
- * panel and rows of x are 40 KB, more than L1, and the vision tower's down projection and
- * merger ran at 200 GFLOP/s against 212 at k = 1280). Here a step loads 4 zmm of W and 6
- * broadcast pairs of x for 24 VDPBF16PS, W is read once per 6 rows of x as one stream in
- * the order it is stored, and nothing is packed at run time: 219-228 GFLOP/s on the same
- * shapes, the tower 0.94x the time (engine/MODELS.md, "The bf16 panel order"). A decoder's matrices keep the canonical order: its GEMV reads
- * each row as one stream, and a row's bits must not depend on the batch (a prefill chunk
- * beside decode rows), which a panel's GEMV would also give, but not its speed on a
- * row-major stream. */
+ * (46 cycles a 4 x 6 bf16 tile, 4.5% of the tile at k = 1280) and both operands of a
+ * product stream through L1 (a step of that tile loads 10 zmm for 24 VDPBF16PS; at k =
+ * 2048 its panel and rows of x are 40 KB, more than L1, and the vision tower's down
+ * projection and merger ran at 200 GFLOP/s against 212 at k = 1280), and the GEMM packs
+ * panels at run time. Here a step loads 4 zmm of W for 24 VDPBF16PS (or 48 FMAs) with 6
+ * rows of x broadcast, W is read once per 6 rows of x as one stream in the order it is
+ * stored, and nothing is packed: bf16 219-228 GFLOP/s on the tower's shapes (212 and 200
+ * before), fp32 109-114 (the FMA's limit; 94-107 before), the tower 0.94x and 0.90x the
+ * time (engine/MODELS.md, "The panel orders"). A decoder's matrices keep the canonical
+ * orders: its GEMV reads each row as one stream, and a row's bits must not depend on the
+ * batch (a prefill chunk beside decode rows), which a panel's GEMV would also give, but
+ * not its speed on a row-major stream. */
 #ifndef DG_CPU_MATMUL_H
 #define DG_CPU_MATMUL_H
 
@@ -256,7 +263,7 @@ extern const dg_matmul_panel_f32_tile dg_matmul_panel_f32_portable, dg_matmul_pa
  * c->n_threads; scratch is c->gemm (DG_MATMUL_SCRATCH_FLOATS per thread). A BF16 W on a
  * backend with bf16 compute takes the bf16 order, its kernels (the widest c->simd has)
  * with c->xbf16 and c->gemm_bf16 (DG_MATMUL_BF16_PANEL per thread); a W in the panel
- * layout (bf16 compute only) the panel order, a panel a task, with c->xbf16. */
+ * layout the panel order of the backend's compute, a panel a task (bf16: with c->xbf16). */
 void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias,
                    int m);
 
