@@ -190,20 +190,6 @@ TARGET INLINE void panel_steps(const int rm, const int full, __m512 a[][PNV], co
     }
 }
 
-TARGET INLINE void panel_rows(const int rm, const float *x, int64_t ldx, const uint32_t *panel, int np,
-                              int64_t steps, float *y, int64_t ldy, const float *bias) {
-    __mmask16 mk[PNV];
-    panel_masks(np, mk);
-    __m512 a[DG_MATMUL_PANEL_MR][PNV];
-#pragma GCC unroll 8
-    for (int i = 0; i < rm; i++)
-#pragma GCC unroll 4
-        for (int v = 0; v < PNV; v++) a[i][v] = _mm512_setzero_ps();
-    if (np == DG_WEIGHT_PANEL_ROWS) panel_steps(rm, 1, a, x, ldx, panel, np, steps, mk);
-    else panel_steps(rm, 0, a, x, ldx, panel, np, steps, mk);
-    panel_store(rm, a, mk, y, ldy, bias);
-}
-
 PANEL_TILES(float)
 
 const dg_matmul_panel_f32_tile dg_matmul_panel_f32_avx512 = panel_tile;

@@ -1,8 +1,7 @@
 /* matmul_panel_zmm.h — what the AVX-512 tiles of the two panel orders (matmul.h) share: a
  * panel's masks, the end of a tile (y = the accumulators, plus the bias) and the tile's
  * instances for 1 .. DG_MATMUL_PANEL_MR rows of x with their table. Included by
- * matmul_avx512.c (fp32) and matmul_bf16.c (bf16) after each defines TARGET and INLINE, and
- * panel_rows(rm, x, ldx, panel, np, steps, y, ldy, bias) over its element type of x. */
+ * matmul_avx512.c (fp32) and matmul_bf16.c (bf16) after each defines TARGET and INLINE. */
 #ifndef DG_CPU_MATMUL_PANEL_ZMM_H
 #define DG_CPU_MATMUL_PANEL_ZMM_H
 
@@ -39,9 +38,22 @@ TARGET INLINE void panel_store(const int rm, __m512 a[][PNV], const __mmask16 mk
     }
 }
 
-/* panel1 .. panel6 (panel_rows at a constant rm) and panel_tile(rm, ...) choosing among
- * them, over rows of x of element type T. */
+/* panel_rows (the accumulators zeroed, panel_steps with W's vectors loaded whole or under
+ * the masks, the end), panel1 .. panel6 (panel_rows at a constant rm) and panel_tile(rm,
+ * ...) choosing among them, over rows of x of element type T; the including file defines
+ * panel_steps(rm, full, a, x, ldx, panel, np, steps, mk) first. */
 #define PANEL_TILES(T)                                                                          \
+    TARGET INLINE void panel_rows(const int rm, const T *x, int64_t ldx, const uint32_t *panel, int np, \
+                                  int64_t steps, float *y, int64_t ldy, const float *bias) {   \
+        __mmask16 mk[PNV];                                                                      \
+        panel_masks(np, mk);                                                                    \
+        __m512 a[DG_MATMUL_PANEL_MR][PNV];                                                      \
+        _Pragma("GCC unroll 8") for (int i = 0; i < rm; i++)                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < PNV; v++) a[i][v] = _mm512_setzero_ps(); \
+        if (np == DG_WEIGHT_PANEL_ROWS) panel_steps(rm, 1, a, x, ldx, panel, np, steps, mk);    \
+        else panel_steps(rm, 0, a, x, ldx, panel, np, steps, mk);                               \
+        panel_store(rm, a, mk, y, ldy, bias);                                                   \
+    }                                                                                           \
     PANEL_TILE(T, 1) PANEL_TILE(T, 2) PANEL_TILE(T, 3) PANEL_TILE(T, 4) PANEL_TILE(T, 5) PANEL_TILE(T, 6) \
     static void panel_tile(int rm, const T *x, int64_t ldx, const uint32_t *panel, int np, int64_t steps, \
                            float *y, int64_t ldy, const float *bias) {                         \
