@@ -393,10 +393,13 @@ static inline int64_t dg_weight_kb_for(const dg_backend *be, dg_dtype dtype, int
 }
 
 /* The layout dg_bind_matrix gives a matrix: the panels where be reads them, the matrix is
- * BF16 of an even number of columns and its loader offers it (panels: 1); else
- * dg_weight_kb_for's. */
+ * BF16 of an even number of columns, at most DG_WEIGHT_PANEL_COLS_MAX (a row of x, rounded
+ * for the bf16 panel order, fits the CPU's buffer many times over), and its loader offers
+ * it (panels: 1); else dg_weight_kb_for's. */
+#define DG_WEIGHT_PANEL_COLS_MAX (1 << 20)
 static inline int64_t dg_weight_layout_for(const dg_backend *be, dg_dtype dtype, int64_t cols, int panels) {
-    if (panels && be->weights_panels && dtype == DG_DTYPE_BF16 && cols % 2 == 0) return DG_WEIGHT_PANELS;
+    if (panels && be->weights_panels && dtype == DG_DTYPE_BF16 && cols % 2 == 0 && cols <= DG_WEIGHT_PANEL_COLS_MAX)
+        return DG_WEIGHT_PANELS;
     return dg_weight_kb_for(be, dtype, cols);
 }
 

@@ -446,6 +446,8 @@ TEST(offered_bf16_matrices_take_the_panel_layout_on_the_cpu) {
         CHECK(dg_weight_layout_for(be, DG_DTYPE_BF16, TC, 1) == DG_WEIGHT_PANELS);
         CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, TC, 0) == 0);
         CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, 7, 1) == 0);
+        CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, DG_WEIGHT_PANEL_COLS_MAX, 1) == DG_WEIGHT_PANELS);
+        CHECK(dg_weight_layout_for(be16, DG_DTYPE_BF16, DG_WEIGHT_PANEL_COLS_MAX + 2, 1) != DG_WEIGHT_PANELS);
         CHECK(dg_weight_layout_for(be16, DG_DTYPE_F32, TC, 1) == 0);
         CHECK(dg_weight_layout_for(&blocked_only, DG_DTYPE_BF16, TC, 1) == 0);
     }

@@ -336,7 +336,6 @@ static void gemm_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float *y
 
 /* Step 0 of mi rows of x (columns k0 .. k0+kc-1, a row every k) into xb, a row every ld:
  * 8 rows a task over the threads where there are more than DG_MATMUL_GEMV_ROWS. */
-int dg_exp_flag;
 static void round_x(const dg_cpu *c, const dg_matmul_bf16_kernels *K, uint16_t *xb, int64_t ld, const float *x,
                     int64_t k, int mi, int64_t kc) {
     if (mi <= DG_MATMUL_GEMV_ROWS) {
