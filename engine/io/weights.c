@@ -171,7 +171,19 @@ int dg_bind_has(dg_binder *b, const char *fmt, ...) {
  * of columns in the panels. */
 static void copy_layout(const dg_weight *to, const dg_weight *from) {
     const size_t es = dg_dtype_size(from->dtype);
-    if (to->kb == DG_WEIGHT_PANELS || from->kb == DG_WEIGHT_PANELS) {   /* BF16, cols even */
+    if (to->kb == DG_WEIGHT_PANELS && !from->kb) {   /* BF16, cols even: the load's case */
+        const int64_t pr = DG_WEIGHT_PANEL_ROWS, half = from->cols / 2;
+        uint32_t *dst = (uint32_t *)to->data;
+        for (int64_t p0 = 0; p0 < from->rows; p0 += pr) {
+            const int64_t np = from->rows - p0 < pr ? from->rows - p0 : pr;
+            for (int64_t j = 0; j < np; j++) {
+                const char *src = (const char *)from->data + (size_t)(p0 + j) * (size_t)from->cols * es;
+                for (int64_t s2 = 0; s2 < half; s2++) memcpy(dst + p0 * half + s2 * np + j, src + s2 * 4, 4);
+            }
+        }
+        return;
+    }
+    if (to->kb == DG_WEIGHT_PANELS || from->kb == DG_WEIGHT_PANELS) {
         for (int64_t r = 0; r < from->rows; r++)
             for (int64_t c = 0; c < from->cols; c += 2)
                 memcpy((void *)dg_weight_at(to, r, c), dg_weight_at(from, r, c), 2 * es);
