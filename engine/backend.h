@@ -195,9 +195,9 @@ struct dg_backend {
                                     (the CPU); 0: row-major only (CUDA, which copies weights
                                     at weight_prepare) */
     int         weights_panels;  /* 1: its matmul reads the panel layout (the CPU, in its
-                                    compute's panel order), and dg_bind_matrix gives it that one for a BF16
-                                    matrix of an even number of columns where the binder
-                                    offers it (dg_binder.panels); 0: never */
+                                    compute's panel order), and dg_bind_matrix gives it
+                                    that one where dg_weight_layout_for says (a BF16 matrix
+                                    the binder offers, dg_binder.panels); 0: never */
     int         weights_hugepages; /* 1: the loaders read weight files into huge pages
                                     (dg_st_open_flags DG_ST_HUGEPAGES): the CPU backend,
                                     which reads weights where they lie, unless

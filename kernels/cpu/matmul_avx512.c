@@ -165,8 +165,9 @@ const dg_matmul_kernels dg_matmul_avx512 = {MR, NR, dg_matmul_rows_avx2, rows_mu
  * zmm accumulators a row; a step is a pair of columns: W's 4 vectors of pairs widened into
  * 4 of even and 4 of odd columns (a shift, an and), then per row x's two values broadcast
  * and 8 FMAs, the even column first. 48 FMAs, 4 loads, 8 widenings and 12 broadcasts a
- * step at rm = 6. The DiT's shapes at one thread, W from memory: 111-115 GFLOP/s, the
- * FMA's limit, where the canonical order's GEMM ran at 101-107 (engine/MODELS.md). */
+ * step at rm = 6. The DiT's and the tower's shapes at one thread, W from memory: 109-114
+ * GFLOP/s (the FMA's limit is ~115), where the canonical order's GEMM ran at 94-107
+ * (engine/MODELS.md). */
 #include "matmul_panel_zmm.h"
 
 /* The steps, W's vectors loaded whole (full) or under mk (panel_load). */
