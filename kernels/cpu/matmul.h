@@ -85,8 +85,9 @@
  * then y = a + bias[r] (a plain fp32 add) when there is a bias, else y = a. No lanes of k,
  * no tree, no blocks: the same invariance (y[i, r] depends on x's row i, W's row r, k and
  * bias[r] only). The AVX-512 kernels (matmul_bf16.c, matmul_avx512.c) keep 16 outputs of
- * a panel in each zmm, x's pair (or value) broadcast; the fallbacks (AVX2 + FMA, portable
- * C: matmul_bf16_fallback.c, matmul_avx2.c, matmul.c) do the same steps, the same bits
+ * a panel in each zmm, x's pair (or value) broadcast; the fallbacks (AVX2 + FMA: one tile
+ * for both orders in matmul_panel_ymm.h; portable C: matmul_bf16_fallback.c, matmul.c) do
+ * the same steps, the same bits
  * (the portable fp32 one with fmaf, unlike the canonical order's portable kernels).
  *
  * Why: the canonical orders' lanes run along k, so every output ends in a horizontal sum

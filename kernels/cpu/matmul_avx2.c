@@ -180,31 +180,9 @@ static void tile(int rm, const float *x, int64_t ldx, const float *panel, int64_
 
 const dg_matmul_kernels dg_matmul_avx2 = {MR, NR, dg_matmul_rows_avx2, NULL, dg_matmul_pack_avx2, tile};
 
-/* ---- the fp32 panel order's tile (matmul.h): one row of x at a time, the panel's outputs
- * 8 a ymm (np of them loaded, the rest zeros), the even column's FMA first: the AVX-512
- * tile's bits. ---- */
-TARGET static void panel_f32(int rm, const float *x, int64_t ldx, const uint32_t *panel, int np, int64_t steps,
-                             float *y, int64_t ldy, const float *bias) {
-    enum { G = DG_WEIGHT_PANEL_ROWS / 8 };
-    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const int g = (np + 7) / 8;
-    __m256i lm[G];
-    for (int q = 0; q < G; q++) lm[q] = _mm256_cmpgt_epi32(_mm256_set1_epi32(np - 8 * q), iota);
-    for (int i = 0; i < rm; i++) {
-        __m256 a[G];
-        for (int q = 0; q < G; q++) a[q] = _mm256_setzero_ps();
-        for (int64_t s = 0; s < steps; s++) {
-            const __m256 xe = _mm256_set1_ps(x[i * ldx + 2 * s]), xo = _mm256_set1_ps(x[i * ldx + 2 * s + 1]);
-            for (int q = 0; q < g; q++) {
-                const __m256i d = _mm256_maskload_epi32((const int *)(panel + s * np + 8 * q), lm[q]);
-                a[q] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(d, odd)),
-                                       _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(d, 16)), a[q]));
-            }
-        }
-        float out[DG_WEIGHT_PANEL_ROWS];
-        for (int q = 0; q < g; q++) _mm256_storeu_ps(out + 8 * q, a[q]);
-        for (int j = 0; j < np; j++) y[i * ldy + j] = bias ? out[j] + bias[j] : out[j];
-    }
-}
+/* ---- the fp32 panel order's tile (matmul.h; matmul_panel_ymm.h) ---- */
+#include "matmul_panel_ymm.h"
+
+PANEL_YMM_TILE(panel_f32, float, 0)
 
 const dg_matmul_panel_f32_tile dg_matmul_panel_f32_avx2 = panel_f32;

@@ -259,10 +259,10 @@ static void tile_avx2(int rm, const uint16_t *xb, int64_t ldxb, const uint16_t *
 
 const dg_matmul_bf16_kernels dg_matmul_bf16_avx2 = {2, 2, round_avx2, rows_avx2, tile_avx2};
 
-/* ---- the bf16 panel order (matmul.h): portable, then AVX2 + FMA ----
- * One row of x at a time against the panel: acc[j] (in memory, under DAZ and FTZ) for the
- * panel's np rows, step after step the odd product, then the even one, as the lane step of
- * VDPBF16PS; the bias after MXCSR is restored. */
+/* ---- the bf16 panel order (matmul.h): portable, then AVX2 + FMA (matmul_panel_ymm.h) ----
+ * Portable: one row of x at a time against the panel, acc[j] (in memory, under DAZ and
+ * FTZ) for the panel's np rows, step after step the odd product, then the even one, as the
+ * lane step of VDPBF16PS; the bias after MXCSR is restored. */
 
 static float pair_hi(uint32_t d) {   /* the odd column's bf16 as fp32 */
     const uint32_t u = d & 0xffff0000u;
@@ -292,48 +292,19 @@ __attribute__((noinline)) static void panel_steps_portable(float *acc, const uin
     }
 }
 
-/* Steps for the panel's outputs (np of them loaded, the rest zeros), 8 a ymm. */
-TARGET __attribute__((noinline)) static void panel_steps_avx2(float *acc, const uint16_t *xb,
-                                                              const uint32_t *panel, int np, int64_t steps) {
-    enum { G = DG_WEIGHT_PANEL_ROWS / 8 };
-    const __m256i odd_mask = _mm256_set1_epi32((int)0xffff0000u), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256 a[G];
-    for (int q = 0; q < G; q++) a[q] = _mm256_loadu_ps(acc + 8 * q);
-    for (int64_t s = 0; s < steps; s++) {
-        uint32_t xp;
-        memcpy(&xp, xb + 2 * s, sizeof xp);
-        const __m256 xo = _mm256_castsi256_ps(_mm256_set1_epi32((int)(xp & 0xffff0000u))),
-                     xe = _mm256_castsi256_ps(_mm256_set1_epi32((int)(xp << 16)));
-        for (int q = 0; q < G && 8 * q < np; q++) {
-            const __m256i lm = _mm256_cmpgt_epi32(_mm256_set1_epi32(np - 8 * q), iota);
-            const __m256i d = _mm256_maskload_epi32((const int *)(panel + s * np + 8 * q), lm);
-            a[q] = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(d, 16)),
-                                   _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(d, odd_mask)), a[q]));
-        }
-    }
-    for (int q = 0; q < G; q++) _mm256_storeu_ps(acc + 8 * q, a[q]);
-}
-
-static void panel_tile_with(void (*steps_fn)(float *, const uint16_t *, const uint32_t *, int, int64_t), int rm,
-                            const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np, int64_t steps,
-                            float *y, int64_t ldy, const float *bias) {
+static void panel_tile_portable(int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np,
+                                int64_t steps, float *y, int64_t ldy, const float *bias) {
     for (int i = 0; i < rm; i++) {
         float acc[DG_WEIGHT_PANEL_ROWS] = {0};
         const unsigned csr = lane_steps_begin();
-        steps_fn(acc, xb + i * ldxb, panel, np, steps);
+        panel_steps_portable(acc, xb + i * ldxb, panel, np, steps);
         _mm_setcsr(csr);
         for (int j = 0; j < np; j++) y[i * ldy + j] = bias ? acc[j] + bias[j] : acc[j];
     }
 }
 
-static void panel_tile_portable(int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np,
-                                int64_t steps, float *y, int64_t ldy, const float *bias) {
-    panel_tile_with(panel_steps_portable, rm, xb, ldxb, panel, np, steps, y, ldy, bias);
-}
+#include "matmul_panel_ymm.h"
 
-static void panel_tile_avx2(int rm, const uint16_t *xb, int64_t ldxb, const uint32_t *panel, int np,
-                            int64_t steps, float *y, int64_t ldy, const float *bias) {
-    panel_tile_with(panel_steps_avx2, rm, xb, ldxb, panel, np, steps, y, ldy, bias);
-}
+PANEL_YMM_TILE(panel_tile_avx2, uint16_t, 1)
 
 const dg_matmul_panel_tile dg_matmul_panel_portable = panel_tile_portable, dg_matmul_panel_avx2 = panel_tile_avx2;
