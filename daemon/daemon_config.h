@@ -58,6 +58,7 @@ typedef struct {
     int    draft_tokens;        /* dg_sched_opts.draft_tokens */
     int    cpu_bf16_compute;    /* 1: bf16 compute (dg_model_opts.cpu_bf16_compute) */
     int    cpu_mapped_weights;  /* 1: weights read in place (dg_model_opts.cpu_mapped_weights) */
+    int    logit_screen;        /* dg_model_opts.logit_screen */
     size_t vision_cache_bytes;
     size_t latent_cache_bytes;
     int    max_condition_pixels; /* earlier images larger than this are scaled down as DiT

@@ -130,6 +130,8 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     NUM("steps", st.steps);
     NUM("draft_tokens", st.draft_tokens);
     NUM("draft_kept", st.draft_kept);
+    NUM("screened_tokens", st.screened);
+    NUM("unscreened_tokens", st.unscreened);
     if (st.decode_s > 0) {
         dg_cmd_adds(c, "tokens_per_s");
         dg_cmd_addf(c, "%.2f", (double)st.tokens / st.decode_s);

@@ -107,7 +107,8 @@ int main(int argc, char **argv) {
     dg_model *model = NULL;
     dg_model_opts mo = {.device = cfg.device, .threads = cfg.threads, .device_memory = cfg.gpu_memory,
                         .cpu_bf16_compute = cfg.cpu_bf16_compute,
-                        .cpu_mapped_weights = cfg.cpu_mapped_weights, .progress = on_load_progress};
+                        .cpu_mapped_weights = cfg.cpu_mapped_weights,
+                        .logit_screen = cfg.logit_screen, .progress = on_load_progress};
     int rc = dg_model_open(cfg.model, &mo, &model, err, sizeof err);
     if (rc) {
         log_error("cannot open the model: %s", err);

@@ -75,6 +75,12 @@ static void render(dg_worker *w, text *t) {
     put(t, "duogen_draft_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.draft_tokens);
     metric(t, "duogen_draft_kept_total", "counter", "Drafted tokens the model chose itself: tokens that cost no step.");
     put(t, "duogen_draft_kept_total{worker=\"%s\"} %lld\n", wid, (long long)s.draft_kept);
+    metric(t, "duogen_screened_tokens_total", "counter",
+           "Greedy tokens chosen from the logit screen's bounds (logit_screen): the lm_head read in full for a few rows only.");
+    put(t, "duogen_screened_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.screened);
+    metric(t, "duogen_unscreened_tokens_total", "counter",
+           "Greedy tokens whose bounds left too many candidates: their logits computed whole.");
+    put(t, "duogen_unscreened_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.unscreened);
     metric(t, "duogen_images_total", "counter", "Generated images.");
     put(t, "duogen_images_total{worker=\"%s\"} %lld\n", wid, (long long)s.images);
     metric(t, "duogen_denoise_steps_total", "counter", "Denoising steps run.");

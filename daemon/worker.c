@@ -95,6 +95,7 @@ static void publish(dg_worker *w) {
     }
     dg_sched_cache_stats(w->sched, &w->stats.cache);
     dg_sched_draft_stats(w->sched, &w->stats.draft_tokens, &w->stats.draft_kept);
+    dg_sched_screen_stats(w->sched, &w->stats.screened, &w->stats.unscreened);
     w->stats.redis_up = w->redis.c != NULL;
     const char *state = *w->stop ? "draining" : w->runs.n ? "running" : "idle";
     snprintf(w->stats.state, sizeof w->stats.state, "%s", state);

@@ -29,6 +29,8 @@ typedef struct {
     int64_t timed_jobs;
     dg_cache_stats cache;            /* the scheduler's, copied by the main thread */
     int64_t draft_tokens, draft_kept;    /* drafted tokens fed and kept (dg_sched_draft_stats) */
+    int64_t screened, unscreened;        /* greedy tokens from the logit screen's bounds, and
+                                            not (dg_sched_screen_stats) */
     int64_t queue_lag, queue_pending;    /* of the job stream, read by the keeper; -1 unknown */
     int     redis_up;
     char    state[32];               /* loading, idle, running, draining, stopped */

@@ -68,7 +68,8 @@ static int cuda_index(const char *name) {
 }
 
 /* Every member but the optional ones: the fused forms and graph_run/graph_release (their
- * composition is in backend.h), memory_free, and the sampling pair (the sampler's host path). */
+ * composition is in backend.h), memory_free, the sampling pair (the sampler's host path) and
+ * the screen's four (the full lm_head instead). */
 #define REQUIRED_MEMBERS(X)                                                                    \
     X(free) X(fork) X(alloc) X(release) X(weight_prepare) X(matmul) X(rmsnorm) X(rope)         \
     X(kv_write) X(attention) X(silu_mul) X(add) X(embed) X(download) X(upload)                 \
@@ -87,6 +88,10 @@ int dg_backend_check(const dg_backend *be, char *err, size_t errlen) {
     if (!be->logits_adjust != !be->topk && n < sizeof missing)
         n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%s", n ? ", " : "",
                               be->topk ? "logits_adjust (it comes with topk)" : "topk (it comes with logits_adjust)");
+    const int screen = !!be->screen_new + !!be->screen_free + !!be->matmul_bounds + !!be->matmul_pick;
+    if (screen % 4 && n < sizeof missing)
+        n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%s", n ? ", " : "",
+                              "screen_new, screen_free, matmul_bounds or matmul_pick (the four come together)");
     if (!n) return 0;
     snprintf(err, errlen, "backend \"%s\": no %s", be->name ? be->name : "?", missing);
     return DG_EINTERNAL;

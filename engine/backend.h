@@ -173,6 +173,7 @@ typedef struct {
 #define DG_MATMUL_PARTS_MAX 4
 
 typedef struct dg_backend dg_backend;
+typedef struct dg_screen dg_screen;   /* a backend's coarse copy of a weight (matmul_bounds) */
 
 struct dg_backend {
     const char *name;            /* "cpu", "cpu-scalar", "cuda" */
@@ -198,6 +199,14 @@ struct dg_backend {
                                     compute's panel order), and dg_bind_matrix gives it
                                     that one where dg_weight_layout_for says (a BF16 matrix
                                     the binder offers, dg_binder.panels); 0: never */
+    int         screen_rows;     /* the most logits rows of a forward for which the logit
+                                    screen (matmul_bounds and the picks) reads faster than the
+                                    lm_head's matmul: the CPU with AVX-512 VNNI 2 at one thread,
+                                    4 at more (each row of x costs it a pass of VPDPBUSD over
+                                    the copy, while the matmul reads W once for 8 rows:
+                                    engine/MODELS.md "The logit screen"); 0 where it does not
+                                    pay (a CPU without VNNI, whose ops are there all the same,
+                                    and tested; CUDA, which has none) */
     int         weights_hugepages; /* 1: the loaders read weight files into huge pages
                                     (dg_st_open_flags DG_ST_HUGEPAGES): the CPU backend,
                                     which reads weights where they lie, unless
@@ -355,6 +364,28 @@ struct dg_backend {
     void (*topk)(dg_backend *be, const float *x, int n, int k, float inv_temp, float *val,
                  int32_t *idx, double *lse);
 
+    /* ---- greedy decoding from bounds: the logit screen (optional, the four together; the
+     * CPU's, kernels/cpu/screen.h). A greedy token needs the argmax of the lm_head's
+     * outputs, not all of them: bounds on every output from a coarse copy of W (int8: half
+     * the bytes of bf16), then the exact outputs of the few that could win, give the token
+     * the whole matmul gives, reading about half its bytes (engine/text/sampler.h
+     * dg_sampler_sample_bounds; engine/MODELS.md "The logit screen"). ---- */
+
+    /* The coarse copy of a weight (row-major or blocked, not panels), made once at load and
+     * read by every backend of the family; DG_EINVAL for a matrix holding a value that is
+     * not finite, DG_ENOMEM. */
+    int  (*screen_new)(dg_backend *be, const dg_weight *w, dg_screen **out, char *err, size_t errlen);
+    void (*screen_free)(dg_backend *be, dg_screen *sc);   /* accepts NULL */
+    /* For x[m, w.cols] (backend memory) and the screen of w: HOST arrays lo, hi [m, w.rows]
+     * with lo <= y <= hi for every output y of matmul(x, w) (this backend's, bit for bit
+     * as it computes them); a row of x that is not finite (or too large to bound) gets
+     * NaN in both. */
+    void (*matmul_bounds)(dg_backend *be, float *lo, float *hi, const float *x, const dg_screen *sc, int m);
+    /* out[i] = y[ids[i]] (a HOST array [n]) for y = matmul of the ONE row x[w.cols]
+     * (backend memory) and w: the same bits as the matmul gives that output. */
+    void (*matmul_pick)(dg_backend *be, float *out, const float *x, const dg_weight *w, const int32_t *ids,
+                        int n);
+
     /* ---- a fixed sequence of operations, recorded once and replayed (optional) ----
      * ops(ctx) issues operations whose arguments (pointers, sizes, scalars) are the same at
      * every call with this *slot and that stage no host array: the decode step's runs
@@ -441,8 +472,8 @@ void dg_backend_free(dg_backend *be);   /* accepts NULL */
 
 /* 0 when every required member of the table is filled (all but the fused forms
  * matmul_parts, matmul_swiglu, add_rmsnorm and attention_batch, graph_run/graph_release,
- * memory_free, and the sampling pair logits_adjust/topk, which come together or not at
- * all); else DG_EINTERNAL with err naming the missing members ("backend \"cpu\": no fork,
+ * memory_free, the sampling pair logits_adjust/topk and the screen's four
+ * screen_new/screen_free/matmul_bounds/matmul_pick, each group together or not at all); else DG_EINTERNAL with err naming the missing members ("backend \"cpu\": no fork,
  * conv3d"). */
 int  dg_backend_check(const dg_backend *be, char *err, size_t errlen);
 

@@ -342,6 +342,8 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
                                (void *)o, &m->mllm_st, err, errlen)) < 0)
         goto fail;
     if ((rc = dg_qwen2_load(&m->llm, &m->cfg.text, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
+    if ((!o || o->logit_screen >= 0) && (rc = dg_qwen2_screen(&m->llm, o && o->logit_screen > 0, err, errlen)) < 0)
+        goto fail;
     if (dg_st_find(m->mllm_st, "visual.patch_embed.proj.weight")) {
         if ((rc = dg_vision_load(&m->vision, &m->cfg.vision, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
         if ((rc = read_preprocessor(m, mllm, err, errlen)) < 0) goto fail;

@@ -258,6 +258,11 @@ void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept) {
     *kept = s->n_accepted;
 }
 
+void dg_sched_screen_stats(const dg_sched *s, int64_t *screened, int64_t *unscreened) {
+    *screened = s->n_screened;
+    *unscreened = s->n_unscreened;
+}
+
 int dg_sched_cancel(dg_sched *s, uint64_t seq) {
     for (int i = 0; i < s->n_seqs; i++)
         if (s->seqs[i].state != SEQ_FREE && s->seqs[i].id == seq) {

@@ -173,6 +173,9 @@ struct dg_sched {
     dg_prompt_cond  *pc;         /* owned: prompt conditioning (m->cond_from_prompt), else NULL */
     int              draft;      /* the most drafted tokens a sequence feeds a step; 0: none */
     int64_t          n_drafted, n_accepted;   /* drafted tokens fed, and kept, since dg_sched_new */
+    int64_t          n_screened, n_unscreened;/* greedy tokens chosen from the logit screen's
+                                                 bounds, and those whose bounds did not decide
+                                                 (the row computed whole), since dg_sched_new */
 };
 
 /* ---- sched_draw.c: the drawing side of a step ---- */

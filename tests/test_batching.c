@@ -249,6 +249,56 @@ TEST(drafts_change_no_answer) {
     eight_free(&e);
 }
 
+/* The logit screen changes no answer (engine/MODELS.md "The logit screen"): the eight jobs
+ * batched with drafts, on the package opened with the screen for every step (logit_screen
+ * 1: whatever this CPU's kernels, and steps of up to 15 logits rows) and without it, stream
+ * the same bytes. Their greedy tokens came from the screen's bounds (the full
+ * lm_head read for a few rows only) — counted, so that a screen that never decided would
+ * fail here — with penalties (job 1), biases (<BOV> raised by 100, the three tokens of
+ * job_loop raised by 40) and the ban of <BOV> once a job's images are drawn applied to the
+ * bounds; the sampled job 6 took the whole row. Exact: the screen only narrows down the
+ * tokens whose exact logits are computed, and those are the lm_head's bits (matmul_pick). */
+TEST(logit_screen_changes_no_answer) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *off = NULL;
+    dg_model *on = NULL;   /* the screen wherever the CPU backend has it, for any rows a step */
+    if (dg_model_open(pkg, &(dg_model_opts){.logit_screen = -1}, &off, err, sizeof err) < 0 ||
+        dg_model_open(pkg, &(dg_model_opts){.logit_screen = 1}, &on, err, sizeof err) < 0) {
+        test_fail(__FILE__, __LINE__, "model with or without the screen: %s", err);
+        dg_model_close(off);
+        return;
+    }
+    CHECK(on->llm.screen != NULL && off->llm.screen == NULL);
+    eight e;
+    eight_make(&e);
+    const int loops[] = {0, 5};
+    for (size_t i = 0; i < sizeof loops / sizeof loops[0]; i++) job_loop(&e.J[loops[i]]);
+    e.J[1].r.text.set |= DG_TEXT_REPETITION_PENALTY;
+    e.J[1].r.text.repetition_penalty = 1.3f;
+    test_job with[N_JOBS] = {0}, without[N_JOBS] = {0};
+    dg_sched *s = NULL, *s_off = NULL;
+    run_batched(on, &e, with, &s, 7);
+    run_batched(off, &e, without, &s_off, 7);
+    same_answers(with, without);
+    for (int i = 0; i < N_JOBS; i++) CHECK(test_job_same(&with[i], &without[i]));   /* job 5 too: both cancelled alike */
+    int64_t screened = 0, unscreened = 0, screened_off = 0, unscreened_off = 0;
+    if (s) dg_sched_screen_stats(s, &screened, &unscreened);
+    if (s_off) dg_sched_screen_stats(s_off, &screened_off, &unscreened_off);
+    printf("  greedy tokens from the bounds: %lld, from the whole row: %lld (without the screen: %lld, %lld)\n",
+           (long long)screened, (long long)unscreened, (long long)screened_off, (long long)unscreened_off);
+    CHECK(screened > 0 && screened_off == 0 && unscreened_off == 0);
+    for (int i = 0; i < N_JOBS; i++) {
+        test_job_free(&with[i]);
+        test_job_free(&without[i]);
+    }
+    dg_sched_free(s);
+    dg_sched_free(s_off);
+    eight_free(&e);
+    dg_model_close(off);
+    dg_model_close(on);
+}
+
 /* The same eight jobs on the CUDA backend: they run together to their ends (the cancelled
  * one cancelled, the drawn images of the requested size, no device fault). The answers are
  * not compared with the jobs alone: the CUDA backend computes a row differently by the

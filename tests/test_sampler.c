@@ -257,6 +257,109 @@ TEST(device_ops_cpu) {
     }
 }
 
+/* Greedy from bounds (dg_sampler_sample_bounds, the logit screen's path) picks the token
+ * the device path picks from the whole row: rows of every kind, with and without penalty and
+ * biases (an infinite one among them) and the ban, under bounds of random widths around the
+ * row (zero, ulps, the row's spread, one side only), each token's exact value handed out
+ * only when asked for (and each token asked for at most once). Where the bounds cannot
+ * decide (NaN, more than DG_SAMPLER_BOUNDS_MAX candidates, every token -inf) it returns -1
+ * and accepts nothing: the next greedy choice is still the one the device path makes. */
+typedef struct {
+    const float *row;
+    int          asked, twice;
+    uint8_t     *seen;
+} bounds_pick;
+
+static void pick_exact(void *user, const int32_t *ids, int n, float *out) {
+    bounds_pick *b = user;
+    for (int i = 0; i < n; i++) {
+        CHECK(i == 0 || ids[i] > ids[i - 1]);
+        b->twice += b->seen[ids[i]]++ > 0;
+        out[i] = b->row[ids[i]];
+    }
+    b->asked += n;
+}
+
+TEST(greedy_from_bounds_is_the_rows_token) {
+    dg_backend *be = counting_backend("cpu");
+    const int vocabs[] = {5, 97, 1500, 5000};
+    int decided = 0, undecided = 0;
+    long asked = 0;
+    for (size_t v = 0; v < sizeof vocabs / sizeof *vocabs; v++) {
+        const int V = vocabs[v];
+        dg_logit_bias bias[4] = {{V / 3, 2.5f}, {V - 1, -INFINITY}, {V / 3, -1.0f}, {0, INFINITY}};
+        float *ref = malloc(sizeof(float) * (size_t)V), *lo = malloc(sizeof(float) * (size_t)V),
+              *hi = malloc(sizeof(float) * (size_t)V), *scratch = malloc(sizeof(float) * (size_t)V);
+        float *row = be->alloc(be, sizeof(float) * (size_t)V);
+        uint8_t *seen = malloc((size_t)V);
+        for (int kind = 0; kind < ROW_KINDS; kind++)
+            for (int pen = 0; pen < 2; pen++)
+                for (int nb = 0; nb <= 4; nb += 2) {
+                    dg_sampler_params p = {.repetition_penalty = pen ? 1.3f : 1.0f, .logit_bias = nb ? bias : NULL,
+                                           .n_logit_bias = (size_t)(nb == 4 && kind % 2 ? 3 : nb)};
+                    dg_sampler *a = make(V, p), *b = make(V, p);
+                    for (int i = 0; i < 24; i++) {
+                        int32_t t = (int32_t)(rnd32() % (uint32_t)V);
+                        dg_sampler_accept(a, t);
+                        dg_sampler_accept(b, t);
+                    }
+                    for (int step = 0; step < 6; step++) {
+                        make_row(ref, V, kind);
+                        const float w = step % 3 == 0 ? 0.0f : step % 3 == 1 ? 1e-6f : 2.0f;   /* widths */
+                        for (int j = 0; j < V; j++) {
+                            float d = w * (float)(rnd32() % 1000) / 1000.0f;
+                            lo[j] = ref[j] - (step == 4 ? 0.0f : d);
+                            hi[j] = ref[j] + (step == 5 ? 0.0f : d);
+                            if (w > 0.0f && w < 1e-5f) {   /* a few ulps */
+                                lo[j] = nextafterf(lo[j], -INFINITY);
+                                hi[j] = nextafterf(hi[j], INFINITY);
+                            }
+                        }
+                        if (kind == ROW_GAUSS && step == 1) lo[V / 2] = NAN;
+                        int32_t ban = rnd32() % 3 == 0 ? (int32_t)(rnd32() % (uint32_t)V) : -1;
+                        be->upload(be, row, ref, V);
+                        int32_t ta = dg_sampler_sample_device(a, be, row, ban, scratch);
+                        bounds_pick bp = {.row = ref, .seen = seen};
+                        memset(seen, 0, (size_t)V);
+                        int32_t tb = dg_sampler_sample_bounds(b, lo, hi, ban, pick_exact, &bp);
+                        asked += bp.asked;
+                        CHECK_EQ_INT(bp.twice, 0);
+                        if (tb < 0) {   /* not decided: nothing accepted; the whole row decides */
+                            undecided++;
+                            be->upload(be, row, ref, V);
+                            tb = dg_sampler_sample_device(b, be, row, ban, scratch);
+                        } else {
+                            decided++;
+                        }
+                        if (ta != tb) {
+                            test_fail(__FILE__, __LINE__, "V %d %s step %d penalty %d biases %zu ban %d: row %d, bounds %d",
+                                      V, ROW_NAMES[kind], step, pen, p.n_logit_bias, ban, ta, tb);
+                            break;
+                        }
+                        /* decided where it must be: narrow bounds of a peaked row */
+                        if (kind == ROW_LM && w < 1.0f && !(step == 1 && kind == ROW_GAUSS) && V > 5)
+                            CHECK(bp.asked > 0 && bp.asked <= 64);
+                    }
+                    dg_sampler_free(a);
+                    dg_sampler_free(b);
+                }
+        be->release(be, row);
+        free(ref);
+        free(lo);
+        free(hi);
+        free(scratch);
+        free(seen);
+    }
+    printf("  decided from the bounds %d, not %d; exact values asked for %.1f a decided row\n", decided, undecided,
+           decided ? (double)asked / decided : 0.0);
+    CHECK(decided > undecided);
+    /* not greedy: never decided here */
+    dg_sampler *t = make(8, (dg_sampler_params){.temperature = 0.7f});
+    float l8[8] = {0}, h8[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    CHECK_EQ_INT(dg_sampler_sample_bounds(t, l8, h8, -1, pick_exact, NULL), -1);
+    dg_sampler_free(t);
+}
+
 /* Every combination of the parameters on small vocabularies, a few rows of each kind. */
 TEST(device_path_equals_host_path) {
     const float temps[] = {0.0f, 0.1f, 0.7f, 1.3f};

@@ -1,6 +1,7 @@
 /* qwen2.c — Qwen2.5-VL text decoder: weight binding and the forward pass. */
 #include "mllm/qwen2.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,7 +88,27 @@ double dg_qwen2_decode_bytes(const dg_qwen2 *q) {
     return b;
 }
 
+int dg_qwen2_screen(dg_qwen2 *m, int force, char *err, size_t errlen) {
+    char e[256];
+    int rc;
+    if (m->screen || !m->be->screen_new || (!force && !m->be->screen_rows)) return 0;
+    m->screen_rows = force ? INT_MAX : m->be->screen_rows;
+    if ((rc = m->be->screen_new(m->be, &m->lm_head, &m->screen, e, sizeof e)) < 0)
+        snprintf(err, errlen, "qwen2: %s (%s)", e, m->cfg.tie_word_embeddings ? "model.embed_tokens.weight as the tied lm_head" : "lm_head.weight");
+    return rc;
+}
+
+void dg_qwen2_pick(const dg_qwen2 *m, dg_qwen2_state *s, int row, const int32_t *ids, int n, float *out) {
+    s->be->matmul_pick(s->be, out, s->h + (int64_t)row * m->cfg.hidden_size, &m->lm_head, ids, n);
+}
+
+void dg_qwen2_logits_row(const dg_qwen2 *m, dg_qwen2_state *s, int row) {
+    s->be->matmul(s->be, s->dev_logits + (int64_t)row * m->cfg.vocab_size, s->h + (int64_t)row * m->cfg.hidden_size,
+                  &m->lm_head, NULL, 1);
+}
+
 void dg_qwen2_unload(dg_qwen2 *m) {
+    if (m->be && m->screen) m->be->screen_free(m->be, m->screen);
     if (m->be) m->be->release(m->be, m->vectors);
     free(m->layers);
     memset(m, 0, sizeof *m);
@@ -122,6 +143,11 @@ int dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int ma
     s->up = be->alloc(be, T * F * sizeof(float));
     s->dev_logits = be->alloc(be, (VL ? VL : 1) * sizeof(float));
     s->logits = malloc((VL ? VL : 1) * sizeof(float));
+    if (m->screen) {
+        s->lo = malloc((VL ? VL : 1) * sizeof(float));
+        s->hi = malloc((VL ? VL : 1) * sizeof(float));
+        if (!s->lo || !s->hi) goto nomem;
+    }
     s->pos = malloc(3 * T * sizeof(int32_t));
     s->ids = malloc(T * sizeof(int32_t));
     s->logit_rows = malloc(((size_t)max_logits + 1) * sizeof(int32_t));
@@ -146,6 +172,8 @@ void dg_qwen2_state_free(const dg_qwen2 *m, dg_qwen2_state *s) {
     for (int i = 0; s->graphs && be->graph_release && i < 2 * m->cfg.n_layers; i++) be->graph_release(be, s->graphs[i]);
     free(s->graphs);
     free(s->logits);
+    free(s->lo);
+    free(s->hi);
     free(s->pos);
     free(s->ids);
     free(s->logit_rows);
@@ -316,11 +344,19 @@ int dg_qwen2_forward_batch(const dg_qwen2 *m, dg_qwen2_state *s, dg_kv_cache *kv
             if (seqs[i].hook && seqs[i].hook->fn)
                 seqs[i].hook->fn(seqs[i].hook->user, l, s->x + (int64_t)row * D, seqs[i].in.n, seqs[i].seq->n_tokens);
     }
+    s->bounded = 0;
     if (n_logits > 0) {
+        int bounds = m->screen && s->lo && n_logits <= m->screen_rows;   /* and every sequence with logits asks */
+        for (int i = 0; i < n_seqs; i++) bounds &= !seqs[i].in.n_logits || seqs[i].in.bounds;
         be->gather_rows(be, s->h, s->x, s->logit_rows, n_logits, D);
         be->rmsnorm(be, s->h, s->h, m->norm, n_logits, D, c->rms_norm_eps);
-        be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, n_logits);
-        if (download) be->download(be, s->logits, s->dev_logits, (int64_t)n_logits * c->vocab_size);
+        if (bounds) {
+            be->matmul_bounds(be, s->lo, s->hi, s->h, m->screen, n_logits);
+            s->bounded = 1;
+        } else {
+            be->matmul(be, s->dev_logits, s->h, &m->lm_head, NULL, n_logits);
+            if (download) be->download(be, s->logits, s->dev_logits, (int64_t)n_logits * c->vocab_size);
+        }
     }
     for (int i = 0; i < n_seqs; i++)
         if (!seqs[i].in.no_commit) dg_kv_seq_commit(kv, seqs[i].seq, seqs[i].in.ids, seqs[i].in.token_keys, seqs[i].in.n);

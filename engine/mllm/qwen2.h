@@ -55,6 +55,8 @@ typedef struct {
     float          *norm;     /* [D]     model.norm.weight */
     dg_weight       lm_head;  /* [V, D]  lm_head.weight, or embed when tie_word_embeddings */
     float          *vectors;  /* owned (backend memory): every fp32 norm weight and bias */
+    dg_screen      *screen;   /* owned, or NULL: the lm_head's logit screen (dg_qwen2_screen) */
+    int             screen_rows; /* the most logits rows of a forward that take the screen */
 } dg_qwen2;
 
 /* Called after each decoder layer with that layer's output (the residual stream, HF
@@ -81,6 +83,13 @@ typedef struct {
     int            n_logits;  /* logits for the last n_logits tokens, 0 ..min(n, max_logits) */
     int            logits_on_device; /* 1: the logits stay in s->dev_logits (the caller samples
                                  there: dg_sampler_sample_device); 0: also copied to s->logits */
+    int            bounds;    /* 1: this sequence's logits rows may come as bounds (its caller
+                                 chooses greedily: dg_sampler_sample_bounds): where the model
+                                 has a screen, every sequence of the forward asks for them and
+                                 the forward has at most m->screen_rows logits rows,
+                                 s->bounded is set, s->lo and s->hi hold each logits row's
+                                 bounds and the logits are not computed (dg_qwen2_pick gives
+                                 the outputs asked for, dg_qwen2_logits_row a whole row) */
     int            no_commit; /* 1: the rows' K/V are written at the sequence's next positions
                                  but not committed: the caller commits those it keeps
                                  (dg_kv_seq_commit, in order); the rest are written over by
@@ -100,6 +109,9 @@ typedef struct {
     float   *up;              /* [max_tokens, F] */
     float   *dev_logits;      /* [max_logits, V]       backend memory */
     float   *logits;          /* [max_logits, V]       host copy: the result of a forward */
+    float   *lo, *hi;         /* [max_logits, V]       host, where the model has a screen: the
+                                 bounds of a forward whose logits rows all asked for them */
+    int      bounded;         /* 1: the last forward left bounds, not logits (input.bounds) */
     int32_t *pos;             /* [3, max_tokens]       the rows' positions, stacked here */
     int32_t *ids;             /* [max_tokens]          the rows' token ids, stacked here */
     int32_t *logit_rows;      /* [max_logits]          rows of x whose logits are asked for */
@@ -115,6 +127,18 @@ int  dg_qwen2_load(dg_qwen2 *m, const dg_text_config *cfg, const dg_st *st, dg_b
 void dg_qwen2_unload(dg_qwen2 *m);   /* accepts a zeroed or half-loaded model */
 /* The bytes of weights a decode token reads: every layer's matrices and the lm_head. */
 double dg_qwen2_decode_bytes(const dg_qwen2 *m);
+/* Makes m->screen, the lm_head's logit screen (backend.h screen_new: an int8 copy, half the
+ * lm_head's bf16 bytes more memory), where m's backend has one and it pays (screen_rows),
+ * for forwards of up to screen_rows logits rows; force: wherever the backend has one, for
+ * any number of rows (tests). Nothing elsewhere. Before the states whose forwards use it
+ * are made. DG_EINVAL (an lm_head value that is not finite), DG_ENOMEM. */
+int    dg_qwen2_screen(dg_qwen2 *m, int force, char *err, size_t errlen);
+/* After a forward that left bounds (s->bounded): out[i] = the logit of token ids[i] in
+ * logits row `row`, the bits the full lm_head would have given (backend.h matmul_pick). */
+void   dg_qwen2_pick(const dg_qwen2 *m, dg_qwen2_state *s, int row, const int32_t *ids, int n, float *out);
+/* After such a forward: logits row `row` computed whole into s->dev_logits (the bits the
+ * forward would have given it), for a row that the bounds do not decide. */
+void   dg_qwen2_logits_row(const dg_qwen2 *m, dg_qwen2_state *s, int row);
 
 /* be: m's backend or a fork of it (backend.h), which must outlive the state. */
 int  dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int max_logits,

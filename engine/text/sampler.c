@@ -344,6 +344,65 @@ int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int3
     return tok;
 }
 
+/* ---- greedy from bounds ------------------------------------------------------------------ */
+
+int dg_sampler_greedy(const dg_sampler *s) { return s->temperature <= 0.0f; }
+
+/* adjust() and the device path's ban for one token: the same operations in the same order
+ * (penalty, the biases as listed, then -inf added), so the same bits. */
+static float adjust_one(const dg_sampler *s, int32_t j, float v, int32_t ban) {
+    if (s->repetition_penalty != 1.0f && s->seen[j]) v = v < 0.0f ? v * s->repetition_penalty : v / s->repetition_penalty;
+    for (size_t i = 0; i < s->n_bias; i++)
+        if (s->bias[i].token == j) v += s->bias[i].bias;
+    return j == ban ? v + -INFINITY : v;
+}
+
+/* The bounds through the penalty, the biases and the ban (into s->prob and s->weight: a
+ * copy of each, adjust() on it, the ban's -inf added), so that lo'[j] <= f_j(row[j]) <=
+ * hi'[j] for each token's adjustment f_j: every step is monotone, and rounding keeps it so. */
+static void adjust_bounds(dg_sampler *s, const float *lo, const float *hi, int32_t ban) {
+    memcpy(s->prob, lo, sizeof(float) * (size_t)s->vocab);
+    memcpy(s->weight, hi, sizeof(float) * (size_t)s->vocab);
+    adjust(s, s->prob);
+    adjust(s, s->weight);
+    if (ban >= 0 && ban < s->vocab) {
+        s->prob[ban] += -INFINITY;
+        s->weight[ban] += -INFINITY;
+    }
+}
+
+int32_t dg_sampler_sample_bounds(dg_sampler *s, const float *lo, const float *hi, int32_t ban,
+                                 dg_sampler_pick_fn pick, void *user) {
+    const int V = s->vocab;
+    if (s->temperature > 0.0f) return -1;
+    adjust_bounds(s, lo, hi, ban);
+    float best = -INFINITY;
+    for (int j = 0; j < V; j++) {
+        if (isnan(s->prob[j]) || isnan(s->weight[j])) return -1;
+        if (s->prob[j] > best) best = s->prob[j];
+    }
+    if (best == -INFINITY) return -1;   /* nothing is bounded away from -inf: every token may tie */
+    int n = 0;
+    for (int j = 0; j < V; j++)
+        if (s->weight[j] >= best) {
+            if (n == DG_SAMPLER_BOUNDS_MAX) return -1;
+            s->cand[n++] = j;
+        }
+    pick(user, s->cand, n, s->prob);
+    int32_t tok = -1;
+    float top = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float v = adjust_one(s, s->cand[i], s->prob[i], ban);
+        if (isnan(v)) return -1;
+        if (tok < 0 || v > top) {
+            tok = s->cand[i];
+            top = v;
+        }
+    }
+    dg_sampler_accept(s, tok);
+    return tok;
+}
+
 /* ---- stop strings --------------------------------------------------------------------- */
 
 struct dg_stop {

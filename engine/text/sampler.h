@@ -62,6 +62,28 @@ int32_t dg_sampler_sample(dg_sampler *s, float *logits);
 int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int32_t ban,
                                  float *host);
 
+/* 1 when s chooses greedily (temperature <= 0): the only case dg_sampler_sample_bounds
+ * decides. */
+int     dg_sampler_greedy(const dg_sampler *s);
+
+/* The values of some tokens of the row being sampled: out[i] for ids[i], i < n (ids
+ * ascending; n <= DG_SAMPLER_BOUNDS_MAX). */
+typedef void (*dg_sampler_pick_fn)(void *user, const int32_t *ids, int n, float *out);
+#define DG_SAMPLER_BOUNDS_MAX 1024
+
+/* Greedy from bounds: the token dg_sampler_sample_device would pick (ban as there) from a
+ * row that is not at hand, given lo[j] <= row[j] <= hi[j] for every token j (HOST arrays
+ * [vocab]; the logit screen's, backend.h matmul_bounds) and pick() for the exact values of
+ * the tokens asked for. The penalty and the biases are monotone in a logit, so they are
+ * applied to both bounds; every token whose upper bound reaches the best lower bound is a
+ * candidate, and among their exact values (adjusted as the row would have been) the
+ * largest wins, the lowest id on ties: the same token, whatever the bounds' width. Accepts
+ * it. -1 (nothing accepted) when s is not greedy, a bound is NaN, or more than
+ * DG_SAMPLER_BOUNDS_MAX tokens are candidates (a flat row, or all banned): the caller then
+ * computes the row and calls dg_sampler_sample_device. No allocation. */
+int32_t dg_sampler_sample_bounds(dg_sampler *s, const float *lo, const float *hi, int32_t ban,
+                                 dg_sampler_pick_fn pick, void *user);
+
 typedef struct dg_stop dg_stop;
 typedef void (*dg_stop_emit)(void *user, const char *text, size_t len);
 

@@ -15,6 +15,7 @@
 #include "vision_ops.h"
 #include "dit_ops.h"
 #include "sample_ops.h"
+#include "screen.h"
 #include "duogen.h"
 
 /* The convolution's scratch: 4M floats (16 MiB) of im2col tiles (backend.h bounds conv3d's
@@ -88,6 +89,24 @@ static int cpu_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t er
 static void cpu_matmul(dg_backend *be, float *y, const float *x, const dg_weight *w,
                        const float *bias, int m) {
     dg_cpu_matmul(cpu(be), y, x, w, bias, m);
+}
+
+static int cpu_screen_new(dg_backend *be, const dg_weight *w, dg_screen **out, char *err, size_t errlen) {
+    return dg_cpu_screen_new(cpu(be), w, out, err, errlen);
+}
+
+static void cpu_screen_free(dg_backend *be, dg_screen *sc) {
+    (void)be;
+    dg_cpu_screen_free(sc);
+}
+
+static void cpu_matmul_bounds(dg_backend *be, float *lo, float *hi, const float *x, const dg_screen *sc, int m) {
+    dg_cpu_matmul_bounds(cpu(be), lo, hi, x, sc, m);
+}
+
+static void cpu_matmul_pick(dg_backend *be, float *out, const float *x, const dg_weight *w, const int32_t *ids,
+                            int n) {
+    dg_cpu_matmul_pick(cpu(be), out, x, w, ids, n);
 }
 
 static void cpu_rmsnorm(dg_backend *be, float *y, const float *x, const float *weight, int m,
@@ -186,6 +205,10 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->weights_blocked = 1;
     be->bf16_compute = c->bf16_compute;
     be->weights_panels = 1;
+    be->screen_rows = c->simd >= DG_CPU_AVX512 && __builtin_cpu_supports("avx512bw") &&
+                              __builtin_cpu_supports("avx512vnni")
+                          ? (c->n_threads > 1 ? 4 : 2)
+                          : 0;
     be->free = cpu_free;
     be->fork = cpu_fork;
     be->alloc = cpu_alloc;
@@ -216,6 +239,10 @@ static int cpu_make(const dg_cpu *settings, dg_backend **out, char *err, size_t 
     be->standardize = dg_cpu_standardize;
     be->logits_adjust = dg_cpu_logits_adjust;
     be->topk = dg_cpu_topk;
+    be->screen_new = cpu_screen_new;
+    be->screen_free = cpu_screen_free;
+    be->matmul_bounds = cpu_matmul_bounds;
+    be->matmul_pick = cpu_matmul_pick;
     be->status = cpu_status;
     be->memory_free = cpu_memory_free;
     *out = be;

@@ -364,6 +364,12 @@ void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
     memset(out, 0, sizeof *out);
 }
 
+/* The fake has no logit screen. */
+void dg_sched_screen_stats(const dg_sched *s, int64_t *screened, int64_t *unscreened) {
+    (void)s;
+    *screened = *unscreened = 0;
+}
+
 /* The fake decodes no drafts. */
 void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept) {
     (void)s;

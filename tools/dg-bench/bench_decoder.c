@@ -34,6 +34,14 @@
  * in every round with the prompt's KV in bf16 as well (kv_bf16, the CPU's option: a cache of
  * its own, filled by the same prefill), the two in turn, the order alternating:
  * decode_tok_s_tN_kv_bf16 and decode_kv_bf16_time_over_fp32_tN (the median of the rounds).
+ * And with the logit screen (engine/MODELS.md "The logit screen", the product's default for
+ * greedy jobs on the CPU), a third in turn: each step's forward leaves the bounds, and the
+ * greedy token is chosen from them (dg_sampler_sample_bounds, its exact rows picked), the
+ * choice included in the time (the others time the forward alone, their lm_head whole):
+ * decode_screen_tok_s_tN, decode_screen_time_over_full_tN, decode_screen_vs_llamacpp_tN,
+ * its fraction of the limit (against the same bytes a token: the figure the screen's
+ * smaller read makes possible), the candidates a token read in full, and the tokens the
+ * bounds did not decide (the row computed whole). The same token ids are fed in all three. 
  * Peak RSS is taken before the bandwidth's buffer and the bf16 cache are made, and is each
  * thread count's own. */
 #include <stdio.h>
@@ -48,6 +56,7 @@
 #include "cache/kv_cache.h"
 #include "mllm/qwen2.h"
 #include "io/safetensors.h"
+#include "text/sampler.h"
 
 
 /* The small package's MLLM folder. */
@@ -180,6 +189,30 @@ static double lm_head_gbs(const dg_qwen2 *m, dg_qwen2_state *s) {
     return best;
 }
 
+/* The greedy token of the screened forward's one logits row (its bounds in s->lo, s->hi),
+ * as the scheduler chooses it: from the bounds, the candidates' rows read in full; else the
+ * row computed whole. *picked: the candidates' count added. -1 when the bounds did not
+ * decide. */
+typedef struct {
+    const dg_qwen2 *m;
+    dg_qwen2_state *s;
+    long           *picked;
+} screen_pick;
+
+static void screen_pick_rows(void *user, const int32_t *ids, int n, float *out) {
+    screen_pick *p = user;
+    dg_qwen2_pick(p->m, p->s, 0, ids, n, out);
+    *p->picked += n;
+}
+
+static int screen_choose(const dg_qwen2 *m, dg_qwen2_state *s, dg_sampler *greedy, long *picked) {
+    screen_pick p = {m, s, picked};
+    if (dg_sampler_sample_bounds(greedy, s->lo, s->hi, -1, screen_pick_rows, &p) >= 0) return 0;
+    dg_qwen2_logits_row(m, s, 0);
+    dg_sampler_sample_device(greedy, s->be, s->dev_logits, -1, s->logits);
+    return -1;
+}
+
 #define PREFILL_ROUNDS 3
 #define DECODE_ROUNDS 8
 
@@ -226,8 +259,9 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_st *st = NULL;
     dg_qwen2 m = {0};
     dg_qwen2_state *s = NULL;
-    dg_kv_cache *kv = NULL, *kv16 = NULL;   /* the KV in fp32 (the default), and in bf16 beside it */
-    dg_kv_seq seq = {0}, seq16 = {0};
+    dg_kv_cache *kv = NULL, *kv16 = NULL, *kvs = NULL;   /* the KV in fp32 (the default), in bf16, and the screen's */
+    dg_kv_seq seq = {0}, seq16 = {0}, seqs = {0};
+    dg_sampler *greedy = NULL;
     baseline B[2] = {{.who = "llama.cpp", .label = "llamacpp", .cmd = ctx->llamacpp,
                       .file = "build/bench/llamacpp_decoder.json", .p = {.pid = -1, .from = -1}, .argmax = -1},
                      {.who = "transformers", .label = "transformers", .cmd = ctx->transformers,
@@ -239,6 +273,8 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     double ours_pre[PREFILL_ROUNDS];
     double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], bw[DECODE_ROUNDS], dec16[DECODE_ROUNDS], ratio16[DECODE_ROUNDS];
     double frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS], head[DECODE_ROUNDS], frac_head[DECODE_ROUNDS];
+    double decs[DECODE_ROUNDS], ratios[DECODE_ROUNDS], frac_s[DECODE_ROUNDS], vs_s[2][DECODE_ROUNDS];
+    long picked = 0, undecided = 0;
     for (int b = 0; b < 2; b++) {
         if (!B[b].cmd) continue;
         snprintf(cmd, sizeof cmd, "%s --threads %d%s", B[b].cmd, threads, ctx->quick ? " --quick" : "");
@@ -253,7 +289,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
         bench_cpu_backend(ctx, threads, &be, err, sizeof err) < 0 ||
         dg_st_open_flags(dir, be->weights_hugepages ? DG_ST_HUGEPAGES : 0, NULL, NULL, &st, err, sizeof err) < 0 ||
-        dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 ||
+        dg_qwen2_load(&m, &cfg.text, st, be, err, sizeof err) < 0 || dg_qwen2_screen(&m, 0, err, sizeof err) < 0 ||
         dg_qwen2_state_new(&m, m.be, n_prompt, 1, &s, err, sizeof err) < 0 ||
         dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
                         (n_prompt + n_decode) / 16 + 2, DG_DTYPE_F32, &kv, err, sizeof err) < 0 ||
@@ -297,22 +333,34 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         goto fail;
     in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv16, &seq16, &in, NULL, err, sizeof err) < 0) goto fail;
+    /* and into a third (fp32) for the decode with the logit screen */
+    const int ways = m.screen ? 3 : 2;
+    if (!m.screen) printf("  no logit screen on this CPU (it pays with AVX-512 VNNI): no decode_screen figures\n");
+    if (m.screen && (dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
+                                     (n_prompt + n_decode) / 16 + 2, DG_DTYPE_F32, &kvs, err, sizeof err) < 0 ||
+                     dg_kv_seq_init(&seqs, n_prompt + n_decode, 16) < 0 ||
+                     dg_sampler_new(cfg.text.vocab_size, &(dg_sampler_params){0}, &greedy, err, sizeof err) < 0 ||
+                     dg_qwen2_forward(&m, s, kvs, &seqs, &in, NULL, err, sizeof err) < 0))
+        goto fail;
     const double bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
     snprintf(cmd, sizeof cmd, "decode %d", per);
     for (int r = 0, k = 0; r < rounds; r++) {
         for (int b = 0; b < 2 && r % 2; b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
-        for (int way = 0; way < 2; way++) {   /* fp32 KV and bf16 KV, the same tokens, in turn */
-            const int c16 = way ^ (r % 2);
+        for (int way = 0; way < ways; way++) {   /* fp32 KV, bf16 KV, the screen: the same tokens, in turn */
+            const int which = (way + r) % ways;
             double t0 = bench_now_ms();
             for (int i = 0; i < per; i++) {
-                in = (dg_qwen2_input){.ids = &ids[(k + i) % n_prompt], .n = 1, .n_logits = 1};
-                if (dg_qwen2_forward(&m, s, c16 ? kv16 : kv, c16 ? &seq16 : &seq, &in, NULL, err, sizeof err) < 0)
+                in = (dg_qwen2_input){.ids = &ids[(k + i) % n_prompt], .n = 1, .n_logits = 1, .bounds = which == 2};
+                if (dg_qwen2_forward(&m, s, which == 1 ? kv16 : which == 2 ? kvs : kv,
+                                     which == 1 ? &seq16 : which == 2 ? &seqs : &seq, &in, NULL, err, sizeof err) < 0)
                     goto fail;
+                if (which == 2 && screen_choose(&m, s, greedy, &picked) < 0) undecided++;
             }
-            *(c16 ? &dec16[r] : &ours_dec[r]) = (bench_now_ms() - t0) / 1e3;
+            *(which == 1 ? &dec16[r] : which == 2 ? &decs[r] : &ours_dec[r]) = (bench_now_ms() - t0) / 1e3;
         }
         k += per;
         ratio16[r] = dec16[r] / ours_dec[r];
+        if (m.screen) ratios[r] = decs[r] / ours_dec[r];
         alone[r] = matmuls_alone_ms(&m, s, per) / 1e3;
         head[r] = lm_head_gbs(&m, s);
         for (int b = 0; b < 2 && !(r % 2); b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
@@ -321,9 +369,11 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         frac[r] = per / ours_dec[r] / limit;
         frac_alone[r] = per / alone[r] / limit;
         frac_head[r] = head[r] / bw[r];
+        if (m.screen) frac_s[r] = per / decs[r] / limit;
         for (int b = 0; b < 2; b++) {
             B[b].frac[r] = B[b].dec[r] > 0 ? per / B[b].dec[r] / limit : 0;
             B[b].dec_ratio[r] = B[b].dec[r] / ours_dec[r];
+            if (m.screen) vs_s[b][r] = B[b].dec[r] / decs[r];
         }
     }
     double sum_pre = 0, sum_dec = 0, sum_alone = 0;
@@ -359,6 +409,27 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     bench_record(out, name, n_decode / sum16, "tok/s");
     snprintf(name, sizeof name, "decode_kv_bf16_time_over_fp32_t%d", threads);
     bench_record_rounds(out, name, ratio16, rounds, "x");
+    double sums = 0;
+    for (int r = 0; r < rounds && m.screen; r++) sums += decs[r];
+    if (m.screen) {
+    snprintf(name, sizeof name, "decode_screen_tok_s_t%d", threads);
+    bench_record(out, name, n_decode / sums, "tok/s");
+    snprintf(name, sizeof name, "decode_screen_time_over_full_t%d", threads);
+    bench_record_rounds(out, name, ratios, rounds, "x");
+    snprintf(name, sizeof name, "decode_screen_fraction_of_bandwidth_limit_t%d", threads);
+    bench_record(out, name, bench_median(frac_s, rounds), "(of 1)");
+    for (int b = 0; b < 2; b++)
+        if (bench_peer_live(&B[b].p)) {
+            snprintf(name, sizeof name, "decode_screen_tok_s_t%d_vs_%s", threads, B[b].label);
+            bench_record_rounds(out, name, vs_s[b], rounds, "x");
+        }
+    snprintf(name, sizeof name, "decode_screen_rows_read_per_token_t%d", threads);
+    bench_record(out, name, (double)picked / (n_decode - undecided > 0 ? n_decode - undecided : 1), "rows");
+    snprintf(name, sizeof name, "decode_screen_undecided_tokens_t%d", threads);
+    bench_record(out, name, (double)undecided, "tokens");
+    bench_record(out, "logit_screen_mb", (double)m.lm_head.rows * (double)((m.lm_head.cols + 63) / 64 * 64) / 1048576.0,
+                 "MiB");
+    }
     snprintf(name, sizeof name, "decode_matmuls_ms_per_token_t%d", threads);
     bench_record(out, name, sum_alone * 1e3 / n_decode, "ms");
     snprintf(name, sizeof name, "decode_matmuls_share_of_step_t%d", threads);
@@ -389,6 +460,10 @@ out:
     dg_kv_seq_free(&seq16);
     dg_kv_cache_free(kv);
     dg_kv_cache_free(kv16);
+    if (kvs) dg_kv_seq_release(kvs, &seqs);
+    dg_kv_seq_free(&seqs);
+    dg_kv_cache_free(kvs);
+    dg_sampler_free(greedy);
     if (m.be) dg_qwen2_state_free(&m, s);
     dg_qwen2_unload(&m);
     dg_st_close(st);

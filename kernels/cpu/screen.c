@@ -1,0 +1,432 @@
+/* screen.c — the logit screen: an int8 copy of a weight, bounds on every output of its
+ * matmul from it, and the exact outputs of chosen rows (screen.h states the bound and why
+ * it holds). */
+#include "screen.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "matmul.h"
+
+/* The fp32 value next to a finite f towards +inf (dir 1) or -inf (-1): its bits stepped. */
+static inline float step(float f, int dir) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) == 0) u = dir > 0 ? 1u : 0x80000001u;   /* ±0: the smallest denormal */
+    else u = (u >> 31) == (dir < 0) ? u + 1 : u - 1;            /* away from zero, or towards it */
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The smallest fp32 value >= v, and the largest <= v (v not NaN). */
+static inline float up(double v) {
+    const float f = (float)v;
+    return (double)f < v ? step(f, 1) : f;
+}
+
+static inline float down(double v) {
+    const float f = (float)v;
+    return (double)f > v ? step(f, -1) : f;
+}
+
+/* A row of x as the screen takes it: t, ε, ‖x̃‖₁ and the absolute term; ok 0: NaN bounds. */
+typedef struct {
+    double t, eps, x1, tiny;
+    int    ok;
+} x_row;
+
+/* The bounds of output r from its integer sum S (screen.h): a = s_r·t·S, R, then a - R and
+ * a + R rounded outwards. The block kernel below does the same operations in the same order
+ * (no fused multiply-adds: ISO C mode), so the same bits. */
+static inline void bound_one(const dg_screen *sc, int64_t r, int64_t S, const x_row *p, float *lo, float *hi) {
+    if (!p->ok) {
+        *lo = *hi = NAN;
+        return;
+    }
+    const double a = (double)sc->scale[r] * p->t * (double)S,
+                 R = ((double)sc->cx[r] * p->eps + (double)sc->c1[r] * p->x1) * (1.0 + 0x1p-20) + fabs(a) * 0x1p-50 +
+                     p->tiny;
+    *lo = down(a - R);
+    *hi = up(a + R);
+}
+
+/* ---- the integer dot products: S[i] = Σ_c q[c]·xq[i·kp + c], i < mi <= 4, exact ---- */
+
+#define DOT_MR 4
+
+static void dot_portable(int64_t *S, const int8_t *q, const int16_t *xq, int64_t kp, int mi) {
+    for (int i = 0; i < mi; i++) {
+        int64_t s = 0;
+        for (int64_t c = 0; c < kp; c++) s += (int32_t)q[c] * xq[i * kp + c];
+        S[i] = s;
+    }
+}
+
+#define INLINE static inline __attribute__((always_inline))
+
+__attribute__((target("avx2"))) static int64_t hsum_epi32_avx2(__m256i a) {
+    __m256i w = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(a)),
+                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1)));
+    __m128i h = _mm_add_epi64(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    return _mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1);
+}
+
+/* 16 columns a step: the int8 widened to int16, VPMADDWD's pairs into 8 int32 lanes; MI a
+ * constant where it is inlined (the accumulators in registers). */
+__attribute__((target("avx2"))) INLINE void dot_avx2_n(int64_t *S, const int8_t *q, const int16_t *xq, int64_t kp,
+                                                        const int MI) {
+    __m256i a[DOT_MR];
+    for (int i = 0; i < MI; i++) a[i] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < kp; c += 16) {
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + c)));
+        for (int i = 0; i < MI; i++)
+            a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(xq + i * kp + c))));
+    }
+    for (int i = 0; i < MI; i++) S[i] = hsum_epi32_avx2(a[i]);
+}
+
+__attribute__((target("avx2"))) static void dot_avx2(int64_t *S, const int8_t *q, const int16_t *xq, int64_t kp,
+                                                      int mi) {
+    switch (mi) {
+    case 1: dot_avx2_n(S, q, xq, kp, 1); break;
+    case 2: dot_avx2_n(S, q, xq, kp, 2); break;
+    case 3: dot_avx2_n(S, q, xq, kp, 3); break;
+    default: dot_avx2_n(S, q, xq, kp, 4); break;
+    }
+}
+
+/* 32 columns a step into 16 int32 lanes (two accumulators a row, even and odd steps: kp is
+ * a multiple of 64); the lanes summed in int64. */
+__attribute__((target("avx512f,avx512bw"))) INLINE void dot_avx512_n(int64_t *S, const int8_t *q, const int16_t *xq,
+                                                                      int64_t kp, const int MI) {
+    __m512i a[DOT_MR], b[DOT_MR];
+    for (int i = 0; i < MI; i++) a[i] = b[i] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < kp; c += 64) {
+        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + c))),
+                      w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + c + 32)));
+        for (int i = 0; i < MI; i++) {
+            a[i] = _mm512_add_epi32(a[i], _mm512_madd_epi16(w0, _mm512_loadu_si512(xq + i * kp + c)));
+            b[i] = _mm512_add_epi32(b[i], _mm512_madd_epi16(w1, _mm512_loadu_si512(xq + i * kp + c + 32)));
+        }
+    }
+    for (int i = 0; i < MI; i++) {
+        const __m512i l = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(a[i])),
+                                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a[i], 1))),
+                      h = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(b[i])),
+                                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(b[i], 1)));
+        S[i] = _mm512_reduce_add_epi64(_mm512_add_epi64(l, h));
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void dot_avx512(int64_t *S, const int8_t *q, const int16_t *xq,
+                                                                    int64_t kp, int mi) {
+    switch (mi) {
+    case 1: dot_avx512_n(S, q, xq, kp, 1); break;
+    case 2: dot_avx512_n(S, q, xq, kp, 2); break;
+    case 3: dot_avx512_n(S, q, xq, kp, 3); break;
+    default: dot_avx512_n(S, q, xq, kp, 4); break;
+    }
+}
+
+/* Up to DOT_MR rows of x against 8 rows of the copy, r0 .. r0+7 (the decode of a few
+ * rows), with VPDPBUSD (AVX-512 VNNI: 64 products of an unsigned and a signed byte a zmm):
+ * each row's xq split into its bytes, xq = 256·xh + xl, xl = xq & 255 in [0, 255] and
+ * xh + 128 in [0, 255] (xb: for each row of x, kp bytes of xl, then kp of xh + 128), so that
+ *     S = 256·(Σ q·(xh + 128) - 128·Σ q) + Σ q·xl,
+ * each sum exact in int32 (at most 255·127·kp), S exact in double. W's bytes go to the
+ * instruction as they are: per 64 bytes one load and two instructions a row of x, where
+ * widening them to int16 for VPMADDWD took 2 loads, 2 widenings, 2 multiplies and 2 adds and
+ * kept one core from reading faster than ~19 GB/s. Each row of W to its end before the next:
+ * W one sequential stream (eight rows side by side were eight short streams, read at 9
+ * GB/s). The sums' bounds are computed eight at a time in double, as bound_one's operations,
+ * rounded outwards by the conversion's own rounding mode. MI a constant where inlined. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void block8_vnni_n(const dg_screen *sc, int64_t r0,
+                                                                                  const uint8_t *xb, const x_row *p,
+                                                                                  float *lo, float *hi, int64_t ld,
+                                                                                  const int MI) {
+    const int64_t kp = sc->kp;
+    const int8_t *q = sc->q + r0 * kp;
+    int32_t ph[DOT_MR][8], pl[DOT_MR][8];
+    const uint8_t *x0 = xb, *x1 = xb + 2 * kp, *x2 = xb + 4 * kp, *x3 = xb + 6 * kp;
+    for (int j = 0; j < 8; j++, q += kp) {
+        /* named accumulators, not an array: GCC kept an array's in memory */
+        __m512i h0 = _mm512_setzero_si512(), l0 = h0, h1 = h0, l1 = h0, h2 = h0, l2 = h0, h3 = h0, l3 = h0;
+        for (int64_t c = 0; c < kp; c += 64) {
+            const __m512i w = _mm512_load_si512(q + c);
+#define ACC(h, l, x)                                                         \
+    h = _mm512_dpbusd_epi32(h, _mm512_load_si512(x + kp + c), w);           \
+    l = _mm512_dpbusd_epi32(l, _mm512_load_si512(x + c), w);
+            ACC(h0, l0, x0)
+            if (MI > 1) { ACC(h1, l1, x1) }
+            if (MI > 2) { ACC(h2, l2, x2) }
+            if (MI > 3) { ACC(h3, l3, x3) }
+#undef ACC
+        }
+        ph[0][j] = _mm512_reduce_add_epi32(h0);
+        pl[0][j] = _mm512_reduce_add_epi32(l0);
+        if (MI > 1) ph[1][j] = _mm512_reduce_add_epi32(h1), pl[1][j] = _mm512_reduce_add_epi32(l1);
+        if (MI > 2) ph[2][j] = _mm512_reduce_add_epi32(h2), pl[2][j] = _mm512_reduce_add_epi32(l2);
+        if (MI > 3) ph[3][j] = _mm512_reduce_add_epi32(h3), pl[3][j] = _mm512_reduce_add_epi32(l3);
+    }
+    const __m512d scale = _mm512_cvtps_pd(_mm256_loadu_ps(sc->scale + r0)), cx = _mm512_cvtps_pd(_mm256_loadu_ps(sc->cx + r0)),
+                  c1 = _mm512_cvtps_pd(_mm256_loadu_ps(sc->c1 + r0)),
+                  qoff = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)(sc->qsum + r0))),
+                                       _mm512_set1_pd(128.0));
+    for (int i = 0; i < MI; i++) {
+        if (!p[i].ok) {
+            _mm256_storeu_ps(lo + i * ld, _mm256_set1_ps(NAN));
+            _mm256_storeu_ps(hi + i * ld, _mm256_set1_ps(NAN));
+            continue;
+        }
+        const __m512d S = _mm512_add_pd(
+            _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)ph[i])), qoff),
+                          _mm512_set1_pd(256.0)),
+            _mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)pl[i])));
+        const __m512d a = _mm512_mul_pd(_mm512_mul_pd(scale, _mm512_set1_pd(p[i].t)), S);
+        const __m512d R = _mm512_add_pd(
+            _mm512_add_pd(_mm512_mul_pd(_mm512_add_pd(_mm512_mul_pd(cx, _mm512_set1_pd(p[i].eps)),
+                                                      _mm512_mul_pd(c1, _mm512_set1_pd(p[i].x1))),
+                                        _mm512_set1_pd(1.0 + 0x1p-20)),
+                          _mm512_mul_pd(_mm512_abs_pd(a), _mm512_set1_pd(0x1p-50))),
+            _mm512_set1_pd(p[i].tiny));
+        _mm256_storeu_ps(lo + i * ld, _mm512_cvt_roundpd_ps(_mm512_sub_pd(a, R), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+        _mm256_storeu_ps(hi + i * ld, _mm512_cvt_roundpd_ps(_mm512_add_pd(a, R), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void block8_vnni(const dg_screen *sc, int64_t r0,
+                                                                                const uint8_t *xb, const x_row *p,
+                                                                                float *lo, float *hi, int64_t ld, int mi) {
+    switch (mi) {
+    case 1: block8_vnni_n(sc, r0, xb, p, lo, hi, ld, 1); break;
+    case 2: block8_vnni_n(sc, r0, xb, p, lo, hi, ld, 2); break;
+    case 3: block8_vnni_n(sc, r0, xb, p, lo, hi, ld, 3); break;
+    default: block8_vnni_n(sc, r0, xb, p, lo, hi, ld, 4); break;
+    }
+}
+
+typedef void (*dot_fn)(int64_t *S, const int8_t *q, const int16_t *xq, int64_t kp, int mi);
+static const dot_fn dots[3] = {dot_portable, dot_avx2, dot_avx512};
+
+/* ---- the copy ---------------------------------------------------------------------------- */
+
+void dg_cpu_screen_free(dg_screen *sc) {
+    if (!sc) return;
+    free(sc->q);
+    free(sc->scale);
+    free(sc->cx);
+    free(sc->c1);
+    free(sc->qsum);
+    free(sc);
+}
+
+/* One row of W (fp32, k values) into the copy's row r; its max |W| into *wmax. 0, or -1
+ * when the row holds a value that is not finite. */
+static int screen_row(dg_screen *sc, int64_t r, const float *w, double gamma, double *wmax) {
+    const int64_t k = sc->cols;
+    int8_t *q = sc->q + r * sc->kp;
+    double mx = 0.0, e = 0.0;
+    int64_t q1 = 0, qs = 0;
+    for (int64_t c = 0; c < k; c++) {
+        if (!isfinite(w[c])) return -1;
+        mx = fmax(mx, fabs(w[c]));
+    }
+    const float s = (float)(mx / DG_SCREEN_Q);
+    for (int64_t c = 0; c < k; c++) {
+        long v = s > 0.0f ? lrint((double)w[c] / s) : 0;
+        v = v > DG_SCREEN_Q ? DG_SCREEN_Q : v < -DG_SCREEN_Q ? -DG_SCREEN_Q : v;
+        q[c] = (int8_t)v;
+        q1 += v < 0 ? -v : v;
+        qs += v;
+        e = fmax(e, fabs((double)w[c] - (double)s * (double)v));   /* s·v exact in double */
+    }
+    memset(q + k, 0, (size_t)(sc->kp - k));
+    sc->scale[r] = s;
+    sc->cx[r] = up((double)s * (double)q1 * (1.0 + 0x1p-40));
+    sc->c1[r] = up((e + gamma * mx) * (1.0 + 0x1p-30));
+    sc->qsum[r] = (int32_t)qs;
+    *wmax = mx;
+    return 0;
+}
+
+int dg_cpu_screen_new(const dg_cpu *c, const dg_weight *w, dg_screen **out, char *err, size_t errlen) {
+    const int64_t n = w->rows, k = w->cols, kp = (k + DG_SCREEN_KP - 1) / DG_SCREEN_KP * DG_SCREEN_KP;
+    dg_screen *sc = calloc(1, sizeof *sc);
+    *out = NULL;
+    if (w->kb == DG_WEIGHT_PANELS || k < 1 || n < 1) {
+        free(sc);
+        snprintf(err, errlen, "logit screen: a %lld x %lld matrix in the %s layout (row-major or blocked only)",
+                 (long long)n, (long long)k, w->kb == DG_WEIGHT_PANELS ? "panel" : "given");
+        return DG_EINVAL;
+    }
+    if (!sc) goto nomem;
+    sc->rows = n;
+    sc->cols = k;
+    sc->kp = kp;
+    sc->bf16_x = c->bf16_compute && w->dtype == DG_DTYPE_BF16;
+    const int64_t lane = (kp + 7) / 8 * DG_SCREEN_Q, lv = INT32_MAX / lane;   /* an AVX2 lane's sum fits */
+    sc->levels = lv > 32767 ? 32767 : (int)lv;
+    sc->isa = c->simd >= DG_CPU_AVX512 && __builtin_cpu_supports("avx512bw") ? 2 : c->simd >= DG_CPU_AVX2 ? 1 : 0;
+    sc->vnni = sc->isa == 2 && __builtin_cpu_supports("avx512vnni") && kp * 255 * DG_SCREEN_Q < INT32_MAX;
+    /* in 2 MiB pages, as the weights are (cpu_backend.c cpu_alloc): through 4 KiB pages one
+     * core read the copy at 20 GB/s, in huge pages at 29 (the read loop's 32) */
+    const size_t huge = (size_t)2 << 20, qbytes = ((size_t)(n * kp) + huge - 1) / huge * huge;
+    if (sc->levels < 1 || posix_memalign((void **)&sc->q, huge, qbytes)) goto nomem;
+    madvise(sc->q, qbytes, MADV_HUGEPAGE);   /* advice: without it the copy still works */
+    if (!(sc->scale = malloc(sizeof(float) * (size_t)n)) || !(sc->cx = malloc(sizeof(float) * (size_t)n)) ||
+        !(sc->c1 = malloc(sizeof(float) * (size_t)n)) || !(sc->qsum = malloc(sizeof(int32_t) * (size_t)n)))
+        goto nomem;
+    const double nu = (2.0 * (double)k + 64.0) * 0x1p-24, gamma = nu / (1.0 - nu);
+    int64_t bad = -1;
+    double wmax = 0.0;
+    int fail = 0;
+#pragma omp parallel num_threads(c->n_threads) reduction(max : wmax)
+    {
+        float *row = malloc(sizeof(float) * (size_t)k);
+        if (!row) {
+#pragma omp atomic write
+            fail = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            double mx = 0.0;
+            if (!row) continue;
+            dg_cpu_rows_f32(c->simd, row, w, r, 1);
+            if (screen_row(sc, r, row, gamma, &mx) < 0) {
+#pragma omp critical(dg_screen_bad)
+                if (bad < 0 || r < bad) bad = r;
+            }
+            wmax = fmax(wmax, mx);
+        }
+        free(row);
+    }
+    if (fail) goto nomem;
+    if (bad >= 0) {
+        dg_cpu_screen_free(sc);
+        snprintf(err, errlen, "logit screen: row %lld of the %lld x %lld matrix holds a value that is not finite",
+                 (long long)bad, (long long)n, (long long)k);
+        return DG_EINVAL;
+    }
+    sc->wmax = (float)wmax;
+    *out = sc;
+    return 0;
+nomem:
+    dg_cpu_screen_free(sc);
+    snprintf(err, errlen, "logit screen: out of memory for a %lld x %lld copy", (long long)n, (long long)kp);
+    return DG_ENOMEM;
+}
+
+/* ---- the bounds -------------------------------------------------------------------------- */
+
+/* x̃ of one row (k values) quantised into xq[kp]; xb: the bf16 rounding's scratch (k + 32
+ * elements) when sc->bf16_x. */
+static x_row quantise(const dg_screen *sc, int16_t *xq, uint16_t *xb, const float *x) {
+    const int64_t k = sc->cols;
+    x_row p = {.t = 1.0, .ok = 1};
+    double xmax = 0.0, x1 = 0.0;
+    if (sc->bf16_x) dg_matmul_bf16_portable.round(xb, k, x, k, 1, k);   /* matmul.h step 0, its bits */
+#define XT(c) (sc->bf16_x ? dg_bf16_to_f32(xb[c]) : x[c])
+    for (int64_t c = 0; c < k; c++) {
+        const double v = fabs((double)XT(c));
+        xmax = fmax(xmax, v);
+        x1 += v;
+    }
+    if (!isfinite(x1) || x1 * (double)sc->wmax > 1e36) {
+        p.ok = 0;
+        return p;
+    }
+    float t = (float)(xmax / sc->levels);
+    if (!(t > 0.0f)) t = xmax > 0.0 ? (float)xmax : 1.0f;   /* x tiny (or zero): xq in [-1, 1] */
+    double eps = 0.0;
+    for (int64_t c = 0; c < k; c++) {
+        const double v = XT(c);
+        long iq = lrint(v / t);
+        iq = iq > sc->levels ? sc->levels : iq < -sc->levels ? -sc->levels : iq;
+        xq[c] = (int16_t)iq;
+        eps = fmax(eps, fabs(v - (double)t * (double)iq));
+    }
+#undef XT
+    memset(xq + k, 0, sizeof(int16_t) * (size_t)(sc->kp - k));
+    p.t = t;
+    p.eps = eps * (1.0 + 0x1p-40);
+    p.x1 = x1 * (1.0 + 0x1p-30);   /* a sum of k doubles: relative error far below 2^-30 */
+    p.tiny = 0x1p-120 * (p.x1 + 2.0 * (double)k + 64.0);
+    return p;
+}
+
+/* The rows of x a call's scratch holds: xq [rows, kp] int16, their x_row, and bf16
+ * rounding's k + 32 elements, in c->conv. */
+static int bounds_rows(const dg_cpu *c, const dg_screen *sc) {
+    const int64_t bytes = c->conv_floats * (int64_t)sizeof(float) - (sc->cols + 32) * 2 - 2 * sc->kp - 192,
+                  per = sc->kp * 4 + (int64_t)sizeof(x_row);   /* xq, and its bytes */
+    return bytes / per > 4096 ? 4096 : (int)(bytes / per);
+}
+
+void dg_cpu_matmul_bounds(const dg_cpu *c, float *lo, float *hi, const float *x, const dg_screen *sc, int m) {
+    const int64_t n = sc->rows, k = sc->cols, kp = sc->kp, tile = 256, n_tiles = (n + tile - 1) / tile;
+    const int chunk = bounds_rows(c, sc), nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
+    const dot_fn dot = dots[sc->isa];
+    for (int i0 = 0; i0 < m; i0 += chunk) {
+        const int mi = m - i0 < chunk ? m - i0 : chunk;
+        int16_t *xq = (int16_t *)c->conv;
+        x_row *p = (x_row *)(xq + (int64_t)mi * kp);
+        uint16_t *xb = (uint16_t *)(p + mi);
+        for (int i = 0; i < mi; i++) p[i] = quantise(sc, xq + i * kp, xb, x + (int64_t)(i0 + i) * k);
+        uint8_t *bytes = (uint8_t *)(xb + sc->cols + 32);   /* each row's xl and xh + 128 (64-aligned) */
+        bytes += (64 - (uintptr_t)bytes % 64) % 64;
+        if (sc->vnni)
+            for (int i = 0; i < mi; i++)
+                for (int64_t j = 0; j < kp; j++) {
+                    bytes[2 * i * kp + j] = (uint8_t)(xq[i * kp + j] & 255);
+                    bytes[(2 * i + 1) * kp + j] = (uint8_t)((xq[i * kp + j] >> 8) + 128);
+                }
+        float *l0 = lo + (int64_t)i0 * n, *h0 = hi + (int64_t)i0 * n;
+#pragma omp parallel for num_threads(nt) schedule(guided)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            const int64_t r1 = (t + 1) * tile < n ? (t + 1) * tile : n;
+            for (int i = 0; i < mi; i += DOT_MR) {
+                const int ri = mi - i < DOT_MR ? mi - i : DOT_MR;
+                int64_t r = t * tile;
+                if (sc->vnni)   /* eight rows of W at a time against up to 4 of x */
+                    for (; r + 8 <= r1; r += 8)
+                        block8_vnni(sc, r, bytes + 2 * i * kp, p + i, l0 + i * n + r, h0 + i * n + r, n, ri);
+                for (; r < r1; r++) {
+                    int64_t S[DOT_MR];
+                    dot(S, sc->q + r * kp, xq + i * kp, kp, ri);
+                    for (int j = 0; j < ri; j++) bound_one(sc, r, S[j], &p[i + j], l0 + (i + j) * n + r, h0 + (i + j) * n + r);
+                }
+            }
+        }
+    }
+}
+
+/* ---- the chosen rows, exactly ---------------------------------------------------------- */
+
+/* The rows ids[] of W copied row-major into c->conv, as many as fit at a time, and the
+ * matmul run over that matrix: a row's value depends on x, its row of W and k only
+ * (matmul.h), so these are the bits of the whole matmul's outputs. */
+void dg_cpu_matmul_pick(const dg_cpu *c, float *out, const float *x, const dg_weight *w, const int32_t *ids,
+                        int n) {
+    const int64_t k = w->cols, es = (int64_t)dg_dtype_size(w->dtype), row = k * es,
+                  bytes = c->conv_floats * (int64_t)sizeof(float) - 128;
+    const int per = (int)(bytes / (row + (int64_t)sizeof(float)));
+    for (int i0 = 0; i0 < n; i0 += per) {
+        const int ni = n - i0 < per ? n - i0 : per;
+        char *rows = (char *)c->conv;
+        float *y = (float *)(rows + ((int64_t)ni * row + 63) / 64 * 64);
+        for (int j = 0; j < ni; j++)
+            for (int64_t c0 = 0; c0 < k;) {   /* a run of columns contiguous in either layout */
+                const int64_t run = w->kb ? (k - c0 < w->kb - c0 % w->kb ? k - c0 : w->kb - c0 % w->kb) : k;
+                memcpy(rows + j * row + c0 * es, dg_weight_at(w, ids[i0 + j], c0), (size_t)(run * es));
+                c0 += run;
+            }
+        const dg_weight view = {.data = rows, .dtype = w->dtype, .rows = ni, .cols = k, .kb = 0};
+        dg_cpu_matmul(c, y, x, &view, NULL, 1);
+        memcpy(out + i0, y, sizeof(float) * (size_t)ni);
+    }
+}
