@@ -34,9 +34,10 @@ static inline float down(double v) {
     return (double)f > v ? step(f, -1) : f;
 }
 
-/* A row of x as the screen takes it: t, ε, ‖x̃‖₁ and the absolute term; ok 0: NaN bounds. */
+/* A row of x as the screen takes it: t, ε = max|δ|, ‖x̃‖₁, ‖δ‖₂, ‖x̃‖₂ and the absolute
+ * term; ok 0: NaN bounds. */
 typedef struct {
-    double t, eps, x1, tiny;
+    double t, eps, x1, e2, x2, tiny;
     int    ok;
 } x_row;
 
@@ -49,8 +50,9 @@ static inline void bound_one(const dg_screen *sc, int64_t r, int64_t S, const x_
         return;
     }
     const double a = (double)sc->scale[r] * p->t * (double)S,
-                 R = ((double)sc->cx[r] * p->eps + (double)sc->c1[r] * p->x1) * (1.0 + 0x1p-20) + fabs(a) * 0x1p-50 +
-                     p->tiny;
+                 A = (double)sc->cx[r] * p->eps + (double)sc->c1[r] * p->x1,
+                 B = (double)sc->cq[r] * p->e2 + (double)sc->c2[r] * p->x2,
+                 R = (A < B ? A : B) * (1.0 + 0x1p-20) + fabs(a) * 0x1p-50 + p->tiny;
     *lo = down(a - R);
     *hi = up(a + R);
 }
@@ -134,17 +136,20 @@ __attribute__((target("avx512f,avx512bw"))) static void dot_avx512(int64_t *S, c
 }
 
 /* Up to DOT_MR rows of x against 8 rows of the copy, r0 .. r0+7 (the decode of a few
- * rows), with VPDPBUSD (AVX-512 VNNI: 64 products of an unsigned and a signed byte a zmm):
- * each row's xq split into its bytes, xq = 256·xh + xl, xl = xq & 255 in [0, 255] and
- * xh + 128 in [0, 255] (xb: for each row of x, kp bytes of xl, then kp of xh + 128), so that
+ * rows), with VPDPBUSD (AVX-512 VNNI: 64 products of an unsigned and a signed byte a zmm).
+ * xb holds each row's xq split into its bytes, xq = 256·xh + xl: kp bytes of xl = xq & 255
+ * in [0, 255], then kp of xh + 128 in [0, 255], so that
  *     S = 256·(Σ q·(xh + 128) - 128·Σ q) + Σ q·xl,
  * each sum exact in int32 (at most 255·127·kp), S exact in double. W's bytes go to the
  * instruction as they are: per 64 bytes one load and two instructions a row of x, where
- * widening them to int16 for VPMADDWD took 2 loads, 2 widenings, 2 multiplies and 2 adds and
- * kept one core from reading faster than ~19 GB/s. Each row of W to its end before the next:
- * W one sequential stream (eight rows side by side were eight short streams, read at 9
- * GB/s). The sums' bounds are computed eight at a time in double, as bound_one's operations,
- * rounded outwards by the conversion's own rounding mode. MI a constant where inlined. */
+ * widening them to int16 for VPMADDWD took 2 loads, 2 widenings, 2 multiplies and 2 adds
+ * and kept one core from reading faster than ~19 GB/s. Each row of W to its end before the
+ * next: W one sequential stream (eight rows side by side were eight short streams, read at 9
+ * GB/s). The sums' bounds are computed eight at a time in double, bound_one's operations in
+ * its order, rounded outwards by the conversion's own rounding mode. MI a constant where
+ * inlined; named accumulators, not an array (GCC kept an array's in memory). (x in one
+ * byte, one instruction a step, was tried: its error, which a byte's 255 levels leave, widened
+ * the bounds 2.4x for Gaussian rows, 6x the rows read in full, for 0-4% of the time.) */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void block8_vnni_n(const dg_screen *sc, int64_t r0,
                                                                                   const uint8_t *xb, const x_row *p,
                                                                                   float *lo, float *hi, int64_t ld,
@@ -154,12 +159,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void block8_vnni_n
     int32_t ph[DOT_MR][8], pl[DOT_MR][8];
     const uint8_t *x0 = xb, *x1 = xb + 2 * kp, *x2 = xb + 4 * kp, *x3 = xb + 6 * kp;
     for (int j = 0; j < 8; j++, q += kp) {
-        /* named accumulators, not an array: GCC kept an array's in memory */
         __m512i h0 = _mm512_setzero_si512(), l0 = h0, h1 = h0, l1 = h0, h2 = h0, l2 = h0, h3 = h0, l3 = h0;
         for (int64_t c = 0; c < kp; c += 64) {
             const __m512i w = _mm512_load_si512(q + c);
-#define ACC(h, l, x)                                                         \
-    h = _mm512_dpbusd_epi32(h, _mm512_load_si512(x + kp + c), w);           \
+#define ACC(h, l, x)                                                \
+    h = _mm512_dpbusd_epi32(h, _mm512_load_si512(x + kp + c), w);      \
     l = _mm512_dpbusd_epi32(l, _mm512_load_si512(x + c), w);
             ACC(h0, l0, x0)
             if (MI > 1) { ACC(h1, l1, x1) }
@@ -167,15 +171,18 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void block8_vnni_n
             if (MI > 3) { ACC(h3, l3, x3) }
 #undef ACC
         }
-        ph[0][j] = _mm512_reduce_add_epi32(h0);
-        pl[0][j] = _mm512_reduce_add_epi32(l0);
-        if (MI > 1) ph[1][j] = _mm512_reduce_add_epi32(h1), pl[1][j] = _mm512_reduce_add_epi32(l1);
-        if (MI > 2) ph[2][j] = _mm512_reduce_add_epi32(h2), pl[2][j] = _mm512_reduce_add_epi32(l2);
-        if (MI > 3) ph[3][j] = _mm512_reduce_add_epi32(h3), pl[3][j] = _mm512_reduce_add_epi32(l3);
+#define SUMS(i, h, l) ph[i][j] = _mm512_reduce_add_epi32(h), pl[i][j] = _mm512_reduce_add_epi32(l);
+        SUMS(0, h0, l0)
+        if (MI > 1) { SUMS(1, h1, l1) }
+        if (MI > 2) { SUMS(2, h2, l2) }
+        if (MI > 3) { SUMS(3, h3, l3) }
+#undef SUMS
     }
-    const __m512d scale = _mm512_cvtps_pd(_mm256_loadu_ps(sc->scale + r0)), cx = _mm512_cvtps_pd(_mm256_loadu_ps(sc->cx + r0)),
-                  c1 = _mm512_cvtps_pd(_mm256_loadu_ps(sc->c1 + r0)),
-                  qoff = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)(sc->qsum + r0))),
+    const float *k8 = sc->k8 + r0 / 8 * 48;   /* the eight rows' constants, side by side */
+    const __m512d scale = _mm512_cvtps_pd(_mm256_load_ps(k8)), cx = _mm512_cvtps_pd(_mm256_load_ps(k8 + 8)),
+                  c1 = _mm512_cvtps_pd(_mm256_load_ps(k8 + 16)), cq = _mm512_cvtps_pd(_mm256_load_ps(k8 + 24)),
+                  c2 = _mm512_cvtps_pd(_mm256_load_ps(k8 + 32)),
+                  qoff = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_load_si256((const __m256i *)(k8 + 40))),
                                        _mm512_set1_pd(128.0));
     for (int i = 0; i < MI; i++) {
         if (!p[i].ok) {
@@ -188,12 +195,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void block8_vnni_n
                           _mm512_set1_pd(256.0)),
             _mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)pl[i])));
         const __m512d a = _mm512_mul_pd(_mm512_mul_pd(scale, _mm512_set1_pd(p[i].t)), S);
-        const __m512d R = _mm512_add_pd(
-            _mm512_add_pd(_mm512_mul_pd(_mm512_add_pd(_mm512_mul_pd(cx, _mm512_set1_pd(p[i].eps)),
-                                                      _mm512_mul_pd(c1, _mm512_set1_pd(p[i].x1))),
-                                        _mm512_set1_pd(1.0 + 0x1p-20)),
-                          _mm512_mul_pd(_mm512_abs_pd(a), _mm512_set1_pd(0x1p-50))),
-            _mm512_set1_pd(p[i].tiny));
+        const __m512d A = _mm512_add_pd(_mm512_mul_pd(cx, _mm512_set1_pd(p[i].eps)), _mm512_mul_pd(c1, _mm512_set1_pd(p[i].x1))),
+                      B = _mm512_add_pd(_mm512_mul_pd(cq, _mm512_set1_pd(p[i].e2)), _mm512_mul_pd(c2, _mm512_set1_pd(p[i].x2)));
+        const __m512d R = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_min_pd(A, B), _mm512_set1_pd(1.0 + 0x1p-20)),
+                                                      _mm512_mul_pd(_mm512_abs_pd(a), _mm512_set1_pd(0x1p-50))),
+                                        _mm512_set1_pd(p[i].tiny));
         _mm256_storeu_ps(lo + i * ld, _mm512_cvt_roundpd_ps(_mm512_sub_pd(a, R), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
         _mm256_storeu_ps(hi + i * ld, _mm512_cvt_roundpd_ps(_mm512_add_pd(a, R), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
     }
@@ -222,6 +228,9 @@ void dg_cpu_screen_free(dg_screen *sc) {
     free(sc->cx);
     free(sc->c1);
     free(sc->qsum);
+    free(sc->cq);
+    free(sc->c2);
+    free(sc->k8);
     free(sc);
 }
 
@@ -230,7 +239,7 @@ void dg_cpu_screen_free(dg_screen *sc) {
 static int screen_row(dg_screen *sc, int64_t r, const float *w, double gamma, double *wmax) {
     const int64_t k = sc->cols;
     int8_t *q = sc->q + r * sc->kp;
-    double mx = 0.0, e = 0.0;
+    double mx = 0.0, e = 0.0, w2 = 0.0, q2 = 0.0, d2 = 0.0;
     int64_t q1 = 0, qs = 0;
     for (int64_t c = 0; c < k; c++) {
         if (!isfinite(w[c])) return -1;
@@ -243,12 +252,19 @@ static int screen_row(dg_screen *sc, int64_t r, const float *w, double gamma, do
         q[c] = (int8_t)v;
         q1 += v < 0 ? -v : v;
         qs += v;
-        e = fmax(e, fabs((double)w[c] - (double)s * (double)v));   /* s·v exact in double */
+        const double d = (double)w[c] - (double)s * (double)v;   /* s·v exact in double */
+        e = fmax(e, fabs(d));
+        w2 += (double)w[c] * w[c];
+        q2 += (double)(v * v);
+        d2 += d * d;
     }
     memset(q + k, 0, (size_t)(sc->kp - k));
     sc->scale[r] = s;
     sc->cx[r] = up((double)s * (double)q1 * (1.0 + 0x1p-40));
     sc->c1[r] = up((e + gamma * mx) * (1.0 + 0x1p-30));
+    /* sums of k squares in double: relative errors far below 2^-30 */
+    sc->cq[r] = up((double)s * sqrt(q2) * (1.0 + 0x1p-30));
+    sc->c2[r] = up((sqrt(d2) + gamma * sqrt(w2)) * (1.0 + 0x1p-30));
     sc->qsum[r] = (int32_t)qs;
     *wmax = mx;
     return 0;
@@ -279,7 +295,8 @@ int dg_cpu_screen_new(const dg_cpu *c, const dg_weight *w, dg_screen **out, char
     if (sc->levels < 1 || posix_memalign((void **)&sc->q, huge, qbytes)) goto nomem;
     madvise(sc->q, qbytes, MADV_HUGEPAGE);   /* advice: without it the copy still works */
     if (!(sc->scale = malloc(sizeof(float) * (size_t)n)) || !(sc->cx = malloc(sizeof(float) * (size_t)n)) ||
-        !(sc->c1 = malloc(sizeof(float) * (size_t)n)) || !(sc->qsum = malloc(sizeof(int32_t) * (size_t)n)))
+        !(sc->c1 = malloc(sizeof(float) * (size_t)n)) || !(sc->qsum = malloc(sizeof(int32_t) * (size_t)n)) ||
+        !(sc->cq = malloc(sizeof(float) * (size_t)n)) || !(sc->c2 = malloc(sizeof(float) * (size_t)n)))
         goto nomem;
     const double nu = (2.0 * (double)k + 64.0) * 0x1p-24, gamma = nu / (1.0 - nu);
     int64_t bad = -1;
@@ -313,6 +330,12 @@ int dg_cpu_screen_new(const dg_cpu *c, const dg_weight *w, dg_screen **out, char
         return DG_EINVAL;
     }
     sc->wmax = (float)wmax;
+    if (posix_memalign((void **)&sc->k8, 64, sizeof(float) * 48 * (size_t)(n / 8 + 1))) goto nomem;
+    for (int64_t r = 0; r < n / 8 * 8; r++) {   /* block8_vnni's copy: one stream, not six */
+        float *k8 = sc->k8 + r / 8 * 48 + r % 8;
+        k8[0] = sc->scale[r], k8[8] = sc->cx[r], k8[16] = sc->c1[r], k8[24] = sc->cq[r], k8[32] = sc->c2[r];
+        memcpy(&k8[40], &sc->qsum[r], sizeof(float));
+    }
     *out = sc;
     return 0;
 nomem:
@@ -342,18 +365,23 @@ static x_row quantise(const dg_screen *sc, int16_t *xq, uint16_t *xb, const floa
     }
     float t = (float)(xmax / sc->levels);
     if (!(t > 0.0f)) t = xmax > 0.0 ? (float)xmax : 1.0f;   /* x tiny (or zero): xq in [-1, 1] */
-    double eps = 0.0;
+    double eps = 0.0, e2 = 0.0, x2 = 0.0;
     for (int64_t c = 0; c < k; c++) {
         const double v = XT(c);
         long iq = lrint(v / t);
         iq = iq > sc->levels ? sc->levels : iq < -sc->levels ? -sc->levels : iq;
         xq[c] = (int16_t)iq;
-        eps = fmax(eps, fabs(v - (double)t * (double)iq));
+        const double d = v - (double)t * (double)iq;
+        eps = fmax(eps, fabs(d));
+        e2 += d * d;
+        x2 += v * v;
     }
-#undef XT
-    memset(xq + k, 0, sizeof(int16_t) * (size_t)(sc->kp - k));
     p.t = t;
     p.eps = eps * (1.0 + 0x1p-40);
+    p.e2 = sqrt(e2) * (1.0 + 0x1p-30);   /* sums of k squares: relative errors far below 2^-30 */
+    p.x2 = sqrt(x2) * (1.0 + 0x1p-30);
+#undef XT
+    memset(xq + k, 0, sizeof(int16_t) * (size_t)(sc->kp - k));
     p.x1 = x1 * (1.0 + 0x1p-30);   /* a sum of k doubles: relative error far below 2^-30 */
     p.tiny = 0x1p-120 * (p.x1 + 2.0 * (double)k + 64.0);
     return p;
