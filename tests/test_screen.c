@@ -62,6 +62,16 @@ static dg_weight make_weight(dg_dtype dtype, int n, int k, void **buf) {
     return (dg_weight){.data = *buf, .dtype = dtype, .rows = n, .cols = k};
 }
 
+/* make_weight's, row-major or (blocked) in the blocked layout of backend.h: *buf the
+ * row-major data, *bbuf the blocked copy or NULL (both the caller's to free). */
+static dg_weight make_weight_in(dg_dtype dtype, int n, int k, int blocked, void **buf, void **bbuf) {
+    dg_weight w = make_weight(dtype, n, k, buf), wb;
+    *bbuf = NULL;
+    if (!blocked) return w;
+    *bbuf = gemm_blocked_copy(&w, &wb);
+    return wb;
+}
+
 #define X_ROWS 7
 #define X_NAN 6
 
@@ -98,12 +108,8 @@ TEST(bounds_hold_every_output_on_every_kernel_set) {
                 for (int blocked = 0; blocked < 2; blocked++) {
                     const int n = shapes[sh][0], k = shapes[sh][1];
                     if (blocked && k <= DG_WEIGHT_KB) continue;
-                    void *buf, *bbuf = NULL;
-                    dg_weight w = make_weight(dtypes[d], n, k, &buf), wb;
-                    if (blocked) {
-                        bbuf = gemm_blocked_copy(&w, &wb);
-                        w = wb;
-                    }
+                    void *buf, *bbuf;
+                    const dg_weight w = make_weight_in(dtypes[d], n, k, blocked, &buf, &bbuf);
                     float *x = make_x(k), *y = malloc(sizeof(float) * X_ROWS * (size_t)n);
                     float *lo = malloc(sizeof(float) * X_ROWS * (size_t)n), *hi = malloc(sizeof(float) * X_ROWS * (size_t)n);
                     float *lo0 = malloc(sizeof(float) * X_ROWS * (size_t)n), *hi0 = malloc(sizeof(float) * X_ROWS * (size_t)n);
@@ -165,12 +171,8 @@ TEST(picked_outputs_are_the_matmuls_bits) {
                 for (int blocked = 0; blocked < 2; blocked++) {
                     const int n = shapes[sh][0], k = shapes[sh][1];
                     if (blocked && k <= DG_WEIGHT_KB) continue;
-                    void *buf, *bbuf = NULL;
-                    dg_weight w = make_weight(dtypes[d], n, k, &buf), wb;
-                    if (blocked) {
-                        bbuf = gemm_blocked_copy(&w, &wb);
-                        w = wb;
-                    }
+                    void *buf, *bbuf;
+                    const dg_weight w = make_weight_in(dtypes[d], n, k, blocked, &buf, &bbuf);
                     float *x = make_x(k), *y = malloc(sizeof(float) * (size_t)n), out[64];
                     int32_t ids[64];
                     int m = 0;
