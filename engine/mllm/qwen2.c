@@ -143,9 +143,10 @@ int dg_qwen2_state_new(const dg_qwen2 *m, dg_backend *be, int max_tokens, int ma
     s->up = be->alloc(be, T * F * sizeof(float));
     s->dev_logits = be->alloc(be, (VL ? VL : 1) * sizeof(float));
     s->logits = malloc((VL ? VL : 1) * sizeof(float));
-    if (m->screen) {
-        s->lo = malloc((VL ? VL : 1) * sizeof(float));
-        s->hi = malloc((VL ? VL : 1) * sizeof(float));
+    if (m->screen) {   /* for the forwards that take it: at most screen_rows logits rows */
+        const size_t BL = (size_t)c->vocab_size * (size_t)(max_logits < m->screen_rows ? max_logits : m->screen_rows);
+        s->lo = malloc((BL ? BL : 1) * sizeof(float));
+        s->hi = malloc((BL ? BL : 1) * sizeof(float));
         if (!s->lo || !s->hi) goto nomem;
     }
     s->pos = malloc(3 * T * sizeof(int32_t));

@@ -109,8 +109,9 @@ typedef struct {
     float   *up;              /* [max_tokens, F] */
     float   *dev_logits;      /* [max_logits, V]       backend memory */
     float   *logits;          /* [max_logits, V]       host copy: the result of a forward */
-    float   *lo, *hi;         /* [max_logits, V]       host, where the model has a screen: the
-                                 bounds of a forward whose logits rows all asked for them */
+    float   *lo, *hi;         /* [min(max_logits, m->screen_rows), V] host, where the model
+                                 has a screen: the bounds of a forward whose logits rows all
+                                 asked for them */
     int      bounded;         /* 1: the last forward left bounds, not logits (input.bounds) */
     int32_t *pos;             /* [3, max_tokens]       the rows' positions, stacked here */
     int32_t *ids;             /* [max_tokens]          the rows' token ids, stacked here */
