@@ -233,13 +233,7 @@ static void add_chunk(dg_sched *s, int *n, dg_seq *q, int *budget, int *pos_used
     *pos_used += 3 * c;
 }
 
-/* q->last = the token sampled from logits row `row` of the forward (with <BOV> banned when
- * no image may be drawn).
- * On every backend: on a GPU it spares the 0.6 MB download and the host pass over the
- * vocabulary; on the CPU it picks the same token and is no slower (V = 152064, one
- * core: greedy 0.06 vs 0.56 ms, top-k 50 0.10 vs 1.2 ms, top-p 0.9 alone 0.61 vs
- * 1.2 ms, plain temperature 1.16 ms both). st->logits is its scratch for the rows the
- * candidates do not decide. */
+/* The exact logits of some tokens of logits row `row` (the logit screen's candidates). */
 typedef struct {
     dg_sched *s;
     int       row;
@@ -250,8 +244,15 @@ static void pick_row(void *user, const int32_t *ids, int n, float *out) {
     dg_qwen2_pick(&p->s->m->llm, p->s->st, p->row, ids, n, out);
 }
 
-/* A forward that left the logit screen's bounds (every row greedy): the token from them,
- * else (bounds that do not decide, rare) from the row computed whole. */
+/* q->last = the token sampled from logits row `row` of the forward (with <BOV> banned when
+ * no image may be drawn).
+ * On every backend: on a GPU it spares the 0.6 MB download and the host pass over the
+ * vocabulary; on the CPU it picks the same token and is no slower (V = 152064, one
+ * core: greedy 0.06 vs 0.56 ms, top-k 50 0.10 vs 1.2 ms, top-p 0.9 alone 0.61 vs
+ * 1.2 ms, plain temperature 1.16 ms both). st->logits is its scratch for the rows the
+ * candidates do not decide.
+ * After a forward that left the logit screen's bounds (every row greedy), the token comes
+ * from them, else (bounds that do not decide, rare) from the row computed whole. */
 static void sample_row(dg_sched *s, dg_seq *q, int row) {
     const dg_model *m = s->m;
     const int64_t V = m->cfg.text.vocab_size;
