@@ -357,34 +357,30 @@ static float adjust_one(const dg_sampler *s, int32_t j, float v, int32_t ban) {
     return j == ban ? v + -INFINITY : v;
 }
 
-/* The bounds through the penalty, the biases and the ban (into s->prob and s->weight: a
- * copy of each, adjust() on it, the ban's -inf added), so that lo'[j] <= f_j(row[j]) <=
- * hi'[j] for each token's adjustment f_j: every step is monotone, and rounding keeps it so. */
-static void adjust_bounds(dg_sampler *s, const float *lo, const float *hi, int32_t ban) {
-    memcpy(s->prob, lo, sizeof(float) * (size_t)s->vocab);
-    memcpy(s->weight, hi, sizeof(float) * (size_t)s->vocab);
-    adjust(s, s->prob);
-    adjust(s, s->weight);
-    if (ban >= 0 && ban < s->vocab) {
-        s->prob[ban] += -INFINITY;
-        s->weight[ban] += -INFINITY;
-    }
-}
-
-int32_t dg_sampler_sample_bounds(dg_sampler *s, const float *lo, const float *hi, int32_t ban,
-                                 dg_sampler_pick_fn pick, void *user) {
+/* Greedy from bounds: the bounds go through the penalty, the biases and the ban in place
+ * (adjust() on each, the ban's -inf added), so that lo'[j] <= f_j(row[j]) <= hi'[j] for each
+ * token's adjustment f_j: every step is monotone, and rounding keeps it so. (Into copies,
+ * two 600 KB memcpys a token at V = 151936, it took 0.21 ms.) */
+int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ban, dg_sampler_pick_fn pick,
+                                 void *user) {
     const int V = s->vocab;
     if (s->temperature > 0.0f) return -1;
-    adjust_bounds(s, lo, hi, ban);
-    float best = -INFINITY;
-    for (int j = 0; j < V; j++) {
-        if (isnan(s->prob[j]) || isnan(s->weight[j])) return -1;
-        if (s->prob[j] > best) best = s->prob[j];
+    adjust(s, lo);
+    adjust(s, hi);
+    if (ban >= 0 && ban < V) {
+        lo[ban] += -INFINITY;
+        hi[ban] += -INFINITY;
     }
-    if (best == -INFINITY) return -1;   /* nothing is bounded away from -inf: every token may tie */
+    float best = -INFINITY;
+    int nan = 0;
+    for (int j = 0; j < V; j++) {
+        nan |= isnan(lo[j]) | isnan(hi[j]);
+        best = lo[j] > best ? lo[j] : best;
+    }
+    if (nan || best == -INFINITY) return -1;   /* -inf: nothing is bounded away from it, every token may tie */
     int n = 0;
     for (int j = 0; j < V; j++)
-        if (s->weight[j] >= best) {
+        if (hi[j] >= best) {
             if (n == DG_SAMPLER_BOUNDS_MAX) return -1;
             s->cand[n++] = j;
         }

@@ -73,16 +73,16 @@ typedef void (*dg_sampler_pick_fn)(void *user, const int32_t *ids, int n, float 
 
 /* Greedy from bounds: the token dg_sampler_sample_device would pick (ban as there) from a
  * row that is not at hand, given lo[j] <= row[j] <= hi[j] for every token j (HOST arrays
- * [vocab]; the logit screen's, backend.h matmul_bounds) and pick() for the exact values of
- * the tokens asked for. The penalty and the biases are monotone in a logit, so they are
+ * [vocab]; the logit screen's, backend.h matmul_bounds; overwritten: the adjustments are
+ * applied to them in place) and pick() for the exact values of the tokens asked for. The penalty and the biases are monotone in a logit, so they are
  * applied to both bounds; every token whose upper bound reaches the best lower bound is a
  * candidate, and among their exact values (adjusted as the row would have been) the
  * largest wins, the lowest id on ties: the same token, whatever the bounds' width. Accepts
  * it. -1 (nothing accepted) when s is not greedy, a bound is NaN, or more than
  * DG_SAMPLER_BOUNDS_MAX tokens are candidates (a flat row, or all banned): the caller then
  * computes the row and calls dg_sampler_sample_device. No allocation. */
-int32_t dg_sampler_sample_bounds(dg_sampler *s, const float *lo, const float *hi, int32_t ban,
-                                 dg_sampler_pick_fn pick, void *user);
+int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ban, dg_sampler_pick_fn pick,
+                                 void *user);
 
 typedef struct dg_stop dg_stop;
 typedef void (*dg_stop_emit)(void *user, const char *text, size_t len);
