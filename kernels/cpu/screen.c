@@ -176,9 +176,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void bounds8_vnni(
  * widening them to int16 for VPMADDWD took 2 loads, 2 widenings, 2 multiplies and 2 adds
  * and kept one core from reading faster than ~19 GB/s. Each row of W to its end before the
  * next: W one sequential stream (eight rows side by side were eight short streams, read at 9
- * GB/s). The sums' bounds are computed eight at a time in double, bound_one's operations in
- * its order, rounded outwards by the conversion's own rounding mode. MI a constant where
- * inlined; named accumulators, not an array (GCC kept an array's in memory). (x in one
+ * GB/s); their bounds by bounds8_vnni. MI a constant where inlined; named accumulators, not
+ * an array (GCC kept an array's in memory). One row of x takes block8x2_vnni below. (x in one
  * byte, one instruction a step, was tried: its error, which a byte's 255 levels leave, widened
  * the bounds 2.4x for Gaussian rows, 6x the rows read in full, for 0-4% of the time.) */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void block8_vnni_n(const dg_screen *sc, int64_t r0,
