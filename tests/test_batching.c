@@ -299,6 +299,57 @@ TEST(logit_screen_changes_no_answer) {
     dg_model_close(on);
 }
 
+/* The default (logit_screen 0: the screen where it pays) on a CPU that has AVX-512 VNNI:
+ * the model made a screen for steps of up to its backend's screen_rows logits rows, and
+ * the eight jobs run each alone (one sequence, drafts off, so every greedy step has one
+ * row) took their greedy tokens from it, streaming what they stream without it. Elsewhere
+ * the default makes no screen, which is checked instead. */
+TEST(logit_screen_by_default_where_it_pays) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    if (!model->be->screen_rows) {
+        CHECK(model->llm.screen == NULL);
+        SKIP("this CPU has no AVX-512 VNNI: the default makes no logit screen (checked: none made)");
+    }
+    CHECK(model->llm.screen != NULL && model->llm.screen_rows == model->be->screen_rows);
+    dg_model *off = NULL;
+    if (dg_model_open(pkg, &(dg_model_opts){.logit_screen = -1}, &off, err, sizeof err) < 0) {
+        test_fail(__FILE__, __LINE__, "model without the screen: %s", err);
+        return;
+    }
+    eight e;
+    eight_make(&e);
+    test_job with[N_JOBS] = {0}, without[N_JOBS] = {0};
+    int64_t screened = 0;
+    for (int i = 0; i < N_JOBS; i++) {
+        dg_sched *s = NULL, *s_off = NULL;
+        CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.max_inflight = 1, .draft_tokens = -1}, &s, err, sizeof err), 0);
+        CHECK_EQ_INT(dg_sched_new(off, &(dg_sched_opts){.max_inflight = 1, .draft_tokens = -1}, &s_off, err, sizeof err), 0);
+        if (!s || !s_off) {
+            dg_sched_free(s);
+            dg_sched_free(s_off);
+            break;
+        }
+        CHECK_EQ_INT(test_job_run(s, &e.J[i].r, &with[i]), 0);
+        CHECK_EQ_INT(test_job_run(s_off, &e.J[i].r, &without[i]), 0);
+        CHECK(test_job_same(&with[i], &without[i]) && !strcmp(with[i].events, without[i].events));
+        int64_t a = 0, b = 0;
+        dg_sched_screen_stats(s, &a, &b);
+        screened += a;
+        dg_sched_free(s);
+        dg_sched_free(s_off);
+    }
+    printf("  default screen (rows <= %d): %lld greedy tokens from the bounds\n", model->be->screen_rows,
+           (long long)screened);
+    CHECK(screened > 0);
+    for (int i = 0; i < N_JOBS; i++) {
+        test_job_free(&with[i]);
+        test_job_free(&without[i]);
+    }
+    eight_free(&e);
+    dg_model_close(off);
+}
+
 /* The same eight jobs on the CUDA backend: they run together to their ends (the cancelled
  * one cancelled, the drawn images of the requested size, no device fault). The answers are
  * not compared with the jobs alone: the CUDA backend computes a row differently by the
