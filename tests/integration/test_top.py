@@ -81,3 +81,9 @@ def test_top_live_in_tmux(cluster, tmpdir_path):
         assert "WORKER" not in screen()   # the alternate screen is gone: the terminal is as it was
     finally:
         tmux("kill-server")
+        # tmux leaves its socket behind when its server is killed: one stale file in
+        # /tmp/tmux-UID a run otherwise
+        try:
+            os.unlink(os.path.join(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tmux-{os.getuid()}", sock))
+        except FileNotFoundError:
+            pass
