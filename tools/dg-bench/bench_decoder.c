@@ -346,7 +346,8 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     /* with the screen: the lm_head's int8 copy instead of the lm_head (its few rows read in
      * full are left out) */
     const double lm_head_bytes = (double)m.lm_head.rows * (double)m.lm_head.cols * (double)dg_dtype_size(m.lm_head.dtype),
-                 screen_bytes = bytes - lm_head_bytes + (double)m.lm_head.rows * (double)((m.lm_head.cols + 63) / 64 * 64);
+                 copy_bytes = (double)m.lm_head.rows * (double)((m.lm_head.cols + 63) / 64 * 64),
+                 screen_bytes = bytes - lm_head_bytes + copy_bytes;
     snprintf(cmd, sizeof cmd, "decode %d", per);
     for (int r = 0, k = 0; r < rounds; r++) {
         for (int b = 0; b < 2 && r % 2; b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
@@ -413,27 +414,26 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     bench_record(out, name, n_decode / sum16, "tok/s");
     snprintf(name, sizeof name, "decode_kv_bf16_time_over_fp32_t%d", threads);
     bench_record_rounds(out, name, ratio16, rounds, "x");
-    double sums = 0;
-    for (int r = 0; r < rounds && m.screen; r++) sums += decs[r];
     if (m.screen) {
-    snprintf(name, sizeof name, "decode_screen_tok_s_t%d", threads);
-    bench_record(out, name, n_decode / sums, "tok/s");
-    snprintf(name, sizeof name, "decode_screen_time_over_full_t%d", threads);
-    bench_record_rounds(out, name, ratios, rounds, "x");
-    bench_record(out, "decode_screen_bytes_per_token_mb", screen_bytes / 1e6, "MB");
-    snprintf(name, sizeof name, "decode_screen_fraction_of_bandwidth_limit_t%d", threads);
-    bench_record(out, name, bench_median(frac_s, rounds), "(of 1)");
-    for (int b = 0; b < 2; b++)
-        if (bench_peer_live(&B[b].p)) {
-            snprintf(name, sizeof name, "decode_screen_tok_s_t%d_vs_%s", threads, B[b].label);
-            bench_record_rounds(out, name, vs_s[b], rounds, "x");
-        }
-    snprintf(name, sizeof name, "decode_screen_rows_read_per_token_t%d", threads);
-    bench_record(out, name, (double)picked / (n_decode - undecided > 0 ? n_decode - undecided : 1), "rows");
-    snprintf(name, sizeof name, "decode_screen_undecided_tokens_t%d", threads);
-    bench_record(out, name, (double)undecided, "tokens");
-    bench_record(out, "logit_screen_mb", (double)m.lm_head.rows * (double)((m.lm_head.cols + 63) / 64 * 64) / 1048576.0,
-                 "MiB");
+        double sums = 0;
+        for (int r = 0; r < rounds; r++) sums += decs[r];
+        snprintf(name, sizeof name, "decode_screen_tok_s_t%d", threads);
+        bench_record(out, name, n_decode / sums, "tok/s");
+        snprintf(name, sizeof name, "decode_screen_time_over_full_t%d", threads);
+        bench_record_rounds(out, name, ratios, rounds, "x");
+        bench_record(out, "decode_screen_bytes_per_token_mb", screen_bytes / 1e6, "MB");
+        snprintf(name, sizeof name, "decode_screen_fraction_of_bandwidth_limit_t%d", threads);
+        bench_record(out, name, bench_median(frac_s, rounds), "(of 1)");
+        for (int b = 0; b < 2; b++)
+            if (bench_peer_live(&B[b].p)) {
+                snprintf(name, sizeof name, "decode_screen_tok_s_t%d_vs_%s", threads, B[b].label);
+                bench_record_rounds(out, name, vs_s[b], rounds, "x");
+            }
+        snprintf(name, sizeof name, "decode_screen_rows_read_per_token_t%d", threads);
+        bench_record(out, name, (double)picked / (n_decode - undecided > 0 ? n_decode - undecided : 1), "rows");
+        snprintf(name, sizeof name, "decode_screen_undecided_tokens_t%d", threads);
+        bench_record(out, name, (double)undecided, "tokens");
+        bench_record(out, "logit_screen_mb", copy_bytes / 1048576.0, "MiB");
     }
     snprintf(name, sizeof name, "decode_matmuls_ms_per_token_t%d", threads);
     bench_record(out, name, sum_alone * 1e3 / n_decode, "ms");
