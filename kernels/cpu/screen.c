@@ -49,9 +49,11 @@ static inline void bound_one(const dg_screen *sc, int64_t r, int64_t S, const x_
         *lo = *hi = NAN;
         return;
     }
-    const double a = (double)sc->scale[r] * p->t * (double)S,
-                 A = (double)sc->cx[r] * p->eps + (double)sc->c1[r] * p->x1,
-                 B = (double)sc->cq[r] * p->e2 + (double)sc->c2[r] * p->x2,
+    const dg_screen_rows8 *k = &sc->k[r / 8];
+    const int l = (int)(r % 8);
+    const double a = (double)k->scale[l] * p->t * (double)S,
+                 A = (double)k->cx[l] * p->eps + (double)k->c1[l] * p->x1,
+                 B = (double)k->cq[l] * p->e2 + (double)k->c2[l] * p->x2,
                  R = (A < B ? A : B) * (1.0 + 0x1p-20) + fabs(a) * 0x1p-50 + p->tiny;
     *lo = down(a - R);
     *hi = up(a + R);
@@ -146,11 +148,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE void bounds8_vnni(
         _mm256_storeu_ps(hi, _mm256_set1_ps(NAN));
         return;
     }
-    const float *k8 = sc->k8 + r0 / 8 * 48;   /* the eight rows' constants, side by side */
-    const __m512d scale = _mm512_cvtps_pd(_mm256_load_ps(k8)), cx = _mm512_cvtps_pd(_mm256_load_ps(k8 + 8)),
-                  c1 = _mm512_cvtps_pd(_mm256_load_ps(k8 + 16)), cq = _mm512_cvtps_pd(_mm256_load_ps(k8 + 24)),
-                  c2 = _mm512_cvtps_pd(_mm256_load_ps(k8 + 32)),
-                  qoff = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_load_si256((const __m256i *)(k8 + 40))),
+    const dg_screen_rows8 *k = &sc->k[r0 / 8];   /* the eight rows' constants (r0 a multiple of 8) */
+    const __m512d scale = _mm512_cvtps_pd(_mm256_load_ps(k->scale)), cx = _mm512_cvtps_pd(_mm256_load_ps(k->cx)),
+                  c1 = _mm512_cvtps_pd(_mm256_load_ps(k->c1)), cq = _mm512_cvtps_pd(_mm256_load_ps(k->cq)),
+                  c2 = _mm512_cvtps_pd(_mm256_load_ps(k->c2)),
+                  qoff = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_load_si256((const __m256i *)k->qsum)),
                                        _mm512_set1_pd(128.0));
     const __m512d S = _mm512_add_pd(
         _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)ph)), qoff),
@@ -260,13 +262,7 @@ static const dot_fn dots[3] = {dot_portable, dot_avx2, dot_avx512};
 void dg_cpu_screen_free(dg_screen *sc) {
     if (!sc) return;
     free(sc->q);
-    free(sc->scale);
-    free(sc->cx);
-    free(sc->c1);
-    free(sc->qsum);
-    free(sc->cq);
-    free(sc->c2);
-    free(sc->k8);
+    free(sc->k);
     free(sc);
 }
 
@@ -302,13 +298,15 @@ static int screen_row(dg_screen *sc, int64_t r, const float *w, double gamma, do
         d2 += d * d;
     }
     memset(q + k, 0, (size_t)(sc->kp - k));
-    sc->scale[r] = s;
-    sc->cx[r] = up((double)s * (double)q1 * (1.0 + 0x1p-40));
-    sc->c1[r] = up((e + gamma * mx) * (1.0 + 0x1p-30));
+    dg_screen_rows8 *k8 = &sc->k[r / 8];
+    const int l = (int)(r % 8);
+    k8->scale[l] = s;
+    k8->cx[l] = up((double)s * (double)q1 * (1.0 + 0x1p-40));
+    k8->c1[l] = up((e + gamma * mx) * (1.0 + 0x1p-30));
     /* sums of k squares in double: relative errors far below 2^-30 */
-    sc->cq[r] = up((double)s * sqrt(q2) * (1.0 + 0x1p-30));
-    sc->c2[r] = up((sqrt(d2) + gamma * sqrt(w2)) * (1.0 + 0x1p-30));
-    sc->qsum[r] = (int32_t)qs;
+    k8->cq[l] = up((double)s * sqrt(q2) * (1.0 + 0x1p-30));
+    k8->c2[l] = up((sqrt(d2) + gamma * sqrt(w2)) * (1.0 + 0x1p-30));
+    k8->qsum[l] = (int32_t)qs;
     *wmax = mx;
     return 0;
 }
@@ -337,9 +335,7 @@ int dg_cpu_screen_new(const dg_cpu *c, const dg_weight *w, dg_screen **out, char
     const size_t huge = (size_t)2 << 20, qbytes = ((size_t)(n * kp) + huge - 1) / huge * huge;
     if (sc->levels < 1 || posix_memalign((void **)&sc->q, huge, qbytes)) goto nomem;
     madvise(sc->q, qbytes, MADV_HUGEPAGE);   /* advice: without it the copy still works */
-    if (!(sc->scale = malloc(sizeof(float) * (size_t)n)) || !(sc->cx = malloc(sizeof(float) * (size_t)n)) ||
-        !(sc->c1 = malloc(sizeof(float) * (size_t)n)) || !(sc->qsum = malloc(sizeof(int32_t) * (size_t)n)) ||
-        !(sc->cq = malloc(sizeof(float) * (size_t)n)) || !(sc->c2 = malloc(sizeof(float) * (size_t)n)))
+    if (posix_memalign((void **)&sc->k, 64, sizeof *sc->k * (size_t)((n + 7) / 8)))
         goto nomem;
     const double nu = (2.0 * (double)k + 64.0) * 0x1p-24, gamma = nu / (1.0 - nu);
     int64_t bad = -1;
@@ -373,12 +369,6 @@ int dg_cpu_screen_new(const dg_cpu *c, const dg_weight *w, dg_screen **out, char
         return DG_EINVAL;
     }
     sc->wmax = (float)wmax;
-    if (posix_memalign((void **)&sc->k8, 64, sizeof(float) * 48 * (size_t)(n / 8 + 1))) goto nomem;
-    for (int64_t r = 0; r < n / 8 * 8; r++) {   /* block8_vnni's copy: one stream, not six */
-        float *k8 = sc->k8 + r / 8 * 48 + r % 8;
-        k8[0] = sc->scale[r], k8[8] = sc->cx[r], k8[16] = sc->c1[r], k8[24] = sc->cq[r], k8[32] = sc->c2[r];
-        memcpy(&k8[40], &sc->qsum[r], sizeof(float));
-    }
     *out = sc;
     return 0;
 nomem:

@@ -50,21 +50,26 @@
 #define DG_SCREEN_Q 127        /* the weights' levels: q in [-127, 127] */
 #define DG_SCREEN_KP 64        /* a row of the copy (and of xq) is cols rounded up to this */
 
+/* The constants of eight rows of the copy, field by field (the VNNI kernel loads a field
+ * of eight rows at once; one stream, where six arrays were six: screen.c). */
+typedef struct {
+    float   scale[8];          /* s_r */
+    float   cx[8];             /* s_r·Σ|q_r|, rounded up */
+    float   c1[8];             /* e_r + γ·max|W[r]|, rounded up */
+    float   cq[8];             /* s_r·‖q_r‖₂, rounded up */
+    float   c2[8];             /* ‖d_r‖₂ + γ·‖W[r]‖₂, rounded up */
+    int32_t qsum[8];           /* Σ q_r (VPDPBUSD's offset) */
+} dg_screen_rows8;
+
 struct dg_screen {
     int64_t rows, cols, kp;
     int     bf16_x;            /* the matmul rounds x to bf16 (bf16 compute, a BF16 weight) */
     int     levels;            /* L: xq in [-L, L] */
     int     isa;               /* the dot kernel: 2 AVX-512 BW, 1 AVX2, 0 portable */
-    int     vnni;              /* 1: one row of x takes VPDPBUSD (AVX-512 VNNI; screen.c) */
+    int     vnni;              /* 1: VPDPBUSD's kernels (AVX-512 VNNI; screen.c) */
     float   wmax;              /* max |W| over the matrix (the overflow guard) */
     int8_t *q;                 /* [rows, kp] */
-    float  *scale;             /* [rows] s_r */
-    float  *cx;                /* [rows] s_r·Σ|q_r|, rounded up */
-    float  *c1;                /* [rows] e_r + γ·max|W[r]|, rounded up */
-    int32_t *qsum;             /* [rows] Σ q_r (VPDPBUSD's offset) */
-    float  *cq;                /* [rows] s_r·‖q_r‖₂, rounded up */
-    float  *c2;                /* [rows] ‖d_r‖₂ + γ·‖W[r]‖₂, rounded up */
-    float  *k8;                /* [rows / 8][6][8]: the same six, eight rows side by side */
+    dg_screen_rows8 *k;        /* [ceil(rows / 8)]: row r's constants at k[r / 8], lane r % 8 */
 };
 
 /* backend.h screen_new / screen_free / matmul_bounds / matmul_pick on the CPU. */
