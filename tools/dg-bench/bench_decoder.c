@@ -189,6 +189,20 @@ static double lm_head_gbs(const dg_qwen2 *m, dg_qwen2_state *s) {
     return best;
 }
 
+/* One of the decode's other ways (the KV in bf16, the screen): its tok/s over the rounds'
+ * times t[] and its time over the plain decode's, ratio[] (the median of the rounds); the
+ * keys are formats of the thread count. */
+static void record_way(json_t *out, const char *tok_key, const char *ratio_key, int threads, const double *t,
+                       double *ratio, int rounds, int n_decode) {
+    char name[96];
+    double sum = 0;
+    for (int r = 0; r < rounds; r++) sum += t[r];
+    snprintf(name, sizeof name, tok_key, threads);
+    bench_record(out, name, n_decode / sum, "tok/s");
+    snprintf(name, sizeof name, ratio_key, threads);
+    bench_record_rounds(out, name, ratio, rounds, "x");
+}
+
 /* The greedy token of the screened forward's one logits row (its bounds in s->lo, s->hi),
  * as the scheduler chooses it: from the bounds, the candidates' rows read in full; else the
  * row computed whole. *picked: the candidates' count added. -1 when the bounds did not
@@ -408,19 +422,11 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     bench_record(out, "decode_bytes_per_token_mb", bytes / 1e6, "MB");
     snprintf(name, sizeof name, "decode_fraction_of_bandwidth_limit_t%d", threads);
     bench_record(out, name, bench_median(frac, rounds), "(of 1)");
-    double sum16 = 0;
-    for (int r = 0; r < rounds; r++) sum16 += dec16[r];
-    snprintf(name, sizeof name, "decode_tok_s_t%d_kv_bf16", threads);
-    bench_record(out, name, n_decode / sum16, "tok/s");
-    snprintf(name, sizeof name, "decode_kv_bf16_time_over_fp32_t%d", threads);
-    bench_record_rounds(out, name, ratio16, rounds, "x");
+    record_way(out, "decode_tok_s_t%d_kv_bf16", "decode_kv_bf16_time_over_fp32_t%d", threads, dec16, ratio16, rounds,
+               n_decode);
     if (m.screen) {
-        double sums = 0;
-        for (int r = 0; r < rounds; r++) sums += decs[r];
-        snprintf(name, sizeof name, "decode_screen_tok_s_t%d", threads);
-        bench_record(out, name, n_decode / sums, "tok/s");
-        snprintf(name, sizeof name, "decode_screen_time_over_full_t%d", threads);
-        bench_record_rounds(out, name, ratios, rounds, "x");
+        record_way(out, "decode_screen_tok_s_t%d", "decode_screen_time_over_full_t%d", threads, decs, ratios, rounds,
+                   n_decode);
         bench_record(out, "decode_screen_bytes_per_token_mb", screen_bytes / 1e6, "MB");
         snprintf(name, sizeof name, "decode_screen_fraction_of_bandwidth_limit_t%d", threads);
         bench_record(out, name, bench_median(frac_s, rounds), "(of 1)");
