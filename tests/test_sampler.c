@@ -360,6 +360,45 @@ TEST(greedy_from_bounds_is_the_rows_token) {
     dg_sampler_free(t);
 }
 
+/* Rows the daemon never makes but the engine's API can: an infinite bias (+inf) and a NaN
+ * logit. Every mode of sampling returns a token of the vocabulary (a NaN made the top-p
+ * path's flat pass find no token and read before its candidates), the +inf token where
+ * there is one (its probability is 1), and the device path returns the host path's. */
+TEST(sampling_survives_infinite_and_nan_logits) {
+    dg_backend *be = counting_backend("cpu");
+    const int V = 3000;
+    const dg_sampler_params modes[] = {{.temperature = 0.8f}, {.temperature = 0.8f, .top_k = 40},
+                                       {.temperature = 0.8f, .top_p = 0.9f},
+                                       {.temperature = 0.8f, .top_k = 40, .top_p = 0.9f}, {.temperature = 0.0f}};
+    float *ref = malloc(sizeof(float) * (size_t)V), *host = malloc(sizeof(float) * (size_t)V),
+          *scratch = malloc(sizeof(float) * (size_t)V);
+    float *row = be->alloc(be, sizeof(float) * (size_t)V);
+    for (size_t m = 0; m < sizeof modes / sizeof *modes; m++)
+        for (int nan_at = -1; nan_at < V; nan_at += V / 3) {
+            const dg_logit_bias up = {1234, INFINITY};
+            dg_sampler_params p = modes[m];
+            p.logit_bias = nan_at < 0 ? &up : NULL;
+            p.n_logit_bias = nan_at < 0;
+            dg_sampler *a = make(V, p), *b = make(V, p);
+            for (int step = 0; step < 4; step++) {
+                for (int j = 0; j < V; j++) ref[j] = 3.0f * gauss();
+                if (nan_at >= 0) ref[nan_at] = NAN;
+                memcpy(host, ref, sizeof(float) * (size_t)V);
+                be->upload(be, row, ref, V);
+                int32_t ta = dg_sampler_sample(a, host), tb = dg_sampler_sample_device(b, be, row, -1, scratch);
+                CHECK(ta >= 0 && ta < V);
+                CHECK_EQ_INT(ta, tb);
+                if (nan_at < 0) CHECK_EQ_INT(ta, up.token);
+            }
+            dg_sampler_free(a);
+            dg_sampler_free(b);
+        }
+    be->release(be, row);
+    free(ref);
+    free(host);
+    free(scratch);
+}
+
 /* Every combination of the parameters on small vocabularies, a few rows of each kind. */
 TEST(device_path_equals_host_path) {
     const float temps[] = {0.0f, 0.1f, 0.7f, 1.3f};

@@ -194,8 +194,10 @@ static int32_t nucleus_draw(dg_sampler *s, int n, float z) {
 static int32_t choose(dg_sampler *s, const float *logits) {
     const int V = s->vocab;
     int32_t tok = argmax(logits, V);
-    /* greedy; and when every token is banned (-inf), the argmax is all there is */
-    if (s->temperature <= 0.0f || logits[tok] == -INFINITY) return tok;
+    /* greedy; and when every token is banned (-inf), the argmax is all there is; a top that
+     * is +inf (an infinite bias through the engine's API) or NaN leaves no distribution to
+     * draw from (exp(inf - inf)): its argmax, the lowest id, and no draw */
+    if (s->temperature <= 0.0f || !isfinite(logits[tok])) return tok;
     const float inv_t = 1.0f / s->temperature, mx = logits[tok] * inv_t;
     /* s->prob[i] = exp(l_i / T - max): the unnormalised distribution, computed once (the
      * CPU backend's topk sums the same expression in the same order: keep them in step) */
@@ -224,6 +226,7 @@ static int32_t choose(dg_sampler *s, const float *logits) {
             n = 0;
             for (int i = 0; i < V; i++)
                 if (s->prob[i] > floor_w) s->cand[n++] = i;
+            if (!n) return tok;   /* a NaN logit made z NaN: nothing compares above it */
             qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, s->prob);
         }
     }
