@@ -49,7 +49,7 @@ static const struct key {
         "off)"),
     INT(cpu_bf16_compute, 0, 1, "1: matmuls over bf16 weights round activations to bf16 (~1.5x prefill "
         "where the CPU has AVX-512 BF16; logits move by ~0.04) (CPU devices)"),
-    INT(logit_screen, -1, 1, "greedy tokens from bounds off an int8 copy of the lm_head, only the rows that "
+    INT(logit_screen, -1, 1, "greedy and top-k tokens from bounds off an int8 copy of the lm_head, only the rows that "
         "could win read in full: the same tokens, decode reading ~half the lm_head (memory: half the lm_head's "
         "bf16 size); 0: on where it pays (a CPU with AVX-512 VNNI), -1: off, 1: wherever the device has it"),
     INT(cpu_mapped_weights, 0, 1, "1: read weights from the memory-mapped files (page cache shared between "

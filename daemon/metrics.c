@@ -76,10 +76,10 @@ static void render(dg_worker *w, text *t) {
     metric(t, "duogen_draft_kept_total", "counter", "Drafted tokens the model chose itself: tokens that cost no step.");
     put(t, "duogen_draft_kept_total{worker=\"%s\"} %lld\n", wid, (long long)s.draft_kept);
     metric(t, "duogen_screened_tokens_total", "counter",
-           "Greedy tokens chosen from the logit screen's bounds (logit_screen): the lm_head read in full for a few rows only.");
+           "Greedy and top-k tokens chosen from the logit screen's bounds (logit_screen): the lm_head read in full for a few rows only.");
     put(t, "duogen_screened_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.screened);
     metric(t, "duogen_unscreened_tokens_total", "counter",
-           "Greedy tokens whose bounds left too many candidates: their logits computed whole.");
+           "Greedy and top-k tokens whose bounds did not decide: their logits computed whole.");
     put(t, "duogen_unscreened_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.unscreened);
     metric(t, "duogen_images_total", "counter", "Generated images.");
     put(t, "duogen_images_total{worker=\"%s\"} %lld\n", wid, (long long)s.images);

@@ -364,9 +364,9 @@ struct dg_backend {
     void (*topk)(dg_backend *be, const float *x, int n, int k, float inv_temp, float *val,
                  int32_t *idx, double *lse);
 
-    /* ---- greedy decoding from bounds: the logit screen (optional, the four together; the
-     * CPU's, kernels/cpu/screen.h). A greedy token needs the argmax of the lm_head's
-     * outputs, not all of them: bounds on every output from a coarse copy of W (int8: half
+    /* ---- greedy and top-k decoding from bounds: the logit screen (optional, the four
+     * together; the CPU's, kernels/cpu/screen.h). A greedy token needs the argmax of the
+     * lm_head's outputs, not all of them (a top-k draw its k best): bounds on every output from a coarse copy of W (int8: half
      * the bytes of bf16), then the exact outputs of the few that could win, give the token
      * the whole matmul gives, reading about half its bytes (engine/text/sampler.h
      * dg_sampler_sample_bounds; engine/MODELS.md "The logit screen"). ---- */

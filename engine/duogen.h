@@ -247,13 +247,13 @@ typedef struct {
                                        memory-mapped (page cache shared between processes);
                                        0 = copied at load into transparent huge pages, the
                                        default (decode 3-10% faster: engine/MODELS.md) */
-    int         logit_screen;       /* greedy tokens from the logit screen (engine/MODELS.md
+    int         logit_screen;       /* greedy and top-k tokens from the logit screen (MODELS.md
                                        "The logit screen"): bounds on every logit from an int8
                                        copy of the lm_head, then only the rows that could win
                                        read in full; the same tokens, a decode step reading
                                        ~half the lm_head's bytes, for that copy's memory (half
                                        the lm_head's bf16 size). 0: on where it pays (a CPU with
-                                       AVX-512 VNNI, for steps of up to 2 greedy rows at one
+                                       AVX-512 VNNI, for steps of up to 2 such rows at one
                                        thread, 4 at more), the default; -1: off; 1: wherever the
                                        device has it, for any number of rows (tests) */
     /* Called now and then during a long load (at least every few seconds), so that a
@@ -332,8 +332,8 @@ int  dg_sched_max_inflight(const dg_sched *s);
 void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out);
 /* Drafted tokens fed and kept since dg_sched_new (dg_sched_opts draft_tokens). */
 void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept);
-/* Greedy tokens chosen from the logit screen's bounds (dg_model_opts logit_screen), and
- * those whose bounds left too many candidates (their logits computed whole), since
+/* Greedy and top-k tokens chosen from the logit screen's bounds (dg_model_opts
+ * logit_screen), and those whose bounds did not decide (their logits computed whole), since
  * dg_sched_new. */
 void dg_sched_screen_stats(const dg_sched *s, int64_t *screened, int64_t *unscreened);
 

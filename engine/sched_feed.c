@@ -208,7 +208,7 @@ static int feed_take_rows(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
 /* ---- one forward for the step ---------------------------------------------------------------- */
 
 static void batch_add(dg_sched *s, int *n, dg_seq *q, dg_qwen2_input in) {
-    in.bounds = dg_sampler_greedy(q->sampler);   /* greedy from the logit screen's bounds, where there is one */
+    in.bounds = dg_sampler_bounded(q->sampler);   /* greedy or top-k from the logit screen's bounds, where there is one */
     s->batch[*n] = (dg_qwen2_batch_seq){.seq = &q->kv, .in = in, .hook = s->m->has_draw ? &s->hooks[*n] : NULL};
     s->hooks[*n] = (dg_qwen2_hook){cond_hook, q};
     s->batch_of[*n] = q;
@@ -251,7 +251,7 @@ static void pick_row(void *user, const int32_t *ids, int n, float *out) {
  * core: greedy 0.06 vs 0.56 ms, top-k 50 0.10 vs 1.2 ms, top-p 0.9 alone 0.61 vs
  * 1.2 ms, plain temperature 1.16 ms both). st->logits is its scratch for the rows the
  * candidates do not decide.
- * After a forward that left the logit screen's bounds (every row greedy), the token comes
+ * After a forward that left the logit screen's bounds (every row greedy or top-k), the token comes
  * from them, else (bounds that do not decide, rare) from the row computed whole. */
 static void sample_row(dg_sched *s, dg_seq *q, int row) {
     const dg_model *m = s->m;

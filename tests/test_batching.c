@@ -256,8 +256,11 @@ TEST(drafts_change_no_answer) {
  * lm_head read for a few rows only) — counted, so that a screen that never decided would
  * fail here — with penalties (job 1), biases (<BOV> raised by 100, the three tokens of
  * job_loop raised by 40) and the ban of <BOV> once a job's images are drawn applied to the
- * bounds; the sampled job 6 took the whole row. Exact: the screen only narrows down the
- * tokens whose exact logits are computed, and those are the lm_head's bits (matmul_pick). */
+ * bounds; the sampled job 6, given top-k 30 and top-p 0.9 here, took its tokens and draws
+ * from them too (run alone as well, so that its own count is seen), while a plain
+ * temperature job (job 7, made sampled here) took the whole row. Exact: the screen only
+ * narrows down the tokens whose exact logits are computed, and those are the lm_head's bits
+ * (matmul_pick). */
 TEST(logit_screen_changes_no_answer) {
     if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
@@ -276,6 +279,10 @@ TEST(logit_screen_changes_no_answer) {
     for (size_t i = 0; i < sizeof loops / sizeof loops[0]; i++) job_loop(&e.J[loops[i]]);
     e.J[1].r.text.set |= DG_TEXT_REPETITION_PENALTY;
     e.J[1].r.text.repetition_penalty = 1.3f;
+    e.J[6].r.text.set |= DG_TEXT_TOP_K | DG_TEXT_TOP_P;
+    e.J[6].r.text.top_k = 30;
+    e.J[6].r.text.top_p = 0.9f;
+    e.J[7].r.text.temperature = 0.8f;
     test_job with[N_JOBS] = {0}, without[N_JOBS] = {0};
     dg_sched *s = NULL, *s_off = NULL;
     run_batched(on, &e, with, &s, 7);
@@ -285,7 +292,7 @@ TEST(logit_screen_changes_no_answer) {
     int64_t screened = 0, unscreened = 0, screened_off = 0, unscreened_off = 0;
     if (s) dg_sched_screen_stats(s, &screened, &unscreened);
     if (s_off) dg_sched_screen_stats(s_off, &screened_off, &unscreened_off);
-    printf("  greedy tokens from the bounds: %lld, from the whole row: %lld (without the screen: %lld, %lld)\n",
+    printf("  tokens from the bounds: %lld, from the whole row: %lld (without the screen: %lld, %lld)\n",
            (long long)screened, (long long)unscreened, (long long)screened_off, (long long)unscreened_off);
     CHECK(screened > 0 && screened_off == 0 && unscreened_off == 0);
     for (int i = 0; i < N_JOBS; i++) {
@@ -294,6 +301,29 @@ TEST(logit_screen_changes_no_answer) {
     }
     dg_sched_free(s);
     dg_sched_free(s_off);
+    /* job 6 alone (one sequence, drafts off: one logits row a step): top-k with top-p from
+     * the bounds, the same answer and draws; job 7 (plain temperature) alone: never */
+    for (int j = 6; j <= 7; j++) {
+        test_job one = {0}, one_off = {0};
+        s = s_off = NULL;
+        CHECK_EQ_INT(dg_sched_new(on, &(dg_sched_opts){.max_inflight = 1, .draft_tokens = -1}, &s, err, sizeof err), 0);
+        CHECK_EQ_INT(dg_sched_new(off, &(dg_sched_opts){.max_inflight = 1, .draft_tokens = -1}, &s_off, err, sizeof err),
+                     0);
+        if (s && s_off) {
+            CHECK_EQ_INT(test_job_run(s, &e.J[j].r, &one), 0);
+            CHECK_EQ_INT(test_job_run(s_off, &e.J[j].r, &one_off), 0);
+            CHECK(test_job_same(&one, &one_off) && !strcmp(one.events, one_off.events));
+            dg_sched_screen_stats(s, &screened, &unscreened);
+            printf("  job %d alone (T %g top_k %d): tokens from the bounds %lld, from the whole row %lld\n", j,
+                   e.J[j].r.text.temperature, e.J[j].r.text.top_k, (long long)screened, (long long)unscreened);
+            if (j == 6) CHECK(screened > 0);
+            else CHECK(screened == 0 && unscreened == 0);
+        }
+        test_job_free(&one);
+        test_job_free(&one_off);
+        dg_sched_free(s);
+        dg_sched_free(s_off);
+    }
     eight_free(&e);
     dg_model_close(off);
     dg_model_close(on);

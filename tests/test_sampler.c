@@ -257,13 +257,17 @@ TEST(device_ops_cpu) {
     }
 }
 
-/* Greedy from bounds (dg_sampler_sample_bounds, the logit screen's path) picks the token
- * the device path picks from the whole row: rows of every kind, with and without penalty and
- * biases (an infinite one among them) and the ban, under bounds of random widths around the
- * row (zero, ulps, the row's spread, one side only), each token's exact value handed out
- * only when asked for (and each token asked for at most once). Where the bounds cannot
- * decide (NaN, more than DG_SAMPLER_BOUNDS_MAX candidates, every token -inf) it returns -1
- * and accepts nothing: the next greedy choice is still the one the device path makes. */
+/* A choice from bounds (dg_sampler_sample_bounds, the logit screen's path) is the token the
+ * device path picks from the whole row, and a sampled one makes the same draws: greedy and
+ * top-k (k 1, 2, 40 and DG_SAMPLER_BOUNDS_TOPK, with and without top-p) over rows of every
+ * kind, with and without penalty and biases (an infinite one among them) and the ban, under
+ * bounds of random widths around the row (zero, ulps, the row's spread, one side only), each
+ * token's exact value handed out only when asked for (and each token asked for at most
+ * once); the two samplers' streams of tokens stay equal step after step, so their draws
+ * did. Where the bounds cannot decide (NaN, more than DG_SAMPLER_BOUNDS_MAX candidates,
+ * every token -inf, an infinite best value when sampling, the k-th weight too close to one
+ * left out) it returns -1 and accepts and draws nothing: the next choice is still the one
+ * the device path makes. */
 typedef struct {
     const float *row;
     int          asked, twice;
@@ -280,11 +284,15 @@ static void pick_exact(void *user, const int32_t *ids, int n, float *out) {
     b->asked += n;
 }
 
-TEST(greedy_from_bounds_is_the_rows_token) {
+TEST(choice_from_bounds_is_the_rows_token) {
     dg_backend *be = counting_backend("cpu");
     const int vocabs[] = {5, 97, 1500, 5000};
-    int decided = 0, undecided = 0;
-    long asked = 0;
+    const struct { float t; int k; float p; } modes[] = {
+        {0.0f, 0, 1.0f}, {0.7f, 1, 1.0f}, {0.7f, 2, 0.6f}, {0.9f, 40, 1.0f}, {1.3f, 40, 0.8f},
+        {1.0f, DG_SAMPLER_BOUNDS_TOPK, 0.95f}};
+    const int n_modes = (int)(sizeof modes / sizeof *modes);
+    int decided[6] = {0}, undecided[6] = {0};
+    long asked[6] = {0};
     for (size_t v = 0; v < sizeof vocabs / sizeof *vocabs; v++) {
         const int V = vocabs[v];
         dg_logit_bias bias[4] = {{V / 3, 2.5f}, {V - 1, -INFINITY}, {V / 3, -1.0f}, {0, INFINITY}};
@@ -292,11 +300,15 @@ TEST(greedy_from_bounds_is_the_rows_token) {
               *hi = malloc(sizeof(float) * (size_t)V), *scratch = malloc(sizeof(float) * (size_t)V);
         float *row = be->alloc(be, sizeof(float) * (size_t)V);
         uint8_t *seen = malloc((size_t)V);
+        for (int mode = 0; mode < n_modes; mode++)
         for (int kind = 0; kind < ROW_KINDS; kind++)
             for (int pen = 0; pen < 2; pen++)
                 for (int nb = 0; nb <= 4; nb += 2) {
-                    dg_sampler_params p = {.repetition_penalty = pen ? 1.3f : 1.0f, .logit_bias = nb ? bias : NULL,
-                                           .n_logit_bias = (size_t)(nb == 4 && kind % 2 ? 3 : nb)};
+                    dg_sampler_params p = {.temperature = modes[mode].t, .top_k = modes[mode].k,
+                                           .top_p = modes[mode].p, .repetition_penalty = pen ? 1.3f : 1.0f,
+                                           .logit_bias = nb ? bias : NULL,
+                                           .n_logit_bias = (size_t)(nb == 4 && kind % 2 ? 3 : nb),
+                                           .seed = (uint64_t)(mode * 1000 + kind * 10 + pen + nb)};
                     dg_sampler *a = make(V, p), *b = make(V, p);
                     for (int i = 0; i < 24; i++) {
                         int32_t t = (int32_t)(rnd32() % (uint32_t)V);
@@ -322,23 +334,27 @@ TEST(greedy_from_bounds_is_the_rows_token) {
                         bounds_pick bp = {.row = ref, .seen = seen};
                         memset(seen, 0, (size_t)V);
                         int32_t tb = dg_sampler_sample_bounds(b, lo, hi, ban, pick_exact, &bp);
-                        asked += bp.asked;
                         CHECK_EQ_INT(bp.twice, 0);
-                        if (tb < 0) {   /* not decided: nothing accepted; the whole row decides */
-                            undecided++;
+                        if (tb < 0) {   /* not decided: nothing accepted or drawn; the whole row decides */
+                            undecided[mode]++;
                             be->upload(be, row, ref, V);
                             tb = dg_sampler_sample_device(b, be, row, ban, scratch);
                         } else {
-                            decided++;
+                            decided[mode]++;
+                            asked[mode] += bp.asked;
                         }
                         if (ta != tb) {
-                            test_fail(__FILE__, __LINE__, "V %d %s step %d penalty %d biases %zu ban %d: row %d, bounds %d",
-                                      V, ROW_NAMES[kind], step, pen, p.n_logit_bias, ban, ta, tb);
+                            test_fail(__FILE__, __LINE__, "V %d %s step %d T %g top_k %d top_p %g penalty %d biases %zu "
+                                      "ban %d: row %d, bounds %d", V, ROW_NAMES[kind], step, p.temperature, p.top_k,
+                                      p.top_p, pen, p.n_logit_bias, ban, ta, tb);
                             break;
                         }
-                        /* decided where it must be: narrow bounds of a peaked row */
-                        if (kind == ROW_LM && w < 1.0f && !(step == 1 && kind == ROW_GAUSS) && V > 5)
-                            CHECK(bp.asked > 0 && bp.asked <= 64);
+                        /* decided where it must be: narrow bounds of a peaked row (the candidates: the k
+                         * best and the few the bounds cannot tell from the k-th) */
+                        if (kind == ROW_LM && w < 1.0f && V > 5 * (modes[mode].k + 1) && !(nb == 4 && kind % 2)) {
+                            CHECK(tb >= 0);
+                            CHECK(bp.asked > 0 && bp.asked <= modes[mode].k + 64);
+                        }
                     }
                     dg_sampler_free(a);
                     dg_sampler_free(b);
@@ -350,14 +366,27 @@ TEST(greedy_from_bounds_is_the_rows_token) {
         free(scratch);
         free(seen);
     }
-    printf("  decided from the bounds %d, not %d; exact values asked for %.1f a decided row\n", decided, undecided,
-           decided ? (double)asked / decided : 0.0);
-    CHECK(decided > undecided);
-    /* not greedy: never decided here */
-    dg_sampler *t = make(8, (dg_sampler_params){.temperature = 0.7f});
-    float l8[8] = {0}, h8[8] = {1, 1, 1, 1, 1, 1, 1, 1};
-    CHECK_EQ_INT(dg_sampler_sample_bounds(t, l8, h8, -1, pick_exact, NULL), -1);
-    dg_sampler_free(t);
+    for (int mode = 0; mode < n_modes; mode++) {
+        printf("  T %g top_k %d top_p %g: decided from the bounds %d, not %d; exact values asked for %.1f a decided "
+               "row\n", modes[mode].t, modes[mode].k, modes[mode].p, decided[mode], undecided[mode],
+               decided[mode] ? (double)asked[mode] / decided[mode] : 0.0);
+        CHECK(decided[mode] > 0);
+    }
+    CHECK(decided[0] > undecided[0]);
+    /* plain temperature, top-p alone and a top-k over DG_SAMPLER_BOUNDS_TOPK: never decided */
+    const dg_sampler_params never[] = {{.temperature = 0.7f}, {.temperature = 0.7f, .top_p = 0.9f},
+                                       {.temperature = 0.7f, .top_k = DG_SAMPLER_BOUNDS_TOPK + 1}};
+    for (size_t i = 0; i < sizeof never / sizeof *never; i++) {
+        const int V = 600;
+        dg_sampler *t = make(V, never[i]);
+        float *l = calloc((size_t)V, sizeof *l), *h = calloc((size_t)V, sizeof *h);
+        h[3] = 1.0f;
+        CHECK(!dg_sampler_bounded(t));
+        CHECK_EQ_INT(dg_sampler_sample_bounds(t, l, h, -1, pick_exact, NULL), -1);
+        dg_sampler_free(t);
+        free(l);
+        free(h);
+    }
 }
 
 /* Rows the daemon never makes but the engine's API can: an infinite bias (+inf) and a NaN

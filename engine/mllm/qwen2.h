@@ -84,7 +84,7 @@ typedef struct {
     int            logits_on_device; /* 1: the logits stay in s->dev_logits (the caller samples
                                  there: dg_sampler_sample_device); 0: also copied to s->logits */
     int            bounds;    /* 1: this sequence's logits rows may come as bounds (its caller
-                                 chooses greedily: dg_sampler_sample_bounds): where the model
+                                 chooses greedily or by top-k: dg_sampler_sample_bounds): where the model
                                  has a screen, every sequence of the forward asks for them and
                                  the forward has at most m->screen_rows logits rows,
                                  s->bounded is set, s->lo and s->hi hold each logits row's

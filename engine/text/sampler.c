@@ -347,9 +347,11 @@ int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int3
     return tok;
 }
 
-/* ---- greedy from bounds ------------------------------------------------------------------ */
+/* ---- choices from bounds ------------------------------------------------------------------ */
 
-int dg_sampler_greedy(const dg_sampler *s) { return s->temperature <= 0.0f; }
+int dg_sampler_bounded(const dg_sampler *s) {
+    return s->temperature <= 0.0f || (s->top_k > 0 && s->top_k <= DG_SAMPLER_BOUNDS_TOPK);
+}
 
 /* adjust() and the device path's ban for one token: the same operations in the same order
  * (penalty, the biases as listed, then -inf added), so the same bits. */
@@ -360,43 +362,96 @@ static float adjust_one(const dg_sampler *s, int32_t j, float v, int32_t ban) {
     return j == ban ? v + -INFINITY : v;
 }
 
-/* Greedy from bounds: the bounds go through the penalty, the biases and the ban in place
- * (adjust() on each, the ban's -inf added), so that lo'[j] <= f_j(row[j]) <= hi'[j] for each
- * token's adjustment f_j: every step is monotone, and rounding keeps it so. (Into copies,
- * two 600 KB memcpys a token at V = 151936, it took 0.21 ms.) */
+/* The k-th largest of x[0..n) (1 <= k <= n, no NaN), h[0..k) scratch: a min-heap of the
+ * k largest so far, its least at h[0]. */
+static float kth_largest(const float *x, int n, int k, float *h) {
+    for (int i = 0; i < k; i++) h[i] = x[i];
+    for (int i = k / 2 - 1; i >= 0; i--)
+        for (int j = i;;) {   /* sift down */
+            int c = 2 * j + 1;
+            if (c >= k) break;
+            if (c + 1 < k && h[c + 1] < h[c]) c++;
+            if (!(h[c] < h[j])) break;
+            float t = h[j]; h[j] = h[c]; h[c] = t;
+            j = c;
+        }
+    for (int i = k; i < n; i++) {
+        if (!(x[i] > h[0])) continue;
+        h[0] = x[i];
+        for (int j = 0;;) {
+            int c = 2 * j + 1;
+            if (c >= k) break;
+            if (c + 1 < k && h[c + 1] < h[c]) c++;
+            if (!(h[c] < h[j])) break;
+            float t = h[j]; h[j] = h[c]; h[c] = t;
+            j = c;
+        }
+    }
+    return h[0];
+}
+
+/* The bounds go through the penalty, the biases and the ban in place (adjust() on each, the
+ * ban's -inf added), so that lo'[j] <= f_j(row[j]) <= hi'[j] for each token's adjustment
+ * f_j: every step is monotone, and rounding keeps it so. (Into copies, two 600 KB memcpys a
+ * token at V = 151936, it took 0.21 ms.)
+ *
+ * With k = 1 (greedy) or top_k: L = the k-th largest lower bound. At least k tokens are
+ * worth >= L, so a token whose upper bound is below L is not among the k best: the
+ * candidates are the tokens with hi' >= L, and their exact values are asked for. Greedy
+ * takes the largest (the lowest id on ties). Top-k weighs them as choose() does (the same
+ * expression, the same maximum: the best token is a candidate), orders them as top() does
+ * and keeps the first k: the host's k when every other token's weight is below the k-th,
+ * which holds where exp(H / T - max), H the largest upper bound left out, is two ulps below
+ * it (expf is within an ulp of a monotone function, as candidates() allows) or is 0 (left
+ * out weights are then 0, as in candidates(): a zero weight changes no sum and is never
+ * drawn). Then top-p and the draw over them: nucleus_draw(), as both other paths. */
 int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ban, dg_sampler_pick_fn pick,
                                  void *user) {
-    const int V = s->vocab;
-    if (s->temperature > 0.0f) return -1;
+    const int V = s->vocab, greedy = s->temperature <= 0.0f, k = greedy ? 1 : s->top_k;
+    if (!dg_sampler_bounded(s)) return -1;
     adjust(s, lo);
     adjust(s, hi);
     if (ban >= 0 && ban < V) {
         lo[ban] += -INFINITY;
         hi[ban] += -INFINITY;
     }
-    float best = -INFINITY;
     int nan = 0;
+    float cut = -INFINITY;
     for (int j = 0; j < V; j++) {
         nan |= isnan(lo[j]) | isnan(hi[j]);
-        best = lo[j] > best ? lo[j] : best;
+        cut = lo[j] > cut ? lo[j] : cut;
     }
-    if (nan || best == -INFINITY) return -1;   /* -inf: nothing is bounded away from it, every token may tie */
+    if (nan) return -1;
+    if (k > 1) cut = kth_largest(lo, V, k, s->weight);
+    if (cut == -INFINITY) return -1;   /* nothing is bounded away from it, every token may tie */
     int n = 0;
+    float out = -INFINITY;   /* the largest upper bound left out */
     for (int j = 0; j < V; j++)
-        if (hi[j] >= best) {
+        if (hi[j] >= cut) {
             if (n == DG_SAMPLER_BOUNDS_MAX) return -1;
             s->cand[n++] = j;
+        } else {
+            out = hi[j] > out ? hi[j] : out;
         }
-    pick(user, s->cand, n, s->prob);
-    int32_t tok = -1;
-    float top = 0.0f;
+    if (n < k) return -1;   /* bounds that cross (lo > hi): not bounds */
+    float *v = s->weight;
+    pick(user, s->cand, n, v);
+    int best = -1;
     for (int i = 0; i < n; i++) {
-        const float v = adjust_one(s, s->cand[i], s->prob[i], ban);
-        if (isnan(v)) return -1;
-        if (tok < 0 || v > top) {
-            tok = s->cand[i];
-            top = v;
-        }
+        v[i] = adjust_one(s, s->cand[i], v[i], ban);
+        if (isnan(v[i])) return -1;
+        if (best < 0 || v[i] > v[best]) best = i;
+    }
+    int32_t tok = s->cand[best];
+    if (!greedy) {
+        if (!isfinite(v[best])) return -1;   /* an infinite bias: the whole row's path decides */
+        const float inv_t = 1.0f / s->temperature, mx = v[best] * inv_t;
+        for (int i = 0; i < n; i++) s->prob[s->cand[i]] = expf(v[i] * inv_t - mx);
+        qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, s->prob);
+        for (int i = 0; i < k; i++) s->weight[i] = s->prob[s->cand[i]];
+        const float w_out = expf(out * inv_t - mx);
+        if (w_out != 0.0f && !(s->weight[k - 1] > nextafterf(nextafterf(w_out, INFINITY), INFINITY))) return -1;
+        tok = nucleus_draw(s, k, 0.0f);
     }
     dg_sampler_accept(s, tok);
     return tok;

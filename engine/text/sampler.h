@@ -62,25 +62,32 @@ int32_t dg_sampler_sample(dg_sampler *s, float *logits);
 int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int32_t ban,
                                  float *host);
 
-/* 1 when s chooses greedily (temperature <= 0): the only case dg_sampler_sample_bounds
- * decides. */
-int     dg_sampler_greedy(const dg_sampler *s);
+/* 1 when dg_sampler_sample_bounds can decide s's choices: greedy (temperature <= 0), or
+ * top-k with k <= DG_SAMPLER_BOUNDS_TOPK (with or without top-p: over the top k, the
+ * distribution needs no other token). Plain temperature sampling and top-p alone normalise
+ * over the whole vocabulary, which bounds do not give exactly. */
+#define DG_SAMPLER_BOUNDS_TOPK 256
+int     dg_sampler_bounded(const dg_sampler *s);
 
 /* The values of some tokens of the row being sampled: out[i] for ids[i], i < n (ids
  * ascending; n <= DG_SAMPLER_BOUNDS_MAX). */
 typedef void (*dg_sampler_pick_fn)(void *user, const int32_t *ids, int n, float *out);
 #define DG_SAMPLER_BOUNDS_MAX 1024
 
-/* Greedy from bounds: the token dg_sampler_sample_device would pick (ban as there) from a
- * row that is not at hand, given lo[j] <= row[j] <= hi[j] for every token j (HOST arrays
- * [vocab]; the logit screen's, backend.h matmul_bounds; overwritten: the adjustments are
- * applied to them in place) and pick() for the exact values of the tokens asked for. The penalty and the biases are monotone in a logit, so they are
- * applied to both bounds; every token whose upper bound reaches the best lower bound is a
- * candidate, and among their exact values (adjusted as the row would have been) the
- * largest wins, the lowest id on ties: the same token, whatever the bounds' width. Accepts
- * it. -1 (nothing accepted) when s is not greedy, a bound is NaN, or more than
- * DG_SAMPLER_BOUNDS_MAX tokens are candidates (a flat row, or all banned): the caller then
- * computes the row and calls dg_sampler_sample_device. No allocation. */
+/* The token dg_sampler_sample_device would choose (ban as there) from a row that is not at
+ * hand, given lo[j] <= row[j] <= hi[j] for every token j (HOST arrays [vocab]; the logit
+ * screen's, backend.h matmul_bounds; overwritten: the adjustments are applied to them in
+ * place) and pick() for the exact values of the tokens asked for. The penalty and the
+ * biases are monotone in a logit, so they are applied to both bounds; every token whose
+ * upper bound reaches the k-th best lower bound (k = 1 greedy, else top_k) is a candidate,
+ * and their exact values (adjusted as the row would have been) decide: greedy the largest,
+ * the lowest id on ties; top-k the k best weights, then top-p and the draw as the other
+ * paths do them: the same token and the same draws, whatever the bounds' width, where the
+ * k-th weight is shown above every weight left out (sampler.c). Accepts it. -1 (nothing
+ * accepted, no draw made) when !dg_sampler_bounded(s), a bound is NaN, more than
+ * DG_SAMPLER_BOUNDS_MAX tokens are candidates (a flat row, or all banned), the best value
+ * is infinite (sampling), or the k-th weight is not shown: the caller then computes the row
+ * and calls dg_sampler_sample_device. No allocation. */
 int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ban, dg_sampler_pick_fn pick,
                                  void *user);
 
