@@ -41,7 +41,12 @@
  * decode_screen_tok_s_tN, decode_screen_time_over_full_tN, decode_screen_tok_s_tN_vs_llamacpp,
  * its fraction of the limit its own bytes imply (the int8 copy in the lm_head's place), the
  * candidates a token read in full, and the tokens the bounds did not decide (the row
- * computed whole). The same token ids are fed in all three. 
+ * computed whole). And a fourth in turn, the screen with a top-k sampler (k 50, T 1, top-p
+ * 0.95: a common sampled job), its choice and draw from the bounds with the k best and
+ * those the bounds cannot tell from the k-th read in full: decode_screen_topk50_tok_s_tN,
+ * decode_screen_topk50_time_over_full_tN (against the plain decode's forward alone, which
+ * leaves out the whole row's own top-k choice, ~0.1 ms), the rows read in full a token.
+ * The same token ids are fed in all four. 
  * Peak RSS is taken before the bandwidth's buffer and the bf16 cache are made, and is each
  * thread count's own. */
 #include <stdio.h>
@@ -203,10 +208,10 @@ static void record_way(json_t *out, const char *tok_key, const char *ratio_key, 
     bench_record_rounds(out, name, ratio, rounds, "x");
 }
 
-/* The greedy token of the screened forward's one logits row (its bounds in s->lo, s->hi),
- * as the scheduler chooses it: from the bounds, the candidates' rows read in full; else the
- * row computed whole. *picked: the candidates' count added. -1 when the bounds did not
- * decide. */
+/* The token of the screened forward's one logits row (its bounds in s->lo, s->hi), greedy
+ * or sampled, as the scheduler chooses it: from the bounds, the candidates' rows read in
+ * full; else the row computed whole. *picked: the candidates' count added. -1 when the
+ * bounds did not decide. */
 typedef struct {
     const dg_qwen2 *m;
     dg_qwen2_state *s;
@@ -219,11 +224,11 @@ static void screen_pick_rows(void *user, const int32_t *ids, int n, float *out) 
     *p->picked += n;
 }
 
-static int screen_choose(const dg_qwen2 *m, dg_qwen2_state *s, dg_sampler *greedy, long *picked) {
+static int screen_choose(const dg_qwen2 *m, dg_qwen2_state *s, dg_sampler *sampler, long *picked) {
     screen_pick p = {m, s, picked};
-    if (dg_sampler_sample_bounds(greedy, s->lo, s->hi, -1, screen_pick_rows, &p) >= 0) return 0;
+    if (dg_sampler_sample_bounds(sampler, s->lo, s->hi, -1, screen_pick_rows, &p) >= 0) return 0;
     dg_qwen2_logits_row(m, s, 0);
-    dg_sampler_sample_device(greedy, s->be, s->dev_logits, -1, s->logits);
+    dg_sampler_sample_device(sampler, s->be, s->dev_logits, -1, s->logits);
     return -1;
 }
 
@@ -273,9 +278,9 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_st *st = NULL;
     dg_qwen2 m = {0};
     dg_qwen2_state *s = NULL;
-    dg_kv_cache *kv = NULL, *kv16 = NULL, *kvs = NULL;   /* the KV in fp32 (the default), in bf16, and the screen's */
-    dg_kv_seq seq = {0}, seq16 = {0}, seqs = {0};
-    dg_sampler *greedy = NULL;
+    dg_kv_cache *kv = NULL, *kv16 = NULL, *kvs = NULL, *kvt = NULL;   /* fp32 (the default), bf16, the screen's two */
+    dg_kv_seq seq = {0}, seq16 = {0}, seqs = {0}, seqt = {0};
+    dg_sampler *greedy = NULL, *topk = NULL;
     baseline B[2] = {{.who = "llama.cpp", .label = "llamacpp", .cmd = ctx->llamacpp,
                       .file = "build/bench/llamacpp_decoder.json", .p = {.pid = -1, .from = -1}, .argmax = -1},
                      {.who = "transformers", .label = "transformers", .cmd = ctx->transformers,
@@ -288,7 +293,8 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     double ours_dec[DECODE_ROUNDS], alone[DECODE_ROUNDS], bw[DECODE_ROUNDS], dec16[DECODE_ROUNDS], ratio16[DECODE_ROUNDS];
     double frac[DECODE_ROUNDS], frac_alone[DECODE_ROUNDS], head[DECODE_ROUNDS], frac_head[DECODE_ROUNDS];
     double decs[DECODE_ROUNDS], ratios[DECODE_ROUNDS], frac_s[DECODE_ROUNDS], vs_s[2][DECODE_ROUNDS];
-    long picked = 0, undecided = 0;
+    double dect[DECODE_ROUNDS], ratiot[DECODE_ROUNDS];
+    long picked = 0, undecided = 0, picked_t = 0, undecided_t = 0;
     for (int b = 0; b < 2; b++) {
         if (!B[b].cmd) continue;
         snprintf(cmd, sizeof cmd, "%s --threads %d%s", B[b].cmd, threads, ctx->quick ? " --quick" : "");
@@ -347,14 +353,21 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         goto fail;
     in = (dg_qwen2_input){.ids = ids, .n = n_prompt, .n_logits = 1};
     if (dg_qwen2_forward(&m, s, kv16, &seq16, &in, NULL, err, sizeof err) < 0) goto fail;
-    /* and into a third (fp32) for the decode with the logit screen */
-    const int ways = m.screen ? 3 : 2;
+    /* and into a third and a fourth (fp32) for the decode with the logit screen, greedy and top-k */
+    const int ways = m.screen ? 4 : 2;
     if (!m.screen) printf("  no logit screen on this CPU (it pays with AVX-512 VNNI): no decode_screen figures\n");
     if (m.screen && (dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
                                      (n_prompt + n_decode) / 16 + 2, DG_DTYPE_F32, &kvs, err, sizeof err) < 0 ||
+                     dg_kv_cache_new(be, cfg.text.n_layers, cfg.text.n_kv_heads * cfg.text.head_dim, 16,
+                                     (n_prompt + n_decode) / 16 + 2, DG_DTYPE_F32, &kvt, err, sizeof err) < 0 ||
                      dg_kv_seq_init(&seqs, n_prompt + n_decode, 16) < 0 ||
+                     dg_kv_seq_init(&seqt, n_prompt + n_decode, 16) < 0 ||
                      dg_sampler_new(cfg.text.vocab_size, &(dg_sampler_params){0}, &greedy, err, sizeof err) < 0 ||
-                     dg_qwen2_forward(&m, s, kvs, &seqs, &in, NULL, err, sizeof err) < 0))
+                     dg_sampler_new(cfg.text.vocab_size,
+                                    &(dg_sampler_params){.temperature = 1.0f, .top_k = 50, .top_p = 0.95f, .seed = 1},
+                                    &topk, err, sizeof err) < 0 ||
+                     dg_qwen2_forward(&m, s, kvs, &seqs, &in, NULL, err, sizeof err) < 0 ||
+                     dg_qwen2_forward(&m, s, kvt, &seqt, &in, NULL, err, sizeof err) < 0))
         goto fail;
     const double bytes = decode_bytes_per_token(st, cfg.text.tie_word_embeddings);
     /* with the screen: the lm_head's int8 copy instead of the lm_head (its few rows read in
@@ -365,21 +378,24 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     snprintf(cmd, sizeof cmd, "decode %d", per);
     for (int r = 0, k = 0; r < rounds; r++) {
         for (int b = 0; b < 2 && r % 2; b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
-        for (int way = 0; way < ways; way++) {   /* fp32 KV, bf16 KV, the screen: the same tokens, in turn */
+        /* fp32 KV, bf16 KV, the screen greedy and top-k: the same tokens, in turn */
+        dg_kv_cache *const kvw[4] = {kv, kv16, kvs, kvt};
+        dg_kv_seq *const seqw[4] = {&seq, &seq16, &seqs, &seqt};
+        double *const tw[4] = {&ours_dec[r], &dec16[r], &decs[r], &dect[r]};
+        for (int way = 0; way < ways; way++) {
             const int which = (way + r) % ways;
             double t0 = bench_now_ms();
             for (int i = 0; i < per; i++) {
-                in = (dg_qwen2_input){.ids = &ids[(k + i) % n_prompt], .n = 1, .n_logits = 1, .bounds = which == 2};
-                if (dg_qwen2_forward(&m, s, which == 1 ? kv16 : which == 2 ? kvs : kv,
-                                     which == 1 ? &seq16 : which == 2 ? &seqs : &seq, &in, NULL, err, sizeof err) < 0)
-                    goto fail;
+                in = (dg_qwen2_input){.ids = &ids[(k + i) % n_prompt], .n = 1, .n_logits = 1, .bounds = which >= 2};
+                if (dg_qwen2_forward(&m, s, kvw[which], seqw[which], &in, NULL, err, sizeof err) < 0) goto fail;
                 if (which == 2 && screen_choose(&m, s, greedy, &picked) < 0) undecided++;
+                if (which == 3 && screen_choose(&m, s, topk, &picked_t) < 0) undecided_t++;
             }
-            *(which == 1 ? &dec16[r] : which == 2 ? &decs[r] : &ours_dec[r]) = (bench_now_ms() - t0) / 1e3;
+            *tw[which] = (bench_now_ms() - t0) / 1e3;
         }
         k += per;
         ratio16[r] = dec16[r] / ours_dec[r];
-        if (m.screen) ratios[r] = decs[r] / ours_dec[r];
+        if (m.screen) ratios[r] = decs[r] / ours_dec[r], ratiot[r] = dect[r] / ours_dec[r];
         alone[r] = matmuls_alone_ms(&m, s, per) / 1e3;
         head[r] = lm_head_gbs(&m, s);
         for (int b = 0; b < 2 && !(r % 2); b++) B[b].dec[r] = bench_peer_turn(&B[b].p, B[b].who, cmd, NULL);
@@ -439,6 +455,12 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         bench_record(out, name, (double)picked / (n_decode - undecided > 0 ? n_decode - undecided : 1), "rows");
         snprintf(name, sizeof name, "decode_screen_undecided_tokens_t%d", threads);
         bench_record(out, name, (double)undecided, "tokens");
+        record_way(out, "decode_screen_topk50_tok_s_t%d", "decode_screen_topk50_time_over_full_t%d", threads, dect,
+                   ratiot, rounds, n_decode);
+        snprintf(name, sizeof name, "decode_screen_topk50_rows_read_per_token_t%d", threads);
+        bench_record(out, name, (double)picked_t / (n_decode - undecided_t > 0 ? n_decode - undecided_t : 1), "rows");
+        snprintf(name, sizeof name, "decode_screen_topk50_undecided_tokens_t%d", threads);
+        bench_record(out, name, (double)undecided_t, "tokens");
         bench_record(out, "logit_screen_mb", copy_bytes / 1048576.0, "MiB");
     }
     snprintf(name, sizeof name, "decode_matmuls_ms_per_token_t%d", threads);
@@ -474,7 +496,11 @@ out:
     if (kvs) dg_kv_seq_release(kvs, &seqs);
     dg_kv_seq_free(&seqs);
     dg_kv_cache_free(kvs);
+    if (kvt) dg_kv_seq_release(kvt, &seqt);
+    dg_kv_seq_free(&seqt);
+    dg_kv_cache_free(kvt);
     dg_sampler_free(greedy);
+    dg_sampler_free(topk);
     if (m.be) dg_qwen2_state_free(&m, s);
     dg_qwen2_unload(&m);
     dg_st_close(st);
