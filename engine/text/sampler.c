@@ -362,31 +362,28 @@ static float adjust_one(const dg_sampler *s, int32_t j, float v, int32_t ban) {
     return j == ban ? v + -INFINITY : v;
 }
 
+/* Restores the min-heap h[0..k) below position j. */
+static void sift_down_min(float *h, int k, int j) {
+    for (;;) {
+        int c = 2 * j + 1;
+        if (c >= k) return;
+        if (c + 1 < k && h[c + 1] < h[c]) c++;
+        if (!(h[c] < h[j])) return;
+        float t = h[j]; h[j] = h[c]; h[c] = t;
+        j = c;
+    }
+}
+
 /* The k-th largest of x[0..n) (1 <= k <= n, no NaN), h[0..k) scratch: a min-heap of the
  * k largest so far, its least at h[0]. */
 static float kth_largest(const float *x, int n, int k, float *h) {
     for (int i = 0; i < k; i++) h[i] = x[i];
-    for (int i = k / 2 - 1; i >= 0; i--)
-        for (int j = i;;) {   /* sift down */
-            int c = 2 * j + 1;
-            if (c >= k) break;
-            if (c + 1 < k && h[c + 1] < h[c]) c++;
-            if (!(h[c] < h[j])) break;
-            float t = h[j]; h[j] = h[c]; h[c] = t;
-            j = c;
+    for (int i = k / 2 - 1; i >= 0; i--) sift_down_min(h, k, i);
+    for (int i = k; i < n; i++)
+        if (x[i] > h[0]) {
+            h[0] = x[i];
+            sift_down_min(h, k, 0);
         }
-    for (int i = k; i < n; i++) {
-        if (!(x[i] > h[0])) continue;
-        h[0] = x[i];
-        for (int j = 0;;) {
-            int c = 2 * j + 1;
-            if (c >= k) break;
-            if (c + 1 < k && h[c + 1] < h[c]) c++;
-            if (!(h[c] < h[j])) break;
-            float t = h[j]; h[j] = h[c]; h[c] = t;
-            j = c;
-        }
-    }
     return h[0];
 }
 
