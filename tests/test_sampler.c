@@ -265,8 +265,7 @@ TEST(device_ops_cpu) {
  * token's exact value handed out only when asked for (and each token asked for at most
  * once); the two samplers' streams of tokens stay equal step after step, so their draws
  * did. Where the bounds cannot decide (NaN, more than DG_SAMPLER_BOUNDS_MAX candidates,
- * every token -inf, an infinite best value when sampling, the k-th weight too close to one
- * left out) it returns -1 and accepts and draws nothing: the next choice is still the one
+ * every token -inf, the k-th weight too close to one left out) it returns -1 and accepts and draws nothing: the next choice is still the one
  * the device path makes. */
 typedef struct {
     const float *row;

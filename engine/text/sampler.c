@@ -440,8 +440,7 @@ int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ba
         if (best < 0 || v[i] > v[best]) best = i;
     }
     int32_t tok = s->cand[best];
-    if (!greedy) {
-        if (!isfinite(v[best])) return -1;   /* an infinite bias: the whole row's path decides */
+    if (!greedy && isfinite(v[best])) {   /* +inf (an infinite bias): choose()'s argmax, no draw */
         const float inv_t = 1.0f / s->temperature, mx = v[best] * inv_t;
         for (int i = 0; i < n; i++) s->prob[s->cand[i]] = expf(v[i] * inv_t - mx);
         qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, s->prob);

@@ -85,9 +85,9 @@ typedef void (*dg_sampler_pick_fn)(void *user, const int32_t *ids, int n, float 
  * paths do them: the same token and the same draws, whatever the bounds' width, where the
  * k-th weight is shown above every weight left out (sampler.c). Accepts it. -1 (nothing
  * accepted, no draw made) when !dg_sampler_bounded(s), a bound is NaN, more than
- * DG_SAMPLER_BOUNDS_MAX tokens are candidates (a flat row, or all banned), the best value
- * is infinite (sampling), or the k-th weight is not shown: the caller then computes the row
- * and calls dg_sampler_sample_device. No allocation. */
+ * DG_SAMPLER_BOUNDS_MAX tokens are candidates (a flat row, or all banned), or the k-th
+ * weight is not shown: the caller then computes the row and calls
+ * dg_sampler_sample_device. No allocation. */
 int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ban, dg_sampler_pick_fn pick,
                                  void *user);
 
