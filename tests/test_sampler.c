@@ -427,6 +427,69 @@ TEST(sampling_survives_infinite_and_nan_logits) {
     free(scratch);
 }
 
+/* Logits or temperatures whose scaled values leave the float range, or whose log-sum-exp
+ * the device path cannot read back (both found by tests/fuzz_sampler.c): a temperature of
+ * 1e-30 scales a logit of 3 past FLT_MAX (the distribution is then the argmax's: no draw,
+ * on every path), and logits of ~1e22 (with ties, so that top-p keeps many tokens) make the
+ * backend's lse = m + log z lose log z in m's rounding (the device path then sums z on the
+ * host). Host, device and bounds (exact, lo = hi = the row) give the same tokens, their
+ * draws in step over four rows. */
+TEST(sampling_with_scales_past_the_float_range) {
+    dg_backend *be = counting_backend("cpu");
+    const int V = 2000;
+    const float temps[] = {1e-30f, 1e-8f, 0.7f};
+    const int top_ks[] = {0, 1, 40};
+    const float top_ps[] = {1.0f, 0.5f};
+    const float scales[] = {3.0f, 1e22f};
+    float *ref = malloc(sizeof(float) * (size_t)V), *host = malloc(sizeof(float) * (size_t)V),
+          *lo = malloc(sizeof(float) * (size_t)V), *hi = malloc(sizeof(float) * (size_t)V),
+          *scratch = malloc(sizeof(float) * (size_t)V);
+    float *row = be->alloc(be, sizeof(float) * (size_t)V);
+    int undecided = 0, decided = 0;
+    for (int t = 0; t < 3; t++)
+        for (int k = 0; k < 3; k++)
+            for (int q = 0; q < 2; q++)
+                for (int sc = 0; sc < 2; sc++) {
+                    dg_sampler_params p = {.temperature = temps[t], .top_k = top_ks[k], .top_p = top_ps[q],
+                                           .repetition_penalty = 1.3f, .seed = (uint64_t)(t * 100 + k * 10 + q)};
+                    dg_sampler *a = make(V, p), *b = make(V, p), *c = make(V, p);
+                    for (int step = 0; step < 4; step++) {
+                        for (int j = 0; j < V; j++) ref[j] = scales[sc] * roundf(2.0f * gauss()) / 2.0f;
+                        memcpy(host, ref, sizeof(float) * (size_t)V);
+                        be->upload(be, row, ref, V);
+                        int32_t ta = dg_sampler_sample(a, host), tb = dg_sampler_sample_device(b, be, row, -1, scratch);
+                        memcpy(lo, ref, sizeof(float) * (size_t)V);
+                        memcpy(hi, ref, sizeof(float) * (size_t)V);
+                        bounds_pick bp = {.row = ref, .seen = calloc((size_t)V, 1)};
+                        int32_t tc = dg_sampler_sample_bounds(c, lo, hi, -1, pick_exact, &bp);
+                        free(bp.seen);
+                        if (tc < 0) {
+                            undecided++;
+                            be->upload(be, row, ref, V);
+                            tc = dg_sampler_sample_device(c, be, row, -1, scratch);
+                        } else {
+                            decided++;
+                        }
+                        if (ta != tb || tb != tc) {
+                            test_fail(__FILE__, __LINE__, "T %g top_k %d top_p %g scale %g step %d: host %d, device %d, "
+                                      "bounds %d", p.temperature, p.top_k, p.top_p, scales[sc], step, ta, tb, tc);
+                            break;
+                        }
+                    }
+                    dg_sampler_free(a);
+                    dg_sampler_free(b);
+                    dg_sampler_free(c);
+                }
+    printf("  from the bounds: %d decided, %d not (plain and top-p alone: never)\n", decided, undecided);
+    CHECK(decided > 0);
+    be->release(be, row);
+    free(ref);
+    free(host);
+    free(lo);
+    free(hi);
+    free(scratch);
+}
+
 /* Every combination of the parameters on small vocabularies, a few rows of each kind. */
 TEST(device_path_equals_host_path) {
     const float temps[] = {0.0f, 0.1f, 0.7f, 1.3f};

@@ -195,10 +195,13 @@ static int32_t choose(dg_sampler *s, const float *logits) {
     const int V = s->vocab;
     int32_t tok = argmax(logits, V);
     /* greedy; and when every token is banned (-inf), the argmax is all there is; a top that
-     * is +inf (an infinite bias through the engine's API) or NaN leaves no distribution to
-     * draw from (exp(inf - inf)): its argmax, the lowest id, and no draw */
-    if (s->temperature <= 0.0f || !isfinite(logits[tok])) return tok;
+     * is +inf (an infinite bias through the engine's API) or NaN, or one that a tiny
+     * temperature scales past the float range (1e20 / 1e-20), leaves no distribution to
+     * draw from (exp(inf - inf)): the argmax, the lowest id, and no draw (the limit of
+     * T -> 0); every path does the same */
+    if (s->temperature <= 0.0f) return tok;
     const float inv_t = 1.0f / s->temperature, mx = logits[tok] * inv_t;
+    if (!isfinite(mx)) return tok;
     /* s->prob[i] = exp(l_i / T - max): the unnormalised distribution, computed once (the
      * CPU backend's topk sums the same expression in the same order: keep them in step) */
     float z = 0.0f;
@@ -271,6 +274,7 @@ static int candidates(dg_sampler *s, dg_backend *be, const float *row, int need,
     be->topk(be, row, V, K, inv_t, w, id, lse);
     if (!isfinite(w[0])) return -1;
     *mx = w[0] * inv_t;
+    if (!isfinite(*mx)) return -1;   /* the host path's argmax (choose()) */
     for (int i = 0; i < K; i++) w[i] = expf(w[i] * inv_t - *mx);
     const float w_last = w[K - 1];
     /* by weight: already in order but where distinct logits gave equal weights (or, in
@@ -309,7 +313,11 @@ static int32_t choose_on_device(dg_sampler *s, dg_backend *be, const float *row)
     for (n = 64; n <= 1024 && n < V; n *= 4) {
         rc = candidates(s, be, row, n, inv_t, &mx, n == 64 ? &lse : NULL);
         if (rc <= 0) return rc < 0 && s->weight[0] == -INFINITY ? s->cand[0] : -1;
-        /* the CPU's lse is m + log(z) in double: this is the host's z, bit for bit */
+        /* the CPU's lse is m + log(z) in double: this is the host's z, bit for bit, while
+         * |m| <= 2^24 (the sum's rounding, |m| 2^-53, then stays under 2^-28 of z, below a
+         * float's half ulp); a larger m (a huge logit, or a tiny temperature: 30 / 1e-8)
+         * loses z in it (log 78 vanished beside -2.8e21), so the host path sums z itself */
+        if (n == 64 && !(fabsf(mx) <= 0x1p24f)) return -1;
         if (n == 64) z = (float)exp(lse - (double)mx);
         float mass = 0.0f;
         for (int i = 0; i < n; i++) mass += s->weight[i];
@@ -440,8 +448,8 @@ int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ba
         if (best < 0 || v[i] > v[best]) best = i;
     }
     int32_t tok = s->cand[best];
-    if (!greedy && isfinite(v[best])) {   /* +inf (an infinite bias): choose()'s argmax, no draw */
-        const float inv_t = 1.0f / s->temperature, mx = v[best] * inv_t;
+    const float inv_t = greedy ? 1.0f : 1.0f / s->temperature, mx = v[best] * inv_t;
+    if (!greedy && isfinite(mx)) {   /* else +inf, or scaled past the range: choose()'s argmax, no draw */
         for (int i = 0; i < n; i++) s->prob[s->cand[i]] = expf(v[i] * inv_t - mx);
         qsort_r(s->cand, (size_t)n, sizeof *s->cand, by_logit_desc, s->prob);
         for (int i = 0; i < k; i++) s->weight[i] = s->prob[s->cand[i]];
