@@ -388,43 +388,84 @@ TEST(choice_from_bounds_is_the_rows_token) {
     }
 }
 
+/* One row through the sampler's three paths: the host's (t->a), the device's (t->b) and the
+ * bounds' (t->c, lo = hi = the row; undecided, the device path), each sampler with its own
+ * history, the same parameters. Their tokens must be one; it is returned (-1 after a
+ * failure, reported under `what`). */
+typedef struct {
+    dg_sampler *a, *b, *c;
+    int         decided, undecided;
+} three;
+
+static int32_t three_paths(dg_backend *be, three *t, const float *ref, int V, const char *what) {
+    const size_t bytes = sizeof(float) * (size_t)V;
+    float *host = malloc(bytes), *lo = malloc(bytes), *hi = malloc(bytes), *scratch = malloc(bytes);
+    float *row = be->alloc(be, bytes);
+    bounds_pick bp = {.row = ref, .seen = calloc((size_t)V, 1)};
+    memcpy(host, ref, bytes);
+    memcpy(lo, ref, bytes);
+    memcpy(hi, ref, bytes);
+    be->upload(be, row, ref, V);
+    int32_t ta = dg_sampler_sample(t->a, host), tb = dg_sampler_sample_device(t->b, be, row, -1, scratch);
+    int32_t tc = dg_sampler_sample_bounds(t->c, lo, hi, -1, pick_exact, &bp);
+    if (tc < 0) {
+        t->undecided++;
+        be->upload(be, row, ref, V);
+        tc = dg_sampler_sample_device(t->c, be, row, -1, scratch);
+    } else {
+        t->decided++;
+    }
+    be->release(be, row);
+    free(host);
+    free(lo);
+    free(hi);
+    free(scratch);
+    free(bp.seen);
+    if (ta == tb && tb == tc && ta >= 0 && ta < V) return ta;
+    test_fail(__FILE__, __LINE__, "%s: host %d, device %d, bounds %d", what, ta, tb, tc);
+    return -1;
+}
+
+static three three_new(int V, dg_sampler_params p) { return (three){make(V, p), make(V, p), make(V, p), 0, 0}; }
+
+static void three_free(three *t) {
+    dg_sampler_free(t->a);
+    dg_sampler_free(t->b);
+    dg_sampler_free(t->c);
+}
+
 /* Rows the daemon never makes but the engine's API can: an infinite bias (+inf) and a NaN
- * logit. Every mode of sampling returns a token of the vocabulary (a NaN made the top-p
- * path's flat pass find no token and read before its candidates), the +inf token where
- * there is one (its probability is 1), and the device path returns the host path's. */
+ * logit. Every mode of sampling returns a token of the vocabulary, the +inf token where
+ * there is one (its probability is 1), the same on the three paths; top-p alone over a row
+ * with a NaN (z is NaN, so no token reaches the nucleus) the argmax: it read before its
+ * candidates (cand[-1], token 0 here without ASan). */
 TEST(sampling_survives_infinite_and_nan_logits) {
     dg_backend *be = counting_backend("cpu");
     const int V = 3000;
     const dg_sampler_params modes[] = {{.temperature = 0.8f}, {.temperature = 0.8f, .top_k = 40},
                                        {.temperature = 0.8f, .top_p = 0.9f},
                                        {.temperature = 0.8f, .top_k = 40, .top_p = 0.9f}, {.temperature = 0.0f}};
-    float *ref = malloc(sizeof(float) * (size_t)V), *host = malloc(sizeof(float) * (size_t)V),
-          *scratch = malloc(sizeof(float) * (size_t)V);
-    float *row = be->alloc(be, sizeof(float) * (size_t)V);
+    float *ref = malloc(sizeof(float) * (size_t)V);
+    char what[96];
     for (size_t m = 0; m < sizeof modes / sizeof *modes; m++)
         for (int nan_at = -1; nan_at < V; nan_at += V / 3) {
             const dg_logit_bias up = {1234, INFINITY};
             dg_sampler_params p = modes[m];
             p.logit_bias = nan_at < 0 ? &up : NULL;
             p.n_logit_bias = nan_at < 0;
-            dg_sampler *a = make(V, p), *b = make(V, p);
+            three t = three_new(V, p);
             for (int step = 0; step < 4; step++) {
                 for (int j = 0; j < V; j++) ref[j] = 3.0f * gauss();
                 if (nan_at >= 0) ref[nan_at] = NAN;
-                memcpy(host, ref, sizeof(float) * (size_t)V);
-                be->upload(be, row, ref, V);
-                int32_t ta = dg_sampler_sample(a, host), tb = dg_sampler_sample_device(b, be, row, -1, scratch);
-                CHECK(ta >= 0 && ta < V);
-                CHECK_EQ_INT(ta, tb);
-                if (nan_at < 0) CHECK_EQ_INT(ta, up.token);
+                snprintf(what, sizeof what, "mode %zu NaN at %d step %d", m, nan_at, step);
+                int32_t tok = three_paths(be, &t, ref, V, what), best = 0;
+                for (int j = 1; j < V; j++) best = ref[j] > ref[best] ? j : best;   /* NaN never wins */
+                if (nan_at < 0) CHECK_EQ_INT(tok, up.token);
+                else if (p.top_p > 0.0f && p.top_p < 1.0f && !p.top_k) CHECK_EQ_INT(tok, best);   /* top-p alone */
             }
-            dg_sampler_free(a);
-            dg_sampler_free(b);
+            three_free(&t);
         }
-    be->release(be, row);
     free(ref);
-    free(host);
-    free(scratch);
 }
 
 /* Logits or temperatures whose scaled values leave the float range, or whose log-sum-exp
@@ -432,8 +473,7 @@ TEST(sampling_survives_infinite_and_nan_logits) {
  * 1e-30 scales a logit of 3 past FLT_MAX (the distribution is then the argmax's: no draw,
  * on every path), and logits of ~1e22 (with ties, so that top-p keeps many tokens) make the
  * backend's lse = m + log z lose log z in m's rounding (the device path then sums z on the
- * host). Host, device and bounds (exact, lo = hi = the row) give the same tokens, their
- * draws in step over four rows. */
+ * host). The three paths give the same tokens, their draws in step over four rows. */
 TEST(sampling_with_scales_past_the_float_range) {
     dg_backend *be = counting_backend("cpu");
     const int V = 2000;
@@ -441,53 +481,29 @@ TEST(sampling_with_scales_past_the_float_range) {
     const int top_ks[] = {0, 1, 40};
     const float top_ps[] = {1.0f, 0.5f};
     const float scales[] = {3.0f, 1e22f};
-    float *ref = malloc(sizeof(float) * (size_t)V), *host = malloc(sizeof(float) * (size_t)V),
-          *lo = malloc(sizeof(float) * (size_t)V), *hi = malloc(sizeof(float) * (size_t)V),
-          *scratch = malloc(sizeof(float) * (size_t)V);
-    float *row = be->alloc(be, sizeof(float) * (size_t)V);
-    int undecided = 0, decided = 0;
+    float *ref = malloc(sizeof(float) * (size_t)V);
+    char what[128];
+    int decided = 0, undecided = 0;
     for (int t = 0; t < 3; t++)
         for (int k = 0; k < 3; k++)
             for (int q = 0; q < 2; q++)
                 for (int sc = 0; sc < 2; sc++) {
                     dg_sampler_params p = {.temperature = temps[t], .top_k = top_ks[k], .top_p = top_ps[q],
                                            .repetition_penalty = 1.3f, .seed = (uint64_t)(t * 100 + k * 10 + q)};
-                    dg_sampler *a = make(V, p), *b = make(V, p), *c = make(V, p);
+                    three th = three_new(V, p);
                     for (int step = 0; step < 4; step++) {
                         for (int j = 0; j < V; j++) ref[j] = scales[sc] * roundf(2.0f * gauss()) / 2.0f;
-                        memcpy(host, ref, sizeof(float) * (size_t)V);
-                        be->upload(be, row, ref, V);
-                        int32_t ta = dg_sampler_sample(a, host), tb = dg_sampler_sample_device(b, be, row, -1, scratch);
-                        memcpy(lo, ref, sizeof(float) * (size_t)V);
-                        memcpy(hi, ref, sizeof(float) * (size_t)V);
-                        bounds_pick bp = {.row = ref, .seen = calloc((size_t)V, 1)};
-                        int32_t tc = dg_sampler_sample_bounds(c, lo, hi, -1, pick_exact, &bp);
-                        free(bp.seen);
-                        if (tc < 0) {
-                            undecided++;
-                            be->upload(be, row, ref, V);
-                            tc = dg_sampler_sample_device(c, be, row, -1, scratch);
-                        } else {
-                            decided++;
-                        }
-                        if (ta != tb || tb != tc) {
-                            test_fail(__FILE__, __LINE__, "T %g top_k %d top_p %g scale %g step %d: host %d, device %d, "
-                                      "bounds %d", p.temperature, p.top_k, p.top_p, scales[sc], step, ta, tb, tc);
-                            break;
-                        }
+                        snprintf(what, sizeof what, "T %g top_k %d top_p %g scale %g step %d", p.temperature,
+                                 p.top_k, p.top_p, scales[sc], step);
+                        if (three_paths(be, &th, ref, V, what) < 0) break;
                     }
-                    dg_sampler_free(a);
-                    dg_sampler_free(b);
-                    dg_sampler_free(c);
+                    decided += th.decided;
+                    undecided += th.undecided;
+                    three_free(&th);
                 }
     printf("  from the bounds: %d decided, %d not (plain and top-p alone: never)\n", decided, undecided);
     CHECK(decided > 0);
-    be->release(be, row);
     free(ref);
-    free(host);
-    free(lo);
-    free(hi);
-    free(scratch);
 }
 
 /* Every combination of the parameters on small vocabularies, a few rows of each kind. */
