@@ -4,7 +4,9 @@
  * processors (docs/specs/qwen2_5_vl.md §7): repetition penalty over every token seen so far
  * (prompt included), logit bias, then temperature, top-k, top-p, and a draw from a
  * seeded xoshiro256** generator: the same seed and logits give the same tokens on every
- * machine. temperature <= 0 is greedy (argmax after penalty and bias).
+ * machine. temperature <= 0 is greedy (argmax after penalty and bias); so is a row whose top
+ * logit is +inf or NaN, or one that 1 / temperature scales past the float range (1e-30):
+ * the argmax, the lowest id, with no draw (the limit of T -> 0), on every path.
  *
  *     dg_sampler *s;  dg_sampler_new(V, &(dg_sampler_params){.temperature = 0.7f,
  *                                    .top_p = 0.9f, .seed = 42}, &s, err, sizeof err);
