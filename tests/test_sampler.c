@@ -117,13 +117,8 @@ TEST(top_k_ties_keep_lower_ids) {
 
 /* ---- the device path against the host path ----------------------------------------- */
 
-static uint64_t rs = 0x2545f4914f6cdd1dull;
-static uint32_t rnd32(void) {
-    rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17;
-    return (uint32_t)(rs >> 32);
-}
-static double urand(void) { return (rnd32() + 0.5) / 4294967296.0; }
-static float gauss(void) { return (float)(sqrt(-2.0 * log(urand())) * cos(6.283185307179586 * urand())); }
+#define TEST_RNG_SEED 0x2545f4914f6cdd1dull
+#include "common/rng.h"
 
 /* near: distinct logits a few ulps apart, whose weights exp(l/T - max) collapse into a few
  * equal values, so that the host's order (weight, then id) is not the logits' order */

@@ -15,14 +15,8 @@
 #include "cpu/cpu_backend.h"
 #include "dtype.h"
 
-static uint64_t rs = 0x9e3779b97f4a7c15ull;
-static uint32_t rnd32(void) {
-    rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17;
-    return (uint32_t)(rs >> 32);
-}
-static double urand(void) { return (rnd32() + 0.5) / 4294967296.0; }
-static float gauss(void) { return (float)(sqrt(-2.0 * log(urand())) * cos(6.283185307179586 * urand())); }
-static float frand(void) { return (float)(2.0 * urand() - 1.0); }
+#define TEST_RNG_SEED 0x9e3779b97f4a7c15ull
+#include "common/rng.h"
 
 /* IEEE binary16 of v, rounded to nearest even (the compiler's _Float16 conversion). */
 static uint16_t to_f16(float v) {
