@@ -311,6 +311,7 @@ static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, 
     dg_chat_part *p = parts;
     /* the package's system prompt for a job that has none (a draw marker's instructions) */
     size_t n_msgs = 0, n_user = 0;
+    int user_cut = 0;   /* the last user message's text is over DG_SEQ_PROMPT_TEXT: no more of it */
     if (s->m->system_prompt && r->messages[0].role != DG_ROLE_SYSTEM) {
         *p = (dg_chat_part){.kind = DG_CHAT_TEXT, .text = s->m->system_prompt, .text_len = strlen(s->m->system_prompt)};
         msgs[n_msgs++] = (dg_chat_message){DG_CHAT_SYSTEM, p++, 1};
@@ -318,7 +319,7 @@ static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, 
     for (size_t i = 0; i < r->n_messages; i++) {
         const dg_message *in = &r->messages[i];
         dg_chat_message *out = &msgs[n_msgs++];
-        if (in->role == DG_ROLE_USER) n_user = 0;   /* the last user message's text: an image's prompt */
+        if (in->role == DG_ROLE_USER) n_user = 0, user_cut = 0;   /* the last user message's text: an image's prompt */
         out->role = in->role == DG_ROLE_SYSTEM ? DG_CHAT_SYSTEM : in->role == DG_ROLE_USER ? DG_CHAT_USER
                                                                                           : DG_CHAT_ASSISTANT;
         out->parts = p;
@@ -334,16 +335,18 @@ static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, 
                 p->kind = DG_CHAT_TEXT;
                 p->text = in->parts[k].text;
                 p->text_len = in->parts[k].text_len;
-                size_t take = p->text_len < DG_SEQ_PROMPT_TEXT / 2 - n_user ? p->text_len : DG_SEQ_PROMPT_TEXT / 2 - n_user;
-                if (in->role == DG_ROLE_USER) {
-                    memcpy(q->cond_text + n_user, p->text, take);
+                if (in->role == DG_ROLE_USER && !user_cut) {
+                    size_t take = dg_utf8_head(p->text, p->text_len, DG_SEQ_PROMPT_TEXT - n_user);
+                    user_cut = take < p->text_len;
+                    memcpy(q->cond_user + n_user, p->text, take);
                     n_user += take;
                 }
             }
         }
     }
     q->n_inputs = q->n_images;
-    q->n_cond_user = q->n_cond_text = n_user;
+    q->n_cond_user = n_user;
+    q->n_cond_answer = 0;
     rc = dg_chat_encode(s->m->tok, msgs, n_msgs, true, &q->prompt, err, errlen);
 out:
     free(msgs);
@@ -447,15 +450,9 @@ static void emit_text(void *user, const char *text, size_t len) {
     dg_seq *q = user;
     if (!len) return;
     q->sink.text(q->sink.user, text, len);
-    /* the answer since the last image, after the user's text: the next image's prompt */
-    size_t room = DG_SEQ_PROMPT_TEXT / 2 - (q->n_cond_text - q->n_cond_user);
-    if (q->n_cond_text == q->n_cond_user && room && q->n_cond_user) {
-        q->cond_text[q->n_cond_text++] = '\n';
-        room--;
-    }
-    if (len > room) len = room;
-    memcpy(q->cond_text + q->n_cond_text, text, len);
-    q->n_cond_text += len;
+    /* the answer since the last image, its last DG_SEQ_PROMPT_TEXT bytes: the next image's
+     * prompt's words nearest the picture */
+    q->n_cond_answer = dg_utf8_keep_tail(q->cond_answer, q->n_cond_answer, DG_SEQ_PROMPT_TEXT, text, len);
 }
 
 /* Text through the stop strings; a completed one sets q->stopped. */

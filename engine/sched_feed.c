@@ -140,7 +140,7 @@ int dg_sched_feed_image(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
                              q->image_pos, &next, err, errlen)) < 0)
         return rc;
     q->rope_delta = dg_mrope_delta(next, n_past + n);
-    q->n_cond_text = q->n_cond_user;   /* the next image's prompt: the text after this one */
+    q->n_cond_answer = 0;   /* the next image's prompt: the answer's text after this one */
     q->feed_ids = q->image_ids;
     q->feed_pos = q->image_pos;
     q->feed_keys = q->image_keys;

@@ -20,7 +20,7 @@
                                     together, beside one row per decoding sequence
                                     (docs/DESIGN.md §6 "Batching") */
 #define DG_SEQ_MAX_IMAGES  32    /* input and generated images of one sequence */
-#define DG_SEQ_PROMPT_TEXT 4096  /* bytes of an image's prompt (prompt conditioning) */
+#define DG_SEQ_PROMPT_TEXT 4096  /* bytes of each of an image's two prompt texts (prompt conditioning) */
 #define DG_SCHED_AUTO_INFLIGHT 16 /* the most sequences max_inflight 0 gives */
 #define DG_SCHED_GROUP_TOKENS 4096 /* the most DiT tokens of one shared forward (sched_draw.c):
                                      e.g. two 512² images with guidance, ~400 MiB of state
@@ -126,10 +126,11 @@ typedef struct dg_seq {
     dg_cond_acc  *acc;
     int           cond_saved;    /* leading full blocks whose rows are in the block store */
 
-    /* prompt conditioning (m->cond_from_prompt): the image's prompt is the last user message's
-     * text, then the answer's text since the last image, each cut at DG_SEQ_PROMPT_TEXT / 2 */
-    char          cond_text[DG_SEQ_PROMPT_TEXT];
-    size_t        n_cond_user, n_cond_text;
+    /* prompt conditioning (m->cond_from_prompt; prompt_cond.h): the image's prompt is the last
+     * user message's text (its first DG_SEQ_PROMPT_TEXT bytes) and the answer's text since the
+     * last image (its last DG_SEQ_PROMPT_TEXT bytes), both cut between UTF-8 sequences */
+    char          cond_user[DG_SEQ_PROMPT_TEXT], cond_answer[DG_SEQ_PROMPT_TEXT];
+    size_t        n_cond_user, n_cond_answer;
 
     /* drawing (state SEQ_DRAW: the painter has an image in progress) */
     int           n_drawn;       /* images drawn so far */

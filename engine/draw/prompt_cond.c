@@ -87,31 +87,141 @@ static void hook(void *user, int layer, const float *hidden, int n, int pos0) {
     p->hook_rc = dg_cond_acc_add(p->conn, p->hook_acc, layer, hidden, n, pos0);
 }
 
-/* ids = the rendered [system, user: text] conversation, truncated on the right to max_tokens
- * and padded on the recipe's side (the tokenizer's apply_chat_template(..., padding=
- * "max_length", truncation=True)). */
-static int render(dg_prompt_cond *p, const char *text, size_t len, char *err, size_t errlen) {
-    const dg_prompt_recipe *r = &p->recipe;
+/* The rendered [system, user: text] conversation's ids into *ids (the caller frees). */
+static int encode_user(const dg_tok *tok, const dg_prompt_recipe *r, const char *text, size_t len, dg_tok_ids *ids,
+                       char *err, size_t errlen) {
     dg_chat_part sys = {.kind = DG_CHAT_TEXT, .text = r->system_prompt, .text_len = strlen(r->system_prompt)};
     dg_chat_part user = {.kind = DG_CHAT_TEXT, .text = text, .text_len = len};
     dg_chat_message msgs[2] = {{DG_CHAT_SYSTEM, &sys, 1}, {DG_CHAT_USER, &user, 1}};
-    dg_tok_ids ids = {0};
-    int rc = dg_chat_encode(p->tok, msgs, 2, false, &ids, err, errlen);
-    if (rc < 0) return rc;
-    const int n = ids.n < (size_t)r->max_tokens ? (int)ids.n : r->max_tokens, pad = r->max_tokens - n;
-    for (int i = 0; i < r->max_tokens; i++) p->ids[i] = r->pad_id;
-    memcpy(p->ids + (r->pad_left ? pad : 0), ids.ids, (size_t)n * sizeof *p->ids);
-    dg_tok_ids_free(&ids);
-    return 0;
+    *ids = (dg_tok_ids){0};
+    return dg_chat_encode(tok, msgs, 2, false, ids, err, errlen);
 }
 
-/* The rows of `text` into acc: the decoder over the padded ids from position 0, on the
- * private KV sequence, released after. */
-static int run(dg_prompt_cond *p, dg_qwen2_state *st, const char *text, size_t len, dg_cond_acc *acc,
-               char *err, size_t errlen) {
+/* src cut on the right to max_tokens and padded on the recipe's side into ids[max_tokens], as
+ * the pipeline's tokenizer call does; the ids kept. */
+static int pad_into(const dg_prompt_recipe *r, const dg_tok_ids *src, int32_t *ids) {
+    const int n = src->n < (size_t)r->max_tokens ? (int)src->n : r->max_tokens, pad = r->max_tokens - n;
+    for (int i = 0; i < r->max_tokens; i++) ids[i] = r->pad_id;
+    memcpy(ids + (r->pad_left ? pad : 0), src->ids, (size_t)n * sizeof *ids);
+    return n;
+}
+
+size_t dg_utf8_head(const char *s, size_t n, size_t cap) {
+    if (n <= cap) return n;
+    while (cap && dg_utf8_is_cont(s[cap])) cap--;
+    return cap;
+}
+
+size_t dg_utf8_keep_tail(char *buf, size_t n, size_t cap, const char *text, size_t len) {
+    if (n + len <= cap) {
+        memcpy(buf + n, text, len);
+        return n + len;
+    }
+    size_t drop = n + len - cap;
+    if (drop >= n) {
+        text += drop - n, len -= drop - n, n = 0;
+    } else {
+        memmove(buf, buf + drop, n - drop);
+        n -= drop;
+    }
+    memcpy(buf + n, text, len);
+    n += len;
+    size_t skip = 0;   /* the cut: from the next UTF-8 sequence on */
+    while (skip < n && dg_utf8_is_cont(buf[skip])) skip++;
+    memmove(buf, buf + skip, n - skip);
+    return n - skip;
+}
+
+/* The fitting's state: the two texts, the joined prompt of the probe and its tokens. */
+typedef struct {
+    const dg_tok           *tok;
+    const dg_prompt_recipe *r;
+    const char             *head, *tail;
+    size_t                  n_head, n_tail;
+    char                   *buf;   /* [n_head + 1 + n_tail] */
+    dg_tok_ids              ids;   /* the last probe's */
+} fit;
+
+/* Whether head[0, hk) "\n" tail[tf, n_tail) (the newline only between two texts) fits in
+ * max_tokens; 1 yes, 0 no, < 0 an error. fit.ids holds its tokens. */
+static int probe(fit *f, size_t hk, size_t tf, size_t *len, char *err, size_t errlen) {
+    size_t n = 0;
+    memcpy(f->buf, f->head, hk);
+    n += hk;
+    if (hk && tf < f->n_tail) f->buf[n++] = '\n';
+    memcpy(f->buf + n, f->tail + tf, f->n_tail - tf);
+    n += f->n_tail - tf;
+    *len = n;
+    dg_tok_ids_free(&f->ids);
+    int rc = encode_user(f->tok, f->r, f->buf, n, &f->ids, err, errlen);
+    return rc < 0 ? rc : f->ids.n <= (size_t)f->r->max_tokens;
+}
+
+int dg_prompt_fit(const dg_tok *tok, const dg_prompt_recipe *r, const char *head, size_t n_head, const char *tail,
+                  size_t n_tail, int32_t *ids, dg_prompt_fitted *out, char *err, size_t errlen) {
+    fit f = {tok, r, head, tail, n_head, n_tail, malloc(n_head + n_tail + 1), {0}};
+    size_t hk = n_head, tf = 0, len = 0;
+    int rc = DG_ENOMEM;
+    if (!f.buf) {
+        snprintf(err, errlen, "condition: out of memory for a prompt of %zu bytes", n_head + n_tail + 1);
+        goto out;
+    }
+    if ((rc = probe(&f, hk, tf, &len, err, errlen)) != 0) goto done;   /* fits whole, or an error */
+    /* lo fits, hi does not; both on character boundaries (a cut never splits a UTF-8 sequence) */
+    size_t lo, hi;
+    if ((rc = probe(&f, 0, 0, &len, err, errlen)) < 0) goto out;
+    if (rc == 1) {   /* the answer's text whole: the request's as much of its beginning as fits */
+        lo = 0, hi = n_head;
+        while (1) {
+            size_t mid = lo + (hi - lo) / 2;
+            while (mid > lo && dg_utf8_is_cont(head[mid])) mid--;
+            if (mid == lo) {   /* no boundary between: step to the next one above lo */
+                mid = lo + 1;
+                while (mid < hi && dg_utf8_is_cont(head[mid])) mid++;
+                if (mid == hi) break;
+            }
+            if ((rc = probe(&f, mid, 0, &len, err, errlen)) < 0) goto out;
+            if (rc) lo = mid; else hi = mid;
+        }
+        hk = lo, tf = 0;
+    } else {         /* no room for the request: the answer's text, as much of its end as fits */
+        lo = n_tail, hi = 0;   /* tail[lo, n) fits; tail[hi, n) does not */
+        if ((rc = probe(&f, 0, n_tail, &len, err, errlen)) < 0) goto out;
+        if (rc == 0) {   /* the recipe's system prompt alone is over max_tokens: cut on the right */
+            hk = n_head, tf = 0;
+            goto cut;
+        }
+        while (1) {
+            size_t mid = hi + (lo - hi) / 2;
+            while (mid > hi && dg_utf8_is_cont(tail[mid])) mid--;
+            if (mid == hi) {
+                mid = hi + 1;
+                while (mid < lo && dg_utf8_is_cont(tail[mid])) mid++;
+                if (mid == lo) break;
+            }
+            if ((rc = probe(&f, 0, mid, &len, err, errlen)) < 0) goto out;
+            if (rc) lo = mid; else hi = mid;
+        }
+        hk = 0, tf = lo;
+    }
+cut:
+    if ((rc = probe(&f, hk, tf, &len, err, errlen)) < 0) goto out;
+done:
+    if (rc < 0) goto out;
+    const int n = pad_into(r, &f.ids, ids);
+    *out = (dg_prompt_fitted){.head = hk, .tail_from = tf, .tokens = n, .truncated = f.ids.n > (size_t)n};
+    rc = 0;
+out:
+    dg_tok_ids_free(&f.ids);
+    free(f.buf);
+    return rc;
+}
+
+/* The rows of the padded prompt (p->ids) into acc: the decoder over them from position 0, on
+ * the private KV sequence, released after. */
+static int run(dg_prompt_cond *p, dg_qwen2_state *st, dg_cond_acc *acc, char *err, size_t errlen) {
     const int total = p->recipe.max_tokens;
-    int rc = render(p, text, len, err, errlen);
-    if (rc < 0) return rc;
+    int rc = 0;
     dg_cond_acc_reset(p->conn, acc);
     p->hook_acc = acc;
     dg_qwen2_hook h = {hook, p};
@@ -129,16 +239,25 @@ static int run(dg_prompt_cond *p, dg_qwen2_state *st, const char *text, size_t l
     return rc;
 }
 
-int dg_prompt_cond_encode(dg_prompt_cond *p, dg_qwen2_state *st, const char *text, size_t len, dg_cond_acc **acc,
-                          char *err, size_t errlen) {
+int dg_prompt_cond_encode(dg_prompt_cond *p, dg_qwen2_state *st, const char *head, size_t n_head, const char *tail,
+                          size_t n_tail, dg_cond_acc **acc, char *err, size_t errlen) {
     *acc = p->pos;
-    return run(p, st, text, len, p->pos, err, errlen);
+    dg_prompt_fitted fitted;
+    int rc = dg_prompt_fit(p->tok, &p->recipe, head, n_head, tail, n_tail, p->ids, &fitted, err, errlen);
+    return rc < 0 ? rc : run(p, st, p->pos, err, errlen);
 }
 
 int dg_prompt_cond_negative(dg_prompt_cond *p, dg_qwen2_state *st, dg_cond_acc **acc, char *err, size_t errlen) {
     *acc = p->neg;
     if (p->has_neg) return 0;
-    int rc = run(p, st, p->recipe.negative_prompt, strlen(p->recipe.negative_prompt), p->neg, err, errlen);
+    /* the recipe's text as the pipeline takes it: cut on the right where it is over */
+    const dg_prompt_recipe *r = &p->recipe;
+    dg_tok_ids ids;
+    int rc = encode_user(p->tok, r, r->negative_prompt, strlen(r->negative_prompt), &ids, err, errlen);
+    if (rc < 0) return rc;
+    pad_into(r, &ids, p->ids);
+    dg_tok_ids_free(&ids);
+    rc = run(p, st, p->neg, err, errlen);
     p->has_neg = rc == 0;
     return rc;
 }
