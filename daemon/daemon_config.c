@@ -1,4 +1,5 @@
 #include "daemon_config.h"
+#include "duogen.h"
 #include "log.h"
 
 #include <ctype.h>
@@ -16,6 +17,8 @@ typedef enum { KEY_GROUP, KEY_STR, KEY_INT, KEY_SIZE } key_type;
  * heading the rows after it are listed under; it is not a setting. */
 #define GROUP(title)             {title, KEY_GROUP, 0, 0, 0, 0, NULL}
 #define STR(name, help)          {#name, KEY_STR, offsetof(dg_daemon_config, name), sizeof(((dg_daemon_config *)0)->name), 0, 0, help}
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x)  STRINGIFY_(x)
 #define INT(name, lo, hi, help)  {#name, KEY_INT, offsetof(dg_daemon_config, name), 0, lo, hi, help}
 #define SIZE(name, help)         {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 1, 0, help}
 #define SIZE0(name, help)        {#name, KEY_SIZE, offsetof(dg_daemon_config, name), 0, 0, 0, help}
@@ -77,7 +80,8 @@ static const struct key {
     GROUP("Limits on one job"),
     SIZE(max_job_bytes, "largest serialized Job"),
     SIZE(max_image_bytes, "largest encoded input image"),
-    INT(max_input_images, 0, 1024, "input images per job"),
+    INT(max_input_images, 0, DG_MAX_IMAGES, "input images per job (a conversation holds at most " STRINGIFY(DG_MAX_IMAGES)
+        " pictures, given and drawn: past them no more are drawn)"),
     INT(max_messages, 1, 100000, "messages per job"),
     SIZE(max_text_bytes, "text bytes per job"),
     INT(max_new_tokens, 1, 1000000, "upper bound of TextParams.max_new_tokens"),

@@ -103,6 +103,10 @@ typedef struct {
     float   bias;               /* added to the token's logit; -INFINITY bans it */
 } dg_logit_bias;
 
+/* The most pictures one conversation holds, given and drawn: a request with more input
+ * images fails with DG_ELIMIT; at it, <BOV> is banned and the text goes on. */
+#define DG_MAX_IMAGES 32
+
 /* Parameters carry presence: `set` is a bit set of the fields that hold a value (the
  * DG_TEXT_* and DG_IMAGE_* bits below). A field whose bit is clear takes the package's
  * default (duogen.json "defaults"), whatever it holds; a field whose bit is set is used as
@@ -155,7 +159,8 @@ typedef struct {
     int32_t     steps;           /* denoising steps, 1..1000 */
     float       guidance_scale;  /* >= 0: v = v_c + g·(v_c − v_u); 0 = no guidance, one DiT
                                     forward per step instead of two */
-    int32_t     max_images;      /* >= 0: after this many images <BOV> is banned */
+    int32_t     max_images;      /* >= 0: after this many images <BOV> is banned (as it is
+                                    once the conversation holds DG_MAX_IMAGES, given and drawn) */
     float       shift;           /* > 0, the shifted schedule's; set without DG_IMAGE_SCHEDULE
                                     it selects DG_SCHEDULE_SHIFTED, and with
                                     DG_SCHEDULE_KARRAS it is an error */

@@ -528,7 +528,7 @@ static int take_token(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     size_t len = dg_tok_stream_push(m->tok, &q->stream, tok, text);
     if (!fed && len) fed = feed_text(q, text, len);
     if (fed == 1) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
-    if (fed == 2 && m->has_draw && q->n_drawn < q->ip.max_images) {   /* the marker acts as <BOV> */
+    if (fed == 2 && dg_seq_may_draw(m, q)) {   /* the marker acts as <BOV> */
         if ((rc = dg_sched_draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
         return rc < 0 ? rc : 0;
     }

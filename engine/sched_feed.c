@@ -256,7 +256,7 @@ static void pick_row(void *user, const int32_t *ids, int n, float *out) {
 static void sample_row(dg_sched *s, dg_seq *q, int row) {
     const dg_model *m = s->m;
     const int64_t V = m->cfg.text.vocab_size;
-    int32_t ban = m->bov_id >= 0 && (!m->has_draw || q->n_drawn >= q->ip.max_images) ? m->bov_id : -1;
+    int32_t ban = m->bov_id >= 0 && !dg_seq_may_draw(m, q) ? m->bov_id : -1;
     float *logits = s->st->dev_logits + (int64_t)row * V;
     if (s->st->bounded) {
         pick_ctx p = {s, row};

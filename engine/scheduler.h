@@ -19,7 +19,7 @@
 #define DG_SCHED_CHUNK     256   /* prefill tokens one step's forward takes, all sequences
                                     together, beside one row per decoding sequence
                                     (docs/DESIGN.md §6 "Batching") */
-#define DG_SEQ_MAX_IMAGES  32    /* input and generated images of one sequence */
+#define DG_SEQ_MAX_IMAGES  DG_MAX_IMAGES   /* input and generated images of one sequence */
 #define DG_SEQ_PROMPT_TEXT 4096  /* bytes of each of an image's two prompt texts (prompt conditioning) */
 #define DG_SCHED_AUTO_INFLIGHT 16 /* the most sequences max_inflight 0 gives */
 #define DG_SCHED_GROUP_TOKENS 4096 /* the most DiT tokens of one shared forward (sched_draw.c):
@@ -140,6 +140,12 @@ typedef struct dg_seq {
     dg_timings    t;
     double        t_submit;
 } dg_seq;
+
+/* Whether q may begin an image (<BOV> not banned, a draw marker acts): the model draws, the
+ * job's max_images is not reached and the conversation has room for one more picture. */
+static inline int dg_seq_may_draw(const dg_model *m, const dg_seq *q) {
+    return m->has_draw && q->n_drawn < q->ip.max_images && q->n_images < DG_SEQ_MAX_IMAGES;
+}
 
 struct dg_sched {
     dg_model        *m;          /* borrowed */

@@ -103,6 +103,58 @@ TEST(interleaved_two_images_with_two_inputs_and_caches) {
     dg_model_close(m);
 }
 
+/* A conversation holds DG_MAX_IMAGES pictures: with one place left the job draws one and
+ * then writes on with <BOV> banned, as after max_images (it used to end there as if out of
+ * tokens); one input too many is refused with DG_ELIMIT, naming the limit. */
+TEST(a_full_conversation_draws_no_more_and_writes_on) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *m;
+    dg_sched *s;
+    int rc = dg_model_open(pkg, NULL, &m, err, sizeof err);
+    CHECK_EQ_INT(rc, 0);
+    if (rc) { printf("  %s\n", err); return; }
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    enum { N = DG_MAX_IMAGES + 1 };
+    uint8_t *png[N];
+    dg_part parts[N + 1];
+    for (int i = 0; i < N; i++) {
+        size_t len;
+        png[i] = test_png(28, 28, i, &len);
+        parts[i] = (dg_part){.kind = DG_PART_IMAGE, .image = png[i], .image_len = len};
+    }
+    dg_message msg = {DG_ROLE_USER, parts, DG_MAX_IMAGES};   /* DG_MAX_IMAGES - 1 images, then the text */
+    parts[DG_MAX_IMAGES - 1] = (dg_part){.kind = DG_PART_TEXT, .text = "Go on.", .text_len = 6};
+    dg_logit_bias bias = {test_bov_id(pkg), 100.0f};   /* <BOV> whenever it is allowed */
+    dg_request r = {.id = "full-1", .messages = &msg, .n_messages = 1, .seed = 5,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 6, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 32, .steps = 1, .max_images = 4}};
+    test_job c = {0};
+    rc = test_job_run(s, &r, &c);
+    CHECK_EQ_INT(rc, 0);
+    if (rc) printf("  %s\n", c.error);
+    CHECK_EQ_INT(c.n_png, 1);
+    CHECK_EQ_INT(c.usage.images, 1);
+    CHECK_EQ_INT(c.usage.generated_tokens, 6);   /* the text went on to max_new_tokens */
+    CHECK_EQ_INT(c.reason, DG_FINISH_LENGTH);
+    CHECK(strstr(c.text, "<BOV>") == NULL);
+    test_job_free(&c);
+
+    /* DG_MAX_IMAGES + 1 inputs: refused, naming the limit */
+    parts[DG_MAX_IMAGES - 1] = parts[DG_MAX_IMAGES];
+    parts[N] = (dg_part){.kind = DG_PART_TEXT, .text = "Go on.", .text_len = 6};
+    msg.n_parts = N + 1;
+    r.id = "full-2";
+    test_job c2 = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c2), DG_ELIMIT);
+    CHECK(strstr(c2.error, "more than 32 images"));
+    test_job_free(&c2);
+    for (int i = 0; i < N; i++) free(png[i]);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
 /* The same job on the CUDA backend (skipped where there is no GPU): the loop
  * runs end to end and gives images of the requested size. The text may differ from the
  * CPU's: bf16 weights and TF32 convolutions move logits by ~1e-2 (tests/test_cuda_parity.c),
