@@ -61,6 +61,8 @@ static const struct key {
     SIZE0(latent_cache_bytes, "VAE latent cache budget; 0 = 64 images at the model's default size"),
     INT(max_condition_pixels, 0, 268435456, "earlier images above this many pixels are scaled down as "
         "condition frames; 0 = 1048576 (1024x1024)"),
+    INT(max_condition_frames, 0, DG_MAX_IMAGES, "a picture is conditioned on at most this many earlier pictures, the "
+        "latest (each adds its tokens to every DiT forward of the drawing); 0 = all of them"),
     SIZE0(gpu_memory, "device memory the GPU backend takes at start, e.g. 70G; 0 = 90% of free"),
     GROUP("Queue behaviour"),
     INT(block_ms, 10, 60000, "XREADGROUP BLOCK while idle"),

@@ -63,6 +63,7 @@ typedef struct {
     size_t latent_cache_bytes;
     int    max_condition_pixels; /* earlier images larger than this are scaled down as DiT
                                     condition frames; 0 = the engine's default (1024²) */
+    int    max_condition_frames; /* the latest earlier images a picture is conditioned on; 0 = all */
     size_t gpu_memory;          /* bytes the GPU backend takes at start; 0 = 90% of free memory */
 } dg_daemon_config;
 

@@ -51,7 +51,8 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
     dg_sched_opts so = {.max_inflight = cfg->max_inflight, .kv_cache_bytes = cfg->kv_cache_bytes,
                         .kv_bf16 = cfg->kv_bf16, .draft_tokens = cfg->draft_tokens,
                         .vision_cache_bytes = cfg->vision_cache_bytes, .latent_cache_bytes = cfg->latent_cache_bytes,
-                        .max_condition_pixels = cfg->max_condition_pixels};
+                        .max_condition_pixels = cfg->max_condition_pixels,
+                        .max_condition_frames = cfg->max_condition_frames};
     int rc = dg_sched_new(model, &so, &w->sched, err, errlen);
     if (rc) return rc;
     if (!cfg->max_inflight) {   /* sized by the engine from the memory (docs/DESIGN.md §6 "Batching") */

@@ -297,6 +297,10 @@ typedef struct {
     int64_t max_condition_pixels;   /* an earlier image larger than this is scaled down (aspect
                                        kept) before it becomes a condition frame of the DiT;
                                        0 = 1024² (every image otherwise keeps its own size) */
+    int     max_condition_frames;   /* a picture is conditioned on this many earlier pictures
+                                       of its conversation at most, the latest (each is a frame
+                                       of the DiT's sequence: its tokens and, with guidance,
+                                       twice); 0 = all of them (up to DG_MAX_IMAGES - 1) */
 } dg_sched_opts;
 
 /* Cache counters, cumulative since dg_sched_new(). */

@@ -101,6 +101,11 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         free(s);
         return DG_EINVAL;
     }
+    if (s->o.max_condition_frames < 0) {
+        snprintf(err, errlen, "max_condition_frames %d: 0 (all) or positive", s->o.max_condition_frames);
+        free(s);
+        return DG_EINVAL;
+    }
     s->draft = s->o.draft_tokens > 0 ? s->o.draft_tokens
                : s->o.draft_tokens == 0 && m->be->rows_exact && dg_qwen2_decode_bytes(&m->llm) >= DG_SCHED_DRAFT_MIN_BYTES
                    ? DG_SCHED_DRAFT_DEFAULT

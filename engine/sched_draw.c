@@ -29,14 +29,16 @@ static int painter_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
      * the negative keeps only the first position, the way an empty prompt is the
      * unconditional branch of text-to-image guidance. */
     dg_painter_cond conds[DG_SEQ_MAX_IMAGES];
-    int seg = 0;
+    int seg = 0, n_conds = 0;
+    const int first = s->o.max_condition_frames && q->n_images > s->o.max_condition_frames
+                          ? q->n_images - s->o.max_condition_frames : 0;   /* the latest frames only */
     for (int i = 0; i < q->n_images; i++) {
         int end = q->images[i].token0 + q->images[i].n_tokens + 1;   /* after <|vision_end|> */
         if (end > seg) seg = end;
-        conds[i] = (dg_painter_cond){q->images[i].img, &q->images[i].hash};
+        if (i >= first) conds[n_conds++] = (dg_painter_cond){q->images[i].img, &q->images[i].hash};
     }
     dg_painter_job job = {.acc = q->acc, .n_pos = q->kv.n_tokens, .n_neg = seg > 0 ? seg : 1, .conds = conds,
-                          .n_conds = q->n_images, .lcache = s->lcache, .seed = q->seed, .index = q->n_drawn,
+                          .n_conds = n_conds, .lcache = s->lcache, .seed = q->seed, .index = q->n_drawn,
                           .params = q->ip};
     if (m->cond_from_prompt) {   /* a published pipeline's condition: the image's prompt alone */
         if ((rc = dg_prompt_cond_encode(s->pc, s->st, q->cond_user, q->n_cond_user, q->cond_answer,

@@ -155,6 +155,59 @@ TEST(a_full_conversation_draws_no_more_and_writes_on) {
     dg_model_close(m);
 }
 
+/* max_condition_frames: a picture is conditioned on the latest earlier pictures only. Three
+ * inputs, one drawing: with a bound of 1 the DiT sees one condition frame (the latent cache
+ * serves one on the job's second run, not three) and draws another picture; a bound of 3 or
+ * more is no bound: the same PNG bytes as none. */
+TEST(max_condition_frames_keeps_the_latest_pictures) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *m;
+    int rc = dg_model_open(pkg, NULL, &m, err, sizeof err);
+    CHECK_EQ_INT(rc, 0);
+    if (rc) { printf("  %s\n", err); return; }
+    size_t len[3];
+    uint8_t *png[3] = {test_png(60, 40, 1, &len[0]), test_png(33, 71, 2, &len[1]), test_png(48, 48, 3, &len[2])};
+    dg_part parts[4] = {{.kind = DG_PART_IMAGE, .image = png[0], .image_len = len[0]},
+                        {.kind = DG_PART_IMAGE, .image = png[1], .image_len = len[1]},
+                        {.kind = DG_PART_IMAGE, .image = png[2], .image_len = len[2]},
+                        {.kind = DG_PART_TEXT, .text = "Now the next one.", .text_len = 17}};
+    dg_message msg = {DG_ROLE_USER, parts, 4};
+    dg_logit_bias bias = {test_bov_id(pkg), 100.0f};
+    dg_request r = {.id = "frames", .messages = &msg, .n_messages = 1, .seed = 9,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 4, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_GUIDANCE_SCALE |
+                                     DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 32, .steps = 2, .guidance_scale = 3.0f, .max_images = 1}};
+    static const int bound[3] = {0, 1, 3};
+    test_job first[3] = {0}, again[3] = {0};
+    for (int b = 0; b < 3; b++) {
+        dg_sched *s;
+        rc = dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1, .max_condition_frames = bound[b]}, &s, err, sizeof err);
+        CHECK_EQ_INT(rc, 0);
+        if (rc) break;
+        CHECK_EQ_INT(test_job_run(s, &r, &first[b]), 0);
+        CHECK_EQ_INT(test_job_run(s, &r, &again[b]), 0);
+        CHECK_EQ_INT(first[b].n_png, 1);
+        CHECK_EQ_INT(first[b].usage.cached_latents, 0);
+        CHECK_EQ_INT(again[b].usage.cached_latents, bound[b] ? bound[b] : 3);   /* the frames the DiT saw */
+        CHECK(test_job_same(&first[b], &again[b]));
+        dg_sched_free(s);
+    }
+    CHECK(test_job_same(&first[0], &first[2]));
+    CHECK(first[0].n_png == 1 && first[1].n_png == 1 &&
+          (first[0].png_len[0] != first[1].png_len[0] || memcmp(first[0].png[0], first[1].png[0], first[0].png_len[0])));
+    dg_sched *bad = NULL;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_condition_frames = -1}, &bad, err, sizeof err), DG_EINVAL);
+    CHECK(strstr(err, "max_condition_frames -1"));
+    for (int b = 0; b < 3; b++) {
+        test_job_free(&first[b]);
+        test_job_free(&again[b]);
+    }
+    for (int i = 0; i < 3; i++) free(png[i]);
+    dg_model_close(m);
+}
+
 /* The same job on the CUDA backend (skipped where there is no GPU): the loop
  * runs end to end and gives images of the requested size. The text may differ from the
  * CPU's: bf16 weights and TF32 convolutions move logits by ~1e-2 (tests/test_cuda_parity.c),
