@@ -64,6 +64,8 @@ static const struct key {
     INT(max_condition_frames, 0, DG_MAX_IMAGES, "a picture is conditioned on at most this many earlier pictures, the "
         "latest (each adds its tokens to every DiT forward of the drawing); 0 = all of them"),
     SIZE0(gpu_memory, "device memory the GPU backend takes at start, e.g. 70G; 0 = 90% of free"),
+    INT(warmup, 0, 1, "1: before READY, one small job through every part of the model (a prompt, two tokens, "
+        "a smallest picture): a device or package that cannot run a job fails the start, not the first job"),
     GROUP("Queue behaviour"),
     INT(block_ms, 10, 60000, "XREADGROUP BLOCK while idle"),
     INT(claim_idle_ms, 100, 86400000, "idle time after which an entry is taken over"),
@@ -131,6 +133,7 @@ void dg_daemon_config_defaults(dg_daemon_config *c) {
     c->max_output_images = 16;
     c->max_stop_strings = 16;
     c->max_logit_bias = 1024;
+    c->warmup = 1;
 }
 
 /* Accepts 123, 64k, 20M, 1G (powers of 1024); 0 only where allow_zero. */

@@ -65,6 +65,7 @@ typedef struct {
                                     condition frames; 0 = the engine's default (1024²) */
     int    max_condition_frames; /* the latest earlier images a picture is conditioned on; 0 = all */
     size_t gpu_memory;          /* bytes the GPU backend takes at start; 0 = 90% of free memory */
+    int    warmup;              /* 1: dg_sched_warmup before READY */
 } dg_daemon_config;
 
 void dg_daemon_config_defaults(dg_daemon_config *c);

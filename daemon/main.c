@@ -101,7 +101,7 @@ int main(int argc, char **argv) {
     log_info("worker \"%s\" starting: model \"%s\" on %s, Redis %s, prefix \"%s\", group \"%s\"",
              cfg.worker_id, cfg.model, cfg.device, cfg.sentinel[0] ? cfg.sentinel : cfg.redis_url,
              cfg.prefix, cfg.group);
-    dg_notify_status("loading model %s", cfg.model);
+    dg_notify_phase("loading model %s", cfg.model);
     dg_notify_extend(30u * 1000000u);
 
     dg_model *model = NULL;
@@ -112,7 +112,7 @@ int main(int argc, char **argv) {
     int rc = dg_model_open(cfg.model, &mo, &model, err, sizeof err);
     if (rc) {
         log_error("cannot open the model: %s", err);
-        dg_notify_status("failed: %s", err);
+        dg_notify_phase("failed: %s", err);
         return dg_error_class(rc) == DG_ERROR_RETRYABLE || rc == DG_EDEVICE ? EX_TEMPFAIL : EX_CONFIG;
     }
     log_info("model loaded: %s", dg_model_describe(model));
@@ -121,9 +121,26 @@ int main(int argc, char **argv) {
     rc = dg_worker_init(&w, &cfg, model, &stop_requested, err, sizeof err);
     if (rc) {
         log_error("%s", err);
+        dg_notify_phase("failed: %s", err);
         dg_worker_free(&w);
         dg_model_close(model);
         return rc == DG_EDEVICE || dg_error_class(rc) == DG_ERROR_RETRYABLE ? EX_TEMPFAIL : EX_CONFIG;
+    }
+    if (cfg.warmup && !stop_requested) {
+        dg_notify_phase("warming up");
+        dg_notify_extend(120u * 1000000u);
+        const int64_t t0 = dg_now_ms();
+        dg_usage u;
+        if ((rc = dg_sched_warmup(w.sched, &u, err, sizeof err)) < 0) {
+            log_error("%s", err);
+            dg_notify_phase("failed: %s", err);
+            dg_worker_free(&w);
+            dg_model_close(model);
+            return rc == DG_EDEVICE || dg_error_class(rc) == DG_ERROR_RETRYABLE ? EX_TEMPFAIL : EX_CONFIG;
+        }
+        log_info("warm-up: %lld prompt tokens, %lld generated, %lld picture(s) in %lld ms",
+                 (long long)u.prompt_tokens, (long long)u.generated_tokens, (long long)u.images,
+                 (long long)(dg_now_ms() - t0));
     }
     dg_notify_ready("idle");
     log_info("ready");

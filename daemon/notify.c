@@ -27,21 +27,32 @@ void dg_notify_ready(const char *status) {
     snprintf(last_status, sizeof last_status, "%s", status);
 }
 
-void dg_notify_status(const char *fmt, ...) {
+static void status(int phase, const char *fmt, va_list ap) {
     char buf[256];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    /* a status only when it changes, and at most 4 a second: the manager reads every
-     * datagram, and a status per token would be noise (and, with a slow reader, a full
-     * socket buffer that blocks the main loop) */
+    /* a status only when it changes, and progress at most 4 a second: the manager reads
+     * every datagram, and a status per token would be noise (and, with a slow reader, a
+     * full socket buffer that blocks the main loop) */
     if (!strcmp(buf, last_status)) return;
     uint64_t now = mono_usec();
-    if (now - last_status_usec < 250000) return;
+    if (!phase && now - last_status_usec < 250000) return;
     last_status_usec = now;
     snprintf(last_status, sizeof last_status, "%s", buf);
     sd_notifyf(0, "STATUS=%s", buf);
+}
+
+void dg_notify_status(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    status(0, fmt, ap);
+    va_end(ap);
+}
+
+void dg_notify_phase(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    status(1, fmt, ap);
+    va_end(ap);
 }
 
 void dg_notify_extend(uint64_t usec) {

@@ -335,6 +335,16 @@ int  dg_sched_step(dg_sched *s, char *err, size_t errlen);
  * dg_sched_step(). Returns DG_EINVAL for an unknown or ended sequence. */
 int  dg_sched_cancel(dg_sched *s, uint64_t seq);
 
+/* One small job through every part the model has, on an idle scheduler, before it serves:
+ * a short prompt's prefill and two greedy tokens; where the model draws with <BOV>, one
+ * picture of the smallest size in one denoising step (both guidance branches), its VAE
+ * decode, and its way back through the vision tower. A device or package that cannot run a
+ * job fails here (its DG_E* code, the message in err, prefixed "warm-up: ") instead of on the
+ * first job; kernels load and workspaces grow before the first job's clock starts. What it
+ * did is in *usage (may be NULL). It leaves its prompt in the prefix cache, as any job; no
+ * answer changes. DG_EINVAL while sequences are active. */
+int  dg_sched_warmup(dg_sched *s, dg_usage *usage, char *err, size_t errlen);
+
 int  dg_sched_active(const dg_sched *s);
 /* The sequences it steps together: dg_sched_opts.max_inflight, or what 0 came to. */
 int  dg_sched_max_inflight(const dg_sched *s);

@@ -208,6 +208,55 @@ TEST(max_condition_frames_keeps_the_latest_pictures) {
     dg_model_close(m);
 }
 
+/* dg_sched_warmup: a prompt, two tokens and one smallest picture through every part; the
+ * scheduler answers the same afterwards as a fresh one; refused while a job runs. */
+TEST(warmup_runs_every_part_and_changes_no_answer) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *m;
+    int rc = dg_model_open(pkg, NULL, &m, err, sizeof err);
+    CHECK_EQ_INT(rc, 0);
+    if (rc) { printf("  %s\n", err); return; }
+    dg_sched *warm, *fresh;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2}, &warm, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2}, &fresh, err, sizeof err), 0);
+    dg_usage u = {0};
+    rc = dg_sched_warmup(warm, &u, err, sizeof err);
+    CHECK_EQ_INT(rc, 0);
+    if (rc) printf("  %s\n", err);
+    CHECK(u.prompt_tokens > 0 && u.generated_tokens >= 1);
+    CHECK_EQ_INT(u.images, 1);
+    CHECK(u.dit_forwards >= 1);
+    CHECK_EQ_INT(dg_sched_active(warm), 0);
+
+    size_t l1;
+    uint8_t *a = test_png(60, 40, 1, &l1);
+    dg_part parts[2] = {{.kind = DG_PART_IMAGE, .image = a, .image_len = l1},
+                        {.kind = DG_PART_TEXT, .text = "Hello. Cook this.", .text_len = 17}};
+    dg_message msg = {DG_ROLE_USER, parts, 2};
+    dg_logit_bias bias = {test_bov_id(pkg), 8.0f};
+    dg_request r = {.id = "after-warm", .messages = &msg, .n_messages = 1, .seed = 5,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 16, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 48, .steps = 2, .max_images = 1}};
+    test_job c1 = {0}, c2 = {0};
+    CHECK_EQ_INT(test_job_run(warm, &r, &c1), 0);
+    CHECK_EQ_INT(test_job_run(fresh, &r, &c2), 0);
+    CHECK(c1.n_png == 1 && test_job_same(&c1, &c2));
+
+    uint64_t seq;
+    dg_sink sink = test_job_sink(&c1);
+    CHECK_EQ_INT(dg_sched_submit(warm, &r, &sink, &seq, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_warmup(warm, NULL, err, sizeof err), DG_EINVAL);
+    CHECK(strstr(err, "warm-up: needs an idle scheduler (1 active)"));
+    test_job_free(&c1);
+    test_job_free(&c2);
+    free(a);
+    dg_sched_free(warm);
+    dg_sched_free(fresh);
+    dg_model_close(m);
+}
+
 /* The same job on the CUDA backend (skipped where there is no GPU): the loop
  * runs end to end and gives images of the requested size. The text may differ from the
  * CPU's: bf16 weights and TF32 convolutions move logits by ~1e-2 (tests/test_cuda_parity.c),

@@ -18,7 +18,9 @@
  *   fake.fail=fatal    dg_sched_step returns DG_EDEVICE (the worker must exit 75)
  * Images in the request must be PNG (decoded with libpng) or JPEG (signature checked).
  * DG_FAKE_LOAD_MS in the environment makes dg_model_open take that long, reporting
- * progress every 100 ms. */
+ * progress every 100 ms; DG_FAKE_WARMUP=fail makes dg_sched_warmup fail with DG_EDEVICE,
+ * any other value a number of milliseconds it takes (it submits nothing: the submission
+ * order fake.report shows starts at the first job). */
 #include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -339,6 +341,21 @@ int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
         int rc = step_one(&s->seqs[i], err, errlen);
         if (rc) return rc;
     }
+    return 0;
+}
+
+int dg_sched_warmup(dg_sched *s, dg_usage *usage, char *err, size_t errlen) {
+    const char *w = getenv("DG_FAKE_WARMUP");
+    if (dg_sched_active(s)) {
+        snprintf(err, errlen, "warm-up: needs an idle scheduler (%d active)", dg_sched_active(s));
+        return DG_EINVAL;
+    }
+    if (w && !strcmp(w, "fail")) {
+        snprintf(err, errlen, "warm-up: the fake device failed");
+        return DG_EDEVICE;
+    }
+    if (w) sleep_ms(atoi(w));
+    if (usage) *usage = (dg_usage){.prompt_tokens = 1, .generated_tokens = 1};
     return 0;
 }
 

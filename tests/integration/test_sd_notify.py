@@ -102,3 +102,32 @@ def test_fatal_engine_error_exits_75_and_job_is_retried(cluster):
     w.start()
     res = cluster.wait_result("devicefault")
     assert res["error_code"] == b"EXHAUSTED"
+
+
+def test_warmup_before_ready_and_a_failed_one_exits_75(cluster):
+    """READY=1 only after the warm-up; a warm-up that fails (the device) exits 75 without
+    READY, naming it, and `warmup = 0` skips it."""
+    ns = NotifySocket(os.path.join(cluster.tmp, "notify3.sock"))
+    w = Worker(cluster.tmp, cluster.server.url, "warm1", cluster.model,
+               env={"NOTIFY_SOCKET": ns.path, "DG_FAKE_WARMUP": "400"})
+    cluster.workers.append(w)
+    wait_until(lambda: ns.has("READY=1"), what="READY=1")
+    lines = ns.lines()
+    assert lines.index("STATUS=warming up") < lines.index("READY=1")
+    assert "warm-up: 1 prompt tokens, 1 generated, 0 picture(s) in" in w.logs()
+    assert w.term() == 0
+
+    ns2 = NotifySocket(os.path.join(cluster.tmp, "notify4.sock"))
+    bad = Worker(cluster.tmp, cluster.server.url, "warm2", cluster.model,
+                 env={"NOTIFY_SOCKET": ns2.path, "DG_FAKE_WARMUP": "fail"})
+    assert bad.proc.wait(20) == 75
+    assert "warm-up: the fake device failed" in bad.logs()
+    assert not ns2.has("READY=1")
+    assert "STATUS=failed: warm-up: the fake device failed" in ns2.lines()
+
+    off = Worker(cluster.tmp, cluster.server.url, "warm3", cluster.model,
+                 env={"DG_FAKE_WARMUP": "fail"}, args=["--warmup", "0"])
+    cluster.workers.append(off)
+    wait_until(lambda: "ready" in off.logs(), what="a worker without warm-up ready")
+    assert "warm-up" not in off.logs()
+    assert off.term() == 0
