@@ -234,6 +234,8 @@ FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined
                -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
 # a target may name more sources: FUZZ_EXTRA_<name>
 FUZZ_EXTRA_job := daemon/job.c daemon/outdir.c daemon/redis.c daemon/log.c daemon/daemon_config.c
+FUZZ_EXTRA_package := -DFUZZ_MKMODEL='"$(abspath $(BUILD))/mkmodel"'
+$(BUILD)/fuzz/fuzz_package: $(BUILD)/mkmodel
 $(BUILD)/fuzz/fuzz_%: tests/fuzz_%.c $(ENGINE_SRC) $(PROTO_C)
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -fopenmp -o $@ $< $(FUZZ_EXTRA_$*) $(ENGINE_SRC) $(PROTO_C) $(LDLIBS)
