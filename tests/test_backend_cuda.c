@@ -450,6 +450,42 @@ TEST(cuda_gather_rows) {
     free(x); free(res[0]); free(res[1]);
 }
 
+/* The staging ring (dg_cuda_stage: small host arrays copied through a pinned ring of two
+ * halves) over three turns of 256-byte arrays, each different from the last four (no memo
+ * hit): every half is filled to its last byte, the case where the half in use was derived
+ * from the position (the boundary already named the next half, and after the ring's end a
+ * third one: the 65,537th array was written past the pinned buffer and into the arena's next
+ * allocation). Every 4096th gather is checked, exact. */
+TEST(cuda_staging_ring_turns_over) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    enum { ROWS = 97, M = 64, N = 32, TURNS = 3 };   /* M int32 ids: 256 bytes a staging */
+    const int arrays = TURNS * (int)((16u << 20) / 256) + 7;
+    float *x = rnd((int64_t)ROWS * N, 1.0f), *want = malloc(sizeof(float) * M * N);
+    float *dx = put(gpu, x, (int64_t)ROWS * N), *dy = gpu->alloc(gpu, sizeof(float) * M * N);
+    int32_t idx[M];
+    int checked = 0, wrong = 0;
+    for (int it = 0; it < arrays && !wrong; it++) {
+        for (int j = 0; j < M; j++) idx[j] = (int32_t)((it * 31 + j * 7) % ROWS);
+        gpu->gather_rows(gpu, dy, dx, idx, M, N);
+        if (it % 4096 == 4095 || it == arrays - 1) {
+            float *got = malloc(sizeof(float) * M * N);
+            gpu->download(gpu, got, dy, (int64_t)M * N);
+            for (int j = 0; j < M; j++) memcpy(want + (int64_t)j * N, x + (int64_t)idx[j] * N, sizeof(float) * N);
+            wrong = memcmp(got, want, sizeof(float) * M * N) != 0;
+            if (wrong) test_fail(__FILE__, __LINE__, "gather %d of %d through the ring: rows differ", it, arrays);
+            checked++;
+            free(got);
+        }
+    }
+    char err[256] = "";
+    CHECK_EQ_INT(gpu->status(gpu, err, sizeof err), 0);
+    printf("  %d staged arrays (%d turns of the ring), %d gathers checked\n", arrays, TURNS, checked);
+    gpu->release(gpu, dx);
+    gpu->release(gpu, dy);
+    free(x);
+    free(want);
+}
+
 /* ---- rotary ----------------------------------------------------------------------------- */
 
 TEST(cuda_rope) {
@@ -555,7 +591,9 @@ TEST(cuda_kv_bf16) {
     CHECK(gpu->kv_bf16 && gpu->kv_bf16_default && !gpu_default->kv_bf16 && !gpu_default->kv_bf16_default);
     static const int shapes[][5] = {   /* n_past, m, heads, kv heads, head_dim */
         {0, 1, 4, 2, 16}, {100, 1, 28, 4, 128}, {1000, 3, 14, 2, 64}, {17, 130, 28, 4, 128}, {0, 64, 16, 16, 80},
-        {40, 7, 4, 2, 16}};
+        {40, 7, 4, 2, 16},
+        /* 9 <= m < 64: the wmma tiles (their scalar loop for bf16 rows), head_dim 64 and 80 */
+        {40, 20, 14, 2, 64}, {5, 33, 16, 16, 80}};
     const int bs = 16;
     for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
         const int n_past = shapes[sh][0], m = shapes[sh][1], nh = shapes[sh][2], nkv = shapes[sh][3], hd = shapes[sh][4];
@@ -592,27 +630,33 @@ typedef struct {
     int n, pools, nh, nkv, hd, past[AB_MAX], m[AB_MAX];
 } ab_case;
 
-static void run_attention_batch(dg_backend *be, const ab_case *t, const float *q, const float *k, const float *v,
-                                const float *hist, int32_t (*tables)[64], int bs, int64_t pool_rows, float **out,
-                                float **pools) {
+/* A pool of pool_rows K or V rows of dtype dt, in floats (a bf16 pool: half as many). */
+static int64_t ab_pool_floats(dg_dtype dt, int64_t pool_rows, int kv_dim) {
+    return pool_rows * kv_dim * (int64_t)dg_dtype_size(dt) / 4;
+}
+
+static void run_attention_batch(dg_backend *be, dg_dtype dt, const ab_case *t, const float *q, const float *k,
+                                const float *v, const float *hist, int32_t (*tables)[64], int bs, int64_t pool_rows,
+                                float **out, float **pools) {
     const int kv_dim = t->nkv * t->hd;
+    const int64_t pool = ab_pool_floats(dt, pool_rows, kv_dim);
     int rows = 0;
     for (int i = 0; i < t->n; i++) rows += t->m[i];
-    float *zero = calloc((size_t)(pool_rows * kv_dim), sizeof(float));
+    float *zero = calloc((size_t)pool, sizeof(float));
     float *P[4];
-    for (int p = 0; p < 2 * t->pools; p++) P[p] = put(be, zero, pool_rows * kv_dim);
+    for (int p = 0; p < 2 * t->pools; p++) P[p] = put(be, zero, pool);
     float *dh = put(be, hist, 2048LL * kv_dim);
     float *dq = put(be, q, (int64_t)rows * t->nh * t->hd), *dk = put(be, k, (int64_t)rows * kv_dim);
     float *dv = put(be, v, (int64_t)rows * kv_dim), *dout = be->alloc(be, sizeof(float) * (size_t)rows * t->nh * t->hd);
     dg_attn_seq seqs[AB_MAX];
     for (int i = 0; i < t->n; i++) {
         const int p = t->pools > 1 && i >= t->n / 2;   /* the second half in the second pool */
-        seqs[i] = (dg_attn_seq){{P[2 * p], P[2 * p + 1], tables[i], bs, DG_DTYPE_F32}, t->past[i], t->m[i]};
+        seqs[i] = (dg_attn_seq){{P[2 * p], P[2 * p + 1], tables[i], bs, dt}, t->past[i], t->m[i]};
         be->kv_write(be, &seqs[i].kv, 0, dh, dh + 1024LL * kv_dim, t->past[i], kv_dim);
     }
     dg_attention_batch(be, dout, dq, dk, dv, seqs, t->n, t->nh, t->nkv, t->hd, 1.0f / sqrtf((float)t->hd));
     be->release(be, dh); be->release(be, dq); be->release(be, dk); be->release(be, dv);
-    for (int p = 0; p < 2 * t->pools; p++) pools[p] = get(be, P[p], pool_rows * kv_dim);
+    for (int p = 0; p < 2 * t->pools; p++) pools[p] = get(be, P[p], pool);
     *out = get(be, dout, (int64_t)rows * t->nh * t->hd);
     free(zero);
 }
@@ -639,31 +683,38 @@ TEST(cuda_attention_batch) {
         for (int i = 0; i < t->n; i++) rows += t->m[i];
         float *q = rnd((int64_t)rows * t->nh * t->hd, 1.0f), *k = rnd((int64_t)rows * kv_dim, 1.0f);
         float *v = rnd((int64_t)rows * kv_dim, 1.0f), *hist = rnd(2048LL * kv_dim, 1.0f);
-        float *ref, *refp[4];
-        run_attention_batch(cpu, t, q, k, v, hist, tables, bs, pool_rows, &ref, refp);
-        dg_backend *bes[2] = {gpu, gpu_default};
-        for (int b = 0; b < 2; b++) {
-            float *got, *gotp[4];
-            run_attention_batch(bes[b], t, q, k, v, hist, tables, bs, pool_rows, &got, gotp);
-            for (int p = 0; p < 2 * t->pools; p++) {
-                char shape[64];
-                snprintf(shape, sizeof shape, "case %zu %s pool %d%s", ci, b ? "default" : "batched", p / 2,
-                         p % 2 ? " v" : " k");
-                compare("attention_batch kv", shape, gotp[p], refp[p], pool_rows * kv_dim, 0, 0);
-                free(gotp[p]);
+        /* fp32 pools on the batched and the default kernels; bf16 pools (the GPU's default
+         * KV where the unverified kernels run) on the batched ones: rounded to nearest even
+         * on both backends, the same bits, and the attention within the fp32 bounds */
+        for (int d = 0; d < 2; d++) {
+            const dg_dtype dt = d ? DG_DTYPE_BF16 : DG_DTYPE_F32;
+            float *ref, *refp[4];
+            run_attention_batch(cpu, dt, t, q, k, v, hist, tables, bs, pool_rows, &ref, refp);
+            dg_backend *bes[2] = {gpu, gpu_default};
+            for (int b = 0; b < 2 - d; b++) {
+                float *got, *gotp[4];
+                run_attention_batch(bes[b], dt, t, q, k, v, hist, tables, bs, pool_rows, &got, gotp);
+                for (int p = 0; p < 2 * t->pools; p++) {
+                    char shape[64];
+                    snprintf(shape, sizeof shape, "case %zu%s %s pool %d%s", ci, d ? " bf16" : "",
+                             b ? "default" : "batched", p / 2, p % 2 ? " v" : " k");
+                    compare("attention_batch kv", shape, gotp[p], refp[p], ab_pool_floats(dt, pool_rows, kv_dim), 0, 0);
+                    free(gotp[p]);
+                }
+                for (int i = 0, row = 0; i < t->n; row += t->m[i], i++) {
+                    char shape[64];
+                    snprintf(shape, sizeof shape, "case %zu%s %s seq %d past%d m%d", ci, d ? " bf16" : "",
+                             b ? "default" : "batched", i, t->past[i], t->m[i]);
+                    const int64_t at = (int64_t)row * t->nh * t->hd, n = (int64_t)t->m[i] * t->nh * t->hd;
+                    if (t->m[i] <= 8) compare("attention_batch", shape, got + at, ref + at, n, -1, 2e-5);
+                    else compare("attention_batch", shape, got + at, ref + at, n, ATT_FAST_REL, -1);
+                }
+                free(got);
             }
-            for (int i = 0, row = 0; i < t->n; row += t->m[i], i++) {
-                char shape[64];
-                snprintf(shape, sizeof shape, "case %zu %s seq %d past%d m%d", ci, b ? "default" : "batched", i,
-                         t->past[i], t->m[i]);
-                const int64_t at = (int64_t)row * t->nh * t->hd, n = (int64_t)t->m[i] * t->nh * t->hd;
-                if (t->m[i] <= 8) compare("attention_batch", shape, got + at, ref + at, n, -1, 2e-5);
-                else compare("attention_batch", shape, got + at, ref + at, n, ATT_FAST_REL, -1);
-            }
-            free(got);
+            for (int p = 0; p < 2 * t->pools; p++) free(refp[p]);
+            free(ref);
         }
-        for (int p = 0; p < 2 * t->pools; p++) free(refp[p]);
-        free(ref); free(q); free(k); free(v); free(hist);
+        free(q); free(k); free(v); free(hist);
     }
 }
 

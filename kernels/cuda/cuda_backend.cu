@@ -210,12 +210,15 @@ void *dg_cuda_stage(dg_cuda *c, const void *host, size_t bytes) {
         for (int i = 0; i < DG_CUDA_MEMO; i++)
             if (c->memo[i].dev && c->memo[i].bytes == bytes && !memcmp(c->memo[i].data, host, bytes))
                 return (void *)c->memo[i].dev;
-    size_t h = c->stage_pos / half, end = c->stage_pos + n;
-    if (end > (h + 1) * half) {                 /* the next half: wait for its old copies */
+    /* The half in use is kept, not derived from stage_pos: a half filled to its last byte
+     * leaves stage_pos on the boundary, where stage_pos / half already names the next half
+     * (or, after half 1, a third one past the ring's end) without its old copies waited for. */
+    const int h = c->stage_half;
+    if (c->stage_pos + n > (size_t)(h + 1) * half) {   /* the other half: wait for its old copies */
         if (cudaEventRecord(c->stage_done[h], c->stream) != cudaSuccess) goto fail;
-        h = (h + 1) % 2;
-        if (cudaEventSynchronize(c->stage_done[h]) != cudaSuccess) goto fail;
-        c->stage_pos = h * half;
+        c->stage_half = h ^ 1;
+        if (cudaEventSynchronize(c->stage_done[h ^ 1]) != cudaSuccess) goto fail;
+        c->stage_pos = (size_t)(h ^ 1) * half;
         for (int i = 0; i < DG_CUDA_MEMO; i++) c->memo[i].dev = NULL;   /* may be overwritten */
     }
     {
