@@ -210,22 +210,18 @@ void *dg_cuda_stage(dg_cuda *c, const void *host, size_t bytes) {
         for (int i = 0; i < DG_CUDA_MEMO; i++)
             if (c->memo[i].dev && c->memo[i].bytes == bytes && !memcmp(c->memo[i].data, host, bytes))
                 return (void *)c->memo[i].dev;
-    /* The half in use is kept, not derived from stage_pos: a half filled to its last byte
-     * leaves stage_pos on the boundary, where stage_pos / half already names the next half
-     * (or, after half 1, a third one past the ring's end) without its old copies waited for. */
-    const int h = c->stage_half;
-    if (c->stage_pos + n > (size_t)(h + 1) * half) {   /* the other half: wait for its old copies */
-        if (cudaEventRecord(c->stage_done[h], c->stream) != cudaSuccess) goto fail;
-        c->stage_half = h ^ 1;
-        if (cudaEventSynchronize(c->stage_done[h ^ 1]) != cudaSuccess) goto fail;
-        c->stage_pos = (size_t)(h ^ 1) * half;
+    const int old = c->stage.half;
+    if (dg_stage_ring_place(&c->stage, n, half)) {   /* the other half: its old copies done first */
+        if (cudaEventRecord(c->stage_done[old], c->stream) != cudaSuccess ||
+            cudaEventSynchronize(c->stage_done[c->stage.half]) != cudaSuccess)
+            goto fail;
         for (int i = 0; i < DG_CUDA_MEMO; i++) c->memo[i].dev = NULL;   /* may be overwritten */
     }
     {
-        char *hp = c->stage_host + c->stage_pos, *dp = c->stage_dev + c->stage_pos;
+        char *hp = c->stage_host + c->stage.pos, *dp = c->stage_dev + c->stage.pos;
         memcpy(hp, host, bytes);
         if (cudaMemcpyAsync(dp, hp, bytes, cudaMemcpyHostToDevice, c->stream) != cudaSuccess) goto fail;
-        c->stage_pos += n;
+        c->stage.pos += n;
         if (bytes <= DG_CUDA_MEMO_BYTES) {
             int i = c->memo_next;
             c->memo_next = (i + 1) % DG_CUDA_MEMO;

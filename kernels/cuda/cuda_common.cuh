@@ -21,6 +21,7 @@
 extern "C" {
 #include "backend.h"
 #include "duogen.h"
+#include "stage_ring.h"
 }
 
 /* Staging ring for small host arrays (positions, ids, block tables, cu_seqlens): a pinned
@@ -85,8 +86,7 @@ typedef struct {
     /* staging */
     char           *stage_host;    /* owned, pinned: DG_CUDA_STAGE_BYTES */
     char           *stage_dev;     /* arena */
-    size_t          stage_pos;     /* the next byte, in half stage_half */
-    int             stage_half;    /* the half of the ring in use: 0 or 1 */
+    dg_stage_ring   stage;         /* where the next array goes (stage_ring.h) */
     cudaEvent_t     stage_done[2];
     /* the last small arrays staged since the ring last changed halves: a decode step
      * stages the same positions and block table for every layer, and a copy costs a
