@@ -120,6 +120,7 @@ static void seg_remove(dg_cuda_device *d, int at) {
 /* First fit over the free segments: host bookkeeping only, no CUDA call; under the lock,
  * since the backends of the device allocate from their own threads. */
 static void *arena_alloc(dg_cuda_device *d, size_t bytes) {
+    if (bytes > SIZE_MAX - ARENA_ALIGN) return NULL;   /* rounding up would wrap */
     size_t n = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
     void *p = NULL;
     if (!n) n = ARENA_ALIGN;
@@ -202,7 +203,7 @@ static void cuda_release(dg_backend *be, void *p) {
 void *dg_cuda_stage(dg_cuda *c, const void *host, size_t bytes) {
     const size_t half = DG_CUDA_STAGE_BYTES / 2;
     size_t n = (bytes + 255) & ~(size_t)255;
-    if (n > half) {
+    if (bytes > half || n > half) {
         dg_cuda_fail(c, "staged array larger than half the ring", "dg_cuda_stage", __FILE__, __LINE__);
         return NULL;
     }
@@ -303,9 +304,12 @@ static int cuda_weight_prepare(dg_backend *be, dg_weight *w, char *err, size_t e
     return 0;
 cuda_fail:
     dg_cuda_fail(c, cudaGetErrorString(cudaGetLastError()), "weight upload", __FILE__, __LINE__);
+    /* earlier chunks may still be copying into dev: the memory goes back to the shared
+     * arena only once they are done (another fork could take it at once), else never */
+    if (cudaStreamSynchronize(c->stream) != cudaSuccess) dev = NULL;
 dev_fail:
     free(tmp);
-    arena_release(c->dev, dev);
+    if (dev) arena_release(c->dev, dev);
     snprintf(err, errlen, "%s", c->err);
     return DG_EDEVICE;
 }
@@ -550,10 +554,12 @@ static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t err
     c->gemm_split = p->gemm_split;
     c->attn_wmma = p->attn_wmma;
     c->unverified = p->unverified;
+    /* the parent's sticky status is its own thread's to set (backend.h): a failure seen
+     * here is this call's */
     const cudaError_t e = cudaStreamSynchronize(p->stream);
-    if (e != cudaSuccess) dg_cuda_fail(p, cudaGetErrorString(e), "cudaStreamSynchronize", __FILE__, __LINE__);
-    if (p->status) {
-        snprintf(err, errlen, "%s", p->err);
+    if (e != cudaSuccess || p->status) {
+        if (e != cudaSuccess) snprintf(err, errlen, "cuda: the parent backend's stream: %s", cudaGetErrorString(e));
+        else snprintf(err, errlen, "%s", p->err);
         cuda_free(be);
         return DG_EDEVICE;
     }

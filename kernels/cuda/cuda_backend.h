@@ -23,8 +23,10 @@
 extern "C" {
 #endif
 
-/* DG_EDEVICE when there is no such device (the message says "no CUDA device" when the
- * machine has none at all), DG_ENOMEM when the budget cannot be had. */
+/* DG_EINVAL when there is no such device (the message says "no CUDA device" when the
+ * machine has none at all) or the budget is below the backend's own buffers; DG_EDEVICE when
+ * a CUDA call fails (the budget's cudaMalloc included: a budget over the free memory is cut
+ * to it); DG_ENOMEM when host memory runs out. */
 int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, char *err, size_t errlen);
 
 #ifdef __cplusplus

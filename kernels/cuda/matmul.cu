@@ -85,7 +85,7 @@ __global__ void gemv_bf16_vec(float *__restrict__ y, const float *__restrict__ x
 }
 
 /* Few rows (the 7B's K and V projections: 512 rows = 64 warp-per-row blocks, a sixth of
- * what fills 132 SMs; measured 0.7 TB/s): one block of 8 warps per row, each thread a
+ * what fills 132 SMs; measured 0.7 TB/s): one block of GEMV_WARPS (4) warps per row, each thread a
  * strided share of the row's 16-byte vectors, the partial sums reduced in shared memory. */
 template <int M>
 __global__ void gemv_bf16_rowblock(float *__restrict__ y, const float *__restrict__ x,
@@ -432,6 +432,7 @@ __global__ void embed_kernel(float *y, const __nv_bfloat16 *table, const int32_t
 }
 
 static int embed(dg_cuda *c, float *y, const dg_weight *table, const int32_t *ids, int m) {
+    if (m <= 0) return 0;   /* a grid of 0 blocks is a launch error */
     const int32_t *d_ids = (const int32_t *)dg_cuda_stage(c, ids, sizeof(int32_t) * (size_t)m);
     if (!d_ids) return DG_EDEVICE;
     embed_kernel<<<m, 256, 0, c->stream>>>(y, (const __nv_bfloat16 *)table->data, d_ids, table->cols);
