@@ -476,8 +476,23 @@ static int feed_text(dg_seq *q, const char *text, size_t len) {
     if (!hit) return 0;
     size_t end = dg_stop_match_end(q->marker);
     q->n_rest = len - end;
-    memcpy(q->rest, text + end, q->n_rest);
+    memmove(q->rest, text + end, q->n_rest);   /* text may be q->rest's own copy */
     return 2;
+}
+
+/* The text that followed a draw marker in its token (q->rest): after the marker's image, or
+ * at once where none is drawn. A marker in it draws nothing (its own rest follows at once).
+ * 1: a stop string ended the answer. */
+static int feed_rest(dg_seq *q) {
+    char rest[sizeof q->rest];
+    int fed = 2;
+    while (fed == 2 && q->n_rest) {
+        const size_t n = q->n_rest;
+        memcpy(rest, q->rest, n);
+        q->n_rest = 0;
+        fed = feed_text(q, rest, n);
+    }
+    return fed == 1;
 }
 
 /* Ends a sequence. flush: emit what the stream decoder and the stop matcher still hold
@@ -485,9 +500,14 @@ static int feed_text(dg_seq *q, const char *text, size_t len) {
 static void finish(dg_sched *s, dg_seq *q, dg_finish_reason why, int flush) {
     char tail[DG_TOK_STREAM_OUT_MAX];
     size_t n = dg_tok_stream_finish(&q->stream, tail);
-    if (flush && !(n && feed_text(q, tail, n) == 1)) {
-        if (q->marker) dg_stop_flush(q->marker, emit_checked, q);
-        if (!q->stopped) dg_stop_flush(q->stop, emit_text, q);
+    if (flush) {   /* a marker's rest, then the stream decoder's tail, then what the matchers hold */
+        int fed = q->n_rest && feed_rest(q);
+        if (!fed && n) fed = feed_text(q, tail, n);
+        if (fed == 2) fed = feed_rest(q);   /* a marker at the very end draws nothing */
+        if (fed != 1) {
+            if (q->marker) dg_stop_flush(q->marker, emit_checked, q);
+            if (!q->stopped) dg_stop_flush(q->stop, emit_text, q);
+        }
     }
     if (q->state == SEQ_DRAW) dg_sched_draw_account(q);   /* cancelled or past the deadline while drawing */
     q->usage.generated_tokens = q->generated;
@@ -511,48 +531,55 @@ static int is_stop_token(const dg_model *m, int32_t t) {
     return 0;
 }
 
-/* The token the forward sampled for q (q->last, not yet in the KV cache): <BOV> begins an
- * image, a stop token, stop string or limit ends the sequence, anything else streams. */
-static int take_token(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+/* The token the forward sampled for q (q->last, not yet in the KV cache): <BOV> (or the
+ * draw marker) makes an image due (q->draw_pending: begun by begin_draw once every sequence
+ * has taken its tokens), a stop token, stop string or limit ends the sequence, anything else
+ * streams. */
+static int take_token(dg_sched *s, dg_seq *q) {
     const dg_model *m = s->m;
     int32_t tok = q->last;
-    int rc;
-    if (tok == m->bov_id) {
-        if ((rc = dg_sched_draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
-        return rc < 0 ? rc : 0;
-    }
+    /* what followed a draw marker, held for after its image: the image is done now */
+    if (q->n_rest && feed_rest(q)) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
+    if (tok == m->bov_id) { q->draw_pending = 1; return 0; }
     if (is_stop_token(m, tok)) { finish(s, q, DG_FINISH_STOP, 1); return 0; }
     q->generated++;
     char text[DG_TOK_STREAM_OUT_MAX];
-    int fed = 0;
-    if (q->n_rest) {   /* what followed a draw marker, now after its image; a marker in it draws nothing */
-        size_t n = q->n_rest;
-        q->n_rest = 0;
-        fed = feed_text(q, q->rest, n) == 1;
-    }
     size_t len = dg_tok_stream_push(m->tok, &q->stream, tok, text);
-    if (!fed && len) fed = feed_text(q, text, len);
-    if (fed == 1) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
-    if (fed == 2 && dg_seq_may_draw(m, q)) {   /* the marker acts as <BOV> */
-        if ((rc = dg_sched_draw_begin(s, q, err, errlen)) == 1) finish(s, q, DG_FINISH_LENGTH, 1);
-        return rc < 0 ? rc : 0;
+    int fed = len ? feed_text(q, text, len) : 0;
+    if (fed == 2) {
+        if (dg_seq_may_draw(m, q)) { q->draw_pending = 1; return 0; }   /* the marker acts as <BOV> */
+        fed = feed_rest(q);   /* no image may be drawn: the text goes on at once */
     }
+    if (fed == 1) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
     if (q->generated >= q->max_new || q->kv.n_tokens + 1 >= m->max_context) finish(s, q, DG_FINISH_LENGTH, 1);
     return 0;
+}
+
+/* An image that became due this step begins. What the matchers hold (a part of the marker
+ * or of a stop string) is text before the picture: it comes out first, and no stop string
+ * spans a picture. */
+static int begin_draw(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+    q->draw_pending = 0;
+    if (q->marker) dg_stop_flush(q->marker, emit_checked, q);
+    if (q->stopped) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
+    dg_stop_flush(q->stop, emit_text, q);
+    const int rc = dg_sched_draw_begin(s, q, err, errlen);
+    if (rc == 1) finish(s, q, DG_FINISH_LENGTH, 1);
+    return rc < 0 ? rc : 0;
 }
 
 /* The tokens of a sequence that fed drafts (sched_feed.c "Drafts"): row by row, each
  * sampled token taken as take_token takes it, while it is the next drafted token and the
  * sequence decodes on. */
-static int take_drafted(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
+static void take_drafted(dg_sched *s, dg_seq *q) {
     for (int j = 0;; j++) {
         dg_sched_draft_take(s, q, j);
         const int32_t t = q->last;
-        const int rc = take_token(s, q, err, errlen);
-        if (q->state == SEQ_FREE) return rc;   /* ended: nothing more of it to keep */
-        if (rc < 0 || q->state != SEQ_DECODE || j == q->n_draft || t != q->draft[j + 1]) {
+        take_token(s, q);
+        if (q->state == SEQ_FREE) return;   /* ended: nothing more of it to keep */
+        if (q->draw_pending || j == q->n_draft || t != q->draft[j + 1]) {
             dg_sched_draft_end(s, q);
-            return rc;
+            return;
         }
     }
 }
@@ -590,12 +617,21 @@ int dg_sched_step(dg_sched *s, char *err, size_t errlen) {
     if ((rc = dg_sched_forward(s, err, errlen)) < 0) return rc;
     for (int i = 0; i < s->n_seqs; i++) {
         dg_seq *q = &s->seqs[i];
-        rc = 0;
         if (q->state == SEQ_FREE) continue;
-        if (q->step_rc) rc = seq_problem(s, q, q->step_rc, q->step_err, err, errlen);
-        else if (q->sampled && (rc = q->n_draft ? take_drafted(s, q, msg, sizeof msg) : take_token(s, q, msg, sizeof msg)) < 0)
-            rc = seq_problem(s, q, rc, msg, err, errlen);
-        if (rc < 0) return rc;
+        if (q->step_rc) {
+            if ((rc = seq_problem(s, q, q->step_rc, q->step_err, err, errlen)) < 0) return rc;
+        } else if (q->sampled) {
+            if (q->n_draft) take_drafted(s, q);
+            else take_token(s, q);
+        }
+    }
+    /* the images that became due, once every sequence's tokens are taken: a drafted row is
+     * sampled from the forward's state, which a published pipeline's prompt overwrites */
+    for (int i = 0; i < s->n_seqs; i++) {
+        dg_seq *q = &s->seqs[i];
+        if (q->state != SEQ_FREE && q->draw_pending && (rc = begin_draw(s, q, msg, sizeof msg)) < 0 &&
+            (rc = seq_problem(s, q, rc, msg, err, errlen)) < 0)
+            return rc;
     }
     /* a device fault during the step: nothing it computed can be trusted, and the process
      * should go (the daemon exits 75; the jobs stay pending for a new start) */

@@ -312,6 +312,9 @@ static int draft_lookup(dg_sched *s, dg_seq *q, int rows) {
 void dg_sched_draft_take(dg_sched *s, dg_seq *q, int j) {
     q->hist[q->kv.n_tokens] = q->draft[j];
     dg_kv_seq_commit(s->kv, &q->kv, &q->draft[j], NULL, 1);
+    /* a block this commit filled is shareable from now on: its condition rows go beside it
+     * now, not at dg_sched_draft_end (the sequence may end on this very row) */
+    if (s->m->has_draw) cond_save_blocks(s, q);
     s->n_accepted += j > 0;
     q->draft_kept = j;
     sample_row(s, q, q->draft_row + j);

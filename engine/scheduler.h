@@ -75,8 +75,11 @@ typedef struct dg_seq {
     dg_stop      *marker;        /* owned: the package's draw marker as a matcher; NULL: none */
     int           stopped;       /* a stop string matched inside the marker matcher's output */
     char          rest[DG_TOK_STREAM_OUT_MAX];   /* text after a marker in its token's text,
-                                                    fed after the image */
+                                                    fed after the image (or at once: none) */
     size_t        n_rest;
+    int           draw_pending;  /* <BOV> or the marker was taken: the image begins once every
+                                    sequence has taken its tokens of the step (a published
+                                    pipeline's prompt runs the decoder on the shared state) */
     dg_tok_stream stream;
     dg_tok_ids    prompt;        /* owned: the whole prompt */
     int32_t      *pos;           /* owned [3, prompt.n] M-RoPE positions of the prompt */
