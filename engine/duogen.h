@@ -273,7 +273,7 @@ typedef struct {
                                        the memory holds, each at its full context with as
                                        much KV again for cached prefixes: kv_cache_bytes'
                                        worth when set, else half the device's (CPU: the
-                                       host's available) free memory; 1 .. 16 */
+                                       host's available) free memory, between 1 and 16 */
     size_t  kv_cache_bytes;         /* prefix KV cache budget; 0 = the model's default */
     int     kv_bf16;                /* 1: K and V kept in bf16 (half the memory, so twice the
                                        sequences or cached prefix in a budget; fidelity:
