@@ -291,7 +291,8 @@ static int write_batch(dg_committer *c, dg_run **runs, int n, const int *exists,
     int cap = queued + n * RESULT_CMDS_MAX + 3;
     dg_cmd **cmds = malloc((size_t)cap * sizeof *cmds);
     redisReply **rep = calloc((size_t)cap, sizeof *rep);
-    if (!cmds || !rep) abort();
+    int *n_cmds = calloc((size_t)n, sizeof *n_cmds);   /* each run's commands in the transaction */
+    if (!cmds || !rep || !n_cmds) abort();
     for (int i = 0; i < n; i++)
         for (int k = 0; k < runs[i]->n_out; k++) cmds[m++] = runs[i]->out[k];   /* borrowed */
     for (int i = 0; i < n; i++)
@@ -300,7 +301,7 @@ static int write_batch(dg_committer *c, dg_run **runs, int n, const int *exists,
     if (writes) {
         cmds[m++] = dg_cmd_of("MULTI", NULL);
         for (int i = 0; i < n; i++)
-            if (!exists[i]) m += result_cmds(c, runs[i], cmds + m);
+            if (!exists[i]) m += n_cmds[i] = result_cmds(c, runs[i], cmds + m);
         cmds[m++] = dg_cmd_of("EXEC", NULL);
     } else {
         cmds[m++] = dg_cmd_of("UNWATCH", NULL);
@@ -331,11 +332,15 @@ static int write_batch(dg_committer *c, dg_run **runs, int n, const int *exists,
         log_error("result transaction failed: %s", exec->str);
         rc = -2;
     }
-    for (size_t i = 0; writes && exec->type == REDIS_REPLY_ARRAY && i < exec->elements; i++)
-        if (exec->element[i]->type == REDIS_REPLY_ERROR) {
-            log_error("result transaction command %zu: %s", i, exec->element[i]->str);
-            rc = -2;
-        }
+    /* a command that failed inside an applied EXEC (a key of the wrong type a producer made):
+     * the others took effect, the acknowledgements too, so the runs are written; what
+     * failed is logged, never a reason to stop the worker */
+    for (size_t i = 0, run = 0, at = 0; writes && exec->type == REDIS_REPLY_ARRAY && i < exec->elements; i++) {
+        while (run < (size_t)n && i >= at + (size_t)n_cmds[run]) at += (size_t)n_cmds[run++];
+        if (exec->element[i]->type == REDIS_REPLY_ERROR)
+            log_error("job \"%s\": a result command failed (the others were applied): %s",
+                      run < (size_t)n ? runs[run]->id : "?", exec->element[i]->str);
+    }
     for (int i = 0; i < n && !rc; i++) {
         log_end(runs[i], !exists[i]);
         outcome[i] = exists[i] ? DG_COMMIT_ACKED : DG_COMMIT_WRITTEN;
@@ -345,6 +350,7 @@ out:
     for (int i = queued; i < m; i++) dg_cmd_free(cmds[i]);
     free(cmds);
     free(rep);
+    free(n_cmds);
     return rc;
 }
 
@@ -362,6 +368,12 @@ int dg_commit_write(dg_committer *c, dg_run **runs, int n, int *outcome, dg_cmd 
         fast &= runs[i]->watched == dg_commit_watch_epoch(c);
     }
     if (!fast) rc = look(c, runs, n, exists);
+    /* the same job id twice in the batch (a producer's XADD retried after a lost reply, both
+     * entries taken in one read and ended together): the first's result is written, the
+     * others are only acknowledged, as if they had found it */
+    for (int i = 1; i < n && !rc; i++)
+        for (int j = 0; j < i && !exists[i]; j++)
+            if (!exists[j] && !strcmp(runs[i]->id, runs[j]->id)) exists[i] = 1;
     if (!rc) rc = write_batch(c, runs, n, exists, outcome, then, then_reply);
     if (rc == ABORTED) {
         /* a result key changed between WATCH and EXEC: nothing was written; each run again

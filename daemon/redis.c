@@ -189,9 +189,12 @@ int dg_redis_init(dg_redis *r, const dg_daemon_config *cfg, const char *client_n
 
 /* The error replies of a server that cannot serve now but will: loading its dataset (after a
  * restart, or a replica's full sync), running a script past its time limit, a replica cut
- * off from its master. The command was not run. Returns the reply's text, or NULL. */
+ * off from its master, at maxmemory with nothing to evict (OOM: a queued command refused
+ * makes its EXEC abort whole), a master demoted to a replica (READONLY: a Sentinel's new
+ * master is found on reconnecting), too few replicas for min-replicas-to-write. The
+ * command was not run. Returns the reply's text, or NULL. */
 static const char *not_ready(const redisReply *rep) {
-    static const char *const states[] = {"LOADING ", "BUSY ", "MASTERDOWN "};
+    static const char *const states[] = {"LOADING ", "BUSY ", "MASTERDOWN ", "OOM ", "READONLY ", "NOREPLICAS "};
     for (size_t i = 0; i < sizeof states / sizeof states[0]; i++)
         if (dg_reply_is_error(rep, states[i])) return rep->str;
     return NULL;
@@ -337,6 +340,15 @@ void dg_redis_drop(dg_redis *r, const char *why) {
     r->next_try_ms = dg_mono_ms() + 100;
 }
 
+/* A command refused as not ready: the connection goes as after a break (what else the
+ * pipeline did is unknown to its caller), and while refusals go on the next try waits
+ * longer (100 ms doubled up to 5 s: a full Redis is not asked ten times a second). */
+static void drop_refused(dg_redis *r, const char *why) {
+    r->refused_ms = r->refused_ms ? (r->refused_ms * 2 < 5000 ? r->refused_ms * 2 : 5000) : 100;
+    dg_redis_drop(r, why);
+    r->next_try_ms = dg_mono_ms() + r->refused_ms;
+}
+
 void dg_redis_close(dg_redis *r) {
     if (r->c) redisFree(r->c);
     r->c = NULL;
@@ -354,7 +366,9 @@ redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd) {
         snprintf(why, sizeof why, "the server is not ready: %s", rep->str);
         freeReplyObject(rep);
         rep = NULL;
-        dg_redis_drop(r, why);
+        drop_refused(r, why);
+    } else {
+        r->refused_ms = 0;
     }
     return rep;
 }
@@ -371,6 +385,7 @@ redisReply *dg_redis_cmdv(dg_redis *r, const char *arg0, ...) {
 
 int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **replies) {
     char why[sizeof r->error] = "I/O error";
+    int refused = 0;
     for (int i = 0; i < n; i++) replies[i] = NULL;
     if (!r->c) return -1;
     for (int i = 0; i < n; i++)
@@ -383,12 +398,16 @@ int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **repl
     }
     /* one command refused as not ready: the others' effects are unknown to the caller, as
      * after a broken connection (a MULTI with a refused command is discarded whole) */
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n && !refused; i++)
         if (not_ready(replies[i])) {
             snprintf(why, sizeof why, "the server is not ready: %s", replies[i]->str);
-            goto drop;
+            refused = 1;
         }
-    return 0;
+    if (!refused) {
+        r->refused_ms = 0;
+        return 0;
+    }
+    goto drop;
 fail:
     if (r->c->errstr[0]) snprintf(why, sizeof why, "%s", r->c->errstr);
 drop:
@@ -396,7 +415,8 @@ drop:
         if (replies[i]) freeReplyObject(replies[i]);
         replies[i] = NULL;
     }
-    dg_redis_drop(r, why);
+    if (refused) drop_refused(r, why);
+    else dg_redis_drop(r, why);
     return -1;
 }
 

@@ -53,6 +53,8 @@ typedef struct {
     int64_t next_try_ms;        /* monotonic time of the next connect attempt */
     int     backoff_ms;
     int     failures;           /* consecutive failed connects */
+    int     refused_ms;         /* the wait after a refusal (not ready, full, read-only),
+                                   doubled while refusals go on; 0 after a command went through */
     int     fatal;              /* authentication or permission refused: retrying will not help */
     uint64_t connects;          /* successful connects so far: a new one forgets WATCHes */
     char    error[512];         /* the last problem, for logs and the heartbeat */

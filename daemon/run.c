@@ -345,7 +345,11 @@ void dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...) {
     }
     va_end(ap);
     if (!r->timings.total_ms) r->timings.total_ms = (double)(dg_mono_ms() - r->started_mono_ms);
-    /* the final end: files of an earlier attempt beyond this one's images go */
+}
+
+void dg_run_written(dg_run *r) {
+    /* files of an earlier attempt beyond this one's images go, once this attempt's result is
+     * the visible one (a stale attempt, whose job another worker finished, prunes nothing) */
     if (!r->retry && dg_job_images_to_files(r->job.pb, r->cfg)) dg_outdir_prune(r->cfg->output_root, r->id, r->n_imgs);
 }
 

@@ -106,6 +106,9 @@ void    dg_run_started(dg_run *r);                        /* queues the started 
  * Error code when failed; fmt gives the error when failed, else the finish reason. */
 void    dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+/* After its result was written (DG_COMMIT_WRITTEN): image files an earlier attempt left
+ * beyond this one's are removed. */
+void    dg_run_written(dg_run *r);
 /* The job hash update for the progress since the last one, or NULL when nothing moved.
  * The caller frees it. */
 dg_cmd *dg_run_progress_cmd(dg_run *r);

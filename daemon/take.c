@@ -53,7 +53,15 @@ void dg_take_init(dg_taker *t, dg_redis *redis, const dg_daemon_config *cfg, con
                     .held = held, .own_pending = 1, .next_reaper_ms = dg_mono_ms()};
 }
 
-dg_take_facts dg_take_facts_now(const dg_taker *t, int connected, int draining, int room) {
+dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int room) {
+    /* a connection that broke may have taken entries whose reply never came (an XREADGROUP
+     * or XCLAIM executed, its answer lost): they are in our pending list, held by no run,
+     * and must be taken back now, not after claim_idle_ms by a reaper that counts another
+     * delivery */
+    if (t->redis->connects != t->connects_seen) {
+        t->connects_seen = t->redis->connects;
+        t->own_pending = 1;
+    }
     return (dg_take_facts){
         .connected = connected, .groups_ok = t->groups_ok, .own_pending = t->own_pending,
         .reaper_due = dg_mono_ms() >= t->next_reaper_ms, .draining = draining, .room = room,
@@ -136,10 +144,11 @@ typedef struct {
     char why[1024];          /* delivered over max_attempts: what the earlier attempts left */
 } seen;
 
-/* One round trip for everything that decides whether to run. For a delivery within
- * max_attempts the job hash says "running" (with worker and attempt) in the same round trip,
- * before the engine sees the job: if the process dies in a step, the next attempt can tell.
- * The earlier attempt's fields are read first (pipelines keep their order). Returns 0, or -1
+/* One round trip for everything that decides whether to run; then, for a delivery within
+ * max_attempts of a job without a result, a second that makes the job hash say "running"
+ * (with worker and attempt) before the engine sees the job: if the process dies in a step,
+ * the next attempt can tell. (In one round trip with the first, a job whose result exists,
+ * only acknowledged, lost the error, attempt and counts its hash had.) Returns 0, or -1
  * when Redis went away. */
 static int look(dg_taker *t, dg_run *r, seen *s) {
     const dg_daemon_config *cfg = t->cfg;
@@ -160,15 +169,6 @@ static int look(dg_taker *t, dg_run *r, seen *s) {
     pre[n_pre++] = dg_cmd_of("EXISTS", k_result, NULL);
     pre[n_pre++] = dg_cmd_of("EXISTS", k_cancel, NULL);
     if (again) pre[n_pre++] = dg_cmd_of("HGETALL", k_job, NULL);
-    /* a delivery past max_attempts does not run: it leaves the earlier attempt's fields as
-     * they are, so that, if its give-up is lost (Redis dies before the commit), the next
-     * delivery still reads the earlier attempt's error, not a run that never was */
-    if (r->deliveries <= r->max_attempts) {
-        pre[n_pre++] = dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
-                                 "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
-                                 "error", "", "updated_ms", now, NULL);
-        pre[n_pre++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
-    }
     redisReply *rep[6];
     int rc = dg_redis_pipeline(t->redis, pre, n_pre, rep);
     for (int i = 0; i < n_pre; i++) dg_cmd_free(pre[i]);
@@ -179,7 +179,20 @@ static int look(dg_taker *t, dg_run *r, seen *s) {
     s->why[0] = 0;
     if (r->deliveries > r->max_attempts) last_error(again ? rep[3] : NULL, s->why, sizeof s->why, r->deliveries);
     for (int i = 0; i < n_pre; i++) freeReplyObject(rep[i]);
-    return 0;
+    /* a delivery past max_attempts does not run: it leaves the earlier attempt's fields as
+     * they are, so that, if its give-up is lost (Redis dies before the commit), the next
+     * delivery still reads the earlier attempt's error, not a run that never was */
+    if (s->has_result || r->deliveries > r->max_attempts) return 0;
+    dg_cmd *mark[2] = {dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
+                                 "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
+                                 "error", "", "updated_ms", now, NULL),
+                       dg_cmd_of("EXPIRE", k_job, ttl, NULL)};
+    rc = dg_redis_pipeline(t->redis, mark, 2, rep);
+    for (int i = 0; i < 2; i++) {
+        dg_cmd_free(mark[i]);
+        if (!rc) freeReplyObject(rep[i]);
+    }
+    return rc ? -1 : 0;
 }
 
 /* What becomes of a job that has no result yet, in this order of precedence. */

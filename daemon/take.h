@@ -105,7 +105,9 @@ typedef struct {
     /* what taking remembers between plans: the facts it owns */
     int groups_ok;
     int own_pending;                 /* kept set while an OWN step of a plan did not run, or
-                                        an entry is parked */
+                                        an entry is parked; set by a new connection (a read
+                                        whose reply was lost left its entries pending) */
+    uint64_t connects_seen;          /* redis->connects when own_pending last looked */
     int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran */
     char parked[64];                 /* the entry of the normal stream the idle wait parked
                                         (pending, not run; its one delivery did not count),
@@ -127,7 +129,7 @@ void dg_take_init(dg_taker *t, dg_redis *redis, const dg_daemon_config *cfg, con
                   dg_sched *sched, dg_committer *commit, dg_runs *held);
 
 /* The facts now: the taker's own, the settings', the clock's, and the caller's. */
-dg_take_facts dg_take_facts_now(const dg_taker *t, int connected, int draining, int room);
+dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int room);
 
 /* Runs the plan. `read` is the reply of the plan's first step, a READ, when the caller sent
  * dg_take_read_cmd() along another round trip; NULL: every step sends its own command.

@@ -223,7 +223,10 @@ static void write_results(dg_worker *w, int draining) {
     redisReply *got = NULL;
     int rc = dg_commit_write(&w->committer, batch, n, outcome, then, &got);
     for (int i = 0; i < n; i++) {
-        if (outcome[i] == DG_COMMIT_WRITTEN) count_end(w, batch[i]);
+        if (outcome[i] == DG_COMMIT_WRITTEN) {
+            dg_run_written(batch[i]);
+            count_end(w, batch[i]);
+        }
         if (outcome[i] != DG_COMMIT_PENDING) dg_runs_drop(&w->runs, batch[i]);
     }
     if (rc == -2) {

@@ -1,0 +1,191 @@
+"""Delivery edge cases found by review, each failing before its fix: the same job id twice
+in one commit batch, Redis refusing writes (full, or a key of the wrong type) at commit, an
+entry whose job already has a result, a read whose reply was lost with the connection, and
+an attempt whose job another worker finished meanwhile (images as files)."""
+import os
+import signal
+import socket
+import threading
+import time
+
+from conftest import make_job, pb, wait_until
+
+
+def test_same_id_twice_in_one_batch_is_written_once(cluster):
+    """A producer that sends the same id twice (an XADD retried after a lost reply): the
+    second entry must only be acknowledged (commit.h). Taken in the same read, both run,
+    end in the same step and are committed in one batch: both are written."""
+    cluster.worker("w1", args=["--max-inflight", "3"])
+    cluster.wait_groups()
+    cluster.enqueue("busy", " ".join(["w"] * 20), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:busy", "state") == b"running", what="busy running")
+    pipe = cluster.r.pipeline(transaction=False)
+    for _ in range(2):
+        pipe.xadd(cluster.key("jobs"), {"id": "dup", "job": make_job("dup", "a b c").SerializeToString()})
+    pipe.execute()
+    cluster.wait_result("dup")
+    wait_until(lambda: cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0, timeout=20, what="acks")
+    done = [f[b"id"] for _, f in cluster.r.xrange("duogen:done")]
+    types = [e["type"] for e in cluster.events("dup")]
+    print("done:", done, "events:", types)
+    assert done.count(b"dup") == 1, f"result of 'dup' written {done.count(b'dup')} times"
+    assert types.count(b"done") == 1, types
+
+
+def test_bad_job_same_id_twice_is_dead_lettered_once(cluster):
+    cluster.worker("w1", args=["--max-inflight", "3"])
+    cluster.wait_groups()
+    cluster.enqueue("busy", " ".join(["w"] * 20), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:busy", "state") == b"running", what="busy running")
+    pipe = cluster.r.pipeline(transaction=False)
+    for _ in range(2):
+        pipe.xadd(cluster.key("jobs"), {"id": "baddup", "job": b"\xff\xff garbage"})
+    pipe.execute()
+    cluster.wait_result("baddup")
+    wait_until(lambda: cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0, timeout=20, what="acks")
+    dead = [f[b"id"] for _, f in cluster.r.xrange("duogen:dead")]
+    print("dead:", dead)
+    assert dead.count(b"baddup") == 1, dead
+
+
+def test_redis_oom_at_commit_is_not_a_config_error(cluster):
+    """Redis at maxmemory (noeviction) refuses HSET/XADD with -OOM: a passing condition.
+    The worker must keep the result and write it when memory frees, not exit 78
+    (RestartPreventExitStatus=78: systemd would never restart it)."""
+    w = cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.enqueue("oom", " ".join(["w"] * 15), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:oom", "state") == b"running", what="running")
+    cluster.r.config_set("maxmemory-policy", "noeviction")
+    cluster.r.config_set("maxmemory", "1")
+    time.sleep(3)
+    cluster.r.config_set("maxmemory", "0")
+    rc = w.proc.poll()
+    print("worker rc:", rc)
+    print(w.logs()[-1500:])
+    assert rc is None, f"worker exited {rc} on a full Redis"
+    assert cluster.wait_result("oom")["status"] == b"done"
+
+
+def test_redelivered_job_with_result_keeps_its_job_hash(cluster):
+    """An entry whose job already has a result is 'acknowledged without running': its job
+    hash must keep what the result's attempt wrote (error, tokens, progress, attempt)."""
+    cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.enqueue("f1", "x y", meta={"fake.fail": "error"})
+    res = cluster.wait_result("f1")
+    assert res["status"] == b"failed"
+    wait_until(lambda: cluster.r.hget("duogen:job:f1", "state") == b"failed", what="job hash failed")
+    before = cluster.r.hgetall("duogen:job:f1")
+    cluster.enqueue("f1", "x y", meta={"fake.fail": "error"})      # the same id again
+    wait_until(lambda: cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0 and
+               cluster.r.xlen(cluster.key("jobs")) == 2, what="second entry acked")
+    time.sleep(0.3)
+    after = cluster.r.hgetall("duogen:job:f1")
+    print("before:", before)
+    print("after: ", after)
+    for k in (b"error", b"progress", b"attempt", b"tokens"):
+        assert after.get(k) == before.get(k), (k, before.get(k), after.get(k))
+
+
+class DropReplyProxy:
+    """TCP proxy to redis that, once, forwards a server reply containing `marker` to nobody:
+    it closes both sides instead (the reply of an executed command lost on the wire)."""
+
+    def __init__(self, port, marker):
+        self.port_to = port
+        self.marker = marker
+        self.fired = threading.Event()
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(16)
+        self.port = self.ls.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            c, _ = self.ls.accept()
+            s = socket.create_connection(("127.0.0.1", self.port_to))
+            threading.Thread(target=self.pump, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self.pump, args=(s, c, True), daemon=True).start()
+
+    def pump(self, a, b, from_server):
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                if from_server and not self.fired.is_set() and self.marker in d:
+                    self.fired.set()
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
+
+
+def test_lost_xreadgroup_reply_is_taken_back_at_once(cluster):
+    """XREADGROUP executed, its reply lost with the connection: the entry is in this
+    consumer's pending list, held by no run. A new connection makes the worker look at its
+    own pending entries at once; it used to wait for its reaper's XAUTOCLAIM after
+    claim_idle_ms (here a minute: longer than the test waits). The claim counts a delivery:
+    the job runs on its second (max_attempts 2)."""
+    proxy = DropReplyProxy(cluster.server.port, b"lostreply")
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    from conftest import Worker
+    w = Worker(cluster.tmp, url, "wp", cluster.model,
+               args=["--prefix", "duogen", "--claim-idle-ms", "60000", "--reaper-ms", "300"])
+    cluster.workers.append(w)
+    cluster.wait_groups()
+    wait_until(lambda: "ready" in w.logs(), what="the worker ready")
+    time.sleep(0.5)   # in its idle read: the job's entry comes as that read's reply
+    cluster.enqueue("lostreply", "hello", max_attempts=2)
+    res = cluster.wait_result("lostreply", timeout=30)
+    assert proxy.fired.is_set()
+    assert res["status"] == b"done", res
+    assert "re-taking 1 of our own pending entries" in w.logs()
+
+
+def test_a_stale_attempt_leaves_the_visible_results_files(cluster, tmpdir_path):
+    """Worker A pauses (SIGSTOP: a VM or GC pause) past claim_idle_ms; B takes the job over and
+    writes its result naming 1..3.png. A resumes after the deadline, its run ends expired
+    with one image, and dg_run_end() prunes files over 1 before A's commit learns the result
+    is not its own: the visible result names files that are gone."""
+    root = os.path.join(tmpdir_path, "out")
+    os.makedirs(root)
+    a = cluster.worker("wa", args=["--output-root", root])
+    cluster.wait_groups()
+    job = make_job("pr", "draw two things", meta={"fake.images": 3, "fake.step_ms": 200},
+                   width=32, height=32, steps=2, deadline_unix_ms=int(time.time() * 1000) + 8000)
+    cluster.r.xadd(cluster.key("jobs"), {"id": "pr", "job": job.SerializeToString()})
+    wait_until(lambda: any(e["type"] == b"image" for e in cluster.events("pr")), timeout=10, what="first image")
+    a.proc.send_signal(signal.SIGSTOP)
+    b = cluster.worker("wb", args=["--output-root", root])
+    res = cluster.wait_result("pr", timeout=20)
+    assert res["worker"] == b"wb" and res["status"] == b"done", res
+    paths = [p.image.path for p in pb.Result.FromString(res["pb"]).output if p.WhichOneof("kind") == "image"]
+    assert all(os.path.exists(p) for p in paths), paths
+    wait_until(lambda: time.time() * 1000 > job.deadline_unix_ms + 500, timeout=15, what="deadline")
+    a.proc.send_signal(signal.SIGCONT)
+    time.sleep(2)
+    print(a.logs()[-800:])
+    print("result names:", paths, "on disk:", sorted(os.listdir(os.path.join(root, "pr"))))
+    assert cluster.result("pr")["worker"] == b"wb"
+    assert all(os.path.exists(p) for p in paths), "files of the visible result removed"
+
+
+def test_a_job_key_of_the_wrong_type_does_not_stop_the_worker(cluster):
+    w = cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.r.set("duogen:job:wt", "queued")          # a producer's SET instead of HSETNX
+    cluster.enqueue("wt", "hi")
+    res = cluster.wait_result("wt")
+    time.sleep(1)
+    print("rc:", w.proc.poll(), "pending:", cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"], res.get("status"))
+    assert w.proc.poll() is None, f"worker exited {w.proc.poll()} over one job's key"
