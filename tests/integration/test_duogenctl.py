@@ -5,7 +5,7 @@ import struct
 import subprocess
 import zlib
 
-from conftest import BUILD, wait_until
+from conftest import BUILD, pb, wait_until
 
 CTL = os.path.join(BUILD, "duogenctl")
 
@@ -61,6 +61,11 @@ def test_cancel_stats_dead_requeue(cluster):
     assert ctl(cluster, "cancel", "slow").returncode == 0
     assert cluster.wait_result("slow")["status"] == b"cancelled"
     assert ctl(cluster, "result", "slow").returncode == 1
+    # an ended job has nothing to cancel; an id no one knows is named, the key set anyway
+    p = ctl(cluster, "cancel", "slow")
+    assert p.returncode == 1 and "has ended already (cancelled)" in p.stderr
+    p = ctl(cluster, "cancel", "no-such-job")
+    assert p.returncode == 0 and 'no job "no-such-job" is known' in p.stderr
 
     # a job that fails as bad input lands in the dead letters; requeue runs it again
     p = ctl(cluster, "enqueue", "--id", "bad", "--param", "meta.fake.fail=error", "x")
@@ -71,11 +76,92 @@ def test_cancel_stats_dead_requeue(cluster):
     assert "dead letters 1" in p.stdout
     p = ctl(cluster, "dead", "requeue", "bad")
     assert p.returncode == 0 and "requeued bad" in p.stdout
-    wait_until(lambda: len(cluster.events("bad")) and cluster.result("bad"), what="second run")
-    assert [e["type"] for e in cluster.events("bad")].count(b"started") == 2
+    # the old result, events and job hash go with the requeue: `watch` follows the new run only
+    assert cluster.r.hget("duogen:job:bad", "state") in (b"queued", b"running", b"failed")
+    wait_until(lambda: cluster.result("bad"), what="second run")
+    types = [e["type"] for e in cluster.events("bad")]
+    assert types == [b"started", b"failed"], types
+    p = ctl(cluster, "watch", "bad")
+    assert p.returncode == 1 and p.stdout.splitlines()[0] == "started worker=w1 attempt=1"
     assert ctl(cluster, "enqueue", "--param", "bogus=1", "x").returncode == 2
     # an id the workers would refuse is refused here, before anything is enqueued
     queued = cluster.r.xlen("duogen:jobs")
     p = ctl(cluster, "enqueue", "--id", "a<b", "--wait", "x")
     assert p.returncode == 2 and 'id "a<b" is not 1..128 characters' in p.stderr
     assert cluster.r.xlen("duogen:jobs") == queued
+
+
+def test_param_values_are_checked_not_wrapped(cluster):
+    """A --param value out of its type's range, or not a number, is refused (exit 2), never
+    wrapped around or read as 0 (seed=abc was seed 0, steps= -1 was 4294967295, top_k=2^32
+    was 0: off); inline_images takes 1, 0, true or false only."""
+    for kv in ("seed=abc", "seed=-1", "seed=18446744073709551616", "max_new_tokens=4294967297",
+               "top_k=4294967296", "width=4294967360", "steps= -1", "steps=+3", "inline_images=yes",
+               "bias.2147483648=1", "bias.x=1"):
+        p = ctl(cluster, "enqueue", "--param", kv, "x")
+        assert p.returncode == 2 and "--param" in p.stderr, (kv, p.returncode, p.stderr)
+    assert cluster.r.xlen("duogen:jobs") == 0
+    p = ctl(cluster, "enqueue", "--id", "big", "--param", "seed=18446744073709551615", "--param",
+            "inline_images=false", "x")
+    assert p.returncode == 0, p.stderr
+    fields = cluster.r.xrange("duogen:jobs")[-1][1]
+    assert pb.Job.FromString(fields[b"job"]).seed == 2**64 - 1
+
+
+def test_long_text_is_enqueued_whole(cluster):
+    """Text past 64 KiB (it was cut there, and a word past it wrote out of bounds)."""
+    words = ["w%06d" % i for i in range(12000)]   # 95,999 bytes with the spaces
+    p = ctl(cluster, "enqueue", "--id", "long", *words)
+    assert p.returncode == 0, p.stderr
+    job = pb.Job.FromString(cluster.r.xrange("duogen:jobs")[-1][1][b"job"])
+    assert job.messages[-1].parts[-1].text == " ".join(words)
+
+
+def test_wait_prints_the_answer_once_after_a_retry(cluster):
+    """--wait with stdout not a terminal prints the answer of the attempt that ended, once: a
+    worker killed mid-job made the first attempt's beginning print before the second's."""
+    w = cluster.worker("k1")
+    cluster.wait_groups()
+    proc = subprocess.Popen([CTL, "--redis", cluster.server.url, "enqueue", "--id", "retried", "--wait",
+                             "--param", "meta.fake.step_ms=150", *["w%d" % i for i in range(12)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: int(cluster.r.hget("duogen:job:retried", "tokens") or 0) >= 3, what="a few tokens")
+    w.kill()
+    cluster.worker("k2")   # takes the job over after claim_idle_ms
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert cluster.r.hget("duogen:job:retried", "attempt") == b"2"   # the answer came from a second attempt
+    answer = out.splitlines()[1:]   # after the id
+    assert answer == ["Echo: " + " ".join("w%d" % i for i in range(12))], out
+
+
+def test_trimmed_events_give_the_results_text(cluster):
+    """Events trimmed past events_maxlen before --wait read them: the answer printed is the
+    result's text (with a note on stderr), not its tail."""
+    cluster.worker("t1", args=["--events-maxlen", "10"])
+    cluster.wait_groups()
+    words = ["w%d" % i for i in range(300)]   # MAXLEN ~ trims whole nodes of 100 entries
+    p = ctl(cluster, "enqueue", "--id", "trimmed", *words)
+    assert p.returncode == 0
+    cluster.wait_result("trimmed")
+    p = ctl(cluster, "enqueue", "--id", "trimmed", "--wait", *words)   # the same id: acknowledged, its result kept
+    assert p.returncode == 0, p.stderr
+    assert "were trimmed before they were read" in p.stderr
+    assert p.stdout.splitlines()[1:] == ["Echo: " + " ".join(words)], p.stdout
+
+
+def test_out_with_images_in_files_and_inline(cluster, tmpdir_path):
+    """A worker with output_root and a job with inline_images: the Result's images carry their
+    bytes and no path, and the answer links the files; --out still makes image-N.png of them
+    (the links were left pointing at the worker's files)."""
+    root = os.path.join(tmpdir_path, "root")
+    os.makedirs(root)
+    cluster.worker("f1", args=["--output-root", root])
+    out = os.path.join(tmpdir_path, "out")
+    p = ctl(cluster, "enqueue", "--id", "fi", "--param", "meta.fake.images=2", "--param", "inline_images=true",
+            "--param", "width=32", "--param", "height=16", "--out", out, "x")
+    assert p.returncode == 0, p.stderr
+    assert f"[image 1: {root}/fi/1.png]" in p.stdout   # the event's path, not an empty key
+    md = open(os.path.join(out, "answer.md")).read()
+    assert "![image 1](image-1.png)" in md and "![image 2](image-2.png)" in md, md
+    assert open(os.path.join(out, "image-2.png"), "rb").read() == open(os.path.join(root, "fi", "2.png"), "rb").read()

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from conftest import BUILD, ROOT, pb
+from conftest import BUILD, ROOT, pb, wait_until
 
 PRODUCERS = os.path.join(ROOT, "examples", "producers")
 DEPS = "tools/deps.sh installs it"
@@ -194,3 +194,42 @@ def test_producer_refuses_a_missing_image(cluster, tmpdir_path):
         assert "/nonexistent.png" in p.stderr
         ran += 1
     assert ran >= 2 and cluster.r.xlen("duogen:jobs") == 0
+
+
+def test_producers_refuse_an_id_the_workers_would_not_take(cluster, tmpdir_path):
+    """An id outside A-Z a-z 0-9 . _ : - (1..128) would be dead-lettered under an id of the
+    worker's own while the producer waits for nothing: every producer refuses it (exit 2)
+    and enqueues nothing; a good id gets its job hash "queued" before the XADD."""
+    image = os.path.join(tmpdir_path, "in.png")
+    with open(image, "wb") as f:
+        f.write(png(8, 8, 1))
+    ran = 0
+    for lang in LANGS:
+        try:
+            producer(lang)
+        except pytest.skip.Exception:
+            continue
+        p = run(cluster, lang, f"{lang} soup", os.path.join(tmpdir_path, "out"), image)
+        assert p.returncode == 2, f"{lang}: {p.returncode} {p.stdout} {p.stderr}"
+        assert "is not 1..128 characters" in p.stderr, f"{lang}: {p.stderr}"
+        ran += 1
+    assert ran >= 2 and cluster.r.xlen("duogen:jobs") == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_producer_marks_the_job_queued_first(cluster, tmpdir_path, lang):
+    producer(lang)
+    image = os.path.join(tmpdir_path, "in.png")
+    with open(image, "wb") as f:
+        f.write(png(8, 8, 1))
+    # no worker: the job waits, its hash says so
+    argv, env = producer(lang)
+    args = argv + ["--redis", cluster.server.url, "--id", f"{lang}-q", "--image", image, "--out",
+                   os.path.join(tmpdir_path, "out"), "make", "soup"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **env))
+    try:
+        wait_until(lambda: cluster.r.xlen("duogen:jobs") == 1, what="the job enqueued")
+        assert cluster.r.hget(f"duogen:job:{lang}-q", "state") == b"queued"
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -209,7 +209,11 @@ def test_html_and_out_take_inline_bytes_and_name_a_gone_image(cluster, tmpdir_pa
 
     page_dir, md_dir = os.path.join(tmpdir_path, "gone"), os.path.join(tmpdir_path, "gone-md")
     p = ctl(cluster, "result", "gone", "--html", page_dir, "--out", md_dir)
-    assert p.returncode == 0 and "image 1 (duogen:image:gone:1) is gone" in p.stderr
+    # an answer written without one of its pictures is not the whole answer: exit 1
+    assert p.returncode == 1 and "image 1 (duogen:image:gone:1) is gone" in p.stderr
+    md = open(os.path.join(md_dir, "answer.md")).read()
+    assert "![image 1](duogen:image:gone:1)" in md and "![image 2](image-2.png)" in md
+    assert not os.path.exists(os.path.join(md_dir, "image-1.png"))
     imgs = load(os.path.join(page_dir, "index.html")).imgs
     assert [i["alt"] for i in imgs] == ["image 1", "image 2"] and imgs[0]["src"] == ""
     assert base64.b64decode(imgs[1]["src"].partition(",")[2]) == cluster.r.get("duogen:image:gone:2")

@@ -90,6 +90,25 @@ static redisReply *cmd(dg_cmd *c) {
     return rep;
 }
 
+/* cmd() for the commands of a wait: a Redis that goes away (a restart, a failover) is waited
+ * for, not a reason to give up on a job that goes on meanwhile. */
+static redisReply *cmd_waiting(dg_cmd *c) {
+    int told = 0;
+    for (;;) {
+        redisReply *rep = dg_redis_ready(&R) ? dg_redis_cmd(&R, c) : NULL;
+        if (rep) {
+            dg_cmd_free(c);
+            if (rep->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep->str);
+            if (told) fprintf(stderr, "duogenctl: Redis is back\n");
+            return rep;
+        }
+        if (!told++) fprintf(stderr, "duogenctl: Redis went away (%s); waiting for it\n", R.error);
+        int ms = dg_redis_wait_ms(&R);
+        struct timespec ts = {0, (long)(ms < 50 ? 50 : ms > 1000 ? 1000 : ms) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 static const redisReply *hfield(const redisReply *h, const char *name) {
     for (size_t i = 0; h && h->type == REDIS_REPLY_ARRAY && i + 1 < h->elements; i += 2)
         if (!strcmp(h->element[i]->str, name)) return h->element[i + 1];
@@ -120,11 +139,18 @@ static uint8_t *read_file(const char *path, size_t *len) {
     return buf;
 }
 
+/* DIR/NAME whole or not at all: written to a temporary name, then renamed over it. */
 static void write_file(const char *dir, const char *name, const void *data, size_t len) {
-    char path[4096];
+    char path[4096], tmp[4200];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "wb");
-    if (!f || fwrite(data, 1, len, f) != len || fclose(f)) die(EXIT_IO, "cannot write \"%s\"", path);
+    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
+    FILE *f = fopen(tmp, "wb");
+    int ok = f && fwrite(data, 1, len, f) == len;
+    if (f && fclose(f)) ok = 0;
+    if (!ok || rename(tmp, path)) {
+        unlink(tmp);
+        die(EXIT_IO, "cannot write \"%s\"", path);
+    }
 }
 
 /* ---- enqueue ------------------------------------------------------------------------------ */
@@ -145,11 +171,23 @@ static float parse_float(const char *k, const char *v) {
     return f;
 }
 
-static uint32_t parse_uint(const char *k, const char *v) {
+/* A decimal integer in 0 .. max, digits only (strtoull would take a sign, spaces and a
+ * wrap-around: "-1", " -1" and 2^32 must not become 4294967295, 4294967295 and 0). */
+static uint64_t parse_u64(const char *k, const char *v, uint64_t max) {
     char *end;
-    unsigned long n = strtoul(v, &end, 10);
-    if (*end || end == v || v[0] == '-') die(EXIT_USAGE, "--param %s=%s: not a non-negative integer", k, v);
-    return (uint32_t)n;
+    errno = 0;
+    unsigned long long n = v[0] >= '0' && v[0] <= '9' ? strtoull(v, &end, 10) : 0;
+    if (v[0] < '0' || v[0] > '9' || *end || errno == ERANGE || n > max)
+        die(EXIT_USAGE, "--param %s=%s: not an integer in 0..%llu", k, v, (unsigned long long)max);
+    return n;
+}
+
+static uint32_t parse_uint(const char *k, const char *v) { return (uint32_t)parse_u64(k, v, UINT32_MAX); }
+
+static int parse_bool(const char *k, const char *v) {
+    if (!strcmp(v, "1") || !strcmp(v, "true")) return 1;
+    if (!strcmp(v, "0") || !strcmp(v, "false")) return 0;
+    die(EXIT_USAGE, "--param %s=%s: not 1, 0, true or false", k, v);
 }
 
 static Duogen__V1__ImageParams__Schedule parse_schedule(const char *v) {
@@ -188,7 +226,7 @@ static void set_param(job_builder *b, const char *kv) {
     } else if (!strncmp(k, "bias.", 5)) {
         Duogen__V1__TextParams__LogitBiasEntry *e = malloc(sizeof *e);
         duogen__v1__text_params__logit_bias_entry__init(e);
-        e->key = (int32_t)parse_uint(k, k + 5);
+        e->key = (int32_t)parse_u64(k, k + 5, INT32_MAX);
         e->value = !strcmp(v, "-inf") ? -INFINITY : parse_float(k, v);
         b->bias = realloc(b->bias, (b->n_bias + 1) * sizeof *b->bias);
         b->bias[b->n_bias++] = e;
@@ -205,14 +243,14 @@ static void set_param(job_builder *b, const char *kv) {
         b->image._shift_case = DUOGEN__V1__IMAGE_PARAMS___SHIFT_SHIFT;
         b->image.shift = parse_float(k, v);
     } else if (!strcmp(k, "schedule")) b->image.schedule = parse_schedule(v);
-    else if (!strcmp(k, "seed")) b->job.seed = strtoull(v, NULL, 10);
+    else if (!strcmp(k, "seed")) b->job.seed = parse_u64(k, v, UINT64_MAX);
     else if (!strcmp(k, "deadline_s")) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         b->job.deadline_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + (int64_t)(parse_float(k, v) * 1000);
     } else if (!strcmp(k, "max_attempts")) b->job.max_attempts = parse_uint(k, v);
     else if (!strcmp(k, "result_ttl_s")) b->job.result_ttl_s = parse_uint(k, v);
-    else if (!strcmp(k, "inline_images")) b->job.inline_images = !strcmp(v, "1") || !strcmp(v, "true");
+    else if (!strcmp(k, "inline_images")) b->job.inline_images = parse_bool(k, v);
     else if (!strncmp(k, "meta.", 5)) {
         Duogen__V1__Job__MetadataEntry *e = malloc(sizeof *e);
         duogen__v1__job__metadata_entry__init(e);
@@ -231,11 +269,37 @@ static void set_param(job_builder *b, const char *kv) {
 static int follow(const char *id, int show_text);
 static int write_result(const char *id, const char *out_dir, const char *html_dir, int print);
 
+/* What enqueue's options (and its job file) say. */
+typedef struct {
+    job_builder b;
+    char        id[160], *text;      /* text: malloc'd, grown as words come */
+    size_t      tl, tcap;            /* bytes of text, of its buffer */
+    const char *system, *out_dir;
+    char        images[64][4096];    /* paths */
+    int         n_images, wait, high;
+    json_t     *job_file;            /* owns the strings a job file handed out; NULL without */
+} enqueue_opts;
+
+/* Appends n bytes of text (after a space when sep and there is text already). */
+static void text_add(enqueue_opts *o, const char *t, size_t n, int sep) {
+    sep = sep && o->tl;
+    if (o->tl + sep + n + 1 > o->tcap) {
+        size_t cap = o->tcap ? o->tcap : 4096;
+        while (cap < o->tl + sep + n + 1) cap *= 2;
+        if (!(o->text = realloc(o->text, cap))) die(EXIT_IO, "out of memory for %zu bytes of text", cap);
+        o->tcap = cap;
+    }
+    if (sep) o->text[o->tl++] = ' ';
+    memcpy(o->text + o->tl, t, n);
+    o->tl += n;
+    o->text[o->tl] = 0;
+}
+
 /* A job file (JSON): {"id", "system", "text", "images": [paths relative to the file],
  * "params": {KEY: VALUE} with the keys of --param}. Returns the parsed document, which
  * owns the strings handed out; options after --job override it. */
-static json_t *load_job_file(const char *path, job_builder *b, char *id, size_t idlen, const char **system,
-                             char *text, size_t textlen, size_t *tl, char images[][4096], int *n_images) {
+static json_t *load_job_file(const char *path, enqueue_opts *o) {
+    job_builder *b = &o->b;
     json_error_t je;
     json_t *j = json_load_file(path, 0, &je);
     if (!j || !json_is_object(j)) die(EXIT_USAGE, "job file \"%s\": %s", path, j ? "not a JSON object" : je.text);
@@ -246,47 +310,46 @@ static json_t *load_job_file(const char *path, job_builder *b, char *id, size_t 
     const char *key;
     json_t *v;
     json_object_foreach(j, key, v) {
-        if (!strcmp(key, "id") && json_is_string(v)) snprintf(id, idlen, "%s", json_string_value(v));
-        else if (!strcmp(key, "system") && json_is_string(v)) *system = json_string_value(v);
-        else if (!strcmp(key, "text") && json_is_string(v))
-            *tl = (size_t)snprintf(text, textlen, "%s", json_string_value(v));
+        if (!strcmp(key, "id") && json_is_string(v)) {
+            if (json_string_length(v) >= sizeof o->id) die(EXIT_USAGE, "job file \"%s\": id is too long", path);
+            snprintf(o->id, sizeof o->id, "%s", json_string_value(v));
+        } else if (!strcmp(key, "system") && json_is_string(v)) o->system = json_string_value(v);
+        else if (!strcmp(key, "text") && json_is_string(v)) {
+            o->tl = 0;
+            text_add(o, json_string_value(v), json_string_length(v), 0);
+        }
         else if (!strcmp(key, "images") && json_is_array(v)) {
             size_t i;
             json_t *im;
             json_array_foreach(v, i, im) {
-                if (!json_is_string(im) || *n_images == 64) die(EXIT_USAGE, "job file \"%s\": images[%zu] is not a path", path, i);
+                if (!json_is_string(im) || o->n_images == 64)
+                    die(EXIT_USAGE, "job file \"%s\": images[%zu] is not a path (64 at most)", path, i);
                 const char *p = json_string_value(im);
-                if (p[0] == '/') snprintf(images[*n_images], 4096, "%s", p);
-                else snprintf(images[*n_images], 4096, "%s/%s", dir, p);
-                (*n_images)++;
+                int n = p[0] == '/' ? snprintf(o->images[o->n_images], sizeof o->images[0], "%s", p)
+                                    : snprintf(o->images[o->n_images], sizeof o->images[0], "%s/%s", dir, p);
+                if (n < 0 || (size_t)n >= sizeof o->images[0]) die(EXIT_USAGE, "job file \"%s\": images[%zu]: path too long", path, i);
+                o->n_images++;
             }
         } else if (!strcmp(key, "params") && json_is_object(v)) {
             const char *pk;
             json_t *pv;
             json_object_foreach(v, pk, pv) {
-                char kv[512];
-                if (json_is_string(pv)) snprintf(kv, sizeof kv, "%s=%s", pk, json_string_value(pv));
-                else if (json_is_integer(pv)) snprintf(kv, sizeof kv, "%s=%lld", pk, (long long)json_integer_value(pv));
-                else if (json_is_number(pv)) snprintf(kv, sizeof kv, "%s=%.9g", pk, json_number_value(pv));
-                else if (json_is_boolean(pv)) snprintf(kv, sizeof kv, "%s=%s", pk, json_is_true(pv) ? "true" : "false");
+                char num[64], *kv;
+                const char *val = num;
+                if (json_is_string(pv)) val = json_string_value(pv);
+                else if (json_is_integer(pv)) snprintf(num, sizeof num, "%lld", (long long)json_integer_value(pv));
+                else if (json_is_number(pv)) snprintf(num, sizeof num, "%.9g", json_number_value(pv));
+                else if (json_is_boolean(pv)) snprintf(num, sizeof num, "%s", json_is_true(pv) ? "true" : "false");
                 else die(EXIT_USAGE, "job file \"%s\": params.%s must be a string, number or boolean", path, pk);
+                if (asprintf(&kv, "%s=%s", pk, val) < 0) die(EXIT_IO, "out of memory");
                 set_param(b, kv);
+                free(kv);
             }
         } else die(EXIT_USAGE, "job file \"%s\": unknown or mistyped key \"%s\" (id system text images params)", path, key);
     }
     return j;
 }
 
-/* What enqueue's options (and its job file) say. */
-typedef struct {
-    job_builder b;
-    char        id[160], text[65536];
-    size_t      tl;                  /* bytes of text */
-    const char *system, *out_dir;
-    char        images[64][4096];    /* paths */
-    int         n_images, wait, high;
-    json_t     *job_file;            /* owns the strings a job file handed out; NULL without */
-} enqueue_opts;
 
 /* job-<unix ms>-<4 random hex digits>. */
 static void new_job_id(char *id, size_t n) {
@@ -304,8 +367,7 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
         const char *a = argv[i];
         if (!strcmp(a, "--job") && i + 1 < argc) {
             if (o->job_file) die(EXIT_USAGE, "enqueue: one --job at most");
-            o->job_file = load_job_file(argv[++i], &o->b, o->id, sizeof o->id, &o->system, o->text, sizeof o->text,
-                                        &o->tl, o->images, &o->n_images);
+            o->job_file = load_job_file(argv[++i], o);
         } else if (!strcmp(a, "--id") && i + 1 < argc) snprintf(o->id, sizeof o->id, "%s", argv[++i]);
         else if (!strcmp(a, "--system") && i + 1 < argc) o->system = argv[++i];
         else if (!strcmp(a, "--image") && i + 1 < argc) {
@@ -316,7 +378,7 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
         else if (!strcmp(a, "--high")) o->high = 1;
         else if (!strcmp(a, "--out") && i + 1 < argc) { o->out_dir = argv[++i]; o->wait = 1; }
         else if (a[0] == '-' && a[1] == '-') die(EXIT_USAGE, "enqueue: unknown option \"%s\"", a);
-        else o->tl += (size_t)snprintf(o->text + o->tl, sizeof o->text - o->tl, "%s%s", o->tl ? " " : "", a);
+        else text_add(o, a, strlen(a), 1);
     }
     if (!o->tl && !o->n_images) die(EXIT_USAGE, "enqueue: no text and no image");
     if (!o->id[0]) new_job_id(o->id, sizeof o->id);
@@ -413,19 +475,20 @@ static void push_job(enqueue_opts *o) {
 }
 
 static int cmd_enqueue(int argc, char **argv) {
-    static enqueue_opts o;   /* static: 320 KB of text and image paths */
+    static enqueue_opts o;   /* static: 256 KB of image paths */
     parse_enqueue(argc, argv, &o);
     push_job(&o);
     printf("%s\n", o.id);
     fflush(stdout);
-    if (!o.wait) {
-        json_decref(o.job_file);
-        return 0;
+    int rc = 0;
+    if (o.wait) {
+        rc = follow(o.id, 1);
+        int rc2 = write_result(o.id, o.out_dir, NULL, 0);
+        if (!rc) rc = rc2;
     }
-    int rc = follow(o.id, 1);
-    int rc2 = write_result(o.id, o.out_dir, NULL, 0);
     json_decref(o.job_file);
-    return rc ? rc : rc2;
+    free(o.text);
+    return rc;
 }
 
 /* ---- following events ----------------------------------------------------------------------- */
@@ -435,9 +498,14 @@ static int cmd_enqueue(int argc, char **argv) {
  * the text goes on, so the two never overwrite each other. */
 typedef struct {
     int tty;           /* stderr is a terminal: draw the bar */
+    int live;          /* stdout is a terminal: the text as it comes; else the last attempt's
+                          text once the job ends (a script reads one answer, not a retried
+                          attempt's beginning before it) */
     int bar_shown;     /* the bar occupies the current line */
     int mid_line;      /* the text printed so far does not end with a newline */
     int tokens;
+    char  *held;       /* !live: the current attempt's text */
+    size_t n_held, cap_held;
 } view;
 
 static void bar_clear(view *v) {
@@ -449,7 +517,7 @@ static void bar_clear(view *v) {
 
 static void bar_show(view *v, const char *what, double frac) {
     if (!v->tty) return;
-    if (!v->bar_shown && v->mid_line) {   /* keep the text's line: the bar goes below it */
+    if (v->live && !v->bar_shown && v->mid_line) {   /* keep the text's line: the bar goes below it */
         fputc('\n', stdout);
         fflush(stdout);
         v->mid_line = 0;
@@ -466,6 +534,16 @@ static void bar_show(view *v, const char *what, double frac) {
 static void put_text(view *v, const char *text) {
     size_t n = strlen(text);
     if (!n) return;
+    if (!v->live) {
+        if (v->n_held + n + 1 > v->cap_held) {
+            v->cap_held = (v->n_held + n + 1) * 2;
+            if (!(v->held = realloc(v->held, v->cap_held))) die(EXIT_IO, "out of memory");
+        }
+        memcpy(v->held + v->n_held, text, n + 1);
+        v->n_held += n;
+        v->mid_line = text[n - 1] != '\n';
+        return;
+    }
     bar_clear(v);
     fputs(text, stdout);
     fflush(stdout);
@@ -474,21 +552,53 @@ static void put_text(view *v, const char *text) {
 
 /* Reads the job's events from the start; prints text as it arrives (show_text) or one line
  * per event. Returns 0 for done, EXIT_JOB otherwise. */
+/* The answer's text from the result hash (events trimmed away: what was followed is not all
+ * of it), on stdout. */
+static void print_result_text(const char *id) {
+    char k_result[512];
+    key(k_result, sizeof k_result, "result", id);
+    redisReply *rep = cmd(dg_cmd_of("HGET", k_result, "text", NULL));
+    if (rep->type == REDIS_REPLY_STRING) {
+        fwrite(rep->str, 1, rep->len, stdout);
+        if (rep->len && rep->str[rep->len - 1] != '\n') fputc('\n', stdout);
+    }
+    freeReplyObject(rep);
+}
+
 static int follow(const char *id, int show_text) {
     char k_events[512], last[64] = "0", line[1024];
     key(k_events, sizeof k_events, "events", id);
-    view v = {.tty = show_text && isatty(2)};
-    int rc = -1;
+    view v = {.tty = show_text && isatty(2), .live = !show_text || isatty(1)};
+    int rc = -1, gap = 0;
+    unsigned long long seq_next = 1;   /* each attempt's events count from 1 */
     bar_show(&v, "waiting for a worker", 0);
     while (rc < 0) {
-        redisReply *rep = cmd(dg_cmd_of("XREAD", "COUNT", "100", "BLOCK", "1000", "STREAMS", k_events, last, NULL));
+        redisReply *rep = cmd_waiting(dg_cmd_of("XREAD", "COUNT", "100", "BLOCK", "1000", "STREAMS", k_events, last, NULL));
         if (rep->type != REDIS_REPLY_ARRAY) { freeReplyObject(rep); continue; }
         const redisReply *entries = rep->element[0]->element[1];
         for (size_t i = 0; i < entries->elements && rc < 0; i++) {
             const redisReply *e = entries->element[i], *f = e->element[1];
             snprintf(last, sizeof last, "%s", e->element[0]->str);
             const char *type = hstr(f, "type");
+            const unsigned long long seq = strtoull(hstr(f, "seq"), NULL, 10);
             line[0] = 0;
+            if (seq == 1 && seq_next > 1) {   /* a new attempt: the job started over */
+                v.n_held = 0;
+                if (!v.live) v.mid_line = 0;
+                gap = 0;
+                if (show_text && v.live && v.tokens) {
+                    bar_clear(&v);
+                    if (v.mid_line) put_text(&v, "\n");
+                    fprintf(stderr, "duogenctl: attempt %s (worker %s) starts the answer over\n", hstr(f, "attempt"),
+                            hstr(f, "worker"));
+                }
+            } else if (seq != seq_next && !gap) {   /* trimmed (events_maxlen): some are gone */
+                gap = 1;
+                bar_clear(&v);
+                fprintf(stderr, "duogenctl: %llu events of job \"%s\" were trimmed before they were read%s\n",
+                        seq - seq_next, id, show_text ? "; the answer is the result's text" : "");
+            }
+            seq_next = seq + 1;
             if (!strcmp(type, "text")) {
                 v.tokens++;
                 if (show_text) put_text(&v, hstr(f, "text"));
@@ -517,10 +627,12 @@ static int follow(const char *id, int show_text) {
                     line[0] = 0;
                 }
             } else if (!strcmp(type, "image")) {
-                snprintf(line, sizeof line, "image index=%s key=%s %sx%s", hstr(f, "index"), hstr(f, "key"),
-                         hstr(f, "width"), hstr(f, "height"));
+                /* a Redis key, or a file's path where the worker writes images to files */
+                const char *where = hstr(f, "key")[0] ? hstr(f, "key") : hstr(f, "path");
+                snprintf(line, sizeof line, "image index=%s %s=%s %sx%s", hstr(f, "index"), hstr(f, "key")[0] ? "key" : "path",
+                         where, hstr(f, "width"), hstr(f, "height"));
                 if (show_text) {
-                    snprintf(line, sizeof line, "%s[image %s: %s]\n", v.mid_line ? "\n" : "", hstr(f, "index"), hstr(f, "key"));
+                    snprintf(line, sizeof line, "%s[image %s: %s]\n", v.mid_line ? "\n" : "", hstr(f, "index"), where);
                     put_text(&v, line);
                     line[0] = 0;
                 }
@@ -531,7 +643,15 @@ static int follow(const char *id, int show_text) {
                 else snprintf(line, sizeof line, "cancelled");
                 if (show_text) {
                     bar_clear(&v);
-                    if (v.mid_line) put_text(&v, "\n");
+                    if (v.live && v.mid_line) fputc('\n', stdout);
+                    v.mid_line = 0;
+                    if (gap) {   /* what was followed is not all of it */
+                        print_result_text(id);
+                    } else if (!v.live && v.n_held) {
+                        fputs(v.held, stdout);
+                        if (v.held[v.n_held - 1] != '\n') fputc('\n', stdout);
+                    }
+                    fflush(stdout);
                     fprintf(stderr, "%s\n", line);
                     line[0] = 0;
                 }
@@ -541,6 +661,7 @@ static int follow(const char *id, int show_text) {
         freeReplyObject(rep);
     }
     fflush(stdout);
+    free(v.held);
     return rc;
 }
 
@@ -562,11 +683,21 @@ static uint8_t *slurp(const char *path, size_t *len) {
     return buf;
 }
 
-/* The answer's images in order, from its Result: each one's URL in the Markdown (its key, or
- * its path when the worker wrote it to a file) and its bytes (inline in the Result, else the
- * file, else GET of the key; NULL, with a warning, when they are gone). Returns a calloc'd
- * array of *n, the URLs borrowed from res and the bytes owned (free_images frees both). */
-static dg_html_image *fetch_images(const Duogen__V1__Result *res, int *n) {
+/* The target of the answer's link to image n, "![image n](target)" (the worker writes
+ * one per image, to its key or its file), malloc'd; "" when the answer has none. */
+static char *link_target(const char *text, int n) {
+    char open[32];
+    snprintf(open, sizeof open, "![image %d](", n);
+    const char *a = strstr(text, open), *b = a ? strchr(a + strlen(open), ')') : NULL;
+    char *t = b ? strndup(a + strlen(open), (size_t)(b - a - strlen(open))) : strdup("");
+    if (!t) die(EXIT_IO, "out of memory");
+    return t;
+}
+
+/* The result's images, in order: for each, the URL its answer links it by and its bytes
+ * (inline in the Result, from its file, or from its Redis key). The array of *n, URLs and
+ * bytes owned (free_images frees them). */
+static dg_html_image *fetch_images(const Duogen__V1__Result *res, const char *text, int *n) {
     dg_html_image *imgs = calloc(res->n_output + 1, sizeof *imgs);
     if (!imgs) die(EXIT_IO, "out of memory");
     *n = 0;
@@ -577,7 +708,10 @@ static dg_html_image *fetch_images(const Duogen__V1__Result *res, int *n) {
         int from_file = im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH && im->path[0];
         uint8_t *bytes = NULL;
         size_t len = 0;
-        out->url = from_file ? im->path : im->key;
+        /* the link is to the key or the file; an image inlined in the Result (inline_images)
+         * names neither there, and its link is found by its number */
+        out->url = from_file ? strdup(im->path) : im->key[0] ? strdup(im->key) : link_target(text, *n);
+        if (!out->url) die(EXIT_IO, "out of memory");
         if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_DATA && im->data.len) {
             if ((bytes = malloc(im->data.len))) memcpy(bytes, im->data.data, len = im->data.len);
         } else if (from_file) {
@@ -595,12 +729,18 @@ static dg_html_image *fetch_images(const Duogen__V1__Result *res, int *n) {
 }
 
 static void free_images(dg_html_image *imgs, int n) {
-    for (int i = 0; i < n; i++) free((uint8_t *)imgs[i].png);
+    for (int i = 0; i < n; i++) {
+        free((uint8_t *)imgs[i].png);
+        free((char *)imgs[i].url);
+    }
     free(imgs);
 }
 
 /* DIR/answer.md with each image's link replaced by its file image-<n>.png, and the PNGs. */
-static void write_markdown(const char *dir, const char *text, const dg_html_image *imgs, int n_images) {
+/* DIR/answer.md with the links to images whose bytes are here made image-N.png, and those
+ * files (an image that is gone keeps its link, and an image-N.png an earlier answer left
+ * in DIR goes). Returns how many are gone. */
+static int write_markdown(const char *dir, const char *text, const dg_html_image *imgs, int n_images) {
     char path[4096];
     if (mkdir(dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", dir, strerror(errno));
     snprintf(path, sizeof path, "%s/answer.md", dir);
@@ -618,16 +758,26 @@ static void write_markdown(const char *dir, const char *text, const dg_html_imag
         }
         if (!hit) { fputs(p, md); break; }
         fwrite(p, 1, (size_t)(hit - p), md);
-        fprintf(md, "image-%d.png", n);
+        if (imgs[n - 1].png) fprintf(md, "image-%d.png", n);
+        else fputs(imgs[n - 1].url, md);
         p = hit + strlen(imgs[n - 1].url);
     }
     if (fclose(md)) die(EXIT_IO, "cannot write \"%s\"", path);
+    int written = 0;
     for (int i = 0; i < n_images; i++) {
         char name[64];
         snprintf(name, sizeof name, "image-%d.png", i + 1);
-        if (imgs[i].png) write_file(dir, name, imgs[i].png, imgs[i].len);
+        if (imgs[i].png) {
+            write_file(dir, name, imgs[i].png, imgs[i].len);
+            written++;
+        } else {
+            snprintf(path, sizeof path, "%s/%s", dir, name);
+            if (unlink(path) && errno != ENOENT) die(EXIT_IO, "cannot remove \"%s\": %s", path, strerror(errno));
+        }
     }
-    fprintf(stderr, "wrote %s/answer.md and %d image(s)\n", dir, n_images);
+    fprintf(stderr, "wrote %s/answer.md and %d image(s)%s\n", dir, written,
+            written < n_images ? " (the others are gone: their links are kept as they were)" : "");
+    return n_images - written;
 }
 
 /* Prints the result (print), and writes it as Markdown and PNGs into out_dir and as one HTML
@@ -654,8 +804,9 @@ static int write_result(const char *id, const char *out_dir, const char *html_di
                                   ? duogen__v1__result__unpack(NULL, pb->len, (const uint8_t *)pb->str) : NULL;
         if (!res) die(EXIT_IO, "%s: its pb field is not a Result", k_result);
         int n_images;
-        dg_html_image *imgs = fetch_images(res, &n_images);
-        if (out_dir) write_markdown(out_dir, text, imgs, n_images);
+        dg_html_image *imgs = fetch_images(res, text, &n_images);
+        /* an answer written without a picture it had is not the whole answer */
+        if (out_dir && write_markdown(out_dir, text, imgs, n_images) && !rc) rc = EXIT_JOB;
         if (html_dir && dg_html_write_answer(html_dir, id, text, imgs, n_images, res, err, sizeof err))
             die(EXIT_IO, "%s", err);
         if (html_dir) fprintf(stderr, "wrote %s/index.html\n", html_dir);
@@ -751,17 +902,28 @@ static int cmd_dead(int argc, char **argv) {
         for (int a = 1; a < argc && !wanted; a++) wanted = !strcmp(argv[a], id);
         if (!wanted) continue;
         const redisReply *job = hfield(f, "job");
-        char k_jobs[512], k_result[512];
+        char k_jobs[512], k_result[512], k_events[512], k_job[512];
         key(k_jobs, sizeof k_jobs, "jobs", NULL);
         key(k_result, sizeof k_result, "result", id);
-        /* the failed result goes, or the worker would acknowledge the job without running it */
+        key(k_events, sizeof k_events, "events", id);
+        key(k_job, sizeof k_job, "job", id);
+        /* the failed result goes, or the worker would acknowledge the job without running it;
+         * its events and job hash too, or `watch` would read the old failure; all or nothing */
         freeReplyObject(cmd(dg_cmd_of("MULTI", NULL)));
-        freeReplyObject(cmd(dg_cmd_of("DEL", k_result, NULL)));
+        freeReplyObject(cmd(dg_cmd_of("DEL", k_result, k_events, k_job, NULL)));
+        freeReplyObject(cmd(dg_cmd_of("HSET", k_job, "state", "queued", NULL)));
+        freeReplyObject(cmd(dg_cmd_of("EXPIRE", k_job, "86400", NULL)));
         dg_cmd *x = dg_cmd_of("XADD", k_jobs, "*", "id", id, "job", NULL);
         dg_cmd_add(x, job ? job->str : "", job ? job->len : 0);
         freeReplyObject(cmd(x));
         freeReplyObject(cmd(dg_cmd_of("XDEL", k_dead, entry, NULL)));
-        freeReplyObject(cmd(dg_cmd_of("EXEC", NULL)));
+        redisReply *ex = cmd(dg_cmd_of("EXEC", NULL));
+        for (size_t k = 0; ex->type == REDIS_REPLY_ARRAY && k < ex->elements; k++)
+            if (ex->element[k]->type == REDIS_REPLY_ERROR)
+                die(EXIT_IO, "requeue of \"%s\": Redis refused a command of it: %s (the dead letter may be gone: "
+                    "check XLEN %s)", id, ex->element[k]->str, k_jobs);
+        if (ex->type != REDIS_REPLY_ARRAY) die(EXIT_IO, "requeue of \"%s\": the transaction did not run", id);
+        freeReplyObject(ex);
         printf("requeued %s\n", id);
         requeued++;
     }
@@ -790,9 +952,23 @@ static int cmd_result(int argc, char **argv) {
 }
 
 static int cmd_cancel(int argc, char **argv) {
-    char k[512];
+    char k[512], k_job[512], k_result[512];
     if (argc != 1) return -1;
     key(k, sizeof k, "cancel", argv[0]);
+    key(k_job, sizeof k_job, "job", argv[0]);
+    key(k_result, sizeof k_result, "result", argv[0]);
+    redisReply *st = cmd(dg_cmd_of("HGET", k_result, "status", NULL));
+    if (st->type == REDIS_REPLY_STRING) {   /* ended: nothing to stop */
+        fprintf(stderr, "duogenctl: job \"%s\" has ended already (%s): nothing to cancel\n", argv[0], st->str);
+        freeReplyObject(st);
+        return EXIT_JOB;
+    }
+    freeReplyObject(st);
+    redisReply *known = cmd(dg_cmd_of("EXISTS", k_job, NULL));
+    if (known->integer == 0)   /* a typo, or a producer that writes no job hash: the key stops it if it comes */
+        fprintf(stderr, "duogenctl: no job \"%s\" is known (no job hash): the cancel key is set anyway and "
+                "stops it if it is queued; it expires in 24 h\n", argv[0]);
+    freeReplyObject(known);
     freeReplyObject(cmd(dg_cmd_of("SET", k, "1", "EX", "86400", NULL)));
     printf("cancel requested for %s\n", argv[0]);
     return 0;

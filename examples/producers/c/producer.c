@@ -70,6 +70,12 @@ static void parse_options(int argc, char **argv, options *o) {
     if (!o->id || !o->image || !o->out || !tl)
         die(EXIT_USAGE, "usage: c-producer --redis URL --id ID --image FILE --out DIR [--prefix P] "
                         "[--meta KEY=VALUE]... TEXT...");
+    /* the ids a worker accepts; another would be dead-lettered under an id of the worker's
+     * own, and this producer would wait for a result that never comes */
+    size_t n = strlen(o->id);
+    int ok = n >= 1 && n <= 128;
+    for (size_t i = 0; i < n && ok; i++) ok = isalnum((unsigned char)o->id[i]) || strchr("._:-", o->id[i]);
+    if (!ok) die(EXIT_USAGE, "--id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", o->id);
 }
 
 /* redis://[[user]:password@]host[:port][/db]: connected, authenticated, the database selected. */
@@ -284,6 +290,9 @@ int main(int argc, char **argv) {
     uint8_t *job = pack_job(&o, &len);   /* before connecting: a missing image enqueues nothing */
     redisContext *r = connect_url(o.url);
 
+    /* "queued" before the XADD: a worker's "running" comes after it */
+    snprintf(key, sizeof key, "%s:job:%s", o.prefix, o.id);
+    freeReplyObject(must(r, redisCommand(r, "HSETNX %s state queued", key), "HSETNX"));
     snprintf(key, sizeof key, "%s:jobs", o.prefix);
     freeReplyObject(must(r, redisCommand(r, "XADD %s * id %s job %b", key, o.id, job, len), "XADD"));
     free(job);

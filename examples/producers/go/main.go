@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -183,6 +184,11 @@ func main() {
 	if err := flag.CommandLine.Parse(os.Args[1:]); err != nil || *id == "" || *imagePath == "" || *out == "" || flag.NArg() == 0 {
 		fail(exitUsage, "usage: go-producer --redis URL --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...")
 	}
+	// the ids a worker accepts; another would be dead-lettered under an id of the worker's
+	// own, and this producer would wait for a result that never comes
+	if !regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`).MatchString(*id) {
+		fail(exitUsage, "--id %q is not 1..128 characters of A-Z a-z 0-9 . _ : -", *id)
+	}
 	image, err := os.ReadFile(*imagePath)
 	if err != nil {
 		fail(exitIO, "%v", err)
@@ -196,6 +202,10 @@ func main() {
 		fail(exitIO, "Redis %s: %v", *url, err)
 	}
 	defer c.Close()
+	// "queued" before the XADD: a worker's "running" comes after it
+	if _, err := c.Do("HSETNX", *prefix+":job:"+*id, "state", "queued"); err != nil {
+		fail(exitIO, "HSETNX: %v", err)
+	}
 	if _, err := c.Do("XADD", *prefix+":jobs", "*", "id", *id, "job", raw); err != nil {
 		fail(exitIO, "XADD: %v", err)
 	}

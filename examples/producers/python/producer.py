@@ -10,6 +10,7 @@ proto/duogen.proto`; `make` puts it in build/gen/python). examples/producers/REA
 says what every producer of this folder prints and exits with."""
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -110,10 +111,16 @@ def main():
         a = ap.parse_args()
     except SystemExit as e:
         sys.exit(0 if e.code == 0 else EXIT_USAGE)
+    # the ids a worker accepts; another would be dead-lettered under an id of the worker's
+    # own, and this producer would wait for a result that never comes
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", a.id):
+        print(f"producer: --id {a.id!r} is not 1..128 characters of A-Z a-z 0-9 . _ : -", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     try:
         r = redis.Redis.from_url(a.redis, socket_timeout=30)
         with open(a.image, "rb") as f:
             job = build_job(a.id, f.read(), " ".join(a.text), a.meta)
+        r.hsetnx(f"{a.prefix}:job:{a.id}", "state", "queued")   # before the XADD: a worker's "running" comes after it
         r.xadd(f"{a.prefix}:jobs", {"id": a.id, "job": job.SerializeToString()})
         print(f"enqueued {a.id}", flush=True)
         follow(r, f"{a.prefix}:events:{a.id}")

@@ -101,6 +101,9 @@ begin
     o.on("--meta KEY=VALUE") { |v| opts[:meta] << v }
   end.parse!(ARGV)
   raise OptionParser::MissingArgument, "--id, --image, --out and TEXT" unless opts[:id] && opts[:image] && opts[:out] && !ARGV.empty?
+  # the ids a worker accepts; another would be dead-lettered under an id of the worker's
+  # own, and this producer would wait for a result that never comes
+  raise OptionParser::InvalidArgument, "--id #{opts[:id].inspect} is not 1..128 characters of A-Z a-z 0-9 . _ : -" unless opts[:id] =~ /\A[A-Za-z0-9._:-]{1,128}\z/
 rescue OptionParser::ParseError => e
   fail_with(EXIT_USAGE, e.message)
 end
@@ -109,6 +112,7 @@ $stdout.sync = true
 begin
   job = build_job(opts[:id], File.binread(opts[:image]), ARGV.join(" "), opts[:meta])
   r = Redis.new(url: opts[:redis], timeout: 30)
+  r.hsetnx("#{opts[:prefix]}:job:#{opts[:id]}", "state", "queued") # before the XADD: a worker's "running" comes after it
   r.xadd("#{opts[:prefix]}:jobs", {id: opts[:id], job: Duogen::V1::Job.encode(job)})
   puts "enqueued #{opts[:id]}"
   follow(r, "#{opts[:prefix]}:events:#{opts[:id]}")
