@@ -493,9 +493,10 @@ static int cmd_enqueue(int argc, char **argv) {
 
 /* ---- following events ----------------------------------------------------------------------- */
 
-/* The terminal view of --wait: the answer's text streams to stdout as it comes; while an
- * image is drawn, a progress bar stands on a line of its own (stderr) and is cleared when
- * the text goes on, so the two never overwrite each other. */
+/* The view of --wait: on a terminal the answer's text streams to stdout as it comes; while
+ * an image is drawn, a progress bar stands on a line of its own (stderr) and is cleared when
+ * the text goes on, so the two never overwrite each other. Into a pipe or file, the text
+ * of the attempt that ended is written once it ends. */
 typedef struct {
     int tty;           /* stderr is a terminal: draw the bar */
     int live;          /* stdout is a terminal: the text as it comes; else the last attempt's
@@ -1003,17 +1004,21 @@ static const struct command {
      "come before it, --system is a system message. --job FILE reads a JSON job file: {\"id\", \"system\", "
      "\"text\", \"images\": [paths relative to the file], \"params\": {KEY: VALUE}}; options after it override "
      "it. --param sets one job parameter (PARAMETERS). --wait follows the job, printing its text as it comes "
-     "with a progress bar while images are drawn, and exits with the job's status; --out DIR implies --wait "
-     "and writes the answer there as result --out does.",
+     "with a progress bar while images are drawn (when stdout is not a terminal: the text of the attempt "
+     "that ended, once it ends; a job retried after a worker died starts over), and exits with the job's "
+     "status; a Redis that goes away meanwhile is waited for. --out DIR implies --wait and writes the "
+     "answer there as result --out does.",
      cmd_enqueue},
     {"watch", "ID", "Follow a job's events from its start until it ends, one line per event.", cmd_watch},
     {"result", "ID [--out DIR] [--html DIR]",
      "Print a job's status, error and text. --out DIR writes DIR/answer.md, the Markdown answer with each "
-     "image link pointing at its file, and the images as DIR/image-N.png. --html DIR writes DIR/index.html, "
+     "image link pointing at its file, and the images as DIR/image-N.png (an image that is gone keeps its "
+     "link, and the exit status is 1). --html DIR writes DIR/index.html, "
      "one self-contained page: the answer's Markdown rendered (raw HTML in it is dropped), each image in "
      "place as a data: URI, then the status, the timings of each phase and the usage.",
      cmd_result},
-    {"cancel", "ID", "Ask the worker to stop the job at its next step; it ends as cancelled.", cmd_cancel},
+    {"cancel", "ID", "Ask the worker to stop the job at its next step; it ends as cancelled. A job that has "
+     "ended already is left as it is (exit 1).", cmd_cancel},
     {"stats", "", "Print each queue stream's length, its group's pending entries and lag, the live workers "
      "(state, counts, heartbeat age, job), and the dead-letter and done counts.", cmd_stats},
     {"top", "[--interval S] [--once]",
@@ -1024,7 +1029,7 @@ static const struct command {
      cmd_top},
     {"dead", "[list [--count N] | requeue ID... | requeue --all]",
      "List the dead letters, newest first (20 unless --count), or put dead jobs back on duogen:jobs, "
-     "deleting their failed result so that they run again.",
+     "deleting their failed result, events and job hash (which says queued again) so that they run again.",
      cmd_dead},
 };
 
