@@ -144,8 +144,10 @@ static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t er
     int rc = 0;
     json_t *size = json_object_get(j, "size");
     struct { json_t *obj; const char *key; double lo, hi; int64_t *i64; int32_t *i32; double *d; } keys[] = {
-        {j, "min_pixels", 1, 1e12, &c->min_pixels, NULL, NULL}, {j, "max_pixels", 1, 1e12, &c->max_pixels, NULL, NULL},
+        /* min_pixels and max_pixels after size: where a file has both, they win, as in
+         * transformers' Qwen2VLImageProcessor (they override size's edges) */
         {size, "shortest_edge", 1, 1e12, &c->min_pixels, NULL, NULL}, {size, "longest_edge", 1, 1e12, &c->max_pixels, NULL, NULL},
+        {j, "min_pixels", 1, 1e12, &c->min_pixels, NULL, NULL}, {j, "max_pixels", 1, 1e12, &c->max_pixels, NULL, NULL},
         {j, "patch_size", 1, 1024, NULL, &c->patch_size, NULL}, {j, "temporal_patch_size", 1, 16, NULL, &c->temporal_patch_size, NULL},
         {j, "merge_size", 1, 16, NULL, &c->merge_size, NULL}, {j, "rescale_factor", 0, 1, NULL, NULL, &c->rescale_factor},
     };
@@ -307,6 +309,37 @@ static int read_prompts(dg_model *m, json_t *manifest, const char *path, char *e
     return 0;
 }
 
+static void add_stop(dg_model *m, int32_t id) {
+    for (int i = 0; i < m->n_stop_ids; i++) if (m->stop_ids[i] == id) return;
+    if (m->n_stop_ids < (int)(sizeof m->stop_ids / sizeof m->stop_ids[0])) m->stop_ids[m->n_stop_ids++] = id;
+}
+
+/* generation_config.json's eos_token_id (an id or a list: Qwen2.5-VL's is [151645, 151643],
+ * <|im_end|> and <|endoftext|>), which transformers' generate stops at: ids beside
+ * config.json's. Absent file or key: nothing. */
+static int read_generation_eos(dg_model *m, const char *mllm, char *err, size_t errlen) {
+    char path[1300];
+    snprintf(path, sizeof path, "%s/generation_config.json", mllm);
+    struct stat st;
+    if (stat(path, &st)) return 0;
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    if (!j) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+    json_t *eos = json_object_get(j, "eos_token_id");
+    int rc = 0;
+    if (eos && !json_is_integer(eos) && !json_is_array(eos)) rc = -1;
+    for (size_t i = 0; rc == 0 && eos && i < (json_is_array(eos) ? json_array_size(eos) : 1); i++) {
+        json_t *v = json_is_array(eos) ? json_array_get(eos, i) : eos;
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= m->cfg.text.vocab_size) rc = -1;
+        else add_stop(m, (int32_t)json_integer_value(v));
+    }
+    json_decref(j);
+    if (rc < 0)
+        return fail(err, errlen, DG_EMODEL, "%s: \"eos_token_id\" must be a token id or a list of them (0..%d)", path,
+                    m->cfg.text.vocab_size - 1);
+    return 0;
+}
+
 /* The MLLM file's read into huge pages, as load progress between "weights" (0.1) and the
  * binding (0.3). */
 static void weights_tick(void *user, double done) {
@@ -345,6 +378,13 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if ((!o || o->logit_screen >= 0) && (rc = dg_qwen2_screen(&m->llm, o && o->logit_screen > 0, err, errlen)) < 0)
         goto fail;
     if (dg_st_find(m->mllm_st, "visual.patch_embed.proj.weight")) {
+        /* the tower's rows take the place of <|image_pad|> embeddings in the decoder */
+        if (m->cfg.vision.out_hidden_size != m->cfg.text.hidden_size) {
+            rc = fail(err, errlen, DG_EMODEL, "%s/config.json: vision_config.out_hidden_size %d must be the decoder's "
+                      "hidden_size %d (the tower's rows stand for image tokens)", mllm,
+                      m->cfg.vision.out_hidden_size, m->cfg.text.hidden_size);
+            goto fail;
+        }
         if ((rc = dg_vision_load(&m->vision, &m->cfg.vision, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
         if ((rc = read_preprocessor(m, mllm, err, errlen)) < 0) goto fail;
         m->has_vision = 1;
@@ -359,10 +399,11 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
             goto fail;
         }
 
-    /* the answer ends at any EOS id of the config or at <|im_end|> (the chat turn's end) */
-    for (int i = 0; i < m->cfg.text.n_eos; i++) m->stop_ids[m->n_stop_ids++] = m->cfg.text.eos_token_id[i];
+    /* the answer ends at any EOS id of the configs or at <|im_end|> (the chat turn's end) */
+    for (int i = 0; i < m->cfg.text.n_eos; i++) add_stop(m, m->cfg.text.eos_token_id[i]);
+    if ((rc = read_generation_eos(m, mllm, err, errlen)) < 0) goto fail;
     int32_t im_end = dg_tok_added_id(m->tok, "<|im_end|>");
-    if (im_end >= 0) m->stop_ids[m->n_stop_ids++] = im_end;
+    if (im_end >= 0) add_stop(m, im_end);
     if (!m->n_stop_ids) {
         rc = fail(err, errlen, DG_EMODEL, "%s: no eos_token_id in config.json and no <|im_end|> token", mllm);
         goto fail;

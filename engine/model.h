@@ -51,7 +51,8 @@ struct dg_model {
     int      cond_from_prompt;          /* duogen.json "condition" "source": "prompt": the DiT
                                            is conditioned as the pipeline does (recipe) */
     dg_prompt_recipe recipe;
-    int32_t  stop_ids[DG_MAX_EOS + 2];  /* tokens that end the answer: EOS ids and <|im_end|> */
+    int32_t  stop_ids[2 * DG_MAX_EOS + 1];   /* tokens that end the answer: the EOS ids of config.json
+                                                and generation_config.json, and <|im_end|> */
     int      n_stop_ids;
     int      max_context;               /* positions of one sequence (prompt + answer) */
     int      cond_layers[DG_MAX_COND_LAYERS];   /* decoder layers feeding the connector */

@@ -97,6 +97,14 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
         (rc = read_projection(c, j, path, err, errlen)) < 0)
         goto out;
     rc = DG_EMODEL;
+    /* the patch sizes are checked before anything is divided by them */
+    for (int i = 0; i < 3; i++)
+        if (!(patch[i] >= 1.0f && patch[i] <= 64.0f) || patch[i] != (float)(int)patch[i] || !(max_size[i] >= 0.0f) ||
+            max_size[i] > 1e6f) {
+            snprintf(err, errlen, "%s: patch_size [%g, %g, %g] / max_size [%g, %g, %g]: whole numbers, patches 1..64",
+                     path, patch[0], patch[1], patch[2], max_size[0], max_size[1], max_size[2]);
+            goto out;
+        }
     c->latent_channels = in_ch - 1;   /* in_channels counts the condition mask */
     c->hidden = c->n_heads * c->head_dim;
     c->mlp_hidden = (int)(c->hidden * ratio);
@@ -105,10 +113,15 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
     c->max_t = (int)max_size[0] / (int)patch[0];
     c->max_h = (int)max_size[1] / c->patch_h;
     c->max_w = (int)max_size[2] / c->patch_w;
-    if (patch[0] != 1.0f || c->patch_h < 1 || c->patch_w < 1 || c->latent_channels < 1 ||
-        c->head_dim < 16 || c->head_dim > 512 || c->head_dim % 2 || c->hidden < 1 ||
-        c->mlp_hidden < 1 || c->out_channels < 1) {
+    if (patch[0] != 1.0f || c->latent_channels < 1 || c->head_dim < 16 || c->head_dim > 512 || c->head_dim % 2 ||
+        c->hidden < 1 || c->mlp_hidden < 1 || c->out_channels < 1) {
         snprintf(err, errlen, "%s: unsupported shape (patch_size, in_channels, attention_head_dim)", path);
+        goto out;
+    }
+    /* the network predicts the latent's velocity: as many channels as the latent has */
+    if (c->out_channels != c->latent_channels) {
+        snprintf(err, errlen, "%s: out_channels %d must be in_channels - 1 = %d (the latent's channels; in_channels "
+                 "counts the condition mask too)", path, c->out_channels, c->latent_channels);
         goto out;
     }
     rc = 0;

@@ -212,3 +212,25 @@ def test_draw_marker_acts_as_bov_and_never_shows(cluster):
     before = answer[:answer.index(marker)]
     assert text.startswith(before) and text.index(link) <= len(before) + 2, (answer, text)
     assert marker not in text.replace(link, ""), (answer, text)
+
+
+def test_import_force_redoes_a_package_and_refuses_a_short_context(tmpdir_path):
+    """--force imports again over an earlier import's links (it stopped at them), also over
+    one that stopped half-way; a --max-context below the pipeline's 512-token prompt is
+    refused at import, not by the loader later; what an import does not make is left."""
+    pkg = imported(tmpdir_path)
+    r = subprocess.run([IMPORT, "--pipeline", PIPE, "--out", pkg], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "File exists" in r.stderr
+    os.remove(os.path.join(pkg, "duogen.json"))          # as an import that stopped half-way leaves it
+    with open(os.path.join(pkg, "notes.txt"), "w") as f:
+        f.write("mine")
+    r = subprocess.run([IMPORT, "--pipeline", PIPE, "--out", pkg, "--force", "--name", "again"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(pkg, "duogen.json")) as f:
+        assert json.load(f)["name"] == "again"
+    assert open(os.path.join(pkg, "notes.txt")).read() == "mine"
+    for ctx in ("300", "10", "x"):
+        r = subprocess.run([IMPORT, "--pipeline", PIPE, "--out", pkg + ctx, "--max-context", ctx],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "--max-context" in r.stderr and not os.path.exists(pkg + ctx), r.stderr

@@ -20,7 +20,11 @@
  * guidance 7, 1280x704). A tokenizer without <BOV> gets one on the first embedding row no
  * token uses ("bov_id"). --draw-marker makes TEXT act as <BOV> when the model writes it, and
  * tells the model so in the system prompt of jobs that have none (--system-prompt replaces
- * that text). Exit status 0, or 1 with a message that names the file and what is wrong. */
+ * that text). --max-context: the package's context in tokens (512 .. 2^20: the pipeline's
+ * prompt alone is 512; default 8192, or less where the decoder's max_position_embeddings is).
+ * --force: PKG may exist; what an earlier import made there (also one that stopped half-way)
+ * is replaced, anything else left. Exit status 0, or 1 with a message that names the file and
+ * what is wrong. */
 #include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
@@ -163,6 +167,44 @@ static int proj_channels(const char *dir, long *in) {
     return rc;
 }
 
+/* Under --force: what an earlier import made in PKG goes (duogen.json, the dit and vae links,
+ * the mllm link or folder of links), also when that import stopped half-way; anything else
+ * there is left, and one of those names that is not what an import makes stops this one. */
+static int clear_package(const char *out) {
+    static const char *const names[] = {"duogen.json", "dit", "vae", "mllm"};
+    char path[PATH_MAX + 64], sub[2 * PATH_MAX];
+    struct stat st;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", out, names[i]);
+        if (lstat(path, &st) < 0) {
+            if (errno == ENOENT) continue;
+            return die("%s: %s", path, strerror(errno));
+        }
+        if (S_ISLNK(st.st_mode) || (i == 0 && S_ISREG(st.st_mode))) {
+            if (unlink(path) < 0) return die("%s: %s", path, strerror(errno));
+            continue;
+        }
+        if (i == 3 && S_ISDIR(st.st_mode)) {   /* the folder of links of an import without --mllm */
+            DIR *d = opendir(path);
+            if (!d) return die("%s: %s", path, strerror(errno));
+            struct dirent *e;
+            while ((e = readdir(d))) {
+                if (e->d_name[0] == '.' && (!e->d_name[1] || (e->d_name[1] == '.' && !e->d_name[2]))) continue;
+                snprintf(sub, sizeof sub, "%s/%s", path, e->d_name);
+                if (lstat(sub, &st) < 0 || !S_ISLNK(st.st_mode) || unlink(sub) < 0) {
+                    closedir(d);
+                    return die("%s: not a link an import made: remove it yourself", sub);
+                }
+            }
+            closedir(d);
+            if (rmdir(path) < 0) return die("%s: %s", path, strerror(errno));
+            continue;
+        }
+        return die("%s: not what an import makes (a link%s): remove it yourself", path, i == 0 ? " or a file" : "");
+    }
+    return 0;
+}
+
 static int link_to(const char *target, const char *link) {
     char abs[PATH_MAX];
     if (!realpath(target, abs)) return die("%s: %s", target, strerror(errno));
@@ -275,6 +317,7 @@ static int import(const opts *o) {
                    "encoder's depth and width (Qwen2.5-VL-7B: 28 x 3584 = 100352)",
                    te, layers, hidden, (long)layers * hidden, proj_in);
     if (mkdir(o->out, 0755) < 0 && !(errno == EEXIST && o->force)) return die("%s: %s", o->out, strerror(errno));
+    if (o->force && clear_package(o->out)) return 1;
     snprintf(mllm, sizeof mllm, "%s/mllm", o->out);
     const char *links[][2] = {{"transformer", "dit"}, {"vae", "vae"}};
     for (int i = 0; i < 2; i++) {
@@ -307,7 +350,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--name")) o.name = v;
         else if (!strcmp(a, "--draw-marker")) o.marker = v;
         else if (!strcmp(a, "--system-prompt")) o.system = v;
-        else if (!strcmp(a, "--max-context")) o.max_context = atoi(v);
+        else if (!strcmp(a, "--max-context")) {
+            char *end;
+            long n = strtol(v, &end, 10);
+            /* the package's condition prompt is PIPE_MAX_SEQUENCE tokens: its context holds them */
+            if (*end || end == v || n < PIPE_MAX_SEQUENCE || n > 1 << 20)
+                return die("--max-context %s: a number of tokens in %d..%d (the pipeline's prompt alone is %d)", v,
+                           PIPE_MAX_SEQUENCE, 1 << 20, PIPE_MAX_SEQUENCE);
+            o.max_context = (int)n;
+        }
         else return die("unknown option %s", a);
         i++;
     }

@@ -1,0 +1,146 @@
+/* Opening packages whose configs disagree with themselves or with transformers' reading of
+ * them (found by review): each is refused with a message naming the file and the key, or
+ * read as transformers reads it. The tiny package (own vocabulary) with one file edited:
+ * - vision_config.out_hidden_size other than the decoder's hidden_size (the tower's rows
+ *   stand for image tokens: they overran the embedding buffer);
+ * - the DiT's out_channels other than in_channels - 1 (the velocity overran the latent);
+ * - a DiT patch_size of 0 (a division by zero, the process killed);
+ * - generation_config.json's eos_token_id list ([<|im_end|>, <|endoftext|>] in
+ *   Qwen2.5-VL): the answer ends at any of them, as transformers' generate does;
+ * - preprocessor_config.json with both size.{shortest,longest}_edge and min/max_pixels:
+ *   min/max_pixels win, as in Qwen2VLImageProcessor. */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/harness.h"
+#include "common/jobs.h"
+#include "common/package.h"
+#include "duogen.h"
+
+/* A fresh tiny package with `file` edited by `edit`; 0 or -1. */
+static int edited(const char *file, void (*edit)(json_t *), char *dir, size_t len) {
+    if (test_make_package("tiny", 3, NULL, dir, len) < 0) return -1;
+    char path[700];
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    if (!j) return -1;
+    edit(j);
+    int rc = json_dump_file(j, path, JSON_INDENT(1));
+    json_decref(j);
+    return rc;
+}
+
+static void wide_tower(json_t *j) {
+    json_object_set_new(json_object_get(j, "vision_config"), "out_hidden_size", json_integer(96));
+}
+static void more_out_channels(json_t *j) { json_object_set_new(j, "out_channels", json_integer(32)); }
+static void zero_patch(json_t *j) { json_object_set_new(j, "patch_size", json_pack("[i,i,i]", 1, 0, 0)); }
+
+/* Opens dir, expecting a refusal whose message holds `want`. */
+static void refused(const char *dir, const char *want) {
+    char err[512] = "";
+    dg_model *m = NULL;
+    int rc = dg_model_open(dir, NULL, &m, err, sizeof err);
+    CHECK_EQ_INT(rc, DG_EMODEL);
+    if (!strstr(err, want)) test_fail(__FILE__, __LINE__, "message \"%s\" lacks \"%s\"", err, want);
+    dg_model_close(m);
+}
+
+TEST(configs_that_disagree_are_refused_by_name) {
+    char dir[512];
+    CHECK_EQ_INT(edited("mllm/config.json", wide_tower, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: vision_config.out_hidden_size 96 must be the decoder's hidden_size 64");
+    CHECK_EQ_INT(edited("dit/config.json", more_out_channels, dir, sizeof dir), 0);
+    refused(dir, "dit/config.json: out_channels 32 must be in_channels - 1 = 16");
+    CHECK_EQ_INT(edited("dit/config.json", zero_patch, dir, sizeof dir), 0);
+    refused(dir, "dit/config.json: patch_size [1, 0, 0]");
+}
+
+/* A job whose first token is `tok` (a bias of 100): how its answer ends. */
+static test_job first_token(dg_model *m, int32_t tok) {
+    char err[256];
+    dg_sched *s = NULL;
+    test_job c = {0};
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Hello.", .text_len = 6};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    dg_logit_bias bias = {tok, 100.0f};
+    dg_request r = {.id = "eos", .messages = &msg, .n_messages = 1,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE, .max_new_tokens = 5,
+                             .temperature = 0, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_MAX_IMAGES, .max_images = 0}};
+    if (dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err) == 0) CHECK_EQ_INT(test_job_run(s, &r, &c), 0);
+    dg_sched_free(s);
+    return c;
+}
+
+TEST(generation_configs_eos_ids_end_the_answer) {
+    char dir[512], err[512];
+    if (test_make_package("tiny", 3, NULL, dir, sizeof dir) < 0) { CHECK(!"package"); return; }
+    size_t len;
+    char *gen = test_read_file(dir, "mllm/generation_config.json", &len);
+    json_error_t je;
+    json_t *g = gen ? json_loads(gen, 0, &je) : NULL;
+    json_t *eos = json_object_get(g, "eos_token_id");
+    CHECK(json_is_array(eos) && json_array_size(eos) == 2);   /* [<|im_end|>, <|endoftext|>] */
+    const int32_t endoftext = (int32_t)json_integer_value(json_array_get(eos, 1));
+    dg_model *m = NULL;
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+    if (m) {
+        test_job c = first_token(m, endoftext);
+        CHECK_EQ_INT(c.reason, DG_FINISH_STOP);
+        CHECK_EQ_INT(c.usage.generated_tokens, 0);
+        test_job_free(&c);
+        dg_model_close(m);
+    }
+    json_decref(g);
+    free(gen);
+}
+
+static void both_sizes(json_t *j) {
+    /* a file re-saved by newer transformers (size) and then edited as Qwen's README says
+     * (max_pixels): the edit holds */
+    json_object_set_new(j, "size", json_pack("{s:i,s:i}", "shortest_edge", 3136, "longest_edge", 12845056));
+    json_object_set_new(j, "max_pixels", json_integer(100352));
+}
+static void max_pixels_only(json_t *j) { json_object_set_new(j, "max_pixels", json_integer(100352)); }
+
+static int64_t prompt_tokens_of_a_big_image(const char *dir) {
+    char err[512];
+    dg_model *m = NULL;
+    dg_sched *s = NULL;
+    test_job c = {0};
+    size_t len;
+    uint8_t *png = test_png(1000, 800, 4, &len);
+    dg_part parts[2] = {{.kind = DG_PART_IMAGE, .image = png, .image_len = len},
+                        {.kind = DG_PART_TEXT, .text = "What is it?", .text_len = 11}};
+    dg_message msg = {DG_ROLE_USER, parts, 2};
+    dg_request r = {.id = "px", .messages = &msg, .n_messages = 1,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 1},
+                    .image = {.set = DG_IMAGE_MAX_IMAGES, .max_images = 0}};
+    int64_t n = -1;
+    if (dg_model_open(dir, NULL, &m, err, sizeof err) == 0 &&
+        dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err) == 0 && test_job_run(s, &r, &c) == 0)
+        n = c.usage.prompt_tokens;
+    else
+        printf("  %s\n", err);
+    test_job_free(&c);
+    dg_sched_free(s);
+    dg_model_close(m);
+    free(png);
+    return n;
+}
+
+TEST(min_and_max_pixels_win_over_size) {
+    char a[512], b[512];
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", max_pixels_only, a, sizeof a), 0);
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", both_sizes, b, sizeof b), 0);
+    const int64_t na = prompt_tokens_of_a_big_image(a), nb = prompt_tokens_of_a_big_image(b);
+    /* 1000x800 under 100352 pixels: 128 tokens of the merged 28x28 patches, and the chat's */
+    CHECK(na > 0 && na < 200);
+    CHECK_EQ_INT(nb, na);
+}
+
+int main(void) { return test_main(); }
