@@ -365,6 +365,13 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if (o && o->progress) o->progress(o->progress_user, "tokenizer", 0.0);
     if ((rc = open_tokenizer(m, manifest, mllm, path, err, errlen)) < 0) goto fail;
     if ((rc = dg_config_load(mllm, &m->cfg, err, errlen)) < 0) goto fail;
+    /* every token has an embedding row (not every row a token: Qwen2.5-VL's 151,665 ids in
+     * 152,064 rows); found here, not by each request that uses a token past the rows */
+    if (dg_tok_n_ids(m->tok) > m->cfg.text.vocab_size) {
+        rc = fail(err, errlen, DG_EMODEL, "%s: the tokenizer has ids up to %d, past config.json's vocab_size %d",
+                  mllm, dg_tok_n_ids(m->tok) - 1, m->cfg.text.vocab_size);
+        goto fail;
+    }
     const dg_backend_opts bo = {.n_threads = o ? o->threads : 0, .device_bytes = o ? o->device_memory : 0,
                                 .cpu_bf16_compute = o ? o->cpu_bf16_compute : 0,
                                 .cpu_mapped_weights = o ? o->cpu_mapped_weights : 0};
