@@ -127,6 +127,19 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
     return read_defaults(m, json_object_get(j, "defaults"), path, err, errlen);
 }
 
+/* dir/name parsed into *out, or *out NULL when the file is absent (an optional config):
+ * 0, or DG_EMODEL naming the file and line. path gets the file's path. */
+static int load_optional(const char *dir, const char *name, json_t **out, char *path, size_t pathlen, char *err,
+                         size_t errlen) {
+    struct stat st;
+    json_error_t je;
+    snprintf(path, pathlen, "%s/%s", dir, name);
+    *out = NULL;
+    if (stat(path, &st)) return 0;
+    if (!(*out = json_load_file(path, 0, &je))) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+    return 0;
+}
+
 /* preprocessor_config.json: the fields that change pixel_values (missing ones keep the
  * checkpoint's values; "size": {"shortest_edge", "longest_edge"} is the newer spelling of
  * min/max_pixels). */
@@ -134,14 +147,10 @@ static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t er
     char path[1300];
     dg_image_preprocess_config *c = &m->pp;
     dg_image_preprocess_config_default(c);
-    snprintf(path, sizeof path, "%s/preprocessor_config.json", mllm);
-    struct stat st;
-    if (stat(path, &st)) return 0;
-    json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
-    if (!j) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+    json_t *j;
+    int rc = load_optional(mllm, "preprocessor_config.json", &j, path, sizeof path, err, errlen);
+    if (rc < 0 || !j) return rc;
     double v;
-    int rc = 0;
     json_t *size = json_object_get(j, "size");
     struct { json_t *obj; const char *key; double lo, hi; int64_t *i64; int32_t *i32; double *d; } keys[] = {
         /* min_pixels and max_pixels after size: where a file has both, they win, as in
@@ -319,14 +328,10 @@ static void add_stop(dg_model *m, int32_t id) {
  * config.json's. Absent file or key: nothing. */
 static int read_generation_eos(dg_model *m, const char *mllm, char *err, size_t errlen) {
     char path[1300];
-    snprintf(path, sizeof path, "%s/generation_config.json", mllm);
-    struct stat st;
-    if (stat(path, &st)) return 0;
-    json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
-    if (!j) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+    json_t *j;
+    int rc = load_optional(mllm, "generation_config.json", &j, path, sizeof path, err, errlen);
+    if (rc < 0 || !j) return rc;
     json_t *eos = json_object_get(j, "eos_token_id");
-    int rc = 0;
     if (eos && !json_is_integer(eos) && !json_is_array(eos)) rc = -1;
     for (size_t i = 0; rc == 0 && eos && i < (json_is_array(eos) ? json_array_size(eos) : 1); i++) {
         json_t *v = json_is_array(eos) ? json_array_get(eos, i) : eos;

@@ -20,14 +20,26 @@ static const char *pkg;   /* the tiny package of seed 11 with the Qwen2 vocabula
 
 static int setup(void) { return (pkg = test_package_once("tiny", 11, TEST_QWEN2_VOCAB)) != NULL; }
 
-TEST(interleaved_two_images_with_two_inputs_and_caches) {
-    if (!setup()) { CHECK(!"setup"); return; }
+/* The package opened on the CPU, or NULL after failing the case. */
+static dg_model *open_tiny(void) {
     char err[512];
-    dg_model *m;
-    dg_sched *s;
+    dg_model *m = NULL;
+    if (!setup()) {
+        CHECK(!"setup");
+        return NULL;
+    }
     int rc = dg_model_open(pkg, NULL, &m, err, sizeof err);
     CHECK_EQ_INT(rc, 0);
-    if (rc) { printf("  %s\n", err); return; }
+    if (rc) printf("  %s\n", err);
+    return m;
+}
+
+TEST(interleaved_two_images_with_two_inputs_and_caches) {
+    char err[512];
+    dg_model *m = open_tiny();
+    if (!m) return;
+    dg_sched *s;
+    int rc;
     CHECK(strstr(dg_model_describe(m), "vision") && strstr(dg_model_describe(m), "cosmos dit"));
     CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
 
@@ -107,13 +119,11 @@ TEST(interleaved_two_images_with_two_inputs_and_caches) {
  * then writes on with <BOV> banned, as after max_images (it used to end there as if out of
  * tokens); one input too many is refused with DG_ELIMIT, naming the limit. */
 TEST(a_full_conversation_draws_no_more_and_writes_on) {
-    if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
-    dg_model *m;
+    dg_model *m = open_tiny();
+    if (!m) return;
     dg_sched *s;
-    int rc = dg_model_open(pkg, NULL, &m, err, sizeof err);
-    CHECK_EQ_INT(rc, 0);
-    if (rc) { printf("  %s\n", err); return; }
+    int rc;
     CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
     enum { N = DG_MAX_IMAGES + 1 };
     uint8_t *png[N];
@@ -160,12 +170,10 @@ TEST(a_full_conversation_draws_no_more_and_writes_on) {
  * serves one on the job's second run, not three) and draws another picture; a bound of 3 or
  * more is no bound: the same PNG bytes as none. */
 TEST(max_condition_frames_keeps_the_latest_pictures) {
-    if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
-    dg_model *m;
-    int rc = dg_model_open(pkg, NULL, &m, err, sizeof err);
-    CHECK_EQ_INT(rc, 0);
-    if (rc) { printf("  %s\n", err); return; }
+    dg_model *m = open_tiny();
+    if (!m) return;
+    int rc;
     size_t len[3];
     uint8_t *png[3] = {test_png(60, 40, 1, &len[0]), test_png(33, 71, 2, &len[1]), test_png(48, 48, 3, &len[2])};
     dg_part parts[4] = {{.kind = DG_PART_IMAGE, .image = png[0], .image_len = len[0]},
@@ -211,12 +219,10 @@ TEST(max_condition_frames_keeps_the_latest_pictures) {
 /* dg_sched_warmup: a prompt, two tokens and one smallest picture through every part; the
  * scheduler answers the same afterwards as a fresh one; refused while a job runs. */
 TEST(warmup_runs_every_part_and_changes_no_answer) {
-    if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
-    dg_model *m;
-    int rc = dg_model_open(pkg, NULL, &m, err, sizeof err);
-    CHECK_EQ_INT(rc, 0);
-    if (rc) { printf("  %s\n", err); return; }
+    dg_model *m = open_tiny();
+    if (!m) return;
+    int rc;
     dg_sched *warm, *fresh;
     CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2}, &warm, err, sizeof err), 0);
     CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 2}, &fresh, err, sizeof err), 0);
