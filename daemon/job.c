@@ -216,9 +216,16 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
             FAIL(DG_JOB_BAD_REQUEST, "text.logit_bias: %zu entries, over the limit of %d", t->n_logit_bias, cfg->max_logit_bias);
         for (size_t i = 0; i < t->n_logit_bias; i++) {
             float b = t->logit_bias[i]->value;
-            if (t->logit_bias[i]->key < 0 || isnan(b) || b == INFINITY || (isfinite(b) && fabsf(b) > 1000))
+            if (t->logit_bias[i]->key < 0)
+                FAIL(DG_JOB_BAD_REQUEST, "text.logit_bias: token id %d is negative", t->logit_bias[i]->key);
+            if (isnan(b) || b == INFINITY || (isfinite(b) && fabsf(b) > 1000))
                 FAIL(DG_JOB_BAD_REQUEST, "text.logit_bias[%d]: %g must be within -1000..1000 or -inf",
                      t->logit_bias[i]->key, b);
+            /* a map on the wire may repeat a key; the engine would add the entries up, past
+             * the limit above */
+            for (size_t k = 0; k < i; k++)
+                if (t->logit_bias[k]->key == t->logit_bias[i]->key)
+                    FAIL(DG_JOB_BAD_REQUEST, "text.logit_bias[%d]: given twice", t->logit_bias[i]->key);
         }
     }
     dg_job_status st = pb->image ? validate_image(pb->image, cfg, err, errlen) : DG_JOB_OK;
@@ -234,14 +241,40 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
     return DG_JOB_OK;
 }
 
+/* protobuf-c's allocations for one job, within a budget (dg_job_parse). malloc and free, so
+ * that free_unpacked with the default allocator frees them. */
+typedef struct {
+    size_t left;
+    int    over;
+} unpack_budget;
+
+static void *budget_alloc(void *data, size_t size) {
+    unpack_budget *b = data;
+    if (size > b->left) {
+        b->over = 1;
+        return NULL;
+    }
+    b->left -= size;
+    return malloc(size);
+}
+
+static void budget_free(void *data, void *p) { free(p); }
+
 dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_daemon_config *cfg,
                            char *err, size_t errlen) {
     memset(j, 0, sizeof *j);
     if (len > cfg->max_job_bytes)
         FAIL(DG_JOB_BAD_REQUEST, "job: %zu bytes, over max_job_bytes %zu", len, cfg->max_job_bytes);
     if (len == 0) FAIL(DG_JOB_BAD_REQUEST, "job: empty (0 bytes)");
-    j->pb = duogen__v1__job__unpack(NULL, len, data);
+    /* the unpacked job's memory is bounded by its size: a few bytes on the wire (an empty
+     * part is 2) unpack into a struct of ~50, so millions of empty parts in a 60 MB job took
+     * 2 GB; a real job unpacks into about its own size (its text and images) */
+    unpack_budget b = {.left = 4 * len + ((size_t)4 << 20)};
+    ProtobufCAllocator alloc = {budget_alloc, budget_free, &b};
+    j->pb = duogen__v1__job__unpack(&alloc, len, data);
     if (!j->pb) {
+        if (b.over) FAIL(DG_JOB_BAD_REQUEST, "job: %zu bytes that unpack into more than %zu (too many parts or messages)",
+                         len, 4 * len + ((size_t)4 << 20));
         describe_malformed(data, len, err, errlen);
         return DG_JOB_BAD_REQUEST;
     }
@@ -259,7 +292,9 @@ static dg_job_status read_image_file(const char *root, const char *path, size_t 
     size_t rl = strlen(real_root);
     if (strncmp(real, real_root, rl) || (real[rl] != '/' && real[rl] != 0))
         FAIL(DG_JOB_BAD_REQUEST, "%s: \"%s\" is outside the image root", what, path);
-    int fd = open(real, O_RDONLY | O_CLOEXEC);
+    /* non-blocking: a FIFO (or device) put there would block the worker in open() forever;
+     * it is refused below as not a regular file */
+    int fd = open(real, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\": %s", what, path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
@@ -303,7 +338,15 @@ static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redi
                                            &len, what, err, errlen);
         if (st != DG_JOB_OK) return st;
     } else {
-        redisReply *rep = dg_redis_cmdv(r, "GET", im->redis_key, NULL);
+        /* its size first: a key far over the limit is not read into memory to be refused */
+        redisReply *rep = dg_redis_cmdv(r, "STRLEN", im->redis_key, NULL);
+        if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, im->redis_key);
+        const long long size = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
+        freeReplyObject(rep);
+        if (size > (long long)cfg->max_image_bytes)
+            FAIL(DG_JOB_BAD_IMAGE, "%s: key \"%s\" holds %lld bytes (allowed 1..%zu)", what, im->redis_key, size,
+                 cfg->max_image_bytes);
+        rep = dg_redis_cmdv(r, "GET", im->redis_key, NULL);
         if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, im->redis_key);
         dg_job_status st = DG_JOB_OK;
         if (rep->type == REDIS_REPLY_NIL)

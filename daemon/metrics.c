@@ -130,9 +130,12 @@ static void render(dg_worker *w, text *t) {
 static void serve(dg_worker *w, int fd) {
     char req[2048];
     struct pollfd p = {fd, POLLIN, 0};
-    /* read the request head (up to a blank line or 1 s); its content does not matter */
+    /* read the request head (up to a blank line), one second in all: a client that sends a
+     * byte now and then does not hold the one-connection-at-a-time server; its content does
+     * not matter */
     size_t got = 0;
-    while (got < sizeof req - 1 && poll(&p, 1, 1000) > 0) {
+    const int64_t until = dg_mono_ms() + 1000;
+    for (int64_t left; got < sizeof req - 1 && (left = until - dg_mono_ms()) > 0 && poll(&p, 1, (int)left) > 0;) {
         ssize_t n = read(fd, req + got, sizeof req - 1 - got);
         if (n <= 0) break;
         got += (size_t)n;
@@ -154,6 +157,13 @@ static void serve(dg_worker *w, int fd) {
     }
     free(head.buf);
     free(body.buf);
+    /* what the client sent beyond the head is read away (briefly): closing a socket with
+     * unread input resets the connection, and the client would lose the answer */
+    shutdown(fd, SHUT_WR);
+    char sink[4096];
+    const int64_t until_drain = dg_mono_ms() + 200;
+    for (int64_t left; (left = until_drain - dg_mono_ms()) > 0 && poll(&p, 1, (int)left) > 0;)
+        if (read(fd, sink, sizeof sink) <= 0) break;
 }
 
 static void *metrics_main(void *arg) {

@@ -128,7 +128,7 @@ static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *field
         snprintf(r->id, sizeof r->id, "%s", fid->str);
     else
         snprintf(r->id, sizeof r->id, "entry-%s", r->entry);
-    if (r->parsed) {
+    if (r->parsed && st == DG_JOB_OK) {   /* a refused job's values are not to be trusted (a TTL of -1) */
         if (r->job.pb->max_attempts) r->max_attempts = (int)r->job.pb->max_attempts;
         if (r->job.pb->result_ttl_s) r->ttl_s = (int)r->job.pb->result_ttl_s;
         r->max_tokens = r->job.pb->text && r->job.pb->text->max_new_tokens

@@ -65,7 +65,7 @@ typedef struct dg_worker {
     dg_lease *leases;  int n_leases, cap_leases;
     pthread_t keeper;
     int       keeper_running;
-    volatile int keeper_stop;
+    _Atomic int keeper_stop;     /* set by the main thread, read by the keeper and metrics threads */
     int       metrics_fd;            /* listening socket, -1 when off */
     pthread_t metrics;
 } dg_worker;

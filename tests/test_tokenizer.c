@@ -309,6 +309,41 @@ TEST(tokenizer_long_runs) {
     free(text);
 }
 
+/* Combining marks of two classes, alternating in the wrong order: NFC's canonical ordering
+ * (utf8proc swaps neighbours) costs their inversions, k*k for "a" + k acute (230) + k grave
+ * below (220). Up to DG_TOK_NFC_SWAPS_MAX they are put in order, as NFC puts them (every
+ * 220 before every 230, the first 230 composed with the base: Python's unicodedata gives
+ * U+00E1, k U+0316, k - 1 U+0301); past it the text is refused at once instead of holding the worker
+ * for minutes (256 KB of them took a minute). */
+TEST(tokenizer_nfc_reordering_is_bounded) {
+    for (int k = 1000; k <= 8192; k += 7192) {
+        size_t n = 1 + 4 * (size_t)k, len = 0;
+        char *text = malloc(n), err[256] = "";
+        text[len++] = 'a';
+        for (int i = 0; i < k; i++) text[len++] = (char)0xcc, text[len++] = (char)0x81;   /* U+0301 */
+        for (int i = 0; i < k; i++) text[len++] = (char)0xcc, text[len++] = (char)0x96;   /* U+0316 */
+        dg_tok_ids ids = {0};
+        int rc = dg_tok_encode(qwen(), text, len, &ids, err, sizeof err);
+        if (k > 4096) {   /* 67M swaps */
+            CHECK_EQ_INT(rc, DG_ELIMIT);
+            CHECK(strstr(err, "combining marks that NFC would reorder more than"));
+        } else {          /* 1M swaps */
+            CHECK_EQ_INT(rc, 0);
+            char *back = NULL;
+            size_t back_len = 0;
+            CHECK_EQ_INT(dg_tok_decode(qwen(), ids.ids, ids.n, 0, &back, &back_len, err, sizeof err), 0);
+            /* NFC: the 220s first, and the first 230 composes with the base (U+00E1) */
+            int ordered = back_len == len - 1 && (unsigned char)back[0] == 0xc3 && (unsigned char)back[1] == 0xa1;
+            for (int i = 0; ordered && i < k; i++) ordered = (unsigned char)back[2 + 2 * i + 1] == 0x96;
+            for (int i = 0; ordered && i < k - 1; i++) ordered = (unsigned char)back[2 + 2 * (k + i) + 1] == 0x81;
+            CHECK(ordered);
+            free(back);
+        }
+        dg_tok_ids_free(&ids);
+        free(text);
+    }
+}
+
 /* ---- extra added tokens, tokenizer.json, load errors -------------------------------------- */
 
 static char tmp_root[] = "/tmp/dg-tok-test-XXXXXX";

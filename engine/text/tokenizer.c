@@ -262,6 +262,11 @@ static int encode_segment(encoder *e, const uint8_t *s, size_t n) {
     uint8_t *nfc;
     size_t nfc_len;
     int rc = dg_tok_nfc(s, n, &nfc, &nfc_len);
+    if (rc == DG_ELIMIT) {
+        snprintf(e->err, e->errlen, "text: combining marks that NFC would reorder more than %llu times (from byte "
+                 "%zu of a segment): no script stacks marks so", (unsigned long long)DG_TOK_NFC_SWAPS_MAX, nfc_len);
+        return rc;
+    }
     if (rc < 0) {
         snprintf(e->err, e->errlen, "tokenizer: NFC normalization failed");
         return rc;

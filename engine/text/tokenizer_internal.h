@@ -147,6 +147,10 @@ size_t dg_tok_utf8_lossy(const uint8_t *in, size_t n, bool final, uint8_t *out, 
 size_t dg_tok_utf8_valid_prefix(const uint8_t *in, size_t n);
 /* NFC of valid UTF-8 s[0..n). When it changes nothing, *out is NULL (use s as it is);
  * otherwise *out is malloc'd, *out_len bytes. Returns 0, DG_ENOMEM or DG_EINTERNAL. */
+/* The most swaps of neighbouring combining marks NFC's canonical ordering may need in one
+ * text (utf8proc's sort costs one a swap: 16M is about a quarter of a second); more fail
+ * dg_tok_nfc with DG_ELIMIT, *out_len the offset of the span where the limit was passed. */
+#define DG_TOK_NFC_SWAPS_MAX ((uint64_t)16 << 20)
 int      dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len);
 /* Code points that dg_tok_nfc() passes without asking utf8proc (tests check each). */
 bool     dg_tok_nfc_stable(uint32_t cp);

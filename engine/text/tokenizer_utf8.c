@@ -209,6 +209,37 @@ static int out_put(uint8_t **out, size_t *len, size_t *cap, const uint8_t *s, si
     return 0;
 }
 
+/* The canonical reordering a span needs: how many pairs of combining marks (class > 0, no
+ * starter between them) stand in the wrong order, counted per class seen so far. */
+typedef struct {
+    uint32_t count[256];   /* marks of each class since the last starter */
+    int      lo, hi;       /* the classes counted: [lo, hi] */
+    uint64_t inversions;
+} reorder;
+
+static void reorder_starter(reorder *r) {
+    if (r->lo <= r->hi) memset(r->count + r->lo, 0, sizeof r->count[0] * (size_t)(r->hi - r->lo + 1));
+    r->lo = 256;
+    r->hi = -1;
+}
+
+static void reorder_reset(reorder *r) {
+    reorder_starter(r);
+    r->inversions = 0;
+}
+
+static void reorder_add(reorder *r, uint32_t cp) {
+    const int c = utf8proc_get_property((utf8proc_int32_t)cp)->combining_class;
+    if (!c) {
+        reorder_starter(r);
+        return;
+    }
+    for (int k = c + 1; k <= r->hi; k++) r->inversions += r->count[k];
+    r->count[c]++;
+    if (c < r->lo) r->lo = c;
+    if (c > r->hi) r->hi = c;
+}
+
 /* Only the spans that can change go through utf8proc: a run of code points that are not
  * NFC-stable (nor opaque), with the stable code point before it (which such a run may
  * compose with). Nothing outside the span interacts with it: a stable or opaque code
@@ -217,6 +248,8 @@ int dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len) {
     *out = NULL;
     *out_len = 0;
     size_t cap = 0, done = 0, i = 0, stable_at = SIZE_MAX;
+    uint64_t swaps = 0;
+    reorder ro = {.lo = 256};
     while (i < n) {
         size_t ascii = skip_ascii(s, i, n);
         if (ascii > i) stable_at = ascii - 1;
@@ -232,11 +265,24 @@ int dg_tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len) {
             continue;
         }
         size_t start = stable_at != SIZE_MAX && stable_at >= done ? stable_at : at, end = i;
+        reorder_reset(&ro);
+        reorder_add(&ro, cp);
         while (end < n) {
             size_t next = end;
             uint32_t c = utf8_next(s, &next);
             if (dg_tok_nfc_stable(c) || dg_tok_nfc_opaque(c)) break;
+            reorder_add(&ro, c);
             end = next;
+        }
+        /* utf8proc puts combining marks in canonical order by swapping neighbours, one swap
+         * an inversion: 32 KB of marks of two classes, alternating, took a second, 256 KB a
+         * minute, on the thread that steps every job. Text of any script needs a few swaps a
+         * character; past DG_TOK_NFC_SWAPS_MAX in one text it is refused. */
+        if ((swaps += ro.inversions) > DG_TOK_NFC_SWAPS_MAX) {
+            free(*out);
+            *out = NULL;
+            *out_len = start;   /* where the span begins, for the message */
+            return DG_ELIMIT;
         }
         uint8_t *nfc = NULL;
         utf8proc_ssize_t m = utf8proc_map(s + start, (utf8proc_ssize_t)(end - start), &nfc,
