@@ -64,7 +64,11 @@ int main(int argc, char **argv) {
             }
             return fflush(stdout) ? EX_CONFIG : 0;
         }
-        if (!strcmp(argv[i], "--config") && i + 1 < argc && dg_daemon_config_load(&cfg, argv[i + 1], err, sizeof err)) {
+        if (!strcmp(argv[i], "--config") && i + 1 >= argc) {   /* not a worker on the defaults */
+            fprintf(stderr, "duogend: --config needs a file\n");
+            return EX_CONFIG;
+        }
+        if (!strcmp(argv[i], "--config") && dg_daemon_config_load(&cfg, argv[i + 1], err, sizeof err)) {
             fprintf(stderr, "duogend: %s\n", err);
             return EX_CONFIG;
         }

@@ -187,6 +187,11 @@ static int look(dg_taker *t, dg_run *r, seen *s) {
                                  "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
                                  "error", "", "updated_ms", now, NULL),
                        dg_cmd_of("EXPIRE", k_job, ttl, NULL)};
+    /* the job's metadata, echoed as meta.<key> fields (proto/duogen.proto Job.metadata) */
+    for (size_t i = 0; r->job.pb && i < r->job.pb->n_metadata; i++) {
+        dg_cmd_addf(mark[0], "meta.%s", r->job.pb->metadata[i]->key);
+        dg_cmd_adds(mark[0], r->job.pb->metadata[i]->value);
+    }
     rc = dg_redis_pipeline(t->redis, mark, 2, rep);
     for (int i = 0; i < 2; i++) {
         dg_cmd_free(mark[i]);

@@ -108,3 +108,13 @@ def test_inline_images_and_ttl(cluster):
     assert imgs[0].data[:4] == b"\x89PNG"
     for key in ("duogen:result:inl", "duogen:events:inl", "duogen:image:inl:1", "duogen:job:inl"):
         assert 0 < cluster.r.ttl(key) <= 120, key
+
+
+def test_metadata_is_echoed_into_the_job_hash(cluster):
+    """Job.metadata shows as meta.<key> fields of the job hash (proto/duogen.proto)."""
+    cluster.worker()
+    cluster.wait_groups()
+    cluster.enqueue("tagged", "hi", meta={"customer": "acme", "batch": "7"})
+    assert cluster.wait_result("tagged")["status"] == b"done"
+    h = cluster.r.hgetall("duogen:job:tagged")
+    assert h[b"meta.customer"] == b"acme" and h[b"meta.batch"] == b"7", h
