@@ -137,6 +137,35 @@ TEST(decode_truncated_and_corrupt_files_fail_cleanly) {
     }
 }
 
+/* A camera's JPEG carries a thumbnail in its Exif APP1 segment, with an SOS and an EOI of
+ * its own: a file cut inside the main image still had both, and was decoded with the rest of
+ * the picture grey (Pillow refuses it as truncated). Here a JPEG is put in an APP1 of
+ * another, which is then cut. */
+TEST(decode_a_cut_jpeg_with_a_thumbnail_fails) {
+    size_t main_len, thumb_len;
+    uint8_t *main_jpg = read_file("rgb_640x427.jpg", &main_len), *thumb = read_file("rgb_97x97_444p.jpg", &thumb_len);
+    CHECK(main_jpg && thumb && thumb_len < 65000);
+    if (!main_jpg || !thumb || thumb_len >= 65000) {
+        free(main_jpg);
+        free(thumb);
+        return;
+    }
+    /* SOI, APP1 "Exif\0\0" + the thumbnail, then the main file after its SOI */
+    size_t seg = 2 + 6 + thumb_len, len = 2 + 2 + seg + (main_len - 2);
+    uint8_t *file = malloc(len), *w = file;
+    *w++ = 0xFF, *w++ = 0xD8, *w++ = 0xFF, *w++ = 0xE1, *w++ = (uint8_t)(seg >> 8), *w++ = (uint8_t)seg;
+    memcpy(w, "Exif\0\0", 6), w += 6;
+    memcpy(w, thumb, thumb_len), w += thumb_len;
+    memcpy(w, main_jpg + 2, main_len - 2);
+    char err[256];
+    CHECK_EQ_INT(decode(file, len, NULL, err, sizeof err), 0);   /* whole: decoded */
+    int rc = decode(file, len - (main_len * 2) / 3, NULL, err, sizeof err);   /* cut in the main image's data */
+    CHECK_EQ_INT(rc, DG_EIMAGE);
+    free(file);
+    free(main_jpg);
+    free(thumb);
+}
+
 TEST(decode_png_without_iend_is_accepted_like_pillow) {
     size_t len;
     uint8_t *data = read_file("rgb_57x91.png", &len);

@@ -505,16 +505,12 @@ done:
 
 /* ---- JPEG decoding ----------------------------------------------------------------------- */
 
-/* The orientation Pillow's JpegImagePlugin would find: the Exif APP1 segments (the first
- * one, with the payload of later ones appended), else the last XMP APP1 segment. Walks the
- * markers up to the first SOS as Pillow does (skipping stray non-0xFF bytes). */
-static int jpeg_orientation(const uint8_t *p, size_t n) {
-    static const char xmp_id[] = "http://ns.adobe.com/xap/1.0/";   /* then a NUL */
-    uint8_t *exif = NULL;
-    size_t exif_len = 0;
-    const uint8_t *xmp = NULL;
-    size_t xmp_len = 0;
-    size_t i = 2;
+/* The next marker segment before the image data, walked by the segments' lengths from *at
+ * (2: after SOI) as Pillow does (skipping stray non-0xFF bytes and markers without a
+ * length): 1 with its marker and payload, 0 at the first SOS (*at its offset), -1 at EOI, a
+ * cut or a bad length. */
+static int jpeg_segment(const uint8_t *p, size_t n, size_t *at, unsigned *marker, const uint8_t **s, size_t *sl) {
+    size_t i = *at;
     while (i + 1 < n) {
         if (p[i] != 0xFF) {
             i++;
@@ -525,16 +521,40 @@ static int jpeg_orientation(const uint8_t *p, size_t n) {
             i++;
             continue;
         }
+        if (m == 0xDA) {
+            *at = i;
+            return 0;
+        }
         i += 2;
         if (m == 0xD8 || m == 0x01 || (m >= 0xD0 && m <= 0xD7))
             continue;
-        if (m == 0xDA || m == 0xD9 || i + 2 > n)
-            break;
+        if (m == 0xD9 || i + 2 > n)
+            return -1;
         size_t seg = (size_t)p[i] << 8 | p[i + 1];
         if (seg < 2 || i + seg > n)
-            break;
-        const uint8_t *s = p + i + 2;
-        size_t sl = seg - 2;
+            return -1;
+        *marker = m;
+        *s = p + i + 2;
+        *sl = seg - 2;
+        *at = i + seg;
+        return 1;
+    }
+    return -1;
+}
+
+/* The orientation Pillow's JpegImagePlugin would find: the Exif APP1 segments (the first
+ * one, with the payload of later ones appended), else the last XMP APP1 segment, of the
+ * segments up to the first SOS. */
+static int jpeg_orientation(const uint8_t *p, size_t n) {
+    static const char xmp_id[] = "http://ns.adobe.com/xap/1.0/";   /* then a NUL */
+    uint8_t *exif = NULL;
+    size_t exif_len = 0;
+    const uint8_t *xmp = NULL;
+    size_t xmp_len = 0;
+    size_t at = 2, sl;
+    unsigned m;
+    const uint8_t *s;
+    while (jpeg_segment(p, n, &at, &m, &s, &sl) == 1) {
         if (m == 0xE1 && sl >= 6 && memcmp(s, "Exif\0\0", 6) == 0) {
             const uint8_t *add = exif ? s + 6 : s;
             size_t add_len = exif ? sl - 6 : sl;
@@ -548,7 +568,6 @@ static int jpeg_orientation(const uint8_t *p, size_t n) {
             xmp = s + sizeof xmp_id;
             xmp_len = sl - sizeof xmp_id;
         }
-        i += seg;
     }
     int o = exif ? exif_orientation(exif, exif_len) : 0;
     if (o == 0 && xmp)
@@ -557,12 +576,18 @@ static int jpeg_orientation(const uint8_t *p, size_t n) {
     return o;
 }
 
-/* Whether an EOI marker (FF D9) follows the first SOS (FF DA): entropy-coded data never
- * holds FF D9 (an FF there is followed by 00 or a restart marker), so without one the file
- * was cut short. */
+/* Whether an EOI marker (FF D9) follows the main image's first SOS (FF DA): entropy-coded
+ * data never holds FF D9 (an FF there is followed by 00 or a restart marker), so without one
+ * the file was cut short. The SOS is found by walking the segments: a camera's Exif
+ * thumbnail inside APP1 has an SOS and EOI of its own, which passed a cut file (Pillow
+ * refuses it as truncated). */
 static int jpeg_complete(const uint8_t *p, size_t n) {
-    const uint8_t *sos = memmem(p, n, "\xff\xda", 2);
-    return sos && memmem(sos, n - (size_t)(sos - p), "\xff\xd9", 2) != NULL;
+    size_t at = 2, sl;
+    unsigned m;
+    const uint8_t *s;
+    int r;
+    while ((r = jpeg_segment(p, n, &at, &m, &s, &sl)) == 1) {}
+    return r == 0 && memmem(p + at, n - at, "\xff\xd9", 2) != NULL;
 }
 
 static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
