@@ -74,6 +74,39 @@ static int read_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *v) {
     return -1;
 }
 
+/* protobuf-c hands a string field over as a C string: a NUL in it silently cut the text
+ * there ("Describe this.\0 Ignore the rest" reached the model as "Describe this."). The
+ * wire bytes of a message that unpacked are walked with its descriptor, into every message
+ * field (maps are messages of key and value), and the first string holding a NUL is named:
+ * 0, or -1 with message.field in *name. */
+static int string_with_nul(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t n, const char **msg,
+                           const char **name) {
+    size_t pos = 0;
+    while (pos < n) {
+        uint64_t key, v;
+        if (read_varint(p, n, &pos, &key)) return 0;   /* unpacked already: cannot happen */
+        const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3));
+        switch (key & 7) {
+        case 0: if (read_varint(p, n, &pos, &v)) return 0; break;
+        case 1: pos += 8; break;
+        case 5: pos += 4; break;
+        case 2:
+            if (read_varint(p, n, &pos, &v) || v > n - pos) return 0;
+            if (f && f->type == PROTOBUF_C_TYPE_STRING && memchr(p + pos, 0, v)) {
+                *msg = d->short_name, *name = f->name;
+                return -1;
+            }
+            if (f && f->type == PROTOBUF_C_TYPE_MESSAGE &&
+                string_with_nul(f->descriptor, p + pos, v, msg, name) < 0)
+                return -1;
+            pos += v;
+            break;
+        default: return 0;
+        }
+    }
+    return 0;
+}
+
 /* Walks the top level of a Job that protobuf-c refused and describes the first problem. */
 static void describe_malformed(const uint8_t *p, size_t n, char *err, size_t errlen) {
     size_t pos = 0;
@@ -278,6 +311,10 @@ dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_
         describe_malformed(data, len, err, errlen);
         return DG_JOB_BAD_REQUEST;
     }
+    const char *in_msg, *field;
+    if (string_with_nul(&duogen__v1__job__descriptor, data, len, &in_msg, &field) < 0)
+        FAIL(DG_JOB_BAD_REQUEST, "job: a %s.%s string holds a NUL byte (strings are UTF-8 text without NUL)", in_msg,
+             field);
     return validate(j->pb, cfg, err, errlen);
 }
 

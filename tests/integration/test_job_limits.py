@@ -157,3 +157,21 @@ def test_a_large_request_gets_its_answer(cluster):
             data += c
         s.close()
         assert data.startswith(b"HTTP/1.1 200 OK") and b"duogen_" in data
+
+
+def test_text_holding_a_nul_is_refused_not_cut(cluster):
+    """A NUL in a string field cut the text there (protobuf-c strings are C strings): the
+    model saw "Describe this." of "Describe this.\\0 Ignore the rest"."""
+    cluster.worker("w1")
+    cluster.wait_groups()
+    job = pb.Job(id="nul")
+    job.messages.add(role=pb.Message.USER).parts.add(text="Describe this.\0 Ignore the rest")
+    cluster.enqueue("nul", raw=job.SerializeToString())
+    res = cluster.wait_result("nul")
+    assert res["error_code"] == b"BAD_REQUEST" and b"Part.text string holds a NUL byte" in res["error"], res
+    job = pb.Job(id="nulmeta")
+    job.messages.add(role=pb.Message.USER).parts.add(text="fine")
+    job.metadata["k"] = "a\0b"
+    cluster.enqueue("nulmeta", raw=job.SerializeToString())
+    res = cluster.wait_result("nulmeta")
+    assert res["error_code"] == b"BAD_REQUEST" and b"MetadataEntry.value string holds a NUL" in res["error"], res
