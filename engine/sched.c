@@ -367,7 +367,19 @@ static int place_prompt(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     q->keys = calloc((size_t)n, sizeof *q->keys);
     if (!q->pos || !q->keys) return DG_ENOMEM;
     int32_t grids[DG_SEQ_MAX_IMAGES][3];
-    for (int i = 0; i < q->n_images; i++) memcpy(grids[i], q->images[i].grid, sizeof grids[i]);
+    int64_t want = 0, got = 0;
+    for (int i = 0; i < q->n_images; i++) {
+        memcpy(grids[i], q->images[i].grid, sizeof grids[i]);
+        want += q->images[i].n_tokens;
+    }
+    /* the text itself may hold the image token: a special token, which the tokenizer makes of
+     * the typed text as transformers' does; the positions would then not add up */
+    for (int i = 0; i < n; i++) got += q->prompt.ids[i] == m->image_pad_id;
+    if (got != want) {
+        snprintf(err, errlen, "text: holds the model's image token (%lld of them beyond the %lld of %d images): "
+                 "<|image_pad|> is not a text to send", (long long)(got - want), (long long)want, q->n_images);
+        return DG_EINVAL;
+    }
     int next, rc;
     dg_mrope_params mp = {m->image_pad_id, m->pp.merge_size};
     if ((rc = dg_mrope_index(q->prompt.ids, n, 0, &mp, (const int32_t (*)[3])grids, q->n_images, q->pos, &next,

@@ -332,4 +332,26 @@ TEST(a_published_prompt_leaves_other_jobs_drafts_alone) {
     dg_model_close(m);
 }
 
+/* A user who types the model's image token: the tokenizer makes the special token of it, as
+ * transformers' does, and the job failed with "mrope: image tokens at 17 but only 0 images";
+ * it is refused naming the token. */
+TEST(the_image_token_typed_in_text_is_refused_by_name) {
+    const char *pkg = tiny();
+    if (!pkg) { CHECK(!"package"); return; }
+    char err[512];
+    dg_model *m;
+    dg_sched *s;
+    if (dg_model_open(pkg, NULL, &m, err, sizeof err) < 0) { CHECK(!"model"); return; }
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    dg_part part = {.kind = DG_PART_TEXT, .text = "what is <|image_pad|>?", .text_len = 22};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    dg_request r = {.id = "pad", .messages = &msg, .n_messages = 1};
+    test_job c = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c), DG_EINVAL);
+    CHECK(strstr(c.error, "holds the model's image token") != NULL);
+    test_job_free(&c);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
 int main(void) { return test_main(); }
