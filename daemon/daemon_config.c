@@ -209,8 +209,15 @@ int dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size
     int lineno = 0, rc = 0;
     while (fgets(line, sizeof line, f)) {
         lineno++;
-        char *hash = strchr(line, '#');
-        if (hash) *hash = 0;
+        /* a comment from a '#' outside double quotes ("a#b" is a value) */
+        int quoted = 0;
+        for (char *ch = line; *ch; ch++) {
+            if (*ch == '"') quoted = !quoted;
+            else if (*ch == '#' && !quoted) {
+                *ch = 0;
+                break;
+            }
+        }
         char *s = trim(line);
         if (!*s) continue;
         char *eq = strchr(s, '=');

@@ -41,7 +41,11 @@ int dg_outdir_write(const char *root, const char *id, int n, const uint8_t *png,
     }
     snprintf(dir, sizeof dir, "%s/%s", root, id);
     snprintf(path, pathlen, "%s/%d.png", dir, n);
-    snprintf(tmp, sizeof tmp, "%s/.%d.png.%ld.tmp", dir, n, (long)getpid());
+    /* the host's name beside the pid: workers of several hosts (or containers with equal
+     * pids) share the mount */
+    char host[64] = "";
+    if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "host");
+    snprintf(tmp, sizeof tmp, "%s/.%d.png.%s.%ld.tmp", dir, n, host, (long)getpid());
     if (mkdir(dir, 0755) && errno != EEXIST) {
         snprintf(err, errlen, "output_root: cannot make \"%s\": %s", dir, strerror(errno));
         return -1;

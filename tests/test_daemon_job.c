@@ -25,7 +25,7 @@ TEST(config_file_and_options) {
     char path[] = "/tmp/dg-config-XXXXXX";
     int fd = mkstemp(path);
     const char *text = "# a comment\n  redis_url = \"redis://10.0.0.1:6380/2\"\nmax_image_bytes = 2M # trailing\n"
-                       "claim_idle_ms=9000\n\n";
+                       "claim_idle_ms=9000\nworker_id = \"gpu#3\"   # a '#' in quotes is the value's\n\n";
     CHECK(write(fd, text, strlen(text)) == (ssize_t)strlen(text));
     close(fd);
     dg_daemon_config c;
@@ -34,6 +34,7 @@ TEST(config_file_and_options) {
     CHECK_EQ_STR(c.redis_url, "redis://10.0.0.1:6380/2");
     CHECK_EQ_INT(c.max_image_bytes, 2u << 20);
     CHECK_EQ_INT(c.claim_idle_ms, 9000);
+    CHECK_EQ_STR(c.worker_id, "gpu#3");
     CHECK_EQ_INT(dg_daemon_config_set(&c, "max-inflight", "4", err, sizeof err), 0);
     CHECK_EQ_INT(c.max_inflight, 4);
     CHECK_EQ_INT(dg_daemon_config_set(&c, "max_inflight", "0", err, sizeof err), 0);   /* 0: from the memory */
