@@ -84,6 +84,8 @@ static const struct key {
     GROUP("Limits on one job"),
     SIZE(max_job_bytes, "largest serialized Job"),
     SIZE(max_image_bytes, "largest encoded input image"),
+    INT(max_image_pixels, 0, 1000000000, "input images of more pixels (width x height) are refused before they are "
+        "decoded; 0 = 50000000 (a 64 MP photo needs more: 3 bytes a pixel while the job runs)"),
     INT(max_input_images, 0, DG_MAX_IMAGES, "input images per job (a conversation holds at most " STRINGIFY(DG_MAX_IMAGES)
         " pictures, given and drawn: past them no more are drawn)"),
     INT(max_messages, 1, 100000, "messages per job"),

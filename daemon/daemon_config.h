@@ -64,6 +64,7 @@ typedef struct {
     int    max_condition_pixels; /* earlier images larger than this are scaled down as DiT
                                     condition frames; 0 = the engine's default (1024²) */
     int    max_condition_frames; /* the latest earlier images a picture is conditioned on; 0 = all */
+    int    max_image_pixels;     /* input images over this many pixels are refused; 0 = the engine's 50M */
     size_t gpu_memory;          /* bytes the GPU backend takes at start; 0 = 90% of free memory */
     int    warmup;              /* 1: dg_sched_warmup before READY */
 } dg_daemon_config;

@@ -52,7 +52,8 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
                         .kv_bf16 = cfg->kv_bf16, .draft_tokens = cfg->draft_tokens,
                         .vision_cache_bytes = cfg->vision_cache_bytes, .latent_cache_bytes = cfg->latent_cache_bytes,
                         .max_condition_pixels = cfg->max_condition_pixels,
-                        .max_condition_frames = cfg->max_condition_frames};
+                        .max_condition_frames = cfg->max_condition_frames,
+                        .max_image_pixels = cfg->max_image_pixels};
     int rc = dg_sched_new(model, &so, &w->sched, err, errlen);
     if (rc) return rc;
     if (!cfg->max_inflight) {   /* sized by the engine from the memory (docs/DESIGN.md §6 "Batching") */

@@ -297,6 +297,9 @@ typedef struct {
     int64_t max_condition_pixels;   /* an earlier image larger than this is scaled down (aspect
                                        kept) before it becomes a condition frame of the DiT;
                                        0 = 1024² (every image otherwise keeps its own size) */
+    int64_t max_image_pixels;       /* an input image of more pixels is refused (DG_ELIMIT)
+                                       before it is decoded; 0 = 50M (a 64 MP photo needs more;
+                                       decoding takes 3 bytes a pixel while the job runs) */
     int     max_condition_frames;   /* a picture is conditioned on this many earlier pictures
                                        of its conversation at most, the latest (each is a frame
                                        of the DiT's sequence: its tokens and, with guidance,

@@ -101,6 +101,11 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         free(s);
         return DG_EINVAL;
     }
+    if (s->o.max_image_pixels < 0) {
+        snprintf(err, errlen, "max_image_pixels %lld: 0 (the default) or positive", (long long)s->o.max_image_pixels);
+        free(s);
+        return DG_EINVAL;
+    }
     if (s->o.max_condition_frames < 0) {
         snprintf(err, errlen, "max_condition_frames %d: 0 (all) or positive", s->o.max_condition_frames);
         free(s);
@@ -292,7 +297,8 @@ static int add_input_image(dg_sched *s, dg_seq *q, const dg_part *part, int inde
         return DG_ELIMIT;
     }
     dg_seq_image *im = &q->images[q->n_images];
-    int rc = dg_image_decode(part->image, part->image_len, label, &(dg_image_limits){0}, &im->img, err, errlen);
+    int rc = dg_image_decode(part->image, part->image_len, label, &(dg_image_limits){.max_pixels = s->o.max_image_pixels},
+                             &im->img, err, errlen);
     if (rc < 0) return rc;
     q->n_images++;
     dg_image_hash(im->img, &im->hash);

@@ -147,4 +147,40 @@ TEST(min_and_max_pixels_win_over_size) {
     CHECK_EQ_INT(nb, na);
 }
 
+/* dg_sched_opts.max_image_pixels (the worker's max_image_pixels): an input image over it is
+ * refused before it is decoded, naming the limit; 0 keeps the 50M default. */
+TEST(max_image_pixels_bounds_an_input_image) {
+    char dir[512], err[512];
+    if (test_make_package("tiny", 3, NULL, dir, sizeof dir) < 0) { CHECK(!"package"); return; }
+    dg_model *m = NULL;
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+    if (!m) return;
+    size_t len;
+    uint8_t *png = test_png(60, 40, 1, &len);
+    dg_part parts[2] = {{.kind = DG_PART_IMAGE, .image = png, .image_len = len},
+                        {.kind = DG_PART_TEXT, .text = "What is it?", .text_len = 11}};
+    dg_message msg = {DG_ROLE_USER, parts, 2};
+    dg_request r = {.id = "px", .messages = &msg, .n_messages = 1,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 1},
+                    .image = {.set = DG_IMAGE_MAX_IMAGES, .max_images = 0}};
+    for (int64_t limit = 1000; limit >= 0; limit -= 1000) {   /* 60x40 = 2400 pixels */
+        dg_sched *s = NULL;
+        test_job c = {0};
+        CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1, .max_image_pixels = limit}, &s, err, sizeof err), 0);
+        int rc = test_job_run(s, &r, &c);
+        if (limit) {
+            CHECK_EQ_INT(rc, DG_ELIMIT);
+            CHECK(strstr(c.error, "1000") != NULL);
+        } else {
+            CHECK_EQ_INT(rc, 0);
+        }
+        test_job_free(&c);
+        dg_sched_free(s);
+    }
+    dg_sched *bad = NULL;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_image_pixels = -1}, &bad, err, sizeof err), DG_EINVAL);
+    free(png);
+    dg_model_close(m);
+}
+
 int main(void) { return test_main(); }
