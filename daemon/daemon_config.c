@@ -91,7 +91,7 @@ static const struct key {
     INT(max_messages, 1, 100000, "messages per job"),
     SIZE(max_text_bytes, "text bytes per job"),
     INT(max_new_tokens, 1, 1000000, "upper bound of TextParams.max_new_tokens"),
-    INT(max_steps, 1, 10000, "upper bound of ImageParams.steps"),
+    INT(max_steps, 1, 1000, "upper bound of ImageParams.steps (the engine draws with 1000 at most)"),
     INT(max_image_side, 16, 16384, "upper bound of generated width and height"),
     INT(max_output_images, 0, 1024, "upper bound of ImageParams.max_images"),
     INT(max_stop_strings, 0, 1024, "stop strings per job"),

@@ -157,11 +157,11 @@ typedef struct {
     int32_t     width, height;   /* pixels of generated images: positive multiples of the VAE
                                     factor times the DiT patch (16) */
     int32_t     steps;           /* denoising steps, 1..1000 */
-    float       guidance_scale;  /* >= 0: v = v_c + g·(v_c − v_u); 0 = no guidance, one DiT
+    float       guidance_scale;  /* 0..100: v = v_c + g·(v_c − v_u); 0 = no guidance, one DiT
                                     forward per step instead of two */
     int32_t     max_images;      /* >= 0: after this many images <BOV> is banned (as it is
                                     once the conversation holds DG_MAX_IMAGES, given and drawn) */
-    float       shift;           /* > 0, the shifted schedule's; set without DG_IMAGE_SCHEDULE
+    float       shift;           /* (0, 100], the shifted schedule's; set without DG_IMAGE_SCHEDULE
                                     it selects DG_SCHEDULE_SHIFTED, and with
                                     DG_SCHEDULE_KARRAS it is an error */
     dg_schedule schedule;

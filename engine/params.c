@@ -50,8 +50,10 @@ int dg_params_resolve_image(const dg_image_params *req, const dg_image_params *d
     if (set & DG_IMAGE_HEIGHT) out->height = req->height;
     if (set & DG_IMAGE_STEPS) out->steps = req->steps;
     if (set & DG_IMAGE_GUIDANCE_SCALE) {
-        if (!isfinite(req->guidance_scale) || req->guidance_scale < 0)
-            BAD("image.guidance_scale: %g is not a number >= 0 (0: no guidance)", req->guidance_scale);
+        /* past 100 the velocity's scale overflows the DiT's norms (1e30 gave a flat
+         * picture, not an error); the daemon's range */
+        if (!isfinite(req->guidance_scale) || req->guidance_scale < 0 || req->guidance_scale > 100)
+            BAD("image.guidance_scale: %g is not in 0..100 (0: no guidance)", req->guidance_scale);
         out->guidance_scale = req->guidance_scale;
     }
     if (set & DG_IMAGE_MAX_IMAGES) {
@@ -67,7 +69,10 @@ int dg_params_resolve_image(const dg_image_params *req, const dg_image_params *d
         out->schedule = DG_SCHEDULE_SHIFTED;   /* what a shift meant before the schedule was a field */
     }
     if (set & DG_IMAGE_SHIFT) {
-        if (!isfinite(req->shift) || req->shift <= 0) BAD("image.shift: %g is not a number > 0", req->shift);
+        /* past 100 the shifted sigmas stop decreasing at many steps (1e5: at every count),
+         * and the drawing failed when it began; the daemon's range */
+        if (!isfinite(req->shift) || req->shift <= 0 || req->shift > 100)
+            BAD("image.shift: %g is not a number in (0, 100]", req->shift);
         if (out->schedule == DG_SCHEDULE_KARRAS) BAD("image.shift: the karras schedule has no shift");
         out->shift = req->shift;
     }

@@ -183,4 +183,36 @@ TEST(max_image_pixels_bounds_an_input_image) {
     dg_model_close(m);
 }
 
+/* A picture larger than the DiT's positions reach (max_size / patch: 1920 a side for the
+ * tiny model, as for Cosmos-Predict2.5) is refused at submit; it failed at its first
+ * denoising step, after the answer's text and a DiT state sized for it. */
+TEST(a_picture_past_the_dits_positions_is_refused_at_submit) {
+    char dir[512], err[512];
+    if (test_make_package("tiny", 3, NULL, dir, sizeof dir) < 0) { CHECK(!"package"); return; }
+    dg_model *m = NULL;
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+    if (!m || dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err)) { dg_model_close(m); return; }
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Draw.", .text_len = 5};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    static const int sizes[][2] = {{2048, 16}, {16, 2048}, {1920, 16}};
+    for (int i = 0; i < 3; i++) {
+        dg_request r = {.id = "big", .messages = &msg, .n_messages = 1,
+                        .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 1},
+                        .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS, .width = sizes[i][0],
+                                  .height = sizes[i][1], .steps = 1}};
+        test_job c = {0};
+        int rc = test_job_run(s, &r, &c);
+        if (i < 2) {
+            CHECK_EQ_INT(rc, DG_ELIMIT);
+            CHECK(strstr(c.error, "this model draws at most 1920x1920") != NULL);
+        } else {
+            CHECK_EQ_INT(rc, 0);
+        }
+        test_job_free(&c);
+    }
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
 int main(void) { return test_main(); }

@@ -89,6 +89,15 @@ int dg_painter_check(const dg_painter *p, const dg_image_params *params, char *e
                  params->height, f);
         return DG_EINVAL;
     }
+    /* the DiT's positions reach max_size / patch latents a side (Cosmos-Predict2.5: 240 / 2
+     * patches of 16 pixels, 1920): a larger picture would fail at its first step, after the
+     * answer's text and the state for it */
+    const int fh = dg_vae_spatial_factor(p->vae) * p->dit->cfg.patch_h, fw = dg_vae_spatial_factor(p->vae) * p->dit->cfg.patch_w;
+    if (params->height / fh > p->dit->cfg.max_h || params->width / fw > p->dit->cfg.max_w) {
+        snprintf(err, errlen, "image size %dx%d: this model draws at most %dx%d (its DiT's max_size)", params->width,
+                 params->height, p->dit->cfg.max_w * fw, p->dit->cfg.max_h * fh);
+        return DG_ELIMIT;
+    }
     if (params->steps < 1 || params->steps > DG_FLOW_MAX_STEPS) {
         snprintf(err, errlen, "image steps %d: must be 1..%d", params->steps, DG_FLOW_MAX_STEPS);
         return DG_EINVAL;
@@ -113,10 +122,12 @@ static int grow(float **buf, int64_t *cap, int64_t n, const char *what, char *er
     return 0;
 }
 
-/* Makes sure the VAE state fits an h x w frame. */
+/* Makes sure the VAE state fits an h x w frame: kept while it does, else made for h x w
+ * alone (growing each side to the largest seen made a 16x1920 then a 1920x16 picture hold
+ * the scratch of a 1920x1920 one: ~11 GB at the published VAE's width, where 0.1 GB did). */
 static int vae_room(dg_painter *p, int h, int w, char *err, size_t errlen) {
     if (p->vae_state && p->vae_h >= h && p->vae_w >= w) return 0;
-    int nh = h > p->vae_h ? h : p->vae_h, nw = w > p->vae_w ? w : p->vae_w;
+    const int nh = h, nw = w;
     dg_vae_state_free(p->vae, p->vae_state);
     p->vae_state = NULL;
     int rc = dg_vae_state_new(p->vae, p->be, 1, nh, nw, &p->vae_state, err, errlen);
