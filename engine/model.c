@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "draw/flow.h"
 #include "model.h"
 #include "params.h"
 
@@ -65,7 +66,7 @@ static int read_defaults(dg_model *m, json_t *d, const char *path, char *err, si
             {"top_p", 0, 1, 0, &t->top_p}, {"top_k", 0, 1e6, 1, &t->top_k},
             {"repetition_penalty", 0, 100, 0, &t->repetition_penalty},
             {"width", 16, 16384, 1, &im->width}, {"height", 16, 16384, 1, &im->height},
-            {"steps", 1, 10000, 1, &im->steps}, {"guidance_scale", 0, 100, 0, &im->guidance_scale},
+            {"steps", 1, DG_FLOW_MAX_STEPS, 1, &im->steps}, {"guidance_scale", 0, 100, 0, &im->guidance_scale},
             {"max_images", 0, 1024, 1, &im->max_images}, {"shift", 0, 100, 0, &im->shift},
         };
         double v;

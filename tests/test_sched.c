@@ -417,7 +417,7 @@ TEST(model_open_errors_name_the_problem) {
     write_manifest(dir, "{\"format\": \"duogen-package-1\", \"components\": {\"mllm\": \"../mllm\"}, "
                         "\"defaults\": {\"steps\": -3}}");
     CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
-    CHECK(strstr(err, "\"steps\" must be a number in 1..10000"));
+    CHECK(strstr(err, "\"steps\" must be a number in 1..1000"));
     write_manifest(dir, "{\"format\": \"duogen-package-1\", \"components\": {\"mllm\": \"../mllm\"}, "
                         "\"defaults\": {\"schedule\": \"fancy\"}}");
     CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
