@@ -122,8 +122,10 @@ def test_warmup_before_ready_and_a_failed_one_exits_75(cluster):
                  env={"NOTIFY_SOCKET": ns2.path, "DG_FAKE_WARMUP": "fail"})
     assert bad.proc.wait(20) == 75
     assert "warm-up: the fake device failed" in bad.logs()
+    # the datagram was sent before the exit; the reader thread takes it within its poll
+    wait_until(lambda: "STATUS=failed: warm-up: the fake device failed" in ns2.lines(), timeout=5,
+               what="the failed status")
     assert not ns2.has("READY=1")
-    assert "STATUS=failed: warm-up: the fake device failed" in ns2.lines()
 
     off = Worker(cluster.tmp, cluster.server.url, "warm3", cluster.model,
                  env={"DG_FAKE_WARMUP": "fail"}, args=["--warmup", "0"])
