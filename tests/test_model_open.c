@@ -111,6 +111,16 @@ static void both_sizes(json_t *j) {
 }
 static void max_pixels_only(json_t *j) { json_object_set_new(j, "max_pixels", json_integer(100352)); }
 
+/* "What is it?" about one PNG, one token of answer, no drawing (parts[2] and msg the caller's). */
+static dg_request question_about(const uint8_t *png, size_t len, dg_part *parts, dg_message *msg) {
+    parts[0] = (dg_part){.kind = DG_PART_IMAGE, .image = png, .image_len = len};
+    parts[1] = (dg_part){.kind = DG_PART_TEXT, .text = "What is it?", .text_len = 11};
+    *msg = (dg_message){DG_ROLE_USER, parts, 2};
+    return (dg_request){.id = "px", .messages = msg, .n_messages = 1,
+                        .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 1},
+                        .image = {.set = DG_IMAGE_MAX_IMAGES, .max_images = 0}};
+}
+
 static int64_t prompt_tokens_of_a_big_image(const char *dir) {
     char err[512];
     dg_model *m = NULL;
@@ -118,12 +128,9 @@ static int64_t prompt_tokens_of_a_big_image(const char *dir) {
     test_job c = {0};
     size_t len;
     uint8_t *png = test_png(1000, 800, 4, &len);
-    dg_part parts[2] = {{.kind = DG_PART_IMAGE, .image = png, .image_len = len},
-                        {.kind = DG_PART_TEXT, .text = "What is it?", .text_len = 11}};
-    dg_message msg = {DG_ROLE_USER, parts, 2};
-    dg_request r = {.id = "px", .messages = &msg, .n_messages = 1,
-                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 1},
-                    .image = {.set = DG_IMAGE_MAX_IMAGES, .max_images = 0}};
+    dg_part parts[2];
+    dg_message msg;
+    dg_request r = question_about(png, len, parts, &msg);
     int64_t n = -1;
     if (dg_model_open(dir, NULL, &m, err, sizeof err) == 0 &&
         dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err) == 0 && test_job_run(s, &r, &c) == 0)
@@ -157,12 +164,9 @@ TEST(max_image_pixels_bounds_an_input_image) {
     if (!m) return;
     size_t len;
     uint8_t *png = test_png(60, 40, 1, &len);
-    dg_part parts[2] = {{.kind = DG_PART_IMAGE, .image = png, .image_len = len},
-                        {.kind = DG_PART_TEXT, .text = "What is it?", .text_len = 11}};
-    dg_message msg = {DG_ROLE_USER, parts, 2};
-    dg_request r = {.id = "px", .messages = &msg, .n_messages = 1,
-                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 1},
-                    .image = {.set = DG_IMAGE_MAX_IMAGES, .max_images = 0}};
+    dg_part parts[2];
+    dg_message msg;
+    dg_request r = question_about(png, len, parts, &msg);
     for (int64_t limit = 1000; limit >= 0; limit -= 1000) {   /* 60x40 = 2400 pixels */
         dg_sched *s = NULL;
         test_job c = {0};

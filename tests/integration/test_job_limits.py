@@ -37,17 +37,22 @@ def ld(field, payload):
     return varint((field << 3) | 2) + varint(len(payload)) + payload
 
 
+def question_about(job_id, image):
+    """A job asking about one image, packed."""
+    job = pb.Job(id=job_id)
+    m = job.messages.add(role=pb.Message.USER)
+    m.parts.add(image=image)
+    m.parts.add(text="what is this")
+    return job.SerializeToString()
+
+
 def test_an_image_path_naming_a_fifo_is_refused(cluster, tmpdir_path):
     root = os.path.join(tmpdir_path, "images")
     os.makedirs(root)
     os.mkfifo(os.path.join(root, "pipe.png"))
     cluster.worker("w1", args=["--image-root", root])
     cluster.wait_groups()
-    job = pb.Job(id="fifo")
-    m = job.messages.add(role=pb.Message.USER)
-    m.parts.add(image=pb.Image(path="pipe.png"))
-    m.parts.add(text="what is this")
-    cluster.enqueue("fifo", raw=job.SerializeToString())
+    cluster.enqueue("fifo", raw=question_about("fifo", pb.Image(path="pipe.png")))
     res = cluster.wait_result("fifo", timeout=20)
     assert res["status"] == b"failed" and b"is not a regular file" in res["error"], res
     cluster.enqueue("after", "hello there")
@@ -73,11 +78,7 @@ def test_an_input_key_over_the_limit_is_not_read(cluster):
     cluster.worker("w1", args=["--max-image-bytes", "1k"])
     cluster.wait_groups()
     cluster.r.set("duogen:input:big", b"\x89PNG" + b"\0" * (8 << 20))
-    job = pb.Job(id="bigkey")
-    m = job.messages.add(role=pb.Message.USER)
-    m.parts.add(image=pb.Image(redis_key="duogen:input:big"))
-    m.parts.add(text="x")
-    cluster.enqueue("bigkey", raw=job.SerializeToString())
+    cluster.enqueue("bigkey", raw=question_about("bigkey", pb.Image(redis_key="duogen:input:big")))
     res = cluster.wait_result("bigkey", timeout=60)
     assert res["error_code"] == b"BAD_IMAGE" and b"holds 8388612 bytes (allowed 1..1024)" in res["error"], res
     info = cluster.r.info("commandstats")
