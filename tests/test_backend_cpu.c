@@ -86,6 +86,7 @@ TEST(matmul_all_dtypes_gemv_and_gemm) {
             check_matmul(be, (dg_dtype)t, 1, 256, 64, 0);
             check_matmul(be, (dg_dtype)t, 5, 37, 83, 1);     /* GEMM */
             check_matmul(be, (dg_dtype)t, 9, 300, 300, 0);
+            check_matmul(be, (dg_dtype)t, 0, 37, 83, 1);     /* no rows: nothing (the GEMM's blocking divided by 0) */
         }
         dg_backend_free(be);
     }

@@ -399,6 +399,7 @@ static void matmul_bf16(const dg_cpu *c, const dg_matmul_bf16_kernels *K, float 
 
 void dg_cpu_matmul(const dg_cpu *c, float *y, const float *x, const dg_weight *w, const float *bias,
                    int m) {
+    if (m <= 0) return;   /* no rows: nothing to do (the GEMM's blocking would divide by zero) */
     if (c->bf16_compute && w->dtype == DG_DTYPE_BF16) {
         const dg_matmul_bf16_kernels *K = c->simd >= DG_CPU_AVX512_BF16 ? &dg_matmul_bf16_avx512
                                         : c->simd >= DG_CPU_AVX2        ? &dg_matmul_bf16_avx2
