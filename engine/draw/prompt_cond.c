@@ -144,69 +144,59 @@ typedef struct {
 
 /* Whether head[0, hk) "\n" tail[tf, n_tail) (the newline only between two texts) fits in
  * max_tokens; 1 yes, 0 no, < 0 an error. fit.ids holds its tokens. */
-static int probe(fit *f, size_t hk, size_t tf, size_t *len, char *err, size_t errlen) {
+static int probe(fit *f, size_t hk, size_t tf, char *err, size_t errlen) {
     size_t n = 0;
     memcpy(f->buf, f->head, hk);
     n += hk;
     if (hk && tf < f->n_tail) f->buf[n++] = '\n';
     memcpy(f->buf + n, f->tail + tf, f->n_tail - tf);
     n += f->n_tail - tf;
-    *len = n;
     dg_tok_ids_free(&f->ids);
     int rc = encode_user(f->tok, f->r, f->buf, n, &f->ids, err, errlen);
     return rc < 0 ? rc : f->ids.n <= (size_t)f->r->max_tokens;
 }
 
+/* A cut of s strictly between a and b (either order) at a UTF-8 boundary, near their middle;
+ * SIZE_MAX when there is none. */
+static size_t midpoint(const char *s, size_t a, size_t b) {
+    const size_t x = a < b ? a : b, y = a < b ? b : a;
+    size_t mid = x + (y - x) / 2;
+    while (mid > x && dg_utf8_is_cont(s[mid])) mid--;
+    if (mid > x) return mid;
+    for (mid = x + 1; mid < y && dg_utf8_is_cont(s[mid]); mid++) {}
+    return mid < y ? mid : SIZE_MAX;
+}
+
+/* The cut that fits next to one that does not: `good` fits, `bad` does not, both boundaries
+ * of the text cut (the request's end when cut_head, else the answer's start). */
+static int bisect(fit *f, int cut_head, size_t good, size_t bad, size_t *at, char *err, size_t errlen) {
+    for (size_t mid; (mid = midpoint(cut_head ? f->head : f->tail, good, bad)) != SIZE_MAX;) {
+        int rc = probe(f, cut_head ? mid : 0, cut_head ? 0 : mid, err, errlen);
+        if (rc < 0) return rc;
+        if (rc) good = mid;
+        else bad = mid;
+    }
+    *at = good;
+    return 0;
+}
+
 int dg_prompt_fit(const dg_tok *tok, const dg_prompt_recipe *r, const char *head, size_t n_head, const char *tail,
                   size_t n_tail, int32_t *ids, dg_prompt_fitted *out, char *err, size_t errlen) {
     fit f = {tok, r, head, tail, n_head, n_tail, malloc(n_head + n_tail + 1), {0}};
-    size_t hk = n_head, tf = 0, len = 0;
+    size_t hk = n_head, tf = 0;
     int rc = DG_ENOMEM;
     if (!f.buf) {
         snprintf(err, errlen, "condition: out of memory for a prompt of %zu bytes", n_head + n_tail + 1);
         goto out;
     }
-    if ((rc = probe(&f, hk, tf, &len, err, errlen)) != 0) goto done;   /* fits whole, or an error */
-    /* lo fits, hi does not; both on character boundaries (a cut never splits a UTF-8 sequence) */
-    size_t lo, hi;
-    if ((rc = probe(&f, 0, 0, &len, err, errlen)) < 0) goto out;
-    if (rc == 1) {   /* the answer's text whole: the request's as much of its beginning as fits */
-        lo = 0, hi = n_head;
-        while (1) {
-            size_t mid = lo + (hi - lo) / 2;
-            while (mid > lo && dg_utf8_is_cont(head[mid])) mid--;
-            if (mid == lo) {   /* no boundary between: step to the next one above lo */
-                mid = lo + 1;
-                while (mid < hi && dg_utf8_is_cont(head[mid])) mid++;
-                if (mid == hi) break;
-            }
-            if ((rc = probe(&f, mid, 0, &len, err, errlen)) < 0) goto out;
-            if (rc) lo = mid; else hi = mid;
-        }
-        hk = lo, tf = 0;
-    } else {         /* no room for the request: the answer's text, as much of its end as fits */
-        lo = n_tail, hi = 0;   /* tail[lo, n) fits; tail[hi, n) does not */
-        if ((rc = probe(&f, 0, n_tail, &len, err, errlen)) < 0) goto out;
-        if (rc == 0) {   /* the recipe's system prompt alone is over max_tokens: cut on the right */
-            hk = n_head, tf = 0;
-            goto cut;
-        }
-        while (1) {
-            size_t mid = hi + (lo - hi) / 2;
-            while (mid > hi && dg_utf8_is_cont(tail[mid])) mid--;
-            if (mid == hi) {
-                mid = hi + 1;
-                while (mid < lo && dg_utf8_is_cont(tail[mid])) mid++;
-                if (mid == lo) break;
-            }
-            if ((rc = probe(&f, 0, mid, &len, err, errlen)) < 0) goto out;
-            if (rc) lo = mid; else hi = mid;
-        }
-        hk = 0, tf = lo;
+    if ((rc = probe(&f, hk, tf, err, errlen)) == 0) {   /* over: something is cut */
+        if ((rc = probe(&f, 0, 0, err, errlen)) == 1)   /* the answer's text whole, the request's beginning */
+            rc = bisect(&f, 1, 0, n_head, &hk, err, errlen);
+        else if (rc == 0 && (rc = probe(&f, 0, n_tail, err, errlen)) == 1)   /* the answer's end alone */
+            hk = 0, rc = bisect(&f, 0, n_tail, 0, &tf, err, errlen);
+        /* else the recipe's system prompt alone is over max_tokens: cut on the right, whole */
+        if (rc >= 0) rc = probe(&f, hk, tf, err, errlen);
     }
-cut:
-    if ((rc = probe(&f, hk, tf, &len, err, errlen)) < 0) goto out;
-done:
     if (rc < 0) goto out;
     const int n = pad_into(r, &f.ids, ids);
     *out = (dg_prompt_fitted){.head = hk, .tail_from = tf, .tokens = n, .truncated = f.ids.n > (size_t)n};
