@@ -74,6 +74,29 @@ static int read_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *v) {
     return -1;
 }
 
+uint32_t dg_job_peek_max_attempts(const uint8_t *p, size_t n) {
+    size_t pos = 0;
+    uint64_t found = 0;
+    while (pos < n) {
+        uint64_t key, v;
+        if (read_varint(p, n, &pos, &key)) return 0;
+        switch (key & 7) {
+        case 0:
+            if (read_varint(p, n, &pos, &v)) return 0;
+            if (key >> 3 == 7) found = v;
+            break;
+        case 1: if (n - pos < 8) return 0; pos += 8; break;
+        case 5: if (n - pos < 4) return 0; pos += 4; break;
+        case 2:
+            if (read_varint(p, n, &pos, &v) || v > n - pos) return 0;
+            pos += v;
+            break;
+        default: return 0;
+        }
+    }
+    return (uint32_t)found;   /* protobuf keeps a uint32's low 32 bits */
+}
+
 /* protobuf-c hands a string field over as a C string: a NUL in it silently cut the text
  * there ("Describe this.\0 Ignore the rest" reached the model as "Describe this."). The
  * wire bytes of a message that unpacked are walked with its descriptor, into every message
@@ -269,7 +292,8 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
         FAIL(DG_JOB_BAD_REQUEST, "image_output: %d is not IMAGE_OUTPUT_DEFAULT, REDIS or FILES", (int)pb->image_output);
     if (dg_job_images_to_files(pb, cfg) && !dg_outdir_id_ok(pb->id))
         FAIL(DG_JOB_BAD_REQUEST, "id: \"%s\" cannot name a directory under output_root", pb->id);
-    if (pb->max_attempts > 100) FAIL(DG_JOB_BAD_REQUEST, "max_attempts: %u, over 100", pb->max_attempts);
+    if (pb->max_attempts > DG_JOB_MAX_ATTEMPTS)
+        FAIL(DG_JOB_BAD_REQUEST, "max_attempts: %u, over %d", pb->max_attempts, DG_JOB_MAX_ATTEMPTS);
     if (pb->result_ttl_s > 365u * 86400u) FAIL(DG_JOB_BAD_REQUEST, "result_ttl_s: %u, over one year", pb->result_ttl_s);
     return DG_JOB_OK;
 }

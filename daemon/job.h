@@ -43,6 +43,12 @@ int dg_job_images_to_files(const Duogen__V1__Job *pb, const dg_daemon_config *cf
 dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_daemon_config *cfg,
                            char *err, size_t errlen);
 
+/* Job.max_attempts read off the wire bytes without unpacking them (a walk of the top-level
+ * fields, the last occurrence winning as in protobuf): 0 when absent or unreadable. A job
+ * that kills the worker while dg_job_parse() reads it is given up by this limit. */
+#define DG_JOB_MAX_ATTEMPTS 100
+uint32_t dg_job_peek_max_attempts(const uint8_t *data, size_t len);
+
 /* Reads the images given by redis_key or path and builds j->req. */
 dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_daemon_config *cfg, char *err, size_t errlen);
 

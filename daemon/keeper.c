@@ -11,7 +11,23 @@
 #include "log.h"
 #include "worker.h"
 
-/* Renews the lease of each held entry that still belongs to us. */
+/* Hands a lease the keeper found lost to the main thread, which stops its run. */
+static void report_lost(dg_worker *w, const dg_lease *l) {
+    pthread_mutex_lock(&w->lock);
+    if (w->n_lost == w->cap_lost) {
+        w->cap_lost = w->cap_lost ? w->cap_lost * 2 : 8;
+        w->lost = realloc(w->lost, (size_t)w->cap_lost * sizeof *w->lost);
+        if (!w->lost) abort();
+    }
+    w->lost[w->n_lost++] = *l;
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Renews the lease of each held entry that still belongs to us: XPENDING says whose it is
+ * and how long it has been idle; XCLAIM with that idle time as its min-idle-time takes it
+ * only if nobody claimed it in between. (With 0 there, an entry another worker's reaper
+ * took in that instant was taken back, and both ran the job.) An entry that belongs to
+ * another consumer, or to nobody (another attempt acknowledged it), is reported lost. */
 static void renew(dg_worker *w, dg_redis *rd) {
     pthread_mutex_lock(&w->lock);
     int n = w->n_leases;
@@ -32,14 +48,21 @@ static void renew(dg_worker *w, dg_redis *rd) {
             dg_cmd_free(cmds[i]);
             cmds[i] = NULL;
             const redisReply *p = rep[i];
-            int ours = p->type == REDIS_REPLY_ARRAY && p->elements == 1 && p->element[0]->elements == 4 &&
-                       !strcmp(p->element[0]->element[1]->str, w->cfg->worker_id);
-            if (ours)
-                cmds[m++] = dg_cmd_of("XCLAIM", l[i].stream, w->cfg->group, w->cfg->worker_id, "0",
-                                      l[i].entry, "JUSTID", NULL);
-            else if (p->type == REDIS_REPLY_ARRAY && p->elements == 1)
+            if (p->type != REDIS_REPLY_ARRAY) continue;   /* NOGROUP: the taker makes it again */
+            const redisReply *e = p->elements == 1 ? p->element[0] : NULL;
+            if (e && e->type == REDIS_REPLY_ARRAY && e->elements == 4 && e->element[1]->type == REDIS_REPLY_STRING &&
+                e->element[2]->type == REDIS_REPLY_INTEGER && !strcmp(e->element[1]->str, w->cfg->worker_id)) {
+                cmds[m] = dg_cmd_of("XCLAIM", l[i].stream, w->cfg->group, w->cfg->worker_id, NULL);
+                dg_cmd_addf(cmds[m], "%lld", e->element[2]->integer);
+                dg_cmd_adds(cmds[m], l[i].entry);
+                dg_cmd_adds(cmds[m++], "JUSTID");
+                continue;
+            }
+            if (e && e->type == REDIS_REPLY_ARRAY && e->elements == 4 && e->element[1]->type == REDIS_REPLY_STRING)
                 log_warn("entry %s of \"%s\" now belongs to \"%s\": its lease was lost (result stays "
-                         "exactly-once)", l[i].entry, l[i].stream, p->element[0]->element[1]->str);
+                         "exactly-once)", l[i].entry, l[i].stream, e->element[1]->str);
+            report_lost(w, &l[i]);   /* not pending: acknowledged, by another attempt or by our
+                                        own commit since the copy (no run to stop then) */
         }
         for (int i = 0; i < n; i++) if (rep[i]) freeReplyObject(rep[i]);
         if (m && dg_redis_pipeline(rd, cmds, m, rep) == 0)
@@ -116,6 +139,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     NUM("jobs_dead", st.jobs_dead);
     NUM("jobs_skipped", st.jobs_skipped);
     NUM("entries_lost", st.entries_lost);
+    NUM("leases_lost", st.leases_lost);
     NUM("tokens", st.tokens);
     NUM("images", st.images);
     NUM("started_ms", st.started_ms);
@@ -151,30 +175,32 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     dg_cmd_free(cmds[1]);
 }
 
-/* Pending entries and lag (entries not yet delivered) of the group on the job stream, for
+/* Pending entries and lag (entries not yet delivered) of the group on each job stream, for
  * the metrics. Lag is nil in XINFO when Redis cannot tell (after deletions): -1. */
 static void queue_figures(dg_worker *w, dg_redis *rd) {
-    redisReply *rep = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->keys.streams[1], NULL);
-    if (!rep) return;
-    int64_t lag = -1, pending = -1;
-    for (size_t g = 0; rep->type == REDIS_REPLY_ARRAY && g < rep->elements; g++) {
-        const redisReply *info = rep->element[g];
-        int ours = 0;
-        int64_t gl = -1, gp = -1;
-        for (size_t k = 0; k + 1 < info->elements; k += 2) {
-            const char *name = info->element[k]->str;
-            const redisReply *v = info->element[k + 1];
-            if (!strcmp(name, "name")) ours = !strcmp(v->str, w->cfg->group);
-            else if (!strcmp(name, "lag") && v->type == REDIS_REPLY_INTEGER) gl = v->integer;
-            else if (!strcmp(name, "pending") && v->type == REDIS_REPLY_INTEGER) gp = v->integer;
+    for (int s = 0; s < 2; s++) {
+        redisReply *rep = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->keys.streams[s], NULL);
+        if (!rep) return;
+        int64_t lag = -1, pending = -1;
+        for (size_t g = 0; rep->type == REDIS_REPLY_ARRAY && g < rep->elements; g++) {
+            const redisReply *info = rep->element[g];
+            int ours = 0;
+            int64_t gl = -1, gp = -1;
+            for (size_t k = 0; k + 1 < info->elements; k += 2) {
+                const char *name = info->element[k]->str;
+                const redisReply *v = info->element[k + 1];
+                if (!strcmp(name, "name")) ours = !strcmp(v->str, w->cfg->group);
+                else if (!strcmp(name, "lag") && v->type == REDIS_REPLY_INTEGER) gl = v->integer;
+                else if (!strcmp(name, "pending") && v->type == REDIS_REPLY_INTEGER) gp = v->integer;
+            }
+            if (ours) { lag = gl; pending = gp; }
         }
-        if (ours) { lag = gl; pending = gp; }
+        freeReplyObject(rep);
+        pthread_mutex_lock(&w->lock);
+        w->stats.queue_lag[s] = lag;
+        w->stats.queue_pending[s] = pending;
+        pthread_mutex_unlock(&w->lock);
     }
-    freeReplyObject(rep);
-    pthread_mutex_lock(&w->lock);
-    w->stats.queue_lag = lag;
-    w->stats.queue_pending = pending;
-    pthread_mutex_unlock(&w->lock);
 }
 
 static void *keeper_main(void *arg) {

@@ -107,12 +107,19 @@ static void render(dg_worker *w, text *t) {
         put(t, "duogen_cache_bytes{worker=\"%s\",cache=\"%s\"} %zu\n", wid, caches[i].cache, caches[i].bytes);
     }
 
-    metric(t, "duogen_queue_lag_entries", "gauge", "Entries of the job stream not yet delivered to the group (-1: unknown).");
-    put(t, "duogen_queue_lag_entries{worker=\"%s\"} %lld\n", wid, (long long)s.queue_lag);
-    metric(t, "duogen_queue_pending_entries", "gauge", "Entries delivered to the group and not yet acknowledged (-1: unknown).");
-    put(t, "duogen_queue_pending_entries{worker=\"%s\"} %lld\n", wid, (long long)s.queue_pending);
+    metric(t, "duogen_queue_lag_entries", "gauge", "Entries of a job stream not yet delivered to the group (-1: unknown).");
+    for (int i = 0; i < 2; i++)
+        put(t, "duogen_queue_lag_entries{worker=\"%s\",stream=\"%s\"} %lld\n", wid, w->keys.streams[i],
+            (long long)s.queue_lag[i]);
+    metric(t, "duogen_queue_pending_entries", "gauge", "Entries of a job stream delivered to the group and not yet acknowledged (-1: unknown).");
+    for (int i = 0; i < 2; i++)
+        put(t, "duogen_queue_pending_entries{worker=\"%s\",stream=\"%s\"} %lld\n", wid, w->keys.streams[i],
+            (long long)s.queue_pending[i]);
     metric(t, "duogen_entries_lost_total", "counter", "Pending entries found deleted (trimmed) before they ran.");
     put(t, "duogen_entries_lost_total{worker=\"%s\"} %lld\n", wid, (long long)s.entries_lost);
+    metric(t, "duogen_leases_lost_total", "counter",
+           "Runs stopped because another attempt took their entry (a pause past claim_idle_ms).");
+    put(t, "duogen_leases_lost_total{worker=\"%s\"} %lld\n", wid, (long long)s.leases_lost);
     metric(t, "duogen_worker_busy", "gauge", "1 while the worker holds jobs.");
     put(t, "duogen_worker_busy{worker=\"%s\"} %d\n", wid, strcmp(s.state, "idle") != 0);
     metric(t, "duogen_redis_up", "gauge", "1 while the main Redis connection is up.");

@@ -46,7 +46,9 @@ int dg_outdir_write(const char *root, const char *id, int n, const uint8_t *png,
     char host[64] = "";
     if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "host");
     snprintf(tmp, sizeof tmp, "%s/.%d.png.%s.%ld.tmp", dir, n, host, (long)getpid());
-    if (mkdir(dir, 0755) && errno != EEXIST) {
+    if (mkdir(dir, 0755) == 0) {
+        sync_dir(root);   /* <id>/'s own entry, or a crash could lose the directory and its files */
+    } else if (errno != EEXIST) {
         snprintf(err, errlen, "output_root: cannot make \"%s\": %s", dir, strerror(errno));
         return -1;
     }

@@ -24,8 +24,10 @@ static void set_phase(dg_run *r, dg_phase p) {
 }
 
 dg_run *dg_run_new(const dg_daemon_config *cfg, const char *stream, const char *entry) {
+    static uint64_t serial;
     dg_run *r = calloc(1, sizeof *r);
     if (!r) abort();
+    r->serial = ++serial;
     r->cfg = cfg;
     snprintf(r->stream, sizeof r->stream, "%s", stream);
     snprintf(r->entry, sizeof r->entry, "%s", entry);
@@ -56,6 +58,10 @@ void dg_run_free(dg_run *r) {
 }
 
 static void out_push(dg_run *r, dg_cmd *c) {
+    if (r->lease_lost) {   /* fenced: another attempt owns the job's keys now */
+        dg_cmd_free(c);
+        return;
+    }
     if (r->n_out == r->cap_out) {
         r->cap_out = r->cap_out ? r->cap_out * 2 : 16;
         r->out = realloc(r->out, (size_t)r->cap_out * sizeof *r->out);
@@ -206,7 +212,7 @@ static void store_image(dg_run *r, dg_out_image *im, const uint8_t *png, size_t 
 
 static void on_image_done(void *user, int index, int width, int height, const uint8_t *png, size_t len) {
     dg_run *r = user;
-    if (r->out_failed[0]) return;   /* cancelled: nothing more is kept */
+    if (r->out_failed[0] || r->lease_lost) return;   /* cancelled: nothing more is kept */
     if (r->n_imgs == r->cap_imgs) {
         r->cap_imgs = r->cap_imgs ? r->cap_imgs * 2 : 4;
         r->imgs = realloc(r->imgs, (size_t)r->cap_imgs * sizeof *r->imgs);
@@ -392,6 +398,21 @@ int dg_runs_stepping(const dg_runs *l) {
     for (const dg_run *r = l->first; r; r = r->next)
         if (r->submitted && !r->ended) return 1;
     return 0;
+}
+
+int dg_runs_fence(dg_runs *l, dg_sched *sched, const char *stream, const char *entry, uint64_t serial) {
+    dg_run *r = dg_runs_find(l, stream, entry);
+    if (!r || r->serial != serial || r->ended || r->lease_lost) return 0;
+    log_warn("job \"%s\" (entry %s): its lease was lost to another attempt; this one is stopped "
+             "and writes nothing more", r->id, r->entry);
+    r->lease_lost = 1;
+    dg_run_out_written(r, r->n_out);
+    r->dirty = 0;
+    if (r->submitted && !r->cancel_asked) {
+        r->cancel_asked = 1;
+        dg_sched_cancel(sched, r->seq);
+    }
+    return 1;
 }
 
 void dg_runs_cancel_due(dg_runs *l, dg_sched *sched, int64_t now_ms) {

@@ -49,6 +49,8 @@ const char *dg_phase_name(dg_phase p);
  * and waiting for its result to be written. */
 typedef struct dg_run {
     struct dg_run *next;
+    uint64_t serial;                 /* this process's number for the run: tells a lease
+                                        reported lost from a later run of the same entry */
     const dg_daemon_config *cfg;     /* borrowed */
     char     stream[DG_KEY_MAX];     /* the job stream it came from */
     char     entry[64];              /* its stream entry id */
@@ -91,6 +93,10 @@ typedef struct dg_run {
     uint64_t watched;                /* the watch epoch in which its result key was WATCHed
                                         and found absent (dg_commit_watch_epoch); 0: not */
     int      cancel_asked;           /* dg_sched_cancel() sent */
+    int      lease_lost;             /* the entry went to another consumer, or was acknowledged
+                                        by another attempt, before this run ended: it is
+                                        cancelled and writes nothing more, no result either
+                                        (dg_runs_fence) */
     int      expired;                /* the deadline passed while running */
     dg_usage usage;
     dg_timings timings;
@@ -130,6 +136,14 @@ void    dg_runs_add(dg_runs *l, dg_run *r);               /* the list owns r fro
 void    dg_runs_drop(dg_runs *l, dg_run *r);              /* unlinks r and frees it */
 void    dg_runs_free(dg_runs *l);                         /* every run; the list is empty after */
 int     dg_runs_stepping(const dg_runs *l);               /* 1 if the engine runs one of them */
+/* The runs named by (entry, serial) whose lease the keeper found lost: each that has not
+ * ended is cancelled in the engine, its queued writes are dropped, and from now on it
+ * writes nothing (no event, image, progress or result): the attempt that holds the entry
+ * now owns the job's keys. A run that has ended keeps its result: committed under the
+ * result key's WATCH, it is still the job's one result if it comes first. Returns how many
+ * runs were fenced. */
+int dg_runs_fence(dg_runs *l, dg_sched *sched, const char *stream, const char *entry, uint64_t serial);
+
 /* Running jobs that must stop are cancelled in the engine and end at their next step: past
  * its deadline (unix ms) as `expired`; with an image that could not be written (out_failed)
  * as a passing failure, left pending for another attempt. */

@@ -53,6 +53,40 @@ void dg_take_init(dg_taker *t, dg_redis *redis, const dg_daemon_config *cfg, con
                     .held = held, .own_pending = 1, .next_reaper_ms = dg_mono_ms()};
 }
 
+void dg_take_free(dg_taker *t) {
+    free(t->released);
+    t->released = NULL;
+    t->n_released = t->cap_released = 0;
+}
+
+/* ---- entries given back --------------------------------------------------------------------------- */
+
+static int released_find(const dg_taker *t, const char *stream, const char *entry) {
+    for (int i = 0; i < t->n_released; i++)
+        if (!strcmp(t->released[i].entry, entry) && !strcmp(t->released[i].stream, stream)) return i;
+    return -1;
+}
+
+static void released_forget(dg_taker *t, int i) {
+    if (i >= 0) t->released[i] = t->released[--t->n_released];
+}
+
+/* An entry left pending for a later attempt: not taken back before claim_idle_ms. */
+static void released_add(dg_taker *t, const char *stream, const char *entry) {
+    int i = released_find(t, stream, entry);
+    if (i < 0) {
+        if (t->n_released == t->cap_released) {
+            t->cap_released = t->cap_released ? t->cap_released * 2 : 8;
+            t->released = realloc(t->released, (size_t)t->cap_released * sizeof *t->released);
+            if (!t->released) abort();
+        }
+        i = t->n_released++;
+        snprintf(t->released[i].stream, sizeof t->released[i].stream, "%s", stream);
+        snprintf(t->released[i].entry, sizeof t->released[i].entry, "%s", entry);
+    }
+    t->released[i].until_ms = dg_mono_ms() + t->cfg->claim_idle_ms;
+}
+
 dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int room) {
     /* a connection that broke may have taken entries whose reply never came (an XREADGROUP
      * or XCLAIM executed, its answer lost): they are in our pending list, held by no run,
@@ -91,6 +125,9 @@ static void last_error(const redisReply *hash, char *out, size_t outlen, int del
                  "a result (the worker died or lost the job)", deliveries - 1,
                  attempt && attempt->type == REDIS_REPLY_STRING ? attempt->str : "?",
                  worker && worker->type == REDIS_REPLY_STRING ? worker->str : "?");
+    else if (!attempt)
+        snprintf(out, outlen, "gave up after %d deliveries, none of which started the job: the "
+                 "worker died while reading it", deliveries - 1);
     else
         snprintf(out, outlen, "gave up after %d deliveries without a recorded error", deliveries - 1);
 }
@@ -107,7 +144,11 @@ static void note_retry(dg_taker *t, const dg_run *r, const char *why) {
 }
 
 /* Fills a new run from its entry's fields: the job as received and parsed, the id that
- * names its keys, and the job's own limits. Returns the parse status; err says why not. */
+ * names its keys, and the job's own limits. Returns the parse status; err says why not.
+ * A delivery past the job's max_attempts is not unpacked (r->parsed stays 0, the status is
+ * DG_JOB_OK and r->max_attempts the limit): should reading the job be what kills the worker,
+ * every delivery would die there before it could be given up, and the job would take down
+ * worker after worker for ever. Its limit is read off the wire (dg_job_peek_max_attempts). */
 static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *fields, char *err, size_t errlen) {
     const redisReply *fid = field(fields, "id"), *fjob = field(fields, "job");
     if (fjob && fjob->type == REDIS_REPLY_STRING) {
@@ -116,8 +157,12 @@ static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *field
         if (!r->job_bytes) abort();
         memcpy(r->job_bytes, fjob->str, fjob->len);
     }
+    uint32_t limit = r->job_bytes ? dg_job_peek_max_attempts(r->job_bytes, r->job_len) : 0;
+    if (limit > DG_JOB_MAX_ATTEMPTS) limit = 0;   /* refused when unpacked: the worker's default */
+    int unread = r->deliveries > (limit ? (int)limit : t->cfg->max_attempts);
     dg_job_status st = DG_JOB_BAD_REQUEST;
     if (!fjob) snprintf(err, errlen, "stream entry has no `job` field");
+    else if (unread) st = DG_JOB_OK, r->max_attempts = limit ? (int)limit : t->cfg->max_attempts;
     else st = dg_job_parse(&r->job, r->job_bytes, r->job_len, t->cfg, err, errlen);
     r->parsed = r->job.pb != NULL;
 
@@ -205,7 +250,7 @@ typedef enum { RUN, REFUSED, EXHAUSTED, CANCELLED, EXPIRED } verdict;
 
 static verdict judge(const dg_run *r, dg_job_status parsed, const seen *s, int64_t now_ms) {
     if (parsed != DG_JOB_OK) return REFUSED;
-    if (r->deliveries > r->max_attempts) return EXHAUSTED;
+    if (r->deliveries > r->max_attempts) return EXHAUSTED;   /* unparsed: parse() */
     if (s->cancelled) return CANCELLED;
     if (r->job.pb->deadline_unix_ms && r->job.pb->deadline_unix_ms <= now_ms) return EXPIRED;
     return RUN;
@@ -220,6 +265,7 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
     seen s;
 
     if (dg_runs_find(t->held, stream, entry_id)) return 0;   /* already ours and running */
+    released_forget(t, released_find(t, stream, entry_id));   /* delivered again: this is the attempt */
     if (!fields || fields->type != REDIS_REPLY_ARRAY) {
         /* trimmed while pending: nothing left to run; acknowledge so it leaves the PEL */
         log_warn("entry %s of \"%s\" was deleted while pending: job lost before it ran", entry_id, stream);
@@ -291,6 +337,7 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
         return 0;
     case DG_ERROR_RETRYABLE:
         note_retry(t, r, err);
+        released_add(t, stream, entry_id);
         break;
     case DG_ERROR_FATAL:
         log_error("job \"%s\": engine failure: %s", r->id, err);
@@ -386,35 +433,64 @@ static int claim_own(dg_taker *t, const char *stream, dg_cmd *claim, int first, 
 }
 
 /* Our own pending entries of a stream (left by an earlier life of this consumer, read before
- * a connection broke, or parked by the idle wait), up to count, claimed again so that their
- * delivery count grows; a parked entry's does not (RETRYCOUNT 1: the delivery that parked
- * it never ran). Sets *more when more of them may wait. */
+ * a connection broke, or parked by the idle wait), up to count, claimed again. Their
+ * delivery counts when it may have run: an earlier life's entry, or one given back by a
+ * run of this life (after its back-off; dg_taker.released). Any other, and the parked
+ * entry, never ran in this life (its read's or claim's reply was lost, or Redis went away
+ * before it started): it is claimed with RETRYCOUNT its count as it is, so that a lost
+ * reply does not use up max_attempts. Sets *more when more of them may wait. */
 static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
     int parking_stream = t->parked[0] && !strcmp(stream, t->keys->streams[1]);
+    int si = strcmp(stream, t->keys->streams[0]) != 0, earlier_life = !t->own_seen[si];
+    int64_t now = dg_mono_ms();
     char want_s[16];
-    int want = count + t->held->n + 1;   /* one more than we can take: tells whether more wait */
+    /* one more than we can take, or skip: tells whether more wait */
+    int want = count + t->held->n + t->n_released + 1;
     snprintf(want_s, sizeof want_s, "%d", want);
     redisReply *pend = dg_redis_cmdv(t->redis, "XPENDING", stream, t->cfg->group, "-", "+", want_s,
                                      t->cfg->worker_id, NULL);
     if (!pend) return -1;
     int whole = pend->type == REDIS_REPLY_ARRAY && (int)pend->elements < want;   /* the whole list */
     dg_cmd *claim = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", NULL);
-    int n = 0, n_claim = 0, parked_listed = 0;
+    dg_cmd *uncounted[16];
+    int n = 0, n_claim = 0, n_uncounted = 0, parked_listed = 0;
     for (size_t i = 0; pend->type == REDIS_REPLY_ARRAY && i < pend->elements && n < count; i++) {
-        const char *id = pend->element[i]->element[0]->str;
+        const redisReply *row = pend->element[i];
+        const char *id = row->element[0]->str;
         if (dg_runs_find(t->held, stream, id)) continue;
+        int k = released_find(t, stream, id);
+        if (k >= 0 && t->released[k].until_ms > now) continue;   /* backing off */
         if (parking_stream && !strcmp(id, t->parked)) {
             parked_listed = 1;
-        } else {
+        } else if (k >= 0 || earlier_life || row->elements < 4 || row->element[3]->type != REDIS_REPLY_INTEGER) {
             dg_cmd_adds(claim, id);
             n_claim++;
+        } else if (n_uncounted < (int)(sizeof uncounted / sizeof uncounted[0])) {
+            dg_cmd *c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", id, "RETRYCOUNT", NULL);
+            dg_cmd_addf(c, "%lld", row->element[3]->integer);
+            uncounted[n_uncounted++] = c;
+        } else {
+            *more = 1;   /* the rest at the next look */
+            continue;
         }
         n++;
     }
     if (pend->type == REDIS_REPLY_ARRAY && !whole) *more = 1;
+    /* a given-back entry gone from our whole list was taken over elsewhere */
+    for (int k = t->n_released - 1; whole && k >= 0; k--) {
+        if (strcmp(t->released[k].stream, stream)) continue;
+        size_t i = 0;
+        while (i < pend->elements && strcmp(pend->element[i]->element[0]->str, t->released[k].entry)) i++;
+        if (i == pend->elements) released_forget(t, k);
+    }
     freeReplyObject(pend);
     int rc = n_claim ? claim_own(t, stream, claim, 0, taken, out) : 0;
     dg_cmd_free(claim);
+    for (int i = 0; i < n_uncounted; i++) {
+        if (!rc) rc = claim_own(t, stream, uncounted[i], 0, taken, out);
+        dg_cmd_free(uncounted[i]);
+    }
+    if (!rc) t->own_seen[si] = 1;
     if (rc || !parking_stream) return rc;
     if (parked_listed) {
         claim = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", t->parked, "RETRYCOUNT", "1", NULL);
@@ -557,8 +633,9 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
 void dg_take_release(dg_taker *t) {
     for (dg_run *r = t->held->first, *next; r; r = next) {
         next = r->next;
-        if (!r->ended || !r->retry) continue;
+        if (!r->ended || !r->retry || r->lease_lost) continue;
         note_retry(t, r, r->error);
+        released_add(t, r->stream, r->entry);
         dg_runs_drop(t->held, r);
     }
 }

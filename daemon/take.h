@@ -109,6 +109,18 @@ typedef struct {
                                         whose reply was lost left its entries pending) */
     uint64_t connects_seen;          /* redis->connects when own_pending last looked */
     int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran */
+    /* entries given back for a later attempt (dg_take_release, a retryable refusal at
+     * submit): they stay in our pending list, and our own-pending step leaves them alone
+     * until claim_idle_ms has passed (a reaper's XAUTOCLAIM, ours or another worker's, then
+     * delivers them again: the back-off). Kept until a run takes the entry, or our whole
+     * pending list no longer holds it: an own entry not in this list, seen after this
+     * life's first look at our own list, was never run (its read's reply was lost) and is
+     * claimed without counting a delivery. */
+    struct dg_released { char stream[DG_KEY_MAX]; char entry[64]; int64_t until_ms; } *released;
+    int n_released, cap_released;
+    int own_seen[2];                 /* our own list of the high [0] / normal [1] stream was
+                                        looked at in this process's life: entries left by an
+                                        earlier life (which ran, and maybe crashed) count */
     char parked[64];                 /* the entry of the normal stream the idle wait parked
                                         (pending, not run; its one delivery did not count),
                                         "" when none: the idle wait's COUNT 1 parks at most
@@ -127,6 +139,7 @@ typedef struct {
 
 void dg_take_init(dg_taker *t, dg_redis *redis, const dg_daemon_config *cfg, const dg_keys *keys,
                   dg_sched *sched, dg_committer *commit, dg_runs *held);
+void dg_take_free(dg_taker *t);
 
 /* The facts now: the taker's own, the settings', the clock's, and the caller's. */
 dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int room);

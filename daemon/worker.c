@@ -45,7 +45,7 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
     w->stats.started_ms = dg_now_ms();
     snprintf(w->stats.state, sizeof w->stats.state, "idle");
     w->metrics_fd = -1;
-    w->stats.queue_lag = w->stats.queue_pending = -1;
+    for (int i = 0; i < 2; i++) w->stats.queue_lag[i] = w->stats.queue_pending[i] = -1;
     /* the read timeout must outlast the longest BLOCK, or every idle poll is an I/O error */
     if (dg_redis_init(&w->redis, cfg, cfg->worker_id, cfg->block_ms + 5000, err, errlen)) return -1;
     dg_sched_opts so = {.max_inflight = cfg->max_inflight, .kv_cache_bytes = cfg->kv_cache_bytes,
@@ -67,9 +67,11 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
 
 void dg_worker_free(dg_worker *w) {
     dg_runs_free(&w->runs);
+    dg_take_free(&w->taker);
     dg_sched_free(w->sched);
     dg_redis_close(&w->redis);
     free(w->leases);
+    free(w->lost);
     pthread_mutex_destroy(&w->lock);
 }
 
@@ -92,6 +94,7 @@ static void publish(dg_worker *w) {
         dg_lease *l = &w->leases[w->n_leases++];
         snprintf(l->stream, sizeof l->stream, "%s", r->stream);
         snprintf(l->entry, sizeof l->entry, "%s", r->entry);
+        l->serial = r->serial;
         int n = snprintf(w->stats.jobs + used, sizeof w->stats.jobs - used, "%s%s", used ? " " : "", r->id);
         if (n > 0 && used + (size_t)n < sizeof w->stats.jobs) used += (size_t)n;
     }
@@ -127,6 +130,30 @@ static void count_end(dg_worker *w, const dg_run *r) {
         w->stats.total_s += (double)(dg_mono_ms() - r->started_mono_ms) / 1e3;
     }
     pthread_mutex_unlock(&w->lock);
+}
+
+/* Runs whose lease the keeper found lost stop (dg_runs_fence); those fenced that have
+ * ended are dropped without a word: the attempt holding the entry now writes the job's
+ * events, progress and result. */
+static void fence_lost(dg_worker *w) {
+    pthread_mutex_lock(&w->lock);
+    int n = w->n_lost;
+    dg_lease *lost = w->lost;
+    w->lost = NULL;
+    w->n_lost = w->cap_lost = 0;
+    pthread_mutex_unlock(&w->lock);
+    int fenced = 0;
+    for (int i = 0; i < n; i++) fenced += dg_runs_fence(&w->runs, w->sched, lost[i].stream, lost[i].entry, lost[i].serial);
+    free(lost);
+    if (fenced) {
+        pthread_mutex_lock(&w->lock);
+        w->stats.leases_lost += fenced;
+        pthread_mutex_unlock(&w->lock);
+    }
+    for (dg_run *r = w->runs.first, *next; r; r = next) {
+        next = r->next;
+        if (r->lease_lost && r->ended) dg_runs_drop(&w->runs, r);
+    }
 }
 
 /* What taking reports goes into the shared counters and the exit code. */
@@ -169,7 +196,7 @@ static void flush_progress(dg_worker *w) {
     }
     int first_cancel = n;
     for (dg_run *r = w->runs.first; r; r = r->next) {
-        if (r->ended) continue;
+        if (r->ended || r->lease_lost) continue;
         char key[DG_KEY_MAX];
         dg_key_cancel(key, w->cfg->prefix, r->id);
         PUSH(dg_cmd_of("EXISTS", key, NULL));
@@ -185,7 +212,7 @@ static void flush_progress(dg_worker *w) {
     if (rc == 0) {
         int k = first_cancel;
         for (dg_run *r = w->runs.first; r; r = r->next) {
-            if (r->ended) continue;
+            if (r->ended || r->lease_lost) continue;
             dg_run_out_written(r, r->n_out);
             if (dg_reply_int(rep[k++], 0) == 1 && r->submitted && !r->cancel_asked) {
                 log_info("job \"%s\": cancelled by its producer", r->id);
@@ -215,7 +242,7 @@ static void write_results(dg_worker *w, int draining) {
     int outcome[64], n = 0;
     dg_take_release(&w->taker);
     for (dg_run *r = w->runs.first; r && n < 64; r = r->next)
-        if (r->ended) batch[n++] = r;
+        if (r->ended && !r->lease_lost) batch[n++] = r;   /* fenced: dropped by fence_lost() */
     if (!n) return;
     dg_take_facts f = dg_take_facts_now(&w->taker, 1, draining, w->cfg->max_inflight - (w->runs.n - n));
     dg_take_plan next = dg_take_decide(&f);
@@ -335,6 +362,7 @@ int dg_worker_run(dg_worker *w) {
         if (w->fatal) break;
         publish(w);
 
+        fence_lost(w);
         dg_runs_cancel_due(&w->runs, w->sched, dg_now_ms());
         int stepping = dg_runs_stepping(&w->runs);
         if (stepping && dg_sched_step(w->sched, err, sizeof err) < 0) {

@@ -23,6 +23,7 @@
 typedef struct {
     int64_t jobs_done, jobs_failed, jobs_cancelled, jobs_expired, jobs_dead, jobs_skipped;
     int64_t tokens, images, steps, entries_lost;
+    int64_t leases_lost;             /* runs stopped because another attempt took their entry */
     int64_t started_ms;
     /* seconds spent per phase over all finished jobs, and how many jobs they cover */
     double  queue_s, prefill_s, decode_s, vision_s, diffusion_s, vae_s, total_s;
@@ -31,7 +32,8 @@ typedef struct {
     int64_t draft_tokens, draft_kept;    /* drafted tokens fed and kept (dg_sched_draft_stats) */
     int64_t screened, unscreened;        /* greedy tokens from the logit screen's bounds, and
                                             not (dg_sched_screen_stats) */
-    int64_t queue_lag, queue_pending;    /* of the job stream, read by the keeper; -1 unknown */
+    int64_t queue_lag[2], queue_pending[2];  /* of the high [0] and normal [1] job stream, read
+                                                by the keeper; -1 unknown */
     int     redis_up;
     char    state[32];               /* loading, idle, running, draining, stopped */
     char    jobs[512];               /* ids of running jobs, space-separated */
@@ -41,10 +43,11 @@ typedef struct {
     int64_t phase_since_ms[DG_PHASE_COUNT];
 } dg_worker_stats;
 
-/* A held entry whose lease the keeper renews. */
+/* A held entry whose lease the keeper renews, and the run holding it. */
 typedef struct {
     char stream[DG_KEY_MAX];
     char entry[64];
+    uint64_t serial;                 /* dg_run.serial */
 } dg_lease;
 
 typedef struct dg_worker {
@@ -60,9 +63,11 @@ typedef struct dg_worker {
     dg_committer committer;          /* writes their results */
     int     fatal;                   /* exit code to leave with, 0 while healthy */
 
-    pthread_mutex_t lock;            /* guards stats and leases */
+    pthread_mutex_t lock;            /* guards stats, leases and lost */
     dg_worker_stats stats;
     dg_lease *leases;  int n_leases, cap_leases;
+    dg_lease *lost;    int n_lost, cap_lost;     /* leases the keeper found lost, for the main
+                                                    thread to fence (dg_runs_fence) */
     pthread_t keeper;
     int       keeper_running;
     _Atomic int keeper_stop;     /* set by the main thread, read by the keeper and metrics threads */

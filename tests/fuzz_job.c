@@ -19,6 +19,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     dg_job job;
     dg_job_status st = dg_job_parse(&job, data, size, &cfg, err, sizeof err);
     if (st != DG_JOB_OK && !err[0]) abort();   /* a refusal without a reason is a bug */
+    /* the wire walk that guards against jobs killing the parser reads what protobuf-c read */
+    if (job.pb && dg_job_peek_max_attempts(data, size) != job.pb->max_attempts) abort();
     dg_job_free(&job);
     return 0;
 }

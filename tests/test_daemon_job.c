@@ -4,9 +4,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "../daemon/daemon_config.h"
+#include "../daemon/outdir.h"
 #include "../daemon/job.h"
 #include "../daemon/redis.h"
 #include "common/harness.h"
@@ -299,6 +301,65 @@ TEST(job_ids) {
     memset(long_id, 'x', sizeof long_id);
     CHECK(dg_job_id_valid(long_id, 128));
     CHECK(!dg_job_id_valid(long_id, 129));
+}
+
+TEST(job_max_attempts_read_off_the_wire) {
+    /* id "j", a message with max_attempts-like bytes inside it (field 7 of Message: not the
+     * job's), seed 5, max_attempts 9, then max_attempts 4 again: the last one wins */
+    const uint8_t job[] = {0x0a, 0x01, 'j', 0x12, 0x02, 0x38, 0x63, 0x28, 0x05, 0x38, 0x09, 0x38, 0x04};
+    CHECK_EQ_INT(dg_job_peek_max_attempts(job, sizeof job), 4);
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    dg_job j;
+    (void)dg_job_parse(&j, job, sizeof job, &c, err, sizeof err);   /* refused (no message), but unpacked */
+    CHECK(j.pb != NULL);                                             /* protobuf-c read the same value */
+    if (j.pb) CHECK_EQ_INT(j.pb->max_attempts, 4);
+    dg_job_free(&j);
+    CHECK_EQ_INT(dg_job_peek_max_attempts(job, 9), 0);            /* absent */
+    CHECK_EQ_INT(dg_job_peek_max_attempts(job, 4), 0);            /* cut inside the message */
+    const uint8_t bad_wire[] = {0x38, 0x02, 0x0f};                 /* wire type 7 */
+    CHECK_EQ_INT(dg_job_peek_max_attempts(bad_wire, sizeof bad_wire), 0);
+    const uint8_t big[] = {0x38, 0x81, 0x80, 0x80, 0x80, 0x10};    /* 2^32 + 1: low 32 bits */
+    CHECK_EQ_INT(dg_job_peek_max_attempts(big, sizeof big), 1);
+}
+
+/* Every fsync of the program, by the path of its file: dg_outdir_write's durability is
+ * checked by what it syncs (this definition takes the place of libc's for the daemon's
+ * objects linked here). */
+static char synced[8][4096];
+static int n_synced;
+int fsync(int fd) {
+    char link[64];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    if (n_synced < 8) {
+        ssize_t n = readlink(link, synced[n_synced], sizeof synced[0] - 1);
+        synced[n_synced++][n > 0 ? n : 0] = 0;
+    }
+    return (int)syscall(SYS_fsync, fd);
+}
+
+static int was_synced(const char *path) {
+    for (int i = 0; i < n_synced; i++) if (!strcmp(synced[i], path)) return 1;
+    return 0;
+}
+
+TEST(outdir_syncs_file_its_directory_and_the_new_directory_entry) {
+    char root[] = "/tmp/dg-outdir-XXXXXX", path[4200], real[4096], want[4200];
+    CHECK(mkdtemp(root) != NULL);
+    CHECK(realpath(root, real) != NULL);
+    const uint8_t png[] = {0x89, 'P', 'N', 'G'};
+    n_synced = 0;
+    CHECK_EQ_INT(dg_outdir_write(root, "job1", 1, png, sizeof png, path, sizeof path, err, sizeof err), 0);
+    snprintf(want, sizeof want, "%s/job1", real);
+    CHECK(was_synced(want));                /* the rename of the file in <id>/ */
+    CHECK(was_synced(real));                /* <id>/ itself, made now, in output_root */
+    n_synced = 0;                           /* a second image: the directory exists already */
+    CHECK_EQ_INT(dg_outdir_write(root, "job1", 2, png, sizeof png, path, sizeof path, err, sizeof err), 0);
+    CHECK(!was_synced(real));
+    dg_outdir_prune(root, "job1", 0);
+    snprintf(want, sizeof want, "%s/job1", root);
+    CHECK_EQ_INT(rmdir(want), 0);
+    CHECK_EQ_INT(rmdir(root), 0);
 }
 
 int main(void) { return test_main(); }

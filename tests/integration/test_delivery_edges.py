@@ -129,8 +129,9 @@ def test_lost_xreadgroup_reply_is_taken_back_at_once(cluster):
     """XREADGROUP executed, its reply lost with the connection: the entry is in this
     consumer's pending list, held by no run. A new connection makes the worker look at its
     own pending entries at once; it used to wait for its reaper's XAUTOCLAIM after
-    claim_idle_ms (here a minute: longer than the test waits). The claim counts a delivery:
-    the job runs on its second (max_attempts 2)."""
+    claim_idle_ms (here a minute: longer than the test waits). That delivery never ran, so
+    the claim does not count another: a job with max_attempts 1 runs, as its first attempt
+    (it used to be counted twice and given up as exhausted)."""
     proxy = DropReplyProxy(cluster.server.port, b"lostreply")
     url = f"redis://127.0.0.1:{proxy.port}/0"
     from conftest import Worker
@@ -140,10 +141,11 @@ def test_lost_xreadgroup_reply_is_taken_back_at_once(cluster):
     cluster.wait_groups()
     wait_until(lambda: "ready" in w.logs(), what="the worker ready")
     time.sleep(0.5)   # in its idle read: the job's entry comes as that read's reply
-    cluster.enqueue("lostreply", "hello", max_attempts=2)
+    cluster.enqueue("lostreply", "hello", max_attempts=1)
     res = cluster.wait_result("lostreply", timeout=30)
     assert proxy.fired.is_set()
     assert res["status"] == b"done", res
+    assert pb.Result.FromString(res["pb"]).attempt == 1
     assert "re-taking 1 of our own pending entries" in w.logs()
 
 
@@ -184,3 +186,138 @@ def test_a_job_key_of_the_wrong_type_does_not_stop_the_worker(cluster):
     time.sleep(1)
     print("rc:", w.proc.poll(), "pending:", cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"], res.get("status"))
     assert w.proc.poll() is None, f"worker exited {w.proc.poll()} over one job's key"
+
+
+def pending_entry(cluster, stream="jobs"):
+    """The one pending entry of the group on a stream: {message_id, consumer, ...} or None."""
+    rows = cluster.r.xpending_range(cluster.key(stream), "duogen", "-", "+", 10)
+    assert len(rows) <= 1, rows
+    return rows[0] if rows else None
+
+
+def test_an_attempt_that_lost_its_lease_stops_writing(cluster):
+    """Another worker's reaper took the entry of a running job (this worker was paused past
+    claim_idle_ms): the stale attempt must stop writing the job's events, progress and
+    result, which now belong to the attempt holding the entry. It used to go on streaming
+    into the same event stream (two attempts' text interleaved) and commit its result."""
+    w = cluster.worker("w1")   # claim_idle 1500 ms: renewals every 500 ms
+    cluster.wait_groups()
+    cluster.enqueue("lease", " ".join(["w"] * 80), meta={"fake.step_ms": 100}, max_attempts=5)
+    wait_until(lambda: len(cluster.events("lease")) >= 5, what="text events")
+    entry = pending_entry(cluster)["message_id"]
+    # the thief: a live worker that took the entry over and keeps renewing it
+    stop = threading.Event()
+
+    def thief():
+        cluster.r.xclaim(cluster.key("jobs"), "duogen", "thief", 0, [entry])
+        while not stop.wait(0.2):
+            cluster.r.xclaim(cluster.key("jobs"), "duogen", "thief", 0, [entry], justid=True)
+    t = threading.Thread(target=thief, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: "its lease was lost" in w.logs(), timeout=5, what="the lease noticed lost")
+        time.sleep(0.3)   # a step under way when it was noticed may still end
+        n_events, job = len(cluster.events("lease")), cluster.r.hgetall("duogen:job:lease")
+        time.sleep(1.5)   # 15 more steps of the fake engine had it gone on
+        assert len(cluster.events("lease")) == n_events, "the stale attempt kept writing events"
+        assert cluster.r.hgetall("duogen:job:lease") == job, "the stale attempt kept writing progress"
+        assert not cluster.result("lease"), "the stale attempt wrote a result"
+        assert pending_entry(cluster)["consumer"] == b"thief"
+        assert w.alive()
+    finally:
+        stop.set()
+        t.join()
+    # the thief 'dies': w1's reaper takes the entry back after claim_idle_ms and runs it
+    res = cluster.wait_result("lease", timeout=30)
+    assert res["status"] == b"done" and res["worker"] == b"w1", res
+    assert cluster.r.hget("duogen:worker:w1", "leases_lost") == b"1"
+
+
+class HoldProxy:
+    """TCP proxy to redis that, once, holds a client's command containing `marker` until
+    release() (a renewal delayed on the wire between its XPENDING and its XCLAIM)."""
+
+    def __init__(self, port, marker):
+        self.port_to, self.marker = port, marker
+        self.held, self.released = threading.Event(), threading.Event()
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(16)
+        self.port = self.ls.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            c, _ = self.ls.accept()
+            s = socket.create_connection(("127.0.0.1", self.port_to))
+            threading.Thread(target=self.pump, args=(c, s, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(s, c, False), daemon=True).start()
+
+    def pump(self, a, b, from_client):
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                if from_client and not self.held.is_set() and self.marker in d:
+                    self.held.set()
+                    self.released.wait(30)
+                b.sendall(d)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
+
+
+def test_a_renewal_does_not_take_back_an_entry_reaped_meanwhile(cluster):
+    """The keeper looks (XPENDING: ours, idle ~renew_ms), then renews (XCLAIM). Another
+    worker's reaper that takes the entry in between must keep it: the renewal used
+    min-idle-time 0 and took it back, and both workers ran the job. Here the renewal is held
+    on the wire while the 'other worker' reaps the entry once it is idle past
+    claim_idle_ms."""
+    proxy = HoldProxy(cluster.server.port, b"JUSTID")
+    from conftest import Worker
+    w = Worker(cluster.tmp, f"redis://127.0.0.1:{proxy.port}/0", "w1", cluster.model,
+               args=["--prefix", "duogen", "--reaper-ms", "600000"])   # its own reaper out of the way
+    cluster.workers.append(w)
+    cluster.wait_groups()
+    cluster.enqueue("race", " ".join(["w"] * 100), meta={"fake.step_ms": 100}, max_attempts=5)
+    assert proxy.held.wait(10), "no renewal seen"
+    entry = pending_entry(cluster)
+    assert entry["consumer"] == b"w1"
+    wait_until(lambda: pending_entry(cluster)["time_since_delivered"] >= 1500, timeout=5, what="idle past claim_idle")
+    # what XAUTOCLAIM with claim_idle_ms does, for the one entry
+    got = cluster.r.xclaim(cluster.key("jobs"), "duogen", "reaper", 1500, [entry["message_id"]], justid=True)
+    assert got == [entry["message_id"]], got
+    time.sleep(0.1)
+    proxy.released.set()
+    time.sleep(0.5)
+    assert pending_entry(cluster)["consumer"] == b"reaper", "the renewal took the reaped entry back"
+    wait_until(lambda: "its lease was lost" in w.logs(), timeout=5, what="the lease noticed lost")
+
+
+def test_a_job_given_back_waits_claim_idle_before_its_next_attempt(cluster):
+    """A passing failure leaves the entry pending for a later attempt, after claim_idle_ms
+    (a reaper's XAUTOCLAIM). While this worker's own pending list was to be looked at (here:
+    its connection was killed, so a lost reply could have left entries there), it took the
+    entry back at once: no back-off, and max_attempts used up in a burst."""
+    w = cluster.worker("w1", args=["--claim-idle-ms", "4000"])
+    cluster.wait_groups()
+    cluster.enqueue("backoff", "x", meta={"fake.fail": "retry"}, max_attempts=2)
+    t0 = wait_until(lambda: cluster.r.hget("duogen:job:backoff", "state") == b"retrying" and time.monotonic(),
+                    every=0.005, what="first attempt given back")
+    for c in cluster.r.client_list():
+        if c["name"] == "w1":
+            cluster.r.client_kill_filter(_id=c["id"])
+    t1 = wait_until(lambda: cluster.r.hget("duogen:job:backoff", "attempt") == b"2" and time.monotonic(),
+                    timeout=15, every=0.005, what="second attempt")
+    print(w.logs()[-1500:])
+    # 4 s less a renewal period (the entry's idle time counts from its last renewal)
+    assert t1 - t0 >= 2.5, f"second attempt {t1 - t0:.2f} s after the first was given back"
+    res = cluster.wait_result("backoff", timeout=20)
+    assert res["error_code"] == b"EXHAUSTED", res

@@ -139,7 +139,7 @@ def test_worker_with_wrong_credentials_or_rights_stops_with_a_clear_error(acl_re
 
 def test_metrics_scraped(cluster):
     port = free_port()
-    cluster.worker("mw", args=["--metrics-port", str(port)])
+    cluster.worker("mw", args=["--metrics-port", str(port), "--max-inflight", "1"])
     cluster.wait_groups()
     # 2 ms a step: the job lasts more than the millisecond the phase seconds are counted in
     cluster.enqueue("m1", "one two three", meta={"fake.images": 1, "fake.step_ms": 2}, steps=3)
@@ -173,7 +173,16 @@ def test_metrics_scraped(cluster):
     assert values['duogen_redis_up{worker="mw"}'] == 1
     for cache in ("prefix_kv", "latent", "vision"):
         assert f'duogen_cache_hit_ratio{{worker="mw",cache="{cache}"}}' in values
-    wait_until(lambda: "duogen_queue_lag_entries{worker=\"mw\"} 0" in (scrape() or ""), what="lag figure")
+    for stream in ("duogen:jobs", "duogen:jobs:high"):
+        wait_until(lambda: f'duogen_queue_lag_entries{{worker="mw",stream="{stream}"}} 0' in (scrape() or ""),
+                   what=f"lag figure of {stream}")
+    # a backlog on the high stream shows there (the gauges used to cover the normal stream only)
+    cluster.enqueue("busy", " ".join(["w"] * 30), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:busy", "state") == b"running", what="busy running")
+    for i in range(3):
+        cluster.enqueue(f"h{i}", "x", stream="jobs:high")
+    wait_until(lambda: 'duogen_queue_lag_entries{worker="mw",stream="duogen:jobs:high"} 3' in (scrape() or ""),
+               what="lag of the high stream")
     assert "# TYPE duogen_jobs_total counter" in text
 
 

@@ -2,6 +2,7 @@
 with exactly one result; none is lost, none is done twice."""
 import os
 import signal
+import subprocess
 import time
 
 from conftest import pb, wait_until
@@ -155,6 +156,37 @@ def test_crashing_job_goes_dead_after_max_attempts(cluster):
     dead = cluster.r.xrange("duogen:dead")
     assert len(dead) == 1 and dead[0][1][b"id"] == b"poison" and dead[0][1][b"deliveries"] == b"3"
     assert cluster.wait_result("fine")["status"] == b"done"
+
+
+def test_job_that_kills_the_parser_goes_dead_after_max_attempts(cluster):
+    """A job whose reading kills the worker (crash_on_unpack.c makes protobuf-c abort on it):
+    each delivery died in the parser, before the worker could see that max_attempts was
+    used up, so the job took down every worker that touched it, for ever. A delivery past
+    the limit (read off the wire without unpacking) is now given up unread."""
+    shim = os.path.join(cluster.tmp, "crash_on_unpack.so")
+    src = os.path.join(os.path.dirname(__file__), "crash_on_unpack.c")
+    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-o", shim, src, "-ldl"], check=True)
+    ws = [cluster.worker(f"w{i}", env={"LD_PRELOAD": shim}) for i in (1, 2)]
+    cluster.wait_groups()
+    cluster.enqueue("parsekill", "CRASH-ON-UNPACK", max_attempts=2)
+    cluster.enqueue("fine", "ok")
+    restarts = [0]
+
+    def supervise():
+        for w in ws:
+            if not w.alive():
+                restarts[0] += 1
+                w.start()
+        return cluster.result("parsekill") or None
+    res = wait_until(supervise, timeout=60, every=0.1, what="the job to be dead-lettered")
+    assert restarts[0] == 2, f"{restarts[0]} worker deaths for a job of max_attempts 2"
+    assert res["status"] == b"failed" and res["error_code"] == b"EXHAUSTED", res
+    assert "none of which started the job" in res["error"].decode(), res["error"]
+    dead = cluster.r.xrange("duogen:dead")
+    assert len(dead) == 1 and dead[0][1][b"id"] == b"parsekill" and dead[0][1][b"deliveries"] == b"3"
+    assert b"CRASH-ON-UNPACK" in dead[0][1][b"job"]   # the bytes as sent, for inspection
+    assert cluster.wait_result("fine")["status"] == b"done"
+    assert all(w.alive() for w in ws)
 
 
 def test_retryable_failure_retried_then_dead_with_last_error(cluster):
