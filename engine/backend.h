@@ -373,7 +373,8 @@ struct dg_backend {
 
     /* The coarse copy of a weight (row-major or blocked, not panels), made once at load and
      * read by every backend of the family; DG_EINVAL for a matrix holding a value that is
-     * not finite, DG_ENOMEM. */
+     * not finite or with rows too long for the backend's scratch (CPU: past 2^21 - 64
+     * columns), DG_ENOMEM. */
     int  (*screen_new)(dg_backend *be, const dg_weight *w, dg_screen **out, char *err, size_t errlen);
     void (*screen_free)(dg_backend *be, dg_screen *sc);   /* accepts NULL */
     /* For x[m, w.cols] (backend memory) and the screen of w: HOST arrays lo, hi [m, w.rows]
@@ -406,8 +407,9 @@ struct dg_backend {
     /* Operations return nothing, so a device fault is kept: 0 while the backend is healthy;
      * after an operation failed, that failure's DG_E* code (DG_EDEVICE) with its message,
      * from then on (the backend is not usable again). Each backend of a family keeps its
-     * own: a fault is seen by the thread whose operation met it. The CPU backend cannot
-     * fail. */
+     * own: a fault is seen by the thread whose operation met it. The CPU backend fails only
+     * where conv3d or spatial_attention is given a shape its scratch cannot tile (past the
+     * bounds stated at them), which it refuses instead of running. */
     int  (*status)(dg_backend *be, char *err, size_t errlen);
 };
 

@@ -262,6 +262,69 @@ TEST(decode_png_chunk_longer_than_the_file) {
     free(data);
 }
 
+static void put32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)(v >> 24), p[1] = (uint8_t)(v >> 16), p[2] = (uint8_t)(v >> 8), p[3] = (uint8_t)v;
+}
+
+/* Appends a chunk at out + *len: length, type, data, and the CRC-32 of type and data. */
+static void put_chunk(uint8_t *out, size_t *len, const char *type, const uint8_t *data, uint32_t n) {
+    uint8_t *c = out + *len;
+    put32(c, n);
+    memcpy(c + 4, type, 4);
+    if (n > 0)
+        memcpy(c + 8, data, n);
+    uint32_t crc = 0xffffffffu;
+    for (uint32_t i = 0; i < 4 + n; i++) {
+        crc ^= c[4 + i];
+        for (int b = 0; b < 8; b++)
+            crc = crc & 1 ? (crc >> 1) ^ 0xedb88320u : crc >> 1;
+    }
+    put32(c + 8 + n, crc ^ 0xffffffffu);
+    *len += 12 + n;
+}
+
+/* A 4x2 palette PNG (colour type 3, 8-bit indices) with four PLTE entries, red, green, blue
+ * and white, whose last pixel has index `last`: written by hand, the image data as one
+ * stored deflate block, so that nothing but the decoder looks at the indices. out holds
+ * at least 128 bytes; returns the length. */
+static size_t palette_png(uint8_t *out, uint8_t last) {
+    static const uint8_t ihdr[13] = {0, 0, 0, 4, 0, 0, 0, 2, 8, 3, 0, 0, 0};
+    static const uint8_t plte[12] = {255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255};
+    const uint8_t raw[10] = {0, 0, 1, 2, 3, 0, 3, 2, 1, last};   /* each row: filter 0, indices */
+    uint8_t z[2 + 5 + sizeof raw + 4] = {0x78, 0x01, 0x01, sizeof raw, 0, (uint8_t)~sizeof raw, 0xff};
+    memcpy(z + 7, raw, sizeof raw);
+    uint32_t a = 1, b = 0;   /* zlib's Adler-32 of raw */
+    for (size_t i = 0; i < sizeof raw; i++) {
+        a = (a + raw[i]) % 65521;
+        b = (b + a) % 65521;
+    }
+    put32(z + 7 + sizeof raw, b << 16 | a);
+    size_t len = 8;
+    memcpy(out, "\x89PNG\r\n\x1a\n", 8);
+    put_chunk(out, &len, "IHDR", ihdr, sizeof ihdr);
+    put_chunk(out, &len, "PLTE", plte, sizeof plte);
+    put_chunk(out, &len, "IDAT", z, sizeof z);
+    put_chunk(out, &len, "IEND", NULL, 0);
+    return len;
+}
+
+/* A palette index past the PLTE entries is an error in the PNG spec (11.2.3): such a pixel
+ * decoded as black without a word; the same file with indices inside the palette decodes. */
+TEST(decode_png_palette_index_past_plte_is_refused) {
+    uint8_t png[128];
+    size_t len = palette_png(png, 3);
+    dg_image *img = NULL;
+    char err[256];
+    CHECK_EQ_INT(dg_image_decode(png, len, "image 2", NULL, &img, err, sizeof err), 0);
+    static const uint8_t want[2 * 4 * 3] = {255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255,
+                                            255, 255, 255, 0, 0, 255, 0, 255, 0, 255, 255, 255};
+    CHECK(img && img->width == 4 && img->height == 2 && memcmp(img->rgb, want, sizeof want) == 0);
+    dg_image_free(img);
+    len = palette_png(png, 7);
+    CHECK_EQ_INT(decode(png, len, NULL, err, sizeof err), DG_EIMAGE);
+    CHECK_EQ_STR(err, "image 2: PNG palette index 7 past the 4 PLTE entries");
+}
+
 TEST(encode_png_roundtrip_with_text_chunks) {
     dg_image *img, *back = NULL;
     CHECK_EQ_INT(dg_image_new(37, 23, &img), 0);

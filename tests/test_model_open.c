@@ -5,6 +5,8 @@
  *   stand for image tokens: they overran the embedding buffer);
  * - the DiT's out_channels other than in_channels - 1 (the velocity overran the latent);
  * - a DiT patch_size of 0 (a division by zero, the process killed);
+ * - a DiT patch_size with non-square patches (the painter sized widths by patch_h; its
+ *   weights have the shapes of 2x2 patches, so it opened);
  * - token ids past config.json's vocab_size (found by each request that used one);
  * - generation_config.json's eos_token_id list ([<|im_end|>, <|endoftext|>] in
  *   Qwen2.5-VL): the answer ends at any of them, as transformers' generate does;
@@ -39,6 +41,7 @@ static void wide_tower(json_t *j) {
 }
 static void more_out_channels(json_t *j) { json_object_set_new(j, "out_channels", json_integer(32)); }
 static void zero_patch(json_t *j) { json_object_set_new(j, "patch_size", json_pack("[i,i,i]", 1, 0, 0)); }
+static void tall_patch(json_t *j) { json_object_set_new(j, "patch_size", json_pack("[i,i,i]", 1, 4, 1)); }
 static void few_rows(json_t *j) { json_object_set_new(j, "vocab_size", json_integer(200)); }
 
 /* Opens dir, expecting a refusal whose message holds `want`. */
@@ -59,6 +62,8 @@ TEST(configs_that_disagree_are_refused_by_name) {
     refused(dir, "dit/config.json: out_channels 32 must be in_channels - 1 = 16");
     CHECK_EQ_INT(edited("dit/config.json", zero_patch, dir, sizeof dir), 0);
     refused(dir, "dit/config.json: patch_size [1, 0, 0]");
+    CHECK_EQ_INT(edited("dit/config.json", tall_patch, dir, sizeof dir), 0);
+    refused(dir, "dit/config.json: patch_size [1, 4, 1]: patches must be square");
     CHECK_EQ_INT(edited("mllm/config.json", few_rows, dir, sizeof dir), 0);
     refused(dir, "past config.json's vocab_size 200");
 }

@@ -13,7 +13,8 @@
  *     next is the VAE encoding of its 8-bit pixels, like any other image (a sampler latent
  *     would make a later job's answer depend on what the cache held);
  *   - max_condition_pixels: a larger earlier image becomes a frame scaled down with its
- *     aspect kept.
+ *     aspect kept;
+ *   - latents gone NaN give a black image.
  * Equality is exact, with no tolerance: both sides run the same kernels on the same inputs
  * in the same order on one machine, so any difference is a change of what is computed. */
 #include <math.h>
@@ -478,6 +479,44 @@ TEST(painter_scales_large_condition_frames_down) {
     dg_tok_ids_free(&ids);
     dg_cond_acc_free(&m->conn, acc);
     dg_latent_cache_free(lc);
+    dg_painter_free(p);
+    dg_model_close(m);
+}
+
+/* Latents that diverged to NaN decode to NaN pixels: each becomes 0, not lrintf's value for
+ * NaN, which C leaves unspecified (x86-64 and AArch64 happen to give a 0 byte too, so this
+ * pins the contract more than it caught the bug). The one step's velocities are set to NaN
+ * between dg_painter_inputs and dg_painter_advance, in place of the DiT's. */
+TEST(painter_turns_nan_pixels_black) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *m;
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
+    dg_painter *p = NULL;
+    dg_cond_acc *acc = NULL;
+    dg_tok_ids ids = {0};
+    dg_image *img = NULL;
+    dg_image_digest h;
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 0, &p, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
+    CHECK_EQ_INT(direct_conditions(m, "A plate.", &ids, acc), 0);
+    dg_image_params params = {.width = 16, .height = 16, .steps = 1, .shift = 3.0f, .schedule = DG_SCHEDULE_SHIFTED};
+    dg_painter_job job = {.acc = acc, .n_pos = (int)ids.n, .n_neg = 1, .seed = 5, .params = params};
+    CHECK_EQ_INT(dg_painter_begin(p, &job, err, sizeof err), 0);
+    dg_dit_input in[2];
+    float *vel[2];
+    const int f = dg_vae_spatial_factor(&m->vae), branches = dg_painter_inputs(p, in, vel);
+    const int64_t n = (int64_t)m->vae.cfg.z_dim * (16 / f) * (16 / f);
+    for (int b = 0; b < branches; b++)
+        for (int64_t i = 0; i < n; i++) vel[b][i] = NAN;
+    CHECK_EQ_INT(dg_painter_advance(p, 0.0, err, sizeof err), 1);
+    CHECK_EQ_INT(dg_painter_finish(p, &img, &h, err, sizeof err), 0);
+    int nonzero = 0;
+    for (int i = 0; img && i < 16 * 16 * 3; i++) nonzero += img->rgb[i] != 0;
+    CHECK(img != NULL && nonzero == 0);
+    dg_image_free(img);
+    dg_tok_ids_free(&ids);
+    dg_cond_acc_free(&m->conn, acc);
     dg_painter_free(p);
     dg_model_close(m);
 }

@@ -4,7 +4,8 @@
  * in fp32 and bf16 compute, for BF16, F16 and F32 weights, row-major and blocked, on every
  * kernel set and thread count; they are the same bits on every kernel set (the products are
  * exact integers); a row of x that cannot be bounded gets NaN; picked outputs are the
- * matmul's bits; and the bounds are narrow enough to screen. */
+ * matmul's bits; the bounds are narrow enough to screen; and a matrix whose rows do not fit
+ * the backend's scratch has no screen. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -256,6 +257,42 @@ TEST(screen_refuses_what_it_cannot_bound) {
     w = (dg_weight){.data = wb, .dtype = DG_DTYPE_BF16, .rows = 64, .cols = 8, .kb = DG_WEIGHT_PANELS};
     CHECK_EQ_INT(be->screen_new(be, &w, &sc, err, sizeof err), DG_EINVAL);
     CHECK(sc == NULL && strstr(err, "panel") != NULL);
+    dg_backend_free(be);
+}
+
+/* The bounds and the pick take their rows of x and of W in the backend's scratch (16 MiB on
+ * the CPU): a row too long for it gave chunks of 0 rows and an endless loop, so such a
+ * matrix has no screen. The longest row that fits (2^21 - 64 columns) still screens, its
+ * bounds holding the matmul's output and the pick giving its bits. */
+TEST(screen_refuses_rows_longer_than_its_scratch) {
+    char err[256] = "";
+    dg_backend *be = NULL;
+    CHECK_EQ_INT(dg_backend_new("cpu", 1, &be, err, sizeof err), 0);
+    if (!be) return;
+    const int k = (1 << 21) - 64;
+    float *wf = malloc(sizeof(float) * ((size_t)k + 64)), *x = malloc(sizeof(float) * (size_t)k);
+    for (int c = 0; c < k + 64; c++) wf[c] = gauss();
+    for (int c = 0; c < k; c++) x[c] = gauss();
+    dg_weight w = {.data = wf, .dtype = DG_DTYPE_F32, .rows = 1, .cols = k};
+    dg_screen *sc = NULL;
+    CHECK_EQ_INT(be->screen_new(be, &w, &sc, err, sizeof err), 0);
+    if (sc) {
+        float y, lo, hi, picked;
+        const int32_t id = 0;
+        be->matmul(be, &y, x, &w, NULL, 1);
+        be->matmul_bounds(be, &lo, &hi, x, sc, 1);
+        be->matmul_pick(be, &picked, x, &w, &id, 1);
+        CHECK(lo <= y && y <= hi);
+        CHECK(memcmp(&picked, &y, sizeof y) == 0);
+        be->screen_free(be, sc);
+        sc = NULL;
+    }
+    w.cols = k + 64;
+    CHECK_EQ_INT(be->screen_new(be, &w, &sc, err, sizeof err), DG_EINVAL);
+    CHECK(sc == NULL && strstr(err, "1 x 2097152 matrix") != NULL && strstr(err, "scratch") != NULL);
+    be->screen_free(be, sc);
+    free(wf);
+    free(x);
     dg_backend_free(be);
 }
 

@@ -231,4 +231,47 @@ TEST(vae_op_norm_upsample_attention) {
     dg_backend_free(be);
 }
 
+/* conv3d tiles its im2col columns (c_in·kt·kh·kw values) and spatial_attention its rows of
+ * scores (plane values) in the CPU backend's scratch of 4M floats: past it the tiles were 0
+ * wide and the loops endless. Such a shape is refused before any buffer is touched (NULL
+ * here, where the data would take gigabytes) and kept as the backend's status, as a CUDA
+ * fault is. A pointwise conv over as many channels needs no scratch and still runs. */
+TEST(vae_ops_refuse_shapes_past_the_scratch) {
+    const dg_conv3d_shape wide = {.c_in = 1 << 19, .c_out = 1, .t = 1, .h = 1, .w = 1, .kt = 3, .kh = 3, .kw = 3,
+                                  .st = 1, .sh = 1, .sw = 1, .pad_t = 2, .pad_top = 1, .pad_bottom = 1,
+                                  .pad_left = 1, .pad_right = 1};   /* 27·2^19 = 14155776 values a column */
+    dg_backend *be = NULL;
+    char err[256] = "";
+    CHECK(dg_backend_new("cpu", 1, &be, err, sizeof err) == 0);
+    if (!be) return;
+    CHECK_EQ_INT(be->status(be, err, sizeof err), 0);
+    be->conv3d(be, NULL, NULL, NULL, NULL, &wide);
+    CHECK_EQ_INT(be->status(be, err, sizeof err), DG_EDEVICE);
+    CHECK(strstr(err, "conv3d") != NULL && strstr(err, "14155776") != NULL);
+    dg_backend_free(be);
+
+    CHECK(dg_backend_new("cpu", 1, &be, err, sizeof err) == 0);
+    if (!be) return;
+    be->spatial_attention(be, NULL, NULL, 1, (4 << 20) + 1);
+    CHECK_EQ_INT(be->status(be, err, sizeof err), DG_EDEVICE);
+    CHECK(strstr(err, "spatial_attention") != NULL && strstr(err, "4194305") != NULL);
+    dg_backend_free(be);
+
+    /* 2^22 + 1 channels of 1 against weights of 0.5: every partial sum is a multiple of 0.5
+     * below 2^22, exact in fp32 whatever the order, so the result is exact */
+    const dg_conv3d_shape point = {.c_in = (4 << 20) + 1, .c_out = 1, .t = 1, .h = 1, .w = 1, .kt = 1, .kh = 1,
+                                   .kw = 1, .st = 1, .sh = 1, .sw = 1};
+    float *x = malloc(sizeof(float) * (size_t)point.c_in), *w = malloc(sizeof(float) * (size_t)point.c_in), y = 0;
+    for (int i = 0; i < point.c_in; i++) x[i] = 1.0f, w[i] = 0.5f;
+    CHECK(dg_backend_new("cpu", 1, &be, err, sizeof err) == 0);
+    if (be) {
+        be->conv3d(be, &y, x, w, NULL, &point);
+        CHECK_EQ_INT(be->status(be, err, sizeof err), 0);
+        CHECK(y == 0.5f * (float)point.c_in);
+        dg_backend_free(be);
+    }
+    free(x);
+    free(w);
+}
+
 int main(void) { return test_main(); }

@@ -118,6 +118,13 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
         snprintf(err, errlen, "%s: unsupported shape (patch_size, in_channels, attention_head_dim)", path);
         goto out;
     }
+    /* no published DiT has non-square patches, and the painter sizes pictures and condition
+     * frames by one patch side (painter.c: dg_painter_check, cond_size): refused here */
+    if (c->patch_h != c->patch_w) {
+        snprintf(err, errlen, "%s: patch_size [%g, %g, %g]: patches must be square (patch_size[1] == patch_size[2])",
+                 path, patch[0], patch[1], patch[2]);
+        goto out;
+    }
     /* the network predicts the latent's velocity: as many channels as the latent has */
     if (c->out_channels != c->latent_channels) {
         snprintf(err, errlen, "%s: out_channels %d must be in_channels - 1 = %d (the latent's channels; in_channels "

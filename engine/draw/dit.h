@@ -47,7 +47,7 @@ typedef struct {
     int   mlp_hidden;        /* F = mlp_ratio · D */
     int   text_dim;          /* cross-attention K/V input width (1024) */
     int   lora_dim;          /* adaln_lora_dim (256) */
-    int   patch_h, patch_w;  /* 2, 2 (patch_t must be 1) */
+    int   patch_h, patch_w;  /* 2, 2 (patch_t must be 1; read_config refuses patch_h != patch_w) */
     int   max_t, max_h, max_w;  /* max_size / patch: RoPE position limits */
     float rope_scale[3];     /* t, h, w: 1, 3, 3 */
     int   proj_in;           /* crossattn_proj_in_channels (100352) when the checkpoint carries

@@ -352,7 +352,9 @@ static void pixels_to_rgb(const float *px, dg_image *img) {
     for (int64_t i = 0; i < plane; i++)
         for (int c = 0; c < 3; c++) {
             float v = (px[c * plane + i] + 1.0f) * 127.5f;
-            img->rgb[i * 3 + c] = (uint8_t)(v <= 0 ? 0 : v >= 255 ? 255 : lrintf(v));
+            /* NaN (a diverged latent) fails every comparison: it goes to 0, for lrintf's
+             * result for it is unspecified (C11 7.12.9.5) */
+            img->rgb[i * 3 + c] = (uint8_t)(!(v > 0) ? 0 : v >= 255 ? 255 : lrintf(v));
         }
 }
 

@@ -16,6 +16,8 @@
  *     16-bit grayscale image without alpha, which Pillow opens as "I;16" and converts to
  *     RGB by clipping the value to 255 (so 256..65535 become 255): kept here to match;
  *   - gray of 1, 2 or 4 bits is scaled to 0..255 (x255, x85, x17);
+ *   - a palette index past the PLTE entries is refused (DG_EIMAGE), as the PNG spec makes
+ *     it an error;
  *   - JPEG with libjpeg-turbo's accurate integer DCT and fancy upsampling (Pillow's
  *     defaults); CMYK/YCCK JPEG as Adobe-inverted CMYK converted the way Pillow does;
  *   - the EXIF orientation (JPEG APP1 Exif, PNG eXIf, PNG "Raw profile type exif" text,

@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <cpuid.h>
 #include <omp.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -162,11 +163,20 @@ static size_t cpu_memory_free(dg_backend *be) {
     return pages > 0 && size > 0 ? (size_t)pages * (size_t)size : 0;
 }
 
+void dg_cpu_fail(dg_cpu *c, const char *fmt, ...) {
+    if (c->status) return;
+    c->status = DG_EDEVICE;
+    int n = snprintf(c->status_msg, sizeof c->status_msg, "cpu: ");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->status_msg + n, sizeof c->status_msg - (size_t)n, fmt, ap);
+    va_end(ap);
+}
+
 static int cpu_status(dg_backend *be, char *err, size_t errlen) {
-    (void)be;
-    (void)err;
-    (void)errlen;
-    return 0;
+    const dg_cpu *c = cpu(be);
+    if (c->status && err && errlen) snprintf(err, errlen, "%s", c->status_msg);
+    return c->status;
 }
 
 static void cpu_download(dg_backend *be, float *host, const float *src, int64_t n) {
@@ -267,6 +277,7 @@ static int cpu_fork(dg_backend *be, dg_backend **out, char *err, size_t errlen) 
     settings.att_bf16 = settings.att_kv = NULL;
     settings.att_f32 = NULL;
     settings.att_kv_words = 0;
+    settings.status = 0;   /* each backend of a family keeps its own (backend.h status) */
     const int rc = cpu_make(&settings, out, err, errlen);
     if (rc == 0) (*out)->weights_hugepages = be->weights_hugepages;
     return rc;

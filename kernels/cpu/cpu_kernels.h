@@ -38,7 +38,15 @@ typedef struct {
                                 products, 8 for the fp32 ones: 16 and 32 MiB at the DiT's
                                 4096 tokens of 8 x 128) */
     int64_t   att_kv_words;  /* its size */
+    int       status;        /* 0, or DG_EDEVICE once an operation refused its shape
+                                (backend.h status: kept from then on) */
+    char      status_msg[192];   /* that refusal */
 } dg_cpu;
+
+/* cpu_backend.c: records an operation's refusal of a shape it cannot run (the first one
+ * is kept) as the backend's sticky status, as the CUDA backend records its faults: the
+ * operations return nothing. */
+void dg_cpu_fail(dg_cpu *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* vector.c */
 /* dst[nr, cols] = rows r0 .. r0+nr-1 of w as fp32 (the caller parallelises). */

@@ -63,13 +63,21 @@ static void im2col(const dg_cpu *c, float *col, const float *x, const dg_conv3d_
  * row invariance; nothing computes part of an image's rows in another batch. */
 void dg_cpu_conv3d(dg_backend *be, float *y, const float *x, const float *w, const float *bias,
                    const dg_conv3d_shape *s) {
-    const dg_cpu *c = be->impl;
+    dg_cpu *c = be->impl;
     const int to = dg_conv3d_out_t(s), ho = dg_conv3d_out_h(s), wo = dg_conv3d_out_w(s);
     const int64_t k_tap = (int64_t)s->c_in * s->kh * s->kw, k_all = k_tap * s->kt;
     const int64_t hw_out = (int64_t)ho * wo, plane_in = (int64_t)s->h * s->w;
     const int pointwise = s->kt == 1 && s->kh == 1 && s->kw == 1 && s->sh == 1 && s->sw == 1 &&
                           s->pad_top == 0 && s->pad_bottom == 0 && s->pad_left == 0 &&
                           s->pad_right == 0;
+    /* an im2col column longer than the scratch would make tiles of 0 pixels, and the loop
+     * below endless: refused (backend.h bounds c_in·kt·kh·kw); the pointwise form needs no
+     * scratch */
+    if (!pointwise && k_all > c->conv_floats) {
+        dg_cpu_fail(c, "conv3d: an im2col column of c_in %d x %dx%dx%d = %lld values exceeds the %lld-float scratch",
+                    s->c_in, s->kt, s->kh, s->kw, (long long)k_all, (long long)c->conv_floats);
+        return;
+    }
     int64_t tile = c->conv_floats / k_all;
     if (tile > hw_out) tile = hw_out;
     for (int t = 0; t < to; t++) {
@@ -157,7 +165,14 @@ void dg_cpu_silu(dg_backend *be, float *y, const float *x, int64_t n) {
  * a frame are the same every time). */
 void dg_cpu_spatial_attention(dg_backend *be, float *out, const float *qkv, int channels,
                               int64_t plane) {
-    const dg_cpu *c = be->impl;
+    dg_cpu *c = be->impl;
+    /* a row of scores longer than the scratch would make tiles of 0 queries, and the loop
+     * below endless: refused (backend.h bounds the plane) */
+    if (plane > c->conv_floats) {
+        dg_cpu_fail(c, "spatial_attention: a plane of %lld pixels exceeds the %lld-float scratch (one row of scores)",
+                    (long long)plane, (long long)c->conv_floats);
+        return;
+    }
     const float *q = qkv, *k = qkv + channels * plane, *v = qkv + 2 * channels * plane;
     const float scale = 1.0f / sqrtf((float)channels);
     int64_t tq = c->conv_floats / plane;

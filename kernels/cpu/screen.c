@@ -257,6 +257,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void block8x2_vnni
 typedef void (*dot_fn)(int64_t *S, const int8_t *q, const int16_t *xq, int64_t kp, int mi);
 static const dot_fn dots[3] = {dot_portable, dot_avx2, dot_avx512};
 
+/* ---- the scratch --------------------------------------------------------------------------- */
+
+/* The rows of x a call's scratch holds: xq [rows, kp] int16, their x_row, and bf16
+ * rounding's k + 32 elements, in c->conv. */
+static int bounds_rows(const dg_cpu *c, const dg_screen *sc) {
+    const int64_t bytes = c->conv_floats * (int64_t)sizeof(float) - (sc->cols + 32) * 2 - 2 * sc->kp - 192,
+                  per = sc->kp * 4 + (int64_t)sizeof(x_row);   /* xq, and its bytes */
+    return bytes / per > 4096 ? 4096 : (int)(bytes / per);
+}
+
+/* The rows of w matmul_pick copies into c->conv at a time, with their outputs. */
+static int pick_rows(const dg_cpu *c, const dg_weight *w) {
+    const int64_t row = w->cols * (int64_t)dg_dtype_size(w->dtype),
+                  bytes = c->conv_floats * (int64_t)sizeof(float) - 128;
+    return (int)(bytes / (row + (int64_t)sizeof(float)));
+}
+
 /* ---- the copy ---------------------------------------------------------------------------- */
 
 void dg_cpu_screen_free(dg_screen *sc) {
@@ -325,6 +342,15 @@ int dg_cpu_screen_new(const dg_cpu *c, const dg_weight *w, dg_screen **out, char
     sc->rows = n;
     sc->cols = k;
     sc->kp = kp;
+    /* rows so long that not one fits the scratch (past 2^21 - 64 columns) would make the
+     * bounds' and the pick's chunks 0 rows, and their loops endless: refused here, once at
+     * load, where the error has a way back */
+    if (bounds_rows(c, sc) < 1 || pick_rows(c, w) < 1) {
+        free(sc);
+        snprintf(err, errlen, "logit screen: a %lld x %lld matrix: a row of x or of W does not fit the %lld-byte "
+                 "scratch", (long long)n, (long long)k, (long long)(c->conv_floats * (int64_t)sizeof(float)));
+        return DG_EINVAL;
+    }
     sc->bf16_x = c->bf16_compute && w->dtype == DG_DTYPE_BF16;
     const int64_t lane = (kp + 7) / 8 * DG_SCREEN_Q, lv = INT32_MAX / lane;   /* an AVX2 lane's sum fits */
     sc->levels = lv > 32767 ? 32767 : (int)lv;
@@ -420,14 +446,6 @@ static x_row quantise(const dg_screen *sc, int16_t *xq, uint16_t *xb, const floa
     return p;
 }
 
-/* The rows of x a call's scratch holds: xq [rows, kp] int16, their x_row, and bf16
- * rounding's k + 32 elements, in c->conv. */
-static int bounds_rows(const dg_cpu *c, const dg_screen *sc) {
-    const int64_t bytes = c->conv_floats * (int64_t)sizeof(float) - (sc->cols + 32) * 2 - 2 * sc->kp - 192,
-                  per = sc->kp * 4 + (int64_t)sizeof(x_row);   /* xq, and its bytes */
-    return bytes / per > 4096 ? 4096 : (int)(bytes / per);
-}
-
 void dg_cpu_matmul_bounds(const dg_cpu *c, float *lo, float *hi, const float *x, const dg_screen *sc, int m) {
     const int64_t n = sc->rows, k = sc->cols, kp = sc->kp, tile = 256, n_tiles = (n + tile - 1) / tile;
     const int chunk = bounds_rows(c, sc), nt = n_tiles < c->n_threads ? (int)n_tiles : c->n_threads;
@@ -479,9 +497,8 @@ void dg_cpu_matmul_bounds(const dg_cpu *c, float *lo, float *hi, const float *x,
  * (matmul.h), so these are the bits of the whole matmul's outputs. */
 void dg_cpu_matmul_pick(const dg_cpu *c, float *out, const float *x, const dg_weight *w, const int32_t *ids,
                         int n) {
-    const int64_t k = w->cols, es = (int64_t)dg_dtype_size(w->dtype), row = k * es,
-                  bytes = c->conv_floats * (int64_t)sizeof(float) - 128;
-    const int per = (int)(bytes / (row + (int64_t)sizeof(float)));
+    const int64_t k = w->cols, es = (int64_t)dg_dtype_size(w->dtype), row = k * es;
+    const int per = pick_rows(c, w);
     for (int i0 = 0; i0 < n; i0 += per) {
         const int ni = n - i0 < per ? n - i0 : per;
         char *rows = (char *)c->conv;
