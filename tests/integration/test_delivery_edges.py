@@ -83,20 +83,21 @@ def test_redelivered_job_with_result_keeps_its_job_hash(cluster):
         assert after.get(k) == before.get(k), (k, before.get(k), after.get(k))
 
 
-class DropReplyProxy:
-    """TCP proxy to redis that, once, forwards a server reply containing `marker` to nobody:
-    it closes both sides instead (the reply of an executed command lost on the wire)."""
+class WireProxy:
+    """TCP proxy to redis; a subclass's pass_on() sees each chunk and says whether to forward
+    it (False closes both sides)."""
 
-    def __init__(self, port, marker):
+    def __init__(self, port):
         self.port_to = port
-        self.marker = marker
-        self.fired = threading.Event()
         self.ls = socket.socket()
         self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.ls.bind(("127.0.0.1", 0))
         self.ls.listen(16)
         self.port = self.ls.getsockname()[1]
         threading.Thread(target=self.accept, daemon=True).start()
+
+    def pass_on(self, data, from_server):
+        return True
 
     def accept(self):
         while True:
@@ -109,10 +110,7 @@ class DropReplyProxy:
         try:
             while True:
                 d = a.recv(65536)
-                if not d:
-                    break
-                if from_server and not self.fired.is_set() and self.marker in d:
-                    self.fired.set()
+                if not d or not self.pass_on(d, from_server):
                     break
                 b.sendall(d)
         except OSError:
@@ -123,6 +121,22 @@ class DropReplyProxy:
             except OSError:
                 pass
             x.close()
+
+
+class DropReplyProxy(WireProxy):
+    """Once, forwards a server reply containing `marker` to nobody: it closes both sides
+    instead (the reply of an executed command lost on the wire)."""
+
+    def __init__(self, port, marker):
+        self.marker = marker
+        self.fired = threading.Event()
+        super().__init__(port)
+
+    def pass_on(self, data, from_server):
+        if from_server and not self.fired.is_set() and self.marker in data:
+            self.fired.set()
+            return False
+        return True
 
 
 def test_lost_xreadgroup_reply_is_taken_back_at_once(cluster):
@@ -233,45 +247,20 @@ def test_an_attempt_that_lost_its_lease_stops_writing(cluster):
     assert cluster.r.hget("duogen:worker:w1", "leases_lost") == b"1"
 
 
-class HoldProxy:
-    """TCP proxy to redis that, once, holds a client's command containing `marker` until
-    release() (a renewal delayed on the wire between its XPENDING and its XCLAIM)."""
+class HoldProxy(WireProxy):
+    """Once, holds a client's command containing `marker` until released (a renewal delayed
+    on the wire between its XPENDING and its XCLAIM)."""
 
     def __init__(self, port, marker):
-        self.port_to, self.marker = port, marker
+        self.marker = marker
         self.held, self.released = threading.Event(), threading.Event()
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(16)
-        self.port = self.ls.getsockname()[1]
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__(port)
 
-    def accept(self):
-        while True:
-            c, _ = self.ls.accept()
-            s = socket.create_connection(("127.0.0.1", self.port_to))
-            threading.Thread(target=self.pump, args=(c, s, True), daemon=True).start()
-            threading.Thread(target=self.pump, args=(s, c, False), daemon=True).start()
-
-    def pump(self, a, b, from_client):
-        try:
-            while True:
-                d = a.recv(65536)
-                if not d:
-                    break
-                if from_client and not self.held.is_set() and self.marker in d:
-                    self.held.set()
-                    self.released.wait(30)
-                b.sendall(d)
-        except OSError:
-            pass
-        for x in (a, b):
-            try:
-                x.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            x.close()
+    def pass_on(self, data, from_server):
+        if not from_server and not self.held.is_set() and self.marker in data:
+            self.held.set()
+            self.released.wait(30)
+        return True
 
 
 def test_a_renewal_does_not_take_back_an_entry_reaped_meanwhile(cluster):
