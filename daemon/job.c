@@ -402,6 +402,11 @@ static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redi
         /* its size first: a key far over the limit is not read into memory to be refused */
         redisReply *rep = dg_redis_cmdv(r, "STRLEN", im->redis_key, NULL);
         if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, im->redis_key);
+        if (rep->type == REDIS_REPLY_ERROR) {   /* NOPERM, WRONGTYPE: GET would say the same, after reading it all */
+            snprintf(err, errlen, "%s: key \"%s\": %s", what, im->redis_key, rep->str);
+            freeReplyObject(rep);
+            return DG_JOB_UNAVAILABLE;
+        }
         const long long size = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
         freeReplyObject(rep);
         if (size > (long long)cfg->max_image_bytes)

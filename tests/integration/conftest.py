@@ -5,10 +5,12 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 import pytest
 import redis
@@ -175,6 +177,16 @@ class Cluster:
         for w in self.workers:
             w.kill()
         self.server.stop(hard=True)
+
+
+def png_bytes(w, h, row):
+    """An 8-bit RGB PNG, w x h, whose row y holds the w*3 bytes row(y)."""
+    raw = b"".join(b"\0" + bytes(row(y)) for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def make_job(job_id, text="hello world", meta=None, images=(), system=None, **kw):

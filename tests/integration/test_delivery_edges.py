@@ -177,7 +177,7 @@ def test_a_stale_attempt_leaves_the_visible_results_files(cluster, tmpdir_path):
     cluster.r.xadd(cluster.key("jobs"), {"id": "pr", "job": job.SerializeToString()})
     wait_until(lambda: any(e["type"] == b"image" for e in cluster.events("pr")), timeout=10, what="first image")
     a.proc.send_signal(signal.SIGSTOP)
-    b = cluster.worker("wb", args=["--output-root", root])
+    cluster.worker("wb", args=["--output-root", root])
     res = cluster.wait_result("pr", timeout=20)
     assert res["worker"] == b"wb" and res["status"] == b"done", res
     paths = [p.image.path for p in pb.Result.FromString(res["pb"]).output if p.WhichOneof("kind") == "image"]

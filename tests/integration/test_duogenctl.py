@@ -1,21 +1,15 @@
 """duogenctl against a real Redis and worker: enqueue/wait/out, watch, result, cancel,
 stats, dead list and requeue."""
 import os
-import struct
 import subprocess
-import zlib
 
-from conftest import BUILD, pb, wait_until
+from conftest import BUILD, pb, png_bytes, wait_until
 
 CTL = os.path.join(BUILD, "duogenctl")
 
 
 def tiny_png(w=3, h=2):
-    raw = b"".join(b"\0" + bytes([10, 20, 30] * w) for _ in range(h))
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return png_bytes(w, h, lambda y: [10, 20, 30] * w)
 
 
 def ctl(cluster, *args, timeout=30):

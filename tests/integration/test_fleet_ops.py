@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import redis
 
-from conftest import BUILD, ROOT, RedisServer, Worker, free_port, make_job, pb, wait_until
+from conftest import BUILD, ROOT, RedisServer, Worker, free_port, make_job, pb, png_bytes, wait_until
 
 DEPLOY = os.path.join(ROOT, "deploy", "redis")
 
@@ -29,10 +29,10 @@ def acl_redis(tmpdir_path):
                          capture_output=True, text=True, check=True).stdout
     assert "CHANGE-ME" not in acl and "secret" not in acl   # hashes only
     write(os.path.join(tmpdir_path, "users.acl"), acl)
-    # the shipped redis.conf, with the test's port, directory and ACL file
+    # the shipped redis.conf (its bind as shipped), with the test's port, directory and ACL file
     port = free_port()
     proc = subprocess.Popen(["redis-server", os.path.join(DEPLOY, "redis.conf"), "--port", str(port),
-                             "--bind", "127.0.0.1", "--dir", tmpdir_path,
+                             "--dir", tmpdir_path,
                              "--aclfile", os.path.join(tmpdir_path, "users.acl"), "--maxmemory", "256mb",
                              "--daemonize", "no", "--logfile", os.path.join(tmpdir_path, "redis.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,6 +79,20 @@ def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
         assert prod.get("duogen:image:acl-1:1")[:4] == b"\x89PNG"
         assert [e[1][b"type"] for e in prod.xrange("duogen:events:acl-1")][-1] == b"done"
         prod.set("duogen:cancel:nothing", 1)
+        # an input image under duogen:input:*, read by the worker (STRLEN, then GET)
+        prod.set("duogen:input:acl-in", png_bytes(2, 2, lambda y: [0, 128, 255] * 2))
+        job = pb.Job(id="acl-in")
+        m = job.messages.add(role=pb.Message.USER)
+        m.parts.add(image=pb.Image(redis_key="duogen:input:acl-in"))
+        m.parts.add(text="what is this")
+        prod.xadd("duogen:jobs", {"id": "acl-in", "job": job.SerializeToString()})
+        res = wait_until(lambda: prod.hgetall("duogen:result:acl-in") or None, timeout=20, what="input job")
+        assert res[b"status"] == b"done", res
+        # duogenctl's cancel as the producer (it looks at the job hash first)
+        p = subprocess.run([os.path.join(BUILD, "duogenctl"), "--redis",
+                            f"redis://duogen-producer@127.0.0.1:{srv.port}/0", "--password-file", pw["producer"],
+                            "cancel", "acl-1"], capture_output=True, text=True, timeout=20)
+        assert "NOPERM" not in p.stdout + p.stderr, p.stdout + p.stderr
 
         # a job naming an input key outside duogen:input:* fails clearly; the worker lives on
         bad = pb.Job(id="acl-steal")

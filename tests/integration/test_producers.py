@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from conftest import BUILD, ROOT, pb, wait_until
+from conftest import BUILD, ROOT, pb, png_bytes, wait_until
 
 PRODUCERS = os.path.join(ROOT, "examples", "producers")
 DEPS = "tools/deps.sh installs it"
@@ -20,12 +20,7 @@ DEPS = "tools/deps.sh installs it"
 
 def png(w, h, seed):
     """A real RGB PNG, w x h, whose pixels depend on seed."""
-    raw = b"".join(b"\0" + bytes(((x * 7 + y * 3 + seed) % 256) for x in range(w * 3)) for y in range(h))
-
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return png_bytes(w, h, lambda y: ((x * 7 + y * 3 + seed) % 256 for x in range(w * 3)))
 
 
 def png_size(data):

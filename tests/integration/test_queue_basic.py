@@ -1,7 +1,7 @@
 """A job's whole life through one duogend: the group, events, images, result, ack."""
 import time
 
-from conftest import make_job, pb, wait_until
+from conftest import pb, wait_until
 
 
 def test_group_created_and_job_runs_end_to_end(cluster):

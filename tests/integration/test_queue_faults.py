@@ -1,7 +1,6 @@
 """Faults: many workers, killed workers, a restarted Redis, poison jobs. Every job ends
 with exactly one result; none is lost, none is done twice."""
 import os
-import signal
 import subprocess
 import time
 

@@ -8,18 +8,14 @@ import struct
 import subprocess
 import zlib
 
-from conftest import BUILD, ROOT, Worker, pb
+from conftest import BUILD, ROOT, Worker, pb, png_bytes
 
 VOCAB = os.path.join(ROOT, "tools", "mkmodel", "vocab", "qwen2")
 BOV = 151665   # mkmodel adds <BOV> right after the Qwen2 vocabulary's last added token
 
 
 def png(w, h, seed):
-    raw = b"".join(b"\0" + bytes(((x * 7 + y * 3 + seed) % 256) for x in range(w) for _ in range(3)) for y in range(h))
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return png_bytes(w, h, lambda y: ((x * 7 + y * 3 + seed) % 256 for x in range(w) for _ in range(3)))
 
 
 def real_worker(cluster, wid="real1", defaults=None):

@@ -4,7 +4,6 @@ it ended, and q restoring the terminal and exiting 0."""
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 
