@@ -286,3 +286,19 @@ def test_systemd_units_verify_and_make_install(tmpdir_path):
     p = subprocess.run(["systemd-analyze", "verify", "--man=no", "./duogend@0.service", "./duogend.target"],
                        cwd=vdir, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "" and p.stderr.strip() == "", p.stdout + p.stderr
+
+    # `systemctl enable duogend@0` must make the worker start at boot: its target enabled too
+    # (it used to link the worker into duogend.target only, which nothing started)
+    sroot = os.path.join(tmpdir_path, "sroot")
+    os.makedirs(os.path.join(sroot, "etc/systemd/system"))
+    for u in ("duogend@.service", "duogend.target"):
+        shutil.copy(os.path.join(root, "lib/systemd/system", u), os.path.join(sroot, "etc/systemd/system"))
+    p = subprocess.run(["systemctl", f"--root={sroot}", "enable", "duogend@0"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(["systemctl", f"--root={sroot}", "is-enabled", "duogend.target"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.stdout.strip() == "enabled", p.stdout + p.stderr
+    assert os.path.islink(os.path.join(sroot, "etc/systemd/system/multi-user.target.wants/duogend.target"))
+    # the current drivers' device names are allowed (the unit had only the pre-545 one)
+    for dev in ("char-nvidia rw", "char-nvidiactl rw", "char-nvidia-frontend rw"):
+        assert f"DeviceAllow={dev}\n" in unit, dev
