@@ -74,27 +74,33 @@ static int read_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *v) {
     return -1;
 }
 
-uint32_t dg_job_peek_max_attempts(const uint8_t *p, size_t n) {
+void dg_job_peek(const uint8_t *p, size_t n, dg_job_wire *out) {
+    static const dg_job_wire none;
     size_t pos = 0;
-    uint64_t found = 0;
+    *out = none;
     while (pos < n) {
         uint64_t key, v;
-        if (read_varint(p, n, &pos, &key)) return 0;
+        if (read_varint(p, n, &pos, &key)) goto unreadable;
         switch (key & 7) {
         case 0:
-            if (read_varint(p, n, &pos, &v)) return 0;
-            if (key >> 3 == 7) found = v;
+            if (read_varint(p, n, &pos, &v)) goto unreadable;
+            /* protobuf keeps a uint32's low 32 bits */
+            if (key >> 3 == 7) out->max_attempts = (uint32_t)v;
+            if (key >> 3 == 8) out->result_ttl_s = (uint32_t)v;
             break;
-        case 1: if (n - pos < 8) return 0; pos += 8; break;
-        case 5: if (n - pos < 4) return 0; pos += 4; break;
+        case 1: if (n - pos < 8) goto unreadable; pos += 8; break;
+        case 5: if (n - pos < 4) goto unreadable; pos += 4; break;
         case 2:
-            if (read_varint(p, n, &pos, &v) || v > n - pos) return 0;
+            if (read_varint(p, n, &pos, &v) || v > n - pos) goto unreadable;
+            if (key >> 3 == 1) out->id = (const char *)p + pos, out->id_len = (size_t)v;
             pos += v;
             break;
-        default: return 0;
+        default: goto unreadable;
         }
     }
-    return (uint32_t)found;   /* protobuf keeps a uint32's low 32 bits */
+    return;
+unreadable:
+    *out = none;
 }
 
 /* protobuf-c hands a string field over as a C string: a NUL in it silently cut the text
@@ -294,7 +300,7 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
         FAIL(DG_JOB_BAD_REQUEST, "id: \"%s\" cannot name a directory under output_root", pb->id);
     if (pb->max_attempts > DG_JOB_MAX_ATTEMPTS)
         FAIL(DG_JOB_BAD_REQUEST, "max_attempts: %u, over %d", pb->max_attempts, DG_JOB_MAX_ATTEMPTS);
-    if (pb->result_ttl_s > 365u * 86400u) FAIL(DG_JOB_BAD_REQUEST, "result_ttl_s: %u, over one year", pb->result_ttl_s);
+    if (pb->result_ttl_s > DG_JOB_MAX_TTL_S) FAIL(DG_JOB_BAD_REQUEST, "result_ttl_s: %u, over one year", pb->result_ttl_s);
     return DG_JOB_OK;
 }
 

@@ -43,11 +43,19 @@ int dg_job_images_to_files(const Duogen__V1__Job *pb, const dg_daemon_config *cf
 dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_daemon_config *cfg,
                            char *err, size_t errlen);
 
-/* Job.max_attempts read off the wire bytes without unpacking them (a walk of the top-level
- * fields, the last occurrence winning as in protobuf): 0 when absent or unreadable. A job
- * that kills the worker while dg_job_parse() reads it is given up by this limit. */
+/* A job's own limits and id read off its wire bytes without unpacking them (a walk of the
+ * top-level fields, the last occurrence winning as in protobuf): a job that kills the worker
+ * while dg_job_parse() reads it is given up by these, under its own id and TTL. Fields
+ * absent, or all of them when the bytes do not walk to their end: 0 and NULL. Values are
+ * as sent, not validated. */
 #define DG_JOB_MAX_ATTEMPTS 100
-uint32_t dg_job_peek_max_attempts(const uint8_t *data, size_t len);
+#define DG_JOB_MAX_TTL_S    (365u * 86400u)
+typedef struct {
+    uint32_t    max_attempts, result_ttl_s;
+    const char *id;            /* into the bytes, id_len long, not NUL-terminated */
+    size_t      id_len;
+} dg_job_wire;
+void dg_job_peek(const uint8_t *data, size_t len, dg_job_wire *out);
 
 /* Reads the images given by redis_key or path and builds j->req. */
 dg_job_status dg_job_prepare(dg_job *j, dg_redis *r, const dg_daemon_config *cfg, char *err, size_t errlen);

@@ -26,8 +26,11 @@ static void report_lost(dg_worker *w, const dg_lease *l) {
 /* Renews the lease of each held entry that still belongs to us: XPENDING says whose it is
  * and how long it has been idle; XCLAIM with that idle time as its min-idle-time takes it
  * only if nobody claimed it in between. (With 0 there, an entry another worker's reaper
- * took in that instant was taken back, and both ran the job.) An entry that belongs to
- * another consumer, or to nobody (another attempt acknowledged it), is reported lost. */
+ * took in that instant was taken back, and both ran the job.) An entry in another
+ * consumer's list is reported lost; so is one no longer pending whose job has a result
+ * (another attempt finished it). Not pending and no result is Redis having lost our read
+ * (a restart from an older snapshot, a failover): the run goes on, and the entry, delivered
+ * again, comes back to it or to another worker, whose claim then shows here. */
 static void renew(dg_worker *w, dg_redis *rd) {
     pthread_mutex_lock(&w->lock);
     int n = w->n_leases;
@@ -39,38 +42,51 @@ static void renew(dg_worker *w, dg_redis *rd) {
 
     dg_cmd **cmds = calloc((size_t)n, sizeof *cmds);
     redisReply **rep = calloc((size_t)n, sizeof *rep);
-    if (!cmds || !rep) abort();
+    int *gone = calloc((size_t)n, sizeof *gone);   /* lease i of each EXISTS sent */
+    if (!cmds || !rep || !gone) abort();
     for (int i = 0; i < n; i++)
         cmds[i] = dg_cmd_of("XPENDING", l[i].stream, w->cfg->group, l[i].entry, l[i].entry, "1", NULL);
     if (dg_redis_pipeline(rd, cmds, n, rep) == 0) {
-        int m = 0;
+        int m = 0, n_gone = 0;
         for (int i = 0; i < n; i++) {
             dg_cmd_free(cmds[i]);
             cmds[i] = NULL;
+        }
+        for (int i = 0; i < n; i++) {
             const redisReply *p = rep[i];
             if (p->type != REDIS_REPLY_ARRAY) continue;   /* NOGROUP: the taker makes it again */
             const redisReply *e = p->elements == 1 ? p->element[0] : NULL;
-            if (e && e->type == REDIS_REPLY_ARRAY && e->elements == 4 && e->element[1]->type == REDIS_REPLY_STRING &&
-                e->element[2]->type == REDIS_REPLY_INTEGER && !strcmp(e->element[1]->str, w->cfg->worker_id)) {
+            if (!e) {
+                gone[n_gone++] = i;
+                continue;
+            }
+            if (e->type != REDIS_REPLY_ARRAY || e->elements != 4 || e->element[1]->type != REDIS_REPLY_STRING ||
+                e->element[2]->type != REDIS_REPLY_INTEGER)
+                continue;
+            if (!strcmp(e->element[1]->str, w->cfg->worker_id)) {
                 cmds[m] = dg_cmd_of("XCLAIM", l[i].stream, w->cfg->group, w->cfg->worker_id, NULL);
                 dg_cmd_addf(cmds[m], "%lld", e->element[2]->integer);
                 dg_cmd_adds(cmds[m], l[i].entry);
                 dg_cmd_adds(cmds[m++], "JUSTID");
-                continue;
-            }
-            if (e && e->type == REDIS_REPLY_ARRAY && e->elements == 4 && e->element[1]->type == REDIS_REPLY_STRING)
+            } else {
                 log_warn("entry %s of \"%s\" now belongs to \"%s\": its lease was lost (result stays "
                          "exactly-once)", l[i].entry, l[i].stream, e->element[1]->str);
-            report_lost(w, &l[i]);   /* not pending: acknowledged, by another attempt or by our
-                                        own commit since the copy (no run to stop then) */
+                report_lost(w, &l[i]);
+            }
         }
         for (int i = 0; i < n; i++) if (rep[i]) freeReplyObject(rep[i]);
-        if (m && dg_redis_pipeline(rd, cmds, m, rep) == 0)
-            for (int i = 0; i < m; i++) freeReplyObject(rep[i]);
-        for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
+        for (int g = 0; g < n_gone; g++) cmds[m + g] = dg_cmd_of("EXISTS", l[gone[g]].result, NULL);
+        if (m + n_gone && dg_redis_pipeline(rd, cmds, m + n_gone, rep) == 0) {
+            /* acknowledged with a result: by another attempt, or by our own commit since the
+             * copy (no run to stop then) */
+            for (int g = 0; g < n_gone; g++) if (dg_reply_int(rep[m + g], 0) == 1) report_lost(w, &l[gone[g]]);
+            for (int i = 0; i < m + n_gone; i++) freeReplyObject(rep[i]);
+        }
+        for (int i = 0; i < m + n_gone; i++) dg_cmd_free(cmds[i]);
     } else {
         for (int i = 0; i < n; i++) dg_cmd_free(cmds[i]);
     }
+    free(gone);
     free(cmds);
     free(rep);
     free(l);

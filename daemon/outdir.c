@@ -46,8 +46,11 @@ int dg_outdir_write(const char *root, const char *id, int n, const uint8_t *png,
     char host[64] = "";
     if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "host");
     snprintf(tmp, sizeof tmp, "%s/.%d.png.%s.%ld.tmp", dir, n, host, (long)getpid());
-    if (mkdir(dir, 0755) == 0) {
-        sync_dir(root);   /* <id>/'s own entry, or a crash could lose the directory and its files */
+    /* <id>/'s own entry in output_root is synced too, or a crash could lose the directory
+     * with its files: when made, and at an attempt's first image (an earlier attempt may have
+     * made it and died before its sync) */
+    if (mkdir(dir, 0755) == 0 || (errno == EEXIST && n == 1)) {
+        sync_dir(root);
     } else if (errno != EEXIST) {
         snprintf(err, errlen, "output_root: cannot make \"%s\": %s", dir, strerror(errno));
         return -1;

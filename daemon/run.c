@@ -402,13 +402,15 @@ int dg_runs_stepping(const dg_runs *l) {
 
 int dg_runs_fence(dg_runs *l, dg_sched *sched, const char *stream, const char *entry, uint64_t serial) {
     dg_run *r = dg_runs_find(l, stream, entry);
-    if (!r || r->serial != serial || r->ended || r->lease_lost) return 0;
+    /* an ended run keeps its result; one that ended to be retried gives back nothing (the
+     * entry is another attempt's now) */
+    if (!r || r->serial != serial || r->lease_lost || (r->ended && !r->retry)) return 0;
     log_warn("job \"%s\" (entry %s): its lease was lost to another attempt; this one is stopped "
              "and writes nothing more", r->id, r->entry);
     r->lease_lost = 1;
     dg_run_out_written(r, r->n_out);
     r->dirty = 0;
-    if (r->submitted && !r->cancel_asked) {
+    if (!r->ended && r->submitted && !r->cancel_asked) {
         r->cancel_asked = 1;
         dg_sched_cancel(sched, r->seq);
     }

@@ -139,9 +139,10 @@ int     dg_runs_stepping(const dg_runs *l);               /* 1 if the engine run
 /* The runs named by (entry, serial) whose lease the keeper found lost: each that has not
  * ended is cancelled in the engine, its queued writes are dropped, and from now on it
  * writes nothing (no event, image, progress or result): the attempt that holds the entry
- * now owns the job's keys. A run that has ended keeps its result: committed under the
- * result key's WATCH, it is still the job's one result if it comes first. Returns how many
- * runs were fenced. */
+ * now owns the job's keys. One that ended to be retried is not given back (dg_take_release
+ * would write "retrying" into the job hash). A run that has ended otherwise keeps its
+ * result: committed under the result key's WATCH, it is still the job's one result if it
+ * comes first. Returns how many runs were fenced. */
 int dg_runs_fence(dg_runs *l, dg_sched *sched, const char *stream, const char *entry, uint64_t serial);
 
 /* Running jobs that must stop are cancelled in the engine and end at their next step: past

@@ -50,7 +50,7 @@ int dg_take_park_normal(const dg_take_step *s, int high_got) { return high_got >
 void dg_take_init(dg_taker *t, dg_redis *redis, const dg_daemon_config *cfg, const dg_keys *keys,
                   dg_sched *sched, dg_committer *commit, dg_runs *held) {
     *t = (dg_taker){.redis = redis, .cfg = cfg, .keys = keys, .sched = sched, .commit = commit,
-                    .held = held, .own_pending = 1, .next_reaper_ms = dg_mono_ms()};
+                    .held = held, .own_pending = 1, .next_reaper_ms = dg_mono_ms(), .life_start_ms = dg_mono_ms()};
 }
 
 void dg_take_free(dg_taker *t) {
@@ -71,8 +71,16 @@ static void released_forget(dg_taker *t, int i) {
     if (i >= 0) t->released[i] = t->released[--t->n_released];
 }
 
+/* Entries a reaper surely took by now (ours runs every reaper_ms, and takes any entry idle
+ * past claim_idle_ms): whatever they became, they are not ours to back off any more. */
+static void released_prune(dg_taker *t, int64_t now) {
+    for (int k = t->n_released - 1; k >= 0; k--)
+        if (t->released[k].until_ms + t->cfg->claim_idle_ms + t->cfg->reaper_ms < now) released_forget(t, k);
+}
+
 /* An entry left pending for a later attempt: not taken back before claim_idle_ms. */
 static void released_add(dg_taker *t, const char *stream, const char *entry) {
+    released_prune(t, dg_mono_ms());
     int i = released_find(t, stream, entry);
     if (i < 0) {
         if (t->n_released == t->cap_released) {
@@ -126,8 +134,8 @@ static void last_error(const redisReply *hash, char *out, size_t outlen, int del
                  attempt && attempt->type == REDIS_REPLY_STRING ? attempt->str : "?",
                  worker && worker->type == REDIS_REPLY_STRING ? worker->str : "?");
     else if (!attempt)
-        snprintf(out, outlen, "gave up after %d deliveries, none of which started the job: the "
-                 "worker died while reading it", deliveries - 1);
+        snprintf(out, outlen, "gave up after %d deliveries, none of which got to start the job (a "
+                 "worker died while reading it?)", deliveries - 1);
     else
         snprintf(out, outlen, "gave up after %d deliveries without a recorded error", deliveries - 1);
 }
@@ -148,7 +156,7 @@ static void note_retry(dg_taker *t, const dg_run *r, const char *why) {
  * A delivery past the job's max_attempts is not unpacked (r->parsed stays 0, the status is
  * DG_JOB_OK and r->max_attempts the limit): should reading the job be what kills the worker,
  * every delivery would die there before it could be given up, and the job would take down
- * worker after worker for ever. Its limit is read off the wire (dg_job_peek_max_attempts). */
+ * worker after worker for ever. Its limit, id and TTL are read off the wire (dg_job_peek). */
 static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *fields, char *err, size_t errlen) {
     const redisReply *fid = field(fields, "id"), *fjob = field(fields, "job");
     if (fjob && fjob->type == REDIS_REPLY_STRING) {
@@ -157,18 +165,27 @@ static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *field
         if (!r->job_bytes) abort();
         memcpy(r->job_bytes, fjob->str, fjob->len);
     }
-    uint32_t limit = r->job_bytes ? dg_job_peek_max_attempts(r->job_bytes, r->job_len) : 0;
-    if (limit > DG_JOB_MAX_ATTEMPTS) limit = 0;   /* refused when unpacked: the worker's default */
-    int unread = r->deliveries > (limit ? (int)limit : t->cfg->max_attempts);
+    dg_job_wire wire = {0};
+    if (r->job_bytes) dg_job_peek(r->job_bytes, r->job_len, &wire);
+    /* values the unpacked job would be refused for: the worker's defaults */
+    const int limit = wire.max_attempts >= 1 && wire.max_attempts <= DG_JOB_MAX_ATTEMPTS ? (int)wire.max_attempts
+                                                                                      : t->cfg->max_attempts;
+    const int unread = fjob && r->deliveries > limit;
     dg_job_status st = DG_JOB_BAD_REQUEST;
     if (!fjob) snprintf(err, errlen, "stream entry has no `job` field");
-    else if (unread) st = DG_JOB_OK, r->max_attempts = limit ? (int)limit : t->cfg->max_attempts;
-    else st = dg_job_parse(&r->job, r->job_bytes, r->job_len, t->cfg, err, errlen);
+    else if (unread) {
+        st = DG_JOB_OK;
+        r->max_attempts = limit;
+        if (wire.result_ttl_s >= 1 && wire.result_ttl_s <= DG_JOB_MAX_TTL_S) r->ttl_s = (int)wire.result_ttl_s;
+    } else st = dg_job_parse(&r->job, r->job_bytes, r->job_len, t->cfg, err, errlen);
     r->parsed = r->job.pb != NULL;
 
-    /* the job id names every key: the protobuf's, else the entry's `id` field, else the entry id */
+    /* the job id names every key: the protobuf's (or its wire bytes', unread), else the
+     * entry's `id` field, else the entry id */
     if (r->parsed && dg_job_id_valid(r->job.pb->id, strlen(r->job.pb->id)))
         snprintf(r->id, sizeof r->id, "%s", r->job.pb->id);
+    else if (unread && dg_job_id_valid(wire.id, wire.id_len))
+        snprintf(r->id, sizeof r->id, "%.*s", (int)wire.id_len, wire.id);
     else if (fid && fid->type == REDIS_REPLY_STRING && dg_job_id_valid(fid->str, fid->len))
         snprintf(r->id, sizeof r->id, "%s", fid->str);
     else
@@ -264,7 +281,11 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
     char err[1024];
     seen s;
 
-    if (dg_runs_find(t->held, stream, entry_id)) return 0;   /* already ours and running */
+    const dg_run *h = dg_runs_find(t->held, stream, entry_id);
+    if (h) {   /* already ours and running; or fenced and ending: taken when it has ended */
+        if (h->lease_lost) t->retake = 1;
+        return 0;
+    }
     released_forget(t, released_find(t, stream, entry_id));   /* delivered again: this is the attempt */
     if (!fields || fields->type != REDIS_REPLY_ARRAY) {
         /* trimmed while pending: nothing left to run; acknowledge so it leaves the PEL */
@@ -433,16 +454,18 @@ static int claim_own(dg_taker *t, const char *stream, dg_cmd *claim, int first, 
 }
 
 /* Our own pending entries of a stream (left by an earlier life of this consumer, read before
- * a connection broke, or parked by the idle wait), up to count, claimed again. Their
- * delivery counts when it may have run: an earlier life's entry, or one given back by a
- * run of this life (after its back-off; dg_taker.released). Any other, and the parked
- * entry, never ran in this life (its read's or claim's reply was lost, or Redis went away
- * before it started): it is claimed with RETRYCOUNT its count as it is, so that a lost
- * reply does not use up max_attempts. Sets *more when more of them may wait. */
+ * a connection broke, given back, or parked by the idle wait), up to count, claimed again,
+ * each with the idle time XPENDING just gave as its min-idle-time (a reaper that took it in
+ * between keeps it). Their delivery counts when it may have run: an entry delivered before
+ * this process started (its idle time is longer than our life), or one given back by a run
+ * of this life (after its back-off; dg_taker.released). Any other, and the parked entry,
+ * never ran (its read's or claim's reply was lost, or Redis went away before it started):
+ * it is claimed with RETRYCOUNT its count as it is, so that a lost reply does not use up
+ * max_attempts. Sets *more when more of them may wait. */
 static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
     int parking_stream = t->parked[0] && !strcmp(stream, t->keys->streams[1]);
-    int si = strcmp(stream, t->keys->streams[0]) != 0, earlier_life = !t->own_seen[si];
-    int64_t now = dg_mono_ms();
+    int64_t now = dg_mono_ms(), life = now - t->life_start_ms;
+    released_prune(t, now);
     char want_s[16];
     /* one more than we can take, or skip: tells whether more wait */
     int want = count + t->held->n + t->n_released + 1;
@@ -450,32 +473,43 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
     redisReply *pend = dg_redis_cmdv(t->redis, "XPENDING", stream, t->cfg->group, "-", "+", want_s,
                                      t->cfg->worker_id, NULL);
     if (!pend) return -1;
-    int whole = pend->type == REDIS_REPLY_ARRAY && (int)pend->elements < want;   /* the whole list */
-    dg_cmd *claim = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", NULL);
-    dg_cmd *uncounted[16];
-    int n = 0, n_claim = 0, n_uncounted = 0, parked_listed = 0;
-    for (size_t i = 0; pend->type == REDIS_REPLY_ARRAY && i < pend->elements && n < count; i++) {
-        const redisReply *row = pend->element[i];
+    if (pend->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(pend);
+        return 0;
+    }
+    int whole = (int)pend->elements < want;   /* the whole list */
+    dg_cmd **claims = calloc((size_t)count, sizeof *claims);
+    if (!claims) abort();
+    int n = 0, parked_listed = 0;
+    size_t at = 0;
+    for (; at < pend->elements && n < count; at++) {
+        const redisReply *row = pend->element[at];
+        if (row->type != REDIS_REPLY_ARRAY || row->elements < 4 || row->element[0]->type != REDIS_REPLY_STRING ||
+            row->element[2]->type != REDIS_REPLY_INTEGER || row->element[3]->type != REDIS_REPLY_INTEGER)
+            continue;
         const char *id = row->element[0]->str;
-        if (dg_runs_find(t->held, stream, id)) continue;
+        const long long idle = row->element[2]->integer, deliveries = row->element[3]->integer;
+        const dg_run *h = dg_runs_find(t->held, stream, id);
+        if (h) {
+            if (h->lease_lost) *more = 1;   /* back to us while a fenced run ends: after it */
+            continue;
+        }
         int k = released_find(t, stream, id);
         if (k >= 0 && t->released[k].until_ms > now) continue;   /* backing off */
         if (parking_stream && !strcmp(id, t->parked)) {
             parked_listed = 1;
-        } else if (k >= 0 || earlier_life || row->elements < 4 || row->element[3]->type != REDIS_REPLY_INTEGER) {
-            dg_cmd_adds(claim, id);
-            n_claim++;
-        } else if (n_uncounted < (int)(sizeof uncounted / sizeof uncounted[0])) {
-            dg_cmd *c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", id, "RETRYCOUNT", NULL);
-            dg_cmd_addf(c, "%lld", row->element[3]->integer);
-            uncounted[n_uncounted++] = c;
-        } else {
-            *more = 1;   /* the rest at the next look */
             continue;
         }
-        n++;
+        dg_cmd *c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, NULL);
+        dg_cmd_addf(c, "%lld", idle);
+        dg_cmd_adds(c, id);
+        if (k < 0 && idle < life) {   /* delivered in this life and never run */
+            dg_cmd_adds(c, "RETRYCOUNT");
+            dg_cmd_addf(c, "%lld", deliveries);
+        }
+        claims[n++] = c;
     }
-    if (pend->type == REDIS_REPLY_ARRAY && !whole) *more = 1;
+    if (!whole || at < pend->elements) *more = 1;
     /* a given-back entry gone from our whole list was taken over elsewhere */
     for (int k = t->n_released - 1; whole && k >= 0; k--) {
         if (strcmp(t->released[k].stream, stream)) continue;
@@ -483,19 +517,25 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
         while (i < pend->elements && strcmp(pend->element[i]->element[0]->str, t->released[k].entry)) i++;
         if (i == pend->elements) released_forget(t, k);
     }
+    long long parked_idle = 0;
+    for (size_t i = 0; parked_listed && i < pend->elements; i++)
+        if (!strcmp(pend->element[i]->element[0]->str, t->parked)) parked_idle = pend->element[i]->element[2]->integer;
     freeReplyObject(pend);
-    int rc = n_claim ? claim_own(t, stream, claim, 0, taken, out) : 0;
-    dg_cmd_free(claim);
-    for (int i = 0; i < n_uncounted; i++) {
-        if (!rc) rc = claim_own(t, stream, uncounted[i], 0, taken, out);
-        dg_cmd_free(uncounted[i]);
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        if (!rc) rc = claim_own(t, stream, claims[i], 0, taken, out);
+        dg_cmd_free(claims[i]);
     }
-    if (!rc) t->own_seen[si] = 1;
+    free(claims);
     if (rc || !parking_stream) return rc;
     if (parked_listed) {
-        claim = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", t->parked, "RETRYCOUNT", "1", NULL);
-        rc = claim_own(t, stream, claim, 1, taken, out);
-        dg_cmd_free(claim);
+        dg_cmd *c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, NULL);
+        dg_cmd_addf(c, "%lld", parked_idle);
+        dg_cmd_adds(c, t->parked);
+        dg_cmd_adds(c, "RETRYCOUNT");
+        dg_cmd_adds(c, "1");
+        rc = claim_own(t, stream, c, 1, taken, out);
+        dg_cmd_free(c);
     }
     /* taken now, or missing from the whole list: another worker took it over */
     if (!rc && (parked_listed || whole)) t->parked[0] = 0;
@@ -596,6 +636,7 @@ static int read_new(dg_taker *t, const dg_take_step *s, const redisReply *read, 
 
 int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_take_report *out) {
     int taken = 0, more = 0, rc = 0;   /* rc 1: the plan ends here, no error */
+    t->retake = 0;
     int own_steps = 0, own_ran = 0, reap_steps = 0, reap_ran = 0;
     for (int i = 0; i < p->n_steps; i++) {
         own_steps += p->steps[i].source == DG_TAKE_OWN;
@@ -625,7 +666,7 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
      * stream's own entries to the next plan, as a REAP step that did not run leaves the
      * reaper due */
     if (own_steps && !rc) t->own_pending = more || own_ran < own_steps;
-    if (t->parked[0]) t->own_pending = 1;
+    if (t->parked[0] || t->retake) t->own_pending = 1;
     if (reap_steps && reap_ran == reap_steps) t->next_reaper_ms = dg_mono_ms() + t->cfg->reaper_ms;
     return rc < 0 ? -1 : 0;
 }

@@ -112,15 +112,17 @@ typedef struct {
     /* entries given back for a later attempt (dg_take_release, a retryable refusal at
      * submit): they stay in our pending list, and our own-pending step leaves them alone
      * until claim_idle_ms has passed (a reaper's XAUTOCLAIM, ours or another worker's, then
-     * delivers them again: the back-off). Kept until a run takes the entry, or our whole
-     * pending list no longer holds it: an own entry not in this list, seen after this
-     * life's first look at our own list, was never run (its read's reply was lost) and is
-     * claimed without counting a delivery. */
+     * delivers them again: the back-off). Kept until a run takes the entry, our whole
+     * pending list no longer holds it, or a reaper surely had it (claim_idle_ms + reaper_ms
+     * after the back-off): an own entry delivered in this life and not in this list was
+     * never run (its read's reply was lost) and is claimed without counting a delivery. */
     struct dg_released { char stream[DG_KEY_MAX]; char entry[64]; int64_t until_ms; } *released;
     int n_released, cap_released;
-    int own_seen[2];                 /* our own list of the high [0] / normal [1] stream was
-                                        looked at in this process's life: entries left by an
-                                        earlier life (which ran, and maybe crashed) count */
+    int64_t life_start_ms;           /* dg_mono_ms() at init: an own pending entry idle for
+                                        longer was delivered to an earlier life of this
+                                        consumer (which ran it, and maybe crashed): it counts */
+    int retake;                      /* an entry came back to us while its fenced run was
+                                        still ending: our own list is to be looked at again */
     char parked[64];                 /* the entry of the normal stream the idle wait parked
                                         (pending, not run; its one delivery did not count),
                                         "" when none: the idle wait's COUNT 1 parks at most

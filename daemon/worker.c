@@ -95,6 +95,7 @@ static void publish(dg_worker *w) {
         snprintf(l->stream, sizeof l->stream, "%s", r->stream);
         snprintf(l->entry, sizeof l->entry, "%s", r->entry);
         l->serial = r->serial;
+        dg_key_result(l->result, w->cfg->prefix, r->id);
         int n = snprintf(w->stats.jobs + used, sizeof w->stats.jobs - used, "%s%s", used ? " " : "", r->id);
         if (n > 0 && used + (size_t)n < sizeof w->stats.jobs) used += (size_t)n;
     }
@@ -356,6 +357,7 @@ int dg_worker_run(dg_worker *w) {
             w->fatal = EX_CONFIG;
             break;
         }
+        fence_lost(w);   /* first: a fenced run that has ended leaves before its entry is taken again */
         publish(w);
         status_line(w);
         if (take_jobs(w, connected, drain_deadline != 0)) continue;   /* Redis went away: the top of the loop reconnects */

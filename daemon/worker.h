@@ -47,6 +47,7 @@ typedef struct {
 typedef struct {
     char stream[DG_KEY_MAX];
     char entry[64];
+    char result[DG_KEY_MAX];         /* its job's result key */
     uint64_t serial;                 /* dg_run.serial */
 } dg_lease;
 

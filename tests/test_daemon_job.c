@@ -303,24 +303,38 @@ TEST(job_ids) {
     CHECK(!dg_job_id_valid(long_id, 129));
 }
 
-TEST(job_max_attempts_read_off_the_wire) {
+TEST(job_limits_and_id_read_off_the_wire) {
     /* id "j", a message with max_attempts-like bytes inside it (field 7 of Message: not the
-     * job's), seed 5, max_attempts 9, then max_attempts 4 again: the last one wins */
-    const uint8_t job[] = {0x0a, 0x01, 'j', 0x12, 0x02, 0x38, 0x63, 0x28, 0x05, 0x38, 0x09, 0x38, 0x04};
-    CHECK_EQ_INT(dg_job_peek_max_attempts(job, sizeof job), 4);
+     * job's), seed 5, max_attempts 9, result_ttl_s 600, id "k7", max_attempts 4: the last
+     * occurrence wins */
+    const uint8_t job[] = {0x0a, 0x01, 'j', 0x12, 0x02, 0x38, 0x63, 0x28, 0x05, 0x38, 0x09,
+                           0x40, 0xd8, 0x04, 0x0a, 0x02, 'k', '7', 0x38, 0x04};
+    dg_job_wire wire;
+    dg_job_peek(job, sizeof job, &wire);
+    CHECK_EQ_INT(wire.max_attempts, 4);
+    CHECK_EQ_INT(wire.result_ttl_s, 600);
+    CHECK(wire.id_len == 2 && wire.id && !memcmp(wire.id, "k7", 2));
     dg_daemon_config c;
     dg_daemon_config_defaults(&c);
     dg_job j;
     (void)dg_job_parse(&j, job, sizeof job, &c, err, sizeof err);   /* refused (no message), but unpacked */
     CHECK(j.pb != NULL);                                             /* protobuf-c read the same value */
-    if (j.pb) CHECK_EQ_INT(j.pb->max_attempts, 4);
+    if (j.pb) {
+        CHECK_EQ_INT(j.pb->max_attempts, 4);
+        CHECK_EQ_INT(j.pb->result_ttl_s, 600);
+        CHECK_EQ_STR(j.pb->id, "k7");
+    }
     dg_job_free(&j);
-    CHECK_EQ_INT(dg_job_peek_max_attempts(job, 9), 0);            /* absent */
-    CHECK_EQ_INT(dg_job_peek_max_attempts(job, 4), 0);            /* cut inside the message */
+    dg_job_peek(job, 9, &wire);                                    /* before the limits */
+    CHECK(wire.max_attempts == 0 && wire.result_ttl_s == 0 && wire.id_len == 1);
+    dg_job_peek(job, 4, &wire);                                    /* cut inside the message: nothing */
+    CHECK(wire.max_attempts == 0 && wire.id == NULL);
     const uint8_t bad_wire[] = {0x38, 0x02, 0x0f};                 /* wire type 7 */
-    CHECK_EQ_INT(dg_job_peek_max_attempts(bad_wire, sizeof bad_wire), 0);
+    dg_job_peek(bad_wire, sizeof bad_wire, &wire);
+    CHECK_EQ_INT(wire.max_attempts, 0);
     const uint8_t big[] = {0x38, 0x81, 0x80, 0x80, 0x80, 0x10};    /* 2^32 + 1: low 32 bits */
-    CHECK_EQ_INT(dg_job_peek_max_attempts(big, sizeof big), 1);
+    dg_job_peek(big, sizeof big, &wire);
+    CHECK_EQ_INT(wire.max_attempts, 1);
 }
 
 /* Every fsync of the program, by the path of its file: dg_outdir_write's durability is
@@ -356,6 +370,9 @@ TEST(outdir_syncs_file_its_directory_and_the_new_directory_entry) {
     n_synced = 0;                           /* a second image: the directory exists already */
     CHECK_EQ_INT(dg_outdir_write(root, "job1", 2, png, sizeof png, path, sizeof path, err, sizeof err), 0);
     CHECK(!was_synced(real));
+    n_synced = 0;                           /* a later attempt's first image: its maker may have died unsynced */
+    CHECK_EQ_INT(dg_outdir_write(root, "job1", 1, png, sizeof png, path, sizeof path, err, sizeof err), 0);
+    CHECK(was_synced(real));
     dg_outdir_prune(root, "job1", 0);
     snprintf(want, sizeof want, "%s/job1", root);
     CHECK_EQ_INT(rmdir(want), 0);

@@ -310,3 +310,86 @@ def test_a_job_given_back_waits_claim_idle_before_its_next_attempt(cluster):
     assert t1 - t0 >= 2.5, f"second attempt {t1 - t0:.2f} s after the first was given back"
     res = cluster.wait_result("backoff", timeout=20)
     assert res["error_code"] == b"EXHAUSTED", res
+
+
+def kill_main_connection(cluster, name):
+    for c in cluster.r.client_list():
+        if c["name"] == name:
+            cluster.r.client_kill_filter(_id=c["id"])
+
+
+def attempt_of(res):
+    return pb.Result.FromString(res["pb"]).attempt
+
+
+def test_a_lost_read_of_two_entries_with_one_slot_left_runs_both_uncounted(cluster):
+    """A read of two entries whose reply was lost, and one slot left after a high job: the
+    look at our own list claimed one and dropped the other from view (own_pending cleared
+    with rows unexamined), until a reaper counted a delivery for it: with max_attempts 1 it
+    was given up without ever running."""
+    cluster.worker("w1", args=["--max-inflight", "3", "--claim-idle-ms", "3000"])
+    cluster.wait_groups()
+    cluster.enqueue("long", " ".join(["w"] * 80), meta={"fake.step_ms": 100}, stream="jobs:high")
+    wait_until(lambda: cluster.r.hget("duogen:job:long", "state") == b"running", what="long running")
+    p = cluster.r.pipeline(transaction=True)   # the lost read, atomically, as w1
+    for j in ("a", "b"):
+        p.xadd(cluster.key("jobs"), {"id": j, "job": make_job(j, "x y", max_attempts=1).SerializeToString()})
+    p.xreadgroup("duogen", "w1", {cluster.key("jobs"): ">"}, count=2)
+    p.xadd(cluster.key("jobs:high"), {"id": "h", "job": make_job("h", " ".join(["w"] * 40),
+                                                                 meta={"fake.step_ms": 100}).SerializeToString()})
+    p.execute()
+    kill_main_connection(cluster, "w1")
+    for j in ("a", "b"):
+        res = cluster.wait_result(j, timeout=20)
+        assert res["status"] == b"done" and attempt_of(res) == 1, (j, res)
+
+
+def test_entries_of_an_earlier_life_count_past_the_first_look(cluster):
+    """Two entries left in w1's list by an earlier life; with one slot, the first look takes
+    one: the second, taken at a later look, was claimed as never run (uncounted)."""
+    for s in ("jobs", "jobs:high"):
+        cluster.r.xgroup_create(cluster.key(s), "duogen", id="0", mkstream=True)
+    for j in ("e1", "e2"):
+        cluster.enqueue(j, " ".join(["w"] * 5), meta={"fake.step_ms": 50})
+    cluster.r.xreadgroup("duogen", "w1", {cluster.key("jobs"): ">"}, count=2)   # the earlier life
+    time.sleep(0.05)   # delivered before the new life starts
+    cluster.worker("w1", args=["--max-inflight", "1"])
+    assert attempt_of(cluster.wait_result("e1")) == 2
+    assert attempt_of(cluster.wait_result("e2")) == 2
+
+
+def test_a_redis_rollback_does_not_stop_a_run_nobody_else_holds(cluster):
+    """Redis restarts from a snapshot taken before the worker read a job: the entry is not
+    pending any more, and no one else has it. The run must go on (it was fenced as if another
+    attempt had acknowledged it, and the job ran again from scratch)."""
+    w = cluster.worker("w1", args=["--claim-idle-ms", "3000", "--max-inflight", "2"])
+    cluster.wait_groups()
+    cluster.enqueue("long", " ".join(["w"] * 100), meta={"fake.step_ms": 100}, max_attempts=5)
+    wait_until(lambda: cluster.r.hget("duogen:job:long", "state") == b"running", what="long running")
+    w.proc.send_signal(signal.SIGSTOP)
+    cluster.enqueue("rb", " ".join(["w"] * 60), meta={"fake.step_ms": 100}, max_attempts=5)
+    cluster.r.save()                            # the snapshot: rb not yet delivered
+    w.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: cluster.r.hget("duogen:job:rb", "state") == b"running", what="rb running")
+    time.sleep(1.0)
+    cluster.server.stop(hard=True)
+    cluster.server.start()
+    cluster.r = cluster.server.client()
+    cluster.wait_result("rb", timeout=30)
+    assert "its lease was lost" not in w.logs()
+
+
+def test_a_job_given_up_unread_keeps_its_ttl_and_its_id(cluster):
+    """A delivery past max_attempts is given up without unpacking the job: its result must
+    still go under the job's own id (an entry without an `id` field) with its own TTL."""
+    for s in ("jobs", "jobs:high"):
+        cluster.r.xgroup_create(cluster.key(s), "duogen", id="0", mkstream=True)
+    cluster.enqueue("ttl", "x", max_attempts=1, result_ttl_s=600)
+    raw = make_job("noid", "x", max_attempts=1).SerializeToString()
+    cluster.enqueue("noid", raw=raw, fields={"job": raw})
+    cluster.r.xreadgroup("duogen", "ghost", {cluster.key("jobs"): ">"}, count=2)   # a dead worker
+    cluster.worker("w1", args=["--claim-idle-ms", "500", "--reaper-ms", "100"])
+    res = cluster.wait_result("ttl")
+    assert res["error_code"] == b"EXHAUSTED", res
+    assert 0 < cluster.r.ttl(cluster.key("result", "ttl")) <= 600
+    assert cluster.wait_result("noid")["error_code"] == b"EXHAUSTED"

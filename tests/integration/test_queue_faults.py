@@ -180,7 +180,7 @@ def test_job_that_kills_the_parser_goes_dead_after_max_attempts(cluster):
     res = wait_until(supervise, timeout=60, every=0.1, what="the job to be dead-lettered")
     assert restarts[0] == 2, f"{restarts[0]} worker deaths for a job of max_attempts 2"
     assert res["status"] == b"failed" and res["error_code"] == b"EXHAUSTED", res
-    assert "none of which started the job" in res["error"].decode(), res["error"]
+    assert "none of which got to start the job" in res["error"].decode(), res["error"]
     dead = cluster.r.xrange("duogen:dead")
     assert len(dead) == 1 and dead[0][1][b"id"] == b"parsekill" and dead[0][1][b"deliveries"] == b"3"
     assert b"CRASH-ON-UNPACK" in dead[0][1][b"job"]   # the bytes as sent, for inspection
