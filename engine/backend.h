@@ -177,6 +177,11 @@ typedef struct dg_screen dg_screen;   /* a backend's coarse copy of a weight (ma
 
 struct dg_backend {
     const char *name;            /* "cpu", "cpu-scalar", "cuda" */
+    /* Called with load_tick_user as each weight is bound (io/weights.h), before it is
+     * converted and uploaded: dg_model_open's load progress between its phases, so that a
+     * long upload keeps telling systemd it lives. NULL: none. Not an operation. */
+    void      (*load_tick)(void *user);
+    void       *load_tick_user;
     int         n_threads;       /* CPU threads an operation uses (CUDA: 1) */
     int         kv_bf16;         /* 1: kv_write and attention take a BF16 dg_kv_view */
     int         kv_bf16_default; /* 1: a scheduler keeps its KV in bf16 unless told fp32

@@ -353,6 +353,19 @@ static void weights_tick(void *user, double done) {
     o->progress(o->progress_user, "weights", 0.1 + 0.2 * done);
 }
 
+/* Each weight bound: the phase again (a GPU upload of billions of weights runs minutes
+ * between two phases, past a start timeout that only the phases extended). */
+typedef struct {
+    const dg_model_opts *o;
+    const char *phase;
+    double fraction;
+} load_phase;
+
+static void bind_tick(void *user) {
+    const load_phase *p = user;
+    p->o->progress(p->o->progress_user, p->phase, p->fraction);
+}
+
 int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen) {
     *out = NULL;
     if (!dir || !dir[0]) return fail(err, errlen, DG_EMODEL, "no model directory given");
@@ -387,6 +400,8 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     if ((rc = dg_st_open_flags(mllm, m->be->weights_hugepages ? DG_ST_HUGEPAGES : 0, o && o->progress ? weights_tick : NULL,
                                (void *)o, &m->mllm_st, err, errlen)) < 0)
         goto fail;
+    load_phase tick = {o, "weights", 0.3};
+    if (o && o->progress) m->be->load_tick = bind_tick, m->be->load_tick_user = &tick;
     if ((rc = dg_qwen2_load(&m->llm, &m->cfg.text, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
     if ((!o || o->logit_screen >= 0) && (rc = dg_qwen2_screen(&m->llm, o && o->logit_screen > 0, err, errlen)) < 0)
         goto fail;
@@ -442,7 +457,9 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
         (rc = read_prompts(m, manifest, path, err, errlen)) < 0)
         goto fail;
     if (o && o->progress) o->progress(o->progress_user, "dit, vae and connector", 0.6);
+    tick = (load_phase){o, "dit, vae and connector", 0.6};
     if ((rc = load_draw(m, json_object_get(manifest, "components"), err, errlen)) < 0) goto fail;
+    m->be->load_tick = NULL;   /* `tick` ends with this call */
     const char *name = json_string_value(json_object_get(manifest, "name"));
     int n = snprintf(m->describe, sizeof m->describe, "%s: qwen2.5-vl %dL/%dd vocab %d%s", name ? name : dir,
                      m->cfg.text.n_layers, m->cfg.text.hidden_size, m->cfg.text.vocab_size,

@@ -11,7 +11,10 @@
  * - generation_config.json's eos_token_id list ([<|im_end|>, <|endoftext|>] in
  *   Qwen2.5-VL): the answer ends at any of them, as transformers' generate does;
  * - preprocessor_config.json with both size.{shortest,longest}_edge and min/max_pixels:
- *   min/max_pixels win, as in Qwen2VLImageProcessor. */
+ *   min/max_pixels win, as in Qwen2VLImageProcessor.
+ * And the load's progress: reported as each weight is bound, not only between phases (a
+ * GPU upload of billions of weights ran minutes without a word, past systemd's start
+ * timeout, which each report extends). */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -83,6 +86,28 @@ static test_job first_token(dg_model *m, int32_t tok) {
     if (dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err) == 0) CHECK_EQ_INT(test_job_run(s, &r, &c), 0);
     dg_sched_free(s);
     return c;
+}
+
+static int ticks_weights, ticks_draw;
+static void count_progress(void *user, const char *phase, double fraction) {
+    (void)user;
+    (void)fraction;
+    ticks_weights += !strcmp(phase, "weights");
+    ticks_draw += !strcmp(phase, "dit, vae and connector");
+}
+
+TEST(load_progress_is_reported_per_weight) {
+    char dir[512], err[512];
+    if (test_make_package("tiny", 3, NULL, dir, sizeof dir) < 0) { CHECK(!"package"); return; }
+    dg_model_opts o = {.progress = count_progress};
+    dg_model *m = NULL;
+    CHECK_EQ_INT(dg_model_open(dir, &o, &m, err, sizeof err), 0);
+    /* the tiny decoder has 2 layers of 12 tensors, the DiT 2 blocks of more: one report a
+     * weight, beyond the phase's own */
+    if (ticks_weights < 20 || ticks_draw < 20)
+        test_fail(__FILE__, __LINE__, "%d reports while the decoder's weights were bound, %d for the "
+                  "drawing networks'", ticks_weights, ticks_draw);
+    dg_model_close(m);
 }
 
 TEST(generation_configs_eos_ids_end_the_answer) {

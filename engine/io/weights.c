@@ -70,11 +70,14 @@ static const dg_st_tensor *find(dg_binder *b, const char *name, const dg_shape *
     return t;
 }
 
-/* The common head of every bind: a sticky error returns at once, else the checked tensor. */
+/* The common head of every bind: a sticky error returns at once, else the checked tensor
+ * (and a tick of the backend's load progress: a long upload keeps reporting). */
 static const dg_st_tensor *lookup(dg_binder *b, const dg_shape *shape, const char *fmt, va_list ap) {
     char name[NAME_MAX_LEN];
     if (b->rc < 0 || format_name(b, name, fmt, ap) < 0) return NULL;
-    return find(b, name, shape);
+    const dg_st_tensor *t = find(b, name, shape);
+    if (t && b->be->load_tick) b->be->load_tick(b->be->load_tick_user);
+    return t;
 }
 
 static size_t elements(const dg_st_tensor *t) {
