@@ -462,6 +462,20 @@ static int claim_own(dg_taker *t, const char *stream, dg_cmd *claim, int first, 
  * never ran (its read's or claim's reply was lost, or Redis went away before it started):
  * it is claimed with RETRYCOUNT its count as it is, so that a lost reply does not use up
  * max_attempts. Sets *more when more of them may wait. */
+/* XCLAIM of one of our own entries, with min-idle-time the idle XPENDING gave; its delivery
+ * count set to `retrycount` when >= 0, else counted as a new delivery. */
+static dg_cmd *claim_own_cmd(const dg_taker *t, const char *stream, const char *id, long long idle,
+                             long long retrycount) {
+    dg_cmd *c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, NULL);
+    dg_cmd_addf(c, "%lld", idle);
+    dg_cmd_adds(c, id);
+    if (retrycount >= 0) {
+        dg_cmd_adds(c, "RETRYCOUNT");
+        dg_cmd_addf(c, "%lld", retrycount);
+    }
+    return c;
+}
+
 static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
     int parking_stream = t->parked[0] && !strcmp(stream, t->keys->streams[1]);
     int64_t now = dg_mono_ms(), life = now - t->life_start_ms;
@@ -481,6 +495,7 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
     dg_cmd **claims = calloc((size_t)count, sizeof *claims);
     if (!claims) abort();
     int n = 0, parked_listed = 0;
+    long long parked_idle = 0;
     size_t at = 0;
     for (; at < pend->elements && n < count; at++) {
         const redisReply *row = pend->element[at];
@@ -498,16 +513,11 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
         if (k >= 0 && t->released[k].until_ms > now) continue;   /* backing off */
         if (parking_stream && !strcmp(id, t->parked)) {
             parked_listed = 1;
+            parked_idle = idle;
             continue;
         }
-        dg_cmd *c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, NULL);
-        dg_cmd_addf(c, "%lld", idle);
-        dg_cmd_adds(c, id);
-        if (k < 0 && idle < life) {   /* delivered in this life and never run */
-            dg_cmd_adds(c, "RETRYCOUNT");
-            dg_cmd_addf(c, "%lld", deliveries);
-        }
-        claims[n++] = c;
+        /* delivered in this life and not given back: never run, not counted again */
+        claims[n++] = claim_own_cmd(t, stream, id, idle, k < 0 && idle < life ? deliveries : -1);
     }
     if (!whole || at < pend->elements) *more = 1;
     /* a given-back entry gone from our whole list was taken over elsewhere */
@@ -517,9 +527,6 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
         while (i < pend->elements && strcmp(pend->element[i]->element[0]->str, t->released[k].entry)) i++;
         if (i == pend->elements) released_forget(t, k);
     }
-    long long parked_idle = 0;
-    for (size_t i = 0; parked_listed && i < pend->elements; i++)
-        if (!strcmp(pend->element[i]->element[0]->str, t->parked)) parked_idle = pend->element[i]->element[2]->integer;
     freeReplyObject(pend);
     int rc = 0;
     for (int i = 0; i < n; i++) {
@@ -529,11 +536,7 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
     free(claims);
     if (rc || !parking_stream) return rc;
     if (parked_listed) {
-        dg_cmd *c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, NULL);
-        dg_cmd_addf(c, "%lld", parked_idle);
-        dg_cmd_adds(c, t->parked);
-        dg_cmd_adds(c, "RETRYCOUNT");
-        dg_cmd_adds(c, "1");
+        dg_cmd *c = claim_own_cmd(t, stream, t->parked, parked_idle, 1);
         rc = claim_own(t, stream, c, 1, taken, out);
         dg_cmd_free(c);
     }
