@@ -105,6 +105,16 @@ int main(int argc, char **argv) {
     log_info("worker \"%s\" starting: model \"%s\" on %s, Redis %s, prefix \"%s\", group \"%s\"",
              cfg.worker_id, cfg.model, cfg.device, cfg.sentinel[0] ? cfg.sentinel : cfg.redis_url,
              cfg.prefix, cfg.group);
+    /* the metrics first: a port that cannot be bound fails the start (not a worker minutes
+     * later, after its load), and a loading worker answers its scrapes */
+    dg_worker w;
+    dg_worker_prepare(&w, &cfg, &stop_requested);
+    if (cfg.metrics_port && dg_metrics_start(&w, err, sizeof err)) {
+        log_error("%s", err);
+        dg_notify_phase("failed: %s", err);
+        dg_worker_free(&w);
+        return EX_CONFIG;
+    }
     dg_notify_phase("loading model %s", cfg.model);
     dg_notify_extend(30u * 1000000u);
 
@@ -117,12 +127,12 @@ int main(int argc, char **argv) {
     if (rc) {
         log_error("cannot open the model: %s", err);
         dg_notify_phase("failed: %s", err);
+        dg_worker_free(&w);
         return dg_error_class(rc) == DG_ERROR_RETRYABLE || rc == DG_EDEVICE ? EX_TEMPFAIL : EX_CONFIG;
     }
     log_info("model loaded: %s", dg_model_describe(model));
 
-    dg_worker w;
-    rc = dg_worker_init(&w, &cfg, model, &stop_requested, err, sizeof err);
+    rc = dg_worker_init(&w, model, err, sizeof err);
     if (rc) {
         log_error("%s", err);
         dg_notify_phase("failed: %s", err);
@@ -132,6 +142,7 @@ int main(int argc, char **argv) {
     }
     if (cfg.warmup && !stop_requested) {
         dg_notify_phase("warming up");
+        dg_worker_state(&w, "warming up");
         dg_notify_extend(120u * 1000000u);
         const int64_t t0 = dg_now_ms();
         dg_usage u;
@@ -146,6 +157,7 @@ int main(int argc, char **argv) {
                  (long long)u.prompt_tokens, (long long)u.generated_tokens, (long long)u.images,
                  (long long)(dg_now_ms() - t0));
     }
+    dg_worker_state(&w, "idle");
     dg_notify_ready("idle");
     log_info("ready");
 

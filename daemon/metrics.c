@@ -120,8 +120,11 @@ static void render(dg_worker *w, text *t) {
     metric(t, "duogen_leases_lost_total", "counter",
            "Runs stopped because another attempt took their entry (a pause past claim_idle_ms).");
     put(t, "duogen_leases_lost_total{worker=\"%s\"} %lld\n", wid, (long long)s.leases_lost);
+    const int ready = !strcmp(s.state, "idle") || !strcmp(s.state, "running") || !strcmp(s.state, "draining");
+    metric(t, "duogen_worker_ready", "gauge", "1 once the worker takes jobs (0 while its model loads and warms up).");
+    put(t, "duogen_worker_ready{worker=\"%s\"} %d\n", wid, ready);
     metric(t, "duogen_worker_busy", "gauge", "1 while the worker holds jobs.");
-    put(t, "duogen_worker_busy{worker=\"%s\"} %d\n", wid, strcmp(s.state, "idle") != 0);
+    put(t, "duogen_worker_busy{worker=\"%s\"} %d\n", wid, !strcmp(s.state, "running") || !strcmp(s.state, "draining"));
     metric(t, "duogen_redis_up", "gauge", "1 while the main Redis connection is up.");
     put(t, "duogen_redis_up{worker=\"%s\"} %d\n", wid, s.redis_up);
     metric(t, "duogen_job_phase_seconds", "gauge",

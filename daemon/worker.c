@@ -34,18 +34,27 @@
 #define EX_TEMPFAIL 75   /* the engine failed: restart me */
 #define EX_CONFIG   78   /* configuration or permissions: restarting will not help */
 
-int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatile sig_atomic_t *stop,
-                   char *err, size_t errlen) {
+void dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t *stop) {
     memset(w, 0, sizeof *w);
     w->cfg = cfg;
-    w->model = model;
     w->stop = stop;
     dg_keys_init(&w->keys, cfg->prefix, cfg->worker_id);
     pthread_mutex_init(&w->lock, NULL);
     w->stats.started_ms = dg_now_ms();
-    snprintf(w->stats.state, sizeof w->stats.state, "idle");
+    snprintf(w->stats.state, sizeof w->stats.state, "loading");
     w->metrics_fd = -1;
     for (int i = 0; i < 2; i++) w->stats.queue_lag[i] = w->stats.queue_pending[i] = -1;
+}
+
+void dg_worker_state(dg_worker *w, const char *state) {
+    pthread_mutex_lock(&w->lock);
+    snprintf(w->stats.state, sizeof w->stats.state, "%s", state);
+    pthread_mutex_unlock(&w->lock);
+}
+
+int dg_worker_init(dg_worker *w, dg_model *model, char *err, size_t errlen) {
+    dg_daemon_config *cfg = w->cfg;
+    w->model = model;
     /* the read timeout must outlast the longest BLOCK, or every idle poll is an I/O error */
     if (dg_redis_init(&w->redis, cfg, cfg->worker_id, cfg->block_ms + 5000, err, errlen)) return -1;
     dg_sched_opts so = {.max_inflight = cfg->max_inflight, .kv_cache_bytes = cfg->kv_cache_bytes,
@@ -66,6 +75,7 @@ int dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatil
 }
 
 void dg_worker_free(dg_worker *w) {
+    dg_metrics_stop(w);
     dg_runs_free(&w->runs);
     dg_take_free(&w->taker);
     dg_sched_free(w->sched);
@@ -324,11 +334,6 @@ int dg_worker_run(dg_worker *w) {
     if (dg_keeper_start(w, err, sizeof err)) {
         log_error("%s", err);
         return EX_TEMPFAIL;
-    }
-    if (cfg->metrics_port && dg_metrics_start(w, err, sizeof err)) {
-        log_error("%s", err);
-        dg_keeper_stop(w);
-        return EX_CONFIG;
     }
 
     for (;;) {

@@ -76,13 +76,18 @@ typedef struct dg_worker {
     pthread_t metrics;
 } dg_worker;
 
-/* worker.c. The worker must not move after init (its parts point into it). */
-int  dg_worker_init(dg_worker *w, dg_daemon_config *cfg, dg_model *model, volatile sig_atomic_t *stop,
-                    char *err, size_t errlen);
+/* worker.c. dg_worker_prepare() first, before the model loads: enough for the metrics
+ * thread (state "loading"); dg_worker_init() with the model. The worker must not move
+ * after prepare (its parts point into it); dg_worker_free() after either. */
+void dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t *stop);
+int  dg_worker_init(dg_worker *w, dg_model *model, char *err, size_t errlen);
+void dg_worker_state(dg_worker *w, const char *state);   /* the heartbeat's and metrics' state */
 int  dg_worker_run(dg_worker *w);     /* returns the process exit code */
 void dg_worker_free(dg_worker *w);
 
-/* metrics.c: Prometheus text format on 127.0.0.1:metrics_port */
+/* metrics.c: Prometheus text format on 127.0.0.1:metrics_port, from dg_worker_prepare() on
+ * (a loading worker answers, duogen_worker_ready 0; a port that cannot be bound fails the
+ * start, not a ready worker). dg_metrics_stop() accepts a worker whose metrics are off. */
 int  dg_metrics_start(dg_worker *w, char *err, size_t errlen);
 void dg_metrics_stop(dg_worker *w);
 

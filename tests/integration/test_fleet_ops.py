@@ -3,6 +3,7 @@ the systemd units and `make install`."""
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -198,6 +199,35 @@ def test_metrics_scraped(cluster):
     wait_until(lambda: 'duogen_queue_lag_entries{worker="mw",stream="duogen:jobs:high"} 3' in (scrape() or ""),
                what="lag of the high stream")
     assert "# TYPE duogen_jobs_total counter" in text
+
+
+def test_metrics_answer_while_loading_and_a_taken_port_fails_the_start(cluster):
+    """The metrics endpoint used to start after the model's load and warm-up: a loading
+    worker did not answer (DuogenWorkerDown during every long load), and a port that could
+    not be bound stopped the worker (exit 78) only once it had loaded."""
+    port = free_port()
+    w = cluster.worker("lw", env={"DG_FAKE_LOAD_MS": "3000"}, args=["--metrics-port", str(port)])
+
+    def scrape():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+    text = wait_until(scrape, timeout=2.5, what="metrics while loading")
+    assert 'duogen_worker_ready{worker="lw"} 0' in text and 'duogen_worker_busy{worker="lw"} 0' in text
+    wait_until(lambda: 'duogen_worker_ready{worker="lw"} 1' in (scrape() or ""), timeout=15, what="ready")
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        w2 = cluster.worker("pw", env={"DG_FAKE_LOAD_MS": "20000"},
+                            args=["--metrics-port", str(taken.getsockname()[1])])
+        assert w2.proc.wait(10) == 78, "a taken metrics port was found only after the load"
+        assert "metrics: cannot listen" in w2.logs()
+    finally:
+        taken.close()
 
 
 def test_sentinel_failover_mid_job(tmpdir_path):
