@@ -134,7 +134,7 @@ $(BUILD)/man/duogenctl.1: $(BUILD)/duogenctl
 	@echo "  MAN     $@"
 	@$< --man > $@.tmp && mv $@.tmp $@
 
-.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e fuzz demo install clean \
+.PHONY: all deps test soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e fuzz demo install uninstall clean \
         train-shapes eval-shapes
 all: $(LIB) $(ALL_BINS) $(MAN_PAGES)
 
@@ -394,6 +394,16 @@ install: all
 	install -m 0644 tools/mkmodel/vocab/qwen2/* $(DESTDIR)$(PREFIX)/share/duogen/vocab/qwen2/
 	if [ -f $(BUILD)/libduogen_cuda.so ]; then install -d $(DESTDIR)$(PREFIX)/lib/duogen && \
 	    install -m 0755 $(BUILD)/libduogen_cuda.so $(DESTDIR)$(PREFIX)/lib/duogen/; fi
+
+# Everything install put there (not /etc, not the data under /srv and /var); the shared
+# directories (bin, man, systemd's) stay.
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/duogend $(DESTDIR)$(PREFIX)/bin/duogenctl $(DESTDIR)$(PREFIX)/bin/mkmodel \
+	      $(DESTDIR)$(PREFIX)/bin/dg-tokenize $(DESTDIR)$(UNITDIR)/duogend@.service $(DESTDIR)$(UNITDIR)/duogend.target \
+	      $(DESTDIR)$(PREFIX)/lib/sysusers.d/duogen.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/duogen.conf \
+	      $(DESTDIR)$(PREFIX)/share/man/man1/duogenctl.1 $(DESTDIR)$(PREFIX)/share/man/man5/duogend.conf.5 \
+	      $(DESTDIR)$(PREFIX)/share/man/man8/duogend.8
+	rm -rf $(DESTDIR)$(PREFIX)/share/duogen $(DESTDIR)$(PREFIX)/share/doc/duogen $(DESTDIR)$(PREFIX)/lib/duogen
 
 clean:
 	rm -rf $(BUILD)

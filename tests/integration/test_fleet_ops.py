@@ -332,3 +332,10 @@ def test_systemd_units_verify_and_make_install(tmpdir_path):
     # the current drivers' device names are allowed (the unit had only the pre-545 one)
     for dev in ("char-nvidia rw", "char-nvidiactl rw", "char-nvidia-frontend rw"):
         assert f"DeviceAllow={dev}\n" in unit, dev
+
+    # make uninstall takes back every file install wrote (there was no such target)
+    p = subprocess.run(["make", "-s", "uninstall", f"DESTDIR={dest}", "PREFIX=/opt/duogen"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    left = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs]
+    assert left == [], left
