@@ -64,6 +64,18 @@ LIB        := $(BUILD)/libduogen.a
 # a GPU does not map the CUDA libraries; without nvcc the build is the CPU-only product, and
 # "cuda:N" says so at run time.
 NVCC := $(shell command -v nvcc 2>/dev/null)
+# The interface between the core and the module is the dg_backend of these headers: both are
+# built with a hash of them, and the core refuses a module of another build (a new duogend
+# beside an old libduogen_cuda.so: calls into a struct of another layout).
+BACKEND_ABI := $(shell cat engine/backend.h engine/dtype.h engine/duogen.h kernels/cuda/cuda_backend.h | sha256sum | cut -c1-16)
+$(BUILD)/obj/engine/backend.o: CFLAGS += -DDG_BACKEND_ABI='"$(BACKEND_ABI)"'
+$(BUILD)/obj/kernels/cuda/cuda_backend.o: NVCCFLAGS += -DDG_BACKEND_ABI='"$(BACKEND_ABI)"'
+# a module of another build, for test_backend_cpu's refusal of it
+FAKE_CUDA_MODULE := $(BUILD)/tests/fake_cuda_module.so
+$(FAKE_CUDA_MODULE): tests/fake_cuda_module.c
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	@$(CC) -shared -fPIC -O1 -Wall -Werror -DDG_BACKEND_ABI='"another-build"' -o $@ $<
 ifneq ($(NVCC),)
 CUDA_LIB   := $(abspath $(dir $(NVCC))../lib64)
 CUDA_ARCH  ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80
@@ -116,7 +128,8 @@ PROTO_RB      := $(BUILD)/gen/ruby/duogen_pb.rb
 PROTO_GO      := $(BUILD)/go/src/duogen/pb/duogen.pb.go
 PRODUCERS     := $(BUILD)/producers/c-producer $(PROTO_RB) $(if $(GO_READY),$(BUILD)/producers/go-producer)
 
-ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE) $(PRODUCERS)
+ALL_BINS := $(BUILD)/duogend $(TOOL_BINS) $(TEST_BINS) $(FAKE_BIN) $(PROTO_PY) $(CUDA_MODULE) $(FAKE_CUDA_MODULE) \
+            $(PRODUCERS)
 
 # ---- manual pages: each program writes its own (hidden --man) from the tables of its --help
 # (daemon/manpage.h), so that the pages and the code cannot drift

@@ -18,11 +18,16 @@
 
 typedef int (*cuda_new_fn)(int device, size_t budget, dg_backend **out, char *err, size_t errlen);
 
+#ifndef DG_BACKEND_ABI   /* the Makefile's hash of the interface headers */
+#define DG_BACKEND_ABI "unset"
+#endif
+
 /* The CUDA backend is a module, libduogen_cuda.so, loaded on the first "cuda:N": a process
  * that never asks for a GPU does not map the CUDA libraries (~156 MiB resident). It is
- * looked for at DG_CUDA_MODULE, beside the executable, one folder up (build/tests/ ->
- * build/), and in ../lib/duogen/ (an installed tree). The handle stays open for the life
- * of the process, like a linked library's. */
+ * looked for at DG_CUDA_MODULE (then there only), else beside the executable, one folder up
+ * (build/tests/ -> build/), and in ../lib/duogen/ (an installed tree); a module built
+ * against another dg_backend (dg_cuda_abi) is passed over. The handle stays open for the
+ * life of the process, like a linked library's. */
 static cuda_new_fn cuda_module(char *err, size_t errlen) {
     char exe[PATH_MAX], path[PATH_MAX + 64];
     const char *env = getenv("DG_CUDA_MODULE");
@@ -36,7 +41,7 @@ static cuda_new_fn cuda_module(char *err, size_t errlen) {
     char why[512] = "not found";
     for (int i = 0; i < 4; i++) {
         if (i == 0 && !env) continue;
-        if (i > 0 && n <= 0) break;
+        if ((i > 0 && env) || (i > 0 && n <= 0)) break;
         if (i == 0) snprintf(path, sizeof path, "%s", env);
         else snprintf(path, sizeof path, where[i], exe);
         void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
@@ -45,8 +50,11 @@ static cuda_new_fn cuda_module(char *err, size_t errlen) {
             continue;
         }
         cuda_new_fn fn = (cuda_new_fn)(uintptr_t)dlsym(h, "dg_cuda_backend_new");
-        if (fn) return fn;
-        snprintf(why, sizeof why, "%s has no dg_cuda_backend_new", path);
+        const char *abi = dlsym(h, "dg_cuda_abi");
+        if (fn && abi && !strcmp(abi, DG_BACKEND_ABI)) return fn;
+        if (!fn) snprintf(why, sizeof why, "%s has no dg_cuda_backend_new", path);
+        else snprintf(why, sizeof why, "%s was built with another duogen (backend interface %.20s, this program's "
+                      "%s): install the module built with this program", path, abi ? abi : "unmarked", DG_BACKEND_ABI);
         dlclose(h);
     }
     snprintf(err, errlen, "the CUDA backend module libduogen_cuda.so: %s (set DG_CUDA_MODULE)", why);

@@ -10,8 +10,10 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/harness.h"
 #include "backend.h"
@@ -475,6 +477,32 @@ TEST(forks_on_two_threads_give_the_same_bits) {
         dg_backend_free(f[1]);
         dg_backend_free(be);
     }
+}
+
+/* A CUDA module of another build (build/tests/fake_cuda_module.so, beside this program) is
+ * refused before anything in it is called: a new duogend beside an old module called into
+ * a dg_backend of another layout. */
+TEST(cuda_module_of_another_build_is_refused) {
+    char exe[4096], path[4200], err[512] = "";
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    CHECK(n > 0);
+    if (n <= 0) return;
+    exe[n] = 0;
+    *strrchr(exe, '/') = 0;
+    snprintf(path, sizeof path, "%s/fake_cuda_module.so", exe);
+    const char *before = getenv("DG_CUDA_MODULE");
+    char *saved = before ? strdup(before) : NULL;
+    setenv("DG_CUDA_MODULE", path, 1);
+    dg_backend *be = NULL;
+    int rc = dg_backend_new("cuda:0", 1, &be, err, sizeof err);
+    if (saved) setenv("DG_CUDA_MODULE", saved, 1);
+    else unsetenv("DG_CUDA_MODULE");
+    free(saved);
+    if (strstr(err, "has no CUDA backend")) SKIP("this build has no CUDA backend (no nvcc): no module to load");
+    CHECK(rc < 0 && be == NULL);
+    if (!strstr(err, "was built with another duogen") || !strstr(err, "another-build") || strstr(err, "fake module"))
+        test_fail(__FILE__, __LINE__, "error: \"%s\"", err);
+    dg_backend_free(be);
 }
 
 int main(void) { return test_main(); }

@@ -566,6 +566,13 @@ static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t err
     return cuda_make(be, c, out, err, errlen);
 }
 
+#ifndef DG_BACKEND_ABI
+#define DG_BACKEND_ABI "unset"
+#endif
+/* the interface this module was built against: engine/backend.c loads it only when its own
+ * is the same */
+extern "C" const char dg_cuda_abi[] = DG_BACKEND_ABI;
+
 extern "C" int dg_cuda_backend_new(int device, size_t budget, dg_backend **out, char *err,
                                    size_t errlen) {
     dg_backend *be;
