@@ -11,6 +11,8 @@
 #include "log.h"
 #include "worker.h"
 
+#define KEEPER_TIMEOUT_MS 5000   /* the keeper connection's command timeout */
+
 /* Hands a lease the keeper found lost to the main thread, which stops its run. */
 static void report_lost(dg_worker *w, const dg_lease *l) {
     pthread_mutex_lock(&w->lock);
@@ -178,7 +180,9 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     }
 #undef NUM
     char ttl[16];
-    int ttl_ms = w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3;
+    /* three beats, and one command of the keeper's timed out between two of them (a slow
+     * trim): a live worker's hash does not lapse */
+    int ttl_ms = (w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3) + KEEPER_TIMEOUT_MS;
     snprintf(ttl, sizeof ttl, "%d", ttl_ms);
     dg_cmd *cmds[2] = {c, dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
     redisReply *rep[2];
@@ -223,7 +227,7 @@ static void *keeper_main(void *arg) {
     dg_worker *w = arg;
     dg_redis rd;
     char err[256];
-    if (dg_redis_init(&rd, w->cfg, "keeper", 5000, err, sizeof err)) return NULL;
+    if (dg_redis_init(&rd, w->cfg, "keeper", KEEPER_TIMEOUT_MS, err, sizeof err)) return NULL;
     snprintf(rd.client_name, sizeof rd.client_name, "%s:keeper", w->cfg->worker_id);
     int64_t next_beat = 0, next_renew = 0, next_trim = dg_mono_ms() + w->cfg->trim_ms;
     while (!w->keeper_stop) {

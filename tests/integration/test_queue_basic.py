@@ -118,3 +118,13 @@ def test_metadata_is_echoed_into_the_job_hash(cluster):
     assert cluster.wait_result("tagged")["status"] == b"done"
     h = cluster.r.hgetall("duogen:job:tagged")
     assert h[b"meta.customer"] == b"acme" and h[b"meta.batch"] == b"7", h
+
+
+def test_heartbeat_outlives_one_timed_out_keeper_command(cluster):
+    """The keeper beats, renews and trims in turn on one connection whose commands time out
+    after 5 s: the heartbeat hash's TTL covers three beats and one such timeout, or one slow
+    trim made a live worker vanish from `duogenctl stats` and the rollout's health check."""
+    cluster.worker("hb")   # --heartbeat-ms 200
+    cluster.wait_heartbeat("hb")
+    ttl = cluster.r.pttl("duogen:worker:hb")
+    assert 6000 < ttl <= 10000, ttl   # 5000 + 5000 when written, a beat (200 ms) ago at most
