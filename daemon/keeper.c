@@ -25,14 +25,43 @@ static void report_lost(dg_worker *w, const dg_lease *l) {
     pthread_mutex_unlock(&w->lock);
 }
 
+static int id_less(const char *a, const char *b) {
+    unsigned long long ams = 0, aseq = 0, bms = 0, bseq = 0;
+    sscanf(a, "%llu-%llu", &ams, &aseq);
+    sscanf(b, "%llu-%llu", &bms, &bseq);
+    return ams < bms || (ams == bms && aseq < bseq);
+}
+
+/* The group's last-delivered-id on a stream, from XINFO GROUPS: 0, or -1 when not known. */
+static int group_last_delivered(dg_worker *w, dg_redis *rd, const char *stream, char *out, size_t outlen) {
+    redisReply *groups = dg_redis_cmdv(rd, "XINFO", "GROUPS", stream, NULL);
+    int rc = -1;
+    for (size_t g = 0; groups && groups->type == REDIS_REPLY_ARRAY && g < groups->elements && rc; g++) {
+        const redisReply *info = groups->element[g];
+        const char *name = NULL, *last = NULL;
+        for (size_t k = 0; k + 1 < info->elements; k += 2) {
+            if (!strcmp(info->element[k]->str, "name")) name = info->element[k + 1]->str;
+            if (!strcmp(info->element[k]->str, "last-delivered-id")) last = info->element[k + 1]->str;
+        }
+        if (name && last && !strcmp(name, w->cfg->group)) {
+            snprintf(out, outlen, "%s", last);
+            rc = 0;
+        }
+    }
+    if (groups) freeReplyObject(groups);
+    return rc;
+}
+
 /* Renews the lease of each held entry that still belongs to us: XPENDING says whose it is
  * and how long it has been idle; XCLAIM with that idle time as its min-idle-time takes it
  * only if nobody claimed it in between. (With 0 there, an entry another worker's reaper
  * took in that instant was taken back, and both ran the job.) An entry in another
- * consumer's list is reported lost; so is one no longer pending whose job has a result
- * (another attempt finished it). Not pending and no result is Redis having lost our read
- * (a restart from an older snapshot, a failover): the run goes on, and the entry, delivered
- * again, comes back to it or to another worker, whose claim then shows here. */
+ * consumer's list is reported lost; so is one no longer pending that the group delivered
+ * (its id is not past the group's last-delivered-id): another attempt acknowledged it, with
+ * its result, which may have expired since. Not pending and past the last-delivered-id is
+ * Redis having forgotten our read (a restart from an older snapshot, a failover): the run
+ * goes on, and the entry, delivered again, comes back to it or to another worker, whose
+ * claim then shows here. */
 static void renew(dg_worker *w, dg_redis *rd) {
     pthread_mutex_lock(&w->lock);
     int n = w->n_leases;
@@ -44,12 +73,13 @@ static void renew(dg_worker *w, dg_redis *rd) {
 
     dg_cmd **cmds = calloc((size_t)n, sizeof *cmds);
     redisReply **rep = calloc((size_t)n, sizeof *rep);
-    int *gone = calloc((size_t)n, sizeof *gone);   /* lease i of each EXISTS sent */
+    int *gone = calloc((size_t)n, sizeof *gone);   /* leases whose entry is not pending */
     if (!cmds || !rep || !gone) abort();
     for (int i = 0; i < n; i++)
         cmds[i] = dg_cmd_of("XPENDING", l[i].stream, w->cfg->group, l[i].entry, l[i].entry, "1", NULL);
+    int n_gone = 0;
     if (dg_redis_pipeline(rd, cmds, n, rep) == 0) {
-        int m = 0, n_gone = 0;
+        int m = 0;
         for (int i = 0; i < n; i++) {
             dg_cmd_free(cmds[i]);
             cmds[i] = NULL;
@@ -77,28 +107,23 @@ static void renew(dg_worker *w, dg_redis *rd) {
             }
         }
         for (int i = 0; i < n; i++) if (rep[i]) freeReplyObject(rep[i]);
-        for (int g = 0; g < n_gone; g++) cmds[m + g] = dg_cmd_of("EXISTS", l[gone[g]].result, NULL);
-        if (m + n_gone && dg_redis_pipeline(rd, cmds, m + n_gone, rep) == 0) {
-            /* acknowledged with a result: by another attempt, or by our own commit since the
-             * copy (no run to stop then) */
-            for (int g = 0; g < n_gone; g++) if (dg_reply_int(rep[m + g], 0) == 1) report_lost(w, &l[gone[g]]);
-            for (int i = 0; i < m + n_gone; i++) freeReplyObject(rep[i]);
-        }
-        for (int i = 0; i < m + n_gone; i++) dg_cmd_free(cmds[i]);
+        if (m && dg_redis_pipeline(rd, cmds, m, rep) == 0)
+            for (int i = 0; i < m; i++) freeReplyObject(rep[i]);
+        for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
     } else {
         for (int i = 0; i < n; i++) dg_cmd_free(cmds[i]);
+    }
+    for (int s = 0; n_gone && s < 2; s++) {   /* acknowledged, or forgotten? */
+        char last[64];
+        if (group_last_delivered(w, rd, w->keys.streams[s], last, sizeof last)) continue;
+        for (int g = 0; g < n_gone; g++)
+            if (!strcmp(l[gone[g]].stream, w->keys.streams[s]) && !id_less(last, l[gone[g]].entry))
+                report_lost(w, &l[gone[g]]);
     }
     free(gone);
     free(cmds);
     free(rep);
     free(l);
-}
-
-static int id_less(const char *a, const char *b) {
-    unsigned long long ams = 0, aseq = 0, bms = 0, bseq = 0;
-    sscanf(a, "%llu-%llu", &ams, &aseq);
-    sscanf(b, "%llu-%llu", &bms, &bseq);
-    return ams < bms || (ams == bms && aseq < bseq);
 }
 
 /* XTRIM MINID ~ floor, where floor is the oldest entry some group still needs (its oldest
@@ -230,10 +255,15 @@ static void *keeper_main(void *arg) {
     if (dg_redis_init(&rd, w->cfg, "keeper", KEEPER_TIMEOUT_MS, err, sizeof err)) return NULL;
     snprintf(rd.client_name, sizeof rd.client_name, "%s:keeper", w->cfg->worker_id);
     int64_t next_beat = 0, next_renew = 0, next_trim = dg_mono_ms() + w->cfg->trim_ms;
+    uint64_t connects = 0;
     while (!w->keeper_stop) {
         int64_t now = dg_mono_ms();
         if (dg_redis_ready(&rd)) {
-            if (now >= next_renew) {
+            /* a new connection renews at once: after an outage or a restart from a snapshot
+             * the leases' idle times ran on, and the reapers hold off only so long
+             * (dg_take_facts_now) */
+            if (now >= next_renew || rd.connects != connects) {
+                connects = rd.connects;
                 renew(w, &rd);
                 next_renew = now + w->cfg->renew_ms;
             }

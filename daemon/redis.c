@@ -316,7 +316,7 @@ int dg_redis_ready(dg_redis *r) {
     }
     r->failures++;
     r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : 100;
-    if (r->backoff_ms > 5000) r->backoff_ms = 5000;
+    if (r->backoff_ms > DG_REDIS_BACKOFF_MAX_MS) r->backoff_ms = DG_REDIS_BACKOFF_MAX_MS;
     /* +-20% jitter so that a fleet does not reconnect in lockstep */
     int jitter = (int)(((unsigned)rand() % 41u)) - 20;
     r->next_try_ms = now + r->backoff_ms + r->backoff_ms * jitter / 100;

@@ -19,6 +19,8 @@
 #include "daemon_config.h"
 
 /* A command under construction: binary-safe arguments with their lengths. */
+#define DG_REDIS_BACKOFF_MAX_MS 5000   /* the longest wait between connect attempts, before jitter */
+
 typedef struct {
     int     argc, cap;
     char  **argv;   /* owned copies, each NUL-terminated */
@@ -51,7 +53,7 @@ typedef struct {
 
     redisContext *c;            /* owned; NULL while disconnected */
     int64_t next_try_ms;        /* monotonic time of the next connect attempt */
-    int     backoff_ms;
+    int     backoff_ms;         /* up to DG_REDIS_BACKOFF_MAX_MS, +-20% */
     int     failures;           /* consecutive failed connects */
     int     refused_ms;         /* the wait after a refusal (not ready, full, read-only),
                                    doubled while refusals go on; 0 after a command went through */

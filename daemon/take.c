@@ -71,17 +71,17 @@ static void released_forget(dg_taker *t, int i) {
     if (i >= 0) t->released[i] = t->released[--t->n_released];
 }
 
-/* Entries a reaper surely took by now (ours runs every reaper_ms, and takes any entry idle
- * past claim_idle_ms): whatever they became, they are not ours to back off any more. */
-static void released_prune(dg_taker *t, int64_t now) {
-    for (int k = t->n_released - 1; k >= 0; k--)
-        if (t->released[k].until_ms + t->cfg->claim_idle_ms + t->cfg->reaper_ms < now) released_forget(t, k);
-}
-
-/* An entry left pending for a later attempt: not taken back before claim_idle_ms. */
+/* An entry left pending for a later attempt: not taken back before claim_idle_ms. The list
+ * is bounded: past DG_TAKE_RELEASED_MAX the one given back longest ago goes (counted as never
+ * run should it still be ours: a fleet of that many passing failures at once is broken). */
 static void released_add(dg_taker *t, const char *stream, const char *entry) {
-    released_prune(t, dg_mono_ms());
     int i = released_find(t, stream, entry);
+    if (i < 0 && t->n_released == DG_TAKE_RELEASED_MAX) {
+        int oldest = 0;
+        for (int k = 1; k < t->n_released; k++)
+            if (t->released[k].until_ms < t->released[oldest].until_ms) oldest = k;
+        released_forget(t, oldest);
+    }
     if (i < 0) {
         if (t->n_released == t->cap_released) {
             t->cap_released = t->cap_released ? t->cap_released * 2 : 8;
@@ -101,6 +101,14 @@ dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int ro
      * and must be taken back now, not after claim_idle_ms by a reaper that counts another
      * delivery */
     if (t->redis->connects != t->connects_seen) {
+        /* after an outage, or a Redis restarted from a snapshot, every lease's idle time ran
+         * on: the reaper waits until each live worker's keeper has reconnected (at most the
+         * longest backoff, jittered) and renewed (at once on a new connection), or it takes
+         * running jobs over and counts them a delivery */
+        if (t->connects_seen) {
+            const int64_t hold = dg_mono_ms() + DG_REDIS_BACKOFF_MAX_MS * 6 / 5 + 1000;
+            if (t->next_reaper_ms < hold) t->next_reaper_ms = hold;
+        }
         t->connects_seen = t->redis->connects;
         t->own_pending = 1;
     }
@@ -283,7 +291,17 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
 
     const dg_run *h = dg_runs_find(t->held, stream, entry_id);
     if (h) {   /* already ours and running; or fenced and ending: taken when it has ended */
-        if (h->lease_lost) t->retake = 1;
+        if (h->lease_lost) {
+            t->retake = 1;
+        } else if (deliveries > h->deliveries) {
+            /* our own reaper took our own live entry (the keeper late): no new delivery */
+            char was[16];
+            snprintf(was, sizeof was, "%d", h->deliveries);
+            redisReply *rep = dg_redis_cmdv(t->redis, "XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0",
+                                            entry_id, "RETRYCOUNT", was, "JUSTID", NULL);
+            if (!rep) return -1;
+            freeReplyObject(rep);
+        }
         return 0;
     }
     released_forget(t, released_find(t, stream, entry_id));   /* delivered again: this is the attempt */
@@ -479,7 +497,6 @@ static dg_cmd *claim_own_cmd(const dg_taker *t, const char *stream, const char *
 static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
     int parking_stream = t->parked[0] && !strcmp(stream, t->keys->streams[1]);
     int64_t now = dg_mono_ms(), life = now - t->life_start_ms;
-    released_prune(t, now);
     char want_s[16];
     /* one more than we can take, or skip: tells whether more wait */
     int want = count + t->held->n + t->n_released + 1;
@@ -497,7 +514,7 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
     int n = 0, parked_listed = 0;
     long long parked_idle = 0;
     size_t at = 0;
-    for (; at < pend->elements && n < count; at++) {
+    for (; at < pend->elements && n + parked_listed < count; at++) {   /* the parked entry takes a slot too */
         const redisReply *row = pend->element[at];
         if (row->type != REDIS_REPLY_ARRAY || row->elements < 4 || row->element[0]->type != REDIS_REPLY_STRING ||
             row->element[2]->type != REDIS_REPLY_INTEGER || row->element[3]->type != REDIS_REPLY_INTEGER)
@@ -520,6 +537,7 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
         claims[n++] = claim_own_cmd(t, stream, id, idle, k < 0 && idle < life ? deliveries : -1);
     }
     if (!whole || at < pend->elements) *more = 1;
+    const size_t n_rows = pend->elements;
     /* a given-back entry gone from our whole list was taken over elsewhere */
     for (int k = t->n_released - 1; whole && k >= 0; k--) {
         if (strcmp(t->released[k].stream, stream)) continue;
@@ -540,21 +558,27 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
         rc = claim_own(t, stream, c, 1, taken, out);
         dg_cmd_free(c);
     }
-    /* taken now, or missing from the whole list: another worker took it over */
-    if (!rc && (parked_listed || whole)) t->parked[0] = 0;
+    /* taken now, or missing from the whole list (every row looked at): another worker took
+     * it over */
+    if (!rc && (parked_listed || (whole && at == n_rows))) t->parked[0] = 0;
     return rc;
 }
 
 /* XAUTOCLAIM on a stream: up to count entries idle past claim_idle_ms, whose worker died or
- * lost them. */
+ * lost them. Redis looks at COUNT x 10 pending entries a call: each call goes on from where
+ * the last one stopped (the cursor it returned), or an abandoned entry behind that many
+ * running ones would never be reached. */
 static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_report *out) {
     char idle[16], count_s[16];
+    char *cursor = t->reap_cursor[strcmp(stream, t->keys->streams[0]) != 0];
     snprintf(idle, sizeof idle, "%d", t->cfg->claim_idle_ms);
     snprintf(count_s, sizeof count_s, "%d", count);
     redisReply *rep = dg_redis_cmdv(t->redis, "XAUTOCLAIM", stream, t->cfg->group, t->cfg->worker_id,
-                                    idle, "0-0", "COUNT", count_s, NULL);
+                                    idle, cursor[0] ? cursor : "0-0", "COUNT", count_s, NULL);
     if (!rep) return -1;
     int rc = 0;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 && rep->element[0]->type == REDIS_REPLY_STRING)
+        snprintf(cursor, sizeof t->reap_cursor[0], "%s", rep->element[0]->str);   /* "0-0": round again */
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2) {
         const redisReply *entries = rep->element[1];
         if (entries->elements) log_info("took over %zu abandoned entries of \"%s\"", entries->elements, stream);

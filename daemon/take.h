@@ -66,6 +66,7 @@ typedef struct {
 } dg_take_step;
 
 #define DG_TAKE_STEPS_MAX 8
+#define DG_TAKE_RELEASED_MAX 4096   /* entries given back remembered at once (dg_taker) */
 
 /* The steps run in order; dg_take_step_count() says with which COUNT, and a step with no
  * count left ends the plan. GROUPS steps take nothing, and a failed GROUPS step ends the
@@ -109,13 +110,15 @@ typedef struct {
                                         whose reply was lost left its entries pending) */
     uint64_t connects_seen;          /* redis->connects when own_pending last looked */
     int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran */
+    char reap_cursor[2][64];         /* where the reaper's next XAUTOCLAIM of the high [0] /
+                                        normal [1] stream starts ("" = 0-0) */
     /* entries given back for a later attempt (dg_take_release, a retryable refusal at
      * submit): they stay in our pending list, and our own-pending step leaves them alone
      * until claim_idle_ms has passed (a reaper's XAUTOCLAIM, ours or another worker's, then
-     * delivers them again: the back-off). Kept until a run takes the entry, our whole
-     * pending list no longer holds it, or a reaper surely had it (claim_idle_ms + reaper_ms
-     * after the back-off): an own entry delivered in this life and not in this list was
-     * never run (its read's reply was lost) and is claimed without counting a delivery. */
+     * delivers them again: the back-off). Kept until a run takes the entry or our whole
+     * pending list no longer holds it (DG_TAKE_RELEASED_MAX at most): an own entry
+     * delivered in this life and not in this list was never run (its read's reply was
+     * lost) and is claimed without counting a delivery. */
     struct dg_released { char stream[DG_KEY_MAX]; char entry[64]; int64_t until_ms; } *released;
     int n_released, cap_released;
     int64_t life_start_ms;           /* dg_mono_ms() at init: an own pending entry idle for

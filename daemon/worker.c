@@ -105,7 +105,6 @@ static void publish(dg_worker *w) {
         snprintf(l->stream, sizeof l->stream, "%s", r->stream);
         snprintf(l->entry, sizeof l->entry, "%s", r->entry);
         l->serial = r->serial;
-        dg_key_result(l->result, w->cfg->prefix, r->id);
         int n = snprintf(w->stats.jobs + used, sizeof w->stats.jobs - used, "%s%s", used ? " " : "", r->id);
         if (n > 0 && used + (size_t)n < sizeof w->stats.jobs) used += (size_t)n;
     }

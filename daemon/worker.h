@@ -47,7 +47,6 @@ typedef struct {
 typedef struct {
     char stream[DG_KEY_MAX];
     char entry[64];
-    char result[DG_KEY_MAX];         /* its job's result key */
     uint64_t serial;                 /* dg_run.serial */
 } dg_lease;
 

@@ -18,8 +18,8 @@
 
 typedef int (*cuda_new_fn)(int device, size_t budget, dg_backend **out, char *err, size_t errlen);
 
-#ifndef DG_BACKEND_ABI   /* the Makefile's hash of the interface headers */
-#define DG_BACKEND_ABI "unset"
+#ifndef DG_BACKEND_ABI
+#error "DG_BACKEND_ABI: the Makefile's hash of the backend interface headers (the module carries the same)"
 #endif
 
 /* The CUDA backend is a module, libduogen_cuda.so, loaded on the first "cuda:N": a process

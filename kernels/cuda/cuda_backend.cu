@@ -567,7 +567,7 @@ static int cuda_fork(dg_backend *parent, dg_backend **out, char *err, size_t err
 }
 
 #ifndef DG_BACKEND_ABI
-#define DG_BACKEND_ABI "unset"
+#error "DG_BACKEND_ABI: the Makefile's hash of the backend interface headers (engine/backend.c checks it)"
 #endif
 /* the interface this module was built against: engine/backend.c loads it only when its own
  * is the same */

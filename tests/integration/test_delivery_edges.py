@@ -393,3 +393,119 @@ def test_a_job_given_up_unread_keeps_its_ttl_and_its_id(cluster):
     assert res["error_code"] == b"EXHAUSTED", res
     assert 0 < cluster.r.ttl(cluster.key("result", "ttl")) <= 600
     assert cluster.wait_result("noid")["error_code"] == b"EXHAUSTED"
+
+
+def test_a_restart_from_an_older_snapshot_leaves_running_jobs_to_their_worker(cluster):
+    """Redis restarted from a snapshot older than claim_idle_ms: every pending entry's idle
+    time ran on through it. Another worker's reaper took w1's running job at once (a
+    delivery counted: with max_attempts 1 it was given up while it ran fine); now the
+    reapers wait for the keepers, which renew at once on a new connection."""
+    cluster.worker("w1", args=["--claim-idle-ms", "3000", "--max-inflight", "1"])
+    cluster.wait_groups()
+    cluster.enqueue("live", " ".join(["w"] * 150), meta={"fake.step_ms": 100}, max_attempts=1)
+    wait_until(lambda: cluster.r.hget("duogen:job:live", "state") == b"running", what="live running")
+    cluster.worker("w2", args=["--claim-idle-ms", "3000"])
+    cluster.wait_heartbeat("w2")
+    cluster.r.save()
+    time.sleep(4.0)   # the snapshot is older than claim_idle_ms
+    cluster.server.stop(hard=True)
+    cluster.server.start()
+    cluster.r = cluster.server.client()
+    res = cluster.wait_result("live", timeout=40)
+    assert res["status"] == b"done" and res["worker"] == b"w1", res
+    assert attempt_of(res) == 1
+
+
+def test_the_reaper_reaches_an_abandoned_entry_behind_ten_running_ones(cluster):
+    """XAUTOCLAIM looks at COUNT x 10 pending entries a call; every call started at 0-0, so a
+    worker with one free slot never got past the ten oldest running jobs of the fleet."""
+    for s in ("jobs", "jobs:high"):
+        cluster.r.xgroup_create(cluster.key(s), "duogen", id="0", mkstream=True)
+    for i in range(10):
+        cluster.enqueue(f"live{i}", "x")
+    cluster.enqueue("orphan", "x")
+    live = [e for e, _ in cluster.r.xreadgroup("duogen", "holder", {cluster.key("jobs"): ">"}, count=10)[0][1]]
+    cluster.r.xreadgroup("duogen", "ghost", {cluster.key("jobs"): ">"}, count=1)   # a dead worker's
+    stop = threading.Event()
+
+    def holder():   # a live worker renewing its ten
+        while not stop.wait(0.2):
+            cluster.r.xclaim(cluster.key("jobs"), "duogen", "holder", 0, live, justid=True)
+    t = threading.Thread(target=holder, daemon=True)
+    t.start()
+    try:
+        cluster.worker("w1", args=["--max-inflight", "1"])   # claim_idle 1.5 s, reaper every 0.3 s
+        assert cluster.wait_result("orphan", timeout=10)["status"] == b"done"
+        assert not any(cluster.result(f"live{i}") for i in range(10)), "a live job was taken over"
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_a_stale_attempt_writes_no_result_after_the_first_one_expired(cluster):
+    """w1 paused; w2 took the job over and finished it with result_ttl_s 1. When w1 resumed,
+    its entry was not pending and the result gone (expired): it wrote a second result. Not
+    pending and already delivered by the group means acknowledged: fenced."""
+    w1 = cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.enqueue("ttl", " ".join(["w"] * 40), meta={"fake.step_ms": 100}, result_ttl_s=1, max_attempts=5)
+    wait_until(lambda: cluster.r.hget("duogen:job:ttl", "state") == b"running", what="running on w1")
+    time.sleep(0.5)
+    w1.proc.send_signal(signal.SIGSTOP)
+    cluster.worker("w2")
+    wait_until(lambda: cluster.result("ttl"), timeout=20, what="w2's result")
+    wait_until(lambda: not cluster.r.exists("duogen:result:ttl"), timeout=5, what="the result expired")
+    w1.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: "its lease was lost" in w1.logs(), timeout=5, what="w1 fenced")
+    time.sleep(1.0)
+    done = [f[b"id"] for _, f in cluster.r.xrange("duogen:done")]
+    assert done.count(b"ttl") == 1, done
+
+
+def test_a_job_given_back_long_ago_still_counts_its_deliveries(cluster):
+    """A passing failure given back while the worker stayed full for longer than its
+    back-off and a reaper period was forgotten, then claimed as never run (uncounted) at the
+    next look at the worker's own list: a job of max_attempts 1 was attempted twice."""
+    w = cluster.worker("w1", args=["--max-inflight", "1"])
+    cluster.wait_groups()
+    cluster.enqueue("bo", "x", meta={"fake.fail": "retry"}, max_attempts=1)
+    wait_until(lambda: cluster.r.hget("duogen:job:bo", "state") == b"retrying", every=0.005, what="given back")
+    cluster.enqueue("L", " ".join(["w"] * 60), meta={"fake.step_ms": 100}, stream="jobs:high")
+    wait_until(lambda: cluster.r.hget("duogen:job:L", "state") == b"running", what="L running")
+    time.sleep(4.0)
+    kill_main_connection(cluster, "w1")
+    cluster.wait_result("L", timeout=20)
+    res = cluster.wait_result("bo", timeout=20)
+    assert res["error_code"] == b"EXHAUSTED", res
+    tries = [ln for ln in w.logs().splitlines() if 'job "bo"' in ln and "left pending for a later attempt" in ln]
+    assert len(tries) == 1, tries
+
+
+def test_the_parked_entry_takes_a_slot_of_its_own_pending_step(cluster):
+    """max_inflight 1: the idle wait parked normal entry n beside high h; while h ran, a read
+    whose reply was lost left x in the worker's list. The look at its own list claimed x and
+    n besides (COUNT 1): n found no slot, went back as 'all 1 slots busy' and, max_attempts
+    1, was given up without running."""
+    from conftest import Worker
+    for st in ("jobs", "jobs:high"):
+        cluster.r.xgroup_create(cluster.key(st), "duogen", id="0", mkstream=True)
+    proxy = HoldProxy(cluster.server.port, b"BLOCK")     # hold the first idle wait
+    w = Worker(cluster.tmp, f"redis://127.0.0.1:{proxy.port}/0", "w1", cluster.model,
+               args=["--prefix", "duogen", "--max-inflight", "1"])
+    cluster.workers.append(w)
+    assert proxy.held.wait(10)
+    p = cluster.r.pipeline(transaction=True)
+    p.xadd(cluster.key("jobs"), {"id": "n", "job": make_job("n", "x", max_attempts=1).SerializeToString()})
+    p.xadd(cluster.key("jobs:high"), {"id": "h", "job": make_job("h", " ".join(["w"] * 30),
+                                                                 meta={"fake.step_ms": 100}).SerializeToString()})
+    p.execute()
+    proxy.released.set()
+    wait_until(lambda: "came with a high-priority job" in w.logs(), timeout=5, what="parked")
+    p = cluster.r.pipeline(transaction=True)             # a lost read, as w1
+    p.xadd(cluster.key("jobs"), {"id": "x", "job": make_job("x", "x").SerializeToString()})
+    p.xreadgroup("duogen", "w1", {cluster.key("jobs"): ">"}, count=1)
+    p.execute()
+    for j in ("h", "x", "n"):
+        res = cluster.wait_result(j, timeout=20)
+        assert res["status"] == b"done", (j, res)
+    assert "slots busy" not in w.logs()
