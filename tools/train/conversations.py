@@ -148,16 +148,20 @@ NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 # ---- the user's phrases -------------------------------------------------------------------
 
-def user_obj(rng, s):
+def user_obj(rng, s, sized=None):
     """How the user asks for a shape: size said or not (the assistant then picks), any
-    phrasing of its place. 'a big red circle in the upper left corner'"""
-    words = f"{rng.choice(SIZE_WORDS[s.size])} {s.colour}" if rng.random() < 0.7 else s.colour
+    phrasing of its place. 'a big red circle in the upper left corner'. A shape whose size
+    was said joins the list `sized` (the scorer judges size only there)."""
+    said = rng.random() < 0.7
+    words = f"{rng.choice(SIZE_WORDS[s.size])} {s.colour}" if said else s.colour
+    if said and sized is not None:
+        sized.append(s)
     article = "an" if words[0] in "aeiou" else "a"
     return f"{article} {words} {s.kind} {rng.choice(PLACE_WORDS[s.cell])}"
 
 
-def user_list(rng, shapes):
-    objs = [user_obj(rng, s) for s in shapes]
+def user_list(rng, shapes, sized=None):
+    objs = [user_obj(rng, s, sized) for s in shapes]
     return objs[0] if len(objs) == 1 else ", ".join(objs[:-1]) + " and " + objs[-1]
 
 
@@ -256,13 +260,14 @@ def make_draw(rng, split):
     shapes = world.random_scene(rng, n)
     if split == "eval" and rng.random() < 0.5:
         held_out_first(rng, shapes)
-    obj = user_list(rng, shapes)
+    sized = []
+    obj = user_list(rng, shapes, sized)
     text = pick(rng, split, "draw").format(obj=obj)
     lead = rng.choice(["Here is {}.", "Sure! Here is {}.", "This is {}."]) if n == 1 else \
         rng.choice(["Here are {}.", "Sure! Here are {}."])
     return {"kind": "draw", "user": [("text", text)],
             "assistant": [("text", lead.format(list_phrase(shapes))), ("image", shapes)],
-            "images": [shapes], "new": [shapes]}
+            "images": [shapes], "new": [shapes], "sized": sized}
 
 
 def held_out_first(rng, shapes):
@@ -282,14 +287,16 @@ def make_step(rng, split):
     shapes = world.random_scene(rng, n)
     if split == "eval" and rng.random() < 0.5:
         held_out_first(rng, shapes)
-    text = pick(rng, split, "step").format(list=user_list(rng, shapes))
+    sized = []
+    text = pick(rng, split, "step").format(list=user_list(rng, shapes, sized))
     parts, images, new = [], [], []
     for k, s in enumerate(shapes):
         parts.append(("text", f"Step {k + 1}: {s.phrase()}." if k == 0 else f"Step {k + 1}: add {s.phrase()}."))
         parts.append(("image", shapes[:k + 1]))
         images.append(shapes[:k + 1])
         new.append([s])
-    return {"kind": "step", "user": [("text", text)], "assistant": parts, "images": images, "new": new}
+    return {"kind": "step", "user": [("text", text)], "assistant": parts, "images": images, "new": new,
+            "sized": sized}
 
 
 def make_edit(rng, split):
@@ -308,11 +315,13 @@ def make_edit(rng, split):
         options = [world.random_shape(rng, c, split == "eval", pairs) for c in free for _ in range(8)]
         target = rng.choice([s for s in options if allowed(s)] or [s for s in options if s.triple() not in world.HELD_OUT])
         before, after = None, scene + [target]
-        request = pick(rng, split, "add").format(obj=user_obj(rng, target))
+        sized = []
+        request = pick(rng, split, "add").format(obj=user_obj(rng, target, sized))
         answer = f"I added {target.phrase()}."
     else:
         before = rng.choice(scene)
         rest = [s for s in scene if s is not before]
+        sized = [] if op == "remove" else None   # a moved or recoloured shape keeps its size
         ref = user_ref(rng, before, scene)
         if op == "remove":
             target, after = None, rest
@@ -337,7 +346,7 @@ def make_edit(rng, split):
     after = world.sorted_shapes(after)
     return {"kind": "edit", "user": [("image", world.sorted_shapes(scene)), ("text", request)],
             "assistant": [("text", answer), ("image", after)], "images": [after],
-            "new": [[target] if target else []],
+            "new": [[target] if target else []], "sized": sized if sized is not None else [target],
             "edit": {"op": op, "before": before, "target": target, "source": world.sorted_shapes(scene)}}
 
 

@@ -137,7 +137,9 @@ def score_answer(conv, text, pictures):
       count       as many pictures as asked (draw and edit: 1, step: one per shape)
       present     per requested shape: found with its colour in its place
       kind        per requested shape found: the right kind
-      size        per requested shape found: the right size
+      size        per requested shape found whose size the user said (conv["sized"]; a
+                  size left open is the model's choice): the right size
+      clean       per picture of a draw or step answer: its shapes and nothing else
       kept        per later picture of a step answer whose previous picture holds at
                   least one of its asked shapes: every such shape is still there, with the
                   same colour, place and kind
@@ -151,7 +153,7 @@ def score_answer(conv, text, pictures):
         r["count"] = (int(len(pictures) == len(conv["images"])), 1)
     dets = [detect(p) for p in pictures]
     present = kind = size = 0
-    n_req = n_found = 0
+    n_req = n_found = n_sized = 0
     for k, new in enumerate(conv["new"]):
         for s in new:
             n_req += 1
@@ -159,11 +161,16 @@ def score_answer(conv, text, pictures):
             if d:
                 present, n_found = present + 1, n_found + 1
                 kind += d.kind == s.kind
-                size += d.size == s.size
+                if s in conv.get("sized", new):
+                    n_sized += 1
+                    size += d.size == s.size
     if n_req:
         r["present"] = (present, n_req)
         r["kind"] = (kind, n_found)
-        r["size"] = (size, n_found)
+        r["size"] = (size, n_sized)
+    if conv["kind"] in ("draw", "step"):
+        r["clean"] = (sum(same_picture(dets[k], conv["images"][k]) for k in range(min(len(dets), len(conv["images"])))),
+                      len(conv["images"]))
     if conv["kind"] == "step":
         kept = trials = 0
         for k in range(1, min(len(dets), len(conv["images"]))):

@@ -22,14 +22,20 @@
 Every stage is deterministic with the seed (the data of step k come from (seed, k); the
 noise from a generator seeded by (seed, stage, k)), logs its losses to WORK/train.log,
 checkpoints to WORK/<stage>.pt every few minutes and resumes from there when run again;
-a finished stage is skipped. Every PROBE steps a stage measures itself on held-out
+a finished stage is skipped. What a stage ran with (its plan, the seed, the device, this
+folder's code, the earlier stages' records) is recorded in WORK/stamps/<stage>.json when it
+starts; a work folder holding a stage's output or checkpoint from anything else is
+refused, not reused (a smoke test's 100-step VAE, a DiT of another plan). Every PROBE steps a stage measures itself on held-out
 conversations with the scorer (score.py).
 
     tools/train/.venv/bin/python tools/train/train.py --work build/train [--stage all]
 """
 import argparse
+import glob
+import hashlib
 import json
 import os
+import platform
 import random
 import sys
 import time
@@ -74,7 +80,8 @@ EMA_DECAY = 0.995
 SIGMA_MEAN, SIGMA_STD = 0.3, 1.0   # logit-normal training sigmas: sigmoid(N(m, s))
 # the probes' and the package's sampler defaults. Guidance 4 was chosen on the finished
 # model's probe set (48 held-out conversations, 70 requested shapes: present 42 at
-# guidance 2, 44 at 4, 43 at 6); the committed run's training probes drew at 2.
+# guidance 2, 44 at 4, 43 at 6); the committed run's DiT stages were trained after that, and
+# their probes drew at 4.
 SAMPLER = dict(steps=16, guidance=4.0, shift=3.0)
 CHECKPOINT_SECONDS = 300
 STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3, "mllm2": 4, "dit2": 5}
@@ -571,6 +578,52 @@ def probe_dit(run, mllm, vae, dit, conn, ema, params, codec, pixels, layers, n_p
     return total
 
 
+# what each stage leaves in the work folder: its output, its checkpoint
+ARTIFACTS = {"tokenizer": ["mllm/config.json"], "vae": ["vae", "vae.pt"], "mllm": ["mllm/weights.pt", "mllm.pt"],
+             "dit": ["dit", "dit.pt"], "mllm2": ["mllm2", "mllm2.pt"], "dit2": ["dit2", "dit2.pt"]}
+
+
+def code_digest():
+    """sha256 over this folder's Python sources, in name order."""
+    h = hashlib.sha256()
+    for p in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))):
+        h.update(os.path.basename(p).encode() + b"\0")
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def check_stamp(run, stage, record):
+    """Refuses a work folder whose output or checkpoint of `stage` was made from another
+    record (plan, seed, device, code, earlier stages); records it before a fresh start."""
+    path = run.path("stamps", stage + ".json")
+    have = [a for a in ARTIFACTS[stage] if os.path.exists(run.path(a))]
+    old = json.load(open(path)) if os.path.exists(path) else None
+    if have and old != record:
+        why = "no record of how they were made" if old is None else \
+            "made with another " + ", ".join(k for k in record if old.get(k) != record[k])
+        sys.exit(f"train.py: stage {stage}: {run.work} holds {', '.join(have)}, {why}: remove them (and the "
+                 f"later stages') or use another --work")
+    if not have:
+        os.makedirs(run.path("stamps"), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+
+
+def machine():
+    """Where the run computes: what decides the bits of its sums besides the code."""
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    versions = {}
+    for name in ("torch", "transformers", "diffusers", "tokenizers", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return f"cpu {model!r}, PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}, " + \
+        ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
 def main():
     folder = os.path.dirname(os.path.abspath(__file__))
     root = os.path.normpath(os.path.join(folder, "..", ".."))
@@ -592,7 +645,16 @@ def main():
         k, v = kv.split("=")
         plan[k]["steps"] = int(v)
     run = Run(args.work, args.seed)
+    run.log(f"machine: {machine()}")
     stages = ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "export"] if args.stage == "all" else [args.stage]
+    code, earlier = code_digest(), {}
+    for st in ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2"]:   # a stage's record holds the earlier ones'
+        record = {"stage": st, "plan": plan.get(st, {}), "seed": args.seed, "device": args.device,
+                  "threads": args.threads, "code": code,
+                  "earlier": dict(earlier)}
+        earlier[st] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        if st in stages:
+            check_stamp(run, st, record)
     for st in stages:
         t0 = time.time()
         torch.set_num_threads(args.threads or plan.get(st, {}).get("threads", 1))
