@@ -56,12 +56,12 @@ static int group_last_delivered(dg_worker *w, dg_redis *rd, const char *stream, 
  * and how long it has been idle; XCLAIM with that idle time as its min-idle-time takes it
  * only if nobody claimed it in between. (With 0 there, an entry another worker's reaper
  * took in that instant was taken back, and both ran the job.) An entry in another
- * consumer's list is reported lost; so is one no longer pending that the group delivered
- * (its id is not past the group's last-delivered-id): another attempt acknowledged it, with
- * its result, which may have expired since. Not pending and past the last-delivered-id is
- * Redis having forgotten our read (a restart from an older snapshot, a failover): the run
- * goes on, and the entry, delivered again, comes back to it or to another worker, whose
- * claim then shows here. */
+ * consumer's list is reported lost; so is one no longer pending that is still in the stream
+ * and not past the group's last-delivered-id: another attempt acknowledged it, with its
+ * result, which may have expired since. Otherwise (gone from the stream, or past that id)
+ * Redis forgot our read (a restart from an older snapshot, a failover) or the entry was
+ * deleted: the run goes on, and an entry delivered again comes back to it or to another
+ * worker, whose claim then shows here. */
 static void renew(dg_worker *w, dg_redis *rd) {
     pthread_mutex_lock(&w->lock);
     int n = w->n_leases;
@@ -113,11 +113,23 @@ static void renew(dg_worker *w, dg_redis *rd) {
     } else {
         for (int i = 0; i < n; i++) dg_cmd_free(cmds[i]);
     }
-    for (int s = 0; n_gone && s < 2; s++) {   /* acknowledged, or forgotten? */
+    /* acknowledged, or forgotten? An acknowledged entry is still in the stream (trimmed
+     * only after jobs_retain_s) and not past the group's last-delivered-id; one that Redis
+     * forgot (an older snapshot), or that was deleted under the run (XDEL, a producer's
+     * MAXLEN), is either gone from the stream or past it: the run goes on */
+    for (int g = 0; n_gone && g < n_gone; g++)
+        cmds[g] = dg_cmd_of("XRANGE", l[gone[g]].stream, l[gone[g]].entry, l[gone[g]].entry, "COUNT", "1", NULL);
+    int listed = n_gone && dg_redis_pipeline(rd, cmds, n_gone, rep) == 0;
+    for (int g = 0; g < n_gone; g++) {
+        if (listed && !(rep[g]->type == REDIS_REPLY_ARRAY && rep[g]->elements == 1)) gone[g] = -1;
+        if (listed) freeReplyObject(rep[g]);
+        dg_cmd_free(cmds[g]);
+    }
+    for (int s = 0; listed && s < 2; s++) {
         char last[64];
         if (group_last_delivered(w, rd, w->keys.streams[s], last, sizeof last)) continue;
         for (int g = 0; g < n_gone; g++)
-            if (!strcmp(l[gone[g]].stream, w->keys.streams[s]) && !id_less(last, l[gone[g]].entry))
+            if (gone[g] >= 0 && !strcmp(l[gone[g]].stream, w->keys.streams[s]) && !id_less(last, l[gone[g]].entry))
                 report_lost(w, &l[gone[g]]);
     }
     free(gone);

@@ -104,10 +104,13 @@ dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int ro
         /* after an outage, or a Redis restarted from a snapshot, every lease's idle time ran
          * on: the reaper waits until each live worker's keeper has reconnected (at most the
          * longest backoff, jittered) and renewed (at once on a new connection), or it takes
-         * running jobs over and counts them a delivery */
-        if (t->connects_seen) {
-            const int64_t hold = dg_mono_ms() + DG_REDIS_BACKOFF_MAX_MS * 6 / 5 + 1000;
-            if (t->next_reaper_ms < hold) t->next_reaper_ms = hold;
+         * running jobs over and counts them a delivery. The first connect too (a worker
+         * started while Redis was away); a reconnect during a hold does not lengthen it, or
+         * a connection that kept breaking would hold the reaper for ever */
+        const int64_t now = dg_mono_ms();
+        if (now >= t->reap_hold_until) {
+            t->reap_hold_until = now + DG_REDIS_BACKOFF_MAX_MS * 6 / 5 + 1000;
+            if (t->next_reaper_ms < t->reap_hold_until) t->next_reaper_ms = t->reap_hold_until;
         }
         t->connects_seen = t->redis->connects;
         t->own_pending = 1;
@@ -294,9 +297,10 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
         if (h->lease_lost) {
             t->retake = 1;
         } else if (deliveries > h->deliveries) {
-            /* our own reaper took our own live entry (the keeper late): no new delivery */
+            /* our own reaper took our own live entry (the keeper late): its increment undone
+             * (only its own: deliveries others made meanwhile still count) */
             char was[16];
-            snprintf(was, sizeof was, "%d", h->deliveries);
+            snprintf(was, sizeof was, "%d", deliveries - 1);
             redisReply *rep = dg_redis_cmdv(t->redis, "XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0",
                                             entry_id, "RETRYCOUNT", was, "JUSTID", NULL);
             if (!rep) return -1;
@@ -564,6 +568,36 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
     return rc;
 }
 
+/* Given-back entries of a stream whose back-off and a takeover period have passed, looked up
+ * (64 at most a call): one no longer in our list was taken elsewhere, and is forgotten (it
+ * would otherwise stay until our whole own list is looked at, which a busy worker seldom
+ * does). Returns 0, or -1 when Redis went away. */
+static int released_check(dg_taker *t, const char *stream) {
+    const int64_t now = dg_mono_ms();
+    int idx[64], n = 0;
+    for (int k = 0; k < t->n_released && n < 64; k++)
+        if (!strcmp(t->released[k].stream, stream) && t->released[k].until_ms + t->cfg->claim_idle_ms < now) idx[n++] = k;
+    if (!n) return 0;
+    dg_cmd *cmds[64];
+    redisReply *rep[64];
+    for (int i = 0; i < n; i++) {
+        const char *id = t->released[idx[i]].entry;
+        cmds[i] = dg_cmd_of("XPENDING", stream, t->cfg->group, id, id, "1", NULL);
+    }
+    int rc = dg_redis_pipeline(t->redis, cmds, n, rep);
+    for (int i = n - 1; i >= 0; i--) {   /* from the last: forgetting moves the list's tail */
+        if (!rc) {
+            const redisReply *p = rep[i];
+            int ours = p->type == REDIS_REPLY_ARRAY && p->elements == 1 && p->element[0]->elements == 4 &&
+                       !strcmp(p->element[0]->element[1]->str, t->cfg->worker_id);
+            if (p->type == REDIS_REPLY_ARRAY && !ours) released_forget(t, idx[i]);
+            freeReplyObject(rep[i]);
+        }
+        dg_cmd_free(cmds[i]);
+    }
+    return rc;
+}
+
 /* XAUTOCLAIM on a stream: up to count entries idle past claim_idle_ms, whose worker died or
  * lost them. Redis looks at COUNT x 10 pending entries a call: each call goes on from where
  * the last one stopped (the cursor it returned), or an abandoned entry behind that many
@@ -591,10 +625,11 @@ static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_
         *taken += (int)entries->elements;
     } else if (rep->type == REDIS_REPLY_ERROR) {
         log_error("XAUTOCLAIM on \"%s\": %s", stream, rep->str);
-        if (dg_reply_is_error(rep, "NOGROUP")) t->groups_ok = 0;
+        if (dg_reply_is_error(rep, "NOGROUP")) t->groups_ok = 0, cursor[0] = 0;
         if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
     }
     freeReplyObject(rep);
+    if (!rc) rc = released_check(t, stream);
     return rc ? -1 : 0;
 }
 

@@ -110,6 +110,7 @@ typedef struct {
                                         whose reply was lost left its entries pending) */
     uint64_t connects_seen;          /* redis->connects when own_pending last looked */
     int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran */
+    int64_t reap_hold_until;         /* monotonic: the reaper waits after a (re)connect */
     char reap_cursor[2][64];         /* where the reaper's next XAUTOCLAIM of the high [0] /
                                         normal [1] stream starts ("" = 0-0) */
     /* entries given back for a later attempt (dg_take_release, a retryable refusal at

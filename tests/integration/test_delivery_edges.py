@@ -173,7 +173,7 @@ def test_a_stale_attempt_leaves_the_visible_results_files(cluster, tmpdir_path):
     a = cluster.worker("wa", args=["--output-root", root])
     cluster.wait_groups()
     job = make_job("pr", "draw two things", meta={"fake.images": 3, "fake.step_ms": 200},
-                   width=32, height=32, steps=2, deadline_unix_ms=int(time.time() * 1000) + 8000)
+                   width=32, height=32, steps=2, deadline_unix_ms=int(time.time() * 1000) + 16000)
     cluster.r.xadd(cluster.key("jobs"), {"id": "pr", "job": job.SerializeToString()})
     wait_until(lambda: any(e["type"] == b"image" for e in cluster.events("pr")), timeout=10, what="first image")
     a.proc.send_signal(signal.SIGSTOP)
@@ -182,7 +182,7 @@ def test_a_stale_attempt_leaves_the_visible_results_files(cluster, tmpdir_path):
     assert res["worker"] == b"wb" and res["status"] == b"done", res
     paths = [p.image.path for p in pb.Result.FromString(res["pb"]).output if p.WhichOneof("kind") == "image"]
     assert all(os.path.exists(p) for p in paths), paths
-    wait_until(lambda: time.time() * 1000 > job.deadline_unix_ms + 500, timeout=15, what="deadline")
+    wait_until(lambda: time.time() * 1000 > job.deadline_unix_ms + 500, timeout=20, what="deadline")
     a.proc.send_signal(signal.SIGCONT)
     time.sleep(2)
     print(a.logs()[-800:])
@@ -509,3 +509,102 @@ def test_the_parked_entry_takes_a_slot_of_its_own_pending_step(cluster):
         res = cluster.wait_result(j, timeout=20)
         assert res["status"] == b"done", (j, res)
     assert "slots busy" not in w.logs()
+
+
+def test_a_job_whose_xadd_redis_forgot_keeps_running_after_later_reads(cluster):
+    """Redis restarted from a snapshot older than the job's XADD: its entry is gone, and the
+    first later job read moved the group's last-delivered-id past it. "Not pending and not
+    past last-delivered" then fenced the job's only run (no result ever). An entry gone from
+    the stream is forgotten, not acknowledged: the run goes on."""
+    w = cluster.worker("w1", args=["--claim-idle-ms", "3000", "--max-inflight", "2"])
+    cluster.wait_groups()
+    cluster.r.save()                             # the snapshot: no "rb" at all
+    cluster.enqueue("rb", " ".join(["w"] * 80), meta={"fake.step_ms": 100}, max_attempts=5)
+    wait_until(lambda: cluster.r.hget("duogen:job:rb", "state") == b"running", what="rb running")
+    time.sleep(0.5)
+    cluster.server.stop(hard=True)
+    cluster.server.start()
+    cluster.r = cluster.server.client()
+    time.sleep(1.5)
+    cluster.enqueue("later", "x")                # any later job, read by the group
+    cluster.wait_result("later", timeout=20)
+    assert cluster.wait_result("rb", timeout=15)["status"] == b"done"
+    assert "its lease was lost" not in w.logs()
+
+
+def test_a_running_entry_deleted_from_the_stream_still_gets_its_result(cluster):
+    """XDEL (or a producer's MAXLEN) of a running job's entry: the renewal's XCLAIM drops it
+    from the pending list, and the run was fenced as acknowledged: no result ever."""
+    w = cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.enqueue("del", " ".join(["w"] * 40), meta={"fake.step_ms": 100}, max_attempts=5)
+    wait_until(lambda: cluster.r.hget("duogen:job:del", "state") == b"running", what="running")
+    cluster.r.xdel(cluster.key("jobs"), pending_entry(cluster)["message_id"])
+    assert cluster.wait_result("del", timeout=15)["status"] == b"done"
+    assert "its lease was lost" not in w.logs()
+
+
+class SlowKeeperProxy(WireProxy):
+    """Survives the server being away; once armed, holds the keeper's connection set-up
+    (CLIENT SETNAME <id>:keeper) for `delay` s: a keeper whose backoff ends after Redis is back."""
+
+    def __init__(self, port, delay):
+        self.armed, self.delay, self.done = threading.Event(), delay, threading.Event()
+        super().__init__(port)
+
+    def accept(self):
+        while True:
+            c, _ = self.ls.accept()
+            try:
+                s = socket.create_connection(("127.0.0.1", self.port_to))
+            except OSError:
+                c.close()
+                continue
+            threading.Thread(target=self.pump, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self.pump, args=(s, c, True), daemon=True).start()
+
+    def pass_on(self, data, from_server):
+        if not from_server and self.armed.is_set() and not self.done.is_set() and b":keeper" in data:
+            self.done.set()
+            time.sleep(self.delay)
+        return True
+
+
+def test_a_worker_connecting_for_the_first_time_waits_for_the_keepers_too(cluster):
+    """The reaper's hold after a reconnect did not cover a worker's first connect: one
+    started while Redis was away took a live job over before its keeper was back."""
+    from conftest import Worker
+    proxy = SlowKeeperProxy(cluster.server.port, 3.0)
+    w1 = Worker(cluster.tmp, f"redis://127.0.0.1:{proxy.port}/0", "w1", cluster.model,
+                args=["--prefix", "duogen", "--claim-idle-ms", "3000", "--max-inflight", "1"])
+    cluster.workers.append(w1)
+    cluster.wait_groups()
+    cluster.enqueue("live", " ".join(["w"] * 150), meta={"fake.step_ms": 100}, max_attempts=1)
+    wait_until(lambda: cluster.r.hget("duogen:job:live", "state") == b"running", what="live running")
+    cluster.r.save()
+    time.sleep(4.0)                              # the snapshot is older than claim_idle_ms
+    cluster.server.stop(hard=True)
+    proxy.armed.set()
+    cluster.server.start()
+    cluster.r = cluster.server.client()
+    cluster.worker("w2", args=["--claim-idle-ms", "3000"])   # its first connect
+    res = cluster.wait_result("live", timeout=40)
+    assert res["status"] == b"done" and res["worker"] == b"w1", res
+    assert attempt_of(res) == 1
+
+
+def test_a_connection_breaking_every_few_seconds_does_not_stop_the_reaper(cluster):
+    """Each reconnect pushed the reaper's hold 7 s further: a connection breaking more often
+    than that never let it run, and a dead worker's job was never taken over."""
+    w = cluster.worker("w1")                     # claim_idle 1.5 s, reaper every 0.3 s
+    cluster.wait_groups()
+    wait_until(lambda: "ready" in w.logs(), what="ready")
+    kill_main_connection(cluster, "w1")
+    cluster.enqueue("orphan", "x")
+    time.sleep(0.05)
+    cluster.r.xreadgroup("duogen", "ghost", {cluster.key("jobs"): ">"}, count=1)   # a dead worker's
+    end = time.monotonic() + 20
+    while time.monotonic() < end and not cluster.result("orphan"):
+        time.sleep(4)
+        kill_main_connection(cluster, "w1")
+    assert cluster.result("orphan"), "the reaper never ran: a connection that broke every 4 s"
