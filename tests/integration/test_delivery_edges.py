@@ -102,7 +102,11 @@ class WireProxy:
     def accept(self):
         while True:
             c, _ = self.ls.accept()
-            s = socket.create_connection(("127.0.0.1", self.port_to))
+            try:
+                s = socket.create_connection(("127.0.0.1", self.port_to))
+            except OSError:   # the server away (restarting): the client retries
+                c.close()
+                continue
             threading.Thread(target=self.pump, args=(c, s, False), daemon=True).start()
             threading.Thread(target=self.pump, args=(s, c, True), daemon=True).start()
 
@@ -545,23 +549,12 @@ def test_a_running_entry_deleted_from_the_stream_still_gets_its_result(cluster):
 
 
 class SlowKeeperProxy(WireProxy):
-    """Survives the server being away; once armed, holds the keeper's connection set-up
-    (CLIENT SETNAME <id>:keeper) for `delay` s: a keeper whose backoff ends after Redis is back."""
+    """Once armed, holds the keeper's connection set-up (CLIENT SETNAME <id>:keeper) for
+    `delay` s: a keeper whose backoff ends after Redis is back."""
 
     def __init__(self, port, delay):
         self.armed, self.delay, self.done = threading.Event(), delay, threading.Event()
         super().__init__(port)
-
-    def accept(self):
-        while True:
-            c, _ = self.ls.accept()
-            try:
-                s = socket.create_connection(("127.0.0.1", self.port_to))
-            except OSError:
-                c.close()
-                continue
-            threading.Thread(target=self.pump, args=(c, s, False), daemon=True).start()
-            threading.Thread(target=self.pump, args=(s, c, True), daemon=True).start()
 
     def pass_on(self, data, from_server):
         if not from_server and self.armed.is_set() and not self.done.is_set() and b":keeper" in data:
