@@ -11,7 +11,8 @@
 #                   twice (tools/soak/soak.py, ~5 min; not in `make test`): jobs lost, doubled,
 #                   dead, worker RSS and Redis memory; JSON in build/bench/soak.json
 #   make systemd-check  duogend@0 under systemd in a booted container: READY, restart after
-#                   kill -9, the watchdog, drain on stop (tools/systemd/nspawn-check.sh)
+#                   kill -9, the watchdog, drain on stop, start at boot when enabled
+#                   (tools/systemd/nspawn-check.sh)
 #   make demo       the demo jobs on the shipped shapes model (tools/train/shapes; tools/demo.sh)
 #   make train-shapes   train the shapes model into tools/train/shapes (hours on a CPU; TRAIN_DEVICE=cuda for a GPU; eval-shapes scores it)
 #   make install    PREFIX=/usr/local DESTDIR=

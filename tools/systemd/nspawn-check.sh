@@ -11,6 +11,9 @@
 #   drain     `systemctl stop` while a job runs: the job ends with its result (finish
 #             "length": it ran to max_new_tokens, 1500), the worker exits 0, the unit is
 #             inactive, not failed
+#   boot      `systemctl enable duogend@0` as the README says, the container powered off and
+#             booted again: the worker starts at boot (its heartbeat is in Redis) with nobody
+#             starting it
 # Needs root, systemd-container and debootstrap (tools/deps.sh does not install them: this
 # check is not part of `make test`), and Debian's mirror the first time (the root is kept
 # in $DG_NSPAWN_ROOT, default build/nspawn/root). Prints one line per check; exit 0 when
@@ -74,25 +77,31 @@ TimeoutAbortSec=5
 EOF
 
 # ---- boot ---------------------------------------------------------------------------------
+# nothing enabled by an earlier run: the boot check below enables it itself
+systemctl --root="$ROOT" --quiet disable duogend@0.service duogend.target 2>/dev/null || true
 log=$(mktemp /tmp/duogen-nspawn.XXXXXX)
-systemd-nspawn -D "$ROOT" --boot --register=no --keep-unit --private-network --machine="$MACHINE" \
-    >"$log" 2>&1 &
-nspawn=$!
-cleanup() { kill "$nspawn" 2>/dev/null || true; wait "$nspawn" 2>/dev/null || true; }
+nspawn=""
+cleanup() { [ -z "$nspawn" ] || { kill "$nspawn" 2>/dev/null || true; wait "$nspawn" 2>/dev/null || true; }; }
 trap cleanup EXIT
-leader=""
-for _ in $(seq 100); do
-    leader=$(pgrep -P "$nspawn" -x systemd || true)
-    [ -n "$leader" ] && break
-    sleep 0.2
-done
-[ -n "$leader" ] || { say "systemd-check: the container did not boot (log: $log)"; exit 2; }
 ctr() { nsenter -t "$leader" -m -u -i -n -p -r -w -- "$@"; }
-for _ in $(seq 150); do
-    state=$(ctr systemctl is-system-running 2>/dev/null || true)
-    case $state in running|degraded) break ;; esac
-    sleep 0.2
-done
+boot() {    # starts the container and waits for its systemd to finish booting
+    systemd-nspawn -D "$ROOT" --boot --register=no --keep-unit --private-network --machine="$MACHINE" \
+        >>"$log" 2>&1 &
+    nspawn=$!
+    leader=""
+    for _ in $(seq 100); do
+        leader=$(pgrep -P "$nspawn" -x systemd || true)
+        [ -n "$leader" ] && break
+        sleep 0.2
+    done
+    [ -n "$leader" ] || { say "systemd-check: the container did not boot (log: $log)"; exit 2; }
+    for _ in $(seq 150); do
+        state=$(ctr systemctl is-system-running 2>/dev/null || true)
+        case $state in running|degraded) break ;; esac
+        sleep 0.2
+    done
+}
+boot
 say "booted: systemd in the container is $state"
 rc() { ctr redis-cli -a "$password" --no-auth-warning "$@"; }
 ctr systemctl restart redis-server      # it reads the password written above
@@ -156,6 +165,23 @@ check "drain: stop while the job ran ($tokens_at_stop tokens then) waited for it
     test "$status" = done -a "$finish" = length -a "$tokens" -gt "$((tokens_at_stop + 100))" \
          -a "$(prop ActiveState)" = inactive -a "$(prop ExecMainStatus)" = 0
 rm -f "$job" "$ROOT/root/drain.job"
+
+# ---- boot -----------------------------------------------------------------------------------------
+# enabled as the README says, then a power cycle: multi-user.target must pull the worker in
+rc DEL duogen:worker:"$MACHINE":cpu0 >/dev/null
+ctr systemctl enable --quiet duogend@0
+ctr systemctl poweroff || true
+for _ in $(seq 150); do kill -0 "$nspawn" 2>/dev/null || break; sleep 0.2; done
+wait "$nspawn" 2>/dev/null || true
+nspawn=""
+boot
+for _ in $(seq 150); do
+    [ "$(rc EXISTS duogen:worker:"$MACHINE":cpu0)" = 1 ] && break
+    sleep 0.2
+done
+check "boot: an enabled worker starts at boot (system $state; duogend@0 $(prop ActiveState)/$(prop SubState), heartbeat $(rc HGET duogen:worker:"$MACHINE":cpu0 state))" \
+    test "$(prop ActiveState)" = active -a "$(rc EXISTS duogen:worker:"$MACHINE":cpu0)" = 1
+ctr systemctl disable --quiet --now duogend@0 duogend.target
 
 say "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]
