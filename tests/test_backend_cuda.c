@@ -226,8 +226,8 @@ static float *run_fused(dg_backend *be, const uint16_t *wq, const uint16_t *wk, 
     be->download(be, o, dres, (int64_t)m * k);
     float *bufs[] = {dx, db, dq, dk, dv, dy, tmp, dres, dnw};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->release(be, bufs[i]);
-    if (be != cpu)
-        for (int i = 0; i < 5; i++) if (i != 2) be->release(be, (void *)w[i].data);
+    if (be != cpu)   /* each prepare made its own device copy, w[1] and w[2] too */
+        for (int i = 0; i < 5; i++) be->release(be, (void *)w[i].data);
     return out;
 }
 
@@ -238,7 +238,10 @@ TEST(cuda_fused_decode_ops) {
         {3, 100, 36, 200, 120},
         /* the GEMM path with k's bias 400 and 404 bytes into its buffer: cuBLASLt's epilogue
          * with a 16-byte-aligned bias, and the bias kernel for a 4-byte-aligned one */
-        {20, 100, 36, 200, 120}, {20, 101, 36, 200, 120}};
+        {20, 100, 36, 200, 120}, {20, 101, 36, 200, 120},
+        /* the fused kernels' other row counts (2, 4..7), and add_rmsnorm's 256-thread blocks (m >= 32) */
+        {2, 256, 64, 512, 256}, {4, 100, 36, 200, 120}, {5, 256, 64, 512, 256}, {6, 100, 36, 200, 120},
+        {7, 256, 64, 512, 256}, {40, 256, 64, 512, 256}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const int m = shapes[s][0], nq = shapes[s][1], nk = shapes[s][2], f = shapes[s][3], k = shapes[s][4];
         uint16_t *wq = rnd_bf16((int64_t)nq * k, 0.05f), *wk = rnd_bf16((int64_t)nk * k, 0.05f);
@@ -316,6 +319,54 @@ TEST(cuda_graph_run_replays_with_new_inputs) {
         bes[k]->release(bes[k], ops[k].y); bes[k]->release(bes[k], ops[k].a);
         bes[k]->release(bes[k], ops[k].b); bes[k]->release(bes[k], ops[k].w);
     }
+}
+
+/* A recorded run whose ops stage host arrays (embed's ids) cannot be replayed: the ids of a
+ * later call would not be copied again. The capture is refused, the ops run directly from
+ * then on, and every round gives its own ids' rows with the status clear. */
+typedef struct {
+    dg_backend     *be;
+    float          *y;
+    const dg_weight *w;
+    const int32_t  *ids;
+    int             m;
+} graph_embed;
+
+static void graph_embed_run(void *ctx) {
+    graph_embed *g = ctx;
+    g->be->embed(g->be, g->y, g->w, g->ids, g->m);
+}
+
+TEST(cuda_graph_run_refuses_staging) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    char err[256];
+    const int v = 300, d = 64, m = 5;
+    uint16_t *th = rnd_bf16((int64_t)v * d, 1.0f);
+    dg_weight w = {th, DG_DTYPE_BF16, v, d, 0};
+    if (gpu->weight_prepare(gpu, &w, err, sizeof err) < 0) test_fail(__FILE__, __LINE__, "%s", err);
+    float *dy = gpu->alloc(gpu, sizeof(float) * (size_t)m * d);
+    void *slot = NULL;
+    setenv("DG_CUDA_GRAPHS", "1", 1);
+    for (int round = 0; round < 3; round++) {
+        int32_t ids[5];
+        for (int i = 0; i < m; i++) ids[i] = (int32_t)((round * 97 + i * 31) % v);
+        graph_embed g = {gpu, dy, &w, ids, m};
+        dg_graph_run(gpu, &slot, graph_embed_run, &g);
+        float *got = malloc(sizeof(float) * (size_t)m * d);
+        gpu->download(gpu, got, dy, (int64_t)m * d);
+        int same = 1;
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < d; j++) same &= got[i * d + j] == dg_bf16_to_f32(th[(int64_t)ids[i] * d + j]);
+        printf("  %-18s round %d: %s\n", "graph_run embed", round, same ? "the round's own rows" : "WRONG ROWS");
+        if (!same) test_fail(__FILE__, __LINE__, "graph_run embed round %d: rows of other ids", round);
+        CHECK_EQ_INT(gpu->status(gpu, err, sizeof err), 0);
+        free(got);
+    }
+    unsetenv("DG_CUDA_GRAPHS");
+    if (gpu->graph_release) gpu->graph_release(gpu, slot);
+    gpu->release(gpu, dy);
+    gpu->release(gpu, (void *)w.data);
+    free(th);
 }
 
 static float *run_embed(dg_backend *be, const uint16_t *th, const int32_t *ids, int m, int v, int d) {
@@ -592,8 +643,8 @@ TEST(cuda_kv_bf16) {
     static const int shapes[][5] = {   /* n_past, m, heads, kv heads, head_dim */
         {0, 1, 4, 2, 16}, {100, 1, 28, 4, 128}, {1000, 3, 14, 2, 64}, {17, 130, 28, 4, 128}, {0, 64, 16, 16, 80},
         {40, 7, 4, 2, 16},
-        /* 9 <= m < 64: the wmma tiles (their scalar loop for bf16 rows), head_dim 64 and 80 */
-        {40, 20, 14, 2, 64}, {5, 33, 16, 16, 80}};
+        /* 9 <= m < 64: the wmma tiles (their scalar loop for bf16 rows), head_dim 64, 80 and 128 */
+        {40, 20, 14, 2, 64}, {5, 33, 16, 16, 80}, {40, 20, 28, 4, 128}};
     const int bs = 16;
     for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
         const int n_past = shapes[sh][0], m = shapes[sh][1], nh = shapes[sh][2], nkv = shapes[sh][3], hd = shapes[sh][4];
@@ -670,6 +721,11 @@ TEST(cuda_attention_batch) {
         {5, 2, 14, 2, 64, {37, 0, 100, 5, 300}, {1, 40, 1, 3, 1}},
         /* sixteen lone rows, GQA 16/2, head_dim 80 */
         {16, 1, 16, 2, 80, {1, 2, 3, 60, 61, 62, 63, 64, 65, 500, 501, 900, 0, 15, 16, 1000}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}},
+        /* the decode kernel's other widths: head_dim 32 (one dim a lane) and 256 (eight) */
+        {3, 1, 4, 2, 32, {5, 100, 0}, {1, 2, 1}},
+        {3, 1, 4, 4, 256, {10, 300, 63}, {1, 1, 3}},
+        /* a chunk of 100 rows beside decode rows: the mma path (and its bf16 pass) inside the batch */
+        {3, 1, 14, 2, 64, {20, 0, 300}, {1, 100, 1}},
     };
     const int bs = 16;
     static int32_t tables[AB_MAX][64];
@@ -716,6 +772,42 @@ TEST(cuda_attention_batch) {
         }
         free(q); free(k); free(v); free(hist);
     }
+}
+
+/* More decode rows than one launch takes (2048): 2100 lone sequences of one block each, so
+ * that the host arrays are flushed in the middle. Exact pools; decode rows 2e-5 max abs. */
+TEST(cuda_attention_batch_many_rows) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    enum { N = 2100, NH = 4, NKV = 2, HD = 64, BS = 16 };
+    const int kv_dim = NKV * HD;
+    const int64_t pool = (int64_t)N * BS * kv_dim;
+    int32_t *tables = malloc(sizeof(int32_t) * N);
+    dg_attn_seq *seqs = malloc(sizeof(dg_attn_seq) * N);
+    float *q = rnd((int64_t)N * NH * HD, 1.0f), *k = rnd((int64_t)N * kv_dim, 1.0f), *v = rnd((int64_t)N * kv_dim, 1.0f);
+    float *hist = rnd(2LL * BS * kv_dim, 1.0f), *zero = calloc((size_t)pool, sizeof(float));
+    float *res[2], *pools[2][2];
+    dg_backend *bes[2] = {cpu, gpu};
+    for (int b = 0; b < 2; b++) {
+        dg_backend *be = bes[b];
+        float *pk = put(be, zero, pool), *pv = put(be, zero, pool), *dh = put(be, hist, 2LL * BS * kv_dim);
+        float *dq = put(be, q, (int64_t)N * NH * HD), *dk = put(be, k, (int64_t)N * kv_dim);
+        float *dv = put(be, v, (int64_t)N * kv_dim), *dout = be->alloc(be, sizeof(float) * (size_t)N * NH * HD);
+        for (int i = 0; i < N; i++) {   /* sequence i: block (i * 7) % N, i % 13 rows of history */
+            tables[i] = (int32_t)((i * 7) % N);
+            seqs[i] = (dg_attn_seq){{pk, pv, &tables[i], BS, DG_DTYPE_F32}, i % 13, 1};
+            be->kv_write(be, &seqs[i].kv, 0, dh, dh + (int64_t)BS * kv_dim, seqs[i].n_past, kv_dim);
+        }
+        dg_attention_batch(be, dout, dq, dk, dv, seqs, N, NH, NKV, HD, 1.0f / sqrtf((float)HD));
+        be->release(be, dh); be->release(be, dq); be->release(be, dk); be->release(be, dv);
+        pools[b][0] = get(be, pk, pool);
+        pools[b][1] = get(be, pv, pool);
+        res[b] = get(be, dout, (int64_t)N * NH * HD);
+    }
+    compare("attention_batch kv", "2100 lone rows k", pools[1][0], pools[0][0], pool, 0, 0);
+    compare("attention_batch kv", "2100 lone rows v", pools[1][1], pools[0][1], pool, 0, 0);
+    compare("attention_batch", "2100 lone rows h4/2 d64", res[1], res[0], (int64_t)N * NH * HD, -1, 2e-5);
+    for (int b = 0; b < 2; b++) { free(res[b]); free(pools[b][0]); free(pools[b][1]); }
+    free(tables); free(seqs); free(q); free(k); free(v); free(hist); free(zero);
 }
 
 /* ---- segment attention --------------------------------------------------------------------- */
@@ -900,6 +992,10 @@ TEST(cuda_topk) {
                 if (!same || !(d <= 1e-4))
                     test_fail(__FILE__, __LINE__, "topk n %d kind %d k %d: %s, lse %.9g vs %.9g", n, kind, k,
                               same ? "same candidates" : "different candidates", lse[1], lse[0]);
+                /* without the log-sum-exp (greedy asks for none): the same candidates */
+                for (int b = 0; b < 2; b++) bes[b]->topk(bes[b], dx[b], n, k, 1.0f / 0.7f, val[b], idx[b], NULL);
+                if (memcmp(idx[0], idx[1], sizeof(int32_t) * (size_t)k) || memcmp(val[0], val[1], sizeof(float) * (size_t)k))
+                    test_fail(__FILE__, __LINE__, "topk n %d kind %d k %d without lse: different candidates", n, kind, k);
             }
             cpu->release(cpu, dx[0]);
             gpu->release(gpu, dx[1]);

@@ -143,13 +143,14 @@ static void parity(const char *preset) {
     if (greedy(pkg, "cpu", DG_DTYPE_F32, 1, prompts, lens, ref, lref, &vocab) < 0 ||
         greedy(pkg, "cpu", DG_DTYPE_BF16, 1, prompts, lens, ref16, lref16, &vocab) < 0)
         goto out;
-    /* graphs: DG_CUDA_GRAPHS=1; unverified: DG_CUDA_UNVERIFIED=1 (NOTES.md); bf16 kv: K and V
+    /* graphs: DG_CUDA_GRAPHS=1; unverified: DG_CUDA_UNVERIFIED=1 (NOTES.md); graphs unverified:
+     * both (the fused forms inside the recorded runs); bf16 kv: K and V
      * in bf16 (unverified), against the CPU with its KV in bf16 */
-    static const char *modes[] = {"default", "precise", "graphs", "unverified", "bf16 kv"};
-    for (int mode = 0; mode < 5; mode++) {
+    static const char *modes[] = {"default", "precise", "graphs", "unverified", "bf16 kv", "graphs unverified"};
+    for (int mode = 0; mode < 6; mode++) {
         const int precise = mode == 1, kv16 = mode == 4;
         if (precise) setenv("DG_CUDA_GEMM", "precise", 1);
-        if (mode == 2) setenv("DG_CUDA_GRAPHS", "1", 1);
+        if (mode == 2 || mode == 5) setenv("DG_CUDA_GRAPHS", "1", 1);   /* 5: the fused forms recorded */
         if (mode >= 3) setenv("DG_CUDA_UNVERIFIED", "1", 1);
         int rc = greedy(pkg, "cuda:0", kv16 ? DG_DTYPE_BF16 : DG_DTYPE_F32, 1, prompts, lens, got, lgot, &vocab);
         unsetenv("DG_CUDA_GEMM");

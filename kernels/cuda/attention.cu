@@ -52,12 +52,18 @@
 
 /* A block's partial: keys s·chunk .. of the n_ctx that query row qi (one head) sees, with
  * kv head kvh; pp[0] = running max, pp[1] = sum of exp, pp[2..] = o[head_dim] (a split past
- * n_ctx writes sum 0, which the merge skips). */
+ * n_ctx writes sum 0 and nothing else, and the merge skips it). */
 template <int NPL>   /* dims per lane: head_dim <= 32·NPL */
 __device__ __forceinline__ void decode_partial(float *pp, const float *qi, const kv_addr &a, int n_ctx, int kvh,
                                                int head_dim, int chunk, int s, float scale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int j0 = s * chunk, j1 = min(j0 + chunk, n_ctx);
+    /* past this row's keys (a shorter row of a batch sized by its longest): the sum alone,
+     * which the merge reads first; the same for the whole block, so no barrier is skipped */
+    if (j0 >= n_ctx) {
+        if (threadIdx.x == 0) pp[1] = 0.0f;
+        return;
+    }
     float qr[NPL], o[NPL], mx = -INFINITY, l = 0.0f;
 #pragma unroll
     for (int t = 0; t < NPL; t++) {
@@ -197,6 +203,7 @@ static int decode_splits(const dg_cuda *c, int rows, int n_ctx, int n_heads, int
     const int64_t per_split = (int64_t)rows * n_heads * (head_dim + 2) * (int64_t)sizeof(float);
     const int64_t max_split = (int64_t)c->scratch_bytes / per_split;
     int n_split = (n_ctx + DECODE_CHUNK - 1) / DECODE_CHUNK;
+    if (max_split < 1) return 0;   /* not one split's partials fit: the caller fails */
     if (n_split > max_split) n_split = (int)max_split;
     if (n_split > 65535) n_split = 65535;
     if (n_split < 1) n_split = 1;
@@ -208,6 +215,8 @@ static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_
                        int n_heads, int n_kv_heads, int head_dim, float scale) {
     int chunk;
     const int n_split = decode_splits(c, m, n_past + m, n_heads, head_dim, &chunk);
+    if (!n_split)
+        return dg_cuda_fail(c, "decode partials larger than the scratch", "decode_splits", __FILE__, __LINE__);
     float *part = (float *)c->scratch;
     DECODE_LAUNCH(attn_decode_kernel, dim3(n_heads, m, n_split), part, q, a, n_past, n_heads, n_heads / n_kv_heads,
                   head_dim, chunk, n_split, scale);
@@ -224,6 +233,8 @@ static int attn_decode_rows(dg_cuda *c, float *out, const float *q, kv_addr a, c
                             int max_ctx, int n_heads, int n_kv_heads, int head_dim, float scale) {
     int chunk;
     const int n_split = decode_splits(c, n, max_ctx, n_heads, head_dim, &chunk);
+    if (!n_split)
+        return dg_cuda_fail(c, "decode partials larger than the scratch", "decode_splits", __FILE__, __LINE__);
     float *part = (float *)c->scratch;
     DECODE_LAUNCH(attn_decode_rows_kernel, dim3(n_heads, n, n_split), part, q, a, d_rows, n_heads,
                   n_heads / n_kv_heads, head_dim, chunk, n_split, scale);

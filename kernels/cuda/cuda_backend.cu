@@ -47,7 +47,9 @@ static int cuda_status(dg_backend *be, char *err, size_t errlen) {
  * both in one process) until a device run shows they pay (NOTES.md). Where a
  * capture fails, the run goes on uncaptured from then on: the operations inside did not
  * execute during the failed capture, so they are issued again directly, and a failure the
- * capture alone caused is not kept as the backend's sticky error. */
+ * capture alone caused is not kept as the backend's sticky error. An op that stages a host
+ * array fails the capture (dg_cuda_stage refuses while capturing): a replay would copy the
+ * ring slot's later contents, not the array of its own call. */
 typedef struct {
     cudaGraphExec_t exec;
     int             off;   /* cannot be recorded: run directly */
@@ -69,7 +71,9 @@ static void cuda_graph_run(dg_backend *be, void **slot, void (*ops)(void *ctx), 
     *slot = g;
     cudaGraph_t graph = NULL;
     if (cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+        c->capturing = 1;
         ops(ctx);
+        c->capturing = 0;
         const cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
         if (e == cudaSuccess && !c->status && cudaGraphInstantiate(&g->exec, graph, 0) == cudaSuccess) {
             cudaGraphDestroy(graph);
@@ -203,6 +207,10 @@ static void cuda_release(dg_backend *be, void *p) {
 void *dg_cuda_stage(dg_cuda *c, const void *host, size_t bytes) {
     const size_t half = DG_CUDA_STAGE_BYTES / 2;
     size_t n = (bytes + 255) & ~(size_t)255;
+    if (c->capturing) {   /* graph_run then runs the ops directly */
+        dg_cuda_fail(c, "host array staged inside a recorded run", "dg_cuda_stage", __FILE__, __LINE__);
+        return NULL;
+    }
     if (bytes > half || n > half) {
         dg_cuda_fail(c, "staged array larger than half the ring", "dg_cuda_stage", __FILE__, __LINE__);
         return NULL;

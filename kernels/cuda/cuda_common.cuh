@@ -114,6 +114,8 @@ typedef struct {
     int             unverified;
     float          *std_host;      /* owned: standardize's host round trip, std_cap floats */
     size_t          std_cap;
+    int             capturing;     /* 1 while graph_run records: staging refused (a replay would
+                                      copy whatever the ring slot holds by then) */
     int             status;        /* sticky: 0 or the first DG_EDEVICE */
     char            err[256];
 } dg_cuda;

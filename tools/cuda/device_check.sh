@@ -49,7 +49,9 @@ mkdir -p build/nvcc-check
 pids=()
 for f in kernels/cuda/*.cu; do
     n=$(basename "$f" .cu)
+    # the Makefile's flags (its ABI hash too: cuda_backend.cu refuses to build without one)
     ( nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -Iengine -Ikernels --Werror all-warnings \
+          -Xcompiler -fPIC,-Wall,-Wextra,-Wno-unused-parameter -DDG_BACKEND_ABI='"check"' \
           -Xptxas -v -c "$f" -o "build/nvcc-check/$n.o" > "build/nvcc-check/$n.log" 2>&1 \
       && echo "ok   $f" || { echo "FAIL $f"; cat "build/nvcc-check/$n.log"; } ) &
     pids+=($!)
@@ -82,7 +84,7 @@ ldd build/dg-bench build/libduogen_cuda.so | grep "not found" && echo "MISSING L
 
 if want tests; then
     step "op-by-op test (test_backend_cuda)"
-    timeout 60 build/tests/test_backend_cuda 2>&1
+    timeout 120 build/tests/test_backend_cuda 2>&1
     step "model parity (test_cuda_parity), the interleaved loop (test_interleaved's cuda case), two schedulers on two threads (test_sched_threads' cuda case)"
     timeout 180 build/tests/test_cuda_parity 2>&1
     DG_TEST=interleaved_on_cuda timeout 60 build/tests/test_interleaved 2>&1
@@ -172,6 +174,8 @@ want race || exit 0
 step "racecheck: the attention and top-k kernels (compute-sanitizer)"
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 echo "compute-sanitizer: ${CS:-not found}"
-for t in cuda_attention_segments cuda_topk; do   # the kernels with shared-memory handoffs
+# the kernels with shared-memory handoffs (cuda_attention_batch: decode_partial's merge of the
+# warps; cuda_kv_bf16: the wmma tiles' scalar path for bf16 rows)
+for t in cuda_attention_segments cuda_topk cuda_attention_batch cuda_kv_bf16; do
     [ -n "$CS" ] && DG_TEST=$t timeout 90 "$CS" --tool racecheck build/tests/test_backend_cuda 2>&1 | tail -8
 done
