@@ -908,6 +908,8 @@ TEST(cuda_conv3d) {
         {32, 64, 2, 17, 15, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0},    /* pointwise */
         {24, 24, 1, 32, 32, 1, 3, 3, 1, 2, 2, 0, 0, 1, 0, 1},    /* 2-D downsample, asym pad */
         {16, 16, 4, 8, 8, 3, 1, 1, 2, 1, 1, 0, 0, 0, 0, 0},      /* temporal stride 2 */
+        {4, 3, 2, 5, 6, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0},        /* pointwise behind a padding frame */
+        {3, 4, 3, 4, 5, 2, 3, 3, 1, 1, 1, 3, 1, 1, 1, 1},        /* pad_t > kt: frame 0 the bias alone */
     };
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const dg_conv3d_shape *sh = &shapes[s];

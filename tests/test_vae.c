@@ -15,6 +15,7 @@
 #include "dit_common.h"
 
 #include "backend.h"
+#include "cpu/cpu_kernels.h"
 #include "duogen.h"
 #include "draw/vae.h"
 
@@ -156,6 +157,11 @@ TEST(vae_op_conv3d_matches_direct) {
          .pad_bottom = 1, .pad_right = 1},                                               /* downsample2d */
         {.c_in = 6, .c_out = 6, .t = 5, .h = 3, .w = 4, .kt = 3, .kh = 1, .kw = 1, .st = 2, .sh = 1, .sw = 1}, /* time_conv down */
         {.c_in = 6, .c_out = 9, .t = 3, .h = 5, .w = 5, .kt = 1, .kh = 1, .kw = 1, .st = 1, .sh = 1, .sw = 1}, /* pointwise */
+        /* frames that see only the causal padding (backend.h allows pad_t up to any value):
+         * the bias alone; a pointwise kernel behind one padding frame, and pad_t beyond kt */
+        {.c_in = 4, .c_out = 3, .t = 2, .h = 5, .w = 6, .kt = 1, .kh = 1, .kw = 1, .st = 1, .sh = 1, .sw = 1, .pad_t = 1},
+        {.c_in = 3, .c_out = 4, .t = 3, .h = 4, .w = 5, .kt = 2, .kh = 3, .kw = 3, .st = 1, .sh = 1, .sw = 1,
+         .pad_t = 3, .pad_top = 1, .pad_bottom = 1, .pad_left = 1, .pad_right = 1},
     };
     dg_backend *be = NULL;
     char err[256];
@@ -171,6 +177,7 @@ TEST(vae_op_conv3d_matches_direct) {
         dit_wave(x, nx, 1.0, 0.77, 0.1);
         dit_wave(w, (int64_t)s->c_out * K, 0.5, 1.31, 0.4);
         dit_wave(b, s->c_out, 0.2, 0.9, 0.0);
+        for (int64_t i = 0; i < ny; i++) y[i] = 12345.0f;   /* what an output left unwritten shows */
         for (int o = 0; o < s->c_out; o++)   /* [co, ci, kt, khw] -> [co, kt, ci, khw] */
             for (int i = 0; i < s->c_in; i++)
                 for (int a = 0; a < s->kt; a++)
@@ -183,6 +190,31 @@ TEST(vae_op_conv3d_matches_direct) {
         CHECK(dit_err(y, yr, ny, 1e-5 * K, 0.0, &m) <= 1.0);
         free(x); free(w); free(wr); free(b); free(y); free(yr);
     }
+    dg_backend_free(be);
+}
+
+/* The spatial attention's softmax over a plane of 2^20 pixels (backend.h's bound): each
+ * probability within 1e-6 relative of double (its sum in fp32 was 1.5e-3 off at this length). */
+TEST(vae_softmax_long_row) {
+    enum { N = 1 << 20 };
+    dg_backend *be = NULL;
+    char err[256];
+    CHECK(dg_backend_new("cpu", 0, &be, err, sizeof err) == 0);
+    float *x = malloc(sizeof(float) * N), *p = malloc(sizeof(float) * N);
+    dit_wave(x, N, 4.0, 0.61, 0.3);
+    memcpy(p, x, sizeof(float) * N);
+    dg_cpu_softmax(be->impl, p, 1, N);
+    float mx = -INFINITY;
+    for (int j = 0; j < N; j++) mx = fmaxf(mx, x[j]);
+    double z = 0, worst = 0;
+    for (int j = 0; j < N; j++) z += exp((double)x[j] - mx);
+    for (int j = 0; j < N; j++) {
+        const double ref = exp((double)x[j] - mx) / z;
+        worst = fmax(worst, fabs(p[j] / ref - 1.0));
+    }
+    printf("  softmax over 2^20: max relative error %.3g\n", worst);
+    CHECK(worst <= 1e-6);
+    free(x); free(p);
     dg_backend_free(be);
 }
 

@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "common/device.h"
 #include "cpu/attention_bf16.h"
+#include "cpu/cpu_backend.h"
 #include "cpu/simd_math.h"
 #include "duogen.h"
 
@@ -276,6 +277,10 @@ TEST(exp512_is_exp256) {
     exp_both(e8, e16, x, N);
     CHECK(memcmp(e8, e16, sizeof e8) == 0);
     CHECK_NEAR(e16[N / 4], 1.0, 1e-6);   /* x = 0 */
+    float nx[16], n8[16], n16[16];
+    for (int i = 0; i < 16; i++) nx[i] = i % 2 ? NAN : 1.0f;
+    exp_both(n8, n16, nx, 16);
+    for (int i = 0; i < 16; i++) CHECK(i % 2 ? isnan(n8[i]) && isnan(n16[i]) : n8[i] == n16[i]);
 }
 
 /* dg_exp512_nonpos (the bf16 attention's softmax) against exp in double for x in [-87, 0]:
@@ -303,6 +308,45 @@ TEST(exp512_nonpos_relative) {
     CHECK(e[0] == 1.0f);
     for (int i = N - 16; i < N - 12; i++) CHECK(e[i] >= 0.0f && e[i] <= 0x1p-126f);
     CHECK(e[N - 13] == 0.0f);
+    float nx[16], ne[16];
+    for (int i = 0; i < 16; i++) nx[i] = i % 3 ? -1.0f : NAN;
+    exp_nonpos(ne, nx, 16);
+    for (int i = 0; i < 16; i++) CHECK(i % 3 ? ne[i] > 0.36f && ne[i] < 0.37f : isnan(ne[i]));
+}
+
+/* A NaN stays a NaN on every kernel set, as in libm's expf and PyTorch: the exps' clamps
+ * pass it through (MINPS/MAXPS return their second operand on a NaN), so a key with a NaN
+ * gives NaN outputs in the decoder's and the segment attention alike, whatever set runs;
+ * the heads that do not see it are finite. (Before, the SIMD sets turned it into 2.4e38 or
+ * 0 and answered with finite numbers: an upstream NaN was hidden on the sets in use.) */
+TEST(nan_propagates_on_every_kernel_set) {
+    enum { HD = 64, NH = 2, NKV = 2, N = 10, BS = 16 };
+    const int top = dg_cpu_simd_level();
+    for (int set = DG_CPU_PORTABLE; set <= top; set++) {
+        dg_backend *be = NULL;
+        char err[256];
+        if (dg_cpu_backend_new(1, set, set == DG_CPU_AVX512_BF16, &be, err, sizeof err))
+            test_fail(__FILE__, __LINE__, "%s", err);
+        static float k[BS * NKV * HD], v[BS * NKV * HD];
+        float q[NH * HD], o[NH * HD], os[NH * HD];
+        rng = 777;
+        for (int i = 0; i < N * NKV * HD; i++) k[i] = frand(), v[i] = frand();
+        for (int i = 0; i < NH * HD; i++) q[i] = frand();
+        k[3 * NKV * HD + 5] = NAN;   /* key 3 of kv head 0: head 0 sees it, head 1 does not */
+        int32_t table[1] = {0}, qcu[2] = {0, 1}, kcu[2] = {0, N};
+        dg_kv_view kv = {k, v, table, BS, DG_DTYPE_F32};
+        be->attention(be, o, q, &kv, N - 1, 1, NH, NKV, HD, 0.125f);
+        be->attention_segments(be, os, q, NH * HD, k, v, NKV * HD, qcu, kcu, 1, NH, NKV, HD, 0.125f);
+        int nan0 = 1, fin1 = 1;
+        for (int d = 0; d < HD; d++) {
+            nan0 &= isnan(o[d]) && isnan(os[d]);
+            fin1 &= isfinite(o[HD + d]) && isfinite(os[HD + d]);
+        }
+        if (!nan0 || !fin1)
+            test_fail(__FILE__, __LINE__, "kernel set %d: head 0 %s, head 1 %s (decoder %g / %g, segments %g / %g)", set,
+                      nan0 ? "NaN" : "NOT NaN", fin1 ? "finite" : "NOT finite", o[0], o[HD], os[0], os[HD]);
+        be->free(be);
+    }
 }
 
 TEST(gelu_erf) {

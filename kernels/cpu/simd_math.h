@@ -23,9 +23,11 @@
 
 /* exp on 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5
  * polynomial), within 2 ulp of expf for x in [-87.3, 88.4]; lower x gives 2^-126 (the
- * weight of a score 87 below the row's maximum: nothing next to the maximum's 1). */
+ * weight of a score 87 below the row's maximum: nothing next to the maximum's 1), higher
+ * x 2.4e38; NaN gives NaN, as expf (the clamps' operands in the order MINPS/MAXPS pass a
+ * NaN second operand through), so that a NaN upstream is not hidden by one kernel set. */
 DG_SIMD_AVX2 static inline __m256 dg_exp256(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(DG_EXP_HI)), _mm256_set1_ps(DG_EXP_LO));
+    x = _mm256_max_ps(_mm256_set1_ps(DG_EXP_LO), _mm256_min_ps(_mm256_set1_ps(DG_EXP_HI), x));   /* NaN stays NaN */
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(DG_EXP_LOG2E)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(DG_EXP_C1), x);
@@ -43,7 +45,7 @@ DG_SIMD_AVX2 static inline __m256 dg_exp256(__m256 x) {
 
 /* dg_exp256 on 16 lanes: the same operations, so a lane's bits are dg_exp256's. */
 __attribute__((target("avx512f"))) static inline __m512 dg_exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(DG_EXP_HI)), _mm512_set1_ps(DG_EXP_LO));
+    x = _mm512_max_ps(_mm512_set1_ps(DG_EXP_LO), _mm512_min_ps(_mm512_set1_ps(DG_EXP_HI), x));   /* NaN stays NaN */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(DG_EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(DG_EXP_C1), x);
@@ -68,7 +70,7 @@ __attribute__((target("avx512f"))) static inline __m512 dg_exp512(__m512 x) {
  * taken as -200); exp(0) = 1 exactly. Not meant for x > 0 (no clamp there). */
 __attribute__((target("avx512f"))) static inline __m512 dg_exp512_nonpos(__m512 x) {
     const __m512 l2e = _mm512_set1_ps(DG_EXP_LOG2E);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);   /* NaN stays NaN (MAXPS returns its second operand) */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, l2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_fmsub_ps(x, l2e, n);
     __m512 p = _mm512_set1_ps(1.330318628e-03f);

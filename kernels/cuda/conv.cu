@@ -68,7 +68,9 @@ static int conv3d(dg_cuda *c, float *y, const float *x, const float *w, const fl
         while (t * s->st + k0 - s->pad_t < 0) k0++;
         while (t * s->st + k1 - 1 - s->pad_t >= s->t) k1--;
         const int64_t kv = (k1 - k0) * k_tap;
-        if (pointwise) {
+        if (kv <= 0) {   /* every tap in the padding (pad_t >= kt, or past the end): zeros */
+            CUDA_CHECK(c, cudaMemsetAsync(yt, 0, sizeof(float) * (size_t)s->c_out * (size_t)hw_out, c->stream));
+        } else if (pointwise) {
             const float *xt = x + (int64_t)(t * s->st - s->pad_t) * s->c_in * plane_in;
             if ((rc = sgemm_tf32(c, yt, hw_out, xt, plane_in, w, s->c_in, (int)hw_out, s->c_out, s->c_in)) < 0)
                 return rc;
