@@ -121,6 +121,9 @@ static void renew(dg_worker *w, dg_redis *rd) {
         cmds[g] = dg_cmd_of("XRANGE", l[gone[g]].stream, l[gone[g]].entry, l[gone[g]].entry, "COUNT", "1", NULL);
     int listed = n_gone && dg_redis_pipeline(rd, cmds, n_gone, rep) == 0;
     for (int g = 0; g < n_gone; g++) {
+        if (listed && rep[g]->type == REDIS_REPLY_ERROR)   /* NOPERM (an ACL without XRANGE): not known */
+            log_warn("cannot tell whether entry %s of \"%s\" was acknowledged by another attempt: %s",
+                     l[gone[g]].entry, l[gone[g]].stream, rep[g]->str);
         if (listed && !(rep[g]->type == REDIS_REPLY_ARRAY && rep[g]->elements == 1)) gone[g] = -1;
         if (listed) freeReplyObject(rep[g]);
         dg_cmd_free(cmds[g]);

@@ -105,11 +105,12 @@ int main(int argc, char **argv) {
     log_info("worker \"%s\" starting: model \"%s\" on %s, Redis %s, prefix \"%s\", group \"%s\"",
              cfg.worker_id, cfg.model, cfg.device, cfg.sentinel[0] ? cfg.sentinel : cfg.redis_url,
              cfg.prefix, cfg.group);
-    /* the metrics first: a port that cannot be bound fails the start (not a worker minutes
-     * later, after its load), and a loading worker answers its scrapes */
+    /* the Redis settings and the metrics first: a bad URL, an unreadable password file or a
+     * port that cannot be bound fails the start (not a worker minutes later, after its
+     * load), and a loading worker answers its scrapes */
     dg_worker w;
-    dg_worker_prepare(&w, &cfg, &stop_requested);
-    if (cfg.metrics_port && dg_metrics_start(&w, err, sizeof err)) {
+    if (dg_worker_prepare(&w, &cfg, &stop_requested, err, sizeof err) ||
+        (cfg.metrics_port && dg_metrics_start(&w, err, sizeof err))) {
         log_error("%s", err);
         dg_notify_phase("failed: %s", err);
         dg_worker_free(&w);

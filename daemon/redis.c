@@ -231,7 +231,10 @@ static int resolve_master(dg_redis *r) {
     return -1;
 }
 
-/* Runs one set-up command; on an error reply records it and returns -1. */
+/* Runs one set-up command (AUTH, SELECT); on an error reply records it and returns -1.
+ * Every refusal but a server not ready yet is fatal: a wrong password, a password the
+ * server has none for, a database index it does not have, an ACL without the command
+ * come out the same on every retry (the worker exits 78 naming it). */
 static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
     if (!rep) {
         snprintf(r->error, sizeof r->error, "%s: %s", what, r->c->errstr);
@@ -240,9 +243,7 @@ static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
     int bad = rep->type == REDIS_REPLY_ERROR;
     if (bad) {
         snprintf(r->error, sizeof r->error, "%s refused: %s", what, rep->str);
-        if (!strncmp(rep->str, "WRONGPASS", 9) || !strncmp(rep->str, "NOPERM", 6) ||
-            !strncmp(rep->str, "NOAUTH", 6) || strstr(rep->str, "invalid password"))
-            r->fatal = 1;
+        if (!not_ready(rep)) r->fatal = 1;
     }
     freeReplyObject(rep);
     return bad ? -1 : 0;
@@ -292,6 +293,12 @@ static int connect_now(dg_redis *r) {
     }
     const char *busy = not_ready(rep);
     if (busy) snprintf(r->error, sizeof r->error, "not ready: %s", busy);
+    if (dg_reply_is_error(rep, "NOAUTH")) {   /* the server wants a password we were not given */
+        snprintf(r->error, sizeof r->error, "PING refused: %s (no password was given: password_file, "
+                 "or the URL's)", rep->str);
+        r->fatal = 1;
+        busy = "";
+    }
     freeReplyObject(rep);
     if (busy) goto fail;
     return 0;

@@ -20,6 +20,7 @@ dg_take_plan dg_take_decide(const dg_take_facts *f) {
     if (!f->connected) return p;
     int own = f->own_pending;
     if (!f->groups_ok) {
+        if (f->groups_wait) return p;   /* a refused creation: nothing can be taken until it is made */
         p.steps[p.n_steps++] = (dg_take_step){.source = DG_TAKE_GROUPS, .streams = {f->high, f->normal},
                                               .n_streams = 2};
         own = 1;   /* made again, a group may hold entries of an earlier life of this consumer */
@@ -116,7 +117,8 @@ dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int ro
         t->own_pending = 1;
     }
     return (dg_take_facts){
-        .connected = connected, .groups_ok = t->groups_ok, .own_pending = t->own_pending,
+        .connected = connected, .groups_ok = t->groups_ok,
+        .groups_wait = !t->groups_ok && dg_mono_ms() < t->groups_retry_ms, .own_pending = t->own_pending,
         .reaper_due = dg_mono_ms() >= t->next_reaper_ms, .draining = draining, .room = room,
         .held = t->held->n, .block_ms = t->cfg->block_ms,
         .high = t->keys->streams[0], .normal = t->keys->streams[1],
@@ -451,13 +453,25 @@ static int ensure_groups(dg_taker *t, const dg_take_step *s, dg_take_report *out
         if (!rep) return -1;
         int ok = rep->type != REDIS_REPLY_ERROR || dg_reply_is_error(rep, "BUSYGROUP");
         if (!ok) {
-            log_error("cannot create consumer group \"%s\" on \"%s\": %s", t->cfg->group,
-                      s->streams[i], rep->str);
-            if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
+            /* NOPERM: the worker's ACL, fatal. Else (WRONGTYPE: a producer wrote another kind
+             * of key there) it may be mended while we run: tried again after 100 ms, doubled
+             * up to the reconnect's longest wait, and said the first time and every 20th */
+            const int refused = dg_reply_is_error(rep, "NOPERM");
+            if (refused) out->refused = 1;
+            t->groups_failures++;
+            int wait = DG_REDIS_BACKOFF_MAX_MS;
+            if (t->groups_failures < 16 && (100 << (t->groups_failures - 1)) < wait) wait = 100 << (t->groups_failures - 1);
+            t->groups_retry_ms = dg_mono_ms() + wait;
+            if (refused || t->groups_failures == 1 || t->groups_failures % 20 == 0)
+                log_error("cannot create consumer group \"%s\" on \"%s\" (attempt %d; again in %d ms): %s",
+                          t->cfg->group, s->streams[i], t->groups_failures, wait, rep->str);
         }
         freeReplyObject(rep);
         if (!ok) return -1;
     }
+    if (t->groups_failures)
+        log_info("consumer group \"%s\" made after %d attempts", t->cfg->group, t->groups_failures + 1);
+    t->groups_failures = 0;
     t->groups_ok = 1;
     t->own_pending = 1;
     return 0;

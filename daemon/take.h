@@ -34,6 +34,7 @@
 typedef struct {
     int connected;          /* the main connection is up */
     int groups_ok;          /* the consumer groups are known to exist */
+    int groups_wait;        /* their creation failed a moment ago: not tried again yet */
     int own_pending;        /* our own pending list may hold entries (an earlier life of this
                                consumer, a broken connection): they go before new ones */
     int reaper_due;         /* reaper_ms has passed since the last XAUTOCLAIM */
@@ -105,6 +106,9 @@ typedef struct {
     dg_runs *held;                   /* borrowed: the worker's runs; taken ones join it */
     /* what taking remembers between plans: the facts it owns */
     int groups_ok;
+    int groups_failures;             /* XGROUP CREATE refused in a row (WRONGTYPE: a key that
+                                        is not a stream), tried again after a doubling wait */
+    int64_t groups_retry_ms;         /* monotonic: not before then */
     int own_pending;                 /* kept set while an OWN step of a plan did not run, or
                                         an entry is parked; set by a new connection (a read
                                         whose reply was lost left its entries pending) */

@@ -34,7 +34,7 @@
 #define EX_TEMPFAIL 75   /* the engine failed: restart me */
 #define EX_CONFIG   78   /* configuration or permissions: restarting will not help */
 
-void dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t *stop) {
+int dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t *stop, char *err, size_t errlen) {
     memset(w, 0, sizeof *w);
     w->cfg = cfg;
     w->stop = stop;
@@ -44,6 +44,10 @@ void dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_
     snprintf(w->stats.state, sizeof w->stats.state, "loading");
     w->metrics_fd = -1;
     for (int i = 0; i < 2; i++) w->stats.queue_lag[i] = w->stats.queue_pending[i] = -1;
+    /* the URL and the password file now (nothing connects yet): a typo there is said before
+     * a load of minutes, not after it. The read timeout must outlast the longest BLOCK, or
+     * every idle poll is an I/O error */
+    return dg_redis_init(&w->redis, cfg, cfg->worker_id, cfg->block_ms + 5000, err, errlen);
 }
 
 void dg_worker_state(dg_worker *w, const char *state) {
@@ -55,8 +59,6 @@ void dg_worker_state(dg_worker *w, const char *state) {
 int dg_worker_init(dg_worker *w, dg_model *model, char *err, size_t errlen) {
     dg_daemon_config *cfg = w->cfg;
     w->model = model;
-    /* the read timeout must outlast the longest BLOCK, or every idle poll is an I/O error */
-    if (dg_redis_init(&w->redis, cfg, cfg->worker_id, cfg->block_ms + 5000, err, errlen)) return -1;
     dg_sched_opts so = {.max_inflight = cfg->max_inflight, .kv_cache_bytes = cfg->kv_cache_bytes,
                         .kv_bf16 = cfg->kv_bf16, .draft_tokens = cfg->draft_tokens,
                         .vision_cache_bytes = cfg->vision_cache_bytes, .latent_cache_bytes = cfg->latent_cache_bytes,
@@ -295,6 +297,9 @@ static void idle_wait(dg_worker *w) {
         sleep_ms(wait < 5 ? 5 : wait > 200 ? 200 : wait);
     } else if (w->runs.first) {
         sleep_ms(5);   /* results waiting on a refusing Redis: do not spin */
+    } else if (!w->taker.groups_ok) {   /* their creation refused: its wait, 200 ms at most */
+        const int64_t left = w->taker.groups_retry_ms - dg_mono_ms();
+        sleep_ms(left < 5 ? 5 : left > 200 ? 200 : (int)left);
     }
 }
 

@@ -76,9 +76,10 @@ typedef struct dg_worker {
 } dg_worker;
 
 /* worker.c. dg_worker_prepare() first, before the model loads: enough for the metrics
- * thread (state "loading"); dg_worker_init() with the model. The worker must not move
+ * thread (state "loading"), and the Redis URL parsed and the password file read (-1 with
+ * err when they are wrong); dg_worker_init() with the model. The worker must not move
  * after prepare (its parts point into it); dg_worker_free() after either. */
-void dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t *stop);
+int  dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t *stop, char *err, size_t errlen);
 int  dg_worker_init(dg_worker *w, dg_model *model, char *err, size_t errlen);
 void dg_worker_state(dg_worker *w, const char *state);   /* the heartbeat's and metrics' state */
 int  dg_worker_run(dg_worker *w);     /* returns the process exit code */

@@ -151,6 +151,14 @@ TEST(take_makes_groups_then_drains_own_entries) {
     p = dg_take_decide(&f);
     CHECK_EQ_INT(p.n_steps, 1);
     CHECK_EQ_INT(p.steps[0].source, DG_TAKE_GROUPS);
+    /* their creation was refused a moment ago (WRONGTYPE): nothing until its wait is over,
+     * not one XGROUP CREATE a loop */
+    f = facts();
+    f.groups_ok = 0;
+    f.groups_wait = 1;
+    f.own_pending = 1;
+    f.reaper_due = 1;
+    CHECK_EQ_INT(dg_take_decide(&f).n_steps, 0);
 }
 
 /* The read steps on the wire: XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS s... >... */

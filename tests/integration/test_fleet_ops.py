@@ -152,6 +152,98 @@ def test_worker_with_wrong_credentials_or_rights_stops_with_a_clear_error(acl_re
     assert log.count("NOPERM") < 5   # said once or twice, not a loop
 
 
+def test_worker_under_the_shipped_acl_stops_a_run_acknowledged_elsewhere(acl_redis, tmpdir_path):
+    """The shipped ACL must give the worker every command its lease fence uses: an entry
+    acknowledged by another attempt while this one runs (here the operator's XACK) stops the
+    run, which writes no result. The ACL lacked XRANGE, the keeper took the refusal for "gone
+    from the stream", and the stale run went on and committed."""
+    srv, pw, client = acl_redis
+    prod, op = client("producer"), client("operator")
+    w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "aclfence")
+    try:
+        job = make_job("acl-fence", " ".join(["w"] * 80), meta={"fake.step_ms": 100})
+        prod.hsetnx("duogen:job:acl-fence", "state", "queued")
+        prod.xadd("duogen:jobs", {"id": "acl-fence", "job": job.SerializeToString()})
+        wait_until(lambda: len(prod.xrange("duogen:events:acl-fence")) >= 3, timeout=20, what="text events")
+        entry = op.xpending_range("duogen:jobs", "duogen", "-", "+", 1)[0]["message_id"]
+        op.xack("duogen:jobs", "duogen", entry)
+        wait_until(lambda: "its lease was lost" in w.logs(), timeout=10, what="the run fenced")
+        time.sleep(1.5)   # 15 more steps of the fake engine had it gone on
+        assert not prod.hgetall("duogen:result:acl-fence"), "the stale run wrote a result"
+        assert "cannot tell whether" not in w.logs()
+        assert w.alive()
+    finally:
+        w.kill()
+
+
+def test_worker_refused_by_redis_exits_78_naming_it(tmpdir_path):
+    """A refusal that no retry mends exits 78 (systemd does not restart it) with its reason:
+    no password for a server that wants one (NOAUTH on every command: the worker used to log
+    "cannot create consumer group" some 17000 times a second and run on), a password for a
+    server that has none, a database index it does not have."""
+    model = os.path.join(tmpdir_path, "model")
+    os.makedirs(model, exist_ok=True)
+    pwfile = write(os.path.join(tmpdir_path, "pw"), "sesame\n")
+    cases = [(["--requirepass", "sesame"], "/0", [], "NOAUTH"),
+             ([], "/0", ["--password-file", pwfile], "without any password configured"),
+             ([], "/99", [], "DB index is out of range")]
+    for i, (server_args, db, worker_args, said) in enumerate(cases):
+        port = free_port()
+        srv = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"] + server_args,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        w = None
+        try:
+            wait_until(lambda: _ping(redis.Redis(port=port, password="sesame" if server_args else None)),
+                       what="redis")
+            w = Worker(tmpdir_path, f"redis://127.0.0.1:{port}{db}", f"refused{i}", model, args=worker_args)
+            assert w.proc.wait(20) == 78, w.logs()
+            log = w.logs()
+            assert said in log and "Redis refused this worker" in log, log
+            assert len(log.splitlines()) < 40, log   # said, not looped on
+        finally:
+            if w:
+                w.kill()
+            srv.kill()
+            srv.wait(10)
+
+
+def test_bad_redis_settings_fail_before_the_model_loads(tmpdir_path):
+    """A typo in the Redis URL or a password file that cannot be read is said at once, exit
+    78, before the model is opened (with a published package that load takes minutes; the
+    worker used to load first and only then read its Redis settings)."""
+    model = os.path.join(tmpdir_path, "model")
+    os.makedirs(model, exist_ok=True)
+    for i, (url, args, said) in enumerate([
+            ("http://127.0.0.1:6379/0", [], "redis_url"),
+            ("redis://127.0.0.1:6379/0", ["--password-file", os.path.join(tmpdir_path, "nonexistent.pw")],
+             "nonexistent.pw")]):
+        w = Worker(tmpdir_path, url, f"badset{i}", model, args=args)
+        try:
+            assert w.proc.wait(20) == 78
+        finally:
+            w.kill()
+        log = w.logs()
+        assert said in log, log
+        assert "model loaded" not in log, log
+
+
+def test_a_job_stream_key_of_another_type_is_waited_out(cluster):
+    """A producer's mistake (LPUSH to the job stream's key): the groups cannot be made
+    (WRONGTYPE). The worker says so, tries again after a doubling wait instead of in a tight
+    loop (it wrote 35000 lines in 4 s), stays up, and takes jobs once the key is mended."""
+    cluster.r.lpush(cluster.key("jobs"), "oops")
+    w = cluster.worker("wtype")
+    time.sleep(4)
+    log = w.logs()
+    assert "WRONGTYPE" in log and w.alive()
+    assert log.count("cannot create consumer group") <= 3, log.count("cannot create consumer group")
+    cluster.r.delete(cluster.key("jobs"))
+    cluster.enqueue("after-mend", "hello there")
+    res = cluster.wait_result("after-mend", timeout=30)
+    assert res["status"] == b"done", res
+    assert "consumer group \"duogen\" made after" in w.logs()
+
+
 def test_metrics_scraped(cluster):
     port = free_port()
     cluster.worker("mw", args=["--metrics-port", str(port), "--max-inflight", "1"])
