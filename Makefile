@@ -343,7 +343,7 @@ bench-tokenizer: all
 	    tools/reference/bench_tokenizers.py --json $(BUILD)/bench/tokenizer_hf.json; fi
 
 # ---- the soak: faults over a long run (SOAK_ARGS="--engine real": the real engine on the tiny
-# package, 200 jobs; --help lists the rest) -------------------------------------------------
+# package, 1000 jobs; --help lists the rest) -------------------------------------------------
 soak: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/soak/soak.py --json $(BUILD)/bench/soak.json $(SOAK_ARGS)

@@ -159,3 +159,31 @@ def test_out_with_images_in_files_and_inline(cluster, tmpdir_path):
     md = open(os.path.join(out, "answer.md")).read()
     assert "![image 1](image-1.png)" in md and "![image 2](image-2.png)" in md, md
     assert open(os.path.join(out, "image-2.png"), "rb").read() == open(os.path.join(root, "fi", "2.png"), "rb").read()
+
+
+def test_mistakes_are_said_with_their_exit_status(cluster, tmpdir_path):
+    """What a user gets wrong is said at once with the documented status (1 job, 2 usage,
+    3 Redis or a file): `watch` of an id nobody enqueued (it waited in silence for ever),
+    `watch` with Redis away (it waited too), a command's --help (taken as a job id), `dead
+    list` with a bad count or an unknown option (Redis's error, exit 3; --count 0 said "no
+    dead letters"; an unknown option was ignored), files that cannot be read (exit 2)."""
+    p = ctl(cluster, "watch", "no-such-job")
+    assert p.returncode == 1 and 'no job "no-such-job" is known' in p.stderr, p.stderr
+    p = subprocess.run([CTL, "--redis", "redis://127.0.0.1:1/0", "watch", "x"], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 3 and "Connection refused" in p.stderr, p.stderr
+    for command in ("watch", "cancel", "result", "enqueue", "stats", "dead"):
+        p = ctl(cluster, command, "--help")
+        assert p.returncode == 0 and p.stdout.startswith(f"usage: duogenctl [OPTION]... {command}"), (command, p)
+    assert not cluster.r.exists("duogen:cancel:--help")
+    for args in (["--count", "x"], ["--count", "0"], ["--bogus"]):
+        p = ctl(cluster, "dead", "list", *args)
+        assert p.returncode == 2 and "dead list" in p.stderr, (args, p.stderr)
+    p = ctl(cluster, "--password-file", os.path.join(tmpdir_path, "nonexistent.pw"), "stats")
+    assert p.returncode == 3 and "nonexistent.pw" in p.stderr, p.stderr
+    p = ctl(cluster, "enqueue", "--job", os.path.join(tmpdir_path, "nonexistent.job"))
+    assert p.returncode == 3 and "nonexistent.job" in p.stderr, p.stderr
+    bad = os.path.join(tmpdir_path, "bad.job")
+    with open(bad, "w") as f:
+        f.write("{not json")
+    assert ctl(cluster, "enqueue", "--job", bad).returncode == 2

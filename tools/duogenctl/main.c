@@ -301,6 +301,9 @@ static void text_add(enqueue_opts *o, const char *t, size_t n, int sep) {
 static json_t *load_job_file(const char *path, enqueue_opts *o) {
     job_builder *b = &o->b;
     json_error_t je;
+    FILE *probe = fopen(path, "rb");   /* a file that cannot be read is exit 3, a bad one 2 */
+    if (!probe) die(EXIT_IO, "job file \"%s\": %s", path, strerror(errno));
+    fclose(probe);
     json_t *j = json_load_file(path, 0, &je);
     if (!j || !json_is_object(j)) die(EXIT_USAGE, "job file \"%s\": %s", path, j ? "not a JSON object" : je.text);
     char dir[4096];
@@ -881,7 +884,18 @@ static int cmd_dead(int argc, char **argv) {
     key(k_dead, sizeof k_dead, "dead", NULL);
     if (argc == 0 || !strcmp(argv[0], "list")) {
         const char *count = "20";
-        if (argc >= 3 && !strcmp(argv[1], "--count")) count = argv[2];
+        for (int a = 1; a < argc; a++) {
+            if (!strcmp(argv[a], "--count") && a + 1 < argc) {
+                count = argv[++a];
+                char *end;
+                errno = 0;
+                const long long n = strtoll(count, &end, 10);
+                if (*end || end == count || errno || n < 1)
+                    die(EXIT_USAGE, "dead list --count %s: not a whole number of 1 or more", count);
+            } else {
+                die(EXIT_USAGE, "dead list: unknown option \"%s\" (--count N)", argv[a]);
+            }
+        }
         redisReply *rep = cmd(dg_cmd_of("XREVRANGE", k_dead, "+", "-", "COUNT", count, NULL));
         for (size_t i = 0; i < rep->elements; i++) {
             const redisReply *f = rep->element[i]->element[1];
@@ -938,6 +952,17 @@ static int cmd_dead(int argc, char **argv) {
 
 static int cmd_watch(int argc, char **argv) {
     if (argc != 1) return -1;
+    /* asked once with cmd(): an unreachable Redis is exit 3, and an id nobody enqueued (a
+     * typo) is said, not waited for in silence. A producer HSETNXes the job hash before its
+     * XADD (README), so a queued job has one; its result and events outlive it. */
+    char k_job[512], k_result[512], k_events[512];
+    key(k_job, sizeof k_job, "job", argv[0]);
+    key(k_result, sizeof k_result, "result", argv[0]);
+    key(k_events, sizeof k_events, "events", argv[0]);
+    redisReply *rep = cmd(dg_cmd_of("EXISTS", k_job, k_result, k_events, NULL));
+    const long long known = rep->type == REDIS_REPLY_INTEGER ? rep->integer : 0;
+    freeReplyObject(rep);
+    if (!known) die(EXIT_JOB, "no job \"%s\" is known: no %s, %s or %s", argv[0], k_job, k_result, k_events);
     return follow(argv[0], 0);
 }
 
@@ -1079,7 +1104,7 @@ static int write_manual(FILE *out) {
           "(examples/producers/ in the sources).\n.SH OPTIONS\n", out);
     for (size_t i = 0; i < N_OF(global_options); i++)
         man_entry(out, global_options[i].name, "\\fI", global_options[i].arg, global_options[i].help);
-    fputs(".SH COMMANDS\n", out);
+    fputs(".SH COMMANDS\n\\fIcommand\\fR \\fB\\-\\-help\\fR prints that command's usage and entry below.\n", out);
     for (size_t i = 0; i < N_OF(commands); i++) man_entry(out, commands[i].name, "", commands[i].args, commands[i].help);
     fputs(".SH PARAMETERS\nThe keys of \\fBenqueue \\-\\-param\\fR \\fIkey\\fB=\\fIvalue\\fR and of a job "
           "file's \\fBparams\\fR. A key not given takes the model package's default; a key given is used "
@@ -1095,7 +1120,7 @@ static int write_manual(FILE *out) {
     }
     fputs(".SH ENVIRONMENT\n.TP\n\\fBDUOGEN_REDIS\\fR\nThe Redis URL when \\fB\\-\\-redis\\fR is not given.\n"
           ".SH EXIT STATUS\n.TP\n\\fB0\\fR\nSuccess; for \\fBresult\\fR and \\fB\\-\\-wait\\fR, the job is done.\n"
-          ".TP\n\\fB1\\fR\nThe job failed, was cancelled or expired, or has no result yet.\n"
+          ".TP\n\\fB1\\fR\nThe job failed, was cancelled or expired, or has no result yet; for \\fBwatch\\fR, no job of that id is known.\n"
           ".TP\n\\fB2\\fR\nA usage error.\n.TP\n\\fB3\\fR\nRedis or a file could not be read or written.\n"
           ".SH EXAMPLES\n.EX\nduogenctl enqueue \\-\\-image photo.jpg \\-\\-param max_images=2 \\e\n"
           "    \\-\\-out out \"How do I make this soup?\"\nduogenctl stats\n.EE\n"
@@ -1122,7 +1147,14 @@ int main(int argc, char **argv) {
     for (size_t k = 0; i < argc && k < N_OF(commands); k++)
         if (!strcmp(argv[i], commands[k].name)) c = &commands[k];
     if (!c) return usage(stderr);
+    if (i + 1 < argc && (!strcmp(argv[i + 1], "--help") || !strcmp(argv[i + 1], "-h"))) {
+        printf("usage: duogenctl [OPTION]... %s%s%s\n\n%s\n\nduogenctl --help lists the options and --param keys; "
+               "duogenctl(1) says more.\n", c->name, c->args[0] ? " " : "", c->args, c->help);
+        return 0;
+    }
     char err[512];
+    if (cfg.password_file[0] && access(cfg.password_file, R_OK))   /* a file: 3; a bad URL: 2 */
+        die(EXIT_IO, "--password-file \"%s\": %s", cfg.password_file, strerror(errno));
     if (dg_redis_init(&R, &cfg, "duogenctl", 10000, err, sizeof err)) die(EXIT_USAGE, "%s", err);
     int rc = c->run(argc - i - 1, argv + i + 1);
     dg_redis_close(&R);
