@@ -73,10 +73,10 @@ static void default_cache_budgets(const dg_model *m, size_t *vision_bytes, size_
 }
 
 /* max_inflight 0 (docs/DESIGN.md §6 "Batching"): as many sequences as the memory holds,
- * each at its full context with as much KV again for cached prefixes and its condition
- * rows: the KV budget's worth when one is set, else half the backend's free memory (the
- * other half for the forwards' and the painters' scratch and the other caches); at least
- * 1, at most DG_SCHED_AUTO_INFLIGHT. */
+ * each at its full context with as much KV again for cached prefixes: in the KV budget
+ * when one is set (the condition rows live in host memory beside it), else with its
+ * condition rows in half the backend's free memory (the other half for the forwards' and
+ * the painters' scratch and the other caches); at least 1, at most DG_SCHED_AUTO_INFLIGHT. */
 static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget, size_t block_bytes, int per_seq) {
     size_t seq_kv = 2 * (size_t)per_seq * block_bytes;
     size_t cond = m->has_draw ? 3 * (size_t)m->max_context * (size_t)m->conn.d_cond * sizeof(float) : 0;

@@ -55,12 +55,9 @@ typedef struct {
     int             token0;     /* context position of the first of them */
 } dg_seq_image;
 
-/* A 64-bit KV key of an image from its 128-bit content hash. */
-static inline uint64_t dg_seq_image_key(const dg_image_digest *h) {
-    uint64_t k;
-    memcpy(&k, h->bytes, sizeof k);
-    return k | 1;   /* never 0, the key of a text token */
-}
+/* The 64-bit KV key of an image's tokens from its 128-bit content hash (all of it, keyed by
+ * the process's secret: cache/kv_cache.h). */
+static inline uint64_t dg_seq_image_key(const dg_image_digest *h) { return dg_kv_image_key(h->bytes); }
 
 typedef struct dg_seq {
     struct dg_sched *sched;      /* borrowed: the slot's scheduler */

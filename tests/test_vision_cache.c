@@ -222,6 +222,38 @@ out:
     close_fixture(&x);
 }
 
+/* A hit beside a miss in one call, under a budget of one image: the miss is stored when the
+ * hit breaks the batch, and storing it evicts the entry that just hit. The hit's rows are
+ * copied out before that; they were read after, from freed memory (B, of A's size, takes
+ * A's chunk: A came out with B's rows). A is a golden image, B the same picture inverted. */
+TEST(a_hit_evicted_by_the_batch_it_breaks_keeps_its_rows) {
+    fixture x;
+    dg_vision_cache *c = NULL;
+    dg_image_preprocess_config pp;
+    dg_image *inv = NULL;
+    char err[256];
+    int computed = -1;
+    if (open_fixture(&x, 2048) < 0) { CHECK(!"setup"); goto out; }
+    dg_image_preprocess_config_default(&pp);
+    const int O = x.cfg.vision.out_hidden_size, t = tokens_of(1);
+    const dg_image *A = x.img[1];
+    if (dg_image_new(A->width, A->height, &inv) < 0) { CHECK(!"image"); goto out; }
+    for (int64_t k = 0; k < (int64_t)A->width * A->height * 3; k++) inv->rgb[k] = (uint8_t)(255 - A->rgb[k]);
+    if (dg_vision_cache_new(sizeof(float) * (size_t)t * O, &c) < 0) { CHECK(!"cache"); goto out; }
+    const dg_image *a[1] = {A}, *ba[2] = {inv, A};
+    CHECK_EQ_INT(dg_vision_encode(&x.vm, x.vs, c, &pp, a, 1, x.out, &computed, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_vision_encode(&x.vm, x.vs, c, &pp, ba, 2, x.out, &computed, err, sizeof err), 0);
+    CHECK_EQ_INT(computed, 1);   /* B ran; A was a hit */
+    float *rows = malloc(sizeof(float) * (size_t)(2 * t) * O);
+    x.be->download(x.be, rows, x.out, (int64_t)(2 * t) * O);
+    check_golden(rows + (int64_t)t * O, 1, O);
+    free(rows);
+out:
+    dg_image_free(inv);
+    dg_vision_cache_free(c);
+    close_fixture(&x);
+}
+
 /* The LRU alone, with host rows (the CPU backend's download is a copy). */
 TEST(lru_order_budget_and_counters) {
     dg_backend *be = NULL;

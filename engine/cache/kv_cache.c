@@ -1,9 +1,13 @@
 /* kv_cache.c — block pool, chained block keys, reference counts and the LRU of cached blocks. */
 #include "cache/kv_cache.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "duogen.h"
 
@@ -39,8 +43,36 @@ static uint64_t mix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
+/* The process's secret, mixed into every block key and image key: keys cannot be computed
+ * outside the process, so two prompts or pictures whose keys collide cannot be searched
+ * for offline (a 64-bit key of a known function falls to a birthday search of 2^32: a
+ * picture made to collide with another user's was answered from that user's KV). */
+static uint64_t secret[2];
+static pthread_once_t secret_once = PTHREAD_ONCE_INIT;
+
+static void secret_init(void) {
+    if (getrandom(secret, sizeof secret, 0) == (ssize_t)sizeof secret) return;
+    struct timespec ts;   /* no entropy source: still unknown outside, if weaker */
+    clock_gettime(CLOCK_REALTIME, &ts);
+    secret[0] = mix64((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)getpid() ^ (uint64_t)(uintptr_t)&ts);
+    secret[1] = mix64(secret[0] ^ 0x9e3779b97f4a7c15ull);
+}
+
+static uint64_t the_secret(int i) {
+    pthread_once(&secret_once, secret_init);
+    return secret[i];
+}
+
+uint64_t dg_kv_image_key(const uint8_t digest[16]) {
+    uint64_t lo, hi;
+    memcpy(&lo, digest, 8);
+    memcpy(&hi, digest + 8, 8);
+    return mix64(mix64(lo ^ the_secret(1)) ^ hi) | 1;   /* all 128 bits; never 0, a text token's */
+}
+
 static uint64_t key_step(uint64_t h, int32_t token, uint64_t extra) {
-    return mix64(h ^ mix64((uint64_t)(uint32_t)token + 0x9e3779b97f4a7c15ull + extra * 0x2545f4914f6cdd1dull));
+    return mix64(h ^ the_secret(0) ^
+                 mix64((uint64_t)(uint32_t)token + 0x9e3779b97f4a7c15ull + extra * 0x2545f4914f6cdd1dull));
 }
 
 static int32_t *bucket_of(dg_kv_cache *c, uint64_t key) {

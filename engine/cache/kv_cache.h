@@ -20,8 +20,10 @@
  *     dg_kv_seq_reserve(c, &s, n - reused);  ...forward writes K/V... dg_kv_seq_commit(...)
  *     dg_kv_seq_release(c, &s);  dg_kv_seq_free(&s);
  *
- * Keys are 64-bit hashes: a collision (≈ 2^-64 per pair of blocks) would share a wrong
- * block; accepted, as in vLLM's prefix cache. Not thread-safe: one scheduler owns it. */
+ * Keys are 64-bit hashes keyed by a secret drawn once per process (getrandom): a collision
+ * (≈ 2^-64 per pair of blocks) would share a wrong block, and cannot be searched for
+ * outside the process; an image's key folds all 128 bits of its content digest in
+ * (dg_kv_image_key). Not thread-safe: one scheduler owns a cache. */
 #ifndef DG_KV_CACHE_H
 #define DG_KV_CACHE_H
 
@@ -82,5 +84,9 @@ int  dg_kv_seq_match_prefix(dg_kv_cache *c, dg_kv_seq *s, const int32_t *tokens,
 /* Drops the sequence's references; keyed blocks stay cached (LRU), others become free.
  * The sequence is empty afterwards and may be used again. */
 void dg_kv_seq_release(dg_kv_cache *c, dg_kv_seq *s);
+
+/* The per-token key (`extra`) of an image's tokens from its 128-bit content digest: keyed
+ * by the process's secret, never 0 (a text token's). */
+uint64_t dg_kv_image_key(const uint8_t digest[16]);
 
 #endif

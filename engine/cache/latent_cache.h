@@ -1,7 +1,8 @@
 /* latent_cache.h — the latent cache (docs/DESIGN.md §6): an LRU map from an image's content hash
  * and latent size to its VAE latent, bounded in bytes, with hit and miss counters. A
  * condition image seen before (an input image of an earlier job, or an image this engine
- * drew: its latent is stored straight from the sampler) is not VAE-encoded again.
+ * drew: its pixels, as the job received them, are VAE-encoded once and stored) is not
+ * VAE-encoded again.
  * Entries are host copies. Not thread-safe: one scheduler owns it. */
 #ifndef DG_LATENT_CACHE_H
 #define DG_LATENT_CACHE_H

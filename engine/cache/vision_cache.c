@@ -189,8 +189,10 @@ int dg_vision_encode(const dg_vision *m, dg_vision_state *s, dg_vision_cache *ca
         }
         const float *rows = cache ? dg_vision_cache_get(cache, key, grid, &n_tok, &width) : NULL;
         if (rows && width == O) {
-            if ((rc = flush(m, s, cache, &b, out, &computed, err, errlen)) < 0) goto out;
+            /* the hit's rows first: the flush stores the waiting batch, which may evict this
+             * very entry (its rows lie after the batch's, so the order does not matter to out) */
             s->be->upload(s->be, out + row * O, rows, (int64_t)n_tok * O);
+            if ((rc = flush(m, s, cache, &b, out, &computed, err, errlen)) < 0) goto out;
             row += n_tok;
             continue;
         }
