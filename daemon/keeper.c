@@ -307,6 +307,13 @@ static void *keeper_main(void *arg) {
 }
 
 int dg_keeper_start(dg_worker *w, char *err, size_t errlen) {
+    const dg_daemon_config *cfg = w->cfg;
+    /* a renewal comes every renew_ms, later by a keeper command that timed out (a trim, a
+     * heartbeat) and its own: below that margin a slow Redis lets running jobs be taken */
+    if (cfg->claim_idle_ms < cfg->renew_ms + 2 * KEEPER_TIMEOUT_MS)
+        log_warn("claim_idle_ms %d leaves less than %d ms beyond renew_ms %d for a Redis that answers slowly: "
+                 "running jobs may be taken over by other workers", cfg->claim_idle_ms, 2 * KEEPER_TIMEOUT_MS,
+                 cfg->renew_ms);
     w->keeper_stop = 0;
     if (pthread_create(&w->keeper, NULL, keeper_main, w)) {
         snprintf(err, errlen, "cannot start the keeper thread");

@@ -227,6 +227,16 @@ def test_bad_redis_settings_fail_before_the_model_loads(tmpdir_path):
         assert "model loaded" not in log, log
 
 
+def test_a_claim_idle_time_too_short_for_a_slow_redis_is_warned_of(cluster):
+    """Renewals come every renew_ms, later by a keeper command that timed out (5 s) and
+    their own: a claim_idle_ms below renew_ms + 10 s lets a slow Redis hand running jobs to
+    other workers, which the worker says at start (the tests' 1500 ms does)."""
+    short, default = cluster.worker("wshort"), cluster.worker("wlong", args=["--claim-idle-ms", "60000"])
+    wait_until(lambda: "ready" in short.logs() and "ready" in default.logs(), what="both ready")
+    assert "running jobs may be taken over" in short.logs()
+    assert "running jobs may be taken over" not in default.logs()
+
+
 def test_a_job_stream_key_of_another_type_is_waited_out(cluster):
     """A producer's mistake (LPUSH to the job stream's key): the groups cannot be made
     (WRONGTYPE). The worker says so, tries again after a doubling wait instead of in a tight
