@@ -205,8 +205,8 @@ static dg_job_status validate_image(const Duogen__V1__ImageParams *ip, const dg_
         ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS &&
         ip->schedule != DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__SHIFTED)
         FAIL(DG_JOB_BAD_REQUEST, "image.schedule: %d is not SCHEDULE_DEFAULT, KARRAS or SHIFTED", (int)ip->schedule);
-    if (HAS(ip, shift) && !(finite_in(ip->shift, 0, 100) && ip->shift > 0))
-        FAIL(DG_JOB_BAD_REQUEST, "image.shift: %g is not in (0, 100]", ip->shift);
+    if (HAS(ip, shift) && !finite_in(ip->shift, 0.001, 100))   /* engine/params.c says why */
+        FAIL(DG_JOB_BAD_REQUEST, "image.shift: %g is not in [0.001, 100]", ip->shift);
     if (HAS(ip, shift) && ip->schedule == DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS)
         FAIL(DG_JOB_BAD_REQUEST, "image.shift: the KARRAS schedule has no shift");
     return DG_JOB_OK;

@@ -231,10 +231,21 @@ static int resolve_master(dg_redis *r) {
     return -1;
 }
 
-/* Runs one set-up command (AUTH, SELECT); on an error reply records it and returns -1.
- * Every refusal but a server not ready yet is fatal: a wrong password, a password the
- * server has none for, a database index it does not have, an ACL without the command
- * come out the same on every retry (the worker exits 78 naming it). */
+/* A refusal that comes out the same on every retry: a wrong password, none given where one
+ * is wanted, one given where none is set, a database index the server lacks, an ACL
+ * without the command. Anything else (too many clients, a server still loading, ...)
+ * passes, and the connection is tried again after the backoff. */
+static int refused_for_good(const redisReply *rep) {
+    static const char *const fatal[] = {"WRONGPASS", "NOPERM", "NOAUTH"};
+    for (size_t i = 0; i < sizeof fatal / sizeof fatal[0]; i++)
+        if (dg_reply_is_error(rep, fatal[i])) return 1;
+    return rep->type == REDIS_REPLY_ERROR &&
+           (strstr(rep->str, "invalid password") || strstr(rep->str, "without any password configured") ||
+            strstr(rep->str, "no password is set") || strstr(rep->str, "DB index is out of range"));
+}
+
+/* Runs one set-up command (AUTH, SELECT); on an error reply records it and returns -1,
+ * setting r->fatal for a refusal no retry mends (the worker exits 78 naming it). */
 static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
     if (!rep) {
         snprintf(r->error, sizeof r->error, "%s: %s", what, r->c->errstr);
@@ -243,7 +254,7 @@ static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
     int bad = rep->type == REDIS_REPLY_ERROR;
     if (bad) {
         snprintf(r->error, sizeof r->error, "%s refused: %s", what, rep->str);
-        if (!not_ready(rep)) r->fatal = 1;
+        if (refused_for_good(rep)) r->fatal = 1;
     }
     freeReplyObject(rep);
     return bad ? -1 : 0;
@@ -274,11 +285,14 @@ static int connect_now(dg_redis *r) {
         redisReply *rep = redisCommand(r->c, "ROLE");
         int master = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements > 0 &&
                      rep->element[0]->type == REDIS_REPLY_STRING && !strcmp(rep->element[0]->str, "master");
-        if (rep) freeReplyObject(rep);
-        if (!master) {
+        if (rep && refused_for_good(rep)) {   /* an ACL without ROLE: no retry mends it */
+            snprintf(r->error, sizeof r->error, "ROLE refused: %s (Sentinel needs it to find the master)", rep->str);
+            r->fatal = 1;
+        } else if (!master) {
             snprintf(r->error, sizeof r->error, "%s:%d is not a master (yet)", r->host, r->port);
-            goto fail;
         }
+        if (rep) freeReplyObject(rep);
+        if (!master) goto fail;
     }
     /* CLIENT SETNAME is cosmetic (it names us in CLIENT LIST); an ACL that forbids it is not
      * a reason to stay away. */

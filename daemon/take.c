@@ -512,6 +512,14 @@ static dg_cmd *claim_own_cmd(const dg_taker *t, const char *stream, const char *
     return c;
 }
 
+/* An error reply to a command on a job stream: NOGROUP (the group was deleted) and WRONGTYPE
+ * (the key was replaced by another kind: a producer's LPUSH) send the taker back to making
+ * the groups, which backs off while it is refused; NOPERM is the worker's ACL (fatal). */
+static void stream_error(dg_taker *t, const redisReply *rep, dg_take_report *out) {
+    if (dg_reply_is_error(rep, "NOGROUP") || dg_reply_is_error(rep, "WRONGTYPE")) t->groups_ok = 0;
+    else if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
+}
+
 static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
     int parking_stream = t->parked[0] && !strcmp(stream, t->keys->streams[1]);
     int64_t now = dg_mono_ms(), life = now - t->life_start_ms;
@@ -523,6 +531,10 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
                                      t->cfg->worker_id, NULL);
     if (!pend) return -1;
     if (pend->type != REDIS_REPLY_ARRAY) {
+        if (pend->type == REDIS_REPLY_ERROR) {
+            log_error("XPENDING on \"%s\": %s", stream, pend->str);
+            stream_error(t, pend, out);
+        }
         freeReplyObject(pend);
         return 0;
     }
@@ -639,8 +651,8 @@ static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_
         *taken += (int)entries->elements;
     } else if (rep->type == REDIS_REPLY_ERROR) {
         log_error("XAUTOCLAIM on \"%s\": %s", stream, rep->str);
-        if (dg_reply_is_error(rep, "NOGROUP")) t->groups_ok = 0, cursor[0] = 0;
-        if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
+        stream_error(t, rep, out);
+        if (!t->groups_ok) cursor[0] = 0;
     }
     freeReplyObject(rep);
     if (!rc) rc = released_check(t, stream);
@@ -663,8 +675,7 @@ static void park(dg_taker *t, const char *stream, const redisReply *entries) {
 static int take_read(dg_taker *t, const dg_take_step *s, const redisReply *rep, int *taken, dg_take_report *out) {
     if (rep->type == REDIS_REPLY_ERROR) {
         log_error("XREADGROUP: %s", rep->str);
-        if (dg_reply_is_error(rep, "NOGROUP")) t->groups_ok = 0;
-        else if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
+        stream_error(t, rep, out);
         return 0;
     }
     if (rep->type != REDIS_REPLY_ARRAY) return 0;

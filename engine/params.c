@@ -70,9 +70,10 @@ int dg_params_resolve_image(const dg_image_params *req, const dg_image_params *d
     }
     if (set & DG_IMAGE_SHIFT) {
         /* past 100 the shifted sigmas stop decreasing at many steps (1e5: at every count),
-         * and the drawing failed when it began; the daemon's range */
-        if (!isfinite(req->shift) || req->shift <= 0 || req->shift > 100)
-            BAD("image.shift: %g is not a number in (0, 100]", req->shift);
+         * and below about 1e-40 they round to 0 (1e-45: at 998 of the 1000 counts): the
+         * drawing failed when it began, after the answer's text; the daemon's range */
+        if (!isfinite(req->shift) || req->shift < 0.001f || req->shift > 100)
+            BAD("image.shift: %g is not a number in [0.001, 100]", req->shift);
         if (out->schedule == DG_SCHEDULE_KARRAS) BAD("image.shift: the karras schedule has no shift");
         out->shift = req->shift;
     }

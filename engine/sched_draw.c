@@ -39,7 +39,7 @@ static int painter_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     }
     dg_painter_job job = {.acc = q->acc, .n_pos = q->kv.n_tokens, .n_neg = seg > 0 ? seg : 1, .conds = conds,
                           .n_conds = n_conds, .lcache = s->lcache, .seed = q->seed, .index = q->n_drawn,
-                          .params = q->ip};
+                          .params = q->ip, .guided_above = m->cond_from_prompt ? 1.0f : 0.0f};
     if (m->cond_from_prompt) {   /* a published pipeline's condition: the image's prompt alone */
         if ((rc = dg_prompt_cond_encode(s->pc, s->st, q->cond_user, q->n_cond_user, q->cond_answer,
                                         q->n_cond_answer, &job.acc, err, errlen)) < 0 ||
@@ -144,7 +144,7 @@ static void group_step(dg_sched *s, dg_seq **g, int n, const dg_dit_input *in, f
     const double ms = dg_clock_now_ms() - t0;
     for (int i = 0; i < n; i++) {
         dg_seq *q = g[i];
-        int step = rc < 0 ? rc : dg_painter_advance(q->painter, ms * (q->ip.guidance_scale > 0 ? 2 : 1) / n_in,
+        int step = rc < 0 ? rc : dg_painter_advance(q->painter, ms * dg_painter_branches(q->painter) / n_in,
                                                      q->step_err, sizeof q->step_err);
         if (rc < 0) snprintf(q->step_err, sizeof q->step_err, "%s", msg);
         if ((step = stepped(s, q, step, q->step_err, sizeof q->step_err)) < 0) q->step_rc = step;

@@ -602,6 +602,36 @@ static float *run_paged(dg_backend *be, dg_dtype dt, const float *q, const float
     return get(be, out, (int64_t)m * nh * hd);
 }
 
+/* A NaN in a key reaches the outputs of the heads that see it, on the GPU as on the CPU
+ * (kernels/cpu: every set's exp passes it through): the split-K merge skipped a split or a
+ * warp whose sum was NaN, dropping its finite keys with it and answering a finite, wrong
+ * number. Decode (split-K) and a prefill chunk; the other heads stay finite. */
+TEST(cuda_attention_nan_as_on_the_cpu) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    static const int shapes[][5] = {{300, 1, 4, 2, 64}, {40, 3, 4, 2, 64}, {10, 70, 4, 2, 64}};
+    const int bs = 16;
+    for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
+        const int n_past = shapes[sh][0], m = shapes[sh][1], nh = shapes[sh][2], nkv = shapes[sh][3], hd = shapes[sh][4];
+        const int n_ctx = n_past + m, n_blocks = (n_ctx + bs - 1) / bs + 1, kv_dim = nkv * hd;
+        int32_t *table = malloc(sizeof(int32_t) * (size_t)n_blocks);
+        for (int i = 0; i < n_blocks; i++) table[i] = i;
+        float *q = rnd((int64_t)m * nh * hd, 1.0f), *k = rnd((int64_t)n_ctx * kv_dim, 1.0f), *v = rnd((int64_t)n_ctx * kv_dim, 1.0f);
+        k[(int64_t)5 * kv_dim + 3] = NAN;   /* key 5 of kv head 0: query heads 0 and 1 see it */
+        float *kp[2];
+        float *ref = run_paged(cpu, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[0]);
+        float *got = run_paged(gpu_default, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[1]);
+        int same = 1, nan_seen = 0;
+        for (int64_t i = 0; i < (int64_t)m * nh * hd; i++) {
+            same &= !!isnan(ref[i]) == !!isnan(got[i]);
+            nan_seen += !!isnan(ref[i]);
+        }
+        printf("  %-18s past%d m%d: %d NaN outputs on the CPU, the GPU's %s\n", "attention NaN", n_past, m, nan_seen,
+               same ? "the same" : "DIFFERENT");
+        CHECK(same && nan_seen == m * 2 * hd);   /* heads 0 and 1, every row (all see key 5) */
+        free(kp[0]); free(kp[1]); free(ref); free(got); free(table); free(q); free(k); free(v);
+    }
+}
+
 TEST(cuda_kv_write_attention) {
     if (!ready()) SKIP("%s", test_cuda_absent_reason());
     static const int shapes[][5] = {   /* n_past, m, heads, kv heads, head_dim */

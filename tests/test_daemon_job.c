@@ -224,7 +224,7 @@ TEST(job_validation_of_present_parameters) {
     CHECK_EQ_INT(check_job(many_images, &c), DG_JOB_BAD_REQUEST);
     CHECK(strstr(err, "image.max_images: 1000, over the limit"));
     CHECK_EQ_INT(check_job(zero_shift, &c), DG_JOB_BAD_REQUEST);
-    CHECK(strstr(err, "image.shift: 0 is not in (0, 100]"));
+    CHECK(strstr(err, "image.shift: 0 is not in [0.001, 100]"));
     CHECK_EQ_INT(check_job(karras_shift, &c), DG_JOB_BAD_REQUEST);
     CHECK(strstr(err, "image.shift: the KARRAS schedule has no shift"));
     CHECK_EQ_INT(check_job(unknown_schedule, &c), DG_JOB_BAD_REQUEST);

@@ -97,8 +97,10 @@ TEST(params_out_of_range_names_the_field) {
         {{.set = DG_IMAGE_GUIDANCE_SCALE, .guidance_scale = -1.0f}, "image.guidance_scale: -1"},
         {{.set = DG_IMAGE_GUIDANCE_SCALE, .guidance_scale = INFINITY}, "image.guidance_scale: inf"},
         {{.set = DG_IMAGE_MAX_IMAGES, .max_images = -2}, "image.max_images: -2"},
-        {{.set = DG_IMAGE_SHIFT, .shift = 0.0f}, "image.shift: 0 is not a number in (0, 100]"},
-        {{.set = DG_IMAGE_SHIFT, .shift = 1e5f}, "image.shift: 100000 is not a number in (0, 100]"},
+        {{.set = DG_IMAGE_SHIFT, .shift = 0.0f}, "image.shift: 0 is not a number in [0.001, 100]"},
+        {{.set = DG_IMAGE_SHIFT, .shift = 1e5f}, "image.shift: 100000 is not a number in [0.001, 100]"},
+        /* its sigmas round to 0: the drawing failed when it began, after the answer's text */
+        {{.set = DG_IMAGE_SHIFT, .shift = 1e-45f}, "image.shift: 1.4013e-45 is not a number in [0.001, 100]"},
         {{.set = DG_IMAGE_GUIDANCE_SCALE, .guidance_scale = 1e30f}, "image.guidance_scale: 1e+30 is not in 0..100"},
     };
     dg_image_params im;

@@ -1,6 +1,7 @@
 /* kv_cache.c — block pool, chained block keys, reference counts and the LRU of cached blocks. */
 #include "cache/kv_cache.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,7 +52,10 @@ static uint64_t secret[2];
 static pthread_once_t secret_once = PTHREAD_ONCE_INIT;
 
 static void secret_init(void) {
-    if (getrandom(secret, sizeof secret, 0) == (ssize_t)sizeof secret) return;
+    ssize_t got;
+    do got = getrandom(secret, sizeof secret, GRND_NONBLOCK);   /* no wait for entropy at early boot */
+    while (got < 0 && errno == EINTR);
+    if (got == (ssize_t)sizeof secret) return;
     struct timespec ts;   /* no entropy source: still unknown outside, if weaker */
     clock_gettime(CLOCK_REALTIME, &ts);
     secret[0] = mix64((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)getpid() ^ (uint64_t)(uintptr_t)&ts);

@@ -42,6 +42,7 @@ struct dg_painter {
     int              W, H, lat_w, lat_h;
     int              steps;
     float            guidance_scale;
+    int              guided;                           /* both branches (guidance_scale > guided_above) */
     dg_painter_cost  cost;
 };
 
@@ -266,7 +267,7 @@ static int prepare_sampler(dg_painter *p, const dg_painter_job *job, char *err, 
     dg_flow_noise(p->frame_lat[p->target], n_target, job->seed * 0x9E3779B97F4A7C15ull + (uint64_t)job->index + 1, 0);
     int rc;
     /* with guidance both branches go through one forward: twice the tokens, both contexts */
-    const int branches = p->guidance_scale > 0 ? 2 : 1;
+    const int branches = dg_painter_branches(p);
     if (!p->dit_state || p->dit_tokens < branches * p->layout.n_tokens || p->dit_ctx < branches * p->max_context) {
         dg_dit_state_free(p->dit, p->dit_state);
         p->dit_state = NULL;
@@ -296,6 +297,7 @@ int dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_t
     p->lat_h = p->H / f;
     p->steps = job->params.steps;
     p->guidance_scale = job->params.guidance_scale;
+    p->guided = job->params.guidance_scale > job->guided_above;
     if ((rc = semantic_conditions(p, job, err, errlen)) < 0 || (rc = place_frames(p, job, err, errlen)) < 0)
         return rc;
     for (int i = 0; i < job->n_conds; i++)
@@ -309,12 +311,14 @@ int dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_t
 
 const dg_dit_layout *dg_painter_layout(const dg_painter *p) { return p->flow ? &p->layout : NULL; }
 
+int dg_painter_branches(const dg_painter *p) { return p->guided ? 2 : 1; }
+
 int dg_painter_inputs(dg_painter *p, dg_dit_input *in, float **velocity) {
     p->timesteps[p->target] = dg_flow_sigma(p->flow);
     const float *const *lat = (const float *const *)p->frame_lat;
     in[0] = (dg_dit_input){.latents = lat, .timesteps = p->timesteps, .ctx = p->ctx_pos, .n_ctx = p->n_ctx_pos};
     velocity[0] = p->vel_c;
-    if (p->guidance_scale <= 0) return 1;
+    if (!p->guided) return 1;
     in[1] = (dg_dit_input){.latents = lat, .timesteps = p->timesteps, .ctx = p->ctx_neg, .n_ctx = p->n_ctx_neg};
     velocity[1] = p->vel_u;
     return 2;
@@ -322,7 +326,7 @@ int dg_painter_inputs(dg_painter *p, dg_dit_input *in, float **velocity) {
 
 int dg_painter_advance(dg_painter *p, double forward_ms, char *err, size_t errlen) {
     double t0 = dg_clock_now_ms();
-    const int branches = p->guidance_scale > 0 ? 2 : 1;
+    const int branches = dg_painter_branches(p);
     p->cost.dit_forwards += branches;
     int64_t off = p->frame_lat[p->target] - p->latents;   /* the target's velocity follows the conditions' */
     int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;

@@ -80,6 +80,10 @@ typedef struct {
     dg_image_params        params;   /* width, height, steps, guidance_scale, schedule,
                                         shift: every field a value (`set` is not read;
                                         checked by dg_painter_check) */
+    float                  guided_above;   /* guidance runs for guidance_scale above this:
+                                              0 (any scale > 0), or 1 for a published
+                                              pipeline's package (its code guides only
+                                              above 1: below, the conditional branch alone) */
 } dg_painter_job;
 
 /* What the image in progress has cost since dg_painter_begin; the caller adds it to its
@@ -115,6 +119,9 @@ int  dg_painter_check(const dg_painter *p, const dg_image_params *params, char *
  * progress is dropped. DG_ELIMIT beyond DG_DIT_MAX_FRAMES - 1 earlier images or the DiT's
  * position limits; DG_ENOMEM; DG_EINVAL for condition positions the accumulator lacks. */
 int  dg_painter_begin(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen);
+
+/* 2 when the image in progress runs both branches of guidance, else 1. */
+int  dg_painter_branches(const dg_painter *p);
 
 /* One denoising step (two DiT forwards with guidance, one without). Returns the steps
  * taken so far, 1..steps: at `steps` the latent is ready for dg_painter_finish. */

@@ -117,12 +117,12 @@ __device__ __forceinline__ void decode_partial(float *pp, const float *qi, const
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc = 0.0f;
         for (int w = 0; w < DECODE_WARPS; w++)
-            if (sl[w] > 0.0f) acc += so[w][d] * expf(sm[w] - M);
+            if (sl[w] != 0.0f) acc += so[w][d] * expf(sm[w] - M);   /* a NaN sum is kept: NaN out, as the CPU */
         pp[2 + d] = acc;
     }
     if (threadIdx.x == 0) {
         float L = 0.0f;
-        for (int w = 0; w < DECODE_WARPS; w++) if (sl[w] > 0.0f) L += sl[w] * expf(sm[w] - M);
+        for (int w = 0; w < DECODE_WARPS; w++) if (sl[w] != 0.0f) L += sl[w] * expf(sm[w] - M);
         pp[0] = M;
         pp[1] = L;
     }
@@ -158,18 +158,18 @@ attn_decode_rows_kernel(float *part, const float *q, kv_addr a, const int4 *rows
  * n_split partials of one row and head). */
 __device__ __forceinline__ void merge_partials(float *out, const float *pp, int head_dim, int n_split) {
     float M = -INFINITY;
-    for (int s = 0; s < n_split; s++) if (pp[s * (head_dim + 2) + 1] > 0.0f) M = fmaxf(M, pp[s * (head_dim + 2)]);
+    for (int s = 0; s < n_split; s++) if (pp[s * (head_dim + 2) + 1] != 0.0f) M = fmaxf(M, pp[s * (head_dim + 2)]);
     float L = 0.0f;
     for (int s = 0; s < n_split; s++) {
         const float *ps = pp + s * (head_dim + 2);
-        if (ps[1] > 0.0f) L += ps[1] * expf(ps[0] - M);
+        if (ps[1] != 0.0f) L += ps[1] * expf(ps[0] - M);   /* 0: an empty split; NaN: kept */
     }
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    const float inv = L != 0.0f ? 1.0f / L : 0.0f;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc = 0.0f;
         for (int s = 0; s < n_split; s++) {
             const float *ps = pp + s * (head_dim + 2);
-            if (ps[1] > 0.0f) acc += ps[2 + d] * expf(ps[0] - M);
+            if (ps[1] != 0.0f) acc += ps[2 + d] * expf(ps[0] - M);
         }
         out[d] = acc * inv;
     }

@@ -2,6 +2,7 @@
 stats, dead list and requeue."""
 import os
 import subprocess
+import time
 
 from conftest import BUILD, pb, png_bytes, wait_until
 
@@ -163,12 +164,20 @@ def test_out_with_images_in_files_and_inline(cluster, tmpdir_path):
 
 def test_mistakes_are_said_with_their_exit_status(cluster, tmpdir_path):
     """What a user gets wrong is said at once with the documented status (1 job, 2 usage,
-    3 Redis or a file): `watch` of an id nobody enqueued (it waited in silence for ever),
-    `watch` with Redis away (it waited too), a command's --help (taken as a job id), `dead
-    list` with a bad count or an unknown option (Redis's error, exit 3; --count 0 said "no
-    dead letters"; an unknown option was ignored), files that cannot be read (exit 2)."""
-    p = ctl(cluster, "watch", "no-such-job")
-    assert p.returncode == 1 and 'no job "no-such-job" is known' in p.stderr, p.stderr
+    3 Redis or a file): `watch` of an id nothing is known of (it waited in silence; it still
+    waits, as a producer may XADD without the job hash, but says so first), `watch` with
+    Redis away (it waited for it), a command's --help (taken as a job id), an id starting
+    with "-", `dead list` with a bad count or an unknown option (Redis's error, exit 3;
+    --count 0 said "no dead letters"; an unknown option was ignored), files that cannot be
+    read (they exited 2)."""
+    w = subprocess.Popen([CTL, "--redis", cluster.server.url, "watch", "no-such-job"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    w.terminate()
+    _, err = w.communicate(timeout=10)
+    assert 'nothing is known of job "no-such-job" yet' in err, err
+    p = ctl(cluster, "enqueue", "--id", "-h", "hi")
+    assert p.returncode == 2 and 'starts with "-"' in p.stderr, p.stderr
     p = subprocess.run([CTL, "--redis", "redis://127.0.0.1:1/0", "watch", "x"], capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 3 and "Connection refused" in p.stderr, p.stderr

@@ -167,8 +167,11 @@ def test_worker_under_the_shipped_acl_stops_a_run_acknowledged_elsewhere(acl_red
         wait_until(lambda: len(prod.xrange("duogen:events:acl-fence")) >= 3, timeout=20, what="text events")
         entry = op.xpending_range("duogen:jobs", "duogen", "-", "+", 1)[0]["message_id"]
         op.xack("duogen:jobs", "duogen", entry)
+        # without XRANGE the keeper took the refusal for "gone from the stream": never fenced
         wait_until(lambda: "its lease was lost" in w.logs(), timeout=10, what="the run fenced")
+        n_events = len(prod.xrange("duogen:events:acl-fence"))
         time.sleep(1.5)   # 15 more steps of the fake engine had it gone on
+        assert len(prod.xrange("duogen:events:acl-fence")) <= n_events + 1, "the stale run kept writing"
         assert not prod.hgetall("duogen:result:acl-fence"), "the stale run wrote a result"
         assert "cannot tell whether" not in w.logs()
         assert w.alive()
@@ -207,6 +210,67 @@ def test_worker_refused_by_redis_exits_78_naming_it(tmpdir_path):
             srv.wait(10)
 
 
+def test_a_passing_refusal_is_waited_out(tmpdir_path):
+    """Not every error reply to AUTH is for good: a server at maxclients answers "ERR max
+    number of clients reached" to whoever connects (a reconnect storm, a Redis restarting).
+    The worker waits it out and starts; it took it for a refusal and exited 78, which
+    systemd does not restart: one spike would have stopped a fleet for good."""
+    model = os.path.join(tmpdir_path, "model")
+    os.makedirs(model, exist_ok=True)
+    pwfile = write(os.path.join(tmpdir_path, "pw"), "sesame\n")
+    port = free_port()
+    srv = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                            "--requirepass", "sesame", "--maxclients", "1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    w = None
+    try:
+        holder = redis.Redis(port=port, password="sesame")
+        wait_until(lambda: _ping(holder), what="redis")
+        w = Worker(tmpdir_path, f"redis://127.0.0.1:{port}/0", "maxcl", model, args=["--password-file", pwfile])
+        wait_until(lambda: "max number of clients" in w.logs(), timeout=10, what="the refusal")
+        time.sleep(1)
+        assert w.alive(), w.logs()
+        holder.config_set("maxclients", "100")   # room again: the worker gets in (its keeper too)
+        wait_until(lambda: "ready" in w.logs() and redis.Redis(port=port, password="sesame").exists("duogen:jobs"),
+                   timeout=20, what="the worker in")
+        assert w.alive()
+    finally:
+        if w:
+            w.kill()
+        srv.kill()
+        srv.wait(10)
+
+
+def test_a_sentinel_user_without_role_exits_78(tmpdir_path):
+    """Under Sentinel the worker checks the master's ROLE; an ACL without it was reported as
+    "not a master (yet)" for ever. It is a refusal no retry mends: exit 78 naming it."""
+    d1, ds = os.path.join(tmpdir_path, "m"), os.path.join(tmpdir_path, "s")
+    os.makedirs(d1)
+    os.makedirs(ds)
+    master = RedisServer(d1)
+    master.client().execute_command("ACL", "SETUSER", "w", "on", ">pw", "~*", "&*", "+@all", "-role")
+    sport = free_port()
+    sconf = write(os.path.join(ds, "sentinel.conf"),
+                  f"port {sport}\nbind 127.0.0.1\ndir {ds}\nsentinel monitor dq 127.0.0.1 {master.port} 1\n")
+    sentinel = subprocess.Popen(["redis-server", sconf, "--sentinel"], stdout=subprocess.DEVNULL)
+    model = os.path.join(tmpdir_path, "model")
+    os.makedirs(model)
+    pwfile = write(os.path.join(tmpdir_path, "w.pw"), "pw\n")
+    w = None
+    try:
+        wait_until(lambda: _ping(redis.Redis(port=sport, socket_timeout=5)), what="sentinel")
+        w = Worker(tmpdir_path, "redis://w@127.0.0.1:1/0", "norole", model,
+                   args=["--sentinel", f"127.0.0.1:{sport}", "--master-name", "dq", "--password-file", pwfile])
+        assert w.proc.wait(20) == 78, w.logs()
+        assert "ROLE refused" in w.logs() and "NOPERM" in w.logs()
+    finally:
+        if w:
+            w.kill()
+        sentinel.kill()
+        sentinel.wait(10)
+        master.stop(hard=True)
+
+
 def test_bad_redis_settings_fail_before_the_model_loads(tmpdir_path):
     """A typo in the Redis URL or a password file that cannot be read is said at once, exit
     78, before the model is opened (with a published package that load takes minutes; the
@@ -214,8 +278,8 @@ def test_bad_redis_settings_fail_before_the_model_loads(tmpdir_path):
     model = os.path.join(tmpdir_path, "model")
     os.makedirs(model, exist_ok=True)
     for i, (url, args, said) in enumerate([
-            ("http://127.0.0.1:6379/0", [], "redis_url"),
-            ("redis://127.0.0.1:6379/0", ["--password-file", os.path.join(tmpdir_path, "nonexistent.pw")],
+            ("http://127.0.0.1:1/0", [], "redis_url"),
+            ("redis://127.0.0.1:1/0", ["--password-file", os.path.join(tmpdir_path, "nonexistent.pw")],
              "nonexistent.pw")]):
         w = Worker(tmpdir_path, url, f"badset{i}", model, args=args)
         try:
@@ -240,7 +304,9 @@ def test_a_claim_idle_time_too_short_for_a_slow_redis_is_warned_of(cluster):
 def test_a_job_stream_key_of_another_type_is_waited_out(cluster):
     """A producer's mistake (LPUSH to the job stream's key): the groups cannot be made
     (WRONGTYPE). The worker says so, tries again after a doubling wait instead of in a tight
-    loop (it wrote 35000 lines in 4 s), stays up, and takes jobs once the key is mended."""
+    loop (it wrote 35000 lines in 4 s), stays up, and takes jobs once the key is mended; and
+    the same when the key is replaced under a running worker (its reads failed 36000 times
+    a second: they go back to making the groups, which backs off)."""
     cluster.r.lpush(cluster.key("jobs"), "oops")
     w = cluster.worker("wtype")
     time.sleep(4)
@@ -252,6 +318,17 @@ def test_a_job_stream_key_of_another_type_is_waited_out(cluster):
     res = cluster.wait_result("after-mend", timeout=30)
     assert res["status"] == b"done", res
     assert "consumer group \"duogen\" made after" in w.logs()
+    # under the running worker
+    before = len(w.logs().splitlines())
+    cluster.r.delete(cluster.key("jobs"))
+    cluster.r.lpush(cluster.key("jobs"), "oops")
+    time.sleep(4)
+    lines = w.logs().splitlines()[before:]
+    assert any("WRONGTYPE" in line for line in lines) and w.alive()
+    assert len(lines) < 60, len(lines)
+    cluster.r.delete(cluster.key("jobs"))
+    cluster.enqueue("after-mend-2", "hello again")
+    assert cluster.wait_result("after-mend-2", timeout=30)["status"] == b"done"
 
 
 def test_metrics_scraped(cluster):

@@ -64,7 +64,8 @@ def test_a_set_parameter_reaches_the_engine_and_an_unset_one_does_not(cluster, f
     ("repetition_penalty", 0.0, "text.repetition_penalty: 0 is not in (0, 100]"),
     ("temperature", -1.0, "text.temperature: -1 is not in 0..100"),
     ("guidance_scale", 101.0, "image.guidance_scale: 101 is not in 0..100"),
-    ("shift", 0.0, "image.shift: 0 is not in (0, 100]"),
+    ("shift", 0.0, "image.shift: 0 is not in [0.001, 100]"),
+    ("shift", 1e-45, "image.shift: 1.4013e-45 is not in [0.001, 100]"),
 ])
 def test_a_set_value_out_of_range_fails_the_job_naming_the_field(cluster, field, value, message):
     cluster.worker()

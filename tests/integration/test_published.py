@@ -155,6 +155,26 @@ def test_image_to_image_equals_the_pipeline(cluster):
     assert largest_difference(got, want) <= TOLERANCE
 
 
+def test_guidance_up_to_1_is_the_conditional_branch_alone(cluster):
+    """The published pipeline guides only above 1 (`do_classifier_free_guidance` is
+    guidance_scale > 1): at 1 or 0.5 it runs the conditional branch alone, as at 0. An
+    imported package does the same (it ran both branches with v_c + g(v_c - v_u) for any
+    g > 0: another picture than the pipeline's, at twice the cost)."""
+    g = goldens()
+    pkg = imported(cluster.tmp)
+    worker(cluster, pkg)
+    pictures, forwards = {}, {}
+    for scale in (0.0, 0.5, 1.0, 1.5):
+        jid = f"g{scale}".replace(".", "_")
+        cluster.enqueue(jid, raw=drawing_job(jid, dict(g, guidance_scale=scale), bov_id(pkg), g["prompt"]))
+        pictures[scale] = drawn(cluster, jid)[2]
+        forwards[scale] = pb.Result.FromString(cluster.wait_result(jid)["pb"]).usage.dit_forwards
+    assert forwards[0.0] == forwards[0.5] == forwards[1.0] == g["steps"], forwards
+    assert forwards[1.5] == 2 * g["steps"], forwards
+    assert pictures[0.5] == pictures[0.0] and pictures[1.0] == pictures[0.0]
+    assert largest_difference(pictures[1.5], pictures[0.0]) > 0
+
+
 def test_parity_sees_a_wrong_prompt(cluster):
     """The tolerance is meaningful: another prompt moves the picture far beyond it."""
     g = goldens()

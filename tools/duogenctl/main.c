@@ -53,7 +53,7 @@ static const struct param {
     {"guidance_scale", "guidance_scale=0", "classifier-free guidance, 0 .. 100; 0 is none (one DiT forward per step)"},
     {"max_images", "max_images=2", "images the answer may have, 0 .. the worker's max_output_images; 0 is text only"},
     {"schedule", "schedule=karras", "default (the package's), karras or shifted"},
-    {"shift", "shift=3", "the shifted schedule's shift, (0, 100]; given alone it selects shifted"},
+    {"shift", "shift=3", "the shifted schedule's shift, [0.001, 100]; given alone it selects shifted"},
     {"seed", "seed=7", "seed of the sampler and of the noise: the same job and seed give the same answer"},
     {"deadline_s", "deadline_s=600", "seconds from now: a job not started by then expires, a running one stops"},
     {"max_attempts", "max_attempts=3", "deliveries before the job is dead-lettered; 0 is the worker's default"},
@@ -388,6 +388,8 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
     /* a worker would refuse it under an id of its own, and --wait would wait for nothing */
     if (!dg_job_id_valid(o->id, strlen(o->id)))
         die(EXIT_USAGE, "enqueue: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", o->id);
+    if (o->id[0] == '-')   /* `watch -h` and the like would read it as an option */
+        die(EXIT_USAGE, "enqueue: id \"%s\" starts with \"-\": duogenctl's commands could not name it", o->id);
 }
 
 /* A Job's messages: the system text (if any), then one user message of the images and the
@@ -952,9 +954,9 @@ static int cmd_dead(int argc, char **argv) {
 
 static int cmd_watch(int argc, char **argv) {
     if (argc != 1) return -1;
-    /* asked once with cmd(): an unreachable Redis is exit 3, and an id nobody enqueued (a
-     * typo) is said, not waited for in silence. A producer HSETNXes the job hash before its
-     * XADD (README), so a queued job has one; its result and events outlive it. */
+    /* asked once with cmd(): an unreachable Redis is exit 3, and an id nothing is known of
+     * (a typo, or a job of a producer that XADDs without the job hash, still queued) is
+     * said on stderr before the wait, not waited for in silence */
     char k_job[512], k_result[512], k_events[512];
     key(k_job, sizeof k_job, "job", argv[0]);
     key(k_result, sizeof k_result, "result", argv[0]);
@@ -962,7 +964,10 @@ static int cmd_watch(int argc, char **argv) {
     redisReply *rep = cmd(dg_cmd_of("EXISTS", k_job, k_result, k_events, NULL));
     const long long known = rep->type == REDIS_REPLY_INTEGER ? rep->integer : 0;
     freeReplyObject(rep);
-    if (!known) die(EXIT_JOB, "no job \"%s\" is known: no %s, %s or %s", argv[0], k_job, k_result, k_events);
+    if (!known)
+        fprintf(stderr, "duogenctl: nothing is known of job \"%s\" yet (no %s, %s or %s): waiting for it "
+                "(a job whose producer writes %s before its XADD, as duogenctl does, has one at once)\n",
+                argv[0], k_job, k_result, k_events, k_job);
     return follow(argv[0], 0);
 }
 
@@ -1120,7 +1125,7 @@ static int write_manual(FILE *out) {
     }
     fputs(".SH ENVIRONMENT\n.TP\n\\fBDUOGEN_REDIS\\fR\nThe Redis URL when \\fB\\-\\-redis\\fR is not given.\n"
           ".SH EXIT STATUS\n.TP\n\\fB0\\fR\nSuccess; for \\fBresult\\fR and \\fB\\-\\-wait\\fR, the job is done.\n"
-          ".TP\n\\fB1\\fR\nThe job failed, was cancelled or expired, or has no result yet; for \\fBwatch\\fR, no job of that id is known.\n"
+          ".TP\n\\fB1\\fR\nThe job failed, was cancelled or expired, or has no result yet.\n"
           ".TP\n\\fB2\\fR\nA usage error.\n.TP\n\\fB3\\fR\nRedis or a file could not be read or written.\n"
           ".SH EXAMPLES\n.EX\nduogenctl enqueue \\-\\-image photo.jpg \\-\\-param max_images=2 \\e\n"
           "    \\-\\-out out \"How do I make this soup?\"\nduogenctl stats\n.EE\n"

@@ -205,10 +205,21 @@ def to_uint8(frames):
     return (frames[0, 0] * 255).round().astype(np.uint8)
 
 
+# The condition frames' timestep the engine feeds the DiT (engine/draw/painter.c
+# COND_TIMESTEP; docs/specs/cosmos_dit_wan_vae.md §4). The committed goldens were made with a
+# pipeline that used it; later diffusers versions default `conditional_frame_timestep` to
+# 0.1, which moves the image-to-world picture by tens of levels: where the pipeline takes
+# the argument it is given, so that a regeneration stays comparable with the committed one.
+COND_TIMESTEP = 1e-4
+
+
 def run(pipe):
+    import inspect
     h, w = HEIGHT // 8, WIDTH // 8
     noise = engine_noise(16 * h * w, image_stream(SEED, 0)).reshape(16, h, w)
     common = dict(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    if "conditional_frame_timestep" in inspect.signature(pipe.__call__).parameters:
+        common["conditional_frame_timestep"] = COND_TIMESTEP
     with torch.no_grad():
         t2w = pipe(num_frames=1, latents=torch.from_numpy(noise)[None, :, None], output_type="np", **common).frames
         lat = torch.zeros(1, 16, 2, h, w)
@@ -246,7 +257,8 @@ def main():
          "width": WIDTH, "height": HEIGHT, "steps": STEPS, "guidance_scale": GUIDANCE,
          "noise": {"file": "noise.f32", "shape": [16, HEIGHT // 8, WIDTH // 8], "stream": image_stream(SEED, 0)},
          "cases": {"t2w": {"image": "t2w.png"}, "i2w": {"image": "i2w.png", "condition": "cond.png"}},
-         "pipeline": {f: sha(os.path.join(PIPE, f)) for f in files}}
+         "pipeline": {f: sha(os.path.join(PIPE, f)) for f in files},
+         "made_with": {m.__name__: m.__version__ for m in (__import__("diffusers"), __import__("transformers"), torch)}}
     with open(os.path.join(OUT, "goldens.json"), "w") as f:
         json.dump(g, f, indent=2)
         f.write("\n")
