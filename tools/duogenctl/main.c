@@ -1039,7 +1039,9 @@ static const struct command {
      "status; a Redis that goes away meanwhile is waited for. --out DIR implies --wait and writes the "
      "answer there as result --out does.",
      cmd_enqueue},
-    {"watch", "ID", "Follow a job's events from its start until it ends, one line per event.", cmd_watch},
+    {"watch", "ID", "Follow a job's events from its start until it ends, one line per event. An id nothing is "
+     "known of yet (no job hash, result or events: a typo, or a job whose producer did not write the job hash "
+     "and no worker took yet) is said on stderr, then waited for.", cmd_watch},
     {"result", "ID [--out DIR] [--html DIR]",
      "Print a job's status, error and text. --out DIR writes DIR/answer.md, the Markdown answer with each "
      "image link pointing at its file, and the images as DIR/image-N.png (an image that is gone keeps its "
