@@ -271,9 +271,13 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
             FAIL(DG_JOB_BAD_REQUEST, "text.repetition_penalty: %g is not in (0, 100] (1: off)", t->repetition_penalty);
         if (t->n_stop > (size_t)cfg->max_stop_strings)
             FAIL(DG_JOB_BAD_REQUEST, "text.stop: %zu strings, over the limit of %d", t->n_stop, cfg->max_stop_strings);
-        for (size_t i = 0; i < t->n_stop; i++)
+        for (size_t i = 0; i < t->n_stop; i++) {
             if (!t->stop[i][0] || strlen(t->stop[i]) > 256)
                 FAIL(DG_JOB_BAD_REQUEST, "text.stop[%zu]: must be 1..256 bytes", i);
+            /* a match held or cut part of a character: text events of broken UTF-8 */
+            long bad = utf8_invalid_at(t->stop[i], strlen(t->stop[i]));
+            if (bad >= 0) FAIL(DG_JOB_BAD_REQUEST, "text.stop[%zu]: invalid UTF-8 at byte %ld", i, bad);
+        }
         if (t->n_logit_bias > (size_t)cfg->max_logit_bias)
             FAIL(DG_JOB_BAD_REQUEST, "text.logit_bias: %zu entries, over the limit of %d", t->n_logit_bias, cfg->max_logit_bias);
         for (size_t i = 0; i < t->n_logit_bias; i++) {

@@ -3,6 +3,9 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
+
+#include "text/tokenizer_internal.h"
 
 #define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return DG_EINVAL; } while (0)
 
@@ -13,6 +16,11 @@ int dg_params_resolve_text(const dg_text_params *req, const dg_text_params *defa
     out->set = DG_TEXT_ALL;
     out->stop = req->stop;
     out->n_stop = req->n_stop;
+    for (size_t i = 0; i < req->n_stop; i++) {   /* a match would cut a character: broken text */
+        const size_t n = req->stop[i] ? strlen(req->stop[i]) : 0;
+        if (dg_tok_utf8_valid_prefix((const uint8_t *)req->stop[i], n) != n)
+            BAD("text.stop[%zu]: invalid UTF-8 at byte %zu", i, dg_tok_utf8_valid_prefix((const uint8_t *)req->stop[i], n));
+    }
     out->logit_bias = req->logit_bias;
     out->n_logit_bias = req->n_logit_bias;
     if (set & DG_TEXT_MAX_NEW_TOKENS) {

@@ -556,6 +556,11 @@ static int is_stop_token(const dg_model *m, int32_t t) {
 static int take_token(dg_sched *s, dg_seq *q) {
     const dg_model *m = s->m;
     int32_t tok = q->last;
+    if (dg_sampler_starved(q->sampler)) {   /* nothing may come next: not a banned token */
+        fail_seq(s, q, DG_EINVAL, "text.logit_bias: every token of the vocabulary is banned (-inf), "
+                 "those the engine bans itself included (<BOV> once no more images may be drawn)");
+        return 0;
+    }
     /* what followed a draw marker, held for after its image: the image is done now */
     if (q->n_rest && feed_rest(q)) { finish(s, q, DG_FINISH_STOP, 0); return 0; }
     if (tok == m->bov_id) { q->draw_pending = 1; return 0; }

@@ -155,6 +155,11 @@ static void many_images(Duogen__V1__Job *j) {
     j->image->max_images = 1000;
 }
 static void zero_shift(Duogen__V1__Job *j) { j->image->_shift_case = DUOGEN__V1__IMAGE_PARAMS___SHIFT_SHIFT; }
+static void broken_stop(Duogen__V1__Job *j) {   /* the second byte of "é" alone */
+    static char *stops[] = {"ok", "caf\xc3"};
+    j->text->n_stop = 2;
+    j->text->stop = stops;
+}
 static void karras_shift(Duogen__V1__Job *j) {
     j->image->schedule = DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS;
     j->image->_shift_case = DUOGEN__V1__IMAGE_PARAMS___SHIFT_SHIFT;
@@ -223,6 +228,8 @@ TEST(job_validation_of_present_parameters) {
     CHECK(strstr(err, "text.repetition_penalty: 0 is not in (0, 100]"));
     CHECK_EQ_INT(check_job(many_images, &c), DG_JOB_BAD_REQUEST);
     CHECK(strstr(err, "image.max_images: 1000, over the limit"));
+    CHECK_EQ_INT(check_job(broken_stop, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "text.stop[1]: invalid UTF-8 at byte 3"));
     CHECK_EQ_INT(check_job(zero_shift, &c), DG_JOB_BAD_REQUEST);
     CHECK(strstr(err, "image.shift: 0 is not in [0.001, 100]"));
     CHECK_EQ_INT(check_job(karras_shift, &c), DG_JOB_BAD_REQUEST);

@@ -86,6 +86,8 @@ TEST(params_out_of_range_names_the_field) {
         {{.set = DG_TEXT_TOP_P, .top_p = 1.5f}, "text.top_p: 1.5"},
         {{.set = DG_TEXT_TOP_K, .top_k = -1}, "text.top_k: -1"},
         {{.set = DG_TEXT_REPETITION_PENALTY, .repetition_penalty = 0.0f}, "text.repetition_penalty: 0"},
+        /* the second byte of "é" alone: a match cut the character ("caf\xc3" went out) */
+        {{.stop = (const char *const[]){"ok", "\xa9"}, .n_stop = 2}, "text.stop[1]: invalid UTF-8 at byte 0"},
     };
     dg_text_params t;
     for (size_t i = 0; i < sizeof text / sizeof text[0]; i++) {

@@ -235,13 +235,13 @@ TEST(device_ops_cpu) {
                     test_fail(__FILE__, __LINE__, "topk %s: lse %.9g, reference %.9g", name, lse, ref);
             }
         }
-        /* penalty on the seen ids, then the biases in order (a repeated id adds twice) */
+        /* the biases in order (a repeated id adds twice), then the penalty on the seen ids,
+         * its sign rule on the biased value (transformers' order) */
         for (int i = 0; i < V; i++) x[i] = (float)(i % 7) - 3.0f;
         int32_t seen[3] = {0, V / 2, V - 1};
         dg_logit_bias bias[3] = {{V - 1, 0.5f}, {0, -INFINITY}, {V - 1, 0.25f}};
-        float want[3] = {x[0] < 0 ? x[0] * 1.5f : x[0] / 1.5f, x[V / 2] < 0 ? x[V / 2] * 1.5f : x[V / 2] / 1.5f,
-                         x[V - 1] < 0 ? x[V - 1] * 1.5f : x[V - 1] / 1.5f};
-        want[2] = want[2] + 0.5f + 0.25f;
+        const float b2 = x[V - 1] + 0.5f + 0.25f;
+        float want[3] = {-INFINITY, x[V / 2] < 0 ? x[V / 2] * 1.5f : x[V / 2] / 1.5f, b2 < 0 ? b2 * 1.5f : b2 / 1.5f};
         if (V >= 3) {
             be->logits_adjust(be, x, V, seen, 3, 1.5f, bias, 3);
             CHECK(x[0] == -INFINITY);
@@ -638,6 +638,61 @@ TEST(stop_strings) {
     CHECK_EQ_INT(dg_stop_feed(s, "abc", 3, collect, NULL), 0);
     CHECK_EQ_STR(out, "abc");
     dg_stop_free(s);
+}
+
+/* The bias before the penalty, as transformers (SequenceBias, then RepetitionPenalty: its
+ * sign rule reads the biased logit), on the host, device and bounds paths. Ours applied the
+ * penalty first: {2, 4} with 0 seen and +3 gave 0 (2/1.5 + 3 = 4.33 > 4), transformers 1
+ * ((2 + 3)/1.5 = 3.33); {-1, 0.25} with 0 seen and +2 under penalty 2 gave 1 (-2 + 2 = 0),
+ * transformers 0 ((-1 + 2)/2 = 0.5). */
+TEST(bias_before_penalty_as_transformers) {
+    dg_backend *be = counting_backend("cpu");
+    static const struct { float row[2], bias, penalty; int32_t want; } cases[] = {
+        {{2.0f, 4.0f}, 3.0f, 1.5f, 1}, {{-1.0f, 0.25f}, 2.0f, 2.0f, 0}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        dg_logit_bias b = {0, cases[c].bias};
+        three t = three_new(2, (dg_sampler_params){.repetition_penalty = cases[c].penalty, .logit_bias = &b,
+                                                   .n_logit_bias = 1});
+        dg_sampler_accept(t.a, 0);
+        dg_sampler_accept(t.b, 0);
+        dg_sampler_accept(t.c, 0);
+        CHECK_EQ_INT(three_paths(be, &t, cases[c].row, 2, "bias before penalty"), cases[c].want);
+        dg_sampler_free(t.a); dg_sampler_free(t.b); dg_sampler_free(t.c);
+    }
+}
+
+/* Every token banned: the argmax comes back (there is nothing else) and the sampler says it
+ * was starved, on every path; the scheduler then ends the sequence instead of emitting a
+ * banned token. A NaN logit under plain temperature sampling: the argmax (draw() ran off its
+ * NaN sum and took the last id every time). */
+TEST(starved_rows_and_nan_under_plain_sampling) {
+    dg_backend *be = counting_backend("cpu");
+    enum { V = 300 };
+    dg_logit_bias ban[V];
+    for (int i = 0; i < V; i++) ban[i] = (dg_logit_bias){i, -INFINITY};
+    float row[V];
+    for (int i = 0; i < V; i++) row[i] = (float)(i % 11);
+    for (int greedy = 0; greedy < 2; greedy++) {
+        three t = three_new(V, (dg_sampler_params){.temperature = greedy ? 0.0f : 0.8f, .top_k = greedy ? 0 : 40,
+                                                   .logit_bias = ban, .n_logit_bias = V, .seed = 3});
+        three_paths(be, &t, row, V, "all banned");
+        CHECK(dg_sampler_starved(t.a) && dg_sampler_starved(t.b) && dg_sampler_starved(t.c));
+        dg_sampler_free(t.a); dg_sampler_free(t.b); dg_sampler_free(t.c);
+    }
+    three t = three_new(V, (dg_sampler_params){.temperature = 0.8f, .seed = 3});
+    three_paths(be, &t, row, V, "nothing banned");
+    CHECK(!dg_sampler_starved(t.a) && !dg_sampler_starved(t.b) && !dg_sampler_starved(t.c));
+    dg_sampler_free(t.a); dg_sampler_free(t.b); dg_sampler_free(t.c);
+    int last = 0;
+    for (uint64_t seed = 0; seed < 100; seed++) {
+        dg_sampler *s = make(4, (dg_sampler_params){.temperature = 1.0f, .seed = seed});
+        float l[4] = {5.0f, NAN, 1.0f, -3.0f};
+        const int32_t tok = dg_sampler_sample(s, l);
+        CHECK(tok >= 0 && tok < 4);
+        last += tok == 3;
+        dg_sampler_free(s);
+    }
+    CHECK_EQ_INT(last, 0);
 }
 
 int main(void) {

@@ -338,7 +338,12 @@ TEST(sched_drafts_at_the_limits) {
         CHECK(c[1].len == c[0].len && memcmp(c[1].text, c[0].text, c[0].len) == 0);
         CHECK_EQ_INT((int)c[1].reason, (int)c[0].reason);
         CHECK_EQ_INT(c[1].usage.generated_tokens, c[0].usage.generated_tokens);
-        if (k == 3 && c[0].len > 8) memcpy(stop, c[0].text + c[0].len / 2 + 1, 3);
+        if (k == 3 && c[0].len > 8) {   /* 3 bytes or so from the middle, whole characters (a stop string is UTF-8) */
+            size_t at = c[0].len / 2 + 1, n = 3;
+            while (at < c[0].len && ((unsigned char)c[0].text[at] & 0xC0) == 0x80) at++;
+            while (at + n < c[0].len && ((unsigned char)c[0].text[at + n] & 0xC0) == 0x80 && n < 7) n++;
+            if (at + n <= c[0].len) memcpy(stop, c[0].text + at, n);
+        }
         if (k == 5) CHECK(c[0].reason == DG_FINISH_LENGTH && c[0].usage.prompt_tokens + c[0].usage.generated_tokens >= 510);
         if (k == 6) CHECK(c[0].reason == DG_FINISH_STOP);
     }

@@ -12,6 +12,7 @@
  *   image begins, leaves the other jobs' drafted rows of that step alone.
  * Each was found by review and fails without its fix. */
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,7 @@
 #include "common/jobs.h"
 #include "common/package.h"
 #include "duogen.h"
+#include "model.h"
 
 /* The tiny package of seed 11, once; a copy of it with duogen.json's `key` set to `value`
  * (stolen), in a directory of its own. */
@@ -350,6 +352,36 @@ TEST(the_image_token_typed_in_text_is_refused_by_name) {
     CHECK_EQ_INT(test_job_run(s, &r, &c), DG_EINVAL);
     CHECK(strstr(c.error, "holds the model's image token") != NULL);
     test_job_free(&c);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
+/* A job whose logit_bias bans every token (-inf) has nothing to write: it fails, naming
+ * why, with no text. (It wrote banned tokens: the argmax of an all -inf row, "!!!!".) */
+TEST(a_job_that_bans_every_token_fails_naming_it) {
+    const char *pkg = tiny();
+    if (!pkg) { CHECK(!"package"); return; }
+    char err[512];
+    dg_model *m;
+    dg_sched *s;
+    if (dg_model_open(pkg, NULL, &m, err, sizeof err) < 0) { CHECK(!"model"); return; }
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    const int V = m->cfg.text.vocab_size;
+    dg_logit_bias *ban = malloc(sizeof *ban * (size_t)V);
+    for (int i = 0; i < V; i++) ban[i] = (dg_logit_bias){i, -INFINITY};
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Say something.", .text_len = 14};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    for (int sampled = 0; sampled < 2; sampled++) {
+        dg_request r = {.id = "banned", .messages = &msg, .n_messages = 1, .seed = 1,
+                        .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE, .max_new_tokens = 8,
+                                 .temperature = sampled ? 0.7f : 0.0f, .logit_bias = ban, .n_logit_bias = (size_t)V}};
+        test_job c = {0};
+        CHECK_EQ_INT(test_job_run(s, &r, &c), 0);   /* the job failed, not the scheduler */
+        CHECK(strstr(c.error, "every token of the vocabulary is banned") != NULL);
+        CHECK_EQ_INT((int)c.len, 0);
+        test_job_free(&c);
+    }
+    free(ban);
     dg_sched_free(s);
     dg_model_close(m);
 }

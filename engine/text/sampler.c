@@ -19,6 +19,7 @@ struct dg_sampler {
     int32_t       *cand;       /* owned: [vocab] candidate ids, best first */
     float         *prob;       /* owned: [vocab] exp(logit / T - max) per token */
     float         *weight;     /* owned: [vocab] prob of cand[i] */
+    int            starved;    /* the last sample's row had every token at -inf (banned) */
 };
 
 static uint64_t splitmix64(uint64_t *x) {
@@ -153,14 +154,16 @@ static int draw(dg_sampler *s, const float *w, int n, float total) {
     return n - 1;   /* rounding left u just above the sum */
 }
 
-/* Repetition penalty over the seen tokens, then the logit biases, in place. */
+/* The logit biases, then the repetition penalty over the seen tokens, in place: in
+ * transformers' order (SequenceBiasLogitsProcessor before RepetitionPenaltyLogitsProcessor;
+ * the penalty's sign rule reads the biased logit). */
 static void adjust(dg_sampler *s, float *logits) {
+    for (size_t i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
     if (s->repetition_penalty != 1.0f)
         for (int i = 0; i < s->n_seen; i++) {
             float *x = &logits[s->seen_list[i]];
             *x = *x < 0.0f ? *x * s->repetition_penalty : *x / s->repetition_penalty;
         }
-    for (size_t i = 0; i < s->n_bias; i++) logits[s->bias[i].token] += s->bias[i].bias;
 }
 
 /* Top-p over the candidates s->cand[0..n) (best first) with their weights s->weight[0..n)
@@ -194,6 +197,7 @@ static int32_t nucleus_draw(dg_sampler *s, int n, float z) {
 static int32_t choose(dg_sampler *s, const float *logits) {
     const int V = s->vocab;
     int32_t tok = argmax(logits, V);
+    s->starved = logits[tok] == -INFINITY;   /* every token banned: the caller ends the sequence */
     /* greedy; and when every token is banned (-inf), the argmax is all there is; a top that
      * is +inf (an infinite bias through the engine's API) or NaN, or one that a tiny
      * temperature scales past the float range (1e20 / 1e-20), leaves no distribution to
@@ -207,7 +211,8 @@ static int32_t choose(dg_sampler *s, const float *logits) {
     float z = 0.0f;
     for (int i = 0; i < V; i++) z += (s->prob[i] = expf(logits[i] * inv_t - mx));
     if (!s->top_k && s->top_p >= 1.0f)         /* plain sampling: no order needed */
-        return draw(s, s->prob, V, z);
+        return isfinite(z) ? draw(s, s->prob, V, z)
+                           : tok;   /* a NaN logit below the top: no distribution (draw() took the last id) */
     /* Candidates, best first: the top k; for top-p alone, the smallest top set found by
      * widening (64, 256, 1024) whose mass reaches top_p, which holds the whole nucleus.
      * Measured at V = 151936: plain temperature 1.8 ms/token, top-k 50 + top-p 1.8 ms,
@@ -237,7 +242,10 @@ static int32_t choose(dg_sampler *s, const float *logits) {
     return nucleus_draw(s, n, z);
 }
 
+int dg_sampler_starved(const dg_sampler *s) { return s->starved; }
+
 int32_t dg_sampler_sample(dg_sampler *s, float *logits) {
+    s->starved = 0;
     adjust(s, logits);
     int32_t tok = choose(s, logits);
     dg_sampler_accept(s, tok);
@@ -302,7 +310,7 @@ static int32_t choose_on_device(dg_sampler *s, dg_backend *be, const float *row)
     int rc;
     if (s->top_k) {
         rc = candidates(s, be, row, s->top_k, inv_t, &mx, NULL);
-        if (rc <= 0) return rc < 0 && s->weight[0] == -INFINITY ? s->cand[0] : -1;
+        if (rc <= 0) return rc < 0 && (s->starved = s->weight[0] == -INFINITY) ? s->cand[0] : -1;
         return nucleus_draw(s, s->top_k, 0.0f);
     }
     if (s->top_p >= 1.0f) return -1;   /* plain sampling draws over every token, in index order */
@@ -312,7 +320,7 @@ static int32_t choose_on_device(dg_sampler *s, dg_backend *be, const float *row)
     int n;
     for (n = 64; n <= 1024 && n < V; n *= 4) {
         rc = candidates(s, be, row, n, inv_t, &mx, n == 64 ? &lse : NULL);
-        if (rc <= 0) return rc < 0 && s->weight[0] == -INFINITY ? s->cand[0] : -1;
+        if (rc <= 0) return rc < 0 && (s->starved = s->weight[0] == -INFINITY) ? s->cand[0] : -1;
         /* the CPU's lse is m + log(z) in double: this is the host's z, bit for bit, while
          * |m| <= 2^24 (the sum's rounding, |m| 2^-53, then stays under 2^-28 of z, below a
          * float's half ulp); a larger m (a huge logit, or a tiny temperature: 30 / 1e-8)
@@ -331,6 +339,7 @@ int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int3
                                  float *host) {
     int n_bias = (int)s->n_bias;
     int32_t tok;
+    s->starved = 0;
     if (!be->topk) {   /* no device path on this backend (backend.h): the host path */
         be->download(be, host, row, s->vocab);
         adjust(s, host);
@@ -347,6 +356,7 @@ int32_t dg_sampler_sample_device(dg_sampler *s, dg_backend *be, float *row, int3
     if (s->temperature <= 0.0f) {
         be->topk(be, row, s->vocab, 1, 1.0f, s->weight, s->cand, NULL);
         tok = s->cand[0];
+        s->starved = s->weight[0] == -INFINITY;
     } else if ((tok = choose_on_device(s, be, row)) < 0) {
         be->download(be, host, row, s->vocab);
         tok = choose(s, host);
@@ -362,11 +372,11 @@ int dg_sampler_bounded(const dg_sampler *s) {
 }
 
 /* adjust() and the device path's ban for one token: the same operations in the same order
- * (penalty, the biases as listed, then -inf added), so the same bits. */
+ * (the biases as listed, the penalty, then -inf added), so the same bits. */
 static float adjust_one(const dg_sampler *s, int32_t j, float v, int32_t ban) {
-    if (s->repetition_penalty != 1.0f && s->seen[j]) v = v < 0.0f ? v * s->repetition_penalty : v / s->repetition_penalty;
     for (size_t i = 0; i < s->n_bias; i++)
         if (s->bias[i].token == j) v += s->bias[i].bias;
+    if (s->repetition_penalty != 1.0f && s->seen[j]) v = v < 0.0f ? v * s->repetition_penalty : v / s->repetition_penalty;
     return j == ban ? v + -INFINITY : v;
 }
 
@@ -413,6 +423,7 @@ static float kth_largest(const float *x, int n, int k, float *h) {
 int32_t dg_sampler_sample_bounds(dg_sampler *s, float *lo, float *hi, int32_t ban, dg_sampler_pick_fn pick,
                                  void *user) {
     const int V = s->vocab, greedy = s->temperature <= 0.0f, k = greedy ? 1 : s->top_k;
+    s->starved = 0;
     if (!dg_sampler_bounded(s)) return -1;
     adjust(s, lo);
     adjust(s, hi);

@@ -1,12 +1,16 @@
 /* sampler.h — next-token choice and stop strings.
  *
  * dg_sampler turns a logits row into a token, in the order transformers applies its
- * processors (docs/specs/qwen2_5_vl.md §7): repetition penalty over every token seen so far
- * (prompt included), logit bias, then temperature, top-k, top-p, and a draw from a
+ * processors (docs/specs/qwen2_5_vl.md §7; generation/utils.py _get_logits_processor): logit
+ * bias (SequenceBias), repetition penalty over every token seen so far (prompt included; its
+ * sign rule reads the biased logit), then temperature, top-k, top-p, and a draw from a
  * seeded xoshiro256** generator: the same seed and logits give the same tokens on every
- * machine. temperature <= 0 is greedy (argmax after penalty and bias); so is a row whose top
- * logit is +inf or NaN, or one that 1 / temperature scales past the float range (1e-30):
- * the argmax, the lowest id, with no draw (the limit of T -> 0), on every path.
+ * machine. temperature <= 0 is greedy (argmax after bias and penalty); so is a row whose top
+ * logit is +inf or NaN, or holds a NaN at all, or one that 1 / temperature scales past the
+ * float range (1e-30): the argmax, the lowest id, with no draw (the limit of T -> 0), on
+ * every path. A row whose every token is -inf (banned) gives its argmax and marks the
+ * sampler starved (dg_sampler_starved): the caller ends the sequence, as transformers
+ * refuses such a row.
  *
  *     dg_sampler *s;  dg_sampler_new(V, &(dg_sampler_params){.temperature = 0.7f,
  *                                    .top_p = 0.9f, .seed = 42}, &s, err, sizeof err);
@@ -51,6 +55,10 @@ void    dg_sampler_free(dg_sampler *s);   /* accepts NULL */
 void    dg_sampler_accept(dg_sampler *s, int32_t token);
 /* Chooses the next token from logits[vocab] (overwritten) and accepts it. No allocation. */
 int32_t dg_sampler_sample(dg_sampler *s, float *logits);
+
+/* 1 when the last token sampled came from a row whose every token was -inf (every id
+ * banned by logit_bias and the engine's own bans): no token is allowed; the sequence ends. */
+int     dg_sampler_starved(const dg_sampler *s);
 /* The token dg_sampler_sample(s, logits) would give after logits[ban] = -INFINITY (ban -1:
  * none), for the row `row` [vocab] in be's memory, which is modified (penalty, bias, ban);
  * accepts it. Greedy is one topk of 1; top-k (up to 2016) and top-p (nuclei up to 1024

@@ -10,11 +10,11 @@ void dg_cpu_logits_adjust(dg_backend *be, float *x, int n, const int32_t *seen, 
                           float penalty, const dg_logit_bias *bias, int n_bias) {
     (void)be;
     (void)n;
+    for (int j = 0; j < n_bias; j++) x[bias[j].token] += bias[j].bias;   /* first, as transformers */
     for (int i = 0; i < n_seen; i++) {
         float *v = &x[seen[i]];
         *v = *v < 0.0f ? *v * penalty : *v / penalty;
     }
-    for (int j = 0; j < n_bias; j++) x[bias[j].token] += bias[j].bias;
 }
 
 /* Token a ranks below token b: a lower value, or the same value and a higher index. */

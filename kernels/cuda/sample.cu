@@ -42,19 +42,20 @@ static_assert(TOPK_THREADS >= 256, "radix_select gives each of the 256 bins a th
 
 /* ---- kernels --------------------------------------------------------------------------- */
 
-/* One block: the seen ids are distinct, so the penalty is one update per element in any
- * order; the biases may repeat an id and must add in order, so one thread applies them (a
- * request has a few hundred at most). One block also orders the two without a second launch. */
+/* One block: the biases may repeat an id and must add in order, so one thread applies them
+ * (a request has a few hundred at most), first, as transformers does; the seen ids are
+ * distinct, so the penalty is then one update per element in any order. One block also
+ * orders the two without a second launch. */
 __global__ void logits_adjust_kernel(float *x, const int32_t *seen, int n_seen, float penalty,
                                      const dg_logit_bias *bias, int n_bias) {
+    if (threadIdx.x == 0)
+        for (int j = 0; j < n_bias; j++) x[bias[j].token] += bias[j].bias;
+    __syncthreads();
     for (int i = threadIdx.x; i < n_seen; i += blockDim.x) {
         float *p = x + seen[i];
         const float v = *p;
         *p = v < 0.0f ? v * penalty : v / penalty;   /* IEEE division (nvcc's -prec-div default) */
     }
-    __syncthreads();
-    if (threadIdx.x == 0)
-        for (int j = 0; j < n_bias; j++) x[bias[j].token] += bias[j].bias;
 }
 
 /* Floats as unsigned keys of the same order: a > b iff key(a) > key(b). -0 and +0 get one
