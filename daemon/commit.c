@@ -318,8 +318,16 @@ static int write_batch(dg_committer *c, dg_run **runs, int n, const int *exists,
         rep[m] = NULL;
     }
     for (int i = 0; i < n && queued; i++) dg_run_out_written(runs[i], runs[i]->n_out);
+    const int acks_end = queued + (n - writes);   /* the bare XACKs of runs whose result exists */
     for (int i = queued; i < m - 1; i++)
         if (rep[i]->type == REDIS_REPLY_ERROR) {
+            /* an XACK on a job stream key that is no stream now (a producer's LPUSH after a
+             * DEL): the result stands and the entry is gone with the stream; the taker backs
+             * off on the same reply. Not the ACL: the worker goes on */
+            if (i < acks_end && (dg_reply_is_error(rep[i], "WRONGTYPE") || dg_reply_is_error(rep[i], "NOGROUP"))) {
+                log_warn("could not acknowledge an entry whose result exists: %s", rep[i]->str);
+                continue;
+            }
             log_error("Redis refused a result command: %s", rep[i]->str);
             rc = -2;
         }

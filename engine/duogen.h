@@ -158,7 +158,8 @@ typedef struct {
                                     factor times the DiT patch (16) */
     int32_t     steps;           /* denoising steps, 1..1000 */
     float       guidance_scale;  /* 0..100: v = v_c + g·(v_c − v_u); 0 = no guidance, one DiT
-                                    forward per step instead of two */
+                                    forward per step instead of two (a package imported from
+                                    a published pipeline: no guidance up to 1, as its code) */
     int32_t     max_images;      /* >= 0: after this many images <BOV> is banned (as it is
                                     once the conversation holds DG_MAX_IMAGES, given and drawn) */
     float       shift;           /* (0, 100], the shifted schedule's; set without DG_IMAGE_SCHEDULE

@@ -556,9 +556,11 @@ static int is_stop_token(const dg_model *m, int32_t t) {
 static int take_token(dg_sched *s, dg_seq *q) {
     const dg_model *m = s->m;
     int32_t tok = q->last;
-    if (dg_sampler_starved(q->sampler)) {   /* nothing may come next: not a banned token */
-        fail_seq(s, q, DG_EINVAL, "text.logit_bias: every token of the vocabulary is banned (-inf), "
-                 "those the engine bans itself included (<BOV> once no more images may be drawn)");
+    /* nothing may come next, not a banned token: the job's bans (refused at submit when they
+     * alone cover the vocabulary) and the engine's <BOV> ban once max_images are drawn leave
+     * nothing but <BOV>: the image limit ends the answer, as max_new_tokens would */
+    if (dg_sampler_starved(q->sampler)) {
+        finish(s, q, DG_FINISH_LENGTH, 1);
         return 0;
     }
     /* what followed a draw marker, held for after its image: the image is done now */

@@ -661,24 +661,33 @@ TEST(bias_before_penalty_as_transformers) {
     }
 }
 
-/* Every token banned: the argmax comes back (there is nothing else) and the sampler says it
- * was starved, on every path; the scheduler then ends the sequence instead of emitting a
- * banned token. A NaN logit under plain temperature sampling: the argmax (draw() ran off its
- * NaN sum and took the last id every time). */
+/* Biases that ban every token are refused when the sampler is made (nothing could be
+ * written). A row whose every token is -inf all the same (the job's bans and the row's own
+ * -inf, or the engine's ban): the argmax comes back (there is nothing else) and the sampler
+ * says it was starved, on every path; the scheduler then ends the sequence instead of
+ * emitting a banned token. A NaN logit under plain temperature sampling: the argmax (draw()
+ * ran off its NaN sum and took the last id every time). */
 TEST(starved_rows_and_nan_under_plain_sampling) {
     dg_backend *be = counting_backend("cpu");
     enum { V = 300 };
     dg_logit_bias ban[V];
     for (int i = 0; i < V; i++) ban[i] = (dg_logit_bias){i, -INFINITY};
+    dg_sampler *none = NULL;
+    char err[256];
+    CHECK_EQ_INT(dg_sampler_new(V, &(dg_sampler_params){.logit_bias = ban, .n_logit_bias = V}, &none, err,
+                                sizeof err), DG_EINVAL);
+    CHECK(strstr(err, "every token of the vocabulary (300) is banned") != NULL);
     float row[V];
     for (int i = 0; i < V; i++) row[i] = (float)(i % 11);
+    row[V - 1] = -INFINITY;   /* the one token the biases leave */
     for (int greedy = 0; greedy < 2; greedy++) {
         three t = three_new(V, (dg_sampler_params){.temperature = greedy ? 0.0f : 0.8f, .top_k = greedy ? 0 : 40,
-                                                   .logit_bias = ban, .n_logit_bias = V, .seed = 3});
+                                                   .logit_bias = ban, .n_logit_bias = V - 1, .seed = 3});
         three_paths(be, &t, row, V, "all banned");
         CHECK(dg_sampler_starved(t.a) && dg_sampler_starved(t.b) && dg_sampler_starved(t.c));
         dg_sampler_free(t.a); dg_sampler_free(t.b); dg_sampler_free(t.c);
     }
+    row[V - 1] = 1.0f;
     three t = three_new(V, (dg_sampler_params){.temperature = 0.8f, .seed = 3});
     three_paths(be, &t, row, V, "nothing banned");
     CHECK(!dg_sampler_starved(t.a) && !dg_sampler_starved(t.b) && !dg_sampler_starved(t.c));

@@ -356,9 +356,12 @@ TEST(the_image_token_typed_in_text_is_refused_by_name) {
     dg_model_close(m);
 }
 
-/* A job whose logit_bias bans every token (-inf) has nothing to write: it fails, naming
- * why, with no text. (It wrote banned tokens: the argmax of an all -inf row, "!!!!".) */
-TEST(a_job_that_bans_every_token_fails_naming_it) {
+/* A job whose logit_bias bans every token (-inf) has nothing to write: refused at submit,
+ * naming why (it wrote banned tokens: the argmax of an all -inf row, "!!!!"). One that leaves
+ * only <BOV>: its images are drawn, and when max_images are, the engine's own ban of <BOV>
+ * leaves nothing: the answer ends there with "length", as at max_new_tokens (it failed as a
+ * bad request, after its picture). */
+TEST(a_job_that_bans_every_token) {
     const char *pkg = tiny();
     if (!pkg) { CHECK(!"package"); return; }
     char err[512];
@@ -366,19 +369,33 @@ TEST(a_job_that_bans_every_token_fails_naming_it) {
     dg_sched *s;
     if (dg_model_open(pkg, NULL, &m, err, sizeof err) < 0) { CHECK(!"model"); return; }
     CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
-    const int V = m->cfg.text.vocab_size;
+    const int V = m->cfg.text.vocab_size, bov = m->bov_id;
     dg_logit_bias *ban = malloc(sizeof *ban * (size_t)V);
-    for (int i = 0; i < V; i++) ban[i] = (dg_logit_bias){i, -INFINITY};
+    int n = 0;
+    for (int i = 0; i < V; i++) ban[n++] = (dg_logit_bias){i, -INFINITY};
     dg_part part = {.kind = DG_PART_TEXT, .text = "Say something.", .text_len = 14};
     dg_message msg = {DG_ROLE_USER, &part, 1};
+    dg_request r = {.id = "banned", .messages = &msg, .n_messages = 1, .seed = 1,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE, .max_new_tokens = 8,
+                             .temperature = 0.7f, .logit_bias = ban, .n_logit_bias = (size_t)n}};
+    test_job c = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c), DG_EINVAL);
+    CHECK(strstr(c.error, "every token of the vocabulary") != NULL);
+    CHECK_EQ_INT((int)c.len, 0);
+    test_job_free(&c);
+    n = 0;   /* all but <BOV> */
+    for (int i = 0; i < V; i++)
+        if (i != bov) ban[n++] = (dg_logit_bias){i, -INFINITY};
     for (int sampled = 0; sampled < 2; sampled++) {
-        dg_request r = {.id = "banned", .messages = &msg, .n_messages = 1, .seed = 1,
-                        .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE, .max_new_tokens = 8,
-                                 .temperature = sampled ? 0.7f : 0.0f, .logit_bias = ban, .n_logit_bias = (size_t)V}};
-        test_job c = {0};
-        CHECK_EQ_INT(test_job_run(s, &r, &c), 0);   /* the job failed, not the scheduler */
-        CHECK(strstr(c.error, "every token of the vocabulary is banned") != NULL);
-        CHECK_EQ_INT((int)c.len, 0);
+        r.text = (dg_text_params){.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE, .max_new_tokens = 8,
+                                  .temperature = sampled ? 0.7f : 0.0f, .logit_bias = ban, .n_logit_bias = (size_t)n};
+        r.image = (dg_image_params){.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_MAX_IMAGES,
+                                    .width = 32, .height = 32, .steps = 2, .max_images = 1};
+        memset(&c, 0, sizeof c);
+        CHECK_EQ_INT(test_job_run(s, &r, &c), 0);
+        CHECK(c.finished && c.error[0] == 0 && c.reason == DG_FINISH_LENGTH && c.n_png == 1);
+        CHECK_EQ_INT((int)c.len, 0);   /* no banned token written after the picture */
+        if (c.error[0]) printf("  %s\n", c.error);
         test_job_free(&c);
     }
     free(ban);

@@ -6,11 +6,12 @@
  * sign rule reads the biased logit), then temperature, top-k, top-p, and a draw from a
  * seeded xoshiro256** generator: the same seed and logits give the same tokens on every
  * machine. temperature <= 0 is greedy (argmax after bias and penalty); so is a row whose top
- * logit is +inf or NaN, or holds a NaN at all, or one that 1 / temperature scales past the
- * float range (1e-30): the argmax, the lowest id, with no draw (the limit of T -> 0), on
- * every path. A row whose every token is -inf (banned) gives its argmax and marks the
- * sampler starved (dg_sampler_starved): the caller ends the sequence, as transformers
- * refuses such a row.
+ * logit is +inf or NaN, or, under plain sampling, that holds a NaN anywhere, or one that
+ * 1 / temperature scales past the float range (1e-30): the argmax, the lowest id, with no
+ * draw (the limit of T -> 0), on every path. Biases that ban every token are refused by
+ * dg_sampler_new; a row whose every token is -inf all the same (the engine's own ban)
+ * gives its argmax and marks the sampler starved (dg_sampler_starved): the caller ends the
+ * sequence instead of writing a banned token.
  *
  *     dg_sampler *s;  dg_sampler_new(V, &(dg_sampler_params){.temperature = 0.7f,
  *                                    .top_p = 0.9f, .seed = 42}, &s, err, sizeof err);

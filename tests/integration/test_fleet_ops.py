@@ -331,6 +331,27 @@ def test_a_job_stream_key_of_another_type_is_waited_out(cluster):
     assert cluster.wait_result("after-mend-2", timeout=30)["status"] == b"done"
 
 
+def test_an_ack_on_a_replaced_stream_does_not_stop_the_worker(cluster):
+    """A run ends whose result another attempt wrote: the worker acknowledges its entry
+    alone (an XACK outside the transaction). If the stream's key was replaced meanwhile
+    (DEL, then a producer's LPUSH), that XACK gets WRONGTYPE: it was taken for the ACL's
+    refusal and the worker exited 78, which systemd does not restart."""
+    w = cluster.worker("wack")
+    cluster.wait_groups()
+    cluster.enqueue("slow", " ".join(["w"] * 30), meta={"fake.step_ms": 150})
+    wait_until(lambda: cluster.r.hget("duogen:job:slow", "state") == b"running", what="running")
+    cluster.r.hset("duogen:result:slow", mapping={"status": "done", "text": "from elsewhere"})
+    cluster.r.delete(cluster.key("jobs"))
+    cluster.r.lpush(cluster.key("jobs"), "oops")
+    wait_until(lambda: "could not acknowledge" in w.logs(), timeout=20, what="the XACK refused")
+    time.sleep(1)
+    assert w.alive(), w.logs()
+    assert cluster.r.hget("duogen:result:slow", "text") == b"from elsewhere"
+    cluster.r.delete(cluster.key("jobs"))
+    cluster.enqueue("after", "hello there")
+    assert cluster.wait_result("after", timeout=30)["status"] == b"done"
+
+
 def test_metrics_scraped(cluster):
     port = free_port()
     cluster.worker("mw", args=["--metrics-port", str(port), "--max-inflight", "1"])

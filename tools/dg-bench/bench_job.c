@@ -166,7 +166,7 @@ static int bench_job(bench_ctx *ctx, json_t *out) {
     t0 = bench_now_ms();
     if (run_job(s, bov, "bench-image", 2, side, steps, guidance, 1, 1, &o) < 0) goto out;
     const double dit_s = o.t.diffusion_ms / 1e3, n_tok = (double)(side / 16) * (side / 16);
-    const double evals = guidance > 0 ? 2.0 * steps : steps;
+    const double evals = (double)o.usage.dit_forwards;   /* the engine's count: guidance may run one branch */
     /* context rows: the prompt as chat-templated (the conditional branch; the negative one
      * has a single row), a fair stand-in for both */
     const double flops = dit_flops(ctx->model_dir, n_tok, (double)o.usage.prompt_tokens) * evals;

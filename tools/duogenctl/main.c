@@ -50,7 +50,7 @@ static const struct param {
     {"width", "width=512", "pixels of the drawn images, a multiple of 16 up to the worker's max_image_side"},
     {"height", "height=512", "as width"},
     {"steps", "steps=20", "denoising steps per image, 1 .. the worker's max_steps"},
-    {"guidance_scale", "guidance_scale=0", "classifier-free guidance, 0 .. 100; 0 is none (one DiT forward per step)"},
+    {"guidance_scale", "guidance_scale=0", "classifier-free guidance, 0 .. 100; 0 is none (one DiT forward per step; up to 1 for a published pipeline's package)"},
     {"max_images", "max_images=2", "images the answer may have, 0 .. the worker's max_output_images; 0 is text only"},
     {"schedule", "schedule=karras", "default (the package's), karras or shifted"},
     {"shift", "shift=3", "the shifted schedule's shift, [0.001, 100]; given alone it selects shifted"},
