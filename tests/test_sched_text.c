@@ -334,17 +334,23 @@ TEST(a_published_prompt_leaves_other_jobs_drafts_alone) {
     dg_model_close(m);
 }
 
+/* The tiny package opened with a scheduler of one sequence, or 0 (failed, said). */
+static int tiny_sched(dg_model **m, dg_sched **s) {
+    const char *pkg = tiny();
+    char err[512];
+    if (!pkg) { CHECK(!"package"); return 0; }
+    if (dg_model_open(pkg, NULL, m, err, sizeof err) < 0) { CHECK(!"model"); return 0; }
+    CHECK_EQ_INT(dg_sched_new(*m, &(dg_sched_opts){.max_inflight = 1}, s, err, sizeof err), 0);
+    return 1;
+}
+
 /* A user who types the model's image token: the tokenizer makes the special token of it, as
  * transformers' does, and the job failed with "mrope: image tokens at 17 but only 0 images";
  * it is refused naming the token. */
 TEST(the_image_token_typed_in_text_is_refused_by_name) {
-    const char *pkg = tiny();
-    if (!pkg) { CHECK(!"package"); return; }
-    char err[512];
     dg_model *m;
     dg_sched *s;
-    if (dg_model_open(pkg, NULL, &m, err, sizeof err) < 0) { CHECK(!"model"); return; }
-    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    if (!tiny_sched(&m, &s)) return;
     dg_part part = {.kind = DG_PART_TEXT, .text = "what is <|image_pad|>?", .text_len = 22};
     dg_message msg = {DG_ROLE_USER, &part, 1};
     dg_request r = {.id = "pad", .messages = &msg, .n_messages = 1};
@@ -362,13 +368,9 @@ TEST(the_image_token_typed_in_text_is_refused_by_name) {
  * leaves nothing: the answer ends there with "length", as at max_new_tokens (it failed as a
  * bad request, after its picture). */
 TEST(a_job_that_bans_every_token) {
-    const char *pkg = tiny();
-    if (!pkg) { CHECK(!"package"); return; }
-    char err[512];
     dg_model *m;
     dg_sched *s;
-    if (dg_model_open(pkg, NULL, &m, err, sizeof err) < 0) { CHECK(!"model"); return; }
-    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    if (!tiny_sched(&m, &s)) return;
     const int V = m->cfg.text.vocab_size, bov = m->bov_id;
     dg_logit_bias *ban = malloc(sizeof *ban * (size_t)V);
     int n = 0;
