@@ -406,7 +406,7 @@ def test_metrics_answer_while_loading_and_a_taken_port_fails_the_start(cluster):
     worker did not answer (DuogenWorkerDown during every long load), and a port that could
     not be bound stopped the worker (exit 78) only once it had loaded."""
     port = free_port()
-    w = cluster.worker("lw", env={"DG_FAKE_LOAD_MS": "3000"}, args=["--metrics-port", str(port)])
+    cluster.worker("lw", env={"DG_FAKE_LOAD_MS": "3000"}, args=["--metrics-port", str(port)])
 
     def scrape():
         try:

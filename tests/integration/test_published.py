@@ -201,7 +201,6 @@ def test_mllm_of_another_width_is_refused(tmpdir_path):
 def test_draw_marker_acts_as_bov_and_never_shows(cluster):
     """A stock chat model writes the marker; the tiny random one writes what it writes, so
     the marker is taken from its own greedy answer: text that it does write."""
-    g = goldens()
     plain = imported(cluster.tmp, "--system-prompt", "Draw when asked.")
     worker(cluster, plain, "plain")
     job = pb.Job(id="plain", seed=1)
