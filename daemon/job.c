@@ -28,7 +28,9 @@ int dg_job_images_to_files(const Duogen__V1__Job *pb, const dg_daemon_config *cf
            pb->image_output == DUOGEN__V1__JOB__IMAGE_OUTPUT__IMAGE_OUTPUT_DEFAULT;
 }
 
-/* Returns the offset of the first byte that is not part of valid UTF-8, or -1. */
+/* Returns the offset of the first byte that is not part of valid UTF-8, or -1: the engine's
+ * rule (dg_utf8_valid_prefix, the same answer on every string), written here because the
+ * daemon also links over the test engine (tests/engine_fake), which has no tokenizer. */
 static long utf8_invalid_at(const char *s, size_t n) {
     const unsigned char *p = (const unsigned char *)s;
     size_t i = 0;

@@ -76,6 +76,10 @@ typedef enum {
 dg_error_class_t dg_error_class(int code);
 const char      *dg_error_name(int code);   /* "EINVAL", ...; never NULL */
 
+/* Length of the longest valid UTF-8 prefix of s[0..n): no overlong forms, surrogates or
+ * code points past U+10FFFF; n when all of it is valid. Callable from any thread. */
+size_t dg_utf8_valid_prefix(const char *s, size_t n);
+
 /* ---- requests ---------------------------------------------------------------------------
  * All request memory is borrowed for the duration of dg_sched_submit(): the engine copies
  * (or decodes) what it keeps. */

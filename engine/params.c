@@ -5,8 +5,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "text/tokenizer_internal.h"
-
 #define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return DG_EINVAL; } while (0)
 
 int dg_params_resolve_text(const dg_text_params *req, const dg_text_params *defaults, dg_text_params *out,
@@ -18,8 +16,8 @@ int dg_params_resolve_text(const dg_text_params *req, const dg_text_params *defa
     out->n_stop = req->n_stop;
     for (size_t i = 0; i < req->n_stop; i++) {   /* a match would cut a character: broken text */
         const size_t n = req->stop[i] ? strlen(req->stop[i]) : 0;
-        if (dg_tok_utf8_valid_prefix((const uint8_t *)req->stop[i], n) != n)
-            BAD("text.stop[%zu]: invalid UTF-8 at byte %zu", i, dg_tok_utf8_valid_prefix((const uint8_t *)req->stop[i], n));
+        const size_t valid = dg_utf8_valid_prefix(req->stop[i], n);
+        if (valid != n) BAD("text.stop[%zu]: invalid UTF-8 at byte %zu", i, valid);
     }
     out->logit_bias = req->logit_bias;
     out->n_logit_bias = req->n_logit_bias;

@@ -104,6 +104,8 @@ size_t dg_tok_utf8_lossy(const uint8_t *in, size_t n, bool final, uint8_t *out, 
     return o;
 }
 
+size_t dg_utf8_valid_prefix(const char *s, size_t n) { return dg_tok_utf8_valid_prefix((const uint8_t *)s, n); }
+
 size_t dg_tok_utf8_valid_prefix(const uint8_t *in, size_t n) {
     size_t i = 0;
     while (i < n) {
