@@ -43,7 +43,8 @@ static int painter_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     if (m->cond_from_prompt) {   /* a published pipeline's condition: the image's prompt alone */
         if ((rc = dg_prompt_cond_encode(s->pc, s->st, q->cond_user, q->n_cond_user, q->cond_answer,
                                         q->n_cond_answer, &job.acc, err, errlen)) < 0 ||
-            (rc = dg_prompt_cond_negative(s->pc, s->st, &job.acc_neg, err, errlen)) < 0)
+            (q->ip.guidance_scale > job.guided_above &&   /* the negative prompt only where it guides */
+             (rc = dg_prompt_cond_negative(s->pc, s->st, &job.acc_neg, err, errlen)) < 0))
             return rc;
         job.n_pos = job.n_neg = m->recipe.max_tokens;
     }

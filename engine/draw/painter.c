@@ -140,7 +140,8 @@ static int vae_room(dg_painter *p, int h, int w, char *err, size_t errlen) {
 
 /* ---- begin -------------------------------------------------------------------------------- */
 
-/* The connector's rows of both branches into ctx_pos and ctx_neg. */
+/* The connector's rows of the conditional branch into ctx_pos, and of the unconditional
+ * one into ctx_neg when the image is guided (p->guided set). */
 static int semantic_conditions(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen) {
     if (!p->ctx_pos) {
         size_t rows = (size_t)p->max_context * (size_t)p->conn->d_cond;
@@ -153,11 +154,11 @@ static int semantic_conditions(dg_painter *p, const dg_painter_job *job, char *e
     }
     int rc;
     if ((rc = dg_cond_acc_finish(p->conn, job->acc, p->positions, job->n_pos, p->ctx_pos, err, errlen)) < 0 ||
-        (rc = dg_cond_acc_finish(p->conn, job->acc_neg ? job->acc_neg : job->acc, p->positions, job->n_neg,
-                                 p->ctx_neg, err, errlen)) < 0)
+        (p->guided && (rc = dg_cond_acc_finish(p->conn, job->acc_neg ? job->acc_neg : job->acc, p->positions,
+                                               job->n_neg, p->ctx_neg, err, errlen)) < 0))
         return rc;
     p->n_ctx_pos = job->n_pos;
-    p->n_ctx_neg = job->n_neg;
+    p->n_ctx_neg = p->guided ? job->n_neg : 0;
     return 0;
 }
 

@@ -71,7 +71,8 @@ typedef struct {
                                         conversation's), or the negative prompt's
                                         (prompt_cond.h) */
     int                    n_pos;    /* conditional branch: positions [0, n_pos) of acc */
-    int                    n_neg;    /* unconditional branch: positions [0, n_neg) of acc_neg */
+    int                    n_neg;    /* unconditional branch: positions [0, n_neg) of acc_neg
+                                        (neither read when the image is not guided) */
     const dg_painter_cond *conds;    /* [n_conds] the earlier images, oldest first */
     int                    n_conds;
     dg_latent_cache       *lcache;   /* condition latents: looked up, and put when encoded */
