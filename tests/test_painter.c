@@ -120,7 +120,7 @@ static dg_image *direct_draw(const dg_model *m, dg_cond_acc *acc, direct_job *j,
     float *lat = NULL, *vc = NULL, *vu = NULL, *px = malloc((size_t)3 * j->W * j->H * sizeof(float));
     for (int i = 0; i < j->n_pos; i++) positions[i] = i;
     if (dg_cond_acc_finish(&m->conn, acc, positions, j->n_pos, ctx_pos, err, sizeof err) < 0 ||
-        dg_cond_acc_finish(&m->conn, acc, positions, j->n_neg, ctx_neg, err, sizeof err) < 0 ||
+        (j->guidance > 0 && dg_cond_acc_finish(&m->conn, acc, positions, j->n_neg, ctx_neg, err, sizeof err) < 0) ||
         dg_dit_layout_build(&L, j->lat_h, j->lat_w, cond, n_frames, z, m->dit.cfg.patch_h, m->dit.cfg.patch_w, err,
                             sizeof err) < 0 ||
         dg_dit_state_new(&m->dit, m->be, (int)L.n_tokens, m->max_context, &ds, err, sizeof err) < 0 ||
@@ -479,6 +479,41 @@ TEST(painter_scales_large_condition_frames_down) {
     dg_tok_ids_free(&ids);
     dg_cond_acc_free(&m->conn, acc);
     dg_latent_cache_free(lc);
+    dg_painter_free(p);
+    dg_model_close(m);
+}
+
+/* An unguided image (guidance_scale 0) is the conditional branch alone: the same pixels as
+ * the components run without the second forward, and no unconditional rows are built — a
+ * job whose n_neg is 0 (no negative at all) draws, where building them refused it. */
+TEST(painter_unguided_image_builds_no_unconditional_rows) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    dg_model *m;
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
+    dg_painter *p = NULL;
+    dg_cond_acc *acc = NULL;
+    dg_tok_ids ids = {0};
+    dg_image_digest h;
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 0, &p, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
+    CHECK_EQ_INT(direct_conditions(m, "A plate, unguided.", &ids, acc), 0);
+    dg_image_params params = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 0.0f, .shift = 3.0f,
+                              .schedule = DG_SCHEDULE_SHIFTED};
+    dg_painter_job job = {.acc = acc, .n_pos = (int)ids.n, .n_neg = 0, .seed = 5, .index = 0, .params = params};
+    dg_image *a = paint(p, &job, &h);
+    CHECK(a != NULL);
+    CHECK_EQ_INT(dg_painter_branches(p), 1);
+    direct_job j = {.n_pos = (int)ids.n, .W = 32, .H = 32, .steps = 2, .guidance = 0.0f, .shift = 3.0f, .seed = 5,
+                    .index = 0};
+    float *latent = NULL;
+    dg_image *direct = direct_draw(m, acc, &j, &latent);
+    CHECK(same_image(a, direct));
+    dg_image_free(a);
+    dg_image_free(direct);
+    free(latent);
+    dg_tok_ids_free(&ids);
+    dg_cond_acc_free(&m->conn, acc);
     dg_painter_free(p);
     dg_model_close(m);
 }
