@@ -134,6 +134,9 @@ int dg_sched_feed_image(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
         q->image_keys[2 + i] = dg_seq_image_key(&im->hash);
     }
     q->image_ids[n - 1] = m->vision_end_id;
+    /* the image's tokens join the context the repetition penalty reads, as a prompt
+     * image's do: a conversation sent again with this image gives the same penalties */
+    for (int i = 1; i < n; i++) dg_sampler_accept(q->sampler, q->image_ids[i]);
     im->token0 = n_past + 2;
     dg_mrope_params mp = {m->image_pad_id, m->pp.merge_size};
     if ((rc = dg_mrope_index(q->image_ids, n, n_past + q->rope_delta, &mp, (const int32_t (*)[3])im->grid, 1,

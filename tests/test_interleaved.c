@@ -15,6 +15,7 @@
 #include "common/package.h"
 #include "duogen.h"
 #include "io/image.h"
+#include "model.h"
 
 static const char *pkg;   /* the tiny package of seed 11 with the Qwen2 vocabulary, made once */
 
@@ -161,6 +162,41 @@ TEST(a_full_conversation_draws_no_more_and_writes_on) {
     CHECK(strstr(c2.error, "more than 32 images"));
     test_job_free(&c2);
     for (int i = 0; i < N; i++) free(png[i]);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
+/* A drawn image's tokens join the context the repetition penalty reads, as a prompt
+ * image's do (and as transformers reads every id of its input). <|vision_start|> is
+ * biased +100 and "Q" (id 48) +90, the penalty 2: after the drawn image the first is
+ * (logit + 100) / 2 and "Q" is sampled; before, <|vision_start|> had not been seen and came
+ * first (a special token: no text; max_new_tokens 1, <BOV> not counted, leaves room for
+ * that one token only). The margins are wide: with no penalty <|vision_start|> still wins
+ * against "Q" at +80. */
+TEST(a_drawn_images_tokens_count_for_the_repetition_penalty) {
+    char err[512];
+    dg_model *m = open_tiny();
+    if (!m) return;
+    dg_sched *s;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Draw.", .text_len = 5};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    dg_logit_bias bias[3] = {{test_bov_id(pkg), 200.0f}, {m->vision_start_id, 100.0f}, {48, 90.0f}};
+    dg_request r = {.id = "penalty-1", .messages = &msg, .n_messages = 1, .seed = 5,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE | DG_TEXT_REPETITION_PENALTY,
+                             .max_new_tokens = 1, .temperature = 0.0f, .repetition_penalty = 2.0f,
+                             .logit_bias = bias, .n_logit_bias = 3},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_MAX_IMAGES,
+                              .width = 32, .height = 32, .steps = 1, .max_images = 1}};
+    test_job c = {0};
+    int rc = test_job_run(s, &r, &c);
+    CHECK_EQ_INT(rc, 0);
+    if (rc) printf("  %s\n", c.error);
+    CHECK_EQ_INT(c.n_png, 1);
+    CHECK_EQ_INT(c.usage.generated_tokens, 1);   /* the one token after the picture */
+    CHECK(strcmp(c.text, "Q") == 0);
+    if (strcmp(c.text, "Q")) printf("  text after the image: \"%s\"\n", c.text);
+    test_job_free(&c);
     dg_sched_free(s);
     dg_model_close(m);
 }
