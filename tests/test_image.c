@@ -4,6 +4,8 @@
 #include "common/package.h"
 #include "io/image.h"
 
+#include <png.h>
+#include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -323,6 +325,90 @@ TEST(decode_png_palette_index_past_plte_is_refused) {
     len = palette_png(png, 7);
     CHECK_EQ_INT(decode(png, len, NULL, err, sizeof err), DG_EIMAGE);
     CHECK_EQ_STR(err, "image 2: PNG palette index 7 past the 4 PLTE entries");
+}
+
+/* A PNG in memory, w x h RGB, with an eXIf chunk (the TIFF blob exif[0..n_exif) when
+ * n_exif > 0) and an XMP text chunk (when xmp is not NULL). */
+struct membuf { uint8_t *p; size_t n, cap; };
+static void mem_write(png_structp png, png_bytep data, png_size_t len) {
+    struct membuf *b = png_get_io_ptr(png);
+    if (b->n + len > b->cap) {
+        b->cap = (b->n + len) * 2;
+        b->p = realloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->n, data, len);
+    b->n += len;
+}
+static void mem_flush(png_structp png) { (void)png; }
+static uint8_t *png_with_exif_xmp(int w, int h, const uint8_t *exif, int n_exif, const char *xmp, size_t *len) {
+    struct membuf b = {0};
+    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    png_infop info = png_create_info_struct(png);
+    uint8_t *row = malloc((size_t)w * 3);
+    if (setjmp(png_jmpbuf(png))) {
+        png_destroy_write_struct(&png, &info);
+        free(row);
+        free(b.p);
+        return NULL;
+    }
+    png_set_write_fn(png, &b, mem_write, mem_flush);
+    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
+                 PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    if (n_exif > 0) png_set_eXIf_1(png, info, (png_uint_32)n_exif, (png_bytep)exif);
+    png_text t = {.compression = PNG_TEXT_COMPRESSION_NONE, .key = "XML:com.adobe.xmp", .text = (char *)xmp,
+                  .text_length = xmp ? strlen(xmp) : 0};
+    if (xmp) png_set_text(png, info, &t, 1);
+    png_write_info(png, info);
+    for (int y = 0; y < h; y++) {
+        for (int x = 0; x < w; x++) {
+            row[3 * x] = (uint8_t)(x * 4);
+            row[3 * x + 1] = (uint8_t)(y * 8);
+            row[3 * x + 2] = (uint8_t)(x ^ y);
+        }
+        png_write_row(png, row);
+    }
+    png_write_end(png, info);
+    png_destroy_write_struct(&png, &info);
+    free(row);
+    *len = b.n;
+    return b.p;
+}
+
+/* Pillow's getexif() reads XMP's tiff:Orientation whenever the EXIF has no Orientation tag
+ * (PIL.Image.Image.getexif), an EXIF without one included: a PNG whose eXIf holds only a
+ * Make tag and whose XMP says 6 is turned as the XMP alone turns it (52x29 -> 29x52). An
+ * EXIF Orientation of 1 is a tag: the XMP is not read then. */
+TEST(decode_png_exif_without_orientation_falls_back_to_xmp) {
+    static const uint8_t make_only[26] = {'I', 'I', '*', 0, 8, 0, 0, 0, 1, 0,           /* one IFD0 entry: */
+                                          0x0F, 0x01, 2, 0, 4, 0, 0, 0, 'C', 'a', 'm', 0, /* Make "Cam" */
+                                          0, 0, 0, 0};
+    static const uint8_t upright[26] = {'I', 'I', '*', 0, 8, 0, 0, 0, 1, 0,
+                                        0x12, 0x01, 3, 0, 1, 0, 0, 0, 1, 0, 0, 0,        /* Orientation 1 */
+                                        0, 0, 0, 0};
+    const char *xmp = "<x:xmpmeta><rdf:Description tiff:Orientation=\"6\"/></x:xmpmeta>";
+    size_t l0, l1, l2, l3;
+    uint8_t *plain = png_with_exif_xmp(52, 29, NULL, 0, NULL, &l0), *only_xmp = png_with_exif_xmp(52, 29, NULL, 0, xmp, &l1),
+            *both = png_with_exif_xmp(52, 29, make_only, 26, xmp, &l2),
+            *tagged = png_with_exif_xmp(52, 29, upright, 26, xmp, &l3);
+    CHECK(plain && only_xmp && both && tagged);
+    dg_image *a = NULL, *b = NULL, *c = NULL, *d = NULL;
+    char err[256];
+    if (plain) CHECK_EQ_INT(dg_image_decode(plain, l0, "plain", NULL, &a, err, sizeof err), 0);
+    if (only_xmp) CHECK_EQ_INT(dg_image_decode(only_xmp, l1, "xmp", NULL, &b, err, sizeof err), 0);
+    if (both) CHECK_EQ_INT(dg_image_decode(both, l2, "exif+xmp", NULL, &c, err, sizeof err), 0);
+    if (tagged) CHECK_EQ_INT(dg_image_decode(tagged, l3, "tagged", NULL, &d, err, sizeof err), 0);
+    CHECK(b && b->width == 29 && b->height == 52);
+    CHECK(c && c->width == 29 && c->height == 52);
+    CHECK(b && c && memcmp(b->rgb, c->rgb, (size_t)29 * 52 * 3) == 0);
+    CHECK(a && d && d->width == 52 && d->height == 29 && memcmp(a->rgb, d->rgb, (size_t)52 * 29 * 3) == 0);
+    dg_image_free(a);
+    dg_image_free(b);
+    dg_image_free(c);
+    dg_image_free(d);
+    free(plain);
+    free(only_xmp);
+    free(both);
+    free(tagged);
 }
 
 TEST(encode_png_roundtrip_with_text_chunks) {

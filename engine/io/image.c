@@ -330,14 +330,16 @@ static int png_palette_overrun(const struct png_format *f, const uint8_t *in, in
     return -1;
 }
 
-/* The orientation Pillow would find in a PNG: eXIf, else "Raw profile type exif" text,
- * else XMP in an "XML:com.adobe.xmp" text chunk (the last chunk of a key wins, as in
- * Pillow's info dict). */
+/* The orientation Pillow would find in a PNG: the EXIF's (eXIf, else "Raw profile type
+ * exif" text), else, when that has none, XMP in an "XML:com.adobe.xmp" text chunk (the last
+ * chunk of a key wins, as in Pillow's info dict; getexif() reads XMP whenever the EXIF has
+ * no Orientation tag, as the JPEG path below). */
 static int png_orientation(png_structp png, png_infop info) {
     png_uint_32 n_exif = 0;
     png_bytep exif = NULL;
-    if (png_get_eXIf_1(png, info, &n_exif, &exif) && exif && n_exif > 0)
-        return exif_orientation(exif, n_exif);
+    int o = 0, has_exif = png_get_eXIf_1(png, info, &n_exif, &exif) && exif && n_exif > 0;
+    if (has_exif)
+        o = exif_orientation(exif, n_exif);
     png_textp text = NULL;
     int n_text = 0;
     png_get_text(png, info, &text, &n_text);
@@ -348,15 +350,15 @@ static int png_orientation(png_structp png, png_infop info) {
         else if (strcmp(text[i].key, "XML:com.adobe.xmp") == 0)
             xmp = &text[i];
     }
-    if (raw) {
+    if (raw && !has_exif) {
         size_t len = raw->compression > 0 ? raw->itxt_length : raw->text_length;
-        return raw_profile_orientation(raw->text, len);
+        o = raw_profile_orientation(raw->text, len);
     }
-    if (xmp) {
+    if (o == 0 && xmp) {
         size_t len = xmp->compression > 0 ? xmp->itxt_length : xmp->text_length;
-        return xmp_orientation((const uint8_t *)xmp->text, len);
+        o = xmp_orientation((const uint8_t *)xmp->text, len);
     }
-    return 0;
+    return o;
 }
 
 
