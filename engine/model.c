@@ -141,9 +141,13 @@ static int load_optional(const char *dir, const char *name, json_t **out, char *
     return 0;
 }
 
-/* preprocessor_config.json: the fields that change pixel_values (missing ones keep the
- * checkpoint's values; "size": {"shortest_edge", "longest_edge"} is the newer spelling of
- * min/max_pixels). */
+/* preprocessor_config.json: the fields that change pixel_values ("size": {"shortest_edge",
+ * "longest_edge"} is the newer spelling of min/max_pixels). Without the file, the published
+ * checkpoint's values; a file that leaves a field out gets transformers' class default for
+ * it, as Qwen2VLImageProcessor reads it: the pixel bounds 56*56 and 28*28*1280 (the
+ * checkpoint's file says 12845056). The switches the engine does not have (no resize,
+ * rescale, normalization or RGB conversion, another resample filter than bicubic) are
+ * refused, naming the key: pixels the model never saw would come out. */
 static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t errlen) {
     char path[1300];
     dg_image_preprocess_config *c = &m->pp;
@@ -151,6 +155,22 @@ static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t er
     json_t *j;
     int rc = load_optional(mllm, "preprocessor_config.json", &j, path, sizeof path, err, errlen);
     if (rc < 0 || !j) return rc;
+    c->min_pixels = 56 * 56;
+    c->max_pixels = 28 * 28 * 1280;
+    static const char *const on[] = {"do_resize", "do_rescale", "do_normalize", "do_convert_rgb"};
+    for (size_t i = 0; i < sizeof on / sizeof on[0]; i++) {
+        json_t *b = json_object_get(j, on[i]);
+        if (b && !json_is_null(b) && !json_is_true(b)) {
+            json_decref(j);
+            return fail(err, errlen, DG_EMODEL, "%s: \"%s\" must be true (the engine always does that step)", path,
+                        on[i]);
+        }
+    }
+    json_t *resample = json_object_get(j, "resample");
+    if (resample && !json_is_null(resample) && !(json_is_integer(resample) && json_integer_value(resample) == 3)) {
+        json_decref(j);
+        return fail(err, errlen, DG_EMODEL, "%s: \"resample\" must be 3 (bicubic, the engine's only filter)", path);
+    }
     double v;
     json_t *size = json_object_get(j, "size");
     struct { json_t *obj; const char *key; double lo, hi; int64_t *i64; int32_t *i32; double *d; } keys[] = {

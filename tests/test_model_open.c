@@ -11,7 +11,8 @@
  * - generation_config.json's eos_token_id list ([<|im_end|>, <|endoftext|>] in
  *   Qwen2.5-VL): the answer ends at any of them, as transformers' generate does;
  * - preprocessor_config.json with both size.{shortest,longest}_edge and min/max_pixels:
- *   min/max_pixels win, as in Qwen2VLImageProcessor.
+ *   min/max_pixels win, as in Qwen2VLImageProcessor; with neither, that class's
+ *   defaults; do_* switches off and other resample filters are refused;
  * And the load's progress: reported as each weight is bound, not only between phases (a
  * GPU upload of billions of weights ran minutes without a word, past systemd's start
  * timeout, which each report extends). */
@@ -24,6 +25,8 @@
 #include "common/jobs.h"
 #include "common/package.h"
 #include "duogen.h"
+#include "io/image_preprocess.h"
+#include "model.h"
 
 /* A fresh tiny package with `file` edited by `edit`; 0 or -1. */
 static int edited(const char *file, void (*edit)(json_t *), char *dir, size_t len) {
@@ -182,6 +185,50 @@ TEST(min_and_max_pixels_win_over_size) {
     /* 1000x800 under 100352 pixels: 128 tokens of the merged 28x28 patches, and the chat's */
     CHECK(na > 0 && na < 200);
     CHECK_EQ_INT(nb, na);
+}
+
+static void no_pixel_bounds(json_t *j) {
+    json_object_del(j, "min_pixels");
+    json_object_del(j, "max_pixels");
+    json_object_del(j, "size");
+}
+static void no_normalize(json_t *j) { json_object_set_new(j, "do_normalize", json_false()); }
+static void nearest(json_t *j) { json_object_set_new(j, "resample", json_integer(0)); }
+static void all_said(json_t *j) {   /* a re-saved file that spells out what the engine does */
+    json_object_set_new(j, "do_resize", json_true());
+    json_object_set_new(j, "do_convert_rgb", json_true());
+    json_object_set_new(j, "resample", json_integer(3));
+}
+
+/* A preprocessor_config.json without pixel bounds gets Qwen2VLImageProcessor's class
+ * defaults (56*56 .. 28*28*1280), not the published file's 12845056: a 1300x1000 image
+ * is 868x1120 after transformers' smart_resize (hand-computed: over 1003520 pixels, scaled
+ * by sqrt(1300000/1003520) and floored to multiples of 28), a 62x80 patch grid, where the
+ * checkpoint's bound keeps it at 1008x1288. Steps the engine does not have are refused,
+ * naming the key; spelled out as the engine does them, they open. */
+TEST(a_preprocessor_file_without_bounds_takes_transformers_defaults) {
+    char dir[512], err[512];
+    dg_model *m = NULL;
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", no_pixel_bounds, dir, sizeof dir), 0);
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+    if (m) {
+        int32_t grid[3];
+        CHECK_EQ_INT(dg_image_grid(1000, 1300, &m->pp, grid, err, sizeof err), 0);
+        CHECK(grid[0] == 1 && grid[1] == 62 && grid[2] == 80);
+        CHECK(m->pp.min_pixels == 3136 && m->pp.max_pixels == 1003520);
+        dg_model_close(m);
+        m = NULL;
+    }
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", no_normalize, dir, sizeof dir), 0);
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "preprocessor_config.json") && strstr(err, "\"do_normalize\" must be true"));
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", nearest, dir, sizeof dir), 0);
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"resample\" must be 3"));
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", all_said, dir, sizeof dir), 0);
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+    if (m) CHECK(m->pp.max_pixels == 12845056);   /* the tiny package's file says so */
+    dg_model_close(m);
 }
 
 /* dg_sched_opts.max_image_pixels (the worker's max_image_pixels): an input image over it is
