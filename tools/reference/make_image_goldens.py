@@ -127,7 +127,19 @@ def reference_rgb(data):
     return im, convert_to_rgb(im, return_numpy=True)
 
 
+def pillow_resizes_as_the_engine():
+    """Pillow 13 runs a resize's vertical pass first when the height shrinks by more than
+    twice the width's pixels (engine/io/image_preprocess.c); older Pillow always went
+    horizontal first, which rounds the 8-bit intermediate otherwise: goldens made with it
+    would not be the engine's."""
+    import PIL
+    major = int(PIL.__version__.split(".")[0])
+    if major < 13:
+        sys.exit(f"Pillow {PIL.__version__}: the goldens need Pillow 13 or later (the resize pass order)")
+
+
 def main():
+    pillow_resizes_as_the_engine()
     os.makedirs(OUT, exist_ok=True)
     lines = []
     files = make_inputs()
@@ -158,8 +170,11 @@ def main():
                 with open(os.path.join(OUT, bin_name), "wb") as f:
                     f.write(half.astype("<f4").tobytes())
             lines.append(f"patches {name} {mn} {mx} {gt} {gh} {gw} {d} {bin_name}")
+    import PIL
+    import transformers
     with open(os.path.join(OUT, "manifest.txt"), "w") as f:
         f.write("# made by tools/reference/make_image_goldens.py; see its docstring\n")
+        f.write(f"# Pillow {PIL.__version__}, transformers {transformers.__version__}\n")
         f.write("\n".join(lines) + "\n")
     print(f"{len(files)} images, {len(lines)} records", file=sys.stderr)
 
