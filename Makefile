@@ -265,7 +265,20 @@ fuzz: $(FUZZ_BINS)
 # ---- benchmarks ----------------------------------------------------------------------
 # the small package the benchmarks run on, written when missing
 SMALL_PACKAGE = @[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null
-bench: bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e
+# BENCH_TAG: a suffix of the reports' names (bench-coretype-unset's "_coretype_unset")
+BENCH_TAG ?=
+bench: bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e \
+       bench-coretype-unset
+
+# OPENBLAS_CORETYPE as this environment sets it (the figures above), and unset: where it is
+# set, the benchmarks whose GEMMs OpenBLAS runs (the decoder's prefill, the vision tower, the
+# DiT and VAE, in fp32 compute) again without it, into *_coretype_unset.json (the baselines
+# too: the same run, the same setting)
+bench-coretype-unset: all
+	@if [ -n "$${OPENBLAS_CORETYPE:-}" ]; then \
+	    echo "OPENBLAS_CORETYPE=$$OPENBLAS_CORETYPE above; now unset:"; \
+	    env -u OPENBLAS_CORETYPE $(MAKE) --no-print-directory bench-decoder bench-vision bench-image BENCH_TAG=_coretype_unset; \
+	else echo "OPENBLAS_CORETYPE is unset here: the figures above are the unset ones"; fi
 
 bench-queue: all
 	@mkdir -p $(BUILD)/bench
@@ -277,10 +290,11 @@ bench-e2e: all
 	@mkdir -p $(BUILD)/bench
 	/usr/bin/python3 tools/bench/bench_e2e.py --json $(BUILD)/bench/e2e.json
 
-# the text decoder (small preset, 1 and 2 threads), in fp32 and in bf16 compute; the
-# baselines at bf16 when the reference venv has them, as dg-bench's co-processes timed turn
-# about with ours (tools/dg-bench/bench_decoder.c says why): llama.cpp on a BF16 GGUF of the
-# same weights (bench_llamacpp.py --serve) and transformers (bench_transformers_decoder.py --serve)
+# the text decoder (small preset, 1 and 2 threads), in bf16 compute beside the baselines at
+# bf16 when the reference venv has them, as dg-bench's co-processes timed turn about with
+# ours (tools/dg-bench/bench_decoder.c says why): llama.cpp on a BF16 GGUF of the same
+# weights (bench_llamacpp.py --serve) and transformers (bench_transformers_decoder.py
+# --serve); then ours alone in fp32 compute (decoder_fp32.json: no baseline of its precision)
 LLAMACPP_SERVE = tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py --serve
 TRANSFORMERS_DECODER = tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py --serve
 bench-decoder: all
@@ -290,8 +304,8 @@ bench-decoder: all
 	    else echo "$@: no llama-cpp-python in tools/reference/.venv: no llama.cpp baseline"; fi; \
 	tpeer=; if tools/reference/.venv/bin/python -c 'import transformers' 2>/dev/null; then tpeer="$(TRANSFORMERS_DECODER)"; \
 	    else echo "$@: no transformers in tools/reference/.venv: no transformers baseline"; fi; \
-	set -x; $(BUILD)/dg-bench $${peer:+--llamacpp "$$peer"} $${tpeer:+--transformers "$$tpeer"} --json $(BUILD)/bench/decoder.json decoder && \
-	$(BUILD)/dg-bench --bf16-compute $${peer:+--llamacpp "$$peer"} $${tpeer:+--transformers "$$tpeer"} --json $(BUILD)/bench/decoder_bf16.json decoder
+	set -x; $(BUILD)/dg-bench --bf16-compute $${peer:+--llamacpp "$$peer"} $${tpeer:+--transformers "$$tpeer"} --json $(BUILD)/bench/decoder_bf16$(BENCH_TAG).json decoder && \
+	$(BUILD)/dg-bench --json $(BUILD)/bench/decoder_fp32$(BENCH_TAG).json decoder
 
 # decoding with drafts by prompt lookup against without (dg_sched_opts draft_tokens): the
 # small preset's greedy jobs (bf16 compute, 1 and 2 threads) and llama.cpp's on the same
@@ -306,10 +320,13 @@ bench-drafts: all
 	$(BUILD)/dg-bench --bf16-compute --threads 2 $${peer:+--llamacpp "$$peer"} --json $(BUILD)/bench/drafts_t2.json drafts
 
 # continuous batching on the CPU, small preset: aggregate decode tok/s and jobs/hour against
-# 1, 2, 4, 8, 16 concurrent jobs, the prefill/decode/draw split
+# 1, 2, 4, 8, 16 concurrent jobs, the prefill/decode/draw split (fp32 compute, 2 threads);
+# and the decode in bf16 compute on one thread, where issue 17's goal (8 sequences >= 4x one)
+# is measured
 bench-batch: all
 	@mkdir -p $(BUILD)/bench
 	$(BUILD)/dg-bench --json $(BUILD)/bench/batch.json batch_decode batch_jobs
+	$(BUILD)/dg-bench --bf16-compute --threads 1 --json $(BUILD)/bench/batch_bf16_t1.json batch_decode
 
 # the vision tower (small preset), and transformers beside it when the reference venv is there
 # (float32 and bf16; ours in fp32 and in bf16 compute against the baseline of its precision),
@@ -320,8 +337,8 @@ bench-vision: all
 	$(SMALL_PACKAGE)
 	@peer=; if tools/reference/.venv/bin/python -c 'import transformers' 2>/dev/null; then peer="$(TRANSFORMERS_VISION)"; \
 	    else echo "$@: no transformers in tools/reference/.venv: no transformers baseline"; fi; \
-	set -x; $(BUILD)/dg-bench $${peer:+--transformers "$$peer"} --json $(BUILD)/bench/vision.json vision && \
-	$(BUILD)/dg-bench --bf16-compute $${peer:+--transformers "$$peer --dtype bf16"} --json $(BUILD)/bench/vision_bf16.json vision
+	set -x; $(BUILD)/dg-bench $${peer:+--transformers "$$peer"} --json $(BUILD)/bench/vision$(BENCH_TAG).json vision && \
+	$(BUILD)/dg-bench --bf16-compute $${peer:+--transformers "$$peer --dtype bf16"} --json $(BUILD)/bench/vision_bf16$(BENCH_TAG).json vision
 
 # DiT steps and VAE encode/decode (small preset), fp32 and bf16 compute; diffusers beside
 # them (float32, and the DiT in bf16) when the reference venv is there, as dg-bench's
@@ -332,15 +349,18 @@ bench-image: all
 	$(SMALL_PACKAGE)
 	@peer=; if tools/reference/.venv/bin/python -c 'import diffusers' 2>/dev/null; then peer="$(DIFFUSERS_SERVE)"; \
 	    else echo "$@: no diffusers in tools/reference/.venv: no diffusers baseline"; fi; \
-	set -x; $(BUILD)/dg-bench --threads 2 $${peer:+--diffusers "$$peer"} --json $(BUILD)/bench/image.json image && \
-	$(BUILD)/dg-bench --threads 2 --bf16-compute $${peer:+--diffusers "$$peer --dtype bf16"} --json $(BUILD)/bench/image_bf16.json image
+	set -x; $(BUILD)/dg-bench --threads 2 $${peer:+--diffusers "$$peer"} --json $(BUILD)/bench/image$(BENCH_TAG).json image && \
+	$(BUILD)/dg-bench --threads 2 --bf16-compute $${peer:+--diffusers "$$peer --dtype bf16"} --json $(BUILD)/bench/image_bf16$(BENCH_TAG).json image
 
-# the tokenizer against Hugging Face tokenizers (one thread) when the reference venv is there
+# the tokenizer, then Hugging Face tokenizers (one thread) on the corpus it wrote when the
+# reference venv has it, its ratios against this run's report (bench_tokenizers.py)
 bench-tokenizer: all
 	@mkdir -p $(BUILD)/bench
+	@rm -f $(BUILD)/bench/tokenizer_hf.json
 	$(BUILD)/dg-bench --json $(BUILD)/bench/tokenizer.json tokenizer
-	@if [ -x tools/reference/.venv/bin/python ]; then tools/reference/.venv/bin/python \
-	    tools/reference/bench_tokenizers.py --json $(BUILD)/bench/tokenizer_hf.json; fi
+	@if tools/reference/.venv/bin/python -c 'import tokenizers' 2>/dev/null; then \
+	    tools/reference/.venv/bin/python tools/reference/bench_tokenizers.py --json $(BUILD)/bench/tokenizer_hf.json; \
+	else echo "$@: no tokenizers in tools/reference/.venv: no tokenizers baseline"; fi
 
 # ---- the soak: faults over a long run (SOAK_ARGS="--engine real": the real engine on the tiny
 # package, 1000 jobs; --help lists the rest) -------------------------------------------------

@@ -43,7 +43,8 @@ double bench_now_ms(void);   /* monotonic clock */
  * is missing or lacks a component. 0 or -1. */
 int    bench_small_package(bench_ctx *ctx, char *dir, size_t len);
 
-/* Records one figure under the benchmark's JSON object and prints "name: value unit". */
+/* Records one figure under the benchmark's JSON object and prints "name: value unit"; a
+ * value that is not finite (a division by a zero count) is null in the report and "n/a". */
 void   bench_record(json_t *out, const char *name, double value, const char *unit);
 
 /* The median of v[0..n), n >= 1, sorting v in place (v[0] and v[n-1] are then the range). */
@@ -58,16 +59,17 @@ void   bench_record_rounds(json_t *out, const char *key, double *v, int n, const
  * thread, no loads; the best of 3 runs of ~0.3 s (peak.c). 0 where the CPU lacks the
  * instruction. What a compute-bound benchmark prints its rate against. */
 double bench_peak_gflops(int threads, int bf16);
-/* bench_peak_gflops(threads, bf16), recorded as "peak_gflops_t<threads>"; returns it. */
+/* bench_peak_gflops(threads, bf16), recorded as "peak_gflops_t<threads>" (not recorded, "n/a"
+ * printed, where it is 0); returns it. */
 double bench_record_peak(json_t *out, int threads, int bf16);
 /* Records an arithmetic rate as "<key>_gflops" and, when peak > 0, as the fraction of it
  * "<key>_of_peak". */
 void   bench_record_rate(json_t *out, const char *key, double gflops, double peak);
 
-/* Records ours / theirs as "<key>_vs_<label>" when `file` (a reference script's JSON in
- * build/bench/) holds `key`, printing the baseline it names (its "baseline": name, version,
- * dtype) and recording that as "<label>_baseline". Nothing when the file or key is absent. */
-void   bench_ratio(json_t *out, const char *file, const char *key, const char *label, double ours);
+/* A baseline's command line: `base` (--llamacpp/--transformers/--diffusers CMD) with
+ * " --threads N" (threads > 0), " --quick" (quick and --quick) and " --model DIR" (--model
+ * given: the baseline runs the same package as ours, not its default small one). */
+void   bench_peer_command(const bench_ctx *ctx, const char *base, int threads, int quick, char *out, size_t len);
 
 /* A "cpu" backend of `threads` threads in the compute --bf16-compute chose: 0, or a
  * negative DG_E* with err. */
@@ -90,6 +92,8 @@ typedef struct {
     char  buf[4096];        /* what the peer wrote past the last line read */
     char  baseline[200];    /* its "baseline": name, version, dtype */
     int   n_prompt;         /* its prompt's length */
+    char  why[400];         /* why it is not live: it did not start, or it dropped (kept by
+                               bench_peer_stop) */
 } bench_peer;
 
 int     bench_peer_start(bench_peer *p, const char *cmd, char *err, size_t errlen);   /* 0 or -1 */
@@ -104,6 +108,14 @@ double  bench_peer_turn(bench_peer *p, const char *who, const char *cmd, int *ar
 /* A live peer's name, version and dtype recorded as "<label>_baseline" and printed, naming
  * it `who`; nothing when it is not live. */
 void    bench_peer_announce(const bench_peer *p, json_t *out, const char *who, const char *label);
+/* What became of a baseline, at the end of a benchmark (`suffix` after the keys: "" or a
+ * thread count's "_t2"): nothing more when it is live (bench_peer_announce named it); else,
+ * printed and recorded, "<label>_baseline_missing<suffix>": why this run has no figures of
+ * it, or fewer: no command given (`flag`, the option that gives one), it did not start, or
+ * it dropped part-way (the figures after that are ours alone). A baseline is only ever
+ * compared in the run that timed it, turn about with ours: never from an earlier run's file. */
+void    bench_peer_outcome(const bench_peer *p, json_t *out, const char *who, const char *label, const char *flag,
+                           const char *suffix);
 
 /* What a job told its sink: its text (the first 4095 bytes), images, usage and timings,
  * when its first BENCH_OBS_IMAGES images started and took their last step, and how it

@@ -18,9 +18,12 @@
  * is the median of the rounds' ratios (its _min and _max beside it). This host's memory
  * bandwidth moves between ~20 and ~65 GB/s on two threads from one minute to the next, and
  * decode with it: two runs minutes apart compared two machines (0.95x and 1.22x the same
- * day). Without a co-process, its script's own earlier run is compared
- * (build/bench/llamacpp_decoder.json, transformers_decoder.json); the ratio names the file
- * and the baseline's name, version and dtype.
+ * day). A baseline is compared only in the run that timed it: without a co-process (none
+ * given, it did not start, or it dropped), "<label>_baseline_missing_tN" says why, never an
+ * earlier run's file. Equal precision is our bf16 compute (--bf16-compute): in the fp32
+ * compute the ratios are named "..._vs_<label>_ours_fp32" (our fp32 activations against a
+ * bf16 baseline: not the same work at the same precision, labelled so). The baselines'
+ * prefill_argmax must be ours ("<label>_same_argmax" 1), or the figures compare two models.
  *
  * The machine's read bandwidth is measured in every decode round, with the same threads (a
  * sum over 512 MiB, far past the caches, best of 3), and decode is printed as a fraction of
@@ -107,13 +110,16 @@ static double text_weight_mb(const dg_st *st) {
 }
 
 /* Bytes one decode token reads from the text weights: every matrix of the decoder once; of
- * the embedding table one row, unless it is also the (tied) lm_head. */
+ * the embedding table one row, unless it is also the (tied) lm_head; a checkpoint that is
+ * tied and still holds an lm_head.weight (the engine reads the table: qwen2.c) counts the
+ * table once. */
 static double decode_bytes_per_token(const dg_st *st, int tied) {
     double b = 0;
     for (size_t i = 0; i < dg_st_count(st); i++) {
         const dg_st_tensor *t = dg_st_at(st, i);
         if (!strncmp(t->name, "visual.", 7)) continue;
         if (!strcmp(t->name, "model.embed_tokens.weight") && !tied) continue;
+        if (!strcmp(t->name, "lm_head.weight") && tied) continue;
         b += (double)t->nbytes;
     }
     return b;
@@ -239,27 +245,25 @@ static int screen_choose(const dg_qwen2 *m, dg_qwen2_state *s, dg_sampler *sampl
 typedef struct {
     const char *who, *label; /* its name in messages; the figures' prefix ("llamacpp_...") */
     const char *cmd;         /* --llamacpp / --transformers CMD, or NULL */
-    const char *file;        /* its script's own earlier run, compared when there is no cmd */
+    const char *flag;        /* the option that gives cmd */
     bench_peer  p;
     int         argmax;      /* the prompt's next token by its prefill */
     double      pre[PREFILL_ROUNDS], pre_ratio[PREFILL_ROUNDS];
     double      dec[DECODE_ROUNDS], dec_ratio[DECODE_ROUNDS], frac[DECODE_ROUNDS];
 } baseline;
 
-/* The baseline's figures beside ours (`name` and ours in tok/s, `n` tokens in `rounds`
- * rounds of times t and ratios ratio), or its file's when it has no co-process. */
-static void record_baseline(json_t *out, const baseline *b, const char *name, double ours, int n, const double *t,
-                            double *ratio, int rounds) {
+/* The baseline's figures beside ours (`name` in tok/s, `n` tokens in `rounds` rounds of
+ * times t and ratios ratio); nothing when it has no co-process (bench_peer_outcome says why).
+ * `tag` after the ratio's name: "" or "_ours_fp32". */
+static void record_baseline(json_t *out, const baseline *b, const char *name, int n, const double *t, double *ratio,
+                            int rounds, const char *tag) {
     char k2[160];
-    if (!bench_peer_live(&b->p)) {
-        if (!b->cmd) bench_ratio(out, b->file, name, b->label, ours);
-        return;   /* a co-process that failed is not replaced by an older file */
-    }
+    if (!bench_peer_live(&b->p)) return;
     double sum = 0;
     for (int r = 0; r < rounds; r++) sum += t[r];
     snprintf(k2, sizeof k2, "%s_%s", b->label, name);
     bench_record(out, k2, n / sum, "tok/s");
-    snprintf(k2, sizeof k2, "%s_vs_%s", name, b->label);
+    snprintf(k2, sizeof k2, "%s_vs_%s%s", name, b->label, tag);
     bench_record_rounds(out, k2, ratio, rounds, "x");
 }
 
@@ -281,10 +285,11 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     dg_kv_cache *kv = NULL, *kv16 = NULL, *kvs = NULL, *kvt = NULL;   /* fp32 (the default), bf16, the screen's two */
     dg_kv_seq seq = {0}, seq16 = {0}, seqs = {0}, seqt = {0};
     dg_sampler *greedy = NULL, *topk = NULL;
-    baseline B[2] = {{.who = "llama.cpp", .label = "llamacpp", .cmd = ctx->llamacpp,
-                      .file = "build/bench/llamacpp_decoder.json", .p = {.pid = -1, .from = -1}, .argmax = -1},
-                     {.who = "transformers", .label = "transformers", .cmd = ctx->transformers,
-                      .file = "build/bench/transformers_decoder.json", .p = {.pid = -1, .from = -1}, .argmax = -1}};
+    baseline B[2] = {{.who = "llama.cpp", .label = "llamacpp", .cmd = ctx->llamacpp, .flag = "--llamacpp",
+                      .p = {.pid = -1, .from = -1}, .argmax = -1},
+                     {.who = "transformers", .label = "transformers", .cmd = ctx->transformers, .flag = "--transformers",
+                      .p = {.pid = -1, .from = -1}, .argmax = -1}};
+    const char *tag = ctx->bf16_compute ? "" : "_ours_fp32";
     uint64_t *bwbuf = NULL;
     int32_t *ids = NULL;
     char err[512], name[96], cmd[2200];
@@ -297,13 +302,14 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     long picked = 0, undecided = 0, picked_t = 0, undecided_t = 0;
     for (int b = 0; b < 2; b++) {
         if (!B[b].cmd) continue;
-        snprintf(cmd, sizeof cmd, "%s --threads %d%s", B[b].cmd, threads, ctx->quick ? " --quick" : "");
+        bench_peer_command(ctx, B[b].cmd, threads, 1, cmd, sizeof cmd);
         if (bench_peer_start(&B[b].p, cmd, err, sizeof err) < 0)
             fprintf(stderr, "bench_decoder: no %s baseline at %d threads: %s\n", B[b].who, threads, err);
         else if (B[b].p.n_prompt != n_prompt) {
             fprintf(stderr, "bench_decoder: the %s baseline's prompt is %d tokens, ours %d: not compared\n", B[b].who,
                     B[b].p.n_prompt, n_prompt);
             bench_peer_stop(&B[b].p);
+            snprintf(B[b].p.why, sizeof B[b].p.why, "its prompt is %d tokens, ours %d", B[b].p.n_prompt, n_prompt);
         }
     }
     if (dg_config_load(dir, &cfg, err, sizeof err) < 0 ||
@@ -420,17 +426,22 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     snprintf(name, sizeof name, "prefill_%d_tok_s_t%d", n_prompt, threads);
     bench_record(out, name, pre_tok_s, "tok/s");
     for (int b = 0; b < 2; b++)
-        record_baseline(out, &B[b], name, pre_tok_s, pre_rounds * n_prompt, B[b].pre, B[b].pre_ratio, pre_rounds);
+        record_baseline(out, &B[b], name, pre_rounds * n_prompt, B[b].pre, B[b].pre_ratio, pre_rounds, tag);
     snprintf(name, sizeof name, "decode_tok_s_t%d", threads);
     bench_record(out, name, dec_tok_s, "tok/s");
     for (int b = 0; b < 2; b++) {
-        record_baseline(out, &B[b], name, dec_tok_s, n_decode, B[b].dec, B[b].dec_ratio, rounds);
+        record_baseline(out, &B[b], name, n_decode, B[b].dec, B[b].dec_ratio, rounds, tag);
         if (!bench_peer_live(&B[b].p)) continue;
         char k2[160];
         snprintf(k2, sizeof k2, "%s_decode_fraction_of_bandwidth_limit_t%d", B[b].label, threads);
         bench_record(out, k2, bench_median(B[b].frac, rounds), "(of 1)");
         snprintf(k2, sizeof k2, "%s_prefill_argmax", B[b].label);
         bench_record(out, k2, B[b].argmax, "(token id)");
+        snprintf(k2, sizeof k2, "%s_same_argmax", B[b].label);
+        bench_record(out, k2, B[b].argmax == best, B[b].argmax == best ? "(the same model)" : "(NOT ours: another model?)");
+        if (B[b].argmax != best)
+            fprintf(stderr, "bench_decoder: the %s baseline's next token after the prompt is %d, ours %d: are they "
+                    "the same weights?\n", B[b].who, B[b].argmax, best);
     }
     bench_record(out, "prefill_argmax", best, "(token id)");
     snprintf(name, sizeof name, "read_bandwidth_gbs_t%d", threads);
@@ -448,7 +459,7 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
         bench_record(out, name, bench_median(frac_s, rounds), "(of 1)");
         for (int b = 0; b < 2; b++)
             if (bench_peer_live(&B[b].p)) {
-                snprintf(name, sizeof name, "decode_screen_tok_s_t%d_vs_%s", threads, B[b].label);
+                snprintf(name, sizeof name, "decode_screen_tok_s_t%d_vs_%s%s", threads, B[b].label, tag);
                 bench_record_rounds(out, name, vs_s[b], rounds, "x");
             }
         snprintf(name, sizeof name, "decode_screen_rows_read_per_token_t%d", threads);
@@ -475,10 +486,17 @@ static int run(bench_ctx *ctx, json_t *out, const char *dir, int threads, double
     bench_record(out, name, bench_median(frac_head, rounds), "(of 1)");
     double w = text_weight_mb(st);
     bench_record(out, "text_weights_mb", w, "MiB");
-    bench_record(out, "peak_rss_mb", rss, "MiB");
-    bench_record(out, "peak_rss_over_weights", rss / w, "x");
+    snprintf(name, sizeof name, "peak_rss_mb_t%d", threads);
+    bench_record(out, name, rss, "MiB");
+    snprintf(name, sizeof name, "peak_rss_over_weights_t%d", threads);
+    bench_record(out, name, rss / w, "x");
     bench_record(out, "rss_before_open_mb", rss_start, "MiB");
-    bench_record(out, "peak_rss_minus_before_open_over_weights", (rss - rss_start) / w, "x");
+    snprintf(name, sizeof name, "peak_rss_minus_before_open_over_weights_t%d", threads);
+    bench_record(out, name, (rss - rss_start) / w, "x");
+    for (int b = 0; b < 2; b++) {
+        snprintf(name, sizeof name, "_t%d", threads);
+        bench_peer_outcome(&B[b].p, out, B[b].who, B[b].label, B[b].flag, name);
+    }
     rc = 0;
     goto out;
 fail:

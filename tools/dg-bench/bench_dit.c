@@ -31,13 +31,6 @@
 #include "draw/vae.h"
 
 #define N_CTX 512
-/* The diffusers baseline of the same compute: fp32 (weights widened) against our fp32
- * compute, bf16 against our bf16 compute (tools/reference/bench_diffusers.py --dtype). */
-static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double ours) {
-    bench_ratio(out, ctx->bf16_compute ? "build/bench/diffusers_dit_bf16.json" : "build/bench/diffusers_dit.json", key,
-                "diffusers", ours);
-}
-
 #define ROUNDS 3
 #define ERRLEN 512   /* the err buffers the jobs below write into */
 
@@ -70,7 +63,7 @@ typedef int (*run_fn)(void *arg);
 static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key, const char *peer_cmd, int reps,
                   run_fn run, void *arg, double flop, double peak) {
     const int rounds = bench_peer_live(peer) ? ROUNDS : 1;
-    double best = 1e30, ours[ROUNDS], theirs[ROUNDS] = {0}, speedup[ROUNDS];
+    double ours[ROUNDS], theirs[ROUNDS] = {0}, speedup[ROUNDS];
     char k2[160];
     for (int r = 0; r < rounds; r++) {
         if (r % 2) theirs[r] = bench_peer_turn(peer, "diffusers", peer_cmd, NULL) * 1e3;
@@ -78,21 +71,16 @@ static int figure(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *key
         for (int i = 0; i < reps; i++) {
             const double t0 = bench_now_ms();
             if (run(arg) < 0) return -1;
-            const double dt = bench_now_ms() - t0;
-            ours[r] += dt;
-            if (dt < best) best = dt;
+            ours[r] += bench_now_ms() - t0;
         }
         if (!(r % 2)) theirs[r] = bench_peer_turn(peer, "diffusers", peer_cmd, NULL) * 1e3;
     }
-    bench_record(out, key, best, "ms");
-    double our_mean = 1e30;   /* the rates: each side's best round's mean */
+    double our_mean = 1e30;   /* each side's figure and rate: its best round's mean */
     for (int r = 0; r < rounds; r++)
         if (ours[r] / reps < our_mean) our_mean = ours[r] / reps;
+    bench_record(out, key, our_mean, "ms (the best round's mean)");
     if (flop > 0) bench_record_rate(out, key, flop / our_mean / 1e6, peak);
-    if (!bench_peer_live(peer)) {
-        if (!ctx->diffusers) ratio(ctx, out, key, best);
-        return 0;
-    }
+    if (!bench_peer_live(peer)) return 0;   /* bench_peer_outcome says why */
     double their_best = 1e30;
     for (int r = 0; r < rounds; r++) {
         speedup[r] = theirs[r] / ours[r];
@@ -256,13 +244,14 @@ static int bench_image(bench_ctx *ctx, json_t *out) {
     bench_peer peer = {.pid = -1, .from = -1};
     char err[512], cmd[2200];
     if (ctx->diffusers) {
-        snprintf(cmd, sizeof cmd, "%s --threads %d", ctx->diffusers, threads);
+        bench_peer_command(ctx, ctx->diffusers, threads, 0, cmd, sizeof cmd);
         if (bench_peer_start(&peer, cmd, err, sizeof err) < 0)
             fprintf(stderr, "bench_image: no diffusers baseline: %s\n", err);
         bench_peer_announce(&peer, out, "diffusers", "diffusers");
     }
     int rc = bench_vae(ctx, out, pkg, threads, reps, &peer);
     if (rc == 0) rc = bench_dit_steps(ctx, out, pkg, threads, reps, &peer);
+    bench_peer_outcome(&peer, out, "diffusers", "diffusers", "--diffusers", "");
     bench_peer_stop(&peer);
     return rc;
 }

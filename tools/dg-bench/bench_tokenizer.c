@@ -10,8 +10,9 @@
  *   encode_lines_mb_s   each line (document) as its own call
  *   decode_mb_s         the ids of the whole corpus back to text
  * The vocabulary is --vocab DIR, --model DIR (DIR/mllm), $DG_TOK_VOCAB or tools/mkmodel/vocab/qwen2.
- * When build/bench/tokenizer_hf.json exists, the reference's figures and the ratios are
- * added. */
+ * The Hugging Face tokenizers baseline runs after this, on the corpus just written
+ * (`make bench-tokenizer`: tools/reference/bench_tokenizers.py), and compares itself with
+ * this run's report; nothing here reads an earlier run's figures. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,7 +22,6 @@
 #include "text/tokenizer.h"
 
 #define CORPUS_PATH "build/bench/tokenizer-corpus.txt"
-#define HF_PATH     "build/bench/tokenizer_hf.json"
 
 typedef struct {
     char    *s;
@@ -180,14 +180,6 @@ static void corpus_build(corpus *c, size_t bytes) {
     c->s[c->n] = 0;
 }
 
-static double hf_figure(const char *key) {
-    json_error_t je;
-    json_t *j = json_load_file(HF_PATH, 0, &je);
-    double v = j ? json_number_value(json_object_get(j, key)) : 0;
-    json_decref(j);
-    return v;
-}
-
 static int bench_tokenizer(bench_ctx *ctx, json_t *out) {
     char dir[4096], err[512];
     const char *env = getenv("DG_TOK_VOCAB");
@@ -248,13 +240,6 @@ static int bench_tokenizer(bench_ctx *ctx, json_t *out) {
         if (dg_tok_decode(tok, ids.ids, ids.n, 0, &text, &len, err, sizeof err) == 0) {
             bench_record(out, "decode_mb_s", len / 1e3 / (bench_now_ms() - t0), "MB/s");
             free(text);
-        }
-        double hf_whole = hf_figure("encode_whole_mb_s"), hf_lines = hf_figure("encode_lines_mb_s");
-        if (hf_whole > 0 && hf_lines > 0) {
-            bench_record(out, "hf_encode_whole_mb_s", hf_whole, "MB/s (tokenizers, " HF_PATH ")");
-            bench_record(out, "hf_encode_lines_mb_s", hf_lines, "MB/s");
-            bench_record(out, "ratio_whole", whole / hf_whole, "x (duogen / tokenizers)");
-            bench_record(out, "ratio_lines", lines / hf_lines, "x");
         }
     }
     if (rc) fprintf(stderr, "bench_tokenizer: %s\n", err);

@@ -57,12 +57,6 @@ static dg_image *draw(int side) {
     return img;
 }
 
-/* The transformers baseline's file, of the same compute, when there is no co-process. */
-static void ratio(const bench_ctx *ctx, json_t *out, const char *key, double ours) {
-    bench_ratio(out, ctx->bf16_compute ? "build/bench/transformers_vision_bf16.json" : "build/bench/transformers_vision.json",
-                key, "transformers", ours);
-}
-
 #define ROUNDS 3
 
 /* The tower's arithmetic for one image of p's grid, flop: the matmuls (the patch
@@ -98,10 +92,7 @@ static void record(bench_ctx *ctx, json_t *out, bench_peer *peer, const char *ke
     for (int i = 0; i < rounds; i++) sum += ours_s[i], sum_t += theirs_s[i];
     bench_record(out, key, rounds * reps / sum, "img/s");
     bench_record_rate(out, key, rounds * reps / sum * flop / 1e9, peak);
-    if (!bench_peer_live(peer)) {
-        if (!ctx->transformers) ratio(ctx, out, key, rounds * reps / sum);
-        return;
-    }
+    if (!bench_peer_live(peer)) return;   /* bench_peer_outcome says why */
     char k2[128];
     for (int i = 0; i < rounds; i++) r[i] = theirs_s[i] / ours_s[i];
     snprintf(k2, sizeof k2, "transformers_%s", key);
@@ -196,12 +187,15 @@ static int bench_vision(bench_ctx *ctx, json_t *out) {
     char err[512];
     int rc = 0;
     if (ctx->transformers) {
-        if (bench_peer_start(&peer, ctx->transformers, err, sizeof err) < 0)
+        char cmd[2200];
+        bench_peer_command(ctx, ctx->transformers, 0, 0, cmd, sizeof cmd);
+        if (bench_peer_start(&peer, cmd, err, sizeof err) < 0)
             fprintf(stderr, "bench_vision: no transformers baseline: %s\n", err);
         bench_peer_announce(&peer, out, "transformers", "transformers");
     }
     if (ctx->threads > 0) rc = run(ctx, out, dir, ctx->threads, &peer);
     for (int t = 1; ctx->threads <= 0 && t <= 2 && rc == 0; t++) rc = run(ctx, out, dir, t, &peer);
+    bench_peer_outcome(&peer, out, "transformers", "transformers", "--transformers", "");
     bench_peer_stop(&peer);
     return rc < 0 ? -1 : 0;
 }

@@ -7,6 +7,7 @@
  */
 #include "bench.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,8 +30,13 @@ double bench_now_ms(void) {
 }
 
 void bench_record(json_t *out, const char *name, double value, const char *unit) {
-    json_object_set_new(out, name, json_real(value));
-    printf("  %-44s %12.3f %s\n", name, value, unit);
+    if (!isfinite(value)) {   /* JSON has no NaN or infinity (jansson refuses them): null, said so */
+        json_object_set_new(out, name, json_null());
+        printf("  %-44s %12s %s (not a number: %g; null in the report)\n", name, "n/a", unit, value);
+    } else {
+        json_object_set_new(out, name, json_real(value));
+        printf("  %-44s %12.3f %s\n", name, value, unit);
+    }
     fflush(stdout);
 }
 
@@ -63,22 +69,17 @@ void bench_record_rounds(json_t *out, const char *key, double *v, int n, const c
     bench_record(out, name, v[n - 1], unit);
 }
 
-void bench_ratio(json_t *out, const char *file, const char *key, const char *label, double ours) {
-    json_error_t je;
-    json_t *j = json_load_file(file, 0, &je), *v = j ? json_object_get(j, key) : NULL;
-    if (json_is_number(v) && json_number_value(v) > 0) {
-        char name[128];
-        const char *who = json_string_value(json_object_get(j, "baseline"));
-        snprintf(name, sizeof name, "%s_vs_%s", key, label);
-        if (who) {
-            printf("  %s: against %s (%s)\n", name, who, file);
-            char k2[160];
-            snprintf(k2, sizeof k2, "%s_baseline", label);
-            json_object_set_new(out, k2, json_string(who));
-        }
-        bench_record(out, name, ours / json_number_value(v), "x");
+void bench_peer_command(const bench_ctx *ctx, const char *base, int threads, int quick, char *out, size_t len) {
+    size_t n = (size_t)snprintf(out, len, "%s", base);
+    if (threads > 0 && n < len) n += (size_t)snprintf(out + n, len - n, " --threads %d", threads);
+    if (quick && ctx->quick && n < len) n += (size_t)snprintf(out + n, len - n, " --quick");
+    if (!ctx->model_dir || n >= len) return;
+    n += (size_t)snprintf(out + n, len - n, " --model '");   /* the folder in single quotes, for /bin/sh */
+    for (const char *c = ctx->model_dir; *c && n + 5 < len; c++) {
+        if (*c == '\'') n += (size_t)snprintf(out + n, len - n, "'\\''");
+        else out[n++] = *c;
     }
-    json_decref(j);
+    if (n + 2 <= len) out[n++] = '\'', out[n] = 0;
 }
 
 int bench_cpu_backend(const bench_ctx *ctx, int threads, dg_backend **out, char *err, size_t errlen) {

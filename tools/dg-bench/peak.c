@@ -61,6 +61,10 @@ double bench_record_peak(json_t *out, int threads, int bf16) {
     char name[64];
     const double peak = bench_peak_gflops(threads, bf16);
     snprintf(name, sizeof name, "peak_gflops_t%d", threads);
+    if (peak <= 0) {   /* no such instruction here: no figure, and no fractions of one */
+        printf("  %-44s %12s (this CPU has no %s)\n", name, "n/a", bf16 ? "VDPBF16PS" : "AVX-512");
+        return 0;
+    }
     bench_record(out, name, peak, bf16 ? "GFLOP/s (VDPBF16PS, no loads)" : "GFLOP/s (VFMADD231PS, no loads)");
     return peak;
 }

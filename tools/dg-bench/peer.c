@@ -99,11 +99,13 @@ int bench_peer_start(bench_peer *p, const char *cmd, char *err, size_t errlen) {
         close(to[1]);
         snprintf(err, errlen, "baseline: %s", strerror(errno));
         bench_peer_stop(p);
+        snprintf(p->why, sizeof p->why, "did not start: %s", err);
         return -1;
     }
     json_t *hello = read_reply(p, err, errlen);
     if (!hello) {
         bench_peer_stop(p);
+        snprintf(p->why, sizeof p->why, "did not start: %s", err);
         return -1;
     }
     snprintf(p->baseline, sizeof p->baseline, "%s", json_string_value(json_object_get(hello, "baseline")) ?: "?");
@@ -112,6 +114,7 @@ int bench_peer_start(bench_peer *p, const char *cmd, char *err, size_t errlen) {
     return 0;
 fail:
     snprintf(err, errlen, "baseline: cannot start \"%s\": %s", cmd, strerror(errno));
+    snprintf(p->why, sizeof p->why, "%s", err);
     return -1;
 }
 
@@ -131,7 +134,10 @@ void bench_peer_stop(bench_peer *p) {
     }
     if (p->from >= 0) close(p->from);
     if (p->pid > 0) waitpid(p->pid, NULL, 0);
+    char why[sizeof p->why];
+    memcpy(why, p->why, sizeof why);
     memset(p, 0, sizeof *p);
+    memcpy(p->why, why, sizeof why);
     p->pid = -1;
     p->from = -1;
 }
@@ -146,7 +152,10 @@ double bench_peer_turn(bench_peer *p, const char *who, const char *cmd, int *arg
     json_decref(r);
     if (s > 0) return s;
     fprintf(stderr, "dg-bench: the %s baseline dropped: %s\n", who, err);
+    char name[sizeof p->baseline];
+    memcpy(name, p->baseline, sizeof name);
     bench_peer_stop(p);
+    snprintf(p->why, sizeof p->why, "%s dropped at \"%s\": %s", name, cmd, err);
     return 0;
 }
 
@@ -156,4 +165,15 @@ void bench_peer_announce(const bench_peer *p, json_t *out, const char *who, cons
     snprintf(name, sizeof name, "%s_baseline", label);
     json_object_set_new(out, name, json_string(p->baseline));
     printf("  %s: %s, a co-process, turn about with ours in each round\n", who, p->baseline);
+}
+
+void bench_peer_outcome(const bench_peer *p, json_t *out, const char *who, const char *label, const char *flag,
+                        const char *suffix) {
+    char name[128], why[512];
+    if (bench_peer_live(p)) return;
+    if (p->why[0]) snprintf(why, sizeof why, "%s", p->why);
+    else snprintf(why, sizeof why, "not asked for (%s CMD)", flag);
+    snprintf(name, sizeof name, "%s_baseline_missing%s", label, suffix);
+    json_object_set_new(out, name, json_string(why));
+    printf("  %s: no %s figures in this run: %s\n", name, who, why);
 }

@@ -37,6 +37,7 @@ the same function. No output.weight: tied embeddings (llama.cpp falls back to to
   tools/reference/.venv/bin/python tools/reference/bench_llamacpp.py --serve --threads 2
 """
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -262,6 +263,20 @@ def serve(args, n_prompt):
     return 0
 
 
+def gguf_path(root, model, dtype):
+    """The GGUF made of `model`'s mllm, in build/models/, named by the package's folder and
+    its files' sizes and times: a package written again, or another --model, gets its own
+    (one name per dtype compared a stale GGUF with a regenerated package)."""
+    mllm = os.path.join(model, "mllm")
+    h = hashlib.sha256(os.path.realpath(mllm).encode())
+    for name in sorted(os.listdir(mllm)):
+        if name.endswith((".safetensors", ".json")):
+            st = os.stat(os.path.join(mllm, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    base = os.path.basename(os.path.normpath(model))
+    return os.path.join(root, "build", "models", f"{base}-{h.hexdigest()[:12]}-{dtype}.gguf")
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.normpath(os.path.join(here, "..", ".."))
@@ -274,7 +289,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--serve", action="store_true")
     args = ap.parse_args()
-    args.gguf = args.gguf or os.path.join(root, "build", "models", f"small-{args.dtype}.gguf")
+    args.gguf = args.gguf or gguf_path(root, args.model, args.dtype)
     if not args.out:
         name = "llamacpp_decoder.json" if args.dtype == "bf16" else "llamacpp_decoder_f32.json"
         args.out = os.path.join(root, "build", "bench", name)

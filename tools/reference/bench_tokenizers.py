@@ -11,8 +11,9 @@ tokenizer as the goldens (make_tokenizer_goldens.build_tokenizer). MB = 1e6 byte
         [--corpus build/bench/tokenizer-corpus.txt] [--json build/bench/tokenizer_hf.json]
 
 One thread: RAYON_NUM_THREADS=1 and TOKENIZERS_PARALLELISM=false are set before the
-library loads. When build/bench/tokenizer.json (dg-bench --json) holds duogen's figures, the
-ratios are printed.
+library loads. duogen's figures of the same corpus (--ours: the dg-bench report that wrote
+it, newer than the corpus and of its size) give the ratios, printed and written as
+duogen_over_tokenizers_*; a report of another corpus or an earlier one gives none, said so.
 """
 import os
 
@@ -67,22 +68,35 @@ def main():
         "encode_lines_mb_s": len(raw) / 1e6 / by_lines,
         "env_OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
     }
+    res["baseline"] = f"tokenizers {tokenizers.__version__} (Python {platform.python_version()}), one thread"
+    print(f"tokenizers {tokenizers.__version__}, one thread, {len(raw)} bytes, {n_tokens} tokens")
+    print(f"  encode_whole_mb_s {res['encode_whole_mb_s']:10.3f} MB/s")
+    print(f"  encode_lines_mb_s {res['encode_lines_mb_s']:10.3f} MB/s")
+    ours, why = None, None
+    try:
+        if os.path.getmtime(a.ours) < os.path.getmtime(a.corpus):
+            why = f"{a.ours} is older than the corpus (an earlier run)"
+        else:
+            with open(a.ours) as f:
+                ours = json.load(f)["tokenizer"]
+            if ours.get("corpus_bytes") != len(raw):
+                why, ours = f"{a.ours} timed a corpus of {ours.get('corpus_bytes')} bytes, this one is {len(raw)}", None
+    except (OSError, KeyError, ValueError) as e:
+        why = f"no duogen figures in {a.ours}: {e}"
+    if ours:
+        if ours.get("tokens") != n_tokens:
+            print(f"  note: duogen counted {ours.get('tokens')} tokens")
+        for k in ("encode_whole_mb_s", "encode_lines_mb_s"):
+            r = ours[k] / res[k]
+            res["duogen_over_tokenizers_" + k[:-len("_mb_s")]] = r
+            print(f"  duogen {k} {ours[k]:10.3f} MB/s = {r:.2f} x tokenizers")
+    else:
+        res["duogen_missing"] = why
+        print(f"  no ratio: {why}")
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(res, f, indent=2)
         f.write("\n")
-    print(f"tokenizers {tokenizers.__version__}, one thread, {len(raw)} bytes, {n_tokens} tokens")
-    print(f"  encode_whole_mb_s {res['encode_whole_mb_s']:10.3f} MB/s")
-    print(f"  encode_lines_mb_s {res['encode_lines_mb_s']:10.3f} MB/s")
-    try:
-        with open(a.ours) as f:
-            ours = json.load(f)["tokenizer"]
-        if ours.get("tokens") != n_tokens:
-            print(f"  note: duogen counted {ours.get('tokens')} tokens")
-        for k in ("encode_whole_mb_s", "encode_lines_mb_s"):
-            print(f"  duogen {k} {ours[k]:10.3f} MB/s = {ours[k] / res[k]:.2f} x tokenizers")
-    except (OSError, KeyError, ValueError):
-        pass
     print(f"wrote {a.json}")
 
 

@@ -5,7 +5,11 @@ small package (build/mkmodel --preset small --seed 1), same prompt length and de
 what "equal precision" against llama.cpp's BF16 means) or f32 (the weights widened: twice
 the bytes; kept for comparison, labelled). Writes build/bench/transformers_decoder.json
 (bf16) or transformers_decoder_f32.json with the keys dg-bench uses (prefill_512_tok_s_t1,
-decode_tok_s_t1, ...), so that dg-bench prints the ratios.
+decode_tok_s_t1, ...), for reading; dg-bench compares only its co-process (--serve).
+
+The KV cache goes in by the name the model's forward takes (cache_kwarg): a name it does
+not take would vanish into its **kwargs, each decode step a fresh one-token forward at
+position 0; each decode checks that the cache grew by its tokens.
 
 --serve (one --threads value): the baseline as dg-bench's co-process (`dg-bench
 --transformers CMD decoder`), timed turn about with ours and llama.cpp in one run
@@ -18,6 +22,7 @@ decode_tok_s_t1, ...), so that dg-bench prints the ratios.
   tools/reference/.venv/bin/python tools/reference/bench_transformers_decoder.py --serve --threads 2
 """
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -36,12 +41,31 @@ def prompt_ids(n, vocab):
     return ids
 
 
+def cache_kwarg(model):
+    """`past_key_values` (transformers 4.x and the 5.x releases that kept it) or `cache`."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("past_key_values", "cache"):
+        if name in params:
+            return name
+    raise SystemExit(f"{type(model).__name__}.forward takes neither past_key_values nor cache")
+
+
+def decode(model, ids, k, n, cache, kw):
+    """n tokens after what the cache holds (ids from index k); checks that it grew by n."""
+    before = cache.get_seq_length()
+    for i in range(n):
+        model(input_ids=torch.tensor([[ids[(k + i) % len(ids)]]]), use_cache=True, **{kw: cache})
+    if cache.get_seq_length() != before + n:
+        raise SystemExit(f"the KV cache went from {before} to {cache.get_seq_length()} tokens over {n} decode "
+                         f"steps: the forward did not take it as {kw!r}")
+
+
 def serve(model, ids, threads, baseline):
     """The co-process loop (module docstring): one JSON line per command."""
     from bench_peer import commands, say
 
     torch.set_num_threads(threads)
-    cache, k = None, 0
+    cache, k, kw = None, 0, cache_kwarg(model)
     with torch.inference_mode():
         model.model.rope_deltas = None
         model(input_ids=torch.tensor([ids[:16]]), use_cache=True)   # warm-up
@@ -56,10 +80,10 @@ def serve(model, ids, threads, baseline):
                 say({"s": s, "argmax": int(torch.argmax(o.logits[0, -1]))})
             elif cmd[0] == "decode" and len(cmd) == 2 and cmd[1].isdigit() and cache is not None:
                 t0 = time.perf_counter()
-                for _ in range(int(cmd[1])):
-                    model(input_ids=torch.tensor([[ids[k % len(ids)]]]), cache=cache, use_cache=True)
-                    k += 1
-                say({"s": time.perf_counter() - t0})
+                decode(model, ids, k, int(cmd[1]), cache, kw)
+                s = time.perf_counter() - t0
+                k += int(cmd[1])
+                say({"s": s})
             else:
                 say({"error": f"unknown command {' '.join(cmd)!r} (decode needs a prefill first)"})
     return 0
@@ -106,8 +130,7 @@ def main():
             t1 = time.perf_counter()
             res["prefill_argmax"] = int(torch.argmax(o.logits[0, -1]))
             cache = o.cache if hasattr(o, "cache") else o.past_key_values
-            for i in range(n_decode):
-                o = model(input_ids=torch.tensor([[ids[i]]]), cache=cache, use_cache=True)
+            decode(model, ids, 0, n_decode, cache, cache_kwarg(model))
             t2 = time.perf_counter()
             res[f"prefill_{n_prompt}_tok_s_t{t}"] = n_prompt / (t1 - t0)
             res[f"decode_tok_s_t{t}"] = n_decode / (t2 - t1)

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 import transformers
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
