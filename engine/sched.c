@@ -538,10 +538,13 @@ static void finish(dg_sched *s, dg_seq *q, dg_finish_reason why, int flush) {
     sink.finished(sink.user, why, &u, &t);
 }
 
+/* msg may be the slot's own q->step_err, which seq_clear wipes: copied first. */
 static void fail_seq(dg_sched *s, dg_seq *q, int code, const char *msg) {
     dg_sink sink = q->sink;
+    char why[sizeof q->step_err > 512 ? sizeof q->step_err : 512];
+    snprintf(why, sizeof why, "%s", msg);
     seq_clear(s, q);
-    sink.failed(sink.user, code, msg);
+    sink.failed(sink.user, code, why);
 }
 
 static int is_stop_token(const dg_model *m, int32_t t) {

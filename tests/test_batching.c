@@ -482,6 +482,45 @@ TEST(batching_no_job_starves) {
     dg_sched_free(s);
 }
 
+/* A sequence that fails in a step (here: no KV room left, the budget one context's worth
+ * and two long prompts feeding together) is failed with the step's message, not an empty
+ * one (the slot was cleared, its message with it, before the sink was told); the other
+ * job goes on. */
+TEST(batching_a_step_failure_keeps_its_message) {
+    if (!setup()) { CHECK(!"setup"); return; }
+    char err[512];
+    const dg_text_config *c = &model->cfg.text;
+    const size_t block = 2u * (size_t)c->n_layers * (size_t)c->n_kv_heads * (size_t)c->head_dim * 16 * sizeof(float);
+    const int per_seq = (model->max_context + 15) / 16;
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.max_inflight = 2, .kv_cache_bytes = (size_t)per_seq * block},
+                              &s, err, sizeof err),
+                 0);
+    if (!s) return;
+    static const char sentence[] = "Then stir the sauce slowly, taste it, and add salt. ";   /* ~12 tokens */
+    const int n = (int)(0.6 * model->max_context / 12);
+    char *text = malloc((size_t)n * sizeof sentence + 1);
+    text[0] = 0;
+    for (int k = 0; k < n; k++) strcat(text, sentence);
+    job_spec j = {0};
+    job(&j, "room", NULL, NULL, 0, text, 4, 0, 1);
+    test_job a = {0}, b = {0};
+    dg_sink sa = test_job_sink(&a), sb = test_job_sink(&b);
+    uint64_t seq;
+    CHECK_EQ_INT(dg_sched_submit(s, &j.r, &sa, &seq, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_sched_submit(s, &j.r, &sb, &seq, err, sizeof err), 0);
+    for (int step = 0; dg_sched_active(s) > 0 && step < 100; step++) CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
+    CHECK(a.finished && b.finished);
+    const test_job *failed = a.error[0] || a.events[a.n_events - 1] == 'x' ? &a : &b;
+    CHECK_EQ_INT(failed->events[failed->n_events - 1], 'x');
+    CHECK(strstr(failed->error, "no KV room") != NULL);
+    if (!strstr(failed->error, "no KV room")) printf("  the failure said \"%s\"\n", failed->error);
+    test_job_free(&a);
+    test_job_free(&b);
+    free(text);
+    dg_sched_free(s);
+}
+
 /* max_inflight 0: as many sequences as the KV budget holds at full context with as much
  * again for cached prefixes (here 5), at most 16; with no budget the backend's free memory
  * decides (at least 1). */
