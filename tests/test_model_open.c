@@ -7,7 +7,8 @@
  * - a DiT patch_size of 0 (a division by zero, the process killed);
  * - a DiT patch_size with non-square patches (the painter sized widths by patch_h; its
  *   weights have the shapes of 2x2 patches, so it opened);
- * - token ids past config.json's vocab_size (found by each request that used one);
+ * - token ids past config.json's vocab_size (found by each request that used one), the
+ *   image's own ids among them (each job with an image failed in its step);
  * - generation_config.json's eos_token_id list ([<|im_end|>, <|endoftext|>] in
  *   Qwen2.5-VL): the answer ends at any of them, as transformers' generate does;
  * - preprocessor_config.json with both size.{shortest,longest}_edge and min/max_pixels:
@@ -48,7 +49,13 @@ static void wide_tower(json_t *j) {
 static void more_out_channels(json_t *j) { json_object_set_new(j, "out_channels", json_integer(32)); }
 static void zero_patch(json_t *j) { json_object_set_new(j, "patch_size", json_pack("[i,i,i]", 1, 0, 0)); }
 static void tall_patch(json_t *j) { json_object_set_new(j, "patch_size", json_pack("[i,i,i]", 1, 4, 1)); }
-static void few_rows(json_t *j) { json_object_set_new(j, "vocab_size", json_integer(200)); }
+static void few_rows(json_t *j) {   /* the image's ids within them: the tokenizer's are not */
+    json_object_set_new(j, "vocab_size", json_integer(200));
+    json_object_set_new(j, "vision_start_token_id", json_integer(10));
+    json_object_set_new(j, "vision_end_token_id", json_integer(11));
+    json_object_set_new(j, "image_token_id", json_integer(12));
+}
+static void pad_past_rows(json_t *j) { json_object_set_new(j, "image_token_id", json_integer(999999)); }
 
 /* Opens dir, expecting a refusal whose message holds `want`. */
 static void refused(const char *dir, const char *want) {
@@ -72,6 +79,8 @@ TEST(configs_that_disagree_are_refused_by_name) {
     refused(dir, "dit/config.json: patch_size [1, 4, 1]: patches must be square");
     CHECK_EQ_INT(edited("mllm/config.json", few_rows, dir, sizeof dir), 0);
     refused(dir, "past config.json's vocab_size 200");
+    CHECK_EQ_INT(edited("mllm/config.json", pad_past_rows, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: \"image_token_id\" 999999 is outside the vocabulary");
 }
 
 /* A job whose first token is `tok` (a bias of 100): how its answer ends. */
