@@ -4,7 +4,9 @@
  * - vision_config.out_hidden_size other than the decoder's hidden_size (the tower's rows
  *   stand for image tokens: they overran the embedding buffer);
  * - the DiT's out_channels other than in_channels - 1 (the velocity overran the latent);
- * - a DiT patch_size of 0 (a division by zero, the process killed);
+ * - a DiT patch_size of 0 (a division by zero, the process killed); sizes whose products
+ *   wrap an int (a DiT head count: loaded, then its first step crashed; the vision tower's
+ *   merge x patch: a division by zero); a DiT of no blocks;
  * - a DiT patch_size with non-square patches (the painter sized widths by patch_h; its
  *   weights have the shapes of 2x2 patches, so it opened);
  * - token ids past config.json's vocab_size (found by each request that used one), the
@@ -55,6 +57,14 @@ static void few_rows(json_t *j) {   /* the image's ids within them: the tokenize
     json_object_set_new(j, "vision_end_token_id", json_integer(11));
     json_object_set_new(j, "image_token_id", json_integer(12));
 }
+static void wrapping_heads(json_t *j) {   /* 2^27 + 2 heads of 32: the product wraps to 64, the width */
+    json_object_set_new(j, "num_attention_heads", json_integer((1 << 27) + 2));
+}
+static void no_blocks(json_t *j) { json_object_set_new(j, "num_layers", json_integer(0)); }
+static void wrapping_merge(json_t *j) {   /* merge x patch = 2^32: 0 in an int */
+    json_object_set_new(json_object_get(j, "vision_config"), "spatial_merge_size", json_integer(65536));
+    json_object_set_new(json_object_get(j, "vision_config"), "patch_size", json_integer(65536));
+}
 static void pad_past_rows(json_t *j) { json_object_set_new(j, "image_token_id", json_integer(999999)); }
 
 /* Opens dir, expecting a refusal whose message holds `want`. */
@@ -81,6 +91,12 @@ TEST(configs_that_disagree_are_refused_by_name) {
     refused(dir, "past config.json's vocab_size 200");
     CHECK_EQ_INT(edited("mllm/config.json", pad_past_rows, dir, sizeof dir), 0);
     refused(dir, "mllm/config.json: \"image_token_id\" 999999 is outside the vocabulary");
+    CHECK_EQ_INT(edited("dit/config.json", wrapping_heads, dir, sizeof dir), 0);
+    refused(dir, "dit/config.json: \"num_attention_heads\" 134217730 must be 1 .. 65536");
+    CHECK_EQ_INT(edited("dit/config.json", no_blocks, dir, sizeof dir), 0);
+    refused(dir, "dit/config.json: \"num_layers\" 0 must be 1 .. 65536");
+    CHECK_EQ_INT(edited("mllm/config.json", wrapping_merge, dir, sizeof dir), 0);
+    refused(dir, "vision_config: \"patch_size\" 65536 must be 1 .. 1024");
 }
 
 /* A job whose first token is `tok` (a bias of 100): how its answer ends. */

@@ -105,6 +105,21 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
                      path, patch[0], patch[1], patch[2], max_size[0], max_size[1], max_size[2]);
             goto out;
         }
+    /* counts and widths bounded before they are multiplied (a head count that wrapped the
+     * product to the checkpoint's width loaded, and the first step read past its arrays) */
+    static const int most = 1 << 16;
+    const struct { const char *key; int v; } sizes[] = {{"num_attention_heads", c->n_heads}, {"num_layers", c->n_layers},
+                                                       {"text_embed_dim", c->text_dim}, {"adaln_lora_dim", c->lora_dim}};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (sizes[i].v < 1 || sizes[i].v > most) {
+            snprintf(err, errlen, "%s: \"%s\" %d must be 1 .. %d", path, sizes[i].key, sizes[i].v, most);
+            goto out;
+        }
+    if ((int64_t)c->n_heads * c->head_dim > most || !(ratio > 0.0f && ratio <= 64.0f)) {
+        snprintf(err, errlen, "%s: num_attention_heads %d x attention_head_dim %d (at most %d) / mlp_ratio %g (0 .. 64)",
+                 path, c->n_heads, c->head_dim, most, ratio);
+        goto out;
+    }
     c->latent_channels = in_ch - 1;   /* in_channels counts the condition mask */
     c->hidden = c->n_heads * c->head_dim;
     c->mlp_hidden = (int)(c->hidden * ratio);

@@ -18,14 +18,28 @@
 
 static int check_config(const dg_vision_config *c, char *err, size_t errlen) {
     const int m = c->spatial_merge_size;
-    if (c->depth < 1 || c->hidden_size < 1 || c->num_heads < 1 || c->hidden_size % c->num_heads ||
-        (c->hidden_size / c->num_heads) % 4 || c->hidden_size / c->num_heads > 256 ||
-        c->intermediate_size < 1 || c->out_hidden_size < 1 || c->in_chans != 3 ||
-        c->patch_size < 1 || c->temporal_patch_size < 1 || m < 1 ||
-        c->window_size < m * c->patch_size || c->window_size % (m * c->patch_size)) {
-        snprintf(err, errlen, "vision_config: unsupported shape (depth %d, hidden %d, heads %d, "
-                 "patch %d, merge %d, window %d)", c->depth, c->hidden_size, c->num_heads,
-                 c->patch_size, m, c->window_size);
+    /* each size bounded first, so that no product below wraps (merge x patch wrapped to 0 and
+     * the modulo divided by it) */
+    const struct { const char *key; int v, lo, hi; } sizes[] = {
+        {"depth", c->depth, 1, 1024},          {"hidden_size", c->hidden_size, 1, 1 << 16},
+        {"num_heads", c->num_heads, 1, 1024},   {"intermediate_size", c->intermediate_size, 1, 1 << 18},
+        {"out_hidden_size", c->out_hidden_size, 1, 1 << 16}, {"in_chans", c->in_chans, 3, 3},
+        {"patch_size", c->patch_size, 1, 1024}, {"temporal_patch_size", c->temporal_patch_size, 1, 16},
+        {"spatial_merge_size", m, 1, 16},       {"window_size", c->window_size, 1, 1 << 16}};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (sizes[i].v < sizes[i].lo || sizes[i].v > sizes[i].hi) {
+            snprintf(err, errlen, "vision_config: \"%s\" %d must be %d .. %d", sizes[i].key, sizes[i].v, sizes[i].lo,
+                     sizes[i].hi);
+            return DG_EMODEL;
+        }
+    if (c->hidden_size % c->num_heads || (c->hidden_size / c->num_heads) % 4 || c->hidden_size / c->num_heads > 256) {
+        snprintf(err, errlen, "vision_config: hidden_size %d / num_heads %d: a head must be a multiple of 4, at most 256",
+                 c->hidden_size, c->num_heads);
+        return DG_EMODEL;
+    }
+    if (c->window_size < m * c->patch_size || c->window_size % (m * c->patch_size)) {
+        snprintf(err, errlen, "vision_config: window_size %d must be a multiple of spatial_merge_size %d x patch_size %d",
+                 c->window_size, m, c->patch_size);
         return DG_EMODEL;
     }
     return 0;
