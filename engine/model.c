@@ -440,6 +440,17 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     m->image_pad_id = m->cfg.text.image_token_id;
     m->vision_start_id = m->cfg.text.vision_start_token_id;
     m->vision_end_id = m->cfg.text.vision_end_token_id;
+    /* with a tower the image's tokens are embedded and fed like any other: an id past the
+     * embedding rows failed every job with an image, in its step */
+    const struct { const char *key; int32_t id; } image_ids[] = {{"vision_start_token_id", m->vision_start_id},
+                                                                 {"vision_end_token_id", m->vision_end_id},
+                                                                 {"image_token_id", m->image_pad_id}};
+    for (size_t i = 0; m->has_vision && i < sizeof image_ids / sizeof image_ids[0]; i++)
+        if (image_ids[i].id < 0 || image_ids[i].id >= m->cfg.text.vocab_size) {
+            rc = fail(err, errlen, DG_EMODEL, "%s/config.json: \"%s\" %d is outside the vocabulary (vocab_size %d)",
+                      mllm, image_ids[i].key, image_ids[i].id, m->cfg.text.vocab_size);
+            goto fail;
+        }
     for (int i = 0; i < m->n_cond_layers; i++)
         if (m->cond_layers[i] < 0 || m->cond_layers[i] >= m->cfg.text.n_layers) {
             rc = fail(err, errlen, DG_EMODEL, "%s/duogen.json: condition layer %d is outside 0..%d",

@@ -77,6 +77,29 @@ TEST(bad_headers_are_errors_naming_the_tensor) {
                        "\"model.language_model.a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
                        8, err, sizeof err), DG_EMODEL);
     CHECK(strstr(err, "twice") != NULL);
+    /* shapes whose element count wraps 2^64 to 0 (with data_offsets of 0 bytes to match):
+     * refused before the product, not taken as empty */
+    CHECK_EQ_INT(parse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1099511627776,16777216],\"data_offsets\":[0,0]}}", 0, err,
+                       sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "\"w\"") && strstr(err, "shape too large"));
+    CHECK_EQ_INT(parse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1073741824,1024,1073741824],\"data_offsets\":[0,0]}}", 0,
+                       err, sizeof err), DG_EMODEL);
+    CHECK(strstr(err, "shape too large") != NULL);
+    /* two tensors over the same bytes, or overlapping ones: refused, naming both (the
+     * layout rewrite blocked such bytes twice) */
+    CHECK_EQ_INT(parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},"
+                       "\"b\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", 16, err, sizeof err),
+                 DG_EMODEL);
+    CHECK(strstr(err, "\"a\"") && strstr(err, "\"b\"") && strstr(err, "overlap"));
+    CHECK_EQ_INT(parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},"
+                       "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[12,20]}}", 20, err, sizeof err),
+                 DG_EMODEL);
+    CHECK(strstr(err, "overlap") != NULL);
+    /* adjacent, and an empty tensor anywhere: fine */
+    CHECK_EQ_INT(parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},"
+                       "\"e\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,8]},"
+                       "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[16,24]}}", 24, err, sizeof err),
+                 0);
     /* a header length past the end of the file */
     uint8_t b[16] = {0xff, 0xff, 0, 0, 0, 0, 0, 0, '{', '}'};
     dg_st *st;

@@ -142,11 +142,11 @@ static int parse_entry(const char *label, const char *name, json_t *v, const uin
             return DG_EMODEL;
         }
         t->shape[i] = json_integer_value(d);
-        numel *= (uint64_t)t->shape[i];
-        if (numel > (1ull << 40)) {
+        if (t->shape[i] && numel > (1ull << 40) / (uint64_t)t->shape[i]) {   /* before the product wraps */
             snprintf(err, errlen, "%s: tensor \"%s\": shape too large", label, name);
             return DG_EMODEL;
         }
+        numel *= (uint64_t)t->shape[i];
     }
     json_t *jb = json_array_get(jo, 0), *je = json_array_get(jo, 1);
     if (!json_is_integer(jb) || !json_is_integer(je) || json_integer_value(jb) < 0 ||
@@ -239,6 +239,38 @@ static int seed_payload(dg_st *st, const char *seed_str, dg_st_tensor *t, size_t
     return 0;
 }
 
+static int by_data(const void *a, const void *b) {
+    const uint8_t *x = (*(const dg_st_tensor *const *)a)->data, *y = (*(const dg_st_tensor *const *)b)->data;
+    return (x > y) - (x < y);
+}
+
+/* No two tensors of a file share data bytes (as the reference safetensors library
+ * requires): the layout rewrite (dg_st_rewrite) changes a tensor's bytes in place, and a
+ * second tensor over them would be read re-blocked twice. 0, or DG_EMODEL naming both. */
+static int check_disjoint(const dg_st_tensor *t, size_t n, const char *label, char *err, size_t errlen) {
+    const dg_st_tensor **by = malloc((n ? n : 1) * sizeof *by);
+    if (!by) {
+        snprintf(err, errlen, "%s: out of memory", label);
+        return DG_ENOMEM;
+    }
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (t[i].nbytes) by[m++] = &t[i];
+    qsort(by, m, sizeof *by, by_data);
+    int rc = 0;
+    const dg_st_tensor *last = NULL;   /* of those before, the one that ends last */
+    for (size_t i = 0; i < m && !rc; i++) {
+        if (last && last->data + last->nbytes > by[i]->data) {
+            snprintf(err, errlen, "%s: tensors \"%s\" and \"%s\" share data bytes (their data_offsets overlap)", label,
+                     last->name, by[i]->name);
+            rc = DG_EMODEL;
+        }
+        if (!last || by[i]->data + by[i]->nbytes > last->data + last->nbytes) last = by[i];
+    }
+    free(by);
+    return rc;
+}
+
 int dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *label, char *err,
                      size_t errlen) {
     json_t *root = NULL;
@@ -291,6 +323,7 @@ int dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *la
             goto fail;
         }
     }
+    if (!seeded && (rc = check_disjoint(tmp, n, label, err, errlen)) < 0) goto fail;
     if (seeded && (rc = seed_payload(st, seeded, tmp, n, label, err, errlen)) < 0) goto fail;
     rc = DG_EMODEL;
     qsort(tmp, n, sizeof *tmp, by_name);
@@ -386,8 +419,13 @@ static int map_file(dg_st *st, const char *path, const uint8_t **data, size_t *s
         return DG_EMODEL;
     }
     struct stat sb;
-    if (fstat(fd, &sb) < 0 || sb.st_size < 8) {
-        snprintf(err, errlen, "%s: %s", path, sb.st_size < 8 ? "file shorter than 8 bytes" : strerror(errno));
+    if (fstat(fd, &sb) < 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        close(fd);
+        return DG_EMODEL;
+    }
+    if (sb.st_size < 8) {
+        snprintf(err, errlen, "%s: file shorter than 8 bytes", path);
         close(fd);
         return DG_EMODEL;
     }

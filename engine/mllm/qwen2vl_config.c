@@ -68,17 +68,6 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
                  "intermediate_size and vocab_size must be positive", label);
         return DG_EMODEL;
     }
-    /* the image's tokens are embedded and fed like any other: an id past the embedding rows
-     * failed every job with an image, in its step */
-    const struct { const char *key; int id; } ids[] = {{"vision_start_token_id", t->vision_start_token_id},
-                                                       {"vision_end_token_id", t->vision_end_token_id},
-                                                       {"image_token_id", t->image_token_id}};
-    for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++)
-        if (ids[i].id < 0 || ids[i].id >= t->vocab_size) {
-            snprintf(err, errlen, "%s: \"%s\" %d is outside the vocabulary (vocab_size %d)", label, ids[i].key,
-                     ids[i].id, t->vocab_size);
-            return DG_EMODEL;
-        }
     INT("head_dim", t->hidden_size / t->n_heads, 0, &t->head_dim);
 #undef INT
     if (t->n_kv_heads <= 0 || t->n_heads % t->n_kv_heads || t->head_dim <= 0 || t->head_dim % 2 ||
