@@ -117,7 +117,11 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
         for (size_t i = 0; i < json_array_size(layers); i++) {
             json_t *v = json_array_get(layers, i);
             if (!json_is_integer(v)) return fail(err, errlen, DG_EMODEL, "%s: condition_layers[%zu] is not an integer", path, i);
-            m->cond_layers[m->n_cond_layers++] = (int)json_integer_value(v);
+            const int layer = (int)json_integer_value(v);
+            for (int k = 0; k < m->n_cond_layers; k++)   /* each layer's rows fill one slot of the connector's */
+                if (m->cond_layers[k] == layer)
+                    return fail(err, errlen, DG_EMODEL, "%s: condition_layers names layer %d twice", path, layer);
+            m->cond_layers[m->n_cond_layers++] = layer;
         }
     }
     double v;
@@ -191,12 +195,25 @@ static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t er
     for (int k = 0; k < 2 && rc >= 0; k++) {
         json_t *a = json_object_get(j, k ? "image_std" : "image_mean");
         if (!a) continue;
-        if (!json_is_array(a) || json_array_size(a) != 3) {
+        int numbers = json_is_array(a) && json_array_size(a) == 3;
+        for (size_t i = 0; numbers && i < 3; i++) numbers = json_is_number(json_array_get(a, i));
+        if (!numbers) {
             rc = fail(err, errlen, DG_EMODEL, "%s: \"%s\" must be a list of 3 numbers", path, k ? "image_std" : "image_mean");
             break;
         }
         for (int i = 0; i < 3; i++) (k ? c->image_std : c->image_mean)[i] = json_number_value(json_array_get(a, (size_t)i));
     }
+    for (int i = 0; i < 3 && rc >= 0; i++)
+        if (!(c->image_std[i] > 0.0 && c->image_std[i] < 1e6))
+            rc = fail(err, errlen, DG_EMODEL, "%s: image_std[%d] %g must be above 0", path, i, c->image_std[i]);
+    /* the patches are cut for the tower's patch embedding and merged by its merger */
+    const dg_vision_config *vc = &m->cfg.vision;
+    if (rc >= 0 && (c->patch_size != vc->patch_size || c->temporal_patch_size != vc->temporal_patch_size ||
+                    c->merge_size != vc->spatial_merge_size))
+        rc = fail(err, errlen, DG_EMODEL, "%s: patch_size %d, temporal_patch_size %d, merge_size %d must be "
+                  "config.json's vision_config patch_size %d, temporal_patch_size %d, spatial_merge_size %d", path,
+                  c->patch_size, c->temporal_patch_size, c->merge_size, vc->patch_size, vc->temporal_patch_size,
+                  vc->spatial_merge_size);
     json_decref(j);
     return rc < 0 ? rc : 0;
 }

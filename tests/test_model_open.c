@@ -6,7 +6,11 @@
  * - the DiT's out_channels other than in_channels - 1 (the velocity overran the latent);
  * - a DiT patch_size of 0 (a division by zero, the process killed); sizes whose products
  *   wrap an int (a DiT head count: loaded, then its first step crashed; the vision tower's
- *   merge x patch: a division by zero); a DiT of no blocks;
+ *   merge x patch: a division by zero); a DiT of no blocks, a VAE of no residual blocks;
+ * - duogen.json naming a condition layer twice (every drawing failed: the second slot
+ *   never filled);
+ * - preprocessor_config.json's patch or merge size other than the tower's (every image
+ *   failed), its mean or std not numbers (read as 0: other pixels, no error) or a std of 0;
  * - a DiT patch_size with non-square patches (the painter sized widths by patch_h; its
  *   weights have the shapes of 2x2 patches, so it opened);
  * - token ids past config.json's vocab_size (found by each request that used one), the
@@ -65,6 +69,11 @@ static void wrapping_merge(json_t *j) {   /* merge x patch = 2^32: 0 in an int *
     json_object_set_new(json_object_get(j, "vision_config"), "spatial_merge_size", json_integer(65536));
     json_object_set_new(json_object_get(j, "vision_config"), "patch_size", json_integer(65536));
 }
+static void layer_twice(json_t *j) { json_object_set_new(j, "condition_layers", json_pack("[i,i]", 0, 0)); }
+static void unmerged(json_t *j) { json_object_set_new(j, "merge_size", json_integer(1)); }
+static void mean_as_text(json_t *j) { json_object_set_new(j, "image_mean", json_pack("[s,s,s]", "0.48", "0.45", "0.40")); }
+static void flat_std(json_t *j) { json_object_set_new(j, "image_std", json_pack("[f,f,f]", 0.26, 0.0, 0.27)); }
+static void no_res_blocks(json_t *j) { json_object_set_new(j, "num_res_blocks", json_integer(0)); }
 static void pad_past_rows(json_t *j) { json_object_set_new(j, "image_token_id", json_integer(999999)); }
 
 /* Opens dir, expecting a refusal whose message holds `want`. */
@@ -97,6 +106,16 @@ TEST(configs_that_disagree_are_refused_by_name) {
     refused(dir, "dit/config.json: \"num_layers\" 0 must be 1 .. 65536");
     CHECK_EQ_INT(edited("mllm/config.json", wrapping_merge, dir, sizeof dir), 0);
     refused(dir, "vision_config: \"patch_size\" 65536 must be 1 .. 1024");
+    CHECK_EQ_INT(edited("duogen.json", layer_twice, dir, sizeof dir), 0);
+    refused(dir, "duogen.json: condition_layers names layer 0 twice");
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", unmerged, dir, sizeof dir), 0);
+    refused(dir, "preprocessor_config.json: patch_size 14, temporal_patch_size 2, merge_size 1 must be config.json's");
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", mean_as_text, dir, sizeof dir), 0);
+    refused(dir, "preprocessor_config.json: \"image_mean\" must be a list of 3 numbers");
+    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", flat_std, dir, sizeof dir), 0);
+    refused(dir, "preprocessor_config.json: image_std[1] 0 must be above 0");
+    CHECK_EQ_INT(edited("vae/config.json", no_res_blocks, dir, sizeof dir), 0);
+    refused(dir, "vae/config.json: base_dim");
 }
 
 /* A job whose first token is `tok` (a bias of 100): how its answer ends. */

@@ -187,6 +187,14 @@ static int read_config(dg_vae_config *c, const char *path, char *err, size_t err
         snprintf(err, errlen, "%s: unsupported shape (dim_mult, temperal_downsample, z_dim, channels)", path);
         goto out;
     }
+    /* widths bounded before they are multiplied (base_dim x dim_mult) */
+    int mult_ok = 1;
+    for (int i = 0; i < c->n_levels; i++) mult_ok &= c->dim_mult[i] >= 1 && c->dim_mult[i] <= 64;
+    if (c->base_dim > 4096 || !mult_ok || c->num_res_blocks < 1 || c->num_res_blocks > 64) {
+        snprintf(err, errlen, "%s: base_dim %d (1 .. 4096), dim_mult entries 1 .. 64, num_res_blocks %d (1 .. 64)", path,
+                 c->base_dim, c->num_res_blocks);
+        goto out;
+    }
     /* Wan2.2's variants (residual blocks, patchified input, separate decoder width) and
      * attention at other scales are not the Wan2.1 VAE */
     if (n_mean != 0 || ((v = json_object_get(j, "is_residual")) && json_is_true(v)) ||
