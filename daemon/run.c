@@ -268,6 +268,13 @@ static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usa
     dg_run *r = user;
     r->usage = *usage;
     r->timings = *t;
+    /* an image could not be written: another attempt may, whatever ended the answer (the
+     * worker's cancel, or the answer's own end in the step that drew the picture) */
+    if (r->out_failed[0]) {
+        r->retry = 1;
+        dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__UNAVAILABLE, "%s", r->out_failed);
+        return;
+    }
     switch (reason) {
     case DG_FINISH_STOP:   dg_run_end(r, DUOGEN__V1__RESULT__STATUS__DONE, 0, "stop"); break;
     case DG_FINISH_LENGTH: dg_run_end(r, DUOGEN__V1__RESULT__STATUS__DONE, 0, "length"); break;
@@ -275,11 +282,7 @@ static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usa
         dg_run_end(r, DUOGEN__V1__RESULT__STATUS__EXPIRED, 0, "deadline");
         break;
     case DG_FINISH_CANCELLED:
-        if (r->out_failed[0]) {   /* an image could not be written: another attempt may */
-            r->retry = 1;
-            dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__UNAVAILABLE, "%s",
-                       r->out_failed);
-        } else if (r->expired) dg_run_end(r, DUOGEN__V1__RESULT__STATUS__EXPIRED, 0, "deadline");
+        if (r->expired) dg_run_end(r, DUOGEN__V1__RESULT__STATUS__EXPIRED, 0, "deadline");
         else dg_run_end(r, DUOGEN__V1__RESULT__STATUS__CANCELLED, 0, "cancelled");
         break;
     }

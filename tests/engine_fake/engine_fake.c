@@ -12,6 +12,10 @@
  *                      image_started, one step event per denoising step, image_done with a
  *                      PNG of the requested size (64x64 and 4 steps unless set)
  *   fake.step_ms=MS    sleeps MS per step (a long job)
+ *   fake.end_with_image=1  the answer ends in the step that finishes its last image when
+ *                      no words are left ("stop") or max_new_tokens are written ("length"),
+ *                      as the real engine's can (it feeds the picture back and samples
+ *                      the end in that step)
  *   fake.fail=crash    abort() at step fake.fail_step (default 1): the worker process dies
  *   fake.fail=error    the sequence fails with DG_EINVAL at step fake.fail_step
  *   fake.fail=retry    dg_sched_submit answers DG_EAGAIN (retryable)
@@ -43,6 +47,7 @@ typedef struct {
     int       images_wanted, images_done, image_step, in_image;
     int       width, height, steps;
     int       step_ms;
+    int       end_with_image;
     int       fail_mode, fail_step, steps_taken;
     int       cancelled;
     int64_t   deadline_ms;
@@ -239,6 +244,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     q->height = im->set & DG_IMAGE_HEIGHT ? im->height : 64;
     q->steps = im->set & DG_IMAGE_STEPS ? im->steps : 4;
     q->step_ms = (v = meta(r, "fake.step_ms")) ? atoi(v) : 0;
+    q->end_with_image = (v = meta(r, "fake.end_with_image")) && !strcmp(v, "1");
     q->fail_mode = !fail ? FAIL_NONE : !strcmp(fail, "crash") ? FAIL_CRASH
                  : !strcmp(fail, "error") ? FAIL_ERROR : !strcmp(fail, "fatal") ? FAIL_FATAL : FAIL_NONE;
     q->fail_step = (v = meta(r, "fake.fail_step")) ? atoi(v) : 1;
@@ -317,6 +323,10 @@ static int step_one(fake_seq *q, char *err, size_t errlen) {
             q->in_image = 0;
             q->sink.image_done(q->sink.user, q->images_done, q->width, q->height, png, len);
             free(png);
+            if (q->end_with_image && q->images_done == q->images_wanted) {
+                if (q->next_word >= q->n_words) finish(q, DG_FINISH_STOP);
+                else if (q->max_tokens && q->tokens >= q->max_tokens) finish(q, DG_FINISH_LENGTH);
+            }
         }
         return 0;
     }

@@ -117,3 +117,22 @@ def test_an_image_that_cannot_be_written_is_retried_then_dead_lettered(cluster, 
     assert cluster.wait_result("fine")["status"] == b"done"
     assert files_of(root, "fine") == ["1.png"]
     assert w.alive()
+
+
+def test_an_image_that_cannot_be_written_in_the_answers_last_step_is_not_lost(cluster, tmpdir_path):
+    """The answer can end in the step that finishes its last picture (the engine feeds it
+    back and samples the end in that step): a picture that could not be written then must
+    still fail the attempt, not leave a "done" result without it."""
+    root = os.path.join(tmpdir_path, "out")
+    os.makedirs(root)
+    with open(os.path.join(root, "last"), "wb") as f:   # a file where the job's folder goes
+        f.write(b"in the way")
+    cluster.worker("lw", args=["--output-root", root])
+    cluster.wait_groups()
+    job = make_job("last", "draw", meta={"fake.images": 1, "fake.end_with_image": "1"}, width=32, height=32,
+                   steps=1, max_attempts=1, max_new_tokens=1)
+    cluster.r.xadd(cluster.key("jobs"), {"id": "last", "job": job.SerializeToString()})
+    res = cluster.wait_result("last", timeout=40)
+    assert res["status"] == b"failed" and res["error_code"] == b"EXHAUSTED", res
+    err = res["error"].decode()
+    assert "output_root: cannot write" in err and "Not a directory" in err, err
