@@ -96,7 +96,9 @@ static const struct key {
     INT(max_output_images, 0, 1024, "upper bound of ImageParams.max_images"),
     INT(max_stop_strings, 0, 1024, "stop strings per job"),
     INT(max_logit_bias, 0, 1000000, "logit_bias entries per job"),
-    STR(image_root, "directory under which Image.path may point (empty: paths refused)"),
+    STR(image_root, "directory under which Image.path may point (empty: paths refused); a file missing there "
+                    "fails the job (UNAVAILABLE), the folder itself unreadable is this worker's problem (the job "
+                    "is left for a later attempt)"),
     STR(output_root, "directory drawn images are written under (<id>/<n>.png) instead of Redis"),
     GROUP("Operation"),
     STR(log_level, "err, warning, info or debug"),

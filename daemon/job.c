@@ -53,6 +53,29 @@ static long utf8_invalid_at(const char *s, size_t n) {
     return -1;
 }
 
+void dg_utf8_scrub(char *s) {
+    size_t n = strlen(s), at = 0;
+    long bad;
+    while (at < n && (bad = utf8_invalid_at(s + at, n - at)) >= 0) {
+        s[at + (size_t)bad] = '?';
+        at += (size_t)bad + 1;
+    }
+}
+
+const char *dg_clip(const char *s, char *out, size_t cap) {
+    size_t n = strlen(s);
+    if (n < cap) {
+        memcpy(out, s, n + 1);
+    } else {
+        size_t k = cap > 4 ? cap - 4 : 0;
+        while (k > 0 && ((unsigned char)s[k] & 0xC0) == 0x80) k--;   /* a character's first byte */
+        memcpy(out, s, k);
+        snprintf(out + k, cap - k, "...");
+    }
+    dg_utf8_scrub(out);
+    return out;
+}
+
 /* Wire types of Job's own fields, to say which field is broken when unpacking fails. */
 static const char *job_field_name(uint32_t field, int *wire) {
     static const struct { uint32_t n; int wire; const char *name; } f[] = {
@@ -215,9 +238,10 @@ static dg_job_status validate_image(const Duogen__V1__ImageParams *ip, const dg_
 }
 
 static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config *cfg, char *err, size_t errlen) {
+    char quoted[72];
     if (!dg_job_id_valid(pb->id, strlen(pb->id)))
-        FAIL(DG_JOB_BAD_REQUEST, pb->id[0] ? "id: \"%.64s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -"
-                                           : "id: missing%s", pb->id[0] ? pb->id : "");
+        FAIL(DG_JOB_BAD_REQUEST, pb->id[0] ? "id: \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -"
+                                           : "id: missing%s", pb->id[0] ? dg_clip(pb->id, quoted, sizeof quoted) : "");
     if (pb->n_messages == 0) FAIL(DG_JOB_BAD_REQUEST, "messages: empty");
     if (pb->n_messages > (size_t)cfg->max_messages)
         FAIL(DG_JOB_BAD_REQUEST, "messages: %zu, over the limit of %d", pb->n_messages, cfg->max_messages);
@@ -354,39 +378,55 @@ dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_
     return validate(j->pb, cfg, err, errlen);
 }
 
+/* A file the job names that cannot be opened: missing (the job's reference, UNAVAILABLE), or
+ * unreadable by this worker now (permissions, I/O, memory: DG_JOB_WORKER). */
+static dg_job_status open_failure(int e) {
+    return e == ENOENT || e == ENOTDIR || e == ELOOP || e == ENAMETOOLONG ? DG_JOB_UNAVAILABLE : DG_JOB_WORKER;
+}
+
 /* Reads a file below image_root: the path is resolved and must stay inside the root. */
 static dg_job_status read_image_file(const char *root, const char *path, size_t limit, uint8_t **out,
                                      size_t *len, const char *what, char *err, size_t errlen) {
-    char full[PATH_MAX], real[PATH_MAX], real_root[PATH_MAX];
+    char full[PATH_MAX], real[PATH_MAX], real_root[PATH_MAX], q[200];
+    const char *shown = dg_clip(path, q, sizeof q);
     if (path[0] == '/') snprintf(full, sizeof full, "%s", path);
     else snprintf(full, sizeof full, "%s/%s", root, path);
-    if (!realpath(root, real_root)) FAIL(DG_JOB_UNAVAILABLE, "%s: image_root \"%s\": %s", what, root, strerror(errno));
-    if (!realpath(full, real)) FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\": %s", what, path, strerror(errno));
+    /* this worker's own folder missing (unmounted, removed): no job's fault */
+    if (!realpath(root, real_root))
+        FAIL(DG_JOB_WORKER, "%s: this worker's image_root \"%s\": %s", what, root, strerror(errno));
+    if (!realpath(full, real)) {
+        const int e = errno;
+        FAIL(open_failure(e), "%s: \"%s\": %s", what, shown, strerror(e));
+    }
     size_t rl = strlen(real_root);
     if (strncmp(real, real_root, rl) || (real[rl] != '/' && real[rl] != 0))
-        FAIL(DG_JOB_BAD_REQUEST, "%s: \"%s\" is outside the image root", what, path);
+        FAIL(DG_JOB_BAD_REQUEST, "%s: \"%s\" is outside the image root", what, shown);
     /* non-blocking: a FIFO (or device) put there would block the worker in open() forever;
      * it is refused below as not a regular file */
     int fd = open(real, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\": %s", what, path, strerror(errno));
+    if (fd < 0) {
+        const int e = errno;
+        FAIL(open_failure(e), "%s: \"%s\": %s", what, shown, strerror(e));
+    }
     struct stat st;
     if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
         close(fd);
-        FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\" is not a regular file", what, path);
+        FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\" is not a regular file", what, shown);
     }
     if ((size_t)st.st_size > limit || st.st_size == 0) {
         close(fd);
-        FAIL(DG_JOB_BAD_IMAGE, "%s: \"%s\" is %lld bytes (allowed 1..%zu)", what, path, (long long)st.st_size, limit);
+        FAIL(DG_JOB_BAD_IMAGE, "%s: \"%s\" is %lld bytes (allowed 1..%zu)", what, shown, (long long)st.st_size, limit);
     }
     uint8_t *buf = malloc((size_t)st.st_size);
     if (!buf) abort();
     size_t got = 0;
     while (got < (size_t)st.st_size) {
         ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
-        if (n <= 0) {
+        if (n <= 0) {   /* an I/O error (or a file cut while read): this worker's, for now */
+            const int e = n < 0 ? errno : 0;
             close(fd);
             free(buf);
-            FAIL(DG_JOB_UNAVAILABLE, "%s: \"%s\": short read", what, path);
+            FAIL(DG_JOB_WORKER, "%s: \"%s\": %s", what, shown, e ? strerror(e) : "short read (the file shrank)");
         }
         got += (size_t)n;
     }
@@ -411,30 +451,36 @@ static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redi
                                            &len, what, err, errlen);
         if (st != DG_JOB_OK) return st;
     } else {
+        char q[200];
+        const char *key = dg_clip(im->redis_key, q, sizeof q);
         /* its size first: a key far over the limit is not read into memory to be refused */
         redisReply *rep = dg_redis_cmdv(r, "STRLEN", im->redis_key, NULL);
-        if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, im->redis_key);
+        if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, key);
         if (rep->type == REDIS_REPLY_ERROR) {   /* NOPERM, WRONGTYPE: GET would say the same, after reading it all */
-            snprintf(err, errlen, "%s: key \"%s\": %s", what, im->redis_key, rep->str);
+            /* NOPERM: this worker's ACL does not let it read the key (its configuration, not
+             * the job's: another attempt, and in the end the error, say so) */
+            const dg_job_status st = !strncmp(rep->str, "NOPERM", 6) ? DG_JOB_WORKER : DG_JOB_UNAVAILABLE;
+            snprintf(err, errlen, "%s: key \"%s\": %s", what, key, rep->str);
             freeReplyObject(rep);
-            return DG_JOB_UNAVAILABLE;
+            return st;
         }
         const long long size = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
         freeReplyObject(rep);
         if (size > (long long)cfg->max_image_bytes)
-            FAIL(DG_JOB_BAD_IMAGE, "%s: key \"%s\" holds %lld bytes (allowed 1..%zu)", what, im->redis_key, size,
+            FAIL(DG_JOB_BAD_IMAGE, "%s: key \"%s\" holds %lld bytes (allowed 1..%zu)", what, key, size,
                  cfg->max_image_bytes);
         rep = dg_redis_cmdv(r, "GET", im->redis_key, NULL);
-        if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, im->redis_key);
+        if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, key);
         dg_job_status st = DG_JOB_OK;
         if (rep->type == REDIS_REPLY_NIL)
-            st = DG_JOB_UNAVAILABLE, snprintf(err, errlen, "%s: key \"%s\" does not exist", what, im->redis_key);
+            st = DG_JOB_UNAVAILABLE, snprintf(err, errlen, "%s: key \"%s\" does not exist", what, key);
         else if (rep->type != REDIS_REPLY_STRING)
-            st = DG_JOB_UNAVAILABLE, snprintf(err, errlen, "%s: key \"%s\": %s", what, im->redis_key,
-                                              rep->type == REDIS_REPLY_ERROR ? rep->str : "not a string");
+            st = rep->type == REDIS_REPLY_ERROR && !strncmp(rep->str, "NOPERM", 6) ? DG_JOB_WORKER : DG_JOB_UNAVAILABLE,
+            snprintf(err, errlen, "%s: key \"%s\": %s", what, key,
+                     rep->type == REDIS_REPLY_ERROR ? rep->str : "not a string");
         else if (rep->len == 0 || rep->len > cfg->max_image_bytes)
             st = DG_JOB_BAD_IMAGE, snprintf(err, errlen, "%s: key \"%s\" holds %zu bytes (allowed 1..%zu)",
-                                            what, im->redis_key, (size_t)rep->len, cfg->max_image_bytes);
+                                            what, key, (size_t)rep->len, cfg->max_image_bytes);
         if (st == DG_JOB_OK) {
             len = rep->len;
             buf = malloc(len);

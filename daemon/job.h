@@ -18,6 +18,9 @@ typedef enum {
     DG_JOB_BAD_IMAGE = DUOGEN__V1__ERROR__CODE__BAD_IMAGE,
     DG_JOB_UNAVAILABLE = DUOGEN__V1__ERROR__CODE__UNAVAILABLE,
     DG_JOB_RETRY = -1,    /* Redis went away while fetching: try again later */
+    DG_JOB_WORKER = -2,   /* this worker cannot read the job's images now (its image_root, its
+                             ACL, an I/O error): not the job's fault; left pending for a later
+                             attempt, here or on another worker, the error noted */
 } dg_job_status;
 
 typedef struct {
@@ -34,6 +37,14 @@ typedef struct {
 
 /* 1 if id is a usable job id: 1..128 bytes of [A-Za-z0-9._:-]. */
 int dg_job_id_valid(const char *id, size_t len);
+/* s rewritten in place as valid UTF-8: each byte that is not part of a valid sequence (a
+ * character cut by a bound, bytes a producer sent raw) becomes '?'. Every message that
+ * reaches a result is, so that protobuf and JSON readers can read it. */
+void dg_utf8_scrub(char *s);
+/* s quoted into out (cap bytes): at most cap - 1 bytes, cut at a character's start with
+ * "..." when longer, scrubbed; returns out. For names a message quotes (keys, paths, ids)
+ * that must not crowd out the reason after them. */
+const char *dg_clip(const char *s, char *out, size_t cap);
 /* 1 if the job's drawn images go to files under cfg->output_root (Job.image_output FILES, or
  * the default on a worker that has an output_root), 0 for Redis keys. pb may be NULL. */
 int dg_job_images_to_files(const Duogen__V1__Job *pb, const dg_daemon_config *cfg);

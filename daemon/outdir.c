@@ -68,7 +68,7 @@ int dg_outdir_write(const char *root, const char *id, int n, const uint8_t *png,
     }
     close(fd);
     if (rename(tmp, path)) {
-        snprintf(err, errlen, "output_root: cannot rename \"%s\" to \"%s\": %s", tmp, path, strerror(errno));
+        snprintf(err, errlen, "output_root: cannot move the written file into \"%s\": %s", path, strerror(errno));
         unlink(tmp);
         return -1;
     }

@@ -348,6 +348,7 @@ void dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...) {
     va_start(ap, fmt);
     if (status == DUOGEN__V1__RESULT__STATUS__FAILED) {
         vsnprintf(r->error, sizeof r->error, fmt, ap);
+        dg_utf8_scrub(r->error);   /* cut by the bound, or quoting a producer's raw bytes */
         snprintf(r->finish, sizeof r->finish, "error");
     } else {
         vsnprintf(r->finish, sizeof r->finish, fmt, ap);

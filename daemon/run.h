@@ -88,7 +88,7 @@ typedef struct dg_run {
     char     finish[16];             /* stop, length, cancelled, deadline */
     int      dead;                   /* also copy the job to the dead-letter stream */
     int      retry;                  /* a passing failure: no result; left pending for later */
-    char     out_failed[512];        /* an image could not be written (output_root): the run is
+    char     out_failed[1024];        /* an image could not be written (output_root): the run is
                                       * cancelled and ends as a passing failure with this */
     uint64_t watched;                /* the watch epoch in which its result key was WATCHed
                                         and found absent (dg_commit_watch_epoch); 0: not */

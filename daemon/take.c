@@ -154,8 +154,10 @@ static void last_error(const redisReply *hash, char *out, size_t outlen, int del
 }
 
 /* Records a retryable problem in the job hash, so that the attempt that gives up can say it. */
-static void note_retry(dg_taker *t, const dg_run *r, const char *why) {
-    char key[DG_KEY_MAX], now[24];
+static void note_retry(dg_taker *t, const dg_run *r, const char *message) {
+    char key[DG_KEY_MAX], now[24], why[1024];
+    snprintf(why, sizeof why, "%s", message);
+    dg_utf8_scrub(why);
     dg_key_job(key, t->cfg->prefix, r->id);
     snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
     redisReply *rep = dg_redis_cmdv(t->redis, "HSET", key, "state", "retrying", "error", why,
@@ -355,6 +357,12 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
     if (st == DG_JOB_RETRY) {
         dg_runs_drop(t->held, r);
         return -1;
+    }
+    if (st == DG_JOB_WORKER) {   /* this worker cannot read its images now: a later attempt may */
+        note_retry(t, r, err);
+        released_add(t, stream, entry_id);
+        dg_runs_drop(t->held, r);
+        return 0;
     }
     if (st != DG_JOB_OK) {
         r->dead = 1;

@@ -1,0 +1,102 @@
+"""What a failed job's result says, found by review, each failing before its fix: the
+message is valid UTF-8 whatever the producer sent (a raw-byte id, a key or path quoted past
+the message's bound and cut inside a character: the Result no longer parsed), a long key or
+path keeps the reason after it, and a worker that cannot read its own image_root leaves
+the job for a later attempt instead of dead-lettering it as the job's fault."""
+import os
+import shutil
+
+from conftest import pb, wait_until
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def ld(field, payload):
+    return varint((field << 3) | 2) + varint(len(payload)) + payload
+
+
+def raw_job(job_id_bytes):
+    """Job{id, messages: [Message{role USER, parts: [Part{text "hi"}]}]}, the id as given."""
+    msg = b"\x08\x02" + ld(2, ld(1, b"hi"))
+    return ld(1, job_id_bytes) + ld(2, msg)
+
+
+def question_about(job_id, image):
+    job = pb.Job(id=job_id, max_attempts=3)
+    m = job.messages.add(role=pb.Message.USER)
+    m.parts.add(image=image)
+    m.parts.add(text="what is this")
+    return job.SerializeToString()
+
+
+def readable_error(res):
+    """The result's error, checked to be UTF-8 in the hash and in the Result it packs."""
+    err = res["error"].decode("utf-8")                  # raises on invalid UTF-8
+    assert pb.Result.FromString(res["pb"]).error.message == err
+    return err
+
+
+def test_an_invalid_id_is_quoted_as_valid_utf8(cluster):
+    cluster.worker("w1")
+    cluster.wait_groups()
+    # cut at the quote's bound inside a character, and bytes that are no UTF-8 at all
+    for entry_id, id_bytes in (("cutid", b"a" * 63 + "é".encode() + b"b" * 80), ("rawid", b"\xff\xfe!")):
+        cluster.enqueue(entry_id, raw=raw_job(id_bytes))
+        res = cluster.wait_result(entry_id)
+        assert res["status"] == b"failed" and res["error_code"] == b"BAD_REQUEST", res
+        err = readable_error(res)
+        assert "is not 1..128 characters" in err, err
+
+
+def test_a_long_key_keeps_its_reason_and_stays_utf8(cluster):
+    cluster.worker("w1")
+    cluster.wait_groups()
+    key = "photo" + "é" * 600                         # 1205 bytes: past the message's 1024
+    cluster.enqueue("longkey", raw=question_about("longkey", pb.Image(redis_key=key)))
+    res = cluster.wait_result("longkey")
+    assert res["status"] == b"failed" and res["error_code"] == b"UNAVAILABLE", res
+    err = readable_error(res)
+    assert err.endswith("does not exist") and "..." in err, err
+
+
+def test_a_long_path_keeps_its_reason(cluster, tmpdir_path):
+    root = os.path.join(tmpdir_path, "images")
+    os.makedirs(root)
+    cluster.worker("w1", args=["--image-root", root])
+    cluster.wait_groups()
+    cluster.enqueue("longpath", raw=question_about("longpath", pb.Image(path="dir" + "é" * 600)))
+    res = cluster.wait_result("longpath")
+    assert res["status"] == b"failed" and res["error_code"] == b"UNAVAILABLE", res
+    err = readable_error(res)
+    assert "No such file or directory" in err or "too long" in err, err
+
+
+def test_a_missing_image_root_is_the_workers_not_the_jobs(cluster, tmpdir_path):
+    root = os.path.join(tmpdir_path, "images")
+    os.makedirs(root)
+    with open(os.path.join(os.path.dirname(__file__), "..", "golden", "image", "rgb_13x17.png"), "rb") as f:
+        png = f.read()
+    cluster.worker("w1", args=["--image-root", root])
+    cluster.wait_groups()
+    shutil.rmtree(root)                                # unmounted, say, after the worker started
+    cluster.enqueue("noroot", raw=question_about("noroot", pb.Image(path="a.png")))
+    job_key = cluster.key("job", "noroot")
+    state = wait_until(lambda: cluster.r.hgetall(job_key).get(b"state") == b"retrying" and cluster.r.hgetall(job_key),
+                       timeout=20, what="the attempt given back")
+    assert b"this worker's image_root" in state[b"error"], state
+    assert not cluster.result("noroot")                # not failed, not dead-lettered
+    assert not cluster.r.xrange(cluster.key("dead"))
+    os.makedirs(root)                                  # the folder is back: a later attempt reads it
+    with open(os.path.join(root, "a.png"), "wb") as f:
+        f.write(png)
+    res = cluster.wait_result("noroot", timeout=30)
+    assert res["status"] == b"done", res
+    assert int(res["attempt"]) >= 2, res
