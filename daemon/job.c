@@ -415,7 +415,9 @@ static dg_job_status read_image_file(const char *root, const char *path, size_t 
     }
     if ((size_t)st.st_size > limit || st.st_size == 0) {
         close(fd);
-        FAIL(DG_JOB_BAD_IMAGE, "%s: \"%s\" is %lld bytes (allowed 1..%zu)", what, shown, (long long)st.st_size, limit);
+        /* over max_image_bytes is over a limit (BAD_REQUEST, as inline data over it); empty, no image */
+        FAIL(st.st_size ? DG_JOB_BAD_REQUEST : DG_JOB_BAD_IMAGE, "%s: \"%s\" is %lld bytes (allowed 1..%zu)", what,
+             shown, (long long)st.st_size, limit);
     }
     uint8_t *buf = malloc((size_t)st.st_size);
     if (!buf) abort();
@@ -467,7 +469,7 @@ static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redi
         const long long size = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
         freeReplyObject(rep);
         if (size > (long long)cfg->max_image_bytes)
-            FAIL(DG_JOB_BAD_IMAGE, "%s: key \"%s\" holds %lld bytes (allowed 1..%zu)", what, key, size,
+            FAIL(DG_JOB_BAD_REQUEST, "%s: key \"%s\" holds %lld bytes (allowed 1..%zu)", what, key, size,
                  cfg->max_image_bytes);
         rep = dg_redis_cmdv(r, "GET", im->redis_key, NULL);
         if (!rep) FAIL(DG_JOB_RETRY, "%s: Redis unavailable while reading \"%s\"", what, key);
@@ -479,8 +481,9 @@ static dg_job_status fetch_image(dg_job *j, const Duogen__V1__Image *im, dg_redi
             snprintf(err, errlen, "%s: key \"%s\": %s", what, key,
                      rep->type == REDIS_REPLY_ERROR ? rep->str : "not a string");
         else if (rep->len == 0 || rep->len > cfg->max_image_bytes)
-            st = DG_JOB_BAD_IMAGE, snprintf(err, errlen, "%s: key \"%s\" holds %zu bytes (allowed 1..%zu)",
-                                            what, key, (size_t)rep->len, cfg->max_image_bytes);
+            st = rep->len ? DG_JOB_BAD_REQUEST : DG_JOB_BAD_IMAGE,
+            snprintf(err, errlen, "%s: key \"%s\" holds %zu bytes (allowed 1..%zu)", what, key, (size_t)rep->len,
+                     cfg->max_image_bytes);
         if (st == DG_JOB_OK) {
             len = rep->len;
             buf = malloc(len);

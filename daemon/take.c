@@ -293,7 +293,7 @@ static verdict judge(const dg_run *r, dg_job_status parsed, const seen *s, int64
 static int take(dg_taker *t, const char *stream, const redisReply *entry, int deliveries, dg_take_report *out) {
     const char *entry_id = entry->element[0]->str;
     const redisReply *fields = entry->elements > 1 ? entry->element[1] : NULL;
-    char err[1024];
+    char err[1024] = "";   /* a path that fails without a message reports none, not stack bytes */
     seen s;
 
     const dg_run *h = dg_runs_find(t->held, stream, entry_id);
@@ -392,10 +392,14 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
         note_retry(t, r, err);
         released_add(t, stream, entry_id);
         break;
-    case DG_ERROR_FATAL:
+    case DG_ERROR_FATAL: {
         log_error("job \"%s\": engine failure: %s", r->id, err);
+        char why[1100];
+        snprintf(why, sizeof why, "worker \"%s\": engine failure: %s", t->cfg->worker_id, err);
+        note_retry(t, r, why);   /* what the attempt that gives up will say */
         out->engine_failed = 1;
         break;
+    }
     }
     dg_runs_drop(t->held, r);
     return 0;

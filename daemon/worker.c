@@ -168,6 +168,24 @@ static void fence_lost(dg_worker *w) {
     }
 }
 
+/* An engine failure ends the process (exit 75) with its runs' entries pending for a later
+ * attempt: each of their job hashes says what ended this one, so that the attempt that
+ * gives up can tell (it said "ended without a result"). A run another attempt holds now
+ * (lease lost) writes nothing, as always. */
+static void note_engine_failure(dg_worker *w, const char *what) {
+    char key[DG_KEY_MAX], why[1024], now[24];
+    snprintf(why, sizeof why, "worker \"%s\": engine failure: %s", w->cfg->worker_id, what);
+    dg_utf8_scrub(why);
+    snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
+    for (dg_run *r = w->runs.first; r && dg_redis_ready(&w->redis); r = r->next) {
+        if (!r->submitted || r->ended || r->lease_lost) continue;
+        dg_key_job(key, w->cfg->prefix, r->id);
+        redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", key, "state", "retrying", "error", why, "updated_ms", now,
+                                        NULL);
+        if (rep) freeReplyObject(rep);
+    }
+}
+
 /* What taking reports goes into the shared counters and the exit code. */
 static void absorb(dg_worker *w, const dg_take_report *rep) {
     if (rep->lost || rep->skipped) {
@@ -378,6 +396,7 @@ int dg_worker_run(dg_worker *w) {
         int stepping = dg_runs_stepping(&w->runs);
         if (stepping && dg_sched_step(w->sched, err, sizeof err) < 0) {
             log_error("engine failure: %s", err);
+            note_engine_failure(w, err);
             w->fatal = EX_TEMPFAIL;
             break;
         }

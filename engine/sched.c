@@ -89,7 +89,10 @@ static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget,
 int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen) {
     *out = NULL;
     dg_sched *s = calloc(1, sizeof *s);
-    if (!s) return DG_ENOMEM;
+    if (!s) {
+        snprintf(err, errlen, "out of memory for a scheduler");
+        return DG_ENOMEM;
+    }
     s->m = m;
     s->o = o ? *o : (dg_sched_opts){0};
     const dg_text_config *c = &m->cfg.text;
@@ -318,7 +321,10 @@ static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, 
     dg_chat_message *msgs = calloc(r->n_messages + 1, sizeof *msgs);
     dg_chat_part *parts = calloc(n_parts, sizeof *parts);
     int rc = DG_ENOMEM;
-    if (!msgs || !parts) goto out;
+    if (!msgs || !parts) {
+        snprintf(err, errlen, "out of memory for the prompt's %zu parts", n_parts);
+        goto out;
+    }
     dg_chat_part *p = parts;
     /* the package's system prompt for a job that has none (a draw marker's instructions) */
     size_t n_msgs = 0, n_user = 0;
@@ -371,7 +377,10 @@ static int place_prompt(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     int n = (int)q->prompt.n;
     q->pos = malloc((size_t)3 * n * sizeof *q->pos);
     q->keys = calloc((size_t)n, sizeof *q->keys);
-    if (!q->pos || !q->keys) return DG_ENOMEM;
+    if (!q->pos || !q->keys) {
+        snprintf(err, errlen, "out of memory for the positions of %d prompt tokens", n);
+        return DG_ENOMEM;
+    }
     int32_t grids[DG_SEQ_MAX_IMAGES][3];
     int64_t want = 0, got = 0;
     for (int i = 0; i < q->n_images; i++) {

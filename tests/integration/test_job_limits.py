@@ -80,7 +80,8 @@ def test_an_input_key_over_the_limit_is_not_read(cluster):
     cluster.r.set("duogen:input:big", b"\x89PNG" + b"\0" * (8 << 20))
     cluster.enqueue("bigkey", raw=question_about("bigkey", pb.Image(redis_key="duogen:input:big")))
     res = cluster.wait_result("bigkey", timeout=60)
-    assert res["error_code"] == b"BAD_IMAGE" and b"holds 8388612 bytes (allowed 1..1024)" in res["error"], res
+    # over a limit: BAD_REQUEST, as inline data over max_image_bytes and too many pixels are
+    assert res["error_code"] == b"BAD_REQUEST" and b"holds 8388612 bytes (allowed 1..1024)" in res["error"], res
     info = cluster.r.info("commandstats")
     assert info.get("cmdstat_strlen", {}).get("calls", 0) >= 1 and "cmdstat_get" not in info, info
 

@@ -102,6 +102,8 @@ def test_fatal_engine_error_exits_75_and_job_is_retried(cluster):
     w.start()
     res = cluster.wait_result("devicefault")
     assert res["error_code"] == b"EXHAUSTED"
+    # and says what ended the attempt (it said "ended without a result")
+    assert "last error: worker \"f1\": engine failure: fake engine: device lost" in res["error"].decode(), res
 
 
 def test_warmup_before_ready_and_a_failed_one_exits_75(cluster):

@@ -572,7 +572,7 @@ static void print_result_text(const char *id) {
 }
 
 static int follow(const char *id, int show_text) {
-    char k_events[512], last[64] = "0", line[1024];
+    char k_events[512], last[64] = "0", line[8192];   /* an error of 1024 bytes with its code, a path of 4096 */
     key(k_events, sizeof k_events, "events", id);
     view v = {.tty = show_text && isatty(2), .live = !show_text || isatty(1)};
     int rc = -1, gap = 0;
