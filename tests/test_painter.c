@@ -483,39 +483,59 @@ TEST(painter_scales_large_condition_frames_down) {
     dg_model_close(m);
 }
 
+/* The setup of the cases below: the package, a painter (no bound on condition frames) and
+ * the accumulated condition rows of `text`. */
+typedef struct {
+    dg_model    *m;
+    dg_painter  *p;
+    dg_cond_acc *acc;
+    dg_tok_ids   ids;
+} painter_case;
+
+static int painter_case_open(painter_case *c, const char *text) {
+    char err[512];
+    *c = (painter_case){0};
+    if (!setup()) { CHECK(!"setup"); return -1; }
+    CHECK_EQ_INT(dg_model_open(pkg, NULL, &c->m, err, sizeof err), 0);
+    if (!c->m) return -1;
+    CHECK_EQ_INT(dg_painter_new(&c->m->dit, &c->m->vae, &c->m->conn, c->m->be, c->m->max_context, 0, &c->p, err,
+                                sizeof err), 0);
+    CHECK_EQ_INT(dg_cond_acc_new(&c->m->conn, c->m->be, c->m->max_context, 256, &c->acc, err, sizeof err), 0);
+    if (!c->p || !c->acc) return -1;
+    CHECK_EQ_INT(direct_conditions(c->m, text, &c->ids, c->acc), 0);
+    return 0;
+}
+
+static void painter_case_close(painter_case *c) {
+    dg_tok_ids_free(&c->ids);
+    if (c->acc) dg_cond_acc_free(&c->m->conn, c->acc);
+    dg_painter_free(c->p);
+    dg_model_close(c->m);
+}
+
 /* An unguided image (guidance_scale 0) is the conditional branch alone: the same pixels as
  * the components run without the second forward, and no unconditional rows are built — a
  * job whose n_neg is 0 (no negative at all) draws, where building them refused it. */
 TEST(painter_unguided_image_builds_no_unconditional_rows) {
-    if (!setup()) { CHECK(!"setup"); return; }
-    char err[512];
-    dg_model *m;
-    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
-    dg_painter *p = NULL;
-    dg_cond_acc *acc = NULL;
-    dg_tok_ids ids = {0};
+    painter_case c;
     dg_image_digest h;
-    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 0, &p, err, sizeof err), 0);
-    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
-    CHECK_EQ_INT(direct_conditions(m, "A plate, unguided.", &ids, acc), 0);
-    dg_image_params params = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 0.0f, .shift = 3.0f,
-                              .schedule = DG_SCHEDULE_SHIFTED};
-    dg_painter_job job = {.acc = acc, .n_pos = (int)ids.n, .n_neg = 0, .seed = 5, .index = 0, .params = params};
-    dg_image *a = paint(p, &job, &h);
-    CHECK(a != NULL);
-    CHECK_EQ_INT(dg_painter_branches(p), 1);
-    direct_job j = {.n_pos = (int)ids.n, .W = 32, .H = 32, .steps = 2, .guidance = 0.0f, .shift = 3.0f, .seed = 5,
-                    .index = 0};
-    float *latent = NULL;
-    dg_image *direct = direct_draw(m, acc, &j, &latent);
-    CHECK(same_image(a, direct));
-    dg_image_free(a);
-    dg_image_free(direct);
-    free(latent);
-    dg_tok_ids_free(&ids);
-    dg_cond_acc_free(&m->conn, acc);
-    dg_painter_free(p);
-    dg_model_close(m);
+    if (painter_case_open(&c, "A plate, unguided.") == 0) {
+        dg_image_params params = {.width = 32, .height = 32, .steps = 2, .guidance_scale = 0.0f, .shift = 3.0f,
+                                  .schedule = DG_SCHEDULE_SHIFTED};
+        dg_painter_job job = {.acc = c.acc, .n_pos = (int)c.ids.n, .n_neg = 0, .seed = 5, .index = 0, .params = params};
+        dg_image *a = paint(c.p, &job, &h);
+        CHECK(a != NULL);
+        CHECK_EQ_INT(dg_painter_branches(c.p), 1);
+        direct_job j = {.n_pos = (int)c.ids.n, .W = 32, .H = 32, .steps = 2, .guidance = 0.0f, .shift = 3.0f,
+                        .seed = 5, .index = 0};
+        float *latent = NULL;
+        dg_image *direct = direct_draw(c.m, c.acc, &j, &latent);
+        CHECK(same_image(a, direct));
+        dg_image_free(a);
+        dg_image_free(direct);
+        free(latent);
+    }
+    painter_case_close(&c);
 }
 
 /* Latents that diverged to NaN decode to NaN pixels: each becomes 0, not lrintf's value for
@@ -523,37 +543,30 @@ TEST(painter_unguided_image_builds_no_unconditional_rows) {
  * pins the contract more than it caught the bug). The one step's velocities are set to NaN
  * between dg_painter_inputs and dg_painter_advance, in place of the DiT's. */
 TEST(painter_turns_nan_pixels_black) {
-    if (!setup()) { CHECK(!"setup"); return; }
+    painter_case c;
     char err[512];
-    dg_model *m;
-    CHECK_EQ_INT(dg_model_open(pkg, NULL, &m, err, sizeof err), 0);
-    dg_painter *p = NULL;
-    dg_cond_acc *acc = NULL;
-    dg_tok_ids ids = {0};
     dg_image *img = NULL;
     dg_image_digest h;
-    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 0, &p, err, sizeof err), 0);
-    CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
-    CHECK_EQ_INT(direct_conditions(m, "A plate.", &ids, acc), 0);
-    dg_image_params params = {.width = 16, .height = 16, .steps = 1, .shift = 3.0f, .schedule = DG_SCHEDULE_SHIFTED};
-    dg_painter_job job = {.acc = acc, .n_pos = (int)ids.n, .n_neg = 1, .seed = 5, .params = params};
-    CHECK_EQ_INT(dg_painter_begin(p, &job, err, sizeof err), 0);
-    dg_dit_input in[2];
-    float *vel[2];
-    const int f = dg_vae_spatial_factor(&m->vae), branches = dg_painter_inputs(p, in, vel);
-    const int64_t n = (int64_t)m->vae.cfg.z_dim * (16 / f) * (16 / f);
-    for (int b = 0; b < branches; b++)
-        for (int64_t i = 0; i < n; i++) vel[b][i] = NAN;
-    CHECK_EQ_INT(dg_painter_advance(p, 0.0, err, sizeof err), 1);
-    CHECK_EQ_INT(dg_painter_finish(p, &img, &h, err, sizeof err), 0);
-    int nonzero = 0;
-    for (int i = 0; img && i < 16 * 16 * 3; i++) nonzero += img->rgb[i] != 0;
-    CHECK(img != NULL && nonzero == 0);
-    dg_image_free(img);
-    dg_tok_ids_free(&ids);
-    dg_cond_acc_free(&m->conn, acc);
-    dg_painter_free(p);
-    dg_model_close(m);
+    if (painter_case_open(&c, "A plate.") == 0) {
+        const dg_model *m = c.m;
+        dg_image_params params = {.width = 16, .height = 16, .steps = 1, .shift = 3.0f,
+                                  .schedule = DG_SCHEDULE_SHIFTED};
+        dg_painter_job job = {.acc = c.acc, .n_pos = (int)c.ids.n, .n_neg = 1, .seed = 5, .params = params};
+        CHECK_EQ_INT(dg_painter_begin(c.p, &job, err, sizeof err), 0);
+        dg_dit_input in[2];
+        float *vel[2];
+        const int f = dg_vae_spatial_factor(&m->vae), branches = dg_painter_inputs(c.p, in, vel);
+        const int64_t n = (int64_t)m->vae.cfg.z_dim * (16 / f) * (16 / f);
+        for (int b = 0; b < branches; b++)
+            for (int64_t i = 0; i < n; i++) vel[b][i] = NAN;
+        CHECK_EQ_INT(dg_painter_advance(c.p, 0.0, err, sizeof err), 1);
+        CHECK_EQ_INT(dg_painter_finish(c.p, &img, &h, err, sizeof err), 0);
+        int nonzero = 0;
+        for (int i = 0; img && i < 16 * 16 * 3; i++) nonzero += img->rgb[i] != 0;
+        CHECK(img != NULL && nonzero == 0);
+        dg_image_free(img);
+    }
+    painter_case_close(&c);
 }
 
 int main(void) { return test_main(); }

@@ -189,6 +189,23 @@ def png_bytes(w, h, row):
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+def varint(n):
+    """n as a protobuf varint."""
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def ld(field, payload):
+    """A length-delimited protobuf field on the wire: for jobs the Python library will not
+    build (millions of parts, strings that are not UTF-8)."""
+    return varint((field << 3) | 2) + varint(len(payload)) + payload
+
+
 def make_job(job_id, text="hello world", meta=None, images=(), system=None, **kw):
     job = pb.Job(id=job_id)
     if system:

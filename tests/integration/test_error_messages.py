@@ -6,21 +6,7 @@ the job for a later attempt instead of dead-lettering it as the job's fault."""
 import os
 import shutil
 
-from conftest import pb, wait_until
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def ld(field, payload):
-    return varint((field << 3) | 2) + varint(len(payload)) + payload
+from conftest import ld, pb, wait_until
 
 
 def raw_job(job_id_bytes):

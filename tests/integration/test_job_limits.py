@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.request
 
-from conftest import free_port, pb, wait_until
+from conftest import free_port, ld, pb, wait_until
 
 
 def vmhwm_kb(pid):
@@ -20,21 +20,6 @@ def vmhwm_kb(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     raise AssertionError("no VmHWM")
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def ld(field, payload):
-    """A length-delimited field on the wire."""
-    return varint((field << 3) | 2) + varint(len(payload)) + payload
 
 
 def question_about(job_id, image):
