@@ -265,8 +265,14 @@ fuzz: $(FUZZ_BINS)
 # ---- benchmarks ----------------------------------------------------------------------
 # the small package the benchmarks run on, written when missing
 SMALL_PACKAGE = @[ -d $(BUILD)/models/small ] || $(BUILD)/dg-bench --quick decoder >/dev/null
-# BENCH_TAG: a suffix of the reports' names (bench-coretype-unset's "_coretype_unset")
+# BENCH_TAG: a suffix of the reports' names (bench-coretype-unset's "_coretype_unset", whose
+# runs have OPENBLAS_CORETYPE unset even where `make bench OPENBLAS_CORETYPE=...` set it on the
+# command line, which MAKEFLAGS would carry into the sub-make)
 BENCH_TAG ?=
+ifeq ($(BENCH_TAG),_coretype_unset)
+unexport OPENBLAS_CORETYPE
+override OPENBLAS_CORETYPE :=
+endif
 bench: bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e \
        bench-coretype-unset
 

@@ -1,6 +1,7 @@
 #include "job.h"
 #include "outdir.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -378,10 +379,23 @@ dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_
     return validate(j->pb, cfg, err, errlen);
 }
 
-/* A file the job names that cannot be opened: missing (the job's reference, UNAVAILABLE), or
+/* Whether directory `dir` holds no entry: an image_root whose file system is not mounted
+ * is an empty mountpoint. */
+static int dir_empty(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int empty = 1;
+    for (struct dirent *e; empty && (e = readdir(d));) empty = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+    closedir(d);
+    return empty;
+}
+
+/* A file the job names that cannot be opened: missing (the job's reference, UNAVAILABLE,
+ * unless the whole root is empty: a mount gone, this worker's), not a file (a socket), or
  * unreadable by this worker now (permissions, I/O, memory: DG_JOB_WORKER). */
-static dg_job_status open_failure(int e) {
-    return e == ENOENT || e == ENOTDIR || e == ELOOP || e == ENAMETOOLONG ? DG_JOB_UNAVAILABLE : DG_JOB_WORKER;
+static dg_job_status open_failure(int e, const char *root) {
+    if (e == ENOENT) return dir_empty(root) ? DG_JOB_WORKER : DG_JOB_UNAVAILABLE;
+    return e == ENOTDIR || e == ELOOP || e == ENAMETOOLONG || e == ENXIO ? DG_JOB_UNAVAILABLE : DG_JOB_WORKER;
 }
 
 /* Reads a file below image_root: the path is resolved and must stay inside the root. */
@@ -392,11 +406,16 @@ static dg_job_status read_image_file(const char *root, const char *path, size_t 
     if (path[0] == '/') snprintf(full, sizeof full, "%s", path);
     else snprintf(full, sizeof full, "%s/%s", root, path);
     /* this worker's own folder missing (unmounted, removed): no job's fault */
-    if (!realpath(root, real_root))
-        FAIL(DG_JOB_WORKER, "%s: this worker's image_root \"%s\": %s", what, root, strerror(errno));
+    if (!realpath(root, real_root)) {
+        const int e = errno;
+        char qr[200];
+        FAIL(DG_JOB_WORKER, "%s: this worker's image_root \"%s\": %s", what, dg_clip(root, qr, sizeof qr), strerror(e));
+    }
     if (!realpath(full, real)) {
         const int e = errno;
-        FAIL(open_failure(e), "%s: \"%s\": %s", what, shown, strerror(e));
+        const dg_job_status st = open_failure(e, real_root);
+        FAIL(st, "%s: \"%s\": %s%s", what, shown, strerror(e),
+             st == DG_JOB_WORKER && e == ENOENT ? " (this worker's image_root is empty: not mounted?)" : "");
     }
     size_t rl = strlen(real_root);
     if (strncmp(real, real_root, rl) || (real[rl] != '/' && real[rl] != 0))
@@ -406,7 +425,7 @@ static dg_job_status read_image_file(const char *root, const char *path, size_t 
     int fd = open(real, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         const int e = errno;
-        FAIL(open_failure(e), "%s: \"%s\": %s", what, shown, strerror(e));
+        FAIL(open_failure(e, real_root), "%s: \"%s\": %s", what, shown, strerror(e));
     }
     struct stat st;
     if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {

@@ -1,5 +1,6 @@
 /* outdir.c — drawn images written as files, atomically (outdir.h). */
 #include "outdir.h"
+#include "job.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -52,23 +53,32 @@ int dg_outdir_write(const char *root, const char *id, int n, const uint8_t *png,
     if (mkdir(dir, 0755) == 0 || (errno == EEXIST && n == 1)) {
         sync_dir(root);
     } else if (errno != EEXIST) {
-        snprintf(err, errlen, "output_root: cannot make \"%s\": %s", dir, strerror(errno));
+        const int e = errno;
+        char q[300];
+        snprintf(err, errlen, "output_root: cannot make \"%s\": %s", dg_clip(dir, q, sizeof q), strerror(e));
         return -1;
     }
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
-        snprintf(err, errlen, "output_root: cannot write \"%s\": %s", tmp, strerror(errno));
+        const int e = errno;
+        char q[300];
+        snprintf(err, errlen, "output_root: cannot write \"%s\": %s", dg_clip(tmp, q, sizeof q), strerror(e));
         return -1;
     }
     if (write_all(fd, png, len) || fsync(fd)) {
-        snprintf(err, errlen, "output_root: writing \"%s\": %s", tmp, strerror(errno));
+        const int e = errno;
+        char q[300];
+        snprintf(err, errlen, "output_root: writing \"%s\": %s", dg_clip(tmp, q, sizeof q), strerror(e));
         close(fd);
         unlink(tmp);
         return -1;
     }
     close(fd);
     if (rename(tmp, path)) {
-        snprintf(err, errlen, "output_root: cannot move the written file into \"%s\": %s", path, strerror(errno));
+        const int e = errno;
+        char q[300];
+        snprintf(err, errlen, "output_root: cannot move the written file into \"%s\": %s", dg_clip(path, q, sizeof q),
+                 strerror(e));
         unlink(tmp);
         return -1;
     }

@@ -116,6 +116,7 @@ dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int ro
         t->connects_seen = t->redis->connects;
         t->own_pending = 1;
     }
+    if (dg_mono_ms() < t->input_retry_ms) room = 0;   /* it could not read a job's inputs a moment ago */
     return (dg_take_facts){
         .connected = connected, .groups_ok = t->groups_ok,
         .groups_wait = !t->groups_ok && dg_mono_ms() < t->groups_retry_ms, .own_pending = t->own_pending,
@@ -362,6 +363,12 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
         note_retry(t, r, err);
         released_add(t, stream, entry_id);
         dg_runs_drop(t->held, r);
+        /* and takes no job for a while (250 ms doubling to 16 s, then 30 s) */
+        const int64_t wait = t->input_failures >= 7 ? 30000 : (int64_t)250 << t->input_failures;
+        t->input_failures++;
+        t->input_retry_ms = dg_mono_ms() + wait;
+        log_error("this worker cannot read a job's input images (%s): no job is taken for %lld ms", err,
+                  (long long)wait);
         return 0;
     }
     if (st != DG_JOB_OK) {
@@ -371,6 +378,7 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
         return 0;
     }
 
+    t->input_failures = 0;   /* it read this job's inputs */
     dg_sink sink;
     dg_run_sink(r, &sink);
     dg_run_started(r);
@@ -398,6 +406,7 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
         snprintf(why, sizeof why, "worker \"%s\": engine failure: %s", t->cfg->worker_id, err);
         note_retry(t, r, why);   /* what the attempt that gives up will say */
         out->engine_failed = 1;
+        snprintf(out->engine_error, sizeof out->engine_error, "%s", err);   /* the worker's other runs too */
         break;
     }
     }

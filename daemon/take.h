@@ -109,6 +109,11 @@ typedef struct {
     int groups_failures;             /* XGROUP CREATE refused in a row (WRONGTYPE: a key that
                                         is not a stream), tried again after a doubling wait */
     int64_t groups_retry_ms;         /* monotonic: not before then */
+    int input_failures;              /* jobs in a row whose input images this worker could not
+                                        read (DG_JOB_WORKER: its image_root, its ACL, I/O) */
+    int64_t input_retry_ms;          /* monotonic: no job is taken before then (a doubling wait
+                                        from 250 ms to 30 s): a worker that cannot read inputs
+                                        does not pull the backlog through its pending list */
     int own_pending;                 /* kept set while an OWN step of a plan did not run, or
                                         an entry is parked; set by a new connection (a read
                                         whose reply was lost left its entries pending) */
@@ -145,6 +150,7 @@ typedef struct {
     int64_t skipped;         /* entries whose job already had a result: acknowledged only */
     int refused;             /* Redis refused this worker (NOPERM): configuration */
     int engine_failed;       /* the engine failed for good: restart the process */
+    char engine_error[1024]; /* with engine_failed: its message */
 } dg_take_report;
 
 void dg_take_init(dg_taker *t, dg_redis *redis, const dg_daemon_config *cfg, const dg_keys *keys,

@@ -171,15 +171,24 @@ static void fence_lost(dg_worker *w) {
 /* An engine failure ends the process (exit 75) with its runs' entries pending for a later
  * attempt: each of their job hashes says what ended this one, so that the attempt that
  * gives up can tell (it said "ended without a result"). A run another attempt holds now
- * (lease lost) writes nothing, as always. */
+ * writes nothing, as always: the leases the keeper found lost are fenced first, and a hash
+ * that names another worker or attempt is left alone. */
 static void note_engine_failure(dg_worker *w, const char *what) {
-    char key[DG_KEY_MAX], why[1024], now[24];
+    char key[DG_KEY_MAX], why[1024], now[24], attempt[16];
+    fence_lost(w);
     snprintf(why, sizeof why, "worker \"%s\": engine failure: %s", w->cfg->worker_id, what);
     dg_utf8_scrub(why);
     snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
     for (dg_run *r = w->runs.first; r && dg_redis_ready(&w->redis); r = r->next) {
         if (!r->submitted || r->ended || r->lease_lost) continue;
         dg_key_job(key, w->cfg->prefix, r->id);
+        snprintf(attempt, sizeof attempt, "%d", r->deliveries);
+        redisReply *got = dg_redis_cmdv(&w->redis, "HMGET", key, "worker", "attempt", NULL);
+        const int ours = got && got->type == REDIS_REPLY_ARRAY && got->elements == 2 &&
+                         got->element[0]->type == REDIS_REPLY_STRING && got->element[1]->type == REDIS_REPLY_STRING &&
+                         !strcmp(got->element[0]->str, w->cfg->worker_id) && !strcmp(got->element[1]->str, attempt);
+        if (got) freeReplyObject(got);
+        if (!ours) continue;
         redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", key, "state", "retrying", "error", why, "updated_ms", now,
                                         NULL);
         if (rep) freeReplyObject(rep);
@@ -195,7 +204,10 @@ static void absorb(dg_worker *w, const dg_take_report *rep) {
         pthread_mutex_unlock(&w->lock);
     }
     if (rep->refused) w->fatal = EX_CONFIG;
-    if (rep->engine_failed) w->fatal = EX_TEMPFAIL;
+    if (rep->engine_failed) {
+        note_engine_failure(w, rep->engine_error);
+        w->fatal = EX_TEMPFAIL;
+    }
 }
 
 /* ---- the steps of the loop ------------------------------------------------------------------------ */
@@ -317,6 +329,9 @@ static void idle_wait(dg_worker *w) {
         sleep_ms(5);   /* results waiting on a refusing Redis: do not spin */
     } else if (!w->taker.groups_ok) {   /* their creation refused: its wait, 200 ms at most */
         const int64_t left = w->taker.groups_retry_ms - dg_mono_ms();
+        sleep_ms(left < 5 ? 5 : left > 200 ? 200 : (int)left);
+    } else if (dg_mono_ms() < w->taker.input_retry_ms) {   /* inputs it could not read: its wait */
+        const int64_t left = w->taker.input_retry_ms - dg_mono_ms();
         sleep_ms(left < 5 ? 5 : left > 200 ? 200 : (int)left);
     }
 }

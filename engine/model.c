@@ -206,16 +206,22 @@ static int read_preprocessor(dg_model *m, const char *mllm, char *err, size_t er
     for (int i = 0; i < 3 && rc >= 0; i++)
         if (!(c->image_std[i] > 0.0 && c->image_std[i] < 1e6))
             rc = fail(err, errlen, DG_EMODEL, "%s: image_std[%d] %g must be above 0", path, i, c->image_std[i]);
-    /* the patches are cut for the tower's patch embedding and merged by its merger */
-    const dg_vision_config *vc = &m->cfg.vision;
-    if (rc >= 0 && (c->patch_size != vc->patch_size || c->temporal_patch_size != vc->temporal_patch_size ||
-                    c->merge_size != vc->spatial_merge_size))
-        rc = fail(err, errlen, DG_EMODEL, "%s: patch_size %d, temporal_patch_size %d, merge_size %d must be "
-                  "config.json's vision_config patch_size %d, temporal_patch_size %d, spatial_merge_size %d", path,
-                  c->patch_size, c->temporal_patch_size, c->merge_size, vc->patch_size, vc->temporal_patch_size,
-                  vc->spatial_merge_size);
     json_decref(j);
     return rc < 0 ? rc : 0;
+}
+
+/* The patches are cut for the tower's patch embedding and merged by its merger: the
+ * preprocessor's sizes (its file's, or the defaults without one) must be the tower's. */
+static int check_preprocessor(const dg_model *m, const char *mllm, char *err, size_t errlen) {
+    const dg_image_preprocess_config *c = &m->pp;
+    const dg_vision_config *vc = &m->cfg.vision;
+    if (c->patch_size == vc->patch_size && c->temporal_patch_size == vc->temporal_patch_size &&
+        c->merge_size == vc->spatial_merge_size)
+        return 0;
+    return fail(err, errlen, DG_EMODEL, "%s/preprocessor_config.json: patch_size %d, temporal_patch_size %d, "
+                "merge_size %d must be config.json's vision_config patch_size %d, temporal_patch_size %d, "
+                "spatial_merge_size %d", mllm, c->patch_size, c->temporal_patch_size, c->merge_size, vc->patch_size,
+                vc->temporal_patch_size, vc->spatial_merge_size);
 }
 
 /* A string of at most cap - 1 bytes into out ("" when absent). */
@@ -451,7 +457,8 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
             goto fail;
         }
         if ((rc = dg_vision_load(&m->vision, &m->cfg.vision, m->mllm_st, m->be, err, errlen)) < 0) goto fail;
-        if ((rc = read_preprocessor(m, mllm, err, errlen)) < 0) goto fail;
+        if ((rc = read_preprocessor(m, mllm, err, errlen)) < 0 || (rc = check_preprocessor(m, mllm, err, errlen)) < 0)
+            goto fail;
         m->has_vision = 1;
     }
     m->image_pad_id = m->cfg.text.image_token_id;

@@ -377,7 +377,7 @@ static uint8_t *png_with_exif_xmp(int w, int h, const uint8_t *exif, int n_exif,
 /* Pillow's getexif() reads XMP's tiff:Orientation whenever the EXIF has no Orientation tag
  * (PIL.Image.Image.getexif), an EXIF without one included: a PNG whose eXIf holds only a
  * Make tag and whose XMP says 6 is turned as the XMP alone turns it (52x29 -> 29x52). An
- * EXIF Orientation of 1 is a tag: the XMP is not read then. */
+ * EXIF Orientation of 1, or of 0 (no turn), is a tag: the XMP is not read then. */
 TEST(decode_png_exif_without_orientation_falls_back_to_xmp) {
     static const uint8_t make_only[26] = {'I', 'I', '*', 0, 8, 0, 0, 0, 1, 0,           /* one IFD0 entry: */
                                           0x0F, 0x01, 2, 0, 4, 0, 0, 0, 'C', 'a', 'm', 0, /* Make "Cam" */
@@ -385,22 +385,29 @@ TEST(decode_png_exif_without_orientation_falls_back_to_xmp) {
     static const uint8_t upright[26] = {'I', 'I', '*', 0, 8, 0, 0, 0, 1, 0,
                                         0x12, 0x01, 3, 0, 1, 0, 0, 0, 1, 0, 0, 0,        /* Orientation 1 */
                                         0, 0, 0, 0};
+    static const uint8_t zero[26] = {'I', 'I', '*', 0, 8, 0, 0, 0, 1, 0,
+                                     0x12, 0x01, 3, 0, 1, 0, 0, 0, 0, 0, 0, 0,           /* Orientation 0 */
+                                     0, 0, 0, 0};
     const char *xmp = "<x:xmpmeta><rdf:Description tiff:Orientation=\"6\"/></x:xmpmeta>";
-    size_t l0, l1, l2, l3;
+    size_t l0, l1, l2, l3, l4;
     uint8_t *plain = png_with_exif_xmp(52, 29, NULL, 0, NULL, &l0), *only_xmp = png_with_exif_xmp(52, 29, NULL, 0, xmp, &l1),
             *both = png_with_exif_xmp(52, 29, make_only, 26, xmp, &l2),
-            *tagged = png_with_exif_xmp(52, 29, upright, 26, xmp, &l3);
-    CHECK(plain && only_xmp && both && tagged);
-    dg_image *a = NULL, *b = NULL, *c = NULL, *d = NULL;
+            *tagged = png_with_exif_xmp(52, 29, upright, 26, xmp, &l3), *zeroed = png_with_exif_xmp(52, 29, zero, 26, xmp, &l4);
+    CHECK(plain && only_xmp && both && tagged && zeroed);
+    dg_image *a = NULL, *b = NULL, *c = NULL, *d = NULL, *e = NULL;
     char err[256];
     if (plain) CHECK_EQ_INT(dg_image_decode(plain, l0, "plain", NULL, &a, err, sizeof err), 0);
     if (only_xmp) CHECK_EQ_INT(dg_image_decode(only_xmp, l1, "xmp", NULL, &b, err, sizeof err), 0);
     if (both) CHECK_EQ_INT(dg_image_decode(both, l2, "exif+xmp", NULL, &c, err, sizeof err), 0);
     if (tagged) CHECK_EQ_INT(dg_image_decode(tagged, l3, "tagged", NULL, &d, err, sizeof err), 0);
+    if (zeroed) CHECK_EQ_INT(dg_image_decode(zeroed, l4, "zeroed", NULL, &e, err, sizeof err), 0);
     CHECK(b && b->width == 29 && b->height == 52);
     CHECK(c && c->width == 29 && c->height == 52);
     CHECK(b && c && memcmp(b->rgb, c->rgb, (size_t)29 * 52 * 3) == 0);
     CHECK(a && d && d->width == 52 && d->height == 29 && memcmp(a->rgb, d->rgb, (size_t)52 * 29 * 3) == 0);
+    CHECK(a && e && e->width == 52 && e->height == 29 && memcmp(a->rgb, e->rgb, (size_t)52 * 29 * 3) == 0);
+    dg_image_free(e);
+    free(zeroed);
     dg_image_free(a);
     dg_image_free(b);
     dg_image_free(c);

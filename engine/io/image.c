@@ -116,13 +116,17 @@ static uint32_t rd32(const uint8_t *p, int big) {
 }
 
 /* The Orientation tag (0x0112, one SHORT or LONG) of IFD0 of an EXIF blob (a TIFF file,
- * after any "Exif\0\0" prefixes, as PIL.Image.Exif.load strips them); 0 when absent or
- * unreadable (where Pillow would raise, the image is taken as it is). */
+ * after any "Exif\0\0" prefixes, as PIL.Image.Exif.load strips them): its value; 0 when the
+ * tag is there but not one number of 0..9, or the blob is unreadable (where Pillow would
+ * raise, the image is taken as it is); -1 when IFD0 has no such tag (only then does Pillow
+ * read XMP's). */
 static int exif_orientation(const uint8_t *p, size_t n) {
     while (n >= 6 && memcmp(p, "Exif\0\0", 6) == 0) {
         p += 6;
         n -= 6;
     }
+    if (n == 0)
+        return -1;   /* nothing after the prefix: Pillow loads no tags */
     if (n < 8)
         return 0;
     int big;
@@ -154,7 +158,7 @@ static int exif_orientation(const uint8_t *p, size_t n) {
         }
         return 0;
     }
-    return 0;
+    return -1;
 }
 
 /* Pillow's XMP fallback: the first match of the regex  tiff:Orientation(="|>)([0-9]) . */
@@ -174,7 +178,8 @@ static int xmp_orientation(const uint8_t *p, size_t n) {
 }
 
 /* ImageMagick's "Raw profile type exif" text: "\nexif\n<len>\n<hex lines>"; Pillow decodes
- * the hex of everything after the third newline. Returns the orientation or 0. */
+ * the hex of everything after the third newline. Returns what exif_orientation does of it
+ * (0 for hex that is not). */
 static int raw_profile_orientation(const char *text, size_t n) {
     size_t i = 0;
     for (int nl = 0; nl < 3 && i < n; i++)
@@ -337,7 +342,7 @@ static int png_palette_overrun(const struct png_format *f, const uint8_t *in, in
 static int png_orientation(png_structp png, png_infop info) {
     png_uint_32 n_exif = 0;
     png_bytep exif = NULL;
-    int o = 0, has_exif = png_get_eXIf_1(png, info, &n_exif, &exif) && exif && n_exif > 0;
+    int o = -1, has_exif = png_get_eXIf_1(png, info, &n_exif, &exif) && exif && n_exif > 0;
     if (has_exif)
         o = exif_orientation(exif, n_exif);
     png_textp text = NULL;
@@ -354,11 +359,11 @@ static int png_orientation(png_structp png, png_infop info) {
         size_t len = raw->compression > 0 ? raw->itxt_length : raw->text_length;
         o = raw_profile_orientation(raw->text, len);
     }
-    if (o == 0 && xmp) {
+    if (o < 0 && xmp) {
         size_t len = xmp->compression > 0 ? xmp->itxt_length : xmp->text_length;
         o = xmp_orientation((const uint8_t *)xmp->text, len);
     }
-    return o;
+    return o < 0 ? 0 : o;
 }
 
 
@@ -590,9 +595,11 @@ static int jpeg_orientation(const uint8_t *p, size_t n) {
             xmp_len = sl - sizeof xmp_id;
         }
     }
-    int o = exif ? exif_orientation(exif, exif_len) : 0;
-    if (o == 0 && xmp)
+    int o = exif ? exif_orientation(exif, exif_len) : -1;
+    if (o < 0 && xmp)
         o = xmp_orientation(xmp, xmp_len);
+    if (o < 0)
+        o = 0;
     free(exif);
     return o;
 }

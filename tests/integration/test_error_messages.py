@@ -56,6 +56,7 @@ def test_a_long_key_keeps_its_reason_and_stays_utf8(cluster):
 def test_a_long_path_keeps_its_reason(cluster, tmpdir_path):
     root = os.path.join(tmpdir_path, "images")
     os.makedirs(root)
+    open(os.path.join(root, "other.png"), "wb").close()   # a root in use: the missing file is the job's
     cluster.worker("w1", args=["--image-root", root])
     cluster.wait_groups()
     cluster.enqueue("longpath", raw=question_about("longpath", pb.Image(path="dir" + "é" * 600)))
@@ -86,3 +87,35 @@ def test_a_missing_image_root_is_the_workers_not_the_jobs(cluster, tmpdir_path):
     res = cluster.wait_result("noroot", timeout=30)
     assert res["status"] == b"done", res
     assert int(res["attempt"]) >= 2, res
+
+
+def test_an_empty_image_root_is_a_mount_gone_not_a_missing_file(cluster, tmpdir_path):
+    """Unmounted, the root is an empty folder: a file the job names is missing from it, but
+    the job is not at fault; with a file in the root the same job is (UNAVAILABLE)."""
+    root = os.path.join(tmpdir_path, "mnt")
+    os.makedirs(root)
+    cluster.worker("w1", args=["--image-root", root])
+    cluster.wait_groups()
+    cluster.enqueue("unmounted", raw=question_about("unmounted", pb.Image(path="a.png")))
+    job_key = cluster.key("job", "unmounted")
+    state = wait_until(lambda: cluster.r.hgetall(job_key).get(b"state") == b"retrying" and cluster.r.hgetall(job_key),
+                       timeout=20, what="the attempt given back")
+    assert b"image_root is empty: not mounted?" in state[b"error"], state
+    assert not cluster.r.xrange(cluster.key("dead"))
+
+
+def test_a_worker_that_cannot_read_inputs_takes_jobs_slowly(cluster, tmpdir_path):
+    """Each job it cannot read makes it wait before the next (250 ms, doubling): it does not
+    pull the whole backlog through its pending list, where the entries it gives back would
+    outnumber what it remembers of them."""
+    root = os.path.join(tmpdir_path, "images")
+    os.makedirs(root)
+    w = cluster.worker("w1", args=["--image-root", root])
+    cluster.wait_groups()
+    shutil.rmtree(root)
+    for i in range(4):
+        cluster.enqueue(f"slow{i}", raw=question_about(f"slow{i}", pb.Image(path="a.png")))
+    wait_until(lambda: "no job is taken for 1000 ms" in w.logs(), timeout=30, what="a third refusal")
+    logs = w.logs()
+    assert logs.index("no job is taken for 250 ms") < logs.index("no job is taken for 500 ms"), logs
+    assert w.alive()

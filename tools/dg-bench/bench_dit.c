@@ -1,7 +1,8 @@
 /* bench_dit — image generation on the CPU backend, small preset: one DiT step (one network
  * evaluation) at 256x256 and 512x512 pixels (32x32 and 64x64 latents) with 0, 1 and 3
  * condition frames of the target's size and a 512-row context, and VAE encode and decode of
- * one image at the same sizes. Times in ms, the best of `reps` runs after a warm-up.
+ * one image at the same sizes. Times in ms a run: the best round's mean (a round is `reps`
+ * runs; one round without a baseline), after a warm-up.
  *
  * The model is --model DIR or build/models/small; its dit/, vae/ and connector are written
  * by build/mkmodel --preset small --seed 1 when missing. --quick: 256x256 only, 0 and 1
@@ -14,9 +15,9 @@
  * turn about with ours (bench.h bench_peer): 3 rounds of each figure, each round `reps` of
  * our runs and as many of its (the order alternating); the speed-up, its time over ours, is
  * the median of the rounds' with their range ("<key>_speedup_vs_diffusers", above 1: ours
- * faster), its time "diffusers_<key>" (the best round's mean). Without it, when
- * build/bench/diffusers_dit.json (or diffusers_dit_bf16.json) exists, that script's own run,
- * ours / its is printed (below 1: faster than diffusers). A DiT step's time is also printed
+ * faster), its time "diffusers_<key>" (the best round's mean, as ours). Without a live
+ * co-process there are no diffusers figures ("diffusers_baseline_missing" says why), never
+ * an earlier run's file. A DiT step's time is also printed
  * as GFLOP/s (dit_flop) and as a fraction of the instruction's rate measured in the same run
  * (bench_peak_gflops), for ours and the baseline, as the vision benchmark does. */
 #include <stdio.h>
@@ -53,7 +54,7 @@ static double dit_flop(const dg_dit *m, double n, double nf, double n_ctx) {
 #undef W
 }
 
-/* One figure of ours (ms a run, the best run) beside the peer's, turn about: each round
+/* One figure of ours (ms a run, the best round's mean) beside the peer's, turn about: each round
  * `reps` of our runs (run(arg): one, 0 or < 0 when it failed, the message in the job's err)
  * and peer_cmd, the peer's command for as many; rounds alternate who goes first. With flop
  * > 0 (the work of a run), both sides' rates against `peak` too, each from its best round's

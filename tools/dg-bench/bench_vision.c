@@ -14,8 +14,8 @@
  * the reference venv is there) it runs as a co-process turn about with ours: 3 rounds at
  * each size and thread count, each round our timed runs and then the same number of its
  * (the order alternating), a ratio the median of the rounds' ratios with their range beside
- * it (bench.h bench_peer says why). Without it, build/bench/transformers_vision.json (or
- * transformers_vision_bf16.json), that script's own run, is compared.
+ * it (bench.h bench_peer says why). Without a live co-process there are no transformers
+ * figures ("transformers_baseline_missing" says why), never an earlier run's file.
  *
  * The tower is bound by arithmetic, so each rate is also printed as GFLOP/s (tower_flop: the
  * matmuls and the attention's products) and as a fraction of the instruction's rate at that
