@@ -116,7 +116,7 @@ static size_t pack_result(const dg_committer *c, dg_run *r, uint8_t **out) {
     usage.cached_vision = (uint64_t)r->usage.cached_vision;
     usage.dit_forwards = (uint64_t)r->usage.dit_forwards;
     res.usage = &usage;
-    tim.queue_ms = r->enqueued_ms > 0 ? (double)(r->taken_ms - r->enqueued_ms) : 0;
+    tim.queue_ms = r->enqueued_ms > 0 && r->taken_ms > r->enqueued_ms ? (double)(r->taken_ms - r->enqueued_ms) : 0;   /* clock skew: 0 */
     tim.prefill_ms = r->timings.prefill_ms;
     tim.decode_ms = r->timings.decode_ms;
     tim.vision_ms = r->timings.vision_ms;

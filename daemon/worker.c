@@ -109,6 +109,7 @@ static void publish(dg_worker *w) {
         l->serial = r->serial;
         int n = snprintf(w->stats.jobs + used, sizeof w->stats.jobs - used, "%s%s", used ? " " : "", r->id);
         if (n > 0 && used + (size_t)n < sizeof w->stats.jobs) used += (size_t)n;
+        else w->stats.jobs[used] = 0;   /* no room for this id: none of it, not a cut one */
     }
     dg_sched_cache_stats(w->sched, &w->stats.cache);
     dg_sched_draft_stats(w->sched, &w->stats.draft_tokens, &w->stats.draft_kept);
@@ -133,7 +134,9 @@ static void count_end(dg_worker *w, const dg_run *r) {
     w->stats.steps += r->steps_done;
     if (r->submitted) {
         w->stats.timed_jobs++;
-        w->stats.queue_s += r->enqueued_ms > 0 ? (double)(r->taken_ms - r->enqueued_ms) / 1e3 : 0;
+        /* the entry id's time is the Redis host's clock: skew could make it negative, and
+         * the summary's sum must not go down */
+        w->stats.queue_s += r->enqueued_ms > 0 && r->taken_ms > r->enqueued_ms ? (double)(r->taken_ms - r->enqueued_ms) / 1e3 : 0;
         w->stats.prefill_s += r->timings.prefill_ms / 1e3;
         w->stats.decode_s += r->timings.decode_ms / 1e3;
         w->stats.vision_s += r->timings.vision_ms / 1e3;
@@ -183,11 +186,16 @@ static void note_engine_failure(dg_worker *w, const char *what) {
         if (!r->submitted || r->ended || r->lease_lost) continue;
         dg_key_job(key, w->cfg->prefix, r->id);
         snprintf(attempt, sizeof attempt, "%d", r->deliveries);
-        redisReply *got = dg_redis_cmdv(&w->redis, "HMGET", key, "worker", "attempt", NULL);
-        const int ours = got && got->type == REDIS_REPLY_ARRAY && got->elements == 2 &&
-                         got->element[0]->type == REDIS_REPLY_STRING && got->element[1]->type == REDIS_REPLY_STRING &&
-                         !strcmp(got->element[0]->str, w->cfg->worker_id) && !strcmp(got->element[1]->str, attempt);
-        if (got) freeReplyObject(got);
+        /* HGET, which the worker's ACL grants (deploy/redis/users.acl.example), not HMGET */
+        redisReply *who = dg_redis_cmdv(&w->redis, "HGET", key, "worker", NULL);
+        redisReply *nth = dg_redis_cmdv(&w->redis, "HGET", key, "attempt", NULL);
+        const int ours = who && nth && who->type == REDIS_REPLY_STRING && nth->type == REDIS_REPLY_STRING &&
+                         !strcmp(who->str, w->cfg->worker_id) && !strcmp(nth->str, attempt);
+        if (!ours && ((who && who->type == REDIS_REPLY_ERROR) || (nth && nth->type == REDIS_REPLY_ERROR)))
+            log_warn("job \"%s\": the engine failure is not noted: %s", r->id,
+                     who && who->type == REDIS_REPLY_ERROR ? who->str : nth->str);
+        if (who) freeReplyObject(who);
+        if (nth) freeReplyObject(nth);
         if (!ours) continue;
         redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", key, "state", "retrying", "error", why, "updated_ms", now,
                                         NULL);

@@ -179,6 +179,24 @@ def test_worker_under_the_shipped_acl_stops_a_run_acknowledged_elsewhere(acl_red
         w.kill()
 
 
+def test_an_engine_failure_is_noted_under_the_shipped_acl(acl_redis, tmpdir_path):
+    """The worker's note of an engine failure in the job hash uses only commands the shipped
+    ACL grants it (it read the hash with HMGET, refused: the note was never written)."""
+    srv, pw, client = acl_redis
+    prod = client("producer")
+    w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "aclf")
+    try:
+        wait_until(lambda: "ready" in w.logs(), timeout=20, what="the worker ready")
+        job = make_job("acl-fault", "x", meta={"fake.fail": "fatal"}, max_attempts=2)
+        prod.xadd("duogen:jobs", {"id": "acl-fault", "job": job.SerializeToString()})
+        assert w.proc.wait(20) == 75
+        h = prod.hgetall("duogen:job:acl-fault")
+        assert h.get(b"state") == b"retrying", h
+        assert b'worker "aclf": engine failure: fake engine: device lost' in h.get(b"error", b""), h
+    finally:
+        w.kill()
+
+
 def test_worker_refused_by_redis_exits_78_naming_it(tmpdir_path):
     """A refusal that no retry mends exits 78 (systemd does not restart it) with its reason:
     no password for a server that wants one (NOAUTH on every command: the worker used to log
