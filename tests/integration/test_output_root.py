@@ -95,7 +95,9 @@ def test_a_retried_job_leaves_one_set_of_files(cluster, tmpdir_path):
     res = cluster.wait_result("again", timeout=40)
     assert res["status"] == b"done" and res["worker"] == b"w2", res
     assert pb.Result.FromString(res["pb"]).attempt == 2
-    assert files_of(root, "again") == ["1.png", "2.png"]
+    # the earlier attempt's leftovers go once the result is written: just after it shows
+    wait_until(lambda: files_of(root, "again") == ["1.png", "2.png"], timeout=10,
+               what="one set of files, the earlier attempt's leftovers removed")
     assert w2.alive()
 
 
