@@ -33,6 +33,15 @@ static void sync_dir(const char *dir) {
     }
 }
 
+/* "output_root: <what> "<path>": <errno's text>", the path clipped (dg_clip) so that the
+ * reason stays; -1. Reads errno first. */
+static int fail_at(char *err, size_t errlen, const char *what, const char *path) {
+    const int e = errno;
+    char q[300];
+    snprintf(err, errlen, "output_root: %s \"%s\": %s", what, dg_clip(path, q, sizeof q), strerror(e));
+    return -1;
+}
+
 int dg_outdir_write(const char *root, const char *id, int n, const uint8_t *png, size_t len, char *path,
                     size_t pathlen, char *err, size_t errlen) {
     char dir[4096], tmp[4200];
@@ -53,32 +62,19 @@ int dg_outdir_write(const char *root, const char *id, int n, const uint8_t *png,
     if (mkdir(dir, 0755) == 0 || (errno == EEXIST && n == 1)) {
         sync_dir(root);
     } else if (errno != EEXIST) {
-        const int e = errno;
-        char q[300];
-        snprintf(err, errlen, "output_root: cannot make \"%s\": %s", dg_clip(dir, q, sizeof q), strerror(e));
-        return -1;
+        return fail_at(err, errlen, "cannot make", dir);
     }
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        const int e = errno;
-        char q[300];
-        snprintf(err, errlen, "output_root: cannot write \"%s\": %s", dg_clip(tmp, q, sizeof q), strerror(e));
-        return -1;
-    }
+    if (fd < 0) return fail_at(err, errlen, "cannot write", tmp);
     if (write_all(fd, png, len) || fsync(fd)) {
-        const int e = errno;
-        char q[300];
-        snprintf(err, errlen, "output_root: writing \"%s\": %s", dg_clip(tmp, q, sizeof q), strerror(e));
+        fail_at(err, errlen, "writing", tmp);
         close(fd);
         unlink(tmp);
         return -1;
     }
     close(fd);
     if (rename(tmp, path)) {
-        const int e = errno;
-        char q[300];
-        snprintf(err, errlen, "output_root: cannot move the written file into \"%s\": %s", dg_clip(path, q, sizeof q),
-                 strerror(e));
+        fail_at(err, errlen, "cannot move the written file into", path);
         unlink(tmp);
         return -1;
     }
