@@ -216,7 +216,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     NUM("unscreened_tokens", st.unscreened);
     if (st.decode_s > 0) {
         dg_cmd_adds(c, "tokens_per_s");
-        dg_cmd_addf(c, "%.2f", (double)st.tokens / st.decode_s);
+        dg_cmd_addf(c, "%.2f", (double)st.timed_tokens / st.decode_s);
     }
 #undef NUM
     char ttl[16];
@@ -235,12 +235,23 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     dg_cmd_free(cmds[1]);
 }
 
+/* The queue figures are not known (the keeper cannot reach Redis): -1, not the last ones
+ * read, which would show a queue standing still through an outage. */
+static void queue_unknown(dg_worker *w) {
+    pthread_mutex_lock(&w->lock);
+    for (int s = 0; s < 2; s++) w->stats.queue_lag[s] = w->stats.queue_pending[s] = -1;
+    pthread_mutex_unlock(&w->lock);
+}
+
 /* Pending entries and lag (entries not yet delivered) of the group on each job stream, for
  * the metrics. Lag is nil in XINFO when Redis cannot tell (after deletions): -1. */
 static void queue_figures(dg_worker *w, dg_redis *rd) {
     for (int s = 0; s < 2; s++) {
         redisReply *rep = dg_redis_cmdv(rd, "XINFO", "GROUPS", w->keys.streams[s], NULL);
-        if (!rep) return;
+        if (!rep) {
+            queue_unknown(w);
+            return;
+        }
         int64_t lag = -1, pending = -1;
         for (size_t g = 0; rep->type == REDIS_REPLY_ARRAY && g < rep->elements; g++) {
             const redisReply *info = rep->element[g];
@@ -291,6 +302,8 @@ static void *keeper_main(void *arg) {
                 trim(w, &rd);
                 next_trim = now + w->cfg->trim_ms;
             }
+        } else if (w->cfg->metrics_port) {
+            queue_unknown(w);
         }
         struct timespec ts = {0, 50 * 1000000L};
         nanosleep(&ts, NULL);

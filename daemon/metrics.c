@@ -40,12 +40,28 @@ static void metric(text *t, const char *name, const char *type, const char *help
     put(t, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* A label value as the exposition format writes it: backslash, double quote and line feed
+ * escaped (a worker id or a key prefix may hold any of them). */
+static void escape_label(char *out, size_t cap, const char *v) {
+    size_t n = 0;
+    for (; *v && n + 3 < cap; v++) {
+        if (*v == '\\' || *v == '"') out[n++] = '\\', out[n++] = *v;
+        else if (*v == '\n') out[n++] = '\\', out[n++] = 'n';
+        else out[n++] = *v;
+    }
+    out[n] = 0;
+}
+
+/* Every family's HELP and TYPE, then all its samples: a family's samples are together, after
+ * its TYPE line, as the format asks (one metric family at a time). */
 static void render(dg_worker *w, text *t) {
     dg_worker_stats s;
     pthread_mutex_lock(&w->lock);
     s = w->stats;
     pthread_mutex_unlock(&w->lock);
-    const char *wid = w->cfg->worker_id;
+    char wid[2 * sizeof w->cfg->worker_id], stream[2][2 * sizeof w->keys.streams[0]];
+    escape_label(wid, sizeof wid, w->cfg->worker_id);
+    for (int i = 0; i < 2; i++) escape_label(stream[i], sizeof stream[i], w->keys.streams[i]);
 
     metric(t, "duogen_jobs_total", "counter", "Jobs finished by this worker, by outcome.");
     struct { const char *outcome; int64_t n; } outcomes[] = {
@@ -56,21 +72,27 @@ static void render(dg_worker *w, text *t) {
         put(t, "duogen_jobs_total{worker=\"%s\",outcome=\"%s\"} %lld\n", wid, outcomes[i].outcome,
             (long long)outcomes[i].n);
 
-    metric(t, "duogen_phase_seconds", "summary", "Time spent per phase over finished jobs.");
-    struct { const char *phase; double sec; } phases[] = {
-        {"queue", s.queue_s}, {"prefill", s.prefill_s}, {"decode", s.decode_s}, {"vision", s.vision_s},
-        {"diffusion", s.diffusion_s}, {"vae", s.vae_s}, {"total", s.total_s},
+    metric(t, "duogen_phase_seconds", "summary",
+           "Time spent per phase over ended jobs: queue and total over every job that ran, the engine's "
+           "phases over the jobs it finished (a failed run's engine times are not known).");
+    struct { const char *phase; double sec; int64_t jobs; } phases[] = {
+        {"queue", s.queue_s, s.timed_jobs}, {"prefill", s.prefill_s, s.engine_timed_jobs},
+        {"decode", s.decode_s, s.engine_timed_jobs}, {"vision", s.vision_s, s.engine_timed_jobs},
+        {"diffusion", s.diffusion_s, s.engine_timed_jobs}, {"vae", s.vae_s, s.engine_timed_jobs},
+        {"total", s.total_s, s.timed_jobs},
     };
     for (size_t i = 0; i < sizeof phases / sizeof phases[0]; i++) {
         put(t, "duogen_phase_seconds_sum{worker=\"%s\",phase=\"%s\"} %.6f\n", wid, phases[i].phase, phases[i].sec);
         put(t, "duogen_phase_seconds_count{worker=\"%s\",phase=\"%s\"} %lld\n", wid, phases[i].phase,
-            (long long)s.timed_jobs);
+            (long long)phases[i].jobs);
     }
 
     metric(t, "duogen_tokens_total", "counter", "Generated text tokens.");
     put(t, "duogen_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.tokens);
-    metric(t, "duogen_tokens_per_second", "gauge", "Generated tokens per second of decode time, over the worker's life.");
-    put(t, "duogen_tokens_per_second{worker=\"%s\"} %.3f\n", wid, s.decode_s > 0 ? (double)s.tokens / s.decode_s : 0.0);
+    metric(t, "duogen_tokens_per_second", "gauge",
+           "Generated tokens per second of decode time, over the jobs the engine finished in the worker's life.");
+    put(t, "duogen_tokens_per_second{worker=\"%s\"} %.3f\n", wid,
+        s.decode_s > 0 ? (double)s.timed_tokens / s.decode_s : 0.0);
     metric(t, "duogen_draft_tokens_total", "counter", "Drafted tokens fed to the decoder (draft_tokens).");
     put(t, "duogen_draft_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.draft_tokens);
     metric(t, "duogen_draft_kept_total", "counter", "Drafted tokens the model chose itself: tokens that cost no step.");
@@ -85,35 +107,42 @@ static void render(dg_worker *w, text *t) {
     put(t, "duogen_images_total{worker=\"%s\"} %lld\n", wid, (long long)s.images);
     metric(t, "duogen_denoise_steps_total", "counter", "Denoising steps run.");
     put(t, "duogen_denoise_steps_total{worker=\"%s\"} %lld\n", wid, (long long)s.steps);
-    metric(t, "duogen_denoise_steps_per_second", "gauge", "Denoising steps per second of diffusion time, over the worker's life.");
+    metric(t, "duogen_denoise_steps_per_second", "gauge",
+           "Denoising steps per second of diffusion time, over the jobs the engine finished in the worker's life.");
     put(t, "duogen_denoise_steps_per_second{worker=\"%s\"} %.3f\n", wid,
-        s.diffusion_s > 0 ? (double)s.steps / s.diffusion_s : 0.0);
+        s.diffusion_s > 0 ? (double)s.timed_steps / s.diffusion_s : 0.0);
 
-    metric(t, "duogen_cache_hits_total", "counter", "Cache hits, by cache.");
-    metric(t, "duogen_cache_misses_total", "counter", "Cache misses, by cache.");
-    metric(t, "duogen_cache_hit_ratio", "gauge", "Hits over lookups, by cache (0 before any lookup).");
-    metric(t, "duogen_cache_bytes", "gauge", "Bytes held, by cache.");
     struct { const char *cache; int64_t hits, misses; size_t bytes; } caches[] = {
-        {"prefix_kv", s.cache.kv_hits, s.cache.kv_misses, s.cache.kv_bytes},
+        {"prefix_kv", s.cache.kv_hits, s.cache.kv_misses, s.cache.kv_cached_bytes},
         {"latent", s.cache.latent_hits, s.cache.latent_misses, s.cache.latent_bytes},
         {"vision", s.cache.vision_hits, s.cache.vision_misses, s.cache.vision_bytes},
     };
-    for (size_t i = 0; i < sizeof caches / sizeof caches[0]; i++) {
-        int64_t look = caches[i].hits + caches[i].misses;
+    enum { N_CACHES = sizeof caches / sizeof caches[0] };
+    metric(t, "duogen_cache_hits_total", "counter", "Cache hits, by cache (prefix_kv: 16-token prompt blocks; latent, vision: pictures).");
+    for (int i = 0; i < N_CACHES; i++)
         put(t, "duogen_cache_hits_total{worker=\"%s\",cache=\"%s\"} %lld\n", wid, caches[i].cache, (long long)caches[i].hits);
+    metric(t, "duogen_cache_misses_total", "counter", "Cache misses, by cache (the units of the hits).");
+    for (int i = 0; i < N_CACHES; i++)
         put(t, "duogen_cache_misses_total{worker=\"%s\",cache=\"%s\"} %lld\n", wid, caches[i].cache, (long long)caches[i].misses);
+    metric(t, "duogen_cache_hit_ratio", "gauge", "Hits over lookups, by cache (0 before any lookup).");
+    for (int i = 0; i < N_CACHES; i++) {
+        int64_t look = caches[i].hits + caches[i].misses;
         put(t, "duogen_cache_hit_ratio{worker=\"%s\",cache=\"%s\"} %.4f\n", wid, caches[i].cache,
             look ? (double)caches[i].hits / (double)look : 0.0);
-        put(t, "duogen_cache_bytes{worker=\"%s\",cache=\"%s\"} %zu\n", wid, caches[i].cache, caches[i].bytes);
     }
+    metric(t, "duogen_cache_bytes", "gauge",
+           "Bytes held, by cache (prefix_kv: the KV blocks a later prompt can reuse, within the pool).");
+    for (int i = 0; i < N_CACHES; i++)
+        put(t, "duogen_cache_bytes{worker=\"%s\",cache=\"%s\"} %zu\n", wid, caches[i].cache, caches[i].bytes);
+    metric(t, "duogen_kv_pool_bytes", "gauge", "The KV pool: every sequence's K and V, the prefix cache within it.");
+    put(t, "duogen_kv_pool_bytes{worker=\"%s\"} %zu\n", wid, s.cache.kv_bytes);
 
     metric(t, "duogen_queue_lag_entries", "gauge", "Entries of a job stream not yet delivered to the group (-1: unknown).");
     for (int i = 0; i < 2; i++)
-        put(t, "duogen_queue_lag_entries{worker=\"%s\",stream=\"%s\"} %lld\n", wid, w->keys.streams[i],
-            (long long)s.queue_lag[i]);
+        put(t, "duogen_queue_lag_entries{worker=\"%s\",stream=\"%s\"} %lld\n", wid, stream[i], (long long)s.queue_lag[i]);
     metric(t, "duogen_queue_pending_entries", "gauge", "Entries of a job stream delivered to the group and not yet acknowledged (-1: unknown).");
     for (int i = 0; i < 2; i++)
-        put(t, "duogen_queue_pending_entries{worker=\"%s\",stream=\"%s\"} %lld\n", wid, w->keys.streams[i],
+        put(t, "duogen_queue_pending_entries{worker=\"%s\",stream=\"%s\"} %lld\n", wid, stream[i],
             (long long)s.queue_pending[i]);
     metric(t, "duogen_entries_lost_total", "counter", "Pending entries found deleted (trimmed) before they ran.");
     put(t, "duogen_entries_lost_total{worker=\"%s\"} %lld\n", wid, (long long)s.entries_lost);
@@ -128,7 +157,7 @@ static void render(dg_worker *w, text *t) {
     metric(t, "duogen_redis_up", "gauge", "1 while the main Redis connection is up.");
     put(t, "duogen_redis_up{worker=\"%s\"} %d\n", wid, s.redis_up);
     metric(t, "duogen_job_phase_seconds", "gauge",
-           "Seconds the held job longest in each phase has been in it (0: no job in that phase).");
+           "Seconds the held job longest in each phase has been in it (0: no job in that phase; writing: its result waits to be written).");
     const int64_t now = dg_mono_ms();
     for (int p = 0; p < DG_PHASE_COUNT; p++)
         put(t, "duogen_job_phase_seconds{worker=\"%s\",phase=\"%s\"} %.3f\n", wid, dg_phase_name((dg_phase)p),

@@ -12,7 +12,7 @@
 #include "outdir.h"
 
 const char *dg_phase_name(dg_phase p) {
-    static const char *const names[DG_PHASE_COUNT] = {"queued", "prefill", "decode", "diffusion"};
+    static const char *const names[DG_PHASE_COUNT] = {"queued", "prefill", "decode", "diffusion", "writing"};
     return p >= 0 && p < DG_PHASE_COUNT ? names[p] : "?";
 }
 
@@ -268,6 +268,7 @@ static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usa
     dg_run *r = user;
     r->usage = *usage;
     r->timings = *t;
+    r->timed = 1;
     /* an image could not be written: another attempt may, whatever ended the answer (the
      * worker's cancel, or the answer's own end in the step that drew the picture) */
     if (r->out_failed[0]) {
@@ -355,6 +356,7 @@ void dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...) {
     }
     va_end(ap);
     if (!r->timings.total_ms) r->timings.total_ms = (double)(dg_mono_ms() - r->started_mono_ms);
+    set_phase(r, DG_PHASE_WRITING);
 }
 
 void dg_run_written(dg_run *r) {

@@ -41,8 +41,11 @@ typedef struct {
 } dg_segment;
 
 /* Where a held job is: the job hash's "phase" field, the STATUS= line, and the metrics'
- * label (dg_phase_name). */
-typedef enum { DG_PHASE_QUEUED, DG_PHASE_PREFILL, DG_PHASE_DECODE, DG_PHASE_DIFFUSION, DG_PHASE_COUNT } dg_phase;
+ * label (dg_phase_name). WRITING: the engine is done with it and its result waits to be
+ * written (through a Redis outage, as long as that lasts); the job hash never shows it. */
+typedef enum {
+    DG_PHASE_QUEUED, DG_PHASE_PREFILL, DG_PHASE_DECODE, DG_PHASE_DIFFUSION, DG_PHASE_WRITING, DG_PHASE_COUNT
+} dg_phase;
 const char *dg_phase_name(dg_phase p);
 
 /* A job this worker holds: taken from a stream, maybe running in the engine, maybe ended
@@ -100,6 +103,8 @@ typedef struct dg_run {
     int      expired;                /* the deadline passed while running */
     dg_usage usage;
     dg_timings timings;
+    int      timed;                  /* the engine finished it and said its timings (a failed
+                                        run's are not known: the rates leave it out) */
 } dg_run;
 
 /* A run of the entry `entry` of `stream`, taken now; the caller fills id, job and

@@ -209,8 +209,12 @@ static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *field
     if (r->parsed && st == DG_JOB_OK) {   /* a refused job's values are not to be trusted (a TTL of -1) */
         if (r->job.pb->max_attempts) r->max_attempts = (int)r->job.pb->max_attempts;
         if (r->job.pb->result_ttl_s) r->ttl_s = (int)r->job.pb->result_ttl_s;
+        /* progress counts words against the job's own bound, else the package's (a job that
+         * left it to the package stayed at progress 0 to its end) */
+        dg_text_params defaults;
+        dg_sched_defaults(t->sched, &defaults, NULL);
         r->max_tokens = r->job.pb->text && r->job.pb->text->max_new_tokens
-                            ? (int)r->job.pb->text->max_new_tokens : 0;
+                            ? (int)r->job.pb->text->max_new_tokens : defaults.max_new_tokens;
     }
     return st;
 }

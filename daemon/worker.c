@@ -137,12 +137,17 @@ static void count_end(dg_worker *w, const dg_run *r) {
         /* the entry id's time is the Redis host's clock: skew could make it negative, and
          * the summary's sum must not go down */
         w->stats.queue_s += r->enqueued_ms > 0 && r->taken_ms > r->enqueued_ms ? (double)(r->taken_ms - r->enqueued_ms) / 1e3 : 0;
+        w->stats.total_s += (double)(dg_mono_ms() - r->started_mono_ms) / 1e3;
+    }
+    if (r->submitted && r->timed) {   /* a failed run's tokens without its time inflated the rates */
+        w->stats.engine_timed_jobs++;
+        w->stats.timed_tokens += r->tokens;
+        w->stats.timed_steps += r->steps_done;
         w->stats.prefill_s += r->timings.prefill_ms / 1e3;
         w->stats.decode_s += r->timings.decode_ms / 1e3;
         w->stats.vision_s += r->timings.vision_ms / 1e3;
         w->stats.diffusion_s += r->timings.diffusion_ms / 1e3;
         w->stats.vae_s += r->timings.vae_ms / 1e3;
-        w->stats.total_s += (double)(dg_mono_ms() - r->started_mono_ms) / 1e3;
     }
     pthread_mutex_unlock(&w->lock);
 }
@@ -366,7 +371,10 @@ static void status_line(dg_worker *w) {
         return;
     }
     dg_run *r = w->runs.first;
-    if (r->steps) dg_notify_status("job %s %s step %d/%d (%d running)", r->id, dg_phase_name(r->phase), r->step, r->steps, w->runs.n);
+    /* the step while it draws; words otherwise (the last picture's step stayed in the line
+     * through the text after it) */
+    if (r->phase == DG_PHASE_WRITING) dg_notify_status("job %s writing its result (%d running)", r->id, w->runs.n);
+    else if (r->phase == DG_PHASE_DIFFUSION) dg_notify_status("job %s %s step %d/%d (%d running)", r->id, dg_phase_name(r->phase), r->step, r->steps, w->runs.n);
     else dg_notify_status("job %s %s %d tokens (%d running)", r->id, dg_phase_name(r->phase), r->tokens, w->runs.n);
 }
 

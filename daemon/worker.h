@@ -23,11 +23,16 @@
 typedef struct {
     int64_t jobs_done, jobs_failed, jobs_cancelled, jobs_expired, jobs_dead, jobs_skipped;
     int64_t tokens, images, steps, entries_lost;
+    int64_t timed_tokens, timed_steps;   /* of the runs whose engine timings are known
+                                            (dg_run.timed): over decode_s and diffusion_s
+                                            they are the rates */
     int64_t leases_lost;             /* runs stopped because another attempt took their entry */
     int64_t started_ms;
-    /* seconds spent per phase over all finished jobs, and how many jobs they cover */
+    /* seconds spent per phase over ended jobs, and how many jobs they cover: queue and total
+     * over every job that ran (timed_jobs), the engine's phases over those it finished and
+     * timed (engine_timed_jobs: a failed run's engine times are not known) */
     double  queue_s, prefill_s, decode_s, vision_s, diffusion_s, vae_s, total_s;
-    int64_t timed_jobs;
+    int64_t timed_jobs, engine_timed_jobs;
     dg_cache_stats cache;            /* the scheduler's, copied by the main thread */
     int64_t draft_tokens, draft_kept;    /* drafted tokens fed and kept (dg_sched_draft_stats) */
     int64_t screened, unscreened;        /* greedy tokens from the logit screen's bounds, and

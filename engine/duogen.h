@@ -311,9 +311,12 @@ typedef struct {
                                        twice); 0 = all of them (up to DG_MAX_IMAGES - 1) */
 } dg_sched_opts;
 
-/* Cache counters, cumulative since dg_sched_new(). */
+/* Cache counters, cumulative since dg_sched_new() less the warm-up's (dg_sched_warmup).
+ * Prefix KV: hits and misses are full prompt blocks (16 tokens) found and not
+ * found; kv_bytes is the pool, kv_cached_bytes its blocks a later prompt can reuse. Latent
+ * and vision: pictures, and the bytes held. */
 typedef struct {
-    int64_t kv_hits, kv_misses;         size_t kv_bytes;
+    int64_t kv_hits, kv_misses;         size_t kv_bytes, kv_cached_bytes;
     int64_t latent_hits, latent_misses; size_t latent_bytes;
     int64_t vision_hits, vision_misses; size_t vision_bytes;
 } dg_cache_stats;
@@ -350,12 +353,16 @@ int  dg_sched_cancel(dg_sched *s, uint64_t seq);
  * job fails here (its DG_E* code, the message in err, prefixed "warm-up: ") instead of on the
  * first job; kernels load and workspaces grow before the first job's clock starts. What it
  * did is in *usage (may be NULL). It leaves its prompt in the prefix cache, as any job; no
- * answer changes. DG_EINVAL while sequences are active. */
+ * answer changes; its counts are not in the stats below. DG_EINVAL while sequences are
+ * active. */
 int  dg_sched_warmup(dg_sched *s, dg_usage *usage, char *err, size_t errlen);
 
 int  dg_sched_active(const dg_sched *s);
 /* The sequences it steps together: dg_sched_opts.max_inflight, or what 0 came to. */
 int  dg_sched_max_inflight(const dg_sched *s);
+/* What a request gets for each field it does not set: the package's defaults (duogen.json
+ * "defaults"), every field a value. */
+void dg_sched_defaults(const dg_sched *s, dg_text_params *text, dg_image_params *image);
 void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out);
 /* Drafted tokens fed and kept since dg_sched_new (dg_sched_opts draft_tokens). */
 void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept);

@@ -246,16 +246,23 @@ void dg_sched_free(dg_sched *s) {
 
 int dg_sched_max_inflight(const dg_sched *s) { return s->n_seqs; }
 
+void dg_sched_defaults(const dg_sched *s, dg_text_params *text, dg_image_params *image) {
+    if (text) *text = s->m->text_defaults;
+    if (image) *image = s->m->image_defaults;
+}
+
 int dg_sched_active(const dg_sched *s) {
     int n = 0;
     for (int i = 0; i < s->n_seqs; i++) n += s->seqs[i].state != SEQ_FREE;
     return n;
 }
 
-void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
+/* The counters as they stand, the warm-up's included. */
+static void cache_counters(const dg_sched *s, dg_cache_stats *out) {
     dg_kv_stats k;
     dg_kv_cache_stats(s->kv, &k);
-    *out = (dg_cache_stats){.kv_hits = k.hits, .kv_misses = k.misses, .kv_bytes = k.bytes};
+    *out = (dg_cache_stats){.kv_hits = k.hits, .kv_misses = k.misses, .kv_bytes = k.bytes,
+                            .kv_cached_bytes = k.cached_bytes};
     if (s->vcache) {
         dg_vision_cache_counters v;
         dg_vision_cache_stats(s->vcache, &v);
@@ -266,14 +273,33 @@ void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
     if (s->lcache) dg_latent_cache_counters(s->lcache, &out->latent_hits, &out->latent_misses, &out->latent_bytes);
 }
 
+void dg_sched_count_from_now(dg_sched *s) {
+    cache_counters(s, &s->counted_from.cache);
+    s->counted_from.drafted = s->n_drafted;
+    s->counted_from.accepted = s->n_accepted;
+    s->counted_from.screened = s->n_screened;
+    s->counted_from.unscreened = s->n_unscreened;
+}
+
+void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
+    const dg_cache_stats *b = &s->counted_from.cache;
+    cache_counters(s, out);
+    out->kv_hits -= b->kv_hits;
+    out->kv_misses -= b->kv_misses;
+    out->vision_hits -= b->vision_hits;
+    out->vision_misses -= b->vision_misses;
+    out->latent_hits -= b->latent_hits;
+    out->latent_misses -= b->latent_misses;
+}
+
 void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept) {
-    *drafted = s->n_drafted;
-    *kept = s->n_accepted;
+    *drafted = s->n_drafted - s->counted_from.drafted;
+    *kept = s->n_accepted - s->counted_from.accepted;
 }
 
 void dg_sched_screen_stats(const dg_sched *s, int64_t *screened, int64_t *unscreened) {
-    *screened = s->n_screened;
-    *unscreened = s->n_unscreened;
+    *screened = s->n_screened - s->counted_from.screened;
+    *unscreened = s->n_unscreened - s->counted_from.unscreened;
 }
 
 int dg_sched_cancel(dg_sched *s, uint64_t seq) {

@@ -63,5 +63,6 @@ int dg_sched_warmup(dg_sched *s, dg_usage *usage, char *err, size_t errlen) {
         return rc;
     }
     if (usage) *usage = w.usage;
+    dg_sched_count_from_now(s);   /* a worker's figures are its jobs' */
     return 0;
 }

@@ -183,7 +183,16 @@ struct dg_sched {
     int64_t          n_screened, n_unscreened;/* greedy tokens chosen from the logit screen's
                                                  bounds, and those whose bounds did not decide
                                                  (the row computed whole), since dg_sched_new */
+    /* the counters as the warm-up left them: the stats functions report past them, so that
+     * a worker's figures count its jobs only (dg_sched_warmup) */
+    struct {
+        dg_cache_stats cache;
+        int64_t        drafted, accepted, screened, unscreened;
+    } counted_from;
 };
+
+/* The stats functions (dg_sched_cache_stats, _draft_stats, _screen_stats) count from here on. */
+void dg_sched_count_from_now(dg_sched *s);
 
 /* ---- sched_draw.c: the drawing side of a step ---- */
 

@@ -270,6 +270,19 @@ TEST(warmup_runs_every_part_and_changes_no_answer) {
     CHECK_EQ_INT(u.images, 1);
     CHECK(u.dit_forwards >= 1);
     CHECK_EQ_INT(dg_sched_active(warm), 0);
+    /* the warm-up's work is not the worker's: its lookups and screened tokens are not in
+     * the figures a worker reports (they were: a fresh worker showed a prefix-cache miss
+     * and tokens screened before its first job) */
+    dg_cache_stats cs;
+    int64_t n1, n2;
+    dg_sched_cache_stats(warm, &cs);
+    CHECK(cs.kv_hits == 0 && cs.kv_misses == 0 && cs.vision_hits == 0 && cs.vision_misses == 0 &&
+          cs.latent_hits == 0 && cs.latent_misses == 0);
+    CHECK(cs.kv_cached_bytes > 0);   /* its prompt stays cached, as any job's */
+    dg_sched_screen_stats(warm, &n1, &n2);
+    CHECK(n1 == 0 && n2 == 0);
+    dg_sched_draft_stats(warm, &n1, &n2);
+    CHECK(n1 == 0 && n2 == 0);
 
     size_t l1;
     uint8_t *a = test_png(60, 40, 1, &l1);
@@ -285,6 +298,12 @@ TEST(warmup_runs_every_part_and_changes_no_answer) {
     CHECK_EQ_INT(test_job_run(warm, &r, &c1), 0);
     CHECK_EQ_INT(test_job_run(fresh, &r, &c2), 0);
     CHECK(c1.n_png == 1 && test_job_same(&c1, &c2));
+    /* from here on the counts are the job's, as a fresh scheduler's */
+    dg_cache_stats cf;
+    dg_sched_cache_stats(warm, &cs);
+    dg_sched_cache_stats(fresh, &cf);
+    CHECK(cs.vision_misses == cf.vision_misses && cs.vision_misses > 0);
+    CHECK(cs.kv_hits + cs.kv_misses == cf.kv_hits + cf.kv_misses && cs.kv_misses > 0);
 
     uint64_t seq;
     dg_sink sink = test_job_sink(&c1);

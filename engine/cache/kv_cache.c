@@ -34,6 +34,7 @@ struct dg_kv_cache {
     int         n_free;
     int32_t     lru_head, lru_tail;   /* least recently used first */
     int         n_cached;
+    int         n_keyed;       /* blocks in the map: in use or in the LRU */
     int64_t     hits, misses;
 };
 
@@ -94,6 +95,7 @@ static void map_remove(dg_kv_cache *c, int32_t id) {
     while (*p != id) p = &c->blocks[*p].next_in_bucket;
     *p = c->blocks[id].next_in_bucket;
     c->blocks[id].keyed = 0;
+    c->n_keyed--;
 }
 
 static void lru_unlink(dg_kv_cache *c, int32_t id) {
@@ -191,11 +193,12 @@ void dg_kv_cache_free(dg_kv_cache *c) {
 int dg_kv_cache_block_size(const dg_kv_cache *c) { return c->block_size; }
 
 void dg_kv_cache_stats(const dg_kv_cache *c, dg_kv_stats *out) {
+    const size_t block_bytes = 2 * dg_dtype_size(c->dtype) * (size_t)c->n_layers * (size_t)c->block_size *
+                               (size_t)c->kv_dim;
     *out = (dg_kv_stats){
         .hits = c->hits, .misses = c->misses, .n_blocks = c->n_blocks, .n_free = c->n_free,
-        .n_cached = c->n_cached,
-        .bytes = 2 * dg_dtype_size(c->dtype) * (size_t)c->n_layers * (size_t)c->n_blocks *
-                 (size_t)c->block_size * (size_t)c->kv_dim,
+        .n_cached = c->n_cached, .n_keyed = c->n_keyed,
+        .bytes = block_bytes * (size_t)c->n_blocks, .cached_bytes = block_bytes * (size_t)c->n_keyed,
     };
 }
 
@@ -238,6 +241,7 @@ void dg_kv_seq_commit(dg_kv_cache *c, dg_kv_seq *s, const int32_t *tokens, const
         if (c->blocks[id].keyed || map_find(c, s->hash) != NONE) continue;
         c->blocks[id].key = s->hash;
         c->blocks[id].keyed = 1;
+        c->n_keyed++;
         int32_t *head = bucket_of(c, s->hash);
         c->blocks[id].next_in_bucket = *head;
         *head = id;
@@ -253,7 +257,11 @@ int dg_kv_seq_match_prefix(dg_kv_cache *c, dg_kv_seq *s, const int32_t *tokens,
         for (int i = reused; i < reused + c->block_size; i++)
             h = key_step(h, tokens[i], extra ? extra[i] : 0);
         int32_t id = map_find(c, h);
-        if (id == NONE) { c->misses++; break; }
+        if (id == NONE) {   /* this block and every full one after it: hits and misses are blocks */
+            int left = (n - 1 - reused) / c->block_size, room = s->max_blocks - s->n_blocks;
+            c->misses += left < room ? left : room;
+            break;
+        }
         c->hits++;
         if (c->blocks[id].refs++ == 0) lru_unlink(c, id);
         s->blocks[s->n_blocks++] = id;

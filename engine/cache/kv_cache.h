@@ -43,9 +43,12 @@ typedef struct {
 } dg_kv_seq;
 
 typedef struct {
-    int64_t hits, misses;  /* blocks found / not found by dg_kv_seq_match_prefix */
+    int64_t hits, misses;  /* full prompt blocks found / not found by dg_kv_seq_match_prefix
+                              (a lookup that stops at a miss counts every block after it) */
     int     n_blocks, n_free, n_cached;  /* total, never used or freed, released but keyed */
-    size_t  bytes;         /* K and V of all layers */
+    int     n_keyed;       /* blocks a later prompt can match: in use or released, keyed */
+    size_t  bytes;         /* the pool: K and V of all layers, all blocks */
+    size_t  cached_bytes;  /* K and V of the n_keyed blocks */
 } dg_kv_stats;
 
 /* n_blocks blocks of block_size positions for n_layers layers of kv_dim elements of dtype (K

@@ -3,7 +3,8 @@
  *
  * Behaviour, steered by job metadata:
  *   text       "Echo: " and the words of the last user text, one word per step;
- *              max_new_tokens cuts it (finish "length")
+ *              max_new_tokens cuts it (finish "length"), FAKE_MAX_NEW_TOKENS when unset
+ *              (the fake's package default: dg_sched_defaults)
  *   fake.report=1      the first word reports the submission and the parameters as the
  *                      worker passed them: "params{seq=N;temperature=0;top_p=-;...}", in
  *                      submission order N (1, 2, ... per worker process) and "-" for a
@@ -33,6 +34,8 @@
 #include <time.h>
 
 #include "duogen.h"
+
+#define FAKE_MAX_NEW_TOKENS 4096
 
 struct dg_model {
     char describe[256];
@@ -237,7 +240,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     q->live = 1;
     q->sink = *sink;
     const dg_image_params *im = &r->image;
-    q->max_tokens = r->text.set & DG_TEXT_MAX_NEW_TOKENS ? r->text.max_new_tokens : 0;
+    q->max_tokens = r->text.set & DG_TEXT_MAX_NEW_TOKENS ? r->text.max_new_tokens : FAKE_MAX_NEW_TOKENS;
     q->images_wanted = (v = meta(r, "fake.images")) ? atoi(v) : 0;
     if (im->set & DG_IMAGE_MAX_IMAGES && q->images_wanted > im->max_images) q->images_wanted = im->max_images;
     q->width = im->set & DG_IMAGE_WIDTH ? im->width : 64;
@@ -379,6 +382,18 @@ int dg_sched_cancel(dg_sched *s, uint64_t seq) {
 }
 
 int dg_sched_max_inflight(const dg_sched *s) { return s->cap; }
+
+/* The fake's package defaults: max_new_tokens FAKE_MAX_NEW_TOKENS, and what a real
+ * package's duogen.json says for the rest. */
+void dg_sched_defaults(const dg_sched *s, dg_text_params *text, dg_image_params *image) {
+    (void)s;
+    if (text) *text = (dg_text_params){.set = DG_TEXT_MAX_NEW_TOKENS | DG_TEXT_TEMPERATURE | DG_TEXT_TOP_P |
+                                              DG_TEXT_TOP_K | DG_TEXT_REPETITION_PENALTY,
+                                       .max_new_tokens = FAKE_MAX_NEW_TOKENS, .temperature = 0.0f,
+                                       .top_p = 1.0f, .top_k = 0, .repetition_penalty = 1.0f};
+    if (image) *image = (dg_image_params){.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_MAX_IMAGES,
+                                          .width = 64, .height = 64, .steps = 4, .max_images = DG_MAX_IMAGES};
+}
 
 int dg_sched_active(const dg_sched *s) {
     int n = 0;

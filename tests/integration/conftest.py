@@ -2,6 +2,7 @@
 duogend processes (over the deterministic test engine), and a Python producer that speaks
 the protobuf protocol of proto/duogen.proto."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zlib
 
 import pytest
@@ -246,3 +248,41 @@ def aof_cluster(tmpdir_path):
     c = Cluster(tmpdir_path, appendonly=True)
     yield c
     c.close()
+
+
+def exposition(text):
+    """The samples of a scrape, by name with labels, after checking what the text format
+    asks of families: each one's HELP and TYPE once, then all its samples together (a
+    summary's _sum and _count are its own), label values escaped. The cache families were
+    interleaved (four HELP/TYPE pairs, then their samples mixed): Prometheus took it, a
+    strict parser does not."""
+    values, seen, family = {}, set(), None
+    label = r'[a-zA-Z_]\w*="(?:[^"\\\n]|\\[\\"n])*"'
+    sample = re.compile(r'^([a-zA-Z_:][\w:]*)(\{%s(?:,%s)*\})? (\S+)$' % (label, label))
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in seen, f"family {name} twice"
+            seen.add(name)
+            family = name
+            continue
+        if line.startswith("# TYPE "):
+            assert line.split(" ")[2] == family, f"TYPE of {line.split(' ')[2]} not after its HELP"
+            kind = line.split(" ")[3]
+            continue
+        m = sample.match(line)
+        assert m, f"not a sample line: {line!r}"
+        name = m.group(1)
+        owner = re.sub(r"_(sum|count)$", "", name) if kind == "summary" else name
+        assert owner == family, f"{name} among the samples of {family}"
+        values[name + (m.group(2) or "")] = float(m.group(3))
+    return values
+
+
+def scrape_metrics(port, timeout=5):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            return r.read().decode()
+    except OSError:
+        return None

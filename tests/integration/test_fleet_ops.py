@@ -11,7 +11,8 @@ import urllib.request
 import pytest
 import redis
 
-from conftest import BUILD, ROOT, RedisServer, Worker, free_port, make_job, pb, png_bytes, wait_until
+from conftest import (BUILD, ROOT, RedisServer, Worker, exposition, free_port, make_job, pb, png_bytes, scrape_metrics,
+                      wait_until)
 
 DEPLOY = os.path.join(ROOT, "deploy", "redis")
 
@@ -376,36 +377,38 @@ def test_metrics_scraped(cluster):
     cluster.wait_groups()
     # 2 ms a step: the job lasts more than the millisecond the phase seconds are counted in
     cluster.enqueue("m1", "one two three", meta={"fake.images": 1, "fake.step_ms": 2}, steps=3)
-    cluster.enqueue("m2", "x", meta={"fake.fail": "error"})
+    # two words, then the failure: its tokens count, but not in the rate (its decode time is
+    # not known: the rate was 6 tokens over m1's time)
+    cluster.enqueue("m2", "x y z", meta={"fake.fail": "error", "fake.fail_step": 3, "fake.step_ms": 2})
     cluster.wait_result("m1")
     cluster.wait_result("m2")
 
-    def scrape():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                assert r.headers["Content-Type"].startswith("text/plain")
-                return r.read().decode()
-        except OSError:
-            return None
+    scrape = lambda: scrape_metrics(port)   # noqa: E731
     text = wait_until(lambda: (lambda t: t if t and 'outcome="failed"} 1' in t else None)(scrape()),
                       what="metrics after two jobs")
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        values[name] = float(value)
+    values = exposition(text)
     assert values['duogen_jobs_total{worker="mw",outcome="done"}'] == 1
     assert values['duogen_jobs_total{worker="mw",outcome="failed"}'] == 1
     assert values['duogen_jobs_total{worker="mw",outcome="dead_lettered"}'] == 1
-    assert values['duogen_tokens_total{worker="mw"}'] == 4
+    assert values['duogen_tokens_total{worker="mw"}'] == 6
     assert values['duogen_images_total{worker="mw"}'] == 1
     assert values['duogen_denoise_steps_total{worker="mw"}'] == 3
-    assert values['duogen_phase_seconds_count{worker="mw",phase="decode"}'] == 2
+    # the engine's phases cover the job it finished; queue and total both
+    assert values['duogen_phase_seconds_count{worker="mw",phase="decode"}'] == 1
+    assert values['duogen_phase_seconds_count{worker="mw",phase="total"}'] == 2
     assert values['duogen_phase_seconds_sum{worker="mw",phase="total"}'] > 0
+    decode_s = values['duogen_phase_seconds_sum{worker="mw",phase="decode"}']
+    rate = values['duogen_tokens_per_second{worker="mw"}']
+    # m1's 4 tokens over m1's decode time: 1% for the figures' printed digits
+    assert decode_s > 0 and abs(rate * decode_s - 4) < 0.04, (rate, decode_s)
     assert values['duogen_redis_up{worker="mw"}'] == 1
     for cache in ("prefix_kv", "latent", "vision"):
         assert f'duogen_cache_hit_ratio{{worker="mw",cache="{cache}"}}' in values
+        assert f'duogen_cache_bytes{{worker="mw",cache="{cache}"}}' in values
+    assert 'duogen_kv_pool_bytes{worker="mw"}' in values
+    # the phase a result waits in is its own (it was the last engine phase's, and a Redis
+    # outage after a job's end made the job look stuck in decode)
+    assert values['duogen_job_phase_seconds{worker="mw",phase="writing"}'] == 0
     for stream in ("duogen:jobs", "duogen:jobs:high"):
         wait_until(lambda: f'duogen_queue_lag_entries{{worker="mw",stream="{stream}"}} 0' in (scrape() or ""),
                    what=f"lag figure of {stream}")
@@ -417,6 +420,32 @@ def test_metrics_scraped(cluster):
     wait_until(lambda: 'duogen_queue_lag_entries{worker="mw",stream="duogen:jobs:high"} 3' in (scrape() or ""),
                what="lag of the high stream")
     assert "# TYPE duogen_jobs_total counter" in text
+
+
+def test_metrics_escape_label_values(cluster):
+    """A worker id may hold a double quote or a backslash: the label value is escaped (it was
+    written as it is, and the scrape did not parse)."""
+    port = free_port()
+    wid = 'gpu"0\\a'
+    cluster.worker(wid, args=["--metrics-port", str(port)])
+    line = 'duogen_worker_ready{worker="gpu\\"0\\\\a"} 1'
+    text = wait_until(lambda: (lambda t: t if t and line in t else None)(scrape_metrics(port)), timeout=10,
+                      what="the ready line, its worker label escaped")
+    exposition(text)
+
+
+def test_progress_counts_against_the_package_default(cluster):
+    """A job that leaves max_new_tokens to the package had progress 0 to its end: the
+    denominator is the package's default (the test engine's is 4096)."""
+    cluster.worker("pw")
+    cluster.wait_groups()
+    cluster.enqueue("p1", " ".join(["w"] * 40), meta={"fake.step_ms": 50})
+    wait_until(lambda: int(cluster.r.hget("duogen:job:p1", "tokens") or 0) >= 5, what="a few tokens")
+    job = cluster.r.hgetall("duogen:job:p1")
+    tokens, progress = int(job[b"tokens"]), float(job[b"progress"])
+    # progress is written with the tokens of the same flush, at 3 decimals
+    assert progress > 0 and abs(progress - tokens / 4096) < 0.0011, job
+    assert cluster.wait_result("p1")["status"] == b"done"
 
 
 def test_metrics_answer_while_loading_and_a_taken_port_fails_the_start(cluster):

@@ -4,7 +4,7 @@ import os
 import subprocess
 import time
 
-from conftest import pb, wait_until
+from conftest import exposition, free_port, pb, scrape_metrics, wait_until
 
 
 def results_of(cluster, ids):
@@ -85,6 +85,38 @@ def test_redis_restart_mid_job_and_down_10s(aof_cluster):
     c.enqueue("after", "hi")
     assert c.wait_result("after")["status"] == b"done"
     assert w.alive()
+
+
+def test_metrics_through_a_redis_outage(aof_cluster):
+    """While Redis is away the queue figures are unknown (-1: they stood at their last value,
+    a queue at rest), and a job the engine ended waits in the phase "writing" (it stayed in
+    decode, growing: the stuck-job alert's figure)."""
+    c = aof_cluster
+    port = free_port()
+    w = c.worker("ow", args=["--metrics-port", str(port)])
+    c.wait_groups()
+    key = lambda name, stream="duogen:jobs": f'{name}{{worker="ow",stream="{stream}"}}'   # noqa: E731
+    wait_until(lambda: exposition(scrape_metrics(port) or "").get(key("duogen_queue_lag_entries")) == 0,
+               what="the lag known")
+    c.enqueue("out", " ".join(f"w{i}" for i in range(8)), meta={"fake.step_ms": 100})
+    wait_until(lambda: c.r.hget("duogen:job:out", "state") == b"running", what="running")
+    c.server.stop()
+    # the answer ends about a second in; the result cannot be written
+    v = wait_until(lambda: (lambda v: v if v.get('duogen_job_phase_seconds{worker="ow",phase="writing"}', 0) > 1
+                            else None)(exposition(scrape_metrics(port) or "")), timeout=15, what="the result waiting")
+    assert v['duogen_job_phase_seconds{worker="ow",phase="decode"}'] == 0, v
+    assert v['duogen_redis_up{worker="ow"}'] == 0
+    for stream in ("duogen:jobs", "duogen:jobs:high"):
+        assert v[key("duogen_queue_lag_entries", stream)] == -1, v
+        assert v[key("duogen_queue_pending_entries", stream)] == -1, v
+    assert w.alive(), w.logs()[-2000:]
+    c.server.start()
+    c.r = c.server.client()
+    assert c.wait_result("out", timeout=30)["status"] == b"done"
+    v = wait_until(lambda: (lambda v: v if v.get(key("duogen_queue_lag_entries")) == 0 else None)(
+        exposition(scrape_metrics(port) or "")), timeout=15, what="the figures back")
+    assert v['duogen_job_phase_seconds{worker="ow",phase="writing"}'] == 0
+    assert v[key("duogen_queue_pending_entries")] == 0
 
 
 def test_bad_jobs_fail_clearly_and_worker_keeps_running(cluster):

@@ -1,5 +1,6 @@
 """The systemd notification protocol, heard on our own NOTIFY_SOCKET."""
 import os
+import re
 import socket
 import threading
 import time
@@ -69,6 +70,24 @@ def test_ready_status_watchdog_extend_stopping(cluster):
     stop = lines.index("STOPPING=1")
     assert any(l.startswith("EXTEND_TIMEOUT_USEC=") for l in lines[stop:])
     assert cluster.result("sdjob")["status"] == b"done"
+
+
+def test_status_line_follows_the_phase(cluster):
+    """STATUS= names the step while a picture is drawn and the words otherwise: after the
+    picture the line kept "decode step 4/4" to the job's end."""
+    ns = NotifySocket(os.path.join(cluster.tmp, "notify-phase.sock"))
+    w = Worker(cluster.tmp, cluster.server.url, "sd3", cluster.model, env={"NOTIFY_SOCKET": ns.path})
+    cluster.workers.append(w)
+    wait_until(lambda: ns.has("READY=1"), what="READY=1")
+    cluster.enqueue("phased", " ".join(["w"] * 12), meta={"fake.images": 1, "fake.step_ms": 60})
+    assert cluster.wait_result("phased")["status"] == b"done"
+    lines = [l for l in ns.lines() if l.startswith("STATUS=job phased")]
+    drawing = [i for i, l in enumerate(lines) if " diffusion step " in l]
+    assert drawing, lines
+    after = lines[drawing[-1] + 1:]
+    assert any(re.fullmatch(r"STATUS=job phased decode \d+ tokens \(1 running\)", l) for l in after), lines
+    assert not any(" step " in l for l in after), lines
+    assert w.term() == 0
 
 
 def test_no_watchdog_without_watchdog_usec(cluster):
