@@ -21,6 +21,7 @@
  *   fake.fail=error    the sequence fails with DG_EINVAL at step fake.fail_step
  *   fake.fail=retry    dg_sched_submit answers DG_EAGAIN (retryable)
  *   fake.fail=fatal    dg_sched_step returns DG_EDEVICE (the worker must exit 75)
+ *   fake.fail=submit_fatal  dg_sched_submit returns DG_EDEVICE (the same, found at submit)
  * Images in the request must be PNG (decoded with libpng) or JPEG (signature checked).
  * DG_FAKE_LOAD_MS in the environment makes dg_model_open take that long, reporting
  * progress every 100 ms; DG_FAKE_WARMUP=fail makes dg_sched_warmup fail with DG_EDEVICE,
@@ -205,6 +206,10 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     if (fail && !strcmp(fail, "retry")) {
         snprintf(err, errlen, "fake engine: asked to fail this attempt as retryable");
         return DG_EAGAIN;
+    }
+    if (fail && !strcmp(fail, "submit_fatal")) {
+        snprintf(err, errlen, "fake engine: device lost at submit (asked by the job)");
+        return DG_EDEVICE;
     }
     const char *last_text = "";
     size_t last_len = 0;

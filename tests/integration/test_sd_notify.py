@@ -125,6 +125,24 @@ def test_fatal_engine_error_exits_75_and_job_is_retried(cluster):
     assert "last error: worker \"f1\": engine failure: fake engine: device lost" in res["error"].decode(), res
 
 
+def test_an_engine_failure_at_submit_notes_every_run(cluster):
+    """An engine failure found when a job is submitted ends the worker (exit 75) as one found
+    in a step does, and the job hashes of the worker's other runs say what ended them (so
+    that the attempt that gives up can tell), as well as the submitted job's."""
+    w = cluster.worker("f2", args=["--max-inflight", "2"])
+    cluster.wait_groups()
+    cluster.enqueue("bystander", " ".join(["w"] * 40), meta={"fake.step_ms": 100})
+    wait_until(lambda: int(cluster.r.hget("duogen:job:bystander", "tokens") or 0) >= 2, what="the bystander running")
+    cluster.enqueue("submitfault", "x", meta={"fake.fail": "submit_fatal"})
+    assert w.proc.wait(20) == 75
+    said = 'worker "f2": engine failure: fake engine: device lost at submit (asked by the job)'
+    assert "engine failure" in w.logs()
+    for job in ("bystander", "submitfault"):
+        h = cluster.r.hgetall(f"duogen:job:{job}")
+        assert h[b"state"] == b"retrying" and said in h[b"error"].decode(), (job, h)
+    assert not cluster.r.exists("duogen:result:bystander")
+
+
 def test_warmup_before_ready_and_a_failed_one_exits_75(cluster):
     """READY=1 only after the warm-up; a warm-up that fails (the device) exits 75 without
     READY, naming it, and `warmup = 0` skips it."""
