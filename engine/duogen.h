@@ -166,7 +166,7 @@ typedef struct {
                                     a published pipeline: no guidance up to 1, as its code) */
     int32_t     max_images;      /* >= 0: after this many images <BOV> is banned (as it is
                                     once the conversation holds DG_MAX_IMAGES, given and drawn) */
-    float       shift;           /* (0, 100], the shifted schedule's; set without DG_IMAGE_SCHEDULE
+    float       shift;           /* [0.001, 100], the shifted schedule's; set without DG_IMAGE_SCHEDULE
                                     it selects DG_SCHEDULE_SHIFTED, and with
                                     DG_SCHEDULE_KARRAS it is an error */
     dg_schedule schedule;
@@ -279,7 +279,9 @@ typedef struct {
                                        much KV again for cached prefixes: kv_cache_bytes'
                                        worth when set, else half the device's (CPU: the
                                        host's available) free memory, between 1 and 16 */
-    size_t  kv_cache_bytes;         /* prefix KV cache budget; 0 = the model's default */
+    size_t  kv_cache_bytes;         /* the KV pool: running sequences and cached prefixes
+                                       together; 0 = room for every sequence at its full
+                                       context and as much again for prefixes */
     int     kv_bf16;                /* 1: K and V kept in bf16 (half the memory, so twice the
                                        sequences or cached prefix in a budget; fidelity:
                                        engine/MODELS.md "KV in bf16"); -1: fp32; 0: the
