@@ -273,33 +273,49 @@ static void cache_counters(const dg_sched *s, dg_cache_stats *out) {
     if (s->lcache) dg_latent_cache_counters(s->lcache, &out->latent_hits, &out->latent_misses, &out->latent_bytes);
 }
 
-void dg_sched_count_from_now(dg_sched *s) {
-    cache_counters(s, &s->counted_from.cache);
-    s->counted_from.drafted = s->n_drafted;
-    s->counted_from.accepted = s->n_accepted;
-    s->counted_from.screened = s->n_screened;
-    s->counted_from.unscreened = s->n_unscreened;
+void dg_sched_counts_now(const dg_sched *s, dg_sched_counts *out) {
+    cache_counters(s, &out->cache);
+    out->drafted = s->n_drafted;
+    out->accepted = s->n_accepted;
+    out->screened = s->n_screened;
+    out->unscreened = s->n_unscreened;
+}
+
+void dg_sched_counts_skip(dg_sched *s, const dg_sched_counts *before) {
+    dg_sched_counts now;
+    dg_sched_counts_now(s, &now);
+    dg_sched_counts *k = &s->skipped;
+    k->cache.kv_hits += now.cache.kv_hits - before->cache.kv_hits;
+    k->cache.kv_misses += now.cache.kv_misses - before->cache.kv_misses;
+    k->cache.vision_hits += now.cache.vision_hits - before->cache.vision_hits;
+    k->cache.vision_misses += now.cache.vision_misses - before->cache.vision_misses;
+    k->cache.latent_hits += now.cache.latent_hits - before->cache.latent_hits;
+    k->cache.latent_misses += now.cache.latent_misses - before->cache.latent_misses;
+    k->drafted += now.drafted - before->drafted;
+    k->accepted += now.accepted - before->accepted;
+    k->screened += now.screened - before->screened;
+    k->unscreened += now.unscreened - before->unscreened;
 }
 
 void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
-    const dg_cache_stats *b = &s->counted_from.cache;
+    const dg_cache_stats *k = &s->skipped.cache;
     cache_counters(s, out);
-    out->kv_hits -= b->kv_hits;
-    out->kv_misses -= b->kv_misses;
-    out->vision_hits -= b->vision_hits;
-    out->vision_misses -= b->vision_misses;
-    out->latent_hits -= b->latent_hits;
-    out->latent_misses -= b->latent_misses;
+    out->kv_hits -= k->kv_hits;
+    out->kv_misses -= k->kv_misses;
+    out->vision_hits -= k->vision_hits;
+    out->vision_misses -= k->vision_misses;
+    out->latent_hits -= k->latent_hits;
+    out->latent_misses -= k->latent_misses;
 }
 
 void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept) {
-    *drafted = s->n_drafted - s->counted_from.drafted;
-    *kept = s->n_accepted - s->counted_from.accepted;
+    *drafted = s->n_drafted - s->skipped.drafted;
+    *kept = s->n_accepted - s->skipped.accepted;
 }
 
 void dg_sched_screen_stats(const dg_sched *s, int64_t *screened, int64_t *unscreened) {
-    *screened = s->n_screened - s->counted_from.screened;
-    *unscreened = s->n_unscreened - s->counted_from.unscreened;
+    *screened = s->n_screened - s->skipped.screened;
+    *unscreened = s->n_unscreened - s->skipped.unscreened;
 }
 
 int dg_sched_cancel(dg_sched *s, uint64_t seq) {

@@ -52,17 +52,19 @@ int dg_sched_warmup(dg_sched *s, dg_usage *usage, char *err, size_t errlen) {
                     .image = {.set = DG_IMAGE_MAX_IMAGES | (draws ? DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS : 0),
                               .width = side, .height = side, .steps = 1, .max_images = draws}};
     warm w = {0};
+    dg_sched_counts before;   /* the jobs' counts so far: the warm-up's are taken out of them */
+    dg_sched_counts_now(s, &before);
     dg_sink sink = {&w, warm_text, warm_started, warm_step, warm_image, warm_finished, warm_failed};
     uint64_t seq;
     char why[256];
     int rc = dg_sched_submit(s, &r, &sink, &seq, why, sizeof why);
     while (rc == 0 && !w.done) rc = dg_sched_step(s, why, sizeof why);
     if (rc == 0 && w.code) rc = w.code, snprintf(why, sizeof why, "%s", w.message);
+    dg_sched_counts_skip(s, &before);   /* a worker's figures are its jobs' */
     if (rc < 0) {
         snprintf(err, errlen, "warm-up: %s", why);
         return rc;
     }
     if (usage) *usage = w.usage;
-    dg_sched_count_from_now(s);   /* a worker's figures are its jobs' */
     return 0;
 }

@@ -147,6 +147,12 @@ static inline int dg_seq_may_draw(const dg_model *m, const dg_seq *q) {
     return m->has_draw && q->n_drawn < q->ip.max_images && q->n_images < DG_SEQ_MAX_IMAGES;
 }
 
+/* The scheduler's counters (cache lookups, drafts, the logit screen), raw. */
+typedef struct {
+    dg_cache_stats cache;   /* hits and misses; the bytes are not counters */
+    int64_t        drafted, accepted, screened, unscreened;
+} dg_sched_counts;
+
 struct dg_sched {
     dg_model        *m;          /* borrowed */
     dg_backend      *be;         /* owned: a fork of m->be (backend.h), on which everything of
@@ -183,16 +189,16 @@ struct dg_sched {
     int64_t          n_screened, n_unscreened;/* greedy tokens chosen from the logit screen's
                                                  bounds, and those whose bounds did not decide
                                                  (the row computed whole), since dg_sched_new */
-    /* the counters as the warm-up left them: the stats functions report past them, so that
-     * a worker's figures count its jobs only (dg_sched_warmup) */
-    struct {
-        dg_cache_stats cache;
-        int64_t        drafted, accepted, screened, unscreened;
-    } counted_from;
+    dg_sched_counts  skipped;    /* the warm-ups' share of the counters: the stats functions
+                                    leave it out, so that a worker's figures count its jobs
+                                    only (dg_sched_warmup) */
 };
 
-/* The stats functions (dg_sched_cache_stats, _draft_stats, _screen_stats) count from here on. */
-void dg_sched_count_from_now(dg_sched *s);
+/* The counters as they stand, warm-ups included; and the stats functions
+ * (dg_sched_cache_stats, _draft_stats, _screen_stats) leave out what was counted since
+ * `before` was taken. */
+void dg_sched_counts_now(const dg_sched *s, dg_sched_counts *out);
+void dg_sched_counts_skip(dg_sched *s, const dg_sched_counts *before);
 
 /* ---- sched_draw.c: the drawing side of a step ---- */
 

@@ -79,7 +79,7 @@ def test_status_line_follows_the_phase(cluster):
     w = Worker(cluster.tmp, cluster.server.url, "sd3", cluster.model, env={"NOTIFY_SOCKET": ns.path})
     cluster.workers.append(w)
     wait_until(lambda: ns.has("READY=1"), what="READY=1")
-    cluster.enqueue("phased", " ".join(["w"] * 12), meta={"fake.images": 1, "fake.step_ms": 60})
+    cluster.enqueue("phased", " ".join(["w"] * 12), meta={"fake.images": 1, "fake.step_ms": 100})
     assert cluster.wait_result("phased")["status"] == b"done"
     lines = [l for l in ns.lines() if l.startswith("STATUS=job phased")]
     drawing = [i for i, l in enumerate(lines) if " diffusion step " in l]
