@@ -95,6 +95,12 @@ def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
                             f"redis://duogen-producer@127.0.0.1:{srv.port}/0", "--password-file", pw["producer"],
                             "cancel", "acl-1"], capture_output=True, text=True, timeout=20)
         assert "NOPERM" not in p.stdout + p.stderr, p.stdout + p.stderr
+        # and its watch of an ended job: the answer, exit 0 (one EXISTS over the job, result and
+        # events keys was refused: a command's keys must fall in one selector of the ACL)
+        p = subprocess.run([os.path.join(BUILD, "duogenctl"), "--redis",
+                            f"redis://duogen-producer@127.0.0.1:{srv.port}/0", "--password-file", pw["producer"],
+                            "watch", "acl-in"], capture_output=True, text=True, timeout=20)
+        assert p.returncode == 0 and "NOPERM" not in p.stderr, p.stdout + p.stderr
 
         # a job naming an input key outside duogen:input:* fails clearly; the worker lives on
         bad = pb.Job(id="acl-steal")

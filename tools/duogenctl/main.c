@@ -961,9 +961,15 @@ static int cmd_watch(int argc, char **argv) {
     key(k_job, sizeof k_job, "job", argv[0]);
     key(k_result, sizeof k_result, "result", argv[0]);
     key(k_events, sizeof k_events, "events", argv[0]);
-    redisReply *rep = cmd(dg_cmd_of("EXISTS", k_job, k_result, k_events, NULL));
-    const long long known = rep->type == REDIS_REPLY_INTEGER ? rep->integer : 0;
-    freeReplyObject(rep);
+    /* one key a command: the shipped ACL grants the producer each kind of key in its own
+     * selector, and Redis wants every key of a command within one */
+    long long known = 0;
+    const char *keys[3] = {k_job, k_result, k_events};
+    for (int i = 0; i < 3 && !known; i++) {
+        redisReply *rep = cmd(dg_cmd_of("EXISTS", keys[i], NULL));
+        known = rep->type == REDIS_REPLY_INTEGER ? rep->integer : 0;
+        freeReplyObject(rep);
+    }
     if (!known)
         fprintf(stderr, "duogenctl: nothing is known of job \"%s\" yet (no %s, %s or %s): waiting for it "
                 "(a job whose producer writes %s before its XADD, as duogenctl does, has one at once)\n",
