@@ -338,10 +338,17 @@ static int import(const opts *o) {
     return write_manifest(o, layers, vocab, max_pos, mllm, tokdir);
 }
 
+#define USAGE "usage: dg-import --pipeline DIR [--mllm DIR] --out PKG [--name NAME] [--draw-marker TEXT] " \
+              "[--system-prompt TEXT] [--max-context N] [--force]"
+
 int main(int argc, char **argv) {
     opts o = {.name = "cosmos-predict2.5"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("%s\n(what each option does: the header of tools/dg-import/main.c, and docs/PUBLISHED.md)\n", USAGE);
+            return 0;
+        }
         if (!strcmp(a, "--force")) { o.force = 1; continue; }
         if (!v) return die("%s: needs a value (see the header of tools/dg-import/main.c)", a);
         if (!strcmp(a, "--pipeline")) o.pipeline = v;
@@ -363,8 +370,7 @@ int main(int argc, char **argv) {
         i++;
     }
     if (!o.pipeline || !o.out)
-        return die("usage: dg-import --pipeline DIR [--mllm DIR] --out PKG [--name NAME] [--draw-marker TEXT] "
-                   "[--system-prompt TEXT] [--max-context N] [--force]");
+        return die(USAGE);
     if (o.marker && (!o.marker[0] || strlen(o.marker) >= 64)) return die("--draw-marker: 1 to 63 bytes");
     return import(&o);
 }
