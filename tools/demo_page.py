@@ -70,4 +70,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] in ("-h", "--help") or any(":" not in a for a in sys.argv[2:]):
+        asked = len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help")
+        print(__doc__.strip(), file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     main(sys.argv)

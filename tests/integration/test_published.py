@@ -253,12 +253,3 @@ def test_import_force_redoes_a_package_and_refuses_a_short_context(tmpdir_path):
         r = subprocess.run([IMPORT, "--pipeline", PIPE, "--out", pkg + ctx, "--max-context", ctx],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "--max-context" in r.stderr and not os.path.exists(pkg + ctx), r.stderr
-
-
-def test_import_help_and_usage():
-    """--help prints the usage and exits 0 (it was taken for an option without its value);
-    no --pipeline or --out is the usage on stderr, exit 1."""
-    r = subprocess.run([IMPORT, "--help"], capture_output=True, text=True, timeout=10)
-    assert r.returncode == 0 and r.stdout.startswith("usage: dg-import --pipeline DIR"), r.stdout + r.stderr
-    r = subprocess.run([IMPORT], capture_output=True, text=True, timeout=10)
-    assert r.returncode == 1 and "usage: dg-import --pipeline DIR" in r.stderr, r.stderr

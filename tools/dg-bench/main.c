@@ -115,11 +115,12 @@ static int by_name(const void *a, const void *b) {
     return strcmp(((const struct bench_entry *)a)->name, ((const struct bench_entry *)b)->name);
 }
 
-static int usage(void) {
-    fprintf(stderr, "usage: dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] "
+/* The usage: asked for (--help), on standard output and exit 0; else on standard error, 2. */
+static int usage(int asked) {
+    fprintf(asked ? stdout : stderr, "usage: dg-bench [--json FILE] [--threads N] [--model DIR] [--vocab DIR] "
                     "[--quick] [--bf16-compute] [--mapped-weights] [--llamacpp CMD] [--transformers CMD] [--diffusers CMD] "
                     "[--list] [NAME...]\n");
-    return 2;
+    return asked ? 0 : 2;
 }
 
 int main(int argc, char **argv) {
@@ -131,6 +132,7 @@ int main(int argc, char **argv) {
     qsort(benches, (size_t)n_benches, sizeof benches[0], by_name);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) return usage(1);
         if (!strcmp(a, "--json") && i + 1 < argc) json_path = argv[++i];
         else if (!strcmp(a, "--threads") && i + 1 < argc) ctx.threads = atoi(argv[++i]);
         else if (!strcmp(a, "--model") && i + 1 < argc) ctx.model_dir = argv[++i];
@@ -144,7 +146,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--list")) {
             for (int b = 0; b < n_benches; b++) printf("%-20s %s\n", benches[b].name, benches[b].what);
             return 0;
-        } else if (a[0] == '-') return usage();
+        } else if (a[0] == '-') return usage(0);
         else if (n_names < BENCH_MAX) names[n_names++] = a;
     }
 

@@ -15,9 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int usage(void) {
-    fprintf(stderr, "usage: dg-tokenize (--model DIR | --vocab DIR) [--raw] [--decode [--skip-special]] < input\n");
-    return 2;
+/* The usage: asked for (--help), on standard output and exit 0; else on standard error, 2. */
+static int usage(int asked) {
+    fprintf(asked ? stdout : stderr, "usage: dg-tokenize (--model DIR | --vocab DIR) [--raw] [--decode [--skip-special]] < input\n");
+    return asked ? 0 : 2;
 }
 
 static char *read_all(FILE *f, size_t *len) {
@@ -79,14 +80,15 @@ int main(int argc, char **argv) {
     int raw = 0, decode = 0;
     unsigned flags = 0;
     for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage(1);
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
         else if (!strcmp(argv[i], "--vocab") && i + 1 < argc) vocab = argv[++i];
         else if (!strcmp(argv[i], "--raw")) raw = 1;
         else if (!strcmp(argv[i], "--decode")) decode = 1;
         else if (!strcmp(argv[i], "--skip-special")) flags |= DG_TOK_SKIP_SPECIAL;
-        else return usage();
+        else return usage(0);
     }
-    if (!model == !vocab) return usage();
+    if (!model == !vocab) return usage(0);
     char dir[4096], err[512];
     if (model) snprintf(dir, sizeof dir, "%s/mllm", model);
     else snprintf(dir, sizeof dir, "%s", vocab);

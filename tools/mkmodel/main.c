@@ -43,9 +43,10 @@ static int find_vocab(char *out, size_t len) {
     return -1;
 }
 
-static int usage(void) {
-    fprintf(stderr, "usage: mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR|own] [--seeded]\n");
-    return 2;
+/* The usage: asked for (--help), on standard output and exit 0; else on standard error, 2. */
+static int usage(int asked) {
+    fprintf(asked ? stdout : stderr, "usage: mkmodel --preset tiny|small|full --seed N --out DIR [--vocab DIR|own] [--seeded]\n");
+    return asked ? 0 : 2;
 }
 
 int main(int argc, char **argv) {
@@ -54,15 +55,16 @@ int main(int argc, char **argv) {
     int have_seed = 0;
     char err[512];
     for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage(1);
         if (!strcmp(argv[i], "--seeded")) { mk_seeded = 1; continue; }
-        if (i + 1 >= argc) return usage();
+        if (i + 1 >= argc) return usage(0);
         if (!strcmp(argv[i], "--preset")) preset = argv[++i];
         else if (!strcmp(argv[i], "--out")) out = argv[++i];
         else if (!strcmp(argv[i], "--vocab")) vocab = argv[++i];
         else if (!strcmp(argv[i], "--seed")) { seed = strtoull(argv[++i], NULL, 0); have_seed = 1; }
-        else return usage();
+        else return usage(0);
     }
-    if (!preset || !out || !have_seed) return usage();
+    if (!preset || !out || !have_seed) return usage(0);
     char vocab_dir[4096];
     if (!vocab) {
         if (find_vocab(vocab_dir, sizeof vocab_dir) < 0) {
@@ -84,7 +86,7 @@ int main(int argc, char **argv) {
     if (!strcmp(preset, "tiny")) p = MK_TINY;
     else if (!strcmp(preset, "small")) p = MK_SMALL;
     else if (!strcmp(preset, "full")) p = MK_FULL;
-    else return usage();
+    else return usage(0);
     if (mk_write_mllm(out, p, seed, vocab, err, sizeof err) < 0 ||
         mk_write_vae(out, p, seed, err, sizeof err) < 0 ||
         mk_write_dit(out, p, seed, err, sizeof err) < 0 ||

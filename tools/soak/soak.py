@@ -845,7 +845,7 @@ def print_report(rep):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--jobs", type=int)
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--engine", choices=("fake", "real"), default="fake")
