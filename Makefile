@@ -390,10 +390,15 @@ train-shapes:
 	@[ -x $(TRAIN_PY) ] || tools/setup-venv.sh tools/train
 	nice $(TRAIN_PY) tools/train/train.py --work $(BUILD)/train --out tools/train/shapes --device $(TRAIN_DEVICE)
 	nice $(TRAIN_PY) tools/train/make_shapes_goldens.py
+	$(MAKE) eval-shapes MONTAGE=tools/train/shapes/samples.png
 
+# the montage of the shipped model's answers is the training's (train-shapes); a later
+# scoring writes its own under build/, and the checkout stays as it was
+MONTAGE ?= $(BUILD)/train/samples.png
 eval-shapes: all
+	@mkdir -p $(BUILD)/train
 	nice /usr/bin/python3 tools/train/eval.py --model tools/train/shapes --json $(BUILD)/train/eval.json \
-	    --montage tools/train/shapes/samples.png
+	    --montage $(MONTAGE)
 
 # ---- set-up --------------------------------------------------------------------------
 deps:
