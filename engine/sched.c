@@ -281,41 +281,47 @@ void dg_sched_counts_now(const dg_sched *s, dg_sched_counts *out) {
     out->unscreened = s->n_unscreened;
 }
 
+/* to += sign * x, over the counters (not the bytes). */
+static void counts_add(dg_sched_counts *to, const dg_sched_counts *x, int64_t sign) {
+    to->cache.kv_hits += sign * x->cache.kv_hits;
+    to->cache.kv_misses += sign * x->cache.kv_misses;
+    to->cache.vision_hits += sign * x->cache.vision_hits;
+    to->cache.vision_misses += sign * x->cache.vision_misses;
+    to->cache.latent_hits += sign * x->cache.latent_hits;
+    to->cache.latent_misses += sign * x->cache.latent_misses;
+    to->drafted += sign * x->drafted;
+    to->accepted += sign * x->accepted;
+    to->screened += sign * x->screened;
+    to->unscreened += sign * x->unscreened;
+}
+
 void dg_sched_counts_skip(dg_sched *s, const dg_sched_counts *before) {
     dg_sched_counts now;
     dg_sched_counts_now(s, &now);
-    dg_sched_counts *k = &s->skipped;
-    k->cache.kv_hits += now.cache.kv_hits - before->cache.kv_hits;
-    k->cache.kv_misses += now.cache.kv_misses - before->cache.kv_misses;
-    k->cache.vision_hits += now.cache.vision_hits - before->cache.vision_hits;
-    k->cache.vision_misses += now.cache.vision_misses - before->cache.vision_misses;
-    k->cache.latent_hits += now.cache.latent_hits - before->cache.latent_hits;
-    k->cache.latent_misses += now.cache.latent_misses - before->cache.latent_misses;
-    k->drafted += now.drafted - before->drafted;
-    k->accepted += now.accepted - before->accepted;
-    k->screened += now.screened - before->screened;
-    k->unscreened += now.unscreened - before->unscreened;
+    counts_add(&s->skipped, &now, 1);
+    counts_add(&s->skipped, before, -1);
 }
 
-void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) {
-    const dg_cache_stats *k = &s->skipped.cache;
-    cache_counters(s, out);
-    out->kv_hits -= k->kv_hits;
-    out->kv_misses -= k->kv_misses;
-    out->vision_hits -= k->vision_hits;
-    out->vision_misses -= k->vision_misses;
-    out->latent_hits -= k->latent_hits;
-    out->latent_misses -= k->latent_misses;
+/* The counters the stats report: as they stand, less the warm-ups' share. */
+static dg_sched_counts counted(const dg_sched *s) {
+    dg_sched_counts c;
+    dg_sched_counts_now(s, &c);
+    counts_add(&c, &s->skipped, -1);
+    return c;
 }
+
+void dg_sched_cache_stats(const dg_sched *s, dg_cache_stats *out) { *out = counted(s).cache; }
 
 void dg_sched_draft_stats(const dg_sched *s, int64_t *drafted, int64_t *kept) {
-    *drafted = s->n_drafted - s->skipped.drafted;
-    *kept = s->n_accepted - s->skipped.accepted;
+    dg_sched_counts c = counted(s);
+    *drafted = c.drafted;
+    *kept = c.accepted;
 }
 
 void dg_sched_screen_stats(const dg_sched *s, int64_t *screened, int64_t *unscreened) {
-    *screened = s->n_screened - s->skipped.screened;
-    *unscreened = s->n_unscreened - s->skipped.unscreened;
+    dg_sched_counts c = counted(s);
+    *screened = c.screened;
+    *unscreened = c.unscreened;
 }
 
 int dg_sched_cancel(dg_sched *s, uint64_t seq) {
