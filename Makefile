@@ -244,15 +244,37 @@ test:
 
 # ---- fuzzing: clang with libFuzzer and ASan/UBSan, a bounded time per target ----------
 FUZZ_SECONDS ?= 30
-FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+# The engine, the protocol code and the daemon's parsers are compiled once with the sanitizers
+# and libFuzzer's coverage (fuzzer-no-link) into build/fuzz/obj, and each target links against
+# them: the targets build in parallel under make -j, and a change rebuilds only what it touches.
+FUZZ_SAN    := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fopenmp $(FUZZ_SAN) \
                -Iengine -Ikernels -I$(BUILD)/gen -I$(OPENBLAS_INC) $(PKG_CFLAGS)
-# a target may name more sources: FUZZ_EXTRA_<name>
-FUZZ_EXTRA_job := daemon/job.c daemon/outdir.c daemon/redis.c daemon/log.c daemon/daemon_config.c
-FUZZ_EXTRA_package := -DFUZZ_MKMODEL='"$(abspath $(BUILD))/mkmodel"'
+FUZZ_LIB    := $(BUILD)/fuzz/libduogen-fuzz.a
+FUZZ_OBJ    := $(patsubst %.c,$(BUILD)/fuzz/obj/%.o,$(ENGINE_SRC)) $(BUILD)/fuzz/obj/duogen.pb-c.o
+# a target may link more of the daemon's objects (FUZZ_OBJ_<name>) or take defines (FUZZ_DEF_<name>)
+FUZZ_OBJ_job := $(patsubst %.c,$(BUILD)/fuzz/obj/%.o,daemon/job.c daemon/outdir.c daemon/redis.c daemon/log.c daemon/daemon_config.c)
+FUZZ_DEF_package := -DFUZZ_MKMODEL='"$(abspath $(BUILD))/mkmodel"'
 $(BUILD)/fuzz/fuzz_package: $(BUILD)/mkmodel
-$(BUILD)/fuzz/fuzz_%: tests/fuzz_%.c $(ENGINE_SRC) $(PROTO_C)
+$(BUILD)/fuzz/fuzz_job: $(FUZZ_OBJ_job)
+
+$(BUILD)/fuzz/obj/%.o: %.c | $(PROTO_H)
 	@mkdir -p $(dir $@)
-	clang $(FUZZ_CFLAGS) -fopenmp -o $@ $< $(FUZZ_EXTRA_$*) $(ENGINE_SRC) $(PROTO_C) $(LDLIBS)
+	@echo "  CC      $@"
+	@clang $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+$(BUILD)/fuzz/obj/duogen.pb-c.o: $(PROTO_C)
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	@clang $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_LIB): $(FUZZ_OBJ)
+	@echo "  AR      $@"
+	@rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/fuzz/fuzz_%: tests/fuzz_%.c $(FUZZ_LIB)
+	@mkdir -p $(dir $@)
+	@echo "  LD      $@"
+	@clang $(FUZZ_CFLAGS) -fsanitize=fuzzer $(FUZZ_DEF_$*) -MMD -MP -MF $@.d -o $@ $< $(FUZZ_OBJ_$*) $(FUZZ_LIB) $(LDLIBS)
 
 fuzz: $(FUZZ_BINS)
 	@set -e; for f in $(FUZZ_BINS); do \
@@ -453,4 +475,4 @@ uninstall:
 clean:
 	rm -rf $(BUILD)
 
--include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(BUILD)/fuzz -name '*.d' 2>/dev/null)
