@@ -441,6 +441,26 @@ TEST(cuda_rows_and_elementwise) {
         }
 }
 
+/* adaLN modulate on rows whose mean dwarfs their spread (mean 1000, spread ~1, n 5120, as
+ * test_dit's dit_op_modulate_large_mean on the CPU, whose double sums are within 2e-6 of
+ * double). The corrected kernel (gpu: DG_CUDA_UNVERIFIED) keeps one rounding of values below
+ * ~4: 3e-7 by a host emulation of its reduction order, so 2e-6 leaves room for FMA
+ * contraction and the CPU's own 2e-6. The verified default sums in plain fp32: its mean is
+ * ~1e-4 off at this offset (the same emulation: 1.3e-4), which shifts every value by that much
+ * times the scale; 5e-4 bounds it, and a wrong mean or variance is off by O(1). */
+TEST(cuda_modulate_large_mean) {
+    if (!ready()) SKIP("%s", test_cuda_absent_reason());
+    const int m = 3, n = 5120;
+    float *x = rnd((int64_t)m * n, 1.0f), *a = rnd((int64_t)m * n, 1.0f), *p = rnd(n, 0.5f), *q = rnd(n, 0.3f);
+    for (int64_t i = 0; i < (int64_t)m * n; i++) x[i] += 1000.0f;
+    float *ref = run_rows(cpu, OP_MODULATE, x, a, p, q, m, n);
+    float *got = run_rows(gpu, OP_MODULATE, x, a, p, q, m, n);
+    float *def = run_rows(gpu_default, OP_MODULATE, x, a, p, q, m, n);
+    compare("modulate corrected", "m3 n5120 mean 1000", got, ref, (int64_t)m * n, -1, 2e-6);
+    compare("modulate default", "m3 n5120 mean 1000", def, ref, (int64_t)m * n, -1, 5e-4);
+    free(x); free(a); free(p); free(q); free(ref); free(got); free(def);
+}
+
 static float *run_channel_rmsnorm(dg_backend *be, const float *xh, const float *gh, int f, int c,
                                   int64_t plane, int silu) {
     const int64_t n = (int64_t)f * c * plane;

@@ -3,7 +3,7 @@
  * row, 256 threads (1024 for a few rows) striding over the row, block reductions through
  * shared memory (32 floats); each element is read and written by the same thread, so y may
  * equal x. Sums in fp32 but the standardization's (the CPU reference sums the modulation's
- * LayerNorm in double: the difference is far below the test tolerance at these widths). */
+ * LayerNorm in double; the corrected modulate kernel matches it in fp32 sums, see there). */
 #include "cuda_common.cuh"
 #include "standardize_row.h"
 
@@ -55,6 +55,35 @@ __global__ void modulate_kernel(float *y, const float *x, const float *shift, co
     for (int j = threadIdx.x; j < n; j += blockDim.x) v += (xi[j] - mean) * (xi[j] - mean);
     const float r = 1.0f / sqrtf(dg_block_sum(v, sh) / (float)n + eps);
     for (int j = threadIdx.x; j < n; j += blockDim.x) yi[j] = (xi[j] - mean) * r * (1.0f + scale[j]) + shift[j];
+}
+
+/* adaLN with the corrected two-pass variance (Chan, Golub & LeVeque): the second pass sums
+ * the deviations d = x - mean as well as their squares; their mean c is the fp32 mean's own
+ * rounding error, taken off every deviation and off the variance (var = mean(d^2) - c^2). Where
+ * the mean dwarfs the spread, x and the mean are within a factor 2 of each other and d is exact
+ * (Sterbenz), so one rounding is left: a row of mean 1000 and spread 1 over 5120 values comes
+ * out ~3e-7 off instead of ~1e-4 (host emulation of this reduction order), as the CPU's double
+ * sums do, at the same two passes and one more block reduction. Used with DG_CUDA_UNVERIFIED=1
+ * until a device run passes it (NOTES.md); modulate_kernel is the verified default. */
+__global__ void modulate_corrected_kernel(float *y, const float *x, const float *shift, const float *scale,
+                                          int n, float eps) {
+    __shared__ float sh[32];
+    const float *xi = x + (int64_t)blockIdx.x * n;
+    float *yi = y + (int64_t)blockIdx.x * n;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += xi[j];
+    const float mean = dg_block_sum(s, sh) / (float)n;
+    float sd = 0.0f, sd2 = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float d = xi[j] - mean;
+        sd += d;
+        sd2 += d * d;
+    }
+    const float c = dg_block_sum(sd, sh) / (float)n;
+    const float var = fmaxf(dg_block_sum(sd2, sh) / (float)n - c * c, 0.0f);
+    const float r = 1.0f / sqrtf(var + eps);
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        yi[j] = ((xi[j] - mean) - c) * r * (1.0f + scale[j]) + shift[j];
 }
 
 /* One thread per pixel of one frame; the channel loop strides by `plane`, so a warp reads
@@ -118,7 +147,10 @@ static int rmsnorm(dg_cuda *c, float *y, const float *x, const float *w, int m, 
 static int modulate(dg_cuda *c, float *y, const float *x, const float *shift, const float *scale, int m, int n,
                     float eps) {
     if (m <= 0) return 0;
-    modulate_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, shift, scale, n, eps);
+    if (c->unverified)
+        modulate_corrected_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, shift, scale, n, eps);
+    else
+        modulate_kernel<<<m, row_threads(m), 0, c->stream>>>(y, x, shift, scale, n, eps);
     CUDA_CHECK_LAUNCH(c);
     return 0;
 }
