@@ -416,6 +416,15 @@ struct dg_backend {
      * where conv3d or spatial_attention is given a shape its scratch cannot tile (past the
      * bounds stated at them), which it refuses instead of running. */
     int  (*status)(dg_backend *be, char *err, size_t errlen);
+
+    /* Which of the backend's alternative kernel paths ran, and how often, since it was made:
+     * "name count" pairs separated by spaces (CUDA: "gemv 12 gemv_fused 0 gemm 3
+     * gemm_lt_bias 2 bias_kernel 1 ..."; kernels/cuda/cuda_common.cuh names each), each
+     * backend of a family its own. Writes at most len bytes with the NUL (cut where it does
+     * not fit) and returns the length of the whole text, as snprintf. For the tests that
+     * must know which path an operation took, and the benchmarks' reports. Optional: NULL =
+     * none kept (the CPU's paths are fixed by its dispatch at start: dg-bench states them). */
+    size_t (*paths)(dg_backend *be, char *buf, size_t len);
 };
 
 /* The layout be reads a weight of dtype with cols columns in best: DG_WEIGHT_KB (blocked)

@@ -145,6 +145,24 @@ static void compare(const char *op, const char *shape, const float *got, const f
                   mx, abs_tol, rel, rel_tol, bad ? ", NaN" : "");
 }
 
+/* The count of kernel path `name` on be so far (backend.h `paths`; the names are
+ * kernels/cuda/cuda_common.cuh's), -1 where be keeps none or has no such path: the cases
+ * below check by the difference over a call which path it took. */
+static long long path_count(dg_backend *be, const char *name) {
+    char buf[1024];
+    if (!be->paths) return -1;
+    be->paths(be, buf, sizeof buf);
+    const size_t len = strlen(name);
+    for (const char *p = buf; *p;) {
+        const char *end = strchr(p, ' ');
+        if (!end) break;
+        if ((size_t)(end - p) == len && !strncmp(p, name, len)) return strtoll(end + 1, NULL, 10);
+        p = strchr(end + 1, ' ');
+        p = p ? p + 1 : end + strlen(end);
+    }
+    return -1;
+}
+
 /* ---- matmul and embed ------------------------------------------------------------------ */
 
 static uint16_t *rnd_bf16(int64_t n, float scale) {
@@ -181,13 +199,34 @@ TEST(cuda_matmul) {
         const int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w = rnd_bf16((int64_t)n * k, 0.05f);
         float *x = rnd((int64_t)m * k, 1.0f), *b = shapes[s][3] ? rnd(n, 0.5f) : NULL;
+        const long long gemv0 = path_count(gpu, "gemv"), gemm0 = path_count(gpu, "gemm"),
+                        lt0 = path_count(gpu, "gemm_lt_bias"), bk0 = path_count(gpu, "bias_kernel");
         float *ref = run_matmul(cpu, w, x, b, m, n, k), *got = run_matmul(gpu, w, x, b, m, n, k);
         char shape[64];
         snprintf(shape, sizeof shape, "m%d n%d k%d%s", m, n, k, b ? " +bias" : "");
         compare("matmul", shape, got, ref, (int64_t)m * n, m <= 8 ? 1e-5 : 1e-2, -1);
+        /* the path: the GEMV up to 8 rows; above, cuBLAS, or with a bias (16-byte aligned:
+         * a buffer of its own) cuBLASLt's epilogue with DG_CUDA_UNVERIFIED */
+        CHECK(path_count(gpu, "gemv") - gemv0 == (m <= 8));
+        CHECK(path_count(gpu, "gemm") - gemm0 == (m > 8 && !b));
+        CHECK(path_count(gpu, "gemm_lt_bias") - lt0 == (m > 8 && b));
+        CHECK(path_count(gpu, "bias_kernel") == bk0);
         if (m > 8) {
+            const long long pg0 = path_count(gpu_precise, "gemm"), pbk0 = path_count(gpu_precise, "bias_kernel");
             float *p = run_matmul(gpu_precise, w, x, b, m, n, k);
             compare("matmul precise", shape, p, ref, (int64_t)m * n, 1e-4, -1);
+            /* precise: two GEMMs (hi and lo parts of x), the bias by its own kernel */
+            CHECK(path_count(gpu_precise, "gemm") - pg0 == 2);
+            CHECK(path_count(gpu_precise, "bias_kernel") - pbk0 == (b != NULL));
+            CHECK(path_count(gpu_precise, "gemm_lt_bias") == 0);
+            if (b) {   /* the verified default: cuBLAS and the bias kernel, never the epilogue */
+                const long long dbk0 = path_count(gpu_default, "bias_kernel");
+                float *d = run_matmul(gpu_default, w, x, b, m, n, k);
+                compare("matmul default", shape, d, ref, (int64_t)m * n, 1e-2, -1);
+                CHECK(path_count(gpu_default, "bias_kernel") - dbk0 == 1);
+                CHECK(path_count(gpu_default, "gemm_lt_bias") == 0);
+                free(d);
+            }
             free(p);
         }
         free(w); free(x); free(b); free(ref); free(got);
@@ -248,8 +287,22 @@ TEST(cuda_fused_decode_ops) {
         uint16_t *wg = rnd_bf16((int64_t)f * k, 0.05f), *wu = rnd_bf16((int64_t)f * k, 0.05f);
         float *x = rnd((int64_t)m * k, 1.0f), *b = rnd(nq + 2 * nk, 0.5f), *res = rnd((int64_t)m * k, 1.0f);
         float *nw = rnd(k, 1.0f);
+        const long long fused0 = path_count(gpu, "gemv_fused"), gemm0 = path_count(gpu, "gemm"),
+                        lt0 = path_count(gpu, "gemm_lt_bias"), bk0 = path_count(gpu, "bias_kernel");
         float *ref = run_fused(cpu, wq, wk, wg, wu, x, b, res, nw, m, nq, nk, f, k);
         float *got = run_fused(gpu, wq, wk, wg, wu, x, b, res, nw, m, nq, nk, f, k);
+        /* the paths: up to 8 rows, one fused GEMV launch for q, k, v and one for gate, up;
+         * above, GEMMs: q's and k's biases in cuBLASLt's epilogue where 16-byte aligned (k's
+         * is nq floats into the buffer), else by the bias kernel after cuBLAS */
+        if (m <= 8) {
+            CHECK(path_count(gpu, "gemv_fused") - fused0 == 2);
+        } else {
+            const long long lt = nq % 4 == 0 ? 2 : 1;
+            CHECK(path_count(gpu, "gemv_fused") == fused0);
+            CHECK(path_count(gpu, "gemm_lt_bias") - lt0 == lt);
+            CHECK(path_count(gpu, "bias_kernel") - bk0 == 2 - lt);
+            CHECK(path_count(gpu, "gemm") - gemm0 == 3 + (2 - lt));   /* v, gate, up, and the unaligned */
+        }
         char shape[96];
         const double tol = m <= 8 ? 1e-5 : 1e-2;   /* fp32 GEMV, or the bf16-rounded GEMM (see top) */
         int64_t o = 0;
@@ -667,10 +720,27 @@ TEST(cuda_kv_write_attention) {
         float *q = rnd((int64_t)m * nh * hd, 1.0f), *k = rnd((int64_t)n_ctx * kv_dim, 1.0f),
               *v = rnd((int64_t)n_ctx * kv_dim, 1.0f), *kp[2];
         float *kp2;
+        static const char *const att[] = {"attn_decode", "attn_fp32", "attn_wmma", "attn_mma"};
+        dg_backend *att_be[] = {gpu, gpu_precise, gpu_default};
+        long long att0[3][4];
+        for (int b = 0; b < 3; b++)
+            for (int a = 0; a < 4; a++) att0[b][a] = path_count(att_be[b], att[a]);
         float *ref = run_paged(cpu, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[0]);
         float *got = run_paged(gpu, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp[1]);
         float *pre = run_paged(gpu_precise, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp2);
         float *kp3, *wm = run_paged(gpu_default, DG_DTYPE_F32, q, k, v, table, n_blocks, bs, n_past, m, nh, nkv, hd, &kp3);
+        /* which kernel ran (attention.cu): up to 8 rows the split-K decode on every backend;
+         * above, head_dim 64/80/128 on the tensor cores (mma.sync from 64 rows with
+         * DG_CUDA_UNVERIFIED, else wmma), other sizes and DG_CUDA_GEMM=precise the fp32 tiles */
+        const int tc = hd == 64 || hd == 80 || hd == 128;
+        const int want[3] = {m <= 8 ? 0 : !tc ? 1 : m >= 64 ? 3 : 2, m <= 8 ? 0 : 1, m <= 8 ? 0 : tc ? 2 : 1};
+        for (int b = 0; b < 3; b++)
+            for (int a = 0; a < 4; a++) {
+                const long long d = path_count(att_be[b], att[a]) - att0[b][a];
+                if ((a == want[b]) != (d > 0))
+                    test_fail(__FILE__, __LINE__, "attention past%d m%d d%d on backend %d: path %s ran %lld times",
+                              n_past, m, hd, b, att[a], d);
+            }
         char shape[64];
         snprintf(shape, sizeof shape, "past%d m%d h%d/%d d%d", n_past, m, nh, nkv, hd);
         compare("kv_write", shape, kp[1], kp[0], (int64_t)n_blocks * bs * kv_dim, 0, 0);
@@ -799,7 +869,13 @@ TEST(cuda_attention_batch) {
             dg_backend *bes[2] = {gpu, gpu_default};
             for (int b = 0; b < 2 - d; b++) {
                 float *got, *gotp[4];
+                const long long rows0 = path_count(bes[b], "attn_decode_rows"), one0 = path_count(bes[b], "attn_decode");
                 run_attention_batch(bes[b], dt, t, q, k, v, hist, tables, bs, pool_rows, &got, gotp);
+                /* batched: the decode rows of every sequence in split-K launches over many
+                 * block tables, none alone; the default: each sequence's own decode */
+                CHECK(b ? path_count(bes[b], "attn_decode_rows") == rows0
+                        : path_count(bes[b], "attn_decode_rows") > rows0);
+                CHECK(b ? path_count(bes[b], "attn_decode") > one0 : path_count(bes[b], "attn_decode") == one0);
                 for (int p = 0; p < 2 * t->pools; p++) {
                     char shape[64];
                     snprintf(shape, sizeof shape, "case %zu%s %s pool %d%s", ci, d ? " bf16" : "",

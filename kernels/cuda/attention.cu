@@ -218,6 +218,7 @@ static int attn_decode(dg_cuda *c, float *out, const float *q, kv_addr a, int n_
     if (!n_split)
         return dg_cuda_fail(c, "decode partials larger than the scratch", "decode_splits", __FILE__, __LINE__);
     float *part = (float *)c->scratch;
+    DG_CUDA_COUNT(c, DG_PATH_ATTN_DECODE);
     DECODE_LAUNCH(attn_decode_kernel, dim3(n_heads, m, n_split), part, q, a, n_past, n_heads, n_heads / n_kv_heads,
                   head_dim, chunk, n_split, scale);
     CUDA_CHECK_LAUNCH(c);
@@ -236,6 +237,7 @@ static int attn_decode_rows(dg_cuda *c, float *out, const float *q, kv_addr a, c
     if (!n_split)
         return dg_cuda_fail(c, "decode partials larger than the scratch", "decode_splits", __FILE__, __LINE__);
     float *part = (float *)c->scratch;
+    DG_CUDA_COUNT(c, DG_PATH_ATTN_DECODE_ROWS);
     DECODE_LAUNCH(attn_decode_rows_kernel, dim3(n_heads, n, n_split), part, q, a, d_rows, n_heads,
                   n_heads / n_kv_heads, head_dim, chunk, n_split, scale);
     CUDA_CHECK_LAUNCH(c);
@@ -547,9 +549,13 @@ static int attn_tiles_launch(dg_cuda *c, int n_tiles, float *out, int out_stride
     if (n_tiles == 0) return 0;
     const int32_t *d_tiles = (const int32_t *)dg_cuda_stage(c, c->att_tiles, sizeof(int32_t) * 4 * (size_t)n_tiles);
     if (!d_tiles) return DG_EDEVICE;
-    if (mb) return dg_cuda_attn_mma_launch(c, mb, d_tiles, n_tiles, out, out_stride, causal);
+    if (mb) {
+        DG_CUDA_COUNT(c, DG_PATH_ATTN_MMA);
+        return dg_cuda_attn_mma_launch(c, mb, d_tiles, n_tiles, out, out_stride, causal);
+    }
     const dim3 grid(n_tiles, n_heads);
     const int group = n_heads / n_kv_heads;
+    DG_CUDA_COUNT(c, tc_head_dim(c, head_dim) ? DG_PATH_ATTN_WMMA : DG_PATH_ATTN_FP32);
     if (tc_head_dim(c, head_dim)) {
 #define LAUNCH_TC(HD) attn_tc_kernel<HD><<<grid, TC_THREADS, tc_layout<HD>::BYTES, c->stream>>>( \
         out, out_stride, q, q_stride, a, d_tiles, n_heads, group, head_dim, scale, causal)

@@ -32,6 +32,23 @@ int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *fil
     return DG_EDEVICE;
 }
 
+/* The kernel paths' counts (backend.h: paths), in the order of the enum. */
+static const char *const path_names[DG_CUDA_N_PATHS] = {
+    "gemv", "gemv_fused", "gemm", "gemm_lt_bias", "bias_kernel", "attn_decode", "attn_decode_rows",
+    "attn_fp32", "attn_wmma", "attn_mma", "graph_record", "graph_replay"};
+
+static size_t cuda_paths(dg_backend *be, char *buf, size_t len) {
+    const dg_cuda *c = (const dg_cuda *)be->impl;
+    size_t n = 0;
+    for (int i = 0; i < DG_CUDA_N_PATHS; i++) {
+        const int w = snprintf(buf + (n < len ? n : len), n < len ? len - n : 0, "%s%s %llu", i ? " " : "",
+                               path_names[i], (unsigned long long)c->paths[i]);
+        if (w > 0) n += (size_t)w;
+    }
+    if (len && n >= len) buf[len - 1] = 0;
+    return n;
+}
+
 /* The sticky error of the first failed operation (backend.h: status). */
 static int cuda_status(dg_backend *be, char *err, size_t errlen) {
     dg_cuda *c = dg_cuda_of(be);
@@ -59,6 +76,7 @@ static void cuda_graph_run(dg_backend *be, void **slot, void (*ops)(void *ctx), 
     dg_cuda *c = dg_cuda_of(be);
     cuda_graph *g = (cuda_graph *)*slot;
     if (g && g->exec) {
+        DG_CUDA_COUNT(c, DG_PATH_GRAPH_REPLAY);
         const cudaError_t e = cudaGraphLaunch(g->exec, c->stream);
         if (e != cudaSuccess) dg_cuda_fail(c, cudaGetErrorString(e), "cudaGraphLaunch", __FILE__, __LINE__);
         return;
@@ -76,6 +94,7 @@ static void cuda_graph_run(dg_backend *be, void **slot, void (*ops)(void *ctx), 
         c->capturing = 0;
         const cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
         if (e == cudaSuccess && !c->status && cudaGraphInstantiate(&g->exec, graph, 0) == cudaSuccess) {
+            DG_CUDA_COUNT(c, DG_PATH_GRAPH_RECORD);
             cudaGraphDestroy(graph);
             const cudaError_t l = cudaGraphLaunch(g->exec, c->stream);
             if (l != cudaSuccess) dg_cuda_fail(c, cudaGetErrorString(l), "cudaGraphLaunch", __FILE__, __LINE__);
@@ -528,6 +547,7 @@ static int cuda_make(dg_backend *be, dg_cuda *c, dg_backend **out, char *err, si
     be->logits_adjust = c->unverified ? dg_cuda_logits_adjust : NULL;
     be->topk = c->unverified ? dg_cuda_topk : NULL;
     be->status = cuda_status;
+    be->paths = cuda_paths;
     be->memory_free = cuda_memory_free;
     be->graph_run = cuda_graph_run;
     be->graph_release = cuda_graph_release;

@@ -47,6 +47,26 @@ extern "C" {
 
 typedef struct dg_cuda_seg dg_cuda_seg;
 
+/* The kernel paths a backend counts (backend.h `paths`): each a host-side choice, counted
+ * once per launch (or library call) that took it; a replayed graph counts as one
+ * graph_replay, not as the launches it holds. */
+enum {
+    DG_PATH_GEMV,            /* the GEMV kernels, m <= 8 (per weight) */
+    DG_PATH_GEMV_FUSED,      /* matmul_parts / matmul_swiglu in one GEMV launch */
+    DG_PATH_GEMM,            /* cublasGemmEx (two per weight with DG_CUDA_GEMM=precise) */
+    DG_PATH_GEMM_LT_BIAS,    /* cublasLtMatmul with the bias in the epilogue */
+    DG_PATH_BIAS_KERNEL,     /* the bias added by its own kernel after a GEMM */
+    DG_PATH_ATTN_DECODE,     /* split-K decode attention (one sequence) */
+    DG_PATH_ATTN_DECODE_ROWS,/* split-K decode attention over many sequences (attention_batch) */
+    DG_PATH_ATTN_FP32,       /* fp32 tile attention */
+    DG_PATH_ATTN_WMMA,       /* wmma tensor-core tile attention */
+    DG_PATH_ATTN_MMA,        /* mma.sync flash attention */
+    DG_PATH_GRAPH_RECORD,    /* graph_run: a recording made */
+    DG_PATH_GRAPH_REPLAY,    /* graph_run: a recording replayed */
+    DG_CUDA_N_PATHS
+};
+#define DG_CUDA_COUNT(c, path) ((c)->paths[path]++)
+
 /* A cuBLASLt plan for one GEMM shape with the bias epilogue (matmul.cu): descriptors and
  * the heuristic's algorithm, kept so that a shape seen again costs no query. */
 #define DG_CUDA_LT_PLANS 64
@@ -118,6 +138,7 @@ typedef struct {
                                       copy whatever the ring slot holds by then) */
     int             status;        /* sticky: 0 or the first DG_EDEVICE */
     char            err[256];
+    uint64_t        paths[DG_CUDA_N_PATHS];   /* this backend's (fork's) own counts */
 } dg_cuda;
 
 /* A block's share of one K/V row write: k, v [kv_dim] to pool row r, the block's threads

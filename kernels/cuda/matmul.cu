@@ -182,6 +182,7 @@ static int gemv(dg_cuda *c, float *y, const float *x, const __nv_bfloat16 *w, co
                 int m, int n, int k) {
     const dim3 grid(dg_cuda_blocks(n, GEMV_WARPS)), block(32 * GEMV_WARPS);
     const int few_rows = (int64_t)grid.x < 2LL * c->dev->prop.multiProcessorCount;
+    DG_CUDA_COUNT(c, DG_PATH_GEMV);
     if (k % 8 == 0 && ((uintptr_t)x & 15) == 0 && few_rows) {
         switch (m) {
 #define CASE(M) case M: gemv_bf16_rowblock<M><<<n, block, 0, c->stream>>>(y, x, w, bias, n, k); break;
@@ -323,22 +324,27 @@ static int gemm_parts(dg_cuda *c, const float *x, const dg_matmul_part *parts, i
             dg_cuda_lt_plan *p = bias && !split && c->unverified && ((uintptr_t)bias & 15) == 0
                                      ? lt_plan(c, n, mc, k, lt_align(w), lt_align(y)) : NULL;
             if (p) {
+                DG_CUDA_COUNT(c, DG_PATH_GEMM_LT_BIAS);
                 CUBLAS_CHECK(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                                sizeof bias));
                 CUBLAS_CHECK(c, cublasLtMatmul(c->lt, p->desc, &one, w, p->a, hi, p->b, &zero, y, p->d, y, p->d,
                                                &p->algo, c->blas_ws, DG_CUDA_BLAS_WS_BYTES, c->stream));
                 continue;
             }
+            DG_CUDA_COUNT(c, DG_PATH_GEMM);
             CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
                                          hi, CUDA_R_16BF, k, &zero, y, CUDA_R_32F, n,
                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-            if (split)
+            if (split) {
+                DG_CUDA_COUNT(c, DG_PATH_GEMM);
                 CUBLAS_CHECK(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, mc, k, &one, w, CUDA_R_16BF, k,
                                              lo, CUDA_R_16BF, k, &one, y, CUDA_R_32F, n,
                                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            }
             if (bias) {   /* no epilogue plan (or the split): a pass over this chunk of y */
                 const int64_t total = (int64_t)mc * n;
                 const unsigned bb = dg_cuda_blocks(total, 256) < 65535u ? dg_cuda_blocks(total, 256) : 65535u;
+                DG_CUDA_COUNT(c, DG_PATH_BIAS_KERNEL);
                 add_bias_kernel<<<bb, 256, 0, c->stream>>>(y, bias, mc, n);
                 CUDA_CHECK_LAUNCH(c);
             }
@@ -366,6 +372,7 @@ static int matmul_parts(dg_cuda *c, const float *x, const dg_matmul_part *parts,
             p.end[i] = rows += (int)parts[i].w->rows;
         }
         p.n_parts = n_parts;
+        DG_CUDA_COUNT(c, DG_PATH_GEMV_FUSED);
         const dim3 grid(dg_cuda_blocks(rows, GEMV_WARPS)), block(32 * GEMV_WARPS);
         switch (m) {
 #define CASE(M) case M: gemv_parts_kernel<M><<<grid, block, 0, c->stream>>>(p, x, k); break;
@@ -390,6 +397,7 @@ static int matmul_swiglu(dg_cuda *c, float *y, float *tmp, const float *x, const
     const __nv_bfloat16 *wg = (const __nv_bfloat16 *)gate->data, *wu = (const __nv_bfloat16 *)up->data;
     if (m <= GEMV_MAX_M && k % 8 == 0 && ((uintptr_t)x & 15) == 0) {
         const dim3 grid(dg_cuda_blocks(n, GEMV_WARPS)), block(32 * GEMV_WARPS);
+        DG_CUDA_COUNT(c, DG_PATH_GEMV_FUSED);
         switch (m) {
 #define CASE(M) case M: gemv_swiglu_kernel<M><<<grid, block, 0, c->stream>>>(y, x, wg, wu, n, k); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)

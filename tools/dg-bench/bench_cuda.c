@@ -376,6 +376,12 @@ static int bench_cuda(bench_ctx *ctx, json_t *out) {
     gemv_shapes(be, &m, out, &gemv_ms);
     bench_record(out, "decode_ms_outside_gemv", (t.t2 - t.t1) / n.n_decode - gemv_ms, "ms");
     image_kernels(be, out);
+    if (be->paths) {   /* which kernels the figures above came from (backend.h paths) */
+        char paths[1024];
+        be->paths(be, paths, sizeof paths);
+        printf("  kernel paths taken: %s\n", paths);
+        json_object_set_new(out, "kernel_paths", json_string(paths));
+    }
     rc = 0;
 out:
     free(ids);
