@@ -293,15 +293,17 @@ TEST(cuda_fused_decode_ops) {
         float *got = run_fused(gpu, wq, wk, wg, wu, x, b, res, nw, m, nq, nk, f, k);
         /* the paths: up to 8 rows, one fused GEMV launch for q, k, v and one for gate, up;
          * above, GEMMs: q's and k's biases in cuBLASLt's epilogue where 16-byte aligned (k's
-         * is nq floats into the buffer), else by the bias kernel after cuBLAS */
+         * is nq floats into the buffer), else by the bias kernel after cuBLAS. With nq = 101
+         * q's output rows are 404 bytes apart, where cuBLASLt may have no algorithm: q's path
+         * is then either, k's is the bias kernel. */
         if (m <= 8) {
             CHECK(path_count(gpu, "gemv_fused") - fused0 == 2);
         } else {
-            const long long lt = nq % 4 == 0 ? 2 : 1;
+            const long long lt = path_count(gpu, "gemm_lt_bias") - lt0, bk = path_count(gpu, "bias_kernel") - bk0;
             CHECK(path_count(gpu, "gemv_fused") == fused0);
-            CHECK(path_count(gpu, "gemm_lt_bias") - lt0 == lt);
-            CHECK(path_count(gpu, "bias_kernel") - bk0 == 2 - lt);
-            CHECK(path_count(gpu, "gemm") - gemm0 == 3 + (2 - lt));   /* v, gate, up, and the unaligned */
+            CHECK(nq % 4 == 0 ? lt == 2 : lt <= 1 && bk >= 1);
+            CHECK(lt + bk == 2);
+            CHECK(path_count(gpu, "gemm") - gemm0 == 3 + bk);   /* v, gate, up, and each bias kernel's GEMM */
         }
         char shape[96];
         const double tol = m <= 8 ? 1e-5 : 1e-2;   /* fp32 GEMV, or the bf16-rounded GEMM (see top) */
