@@ -350,6 +350,7 @@ TEST(cuda_graph_run_replays_with_new_inputs) {
                              be->alloc(be, sizeof(float) * m * n), be->alloc(be, sizeof(float) * n), m, n};
     }
     void *slot[2] = {NULL, NULL};
+    const long long rec0 = path_count(gg, "graph_record"), rep0 = path_count(gg, "graph_replay");
     for (int round = 0; round < 3; round++) {   /* recorded in round 0, replayed in 1 and 2 */
         float *a = rnd((int64_t)m * n, 2.0f), *b = rnd((int64_t)m * n, 1.0f), *w = rnd(n, 1.0f), *res[2];
         for (int k = 0; k < 2; k++) {
@@ -366,6 +367,8 @@ TEST(cuda_graph_run_replays_with_new_inputs) {
         compare("graph_run", shape, res[1], res[0], (int64_t)m * n, 1e-5, 8e-5);
         CHECK(slot[1] != NULL || !gg->graph_run);   /* the CUDA backend recorded it */
         CHECK_EQ_INT(gg->status(gg, err, sizeof err), 0);
+        CHECK(path_count(gg, "graph_record") - rec0 == 1);   /* once, then replays */
+        CHECK(path_count(gg, "graph_replay") - rep0 == round);
         free(a); free(b); free(w); free(res[0]); free(res[1]);
     }
     unsetenv("DG_CUDA_GRAPHS");

@@ -33,9 +33,10 @@ int dg_cuda_fail(dg_cuda *c, const char *what, const char *expr, const char *fil
 }
 
 /* The kernel paths' counts (backend.h: paths), in the order of the enum. */
-static const char *const path_names[DG_CUDA_N_PATHS] = {
+static const char *const path_names[] = {
     "gemv", "gemv_fused", "gemm", "gemm_lt_bias", "bias_kernel", "attn_decode", "attn_decode_rows",
     "attn_fp32", "attn_wmma", "attn_mma", "graph_record", "graph_replay"};
+static_assert(sizeof path_names / sizeof path_names[0] == DG_CUDA_N_PATHS, "a name for every path");
 
 static size_t cuda_paths(dg_backend *be, char *buf, size_t len) {
     const dg_cuda *c = (const dg_cuda *)be->impl;
