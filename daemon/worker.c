@@ -208,6 +208,63 @@ static void note_engine_failure(dg_worker *w, const char *what) {
     }
 }
 
+/* At the drain deadline (or a second signal): a run that has not ended is given back with
+ * its delivery uncounted (XCLAIM ... RETRYCOUNT deliveries - 1) and its entry idle past
+ * claim_idle_ms, so that the next worker's reaper takes it at once as the same attempt, and
+ * its job hash says so. A stop is the operator's doing, not the job's: a long job that meets
+ * a rolling restart again and again must not use up max_attempts, nor be dead-lettered as
+ * "the worker died". Called after the keeper stopped (a renewal would make the entry idle 0
+ * again). A run that ended but whose result is not yet written (Redis away) is said so: it
+ * stays pending, counted, and runs again. */
+static void give_back_at_stop(dg_worker *w) {
+    const dg_daemon_config *cfg = w->cfg;
+    char key[DG_KEY_MAX], why[512], now[24], attempt[16], was[16], idle[16];
+    snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
+    snprintf(idle, sizeof idle, "%d", cfg->claim_idle_ms);
+    snprintf(why, sizeof why, "worker \"%s\" stopped before the job finished (drain time %d ms): left for "
+             "another worker, this attempt not counted", cfg->worker_id, cfg->drain_ms);
+    dg_utf8_scrub(why);
+    for (dg_run *r = w->runs.first; r; r = r->next) {
+        if (r->lease_lost) continue;   /* another attempt's now */
+        if (r->ended) {
+            if (!r->retry)
+                log_warn("job \"%s\" (entry %s) finished, but its result was not written in the drain time "
+                         "(Redis %s): left pending, it will run again", r->id, r->entry,
+                         dg_redis_ready(&w->redis) ? "slow" : "unreachable");
+            continue;
+        }
+        int given = 0;
+        if (dg_redis_ready(&w->redis)) {
+            snprintf(was, sizeof was, "%d", r->deliveries > 0 ? r->deliveries - 1 : 0);
+            redisReply *rep = dg_redis_cmdv(&w->redis, "XCLAIM", r->stream, cfg->group, cfg->worker_id, "0", r->entry,
+                                            "IDLE", idle, "RETRYCOUNT", was, "JUSTID", NULL);
+            given = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1;
+            if (rep) freeReplyObject(rep);
+        }
+        if (!given) {
+            log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending for another worker "
+                     "(its delivery counted: Redis %s)", r->id, r->entry,
+                     dg_redis_ready(&w->redis) ? "did not take the give-back" : "unreachable");
+            continue;
+        }
+        /* the job hash, where it still names this attempt (HGET: the worker's ACL) */
+        dg_key_job(key, cfg->prefix, r->id);
+        snprintf(attempt, sizeof attempt, "%d", r->deliveries);
+        redisReply *who = dg_redis_cmdv(&w->redis, "HGET", key, "worker", NULL);
+        redisReply *nth = dg_redis_cmdv(&w->redis, "HGET", key, "attempt", NULL);
+        if (who && nth && who->type == REDIS_REPLY_STRING && nth->type == REDIS_REPLY_STRING &&
+            !strcmp(who->str, cfg->worker_id) && !strcmp(nth->str, attempt)) {
+            redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", key, "state", "retrying", "error", why,
+                                            "updated_ms", now, NULL);
+            if (rep) freeReplyObject(rep);
+        }
+        if (who) freeReplyObject(who);
+        if (nth) freeReplyObject(nth);
+        log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending for another worker, "
+                 "this delivery not counted", r->id, r->entry);
+    }
+}
+
 /* What taking reports goes into the shared counters and the exit code. */
 static void absorb(dg_worker *w, const dg_take_report *rep) {
     if (rep->lost || rep->skipped) {
@@ -384,6 +441,7 @@ int dg_worker_run(dg_worker *w) {
     const dg_daemon_config *cfg = w->cfg;
     char err[512];
     int64_t drain_deadline = 0, last_extend = 0, last_flush = 0;
+    int give_back = 0;   /* the drain time ran out with runs unfinished */
     if (dg_keeper_start(w, err, sizeof err)) {
         log_error("%s", err);
         return EX_TEMPFAIL;
@@ -402,9 +460,7 @@ int dg_worker_run(dg_worker *w) {
             if (!w->runs.first) break;
             extend_stop(drain_deadline, now, &last_extend);
             if (now >= drain_deadline || *w->stop > 1) {
-                for (dg_run *r = w->runs.first; r; r = r->next)
-                    log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending "
-                             "for another worker", r->id, r->entry);
+                give_back = 1;
                 break;
             }
         }
@@ -447,5 +503,6 @@ int dg_worker_run(dg_worker *w) {
     publish(w);
     dg_metrics_stop(w);
     dg_keeper_stop(w);
+    if (give_back) give_back_at_stop(w);
     return w->fatal;
 }

@@ -283,6 +283,35 @@ def test_sigterm_drains_or_leaves_pending(cluster):
     assert res["status"] == b"done" and res["worker"] == b"w3"
 
 
+def test_stops_at_the_drain_time_do_not_use_up_attempts(cluster):
+    """A rolling restart is the operator's doing: a job longer than drain_ms that meets it
+    again and again is given back each time with its delivery uncounted, so that it is not
+    dead-lettered as "the worker died" once max_attempts stops have passed (found by review:
+    three SIGTERMs gave EXHAUSTED at max_attempts 2). The same worker id each time, as
+    systemd restarts a unit: the new process takes its own pending entry back at once."""
+    cluster.enqueue("rolled", " ".join(["w"] * 20), meta={"fake.step_ms": 100}, max_attempts=2)
+    args = ["--drain-ms", "300", "--claim-idle-ms", "1500"]
+    for i in range(3):
+        w = cluster.worker("roll", args=args)
+        wait_until(lambda: cluster.r.hget("duogen:job:rolled", "state") == b"running", timeout=20,
+                   what=f"the job running, restart {i}")
+        time.sleep(0.5)
+        assert w.term() == 0
+        assert "this delivery not counted" in w.logs()
+        job = cluster.r.hgetall("duogen:job:rolled")
+        assert job[b"state"] == b"retrying" and b"stopped before the job finished" in job[b"error"], job
+        assert job[b"attempt"] == b"1"
+        # pending with no delivery counted, and idle past the takeover time: another
+        # worker's reaper would take it at once
+        p = cluster.r.xpending_range(cluster.key("jobs"), "duogen", "-", "+", 1)[0]
+        assert p["times_delivered"] == 0 and p["time_since_delivered"] >= 1500, p
+    assert cluster.result("rolled") == {}
+    cluster.worker("roll", args=args)
+    res = cluster.wait_result("rolled", timeout=30)
+    assert res["status"] == b"done" and res["attempt"] == b"1", res
+    assert cluster.r.xlen("duogen:dead") == 0
+
+
 def test_streams_trimmed_and_keys_expire(cluster):
     cluster.worker(args=["--trim-ms", "200", "--jobs-retain-s", "0", "--result-ttl-s", "2",
                          "--events-maxlen", "10", "--done-maxlen", "10"])
