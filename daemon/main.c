@@ -7,6 +7,7 @@
  * Exit status: 0 after a clean stop; 75 when the engine failed (systemd restarts it);
  * 78 for a configuration problem, a model that cannot be opened, or Redis refusing our
  * credentials or commands (RestartPreventExitStatus=78 keeps systemd from looping). */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,19 @@ static volatile sig_atomic_t stop_requested;
 static void on_signal(int sig) {
     (void)sig;
     if (stop_requested < 2) stop_requested++;   /* the second signal: stop now */
+}
+
+/* SIGHUP (and SIGUSR1/2), which operators send daemons to reload, killed the worker
+ * mid-job with nothing logged. The settings are read at start only: the signal is said and
+ * ignored (write(2): the one output a handler may make). */
+static void on_ignored_signal(int sig) {
+    static const char hup[] = "duogend: SIGHUP ignored: the settings are read at start; restart the worker "
+                              "to change them (SIGTERM stops it, draining its jobs)\n";
+    static const char usr[] = "duogend: SIGUSR1/SIGUSR2 ignored\n";
+    const int saved = errno;
+    ssize_t n = sig == SIGHUP ? write(STDERR_FILENO, hup, sizeof hup - 1) : write(STDERR_FILENO, usr, sizeof usr - 1);
+    (void)n;
+    errno = saved;
 }
 
 static void usage(FILE *out) {
@@ -100,6 +114,11 @@ int main(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_ignored_signal;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGHUP, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGUSR2, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     log_info("worker \"%s\" starting: model \"%s\" on %s, Redis %s, prefix \"%s\", group \"%s\"",

@@ -1,6 +1,7 @@
 """Faults: many workers, killed workers, a restarted Redis, poison jobs. Every job ends
 with exactly one result; none is lost, none is done twice."""
 import os
+import signal
 import subprocess
 import time
 
@@ -281,6 +282,25 @@ def test_sigterm_drains_or_leaves_pending(cluster):
     cluster.worker("w3")
     res = cluster.wait_result("toolong", timeout=30)
     assert res["status"] == b"done" and res["worker"] == b"w3"
+
+
+def test_sighup_and_sigusr_are_said_and_ignored(cluster):
+    """Operators send daemons SIGHUP to reload: it killed the worker mid-job with nothing
+    logged (found by review). The settings are read at start only: the worker says so on
+    standard error and goes on; the job finishes on the same attempt."""
+    w = cluster.worker("hup")
+    cluster.wait_groups()
+    cluster.enqueue("hupped", " ".join(["w"] * 20), meta={"fake.step_ms": 50})
+    wait_until(lambda: cluster.r.hget("duogen:job:hupped", "state") == b"running", what="running")
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        w.proc.send_signal(sig)
+        time.sleep(0.05)
+    res = cluster.wait_result("hupped", timeout=20)
+    assert res["status"] == b"done" and res["attempt"] == b"1"
+    assert w.proc.poll() is None
+    assert "SIGHUP ignored: the settings are read at start" in w.logs()
+    assert "SIGUSR1/SIGUSR2 ignored" in w.logs()
+    assert w.term() == 0
 
 
 def test_stops_at_the_drain_time_do_not_use_up_attempts(cluster):
