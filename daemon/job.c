@@ -332,6 +332,25 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
     if (pb->max_attempts > DG_JOB_MAX_ATTEMPTS)
         FAIL(DG_JOB_BAD_REQUEST, "max_attempts: %u, over %d", pb->max_attempts, DG_JOB_MAX_ATTEMPTS);
     if (pb->result_ttl_s > DG_JOB_MAX_TTL_S) FAIL(DG_JOB_BAD_REQUEST, "result_ttl_s: %u, over one year", pb->result_ttl_s);
+    /* metadata becomes fields of the job hash, which every reader takes for text: bounded,
+     * and UTF-8 (raw bytes broke a Python reader with decode_responses; a 2000-byte key was
+     * cut to 1023 bytes in silence) */
+    if (pb->n_metadata > DG_JOB_MAX_METADATA)
+        FAIL(DG_JOB_BAD_REQUEST, "metadata: %zu entries, over the limit of %d", pb->n_metadata, DG_JOB_MAX_METADATA);
+    for (size_t i = 0; i < pb->n_metadata; i++) {
+        const char *k = pb->metadata[i]->key, *v = pb->metadata[i]->value;
+        const size_t kn = strlen(k), vn = strlen(v);
+        long bad = utf8_invalid_at(k, kn);
+        if (!kn || kn > DG_JOB_MAX_META_KEY_BYTES)
+            FAIL(DG_JOB_BAD_REQUEST, "metadata: key \"%s\" is %zu bytes, not 1..%d", dg_clip(k, quoted, sizeof quoted),
+                 kn, DG_JOB_MAX_META_KEY_BYTES);
+        if (bad >= 0) FAIL(DG_JOB_BAD_REQUEST, "metadata: a key has invalid UTF-8 at byte %ld", bad);
+        if (vn > DG_JOB_MAX_META_VAL_BYTES)
+            FAIL(DG_JOB_BAD_REQUEST, "metadata[\"%s\"]: %zu bytes, over %d", dg_clip(k, quoted, sizeof quoted), vn,
+                 DG_JOB_MAX_META_VAL_BYTES);
+        if ((bad = utf8_invalid_at(v, vn)) >= 0)
+            FAIL(DG_JOB_BAD_REQUEST, "metadata[\"%s\"]: invalid UTF-8 at byte %ld", dg_clip(k, quoted, sizeof quoted), bad);
+    }
     return DG_JOB_OK;
 }
 

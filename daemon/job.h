@@ -60,6 +60,10 @@ dg_job_status dg_job_parse(dg_job *j, const uint8_t *data, size_t len, const dg_
  * absent, or all of them when the bytes do not walk to their end: 0 and NULL. Values are
  * as sent, not validated. */
 #define DG_JOB_MAX_ATTEMPTS 100
+/* metadata: echoed into the job hash as meta.<key> fields (its readers decode UTF-8) */
+#define DG_JOB_MAX_METADATA       64
+#define DG_JOB_MAX_META_KEY_BYTES 128
+#define DG_JOB_MAX_META_VAL_BYTES 4096
 #define DG_JOB_MAX_TTL_S    (365u * 86400u)
 typedef struct {
     uint32_t    max_attempts, result_ttl_s;

@@ -232,7 +232,7 @@ typedef struct {
  * the next attempt can tell. (In one round trip with the first, a job whose result exists,
  * only acknowledged, lost the error, attempt and counts its hash had.) Returns 0, or -1
  * when Redis went away. */
-static int look(dg_taker *t, dg_run *r, seen *s) {
+static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
     const dg_daemon_config *cfg = t->cfg;
     char k_result[DG_KEY_MAX], k_cancel[DG_KEY_MAX], k_job[DG_KEY_MAX];
     dg_key_result(k_result, cfg->prefix, r->id);
@@ -269,8 +269,9 @@ static int look(dg_taker *t, dg_run *r, seen *s) {
                                  "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
                                  "error", "", "updated_ms", now, NULL),
                        dg_cmd_of("EXPIRE", k_job, ttl, NULL)};
-    /* the job's metadata, echoed as meta.<key> fields (proto/duogen.proto Job.metadata) */
-    for (size_t i = 0; r->job.pb && i < r->job.pb->n_metadata; i++) {
+    /* the job's metadata, echoed as meta.<key> fields (proto/duogen.proto Job.metadata); a
+     * refused job's is not (it may be what was refused: bytes that are not UTF-8) */
+    for (size_t i = 0; valid && r->job.pb && i < r->job.pb->n_metadata; i++) {
         dg_cmd_addf(mark[0], "meta.%s", r->job.pb->metadata[i]->key);
         dg_cmd_adds(mark[0], r->job.pb->metadata[i]->value);
     }
@@ -328,7 +329,7 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
     r->deliveries = deliveries;
     dg_job_status st = parse(t, r, fields, err, sizeof err);
     dg_runs_add(t->held, r);
-    if (look(t, r, &s)) {
+    if (look(t, r, &s, st == DG_JOB_OK)) {
         dg_runs_drop(t->held, r);
         return -1;
     }

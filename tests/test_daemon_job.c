@@ -190,6 +190,53 @@ static void good_params(Duogen__V1__Job *j) {
     j->image->steps = 20;
 }
 
+/* metadata: n entries of key k, value v (the same entry repeated: the limits are per entry
+ * and on the count) */
+static Duogen__V1__Job__MetadataEntry meta_entry = DUOGEN__V1__JOB__METADATA_ENTRY__INIT;
+static Duogen__V1__Job__MetadataEntry *meta_list[100];
+static void with_meta(Duogen__V1__Job *j, int n, char *k, char *v) {
+    meta_entry.key = k;
+    meta_entry.value = v;
+    for (int i = 0; i < n; i++) meta_list[i] = &meta_entry;
+    j->metadata = meta_list;
+    j->n_metadata = (size_t)n;
+}
+static char long_key[200], long_val[5000];
+static void meta_ok(Duogen__V1__Job *j) { with_meta(j, 64, "trace", "caf\xc3\xa9 \xe2\x82\xac"); }
+static void meta_many(Duogen__V1__Job *j) { with_meta(j, 65, "k", "v"); }
+static void meta_bad_value(Duogen__V1__Job *j) { with_meta(j, 1, "who", "ok\xff"); }
+static void meta_bad_key(Duogen__V1__Job *j) { with_meta(j, 1, "\xfe", "v"); }
+static void meta_empty_key(Duogen__V1__Job *j) { with_meta(j, 1, "", "v"); }
+static void meta_long_key(Duogen__V1__Job *j) {
+    memset(long_key, 'K', 129);
+    with_meta(j, 1, long_key, "v");
+}
+static void meta_long_value(Duogen__V1__Job *j) {
+    memset(long_val, 'v', 4097);
+    with_meta(j, 1, "big", long_val);
+}
+
+/* Metadata becomes fields of the job hash, read as text: at most 64 entries, keys of 1..128
+ * bytes, values of 4096, all UTF-8 (raw bytes were echoed, and broke a reader decoding
+ * UTF-8; a 2000-byte key was cut in silence). */
+TEST(job_metadata_is_bounded_and_utf8) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    CHECK_EQ_INT(check_job(meta_ok, &c), DG_JOB_OK);
+    CHECK_EQ_INT(check_job(meta_many, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "metadata: 65 entries, over the limit of 64"));
+    CHECK_EQ_INT(check_job(meta_bad_value, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "metadata[\"who\"]: invalid UTF-8 at byte 2"));
+    CHECK_EQ_INT(check_job(meta_bad_key, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "metadata: a key has invalid UTF-8 at byte 0"));
+    CHECK_EQ_INT(check_job(meta_empty_key, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "metadata: key \"\" is 0 bytes, not 1..128"));
+    CHECK_EQ_INT(check_job(meta_long_key, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "is 129 bytes, not 1..128"));
+    CHECK_EQ_INT(check_job(meta_long_value, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "metadata[\"big\"]: 4097 bytes, over 4096"));
+}
+
 TEST(job_validation_names_the_field) {
     dg_daemon_config c;
     dg_daemon_config_defaults(&c);

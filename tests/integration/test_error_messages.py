@@ -42,6 +42,27 @@ def test_an_invalid_id_is_quoted_as_valid_utf8(cluster):
         assert "is not 1..128 characters" in err, err
 
 
+def test_metadata_that_is_not_utf8_is_refused_and_not_echoed(cluster):
+    """Metadata becomes meta.<key> fields of the job hash, which readers decode as UTF-8:
+    raw bytes there broke redis-py with decode_responses (found by review). Such a job is
+    refused naming the entry, and its job hash holds no meta field; valid metadata is
+    echoed as before."""
+    cluster.worker("w1")
+    cluster.wait_groups()
+    entry = ld(1, b"who") + ld(2, b"ok\xff")                 # Job.metadata["who"] = b"ok\xff"
+    cluster.enqueue("rawmeta", raw=raw_job(b"rawmeta") + ld(10, entry))
+    res = cluster.wait_result("rawmeta")
+    assert res["status"] == b"failed" and res["error_code"] == b"BAD_REQUEST", res
+    assert readable_error(res) == 'metadata["who"]: invalid UTF-8 at byte 2'
+    job = cluster.r.hgetall("duogen:job:rawmeta")
+    assert job[b"state"] == b"failed" and not [k for k in job if k.startswith(b"meta.")], job
+    for k, v in job.items():
+        k.decode("utf-8"), v.decode("utf-8")
+    cluster.enqueue("goodmeta", meta={"who": "café"})
+    assert cluster.wait_result("goodmeta")["status"] == b"done"
+    assert cluster.r.hget("duogen:job:goodmeta", "meta.who") == "café".encode()
+
+
 def test_a_long_key_keeps_its_reason_and_stays_utf8(cluster):
     cluster.worker("w1")
     cluster.wait_groups()
