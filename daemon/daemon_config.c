@@ -37,7 +37,7 @@ static const struct key {
     STR(master_name, "Sentinel master name"),
     STR(prefix, "Redis key prefix"),
     STR(group, "consumer group"),
-    STR(worker_id, "consumer name (default <hostname>:<device>)"),
+    STR(worker_id, "consumer name (default <hostname>:<device>); one live process per id: a second stops with exit 78"),
     GROUP("Model and engine"),
     STR(model, "model package directory"),
     STR(device, "cpu or cuda:N"),

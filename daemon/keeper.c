@@ -182,13 +182,138 @@ static void trim(dg_worker *w, dg_redis *rd) {
     }
 }
 
-static void heartbeat(dg_worker *w, dg_redis *rd) {
+/* ---- one process per worker id ----------------------------------------------------------------
+ * Two processes under one worker id are one consumer of the group: each takes the other's
+ * pending entries for replies it lost and runs them again, uncounted, and both write one
+ * heartbeat hash (found by review: cloned hosts with one hostname, which the unit's default
+ * id is made of). The heartbeat hash names its process (instance: random at each start;
+ * host, pid, started_ms). A worker starting finds another live process there (its hash
+ * beats) and stops with exit 78 before taking a job; two that started together find each
+ * other at their first beats, and the younger stops. A hash left by a process that died
+ * (its beats stopped) is taken over after two heartbeats. */
+typedef struct {
+    int       present;               /* the hash names a process */
+    char      instance[24], host[64], state[32];
+    long long pid, started_ms, updated_ms;
+} id_holder;
+
+/* The process the heartbeat hash names: 0, or -1 when Redis did not answer. HGET each (the
+ * worker's ACL grants HGET and HSET on its hash, not HMGET). */
+static int read_holder(dg_worker *w, dg_redis *rd, id_holder *h) {
+    static const char *const fields[] = {"instance", "host", "state", "pid", "started_ms", "updated_ms"};
+    enum { N = sizeof fields / sizeof fields[0] };
+    dg_cmd *cmds[N];
+    redisReply *rep[N];
+    for (int i = 0; i < N; i++) cmds[i] = dg_cmd_of("HGET", w->keys.worker, fields[i], NULL);
+    int rc = dg_redis_pipeline(rd, cmds, N, rep);
+    for (int i = 0; i < N; i++) dg_cmd_free(cmds[i]);
+    if (rc) return -1;
+    memset(h, 0, sizeof *h);
+    const char *v[N];
+    for (int i = 0; i < N; i++) v[i] = rep[i]->type == REDIS_REPLY_STRING ? rep[i]->str : "";
+    h->present = v[0][0] != 0;
+    snprintf(h->instance, sizeof h->instance, "%s", v[0]);
+    snprintf(h->host, sizeof h->host, "%s", v[1]);
+    snprintf(h->state, sizeof h->state, "%s", v[2]);
+    h->pid = atoll(v[3]);
+    h->started_ms = atoll(v[4]);
+    h->updated_ms = atoll(v[5]);
+    for (int i = 0; i < N; i++) freeReplyObject(rep[i]);
+    return 0;
+}
+
+/* Another process's, and not stopped (a stopped one's last beat says "stopped"). */
+static int held_by_other(const dg_worker *w, const id_holder *h) {
+    return h->present && strcmp(h->instance, w->instance) && strcmp(h->state, "stopped");
+}
+
+static void say_clash(const dg_worker *w, const id_holder *h) {
+    log_error("worker id \"%s\" is in use by another live process (host \"%s\", pid %lld, started at %lld ms): "
+              "two workers of one id are one consumer and would run each other's jobs twice; this one "
+              "stops (exit 78): give each worker its own worker_id", w->cfg->worker_id, h->host, h->pid,
+              h->started_ms);
+}
+
+int dg_worker_id_check(dg_worker *w) {
+    id_holder h, now;
+    if (!dg_redis_ready(&w->redis) || read_holder(w, &w->redis, &h) || !held_by_other(w, &h)) return 0;
+    /* a live process beats every heartbeat_ms: two of them, and a little, tell */
+    const int64_t until = dg_mono_ms() + 2 * (int64_t)w->cfg->heartbeat_ms + 250;
+    while (dg_mono_ms() < until) {
+        struct timespec ts = {0, 100 * 1000000L};
+        nanosleep(&ts, NULL);
+        if (read_holder(w, &w->redis, &now)) return 0;   /* Redis went away: the keeper's beats check */
+        if (!held_by_other(w, &now) || strcmp(now.instance, h.instance)) return 0;
+        if (now.updated_ms != h.updated_ms) {
+            say_clash(w, &now);
+            return EX_CONFIG;
+        }
+    }
+    log_info("worker id \"%s\": the process that last held it (host \"%s\", pid %lld) no longer beats: "
+             "taken over", w->cfg->worker_id, h.host, h.pid);
+    /* ours from now: the keeper's first beat must not take the dead one's for a live one */
+    char started[24], now_ms[24];
+    snprintf(started, sizeof started, "%lld", (long long)w->stats.started_ms);
+    snprintf(now_ms, sizeof now_ms, "%lld", (long long)dg_now_ms());
+    redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", w->keys.worker, "instance", w->instance, "host", w->host,
+                                    "started_ms", started, "updated_ms", now_ms, NULL);
+    if (rep) freeReplyObject(rep);
+    return 0;
+}
+
+/* What the keeper's beats saw of the hash. */
+typedef struct {
+    int       wrote;                 /* our last beat wrote the hash */
+    id_holder other;                 /* another process's, seen at the last beat (not written over) */
+} beat_seen;
+
+/* At each beat, where the hash names another process not stopped: it is live if it wrote
+ * over our last beat, or if its own beats moved on since the last one we saw (a hash left by
+ * a process that died does neither: written over at the next beat). Two live ones: the
+ * younger (the later start; then the greater instance) stops and writes nothing more there.
+ * Returns 1 when this beat writes nothing: that is us, or we wait a beat to tell. */
+static int clash_at_beat(dg_worker *w, dg_redis *rd, long long started_ms, beat_seen *bs) {
+    id_holder h;
+    if (read_holder(w, rd, &h) || !held_by_other(w, &h)) {
+        bs->other.present = 0;
+        return 0;
+    }
+    const int live = bs->wrote || (bs->other.present && !strcmp(bs->other.instance, h.instance) &&
+                                   bs->other.updated_ms != h.updated_ms);
+    if (!live) {
+        const int first_look = !bs->other.present || strcmp(bs->other.instance, h.instance);
+        bs->other = h;
+        if (first_look) return 1;   /* a beat later: did it move on? */
+        log_info("worker id \"%s\": the process that last held it (host \"%s\", pid %lld) no longer beats: "
+                 "taken over", w->cfg->worker_id, h.host, h.pid);
+        bs->other.present = 0;
+        return 0;
+    }
+    const int younger = started_ms > h.started_ms || (started_ms == h.started_ms && strcmp(w->instance, h.instance) > 0);
+    if (younger) {
+        say_clash(w, &h);
+        w->id_clash = 1;
+        return 1;
+    }
+    log_warn("worker id \"%s\": another process (host \"%s\", pid %lld) started later under it and wrote its "
+             "heartbeat: it stops", w->cfg->worker_id, h.host, h.pid);
+    bs->other.present = 0;
+    return 0;
+}
+
+static void heartbeat(dg_worker *w, dg_redis *rd, beat_seen *bs) {
     dg_worker_stats st;
     pthread_mutex_lock(&w->lock);
     st = w->stats;
     pthread_mutex_unlock(&w->lock);
+    bs->wrote = bs->wrote && !w->id_clash;
+    if (w->id_clash || clash_at_beat(w, rd, (long long)st.started_ms, bs)) {   /* not ours to write now */
+        bs->wrote = 0;
+        return;
+    }
     dg_cmd *c = dg_cmd_of("HSET", w->keys.worker, "state", st.state, "job", st.jobs,
-                          "device", w->cfg->device, "model", dg_model_describe(w->model), NULL);
+                          "device", w->cfg->device, "model", dg_model_describe(w->model), "instance", w->instance,
+                          "host", w->host, NULL);
 #define NUM(name, v) do { dg_cmd_adds(c, name); dg_cmd_addf(c, "%lld", (long long)(v)); } while (0)
     NUM("jobs_done", st.jobs_done);
     NUM("jobs_failed", st.jobs_failed);
@@ -226,7 +351,9 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     snprintf(ttl, sizeof ttl, "%d", ttl_ms);
     dg_cmd *cmds[2] = {c, dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
     redisReply *rep[2];
+    bs->wrote = 0;
     if (dg_redis_pipeline(rd, cmds, 2, rep) == 0) {
+        bs->wrote = rep[0]->type != REDIS_REPLY_ERROR;
         if (rep[0]->type == REDIS_REPLY_ERROR) log_warn("heartbeat refused: %s", rep[0]->str);
         freeReplyObject(rep[0]);
         freeReplyObject(rep[1]);
@@ -281,6 +408,7 @@ static void *keeper_main(void *arg) {
     if (dg_redis_init(&rd, w->cfg, "keeper", KEEPER_TIMEOUT_MS, err, sizeof err)) return NULL;
     snprintf(rd.client_name, sizeof rd.client_name, "%s:keeper", w->cfg->worker_id);
     int64_t next_beat = 0, next_renew = 0, next_trim = dg_mono_ms() + w->cfg->trim_ms;
+    beat_seen bs = {0};
     uint64_t connects = 0;
     while (!w->keeper_stop) {
         int64_t now = dg_mono_ms();
@@ -294,7 +422,7 @@ static void *keeper_main(void *arg) {
                 next_renew = now + w->cfg->renew_ms;
             }
             if (now >= next_beat) {
-                heartbeat(w, &rd);
+                heartbeat(w, &rd, &bs);
                 if (w->cfg->metrics_port) queue_figures(w, &rd);
                 next_beat = now + w->cfg->heartbeat_ms;
             }
@@ -313,7 +441,7 @@ static void *keeper_main(void *arg) {
         pthread_mutex_lock(&w->lock);
         snprintf(w->stats.state, sizeof w->stats.state, "stopped");
         pthread_mutex_unlock(&w->lock);
-        heartbeat(w, &rd);
+        heartbeat(w, &rd, &bs);
     }
     dg_redis_close(&rd);
     return NULL;

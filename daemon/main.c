@@ -22,8 +22,6 @@
 #include "notify.h"
 #include "worker.h"
 
-#define EX_TEMPFAIL 75
-#define EX_CONFIG   78
 
 static volatile sig_atomic_t stop_requested;
 

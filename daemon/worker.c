@@ -26,13 +26,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "notify.h"
 #include "worker.h"
 
-#define EX_TEMPFAIL 75   /* the engine failed: restart me */
-#define EX_CONFIG   78   /* configuration or permissions: restarting will not help */
 
 int dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t *stop, char *err, size_t errlen) {
     memset(w, 0, sizeof *w);
@@ -42,6 +41,17 @@ int dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t
     pthread_mutex_init(&w->lock, NULL);
     w->stats.started_ms = dg_now_ms();
     snprintf(w->stats.state, sizeof w->stats.state, "loading");
+    /* this process, told from another under the same worker id (dg_worker_id_check) */
+    unsigned char rnd[8] = {0};
+    FILE *ur = fopen("/dev/urandom", "rb");
+    if (!ur || fread(rnd, 1, sizeof rnd, ur) != sizeof rnd) {
+        const unsigned long long x = (unsigned long long)dg_now_ms() * 6364136223846793005ULL ^ (unsigned long long)getpid();
+        memcpy(rnd, &x, sizeof rnd);
+    }
+    if (ur) fclose(ur);
+    for (int i = 0; i < 8; i++) snprintf(w->instance + 2 * i, 3, "%02x", rnd[i]);
+    if (gethostname(w->host, sizeof w->host)) snprintf(w->host, sizeof w->host, "?");
+    w->host[sizeof w->host - 1] = 0;
     w->metrics_fd = -1;
     for (int i = 0; i < 2; i++) w->stats.queue_lag[i] = w->stats.queue_pending[i] = -1;
     /* the URL and the password file now (nothing connects yet): a typo there is said before
@@ -442,6 +452,8 @@ int dg_worker_run(dg_worker *w) {
     char err[512];
     int64_t drain_deadline = 0, last_extend = 0, last_flush = 0;
     int give_back = 0;   /* the drain time ran out with runs unfinished */
+    const int clash = dg_worker_id_check(w);
+    if (clash) return clash;
     if (dg_keeper_start(w, err, sizeof err)) {
         log_error("%s", err);
         return EX_TEMPFAIL;
@@ -449,6 +461,7 @@ int dg_worker_run(dg_worker *w) {
 
     for (;;) {
         dg_notify_watchdog();
+        if (w->id_clash) w->fatal = EX_CONFIG;   /* the keeper said it (an older process has our id) */
         if (w->fatal) break;
         int64_t now = dg_mono_ms();
         if (*w->stop && !drain_deadline) {

@@ -55,6 +55,10 @@ typedef struct {
     uint64_t serial;                 /* dg_run.serial */
 } dg_lease;
 
+/* exit codes (sysexits.h's, which systemd's units name) */
+#define EX_TEMPFAIL 75   /* the engine failed: restart me */
+#define EX_CONFIG   78   /* configuration or permissions: restarting will not help */
+
 typedef struct dg_worker {
     dg_daemon_config *cfg;           /* borrowed */
     dg_model  *model;                /* borrowed */
@@ -67,6 +71,9 @@ typedef struct dg_worker {
     dg_taker     taker;              /* takes entries into runs */
     dg_committer committer;          /* writes their results */
     int     fatal;                   /* exit code to leave with, 0 while healthy */
+    char    instance[24];            /* this process's own: random at start, in the heartbeat hash */
+    char    host[64];
+    _Atomic int id_clash;            /* set by the keeper: an older live process has this worker id */
 
     pthread_mutex_t lock;            /* guards stats, leases and lost */
     dg_worker_stats stats;
@@ -99,5 +106,8 @@ void dg_metrics_stop(dg_worker *w);
 /* keeper.c */
 int  dg_keeper_start(dg_worker *w, char *err, size_t errlen);
 void dg_keeper_stop(dg_worker *w);
+/* Before the first job: 0 to go on; EX_CONFIG (78) when another live process already runs
+ * under this worker id (its heartbeat hash beats), said in the log. */
+int  dg_worker_id_check(dg_worker *w);
 
 #endif

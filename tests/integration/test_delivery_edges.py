@@ -601,3 +601,53 @@ def test_a_connection_breaking_every_few_seconds_does_not_stop_the_reaper(cluste
         time.sleep(4)
         kill_main_connection(cluster, "w1")
     assert cluster.result("orphan"), "the reaper never ran: a connection that broke every 4 s"
+
+
+def test_a_second_process_under_a_live_worker_id_stops_before_taking_a_job(cluster):
+    """Two processes under one worker id are one consumer: each took the other's pending
+    entry for its own lost reply and ran the job again, and both wrote one heartbeat hash
+    (found by review: cloned hosts with one hostname). The newcomer finds the live one's hash
+    beating and stops with 78 before taking anything; the first goes on."""
+    w1 = cluster.worker("dup")
+    cluster.wait_groups()
+    wait_until(lambda: cluster.r.hget("duogen:worker:dup", "state") == b"idle", what="w1 idle")
+    first = cluster.r.hget("duogen:worker:dup", "instance")
+    assert first and len(first) == 16
+    cluster.enqueue("held", " ".join(["w"] * 30), meta={"fake.step_ms": 50})
+    wait_until(lambda: cluster.r.hget("duogen:job:held", "state") == b"running", what="running")
+    w2 = cluster.worker("dup")
+    assert w2.proc.wait(20) == 78
+    assert 'worker id "dup" is in use by another live process' in w2.logs()
+    assert w1.alive() and cluster.r.hget("duogen:worker:dup", "instance") == first
+    res = cluster.wait_result("held", timeout=20)
+    assert res["status"] == b"done" and attempt_of(res) == 1
+    started = [f for _, f in cluster.r.xrange("duogen:events:held") if f.get(b"type") == b"started"]
+    assert len(started) == 1
+
+
+def test_a_worker_id_whose_process_died_is_taken_over(cluster):
+    """A process killed -9 leaves its heartbeat hash (state running, until its TTL): the
+    next process under the id (systemd's restart) waits two heartbeats, sees no beat, and
+    takes the id over, not exit 78, which systemd would not restart."""
+    w1 = cluster.worker("phoenix")
+    cluster.wait_groups()
+    wait_until(lambda: cluster.r.hget("duogen:worker:phoenix", "state") == b"idle", what="idle")
+    w1.kill()
+    assert cluster.r.hget("duogen:worker:phoenix", "state") == b"idle"   # still there
+    w2 = cluster.worker("phoenix")
+    wait_until(lambda: "no longer beats: taken over" in w2.logs(), timeout=20, what="takeover")
+    cluster.enqueue("after", "hi")
+    assert cluster.wait_result("after")["status"] == b"done"
+    assert w2.alive()
+
+
+def test_two_processes_started_together_under_one_id_leave_one(cluster):
+    """Started at the same moment, neither finds the other's hash before its own first
+    beat: at their beats each sees the other's, and the younger stops (78)."""
+    ws = [cluster.worker("twin") for _ in range(2)]
+    wait_until(lambda: sum(not w.alive() for w in ws) == 1, timeout=20, what="one of the two to stop")
+    time.sleep(1.0)                               # several beats: the other stays
+    gone = [w for w in ws if not w.alive()]
+    assert len(gone) == 1 and gone[0].proc.returncode == 78
+    cluster.enqueue("twinjob", "hi")
+    assert cluster.wait_result("twinjob")["status"] == b"done"
