@@ -9,12 +9,19 @@
 #include "duogen.pb-c.h"
 #include "log.h"
 
-#define RESULT_CMDS_MAX 9      /* result_cmds() of one run */
+#define RESULT_CMDS_MAX 10     /* result_cmds() of one run */
 #define ABORTED         1      /* write_batch(): EXEC aborted by a WATCHed key; nothing written */
 
 /* The one acknowledgement of the daemon: the entry leaves the group's pending list. */
 static dg_cmd *ack_cmd(const dg_committer *c, const char *stream, const char *entry) {
     return dg_cmd_of("XACK", stream, c->cfg->group, entry, NULL);
+}
+
+/* With every acknowledgement, the entry leaves the stream's taken index (keys.h). */
+static dg_cmd *unindex_cmd(const char *stream, const char *entry) {
+    char key[DG_KEY_MAX];
+    dg_key_taken(key, stream);
+    return dg_cmd_of("HDEL", key, entry, NULL);
 }
 
 void dg_commit_init(dg_committer *c, dg_redis *redis, const dg_daemon_config *cfg, const dg_keys *keys) {
@@ -26,11 +33,14 @@ uint64_t dg_commit_watch_epoch(const dg_committer *c) {
 }
 
 int dg_commit_ack(dg_committer *c, const char *stream, const char *entry) {
-    dg_cmd *ack = ack_cmd(c, stream, entry);
-    redisReply *rep = dg_redis_cmd(c->redis, ack);
-    dg_cmd_free(ack);
-    if (!rep) return -1;
-    freeReplyObject(rep);
+    dg_cmd *cmds[2] = {ack_cmd(c, stream, entry), unindex_cmd(stream, entry)};
+    redisReply *rep[2];
+    int rc = dg_redis_pipeline(c->redis, cmds, 2, rep);
+    dg_cmd_free(cmds[0]);
+    dg_cmd_free(cmds[1]);
+    if (rc) return -1;
+    freeReplyObject(rep[0]);
+    freeReplyObject(rep[1]);
     return 0;
 }
 
@@ -168,7 +178,7 @@ static dg_cmd *final_event(dg_run *r) {
 
 /* The commands of one run's result transaction, without MULTI/EXEC: the result hash, the
  * job hash, the final event, the done entry, the dead entry when dead-lettered, and the
- * XACK. Appended to cmds (room for RESULT_CMDS_MAX); returns how many. */
+ * XACK with the entry's HDEL from the taken index. Appended to cmds (room for RESULT_CMDS_MAX); returns how many. */
 static int result_cmds(const dg_committer *c, dg_run *r, dg_cmd **cmds) {
     const dg_daemon_config *cfg = c->cfg;
     char k_result[DG_KEY_MAX], k_job[DG_KEY_MAX], k_events[DG_KEY_MAX];
@@ -225,6 +235,7 @@ static int result_cmds(const dg_committer *c, dg_run *r, dg_cmd **cmds) {
         cmds[n++] = dead;
     }
     cmds[n++] = ack_cmd(c, r->stream, r->entry);
+    cmds[n++] = unindex_cmd(r->stream, r->entry);
     return n;
 }
 
@@ -296,8 +307,12 @@ static int write_batch(dg_committer *c, dg_run **runs, int n, const int *exists,
     for (int i = 0; i < n; i++)
         for (int k = 0; k < runs[i]->n_out; k++) cmds[m++] = runs[i]->out[k];   /* borrowed */
     for (int i = 0; i < n; i++)
-        if (exists[i]) cmds[m++] = ack_cmd(c, runs[i]->stream, runs[i]->entry);
-        else writes++;
+        if (exists[i]) {
+            cmds[m++] = ack_cmd(c, runs[i]->stream, runs[i]->entry);
+            cmds[m++] = unindex_cmd(runs[i]->stream, runs[i]->entry);
+        } else {
+            writes++;
+        }
     if (writes) {
         cmds[m++] = dg_cmd_of("MULTI", NULL);
         for (int i = 0; i < n; i++)
@@ -318,7 +333,7 @@ static int write_batch(dg_committer *c, dg_run **runs, int n, const int *exists,
         rep[m] = NULL;
     }
     for (int i = 0; i < n && queued; i++) dg_run_out_written(runs[i], runs[i]->n_out);
-    const int acks_end = queued + (n - writes);   /* the bare XACKs of runs whose result exists */
+    const int acks_end = queued + 2 * (n - writes);   /* the bare XACKs (and HDELs) of runs whose result exists */
     for (int i = queued; i < m - 1; i++)
         if (rep[i]->type == REDIS_REPLY_ERROR) {
             /* an XACK on a job stream key that is no stream now (a producer's LPUSH after a

@@ -32,6 +32,10 @@ void dg_key_cancel(char *out, const char *prefix, const char *id) {
     key(out, prefix, "cancel", id);
 }
 
+void dg_key_taken(char *out, const char *stream) {
+    snprintf(out, DG_KEY_MAX, "%s:taken", stream);
+}
+
 void dg_key_image(char *out, const char *prefix, const char *id, int index) {
     char sub[200];
     snprintf(sub, sizeof sub, "%s:%d", id, index);

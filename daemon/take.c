@@ -265,22 +265,55 @@ static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
      * they are, so that, if its give-up is lost (Redis dies before the commit), the next
      * delivery still reads the earlier attempt's error, not a run that never was */
     if (s->has_result || r->deliveries > r->max_attempts) return 0;
-    dg_cmd *mark[2] = {dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
+    char k_taken[DG_KEY_MAX];
+    dg_key_taken(k_taken, r->stream);
+    /* and the entry into the stream's taken index: should the entry be deleted (a
+     * producer's MAXLEN) while it waits for a later attempt, the job still gets a result
+     * (lost_entry) */
+    dg_cmd *mark[3] = {dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
                                  "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
                                  "error", "", "updated_ms", now, NULL),
-                       dg_cmd_of("EXPIRE", k_job, ttl, NULL)};
+                       dg_cmd_of("EXPIRE", k_job, ttl, NULL), dg_cmd_of("HSET", k_taken, r->entry, r->id, NULL)};
     /* the job's metadata, echoed as meta.<key> fields (proto/duogen.proto Job.metadata); a
      * refused job's is not (it may be what was refused: bytes that are not UTF-8) */
     for (size_t i = 0; valid && r->job.pb && i < r->job.pb->n_metadata; i++) {
         dg_cmd_addf(mark[0], "meta.%s", r->job.pb->metadata[i]->key);
         dg_cmd_adds(mark[0], r->job.pb->metadata[i]->value);
     }
-    rc = dg_redis_pipeline(t->redis, mark, 2, rep);
-    for (int i = 0; i < 2; i++) {
+    rc = dg_redis_pipeline(t->redis, mark, 3, rep);
+    for (int i = 0; i < 3; i++) {
         dg_cmd_free(mark[i]);
         if (!rc) freeReplyObject(rep[i]);
     }
     return rc ? -1 : 0;
+}
+
+/* An entry deleted from its stream while pending (a producer's MAXLEN or XDEL; XAUTOCLAIM
+ * lists it, XCLAIM of our own gives it without fields). Its job, where an attempt took it
+ * (the stream's taken index, keys.h), fails now with a result that says so: it was given
+ * back for a later attempt, or its worker died, and there is nothing left to run (found by
+ * review: such a job stayed "retrying" or "running" with no result, no event, no word but a
+ * count). An entry never taken is only counted. Returns 0, or -1 when Redis went away. */
+static int lost_entry(dg_taker *t, const char *stream, const char *entry, dg_take_report *out) {
+    char k_taken[DG_KEY_MAX];
+    dg_key_taken(k_taken, stream);
+    redisReply *rep = dg_redis_cmdv(t->redis, "HGET", k_taken, entry, NULL);
+    if (!rep) return -1;
+    out->lost++;
+    if (rep->type != REDIS_REPLY_STRING || !dg_job_id_valid(rep->str, rep->len)) {
+        log_warn("entry %s of \"%s\" was deleted while pending, before any attempt took it: job lost", entry, stream);
+        freeReplyObject(rep);
+        return 0;
+    }
+    dg_run *r = dg_run_new(t->cfg, stream, entry);
+    snprintf(r->id, sizeof r->id, "%s", rep->str);
+    freeReplyObject(rep);
+    dg_runs_add(t->held, r);
+    dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__UNAVAILABLE,
+               "its stream entry %s of \"%s\" was deleted (MAXLEN or XDEL) before an attempt finished: "
+               "nothing is left to run; send the job again", entry, stream);
+    log_warn("job \"%s\": entry %s of \"%s\" was deleted before an attempt finished: failed", r->id, entry, stream);
+    return 0;
 }
 
 /* What becomes of a job that has no result yet, in this order of precedence. */
@@ -320,10 +353,11 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
     }
     released_forget(t, released_find(t, stream, entry_id));   /* delivered again: this is the attempt */
     if (!fields || fields->type != REDIS_REPLY_ARRAY) {
-        /* trimmed while pending: nothing left to run; acknowledge so it leaves the PEL */
-        log_warn("entry %s of \"%s\" was deleted while pending: job lost before it ran", entry_id, stream);
-        out->lost++;
-        return dg_commit_ack(t->commit, stream, entry_id);
+        /* deleted while pending: its job's result says so (committed with the ack, which
+         * takes it out of the PEL), or, never taken, it is counted and acknowledged */
+        const int n_held = t->held->n;
+        if (lost_entry(t, stream, entry_id, out)) return -1;
+        return t->held->n > n_held ? 0 : dg_commit_ack(t->commit, stream, entry_id);
     }
     dg_run *r = dg_run_new(t->cfg, stream, entry_id);
     r->deliveries = deliveries;
@@ -668,12 +702,11 @@ static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2) {
         const redisReply *entries = rep->element[1];
         if (entries->elements) log_info("took over %zu abandoned entries of \"%s\"", entries->elements, stream);
-        if (rep->elements >= 3 && rep->element[2]->elements) {
-            log_warn("%zu pending entries of \"%s\" were deleted before they ran (trimmed): lost",
-                     rep->element[2]->elements, stream);
-            out->lost += (int64_t)rep->element[2]->elements;
-        }
-        rc = take_entries(t, stream, entries, 0, out);
+        /* deleted while pending: Redis took them out of the PEL; their jobs get results */
+        for (size_t i = 0; rep->elements >= 3 && i < rep->element[2]->elements && !rc; i++)
+            if (rep->element[2]->element[i]->type == REDIS_REPLY_STRING)
+                rc = lost_entry(t, stream, rep->element[2]->element[i]->str, out);
+        if (!rc) rc = take_entries(t, stream, entries, 0, out);
         *taken += (int)entries->elements;
     } else if (rep->type == REDIS_REPLY_ERROR) {
         log_error("XAUTOCLAIM on \"%s\": %s", stream, rep->str);

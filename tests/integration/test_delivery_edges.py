@@ -651,3 +651,44 @@ def test_two_processes_started_together_under_one_id_leave_one(cluster):
     assert len(gone) == 1 and gone[0].proc.returncode == 78
     cluster.enqueue("twinjob", "hi")
     assert cluster.wait_result("twinjob")["status"] == b"done"
+
+
+def lost_result(cluster, job_id):
+    res = cluster.wait_result(job_id, timeout=30)
+    assert res["status"] == b"failed" and res["error_code"] == b"UNAVAILABLE", res
+    assert b"was deleted (MAXLEN or XDEL) before an attempt finished" in res["error"], res
+    assert cluster.r.hget(f"duogen:job:{job_id}", "state") == b"failed"
+    assert [e for e in cluster.events(job_id) if e["type"] == b"failed"]
+    assert cluster.r.ttl(f"duogen:events:{job_id}") > 0
+    return res
+
+
+def test_an_entry_trimmed_after_an_attempt_gave_it_back_still_gets_a_result(cluster):
+    """A job given back for a later attempt (a passing failure), then trimmed from the
+    stream by a producer's MAXLEN: it stayed "retrying" with no result, no event and only a
+    count (found by review). The stream's taken index names its job: it fails, saying so."""
+    cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.enqueue("given", "hi", meta={"fake.fail": "retry"})
+    wait_until(lambda: cluster.r.hget("duogen:job:given", "state") == b"retrying", what="retrying")
+    assert cluster.r.hget(cluster.key("jobs") + ":taken", cluster.r.xrange(cluster.key("jobs"))[0][0]) == b"given"
+    cluster.r.xtrim(cluster.key("jobs"), maxlen=0)
+    lost_result(cluster, "given")
+    wait_until(lambda: not cluster.r.exists(cluster.key("jobs") + ":taken"), what="the index emptied")
+    assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0
+
+
+def test_an_entry_trimmed_after_its_worker_died_still_gets_a_result(cluster):
+    w1 = cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.enqueue("orphaned", " ".join(["w"] * 40), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:orphaned", "state") == b"running", what="running")
+    w1.kill()
+    cluster.r.xtrim(cluster.key("jobs"), maxlen=0)
+    w2 = cluster.worker("w2")
+    lost_result(cluster, "orphaned")
+    assert "was deleted before an attempt finished: failed" in w2.logs()
+    # an entry no attempt ever took is still only counted (nothing names its job)
+    cluster.enqueue("normal", "hi")
+    assert cluster.wait_result("normal")["status"] == b"done"
+    assert not cluster.r.exists(cluster.key("jobs") + ":taken")   # acknowledged: out of the index
