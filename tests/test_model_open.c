@@ -31,6 +31,8 @@
 #include "common/harness.h"
 #include "common/jobs.h"
 #include "common/package.h"
+#include "draw/dit.h"
+#include "draw/vae.h"
 #include "duogen.h"
 #include "io/image_preprocess.h"
 #include "model.h"
@@ -116,6 +118,80 @@ TEST(configs_that_disagree_are_refused_by_name) {
     refused(dir, "preprocessor_config.json: image_std[1] 0 must be above 0");
     CHECK_EQ_INT(edited("vae/config.json", no_res_blocks, dir, sizeof dir), 0);
     refused(dir, "vae/config.json: base_dim");
+}
+
+/* Opens dir, expecting success; the model is the caller's (NULL after printing why not). */
+static dg_model *opens(const char *dir) {
+    char err[512] = "";
+    dg_model *m = NULL;
+    if (dg_model_open(dir, NULL, &m, err, sizeof err) < 0) test_fail(__FILE__, __LINE__, "%s: %s", dir, err);
+    return m;
+}
+
+/* The decoder's rope (mllm/config.json): M-RoPE without scaling, or refused by key and value. */
+static void yarn(json_t *j) {   /* the block Qwen's model card says to add for long inputs */
+    json_object_set_new(j, "rope_scaling", json_pack("{s:s,s:[i,i,i],s:f,s:i}", "type", "yarn", "mrope_section", 2, 3, 3,
+                                                     "factor", 4.0, "original_max_position_embeddings", 32768));
+}
+static void linear_v5(json_t *j) {
+    json_object_del(j, "rope_scaling");
+    json_object_set_new(j, "rope_parameters", json_pack("{s:s,s:[i,i,i],s:f,s:f}", "rope_type", "linear",
+                                                        "mrope_section", 2, 3, 3, "factor", 2.0, "rope_theta", 1e6));
+}
+static void mrope_with_factor(json_t *j) {   /* transformers drops the factor with a warning */
+    json_object_set_new(json_object_get(j, "rope_scaling"), "factor", json_integer(4));
+}
+static void no_rope(json_t *j) { json_object_del(j, "rope_scaling"); }
+static void rope_as_text(json_t *j) { json_object_set_new(j, "rope_scaling", json_string("mrope")); }
+static void rope_without_sections(json_t *j) { json_object_set_new(j, "rope_scaling", json_pack("{s:s}", "type", "default")); }
+static void resaved_rope(json_t *j) {   /* transformers 4.49 .. 4.5x re-saved the published block so */
+    json_object_set_new(j, "rope_scaling", json_pack("{s:[i,i,i],s:s,s:s}", "mrope_section", 2, 3, 3, "rope_type",
+                                                     "default", "type", "default"));
+}
+static void negative_theta(json_t *j) { json_object_set_new(j, "rope_theta", json_real(-1.0)); }
+
+TEST(rope_other_than_mrope_is_refused_by_key_and_value) {
+    char dir[512];
+    CHECK_EQ_INT(edited("mllm/config.json", yarn, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rope_scaling.type \"yarn\" is not implemented");
+    CHECK_EQ_INT(edited("mllm/config.json", linear_v5, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rope_parameters.rope_type \"linear\" is not implemented");
+    CHECK_EQ_INT(edited("mllm/config.json", mrope_with_factor, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rope_scaling.factor 4 is not implemented");
+    CHECK_EQ_INT(edited("mllm/config.json", no_rope, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rope_scaling is missing: the decoder has M-RoPE only");
+    CHECK_EQ_INT(edited("mllm/config.json", rope_as_text, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rope_scaling \"mrope\" is not an object");
+    CHECK_EQ_INT(edited("mllm/config.json", rope_without_sections, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rope_scaling has no mrope_section");
+    CHECK_EQ_INT(edited("mllm/config.json", negative_theta, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rope_theta -1 must be above 0 and finite");
+    CHECK_EQ_INT(edited("mllm/config.json", resaved_rope, dir, sizeof dir), 0);
+    dg_model_close(opens(dir));
+}
+
+/* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
+ * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
+ * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and
+ * the DiT's and VAE's files as save_pretrained writes them, each opens. */
+TEST(files_saved_by_transformers_5_and_diffusers_open) {
+    const char *pipe = "tests/golden/pipeline/tiny-cosmos2.5";
+    char dir[300], err[512];
+    dg_qwen2vl_config c;
+    dg_backend *be = NULL;
+    dg_dit dit;
+    dg_vae vae;
+    snprintf(dir, sizeof dir, "%s/text_encoder", pipe);
+    CHECK_EQ_INT(dg_config_load(dir, &c, err, sizeof err), 0);
+    CHECK(c.text.mrope_section[0] == 2 && c.text.rms_norm_eps == 1e-6f && c.vision.n_fullatt == 1);
+    if (dg_backend_new("cpu", 1, &be, err, sizeof err) < 0) { CHECK(!"backend"); return; }
+    snprintf(dir, sizeof dir, "%s/transformer", pipe);
+    if (dg_dit_load(&dit, dir, be, err, sizeof err) == 0) dg_dit_unload(&dit);
+    else test_fail(__FILE__, __LINE__, "%s", err);
+    snprintf(dir, sizeof dir, "%s/vae", pipe);
+    if (dg_vae_load(&vae, dir, be, err, sizeof err) == 0) dg_vae_unload(&vae);
+    else test_fail(__FILE__, __LINE__, "%s", err);
+    dg_backend_free(be);
 }
 
 /* A job whose first token is `tok` (a bias of 100): how its answer ends. */

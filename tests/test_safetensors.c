@@ -243,6 +243,45 @@ TEST(config_layout_variants) {
     CHECK(strstr(err, "num_hidden_layers") != NULL);
 }
 
+/* The published Qwen2.5-VL config.json (docs/specs/qwen2_5_vl.md §1.1: the 7B file as
+ * transformers 4.41.2 wrote it; the 3B one differs in sizes, tying, and max_window_layers 70
+ * over 36 layers with the window off), and the same re-saved by transformers 4.49+ (the
+ * rope block's types "default"): everything the parser checks opens. */
+TEST(published_qwen_configs_parse) {
+    static const char *const published =
+        "{\"architectures\":[\"Qwen2_5_VLForConditionalGeneration\"],\"attention_dropout\":0.0,"
+        "\"bos_token_id\":151643,\"eos_token_id\":151645,\"vision_start_token_id\":151652,"
+        "\"vision_end_token_id\":151653,\"vision_token_id\":151654,\"image_token_id\":151655,"
+        "\"video_token_id\":151656,\"hidden_act\":\"silu\",\"hidden_size\":%d,\"initializer_range\":0.02,"
+        "\"intermediate_size\":%d,\"max_position_embeddings\":128000,\"max_window_layers\":%d,"
+        "\"model_type\":\"qwen2_5_vl\",\"num_attention_heads\":%d,\"num_hidden_layers\":%d,"
+        "\"num_key_value_heads\":%d,\"rms_norm_eps\":1e-06,\"rope_theta\":1000000.0,\"sliding_window\":32768,"
+        "\"tie_word_embeddings\":%s,\"torch_dtype\":\"bfloat16\",\"transformers_version\":\"4.41.2\","
+        "\"use_cache\":true,\"use_sliding_window\":false,"
+        "\"vision_config\":{\"depth\":32,\"hidden_act\":\"silu\",\"hidden_size\":1280,\"intermediate_size\":3420,"
+        "\"num_heads\":16,\"in_chans\":3,\"out_hidden_size\":%d,\"patch_size\":14,\"spatial_merge_size\":2,"
+        "\"spatial_patch_size\":14,\"window_size\":112,\"fullatt_block_indexes\":[7,15,23,31],"
+        "\"tokens_per_second\":2,\"temporal_patch_size\":2},"
+        "\"rope_scaling\":{%s,\"mrope_section\":[16,24,24]},\"vocab_size\":%d}";
+    static const struct { int d, f, window, heads, layers, kv; const char *tie; int vocab; } sizes[] = {
+        {3584, 18944, 28, 28, 28, 4, "false", 152064}, {2048, 11008, 70, 16, 36, 2, "true", 151936}};
+    static const char *const ropes[] = {"\"type\":\"mrope\"", "\"rope_type\":\"default\",\"type\":\"default\""};
+    for (int i = 0; i < 2; i++)
+        for (int r = 0; r < 2; r++) {
+            char json[2048], err[256];
+            dg_qwen2vl_config c;
+            snprintf(json, sizeof json, published, sizes[i].d, sizes[i].f, sizes[i].window, sizes[i].heads,
+                     sizes[i].layers, sizes[i].kv, sizes[i].tie, sizes[i].d, ropes[r], sizes[i].vocab);
+            if (dg_config_parse(json, strlen(json), "c", &c, err, sizeof err) < 0) {
+                test_fail(__FILE__, __LINE__, "%d layers, rope %s: %s", sizes[i].layers, ropes[r], err);
+                continue;
+            }
+            CHECK(c.text.mrope_section[0] == 16 && c.text.mrope_section[2] == 24 && c.text.rope_theta == 1e6f);
+            CHECK(c.text.rms_norm_eps == 1e-6f && c.text.n_eos == 1 && c.text.eos_token_id[0] == 151645);
+            CHECK(c.vision.n_fullatt == 4 && c.vision.fullatt_block_indexes[3] == 31);
+        }
+}
+
 /* The decoder's binding on a real package (mkmodel, own vocabulary) with a config that
  * disagrees with the weights. */
 TEST(binding_names_tensor_expected_and_found) {

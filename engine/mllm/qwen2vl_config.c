@@ -2,6 +2,7 @@
 #include "mllm/qwen2vl_config.h"
 
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,143 @@ static int get_float(json_t *root, json_t *nested, const char *key, double def, 
     return 0;
 }
 
+/* "text_config." where the nested object holds the key (the value read came from there),
+ * else "": messages name the key where the file has it. */
+static const char *in(json_t *nested, const char *key) {
+    return nested && json_object_get(nested, key) ? "text_config." : "";
+}
+
+/* A value a norm divides by or a rope raises to a power: above 0 and finite once it is a
+ * float (1e39 in the file is inf here). */
+static int positive(float x, const char *where, const char *key, const char *label, char *err, size_t errlen) {
+    if (x > 0.0f && isfinite(x)) return 0;
+    snprintf(err, errlen, "%s: %s%s %g must be above 0 and finite", label, where, key, (double)x);
+    return DG_EMODEL;
+}
+
+/* v as the file writes it (compact JSON, cut to the buffer), for messages. */
+static const char *shown(json_t *v, char *buf, size_t len) {
+    char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+    snprintf(buf, len, "%s", s ? s : "?");
+    free(s);
+    return buf;
+}
+
+static int is_string(json_t *v, const char *s) { return json_is_string(v) && !strcmp(json_string_value(v), s); }
+
+/* The decoder's rope object (rope_scaling, or v5's rope_parameters): M-RoPE without
+ * scaling. Qwen2_5_VLTextConfig reads "mrope" as "default" (both type keys: 4.x the old
+ * "type", 5.x "rope_type"), and its default rope reads only rope_theta beside mrope_section:
+ * a "factor" there is dropped with a warning, so the file asks for a scaling that neither
+ * transformers nor the engine applies. Any other type ("yarn", which Qwen's model card
+ * tells users to add for long inputs; "linear", "dynamic") scales the frequencies in
+ * transformers; and keys the engine does not know may change the rope (Qwen3-VL's
+ * "mrope_interleaved"). Each is refused, naming the key and its value. */
+static int check_rope(json_t *rope, const char *where, const char *key, const char *label, char *err,
+                      size_t errlen) {
+    static const char *types[] = {"type", "rope_type"};
+    char value[64];
+    for (size_t i = 0; i < 2; i++) {
+        json_t *t = json_object_get(rope, types[i]);
+        if (!t || json_is_null(t) || is_string(t, "mrope") || is_string(t, "default")) continue;
+        snprintf(err, errlen, "%s: %s%s.%s %s is not implemented (the decoder has M-RoPE without scaling: "
+                 "\"mrope\" or \"default\")", label, where, key, types[i], shown(t, value, sizeof value));
+        return DG_EMODEL;
+    }
+    const char *k;
+    json_t *v;
+    json_object_foreach(rope, k, v) {
+        if (!strcmp(k, "type") || !strcmp(k, "rope_type") || !strcmp(k, "mrope_section") || !strcmp(k, "rope_theta"))
+            continue;
+        snprintf(err, errlen, "%s: %s%s.%s %s is not implemented (M-RoPE reads type, rope_type, mrope_section and "
+                 "rope_theta; transformers' default rope ignores the rest)", label, where, key, k,
+                 shown(v, value, sizeof value));
+        return DG_EMODEL;
+    }
+    return 0;
+}
+
+/* rope_theta: the text config's, or the rope object's (v5 keeps it there); both, they
+ * must agree (4.x reads the first, 5.x the second). Transformers' default 1000000. */
+static int read_theta(json_t *root, json_t *tc, json_t *rope, const char *key, const char *label, float *out,
+                      char *err, size_t errlen) {
+    json_t *inner = json_object_get(rope, "rope_theta"), *outer = get(root, tc, "rope_theta");
+    int rc;
+    if (inner && !json_is_null(inner) && !json_is_number(inner)) {
+        snprintf(err, errlen, "%s: %s%s.rope_theta is not a number", label, in(tc, key), key);
+        return DG_EMODEL;
+    }
+    const float theta_def = inner && json_is_number(inner) ? (float)json_number_value(inner) : 1000000.0f;
+    if ((rc = get_float(root, tc, "rope_theta", theta_def, out, label, err, errlen)) < 0) return rc;
+    const int has_outer = outer && !json_is_null(outer);
+    if (inner && json_is_number(inner) && has_outer && *out != theta_def) {
+        snprintf(err, errlen, "%s: %srope_theta %g and %s%s.rope_theta %g disagree", label, in(tc, "rope_theta"),
+                 (double)*out, in(tc, key), key, (double)theta_def);
+        return DG_EMODEL;
+    }
+    char where[64];
+    snprintf(where, sizeof where, "%s%s", has_outer ? in(tc, "rope_theta") : in(tc, key), has_outer ? "" : key);
+    return positive(*out, where, has_outer ? "rope_theta" : ".rope_theta", label, err, errlen);
+}
+
+static int read_mrope(json_t *sec, const char *where, const char *key, const char *label, dg_text_config *t,
+                      char *err, size_t errlen) {
+    if (!json_is_array(sec) || json_array_size(sec) != 3) {
+        snprintf(err, errlen, "%s: %s%s.mrope_section is not an array of 3 integers", label, where, key);
+        return DG_EMODEL;
+    }
+    int sum = 0;
+    for (int i = 0; i < 3; i++) {
+        json_t *x = json_array_get(sec, (size_t)i);
+        if (!json_is_integer(x) || json_integer_value(x) < 0 || json_integer_value(x) > 512) {
+            snprintf(err, errlen, "%s: mrope_section[%d] is not a small integer", label, i);
+            return DG_EMODEL;
+        }
+        t->mrope_section[i] = (int)json_integer_value(x);
+        sum += t->mrope_section[i];
+    }
+    if (sum != t->head_dim / 2) {
+        snprintf(err, errlen, "%s: mrope_section sums to %d, expected head_dim/2 = %d", label, sum, t->head_dim / 2);
+        return DG_EMODEL;
+    }
+    return 0;
+}
+
+/* The decoder's positions: M-RoPE from mrope_section, required. Without it transformers'
+ * Qwen2.5-VL fails in its first forward (the attention indexes mrope_section); a plain
+ * 1-D RoPE reading, which this parser once fell back to, is no Qwen2.5-VL and is no
+ * package duogen documents (mkmodel, the trainer and dg-import write or require
+ * qwen2_5_vl configs with an mrope_section). rope_scaling wins over rope_parameters, as in
+ * Qwen2_5_VLTextConfig (`rope_scaling or rope_parameters`). */
+static int read_rope(json_t *root, json_t *tc, const char *label, dg_text_config *t, char *err, size_t errlen) {
+    json_t *rs = get(root, tc, "rope_scaling"), *rp = get(root, tc, "rope_parameters");
+    const int scaling = (rs && !json_is_null(rs)) || !rp || json_is_null(rp);
+    const char *key = scaling ? "rope_scaling" : "rope_parameters";
+    json_t *rope = scaling ? rs : rp;
+    char value[64];
+    int rc;
+    if (!json_is_object(rope) || !json_object_get(rope, "mrope_section")) {
+        char what[96] = "is missing";
+        if (json_is_object(rope)) snprintf(what, sizeof what, "has no mrope_section");
+        else if (rope && !json_is_null(rope)) snprintf(what, sizeof what, "%s is not an object", shown(rope, value, sizeof value));
+        snprintf(err, errlen, "%s: %s%s %s: the decoder has M-RoPE only (Qwen2.5-VL's rope_scaling "
+                 "{\"type\": \"mrope\", \"mrope_section\": [16, 24, 24]})", label, in(tc, key), key, what);
+        return DG_EMODEL;
+    }
+    if ((rc = check_rope(rope, in(tc, key), key, label, err, errlen)) < 0 ||
+        (rc = read_theta(root, tc, rope, key, label, &t->rope_theta, err, errlen)) < 0 ||
+        (rc = read_mrope(json_object_get(rope, "mrope_section"), in(tc, key), key, label, t, err, errlen)) < 0)
+        return rc;
+    /* transformers' default rope scales the rotated width by it (4.x reads it off the config) */
+    json_t *prf = get(root, tc, "partial_rotary_factor");
+    if (prf && !json_is_null(prf) && !(json_is_number(prf) && json_number_value(prf) == 1.0)) {
+        snprintf(err, errlen, "%s: %spartial_rotary_factor %s is not implemented (the rope rotates every dimension)",
+                 label, in(tc, "partial_rotary_factor"), shown(prf, value, sizeof value));
+        return DG_EMODEL;
+    }
+    return 0;
+}
+
 static int parse_text(json_t *root, const char *label, dg_text_config *t, char *err, size_t errlen) {
     json_t *tc = json_object_get(root, "text_config");
     if (tc && !json_is_object(tc)) tc = NULL;
@@ -77,41 +215,9 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
         return DG_EMODEL;
     }
     /* rms_norm_eps: the file value; 1e-6 is what every Qwen2.5-VL checkpoint says (§1.2 trap) */
-    if ((rc = get_float(root, tc, "rms_norm_eps", 1e-6, &t->rms_norm_eps, label, err, errlen)) < 0)
+    if ((rc = get_float(root, tc, "rms_norm_eps", 1e-6, &t->rms_norm_eps, label, err, errlen)) < 0 ||
+        (rc = read_rope(root, tc, label, t, err, errlen)) < 0)
         return rc;
-    json_t *rp = get(root, tc, "rope_parameters");
-    json_t *rs = get(root, tc, "rope_scaling");
-    json_t *rope = json_is_object(rp) ? rp : json_is_object(rs) ? rs : NULL;
-    float theta_def = 1000000.0f;
-    if (rope && json_is_number(json_object_get(rope, "rope_theta")))
-        theta_def = (float)json_number_value(json_object_get(rope, "rope_theta"));
-    if ((rc = get_float(root, tc, "rope_theta", theta_def, &t->rope_theta, label, err, errlen)) < 0)
-        return rc;
-    json_t *sec = rope ? json_object_get(rope, "mrope_section") : NULL;
-    if (sec) {
-        if (!json_is_array(sec) || json_array_size(sec) != 3) {
-            snprintf(err, errlen, "%s: mrope_section is not an array of 3 integers", label);
-            return DG_EMODEL;
-        }
-        int sum = 0;
-        for (int i = 0; i < 3; i++) {
-            json_t *x = json_array_get(sec, (size_t)i);
-            if (!json_is_integer(x) || json_integer_value(x) < 0 || json_integer_value(x) > 512) {
-                snprintf(err, errlen, "%s: mrope_section[%d] is not a small integer", label, i);
-                return DG_EMODEL;
-            }
-            t->mrope_section[i] = (int)json_integer_value(x);
-            sum += t->mrope_section[i];
-        }
-        if (sum != t->head_dim / 2) {
-            snprintf(err, errlen, "%s: mrope_section sums to %d, expected head_dim/2 = %d", label, sum,
-                     t->head_dim / 2);
-            return DG_EMODEL;
-        }
-    } else {
-        t->mrope_section[0] = t->head_dim / 2;      /* plain 1-D RoPE */
-        t->mrope_section[1] = t->mrope_section[2] = 0;
-    }
     json_t *tie = get(root, tc, "tie_word_embeddings");
     t->tie_word_embeddings = tie ? json_is_true(tie) : 0;
     json_t *eos = get(root, tc, "eos_token_id");
