@@ -170,6 +170,30 @@ TEST(rope_other_than_mrope_is_refused_by_key_and_value) {
     dg_model_close(opens(dir));
 }
 
+/* Attention slides a window in no layer: the tiny decoder has 2 layers. */
+static void sliding_second_layer(json_t *j) {
+    json_object_set_new(j, "use_sliding_window", json_true());
+    json_object_set_new(j, "max_window_layers", json_integer(1));
+}
+static void sliding_past_the_layers(json_t *j) {   /* the first 2 layers full: all of them */
+    json_object_set_new(j, "use_sliding_window", json_true());
+    json_object_set_new(j, "max_window_layers", json_integer(2));
+}
+static void sliding_layer_type(json_t *j) {   /* transformers 5's per-layer list */
+    json_object_set_new(j, "layer_types", json_pack("[s,s]", "full_attention", "sliding_attention"));
+}
+
+TEST(sliding_window_attention_is_refused) {
+    char dir[512];
+    CHECK_EQ_INT(edited("mllm/config.json", sliding_second_layer, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: use_sliding_window true with max_window_layers 1 < num_hidden_layers 2 is not "
+                 "implemented");
+    CHECK_EQ_INT(edited("mllm/config.json", sliding_layer_type, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: layer_types[1] \"sliding_attention\" is not implemented");
+    CHECK_EQ_INT(edited("mllm/config.json", sliding_past_the_layers, dir, sizeof dir), 0);
+    dg_model_close(opens(dir));
+}
+
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
  * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
  * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and

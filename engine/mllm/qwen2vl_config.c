@@ -183,6 +183,46 @@ static int read_rope(json_t *root, json_t *tc, const char *label, dg_text_config
     return 0;
 }
 
+/* Attention is full and causal in every layer. Transformers slides a window in the layers
+ * its layer_types (5.x) calls "sliding_attention", and (4.x, and 5.x building layer_types)
+ * in the layers from max_window_layers on (default 80) when use_sliding_window is true and
+ * sliding_window (default 4096) is not null. The published files say use_sliding_window
+ * false; anything that slides is refused. */
+static int check_attention(json_t *root, json_t *tc, const char *label, const dg_text_config *t, char *err,
+                           size_t errlen) {
+    json_t *types = get(root, tc, "layer_types");
+    if (types && !json_is_null(types)) {
+        if (!json_is_array(types) || json_array_size(types) != (size_t)t->n_layers) {
+            snprintf(err, errlen, "%s: %slayer_types must list num_hidden_layers = %d layer types", label,
+                     in(tc, "layer_types"), t->n_layers);
+            return DG_EMODEL;
+        }
+        size_t i;
+        json_t *v;
+        json_array_foreach(types, i, v) {
+            char value[64];
+            if (is_string(v, "full_attention")) continue;
+            snprintf(err, errlen, "%s: %slayer_types[%zu] %s is not implemented (every layer attends in full: "
+                     "\"full_attention\")", label, in(tc, "layer_types"), i, shown(v, value, sizeof value));
+            return DG_EMODEL;
+        }
+    }
+    json_t *use = get(root, tc, "use_sliding_window"), *window = get(root, tc, "sliding_window");
+    if (use && !json_is_null(use) && !json_is_boolean(use)) {
+        snprintf(err, errlen, "%s: %suse_sliding_window must be true or false", label, in(tc, "use_sliding_window"));
+        return DG_EMODEL;
+    }
+    int full_layers, rc;
+    if ((rc = get_int(root, tc, "max_window_layers", 80, 0, &full_layers, label, err, errlen)) < 0) return rc;
+    if (json_is_true(use) && !(window && json_is_null(window)) && full_layers < t->n_layers) {
+        snprintf(err, errlen, "%s: %suse_sliding_window true with max_window_layers %d < num_hidden_layers %d is not "
+                 "implemented (sliding-window attention from layer %d on; the engine attends in full)", label,
+                 in(tc, "use_sliding_window"), full_layers, t->n_layers, full_layers);
+        return DG_EMODEL;
+    }
+    return 0;
+}
+
 static int parse_text(json_t *root, const char *label, dg_text_config *t, char *err, size_t errlen) {
     json_t *tc = json_object_get(root, "text_config");
     if (tc && !json_is_object(tc)) tc = NULL;
@@ -216,7 +256,8 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
     }
     /* rms_norm_eps: the file value; 1e-6 is what every Qwen2.5-VL checkpoint says (§1.2 trap) */
     if ((rc = get_float(root, tc, "rms_norm_eps", 1e-6, &t->rms_norm_eps, label, err, errlen)) < 0 ||
-        (rc = read_rope(root, tc, label, t, err, errlen)) < 0)
+        (rc = read_rope(root, tc, label, t, err, errlen)) < 0 ||
+        (rc = check_attention(root, tc, label, t, err, errlen)) < 0)
         return rc;
     json_t *tie = get(root, tc, "tie_word_embeddings");
     t->tie_word_embeddings = tie ? json_is_true(tie) : 0;
