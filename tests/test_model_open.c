@@ -194,6 +194,33 @@ TEST(sliding_window_attention_is_refused) {
     dg_model_close(opens(dir));
 }
 
+/* Both MLPs are SwiGLU and the tower's rope base is 10000: other activations and bases are
+ * refused. */
+static void gelu_decoder(json_t *j) { json_object_set_new(j, "hidden_act", json_string("gelu")); }
+static void quick_gelu_tower(json_t *j) {
+    json_object_set_new(json_object_get(j, "vision_config"), "hidden_act", json_string("quick_gelu"));
+}
+static void tower_rope_base(json_t *j) {   /* transformers 5 writes the tower's rope so */
+    json_object_set_new(json_object_get(j, "vision_config"), "rope_parameters",
+                        json_pack("{s:f,s:s}", "rope_theta", 100000.0, "rope_type", "axial"));
+}
+static void tower_rope_as_published(json_t *j) {
+    json_object_set_new(json_object_get(j, "vision_config"), "rope_parameters",
+                        json_pack("{s:f,s:s}", "rope_theta", 10000.0, "rope_type", "axial"));
+}
+
+TEST(activations_and_the_towers_rope_base_are_checked) {
+    char dir[512];
+    CHECK_EQ_INT(edited("mllm/config.json", gelu_decoder, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: hidden_act \"gelu\" is not implemented (the MLP is SwiGLU: \"silu\")");
+    CHECK_EQ_INT(edited("mllm/config.json", quick_gelu_tower, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: vision_config.hidden_act \"quick_gelu\" is not implemented");
+    CHECK_EQ_INT(edited("mllm/config.json", tower_rope_base, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: vision_config.rope_parameters.rope_theta 100000.0 is not implemented");
+    CHECK_EQ_INT(edited("mllm/config.json", tower_rope_as_published, dir, sizeof dir), 0);
+    dg_model_close(opens(dir));
+}
+
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
  * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
  * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and

@@ -70,6 +70,15 @@ static const char *shown(json_t *v, char *buf, size_t len) {
 
 static int is_string(json_t *v, const char *s) { return json_is_string(v) && !strcmp(json_string_value(v), s); }
 
+/* hidden_act (transformers' default "silu"): both MLPs are SwiGLU, silu(gate) * up. */
+static int check_act(json_t *v, const char *where, const char *label, char *err, size_t errlen) {
+    char value[64];
+    if (!v || json_is_null(v) || is_string(v, "silu")) return 0;
+    snprintf(err, errlen, "%s: %shidden_act %s is not implemented (the MLP is SwiGLU: \"silu\")", label, where,
+             shown(v, value, sizeof value));
+    return DG_EMODEL;
+}
+
 /* The decoder's rope object (rope_scaling, or v5's rope_parameters): M-RoPE without
  * scaling. Qwen2_5_VLTextConfig reads "mrope" as "default" (both type keys: 4.x the old
  * "type", 5.x "rope_type"), and its default rope reads only rope_theta beside mrope_section:
@@ -254,6 +263,7 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
                  t->n_heads, t->n_kv_heads, t->head_dim);
         return DG_EMODEL;
     }
+    if ((rc = check_act(get(root, tc, "hidden_act"), in(tc, "hidden_act"), label, err, errlen)) < 0) return rc;
     /* rms_norm_eps: the file value; 1e-6 is what every Qwen2.5-VL checkpoint says (§1.2 trap) */
     if ((rc = get_float(root, tc, "rms_norm_eps", 1e-6, &t->rms_norm_eps, label, err, errlen)) < 0 ||
         (rc = read_rope(root, tc, label, t, err, errlen)) < 0 ||
@@ -269,6 +279,38 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
         for (size_t i = 0; i < json_array_size(eos) && t->n_eos < DG_MAX_EOS; i++)
             if (json_is_integer(json_array_get(eos, i)))
                 t->eos_token_id[t->n_eos++] = (int)json_integer_value(json_array_get(eos, i));
+    }
+    return 0;
+}
+
+/* The tower's rope: axial, base DG_VISION_ROPE_THETA (transformers 4.x hard-codes it; 5.x
+ * writes it into vision_config.rope_parameters {"rope_theta": 10000.0, "rope_type":
+ * "axial"}). Another base or type is refused rather than read by one transformers and not
+ * the other. */
+static int check_vision_rope(json_t *vc, const char *label, char *err, size_t errlen) {
+    json_t *rp = json_object_get(vc, "rope_parameters"), *theta = json_object_get(vc, "rope_theta");
+    if (rp && !json_is_null(rp) && !json_is_object(rp)) {
+        snprintf(err, errlen, "%s: vision_config.rope_parameters is not an object", label);
+        return DG_EMODEL;
+    }
+    const char *k;
+    json_t *v;
+    char value[64];
+    json_object_foreach(rp, k, v) {
+        if (!strcmp(k, "rope_theta") || (!strcmp(k, "rope_type") && (json_is_null(v) || is_string(v, "axial"))))
+            continue;
+        snprintf(err, errlen, "%s: vision_config.rope_parameters.%s %s is not implemented (the tower's rope is "
+                 "\"axial\", rope_theta %g)", label, k, shown(v, value, sizeof value), (double)DG_VISION_ROPE_THETA);
+        return DG_EMODEL;
+    }
+    json_t *thetas[2] = {theta, json_object_get(rp, "rope_theta")};
+    for (int i = 0; i < 2; i++) {
+        if (!thetas[i] || json_is_null(thetas[i]) ||
+            (json_is_number(thetas[i]) && json_number_value(thetas[i]) == DG_VISION_ROPE_THETA))
+            continue;
+        snprintf(err, errlen, "%s: vision_config.%srope_theta %s is not implemented (the tower's rope base is %g)",
+                 label, i ? "rope_parameters." : "", shown(thetas[i], value, sizeof value), (double)DG_VISION_ROPE_THETA);
+        return DG_EMODEL;
     }
     return 0;
 }
@@ -303,6 +345,9 @@ static int parse_vision(json_t *root, const char *label, dg_vision_config *v, ch
     } else {
         for (int i = 0; i < 4; i++) v->fullatt_block_indexes[v->n_fullatt++] = 7 + 8 * i;
     }
+    if ((rc = check_act(json_object_get(vc, "hidden_act"), "vision_config.", label, err, errlen)) < 0 ||
+        (rc = check_vision_rope(vc, label, err, errlen)) < 0)
+        goto out;
     if (v->num_heads <= 0 || v->hidden_size % v->num_heads) {
         snprintf(err, errlen, "%s: vision_config hidden_size %d is not a multiple of num_heads %d",
                  label, v->hidden_size, v->num_heads);

@@ -13,6 +13,11 @@
 
 #define DG_MAX_EOS 4
 
+/* The vision tower's rotary base: not in the published config.json; transformers'
+ * default for the axial vision rope (hard-coded in 4.x; 5.x writes it into
+ * vision_config.rope_parameters). The parser refuses any other. */
+#define DG_VISION_ROPE_THETA 10000.0f
+
 typedef struct {
     int   hidden_size;            /* D */
     int   n_layers;

@@ -9,9 +9,6 @@
 #include "duogen.h"
 #include "io/weights.h"
 
-/* The vision rotary base: not in the published config.json; transformers' default for
- * the axial vision rope (Qwen2_5_VLVisionConfig rope_parameters). */
-#define VISION_ROPE_THETA 10000.0f
 #define VISION_NORM_EPS   1e-6f
 
 /* ---- binding ------------------------------------------------------------------------------ */
@@ -233,7 +230,7 @@ static void build_rope(const dg_vision *m, dg_vision_state *s, const dg_image_pa
     const int half = m->head_dim / 2, quarter = half / 2, mg = m->merge, mm = mg * mg;
     float inv[64];   /* head_dim <= 256 (check_config) */
     for (int j = 0; j < quarter; j++)
-        inv[j] = 1.0f / powf(VISION_ROPE_THETA, (float)(2 * j) / (float)half);
+        inv[j] = 1.0f / powf(DG_VISION_ROPE_THETA, (float)(2 * j) / (float)half);
     for (int i = 0, off = 0; i < n; i++) {
         const int H = images[i]->grid_h / mg, W = images[i]->grid_w / mg;
         const int n_tok = images[i]->grid_t * H * W;
