@@ -221,6 +221,29 @@ TEST(activations_and_the_towers_rope_base_are_checked) {
     dg_model_close(opens(dir));
 }
 
+/* fullatt_block_indexes: blocks of the tower (the tiny one has 2), at most 16 of them. */
+static void full_block_past_the_tower(json_t *j) {
+    json_object_set_new(json_object_get(j, "vision_config"), "fullatt_block_indexes", json_pack("[i,i]", 1, 2));
+}
+static void full_block_as_text(json_t *j) {
+    json_object_set_new(json_object_get(j, "vision_config"), "fullatt_block_indexes", json_pack("[s]", "1"));
+}
+static void full_blocks_past_the_cap(json_t *j) {
+    json_t *a = json_array();
+    for (int i = 0; i < 17; i++) json_array_append_new(a, json_integer(i % 2));
+    json_object_set_new(json_object_get(j, "vision_config"), "fullatt_block_indexes", a);
+}
+
+TEST(full_attention_blocks_are_blocks_of_the_tower) {
+    char dir[512];
+    CHECK_EQ_INT(edited("mllm/config.json", full_block_past_the_tower, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: vision_config.fullatt_block_indexes[1] 2 is not a block (depth 2: 0 .. 1)");
+    CHECK_EQ_INT(edited("mllm/config.json", full_block_as_text, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: vision_config.fullatt_block_indexes[0] \"1\" is not a block");
+    CHECK_EQ_INT(edited("mllm/config.json", full_blocks_past_the_cap, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: vision_config.fullatt_block_indexes lists 17 blocks, more than the 16");
+}
+
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
  * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
  * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and

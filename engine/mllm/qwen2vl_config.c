@@ -315,6 +315,42 @@ static int check_vision_rope(json_t *vc, const char *label, char *err, size_t er
     return 0;
 }
 
+/* fullatt_block_indexes: the blocks that attend over the whole image, each a block of the
+ * tower, at most 16. Absent: transformers' default [7, 15, 23, 31], of which a tower of
+ * fewer blocks has those below its depth (transformers tests membership block by block). */
+static int read_fullatt(json_t *vc, const char *label, dg_vision_config *v, char *err, size_t errlen) {
+    const int cap = (int)(sizeof v->fullatt_block_indexes / sizeof v->fullatt_block_indexes[0]);
+    json_t *fa = json_object_get(vc, "fullatt_block_indexes");
+    v->n_fullatt = 0;
+    if (!fa) {
+        for (int i = 7; i < 32 && i < v->depth; i += 8) v->fullatt_block_indexes[v->n_fullatt++] = i;
+        return 0;
+    }
+    if (!json_is_array(fa)) {
+        char value[64];
+        snprintf(err, errlen, "%s: vision_config.fullatt_block_indexes %s must be a list of block numbers", label,
+                 shown(fa, value, sizeof value));
+        return DG_EMODEL;
+    }
+    if (json_array_size(fa) > (size_t)cap) {
+        snprintf(err, errlen, "%s: vision_config.fullatt_block_indexes lists %zu blocks, more than the %d the engine "
+                 "keeps", label, json_array_size(fa), cap);
+        return DG_EMODEL;
+    }
+    size_t i;
+    json_t *x;
+    json_array_foreach(fa, i, x) {
+        if (!json_is_integer(x) || json_integer_value(x) < 0 || json_integer_value(x) >= v->depth) {
+            char value[64];
+            snprintf(err, errlen, "%s: vision_config.fullatt_block_indexes[%zu] %s is not a block (depth %d: 0 .. %d)",
+                     label, i, shown(x, value, sizeof value), v->depth, v->depth - 1);
+            return DG_EMODEL;
+        }
+        v->fullatt_block_indexes[v->n_fullatt++] = (int)json_integer_value(x);
+    }
+    return 0;
+}
+
 static int parse_vision(json_t *root, const char *label, dg_vision_config *v, char *err, size_t errlen) {
     json_t *vc = json_object_get(root, "vision_config");
     json_t *empty = json_object();
@@ -336,17 +372,9 @@ static int parse_vision(json_t *root, const char *label, dg_vision_config *v, ch
     INT("out_hidden_size", 3584, &v->out_hidden_size);
     INT("tokens_per_second", 2, &v->tokens_per_second);
 #undef INT
-    json_t *fa = json_object_get(vc, "fullatt_block_indexes");
-    v->n_fullatt = 0;
-    if (json_is_array(fa)) {
-        for (size_t i = 0; i < json_array_size(fa) && v->n_fullatt < 16; i++)
-            if (json_is_integer(json_array_get(fa, i)))
-                v->fullatt_block_indexes[v->n_fullatt++] = (int)json_integer_value(json_array_get(fa, i));
-    } else {
-        for (int i = 0; i < 4; i++) v->fullatt_block_indexes[v->n_fullatt++] = 7 + 8 * i;
-    }
     if ((rc = check_act(json_object_get(vc, "hidden_act"), "vision_config.", label, err, errlen)) < 0 ||
-        (rc = check_vision_rope(vc, label, err, errlen)) < 0)
+        (rc = check_vision_rope(vc, label, err, errlen)) < 0 ||
+        (rc = read_fullatt(vc, label, v, err, errlen)) < 0)
         goto out;
     if (v->num_heads <= 0 || v->hidden_size % v->num_heads) {
         snprintf(err, errlen, "%s: vision_config hidden_size %d is not a multiple of num_heads %d",
