@@ -244,6 +244,23 @@ TEST(full_attention_blocks_are_blocks_of_the_tower) {
     refused(dir, "mllm/config.json: vision_config.fullatt_block_indexes lists 17 blocks, more than the 16");
 }
 
+/* rms_norm_eps: above 0 and finite as a float; absent, transformers' class default 1e-5. */
+static void zero_eps(json_t *j) { json_object_set_new(j, "rms_norm_eps", json_real(0.0)); }
+static void huge_eps(json_t *j) { json_object_set_new(j, "rms_norm_eps", json_real(1e39)); }
+static void no_eps(json_t *j) { json_object_del(j, "rms_norm_eps"); }
+
+TEST(rms_norm_eps_is_positive_and_defaults_as_transformers) {
+    char dir[512];
+    CHECK_EQ_INT(edited("mllm/config.json", zero_eps, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rms_norm_eps 0 must be above 0 and finite");
+    CHECK_EQ_INT(edited("mllm/config.json", huge_eps, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: rms_norm_eps inf must be above 0 and finite");
+    CHECK_EQ_INT(edited("mllm/config.json", no_eps, dir, sizeof dir), 0);
+    dg_model *m = opens(dir);
+    if (m) CHECK(m->cfg.text.rms_norm_eps == 1e-5f);
+    dg_model_close(m);
+}
+
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
  * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
  * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and

@@ -264,8 +264,11 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
         return DG_EMODEL;
     }
     if ((rc = check_act(get(root, tc, "hidden_act"), in(tc, "hidden_act"), label, err, errlen)) < 0) return rc;
-    /* rms_norm_eps: the file value; 1e-6 is what every Qwen2.5-VL checkpoint says (§1.2 trap) */
-    if ((rc = get_float(root, tc, "rms_norm_eps", 1e-6, &t->rms_norm_eps, label, err, errlen)) < 0 ||
+    /* rms_norm_eps: the file's value (1e-6 in every published Qwen2.5-VL file); absent, the
+     * 1e-5 of transformers' Qwen2_5_VLTextConfig, which is what transformers runs such a
+     * file with (a file saved without its default-valued keys lacks it exactly then) */
+    if ((rc = get_float(root, tc, "rms_norm_eps", 1e-5, &t->rms_norm_eps, label, err, errlen)) < 0 ||
+        (rc = positive(t->rms_norm_eps, in(tc, "rms_norm_eps"), "rms_norm_eps", label, err, errlen)) < 0 ||
         (rc = read_rope(root, tc, label, t, err, errlen)) < 0 ||
         (rc = check_attention(root, tc, label, t, err, errlen)) < 0)
         return rc;
