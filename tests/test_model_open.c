@@ -261,6 +261,22 @@ TEST(rms_norm_eps_is_positive_and_defaults_as_transformers) {
     dg_model_close(m);
 }
 
+/* The VAE's latent statistics: each std above 0 and finite (the latent is divided by it),
+ * each mean finite. */
+static void zero_std(json_t *j) { json_array_set_new(json_object_get(j, "latents_std"), 3, json_real(0.0)); }
+static void huge_std(json_t *j) { json_array_set_new(json_object_get(j, "latents_std"), 5, json_real(1e39)); }
+static void huge_mean(json_t *j) { json_array_set_new(json_object_get(j, "latents_mean"), 0, json_real(-1e39)); }
+
+TEST(vae_latents_std_is_positive_and_finite) {
+    char dir[512];
+    CHECK_EQ_INT(edited("vae/config.json", zero_std, dir, sizeof dir), 0);
+    refused(dir, "vae/config.json: latents_std[3] 0 must be above 0 and finite");
+    CHECK_EQ_INT(edited("vae/config.json", huge_std, dir, sizeof dir), 0);
+    refused(dir, "vae/config.json: latents_std[5] inf must be above 0 and finite");
+    CHECK_EQ_INT(edited("vae/config.json", huge_mean, dir, sizeof dir), 0);
+    refused(dir, "vae/config.json: latents_mean[0] -inf must be finite");
+}
+
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
  * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
  * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and

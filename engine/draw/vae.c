@@ -225,6 +225,18 @@ static int read_config(dg_vae_config *c, const char *path, char *err, size_t err
         snprintf(err, errlen, "%s: latents_mean/latents_std must have z_dim = %d values", path, c->z_dim);
         goto out;
     }
+    /* the encoder's latent is divided by its std, the decoder's input multiplied by it: a
+     * std of 0 made infinities, one below 0 a negated channel, one past a float's range
+     * (1e39 in the file reads as inf) NaNs; all without an error */
+    for (int i = 0; i < c->z_dim; i++) {
+        const char *key = !isfinite(c->latents_mean[i]) ? "latents_mean" : "latents_std";
+        const float x = !isfinite(c->latents_mean[i]) ? c->latents_mean[i] : c->latents_std[i];
+        if (!isfinite(c->latents_mean[i]) || !(c->latents_std[i] > 0.0f && isfinite(c->latents_std[i]))) {
+            snprintf(err, errlen, "%s: %s[%d] %g must be %sfinite", path, key, i, (double)x,
+                     strcmp(key, "latents_std") ? "" : "above 0 and ");
+            goto out;
+        }
+    }
     rc = 0;
 out:
     json_decref(j);
