@@ -277,6 +277,19 @@ TEST(vae_latents_std_is_positive_and_finite) {
     refused(dir, "vae/config.json: latents_mean[0] -inf must be finite");
 }
 
+/* A DiT key the file leaves out takes CosmosTransformer3DModel's default: extra_pos_embed_type
+ * "learnable" (refused), concat_padding_mask true (opens). */
+static void no_pos_embed_type(json_t *j) { json_object_del(j, "extra_pos_embed_type"); }
+static void no_padding_mask_key(json_t *j) { json_object_del(j, "concat_padding_mask"); }
+
+TEST(dit_keys_left_out_take_diffusers_defaults) {
+    char dir[512];
+    CHECK_EQ_INT(edited("dit/config.json", no_pos_embed_type, dir, sizeof dir), 0);
+    refused(dir, "dit/config.json: \"extra_pos_embed_type\" is missing: diffusers then adds its default \"learnable\"");
+    CHECK_EQ_INT(edited("dit/config.json", no_padding_mask_key, dir, sizeof dir), 0);
+    dg_model_close(opens(dir));
+}
+
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
  * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
  * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and

@@ -29,10 +29,19 @@ static int json_triple(json_t *j, const char *key, const char *path, float *out,
 /* Keys that select a Cosmos variant this forward does not have (Cosmos-Predict2.5 has none):
  * null or 0 in its published config, and read nowhere else. img_context_num_tokens and
  * img_context_dim_out only size the image-context projection that img_context_dim_in
- * turns on, so any value is accepted with it off. */
+ * turns on, so any value is accepted with it off. A key the file leaves out takes
+ * CosmosTransformer3DModel's default (diffusers transformer_cosmos.py __init__):
+ * img_context_dim_in and controlnet_block_every_n None, concat_padding_mask True, but
+ * extra_pos_embed_type "learnable" (an absolute position embedding added in every block),
+ * so a file without that key is refused; the published files say null. */
 static int check_variant(json_t *j, const char *path, char *err, size_t errlen) {
     static const char *must_be_null[] = {"extra_pos_embed_type", "img_context_dim_in",
                                          "controlnet_block_every_n"};
+    if (!json_object_get(j, "extra_pos_embed_type")) {
+        snprintf(err, errlen, "%s: \"extra_pos_embed_type\" is missing: diffusers then adds its default \"learnable\" "
+                 "position embedding, which this DiT does not have (Cosmos-Predict2.5 says null)", path);
+        return DG_EMODEL;
+    }
     for (size_t i = 0; i < sizeof must_be_null / sizeof *must_be_null; i++) {
         json_t *v = json_object_get(j, must_be_null[i]);
         if (v && !json_is_null(v) && !(json_is_integer(v) && json_integer_value(v) == 0)) {
@@ -42,7 +51,7 @@ static int check_variant(json_t *j, const char *path, char *err, size_t errlen) 
         }
     }
     json_t *v = json_object_get(j, "concat_padding_mask");
-    if (!json_is_true(v)) {
+    if (v && !json_is_true(v)) {
         snprintf(err, errlen, "%s: \"concat_padding_mask\" must be true", path);
         return DG_EMODEL;
     }
