@@ -362,20 +362,28 @@ static int read_prompts(dg_model *m, json_t *manifest, const char *path, char *e
     return 0;
 }
 
+/* stop_ids holds every id its sources can give (DG_MAX_EOS of config.json, as many of
+ * generation_config.json, <|im_end|>), so none is dropped. */
 static void add_stop(dg_model *m, int32_t id) {
     for (int i = 0; i < m->n_stop_ids; i++) if (m->stop_ids[i] == id) return;
     if (m->n_stop_ids < (int)(sizeof m->stop_ids / sizeof m->stop_ids[0])) m->stop_ids[m->n_stop_ids++] = id;
 }
 
-/* generation_config.json's eos_token_id (an id or a list: Qwen2.5-VL's is [151645, 151643],
- * <|im_end|> and <|endoftext|>), which transformers' generate stops at: ids beside
- * config.json's. Absent file or key: nothing. */
+/* generation_config.json's eos_token_id (an id or a list of at most DG_MAX_EOS: Qwen2.5-VL's
+ * is [151645, 151643], <|im_end|> and <|endoftext|>), which transformers' generate stops at:
+ * ids beside config.json's. Absent file or key: nothing. */
 static int read_generation_eos(dg_model *m, const char *mllm, char *err, size_t errlen) {
     char path[1300];
     json_t *j;
     int rc = load_optional(mllm, "generation_config.json", &j, path, sizeof path, err, errlen);
     if (rc < 0 || !j) return rc;
     json_t *eos = json_object_get(j, "eos_token_id");
+    if (json_is_array(eos) && json_array_size(eos) > DG_MAX_EOS) {
+        const size_t n = json_array_size(eos);
+        json_decref(j);
+        return fail(err, errlen, DG_EMODEL, "%s: eos_token_id lists %zu ids, more than the %d the engine keeps", path, n,
+                    DG_MAX_EOS);
+    }
     if (eos && !json_is_integer(eos) && !json_is_array(eos)) rc = -1;
     for (size_t i = 0; rc == 0 && eos && i < (json_is_array(eos) ? json_array_size(eos) : 1); i++) {
         json_t *v = json_is_array(eos) ? json_array_get(eos, i) : eos;

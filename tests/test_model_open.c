@@ -290,6 +290,30 @@ TEST(dit_keys_left_out_take_diffusers_defaults) {
     dg_model_close(opens(dir));
 }
 
+/* eos_token_id lists longer than the engine keeps are refused, not cut (the answer ran past
+ * the ids cut off), and so are entries that are not ids. */
+static void many_eos(json_t *j) {
+    json_t *a = json_array();
+    for (int i = 0; i <= DG_MAX_EOS; i++) json_array_append_new(a, json_integer(i));
+    json_object_set_new(j, "eos_token_id", a);
+}
+
+static void eos_as_text(json_t *j) { json_object_set_new(j, "eos_token_id", json_pack("[i,s]", 266, "<|im_end|>")); }
+
+TEST(eos_lists_past_the_cap_are_refused) {
+    char dir[512], want[160];
+    CHECK_EQ_INT(edited("mllm/config.json", many_eos, dir, sizeof dir), 0);
+    snprintf(want, sizeof want, "mllm/config.json: eos_token_id lists %d ids, more than the %d the engine keeps",
+             DG_MAX_EOS + 1, DG_MAX_EOS);
+    refused(dir, want);
+    CHECK_EQ_INT(edited("mllm/config.json", eos_as_text, dir, sizeof dir), 0);   /* skipped before */
+    refused(dir, "mllm/config.json: eos_token_id must be a token id or a list of them");
+    CHECK_EQ_INT(edited("mllm/generation_config.json", many_eos, dir, sizeof dir), 0);
+    snprintf(want, sizeof want, "mllm/generation_config.json: eos_token_id lists %d ids, more than the %d", DG_MAX_EOS + 1,
+             DG_MAX_EOS);
+    refused(dir, want);
+}
+
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
  * (tests/golden/pipeline/tiny-cosmos2.5): the nested text_config with rope_parameters
  * {"rope_type": "default", "type": "mrope"}, layer_types, the tower's rope_parameters, and

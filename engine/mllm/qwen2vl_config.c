@@ -232,6 +232,30 @@ static int check_attention(json_t *root, json_t *tc, const char *label, const dg
     return 0;
 }
 
+/* eos_token_id: an id or a list of at most DG_MAX_EOS ids (a longer list was cut to its
+ * first ids, and the answer ran past the others). */
+static int read_eos(json_t *root, json_t *tc, const char *label, dg_text_config *t, char *err, size_t errlen) {
+    json_t *eos = get(root, tc, "eos_token_id");
+    t->n_eos = 0;
+    if (!eos || json_is_null(eos)) return 0;
+    if (json_is_array(eos) && json_array_size(eos) > DG_MAX_EOS) {
+        snprintf(err, errlen, "%s: %seos_token_id lists %zu ids, more than the %d the engine keeps", label,
+                 in(tc, "eos_token_id"), json_array_size(eos), DG_MAX_EOS);
+        return DG_EMODEL;
+    }
+    const size_t n = json_is_array(eos) ? json_array_size(eos) : 1;
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_is_array(eos) ? json_array_get(eos, i) : eos;
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= (1 << 30)) {
+            snprintf(err, errlen, "%s: %seos_token_id must be a token id or a list of them", label,
+                     in(tc, "eos_token_id"));
+            return DG_EMODEL;
+        }
+        t->eos_token_id[t->n_eos++] = (int)json_integer_value(v);
+    }
+    return 0;
+}
+
 static int parse_text(json_t *root, const char *label, dg_text_config *t, char *err, size_t errlen) {
     json_t *tc = json_object_get(root, "text_config");
     if (tc && !json_is_object(tc)) tc = NULL;
@@ -274,16 +298,7 @@ static int parse_text(json_t *root, const char *label, dg_text_config *t, char *
         return rc;
     json_t *tie = get(root, tc, "tie_word_embeddings");
     t->tie_word_embeddings = tie ? json_is_true(tie) : 0;
-    json_t *eos = get(root, tc, "eos_token_id");
-    t->n_eos = 0;
-    if (json_is_integer(eos)) {
-        t->eos_token_id[t->n_eos++] = (int)json_integer_value(eos);
-    } else if (json_is_array(eos)) {
-        for (size_t i = 0; i < json_array_size(eos) && t->n_eos < DG_MAX_EOS; i++)
-            if (json_is_integer(json_array_get(eos, i)))
-                t->eos_token_id[t->n_eos++] = (int)json_integer_value(json_array_get(eos, i));
-    }
-    return 0;
+    return read_eos(root, tc, label, t, err, errlen);
 }
 
 /* The tower's rope: axial, base DG_VISION_ROPE_THETA (transformers 4.x hard-codes it; 5.x

@@ -11,7 +11,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define DG_MAX_EOS 4
+/* eos_token_id ids kept (config.json's, and generation_config.json's apart); a longer
+ * list is refused. Qwen2.5-VL has one, and two in generation_config.json. */
+#define DG_MAX_EOS 16
 
 /* The vision tower's rotary base: not in the published config.json; transformers'
  * default for the axial vision rope (hard-coded in 4.x; 5.x writes it into
