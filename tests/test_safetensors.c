@@ -301,12 +301,16 @@ TEST(binding_names_tensor_expected_and_found) {
     dg_qwen2_unload(&m);
     dg_text_config t = c.text;
     t.intermediate_size = 100;
+    char want[512];
     CHECK_EQ_INT(dg_qwen2_load(&m, &t, st, be, err, sizeof err), DG_EMODEL);
-    CHECK_EQ_STR(err, "tensor \"model.layers.0.mlp.gate_proj.weight\": expected shape [100, 64], found [128, 64]");
+    snprintf(want, sizeof want, "%s: tensor \"model.layers.0.mlp.gate_proj.weight\": expected shape [100, 64], "
+             "found [128, 64]", pkg);
+    CHECK_EQ_STR(err, want);
     t = c.text;
     t.tie_word_embeddings = 0;
     CHECK_EQ_INT(dg_qwen2_load(&m, &t, st, be, err, sizeof err), DG_EMODEL);
-    CHECK_EQ_STR(err, "tensor \"lm_head.weight\": missing from the checkpoint");
+    snprintf(want, sizeof want, "%s: tensor \"lm_head.weight\": missing from the checkpoint", pkg);   /* which component */
+    CHECK_EQ_STR(err, want);
     dg_st_close(st);
     dg_backend_free(be);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

@@ -30,9 +30,11 @@ struct dg_st {
     int           flags;              /* DG_ST_* of dg_st_open_flags */
     dg_st_tick    tick;               /* and its tick, with tick_user */
     void         *tick_user;
+    char         *path;               /* owned: dg_st_open's path; NULL for buffers */
 };
 
 int dg_st_seeded(const dg_st *st) { return st->seeded; }
+const char *dg_st_path(const dg_st *st) { return st->path; }
 
 int dg_st_rewrite(const dg_st *st, const dg_st_tensor *t, int64_t kb, int (*rewrite)(void *ctx, void *data),
                   void *ctx) {
@@ -77,6 +79,7 @@ void dg_st_close(dg_st *st) {
     free(st->tensors);
     for (size_t i = 0; i < st->n_maps; i++) munmap(st->maps[i].base, st->maps[i].size);
     free(st->maps);
+    free(st->path);
     free(st);
 }
 
@@ -522,6 +525,7 @@ int dg_st_open_flags(const char *path, int flags, dg_st_tick tick, void *user, d
     st->flags = flags;
     st->tick = tick;
     st->tick_user = user;
+    if (!(st->path = strdup(path))) { dg_st_close(st); return DG_ENOMEM; }
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
         /* Hugging Face's names (transformers), then diffusers' */
         static const char *stems[] = {"model", "diffusion_pytorch_model"};

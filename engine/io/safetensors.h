@@ -77,6 +77,10 @@ const dg_st_tensor *dg_st_at(const dg_st *st, size_t i);
  * seeded weights by accident. */
 int dg_st_seeded(const dg_st *st);
 
+/* The path dg_st_open was given (the component's directory, an index or a file), which
+ * load errors name; NULL for a set of buffers (dg_st_new). */
+const char *dg_st_path(const dg_st *st);
+
 /* Lets rewrite(ctx, data) change t's bytes where they lie (data: t->data, writable during
  * the call), for a backend that reads a matrix in place in another layout (the blocked one
  * of kb columns, backend.h): the file's memory is the set's own (read into huge pages, or a

@@ -16,12 +16,21 @@ void dg_buffer_list_release(dg_buffer_list *l) {
     memset(l, 0, sizeof *l);
 }
 
-/* Records the first error; returns it. */
+/* Records the first error, after the checkpoint's path (a component's directory: which of
+ * the package's networks lacks the tensor; its tail where it would crowd out the reason);
+ * returns it. */
 static int fail(dg_binder *b, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int fail(dg_binder *b, int rc, const char *fmt, ...) {
+    const char *path = b->st ? dg_st_path(b->st) : NULL;
+    size_t at = 0;
+    if (path && b->errlen > 16) {
+        const size_t most = b->errlen / 2, n = strlen(path);
+        at = (size_t)snprintf(b->err, b->errlen, "%s%s: ", n > most ? "..." : "", n > most ? path + n - most : path);
+        if (at >= b->errlen) at = 0;
+    }
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(b->err, b->errlen, fmt, ap);
+    vsnprintf(b->err + at, b->errlen - at, fmt, ap);
     va_end(ap);
     return b->rc = rc;
 }

@@ -51,10 +51,11 @@
  * Errors are sticky (hiredis-style): each bind returns 0 or a negative DG_E* and stores the
  * first error in b->rc and b->err; once b->rc < 0, every later bind returns it at once and
  * touches nothing, so a long run of binds is checked once at the end. DG_EMODEL, naming
- * the tensor by its full name (prefix included):
- *     tensor "NAME": missing from the checkpoint
- *     tensor "NAME": expected shape [a, b], found [c, d]
- *     tensor "NAME": expected dtype BF16, found F32
+ * the checkpoint (the path the dg_st was opened from: the component's directory; nothing
+ * for a set of buffers) and the tensor by its full name (prefix included):
+ *     PATH: tensor "NAME": missing from the checkpoint
+ *     PATH: tensor "NAME": expected shape [a, b], found [c, d]
+ *     PATH: tensor "NAME": expected dtype BF16, found F32
  * DG_ENOMEM (host or backend memory), or what be->weight_prepare returns. Buffers made
  * before an error stay in the list, for the caller's unload to release.
  *
