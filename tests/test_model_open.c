@@ -20,6 +20,14 @@
  * - preprocessor_config.json with both size.{shortest,longest}_edge and min/max_pixels:
  *   min/max_pixels win, as in Qwen2VLImageProcessor; with neither, that class's
  *   defaults; do_* switches off and other resample filters are refused;
+ * - values the engine does not compute, read past before (a second review): a rope other
+ *   than M-RoPE without scaling (YaRN, linear, a factor, no mrope_section: 1-D RoPE),
+ *   sliding-window attention, a hidden_act other than silu, the tower's rope base other than
+ *   10000, fullatt_block_indexes outside the tower or past 16 (dropped), rms_norm_eps,
+ *   rope_theta or the VAE's latents_std not above 0 or not finite, eos_token_id lists past
+ *   4 (cut); a DiT file without extra_pos_embed_type (diffusers' default "learnable") or
+ *   without concat_padding_mask (diffusers' true: it was refused); while the files of the
+ *   published layouts and transformers 5's and diffusers' re-saves still open;
  * And the load's progress: reported as each weight is bound, not only between phases (a
  * GPU upload of billions of weights ran minutes without a word, past systemd's start
  * timeout, which each report extends). */

@@ -4,7 +4,15 @@
  * "text_config" (its values win over flat ones), rope_scaling {"type":"mrope"} or
  * {"rope_type":"default"}, and v5's "rope_parameters". Missing vision keys take the
  * transformers class defaults; missing text keys other than those with a safe default
- * are an error naming the key. */
+ * are an error naming the key.
+ *
+ * What the engine does not compute is refused (DG_EMODEL, naming the file, the key and the
+ * value), never read past: a rope other than M-RoPE without scaling (rope type other than
+ * "mrope"/"default", a factor or other key beside them, no mrope_section, a
+ * partial_rotary_factor), sliding-window attention in any layer, a hidden_act other than
+ * "silu" (decoder or tower), a tower rope base other than DG_VISION_ROPE_THETA,
+ * fullatt_block_indexes outside the tower or past 16 of them, rms_norm_eps or rope_theta
+ * not above 0 and finite, eos_token_id lists longer than DG_MAX_EOS. */
 #ifndef DG_QWEN2VL_CONFIG_H
 #define DG_QWEN2VL_CONFIG_H
 
