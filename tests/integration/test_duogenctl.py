@@ -86,6 +86,21 @@ def test_cancel_stats_dead_requeue(cluster):
     assert cluster.r.xlen("duogen:jobs") == queued
 
 
+def test_requeue_keeps_the_high_stream(cluster):
+    """A dead letter from duogen:jobs:high went back to duogen:jobs and lost its priority
+    (found by review): requeue follows the letter's `stream` where it is the high one."""
+    cluster.worker()
+    cluster.wait_groups()
+    assert ctl(cluster, "enqueue", "--high", "--id", "hi-bad", "--param", "meta.fake.fail=error", "x").returncode == 0
+    assert cluster.wait_result("hi-bad")["status"] == b"failed"
+    assert cluster.r.xrange("duogen:dead")[0][1][b"stream"] == b"duogen:jobs:high"
+    high, normal = cluster.r.xlen("duogen:jobs:high"), cluster.r.xlen("duogen:jobs")
+    p = ctl(cluster, "dead", "requeue", "hi-bad")
+    assert p.returncode == 0 and "requeued hi-bad" in p.stdout
+    assert cluster.r.xlen("duogen:jobs:high") == high + 1 and cluster.r.xlen("duogen:jobs") == normal
+    wait_until(lambda: cluster.result("hi-bad"), what="second run")
+
+
 def test_param_values_are_checked_not_wrapped(cluster):
     """A --param value out of its type's range, or not a number, is refused (exit 2), never
     wrapped around or read as 0 (seed=abc was seed 0, steps= -1 was 4294967295, top_k=2^32

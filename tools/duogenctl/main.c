@@ -919,8 +919,12 @@ static int cmd_dead(int argc, char **argv) {
         for (int a = 1; a < argc && !wanted; a++) wanted = !strcmp(argv[a], id);
         if (!wanted) continue;
         const redisReply *job = hfield(f, "job");
-        char k_jobs[512], k_result[512], k_events[512], k_job[512];
+        char k_jobs[512], k_high[512], k_result[512], k_events[512], k_job[512];
         key(k_jobs, sizeof k_jobs, "jobs", NULL);
+        key(k_high, sizeof k_high, "jobs:high", NULL);
+        /* back to the stream it came from where that is the high one (it went to the normal
+         * stream and lost its priority); any other value is not trusted as a key */
+        if (!strcmp(hstr(f, "stream"), k_high)) snprintf(k_jobs, sizeof k_jobs, "%s", k_high);
         key(k_result, sizeof k_result, "result", id);
         key(k_events, sizeof k_events, "events", id);
         key(k_job, sizeof k_job, "job", id);
