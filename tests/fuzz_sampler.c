@@ -104,17 +104,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     float *dev = be->alloc(be, sizeof(float) * (size_t)V);
     if (!row || !host || !lo || !hi || !scratch || !dev) abort();
     dg_sampler *h = make(V, &p), *d = h ? make(V, &p) : NULL, *b = d ? make(V, &p) : NULL;
-    if (!b) {   /* refused (found by `make fuzz`: a ban of the one token of V = 1 aborted here) */
-        dg_sampler_free(h);
-        dg_sampler_free(d);
-        be->release(be, dev);
-        free(row);
-        free(host);
-        free(lo);
-        free(hi);
-        free(scratch);
-        return 0;
-    }
+    if (!b) goto out;   /* refused (found by `make fuzz`: a ban of the one token of V = 1 aborted here) */
     for (int i = 0; i < 3; i++) {   /* a prompt, for the penalty */
         int32_t t = byte(&in) % V;
         dg_sampler_accept(h, t);
@@ -154,6 +144,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (tb != td) differ("device after bounds and device", V, &p, ban, step, tb, td, row);
         }
     }
+out:
     dg_sampler_free(h);
     dg_sampler_free(d);
     dg_sampler_free(b);
