@@ -32,7 +32,8 @@ uint64_t dg_commit_watch_epoch(const dg_committer *c) {
     return (c->redis->connects << 32 | (c->execs & 0xffffffffu)) + 1;
 }
 
-int dg_commit_ack(dg_committer *c, const char *stream, const char *entry) {
+/* XACK of an entry whose job has its result, and out of the taken index. */
+static int ack_answered(dg_committer *c, const char *stream, const char *entry) {
     dg_cmd *cmds[2] = {ack_cmd(c, stream, entry), unindex_cmd(stream, entry)};
     redisReply *rep[2];
     int rc = dg_redis_pipeline(c->redis, cmds, 2, rep);
@@ -41,6 +42,15 @@ int dg_commit_ack(dg_committer *c, const char *stream, const char *entry) {
     if (rc) return -1;
     freeReplyObject(rep[0]);
     freeReplyObject(rep[1]);
+    return 0;
+}
+
+int dg_commit_xack(dg_committer *c, const char *stream, const char *entry) {
+    dg_cmd *ack = ack_cmd(c, stream, entry);
+    redisReply *rep = dg_redis_cmd(c->redis, ack);
+    dg_cmd_free(ack);
+    if (!rep) return -1;
+    freeReplyObject(rep);
     return 0;
 }
 
@@ -54,7 +64,7 @@ int dg_commit_skip(dg_committer *c, const dg_run *r) {
         if (h) freeReplyObject(h);
     }
     if (rs) freeReplyObject(rs);
-    return dg_commit_ack(c, r->stream, r->entry);
+    return ack_answered(c, r->stream, r->entry);
 }
 
 /* ---- the result of one run ------------------------------------------------------------------ */

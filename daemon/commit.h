@@ -43,9 +43,10 @@ void dg_commit_init(dg_committer *c, dg_redis *redis, const dg_daemon_config *cf
  * look while the span lasts. */
 uint64_t dg_commit_watch_epoch(const dg_committer *c);
 
-/* XACK of one entry that leaves without a result (it was deleted while pending). Returns 0,
- * or -1 when Redis went away. */
-int dg_commit_ack(dg_committer *c, const char *stream, const char *entry);
+/* The XACK alone of an entry deleted while pending, its field left in the stream's taken
+ * index (keys.h) for the sweep that answers its job (take.c). Returns 0, or -1 when Redis
+ * went away. */
+int dg_commit_xack(dg_committer *c, const char *stream, const char *entry);
 
 /* An entry whose job already has a result (its ack was lost, or a producer sent the same id
  * twice): the job hash gets back the result's state and the entry is acknowledged; nothing

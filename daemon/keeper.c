@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "notify.h"
 #include "worker.h"
 
 #define KEEPER_TIMEOUT_MS 5000   /* the keeper connection's command timeout */
@@ -234,36 +235,75 @@ static void say_clash(const dg_worker *w, const id_holder *h) {
               h->started_ms);
 }
 
+/* The tie-break between two live processes under one id: the later start, then the greater
+ * instance, is the younger, which stops. */
+static int younger_than(const dg_worker *w, long long started_ms, const id_holder *h) {
+    return started_ms > h->started_ms || (started_ms == h->started_ms && strcmp(w->instance, h->instance) > 0);
+}
+
+/* Our claim on the id: the fields that name this process (the keeper's beats write them too). */
+static int write_claim(dg_worker *w) {
+    char started[24], now_ms[24], pid[16];
+    snprintf(started, sizeof started, "%lld", (long long)w->stats.started_ms);
+    snprintf(now_ms, sizeof now_ms, "%lld", (long long)dg_now_ms());
+    snprintf(pid, sizeof pid, "%d", (int)getpid());
+    redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", w->keys.worker, "instance", w->instance, "host", w->host,
+                                    "pid", pid, "started_ms", started, "updated_ms", now_ms, "state", "starting", NULL);
+    if (!rep) return -1;
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* Waits ms, pinging the watchdog; 1 when a stop was asked meanwhile. */
+static int id_wait(dg_worker *w, int64_t ms) {
+    const int64_t until = dg_mono_ms() + ms;
+    while (dg_mono_ms() < until) {
+        if (*w->stop) return 1;
+        dg_notify_watchdog();
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}
+
 int dg_worker_id_check(dg_worker *w) {
     id_holder h, now;
-    if (!dg_redis_ready(&w->redis) || read_holder(w, &w->redis, &h) || !held_by_other(w, &h)) return 0;
-    /* a live process beats every heartbeat_ms: two of them, and a little, tell */
-    const int64_t until = dg_mono_ms() + 2 * (int64_t)w->cfg->heartbeat_ms + 250;
-    while (dg_mono_ms() < until) {
-        struct timespec ts = {0, 100 * 1000000L};
-        nanosleep(&ts, NULL);
-        if (read_holder(w, &w->redis, &now)) return 0;   /* Redis went away: the keeper's beats check */
-        if (!held_by_other(w, &now) || strcmp(now.instance, h.instance)) return 0;
-        if (now.updated_ms != h.updated_ms) {
+    if (!dg_redis_ready(&w->redis) || read_holder(w, &w->redis, &h)) return 0;   /* the keeper's beats check */
+    const int64_t beat = w->cfg->heartbeat_ms;
+    if (held_by_other(w, &h)) {
+        /* a live process beats every heartbeat_ms: two of them, and a little, tell */
+        const int64_t until = dg_mono_ms() + 2 * beat + 250;
+        int live = 0;
+        while (!live && dg_mono_ms() < until) {
+            if (id_wait(w, 100)) return 0;
+            if (read_holder(w, &w->redis, &now)) return 0;
+            if (!held_by_other(w, &now) || strcmp(now.instance, h.instance)) break;
+            live = now.updated_ms != h.updated_ms;
+        }
+        if (live) {
             say_clash(w, &now);
             return EX_CONFIG;
         }
+        if (held_by_other(w, &now) && !strcmp(now.instance, h.instance))
+            log_info("worker id \"%s\": the process that last held it (host \"%s\", pid %lld) no longer beats: "
+                     "taken over", w->cfg->worker_id, h.host, h.pid);
     }
-    log_info("worker id \"%s\": the process that last held it (host \"%s\", pid %lld) no longer beats: "
-             "taken over", w->cfg->worker_id, h.host, h.pid);
-    /* ours from now: the keeper's first beat must not take the dead one's for a live one */
-    char started[24], now_ms[24];
-    snprintf(started, sizeof started, "%lld", (long long)w->stats.started_ms);
-    snprintf(now_ms, sizeof now_ms, "%lld", (long long)dg_now_ms());
-    redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", w->keys.worker, "instance", w->instance, "host", w->host,
-                                    "started_ms", started, "updated_ms", now_ms, NULL);
-    if (rep) freeReplyObject(rep);
+    /* claimed, then looked at again a beat later: a process that started with us (cloned
+     * hosts booting together) has written its own claim over ours by then, or reads ours;
+     * the younger of the two stops here, before either takes a job */
+    if (write_claim(w) || id_wait(w, (beat < 5000 ? beat : 5000) + 250) || read_holder(w, &w->redis, &now)) return 0;
+    if (held_by_other(w, &now) && younger_than(w, (long long)w->stats.started_ms, &now)) {
+        say_clash(w, &now);
+        return EX_CONFIG;
+    }
+    if (held_by_other(w, &now)) write_claim(w);   /* the older: ours again; the other reads it at its look */
     return 0;
 }
 
 /* What the keeper's beats saw of the hash. */
 typedef struct {
     int       wrote;                 /* our last beat wrote the hash */
+    long long wrote_ms;              /* the updated_ms it wrote */
     id_holder other;                 /* another process's, seen at the last beat (not written over) */
 } beat_seen;
 
@@ -278,8 +318,11 @@ static int clash_at_beat(dg_worker *w, dg_redis *rd, long long started_ms, beat_
         bs->other.present = 0;
         return 0;
     }
-    const int live = bs->wrote || (bs->other.present && !strcmp(bs->other.instance, h.instance) &&
-                                   bs->other.updated_ms != h.updated_ms);
+    /* live: it wrote over our last beat, later than that beat (a hash brought back by a Redis
+     * restored from an older snapshot, or a failover to a replica behind, is older), or its
+     * own beats moved on since we last saw it */
+    const int live = (bs->wrote && h.updated_ms >= bs->wrote_ms) ||
+                     (bs->other.present && !strcmp(bs->other.instance, h.instance) && bs->other.updated_ms != h.updated_ms);
     if (!live) {
         const int first_look = !bs->other.present || strcmp(bs->other.instance, h.instance);
         bs->other = h;
@@ -289,8 +332,7 @@ static int clash_at_beat(dg_worker *w, dg_redis *rd, long long started_ms, beat_
         bs->other.present = 0;
         return 0;
     }
-    const int younger = started_ms > h.started_ms || (started_ms == h.started_ms && strcmp(w->instance, h.instance) > 0);
-    if (younger) {
+    if (younger_than(w, started_ms, &h)) {
         say_clash(w, &h);
         w->id_clash = 1;
         return 1;
@@ -326,7 +368,8 @@ static void heartbeat(dg_worker *w, dg_redis *rd, beat_seen *bs) {
     NUM("tokens", st.tokens);
     NUM("images", st.images);
     NUM("started_ms", st.started_ms);
-    NUM("updated_ms", dg_now_ms());
+    const long long beat_ms = (long long)dg_now_ms();
+    NUM("updated_ms", beat_ms);
     NUM("pid", getpid());
     NUM("kv_cache_hits", st.cache.kv_hits);
     NUM("kv_cache_misses", st.cache.kv_misses);
@@ -354,6 +397,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd, beat_seen *bs) {
     bs->wrote = 0;
     if (dg_redis_pipeline(rd, cmds, 2, rep) == 0) {
         bs->wrote = rep[0]->type != REDIS_REPLY_ERROR;
+        bs->wrote_ms = beat_ms;
         if (rep[0]->type == REDIS_REPLY_ERROR) log_warn("heartbeat refused: %s", rep[0]->str);
         freeReplyObject(rep[0]);
         freeReplyObject(rep[1]);

@@ -269,7 +269,7 @@ static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
     dg_key_taken(k_taken, r->stream);
     /* and the entry into the stream's taken index: should the entry be deleted (a
      * producer's MAXLEN) while it waits for a later attempt, the job still gets a result
-     * (lost_entry) */
+     * (the sweep) */
     dg_cmd *mark[3] = {dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
                                  "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
                                  "error", "", "updated_ms", now, NULL),
@@ -288,31 +288,169 @@ static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
     return rc ? -1 : 0;
 }
 
-/* An entry deleted from its stream while pending (a producer's MAXLEN or XDEL; XAUTOCLAIM
- * lists it, XCLAIM of our own gives it without fields). Its job, where an attempt took it
- * (the stream's taken index, keys.h), fails now with a result that says so: it was given
- * back for a later attempt, or its worker died, and there is nothing left to run (found by
- * review: such a job stayed "retrying" or "running" with no result, no event, no word but a
- * count). An entry never taken is only counted. Returns 0, or -1 when Redis went away. */
-static int lost_entry(dg_taker *t, const char *stream, const char *entry, dg_take_report *out) {
-    char k_taken[DG_KEY_MAX];
-    dg_key_taken(k_taken, stream);
-    redisReply *rep = dg_redis_cmdv(t->redis, "HGET", k_taken, entry, NULL);
-    if (!rep) return -1;
-    out->lost++;
-    if (rep->type != REDIS_REPLY_STRING || !dg_job_id_valid(rep->str, rep->len)) {
-        log_warn("entry %s of \"%s\" was deleted while pending, before any attempt took it: job lost", entry, stream);
-        freeReplyObject(rep);
-        return 0;
-    }
+/* ---- entries deleted while pending: the taken index's sweep ----------------------------------
+ * An entry deleted from its stream (a producer's MAXLEN or XDEL) while pending leaves the
+ * pending list without a word: XAUTOCLAIM lists it once, to whichever reaper comes first,
+ * XCLAIM drops it silently. A job an attempt had taken (given back for a later one, or its
+ * worker died) was left "retrying" or "running" with no result (found by review). Each
+ * attempt files its entry in the stream's taken index (look(); keys.h), cleared with the
+ * XACK of its result; the sweep looks at the index every few heartbeats and fails, with a
+ * result that says so, each job whose entry is gone from the stream and from the pending
+ * list, that has no result, and that no live run holds: not ours, and not listed in the
+ * heartbeat of the worker its job hash names (running there), twice a few heartbeats apart
+ * (a run's heartbeat lists its job within a beat of its start). Several workers may fail
+ * the same job: the result's WATCH writes it once. A field whose entry is still in the
+ * stream but not pending was acknowledged (or its group made again): it goes. */
+
+/* A heartbeat's `job` list longer than this may have been cut (worker.h stats.jobs holds 511
+ * bytes, and a job id is up to 128) */
+#define JOBS_LISTED_WHOLE (511 - 129)
+
+static int lost_seen_find(const dg_taker *t, const char *stream, const char *entry) {
+    for (int i = 0; i < t->n_lost_seen; i++)
+        if (!strcmp(t->lost_seen[i].entry, entry) && !strcmp(t->lost_seen[i].stream, stream)) return i;
+    return -1;
+}
+
+static void lost_seen_forget(dg_taker *t, const char *stream, const char *entry) {
+    const int i = lost_seen_find(t, stream, entry);
+    if (i >= 0) t->lost_seen[i] = t->lost_seen[--t->n_lost_seen];
+}
+
+/* The job's run, ended as failed; committed with the others (its XACK is a no-op, its HDEL
+ * clears the field). */
+static void fail_lost(dg_taker *t, const char *stream, const char *entry, const char *id, int attempt) {
     dg_run *r = dg_run_new(t->cfg, stream, entry);
-    snprintf(r->id, sizeof r->id, "%s", rep->str);
-    freeReplyObject(rep);
+    snprintf(r->id, sizeof r->id, "%s", id);
+    r->deliveries = attempt;
     dg_runs_add(t->held, r);
     dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__UNAVAILABLE,
                "its stream entry %s of \"%s\" was deleted (MAXLEN or XDEL) before an attempt finished: "
                "nothing is left to run; send the job again", entry, stream);
-    log_warn("job \"%s\": entry %s of \"%s\" was deleted before an attempt finished: failed", r->id, entry, stream);
+    log_warn("job \"%s\": entry %s of \"%s\" was deleted before an attempt finished: failed", id, entry, stream);
+}
+
+/* Whether the worker `who` (its heartbeat hash live, not stopped) lists job `id` as running,
+ * or lists so many that `id` may be among those cut off. -1 when Redis went away. */
+static int listed_by(dg_taker *t, const char *who, const char *id) {
+    char key[DG_KEY_MAX];
+    snprintf(key, sizeof key, "%s:worker:%s", t->cfg->prefix, who);
+    dg_cmd *cmds[2] = {dg_cmd_of("HGET", key, "state", NULL), dg_cmd_of("HGET", key, "job", NULL)};
+    redisReply *rep[2];
+    int rc = dg_redis_pipeline(t->redis, cmds, 2, rep);
+    dg_cmd_free(cmds[0]);
+    dg_cmd_free(cmds[1]);
+    if (rc) return -1;
+    int listed = 0;
+    if (rep[0]->type == REDIS_REPLY_STRING && strcmp(rep[0]->str, "stopped") && rep[1]->type == REDIS_REPLY_STRING) {
+        const char *list = rep[1]->str;
+        const size_t n = strlen(id);
+        for (const char *p = strstr(list, id); p && !listed; p = strstr(p + 1, id))
+            listed = (p == list || p[-1] == ' ') && (p[n] == ' ' || p[n] == 0);
+        listed |= rep[1]->len > JOBS_LISTED_WHOLE;   /* the list may have been cut */
+    }
+    freeReplyObject(rep[0]);
+    freeReplyObject(rep[1]);
+    return listed;
+}
+
+/* One page of one stream's index. Returns 0, or -1 when Redis went away. */
+static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
+    const char *stream = t->keys->streams[s];
+    char k_taken[DG_KEY_MAX];
+    dg_key_taken(k_taken, stream);
+    char *cursor = t->sweep_cursor[s];
+    redisReply *page = dg_redis_cmdv(t->redis, "HSCAN", k_taken, cursor[0] ? cursor : "0", "COUNT", "64", NULL);
+    if (!page) return -1;
+    if (page->type != REDIS_REPLY_ARRAY || page->elements != 2 || page->element[1]->type != REDIS_REPLY_ARRAY) {
+        if (page->type == REDIS_REPLY_ERROR) log_error("HSCAN %s: %s", k_taken, page->str);
+        freeReplyObject(page);
+        return 0;
+    }
+    snprintf(cursor, sizeof t->sweep_cursor[0], "%s", page->element[0]->str);
+    const redisReply *kv = page->element[1];
+    const int n = (int)(kv->elements / 2);
+    enum { PER = 6 };   /* XPENDING, XRANGE, EXISTS result, HGET state, worker, attempt */
+    dg_cmd **cmds = calloc((size_t)n * PER + 1, sizeof *cmds);
+    redisReply **rep = calloc((size_t)n * PER + 1, sizeof *rep);
+    if (!cmds || !rep) abort();
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        const char *entry = kv->element[2 * i]->str, *id = kv->element[2 * i + 1]->str;
+        char k_result[DG_KEY_MAX], k_job[DG_KEY_MAX];
+        dg_key_result(k_result, t->cfg->prefix, id);
+        dg_key_job(k_job, t->cfg->prefix, id);
+        cmds[m++] = dg_cmd_of("XPENDING", stream, t->cfg->group, entry, entry, "1", NULL);
+        cmds[m++] = dg_cmd_of("XRANGE", stream, entry, entry, NULL);
+        cmds[m++] = dg_cmd_of("EXISTS", k_result, NULL);
+        cmds[m++] = dg_cmd_of("HGET", k_job, "state", NULL);
+        cmds[m++] = dg_cmd_of("HGET", k_job, "worker", NULL);
+        cmds[m++] = dg_cmd_of("HGET", k_job, "attempt", NULL);
+    }
+    int rc = m ? dg_redis_pipeline(t->redis, cmds, m, rep) : 0;
+    const int replied = m && !rc;
+    const int64_t now = dg_mono_ms(), grace = 3 * (int64_t)t->cfg->heartbeat_ms + 1000;
+    for (int i = 0; !rc && i < n; i++) {
+        redisReply **r = rep + i * PER;
+        const char *entry = kv->element[2 * i]->str, *id = kv->element[2 * i + 1]->str;
+        const int pending = r[0]->type == REDIS_REPLY_ARRAY && r[0]->elements == 1;
+        const int in_stream = r[1]->type == REDIS_REPLY_ARRAY && r[1]->elements == 1;
+        const int has_result = dg_reply_int(r[2], 0) == 1;
+        if (pending || dg_runs_find(t->held, stream, entry) ||
+            r[0]->type == REDIS_REPLY_ERROR || r[1]->type == REDIS_REPLY_ERROR) {   /* held, or will be reaped */
+            lost_seen_forget(t, stream, entry);
+            continue;
+        }
+        if (in_stream || has_result) {   /* acknowledged (or its group made again), or answered */
+            redisReply *d = dg_redis_cmdv(t->redis, "HDEL", k_taken, entry, NULL);
+            if (!d) { rc = -1; break; }
+            freeReplyObject(d);
+            lost_seen_forget(t, stream, entry);
+            continue;
+        }
+        /* gone from the stream and the pending list, no result: a live run elsewhere? */
+        const char *state = r[3]->type == REDIS_REPLY_STRING ? r[3]->str : "";
+        const char *who = r[4]->type == REDIS_REPLY_STRING ? r[4]->str : "";
+        int live = 0;
+        if (!strcmp(state, "running") && who[0] && strcmp(who, t->cfg->worker_id)) {
+            live = listed_by(t, who, id);
+            if (live < 0) { rc = -1; break; }
+        }
+        if (live) {
+            lost_seen_forget(t, stream, entry);
+            continue;
+        }
+        const int k = lost_seen_find(t, stream, entry);
+        if (k < 0) {   /* seen lost once: again after the grace, if still so */
+            if (t->n_lost_seen < (int)(sizeof t->lost_seen / sizeof t->lost_seen[0])) {
+                struct dg_lost_seen *l = &t->lost_seen[t->n_lost_seen++];
+                snprintf(l->stream, sizeof l->stream, "%s", stream);
+                snprintf(l->entry, sizeof l->entry, "%s", entry);
+                l->since_ms = now;
+            }
+            continue;
+        }
+        if (now - t->lost_seen[k].since_ms < grace) continue;
+        lost_seen_forget(t, stream, entry);
+        if (!dg_job_id_valid(id, strlen(id))) continue;
+        fail_lost(t, stream, entry, id, r[5]->type == REDIS_REPLY_STRING ? atoi(r[5]->str) : 0);
+    }
+    if (replied)
+        for (int i = 0; i < m; i++) freeReplyObject(rep[i]);
+    for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
+    free(cmds);
+    free(rep);
+    freeReplyObject(page);
+    return rc;
+}
+
+/* Both streams' indexes, a page each, every three heartbeats at most. */
+static int sweep(dg_taker *t, dg_take_report *out) {
+    const int64_t now = dg_mono_ms();
+    if (now < t->next_sweep_ms) return 0;
+    t->next_sweep_ms = now + 3 * (int64_t)t->cfg->heartbeat_ms;
+    for (int s = 0; s < 2; s++)
+        if (sweep_stream(t, s, out)) return -1;
     return 0;
 }
 
@@ -353,11 +491,12 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
     }
     released_forget(t, released_find(t, stream, entry_id));   /* delivered again: this is the attempt */
     if (!fields || fields->type != REDIS_REPLY_ARRAY) {
-        /* deleted while pending: its job's result says so (committed with the ack, which
-         * takes it out of the PEL), or, never taken, it is counted and acknowledged */
-        const int n_held = t->held->n;
-        if (lost_entry(t, stream, entry_id, out)) return -1;
-        return t->held->n > n_held ? 0 : dg_commit_ack(t->commit, stream, entry_id);
+        /* deleted while pending (Redis 6; 7 drops it from the pending list silently): out of
+         * the pending list; its job, where an attempt took it, is failed by the sweep of the
+         * taken index, whose field this XACK leaves */
+        log_warn("entry %s of \"%s\" was deleted while pending", entry_id, stream);
+        out->lost++;
+        return dg_commit_xack(t->commit, stream, entry_id);
     }
     dg_run *r = dg_run_new(t->cfg, stream, entry_id);
     r->deliveries = deliveries;
@@ -702,11 +841,13 @@ static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2) {
         const redisReply *entries = rep->element[1];
         if (entries->elements) log_info("took over %zu abandoned entries of \"%s\"", entries->elements, stream);
-        /* deleted while pending: Redis took them out of the PEL; their jobs get results */
-        for (size_t i = 0; rep->elements >= 3 && i < rep->element[2]->elements && !rc; i++)
-            if (rep->element[2]->element[i]->type == REDIS_REPLY_STRING)
-                rc = lost_entry(t, stream, rep->element[2]->element[i]->str, out);
-        if (!rc) rc = take_entries(t, stream, entries, 0, out);
+        /* deleted while pending: Redis took them out of the PEL; the jobs an attempt took get
+         * their results from the sweep of the taken index */
+        if (rep->elements >= 3 && rep->element[2]->elements) {
+            log_warn("%zu pending entries of \"%s\" were deleted from the stream", rep->element[2]->elements, stream);
+            out->lost += (int64_t)rep->element[2]->elements;
+        }
+        rc = take_entries(t, stream, entries, 0, out);
         *taken += (int)entries->elements;
     } else if (rep->type == REDIS_REPLY_ERROR) {
         log_error("XAUTOCLAIM on \"%s\": %s", stream, rep->str);
@@ -715,6 +856,7 @@ static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_
     }
     freeReplyObject(rep);
     if (!rc) rc = released_check(t, stream);
+    if (!rc) rc = sweep(t, out);
     return rc ? -1 : 0;
 }
 

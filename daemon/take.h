@@ -136,6 +136,13 @@ typedef struct {
                                         consumer (which ran it, and maybe crashed): it counts */
     int retake;                      /* an entry came back to us while its fenced run was
                                         still ending: our own list is to be looked at again */
+    /* the sweep of the streams' taken indexes (keys.h dg_key_taken): where the next HSCAN
+     * of each starts, when the next sweep is due, and the entries found lost once, failed
+     * only when still lost a while later (a run's heartbeat lists its job within a beat) */
+    char sweep_cursor[2][32];
+    int64_t next_sweep_ms;
+    struct dg_lost_seen { char stream[DG_KEY_MAX]; char entry[64]; int64_t since_ms; } lost_seen[64];
+    int n_lost_seen;
     char parked[64];                 /* the entry of the normal stream the idle wait parked
                                         (pending, not run; its one delivery did not count),
                                         "" when none: the idle wait's COUNT 1 parks at most

@@ -234,6 +234,7 @@ static void give_back_at_stop(dg_worker *w) {
     snprintf(why, sizeof why, "worker \"%s\" stopped before the job finished (drain time %d ms): left for "
              "another worker, this attempt not counted", cfg->worker_id, cfg->drain_ms);
     dg_utf8_scrub(why);
+    fence_lost(w);   /* leases the keeper found lost on its last turns: not ours to give */
     for (dg_run *r = w->runs.first; r; r = r->next) {
         if (r->lease_lost) continue;   /* another attempt's now */
         if (r->ended) {
@@ -243,21 +244,28 @@ static void give_back_at_stop(dg_worker *w) {
                          dg_redis_ready(&w->redis) ? "slow" : "unreachable");
             continue;
         }
-        int given = 0;
+        /* still ours, at this delivery's count (XPENDING): another worker's reaper may have
+         * taken it while our keeper was slow, and a give-back would take it from that run */
+        long long idle_ms = -1;
+        const char *gone = "Redis unreachable";
         if (dg_redis_ready(&w->redis)) {
-            snprintf(was, sizeof was, "%d", r->deliveries > 0 ? r->deliveries - 1 : 0);
-            redisReply *rep = dg_redis_cmdv(&w->redis, "XCLAIM", r->stream, cfg->group, cfg->worker_id, "0", r->entry,
-                                            "IDLE", idle, "RETRYCOUNT", was, "JUSTID", NULL);
-            given = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1;
-            if (rep) freeReplyObject(rep);
+            redisReply *p = dg_redis_cmdv(&w->redis, "XPENDING", r->stream, cfg->group, r->entry, r->entry, "1", NULL);
+            gone = "its entry is no longer pending: deleted from the stream, or acknowledged";
+            if (p && p->type == REDIS_REPLY_ARRAY && p->elements == 1 && p->element[0]->elements == 4) {
+                const redisReply *row = p->element[0];
+                if (strcmp(row->element[1]->str, cfg->worker_id)) gone = "another worker holds its entry now";
+                else if (row->element[3]->integer != r->deliveries) gone = "delivered again meanwhile";
+                else idle_ms = row->element[2]->integer;
+            }
+            if (p) freeReplyObject(p);
         }
-        if (!given) {
-            log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending for another worker "
-                     "(its delivery counted: Redis %s)", r->id, r->entry,
-                     dg_redis_ready(&w->redis) ? "did not take the give-back" : "unreachable");
+        if (idle_ms < 0) {
+            log_warn("job \"%s\" (entry %s) not finished in the drain time, not given back: %s", r->id, r->entry,
+                     gone);
             continue;
         }
-        /* the job hash, where it still names this attempt (HGET: the worker's ACL) */
+        /* the job hash first, where it still names this attempt (HGET: the worker's ACL): a
+         * worker taking the entry after the give-back writes "running" over it, not under */
         dg_key_job(key, cfg->prefix, r->id);
         snprintf(attempt, sizeof attempt, "%d", r->deliveries);
         redisReply *who = dg_redis_cmdv(&w->redis, "HGET", key, "worker", NULL);
@@ -270,6 +278,19 @@ static void give_back_at_stop(dg_worker *w) {
         }
         if (who) freeReplyObject(who);
         if (nth) freeReplyObject(nth);
+        /* min-idle-time the idle just seen: a reaper that took it in between keeps it */
+        char seen_idle[24];
+        snprintf(seen_idle, sizeof seen_idle, "%lld", idle_ms);
+        snprintf(was, sizeof was, "%d", r->deliveries > 0 ? r->deliveries - 1 : 0);
+        redisReply *rep = dg_redis_cmdv(&w->redis, "XCLAIM", r->stream, cfg->group, cfg->worker_id, seen_idle,
+                                        r->entry, "IDLE", idle, "RETRYCOUNT", was, "JUSTID", NULL);
+        const int given = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1;
+        if (rep) freeReplyObject(rep);
+        if (!given) {
+            log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending for another worker "
+                     "(its delivery counted: the give-back was not taken)", r->id, r->entry);
+            continue;
+        }
         log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending for another worker, "
                  "this delivery not counted", r->id, r->entry);
     }
@@ -381,7 +402,8 @@ static void write_results(dg_worker *w, int draining) {
     }
     if (rc == -2) {
         log_error("Redis refused to store results: check the worker's ACL (it needs HSET, EXPIRE, "
-                  "XADD, XACK, MULTI, EXEC, WATCH on its keys)");
+                  "XADD, XACK, MULTI, EXEC, WATCH on its keys, and HSET, HGET, HDEL, HSCAN on the job "
+                  "streams' :taken indexes: deploy/redis/users.acl.example)");
         w->fatal = EX_CONFIG;
     }
     if (got) {
@@ -452,6 +474,28 @@ int dg_worker_run(dg_worker *w) {
     char err[512];
     int64_t drain_deadline = 0, last_extend = 0, last_flush = 0;
     int give_back = 0;   /* the drain time ran out with runs unfinished */
+    /* rights this version needs beyond the last one's ACL, asked before any job: an ACL not
+     * brought up to date would refuse them only in a result's transaction, after a job ran */
+    if (dg_redis_ready(&w->redis)) {
+        char k_taken[DG_KEY_MAX];
+        dg_key_taken(k_taken, w->keys.streams[1]);
+        dg_cmd *ask[3] = {dg_cmd_of("HGET", w->keys.worker, "instance", NULL),
+                          dg_cmd_of("HSCAN", k_taken, "0", "COUNT", "1", NULL),
+                          dg_cmd_of("HDEL", k_taken, "0-0", NULL)};   /* a field no entry has */
+        redisReply *rep[3];
+        int refused = 0;
+        if (dg_redis_pipeline(&w->redis, ask, 3, rep) == 0) {
+            for (int i = 0; i < 3; i++) {
+                if (dg_reply_is_error(rep[i], "NOPERM") && !refused++)
+                    log_error("Redis refuses this worker a command it needs (%s): update the worker's ACL "
+                              "(deploy/redis/users.acl.example: HGET on its heartbeat hash; HSET, HGET, HDEL, "
+                              "HSCAN on the job streams' :taken indexes)", rep[i]->str);
+                freeReplyObject(rep[i]);
+            }
+        }
+        for (int i = 0; i < 3; i++) dg_cmd_free(ask[i]);
+        if (refused) return EX_CONFIG;
+    }
     const int clash = dg_worker_id_check(w);
     if (clash) return clash;
     if (dg_keeper_start(w, err, sizeof err)) {

@@ -23,14 +23,15 @@ def write(path, text):
     return path
 
 
-@pytest.fixture
-def acl_redis(tmpdir_path):
+def start_acl_redis(tmpdir_path, edit=lambda acl: acl):
+    """A Redis with the shipped redis.conf and the ACL make-acl.sh writes (edit() may change
+    it). Returns (srv, password files, client(role)); srv.proc is the server."""
     pw = {role: write(os.path.join(tmpdir_path, f"{role}.pw"), f"{role}-secret-{os.getpid()}\n")
           for role in ("producer", "worker", "operator")}
     acl = subprocess.run([os.path.join(DEPLOY, "make-acl.sh"), pw["producer"], pw["worker"], pw["operator"]],
                          capture_output=True, text=True, check=True).stdout
     assert "CHANGE-ME" not in acl and "secret" not in acl   # hashes only
-    write(os.path.join(tmpdir_path, "users.acl"), acl)
+    write(os.path.join(tmpdir_path, "users.acl"), edit(acl))
     # the shipped redis.conf (its bind as shipped), with the test's port, directory and ACL file
     port = free_port()
     proc = subprocess.Popen(["redis-server", os.path.join(DEPLOY, "redis.conf"), "--port", str(port),
@@ -48,9 +49,15 @@ def acl_redis(tmpdir_path):
     def client(role):
         return redis.Redis(port=srv.port, username=f"duogen-{role}", password=passwords[role], socket_timeout=10)
     wait_until(lambda: _ping(client("producer")), what="ACL redis")
+    return srv, pw, client
+
+
+@pytest.fixture
+def acl_redis(tmpdir_path):
+    srv, pw, client = start_acl_redis(tmpdir_path)
     yield srv, pw, client
-    proc.kill()
-    proc.wait(10)
+    srv.proc.kill()
+    srv.proc.wait(10)
 
 
 def _ping(c):
@@ -151,12 +158,37 @@ def test_worker_with_wrong_credentials_or_rights_stops_with_a_clear_error(acl_re
     w = worker_as(tmpdir_path, srv, "worker", wrong, "wrongpw")
     assert w.proc.wait(20) == 78
     assert "AUTH refused" in w.logs() and "WRONGPASS" in w.logs()
-    # the producer's rights are not enough to be a worker: exit 78 naming the refusal
+    # the producer's rights are not enough to be a worker: exit 78 naming the refusal (the
+    # first command it needs that a producer may not run: the heartbeat hash's HGET)
     w2 = worker_as(tmpdir_path, srv, "producer", pw["producer"], "asproducer")
     assert w2.proc.wait(20) == 78
     log = w2.logs()
-    assert "cannot create consumer group" in log and "NOPERM" in log
+    assert "Redis refuses this worker a command it needs" in log and "NOPERM" in log
     assert log.count("NOPERM") < 5   # said once or twice, not a loop
+
+
+def test_a_worker_acl_of_the_last_version_is_refused_at_start(tmpdir_path):
+    """This version's worker also reads its heartbeat hash (one process per worker id) and
+    keeps the job streams' :taken indexes. Under the last version's ACL those commands were
+    refused only inside a result's transaction, after a job had run (EXECABORT: exit 78 after
+    the first job, found by review); now the worker says what to add before taking any."""
+    def last_version(acl):
+        acl = re.sub(r" \(\+hset \+hget \+hdel \+hscan ~duogen:jobs:taken ~duogen:jobs:high:taken\)", "", acl)
+        return acl.replace("(+hset +hget +pexpire ~duogen:worker:*)", "(+hset +pexpire ~duogen:worker:*)")
+    srv, pw, client = start_acl_redis(tmpdir_path, last_version)
+    try:
+        client("producer").xadd("duogen:jobs", {"id": "waiting", "job": make_job("waiting").SerializeToString()})
+        w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "oldacl")
+        assert w.proc.wait(30) == 78
+        log = w.logs()
+        assert "Redis refuses this worker a command it needs" in log and "NOPERM" in log, log
+        assert "HSCAN on the job streams' :taken indexes" in log
+        # no job was taken: the attempt would have marked its job hash running
+        assert not client("producer").exists("duogen:job:waiting")
+        assert not client("producer").exists("duogen:result:waiting")
+    finally:
+        srv.proc.kill()
+        srv.proc.wait(10)
 
 
 def test_worker_under_the_shipped_acl_stops_a_run_acknowledged_elsewhere(acl_redis, tmpdir_path):
@@ -321,8 +353,9 @@ def test_a_claim_idle_time_too_short_for_a_slow_redis_is_warned_of(cluster):
     their own: a claim_idle_ms below renew_ms + 10 s lets a slow Redis hand running jobs to
     other workers, which the worker says at start (the tests' 1500 ms does)."""
     short, default = cluster.worker("wshort"), cluster.worker("wlong", args=["--claim-idle-ms", "60000"])
-    wait_until(lambda: "ready" in short.logs() and "ready" in default.logs(), what="both ready")
-    assert "running jobs may be taken over" in short.logs()
+    # said when the keeper starts, after the worker id's claim (a heartbeat after ready)
+    wait_until(lambda: "running jobs may be taken over" in short.logs(), what="the warning")
+    wait_until(lambda: cluster.r.hget("duogen:worker:wlong", "state") == b"idle", what="wlong's keeper")
     assert "running jobs may be taken over" not in default.logs()
 
 
