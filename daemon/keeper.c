@@ -241,16 +241,31 @@ static int younger_than(const dg_worker *w, long long started_ms, const id_holde
     return started_ms > h->started_ms || (started_ms == h->started_ms && strcmp(w->instance, h->instance) > 0);
 }
 
-/* Our claim on the id: the fields that name this process (the keeper's beats write them too). */
+/* The heartbeat hash's time to live: three beats, and one command of the keeper's timed out
+ * between two of them (a slow trim): a live worker's hash does not lapse. */
+static int heartbeat_ttl_ms(const dg_worker *w) {
+    return (w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3) + KEEPER_TIMEOUT_MS;
+}
+
+/* Our claim on the id: the fields that name this process (the keeper's beats write them
+ * too), with the heartbeat's time to live (a process that dies in its claim leaves nothing
+ * for good). */
 static int write_claim(dg_worker *w) {
-    char started[24], now_ms[24], pid[16];
+    char started[24], now_ms[24], pid[16], ttl[16];
     snprintf(started, sizeof started, "%lld", (long long)w->stats.started_ms);
     snprintf(now_ms, sizeof now_ms, "%lld", (long long)dg_now_ms());
     snprintf(pid, sizeof pid, "%d", (int)getpid());
-    redisReply *rep = dg_redis_cmdv(&w->redis, "HSET", w->keys.worker, "instance", w->instance, "host", w->host,
-                                    "pid", pid, "started_ms", started, "updated_ms", now_ms, "state", "starting", NULL);
-    if (!rep) return -1;
-    freeReplyObject(rep);
+    snprintf(ttl, sizeof ttl, "%d", heartbeat_ttl_ms(w));
+    dg_cmd *cmds[2] = {dg_cmd_of("HSET", w->keys.worker, "instance", w->instance, "host", w->host, "pid", pid,
+                                 "started_ms", started, "updated_ms", now_ms, "state", "starting", NULL),
+                       dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
+    redisReply *rep[2];
+    const int rc = dg_redis_pipeline(&w->redis, cmds, 2, rep);
+    dg_cmd_free(cmds[0]);
+    dg_cmd_free(cmds[1]);
+    if (rc) return -1;
+    freeReplyObject(rep[0]);
+    freeReplyObject(rep[1]);
     return 0;
 }
 
@@ -388,10 +403,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd, beat_seen *bs) {
     }
 #undef NUM
     char ttl[16];
-    /* three beats, and one command of the keeper's timed out between two of them (a slow
-     * trim): a live worker's hash does not lapse */
-    int ttl_ms = (w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3) + KEEPER_TIMEOUT_MS;
-    snprintf(ttl, sizeof ttl, "%d", ttl_ms);
+    snprintf(ttl, sizeof ttl, "%d", heartbeat_ttl_ms(w));
     dg_cmd *cmds[2] = {c, dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
     redisReply *rep[2];
     bs->wrote = 0;
