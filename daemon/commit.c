@@ -35,14 +35,7 @@ uint64_t dg_commit_watch_epoch(const dg_committer *c) {
 /* XACK of an entry whose job has its result, and out of the taken index. */
 static int ack_answered(dg_committer *c, const char *stream, const char *entry) {
     dg_cmd *cmds[2] = {ack_cmd(c, stream, entry), unindex_cmd(stream, entry)};
-    redisReply *rep[2];
-    int rc = dg_redis_pipeline(c->redis, cmds, 2, rep);
-    dg_cmd_free(cmds[0]);
-    dg_cmd_free(cmds[1]);
-    if (rc) return -1;
-    freeReplyObject(rep[0]);
-    freeReplyObject(rep[1]);
-    return 0;
+    return dg_redis_send(c->redis, cmds, 2);
 }
 
 int dg_commit_xack(dg_committer *c, const char *stream, const char *entry) {

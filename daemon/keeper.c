@@ -259,14 +259,7 @@ static int write_claim(dg_worker *w) {
     dg_cmd *cmds[2] = {dg_cmd_of("HSET", w->keys.worker, "instance", w->instance, "host", w->host, "pid", pid,
                                  "started_ms", started, "updated_ms", now_ms, "state", "starting", NULL),
                        dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
-    redisReply *rep[2];
-    const int rc = dg_redis_pipeline(&w->redis, cmds, 2, rep);
-    dg_cmd_free(cmds[0]);
-    dg_cmd_free(cmds[1]);
-    if (rc) return -1;
-    freeReplyObject(rep[0]);
-    freeReplyObject(rep[1]);
-    return 0;
+    return dg_redis_send(&w->redis, cmds, 2);
 }
 
 /* Waits ms, pinging the watchdog; 1 when a stop was asked meanwhile. */

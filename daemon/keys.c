@@ -13,7 +13,11 @@ void dg_keys_init(dg_keys *k, const char *prefix, const char *worker_id) {
     key(k->streams[1], prefix, "jobs", NULL);
     key(k->done, prefix, "done", NULL);
     key(k->dead, prefix, "dead", NULL);
-    key(k->worker, prefix, "worker", worker_id);
+    dg_key_worker(k->worker, prefix, worker_id);
+}
+
+void dg_key_worker(char *out, const char *prefix, const char *worker_id) {
+    key(out, prefix, "worker", worker_id);
 }
 
 void dg_key_job(char *out, const char *prefix, const char *id) {

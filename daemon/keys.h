@@ -33,6 +33,7 @@ void dg_key_job(char *out, const char *prefix, const char *id);
 void dg_key_events(char *out, const char *prefix, const char *id);
 void dg_key_result(char *out, const char *prefix, const char *id);
 void dg_key_cancel(char *out, const char *prefix, const char *id);
+void dg_key_worker(char *out, const char *prefix, const char *worker_id);   /* its heartbeat hash */
 void dg_key_image(char *out, const char *prefix, const char *id, int index);
 /* "<stream>:taken": a job stream's entries taken and not yet acknowledged, entry id -> job
  * id, so that an entry deleted (MAXLEN, XDEL) before an attempt finished still gets its job

@@ -441,6 +441,17 @@ drop:
     return -1;
 }
 
+int dg_redis_send(dg_redis *r, dg_cmd **cmds, int n) {
+    redisReply *rep[8];
+    if (n > 8) abort();
+    const int rc = dg_redis_pipeline(r, cmds, n, rep);
+    for (int i = 0; i < n; i++) {
+        if (!rc) freeReplyObject(rep[i]);
+        dg_cmd_free(cmds[i]);
+    }
+    return rc;
+}
+
 int dg_reply_is_error(const redisReply *rep, const char *prefix) {
     return rep && rep->type == REDIS_REPLY_ERROR && !strncmp(rep->str, prefix, strlen(prefix));
 }

@@ -83,6 +83,9 @@ redisReply *dg_redis_cmdv(dg_redis *r, const char *arg0, ...);   /* strings, NUL
  * on an I/O error or when one reply says the server is not ready (connection dropped,
  * replies[] all NULL; which of the commands ran is unknown). */
 int  dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **replies);
+/* The same for commands whose replies nobody reads (n <= 8): frees the commands and the
+ * replies. 0, or -1 as dg_redis_pipeline. */
+int  dg_redis_send(dg_redis *r, dg_cmd **cmds, int n);
 
 /* Helpers over replies. */
 int  dg_reply_is_error(const redisReply *rep, const char *prefix);   /* error starting with prefix */

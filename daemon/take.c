@@ -334,7 +334,7 @@ static void fail_lost(dg_taker *t, const char *stream, const char *entry, const 
  * or lists so many that `id` may be among those cut off. -1 when Redis went away. */
 static int listed_by(dg_taker *t, const char *who, const char *id) {
     char key[DG_KEY_MAX];
-    snprintf(key, sizeof key, "%s:worker:%s", t->cfg->prefix, who);
+    dg_key_worker(key, t->cfg->prefix, who);
     dg_cmd *cmds[2] = {dg_cmd_of("HGET", key, "state", NULL), dg_cmd_of("HGET", key, "job", NULL)};
     redisReply *rep[2];
     int rc = dg_redis_pipeline(t->redis, cmds, 2, rep);
