@@ -298,6 +298,30 @@ TEST(dit_keys_left_out_take_diffusers_defaults) {
     dg_model_close(opens(dir));
 }
 
+/* A file naming another network (transformers' model_type, diffusers' _class_name) is refused:
+ * its tensors could bind by name and shape and compute something else (Qwen2-VL's decoder,
+ * say, whose names are these). Without the key, the file is read as the one it must be. */
+static void qwen2_vl(json_t *j) { json_object_set_new(j, "model_type", json_string("qwen2_vl")); }
+static void no_model_type(json_t *j) { json_object_del(j, "model_type"); }
+static void wan_dit(json_t *j) { json_object_set_new(j, "_class_name", json_string("WanTransformer3DModel")); }
+static void other_vae(json_t *j) { json_object_set_new(j, "_class_name", json_string("AutoencoderKLCosmos")); }
+static void class_as_number(json_t *j) { json_object_set_new(j, "_class_name", json_integer(3)); }
+
+TEST(files_naming_another_network_are_refused) {
+    char dir[512];
+    CHECK_EQ_INT(edited("mllm/config.json", qwen2_vl, dir, sizeof dir), 0);
+    refused(dir, "mllm/config.json: model_type \"qwen2_vl\" is not the model this reads (\"qwen2_5_vl\")");
+    CHECK_EQ_INT(edited("dit/config.json", wan_dit, dir, sizeof dir), 0);
+    refused(dir, "dit/config.json: _class_name \"WanTransformer3DModel\" is not the model this reads "
+                 "(\"CosmosTransformer3DModel\")");
+    CHECK_EQ_INT(edited("vae/config.json", other_vae, dir, sizeof dir), 0);
+    refused(dir, "vae/config.json: _class_name \"AutoencoderKLCosmos\" is not the model this reads");
+    CHECK_EQ_INT(edited("vae/config.json", class_as_number, dir, sizeof dir), 0);
+    refused(dir, "vae/config.json: _class_name must be a string (\"AutoencoderKLWan\")");
+    CHECK_EQ_INT(edited("mllm/config.json", no_model_type, dir, sizeof dir), 0);
+    dg_model_close(opens(dir));
+}
+
 /* eos_token_id lists longer than the engine keeps are refused, not cut (the answer ran past
  * the ids cut off), and so are entries that are not ids. */
 static void many_eos(json_t *j) {

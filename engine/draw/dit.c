@@ -91,7 +91,8 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
         return DG_EMODEL;
     }
     memset(c, 0, sizeof *c);
-    if ((rc = check_variant(j, path, err, errlen)) < 0 ||
+    if ((rc = dg_json_name(j, "_class_name", "CosmosTransformer3DModel", path, err, errlen)) < 0 ||
+        (rc = check_variant(j, path, err, errlen)) < 0 ||
         (rc = dg_json_int(j, "in_channels", 0, 1, &in_ch, path, err, errlen)) < 0 ||
         (rc = dg_json_int(j, "out_channels", 0, 1, &c->out_channels, path, err, errlen)) < 0 ||
         (rc = dg_json_int(j, "num_attention_heads", 0, 1, &c->n_heads, path, err, errlen)) < 0 ||

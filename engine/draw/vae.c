@@ -172,7 +172,8 @@ static int read_config(dg_vae_config *c, const char *path, char *err, size_t err
         return DG_EMODEL;
     }
     memset(c, 0, sizeof *c);
-    if ((rc = dg_json_int(j, "base_dim", 96, 0, &c->base_dim, path, err, errlen)) < 0 ||
+    if ((rc = dg_json_name(j, "_class_name", "AutoencoderKLWan", path, err, errlen)) < 0 ||
+        (rc = dg_json_int(j, "base_dim", 96, 0, &c->base_dim, path, err, errlen)) < 0 ||
         (rc = dg_json_int(j, "z_dim", 16, 0, &c->z_dim, path, err, errlen)) < 0 ||
         (rc = dg_json_int(j, "num_res_blocks", 2, 0, &c->num_res_blocks, path, err, errlen)) < 0 ||
         (rc = dg_json_int(j, "in_channels", 3, 0, &in_ch, path, err, errlen)) < 0 ||

@@ -2,6 +2,7 @@
 #include "io/json_config.h"
 
 #include <stdio.h>
+#include <string.h>
 
 #include "duogen.h"
 
@@ -80,4 +81,15 @@ int dg_json_ints(json_t *root, const char *key, int *out, int max, int *n, const
     }
     *n = (int)json_array_size(a);
     return 0;
+}
+
+int dg_json_name(json_t *root, const char *key, const char *want, const char *label, char *err, size_t errlen) {
+    json_t *v = json_object_get(root, key);
+    if (!v || (json_is_string(v) && !strcmp(json_string_value(v), want))) return 0;
+    if (json_is_string(v))
+        snprintf(err, errlen, "%s: %s \"%s\" is not the model this reads (\"%s\")", label, key, json_string_value(v),
+                 want);
+    else
+        snprintf(err, errlen, "%s: %s must be a string (\"%s\")", label, key, want);
+    return DG_EMODEL;
 }

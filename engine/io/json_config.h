@@ -21,5 +21,9 @@ int dg_json_floats(json_t *root, const char *key, float *out, int max, int *n,
                    const char *label, char *err, size_t errlen);
 int dg_json_ints(json_t *root, const char *key, int *out, int max, int *n, const char *label,
                  char *err, size_t errlen);
+/* The model a file says it is (transformers' model_type, diffusers' _class_name): absent, or
+ * the string want; another name is another network, refused (its tensors could bind by
+ * name and shape and compute something else). */
+int dg_json_name(json_t *root, const char *key, const char *want, const char *label, char *err, size_t errlen);
 
 #endif

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "duogen.h"
+#include "io/json_config.h"
 
 /* Looks a key up in the nested object first (newer layouts), then in the flat root. */
 static json_t *get(json_t *root, json_t *nested, const char *key) {
@@ -259,7 +260,8 @@ static int read_eos(json_t *root, json_t *tc, const char *label, dg_text_config 
 static int parse_text(json_t *root, const char *label, dg_text_config *t, char *err, size_t errlen) {
     json_t *tc = json_object_get(root, "text_config");
     if (tc && !json_is_object(tc)) tc = NULL;
-    int rc = 0;
+    int rc = dg_json_name(root, "model_type", "qwen2_5_vl", label, err, errlen);
+    if (rc < 0) return rc;
 #define INT(key, def, req, dst) if ((rc = get_int(root, tc, key, def, req, dst, label, err, errlen)) < 0) return rc
     INT("hidden_size", 0, 1, &t->hidden_size);
     INT("num_hidden_layers", 0, 1, &t->n_layers);
