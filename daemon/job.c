@@ -13,7 +13,7 @@
 #include <unistd.h>
 
 int dg_job_id_valid(const char *id, size_t len) {
-    if (!id || len == 0 || len > 128) return 0;
+    if (!id || len == 0 || len > DG_JOB_ID_MAX) return 0;
     for (size_t i = 0; i < len; i++) {
         char c = id[i];
         if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||

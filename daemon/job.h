@@ -35,7 +35,8 @@ typedef struct {
     int              n_fetched;
 } dg_job;
 
-/* 1 if id is a usable job id: 1..128 bytes of [A-Za-z0-9._:-]. */
+/* 1 if id is a usable job id: 1..DG_JOB_ID_MAX bytes of [A-Za-z0-9._:-]. */
+#define DG_JOB_ID_MAX 128
 int dg_job_id_valid(const char *id, size_t len);
 /* s rewritten in place as valid UTF-8: each byte that is not part of a valid sequence (a
  * character cut by a bound, bytes a producer sent raw) becomes '?'. Every message that

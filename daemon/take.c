@@ -265,15 +265,16 @@ static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
      * they are, so that, if its give-up is lost (Redis dies before the commit), the next
      * delivery still reads the earlier attempt's error, not a run that never was */
     if (s->has_result || r->deliveries > r->max_attempts) return 0;
-    char k_taken[DG_KEY_MAX];
+    char k_taken[DG_KEY_MAX], taker[DG_JOB_ID_MAX + 200];
     dg_key_taken(k_taken, r->stream);
-    /* and the entry into the stream's taken index: should the entry be deleted (a
-     * producer's MAXLEN) while it waits for a later attempt, the job still gets a result
-     * (the sweep) */
+    snprintf(taker, sizeof taker, "%s %s", r->id, cfg->worker_id);
+    /* and the entry into the stream's taken index, "<job id> <worker id>": should the entry
+     * be deleted (a producer's MAXLEN) while it waits for a later attempt, the job still gets
+     * a result (the sweep) */
     dg_cmd *mark[3] = {dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
                                  "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
                                  "error", "", "updated_ms", now, NULL),
-                       dg_cmd_of("EXPIRE", k_job, ttl, NULL), dg_cmd_of("HSET", k_taken, r->entry, r->id, NULL)};
+                       dg_cmd_of("EXPIRE", k_job, ttl, NULL), dg_cmd_of("HSET", k_taken, r->entry, taker, NULL)};
     /* the job's metadata, echoed as meta.<key> fields (proto/duogen.proto Job.metadata); a
      * refused job's is not (it may be what was refused: bytes that are not UTF-8) */
     for (size_t i = 0; valid && r->job.pb && i < r->job.pb->n_metadata; i++) {
@@ -283,6 +284,9 @@ static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
     rc = dg_redis_pipeline(t->redis, mark, 3, rep);
     for (int i = 0; i < 3; i++) {
         dg_cmd_free(mark[i]);
+        if (!rc && rep[i]->type == REDIS_REPLY_ERROR)   /* the job runs; what Redis refused is said */
+            log_error("job \"%s\": Redis refused %s: %s", r->id, i == 2 ? "its taken index entry" : "its job hash",
+                      rep[i]->str);
         if (!rc) freeReplyObject(rep[i]);
     }
     return rc ? -1 : 0;
@@ -296,9 +300,11 @@ static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
  * attempt files its entry in the stream's taken index (look(); keys.h), cleared with the
  * XACK of its result; the sweep looks at the index every few heartbeats and fails, with a
  * result that says so, each job whose entry is gone from the stream and from the pending
- * list, that has no result, and that no live run holds: not ours, and not listed in the
- * heartbeat of the worker its job hash names (running there), twice a few heartbeats apart
- * (a run's heartbeat lists its job within a beat of its start). Several workers may fail
+ * list, that has no result, and that no live run holds: no run of ours has the job, and
+ * neither the worker that took this entry (the field's value names it) nor the one the job
+ * hash names lists the job in its heartbeat (the same id may run from another entry: a
+ * retried XADD), over claim_idle_ms at least (what a stalled worker keeps its lease for; and
+ * a run's heartbeat lists its job within a beat of its start). Several workers may fail
  * the same job: the result's WATCH writes it once. A field whose entry is still in the
  * stream but not pending was acknowledged (or its group made again): it goes. */
 
@@ -315,6 +321,13 @@ static int lost_seen_find(const dg_taker *t, const char *stream, const char *ent
 static void lost_seen_forget(dg_taker *t, const char *stream, const char *entry) {
     const int i = lost_seen_find(t, stream, entry);
     if (i >= 0) t->lost_seen[i] = t->lost_seen[--t->n_lost_seen];
+}
+
+/* Whether a run we hold is of job `id` (from this entry or another: a retried XADD). */
+static int runs_have_job(const dg_runs *held, const char *id) {
+    for (const dg_run *r = held->first; r; r = r->next)
+        if (!strcmp(r->id, id)) return 1;
+    return 0;
 }
 
 /* The job's run, ended as failed; committed with the others (its XACK is a no-op, its HDEL
@@ -375,8 +388,18 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
     redisReply **rep = calloc((size_t)n * PER + 1, sizeof *rep);
     if (!cmds || !rep) abort();
     int m = 0;
+    /* each field's value: "<job id> <worker id>" (the job id alone from the first version) */
+    char (*ids)[DG_JOB_ID_MAX + 1] = calloc((size_t)n + 1, sizeof *ids);
+    const char **takers = calloc((size_t)n + 1, sizeof *takers);
+    if (!ids || !takers) abort();
     for (int i = 0; i < n; i++) {
-        const char *entry = kv->element[2 * i]->str, *id = kv->element[2 * i + 1]->str;
+        const char *v = kv->element[2 * i + 1]->str, *sp = strchr(v, ' ');
+        const size_t len = sp ? (size_t)(sp - v) : strlen(v);
+        snprintf(ids[i], sizeof ids[i], "%.*s", (int)(len < DG_JOB_ID_MAX ? len : DG_JOB_ID_MAX), v);
+        takers[i] = sp ? sp + 1 : "";
+    }
+    for (int i = 0; i < n; i++) {
+        const char *entry = kv->element[2 * i]->str, *id = ids[i];
         char k_result[DG_KEY_MAX], k_job[DG_KEY_MAX];
         dg_key_result(k_result, t->cfg->prefix, id);
         dg_key_job(k_job, t->cfg->prefix, id);
@@ -389,10 +412,11 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
     }
     int rc = m ? dg_redis_pipeline(t->redis, cmds, m, rep) : 0;
     const int replied = m && !rc;
-    const int64_t now = dg_mono_ms(), grace = 3 * (int64_t)t->cfg->heartbeat_ms + 1000;
+    const int64_t now = dg_mono_ms(), beats = 3 * (int64_t)t->cfg->heartbeat_ms + 1000,
+                  grace = beats > t->cfg->claim_idle_ms ? beats : t->cfg->claim_idle_ms;
     for (int i = 0; !rc && i < n; i++) {
         redisReply **r = rep + i * PER;
-        const char *entry = kv->element[2 * i]->str, *id = kv->element[2 * i + 1]->str;
+        const char *entry = kv->element[2 * i]->str, *id = ids[i];
         const int pending = r[0]->type == REDIS_REPLY_ARRAY && r[0]->elements == 1;
         const int in_stream = r[1]->type == REDIS_REPLY_ARRAY && r[1]->elements == 1;
         const int has_result = dg_reply_int(r[2], 0) == 1;
@@ -408,14 +432,13 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
             lost_seen_forget(t, stream, entry);
             continue;
         }
-        /* gone from the stream and the pending list, no result: a live run elsewhere? */
-        const char *state = r[3]->type == REDIS_REPLY_STRING ? r[3]->str : "";
+        /* gone from the stream and the pending list, no result: a live run of the job, here
+         * or with the worker that took this entry or the one its job hash names? */
         const char *who = r[4]->type == REDIS_REPLY_STRING ? r[4]->str : "";
-        int live = 0;
-        if (!strcmp(state, "running") && who[0] && strcmp(who, t->cfg->worker_id)) {
-            live = listed_by(t, who, id);
-            if (live < 0) { rc = -1; break; }
-        }
+        int live = runs_have_job(t->held, id);
+        if (!live && takers[i][0] && strcmp(takers[i], t->cfg->worker_id)) live = listed_by(t, takers[i], id);
+        if (!live && who[0] && strcmp(who, t->cfg->worker_id) && strcmp(who, takers[i])) live = listed_by(t, who, id);
+        if (live < 0) { rc = -1; break; }
         if (live) {
             lost_seen_forget(t, stream, entry);
             continue;
@@ -440,6 +463,8 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
     for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
     free(cmds);
     free(rep);
+    free(ids);
+    free(takers);
     freeReplyObject(page);
     return rc;
 }

@@ -477,15 +477,19 @@ int dg_worker_run(dg_worker *w) {
     /* rights this version needs beyond the last one's ACL, asked before any job: an ACL not
      * brought up to date would refuse them only in a result's transaction, after a job ran */
     if (dg_redis_ready(&w->redis)) {
-        char k_taken[DG_KEY_MAX];
-        dg_key_taken(k_taken, w->keys.streams[1]);
-        dg_cmd *ask[3] = {dg_cmd_of("HGET", w->keys.worker, "instance", NULL),
-                          dg_cmd_of("HSCAN", k_taken, "0", "COUNT", "1", NULL),
-                          dg_cmd_of("HDEL", k_taken, "0-0", NULL)};   /* a field no entry has */
-        redisReply *rep[3];
+        enum { N = 7 };
+        char k_taken[2][DG_KEY_MAX];
+        dg_key_taken(k_taken[0], w->keys.streams[0]);
+        dg_key_taken(k_taken[1], w->keys.streams[1]);
+        dg_cmd *ask[N] = {dg_cmd_of("HGET", w->keys.worker, "instance", NULL),   /* "0-0": a field no entry has */
+                          dg_cmd_of("HSET", k_taken[0], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[0], "0", "COUNT", "1", NULL),
+                          dg_cmd_of("HDEL", k_taken[0], "0-0", NULL),
+                          dg_cmd_of("HSET", k_taken[1], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[1], "0", "COUNT", "1", NULL),
+                          dg_cmd_of("HDEL", k_taken[1], "0-0", NULL)};
+        redisReply *rep[N];
         int refused = 0;
-        if (dg_redis_pipeline(&w->redis, ask, 3, rep) == 0) {
-            for (int i = 0; i < 3; i++) {
+        if (dg_redis_pipeline(&w->redis, ask, N, rep) == 0) {
+            for (int i = 0; i < N; i++) {
                 if (dg_reply_is_error(rep[i], "NOPERM") && !refused++)
                     log_error("Redis refuses this worker a command it needs (%s): update the worker's ACL "
                               "(deploy/redis/users.acl.example: HGET on its heartbeat hash; HSET, HGET, HDEL, "
@@ -493,7 +497,7 @@ int dg_worker_run(dg_worker *w) {
                 freeReplyObject(rep[i]);
             }
         }
-        for (int i = 0; i < 3; i++) dg_cmd_free(ask[i]);
+        for (int i = 0; i < N; i++) dg_cmd_free(ask[i]);
         if (refused) return EX_CONFIG;
     }
     const int clash = dg_worker_id_check(w);

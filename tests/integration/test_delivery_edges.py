@@ -670,6 +670,36 @@ def test_a_running_job_whose_entry_is_deleted_is_not_failed_by_another_worker(cl
     assert w1.alive()
 
 
+def test_a_job_running_from_a_second_entry_is_not_failed_for_its_first(cluster):
+    """The same job id in two entries (a retried XADD): the first given back for a later
+    attempt, the second running; the first deleted. The sweep failed the running job, whose
+    own result was then thrown away (found by review): a job is live while any worker lists
+    it, whichever entry it runs from."""
+    cluster.worker("w1", args=["--max-inflight", "4"])   # takes both entries
+    cluster.wait_groups()
+    first = cluster.enqueue("twice", "x", meta={"fake.fail": "retry"})
+    wait_until(lambda: cluster.r.hget("duogen:job:twice", "state") == b"retrying", what="given back")
+    cluster.enqueue("twice", " ".join(["w"] * 150), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget("duogen:job:twice", "state") == b"running", what="running")
+    cluster.r.xdel(cluster.key("jobs"), first)
+    res = cluster.wait_result("twice", timeout=40)
+    assert res["status"] == b"done", res
+
+
+def test_a_running_job_whose_job_hash_expired_is_not_failed(cluster):
+    """A result_ttl_s shorter than the run lets the job hash expire mid-run: the sweep read
+    no worker there and failed the job (found by review); the entry's own field names the
+    worker that took it."""
+    cluster.worker("w1")
+    cluster.wait_groups()
+    e = cluster.enqueue("shortttl", " ".join(["w"] * 120), meta={"fake.step_ms": 100}, result_ttl_s=3)
+    wait_until(lambda: cluster.r.hget("duogen:job:shortttl", "state") == b"running", what="running")
+    cluster.worker("w2")
+    cluster.r.xdel(cluster.key("jobs"), e)
+    res = cluster.wait_result("shortttl", timeout=40)
+    assert res["status"] == b"done" and res["worker"] == b"w1", res
+
+
 def lost_result(cluster, job_id):
     res = cluster.wait_result(job_id, timeout=30)
     assert res["status"] == b"failed" and res["error_code"] == b"UNAVAILABLE", res
@@ -688,7 +718,7 @@ def test_an_entry_trimmed_after_an_attempt_gave_it_back_still_gets_a_result(clus
     cluster.wait_groups()
     cluster.enqueue("given", "hi", meta={"fake.fail": "retry"})
     wait_until(lambda: cluster.r.hget("duogen:job:given", "state") == b"retrying", what="retrying")
-    assert cluster.r.hget(cluster.key("jobs") + ":taken", cluster.r.xrange(cluster.key("jobs"))[0][0]) == b"given"
+    assert cluster.r.hget(cluster.key("jobs") + ":taken", cluster.r.xrange(cluster.key("jobs"))[0][0]) == b"given w1"
     cluster.r.xtrim(cluster.key("jobs"), maxlen=0)
     lost_result(cluster, "given")
     wait_until(lambda: not cluster.r.exists(cluster.key("jobs") + ":taken"), what="the index emptied")

@@ -191,6 +191,23 @@ def test_a_worker_acl_of_the_last_version_is_refused_at_start(tmpdir_path):
         srv.proc.wait(10)
 
 
+def test_an_acl_without_the_high_streams_index_is_refused_at_start(tmpdir_path):
+    """The start's check asked only the normal stream's :taken key: an ACL that left out the
+    high one's let the worker take a high job and stop at its result (found by review)."""
+    def no_high_index(acl):
+        return acl.replace("~duogen:jobs:taken ~duogen:jobs:high:taken", "~duogen:jobs:taken")
+    srv, pw, client = start_acl_redis(tmpdir_path, no_high_index)
+    try:
+        client("producer").xadd("duogen:jobs:high", {"id": "hi", "job": make_job("hi").SerializeToString()})
+        w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "nohigh")
+        assert w.proc.wait(30) == 78
+        assert "Redis refuses this worker a command it needs" in w.logs()
+        assert not client("producer").exists("duogen:job:hi")
+    finally:
+        srv.proc.kill()
+        srv.proc.wait(10)
+
+
 def test_worker_under_the_shipped_acl_stops_a_run_acknowledged_elsewhere(acl_redis, tmpdir_path):
     """The shipped ACL must give the worker every command its lease fence uses: an entry
     acknowledged by another attempt while this one runs (here the operator's XACK) stops the
