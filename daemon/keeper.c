@@ -187,79 +187,99 @@ static void trim(dg_worker *w, dg_redis *rd) {
  * Two processes under one worker id are one consumer of the group: each takes the other's
  * pending entries for replies it lost and runs them again, uncounted, and both write one
  * heartbeat hash (found by review: cloned hosts with one hostname, which the unit's default
- * id is made of). The heartbeat hash names its process (instance: random at each start;
- * host, pid, started_ms). A worker starting finds another live process there (its hash
- * beats) and stops with exit 78 before taking a job; two that started together find each
- * other at their first beats, and the younger stops. A hash left by a process that died
- * (its beats stopped) is taken over after two heartbeats. */
+ * id is made of). The id is a lease: the heartbeat hash's field `owner` holds the owning
+ * process's instance (random at each start), set with HSETNX, and lives as long as the hash
+ * (the heartbeat's time to live, renewed by each beat while the field still names us). A process starting under an
+ * id another holds waits for the lease to lapse (a process that died: at most the time to
+ * live, usually over already while the model loaded) and stops with exit 78 if it is still
+ * renewed; of two started together, HSETNX lets one in. A keeper that finds the lease
+ * another's (it lapsed in a Redis outage and a newcomer took it) stops its worker (78). A
+ * clean stop lets the lease go at once. */
 typedef struct {
-    int       present;               /* the hash names a process */
-    char      instance[24], host[64], state[32];
-    long long pid, started_ms, updated_ms;
+    char      host[64];
+    long long pid, started_ms;
 } id_holder;
 
-/* The process the heartbeat hash names: 0, or -1 when Redis did not answer. HGET each (the
- * worker's ACL grants HGET and HSET on its hash, not HMGET). */
-static int read_holder(dg_worker *w, dg_redis *rd, id_holder *h) {
-    static const char *const fields[] = {"instance", "host", "state", "pid", "started_ms", "updated_ms"};
+/* The heartbeat hash's word on its process, for the messages (HGET each: the worker's ACL
+ * grants HGET and HSET on its hash, not HMGET). */
+static void read_holder(dg_worker *w, dg_redis *rd, id_holder *h) {
+    static const char *const fields[] = {"host", "pid", "started_ms"};
     enum { N = sizeof fields / sizeof fields[0] };
     dg_cmd *cmds[N];
     redisReply *rep[N];
-    for (int i = 0; i < N; i++) cmds[i] = dg_cmd_of("HGET", w->keys.worker, fields[i], NULL);
-    int rc = dg_redis_pipeline(rd, cmds, N, rep);
-    for (int i = 0; i < N; i++) dg_cmd_free(cmds[i]);
-    if (rc) return -1;
     memset(h, 0, sizeof *h);
+    for (int i = 0; i < N; i++) cmds[i] = dg_cmd_of("HGET", w->keys.worker, fields[i], NULL);
+    const int rc = dg_redis_pipeline(rd, cmds, N, rep);
+    for (int i = 0; i < N; i++) dg_cmd_free(cmds[i]);
+    if (rc) return;
     const char *v[N];
     for (int i = 0; i < N; i++) v[i] = rep[i]->type == REDIS_REPLY_STRING ? rep[i]->str : "";
-    h->present = v[0][0] != 0;
-    snprintf(h->instance, sizeof h->instance, "%s", v[0]);
-    snprintf(h->host, sizeof h->host, "%s", v[1]);
-    snprintf(h->state, sizeof h->state, "%s", v[2]);
-    h->pid = atoll(v[3]);
-    h->started_ms = atoll(v[4]);
-    h->updated_ms = atoll(v[5]);
+    snprintf(h->host, sizeof h->host, "%s", v[0][0] ? v[0] : "?");
+    h->pid = atoll(v[1]);
+    h->started_ms = atoll(v[2]);
     for (int i = 0; i < N; i++) freeReplyObject(rep[i]);
-    return 0;
 }
 
-/* Another process's, and not stopped (a stopped one's last beat says "stopped"). */
-static int held_by_other(const dg_worker *w, const id_holder *h) {
-    return h->present && strcmp(h->instance, w->instance) && strcmp(h->state, "stopped");
-}
-
-static void say_clash(const dg_worker *w, const id_holder *h) {
+static void say_clash(dg_worker *w, dg_redis *rd) {
+    id_holder h;
+    read_holder(w, rd, &h);
     log_error("worker id \"%s\" is in use by another live process (host \"%s\", pid %lld, started at %lld ms): "
               "two workers of one id are one consumer and would run each other's jobs twice; this one "
-              "stops (exit 78): give each worker its own worker_id", w->cfg->worker_id, h->host, h->pid,
-              h->started_ms);
+              "stops (exit 78): give each worker its own worker_id", w->cfg->worker_id, h.host, h.pid,
+              h.started_ms);
 }
 
-/* The tie-break between two live processes under one id: the later start, then the greater
- * instance, is the younger, which stops. */
-static int younger_than(const dg_worker *w, long long started_ms, const id_holder *h) {
-    return started_ms > h->started_ms || (started_ms == h->started_ms && strcmp(w->instance, h->instance) > 0);
-}
-
-/* The heartbeat hash's time to live: three beats, and one command of the keeper's timed out
- * between two of them (a slow trim): a live worker's hash does not lapse. */
+/* The heartbeat hash's time to live, and the id's lease's: three beats, and one command of
+ * the keeper's timed out between two of them (a slow trim): a live worker's hash does not
+ * lapse. */
 static int heartbeat_ttl_ms(const dg_worker *w) {
     return (w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3) + KEEPER_TIMEOUT_MS;
 }
 
-/* Our claim on the id: the fields that name this process (the keeper's beats write them
- * too), with the heartbeat's time to live (a process that dies in its claim leaves nothing
- * for good). */
-static int write_claim(dg_worker *w) {
-    char started[24], now_ms[24], pid[16], ttl[16];
-    snprintf(started, sizeof started, "%lld", (long long)w->stats.started_ms);
-    snprintf(now_ms, sizeof now_ms, "%lld", (long long)dg_now_ms());
-    snprintf(pid, sizeof pid, "%d", (int)getpid());
+/* HSETNX <heartbeat hash> owner <instance>, and the hash's time to live when that took it
+ * (a hash made by it has none; one that another process owns keeps its own, or a dead
+ * owner's would never lapse): 1 taken, 0 held by another, -1 Redis away, -2 refused
+ * (said). */
+static int lease_take(dg_worker *w, dg_redis *rd) {
+    char ttl[16];
     snprintf(ttl, sizeof ttl, "%d", heartbeat_ttl_ms(w));
-    dg_cmd *cmds[2] = {dg_cmd_of("HSET", w->keys.worker, "instance", w->instance, "host", w->host, "pid", pid,
-                                 "started_ms", started, "updated_ms", now_ms, "state", "starting", NULL),
-                       dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
-    return dg_redis_send(&w->redis, cmds, 2);
+    redisReply *rep = dg_redis_cmdv(rd, "HSETNX", w->keys.worker, "owner", w->instance, NULL);
+    if (!rep) return -1;
+    const int rc = rep->type == REDIS_REPLY_INTEGER ? (int)rep->integer : -2;
+    if (rc < 0) log_error("the worker id's lease (%s owner): %s", w->keys.worker,
+                          rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
+    freeReplyObject(rep);
+    if (rc == 1) {
+        redisReply *x = dg_redis_cmdv(rd, "PEXPIRE", w->keys.worker, ttl, NULL);
+        if (!x) return -1;
+        freeReplyObject(x);
+    }
+    return rc;
+}
+
+/* At a beat, before the hash is written (its PEXPIRE renews the lease): 1 while the lease is
+ * ours (or ours again after it lapsed in an outage, or Redis restarted empty), 0 when
+ * another process holds it, -1 when Redis did not answer. */
+static int lease_renew(dg_worker *w, dg_redis *rd) {
+    redisReply *rep = dg_redis_cmdv(rd, "HGET", w->keys.worker, "owner", NULL);
+    if (!rep) return -1;
+    int rc;
+    if (rep->type == REDIS_REPLY_STRING) rc = !strcmp(rep->str, w->instance);
+    else if (rep->type == REDIS_REPLY_NIL) rc = lease_take(w, rd) == 0 ? 0 : 1;   /* refused: said; goes on */
+    else rc = -1;
+    freeReplyObject(rep);
+    return rc;
+}
+
+/* At a clean stop: the lease goes at once where it is still ours (a restart goes on at
+ * once); the hash stays, saying "stopped", until its time to live. */
+static void lease_release(dg_worker *w, dg_redis *rd) {
+    redisReply *rep = dg_redis_cmdv(rd, "HGET", w->keys.worker, "owner", NULL);
+    if (rep && rep->type == REDIS_REPLY_STRING && !strcmp(rep->str, w->instance)) {
+        redisReply *x = dg_redis_cmdv(rd, "HDEL", w->keys.worker, "owner", NULL);
+        if (x) freeReplyObject(x);
+    }
+    if (rep) freeReplyObject(rep);
 }
 
 /* Waits ms, pinging the watchdog; 1 when a stop was asked meanwhile. */
@@ -275,90 +295,36 @@ static int id_wait(dg_worker *w, int64_t ms) {
 }
 
 int dg_worker_id_check(dg_worker *w) {
-    id_holder h, now;
-    if (!dg_redis_ready(&w->redis) || read_holder(w, &w->redis, &h)) return 0;   /* the keeper's beats check */
-    const int64_t beat = w->cfg->heartbeat_ms;
-    if (held_by_other(w, &h)) {
-        /* a live process beats every heartbeat_ms: two of them, and a little, tell */
-        const int64_t until = dg_mono_ms() + 2 * beat + 250;
-        int live = 0;
-        while (!live && dg_mono_ms() < until) {
-            if (id_wait(w, 100)) return 0;
-            if (read_holder(w, &w->redis, &now)) return 0;
-            if (!held_by_other(w, &now) || strcmp(now.instance, h.instance)) break;
-            live = now.updated_ms != h.updated_ms;
-        }
-        if (live) {
-            say_clash(w, &now);
+    if (!dg_redis_ready(&w->redis)) return 0;   /* the keeper's beats take the lease */
+    const int64_t until = dg_mono_ms() + heartbeat_ttl_ms(w) + 500;
+    int said = 0;
+    for (;;) {
+        const int got = lease_take(w, &w->redis);
+        if (got == -2) return EX_CONFIG;   /* refused: the ACL */
+        if (got == 1 && said) log_info("worker id \"%s\": the lease of the process that held it lapsed: taken over",
+                                       w->cfg->worker_id);
+        if (got != 0) return 0;            /* ours; or Redis away: the keeper's beats take it */
+        if (dg_mono_ms() >= until) {
+            say_clash(w, &w->redis);
             return EX_CONFIG;
         }
-        if (held_by_other(w, &now) && !strcmp(now.instance, h.instance))
-            log_info("worker id \"%s\": the process that last held it (host \"%s\", pid %lld) no longer beats: "
-                     "taken over", w->cfg->worker_id, h.host, h.pid);
+        if (!said++)
+            log_info("worker id \"%s\" is held by another process: waiting up to %d ms for its lease to lapse",
+                     w->cfg->worker_id, heartbeat_ttl_ms(w) + 500);
+        if (id_wait(w, 250)) return 0;   /* stopping: no job is taken */
     }
-    /* claimed, then looked at again a beat later: a process that started with us (cloned
-     * hosts booting together) has written its own claim over ours by then, or reads ours;
-     * the younger of the two stops here, before either takes a job */
-    if (write_claim(w) || id_wait(w, (beat < 5000 ? beat : 5000) + 250) || read_holder(w, &w->redis, &now)) return 0;
-    if (held_by_other(w, &now) && younger_than(w, (long long)w->stats.started_ms, &now)) {
-        say_clash(w, &now);
-        return EX_CONFIG;
-    }
-    if (held_by_other(w, &now)) write_claim(w);   /* the older: ours again; the other reads it at its look */
-    return 0;
 }
 
-/* What the keeper's beats saw of the hash. */
-typedef struct {
-    int       wrote;                 /* our last beat wrote the hash */
-    long long wrote_ms;              /* the updated_ms it wrote */
-    id_holder other;                 /* another process's, seen at the last beat (not written over) */
-} beat_seen;
-
-/* At each beat, where the hash names another process not stopped: it is live if it wrote
- * over our last beat, or if its own beats moved on since the last one we saw (a hash left by
- * a process that died does neither: written over at the next beat). Two live ones: the
- * younger (the later start; then the greater instance) stops and writes nothing more there.
- * Returns 1 when this beat writes nothing: that is us, or we wait a beat to tell. */
-static int clash_at_beat(dg_worker *w, dg_redis *rd, long long started_ms, beat_seen *bs) {
-    id_holder h;
-    if (read_holder(w, rd, &h) || !held_by_other(w, &h)) {
-        bs->other.present = 0;
-        return 0;
-    }
-    /* live: it wrote over our last beat, later than that beat (a hash brought back by a Redis
-     * restored from an older snapshot, or a failover to a replica behind, is older), or its
-     * own beats moved on since we last saw it */
-    const int live = (bs->wrote && h.updated_ms >= bs->wrote_ms) ||
-                     (bs->other.present && !strcmp(bs->other.instance, h.instance) && bs->other.updated_ms != h.updated_ms);
-    if (!live) {
-        const int first_look = !bs->other.present || strcmp(bs->other.instance, h.instance);
-        bs->other = h;
-        if (first_look) return 1;   /* a beat later: did it move on? */
-        log_info("worker id \"%s\": the process that last held it (host \"%s\", pid %lld) no longer beats: "
-                 "taken over", w->cfg->worker_id, h.host, h.pid);
-        bs->other.present = 0;
-        return 0;
-    }
-    if (younger_than(w, started_ms, &h)) {
-        say_clash(w, &h);
-        w->id_clash = 1;
-        return 1;
-    }
-    log_warn("worker id \"%s\": another process (host \"%s\", pid %lld) started later under it and wrote its "
-             "heartbeat: it stops", w->cfg->worker_id, h.host, h.pid);
-    bs->other.present = 0;
-    return 0;
-}
-
-static void heartbeat(dg_worker *w, dg_redis *rd, beat_seen *bs) {
+static void heartbeat(dg_worker *w, dg_redis *rd) {
     dg_worker_stats st;
     pthread_mutex_lock(&w->lock);
     st = w->stats;
     pthread_mutex_unlock(&w->lock);
-    bs->wrote = bs->wrote && !w->id_clash;
-    if (w->id_clash || clash_at_beat(w, rd, (long long)st.started_ms, bs)) {   /* not ours to write now */
-        bs->wrote = 0;
+    if (w->id_clash) return;   /* another process's hash now */
+    const int lease = lease_renew(w, rd);
+    if (lease == 0) {
+        say_clash(w, rd);
+        w->id_clash = 1;
         return;
     }
     dg_cmd *c = dg_cmd_of("HSET", w->keys.worker, "state", st.state, "job", st.jobs,
@@ -376,8 +342,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd, beat_seen *bs) {
     NUM("tokens", st.tokens);
     NUM("images", st.images);
     NUM("started_ms", st.started_ms);
-    const long long beat_ms = (long long)dg_now_ms();
-    NUM("updated_ms", beat_ms);
+    NUM("updated_ms", dg_now_ms());
     NUM("pid", getpid());
     NUM("kv_cache_hits", st.cache.kv_hits);
     NUM("kv_cache_misses", st.cache.kv_misses);
@@ -399,10 +364,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd, beat_seen *bs) {
     snprintf(ttl, sizeof ttl, "%d", heartbeat_ttl_ms(w));
     dg_cmd *cmds[2] = {c, dg_cmd_of("PEXPIRE", w->keys.worker, ttl, NULL)};
     redisReply *rep[2];
-    bs->wrote = 0;
     if (dg_redis_pipeline(rd, cmds, 2, rep) == 0) {
-        bs->wrote = rep[0]->type != REDIS_REPLY_ERROR;
-        bs->wrote_ms = beat_ms;
         if (rep[0]->type == REDIS_REPLY_ERROR) log_warn("heartbeat refused: %s", rep[0]->str);
         freeReplyObject(rep[0]);
         freeReplyObject(rep[1]);
@@ -457,7 +419,6 @@ static void *keeper_main(void *arg) {
     if (dg_redis_init(&rd, w->cfg, "keeper", KEEPER_TIMEOUT_MS, err, sizeof err)) return NULL;
     snprintf(rd.client_name, sizeof rd.client_name, "%s:keeper", w->cfg->worker_id);
     int64_t next_beat = 0, next_renew = 0, next_trim = dg_mono_ms() + w->cfg->trim_ms;
-    beat_seen bs = {0};
     uint64_t connects = 0;
     while (!w->keeper_stop) {
         int64_t now = dg_mono_ms();
@@ -471,7 +432,7 @@ static void *keeper_main(void *arg) {
                 next_renew = now + w->cfg->renew_ms;
             }
             if (now >= next_beat) {
-                heartbeat(w, &rd, &bs);
+                heartbeat(w, &rd);
                 if (w->cfg->metrics_port) queue_figures(w, &rd);
                 next_beat = now + w->cfg->heartbeat_ms;
             }
@@ -490,7 +451,8 @@ static void *keeper_main(void *arg) {
         pthread_mutex_lock(&w->lock);
         snprintf(w->stats.state, sizeof w->stats.state, "stopped");
         pthread_mutex_unlock(&w->lock);
-        heartbeat(w, &rd, &bs);
+        heartbeat(w, &rd);
+        if (!w->id_clash) lease_release(w, &rd);
     }
     dg_redis_close(&rd);
     return NULL;

@@ -481,7 +481,7 @@ int dg_worker_run(dg_worker *w) {
         char k_taken[2][DG_KEY_MAX];
         dg_key_taken(k_taken[0], w->keys.streams[0]);
         dg_key_taken(k_taken[1], w->keys.streams[1]);
-        dg_cmd *ask[N] = {dg_cmd_of("HGET", w->keys.worker, "instance", NULL),   /* "0-0": a field no entry has */
+        dg_cmd *ask[N] = {dg_cmd_of("HGET", w->keys.worker, "owner", NULL),   /* "0-0": a field no entry has */
                           dg_cmd_of("HSET", k_taken[0], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[0], "0", "COUNT", "1", NULL),
                           dg_cmd_of("HDEL", k_taken[0], "0-0", NULL),
                           dg_cmd_of("HSET", k_taken[1], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[1], "0", "COUNT", "1", NULL),
@@ -492,8 +492,9 @@ int dg_worker_run(dg_worker *w) {
             for (int i = 0; i < N; i++) {
                 if (dg_reply_is_error(rep[i], "NOPERM") && !refused++)
                     log_error("Redis refuses this worker a command it needs (%s): update the worker's ACL "
-                              "(deploy/redis/users.acl.example: HGET on its heartbeat hash; HSET, HGET, HDEL, "
-                              "HSCAN on the job streams' :taken indexes)", rep[i]->str);
+                              "(deploy/redis/users.acl.example: HGET, HSETNX, HDEL on its heartbeat hash, whose "
+                              "owner field is the worker id's lease; HSET, HGET, HDEL, HSCAN on the job streams' "
+                              ":taken indexes)", rep[i]->str);
                 freeReplyObject(rep[i]);
             }
         }

@@ -626,24 +626,24 @@ def test_a_second_process_under_a_live_worker_id_stops_before_taking_a_job(clust
 
 
 def test_a_worker_id_whose_process_died_is_taken_over(cluster):
-    """A process killed -9 leaves its heartbeat hash (state running, until its TTL): the
-    next process under the id (systemd's restart) waits two heartbeats, sees no beat, and
-    takes the id over, not exit 78, which systemd would not restart."""
+    """A process killed -9 leaves its heartbeat hash and the id's lease in it (until its
+    time to live): the next process under the id (systemd's restart) waits for the lease to
+    lapse and takes the id over, not exit 78, which systemd would not restart."""
     w1 = cluster.worker("phoenix")
     cluster.wait_groups()
     wait_until(lambda: cluster.r.hget("duogen:worker:phoenix", "state") == b"idle", what="idle")
     w1.kill()
     assert cluster.r.hget("duogen:worker:phoenix", "state") == b"idle"   # still there
     w2 = cluster.worker("phoenix")
-    wait_until(lambda: "no longer beats: taken over" in w2.logs(), timeout=20, what="takeover")
+    wait_until(lambda: "lapsed: taken over" in w2.logs(), timeout=20, what="takeover")
     cluster.enqueue("after", "hi")
     assert cluster.wait_result("after")["status"] == b"done"
     assert w2.alive()
 
 
 def test_two_processes_started_together_under_one_id_leave_one(cluster):
-    """Started at the same moment, neither finds the other's hash before its own first
-    beat: at their beats each sees the other's, and the younger stops (78)."""
+    """Started at the same moment: the id's lease (HSETNX) lets one in; the other waits for
+    it to lapse, sees it renewed, and stops (78) before taking a job."""
     ws = [cluster.worker("twin") for _ in range(2)]
     wait_until(lambda: sum(not w.alive() for w in ws) == 1, timeout=20, what="one of the two to stop")
     time.sleep(1.0)                               # several beats: the other stays

@@ -174,7 +174,7 @@ def test_a_worker_acl_of_the_last_version_is_refused_at_start(tmpdir_path):
     the first job, found by review); now the worker says what to add before taking any."""
     def last_version(acl):
         acl = re.sub(r" \(\+hset \+hget \+hdel \+hscan ~duogen:jobs:taken ~duogen:jobs:high:taken\)", "", acl)
-        return acl.replace("(+hset +hget +pexpire ~duogen:worker:*)", "(+hset +pexpire ~duogen:worker:*)")
+        return acl.replace("(+hset +hsetnx +hget +hdel +pexpire ~duogen:worker:*)", "(+hset +pexpire ~duogen:worker:*)")
     srv, pw, client = start_acl_redis(tmpdir_path, last_version)
     try:
         client("producer").xadd("duogen:jobs", {"id": "waiting", "job": make_job("waiting").SerializeToString()})
