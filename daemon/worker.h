@@ -73,7 +73,7 @@ typedef struct dg_worker {
     int     fatal;                   /* exit code to leave with, 0 while healthy */
     char    instance[24];            /* this process's own: random at start, in the heartbeat hash */
     char    host[64];
-    _Atomic int id_clash;            /* set by the keeper: an older live process has this worker id */
+    _Atomic int id_clash;            /* set by the keeper: another process holds this worker id's lease */
 
     pthread_mutex_t lock;            /* guards stats, leases and lost */
     dg_worker_stats stats;
@@ -106,8 +106,9 @@ void dg_metrics_stop(dg_worker *w);
 /* keeper.c */
 int  dg_keeper_start(dg_worker *w, char *err, size_t errlen);
 void dg_keeper_stop(dg_worker *w);
-/* Before the first job: 0 to go on; EX_CONFIG (78) when another live process already runs
- * under this worker id (its heartbeat hash beats), said in the log. */
+/* Before the first job: takes this worker id's lease (keeper.c), waiting for another
+ * process's to lapse; 0 to go on, EX_CONFIG (78) when that one keeps renewing it or Redis
+ * refuses the lease's commands, said in the log. */
 int  dg_worker_id_check(dg_worker *w);
 
 #endif
