@@ -189,10 +189,10 @@ static void trim(dg_worker *w, dg_redis *rd) {
  * heartbeat hash (found by review: cloned hosts with one hostname, which the unit's default
  * id is made of). The id is a lease: the heartbeat hash's field `owner` holds the owning
  * process's instance (random at each start), set with HSETNX, and lives as long as the hash
- * (the heartbeat's time to live, renewed by each beat while the field still names us). A process starting under an
- * id another holds waits for the lease to lapse (a process that died: at most the time to
- * live, usually over already while the model loaded) and stops with exit 78 if it is still
- * renewed; of two started together, HSETNX lets one in. A keeper that finds the lease
+ * (the heartbeat's time to live, renewed by each beat while the field still names us). A
+ * process starting under an id another holds waits for the lease to lapse (a process that
+ * died: at most the time to live, usually over already while the model loaded) and stops
+ * with exit 78 if it is still renewed; of two started together, HSETNX lets one in. A keeper that finds the lease
  * another's (it lapsed in a Redis outage and a newcomer took it) stops its worker (78). A
  * clean stop lets the lease go at once. */
 typedef struct {
