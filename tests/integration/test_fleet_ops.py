@@ -167,28 +167,35 @@ def test_worker_with_wrong_credentials_or_rights_stops_with_a_clear_error(acl_re
     assert log.count("NOPERM") < 5   # said once or twice, not a loop
 
 
-def test_a_worker_acl_of_the_last_version_is_refused_at_start(tmpdir_path):
-    """This version's worker also reads its heartbeat hash (one process per worker id) and
-    keeps the job streams' :taken indexes. Under the last version's ACL those commands were
-    refused only inside a result's transaction, after a job had run (EXECABORT: exit 78 after
-    the first job, found by review); now the worker says what to add before taking any."""
-    def last_version(acl):
-        acl = re.sub(r" \(\+hset \+hget \+hdel \+hscan ~duogen:jobs:taken ~duogen:jobs:high:taken\)", "", acl)
-        return acl.replace("(+hset +hsetnx +hget +hdel +pexpire ~duogen:worker:*)", "(+hset +pexpire ~duogen:worker:*)")
-    srv, pw, client = start_acl_redis(tmpdir_path, last_version)
+def refused_at_start(tmpdir_path, edit, stream, job_id):
+    """A worker under the ACL edit() makes, with a job waiting on `stream`: it stops with 78
+    naming the refusal before it takes the job (whose hash an attempt would have marked).
+    Returns its log."""
+    srv, pw, client = start_acl_redis(tmpdir_path, edit)
     try:
-        client("producer").xadd("duogen:jobs", {"id": "waiting", "job": make_job("waiting").SerializeToString()})
-        w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "oldacl")
+        client("producer").xadd(stream, {"id": job_id, "job": make_job(job_id).SerializeToString()})
+        w = worker_as(tmpdir_path, srv, "worker", pw["worker"], f"w-{job_id}")
         assert w.proc.wait(30) == 78
         log = w.logs()
         assert "Redis refuses this worker a command it needs" in log and "NOPERM" in log, log
-        assert "HSCAN on the job streams' :taken indexes" in log
-        # no job was taken: the attempt would have marked its job hash running
-        assert not client("producer").exists("duogen:job:waiting")
-        assert not client("producer").exists("duogen:result:waiting")
+        assert not client("producer").exists(f"duogen:job:{job_id}")
+        assert not client("producer").exists(f"duogen:result:{job_id}")
+        return log
     finally:
         srv.proc.kill()
         srv.proc.wait(10)
+
+
+def test_a_worker_acl_of_the_last_version_is_refused_at_start(tmpdir_path):
+    """This version's worker also holds its id's lease in its heartbeat hash and keeps the
+    job streams' :taken indexes. Under the last version's ACL those commands were refused
+    only inside a result's transaction, after a job had run (EXECABORT: exit 78 after the
+    first job, found by review); now the worker says what to add before taking any."""
+    def last_version(acl):
+        acl = re.sub(r" \(\+hset \+hget \+hdel \+hscan ~duogen:jobs:taken ~duogen:jobs:high:taken\)", "", acl)
+        return acl.replace("(+hset +hsetnx +hget +hdel +pexpire ~duogen:worker:*)", "(+hset +pexpire ~duogen:worker:*)")
+    log = refused_at_start(tmpdir_path, last_version, "duogen:jobs", "waiting")
+    assert "HSCAN on the job streams' :taken indexes" in log
 
 
 def test_an_acl_without_the_high_streams_index_is_refused_at_start(tmpdir_path):
@@ -196,16 +203,7 @@ def test_an_acl_without_the_high_streams_index_is_refused_at_start(tmpdir_path):
     high one's let the worker take a high job and stop at its result (found by review)."""
     def no_high_index(acl):
         return acl.replace("~duogen:jobs:taken ~duogen:jobs:high:taken", "~duogen:jobs:taken")
-    srv, pw, client = start_acl_redis(tmpdir_path, no_high_index)
-    try:
-        client("producer").xadd("duogen:jobs:high", {"id": "hi", "job": make_job("hi").SerializeToString()})
-        w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "nohigh")
-        assert w.proc.wait(30) == 78
-        assert "Redis refuses this worker a command it needs" in w.logs()
-        assert not client("producer").exists("duogen:job:hi")
-    finally:
-        srv.proc.kill()
-        srv.proc.wait(10)
+    refused_at_start(tmpdir_path, no_high_index, "duogen:jobs:high", "hi")
 
 
 def test_worker_under_the_shipped_acl_stops_a_run_acknowledged_elsewhere(acl_redis, tmpdir_path):
