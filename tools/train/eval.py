@@ -47,7 +47,8 @@ MEASURES = [
 class Worker:
     """redis-server and duogend on the package, in a scratch directory; closed on exit."""
 
-    def __init__(self, model, work, threads):
+    def __init__(self, model, work, threads, params=()):
+        self.params = list(params)
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
@@ -71,6 +72,8 @@ class Worker:
     def ask(self, job_id, seed, text, images, out):
         cmd = [os.path.join(ROOT, "build", "duogenctl"), "--redis", self.url, "enqueue", "--id", job_id,
                "--param", f"seed={seed}"]
+        for p in self.params:
+            cmd += ["--param", p]
         for p in images:
             cmd += ["--image", p]
         cmd += ["--out", out, text]
@@ -137,10 +140,15 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     ap.add_argument("--montage", help="a PNG of the first step and edit answers (montage())")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a duogenctl --param for every job (e.g. shift=2, guidance=6): scores sampler "
+                         "settings other than the package's defaults; repeatable")
     args = ap.parse_args()
+    if any(p.split("=", 1)[0] == "seed" for p in args.param):
+        ap.error("--param seed=...: each conversation has its own seed")
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
-    w = Worker(os.path.abspath(args.model), args.work, args.threads)
+    w = Worker(os.path.abspath(args.model), args.work, args.threads, args.param)
     total, by_kind, held = {}, {}, {}
     t0 = time.time()
     try:
@@ -169,13 +177,15 @@ def main():
     finally:
         w.close()
     n = len(conversations.KINDS) * args.per_kind
-    print(f"{n} held-out conversations through duogend in {time.time() - t0:.0f} s\n")
+    print(f"{n} held-out conversations through duogend in {time.time() - t0:.0f} s"
+          + (f" (every job with {' '.join(args.param)})" if args.param else "") + "\n")
     print(table(total, {**by_kind, **held}))
     if args.montage:
         print("\nfigure " + args.montage + ", one answer a row:\n" + "\n".join(montage(args.work, args.montage)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"total": total, "by_kind": by_kind, "by_triple": held, "conversations": n}, f, indent=1)
+            json.dump({"total": total, "by_kind": by_kind, "by_triple": held, "conversations": n,
+                       "params": args.param}, f, indent=1)
 
 
 if __name__ == "__main__":
