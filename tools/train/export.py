@@ -12,12 +12,17 @@
 The VAE's 3x3x3 kernels were trained on single pictures, where only the last temporal tap
 meets the frame; the other two taps are written as zeros (what they multiply for a
 picture), so the file holds only what was trained.
+
+read_package is the inverse, for train.py --from-package: a package's files back into a work
+folder as the outputs of the stages up to dit2, the weights in float32 holding the bf16 values.
 """
+import hashlib
+import json
 import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import models
 
@@ -86,3 +91,52 @@ def write_package(run, out, sampler):
                      "max_images": 4, "shift": sampler["shift"]}})
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     run.log(f"export: {out}, {size / 2 ** 20:.1f} MiB")
+
+
+def read_package(run, pkg):
+    """Unpacks the package `pkg` into run's work folder as stage outputs: mllm/ (config and
+    tokenizer files), mllm2/weights.pt, vae/ (config.json, weights.pt), dit2/weights.pt.
+    Every tensor is checked against the module it loads into (strict names and shapes)."""
+    os.makedirs(run.path("mllm"), exist_ok=True)
+    for f in MLLM_FILES:
+        shutil.copy(os.path.join(pkg, "mllm", f), run.path("mllm", f))
+    mllm = models.build_mllm(run.path("mllm"))
+    sd = {}
+    for k, v in load_file(os.path.join(pkg, "mllm", "model.safetensors")).items():
+        k = "model.visual." + k[len("visual."):] if k.startswith("visual.") else "model.language_model." + k[len("model."):]
+        sd[k] = v.float()
+    sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]      # tied
+    mllm.load_state_dict(sd)
+    os.makedirs(run.path("mllm2"), exist_ok=True)
+    torch.save(mllm.state_dict(), run.path("mllm2", "weights.pt"))
+    os.makedirs(run.path("vae"), exist_ok=True)
+    shutil.copy(os.path.join(pkg, "vae", "config.json"), run.path("vae", "config.json"))
+    vae = models.build_vae(json.load(open(run.path("vae", "config.json"))))
+    vae.load_state_dict({k: v.float() for k, v in
+                         load_file(os.path.join(pkg, "vae", "diffusion_pytorch_model.safetensors")).items()})
+    torch.save(vae.state_dict(), run.path("vae", "weights.pt"))
+    dit_cfg = models.dit_config(models.SIZES["dit"], vae.config.z_dim)
+    dit = models.build_dit(dit_cfg)
+    dit.load_state_dict({k: v.float() for k, v in
+                         load_file(os.path.join(pkg, "dit", "diffusion_pytorch_model.safetensors")).items()})
+    L, D = mllm.config.text_config.num_hidden_layers, mllm.config.text_config.hidden_size
+    conn = models.Connector(L * D, dit_cfg["text_embed_dim"])
+    conn.load_state_dict({k: v.float() for k, v in load_file(os.path.join(pkg, "connector.safetensors")).items()})
+    os.makedirs(run.path("dit2"), exist_ok=True)
+    torch.save({"dit": dit.state_dict(), "conn": conn.state_dict()}, run.path("dit2", "weights.pt"))
+    run.log(f"from package {pkg}: mllm2, vae and dit2 unpacked (sha256 {package_digest(pkg)[:16]})")
+
+
+def package_digest(pkg):
+    """sha256 over a package's files but its card and montage, in path order (what dit3's
+    record keeps of a run from a package)."""
+    h = hashlib.sha256()
+    for d, _, fs in sorted(os.walk(pkg)):
+        for f in sorted(fs):
+            if f.endswith((".md", ".png")):
+                continue
+            p = os.path.join(d, f)
+            h.update(os.path.relpath(p, pkg).encode() + b"\0")
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()

@@ -17,7 +17,11 @@
              request frames (conversations.COMPOSED, split "train2"), rounded to bf16 again
   dit2       the continuation of stage 2 from its EMA weights, conditioned on mllm2's states,
              its pictures leaning to edits (DIT_KINDS)
-  export     the package (export.py): mllm2, dit2, the VAE
+  dit3       dit2 continued from its weights as they ship (bf16), with the VAE as it ships,
+             on noise levels shifted as the sampler shifts them (SIGMA_SHIFT): stages dit
+             and dit2 drew sigma = sigmoid(N(0.3, 1)), 3% of it above 0.9, where the
+             sampler's first steps decide the layout; shifted by 3, 21%
+  export     the package (export.py): mllm2, dit3, the VAE
 
 Every stage is deterministic with the seed (the data of step k come from (seed, k); the
 noise from a generator seeded by (seed, stage, k)), logs its losses to WORK/train.log,
@@ -29,6 +33,14 @@ refused, not reused (a smoke test's 100-step VAE, a DiT of another plan). Every 
 conversations with the scorer (score.py).
 
     tools/train/.venv/bin/python tools/train/train.py --work build/train [--stage all]
+
+--from-package DIR starts from a package this script exported instead of from nothing: its
+files are unpacked into an empty work folder as the outputs of the stages up to dit2 (its
+DiT and connector as dit2's; export.read_package), and only dit3 and the export run; run it
+again with the same package and folder to resume. What dit3 reads of them is what it reads
+after dit2 in a whole run (it starts from the weights rounded as they ship), so given the
+package of the dit2 a whole run made, the two ways train the same dit3 on the same machine.
+The shipped dit3 was trained so from the package before it (shapes/MODEL.md says which).
 """
 import argparse
 import glob
@@ -64,28 +76,38 @@ PLAN = {
     # second, lower cosine cycle
     "mllm2": dict(steps=2000, batch=32, lr=1e-3, warmup=50, probe=500, threads=2),
     "dit2": dict(steps=3200, batch=32, lr=6e-4, warmup=50, probe=500, threads=2),
+    # dit2 again, on shifted noise levels (SIGMA_SHIFT), a fresh optimizer and a third cycle
+    "dit3": dict(steps=2400, batch=32, lr=4e-4, warmup=50, probe=600, threads=2),
 }
 # stage 2's drawn pictures by conversation kind: dit draws from the three alike; dit2 leans
 # to edits, the kind furthest from its goal after dit (the asked change, the rest copied
 # from the condition frame)
-DIT_KINDS = {"dit": None, "dit2": {"draw": 0.2, "step": 0.35, "edit": 0.45}}
+DIT_KINDS = {"dit": None, "dit2": {"draw": 0.2, "step": 0.35, "edit": 0.45},
+             "dit3": {"draw": 0.2, "step": 0.35, "edit": 0.45}}
 # which stage's weights each later stage (and the package) starts from
-MLLM_OF = {"dit": "mllm", "mllm2": "mllm", "dit2": "mllm2", "export": "mllm2"}
-DIT_OF = {"dit2": "dit", "export": "dit2"}
+MLLM_OF = {"dit": "mllm", "mllm2": "mllm", "dit2": "mllm2", "dit3": "mllm2", "export": "mllm2"}
+DIT_OF = {"dit2": "dit", "dit3": "dit2", "export": "dit3"}
+# the DiT stages that start from the earlier weights as the package holds them (bf16; the VAE
+# too): what a run from a package (--from-package) reads is then what a whole run reads
+AS_SHIPPED = {"dit3"}
 VOCAB_SIZE = 768          # BPE target (bytes included); the world's text needs ~600
 VAE_NOISE = 0.1          # stage vae: noise added to the content latents
 CELL_WEIGHT = 0.5        # stage mllm: weight of the per-cell probe of the vision tokens
 P_UNCOND = 0.12           # stage 2: share of samples conditioned on the CFG negative
 EMA_DECAY = 0.995
 SIGMA_MEAN, SIGMA_STD = 0.3, 1.0   # logit-normal training sigmas: sigmoid(N(m, s))
+# per stage, the shift applied to those (s -> shift·s / (1 + (shift − 1)·s), the sampler's own
+# map, flow.sigmas_shifted): dit3 trains where the sampler (SAMPLER's shift 3) spends its steps
+SIGMA_SHIFT = {"dit3": 3.0}
 # the probes' and the package's sampler defaults. Guidance 4 was chosen on the finished
 # model's probe set (48 held-out conversations, 70 requested shapes: present 42 at
 # guidance 2, 44 at 4, 43 at 6); the committed run's DiT stages were trained after that, and
 # their probes drew at 4.
 SAMPLER = dict(steps=16, guidance=4.0, shift=3.0)
 CHECKPOINT_SECONDS = 300
-STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3, "mllm2": 4, "dit2": 5}
-SPLIT = {"mllm": "train", "dit": "train", "mllm2": "train2", "dit2": "train2"}
+STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3, "mllm2": 4, "dit2": 5, "dit3": 6}
+SPLIT = {"mllm": "train", "dit": "train", "mllm2": "train2", "dit2": "train2", "dit3": "train2"}
+STAGES = ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "dit3"]
 
 
 class Run:
@@ -446,14 +468,24 @@ def target_velocity(dit, x, is_cond, ts, targets, ctx, ctx_mask):
     return out
 
 
+def as_shipped(*modules):
+    """Rounds the modules' parameters to bf16 in place (what export writes)."""
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                p.copy_(p.to(torch.bfloat16).to(p.dtype))
+
+
 def stage_dit(run, plan, name="dit"):
-    """Stage 2; stage dit2 goes on from dit's EMA weights, conditioned on mllm2."""
+    """Stage 2; stages dit2 and dit3 go on from the one before (DIT_OF), conditioned on mllm2."""
     if os.path.exists(run.path(name, "weights.pt")):
         return
     split = SPLIT[name]
     codec = codec_for(run)
     pixels = data.Pixels(models.image_processor())
     mllm, vae = load_mllm(run, MLLM_OF[name]), load_vae(run)
+    if name in AS_SHIPPED:
+        as_shipped(vae)                         # mllm2 ends rounded already
     L = mllm.config.text_config.num_hidden_layers
     layers = list(range(L))
     torch.manual_seed(run.seed)
@@ -469,6 +501,8 @@ def stage_dit(run, plan, name="dit"):
         w = torch.load(run.path(DIT_OF[name], "weights.pt"), map_location=here())
         dit.load_state_dict(w["dit"])
         conn.load_state_dict(w["conn"])
+        if name in AS_SHIPPED:
+            as_shipped(dit, conn)
     params = list(dit.parameters()) + list(conn.parameters())
     opt = torch.optim.AdamW(params, lr=plan["lr"], betas=(0.9, 0.99), weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
@@ -496,6 +530,8 @@ def stage_dit(run, plan, name="dit"):
         ctx_mask = torch.arange(T)[None] < n_ctx[:, None]
         ctx = conn(states)
         sigma = torch.sigmoid(SIGMA_MEAN + SIGMA_STD * drawn(torch.randn, B, gen))
+        if name in SIGMA_SHIFT:
+            sigma = SIGMA_SHIFT[name] * sigma / (1 + (SIGMA_SHIFT[name] - 1) * sigma)
         eps = drawn(torch.randn, lat.shape, gen)
         bi = torch.arange(B)
         x0 = lat[bi, targets]
@@ -580,7 +616,8 @@ def probe_dit(run, mllm, vae, dit, conn, ema, params, codec, pixels, layers, n_p
 
 # what each stage leaves in the work folder: its output, its checkpoint
 ARTIFACTS = {"tokenizer": ["mllm/config.json"], "vae": ["vae", "vae.pt"], "mllm": ["mllm/weights.pt", "mllm.pt"],
-             "dit": ["dit", "dit.pt"], "mllm2": ["mllm2", "mllm2.pt"], "dit2": ["dit2", "dit2.pt"]}
+             "dit": ["dit", "dit.pt"], "mllm2": ["mllm2", "mllm2.pt"], "dit2": ["dit2", "dit2.pt"],
+             "dit3": ["dit3", "dit3.pt"]}
 
 
 def code_digest():
@@ -629,7 +666,11 @@ def main():
     root = os.path.normpath(os.path.join(folder, "..", ".."))
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=os.path.join(root, "build", "train"))
-    ap.add_argument("--stage", default="all", choices=["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "export", "all"])
+    ap.add_argument("--stage", default="all", choices=STAGES + ["export", "all"])
+    ap.add_argument("--from-package", metavar="DIR",
+                    help="start from a package this script exported (as the outputs of the stages up to "
+                         "dit2, its DiT as dit2's) in an empty work folder, or resume such a run: runs dit3 "
+                         "and the export")
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: each stage's, PLAN)")
     ap.add_argument("--steps", default="", help="override steps, e.g. vae=100,mllm=200")
@@ -644,14 +685,34 @@ def main():
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
         plan[k]["steps"] = int(v)
+    if args.from_package and args.stage not in ("all", "dit3", "export"):
+        ap.error(f"--from-package runs dit3 and the export, not {args.stage}")
+    unpacked = resumed = None
+    if args.from_package:
+        import export
+        unpacked = export.package_digest(args.from_package)
+        mark = os.path.join(args.work, "stamps", "package.json")
+        resumed = os.path.exists(mark) and json.load(open(mark)).get("package") == unpacked
+        if not resumed and os.path.exists(args.work) and os.listdir(args.work):
+            ap.error(f"--from-package needs an empty work folder, or one this package was unpacked into; "
+                     f"{args.work} is neither")
     run = Run(args.work, args.seed)
     run.log(f"machine: {machine()}")
-    stages = ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "export"] if args.stage == "all" else [args.stage]
+    if unpacked and not resumed:
+        export.read_package(run, args.from_package)
+        os.makedirs(run.path("stamps"), exist_ok=True)
+        with open(run.path("stamps", "package.json"), "w") as f:
+            json.dump({"package": unpacked, "from": os.path.abspath(args.from_package)}, f, indent=1)
+    stages = STAGES + ["export"] if args.stage == "all" else [args.stage]
+    if unpacked:
+        stages = [st for st in stages if st in ("dit3", "export")]
     code, earlier = code_digest(), {}
-    for st in ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2"]:   # a stage's record holds the earlier ones'
+    for st in STAGES:   # a stage's record holds the earlier ones'
         record = {"stage": st, "plan": plan.get(st, {}), "seed": args.seed, "device": args.device,
                   "threads": args.threads, "code": code,
                   "earlier": dict(earlier)}
+        if unpacked and st == "dit3":
+            record["earlier"] = {"package": unpacked}
         earlier[st] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         if st in stages:
             check_stamp(run, st, record)
@@ -665,7 +726,7 @@ def main():
             stage_vae(run, plan["vae"])
         elif st in ("mllm", "mllm2"):
             stage_mllm(run, plan[st], st)
-        elif st in ("dit", "dit2"):
+        elif st in ("dit", "dit2", "dit3"):
             stage_dit(run, plan[st], st)
         else:
             import export
