@@ -486,6 +486,7 @@ def stage_dit(run, plan, name="dit"):
     mllm, vae = load_mllm(run, MLLM_OF[name]), load_vae(run)
     if name in AS_SHIPPED:
         as_shipped(vae)                         # mllm2 ends rounded already
+    LATENTS.clear()                             # an earlier stage's, of the unrounded VAE
     L = mllm.config.text_config.num_hidden_layers
     layers = list(range(L))
     torch.manual_seed(run.seed)
