@@ -15,13 +15,19 @@ M64 = (1 << 64) - 1
 COND_TIMESTEP = 1e-4
 
 
+def shifted(u, shift):
+    """The shift's map of a noise level u in [0, 1] (a number or a tensor): the sampler's
+    schedule below, and the training levels of stage dit3 (train.SIGMA_SHIFT)."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
 def sigmas_shifted(n, shift, u_first=0.999, u_last=None):
     """dg_flow_sigmas_shifted as the painter calls it (u from 0.999 to 0.999/n), n + 1 values."""
     u_last = 0.999 / n if u_last is None else u_last
     out = []
     for i in range(n):
         u = u_first + (i / (n - 1) if n > 1 else 0.0) * (u_last - u_first)
-        out.append(np.float32(shift * u / (1.0 + (shift - 1.0) * u)))
+        out.append(np.float32(shifted(u, shift)))
     return np.array(out + [0.0], dtype=np.float32)
 
 

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conversations  # noqa: E402
 import data  # noqa: E402
+import flow  # noqa: E402
 import models  # noqa: E402
 import pipeline  # noqa: E402
 import score  # noqa: E402
@@ -97,7 +98,7 @@ P_UNCOND = 0.12           # stage 2: share of samples conditioned on the CFG neg
 EMA_DECAY = 0.995
 SIGMA_MEAN, SIGMA_STD = 0.3, 1.0   # logit-normal training sigmas: sigmoid(N(m, s))
 # per stage, the shift applied to those (s -> shift·s / (1 + (shift − 1)·s), the sampler's own
-# map, flow.sigmas_shifted): dit3 trains where the sampler (SAMPLER's shift 3) spends its steps
+# map, flow.shifted): dit3 trains where the sampler (SAMPLER's shift 3) spends its steps
 SIGMA_SHIFT = {"dit3": 3.0}
 # the probes' and the package's sampler defaults. Guidance 4 was chosen on the finished
 # model's probe set (48 held-out conversations, 70 requested shapes: present 42 at
@@ -537,7 +538,7 @@ def stage_dit(run, plan, name="dit"):
         ctx = conn(states)
         sigma = torch.sigmoid(SIGMA_MEAN + SIGMA_STD * drawn(torch.randn, B, gen))
         if name in SIGMA_SHIFT:
-            sigma = SIGMA_SHIFT[name] * sigma / (1 + (SIGMA_SHIFT[name] - 1) * sigma)
+            sigma = flow.shifted(sigma, SIGMA_SHIFT[name])
         eps = drawn(torch.randn, lat.shape, gen)
         bi = torch.arange(B)
         x0 = lat[bi, targets]
