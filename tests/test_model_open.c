@@ -96,36 +96,36 @@ static void refused(const char *dir, const char *want) {
     dg_model_close(m);
 }
 
-TEST(configs_that_disagree_are_refused_by_name) {
+/* The tiny package with `file` edited by `edit`, which the loader must refuse saying `want`. */
+static void refused_edit(const char *file, void (*edit)(json_t *), const char *want) {
     char dir[512];
-    CHECK_EQ_INT(edited("mllm/config.json", wide_tower, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: vision_config.out_hidden_size 96 must be the decoder's hidden_size 64");
-    CHECK_EQ_INT(edited("dit/config.json", more_out_channels, dir, sizeof dir), 0);
-    refused(dir, "dit/config.json: out_channels 32 must be in_channels - 1 = 16");
-    CHECK_EQ_INT(edited("dit/config.json", zero_patch, dir, sizeof dir), 0);
-    refused(dir, "dit/config.json: patch_size [1, 0, 0]");
-    CHECK_EQ_INT(edited("dit/config.json", tall_patch, dir, sizeof dir), 0);
-    refused(dir, "dit/config.json: patch_size [1, 4, 1]: patches must be square");
-    CHECK_EQ_INT(edited("mllm/config.json", few_rows, dir, sizeof dir), 0);
-    refused(dir, "past config.json's vocab_size 200");
-    CHECK_EQ_INT(edited("mllm/config.json", pad_past_rows, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: \"image_token_id\" 999999 is outside the vocabulary");
-    CHECK_EQ_INT(edited("dit/config.json", wrapping_heads, dir, sizeof dir), 0);
-    refused(dir, "dit/config.json: \"num_attention_heads\" 134217730 must be 1 .. 65536");
-    CHECK_EQ_INT(edited("dit/config.json", no_blocks, dir, sizeof dir), 0);
-    refused(dir, "dit/config.json: \"num_layers\" 0 must be 1 .. 65536");
-    CHECK_EQ_INT(edited("mllm/config.json", wrapping_merge, dir, sizeof dir), 0);
-    refused(dir, "vision_config: \"patch_size\" 65536 must be 1 .. 1024");
-    CHECK_EQ_INT(edited("duogen.json", layer_twice, dir, sizeof dir), 0);
-    refused(dir, "duogen.json: condition_layers names layer 0 twice");
-    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", unmerged, dir, sizeof dir), 0);
-    refused(dir, "preprocessor_config.json: patch_size 14, temporal_patch_size 2, merge_size 1 must be config.json's");
-    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", mean_as_text, dir, sizeof dir), 0);
-    refused(dir, "preprocessor_config.json: \"image_mean\" must be a list of 3 numbers");
-    CHECK_EQ_INT(edited("mllm/preprocessor_config.json", flat_std, dir, sizeof dir), 0);
-    refused(dir, "preprocessor_config.json: image_std[1] 0 must be above 0");
-    CHECK_EQ_INT(edited("vae/config.json", no_res_blocks, dir, sizeof dir), 0);
-    refused(dir, "vae/config.json: base_dim");
+    if (edited(file, edit, dir, sizeof dir) < 0) {
+        test_fail(__FILE__, __LINE__, "cannot write the edited %s (to be refused with \"%s\")", file, want);
+        return;
+    }
+    refused(dir, want);
+}
+
+TEST(configs_that_disagree_are_refused_by_name) {
+    refused_edit("mllm/config.json", wide_tower,
+                 "mllm/config.json: vision_config.out_hidden_size 96 must be the decoder's hidden_size 64");
+    refused_edit("dit/config.json", more_out_channels, "dit/config.json: out_channels 32 must be in_channels - 1 = 16");
+    refused_edit("dit/config.json", zero_patch, "dit/config.json: patch_size [1, 0, 0]");
+    refused_edit("dit/config.json", tall_patch, "dit/config.json: patch_size [1, 4, 1]: patches must be square");
+    refused_edit("mllm/config.json", few_rows, "past config.json's vocab_size 200");
+    refused_edit("mllm/config.json", pad_past_rows,
+                 "mllm/config.json: \"image_token_id\" 999999 is outside the vocabulary");
+    refused_edit("dit/config.json", wrapping_heads,
+                 "dit/config.json: \"num_attention_heads\" 134217730 must be 1 .. 65536");
+    refused_edit("dit/config.json", no_blocks, "dit/config.json: \"num_layers\" 0 must be 1 .. 65536");
+    refused_edit("mllm/config.json", wrapping_merge, "vision_config: \"patch_size\" 65536 must be 1 .. 1024");
+    refused_edit("duogen.json", layer_twice, "duogen.json: condition_layers names layer 0 twice");
+    refused_edit("mllm/preprocessor_config.json", unmerged,
+                 "preprocessor_config.json: patch_size 14, temporal_patch_size 2, merge_size 1 must be config.json's");
+    refused_edit("mllm/preprocessor_config.json", mean_as_text,
+                 "preprocessor_config.json: \"image_mean\" must be a list of 3 numbers");
+    refused_edit("mllm/preprocessor_config.json", flat_std, "preprocessor_config.json: image_std[1] 0 must be above 0");
+    refused_edit("vae/config.json", no_res_blocks, "vae/config.json: base_dim");
 }
 
 /* Opens dir, expecting success; the model is the caller's (NULL after printing why not). */
@@ -160,20 +160,14 @@ static void negative_theta(json_t *j) { json_object_set_new(j, "rope_theta", jso
 
 TEST(rope_other_than_mrope_is_refused_by_key_and_value) {
     char dir[512];
-    CHECK_EQ_INT(edited("mllm/config.json", yarn, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rope_scaling.type \"yarn\" is not implemented");
-    CHECK_EQ_INT(edited("mllm/config.json", linear_v5, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rope_parameters.rope_type \"linear\" is not implemented");
-    CHECK_EQ_INT(edited("mllm/config.json", mrope_with_factor, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rope_scaling.factor 4 is not implemented");
-    CHECK_EQ_INT(edited("mllm/config.json", no_rope, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rope_scaling is missing: the decoder has M-RoPE only");
-    CHECK_EQ_INT(edited("mllm/config.json", rope_as_text, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rope_scaling \"mrope\" is not an object");
-    CHECK_EQ_INT(edited("mllm/config.json", rope_without_sections, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rope_scaling has no mrope_section");
-    CHECK_EQ_INT(edited("mllm/config.json", negative_theta, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rope_theta -1 must be above 0 and finite");
+    refused_edit("mllm/config.json", yarn, "mllm/config.json: rope_scaling.type \"yarn\" is not implemented");
+    refused_edit("mllm/config.json", linear_v5,
+                 "mllm/config.json: rope_parameters.rope_type \"linear\" is not implemented");
+    refused_edit("mllm/config.json", mrope_with_factor, "mllm/config.json: rope_scaling.factor 4 is not implemented");
+    refused_edit("mllm/config.json", no_rope, "mllm/config.json: rope_scaling is missing: the decoder has M-RoPE only");
+    refused_edit("mllm/config.json", rope_as_text, "mllm/config.json: rope_scaling \"mrope\" is not an object");
+    refused_edit("mllm/config.json", rope_without_sections, "mllm/config.json: rope_scaling has no mrope_section");
+    refused_edit("mllm/config.json", negative_theta, "mllm/config.json: rope_theta -1 must be above 0 and finite");
     CHECK_EQ_INT(edited("mllm/config.json", resaved_rope, dir, sizeof dir), 0);
     dg_model_close(opens(dir));
 }
@@ -193,11 +187,11 @@ static void sliding_layer_type(json_t *j) {   /* transformers 5's per-layer list
 
 TEST(sliding_window_attention_is_refused) {
     char dir[512];
-    CHECK_EQ_INT(edited("mllm/config.json", sliding_second_layer, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: use_sliding_window true with max_window_layers 1 < num_hidden_layers 2 is not "
+    refused_edit("mllm/config.json", sliding_second_layer,
+                 "mllm/config.json: use_sliding_window true with max_window_layers 1 < num_hidden_layers 2 is not "
                  "implemented");
-    CHECK_EQ_INT(edited("mllm/config.json", sliding_layer_type, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: layer_types[1] \"sliding_attention\" is not implemented");
+    refused_edit("mllm/config.json", sliding_layer_type,
+                 "mllm/config.json: layer_types[1] \"sliding_attention\" is not implemented");
     CHECK_EQ_INT(edited("mllm/config.json", sliding_past_the_layers, dir, sizeof dir), 0);
     dg_model_close(opens(dir));
 }
@@ -219,12 +213,12 @@ static void tower_rope_as_published(json_t *j) {
 
 TEST(activations_and_the_towers_rope_base_are_checked) {
     char dir[512];
-    CHECK_EQ_INT(edited("mllm/config.json", gelu_decoder, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: hidden_act \"gelu\" is not implemented (the MLP is SwiGLU: \"silu\")");
-    CHECK_EQ_INT(edited("mllm/config.json", quick_gelu_tower, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: vision_config.hidden_act \"quick_gelu\" is not implemented");
-    CHECK_EQ_INT(edited("mllm/config.json", tower_rope_base, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: vision_config.rope_parameters.rope_theta 100000.0 is not implemented");
+    refused_edit("mllm/config.json", gelu_decoder,
+                 "mllm/config.json: hidden_act \"gelu\" is not implemented (the MLP is SwiGLU: \"silu\")");
+    refused_edit("mllm/config.json", quick_gelu_tower,
+                 "mllm/config.json: vision_config.hidden_act \"quick_gelu\" is not implemented");
+    refused_edit("mllm/config.json", tower_rope_base,
+                 "mllm/config.json: vision_config.rope_parameters.rope_theta 100000.0 is not implemented");
     CHECK_EQ_INT(edited("mllm/config.json", tower_rope_as_published, dir, sizeof dir), 0);
     dg_model_close(opens(dir));
 }
@@ -243,13 +237,12 @@ static void full_blocks_past_the_cap(json_t *j) {
 }
 
 TEST(full_attention_blocks_are_blocks_of_the_tower) {
-    char dir[512];
-    CHECK_EQ_INT(edited("mllm/config.json", full_block_past_the_tower, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: vision_config.fullatt_block_indexes[1] 2 is not a block (depth 2: 0 .. 1)");
-    CHECK_EQ_INT(edited("mllm/config.json", full_block_as_text, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: vision_config.fullatt_block_indexes[0] \"1\" is not a block");
-    CHECK_EQ_INT(edited("mllm/config.json", full_blocks_past_the_cap, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: vision_config.fullatt_block_indexes lists 17 blocks, more than the 16");
+    refused_edit("mllm/config.json", full_block_past_the_tower,
+                 "mllm/config.json: vision_config.fullatt_block_indexes[1] 2 is not a block (depth 2: 0 .. 1)");
+    refused_edit("mllm/config.json", full_block_as_text,
+                 "mllm/config.json: vision_config.fullatt_block_indexes[0] \"1\" is not a block");
+    refused_edit("mllm/config.json", full_blocks_past_the_cap,
+                 "mllm/config.json: vision_config.fullatt_block_indexes lists 17 blocks, more than the 16");
 }
 
 /* rms_norm_eps: above 0 and finite as a float; absent, transformers' class default 1e-5. */
@@ -259,10 +252,8 @@ static void no_eps(json_t *j) { json_object_del(j, "rms_norm_eps"); }
 
 TEST(rms_norm_eps_is_positive_and_defaults_as_transformers) {
     char dir[512];
-    CHECK_EQ_INT(edited("mllm/config.json", zero_eps, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rms_norm_eps 0 must be above 0 and finite");
-    CHECK_EQ_INT(edited("mllm/config.json", huge_eps, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: rms_norm_eps inf must be above 0 and finite");
+    refused_edit("mllm/config.json", zero_eps, "mllm/config.json: rms_norm_eps 0 must be above 0 and finite");
+    refused_edit("mllm/config.json", huge_eps, "mllm/config.json: rms_norm_eps inf must be above 0 and finite");
     CHECK_EQ_INT(edited("mllm/config.json", no_eps, dir, sizeof dir), 0);
     dg_model *m = opens(dir);
     if (m) CHECK(m->cfg.text.rms_norm_eps == 1e-5f);
@@ -276,13 +267,9 @@ static void huge_std(json_t *j) { json_array_set_new(json_object_get(j, "latents
 static void huge_mean(json_t *j) { json_array_set_new(json_object_get(j, "latents_mean"), 0, json_real(-1e39)); }
 
 TEST(vae_latents_std_is_positive_and_finite) {
-    char dir[512];
-    CHECK_EQ_INT(edited("vae/config.json", zero_std, dir, sizeof dir), 0);
-    refused(dir, "vae/config.json: latents_std[3] 0 must be above 0 and finite");
-    CHECK_EQ_INT(edited("vae/config.json", huge_std, dir, sizeof dir), 0);
-    refused(dir, "vae/config.json: latents_std[5] inf must be above 0 and finite");
-    CHECK_EQ_INT(edited("vae/config.json", huge_mean, dir, sizeof dir), 0);
-    refused(dir, "vae/config.json: latents_mean[0] -inf must be finite");
+    refused_edit("vae/config.json", zero_std, "vae/config.json: latents_std[3] 0 must be above 0 and finite");
+    refused_edit("vae/config.json", huge_std, "vae/config.json: latents_std[5] inf must be above 0 and finite");
+    refused_edit("vae/config.json", huge_mean, "vae/config.json: latents_mean[0] -inf must be finite");
 }
 
 /* A DiT key the file leaves out takes CosmosTransformer3DModel's default: extra_pos_embed_type
@@ -292,8 +279,8 @@ static void no_padding_mask_key(json_t *j) { json_object_del(j, "concat_padding_
 
 TEST(dit_keys_left_out_take_diffusers_defaults) {
     char dir[512];
-    CHECK_EQ_INT(edited("dit/config.json", no_pos_embed_type, dir, sizeof dir), 0);
-    refused(dir, "dit/config.json: \"extra_pos_embed_type\" is missing: diffusers then adds its default \"learnable\"");
+    refused_edit("dit/config.json", no_pos_embed_type,
+                 "dit/config.json: \"extra_pos_embed_type\" is missing: diffusers then adds its default \"learnable\"");
     CHECK_EQ_INT(edited("dit/config.json", no_padding_mask_key, dir, sizeof dir), 0);
     dg_model_close(opens(dir));
 }
@@ -309,15 +296,15 @@ static void class_as_number(json_t *j) { json_object_set_new(j, "_class_name", j
 
 TEST(files_naming_another_network_are_refused) {
     char dir[512];
-    CHECK_EQ_INT(edited("mllm/config.json", qwen2_vl, dir, sizeof dir), 0);
-    refused(dir, "mllm/config.json: model_type \"qwen2_vl\" is not the model this reads (\"qwen2_5_vl\")");
-    CHECK_EQ_INT(edited("dit/config.json", wan_dit, dir, sizeof dir), 0);
-    refused(dir, "dit/config.json: _class_name \"WanTransformer3DModel\" is not the model this reads "
+    refused_edit("mllm/config.json", qwen2_vl,
+                 "mllm/config.json: model_type \"qwen2_vl\" is not the model this reads (\"qwen2_5_vl\")");
+    refused_edit("dit/config.json", wan_dit,
+                 "dit/config.json: _class_name \"WanTransformer3DModel\" is not the model this reads "
                  "(\"CosmosTransformer3DModel\")");
-    CHECK_EQ_INT(edited("vae/config.json", other_vae, dir, sizeof dir), 0);
-    refused(dir, "vae/config.json: _class_name \"AutoencoderKLCosmos\" is not the model this reads");
-    CHECK_EQ_INT(edited("vae/config.json", class_as_number, dir, sizeof dir), 0);
-    refused(dir, "vae/config.json: _class_name must be a string (\"AutoencoderKLWan\")");
+    refused_edit("vae/config.json", other_vae,
+                 "vae/config.json: _class_name \"AutoencoderKLCosmos\" is not the model this reads");
+    refused_edit("vae/config.json", class_as_number,
+                 "vae/config.json: _class_name must be a string (\"AutoencoderKLWan\")");
     CHECK_EQ_INT(edited("mllm/config.json", no_model_type, dir, sizeof dir), 0);
     dg_model_close(opens(dir));
 }
@@ -333,17 +320,15 @@ static void many_eos(json_t *j) {
 static void eos_as_text(json_t *j) { json_object_set_new(j, "eos_token_id", json_pack("[i,s]", 266, "<|im_end|>")); }
 
 TEST(eos_lists_past_the_cap_are_refused) {
-    char dir[512], want[160];
-    CHECK_EQ_INT(edited("mllm/config.json", many_eos, dir, sizeof dir), 0);
+    char want[160];
     snprintf(want, sizeof want, "mllm/config.json: eos_token_id lists %d ids, more than the %d the engine keeps",
              DG_MAX_EOS + 1, DG_MAX_EOS);
-    refused(dir, want);
-    CHECK_EQ_INT(edited("mllm/config.json", eos_as_text, dir, sizeof dir), 0);   /* skipped before */
-    refused(dir, "mllm/config.json: eos_token_id must be a token id or a list of them");
-    CHECK_EQ_INT(edited("mllm/generation_config.json", many_eos, dir, sizeof dir), 0);
+    refused_edit("mllm/config.json", many_eos, want);
+    refused_edit("mllm/config.json", eos_as_text,   /* skipped before */
+                 "mllm/config.json: eos_token_id must be a token id or a list of them");
     snprintf(want, sizeof want, "mllm/generation_config.json: eos_token_id lists %d ids, more than the %d", DG_MAX_EOS + 1,
              DG_MAX_EOS);
-    refused(dir, want);
+    refused_edit("mllm/generation_config.json", many_eos, want);
 }
 
 /* The tiny pipeline of the parity goldens, saved by transformers 5.25 and diffusers 0.42
