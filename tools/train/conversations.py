@@ -387,14 +387,17 @@ MAKERS = {"draw": make_draw, "step": make_step, "edit": make_edit, "describe": m
 MIX = {"draw": 0.2, "step": 0.2, "edit": 0.25, "describe": 0.25, "talk": 0.10}
 # train2 (the continuation) leans further to what stage 1 left weakest: steps, edits, descriptions
 MIX2 = {"draw": 0.15, "step": 0.25, "edit": 0.27, "describe": 0.28, "talk": 0.05}
+# mllm3 (train.py) leans to descriptions, the one goal the MLLM missed after mllm2
+MIX3 = {"draw": 0.1, "step": 0.15, "edit": 0.2, "describe": 0.45, "talk": 0.1}
 
 
-def make(seed, index, split, kind=None):
-    """Conversation `index` of the stream (seed, split); kind drawn from MIX unless given."""
+def make(seed, index, split, kind=None, mix=None):
+    """Conversation `index` of the stream (seed, split); kind drawn from `mix` (MIX, or MIX2
+    for train2, unless given) unless given."""
     rng = world.rng_for(seed, index, split)
     if kind is None:
         r, acc = rng.random(), 0.0
-        for kind, p in (MIX2 if split == "train2" else MIX).items():
+        for kind, p in (mix or (MIX2 if split == "train2" else MIX)).items():
             acc += p
             if r < acc:
                 break

@@ -14,7 +14,8 @@ meets the frame; the other two taps are written as zeros (what they multiply for
 picture), so the file holds only what was trained.
 
 read_package is the inverse, for train.py --from-package: a package's files back into a work
-folder as the outputs of the stages up to dit2, the weights in float32 holding the bf16 values.
+folder as the outputs of the stages up to dit2 or dit3 (--package-as), the weights in float32
+holding the bf16 values.
 """
 import hashlib
 import json
@@ -93,10 +94,13 @@ def write_package(run, out, sampler):
     run.log(f"export: {out}, {size / 2 ** 20:.1f} MiB")
 
 
-def read_package(run, pkg):
+def read_package(run, pkg, as_stage="dit2"):
     """Unpacks the package `pkg` into run's work folder as stage outputs: mllm/ (config and
-    tokenizer files), mllm2/weights.pt, vae/ (config.json, weights.pt), dit2/weights.pt.
-    Every tensor is checked against the module it loads into (strict names and shapes)."""
+    tokenizer files), vae/ (config.json, weights.pt), the DiT and connector as the output of
+    DiT stage `as_stage` (<as_stage>/weights.pt) and the MLLM as that of the stage it
+    conditioned on (train.MLLM_OF: mllm2/weights.pt for dit2 and dit3). Every tensor is
+    checked against the module it loads into (strict names and shapes)."""
+    import train
     os.makedirs(run.path("mllm"), exist_ok=True)
     for f in MLLM_FILES:
         shutil.copy(os.path.join(pkg, "mllm", f), run.path("mllm", f))
@@ -107,8 +111,8 @@ def read_package(run, pkg):
         sd[k] = v.float()
     sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]      # tied
     mllm.load_state_dict(sd)
-    os.makedirs(run.path("mllm2"), exist_ok=True)
-    torch.save(mllm.state_dict(), run.path("mllm2", "weights.pt"))
+    os.makedirs(run.path(train.MLLM_OF[as_stage]), exist_ok=True)
+    torch.save(mllm.state_dict(), run.path(train.MLLM_OF[as_stage], "weights.pt"))
     os.makedirs(run.path("vae"), exist_ok=True)
     shutil.copy(os.path.join(pkg, "vae", "config.json"), run.path("vae", "config.json"))
     vae = models.build_vae(json.load(open(run.path("vae", "config.json"))))
@@ -122,9 +126,10 @@ def read_package(run, pkg):
     L, D = mllm.config.text_config.num_hidden_layers, mllm.config.text_config.hidden_size
     conn = models.Connector(L * D, dit_cfg["text_embed_dim"])
     conn.load_state_dict({k: v.float() for k, v in load_file(os.path.join(pkg, "connector.safetensors")).items()})
-    os.makedirs(run.path("dit2"), exist_ok=True)
-    torch.save({"dit": dit.state_dict(), "conn": conn.state_dict()}, run.path("dit2", "weights.pt"))
-    run.log(f"from package {pkg}: mllm2, vae and dit2 unpacked (sha256 {package_digest(pkg)[:16]})")
+    os.makedirs(run.path(as_stage), exist_ok=True)
+    torch.save({"dit": dit.state_dict(), "conn": conn.state_dict()}, run.path(as_stage, "weights.pt"))
+    run.log(f"from package {pkg}: {train.MLLM_OF[as_stage]}, vae and {as_stage} unpacked "
+            f"(sha256 {package_digest(pkg)[:16]})")
 
 
 def package_digest(pkg):

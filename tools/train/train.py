@@ -21,7 +21,10 @@
              on noise levels shifted as the sampler shifts them (SIGMA_SHIFT): stages dit
              and dit2 drew sigma = sigmoid(N(0.3, 1)), 3% of it above 0.9, where the
              sampler's first steps decide the layout; shifted by 3, 21%
-  export     the package (export.py): mllm2, dit3, the VAE
+  mllm3      mllm2 continued from its bf16 weights on train2 conversations it did not read,
+             leaning to descriptions (MLLM_MIX), without the cell probe; rounded to bf16
+  dit4       dit3 continued as it ships, conditioned on mllm3's states (which moved), shifted
+  export     the package (export.py): mllm3, dit4, the VAE
 
 Every stage is deterministic with the seed (the data of step k come from (seed, k); the
 noise from a generator seeded by (seed, stage, k)), logs its losses to WORK/train.log,
@@ -35,12 +38,13 @@ conversations with the scorer (score.py).
     tools/train/.venv/bin/python tools/train/train.py --work build/train [--stage all]
 
 --from-package DIR starts from a package this script exported instead of from nothing: its
-files are unpacked into an empty work folder as the outputs of the stages up to dit2 (its
-DiT and connector as dit2's; export.read_package), and only dit3 and the export run; run it
-again with the same package and folder to resume. What dit3 reads of them is what it reads
-after dit2 in a whole run (it starts from the weights rounded as they ship), so given the
-package of the dit2 a whole run made, the two ways train the same dit3 on the same machine.
-The shipped dit3 was trained so from the package before it (shapes/MODEL.md says which).
+files are unpacked into an empty work folder as the outputs of the stages up to
+--package-as (dit2 or dit3: its DiT and connector as that stage's, its MLLM as mllm2's;
+export.read_package), and only the later stages and the export run; run it again with the
+same package and folder to resume. What those stages read of them is what they read in a
+whole run (each starts from the weights rounded as they ship), so given the package of the
+dit2 (or dit3) a whole run made, the two ways train the same weights on the same machine.
+The shipped model was trained so from the packages before it (shapes/MODEL.md says which).
 """
 import argparse
 import glob
@@ -79,27 +83,39 @@ PLAN = {
     "dit2": dict(steps=3200, batch=32, lr=6e-4, warmup=50, probe=500, threads=2),
     # dit2 again, on shifted noise levels (SIGMA_SHIFT), a fresh optimizer and a third cycle
     "dit3": dict(steps=2400, batch=32, lr=4e-4, warmup=50, probe=600, threads=2),
+    # the MLLM again, leaning to descriptions (MLLM_MIX), on train2 conversations after those
+    # mllm2 read (MLLM_FIRST); then the DiT again on its states
+    "mllm3": dict(steps=800, batch=32, lr=5e-4, warmup=50, probe=400, threads=2),
+    "dit4": dict(steps=2400, batch=32, lr=4e-4, warmup=50, probe=600, threads=2),
 }
 # stage 2's drawn pictures by conversation kind: dit draws from the three alike; dit2 leans
 # to edits, the kind furthest from its goal after dit (the asked change, the rest copied
 # from the condition frame)
-DIT_KINDS = {"dit": None, "dit2": {"draw": 0.2, "step": 0.35, "edit": 0.45},
-             "dit3": {"draw": 0.2, "step": 0.35, "edit": 0.45}}
+EDITS_LEANING = {"draw": 0.2, "step": 0.35, "edit": 0.45}
+DIT_KINDS = {"dit": None, "dit2": EDITS_LEANING, "dit3": EDITS_LEANING, "dit4": EDITS_LEANING}
 # which stage's weights each later stage (and the package) starts from
-MLLM_OF = {"dit": "mllm", "mllm2": "mllm", "dit2": "mllm2", "dit3": "mllm2", "export": "mllm2"}
-DIT_OF = {"dit2": "dit", "dit3": "dit2", "export": "dit3"}
+MLLM_OF = {"dit": "mllm", "mllm2": "mllm", "dit2": "mllm2", "dit3": "mllm2", "mllm3": "mllm2", "dit4": "mllm3",
+           "export": "mllm3"}
+DIT_OF = {"dit2": "dit", "dit3": "dit2", "dit4": "dit3", "export": "dit4"}
 # the DiT stages that start from the earlier weights as the package holds them (bf16; the VAE
 # too): what a run from a package (--from-package) reads is then what a whole run reads
-AS_SHIPPED = {"dit3"}
+AS_SHIPPED = {"dit3", "dit4"}
+# --package-as: the DiT stages a package can be read as (its MLLM as MLLM_OF's of that stage)
+PACKAGE_AS = ("dit2", "dit3")
 VOCAB_SIZE = 768          # BPE target (bytes included); the world's text needs ~600
 VAE_NOISE = 0.1          # stage vae: noise added to the content latents
-CELL_WEIGHT = 0.5        # stage mllm: weight of the per-cell probe of the vision tokens
+CELL_WEIGHT = {"mllm": 0.5, "mllm2": 0.5}   # weight of the per-cell probe of the vision tokens
+# (mllm3 has none: its start, mllm2's weights, is all a package holds of the MLLM, so a run
+# from a package trains the same mllm3 as a whole run)
+MLLM_MIX = {"mllm3": conversations.MIX3}     # the conversation kinds (others: conversations.make's)
+# the index of a stage's first conversation: mllm3's come after those of the committed mllm2
+MLLM_FIRST = {"mllm3": PLAN["mllm2"]["steps"] * PLAN["mllm2"]["batch"]}
 P_UNCOND = 0.12           # stage 2: share of samples conditioned on the CFG negative
 EMA_DECAY = 0.995
 SIGMA_MEAN, SIGMA_STD = 0.3, 1.0   # logit-normal training sigmas: sigmoid(N(m, s))
 # per stage, the shift applied to those (s -> shift·s / (1 + (shift − 1)·s), the sampler's own
 # map, flow.shifted): dit3 trains where the sampler (SAMPLER's shift 3) spends its steps
-SIGMA_SHIFT = {"dit3": 3.0}
+SIGMA_SHIFT = {"dit3": 3.0, "dit4": 3.0}
 # the probes' and the package's sampler defaults. Guidance 4 was chosen on the finished
 # model's probe set (48 held-out conversations, 70 requested shapes: present 42 at
 # guidance 2, 44 at 4, 43 at 6); the committed run's DiT stages were trained after that, and
@@ -111,9 +127,10 @@ SAMPLER = dict(steps=16, guidance=4.0, shift=3.0)
 # with none; edits 81.5, 82.5, 86.0, 86.0, 84.0%)
 PACKAGE_SAMPLER = dict(SAMPLER, guidance=2.0)
 CHECKPOINT_SECONDS = 300
-STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3, "mllm2": 4, "dit2": 5, "dit3": 6}
-SPLIT = {"mllm": "train", "dit": "train", "mllm2": "train2", "dit2": "train2", "dit3": "train2"}
-STAGES = ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "dit3"]
+STAGE_SALT = {"vae": 1, "mllm": 2, "dit": 3, "mllm2": 4, "dit2": 5, "dit3": 6, "mllm3": 7, "dit4": 8}
+SPLIT = {"mllm": "train", "dit": "train", "mllm2": "train2", "dit2": "train2", "dit3": "train2", "mllm3": "train2",
+         "dit4": "train2"}
+STAGES = ["tokenizer", "vae", "mllm", "dit", "mllm2", "dit2", "dit3", "mllm3", "dit4"]
 
 
 class Run:
@@ -297,7 +314,8 @@ def stage_mllm(run, plan, name="mllm"):
     a direct signal that teaches the vision tower the world in a few hundred steps, where
     the next-token loss alone had not after 800 (descriptions then ignored the picture).
     The probe is not part of the model and is not shipped. Stage mllm2 starts from the
-    finished stage 1 (weights and probe head) with a fresh optimizer."""
+    finished stage 1 (weights and probe head) with a fresh optimizer; mllm3 from mllm2's
+    weights, without the probe (CELL_WEIGHT)."""
     if os.path.exists(run.path(name, "weights.pt")):
         return
     split = SPLIT[name]
@@ -305,17 +323,20 @@ def stage_mllm(run, plan, name="mllm"):
     pixels = data.Pixels(models.image_processor())
     torch.manual_seed(run.seed)
     mllm = models.build_mllm(run.path("mllm"))
-    head = torch.nn.Linear(mllm.config.text_config.hidden_size, data.N_CELL_CLASSES)
-    opt = torch.optim.AdamW(list(mllm.parameters()) + list(head.parameters()), lr=plan["lr"], betas=(0.9, 0.98),
-                            weight_decay=0.01)
-    step = 0
+    cell_weight = CELL_WEIGHT.get(name, 0.0)
+    head = torch.nn.Linear(mllm.config.text_config.hidden_size, data.N_CELL_CLASSES) if cell_weight else None
+    trained = list(mllm.parameters()) + (list(head.parameters()) if head else [])
+    opt = torch.optim.AdamW(trained, lr=plan["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+    step, first, mix = 0, MLLM_FIRST.get(name, 0), MLLM_MIX.get(name)
     if name in MLLM_OF:
         mllm.load_state_dict(torch.load(run.path(MLLM_OF[name], "weights.pt"), map_location=here()))
-        head.load_state_dict(run.load(MLLM_OF[name] + ".pt")["head"])
+        if head:
+            head.load_state_dict(run.load(MLLM_OF[name] + ".pt")["head"])
     ck = run.load(name + ".pt")
     if ck:
         mllm.load_state_dict(ck["model"])
-        head.load_state_dict(ck["head"])
+        if head:
+            head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         run.log(f"{name}: resumed at step {step}")
@@ -325,7 +346,8 @@ def stage_mllm(run, plan, name="mllm"):
     while step < plan["steps"]:
         for g in opt.param_groups:
             g["lr"] = models.lr_at(step, plan["steps"], plan["lr"], plan["warmup"])
-        convs = [conversations.make(run.seed, step * plan["batch"] + i, split) for i in range(plan["batch"])]
+        convs = [conversations.make(run.seed, first + step * plan["batch"] + i, split, mix=mix)
+                 for i in range(plan["batch"])]
         tokenized = [codec.encode(c) for c in convs]
         batch, labels = data.mllm_batch(codec, pixels, tokenized)
         pv = batch.pop("pixel_values")
@@ -333,21 +355,23 @@ def stage_mllm(run, plan, name="mllm"):
         mllm.model.rope_deltas = None
         logits = mllm(**batch, mm_encoder_outputs={"image": img}, use_cache=False).logits
         lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        cells = torch.tensor([c for t in tokenized for p in t.pictures for c in data.cell_labels(p)])
-        cell = F.cross_entropy(head(torch.cat(img.pooler_output)), cells)
-        loss = lm + CELL_WEIGHT * cell
+        loss, said = lm, f"loss {lm.item():.4f}"
+        if head:
+            cells = torch.tensor([c for t in tokenized for p in t.pictures for c in data.cell_labels(p)])
+            cell = F.cross_entropy(head(torch.cat(img.pooler_output)), cells)
+            loss, said = lm + cell_weight * cell, said + f" cells {cell.item():.4f}"
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(mllm.parameters()) + list(head.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         if step % 25 == 0:
-            run.log(f"{name} {step}: loss {lm.item():.4f} cells {cell.item():.4f}")
+            run.log(f"{name} {step}: {said}")
         if step % plan["probe"] == 0 or step == plan["steps"]:
             probe_mllm(run, mllm, codec, pixels)
         if time.time() - last_save > CHECKPOINT_SECONDS or step == plan["steps"]:
-            run.save(name + ".pt", {"model": mllm.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                                    "step": step})
+            run.save(name + ".pt", {"model": mllm.state_dict(), "head": head.state_dict() if head else None,
+                                    "opt": opt.state_dict(), "step": step})
             last_save = time.time()
     with torch.no_grad():                       # as shipped: bf16
         for p in mllm.parameters():
@@ -624,7 +648,7 @@ def probe_dit(run, mllm, vae, dit, conn, ema, params, codec, pixels, layers, n_p
 # what each stage leaves in the work folder: its output, its checkpoint
 ARTIFACTS = {"tokenizer": ["mllm/config.json"], "vae": ["vae", "vae.pt"], "mllm": ["mllm/weights.pt", "mllm.pt"],
              "dit": ["dit", "dit.pt"], "mllm2": ["mllm2", "mllm2.pt"], "dit2": ["dit2", "dit2.pt"],
-             "dit3": ["dit3", "dit3.pt"]}
+             "dit3": ["dit3", "dit3.pt"], "mllm3": ["mllm3", "mllm3.pt"], "dit4": ["dit4", "dit4.pt"]}
 
 
 def code_digest():
@@ -676,8 +700,11 @@ def main():
     ap.add_argument("--stage", default="all", choices=STAGES + ["export", "all"])
     ap.add_argument("--from-package", metavar="DIR",
                     help="start from a package this script exported (as the outputs of the stages up to "
-                         "dit2, its DiT as dit2's) in an empty work folder, or resume such a run: runs dit3 "
-                         "and the export")
+                         "--package-as) in an empty work folder, or resume such a run: runs the stages after "
+                         "that one and the export")
+    ap.add_argument("--package-as", default="dit2", choices=PACKAGE_AS,
+                    help="the stage whose DiT the package holds (its MLLM is the one that stage conditioned "
+                         "on): dit2 (runs dit3, mllm3, dit4), dit3 (runs mllm3, dit4)")
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: each stage's, PLAN)")
     ap.add_argument("--steps", default="", help="override steps, e.g. vae=100,mllm=200")
@@ -692,34 +719,37 @@ def main():
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
         plan[k]["steps"] = int(v)
-    if args.from_package and args.stage not in ("all", "dit3", "export"):
-        ap.error(f"--from-package runs dit3 and the export, not {args.stage}")
+    after = STAGES[STAGES.index(args.package_as) + 1:] + ["export"]
+    if args.from_package and args.stage not in ["all"] + after:
+        ap.error(f"--from-package with --package-as {args.package_as} runs {', '.join(after)}, not {args.stage}")
     unpacked = resumed = None
     if args.from_package:
         import export
         unpacked = export.package_digest(args.from_package)
         mark = os.path.join(args.work, "stamps", "package.json")
-        resumed = os.path.exists(mark) and json.load(open(mark)).get("package") == unpacked
+        was = json.load(open(mark)) if os.path.exists(mark) else {}
+        resumed = was.get("package") == unpacked and was.get("as", "dit2") == args.package_as
         if not resumed and os.path.exists(args.work) and os.listdir(args.work):
             ap.error(f"--from-package needs an empty work folder, or one this package was unpacked into; "
                      f"{args.work} is neither")
     run = Run(args.work, args.seed)
     run.log(f"machine: {machine()}")
     if unpacked and not resumed:
-        export.read_package(run, args.from_package)
+        export.read_package(run, args.from_package, args.package_as)
         os.makedirs(run.path("stamps"), exist_ok=True)
         with open(run.path("stamps", "package.json"), "w") as f:
-            json.dump({"package": unpacked, "from": os.path.abspath(args.from_package)}, f, indent=1)
+            json.dump({"package": unpacked, "as": args.package_as, "from": os.path.abspath(args.from_package)}, f,
+                      indent=1)
     stages = STAGES + ["export"] if args.stage == "all" else [args.stage]
     if unpacked:
-        stages = [st for st in stages if st in ("dit3", "export")]
+        stages = [st for st in stages if st in after]
     code, earlier = code_digest(), {}
     for st in STAGES:   # a stage's record holds the earlier ones'
         record = {"stage": st, "plan": plan.get(st, {}), "seed": args.seed, "device": args.device,
                   "threads": args.threads, "code": code,
                   "earlier": dict(earlier)}
-        if unpacked and st == "dit3":
-            record["earlier"] = {"package": unpacked}
+        if unpacked and st == after[0]:
+            record["earlier"] = {"package": unpacked, "as": args.package_as}
         earlier[st] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         if st in stages:
             check_stamp(run, st, record)
@@ -731,9 +761,9 @@ def main():
             stage_tokenizer(run)
         elif st == "vae":
             stage_vae(run, plan["vae"])
-        elif st in ("mllm", "mllm2"):
+        elif st in ("mllm", "mllm2", "mllm3"):
             stage_mllm(run, plan[st], st)
-        elif st in ("dit", "dit2", "dit3"):
+        elif st in ("dit", "dit2", "dit3", "dit4"):
             stage_dit(run, plan[st], st)
         else:
             import export
