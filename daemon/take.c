@@ -273,7 +273,7 @@ static int look(dg_taker *t, dg_run *r, seen *s, int valid) {
      * a result (the sweep) */
     dg_cmd *mark[3] = {dg_cmd_of("HSET", k_job, "state", "running", "worker", cfg->worker_id, "attempt", attempt,
                                  "phase", "prefill", "progress", "0", "tokens", "0", "images", "0", "step", "0",
-                                 "error", "", "updated_ms", now, NULL),
+                                 "error", "", "ttl_s", ttl, "updated_ms", now, NULL),
                        dg_cmd_of("EXPIRE", k_job, ttl, NULL), dg_cmd_of("HSET", k_taken, r->entry, taker, NULL)};
     /* the job's metadata, echoed as meta.<key> fields (proto/duogen.proto Job.metadata); a
      * refused job's is not (it may be what was refused: bytes that are not UTF-8) */
@@ -331,11 +331,13 @@ static int runs_have_job(const dg_runs *held, const char *id) {
 }
 
 /* The job's run, ended as failed; committed with the others (its XACK is a no-op, its HDEL
- * clears the field). */
-static void fail_lost(dg_taker *t, const char *stream, const char *entry, const char *id, int attempt) {
+ * clears the field). Its result keeps the job's TTL, ttl_s of its hash (0 where the hash
+ * expired or an older worker wrote it: the default). */
+static void fail_lost(dg_taker *t, const char *stream, const char *entry, const char *id, int attempt, int ttl_s) {
     dg_run *r = dg_run_new(t->cfg, stream, entry);
     snprintf(r->id, sizeof r->id, "%s", id);
     r->deliveries = attempt;
+    if (ttl_s >= 1 && ttl_s <= (int)DG_JOB_MAX_TTL_S) r->ttl_s = ttl_s;
     dg_runs_add(t->held, r);
     dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__UNAVAILABLE,
                "its stream entry %s of \"%s\" was deleted (MAXLEN or XDEL) before an attempt finished: "
@@ -383,7 +385,7 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
     snprintf(cursor, sizeof t->sweep_cursor[0], "%s", page->element[0]->str);
     const redisReply *kv = page->element[1];
     const int n = (int)(kv->elements / 2);
-    enum { PER = 6 };   /* XPENDING, XRANGE, EXISTS result, HGET state, worker, attempt */
+    enum { PER = 4 };   /* XPENDING, XRANGE, EXISTS result, HMGET worker attempt ttl_s */
     dg_cmd **cmds = calloc((size_t)n * PER + 1, sizeof *cmds);
     redisReply **rep = calloc((size_t)n * PER + 1, sizeof *rep);
     if (!cmds || !rep) abort();
@@ -406,9 +408,7 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
         cmds[m++] = dg_cmd_of("XPENDING", stream, t->cfg->group, entry, entry, "1", NULL);
         cmds[m++] = dg_cmd_of("XRANGE", stream, entry, entry, NULL);
         cmds[m++] = dg_cmd_of("EXISTS", k_result, NULL);
-        cmds[m++] = dg_cmd_of("HGET", k_job, "state", NULL);
-        cmds[m++] = dg_cmd_of("HGET", k_job, "worker", NULL);
-        cmds[m++] = dg_cmd_of("HGET", k_job, "attempt", NULL);
+        cmds[m++] = dg_cmd_of("HMGET", k_job, "worker", "attempt", "ttl_s", NULL);
     }
     int rc = m ? dg_redis_pipeline(t->redis, cmds, m, rep) : 0;
     const int replied = m && !rc;
@@ -434,7 +434,10 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
         }
         /* gone from the stream and the pending list, no result: a live run of the job, here
          * or with the worker that took this entry or the one its job hash names? */
-        const char *who = r[4]->type == REDIS_REPLY_STRING ? r[4]->str : "";
+        /* the job hash's fields (look()), each nil where it expired */
+        const redisReply *f = r[3];
+        const int have = f->type == REDIS_REPLY_ARRAY && f->elements == 3;
+        const char *who = have && f->element[0]->type == REDIS_REPLY_STRING ? f->element[0]->str : "";
         int live = runs_have_job(t->held, id);
         if (!live && takers[i][0] && strcmp(takers[i], t->cfg->worker_id)) live = listed_by(t, takers[i], id);
         if (!live && who[0] && strcmp(who, t->cfg->worker_id) && strcmp(who, takers[i])) live = listed_by(t, who, id);
@@ -456,7 +459,8 @@ static int sweep_stream(dg_taker *t, int s, dg_take_report *out) {
         if (now - t->lost_seen[k].since_ms < grace) continue;
         lost_seen_forget(t, stream, entry);
         if (!dg_job_id_valid(id, strlen(id))) continue;
-        fail_lost(t, stream, entry, id, r[5]->type == REDIS_REPLY_STRING ? atoi(r[5]->str) : 0);
+        fail_lost(t, stream, entry, id, have && f->element[1]->type == REDIS_REPLY_STRING ? atoi(f->element[1]->str) : 0,
+                  have && f->element[2]->type == REDIS_REPLY_STRING ? atoi(f->element[2]->str) : 0);
     }
     if (replied)
         for (int i = 0; i < m; i++) freeReplyObject(rep[i]);

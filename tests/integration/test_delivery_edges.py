@@ -716,11 +716,14 @@ def test_an_entry_trimmed_after_an_attempt_gave_it_back_still_gets_a_result(clus
     count (found by review). The stream's taken index names its job: it fails, saying so."""
     cluster.worker("w1")
     cluster.wait_groups()
-    cluster.enqueue("given", "hi", meta={"fake.fail": "retry"})
+    cluster.enqueue("given", "hi", meta={"fake.fail": "retry"}, result_ttl_s=600)
     wait_until(lambda: cluster.r.hget("duogen:job:given", "state") == b"retrying", what="retrying")
     assert cluster.r.hget(cluster.key("jobs") + ":taken", cluster.r.xrange(cluster.key("jobs"))[0][0]) == b"given w1"
+    assert cluster.r.hget("duogen:job:given", "ttl_s") == b"600"
     cluster.r.xtrim(cluster.key("jobs"), maxlen=0)
     lost_result(cluster, "given")
+    # the job's own TTL, not the worker's default of a day (the sweep read it from the hash)
+    assert 0 < cluster.r.ttl(cluster.key("result", "given")) <= 600
     wait_until(lambda: not cluster.r.exists(cluster.key("jobs") + ":taken"), what="the index emptied")
     assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0
 
