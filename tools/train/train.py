@@ -702,9 +702,9 @@ def main():
                     help="start from a package this script exported (as the outputs of the stages up to "
                          "--package-as) in an empty work folder, or resume such a run: runs the stages after "
                          "that one and the export")
-    ap.add_argument("--package-as", default="dit2", choices=PACKAGE_AS,
-                    help="the stage whose DiT the package holds (its MLLM is the one that stage conditioned "
-                         "on): dit2 (runs dit3, mllm3, dit4), dit3 (runs mllm3, dit4)")
+    ap.add_argument("--package-as", choices=PACKAGE_AS,
+                    help="with --from-package: the stage whose DiT the package holds (its MLLM is the one that "
+                         "stage conditioned on): dit2 (the default; runs dit3, mllm3, dit4), dit3 (runs mllm3, dit4)")
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (default: each stage's, PLAN)")
     ap.add_argument("--steps", default="", help="override steps, e.g. vae=100,mllm=200")
@@ -719,6 +719,9 @@ def main():
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
         plan[k]["steps"] = int(v)
+    if args.package_as and not args.from_package:
+        ap.error("--package-as says how to read the package of --from-package, and there is none")
+    args.package_as = args.package_as or "dit2"
     after = STAGES[STAGES.index(args.package_as) + 1:] + ["export"]
     if args.from_package and args.stage not in ["all"] + after:
         ap.error(f"--from-package with --package-as {args.package_as} runs {', '.join(after)}, not {args.stage}")
