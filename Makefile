@@ -231,6 +231,10 @@ $(BUILD)/tests/test_%: $(BUILD)/obj/tests/test_%.o $(TEST_COMMON_OBJ) $(PROTO_OB
 	@echo "  LD      $@"
 	@$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
+# the allocation-failure test counts and fails the engine's own allocations (tests/test_alloc_fail.c)
+$(BUILD)/tests/test_alloc_fail: LDLIBS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=free \
+                                          -Wl,--wrap=posix_memalign,--wrap=strdup,--wrap=strndup
+
 # tests of the daemon's own units link its objects (without main)
 $(BUILD)/tests/test_daemon_%: $(BUILD)/obj/tests/test_daemon_%.o $(DAEMON_LIB_OBJ) $(TEST_COMMON_OBJ) $(PROTO_OBJ) $(LIB)
 	@mkdir -p $(dir $@)

@@ -420,10 +420,11 @@ static void bind_tick(void *user) {
 int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen) {
     *out = NULL;
     if (!dir || !dir[0]) return fail(err, errlen, DG_EMODEL, "no model directory given");
+    if (err && errlen) err[0] = 0;
     dg_model *m = calloc(1, sizeof *m);
     json_t *manifest = NULL;
     int rc;
-    if (!m) return DG_ENOMEM;
+    if (!m) return fail(err, errlen, DG_ENOMEM, "%s: out of memory", dir);
     snprintf(m->dir, sizeof m->dir, "%s", dir);
     m->bov_id = -1;
     if ((rc = read_package(m, &manifest, err, errlen)) < 0) goto fail;
@@ -540,6 +541,9 @@ int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char 
     *out = m;
     return 0;
 fail:
+    /* a part that failed without a word (an allocation deep in a loader) still gets one */
+    if (err && errlen && !err[0])
+        fail(err, errlen, rc, rc == DG_ENOMEM ? "%s: out of memory" : "%s: failed (%s)", dir, dg_error_name(rc));
     json_decref(manifest);
     dg_model_close(m);
     return rc;

@@ -88,6 +88,7 @@ static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget,
 
 int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err, size_t errlen) {
     *out = NULL;
+    if (errlen) err[0] = 0;
     dg_sched *s = calloc(1, sizeof *s);
     if (!s) {
         snprintf(err, errlen, "out of memory for a scheduler");
@@ -163,12 +164,14 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         int64_t by_pixels = m->pp.max_pixels / ((int64_t)m->pp.patch_size * m->pp.patch_size);
         if (by_pixels < max_patches) max_patches = by_pixels;
         if ((rc = dg_vision_state_new(&m->vision, s->be, (int)max_patches, &s->vs, err, errlen)) < 0) goto fail;
+        rc = DG_ENOMEM;   /* for each failure below (a 0 from the call above returned the scheduler NULL) */
         size_t vc = s->o.vision_cache_bytes ? s->o.vision_cache_bytes : vision_default;
         if (dg_vision_cache_new(vc, &s->vcache) < 0) goto fail;
         s->embed_rows = m->max_context;
         if (!(s->embeds = s->be->alloc(s->be, (size_t)s->embed_rows * c->hidden_size * sizeof(float)))) goto fail;
     }
     if (m->has_draw) {
+        rc = DG_ENOMEM;
         size_t lc = s->o.latent_cache_bytes ? s->o.latent_cache_bytes : latent_default;
         if (dg_latent_cache_new(lc, &s->lcache) < 0) goto fail;
         if (!(s->normed = s->be->alloc(s->be, (size_t)DG_SCHED_CHUNK * c->hidden_size * sizeof(float)))) goto fail;

@@ -143,10 +143,11 @@ static int vae_room(dg_painter *p, int h, int w, char *err, size_t errlen) {
 /* The connector's rows of the conditional branch into ctx_pos, and of the unconditional
  * one into ctx_neg when the image is guided (p->guided set). */
 static int semantic_conditions(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen) {
-    if (!p->ctx_pos) {
+    if (!p->positions) {   /* made last: an earlier try may have got the others only */
         size_t rows = (size_t)p->max_context * (size_t)p->conn->d_cond;
-        if (!(p->ctx_pos = malloc(rows * sizeof(float))) || !(p->ctx_neg = malloc(rows * sizeof(float))) ||
-            !(p->positions = malloc((size_t)p->max_context * sizeof(int32_t)))) {
+        if (!p->ctx_pos) p->ctx_pos = malloc(rows * sizeof(float));
+        if (!p->ctx_neg) p->ctx_neg = malloc(rows * sizeof(float));
+        if (!p->ctx_pos || !p->ctx_neg || !(p->positions = malloc((size_t)p->max_context * sizeof(int32_t)))) {
             snprintf(err, errlen, "out of memory for the condition rows");
             return DG_ENOMEM;
         }

@@ -179,7 +179,7 @@ static int xmp_orientation(const uint8_t *p, size_t n) {
 
 /* ImageMagick's "Raw profile type exif" text: "\nexif\n<len>\n<hex lines>"; Pillow decodes
  * the hex of everything after the third newline. Returns what exif_orientation does of it
- * (0 for hex that is not). */
+ * (0 for hex that is not), or DG_ENOMEM. */
 static int raw_profile_orientation(const char *text, size_t n) {
     size_t i = 0;
     for (int nl = 0; nl < 3 && i < n; i++)
@@ -187,7 +187,7 @@ static int raw_profile_orientation(const char *text, size_t n) {
             nl++;
     uint8_t *bin = malloc(n / 2 + 1);
     if (!bin)
-        return 0;
+        return DG_ENOMEM;
     size_t m = 0;
     int hi = -1, bad = 0;
     for (; i < n && !bad; i++) {
@@ -338,7 +338,8 @@ static int png_palette_overrun(const struct png_format *f, const uint8_t *in, in
 /* The orientation Pillow would find in a PNG: the EXIF's (eXIf, else "Raw profile type
  * exif" text), else, when that has none, XMP in an "XML:com.adobe.xmp" text chunk (the last
  * chunk of a key wins, as in Pillow's info dict; getexif() reads XMP whenever the EXIF has
- * no Orientation tag, as the JPEG path below). */
+ * no Orientation tag, as the JPEG path below). DG_ENOMEM when the EXIF text could not be
+ * decoded for want of memory (an image without its orientation would be another image). */
 static int png_orientation(png_structp png, png_infop info) {
     png_uint_32 n_exif = 0;
     png_bytep exif = NULL;
@@ -358,12 +359,25 @@ static int png_orientation(png_structp png, png_infop info) {
     if (raw && !has_exif) {
         size_t len = raw->compression > 0 ? raw->itxt_length : raw->text_length;
         o = raw_profile_orientation(raw->text, len);
+        if (o == DG_ENOMEM)
+            return o;
     }
     if (o < 0 && xmp) {
         size_t len = xmp->compression > 0 ? xmp->itxt_length : xmp->text_length;
         o = xmp_orientation((const uint8_t *)xmp->text, len);
     }
     return o < 0 ? 0 : o;
+}
+
+/* png_orientation() for png_decode(): the orientation, or -1 with j->code set. */
+static int png_job_orientation(struct png_job *j) {
+    int o = png_orientation(j->png, j->info);
+    if (o == DG_ENOMEM) {
+        j->code = DG_ENOMEM;
+        snprintf(j->msg, sizeof j->msg, "out of memory reading its EXIF orientation");
+        return -1;
+    }
+    return o;
 }
 
 
@@ -375,7 +389,7 @@ static int png_decode(struct png_job *j) {
         if (!j->pixels_done)
             return -1;
         j->code = 0;                 /* an error after the pixels: see png_read_end below */
-        return png_orientation(j->png, j->info);
+        return png_job_orientation(j);
     }
     png_set_read_fn(j->png, j, png_job_read);
     /* Ancillary chunks (text, ICC, eXIf) are buffered whole, decompressed ones too: cap
@@ -465,7 +479,7 @@ static int png_decode(struct png_job *j) {
      * data (text, eXIf, IEND) is not an error; the longjmp above returns 0 then. */
     j->pixels_done = 1;
     png_read_end(j->png, j->info);
-    return png_orientation(j->png, j->info);
+    return png_job_orientation(j);
 }
 
 /* Walks the chunk list before libpng sees it: libpng allocates a chunk's declared length
@@ -570,7 +584,7 @@ static int jpeg_segment(const uint8_t *p, size_t n, size_t *at, unsigned *marker
 
 /* The orientation Pillow's JpegImagePlugin would find: the Exif APP1 segments (the first
  * one, with the payload of later ones appended), else the last XMP APP1 segment, of the
- * segments up to the first SOS. */
+ * segments up to the first SOS. DG_ENOMEM when the Exif segments could not be gathered. */
 static int jpeg_orientation(const uint8_t *p, size_t n) {
     static const char xmp_id[] = "http://ns.adobe.com/xap/1.0/";   /* then a NUL */
     uint8_t *exif = NULL;
@@ -585,8 +599,10 @@ static int jpeg_orientation(const uint8_t *p, size_t n) {
             const uint8_t *add = exif ? s + 6 : s;
             size_t add_len = exif ? sl - 6 : sl;
             uint8_t *grown = realloc(exif, exif_len + add_len + 1);
-            if (!grown)
-                break;
+            if (!grown) {
+                free(exif);
+                return DG_ENOMEM;
+            }
             exif = grown;
             memcpy(exif + exif_len, add, add_len);
             exif_len += add_len;
@@ -670,7 +686,10 @@ static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
             img->rgb[3 * i + 2] = cmyk_channel(c[2], c[3]);
         }
     }
-    *orientation = jpeg_orientation(data, len);
+    if ((*orientation = jpeg_orientation(data, len)) == DG_ENOMEM) {
+        rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory reading its EXIF orientation");
+        goto done;
+    }
     *out = img;
     img = NULL;
     rc = DG_OK;

@@ -140,10 +140,13 @@ struct taps {
     int32_t *k;                      /* owned: [out_size, ksize] */
 };
 
+/* Frees and empties t: taps_compute's failure path frees what it got, and the caller's
+ * cleanup frees the same taps again. */
 static void taps_free(struct taps *t) {
     free(t->first);
     free(t->count);
     free(t->k);
+    *t = (struct taps){0};
 }
 
 /* Pillow's precompute_coeffs + normalize_coeffs_8bpc for in_size -> out_size over the

@@ -65,10 +65,14 @@ dg_sink test_job_sink(test_job *c) {
 }
 
 int test_job_run(dg_sched *s, const dg_request *r, test_job *c) {
+    dg_sink sink = test_job_sink(c);
+    return test_job_run_sink(s, r, c, &sink);
+}
+
+int test_job_run_sink(dg_sched *s, const dg_request *r, test_job *c, const dg_sink *sink) {
     char err[512];
     uint64_t seq;
-    dg_sink sink = test_job_sink(c);
-    int rc = dg_sched_submit(s, r, &sink, &seq, err, sizeof err);
+    int rc = dg_sched_submit(s, r, sink, &seq, err, sizeof err);
     if (rc) {
         snprintf(c->error, sizeof c->error, "%s", err);
         return rc;

@@ -32,6 +32,8 @@ dg_sink  test_job_sink(test_job *c);
 /* Submits r with test_job_sink(c) and steps s until no sequence is active. 0, the submit's
  * DG_E* code, or -100 after a fatal step error; the message is in c->error. */
 int      test_job_run(dg_sched *s, const dg_request *r, test_job *c);
+/* The same with another sink (one that wraps test_job_sink(c)'s callbacks). */
+int      test_job_run_sink(dg_sched *s, const dg_request *r, test_job *c, const dg_sink *sink);
 /* 1 when a and b streamed the same text bytes and the same PNG bytes. */
 int      test_job_same(const test_job *a, const test_job *b);
 void     test_job_free(test_job *c);      /* the PNGs; accepts a zeroed one */
