@@ -645,7 +645,7 @@ TEST(jobs) {
     free(in_png);
 }
 
-/* Two jobs at once on one scheduler (an edit and a draw, stepped in the same forwards), the
+/* Two jobs at once on one scheduler (an edit and a two-step drawing, in the same forwards), the
  * n-th allocation of a fresh scheduler's first pair failing: each job is refused at its
  * submit or fails with a message, or finishes with its reference answer; the other job is
  * not taken down with it, and the pair again gives the reference answers. */
@@ -675,7 +675,10 @@ TEST(two_jobs_at_once) {
     uint8_t *in_png = test_read_file("tests/golden/shapes", "edit_in.png", &in_len);
     CHECK(in_png != NULL);
     if (!in_png) return;
-    static const char edit[] = "Make the green triangle blue.", draw[] = "Draw a small red circle at the top left.";
+    /* the second asks for two steps: its second picture is conditioned on its first */
+    static const char edit[] = "Make the green triangle blue.",
+                      draw[] = "Show me step by step how to draw a small red circle at the top left and a blue square "
+                               "in the center.";
     dg_part pa[2] = {{.kind = DG_PART_IMAGE, .image = in_png, .image_len = in_len},
                      {.kind = DG_PART_TEXT, .text = edit, .text_len = sizeof edit - 1}};
     dg_part pb[1] = {{.kind = DG_PART_TEXT, .text = draw, .text_len = sizeof draw - 1}};
@@ -685,7 +688,7 @@ TEST(two_jobs_at_once) {
                      rb = {.id = "draw", .messages = &mb, .n_messages = 1, .seed = 8,
                            .image = {.set = DG_IMAGE_STEPS, .steps = 4}};
     const dg_request *r[2] = {&ra, &rb};
-    const dg_sched_opts so = {.max_inflight = 2};
+    const dg_sched_opts so = {.max_inflight = 2, .draft_tokens = 2};   /* drafts on: their paths too */
     dg_model *m = NULL;
     dg_sched *s = NULL;
     int rc = dg_model_open(PKG, &(dg_model_opts){.device = "cpu", .threads = 1}, &m, err, sizeof err);
@@ -699,14 +702,15 @@ TEST(two_jobs_at_once) {
         rc = pair_run(s, r, want, src);
         total = disarm(&leaked);
         CHECK(!rc && !src[0] && !src[1]);
-        for (int j = 0; j < 2; j++) CHECK(want[j].finished && !want[j].error[0] && want[j].n_png == 1);
+        CHECK(want[0].finished && !want[0].error[0] && want[0].n_png == 1);
+        CHECK(want[1].finished && !want[1].error[0] && want[1].n_png == 2);
         dg_sched_free(s);
         s = NULL;
     }
     int failed_jobs = 0, both = 0, bad = 0, tried = 0;
-    /* every allocation of the first 60 (the submits, the first forwards), then every third
+    /* every allocation of the first 60 (the submits, the first forwards), then every fifth
      * (the later ones repeat per step; the single-job case above fails each) */
-    for (long k = 1; !rc && k <= total && bad < 3; k += k < 60 ? 1 : 3) {
+    for (long k = 1; !rc && k <= total && bad < 3; k += k < 60 ? 1 : 5) {
         tried++;
         if ((rc = dg_sched_new(m, &so, &s, err, sizeof err))) break;
         test_job got[2] = {{0}};
