@@ -273,16 +273,23 @@ typedef struct {
     size_t          len;
     dg_image       *in, *img;       /* the input of resize and patches; the result */
     int32_t         w, h;           /* resize's size */
-    dg_image_digest want;
     dg_image_patches *patches;
-    float          *want_patches;
-    size_t          n_patches;
     uint8_t        *png;
     size_t          png_len;
-    uint8_t        *want_png;
-    size_t          want_png_len;
-    int             have_want;
+    void           *want;           /* the reference's bytes (an image's digest, patches, a PNG) */
+    size_t          want_len;
 } image_ctx;
+
+/* Whether got[0..len) is the reference; the first call's bytes become it (sweep()'s first
+ * run has no failure). */
+static int same_bytes(image_ctx *c, const void *got, size_t len) {
+    if (!c->want) {
+        if (!(c->want = malloc(len))) return 0;
+        memcpy(c->want, got, len);
+        c->want_len = len;
+    }
+    return len == c->want_len && !memcmp(got, c->want, len);
+}
 
 static void image_drop(void *v) {
     image_ctx *c = v;
@@ -290,16 +297,11 @@ static void image_drop(void *v) {
     c->img = NULL;
 }
 
-/* The first call's result is the reference (a run without failures: sweep()'s first). */
 static int image_same(void *v) {
     image_ctx *c = v;
     dg_image_digest d;
     dg_image_hash(c->img, &d);
-    if (!c->have_want) {
-        c->want = d;
-        c->have_want = 1;
-    }
-    return !memcmp(&d, &c->want, sizeof d);
+    return same_bytes(c, &d, sizeof d);
 }
 
 static int run_decode(void *v, char *err, size_t errlen) {
@@ -322,6 +324,7 @@ static void decode_case(const char *file) {
     snprintf(name, sizeof name, "decode %s", file);
     sweep(&(op){name, 1, run_decode, image_drop, image_same, &c}, 1000, 100);
     free(c.bytes);
+    free(c.want);
 }
 
 TEST(decode_png) { decode_case("rgb_200x150.png"); }
@@ -350,6 +353,7 @@ TEST(decode_png_raw_profile) {
     image_drop(&c);
     sweep(&(op){"decode a PNG with a raw EXIF profile", 1, run_decode, image_drop, image_same, &c}, 1000, 100);
     free(c.bytes);
+    free(c.want);
 }
 TEST(decode_jpeg_cmyk) { decode_case("cmyk_64x40.jpg"); }
 
@@ -369,9 +373,11 @@ TEST(resize) {
         snprintf(name, sizeof name, "resize 90x70 to %dx%d", sizes[i][0], sizes[i][1]);
         c.w = sizes[i][0];
         c.h = sizes[i][1];
-        c.have_want = 0;
+        free(c.want);
+        c.want = NULL;
         sweep(&(op){name, 0, run_resize, image_drop, image_same, &c}, 1000, 100);
     }
+    free(c.want);
     dg_image_free(c.in);
 }
 
@@ -391,14 +397,7 @@ static void patches_drop(void *v) {
 static int patches_same(void *v) {
     image_ctx *c = v;
     const dg_image_patches *p = c->patches;
-    const size_t n = (size_t)p->grid_t * p->grid_h * p->grid_w * p->patch_dim;
-    if (!c->want_patches) {
-        c->want_patches = malloc(n * sizeof(float));
-        if (!c->want_patches) return 0;
-        memcpy(c->want_patches, p->pixel_values, n * sizeof(float));
-        c->n_patches = n;
-    }
-    return n == c->n_patches && !memcmp(p->pixel_values, c->want_patches, n * sizeof(float));
+    return same_bytes(c, p->pixel_values, (size_t)p->grid_t * p->grid_h * p->grid_w * p->patch_dim * sizeof(float));
 }
 
 /* The vision preprocessing of an image that it resizes (100x80 -> 112x84). */
@@ -412,7 +411,7 @@ TEST(vision_patches) {
     if (!c.in) return;
     sweep(&(op){"vision patches 100x80", 1, run_patches, patches_drop, patches_same, &c}, 1000, 100);
     dg_image_free(c.in);
-    free(c.want_patches);
+    free(c.want);
 }
 
 static int run_encode(void *v, char *err, size_t errlen) {
@@ -429,13 +428,7 @@ static void encode_drop(void *v) {
 
 static int encode_same(void *v) {
     image_ctx *c = v;
-    if (!c->want_png) {
-        c->want_png = malloc(c->png_len);
-        if (!c->want_png) return 0;
-        memcpy(c->want_png, c->png, c->png_len);
-        c->want_png_len = c->png_len;
-    }
-    return c->png_len == c->want_png_len && !memcmp(c->png, c->want_png, c->png_len);
+    return same_bytes(c, c->png, c->png_len);
 }
 
 TEST(encode_png) {
@@ -445,7 +438,7 @@ TEST(encode_png) {
     for (size_t i = 0; i < (size_t)64 * 48 * 3; i++) c.in->rgb[i] = (uint8_t)(i * 7);
     sweep(&(op){"encode png with text", 1, run_encode, encode_drop, encode_same, &c}, 1000, 100);
     dg_image_free(c.in);
-    free(c.want_png);
+    free(c.want);
 }
 
 /* ---- a tokenizer, the shapes package -------------------------------------------------------- */
