@@ -528,13 +528,36 @@ static int job_run(dg_sched *s, const dg_request *r, test_job *c) {
     return test_job_run_sink(s, r, c, &sink);
 }
 
-/* A scheduler made and an edit job (an input image, text, a drawn picture) run on it, with
- * the n-th allocation of the two failing, for every n: dg_sched_new fails with its message,
- * or the job is refused at its submit or fails with a message, or it finishes with the
+/* How a job came out of a run with a failed allocation: 1 when it failed as it should (refused
+ * at its submit, submit_rc, or failed with ENOMEM, which the daemon retries, and a message),
+ * 0 when it finished with the reference's answer, -1 (a test failure) otherwise. */
+static int outcome(long k, int submit_rc, const test_job *got, const test_job *want) {
+    if (submit_rc || got->error[0]) {
+        if ((submit_rc && submit_rc != DG_ENOMEM) || !got->error[0] ||
+            (!submit_rc && (!strchr(got->events, 'x') || !strstr(got->error, "(ENOMEM)")))) {
+            test_fail(__FILE__, __LINE__, "allocation %ld failed: %d \"%s\", events %s (want ENOMEM and a message)", k,
+                      submit_rc, got->error, got->events);
+            return -1;
+        }
+        return 1;
+    }
+    if (!got->finished || !test_job_same(got, want)) {
+        test_fail(__FILE__, __LINE__, "allocation %ld failed: the job %s", k,
+                  got->finished ? "finished with another answer" : "never ended");
+        return -1;
+    }
+    return 0;
+}
+
+/* An edit job (an input image, text, a drawn picture) with the n-th allocation failing, for
+ * every n: of a fresh scheduler's making and its first job (warm 0), or of the job on a
+ * scheduler that ran it once already (warm 1: the image's vision rows, its latent and the
+ * prompt's KV blocks come from the caches). dg_sched_new fails with its message, or the job
+ * is refused at its submit or fails with ENOMEM and a message, or it finishes with the
  * reference's answer (a failure a cache absorbs); the scheduler goes on (the job again,
- * without failures, gives the reference's answer, this time from the caches). Everything
- * allocated from the model's opening to its closing is freed. */
-TEST(jobs) {
+ * without failures, gives the reference's answer). Everything allocated from the model's
+ * opening to its closing is freed. */
+static void jobs_sweep(int warm) {
     if (no_package()) SKIP("%s", no_package());
     char err[512];
     size_t in_len;
@@ -557,12 +580,19 @@ TEST(jobs) {
     test_job want = {0};
     long total = 0;
     if (!rc) {
-        /* the reference, and how many allocations a fresh scheduler and its first job make */
+        /* the reference, and how many allocations the swept part makes */
         dg_sched *s = NULL;
         long first = atomic_load(&calls);
         rc = dg_sched_new(m, &so, &s, err, sizeof err);
         CHECK_EQ_INT(rc, 0);
         if (!rc) rc = job_run(s, &r, &want);
+        if (!rc && warm) {
+            test_job again = {0};
+            first = atomic_load(&calls);
+            rc = job_run(s, &r, &again);
+            CHECK(test_job_same(&again, &want));
+            test_job_free(&again);
+        }
         total = atomic_load(&calls) - first;
         CHECK_EQ_INT(rc, 0);
         CHECK(want.finished && !want.error[0] && want.n_png == 1);
@@ -573,51 +603,37 @@ TEST(jobs) {
     for (; !rc && k <= total && bad < 3; k++) {
         dg_sched *s = NULL;
         test_job got = {0};
+        err[0] = 0;
+        int r1 = warm ? dg_sched_new(m, &so, &s, err, sizeof err) : 0;
+        if (!r1 && warm) {
+            r1 = job_run(s, &r, &got);   /* the caches filled */
+            test_job_free(&got);
+            memset(&got, 0, sizeof got);
+            CHECK_EQ_INT(r1, 0);
+        }
         atomic_store(&failed, 0);
         atomic_store(&calls, 0);
         fail_at = k;
-        err[0] = 0;
-        int r1 = dg_sched_new(m, &so, &s, err, sizeof err);
+        if (!warm) r1 = dg_sched_new(m, &so, &s, err, sizeof err);
         int r2 = r1 ? 0 : job_run(s, &r, &got);
         fail_at = 0;
         if (r1) {
             refused++;
-            if (r1 != DG_ENOMEM || !err[0]) {
+            if (warm || r1 != DG_ENOMEM || !err[0]) {
                 test_fail(__FILE__, __LINE__, "allocation %ld failed: dg_sched_new said %d \"%s\"", k, r1, err);
                 bad++;
             }
+            dg_sched_free(s);
             continue;
         }
-        if (r2 < 0 && r2 != -100) {
-            failed_jobs++;   /* the submit refused it: the daemon fails the job with this message */
-            if (r2 != DG_ENOMEM || !got.error[0]) {
-                test_fail(__FILE__, __LINE__, "allocation %ld failed: the submit said %d \"%s\"", k, r2, got.error);
-                bad++;
-            }
-        } else if (r2) {
+        if (r2 == -100) {
             test_fail(__FILE__, __LINE__, "allocation %ld of %ld failed: the scheduler failed (%s)", k, total, got.error);
             bad++;
-        } else if (!got.finished) {
-            test_fail(__FILE__, __LINE__, "allocation %ld of %ld failed: the job never ended", k, total);
-            bad++;
-        } else if (got.error[0]) {
-            failed_jobs++;
-            /* ENOMEM: the daemon gives the job back for another attempt (it is retryable) */
-            if (!strchr(got.events, 'x') || !strstr(got.error, "(ENOMEM)")) {
-                test_fail(__FILE__, __LINE__, "allocation %ld failed: error \"%s\", events %s (want ENOMEM, failed)", k,
-                          got.error, got.events);
-                bad++;
-            }
         } else {
-            absorbed += atomic_load(&failed);
-            if (!test_job_same(&got, &want)) {
-                test_fail(__FILE__, __LINE__, "allocation %ld of %ld failed and the job finished with another answer", k,
-                          total);
-                bad++;
-            }
-        }
-        test_job_free(&got);
-        if (r2 != -100) {
+            const int o = outcome(k, r2, &got, &want);
+            bad += o < 0;
+            failed_jobs += o > 0;
+            absorbed += !o && atomic_load(&failed);
             test_job after = {0};
             if (job_run(s, &r, &after) || !test_job_same(&after, &want)) {
                 test_fail(__FILE__, __LINE__, "after allocation %ld failed, the next job: %s", k,
@@ -626,17 +642,23 @@ TEST(jobs) {
             }
             test_job_free(&after);
         }
+        test_job_free(&got);
         dg_sched_free(s);
     }
-    printf("  a scheduler and its first job: %ld allocations, %ld of them failed in turn: dg_sched_new failed %d "
-           "times, the job %d, absorbed %d\n", total, k - 1, refused, failed_jobs, absorbed);
-    CHECK(refused > 0 && failed_jobs > 0);
+    printf("  %s: %ld allocations, %ld of them failed in turn: dg_sched_new failed %d times, the job %d, "
+           "absorbed %d\n", warm ? "the job from the caches" : "a scheduler and its first job", total, k - 1, refused,
+           failed_jobs, absorbed);
+    CHECK(failed_jobs > 0);
+    CHECK(warm || refused > 0);
     test_job_free(&want);
     dg_model_close(m);
     disarm(&leaked);
     CHECK_EQ_INT(leaked, 0);
     free(in_png);
 }
+
+TEST(jobs) { jobs_sweep(0); }
+TEST(jobs_from_the_caches) { jobs_sweep(1); }
 
 /* Two jobs at once on one scheduler (an edit and a two-step drawing, in the same forwards), the
  * n-th allocation of a fresh scheduler's first pair failing: each job is refused at its
@@ -714,23 +736,14 @@ TEST(two_jobs_at_once) {
             test_fail(__FILE__, __LINE__, "allocation %ld of %ld failed: the scheduler failed (%s)", k, total, got[0].error);
             bad++;
         }
-        both += !r2 && (src[0] || got[0].error[0]) && (src[1] || got[1].error[0]);
-        for (int j = 0; !r2 && j < 2; j++) {
-            if (src[j] || got[j].error[0]) {
-                failed_jobs++;
-                if ((src[j] && src[j] != DG_ENOMEM) || !got[j].error[0] ||
-                    (!src[j] && (!strchr(got[j].events, 'x') || !strstr(got[j].error, "(ENOMEM)")))) {
-                    test_fail(__FILE__, __LINE__, "allocation %ld failed: job %d: %d \"%s\" (events %s)", k, j, src[j],
-                              got[j].error, got[j].events);
-                    bad++;
-                }
-            } else if (!got[j].finished || !test_job_same(&got[j], &want[j])) {
-                test_fail(__FILE__, __LINE__, "allocation %ld of %ld failed: job %d %s", k, total, j,
-                          got[j].finished ? "finished with another answer" : "never ended");
-                bad++;
-            }
+        int o[2] = {0, 0};
+        for (int j = 0; j < 2; j++) {
+            if (!r2) o[j] = outcome(k, src[j], &got[j], &want[j]);
+            bad += o[j] < 0;
+            failed_jobs += o[j] > 0;
             test_job_free(&got[j]);
         }
+        both += o[0] > 0 && o[1] > 0;
         if (!r2) {
             test_job again[2] = {{0}};
             if (pair_run(s, r, again, src) || src[0] || src[1] || !test_job_same(&again[0], &want[0]) ||
