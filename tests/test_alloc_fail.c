@@ -21,6 +21,7 @@
 #include "io/image_preprocess.h"
 #include "text/tokenizer.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -154,7 +155,7 @@ void __wrap_free(void *p) {
 }
 
 int __wrap_posix_memalign(void **p, size_t align, size_t n) {
-    if (fails()) return 12;   /* ENOMEM */
+    if (fails()) return ENOMEM;
     int rc = __real_posix_memalign(p, align, n);
     if (!rc) live_add(*p);
     return rc;
