@@ -7,7 +7,7 @@
 #                   the last line is "N passed, N failed, N skipped"
 #   make bench      benchmarks; figures on stdout, JSON under build/bench/
 #   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
-#   make alloc-asan tests/test_alloc_fail over the engine built with ASan and UBSan (~7 min;
+#   make alloc-asan tests/test_alloc_fail over the engine built with ASan and UBSan (~11 min;
 #                   the test's own check of leaks stands in for LeakSanitizer's)
 #   make soak       10,000 jobs through 3 workers while workers are SIGKILLed and Redis restarts
 #                   twice (tools/soak/soak.py, ~5 min; not in `make test`): jobs lost, doubled,
