@@ -295,10 +295,15 @@ static int same_bytes(image_ctx *c, const void *got, size_t len) {
     return len == c->want_len && !memcmp(got, c->want, len);
 }
 
+/* Frees whichever result the operation made (an image, patches or a PNG). */
 static void image_drop(void *v) {
     image_ctx *c = v;
     dg_image_free(c->img);
+    dg_image_patches_free(c->patches);
+    free(c->png);
     c->img = NULL;
+    c->patches = NULL;
+    c->png = NULL;
 }
 
 static int image_same(void *v) {
@@ -361,15 +366,21 @@ TEST(decode_png_raw_profile) {
 }
 TEST(decode_jpeg_cmyk) { decode_case("cmyk_64x40.jpg"); }
 
+/* test_png's w x h gradient k, decoded (made before a sweep, so not swept), or NULL. */
+static dg_image *gradient(int w, int h, int k) {
+    size_t len;
+    uint8_t *png = test_png(w, h, k, &len);
+    dg_image *img = NULL;
+    char err[256];
+    CHECK(png && dg_image_decode(png, len, NULL, NULL, &img, err, sizeof err) == 0);
+    free(png);
+    return img;
+}
+
 /* Both axes horizontal first, both vertical first (the height shrinks by more than twice
  * the width's pixels: Pillow's order), one axis each way. */
 TEST(resize) {
-    image_ctx c = {0};
-    size_t len;
-    uint8_t *png = test_png(90, 70, 3, &len);
-    char err[256];
-    CHECK(png && dg_image_decode(png, len, NULL, NULL, &c.in, err, sizeof err) == 0);
-    free(png);
+    image_ctx c = {.in = gradient(90, 70, 3)};
     if (!c.in) return;
     const int32_t sizes[][2] = {{140, 50}, {80, 20}, {45, 70}, {90, 131}};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
@@ -392,12 +403,6 @@ static int run_patches(void *v, char *err, size_t errlen) {
     return dg_image_patches_new(c->in, &cfg, &c->patches, err, errlen);
 }
 
-static void patches_drop(void *v) {
-    image_ctx *c = v;
-    dg_image_patches_free(c->patches);
-    c->patches = NULL;
-}
-
 static int patches_same(void *v) {
     image_ctx *c = v;
     const dg_image_patches *p = c->patches;
@@ -406,14 +411,9 @@ static int patches_same(void *v) {
 
 /* The vision preprocessing of an image that it resizes (100x80 -> 112x84). */
 TEST(vision_patches) {
-    image_ctx c = {0};
-    size_t len;
-    uint8_t *png = test_png(100, 80, 5, &len);
-    char err[256];
-    CHECK(png && dg_image_decode(png, len, NULL, NULL, &c.in, err, sizeof err) == 0);
-    free(png);
+    image_ctx c = {.in = gradient(100, 80, 5)};
     if (!c.in) return;
-    sweep(&(op){"vision patches 100x80", 1, run_patches, patches_drop, patches_same, &c}, 1000, 100);
+    sweep(&(op){"vision patches 100x80", 1, run_patches, image_drop, patches_same, &c}, 1000, 100);
     dg_image_free(c.in);
     free(c.want);
 }
@@ -422,12 +422,6 @@ static int run_encode(void *v, char *err, size_t errlen) {
     image_ctx *c = v;
     const dg_kv text[2] = {{"job", "alloc-fail"}, {"Description", "a circle \xc3\xa0 gauche"}};   /* tEXt, iTXt */
     return dg_image_encode_png(c->in, text, 2, &c->png, &c->png_len, err, errlen);
-}
-
-static void encode_drop(void *v) {
-    image_ctx *c = v;
-    free(c->png);
-    c->png = NULL;
 }
 
 static int encode_same(void *v) {
@@ -440,7 +434,7 @@ TEST(encode_png) {
     CHECK(dg_image_new(64, 48, &c.in) == 0);
     if (!c.in) return;
     for (size_t i = 0; i < (size_t)64 * 48 * 3; i++) c.in->rgb[i] = (uint8_t)(i * 7);
-    sweep(&(op){"encode png with text", 1, run_encode, encode_drop, encode_same, &c}, 1000, 100);
+    sweep(&(op){"encode png with text", 1, run_encode, image_drop, encode_same, &c}, 1000, 100);
     dg_image_free(c.in);
     free(c.want);
 }
@@ -544,6 +538,28 @@ static int job_run(dg_sched *s, const dg_request *r, test_job *c) {
     return test_job_run_sink(s, r, c, &sink);
 }
 
+/* The edit job both job cases run: the golden edit's given picture and an edit of it. */
+typedef struct {
+    uint8_t   *png;             /* owned */
+    dg_part    parts[2];
+    dg_message msg;
+    dg_request r;
+} edit_job;
+
+static int edit_job_make(edit_job *e) {
+    static const char text[] = "Make the green triangle blue.";
+    size_t len;
+    *e = (edit_job){.png = test_read_file("tests/golden/shapes", "edit_in.png", &len)};
+    CHECK(e->png != NULL);
+    if (!e->png) return -1;
+    e->parts[0] = (dg_part){.kind = DG_PART_IMAGE, .image = e->png, .image_len = len};
+    e->parts[1] = (dg_part){.kind = DG_PART_TEXT, .text = text, .text_len = sizeof text - 1};
+    e->msg = (dg_message){DG_ROLE_USER, e->parts, 2};
+    e->r = (dg_request){.id = "edit", .messages = &e->msg, .n_messages = 1, .seed = 7,
+                        .image = {.set = DG_IMAGE_STEPS, .steps = 4}};
+    return 0;
+}
+
 /* How a job came out of a run with a failed allocation: 1 when it failed as it should (refused
  * at its submit, submit_rc, or failed with ENOMEM, which the daemon retries, and a message),
  * 0 when it finished with the reference's answer, -1 (a test failure) otherwise. */
@@ -576,16 +592,9 @@ static int outcome(long k, int submit_rc, const test_job *got, const test_job *w
 static void jobs_sweep(int warm) {
     if (no_package()) SKIP("%s", no_package());
     char err[512];
-    size_t in_len;
-    uint8_t *in_png = test_read_file("tests/golden/shapes", "edit_in.png", &in_len);
-    CHECK(in_png != NULL);
-    if (!in_png) return;
-    static const char text[] = "Make the green triangle blue.";
-    dg_part parts[2] = {{.kind = DG_PART_IMAGE, .image = in_png, .image_len = in_len},
-                        {.kind = DG_PART_TEXT, .text = text, .text_len = sizeof text - 1}};
-    dg_message msg = {DG_ROLE_USER, parts, 2};
-    dg_request r = {.id = "alloc-fail", .messages = &msg, .n_messages = 1, .seed = 7,
-                    .image = {.set = DG_IMAGE_STEPS, .steps = 4}};
+    edit_job e;
+    if (edit_job_make(&e)) return;
+    const dg_request r = e.r;
     const dg_sched_opts so = {.max_inflight = 2};
 
     long leaked;
@@ -670,7 +679,7 @@ static void jobs_sweep(int warm) {
     dg_model_close(m);
     disarm(&leaked);
     CHECK_EQ_INT(leaked, 0);
-    free(in_png);
+    free(e.png);
 }
 
 TEST(jobs) { jobs_sweep(0); }
@@ -702,23 +711,16 @@ static int pair_run(dg_sched *s, const dg_request *r[2], test_job got[2], int su
 TEST(two_jobs_at_once) {
     if (no_package()) SKIP("%s", no_package());
     char err[512];
-    size_t in_len;
-    uint8_t *in_png = test_read_file("tests/golden/shapes", "edit_in.png", &in_len);
-    CHECK(in_png != NULL);
-    if (!in_png) return;
+    edit_job e;
+    if (edit_job_make(&e)) return;
     /* the second asks for two steps: its second picture is conditioned on its first */
-    static const char edit[] = "Make the green triangle blue.",
-                      draw[] = "Show me step by step how to draw a small red circle at the top left and a blue square "
-                               "in the center.";
-    dg_part pa[2] = {{.kind = DG_PART_IMAGE, .image = in_png, .image_len = in_len},
-                     {.kind = DG_PART_TEXT, .text = edit, .text_len = sizeof edit - 1}};
+    static const char draw[] = "Show me step by step how to draw a small red circle at the top left and a blue "
+                               "square in the center.";
     dg_part pb[1] = {{.kind = DG_PART_TEXT, .text = draw, .text_len = sizeof draw - 1}};
-    dg_message ma = {DG_ROLE_USER, pa, 2}, mb = {DG_ROLE_USER, pb, 1};
-    const dg_request ra = {.id = "edit", .messages = &ma, .n_messages = 1, .seed = 7,
-                           .image = {.set = DG_IMAGE_STEPS, .steps = 4}},
-                     rb = {.id = "draw", .messages = &mb, .n_messages = 1, .seed = 8,
+    dg_message mb = {DG_ROLE_USER, pb, 1};
+    const dg_request rb = {.id = "draw", .messages = &mb, .n_messages = 1, .seed = 8,
                            .image = {.set = DG_IMAGE_STEPS, .steps = 4}};
-    const dg_request *r[2] = {&ra, &rb};
+    const dg_request *r[2] = {&e.r, &rb};
     const dg_sched_opts so = {.max_inflight = 2, .draft_tokens = 2};   /* drafts on: their paths too */
     dg_model *m = NULL;
     dg_sched *s = NULL;
@@ -783,7 +785,7 @@ TEST(two_jobs_at_once) {
     test_job_free(&want[1]);
     dg_sched_free(s);
     dg_model_close(m);
-    free(in_png);
+    free(e.png);
 }
 
 int main(void) { return test_main(); }
