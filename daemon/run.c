@@ -71,6 +71,7 @@ static void out_push(dg_run *r, dg_cmd *c) {
 }
 
 void dg_run_out_written(dg_run *r, int n) {
+    if (n <= 0) return;   /* nothing written: r->out may not be allocated yet */
     for (int i = 0; i < n; i++) dg_cmd_free(r->out[i]);
     memmove(r->out, r->out + n, (size_t)(r->n_out - n) * sizeof *r->out);
     r->n_out -= n;
