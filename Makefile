@@ -9,6 +9,10 @@
 #   make fuzz       every fuzz target for a bounded time (clang + libFuzzer)
 #   make alloc-asan tests/test_alloc_fail over the engine built with ASan and UBSan (~11 min;
 #                   the test's own check of leaks stands in for LeakSanitizer's)
+#   make sanitize   every unit test (but test_alloc_fail) and integration test over the tree
+#                   built with ASan, LeakSanitizer and UBSan in build/asan (tools/sanitize.sh)
+#   make tsan       test_sched_threads and the integration tests over the tree built with
+#                   ThreadSanitizer in build/tsan (the worker's threads)
 #   make soak       10,000 jobs through 3 workers while workers are SIGKILLed and Redis restarts
 #                   twice (tools/soak/soak.py, ~5 min; not in `make test`): jobs lost, doubled,
 #                   dead, worker RSS and Redis memory; JSON in build/bench/soak.json
@@ -120,13 +124,15 @@ FUZZ_BINS  := $(FUZZ_SRC:tests/%.c=$(BUILD)/fuzz/%)
 # ---- example producers (examples/producers/README.md): the C one is always built; the Go one
 # when Debian's Go toolchain and packages are installed (golang-go, protoc-gen-go,
 # golang-github-gomodule-redigo-dev, golang-google-protobuf-dev), in GOPATH mode over
-# /usr/share/gocode with modules and the proxy off, so nothing is downloaded; the Ruby one
-# needs only its generated protocol code
+# /usr/share/gocode with modules and the proxy off, so nothing is downloaded, and without
+# cgo (a static binary: $(CC), sanitizers and all in tools/sanitize.sh's builds, never
+# reaches it; with them, cgo's resolver crashed it); the Ruby one needs only its generated
+# protocol code
 GOCODE        := /usr/share/gocode
 GO            := $(shell command -v go 2>/dev/null)
 PROTOC_GEN_GO := $(shell command -v protoc-gen-go 2>/dev/null)
 GO_READY      := $(and $(GO),$(PROTOC_GEN_GO),$(wildcard $(GOCODE)/src/github.com/gomodule/redigo/redis),$(wildcard $(GOCODE)/src/google.golang.org/protobuf/proto))
-GO_ENV        := GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(abspath $(BUILD)/go):$(GOCODE) GOCACHE=$(abspath $(BUILD)/go/cache)
+GO_ENV        := GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOPATH=$(abspath $(BUILD)/go):$(GOCODE) GOCACHE=$(abspath $(BUILD)/go/cache)
 PROTO_RB      := $(BUILD)/gen/ruby/duogen_pb.rb
 PROTO_GO      := $(BUILD)/go/src/duogen/pb/duogen.pb.go
 PRODUCERS     := $(BUILD)/producers/c-producer $(PROTO_RB) $(if $(GO_READY),$(BUILD)/producers/go-producer)
@@ -150,7 +156,7 @@ $(BUILD)/man/duogenctl.1: $(BUILD)/duogenctl
 	@echo "  MAN     $@"
 	@$< --man > $@.tmp && mv $@.tmp $@
 
-.PHONY: all deps test alloc-asan soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e fuzz demo install uninstall clean \
+.PHONY: all deps test alloc-asan sanitize tsan soak systemd-check bench bench-queue bench-tokenizer bench-decoder bench-drafts bench-batch bench-vision bench-image bench-e2e fuzz demo install uninstall clean \
         train-shapes eval-shapes
 all: $(LIB) $(ALL_BINS) $(MAN_PAGES)
 
@@ -292,6 +298,11 @@ $(BUILD)/fuzz/test_alloc_fail: tests/test_alloc_fail.c $(TEST_COMMON_SRC) $(FUZZ
 
 alloc-asan: $(BUILD)/fuzz/test_alloc_fail
 	ASAN_OPTIONS=detect_leaks=0 $<
+
+sanitize:
+	@T="$(T)" tools/sanitize.sh asan
+tsan:
+	@T="$(T)" tools/sanitize.sh tsan
 
 fuzz: $(FUZZ_BINS)
 	@set -e; for f in $(FUZZ_BINS); do \

@@ -18,7 +18,9 @@ import pytest
 import redis
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BUILD = os.path.join(ROOT, "build")
+# DG_BUILD: another build of the same tree (a sanitized one: `make sanitize`)
+BUILD = os.path.abspath(os.environ.get("DG_BUILD") or os.path.join(ROOT, "build"))
+SANITIZER = os.environ.get("DG_SANITIZER")   # asan or tsan: BUILD is instrumented (tools/sanitize.sh)
 sys.path.insert(0, os.path.join(BUILD, "gen", "python"))
 import duogen_pb2 as pb  # noqa: E402  (generated at build time from proto/duogen.proto)
 
@@ -92,6 +94,8 @@ class Worker:
         self.cmd = [WORKER_BIN, "--redis", redis_url, "--model", model_dir,
                     "--worker-id", worker_id, "--block-ms", "200", "--claim-idle-ms", "1500",
                     "--reaper-ms", "300", "--heartbeat-ms", "200", "--log-level", "debug"] + list(args)
+        if SANITIZER == "tsan":   # the engine's OpenMP teams (libgomp is not instrumented): one thread
+            self.cmd += ["--threads", "1"]
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("NOTIFY_SOCKET", None)
         self.env.update(env or {})
@@ -233,7 +237,8 @@ def make_job(job_id, text="hello world", meta=None, images=(), system=None, **kw
 def tmpdir_path():
     d = tempfile.mkdtemp(prefix="duogen-it-")
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    if not os.environ.get("DG_KEEP_TMP"):   # DG_KEEP_TMP=1: the workers' logs and Redis's data stay
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ import threading
 import time
 import urllib.request
 
-from conftest import free_port, ld, pb, wait_until
+import pytest
+
+from conftest import SANITIZER, free_port, ld, pb, wait_until
 
 
 def vmhwm_kb(pid):
@@ -55,6 +57,8 @@ def test_millions_of_empty_parts_are_refused_before_they_cost_memory(cluster):
     cluster.enqueue("parts", raw=raw)
     res = cluster.wait_result("parts", timeout=120)
     assert res["status"] == b"failed" and b"unpack into more than" in res["error"], res
+    if SANITIZER:   # ASan keeps 256 MB of freed memory in quarantine, and shadows the rest
+        pytest.skip(f"the refusal is checked; a peak resident size under {SANITIZER} is not the worker's")
     # the budget is 4 bytes of memory a byte of job: 30 MB of job, at most ~120 MB (it took 2 GB)
     assert vmhwm_kb(w.proc.pid) - before < 400 * 1024
 

@@ -53,8 +53,8 @@ def tensor_shapes(folder):
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("full") / "pkg")
-    subprocess.run([MKMODEL, "--preset", "full", "--seed", "1", "--seeded", "--out", out],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([MKMODEL, "--preset", "full", "--seed", "1", "--seeded", "--out", out,
+                    "--vocab", os.path.join(ROOT, "tools", "mkmodel", "vocab", "qwen2")], check=True, capture_output=True, timeout=120)
     return out
 
 
