@@ -9,8 +9,10 @@
  *
  * The binary is linked with -Wl,--wrap for the allocation functions (Makefile), so the calls
  * counted and failed are the engine's own and the tests' (but the test sink's copies of the
- * PNGs, exempt): a library's internal allocations (libpng, libjpeg, jansson, OpenBLAS,
- * libgomp) are not (their own failure paths are theirs).
+ * PNGs, exempt), and libpng's and its zlib's, which the engine hands its own allocator
+ * (png_create_*_struct_2); another library's internal allocations (libjpeg, jansson,
+ * OpenBLAS, libgomp) are not (libjpeg's failing is tests/test_image.c's
+ * decode_jpeg_out_of_memory_in_libjpeg_is_enomem).
  * A double free aborts in glibc's checks; a leak is an allocation made during the failed
  * call that is still live after it. */
 #include "common/harness.h"

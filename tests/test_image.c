@@ -10,6 +10,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <turbojpeg.h>
+#include <unistd.h>
 
 #define GOLDEN "tests/golden/image"
 
@@ -199,6 +203,80 @@ TEST(decode_limits_bytes_and_pixels) {
     CHECK_EQ_INT(decode(data, len, &(dg_image_limits){.max_pixels = 57 * 91 - 1}, err, sizeof err), DG_ELIMIT);
     free(data);
 }
+
+/* libjpeg allocates on its own, out of reach of tests/test_alloc_fail.c: a progressive
+ * 4:4:4 JPEG keeps every coefficient of the image (6 bytes a pixel), twice the RGB the
+ * decoder allocates for it. A child whose address space leaves room for that RGB and not for
+ * libjpeg's arrays must fail with DG_ENOMEM (a passing failure of its job) and say so; it
+ * was DG_EIMAGE, "corrupt or truncated JPEG (Insufficient memory (case 4))": a bad file,
+ * failed for good. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+TEST(decode_jpeg_out_of_memory_in_libjpeg_is_enomem) {
+    SKIP("an address-space limit leaves no room for the sanitizer's shadow memory");
+}
+#else
+/* The process's address space in use, from /proc/self/status (VmSize); 0 if unread. */
+static size_t vm_size(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    size_t kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmSize: %zu kB", &kb) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return kb * 1024;
+}
+
+TEST(decode_jpeg_out_of_memory_in_libjpeg_is_enomem) {
+    enum { W = 4096, H = 4096 };
+    uint8_t *rgb = malloc((size_t)W * H * 3);
+    CHECK(rgb != NULL);
+    if (!rgb)
+        return;
+    for (size_t i = 0; i < (size_t)W * H * 3; i++)
+        rgb[i] = (uint8_t)(i / 3 % W + i / 3 / W + i % 3 * 40);
+    tjhandle tj = tjInitCompress();
+    unsigned char *jpg = NULL;
+    unsigned long jlen = 0;
+    CHECK(tj && tjCompress2(tj, rgb, W, 0, H, TJPF_RGB, &jpg, &jlen, TJSAMP_444, 90, TJFLAG_PROGRESSIVE) == 0);
+    free(rgb);
+    if (tj)
+        tjDestroy(tj);
+    const dg_image_limits lim = {.max_bytes = 1 << 30, .max_pixels = (int64_t)W * H};
+    char err[256];
+    CHECK_EQ_INT(decode(jpg, jlen, &lim, err, sizeof err), 0);   /* it decodes, given room */
+
+    struct { int rc; char err[256]; } got = {-1, ""};
+    int fd[2];
+    CHECK(pipe(fd) == 0);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fd[0]);
+        /* room for the decoder's RGB and 16 MiB more; libjpeg's arrays need 96 MiB */
+        const rlim_t cap = vm_size() + (size_t)W * H * 3 + (16u << 20);
+        setrlimit(RLIMIT_AS, &(struct rlimit){cap, cap});
+        dg_image *img = NULL;
+        got.rc = dg_image_decode(jpg, jlen, "big", &lim, &img, got.err, sizeof got.err);
+        dg_image_free(img);
+        if (write(fd[1], &got, sizeof got) != (ssize_t)sizeof got)
+            _exit(1);
+        _exit(0);
+    }
+    close(fd[1]);
+    CHECK(pid > 0 && read(fd[0], &got, sizeof got) == (ssize_t)sizeof got);
+    close(fd[0]);
+    int status = 0;
+    if (pid > 0)
+        waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    printf("  a %dx%d progressive JPEG in a small address space: %d \"%s\"\n", W, H, got.rc, got.err);
+    CHECK_EQ_INT(got.rc, DG_ENOMEM);
+    CHECK(strstr(got.err, "big: out of memory in libjpeg (") == got.err);
+    tjFree(jpg);
+}
+#endif
 
 /* A decompression bomb: a tiny file that claims a huge image is refused from its header,
  * before anything of that size is allocated. */

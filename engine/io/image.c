@@ -242,9 +242,27 @@ struct png_job {
     dg_image        *img;            /* owned until handed out */
     struct png_format fmt;
     int              pixels_done;    /* the image data is complete */
+    int              oom;            /* an allocation of libpng's failed (png_mem_alloc) */
     int              code;           /* DG_E* for the failure, when one is set */
     char             msg[160];
 };
+
+/* libpng's allocations, zlib's included, go through these (png_create_*_struct_2), so that
+ * a failed one is told from a bad file: libpng reports it as an error like any other, or
+ * only warns and drops what it could not keep (an ancillary chunk: a text chunk holding the
+ * orientation), so the caller fails with DG_ENOMEM whenever *oom is set, even after an
+ * image came out. The pointer is the job's `oom`. */
+static png_voidp png_mem_alloc(png_structp png, png_alloc_size_t n) {
+    void *p = malloc(n);
+    if (!p)
+        *(int *)png_get_mem_ptr(png) = 1;
+    return p;
+}
+
+static void png_mem_free(png_structp png, png_voidp p) {
+    (void)png;
+    free(p);
+}
 
 static void png_job_read(png_structp png, png_bytep out, size_t n) {
     struct png_job *j = png_get_io_ptr(png);
@@ -518,13 +536,18 @@ static int png_decode_bytes(const uint8_t *data, size_t len, const char *label,
     j->len = usable;
     j->limits = limits;
     int rc;
-    j->png = png_create_read_struct(PNG_LIBPNG_VER_STRING, j, png_job_error, png_job_warning);
+    j->png = png_create_read_struct_2(PNG_LIBPNG_VER_STRING, j, png_job_error, png_job_warning,
+                                      &j->oom, png_mem_alloc, png_mem_free);
     j->info = j->png ? png_create_info_struct(j->png) : NULL;
     if (!j->info) {
         rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory");
         goto done;
     }
     int o = png_decode(j);
+    if (j->oom) {   /* whatever libpng made of it: an error, or a chunk dropped */
+        rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory in libpng");
+        goto done;
+    }
     if (o < 0) {
         rc = image_fail(err, errlen, j->code ? j->code : DG_EIMAGE, label, "%s",
                         j->code ? j->msg : "corrupt PNG");
@@ -634,6 +657,15 @@ static int jpeg_complete(const uint8_t *p, size_t n) {
     return r == 0 && memmem(p + at, n - at, "\xff\xd9", 2) != NULL;
 }
 
+/* libjpeg allocates on its own (its memory manager calls malloc), and TurboJPEG says why a
+ * call failed only in words: libjpeg's JERR_OUT_OF_MEMORY ("Insufficient memory (case N)")
+ * and TurboJPEG's own ("...: Memory allocation failure") are a failed allocation, DG_ENOMEM
+ * (a passing failure of the job), not a bad file. */
+static int tj_out_of_memory(tjhandle tj) {
+    const char *m = tjGetErrorStr2(tj);
+    return m && (strstr(m, "Insufficient memory") || strstr(m, "Memory allocation failure"));
+}
+
 static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
                              const dg_image_limits *limits, dg_image **out, int *orientation,
                              char *err, size_t errlen) {
@@ -647,8 +679,9 @@ static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
     if (len > ULONG_MAX ||
         tjDecompressHeader3(tj, data, (unsigned long)len, &w, &h, &subsamp, &colorspace) < 0 ||
         w < 1 || h < 1) {
-        rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt JPEG header (%s)",
-                        tjGetErrorStr2(tj));
+        const int oom = len <= ULONG_MAX && tj_out_of_memory(tj);
+        rc = image_fail(err, errlen, oom ? DG_ENOMEM : DG_EIMAGE, label, "%s (%s)",
+                        oom ? "out of memory in libjpeg" : "corrupt JPEG header", tjGetErrorStr2(tj));
         goto done;
     }
     if ((int64_t)w * h > limits->max_pixels || w > 65535 || h > 65535) {
@@ -674,8 +707,12 @@ static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
         /* A warning (corrupt entropy data, extraneous bytes) still leaves a whole image,
          * which Pillow takes too; but a file cut short is refused, as Pillow refuses it
          * ("image file is truncated"). */
-        rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt or truncated JPEG (%s)",
-                        tjGetErrorStr2(tj));
+        if (tj_out_of_memory(tj))
+            rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory in libjpeg (%s)",
+                            tjGetErrorStr2(tj));
+        else
+            rc = image_fail(err, errlen, DG_EIMAGE, label, "corrupt or truncated JPEG (%s)",
+                            tjGetErrorStr2(tj));
         goto done;
     }
     if (is_cmyk) {
@@ -750,6 +787,7 @@ struct png_enc_job {
     size_t          n_text;
     uint8_t        *buf;             /* owned: the file so far */
     size_t          len, cap;
+    int             oom;             /* an allocation of libpng's failed (png_mem_alloc) */
     int             code;
 };
 
@@ -850,13 +888,19 @@ int dg_image_encode_png(const dg_image *img, const dg_kv *text, size_t n_text,
         j->text[i].text = (png_charp)(uintptr_t)text[i].value;
         j->text[i].text_length = strlen(text[i].value);
     }
-    j->png = png_create_write_struct(PNG_LIBPNG_VER_STRING, j, png_enc_error, png_job_warning);
+    j->png = png_create_write_struct_2(PNG_LIBPNG_VER_STRING, j, png_enc_error, png_job_warning,
+                                       &j->oom, png_mem_alloc, png_mem_free);
     j->info = j->png ? png_create_info_struct(j->png) : NULL;
     if (!j->info) {
         rc = image_fail(err, errlen, DG_ENOMEM, "png", "out of memory");
         goto done;
     }
-    if (png_encode(j) < 0) {
+    const int enc = png_encode(j);
+    if (j->oom) {   /* an error, or a text chunk dropped */
+        rc = image_fail(err, errlen, DG_ENOMEM, "png", "out of memory in libpng");
+        goto done;
+    }
+    if (enc < 0) {
         rc = image_fail(err, errlen, j->code, "png", "%s", j->code == DG_ENOMEM
                         ? "out of memory" : "libpng refused the image");
         goto done;
