@@ -13,8 +13,12 @@
 # T=name narrows both parts as `make test T=name` does. Every process writes its sanitizer
 # reports to files of its own under build/<kind>/reports (UBSan goes on after a report, so
 # one run finds them all); the run fails when a test fails or when any report was written,
-# and prints the reports. OpenMP runs one thread a team (OMP_NUM_THREADS=1): libgomp is not
-# built with ThreadSanitizer, and its barriers would be reported as races.
+# and prints the reports. Under ThreadSanitizer the engine computes on one thread (the tests
+# give workers --threads 1 and test_sched_threads one thread a scheduler when DG_SANITIZER
+# is tsan; OMP_NUM_THREADS=1 for the rest): libgomp is not built with it, and the fork and
+# join of its teams would be reported as races. A source edited while a run goes on can be
+# rebuilt by a test's own `make install BUILD=...` (test_rollout) with the plain compiler:
+# remove build/<kind>/obj then.
 set -u
 cd "$(dirname "$0")/.."
 kind=${1:-}
