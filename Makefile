@@ -46,7 +46,7 @@ BUILD   := build
 OPENBLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
 OPENBLAS_LIB := /usr/lib/x86_64-linux-gnu/openblas-openmp
 
-PKGS      := hiredis libprotobuf-c libpng libsystemd libpcre2-8 libutf8proc jansson libturbojpeg
+PKGS      := hiredis libprotobuf-c libpng libsystemd libpcre2-8 libutf8proc jansson libturbojpeg openssl
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -214,10 +214,11 @@ endef
 $(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
 # the chat template's bytes are in chat_template.o (.incbin)
 $(BUILD)/obj/tools/mkmodel/chat_template.o: tools/mkmodel/chat_template.jinja
-# duogenctl speaks Redis through the daemon's connection code (URL, password, reconnects),
+# duogenctl speaks Redis through the daemon's connection code (URL, password, TLS, reconnects),
 # checks job ids by the workers' rule (job.c) and writes its manual page with manpage.c
-$(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/log.o $(BUILD)/obj/daemon/daemon_config.o \
-                   $(BUILD)/obj/daemon/manpage.o $(BUILD)/obj/daemon/job.o $(BUILD)/obj/daemon/outdir.o
+$(BUILD)/duogenctl: $(BUILD)/obj/daemon/redis.o $(BUILD)/obj/daemon/tls.o $(BUILD)/obj/daemon/log.o \
+                   $(BUILD)/obj/daemon/daemon_config.o $(BUILD)/obj/daemon/manpage.o $(BUILD)/obj/daemon/job.o \
+                   $(BUILD)/obj/daemon/outdir.o
 # result --html renders the answer's Markdown with cmark (tools/duogenctl/html.c)
 $(BUILD)/duogenctl: LDLIBS += $(shell pkg-config --libs libcmark 2>/dev/null)
 $(BUILD)/obj/tools/duogenctl/html.o: CFLAGS += $(shell pkg-config --cflags libcmark 2>/dev/null)
@@ -266,7 +267,7 @@ FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fopenmp $(FUZZ_SAN) \
 FUZZ_LIB    := $(BUILD)/fuzz/libduogen-fuzz.a
 FUZZ_OBJ    := $(patsubst %.c,$(BUILD)/fuzz/obj/%.o,$(ENGINE_SRC)) $(BUILD)/fuzz/obj/duogen.pb-c.o
 # a target may link more of the daemon's objects (FUZZ_OBJ_<name>) or take defines (FUZZ_DEF_<name>)
-FUZZ_OBJ_job := $(patsubst %.c,$(BUILD)/fuzz/obj/%.o,daemon/job.c daemon/outdir.c daemon/redis.c daemon/log.c daemon/daemon_config.c)
+FUZZ_OBJ_job := $(patsubst %.c,$(BUILD)/fuzz/obj/%.o,daemon/job.c daemon/outdir.c daemon/redis.c daemon/tls.c daemon/log.c daemon/daemon_config.c)
 FUZZ_DEF_package := -DFUZZ_MKMODEL='"$(abspath $(BUILD))/mkmodel"'
 $(BUILD)/fuzz/fuzz_package: $(BUILD)/mkmodel
 $(BUILD)/fuzz/fuzz_job: $(FUZZ_OBJ_job)

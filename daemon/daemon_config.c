@@ -31,10 +31,16 @@ static const struct key {
     const char *help;
 } keys[] = {
     GROUP("Redis"),
-    STR(redis_url, "redis://[user@]host:port/db or unix:///path"),
+    STR(redis_url, "redis://[user@]host:port/db, rediss://... (TLS) or unix:///path"),
     STR(password_file, "file holding the Redis password"),
-    STR(sentinel, "host:port,... of Redis Sentinels"),
+    STR(sentinel, "host:port,... of Redis Sentinels (spoken to over TLS too with a rediss:// URL)"),
     STR(master_name, "Sentinel master name"),
+    STR(tls_ca_file, "with rediss://: PEM CA certificates the server's certificate must chain to (empty: the "
+                     "system's); read again at every connect, as the two below"),
+    STR(tls_cert_file, "with rediss://: PEM client certificate, for a server that asks for one (tls-auth-clients)"),
+    STR(tls_key_file, "with rediss://: PEM key of tls_cert_file (empty: in that file)"),
+    STR(tls_server_name, "with rediss://: the name the server's certificate must carry, also sent as SNI (empty: "
+                         "the host connected to)"),
     STR(prefix, "Redis key prefix"),
     STR(group, "consumer group"),
     STR(worker_id, "consumer name (default <hostname>:<device>); one live process per id: a second stops with exit 78"),

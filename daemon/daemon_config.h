@@ -13,6 +13,10 @@ typedef struct {
     char password_file[512];    /* file whose first line is the Redis password; "" = none */
     char sentinel[512];         /* host:port,host:port of Redis Sentinels; "" = none */
     char master_name[128];      /* the Sentinel master name */
+    char tls_ca_file[512];      /* rediss://: PEM CAs the server's certificate must chain to; "" = the system's */
+    char tls_cert_file[512];    /* rediss://: PEM client certificate; "" = none */
+    char tls_key_file[512];     /* rediss://: PEM key of tls_cert_file; "" = in that file */
+    char tls_server_name[256];  /* rediss://: name checked in the certificate (and SNI); "" = the host */
     char model[512];            /* model package directory */
     char device[64];            /* cpu | cuda:N */
     char prefix[128];           /* key prefix, e.g. "duogen" or "{duogen}" */

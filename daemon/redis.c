@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -84,7 +85,8 @@ int64_t dg_mono_ms(void) {
 
 /* ---- configuration ------------------------------------------------------------------------- */
 
-/* redis://[user[:password]@]host[:port][/db]  or  unix:///path[?db=N] */
+/* redis://[user[:password]@]host[:port][/db], the same with rediss:// (TLS), or
+ * unix:///path[?db=N] */
 static int parse_url(dg_redis *r, const char *url, char *err, size_t errlen) {
     r->port = 6379;
     if (!strncmp(url, "unix://", 7)) {
@@ -95,8 +97,9 @@ static int parse_url(dg_redis *r, const char *url, char *err, size_t errlen) {
         if (q && sscanf(q, "?db=%d", &r->db) != 1) goto bad;
         return 0;
     }
-    if (strncmp(url, "redis://", 8)) goto bad;
-    const char *p = url + 8, *at = strchr(p, '@');
+    r->tls = !strncmp(url, "rediss://", 9);
+    if (strncmp(url, "redis://", 8) && !r->tls) goto bad;
+    const char *p = url + 8 + r->tls, *at = strchr(p, '@');
     if (at) {
         const char *colon = memchr(p, ':', (size_t)(at - p));
         size_t ul = (size_t)((colon ? colon : at) - p);
@@ -129,7 +132,7 @@ static int parse_url(dg_redis *r, const char *url, char *err, size_t errlen) {
     }
     return 0;
 bad:
-    snprintf(err, errlen, "redis_url: \"%s\" is not redis://[user@]host[:port][/db] or unix:///path[?db=N]", url);
+    snprintf(err, errlen, "redis_url: \"%s\" is not redis[s]://[user@]host[:port][/db] or unix:///path[?db=N]", url);
     return -1;
 }
 
@@ -178,6 +181,18 @@ int dg_redis_init(dg_redis *r, const dg_daemon_config *cfg, const char *client_n
         if (parse_sentinels(r, cfg->sentinel, err, errlen)) return -1;
         snprintf(r->master_name, sizeof r->master_name, "%s", cfg->master_name);
     }
+    dg_tls_opts *o = &r->tls_opts;
+    snprintf(o->ca_file, sizeof o->ca_file, "%s", cfg->tls_ca_file);
+    snprintf(o->cert_file, sizeof o->cert_file, "%s", cfg->tls_cert_file);
+    snprintf(o->key_file, sizeof o->key_file, "%s", cfg->tls_key_file);
+    snprintf(o->server_name, sizeof o->server_name, "%s", cfg->tls_server_name);
+    if (!r->tls && (o->ca_file[0] || o->cert_file[0] || o->key_file[0] || o->server_name[0])) {
+        snprintf(err, errlen, "%s is set, but redis_url \"%s\" is not rediss://: the connection would not use TLS",
+                 o->ca_file[0] ? "tls_ca_file" : o->cert_file[0] ? "tls_cert_file" : o->key_file[0] ? "tls_key_file"
+                 : "tls_server_name", cfg->redis_url);
+        return -1;
+    }
+    if (r->tls && dg_tls_check(o, err, errlen)) return -1;
     snprintf(r->client_name, sizeof r->client_name, "%s", client_name);
     for (char *p = r->client_name; *p; p++)
         if (*p == ' ' || *p == '\n') *p = '_';   /* CLIENT SETNAME refuses spaces */
@@ -200,17 +215,51 @@ static const char *not_ready(const redisReply *rep) {
     return NULL;
 }
 
-static redisContext *open_tcp(const char *host, int port, int timeout_ms) {
-    struct timeval ct = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-    return redisConnectWithTimeout(host, port, ct);
+/* A connection to host:port, over TLS with rediss://; *link gets its relay. NULL with the
+ * reason in why. */
+static redisContext *open_tcp(const dg_redis *r, const char *host, int port, int timeout_ms, dg_tls_link **link,
+                              char *why, size_t whylen) {
+    *link = NULL;
+    if (!r->tls) {
+        struct timeval ct = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+        redisContext *c = redisConnectWithTimeout(host, port, ct);
+        if (!c || c->err) {
+            snprintf(why, whylen, "%s", c ? c->errstr : "out of memory");
+            if (c) redisFree(c);
+            return NULL;
+        }
+        return c;
+    }
+    /* the handshake may want more than a TCP connect: a round trip or two, and the server's
+     * signature */
+    const int fd = dg_tls_open(&r->tls_opts, host, port, 2 * timeout_ms, link, why, whylen);
+    if (fd < 0) return NULL;
+    redisContext *c = redisConnectFd(fd);
+    if (!c || c->err) {
+        snprintf(why, whylen, "%s", c ? c->errstr : "out of memory");
+        if (c) redisFree(c);
+        else close(fd);
+        dg_tls_close(*link, NULL, 0);
+        *link = NULL;
+        return NULL;
+    }
+    return c;
+}
+
+/* Closes a connection open_tcp (or the Unix socket's connect) made, and its relay. */
+static void close_ctx(redisContext *c, dg_tls_link *link) {
+    if (c) redisFree(c);
+    dg_tls_close(link, NULL, 0);   /* after redisFree: the relay ends when hiredis's end closes */
 }
 
 /* Asks each Sentinel in turn for the master's address. */
 static int resolve_master(dg_redis *r) {
     for (int i = 0; i < r->n_sentinels; i++) {
-        redisContext *s = open_tcp(r->sentinel_host[i], r->sentinel_port[i], 1000);
-        if (!s || s->err) {
-            if (s) redisFree(s);
+        dg_tls_link *link;
+        char why[256];
+        redisContext *s = open_tcp(r, r->sentinel_host[i], r->sentinel_port[i], 1000, &link, why, sizeof why);
+        if (!s) {
+            log_debug("Sentinel %s:%d: %s", r->sentinel_host[i], r->sentinel_port[i], why);
             continue;
         }
         struct timeval tv = {1, 0};
@@ -223,7 +272,7 @@ static int resolve_master(dg_redis *r) {
             r->port = atoi(rep->element[1]->str);
         }
         if (rep) freeReplyObject(rep);
-        redisFree(s);
+        close_ctx(s, link);
         if (ok) return 0;
     }
     snprintf(r->error, sizeof r->error, "no Sentinel of %d answered for master \"%s\"",
@@ -262,16 +311,22 @@ static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
 
 static int connect_now(dg_redis *r) {
     if (r->n_sentinels && resolve_master(r)) return -1;
-    r->c = r->unix_path[0] ? redisConnectUnixWithTimeout(r->unix_path, (struct timeval){1, 0})
-                           : open_tcp(r->host, r->port, 1000);
+    char why[400] = "out of memory";
+    if (r->unix_path[0]) {
+        r->c = redisConnectUnixWithTimeout(r->unix_path, (struct timeval){1, 0});
+        if (r->c && r->c->err) snprintf(why, sizeof why, "%s", r->c->errstr);
+    } else {
+        r->c = open_tcp(r, r->host, r->port, 1000, &r->link, why, sizeof why);
+    }
     if (!r->c || r->c->err) {
-        snprintf(r->error, sizeof r->error, "connect %s:%d: %s",
-                 r->unix_path[0] ? r->unix_path : r->host, r->port,
-                 r->c ? r->c->errstr : "out of memory");
+        snprintf(r->error, sizeof r->error, "connect %s:%d: %s", r->unix_path[0] ? r->unix_path : r->host, r->port,
+                 why);
         goto fail;
     }
     struct timeval rt = {r->read_timeout_ms / 1000, (r->read_timeout_ms % 1000) * 1000};
-    if (redisSetTimeout(r->c, rt) != REDIS_OK || (!r->unix_path[0] && redisEnableKeepAlive(r->c) != REDIS_OK)) {
+    /* keepalive: hiredis's on a plain TCP socket; the relay's socket has its own (tls.c) */
+    if (redisSetTimeout(r->c, rt) != REDIS_OK ||
+        (!r->unix_path[0] && !r->tls && redisEnableKeepAlive(r->c) != REDIS_OK)) {
         snprintf(r->error, sizeof r->error, "socket options: %s", r->c->errstr);
         goto fail;
     }
@@ -297,7 +352,10 @@ static int connect_now(dg_redis *r) {
     /* CLIENT SETNAME is cosmetic (it names us in CLIENT LIST); an ACL that forbids it is not
      * a reason to stay away. */
     redisReply *rep = redisCommand(r->c, "CLIENT SETNAME %s", r->client_name);
-    if (!rep) goto fail;
+    if (!rep) {
+        snprintf(r->error, sizeof r->error, "CLIENT SETNAME: %s", r->c->errstr);
+        goto fail;
+    }
     freeReplyObject(rep);
     /* a server still loading its dataset accepts connections and answers LOADING to every
      * command but a few: not connected yet, the backoff applies */
@@ -317,8 +375,24 @@ static int connect_now(dg_redis *r) {
     if (busy) goto fail;
     return 0;
 fail:
-    if (r->c) redisFree(r->c);
+    /* the first command finds a connection the server closed at once: where the TLS session
+     * says why, that is the reason; a plain connection closed so is most likely a TLS port's */
+    if (r->c && (r->c->err == REDIS_ERR_EOF || (r->c->err == REDIS_ERR_IO && strstr(r->c->errstr, "reset by peer")))) {
+        const size_t n = strlen(r->error);
+        char ended[256] = "";
+        if (r->link) {
+            redisFree(r->c);
+            r->c = NULL;
+            dg_tls_close(r->link, ended, sizeof ended);
+            r->link = NULL;
+        }
+        if (ended[0]) snprintf(r->error + n, sizeof r->error - n, " (TLS: %s)", ended);
+        else if (!r->tls && !r->unix_path[0] && r->connects == 0)
+            snprintf(r->error + n, sizeof r->error - n, " (is it a TLS port? rediss:// speaks TLS)");
+    }
+    close_ctx(r->c, r->link);
     r->c = NULL;
+    r->link = NULL;
     return -1;
 }
 
@@ -356,8 +430,9 @@ void dg_redis_drop(dg_redis *r, const char *why) {
     if (!r->c) return;
     snprintf(r->error, sizeof r->error, "%s", why);
     log_warn("Redis connection lost: %s", why);
-    redisFree(r->c);
+    close_ctx(r->c, r->link);
     r->c = NULL;
+    r->link = NULL;
     r->next_try_ms = dg_mono_ms() + 100;
 }
 
@@ -371,8 +446,9 @@ static void drop_refused(dg_redis *r, const char *why) {
 }
 
 void dg_redis_close(dg_redis *r) {
-    if (r->c) redisFree(r->c);
+    close_ctx(r->c, r->link);
     r->c = NULL;
+    r->link = NULL;
 }
 
 /* ---- commands ------------------------------------------------------------------------------- */

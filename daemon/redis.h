@@ -6,7 +6,8 @@
  * jittered exponential backoff (100 ms .. 5 s), re-applying the socket timeouts (hiredis
  * 0.14 forgets them on reconnect), keepalive, AUTH, SELECT and CLIENT SETNAME; a PING that
  * is answered not ready fails the reconnect. With Sentinels configured, every reconnect
- * asks them for the current master and checks its ROLE.
+ * asks them for the current master and checks its ROLE. A rediss:// URL puts every
+ * connection over TLS (tls.h).
  *
  * Not thread-safe: each thread owns its connections. */
 #ifndef DG_REDIS_H
@@ -17,6 +18,7 @@
 #include <stdint.h>
 
 #include "daemon_config.h"
+#include "tls.h"
 
 /* A command under construction: binary-safe arguments with their lengths. */
 #define DG_REDIS_BACKOFF_MAX_MS 5000   /* the longest wait between connect attempts, before jitter */
@@ -50,6 +52,9 @@ typedef struct {
     char   master_name[128];
     char   client_name[256];
     int    read_timeout_ms;     /* must exceed any BLOCK used on this connection */
+    int    tls;                 /* rediss://: every connection (Sentinels' too) over TLS (tls.h) */
+    dg_tls_opts tls_opts;
+    dg_tls_link *link;          /* owned: c's TLS relay; NULL without TLS */
 
     redisContext *c;            /* owned; NULL while disconnected */
     int64_t next_try_ms;        /* monotonic time of the next connect attempt */

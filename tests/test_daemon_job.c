@@ -97,6 +97,58 @@ TEST(redis_urls) {
     CHECK(strstr(err, "http://x"));
     CHECK_EQ_INT(url("redis://h:99999", &r), -1);
     CHECK_EQ_INT(url("redis://:1", &r), -1);
+    CHECK_EQ_INT(r.tls, 0);
+    /* rediss://: the same grammar, over TLS (the system's CAs: no file to read) */
+    CHECK_EQ_INT(url("rediss://worker:pw@redis.example:6380/2", &r), 0);
+    CHECK_EQ_INT(r.tls, 1);
+    CHECK_EQ_STR(r.host, "redis.example");
+    CHECK_EQ_STR(r.user, "worker");
+    CHECK_EQ_STR(r.password, "pw");
+    CHECK_EQ_INT(r.port, 6380);
+    CHECK_EQ_INT(r.db, 2);
+    CHECK_EQ_INT(url("rediss://queue", &r), 0);
+    CHECK_EQ_INT(r.port, 6379);
+    CHECK_EQ_INT(url("redisss://queue", &r), -1);
+    CHECK_EQ_INT(url("rediss://", &r), -1);
+}
+
+static int tls_url(const char *u, const char *ca, const char *cert, const char *key, dg_redis *r) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    snprintf(c.redis_url, sizeof c.redis_url, "%s", u);
+    snprintf(c.tls_ca_file, sizeof c.tls_ca_file, "%s", ca);
+    snprintf(c.tls_cert_file, sizeof c.tls_cert_file, "%s", cert);
+    snprintf(c.tls_key_file, sizeof c.tls_key_file, "%s", key);
+    return dg_redis_init(r, &c, "t", 1000, err, sizeof err);
+}
+
+/* TLS settings are checked when the configuration is read, before anything connects: each
+ * refusal names the setting and the file (the files' contents: tests/integration/test_tls.py) */
+TEST(redis_tls_settings) {
+    dg_redis r;
+    CHECK_EQ_INT(tls_url("redis://h", "/etc/ssl/certs/ca-certificates.crt", "", "", &r), -1);
+    CHECK(strstr(err, "tls_ca_file is set, but redis_url \"redis://h\" is not rediss://"));
+    CHECK_EQ_INT(tls_url("unix:///run/r.sock", "", "", "k.pem", &r), -1);
+    CHECK(strstr(err, "tls_key_file is set"));
+    CHECK_EQ_INT(tls_url("rediss://h", "/nonexistent/ca.pem", "", "", &r), -1);
+    CHECK(strstr(err, "tls_ca_file \"/nonexistent/ca.pem\": No such file or directory"));
+    CHECK_EQ_INT(tls_url("rediss://h", "", "/nonexistent/c.pem", "", &r), -1);
+    CHECK(strstr(err, "tls_cert_file \"/nonexistent/c.pem\": No such file or directory"));
+    CHECK_EQ_INT(tls_url("rediss://h", "", "", "/nonexistent/k.pem", &r), -1);
+    CHECK(strstr(err, "tls_key_file \"/nonexistent/k.pem\": No such file or directory"));
+    /* a file that holds no PEM certificate: OpenSSL's reason */
+    char junk[] = "/tmp/duogen-tls-XXXXXX";
+    const int fd = mkstemp(junk);
+    CHECK(fd >= 0);
+    CHECK_EQ_INT((int)write(fd, "not a certificate\n", 18), 18);
+    close(fd);
+    CHECK_EQ_INT(tls_url("rediss://h", junk, "", "", &r), -1);
+    CHECK(strstr(err, "tls_ca_file \"/tmp/duogen-tls-") && strstr(err, "no certificate or crl found"));
+    CHECK_EQ_INT(tls_url("rediss://h", "", junk, "", &r), -1);
+    CHECK(strstr(err, "tls_cert_file \"/tmp/duogen-tls-") && strstr(err, "no start line"));
+    CHECK_EQ_INT(tls_url("rediss://h", "", "", junk, &r), -1);
+    CHECK(strstr(err, "tls_key_file \"/tmp/duogen-tls-") && strstr(err, "is set without tls_cert_file"));
+    unlink(junk);
 }
 
 /* ---- jobs ---------------------------------------------------------------------------- */

@@ -7,7 +7,7 @@
 # Runs as root (or through sudo when it is there). Safe to run again.
 set -e
 PKGS="build-essential pkg-config clang
-libhiredis-dev redis-server redis-tools
+libhiredis-dev redis-server redis-tools libssl-dev openssl
 protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
 libpng-dev libturbojpeg0-dev libjpeg62-turbo-dev
 libsystemd-dev systemd

@@ -126,18 +126,18 @@ class Worker:
 class Cluster:
     """A Redis server, workers, and a producer's helpers."""
 
-    def __init__(self, tmp, appendonly=False, prefix="duogen"):
+    def __init__(self, tmp, appendonly=False, prefix="duogen", extra=()):
         self.tmp = tmp
         self.prefix = prefix
-        self.server = RedisServer(tmp, appendonly=appendonly)
+        self.server = RedisServer(tmp, appendonly=appendonly, extra=extra)
         self.r = self.server.client()
         self.model = os.path.join(tmp, "model")
         os.makedirs(self.model, exist_ok=True)
         self.workers = []
 
-    def worker(self, worker_id=None, env=None, args=()):
+    def worker(self, worker_id=None, env=None, args=(), redis_url=None):
         wid = worker_id or f"w{len(self.workers) + 1}"
-        w = Worker(self.tmp, self.server.url, wid, self.model, env=env,
+        w = Worker(self.tmp, redis_url or self.server.url, wid, self.model, env=env,
                    args=["--prefix", self.prefix] + list(args))
         self.workers.append(w)
         return w

@@ -1,6 +1,6 @@
 /* duogenctl — producer and monitor for duogen queues.
  *
- *   duogenctl [--redis URL] [--password-file F] [--prefix P] COMMAND [ARGS]
+ *   duogenctl [--redis URL] [--password-file F] [--tls-* ...] [--prefix P] COMMAND [ARGS]
  *   duogenctl --help | --man
  *
  * The commands, the global options and the --param keys are the tables `commands`,
@@ -1078,9 +1078,15 @@ static const struct command {
 static const struct global_option {
     const char *name, *arg, *help;
 } global_options[] = {
-    {"--redis", "URL", "redis://[user@]host:port/db or unix:///path; default $DUOGEN_REDIS, else "
-     "redis://127.0.0.1:6379/0"},
+    {"--redis", "URL", "redis://[user@]host:port/db, rediss://... (TLS) or unix:///path; default $DUOGEN_REDIS, "
+     "else redis://127.0.0.1:6379/0"},
     {"--password-file", "FILE", "file whose first line is the Redis password"},
+    {"--tls-ca-file", "FILE", "with rediss://: PEM CA certificates the server's certificate must chain to "
+     "(default: the system's)"},
+    {"--tls-cert-file", "FILE", "with rediss://: PEM client certificate, for a server that asks for one"},
+    {"--tls-key-file", "FILE", "with rediss://: PEM key of --tls-cert-file (default: in that file)"},
+    {"--tls-server-name", "NAME", "with rediss://: the name the server's certificate must carry (default: the "
+     "URL's host)"},
     {"--prefix", "PREFIX", "the workers' key prefix (default duogen)"},
 };
 
@@ -1155,6 +1161,14 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--redis") && i + 1 < argc) snprintf(cfg.redis_url, sizeof cfg.redis_url, "%s", argv[++i]);
         else if (!strcmp(argv[i], "--password-file") && i + 1 < argc)
             snprintf(cfg.password_file, sizeof cfg.password_file, "%s", argv[++i]);
+        else if (!strcmp(argv[i], "--tls-ca-file") && i + 1 < argc)
+            snprintf(cfg.tls_ca_file, sizeof cfg.tls_ca_file, "%s", argv[++i]);
+        else if (!strcmp(argv[i], "--tls-cert-file") && i + 1 < argc)
+            snprintf(cfg.tls_cert_file, sizeof cfg.tls_cert_file, "%s", argv[++i]);
+        else if (!strcmp(argv[i], "--tls-key-file") && i + 1 < argc)
+            snprintf(cfg.tls_key_file, sizeof cfg.tls_key_file, "%s", argv[++i]);
+        else if (!strcmp(argv[i], "--tls-server-name") && i + 1 < argc)
+            snprintf(cfg.tls_server_name, sizeof cfg.tls_server_name, "%s", argv[++i]);
         else if (!strcmp(argv[i], "--prefix") && i + 1 < argc) prefix = argv[++i];
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage(stdout);
         else if (!strcmp(argv[i], "--man")) return write_manual(stdout);   /* hidden: the build's */
@@ -1170,8 +1184,13 @@ int main(int argc, char **argv) {
         return 0;
     }
     char err[512];
-    if (cfg.password_file[0] && access(cfg.password_file, R_OK))   /* a file: 3; a bad URL: 2 */
-        die(EXIT_IO, "--password-file \"%s\": %s", cfg.password_file, strerror(errno));
+    const struct { const char *opt, *path; } files[] = {
+        {"--password-file", cfg.password_file}, {"--tls-ca-file", cfg.tls_ca_file},
+        {"--tls-cert-file", cfg.tls_cert_file}, {"--tls-key-file", cfg.tls_key_file},
+    };
+    for (size_t k = 0; k < N_OF(files); k++)   /* a file: 3; a bad URL or a file not of its kind: 2 */
+        if (files[k].path[0] && access(files[k].path, R_OK))
+            die(EXIT_IO, "%s \"%s\": %s", files[k].opt, files[k].path, strerror(errno));
     if (dg_redis_init(&R, &cfg, "duogenctl", 10000, err, sizeof err)) die(EXIT_USAGE, "%s", err);
     int rc = c->run(argc - i - 1, argv + i + 1);
     dg_redis_close(&R);
