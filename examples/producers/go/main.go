@@ -1,7 +1,7 @@
 // A duogen producer in Go: redigo and the Go protobuf runtime (Debian: golang-go,
 // golang-github-gomodule-redigo-dev, golang-google-protobuf-dev, protoc-gen-go).
 //
-//	go-producer --redis URL --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...
+//	go-producer --redis URL [--tls-ca-file FILE] --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...
 //
 // Enqueues one job (the image, then the text, as the user's message), follows its events,
 // waits for its result and writes DIR/answer.md with DIR/image-N.png. The package duogen/pb
@@ -16,6 +16,8 @@
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -173,7 +175,8 @@ func writeAnswer(c redis.Conn, res *pb.Result, dir string) error {
 }
 
 func main() {
-	url := flag.String("redis", "redis://127.0.0.1:6379/0", "Redis URL")
+	url := flag.String("redis", "redis://127.0.0.1:6379/0", "Redis URL (rediss:// for TLS)")
+	caFile := flag.String("tls-ca-file", "", "with rediss://: the CA that signed the server's certificate (default: the system's)")
 	prefix := flag.String("prefix", "duogen", "key prefix")
 	id := flag.String("id", "", "job id")
 	imagePath := flag.String("image", "", "input image (PNG or JPEG)")
@@ -182,7 +185,7 @@ func main() {
 	flag.Var(&meta, "meta", "KEY=VALUE job metadata (again for more)")
 	flag.CommandLine.Init("go-producer", flag.ContinueOnError)
 	if err := flag.CommandLine.Parse(os.Args[1:]); err != nil || *id == "" || *imagePath == "" || *out == "" || flag.NArg() == 0 {
-		fail(exitUsage, "usage: go-producer --redis URL --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...")
+		fail(exitUsage, "usage: go-producer --redis URL [--tls-ca-file FILE] --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...")
 	}
 	// the ids a worker accepts; another would be dead-lettered under an id of the worker's
 	// own, and this producer would wait for a result that never comes
@@ -197,7 +200,19 @@ func main() {
 	if err != nil {
 		fail(exitIO, "%v", err)
 	}
-	c, err := redis.DialURL(*url, redis.DialReadTimeout(30*time.Second), redis.DialConnectTimeout(10*time.Second))
+	options := []redis.DialOption{redis.DialReadTimeout(30 * time.Second), redis.DialConnectTimeout(10 * time.Second)}
+	if *caFile != "" {
+		pem, err := os.ReadFile(*caFile)
+		if err != nil {
+			fail(exitIO, "%v", err)
+		}
+		roots := x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			fail(exitIO, "--tls-ca-file %s: no PEM certificate in it", *caFile)
+		}
+		options = append(options, redis.DialTLSConfig(&tls.Config{RootCAs: roots}))
+	}
+	c, err := redis.DialURL(*url, options...)
 	if err != nil {
 		fail(exitIO, "Redis %s: %v", *url, err)
 	}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A duogen producer in Python (Debian: python3-redis, python3-protobuf).
 
-    producer.py --redis URL --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...
+    producer.py --redis URL [--tls-ca-file FILE] --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...
 
 Enqueues one job (the image, then the text, as the user's message), follows its events,
 waits for its result and writes DIR/answer.md with DIR/image-N.png. The protocol is
@@ -100,7 +100,9 @@ def write_answer(r, result, out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description="enqueue one duogen job and write its answer")
-    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="redis://... or rediss://... (TLS)")
+    ap.add_argument("--tls-ca-file", help="with rediss://: the CA that signed the server's certificate "
+                    "(default: the system's)")
     ap.add_argument("--prefix", default="duogen")
     ap.add_argument("--id", required=True)
     ap.add_argument("--image", required=True)
@@ -117,7 +119,8 @@ def main():
         print(f"producer: --id {a.id!r} is not 1..128 characters of A-Z a-z 0-9 . _ : -", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
-        r = redis.Redis.from_url(a.redis, socket_timeout=30)
+        tls = {"ssl_ca_certs": a.tls_ca_file} if a.tls_ca_file else {}
+        r = redis.Redis.from_url(a.redis, socket_timeout=30, **tls)
         with open(a.image, "rb") as f:
             job = build_job(a.id, f.read(), " ".join(a.text), a.meta)
         r.hsetnx(f"{a.prefix}:job:{a.id}", "state", "queued")   # before the XADD: a worker's "running" comes after it

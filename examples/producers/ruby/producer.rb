@@ -1,6 +1,6 @@
 # A duogen producer in Ruby (Debian: ruby, ruby-redis, ruby-google-protobuf).
 #
-#   ruby producer.rb --redis URL --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...
+#   ruby producer.rb --redis URL [--tls-ca-file FILE] --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT...
 #
 # Enqueues one job (the image, then the text, as the user's message), follows its events,
 # waits for its result and writes DIR/answer.md with DIR/image-N.png. duogen_pb.rb is
@@ -8,6 +8,7 @@
 # it in build/gen/ruby: run with RUBYLIB=build/gen/ruby). examples/producers/README.md says
 # what every producer of this folder prints and exits with.
 require "fileutils"
+require "openssl"
 require "optparse"
 require "redis"
 require "duogen_pb"
@@ -96,8 +97,9 @@ end
 opts = {redis: "redis://127.0.0.1:6379/0", prefix: "duogen", meta: []}
 begin
   OptionParser.new do |o|
-    o.banner = "usage: producer.rb --redis URL --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT..."
+    o.banner = "usage: producer.rb --redis URL [--tls-ca-file FILE] --id ID --image FILE --out DIR [--prefix P] [--meta KEY=VALUE]... TEXT..."
     %w[redis prefix id image out].each { |name| o.on("--#{name} VALUE") { |v| opts[name.to_sym] = v } }
+    o.on("--tls-ca-file FILE") { |v| opts[:ca_file] = v } # with rediss://: the CA of the server's certificate
     o.on("--meta KEY=VALUE") { |v| opts[:meta] << v }
   end.parse!(ARGV)
   raise OptionParser::MissingArgument, "--id, --image, --out and TEXT" unless opts[:id] && opts[:image] && opts[:out] && !ARGV.empty?
@@ -111,7 +113,8 @@ end
 $stdout.sync = true
 begin
   job = build_job(opts[:id], File.binread(opts[:image]), ARGV.join(" "), opts[:meta])
-  r = Redis.new(url: opts[:redis], timeout: 30)
+  tls = opts[:ca_file] ? {ssl_params: {ca_file: opts[:ca_file]}} : {}
+  r = Redis.new(url: opts[:redis], timeout: 30, **tls)
   r.hsetnx("#{opts[:prefix]}:job:#{opts[:id]}", "state", "queued") # before the XADD: a worker's "running" comes after it
   r.xadd("#{opts[:prefix]}:jobs", {id: opts[:id], job: Duogen::V1::Job.encode(job)})
   puts "enqueued #{opts[:id]}"
@@ -120,7 +123,7 @@ begin
   raise IOError, "no result for #{opts[:id]}" if raw.nil?
   result = Duogen::V1::Result.decode(raw.b)
   write_answer(r, result, opts[:out])
-rescue Redis::BaseError, SystemCallError, IOError => e
+rescue Redis::BaseError, SystemCallError, IOError, OpenSSL::SSL::SSLError => e
   fail_with(EXIT_IO, e.message)
 end
 exit(result.status == :DONE ? 0 : EXIT_JOB)
