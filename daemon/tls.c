@@ -326,6 +326,7 @@ int dg_tls_open(const dg_tls_opts *o, const char *host, int port, int timeout_ms
         goto fail;
     }
     sigpipe_restore(&pipe_set, &old, pipe_was_pending);
+    log_debug("TLS connection to %s: %s, %s", l->peer, SSL_get_version(l->ssl), SSL_get_cipher_name(l->ssl));
     *link = l;
     return sv[1];
 fail:

@@ -6,7 +6,8 @@
 # restart its duogend@ workers (each drains its running jobs first), and wait until every
 # worker of the host heartbeats again before moving to the next; a host that does not come
 # back stops the rollout. Needs ssh access as a user that may run cp and systemctl through
-# sudo, and duogenctl with DUOGEN_REDIS (and an operator password file) set for the check.
+# sudo, and duogenctl with DUOGEN_REDIS (and an operator password file) set for the check
+# (a rediss:// one with DUOGEN_TLS_CA_FILE, which duogenctl reads itself).
 # PREFIX (default /usr/local) is the hosts' install prefix; DUOGENCTL overrides the
 # duogenctl that checks health (default BUILD_DIR/duogenctl).
 set -eu

@@ -98,6 +98,14 @@ def test_jobs_and_duogenctl_over_tls(tmpdir_path, pki):
         assert "Echo: over tls" in re.sub(r"\n\[image \d: [^\]]*\]\n", "", p.stdout), p.stdout
         assert open(os.path.join(out, "image-2.png"), "rb").read()[:4] == b"\x89PNG"
         assert c.result("tls-1")["status"] == b"done"
+        # the files from the environment, as the URL (an operator's shell, rollout.sh); an
+        # option still wins over them
+        env = dict(os.environ, DUOGEN_REDIS=url, DUOGEN_TLS_CA_FILE=pki("ca.pem"))
+        p = subprocess.run([CTL, "result", "tls-1"], env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "status: done" in p.stdout, p
+        p = subprocess.run([CTL, "--tls-ca-file", pki("other.pem"), "result", "tls-1"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 3 and "was refused" in p.stderr, p
         # an address in the URL is checked against the certificate's IP entry
         p = ctl(f"rediss://127.0.0.1:{c.tls_port}/0", "--tls-ca-file", pki("ca.pem"), "result", "tls-1")
         assert p.returncode == 0 and "status: done" in p.stdout, p

@@ -8,6 +8,9 @@ consumer (tools/queue-baseline: XREADGROUP, then XADD done + XACK) on the same R
   latency     one job at a time; time from XADD to its done entry (XREAD BLOCK on the
               done stream), p50 and p99
   overhead    duogend's p50 latency minus the baseline's: the worker's own cost per job
+  tls         the same duogend reaching Redis over TLS (rediss://, daemon/tls.c: the
+              session relayed to hiredis through a socketpair), certificates made here with
+              openssl; the producer's side stays plain: what TLS costs the worker per job
 
 Writes JSON with --json FILE. Needs redis-server and Debian's python3-redis/protobuf."""
 import argparse
@@ -40,6 +43,25 @@ def job_bytes(job_id):
     job = pb.Job(id=job_id)
     job.messages.add(role=pb.Message.USER).parts.add(text="")
     return job.SerializeToString()
+
+
+def make_certs(d):
+    """A CA and a certificate for localhost signed by it, in d (P-256 keys, as a TLS Redis
+    would commonly be given); None where openssl is missing."""
+    if not shutil.which("openssl"):
+        return None
+
+    def ssl(*args):
+        subprocess.run(["openssl"] + list(args), cwd=d, check=True, capture_output=True)
+    ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+        "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=bench CA")
+    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "redis.key",
+        "-out", "redis.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost\n")
+    ssl("x509", "-req", "-in", "redis.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-out", "redis.pem", "-extfile", "san.ext")
+    return {k: os.path.join(d, f"{k}.pem") for k in ("ca", "redis")} | {"key": os.path.join(d, "redis.key")}
 
 
 def run_case(r, prefix, n_tput, n_lat):
@@ -92,9 +114,12 @@ def main():
     ap.add_argument("--latency-jobs", type=int, default=500)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="duogen-bench-")
-    port = free_port()
+    port, tls_port = free_port(), free_port()
+    certs = make_certs(tmp)
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", certs["redis"], "--tls-key-file", certs["key"],
+           "--tls-ca-cert-file", certs["ca"], "--tls-auth-clients", "no"] if certs else []
     srv = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                            "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+                            "--appendonly", "no", "--dir", tmp] + tls, stdout=subprocess.DEVNULL)
     procs = []
     try:
         r = redis.Redis(port=port, socket_timeout=30)
@@ -106,14 +131,19 @@ def main():
                 time.sleep(0.05)
         os.makedirs(os.path.join(tmp, "model"))
         results = {}
-        for inflight in (1, 4):
-            name = "duogend" if inflight == 1 else f"duogend_inflight{inflight}"
-            w = subprocess.Popen([os.path.join(BUILD, "tests", "duogend-fake"), "--redis",
-                                  f"redis://127.0.0.1:{port}/0", "--model", os.path.join(tmp, "model"),
-                                  "--prefix", f"dg{inflight}", "--worker-id", "bench", "--log-level", "warning",
-                                  "--max-inflight", str(inflight)], stderr=subprocess.DEVNULL)
+        cases = [("duogend", 1, f"redis://127.0.0.1:{port}/0", []),
+                 ("duogend_inflight4", 4, f"redis://127.0.0.1:{port}/0", [])]
+        if certs:
+            cases.append(("duogend_tls", 1, f"rediss://localhost:{tls_port}/0", ["--tls-ca-file", certs["ca"]]))
+        else:
+            results["duogend_tls_missing"] = "openssl is not installed: no certificates for a TLS Redis"
+        for name, inflight, url, extra in cases:
+            w = subprocess.Popen([os.path.join(BUILD, "tests", "duogend-fake"), "--redis", url,
+                                  "--model", os.path.join(tmp, "model"), "--prefix", name, "--worker-id", "bench",
+                                  "--log-level", "warning", "--max-inflight", str(inflight)] + extra,
+                                 stderr=subprocess.DEVNULL)
             procs.append(w)
-            results[name] = run_case(r, f"dg{inflight}", a.jobs, a.latency_jobs)
+            results[name] = run_case(r, name, a.jobs, a.latency_jobs)
             w.terminate()
             w.wait(30)
         base = subprocess.Popen([os.path.join(BUILD, "queue-baseline"), "127.0.0.1", str(port), "pl:jobs",
@@ -127,10 +157,19 @@ def main():
         results["throughput_ratio_inflight4"] = results["duogend_inflight4"]["jobs_per_s"] / p["jobs_per_s"]
         results["overhead_per_job_ms_p50"] = d["latency_p50_ms"] - p["latency_p50_ms"]
         results["overhead_per_job_ms_throughput"] = 1e3 / d["jobs_per_s"] - 1e3 / p["jobs_per_s"]
+        if certs:
+            t = results["duogend_tls"]
+            results["tls_throughput_ratio"] = t["jobs_per_s"] / d["jobs_per_s"]
+            results["tls_overhead_per_job_ms_p50"] = t["latency_p50_ms"] - d["latency_p50_ms"]
+            results["tls_overhead_per_job_ms_throughput"] = 1e3 / t["jobs_per_s"] - 1e3 / d["jobs_per_s"]
+            results["tls"] = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip() + \
+                ", P-256 certificate, the worker's side only"
         results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                               "redis": subprocess.run(["redis-server", "--version"], capture_output=True,
                                                       text=True).stdout.strip()}
-        for name in ("duogend", "duogend_inflight4", "plain_hiredis"):
+        for name in ("duogend", "duogend_inflight4", "duogend_tls", "plain_hiredis"):
+            if name not in results:
+                continue
             x = results[name]
             print(f"{name:18s} {x['jobs_per_s']:9.0f} jobs/s   p50 {x['latency_p50_ms']:.3f} ms   "
                   f"p99 {x['latency_p99_ms']:.3f} ms")
@@ -138,6 +177,10 @@ def main():
               f"{results['throughput_ratio_inflight4']:.2f} (max_inflight 4)")
         print(f"worker overhead per job: {results['overhead_per_job_ms_p50']:.3f} ms (latency p50), "
               f"{results['overhead_per_job_ms_throughput']:.3f} ms (throughput)")
+        if certs:
+            print(f"TLS (rediss://, {results['tls']}): throughput {results['tls_throughput_ratio']:.2f}x of "
+                  f"plain TCP, {results['tls_overhead_per_job_ms_p50']:.3f} ms more per job (latency p50), "
+                  f"{results['tls_overhead_per_job_ms_throughput']:.3f} ms (throughput)")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=2)

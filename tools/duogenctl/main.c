@@ -1082,9 +1082,11 @@ static const struct global_option {
      "else redis://127.0.0.1:6379/0"},
     {"--password-file", "FILE", "file whose first line is the Redis password"},
     {"--tls-ca-file", "FILE", "with rediss://: PEM CA certificates the server's certificate must chain to "
-     "(default: the system's)"},
-    {"--tls-cert-file", "FILE", "with rediss://: PEM client certificate, for a server that asks for one"},
-    {"--tls-key-file", "FILE", "with rediss://: PEM key of --tls-cert-file (default: in that file)"},
+     "(default: $DUOGEN_TLS_CA_FILE, else the system's)"},
+    {"--tls-cert-file", "FILE", "with rediss://: PEM client certificate, for a server that asks for one "
+     "(default: $DUOGEN_TLS_CERT_FILE)"},
+    {"--tls-key-file", "FILE", "with rediss://: PEM key of --tls-cert-file (default: $DUOGEN_TLS_KEY_FILE, else in "
+     "that file)"},
     {"--tls-server-name", "NAME", "with rediss://: the name the server's certificate must carry (default: the "
      "URL's host)"},
     {"--prefix", "PREFIX", "the workers' key prefix (default duogen)"},
@@ -1142,6 +1144,9 @@ static int write_manual(FILE *out) {
         fputs("\\fR)\n", out);
     }
     fputs(".SH ENVIRONMENT\n.TP\n\\fBDUOGEN_REDIS\\fR\nThe Redis URL when \\fB\\-\\-redis\\fR is not given.\n"
+          ".TP\n\\fBDUOGEN_TLS_CA_FILE\\fR, \\fBDUOGEN_TLS_CERT_FILE\\fR, \\fBDUOGEN_TLS_KEY_FILE\\fR\nThe files "
+          "of \\fB\\-\\-tls\\-ca\\-file\\fR, \\fB\\-\\-tls\\-cert\\-file\\fR and \\fB\\-\\-tls\\-key\\-file\\fR when "
+          "those are not given (with a \\fBrediss://\\fR URL).\n"
           ".SH EXIT STATUS\n.TP\n\\fB0\\fR\nSuccess; for \\fBresult\\fR and \\fB\\-\\-wait\\fR, the job is done.\n"
           ".TP\n\\fB1\\fR\nThe job failed, was cancelled or expired, or has no result yet.\n"
           ".TP\n\\fB2\\fR\nA usage error.\n.TP\n\\fB3\\fR\nRedis or a file could not be read or written.\n"
@@ -1173,6 +1178,20 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage(stdout);
         else if (!strcmp(argv[i], "--man")) return write_manual(stdout);   /* hidden: the build's */
         else return usage(stderr);
+    }
+    /* the TLS files the options did not name, from the environment, as the URL: an
+     * operator's shell (or rollout.sh) sets them once; with a plain URL they are not used
+     * (and not refused) */
+    if (!strncmp(cfg.redis_url, "rediss://", 9)) {
+        const struct { const char *env; char *to; size_t size; } tls_env[] = {
+            {"DUOGEN_TLS_CA_FILE", cfg.tls_ca_file, sizeof cfg.tls_ca_file},
+            {"DUOGEN_TLS_CERT_FILE", cfg.tls_cert_file, sizeof cfg.tls_cert_file},
+            {"DUOGEN_TLS_KEY_FILE", cfg.tls_key_file, sizeof cfg.tls_key_file},
+        };
+        for (size_t k = 0; k < N_OF(tls_env); k++) {
+            const char *v = getenv(tls_env[k].env);
+            if (!tls_env[k].to[0] && v) snprintf(tls_env[k].to, tls_env[k].size, "%s", v);
+        }
     }
     const struct command *c = NULL;
     for (size_t k = 0; i < argc && k < N_OF(commands); k++)
