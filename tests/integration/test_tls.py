@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, Cluster, png_bytes, wait_until
+from conftest import BUILD, Cluster, free_port, png_bytes, wait_until
 
 CTL = os.path.join(BUILD, "duogenctl")
 
@@ -50,7 +50,6 @@ def tls_cluster(tmpdir_path, pki, auth_clients="optional", cert="server"):
     """A cluster whose Redis takes TLS on a port of its own beside the plain one the harness
     reads with; auth_clients: redis' tls-auth-clients (optional: it asks for a client
     certificate and takes a connection without one)."""
-    from conftest import free_port
     port = free_port()
     c = Cluster(tmpdir_path, extra=["--tls-port", str(port), "--tls-cert-file", pki(f"{cert}.pem"),
                                     "--tls-key-file", pki(f"{cert}.key"), "--tls-ca-cert-file", pki("ca.pem"),
@@ -223,6 +222,35 @@ def test_connections_heal_over_tls_without_leaving_threads(tmpdir_path, pki):
         assert c.wait_result("heal-3", timeout=30)["status"] == b"done"
         assert w.alive()
     finally:
+        c.close()
+
+
+def test_sentinel_over_tls(tmpdir_path, pki):
+    """With Sentinels and a rediss:// URL the worker asks the Sentinel over TLS (its TLS port
+    only) for the master, then reaches the master's TLS port, the certificate checked
+    against the address the Sentinel named."""
+    c = tls_cluster(tmpdir_path, pki)
+    ds = os.path.join(tmpdir_path, "s")
+    os.makedirs(ds)
+    sport = free_port()
+    tls = (f"tls-cert-file {pki('server.pem')}\ntls-key-file {pki('server.key')}\n"
+           f"tls-ca-cert-file {pki('ca.pem')}\ntls-auth-clients no\ntls-replication yes\n")
+    with open(os.path.join(ds, "sentinel.conf"), "w") as f:
+        f.write(f"port 0\ntls-port {sport}\nbind 127.0.0.1\ndir {ds}\n{tls}"
+                f"sentinel monitor dq 127.0.0.1 {c.tls_port} 1\n")
+    sentinel = subprocess.Popen(["redis-server", os.path.join(ds, "sentinel.conf"), "--sentinel"],
+                                stdout=subprocess.DEVNULL)
+    try:
+        w = c.worker("ts", redis_url="rediss://127.0.0.1:1/0",
+                     args=["--sentinel", f"localhost:{sport}", "--master-name", "dq", "--tls-ca-file", pki("ca.pem")])
+        c.wait_heartbeat("ts", "idle")
+        assert ("ts", c.tls_port) in clients_on(c, c.tls_port), clients_on(c, c.tls_port)
+        c.enqueue("tls-s", text="through a sentinel")
+        assert c.wait_result("tls-s")["text"] == b"Echo: through a sentinel"
+        assert w.alive()
+    finally:
+        sentinel.kill()
+        sentinel.wait(10)
         c.close()
 
 
