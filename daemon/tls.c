@@ -429,15 +429,15 @@ static void *relay(void *arg) {
         /* the server's socket ended: the next SSL call says how; no spinning on it meanwhile */
         if (p[1].revents & (POLLHUP | POLLERR)) tcp_hup = 1;
     }
-    if (client_gone) {
-        SSL_shutdown(l->ssl);   /* close_notify, where the socket takes it now */
-        ERR_clear_error();
-    } else if (failed) {
+    if (failed) {   /* no SSL_shutdown after a failure (OpenSSL forbids it) */
         snprintf(l->failure, sizeof l->failure, "%s", failed);
         log_warn("TLS connection to %s: %s", l->peer, failed);
-    } else {
+    } else if (server_closed) {
         snprintf(l->failure, sizeof l->failure, "the server closed the connection");
         log_debug("TLS connection to %s: closed by the server", l->peer);
+    } else {
+        SSL_shutdown(l->ssl);   /* hiredis closed: close_notify, where the socket takes it now */
+        ERR_clear_error();
     }
     close(l->tcp);
     close(l->pair);   /* hiredis reads end-of-file: the server is gone */

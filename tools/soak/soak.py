@@ -3,10 +3,11 @@
 Redis is restarted; at the end every job is accounted for.
 
   soak.py [--jobs 10000] [--workers 3] [--engine fake|real] [--draft-tokens N] [--kills 12] [--seed 1]
-          [--json build/bench/soak.json] [--keep]
+          [--tls] [--json build/bench/soak.json] [--keep]
 
 In a temporary directory, on loopback:
-  redis-server  appendonly yes, appendfsync always (below), its own port and data dir
+  redis-server  appendonly yes, appendfsync always (below), its own port and data dir;
+                with --tls a TLS port too, which the workers use (rediss://)
   workers       build/tests/duogend-fake: the test engine (words and gradient PNGs, paced
                 by fake.step_ms); --engine real: build/duogend on a `tiny` package (1000 jobs
                 by default, only their status, finish and image count checked: the words of
@@ -276,20 +277,41 @@ def retry(fn, stop=None):
             time.sleep(0.05)
 
 
-class RedisServer:
-    """redis-server with AOF on its own port and data dir, restartable."""
+def make_certs(d):
+    """A CA and a certificate for localhost signed by it (--tls), made with openssl in d."""
+    def ssl(*args):
+        subprocess.run(["openssl"] + list(args), cwd=d, check=True, capture_output=True)
+    ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+        "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=soak CA")
+    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "redis.key",
+        "-out", "redis.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost\n")
+    ssl("x509", "-req", "-in", "redis.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-out", "redis.pem", "-extfile", "san.ext")
+    return os.path.join(d, "ca.pem")
 
-    def __init__(self, tmp, fsync):
+
+class RedisServer:
+    """redis-server with AOF on its own port and data dir, restartable; with tls, a TLS port
+    too, which the workers use (the producer and collector stay on the plain one)."""
+
+    def __init__(self, tmp, fsync, tls=False):
         self.port, self.dir, self.fsync = free_port(), os.path.join(tmp, "redis"), fsync
         os.makedirs(self.dir)
+        self.tls_port = free_port() if tls else None
+        self.ca = make_certs(self.dir) if tls else None
         self.proc = None
         self.start()
 
     def start(self):
+        tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", os.path.join(self.dir, "redis.pem"),
+               "--tls-key-file", os.path.join(self.dir, "redis.key"), "--tls-ca-cert-file", self.ca,
+               "--tls-auth-clients", "no"] if self.tls_port else []
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
              "--appendonly", "yes", "--appendfsync", self.fsync, "--daemonize", "no",
-             "--logfile", os.path.join(self.dir, "redis.log")],
+             "--logfile", os.path.join(self.dir, "redis.log")] + tls,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         c = self.client()
         retry(c.ping)
@@ -304,6 +326,12 @@ class RedisServer:
     @property
     def url(self):
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def worker_args(self):
+        """The workers' way to Redis: over TLS where it has a TLS port."""
+        if self.tls_port:
+            return ["--redis", f"rediss://localhost:{self.tls_port}/0", "--tls-ca-file", self.ca]
+        return ["--redis", self.url]
 
 
 def no_core():
@@ -373,7 +401,7 @@ class Soak:
 
     def start(self):
         a = self.a
-        self.redis = RedisServer(self.tmp, a.appendfsync)
+        self.redis = RedisServer(self.tmp, a.appendfsync, a.tls)
         model = os.path.join(self.tmp, "model")
         if a.engine == "real":
             subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", "tiny", "--seed", "5", "--out", model,
@@ -382,7 +410,7 @@ class Soak:
         else:
             os.makedirs(model)
             binary = [os.path.join(BUILD, "tests", "duogend-fake")]
-        cmd = shlex.split(a.wrap) + binary + ["--redis", self.redis.url, "--model", model, "--prefix", PREFIX,
+        cmd = shlex.split(a.wrap) + binary + self.redis.worker_args() + ["--model", model, "--prefix", PREFIX,
                         "--max-inflight", str(a.inflight), "--block-ms", "1000",
                         "--claim-idle-ms", str(a.claim_idle_ms), "--reaper-ms", "1000", "--heartbeat-ms", "1000",
                         "--trim-ms", "5000", "--jobs-retain-s", str(a.result_ttl_s // 3),
@@ -758,6 +786,7 @@ def report_of(soak, dead, pending, done_info, no_ttl, stops):
     points = memory_points(soak)
     rep = {
         "engine": soak.a.engine, "jobs": len(specs), "workers": soak.a.workers, "max_inflight": soak.a.inflight,
+        "tls": soak.a.tls,
         "appendfsync": soak.a.appendfsync, "claim_idle_ms": soak.a.claim_idle_ms,
         "max_attempts": soak.a.max_attempts, "result_ttl_s": soak.a.result_ttl_s, "seed": soak.a.seed,
         "duration_s": round(soak.t_last - soak.t_first, 1),
@@ -863,6 +892,8 @@ def main():
     ap.add_argument("--appendfsync", choices=("always", "everysec"), default="always")
     ap.add_argument("--stall-s", type=int, default=120, help="give up when no job ends for this long")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tls", action="store_true", help="the workers reach Redis over TLS (rediss://; certificates "
+                    "made with openssl): every SIGKILL and Redis restart goes through daemon/tls.c's relays")
     ap.add_argument("--json")
     ap.add_argument("--wrap", default="", help="a command the workers run under, e.g. \"valgrind "
                     "--leak-check=full --log-file=/tmp/vg-%%p.log\" (its report comes at SIGTERM)")
