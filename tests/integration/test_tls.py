@@ -7,31 +7,16 @@ import os
 import random
 import re
 import subprocess
+import sys
 
 import pytest
 
-from conftest import BUILD, Cluster, free_port, png_bytes, wait_until
+from conftest import BUILD, ROOT, Cluster, free_port, png_bytes, wait_until
+
+sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+from certs import make_ca, make_cert  # noqa: E402  (tools/bench/certs.py: openssl)
 
 CTL = os.path.join(BUILD, "duogenctl")
-
-
-def openssl(*args, cwd):
-    subprocess.run(["openssl"] + list(args), cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(d, name):
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN=duogen test {name}", cwd=d)
-
-
-def make_cert(d, ca, name, san):
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    ext = os.path.join(d, f"{name}.ext")
-    with open(ext, "w") as f:
-        f.write(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{name}.pem", "-extfile", ext, cwd=d)
 
 
 @pytest.fixture
@@ -66,7 +51,7 @@ def threads_of(pid):
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def clients_on(cluster, port):
+def clients_on(cluster):
     """The named clients (workers, keepers, duogenctl) and the port each reached the server on."""
     return [(c["name"], int(c["laddr"].rsplit(":", 1)[1])) for c in cluster.r.client_list() if c["name"]]
 
@@ -78,9 +63,8 @@ def test_jobs_and_duogenctl_over_tls(tmpdir_path, pki):
         w = c.worker("t1", redis_url=url, args=["--tls-ca-file", pki("ca.pem")])
         c.wait_heartbeat("t1", "idle")
         # every connection of the worker (its own, its keeper's) reached the TLS port
-        named = clients_on(c, c.tls_port)
-        assert {"t1", "t1:keeper"} <= {n for n, _ in named}, named
-        assert all(p == c.tls_port for n, p in named if n.startswith("t1")), named
+        wait_until(lambda: {"t1", "t1:keeper"} <= {n for n, _ in clients_on(c)}, what="the worker's connections")
+        assert {p for n, p in clients_on(c) if n.startswith("t1")} == {c.tls_port}, clients_on(c)
 
         # a picture of random bytes (no compression: ~3 MB) up through duogenctl's relay and
         # down through the worker's; two drawn ones back up
@@ -244,7 +228,9 @@ def test_sentinel_over_tls(tmpdir_path, pki):
         w = c.worker("ts", redis_url="rediss://127.0.0.1:1/0",
                      args=["--sentinel", f"localhost:{sport}", "--master-name", "dq", "--tls-ca-file", pki("ca.pem")])
         c.wait_heartbeat("ts", "idle")
-        assert ("ts", c.tls_port) in clients_on(c, c.tls_port), clients_on(c, c.tls_port)
+        # the keeper's beat can come before the main loop's connect: wait for both
+        wait_until(lambda: {"ts", "ts:keeper"} <= {n for n, _ in clients_on(c)}, what="the worker's connections")
+        assert {p for n, p in clients_on(c) if n.startswith("ts")} == {c.tls_port}, clients_on(c)
         c.enqueue("tls-s", text="through a sentinel")
         assert c.wait_result("tls-s")["text"] == b"Echo: through a sentinel"
         assert w.alive()

@@ -31,6 +31,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUILD = os.path.join(ROOT, "build")
 sys.path.insert(0, os.path.join(BUILD, "gen", "python"))
 import duogen_pb2 as pb  # noqa: E402
+import certs  # noqa: E402  (tools/bench/certs.py, beside this file)
 
 
 def free_port():
@@ -43,25 +44,6 @@ def job_bytes(job_id):
     job = pb.Job(id=job_id)
     job.messages.add(role=pb.Message.USER).parts.add(text="")
     return job.SerializeToString()
-
-
-def make_certs(d):
-    """A CA and a certificate for localhost signed by it, in d (P-256 keys, as a TLS Redis
-    would commonly be given); None where openssl is missing."""
-    if not shutil.which("openssl"):
-        return None
-
-    def ssl(*args):
-        subprocess.run(["openssl"] + list(args), cwd=d, check=True, capture_output=True)
-    ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-        "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=bench CA")
-    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "redis.key",
-        "-out", "redis.csr", "-subj", "/CN=localhost")
-    with open(os.path.join(d, "san.ext"), "w") as f:
-        f.write("subjectAltName=DNS:localhost\n")
-    ssl("x509", "-req", "-in", "redis.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
-        "-out", "redis.pem", "-extfile", "san.ext")
-    return {k: os.path.join(d, f"{k}.pem") for k in ("ca", "redis")} | {"key": os.path.join(d, "redis.key")}
 
 
 def run_case(r, prefix, n_tput, n_lat):
@@ -115,9 +97,7 @@ def main():
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="duogen-bench-")
     port, tls_port = free_port(), free_port()
-    certs = make_certs(tmp)
-    tls = ["--tls-port", str(tls_port), "--tls-cert-file", certs["redis"], "--tls-key-file", certs["key"],
-           "--tls-ca-cert-file", certs["ca"], "--tls-auth-clients", "no"] if certs else []
+    tls, ca = certs.redis_tls_args(tmp, tls_port) if certs.have_openssl() else ([], None)
     srv = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                             "--appendonly", "no", "--dir", tmp] + tls, stdout=subprocess.DEVNULL)
     procs = []
@@ -133,8 +113,8 @@ def main():
         results = {}
         cases = [("duogend", 1, f"redis://127.0.0.1:{port}/0", []),
                  ("duogend_inflight4", 4, f"redis://127.0.0.1:{port}/0", [])]
-        if certs:
-            cases.append(("duogend_tls", 1, f"rediss://localhost:{tls_port}/0", ["--tls-ca-file", certs["ca"]]))
+        if ca:
+            cases.append(("duogend_tls", 1, f"rediss://localhost:{tls_port}/0", ["--tls-ca-file", ca]))
         else:
             results["duogend_tls_missing"] = "openssl is not installed: no certificates for a TLS Redis"
         for name, inflight, url, extra in cases:
@@ -157,7 +137,7 @@ def main():
         results["throughput_ratio_inflight4"] = results["duogend_inflight4"]["jobs_per_s"] / p["jobs_per_s"]
         results["overhead_per_job_ms_p50"] = d["latency_p50_ms"] - p["latency_p50_ms"]
         results["overhead_per_job_ms_throughput"] = 1e3 / d["jobs_per_s"] - 1e3 / p["jobs_per_s"]
-        if certs:
+        if ca:
             t = results["duogend_tls"]
             results["tls_throughput_ratio"] = t["jobs_per_s"] / d["jobs_per_s"]
             results["tls_overhead_per_job_ms_p50"] = t["latency_p50_ms"] - d["latency_p50_ms"]
@@ -177,7 +157,7 @@ def main():
               f"{results['throughput_ratio_inflight4']:.2f} (max_inflight 4)")
         print(f"worker overhead per job: {results['overhead_per_job_ms_p50']:.3f} ms (latency p50), "
               f"{results['overhead_per_job_ms_throughput']:.3f} ms (throughput)")
-        if certs:
+        if ca:
             print(f"TLS (rediss://, {results['tls']}): throughput {results['tls_throughput_ratio']:.2f}x of "
                   f"plain TCP, {results['tls_overhead_per_job_ms_p50']:.3f} ms more per job (latency p50), "
                   f"{results['tls_overhead_per_job_ms_throughput']:.3f} ms (throughput)")

@@ -74,6 +74,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUILD = os.path.join(ROOT, "build")
 sys.path.insert(0, os.path.join(BUILD, "gen", "python"))
 import duogen_pb2 as pb  # noqa: E402  (generated at build time from proto/duogen.proto)
+sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+import certs  # noqa: E402  (tools/bench/certs.py: --tls)
 
 PREFIX = "duogen"
 VOCAB = os.path.join(ROOT, "tools", "mkmodel", "vocab", "qwen2")
@@ -277,21 +279,6 @@ def retry(fn, stop=None):
             time.sleep(0.05)
 
 
-def make_certs(d):
-    """A CA and a certificate for localhost signed by it (--tls), made with openssl in d."""
-    def ssl(*args):
-        subprocess.run(["openssl"] + list(args), cwd=d, check=True, capture_output=True)
-    ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
-        "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=soak CA")
-    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "redis.key",
-        "-out", "redis.csr", "-subj", "/CN=localhost")
-    with open(os.path.join(d, "san.ext"), "w") as f:
-        f.write("subjectAltName=DNS:localhost\n")
-    ssl("x509", "-req", "-in", "redis.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
-        "-out", "redis.pem", "-extfile", "san.ext")
-    return os.path.join(d, "ca.pem")
-
-
 class RedisServer:
     """redis-server with AOF on its own port and data dir, restartable; with tls, a TLS port
     too, which the workers use (the producer and collector stay on the plain one)."""
@@ -300,18 +287,15 @@ class RedisServer:
         self.port, self.dir, self.fsync = free_port(), os.path.join(tmp, "redis"), fsync
         os.makedirs(self.dir)
         self.tls_port = free_port() if tls else None
-        self.ca = make_certs(self.dir) if tls else None
+        self.tls, self.ca = certs.redis_tls_args(self.dir, self.tls_port) if tls else ([], None)
         self.proc = None
         self.start()
 
     def start(self):
-        tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", os.path.join(self.dir, "redis.pem"),
-               "--tls-key-file", os.path.join(self.dir, "redis.key"), "--tls-ca-cert-file", self.ca,
-               "--tls-auth-clients", "no"] if self.tls_port else []
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
              "--appendonly", "yes", "--appendfsync", self.fsync, "--daemonize", "no",
-             "--logfile", os.path.join(self.dir, "redis.log")] + tls,
+             "--logfile", os.path.join(self.dir, "redis.log")] + self.tls,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         c = self.client()
         retry(c.ping)
