@@ -132,7 +132,8 @@ static int parse_url(dg_redis *r, const char *url, char *err, size_t errlen) {
     }
     return 0;
 bad:
-    snprintf(err, errlen, "redis_url: \"%s\" is not redis[s]://[user@]host[:port][/db] or unix:///path[?db=N]", url);
+    snprintf(err, errlen, "redis_url: \"%s\" is not redis://[user@]host[:port][/db], the same with rediss:// (TLS), "
+             "or unix:///path[?db=N]", url);
     return -1;
 }
 
