@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 
 #include "draw/flow.h"
+#include "io/json_config.h"
 #include "model.h"
 #include "params.h"
 
@@ -94,11 +95,13 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
     char path[1100];
     snprintf(path, sizeof path, "%s/duogen.json", m->dir);
     json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
-    if (!j) {
+    json_t *j;
+    const int jrc = dg_json_load_file(path, 0, &j, &je);
+    if (jrc) {
         struct stat st;
         if (stat(path, &st))
             return fail(err, errlen, DG_EMODEL, "%s: %s (a model package needs its duogen.json)", path, strerror(errno));
+        if (jrc == DG_ENOMEM) return fail(err, errlen, DG_ENOMEM, "%s: out of memory reading it", path);
         return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
     }
     *manifest = j;
@@ -133,7 +136,7 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
 }
 
 /* dir/name parsed into *out, or *out NULL when the file is absent (an optional config):
- * 0, or DG_EMODEL naming the file and line. path gets the file's path. */
+ * 0, DG_ENOMEM, or DG_EMODEL naming the file and line. path gets the file's path. */
 static int load_optional(const char *dir, const char *name, json_t **out, char *path, size_t pathlen, char *err,
                          size_t errlen) {
     struct stat st;
@@ -141,7 +144,9 @@ static int load_optional(const char *dir, const char *name, json_t **out, char *
     snprintf(path, pathlen, "%s/%s", dir, name);
     *out = NULL;
     if (stat(path, &st)) return 0;
-    if (!(*out = json_load_file(path, 0, &je))) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+    const int jrc = dg_json_load_file(path, 0, out, &je);
+    if (jrc == DG_ENOMEM) return fail(err, errlen, DG_ENOMEM, "%s: out of memory reading it", path);
+    if (jrc) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
     return 0;
 }
 

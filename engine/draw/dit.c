@@ -83,12 +83,12 @@ static int read_projection(dg_dit_config *c, json_t *j, const char *path, char *
 
 static int read_config(dg_dit_config *c, const char *path, char *err, size_t errlen) {
     json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
+    json_t *j;
     float ratio, patch[3], max_size[3];
-    int in_ch, rc;
-    if (!j) {
-        snprintf(err, errlen, "%s: %s", path, je.text);
-        return DG_EMODEL;
+    int in_ch, rc = dg_json_load_file(path, 0, &j, &je);
+    if (rc) {
+        snprintf(err, errlen, "%s: %s", path, rc == DG_ENOMEM ? "out of memory reading it" : je.text);
+        return rc;
     }
     memset(c, 0, sizeof *c);
     if ((rc = dg_json_name(j, "_class_name", "CosmosTransformer3DModel", path, err, errlen)) < 0 ||

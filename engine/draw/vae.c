@@ -164,13 +164,14 @@ static int bind_decoder(dg_binder *b, dg_vae *v) {
 
 static int read_config(dg_vae_config *c, const char *path, char *err, size_t errlen) {
     json_error_t je;
-    json_t *j = json_load_file(path, 0, &je);
-    int rc = DG_EMODEL, n, n_mean, n_std, scratch[DG_VAE_MAX_LEVELS], in_ch, out_ch;
+    json_t *j;
+    int rc = dg_json_load_file(path, 0, &j, &je), n, n_mean, n_std, scratch[DG_VAE_MAX_LEVELS], in_ch, out_ch;
     json_t *v;
-    if (!j) {
-        snprintf(err, errlen, "%s: %s", path, je.text);
-        return DG_EMODEL;
+    if (rc) {
+        snprintf(err, errlen, "%s: %s", path, rc == DG_ENOMEM ? "out of memory reading it" : je.text);
+        return rc;
     }
+    rc = DG_EMODEL;
     memset(c, 0, sizeof *c);
     if ((rc = dg_json_name(j, "_class_name", "AutoencoderKLWan", path, err, errlen)) < 0 ||
         (rc = dg_json_int(j, "base_dim", 96, 0, &c->base_dim, path, err, errlen)) < 0 ||

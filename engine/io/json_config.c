@@ -1,10 +1,53 @@
 /* json_config.c — typed readers of config.json keys (see json_config.h). */
 #include "io/json_config.h"
 
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "duogen.h"
+
+/* ---- parsing ---------------------------------------------------------------------------- */
+
+/* A failed allocation in this thread's parse: jansson may report one as a syntax error (a
+ * string it could not copy), or not at all (a hashtable that could not grow: the parse
+ * goes on, and comes back without a key; found by test_alloc_fail), so the flag tells,
+ * and a parse it saw fail is no parse. */
+static _Thread_local int json_oom;
+
+static void *json_alloc(size_t n) {
+    void *p = malloc(n);
+    if (!p) json_oom = 1;
+    return p;
+}
+
+static void json_alloc_set(void) { json_set_alloc_funcs(json_alloc, free); }
+static pthread_once_t json_alloc_once = PTHREAD_ONCE_INIT;
+
+static int parsed(json_t *j, json_t **out, const json_error_t *je) {
+    if (json_oom) {
+        json_decref(j);
+        j = NULL;
+    }
+    *out = j;
+    if (j) return 0;
+    return json_oom || json_error_code(je) == json_error_out_of_memory ? DG_ENOMEM : DG_EMODEL;
+}
+
+int dg_json_load_file(const char *path, size_t flags, json_t **out, json_error_t *je) {
+    pthread_once(&json_alloc_once, json_alloc_set);
+    json_oom = 0;
+    return parsed(json_load_file(path, flags, je), out, je);
+}
+
+int dg_json_loadb(const char *buf, size_t len, size_t flags, json_t **out, json_error_t *je) {
+    pthread_once(&json_alloc_once, json_alloc_set);
+    json_oom = 0;
+    return parsed(json_loadb(buf, len, flags, je), out, je);
+}
+
+/* ---- typed readers ------------------------------------------------------------------------ */
 
 int dg_json_int(json_t *root, const char *key, int def, int required, int *out,
                 const char *label, char *err, size_t errlen) {

@@ -9,6 +9,12 @@
 #include <jansson.h>
 #include <stddef.h>
 
+/* jansson's parses, through the engine's allocator (set once, before the first of them): a
+ * failed allocation inside jansson is one like any other, told from text that is not JSON.
+ * Return 0 (*out set), DG_ENOMEM, or DG_EMODEL (*je says where and why). */
+int dg_json_load_file(const char *path, size_t flags, json_t **out, json_error_t *je);
+int dg_json_loadb(const char *buf, size_t len, size_t flags, json_t **out, json_error_t *je);
+
 /* A non-negative integer (at most 2^30); absent or null: def, or an error when required. */
 int dg_json_int(json_t *root, const char *key, int def, int required, int *out,
                 const char *label, char *err, size_t errlen);

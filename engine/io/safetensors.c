@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "duogen.h"
+#include "io/json_config.h"
 
 #define ST_MAX_HEADER (100u << 20)   /* the format's own limit on the JSON header */
 
@@ -292,7 +293,11 @@ int dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *la
         return DG_EMODEL;
     }
     json_error_t je;
-    root = json_loadb((const char *)data + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &je);
+    if (dg_json_loadb((const char *)data + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &root, &je) == DG_ENOMEM) {
+        snprintf(err, errlen, "%s: out of memory reading its header", label);
+        rc = DG_ENOMEM;
+        goto fail;
+    }
     if (!json_is_object(root)) {
         snprintf(err, errlen, "%s: header is not a JSON object (%s)", label, root ? "" : je.text);
         goto fail;
@@ -462,8 +467,13 @@ static int add_file(dg_st *st, const char *path, char *err, size_t errlen) {
 /* Every distinct shard named by the index's weight_map, each mapped once. */
 static int add_index(dg_st *st, const char *index_path, char *err, size_t errlen) {
     json_error_t je;
-    json_t *root = json_load_file(index_path, 0, &je), *map;
-    int rc = DG_EMODEL;
+    json_t *root, *map;
+    int rc = dg_json_load_file(index_path, 0, &root, &je);
+    if (rc == DG_ENOMEM) {
+        snprintf(err, errlen, "%s: out of memory reading it", index_path);
+        return rc;
+    }
+    rc = DG_EMODEL;
     char dir[4096], path[4096 + 256];
     snprintf(dir, sizeof dir, "%s", index_path);
     char *slash = strrchr(dir, '/');
@@ -476,7 +486,11 @@ static int add_index(dg_st *st, const char *index_path, char *err, size_t errlen
     size_t n_seen = 0;
     const char *key;
     json_t *v;
-    if (!seen) { rc = DG_ENOMEM; goto out; }
+    if (!seen) {
+        snprintf(err, errlen, "%s: out of memory", index_path);
+        rc = DG_ENOMEM;
+        goto out;
+    }
     json_object_foreach(map, key, v) {
         const char *file = json_string_value(v);
         if (!file || strchr(file, '/')) {

@@ -409,9 +409,13 @@ out:
 int dg_config_parse(const char *json, size_t len, const char *label, dg_qwen2vl_config *c, char *err,
                     size_t errlen) {
     json_error_t je;
-    json_t *root = json_loadb(json, len, 0, &je);
-    int rc;
+    json_t *root;
+    int rc = dg_json_loadb(json, len, 0, &root, &je);
     memset(c, 0, sizeof *c);
+    if (rc == DG_ENOMEM) {
+        snprintf(err, errlen, "%s: out of memory reading it", label);
+        return rc;
+    }
     if (!json_is_object(root)) {
         snprintf(err, errlen, "%s: not a JSON object (%s, line %d)", label, root ? "" : je.text, je.line);
         json_decref(root);

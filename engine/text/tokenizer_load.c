@@ -5,6 +5,7 @@
  * converts into the same tokenizer. Every error names the file and what is wrong in it. */
 #include "text/tokenizer_internal.h"
 #include "duogen.h"
+#include "io/json_config.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -26,20 +27,21 @@ static int fail(char *err, size_t errlen, const char *fmt, ...) {
     return DG_EMODEL;
 }
 
-static json_t *load_json(const char *path, char *err, size_t errlen) {
-    if (access(path, R_OK) != 0) {
-        fail(err, errlen, "%s: cannot read: %s", path, strerror(errno));
-        return NULL;
-    }
+/* path's JSON object into *out: 0, DG_ENOMEM, or DG_EMODEL with the reason. */
+static int load_json(const char *path, json_t **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (access(path, R_OK) != 0) return fail(err, errlen, "%s: cannot read: %s", path, strerror(errno));
     json_error_t je;
-    json_t *j = json_load_file(path, JSON_ALLOW_NUL, &je);
-    if (!j) fail(err, errlen, "%s: not valid JSON: line %d column %d: %s", path, je.line, je.column, je.text);
-    else if (!json_is_object(j)) {
-        fail(err, errlen, "%s: the top level is not a JSON object", path);
+    json_t *j;
+    const int rc = dg_json_load_file(path, JSON_ALLOW_NUL, &j, &je);
+    if (rc == DG_ENOMEM) return DG_ENOMEM;   /* dg_tok_files_load says it */
+    if (rc) return fail(err, errlen, "%s: not valid JSON: line %d column %d: %s", path, je.line, je.column, je.text);
+    if (!json_is_object(j)) {
         json_decref(j);
-        j = NULL;
+        return fail(err, errlen, "%s: the top level is not a JSON object", path);
     }
-    return j;
+    *out = j;
+    return 0;
 }
 
 /* The inverse of the byte-level alphabet over the code points it uses (< U+0144). */
@@ -298,9 +300,9 @@ int dg_tok_files_add_special(dg_tok_files *f, const char *content, int32_t id, c
 }
 
 static int config_load(const char *path, dg_tok_files *f, char *err, size_t errlen) {
-    json_t *j = load_json(path, err, errlen);
-    if (!j) return DG_EMODEL;
-    int rc = 0;
+    json_t *j;
+    int rc = load_json(path, &j, err, errlen);
+    if (rc) return rc;
     const json_t *dec = json_object_get(j, "added_tokens_decoder");
     if (dec && !json_is_object(dec)) rc = fail(err, errlen, "%s: added_tokens_decoder is not an object", path);
     const char *key;
@@ -369,9 +371,10 @@ static int pipeline_check(const json_t *j, const char *path, char *err, size_t e
 }
 
 static int tokenizer_json_load(const char *path, dg_tok_files *f, char *err, size_t errlen) {
-    json_t *j = load_json(path, err, errlen);
-    if (!j) return DG_EMODEL;
-    int rc = pipeline_check(j, path, err, errlen);
+    json_t *j;
+    int rc = load_json(path, &j, err, errlen);
+    if (rc) return rc;
+    rc = pipeline_check(j, path, err, errlen);
     const json_t *model = json_object_get(j, "model");
     char what[4200];
     snprintf(what, sizeof what, "%s: model.vocab", path);
@@ -403,8 +406,9 @@ int dg_tok_files_load(const char *dir, dg_tok_files *f, char *err, size_t errlen
         rc = tokenizer_json_load(path, f, err, errlen);
     } else {
         snprintf(path, sizeof path, "%s/vocab.json", dir);
-        json_t *vocab = load_json(path, err, errlen);
-        rc = vocab ? vocab_load(vocab, path, f, err, errlen) : DG_EMODEL;
+        json_t *vocab;
+        rc = load_json(path, &vocab, err, errlen);
+        if (!rc) rc = vocab_load(vocab, path, f, err, errlen);
         snprintf(path, sizeof path, "%s/merges.txt", dir);
         if (!rc) rc = merges_txt_load(path, vocab, f, err, errlen);
         json_decref(vocab);
