@@ -375,26 +375,22 @@ static int connect_now(dg_redis *r) {
     freeReplyObject(rep);
     if (busy) goto fail;
     return 0;
-fail:
+fail: {
     /* the first command finds a connection the server closed at once: where the TLS session
      * says why, that is the reason; a plain connection closed so is most likely a TLS port's */
-    if (r->c && (r->c->err == REDIS_ERR_EOF || (r->c->err == REDIS_ERR_IO && strstr(r->c->errstr, "reset by peer")))) {
-        const size_t n = strlen(r->error);
-        char ended[256] = "";
-        if (r->link) {
-            redisFree(r->c);
-            r->c = NULL;
-            dg_tls_close(r->link, ended, sizeof ended);
-            r->link = NULL;
-        }
-        if (ended[0]) snprintf(r->error + n, sizeof r->error - n, " (TLS: %s)", ended);
-        else if (!r->tls && !r->unix_path[0] && r->connects == 0)
-            snprintf(r->error + n, sizeof r->error - n, " (is it a TLS port? rediss:// speaks TLS)");
-    }
-    close_ctx(r->c, r->link);
+    const int cut = r->c && (r->c->err == REDIS_ERR_EOF ||
+                             (r->c->err == REDIS_ERR_IO && strstr(r->c->errstr, "reset by peer")));
+    char ended[256] = "";
+    if (r->c) redisFree(r->c);
+    dg_tls_close(r->link, ended, sizeof ended);   /* after redisFree, as close_ctx */
     r->c = NULL;
     r->link = NULL;
+    const size_t n = strlen(r->error);
+    if (cut && ended[0]) snprintf(r->error + n, sizeof r->error - n, " (TLS: %s)", ended);
+    else if (cut && !r->tls && !r->unix_path[0] && r->connects == 0)
+        snprintf(r->error + n, sizeof r->error - n, " (is it a TLS port? rediss:// speaks TLS)");
     return -1;
+}
 }
 
 int dg_redis_ready(dg_redis *r) {

@@ -31,13 +31,13 @@ def pki(tmpdir_path):
     return lambda name: os.path.join(d, name)
 
 
-def tls_cluster(tmpdir_path, pki, auth_clients="optional", cert="server"):
+def tls_cluster(tmpdir_path, pki, auth_clients="optional"):
     """A cluster whose Redis takes TLS on a port of its own beside the plain one the harness
     reads with; auth_clients: redis' tls-auth-clients (optional: it asks for a client
     certificate and takes a connection without one)."""
     port = free_port()
-    c = Cluster(tmpdir_path, extra=["--tls-port", str(port), "--tls-cert-file", pki(f"{cert}.pem"),
-                                    "--tls-key-file", pki(f"{cert}.key"), "--tls-ca-cert-file", pki("ca.pem"),
+    c = Cluster(tmpdir_path, extra=["--tls-port", str(port), "--tls-cert-file", pki("server.pem"),
+                                    "--tls-key-file", pki("server.key"), "--tls-ca-cert-file", pki("ca.pem"),
                                     "--tls-auth-clients", auth_clients])
     c.tls_port = port
     return c
