@@ -266,7 +266,8 @@ int dg_tls_open(const dg_tls_opts *o, const char *host, int port, int timeout_ms
         return -1;
     }
     l->tcp = l->pair = -1;
-    snprintf(l->peer, sizeof l->peer, "%s:%d", host, port);
+    if (strchr(host, ':')) snprintf(l->peer, sizeof l->peer, "[%s]:%d", host, port);
+    else snprintf(l->peer, sizeof l->peer, "%s:%d", host, port);
     int sv[2] = {-1, -1};
     /* a write to a server that has gone raises SIGPIPE in this thread (duogenctl does not
      * ignore it): blocked while we write, and one we raised discarded */
@@ -440,7 +441,22 @@ static void *relay(void *arg) {
         ERR_clear_error();
     }
     close(l->tcp);
-    close(l->pair);   /* hiredis reads end-of-file: the server is gone */
-    l->tcp = l->pair = -1;
+    l->tcp = -1;
+    if (!client_gone) {
+        /* the server is gone: hiredis reads end-of-file; what it writes meanwhile (the
+         * command it sends before it reads) is taken and dropped until it closes its end,
+         * so that its write() neither raises SIGPIPE (duogenctl does not ignore it: a
+         * TLS 1.3 server refuses a missing client certificate after the handshake, when
+         * the first command may be on its way) nor blocks on a full socket */
+        shutdown(l->pair, SHUT_WR);
+        for (;;) {
+            struct pollfd p = {l->pair, POLLIN, 0};
+            if (poll(&p, 1, -1) < 0 && errno != EINTR) break;
+            const ssize_t n = recv(l->pair, l->up, sizeof l->up, 0);
+            if (n == 0 || (n < 0 && !again())) break;
+        }
+    }
+    close(l->pair);
+    l->pair = -1;
     return NULL;
 }
