@@ -31,9 +31,11 @@ static const struct key {
     const char *help;
 } keys[] = {
     GROUP("Redis"),
-    STR(redis_url, "redis://[user@]host:port/db, rediss://... (TLS) or unix:///path"),
+    STR(redis_url, "redis://[user[:password]@]host:port/db (an IPv6 address in brackets, [::1]; '@', ':', '/' "
+                   "and '%' of a password written %40, %3A, %2F, %25), rediss://... (TLS) or unix:///path"),
     STR(password_file, "file holding the Redis password"),
-    STR(sentinel, "host:port,... of Redis Sentinels (spoken to over TLS too with a rediss:// URL)"),
+    STR(sentinel, "host:port,... of Redis Sentinels (an IPv6 address in brackets; spoken to over TLS too with a "
+                  "rediss:// URL)"),
     STR(master_name, "Sentinel master name"),
     STR(tls_ca_file, "with rediss://: PEM CA certificates the server's certificate must chain to (empty: the "
                      "system's); read again at every connect, as the two below"),

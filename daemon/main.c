@@ -18,6 +18,7 @@
 #include "daemon_config.h"
 #include "duogen.h"
 #include "log.h"
+#include "redis.h"
 #include "manpage.h"
 #include "notify.h"
 #include "worker.h"
@@ -119,9 +120,10 @@ int main(int argc, char **argv) {
     sigaction(SIGUSR2, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    char url[600];   /* never a password the URL holds */
+    dg_redis_url_redact(cfg.redis_url, url, sizeof url);
     log_info("worker \"%s\" starting: model \"%s\" on %s, Redis %s, prefix \"%s\", group \"%s\"",
-             cfg.worker_id, cfg.model, cfg.device, cfg.sentinel[0] ? cfg.sentinel : cfg.redis_url,
-             cfg.prefix, cfg.group);
+             cfg.worker_id, cfg.model, cfg.device, cfg.sentinel[0] ? cfg.sentinel : url, cfg.prefix, cfg.group);
     /* the Redis settings and the metrics first: a bad URL, an unreadable password file or a
      * port that cannot be bound fails the start (not a worker minutes later, after its
      * load), and a loading worker answers its scrapes */

@@ -1,5 +1,6 @@
 #include "redis.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -86,55 +87,135 @@ int64_t dg_mono_ms(void) {
 /* ---- configuration ------------------------------------------------------------------------- */
 
 /* redis://[user[:password]@]host[:port][/db], the same with rediss:// (TLS), or
- * unix:///path[?db=N] */
+ * unix:///path[?db=N]. The host is a name, an IPv4 address, or an IPv6 address in brackets
+ * ([::1]); the user and the password are percent-decoded (a password holding '@', ':' or
+ * '/' is written %40, %3A, %2F), as other Redis clients read such URLs. */
+static const char url_form[] = "redis://[user[:password]@]host[:port][/db] (an IPv6 address in brackets), "
+                               "the same with rediss:// (TLS), or unix:///path[?db=N]";
+
+static int hex_digit(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* s[0..n) with %XX decoded into out, NUL-terminated. -1 when it does not fit, or a '%' is not
+ * followed by two hex digits or stands for NUL. */
+static int pct_decode(char *out, size_t cap, const char *s, size_t n) {
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        int c = (unsigned char)s[i];
+        if (c == '%') {
+            int hi = i + 2 < n ? hex_digit((unsigned char)s[i + 1]) : -1;
+            int lo = i + 2 < n ? hex_digit((unsigned char)s[i + 2]) : -1;
+            if (hi < 0 || lo < 0 || (hi | lo) == 0) return -1;
+            c = hi * 16 + lo;
+            i += 2;
+        }
+        if (o + 1 >= cap) return -1;
+        out[o++] = (char)c;
+    }
+    out[o] = 0;
+    return 0;
+}
+
+/* host[:port] or [v6][:port] of s[0..n) into host (brackets dropped) and *port (kept when
+ * absent). NULL, or what is wrong with it. */
+static const char *parse_host_port(const char *s, size_t n, char *host, size_t cap, int *port) {
+    const char *end = s + n, *h = s, *hend, *rest;
+    const int v6 = n && s[0] == '[';
+    if (v6) {
+        if (!(hend = memchr(s, ']', n))) return "'[' without ']'";
+        h = s + 1;
+        rest = hend + 1;
+        if (rest < end && *rest != ':') return "text after ']' that is not :port";
+    } else {
+        if (!(hend = memchr(s, ':', n))) hend = end;
+        if (hend < end && memchr(hend + 1, ':', (size_t)(end - hend - 1)))
+            return "more than one ':' (an IPv6 address goes in brackets: [::1]:6379)";
+        rest = hend;
+    }
+    const size_t hl = (size_t)(hend - h);
+    if (!hl) return "no host";
+    if (hl >= cap) return "a host name too long";
+    memcpy(host, h, hl);
+    host[hl] = 0;
+    unsigned char addr[sizeof(struct in6_addr)];
+    if (v6 && inet_pton(AF_INET6, host, addr) != 1) return "not an IPv6 address in brackets";
+    if (rest < end) {   /* ":port" */
+        char digits[8];
+        const size_t pl = (size_t)(end - rest - 1);
+        if (!pl || pl >= sizeof digits) return "a port that is not 1..65535";
+        memcpy(digits, rest + 1, pl);
+        digits[pl] = 0;
+        char *e;
+        long p = strtol(digits, &e, 10);
+        if (*e || digits[0] < '0' || digits[0] > '9' || p <= 0 || p > 65535) return "a port that is not 1..65535";
+        *port = (int)p;
+    }
+    return NULL;
+}
+
+void dg_redis_url_redact(const char *url, char *out, size_t n) {
+    const char *p = !strncmp(url, "redis://", 8) ? url + 8 : !strncmp(url, "rediss://", 9) ? url + 9 : NULL;
+    const char *auth_end = p ? p + strcspn(p, "/?#") : NULL, *at = NULL, *colon = NULL;
+    for (const char *q = p; q && q < auth_end; q++)
+        if (*q == '@') at = q;
+    if (at) colon = memchr(p, ':', (size_t)(at - p));
+    if (!colon) snprintf(out, n, "%s", url);
+    else snprintf(out, n, "%.*s***%s", (int)(colon + 1 - url), url, at);
+}
+
 static int parse_url(dg_redis *r, const char *url, char *err, size_t errlen) {
-    r->port = 6379;
+    const char *why = "not a redis://, rediss:// or unix:// URL";
     if (!strncmp(url, "unix://", 7)) {
         const char *p = url + 7, *q = strchr(p, '?');
         size_t n = q ? (size_t)(q - p) : strlen(p);
+        why = "no socket path, or one too long";
         if (!n || n >= sizeof r->unix_path) goto bad;
         memcpy(r->unix_path, p, n);
-        if (q && sscanf(q, "?db=%d", &r->db) != 1) goto bad;
+        char tail;
+        why = "a query that is not ?db=N";
+        if (q && (sscanf(q, "?db=%d%c", &r->db, &tail) != 1 || r->db < 0)) goto bad;
         return 0;
     }
+    r->port = 6379;
     r->tls = !strncmp(url, "rediss://", 9);
     if (strncmp(url, "redis://", 8) && !r->tls) goto bad;
-    const char *p = url + 8 + r->tls, *at = strchr(p, '@');
+    const char *p = url + 8 + r->tls, *auth_end = p + strcspn(p, "/?#"), *at = NULL;
+    for (const char *q = p; q < auth_end; q++)   /* the userinfo ends at the authority's last '@' */
+        if (*q == '@') at = q;
     if (at) {
         const char *colon = memchr(p, ':', (size_t)(at - p));
-        size_t ul = (size_t)((colon ? colon : at) - p);
-        if (ul >= sizeof r->user) goto bad;
-        memcpy(r->user, p, ul);
-        if (colon) {
-            size_t pl = (size_t)(at - colon - 1);
-            if (pl >= sizeof r->password) goto bad;
-            memcpy(r->password, colon + 1, pl);
-        }
+        why = "a user name too long, or with a '%' not followed by two hex digits";
+        if (pct_decode(r->user, sizeof r->user, p, (size_t)((colon ? colon : at) - p))) goto bad;
+        why = "a password too long, or with a '%' not followed by two hex digits";
+        if (colon && pct_decode(r->password, sizeof r->password, colon + 1, (size_t)(at - colon - 1))) goto bad;
         p = at + 1;
     }
-    const char *slash = strchr(p, '/');
-    const char *hostend = slash ? slash : p + strlen(p);
-    const char *colon = memchr(p, ':', (size_t)(hostend - p));
-    size_t hl = (size_t)((colon ? colon : hostend) - p);
-    if (!hl || hl >= sizeof r->host) goto bad;
-    memcpy(r->host, p, hl);
-    if (colon) {
+    if ((why = parse_host_port(p, (size_t)(auth_end - p), r->host, sizeof r->host, &r->port))) goto bad;
+    why = "a query (?...) or fragment (#...): only /db follows the host";
+    if (*auth_end == '?' || *auth_end == '#') goto bad;
+    if (*auth_end == '/' && auth_end[1]) {
         char *end;
-        long port = strtol(colon + 1, &end, 10);
-        if (end != hostend || port <= 0 || port > 65535) goto bad;
-        r->port = (int)port;
-    }
-    if (slash && slash[1]) {
-        char *end;
-        long db = strtol(slash + 1, &end, 10);
-        if (*end || db < 0) goto bad;
+        long db = strtol(auth_end + 1, &end, 10);
+        why = "a database that is not a number 0, 1, ...";
+        if (*end || auth_end[1] < '0' || auth_end[1] > '9' || db > INT32_MAX) goto bad;
         r->db = (int)db;
     }
     return 0;
-bad:
-    snprintf(err, errlen, "redis_url: \"%s\" is not redis://[user@]host[:port][/db], the same with rediss:// (TLS), "
-             "or unix:///path[?db=N]", url);
+bad: {
+    char shown[600];   /* never the password: errors go to the journal */
+    dg_redis_url_redact(url, shown, sizeof shown);
+    snprintf(err, errlen, "redis_url \"%s\": %s; the form is %s", shown, why, url_form);
+    memset(r->password, 0, sizeof r->password);
     return -1;
+}
+}
+
+const char *dg_redis_where(const dg_redis *r, char *buf, size_t n) {
+    if (r->unix_path[0]) snprintf(buf, n, "%s", r->unix_path);
+    else if (strchr(r->host, ':')) snprintf(buf, n, "[%s]:%d", r->host, r->port);
+    else snprintf(buf, n, "%s:%d", r->host, r->port);
+    return buf;
 }
 
 static int read_password(dg_redis *r, const char *path, char *err, size_t errlen) {
@@ -154,22 +235,23 @@ static int read_password(dg_redis *r, const char *path, char *err, size_t errlen
 }
 
 static int parse_sentinels(dg_redis *r, const char *list, char *err, size_t errlen) {
-    char buf[512];
-    snprintf(buf, sizeof buf, "%s", list);
-    char *save = NULL;
-    for (char *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        char *colon = strrchr(tok, ':');
-        if (!colon || r->n_sentinels == DG_SENTINELS_MAX) goto bad;
-        *colon = 0;
-        int port = atoi(colon + 1);
-        if (port <= 0 || port > 65535 || !*tok || strlen(tok) >= sizeof r->sentinel_host[0]) goto bad;
-        snprintf(r->sentinel_host[r->n_sentinels], sizeof r->sentinel_host[0], "%s", tok);
+    const char *why = "no Sentinel";
+    for (const char *p = list; *p;) {
+        const size_t n = strcspn(p, ",");
+        int port = 0;
+        why = "too many Sentinels";
+        if (r->n_sentinels == DG_SENTINELS_MAX) goto bad;
+        char *host = r->sentinel_host[r->n_sentinels];
+        if ((why = parse_host_port(p, n, host, sizeof r->sentinel_host[0], &port))) goto bad;
+        why = "a Sentinel without its :port";
+        if (!port) goto bad;
         r->sentinel_port[r->n_sentinels++] = port;
+        p += n + (p[n] == ',');
     }
     if (r->n_sentinels) return 0;
 bad:
-    snprintf(err, errlen, "sentinel: \"%s\" is not host:port[,host:port...] (at most %d)", list,
-             DG_SENTINELS_MAX);
+    snprintf(err, errlen, "sentinel \"%s\": %s; the form is host:port[,host:port...] (at most %d; an IPv6 "
+             "address in brackets: [::1]:26379)", list, why, DG_SENTINELS_MAX);
     return -1;
 }
 
@@ -188,9 +270,11 @@ int dg_redis_init(dg_redis *r, const dg_daemon_config *cfg, const char *client_n
     snprintf(o->key_file, sizeof o->key_file, "%s", cfg->tls_key_file);
     snprintf(o->server_name, sizeof o->server_name, "%s", cfg->tls_server_name);
     if (!r->tls && (o->ca_file[0] || o->cert_file[0] || o->key_file[0] || o->server_name[0])) {
+        char shown[600];
+        dg_redis_url_redact(cfg->redis_url, shown, sizeof shown);
         snprintf(err, errlen, "%s is set, but redis_url \"%s\" is not rediss://: the connection would not use TLS",
                  o->ca_file[0] ? "tls_ca_file" : o->cert_file[0] ? "tls_cert_file" : o->key_file[0] ? "tls_key_file"
-                 : "tls_server_name", cfg->redis_url);
+                 : "tls_server_name", shown);
         return -1;
     }
     if (r->tls && dg_tls_check(o, err, errlen)) return -1;
@@ -260,7 +344,8 @@ static int resolve_master(dg_redis *r) {
         char why[256];
         redisContext *s = open_tcp(r, r->sentinel_host[i], r->sentinel_port[i], 1000, &link, why, sizeof why);
         if (!s) {
-            log_debug("Sentinel %s:%d: %s", r->sentinel_host[i], r->sentinel_port[i], why);
+            log_debug("Sentinel %s%s%s:%d: %s", strchr(r->sentinel_host[i], ':') ? "[" : "", r->sentinel_host[i],
+                      strchr(r->sentinel_host[i], ':') ? "]" : "", r->sentinel_port[i], why);
             continue;
         }
         struct timeval tv = {1, 0};
@@ -320,8 +405,8 @@ static int connect_now(dg_redis *r) {
         r->c = open_tcp(r, r->host, r->port, 1000, &r->link, why, sizeof why);
     }
     if (!r->c || r->c->err) {
-        snprintf(r->error, sizeof r->error, "connect %s:%d: %s", r->unix_path[0] ? r->unix_path : r->host, r->port,
-                 why);
+        char where[300];
+        snprintf(r->error, sizeof r->error, "connect %s: %s", dg_redis_where(r, where, sizeof where), why);
         goto fail;
     }
     struct timeval rt = {r->read_timeout_ms / 1000, (r->read_timeout_ms % 1000) * 1000};
@@ -345,7 +430,8 @@ static int connect_now(dg_redis *r) {
             snprintf(r->error, sizeof r->error, "ROLE refused: %s (Sentinel needs it to find the master)", rep->str);
             r->fatal = 1;
         } else if (!master) {
-            snprintf(r->error, sizeof r->error, "%s:%d is not a master (yet)", r->host, r->port);
+            char where[300];
+            snprintf(r->error, sizeof r->error, "%s is not a master (yet)", dg_redis_where(r, where, sizeof where));
         }
         if (rep) freeReplyObject(rep);
         if (!master) goto fail;
@@ -399,8 +485,9 @@ int dg_redis_ready(dg_redis *r) {
     if (now < r->next_try_ms) return 0;
     if (connect_now(r) == 0) {
         r->connects++;
-        if (r->failures) log_info("reconnected to Redis %s:%d after %d attempts",
-                                  r->unix_path[0] ? r->unix_path : r->host, r->port, r->failures);
+        char where[300];
+        if (r->failures) log_info("reconnected to Redis %s after %d attempts", dg_redis_where(r, where, sizeof where),
+                                  r->failures);
         r->failures = 0;
         r->backoff_ms = 0;
         r->error[0] = 0;

@@ -70,6 +70,10 @@ typedef struct {
 /* Parses the configuration (URL, password file, Sentinels). No network I/O. */
 int  dg_redis_init(dg_redis *r, const dg_daemon_config *cfg, const char *client_name,
                    int read_timeout_ms, char *err, size_t errlen);
+/* url as a log may show it: a password in it written *** */
+void dg_redis_url_redact(const char *url, char *out, size_t n);
+/* Where r connects: host:port, [v6]:port or the socket's path; returns buf. */
+const char *dg_redis_where(const dg_redis *r, char *buf, size_t n);
 /* 1 when connected (connecting now if the backoff allows), 0 when not. Sets r->fatal when
  * the server refused our credentials. */
 int  dg_redis_ready(dg_redis *r);

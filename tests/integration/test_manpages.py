@@ -58,7 +58,7 @@ def test_every_setting_in_duogend_8_and_conf_5():
     listed = re.findall(r"^  --([a-z0-9-]+) ", help_text, re.M)
     assert listed == [n.replace("_", "-") for n in names]
     # and the defaults shown are the ones the worker uses
-    assert "\\fBredis_url\\fR = \\fItext\\fR\nredis://[user@]host:port/db" in page5
+    assert "\\fBredis_url\\fR = \\fItext\\fR\nredis://[user[:password]@]host:port/db" in page5
     assert "Default: \\fB60000\\fR; allowed: 100..86400000" in page5      # claim_idle_ms
     assert "Default: \\fB64M\\fR; allowed: above 0" in page5              # max_job_bytes
 

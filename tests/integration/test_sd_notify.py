@@ -107,7 +107,7 @@ def test_bad_configuration_exits_78(cluster):
     assert "cannot open the model" in w.logs()
     w2 = Worker(cluster.tmp, "redis://127.0.0.1:notaport", "bad2", cluster.model)
     assert w2.proc.wait(10) == 78
-    assert "is not redis://" in w2.logs()
+    assert 'redis_url "redis://127.0.0.1:notaport": a port that is not 1..65535' in w2.logs()
 
 
 def test_fatal_engine_error_exits_75_and_job_is_retried(cluster):

@@ -1025,8 +1025,10 @@ static int cmd_top(int argc, char **argv) {
     }
     if (!(interval >= 0.05 && interval <= 3600)) die(EXIT_USAGE, "top: --interval is seconds, 0.05 .. 3600");
     char where[300];   /* never the URL: it may hold a password */
-    if (R.unix_path[0]) snprintf(where, sizeof where, "%s", R.unix_path);
-    else snprintf(where, sizeof where, "%s:%d/%d", R.host, R.port, R.db);
+    char at[290];
+    dg_redis_where(&R, at, sizeof at);
+    if (R.unix_path[0]) snprintf(where, sizeof where, "%s", at);
+    else snprintf(where, sizeof where, "%s/%d", at, R.db);
     return dg_top_run(&R, prefix, where, (int)(interval * 1000), once);
 }
 
@@ -1078,7 +1080,8 @@ static const struct command {
 static const struct global_option {
     const char *name, *arg, *help;
 } global_options[] = {
-    {"--redis", "URL", "redis://[user@]host:port/db, rediss://... (TLS) or unix:///path; default $DUOGEN_REDIS, "
+    {"--redis", "URL", "redis://[user[:password]@]host:port/db (an IPv6 address in brackets; a password's '@', ':', "
+     "'/', '%' written %40, %3A, %2F, %25), rediss://... (TLS) or unix:///path; default $DUOGEN_REDIS, "
      "else redis://127.0.0.1:6379/0"},
     {"--password-file", "FILE", "file whose first line is the Redis password"},
     {"--tls-ca-file", "FILE", "with rediss://: PEM CA certificates the server's certificate must chain to "

@@ -78,30 +78,50 @@ static void parse_options(int argc, char **argv, options *o) {
     if (!ok) die(EXIT_USAGE, "--id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", o->id);
 }
 
-/* redis://[[user]:password@]host[:port][/db]: connected, authenticated, the database selected. */
+/* s[0..n) with %XX decoded (a password holding '@', ':' or '/' is written %40, %3A, %2F in a URL) */
+static void url_decode(char *out, size_t cap, const char *s, size_t n, const char *url) {
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++, o++) {
+        int c = (unsigned char)s[i];
+        unsigned v;
+        if (c == '%' && (i + 2 >= n || !isxdigit((unsigned char)s[i + 1]) || !isxdigit((unsigned char)s[i + 2])))
+            die(EXIT_USAGE, "--redis \"%s\": a '%%' not followed by two hex digits", url);
+        if (c == '%' && sscanf(s + i + 1, "%2x", &v) == 1) c = (int)v, i += 2;
+        if (o + 1 >= cap) die(EXIT_USAGE, "--redis: user or password too long");
+        out[o] = (char)c;
+    }
+    out[o] = 0;
+}
+
+/* redis://[[user]:password@]host[:port][/db], an IPv6 host in brackets ([::1]): connected,
+ * authenticated, the database selected. */
 static redisContext *connect_url(const char *url) {
-    char host[256] = "127.0.0.1", auth[256] = "";
+    char host[256] = "127.0.0.1", user[256] = "", pass[256] = "";
     int port = 6379, db = 0;
     if (strncmp(url, "redis://", 8)) die(EXIT_USAGE, "--redis \"%s\": expected redis://host:port/db", url);
-    const char *p = url + 8, *at = strchr(p, '@');
+    const char *p = url + 8, *end = p + strcspn(p, "/"), *at = NULL;
+    for (const char *q = p; q < end; q++)
+        if (*q == '@') at = q;   /* the user and password end at the last '@' before the host */
     if (at) {
-        snprintf(auth, sizeof auth, "%.*s", (int)(at - p), p);
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        url_decode(user, sizeof user, p, (size_t)((colon ? colon : at) - p), url);
+        if (colon) url_decode(pass, sizeof pass, colon + 1, (size_t)(at - colon - 1), url);
         p = at + 1;
     }
-    size_t hl = strcspn(p, ":/");
-    if (hl) snprintf(host, sizeof host, "%.*s", (int)hl, p);
-    p += hl;
+    const char *hend = *p == '[' ? memchr(p, ']', (size_t)(end - p)) : p + strcspn(p, ":/");
+    if (!hend) die(EXIT_USAGE, "--redis \"%s\": '[' without ']'", url);
+    if (hend > p + (*p == '[')) snprintf(host, sizeof host, "%.*s", (int)(hend - p - (*p == '[')), p + (*p == '['));
+    p = hend + (*p == '[');
     if (*p == ':') port = (int)strtol(p + 1, (char **)&p, 10);
     if (*p == '/') db = atoi(p + 1);
     redisContext *r = redisConnectWithTimeout(host, port, (struct timeval){.tv_sec = 10});
     if (!r || r->err) die(EXIT_IO, "Redis %s:%d: %s", host, port, r ? r->errstr : "out of memory");
     struct timeval rw = {.tv_sec = 30};
     redisSetTimeout(r, rw);
-    char *colon = strchr(auth, ':');
     redisReply *rep = NULL;
-    if (colon && colon != auth) rep = redisCommand(r, "AUTH %b %s", auth, (size_t)(colon - auth), colon + 1);
-    else if (auth[0]) rep = redisCommand(r, "AUTH %s", colon ? colon + 1 : auth);
-    if (auth[0] && (!rep || rep->type == REDIS_REPLY_ERROR)) die(EXIT_IO, "Redis AUTH: %s", rep ? rep->str : r->errstr);
+    if (user[0] && pass[0]) rep = redisCommand(r, "AUTH %s %s", user, pass);
+    else if (pass[0]) rep = redisCommand(r, "AUTH %s", pass);
+    if (pass[0] && (!rep || rep->type == REDIS_REPLY_ERROR)) die(EXIT_IO, "Redis AUTH: %s", rep ? rep->str : r->errstr);
     freeReplyObject(rep);
     rep = redisCommand(r, "SELECT %d", db);
     if (!rep || rep->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis SELECT %d: %s", db, rep ? rep->str : r->errstr);

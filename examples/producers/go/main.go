@@ -21,6 +21,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -214,7 +215,11 @@ func main() {
 	}
 	c, err := redis.DialURL(*url, options...)
 	if err != nil {
-		fail(exitIO, "Redis %s: %v", *url, err)
+		shown := "--redis" // never the password a URL holds
+		if u, perr := neturl.Parse(*url); perr == nil {
+			shown = u.Redacted()
+		}
+		fail(exitIO, "Redis %s: %v", shown, err)
 	}
 	defer c.Close()
 	// "queued" before the XADD: a worker's "running" comes after it
