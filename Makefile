@@ -271,6 +271,8 @@ FUZZ_OBJ_job := $(patsubst %.c,$(BUILD)/fuzz/obj/%.o,daemon/job.c daemon/outdir.
 FUZZ_DEF_package := -DFUZZ_MKMODEL='"$(abspath $(BUILD))/mkmodel"'
 $(BUILD)/fuzz/fuzz_package: $(BUILD)/mkmodel
 $(BUILD)/fuzz/fuzz_job: $(FUZZ_OBJ_job)
+FUZZ_OBJ_url := $(FUZZ_OBJ_job)
+$(BUILD)/fuzz/fuzz_url: $(FUZZ_OBJ_url)
 
 $(BUILD)/fuzz/obj/%.o: %.c | $(PROTO_H)
 	@mkdir -p $(dir $@)

@@ -155,7 +155,9 @@ static const char *parse_host_port(const char *s, size_t n, char *host, size_t c
 }
 
 void dg_redis_url_redact(const char *url, char *out, size_t n) {
-    const char *p = !strncmp(url, "redis://", 8) ? url + 8 : !strncmp(url, "rediss://", 9) ? url + 9 : NULL;
+    /* any scheme's: a redis:// mistyped is still a password */
+    const char *p = strstr(url, "://");
+    if (p) p += 3;
     const char *auth_end = p ? p + strcspn(p, "/?#") : NULL, *at = NULL, *colon = NULL;
     for (const char *q = p; q && q < auth_end; q++)
         if (*q == '@') at = q;
