@@ -14,6 +14,10 @@
 #   boot      `systemctl enable duogend@0` as the README says, the container powered off and
 #             booted again: the worker starts at boot (its heartbeat is in Redis) with nobody
 #             starting it
+#   tls       Redis given a TLS port that asks for client certificates, the worker the
+#             rediss:// URL, CA, certificate and key (0640, group duogen) as deploy/README.md
+#             says: the shipped unit, under its user and sandbox, restarts, takes a job and
+#             writes its result over TLS
 # Needs root, systemd-container and debootstrap (tools/deps.sh does not install them: this
 # check is not part of `make test`), and Debian's mirror the first time (the root is kept
 # in $DG_NSPAWN_ROOT, default build/nspawn/root). Prints one line per check; exit 0 when
@@ -43,6 +47,8 @@ libutf8proc2,libjansson4,libgomp1 bookworm "$ROOT" http://deb.debian.org/debian 
         || { say "systemd-check: debootstrap failed (see $ROOT.log)"; exit 2; }
 fi
 echo "$MACHINE" >"$ROOT/etc/hostname"
+# debootstrap's minbase writes no /etc/hosts: "localhost" (the TLS check's host) as on any machine
+[ -e "$ROOT/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
 install -m 0755 build/duogend "$ROOT/usr/local/bin/duogend"
 install -m 0644 systemd/duogend@.service systemd/duogend.target "$ROOT/etc/systemd/system/"
 install -D -m 0644 systemd/duogen.sysusers "$ROOT/usr/lib/sysusers.d/duogen.conf"
@@ -54,7 +60,7 @@ mkdir -p "$ROOT/etc/duogen"
 password=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 printf '%s\n' "$password" >"$ROOT/etc/duogen/redis-password"
 chmod 0600 "$ROOT/etc/duogen/redis-password"
-sed -i '/^requirepass /d' "$ROOT/etc/redis/redis.conf"
+sed -i '/^requirepass /d; /^tls-/d' "$ROOT/etc/redis/redis.conf"   # an earlier run's TLS port too
 echo "requirepass $password" >>"$ROOT/etc/redis/redis.conf"
 cat >"$ROOT/etc/duogen/duogend.conf" <<EOF
 redis_url = redis://127.0.0.1:6379/0
@@ -181,6 +187,61 @@ for _ in $(seq 150); do
 done
 check "boot: an enabled worker starts at boot (system $state; duogend@0 $(prop ActiveState)/$(prop SubState), heartbeat $(rc HGET duogen:worker:"$MACHINE":cpu0 state))" \
     test "$(prop ActiveState)" = active -a "$(rc EXISTS duogen:worker:"$MACHINE":cpu0)" = 1
+# ---- tls -----------------------------------------------------------------------------------------
+tls=$(mktemp -d)
+/usr/bin/python3 - "$tls" <<'EOF'
+import sys
+sys.path.insert(0, "tools/bench")
+from certs import make_ca, make_cert
+make_ca(sys.argv[1], "ca")
+make_cert(sys.argv[1], "ca", "redis", "DNS:localhost,IP:127.0.0.1")
+make_cert(sys.argv[1], "ca", "worker", None)
+EOF
+install -d -m 0755 "$ROOT/etc/redis/tls" "$ROOT/etc/duogen/tls"
+install -m 0644 "$tls/ca.pem" "$tls/redis.pem" "$ROOT/etc/redis/tls/"
+install -m 0600 "$tls/redis.key" "$ROOT/etc/redis/tls/"
+install -m 0644 "$tls/ca.pem" "$tls/worker.pem" "$ROOT/etc/duogen/tls/"
+install -m 0640 "$tls/worker.key" "$ROOT/etc/duogen/tls/"
+rm -rf "$tls"
+ctr chown redis:redis /etc/redis/tls/redis.key
+ctr chown root:duogen /etc/duogen/tls/worker.key
+cat >>"$ROOT/etc/redis/redis.conf" <<'EOF'
+tls-port 6380
+tls-cert-file /etc/redis/tls/redis.pem
+tls-key-file /etc/redis/tls/redis.key
+tls-ca-cert-file /etc/redis/tls/ca.pem
+tls-auth-clients yes
+EOF
+ctr systemctl restart redis-server
+sed -i 's|^redis_url = .*|redis_url = rediss://localhost:6380/0|' "$ROOT/etc/duogen/duogend.conf"
+cat >>"$ROOT/etc/duogen/duogend.conf" <<'EOF'
+tls_ca_file = /etc/duogen/tls/ca.pem
+tls_cert_file = /etc/duogen/tls/worker.pem
+tls_key_file = /etc/duogen/tls/worker.key
+EOF
+ctr systemctl restart duogend@0 && started=1 || started=0
+/usr/bin/python3 - "$ROOT/root/tls.job" <<'EOF'
+import sys
+sys.path.insert(0, "build/gen/python")
+import duogen_pb2 as pb
+job = pb.Job(id="tls", seed=1)
+job.messages.add(role=pb.Message.USER).parts.add(text="Hello over TLS.")
+job.text.max_new_tokens = 8
+job.image.max_images = 0
+open(sys.argv[1], "wb").write(job.SerializeToString())
+EOF
+ctr sh -c "redis-cli -a '$password' --no-auth-warning -x XADD duogen:jobs '*' id tls job </root/tls.job" >/dev/null
+for _ in $(seq 150); do
+    [ -n "$(rc HGET duogen:result:tls status)" ] && break
+    sleep 0.2
+done
+# the port the worker's connection reached, from the server's side
+port=$(rc CLIENT LIST | sed -n "s/.* laddr=[^ ]*:\([0-9]*\) .* name=$MACHINE:cpu0 .*/\1/p")
+check "tls: the unit over rediss:// with a client certificate (duogend@0 $(prop ActiveState)/$(prop SubState), its connection on port ${port:-none}, result $(rc HGET duogen:result:tls status), $(rc HGET duogen:job:tls tokens) tokens)" \
+    test "$started" = 1 -a "$(prop SubState)" = running -a "$port" = 6380 -a "$(rc HGET duogen:result:tls status)" = done
+[ "$(rc HGET duogen:result:tls status)" = done ] ||   # what the worker said, where it did not
+    ctr journalctl -u duogend@0 --no-pager -o cat -n 15 2>/dev/null | sed 's/^/      /'
+rm -f "$ROOT/root/tls.job"
 ctr systemctl disable --quiet --now duogend@0 duogend.target
 
 say "$PASS passed, $FAIL failed"
