@@ -156,6 +156,10 @@ static void render(dg_worker *w, text *t) {
     put(t, "duogen_worker_busy{worker=\"%s\"} %d\n", wid, !strcmp(s.state, "running") || !strcmp(s.state, "draining"));
     metric(t, "duogen_redis_up", "gauge", "1 while the main Redis connection is up.");
     put(t, "duogen_redis_up{worker=\"%s\"} %d\n", wid, s.redis_up);
+    metric(t, "duogen_redis_evicts", "gauge",
+           "1 when Redis's maxmemory-policy is not noeviction (a full Redis deletes keys: jobs can be lost), 0 when "
+           "it is, -1 not known (INFO refused, or not connected yet).");
+    put(t, "duogen_redis_evicts{worker=\"%s\"} %d\n", wid, s.redis_evicts);
     metric(t, "duogen_job_phase_seconds", "gauge",
            "Seconds the held job longest in each phase has been in it (0: no job in that phase; writing: its result waits to be written).");
     const int64_t now = dg_mono_ms();

@@ -54,6 +54,7 @@ int dg_worker_prepare(dg_worker *w, dg_daemon_config *cfg, volatile sig_atomic_t
     w->host[sizeof w->host - 1] = 0;
     w->metrics_fd = -1;
     for (int i = 0; i < 2; i++) w->stats.queue_lag[i] = w->stats.queue_pending[i] = -1;
+    w->stats.redis_evicts = w->redis_evicts = -1;
     /* the URL and the password file now (nothing connects yet): a typo there is said before
      * a load of minutes, not after it. The read timeout must outlast the longest BLOCK, or
      * every idle poll is an I/O error */
@@ -125,6 +126,7 @@ static void publish(dg_worker *w) {
     dg_sched_draft_stats(w->sched, &w->stats.draft_tokens, &w->stats.draft_kept);
     dg_sched_screen_stats(w->sched, &w->stats.screened, &w->stats.unscreened);
     w->stats.redis_up = w->redis.c != NULL;
+    w->stats.redis_evicts = w->redis_evicts;
     const char *state = *w->stop ? "draining" : w->runs.n ? "running" : "idle";
     snprintf(w->stats.state, sizeof w->stats.state, "%s", state);
     pthread_mutex_unlock(&w->lock);
@@ -467,6 +469,52 @@ static void status_line(dg_worker *w) {
     else dg_notify_status("job %s %s %d tokens (%d running)", r->id, dg_phase_name(r->phase), r->tokens, w->runs.n);
 }
 
+/* Redis's eviction policy, read on every new connection (a failover or a restart may bring
+ * another configuration): under any policy but noeviction a Redis at maxmemory deletes
+ * keys, and a job's stream entry, its pending list or its result is a job lost without a
+ * word. Said as a warning when first seen and whenever it changes, and in the metrics
+ * (duogen_redis_evicts); INFO refused (an ACL without it) is said once, and the policy
+ * counts as unknown. The worker goes on either way: the store is the operator's to set. */
+static void check_eviction(dg_worker *w) {
+    if (w->evict_checked == w->redis.connects) return;
+    w->evict_checked = w->redis.connects;
+    redisReply *rep = dg_redis_cmdv(&w->redis, "INFO", "memory", NULL);
+    if (!rep) return;   /* the connection dropped: the next one asks again */
+    char policy[64] = "";
+    long long maxmemory = -1;
+    if (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_STATUS) {
+        for (const char *line = rep->str; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+            if (!strncmp(line, "maxmemory_policy:", 17))
+                snprintf(policy, sizeof policy, "%.*s", (int)strcspn(line + 17, "\r\n"), line + 17);
+            else if (!strncmp(line, "maxmemory:", 10))
+                maxmemory = strtoll(line + 10, NULL, 10);
+        }
+    }
+    if (!policy[0]) {
+        if (strcmp(w->evict_policy, "?"))
+            log_info("Redis's eviction policy is not known (INFO memory: %s): it must be maxmemory-policy "
+                     "noeviction, or a full Redis deletes jobs and results (deploy/redis/redis.conf)",
+                     rep->type == REDIS_REPLY_ERROR ? rep->str : "no maxmemory_policy in the reply");
+        snprintf(w->evict_policy, sizeof w->evict_policy, "?");
+        w->redis_evicts = -1;
+    } else {
+        w->redis_evicts = strcmp(policy, "noeviction") != 0;
+        if (w->redis_evicts && strcmp(w->evict_policy, policy)) {
+            char limit[64];
+            if (maxmemory > 0) snprintf(limit, sizeof limit, "maxmemory %lld bytes", maxmemory);
+            else snprintf(limit, sizeof limit, "no maxmemory yet: it evicts once one is set");
+            log_warn("Redis evicts keys when full (maxmemory-policy %s, %s): a job's stream entry, pending list "
+                     "or result can be deleted, and the job lost without a word; set maxmemory-policy "
+                     "noeviction (deploy/redis/redis.conf): a full Redis then refuses writes, which workers "
+                     "and producers see and retry", policy, limit);
+        } else if (!w->redis_evicts && w->evict_policy[0] && strcmp(w->evict_policy, policy)) {
+            log_info("Redis's maxmemory-policy is noeviction now (was %s)", w->evict_policy);
+        }
+        snprintf(w->evict_policy, sizeof w->evict_policy, "%s", policy);
+    }
+    freeReplyObject(rep);
+}
+
 /* ---- the loop -------------------------------------------------------------------------------------- */
 
 int dg_worker_run(dg_worker *w) {
@@ -533,6 +581,7 @@ int dg_worker_run(dg_worker *w) {
             w->fatal = EX_CONFIG;
             break;
         }
+        if (connected) check_eviction(w);
         fence_lost(w);   /* first: a fenced run that has ended leaves before its entry is taken again */
         publish(w);
         status_line(w);

@@ -40,6 +40,8 @@ typedef struct {
     int64_t queue_lag[2], queue_pending[2];  /* of the high [0] and normal [1] job stream, read
                                                 by the keeper; -1 unknown */
     int     redis_up;
+    int     redis_evicts;            /* 1: Redis's maxmemory-policy is not noeviction; 0: it is;
+                                        -1: not known (not connected yet, or INFO refused) */
     char    state[32];               /* loading, idle, running, draining, stopped */
     char    jobs[512];               /* ids of running jobs, space-separated */
     /* per phase, when the held job longest in that phase entered it (dg_mono_ms; 0: none):
@@ -71,6 +73,9 @@ typedef struct dg_worker {
     dg_taker     taker;              /* takes entries into runs */
     dg_committer committer;          /* writes their results */
     int     fatal;                   /* exit code to leave with, 0 while healthy */
+    uint64_t evict_checked;          /* redis.connects when the eviction policy was read */
+    int     redis_evicts;            /* as stats.redis_evicts, the main thread's */
+    char    evict_policy[64];        /* the policy last said, so a reconnect repeats nothing */
     char    instance[24];            /* this process's own: random at start, in the heartbeat hash */
     char    host[64];
     _Atomic int id_clash;            /* set by the keeper: another process holds this worker id's lease */

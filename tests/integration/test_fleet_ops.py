@@ -363,6 +363,63 @@ def test_bad_redis_settings_fail_before_the_model_loads(tmpdir_path):
         assert "model loaded" not in log, log
 
 
+def test_an_evicting_redis_is_warned_of_at_every_connection(cluster):
+    """A Redis that deletes keys when full (maxmemory-policy other than noeviction) would lose
+    jobs and results without a word: the worker reads the policy on every new connection (a
+    failover or a restart brings another server), warns when it is not noeviction and when
+    it changes, and shows it in duogen_redis_evicts; it goes on taking jobs."""
+    port = free_port()
+    w = cluster.worker("ev", args=["--metrics-port", str(port)])
+    evicts = lambda: exposition(scrape_metrics(port) or "").get('duogen_redis_evicts{worker="ev"}')  # noqa: E731
+    wait_until(lambda: evicts() == 0, what="noeviction read")   # redis-server's default
+    assert "evicts keys" not in w.logs()
+
+    def reconnect():
+        before = w.logs().count("reconnected to Redis") + w.logs().count("Redis connection lost")
+        for c in cluster.r.client_list():
+            if c["name"] == "ev":
+                cluster.r.client_kill_filter(_id=c["id"])
+        wait_until(lambda: w.logs().count("reconnected to Redis") + w.logs().count("Redis connection lost") > before,
+                   what="the worker's reconnect")
+    cluster.r.config_set("maxmemory", "100mb")
+    cluster.r.config_set("maxmemory-policy", "allkeys-lru")
+    reconnect()
+    wait_until(lambda: evicts() == 1, what="the evicting policy read")
+    warning = ("Redis evicts keys when full (maxmemory-policy allkeys-lru, maxmemory 104857600 bytes): a job's stream "
+               "entry, pending list or result can be deleted, and the job lost without a word; set maxmemory-policy "
+               "noeviction")
+    assert warning in w.logs(), w.logs()
+    cluster.enqueue("ev-1", "still working")
+    assert cluster.wait_result("ev-1")["status"] == b"done"
+    reconnect()   # the same policy again: not said again
+    cluster.enqueue("ev-2", "after the reconnect")
+    assert cluster.wait_result("ev-2")["status"] == b"done"
+    assert w.logs().count("Redis evicts keys when full") == 1, w.logs()
+    cluster.r.config_set("maxmemory-policy", "noeviction")
+    reconnect()
+    wait_until(lambda: evicts() == 0, what="noeviction read again")
+    assert "Redis's maxmemory-policy is noeviction now (was allkeys-lru)" in w.logs()
+
+
+def test_an_acl_without_info_leaves_the_eviction_policy_unknown(tmpdir_path):
+    """A worker ACL of an earlier version (no INFO): said once, the figure -1, jobs run."""
+    srv, pw, client = start_acl_redis(tmpdir_path, lambda acl: acl.replace(" +info ", " "))
+    port = free_port()
+    w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "noinfo", args=["--metrics-port", str(port)])
+    try:
+        prod = client("producer")
+        prod.xadd("duogen:jobs", {"id": "ni-1", "job": make_job("ni-1", "hello").SerializeToString()})
+        res = wait_until(lambda: prod.hgetall("duogen:result:ni-1") or None, timeout=20, what="result")
+        assert res[b"status"] == b"done"
+        assert exposition(scrape_metrics(port))['duogen_redis_evicts{worker="noinfo"}'] == -1
+        log = w.logs()
+        assert log.count("Redis's eviction policy is not known (INFO memory: NOPERM") == 1, log
+    finally:
+        w.kill()
+        srv.proc.kill()
+        srv.proc.wait(10)
+
+
 def test_a_claim_idle_time_too_short_for_a_slow_redis_is_warned_of(cluster):
     """Renewals come every renew_ms, later by a keeper command that timed out (5 s) and
     their own: a claim_idle_ms below renew_ms + 10 s lets a slow Redis hand running jobs to

@@ -52,12 +52,13 @@ def rule_exprs():
 @needs_prometheus
 def test_rules_pass_promtool_check_and_their_unit_tests():
     r = subprocess.run(["promtool", "check", "rules", RULES], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 8 rules found" in r.stdout, r.stdout + r.stderr
     r = subprocess.run(["promtool", "test", "rules", os.path.basename(RULE_TESTS)], capture_output=True, text=True,
                        timeout=120, cwd=os.path.dirname(RULE_TESTS))
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
     assert {a for a, _ in rule_exprs()} == {"DuogenQueueLagGrowing", "DuogenDeadLetters", "DuogenWorkerDown",
-                                            "DuogenWorkerNotReady", "DuogenWorkerRedisDown", "DuogenFailureRate", "DuogenJobStuckInPhase"}
+                                            "DuogenWorkerNotReady", "DuogenWorkerRedisDown", "DuogenFailureRate", "DuogenJobStuckInPhase",
+                                            "DuogenRedisEvicts"}
 
 
 class Prometheus:
