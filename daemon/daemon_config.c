@@ -2,6 +2,7 @@
 #include "duogen.h"
 #include "log.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -110,7 +111,10 @@ static const struct key {
     STR(output_root, "directory drawn images are written under (<id>/<n>.png) instead of Redis"),
     GROUP("Operation"),
     STR(log_level, "err, warning, info or debug"),
-    INT(metrics_port, 0, 65535, "Prometheus metrics port on 127.0.0.1 (0 = off)"),
+    INT(metrics_port, 0, 65535, "Prometheus metrics port on metrics_address (0 = off)"),
+    STR(metrics_address, "the address the metrics listen on: 127.0.0.1 (this host only), an interface's IPv4 or "
+                         "IPv6 address (a central Prometheus scrapes it there), or 0.0.0.0 / :: (every interface: "
+                         "a firewall in front)"),
 };
 
 void dg_daemon_config_defaults(dg_daemon_config *c) {
@@ -120,6 +124,7 @@ void dg_daemon_config_defaults(dg_daemon_config *c) {
     snprintf(c->prefix, sizeof c->prefix, "duogen");
     snprintf(c->group, sizeof c->group, "duogen");
     snprintf(c->log_level, sizeof c->log_level, "info");
+    snprintf(c->metrics_address, sizeof c->metrics_address, "127.0.0.1");
     c->max_inflight = 0;
     c->block_ms = 2000;
     c->claim_idle_ms = 60000;
@@ -270,6 +275,12 @@ int dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen) {
     }
     if (!c->prefix[0] || !c->group[0]) {
         snprintf(err, errlen, "prefix and group must not be empty");
+        return -1;
+    }
+    unsigned char addr[sizeof(struct in6_addr)];
+    if (inet_pton(AF_INET, c->metrics_address, addr) != 1 && inet_pton(AF_INET6, c->metrics_address, addr) != 1) {
+        snprintf(err, errlen, "metrics_address: \"%s\" is not an IPv4 or IPv6 address (127.0.0.1, 10.1.2.3, ::1, "
+                 "0.0.0.0, ::; no brackets, no host name)", c->metrics_address);
         return -1;
     }
     if (c->sentinel[0] && !c->master_name[0]) {

@@ -56,7 +56,8 @@ typedef struct {
     int    max_output_images;
     int    max_stop_strings;
     int    max_logit_bias;
-    int    metrics_port;        /* Prometheus text metrics on 127.0.0.1; 0 = off */
+    int    metrics_port;        /* Prometheus text metrics on metrics_address; 0 = off */
+    char   metrics_address[64]; /* an IPv4 or IPv6 address; default 127.0.0.1 */
     size_t kv_cache_bytes;      /* engine caches; 0 = the engine's default */
     int    kv_bf16;             /* 1: KV in bf16 (dg_sched_opts.kv_bf16) */
     int    draft_tokens;        /* dg_sched_opts.draft_tokens */

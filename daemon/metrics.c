@@ -1,6 +1,7 @@
-/* Prometheus metrics in the text exposition format, served on 127.0.0.1:<metrics_port> by
+/* Prometheus metrics in the text exposition format, served on metrics_address:metrics_port by
  * a thread of its own (GET any path; one response per connection). The figures come from
  * the worker's stats under its lock; nothing here touches Redis or the engine. */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -223,13 +224,32 @@ static void *metrics_main(void *arg) {
 }
 
 int dg_metrics_start(dg_worker *w, char *err, size_t errlen) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const char *addr = w->cfg->metrics_address;
+    const int port = w->cfg->metrics_port;
+    struct sockaddr_storage ss = {0};
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+    socklen_t len;
+    char where[96];
+    if (inet_pton(AF_INET, addr, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+        len = sizeof *a4;
+        snprintf(where, sizeof where, "%s:%d", addr, port);
+    } else if (inet_pton(AF_INET6, addr, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+        len = sizeof *a6;
+        snprintf(where, sizeof where, "[%s]:%d", addr, port);
+    } else {   /* dg_daemon_config_check refused it already */
+        snprintf(err, errlen, "metrics_address: \"%s\" is not an IPv4 or IPv6 address", addr);
+        return -1;
+    }
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)w->cfg->metrics_port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
-        bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 16)) {
-        snprintf(err, errlen, "metrics: cannot listen on 127.0.0.1:%d: %s", w->cfg->metrics_port, strerror(errno));
+        bind(fd, (struct sockaddr *)&ss, len) || listen(fd, 16)) {
+        snprintf(err, errlen, "metrics: cannot listen on %s: %s", where, strerror(errno));
         if (fd >= 0) close(fd);
         return -1;
     }
@@ -240,7 +260,7 @@ int dg_metrics_start(dg_worker *w, char *err, size_t errlen) {
         snprintf(err, errlen, "metrics: cannot start its thread");
         return -1;
     }
-    log_info("metrics on http://127.0.0.1:%d/metrics", w->cfg->metrics_port);
+    log_info("metrics on http://%s/metrics", where);
     return 0;
 }
 

@@ -102,7 +102,7 @@ void dg_worker_state(dg_worker *w, const char *state);   /* the heartbeat's and 
 int  dg_worker_run(dg_worker *w);     /* returns the process exit code */
 void dg_worker_free(dg_worker *w);
 
-/* metrics.c: Prometheus text format on 127.0.0.1:metrics_port, from dg_worker_prepare() on
+/* metrics.c: Prometheus text format on metrics_address:metrics_port, from dg_worker_prepare() on
  * (a loading worker answers, duogen_worker_ready 0; a port that cannot be bound fails the
  * start, not a ready worker). dg_metrics_stop() accepts a worker whose metrics are off. */
 int  dg_metrics_start(dg_worker *w, char *err, size_t errlen);

@@ -588,6 +588,43 @@ def test_metrics_answer_while_loading_and_a_taken_port_fails_the_start(cluster):
         taken.close()
 
 
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def test_metrics_listen_on_the_address_given(cluster):
+    """metrics_address: 127.0.0.1 by default; an interface's address (IPv4 or IPv6) or every
+    interface where a central Prometheus scrapes the hosts; anything but an address is
+    refused at start."""
+    port = free_port()
+    cluster.worker("ma0", args=["--metrics-port", str(port), "--metrics-address", "0.0.0.0"])
+    text = wait_until(lambda: _get(f"http://127.0.0.1:{port}/metrics"), what="metrics on 0.0.0.0")
+    assert 'duogen_worker_ready{worker="ma0"}' in text
+    assert f"metrics on http://0.0.0.0:{port}/metrics" in cluster.workers[-1].logs()
+    for i, bad in enumerate(["localhost", "[::1]", "10.0.0.300", ""]):
+        w = cluster.worker(f"mab{i}", args=["--metrics-port", str(free_port()), "--metrics-address", bad])
+        assert w.proc.wait(10) == 78, bad
+        assert f'metrics_address: "{bad}" is not an IPv4 or IPv6 address' in w.logs(), w.logs()
+
+
+def test_metrics_listen_on_an_ipv6_address(cluster):
+    try:
+        with socket.socket(socket.AF_INET6) as s6:
+            s6.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here (::1: {e})")
+    port = free_port()
+    w = cluster.worker("ma6", args=["--metrics-port", str(port), "--metrics-address", "::1"])
+    text = wait_until(lambda: _get(f"http://[::1]:{port}/metrics"), what="metrics on ::1")
+    assert 'duogen_worker_ready{worker="ma6"}' in text
+    assert _get(f"http://127.0.0.1:{port}/metrics") is None   # there only
+    assert f"metrics on http://[::1]:{port}/metrics" in w.logs()
+
+
 def test_sentinel_failover_mid_job(tmpdir_path):
     d1, d2, ds = (os.path.join(tmpdir_path, n) for n in ("m", "r", "s"))
     for d in (d1, d2, ds):
