@@ -115,3 +115,16 @@ def test_make_install_puts_pages_where_man_finds_them():
         assert "--worker-id text" in out
         producers = os.path.join(dest, "usr", "share", "duogen", "examples", "producers")
         assert sorted(os.listdir(producers)) == ["README.md", "c", "go", "python", "ruby"]
+
+
+def test_the_example_settings_file_is_read_as_shipped(tmpdir_path):
+    """systemd/duogend.conf.example, installed as the starting point of /etc/duogen/duogend.conf:
+    every key in it is one duogend knows, every value one it takes (it goes on to open the
+    model, here one that is not there)."""
+    example = os.path.join(ROOT, "systemd", "duogend.conf.example")
+    keys = [m.group(1) for line in read(example).splitlines() if (m := re.match(r"^(\w+) = ", line))]
+    assert set(keys) <= set(source_settings()) and "metrics_address" in keys, keys
+    p = subprocess.run([os.path.join(BUILD, "duogend"), "--config", example, "--model",
+                        os.path.join(tmpdir_path, "absent"), "--redis", "redis://127.0.0.1:1/0"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 78 and "cannot open the model" in p.stderr, p.stderr
