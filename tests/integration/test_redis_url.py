@@ -6,12 +6,16 @@ import os
 import re
 import socket
 import subprocess
+import sys
 
 import pytest
 import redis
 
-from conftest import BUILD, RedisServer, Worker, free_port, make_job, wait_until
+from conftest import BUILD, ROOT, Cluster, RedisServer, Worker, free_port, make_job, wait_until
 from test_producers import LANGS, png, producer
+
+sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+from certs import have_openssl, make_ca, make_cert  # noqa: E402  (tools/bench/certs.py: openssl)
 
 CTL = os.path.join(BUILD, "duogenctl")
 # '@', ':' and '/' end the user information, the host and the authority in a URL; '%' starts
@@ -177,3 +181,42 @@ def test_a_bad_sentinel_list_says_what_is_wrong(tmpdir_path):
         finally:
             w.kill()
         assert f"sentinel \"{lst}\": {said}" in w.logs(), w.logs()
+
+
+def test_tls_to_an_ipv6_address_checks_the_certificates_ip_entries(tmpdir_path):
+    """rediss://[::1]:port: the server's certificate must carry IP ::1 (checked as an address,
+    no SNI); one that names only localhost and 127.0.0.1 is refused, saying so."""
+    why = ipv6_missing()
+    if why:
+        pytest.skip(why)
+    if not have_openssl():
+        pytest.skip("no openssl command here (tools/deps.sh installs it)")
+    d = os.path.join(tmpdir_path, "pki")
+    os.makedirs(d)
+    make_ca(d, "ca")
+    make_cert(d, "ca", "v6", "DNS:localhost,IP:127.0.0.1,IP:::1")
+    make_cert(d, "ca", "v4", "DNS:localhost,IP:127.0.0.1")
+    clusters = []
+    try:
+        for name in ("v6", "v4"):
+            port = free_port()
+            sub = os.path.join(tmpdir_path, name)
+            os.makedirs(sub)
+            c = Cluster(sub, extra=["--bind", "127.0.0.1 ::1", "--tls-port", str(port),
+                                    "--tls-cert-file", os.path.join(d, f"{name}.pem"),
+                                    "--tls-key-file", os.path.join(d, f"{name}.key"),
+                                    "--tls-ca-cert-file", os.path.join(d, "ca.pem"), "--tls-auth-clients", "no"])
+            c.tls_url = f"rediss://[::1]:{port}/0"
+            clusters.append(c)
+        ok, refused = clusters
+        ca = ["--tls-ca-file", os.path.join(d, "ca.pem")]
+        ok.worker("v6t", redis_url=ok.tls_url, args=ca)
+        p = ctl(ok.tls_url, *ca, "enqueue", "--id", "v6-tls", "--wait", "over", "tls")
+        assert p.returncode == 0 and "Echo: over tls" in p.stdout, p
+        assert any(cl["name"] == "v6t" and cl["addr"].startswith("[::1]:") for cl in ok.r.client_list())
+        p = ctl(refused.tls_url, *ca, "stats")
+        assert p.returncode == 3, p
+        assert "the server's certificate for \"::1\" was refused: IP address mismatch" in p.stderr, p.stderr
+    finally:
+        for c in clusters:
+            c.close()
