@@ -211,3 +211,109 @@ def test_mistakes_are_said_with_their_exit_status(cluster, tmpdir_path):
     with open(bad, "w") as f:
         f.write("{not json")
     assert ctl(cluster, "enqueue", "--job", bad).returncode == 2
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def test_batch_enqueues_every_line_waits_and_writes_each_answer(cluster, tmpdir_path):
+    """A JSON Lines file, one job a line: all sent, each end said on a line of its own, each
+    answer written under DIR/<id>/, the tally last; run again, nothing is sent twice."""
+    cluster.worker()
+    with open(os.path.join(tmpdir_path, "in.png"), "wb") as f:
+        f.write(tiny_png())
+    path = write_lines(os.path.join(tmpdir_path, "render.jsonl"), [
+        '{"text": "first one"}',
+        '{"id": "named", "text": "second", "params": {"meta.fake.images": 1, "steps": 2}}',
+        '',
+        '{"text": "with a picture", "images": ["in.png"], "system": "be brief"}',
+        '{"id": "bad-one", "text": "fails", "params": {"meta.fake.fail": "error"}}'])
+    out = os.path.join(tmpdir_path, "out")
+    p = ctl(cluster, "batch", path, "--out", out)
+    assert p.returncode == 1, p.stderr   # one job failed
+    ids = ["render-1", "named", "render-4", "bad-one"]
+    lines = p.stdout.splitlines()
+    assert sorted(lines[:-1]) == sorted(["render-1 done", "named done", "render-4 done",
+                                         "bad-one failed: BAD_REQUEST: fake engine: failing as the job asked (EINVAL)"])
+    assert lines[-1] == f"batch {path}: 4 jobs: 3 done, 1 failed, 0 cancelled, 0 expired"
+    assert f"{path}: 4 jobs: 4 enqueued, 0 running already, 0 ended before" in p.stderr
+    for job_id in ids:
+        assert cluster.result(job_id)["status"] == (b"failed" if job_id == "bad-one" else b"done")
+        assert os.path.exists(os.path.join(out, job_id, "answer.md"))
+    assert open(os.path.join(out, "named", "image-1.png"), "rb").read() == cluster.r.get("duogen:image:named:1")
+    # what went out: the lines as enqueue's --job file says (the image's bytes, the system message)
+    jobs = {f[b"id"].decode(): pb.Job.FromString(f[b"job"]) for _, f in cluster.r.xrange("duogen:jobs")}
+    assert sorted(jobs) == sorted(ids)
+    assert jobs["named"].image.steps == 2 and dict(jobs["named"].metadata) == {"fake.images": "1"}
+    assert [m.role for m in jobs["render-4"].messages] == [pb.Message.SYSTEM, pb.Message.USER]
+    assert jobs["render-4"].messages[1].parts[0].image.data == tiny_png()
+
+    p = ctl(cluster, "batch", path, "--wait")
+    assert p.returncode == 1 and cluster.r.xlen("duogen:jobs") == 4, p.stderr
+    assert f"{path}: 4 jobs: 0 enqueued, 0 running already, 4 ended before" in p.stderr
+    assert "named done (before this run)" in p.stdout.splitlines()
+    assert p.stdout.splitlines()[-1].endswith("(4 ended before this run)")
+
+
+def test_batch_checks_every_line_before_sending_any(cluster, tmpdir_path):
+    cases = [
+        (['{"text": "a"}', '{"text": oops}'], 2, '"{path}" line 2: invalid token'),
+        (['{"id": "x", "text": "a"}', '{"text": "b"}', '{"id": "x", "text": "c"}'], 2,
+         '"{path}" lines 1 and 3: the same id "x"'),
+        (['{"text": "a", "params": {"steps": "many"}}'], 2, '"{path}" line 1: --param steps=many: not an integer'),
+        (['{"text": "a", "params": {"nope": 1}}'], 2, '"{path}" line 1: --param nope: unknown'),
+        (['{"text": "a"}', '{"text": "b", "images": ["missing.png"]}'], 3, '"{path}" line 2: image "'),
+        (['{"id": "-x", "text": "a"}'], 2, '"{path}" line 1: id "-x" is not'),
+        (['{"text": "a", "colour": "red"}'], 2, '"{path}" line 1: unknown or mistyped key "colour"'),
+        (['', '  '], 2, 'batch file "{path}": no job in it'),
+    ]
+    for i, (lines, rc, said) in enumerate(cases):
+        path = write_lines(os.path.join(tmpdir_path, f"bad{i}.jsonl"), lines)
+        p = ctl(cluster, "batch", path)
+        assert p.returncode == rc and said.format(path=path) in p.stderr, (lines, p.stderr)
+    assert not cluster.r.exists("duogen:jobs")   # nothing of any of them went out
+
+
+def test_batch_window_keeps_at_most_n_on_their_way(cluster, tmpdir_path):
+    """--window 2: never more than two jobs of the file queued or running at once; the rest
+    are sent as those end."""
+    cluster.worker(args=["--max-inflight", "4"])
+    path = write_lines(os.path.join(tmpdir_path, "w.jsonl"),
+                       [f'{{"id": "win-{i}", "text": "a b c d", "params": {{"meta.fake.step_ms": 40}}}}' for i in range(6)])
+    p = subprocess.Popen([CTL, "--redis", cluster.server.url, "batch", path, "--window", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    most = 0
+    while p.poll() is None:
+        on_way = sum(1 for i in range(6)
+                     if cluster.r.exists(f"duogen:job:win-{i}") and not cluster.r.exists(f"duogen:result:win-{i}"))
+        most = max(most, on_way)
+        time.sleep(0.01)
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert out.splitlines()[-1] == f"batch {path}: 6 jobs: 6 done, 0 failed, 0 cancelled, 0 expired"
+    assert most == 2, most   # the window filled, and never overflowed
+
+
+def test_batch_run_again_after_an_interruption_sends_only_what_has_not_gone(cluster, tmpdir_path):
+    """duogenctl stopped in the middle of a batch: the same command again sends the jobs it
+    had not sent, waits for those running, and every job runs once."""
+    cluster.worker(args=["--max-inflight", "1"])
+    path = write_lines(os.path.join(tmpdir_path, "r.jsonl"),
+                       [f'{{"id": "re-{i}", "text": "a b c", "params": {{"meta.fake.step_ms": 60}}}}' for i in range(5)])
+    p = subprocess.Popen([CTL, "--redis", cluster.server.url, "batch", path, "--window", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: cluster.result("re-0"), what="the first job's end")
+    p.kill()
+    p.wait()
+    sent_before = cluster.r.xlen("duogen:jobs")
+    assert 1 <= sent_before < 5
+    p = ctl(cluster, "batch", path, "--wait", timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1].startswith(f"batch {path}: 5 jobs: 5 done, 0 failed")
+    # each job's events say it started once: nothing ran twice
+    for i in range(5):
+        starts = [e for e in cluster.events(f"re-{i}") if e["type"] == b"started"]
+        assert len(starts) == 1, (i, starts)

@@ -66,10 +66,13 @@ static const char *prefix = "duogen";
 static dg_redis R;
 
 static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+static const char *die_where;   /* where the input that is wrong was read ("FILE" line N), or NULL */
+
 static void die(int code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fputs("duogenctl: ", stderr);
+    if (die_where) fprintf(stderr, "%s: ", die_where);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
@@ -259,7 +262,7 @@ static void set_param(job_builder *b, const char *kv) {
         b->meta = realloc(b->meta, (b->n_meta + 1) * sizeof *b->meta);
         b->meta[b->n_meta++] = e;
     } else {
-        fprintf(stderr, "duogenctl: --param %s: unknown; the keys:", k);
+        fprintf(stderr, "duogenctl: %s%s--param %s: unknown; the keys:", die_where ? die_where : "", die_where ? ": " : "", k);
         for (size_t i = 0; i < N_OF(params); i++) fprintf(stderr, " %s", params[i].key);
         fputc('\n', stderr);
         exit(EXIT_USAGE);
@@ -295,26 +298,16 @@ static void text_add(enqueue_opts *o, const char *t, size_t n, int sep) {
     o->text[o->tl] = 0;
 }
 
-/* A job file (JSON): {"id", "system", "text", "images": [paths relative to the file],
- * "params": {KEY: VALUE} with the keys of --param}. Returns the parsed document, which
- * owns the strings handed out; options after --job override it. */
-static json_t *load_job_file(const char *path, enqueue_opts *o) {
+/* A job in JSON: {"id", "system", "text", "images": [paths relative to dir], "params":
+ * {KEY: VALUE} with the keys of --param}, read into o (the strings handed out are j's).
+ * what names it in errors ("job file \"x\"", or a batch's "\"x\" line 12"). */
+static void job_from_json(json_t *j, const char *dir, const char *what, enqueue_opts *o) {
     job_builder *b = &o->b;
-    json_error_t je;
-    FILE *probe = fopen(path, "rb");   /* a file that cannot be read is exit 3, a bad one 2 */
-    if (!probe) die(EXIT_IO, "job file \"%s\": %s", path, strerror(errno));
-    fclose(probe);
-    json_t *j = json_load_file(path, 0, &je);
-    if (!j || !json_is_object(j)) die(EXIT_USAGE, "job file \"%s\": %s", path, j ? "not a JSON object" : je.text);
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash) *slash = 0; else snprintf(dir, sizeof dir, ".");
     const char *key;
     json_t *v;
     json_object_foreach(j, key, v) {
         if (!strcmp(key, "id") && json_is_string(v)) {
-            if (json_string_length(v) >= sizeof o->id) die(EXIT_USAGE, "job file \"%s\": id is too long", path);
+            if (json_string_length(v) >= sizeof o->id) die(EXIT_USAGE, "%s: id is too long", what);
             snprintf(o->id, sizeof o->id, "%s", json_string_value(v));
         } else if (!strcmp(key, "system") && json_is_string(v)) o->system = json_string_value(v);
         else if (!strcmp(key, "text") && json_is_string(v)) {
@@ -326,11 +319,11 @@ static json_t *load_job_file(const char *path, enqueue_opts *o) {
             json_t *im;
             json_array_foreach(v, i, im) {
                 if (!json_is_string(im) || o->n_images == 64)
-                    die(EXIT_USAGE, "job file \"%s\": images[%zu] is not a path (64 at most)", path, i);
+                    die(EXIT_USAGE, "%s: images[%zu] is not a path (64 at most)", what, i);
                 const char *p = json_string_value(im);
                 int n = p[0] == '/' ? snprintf(o->images[o->n_images], sizeof o->images[0], "%s", p)
                                     : snprintf(o->images[o->n_images], sizeof o->images[0], "%s/%s", dir, p);
-                if (n < 0 || (size_t)n >= sizeof o->images[0]) die(EXIT_USAGE, "job file \"%s\": images[%zu]: path too long", path, i);
+                if (n < 0 || (size_t)n >= sizeof o->images[0]) die(EXIT_USAGE, "%s: images[%zu]: path too long", what, i);
                 o->n_images++;
             }
         } else if (!strcmp(key, "params") && json_is_object(v)) {
@@ -343,13 +336,35 @@ static json_t *load_job_file(const char *path, enqueue_opts *o) {
                 else if (json_is_integer(pv)) snprintf(num, sizeof num, "%lld", (long long)json_integer_value(pv));
                 else if (json_is_number(pv)) snprintf(num, sizeof num, "%.9g", json_number_value(pv));
                 else if (json_is_boolean(pv)) snprintf(num, sizeof num, "%s", json_is_true(pv) ? "true" : "false");
-                else die(EXIT_USAGE, "job file \"%s\": params.%s must be a string, number or boolean", path, pk);
+                else die(EXIT_USAGE, "%s: params.%s must be a string, number or boolean", what, pk);
                 if (asprintf(&kv, "%s=%s", pk, val) < 0) die(EXIT_IO, "out of memory");
                 set_param(b, kv);
                 free(kv);
             }
-        } else die(EXIT_USAGE, "job file \"%s\": unknown or mistyped key \"%s\" (id system text images params)", path, key);
+        } else die(EXIT_USAGE, "%s: unknown or mistyped key \"%s\" (id system text images params)", what, key);
     }
+}
+
+/* The folder of path, for the paths relative to it. */
+static void dir_of(const char *path, char *dir, size_t n) {
+    snprintf(dir, n, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0; else snprintf(dir, n, ".");
+}
+
+/* A job file (JSON, as job_from_json reads). Returns the parsed document, which owns the
+ * strings handed out; options after --job override it. */
+static json_t *load_job_file(const char *path, enqueue_opts *o) {
+    json_error_t je;
+    FILE *probe = fopen(path, "rb");   /* a file that cannot be read is exit 3, a bad one 2 */
+    if (!probe) die(EXIT_IO, "job file \"%s\": %s", path, strerror(errno));
+    fclose(probe);
+    json_t *j = json_load_file(path, 0, &je);
+    if (!j || !json_is_object(j)) die(EXIT_USAGE, "job file \"%s\": %s", path, j ? "not a JSON object" : je.text);
+    char dir[4096], what[4200];
+    dir_of(path, dir, sizeof dir);
+    snprintf(what, sizeof what, "job file \"%s\"", path);
+    job_from_json(j, dir, what, o);
     return j;
 }
 
@@ -823,6 +838,319 @@ static int write_result(const char *id, const char *out_dir, const char *html_di
     return rc;
 }
 
+/* ---- batch ---------------------------------------------------------------------------------- */
+
+/* One job of a batch file. */
+typedef struct {
+    char id[160];
+    long line;
+    char status[16];   /* "" while it has not ended; done, failed, cancelled, expired */
+    int  in_flight;    /* enqueued by this run, or found queued or running */
+    int  before;       /* had ended before this run */
+} batch_job;
+
+static int batch_job_cmp(const void *a, const void *b) {
+    return strcmp(((const batch_job *)a)->id, ((const batch_job *)b)->id);
+}
+
+static batch_job *batch_find(batch_job *jobs, size_t n, const char *id) {
+    batch_job probe;
+    snprintf(probe.id, sizeof probe.id, "%s", id);
+    return bsearch(&probe, jobs, n, sizeof *jobs, batch_job_cmp);
+}
+
+static void builder_reset(job_builder *b) {
+    for (size_t i = 0; i < b->n_stop; i++) free(b->stop[i]);
+    for (size_t i = 0; i < b->n_bias; i++) free(b->bias[i]);
+    for (size_t i = 0; i < b->n_meta; i++) {
+        free(b->meta[i]->key);
+        free(b->meta[i]->value);
+        free(b->meta[i]);
+    }
+    free(b->stop);
+    free(b->bias);
+    free(b->meta);
+    memset(b, 0, sizeof *b);
+    duogen__v1__job__init(&b->job);
+    duogen__v1__text_params__init(&b->text);
+    duogen__v1__image_params__init(&b->image);
+}
+
+/* A batch file's line read into o, checked as enqueue checks its options (and its images
+ * readable); the id, when the line has none, is <stem>-<line>. Returns the JSON document
+ * (owning o's strings; the caller frees it), or NULL for a blank line. Dies naming the
+ * line where it is wrong. */
+static json_t *batch_line(const char *text, const char *path, const char *dir, const char *stem, long lineno,
+                          enqueue_opts *o) {
+    static char where[4200];
+    snprintf(where, sizeof where, "\"%s\" line %ld", path, lineno);
+    if (!text[strspn(text, " \t\r\n")]) return NULL;
+    builder_reset(&o->b);
+    o->id[0] = 0;
+    o->tl = 0;
+    o->n_images = 0;
+    o->system = NULL;
+    json_error_t je;
+    json_t *j = json_loads(text, 0, &je);
+    if (!j || !json_is_object(j)) die(EXIT_USAGE, "%s: %s", where, j ? "not a JSON object" : je.text);
+    die_where = where;   /* set_param's complaints name the line too */
+    job_from_json(j, dir, where, o);
+    die_where = NULL;
+    if (!o->tl && !o->n_images) die(EXIT_USAGE, "%s: no text and no image", where);
+    if (!o->id[0] && snprintf(o->id, sizeof o->id, "%s-%ld", stem, lineno) >= (int)sizeof o->id)
+        die(EXIT_USAGE, "%s: no id, and %s-%ld is too long for one", where, stem, lineno);
+    if (!dg_job_id_valid(o->id, strlen(o->id)) || o->id[0] == '-')
+        die(EXIT_USAGE, "%s: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : - (not starting with -)",
+            where, o->id);
+    for (int i = 0; i < o->n_images; i++)
+        if (access(o->images[i], R_OK)) die(EXIT_IO, "%s: image \"%s\": %s", where, o->images[i], strerror(errno));
+    return j;
+}
+
+/* Reads the file's lines into *jobs (sorted by id) after checking each; dies at the first
+ * line that is wrong, or an id given twice. Returns how many. */
+static size_t batch_read(const char *path, const char *dir, const char *stem, enqueue_opts *o, batch_job **jobs) {
+    FILE *f = fopen(path, "r");
+    if (!f) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
+    char *text = NULL;
+    size_t cap = 0, n = 0, room = 0;
+    long lineno = 0;
+    *jobs = NULL;
+    while (getline(&text, &cap, f) >= 0) {
+        json_t *j = batch_line(text, path, dir, stem, ++lineno, o);
+        if (!j) continue;
+        if (n == room && !(*jobs = realloc(*jobs, (room = room ? 2 * room : 256) * sizeof **jobs)))
+            die(EXIT_IO, "out of memory");
+        batch_job *b = &(*jobs)[n++];
+        memset(b, 0, sizeof *b);
+        snprintf(b->id, sizeof b->id, "%s", o->id);
+        b->line = lineno;
+        json_decref(j);
+    }
+    if (ferror(f)) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
+    fclose(f);
+    free(text);
+    if (!n) die(EXIT_USAGE, "batch file \"%s\": no job in it", path);
+    qsort(*jobs, n, sizeof **jobs, batch_job_cmp);
+    for (size_t i = 1; i < n; i++)
+        if (!strcmp((*jobs)[i].id, (*jobs)[i - 1].id))
+            die(EXIT_USAGE, "\"%s\" lines %ld and %ld: the same id \"%s\"", path, (*jobs)[i - 1].line,
+                (*jobs)[i].line, (*jobs)[i].id);
+    return n;
+}
+
+/* A job of the batch has ended with status: said on a line of its own (with its error), its
+ * answer written under out_dir/<id>/ where asked. */
+static void batch_ended(batch_job *b, const char *status, const char *out_dir, int before) {
+    snprintf(b->status, sizeof b->status, "%s", status);
+    b->in_flight = 0;
+    b->before = before;
+    char k_result[512];
+    key(k_result, sizeof k_result, "result", b->id);
+    redisReply *r = cmd_waiting(dg_cmd_of("HMGET", k_result, "error_code", "error", NULL));
+    const int has_error = r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[0]->type == REDIS_REPLY_STRING &&
+                          r->element[1]->type == REDIS_REPLY_STRING && r->element[1]->len;
+    if (has_error)
+        printf("%s %s%s: %s: %s\n", b->id, status, before ? " (before this run)" : "", r->element[0]->str, r->element[1]->str);
+    else
+        printf("%s %s%s\n", b->id, status, before ? " (before this run)" : "");
+    freeReplyObject(r);
+    if (out_dir) {
+        char dir[4400];
+        snprintf(dir, sizeof dir, "%s/%s", out_dir, b->id);
+        write_result(b->id, dir, NULL, 0);
+    }
+    fflush(stdout);
+}
+
+/* The done stream's newest entry id ("0-0" when it is empty): ends after it are this run's
+ * to see. */
+static void done_position(char *last, size_t n) {
+    char k_done[512];
+    key(k_done, sizeof k_done, "done", NULL);
+    redisReply *r = cmd_waiting(dg_cmd_of("XREVRANGE", k_done, "+", "-", "COUNT", "1", NULL));
+    snprintf(last, n, "%s", r->type == REDIS_REPLY_ARRAY && r->elements ? r->element[0]->element[0]->str : "0-0");
+    freeReplyObject(r);
+}
+
+/* n read-only commands in one pipeline, their replies into rep (the caller frees both); a
+ * Redis that goes away is waited for and the commands sent again. */
+static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
+    int told = 0;
+    while (n && (!dg_redis_ready(&R) || dg_redis_pipeline(&R, cmds, n, rep))) {
+        if (!told++) fprintf(stderr, "duogenctl: Redis went away (%s); waiting for it\n", R.error);
+        int ms = dg_redis_wait_ms(&R);
+        struct timespec ts = {0, (long)(ms < 50 ? 50 : ms > 1000 ? 1000 : ms) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    for (int i = 0; i < n; i++)
+        if (rep[i]->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep[i]->str);
+    if (told) fprintf(stderr, "duogenctl: Redis is back\n");
+}
+
+/* Reads the done stream after *last for up to block_ms: each entry of a job of this batch
+ * still in flight ends it. Every ~10 s, and when asked (sweep), the jobs in flight are also
+ * looked up directly (a done entry trimmed away before it was read is not missed).
+ * Returns how many ended. */
+static size_t batch_wait(batch_job *jobs, size_t n, char *last, size_t last_n, const char *out_dir, int block_ms,
+                         int sweep) {
+    static int64_t swept_ms;
+    size_t ended = 0;
+    char k_done[512], ms[16];
+    key(k_done, sizeof k_done, "done", NULL);
+    snprintf(ms, sizeof ms, "%d", block_ms);
+    redisReply *r = cmd_waiting(dg_cmd_of("XREAD", "COUNT", "500", "BLOCK", ms, "STREAMS", k_done, last, NULL));
+    if (r->type == REDIS_REPLY_ARRAY && r->elements) {
+        const redisReply *entries = r->element[0]->element[1];
+        for (size_t i = 0; i < entries->elements; i++) {
+            const redisReply *e = entries->element[i];
+            snprintf(last, last_n, "%s", e->element[0]->str);
+            batch_job *b = batch_find(jobs, n, hstr(e->element[1], "id"));
+            if (b && b->in_flight) {
+                batch_ended(b, hstr(e->element[1], "status"), out_dir, 0);
+                ended++;
+            }
+        }
+    }
+    freeReplyObject(r);
+    if (!sweep && dg_mono_ms() - swept_ms < 10000) return ended;
+    swept_ms = dg_mono_ms();
+    enum { CHUNK = 256 };
+    dg_cmd *ask[CHUNK];
+    batch_job *of[CHUNK];
+    redisReply *rep[CHUNK];
+    for (size_t i = 0; i < n;) {
+        int k = 0;
+        for (; i < n && k < CHUNK; i++) {
+            if (!jobs[i].in_flight) continue;
+            char k_result[512];
+            key(k_result, sizeof k_result, "result", jobs[i].id);
+            of[k] = &jobs[i];
+            ask[k++] = dg_cmd_of("HGET", k_result, "status", NULL);
+        }
+        pipeline_waiting(ask, k, rep);
+        for (int q = 0; q < k; q++) {
+            if (rep[q]->type == REDIS_REPLY_STRING) {
+                batch_ended(of[q], rep[q]->str, out_dir, 0);
+                ended++;
+            }
+            freeReplyObject(rep[q]);
+            dg_cmd_free(ask[q]);
+        }
+    }
+    return ended;
+}
+
+static int cmd_batch(int argc, char **argv) {
+    static enqueue_opts o;   /* static: 256 KB of image paths */
+    const char *path = NULL, *out_dir = NULL;
+    int wait = 0, high = 0;
+    long window = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--wait")) wait = 1;
+        else if (!strcmp(argv[i], "--high")) high = 1;
+        else if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i], wait = 1;
+        else if (!strcmp(argv[i], "--window") && i + 1 < argc) {
+            char *end;
+            window = strtol(argv[++i], &end, 10);
+            if (*end || window < 1 || window > 1000000) die(EXIT_USAGE, "batch: --window is 1 .. 1000000 jobs");
+            wait = 1;
+        } else if (argv[i][0] == '-' || path) return -1;
+        else path = argv[i];
+    }
+    if (!path) return -1;
+    if (out_dir && mkdir(out_dir, 0755) && errno != EEXIST)
+        die(EXIT_IO, "cannot create \"%s\": %s", out_dir, strerror(errno));
+    char dir[4096], stem[256];
+    dir_of(path, dir, sizeof dir);
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    snprintf(stem, sizeof stem, "%.*s", (int)(strchr(base, '.') ? (size_t)(strchr(base, '.') - base) : strlen(base)), base);
+
+    /* every line checked before the first job goes out: a batch is enqueued whole or not at all */
+    batch_job *jobs;
+    const size_t n = batch_read(path, dir, stem, &o, &jobs);
+    char last[64];
+    done_position(last, sizeof last);   /* before looking: an end after the look is in the stream */
+
+    /* the file again, line by line: each job that has not run and is not running goes out;
+     * one that has ended (an earlier run of this batch) or is on its way is not sent twice */
+    FILE *f = fopen(path, "r");
+    if (!f) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
+    char *text = NULL;
+    size_t cap = 0, in_flight = 0, sent = 0, on_way = 0, ended_before = 0;
+    long lineno = 0;
+    while (getline(&text, &cap, f) >= 0) {
+        json_t *j = batch_line(text, path, dir, stem, ++lineno, &o);
+        if (!j) continue;
+        batch_job *b = batch_find(jobs, n, o.id);
+        if (!b || b->line != lineno) die(EXIT_IO, "batch file \"%s\" changed while it was read", path);
+        char k_result[512], k_job[512];
+        key(k_result, sizeof k_result, "result", o.id);
+        key(k_job, sizeof k_job, "job", o.id);
+        dg_cmd *ask[2] = {dg_cmd_of("HGET", k_result, "status", NULL), dg_cmd_of("HGET", k_job, "state", NULL)};
+        redisReply *rep[2];
+        pipeline_waiting(ask, 2, rep);
+        const char *state = rep[1]->type == REDIS_REPLY_STRING ? rep[1]->str : "";
+        if (rep[0]->type == REDIS_REPLY_STRING) {   /* ended, in an earlier run of this batch */
+            ended_before++;
+            if (wait) batch_ended(b, rep[0]->str, out_dir, 1);
+            else snprintf(b->status, sizeof b->status, "%s", rep[0]->str), b->before = 1;
+        } else if (!strcmp(state, "running") || !strcmp(state, "retrying")) {
+            b->in_flight = 1;   /* a worker has it: not sent again */
+            in_flight++;
+            on_way++;
+        } else {
+            /* new, or "queued" by an earlier run: sent (again). An entry still waiting from
+             * that run is only acknowledged once this one's result exists; one that never
+             * went out (that run stopped between its two writes) is not waited for forever */
+            while (window && in_flight >= (size_t)window)
+                in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, 1000, 0);
+            o.high = high;
+            push_job(&o);
+            b->in_flight = 1;
+            in_flight++;
+            sent++;
+        }
+        for (int q = 0; q < 2; q++) {
+            freeReplyObject(rep[q]);
+            dg_cmd_free(ask[q]);
+        }
+        json_decref(j);
+    }
+    fclose(f);
+    free(text);
+    free(o.text);
+    o.text = NULL;
+    o.tcap = 0;
+    builder_reset(&o.b);
+    fprintf(stderr, "duogenctl: %s: %zu jobs: %zu enqueued, %zu running already, %zu ended before\n", path, n, sent,
+            on_way, ended_before);
+    if (!wait) {
+        free(jobs);
+        return 0;
+    }
+    for (int sweep = 1; in_flight; sweep = 0) in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, 1000, sweep);
+
+    /* the tally: every job of the file, each once */
+    size_t done = 0, failed = 0, cancelled = 0, expired = 0, open = 0, before = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *s = jobs[i].status;
+        before += jobs[i].before;
+        if (!s[0]) open++;
+        else if (!strcmp(s, "done")) done++;
+        else if (!strcmp(s, "cancelled")) cancelled++;
+        else if (!strcmp(s, "expired")) expired++;
+        else failed++;
+    }
+    printf("batch %s: %zu jobs: %zu done, %zu failed, %zu cancelled, %zu expired", path, n, done, failed, cancelled,
+           expired);
+    if (open) printf(", %zu not ended yet", open);
+    if (before) printf(" (%zu ended before this run)", before);
+    printf("\n");
+    free(jobs);
+    return done == n ? 0 : EXIT_JOB;
+}
+
 /* ---- stats, dead, cancel ------------------------------------------------------------------------ */
 
 static int cmd_stats(int argc, char **argv) {
@@ -1051,6 +1379,16 @@ static const struct command {
      "status; a Redis that goes away meanwhile is waited for. --out DIR implies --wait and writes the "
      "answer there as result --out does.",
      cmd_enqueue},
+    {"batch", "FILE [--wait] [--out DIR] [--window N] [--high]",
+     "Enqueue every job of FILE, JSON Lines: one job a line in the form of enqueue's --job file (its images "
+     "relative to FILE; blank lines skipped), the id <FILE's name>-<line number> where a line has none. Every "
+     "line is checked first (its id unique in the file, its images readable): a FILE with a wrong line sends "
+     "nothing and names the line. A job whose result exists is not sent again, nor one a worker holds: run "
+     "the same FILE again to go on after an interruption. --wait waits for every job, printing a line as each "
+     "ends (id, status, the error of a failed one), then the tally; exit 0 when all are done, else 1. --out "
+     "DIR implies --wait and writes each job's answer as DIR/<id>/ (as result --out). --window N implies "
+     "--wait and keeps at most N jobs of FILE on their way at once (the rest wait their turn here, not in "
+     "Redis's memory).", cmd_batch},
     {"watch", "ID", "Follow a job's events from its start until it ends, one line per event. An id nothing is "
      "known of yet (no job hash, result or events: a typo, or a job whose producer did not write the job hash "
      "and no worker took yet) is said on stderr, then waited for.", cmd_watch},
