@@ -1492,7 +1492,8 @@ static int write_manual(FILE *out) {
           ".TP\n\\fB1\\fR\nThe job failed, was cancelled or expired, or has no result yet.\n"
           ".TP\n\\fB2\\fR\nA usage error.\n.TP\n\\fB3\\fR\nRedis or a file could not be read or written.\n"
           ".SH EXAMPLES\n.EX\nduogenctl enqueue \\-\\-image photo.jpg \\-\\-param max_images=2 \\e\n"
-          "    \\-\\-out out \"How do I make this soup?\"\nduogenctl stats\n.EE\n"
+          "    \\-\\-out out \"How do I make this soup?\"\n"
+          "duogenctl batch render.jsonl \\-\\-out answers \\-\\-window 64\nduogenctl stats\n.EE\n"
           ".SH SEE ALSO\n.BR duogend (8),\n.BR duogend.conf (5),\n.BR redis\\-cli (1)\n", out);
     return fflush(out) ? EXIT_IO : 0;
 }
