@@ -274,6 +274,7 @@ def test_batch_checks_every_line_before_sending_any(cluster, tmpdir_path):
         path = write_lines(os.path.join(tmpdir_path, f"bad{i}.jsonl"), lines)
         p = ctl(cluster, "batch", path)
         assert p.returncode == rc and said.format(path=path) in p.stderr, (lines, p.stderr)
+        assert p.stderr.count(f'"{path}"') == 1, p.stderr   # the place said once
     assert not cluster.r.exists("duogen:jobs")   # nothing of any of them went out
 
 

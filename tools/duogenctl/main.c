@@ -338,7 +338,9 @@ static void job_from_json(json_t *j, const char *dir, const char *what, enqueue_
                 else if (json_is_boolean(pv)) snprintf(num, sizeof num, "%s", json_is_true(pv) ? "true" : "false");
                 else die(EXIT_USAGE, "%s: params.%s must be a string, number or boolean", what, pk);
                 if (asprintf(&kv, "%s=%s", pk, val) < 0) die(EXIT_IO, "out of memory");
+                die_where = what;   /* set_param's complaints name the file or the line */
                 set_param(b, kv);
+                die_where = NULL;
                 free(kv);
             }
         } else die(EXIT_USAGE, "%s: unknown or mistyped key \"%s\" (id system text images params)", what, key);
@@ -893,9 +895,7 @@ static json_t *batch_line(const char *text, const char *path, const char *dir, c
     json_error_t je;
     json_t *j = json_loads(text, 0, &je);
     if (!j || !json_is_object(j)) die(EXIT_USAGE, "%s: %s", where, j ? "not a JSON object" : je.text);
-    die_where = where;   /* set_param's complaints name the line too */
     job_from_json(j, dir, where, o);
-    die_where = NULL;
     if (!o->tl && !o->n_images) die(EXIT_USAGE, "%s: no text and no image", where);
     if (!o->id[0] && snprintf(o->id, sizeof o->id, "%s-%ld", stem, lineno) >= (int)sizeof o->id)
         die(EXIT_USAGE, "%s: no id, and %s-%ld is too long for one", where, stem, lineno);
