@@ -108,6 +108,18 @@ def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
                             f"redis://duogen-producer@127.0.0.1:{srv.port}/0", "--password-file", pw["producer"],
                             "watch", "acl-in"], capture_output=True, text=True, timeout=20)
         assert p.returncode == 0 and "NOPERM" not in p.stderr, p.stdout + p.stderr
+        # and its batch, with a failing job (whose error it reads) and an answer written
+        batch = write(os.path.join(tmpdir_path, "acl.jsonl"),
+                      '{"id": "acl-b1", "text": "one", "params": {"meta.fake.images": 1}}\n'
+                      '{"id": "acl-b2", "text": "two", "params": {"meta.fake.fail": "error"}}\n')
+        p = subprocess.run([os.path.join(BUILD, "duogenctl"), "--redis",
+                            f"redis://duogen-producer@127.0.0.1:{srv.port}/0", "--password-file", pw["producer"],
+                            "batch", batch, "--out", os.path.join(tmpdir_path, "acl-out")],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 1 and "NOPERM" not in p.stderr, p.stdout + p.stderr
+        assert p.stdout.splitlines()[-1] == f"batch {batch}: 2 jobs: 1 done, 1 failed, 0 cancelled, 0 expired", p.stdout
+        assert "acl-b2 failed: BAD_REQUEST: fake engine: failing as the job asked (EINVAL)" in p.stdout
+        assert os.path.exists(os.path.join(tmpdir_path, "acl-out", "acl-b1", "image-1.png"))
 
         # a job naming an input key outside duogen:input:* fails clearly; the worker lives on
         bad = pb.Job(id="acl-steal")
@@ -144,7 +156,8 @@ def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
         p = subprocess.run([os.path.join(BUILD, "duogenctl"), "--redis",
                             f"redis://duogen-operator@127.0.0.1:{srv.port}/0", "--password-file", pw["operator"],
                             "stats"], capture_output=True, text=True, timeout=20)
-        assert p.returncode == 0 and "aclw" in p.stdout and "dead letters 1" in p.stdout, p.stdout + p.stderr
+        # dead: acl-b2 (the batch's failing job) and acl-steal
+        assert p.returncode == 0 and "aclw" in p.stdout and "dead letters 2" in p.stdout, p.stdout + p.stderr
         for cmd in [("flushall",), ("config", "get", "*"), ("shutdown",), ("keys", "*")]:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 oper.execute_command(*cmd)

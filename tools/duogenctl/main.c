@@ -939,6 +939,21 @@ static size_t batch_read(const char *path, const char *dir, const char *stem, en
     return n;
 }
 
+/* n read-only commands in one pipeline, their replies into rep (the caller frees both); a
+ * Redis that goes away is waited for and the commands sent again. */
+static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
+    int told = 0;
+    while (n && (!dg_redis_ready(&R) || dg_redis_pipeline(&R, cmds, n, rep))) {
+        if (!told++) fprintf(stderr, "duogenctl: Redis went away (%s); waiting for it\n", R.error);
+        int ms = dg_redis_wait_ms(&R);
+        struct timespec ts = {0, (long)(ms < 50 ? 50 : ms > 1000 ? 1000 : ms) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    for (int i = 0; i < n; i++)
+        if (rep[i]->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep[i]->str);
+    if (told) fprintf(stderr, "duogenctl: Redis is back\n");
+}
+
 /* A job of the batch has ended with status: said on a line of its own (with its error), its
  * answer written under out_dir/<id>/ where asked. */
 static void batch_ended(batch_job *b, const char *status, const char *out_dir, int before) {
@@ -947,14 +962,19 @@ static void batch_ended(batch_job *b, const char *status, const char *out_dir, i
     b->before = before;
     char k_result[512];
     key(k_result, sizeof k_result, "result", b->id);
-    redisReply *r = cmd_waiting(dg_cmd_of("HMGET", k_result, "error_code", "error", NULL));
-    const int has_error = r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[0]->type == REDIS_REPLY_STRING &&
-                          r->element[1]->type == REDIS_REPLY_STRING && r->element[1]->len;
+    /* HGET, which a producer's ACL grants (deploy/redis/users.acl.example), not HMGET */
+    dg_cmd *ask[2] = {dg_cmd_of("HGET", k_result, "error_code", NULL), dg_cmd_of("HGET", k_result, "error", NULL)};
+    redisReply *r[2];
+    pipeline_waiting(ask, 2, r);
+    const int has_error = r[0]->type == REDIS_REPLY_STRING && r[1]->type == REDIS_REPLY_STRING && r[1]->len;
     if (has_error)
-        printf("%s %s%s: %s: %s\n", b->id, status, before ? " (before this run)" : "", r->element[0]->str, r->element[1]->str);
+        printf("%s %s%s: %s: %s\n", b->id, status, before ? " (before this run)" : "", r[0]->str, r[1]->str);
     else
         printf("%s %s%s\n", b->id, status, before ? " (before this run)" : "");
-    freeReplyObject(r);
+    for (int q = 0; q < 2; q++) {
+        freeReplyObject(r[q]);
+        dg_cmd_free(ask[q]);
+    }
     if (out_dir) {
         char dir[4400];
         snprintf(dir, sizeof dir, "%s/%s", out_dir, b->id);
@@ -971,21 +991,6 @@ static void done_position(char *last, size_t n) {
     redisReply *r = cmd_waiting(dg_cmd_of("XREVRANGE", k_done, "+", "-", "COUNT", "1", NULL));
     snprintf(last, n, "%s", r->type == REDIS_REPLY_ARRAY && r->elements ? r->element[0]->element[0]->str : "0-0");
     freeReplyObject(r);
-}
-
-/* n read-only commands in one pipeline, their replies into rep (the caller frees both); a
- * Redis that goes away is waited for and the commands sent again. */
-static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
-    int told = 0;
-    while (n && (!dg_redis_ready(&R) || dg_redis_pipeline(&R, cmds, n, rep))) {
-        if (!told++) fprintf(stderr, "duogenctl: Redis went away (%s); waiting for it\n", R.error);
-        int ms = dg_redis_wait_ms(&R);
-        struct timespec ts = {0, (long)(ms < 50 ? 50 : ms > 1000 ? 1000 : ms) * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    for (int i = 0; i < n; i++)
-        if (rep[i]->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep[i]->str);
-    if (told) fprintf(stderr, "duogenctl: Redis is back\n");
 }
 
 /* Reads the done stream after *last for up to block_ms: each entry of a job of this batch
