@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from conftest import BUILD, ROOT, Cluster, RedisServer, Worker, free_port, make_job, wait_until
+from test_fleet_ops import _ping
 from test_producers import LANGS, png, producer
 
 sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
@@ -144,7 +145,7 @@ def test_a_sentinel_at_an_ipv6_address_names_an_ipv6_master(tmpdir_path):
     w = None
     try:
         s = redis.Redis(host="::1", port=sport, socket_timeout=5)
-        wait_until(lambda: _answers(s), what="the Sentinel")
+        wait_until(lambda: _ping(s), what="the Sentinel")
         w = Worker(tmpdir_path, "redis://127.0.0.1:1/0", "s6", model,
                    args=["--sentinel", f"[::1]:{sport}", "--master-name", "m6"])
         r = master.client()
@@ -159,13 +160,6 @@ def test_a_sentinel_at_an_ipv6_address_names_an_ipv6_master(tmpdir_path):
         sentinel.kill()
         sentinel.wait(10)
         master.stop(hard=True)
-
-
-def _answers(s):
-    try:
-        return s.ping()
-    except redis.exceptions.RedisError:
-        return False
 
 
 def test_a_bad_sentinel_list_says_what_is_wrong(tmpdir_path):

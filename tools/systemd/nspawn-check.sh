@@ -113,6 +113,26 @@ rc() { ctr redis-cli -a "$password" --no-auth-warning "$@"; }
 ctr systemctl restart redis-server      # it reads the password written above
 rc FLUSHALL >/dev/null                  # nothing of an earlier run
 prop() { ctr systemctl show -p "$1" --value duogend@0; }
+# enqueue ID TEXT MAX_NEW_TOKENS [nostop]: a text-only job (greedy), XADDed inside the container
+enqueue() {
+    /usr/bin/python3 - "$ROOT/root/$1.job" "$@" <<'EOF'
+import sys
+sys.path.insert(0, "build/gen/python")
+import duogen_pb2 as pb
+path, job_id, text, tokens = sys.argv[1:5]
+job = pb.Job(id=job_id, seed=1)
+job.messages.add(role=pb.Message.USER).parts.add(text=text)
+job.text.max_new_tokens = int(tokens)
+job.text.temperature = 0
+if sys.argv[5:] == ["nostop"]:
+    for stop_id in (151643, 151645):      # <|endoftext|>, <|im_end|>
+        job.text.logit_bias[stop_id] = float("-inf")
+job.image.max_images = 0
+open(path, "wb").write(job.SerializeToString())
+EOF
+    ctr sh -c "redis-cli -a '$password' --no-auth-warning -x XADD duogen:jobs '*' id $1 job </root/$1.job" >/dev/null
+    rm -f "$ROOT/root/$1.job"
+}
 
 # ---- ready ----------------------------------------------------------------------------------
 ctr systemctl start duogend@0 && started=1 || started=0
@@ -143,22 +163,8 @@ check "watchdog: a stopped main loop is aborted and restarted (NRestarts $(prop 
     test "$(prop NRestarts)" = 2 -a "$(prop SubState)" = running -a -n "$journal"
 
 # ---- drain --------------------------------------------------------------------------------------
-job=$(mktemp)
-/usr/bin/python3 - "$job" <<'EOF'
-import sys
-sys.path.insert(0, "build/gen/python")
-import duogen_pb2 as pb
-job = pb.Job(id="drain", seed=1)
-job.messages.add(role=pb.Message.USER).parts.add(text="Tell me a long story.")
-job.text.max_new_tokens = 1500
-job.text.temperature = 0
-for stop_id in (151643, 151645):      # <|endoftext|>, <|im_end|>: it runs to max_new_tokens
-    job.text.logit_bias[stop_id] = float("-inf")
-job.image.max_images = 0
-open(sys.argv[1], "wb").write(job.SerializeToString())
-EOF
-cp "$job" "$ROOT/root/drain.job"
-ctr sh -c "redis-cli -a '$password' --no-auth-warning -x XADD duogen:jobs '*' id drain job </root/drain.job" >/dev/null
+# a story with its stop tokens banned: it runs to max_new_tokens
+enqueue drain "Tell me a long story." 1500 nostop
 for _ in $(seq 100); do
     [ "$(rc HGET duogen:job:drain state)" = running ] && [ "$(rc HGET duogen:job:drain tokens)" -gt 0 ] 2>/dev/null && break
     sleep 0.1
@@ -170,7 +176,6 @@ tokens=$(rc HGET duogen:job:drain tokens)
 check "drain: stop while the job ran ($tokens_at_stop tokens then) waited for it: result $status/$finish, $tokens tokens; unit $(prop ActiveState), exit status $(prop ExecMainStatus)" \
     test "$status" = done -a "$finish" = length -a "$tokens" -gt "$((tokens_at_stop + 100))" \
          -a "$(prop ActiveState)" = inactive -a "$(prop ExecMainStatus)" = 0
-rm -f "$job" "$ROOT/root/drain.job"
 
 # ---- boot -----------------------------------------------------------------------------------------
 # enabled as the README says, then a power cycle: multi-user.target must pull the worker in
@@ -220,17 +225,7 @@ tls_cert_file = /etc/duogen/tls/worker.pem
 tls_key_file = /etc/duogen/tls/worker.key
 EOF
 ctr systemctl restart duogend@0 && started=1 || started=0
-/usr/bin/python3 - "$ROOT/root/tls.job" <<'EOF'
-import sys
-sys.path.insert(0, "build/gen/python")
-import duogen_pb2 as pb
-job = pb.Job(id="tls", seed=1)
-job.messages.add(role=pb.Message.USER).parts.add(text="Hello over TLS.")
-job.text.max_new_tokens = 8
-job.image.max_images = 0
-open(sys.argv[1], "wb").write(job.SerializeToString())
-EOF
-ctr sh -c "redis-cli -a '$password' --no-auth-warning -x XADD duogen:jobs '*' id tls job </root/tls.job" >/dev/null
+enqueue tls "Hello over TLS." 8
 for _ in $(seq 150); do
     [ -n "$(rc HGET duogen:result:tls status)" ] && break
     sleep 0.2
@@ -241,7 +236,6 @@ check "tls: the unit over rediss:// with a client certificate (duogend@0 $(prop 
     test "$started" = 1 -a "$(prop SubState)" = running -a "$port" = 6380 -a "$(rc HGET duogen:result:tls status)" = done
 [ "$(rc HGET duogen:result:tls status)" = done ] ||   # what the worker said, where it did not
     ctr journalctl -u duogend@0 --no-pager -o cat -n 15 2>/dev/null | sed 's/^/      /'
-rm -f "$ROOT/root/tls.job"
 ctr systemctl disable --quiet --now duogend@0 duogend.target
 
 say "$PASS passed, $FAIL failed"
