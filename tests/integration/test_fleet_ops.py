@@ -67,6 +67,17 @@ def _ping(c):
         return False
 
 
+def stop_all(worker, sentinel, *servers):
+    """A Sentinel test's end: its worker (None when it never started), the Sentinel, the
+    Redis servers."""
+    if worker:
+        worker.kill()
+    sentinel.kill()
+    sentinel.wait(10)
+    for srv in servers:
+        srv.stop(hard=True)
+
+
 def worker_as(tmp, srv, role, pwfile, wid, args=()):
     model = os.path.join(tmp, "model")
     os.makedirs(model, exist_ok=True)
@@ -349,11 +360,7 @@ def test_a_sentinel_user_without_role_exits_78(tmpdir_path):
         assert w.proc.wait(20) == 78, w.logs()
         assert "ROLE refused" in w.logs() and "NOPERM" in w.logs()
     finally:
-        if w:
-            w.kill()
-        sentinel.kill()
-        sentinel.wait(10)
-        master.stop(hard=True)
+        stop_all(w, sentinel, master)
 
 
 def test_bad_redis_settings_fail_before_the_model_loads(tmpdir_path):
@@ -687,11 +694,7 @@ def test_sentinel_failover_mid_job(tmpdir_path):
         r2.xadd("duogen:jobs", {"id": "after-fo", "job": make_job("after-fo", "hi").SerializeToString()})
         assert wait_until(lambda: r2.hgetall("duogen:result:after-fo") or None, timeout=20)[b"status"] == b"done"
     finally:
-        if w:
-            w.kill()
-        sentinel.kill()
-        master.stop(hard=True)
-        replica.stop(hard=True)
+        stop_all(w, sentinel, master, replica)
 
 
 def test_systemd_units_verify_and_make_install(tmpdir_path):

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from conftest import BUILD, ROOT, Cluster, RedisServer, Worker, free_port, make_job, wait_until
-from test_fleet_ops import _ping
+from test_fleet_ops import _ping, stop_all
 from test_producers import LANGS, png, producer
 
 sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
@@ -155,11 +155,7 @@ def test_a_sentinel_at_an_ipv6_address_names_an_ipv6_master(tmpdir_path):
         assert res[b"status"] == b"done"
         assert any(cl["name"] == "s6" and cl["addr"].startswith("[::1]:") for cl in r.client_list())
     finally:
-        if w:
-            w.kill()
-        sentinel.kill()
-        sentinel.wait(10)
-        master.stop(hard=True)
+        stop_all(w, sentinel, master)
 
 
 def test_a_bad_sentinel_list_says_what_is_wrong(tmpdir_path):
