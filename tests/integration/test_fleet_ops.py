@@ -1,5 +1,6 @@
 """Fleet operations: least-privilege Redis users, Sentinel failover, Prometheus metrics,
 the systemd units and `make install`."""
+import hashlib
 import os
 import re
 import shutil
@@ -174,6 +175,39 @@ def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
                 oper.execute_command(*cmd)
     finally:
         w.kill()
+
+
+def test_a_password_rotated_as_deploy_readme_says(tmpdir_path):
+    """The new password added beside the old, a worker restarted with it, the old removed: the
+    new worker works on; one left on the old password is refused at its next reconnect and
+    exits 78 naming WRONGPASS."""
+    srv, pw, client = start_acl_redis(tmpdir_path, lambda acl: acl + "user admin on >admin-secret ~* &* +@all\n")
+    admin = redis.Redis(port=srv.port, username="admin", password="admin-secret", socket_timeout=10)
+    sha = lambda path: hashlib.sha256(open(path).read().strip().encode()).hexdigest()  # noqa: E731
+    old_w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "rot-old")
+    new_w = None
+    prod = client("producer")
+    try:
+        wait_until(lambda: admin.hget("duogen:worker:rot-old", "state") == b"idle", what="the old worker")
+        new_pw = write(os.path.join(tmpdir_path, "worker-new.pw"), f"rotated-{os.getpid()}\n")
+        admin.execute_command("ACL", "SETUSER", "duogen-worker", f"#{sha(new_pw)}")
+        new_w = worker_as(tmpdir_path, srv, "worker", new_pw, "rot-new")
+        wait_until(lambda: admin.hget("duogen:worker:rot-new", "state") == b"idle", what="the new worker")
+        admin.execute_command("ACL", "SETUSER", "duogen-worker", f"!{sha(pw['worker'])}")
+        for c in admin.client_list():   # a reconnect of the old worker, as a network blip makes
+            if c["name"] == "rot-old":
+                admin.client_kill_filter(_id=c["id"])
+        assert old_w.proc.wait(20) == 78
+        assert "WRONGPASS" in old_w.logs(), old_w.logs()
+        prod.xadd("duogen:jobs", {"id": "rot-1", "job": make_job("rot-1", "after the rotation").SerializeToString()})
+        res = wait_until(lambda: prod.hgetall("duogen:result:rot-1") or None, timeout=20, what="a job after it")
+        assert res[b"status"] == b"done" and res[b"worker"] == b"rot-new"
+    finally:
+        old_w.kill()
+        if new_w:
+            new_w.kill()
+        srv.proc.kill()
+        srv.proc.wait(10)
 
 
 def test_worker_with_wrong_credentials_or_rights_stops_with_a_clear_error(acl_redis, tmpdir_path):
