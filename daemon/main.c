@@ -18,9 +18,9 @@
 #include "daemon_config.h"
 #include "duogen.h"
 #include "log.h"
-#include "redis.h"
 #include "manpage.h"
 #include "notify.h"
+#include "redis.h"
 #include "worker.h"
 
 

@@ -241,7 +241,7 @@ int dg_metrics_start(dg_worker *w, char *err, size_t errlen) {
         a6->sin6_port = htons((uint16_t)port);
         len = sizeof *a6;
         snprintf(where, sizeof where, "[%s]:%d", addr, port);
-    } else {   /* dg_daemon_config_check refused it already */
+    } else {   /* dg_daemon_config_finish refused it already */
         snprintf(err, errlen, "metrics_address: \"%s\" is not an IPv4 or IPv6 address", addr);
         return -1;
     }

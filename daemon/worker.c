@@ -507,7 +507,8 @@ static void check_eviction(dg_worker *w) {
                      "or result can be deleted, and the job lost without a word; set maxmemory-policy "
                      "noeviction (deploy/redis/redis.conf): a full Redis then refuses writes, which workers "
                      "and producers see and retry", policy, limit);
-        } else if (!w->redis_evicts && w->evict_policy[0] && strcmp(w->evict_policy, policy)) {
+        } else if (!w->redis_evicts && w->evict_policy[0] && strcmp(w->evict_policy, "?") &&
+                   strcmp(w->evict_policy, policy)) {
             log_info("Redis's maxmemory-policy is noeviction now (was %s)", w->evict_policy);
         }
         snprintf(w->evict_policy, sizeof w->evict_policy, "%s", policy);
