@@ -355,6 +355,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     NUM("draft_kept", st.draft_kept);
     NUM("screened_tokens", st.screened);
     NUM("unscreened_tokens", st.unscreened);
+    NUM("redis_evicts", st.redis_evicts);   /* 1: its Redis deletes keys when full (duogenctl stats warns) */
     if (st.decode_s > 0) {
         dg_cmd_adds(c, "tokens_per_s");
         dg_cmd_addf(c, "%.2f", (double)st.timed_tokens / st.decode_s);

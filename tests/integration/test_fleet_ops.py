@@ -443,6 +443,12 @@ def test_an_evicting_redis_is_warned_of_at_every_connection(cluster):
                "entry, pending list or result can be deleted, and the job lost without a word; set maxmemory-policy "
                "noeviction")
     assert warning in w.logs(), w.logs()
+    # and operators see it, who may not run INFO: the heartbeat carries it to duogenctl
+    said = "warning: Redis evicts keys when full"
+    ctl = lambda *a: subprocess.run([os.path.join(BUILD, "duogenctl"), "--redis", cluster.server.url] + list(a),  # noqa: E731
+                                    capture_output=True, text=True, timeout=20).stdout
+    wait_until(lambda: cluster.r.hget("duogen:worker:ev", "redis_evicts") == b"1", what="the heartbeat's word")
+    assert "worker ev read" in ctl("stats") and said in ctl("stats") and said in ctl("top", "--once")
     cluster.enqueue("ev-1", "still working")
     assert cluster.wait_result("ev-1")["status"] == b"done"
     reconnect()   # the same policy again: not said again
@@ -453,6 +459,8 @@ def test_an_evicting_redis_is_warned_of_at_every_connection(cluster):
     reconnect()
     wait_until(lambda: evicts() == 0, what="noeviction read again")
     assert "Redis's maxmemory-policy is noeviction now (was allkeys-lru)" in w.logs()
+    wait_until(lambda: cluster.r.hget("duogen:worker:ev", "redis_evicts") == b"0", what="the heartbeat's word")
+    assert said not in ctl("stats") and said not in ctl("top", "--once")
 
 
 def test_an_acl_without_info_leaves_the_eviction_policy_unknown(tmpdir_path):

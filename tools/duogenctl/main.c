@@ -1186,7 +1186,7 @@ static int cmd_stats(int argc, char **argv) {
     char pattern[512];
     key(pattern, sizeof pattern, "worker", "*");
     printf("\nworkers:\n  %-28s %-9s %-8s %-8s %-7s %-9s %s\n", "id", "state", "done", "failed", "dead", "heartbeat", "job");
-    char cursor[32] = "0";
+    char cursor[32] = "0", evicting[256] = "";
     int n_workers = 0;
     do {
         redisReply *sc = cmd(dg_cmd_of("SCAN", cursor, "MATCH", pattern, "COUNT", "1000", NULL));
@@ -1194,6 +1194,8 @@ static int cmd_stats(int argc, char **argv) {
         for (size_t i = 0; i < sc->element[1]->elements; i++) {
             const char *wk = sc->element[1]->element[i]->str;
             redisReply *h = cmd(dg_cmd_of("HGETALL", wk, NULL));
+            if (!strcmp(hstr(h, "redis_evicts"), "1") && !evicting[0])   /* the first worker that read it */
+                snprintf(evicting, sizeof evicting, "%s", wk + strlen(pattern) - 1);
             long long age = (long long)(dg_now_ms() - strtoll(hstr(h, "updated_ms"), NULL, 10));
             printf("  %-28s %-9s %-8s %-8s %-7s %6.1fs ago %s\n", wk + strlen(pattern) - 1, hstr(h, "state"),
                    hstr(h, "jobs_done"), hstr(h, "jobs_failed"), hstr(h, "jobs_dead"), age / 1000.0, hstr(h, "job"));
@@ -1211,6 +1213,10 @@ static int cmd_stats(int argc, char **argv) {
     printf("\ndead letters %lld   done entries %lld\n", d->integer, dn->integer);
     freeReplyObject(d);
     freeReplyObject(dn);
+    if (evicting[0])
+        printf("\nwarning: Redis evicts keys when full (its maxmemory-policy is not noeviction, worker %s read): a "
+               "job's entry, pending list or result can be deleted and the job lost; set maxmemory-policy "
+               "noeviction\n", evicting);
     return 0;
 }
 

@@ -113,7 +113,7 @@ static void frame_worker(FILE *out, dg_redis *r, const char *prefix, const char 
 
 static void frame_workers(FILE *out, dg_redis *r, const char *prefix) {
     char pattern[512], cursor[32] = "0";
-    int n = 0;
+    int n = 0, evicts = 0;
     snprintf(pattern, sizeof pattern, "%s:worker:*", prefix);
     fprintf(out, "\n%-20s %-9s %6s %6s %6s %-20s %-10s %-17s %6s %4s %5s\n", "WORKER", "STATE", "BEAT", "DONE",
             "FAILED", "JOB", "PHASE", "PROGRESS", "TOKENS", "IMGS", "STEP");
@@ -126,11 +126,13 @@ static void frame_workers(FILE *out, dg_redis *r, const char *prefix) {
             redisReply *w = get(r, dg_cmd_of("HGETALL", wk, NULL));
             if (w && w->elements) frame_worker(out, r, prefix, wk + strlen(pattern) - 1, w);
             n += w && w->elements;
+            evicts |= w && !strcmp(field(w, "redis_evicts"), "1");
             freeReplyObject(w);
         }
         freeReplyObject(sc);
     } while (strcmp(cursor, "0"));
     if (!n) fprintf(out, "(no live worker)\n");
+    if (evicts) fprintf(out, "\nwarning: Redis evicts keys when full (maxmemory-policy is not noeviction): jobs can be lost\n");
 }
 
 /* One frame into out. Returns 0, or -1 when Redis could not be read (the frame says so). */
