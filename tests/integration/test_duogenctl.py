@@ -318,3 +318,12 @@ def test_batch_run_again_after_an_interruption_sends_only_what_has_not_gone(clus
     for i in range(5):
         starts = [e for e in cluster.events(f"re-{i}") if e["type"] == b"started"]
         assert len(starts) == 1, (i, starts)
+
+
+def test_batch_high_goes_to_the_high_stream(cluster, tmpdir_path):
+    cluster.worker()
+    path = write_lines(os.path.join(tmpdir_path, "urgent.jsonl"), ['{"text": "one"}', '{"text": "two"}'])
+    p = ctl(cluster, "batch", path, "--high", "--wait")
+    assert p.returncode == 0, p.stderr
+    assert sorted(p.stdout.splitlines()[:-1]) == ["urgent-1 done", "urgent-2 done"]
+    assert cluster.r.xlen("duogen:jobs:high") == 2 and not cluster.r.exists("duogen:jobs")
