@@ -326,4 +326,4 @@ def test_batch_high_goes_to_the_high_stream(cluster, tmpdir_path):
     p = ctl(cluster, "batch", path, "--high", "--wait")
     assert p.returncode == 0, p.stderr
     assert sorted(p.stdout.splitlines()[:-1]) == ["urgent-1 done", "urgent-2 done"]
-    assert cluster.r.xlen("duogen:jobs:high") == 2 and not cluster.r.exists("duogen:jobs")
+    assert cluster.r.xlen("duogen:jobs:high") == 2 and cluster.r.xlen("duogen:jobs") == 0
