@@ -213,10 +213,16 @@ bad: {
 }
 }
 
+/* host:port, an IPv6 address in brackets; returns buf */
+static const char *host_port(char *buf, size_t n, const char *host, int port) {
+    if (strchr(host, ':')) snprintf(buf, n, "[%s]:%d", host, port);
+    else snprintf(buf, n, "%s:%d", host, port);
+    return buf;
+}
+
 const char *dg_redis_where(const dg_redis *r, char *buf, size_t n) {
     if (r->unix_path[0]) snprintf(buf, n, "%s", r->unix_path);
-    else if (strchr(r->host, ':')) snprintf(buf, n, "[%s]:%d", r->host, r->port);
-    else snprintf(buf, n, "%s:%d", r->host, r->port);
+    else host_port(buf, n, r->host, r->port);
     return buf;
 }
 
@@ -346,8 +352,8 @@ static int resolve_master(dg_redis *r) {
         char why[256];
         redisContext *s = open_tcp(r, r->sentinel_host[i], r->sentinel_port[i], 1000, &link, why, sizeof why);
         if (!s) {
-            log_debug("Sentinel %s%s%s:%d: %s", strchr(r->sentinel_host[i], ':') ? "[" : "", r->sentinel_host[i],
-                      strchr(r->sentinel_host[i], ':') ? "]" : "", r->sentinel_port[i], why);
+            char where[300];
+            log_debug("Sentinel %s: %s", host_port(where, sizeof where, r->sentinel_host[i], r->sentinel_port[i]), why);
             continue;
         }
         struct timeval tv = {1, 0};
