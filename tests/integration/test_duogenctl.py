@@ -266,7 +266,9 @@ def test_batch_checks_every_line_before_sending_any(cluster, tmpdir_path):
         (['{"text": "a", "params": {"steps": "many"}}'], 2, '"{path}" line 1: --param steps=many: not an integer'),
         (['{"text": "a", "params": {"nope": 1}}'], 2, '"{path}" line 1: --param nope: unknown'),
         (['{"text": "a"}', '{"text": "b", "images": ["missing.png"]}'], 3, '"{path}" line 2: image "'),
-        (['{"id": "-x", "text": "a"}'], 2, '"{path}" line 1: id "-x" is not'),
+        (['{"id": "-x", "text": "a"}'], 2, '"{path}" line 1: id "-x" starts with "-"'),
+        (['{"id": "a b", "text": "a"}'], 2, '"{path}" line 1: id "a b" is not 1..128 characters'),
+        (['{"id": "x", "params": {"steps": 2}}'], 2, '"{path}" line 1: no text and no image'),
         (['{"text": "a", "colour": "red"}'], 2, '"{path}" line 1: unknown or mistyped key "colour"'),
         (['', '  '], 2, 'batch file "{path}": no job in it'),
     ]

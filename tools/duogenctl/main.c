@@ -283,6 +283,8 @@ typedef struct {
     json_t     *job_file;            /* owns the strings a job file handed out; NULL without */
 } enqueue_opts;
 
+static void job_check(const enqueue_opts *o, const char *what);
+
 /* Appends n bytes of text (after a space when sep and there is text already). */
 static void text_add(enqueue_opts *o, const char *t, size_t n, int sep) {
     sep = sep && o->tl;
@@ -400,13 +402,19 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
         else if (a[0] == '-' && a[1] == '-') die(EXIT_USAGE, "enqueue: unknown option \"%s\"", a);
         else text_add(o, a, strlen(a), 1);
     }
-    if (!o->tl && !o->n_images) die(EXIT_USAGE, "enqueue: no text and no image");
     if (!o->id[0]) new_job_id(o->id, sizeof o->id);
+    job_check(o, "enqueue");
+}
+
+/* What a job must have before it goes out (what: where it was said, for the message): some
+ * text or an image, and an id a worker takes. */
+static void job_check(const enqueue_opts *o, const char *what) {
+    if (!o->tl && !o->n_images) die(EXIT_USAGE, "%s: no text and no image", what);
     /* a worker would refuse it under an id of its own, and --wait would wait for nothing */
     if (!dg_job_id_valid(o->id, strlen(o->id)))
-        die(EXIT_USAGE, "enqueue: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", o->id);
+        die(EXIT_USAGE, "%s: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", what, o->id);
     if (o->id[0] == '-')   /* `watch -h` and the like would read it as an option */
-        die(EXIT_USAGE, "enqueue: id \"%s\" starts with \"-\": duogenctl's commands could not name it", o->id);
+        die(EXIT_USAGE, "%s: id \"%s\" starts with \"-\": duogenctl's commands could not name it", what, o->id);
 }
 
 /* A Job's messages: the system text (if any), then one user message of the images and the
@@ -896,12 +904,9 @@ static json_t *batch_line(const char *text, const char *path, const char *dir, c
     json_t *j = json_loads(text, 0, &je);
     if (!j || !json_is_object(j)) die(EXIT_USAGE, "%s: %s", where, j ? "not a JSON object" : je.text);
     job_from_json(j, dir, where, o);
-    if (!o->tl && !o->n_images) die(EXIT_USAGE, "%s: no text and no image", where);
     if (!o->id[0] && snprintf(o->id, sizeof o->id, "%s-%ld", stem, lineno) >= (int)sizeof o->id)
         die(EXIT_USAGE, "%s: no id, and %s-%ld is too long for one", where, stem, lineno);
-    if (!dg_job_id_valid(o->id, strlen(o->id)) || o->id[0] == '-')
-        die(EXIT_USAGE, "%s: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : - (not starting with -)",
-            where, o->id);
+    job_check(o, where);
     for (int i = 0; i < o->n_images; i++)
         if (access(o->images[i], R_OK)) die(EXIT_IO, "%s: image \"%s\": %s", where, o->images[i], strerror(errno));
     return j;
