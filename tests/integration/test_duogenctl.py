@@ -1,6 +1,7 @@
 """duogenctl against a real Redis and worker: enqueue/wait/out, watch, result, cancel,
 stats, dead list and requeue."""
 import os
+import pty
 import subprocess
 import time
 
@@ -329,3 +330,30 @@ def test_batch_high_goes_to_the_high_stream(cluster, tmpdir_path):
     assert p.returncode == 0, p.stderr
     assert sorted(p.stdout.splitlines()[:-1]) == ["urgent-1 done", "urgent-2 done"]
     assert cluster.r.xlen("duogen:jobs:high") == 2 and cluster.r.xlen("duogen:jobs") == 0
+
+
+def test_batch_shows_where_it_stands_on_a_terminal(cluster, tmpdir_path):
+    """With stderr a terminal, a line says how many jobs have ended and gone out, redrawn in
+    place and cleared before every other line; stdout is the same as into a pipe."""
+    cluster.worker()
+    path = write_lines(os.path.join(tmpdir_path, "tty.jsonl"), ['{"text": "one"}', '{"text": "two"}'])
+    master, slave = pty.openpty()
+    p = subprocess.Popen([CTL, "--redis", cluster.server.url, "batch", path, "--wait"], stdout=subprocess.PIPE,
+                         stderr=slave, text=True)
+    os.close(slave)
+    out, _ = p.communicate(timeout=30)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:   # the terminal's other end is closed: all read
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    assert p.returncode == 0
+    assert sorted(out.splitlines()[:-1]) == ["tty-1 done", "tty-2 done"]
+    err = err.decode()
+    assert "\r\x1b[Kbatch: 0 of 2 ended (0 done), 2 sent" in err and "\r\x1b[Kbatch: 2 of 2 ended (2 done), 2 sent" in err
+    assert err.endswith("\r\x1b[K"), repr(err)   # cleared at the end

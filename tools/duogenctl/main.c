@@ -959,12 +959,35 @@ static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
     if (told) fprintf(stderr, "duogenctl: Redis is back\n");
 }
 
+/* Where a batch stands, on a line of its own on stderr when that is a terminal (redrawn as
+ * jobs go out and end; cleared before any other line is written). */
+static struct {
+    int    tty;
+    size_t n, sent, ended, done;
+} progress;
+
+static void progress_clear(void) {
+    if (!progress.tty) return;
+    fputs("\r\033[K", stderr);
+    fflush(stderr);
+}
+
+static void progress_show(void) {
+    if (!progress.tty) return;
+    fprintf(stderr, "\r\033[Kbatch: %zu of %zu ended (%zu done), %zu sent", progress.ended, progress.n, progress.done,
+            progress.sent);
+    fflush(stderr);
+}
+
 /* A job of the batch has ended with status: said on a line of its own (with its error), its
  * answer written under out_dir/<id>/ where asked. */
 static void batch_ended(batch_job *b, const char *status, const char *out_dir, int before) {
     snprintf(b->status, sizeof b->status, "%s", status);
     b->in_flight = 0;
     b->before = before;
+    progress.ended++;
+    progress.done += !strcmp(status, "done");
+    progress_clear();
     char k_result[512];
     key(k_result, sizeof k_result, "result", b->id);
     /* HGET, which a producer's ACL grants (deploy/redis/users.acl.example), not HMGET */
@@ -983,9 +1006,11 @@ static void batch_ended(batch_job *b, const char *status, const char *out_dir, i
     if (out_dir) {
         char dir[4400];
         snprintf(dir, sizeof dir, "%s/%s", out_dir, b->id);
+        fflush(stdout);
         write_result(b->id, dir, NULL, 0);
     }
     fflush(stdout);
+    progress_show();
 }
 
 /* The done stream's newest entry id ("0-0" when it is empty): ends after it are this run's
@@ -1079,6 +1104,8 @@ static int cmd_batch(int argc, char **argv) {
     /* every line checked before the first job goes out: a batch is enqueued whole or not at all */
     batch_job *jobs;
     const size_t n = batch_read(path, dir, stem, &o, &jobs);
+    progress.tty = wait && isatty(2);
+    progress.n = n;
     char last[64];
     done_position(last, sizeof last);   /* before looking: an end after the look is in the stream */
 
@@ -1120,6 +1147,8 @@ static int cmd_batch(int argc, char **argv) {
             b->in_flight = 1;
             in_flight++;
             sent++;
+            progress.sent = sent;
+            progress_show();
         }
         for (int q = 0; q < 2; q++) {
             freeReplyObject(rep[q]);
@@ -1133,13 +1162,16 @@ static int cmd_batch(int argc, char **argv) {
     o.text = NULL;
     o.tcap = 0;
     builder_reset(&o.b);
+    progress_clear();
     fprintf(stderr, "duogenctl: %s: %zu jobs: %zu enqueued, %zu running already, %zu ended before\n", path, n, sent,
             on_way, ended_before);
+    progress_show();
     if (!wait) {
         free(jobs);
         return 0;
     }
     for (int sweep = 1; in_flight; sweep = 0) in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, 1000, sweep);
+    progress_clear();
 
     /* the tally: every job of the file, each once */
     size_t done = 0, failed = 0, cancelled = 0, expired = 0, open = 0, before = 0;
@@ -1401,7 +1433,8 @@ static const struct command {
      "line is checked first (its id unique in the file, its images readable): a FILE with a wrong line sends "
      "nothing and names the line. A job whose result exists is not sent again, nor one a worker holds: run "
      "the same FILE again to go on after an interruption. --wait waits for every job, printing a line as each "
-     "ends (id, status, the error of a failed one), then the tally; exit 0 when all are done, else 1. --out "
+     "ends (id, status, the error of a failed one), then the tally (on a terminal, a line on stderr says how "
+     "many have ended); exit 0 when all are done, else 1. --out "
      "DIR implies --wait and writes each job's answer as DIR/<id>/ (as result --out). --window N implies "
      "--wait and keeps at most N jobs of FILE on their way at once (the rest wait their turn here, not in "
      "Redis's memory).", cmd_batch},
