@@ -93,23 +93,29 @@ static redisReply *cmd(dg_cmd *c) {
     return rep;
 }
 
-/* cmd() for the commands of a wait: a Redis that goes away (a restart, a failover) is waited
- * for, not a reason to give up on a job that goes on meanwhile. */
-static redisReply *cmd_waiting(dg_cmd *c) {
+/* cmd() for the commands of a wait, n of them in one pipeline (commands that may be sent
+ * again: reads): a Redis that goes away (a restart, a failover) is waited for and the
+ * commands sent again, not a reason to give up on a job that goes on meanwhile. The
+ * replies go into rep; the caller frees them and the commands. */
+static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
     int told = 0;
-    for (;;) {
-        redisReply *rep = dg_redis_ready(&R) ? dg_redis_cmd(&R, c) : NULL;
-        if (rep) {
-            dg_cmd_free(c);
-            if (rep->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep->str);
-            if (told) fprintf(stderr, "duogenctl: Redis is back\n");
-            return rep;
-        }
+    while (n && (!dg_redis_ready(&R) || dg_redis_pipeline(&R, cmds, n, rep))) {
         if (!told++) fprintf(stderr, "duogenctl: Redis went away (%s); waiting for it\n", R.error);
         int ms = dg_redis_wait_ms(&R);
         struct timespec ts = {0, (long)(ms < 50 ? 50 : ms > 1000 ? 1000 : ms) * 1000000L};
         nanosleep(&ts, NULL);
     }
+    for (int i = 0; i < n; i++)
+        if (rep[i]->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep[i]->str);
+    if (told) fprintf(stderr, "duogenctl: Redis is back\n");
+}
+
+/* One command so; c is freed. */
+static redisReply *cmd_waiting(dg_cmd *c) {
+    redisReply *rep;
+    pipeline_waiting(&c, 1, &rep);
+    dg_cmd_free(c);
+    return rep;
 }
 
 static const redisReply *hfield(const redisReply *h, const char *name) {
@@ -944,21 +950,6 @@ static size_t batch_read(const char *path, const char *dir, const char *stem, en
     return n;
 }
 
-/* n read-only commands in one pipeline, their replies into rep (the caller frees both); a
- * Redis that goes away is waited for and the commands sent again. */
-static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
-    int told = 0;
-    while (n && (!dg_redis_ready(&R) || dg_redis_pipeline(&R, cmds, n, rep))) {
-        if (!told++) fprintf(stderr, "duogenctl: Redis went away (%s); waiting for it\n", R.error);
-        int ms = dg_redis_wait_ms(&R);
-        struct timespec ts = {0, (long)(ms < 50 ? 50 : ms > 1000 ? 1000 : ms) * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    for (int i = 0; i < n; i++)
-        if (rep[i]->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep[i]->str);
-    if (told) fprintf(stderr, "duogenctl: Redis is back\n");
-}
-
 /* Where a batch stands, on a line of its own on stderr when that is a terminal (redrawn as
  * jobs go out and end; cleared before any other line is written). */
 static struct {
@@ -1023,18 +1014,16 @@ static void done_position(char *last, size_t n) {
     freeReplyObject(r);
 }
 
-/* Reads the done stream after *last for up to block_ms: each entry of a job of this batch
+/* Reads the done stream after *last for up to a second: each entry of a job of this batch
  * still in flight ends it. Every ~10 s, and when asked (sweep), the jobs in flight are also
  * looked up directly (a done entry trimmed away before it was read is not missed).
  * Returns how many ended. */
-static size_t batch_wait(batch_job *jobs, size_t n, char *last, size_t last_n, const char *out_dir, int block_ms,
-                         int sweep) {
+static size_t batch_wait(batch_job *jobs, size_t n, char *last, size_t last_n, const char *out_dir, int sweep) {
     static int64_t swept_ms;
     size_t ended = 0;
-    char k_done[512], ms[16];
+    char k_done[512];
     key(k_done, sizeof k_done, "done", NULL);
-    snprintf(ms, sizeof ms, "%d", block_ms);
-    redisReply *r = cmd_waiting(dg_cmd_of("XREAD", "COUNT", "500", "BLOCK", ms, "STREAMS", k_done, last, NULL));
+    redisReply *r = cmd_waiting(dg_cmd_of("XREAD", "COUNT", "500", "BLOCK", "1000", "STREAMS", k_done, last, NULL));
     if (r->type == REDIS_REPLY_ARRAY && r->elements) {
         const redisReply *entries = r->element[0]->element[1];
         for (size_t i = 0; i < entries->elements; i++) {
@@ -1141,7 +1130,7 @@ static int cmd_batch(int argc, char **argv) {
              * that run is only acknowledged once this one's result exists; one that never
              * went out (that run stopped between its two writes) is not waited for forever */
             while (window && in_flight >= (size_t)window)
-                in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, 1000, 0);
+                in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, 0);
             o.high = high;
             push_job(&o);
             b->in_flight = 1;
@@ -1170,7 +1159,7 @@ static int cmd_batch(int argc, char **argv) {
         free(jobs);
         return 0;
     }
-    for (int sweep = 1; in_flight; sweep = 0) in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, 1000, sweep);
+    for (int sweep = 1; in_flight; sweep = 0) in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, sweep);
     progress_clear();
 
     /* the tally: every job of the file, each once */
