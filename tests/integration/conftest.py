@@ -33,6 +33,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def ipv6_missing():
+    """Why an IPv6 test cannot run here, or None: the loopback ::1 must take a socket."""
+    if not socket.has_ipv6:
+        return "this Python has no IPv6"
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return f"no IPv6 loopback here (::1: {e})"
+    return None
+
+
 def wait_until(pred, timeout=10.0, every=0.02, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

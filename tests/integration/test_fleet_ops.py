@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 import redis
 
-from conftest import (BUILD, ROOT, RedisServer, Worker, exposition, free_port, make_job, pb, png_bytes, scrape_metrics,
-                      wait_until)
+from conftest import (BUILD, ROOT, RedisServer, Worker, exposition, free_port, ipv6_missing, make_job, pb, png_bytes,
+                      scrape_metrics, wait_until)
 
 DEPLOY = os.path.join(ROOT, "deploy", "redis")
 
@@ -674,11 +674,9 @@ def test_metrics_listen_on_the_address_given(cluster):
 
 
 def test_metrics_listen_on_an_ipv6_address(cluster):
-    try:
-        with socket.socket(socket.AF_INET6) as s6:
-            s6.bind(("::1", 0))
-    except OSError as e:
-        pytest.skip(f"no IPv6 loopback here (::1: {e})")
+    why = ipv6_missing()
+    if why:
+        pytest.skip(why)
     port = free_port()
     w = cluster.worker("ma6", args=["--metrics-port", str(port), "--metrics-address", "::1"])
     text = wait_until(lambda: _get(f"http://[::1]:{port}/metrics"), what="metrics on ::1")

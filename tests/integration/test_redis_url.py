@@ -4,36 +4,24 @@ every example producer read the same URL the same way, and no log or error shows
 a URL holds."""
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import redis
 
-from conftest import BUILD, ROOT, Cluster, RedisServer, Worker, free_port, make_job, wait_until
+from conftest import ROOT, Cluster, RedisServer, Worker, free_port, ipv6_missing, make_job, wait_until
 from test_fleet_ops import _ping, stop_all
 from test_producers import LANGS, png, producer
+from test_tls import ctl
 
 sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
 from certs import have_openssl, make_ca, make_cert  # noqa: E402  (tools/bench/certs.py: openssl)
 
-CTL = os.path.join(BUILD, "duogenctl")
 # '@', ':' and '/' end the user information, the host and the authority in a URL; '%' starts
 # an escape: a password holding them is written %40, %3A, %2F, %25 (RFC 3986 2.1)
 PASSWORD = "s3cr@t:pa/ss%w0rd"
 ESCAPED = "s3cr%40t%3Apa%2Fss%25w0rd"
-
-
-def ipv6_missing():
-    if not socket.has_ipv6:
-        return "this Python has no IPv6"
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError as e:
-        return f"no IPv6 loopback here (::1: {e})"
-    return None
 
 
 @pytest.fixture
@@ -47,10 +35,6 @@ def v6_cluster(cluster):
     cluster.r = cluster.server.client(password=PASSWORD)
     cluster.url = f"redis://:{ESCAPED}@[::1]:{cluster.server.port}/0"
     return cluster
-
-
-def ctl(url, *args):
-    return subprocess.run([CTL, "--redis", url] + list(args), capture_output=True, text=True, timeout=60)
 
 
 def test_worker_and_duogenctl_over_ipv6_with_an_escaped_password(v6_cluster, tmpdir_path):
