@@ -222,10 +222,19 @@ int dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size
         snprintf(err, errlen, "config \"%s\": %s", path, strerror(errno));
         return -1;
     }
-    char line[2048], msg[512];
+    char *line = NULL, msg[512];
+    size_t cap = 0;
+    ssize_t len;
     int lineno = 0, rc = 0;
-    while (fgets(line, sizeof line, f)) {
+    /* getline: a line of any length is one line (a long comment is a comment, a long value
+     * is refused by its key's own limit, never read as a second line) */
+    while ((len = getline(&line, &cap, f)) >= 0) {
         lineno++;
+        if (memchr(line, 0, (size_t)len)) {
+            snprintf(err, errlen, "config \"%s\" line %d: a NUL byte (not a text file?)", path, lineno);
+            rc = -1;
+            break;
+        }
         /* a comment from a '#' outside double quotes ("a#b" is a value) */
         int quoted = 0;
         for (char *ch = line; *ch; ch++) {
@@ -253,6 +262,11 @@ int dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size
             break;
         }
     }
+    if (rc == 0 && !feof(f)) {   /* a read error, or no memory for a line: not a partial config */
+        snprintf(err, errlen, "config \"%s\": %s", path, strerror(errno));
+        rc = -1;
+    }
+    free(line);
     fclose(f);
     return rc;
 }

@@ -232,14 +232,27 @@ static int read_password(dg_redis *r, const char *path, char *err, size_t errlen
         snprintf(err, errlen, "password_file \"%s\": %s", path, strerror(errno));
         return -1;
     }
-    char *ok = fgets(r->password, sizeof r->password, f);
+    /* the first line whole: a read error (a directory) is not "empty", and a password longer
+     * than the buffer is refused, never sent cut short */
+    char *line = NULL;
+    size_t cap = 0;
+    const ssize_t n = getline(&line, &cap, f);
+    const int error = n < 0 && !feof(f) ? errno : 0;
     fclose(f);
-    if (!ok) {
+    int rc = -1;
+    if (error) snprintf(err, errlen, "password_file \"%s\": %s", path, strerror(error));
+    else if (n < 0 || strcspn(line, "\r\n") == 0)
         snprintf(err, errlen, "password_file \"%s\": empty", path);
-        return -1;
+    else if (strcspn(line, "\r\n") >= sizeof r->password)
+        snprintf(err, errlen, "password_file \"%s\": a password longer than %zu bytes", path,
+                 sizeof r->password - 1);
+    else {
+        line[strcspn(line, "\r\n")] = 0;
+        memcpy(r->password, line, strlen(line) + 1);
+        rc = 0;
     }
-    r->password[strcspn(r->password, "\r\n")] = 0;
-    return 0;
+    free(line);
+    return rc;
 }
 
 static int parse_sentinels(dg_redis *r, const char *list, char *err, size_t errlen) {

@@ -58,6 +58,47 @@ TEST(config_file_and_options) {
     CHECK(strstr(err, "/nonexistent/duogend.conf"));
 }
 
+static int load_text(dg_daemon_config *c, const char *text, size_t n) {
+    char path[] = "/tmp/dg-config-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0 && write(fd, text, n) == (ssize_t)n);
+    close(fd);
+    int rc = dg_daemon_config_load(c, path, err, sizeof err);
+    unlink(path);
+    return rc;
+}
+
+/* Lines of any length are one line each; a file that cannot be read whole is refused, never
+ * taken as the part of it that was read (a directory read as empty, a NUL's rest dropped). */
+TEST(config_long_lines_and_unreadable_files) {
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    static char text[12000];
+    size_t n = 0;
+    n += (size_t)snprintf(text + n, sizeof text - n, "# ");
+    memset(text + n, 'x', 5000);   /* a comment longer than any fixed line buffer */
+    n += 5000;
+    n += (size_t)snprintf(text + n, sizeof text - n, "\nclaim_idle_ms = 7000\n");
+    CHECK_EQ_INT(load_text(&c, text, n), 0);
+    CHECK_EQ_INT(c.claim_idle_ms, 7000);
+
+    n = (size_t)snprintf(text, sizeof text, "\nmodel = ");
+    memset(text + n, 'm', 3000);   /* a value longer than model's 511 bytes: refused by its limit */
+    n += 3000;
+    text[n++] = '\n';
+    CHECK_EQ_INT(load_text(&c, text, n), -1);
+    CHECK(strstr(err, "line 2: model: value longer than 511 bytes"));
+
+    CHECK_EQ_INT(load_text(&c, "threads = 4\0garbage\n", 20), -1);
+    CHECK(strstr(err, "line 1: a NUL byte"));
+
+    char dir[] = "/tmp/dg-config-dir-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    CHECK_EQ_INT(dg_daemon_config_load(&c, dir, err, sizeof err), -1);
+    CHECK(strstr(err, dir) && strstr(err, "Is a directory"));
+    rmdir(dir);
+}
+
 TEST(config_refuses_inconsistent_values) {
     dg_daemon_config c;
     dg_daemon_config_defaults(&c);
@@ -110,6 +151,49 @@ TEST(redis_urls) {
     CHECK_EQ_INT(r.port, 6379);
     CHECK_EQ_INT(url("redisss://queue", &r), -1);
     CHECK_EQ_INT(url("rediss://", &r), -1);
+}
+
+static int password_file(const char *text, size_t n, dg_redis *r) {
+    char path[] = "/tmp/dg-password-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0 && write(fd, text, n) == (ssize_t)n);
+    close(fd);
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    snprintf(c.password_file, sizeof c.password_file, "%s", path);
+    int rc = dg_redis_init(r, &c, "t", 1000, err, sizeof err);
+    unlink(path);
+    return rc;
+}
+
+/* password_file: its first line, whole. A file that holds none (empty, a blank first line, a
+ * directory) or a longer one than the connection keeps is refused: a password cut short or
+ * none at all would be refused by Redis as a wrong password, far from its cause. */
+TEST(redis_password_file) {
+    dg_redis r;
+    CHECK_EQ_INT(password_file("s3cret\r\nsecond line\n", 20, &r), 0);
+    CHECK_EQ_STR(r.password, "s3cret");
+    CHECK_EQ_INT(password_file("no newline", 10, &r), 0);
+    CHECK_EQ_STR(r.password, "no newline");
+    CHECK_EQ_INT(password_file("", 0, &r), -1);
+    CHECK(strstr(err, "password_file") && strstr(err, ": empty"));
+    CHECK_EQ_INT(password_file("\nafter a blank line\n", 20, &r), -1);
+    CHECK(strstr(err, ": empty"));
+    static char long_pw[600];
+    memset(long_pw, 'p', sizeof long_pw);
+    CHECK_EQ_INT(password_file(long_pw, sizeof long_pw, &r), -1);
+    CHECK(strstr(err, "a password longer than 511 bytes"));
+    CHECK_EQ_INT(password_file(long_pw, 511, &r), 0);
+    CHECK_EQ_INT(strlen(r.password), 511);
+
+    char dir[] = "/tmp/dg-password-dir-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    dg_daemon_config c;
+    dg_daemon_config_defaults(&c);
+    snprintf(c.password_file, sizeof c.password_file, "%s", dir);
+    CHECK_EQ_INT(dg_redis_init(&r, &c, "t", 1000, err, sizeof err), -1);
+    CHECK(strstr(err, dir) && strstr(err, "Is a directory"));
+    rmdir(dir);
 }
 
 static int tls_url(const char *u, const char *ca, const char *cert, const char *key, dg_redis *r) {
