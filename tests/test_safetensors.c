@@ -287,7 +287,8 @@ TEST(published_qwen_configs_parse) {
 TEST(binding_names_tensor_expected_and_found) {
     char dir[] = "/tmp/dg_test_bind_XXXXXX", cmd[300], pkg[300], err[512];
     CHECK(mkdtemp(dir) != NULL);
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 3 --vocab own --out %s >/dev/null", dir);
+    snprintf(cmd, sizeof cmd, "%s/mkmodel --preset tiny --seed 3 --vocab own --out %s >/dev/null",
+             test_build_dir(), dir);
     if (system(cmd) != 0) { CHECK(!"mkmodel"); return; }
     snprintf(pkg, sizeof pkg, "%s/mllm", dir);
     dg_qwen2vl_config c;
@@ -416,7 +417,8 @@ static void seeded_failed(void *u, int code, const char *msg) {
 TEST(seeded_package_opens_only_when_allowed_and_runs) {
     char dir[] = "/tmp/dg_test_seeded_XXXXXX", cmd[300], err[512];
     CHECK(mkdtemp(dir) != NULL);
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset tiny --seed 2 --seeded --vocab own --out %s >/dev/null", dir);
+    snprintf(cmd, sizeof cmd, "%s/mkmodel --preset tiny --seed 2 --seeded --vocab own --out %s >/dev/null",
+             test_build_dir(), dir);
     if (system(cmd) != 0) { CHECK(!"mkmodel"); return; }
     dg_model *mod = NULL;
     unsetenv("DG_SEEDED_WEIGHTS");

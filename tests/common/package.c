@@ -27,6 +27,11 @@ static void remove_made(void) {
     n_made = 0;
 }
 
+const char *test_build_dir(void) {
+    const char *b = getenv("DG_BUILD");
+    return b && *b ? b : "build";
+}
+
 int test_make_package(const char *preset, long long seed, const char *vocab, char *dir, size_t dirlen) {
     char tmpl[] = "/tmp/dg_test_pkg_XXXXXX", cmd[1024];
     if (n_made == MADE_MAX) {
@@ -42,8 +47,8 @@ int test_make_package(const char *preset, long long seed, const char *vocab, cha
         atexit(remove_made);
     }
     snprintf(made[n_made++], sizeof made[0], "%s", tmpl);
-    snprintf(cmd, sizeof cmd, "build/mkmodel --preset %s --seed %lld --out %s%s%s >/dev/null", preset, seed, tmpl,
-             " --vocab ", vocab ? vocab : "own");
+    snprintf(cmd, sizeof cmd, "%s/mkmodel --preset %s --seed %lld --out %s%s%s >/dev/null", test_build_dir(),
+             preset, seed, tmpl, " --vocab ", vocab ? vocab : "own");
     if (system(cmd) != 0) {
         fprintf(stderr, "failed: %s\n", cmd);
         return -1;

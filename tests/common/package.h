@@ -1,4 +1,4 @@
-/* Model packages and golden files for tests: build/mkmodel writes one into a fresh temporary directory
+/* Model packages and golden files for tests: the build's mkmodel writes one into a fresh temporary directory
  * (tests run from the repository root; the real Qwen2 vocabulary is tools/mkmodel/vocab/qwen2). */
 #ifndef DG_TEST_PACKAGE_H
 #define DG_TEST_PACKAGE_H
@@ -8,6 +8,9 @@
 
 #define TEST_QWEN2_VOCAB "tools/mkmodel/vocab/qwen2"
 
+/* The build the tests run against: $DG_BUILD (a sanitized build of the same tree: `make
+ * sanitize`, `make tsan`), else "build". Its mkmodel writes the packages. */
+const char *test_build_dir(void);
 /* mkmodel --preset PRESET --seed SEED [--vocab VOCAB] into a new /tmp directory, whose
  * path goes to dir, removed when the process exits. 0, or -1 after printing the command
  * that failed. */
