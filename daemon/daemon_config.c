@@ -171,11 +171,48 @@ static int parse_size(const char *s, size_t *out, int allow_zero) {
     return 0;
 }
 
+/* Edit distance (insertions, deletions, substitutions) of two short names; names of 63
+ * bytes or more count as far apart. */
+static size_t edit_distance(const char *a, const char *b) {
+    const size_t n = strlen(a), m = strlen(b);
+    size_t row[64];
+    if (n >= sizeof row / sizeof row[0] || m >= sizeof row / sizeof row[0]) return SIZE_MAX;
+    for (size_t j = 0; j <= m; j++) row[j] = j;
+    for (size_t i = 1; i <= n; i++) {
+        size_t diag = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= m; j++) {
+            const size_t up = row[j];
+            size_t d = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < d) d = up + 1;
+            if (row[j - 1] + 1 < d) d = row[j - 1] + 1;
+            row[j] = d;
+            diag = up;
+        }
+    }
+    return row[m];
+}
+
+const char *dg_nearest_name(const char *word, const char *const *names, size_t n) {
+    const char *best = NULL;
+    size_t best_d = 3;
+    for (size_t i = 0; i < n; i++) {
+        const size_t d = names[i] ? edit_distance(word, names[i]) : SIZE_MAX;
+        if (d < best_d) best_d = d, best = names[i];
+    }
+    if (best || strlen(word) < 4) return best;
+    for (size_t i = 0; i < n; i++)
+        if (names[i] && !strncmp(names[i], word, strlen(word))) return names[i];
+    return NULL;
+}
+
 int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value, char *err, size_t errlen) {
     char name[64];
-    size_t n = strlen(key);
+    const int option = !strncmp(key, "--", 2);   /* as the command line gave it */
+    const char *bare = key + (option ? 2 : 0);
+    size_t n = strlen(bare);
     if (n >= sizeof name) n = sizeof name - 1;
-    for (size_t i = 0; i < n; i++) name[i] = key[i] == '-' ? '_' : key[i];
+    for (size_t i = 0; i < n; i++) name[i] = bare[i] == '-' ? '_' : bare[i];
     name[n] = 0;
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
         const struct key *k = &keys[i];
@@ -205,7 +242,19 @@ int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value
         }
         return 0;
     }
-    snprintf(err, errlen, "unknown setting \"%s\"", key);
+    const char *names[sizeof keys / sizeof keys[0]];
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        names[i] = keys[i].type == KEY_GROUP ? NULL : keys[i].name;
+    const char *near = dg_nearest_name(name, names, sizeof keys / sizeof keys[0]);
+    const char *what = option ? "option" : "setting";
+    if (!near) {
+        snprintf(err, errlen, "unknown %s \"%s\"", what, key);
+        return -1;
+    }
+    char hint[72];   /* in the form it was written: a file's key, or an option with its dashes */
+    snprintf(hint, sizeof hint, "%s%s", option ? "--" : "", near);
+    for (char *h = hint; *h; h++) if (*h == '_' && (option || strchr(key, '-'))) *h = '-';
+    snprintf(err, errlen, "unknown %s \"%s\" (did you mean %s?)", what, key, hint);
     return -1;
 }
 

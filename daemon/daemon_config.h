@@ -75,12 +75,20 @@ typedef struct {
 } dg_daemon_config;
 
 void dg_daemon_config_defaults(dg_daemon_config *c);
-/* Sets one key from text. Returns 0, or -1 with a message naming the key and the value. */
+/* Sets one key from text: a file's `max_inflight`, or an option's `--max-inflight` (dashes or
+ * underscores either way). Returns 0, or -1 with a message naming the key (as it was given,
+ * with the nearest known one when it is unknown) and the value. */
 int  dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value, char *err, size_t errlen);
 /* Reads a file of `key = value` lines ('#' starts a comment). -1 names the file and line. */
 int  dg_daemon_config_load(dg_daemon_config *c, const char *path, char *err, size_t errlen);
 /* Fills derived values (worker id, renew interval) and checks consistency. */
 int  dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen);
+
+/* The one of names[0..n) (NULL entries skipped) that `word` was most likely meant to be: the
+ * nearest by edit distance within 2 (max_inflights, stast), else one that `word` of 4 or more
+ * bytes begins (claim_idle for claim_idle_ms); NULL when none is that near. For the "did you
+ * mean" of an unknown setting, command or option. */
+const char *dg_nearest_name(const char *word, const char *const *names, size_t n);
 
 /* One setting as --help and the manual pages show it. The strings are static. */
 typedef struct {

@@ -89,13 +89,19 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--config")) { i++; continue; }
-        if (strncmp(a, "--", 2) || i + 1 >= argc) {
-            fprintf(stderr, "duogend: unexpected argument \"%s\"\n", a);
-            usage(stderr);
+        /* one line that names the mistake (the journal keeps it), not the whole usage */
+        if (strncmp(a, "--", 2)) {
+            fprintf(stderr, "duogend: unexpected argument \"%s\" (a setting is --name value; duogend --help "
+                    "lists them)\n", a);
             return EX_CONFIG;
         }
-        const char *key = a + 2;
-        if (!strcmp(key, "redis")) key = "redis_url";
+        const char *key = strcmp(a, "--redis") ? a : "--redis-url";
+        if (i + 1 >= argc) {
+            if (dg_daemon_config_set(&cfg, key, "", err, sizeof err) && strstr(err, "unknown option"))
+                fprintf(stderr, "duogend: %s\n", err);
+            else fprintf(stderr, "duogend: %s needs a value\n", a);
+            return EX_CONFIG;
+        }
         if (dg_daemon_config_set(&cfg, key, argv[++i], err, sizeof err)) {
             fprintf(stderr, "duogend: %s\n", err);
             return EX_CONFIG;

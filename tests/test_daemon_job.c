@@ -43,7 +43,20 @@ TEST(config_file_and_options) {
     CHECK_EQ_INT(dg_daemon_config_set(&c, "max_inflight", "257", err, sizeof err), -1);
     CHECK(strstr(err, "max_inflight") && strstr(err, "0..256"));
     CHECK_EQ_INT(dg_daemon_config_set(&c, "nonsense", "1", err, sizeof err), -1);
-    CHECK(strstr(err, "unknown setting \"nonsense\""));
+    CHECK(strstr(err, "unknown setting \"nonsense\"") && !strstr(err, "did you mean"));
+    /* a mistyped name is answered with the nearest setting, as it was written */
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "max_inflights", "4", err, sizeof err), -1);
+    CHECK(strstr(err, "unknown setting \"max_inflights\" (did you mean max_inflight?)"));
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "claim-idle-sm", "4", err, sizeof err), -1);
+    CHECK(strstr(err, "(did you mean claim-idle-ms?)"));
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "--claim_idle-sm", "4", err, sizeof err), -1);
+    CHECK(strstr(err, "unknown option \"--claim_idle-sm\" (did you mean --claim-idle-ms?)"));
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "--claim-idle-ms", "4000", err, sizeof err), 0);
+    CHECK_EQ_INT(c.claim_idle_ms, 4000);
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "heartbeat", "4", err, sizeof err), -1);
+    CHECK(strstr(err, "(did you mean heartbeat_ms?)"));
+    CHECK_EQ_INT(dg_daemon_config_set(&c, "tls_ca", "x", err, sizeof err), -1);
+    CHECK(strstr(err, "(did you mean tls_ca_file?)"));
     CHECK_EQ_INT(dg_daemon_config_set(&c, "max_job_bytes", "12Q", err, sizeof err), -1);
     unlink(path);
 

@@ -183,7 +183,9 @@ def test_mistakes_are_said_with_their_exit_status(cluster, tmpdir_path):
     3 Redis or a file): `watch` of an id nothing is known of (it waited in silence; it still
     waits, as a producer may XADD without the job hash, but says so first), `watch` with
     Redis away (it waited for it), a command's --help (taken as a job id), an id starting
-    with "-", `dead list` with a bad count or an unknown option (Redis's error, exit 3;
+    with "-", a mistyped command, option or --param key (the whole usage, the mistake not
+    named; now one line with the nearest known word), `dead list` with a bad count or an
+    unknown option (Redis's error, exit 3;
     --count 0 said "no dead letters"; an unknown option was ignored), files that cannot be
     read (they exited 2)."""
     w = subprocess.Popen([CTL, "--redis", cluster.server.url, "watch", "no-such-job"], stdout=subprocess.PIPE,
@@ -201,6 +203,14 @@ def test_mistakes_are_said_with_their_exit_status(cluster, tmpdir_path):
         p = ctl(cluster, command, "--help")
         assert p.returncode == 0 and p.stdout.startswith(f"usage: duogenctl [OPTION]... {command}"), (command, p)
     assert not cluster.r.exists("duogen:cancel:--help")
+    for args, said in ((["stat"], 'unknown command "stat" (did you mean stats?)'),
+                       (["frobnicate"], 'unknown command "frobnicate"; duogenctl --help lists them'),
+                       (["--prefx", "duogen", "stats"], 'unknown option "--prefx" (did you mean --prefix?)'),
+                       (["--password-file"], "--password-file needs a value (--password-file FILE)"),
+                       (["enqueue", "--param", "max_new_token=3", "hi"],
+                        "--param max_new_token: unknown (did you mean max_new_tokens?)")):
+        p = ctl(cluster, *args)
+        assert p.returncode == 2 and said in p.stderr and "usage:" not in p.stderr, (args, p.stderr)
     for args in (["--count", "x"], ["--count", "0"], ["--bogus"]):
         p = ctl(cluster, "dead", "list", *args)
         assert p.returncode == 2 and "dead list" in p.stderr, (args, p.stderr)

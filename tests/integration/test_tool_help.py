@@ -28,3 +28,19 @@ def test_demo_page_help():
     assert r.returncode == 0 and "tools/demo_page.py OUT JOB_FILE:ANSWER_DIR" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([sys.executable, page, "out-only"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "JOB_FILE:ANSWER_DIR" in r.stderr, r.stdout + r.stderr
+
+
+def test_duogend_names_a_mistyped_setting_in_one_line(tmp_path):
+    """A setting mistyped on the command line or in the file, or given without its value:
+    exit 78 with one line naming it and the nearest setting (it printed the whole usage, 80
+    lines, for a value left out, and "unknown setting" with no hint for a name one letter off)."""
+    conf = tmp_path / "duogend.conf"
+    conf.write_text("# a worker\nclaim_idle_ms = 9000\nmax_inflights = 4\n")
+    for args, said in ((["--max-inflights", "4"], 'unknown option "--max-inflights" (did you mean --max-inflight?)'),
+                       (["--threads"], "--threads needs a value"),
+                       (["--thread"], 'unknown option "--thread" (did you mean --threads?)'),
+                       (["stray"], 'unexpected argument "stray"'),
+                       (["--config", str(conf)],
+                        f'config "{conf}" line 3: unknown setting "max_inflights" (did you mean max_inflight?)')):
+        r = subprocess.run([os.path.join(BUILD, "duogend")] + args, capture_output=True, text=True, timeout=20)
+        assert r.returncode == 78 and said in r.stderr and r.stderr.count("\n") == 1, (args, r.returncode, r.stderr)

@@ -268,7 +268,11 @@ static void set_param(job_builder *b, const char *kv) {
         b->meta = realloc(b->meta, (b->n_meta + 1) * sizeof *b->meta);
         b->meta[b->n_meta++] = e;
     } else {
-        fprintf(stderr, "duogenctl: %s%s--param %s: unknown; the keys:", die_where ? die_where : "", die_where ? ": " : "", k);
+        const char *keys[N_OF(params)];
+        for (size_t i = 0; i < N_OF(params); i++) keys[i] = params[i].key;
+        const char *near = dg_nearest_name(k, keys, N_OF(params));
+        fprintf(stderr, "duogenctl: %s%s--param %s: unknown%s%s%s; the keys:", die_where ? die_where : "",
+                die_where ? ": " : "", k, near ? " (did you mean " : "", near ? near : "", near ? "?)" : "");
         for (size_t i = 0; i < N_OF(params); i++) fprintf(stderr, " %s", params[i].key);
         fputc('\n', stderr);
         exit(EXIT_USAGE);
@@ -1536,6 +1540,25 @@ static int write_manual(FILE *out) {
     return fflush(out) ? EXIT_IO : 0;
 }
 
+/* An option or command not known: one line naming it, with the nearest known one where
+ * there is one, not the whole usage (an option known but last, without its value, says so). */
+static int unknown_word(const char *what, const char *word, int has_next) {
+    const char *names[N_OF(global_options) > N_OF(commands) ? N_OF(global_options) : N_OF(commands)];
+    size_t n = 0;
+    const int option = !strcmp(what, "option");
+    for (size_t k = 0; k < (option ? N_OF(global_options) : N_OF(commands)); k++)
+        names[n++] = option ? global_options[k].name : commands[k].name;
+    for (size_t k = 0; k < n && option && !has_next; k++)
+        if (!strcmp(word, names[k])) {
+            fprintf(stderr, "duogenctl: %s needs a value (%s %s)\n", word, word, global_options[k].arg);
+            return EXIT_USAGE;
+        }
+    const char *near = dg_nearest_name(word, names, n);
+    fprintf(stderr, "duogenctl: unknown %s \"%s\"%s%s%s; duogenctl --help lists them\n", what, word,
+            near ? " (did you mean " : "", near ? near : "", near ? "?)" : "");
+    return EXIT_USAGE;
+}
+
 int main(int argc, char **argv) {
     dg_daemon_config cfg;
     dg_daemon_config_defaults(&cfg);
@@ -1557,7 +1580,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--prefix") && i + 1 < argc) prefix = argv[++i];
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage(stdout);
         else if (!strcmp(argv[i], "--man")) return write_manual(stdout);   /* hidden: the build's */
-        else return usage(stderr);
+        else return unknown_word("option", argv[i], i + 1 < argc);
     }
     /* the TLS files the options did not name, from the environment, as the URL: an
      * operator's shell (or rollout.sh) sets them once; with a plain URL they are not used
@@ -1576,7 +1599,7 @@ int main(int argc, char **argv) {
     const struct command *c = NULL;
     for (size_t k = 0; i < argc && k < N_OF(commands); k++)
         if (!strcmp(argv[i], commands[k].name)) c = &commands[k];
-    if (!c) return usage(stderr);
+    if (!c) return i < argc ? unknown_word("command", argv[i], 1) : usage(stderr);
     if (i + 1 < argc && (!strcmp(argv[i + 1], "--help") || !strcmp(argv[i + 1], "-h"))) {
         printf("usage: duogenctl [OPTION]... %s%s%s\n\n%s\n\nduogenctl --help lists the options and --param keys; "
                "duogenctl(1) says more.\n", c->name, c->args[0] ? " " : "", c->args, c->help);
