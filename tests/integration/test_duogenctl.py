@@ -207,6 +207,9 @@ def test_mistakes_are_said_with_their_exit_status(cluster, tmpdir_path):
                        (["frobnicate"], 'unknown command "frobnicate"; duogenctl --help lists them'),
                        (["--prefx", "duogen", "stats"], 'unknown option "--prefx" (did you mean --prefix?)'),
                        (["--password-file"], "--password-file needs a value (--password-file FILE)"),
+                       (["enqueue", "--imgae", "x.png", "hi"],
+                        'enqueue: unknown option "--imgae" (did you mean --image?)'),
+                       (["enqueue", "hi", "--image"], "enqueue: --image needs a value"),
                        (["enqueue", "--param", "max_new_token=3", "hi"],
                         "--param max_new_token: unknown (did you mean max_new_tokens?)")):
         p = ctl(cluster, *args)

@@ -409,7 +409,15 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
         else if (!strcmp(a, "--wait")) o->wait = 1;
         else if (!strcmp(a, "--high")) o->high = 1;
         else if (!strcmp(a, "--out") && i + 1 < argc) { o->out_dir = argv[++i]; o->wait = 1; }
-        else if (a[0] == '-' && a[1] == '-') die(EXIT_USAGE, "enqueue: unknown option \"%s\"", a);
+        else if (a[0] == '-' && a[1] == '-') {   /* a mistyped option is not text of the job */
+            static const char *const opts[] = {"--job", "--id", "--system", "--image", "--param", "--wait",
+                                               "--high", "--out"};
+            for (size_t k = 0; k < N_OF(opts); k++)
+                if (!strcmp(a, opts[k])) die(EXIT_USAGE, "enqueue: %s needs a value", a);
+            const char *near = dg_nearest_name(a, opts, N_OF(opts));
+            die(EXIT_USAGE, "enqueue: unknown option \"%s\"%s%s%s", a, near ? " (did you mean " : "",
+                near ? near : "", near ? "?)" : "");
+        }
         else text_add(o, a, strlen(a), 1);
     }
     if (!o->id[0]) new_job_id(o->id, sizeof o->id);
