@@ -206,6 +206,12 @@ const char *dg_nearest_name(const char *word, const char *const *names, size_t n
     return NULL;
 }
 
+const char *dg_did_you_mean(const char *near, char *buf, size_t n) {
+    if (!near) return "";
+    snprintf(buf, n, " (did you mean %s?)", near);
+    return buf;
+}
+
 int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value, char *err, size_t errlen) {
     char name[64];
     const int option = !strncmp(key, "--", 2);   /* as the command line gave it */
@@ -246,15 +252,13 @@ int dg_daemon_config_set(dg_daemon_config *c, const char *key, const char *value
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
         names[i] = keys[i].type == KEY_GROUP ? NULL : keys[i].name;
     const char *near = dg_nearest_name(name, names, sizeof keys / sizeof keys[0]);
-    const char *what = option ? "option" : "setting";
-    if (!near) {
-        snprintf(err, errlen, "unknown %s \"%s\"", what, key);
-        return -1;
+    char hint[72], tail[96];   /* in the form it was written: a file's key, or an option's dashes */
+    if (near) {
+        snprintf(hint, sizeof hint, "%s%s", option ? "--" : "", near);
+        for (char *h = hint; *h; h++) if (*h == '_' && (option || strchr(key, '-'))) *h = '-';
     }
-    char hint[72];   /* in the form it was written: a file's key, or an option with its dashes */
-    snprintf(hint, sizeof hint, "%s%s", option ? "--" : "", near);
-    for (char *h = hint; *h; h++) if (*h == '_' && (option || strchr(key, '-'))) *h = '-';
-    snprintf(err, errlen, "unknown %s \"%s\" (did you mean %s?)", what, key, hint);
+    snprintf(err, errlen, "unknown %s \"%s\"%s", option ? "option" : "setting", key,
+             dg_did_you_mean(near ? hint : NULL, tail, sizeof tail));
     return -1;
 }
 

@@ -89,6 +89,9 @@ int  dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen);
  * bytes begins (claim_idle for claim_idle_ms); NULL when none is that near. For the "did you
  * mean" of an unknown setting, command or option. */
 const char *dg_nearest_name(const char *word, const char *const *names, size_t n);
+/* The tail of an unknown word's message: " (did you mean NEAR?)" written into buf, or "" when
+ * near is NULL. Returns what to print. */
+const char *dg_did_you_mean(const char *near, char *buf, size_t n);
 
 /* One setting as --help and the manual pages show it. The strings are static. */
 typedef struct {

@@ -270,9 +270,9 @@ static void set_param(job_builder *b, const char *kv) {
     } else {
         const char *keys[N_OF(params)];
         for (size_t i = 0; i < N_OF(params); i++) keys[i] = params[i].key;
-        const char *near = dg_nearest_name(k, keys, N_OF(params));
-        fprintf(stderr, "duogenctl: %s%s--param %s: unknown%s%s%s; the keys:", die_where ? die_where : "",
-                die_where ? ": " : "", k, near ? " (did you mean " : "", near ? near : "", near ? "?)" : "");
+        char tail[96];
+        fprintf(stderr, "duogenctl: %s%s--param %s: unknown%s; the keys:", die_where ? die_where : "",
+                die_where ? ": " : "", k, dg_did_you_mean(dg_nearest_name(k, keys, N_OF(params)), tail, sizeof tail));
         for (size_t i = 0; i < N_OF(params); i++) fprintf(stderr, " %s", params[i].key);
         fputc('\n', stderr);
         exit(EXIT_USAGE);
@@ -414,9 +414,9 @@ static void parse_enqueue(int argc, char **argv, enqueue_opts *o) {
                                                "--high", "--out"};
             for (size_t k = 0; k < N_OF(opts); k++)
                 if (!strcmp(a, opts[k])) die(EXIT_USAGE, "enqueue: %s needs a value", a);
-            const char *near = dg_nearest_name(a, opts, N_OF(opts));
-            die(EXIT_USAGE, "enqueue: unknown option \"%s\"%s%s%s", a, near ? " (did you mean " : "",
-                near ? near : "", near ? "?)" : "");
+            char tail[96];
+            die(EXIT_USAGE, "enqueue: unknown option \"%s\"%s", a,
+                dg_did_you_mean(dg_nearest_name(a, opts, N_OF(opts)), tail, sizeof tail));
         }
         else text_add(o, a, strlen(a), 1);
     }
@@ -1561,9 +1561,9 @@ static int unknown_word(const char *what, const char *word, int has_next) {
             fprintf(stderr, "duogenctl: %s needs a value (%s %s)\n", word, word, global_options[k].arg);
             return EXIT_USAGE;
         }
-    const char *near = dg_nearest_name(word, names, n);
-    fprintf(stderr, "duogenctl: unknown %s \"%s\"%s%s%s; duogenctl --help lists them\n", what, word,
-            near ? " (did you mean " : "", near ? near : "", near ? "?)" : "");
+    char tail[96];
+    fprintf(stderr, "duogenctl: unknown %s \"%s\"%s; duogenctl --help lists them\n", what, word,
+            dg_did_you_mean(dg_nearest_name(word, names, n), tail, sizeof tail));
     return EXIT_USAGE;
 }
 
