@@ -278,7 +278,8 @@ typedef struct {
                                        the memory holds, each at its full context with as
                                        much KV again for cached prefixes: kv_cache_bytes'
                                        worth when set, else half the device's (CPU: the
-                                       host's available) free memory, between 1 and 16 */
+                                       host's available, within the process's cgroup
+                                       limits) free memory, between 1 and 16 */
     size_t  kv_cache_bytes;         /* the KV pool: running sequences and cached prefixes
                                        together; 0 = room for every sequence at its full
                                        context and as much again for prefixes */
@@ -325,6 +326,10 @@ typedef struct {
 
 /* A one-line description of the loaded model ("tiny: qwen2.5-vl 2L/64d + cosmos 2L"). */
 const char *dg_model_describe(const dg_model *m);
+/* The memory the model's device has free now, as a scheduler's max_inflight 0 reads it
+ * (the CPU: MemAvailable within the process's cgroup limits; CUDA: the arena's free bytes);
+ * 0 when the device cannot say. */
+size_t dg_model_memory_free(const dg_model *m);
 
 int  dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen);
 void dg_model_close(dg_model *m);   /* accepts NULL */

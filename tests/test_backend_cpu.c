@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "common/harness.h"
+#include "cpu/cpu_backend.h"
 #include "backend.h"
 #include "dtype.h"
 #include "duogen.h"
@@ -503,6 +504,76 @@ TEST(cuda_module_of_another_build_is_refused) {
     if (!strstr(err, "was built with another duogen") || !strstr(err, "another-build") || strstr(err, "fake module"))
         test_fail(__FILE__, __LINE__, "error: \"%s\"", err);
     dg_backend_free(be);
+}
+
+/* A file of a fake cgroup tree (made with its folders). */
+static void cg_write(const char *root, const char *rel, const char *text) {
+    char path[512], cmd[600];
+    snprintf(path, sizeof path, "%s/%s", root, rel);
+    snprintf(cmd, sizeof cmd, "mkdir -p \"$(dirname '%s')\"", path);
+    CHECK(system(cmd) == 0);
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f) {
+        fputs(text, f);
+        fclose(f);
+    }
+}
+
+/* max_inflight 0 sizes the KV by the memory free: under a systemd unit's MemoryMax= or a
+ * container's limit that is the limit's room, not the host's MemAvailable (which a worker
+ * under a 4 GiB limit on a large host read before, sizing its KV for memory it could not
+ * have: the OOM killer's once its jobs filled it). Fake /proc/self/cgroup files and
+ * /sys/fs/cgroup trees, v2 and v1. */
+TEST(cgroup_memory_room_is_the_tightest_limit_less_the_working_set) {
+    char root[] = "/tmp/dg_cgroup_XXXXXX", proc[600], cg[600];
+    CHECK(mkdtemp(root) != NULL);
+    snprintf(proc, sizeof proc, "%s/proc_self_cgroup", root);
+    snprintf(cg, sizeof cg, "%s/sys", root);
+    const uint64_t G = 1ull << 30;
+
+    /* no such file, or no limit anywhere: no bound */
+    CHECK(dg_cgroup_memory_room("/nonexistent/cgroup", cg) == SIZE_MAX);
+    cg_write(root, "proc_self_cgroup", "0::/system.slice/duogend@0.service\n");
+    cg_write(root, "sys/system.slice/duogend@0.service/memory.max", "max\n");
+    cg_write(root, "sys/system.slice/duogend@0.service/memory.current", "1073741824\n");
+    CHECK(dg_cgroup_memory_room(proc, cg) == SIZE_MAX);
+
+    /* v2: the slice's 8 GiB less its working set (1 GiB used, half of it inactive file pages,
+     * which the kernel takes back first) */
+    cg_write(root, "sys/system.slice/memory.max", "8589934592\n");
+    cg_write(root, "sys/system.slice/memory.current", "1073741824\n");
+    cg_write(root, "sys/system.slice/memory.stat", "anon 536870912\nfile 536870912\ninactive_file 536870912\n");
+    CHECK_EQ_INT(dg_cgroup_memory_room(proc, cg), 8 * G - G / 2);
+    /* the unit's own MemoryMax= of 4 GiB with 3 GiB used is tighter: 1 GiB */
+    cg_write(root, "sys/system.slice/duogend@0.service/memory.max", "4294967296\n");
+    cg_write(root, "sys/system.slice/duogend@0.service/memory.current", "3221225472\n");
+    CHECK_EQ_INT(dg_cgroup_memory_room(proc, cg), G);
+    /* over its limit (swap, a burst): nothing left, not a wrapped-around number */
+    cg_write(root, "sys/system.slice/duogend@0.service/memory.current", "5368709120\n");
+    CHECK_EQ_INT(dg_cgroup_memory_room(proc, cg), 0);
+
+    /* inside a container without a cgroup namespace the path is the host's and the mount
+     * shows only the container's subtree: found by dropping the path's leading parts */
+    cg_write(root, "proc_self_cgroup", "0::/kubepods/pod1/ctr\n");
+    cg_write(root, "sys/ctr/memory.max", "2147483648\n");
+    cg_write(root, "sys/ctr/memory.current", "1073741824\n");
+    CHECK_EQ_INT(dg_cgroup_memory_room(proc, cg), G);
+
+    /* v1 (the memory controller's own hierarchy; a hybrid host's v2 tree has none): the
+     * parent's 2 GiB limit, the child's "no limit" (LLONG_MAX rounded to a page) ignored */
+    cg_write(root, "proc_self_cgroup", "12:pids:/x\n4:memory:/process_api/job7\n1:name=systemd:/x\n0::/\n");
+    cg_write(root, "sys/memory/process_api/job7/memory.limit_in_bytes", "9223372036854771712\n");
+    cg_write(root, "sys/memory/process_api/job7/memory.usage_in_bytes", "805306368\n");
+    cg_write(root, "sys/memory/process_api/memory.limit_in_bytes", "2147483648\n");
+    cg_write(root, "sys/memory/process_api/memory.usage_in_bytes", "1073741824\n");
+    cg_write(root, "sys/memory/process_api/memory.stat", "cache 268435456\ninactive_file 1\n"
+                                                        "total_inactive_file 268435456\n");
+    CHECK_EQ_INT(dg_cgroup_memory_room(proc, cg), G + G / 4);
+
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    CHECK(system(cmd) == 0);
 }
 
 int main(void) { return test_main(); }

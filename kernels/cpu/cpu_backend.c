@@ -2,9 +2,11 @@
 #include "cpu_backend.h"
 
 #include <cblas.h>
+#include <errno.h>
 #include <cpuid.h>
 #include <omp.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,7 +151,104 @@ static void cpu_embed(dg_backend *be, float *y, const dg_weight *table, const in
     dg_cpu_embed(cpu(be), y, table, ids, m);
 }
 
-/* The host's MemAvailable (/proc/meminfo), else its free pages; 0 when neither is known. */
+/* The first value of a cgroup file (a number, or "max"): 0 and *v set, -1 when the file
+ * cannot be read or holds neither. "max", and v1's "no limit" (the page-rounded
+ * LLONG_MAX), are UINT64_MAX. */
+static int cgroup_value(const char *dir, const char *name, uint64_t *v) {
+    char path[4096], text[64] = "";
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    const int ok = fgets(text, sizeof text, f) != NULL;
+    fclose(f);
+    char *end;
+    if (!ok) return -1;
+    if (!strncmp(text, "max", 3)) {
+        *v = UINT64_MAX;
+        return 0;
+    }
+    errno = 0;
+    unsigned long long x = strtoull(text, &end, 10);
+    if (errno || end == text) return -1;
+    *v = x >= (1ull << 62) ? UINT64_MAX : (uint64_t)x;
+    return 0;
+}
+
+/* A key's value in a cgroup's memory.stat ("inactive_file 123"); 0 when absent. */
+static uint64_t cgroup_stat(const char *dir, const char *key) {
+    char path[4096], name[64];
+    unsigned long long v;
+    uint64_t out = 0;
+    snprintf(path, sizeof path, "%s/memory.stat", dir);
+    FILE *f = fopen(path, "r");
+    while (f && fscanf(f, "%63s %llu", name, &v) == 2)
+        if (!strcmp(name, key)) {
+            out = v;
+            break;
+        }
+    if (f) fclose(f);
+    return out;
+}
+
+size_t dg_cgroup_memory_room(const char *proc_cgroup, const char *cgroup_root) {
+    FILE *f = fopen(proc_cgroup, "r");
+    if (!f) return SIZE_MAX;
+    char *line = NULL, v1[2048] = "", v2[2048] = "", *has_v2 = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) >= 0) {   /* "id:controllers:path" */
+        char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL, *save = NULL;
+        if (!c2) continue;
+        *c1 = *c2 = 0;
+        char *path = c2 + 1;
+        path[strcspn(path, "\n")] = 0;
+        if (!strcmp(line, "0") && !c1[1]) {   /* v2: "0::/path" */
+            snprintf(v2, sizeof v2, "%s", path);
+            has_v2 = v2;
+        }
+        for (char *tok = strtok_r(c1 + 1, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+            if (!strcmp(tok, "memory")) snprintf(v1, sizeof v1, "%s", path);
+    }
+    free(line);
+    fclose(f);
+
+    /* v1 where the memory controller is there (a hybrid host's v2 tree has none), else v2 */
+    const int is_v1 = v1[0] != 0;
+    if (!is_v1 && !has_v2) return SIZE_MAX;
+    const char *limit_file = is_v1 ? "memory.limit_in_bytes" : "memory.max";
+    const char *usage_file = is_v1 ? "memory.usage_in_bytes" : "memory.current";
+    const char *inactive = is_v1 ? "total_inactive_file" : "inactive_file";
+    char base[4096], dir[4096];
+    snprintf(base, sizeof base, "%s%s", cgroup_root, is_v1 ? "/memory" : "");
+    /* the group's path is from the hierarchy's root; inside a container without a cgroup
+     * namespace the mount shows only a subtree: drop leading parts until the folder is there */
+    const char *rel = is_v1 ? v1 : v2;
+    for (;;) {
+        snprintf(dir, sizeof dir, "%s%s", base, rel);
+        uint64_t probe;
+        if (cgroup_value(dir, usage_file, &probe) == 0 || !*rel) break;
+        const char *next = strchr(rel + 1, '/');
+        rel = next ? next : "";
+    }
+    size_t room = SIZE_MAX;
+    for (;;) {   /* this group, then each parent up to the mount */
+        uint64_t limit, usage;
+        if (cgroup_value(dir, limit_file, &limit) == 0 && limit != UINT64_MAX &&
+            cgroup_value(dir, usage_file, &usage) == 0) {
+            uint64_t reclaim = cgroup_stat(dir, inactive);
+            uint64_t used = usage > reclaim ? usage - reclaim : 0;
+            uint64_t r = limit > used ? limit - used : 0;
+            if (r < room) room = (size_t)r;
+        }
+        if (strlen(dir) <= strlen(base)) break;
+        char *slash = strrchr(dir, '/');
+        if (!slash || slash < dir + strlen(base)) break;
+        *slash = 0;
+    }
+    return room;
+}
+
+/* The host's MemAvailable (/proc/meminfo), else its free pages, and no more than the
+ * process's control groups leave it (dg_cgroup_memory_room); 0 when nothing is known. */
 static size_t cpu_memory_free(dg_backend *be) {
     (void)be;
     FILE *f = fopen("/proc/meminfo", "r");
@@ -158,9 +257,13 @@ static size_t cpu_memory_free(dg_backend *be) {
     while (f && fgets(line, sizeof line, f))
         if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) break;
     if (f) fclose(f);
-    if (kib) return (size_t)kib * 1024;
-    long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
-    return pages > 0 && size > 0 ? (size_t)pages * (size_t)size : 0;
+    size_t host = (size_t)kib * 1024;
+    if (!kib) {
+        long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+        host = pages > 0 && size > 0 ? (size_t)pages * (size_t)size : 0;
+    }
+    const size_t room = dg_cgroup_memory_room("/proc/self/cgroup", "/sys/fs/cgroup");
+    return room < host ? room : host;
 }
 
 void dg_cpu_fail(dg_cpu *c, const char *fmt, ...) {

@@ -29,4 +29,13 @@ int dg_cpu_simd_level(void);
 int dg_cpu_backend_new(int n_threads, int max_simd, int bf16_compute, dg_backend **out, char *err,
                        size_t errlen);
 
+/* The memory this process's control groups still give it: over every level of its cgroup
+ * (v2: memory.max; v1: memory.limit_in_bytes), from its own group up to the hierarchy's
+ * root, the least of the limit less the group's working set (usage less its inactive file
+ * pages, which the kernel reclaims first, as MemAvailable counts them); SIZE_MAX where no
+ * level sets a limit, or the files cannot be read. proc_cgroup: /proc/self/cgroup;
+ * cgroup_root: /sys/fs/cgroup (tests point both at a tree of their own). A systemd unit's
+ * MemoryMax= or a container's memory limit is what this sees, and /proc/meminfo does not. */
+size_t dg_cgroup_memory_room(const char *proc_cgroup, const char *cgroup_root);
+
 #endif

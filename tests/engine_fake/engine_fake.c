@@ -87,6 +87,9 @@ static void sleep_ms(int ms) {
 
 const char *dg_model_describe(const dg_model *m) { return m ? m->describe : "none"; }
 
+/* The fake holds no KV: its scheduler's max_inflight 0 is a fixed number, not the memory's. */
+size_t dg_model_memory_free(const dg_model *m) { (void)m; return 0; }
+
 int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen) {
     struct stat st;
     *out = NULL;

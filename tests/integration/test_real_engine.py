@@ -8,6 +8,8 @@ import struct
 import subprocess
 import zlib
 
+import pytest
+
 from conftest import BUILD, ROOT, Worker, pb, png_bytes
 
 VOCAB = os.path.join(ROOT, "tools", "mkmodel", "vocab", "qwen2")
@@ -214,3 +216,66 @@ def test_schedule_default_is_the_packages_and_karras_differs(cluster):
         seen[name] = pixels(cluster.r.get(f"duogen:image:sched-{name}:1"))
     assert seen["default"] == seen["shifted"] == seen["shift5"]
     assert seen["karras"] != seen["default"]
+
+
+def memory_cgroup(name):
+    """A memory cgroup of our own beside this process's (v1: the memory controller's
+    hierarchy; v2: a child where the memory controller is enabled), as (its folder, the limit
+    file); None with the reason where this machine gives none (not root, no writable tree)."""
+    with open("/proc/self/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    v1 = [p for i, c, p in lines if "memory" in c.split(",")]
+    v2 = [p for i, c, p in lines if i == "0" and c == ""]
+    if v1:
+        parent, limit = "/sys/fs/cgroup/memory" + v1[0], "memory.limit_in_bytes"
+    elif v2:
+        parent, limit = "/sys/fs/cgroup" + v2[0], "memory.max"
+    else:
+        return None, "no memory cgroup in /proc/self/cgroup"
+    path = os.path.join(parent, name)
+    try:
+        os.mkdir(path)
+    except OSError as e:
+        return None, f"cannot make a cgroup under {parent}: {e.strerror}"
+    if not os.path.exists(os.path.join(path, limit)):
+        os.rmdir(path)
+        return None, f"{parent} has no memory controller for its children (v2: subtree_control)"
+    return (path, limit), None
+
+
+def test_max_inflight_from_the_memory_within_a_cgroup_limit(cluster):
+    """max_inflight 0 sizes the KV by the memory free to the worker: under a cgroup memory
+    limit (a unit's MemoryMax=, a container's limit) that is the limit's room, not the host's
+    MemAvailable, which it read before. A worker in a cgroup of 2 GiB (room for a sanitizer's
+    shadow memory) says what it came to."""
+    with open("/proc/meminfo") as f:
+        host = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    if host < 4 << 30:
+        pytest.skip(f"the host has {host >> 20} MiB free: no room to tell a 2 GiB limit from it")
+    cg, why = memory_cgroup(f"duogen-test-{os.getpid()}")
+    if not cg:
+        pytest.skip(why)
+    path, limit = cg
+    try:
+        with open(os.path.join(path, limit), "w") as f:
+            f.write(str(2 << 30))
+        w = real_worker(cluster, wid="limited")
+        w.kill()
+
+        def join_cgroup():   # in the child, before exec: the worker starts inside the limit
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+        w.proc = subprocess.Popen(w.cmd, stdout=w.log, stderr=subprocess.STDOUT, env=w.env, preexec_fn=join_cgroup)
+        cluster.enqueue("limited-1", "Hello", max_new_tokens=4, max_images=0)
+        assert cluster.wait_result("limited-1", timeout=60)["status"] == b"done"
+        said = [line for line in w.logs().splitlines() if "max_inflight" in line and "from the memory" in line]
+        assert said, w.logs()[-2000:]
+        free_gib = float(said[-1].split("from the memory: ")[1].split(" GiB")[0])
+        # what the worker saw free: within the cgroup's 2 GiB less what the loaded worker
+        # already uses (the host has 4 GiB or more free; a figure above 2 is the host's)
+        assert 0 < free_gib < 2.0, said[-1]
+    finally:
+        for w in cluster.workers:
+            w.kill()
+        os.rmdir(path)
