@@ -236,6 +236,21 @@ check "tls: the unit over rediss:// with a client certificate (duogend@0 $(prop 
     test "$started" = 1 -a "$(prop SubState)" = running -a "$port" = 6380 -a "$(rc HGET duogen:result:tls status)" = done
 [ "$(rc HGET duogen:result:tls status)" = done ] ||   # what the worker said, where it did not
     ctr journalctl -u duogend@0 --no-pager -o cat -n 15 2>/dev/null | sed 's/^/      /'
+
+# ---- memory ---------------------------------------------------------------------------------------
+# MemoryMax= in a drop-in, as deploy/README says: max_inflight 0 sizes itself within it
+install -d "$ROOT/etc/systemd/system/duogend@0.service.d"
+printf '[Service]\nMemoryMax=1536M\n' >"$ROOT/etc/systemd/system/duogend@0.service.d/memory.conf"
+sed -i 's|^max_inflight = .*|max_inflight = 0|' "$ROOT/etc/duogen/duogend.conf"
+ctr systemctl daemon-reload
+since=$(ctr date '+%Y-%m-%d %H:%M:%S')
+ctr systemctl restart duogend@0 && started=1 || started=0
+sized=$(ctr journalctl -u duogend@0 --since "$since" --no-pager -o cat 2>/dev/null | grep -o 'max_inflight [0-9]* (from the memory: [0-9.]* GiB' | tail -n 1 || true)
+free_gib=$(printf '%s\n' "$sized" | sed -n 's/.*from the memory: \([0-9.]*\) GiB/\1/p')
+check "memory: MemoryMax=1536M (unit's MemoryMax $(prop MemoryMax)): the worker sized itself within it (\"${sized:-nothing said}\")" \
+    awk -v ok="$started" -v f="${free_gib:-0}" 'BEGIN { exit !(ok == 1 && f > 0 && f < 1.5) }'
+rm -rf "$ROOT/etc/systemd/system/duogend@0.service.d/memory.conf"
+ctr systemctl daemon-reload
 ctr systemctl disable --quiet --now duogend@0 duogend.target
 
 say "$PASS passed, $FAIL failed"
