@@ -344,6 +344,7 @@ static void heartbeat(dg_worker *w, dg_redis *rd) {
     NUM("started_ms", st.started_ms);
     NUM("updated_ms", dg_now_ms());
     NUM("pid", getpid());
+    NUM("max_inflight", w->cfg->max_inflight);   /* set before the keeper starts, read-only after */
     NUM("kv_cache_hits", st.cache.kv_hits);
     NUM("kv_cache_misses", st.cache.kv_misses);
     NUM("vision_cache_hits", st.cache.vision_hits);

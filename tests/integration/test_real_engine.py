@@ -53,6 +53,9 @@ def test_duogend_runs_the_tiny_package(cluster):
     texts = [e["text"] for e in cluster.events("real-1") if e["type"] == b"text"]
     assert b"".join(texts) == res["text"]
     assert "model loaded: duogen-tiny: qwen2.5-vl" in w.logs()
+    # max_inflight 0 came to a number, which the log and the heartbeat say alike
+    said = [line.split("max_inflight ")[1].split()[0] for line in w.logs().splitlines() if "max_inflight " in line]
+    assert said and int(cluster.r.hget(cluster.key("worker", w.id), "max_inflight")) == int(said[-1]) >= 1, said
 
 
 def test_interleaved_job_with_two_input_images(cluster):
