@@ -284,6 +284,8 @@ def test_batch_checks_every_line_before_sending_any(cluster, tmpdir_path):
         (['{"id": "a b", "text": "a"}'], 2, '"{path}" line 1: id "a b" is not 1..128 characters'),
         (['{"id": "x", "params": {"steps": 2}}'], 2, '"{path}" line 1: no text and no image'),
         (['{"text": "a", "colour": "red"}'], 2, '"{path}" line 1: unknown or mistyped key "colour"'),
+        (['{"text": "a", "param": {"steps": 2}}'], 2, 'unknown or mistyped key "param" (did you mean params?)'),
+        (['{"text": "a", "images": "x.png"}'], 2, '"{path}" line 1: "images" must be a list of paths'),
         (['', '  '], 2, 'batch file "{path}": no job in it'),
     ]
     for i, (lines, rc, said) in enumerate(cases):

@@ -355,7 +355,16 @@ static void job_from_json(json_t *j, const char *dir, const char *what, enqueue_
                 die_where = NULL;
                 free(kv);
             }
-        } else die(EXIT_USAGE, "%s: unknown or mistyped key \"%s\" (id system text images params)", what, key);
+        } else {   /* a key not known, or a known one with a value of another type */
+            static const char *const keys[] = {"id", "system", "text", "images", "params"};
+            static const char *const types[] = {"a string", "a string", "a string", "a list of paths",
+                                                "an object of --param keys"};
+            char tail[96];
+            for (size_t k = 0; k < N_OF(keys); k++)
+                if (!strcmp(key, keys[k])) die(EXIT_USAGE, "%s: \"%s\" must be %s", what, key, types[k]);
+            die(EXIT_USAGE, "%s: unknown or mistyped key \"%s\"%s (the keys: id system text images params)", what,
+                key, dg_did_you_mean(dg_nearest_name(key, keys, N_OF(keys)), tail, sizeof tail));
+        }
     }
 }
 
