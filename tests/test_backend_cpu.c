@@ -559,6 +559,11 @@ TEST(cgroup_memory_room_is_the_tightest_limit_less_the_working_set) {
     cg_write(root, "sys/ctr/memory.max", "2147483648\n");
     cg_write(root, "sys/ctr/memory.current", "1073741824\n");
     CHECK_EQ_INT(dg_cgroup_memory_room(proc, cg), G);
+    /* but a group whose folder is there without the memory files (no controller at its
+     * levels) is its own, unlimited: not another group that ends in the same name */
+    cg_write(root, "proc_self_cgroup", "0::/other/ctr\n");
+    cg_write(root, "sys/other/ctr/cgroup.procs", "1\n");
+    CHECK(dg_cgroup_memory_room(proc, cg) == SIZE_MAX);
 
     /* v1 (the memory controller's own hierarchy; a hybrid host's v2 tree has none): the
      * parent's 2 GiB limit, the child's "no limit" (LLONG_MAX rounded to a page) ignored */

@@ -220,12 +220,13 @@ size_t dg_cgroup_memory_room(const char *proc_cgroup, const char *cgroup_root) {
     char base[4096], dir[4096];
     snprintf(base, sizeof base, "%s%s", cgroup_root, is_v1 ? "/memory" : "");
     /* the group's path is from the hierarchy's root; inside a container without a cgroup
-     * namespace the mount shows only a subtree: drop leading parts until the folder is there */
+     * namespace the mount shows only a subtree: drop leading parts until the folder is there
+     * (a folder that is there but lacks the files is the group's own: its levels without the
+     * memory controller set no limit) */
     const char *rel = is_v1 ? v1 : v2;
     for (;;) {
         snprintf(dir, sizeof dir, "%s%s", base, rel);
-        uint64_t probe;
-        if (cgroup_value(dir, usage_file, &probe) == 0 || !*rel) break;
+        if (access(dir, F_OK) == 0 || !*rel) break;
         const char *next = strchr(rel + 1, '/');
         rel = next ? next : "";
     }
