@@ -85,8 +85,9 @@ int dg_worker_init(dg_worker *w, dg_model *model, char *err, size_t errlen) {
         else if (!free_now) log_info("max_inflight %d (the device does not say what memory it has free)",
                                      cfg->max_inflight);
         else
-            log_info("max_inflight %d (from the memory: %.2f GiB free to this worker, within its cgroup's limit "
-                     "where it has one; half of it for the KV)", cfg->max_inflight, free_now / 1073741824.0);
+            log_info("max_inflight %d (from the memory: %.2f GiB free to this worker on %s%s; half of it for the KV)",
+                     cfg->max_inflight, free_now / 1073741824.0, cfg->device,
+                     strncmp(cfg->device, "cpu", 3) ? "" : ", its cgroup's limit counted");
     }
     dg_commit_init(&w->committer, &w->redis, cfg, &w->keys);
     dg_take_init(&w->taker, &w->redis, cfg, &w->keys, w->sched, &w->committer, &w->runs);
