@@ -88,7 +88,10 @@ EOF
 systemctl --root="$ROOT" --quiet disable duogend@0.service duogend.target 2>/dev/null || true
 log=$(mktemp /tmp/duogen-nspawn.XXXXXX)
 nspawn=""
-cleanup() { [ -z "$nspawn" ] || { kill "$nspawn" 2>/dev/null || true; wait "$nspawn" 2>/dev/null || true; }; }
+cleanup() {   # the container stopped; its console log removed where every check passed, else named
+    [ -z "$nspawn" ] || { kill "$nspawn" 2>/dev/null || true; wait "$nspawn" 2>/dev/null || true; }
+    if [ "${PASS_ALL:-0}" = 1 ]; then rm -f "$log"; else say "the container's console: $log"; fi
+}
 trap cleanup EXIT
 ctr() { nsenter -t "$leader" -m -u -i -n -p -r -w -- "$@"; }
 boot() {    # starts the container and waits for its systemd to finish booting
@@ -265,4 +268,5 @@ fi
 ctr systemctl disable --quiet --now duogend@0 duogend.target
 
 say "$PASS passed, $FAIL failed, $SKIP skipped"
+[ "$FAIL" -eq 0 ] && PASS_ALL=1
 [ "$FAIL" -eq 0 ]
