@@ -76,11 +76,11 @@ int dg_worker_init(dg_worker *w, dg_model *model, char *err, size_t errlen) {
                         .max_condition_pixels = cfg->max_condition_pixels,
                         .max_condition_frames = cfg->max_condition_frames,
                         .max_image_pixels = cfg->max_image_pixels};
-    const size_t free_now = cfg->max_inflight || cfg->kv_cache_bytes ? 0 : dg_model_memory_free(model);
     int rc = dg_sched_new(model, &so, &w->sched, err, errlen);
     if (rc) return rc;
     if (!cfg->max_inflight) {   /* sized by the engine from the memory (docs/DESIGN.md §6 "Batching") */
         cfg->max_inflight = dg_sched_max_inflight(w->sched);
+        const size_t free_now = dg_sched_sized_from(w->sched);
         if (cfg->kv_cache_bytes) log_info("max_inflight %d (what kv_cache_bytes holds)", cfg->max_inflight);
         else if (!free_now) log_info("max_inflight %d (the device does not say what memory it has free)",
                                      cfg->max_inflight);

@@ -326,11 +326,6 @@ typedef struct {
 
 /* A one-line description of the loaded model ("tiny: qwen2.5-vl 2L/64d + cosmos 2L"). */
 const char *dg_model_describe(const dg_model *m);
-/* The memory the model's device has free now, as a scheduler's max_inflight 0 reads it
- * (the CPU: MemAvailable within the process's cgroup limits; CUDA: the arena's free bytes);
- * 0 when the device cannot say. */
-size_t dg_model_memory_free(const dg_model *m);
-
 int  dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen);
 void dg_model_close(dg_model *m);   /* accepts NULL */
 
@@ -367,6 +362,10 @@ int  dg_sched_warmup(dg_sched *s, dg_usage *usage, char *err, size_t errlen);
 int  dg_sched_active(const dg_sched *s);
 /* The sequences it steps together: dg_sched_opts.max_inflight, or what 0 came to. */
 int  dg_sched_max_inflight(const dg_sched *s);
+/* The free memory max_inflight 0 was sized from, as dg_sched_new read it (the CPU:
+ * MemAvailable within the process's cgroup limits; CUDA: the arena's free bytes); 0 where
+ * max_inflight or kv_cache_bytes was set, or the device could not say. */
+size_t dg_sched_sized_from(const dg_sched *s);
 /* What a request gets for each field it does not set: the package's defaults (duogen.json
  * "defaults"), every field a value. */
 void dg_sched_defaults(const dg_sched *s, dg_text_params *text, dg_image_params *image);

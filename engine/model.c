@@ -30,10 +30,6 @@
 
 const char *dg_model_describe(const dg_model *m) { return m ? m->describe : "none"; }
 
-size_t dg_model_memory_free(const dg_model *m) {
-    return m && m->be && m->be->memory_free ? m->be->memory_free(m->be) : 0;
-}
-
 static int fail(char *err, size_t errlen, int code, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 static int fail(char *err, size_t errlen, int code, const char *fmt, ...) {
     va_list ap;

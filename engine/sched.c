@@ -77,11 +77,15 @@ static void default_cache_budgets(const dg_model *m, size_t *vision_bytes, size_
  * when one is set (the condition rows live in host memory beside it), else with its
  * condition rows in half the backend's free memory (the other half for the forwards' and
  * the painters' scratch and the other caches); at least 1, at most DG_SCHED_AUTO_INFLIGHT. */
-static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget, size_t block_bytes, int per_seq) {
+static int default_inflight(const dg_model *m, dg_backend *be, size_t kv_budget, size_t block_bytes, int per_seq,
+                            size_t *free_read) {
     size_t seq_kv = 2 * (size_t)per_seq * block_bytes;
     size_t cond = m->has_draw ? 3 * (size_t)m->max_context * (size_t)m->conn.d_cond * sizeof(float) : 0;
     size_t budget = kv_budget, per = kv_budget ? seq_kv : seq_kv + cond;
-    if (!budget) budget = be->memory_free ? be->memory_free(be) / 2 : 0;
+    if (!budget) {
+        *free_read = be->memory_free ? be->memory_free(be) : 0;
+        budget = *free_read / 2;
+    }
     size_t n = budget / per;
     return n < 1 ? 1 : n > DG_SCHED_AUTO_INFLIGHT ? DG_SCHED_AUTO_INFLIGHT : (int)n;
 }
@@ -123,7 +127,7 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
     size_t block_bytes = 2u * (size_t)c->n_layers * kv_dim * DG_KV_BLOCK * dg_dtype_size(kv_dtype);
     int per_seq = (m->max_context + DG_KV_BLOCK - 1) / DG_KV_BLOCK;
     if (s->o.max_inflight <= 0)
-        s->o.max_inflight = default_inflight(m, m->be, s->o.kv_cache_bytes, block_bytes, per_seq);
+        s->o.max_inflight = default_inflight(m, m->be, s->o.kv_cache_bytes, block_bytes, per_seq, &s->sized_from);
     /* room for every sequence at full context, plus as much again for cached prefixes,
      * unless the caller set a budget */
     int n_blocks = s->o.kv_cache_bytes ? (int)(s->o.kv_cache_bytes / block_bytes) : 2 * per_seq * s->o.max_inflight;
@@ -248,6 +252,7 @@ void dg_sched_free(dg_sched *s) {
 }
 
 int dg_sched_max_inflight(const dg_sched *s) { return s->n_seqs; }
+size_t dg_sched_sized_from(const dg_sched *s) { return s->sized_from; }
 
 void dg_sched_defaults(const dg_sched *s, dg_text_params *text, dg_image_params *image) {
     if (text) *text = s->m->text_defaults;

@@ -88,7 +88,6 @@ static void sleep_ms(int ms) {
 const char *dg_model_describe(const dg_model *m) { return m ? m->describe : "none"; }
 
 /* The fake holds no KV: its scheduler's max_inflight 0 is a fixed number, not the memory's. */
-size_t dg_model_memory_free(const dg_model *m) { (void)m; return 0; }
 
 int dg_model_open(const char *dir, const dg_model_opts *o, dg_model **out, char *err, size_t errlen) {
     struct stat st;
@@ -390,6 +389,7 @@ int dg_sched_cancel(dg_sched *s, uint64_t seq) {
 }
 
 int dg_sched_max_inflight(const dg_sched *s) { return s->cap; }
+size_t dg_sched_sized_from(const dg_sched *s) { (void)s; return 0; }   /* no device to read */
 
 /* The fake's package defaults: max_new_tokens FAKE_MAX_NEW_TOKENS, and what a real
  * package's duogen.json says for the rest. */
