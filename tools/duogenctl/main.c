@@ -55,7 +55,7 @@ static const struct param {
     {"schedule", "schedule=karras", "default (the package's), karras or shifted"},
     {"shift", "shift=3", "the shifted schedule's shift, [0.001, 100]; given alone it selects shifted"},
     {"seed", "seed=7", "seed of the sampler and of the noise: the same job and seed give the same answer"},
-    {"deadline_s", "deadline_s=600", "seconds from now: a job not started by then expires, a running one stops"},
+    {"deadline_s", "deadline_s=600", "seconds from when the job is sent: not started by then, it expires; running, it stops"},
     {"max_attempts", "max_attempts=3", "deliveries before the job is dead-lettered; 0 is the worker's default"},
     {"result_ttl_s", "result_ttl_s=3600", "seconds the result, events and images are kept; 0 is the worker's default"},
     {"inline_images", "inline_images=true", "the Result protobuf carries the PNG bytes too"},
