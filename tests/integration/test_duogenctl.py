@@ -377,3 +377,109 @@ def test_batch_shows_where_it_stands_on_a_terminal(cluster, tmpdir_path):
     err = err.decode()
     assert "\r\x1b[Kbatch: 0 of 2 ended (0 done), 2 sent" in err and "\r\x1b[Kbatch: 2 of 2 ended (2 done), 2 sent" in err
     assert err.endswith("\r\x1b[K"), repr(err)   # cleared at the end
+
+
+def test_batch_ids_files_and_deadlines_as_a_user_meets_them(cluster, tmpdir_path):
+    """What using `batch` found: ids "." and ".." took --out's answers out of DIR (DIR/../);
+    two files named alike (jobs.mon.jsonl, jobs.tue.jsonl) gave the same ids, so the second
+    ran nothing and printed the first's answers; a file that can be read once (a pipe) sent
+    nothing; an empty or folder image on line 2 was found after line 1 had gone out; a
+    line's deadline_s ran while the line waited under --window; deadline_s=1e30 expired the
+    job at once; an unreachable Redis was waited for forever. Now each is refused before
+    anything is sent, or works."""
+    cluster.worker(args=["--max-inflight", "2"])
+    cluster.wait_groups()
+    out = os.path.join(tmpdir_path, "answers")
+    for bad in (".", ".."):
+        path = write_lines(os.path.join(tmpdir_path, "dots.jsonl"), [f'{{"id": "{bad}", "text": "x"}}'])
+        p = ctl(cluster, "batch", path, "--out", out)
+        assert p.returncode == 2 and f'id "{bad}" cannot name a folder of answers' in p.stderr, p.stderr
+    assert cluster.r.xlen("duogen:jobs") == 0 and not os.path.exists(os.path.join(tmpdir_path, "answer.md"))
+
+    # the stem is the name without its last extension, and only bytes an id may hold
+    for name, stem in (("jobs.mon.jsonl", "jobs.mon"), ("jobs.tue.jsonl", "jobs.tue"), ("my batch.jsonl", "my_batch"),
+                       ("-dash.jsonl", "_dash")):
+        path = write_lines(os.path.join(tmpdir_path, name), [f'{{"text": "{name}"}}'])
+        p = ctl(cluster, "batch", path, "--out", out)
+        assert p.returncode == 0 and p.stdout.splitlines()[0] == f"{stem}-1 done", (name, p.stdout, p.stderr)
+        assert f"Echo: {name}" in open(os.path.join(out, f"{stem}-1", "answer.md")).read()
+
+    # a batch from a pipe: read once, both passes from its bytes
+    p = subprocess.run([CTL, "--redis", cluster.server.url, "batch", "/dev/stdin", "--wait"],
+                       input='{"id": "piped-1", "text": "one"}\n{"id": "piped-2", "text": "two"}\n',
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and sorted(p.stdout.splitlines()[:-1]) == ["piped-1 done", "piped-2 done"], p
+
+    # images that cannot be sent are found with every other mistake, before the first line goes out
+    open(os.path.join(tmpdir_path, "empty.png"), "wb").close()
+    os.mkdir(os.path.join(tmpdir_path, "folder.png"))
+    sent = cluster.r.xlen("duogen:jobs")
+    for image, said in (("empty.png", "empty"), ("folder.png", "a folder")):
+        path = write_lines(os.path.join(tmpdir_path, "img.jsonl"),
+                           ['{"id": "ok-line", "text": "a"}', f'{{"text": "b", "images": ["{image}"]}}'])
+        p = ctl(cluster, "batch", path)
+        assert p.returncode == 3 and f'"{path}" line 2: image "' in p.stderr and said in p.stderr, p.stderr
+    assert cluster.r.xlen("duogen:jobs") == sent and not cluster.r.exists("duogen:job:ok-line")
+
+    # deadline_s counts from when the line goes out: the second line waits ~2 s for the window
+    path = write_lines(os.path.join(tmpdir_path, "dl.jsonl"), [
+        '{"id": "dl-slow", "text": "a b c d e f g h", "params": {"meta.fake.step_ms": 250}}',
+        '{"id": "dl-quick", "text": "quick", "params": {"deadline_s": 1.5}}'])
+    p = ctl(cluster, "batch", path, "--window", "1", timeout=60)
+    assert p.returncode == 0 and "dl-quick done" in p.stdout.splitlines(), (p.stdout, p.stderr)
+    for value in ("1e30", "0", "-5", "nan"):
+        p = ctl(cluster, "enqueue", "--param", f"deadline_s={value}", "hi")
+        assert p.returncode == 2 and f"deadline_s={value}" in p.stderr, (value, p.stderr)
+
+    # a Redis that was never there is not waited for
+    path = write_lines(os.path.join(tmpdir_path, "unreachable.jsonl"), ['{"text": "a"}'])
+    p = subprocess.run([CTL, "--redis", "redis://127.0.0.1:1/0", "batch", path], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 3 and "Connection refused" in p.stderr and "waiting" not in p.stderr, p.stderr
+
+
+def test_enqueue_and_result_as_a_user_meets_them(cluster, tmpdir_path):
+    """What using enqueue and result found: an id used again printed the earlier job's answer
+    with nothing said; result --out into a folder used before left that answer's pictures
+    beside the new one's; --html exited 0 without a picture that --out counted as missing;
+    top into a pipe wrote terminal escapes forever; bias.abc=1 was said as "bias.abc=abc"; a
+    key of 128 bytes as "expected KEY=VALUE"; an image from a pipe as "empty"."""
+    cluster.worker()
+    assert ctl(cluster, "enqueue", "--id", "used", "--wait", "first", "question").returncode == 0
+    p = ctl(cluster, "enqueue", "--id", "used", "--wait", "another", "question")
+    assert p.returncode == 0 and "Echo: first question" in p.stdout, p
+    assert 'job "used" has ended already (done): not sent again' in p.stderr, p.stderr
+    assert cluster.r.xlen("duogen:jobs") == 1
+
+    assert ctl(cluster, "enqueue", "--id", "three", "--param", "meta.fake.images=3", "--param", "steps=1",
+               "--wait", "a", "b", "c", "d").returncode == 0
+    assert ctl(cluster, "enqueue", "--id", "one", "--param", "meta.fake.images=1", "--param", "steps=1",
+               "--wait", "a", "b").returncode == 0
+    d = os.path.join(tmpdir_path, "d")
+    assert ctl(cluster, "result", "three", "--out", d).returncode == 0
+    assert sorted(os.listdir(d)) == ["answer.md", "image-1.png", "image-2.png", "image-3.png"]
+    open(os.path.join(d, "image-7.png.keep"), "w").close()   # not a picture of ours: left
+    assert ctl(cluster, "result", "one", "--out", d).returncode == 0
+    assert sorted(os.listdir(d)) == ["answer.md", "image-1.png", "image-7.png.keep"]
+
+    cluster.r.delete("duogen:image:three:2")
+    p = ctl(cluster, "result", "three", "--html", os.path.join(tmpdir_path, "page"))
+    assert p.returncode == 1 and "image 2 (duogen:image:three:2) is gone" in p.stderr, p.stderr
+
+    top = subprocess.Popen([CTL, "--redis", cluster.server.url, "top", "--interval", "0.2"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    top.terminate()
+    frames, _ = top.communicate(timeout=10)
+    assert top.returncode == 0 and "\033" not in frames and "(q quits)" not in frames, repr(frames[:300])
+    assert frames.count("duogen top ") >= 2 and "\n\nduogen top " in frames, frames
+
+    for args, said in ((["--param", "bias.abc=1"], '--param bias.abc: "abc" is not a token id'),
+                       (["--param", "meta." + "k" * 130 + "=v"], "a key of 135 bytes (127 at most)")):
+        p = ctl(cluster, "enqueue", *args, "hi")
+        assert p.returncode == 2 and said in p.stderr, (args, p.stderr)
+    p = subprocess.run([CTL, "--redis", cluster.server.url, "enqueue", "--id", "piped-image", "--image", "/dev/stdin",
+                        "--wait", "what is it"], input=tiny_png(), capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    job = pb.Job.FromString(cluster.r.xrange("duogen:jobs")[-1][1][b"job"])
+    assert job.id == "piped-image" and job.messages[0].parts[0].image.data == tiny_png()

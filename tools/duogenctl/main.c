@@ -10,7 +10,9 @@
  *
  * Exit status: 0 success (for --wait and result: the job is done), 1 the job failed, was
  * cancelled or expired, 2 usage, 3 Redis or file errors. */
+#include <dirent.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -23,6 +25,7 @@
 #include "../../daemon/daemon_config.h"
 #include "../../daemon/job.h"
 #include "../../daemon/manpage.h"
+#include "../../daemon/outdir.h"
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
 #include "html.h"
@@ -84,12 +87,15 @@ static void key(char *out, size_t n, const char *kind, const char *id) {
     else snprintf(out, n, "%s:%s", prefix, kind);
 }
 
+static int redis_seen;   /* a reply has come: Redis was there once (a wait may wait for it) */
+
 static redisReply *cmd(dg_cmd *c) {
     if (!dg_redis_ready(&R)) die(EXIT_IO, "Redis: %s", R.error);
     redisReply *rep = dg_redis_cmd(&R, c);
     dg_cmd_free(c);
     if (!rep) die(EXIT_IO, "Redis: %s", R.error);
     if (rep->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep->str);
+    redis_seen = 1;
     return rep;
 }
 
@@ -100,6 +106,7 @@ static redisReply *cmd(dg_cmd *c) {
 static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
     int told = 0;
     while (n && (!dg_redis_ready(&R) || dg_redis_pipeline(&R, cmds, n, rep))) {
+        if (!redis_seen) die(EXIT_IO, "Redis: %s", R.error);   /* never there: a wrong URL, not a restart */
         if (!told++) fprintf(stderr, "duogenctl: Redis went away (%s); waiting for it\n", R.error);
         int ms = dg_redis_wait_ms(&R);
         struct timespec ts = {0, (long)(ms < 50 ? 50 : ms > 1000 ? 1000 : ms) * 1000000L};
@@ -108,6 +115,7 @@ static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
     for (int i = 0; i < n; i++)
         if (rep[i]->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep[i]->str);
     if (told) fprintf(stderr, "duogenctl: Redis is back\n");
+    redis_seen |= n > 0;
 }
 
 /* One command so; c is freed. */
@@ -134,17 +142,41 @@ static long long hint(const redisReply *h, const char *name) {
     return v && v->type == REDIS_REPLY_INTEGER ? v->integer : 0;
 }
 
-static uint8_t *read_file(const char *path, size_t *len) {
+/* The whole of a file, or of a pipe or another stream, to its end: malloc'd, its length in
+ * *len (0 for an empty one, still a buffer). NULL with errno (EISDIR for a folder). */
+static uint8_t *read_all(const char *path, size_t *len) {
+    struct stat st;
     FILE *f = fopen(path, "rb");
-    if (!f) die(EXIT_IO, "\"%s\": %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    if (n <= 0) die(EXIT_IO, "\"%s\": empty or unreadable", path);
-    uint8_t *buf = malloc((size_t)n);
-    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) die(EXIT_IO, "\"%s\": read failed", path);
+    if (!f) return NULL;
+    if (fstat(fileno(f), &st) || S_ISDIR(st.st_mode)) {
+        if (S_ISDIR(st.st_mode)) errno = EISDIR;
+        fclose(f);
+        return NULL;
+    }
+    size_t cap = S_ISREG(st.st_mode) && st.st_size > 0 ? (size_t)st.st_size + 1 : 65536, n = 0;
+    uint8_t *buf = malloc(cap);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap) break;   /* the end, or an error (below) */
+        uint8_t *more = realloc(buf, cap *= 2);
+        if (!more) free(buf);
+        buf = more;
+    }
+    const int e = !buf ? ENOMEM : ferror(f) ? (errno ? errno : EIO) : 0;
     fclose(f);
-    *len = (size_t)n;
+    if (e) {
+        free(buf);
+        errno = e;
+        return NULL;
+    }
+    *len = n;
+    return buf;
+}
+
+static uint8_t *read_file(const char *path, size_t *len) {
+    uint8_t *buf = read_all(path, len);
+    if (!buf) die(EXIT_IO, "\"%s\": %s", path, strerror(errno));
+    if (!*len) die(EXIT_IO, "\"%s\": empty", path);
     return buf;
 }
 
@@ -171,7 +203,10 @@ typedef struct {
     char **stop; size_t n_stop;
     Duogen__V1__TextParams__LogitBiasEntry **bias; size_t n_bias;
     Duogen__V1__Job__MetadataEntry **meta; size_t n_meta;
+    double deadline_s;   /* deadline_s as given: the job's deadline is set when it is sent; 0 none */
 } job_builder;
+
+#define DEADLINE_MAX_S 1e9   /* seconds: about 31 years, within what a job's milliseconds hold */
 
 static float parse_float(const char *k, const char *v) {
     char *end;
@@ -212,7 +247,9 @@ static Duogen__V1__ImageParams__Schedule parse_schedule(const char *v) {
 static void set_param(job_builder *b, const char *kv) {
     char k[128];
     const char *eq = strchr(kv, '=');
-    if (!eq || (size_t)(eq - kv) >= sizeof k) die(EXIT_USAGE, "--param \"%s\": expected KEY=VALUE", kv);
+    if (!eq) die(EXIT_USAGE, "--param \"%s\": expected KEY=VALUE", kv);
+    if ((size_t)(eq - kv) >= sizeof k)
+        die(EXIT_USAGE, "--param \"%.40s...\": a key of %zu bytes (%zu at most)", kv, (size_t)(eq - kv), sizeof k - 1);
     memcpy(k, kv, (size_t)(eq - kv));
     k[eq - kv] = 0;
     const char *v = eq + 1;
@@ -235,7 +272,12 @@ static void set_param(job_builder *b, const char *kv) {
     } else if (!strncmp(k, "bias.", 5)) {
         Duogen__V1__TextParams__LogitBiasEntry *e = malloc(sizeof *e);
         duogen__v1__text_params__logit_bias_entry__init(e);
-        e->key = (int32_t)parse_u64(k, k + 5, INT32_MAX);
+        char *end;
+        errno = 0;
+        const unsigned long long id = k[5] >= '0' && k[5] <= '9' ? strtoull(k + 5, &end, 10) : ULLONG_MAX;
+        if (id > INT32_MAX || *end || errno)
+            die(EXIT_USAGE, "--param %s: \"%s\" is not a token id (0..%d)", k, k + 5, INT32_MAX);
+        e->key = (int32_t)id;
         e->value = !strcmp(v, "-inf") ? -INFINITY : parse_float(k, v);
         b->bias = realloc(b->bias, (b->n_bias + 1) * sizeof *b->bias);
         b->bias[b->n_bias++] = e;
@@ -254,9 +296,9 @@ static void set_param(job_builder *b, const char *kv) {
     } else if (!strcmp(k, "schedule")) b->image.schedule = parse_schedule(v);
     else if (!strcmp(k, "seed")) b->job.seed = parse_u64(k, v, UINT64_MAX);
     else if (!strcmp(k, "deadline_s")) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        b->job.deadline_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + (int64_t)(parse_float(k, v) * 1000);
+        b->deadline_s = parse_float(k, v);
+        if (!(b->deadline_s > 0 && b->deadline_s <= DEADLINE_MAX_S))
+            die(EXIT_USAGE, "--param %s=%s: not a number of seconds in (0, %g]", k, v, DEADLINE_MAX_S);
     } else if (!strcmp(k, "max_attempts")) b->job.max_attempts = parse_uint(k, v);
     else if (!strcmp(k, "result_ttl_s")) b->job.result_ttl_s = parse_uint(k, v);
     else if (!strcmp(k, "inline_images")) b->job.inline_images = parse_bool(k, v);
@@ -442,6 +484,8 @@ static void job_check(const enqueue_opts *o, const char *what) {
         die(EXIT_USAGE, "%s: id \"%s\" is not 1..128 characters of A-Z a-z 0-9 . _ : -", what, o->id);
     if (o->id[0] == '-')   /* `watch -h` and the like would read it as an option */
         die(EXIT_USAGE, "%s: id \"%s\" starts with \"-\": duogenctl's commands could not name it", what, o->id);
+    if (!dg_outdir_id_ok(o->id))   /* batch --out's DIR/<id>/, a worker's output_root/<id>/ */
+        die(EXIT_USAGE, "%s: id \"%s\" cannot name a folder of answers", what, o->id);
 }
 
 /* A Job's messages: the system text (if any), then one user message of the images and the
@@ -498,11 +542,33 @@ static void free_messages(job_messages *m) {
     for (int i = 0; i < m->n_imgs; i++) free(m->imgs[i].data.data);
 }
 
-/* The job, packed, onto the (high or normal) queue stream, with its state "queued". */
-static void push_job(enqueue_opts *o) {
+/* The job, packed, onto the (high or normal) queue stream, with its state "queued"; its
+ * deadline_s counts from now. An id whose job has a result already is not sent again (a
+ * worker would only skip it): that is said, and 0 returned; else 1. */
+static int push_job(enqueue_opts *o) {
     job_messages m;
     job_builder *b = &o->b;
-    build_messages(&m, o);
+    char k_jobs[512], k_job[512], k_result[512];
+    key(k_jobs, sizeof k_jobs, o->high ? "jobs:high" : "jobs", NULL);
+    key(k_job, sizeof k_job, "job", o->id);
+    key(k_result, sizeof k_result, "result", o->id);
+    build_messages(&m, o);   /* its files read before anything is written */
+    /* "queued" first: the worker's "running" always comes after it */
+    redisReply *set = cmd(dg_cmd_of("HSETNX", k_job, "state", "queued", NULL));
+    const int known = set->type == REDIS_REPLY_INTEGER && set->integer == 0;
+    freeReplyObject(set);
+    if (known) {   /* the same id again: a retry of this job, or a new job under a used id */
+        redisReply *st = cmd(dg_cmd_of("HGET", k_result, "status", NULL));
+        const int ended = st->type == REDIS_REPLY_STRING;
+        if (ended)
+            fprintf(stderr, "duogenctl: job \"%s\" has ended already (%s): not sent again; its result stands "
+                    "(a new job needs another id)\n", o->id, st->str);
+        freeReplyObject(st);
+        if (ended) {
+            free_messages(&m);
+            return 0;
+        }
+    }
     b->job.id = o->id;
     b->job.messages = m.msgs;
     b->job.n_messages = m.n_msgs;
@@ -514,21 +580,24 @@ static void push_job(enqueue_opts *o) {
     b->job.image = &b->image;
     b->job.metadata = b->meta;
     b->job.n_metadata = b->n_meta;
+    b->job.deadline_unix_ms = 0;
+    if (b->deadline_s > 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        b->job.deadline_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + (int64_t)(b->deadline_s * 1000);
+    }
 
     size_t len = duogen__v1__job__get_packed_size(&b->job);
     uint8_t *buf = malloc(len);
+    if (!buf) die(EXIT_IO, "out of memory for a job of %zu bytes", len);
     duogen__v1__job__pack(&b->job, buf);
-    char k_jobs[512], k_job[512];
-    key(k_jobs, sizeof k_jobs, o->high ? "jobs:high" : "jobs", NULL);
-    key(k_job, sizeof k_job, "job", o->id);
-    /* "queued" first: the worker's "running" always comes after it */
-    freeReplyObject(cmd(dg_cmd_of("HSETNX", k_job, "state", "queued", NULL)));
     freeReplyObject(cmd(dg_cmd_of("EXPIRE", k_job, "86400", NULL)));
     dg_cmd *x = dg_cmd_of("XADD", k_jobs, "*", "id", o->id, "job", NULL);
     dg_cmd_add(x, buf, len);
     freeReplyObject(cmd(x));
     free(buf);
     free_messages(&m);
+    return 1;
 }
 
 static int cmd_enqueue(int argc, char **argv) {
@@ -727,14 +796,8 @@ static int follow(const char *id, int show_text) {
 
 /* A file's bytes (malloc'd), or NULL with *len 0 when it cannot be read. */
 static uint8_t *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    uint8_t *buf = NULL;
-    long n = f && !fseek(f, 0, SEEK_END) ? ftell(f) : -1;
-    *len = 0;
-    if (n > 0 && !fseek(f, 0, SEEK_SET) && (buf = malloc((size_t)n)) && fread(buf, 1, (size_t)n, f) == (size_t)n)
-        *len = (size_t)n;
-    if (f) fclose(f);
-    if (!*len) {
+    uint8_t *buf = read_all(path, len);
+    if (buf && !*len) {
         free(buf);
         buf = NULL;
     }
@@ -794,10 +857,10 @@ static void free_images(dg_html_image *imgs, int n) {
     free(imgs);
 }
 
-/* DIR/answer.md with each image's link replaced by its file image-<n>.png, and the PNGs. */
 /* DIR/answer.md with the links to images whose bytes are here made image-N.png, and those
- * files (an image that is gone keeps its link, and an image-N.png an earlier answer left
- * in DIR goes). Returns how many are gone. */
+ * files (an image that is gone keeps its link; an image-N.png an earlier answer written
+ * into DIR left, of its number or above this answer's count, goes). Returns how many are
+ * gone. */
 static int write_markdown(const char *dir, const char *text, const dg_html_image *imgs, int n_images) {
     char path[4096];
     if (mkdir(dir, 0755) && errno != EEXIST) die(EXIT_IO, "cannot create \"%s\": %s", dir, strerror(errno));
@@ -833,6 +896,16 @@ static int write_markdown(const char *dir, const char *text, const dg_html_image
             if (unlink(path) && errno != ENOENT) die(EXIT_IO, "cannot remove \"%s\": %s", path, strerror(errno));
         }
     }
+    DIR *d = opendir(dir);   /* an earlier answer's pictures past this one's */
+    for (struct dirent *e; d && (e = readdir(d));) {
+        int k, end = 0;
+        if (!strncmp(e->d_name, "image-", 6) && e->d_name[6] >= '1' && e->d_name[6] <= '9' &&
+            sscanf(e->d_name, "image-%d.png%n", &k, &end) == 1 && end && !e->d_name[end] && k > n_images) {
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if (unlink(path) && errno != ENOENT) die(EXIT_IO, "cannot remove \"%s\": %s", path, strerror(errno));
+        }
+    }
+    if (d) closedir(d);
     fprintf(stderr, "wrote %s/answer.md and %d image(s)%s\n", dir, written,
             written < n_images ? " (the others are gone: their links are kept as they were)" : "");
     return n_images - written;
@@ -867,6 +940,8 @@ static int write_result(const char *id, const char *out_dir, const char *html_di
         if (out_dir && write_markdown(out_dir, text, imgs, n_images) && !rc) rc = EXIT_JOB;
         if (html_dir && dg_html_write_answer(html_dir, id, text, imgs, n_images, res, err, sizeof err))
             die(EXIT_IO, "%s", err);
+        for (int i = 0; html_dir && i < n_images; i++)   /* as for out_dir: a picture is missing */
+            if (!imgs[i].png && !rc) rc = EXIT_JOB;
         if (html_dir) fprintf(stderr, "wrote %s/index.html\n", html_dir);
         free_images(imgs, n_images);
         duogen__v1__result__free_unpacked(res, NULL);
@@ -934,15 +1009,61 @@ static json_t *batch_line(const char *text, const char *path, const char *dir, c
     if (!o->id[0] && snprintf(o->id, sizeof o->id, "%s-%ld", stem, lineno) >= (int)sizeof o->id)
         die(EXIT_USAGE, "%s: no id, and %s-%ld is too long for one", where, stem, lineno);
     job_check(o, where);
-    for (int i = 0; i < o->n_images; i++)
-        if (access(o->images[i], R_OK)) die(EXIT_IO, "%s: image \"%s\": %s", where, o->images[i], strerror(errno));
+    /* each image is read when its line is sent: it must be a file that can be read then */
+    for (int i = 0; i < o->n_images; i++) {
+        struct stat st;
+        FILE *f = fopen(o->images[i], "rb");
+        if (!f || fstat(fileno(f), &st)) die(EXIT_IO, "%s: image \"%s\": %s", where, o->images[i], strerror(errno));
+        fclose(f);
+        if (!S_ISREG(st.st_mode))
+            die(EXIT_IO, "%s: image \"%s\": %s", where, o->images[i],
+                S_ISDIR(st.st_mode) ? "a folder" : "not a regular file (a batch reads each image as its line goes out)");
+        if (!st.st_size) die(EXIT_IO, "%s: image \"%s\": empty", where, o->images[i]);
+    }
     return j;
+}
+
+/* A batch file, opened for one of its two passes. A regular file is opened again for the
+ * second; anything else (a pipe, /dev/stdin, a process substitution) can be read once, so
+ * the first pass keeps its bytes in *mem (*mem_len) and both passes read those. */
+static FILE *batch_open(const char *path, char **mem, size_t *mem_len) {
+    if (*mem) return fmemopen(*mem, *mem_len, "r");
+    struct stat st;
+    FILE *f = fopen(path, "r");
+    if (!f) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
+    if (fstat(fileno(f), &st)) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) die(EXIT_IO, "batch file \"%s\": a folder", path);
+    if (S_ISREG(st.st_mode)) return f;
+    fclose(f);
+    if (!(*mem = (char *)read_all(path, mem_len))) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
+    if (!*mem_len) die(EXIT_USAGE, "batch file \"%s\": no job in it", path);
+    return fmemopen(*mem, *mem_len, "r");
+}
+
+/* The id of a batch line that gives none is <stem>-<line>: the stem is the file's name
+ * without its last extension ("jobs.mon.jsonl": "jobs.mon"), each byte an id cannot hold
+ * made '_' (and a leading '-', which duogenctl's commands would read as an option); "batch"
+ * where nothing is left. */
+static void batch_stem(const char *path, char *stem, size_t n) {
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    const char *dot = strrchr(base, '.');
+    size_t len = dot && dot > base ? (size_t)(dot - base) : strlen(base);
+    if (len >= n) len = n - 1;
+    for (size_t i = 0; i < len; i++) {
+        const char c = base[i];
+        const int ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
+                       c == '_' || c == ':' || (c == '-' && i);
+        stem[i] = ok ? c : '_';
+    }
+    stem[len] = 0;
+    if (!len || !strcmp(stem, ".") || !strcmp(stem, "..")) snprintf(stem, n, "batch");
 }
 
 /* Reads the file's lines into *jobs (sorted by id) after checking each; dies at the first
  * line that is wrong, or an id given twice. Returns how many. */
-static size_t batch_read(const char *path, const char *dir, const char *stem, enqueue_opts *o, batch_job **jobs) {
-    FILE *f = fopen(path, "r");
+static size_t batch_read(const char *path, const char *dir, const char *stem, enqueue_opts *o, batch_job **jobs,
+                         char **mem, size_t *mem_len) {
+    FILE *f = batch_open(path, mem, mem_len);
     if (!f) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
     char *text = NULL;
     size_t cap = 0, n = 0, room = 0;
@@ -1106,14 +1227,14 @@ static int cmd_batch(int argc, char **argv) {
     if (!path) return -1;
     if (out_dir && mkdir(out_dir, 0755) && errno != EEXIST)
         die(EXIT_IO, "cannot create \"%s\": %s", out_dir, strerror(errno));
-    char dir[4096], stem[256];
+    char dir[4096], stem[256], *mem = NULL;
+    size_t mem_len = 0;
     dir_of(path, dir, sizeof dir);
-    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    snprintf(stem, sizeof stem, "%.*s", (int)(strchr(base, '.') ? (size_t)(strchr(base, '.') - base) : strlen(base)), base);
+    batch_stem(path, stem, sizeof stem);
 
     /* every line checked before the first job goes out: a batch is enqueued whole or not at all */
     batch_job *jobs;
-    const size_t n = batch_read(path, dir, stem, &o, &jobs);
+    const size_t n = batch_read(path, dir, stem, &o, &jobs, &mem, &mem_len);
     progress.tty = wait && isatty(2);
     progress.n = n;
     char last[64];
@@ -1121,7 +1242,7 @@ static int cmd_batch(int argc, char **argv) {
 
     /* the file again, line by line: each job that has not run and is not running goes out;
      * one that has ended (an earlier run of this batch) or is on its way is not sent twice */
-    FILE *f = fopen(path, "r");
+    FILE *f = batch_open(path, &mem, &mem_len);
     if (!f) die(EXIT_IO, "batch file \"%s\": %s", path, strerror(errno));
     char *text = NULL;
     size_t cap = 0, in_flight = 0, sent = 0, on_way = 0, ended_before = 0;
@@ -1153,7 +1274,11 @@ static int cmd_batch(int argc, char **argv) {
             while (window && in_flight >= (size_t)window)
                 in_flight -= batch_wait(jobs, n, last, sizeof last, out_dir, 0);
             o.high = high;
-            push_job(&o);
+            char where[4200];
+            snprintf(where, sizeof where, "\"%s\" line %ld", path, lineno);
+            die_where = where;   /* a file that changed since the check is named with its line */
+            push_job(&o);        /* (one that ended meanwhile is not sent: the sweep finds its result) */
+            die_where = NULL;
             b->in_flight = 1;
             in_flight++;
             sent++;
@@ -1168,6 +1293,7 @@ static int cmd_batch(int argc, char **argv) {
     }
     fclose(f);
     free(text);
+    free(mem);
     free(o.text);
     o.text = NULL;
     o.tcap = 0;
@@ -1428,7 +1554,8 @@ static const struct command {
     {"enqueue", "[--job FILE] [--id ID] [--system TEXT] [--image FILE]... [--param KEY=VALUE]... [--high] "
      "[--wait] [--out DIR] TEXT...",
      "Put a job on the queue (duogen:jobs, or duogen:jobs:high with --high) and print its id (default "
-     "job-<unix ms>-<4 hex digits>). The words TEXT are the user's message, the --image files (PNG or JPEG) "
+     "job-<unix ms>-<4 hex digits>; an id whose job has ended is not sent again: its result stands, and "
+     "the new job needs another id). The words TEXT are the user's message, the --image files (PNG or JPEG) "
      "come before it, --system is a system message. --job FILE reads a JSON job file: {\"id\", \"system\", "
      "\"text\", \"images\": [paths relative to the file], \"params\": {KEY: VALUE}}; options after it override "
      "it. --param sets one job parameter (PARAMETERS). --wait follows the job, printing its text as it comes "
@@ -1439,8 +1566,9 @@ static const struct command {
      cmd_enqueue},
     {"batch", "FILE [--wait] [--out DIR] [--window N] [--high]",
      "Enqueue every job of FILE, JSON Lines: one job a line in the form of enqueue's --job file (its images "
-     "relative to FILE; blank lines skipped), the id <FILE's name>-<line number> where a line has none. Every "
-     "line is checked first (its id unique in the file, its images readable): a FILE with a wrong line sends "
+     "relative to FILE; blank lines skipped; FILE may be a pipe), the id <FILE's name without its last "
+     "extension>-<line number> where a line has none. Every "
+     "line is checked first (its id unique in the file, its images files that can be read): a FILE with a wrong line sends "
      "nothing and names the line. A job whose result exists is not sent again, nor one a worker holds: run "
      "the same FILE again to go on after an interruption. --wait waits for every job, printing a line as each "
      "ends (id, status, the error of a failed one), then the tally (on a terminal, a line on stderr says how "
@@ -1454,9 +1582,11 @@ static const struct command {
     {"result", "ID [--out DIR] [--html DIR]",
      "Print a job's status, error and text. --out DIR writes DIR/answer.md, the Markdown answer with each "
      "image link pointing at its file, and the images as DIR/image-N.png (an image that is gone keeps its "
-     "link, and the exit status is 1). --html DIR writes DIR/index.html, "
+     "link, and the exit status is 1; an image-N.png past the answer's count, an earlier answer's, is "
+     "removed). --html DIR writes DIR/index.html, "
      "one self-contained page: the answer's Markdown rendered (raw HTML in it is dropped), each image in "
-     "place as a data: URI, then the status, the timings of each phase and the usage.",
+     "place as a data: URI, then the status, the timings of each phase and the usage (an image that is "
+     "gone: exit status 1).",
      cmd_result},
     {"cancel", "ID", "Ask the worker to stop the job at its next step; it ends as cancelled. A job that has "
      "ended already is left as it is (exit 1).", cmd_cancel},
@@ -1466,7 +1596,8 @@ static const struct command {
      "A live view of the fleet, redrawn every S seconds (default 1) until q or Ctrl-C: each queue stream's "
      "length with its group's pending entries and lag; the jobs finished in the last minute by status and "
      "the dead letters; each live worker with its state, heartbeat age and counts, and each job it runs with "
-     "its phase, progress, tokens, images and denoising step. --once prints one view as plain lines.",
+     "its phase, progress, tokens, images and denoising step. --once prints one view as plain lines; into a "
+     "file or a pipe, the view is written so every S seconds, a blank line after each, until Ctrl-C.",
      cmd_top},
     {"dead", "[list [--count N] | requeue ID... | requeue --all]",
      "List the dead letters, newest first (20 unless --count), or put dead jobs back on duogen:jobs, "

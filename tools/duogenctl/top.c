@@ -135,12 +135,13 @@ static void frame_workers(FILE *out, dg_redis *r, const char *prefix) {
     if (evicts) fprintf(out, "\nwarning: Redis evicts keys when full (maxmemory-policy is not noeviction): jobs can be lost\n");
 }
 
-/* One frame into out. Returns 0, or -1 when Redis could not be read (the frame says so). */
-static int render(FILE *out, dg_redis *r, const char *prefix, const char *where) {
+/* One frame into out (keys: the screen's, which q quits). Returns 0, or -1 when Redis could
+ * not be read (the frame says so). */
+static int render(FILE *out, dg_redis *r, const char *prefix, const char *where, int keys) {
     char clock[16];
     time_t now = time(NULL);
     strftime(clock, sizeof clock, "%H:%M:%S", localtime(&now));
-    fprintf(out, "duogen top   %s   prefix %s   %s   (q quits)\n\n", where, prefix, clock);
+    fprintf(out, "duogen top   %s   prefix %s   %s%s\n\n", where, prefix, clock, keys ? "   (q quits)" : "");
     if (!dg_redis_ready(r)) {
         fprintf(out, "Redis: %s (trying again)\n", r->error[0] ? r->error : "not connected");
         return -1;
@@ -196,9 +197,23 @@ int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_
     char *frame = NULL;
     size_t len = 0;
     if (once) {
-        int rc = render(stdout, r, prefix, where);
+        int rc = render(stdout, r, prefix, where, 0);
         fflush(stdout);
         return rc ? 3 : 0;
+    }
+    struct sigaction sa = {0};
+    sa.sa_handler = on_signal;   /* no SA_RESTART: the wait returns at once */
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    if (!isatty(STDOUT_FILENO)) {   /* into a file or a pipe: a frame an interval, as --once writes it */
+        while (!stop) {
+            render(stdout, r, prefix, where, 0);
+            putchar('\n');
+            if (fflush(stdout) || ferror(stdout)) return 3;   /* the reader went away */
+            int stdin_open = 0;
+            wait_key(interval_ms, &stdin_open);
+        }
+        return 0;
     }
     struct termios saved, raw;
     int tty = tcgetattr(STDIN_FILENO, &saved) == 0, stdin_open = 1;
@@ -209,15 +224,11 @@ int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_
         raw.c_cc[VTIME] = 0;
         tcsetattr(STDIN_FILENO, TCSANOW, &raw);
     }
-    struct sigaction sa = {0};
-    sa.sa_handler = on_signal;   /* no SA_RESTART: the wait returns at once */
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
     fputs("\033[?1049h\033[?25l", stdout);   /* the alternate screen, no cursor */
     while (!stop) {
         FILE *f = open_memstream(&frame, &len);
         if (!f) break;
-        render(f, r, prefix, where);
+        render(f, r, prefix, where, 1);
         fclose(f);
         draw(frame);
         free(frame);

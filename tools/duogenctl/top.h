@@ -7,13 +7,15 @@
  *
  * Live mode draws on the terminal's alternate screen every interval and quits on q (or
  * Ctrl-C), restoring the terminal; a Redis that is away shows as a line in the frame and the
- * view goes on. Once mode prints one frame as plain lines (no escapes) and returns. */
+ * view goes on. Once mode prints one frame as plain lines (no escapes) and returns; into a
+ * file or a pipe, without once, such a frame and a blank line every interval until Ctrl-C. */
 #ifndef DG_CTL_TOP_H
 #define DG_CTL_TOP_H
 
 #include "../../daemon/redis.h"
 
-/* Returns 0 after q, Ctrl-C or one frame (once); 3 when once mode could not read Redis. */
+/* Returns 0 after q, Ctrl-C or one frame (once); 3 when once mode could not read Redis, or
+ * the frames could not be written. */
 int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_ms, int once);
 
 #endif
