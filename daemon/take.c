@@ -75,7 +75,7 @@ static void released_forget(dg_taker *t, int i) {
 /* An entry left pending for a later attempt: not taken back before claim_idle_ms. The list
  * is bounded: past DG_TAKE_RELEASED_MAX the one given back longest ago goes (counted as never
  * run should it still be ours: a fleet of that many passing failures at once is broken). */
-static void released_add(dg_taker *t, const char *stream, const char *entry) {
+static void released_add(dg_taker *t, const char *stream, const char *entry, int deliveries) {
     int i = released_find(t, stream, entry);
     if (i < 0 && t->n_released == DG_TAKE_RELEASED_MAX) {
         int oldest = 0;
@@ -94,6 +94,7 @@ static void released_add(dg_taker *t, const char *stream, const char *entry) {
         snprintf(t->released[i].entry, sizeof t->released[i].entry, "%s", entry);
     }
     t->released[i].until_ms = dg_mono_ms() + t->cfg->claim_idle_ms;
+    t->released[i].deliveries = deliveries;
 }
 
 dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int room) {
@@ -568,7 +569,7 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
     }
     if (st == DG_JOB_WORKER) {   /* this worker cannot read its images now: a later attempt may */
         note_retry(t, r, err);
-        released_add(t, stream, entry_id);
+        released_add(t, stream, entry_id, deliveries);
         dg_runs_drop(t->held, r);
         /* and takes no job for a while (250 ms doubling to 16 s, then 30 s) */
         const int64_t wait = t->input_failures >= 7 ? 30000 : (int64_t)250 << t->input_failures;
@@ -605,7 +606,7 @@ static int take(dg_taker *t, const char *stream, const redisReply *entry, int de
         return 0;
     case DG_ERROR_RETRYABLE:
         note_retry(t, r, err);
-        released_add(t, stream, entry_id);
+        released_add(t, stream, entry_id, deliveries);
         break;
     case DG_ERROR_FATAL: {
         log_error("job \"%s\": engine failure: %s", r->id, err);
@@ -791,8 +792,11 @@ static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int
             parked_idle = idle;
             continue;
         }
-        /* delivered in this life and not given back: never run, not counted again */
-        claims[n++] = claim_own_cmd(t, stream, id, idle, k < 0 && idle < life ? deliveries : -1);
+        /* delivered in this life and not given back: never run, not counted again; given back,
+         * and counted past its run's count since: a claim (a reaper's) took it again and its
+         * reply was lost, and that claim counted the delivery that comes now */
+        const int uncounted = k < 0 ? idle < life : deliveries > t->released[k].deliveries;
+        claims[n++] = claim_own_cmd(t, stream, id, idle, uncounted ? deliveries : -1);
     }
     if (!whole || at < pend->elements) *more = 1;
     const size_t n_rows = pend->elements;
@@ -890,13 +894,22 @@ static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_
 }
 
 /* The idle wait's normal entry, beside a high one: it stays pending in our list, not run,
- * and an OWN step of the normal stream takes it once no high job waits. */
-static void park(dg_taker *t, const char *stream, const redisReply *entries) {
+ * and an OWN step of the normal stream takes it once no high job waits. Its delivery count
+ * is set back to 0 at once: whoever runs it first (our OWN step, another worker's reaper
+ * after claim_idle_ms, the next life of this consumer after a stop) counts delivery 1.
+ * Returns 0, or -1 when Redis went away (the entry is parked; its count stays 1). */
+static int park(dg_taker *t, const char *stream, const redisReply *entries) {
     const redisReply *e = entries->element[0];
-    if (e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING) return;
+    if (e->type != REDIS_REPLY_ARRAY || e->elements < 1 || e->element[0]->type != REDIS_REPLY_STRING) return 0;
     snprintf(t->parked, sizeof t->parked, "%s", e->element[0]->str);
     log_info("entry %s of \"%s\" came with a high-priority job: left pending until no high job waits",
              t->parked, stream);
+    redisReply *rep = dg_redis_cmdv(t->redis, "XCLAIM", stream, t->cfg->group, t->cfg->worker_id, "0", t->parked,
+                                    "RETRYCOUNT", "0", "JUSTID", NULL);
+    if (!rep) return -1;
+    if (rep->type == REDIS_REPLY_ERROR) log_error("XCLAIM of parked entry %s: %s", t->parked, rep->str);
+    freeReplyObject(rep);
+    return 0;
 }
 
 /* Takes what an XREADGROUP of new entries returned: a read of one stream, all of it (its
@@ -917,7 +930,7 @@ static int take_read(dg_taker *t, const dg_take_step *s, const redisReply *rep, 
     for (int k = 0; k < s->n_streams && !rc; k++) {
         if (!got[k] || !got[k]->elements) continue;
         if (k == 1 && dg_take_park_normal(s, got[0] ? (int)got[0]->elements : 0)) {
-            park(t, s->streams[1], got[1]);
+            rc = park(t, s->streams[1], got[1]);
             continue;
         }
         rc = take_entries(t, s->streams[k], got[k], 1, out);
@@ -993,7 +1006,7 @@ void dg_take_release(dg_taker *t) {
         next = r->next;
         if (!r->ended || !r->retry || r->lease_lost) continue;
         note_retry(t, r, r->error);
-        released_add(t, r->stream, r->entry);
+        released_add(t, r->stream, r->entry, r->deliveries);
         dg_runs_drop(t->held, r);
     }
 }

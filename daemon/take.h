@@ -129,7 +129,11 @@ typedef struct {
      * pending list no longer holds it (DG_TAKE_RELEASED_MAX at most): an own entry
      * delivered in this life and not in this list was never run (its read's reply was
      * lost) and is claimed without counting a delivery. */
-    struct dg_released { char stream[DG_KEY_MAX]; char entry[64]; int64_t until_ms; } *released;
+    struct dg_released {
+        char stream[DG_KEY_MAX], entry[64];
+        int64_t until_ms;
+        int deliveries;   /* the count the run that gave it back had */
+    } *released;
     int n_released, cap_released;
     int64_t life_start_ms;           /* dg_mono_ms() at init: an own pending entry idle for
                                         longer was delivered to an earlier life of this
@@ -144,7 +148,7 @@ typedef struct {
     struct dg_lost_seen { char stream[DG_KEY_MAX]; char entry[64]; int64_t since_ms; } lost_seen[64];
     int n_lost_seen;
     char parked[64];                 /* the entry of the normal stream the idle wait parked
-                                        (pending, not run; its one delivery did not count),
+                                        (pending, not run; its delivery count set back to 0),
                                         "" when none: the idle wait's COUNT 1 parks at most
                                         one, and runs only when the plan before it, whose
                                         OWN step of the normal stream takes a parked entry,

@@ -85,7 +85,7 @@ def test_redelivered_job_with_result_keeps_its_job_hash(cluster):
 
 class WireProxy:
     """TCP proxy to redis; a subclass's pass_on() sees each chunk and says whether to forward
-    it (False closes both sides)."""
+    it (False closes both sides); conn is a dict of the connection's own, both directions'."""
 
     def __init__(self, port):
         self.port_to = port
@@ -96,7 +96,7 @@ class WireProxy:
         self.port = self.ls.getsockname()[1]
         threading.Thread(target=self.accept, daemon=True).start()
 
-    def pass_on(self, data, from_server):
+    def pass_on(self, data, from_server, conn):
         return True
 
     def accept(self):
@@ -107,14 +107,15 @@ class WireProxy:
             except OSError:   # the server away (restarting): the client retries
                 c.close()
                 continue
-            threading.Thread(target=self.pump, args=(c, s, False), daemon=True).start()
-            threading.Thread(target=self.pump, args=(s, c, True), daemon=True).start()
+            conn = {}
+            threading.Thread(target=self.pump, args=(c, s, False, conn), daemon=True).start()
+            threading.Thread(target=self.pump, args=(s, c, True, conn), daemon=True).start()
 
-    def pump(self, a, b, from_server):
+    def pump(self, a, b, from_server, conn):
         try:
             while True:
                 d = a.recv(65536)
-                if not d or not self.pass_on(d, from_server):
+                if not d or not self.pass_on(d, from_server, conn):
                     break
                 b.sendall(d)
         except OSError:
@@ -136,7 +137,7 @@ class DropReplyProxy(WireProxy):
         self.fired = threading.Event()
         super().__init__(port)
 
-    def pass_on(self, data, from_server):
+    def pass_on(self, data, from_server, conn):
         if from_server and not self.fired.is_set() and self.marker in data:
             self.fired.set()
             return False
@@ -260,7 +261,7 @@ class HoldProxy(WireProxy):
         self.held, self.released = threading.Event(), threading.Event()
         super().__init__(port)
 
-    def pass_on(self, data, from_server):
+    def pass_on(self, data, from_server, conn):
         if not from_server and not self.held.is_set() and self.marker in data:
             self.held.set()
             self.released.wait(30)
@@ -515,6 +516,89 @@ def test_the_parked_entry_takes_a_slot_of_its_own_pending_step(cluster):
     assert "slots busy" not in w.logs()
 
 
+def park_beside_a_high_job(cluster, high_words, args=()):
+    """A worker w1 (max_inflight 1) whose idle wait gets high job h and normal job n
+    (max_attempts 1) in one reply: h runs, n is parked."""
+    from conftest import Worker
+    for st in ("jobs", "jobs:high"):
+        cluster.r.xgroup_create(cluster.key(st), "duogen", id="0", mkstream=True)
+    proxy = HoldProxy(cluster.server.port, b"BLOCK")     # hold the first idle wait
+    w = Worker(cluster.tmp, f"redis://127.0.0.1:{proxy.port}/0", "w1", cluster.model,
+               args=["--prefix", "duogen", "--max-inflight", "1", *args])
+    cluster.workers.append(w)
+    assert proxy.held.wait(10)
+    p = cluster.r.pipeline(transaction=True)
+    p.xadd(cluster.key("jobs"), {"id": "n", "job": make_job("n", "x", max_attempts=1).SerializeToString()})
+    p.xadd(cluster.key("jobs:high"), {"id": "h", "job": make_job("h", " ".join(["w"] * high_words),
+                                                                 meta={"fake.step_ms": 100}).SerializeToString()})
+    p.execute()
+    proxy.released.set()
+    wait_until(lambda: "came with a high-priority job" in w.logs(), timeout=5, what="parked")
+    return w
+
+
+def test_a_parked_entry_taken_over_by_another_worker_runs_as_its_first_attempt(cluster):
+    """The parked entry n waits in w1's list while h runs for longer than claim_idle_ms
+    (1.5 s here); w2's reaper takes it over. Its parked delivery was counted there: with
+    max_attempts 1, n was given up as exhausted without ever starting."""
+    park_beside_a_high_job(cluster, 150)
+    wait_until(lambda: cluster.r.xpending_range(cluster.key("jobs"), "duogen", "-", "+", 1)[0]["times_delivered"] == 0,
+               timeout=5, what="the parked delivery set back to 0")
+    w2 = cluster.worker("w2")
+    res = cluster.wait_result("n", timeout=30)
+    assert res["status"] == b"done" and pb.Result.FromString(res["pb"]).attempt == 1, res
+    assert "took over 1 abandoned entries" in w2.logs()
+
+
+def test_a_parked_entry_left_at_a_stop_runs_as_its_first_attempt_in_the_next_life(cluster):
+    """SIGTERM while n is parked: it stays pending in w1's list, and the next process under
+    w1 counted its delivery as an earlier life's: max_attempts 1, exhausted unrun."""
+    w1 = park_beside_a_high_job(cluster, 20, args=["--drain-ms", "10000"])
+    assert w1.term(timeout=30) == 0
+    pend = cluster.r.xpending_range(cluster.key("jobs"), "duogen", "-", "+", 10)
+    assert [(e["consumer"], e["times_delivered"]) for e in pend] == [(b"w1", 0)], pend
+    cluster.worker("w1", args=["--max-inflight", "1"])
+    res = cluster.wait_result("n", timeout=30)
+    assert res["status"] == b"done" and pb.Result.FromString(res["pb"]).attempt == 1, res
+
+
+class DropClaimReplyProxy(WireProxy):
+    """Once: the reply to a claim that returns entries (XAUTOCLAIM of duogen:jobs, or XCLAIM
+    without JUSTID) holding `marker` is lost with its connection."""
+
+    def __init__(self, port, marker):
+        self.marker, self.fired = marker, threading.Event()
+        super().__init__(port)
+
+    def pass_on(self, data, from_server, conn):
+        if self.fired.is_set():
+            return True
+        if not from_server:
+            conn["claim"] = (b"XAUTOCLAIM" in data and b"\r\nduogen:jobs\r\n" in data) or \
+                            (b"XCLAIM" in data and b"JUSTID" not in data)
+        elif conn.pop("claim", False) and self.marker in data:
+            self.fired.set()
+            return False
+        return True
+
+
+def test_a_lost_claim_reply_of_a_given_back_job_is_not_counted_twice(cluster):
+    """A passing failure gives the entry back; the reaper's claim that takes it again
+    (delivery 2) loses its reply with the connection. The look at the worker's own list
+    after the reconnect claimed it as another delivery (3): with max_attempts 3, only two
+    attempts ran before the job was given up."""
+    from conftest import Worker
+    proxy = DropClaimReplyProxy(cluster.server.port, b"zqxmark")
+    w = Worker(cluster.tmp, f"redis://127.0.0.1:{proxy.port}/0", "w1", cluster.model, args=["--prefix", "duogen"])
+    cluster.workers.append(w)
+    cluster.wait_groups()
+    cluster.enqueue("rc", "zqxmark", meta={"fake.fail": "retry"}, max_attempts=3)
+    res = cluster.wait_result("rc", timeout=40)
+    assert proxy.fired.is_set() and res["error_code"] == b"EXHAUSTED", res
+    tries = [ln for ln in w.logs().splitlines() if 'job "rc"' in ln and "left pending for a later attempt" in ln]
+    assert len(tries) == 3, tries
+
+
 def test_a_job_whose_xadd_redis_forgot_keeps_running_after_later_reads(cluster):
     """Redis restarted from a snapshot older than the job's XADD: its entry is gone, and the
     first later job read moved the group's last-delivered-id past it. "Not pending and not
@@ -556,7 +640,7 @@ class SlowKeeperProxy(WireProxy):
         self.armed, self.delay, self.done = threading.Event(), delay, threading.Event()
         super().__init__(port)
 
-    def pass_on(self, data, from_server):
+    def pass_on(self, data, from_server, conn):
         if not from_server and self.armed.is_set() and not self.done.is_set() and b":keeper" in data:
             self.done.set()
             time.sleep(self.delay)
