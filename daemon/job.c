@@ -162,6 +162,40 @@ static int string_with_nul(const ProtobufCMessageDescriptor *d, const uint8_t *p
     return 0;
 }
 
+/* A singular message field given twice in one message, at any depth: other readers merge
+ * the two, protobuf-c (1.4) refuses the whole job (a oneof's member it merges). 0, or -1
+ * with message.field in *msg, *name. */
+static int message_twice(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t n, const char **msg,
+                         const char **name) {
+    uint8_t seen[64] = {0};
+    size_t pos = 0;
+    while (pos < n) {
+        uint64_t key, v;
+        if (read_varint(p, n, &pos, &key)) return 0;
+        const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3));
+        switch (key & 7) {
+        case 0: if (read_varint(p, n, &pos, &v)) return 0; break;
+        case 1: if (n - pos < 8) return 0; pos += 8; break;
+        case 5: if (n - pos < 4) return 0; pos += 4; break;
+        case 2:
+            if (read_varint(p, n, &pos, &v) || v > n - pos) return 0;
+            if (f && f->type == PROTOBUF_C_TYPE_MESSAGE) {
+                const size_t i = (size_t)(f - d->fields);
+                if (f->label != PROTOBUF_C_LABEL_REPEATED && !(f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+                    i < sizeof seen && seen[i]++) {
+                    *msg = d->short_name, *name = f->name;
+                    return -1;
+                }
+                if (message_twice(f->descriptor, p + pos, v, msg, name) < 0) return -1;
+            }
+            pos += v;
+            break;
+        default: return 0;
+        }
+    }
+    return 0;
+}
+
 /* Walks the top level of a Job that protobuf-c refused and describes the first problem. */
 static void describe_malformed(const uint8_t *p, size_t n, char *err, size_t errlen) {
     size_t pos = 0;
@@ -201,6 +235,12 @@ static void describe_malformed(const uint8_t *p, size_t n, char *err, size_t err
                      name ? " (" : "", name ? name : "", name ? ")" : "", at, n);
             return;
         }
+    }
+    const char *in_msg, *field;
+    if (message_twice(&duogen__v1__job__descriptor, p, n, &in_msg, &field) < 0) {
+        snprintf(err, errlen, "job: %s.%s is given twice (appended messages); send it once: this worker's "
+                 "protobuf reader does not merge a message field sent twice", in_msg, field);
+        return;
     }
     snprintf(err, errlen, "job: not a valid duogen.v1.Job protobuf (%zu bytes; a nested message "
              "is malformed or a field has the wrong type)", n);

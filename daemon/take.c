@@ -198,12 +198,23 @@ static dg_job_status parse(const dg_taker *t, dg_run *r, const redisReply *field
     r->parsed = r->job.pb != NULL;
 
     /* the job id names every key: the protobuf's (or its wire bytes', unread), else the
-     * entry's `id` field, else the entry id */
-    if (r->parsed && dg_job_id_valid(r->job.pb->id, strlen(r->job.pb->id)))
-        snprintf(r->id, sizeof r->id, "%s", r->job.pb->id);
-    else if (unread && dg_job_id_valid(wire.id, wire.id_len))
-        snprintf(r->id, sizeof r->id, "%.*s", (int)wire.id_len, wire.id);
-    else if (fid && fid->type == REDIS_REPLY_STRING && dg_job_id_valid(fid->str, fid->len))
+     * entry's `id` field, else the entry id; the two given and not the same, the job is
+     * refused, under the entry's */
+    const char *pb_id = r->parsed && dg_job_id_valid(r->job.pb->id, strlen(r->job.pb->id)) ? r->job.pb->id
+                        : unread && dg_job_id_valid(wire.id, wire.id_len)                ? wire.id
+                                                                                         : NULL;
+    const size_t pb_id_len = !pb_id ? 0 : pb_id == wire.id ? wire.id_len : strlen(pb_id);
+    const int field_ok = fid && fid->type == REDIS_REPLY_STRING && dg_job_id_valid(fid->str, fid->len);
+    if (pb_id && field_ok && (fid->len != pb_id_len || memcmp(fid->str, pb_id, pb_id_len))) {
+        snprintf(r->id, sizeof r->id, "%s", fid->str);
+        if (st == DG_JOB_OK) {
+            snprintf(err, errlen, "the stream entry's id \"%s\" is not the job's id \"%.*s\" (its `id` field and "
+                     "Job.id must be the same)", fid->str, (int)pb_id_len, pb_id);
+            st = DG_JOB_BAD_REQUEST;
+        }
+    } else if (pb_id)
+        snprintf(r->id, sizeof r->id, "%.*s", (int)pb_id_len, pb_id);
+    else if (field_ok)
         snprintf(r->id, sizeof r->id, "%s", fid->str);
     else
         snprintf(r->id, sizeof r->id, "entry-%s", r->entry);

@@ -140,3 +140,43 @@ def test_a_worker_that_cannot_read_inputs_takes_jobs_slowly(cluster, tmpdir_path
     logs = w.logs()
     assert logs.index("no job is taken for 250 ms") < logs.index("no job is taken for 500 ms"), logs
     assert w.alive()
+
+
+def test_an_entry_whose_id_field_is_not_its_jobs_id_is_refused_under_the_field(cluster):
+    """The stream entry's `id` field "fieldA" and Job.id "pbB" (found by review): the job ran
+    as pbB, and a second such entry under "fieldC" was only acknowledged (pbB had a result):
+    neither fieldA nor fieldC ever got a result, their job hashes stayed "queued". Now the
+    job is refused, under the field's id, naming both; the worker goes on."""
+    cluster.worker("w1")
+    cluster.wait_groups()
+    cluster.r.hsetnx("duogen:job:fieldA", "state", "queued")
+    cluster.enqueue("fieldA", raw=raw_job(b"pbB"))
+    res = cluster.wait_result("fieldA")
+    assert res["status"] == b"failed" and res["error_code"] == b"BAD_REQUEST", res
+    assert readable_error(res) == ('the stream entry\'s id "fieldA" is not the job\'s id "pbB" '
+                                   "(its `id` field and Job.id must be the same)")
+    assert cluster.r.hget("duogen:job:fieldA", "state") == b"failed" and not cluster.result("pbB")
+    assert cluster.r.xlen("duogen:dead") == 1
+    cluster.enqueue("same", raw=raw_job(b"same"))
+    assert cluster.wait_result("same")["status"] == b"done"
+
+
+def test_a_message_field_sent_twice_is_named(cluster):
+    """Two serialized Jobs appended (an override of `text` or `image`): other protobuf
+    readers merge the two; protobuf-c refuses the bytes, and the error said only "a nested
+    message is malformed" (found by review). Now it names the field given twice."""
+    cluster.worker("w1")
+    cluster.wait_groups()
+    base = pb.Job(id="twice")
+    base.messages.add(role=pb.Message.USER).parts.add(text="hi")
+    base.text.max_new_tokens = 4
+    override = pb.Job(text=pb.TextParams(stop=["zz"])).SerializeToString()
+    sized = pb.Job(id="twice2", image=pb.ImageParams(width=32))
+    sized.messages.add(role=pb.Message.USER).parts.add(text="hi")
+    tall = pb.Job(image=pb.ImageParams(height=32)).SerializeToString()
+    for job_id, raw, said in (("twice", base.SerializeToString() + override, "Job.text is given twice"),
+                              ("twice2", sized.SerializeToString() + tall, "Job.image is given twice")):
+        cluster.enqueue(job_id, raw=raw)
+        res = cluster.wait_result(job_id)
+        assert res["status"] == b"failed" and res["error_code"] == b"BAD_REQUEST", res
+        assert readable_error(res).startswith(f"job: {said} (appended messages); send it once"), res
