@@ -257,6 +257,18 @@ static int lease_take(dg_worker *w, dg_redis *rd) {
     return rc;
 }
 
+/* The lease taken, or found ours already (the keeper's first beat may take it while the
+ * main thread waited for Redis): lease_take's answers. */
+static int lease_claim(dg_worker *w, dg_redis *rd) {
+    int got = lease_take(w, rd);
+    if (got != 0) return got;
+    redisReply *rep = dg_redis_cmdv(rd, "HGET", w->keys.worker, "owner", NULL);
+    if (!rep) return -1;
+    got = rep->type == REDIS_REPLY_STRING && !strcmp(rep->str, w->instance);
+    freeReplyObject(rep);
+    return got;
+}
+
 /* At a beat, before the hash is written (its PEXPIRE renews the lease): 1 while the lease is
  * ours (or ours again after it lapsed in an outage, or Redis restarted empty), 0 when
  * another process holds it, -1 when Redis did not answer. */
@@ -295,15 +307,20 @@ static int id_wait(dg_worker *w, int64_t ms) {
 }
 
 int dg_worker_id_check(dg_worker *w) {
-    if (!dg_redis_ready(&w->redis)) return 0;   /* the keeper's beats take the lease */
+    w->unchecked = 1;
+    if (!dg_redis_ready(&w->redis)) return 0;   /* asked again once Redis answers */
     const int64_t until = dg_mono_ms() + heartbeat_ttl_ms(w) + 500;
     int said = 0;
     for (;;) {
-        const int got = lease_take(w, &w->redis);
+        const int got = lease_claim(w, &w->redis);
         if (got == -2) return EX_CONFIG;   /* refused: the ACL */
+        if (got == -1) return 0;           /* Redis away: asked again once it answers */
         if (got == 1 && said) log_info("worker id \"%s\": the lease of the process that held it lapsed: taken over",
                                        w->cfg->worker_id);
-        if (got != 0) return 0;            /* ours; or Redis away: the keeper's beats take it */
+        if (got == 1) {
+            w->unchecked = 0;
+            return 0;
+        }
         if (dg_mono_ms() >= until) {
             say_clash(w, &w->redis);
             return EX_CONFIG;

@@ -531,23 +531,35 @@ int dg_redis_wait_ms(const dg_redis *r) {
     return d > 0 ? (int)d : 0;
 }
 
-void dg_redis_drop(dg_redis *r, const char *why) {
+static void drop_said(dg_redis *r, const char *why, int say) {
     if (!r->c) return;
     snprintf(r->error, sizeof r->error, "%s", why);
-    log_warn("Redis connection lost: %s", why);
+    if (say) log_warn("Redis connection lost: %s", why);
     close_ctx(r->c, r->link);
     r->c = NULL;
     r->link = NULL;
     r->next_try_ms = dg_mono_ms() + 100;
 }
 
+void dg_redis_drop(dg_redis *r, const char *why) { drop_said(r, why, 1); }
+
 /* A command refused as not ready: the connection goes as after a break (what else the
- * pipeline did is unknown to its caller), and while refusals go on the next try waits
- * longer (100 ms doubled up to 5 s: a full Redis is not asked ten times a second). */
+ * pipeline did is unknown to its caller), and while refusals go on (each within 10 s of the
+ * last) the next try waits longer, 100 ms doubled up to 5 s: a full Redis is not asked ten
+ * times a second, though the reads after each reconnect go through. The log says the first
+ * refusal of a run and every 20th. */
 static void drop_refused(dg_redis *r, const char *why) {
-    r->refused_ms = r->refused_ms ? (r->refused_ms * 2 < 5000 ? r->refused_ms * 2 : 5000) : 100;
-    dg_redis_drop(r, why);
-    r->next_try_ms = dg_mono_ms() + r->refused_ms;
+    const int64_t now = dg_mono_ms();
+    const int going_on = r->refused_ms && now - r->refused_at_ms < (int64_t)r->refused_ms + 10000;
+    r->refused_ms = going_on ? (r->refused_ms * 2 < 5000 ? r->refused_ms * 2 : 5000) : 100;
+    r->refusals = going_on ? r->refusals + 1 : 1;
+    r->refused_at_ms = now;
+    char said[sizeof r->error + 64];
+    snprintf(said, sizeof said, "%s (refused %d times in a row; trying again in %d ms)", why, r->refusals,
+             r->refused_ms);
+    drop_said(r, r->refusals > 1 ? said : why, r->refusals == 1 || r->refusals % 20 == 0);
+    snprintf(r->error, sizeof r->error, "%s", why);
+    r->next_try_ms = now + r->refused_ms;
 }
 
 void dg_redis_close(dg_redis *r) {
@@ -569,8 +581,6 @@ redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd) {
         freeReplyObject(rep);
         rep = NULL;
         drop_refused(r, why);
-    } else {
-        r->refused_ms = 0;
     }
     return rep;
 }
@@ -605,10 +615,7 @@ int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **repl
             snprintf(why, sizeof why, "the server is not ready: %s", replies[i]->str);
             refused = 1;
         }
-    if (!refused) {
-        r->refused_ms = 0;
-        return 0;
-    }
+    if (!refused) return 0;
     goto drop;
 fail:
     if (r->c->errstr[0]) snprintf(why, sizeof why, "%s", r->c->errstr);

@@ -61,7 +61,11 @@ typedef struct {
     int     backoff_ms;         /* up to DG_REDIS_BACKOFF_MAX_MS, +-20% */
     int     failures;           /* consecutive failed connects */
     int     refused_ms;         /* the wait after a refusal (not ready, full, read-only),
-                                   doubled while refusals go on; 0 after a command went through */
+                                   doubled while refusals go on (each within 10 s of the last:
+                                   a full Redis still answers reads, so a command that went
+                                   through does not say the refusals are over) */
+    int     refusals;           /* refusals in that run, for the log (the 1st, every 20th) */
+    int64_t refused_at_ms;      /* monotonic time of the last refusal */
     int     fatal;              /* authentication or permission refused: retrying will not help */
     uint64_t connects;          /* successful connects so far: a new one forgets WATCHes */
     char    error[512];         /* the last problem, for logs and the heartbeat */

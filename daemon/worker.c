@@ -235,21 +235,23 @@ static void note_engine_failure(dg_worker *w, const char *what) {
  * "the worker died". Called after the keeper stopped (a renewal would make the entry idle 0
  * again). A run that ended but whose result is not yet written (Redis away) is said so: it
  * stays pending, counted, and runs again. */
-static void give_back_at_stop(dg_worker *w) {
+static void give_back_at_stop(dg_worker *w, int second_signal) {
     const dg_daemon_config *cfg = w->cfg;
-    char key[DG_KEY_MAX], why[512], now[24], attempt[16], was[16], idle[16];
+    char key[DG_KEY_MAX], why[512], now[24], attempt[16], was[16], idle[16], in[64];
     snprintf(now, sizeof now, "%lld", (long long)dg_now_ms());
     snprintf(idle, sizeof idle, "%d", cfg->claim_idle_ms);
-    snprintf(why, sizeof why, "worker \"%s\" stopped before the job finished (drain time %d ms): left for "
-             "another worker, this attempt not counted", cfg->worker_id, cfg->drain_ms);
+    if (second_signal) snprintf(in, sizeof in, "before a second stop signal cut the drain short");
+    else snprintf(in, sizeof in, "in the drain time (%d ms)", cfg->drain_ms);
+    snprintf(why, sizeof why, "worker \"%s\" stopped: the job not finished %s; left for another worker, this "
+             "attempt not counted", cfg->worker_id, in);
     dg_utf8_scrub(why);
     fence_lost(w);   /* leases the keeper found lost on its last turns: not ours to give */
     for (dg_run *r = w->runs.first; r; r = r->next) {
         if (r->lease_lost) continue;   /* another attempt's now */
         if (r->ended) {
             if (!r->retry)
-                log_warn("job \"%s\" (entry %s) finished, but its result was not written in the drain time "
-                         "(Redis %s): left pending, it will run again", r->id, r->entry,
+                log_warn("job \"%s\" (entry %s) finished, but its result was not written %s (Redis %s): left "
+                         "pending, it will run again", r->id, r->entry, in,
                          dg_redis_ready(&w->redis) ? "slow" : "unreachable");
             continue;
         }
@@ -269,8 +271,7 @@ static void give_back_at_stop(dg_worker *w) {
             if (p) freeReplyObject(p);
         }
         if (idle_ms < 0) {
-            log_warn("job \"%s\" (entry %s) not finished in the drain time, not given back: %s", r->id, r->entry,
-                     gone);
+            log_warn("job \"%s\" (entry %s) not finished %s, not given back: %s", r->id, r->entry, in, gone);
             continue;
         }
         /* the job hash first, where it still names this attempt (HGET: the worker's ACL): a
@@ -296,12 +297,12 @@ static void give_back_at_stop(dg_worker *w) {
         const int given = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1;
         if (rep) freeReplyObject(rep);
         if (!given) {
-            log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending for another worker "
-                     "(its delivery counted: the give-back was not taken)", r->id, r->entry);
+            log_warn("job \"%s\" (entry %s) not finished %s: left pending for another worker (its delivery "
+                     "counted: the give-back was not taken)", r->id, r->entry, in);
             continue;
         }
-        log_warn("job \"%s\" (entry %s) not finished in the drain time: left pending for another worker, "
-                 "this delivery not counted", r->id, r->entry);
+        log_warn("job \"%s\" (entry %s) not finished %s: left pending for another worker, this delivery not "
+                 "counted", r->id, r->entry, in);
     }
 }
 
@@ -525,40 +526,50 @@ static void check_eviction(dg_worker *w) {
 
 /* ---- the loop -------------------------------------------------------------------------------------- */
 
+/* Before the first job, once Redis answers (at start, or when it first does): the rights
+ * this version needs beyond the last one's ACL (an ACL not brought up to date would refuse
+ * them only in a result's transaction, after a job ran), then this worker id's lease
+ * (dg_worker_id_check). 0 to go on (w->unchecked still set when Redis went away
+ * meanwhile: asked again), or the exit code. */
+static int check_first(dg_worker *w) {
+    w->unchecked = 1;
+    if (!dg_redis_ready(&w->redis)) return 0;
+    enum { N = 7 };
+    char k_taken[2][DG_KEY_MAX];
+    dg_key_taken(k_taken[0], w->keys.streams[0]);
+    dg_key_taken(k_taken[1], w->keys.streams[1]);
+    dg_cmd *ask[N] = {dg_cmd_of("HGET", w->keys.worker, "owner", NULL),   /* "0-0": a field no entry has */
+                      dg_cmd_of("HSET", k_taken[0], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[0], "0", "COUNT", "1", NULL),
+                      dg_cmd_of("HDEL", k_taken[0], "0-0", NULL),
+                      dg_cmd_of("HSET", k_taken[1], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[1], "0", "COUNT", "1", NULL),
+                      dg_cmd_of("HDEL", k_taken[1], "0-0", NULL)};
+    redisReply *rep[N];
+    int refused = 0;
+    const int away = dg_redis_pipeline(&w->redis, ask, N, rep) != 0;
+    if (!away) {
+        for (int i = 0; i < N; i++) {
+            if (dg_reply_is_error(rep[i], "NOPERM") && !refused++)
+                log_error("Redis refuses this worker a command it needs (%s): update the worker's ACL "
+                          "(deploy/redis/users.acl.example: HGET, HSETNX, HDEL on its heartbeat hash, whose "
+                          "owner field is the worker id's lease; HSET, HGET, HDEL, HSCAN on the job streams' "
+                          ":taken indexes)", rep[i]->str);
+            freeReplyObject(rep[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) dg_cmd_free(ask[i]);
+    if (refused) return EX_CONFIG;
+    if (away) return 0;
+    return dg_worker_id_check(w);
+}
+
 int dg_worker_run(dg_worker *w) {
     const dg_daemon_config *cfg = w->cfg;
     char err[512];
     int64_t drain_deadline = 0, last_extend = 0, last_flush = 0;
-    int give_back = 0;   /* the drain time ran out with runs unfinished */
-    /* rights this version needs beyond the last one's ACL, asked before any job: an ACL not
-     * brought up to date would refuse them only in a result's transaction, after a job ran */
-    if (dg_redis_ready(&w->redis)) {
-        enum { N = 7 };
-        char k_taken[2][DG_KEY_MAX];
-        dg_key_taken(k_taken[0], w->keys.streams[0]);
-        dg_key_taken(k_taken[1], w->keys.streams[1]);
-        dg_cmd *ask[N] = {dg_cmd_of("HGET", w->keys.worker, "owner", NULL),   /* "0-0": a field no entry has */
-                          dg_cmd_of("HSET", k_taken[0], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[0], "0", "COUNT", "1", NULL),
-                          dg_cmd_of("HDEL", k_taken[0], "0-0", NULL),
-                          dg_cmd_of("HSET", k_taken[1], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[1], "0", "COUNT", "1", NULL),
-                          dg_cmd_of("HDEL", k_taken[1], "0-0", NULL)};
-        redisReply *rep[N];
-        int refused = 0;
-        if (dg_redis_pipeline(&w->redis, ask, N, rep) == 0) {
-            for (int i = 0; i < N; i++) {
-                if (dg_reply_is_error(rep[i], "NOPERM") && !refused++)
-                    log_error("Redis refuses this worker a command it needs (%s): update the worker's ACL "
-                              "(deploy/redis/users.acl.example: HGET, HSETNX, HDEL on its heartbeat hash, whose "
-                              "owner field is the worker id's lease; HSET, HGET, HDEL, HSCAN on the job streams' "
-                              ":taken indexes)", rep[i]->str);
-                freeReplyObject(rep[i]);
-            }
-        }
-        for (int i = 0; i < N; i++) dg_cmd_free(ask[i]);
-        if (refused) return EX_CONFIG;
-    }
-    const int clash = dg_worker_id_check(w);
+    int give_back = 0;   /* the drain time ran out with runs unfinished: 1; a second signal: 2 */
+    const int clash = check_first(w);
     if (clash) return clash;
+    if (w->unchecked) log_info("Redis is away: this worker id's lease is taken when it answers, before any job");
     if (dg_keeper_start(w, err, sizeof err)) {
         log_error("%s", err);
         return EX_TEMPFAIL;
@@ -578,7 +589,7 @@ int dg_worker_run(dg_worker *w) {
             if (!w->runs.first) break;
             extend_stop(drain_deadline, now, &last_extend);
             if (now >= drain_deadline || *w->stop > 1) {
-                give_back = 1;
+                give_back = now >= drain_deadline ? 1 : 2;
                 break;
             }
         }
@@ -589,11 +600,20 @@ int dg_worker_run(dg_worker *w) {
             w->fatal = EX_CONFIG;
             break;
         }
+        if (connected && w->unchecked && !drain_deadline) {   /* away at start: now, before any job */
+            const int code = check_first(w);
+            if (code) {
+                w->fatal = code;
+                break;
+            }
+            connected = dg_redis_ready(&w->redis);
+        }
         if (connected) check_eviction(w);
         fence_lost(w);   /* first: a fenced run that has ended leaves before its entry is taken again */
         publish(w);
         status_line(w);
-        if (take_jobs(w, connected, drain_deadline != 0)) continue;   /* Redis went away: the top of the loop reconnects */
+        if (take_jobs(w, connected && !w->unchecked, drain_deadline != 0))
+            continue;   /* Redis went away: the top of the loop reconnects */
         if (w->fatal) break;
         publish(w);
 
@@ -622,6 +642,6 @@ int dg_worker_run(dg_worker *w) {
     publish(w);
     dg_metrics_stop(w);
     dg_keeper_stop(w);
-    if (give_back) give_back_at_stop(w);
+    if (give_back) give_back_at_stop(w, give_back == 2);
     return w->fatal;
 }

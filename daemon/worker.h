@@ -79,6 +79,8 @@ typedef struct dg_worker {
     char    instance[24];            /* this process's own: random at start, in the heartbeat hash */
     char    host[64];
     _Atomic int id_clash;            /* set by the keeper: another process holds this worker id's lease */
+    int     unchecked;               /* Redis was away at start: its rights and this worker id's
+                                        lease are checked once it answers, before any job */
 
     pthread_mutex_t lock;            /* guards stats, leases and lost */
     dg_worker_stats stats;
@@ -113,7 +115,8 @@ int  dg_keeper_start(dg_worker *w, char *err, size_t errlen);
 void dg_keeper_stop(dg_worker *w);
 /* Before the first job: takes this worker id's lease (keeper.c), waiting for another
  * process's to lapse; 0 to go on, EX_CONFIG (78) when that one keeps renewing it or Redis
- * refuses the lease's commands, said in the log. */
+ * refuses the lease's commands, said in the log. With Redis away, 0 and w->unchecked set:
+ * the caller takes no job until a later call, Redis answering, finds the lease ours. */
 int  dg_worker_id_check(dg_worker *w);
 
 #endif

@@ -46,20 +46,32 @@ def test_bad_job_same_id_twice_is_dead_lettered_once(cluster):
 def test_redis_oom_at_commit_is_not_a_config_error(cluster):
     """Redis at maxmemory (noeviction) refuses HSET/XADD with -OOM: a passing condition.
     The worker must keep the result and write it when memory frees, not exit 78
-    (RestartPreventExitStatus=78: systemd would never restart it)."""
+    (RestartPreventExitStatus=78: systemd would never restart it). While it is full, the
+    tries back off (100 ms doubled up to 5 s) and the log says the first refusal: the reads
+    after each reconnect went through and set the wait back to 100 ms, so the worker
+    reconnected and warned ten times a second for as long as Redis stayed full (found in
+    use)."""
     w = cluster.worker("w1")
     cluster.wait_groups()
     cluster.enqueue("oom", " ".join(["w"] * 15), meta={"fake.step_ms": 100})
     wait_until(lambda: cluster.r.hget("duogen:job:oom", "state") == b"running", what="running")
+    said_before = w.logs().count("the server is not ready: OOM")
     cluster.r.config_set("maxmemory-policy", "noeviction")
+    connects = cluster.r.info("stats")["total_connections_received"]
     cluster.r.config_set("maxmemory", "1")
     time.sleep(3)
     cluster.r.config_set("maxmemory", "0")
+    connects = cluster.r.info("stats")["total_connections_received"] - connects
     rc = w.proc.poll()
     print("worker rc:", rc)
     print(w.logs()[-1500:])
     assert rc is None, f"worker exited {rc} on a full Redis"
     assert cluster.wait_result("oom")["status"] == b"done"
+    # two connections refused (the main loop's, the keeper's), each waiting 100, 200, 400,
+    # 800, 1600 ms between tries: at most 5 reconnects each in 3 s, however fast the machine
+    # (with the wait reset: ~30 each); the test's own INFO connection is one more
+    assert connects <= 12, connects
+    assert w.logs().count("the server is not ready: OOM") - said_before <= 2, w.logs()[-3000:]
 
 
 def test_redelivered_job_with_result_keeps_its_job_hash(cluster):
@@ -735,6 +747,26 @@ def test_two_processes_started_together_under_one_id_leave_one(cluster):
     assert len(gone) == 1 and gone[0].proc.returncode == 78
     cluster.enqueue("twinjob", "hi")
     assert cluster.wait_result("twinjob")["status"] == b"done"
+
+
+def test_two_processes_under_one_id_started_while_redis_is_away_run_no_job_twice(cluster):
+    """Started while Redis was down: the id check at start found no Redis and left the
+    lease to the keeper's beats, but the main loop took jobs as soon as Redis answered:
+    both processes started the same job (its entry re-taken from the shared consumer's
+    list), two "started" events and its text twice in its stream, before one saw the clash
+    (found in use). Now the lease is taken before any job."""
+    cluster.server.stop()
+    ws = [cluster.worker("late", args=["--block-ms", "200"]) for _ in range(2)]
+    time.sleep(1.0)                               # both up, both waiting for Redis
+    cluster.server.start()
+    cluster.enqueue("latejob", " ".join(["w"] * 8), meta={"fake.step_ms": 100})
+    assert cluster.wait_result("latejob", timeout=30)["status"] == b"done"
+    wait_until(lambda: sum(not w.alive() for w in ws) == 1, timeout=20, what="one of the two to stop")
+    assert [w.proc.returncode for w in ws if not w.alive()] == [78]
+    started = [e for e in cluster.events("latejob") if e["type"] == b"started"]
+    assert len(started) == 1, started
+    runs = {l for w in ws for l in w.logs().splitlines() if 'job "latejob"' in l and l.endswith(" started")}
+    assert len(runs) == 1, runs   # (the two share a log file: one id)
 
 
 def test_a_running_job_whose_entry_is_deleted_is_not_failed_by_another_worker(cluster):

@@ -319,7 +319,7 @@ def test_stops_at_the_drain_time_do_not_use_up_attempts(cluster):
         assert w.term() == 0
         assert "this delivery not counted" in w.logs()
         job = cluster.r.hgetall("duogen:job:rolled")
-        assert job[b"state"] == b"retrying" and b"stopped before the job finished" in job[b"error"], job
+        assert job[b"state"] == b"retrying" and b"the job not finished in the drain time (300 ms)" in job[b"error"], job
         assert job[b"attempt"] == b"1"
         # pending with no delivery counted, and idle past the takeover time: another
         # worker's reaper would take it at once
@@ -330,6 +330,24 @@ def test_stops_at_the_drain_time_do_not_use_up_attempts(cluster):
     res = cluster.wait_result("rolled", timeout=30)
     assert res["status"] == b"done" and res["attempt"] == b"1", res
     assert cluster.r.xlen("duogen:dead") == 0
+
+
+def test_a_second_stop_signal_is_said_as_such(cluster):
+    """A second SIGTERM cuts the drain short: the job is given back as at the drain time, and
+    the log and its job hash say the signal did it (they said "not finished in the drain
+    time (120000 ms)" of a drain that had lasted half a second; found in use)."""
+    cluster.enqueue("cut", " ".join(["w"] * 40), meta={"fake.step_ms": 100})
+    w = cluster.worker("cutter", args=["--drain-ms", "120000"])
+    wait_until(lambda: cluster.r.hget("duogen:job:cut", "state") == b"running", what="the job running")
+    w.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping: no new jobs" in w.logs(), what="the drain begun")
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(20) == 0
+    assert "not finished before a second stop signal cut the drain short: left pending for another worker, " \
+           "this delivery not counted" in w.logs(), w.logs()[-2000:]
+    assert "drain time" not in w.logs().split("stopping: no new jobs")[1]
+    job = cluster.r.hgetall("duogen:job:cut")
+    assert job[b"state"] == b"retrying" and b"a second stop signal cut the drain short" in job[b"error"], job
 
 
 def test_streams_trimmed_and_keys_expire(cluster):
