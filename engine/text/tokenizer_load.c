@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <utf8proc.h>
 
@@ -396,12 +397,32 @@ static int tokenizer_json_load(const char *path, dg_tok_files *f, char *err, siz
     return rc;
 }
 
+/* Whether a tokenizer file is there: 1, 0 when it is not (nor a link of that name), or
+ * DG_EMODEL with err set for a link whose target is gone (an import's link into a checkpoint
+ * moved since: said as such, not as the other file missing that the loader falls back to). */
+static int present(const char *path, char *err, size_t errlen) {
+    struct stat st;
+    if (stat(path, &st) == 0) return 1;
+    if (lstat(path, &st) < 0 || !S_ISLNK(st.st_mode)) return 0;
+    char to[4096];
+    const ssize_t n = readlink(path, to, sizeof to - 1);
+    to[n > 0 ? n : 0] = 0;
+    return fail(err, errlen, "%s: a link to \"%s\", which is not there (moved or deleted?)", path, to);
+}
+
 int dg_tok_files_load(const char *dir, dg_tok_files *f, char *err, size_t errlen) {
     *f = (dg_tok_files){0};
     char path[4096];
     int rc;
+    struct stat st;
+    if (stat(dir, &st) < 0) {
+        const int e = errno;
+        return present(dir, err, errlen) < 0 ? DG_EMODEL : fail(err, errlen, "%s: %s", dir, strerror(e));
+    }
+    if (!S_ISDIR(st.st_mode)) return fail(err, errlen, "%s: not a folder", dir);
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-    bool have_json = access(path, F_OK) == 0;
+    const int have_json = present(path, err, errlen);
+    if (have_json < 0) return have_json;
     if (have_json) {
         rc = tokenizer_json_load(path, f, err, errlen);
     } else {
@@ -414,7 +435,9 @@ int dg_tok_files_load(const char *dir, dg_tok_files *f, char *err, size_t errlen
         json_decref(vocab);
     }
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    if (!rc && (!have_json || access(path, F_OK) == 0)) rc = config_load(path, f, err, errlen);
+    const int have_config = rc ? 0 : present(path, err, errlen);
+    if (!rc && have_config < 0) rc = have_config;
+    if (!rc && (!have_json || have_config)) rc = config_load(path, f, err, errlen);
     if (rc == DG_ENOMEM) snprintf(err, errlen, "%s: out of memory while loading the tokenizer", dir);
     if (rc < 0) dg_tok_files_free(f);
     return rc;

@@ -8,6 +8,7 @@ same prompt, noise (the engine's, handed to the pipeline), steps, guidance and K
 schedule through duogend must give the pipeline's pictures, text-to-image and with one
 condition image (the pipeline's image-to-world path)."""
 import json
+import shutil
 import os
 import struct
 import subprocess
@@ -253,3 +254,59 @@ def test_import_force_redoes_a_package_and_refuses_a_short_context(tmpdir_path):
         r = subprocess.run([IMPORT, "--pipeline", PIPE, "--out", pkg + ctx, "--max-context", ctx],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "--max-context" in r.stderr and not os.path.exists(pkg + ctx), r.stderr
+
+
+def test_import_mistakes_found_in_use(tmpdir_path):
+    """--force over a package an import did not make (mkmodel's, its duogen.json a file of
+    its own) removed that duogen.json and then refused; over an import with a file of the
+    user's among its links, it removed half the package and then refused: now every name is
+    looked at first and nothing changes. A decoder of max_position_embeddings 300 gave a
+    package that duogend refused (its prompt alone is 512). A pipeline moved after the
+    import left dangling links that duogend named as "vocab.json: cannot read". dg-bench
+    job read <BOV> only from the tokenizer (an import records it in duogen.json)."""
+    native = os.path.join(tmpdir_path, "native")
+    subprocess.run([os.path.join(BUILD, "mkmodel"), "--preset", "tiny", "--seed", "1", "--out", native, "--vocab",
+                    "own"], check=True, capture_output=True, timeout=120)
+    before = sorted(os.listdir(native))
+    r = subprocess.run([IMPORT, "--pipeline", PIPE, "--out", native, "--force"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "duogen.json: not what an import makes" in r.stderr, r.stderr
+    assert "nothing was changed" in r.stderr and sorted(os.listdir(native)) == before
+
+    pkg = imported(tmpdir_path)
+    with open(os.path.join(pkg, "mllm", "zz_notes.txt"), "w") as f:
+        f.write("mine")
+    before = sorted(os.listdir(pkg)), sorted(os.listdir(os.path.join(pkg, "mllm")))
+    r = subprocess.run([IMPORT, "--pipeline", PIPE, "--out", pkg, "--force"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "zz_notes.txt: not a link an import made" in r.stderr, r.stderr
+    assert (sorted(os.listdir(pkg)), sorted(os.listdir(os.path.join(pkg, "mllm")))) == before
+
+    short = os.path.join(tmpdir_path, "short-pipe")
+    shutil.copytree(PIPE, short, symlinks=True)
+    cfg_path = os.path.join(short, "text_encoder", "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.setdefault("text_config", {})["max_position_embeddings"] = 300
+    if "max_position_embeddings" in cfg:
+        cfg["max_position_embeddings"] = 300
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    r = subprocess.run([IMPORT, "--pipeline", short, "--out", os.path.join(tmpdir_path, "short")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "max_position_embeddings 300" in r.stderr, r.stderr
+
+    moved = os.path.join(tmpdir_path, "moved-pipe")
+    shutil.copytree(PIPE, moved, symlinks=True)
+    moved_pkg = os.path.join(tmpdir_path, "moved-pkg")
+    r = subprocess.run([IMPORT, "--pipeline", moved, "--out", moved_pkg], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    bench = subprocess.run([os.path.join(BUILD, "dg-bench"), "--model", moved_pkg, "--quick", "job"],
+                           capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, DG_BENCH_DEVICE="cpu", DG_BENCH_SIDE="32", DG_BENCH_STEPS="1",
+                                    DG_BENCH_IMAGES="1"))
+    assert bench.returncode == 0 and "job_diffusion_ms" in bench.stdout, bench.stdout + bench.stderr
+    os.rename(moved, moved + "-elsewhere")
+    r = subprocess.run([os.path.join(BUILD, "dg-tokenize"), "--model", moved_pkg], input="hi",
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "tokenizer.json: a link to" in r.stderr and "which is not there" in r.stderr, r.stderr

@@ -44,3 +44,35 @@ def test_duogend_names_a_mistyped_setting_in_one_line(tmp_path):
                         f'config "{conf}" line 3: unknown setting "max_inflights" (did you mean max_inflight?)')):
         r = subprocess.run([os.path.join(BUILD, "duogend")] + args, capture_output=True, text=True, timeout=20)
         assert r.returncode == 78 and said in r.stderr and r.stderr.count("\n") == 1, (args, r.returncode, r.stderr)
+
+
+def test_mkmodel_and_dg_bench_refuse_what_they_cannot_do(tmp_path):
+    """mkmodel --seed abc made seed 0 (and 010 was 8: C's octal); mkmodel over a folder that
+    held a package wrote into it (through an import's links into the published checkpoint;
+    an older preset's shards stayed beside the new ones); dg-bench with a mistyped name ran
+    nothing and exited 0."""
+    mk = os.path.join(BUILD, "mkmodel")
+    for seed in ("abc", "08x", "-1", ""):
+        r = subprocess.run([mk, "--preset", "tiny", "--seed", seed, "--out", str(tmp_path / "s"), "--vocab", "own"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "not a decimal integer" in r.stderr, (seed, r.stderr)
+    assert not (tmp_path / "s").exists()
+    r = subprocess.run([mk, "--preset", "tiny", "--seed", "010", "--out", str(tmp_path / "p"), "--vocab", "own"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "seed 10," in r.stdout, r.stdout + r.stderr
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "p").rglob("*")}
+    r = subprocess.run([mk, "--preset", "tiny", "--seed", "2", "--out", str(tmp_path / "p"), "--vocab", "own"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "holds files already" in r.stderr, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "p").rglob("*")} == before
+    (tmp_path / "empty").mkdir()   # an empty folder is a new one
+    r = subprocess.run([mk, "--preset", "tiny", "--seed", "2", "--out", str(tmp_path / "empty"), "--vocab", "own"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+    r = subprocess.run([os.path.join(BUILD, "dg-bench"), "--json", str(tmp_path / "b.json"), "nosuchbench"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and 'unknown benchmark "nosuchbench"' in r.stderr and not (tmp_path / "b.json").exists()
+    r = subprocess.run([os.path.join(BUILD, "dg-bench"), "--model", str(tmp_path / "nowhere"), "job"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "no model package there" in r.stderr, r.stderr

@@ -149,6 +149,14 @@ int main(int argc, char **argv) {
         } else if (a[0] == '-') return usage(0);
         else if (n_names < BENCH_MAX) names[n_names++] = a;
     }
+    for (int k = 0; k < n_names; k++) {   /* a mistyped name runs nothing: said before anything runs */
+        int known = 0;
+        for (int b = 0; b < n_benches && !known; b++) known = !strcmp(names[k], benches[b].name);
+        if (!known) {
+            fprintf(stderr, "dg-bench: unknown benchmark \"%s\" (dg-bench --list names them)\n", names[k]);
+            return 2;
+        }
+    }
 
     ctx.report = json_object();
     int failed = 0;

@@ -23,7 +23,8 @@
  * that text). --max-context: the package's context in tokens (512 .. 2^20: the pipeline's
  * prompt alone is 512; default 8192, or less where the decoder's max_position_embeddings is).
  * --force: PKG may exist; what an earlier import made there (also one that stopped half-way)
- * is replaced, anything else left. Exit status 0, or 1 with a message that names the file and
+ * is replaced, anything else left; a name of an import's holding what an import does not
+ * make stops it before anything is removed. Exit status 0, or 1 with a message that names the file and
  * what is wrong. */
 #include <dirent.h>
 #include <errno.h>
@@ -167,10 +168,21 @@ static int proj_channels(const char *dir, long *in) {
     return rc;
 }
 
+/* Whether PATH is the duogen.json of an import (it names what it was imported from): a
+ * package of another making (mkmodel's, a trained one) has its own, never replaced. */
+static int imported_json(const char *path) {
+    json_error_t je;
+    json_t *j = json_load_file(path, 0, &je);
+    const int ours = j && json_is_object(json_object_get(j, "imported_from"));
+    json_decref(j);
+    return ours;
+}
+
 /* Under --force: what an earlier import made in PKG goes (duogen.json, the dit and vae links,
  * the mllm link or folder of links), also when that import stopped half-way; anything else
- * there is left, and one of those names that is not what an import makes stops this one. */
-static int clear_package(const char *out) {
+ * there is left. Every name is looked at first (apply 0), and one that is not what an import
+ * makes stops this one before anything is removed; then (apply 1) they go. */
+static int clear_package(const char *out, int apply) {
     static const char *const names[] = {"duogen.json", "dit", "vae", "mllm"};
     char path[PATH_MAX + 64], sub[2 * PATH_MAX];
     struct stat st;
@@ -180,8 +192,8 @@ static int clear_package(const char *out) {
             if (errno == ENOENT) continue;
             return die("%s: %s", path, strerror(errno));
         }
-        if (S_ISLNK(st.st_mode) || (i == 0 && S_ISREG(st.st_mode))) {
-            if (unlink(path) < 0) return die("%s: %s", path, strerror(errno));
+        if (S_ISLNK(st.st_mode) || (i == 0 && S_ISREG(st.st_mode) && imported_json(path))) {
+            if (apply && unlink(path) < 0) return die("%s: %s", path, strerror(errno));
             continue;
         }
         if (i == 3 && S_ISDIR(st.st_mode)) {   /* the folder of links of an import without --mllm */
@@ -191,16 +203,21 @@ static int clear_package(const char *out) {
             while ((e = readdir(d))) {
                 if (e->d_name[0] == '.' && (!e->d_name[1] || (e->d_name[1] == '.' && !e->d_name[2]))) continue;
                 snprintf(sub, sizeof sub, "%s/%s", path, e->d_name);
-                if (lstat(sub, &st) < 0 || !S_ISLNK(st.st_mode) || unlink(sub) < 0) {
+                if (lstat(sub, &st) < 0 || !S_ISLNK(st.st_mode)) {
                     closedir(d);
-                    return die("%s: not a link an import made: remove it yourself", sub);
+                    return die("%s: not a link an import made: remove it yourself (nothing was changed)", sub);
+                }
+                if (apply && unlink(sub) < 0) {
+                    closedir(d);
+                    return die("%s: %s", sub, strerror(errno));
                 }
             }
             closedir(d);
-            if (rmdir(path) < 0) return die("%s: %s", path, strerror(errno));
+            if (apply && rmdir(path) < 0) return die("%s: %s", path, strerror(errno));
             continue;
         }
-        return die("%s: not what an import makes (a link%s): remove it yourself", path, i == 0 ? " or a file" : "");
+        return die("%s: not what an import makes (a link%s): remove it yourself (nothing was changed)", path,
+                   i == 0 ? ", or a file naming what it was imported from" : "");
     }
     return 0;
 }
@@ -286,6 +303,9 @@ static int write_manifest(const opts *o, int layers, int vocab, int max_pos, con
     json_object_set_new(m, "condition", condition(pad, side));
     int ctx = o->max_context ? o->max_context : 8192;
     if (max_pos > 0 && ctx > max_pos) ctx = max_pos;
+    if (!rc && ctx < PIPE_MAX_SEQUENCE)   /* the condition prompt alone is that long */
+        rc = die("%s: max_position_embeddings %d: the pipeline's prompt alone is %d tokens; this decoder "
+                 "cannot hold it", mllm, max_pos, PIPE_MAX_SEQUENCE);
     json_object_set_new(m, "max_context", json_integer(ctx));
     if (o->marker) {
         char sys[1024];
@@ -296,8 +316,10 @@ static int write_manifest(const opts *o, int layers, int vocab, int max_pos, con
         json_object_set_new(m, "system_prompt", json_string(o->system));
     }
     json_object_set_new(m, "defaults", defaults());
-    json_object_set_new(m, "imported_from", json_pack("{s:s,s:s?}", "pipeline", realpath(o->pipeline, abs) ? abs : o->pipeline,
-                                                      "mllm", o->mllm));
+    char mllm_abs[PATH_MAX];
+    json_object_set_new(m, "imported_from",
+                        json_pack("{s:s,s:s?}", "pipeline", realpath(o->pipeline, abs) ? abs : o->pipeline, "mllm",
+                                  o->mllm && realpath(o->mllm, mllm_abs) ? mllm_abs : o->mllm));
     snprintf(path, sizeof path, "%s/duogen.json", o->out);
     if (!rc && json_dump_file(m, path, JSON_INDENT(2)) < 0) rc = die("%s: write failed", path);
     json_decref(m);
@@ -317,7 +339,7 @@ static int import(const opts *o) {
                    "encoder's depth and width (Qwen2.5-VL-7B: 28 x 3584 = 100352)",
                    te, layers, hidden, (long)layers * hidden, proj_in);
     if (mkdir(o->out, 0755) < 0 && !(errno == EEXIST && o->force)) return die("%s: %s", o->out, strerror(errno));
-    if (o->force && clear_package(o->out)) return 1;
+    if (o->force && (clear_package(o->out, 0) || clear_package(o->out, 1))) return 1;
     snprintf(mllm, sizeof mllm, "%s/mllm", o->out);
     const char *links[][2] = {{"transformer", "dit"}, {"vae", "vae"}};
     for (int i = 0; i < 2; i++) {

@@ -12,6 +12,8 @@
  * executable: build/mkmodel in a checkout, $PREFIX/bin/mkmodel installed), or --vocab DIR.
  * --vocab own writes a small byte-level vocabulary of its own instead (fast tests).
  * The same arguments give the same bytes on every machine. */
+#include <dirent.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -61,10 +63,36 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--preset")) preset = argv[++i];
         else if (!strcmp(argv[i], "--out")) out = argv[++i];
         else if (!strcmp(argv[i], "--vocab")) vocab = argv[++i];
-        else if (!strcmp(argv[i], "--seed")) { seed = strtoull(argv[++i], NULL, 0); have_seed = 1; }
+        else if (!strcmp(argv[i], "--seed")) {
+            const char *v = argv[++i];
+            char *end;
+            errno = 0;
+            seed = v[0] >= '0' && v[0] <= '9' ? strtoull(v, &end, 10) : 0;
+            if (v[0] < '0' || v[0] > '9' || *end || errno) {
+                fprintf(stderr, "mkmodel: --seed \"%s\": not a decimal integer in 0..%llu\n", v, ULLONG_MAX);
+                return 2;
+            }
+            have_seed = 1;
+        }
         else return usage(0);
     }
     if (!preset || !out || !have_seed) return usage(0);
+    /* a new package in a folder of its own: one that holds anything (another package, an
+     * import's links into a published checkpoint) is not written over */
+    DIR *d = opendir(out);
+    if (d) {
+        struct dirent *e;
+        int used = 0;
+        while (!used && (e = readdir(d))) used = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+        closedir(d);
+        if (used) {
+            fprintf(stderr, "mkmodel: --out \"%s\" holds files already: name a new or empty folder\n", out);
+            return 1;
+        }
+    } else if (errno != ENOENT) {
+        fprintf(stderr, "mkmodel: --out \"%s\": %s\n", out, strerror(errno));
+        return 1;
+    }
     char vocab_dir[4096];
     if (!vocab) {
         if (find_vocab(vocab_dir, sizeof vocab_dir) < 0) {
