@@ -114,6 +114,9 @@ TEST_SRC   := $(wildcard tests/test_*.c)
 TEST_BINS  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 TEST_COMMON_SRC := $(wildcard tests/common/*.c)
 TEST_COMMON_OBJ := $(TEST_COMMON_SRC:%.c=$(BUILD)/obj/%.o)
+# named here, or make takes these objects (which only pattern rules name) for intermediate
+# files, deletes them after the first link, and the next make builds every test again
+.SECONDARY: $(TEST_SRC:%.c=$(BUILD)/obj/%.o) $(TEST_COMMON_OBJ)
 FAKE_SRC   := $(wildcard tests/engine_fake/*.c)
 FAKE_OBJ   := $(FAKE_SRC:%.c=$(BUILD)/obj/%.o)
 FAKE_BIN   := $(if $(FAKE_SRC),$(BUILD)/tests/duogend-fake)

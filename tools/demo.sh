@@ -29,6 +29,7 @@ fi
 
 rm -rf out/steps out/edit out/answer.md out/answer.html out/image-*.png
 mkdir -p out
+: > out/duogend.log   # emptied now: the wait below must not read the last run's "ready"
 port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$top/out" \
              --logfile "$top/out/redis.log" --daemonize yes
