@@ -11,7 +11,13 @@
 # PREFIX (default /usr/local) is the hosts' install prefix; DUOGENCTL overrides the
 # duogenctl that checks health (default BUILD_DIR/duogenctl).
 set -eu
+usage() { sed -n '2,/^set -eu/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+case "${1:-}" in
+-h|--help) usage; exit 0 ;;
+''|-*) usage >&2; exit 2 ;;
+esac
 hosts=$1
+[ -r "$hosts" ] || { echo "rollout: hosts file \"$hosts\" cannot be read" >&2; exit 2; }
 build=${2:-build}
 prefix=${PREFIX:-/usr/local}
 : "${DUOGEN_REDIS:?set DUOGEN_REDIS=redis://duogen-operator@host:6379/0}"

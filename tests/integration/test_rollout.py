@@ -83,3 +83,17 @@ def test_rollout_goes_host_by_host_and_stops_at_an_unhealthy_one(tmpdir_path):
     install = next(c for c in cmds if "systemctl restart" in c)
     assert "daemon-reload" in install and "reset-failed" in install
     assert install.index("reset-failed") < install.index("systemctl restart")
+
+
+def test_rollout_says_its_usage_and_checks_the_hosts_file_before_building(tmpdir_path):
+    """--help ran a staged `make install` (on an unbuilt checkout, a whole build) and then
+    failed on a hosts file named "--help"; no argument said "1: parameter not set"."""
+    script = os.path.join(ROOT, "deploy", "rollout.sh")
+    env = dict(os.environ, DUOGEN_REDIS="redis://duogen-operator@redis:6379/0", BUILD="/nonexistent-build")
+    p = subprocess.run([script, "--help"], env=env, capture_output=True, text=True, timeout=20)
+    assert p.returncode == 0 and p.stdout.startswith("Rolling upgrade of a duogen fleet"), p
+    p = subprocess.run([script], env=env, capture_output=True, text=True, timeout=20)
+    assert p.returncode == 2 and "deploy/rollout.sh HOSTS_FILE [BUILD_DIR]" in p.stderr, p
+    p = subprocess.run([script, os.path.join(tmpdir_path, "no-hosts")], env=env, capture_output=True, text=True,
+                       timeout=20)
+    assert p.returncode == 2 and "no-hosts\" cannot be read" in p.stderr and "make" not in p.stderr, p
