@@ -31,7 +31,9 @@ struct dg_tls_link {
     int       pair;         /* the relay's end of the socketpair (non-blocking) */
     char      peer[300];    /* host:port, for the log */
     int       asked_cert;   /* the server asked for a client certificate, and none is set */
-    char      failure[256]; /* why the relay ended, where not by hiredis's close (read after the join) */
+    int       sent_cert;    /* a client certificate is set (tls_cert_file) */
+    int       answered;     /* the server's first bytes after the handshake have come */
+    char      failure[400]; /* why the relay ended, where not by hiredis's close (read after the join) */
     unsigned char up[16384];     /* hiredis -> server, not yet taken by the session */
     unsigned char down[16384];   /* server -> hiredis, not yet taken by the pair */
 };
@@ -286,6 +288,7 @@ int dg_tls_open(const dg_tls_opts *o, const char *host, int port, int timeout_ms
         goto fail;
     }
     if (!o->cert_file[0]) SSL_CTX_set_client_cert_cb(l->ctx, client_cert_cb);
+    l->sent_cert = o->cert_file[0] != 0;
     if (!(l->ssl = SSL_new(l->ctx)) || SSL_set_fd(l->ssl, l->tcp) != 1) {
         snprintf(err, errlen, "TLS: %s", ssl_reason(why, sizeof why, "out of memory"));
         goto fail;
@@ -406,7 +409,7 @@ static void *relay(void *arg) {
                 ERR_clear_error();
                 errno = 0;
                 const int rd = SSL_read(l->ssl, l->down, sizeof l->down);
-                if (rd > 0) down_len = (size_t)rd, down_off = 0, progress = 1;
+                if (rd > 0) down_len = (size_t)rd, down_off = 0, progress = 1, l->answered = 1;
                 else tcp_events |= ssl_wait(l->ssl, rd, &server_closed, &failed, why, sizeof why);
             }
             if (down_off < down_len && !client_gone) {
@@ -429,6 +432,15 @@ static void *relay(void *arg) {
         if (p[0].revents & (POLLHUP | POLLERR)) client_gone = 1;
         /* the server's socket ended: the next SSL call says how; no spinning on it meanwhile */
         if (p[1].revents & (POLLHUP | POLLERR)) tcp_hup = 1;
+    }
+    /* TLS 1.3: the server checks a client certificate after the client's handshake is done,
+     * and one it refuses ends the connection with an alert that the reset often overtakes:
+     * said, where the server never answered */
+    char refused[sizeof l->failure];
+    if ((failed || server_closed) && l->sent_cert && !l->answered) {
+        snprintf(refused, sizeof refused, "%s, before any answer: the server may have refused the client "
+                 "certificate (tls_cert_file: signed by a CA the server trusts?)", failed ? failed : "closed");
+        failed = refused;
     }
     if (failed) {   /* no SSL_shutdown after a failure (OpenSSL forbids it) */
         snprintf(l->failure, sizeof l->failure, "%s", failed);

@@ -156,6 +156,17 @@ def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
         for cmd in forbidden_producer:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 prod.execute_command(*cmd)
+        # what needs the operator's rights, asked as the producer: said with the command and
+        # key it was refused (it said "Redis refused the command: NOPERM ..."; top --once
+        # showed length 0, dead letters 0 and no live worker, exit 0)
+        as_producer = [os.path.join(BUILD, "duogenctl"), "--redis", f"redis://duogen-producer@127.0.0.1:{srv.port}/0",
+                       "--password-file", pw["producer"]]
+        p = subprocess.run(as_producer + ["stats"], capture_output=True, text=True, timeout=20)
+        assert p.returncode == 3 and re.search(r"Redis refused [A-Z]+ duogen:\S+: NOPERM", p.stderr), p.stderr
+        assert "stats, top and dead need the operator's rights" in p.stderr, p.stderr
+        p = subprocess.run(as_producer + ["top", "--once"], capture_output=True, text=True, timeout=20)
+        assert p.returncode == 3 and "length ?" in p.stdout and "dead letters ?" in p.stdout, p.stdout
+        assert "(no live worker)" not in p.stdout and re.search(r"Redis refused \S+ \S*: NOPERM", p.stdout), p.stdout
         # the worker's user as a client: no admin, no enqueueing, no keys elsewhere
         wc = client("worker")
         for cmd in [("flushall",), ("config", "set", "maxmemory", "0"), ("keys", "*"),

@@ -89,12 +89,23 @@ static void key(char *out, size_t n, const char *kind, const char *id) {
 
 static int redis_seen;   /* a reply has come: Redis was there once (a wait may wait for it) */
 
+/* An error reply, said with the command and its key (which of a pipeline's, and what the
+ * ACL refused: a producer's user cannot read what stats and dead read). */
+static void refused(const dg_cmd *c, const redisReply *rep) __attribute__((noreturn));
+static void refused(const dg_cmd *c, const redisReply *rep) {
+    die(EXIT_IO, "Redis refused %s%s%.200s: %s%s", c->argv[0], c->argc > 1 ? " " : "", c->argc > 1 ? c->argv[1] : "",
+        rep->str,
+        dg_reply_is_error(rep, "NOPERM") ? " (this Redis user's ACL does not allow it: stats, top and dead need the "
+                                           "operator's rights, deploy/redis/users.acl.example)"
+                                         : "");
+}
+
 static redisReply *cmd(dg_cmd *c) {
     if (!dg_redis_ready(&R)) die(EXIT_IO, "Redis: %s", R.error);
     redisReply *rep = dg_redis_cmd(&R, c);
-    dg_cmd_free(c);
     if (!rep) die(EXIT_IO, "Redis: %s", R.error);
-    if (rep->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep->str);
+    if (rep->type == REDIS_REPLY_ERROR) refused(c, rep);
+    dg_cmd_free(c);
     redis_seen = 1;
     return rep;
 }
@@ -113,7 +124,7 @@ static void pipeline_waiting(dg_cmd *const *cmds, int n, redisReply **rep) {
         nanosleep(&ts, NULL);
     }
     for (int i = 0; i < n; i++)
-        if (rep[i]->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused the command: %s", rep[i]->str);
+        if (rep[i]->type == REDIS_REPLY_ERROR) refused(cmds[i], rep[i]);
     if (told) fprintf(stderr, "duogenctl: Redis is back\n");
     redis_seen |= n > 0;
 }

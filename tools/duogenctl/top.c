@@ -11,15 +11,27 @@
 #include <time.h>
 #include <unistd.h>
 
-/* One command's reply; NULL for an error reply (freed here) or a lost connection. */
+static char refusal[320];   /* a frame's first error reply ("XLEN duogen:dead: NOPERM ..."): "" when none */
+
+/* One command's reply; NULL for an error reply (freed here, the frame's first kept in
+ * refusal) or a lost connection. What a NULL stood for is shown as "?", never as 0. */
 static redisReply *get(dg_redis *r, dg_cmd *c) {
     redisReply *rep = dg_redis_ready(r) ? dg_redis_cmd(r, c) : NULL;
-    dg_cmd_free(c);
     if (rep && rep->type == REDIS_REPLY_ERROR) {
+        if (!refusal[0])
+            snprintf(refusal, sizeof refusal, "%s %.100s: %s", c->argv[0], c->argc > 1 ? c->argv[1] : "", rep->str);
         freeReplyObject(rep);
-        return NULL;
+        rep = NULL;
     }
+    dg_cmd_free(c);
     return rep;
+}
+
+/* n as a figure, "?" where its reply did not come */
+static const char *figure(const redisReply *rep, char *buf, size_t len) {
+    if (!rep || rep->type != REDIS_REPLY_INTEGER) return "?";
+    snprintf(buf, len, "%lld", rep->integer);
+    return buf;
 }
 
 static const char *field(const redisReply *h, const char *name) {
@@ -44,7 +56,8 @@ static void frame_queue(FILE *out, dg_redis *r, const char *prefix) {
         snprintf(k, sizeof k, "%s:%s", prefix, streams[s]);
         redisReply *len = get(r, dg_cmd_of("XLEN", k, NULL));
         redisReply *groups = get(r, dg_cmd_of("XINFO", "GROUPS", k, NULL));
-        fprintf(out, "%-7s %-22s length %-6lld", s ? "" : "queue", k, len ? len->integer : 0);
+        char n[24];
+        fprintf(out, "%-7s %-22s length %-6s", s ? "" : "queue", k, figure(len, n, sizeof n));
         for (size_t g = 0; groups && g < groups->elements; g++) {
             const redisReply *info = groups->element[g];
             long long lag = field_int(info, "lag");
@@ -70,12 +83,17 @@ static void frame_rates(FILE *out, dg_redis *r, const char *prefix) {
         const char *status = field(rep->element[i]->element[1], "status");
         for (int s = 0; s < 4; s++) counts[s] += !strcmp(status, names[s]);
     }
+    const int read_done = rep != NULL;
     freeReplyObject(rep);
     snprintf(k, sizeof k, "%s:dead", prefix);
     rep = get(r, dg_cmd_of("XLEN", k, NULL));
     fprintf(out, "last minute");
-    for (int s = 0; s < 4; s++) fprintf(out, "  %s %lld", names[s], counts[s]);
-    fprintf(out, "   dead letters %lld\n", rep ? rep->integer : 0);
+    for (int s = 0; s < 4; s++) {
+        if (read_done) fprintf(out, "  %s %lld", names[s], counts[s]);
+        else fprintf(out, "  %s ?", names[s]);
+    }
+    char n[24];
+    fprintf(out, "   dead letters %s\n", figure(rep, n, sizeof n));
     freeReplyObject(rep);
 }
 
@@ -113,13 +131,16 @@ static void frame_worker(FILE *out, dg_redis *r, const char *prefix, const char 
 
 static void frame_workers(FILE *out, dg_redis *r, const char *prefix) {
     char pattern[512], cursor[32] = "0";
-    int n = 0, evicts = 0;
+    int n = 0, evicts = 0, scanned = 1;
     snprintf(pattern, sizeof pattern, "%s:worker:*", prefix);
     fprintf(out, "\n%-20s %-9s %6s %6s %6s %-20s %-10s %-17s %6s %4s %5s\n", "WORKER", "STATE", "BEAT", "DONE",
             "FAILED", "JOB", "PHASE", "PROGRESS", "TOKENS", "IMGS", "STEP");
     do {
         redisReply *sc = get(r, dg_cmd_of("SCAN", cursor, "MATCH", pattern, "COUNT", "1000", NULL));
-        if (!sc) break;
+        if (!sc) {
+            scanned = 0;
+            break;
+        }
         snprintf(cursor, sizeof cursor, "%s", sc->element[0]->str);
         for (size_t i = 0; i < sc->element[1]->elements; i++) {
             const char *wk = sc->element[1]->element[i]->str;
@@ -131,12 +152,12 @@ static void frame_workers(FILE *out, dg_redis *r, const char *prefix) {
         }
         freeReplyObject(sc);
     } while (strcmp(cursor, "0"));
-    if (!n) fprintf(out, "(no live worker)\n");
+    if (!n) fprintf(out, "%s\n", scanned ? "(no live worker)" : "(the workers could not be listed: ?)");
     if (evicts) fprintf(out, "\nwarning: Redis evicts keys when full (maxmemory-policy is not noeviction): jobs can be lost\n");
 }
 
 /* One frame into out (keys: the screen's, which q quits). Returns 0, or -1 when Redis could
- * not be read (the frame says so). */
+ * not be read or refused a command (the frame says so, its figures "?"). */
 static int render(FILE *out, dg_redis *r, const char *prefix, const char *where, int keys) {
     char clock[16];
     time_t now = time(NULL);
@@ -146,10 +167,15 @@ static int render(FILE *out, dg_redis *r, const char *prefix, const char *where,
         fprintf(out, "Redis: %s (trying again)\n", r->error[0] ? r->error : "not connected");
         return -1;
     }
+    refusal[0] = 0;
     frame_queue(out, r, prefix);
     frame_rates(out, r, prefix);
     frame_workers(out, r, prefix);
-    return 0;
+    if (!refusal[0]) return 0;
+    fprintf(out, "\nRedis refused %s: the figures it would give are shown as ?%s\n", refusal,
+            strstr(refusal, "NOPERM") ? " (this Redis user's ACL: top needs the operator's rights, "
+                                        "deploy/redis/users.acl.example)" : "");
+    return -1;
 }
 
 static volatile sig_atomic_t stop;

@@ -14,8 +14,9 @@
 
 #include "../../daemon/redis.h"
 
-/* Returns 0 after q, Ctrl-C or one frame (once); 3 when once mode could not read Redis, or
- * the frames could not be written. */
+/* Returns 0 after q, Ctrl-C or one frame (once); 3 when once mode could not read Redis or
+ * was refused a command (the frame names it; a producer's ACL user cannot read what top
+ * reads), or the frames could not be written. */
 int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_ms, int once);
 
 #endif
