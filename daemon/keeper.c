@@ -333,6 +333,7 @@ int dg_worker_id_check(dg_worker *w) {
 }
 
 static void heartbeat(dg_worker *w, dg_redis *rd) {
+    if (w->unchecked) return;   /* the main thread takes the lease first (dg_worker_id_check) */
     dg_worker_stats st;
     pthread_mutex_lock(&w->lock);
     st = w->stats;

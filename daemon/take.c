@@ -729,15 +729,6 @@ static int claim_own(dg_taker *t, const char *stream, dg_cmd *claim, int first, 
     return rc ? -1 : 0;
 }
 
-/* Our own pending entries of a stream (left by an earlier life of this consumer, read before
- * a connection broke, given back, or parked by the idle wait), up to count, claimed again,
- * each with the idle time XPENDING just gave as its min-idle-time (a reaper that took it in
- * between keeps it). Their delivery counts when it may have run: an entry delivered before
- * this process started (its idle time is longer than our life), or one given back by a run
- * of this life (after its back-off; dg_taker.released). Any other, and the parked entry,
- * never ran (its read's or claim's reply was lost, or Redis went away before it started):
- * it is claimed with RETRYCOUNT its count as it is, so that a lost reply does not use up
- * max_attempts. Sets *more when more of them may wait. */
 /* XCLAIM of one of our own entries, with min-idle-time the idle XPENDING gave; its delivery
  * count set to `retrycount` when >= 0, else counted as a new delivery. */
 static dg_cmd *claim_own_cmd(const dg_taker *t, const char *stream, const char *id, long long idle,
@@ -760,6 +751,16 @@ static void stream_error(dg_taker *t, const redisReply *rep, dg_take_report *out
     else if (dg_reply_is_error(rep, "NOPERM")) out->refused = 1;
 }
 
+/* Our own pending entries of a stream (left by an earlier life of this consumer, read before
+ * a connection broke, given back, or parked by the idle wait), up to count, claimed again,
+ * each with the idle time XPENDING just gave as its min-idle-time (a reaper that took it in
+ * between keeps it). Their delivery counts when it may have run: an entry delivered before
+ * this process started (its idle time is longer than our life), or one given back by a run
+ * of this life (after its back-off; dg_taker.released) and not claimed since. Any other
+ * never ran (its read's or claim's reply was lost, or Redis went away before it started):
+ * it is claimed with RETRYCOUNT its count as it is, so that a lost reply does not use up
+ * max_attempts; the parked entry (its count set to 0 when parked) with RETRYCOUNT 1. Sets
+ * *more when more of them may wait. */
 static int drain_own(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
     int parking_stream = t->parked[0] && !strcmp(stream, t->keys->streams[1]);
     int64_t now = dg_mono_ms(), life = now - t->life_start_ms;

@@ -79,8 +79,9 @@ typedef struct dg_worker {
     char    instance[24];            /* this process's own: random at start, in the heartbeat hash */
     char    host[64];
     _Atomic int id_clash;            /* set by the keeper: another process holds this worker id's lease */
-    int     unchecked;               /* Redis was away at start: its rights and this worker id's
-                                        lease are checked once it answers, before any job */
+    _Atomic int unchecked;           /* Redis was away at start: its rights and this worker id's
+                                        lease are checked once it answers, before any job (the
+                                        keeper does not beat meanwhile: the lease is not ours yet) */
 
     pthread_mutex_t lock;            /* guards stats, leases and lost */
     dg_worker_stats stats;

@@ -294,7 +294,8 @@ def test_import_mistakes_found_in_use(tmpdir_path):
         json.dump(cfg, f)
     r = subprocess.run([IMPORT, "--pipeline", short, "--out", os.path.join(tmpdir_path, "short")],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "max_position_embeddings 300" in r.stderr, r.stderr
+    assert r.returncode == 1 and "text_encoder/config.json: max_position_embeddings 300" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(tmpdir_path, "short")), os.listdir(os.path.join(tmpdir_path, "short"))
 
     moved = os.path.join(tmpdir_path, "moved-pipe")
     shutil.copytree(PIPE, moved, symlinks=True)

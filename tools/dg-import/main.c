@@ -302,10 +302,7 @@ static int write_manifest(const opts *o, int layers, int vocab, int max_pos, con
     json_object_set_new(m, "condition_layers", cl);
     json_object_set_new(m, "condition", condition(pad, side));
     int ctx = o->max_context ? o->max_context : 8192;
-    if (max_pos > 0 && ctx > max_pos) ctx = max_pos;
-    if (!rc && ctx < PIPE_MAX_SEQUENCE)   /* the condition prompt alone is that long */
-        rc = die("%s: max_position_embeddings %d: the pipeline's prompt alone is %d tokens; this decoder "
-                 "cannot hold it", mllm, max_pos, PIPE_MAX_SEQUENCE);
+    if (max_pos > 0 && ctx > max_pos) ctx = max_pos;   /* >= PIPE_MAX_SEQUENCE: import() checked */
     json_object_set_new(m, "max_context", json_integer(ctx));
     if (o->marker) {
         char sys[1024];
@@ -338,6 +335,9 @@ static int import(const opts *o) {
                    "crossattn_proj takes %ld (crossattn_proj_in_channels): the MLLM must have the text "
                    "encoder's depth and width (Qwen2.5-VL-7B: 28 x 3584 = 100352)",
                    te, layers, hidden, (long)layers * hidden, proj_in);
+    if (max_pos > 0 && max_pos < PIPE_MAX_SEQUENCE)   /* before anything is made: nothing to clear up */
+        return die("%s/config.json: max_position_embeddings %d: the pipeline's prompt alone is %d tokens; this "
+                   "decoder cannot hold it", te, max_pos, PIPE_MAX_SEQUENCE);
     if (mkdir(o->out, 0755) < 0 && !(errno == EEXIST && o->force)) return die("%s: %s", o->out, strerror(errno));
     if (o->force && (clear_package(o->out, 0) || clear_package(o->out, 1))) return 1;
     snprintf(mllm, sizeof mllm, "%s/mllm", o->out);

@@ -159,9 +159,10 @@ static uint8_t *read_all(const char *path, size_t *len) {
     struct stat st;
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
-    if (fstat(fileno(f), &st) || S_ISDIR(st.st_mode)) {
-        if (S_ISDIR(st.st_mode)) errno = EISDIR;
+    const int bad = fstat(fileno(f), &st) ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+    if (bad) {
         fclose(f);
+        errno = bad;
         return NULL;
     }
     size_t cap = S_ISREG(st.st_mode) && st.st_size > 0 ? (size_t)st.st_size + 1 : 65536, n = 0;

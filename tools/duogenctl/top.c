@@ -235,7 +235,7 @@ int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_
         while (!stop) {
             render(stdout, r, prefix, where, 0);
             putchar('\n');
-            if (fflush(stdout) || ferror(stdout)) return 3;   /* the reader went away */
+            if (fflush(stdout) || ferror(stdout)) return 3;   /* a full disk (a pipe's reader gone: SIGPIPE) */
             int stdin_open = 0;
             wait_key(interval_ms, &stdin_open);
         }
