@@ -342,8 +342,9 @@ static int step_one(fake_seq *q, char *err, size_t errlen) {
     }
     if (q->next_word >= q->n_words) { finish(q, DG_FINISH_STOP); return 0; }
     if (q->max_tokens && q->tokens >= q->max_tokens) { finish(q, DG_FINISH_LENGTH); return 0; }
-    char delta[512];
+    char delta[512];   /* a longer word is cut: snprintf's count is what it would have written */
     int n = snprintf(delta, sizeof delta, "%s%s", q->next_word ? " " : "", q->words[q->next_word]);
+    if (n >= (int)sizeof delta) n = (int)sizeof delta - 1;
     q->next_word++;
     q->tokens++;
     q->sink.text(q->sink.user, delta, (size_t)n);

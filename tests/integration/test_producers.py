@@ -213,6 +213,25 @@ def test_producers_refuse_an_id_the_workers_would_not_take(cluster, tmpdir_path)
     assert ran >= 2 and cluster.r.xlen("duogen:jobs") == 0
 
 
+def test_producers_refuse_a_url_that_is_not_redis(cluster, tmpdir_path):
+    """--redis http://x: Python raised a ValueError traceback (exit 1, "the job failed"), Ruby
+    an exception, Go said it as a Redis error (exit 3). Every producer now says the URL's
+    form, exit 2, and enqueues nothing."""
+    image = os.path.join(tmpdir_path, "in.png")
+    with open(image, "wb") as f:
+        f.write(png(8, 8, 1))
+    ran = 0
+    for lang in runnable():
+        argv, env = producer(lang)
+        p = subprocess.run(argv + ["--redis", "http://x", "--id", f"{lang}-url", "--image", image, "--out",
+                                   os.path.join(tmpdir_path, "out"), "make", "soup"],
+                           capture_output=True, text=True, timeout=60, env=dict(os.environ, **env))
+        assert p.returncode == 2 and "Traceback" not in p.stderr and "redis://" in p.stderr, \
+            f"{lang}: {p.returncode} {p.stderr}"
+        ran += 1
+    assert ran >= 2 and cluster.r.xlen("duogen:jobs") == 0
+
+
 @pytest.mark.parametrize("lang", LANGS)
 def test_producer_marks_the_job_queued_first(cluster, tmpdir_path, lang):
     producer(lang)

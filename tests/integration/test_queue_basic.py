@@ -128,3 +128,15 @@ def test_heartbeat_outlives_one_timed_out_keeper_command(cluster):
     cluster.wait_heartbeat("hb")
     ttl = cluster.r.pttl("duogen:worker:hb")
     assert 6000 < ttl <= 10000, ttl   # 5000 + 5000 when written, a beat (200 ms) ago at most
+
+
+def test_the_test_engine_takes_a_word_longer_than_its_buffer(cluster):
+    """The fake engine wrote each word into 512 bytes and passed the word's whole length on:
+    a word of 120000 bytes read past the buffer and killed the worker (SIGSEGV, found in
+    use). It now cuts such a word at its buffer."""
+    cluster.worker()
+    cluster.enqueue("longword", "a" * 120000)
+    res = cluster.wait_result("longword", timeout=30)
+    assert res["status"] == b"done" and b"a" * 500 in res["text"], res["status"]
+    cluster.enqueue("after", "still here")
+    assert cluster.wait_result("after")["status"] == b"done"

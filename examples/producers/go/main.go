@@ -193,6 +193,11 @@ func main() {
 	if !regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`).MatchString(*id) {
 		fail(exitUsage, "--id %q is not 1..128 characters of A-Z a-z 0-9 . _ : -", *id)
 	}
+	// a URL of another scheme is the command line's mistake, not Redis's (redigo takes
+	// redis:// and rediss://)
+	if u, perr := neturl.Parse(*url); perr != nil || (u.Scheme != "redis" && u.Scheme != "rediss") {
+		fail(exitUsage, "--redis: expected redis://host:port/db or rediss://host:port/db")
+	}
 	image, err := os.ReadFile(*imagePath)
 	if err != nil {
 		fail(exitIO, "%v", err)

@@ -121,6 +121,10 @@ def main():
     try:
         tls = {"ssl_ca_certs": a.tls_ca_file} if a.tls_ca_file else {}
         r = redis.Redis.from_url(a.redis, socket_timeout=30, **tls)
+    except ValueError as e:   # not a redis://, rediss:// or unix:// URL
+        print(f"producer: --redis {a.redis!r}: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
         with open(a.image, "rb") as f:
             job = build_job(a.id, f.read(), " ".join(a.text), a.meta)
         r.hsetnx(f"{a.prefix}:job:{a.id}", "state", "queued")   # before the XADD: a worker's "running" comes after it

@@ -111,6 +111,10 @@ rescue OptionParser::ParseError => e
 end
 
 $stdout.sync = true
+# a URL of another scheme is the command line's mistake (redis-rb takes redis://, rediss://, unix://)
+unless opts[:redis] =~ %r{\A(rediss?|unix)://}
+  fail_with(EXIT_USAGE, "--redis: expected redis://host:port/db, rediss://host:port/db or unix://path")
+end
 begin
   job = build_job(opts[:id], File.binread(opts[:image]), ARGV.join(" "), opts[:meta])
   tls = opts[:ca_file] ? {ssl_params: {ca_file: opts[:ca_file]}} : {}
