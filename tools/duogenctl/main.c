@@ -1061,12 +1061,8 @@ static void batch_stem(const char *path, char *stem, size_t n) {
     const char *dot = strrchr(base, '.');
     size_t len = dot && dot > base ? (size_t)(dot - base) : strlen(base);
     if (len >= n) len = n - 1;
-    for (size_t i = 0; i < len; i++) {
-        const char c = base[i];
-        const int ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
-                       c == '_' || c == ':' || (c == '-' && i);
-        stem[i] = ok ? c : '_';
-    }
+    for (size_t i = 0; i < len; i++)   /* the workers' alphabet (job.c), a '-' not first */
+        stem[i] = dg_job_id_valid(base + i, 1) && (base[i] != '-' || i) ? base[i] : '_';
     stem[len] = 0;
     if (!len || !strcmp(stem, ".") || !strcmp(stem, "..")) snprintf(stem, n, "batch");
 }
