@@ -31,7 +31,6 @@ struct dg_tls_link {
     int       pair;         /* the relay's end of the socketpair (non-blocking) */
     char      peer[300];    /* host:port, for the log */
     int       asked_cert;   /* the server asked for a client certificate, and none is set */
-    int       sent_cert;    /* a client certificate is set (tls_cert_file) */
     int       answered;     /* the server's first bytes after the handshake have come */
     char      failure[400]; /* why the relay ended, where not by hiredis's close (read after the join) */
     unsigned char up[16384];     /* hiredis -> server, not yet taken by the session */
@@ -288,7 +287,6 @@ int dg_tls_open(const dg_tls_opts *o, const char *host, int port, int timeout_ms
         goto fail;
     }
     if (!o->cert_file[0]) SSL_CTX_set_client_cert_cb(l->ctx, client_cert_cb);
-    l->sent_cert = o->cert_file[0] != 0;
     if (!(l->ssl = SSL_new(l->ctx)) || SSL_set_fd(l->ssl, l->tcp) != 1) {
         snprintf(err, errlen, "TLS: %s", ssl_reason(why, sizeof why, "out of memory"));
         goto fail;
@@ -437,7 +435,7 @@ static void *relay(void *arg) {
      * and one it refuses ends the connection with an alert that the reset often overtakes:
      * said, where the server never answered */
     char refused[sizeof l->failure];
-    if ((failed || server_closed) && l->sent_cert && !l->answered) {
+    if ((failed || server_closed) && SSL_get_certificate(l->ssl) && !l->answered) {   /* tls_cert_file set */
         snprintf(refused, sizeof refused, "%s, before any answer: the server may have refused the client "
                  "certificate (tls_cert_file: signed by a CA the server trusts?)", failed ? failed : "closed");
         failed = refused;
