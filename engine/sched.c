@@ -371,12 +371,44 @@ static int add_input_image(dg_sched *s, dg_seq *q, const dg_part *part, int inde
     return 0;
 }
 
+/* The request's images weighed by their headers before any is decoded: a job whose
+ * pictures alone take the whole context is refused without holding their pixels (sixteen
+ * 7000x7000 PNGs are 2.4 GB decoded, though a few MB sent). An image whose header does not
+ * tell, or is over a limit, is left to the decoder to name; so are more than
+ * DG_SEQ_MAX_IMAGES. The token count does not depend on an EXIF rotation: smart_resize
+ * treats both sides alike. */
+static int images_fit(const dg_sched *s, const dg_request *r, char *err, size_t errlen) {
+    const dg_model *m = s->m;
+    const int64_t max_pixels = s->o.max_image_pixels > 0 ? s->o.max_image_pixels : DG_IMAGE_DEFAULT_MAX_PIXELS;
+    int64_t tokens = 0;
+    int n = 0;
+    if (!m->has_vision) return 0;
+    for (size_t i = 0; i < r->n_messages; i++)
+        for (size_t k = 0; k < r->messages[i].n_parts; k++) {
+            const dg_part *part = &r->messages[i].parts[k];
+            int32_t w, h, grid[3];
+            char why[8];
+            if (part->kind != DG_PART_IMAGE || ++n > DG_SEQ_MAX_IMAGES ||
+                dg_image_peek_size(part->image, part->image_len, &w, &h) < 0 ||
+                (int64_t)w * h > max_pixels || w > 65535 || h > 65535 ||
+                dg_image_grid(h, w, &m->pp, grid, why, sizeof why) < 0)
+                continue;
+            tokens += dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
+        }
+    if (tokens < m->max_context) return 0;
+    snprintf(err, errlen, "the %d images take %lld tokens; this model takes at most %d in all", n,
+             (long long)tokens, m->max_context);
+    return DG_ELIMIT;
+}
+
 static int build_prompt(dg_sched *s, dg_seq *q, const dg_request *r, char *err, size_t errlen) {
+    int rc = images_fit(s, r, err, errlen);
+    if (rc < 0) return rc;
     size_t n_parts = 1;
     for (size_t i = 0; i < r->n_messages; i++) n_parts += r->messages[i].n_parts;
     dg_chat_message *msgs = calloc(r->n_messages + 1, sizeof *msgs);
     dg_chat_part *parts = calloc(n_parts, sizeof *parts);
-    int rc = DG_ENOMEM;
+    rc = DG_ENOMEM;
     if (!msgs || !parts) {
         snprintf(err, errlen, "out of memory for the prompt's %zu parts", n_parts);
         goto out;

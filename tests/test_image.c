@@ -549,4 +549,51 @@ TEST(new_checks_its_size) {
     dg_image_free(NULL);
 }
 
+/* dg_image_peek_size reads the stored size from the header of every golden input (named
+ * NAME_WxH[_more].ext by tools/reference/make_image_goldens.py): the decoded size is that, or its
+ * sides swapped by an EXIF orientation 5..8. What the header does not tell is DG_EIMAGE. */
+TEST(peek_size_reads_the_header_of_every_golden_input) {
+    size_t len;
+    char *man = (char *)read_file("manifest.txt", &len);
+    CHECK(man != NULL);
+    if (!man)
+        return;
+    man[len] = 0;
+    int n = 0, swapped = 0;
+    for (char *line = strtok(man, "\n"); line; line = strtok(NULL, "\n")) {
+        char name[128];
+        int w, h, sw, sh;
+        if (sscanf(line, "decode %127s %d %d", name, &w, &h) != 3)
+            continue;
+        int got = 0;   /* the first "_WxH" of the name (pal_64x48_trns.png, rgb_123x57_422.jpg) */
+        for (const char *us = strchr(name, '_'); us && got != 2; us = strchr(us + 1, '_'))
+            got = sscanf(us, "_%dx%d", &sw, &sh);
+        CHECK_EQ_INT(got, 2);
+        size_t dlen;
+        uint8_t *data = read_file(name, &dlen);
+        int32_t pw = 0, ph = 0;
+        CHECK(data != NULL);
+        CHECK_EQ_INT(data ? dg_image_peek_size(data, dlen, &pw, &ph) : -99, 0);
+        CHECK(pw == sw && ph == sh);
+        CHECK((w == pw && h == ph) || (w == ph && h == pw));
+        swapped += w != pw;
+        free(data);
+        n++;
+    }
+    CHECK(n >= 20);
+    CHECK(swapped >= 3);   /* exif5, exif6, exif7, exif8: the stored size, not the shown one */
+    free(man);
+
+    int32_t w = -1, h = -1;
+    CHECK_EQ_INT(dg_image_peek_size((const uint8_t *)"GIF89a", 6, &w, &h), DG_EIMAGE);
+    CHECK_EQ_INT(dg_image_peek_size((const uint8_t *)"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR", 16, &w, &h), DG_EIMAGE);
+    CHECK_EQ_INT(dg_image_peek_size((const uint8_t *)"\xff\xd8\xff\xe0", 4, &w, &h), DG_EIMAGE);
+    static const uint8_t zero_width[24] = "\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\0\0\0\0\x05";
+    CHECK_EQ_INT(dg_image_peek_size(zero_width, sizeof zero_width, &w, &h), DG_EIMAGE);
+    CHECK(w == -1 && h == -1);
+    static const uint8_t big[24] = "\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\x1b\x58\0\0\x1b\x58";   /* 7000x7000, no more */
+    CHECK_EQ_INT(dg_image_peek_size(big, sizeof big, &w, &h), 0);
+    CHECK(w == 7000 && h == 7000);
+}
+
 int main(void) { return test_main(); }

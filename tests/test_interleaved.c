@@ -166,6 +166,52 @@ TEST(a_full_conversation_draws_no_more_and_writes_on) {
     dg_model_close(m);
 }
 
+/* A job whose pictures alone take the whole context is refused from their headers, before
+ * any is decoded (sixteen 7000x7000 PNGs were 2.4 GB of pixels held for half a minute, then
+ * refused for the prompt's length). The PNGs here are headers and nothing more: the job's
+ * refusal names the tokens, not a truncated file; a small one that fits goes on to the
+ * decoder, which names it truncated. */
+TEST(images_over_the_context_are_refused_before_decoding) {
+    char err[512];
+    dg_model *m = open_tiny();
+    if (!m) return;
+    dg_sched *s;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    static const uint8_t big[24] = "\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\x1b\x58\0\0\x1b\x58";   /* 7000x7000 */
+    static const uint8_t small[24] = "\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\x38\0\0\0\x38";   /* 56x56 */
+    enum { N = 16 };
+    dg_part parts[N + 1];
+    for (int i = 0; i < N; i++) parts[i] = (dg_part){.kind = DG_PART_IMAGE, .image = big, .image_len = sizeof big};
+    parts[N] = (dg_part){.kind = DG_PART_TEXT, .text = "Compare.", .text_len = 8};
+    dg_message msg = {DG_ROLE_USER, parts, N + 1};
+    dg_request r = {.id = "huge-1", .messages = &msg, .n_messages = 1, .seed = 5,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 2}};
+    int32_t grid[3];
+    CHECK_EQ_INT(dg_image_grid(7000, 7000, &m->pp, grid, err, sizeof err), 0);
+    const int64_t each = dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
+    CHECK(each * N >= m->max_context);   /* the case this test is about */
+    test_job c = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c), DG_ELIMIT);
+    char want[128];
+    snprintf(want, sizeof want, "the 16 images take %lld tokens; this model takes at most %d in all",
+             (long long)(each * N), m->max_context);
+    CHECK(strstr(c.error, want) != NULL);
+    if (!strstr(c.error, want)) printf("  got \"%s\", want \"%s\"\n", c.error, want);
+    test_job_free(&c);
+
+    parts[0] = (dg_part){.kind = DG_PART_IMAGE, .image = small, .image_len = sizeof small};
+    parts[1] = parts[N];
+    msg.n_parts = 2;
+    r.id = "huge-2";
+    test_job c2 = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c2), DG_EIMAGE);
+    CHECK(strstr(c2.error, "image 1: truncated PNG") != NULL);
+    if (!strstr(c2.error, "image 1: truncated PNG")) printf("  got \"%s\"\n", c2.error);
+    test_job_free(&c2);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
 /* A drawn image's tokens join the context the repetition penalty reads, as a prompt
  * image's do (and as transformers reads every id of its input). <|vision_start|> is
  * biased +100 and "Q" (id 48) +90, the penalty 2: after the drawn image the first is

@@ -777,6 +777,35 @@ int dg_image_decode(const uint8_t *data, size_t len, const char *label,
     return DG_OK;
 }
 
+int dg_image_peek_size(const uint8_t *data, size_t len, int32_t *width, int32_t *height) {
+    uint32_t w = 0, h = 0;
+    if (!data || !width || !height)
+        return DG_EINVAL;
+    if (len >= 24 && memcmp(data, "\x89PNG\r\n\x1a\n", 8) == 0) {
+        if (rd32(data + 8, 1) != 13 || memcmp(data + 12, "IHDR", 4) != 0)
+            return DG_EIMAGE;
+        w = rd32(data + 16, 1);
+        h = rd32(data + 20, 1);
+    } else if (len >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) {
+        tjhandle tj = tjInitDecompress();
+        int tw = 0, th = 0, subsamp, colorspace;
+        int rc = -1;
+        if (tj && len <= ULONG_MAX)
+            rc = tjDecompressHeader3(tj, data, (unsigned long)len, &tw, &th, &subsamp, &colorspace);
+        if (tj)
+            tjDestroy(tj);
+        if (rc < 0 || tw < 1 || th < 1)
+            return DG_EIMAGE;
+        w = (uint32_t)tw;
+        h = (uint32_t)th;
+    }
+    if (w < 1 || h < 1 || w > INT32_MAX || h > INT32_MAX)
+        return DG_EIMAGE;
+    *width = (int32_t)w;
+    *height = (int32_t)h;
+    return DG_OK;
+}
+
 /* ---- PNG encoding ------------------------------------------------------------------------ */
 
 struct png_enc_job {

@@ -61,6 +61,13 @@ void dg_image_free(dg_image *img);   /* accepts NULL */
 int  dg_image_decode(const uint8_t *data, size_t len, const char *label,
                      const dg_image_limits *limits, dg_image **out, char *err, size_t errlen);
 
+/* The stored size of PNG or JPEG bytes from their header alone (PNG IHDR, JPEG SOF), for a
+ * caller that weighs a job's images before decoding any: 0 with *width and *height (before
+ * an EXIF orientation, which may swap them), or DG_EIMAGE where the header does not tell
+ * (not PNG/JPEG, cut short, a zero side), which dg_image_decode() then names. Checks no
+ * limit and allocates nothing large. */
+int  dg_image_peek_size(const uint8_t *data, size_t len, int32_t *width, int32_t *height);
+
 /* Encodes img as an 8-bit RGB PNG, non-interlaced. Each text pair becomes a tEXt chunk
  * (an iTXt chunk when the value is not plain ASCII) in the order given; a key is 1..79
  * printable Latin-1 characters without leading, trailing or double spaces (PNG rule).
