@@ -41,7 +41,7 @@ static const struct key {
     STR(tls_ca_file, "with rediss://: PEM CA certificates the server's certificate must chain to (empty: the "
                      "system's); read again at every connect, as the two below"),
     STR(tls_cert_file, "with rediss://: PEM client certificate, for a server that asks for one (tls-auth-clients)"),
-    STR(tls_key_file, "with rediss://: PEM key of tls_cert_file (empty: in that file)"),
+    STR(tls_key_file, "with rediss://: PEM key of tls_cert_file, not encrypted (empty: in that file)"),
     STR(tls_server_name, "with rediss://: the name the server's certificate must carry, also sent as SNI (empty: "
                          "the host connected to)"),
     STR(prefix, "Redis key prefix"),

@@ -71,14 +71,26 @@ static int readable(const char *setting, const char *path, char *err, size_t err
     return -1;
 }
 
+/* OpenSSL's pass phrase callback: an encrypted key would otherwise be asked for on the
+ * terminal (of a daemon under systemd, or twice over of duogenctl) and then fail. Nothing is
+ * given; *asked says that a pass phrase was wanted, so the refusal can say so. */
+static int no_pass_phrase(char *buf, int size, int rwflag, void *asked) {
+    (void)buf, (void)size, (void)rwflag;
+    if (asked) *(int *)asked = 1;
+    return -1;
+}
+
 /* A client context over the files, read now. NULL with err naming the file. */
 static SSL_CTX *make_ctx(const dg_tls_opts *o, char *err, size_t errlen) {
     char why[256];
+    int asked = 0;
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (!ctx) {
         snprintf(err, errlen, "TLS: %s", ssl_reason(why, sizeof why, "out of memory"));
         return NULL;
     }
+    SSL_CTX_set_default_passwd_cb(ctx, no_pass_phrase);
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, &asked);
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     /* the relay writes what hiredis gave it as it can, from a buffer of its own */
@@ -110,9 +122,14 @@ static SSL_CTX *make_ctx(const dg_tls_opts *o, char *err, size_t errlen) {
         int mismatch = 0;
         if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1 &&
             !(mismatch = ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH)) {
-            snprintf(err, errlen, "tls_key_file \"%s\": no PEM private key read (%s)%s", key,
-                     ssl_reason(why, sizeof why, "unreadable"),
-                     o->key_file[0] ? "" : "; tls_key_file is not set, so the key is looked for there");
+            if (asked)
+                snprintf(err, errlen, "tls_key_file \"%s\" is encrypted: the key must be readable without a pass "
+                         "phrase (written so by `openssl pkey -in KEY -out PLAIN`, kept readable by this user "
+                         "only)", key);
+            else
+                snprintf(err, errlen, "tls_key_file \"%s\": no PEM private key read (%s)%s", key,
+                         ssl_reason(why, sizeof why, "unreadable"),
+                         o->key_file[0] ? "" : "; tls_key_file is not set, so the key is looked for there");
             goto fail;
         }
         if (mismatch || SSL_CTX_check_private_key(ctx) != 1) {
@@ -121,6 +138,7 @@ static SSL_CTX *make_ctx(const dg_tls_opts *o, char *err, size_t errlen) {
             goto fail;
         }
     }
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, NULL);   /* `asked` ends here; the context does not */
     return ctx;
 fail:
     SSL_CTX_free(ctx);

@@ -1,7 +1,8 @@
 /* libFuzzer target for the image decoders: any bytes must give an image or a DG_E* error
  * with a message, never a crash, a leak or undefined behaviour. A decoded image also goes
  * through the hash, the Qwen2.5-VL preprocessing (small limits, so the resampler runs at
- * odd scales) and the PNG encoder. */
+ * odd scales) and the PNG encoder. Whatever decodes has the size its header gave
+ * dg_image_peek_size, or that size's sides swapped (an EXIF rotation). */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,6 +21,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             abort();
         return 0;
     }
+    int32_t pw = 0, ph = 0;
+    if (dg_image_peek_size(data, size, &pw, &ph) < 0 ||
+        !((img->width == pw && img->height == ph) || (img->width == ph && img->height == pw)))
+        abort();
     dg_image_digest d;
     dg_image_hash(img, &d);
     dg_image_preprocess_config cfg;

@@ -131,8 +131,18 @@ def test_refusals_are_said_and_the_worker_waits(tmpdir_path, pki):
         assert p.returncode == 2 and "is not the key of tls_cert_file" in p.stderr, p
         p = ctl(c.server.url, "--tls-ca-file", pki("ca.pem"), "stats")
         assert p.returncode == 2 and "is not rediss://" in p.stderr, p
+        # an encrypted key: said as such, with no pass phrase asked for (on a terminal, as
+        # OpenSSL's default did, twice over, before "no PEM private key read")
+        subprocess.run(["openssl", "pkey", "-in", pki("client.key"), "-aes128", "-passout", "pass:secret",
+                        "-out", pki("client-enc.key")], check=True, capture_output=True)
+        p = ctl(url, "--tls-ca-file", pki("ca.pem"), "--tls-cert-file", pki("client.pem"),
+                "--tls-key-file", pki("client-enc.key"), "stats")
+        assert p.returncode == 2 and 'client-enc.key" is encrypted: the key must be readable without a pass ' \
+            'phrase' in p.stderr, p
         for args, said in ((["--tls-ca-file", pki("nope.pem")], "tls_ca_file"),
-                           (["--tls-key-file", pki("client.key")], "tls_key_file")):
+                           (["--tls-key-file", pki("client.key")], "tls_key_file"),
+                           (["--tls-cert-file", pki("client.pem"), "--tls-key-file", pki("client-enc.key")],
+                            "is encrypted")):
             bad = c.worker(redis_url=url, args=args)
             assert bad.proc.wait(30) == 78, bad.logs()
             assert said in bad.logs(), bad.logs()
