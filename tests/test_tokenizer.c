@@ -309,6 +309,41 @@ TEST(tokenizer_long_runs) {
     free(text);
 }
 
+/* PCRE2's match limit grows with the text: the regex backtracks once a byte over a run of
+ * whitespace before a non-space, so a fixed limit (PCRE2's default 10^7) failed on 10 MB of
+ * spaces, as DG_EINTERNAL: a broken engine, and the worker exited on it. Here the base is
+ * lowered to 1000 so that a 200 KB run shows it: with the per-byte part the run encodes and
+ * decodes back; without it the text is refused as over a limit (DG_ELIMIT), the message
+ * naming PCRE2's. */
+TEST(tokenizer_regex_match_limit_grows_with_the_text) {
+    char err[512], *back = NULL;
+    dg_tok *tok = NULL;
+    CHECK_EQ_INT(dg_tok_open(vocab_dir(), &tok, err, sizeof err), 0);
+    if (!tok) return;
+    size_t n = 200000, back_len = 0;
+    char *text = malloc(n + 1);
+    memset(text, ' ', n);
+    text[n] = 'z';
+    tok->match_limit_base = 1000;
+    dg_tok_ids ids = {0};
+    int rc = dg_tok_encode(tok, text, n + 1, &ids, err, sizeof err);
+    CHECK_EQ_INT(rc, 0);
+    if (rc) printf("  %s\n", err);
+    CHECK_EQ_INT(dg_tok_decode(tok, ids.ids, ids.n, 0, &back, &back_len, err, sizeof err), 0);
+    CHECK(back && back_len == n + 1 && !memcmp(back, text, n + 1));
+    free(back);
+    dg_tok_ids_free(&ids);
+
+    tok->match_limit_per_byte = 0;
+    rc = dg_tok_encode(tok, text, n + 1, &ids, err, sizeof err);
+    CHECK_EQ_INT(rc, DG_ELIMIT);
+    CHECK(strstr(err, "text: the pre-tokenizer's regex failed 0 bytes into a segment of 200001: match limit") == err);
+    if (rc != DG_ELIMIT || strstr(err, "match limit") == NULL) printf("  %s\n", err);
+    dg_tok_ids_free(&ids);
+    free(text);
+    dg_tok_close(tok);
+}
+
 /* Combining marks of two classes, alternating in the wrong order: NFC's canonical ordering
  * (utf8proc swaps neighbours) costs their inversions, k*k for "a" + k acute (230) + k grave
  * below (220). Up to DG_TOK_NFC_SWAPS_MAX they are put in order, as NFC puts them (every

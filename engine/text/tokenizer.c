@@ -161,6 +161,8 @@ int dg_tok_open_with(const char *dir, const dg_tok_token *extra, size_t n_extra,
     if ((rc = dg_tok_merges_build(t, &f, err, errlen)) < 0) goto fail;
     if ((rc = added_build(t, &f)) < 0) goto fail;
     if ((rc = regex_build(t, err, errlen)) < 0) goto fail;
+    t->match_limit_base = 10000000;   /* PCRE2's default */
+    t->match_limit_per_byte = 16;
     t->memo = calloc(DG_TOK_MEMO_SLOTS, sizeof *t->memo);
     if (!t->memo) { rc = DG_ENOMEM; goto fail; }
     if (!(t->memo_lock = malloc(sizeof *t->memo_lock))) { rc = DG_ENOMEM; goto fail; }
@@ -191,6 +193,7 @@ typedef struct {
     dg_tok_ids        *out;
     dg_tok_bpe_scratch bpe;
     pcre2_match_data  *match;
+    pcre2_match_context *limits;   /* the match limit of the match at hand */
     char              *err;
     size_t             errlen;
 } encoder;
@@ -217,17 +220,25 @@ static long added_find(const dg_tok *t, const uint8_t *s, size_t n, size_t from,
 static int encode_pretokens(encoder *e, const uint8_t *s, size_t n) {
     size_t pos = 0;
     while (pos < n) {
-        int rc = pcre2_match(e->t->regex, s, n, pos, PCRE2_NO_UTF_CHECK, e->match, NULL);
+        uint64_t limit = e->t->match_limit_base + e->t->match_limit_per_byte * (uint64_t)(n - pos);
+        pcre2_set_match_limit(e->limits, limit < UINT32_MAX ? (uint32_t)limit : UINT32_MAX);
+        int rc = pcre2_match(e->t->regex, s, n, pos, PCRE2_NO_UTF_CHECK, e->match, e->limits);
         size_t start = n, end = n;
         if (rc >= 0) {
             PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->match);
             start = ov[0];
             end = ov[1];
         } else if (rc != PCRE2_ERROR_NOMATCH) {
+            /* a limit (match, depth, heap) is the text's size, not a broken engine: the job
+             * fails, the worker goes on */
+            if (rc == PCRE2_ERROR_NOMEMORY) return DG_ENOMEM;
+            const int limited = rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT ||
+                                rc == PCRE2_ERROR_HEAPLIMIT || rc == PCRE2_ERROR_JIT_STACKLIMIT;
             PCRE2_UCHAR msg[256];
             pcre2_get_error_message(rc, msg, sizeof msg);
-            snprintf(e->err, e->errlen, "tokenizer: pre-tokenizer regex failed at byte %zu: %s", pos, msg);
-            return DG_EINTERNAL;
+            snprintf(e->err, e->errlen, "%s: the pre-tokenizer's regex failed %zu bytes into a segment of %zu: %s",
+                     limited ? "text" : "tokenizer", pos, n, msg);
+            return limited ? DG_ELIMIT : DG_EINTERNAL;
         }
         if (start > pos && (rc = dg_tok_bpe_word(e->t, &e->bpe, s + pos, start - pos, e->out)) < 0) return rc;
         if (end == start && start < n) {
@@ -288,13 +299,14 @@ int dg_tok_encode(const dg_tok *t, const char *text, size_t len, dg_tok_ids *out
         len = dg_tok_utf8_lossy(s, len, true, valid, &used);
         s = valid;
     }
-    if (!(e.match = pcre2_match_data_create(1, NULL))) goto done;
+    if (!(e.match = pcre2_match_data_create(1, NULL)) || !(e.limits = pcre2_match_context_create(NULL))) goto done;
     e.bpe.memo = pthread_mutex_trylock(t->memo_lock) == 0;   /* busy: go without the memo */
     rc = split_on_added(&e, s, len, DG_TOK_ADDED_RAW, encode_segment);
     if (e.bpe.memo) pthread_mutex_unlock(t->memo_lock);
 done:
     if (rc == DG_ENOMEM) snprintf(err, errlen, "tokenizer: out of memory encoding %zu bytes", len);
     pcre2_match_data_free(e.match);
+    pcre2_match_context_free(e.limits);
     dg_tok_bpe_scratch_free(&e.bpe);
     free(valid);
     return rc;

@@ -73,6 +73,11 @@ struct dg_tok {
                                         starts with this byte */
 
     pcre2_code   *regex;    /* owned: the pre-tokenizer, JIT-compiled when possible */
+    /* PCRE2's match limit for one match from byte pos of a segment of n: base + per_byte *
+     * (n - pos). The regex backtracks once a byte over a whitespace run (\s*[\r\n]+ tries
+     * every split), so PCRE2's fixed default (10^7) failed on a run of 10 MB; the limit
+     * grows with the text and still bounds a match. Fields, so tests can lower them. */
+    uint64_t      match_limit_base, match_limit_per_byte;
 
     pthread_mutex_t  *memo_lock;   /* owned: try-locked for a whole encode call */
     dg_tok_memo_slot *memo;        /* owned, [DG_TOK_MEMO_SLOTS] */
