@@ -80,7 +80,7 @@ static const struct key {
     INT(block_ms, 10, 60000, "XREADGROUP BLOCK while idle"),
     INT(claim_idle_ms, 100, 86400000, "idle time after which an entry is taken over"),
     INT(renew_ms, 0, 86400000, "lease renewal interval (0 = claim_idle_ms/3)"),
-    INT(reaper_ms, 50, 86400000, "interval of the XAUTOCLAIM reaper"),
+    INT(reaper_ms, 50, 86400000, "interval between the reaper's passes over the pending list (XAUTOCLAIM); a pass stopped by the free slots goes on as they free, and an entry given back is taken again at its claim_idle_ms"),
     INT(heartbeat_ms, 50, 600000, "worker hash refresh interval"),
     INT(flush_ms, 0, 10000, "progress of fast steps is written at most this often (cancel checks too)"),
     INT(drain_ms, 0, 86400000, "time running jobs get to finish after SIGTERM"),

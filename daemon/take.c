@@ -72,6 +72,22 @@ static void released_forget(dg_taker *t, int i) {
     if (i >= 0) t->released[i] = t->released[--t->n_released];
 }
 
+/* When the reaper is next due, given `next`: no later than the first entry given back that
+ * may be delivered again (it has been idle claim_idle_ms by then: its idle time counts
+ * from its last delivery), not at the reaper's next turn up to reaper_ms later. A hold after
+ * a reconnect still holds; an entry whose time has passed is not waited for (the reaper
+ * looked, or another worker took it: its time would keep the reaper due for ever). */
+static int64_t reaper_next(const dg_taker *t, int64_t next) {
+    const int64_t now = dg_mono_ms();
+    for (int i = 0; i < t->n_released; i++) {
+        int64_t due = t->released[i].until_ms;
+        if (due <= now) continue;
+        if (due < t->reap_hold_until) due = t->reap_hold_until;
+        if (due < next) next = due;
+    }
+    return next;
+}
+
 /* An entry left pending for a later attempt: not taken back before claim_idle_ms. The list
  * is bounded: past DG_TAKE_RELEASED_MAX the one given back longest ago goes (counted as never
  * run should it still be ours: a fleet of that many passing failures at once is broken). */
@@ -95,6 +111,7 @@ static void released_add(dg_taker *t, const char *stream, const char *entry, int
     }
     t->released[i].until_ms = dg_mono_ms() + t->cfg->claim_idle_ms;
     t->released[i].deliveries = deliveries;
+    t->next_reaper_ms = reaper_next(t, t->next_reaper_ms);
 }
 
 dg_take_facts dg_take_facts_now(dg_taker *t, int connected, int draining, int room) {
@@ -875,14 +892,19 @@ static int released_check(dg_taker *t, const char *stream) {
 static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_report *out) {
     char idle[16], count_s[16];
     char *cursor = t->reap_cursor[strcmp(stream, t->keys->streams[0]) != 0];
+    const int from_start = !cursor[0] || !strcmp(cursor, "0-0");
     snprintf(idle, sizeof idle, "%d", t->cfg->claim_idle_ms);
     snprintf(count_s, sizeof count_s, "%d", count);
     redisReply *rep = dg_redis_cmdv(t->redis, "XAUTOCLAIM", stream, t->cfg->group, t->cfg->worker_id,
                                     idle, cursor[0] ? cursor : "0-0", "COUNT", count_s, NULL);
     if (!rep) return -1;
     int rc = 0;
-    if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 && rep->element[0]->type == REDIS_REPLY_STRING)
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 && rep->element[0]->type == REDIS_REPLY_STRING) {
         snprintf(cursor, sizeof t->reap_cursor[0], "%s", rep->element[0]->str);   /* "0-0": round again */
+        /* more to look at: the list's end not reached, or reached from a cursor past its
+         * start (a pass that stopped at its COUNT): the entries before it are looked at next */
+        t->reap_more |= strcmp(cursor, "0-0") != 0 || !from_start;
+    }
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2) {
         const redisReply *entries = rep->element[1];
         if (entries->elements) log_info("took over %zu abandoned entries of \"%s\"", entries->elements, stream);
@@ -980,6 +1002,7 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
     int taken = 0, more = 0, rc = 0;   /* rc 1: the plan ends here, no error */
     t->retake = 0;
     int own_steps = 0, own_ran = 0, reap_steps = 0, reap_ran = 0;
+    t->reap_more = 0;
     for (int i = 0; i < p->n_steps; i++) {
         own_steps += p->steps[i].source == DG_TAKE_OWN;
         reap_steps += p->steps[i].source == DG_TAKE_REAP;
@@ -996,10 +1019,21 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
             rc = drain_own(t, s.streams[0], s.count, &taken, &more, out);
             break;
         case DG_TAKE_REAP:
-            reap_ran++;
             rc = reap(t, s.streams[0], s.count, &taken, out);
+            /* A scan that stopped at its COUNT (the room) goes on at the next plan, not
+             * reaper_ms later: one entry a reaper_ms was all a worker of max_inflight 1 took
+             * back, and passing failures waited minutes, not claim_idle_ms, to run again */
+            if (++reap_ran == reap_steps)
+                t->next_reaper_ms = t->reap_more ? dg_mono_ms() : reaper_next(t, dg_mono_ms() + t->cfg->reaper_ms);
             break;
         case DG_TAKE_READ:
+            if (s.block_ms) {
+                /* the idle wait ends when the reaper is due, or it pushes the reaper back
+                 * by block_ms; a reaper due now (a scan under way) has it skipped */
+                const int64_t until_reaper = t->next_reaper_ms - dg_mono_ms();
+                if (until_reaper <= 0) break;
+                if (until_reaper < s.block_ms) s.block_ms = (int)until_reaper;
+            }
             rc = read_new(t, &s, i == 0 ? read : NULL, &taken, out);
             break;
         }
@@ -1009,7 +1043,6 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
      * reaper due */
     if (own_steps && !rc) t->own_pending = more || own_ran < own_steps;
     if (t->parked[0] || t->retake) t->own_pending = 1;
-    if (reap_steps && reap_ran == reap_steps) t->next_reaper_ms = dg_mono_ms() + t->cfg->reaper_ms;
     return rc < 0 ? -1 : 0;
 }
 

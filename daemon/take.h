@@ -118,7 +118,11 @@ typedef struct {
                                         an entry is parked; set by a new connection (a read
                                         whose reply was lost left its entries pending) */
     uint64_t connects_seen;          /* redis->connects when own_pending last looked */
-    int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran */
+    int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran:
+                                        by reaper_ms, or not at all while a scan of the
+                                        pending list is under way (reap_more) */
+    int reap_more;                   /* an XAUTOCLAIM of this plan stopped short of the end of
+                                        the pending list (its COUNT, the room, was reached) */
     int64_t reap_hold_until;         /* monotonic: the reaper waits after a (re)connect */
     char reap_cursor[2][64];         /* where the reaper's next XAUTOCLAIM of the high [0] /
                                         normal [1] stream starts ("" = 0-0) */

@@ -892,3 +892,41 @@ def test_an_entry_trimmed_after_its_worker_died_still_gets_a_result(cluster):
     cluster.enqueue("normal", "hi")
     assert cluster.wait_result("normal")["status"] == b"done"
     assert not cluster.r.exists(cluster.key("jobs") + ":taken")   # acknowledged: out of the index
+
+
+def test_passing_failures_run_again_after_claim_idle_not_the_reapers_turn(cluster):
+    """Eight jobs that fail for now on a worker of max_inflight 1 whose reaper's turn is ten
+    minutes: each is delivered again once it has been idle claim_idle_ms (the reaper is due
+    when a given-back entry may be taken), and a scan of the pending list that stopped at
+    its COUNT (the one free slot) goes on at the next plan. Both were at reaper_ms: one entry
+    a turn (15 s by default), and the jobs took minutes to use up their attempts."""
+    w = cluster.worker("w1", args=["--max-inflight", "1", "--claim-idle-ms", "1000", "--reaper-ms", "600000"])
+    cluster.wait_groups()
+    ids = [f"later-{i}" for i in range(8)]
+    for i in ids:
+        cluster.enqueue(i, "x", meta={"fake.fail": "retry"}, max_attempts=3)
+    for i in ids:   # 3 attempts each, 1 s apart: seconds; the reaper's next turn is in 10 min
+        res = cluster.wait_result(i, timeout=60)
+        assert res["error_code"] == b"EXHAUSTED" and b"gave up after 3 deliveries" in res["error"], (i, res)
+    assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 0
+    assert w.alive()
+
+
+def test_a_dead_workers_entries_are_all_taken_over_by_a_worker_with_one_slot(cluster):
+    """A worker killed with four jobs running; another of max_inflight 1, started once they
+    have been idle claim_idle_ms, takes all four over one after another: its XAUTOCLAIM
+    (COUNT 1) stops after one entry, and the scan goes on when the slot is free again, not
+    at the reaper's next turn ten minutes later."""
+    w1 = cluster.worker("w1", args=["--max-inflight", "4"])
+    cluster.wait_groups()
+    ids = [f"orphan-{i}" for i in range(4)]
+    for i in ids:
+        cluster.enqueue(i, " ".join(["w"] * 200), meta={"fake.step_ms": 100})
+    wait_until(lambda: all(cluster.r.hget(f"duogen:job:{i}", "state") == b"running" for i in ids),
+               what="all four running")
+    w1.kill()
+    time.sleep(2.0)                               # idle past claim_idle_ms (1.5 s here)
+    cluster.worker("w2", args=["--max-inflight", "1", "--reaper-ms", "600000"])
+    for i in ids:
+        res = cluster.wait_result(i, timeout=60)
+        assert res["status"] == b"done" and attempt_of(res) == 2, (i, res)
