@@ -257,10 +257,12 @@ static int finite_in(float v, float lo, float hi) { return isfinite(v) && v >= l
 /* ImageParams: each limit and choice, naming the field. */
 static dg_job_status validate_image(const Duogen__V1__ImageParams *ip, const dg_daemon_config *cfg, char *err,
                                     size_t errlen) {
-    if (ip->width % 16 || ip->height % 16 || ip->width > (uint32_t)cfg->max_image_side ||
-        ip->height > (uint32_t)cfg->max_image_side)
-        FAIL(DG_JOB_BAD_REQUEST, "image.width/height: %ux%u must be multiples of 16 up to %d",
-             ip->width, ip->height, cfg->max_image_side);
+    /* each side named alone (0 is "the model's default", not a size to show) */
+    const uint32_t side[2] = {ip->width, ip->height};
+    for (int i = 0; i < 2; i++)
+        if (side[i] % 16 || side[i] > (uint32_t)cfg->max_image_side)
+            FAIL(DG_JOB_BAD_REQUEST, "image.%s: %u must be a multiple of 16 up to %d (0: the model's default)",
+                 i ? "height" : "width", side[i], cfg->max_image_side);
     if (ip->steps > (uint32_t)cfg->max_steps)
         FAIL(DG_JOB_BAD_REQUEST, "image.steps: %u, over the limit of %d", ip->steps, cfg->max_steps);
     if (HAS(ip, guidance_scale) && !finite_in(ip->guidance_scale, 0, 100))

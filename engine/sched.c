@@ -530,6 +530,17 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     if (m->has_draw && (rc = dg_painter_check(q->painter, &ip, err, errlen)) < 0) goto fail;
     q->ip = ip;
 
+    /* a favoured id the tokenizer does not have (a padding row of lm_head) would be an
+     * answer of nothing, "done"; a ban of one is fine (random weights may sample them) */
+    for (size_t i = 0; i < tp.n_logit_bias; i++)
+        if (tp.logit_bias[i].bias > 0 && tp.logit_bias[i].token >= 0 &&
+            tp.logit_bias[i].token < m->cfg.text.vocab_size && !dg_tok_has(m->tok, tp.logit_bias[i].token)) {
+            snprintf(err, errlen, "logit_bias: token %d is not one of the tokenizer's (ids below %d; the "
+                     "model's %d output rows past them, or in gaps, are padding): only a ban (a negative bias) "
+                     "may name it", tp.logit_bias[i].token, dg_tok_n_ids(m->tok), m->cfg.text.vocab_size);
+            rc = DG_EINVAL;
+            goto fail;
+        }
     dg_sampler_params sp = {.temperature = tp.temperature, .top_k = tp.top_k, .top_p = tp.top_p,
                             .repetition_penalty = tp.repetition_penalty, .logit_bias = tp.logit_bias,
                             .n_logit_bias = tp.n_logit_bias, .seed = r->seed};

@@ -328,6 +328,7 @@ static void zeros(Duogen__V1__Job *j) {
     j->image->schedule = DUOGEN__V1__IMAGE_PARAMS__SCHEDULE__KARRAS;
 }
 static void odd_width(Duogen__V1__Job *j) { j->image->width = 100; }
+static void odd_height(Duogen__V1__Job *j) { j->image->height = 97; }
 static void many_steps(Duogen__V1__Job *j) { j->image->steps = 100000; }
 static void good_params(Duogen__V1__Job *j) {
     j->text->_temperature_case = DUOGEN__V1__TEXT_PARAMS___TEMPERATURE_TEMPERATURE;
@@ -407,7 +408,9 @@ TEST(job_validation_names_the_field) {
     CHECK_EQ_INT(check_job(nan_temp, &c), DG_JOB_BAD_REQUEST);
     CHECK(strstr(err, "text.temperature"));
     CHECK_EQ_INT(check_job(odd_width, &c), DG_JOB_BAD_REQUEST);
-    CHECK(strstr(err, "multiples of 16"));
+    CHECK(strstr(err, "image.width: 100 must be a multiple of 16 up to "));   /* the height not given: not named */
+    CHECK_EQ_INT(check_job(odd_height, &c), DG_JOB_BAD_REQUEST);
+    CHECK(strstr(err, "image.height: 97 must be a multiple of 16 up to "));
     CHECK_EQ_INT(check_job(many_steps, &c), DG_JOB_BAD_REQUEST);
     CHECK(strstr(err, "image.steps"));
 }

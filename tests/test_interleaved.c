@@ -4,6 +4,7 @@
  * bans it after max_images. A second run of the same job, now served by the prefix KV,
  * vision and latent caches, gives byte-identical text and PNGs; and caches never change
  * an answer, only the work done. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,7 @@
 #include "duogen.h"
 #include "io/image.h"
 #include "model.h"
+#include "text/tokenizer.h"
 
 static const char *pkg;   /* the tiny package of seed 11 with the Qwen2 vocabulary, made once */
 
@@ -207,6 +209,40 @@ TEST(images_over_the_context_are_refused_before_decoding) {
     CHECK_EQ_INT(test_job_run(s, &r, &c2), DG_EIMAGE);
     CHECK(strstr(c2.error, "image 1: truncated PNG") != NULL);
     if (!strstr(c2.error, "image 1: truncated PNG")) printf("  got \"%s\"\n", c2.error);
+    test_job_free(&c2);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
+/* A favoured id that is no token (a padding row of lm_head: the tiny package's tokenizer has
+ * ids below 151666, its lm_head 151936 rows) is refused, naming both sizes: the job ran
+ * "done" with an answer of nothing. A ban of one is taken: the job runs. */
+TEST(a_bias_for_a_padding_row_is_refused_and_a_ban_of_one_is_taken) {
+    char err[512];
+    dg_model *m = open_tiny();
+    if (!m) return;
+    const int32_t pad = m->cfg.text.vocab_size - 1;
+    CHECK(!dg_tok_has(m->tok, pad) && dg_tok_has(m->tok, 48));   /* the case this test is about */
+    dg_sched *s;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Say it.", .text_len = 7};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    dg_logit_bias bias = {pad, 100.0f};
+    dg_request r = {.id = "pad-1", .messages = &msg, .n_messages = 1, .seed = 5,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 2, .logit_bias = &bias, .n_logit_bias = 1}};
+    test_job c = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c), DG_EINVAL);
+    char want[160];
+    snprintf(want, sizeof want, "logit_bias: token %d is not one of the tokenizer's (ids below %d; the model's %d",
+             pad, dg_tok_n_ids(m->tok), m->cfg.text.vocab_size);
+    CHECK(strstr(c.error, want) == c.error);
+    if (strstr(c.error, want) != c.error) printf("  got \"%s\"\n", c.error);
+    test_job_free(&c);
+    bias.bias = -INFINITY;
+    r.id = "pad-2";
+    test_job c2 = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c2), 0);
+    CHECK_EQ_INT(c2.usage.generated_tokens, 2);
     test_job_free(&c2);
     dg_sched_free(s);
     dg_model_close(m);

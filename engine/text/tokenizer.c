@@ -179,6 +179,8 @@ fail:
 
 int32_t dg_tok_n_ids(const dg_tok *t) { return t->n_ids; }
 
+bool dg_tok_has(const dg_tok *t, int32_t id) { return id >= 0 && id < t->n_ids && (t->flags[id] & DG_TOK_F_PRESENT); }
+
 int32_t dg_tok_added_id(const dg_tok *t, const char *content) {
     size_t n = strlen(content);
     for (size_t k = 0; k < t->n_added; k++)

@@ -26,6 +26,7 @@
 #ifndef DG_TOKENIZER_H
 #define DG_TOKENIZER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -66,6 +67,10 @@ void dg_tok_close(dg_tok *tok);   /* accepts NULL */
 
 /* Number of token ids: the largest vocab or added id + 1 (ids in gaps have no token). */
 int32_t dg_tok_n_ids(const dg_tok *tok);
+
+/* Whether id is a token of the tokenizer (not past dg_tok_n_ids, nor in a gap): a model's
+ * output rows past its ids (padding to a round size) decode to nothing. */
+bool dg_tok_has(const dg_tok *tok, int32_t id);
 
 /* The id of the added token whose content is exactly `content` ("<|im_end|>", "<BOV>"),
  * or DG_EINVAL when there is none. */

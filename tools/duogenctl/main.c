@@ -43,7 +43,7 @@
 static const struct param {
     const char *key, *example, *help;
 } params[] = {
-    {"max_new_tokens", "max_new_tokens=512", "tokens the answer may have, 1 .. the worker's max_new_tokens"},
+    {"max_new_tokens", "max_new_tokens=512", "text tokens the answer may have (<BOV> and pictures not counted: max_images), 1 .. the worker's max_new_tokens"},
     {"temperature", "temperature=0", "sampling temperature, 0 .. 100; 0 is greedy decoding"},
     {"top_p", "top_p=0.9", "nucleus sampling, (0, 1]; 1 is off"},
     {"top_k", "top_k=40", "the k most likely tokens, 0 .. 1000000; 0 is off"},
