@@ -105,6 +105,33 @@ static int decode(const uint8_t *data, size_t len, const dg_image_limits *lim, c
     return rc;
 }
 
+/* What Pillow refuses to open (a chunk before the image data with a wrong CRC, a tRNS too
+ * short for its colour key) is refused, as a bad image, naming why. */
+TEST(decode_refuses_what_the_reference_refuses) {
+    size_t len;
+    char *man = (char *)read_file("manifest.txt", &len);
+    CHECK(man != NULL);
+    if (!man)
+        return;
+    man[len] = 0;
+    int n = 0;
+    for (char *line = strtok(man, "\n"); line; line = strtok(NULL, "\n")) {
+        char name[128], err[256];
+        if (sscanf(line, "refuse %127s", name) != 1)
+            continue;
+        size_t dlen;
+        uint8_t *data = read_file(name, &dlen);
+        CHECK(data != NULL);
+        int rc = data ? decode(data, dlen, NULL, err, sizeof err) : -99;
+        if (rc != DG_EIMAGE || !strstr(err, "corrupt PNG ("))
+            test_fail(__FILE__, __LINE__, "%s: rc %d (%s), not refused as corrupt", name, rc, rc ? err : "decoded");
+        free(data);
+        n++;
+    }
+    CHECK(n >= 2);
+    free(man);
+}
+
 TEST(decode_rejects_other_formats_with_a_named_message) {
     char err[256];
     CHECK_EQ_INT(decode((const uint8_t *)"GIF89a....", 10, NULL, err, sizeof err), DG_EIMAGE);

@@ -146,17 +146,49 @@ static int exif_orientation(const uint8_t *p, size_t n) {
             return 0;
         if (rd16(p + e, big) != 0x0112)
             continue;
+        /* Pillow reads every numeric type, and of a tag declared one value long takes the
+         * first of several; exif_transpose looks the value up in a dict of 2..8, so 6.0
+         * and 6/1 rotate as 6 does. Other types (BYTE, ASCII, UNDEFINED) do not rotate. */
+        static const uint8_t size[13] = {0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8};
         unsigned type = rd16(p + e + 2, big);
         uint32_t cnt = rd32(p + e + 4, big);
-        if (cnt != 1)
+        if (type > 12 || cnt == 0)
             return 0;
-        if (type == 3)
-            return (int)rd16(p + e + 8, big);
-        if (type == 4) {
-            uint32_t v = rd32(p + e + 8, big);
-            return v > 9 ? 0 : (int)v;
+        size_t at = e + 8;
+        if ((uint64_t)cnt * size[type] > 4) {   /* the values elsewhere: cut short, Pillow skips the tag */
+            at = rd32(p + e + 8, big);
+            if (at > n || (uint64_t)cnt * size[type] > n - at)
+                return -1;
         }
-        return 0;
+        const uint8_t *v = p + at;
+        double x;
+        switch (type) {
+        case 3: x = rd16(v, big); break;
+        case 8: x = (int16_t)rd16(v, big); break;
+        case 4: x = rd32(v, big); break;
+        case 9: x = (int32_t)rd32(v, big); break;
+        case 5:
+        case 10: {
+            uint32_t num = rd32(v, big), den = rd32(v + 4, big);
+            if (!den) return 0;
+            x = type == 5 ? (double)num / den : (double)(int32_t)num / (int32_t)den;
+            break;
+        }
+        case 11: {
+            uint32_t b = rd32(v, big);
+            float f;
+            memcpy(&f, &b, sizeof f);
+            x = f;
+            break;
+        }
+        case 12: {
+            uint64_t b = big ? (uint64_t)rd32(v, 1) << 32 | rd32(v + 4, 1) : (uint64_t)rd32(v + 4, 0) << 32 | rd32(v, 0);
+            memcpy(&x, &b, sizeof x);
+            break;
+        }
+        default: return 0;
+        }
+        return x >= 1 && x <= 8 && x == (int)x ? (int)x : 0;
     }
     return -1;
 }
@@ -241,6 +273,9 @@ struct png_job {
     png_bytep       *rows;           /* owned: [height] into raw */
     dg_image        *img;            /* owned until handed out */
     struct png_format fmt;
+    const uint8_t   *trns, *exif;    /* the last tRNS before the image data, the last eXIf:
+                                        read from the bytes (png_scan), as Pillow reads them */
+    uint32_t         n_trns, n_exif;
     int              pixels_done;    /* the image data is complete */
     int              oom;            /* an allocation of libpng's failed (png_mem_alloc) */
     int              code;           /* DG_E* for the failure, when one is set */
@@ -358,10 +393,8 @@ static int png_palette_overrun(const struct png_format *f, const uint8_t *in, in
  * chunk of a key wins, as in Pillow's info dict; getexif() reads XMP whenever the EXIF has
  * no Orientation tag, as the JPEG path below). DG_ENOMEM when the EXIF text could not be
  * decoded for want of memory (an image without its orientation would be another image). */
-static int png_orientation(png_structp png, png_infop info) {
-    png_uint_32 n_exif = 0;
-    png_bytep exif = NULL;
-    int o = -1, has_exif = png_get_eXIf_1(png, info, &n_exif, &exif) && exif && n_exif > 0;
+static int png_orientation(png_structp png, png_infop info, const uint8_t *exif, uint32_t n_exif) {
+    int o = -1, has_exif = exif && n_exif > 0;
     if (has_exif)
         o = exif_orientation(exif, n_exif);
     png_textp text = NULL;
@@ -389,7 +422,7 @@ static int png_orientation(png_structp png, png_infop info) {
 
 /* png_orientation() for png_decode(): the orientation, or -1 with j->code set. */
 static int png_job_orientation(struct png_job *j) {
-    int o = png_orientation(j->png, j->info);
+    int o = png_orientation(j->png, j->info, j->exif, j->n_exif);
     if (o == DG_ENOMEM) {
         j->code = DG_ENOMEM;
         snprintf(j->msg, sizeof j->msg, "out of memory reading its EXIF orientation");
@@ -398,6 +431,91 @@ static int png_job_orientation(struct png_job *j) {
     return o;
 }
 
+
+/* CRC-32 of the PNG spec (zlib's), bit by bit: only the chunks before the image data are
+ * checked, which are small. */
+static uint32_t png_crc(uint32_t crc, const uint8_t *p, size_t n) {
+    crc = ~crc;
+    while (n--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; k++)
+            crc = crc & 1 ? (crc >> 1) ^ 0xedb88320u : crc >> 1;
+    }
+    return ~crc;
+}
+
+/* What Pillow takes from the chunks itself, over the first n bytes (png_usable_length's):
+ * a chunk before the first IDAT whose CRC is wrong refuses the file (Pillow: "broken PNG
+ * file"; the image data's and later chunks' CRCs it does not check, nor does libpng here);
+ * the last tRNS before the image data; the last eXIf anywhere (Pillow prefixes it with
+ * "Exif\0\0", which exif_orientation strips with any others). libpng would drop a tRNS
+ * longer than PLTE or before it, a key past the bit depth, and an eXIf that starts with
+ * "Exif\0\0", all of which Pillow uses. Returns 0, or DG_EIMAGE with msg set. */
+static int png_scan(struct png_job *j, size_t n) {
+    const uint8_t *p = j->data;
+    size_t pos = 8;
+    int seen_idat = 0;
+    while (pos + 12 <= n) {
+        uint32_t len = rd32(p + pos, 1);
+        const uint8_t *type = p + pos + 4, *body = p + pos + 8;
+        if ((uint64_t)len + 12 > n - pos)
+            break;
+        seen_idat |= memcmp(type, "IDAT", 4) == 0;
+        if (!seen_idat && png_crc(0, type, 4 + (size_t)len) != rd32(body + len, 1)) {
+            snprintf(j->msg, sizeof j->msg, "corrupt PNG (the CRC of its %.4s chunk, before the image data, is wrong)",
+                     (const char *)type);
+            return DG_EIMAGE;
+        }
+        if (!seen_idat && !memcmp(type, "tRNS", 4))
+            j->trns = body, j->n_trns = len;
+        else if (!memcmp(type, "eXIf", 4))
+            j->exif = body, j->n_exif = len;
+        pos += 12 + (size_t)len;
+    }
+    return 0;
+}
+
+/* The tRNS chunk as Pillow's chunk_tRNS takes it: a palette's alpha per entry (255 past the
+ * chunk, entries past PLTE unused), a gray key in its first 2 bytes, an RGB key in its
+ * first 6; one too short for its key refuses the file (Pillow: "Truncated tRNS chunk"); on
+ * an image with an alpha channel it is ignored. The key is compared with the pixel's 8-bit
+ * value as Pillow compares it (the key's low byte; x255 for 1-bit gray; the raw key
+ * against the scaled value for 2- and 4-bit gray, so keys 1..14 never match there), a
+ * 16-bit gray pixel on 16 bits, a 16-bit RGB pixel's high byte with the key's low byte.
+ * Returns 0, or DG_EIMAGE with msg set. */
+static int png_transparency(struct png_job *j) {
+    struct png_format *f = &j->fmt;
+    const uint8_t *t = j->trns;
+    if (!t || (f->color_type & PNG_COLOR_MASK_ALPHA))
+        return 0;
+    if (f->color_type == PNG_COLOR_TYPE_PALETTE) {
+        f->has_alpha = 1;
+        for (uint32_t i = 0; i < j->n_trns && i < 256; i++)
+            f->pal[i][3] = t[i];
+        return 0;
+    }
+    const uint32_t need = f->color_type == PNG_COLOR_TYPE_GRAY ? 2 : 6;
+    if (j->n_trns < need) {
+        snprintf(j->msg, sizeof j->msg, "corrupt PNG (a tRNS chunk of %u bytes, short of the %u of a colour key)",
+                 (unsigned)j->n_trns, (unsigned)need);
+        return DG_EIMAGE;
+    }
+    f->has_alpha = f->has_key = 1;
+    for (uint32_t c = 0; c < need / 2; c++) {
+        unsigned key = rd16(t + 2 * c, 1);
+        if (f->color_type == PNG_COLOR_TYPE_GRAY && f->bit_depth == 16)
+            f->key[c] = key;
+        else
+            f->key[c] = (f->color_type == PNG_COLOR_TYPE_GRAY && f->bit_depth == 1 ? key * 255u : key) & 0xff;
+    }
+    return 0;
+}
+
+static int png_skip_chunk(png_structp png, png_unknown_chunkp chunk) {
+    (void)png;
+    (void)chunk;
+    return 1;   /* handled: nothing kept */
+}
 
 /* The libpng part of dg_image_decode(): on success j->img holds the image as stored (not
  * yet oriented) and the return is the orientation found (0: none); -1 with j->code set.
@@ -414,6 +532,13 @@ static int png_decode(struct png_job *j) {
      * them, or a chunk header claiming 2 GB makes libpng allocate it before it finds the
      * file is short. */
     png_set_chunk_malloc_max(j->png, 8u << 20);
+    /* tRNS and eXIf are read from the bytes (png_scan), as Pillow reads them: libpng hands
+     * them, and any chunk it does not know (a critical one too: Pillow skips those), to
+     * png_skip_chunk; CRCs are png_scan's to check, where Pillow checks them */
+    static const png_byte own[] = "tRNS\0eXIf";
+    png_set_keep_unknown_chunks(j->png, PNG_HANDLE_CHUNK_NEVER, own, 2);
+    png_set_read_user_chunk_fn(j->png, NULL, png_skip_chunk);
+    png_set_crc_action(j->png, PNG_CRC_QUIET_USE, PNG_CRC_QUIET_USE);
     png_read_info(j->png, j->info);
 
     png_uint_32 w, h;
@@ -442,30 +567,8 @@ static int png_decode(struct png_job *j) {
             f->pal[i][3] = 255;
         }
     }
-    png_bytep trans_alpha = NULL;
-    int n_trans = 0;
-    png_color_16p trans_color = NULL;
-    if (png_get_tRNS(j->png, j->info, &trans_alpha, &n_trans, &trans_color) & PNG_INFO_tRNS) {
-        f->has_alpha = 1;
-        if (color_type == PNG_COLOR_TYPE_PALETTE) {
-            for (int i = 0; i < n_trans && i < 256; i++)
-                f->pal[i][3] = trans_alpha[i];
-        } else if (color_type == PNG_COLOR_TYPE_GRAY && trans_color) {
-            /* Pillow compares the stored key with the pixel as it holds it: 16 bits for
-             * "I;16", key*255 for mode "1", and the raw key against the scaled value for
-             * 2- and 4-bit gray (so keys 1..14 never match there) */
-            f->has_key = 1;
-            f->key[0] = bit_depth == 1 ? trans_color->gray * 255u : trans_color->gray;
-        } else if (color_type == PNG_COLOR_TYPE_RGB && trans_color) {
-            /* 16-bit RGB: Pillow matches the low byte of each key sample against the
-             * high byte of the pixel's ("RGB;16B" keeps the high byte) */
-            f->has_key = 1;
-            unsigned mask = bit_depth == 16 ? 0xff : 0xffff;
-            f->key[0] = trans_color->red & mask;
-            f->key[1] = trans_color->green & mask;
-            f->key[2] = trans_color->blue & mask;
-        }
-    }
+    if ((j->code = png_transparency(j)) < 0)
+        return -1;
     if (bit_depth < 8)
         png_set_packing(j->png);
     png_set_interlace_handling(j->png);
@@ -536,6 +639,10 @@ static int png_decode_bytes(const uint8_t *data, size_t len, const char *label,
     j->len = usable;
     j->limits = limits;
     int rc;
+    if (png_scan(j, usable) < 0) {
+        rc = image_fail(err, errlen, DG_EIMAGE, label, "%s", j->msg);
+        goto done;
+    }
     j->png = png_create_read_struct_2(PNG_LIBPNG_VER_STRING, j, png_job_error, png_job_warning,
                                       &j->oom, png_mem_alloc, png_mem_free);
     j->info = j->png ? png_create_info_struct(j->png) : NULL;

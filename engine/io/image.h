@@ -16,12 +16,23 @@
  *     16-bit grayscale image without alpha, which Pillow opens as "I;16" and converts to
  *     RGB by clipping the value to 255 (so 256..65535 become 255): kept here to match;
  *   - gray of 1, 2 or 4 bits is scaled to 0..255 (x255, x85, x17);
+ *   - tRNS and eXIf are read as Pillow reads them, not as libpng would (which drops a tRNS
+ *     longer than PLTE, before it, or with a key past the bit depth, and an eXIf that starts
+ *     with "Exif\0\0"): a palette's alpha per entry, a key's low byte compared with the
+ *     8-bit pixel, the last eXIf of the file; a tRNS too short for its key is refused;
+ *   - CRCs are checked where Pillow checks them: a chunk before the image data with a wrong
+ *     one refuses the file, the image data's and later chunks' are not looked at; an
+ *     unknown critical chunk is skipped;
  *   - a palette index past the PLTE entries is refused (DG_EIMAGE), as the PNG spec makes
  *     it an error;
  *   - JPEG with libjpeg-turbo's accurate integer DCT and fancy upsampling (Pillow's
  *     defaults); CMYK/YCCK JPEG as Adobe-inverted CMYK converted the way Pillow does;
  *   - the EXIF orientation (JPEG APP1 Exif, PNG eXIf, PNG "Raw profile type exif" text,
- *     else an XMP tiff:Orientation) is applied, as transformers' load_image() does.
+ *     else an XMP tiff:Orientation) is applied, as transformers' load_image() does; stored
+ *     as any numeric TIFF type (6, 6.0, 12/2 all rotate), the first of several values.
+ * Not matched (refused, DG_EIMAGE, where Pillow's newer bundled libjpeg-turbo decodes them):
+ * lossless JPEG (SOF3), JPEG component sampling factors TurboJPEG 2.1 cannot classify
+ * (Y 3x1, 4x2, 1x4; chroma sampled finer than luma), and stray bytes before a header marker.
  * Other ancillary data (gamma, ICC profiles) is ignored, as Pillow does.
  *
  * No function here logs or keeps state between calls; every one is safe to call from

@@ -11,6 +11,7 @@ manifest.txt, one record a line (digests are the first 16 bytes of SHA-256, hex,
 u32le width || u32le height || bytes, the same as dg_image_hash()):
     decode  FILE W H RGB_DIGEST
     resize  FILE W H RESIZED_RGB_DIGEST         Pillow resize((W, H), BICUBIC) of the decoded RGB
+    refuse  FILE                                Pillow refuses to open it
     patches FILE MIN MAX GT GH GW DIGEST BIN    DIGEST over the float32 pixel_values viewed as
                                                 width 1568 (= 1176*4/3) x rows; BIN is "-" or a
                                                 file with the first temporal half of each row
@@ -109,7 +110,78 @@ def make_inputs():
                   'tiff:Orientation="3"/></x:xmpmeta>', zip=True)
     save("xmp3_52x29.png", Image.fromarray(picture(52, 29, 22)), "PNG", pnginfo=info)
     save("rgb_200x150.png", Image.fromarray(picture(200, 150, 23)), "PNG")
+    files.update(chunk_cases())
     return files
+
+
+def tiff_orientation(typ, count, payload, big=False):
+    """An EXIF blob (TIFF header, IFD0 of one Orientation entry of the given type and count)
+    whose value bytes are payload: inline when 4 bytes or fewer, else after the IFD."""
+    e = ">" if big else "<"
+    head = (b"MM\0*" if big else b"II*\0") + struct.pack(e + "I", 8)
+    if len(payload) <= 4:
+        value = payload.ljust(4, b"\0")
+        tail = b""
+    else:
+        value = struct.pack(e + "I", 8 + 2 + 12 + 4)
+        tail = payload
+    return head + struct.pack(e + "H", 1) + struct.pack(e + "HHI", 0x0112, typ, count) + value + b"\0\0\0\0" + tail
+
+
+def chunk_cases():
+    """PNG chunks Pillow reads its own way (libpng would drop or refuse them) and EXIF
+    orientations of other numeric types: name -> bytes. Those Pillow refuses are named
+    refuse_*; main() checks that it does."""
+    import zlib
+
+    def chunk(t, d, crc=None):
+        c = zlib.crc32(t + d) & 0xFFFFFFFF if crc is None else crc
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", c)
+
+    def png(w, h, depth, ctype, pix, bpp, before=(), after=()):
+        stride = w * bpp
+        raw = b"".join(b"\0" + pix[y * stride:(y + 1) * stride] for y in range(h))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, ctype, 0, 0, 0))
+                + b"".join(before) + chunk(b"IDAT", zlib.compress(raw, 9)) + b"".join(after) + chunk(b"IEND", b""))
+
+    out = {}
+    idx = (picture(20, 20, 40, 1) // 26).astype(np.uint8)            # indices 0..9
+    plte = chunk(b"PLTE", bytes(picture(10, 1, 41).reshape(-1)))
+    alpha = bytes((i * 53 + 7) % 256 for i in range(256))
+    out["pal_trns256_20x20.png"] = png(20, 20, 8, 3, idx.tobytes(), 1, before=(plte, chunk(b"tRNS", alpha)))
+    out["pal_trnsfirst_20x20.png"] = png(20, 20, 8, 3, idx.tobytes(), 1, before=(chunk(b"tRNS", alpha[:10]), plte))
+    gray = picture(20, 20, 42, 1)
+    gray[3, 4] = 44
+    out["gray_key300_20x20.png"] = png(20, 20, 8, 0, gray.tobytes(), 1, before=(chunk(b"tRNS", struct.pack(">H", 300)),))
+    out["gray_trns4_20x20.png"] = png(20, 20, 8, 0, gray.tobytes(), 1,
+                                      before=(chunk(b"tRNS", struct.pack(">HH", int(gray[0, 0]), 7)),))
+    rgb = picture(20, 20, 43)
+    k = [int(v) for v in rgb[2, 3]]
+    out["rgb_keyhigh_20x20.png"] = png(20, 20, 8, 2, rgb.tobytes(), 3,
+                                       before=(chunk(b"tRNS", struct.pack(">HHH", *(v + 256 for v in k))),))
+    rgb = picture(30, 20, 44)
+    six = tiff_orientation(3, 1, struct.pack("<H", 6))
+    out["exifprefix_30x20.png"] = png(30, 20, 8, 2, rgb.tobytes(), 3, before=(chunk(b"eXIf", b"Exif\0\0" + six),))
+    out["exiflast_30x20.png"] = png(30, 20, 8, 2, rgb.tobytes(), 3, before=(chunk(b"eXIf", six),),
+                                    after=(chunk(b"eXIf", tiff_orientation(3, 1, struct.pack("<H", 3))),))
+    out["exifbadcrc_30x20.png"] = png(30, 20, 8, 2, rgb.tobytes(), 3, after=(chunk(b"eXIf", six, crc=1),))
+    out["critical_30x20.png"] = png(30, 20, 8, 2, rgb.tobytes(), 3, before=(chunk(b"ABCD", b"xyz"),))
+    p = png(30, 20, 8, 2, rgb.tobytes(), 3)
+    at = p.index(b"IDAT") - 4
+    n = struct.unpack(">I", p[at:at + 4])[0]
+    out["idatcrc_30x20.png"] = p[:at + 8 + n] + b"\0\0\0\0" + p[at + 12 + n:]
+    out["refuse_crc_before_idat.png"] = png(30, 20, 8, 2, rgb.tobytes(), 3, before=(chunk(b"tEXt", b"a\0b", crc=1),))
+    out["refuse_trns1_20x20.png"] = png(20, 20, 8, 0, gray.tobytes(), 1, before=(chunk(b"tRNS", b"\x05"),))
+    pic = Image.fromarray(picture(45, 61, 45))
+    for name, typ, cnt, payload in (("sshort", 8, 1, struct.pack("<h", 6)), ("slong", 9, 1, struct.pack("<i", 6)),
+                                    ("rational", 5, 1, struct.pack("<II", 12, 2)),
+                                    ("float", 11, 1, struct.pack("<f", 6.0)),
+                                    ("short3", 3, 3, struct.pack("<HHH", 6, 1, 1)),
+                                    ("rational65", 5, 1, struct.pack("<II", 13, 2))):
+        buf = io.BytesIO()
+        pic.save(buf, "JPEG", quality=90, exif=tiff_orientation(typ, cnt, payload))
+        out[f"exif{name}_45x61.jpg"] = buf.getvalue()
+    return out
 
 
 def png_raw(w, h, depth, color_type, data, bytes_per_pixel):
@@ -143,16 +215,25 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     lines = []
     files = make_inputs()
+    chunk_case_names = set(chunk_cases())   # decode and resize records only
     for name, data in sorted(files.items()):
         with open(os.path.join(OUT, name), "wb") as f:
             f.write(data)
+        if name.startswith("refuse_"):
+            try:
+                reference_rgb(data)
+            except Exception as e:   # noqa: BLE001  (Pillow's own exception types vary)
+                lines.append(f"refuse {name}")
+                print(f"{name}: Pillow refuses it ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            sys.exit(f"{name}: Pillow opened it; it was made to be refused")
         im, rgb = reference_rgb(data)
         h, w = rgb.shape[:2]
         lines.append(f"decode {name} {w} {h} {digest(w, h, rgb.tobytes())}")
         for rw, rh in ((w * 3 // 7 + 1, h * 5 // 9 + 1), (w * 2 + 3, h + 11), (28, 56)):
             res = np.array(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=None))
             lines.append(f"resize {name} {rw} {rh} {digest(rw, rh, res.tobytes())}")
-        if name.endswith("_23x14.jpg"):
+        if name.endswith("_23x14.jpg") or name in chunk_case_names:
             continue
         configs = [SMALL] + ([DEFAULT] if name in ("rgb_200x150.png", "rgb_640x427.jpg", "rgb_1000x29.png") else [])
         for mn, mx in configs:
