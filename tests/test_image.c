@@ -351,6 +351,25 @@ TEST(decode_refuses_bombs_from_the_header) {
     free(jpg);
 }
 
+/* A JPEG of a process TurboJPEG 2.1 does not read (SOF3, lossless; here a baseline file's
+ * SOF0 marker renamed) is refused as a kind not read, not as a corrupt file. */
+TEST(decode_names_a_jpeg_kind_it_does_not_read) {
+    size_t len;
+    uint8_t *jpg = read_file("rgb_640x427.jpg", &len);
+    CHECK(jpg != NULL);
+    if (!jpg)
+        return;
+    for (size_t i = 2; i + 1 < len; i++)
+        if (jpg[i] == 0xFF && jpg[i + 1] == 0xC0) {
+            jpg[i + 1] = 0xC3;
+            break;
+        }
+    char err[256];
+    CHECK_EQ_INT(decode(jpg, len, NULL, err, sizeof err), DG_EIMAGE);
+    CHECK(strstr(err, "image 2: a JPEG of a kind this decoder does not read (lossless") == err);
+    free(jpg);
+}
+
 /* A chunk header claiming 1.8 GB in a 100-byte file (found by the fuzzer: libpng would
  * allocate the claimed size first) is refused at once as truncated. */
 TEST(decode_png_chunk_longer_than_the_file) {

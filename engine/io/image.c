@@ -787,8 +787,12 @@ static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
         tjDecompressHeader3(tj, data, (unsigned long)len, &w, &h, &subsamp, &colorspace) < 0 ||
         w < 1 || h < 1) {
         const int oom = len <= ULONG_MAX && tj_out_of_memory(tj);
+        const char *why = tjGetErrorStr2(tj);
+        /* a kind TurboJPEG 2.1 does not read (image.h) is not a damaged file */
+        const int kind = why && (strstr(why, "Unsupported JPEG process") || strstr(why, "subsampling type"));
         rc = image_fail(err, errlen, oom ? DG_ENOMEM : DG_EIMAGE, label, "%s (%s)",
-                        oom ? "out of memory in libjpeg" : "corrupt JPEG header", tjGetErrorStr2(tj));
+                        oom ? "out of memory in libjpeg" : kind ? "a JPEG of a kind this decoder does not read "
+                        "(lossless, or unusual sampling factors)" : "corrupt JPEG header", why);
         goto done;
     }
     if ((int64_t)w * h > limits->max_pixels || w > 65535 || h > 65535) {
