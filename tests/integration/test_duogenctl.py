@@ -483,3 +483,49 @@ def test_enqueue_and_result_as_a_user_meets_them(cluster, tmpdir_path):
     assert p.returncode == 0, p.stderr
     job = pb.Job.FromString(cluster.r.xrange("duogen:jobs")[-1][1][b"job"])
     assert job.id == "piped-image" and job.messages[0].parts[0].image.data == tiny_png()
+
+
+def test_prune_removes_the_consumers_of_workers_that_are_gone(cluster):
+    """Redis keeps every consumer that ever read until XGROUP DELCONSUMER: the ids of workers
+    that stopped (a replaced host) stayed in the groups for good, and stats counted them.
+    prune removes those with no live worker, nothing pending and idle --idle-s; a live
+    worker's consumer and a gone one's with a pending entry (its reaper's to take over
+    first) are kept; --dry-run names them only."""
+    def consumers(k):
+        return sorted(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                      for c in cluster.r.xinfo_consumers(cluster.key(k), "duogen"))
+
+    # a consumer is made by its first delivery (Redis 7.0: a blocked read makes none)
+    w2 = cluster.worker("gone")
+    cluster.wait_groups()
+    cluster.enqueue("by-gone", "hi")
+    assert cluster.wait_result("by-gone")["status"] == b"done"
+    w2.term()
+    w1 = cluster.worker("live")
+    cluster.enqueue("by-live", "hi")
+    assert cluster.wait_result("by-live")["status"] == b"done"
+    assert consumers("jobs") == ["gone", "live"], consumers("jobs")
+    cluster.r.delete("duogen:worker:gone")     # its heartbeat hash expired
+    # a consumer of another group (an audit reader), gone, with an entry still pending
+    cluster.r.xgroup_create(cluster.key("jobs"), "audit", id="0")
+    cluster.r.xreadgroup("audit", "holder", {cluster.key("jobs"): ">"}, count=1)
+    audit = lambda: [c["name"] for c in cluster.r.xinfo_consumers(cluster.key("jobs"), "audit")]
+    assert audit() == [b"holder"], audit()
+
+    p = ctl(cluster, "prune", "--idle-s", "0", "--dry-run")
+    assert p.returncode == 0 and "would remove consumer gone" in p.stdout and "holder" not in p.stdout, p
+    assert consumers("jobs") == ["gone", "live"]
+    p = ctl(cluster, "prune", "--idle-s", "3600")              # gone for seconds only: kept
+    assert p.returncode == 0 and "removed 0 consumers" in p.stdout, p
+    p = ctl(cluster, "prune", "--idle-s", "0")
+    assert p.returncode == 0, p
+    assert "removed consumer gone " in p.stdout and "consumer live" not in p.stdout, p.stdout
+    assert "removed 1 consumer; kept 2 " in p.stdout, p.stdout
+    assert consumers("jobs") == ["live"] and audit() == [b"holder"]
+    assert "group duogen             consumers 1 " in ctl(cluster, "stats").stdout, ctl(cluster, "stats").stdout
+    for bad in (["--idle-s", "-1"], ["--idle-s", "x"], ["--now"]):
+        p = ctl(cluster, "prune", *bad)
+        assert p.returncode == 2 and "prune" in p.stderr, p
+    cluster.enqueue("after", "hi")
+    assert cluster.wait_result("after")["status"] == b"done"
+    assert w1.alive()

@@ -163,7 +163,7 @@ def test_acl_roles_do_their_work_and_nothing_else(acl_redis, tmpdir_path):
                        "--password-file", pw["producer"]]
         p = subprocess.run(as_producer + ["stats"], capture_output=True, text=True, timeout=20)
         assert p.returncode == 3 and re.search(r"Redis refused [A-Z]+ duogen:\S+: NOPERM", p.stderr), p.stderr
-        assert "stats, top and dead need the operator's rights" in p.stderr, p.stderr
+        assert "stats, top, dead and prune need the operator's rights" in p.stderr, p.stderr
         p = subprocess.run(as_producer + ["top", "--once"], capture_output=True, text=True, timeout=20)
         assert p.returncode == 3 and "length ?" in p.stdout and "dead letters ?" in p.stdout, p.stdout
         assert "(no live worker)" not in p.stdout and re.search(r"Redis refused \S+ \S*: NOPERM", p.stdout), p.stdout

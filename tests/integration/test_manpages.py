@@ -66,7 +66,7 @@ def test_every_setting_in_duogend_8_and_conf_5():
 def test_every_command_and_param_in_duogenctl_1():
     page = read(MAN, "duogenctl.1")
     commands = source_table("commands")
-    assert [c for c, _ in commands] == ["enqueue", "batch", "watch", "result", "cancel", "stats", "top", "dead"]
+    assert [c for c, _ in commands] == ["enqueue", "batch", "watch", "result", "cancel", "stats", "top", "dead", "prune"]
     for name, args in commands:
         assert f".TP\n\\fB{name}\\fR {roff(args)}" in page, f"command {name} missing from duogenctl(1)"
     params = source_table("params")

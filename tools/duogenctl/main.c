@@ -95,7 +95,7 @@ static void refused(const dg_cmd *c, const redisReply *rep) __attribute__((noret
 static void refused(const dg_cmd *c, const redisReply *rep) {
     die(EXIT_IO, "Redis refused %s%s%.200s: %s%s", c->argv[0], c->argc > 1 ? " " : "", c->argc > 1 ? c->argv[1] : "",
         rep->str,
-        dg_reply_is_error(rep, "NOPERM") ? " (this Redis user's ACL does not allow it: stats, top and dead need the "
+        dg_reply_is_error(rep, "NOPERM") ? " (this Redis user's ACL does not allow it: stats, top, dead and prune need the "
                                            "operator's rights, deploy/redis/users.acl.example)"
                                          : "");
 }
@@ -1476,6 +1476,80 @@ static int cmd_dead(int argc, char **argv) {
     return 0;
 }
 
+/* Consumers of the job streams' groups whose worker is gone: Redis keeps a consumer until
+ * XGROUP DELCONSUMER, and every worker id that ever read (a replaced host, an autoscaled
+ * one) stays in the group. One is removed when it holds no pending entry, has been idle
+ * --idle-s (default an hour) and no live worker has its id (no heartbeat hash); an entry
+ * it had pending would be dropped from the pending list with it, so those are left for a
+ * worker's reaper to take over first. Returns how many were (or, with --dry-run, would be)
+ * removed through *removed. */
+static void prune_stream(const char *k, long long idle_ms, int dry, int *removed, int *kept) {
+    redisReply *groups = cmd(dg_cmd_of("XINFO", "GROUPS", k, NULL));
+    for (size_t g = 0; groups->type == REDIS_REPLY_ARRAY && g < groups->elements; g++) {
+        const char *group = hstr(groups->element[g], "name");
+        redisReply *cs = cmd(dg_cmd_of("XINFO", "CONSUMERS", k, group, NULL));
+        for (size_t i = 0; cs->type == REDIS_REPLY_ARRAY && i < cs->elements; i++) {
+            const redisReply *c = cs->element[i];
+            const char *name = hstr(c, "name");
+            const long long pending = hint(c, "pending"), idle = hint(c, "idle");
+            char k_worker[512];
+            key(k_worker, sizeof k_worker, "worker", name);
+            redisReply *live = cmd(dg_cmd_of("EXISTS", k_worker, NULL));
+            const int alive = live->integer > 0;
+            freeReplyObject(live);
+            if (alive || pending > 0 || idle < idle_ms) {
+                ++*kept;
+                continue;
+            }
+            if (!dry) {
+                redisReply *del = cmd(dg_cmd_of("XGROUP", "DELCONSUMER", k, group, name, NULL));
+                if (del->integer > 0)   /* it read in the moment between the look and the removal */
+                    fprintf(stderr, "duogenctl: consumer \"%s\" of %s had %lld pending entries when removed: "
+                            "they are pending no more; requeue their jobs if they do not finish\n", name, k,
+                            del->integer);
+                freeReplyObject(del);
+            }
+            printf("%s consumer %-28s group %s of %s (idle %lld s, no live worker, nothing pending)\n",
+                   dry ? "would remove" : "removed", name, group, k, idle / 1000);
+            ++*removed;
+        }
+        freeReplyObject(cs);
+    }
+    freeReplyObject(groups);
+}
+
+static int cmd_prune(int argc, char **argv) {
+    long long idle_s = 3600;
+    int dry = 0;
+    for (int a = 0; a < argc; a++) {
+        if (!strcmp(argv[a], "--dry-run")) {
+            dry = 1;
+        } else if (!strcmp(argv[a], "--idle-s") && a + 1 < argc) {
+            const char *v = argv[++a];
+            char *end;
+            errno = 0;
+            idle_s = v[0] >= '0' && v[0] <= '9' ? strtoll(v, &end, 10) : -1;
+            if (idle_s < 0 || *end || errno || idle_s > 100LL * 365 * 86400)
+                die(EXIT_USAGE, "prune --idle-s %s: not a whole number of seconds (0 .. 100 years)", v);
+        } else {
+            die(EXIT_USAGE, "prune: unknown option \"%s\" (--idle-s S, --dry-run)", argv[a]);
+        }
+    }
+    const char *names[2] = {"jobs", "jobs:high"};
+    int removed = 0, kept = 0;
+    for (int s = 0; s < 2; s++) {
+        char k[512];
+        key(k, sizeof k, names[s], NULL);
+        redisReply *t = cmd(dg_cmd_of("TYPE", k, NULL));
+        const int stream = t->type == REDIS_REPLY_STATUS && !strcmp(t->str, "stream");
+        freeReplyObject(t);
+        if (stream) prune_stream(k, idle_s * 1000, dry, &removed, &kept);
+    }
+    printf("%s %d consumer%s; kept %d (a live worker, pending entries, or idle under %lld s)\n",
+           dry ? "would remove" : "removed", removed, removed == 1 ? "" : "s", kept, idle_s);
+    return 0;
+}
+
 static int cmd_watch(int argc, char **argv) {
     if (argc != 1) return -1;
     /* asked once with cmd(): an unreachable Redis is exit 3, and an id nothing is known of
@@ -1611,6 +1685,12 @@ static const struct command {
      "List the dead letters, newest first (20 unless --count), or put dead jobs back on duogen:jobs, "
      "deleting their failed result, events and job hash (which says queued again) so that they run again.",
      cmd_dead},
+    {"prune", "[--idle-s S] [--dry-run]",
+     "Remove from the job streams' consumer groups the consumers whose worker is gone: no live worker with "
+     "the id, no pending entry, idle S seconds or more (default 3600). Redis keeps every consumer that ever "
+     "read until it is removed, so replaced or autoscaled hosts' ids pile up in XINFO and in stats' count. "
+     "--dry-run names them only.",
+     cmd_prune},
 };
 
 static const struct global_option {
