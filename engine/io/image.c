@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <turbojpeg.h>
+#include <jpeglib.h>
+#include <jerror.h>
 
 /* ---- errors ----------------------------------------------------------------------------- */
 
@@ -773,6 +775,115 @@ static int tj_out_of_memory(tjhandle tj) {
     return m && (strstr(m, "Insufficient memory") || strstr(m, "Memory allocation failure"));
 }
 
+/* ---- libjpeg, where TurboJPEG's header reading gives up ---------------------------------- */
+
+/* TurboJPEG 2.1's header reading refuses what libjpeg itself reads, and Pillow with it:
+ * component sampling factors it cannot name (Y 3x1, 4x2, 1x4, chroma finer than luma),
+ * and a warning such as stray bytes before a marker. Such a file goes through libjpeg's own
+ * API with TurboJPEG's settings (the accurate integer IDCT, fancy upsampling, at most 500
+ * scans); where libjpeg fails too, the caller says TurboJPEG's reason. */
+struct lj_job {
+    struct jpeg_decompress_struct ci;
+    struct jpeg_error_mgr         jerr;
+    struct jpeg_progress_mgr      progress;
+    jmp_buf                       jb;
+    int                           oom, scans;
+    int                           rc;      /* what libjpeg_decode returns */
+    dg_image                     *img;     /* owned until handed out */
+    uint8_t                      *cmyk;    /* owned */
+};
+
+static void lj_error_exit(j_common_ptr c) {
+    struct lj_job *j = (struct lj_job *)c->client_data;
+    j->oom = c->err->msg_code == JERR_OUT_OF_MEMORY;
+    longjmp(j->jb, 1);
+}
+
+static void lj_emit(j_common_ptr c, int level) {
+    if (level < 0) c->err->num_warnings++;   /* warnings are taken, as Pillow takes them; no output */
+}
+
+static void lj_progress(j_common_ptr c) {
+    struct lj_job *j = (struct lj_job *)c->client_data;
+    if (j->ci.is_decompressor && j->ci.input_scan_number > 500) {
+        j->scans = 1;
+        longjmp(j->jb, 1);
+    }
+}
+
+/* 1 with the size read (w, h; *out the image when out is not NULL); 0 where libjpeg cannot
+ * read it either; DG_ENOMEM, DG_ELIMIT (over limits, err set), DG_EIMAGE (cut short, or a
+ * CPU bomb of scans: err set). Locals are only read before the setjmp returns twice. */
+static int libjpeg_decode(const uint8_t *data, size_t len, const char *label, const dg_image_limits *limits,
+                          int *w, int *h, dg_image **out, char *err, size_t errlen) {
+    struct lj_job *j = calloc(1, sizeof *j);
+    if (!j)
+        return DG_ENOMEM;
+    j->ci.err = jpeg_std_error(&j->jerr);
+    j->jerr.error_exit = lj_error_exit;
+    j->jerr.emit_message = lj_emit;
+    j->progress.progress_monitor = lj_progress;
+    if (setjmp(j->jb)) {
+        if (j->oom)
+            j->rc = DG_ENOMEM;
+        else if (j->scans)
+            j->rc = image_fail(err, errlen, DG_EIMAGE, label, "a progressive JPEG of more than 500 scans");
+        goto done;
+    }
+    jpeg_create_decompress(&j->ci);
+    j->ci.client_data = j;
+    j->ci.progress = &j->progress;
+    jpeg_mem_src(&j->ci, data, (unsigned long)len);
+    jpeg_read_header(&j->ci, TRUE);
+    *w = (int)j->ci.image_width;
+    *h = (int)j->ci.image_height;
+    if (*w < 1 || *h < 1)
+        goto done;
+    if (!out) {
+        j->rc = 1;
+        goto done;
+    }
+    if ((int64_t)*w * *h > limits->max_pixels || *w > 65535 || *h > 65535) {
+        j->rc = image_fail(err, errlen, DG_ELIMIT, label, "%dx%d JPEG is over the limit of %lld pixels", *w, *h,
+                        (long long)limits->max_pixels);
+        goto done;
+    }
+    const int is_cmyk = j->ci.jpeg_color_space == JCS_CMYK || j->ci.jpeg_color_space == JCS_YCCK;
+    j->ci.out_color_space = is_cmyk ? JCS_CMYK : JCS_RGB;
+    j->ci.dct_method = JDCT_ISLOW;
+    j->ci.do_fancy_upsampling = TRUE;
+    if (dg_image_new(*w, *h, &j->img) < 0 || (is_cmyk && !(j->cmyk = malloc((size_t)*w * *h * 4)))) {
+        j->rc = DG_ENOMEM;
+        goto done;
+    }
+    jpeg_start_decompress(&j->ci);
+    while (j->ci.output_scanline < j->ci.output_height) {
+        const size_t y = j->ci.output_scanline;
+        JSAMPROW row = is_cmyk ? j->cmyk + y * (size_t)*w * 4 : j->img->rgb + y * (size_t)*w * 3;
+        jpeg_read_scanlines(&j->ci, &row, 1);
+    }
+    if (j->jerr.num_warnings && !jpeg_complete(data, len)) {   /* cut short: Pillow refuses it */
+        j->rc = image_fail(err, errlen, DG_EIMAGE, label, "truncated JPEG (libjpeg: premature end of data)");
+        goto done;
+    }
+    for (size_t i = 0, n = is_cmyk ? (size_t)*w * *h : 0; i < n; i++) {
+        const uint8_t *c = j->cmyk + 4 * i;
+        j->img->rgb[3 * i + 0] = cmyk_channel(c[0], c[3]);
+        j->img->rgb[3 * i + 1] = cmyk_channel(c[1], c[3]);
+        j->img->rgb[3 * i + 2] = cmyk_channel(c[2], c[3]);
+    }
+    *out = j->img;
+    j->img = NULL;
+    j->rc = 1;
+done:
+    jpeg_destroy_decompress(&j->ci);
+    dg_image_free(j->img);
+    free(j->cmyk);
+    const int rc = j->rc;
+    free(j);
+    return rc;
+}
+
 static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
                              const dg_image_limits *limits, dg_image **out, int *orientation,
                              char *err, size_t errlen) {
@@ -788,11 +899,33 @@ static int jpeg_decode_bytes(const uint8_t *data, size_t len, const char *label,
         w < 1 || h < 1) {
         const int oom = len <= ULONG_MAX && tj_out_of_memory(tj);
         const char *why = tjGetErrorStr2(tj);
+        if (!oom && len <= ULONG_MAX) {
+            char lj_err[256] = "";
+            int r = libjpeg_decode(data, len, label, limits, &w, &h, out, lj_err, sizeof lj_err);
+            if (r == 1 && (*orientation = jpeg_orientation(data, len)) == DG_ENOMEM) {
+                dg_image_free(*out);
+                *out = NULL;
+                r = DG_ENOMEM;
+            }
+            if (r == 1) {
+                rc = DG_OK;
+                goto done;
+            }
+            if (r == DG_ENOMEM) {
+                rc = image_fail(err, errlen, DG_ENOMEM, label, "out of memory in libjpeg");
+                goto done;
+            }
+            if (r < 0) {   /* read, and refused for what it is: that reason */
+                snprintf(err, errlen, "%s", lj_err);
+                rc = r;
+                goto done;
+            }
+        }
         /* a kind TurboJPEG 2.1 does not read (image.h) is not a damaged file */
         const int kind = why && (strstr(why, "Unsupported JPEG process") || strstr(why, "subsampling type"));
         rc = image_fail(err, errlen, oom ? DG_ENOMEM : DG_EIMAGE, label, "%s (%s)",
                         oom ? "out of memory in libjpeg" : kind ? "a JPEG of a kind this decoder does not read "
-                        "(lossless, or unusual sampling factors)" : "corrupt JPEG header", why);
+                        "(lossless, or sampling factors libjpeg does not take)" : "corrupt JPEG header", why);
         goto done;
     }
     if ((int64_t)w * h > limits->max_pixels || w > 65535 || h > 65535) {
@@ -905,7 +1038,8 @@ int dg_image_peek_size(const uint8_t *data, size_t len, int32_t *width, int32_t 
             rc = tjDecompressHeader3(tj, data, (unsigned long)len, &tw, &th, &subsamp, &colorspace);
         if (tj)
             tjDestroy(tj);
-        if (rc < 0 || tw < 1 || th < 1)
+        if ((rc < 0 || tw < 1 || th < 1) &&
+            (len > ULONG_MAX || libjpeg_decode(data, len, NULL, NULL, &tw, &th, NULL, NULL, 0) != 1))
             return DG_EIMAGE;
         w = (uint32_t)tw;
         h = (uint32_t)th;

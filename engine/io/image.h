@@ -30,9 +30,11 @@
  *   - the EXIF orientation (JPEG APP1 Exif, PNG eXIf, PNG "Raw profile type exif" text,
  *     else an XMP tiff:Orientation) is applied, as transformers' load_image() does; stored
  *     as any numeric TIFF type (6, 6.0, 12/2 all rotate), the first of several values.
- * Not matched (refused, DG_EIMAGE, where Pillow's newer bundled libjpeg-turbo decodes them):
- * lossless JPEG (SOF3), JPEG component sampling factors TurboJPEG 2.1 cannot classify
- * (Y 3x1, 4x2, 1x4; chroma sampled finer than luma), and stray bytes before a header marker.
+ *   - JPEG component sampling factors TurboJPEG 2.1 cannot name (Y 3x1, 4x2, 1x4, chroma
+ *     finer than luma) and stray bytes before a header marker are read through libjpeg's
+ *     own API, with the same settings.
+ * Not matched: lossless JPEG (SOF3), which Pillow's newer bundled libjpeg-turbo decodes, is
+ * refused (DG_EIMAGE) as a kind this decoder does not read.
  * Other ancillary data (gamma, ICC profiles) is ignored, as Pillow does.
  *
  * No function here logs or keeps state between calls; every one is safe to call from
