@@ -889,22 +889,62 @@ static int released_check(dg_taker *t, const char *stream) {
  * lost them. Redis looks at COUNT x 10 pending entries a call: each call goes on from where
  * the last one stopped (the cursor it returned), or an abandoned entry behind that many
  * running ones would never be reached. */
+/* Our entries given back whose time has come (released_add), claimed by id: a scan of a
+ * pending list longer than ten times the room (XAUTOCLAIM looks at COUNT x 10 entries a
+ * call) may not reach them for several turns. One another worker has taken since is not
+ * idle, so not claimed. At most count; *more set when as many were due. */
+static int reclaim_released(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
+    const int64_t now = dg_mono_ms();
+    dg_cmd *c = NULL;
+    int n = 0;
+    for (int i = 0; i < t->n_released && n < count; i++) {
+        if (t->released[i].until_ms > now || strcmp(t->released[i].stream, stream)) continue;
+        if (!c) {
+            c = dg_cmd_of("XCLAIM", stream, t->cfg->group, t->cfg->worker_id, NULL);
+            dg_cmd_addf(c, "%d", t->cfg->claim_idle_ms);
+        }
+        dg_cmd_adds(c, t->released[i].entry);
+        n++;
+    }
+    if (!c) return 0;
+    *more = n == count;
+    redisReply *rep = dg_redis_cmd(t->redis, c);
+    dg_cmd_free(c);
+    if (!rep) return -1;
+    int rc = 0;
+    if (rep->type == REDIS_REPLY_ARRAY) {
+        if (rep->elements) log_info("took back %zu entries of \"%s\" given back for a later attempt", rep->elements, stream);
+        rc = take_entries(t, stream, rep, 0, out);
+        *taken += (int)rep->elements;
+    } else if (rep->type == REDIS_REPLY_ERROR) {
+        log_error("XCLAIM on \"%s\": %s", stream, rep->str);
+        stream_error(t, rep, out);
+    }
+    freeReplyObject(rep);
+    return rc ? -1 : 0;
+}
+
 static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_report *out) {
     char idle[16], count_s[16];
     char *cursor = t->reap_cursor[strcmp(stream, t->keys->streams[0]) != 0];
-    const int from_start = !cursor[0] || !strcmp(cursor, "0-0");
+    int got = *taken, more = 0;
+    if (reclaim_released(t, stream, count, taken, &more, out) < 0) return -1;
+    t->reap_more |= more;
+    if ((count -= *taken - got) <= 0) return released_check(t, stream) || sweep(t, out) ? -1 : 0;
     snprintf(idle, sizeof idle, "%d", t->cfg->claim_idle_ms);
     snprintf(count_s, sizeof count_s, "%d", count);
     redisReply *rep = dg_redis_cmdv(t->redis, "XAUTOCLAIM", stream, t->cfg->group, t->cfg->worker_id,
                                     idle, cursor[0] ? cursor : "0-0", "COUNT", count_s, NULL);
     if (!rep) return -1;
     int rc = 0;
-    if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 && rep->element[0]->type == REDIS_REPLY_STRING) {
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 && rep->element[0]->type == REDIS_REPLY_STRING)
         snprintf(cursor, sizeof t->reap_cursor[0], "%s", rep->element[0]->str);   /* "0-0": round again */
-        /* more to look at: the list's end not reached, or reached from a cursor past its
-         * start (a pass that stopped at its COUNT): the entries before it are looked at next */
-        t->reap_more |= strcmp(cursor, "0-0") != 0 || !from_start;
-    }
+    /* the room filled: more may be idle, looked at in the next plan rather than reaper_ms
+     * later (a cursor short of the end alone says nothing: XAUTOCLAIM also stops after
+     * COUNT x 10 entries looked at, and a busy fleet's list is always longer) */
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2 && rep->element[1]->type == REDIS_REPLY_ARRAY &&
+        (int)rep->element[1]->elements >= count)
+        t->reap_more = 1;
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements >= 2) {
         const redisReply *entries = rep->element[1];
         if (entries->elements) log_info("took over %zu abandoned entries of \"%s\"", entries->elements, stream);
@@ -1020,9 +1060,10 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
             break;
         case DG_TAKE_REAP:
             rc = reap(t, s.streams[0], s.count, &taken, out);
-            /* A scan that stopped at its COUNT (the room) goes on at the next plan, not
-             * reaper_ms later: one entry a reaper_ms was all a worker of max_inflight 1 took
-             * back, and passing failures waited minutes, not claim_idle_ms, to run again */
+            /* A step that filled the room goes on at the next plan, not reaper_ms later
+             * (one entry a reaper_ms was all a worker of max_inflight 1 took back), and an
+             * entry given back is due at its claim_idle_ms (reaper_next): passing failures
+             * waited minutes to run again */
             if (++reap_ran == reap_steps)
                 t->next_reaper_ms = t->reap_more ? dg_mono_ms() : reaper_next(t, dg_mono_ms() + t->cfg->reaper_ms);
             break;

@@ -119,10 +119,10 @@ typedef struct {
                                         whose reply was lost left its entries pending) */
     uint64_t connects_seen;          /* redis->connects when own_pending last looked */
     int64_t next_reaper_ms;          /* monotonic; moves on once every REAP step of a plan ran:
-                                        by reaper_ms, or not at all while a scan of the
-                                        pending list is under way (reap_more) */
-    int reap_more;                   /* an XAUTOCLAIM of this plan stopped short of the end of
-                                        the pending list (its COUNT, the room, was reached) */
+                                        by reaper_ms (sooner when an entry given back is due),
+                                        or not at all when a step filled the room (reap_more) */
+    int reap_more;                   /* a REAP step of this plan filled its COUNT (the room):
+                                        more may be idle, looked at in the next plan */
     int64_t reap_hold_until;         /* monotonic: the reaper waits after a (re)connect */
     char reap_cursor[2][64];         /* where the reaper's next XAUTOCLAIM of the high [0] /
                                         normal [1] stream starts ("" = 0-0) */

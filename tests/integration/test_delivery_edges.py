@@ -930,3 +930,29 @@ def test_a_dead_workers_entries_are_all_taken_over_by_a_worker_with_one_slot(clu
     for i in ids:
         res = cluster.wait_result(i, timeout=60)
         assert res["status"] == b"done" and attempt_of(res) == 2, (i, res)
+
+
+def test_a_long_pending_list_of_live_entries_does_not_spin_the_reaper(cluster):
+    """Thirty entries pending with another consumer and not idle, a worker of max_inflight 1:
+    XAUTOCLAIM looks at COUNT x 10 entries a call and answers a cursor short of the end,
+    which the reaper took for "more to look at" and called again at once, the idle wait
+    skipped: 55,000 XAUTOCLAIMs in 5 s. Nothing is idle, so nothing is claimed, and the
+    reaper keeps its turn (reaper_ms 15 s here): a handful of calls, not thousands."""
+    for i in range(30):
+        cluster.enqueue(f"held-{i}", "x")
+    cluster.r.xgroup_create(cluster.key("jobs"), "duogen", id="0", mkstream=True)
+    cluster.r.xreadgroup("duogen", "other", {cluster.key("jobs"): ">"}, count=30)
+    w = cluster.worker("w1", args=["--max-inflight", "1", "--claim-idle-ms", "600000", "--reaper-ms", "15000"])
+    wait_until(lambda: "reap" in w.logs() or cluster.r.hget("duogen:worker:w1", "state") == b"idle",
+               what="the worker up")
+    time.sleep(8.0)                               # past the reaper's hold after the first connect
+    cluster.r.config_resetstat()
+    time.sleep(3.0)
+    stats = cluster.r.info("commandstats")
+    calls = stats.get("cmdstat_xautoclaim", {}).get("calls", 0)
+    reads = stats.get("cmdstat_xreadgroup", {}).get("calls", 0)
+    # the idle wait here blocks 200 ms (conftest's --block-ms) and reads both streams: about
+    # 15 a second; the spin was 11,000 a second
+    assert calls <= 4 and reads <= 100, (calls, reads)
+    assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 30
+    assert w.alive()
