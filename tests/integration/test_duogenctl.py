@@ -487,10 +487,11 @@ def test_enqueue_and_result_as_a_user_meets_them(cluster, tmpdir_path):
 
 def test_prune_removes_the_consumers_of_workers_that_are_gone(cluster):
     """Redis keeps every consumer that ever read until XGROUP DELCONSUMER: the ids of workers
-    that stopped (a replaced host) stayed in the groups for good, and stats counted them.
-    prune removes those with no live worker, nothing pending and idle --idle-s; a live
-    worker's consumer and a gone one's with a pending entry (its reaper's to take over
-    first) are kept; --dry-run names them only."""
+    that stopped (a replaced host) stayed in the group for good, and stats counted them.
+    prune removes those of the workers' group (--group, default duogen) with no live worker,
+    nothing pending and idle --idle-s; a live worker's consumer and one with a pending entry
+    (a reaper's to take over first) are kept, and other groups are left alone; --dry-run
+    names them only."""
     def consumers(k):
         return sorted(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
                       for c in cluster.r.xinfo_consumers(cluster.key(k), "duogen"))
@@ -520,7 +521,9 @@ def test_prune_removes_the_consumers_of_workers_that_are_gone(cluster):
     p = ctl(cluster, "prune", "--idle-s", "0")
     assert p.returncode == 0, p
     assert "removed consumer gone " in p.stdout and "consumer live" not in p.stdout, p.stdout
-    assert "removed 1 consumer; kept 2 " in p.stdout, p.stdout
+    assert "removed 1 consumer; kept 1 " in p.stdout, p.stdout   # the live one; audit is another group
+    p = ctl(cluster, "prune", "--group", "audit", "--idle-s", "0")   # its consumer holds an entry
+    assert p.returncode == 0 and "removed 0 consumers; kept 1 " in p.stdout, p
     assert consumers("jobs") == ["live"] and audit() == [b"holder"]
     assert "group duogen             consumers 1 " in ctl(cluster, "stats").stdout, ctl(cluster, "stats").stdout
     for bad in (["--idle-s", "-1"], ["--idle-s", "x"], ["--now"]):

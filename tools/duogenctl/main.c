@@ -1476,54 +1476,71 @@ static int cmd_dead(int argc, char **argv) {
     return 0;
 }
 
-/* Consumers of the job streams' groups whose worker is gone: Redis keeps a consumer until
+/* Consumers of the workers' group whose worker is gone: Redis keeps a consumer until
  * XGROUP DELCONSUMER, and every worker id that ever read (a replaced host, an autoscaled
  * one) stays in the group. One is removed when it holds no pending entry, has been idle
- * --idle-s (default an hour) and no live worker has its id (no heartbeat hash); an entry
- * it had pending would be dropped from the pending list with it, so those are left for a
- * worker's reaper to take over first. Returns how many were (or, with --dry-run, would be)
- * removed through *removed. */
-static void prune_stream(const char *k, long long idle_ms, int dry, int *removed, int *kept) {
-    redisReply *groups = cmd(dg_cmd_of("XINFO", "GROUPS", k, NULL));
-    for (size_t g = 0; groups->type == REDIS_REPLY_ARRAY && g < groups->elements; g++) {
-        const char *group = hstr(groups->element[g], "name");
-        redisReply *cs = cmd(dg_cmd_of("XINFO", "CONSUMERS", k, group, NULL));
-        for (size_t i = 0; cs->type == REDIS_REPLY_ARRAY && i < cs->elements; i++) {
-            const redisReply *c = cs->element[i];
-            const char *name = hstr(c, "name");
-            const long long pending = hint(c, "pending"), idle = hint(c, "idle");
-            char k_worker[512];
-            key(k_worker, sizeof k_worker, "worker", name);
-            redisReply *live = cmd(dg_cmd_of("EXISTS", k_worker, NULL));
-            const int alive = live->integer > 0;
-            freeReplyObject(live);
-            if (alive || pending > 0 || idle < idle_ms) {
+ * idle_ms and no live worker has its id (no heartbeat hash). The look and the removal are
+ * one transaction under WATCH of that hash: a worker starting under the id writes it (its
+ * id lease) before it reads a job, which aborts the removal. An entry pending with a
+ * removed consumer would be dropped from the pending list (no reaper could take it over):
+ * those are left for a worker's reaper. */
+static void prune_stream(const char *k, const char *group, long long idle_ms, int dry, int *removed, int *kept) {
+    redisReply *cs = cmd(dg_cmd_of("XINFO", "CONSUMERS", k, group, NULL));
+    for (size_t i = 0; cs->type == REDIS_REPLY_ARRAY && i < cs->elements; i++) {
+        const redisReply *c = cs->element[i];
+        const char *name = hstr(c, "name");
+        const long long idle = hint(c, "idle");
+        char k_worker[512];
+        key(k_worker, sizeof k_worker, "worker", name);
+        if (hint(c, "pending") > 0 || idle < idle_ms) {
+            ++*kept;
+            continue;
+        }
+        freeReplyObject(cmd(dg_cmd_of("WATCH", k_worker, NULL)));
+        redisReply *live = cmd(dg_cmd_of("EXISTS", k_worker, NULL));
+        redisReply *pend = cmd(dg_cmd_of("XPENDING", k, group, "-", "+", "1", name, NULL));
+        const int keep = live->integer > 0 || (pend->type == REDIS_REPLY_ARRAY && pend->elements > 0);
+        freeReplyObject(live);
+        freeReplyObject(pend);
+        if (keep || dry) {
+            freeReplyObject(cmd(dg_cmd_of("UNWATCH", NULL)));
+            if (keep) {
                 ++*kept;
                 continue;
             }
-            if (!dry) {
-                redisReply *del = cmd(dg_cmd_of("XGROUP", "DELCONSUMER", k, group, name, NULL));
-                if (del->integer > 0)   /* it read in the moment between the look and the removal */
-                    fprintf(stderr, "duogenctl: consumer \"%s\" of %s had %lld pending entries when removed: "
-                            "they are pending no more; requeue their jobs if they do not finish\n", name, k,
-                            del->integer);
-                freeReplyObject(del);
-            }
-            printf("%s consumer %-28s group %s of %s (idle %lld s, no live worker, nothing pending)\n",
-                   dry ? "would remove" : "removed", name, group, k, idle / 1000);
+            printf("would remove consumer %-28s group %s of %s (idle %lld s, no live worker, nothing pending)\n",
+                   name, group, k, idle / 1000);
+            ++*removed;
+            continue;
+        }
+        freeReplyObject(cmd(dg_cmd_of("MULTI", NULL)));
+        freeReplyObject(cmd(dg_cmd_of("XGROUP", "DELCONSUMER", k, group, name, NULL)));
+        redisReply *ex = cmd(dg_cmd_of("EXEC", NULL));
+        if (ex->type != REDIS_REPLY_ARRAY || ex->elements != 1) {   /* the worker came back meanwhile */
+            printf("kept consumer %-28s group %s of %s: a worker under its id started as it was removed\n", name,
+                   group, k);
+            ++*kept;
+        } else {
+            const redisReply *r = ex->element[0];
+            if (r->type == REDIS_REPLY_ERROR) die(EXIT_IO, "Redis refused XGROUP DELCONSUMER %s: %s", k, r->str);
+            printf("removed consumer %-28s group %s of %s (idle %lld s, no live worker, nothing pending)\n", name,
+                   group, k, idle / 1000);
             ++*removed;
         }
-        freeReplyObject(cs);
+        freeReplyObject(ex);
     }
-    freeReplyObject(groups);
+    freeReplyObject(cs);
 }
 
 static int cmd_prune(int argc, char **argv) {
     long long idle_s = 3600;
     int dry = 0;
+    const char *group = "duogen";
     for (int a = 0; a < argc; a++) {
         if (!strcmp(argv[a], "--dry-run")) {
             dry = 1;
+        } else if (!strcmp(argv[a], "--group") && a + 1 < argc) {
+            group = argv[++a];
         } else if (!strcmp(argv[a], "--idle-s") && a + 1 < argc) {
             const char *v = argv[++a];
             char *end;
@@ -1532,7 +1549,7 @@ static int cmd_prune(int argc, char **argv) {
             if (idle_s < 0 || *end || errno || idle_s > 100LL * 365 * 86400)
                 die(EXIT_USAGE, "prune --idle-s %s: not a whole number of seconds (0 .. 100 years)", v);
         } else {
-            die(EXIT_USAGE, "prune: unknown option \"%s\" (--idle-s S, --dry-run)", argv[a]);
+            die(EXIT_USAGE, "prune: unknown option \"%s\" (--group G, --idle-s S, --dry-run)", argv[a]);
         }
     }
     const char *names[2] = {"jobs", "jobs:high"};
@@ -1541,9 +1558,16 @@ static int cmd_prune(int argc, char **argv) {
         char k[512];
         key(k, sizeof k, names[s], NULL);
         redisReply *t = cmd(dg_cmd_of("TYPE", k, NULL));
-        const int stream = t->type == REDIS_REPLY_STATUS && !strcmp(t->str, "stream");
+        int has_group = t->type == REDIS_REPLY_STATUS && !strcmp(t->str, "stream");
         freeReplyObject(t);
-        if (stream) prune_stream(k, idle_s * 1000, dry, &removed, &kept);
+        if (has_group) {
+            redisReply *gs = cmd(dg_cmd_of("XINFO", "GROUPS", k, NULL));
+            has_group = 0;
+            for (size_t g = 0; gs->type == REDIS_REPLY_ARRAY && g < gs->elements; g++)
+                has_group |= !strcmp(hstr(gs->element[g], "name"), group);
+            freeReplyObject(gs);
+        }
+        if (has_group) prune_stream(k, group, idle_s * 1000, dry, &removed, &kept);
     }
     printf("%s %d consumer%s; kept %d (a live worker, pending entries, or idle under %lld s)\n",
            dry ? "would remove" : "removed", removed, removed == 1 ? "" : "s", kept, idle_s);
@@ -1685,11 +1709,11 @@ static const struct command {
      "List the dead letters, newest first (20 unless --count), or put dead jobs back on duogen:jobs, "
      "deleting their failed result, events and job hash (which says queued again) so that they run again.",
      cmd_dead},
-    {"prune", "[--idle-s S] [--dry-run]",
-     "Remove from the job streams' consumer groups the consumers whose worker is gone: no live worker with "
-     "the id, no pending entry, idle S seconds or more (default 3600). Redis keeps every consumer that ever "
-     "read until it is removed, so replaced or autoscaled hosts' ids pile up in XINFO and in stats' count. "
-     "--dry-run names them only.",
+    {"prune", "[--group G] [--idle-s S] [--dry-run]",
+     "Remove from the workers' consumer group of the job streams (G, default duogen, the workers' group "
+     "setting) the consumers whose worker is gone: no live worker with the id, no pending entry, idle S "
+     "seconds or more (default 3600). Redis keeps every consumer that ever read until it is removed, so "
+     "replaced or autoscaled hosts' ids pile up in XINFO and in stats' count. --dry-run names them only.",
      cmd_prune},
 };
 
