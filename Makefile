@@ -46,7 +46,7 @@ BUILD   := build
 OPENBLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
 OPENBLAS_LIB := /usr/lib/x86_64-linux-gnu/openblas-openmp
 
-PKGS      := hiredis libprotobuf-c libpng libsystemd libpcre2-8 libutf8proc jansson libturbojpeg libjpeg openssl
+PKGS      := hiredis libprotobuf-c libpng libsystemd libpcre2-8 libutf8proc jansson libturbojpeg libjpeg zlib openssl
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 

@@ -381,23 +381,24 @@ static int images_fit(const dg_sched *s, const dg_request *r, char *err, size_t 
     const dg_model *m = s->m;
     const int64_t max_pixels = s->o.max_image_pixels > 0 ? s->o.max_image_pixels : DG_IMAGE_DEFAULT_MAX_PIXELS;
     int64_t tokens = 0;
-    int n = 0;
+    int n = 0, seen = 0;   /* images weighed, images seen */
     if (!m->has_vision) return 0;
     for (size_t i = 0; i < r->n_messages; i++)
         for (size_t k = 0; k < r->messages[i].n_parts; k++) {
             const dg_part *part = &r->messages[i].parts[k];
             int32_t w, h, grid[3];
             char why[8];
-            if (part->kind != DG_PART_IMAGE || ++n > DG_SEQ_MAX_IMAGES ||
+            if (part->kind != DG_PART_IMAGE || ++seen > DG_SEQ_MAX_IMAGES ||
                 dg_image_peek_size(part->image, part->image_len, &w, &h) < 0 ||
                 (int64_t)w * h > max_pixels || w > 65535 || h > 65535 ||
                 dg_image_grid(h, w, &m->pp, grid, why, sizeof why) < 0)
                 continue;
             tokens += dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
+            n++;
         }
     if (tokens < m->max_context) return 0;
-    snprintf(err, errlen, "the %d images take %lld tokens; this model takes at most %d in all", n,
-             (long long)tokens, m->max_context);
+    snprintf(err, errlen, "the %d image%s take%s %lld tokens; this model takes at most %d in all", n,
+             n == 1 ? "" : "s", n == 1 ? "s" : "", (long long)tokens, m->max_context);
     return DG_ELIMIT;
 }
 

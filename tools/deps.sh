@@ -9,7 +9,7 @@ set -e
 PKGS="build-essential pkg-config clang
 libhiredis-dev redis-server redis-tools libssl-dev openssl
 protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
-libpng-dev libturbojpeg0-dev libjpeg62-turbo-dev
+libpng-dev zlib1g-dev libturbojpeg0-dev libjpeg62-turbo-dev
 libsystemd-dev systemd
 libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libjansson-dev libcmark-dev
 python3 python3-redis python3-protobuf python3-pytest python3-venv

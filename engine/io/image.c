@@ -6,6 +6,7 @@
 
 #include <limits.h>
 #include <png.h>
+#include <zlib.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -117,11 +118,12 @@ static uint32_t rd32(const uint8_t *p, int big) {
                : (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
 }
 
-/* The Orientation tag (0x0112, one SHORT or LONG) of IFD0 of an EXIF blob (a TIFF file,
- * after any "Exif\0\0" prefixes, as PIL.Image.Exif.load strips them): its value; 0 when the
- * tag is there but not one number of 0..9, or the blob is unreadable (where Pillow would
- * raise, the image is taken as it is); -1 when IFD0 has no such tag (only then does Pillow
- * read XMP's). */
+/* The Orientation tag (0x0112) of IFD0 of an EXIF blob (a TIFF file, after any "Exif\0\0"
+ * prefixes, as PIL.Image.Exif.load strips them): its first value, of any numeric type,
+ * when that is a whole number of 1..8; 0 when the tag is there but not such a number, or
+ * the blob is unreadable (where Pillow would raise, the image is taken as it is); -1 when
+ * IFD0 has no such tag, or its values lie past the blob (only then does Pillow read
+ * XMP's). */
 static int exif_orientation(const uint8_t *p, size_t n) {
     while (n >= 6 && memcmp(p, "Exif\0\0", 6) == 0) {
         p += 6;
@@ -434,18 +436,6 @@ static int png_job_orientation(struct png_job *j) {
 }
 
 
-/* CRC-32 of the PNG spec (zlib's), bit by bit: only the chunks before the image data are
- * checked, which are small. */
-static uint32_t png_crc(uint32_t crc, const uint8_t *p, size_t n) {
-    crc = ~crc;
-    while (n--) {
-        crc ^= *p++;
-        for (int k = 0; k < 8; k++)
-            crc = crc & 1 ? (crc >> 1) ^ 0xedb88320u : crc >> 1;
-    }
-    return ~crc;
-}
-
 /* What Pillow takes from the chunks itself, over the first n bytes (png_usable_length's):
  * a chunk before the first IDAT whose CRC is wrong refuses the file (Pillow: "broken PNG
  * file"; the image data's and later chunks' CRCs it does not check, nor does libpng here);
@@ -463,7 +453,7 @@ static int png_scan(struct png_job *j, size_t n) {
         if ((uint64_t)len + 12 > n - pos)
             break;
         seen_idat |= memcmp(type, "IDAT", 4) == 0;
-        if (!seen_idat && png_crc(0, type, 4 + (size_t)len) != rd32(body + len, 1)) {
+        if (!seen_idat && crc32(0, type, 4 + len) != rd32(body + len, 1)) {
             snprintf(j->msg, sizeof j->msg, "corrupt PNG (the CRC of its %.4s chunk, before the image data, is wrong)",
                      (const char *)type);
             return DG_EIMAGE;
