@@ -1,5 +1,6 @@
 #include "daemon_config.h"
 #include "duogen.h"
+#include "job.h"
 #include "log.h"
 
 #include <arpa/inet.h>
@@ -344,6 +345,17 @@ int dg_daemon_config_finish(dg_daemon_config *c, char *err, size_t errlen) {
     if (!c->prefix[0] || !c->group[0]) {
         snprintf(err, errlen, "prefix and group must not be empty");
         return -1;
+    }
+    /* they are label values of the metrics too, which Prometheus takes only as UTF-8: one
+     * byte that is not made a healthy worker's every scrape fail (and DuogenWorkerDown fire) */
+    const char *texts[3][2] = {{"worker_id", c->worker_id}, {"prefix", c->prefix}, {"group", c->group}};
+    for (int i = 0; i < 3; i++) {
+        const long bad = dg_utf8_invalid_at(texts[i][1], strlen(texts[i][1]));
+        if (bad >= 0) {
+            snprintf(err, errlen, "%s: not UTF-8 at byte %ld (it names the worker in Redis and in its metrics)",
+                     texts[i][0], bad);
+            return -1;
+        }
     }
     unsigned char addr[sizeof(struct in6_addr)];
     if (inet_pton(AF_INET, c->metrics_address, addr) != 1 && inet_pton(AF_INET6, c->metrics_address, addr) != 1) {

@@ -29,10 +29,10 @@ int dg_job_images_to_files(const Duogen__V1__Job *pb, const dg_daemon_config *cf
            pb->image_output == DUOGEN__V1__JOB__IMAGE_OUTPUT__IMAGE_OUTPUT_DEFAULT;
 }
 
-/* Returns the offset of the first byte that is not part of valid UTF-8, or -1: the engine's
- * rule (dg_utf8_valid_prefix, the same answer on every string), written here because the
- * daemon also links over the test engine (tests/engine_fake), which has no tokenizer. */
-static long utf8_invalid_at(const char *s, size_t n) {
+/* The engine's rule (dg_utf8_valid_prefix, the same answer on every string), written here
+ * because the daemon also links over the test engine (tests/engine_fake), which has no
+ * tokenizer. */
+long dg_utf8_invalid_at(const char *s, size_t n) {
     const unsigned char *p = (const unsigned char *)s;
     size_t i = 0;
     while (i < n) {
@@ -57,7 +57,7 @@ static long utf8_invalid_at(const char *s, size_t n) {
 void dg_utf8_scrub(char *s) {
     size_t n = strlen(s), at = 0;
     long bad;
-    while (at < n && (bad = utf8_invalid_at(s + at, n - at)) >= 0) {
+    while (at < n && (bad = dg_utf8_invalid_at(s + at, n - at)) >= 0) {
         s[at + (size_t)bad] = '?';
         at += (size_t)bad + 1;
     }
@@ -299,7 +299,7 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
             const Duogen__V1__Part *part = msg->parts[p];
             if (part->kind_case == DUOGEN__V1__PART__KIND_TEXT) {
                 size_t n = strlen(part->text);
-                long bad = utf8_invalid_at(part->text, n);
+                long bad = dg_utf8_invalid_at(part->text, n);
                 if (bad >= 0) FAIL(DG_JOB_BAD_REQUEST, "messages[%zu].parts[%zu].text: invalid UTF-8 at byte %ld", m, p, bad);
                 text_bytes += n;
             } else if (part->kind_case == DUOGEN__V1__PART__KIND_IMAGE) {
@@ -344,7 +344,7 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
             if (!t->stop[i][0] || strlen(t->stop[i]) > 256)
                 FAIL(DG_JOB_BAD_REQUEST, "text.stop[%zu]: must be 1..256 bytes", i);
             /* a match held or cut part of a character: text events of broken UTF-8 */
-            long bad = utf8_invalid_at(t->stop[i], strlen(t->stop[i]));
+            long bad = dg_utf8_invalid_at(t->stop[i], strlen(t->stop[i]));
             if (bad >= 0) FAIL(DG_JOB_BAD_REQUEST, "text.stop[%zu]: invalid UTF-8 at byte %ld", i, bad);
         }
         if (t->n_logit_bias > (size_t)cfg->max_logit_bias)
@@ -382,7 +382,7 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
     for (size_t i = 0; i < pb->n_metadata; i++) {
         const char *k = pb->metadata[i]->key, *v = pb->metadata[i]->value;
         const size_t kn = strlen(k), vn = strlen(v);
-        long bad = utf8_invalid_at(k, kn);
+        long bad = dg_utf8_invalid_at(k, kn);
         if (!kn || kn > DG_JOB_MAX_META_KEY_BYTES)
             FAIL(DG_JOB_BAD_REQUEST, "metadata: key \"%s\" is %zu bytes, not 1..%d", dg_clip(k, quoted, sizeof quoted),
                  kn, DG_JOB_MAX_META_KEY_BYTES);
@@ -390,7 +390,7 @@ static dg_job_status validate(const Duogen__V1__Job *pb, const dg_daemon_config 
         if (vn > DG_JOB_MAX_META_VAL_BYTES)
             FAIL(DG_JOB_BAD_REQUEST, "metadata[\"%s\"]: %zu bytes, over %d", dg_clip(k, quoted, sizeof quoted), vn,
                  DG_JOB_MAX_META_VAL_BYTES);
-        if ((bad = utf8_invalid_at(v, vn)) >= 0)
+        if ((bad = dg_utf8_invalid_at(v, vn)) >= 0)
             FAIL(DG_JOB_BAD_REQUEST, "metadata[\"%s\"]: invalid UTF-8 at byte %ld", dg_clip(k, quoted, sizeof quoted), bad);
     }
     return DG_JOB_OK;

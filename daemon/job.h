@@ -42,6 +42,9 @@ int dg_job_id_valid(const char *id, size_t len);
  * character cut by a bound, bytes a producer sent raw) becomes '?'. Every message that
  * reaches a result is, so that protobuf and JSON readers can read it. */
 void dg_utf8_scrub(char *s);
+
+/* The offset of the first byte of s[0..n) that is not part of valid UTF-8, or -1. */
+long dg_utf8_invalid_at(const char *s, size_t n);
 /* s quoted into out (cap bytes): at most cap - 1 bytes, cut at a character's start with
  * "..." when longer, scrubbed; returns out. For names a message quotes (keys, paths, ids)
  * that must not crowd out the reason after them. */

@@ -1,5 +1,6 @@
 /* Prometheus metrics in the text exposition format, served on metrics_address:metrics_port by
- * a thread of its own (GET any path; one response per connection). The figures come from
+ * a thread of its own (GET any path, HEAD; one response per connection, connections side by
+ * side). The figures come from
  * the worker's stats under its lock; nothing here touches Redis or the engine. */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -10,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -167,59 +169,135 @@ static void render(dg_worker *w, text *t) {
     for (int p = 0; p < DG_PHASE_COUNT; p++)
         put(t, "duogen_job_phase_seconds{worker=\"%s\",phase=\"%s\"} %.3f\n", wid, dg_phase_name((dg_phase)p),
             s.phase_since_ms[p] ? (double)(now - s.phase_since_ms[p]) / 1e3 : 0.0);
+    metric(t, "duogen_job_stalled_seconds", "gauge",
+           "Seconds since the held job longest without progress in each phase made any (a token, a denoising "
+           "step, the phase begun); 0: no job in that phase. A long decode that moves stays low.");
+    for (int p = 0; p < DG_PHASE_COUNT; p++)
+        put(t, "duogen_job_stalled_seconds{worker=\"%s\",phase=\"%s\"} %.3f\n", wid, dg_phase_name((dg_phase)p),
+            s.progress_since_ms[p] ? (double)(now - s.progress_since_ms[p]) / 1e3 : 0.0);
     metric(t, "duogen_start_time_seconds", "gauge", "Unix time the worker started.");
     put(t, "duogen_start_time_seconds{worker=\"%s\"} %.3f\n", wid, (double)s.started_ms / 1e3);
 }
 
-static void serve(dg_worker *w, int fd) {
-    char req[2048];
-    struct pollfd p = {fd, POLLIN, 0};
-    /* read the request head (up to a blank line), one second in all: a client that sends a
-     * byte now and then does not hold the one-connection-at-a-time server; its content does
-     * not matter */
-    size_t got = 0;
-    const int64_t until = dg_mono_ms() + 1000;
-    for (int64_t left; got < sizeof req - 1 && (left = until - dg_mono_ms()) > 0 && poll(&p, 1, (int)left) > 0;) {
-        ssize_t n = read(fd, req + got, sizeof req - 1 - got);
-        if (n <= 0) break;
-        got += (size_t)n;
-        req[got] = 0;
-        if (strstr(req, "\r\n\r\n") || strstr(req, "\n\n")) break;
-    }
+/* The response to a connection whose request head came (or whose second ran out: what it
+ * sent does not matter, any path is /metrics): headers only for HEAD. A client that does
+ * not read holds the thread at most its socket's send timeout (1 s). */
+static void respond(dg_worker *w, int fd, const char *req, size_t got) {
     text body = {0}, head = {0};
     render(w, &body);
     put(&head, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                "Content-Length: %zu\r\nConnection: close\r\n\r\n", body.len);
+    const int is_head = got >= 5 && !memcmp(req, "HEAD ", 5);
     const text *parts[2] = {&head, &body};
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < (is_head ? 1 : 2); i++) {
         size_t off = 0;
         while (off < parts[i]->len) {
-            ssize_t n = write(fd, parts[i]->buf + off, parts[i]->len - off);
+            ssize_t n = send(fd, parts[i]->buf + off, parts[i]->len - off, MSG_NOSIGNAL);
             if (n <= 0) break;
             off += (size_t)n;
         }
     }
     free(head.buf);
     free(body.buf);
-    /* what the client sent beyond the head is read away (briefly): closing a socket with
-     * unread input resets the connection, and the client would lose the answer */
-    shutdown(fd, SHUT_WR);
-    char sink[4096];
-    const int64_t until_drain = dg_mono_ms() + 200;
-    for (int64_t left; (left = until_drain - dg_mono_ms()) > 0 && poll(&p, 1, (int)left) > 0;)
-        if (read(fd, sink, sizeof sink) <= 0) break;
+}
+
+/* Connections are served side by side (poll), each with a second for its request head and
+ * 200 ms afterwards to read away what it sent beyond it (closing a socket with unread input
+ * resets the connection, and the client would lose the answer): idle connections (a port
+ * scan, a load balancer's TCP check) used to be served one after another, a second each,
+ * and a scrape behind a dozen of them went past Prometheus's 10 s timeout. Past
+ * METRICS_CONNS at once, new ones wait in the listen backlog. */
+enum { METRICS_CONNS = 32 };
+
+struct metrics_conn {
+    int     fd;              /* -1: free */
+    int     answered;        /* the response went out: draining */
+    int64_t until;           /* monotonic ms */
+    size_t  got;
+    char    req[2048];
+};
+
+static void conn_close(struct metrics_conn *c) {
+    close(c->fd);
+    c->fd = -1;
+}
+
+static void conn_answer(dg_worker *w, struct metrics_conn *c) {
+    respond(w, c->fd, c->req, c->got);
+    shutdown(c->fd, SHUT_WR);
+    c->answered = 1;
+    c->until = dg_mono_ms() + 200;
 }
 
 static void *metrics_main(void *arg) {
     dg_worker *w = arg;
-    while (!w->keeper_stop) {
-        struct pollfd p = {w->metrics_fd, POLLIN, 0};
-        if (poll(&p, 1, 200) <= 0) continue;
-        int fd = accept(w->metrics_fd, NULL, NULL);
-        if (fd < 0) continue;
-        serve(w, fd);
-        close(fd);
+    struct metrics_conn *conns = calloc(METRICS_CONNS, sizeof *conns);
+    if (!conns) {
+        log_error("metrics: out of memory for its connections; no metrics served");
+        return NULL;
     }
+    for (int i = 0; i < METRICS_CONNS; i++) conns[i].fd = -1;
+    while (!w->keeper_stop) {
+        struct pollfd p[METRICS_CONNS + 1];
+        int slot[METRICS_CONNS + 1], n = 0, room = 0;
+        int64_t now = dg_mono_ms(), wait = 200;
+        for (int i = 0; i < METRICS_CONNS; i++) {
+            if (conns[i].fd < 0) {
+                room = 1;
+                continue;
+            }
+            p[n] = (struct pollfd){conns[i].fd, POLLIN, 0};
+            slot[n++] = i;
+            if (conns[i].until - now < wait) wait = conns[i].until - now;
+        }
+        if (room) {
+            p[n] = (struct pollfd){w->metrics_fd, POLLIN, 0};
+            slot[n++] = -1;
+        }
+        if (poll(p, (nfds_t)n, wait < 0 ? 0 : (int)wait) < 0 && errno != EINTR) continue;
+        now = dg_mono_ms();
+        for (int k = 0; k < n; k++) {
+            if (slot[k] < 0) {
+                if (!(p[k].revents & POLLIN)) continue;
+                int fd = accept4(w->metrics_fd, NULL, NULL, SOCK_CLOEXEC);
+                if (fd < 0) continue;
+                struct timeval tv = {1, 0};
+                setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+                for (int i = 0; i < METRICS_CONNS; i++)
+                    if (conns[i].fd < 0) {
+                        conns[i] = (struct metrics_conn){.fd = fd, .until = now + 1000};
+                        break;
+                    }
+                continue;
+            }
+            struct metrics_conn *c = &conns[slot[k]];
+            if (p[k].revents) {
+                char sink[4096];
+                char *into = c->answered ? sink : c->req + c->got;
+                size_t cap = c->answered ? sizeof sink : sizeof c->req - 1 - c->got;
+                ssize_t r = cap ? recv(c->fd, into, cap, MSG_DONTWAIT) : 0;
+                if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+                if (c->answered) {
+                    if (r <= 0) conn_close(c);
+                    continue;
+                }
+                if (r > 0) c->got += (size_t)r;
+                /* the head's end: a blank line (memmem: a NUL in it does not hide it), the
+                 * buffer full, or the client done sending */
+                if (r <= 0 || c->got == sizeof c->req - 1 || memmem(c->req, c->got, "\r\n\r\n", 4) ||
+                    memmem(c->req, c->got, "\n\n", 2))
+                    conn_answer(w, c);
+                continue;
+            }
+            if (now >= c->until) {
+                if (c->answered) conn_close(c);
+                else conn_answer(w, c);
+            }
+        }
+    }
+    for (int i = 0; i < METRICS_CONNS; i++)
+        if (conns[i].fd >= 0) close(conns[i].fd);
+    free(conns);
     return NULL;
 }
 

@@ -16,8 +16,10 @@ const char *dg_phase_name(dg_phase p) {
     return p >= 0 && p < DG_PHASE_COUNT ? names[p] : "?";
 }
 
-/* A new phase starts its clock; the same phase again keeps it (decode after each token). */
+/* A new phase starts its clock; the same phase again keeps it (decode after each token),
+ * and counts as progress. */
 static void set_phase(dg_run *r, dg_phase p) {
+    r->progress_ms = dg_mono_ms();
     if (r->phase == p && r->phase_ms) return;
     r->phase = p;
     r->phase_ms = dg_mono_ms();
@@ -181,6 +183,7 @@ static void on_step(void *user, int index, int step, int steps) {
     r->step = step;
     r->steps = steps;
     r->steps_done++;
+    r->progress_ms = dg_mono_ms();
     r->dirty = 1;
     Duogen__V1__Event ev = DUOGEN__V1__EVENT__INIT;
     Duogen__V1__Event__DenoiseStep ds = DUOGEN__V1__EVENT__DENOISE_STEP__INIT;

@@ -72,6 +72,8 @@ typedef struct dg_run {
     /* progress, mirrored into prefix:job:<id> when dirty */
     dg_phase phase;
     int64_t  phase_ms;               /* dg_mono_ms() when the phase began */
+    int64_t  progress_ms;            /* dg_mono_ms() of its last progress: a phase begun, a
+                                        token, a denoising step */
     int      tokens, images, step, steps, max_tokens, dirty;
     int      steps_done;             /* denoising steps over all images */
     uint64_t event_seq;

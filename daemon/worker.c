@@ -117,10 +117,13 @@ static void publish(dg_worker *w) {
     w->n_leases = 0;
     w->stats.jobs[0] = 0;
     memset(w->stats.phase_since_ms, 0, sizeof w->stats.phase_since_ms);
+    memset(w->stats.progress_since_ms, 0, sizeof w->stats.progress_since_ms);
     size_t used = 0;
     for (dg_run *r = w->runs.first; r; r = r->next) {
         int64_t *since = &w->stats.phase_since_ms[r->phase];
         if (!*since || r->phase_ms < *since) *since = r->phase_ms;
+        int64_t *moved = &w->stats.progress_since_ms[r->phase];
+        if (!*moved || r->progress_ms < *moved) *moved = r->progress_ms;
         dg_lease *l = &w->leases[w->n_leases++];
         snprintf(l->stream, sizeof l->stream, "%s", r->stream);
         snprintf(l->entry, sizeof l->entry, "%s", r->entry);

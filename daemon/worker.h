@@ -48,6 +48,8 @@ typedef struct {
      * the metrics thread turns it into an age at each scrape, so a main loop that hangs
      * shows as a phase that never ends */
     int64_t phase_since_ms[DG_PHASE_COUNT];
+    int64_t progress_since_ms[DG_PHASE_COUNT];   /* the held job in the phase longest without
+                                                    progress: its last progress (0: none) */
 } dg_worker_stats;
 
 /* A held entry whose lease the keeper renews, and the run holding it. */

@@ -684,6 +684,39 @@ def test_metrics_listen_on_the_address_given(cluster):
         assert f'metrics_address: "{bad}" is not an IPv4 or IPv6 address' in w.logs(), w.logs()
 
 
+def test_metrics_are_served_beside_idle_connections(cluster):
+    """Connections were served one after another, each given a second for its request: a
+    dozen idle ones (a port scan, a load balancer's TCP check) held a scrape 12 s, past
+    Prometheus's 10 s timeout (DuogenWorkerDown on a healthy worker). Now side by side: a
+    scrape with 20 idle connections open answers at once. HEAD gets the headers only; a
+    worker id that is not UTF-8 is refused at start (it made every scrape unparseable)."""
+    port = free_port()
+    cluster.worker("mi", args=["--metrics-port", str(port)])
+    wait_until(lambda: _get(f"http://127.0.0.1:{port}/metrics"), what="metrics")
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert 'duogen_worker_ready{worker="mi"} 1' in r.read().decode()
+    finally:
+        for c in idle:
+            c.close()
+    h = socket.create_connection(("127.0.0.1", port))
+    h.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    while True:
+        chunk = h.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    h.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: " in head and body == b"", got[:300]
+    bad = cluster.worker("gpu\udcff0")   # the byte 0xff in argv (surrogateescape)
+    assert bad.proc.wait(10) == 78
+    assert "worker_id: not UTF-8 at byte 3" in bad.logs(), bad.logs()
+
+
 def test_metrics_listen_on_an_ipv6_address(cluster):
     why = ipv6_missing()
     if why:

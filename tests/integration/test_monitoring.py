@@ -145,6 +145,11 @@ def test_the_phase_age_of_a_running_job_grows(scraped):
     later = wait_until(lambda: (lambda v: v if v > first + 1 else None)(
         prom.query('duogen_job_phase_seconds{worker="pw",phase="decode"}')[0][1]), what="a later scrape")
     assert later > first + 1
+    # the same job moves on (a token every 100 ms): its stall gauge stays near 0 while its
+    # time in decode grows (DuogenJobStuckInPhase reads the former: it fired on any decode
+    # past 15 minutes)
+    stalled = prom.query('duogen_job_stalled_seconds{worker="pw",phase="decode"}')[0][1]
+    assert 0 <= stalled < 2.0 < later, (stalled, later)
     assert prom.query('duogen_job_phase_seconds{worker="pw",phase="diffusion"}')[0][1] == 0
     cluster.r.set(cluster.key("cancel", "slow"), 1)
     cluster.wait_result("slow")
