@@ -885,14 +885,12 @@ static int released_check(dg_taker *t, const char *stream) {
     return rc;
 }
 
-/* XAUTOCLAIM on a stream: up to count entries idle past claim_idle_ms, whose worker died or
- * lost them. Redis looks at COUNT x 10 pending entries a call: each call goes on from where
- * the last one stopped (the cursor it returned), or an abandoned entry behind that many
- * running ones would never be reached. */
 /* Our entries given back whose time has come (released_add), claimed by id: a scan of a
  * pending list longer than ten times the room (XAUTOCLAIM looks at COUNT x 10 entries a
  * call) may not reach them for several turns. One another worker has taken since is not
- * idle, so not claimed. At most count; *more set when as many were due. */
+ * idle, so not claimed (and stays in the list until released_check finds it gone). At
+ * most count; *more set when count were claimed (the room filled), not merely due: a due
+ * entry that cannot be claimed would keep the reaper due, a spin. */
 static int reclaim_released(dg_taker *t, const char *stream, int count, int *taken, int *more, dg_take_report *out) {
     const int64_t now = dg_mono_ms();
     dg_cmd *c = NULL;
@@ -907,13 +905,13 @@ static int reclaim_released(dg_taker *t, const char *stream, int count, int *tak
         n++;
     }
     if (!c) return 0;
-    *more = n == count;
     redisReply *rep = dg_redis_cmd(t->redis, c);
     dg_cmd_free(c);
     if (!rep) return -1;
     int rc = 0;
     if (rep->type == REDIS_REPLY_ARRAY) {
         if (rep->elements) log_info("took back %zu entries of \"%s\" given back for a later attempt", rep->elements, stream);
+        *more = (int)rep->elements >= count;
         rc = take_entries(t, stream, rep, 0, out);
         *taken += (int)rep->elements;
     } else if (rep->type == REDIS_REPLY_ERROR) {
@@ -924,6 +922,10 @@ static int reclaim_released(dg_taker *t, const char *stream, int count, int *tak
     return rc ? -1 : 0;
 }
 
+/* XAUTOCLAIM on a stream: up to count entries idle past claim_idle_ms, whose worker died or
+ * lost them. Redis looks at COUNT x 10 pending entries a call: each call goes on from where
+ * the last one stopped (the cursor it returned), or an abandoned entry behind that many
+ * running ones would never be reached. */
 static int reap(dg_taker *t, const char *stream, int count, int *taken, dg_take_report *out) {
     char idle[16], count_s[16];
     char *cursor = t->reap_cursor[strcmp(stream, t->keys->streams[0]) != 0];

@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+import redis
 
 from conftest import make_job, pb, wait_until
 
@@ -955,4 +956,40 @@ def test_a_long_pending_list_of_live_entries_does_not_spin_the_reaper(cluster):
     # 15 a second; the spin was 11,000 a second
     assert calls <= 4 and reads <= 100, (calls, reads)
     assert cluster.r.xpending(cluster.key("jobs"), "duogen")["pending"] == 30
+    assert w.alive()
+
+
+def test_a_given_back_entry_another_worker_took_does_not_spin_the_reaper(cluster):
+    """A job given back for a later attempt and taken meanwhile by another consumer: when
+    its time comes our XCLAIM gets nothing (the entry is not idle). The reaper must not stay
+    due for it (it would XCLAIM again at once, every plan, until the given-back record is
+    dropped a claim_idle_ms later)."""
+    w = cluster.worker("w1", args=["--max-inflight", "1", "--claim-idle-ms", "2000", "--reaper-ms", "15000"])
+    cluster.wait_groups()
+    time.sleep(8.0)                               # past the reaper's hold after the first connect
+    cluster.enqueue("taken", "x", meta={"fake.fail": "retry"}, max_attempts=5)
+    wait_until(lambda: cluster.r.hget("duogen:job:taken", "state") == b"retrying", what="given back")
+    entry = cluster.r.xrange(cluster.key("jobs"))[0][0]
+    # the other worker holds it and renews its lease (an XCLAIM every 200 ms), as a live one does
+    stop = threading.Event()
+
+    def renew():
+        r = redis.Redis(port=cluster.server.port)
+        while not stop.is_set():
+            r.xclaim(cluster.key("jobs"), "duogen", "thief", 0, [entry], justid=True)
+            stop.wait(0.2)
+    t = threading.Thread(target=renew)
+    t.start()
+    try:
+        time.sleep(2.5)                           # past the entry's time: the reaper was due
+        cluster.r.config_resetstat()
+        time.sleep(2.0)
+        stats = cluster.r.info("commandstats")
+    finally:
+        stop.set()
+        t.join()
+    stats["cmdstat_xclaim"]["calls"] -= 10        # the renewals (about 10 in 2 s)
+    claims = stats.get("cmdstat_xclaim", {}).get("calls", 0) + stats.get("cmdstat_xautoclaim", {}).get("calls", 0)
+    assert claims <= 10, stats.get("cmdstat_xclaim")   # a spin is thousands
+    assert cluster.r.xpending_range(cluster.key("jobs"), "duogen", "-", "+", 1)[0]["consumer"] == b"thief"
     assert w.alive()
