@@ -1072,7 +1072,8 @@ int dg_take_run(dg_taker *t, const dg_take_plan *p, const redisReply *read, dg_t
         case DG_TAKE_READ:
             if (s.block_ms) {
                 /* the idle wait ends when the reaper is due, or it pushes the reaper back
-                 * by block_ms; a reaper due now (a scan under way) has it skipped */
+                 * by block_ms; a reaper due now (an entry given back due, or a REAP step
+                 * that filled the room with entries given up at once) has it skipped */
                 const int64_t until_reaper = t->next_reaper_ms - dg_mono_ms();
                 if (until_reaper <= 0) break;
                 if (until_reaper < s.block_ms) s.block_ms = (int)until_reaper;
