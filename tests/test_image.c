@@ -25,16 +25,22 @@ static void hex(const dg_image_digest *d, char out[33]) {
         snprintf(out + 2 * i, 3, "%02x", d->bytes[i]);
 }
 
+/* The golden manifest (test_read_file ends it with a NUL), to walk with strtok; NULL (a
+ * failed check) when it is missing. The caller frees it. */
+static char *manifest(void) {
+    size_t len;
+    char *man = (char *)read_file("manifest.txt", &len);
+    CHECK(man != NULL);
+    return man;
+}
+
 /* Every golden input decodes to exactly the RGB the reference pipeline sees: 8/16-bit,
  * palette (with tRNS), 1-bit gray, gray+alpha, RGBA, RGB colour key, CMYK and gray JPEG,
  * progressive and 4:2:0/4:2:2/4:4:4 JPEG, EXIF (JPEG, PNG eXIf) and XMP orientation. */
 TEST(decode_matches_reference) {
-    size_t len;
-    char *man = (char *)read_file("manifest.txt", &len);
-    CHECK(man != NULL);
+    char *man = manifest();
     if (!man)
         return;
-    man[len] = 0;
     int n = 0;
     for (char *line = strtok(man, "\n"); line; line = strtok(NULL, "\n")) {
         char name[128], want[33], got[33];
@@ -109,12 +115,9 @@ static int decode(const uint8_t *data, size_t len, const dg_image_limits *lim, c
 /* What Pillow refuses to open (a chunk before the image data with a wrong CRC, a tRNS too
  * short for its colour key) is refused, as a bad image, naming why. */
 TEST(decode_refuses_what_the_reference_refuses) {
-    size_t len;
-    char *man = (char *)read_file("manifest.txt", &len);
-    CHECK(man != NULL);
+    char *man = manifest();
     if (!man)
         return;
-    man[len] = 0;
     int n = 0;
     for (char *line = strtok(man, "\n"); line; line = strtok(NULL, "\n")) {
         char name[128], err[256];
@@ -692,12 +695,9 @@ TEST(new_checks_its_size) {
  * NAME_WxH[_more].ext by tools/reference/make_image_goldens.py): the decoded size is that, or its
  * sides swapped by an EXIF orientation 5..8. What the header does not tell is DG_EIMAGE. */
 TEST(peek_size_reads_the_header_of_every_golden_input) {
-    size_t len;
-    char *man = (char *)read_file("manifest.txt", &len);
-    CHECK(man != NULL);
+    char *man = manifest();
     if (!man)
         return;
-    man[len] = 0;
     int n = 0, swapped = 0;
     for (char *line = strtok(man, "\n"); line; line = strtok(NULL, "\n")) {
         char name[128];
