@@ -96,6 +96,9 @@ static void render(dg_worker *w, text *t) {
            "Generated tokens per second of decode time, over the jobs the engine finished in the worker's life.");
     put(t, "duogen_tokens_per_second{worker=\"%s\"} %.3f\n", wid,
         s.decode_s > 0 ? (double)s.timed_tokens / s.decode_s : 0.0);
+    metric(t, "duogen_timed_tokens_total", "counter",
+           "Generated tokens of the jobs the engine finished: the tokens of duogen_phase_seconds_sum{phase=\"decode\"}.");
+    put(t, "duogen_timed_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.timed_tokens);
     metric(t, "duogen_draft_tokens_total", "counter", "Drafted tokens fed to the decoder (draft_tokens).");
     put(t, "duogen_draft_tokens_total{worker=\"%s\"} %lld\n", wid, (long long)s.draft_tokens);
     metric(t, "duogen_draft_kept_total", "counter", "Drafted tokens the model chose itself: tokens that cost no step.");
@@ -110,6 +113,9 @@ static void render(dg_worker *w, text *t) {
     put(t, "duogen_images_total{worker=\"%s\"} %lld\n", wid, (long long)s.images);
     metric(t, "duogen_denoise_steps_total", "counter", "Denoising steps run.");
     put(t, "duogen_denoise_steps_total{worker=\"%s\"} %lld\n", wid, (long long)s.steps);
+    metric(t, "duogen_timed_denoise_steps_total", "counter",
+           "Denoising steps of the jobs the engine finished: the steps of duogen_phase_seconds_sum{phase=\"diffusion\"}.");
+    put(t, "duogen_timed_denoise_steps_total{worker=\"%s\"} %lld\n", wid, (long long)s.timed_steps);
     metric(t, "duogen_denoise_steps_per_second", "gauge",
            "Denoising steps per second of diffusion time, over the jobs the engine finished in the worker's life.");
     put(t, "duogen_denoise_steps_per_second{worker=\"%s\"} %.3f\n", wid,

@@ -178,3 +178,29 @@ def test_alert_rules_and_dashboard_queries_run_on_the_scraped_series(scraped):
     firing = wait_until(lambda: [a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]
                                  if a["state"] == "firing"] or None, timeout=30, what="an alert firing")
     assert firing == ["DuogenDeadLetters"], firing
+
+
+@needs_prometheus
+def test_the_dashboards_rates_are_figures_of_a_window(scraped):
+    """The dashboard's decode tokens/s and cache hit ratio are rates over 5 minutes of the
+    counters (the gauges are lifetime averages, which a long-lived worker's figure hides).
+    Here the window covers the worker's whole life and both counters started at 0 in the
+    same scrapes, so rate()'s extrapolation cancels and the windowed ratio is the lifetime
+    gauge's."""
+    cluster, prom = scraped
+    wait_until(lambda: prom.query('duogen_timed_tokens_total{worker="pw"} > 0') or None, what="p1's tokens scraped")
+    with open(DASHBOARD, encoding="utf-8") as f:
+        panels = {p["title"]: p["targets"][0]["expr"] for p in json.load(f)["panels"]}
+    expr = next(e for t, e in panels.items() if t.startswith("Decode tokens per second"))
+    assert "rate(duogen_timed_tokens_total[5m])" in expr, expr
+    windowed = prom.query(expr)
+    gauge = prom.query('duogen_tokens_per_second{worker="pw"}')[0][1]
+    assert len(windowed) == 1 and windowed[0][0] == {"worker": "pw"}, windowed
+    # 1%: the gauge is printed with 3 decimals and the decode seconds with 6 (a fake job's
+    # decode is a few ms), so the two ratios differ in their last printed digits only
+    assert gauge > 0 and abs(windowed[0][1] - gauge) <= 0.01 * gauge, (windowed, gauge)
+    # the fake engine has no caches: no lookups, so no ratio at all (not a 0 that reads as
+    # "every lookup missed")
+    assert prom.query('sum(duogen_cache_hits_total) + sum(duogen_cache_misses_total)')[0][1] == 0
+    hit = next(e for t, e in panels.items() if t.startswith("Cache hit ratio"))
+    assert prom.query(hit) == [], hit
