@@ -261,8 +261,8 @@ struct png_format {
     int     has_key;                 /* a gray/RGB tRNS colour key */
     unsigned key[3];                 /* as Pillow compares it (see png_decode_rows) */
     int     has_alpha;               /* composite on white */
-    uint8_t pal[256][4];             /* palette RGBA, alpha from tRNS, 255 past it */
-    int     n_plte;                  /* PLTE entries: a palette index must be below it */
+    uint8_t pal[256][4];             /* palette RGBA, alpha from tRNS, 255 past it; past
+                                        PLTE black (image.h: Pillow's colour there) */
 };
 
 /* Everything the libpng callbacks and the cleanup touch lives here, not in locals of the
@@ -380,16 +380,6 @@ static void png_convert_row(const struct png_format *f, const uint8_t *in, uint8
             out[2] = (uint8_t)b;
         }
     }
-}
-
-/* The first palette index of a row (w pixels, one byte each after png_set_packing) that is
- * not below the PLTE entries, or -1. The PNG spec (11.2.3 PLTE) makes such a pixel an error;
- * libpng does not refuse it, and the table above would silently make it black. */
-static int png_palette_overrun(const struct png_format *f, const uint8_t *in, int32_t w) {
-    for (int32_t x = 0; x < w; x++)
-        if (in[x] >= f->n_plte)
-            return in[x];
-    return -1;
 }
 
 /* The orientation Pillow would find in a PNG: the EXIF's (eXIf, else "Raw profile type
@@ -551,7 +541,6 @@ static int png_decode(struct png_job *j) {
         png_colorp plte = NULL;
         int n_plte = 0;
         png_get_PLTE(j->png, j->info, &plte, &n_plte);
-        f->n_plte = n_plte;
         for (int i = 0; i < 256; i++) {
             f->pal[i][0] = i < n_plte ? plte[i].red : 0;
             f->pal[i][1] = i < n_plte ? plte[i].green : 0;
@@ -579,15 +568,8 @@ static int png_decode(struct png_job *j) {
     for (png_uint_32 y = 0; y < h; y++)
         j->rows[y] = j->raw + rowbytes * y;
     png_read_image(j->png, j->rows);
-    for (png_uint_32 y = 0; y < h; y++) {
-        int bad = color_type == PNG_COLOR_TYPE_PALETTE ? png_palette_overrun(f, j->rows[y], (int32_t)w) : -1;
-        if (bad >= 0) {
-            j->code = DG_EIMAGE;
-            snprintf(j->msg, sizeof j->msg, "PNG palette index %d past the %d PLTE entries", bad, f->n_plte);
-            return -1;
-        }
+    for (png_uint_32 y = 0; y < h; y++)
         png_convert_row(f, j->rows[y], j->img->rgb + (size_t)y * w * 3, (int32_t)w);
-    }
     /* The pixels are complete: like Pillow, a damaged or missing tail after the image
      * data (text, eXIf, IEND) is not an error; the longjmp above returns 0 then. */
     j->pixels_done = 1;

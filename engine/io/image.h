@@ -23,8 +23,9 @@
  *   - CRCs are checked where Pillow checks them: a chunk before the image data with a wrong
  *     one refuses the file, the image data's and later chunks' are not looked at; an
  *     unknown critical chunk is skipped;
- *   - a palette index past the PLTE entries is refused (DG_EIMAGE), as the PNG spec makes
- *     it an error;
+ *   - a palette index past the PLTE entries is black and opaque: the PNG spec makes it an
+ *     error, but Pillow (as libpng and browsers) takes the file, and so the reference
+ *     pipeline sees black there;
  *   - JPEG with libjpeg-turbo's accurate integer DCT and fancy upsampling (Pillow's
  *     defaults); CMYK/YCCK JPEG as Adobe-inverted CMYK converted the way Pillow does;
  *   - the EXIF orientation (JPEG APP1 Exif, PNG eXIf, PNG "Raw profile type exif" text,

@@ -150,6 +150,10 @@ def chunk_cases():
     alpha = bytes((i * 53 + 7) % 256 for i in range(256))
     out["pal_trns256_20x20.png"] = png(20, 20, 8, 3, idx.tobytes(), 1, before=(plte, chunk(b"tRNS", alpha)))
     out["pal_trnsfirst_20x20.png"] = png(20, 20, 8, 3, idx.tobytes(), 1, before=(chunk(b"tRNS", alpha[:10]), plte))
+    # indices 6..9 past a 6-entry PLTE (an error in the PNG spec): Pillow, libpng and
+    # browsers take the file, such a pixel black and opaque
+    plte6 = chunk(b"PLTE", bytes(picture(6, 1, 46).reshape(-1)))
+    out["pal_pastplte_20x20.png"] = png(20, 20, 8, 3, idx.tobytes(), 1, before=(plte6, chunk(b"tRNS", alpha[:4])))
     gray = picture(20, 20, 42, 1)
     gray[3, 4] = 44
     out["gray_key300_20x20.png"] = png(20, 20, 8, 0, gray.tobytes(), 1, before=(chunk(b"tRNS", struct.pack(">H", 300)),))
