@@ -216,14 +216,14 @@ static int result_cmds(const dg_committer *c, dg_run *r, dg_cmd **cmds) {
     cmds[n++] = dg_cmd_of("EXPIRE", k_job, ttl, NULL);
     cmds[n++] = final_event(r);
     cmds[n++] = dg_cmd_of("EXPIRE", k_events, ttl, NULL);
-    dg_cmd *done = dg_cmd_of("XADD", c->keys->done, "MAXLEN", "~", NULL);
+    dg_cmd *done = dg_cmd_of("XADD", c->keys->done, "MAXLEN", NULL);
     dg_cmd_addf(done, "%d", cfg->done_maxlen);
     dg_cmd_adds(done, "*");
     dg_cmd_adds(done, "id"); dg_cmd_adds(done, r->id);
     dg_cmd_adds(done, "status"); dg_cmd_adds(done, status);
     cmds[n++] = done;
     if (r->dead) {
-        dg_cmd *dead = dg_cmd_of("XADD", c->keys->dead, "MAXLEN", "~", NULL);
+        dg_cmd *dead = dg_cmd_of("XADD", c->keys->dead, "MAXLEN", NULL);
         dg_cmd_addf(dead, "%d", cfg->dead_maxlen);
         dg_cmd_adds(dead, "*");
         dg_cmd_adds(dead, "id"); dg_cmd_adds(dead, r->id);

@@ -53,7 +53,7 @@ static const struct key {
     STR(device, "cpu or cuda:N"),
     INT(threads, 0, 1024, "engine CPU threads (0 = all)"),
     INT(max_inflight, 0, 256, "jobs stepped together; 0 = as many as the memory free to the worker holds (a "
-        "cgroup's limit, MemoryMax=, included), 1..16"),
+        "cgroup's limit, MemoryMax=, included), sized between 1 and 16"),
     SIZE0(kv_cache_bytes, "KV cache (prefix cache included) budget; 0 = the engine's default"),
     INT(kv_bf16, -1, 1, "1: keep the KV cache in bf16, half the memory; -1: in fp32; 0: the device's "
         "default (fp32 on the CPU, bf16 on a GPU where its bf16 attention is in use)"),

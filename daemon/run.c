@@ -98,7 +98,7 @@ dg_cmd *dg_run_event_cmd(dg_run *r, Duogen__V1__Event *ev, const char *type, ...
     ev->job_id = r->id;
     ev->seq = ++r->event_seq;
     ev->unix_ms = dg_now_ms();
-    dg_cmd *c = dg_cmd_of("XADD", key, "MAXLEN", "~", NULL);
+    dg_cmd *c = dg_cmd_of("XADD", key, "MAXLEN", NULL);
     dg_cmd_addf(c, "%d", r->cfg->events_maxlen);
     dg_cmd_adds(c, "*");
     dg_cmd_adds(c, "type");

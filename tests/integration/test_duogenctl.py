@@ -151,7 +151,7 @@ def test_trimmed_events_give_the_results_text(cluster):
     result's text (with a note on stderr), not its tail."""
     cluster.worker("t1", args=["--events-maxlen", "10"])
     cluster.wait_groups()
-    words = ["w%d" % i for i in range(300)]   # MAXLEN ~ trims whole nodes of 100 entries
+    words = ["w%d" % i for i in range(300)]   # far more events than the cap of 10
     p = ctl(cluster, "enqueue", "--id", "trimmed", *words)
     assert p.returncode == 0
     cluster.wait_result("trimmed")

@@ -352,16 +352,23 @@ def test_a_second_stop_signal_is_said_as_such(cluster):
 
 def test_streams_trimmed_and_keys_expire(cluster):
     cluster.worker(args=["--trim-ms", "200", "--jobs-retain-s", "0", "--result-ttl-s", "2",
-                         "--events-maxlen", "10", "--done-maxlen", "10"])
+                         "--events-maxlen", "10", "--done-maxlen", "10", "--dead-maxlen", "10"])
     cluster.wait_groups()
+    for i in range(12):
+        cluster.enqueue(f"f{i}", "x", meta={"fake.fail": "error"})   # dead-lettered
     for i in range(150):
         cluster.enqueue(f"t{i}", " ".join(["w"] * 30))
     wait_until(lambda: cluster.result("t149"), timeout=60, what="last job")
-    # event streams capped (MAXLEN ~ keeps whole macro nodes, so allow some slack)
-    assert cluster.r.xlen("duogen:events:t149") < 40
+    assert all(cluster.result(f"f{i}") for i in range(12))
+    assert cluster.r.xlen("duogen:dead") == 10
+    dead = [e[1][b"id"] for e in cluster.r.xrange("duogen:dead")]   # the last 10 to end (any order)
+    assert len(set(dead)) == 10 and set(dead) <= {b"f%d" % i for i in range(12)}, dead
+    # the event and done streams hold exactly their caps (a `MAXLEN ~` trims only whole
+    # nodes of 100 entries: a cap of 10 was never reached)
+    assert cluster.r.xlen("duogen:events:t149") == 10
+    assert cluster.r.xlen("duogen:done") == 10
     # acknowledged job entries trimmed away
     wait_until(lambda: cluster.r.xlen(cluster.key("jobs")) < 150, timeout=10, what="job stream trimmed")
-    assert cluster.r.xlen("duogen:done") < 150
     # results, events and images expire with the TTL
     assert 0 < cluster.r.ttl("duogen:result:t149") <= 2
     wait_until(lambda: not cluster.r.exists("duogen:result:t0", "duogen:events:t0", "duogen:job:t0"),
