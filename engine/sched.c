@@ -181,10 +181,11 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         if (!(s->normed = s->be->alloc(s->be, (size_t)DG_SCHED_CHUNK * c->hidden_size * sizeof(float)))) goto fail;
         if (!(s->cond_store = calloc((size_t)n_blocks * DG_KV_BLOCK * (size_t)m->conn.d_cond, sizeof(float))))
             goto fail;
+        if (!(s->scratch = dg_painter_scratch_new(&m->vae, s->be))) goto fail;
         for (int i = 0; i < s->n_seqs; i++)
             if ((rc = dg_cond_acc_new(&m->conn, s->be, m->max_context, DG_SCHED_CHUNK, &s->seqs[i].acc, err, errlen)) < 0 ||
-                (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, s->be, m->max_context, s->o.max_condition_pixels,
-                                     &s->seqs[i].painter, err, errlen)) < 0)
+                (rc = dg_painter_new(&m->dit, &m->vae, &m->conn, s->be, s->scratch, m->max_context,
+                                     s->o.max_condition_pixels, &s->seqs[i].painter, err, errlen)) < 0)
                 goto fail;
         if (m->cond_from_prompt &&
             (rc = dg_prompt_cond_new(&m->llm, &m->conn, m->tok, &m->recipe, s->be, DG_SCHED_CHUNK, &s->pc, err,
@@ -233,6 +234,7 @@ void dg_sched_free(dg_sched *s) {
         dg_painter_free(s->seqs[i].painter);
         free(s->seqs[i].hist);
     }
+    dg_painter_scratch_free(s->scratch);
     free(s->seqs);
     free(s->batch);
     free(s->batch_of);

@@ -179,6 +179,7 @@ struct dg_sched {
                                     one at a time; another that needs rows waits for it */
     /* images out */
     dg_latent_cache *lcache;     /* owned */
+    dg_painter_scratch *scratch; /* owned: the VAE state and pixels every slot's painter uses */
     dg_dit_state    *dit;        /* owned, or NULL: the DiT state shared by the images of one
                                     layout stepped together (sched_draw.c) */
     int              dit_tokens, dit_ctx;   /* what it holds: tokens and context rows */

@@ -347,7 +347,7 @@ TEST(painter_with_a_condition_frame_is_the_components_run_directly) {
     dg_latent_cache *lc = NULL;
     dg_cond_acc *acc = NULL;
     dg_tok_ids ids = {0};
-    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 0, &p, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, NULL, m->max_context, 0, &p, err, sizeof err), 0);
     CHECK_EQ_INT(dg_latent_cache_new((size_t)1 << 20, &lc), 0);
     CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
     CHECK_EQ_INT(direct_conditions(m, "Now the same cake, sliced.", &ids, acc), 0);
@@ -448,9 +448,9 @@ TEST(painter_scales_large_condition_frames_down) {
     dg_latent_cache *lc = NULL;
     dg_cond_acc *acc = NULL;
     dg_tok_ids ids = {0};
-    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, -1, &p, err, sizeof err), DG_EINVAL);
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, NULL, m->max_context, -1, &p, err, sizeof err), DG_EINVAL);
     CHECK(strstr(err, "max_condition_pixels") != NULL);
-    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, m->max_context, 1024, &p, err, sizeof err), 0);
+    CHECK_EQ_INT(dg_painter_new(&m->dit, &m->vae, &m->conn, m->be, NULL, m->max_context, 1024, &p, err, sizeof err), 0);
     CHECK_EQ_INT(dg_latent_cache_new((size_t)1 << 20, &lc), 0);
     CHECK_EQ_INT(dg_cond_acc_new(&m->conn, m->be, m->max_context, 256, &acc, err, sizeof err), 0);
     CHECK_EQ_INT(direct_conditions(m, "A smaller plate.", &ids, acc), 0);
@@ -498,7 +498,7 @@ static int painter_case_open(painter_case *c, const char *text) {
     if (!setup()) { CHECK(!"setup"); return -1; }
     CHECK_EQ_INT(dg_model_open(pkg, NULL, &c->m, err, sizeof err), 0);
     if (!c->m) return -1;
-    CHECK_EQ_INT(dg_painter_new(&c->m->dit, &c->m->vae, &c->m->conn, c->m->be, c->m->max_context, 0, &c->p, err,
+    CHECK_EQ_INT(dg_painter_new(&c->m->dit, &c->m->vae, &c->m->conn, c->m->be, NULL, c->m->max_context, 0, &c->p, err,
                                 sizeof err), 0);
     CHECK_EQ_INT(dg_cond_acc_new(&c->m->conn, c->m->be, c->m->max_context, 256, &c->acc, err, sizeof err), 0);
     if (!c->p || !c->acc) return -1;

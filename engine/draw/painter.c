@@ -23,12 +23,11 @@ struct dg_painter {
     int64_t             max_condition_pixels;
 
     /* buffers, grown at begin and kept for the next image */
-    dg_dit_state *dit_state;    int dit_tokens, dit_ctx;   /* of one forward: both CFG branches */
-    dg_vae_state *vae_state;    int vae_h, vae_w;
+    dg_painter_scratch *scr;    /* the VAE's state and the pixels: shared, or own */
+    int                 own_scr;
     float   *latents;  int64_t latents_cap;   /* host: every frame's latent, frame after frame */
     float   *vel_c;    int64_t vel_c_cap;     /* host: the DiT's velocity of every frame, conditional */
     float   *vel_u;    int64_t vel_u_cap;     /* host: the same, unconditional */
-    float   *pixels;   int64_t pixels_cap;    /* host [3, H, W] in [-1, 1] */
     float   *ctx_pos, *ctx_neg;               /* host [max_context, d_cond] */
     int32_t *positions;                       /* [max_context] 0, 1, 2, ... */
 
@@ -46,8 +45,36 @@ struct dg_painter {
     dg_painter_cost  cost;
 };
 
+struct dg_painter_scratch {
+    const dg_vae *vae;          /* borrowed */
+    dg_backend   *be;           /* borrowed */
+    const dg_dit *dit;          /* borrowed: of the state below, set by the first painter */
+    dg_dit_state *dit_state;    int dit_tokens, dit_ctx;   /* of one forward: both CFG branches;
+                                                              its layout the last stepped one's */
+    dg_vae_state *vae_state;    int vae_h, vae_w;
+    float        *pixels;       int64_t pixels_cap;    /* host [3, H, W] in [-1, 1] */
+};
+
+dg_painter_scratch *dg_painter_scratch_new(const dg_vae *vae, dg_backend *be) {
+    dg_painter_scratch *s = calloc(1, sizeof *s);
+    if (s) {
+        s->vae = vae;
+        s->be = be;
+    }
+    return s;
+}
+
+void dg_painter_scratch_free(dg_painter_scratch *s) {
+    if (!s) return;
+    if (s->dit) dg_dit_state_free(s->dit, s->dit_state);
+    dg_vae_state_free(s->vae, s->vae_state);
+    free(s->pixels);
+    free(s);
+}
+
 int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, dg_backend *be,
-                   int max_context, int64_t max_condition_pixels, dg_painter **out, char *err, size_t errlen) {
+                   dg_painter_scratch *scratch, int max_context, int64_t max_condition_pixels, dg_painter **out,
+                   char *err, size_t errlen) {
     *out = NULL;
     if (max_condition_pixels < 0) {
         snprintf(err, errlen, "max_condition_pixels %lld: must be 0 (the default) or positive",
@@ -59,6 +86,13 @@ int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *con
         snprintf(err, errlen, "out of memory for a painter");
         return DG_ENOMEM;
     }
+    if (!((*out)->scr = scratch ? scratch : dg_painter_scratch_new(vae, be))) {
+        free(*out);
+        *out = NULL;
+        snprintf(err, errlen, "out of memory for a painter");
+        return DG_ENOMEM;
+    }
+    (*out)->own_scr = !scratch;
     (*out)->dit = dit;
     (*out)->vae = vae;
     (*out)->conn = conn;
@@ -71,12 +105,10 @@ int dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *con
 void dg_painter_free(dg_painter *p) {
     if (!p) return;
     dg_flow_free(p->flow);
-    dg_dit_state_free(p->dit, p->dit_state);
-    dg_vae_state_free(p->vae, p->vae_state);
+    if (p->own_scr) dg_painter_scratch_free(p->scr);
     free(p->latents);
     free(p->vel_c);
     free(p->vel_u);
-    free(p->pixels);
     free(p->ctx_pos);
     free(p->ctx_neg);
     free(p->positions);
@@ -126,15 +158,14 @@ static int grow(float **buf, int64_t *cap, int64_t n, const char *what, char *er
 /* Makes sure the VAE state fits an h x w frame: kept while it does, else made for h x w
  * alone (growing each side to the largest seen made a 16x1920 then a 1920x16 picture hold
  * the scratch of a 1920x1920 one: ~11 GB at the published VAE's width, where 0.1 GB did). */
-static int vae_room(dg_painter *p, int h, int w, char *err, size_t errlen) {
-    if (p->vae_state && p->vae_h >= h && p->vae_w >= w) return 0;
-    const int nh = h, nw = w;
-    dg_vae_state_free(p->vae, p->vae_state);
-    p->vae_state = NULL;
-    int rc = dg_vae_state_new(p->vae, p->be, 1, nh, nw, &p->vae_state, err, errlen);
+static int vae_room(dg_painter_scratch *s, int h, int w, char *err, size_t errlen) {
+    if (s->vae_state && s->vae_h >= h && s->vae_w >= w) return 0;
+    dg_vae_state_free(s->vae, s->vae_state);
+    s->vae_state = NULL;
+    int rc = dg_vae_state_new(s->vae, s->be, 1, h, w, &s->vae_state, err, errlen);
     if (rc < 0) return rc;
-    p->vae_h = nh;
-    p->vae_w = nw;
+    s->vae_h = h;
+    s->vae_w = w;
     return 0;
 }
 
@@ -250,11 +281,12 @@ static int cond_latent(dg_painter *p, const dg_painter_job *job, int i, char *er
         snprintf(err, errlen, "image %d: resizing to %dx%d failed", i + 1, w, h);
         return rc;
     }
-    if ((rc = vae_room(p, h, w, err, errlen)) < 0 ||
-        (rc = grow(&p->pixels, &p->pixels_cap, 3LL * w * h, "pixel", err, errlen)) < 0)
+    dg_painter_scratch *scr = p->scr;
+    if ((rc = vae_room(scr, h, w, err, errlen)) < 0 ||
+        (rc = grow(&scr->pixels, &scr->pixels_cap, 3LL * w * h, "pixel", err, errlen)) < 0)
         goto out;
-    rgb_to_pixels(sized ? sized : c->img, p->pixels);
-    if ((rc = dg_vae_encode(p->vae, p->vae_state, p->pixels, 1, h, w, out, err, errlen)) < 0) goto out;
+    rgb_to_pixels(sized ? sized : c->img, scr->pixels);
+    if ((rc = dg_vae_encode(p->vae, scr->vae_state, scr->pixels, 1, h, w, out, err, errlen)) < 0) goto out;
     if ((rc = dg_latent_cache_put(job->lcache, c->hash, h, w, out, n)) < 0)
         snprintf(err, errlen, "image %d: out of memory for the latent cache", i + 1);
 out:
@@ -263,23 +295,35 @@ out:
     return rc;
 }
 
+/* The shared DiT state made to fit this painter's forward (both branches when guided) and
+ * set to its layout. The state only grows: a new one is made before the old is let go, so
+ * that a failure leaves the other painters' images a state that fits them. */
+static int dit_room(dg_painter *p, char *err, size_t errlen) {
+    dg_painter_scratch *scr = p->scr;
+    const int branches = dg_painter_branches(p), tokens = branches * (int)p->layout.n_tokens;
+    const int ctx = branches * p->max_context;
+    if (!scr->dit_state || scr->dit_tokens < tokens || scr->dit_ctx < ctx) {
+        const int t = scr->dit_tokens > tokens ? scr->dit_tokens : tokens, c = scr->dit_ctx > ctx ? scr->dit_ctx : ctx;
+        dg_dit_state *grown = NULL;
+        int rc = dg_dit_state_new(p->dit, p->be, t, c, &grown, err, errlen);
+        if (rc < 0) return rc;
+        if (scr->dit_state) dg_dit_state_free(scr->dit, scr->dit_state);
+        scr->dit = p->dit;
+        scr->dit_state = grown;
+        scr->dit_tokens = t;
+        scr->dit_ctx = c;
+    }
+    if (scr->dit_state->has_layout && dg_dit_layout_same(&scr->dit_state->layout, &p->layout)) return 0;
+    return dg_dit_set_layout(p->dit, scr->dit_state, &p->layout, err, errlen);
+}
+
 /* The target's noise, a DiT state that fits the layout, and the sampler. */
 static int prepare_sampler(dg_painter *p, const dg_painter_job *job, char *err, size_t errlen) {
     int64_t n_target = (int64_t)p->vae->cfg.z_dim * p->lat_h * p->lat_w;
     dg_flow_noise(p->frame_lat[p->target], n_target, job->seed * 0x9E3779B97F4A7C15ull + (uint64_t)job->index + 1, 0);
     int rc;
     /* with guidance both branches go through one forward: twice the tokens, both contexts */
-    const int branches = dg_painter_branches(p);
-    if (!p->dit_state || p->dit_tokens < branches * p->layout.n_tokens || p->dit_ctx < branches * p->max_context) {
-        dg_dit_state_free(p->dit, p->dit_state);
-        p->dit_state = NULL;
-        if ((rc = dg_dit_state_new(p->dit, p->be, branches * (int)p->layout.n_tokens, branches * p->max_context,
-                                   &p->dit_state, err, errlen)) < 0)
-            return rc;
-        p->dit_tokens = branches * (int)p->layout.n_tokens;
-        p->dit_ctx = branches * p->max_context;
-    }
-    if ((rc = dg_dit_set_layout(p->dit, p->dit_state, &p->layout, err, errlen)) < 0) return rc;
+    if ((rc = dit_room(p, err, errlen)) < 0) return rc;
     const dg_image_params *ip = &job->params;
     float sig[DG_FLOW_MAX_STEPS + 1];
     if (ip->schedule == DG_SCHEDULE_SHIFTED) dg_flow_sigmas_shifted(sig, ip->steps, ip->shift, 0.999, 0.999 / ip->steps);
@@ -347,8 +391,11 @@ int dg_painter_step(dg_painter *p, char *err, size_t errlen) {
     float *vel[2];
     const int branches = dg_painter_inputs(p, in, vel);
     double t0 = dg_clock_now_ms();
+    /* the shared state: another painter's layout may be set on it since this one's step */
+    int rc = dit_room(p, err, errlen);
+    if (rc < 0) return rc;
     /* the conditional branch and, with guidance, the unconditional one: one forward */
-    int rc = dg_dit_forward_batch(p->dit, p->dit_state, in, branches, vel, err, errlen);
+    rc = dg_dit_forward_batch(p->dit, p->scr->dit_state, in, branches, vel, err, errlen);
     if (rc < 0) return rc;
     return dg_painter_advance(p, dg_clock_now_ms() - t0, err, errlen);
 }
@@ -370,15 +417,16 @@ int dg_painter_finish(dg_painter *p, dg_image **out, dg_image_digest *hash, char
     dg_image *img = NULL;
     int W = p->W, H = p->H, rc;
     const float *target = p->frame_lat[p->target];
-    if ((rc = vae_room(p, H, W, err, errlen)) < 0 ||
-        (rc = grow(&p->pixels, &p->pixels_cap, 3LL * W * H, "pixel", err, errlen)) < 0 ||
-        (rc = dg_vae_decode(p->vae, p->vae_state, target, 1, p->lat_h, p->lat_w, p->pixels, err, errlen)) < 0)
+    dg_painter_scratch *scr = p->scr;
+    if ((rc = vae_room(scr, H, W, err, errlen)) < 0 ||
+        (rc = grow(&scr->pixels, &scr->pixels_cap, 3LL * W * H, "pixel", err, errlen)) < 0 ||
+        (rc = dg_vae_decode(p->vae, scr->vae_state, target, 1, p->lat_h, p->lat_w, scr->pixels, err, errlen)) < 0)
         goto out;
     if ((rc = dg_image_new(W, H, &img)) < 0) {
         snprintf(err, errlen, "out of memory for a %dx%d image", W, H);
         goto out;
     }
-    pixels_to_rgb(p->pixels, img);
+    pixels_to_rgb(scr->pixels, img);
     dg_image_hash(img, hash);
     *out = img;
     img = NULL;

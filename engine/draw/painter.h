@@ -32,7 +32,7 @@
  * largest image seen, at begin, never during the steps):
  *
  *     dg_painter *p;
- *     dg_painter_new(&m->dit, &m->vae, &m->conn, be, max_context, 0, &p, err, sizeof err);
+ *     dg_painter_new(&m->dit, &m->vae, &m->conn, be, NULL, max_context, 0, &p, err, sizeof err);
  *     dg_painter_check(p, &params, err, sizeof err);                   // at admission
  *     dg_painter_begin(p, &(dg_painter_job){...}, err, sizeof err);    // on <BOV>
  *     do step = dg_painter_step(p, err, sizeof err);                   // one per scheduler step
@@ -57,6 +57,15 @@
 #include "io/image.h"
 
 typedef struct dg_painter dg_painter;
+
+/* The VAE's state and the pixel buffer: used only inside dg_painter_begin and
+ * dg_painter_finish, never between calls, so the painters one thread drives may share one
+ * (a scheduler's slots do). The VAE's scratch at the picture's size is most of a painter's
+ * memory: once a slot, 16 slots drawing 448x448 pictures of the shapes model held 0.9 GB.
+ * Kept while it fits the next picture, else made for that one alone. Not thread-safe. */
+typedef struct dg_painter_scratch dg_painter_scratch;
+dg_painter_scratch *dg_painter_scratch_new(const dg_vae *vae, dg_backend *be);   /* NULL: out of memory */
+void dg_painter_scratch_free(dg_painter_scratch *s);                             /* accepts NULL */
 
 /* An earlier image of the conversation: a condition frame of the next one. */
 typedef struct {
@@ -103,12 +112,14 @@ typedef struct {
 
 /* A painter over the model's drawing components (borrowed; they outlive it), running on
  * `be` (borrowed: the scheduler's fork of the model's backend, engine/backend.h "Threads");
+ * scratch: shared with other painters of this thread (dg_painter_scratch above; borrowed,
+ * it must outlive the painter), or NULL for the painter's own.
  * max_context bounds the condition positions; max_condition_pixels bounds a condition
  * frame's pixels (0: DG_PAINTER_MAX_CONDITION_PIXELS; a frame keeps at least one patch).
  * DG_EINVAL for a negative bound; DG_ENOMEM. Buffers are allocated by the first begin. */
 int  dg_painter_new(const dg_dit *dit, const dg_vae *vae, const dg_connector *conn, dg_backend *be,
-                    int max_context, int64_t max_condition_pixels, dg_painter **out, char *err,
-                    size_t errlen);
+                    dg_painter_scratch *scratch, int max_context, int64_t max_condition_pixels,
+                    dg_painter **out, char *err, size_t errlen);
 void dg_painter_free(dg_painter *p);   /* accepts NULL; drops an image in progress */
 
 /* DG_EINVAL unless width and height are positive multiples of the VAE factor times the DiT
