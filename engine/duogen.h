@@ -193,7 +193,10 @@ typedef struct {
 
 typedef enum {
     DG_FINISH_STOP,        /* EOS or a stop string */
-    DG_FINISH_LENGTH,      /* max_new_tokens reached */
+    DG_FINISH_LENGTH,      /* max_new_tokens reached, or the context full: no room for the
+                              next token, or for the picture a <BOV> began (its tokens go
+                              back into the context; a size that alone fills it is refused
+                              at submit) */
     DG_FINISH_CANCELLED,   /* dg_sched_cancel() */
     DG_FINISH_DEADLINE,    /* deadline_unix_ms passed */
 } dg_finish_reason;

@@ -502,6 +502,20 @@ static int place_prompt(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     return 0;
 }
 
+/* A drawn picture goes back into the context (sched_draw.c: <BOV>, its tokens and one more
+ * must fit): a size whose picture alone fills this model's context is never drawn, and
+ * its answer would end at its first <BOV>, "length", without a word. Refused, naming it. */
+static int picture_fits(const dg_model *m, const dg_image_params *ip, char *err, size_t errlen) {
+    int32_t grid[3];
+    int rc = dg_image_grid(ip->height, ip->width, &m->pp, grid, err, errlen);
+    if (rc < 0) return rc;
+    const int tokens = dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
+    if (tokens + 4 + 1 < m->max_context) return 0;
+    snprintf(err, errlen, "image size %dx%d: a picture of it takes %d tokens of the context once drawn; this "
+             "model's context is %d tokens in all", ip->width, ip->height, tokens + 2, m->max_context);
+    return DG_ELIMIT;
+}
+
 int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint64_t *seq,
                     char *err, size_t errlen) {
     const dg_model *m = s->m;
@@ -531,6 +545,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
         (rc = dg_params_resolve_image(&r->image, &m->image_defaults, &ip, err, errlen)) < 0)
         goto fail;
     if (m->has_draw && (rc = dg_painter_check(q->painter, &ip, err, errlen)) < 0) goto fail;
+    if (m->has_draw && ip.max_images > 0 && (rc = picture_fits(m, &ip, err, errlen)) < 0) goto fail;
     q->ip = ip;
 
     /* a favoured id the tokenizer does not have (a padding row of lm_head) would be an

@@ -168,6 +168,59 @@ TEST(a_full_conversation_draws_no_more_and_writes_on) {
     dg_model_close(m);
 }
 
+/* A drawn picture goes back into the context: a size whose picture alone fills it was
+ * accepted, and the answer ended at its first <BOV>, "done" and "length", with no picture
+ * and no word (a 1024x1024 picture of the shapes model, 1024 tokens of context). Refused at
+ * admission, naming the size and the tokens. */
+TEST(a_picture_size_that_fills_the_context_is_refused) {
+    char err[512];
+    dg_model *m = open_tiny();
+    if (!m) return;
+    dg_sched *s;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    /* the smallest square of multiples of 16 whose picture does not fit, and the one before */
+    int side = 16, tokens = 0;
+    for (;; side += 16) {
+        int32_t grid[3];
+        CHECK_EQ_INT(dg_image_grid(side, side, &m->pp, grid, err, sizeof err), 0);
+        tokens = dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
+        if (tokens + 5 >= m->max_context) break;
+    }
+    CHECK(side <= m->dit.cfg.max_w * 16);   /* within what the DiT draws: the context decides */
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Draw.", .text_len = 5};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    dg_logit_bias bias = {test_bov_id(pkg), 100.0f};
+    dg_request r = {.id = "ctx-1", .messages = &msg, .n_messages = 1, .seed = 5,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 2, .logit_bias = &bias, .n_logit_bias = 1},
+                    .image = {.set = DG_IMAGE_WIDTH | DG_IMAGE_HEIGHT | DG_IMAGE_STEPS | DG_IMAGE_MAX_IMAGES,
+                              .width = side, .height = side, .steps = 1, .max_images = 1}};
+    test_job c = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c), DG_ELIMIT);
+    char want[160];
+    snprintf(want, sizeof want, "image size %dx%d: a picture of it takes %d tokens of the context once drawn; "
+             "this model's context is %d tokens in all", side, side, tokens + 2, m->max_context);
+    CHECK(strcmp(c.error, want) == 0);
+    if (strcmp(c.error, want)) printf("  got \"%s\", want \"%s\"\n", c.error, want);
+    test_job_free(&c);
+    /* max_images 0: no picture is drawn, the size is not looked at */
+    r.id = "ctx-2";
+    r.image.max_images = 0;
+    test_job c2 = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c2), 0);
+    CHECK_EQ_INT(c2.n_png, 0);
+    test_job_free(&c2);
+    /* half the side: drawn */
+    r.id = "ctx-3";
+    r.image.max_images = 1;
+    r.image.width = r.image.height = side / 32 * 16;
+    test_job c3 = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c3), 0);
+    CHECK_EQ_INT(c3.n_png, 1);
+    test_job_free(&c3);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
 /* A job whose pictures alone take the whole context is refused from their headers, before
  * any is decoded (sixteen 7000x7000 PNGs were 2.4 GB of pixels held for half a minute, then
  * refused for the prompt's length). The PNGs here are headers and nothing more: the job's
