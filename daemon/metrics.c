@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -212,8 +213,18 @@ static void respond(dg_worker *w, int fd, const char *req, size_t got) {
  * resets the connection, and the client would lose the answer): idle connections (a port
  * scan, a load balancer's TCP check) used to be served one after another, a second each,
  * and a scrape behind a dozen of them went past Prometheus's 10 s timeout. Past
- * METRICS_CONNS at once, new ones wait in the listen backlog. */
+ * METRICS_CONNS at once, new ones wait in the listen backlog; fewer under a low limit of
+ * open files (metrics_conns), whose descriptors the jobs' files and Redis need (at 32,
+ * clients holding connections open made the next image's file fail, EMFILE). */
 enum { METRICS_CONNS = 32 };
+
+/* The connections served at once: a quarter of the open-file limit above 64, 1 .. 32. */
+static int metrics_conns(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY) return METRICS_CONNS;
+    long n = ((long)(rl.rlim_cur > 1 << 20 ? 1 << 20 : rl.rlim_cur) - 64) / 4;
+    return n < 1 ? 1 : n > METRICS_CONNS ? METRICS_CONNS : (int)n;
+}
 
 struct metrics_conn {
     int     fd;              /* -1: free */
@@ -243,11 +254,13 @@ static void *metrics_main(void *arg) {
         return NULL;
     }
     for (int i = 0; i < METRICS_CONNS; i++) conns[i].fd = -1;
+    const int max_conns = metrics_conns();
+    int64_t accept_after = 0;   /* accept failed for want of descriptors: not before then */
     while (!w->keeper_stop) {
         struct pollfd p[METRICS_CONNS + 1];
         int slot[METRICS_CONNS + 1], n = 0, room = 0;
         int64_t now = dg_mono_ms(), wait = 200;
-        for (int i = 0; i < METRICS_CONNS; i++) {
+        for (int i = 0; i < max_conns; i++) {
             if (conns[i].fd < 0) {
                 room = 1;
                 continue;
@@ -256,9 +269,11 @@ static void *metrics_main(void *arg) {
             slot[n++] = i;
             if (conns[i].until - now < wait) wait = conns[i].until - now;
         }
-        if (room) {
+        if (room && now >= accept_after) {
             p[n] = (struct pollfd){w->metrics_fd, POLLIN, 0};
             slot[n++] = -1;
+        } else if (room && accept_after - now < wait) {
+            wait = accept_after - now;
         }
         if (poll(p, (nfds_t)n, wait < 0 ? 0 : (int)wait) < 0 && errno != EINTR) continue;
         now = dg_mono_ms();
@@ -266,10 +281,20 @@ static void *metrics_main(void *arg) {
             if (slot[k] < 0) {
                 if (!(p[k].revents & POLLIN)) continue;
                 int fd = accept4(w->metrics_fd, NULL, NULL, SOCK_CLOEXEC);
-                if (fd < 0) continue;
+                if (fd < 0) {
+                    /* out of descriptors (or memory): the connection stays in the backlog
+                     * and the listener readable; polling it again at once spun a core */
+                    if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                        if (!accept_after) log_warn("metrics: cannot take a connection: %s; trying again each second",
+                                                    strerror(errno));
+                        accept_after = now + 1000;
+                    }
+                    continue;
+                }
+                accept_after = 0;
                 struct timeval tv = {1, 0};
                 setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-                for (int i = 0; i < METRICS_CONNS; i++)
+                for (int i = 0; i < max_conns; i++)
                     if (conns[i].fd < 0) {
                         conns[i] = (struct metrics_conn){.fd = fd, .until = now + 1000};
                         break;

@@ -834,3 +834,38 @@ def test_systemd_units_verify_and_make_install(tmpdir_path):
     assert p.returncode == 0, p.stderr
     left = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs]
     assert left == [], left
+
+
+def test_metrics_connections_leave_the_jobs_their_files(cluster, tmpdir_path):
+    """Under a low open-file limit the endpoint served 32 connections at once, and clients
+    that held them open took the descriptors the next image's file needed (the job was
+    dead-lettered EMFILE); when accept() itself failed the listener stayed readable and the
+    metrics thread spun a core. Now a quarter of the limit above 64 (here: 1), and a failed
+    accept waits a second."""
+    import resource
+    port, root = free_port(), os.path.join(tmpdir_path, "root")
+    os.makedirs(root)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard))   # inherited by the worker started now
+    try:
+        w = cluster.worker("fd", args=["--metrics-port", str(port), "--output-root", root])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: _get(f"http://127.0.0.1:{port}/metrics"), what="metrics")
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        time.sleep(0.5)
+        open_fds = len(os.listdir(f"/proc/{w.proc.pid}/fd"))
+        assert open_fds < 20, open_fds   # the 40 clients wait in the backlog, not in the worker
+        for i in range(3):
+            cluster.r.xadd(cluster.key("jobs"), {"id": f"fd{i}", "job": make_job(
+                f"fd{i}", "draw", meta={"fake.images": 2}).SerializeToString()})
+        for i in range(3):
+            res = cluster.wait_result(f"fd{i}")
+            assert res["status"] == b"done", res
+            assert sorted(os.listdir(os.path.join(root, f"fd{i}"))) == ["1.png", "2.png"]
+    finally:
+        for c in idle:
+            c.close()
+    wait_until(lambda: _get(f"http://127.0.0.1:{port}/metrics"), timeout=60, what="metrics after the clients left")
+    assert "Too many open files" not in w.logs()
