@@ -89,6 +89,13 @@ int dg_worker_init(dg_worker *w, dg_model *model, char *err, size_t errlen) {
                      cfg->max_inflight, free_now / 1073741824.0, cfg->device,
                      strncmp(cfg->device, "cpu", 3) ? "" : ", its cgroup's limit counted");
     }
+    const int holds = dg_sched_kv_holds(w->sched);
+    if (holds < cfg->max_inflight)
+        log_warn("kv_cache_bytes holds %d sequence%s at the model's full context, max_inflight is %d: "
+                 "a prompt waits for room, and jobs whose answers grow long beside each other can fill it, "
+                 "the youngest then failed for a later attempt (a smaller max_inflight, or a larger "
+                 "kv_cache_bytes, avoids it)",
+                 holds, holds == 1 ? "" : "s", cfg->max_inflight);
     dg_commit_init(&w->committer, &w->redis, cfg, &w->keys);
     dg_take_init(&w->taker, &w->redis, cfg, &w->keys, w->sched, &w->committer, &w->runs);
     return 0;

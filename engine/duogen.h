@@ -369,6 +369,10 @@ int  dg_sched_max_inflight(const dg_sched *s);
  * MemAvailable within the process's cgroup limits; CUDA: the arena's free bytes); 0 where
  * max_inflight or kv_cache_bytes was set, or the device could not say. */
 size_t dg_sched_sized_from(const dg_sched *s);
+/* The sequences its KV pool holds at the model's full context at once (with max_inflight
+ * 0 or no kv_cache_bytes, twice max_inflight: the prefix cache's share). Fewer than
+ * max_inflight: long answers beside each other may find the pool full and fail DG_EAGAIN. */
+int  dg_sched_kv_holds(const dg_sched *s);
 /* What a request gets for each field it does not set: the package's defaults (duogen.json
  * "defaults"), every field a value. */
 void dg_sched_defaults(const dg_sched *s, dg_text_params *text, dg_image_params *image);

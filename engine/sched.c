@@ -138,6 +138,7 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         rc = DG_EINVAL;
         goto fail;
     }
+    s->kv_holds = n_blocks / per_seq;
     if ((rc = dg_backend_fork(m->be, &s->be, err, errlen)) < 0) goto fail;
     rc = DG_ENOMEM;
     s->n_seqs = s->o.max_inflight;
@@ -255,6 +256,7 @@ void dg_sched_free(dg_sched *s) {
 
 int dg_sched_max_inflight(const dg_sched *s) { return s->n_seqs; }
 size_t dg_sched_sized_from(const dg_sched *s) { return s->sized_from; }
+int dg_sched_kv_holds(const dg_sched *s) { return s->kv_holds; }
 
 void dg_sched_defaults(const dg_sched *s, dg_text_params *text, dg_image_params *image) {
     if (text) *text = s->m->text_defaults;

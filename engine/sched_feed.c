@@ -343,9 +343,34 @@ static void seq_failed(dg_seq *q, int rc, const char *msg) {
     snprintf(q->step_err, sizeof q->step_err, "%s", msg);
 }
 
+/* A sequence that holds KV it computed, or will: decoding, drawing, or feeding past its
+ * first chunk or an image. */
+static int begun(const dg_seq *q) {
+    return q->state == SEQ_DECODE || q->state == SEQ_DRAW ||
+           (q->state == SEQ_PREFILL && (q->feed_done > 0 || q->feed_image));
+}
+
+/* Whether a prompt not begun may begin: it has the KV room for all of it (and its first
+ * token) in the blocks free or evictable, less one for each of the step's rows planned
+ * before it, or no other sequence has begun (alone, a prompt fits the pool). Else it
+ * waits, holding nothing, rather than take the blocks the running sequences need to end (a
+ * prompt begun in a pool too small for it and them made them all wait on each other, and
+ * one failed, again and again). */
+static int feed_may_begin(const dg_sched *s, const dg_seq *q, int planned) {
+    if (begun(q)) return 1;
+    int others = 0;
+    for (int i = 0; i < s->n_seqs; i++) others += &s->seqs[i] != q && begun(&s->seqs[i]);
+    if (!others) return 1;
+    dg_kv_stats st;
+    dg_kv_cache_stats(s->kv, &st);
+    const int bs = DG_KV_BLOCK, end = q->kv.n_tokens + (q->feed_n - q->feed_done) + 1;
+    const int need = (end + bs - 1) / bs - q->kv.n_blocks;
+    return st.n_free + st.n_cached - planned >= need;
+}
+
 /* The step's batch: every decoding sequence's row, then chunks of the feeds, oldest first,
- * within DG_SCHED_CHUNK tokens. The sequences' KV room is reserved here, so that one that
- * cannot get it fails alone. Returns the batch's size. */
+ * within DG_SCHED_CHUNK tokens. The sequences' KV room is reserved here: one that cannot
+ * get it waits out the step (below), or fails alone. Returns the batch's size. */
 static int batch_plan(dg_sched *s) {
     int n = 0, budget = DG_SCHED_CHUNK, pos_used = 0, draft_rows = DG_SCHED_DRAFT_ROWS;
     char msg[256];
@@ -372,11 +397,13 @@ static int batch_plan(dg_sched *s) {
         }
         if (!q) break;
         after = q->id;
+        if (!feed_may_begin(s, q, n)) break;   /* it and the younger feeds wait for room */
         int rc = feed_take_rows(s, q, msg, sizeof msg);
         if (rc < 0) seq_failed(q, rc, msg);
         else if (rc == 0) add_chunk(s, &n, q, &budget, &pos_used);
     }
-    int kept = 0;
+    int kept = 0, waiting = 0, drawing = 0;
+    dg_seq *youngest = NULL;   /* of those waiting for room */
     for (int i = 0; i < n; i++) {
         int rc = dg_kv_seq_reserve(s->kv, s->batch[i].seq, s->batch[i].in.n);
         dg_seq *q = s->batch_of[i];
@@ -387,16 +414,33 @@ static int batch_plan(dg_sched *s) {
             s->batch[i].in.no_commit = 0;
             rc = dg_kv_seq_reserve(s->kv, s->batch[i].seq, 1);
         }
+        if (rc == DG_EAGAIN) {   /* the pool full: it waits a step for the others to free blocks */
+            waiting++;
+            if (!youngest || q->id > youngest->id) youngest = q;
+            continue;
+        }
         if (rc < 0) {
-            snprintf(msg, sizeof msg, "no KV room for %d more tokens after %d (%s)", s->batch[i].in.n,
-                     s->batch[i].seq->n_tokens, rc == DG_ELIMIT ? "sequence limit" : "cache full");
-            seq_failed(s->batch_of[i], rc, msg);
+            snprintf(msg, sizeof msg, "no KV room for %d more tokens after %d (sequence limit)", s->batch[i].in.n,
+                     s->batch[i].seq->n_tokens);
+            seq_failed(q, rc, msg);
             continue;
         }
         s->batch[kept] = s->batch[i];
         s->hooks[kept] = s->hooks[i];
         s->batch[kept].hook = s->batch[i].hook ? &s->hooks[kept] : NULL;
         s->batch_of[kept++] = s->batch_of[i];
+    }
+    /* No row got room and no picture is being drawn: the sequences hold the pool and wait
+     * on each other. The youngest is failed (for a later attempt), and its blocks let the
+     * others go on; a sequence waited while any other moved (ending, they free blocks) -
+     * failing one at the first full pool failed jobs that fit the pool alone, one after
+     * another, while the others were about to end. */
+    for (int i = 0; i < s->n_seqs; i++) drawing += s->seqs[i].state == SEQ_DRAW;
+    if (waiting && !kept && !drawing) {
+        snprintf(msg, sizeof msg, "no KV room for its next tokens after %d (cache full: %d jobs running hold the "
+                 "pool, which holds %d at full context; the youngest of those waiting is given up)",
+                 youngest->kv.n_tokens, dg_sched_active(s), s->kv_holds);
+        seq_failed(youngest, DG_EAGAIN, msg);
     }
     return kept;
 }

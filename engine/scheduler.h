@@ -164,6 +164,7 @@ struct dg_sched {
     dg_seq          *seqs;       /* owned [max_inflight] */
     int              n_seqs;
     size_t           sized_from; /* the free memory max_inflight 0 read (dg_sched_sized_from) */
+    int              kv_holds;   /* sequences the KV pool holds at full context (dg_sched_kv_holds) */
     uint64_t         next_id;
     /* one step's forward (sched_feed.c) */
     dg_qwen2_batch_seq *batch;   /* owned [n_seqs]: the sequences of the forward, in row order */

@@ -482,42 +482,80 @@ TEST(batching_no_job_starves) {
     dg_sched_free(s);
 }
 
-/* A sequence that fails in a step (here: no KV room left, the budget one context's worth
- * and two long prompts feeding together) is failed with the step's message, not an empty
- * one (the slot was cleared, its message with it, before the sink was told); the other
- * job goes on. */
-TEST(batching_a_step_failure_keeps_its_message) {
+/* A pool of one context's worth of KV and two jobs that need more together. Two long
+ * prompts with short answers: the second waits for room while the first ends, and both
+ * answer as each alone (the second was failed at its first full pool, a job that fits the
+ * pool alone dead-lettered after its attempts). Two prompts whose answers run long: each
+ * holds what the other needs, and the youngest is failed with the step's message (not an
+ * empty one: the slot was cleared, its message with it, before the sink was told) while
+ * the other answers in full. */
+static char *sentences(const char *sentence, double of_context) {   /* ~12 tokens a sentence */
+    const int n = (int)(of_context * model->max_context / 12);
+    char *text = malloc((size_t)n * strlen(sentence) + 1);
+    text[0] = 0;
+    for (int k = 0; k < n; k++) strcat(text, sentence);
+    return text;
+}
+
+TEST(batching_a_full_kv_pool_waits_then_fails_the_youngest) {
     if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
     const dg_text_config *c = &model->cfg.text;
     const size_t block = 2u * (size_t)c->n_layers * (size_t)c->n_kv_heads * (size_t)c->head_dim * 16 * sizeof(float);
     const int per_seq = (model->max_context + 15) / 16;
-    dg_sched *s = NULL;
-    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.max_inflight = 2, .kv_cache_bytes = (size_t)per_seq * block},
-                              &s, err, sizeof err),
-                 0);
-    if (!s) return;
-    static const char sentence[] = "Then stir the sauce slowly, taste it, and add salt. ";   /* ~12 tokens */
-    const int n = (int)(0.6 * model->max_context / 12);
-    char *text = malloc((size_t)n * sizeof sentence + 1);
-    text[0] = 0;
-    for (int k = 0; k < n; k++) strcat(text, sentence);
-    job_spec j = {0};
-    job(&j, "room", NULL, NULL, 0, text, 4, 0, 1);
-    test_job a = {0}, b = {0};
-    dg_sink sa = test_job_sink(&a), sb = test_job_sink(&b);
+    const dg_sched_opts one_context = {.max_inflight = 2, .kv_cache_bytes = (size_t)per_seq * block};
+    char *text[2] = {sentences("Then stir the sauce slowly, taste it, and add salt. ", 0.6),
+                     sentences("Slice the onions thin and fry them until golden. ", 0.6)};
+    job_spec j[2];
+    test_job alone[2] = {0}, both[2] = {0};
+    dg_sink sinks[2];
     uint64_t seq;
-    CHECK_EQ_INT(dg_sched_submit(s, &j.r, &sa, &seq, err, sizeof err), 0);
-    CHECK_EQ_INT(dg_sched_submit(s, &j.r, &sb, &seq, err, sizeof err), 0);
-    for (int step = 0; dg_sched_active(s) > 0 && step < 100; step++) CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
-    CHECK(a.finished && b.finished);
-    const test_job *failed = a.error[0] || a.events[a.n_events - 1] == 'x' ? &a : &b;
-    CHECK_EQ_INT(failed->events[failed->n_events - 1], 'x');
-    CHECK(strstr(failed->error, "no KV room") != NULL);
-    if (!strstr(failed->error, "no KV room")) printf("  the failure said \"%s\"\n", failed->error);
-    test_job_free(&a);
-    test_job_free(&b);
-    free(text);
+    for (int k = 0; k < 2; k++) {
+        job(&j[k], k ? "room-b" : "room-a", NULL, NULL, 0, text[k], 4, 0, 1);
+        dg_sched *s1 = NULL;
+        CHECK_EQ_INT(dg_sched_new(model, &one_context, &s1, err, sizeof err), 0);
+        if (!s1) return;
+        sinks[k] = test_job_sink(&alone[k]);
+        CHECK_EQ_INT(dg_sched_submit(s1, &j[k].r, &sinks[k], &seq, err, sizeof err), 0);
+        while (dg_sched_active(s1) > 0 && dg_sched_step(s1, err, sizeof err) == 0) {}
+        dg_sched_free(s1);
+    }
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_sched_new(model, &one_context, &s, err, sizeof err), 0);
+    if (!s) return;
+    for (int k = 0; k < 2; k++) {
+        sinks[k] = test_job_sink(&both[k]);
+        CHECK_EQ_INT(dg_sched_submit(s, &j[k].r, &sinks[k], &seq, err, sizeof err), 0);
+    }
+    for (int step = 0; dg_sched_active(s) > 0 && step < 200; step++) CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
+    for (int k = 0; k < 2; k++) {
+        CHECK(both[k].finished && !both[k].error[0] && alone[k].finished && !alone[k].error[0]);
+        if (both[k].error[0]) printf("  job %d: %s\n", k, both[k].error);
+        CHECK(test_job_same(&both[k], &alone[k]));
+        test_job_free(&both[k]);
+        test_job_free(&alone[k]);
+    }
+
+    /* answers that run long (three tokens biased far above the rest: no end of text) */
+    for (int k = 0; k < 2; k++) {
+        free(text[k]);
+        text[k] = sentences(k ? "Slice the onions thin and fry them until golden. "
+                              : "Then stir the sauce slowly, taste it, and add salt. ", 0.4);
+        job(&j[k], k ? "long-b" : "long-a", NULL, NULL, 0, text[k], (int)(0.35 * model->max_context), 0, 1);
+        job_loop(&j[k]);
+        sinks[k] = test_job_sink(&both[k]);
+        CHECK_EQ_INT(dg_sched_submit(s, &j[k].r, &sinks[k], &seq, err, sizeof err), 0);
+    }
+    for (int step = 0; dg_sched_active(s) > 0 && step < 2000; step++) CHECK_EQ_INT(dg_sched_step(s, err, sizeof err), 0);
+    CHECK(both[0].finished && !both[0].error[0]);
+    CHECK_EQ_INT(both[0].usage.generated_tokens, (int)(0.35 * model->max_context));
+    CHECK(both[1].finished && both[1].n_events > 0 && both[1].events[both[1].n_events - 1] == 'x');
+    CHECK(strstr(both[1].error, "cache full") && strstr(both[1].error, "the youngest of those waiting is given up"));
+    printf("  the youngest failed: \"%s\"\n", both[1].error);
+    for (int k = 0; k < 2; k++) {
+        test_job_free(&both[k]);
+        free(text[k]);
+    }
     dg_sched_free(s);
 }
 
@@ -606,6 +644,16 @@ TEST(batching_max_inflight_from_memory) {
     if (s) {
         CHECK_EQ_INT(s->n_seqs, 5);
         CHECK(dg_sched_sized_from(s) == 0);   /* the budget decided: no memory was read */
+        CHECK_EQ_INT(dg_sched_kv_holds(s), 10);   /* each sized at twice its full context */
+    }
+    dg_sched_free(s);
+    s = NULL;
+    /* a budget of one full context beside max_inflight 4: it holds one (the worker warns) */
+    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.kv_cache_bytes = per_seq / 2, .max_inflight = 4}, &s, err,
+                              sizeof err), 0);
+    if (s) {
+        CHECK_EQ_INT(dg_sched_max_inflight(s), 4);
+        CHECK_EQ_INT(dg_sched_kv_holds(s), 1);
     }
     dg_sched_free(s);
     s = NULL;

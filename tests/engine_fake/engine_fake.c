@@ -391,6 +391,7 @@ int dg_sched_cancel(dg_sched *s, uint64_t seq) {
 
 int dg_sched_max_inflight(const dg_sched *s) { return s->cap; }
 size_t dg_sched_sized_from(const dg_sched *s) { (void)s; return 0; }   /* no device to read */
+int dg_sched_kv_holds(const dg_sched *s) { return 2 * s->cap; }   /* no KV: never short of it */
 
 /* The fake's package defaults: max_new_tokens FAKE_MAX_NEW_TOKENS, and what a real
  * package's duogen.json says for the rest. */
