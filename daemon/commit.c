@@ -105,6 +105,7 @@ static size_t pack_result(const dg_committer *c, dg_run *r, uint8_t **out) {
             images[i].key = (char *)im->key;
             images[i].width = (uint32_t)im->width;
             images[i].height = (uint32_t)im->height;
+            if (im->path) images[i].file = im->path;
             if (im->png) {   /* Job.inline_images: the bytes, whether kept in Redis or a file */
                 images[i].source_case = DUOGEN__V1__IMAGE__SOURCE_DATA;
                 images[i].data.data = im->png;

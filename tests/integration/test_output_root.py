@@ -43,12 +43,32 @@ def test_images_are_written_to_files_and_named_by_the_result(cluster, tmpdir_pat
     for p in result.output:
         if p.WhichOneof("kind") == "image":
             assert p.image.WhichOneof("source") == "path" and p.image.key == ""
+            assert p.image.file == p.image.path
             assert png_size(p.image.path) == (48, 32)
     assert not cluster.r.keys(cluster.key("image", "f1", "*"))   # nothing of them in Redis
     image_events = [e for e in cluster.events("f1") if e["type"] == b"image"]
     assert [e["path"].decode() for e in image_events] == paths
     assert all("key" not in e for e in image_events)
     assert all(p in res["text"].decode() for p in paths)          # the answer's links
+
+
+def test_inline_images_written_to_files_name_the_files_too(cluster, tmpdir_path):
+    """inline_images with images in files: the bytes are Image.data, and the file, which
+    Image.path (in the same oneof) cannot name beside them, is Image.file: the Result told
+    the producer nothing of the file it must remove."""
+    root = os.path.join(tmpdir_path, "out")
+    os.makedirs(root)
+    cluster.worker("fw", args=["--output-root", root])
+    cluster.wait_groups()
+    enqueue(cluster, "fi", 2, inline_images=True)
+    res = cluster.wait_result("fi")
+    assert res["status"] == b"done", res
+    images = [p.image for p in pb.Result.FromString(res["pb"]).output if p.WhichOneof("kind") == "image"]
+    assert [im.file for im in images] == [os.path.join(root, "fi", f"{n}.png") for n in (1, 2)]
+    for im in images:
+        assert im.WhichOneof("source") == "data" and im.key == ""
+        with open(im.file, "rb") as f:
+            assert f.read() == im.data
 
 
 def test_a_job_chooses_redis_on_a_worker_with_files(cluster, tmpdir_path):

@@ -838,17 +838,21 @@ static dg_html_image *fetch_images(const Duogen__V1__Result *res, const char *te
         const Duogen__V1__Image *im = res->output[i]->kind_case == DUOGEN__V1__PART__KIND_IMAGE ? res->output[i]->image : NULL;
         if (!im) continue;
         dg_html_image *out = &imgs[(*n)++];
-        int from_file = im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH && im->path[0];
+        /* the file the worker wrote: Image.file, or path where a worker before that field
+         * named it there (never with the bytes inline) */
+        const char *file = im->file && im->file[0] ? im->file
+                         : im->source_case == DUOGEN__V1__IMAGE__SOURCE_PATH ? im->path : "";
+        int from_file = file[0] != 0;
         uint8_t *bytes = NULL;
         size_t len = 0;
         /* the link is to the key or the file; an image inlined in the Result (inline_images)
          * names neither there, and its link is found by its number */
-        out->url = from_file ? strdup(im->path) : im->key[0] ? strdup(im->key) : link_target(text, *n);
+        out->url = from_file ? strdup(file) : im->key[0] ? strdup(im->key) : link_target(text, *n);
         if (!out->url) die(EXIT_IO, "out of memory");
         if (im->source_case == DUOGEN__V1__IMAGE__SOURCE_DATA && im->data.len) {
             if ((bytes = malloc(im->data.len))) memcpy(bytes, im->data.data, len = im->data.len);
         } else if (from_file) {
-            bytes = slurp(im->path, &len);
+            bytes = slurp(file, &len);
         } else {
             redisReply *rep = cmd(dg_cmd_of("GET", im->key, NULL));
             if (rep->type == REDIS_REPLY_STRING && (bytes = malloc(rep->len))) memcpy(bytes, rep->str, len = rep->len);
