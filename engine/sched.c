@@ -555,7 +555,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     for (size_t i = 0; i < tp.n_logit_bias; i++)
         if (tp.logit_bias[i].bias > 0 && tp.logit_bias[i].token >= 0 &&
             tp.logit_bias[i].token < m->cfg.text.vocab_size && !dg_tok_has(m->tok, tp.logit_bias[i].token)) {
-            snprintf(err, errlen, "logit_bias: token %d is not one of the tokenizer's (ids below %d; the "
+            snprintf(err, errlen, "text.logit_bias: token %d is not one of the tokenizer's (ids below %d; the "
                      "model's %d output rows past them, or in gaps, are padding): only a ban (a negative bias) "
                      "may name it", tp.logit_bias[i].token, dg_tok_n_ids(m->tok), m->cfg.text.vocab_size);
             rc = DG_EINVAL;

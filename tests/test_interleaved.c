@@ -286,7 +286,7 @@ TEST(a_bias_for_a_padding_row_is_refused_and_a_ban_of_one_is_taken) {
     test_job c = {0};
     CHECK_EQ_INT(test_job_run(s, &r, &c), DG_EINVAL);
     char want[160];
-    snprintf(want, sizeof want, "logit_bias: token %d is not one of the tokenizer's (ids below %d; the model's %d",
+    snprintf(want, sizeof want, "text.logit_bias: token %d is not one of the tokenizer's (ids below %d; the model's %d",
              pad, dg_tok_n_ids(m->tok), m->cfg.text.vocab_size);
     CHECK(strstr(c.error, want) == c.error);
     if (strstr(c.error, want) != c.error) printf("  got \"%s\"\n", c.error);

@@ -52,6 +52,41 @@ TEST(greedy_penalty_bias) {
     char err[128];
     CHECK_EQ_INT(dg_sampler_new(4, &(dg_sampler_params){.logit_bias = &bad, .n_logit_bias = 1}, &x,
                                 err, sizeof err), DG_EINVAL);
+    /* the field named as the worker's own checks name it (README: errors name the field) */
+    CHECK_EQ_STR(err, "text.logit_bias: token 4 is outside the vocabulary (ids 0 .. 3)");
+}
+
+/* Top-p over a flat distribution of Qwen2's vocabulary (the floor pass: ~10^5 candidates):
+ * the nucleus is transformers' TopP, its cumulative mass summed exactly. A float sum drifted
+ * 1e-3 over the tiny terms and kept ~50 tokens past it (helper replay: 45111 for 45058). */
+TEST(top_p_over_a_flat_vocabulary_keeps_transformers_nucleus) {
+    enum { V = 151936 };
+    float *l = malloc(sizeof *l * V);
+    double *w = malloc(sizeof *w * V);
+    for (int i = 0; i < V; i++) l[i] = -1e-6f * (float)i;   /* best first, weights 1 .. 0.86: near flat */
+    const float top_p = 0.3f;
+    double z = 0.0;
+    for (int i = 0; i < V; i++) z += (w[i] = expf(l[i]));
+    int removed = 0;   /* ascending: tokens whose cumulative mass is <= 1 - top_p go */
+    double cum = 0.0;
+    for (int i = V - 1; i > 0; i--) {
+        cum += w[i] / z;
+        if (cum > 1.0 - (double)top_p) break;
+        removed++;
+    }
+    dg_sampler *s = make(V, (dg_sampler_params){.temperature = 1.0f, .top_p = top_p, .seed = 3});
+    float *row = malloc(sizeof *row * V);
+    memcpy(row, l, sizeof *row * V);
+    int32_t tok = dg_sampler_sample(s, row);
+    /* exact: the sampler's float z (the whole vocabulary's weight) is within 1e-6 of the
+     * double sum here, far under one token's 6.6e-6 of it, and its cumulative sum is double */
+    CHECK_EQ_INT(dg_sampler_kept(s), V - removed);
+    CHECK(tok >= 0 && tok < V - removed);
+    printf("  nucleus of %d tokens of %d\n", V - removed, V);
+    dg_sampler_free(s);
+    free(row);
+    free(w);
+    free(l);
 }
 
 static void freq(dg_sampler_params p, const float *l, int n, double *f) {

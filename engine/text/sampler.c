@@ -20,6 +20,7 @@ struct dg_sampler {
     float         *prob;       /* owned: [vocab] exp(logit / T - max) per token */
     float         *weight;     /* owned: [vocab] prob of cand[i] */
     int            starved;    /* the last sample's row had every token at -inf (banned) */
+    int            kept;       /* the last top-k/top-p draw's candidates after top-p */
 };
 
 static uint64_t splitmix64(uint64_t *x) {
@@ -62,8 +63,8 @@ int dg_sampler_new(int vocab, const dg_sampler_params *p, dg_sampler **out, char
         goto nomem;
     for (size_t i = 0; i < p->n_logit_bias; i++) {
         if (p->logit_bias[i].token < 0 || p->logit_bias[i].token >= vocab) {
-            snprintf(err, errlen, "logit_bias: token %d outside the vocabulary of %d",
-                     p->logit_bias[i].token, vocab);
+            snprintf(err, errlen, "text.logit_bias: token %d is outside the vocabulary (ids 0 .. %d)",
+                     p->logit_bias[i].token, vocab - 1);
             dg_sampler_free(s);
             return DG_EINVAL;
         }
@@ -191,22 +192,28 @@ static void adjust(dg_sampler *s, float *logits) {
  * sum. */
 static int32_t nucleus_draw(dg_sampler *s, int n, float z) {
     const float *cw = s->weight;
-    float zc = 0.0f;
+    /* the sums in double: over a flat distribution's 10^5 candidates a float cumulative sum
+     * drifted by 1e-3 (each tiny term rounded against a sum near 1 - top_p) and let ~50
+     * tokens past transformers' nucleus (torch sums its cumsum in double on the CPU) */
+    double zc = 0.0;
     for (int i = 0; i < n; i++) zc += cw[i];
-    const float norm = s->top_k ? zc : z;
+    const double norm = s->top_k ? zc : (double)z;
     int keep = n;
     if (s->top_p < 1.0f) {
-        float cum = s->top_k ? 0.0f : (z - zc) / z;
+        double cum = s->top_k ? 0.0 : ((double)z - zc) / (double)z;
         while (keep > 1) {
             cum += cw[keep - 1] / norm;
-            if (cum > 1.0f - s->top_p) break;
+            if (cum > 1.0 - (double)s->top_p) break;
             keep--;
         }
     }
+    s->kept = keep;
     float total = 0.0f;
     for (int i = 0; i < keep; i++) total += cw[i];
     return s->cand[draw(s, cw, keep, total)];
 }
+
+int dg_sampler_kept(const dg_sampler *s) { return s->kept; }
 
 /* The token for an adjusted row logits[V] (host memory), not yet accepted. */
 static int32_t choose(dg_sampler *s, const float *logits) {
@@ -223,8 +230,12 @@ static int32_t choose(dg_sampler *s, const float *logits) {
     if (!isfinite(mx)) return tok;
     /* s->prob[i] = exp(l_i / T - max): the unnormalised distribution, computed once (the
      * CPU backend's topk sums the same expression in the same order: keep them in step) */
-    float z = 0.0f;
-    for (int i = 0; i < V; i++) z += (s->prob[i] = expf(logits[i] * inv_t - mx));
+    double zd = 0.0;   /* in double: a float sum of 10^5 near-equal terms was off by 1e-4 */
+    for (int i = 0; i < V; i++) zd += (s->prob[i] = expf(logits[i] * inv_t - mx));
+    /* through the log-sum-exp, as choose_on_device has it from the backend's topk (the same
+     * double sum): the two paths' z the same bits (a huge m loses z there: that path then
+     * comes here, and the plain sum is used) */
+    const float z = fabsf(mx) <= 0x1p24f ? (float)exp(((double)mx + log(zd)) - (double)mx) : (float)zd;
     if (!s->top_k && s->top_p >= 1.0f)         /* plain sampling: no order needed */
         return isfinite(z) ? draw(s, s->prob, V, z)
                            : tok;   /* a NaN logit below the top: no distribution (draw() took the last id) */
@@ -336,10 +347,10 @@ static int32_t choose_on_device(dg_sampler *s, dg_backend *be, const float *row)
     for (n = 64; n <= 1024 && n < V; n *= 4) {
         rc = candidates(s, be, row, n, inv_t, &mx, n == 64 ? &lse : NULL);
         if (rc <= 0) return rc < 0 && (s->starved = s->weight[0] == -INFINITY) ? s->cand[0] : -1;
-        /* the CPU's lse is m + log(z) in double: this is the host's z, bit for bit, while
-         * |m| <= 2^24 (the sum's rounding, |m| 2^-53, then stays under 2^-28 of z, below a
-         * float's half ulp); a larger m (a huge logit, or a tiny temperature: 30 / 1e-8)
-         * loses z in it (log 78 vanished beside -2.8e21), so the host path sums z itself */
+        /* the CPU's lse is m + log(z), z summed in double: the host's z is made from the
+         * same expression, bit for bit, while |m| <= 2^24; a larger m (a huge logit, or a
+         * tiny temperature: 30 / 1e-8) loses z in it (log 78 vanished beside -2.8e21), so
+         * the host path sums z itself */
         if (n == 64 && !(fabsf(mx) <= 0x1p24f)) return -1;
         if (n == 64) z = (float)exp(lse - (double)mx);
         float mass = 0.0f;

@@ -60,6 +60,8 @@ int32_t dg_sampler_sample(dg_sampler *s, float *logits);
 /* 1 when the last token sampled came from a row whose every token was -inf (every id
  * banned by logit_bias and the engine's own bans): no token is allowed; the sequence ends. */
 int     dg_sampler_starved(const dg_sampler *s);
+/* The candidates the last top-k/top-p draw chose among (after top-p): for tests. */
+int     dg_sampler_kept(const dg_sampler *s);
 /* The token dg_sampler_sample(s, logits) would give after logits[ban] = -INFINITY (ban -1:
  * none), for the row `row` [vocab] in be's memory, which is modified (penalty, bias, ban);
  * accepts it. Greedy is one topk of 1; top-k (up to 2016) and top-p (nuclei up to 1024

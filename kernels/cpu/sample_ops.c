@@ -59,7 +59,7 @@ void dg_cpu_topk(dg_backend *be, const float *x, int n, int k, float inv_temp, f
     }
     /* the expression and the order of engine/text/sampler.c's z: keep them in step */
     const float mx = val[0] * inv_temp;
-    float z = 0.0f;
+    double z = 0.0;
     for (int i = 0; i < n; i++) z += expf(x[i] * inv_temp - mx);
-    *lse = (double)mx + log((double)z);
+    *lse = (double)mx + log(z);
 }
