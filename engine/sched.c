@@ -504,6 +504,31 @@ static int place_prompt(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     return 0;
 }
 
+/* Stop strings are matched on the answer's text, which never holds a special token
+ * (DG_TOK_SKIP_SPECIAL): a stop string that is, or holds, one ("<|im_start|>") would never
+ * match, and the answer ran on to max_new_tokens (transformers' stop_strings match token
+ * strings, special ones too). Refused, naming the token; an end token ends the answer
+ * anyway, and logit_bias bans one. */
+static int stop_is_writable(const dg_tok *tok, const char *stop, char *err, size_t errlen) {
+    dg_tok_ids ids = {0};
+    int rc = dg_tok_encode(tok, stop, strlen(stop), &ids, err, errlen);
+    for (size_t i = 0; rc == 0 && i < ids.n; i++) {
+        char *shown = NULL, *all = NULL;
+        size_t n_shown = 0, n_all = 0;
+        if ((rc = dg_tok_decode(tok, &ids.ids[i], 1, DG_TOK_SKIP_SPECIAL, &shown, &n_shown, err, errlen)) == 0 &&
+            (rc = dg_tok_decode(tok, &ids.ids[i], 1, 0, &all, &n_all, err, errlen)) == 0 && !n_shown && n_all) {
+            snprintf(err, errlen, "text.stop: \"%s\" holds the special token %s (id %d), which the answer's text "
+                     "never holds: it cannot match (an end token ends the answer anyway; logit_bias bans one)",
+                     stop, all, (int)ids.ids[i]);
+            rc = DG_EINVAL;
+        }
+        free(shown);
+        free(all);
+    }
+    dg_tok_ids_free(&ids);
+    return rc;
+}
+
 /* A drawn picture goes back into the context (sched_draw.c: <BOV>, its tokens and one more
  * must fit): a size whose picture alone fills this model's context is never drawn, and
  * its answer would end at its first <BOV>, "length", without a word. Refused, naming it. */
@@ -565,6 +590,8 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
                             .repetition_penalty = tp.repetition_penalty, .logit_bias = tp.logit_bias,
                             .n_logit_bias = tp.n_logit_bias, .seed = r->seed};
     if ((rc = dg_sampler_new(m->cfg.text.vocab_size, &sp, &q->sampler, err, errlen)) < 0) goto fail;
+    for (size_t i = 0; i < tp.n_stop; i++)
+        if ((rc = stop_is_writable(m->tok, tp.stop[i], err, errlen)) < 0) goto fail;
     if ((rc = dg_stop_new(tp.stop, tp.n_stop, &q->stop, err, errlen)) < 0) goto fail;
     const char *marker = m->draw_marker;
     if (marker[0] && (rc = dg_stop_new(&marker, 1, &q->marker, err, errlen)) < 0) goto fail;

@@ -362,6 +362,34 @@ TEST(the_image_token_typed_in_text_is_refused_by_name) {
     dg_model_close(m);
 }
 
+/* A stop string that is a special token's text: the answer's text never holds one, so it
+ * never matched and the answer ran on to max_new_tokens; refused naming the token. The
+ * same letters without the markers are a stop string like any. */
+TEST(a_stop_string_of_a_special_token_is_refused) {
+    dg_model *m;
+    dg_sched *s;
+    if (!tiny_sched(&m, &s)) return;
+    dg_part part = {.kind = DG_PART_TEXT, .text = "Say something.", .text_len = 14};
+    dg_message msg = {DG_ROLE_USER, &part, 1};
+    const char *stop[] = {"\n", "then <|im_start|>user"};
+    dg_request r = {.id = "stop-special", .messages = &msg, .n_messages = 1,
+                    .text = {.set = DG_TEXT_MAX_NEW_TOKENS, .max_new_tokens = 4, .stop = stop,
+                             .n_stop = 2}};
+    test_job c = {0};
+    CHECK_EQ_INT(test_job_run(s, &r, &c), DG_EINVAL);
+    CHECK_EQ_STR(c.error, "text.stop: \"then <|im_start|>user\" holds the special token <|im_start|> (id 151644), "
+                          "which the answer's text never holds: it cannot match (an end token ends the answer "
+                          "anyway; logit_bias bans one)");
+    test_job_free(&c);
+    stop[1] = "im_start";
+    memset(&c, 0, sizeof c);
+    CHECK_EQ_INT(test_job_run(s, &r, &c), 0);
+    CHECK(c.finished && !c.error[0]);
+    test_job_free(&c);
+    dg_sched_free(s);
+    dg_model_close(m);
+}
+
 /* A job whose logit_bias bans every token (-inf) has nothing to write: refused at submit,
  * naming why (it wrote banned tokens: the argmax of an all -inf row, "!!!!"). One that leaves
  * only <BOV>: its images are drawn, and when max_images are, the engine's own ban of <BOV>
