@@ -91,6 +91,7 @@ void dg_sched_feed_prompt(dg_sched *s, dg_seq *q) {
     q->feed_n = (int)q->prompt.n;
     q->feed_done = q->n_fed;
     q->feed_image = 0;
+    q->feed_begun = 0;
     q->feed_rows = 0;
     for (int i = q->n_fed; i < q->feed_n && !q->feed_rows; i++) q->feed_rows = q->feed_ids[i] == m->image_pad_id;
     /* the images whose positions all came from the prefix cache skip the tower */
@@ -109,7 +110,7 @@ void dg_sched_feed_clear(dg_sched *s, dg_seq *q) {
     q->feed_ids = NULL;
     q->feed_pos = NULL;
     q->feed_keys = NULL;
-    q->feed_n = q->feed_done = q->feed_rows = q->feed_image = 0;
+    q->feed_n = q->feed_done = q->feed_rows = q->feed_image = q->feed_begun = 0;
 }
 
 int dg_sched_feed_image(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
@@ -347,7 +348,7 @@ static void seq_failed(dg_seq *q, int rc, const char *msg) {
  * first chunk or an image. */
 static int begun(const dg_seq *q) {
     return q->state == SEQ_DECODE || q->state == SEQ_DRAW ||
-           (q->state == SEQ_PREFILL && (q->feed_done > 0 || q->feed_image));
+           (q->state == SEQ_PREFILL && (q->feed_begun || q->feed_image));
 }
 
 /* Whether a prompt not begun may begin: it has the KV room for all of it (and its first
@@ -389,6 +390,7 @@ static int batch_plan(dg_sched *s) {
                                                  .n_logits = 1 + k, .logits_on_device = 1, .no_commit = k > 0});
         }
     }
+    dg_seq *held = NULL;   /* the oldest prompt not begun that waits for room */
     for (uint64_t after = 0; budget > 0;) {
         dg_seq *q = NULL;   /* the oldest feed not yet considered */
         for (int i = 0; i < s->n_seqs; i++) {
@@ -397,12 +399,27 @@ static int batch_plan(dg_sched *s) {
         }
         if (!q) break;
         after = q->id;
-        if (!feed_may_begin(s, q, n)) break;   /* it and the younger feeds wait for room */
+        /* a prompt held for room holds back the younger prompts not begun (first come,
+         * first served), never a feed begun: the room it waits for is theirs to free */
+        if (!begun(q) && (held || !feed_may_begin(s, q, n))) {
+            if (!held) held = q;
+            continue;
+        }
         int rc = feed_take_rows(s, q, msg, sizeof msg);
         if (rc < 0) seq_failed(q, rc, msg);
         else if (rc == 0) add_chunk(s, &n, q, &budget, &pos_used);
     }
-    int kept = 0, waiting = 0, drawing = 0;
+    /* nothing else in the step and no picture in progress: nothing will free room for the
+     * prompt held (prefix-cache blocks of prompts behind it, say), so it goes now; the pool
+     * then has it wait or fail below, as any */
+    int drawing = 0;
+    for (int i = 0; i < s->n_seqs; i++) drawing += s->seqs[i].state == SEQ_DRAW;
+    if (held && n == 0 && !drawing) {
+        int rc = feed_take_rows(s, held, msg, sizeof msg);
+        if (rc < 0) seq_failed(held, rc, msg);
+        else if (rc == 0) add_chunk(s, &n, held, &budget, &pos_used);
+    }
+    int kept = 0, waiting = 0;
     dg_seq *youngest = NULL;   /* of those waiting for room */
     for (int i = 0; i < n; i++) {
         int rc = dg_kv_seq_reserve(s->kv, s->batch[i].seq, s->batch[i].in.n);
@@ -435,7 +452,6 @@ static int batch_plan(dg_sched *s) {
      * others go on; a sequence waited while any other moved (ending, they free blocks) -
      * failing one at the first full pool failed jobs that fit the pool alone, one after
      * another, while the others were about to end. */
-    for (int i = 0; i < s->n_seqs; i++) drawing += s->seqs[i].state == SEQ_DRAW;
     if (waiting && !kept && !drawing) {
         snprintf(msg, sizeof msg, "no KV room for its next tokens after %d (cache full: %d jobs running hold the "
                  "pool, which holds %d at full context; the youngest of those waiting is given up)",
@@ -458,6 +474,7 @@ static void batch_done(dg_sched *s, int i, int n_rows, double ms) {
         memcpy(q->hist + q->kv.n_tokens - in->n, in->ids, (size_t)in->n * sizeof *in->ids);
     if (m->has_draw) cond_save_blocks(s, q);
     if (q->state == SEQ_PREFILL) {
+        q->feed_begun = 1;
         q->t.prefill_ms += share;
         for (int j = 0; j < in->n; j++) q->emb_row += in->ids[j] == m->image_pad_id;
         q->feed_done += in->n;

@@ -105,6 +105,8 @@ typedef struct dg_seq {
     int           feed_n, feed_done;
     int           feed_rows;     /* 1: image tokens remain whose rows are not in s->embeds yet */
     int           feed_image;    /* 1: a drawn image's feed */
+    int           feed_begun;    /* a chunk of this feed went through a forward (blocks of a
+                                    prefix-cache hit alone are not a begun feed) */
     int           emb_row;       /* s->embeds row of the next image token, while it holds them */
     int32_t      *image_ids;     /* owned [feed_n]: a drawn image's feed; NULL otherwise */
     int32_t      *image_pos;     /* owned [3, feed_n] */
