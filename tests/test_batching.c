@@ -489,6 +489,14 @@ TEST(batching_no_job_starves) {
  * holds what the other needs, and the youngest is failed with the step's message (not an
  * empty one: the slot was cleared, its message with it, before the sink was told) while
  * the other answers in full. */
+/* max_inflight sequences over a KV pool of one full context (fp32 KV, 16-token blocks). */
+static dg_sched_opts one_context_pool(int max_inflight) {
+    const dg_text_config *c = &model->cfg.text;
+    const size_t block = 2u * (size_t)c->n_layers * (size_t)c->n_kv_heads * (size_t)c->head_dim * 16 * sizeof(float);
+    return (dg_sched_opts){.max_inflight = max_inflight,
+                           .kv_cache_bytes = (size_t)((model->max_context + 15) / 16) * block};
+}
+
 static char *sentences(const char *sentence, double of_context) {   /* ~12 tokens a sentence */
     const int n = (int)(of_context * model->max_context / 12);
     char *text = malloc((size_t)n * strlen(sentence) + 1);
@@ -500,10 +508,7 @@ static char *sentences(const char *sentence, double of_context) {   /* ~12 token
 TEST(batching_a_full_kv_pool_waits_then_fails_the_youngest) {
     if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
-    const dg_text_config *c = &model->cfg.text;
-    const size_t block = 2u * (size_t)c->n_layers * (size_t)c->n_kv_heads * (size_t)c->head_dim * 16 * sizeof(float);
-    const int per_seq = (model->max_context + 15) / 16;
-    const dg_sched_opts one_context = {.max_inflight = 2, .kv_cache_bytes = (size_t)per_seq * block};
+    const dg_sched_opts one_context = one_context_pool(2);
     char *text[2] = {sentences("Then stir the sauce slowly, taste it, and add salt. ", 0.6),
                      sentences("Slice the onions thin and fry them until golden. ", 0.6)};
     job_spec j[2];
@@ -567,12 +572,9 @@ TEST(batching_a_full_kv_pool_waits_then_fails_the_youngest) {
 TEST(batching_a_prefix_hit_behind_a_held_prompt_goes_on) {
     if (!setup()) { CHECK(!"setup"); return; }
     char err[512];
-    const dg_text_config *c = &model->cfg.text;
-    const size_t block = 2u * (size_t)c->n_layers * (size_t)c->n_kv_heads * (size_t)c->head_dim * 16 * sizeof(float);
-    const int per_seq = (model->max_context + 15) / 16;
     dg_sched *s = NULL;
-    CHECK_EQ_INT(dg_sched_new(model, &(dg_sched_opts){.max_inflight = 2, .kv_cache_bytes = (size_t)per_seq * block},
-                              &s, err, sizeof err), 0);
+    const dg_sched_opts pool = one_context_pool(2);
+    CHECK_EQ_INT(dg_sched_new(model, &pool, &s, err, sizeof err), 0);
     if (!s) return;
     char *sys = sentences("You are a patient cook who answers in short steps. ", 0.45);
     char *longer = sentences("Slice the onions thin and fry them until golden. ", 0.8);
