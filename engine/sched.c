@@ -533,13 +533,11 @@ static int stop_is_writable(const dg_tok *tok, const char *stop, char *err, size
  * must fit): a size whose picture alone fills this model's context is never drawn, and
  * its answer would end at its first <BOV>, "length", without a word. Refused, naming it. */
 static int picture_fits(const dg_model *m, const dg_image_params *ip, char *err, size_t errlen) {
-    int32_t grid[3];
-    int rc = dg_image_grid(ip->height, ip->width, &m->pp, grid, err, errlen);
-    if (rc < 0) return rc;
-    const int tokens = dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
-    if (tokens + 4 + 1 < m->max_context) return 0;
+    const int room = dg_sched_picture_room(m, ip, err, errlen);
+    if (room < 0) return room;
+    if (1 + room < m->max_context) return 0;   /* after a prompt of one token, it fits */
     snprintf(err, errlen, "image size %dx%d: a picture of it takes %d tokens of the context once drawn; this "
-             "model's context is %d tokens in all", ip->width, ip->height, tokens + 2, m->max_context);
+             "model's context is %d tokens in all", ip->width, ip->height, room - 2, m->max_context);
     return DG_ELIMIT;
 }
 

@@ -15,15 +15,19 @@
 #include "clock.h"
 #include "scheduler.h"
 
+int dg_sched_picture_room(const dg_model *m, const dg_image_params *ip, char *err, size_t errlen) {
+    int32_t grid[3];
+    int rc = dg_image_grid(ip->height, ip->width, &m->pp, grid, err, errlen);
+    return rc < 0 ? rc : dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]) + 4;
+}
+
 /* On a sampled <BOV>: the slot's painter begins the image (state SEQ_DRAW), or 1 when the
  * context has no room for <BOV>, the image's tokens and one more token. */
 static int painter_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen) {
     const dg_model *m = s->m;
-    int32_t grid[3];
-    int rc;
-    if ((rc = dg_image_grid(q->ip.height, q->ip.width, &m->pp, grid, err, errlen)) < 0) return rc;
-    int tokens = dg_vision_tokens(&m->vision, grid[0], grid[1], grid[2]);
-    if (q->n_images == DG_SEQ_MAX_IMAGES || q->kv.n_tokens + tokens + 4 >= m->max_context) return 1;
+    int rc, room = dg_sched_picture_room(m, &q->ip, err, errlen);
+    if (room < 0) return room;
+    if (q->n_images == DG_SEQ_MAX_IMAGES || q->kv.n_tokens + room >= m->max_context) return 1;
     /* The negative condition drops the last text segment, the positions after the most
      * recent image; with no earlier image the whole conversation is that segment, and
      * the negative keeps only the first position, the way an empty prompt is the

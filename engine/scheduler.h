@@ -210,6 +210,9 @@ void dg_sched_counts_skip(dg_sched *s, const dg_sched_counts *before);
 /* On a sampled <BOV>: the slot's painter begins the image (state SEQ_DRAW, the event
  * sent), or 1 when the context has no room for <BOV>, the image's tokens and one more. */
 int  dg_sched_draw_begin(dg_sched *s, dg_seq *q, char *err, size_t errlen);
+/* The context positions a picture of ip's size takes once drawn: <BOV>, its vision tokens
+ * between their start and end, and room for one more token; or a DG_E* of its size. */
+int  dg_sched_picture_room(const dg_model *m, const dg_image_params *ip, char *err, size_t errlen);
 /* One denoising step of every drawing sequence (images of one layout in one forward). A
  * sequence whose image ended is fed next (state SEQ_PREFILL); one that failed has q->step_rc
  * and q->step_err. Returns the number of sequences that drew. */
