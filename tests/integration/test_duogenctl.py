@@ -532,3 +532,32 @@ def test_prune_removes_the_consumers_of_workers_that_are_gone(cluster):
     cluster.enqueue("after", "hi")
     assert cluster.wait_result("after")["status"] == b"done"
     assert w1.alive()
+
+
+def test_events_sent_again_after_a_cut_connection_are_shown_once(cluster):
+    """A worker whose connection was cut in the middle of a send sends it again: the events
+    Redis applied before the cut are in the stream twice, byte for byte. watch showed them
+    twice (the text twice) and said "18446744073709551615 events ... were trimmed"; now a
+    repeat is skipped, and another attempt's events of the same seq still start the answer
+    over."""
+    k = "duogen:events:rep"
+    def ev(seq, typ, t, **f):
+        cluster.r.xadd(k, {"type": typ, "seq": str(seq), **f, "pb": b"\x08" + bytes([seq]) + t.to_bytes(8, "little")})
+    ev(1, "started", 1, worker="a", attempt="1")
+    ev(2, "text", 2, text="Echo:")
+    ev(3, "text", 3, text=" one")
+    ev(2, "text", 2, text="Echo:")       # the send again
+    ev(3, "text", 3, text=" one")
+    ev(4, "text", 4, text=" two")
+    p = subprocess.Popen([CTL, "--redis", cluster.server.url, "watch", "rep"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    ev(1, "started", 9, worker="b", attempt="2")   # another attempt: the same seqs, other events
+    ev(2, "text", 10, text="Echo:")
+    ev(2, "text", 10, text="Echo:")
+    ev(3, "done", 11, status="done", finish_reason="stop")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out.splitlines() == ["started worker=a attempt=1", "text Echo:", "text  one", "text  two",
+                                "started worker=b attempt=2", "text Echo:", "done (stop)"], out
+    assert "trimmed" not in err, err

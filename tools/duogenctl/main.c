@@ -704,12 +704,28 @@ static void print_result_text(const char *id) {
     freeReplyObject(rep);
 }
 
+/* FNV-1a over an event's fields, names and values with their lengths: a send the worker
+ * made again after a cut connection repeats an event byte for byte (its seq and its time
+ * in the pb included); another attempt's event of the same seq differs. */
+static uint64_t event_hash(const redisReply *f) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < f->elements; i++) {
+        const redisReply *e = f->element[i];
+        const size_t len = e->type == REDIS_REPLY_STRING ? e->len : 0;
+        for (size_t k = 0; k < sizeof len; k++) h = (h ^ (uint8_t)(len >> (8 * k))) * 1099511628211ull;
+        for (size_t k = 0; k < len; k++) h = (h ^ (uint8_t)e->str[k]) * 1099511628211ull;
+    }
+    return h;
+}
+
 static int follow(const char *id, int show_text) {
     char k_events[512], last[64] = "0", line[8192];   /* an error of 1024 bytes with its code, a path of 4096 */
     key(k_events, sizeof k_events, "events", id);
     view v = {.tty = show_text && isatty(2), .live = !show_text || isatty(1)};
     int rc = -1, gap = 0;
     unsigned long long seq_next = 1;   /* each attempt's events count from 1 */
+    uint64_t *seen = NULL;             /* event_hash() of this attempt's events by seq - 1: 0 none */
+    size_t n_seen = 0, cap_seen = 0;
     bar_show(&v, "waiting for a worker", 0);
     while (rc < 0) {
         redisReply *rep = cmd_waiting(dg_cmd_of("XREAD", "COUNT", "100", "BLOCK", "1000", "STREAMS", k_events, last, NULL));
@@ -720,8 +736,11 @@ static int follow(const char *id, int show_text) {
             snprintf(last, sizeof last, "%s", e->element[0]->str);
             const char *type = hstr(f, "type");
             const unsigned long long seq = strtoull(hstr(f, "seq"), NULL, 10);
+            const uint64_t h = event_hash(f) | 1;
+            if (seq >= 1 && seq <= n_seen && seen[seq - 1] == h) continue;   /* shown already: sent again */
             line[0] = 0;
-            if (seq == 1 && seq_next > 1) {   /* a new attempt: the job started over */
+            if (seq >= 1 && seq < seq_next) {   /* a new attempt: the job started over */
+                n_seen = 0;
                 v.n_held = 0;
                 if (!v.live) v.mid_line = 0;
                 gap = 0;
@@ -731,13 +750,22 @@ static int follow(const char *id, int show_text) {
                     fprintf(stderr, "duogenctl: attempt %s (worker %s) starts the answer over\n", hstr(f, "attempt"),
                             hstr(f, "worker"));
                 }
-            } else if (seq != seq_next && !gap) {   /* trimmed (events_maxlen): some are gone */
+            } else if (seq > seq_next && !gap) {   /* trimmed (events_maxlen): some are gone */
                 gap = 1;
                 bar_clear(&v);
                 fprintf(stderr, "duogenctl: %llu events of job \"%s\" were trimmed before they were read%s\n",
                         seq - seq_next, id, show_text ? "; the answer is the result's text" : "");
             }
             seq_next = seq + 1;
+            if (seq >= 1 && seq <= 1u << 22) {   /* a bound: a reader of a hostile stream stays small */
+                if (seq > cap_seen) {
+                    cap_seen = seq * 2;
+                    seen = realloc(seen, cap_seen * sizeof *seen);
+                    if (!seen) abort();
+                }
+                for (; n_seen < seq; n_seen++) seen[n_seen] = 0;
+                seen[seq - 1] = h;
+            }
             if (!strcmp(type, "text")) {
                 v.tokens++;
                 if (show_text) put_text(&v, hstr(f, "text"));
@@ -801,6 +829,7 @@ static int follow(const char *id, int show_text) {
     }
     fflush(stdout);
     free(v.held);
+    free(seen);
     return rc;
 }
 
