@@ -153,6 +153,13 @@ static size_t pack_result(const dg_committer *c, dg_run *r, uint8_t **out) {
     return n;
 }
 
+size_t dg_commit_result_size(const dg_committer *c, dg_run *r) {
+    uint8_t *pb;
+    const size_t n = pack_result(c, r, &pb);
+    free(pb);
+    return n;
+}
+
 static dg_cmd *final_event(dg_run *r) {
     Duogen__V1__Event ev = DUOGEN__V1__EVENT__INIT;
     Duogen__V1__Event__Done done = DUOGEN__V1__EVENT__DONE__INIT;

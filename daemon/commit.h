@@ -53,6 +53,10 @@ int dg_commit_xack(dg_committer *c, const char *stream, const char *entry);
  * else is written. Returns 0, or -1 when Redis went away (the entry stays pending). */
 int dg_commit_skip(dg_committer *c, const dg_run *r);
 
+/* The size of the ended run's Result message as it would be written now (the largest value
+ * of its transaction: it holds the text and the inline pictures). */
+size_t dg_commit_result_size(const dg_committer *c, dg_run *r);
+
 /* Writes the results of n ended runs (none of them `retry`), each exactly once: what they
  * still have queued (events, images) goes first; a run whose result key exists already is
  * only acknowledged. outcome[i] tells what became of runs[i]. When `then` is given it is

@@ -70,6 +70,13 @@ dg_cmd *dg_cmd_of(const char *arg0, ...) {
     return c;
 }
 
+size_t dg_cmd_largest(const dg_cmd *c) {
+    size_t m = 0;
+    for (int i = 0; i < c->argc; i++)
+        if (c->len[i] > m) m = c->len[i];
+    return m;
+}
+
 /* ---- time ---------------------------------------------------------------------------------- */
 
 int64_t dg_now_ms(void) {
@@ -541,7 +548,10 @@ static void drop_said(dg_redis *r, const char *why, int say) {
     r->next_try_ms = dg_mono_ms() + 100;
 }
 
-void dg_redis_drop(dg_redis *r, const char *why) { drop_said(r, why, 1); }
+void dg_redis_drop(dg_redis *r, const char *why) {
+    if (r->c) r->refused_last = 0;
+    drop_said(r, why, 1);
+}
 
 /* A command refused as not ready: the connection goes as after a break (what else the
  * pipeline did is unknown to its caller), and while refusals go on (each within 10 s of the
@@ -557,6 +567,7 @@ static void drop_refused(dg_redis *r, const char *why) {
     char said[sizeof r->error + 64];
     snprintf(said, sizeof said, "%s (refused %d times in a row; trying again in %d ms)", why, r->refusals,
              r->refused_ms);
+    r->refused_last = 1;
     drop_said(r, r->refusals > 1 ? said : why, r->refusals == 1 || r->refusals % 20 == 0);
     snprintf(r->error, sizeof r->error, "%s", why);
     r->next_try_ms = now + r->refused_ms;

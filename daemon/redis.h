@@ -35,6 +35,7 @@ void    dg_cmd_add(dg_cmd *c, const void *data, size_t len);
 void    dg_cmd_adds(dg_cmd *c, const char *s);
 void    dg_cmd_addf(dg_cmd *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 dg_cmd *dg_cmd_of(const char *arg0, ...);   /* strings, NULL-terminated */
+size_t  dg_cmd_largest(const dg_cmd *c);     /* the length of its longest argument */
 
 #define DG_SENTINELS_MAX 8
 
@@ -67,6 +68,8 @@ typedef struct {
     int     refusals;           /* refusals in that run, for the log (the 1st, every 20th) */
     int64_t refused_at_ms;      /* monotonic time of the last refusal */
     int     fatal;              /* authentication or permission refused: retrying will not help */
+    int     refused_last;       /* the last command or pipeline that failed was refused as not
+                                   ready (the server answered), not cut by a lost connection */
     uint64_t connects;          /* successful connects so far: a new one forgets WATCHes */
     char    error[512];         /* the last problem, for logs and the heartbeat */
 } dg_redis;

@@ -214,6 +214,17 @@ static void store_image(dg_run *r, dg_out_image *im, const uint8_t *png, size_t 
     out_push(r, set);
 }
 
+/* The answer's Markdown link to an image. */
+static void md_link(dg_run *r, const dg_out_image *im) {
+    const char *where = im->path ? im->path : im->key;
+    size_t cap = strlen(where) + 64;
+    char *link = malloc(cap);
+    if (!link) abort();
+    int n = snprintf(link, cap, "\n\n![image %d](%s)\n\n", im->index, where);
+    buf_append(&r->md, &r->md_len, &r->md_cap, link, (size_t)n);
+    free(link);
+}
+
 static void on_image_done(void *user, int index, int width, int height, const uint8_t *png, size_t len) {
     dg_run *r = user;
     if (r->out_failed[0] || r->lease_lost) return;   /* cancelled: nothing more is kept */
@@ -243,13 +254,8 @@ static void on_image_done(void *user, int index, int width, int height, const ui
     set_phase(r, DG_PHASE_DECODE);
     r->dirty = 1;
 
+    md_link(r, im);
     const char *where = im->path ? im->path : im->key;
-    size_t cap = strlen(where) + 64;
-    char *link = malloc(cap);
-    if (!link) abort();
-    int n = snprintf(link, cap, "\n\n![image %d](%s)\n\n", index, where);
-    buf_append(&r->md, &r->md_len, &r->md_cap, link, (size_t)n);
-    free(link);
 
     char si[16], sw[16], sh[16];
     snprintf(si, sizeof si, "%d", index);
@@ -276,8 +282,11 @@ static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usa
     /* an image could not be written: another attempt may, whatever ended the answer (the
      * worker's cancel, or the answer's own end in the step that drew the picture) */
     if (r->out_failed[0]) {
-        r->retry = 1;
-        dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED, DUOGEN__V1__ERROR__CODE__UNAVAILABLE, "%s", r->out_failed);
+        r->retry = !r->out_permanent;
+        r->dead = r->out_permanent;
+        dg_run_end(r, DUOGEN__V1__RESULT__STATUS__FAILED,
+                   r->out_permanent ? DUOGEN__V1__ERROR__CODE__BAD_REQUEST : DUOGEN__V1__ERROR__CODE__UNAVAILABLE, "%s",
+                   r->out_failed);
         return;
     }
     switch (reason) {
@@ -363,6 +372,96 @@ void dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...) {
     set_phase(r, DG_PHASE_WRITING);
 }
 
+/* The queued writes dropped, and the pictures whose SET was among them with them (their
+ * segments out of the answer, the text around them joined); a key such a SET may have set
+ * before the connection broke is deleted with the next writes. Inline data goes from all;
+ * with drop_text, the text segments too. */
+static void drop_unstored(dg_run *r, int drop_text) {
+    int *to = malloc((size_t)(r->n_imgs + 1) * sizeof *to);   /* old picture -> new, or -1 */
+    dg_cmd **del = malloc((size_t)(r->n_imgs + 1) * sizeof *del);
+    if (!to || !del) abort();
+    int kept = 0, n_del = 0;
+    for (int i = 0; i < r->n_imgs; i++) {
+        dg_out_image *im = &r->imgs[i];
+        int queued = 0;
+        for (int k = 0; k < r->n_out && !queued; k++)
+            queued = im->key[0] && r->out[k]->argc > 1 && !strcmp(r->out[k]->argv[0], "SET") &&
+                     !strcmp(r->out[k]->argv[1], im->key);
+        free(im->png);
+        im->png = NULL;
+        im->png_len = 0;
+        if (queued) {
+            log_warn("job \"%s\": picture %d was not stored (%s)", r->id, im->index, im->key);
+            del[n_del++] = dg_cmd_of("DEL", im->key, NULL);
+            free(im->path);
+            to[i] = -1;
+            continue;
+        }
+        to[i] = kept;
+        r->imgs[kept++] = *im;
+    }
+    int n = 0;
+    for (int s = 0; s < r->n_segs; s++) {
+        dg_segment seg = r->segs[s];
+        if ((seg.image >= 0 && to[seg.image] < 0) || (seg.image < 0 && drop_text)) {
+            free(seg.text);
+            continue;
+        }
+        if (seg.image >= 0) {
+            seg.image = to[seg.image];
+        } else if (n && r->segs[n - 1].image < 0) {   /* text meets text: one segment */
+            buf_append(&r->segs[n - 1].text, &r->segs[n - 1].len, &r->segs[n - 1].cap, seg.text, seg.len);
+            free(seg.text);
+            continue;
+        }
+        r->segs[n++] = seg;
+    }
+    r->n_segs = n;
+    r->n_imgs = r->images = kept;
+    r->md_len = 0;
+    if (r->md) r->md[0] = 0;
+    for (int s = 0; s < r->n_segs; s++)
+        if (r->segs[s].image < 0) buf_append(&r->md, &r->md_len, &r->md_cap, r->segs[s].text, r->segs[s].len);
+        else md_link(r, &r->imgs[r->segs[s].image]);
+    dg_run_out_written(r, r->n_out);
+    for (int i = 0; i < n_del; i++) out_push(r, del[i]);
+    free(del);
+    free(to);
+    r->dirty = 1;
+}
+
+void dg_run_unstorable(dg_run *r, size_t largest) {
+    char why[sizeof r->out_failed];
+    /* the second time (its result, cut down, still too large): the text goes, and the job's
+     * copy in its dead letter */
+    const int again = ++r->unstorable > 1;
+    snprintf(why, sizeof why,
+             "Redis closed the connection each of the %d times this job's output was sent, on a connection that "
+             "had just answered (its largest value is %zu bytes: a server whose proto-max-bulk-len is below that "
+             "refuses it); %s", DG_RUN_WRITES_LOST_MAX, largest,
+             again ? "the answer's text, inline picture data and the dead letter's copy of the job are dropped"
+                   : "what was stored is kept (the text, pictures already written), inline picture data is dropped");
+    log_error("job \"%s\": its output could not be stored: %s", r->id, why);
+    drop_unstored(r, again);
+    if (again) {
+        free(r->job_bytes);
+        r->job_bytes = NULL;
+        r->job_len = 0;
+    }
+    r->lost_writes = 0;
+    if (!r->ended) {   /* stopped by the worker (dg_runs_cancel_due); on_finished ends it so */
+        snprintf(r->out_failed, sizeof r->out_failed, "%s", why);
+        r->out_permanent = 1;
+        return;
+    }
+    r->status = DUOGEN__V1__RESULT__STATUS__FAILED;
+    r->err_code = DUOGEN__V1__ERROR__CODE__BAD_REQUEST;
+    r->dead = 1;
+    r->retry = 0;
+    snprintf(r->error, sizeof r->error, "%s", why);
+    snprintf(r->finish, sizeof r->finish, "error");
+}
+
 void dg_run_written(dg_run *r) {
     /* files of an earlier attempt beyond this one's images go, once this attempt's result is
      * the visible one (a stale attempt, whose job another worker finished, prunes nothing) */
@@ -431,7 +530,8 @@ void dg_runs_cancel_due(dg_runs *l, dg_sched *sched, int64_t now_ms) {
     for (dg_run *r = l->first; r; r = r->next) {
         if (!r->submitted || r->ended || r->cancel_asked) continue;
         if (r->job.pb->deadline_unix_ms && r->job.pb->deadline_unix_ms <= now_ms) r->expired = 1;
-        else if (r->out_failed[0]) log_warn("job \"%s\": %s; stopped, to be tried again", r->id, r->out_failed);
+        else if (r->out_failed[0])
+            log_warn("job \"%s\": %s; stopped%s", r->id, r->out_failed, r->out_permanent ? "" : ", to be tried again");
         else continue;
         r->cancel_asked = 1;
         dg_sched_cancel(sched, r->seq);

@@ -95,6 +95,13 @@ typedef struct dg_run {
     int      retry;                  /* a passing failure: no result; left pending for later */
     char     out_failed[1024];        /* an image could not be written (output_root): the run is
                                       * cancelled and ends as a passing failure with this */
+    int      out_permanent;          /* out_failed names writes Redis will never take
+                                        (dg_run_unstorable): the failure is for good
+                                        (BAD_REQUEST, dead-lettered), not retried */
+    int      unstorable;             /* times dg_run_unstorable() cut its output down */
+    int      lost_writes;            /* sends carrying its writes (events, images, its result)
+                                        that lost the connection, in a row (refusals aside):
+                                        from the first on they go alone, after a PING answered */
     uint64_t watched;                /* the watch epoch in which its result key was WATCHed
                                         and found absent (dg_commit_watch_epoch); 0: not */
     int      cancel_asked;           /* dg_sched_cancel() sent */
@@ -122,6 +129,16 @@ void    dg_run_end(dg_run *r, int status, int err_code, const char *fmt, ...)
 /* After its result was written (DG_COMMIT_WRITTEN): image files an earlier attempt left
  * beyond this one's are removed. */
 void    dg_run_written(dg_run *r);
+/* Sends that lost the connection each time they carried a run's writes: at this count, each
+ * of the last ones sent alone on a connection that had just answered, they are writes Redis
+ * never takes (a value over its proto-max-bulk-len closes the connection). */
+#define DG_RUN_WRITES_LOST_MAX 3
+/* The run's queued writes are ones Redis never takes (DG_RUN_WRITES_LOST_MAX): they are
+ * dropped, and with them its pictures not yet stored (keys an earlier send may have set
+ * are deleted) and every picture's inline data; the text and the pictures stored stay. A
+ * running run is stopped (out_failed, for good); an ended one's result becomes this failure
+ * (BAD_REQUEST, dead-lettered). `largest` is the largest value they held, for the message. */
+void    dg_run_unstorable(dg_run *r, size_t largest);
 /* The job hash update for the progress since the last one, or NULL when nothing moved.
  * The caller frees it. */
 dg_cmd *dg_run_progress_cmd(dg_run *r);

@@ -344,14 +344,68 @@ static int take_jobs(dg_worker *w, int connected, int draining) {
     return rc;
 }
 
+/* ---- writes Redis never takes ------------------------------------------------------------------ */
+
+/* A value over the server's proto-max-bulk-len (1mb at the least; 512mb stock) makes Redis
+ * close the connection, each time it is sent: a job whose picture or result is such a value
+ * stayed "running" for ever, the worker reconnecting and sending it again. A send carrying
+ * a run's writes that lost the connection counts against the run (lost_writes; a refusal
+ * does not); from then its writes go alone, each time after a PING answered on the
+ * connection, and when they lose it DG_RUN_WRITES_LOST_MAX times in a row they are taken
+ * as writes Redis never takes (dg_run_unstorable): the job fails, naming the size, and the
+ * worker goes on. An outage cuts one send, then the connect waits: it cannot cut the same
+ * run's writes three times running, each right after the connection answered. */
+
+/* A PING: 0 when the connection answered it, -1 when it is lost. */
+static int probe(dg_worker *w) {
+    redisReply *rep = dg_redis_cmdv(&w->redis, "PING", NULL);
+    if (!rep) return -1;
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* After a send carrying the run's writes failed: counted when the connection was lost. */
+static void writes_lost(dg_worker *w, dg_run *r) {
+    if (w->redis.refused_last) return;
+    if (++r->lost_writes < DG_RUN_WRITES_LOST_MAX) return;
+    size_t largest = r->ended ? dg_commit_result_size(&w->committer, r) : 0;
+    for (int i = 0; i < r->n_out; i++) {
+        const size_t m = dg_cmd_largest(r->out[i]);
+        if (m > largest) largest = m;
+    }
+    dg_run_unstorable(r, largest);   /* a running one is stopped by dg_runs_cancel_due */
+}
+
+/* The queued writes of the first running run whose writes lost the connection, alone. */
+static void flush_alone(dg_worker *w) {
+    dg_run *r = w->runs.first;
+    while (r && (r->ended || r->lease_lost || !r->lost_writes || !r->n_out)) r = r->next;
+    if (!r || probe(w)) return;
+    redisReply **rep = calloc((size_t)r->n_out, sizeof *rep);
+    if (!rep) abort();
+    const int n = r->n_out;
+    if (dg_redis_pipeline(&w->redis, r->out, n, rep) == 0) {
+        for (int i = 0; i < n; i++)
+            if (rep[i]->type == REDIS_REPLY_ERROR) log_warn("job \"%s\": a write refused: %s", r->id, rep[i]->str);
+        dg_run_out_written(r, n);
+        r->lost_writes = 0;
+    } else {
+        writes_lost(w, r);
+    }
+    for (int i = 0; i < n; i++)
+        if (rep[i]) freeReplyObject(rep[i]);
+    free(rep);
+}
+
 /* Writes queued events and progress of every run, and asks whether any was cancelled. */
 static void flush_progress(dg_worker *w) {
     int cap = 16, n = 0, first_extra;
     dg_cmd **cmds = malloc((size_t)cap * sizeof *cmds);
     if (!cmds) abort();
 #define PUSH(c) do { if (n == cap) { cap *= 2; cmds = realloc(cmds, (size_t)cap * sizeof *cmds); if (!cmds) abort(); } cmds[n++] = (c); } while (0)
-    for (dg_run *r = w->runs.first; r; r = r->next)   /* an ended run's go with its result */
-        for (int i = 0; !r->ended && i < r->n_out; i++) PUSH(r->out[i]);
+    /* an ended run's go with its result; those of a run whose writes lost the connection, alone */
+    for (dg_run *r = w->runs.first; r; r = r->next)
+        for (int i = 0; !r->ended && !r->lost_writes && i < r->n_out; i++) PUSH(r->out[i]);
     first_extra = n;
     for (dg_run *r = w->runs.first; r; r = r->next) {
         dg_cmd *p = r->ended ? NULL : dg_run_progress_cmd(r);
@@ -367,6 +421,7 @@ static void flush_progress(dg_worker *w) {
 #undef PUSH
     if (n == 0) {
         free(cmds);
+        flush_alone(w);
         return;
     }
     redisReply **rep = calloc((size_t)n, sizeof *rep);
@@ -376,7 +431,7 @@ static void flush_progress(dg_worker *w) {
         int k = first_cancel;
         for (dg_run *r = w->runs.first; r; r = r->next) {
             if (r->ended || r->lease_lost) continue;
-            dg_run_out_written(r, r->n_out);
+            if (!r->lost_writes) dg_run_out_written(r, r->n_out);
             if (dg_reply_int(rep[k++], 0) == 1 && r->submitted && !r->cancel_asked) {
                 log_info("job \"%s\": cancelled by its producer", r->id);
                 r->cancel_asked = 1;
@@ -386,12 +441,16 @@ static void flush_progress(dg_worker *w) {
         for (int i = 0; i < n; i++) if (rep[i] && rep[i]->type == REDIS_REPLY_ERROR && i < first_cancel)
             log_warn("progress write refused: %s", rep[i]->str);
     } else {
-        for (dg_run *r = w->runs.first; r; r = r->next) r->dirty = 1;
+        for (dg_run *r = w->runs.first; r; r = r->next) {
+            r->dirty = 1;
+            if (!r->ended && !r->lost_writes && r->n_out) writes_lost(w, r);
+        }
     }
     for (int i = 0; i < n; i++) if (rep[i]) freeReplyObject(rep[i]);
     for (int i = first_extra; i < n; i++) dg_cmd_free(cmds[i]);
     free(rep);
     free(cmds);
+    if (rc == 0) flush_alone(w);
 }
 
 
@@ -404,7 +463,11 @@ static void write_results(dg_worker *w, int draining) {
     dg_run *batch[64];
     int outcome[64], n = 0;
     dg_take_release(&w->taker);
-    for (dg_run *r = w->runs.first; r && n < 64; r = r->next)
+    /* a run whose writes lost the connection goes alone, after a PING answered */
+    for (dg_run *r = w->runs.first; r && !n; r = r->next)
+        if (r->ended && !r->lease_lost && r->lost_writes) batch[n++] = r;
+    if (n && probe(w)) return;
+    for (dg_run *r = n ? NULL : w->runs.first; r && n < 64; r = r->next)
         if (r->ended && !r->lease_lost) batch[n++] = r;   /* fenced: dropped by fence_lost() */
     if (!n) return;
     dg_take_facts f = dg_take_facts_now(&w->taker, 1, draining, w->cfg->max_inflight - (w->runs.n - n));
@@ -413,6 +476,8 @@ static void write_results(dg_worker *w, int draining) {
     dg_cmd *then = ride ? dg_take_read_cmd(&w->taker, &next.steps[0]) : NULL;
     redisReply *got = NULL;
     int rc = dg_commit_write(&w->committer, batch, n, outcome, then, &got);
+    for (int i = 0; i < n && rc == -1; i++)
+        if (outcome[i] == DG_COMMIT_PENDING) writes_lost(w, batch[i]);
     for (int i = 0; i < n; i++) {
         if (outcome[i] == DG_COMMIT_WRITTEN) {
             dg_run_written(batch[i]);

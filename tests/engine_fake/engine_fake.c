@@ -12,6 +12,8 @@
  *   fake.images=N      draws N images after the first word (at most max_images, when set):
  *                      image_started, one step event per denoising step, image_done with a
  *                      PNG of the requested size (64x64 and 4 steps unless set)
+ *   fake.noise=1       the images are noise from the seed (about 3 bytes a pixel as PNG:
+ *                      a large picture's PNG), not the gradient
  *   fake.step_ms=MS    sleeps MS per step (a long job)
  *   fake.end_with_image=1  the answer ends in the step that finishes its last image when
  *                      no words are left ("stop") or max_new_tokens are written ("length"),
@@ -48,7 +50,7 @@ typedef struct {
     dg_sink   sink;
     char    **words;   int n_words, next_word;
     int       max_tokens, tokens;
-    int       images_wanted, images_done, image_step, in_image;
+    int       images_wanted, images_done, image_step, in_image, noise;
     int       width, height, steps;
     int       step_ms;
     int       end_with_image;
@@ -254,6 +256,7 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     q->height = im->set & DG_IMAGE_HEIGHT ? im->height : 64;
     q->steps = im->set & DG_IMAGE_STEPS ? im->steps : 4;
     q->step_ms = (v = meta(r, "fake.step_ms")) ? atoi(v) : 0;
+    q->noise = (v = meta(r, "fake.noise")) && !strcmp(v, "1");
     q->end_with_image = (v = meta(r, "fake.end_with_image")) && !strcmp(v, "1");
     q->fail_mode = !fail ? FAIL_NONE : !strcmp(fail, "crash") ? FAIL_CRASH
                  : !strcmp(fail, "error") ? FAIL_ERROR : !strcmp(fail, "fatal") ? FAIL_FATAL : FAIL_NONE;
@@ -266,8 +269,8 @@ int dg_sched_submit(dg_sched *s, const dg_request *r, const dg_sink *sink, uint6
     return 0;
 }
 
-/* A w x h RGB gradient from the seed, as PNG. */
-static uint8_t *make_png(int w, int h, uint64_t seed, int index, size_t *len) {
+/* A w x h RGB gradient from the seed, or noise (xorshift64 from the seed), as PNG. */
+static uint8_t *make_png(int w, int h, uint64_t seed, int index, int noise, size_t *len) {
     uint8_t *rgb = malloc((size_t)w * h * 3);
     if (!rgb) return NULL;
     for (int y = 0; y < h; y++)
@@ -277,6 +280,12 @@ static uint8_t *make_png(int w, int h, uint64_t seed, int index, size_t *len) {
             p[1] = (uint8_t)(y * 255 / (h > 1 ? h - 1 : 1));
             p[2] = (uint8_t)((seed * 37 + (uint64_t)index * 91) & 0xff);
         }
+    for (uint64_t i = 0, x = seed * 2654435761u + (uint64_t)index + 1; noise && i < (uint64_t)w * h * 3; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        rgb[i] = (uint8_t)(x >> 32);
+    }
     png_image img;
     memset(&img, 0, sizeof img);
     img.version = PNG_IMAGE_VERSION;
@@ -324,7 +333,7 @@ static int step_one(fake_seq *q, char *err, size_t errlen) {
         q->sink.step(q->sink.user, q->images_done + 1, q->image_step, q->steps);
         if (q->image_step == q->steps) {
             size_t len = 0;
-            uint8_t *png = make_png(q->width, q->height, q->seed, q->images_done + 1, &len);
+            uint8_t *png = make_png(q->width, q->height, q->seed, q->images_done + 1, q->noise, &len);
             if (!png) {
                 snprintf(err, errlen, "fake engine: PNG encoding failed");
                 return DG_ENOMEM;
@@ -342,12 +351,15 @@ static int step_one(fake_seq *q, char *err, size_t errlen) {
     }
     if (q->next_word >= q->n_words) { finish(q, DG_FINISH_STOP); return 0; }
     if (q->max_tokens && q->tokens >= q->max_tokens) { finish(q, DG_FINISH_LENGTH); return 0; }
-    char delta[512];   /* a longer word is cut: snprintf's count is what it would have written */
-    int n = snprintf(delta, sizeof delta, "%s%s", q->next_word ? " " : "", q->words[q->next_word]);
-    if (n >= (int)sizeof delta) n = (int)sizeof delta - 1;
+    const char *word = q->words[q->next_word];
+    const size_t n = strlen(word) + (q->next_word ? 1 : 0);
+    char *delta = malloc(n + 1);   /* a word of any length: one delta */
+    if (!delta) abort();
+    snprintf(delta, n + 1, "%s%s", q->next_word ? " " : "", word);
     q->next_word++;
     q->tokens++;
-    q->sink.text(q->sink.user, delta, (size_t)n);
+    q->sink.text(q->sink.user, delta, n);
+    free(delta);
     if (q->images_done < q->images_wanted) {
         q->in_image = 1;
         q->image_step = 0;

@@ -425,3 +425,84 @@ def test_redis_loading_its_dataset_is_waited_for(aof_cluster):
     assert [f[b"id"] for _, f in c.r.xrange("duogen:done")] == [b"loaded"]
     assert c.r.xpending(c.key("jobs"), "duogen")["pending"] == 0
     assert "not ready: LOADING" in w.logs()
+
+
+def test_writes_redis_never_accepts_fail_the_job_and_the_worker_goes_on(tmpdir_path):
+    """A Redis whose proto-max-bulk-len (1mb here; 512mb stock) is below a picture's PNG
+    closes the connection each time the worker sends it: the job stayed "running" for ever,
+    the worker reconnecting and sending it again ten times a second. After three tries, each
+    on a connection that had just answered, the job fails naming the size and the setting,
+    what was stored is kept (the text, pictures in files), the rest goes; the worker goes on.
+    Pictures of 640x640 noise are about 1.2 MB as PNG."""
+    from conftest import Cluster
+    c = Cluster(tmpdir_path, extra=["--proto-max-bulk-len", "1mb"])
+    try:
+        root = os.path.join(tmpdir_path, "out")
+        os.makedirs(root)
+        w = c.worker("wb", args=["--output-root", root, "--max-inflight", "4"])
+        c.wait_groups()
+        big = {"fake.images": 1, "fake.noise": 1, "fake.step_ms": 50}
+        # in Redis: the image's SET is refused while the job runs (progress) or at its end
+        c.enqueue("key", "draw a big thing", meta=big, width=640, height=640, steps=2, image_output=1)
+        # in a file, with its bytes inline in the Result: the result is refused
+        c.enqueue("inl", "draw a big thing", meta=big, width=640, height=640, steps=2, image_output=2,
+                  inline_images=True)
+        c.enqueue("small", "draw a small thing", meta={"fake.images": 1, "fake.step_ms": 50}, width=64, height=64,
+                  steps=2)
+        for j in ("key", "inl"):
+            res = c.wait_result(j, timeout=30)
+            assert res["status"] == b"failed", (j, res)
+            assert res["error_code"] == b"BAD_REQUEST", res
+            err = res["error"].decode()
+            assert "proto-max-bulk-len" in err and "closed the connection" in err, err
+            result = pb.Result.FromString(res["pb"])
+            assert result.error.code == pb.Error.BAD_REQUEST
+            text = "".join(p.text for p in result.output if p.WhichOneof("kind") == "text")
+            assert text.startswith("Echo:"), text
+            images = [p.image for p in result.output if p.WhichOneof("kind") == "image"]
+            assert all(not im.data for im in images), "inline data dropped"
+            assert [e["type"] for e in c.events(j)][-1] == b"failed"
+        # the picture in Redis was never stored: the result names none; the file stays named
+        images = [p.image for p in pb.Result.FromString(c.result("key")["pb"]).output if p.WhichOneof("kind") == "image"]
+        assert images == [] and not c.r.keys(c.key("image", "key", "*"))
+        images = [p.image for p in pb.Result.FromString(c.result("inl")["pb"]).output if p.WhichOneof("kind") == "image"]
+        assert [im.path for im in images] == [os.path.join(root, "inl", "1.png")]
+        assert os.path.getsize(images[0].path) > 1024 * 1024
+        dead = {f[b"id"] for _, f in c.r.xrange(c.key("dead"))}
+        assert dead == {b"key", b"inl"}, dead
+        assert c.wait_result("small")["status"] == b"done"
+        # the worker goes on: a job after them is done
+        c.enqueue("after", "hello again")
+        assert c.wait_result("after")["status"] == b"done"
+        assert w.alive()
+        logs = w.logs()
+        assert "could not be stored" in logs, logs[-3000:]
+    finally:
+        c.close()
+
+
+def test_a_result_too_large_even_cut_down_drops_its_text(tmpdir_path):
+    """A word of 1.5 MB echoed back: its text event, then the Result holding it, are over a
+    proto-max-bulk-len lowered (CONFIG SET) after the job was enqueued. The running job is
+    stopped; its result, cut down once and still too large, is cut again: no text, and the
+    dead letter without its 1.5 MB copy of the job. It is stored, and the worker goes on."""
+    from conftest import Cluster
+    c = Cluster(tmpdir_path)
+    try:
+        w = c.worker("wt", args=["--max-text-bytes", "4M"])
+        c.wait_groups()
+        c.enqueue("huge", "a b c d " + "x" * 1_500_000, meta={"fake.step_ms": 400})
+        wait_until(lambda: c.r.hget(c.key("job", "huge"), "state") == b"running", what="the job running")
+        c.r.config_set("proto-max-bulk-len", "1mb")
+        res = c.wait_result("huge", timeout=30)
+        assert res["status"] == b"failed" and res["error_code"] == b"BAD_REQUEST", res
+        assert "the answer's text" in res["error"].decode() and "proto-max-bulk-len" in res["error"].decode()
+        assert res["text"] == b""
+        assert [p for p in pb.Result.FromString(res["pb"]).output if p.text] == []
+        dead = [f for _, f in c.r.xrange(c.key("dead"))]
+        assert [(f[b"id"], f[b"job"]) for f in dead] == [(b"huge", b"")]
+        c.enqueue("after", "hello again")
+        assert c.wait_result("after")["status"] == b"done"
+        assert w.alive()
+    finally:
+        c.close()
