@@ -160,7 +160,20 @@ size_t dg_commit_result_size(const dg_committer *c, dg_run *r) {
     return n;
 }
 
+static dg_cmd *final_event_of(dg_run *r);
+
+/* The final event keeps one seq across tries: a commit cut before its EXEC is built again
+ * (a cut-down result may say another status) and must not skip a number. */
 static dg_cmd *final_event(dg_run *r) {
+    const uint64_t next = r->event_seq;
+    if (r->final_seq) r->event_seq = r->final_seq - 1;
+    dg_cmd *c = final_event_of(r);
+    r->final_seq = r->event_seq;
+    if (next > r->event_seq) r->event_seq = next;
+    return c;
+}
+
+static dg_cmd *final_event_of(dg_run *r) {
     Duogen__V1__Event ev = DUOGEN__V1__EVENT__INIT;
     Duogen__V1__Event__Done done = DUOGEN__V1__EVENT__DONE__INIT;
     Duogen__V1__Event__Failed failed = DUOGEN__V1__EVENT__FAILED__INIT;

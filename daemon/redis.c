@@ -70,10 +70,13 @@ dg_cmd *dg_cmd_of(const char *arg0, ...) {
     return c;
 }
 
-size_t dg_cmd_largest(const dg_cmd *c) {
+size_t dg_cmd_largest(const dg_cmd *c, size_t *all) {
     size_t m = 0;
-    for (int i = 0; i < c->argc; i++)
+    *all = 0;
+    for (int i = 0; i < c->argc; i++) {
         if (c->len[i] > m) m = c->len[i];
+        *all += c->len[i];
+    }
     return m;
 }
 

@@ -35,7 +35,7 @@ void    dg_cmd_add(dg_cmd *c, const void *data, size_t len);
 void    dg_cmd_adds(dg_cmd *c, const char *s);
 void    dg_cmd_addf(dg_cmd *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 dg_cmd *dg_cmd_of(const char *arg0, ...);   /* strings, NULL-terminated */
-size_t  dg_cmd_largest(const dg_cmd *c);     /* the length of its longest argument */
+size_t  dg_cmd_largest(const dg_cmd *c, size_t *all);   /* its longest argument's length; *all: their sum */
 
 #define DG_SENTINELS_MAX 8
 

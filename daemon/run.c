@@ -430,20 +430,26 @@ static void drop_unstored(dg_run *r, int drop_text) {
     r->dirty = 1;
 }
 
-void dg_run_unstorable(dg_run *r, size_t largest) {
-    char why[sizeof r->out_failed];
-    /* the second time (its result, cut down, still too large): the text goes, and the job's
-     * copy in its dead letter */
+void dg_run_unstorable(dg_run *r, size_t largest, size_t total) {
+    /* the first time: pictures not stored and inline data go, and the dead letter's copy of
+     * the job when it is the largest value (it may be the one refused; a dead letter keeps
+     * it otherwise, for a requeue); the second (cut down, still refused): the text and the
+     * copy too */
     const int again = ++r->unstorable > 1;
+    const int drop_copy = r->dead && r->job_bytes && (again || r->job_len >= largest);
+    if (r->dead && r->job_len > largest) largest = r->job_len;
+    char why[sizeof r->out_failed];
     snprintf(why, sizeof why,
              "Redis closed the connection each of the %d times this job's output was sent, on a connection that "
-             "had just answered (its largest value is %zu bytes: a server whose proto-max-bulk-len is below that "
-             "refuses it); %s", DG_RUN_WRITES_LOST_MAX, largest,
-             again ? "the answer's text, inline picture data and the dead letter's copy of the job are dropped"
-                   : "what was stored is kept (the text, pictures already written), inline picture data is dropped");
+             "had just answered (its largest value %zu bytes, %zu in all: a server whose proto-max-bulk-len (a "
+             "value) or client-query-buffer-limit (a send) is below that closes it); %s%s",
+             DG_RUN_WRITES_LOST_MAX, largest, total,
+             again ? "the answer's text and inline picture data are dropped"
+                   : "what was stored is kept (the text, pictures already written), inline picture data is dropped",
+             drop_copy ? ", and the dead letter's copy of the job" : "");
     log_error("job \"%s\": its output could not be stored: %s", r->id, why);
     drop_unstored(r, again);
-    if (again) {
+    if (drop_copy) {
         free(r->job_bytes);
         r->job_bytes = NULL;
         r->job_len = 0;
@@ -454,6 +460,17 @@ void dg_run_unstorable(dg_run *r, size_t largest) {
         r->out_permanent = 1;
         return;
     }
+    if (r->status == DUOGEN__V1__RESULT__STATUS__FAILED && !r->out_permanent) {
+        /* it failed on its own: that error first, this after (in place of an earlier one) */
+        static const char note[] = "; and its output could not be stored whole: ";
+        char *had = strstr(r->error, note);
+        if (had) *had = 0;
+        const size_t n = strlen(r->error);
+        if (n + sizeof note + 64 < sizeof r->error) snprintf(r->error + n, sizeof r->error - n, "%s%s", note, why);
+        dg_utf8_scrub(r->error);   /* cut by the bound */
+        return;
+    }
+    r->out_permanent = 1;   /* the failure is this one, said anew the second time */
     r->status = DUOGEN__V1__RESULT__STATUS__FAILED;
     r->err_code = DUOGEN__V1__ERROR__CODE__BAD_REQUEST;
     r->dead = 1;

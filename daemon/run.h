@@ -99,6 +99,7 @@ typedef struct dg_run {
                                         (dg_run_unstorable): the failure is for good
                                         (BAD_REQUEST, dead-lettered), not retried */
     int      unstorable;             /* times dg_run_unstorable() cut its output down */
+    uint64_t final_seq;              /* the seq of its final event, kept across tries */
     int      lost_writes;            /* sends carrying its writes (events, images, its result)
                                         that lost the connection, in a row (refusals aside):
                                         from the first on they go alone, after a PING answered */
@@ -135,10 +136,13 @@ void    dg_run_written(dg_run *r);
 #define DG_RUN_WRITES_LOST_MAX 3
 /* The run's queued writes are ones Redis never takes (DG_RUN_WRITES_LOST_MAX): they are
  * dropped, and with them its pictures not yet stored (keys an earlier send may have set
- * are deleted) and every picture's inline data; the text and the pictures stored stay. A
- * running run is stopped (out_failed, for good); an ended one's result becomes this failure
- * (BAD_REQUEST, dead-lettered). `largest` is the largest value they held, for the message. */
-void    dg_run_unstorable(dg_run *r, size_t largest);
+ * are deleted), every picture's inline data and the dead letter's copy of the job when it
+ * is the largest value; the text and the pictures stored stay (the second time, the text
+ * and the copy go too). A running run is stopped (out_failed, for good); an ended one's
+ * result becomes this failure (BAD_REQUEST, dead-lettered), or one that failed already
+ * keeps its error, this said after it. `largest` and `total`: the largest value of its
+ * writes and their sum, for the message. */
+void    dg_run_unstorable(dg_run *r, size_t largest, size_t total);
 /* The job hash update for the progress since the last one, or NULL when nothing moved.
  * The caller frees it. */
 dg_cmd *dg_run_progress_cmd(dg_run *r);

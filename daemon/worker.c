@@ -368,12 +368,15 @@ static int probe(dg_worker *w) {
 static void writes_lost(dg_worker *w, dg_run *r) {
     if (w->redis.refused_last) return;
     if (++r->lost_writes < DG_RUN_WRITES_LOST_MAX) return;
-    size_t largest = r->ended ? dg_commit_result_size(&w->committer, r) : 0;
+    size_t largest = r->ended ? dg_commit_result_size(&w->committer, r) : 0, total = largest;
     for (int i = 0; i < r->n_out; i++) {
-        const size_t m = dg_cmd_largest(r->out[i]);
+        size_t all = 0;
+        const size_t m = dg_cmd_largest(r->out[i], &all);
         if (m > largest) largest = m;
+        total += all;
     }
-    dg_run_unstorable(r, largest);   /* a running one is stopped by dg_runs_cancel_due */
+    if (r->ended && r->dead) total += r->job_len;
+    dg_run_unstorable(r, largest, total);   /* a running one is stopped by dg_runs_cancel_due */
 }
 
 /* The queued writes of the first running run whose writes lost the connection, alone. */

@@ -462,6 +462,11 @@ def test_writes_redis_never_accepts_fail_the_job_and_the_worker_goes_on(tmpdir_p
             images = [p.image for p in result.output if p.WhichOneof("kind") == "image"]
             assert all(not im.data for im in images), "inline data dropped"
             assert [e["type"] for e in c.events(j)][-1] == b"failed"
+        # sent again after a cut, an event may repeat; none is skipped where none was dropped
+        # (the final event kept its seq across the result's four tries; "key" lost the events
+        # queued with its picture)
+        seqs = {int(e["seq"]) for e in c.events("inl")}
+        assert seqs == set(range(1, max(seqs) + 1)), sorted(seqs)
         # the picture in Redis was never stored: the result names none; the file stays named
         images = [p.image for p in pb.Result.FromString(c.result("key")["pb"]).output if p.WhichOneof("kind") == "image"]
         assert images == [] and not c.r.keys(c.key("image", "key", "*"))
@@ -501,6 +506,31 @@ def test_a_result_too_large_even_cut_down_drops_its_text(tmpdir_path):
         assert [p for p in pb.Result.FromString(res["pb"]).output if p.text] == []
         dead = [f for _, f in c.r.xrange(c.key("dead"))]
         assert [(f[b"id"], f[b"job"]) for f in dead] == [(b"huge", b"")]
+        c.enqueue("after", "hello again")
+        assert c.wait_result("after")["status"] == b"done"
+        assert w.alive()
+    finally:
+        c.close()
+
+
+def test_a_bad_job_too_large_for_its_dead_letter_keeps_its_own_error(tmpdir_path):
+    """A bad job (top_p 0) of 1.2 MB enqueued before proto-max-bulk-len was lowered to 1mb:
+    its dead letter's copy of the job is the value refused. The copy goes; the result keeps
+    the job's own error and code, the storing trouble said after it, naming the copy's size."""
+    from conftest import Cluster
+    c = Cluster(tmpdir_path)
+    try:
+        c.enqueue("bad", "w " * 600_000, top_p=0.0)
+        c.r.config_set("proto-max-bulk-len", "1mb")
+        w = c.worker("wd", args=["--max-text-bytes", "4M"])
+        res = c.wait_result("bad", timeout=30)
+        assert res["status"] == b"failed" and res["error_code"] == b"BAD_REQUEST", res
+        err = res["error"].decode()
+        assert err.startswith("text.top_p"), err
+        assert "could not be stored whole" in err and "dead letter's copy of the job" in err, err
+        size = len(c.r.xrange(c.key("jobs"))[0][1][b"job"])
+        assert f"largest value {size} bytes" in err, (size, err)
+        assert [(f[b"id"], f[b"job"]) for _, f in c.r.xrange(c.key("dead"))] == [(b"bad", b"")]
         c.enqueue("after", "hello again")
         assert c.wait_result("after")["status"] == b"done"
         assert w.alive()
