@@ -612,25 +612,34 @@ static void check_eviction(dg_worker *w) {
 static int check_first(dg_worker *w) {
     w->unchecked = 1;
     if (!dg_redis_ready(&w->redis)) return 0;
-    enum { N = 7 };
+    enum { N = 9 };
     char k_taken[2][DG_KEY_MAX];
     dg_key_taken(k_taken[0], w->keys.streams[0]);
     dg_key_taken(k_taken[1], w->keys.streams[1]);
+    /* the keeper's renewal and the reaper's take-over, refused, were silent: the running
+     * jobs' leases lapsed and live workers took them from each other until dead-lettered.
+     * A min-idle-time no entry reaches claims nothing (NOGROUP before the groups exist is
+     * an answer too: the command is allowed) */
+    static const char never[] = "9223372036854775807";
     dg_cmd *ask[N] = {dg_cmd_of("HGET", w->keys.worker, "owner", NULL),   /* "0-0": a field no entry has */
                       dg_cmd_of("HSET", k_taken[0], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[0], "0", "COUNT", "1", NULL),
                       dg_cmd_of("HDEL", k_taken[0], "0-0", NULL),
                       dg_cmd_of("HSET", k_taken[1], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[1], "0", "COUNT", "1", NULL),
-                      dg_cmd_of("HDEL", k_taken[1], "0-0", NULL)};
+                      dg_cmd_of("HDEL", k_taken[1], "0-0", NULL),
+                      dg_cmd_of("XCLAIM", w->keys.streams[0], w->cfg->group, w->cfg->worker_id, never, "0-0", "JUSTID", NULL),
+                      dg_cmd_of("XAUTOCLAIM", w->keys.streams[0], w->cfg->group, w->cfg->worker_id, never, "0-0",
+                                "COUNT", "1", "JUSTID", NULL)};
     redisReply *rep[N];
     int refused = 0;
     const int away = dg_redis_pipeline(&w->redis, ask, N, rep) != 0;
     if (!away) {
         for (int i = 0; i < N; i++) {
-            if (dg_reply_is_error(rep[i], "NOPERM") && !refused++)
-                log_error("Redis refuses this worker a command it needs (%s): update the worker's ACL "
-                          "(deploy/redis/users.acl.example: HGET, HSETNX, HDEL on its heartbeat hash, whose "
-                          "owner field is the worker id's lease; HSET, HGET, HDEL, HSCAN on the job streams' "
-                          ":taken indexes)", rep[i]->str);
+            if ((dg_reply_is_error(rep[i], "NOPERM") || dg_reply_is_error(rep[i], "ERR unknown command")) && !refused++)
+                log_error("Redis refuses this worker a command it needs (%s): update the worker's ACL, or the "
+                          "server's rename-command (deploy/redis/users.acl.example: HGET, HSETNX, HDEL on its "
+                          "heartbeat hash, whose owner field is the worker id's lease; HSET, HGET, HDEL, HSCAN on "
+                          "the job streams' :taken indexes; XCLAIM, which renews a running job's lease, and "
+                          "XAUTOCLAIM, which takes over a dead worker's jobs)", rep[i]->str);
             freeReplyObject(rep[i]);
         }
     }

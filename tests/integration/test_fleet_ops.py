@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 import redis
 
-from conftest import (BUILD, ROOT, RedisServer, Worker, exposition, free_port, ipv6_missing, make_job, pb, png_bytes,
+from conftest import (BUILD, ROOT, Cluster, RedisServer, Worker, exposition, free_port, ipv6_missing, make_job, pb, png_bytes,
                       scrape_metrics, wait_until)
 
 DEPLOY = os.path.join(ROOT, "deploy", "redis")
@@ -869,3 +869,52 @@ def test_metrics_connections_leave_the_jobs_their_files(cluster, tmpdir_path):
             c.close()
     wait_until(lambda: _get(f"http://127.0.0.1:{port}/metrics"), timeout=60, what="metrics after the clients left")
     assert "Too many open files" not in w.logs()
+
+
+def test_an_acl_or_a_server_without_the_lease_commands_is_refused_at_start(tmpdir_path):
+    """XCLAIM renews a running job's lease and XAUTOCLAIM takes over a dead worker's jobs.
+    Refused (an ACL without them, or renamed away by rename-command) they were never said: the
+    keeper's renewals failed in silence, two live workers took a long job from each other and
+    it was dead-lettered as "the worker died". Now the start's check asks both."""
+    log = refused_at_start(tmpdir_path, lambda acl: acl.replace(" +xclaim ", " "), "duogen:jobs", "noclaim")
+    assert "XCLAIM, which renews a running job's lease" in log
+    d = os.path.join(tmpdir_path, "renamed")
+    os.makedirs(d)
+    c = Cluster(d, extra=["--rename-command", "XAUTOCLAIM", ""])
+    try:
+        w = c.worker("renamed")
+        assert w.proc.wait(30) == 78
+        assert "Redis refuses this worker a command it needs (ERR unknown command" in w.logs(), w.logs()
+    finally:
+        c.close()
+
+
+def test_renewals_refused_at_runtime_are_said(tmpdir_path):
+    """XCLAIM taken from the worker's ACL while a job runs: the keeper says it (the lease
+    lapses and another worker may take the job over), and says when renewals go through
+    again; the job still gets its one result."""
+    lines = {}
+    def with_admin(acl):
+        lines["worker"] = next(l for l in acl.splitlines() if l.startswith("user duogen-worker "))
+        return acl + "user admin on >admin-pw ~* &* +@all\n"
+    srv, pw, client = start_acl_redis(tmpdir_path, with_admin)
+    selectors = re.findall(r"\([^)]*\)", lines["worker"])   # XCLAIM is granted in the streams' selector
+    assert any(" +xclaim " in s for s in selectors)
+    try:
+        admin = redis.Redis(port=srv.port, username="admin", password="admin-pw", socket_timeout=10)
+        w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "renewer")
+        client("producer").xadd("duogen:jobs", {"id": "long", "job": make_job(
+            "long", " ".join(["w"] * 40), meta={"fake.step_ms": 100}).SerializeToString()})
+        wait_until(lambda: client("producer").hget("duogen:job:long", "state") == b"running", what="the job running")
+        admin.execute_command("ACL", "SETUSER", "duogen-worker", "clearselectors",
+                              *[s.replace(" +xclaim ", " ") for s in selectors])
+        wait_until(lambda: "Redis refuses to renew the lease of a running job" in w.logs(), what="the refusal said")
+        admin.execute_command("ACL", "SETUSER", "duogen-worker", "clearselectors", *selectors)
+        wait_until(lambda: "lease renewals go through again" in w.logs(), what="renewals again")
+        res = wait_until(lambda: client("producer").hgetall("duogen:result:long") or None, timeout=30, what="result")
+        assert res[b"status"] == b"done"
+        assert "NOPERM" in w.logs()
+        w.kill()
+    finally:
+        srv.proc.kill()
+        srv.proc.wait(10)
