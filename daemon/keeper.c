@@ -459,6 +459,8 @@ static void *keeper_main(void *arg) {
     snprintf(rd.client_name, sizeof rd.client_name, "%s:keeper", w->cfg->worker_id);
     int64_t next_beat = 0, next_renew = 0, next_trim = dg_mono_ms() + w->cfg->trim_ms;
     uint64_t connects = 0;
+    int64_t renewed = dg_mono_ms();   /* the last renewal sent */
+    int unrenewed_said = 0;
     while (!w->keeper_stop) {
         int64_t now = dg_mono_ms();
         if (dg_redis_ready(&rd)) {
@@ -469,6 +471,11 @@ static void *keeper_main(void *arg) {
                 connects = rd.connects;
                 renew(w, &rd);
                 next_renew = now + w->cfg->renew_ms;
+                if (rd.c) {
+                    if (unrenewed_said) log_info("the keeper renews the running jobs' leases again");
+                    renewed = now;
+                    unrenewed_said = 0;
+                }
             }
             if (now >= next_beat) {
                 heartbeat(w, &rd);
@@ -479,8 +486,19 @@ static void *keeper_main(void *arg) {
                 trim(w, &rd);
                 next_trim = now + w->cfg->trim_ms;
             }
-        } else if (w->cfg->metrics_port) {
-            queue_unknown(w);
+        } else {
+            /* its own connection refused (maxclients reached, say) while the main one works:
+             * the leases lapse and other workers take the running jobs over */
+            pthread_mutex_lock(&w->lock);
+            const int held = w->n_leases;
+            pthread_mutex_unlock(&w->lock);
+            if (held && !unrenewed_said && now - renewed > 2 * (int64_t)w->cfg->renew_ms) {
+                log_warn("the keeper cannot reach Redis (%s): the leases of %d running job(s) are not renewed, and "
+                         "past claim_idle_ms (%d ms) another worker may take them over", rd.error, held,
+                         w->cfg->claim_idle_ms);
+                unrenewed_said = 1;
+            }
+            if (w->cfg->metrics_port) queue_unknown(w);
         }
         struct timespec ts = {0, 50 * 1000000L};
         nanosleep(&ts, NULL);

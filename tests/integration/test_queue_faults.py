@@ -536,3 +536,25 @@ def test_a_bad_job_too_large_for_its_dead_letter_keeps_its_own_error(tmpdir_path
         assert w.alive()
     finally:
         c.close()
+
+
+def test_a_keeper_turned_away_says_the_leases_lapse(cluster):
+    """The keeper's own connection refused (maxclients reached: the main connection still
+    works) left the leases unrenewed and a live worker's running job was taken over, with
+    nothing said but one "Redis unavailable". Now the keeper says what it means, and when it
+    renews again."""
+    w = cluster.worker("mc")
+    cluster.wait_groups()
+    cluster.enqueue("long", " ".join(["w"] * 50), meta={"fake.step_ms": 100})
+    wait_until(lambda: cluster.r.hget(cluster.key("job", "long"), "state") == b"running", what="the job running")
+    admin = __import__("redis").Redis(port=cluster.server.port, single_connection_client=True)
+    keeper = [c for c in admin.client_list() if c["name"] == "mc:keeper"]
+    assert len(keeper) == 1, admin.client_list()
+    admin.config_set("maxclients", str(len(admin.client_list()) - 1))
+    admin.client_kill_filter(_id=keeper[0]["id"])
+    wait_until(lambda: "the keeper cannot reach Redis" in w.logs(), what="the keeper's word")
+    assert "are not renewed" in w.logs()
+    admin.config_set("maxclients", "10000")
+    wait_until(lambda: "the keeper renews the running jobs' leases again" in w.logs(), what="renewing again")
+    assert cluster.wait_result("long")["status"] == b"done"
+    admin.close()
