@@ -344,6 +344,21 @@ static int take_jobs(dg_worker *w, int connected, int draining) {
     return rc;
 }
 
+/* A read of jobs that loses the connection each time, right after it answered (INFO on
+ * every new connection, check_eviction): most likely an entry whose reply is over the
+ * server's client-output-buffer-limit for normal clients, which closes the connection. The
+ * entry cannot be read at all (its job id with it): said, first at the third time running
+ * and every 20th, naming the setting; the queue waits until the limit or the entry goes. */
+static void reads_lost(dg_worker *w) {
+    if (w->redis.refused_last) return;
+    if (++w->reads_lost < 3 || (w->reads_lost - 3) % 20) return;
+    log_error("reading jobs lost the connection %d times running, each time on a connection that had just "
+              "answered (%s): an entry too large for the server's client-output-buffer-limit for normal clients? "
+              "(a reply over it closes the connection; stock Redis leaves that class unlimited, "
+              "client-output-buffer-limit normal 0 0 0, as deploy/redis/redis.conf does)", w->reads_lost,
+              w->redis.error);
+}
+
 /* ---- writes Redis never takes ------------------------------------------------------------------ */
 
 /* A value over the server's proto-max-bulk-len (1mb at the least; 512mb stock) makes Redis
@@ -699,8 +714,11 @@ int dg_worker_run(dg_worker *w) {
         fence_lost(w);   /* first: a fenced run that has ended leaves before its entry is taken again */
         publish(w);
         status_line(w);
-        if (take_jobs(w, connected && !w->unchecked, drain_deadline != 0))
+        if (take_jobs(w, connected && !w->unchecked, drain_deadline != 0)) {
+            reads_lost(w);
             continue;   /* Redis went away: the top of the loop reconnects */
+        }
+        if (connected) w->reads_lost = 0;
         if (w->fatal) break;
         publish(w);
 

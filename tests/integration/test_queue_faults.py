@@ -558,3 +558,23 @@ def test_a_keeper_turned_away_says_the_leases_lapse(cluster):
     wait_until(lambda: "the keeper renews the running jobs' leases again" in w.logs(), what="renewing again")
     assert cluster.wait_result("long")["status"] == b"done"
     admin.close()
+
+
+def test_an_entry_too_large_to_read_is_said(tmpdir_path):
+    """An entry of 100 KB against client-output-buffer-limit normal 64kb: each read of it
+    closes the connection, and its job id is inside it. The worker reconnected ten times a
+    second with nothing said but "connection lost"; now it names the setting."""
+    from conftest import Cluster
+    c = Cluster(tmpdir_path, extra=["--client-output-buffer-limit", "normal 64kb 32kb 2"])
+    try:
+        w = c.worker("cobl")
+        c.wait_groups()
+        c.enqueue("wide", "x " * 50_000)
+        wait_until(lambda: "reading jobs lost the connection 3 times running" in w.logs(), timeout=20,
+                   what="the reads said")
+        assert "client-output-buffer-limit" in w.logs()
+        assert w.alive()
+        c.r.config_set("client-output-buffer-limit", "normal 0 0 0")   # the stock value: it goes on
+        assert c.wait_result("wide")["status"] == b"done"
+    finally:
+        c.close()
