@@ -516,6 +516,7 @@ int dg_redis_ready(dg_redis *r) {
     if (now < r->next_try_ms) return 0;
     if (connect_now(r) == 0) {
         r->connects++;
+        r->used_ms = dg_mono_ms();
         char where[300];
         if (r->failures) log_info("reconnected to Redis %s after %d attempts", dg_redis_where(r, where, sizeof where),
                                   r->failures);
@@ -556,6 +557,21 @@ void dg_redis_drop(dg_redis *r, const char *why) {
     drop_said(r, why, 1);
 }
 
+/* hiredis's words for a broken command, with what they most likely mean: its read timeout
+ * says only EAGAIN's strerror; a server closing a connection idle past its `timeout` says
+ * only that it closed it. */
+static void io_why(const dg_redis *r, char *why, size_t n) {
+    const char *e = r->c->errstr[0] ? r->c->errstr : "I/O error";
+    const int64_t idle = r->idle_ms;
+    if (r->c->err == REDIS_ERR_IO && (!strcmp(e, strerror(EAGAIN)) || !strcmp(e, strerror(EWOULDBLOCK))))
+        snprintf(why, n, "no reply within %d ms (a paused, busy or distant Redis)", r->read_timeout_ms);
+    else if (r->c->err == REDIS_ERR_EOF && idle >= 1000)
+        snprintf(why, n, "%s after %lld ms idle (the server's `timeout` closes idle clients? set it to 0, as stock "
+                 "Redis and deploy/redis/redis.conf do)", e, (long long)idle);
+    else
+        snprintf(why, n, "%s", e);
+}
+
 /* A command refused as not ready: the connection goes as after a break (what else the
  * pipeline did is unknown to its caller), and while refusals go on (each within 10 s of the
  * last) the next try waits longer, 100 ms doubled up to 5 s: a full Redis is not asked ten
@@ -586,9 +602,13 @@ void dg_redis_close(dg_redis *r) {
 
 redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd) {
     if (!r->c) return NULL;
+    r->idle_ms = dg_mono_ms() - r->used_ms;
     redisReply *rep = redisCommandArgv(r->c, cmd->argc, (const char **)cmd->argv, cmd->len);
+    if (rep) r->used_ms = dg_mono_ms();
     if (!rep) {
-        dg_redis_drop(r, r->c->errstr[0] ? r->c->errstr : "I/O error");
+        char why[sizeof r->error];
+        io_why(r, why, sizeof why);
+        dg_redis_drop(r, why);
     } else if (not_ready(rep)) {
         char why[sizeof r->error];
         snprintf(why, sizeof why, "the server is not ready: %s", rep->str);
@@ -614,6 +634,7 @@ int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **repl
     int refused = 0;
     for (int i = 0; i < n; i++) replies[i] = NULL;
     if (!r->c) return -1;
+    r->idle_ms = dg_mono_ms() - r->used_ms;
     for (int i = 0; i < n; i++)
         if (redisAppendCommandArgv(r->c, cmds[i]->argc, (const char **)cmds[i]->argv, cmds[i]->len) != REDIS_OK)
             goto fail;
@@ -629,10 +650,11 @@ int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **repl
             snprintf(why, sizeof why, "the server is not ready: %s", replies[i]->str);
             refused = 1;
         }
+    r->used_ms = dg_mono_ms();
     if (!refused) return 0;
     goto drop;
 fail:
-    if (r->c->errstr[0]) snprintf(why, sizeof why, "%s", r->c->errstr);
+    io_why(r, why, sizeof why);
 drop:
     for (int i = 0; i < n; i++) {
         if (replies[i]) freeReplyObject(replies[i]);

@@ -71,6 +71,9 @@ typedef struct {
     int     refused_last;       /* the last command or pipeline that failed was refused as not
                                    ready (the server answered), not cut by a lost connection */
     uint64_t connects;          /* successful connects so far: a new one forgets WATCHes */
+    int64_t used_ms;            /* monotonic time of the last reply (or the connect) */
+    int64_t idle_ms;            /* how long the connection had been idle when the last
+                                   command went (a server's `timeout` closes idle ones) */
     char    error[512];         /* the last problem, for logs and the heartbeat */
 } dg_redis;
 

@@ -578,3 +578,19 @@ def test_an_entry_too_large_to_read_is_said(tmpdir_path):
         assert c.wait_result("wide")["status"] == b"done"
     finally:
         c.close()
+
+
+def test_a_server_timeout_closing_idle_connections_is_named(tmpdir_path):
+    """A server with `timeout 1` closes the worker's connections idle past a second (the
+    keeper's between beats): the log said "Server closed the connection" every second and
+    nothing of why. Now it names the idle time and the setting; jobs go on."""
+    from conftest import Cluster
+    c = Cluster(tmpdir_path, extra=["--timeout", "1"])
+    try:
+        w = c.worker("to", args=["--heartbeat-ms", "2500"])
+        c.wait_groups()
+        wait_until(lambda: "the server's `timeout` closes idle clients?" in w.logs(), timeout=20, what="the hint")
+        c.enqueue("j", "hello")
+        assert c.wait_result("j")["status"] == b"done"
+    finally:
+        c.close()
