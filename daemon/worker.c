@@ -641,9 +641,9 @@ static int check_first(dg_worker *w) {
                       dg_cmd_of("HDEL", k_taken[0], "0-0", NULL),
                       dg_cmd_of("HSET", k_taken[1], "0-0", "", NULL), dg_cmd_of("HSCAN", k_taken[1], "0", "COUNT", "1", NULL),
                       dg_cmd_of("HDEL", k_taken[1], "0-0", NULL),
-                      dg_cmd_of("XCLAIM", w->keys.streams[0], w->cfg->group, w->cfg->worker_id, never, "0-0", "JUSTID", NULL),
+                      dg_cmd_of("XCLAIM", w->keys.streams[0], w->cfg->group, w->cfg->worker_id, never, "0-0", NULL),
                       dg_cmd_of("XAUTOCLAIM", w->keys.streams[0], w->cfg->group, w->cfg->worker_id, never, "0-0",
-                                "COUNT", "1", "JUSTID", NULL)};
+                                "COUNT", "1", NULL)};
     redisReply *rep[N];
     int refused = 0;
     const int away = dg_redis_pipeline(&w->redis, ask, N, rep) != 0;
