@@ -46,7 +46,8 @@ def test_enqueue_wait_out_result_watch(cluster, tmpdir_path):
 def test_cancel_stats_dead_requeue(cluster):
     cluster.worker()
     cluster.wait_groups()
-    p = ctl(cluster, "enqueue", "--id", "slow", "--param", "meta.fake.step_ms=100", *(["w"] * 60))
+    p = ctl(cluster, "enqueue", "--id", "slow", "--param", "meta.fake.step_ms=100", "--param", "result_ttl_s=300",
+            *(["w"] * 60))
     assert p.returncode == 0
     wait_until(lambda: cluster.r.hget("duogen:job:slow", "state") == b"running", what="running")
     # the heartbeat shows the running job within a heartbeat interval
@@ -55,6 +56,8 @@ def test_cancel_stats_dead_requeue(cluster):
     assert "stream duogen:jobs" in out and "pending 1" in out
     assert [l for l in out.splitlines() if l.strip().startswith("w1")][0].split()[-1] == "slow"
     assert ctl(cluster, "cancel", "slow").returncode == 0
+    # the cancel key lives as long as the job's keys (it outlived them by a day)
+    assert 0 < cluster.r.ttl("duogen:cancel:slow") <= 300
     assert cluster.wait_result("slow")["status"] == b"cancelled"
     assert ctl(cluster, "result", "slow").returncode == 1
     # an ended job has nothing to cancel; an id no one knows is named, the key set anyway

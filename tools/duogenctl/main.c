@@ -1656,12 +1656,19 @@ static int cmd_cancel(int argc, char **argv) {
         return EXIT_JOB;
     }
     freeReplyObject(st);
+    /* the key lives as long as the job's own keys (its result_ttl_s, in the job hash): it
+     * outlived them by a day, one per cancelled job (found in a soak) */
     redisReply *known = cmd(dg_cmd_of("EXISTS", k_job, NULL));
     if (known->integer == 0)   /* a typo, or a producer that writes no job hash: the key stops it if it comes */
         fprintf(stderr, "duogenctl: no job \"%s\" is known (no job hash): the cancel key is set anyway and "
                 "stops it if it is queued; it expires in 24 h\n", argv[0]);
     freeReplyObject(known);
-    freeReplyObject(cmd(dg_cmd_of("SET", k, "1", "EX", "86400", NULL)));
+    redisReply *life = cmd(dg_cmd_of("HGET", k_job, "ttl_s", NULL));   /* written once a worker took it */
+    char ttl[24] = "86400";
+    if (life->type == REDIS_REPLY_STRING && strtoll(life->str, NULL, 10) > 0)
+        snprintf(ttl, sizeof ttl, "%lld", strtoll(life->str, NULL, 10));
+    freeReplyObject(life);
+    freeReplyObject(cmd(dg_cmd_of("SET", k, "1", "EX", ttl, NULL)));
     printf("cancel requested for %s\n", argv[0]);
     return 0;
 }
