@@ -63,19 +63,23 @@ static int group_last_delivered(dg_worker *w, dg_redis *rd, const char *stream, 
  * Redis forgot our read (a restart from an older snapshot, a failover) or the entry was
  * deleted: the run goes on, and an entry delivered again comes back to it or to another
  * worker, whose claim then shows here. */
-/* A renewal Redis refused (an ACL without XCLAIM given at runtime, a command renamed): the
- * lease lapses and another worker takes the running job over after claim_idle_ms. Said
- * the first time of a run of refusals and every 20th, and when renewals go through again. */
+/* Renewals Redis refused (an ACL without XCLAIM given at runtime, a command renamed, a
+ * job stream key of another type): the lease lapses and another worker takes the running
+ * job over after claim_idle_ms. One word per round of renewals (its first refusal, or none
+ * when all went through): said at the first refused round of a run and every 20th, and
+ * when a round goes through again. */
 static void renewal_said(dg_worker *w, const char *error, const char *stream) {
     if (!error) {
-        if (w->renewals_refused) log_info("lease renewals go through again (%d refused)", w->renewals_refused);
+        if (w->renewals_refused) log_info("lease renewals go through again (%d rounds refused)", w->renewals_refused);
         w->renewals_refused = 0;
         return;
     }
+    const int rights = !strncmp(error, "NOPERM", 6) || !strncmp(error, "ERR unknown command", 19);
     if (w->renewals_refused++ % 20 == 0)
-        log_error("Redis refuses to renew the lease of a running job on \"%s\" (%s; %d refused so far): another "
-                  "worker takes the job over after claim_idle_ms and both run it; the worker's ACL needs XCLAIM and "
-                  "XPENDING (deploy/redis/users.acl.example)", stream, error, w->renewals_refused);
+        log_error("Redis refuses to renew the lease of a running job on \"%s\" (%s; %d rounds refused so far): "
+                  "another worker takes the job over after claim_idle_ms and both run it%s", stream, error,
+                  w->renewals_refused,
+                  rights ? "; the worker's ACL needs XCLAIM and XPENDING (deploy/redis/users.acl.example)" : "");
 }
 
 static void renew(dg_worker *w, dg_redis *rd) {
@@ -94,6 +98,7 @@ static void renew(dg_worker *w, dg_redis *rd) {
     for (int i = 0; i < n; i++)
         cmds[i] = dg_cmd_of("XPENDING", l[i].stream, w->cfg->group, l[i].entry, l[i].entry, "1", NULL);
     int n_gone = 0;
+    char refused[256] = "", refused_on[DG_KEY_MAX] = "";   /* the round's first refusal */
     if (dg_redis_pipeline(rd, cmds, n, rep) == 0) {
         int m = 0;
         for (int i = 0; i < n; i++) {
@@ -102,7 +107,10 @@ static void renew(dg_worker *w, dg_redis *rd) {
         }
         for (int i = 0; i < n; i++) {
             const redisReply *p = rep[i];
-            if (p->type == REDIS_REPLY_ERROR && !dg_reply_is_error(p, "NOGROUP")) renewal_said(w, p->str, l[i].stream);
+            if (p->type == REDIS_REPLY_ERROR && !dg_reply_is_error(p, "NOGROUP") && !refused[0]) {
+                snprintf(refused, sizeof refused, "%s", p->str);
+                snprintf(refused_on, sizeof refused_on, "%s", l[i].stream);
+            }
             if (p->type != REDIS_REPLY_ARRAY) continue;   /* NOGROUP: the taker makes it again */
             const redisReply *e = p->elements == 1 ? p->element[0] : NULL;
             if (!e) {
@@ -124,11 +132,15 @@ static void renew(dg_worker *w, dg_redis *rd) {
             }
         }
         for (int i = 0; i < n; i++) if (rep[i]) freeReplyObject(rep[i]);
-        if (m && dg_redis_pipeline(rd, cmds, m, rep) == 0)
-            for (int i = 0; i < m; i++) {
-                renewal_said(w, rep[i]->type == REDIS_REPLY_ERROR ? rep[i]->str : NULL, cmds[i]->argv[1]);
-                freeReplyObject(rep[i]);
+        const int sent = m && dg_redis_pipeline(rd, cmds, m, rep) == 0;
+        for (int i = 0; sent && i < m; i++) {
+            if (rep[i]->type == REDIS_REPLY_ERROR && !refused[0]) {
+                snprintf(refused, sizeof refused, "%s", rep[i]->str);
+                snprintf(refused_on, sizeof refused_on, "%s", cmds[i]->argv[1]);
             }
+            freeReplyObject(rep[i]);
+        }
+        if (refused[0] || sent) renewal_said(w, refused[0] ? refused : NULL, refused_on);
         for (int i = 0; i < m; i++) dg_cmd_free(cmds[i]);
     } else {
         for (int i = 0; i < n; i++) dg_cmd_free(cmds[i]);

@@ -553,21 +553,25 @@ static void drop_said(dg_redis *r, const char *why, int say) {
 }
 
 void dg_redis_drop(dg_redis *r, const char *why) {
-    if (r->c) r->refused_last = 0;
+    r->cut_last = r->c != NULL;
     drop_said(r, why, 1);
 }
 
 /* hiredis's words for a broken command, with what they most likely mean: its read timeout
- * says only EAGAIN's strerror; a server closing a connection idle past its `timeout` says
- * only that it closed it. */
-static void io_why(const dg_redis *r, char *why, size_t n) {
+ * says only EAGAIN's strerror; a server closing connections idle past its `timeout` says
+ * only that it closed them. That one is a guess made only when it repeats: the third
+ * connection running closed under a command sent after a second or more of quiet (a kill,
+ * a restart, a value over a limit cut one after an engine step as well). */
+static void io_why(dg_redis *r, char *why, size_t n) {
     const char *e = r->c->errstr[0] ? r->c->errstr : "I/O error";
-    const int64_t idle = r->idle_ms;
+    const int idle = r->c->err == REDIS_ERR_EOF && r->idle_ms >= 1000;
+    r->idle_cuts = idle ? r->idle_cuts + 1 : 0;
     if (r->c->err == REDIS_ERR_IO && (!strcmp(e, strerror(EAGAIN)) || !strcmp(e, strerror(EWOULDBLOCK))))
         snprintf(why, n, "no reply within %d ms (a paused, busy or distant Redis)", r->read_timeout_ms);
-    else if (r->c->err == REDIS_ERR_EOF && idle >= 1000)
-        snprintf(why, n, "%s after %lld ms idle (the server's `timeout` closes idle clients? set it to 0, as stock "
-                 "Redis and deploy/redis/redis.conf do)", e, (long long)idle);
+    else if (idle && r->idle_cuts >= 3)
+        snprintf(why, n, "%s (%d connections running closed after a second or more idle, this one after %lld ms: "
+                 "the server's `timeout` closing idle clients? 0 in stock Redis and deploy/redis/redis.conf)", e,
+                 r->idle_cuts, (long long)r->idle_ms);
     else
         snprintf(why, n, "%s", e);
 }
@@ -586,7 +590,7 @@ static void drop_refused(dg_redis *r, const char *why) {
     char said[sizeof r->error + 64];
     snprintf(said, sizeof said, "%s (refused %d times in a row; trying again in %d ms)", why, r->refusals,
              r->refused_ms);
-    r->refused_last = 1;
+    r->cut_last = 0;
     drop_said(r, r->refusals > 1 ? said : why, r->refusals == 1 || r->refusals % 20 == 0);
     snprintf(r->error, sizeof r->error, "%s", why);
     r->next_try_ms = now + r->refused_ms;
@@ -601,7 +605,10 @@ void dg_redis_close(dg_redis *r) {
 /* ---- commands ------------------------------------------------------------------------------- */
 
 redisReply *dg_redis_cmd(dg_redis *r, const dg_cmd *cmd) {
-    if (!r->c) return NULL;
+    if (!r->c) {
+        r->cut_last = 0;   /* nothing sent */
+        return NULL;
+    }
     r->idle_ms = dg_mono_ms() - r->used_ms;
     redisReply *rep = redisCommandArgv(r->c, cmd->argc, (const char **)cmd->argv, cmd->len);
     if (rep) r->used_ms = dg_mono_ms();
@@ -633,7 +640,10 @@ int dg_redis_pipeline(dg_redis *r, dg_cmd *const *cmds, int n, redisReply **repl
     char why[sizeof r->error] = "I/O error";
     int refused = 0;
     for (int i = 0; i < n; i++) replies[i] = NULL;
-    if (!r->c) return -1;
+    if (!r->c) {
+        r->cut_last = 0;   /* nothing sent */
+        return -1;
+    }
     r->idle_ms = dg_mono_ms() - r->used_ms;
     for (int i = 0; i < n; i++)
         if (redisAppendCommandArgv(r->c, cmds[i]->argc, (const char **)cmds[i]->argv, cmds[i]->len) != REDIS_OK)

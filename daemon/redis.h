@@ -68,12 +68,15 @@ typedef struct {
     int     refusals;           /* refusals in that run, for the log (the 1st, every 20th) */
     int64_t refused_at_ms;      /* monotonic time of the last refusal */
     int     fatal;              /* authentication or permission refused: retrying will not help */
-    int     refused_last;       /* the last command or pipeline that failed was refused as not
-                                   ready (the server answered), not cut by a lost connection */
+    int     cut_last;           /* the last command or pipeline that failed was sent and cut
+                                   by a lost connection: not refused as not ready (the server
+                                   answered), not unsent (no connection) */
     uint64_t connects;          /* successful connects so far: a new one forgets WATCHes */
     int64_t used_ms;            /* monotonic time of the last reply (or the connect) */
     int64_t idle_ms;            /* how long the connection had been idle when the last
                                    command went (a server's `timeout` closes idle ones) */
+    int     idle_cuts;          /* connections running closed by the server under a command
+                                   sent after a second or more idle */
     char    error[512];         /* the last problem, for logs and the heartbeat */
 } dg_redis;
 

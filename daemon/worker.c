@@ -350,7 +350,7 @@ static int take_jobs(dg_worker *w, int connected, int draining) {
  * entry cannot be read at all (its job id with it): said, first at the third time running
  * and every 20th, naming the setting; the queue waits until the limit or the entry goes. */
 static void reads_lost(dg_worker *w) {
-    if (w->redis.refused_last) return;
+    if (!w->redis.cut_last) return;
     if (++w->reads_lost < 3 || (w->reads_lost - 3) % 20) return;
     log_error("reading jobs lost the connection %d times running, each time on a connection that had just "
               "answered (%s): an entry too large for the server's client-output-buffer-limit for normal clients? "
@@ -364,8 +364,8 @@ static void reads_lost(dg_worker *w) {
 /* A value over the server's proto-max-bulk-len (1mb at the least; 512mb stock) makes Redis
  * close the connection, each time it is sent: a job whose picture or result is such a value
  * stayed "running" for ever, the worker reconnecting and sending it again. A send carrying
- * a run's writes that lost the connection counts against the run (lost_writes; a refusal
- * does not); from then its writes go alone, each time after a PING answered on the
+ * a run's writes that lost the connection counts against the run (lost_writes; a refusal,
+ * or a send never made for want of a connection, does not); from then its writes go alone, each time after a PING answered on the
  * connection, and when they lose it DG_RUN_WRITES_LOST_MAX times in a row they are taken
  * as writes Redis never takes (dg_run_unstorable): the job fails, naming the size, and the
  * worker goes on. An outage cuts one send, then the connect waits: it cannot cut the same
@@ -381,7 +381,7 @@ static int probe(dg_worker *w) {
 
 /* After a send carrying the run's writes failed: counted when the connection was lost. */
 static void writes_lost(dg_worker *w, dg_run *r) {
-    if (w->redis.refused_last) return;
+    if (!w->redis.cut_last) return;
     if (++r->lost_writes < DG_RUN_WRITES_LOST_MAX) return;
     size_t largest = r->ended ? dg_commit_result_size(&w->committer, r) : 0, total = largest;
     for (int i = 0; i < r->n_out; i++) {

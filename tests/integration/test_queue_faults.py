@@ -589,7 +589,7 @@ def test_a_server_timeout_closing_idle_connections_is_named(tmpdir_path):
     try:
         w = c.worker("to", args=["--heartbeat-ms", "2500"])
         c.wait_groups()
-        wait_until(lambda: "the server's `timeout` closes idle clients?" in w.logs(), timeout=20, what="the hint")
+        wait_until(lambda: "the server's `timeout` closing idle clients?" in w.logs(), timeout=20, what="the hint")
         c.enqueue("j", "hello")
         assert c.wait_result("j")["status"] == b"done"
     finally:
