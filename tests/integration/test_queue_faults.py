@@ -427,6 +427,13 @@ def test_redis_loading_its_dataset_is_waited_for(aof_cluster):
     assert "not ready: LOADING" in w.logs()
 
 
+def goes_on(c, w):
+    """The worker lived through it: a job after it is done."""
+    c.enqueue("after", "hello again")
+    assert c.wait_result("after")["status"] == b"done"
+    assert w.alive()
+
+
 def test_writes_redis_never_accepts_fail_the_job_and_the_worker_goes_on(tmpdir_path):
     """A Redis whose proto-max-bulk-len (1mb here; 512mb stock) is below a picture's PNG
     closes the connection each time the worker sends it: the job stayed "running" for ever,
@@ -477,9 +484,7 @@ def test_writes_redis_never_accepts_fail_the_job_and_the_worker_goes_on(tmpdir_p
         assert dead == {b"key", b"inl"}, dead
         assert c.wait_result("small")["status"] == b"done"
         # the worker goes on: a job after them is done
-        c.enqueue("after", "hello again")
-        assert c.wait_result("after")["status"] == b"done"
-        assert w.alive()
+        goes_on(c, w)
         logs = w.logs()
         assert "could not be stored" in logs, logs[-3000:]
     finally:
@@ -506,9 +511,7 @@ def test_a_result_too_large_even_cut_down_drops_its_text(tmpdir_path):
         assert [p for p in pb.Result.FromString(res["pb"]).output if p.text] == []
         dead = [f for _, f in c.r.xrange(c.key("dead"))]
         assert [(f[b"id"], f[b"job"]) for f in dead] == [(b"huge", b"")]
-        c.enqueue("after", "hello again")
-        assert c.wait_result("after")["status"] == b"done"
-        assert w.alive()
+        goes_on(c, w)
     finally:
         c.close()
 
@@ -531,9 +534,7 @@ def test_a_bad_job_too_large_for_its_dead_letter_keeps_its_own_error(tmpdir_path
         size = len(c.r.xrange(c.key("jobs"))[0][1][b"job"])
         assert f"largest value {size} bytes" in err, (size, err)
         assert [(f[b"id"], f[b"job"]) for _, f in c.r.xrange(c.key("dead"))] == [(b"bad", b"")]
-        c.enqueue("after", "hello again")
-        assert c.wait_result("after")["status"] == b"done"
-        assert w.alive()
+        goes_on(c, w)
     finally:
         c.close()
 
