@@ -53,16 +53,6 @@ static int group_last_delivered(dg_worker *w, dg_redis *rd, const char *stream, 
     return rc;
 }
 
-/* Renews the lease of each held entry that still belongs to us: XPENDING says whose it is
- * and how long it has been idle; XCLAIM with that idle time as its min-idle-time takes it
- * only if nobody claimed it in between. (With 0 there, an entry another worker's reaper
- * took in that instant was taken back, and both ran the job.) An entry in another
- * consumer's list is reported lost; so is one no longer pending that is still in the stream
- * and not past the group's last-delivered-id: another attempt acknowledged it, with its
- * result, which may have expired since. Otherwise (gone from the stream, or past that id)
- * Redis forgot our read (a restart from an older snapshot, a failover) or the entry was
- * deleted: the run goes on, and an entry delivered again comes back to it or to another
- * worker, whose claim then shows here. */
 /* Renewals Redis refused (an ACL without XCLAIM given at runtime, a command renamed, a
  * job stream key of another type): the lease lapses and another worker takes the running
  * job over after claim_idle_ms. One word per round of renewals (its first refusal, or none
@@ -82,6 +72,16 @@ static void renewal_said(dg_worker *w, const char *error, const char *stream) {
                   rights ? "; the worker's ACL needs XCLAIM and XPENDING (deploy/redis/users.acl.example)" : "");
 }
 
+/* Renews the lease of each held entry that still belongs to us: XPENDING says whose it is
+ * and how long it has been idle; XCLAIM with that idle time as its min-idle-time takes it
+ * only if nobody claimed it in between. (With 0 there, an entry another worker's reaper
+ * took in that instant was taken back, and both ran the job.) An entry in another
+ * consumer's list is reported lost; so is one no longer pending that is still in the stream
+ * and not past the group's last-delivered-id: another attempt acknowledged it, with its
+ * result, which may have expired since. Otherwise (gone from the stream, or past that id)
+ * Redis forgot our read (a restart from an older snapshot, a failover) or the entry was
+ * deleted: the run goes on, and an entry delivered again comes back to it or to another
+ * worker, whose claim then shows here. */
 static void renew(dg_worker *w, dg_redis *rd) {
     pthread_mutex_lock(&w->lock);
     int n = w->n_leases;

@@ -93,7 +93,7 @@ typedef struct dg_worker {
     pthread_t keeper;
     int       keeper_running;
     int       reads_lost;            /* reads of jobs that lost the connection in a row */
-    int       renewals_refused;      /* the keeper's: lease renewals Redis refused in a row */
+    int       renewals_refused;      /* the keeper's: rounds of renewals Redis refused in a row */
     _Atomic int keeper_stop;     /* set by the main thread, read by the keeper and metrics threads */
     int       metrics_fd;            /* listening socket, -1 when off */
     pthread_t metrics;
