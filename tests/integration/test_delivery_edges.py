@@ -268,19 +268,33 @@ def test_an_attempt_that_lost_its_lease_stops_writing(cluster):
 
 
 class HoldProxy(WireProxy):
-    """Once, holds a client's command containing `marker` until released (a renewal delayed
-    on the wire between its XPENDING and its XCLAIM)."""
+    """Once, holds a client's command for which hold(data) is true (or that contains the
+    bytes `hold`) until released (a renewal delayed on the wire between its XPENDING and its
+    XCLAIM)."""
 
-    def __init__(self, port, marker):
-        self.marker = marker
+    def __init__(self, port, hold):
+        self.hold = hold if callable(hold) else (lambda data: hold in data)   # bytes: a marker
         self.held, self.released = threading.Event(), threading.Event()
         super().__init__(port)
 
     def pass_on(self, data, from_server, conn):
-        if not from_server and not self.held.is_set() and self.marker in data:
+        if not from_server and not self.held.is_set() and self.hold(data):
             self.held.set()
             self.released.wait(30)
         return True
+
+
+def renewal_idle_at_least(ms):
+    """A keeper's renewal (XCLAIM ... JUSTID) whose min-idle-time, the idle XPENDING gave, is
+    at least ms: released that long after another claim, a smaller one would claim the entry
+    back as Redis means it to (the entry idle past its min-idle-time again)."""
+    def hold(data):
+        parts = data.split(b"\r\n")
+        if b"JUSTID" not in parts or b"XCLAIM" not in parts:
+            return False
+        i = parts.index(b"XCLAIM")   # $n, stream, $n, group, $n, consumer, $n, min-idle
+        return len(parts) > i + 8 and parts[i + 8].isdigit() and int(parts[i + 8]) >= ms
+    return hold
 
 
 def test_a_renewal_does_not_take_back_an_entry_reaped_meanwhile(cluster):
@@ -289,14 +303,14 @@ def test_a_renewal_does_not_take_back_an_entry_reaped_meanwhile(cluster):
     min-idle-time 0 and took it back, and both workers ran the job. Here the renewal is held
     on the wire while the 'other worker' reaps the entry once it is idle past
     claim_idle_ms."""
-    proxy = HoldProxy(cluster.server.port, b"JUSTID")
+    proxy = HoldProxy(cluster.server.port, renewal_idle_at_least(300))
     from conftest import Worker
     w = Worker(cluster.tmp, f"redis://127.0.0.1:{proxy.port}/0", "w1", cluster.model,
                args=["--prefix", "duogen", "--reaper-ms", "600000"])   # its own reaper out of the way
     cluster.workers.append(w)
     cluster.wait_groups()
     cluster.enqueue("race", " ".join(["w"] * 100), meta={"fake.step_ms": 100}, max_attempts=5)
-    assert proxy.held.wait(10), "no renewal seen"
+    assert proxy.held.wait(10), "no renewal seen"   # renewals every 500 ms, their idle 0..500
     entry = pending_entry(cluster)
     assert entry["consumer"] == b"w1"
     wait_until(lambda: pending_entry(cluster)["time_since_delivered"] >= 1500, timeout=5, what="idle past claim_idle")
