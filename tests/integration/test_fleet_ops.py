@@ -241,6 +241,7 @@ def refused_at_start(tmpdir_path, edit, stream, job_id):
     naming the refusal before it takes the job (whose hash an attempt would have marked).
     Returns its log."""
     srv, pw, client = start_acl_redis(tmpdir_path, edit)
+    w = None
     try:
         client("producer").xadd(stream, {"id": job_id, "job": make_job(job_id).SerializeToString()})
         w = worker_as(tmpdir_path, srv, "worker", pw["worker"], f"w-{job_id}")
@@ -251,6 +252,8 @@ def refused_at_start(tmpdir_path, edit, stream, job_id):
         assert not client("producer").exists(f"duogen:result:{job_id}")
         return log
     finally:
+        if w:
+            w.kill()
         srv.proc.kill()
         srv.proc.wait(10)
 
@@ -903,6 +906,7 @@ def test_renewals_refused_at_runtime_are_said(tmpdir_path):
     srv, pw, client = start_acl_redis(tmpdir_path, with_admin)
     selectors = re.findall(r"\([^)]*\)", lines["worker"])   # XCLAIM is granted in the streams' selector
     assert any(" +xclaim " in s for s in selectors)
+    w = None
     try:
         admin = redis.Redis(port=srv.port, username="admin", password="admin-pw", socket_timeout=10)
         w = worker_as(tmpdir_path, srv, "worker", pw["worker"], "renewer")
@@ -917,7 +921,8 @@ def test_renewals_refused_at_runtime_are_said(tmpdir_path):
         res = wait_until(lambda: client("producer").hgetall("duogen:result:long") or None, timeout=30, what="result")
         assert res[b"status"] == b"done"
         assert "NOPERM" in w.logs()
-        w.kill()
     finally:
+        if w:
+            w.kill()
         srv.proc.kill()
         srv.proc.wait(10)
