@@ -267,19 +267,44 @@ static int heartbeat_ttl_ms(const dg_worker *w) {
     return (w->cfg->heartbeat_ms * 3 < 5000 ? 5000 : w->cfg->heartbeat_ms * 3) + KEEPER_TIMEOUT_MS;
 }
 
-/* HSETNX <heartbeat hash> owner <instance>, and the hash's time to live when that took it
- * (a hash made by it has none; one that another process owns keeps its own, or a dead
- * owner's would never lapse): 1 taken, 0 held by another, -1 Redis away, -2 refused
- * (said). */
+/* The lease's message when Redis refused one of its commands (the ACL): said once here. */
+static int lease_refused(const dg_worker *w, const redisReply *rep) {
+    log_error("the worker id's lease (%s owner): %s", w->keys.worker, rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
+    return -2;
+}
+
+/* HSETNX <heartbeat hash> owner <instance> with the hash's time to live in one transaction
+ * (PEXPIRE NX: a hash made by HSETNX has none; one another process owns keeps its own, or a
+ * dead owner's would never lapse while we wait; one left without any gets one). Apart, a
+ * worker killed between the two left a lease that never lapsed (every restart waited, then
+ * refused), and a reader between them saw a live worker's hash with no time to live.
+ * Redis 6 has no PEXPIRE NX: there the two go one after the other. 1 taken, 0 held by
+ * another, -1 Redis away, -2 refused (said). */
 static int lease_take(dg_worker *w, dg_redis *rd) {
     char ttl[16];
     snprintf(ttl, sizeof ttl, "%d", heartbeat_ttl_ms(w));
-    redisReply *rep = dg_redis_cmdv(rd, "HSETNX", w->keys.worker, "owner", w->instance, NULL);
-    if (!rep) return -1;
-    const int rc = rep->type == REDIS_REPLY_INTEGER ? (int)rep->integer : -2;
-    if (rc < 0) log_error("the worker id's lease (%s owner): %s", w->keys.worker,
-                          rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
-    freeReplyObject(rep);
+    dg_cmd *cmds[4] = {dg_cmd_of("MULTI", NULL), dg_cmd_of("HSETNX", w->keys.worker, "owner", w->instance, NULL),
+                       dg_cmd_of("PEXPIRE", w->keys.worker, ttl, "NX", NULL), dg_cmd_of("EXEC", NULL)};
+    redisReply *rep[4];
+    int rc = -1, apart = 0;
+    if (dg_redis_pipeline(rd, cmds, 4, rep) == 0) {
+        const redisReply *exec = rep[3];
+        if (rep[0]->type == REDIS_REPLY_ERROR) rc = lease_refused(w, rep[0]);          /* MULTI */
+        else if (rep[1]->type == REDIS_REPLY_ERROR) rc = lease_refused(w, rep[1]);     /* HSETNX */
+        else if (rep[2]->type == REDIS_REPLY_ERROR && dg_reply_is_error(rep[2], "NOPERM")) rc = lease_refused(w, rep[2]);
+        else if (rep[2]->type == REDIS_REPLY_ERROR) apart = 1;   /* Redis 6: no NX (the EXEC aborted) */
+        else if (exec->type == REDIS_REPLY_ARRAY && exec->elements == 2 &&
+                 exec->element[0]->type == REDIS_REPLY_INTEGER)
+            rc = (int)exec->element[0]->integer;
+        else rc = lease_refused(w, exec);
+        for (int i = 0; i < 4; i++) freeReplyObject(rep[i]);
+    }
+    for (int i = 0; i < 4; i++) dg_cmd_free(cmds[i]);
+    if (!apart) return rc;
+    redisReply *r = dg_redis_cmdv(rd, "HSETNX", w->keys.worker, "owner", w->instance, NULL);
+    if (!r) return -1;
+    rc = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : lease_refused(w, r);
+    freeReplyObject(r);
     if (rc == 1) {
         redisReply *x = dg_redis_cmdv(rd, "PEXPIRE", w->keys.worker, ttl, NULL);
         if (!x) return -1;

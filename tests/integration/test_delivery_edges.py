@@ -1009,3 +1009,47 @@ def test_a_given_back_entry_another_worker_took_does_not_spin_the_reaper(cluster
     assert claims <= 10, stats.get("cmdstat_xclaim")   # a spin is thousands
     assert cluster.r.xpending_range(cluster.key("jobs"), "duogen", "-", "+", 1)[0]["consumer"] == b"thief"
     assert w.alive()
+
+
+class KillAtProxy(WireProxy):
+    """Forwards the first client chunk holding `marker`, having SIGKILLed `victim` first: the
+    process dies with that chunk sent and nothing after it."""
+
+    def __init__(self, port, marker):
+        self.marker = marker
+        self.victim = None
+        self.armed = threading.Event()
+        self.fired = threading.Event()
+        super().__init__(port)
+
+    def pass_on(self, data, from_server, conn):
+        if not from_server and not self.fired.is_set() and self.marker in data:
+            self.armed.wait(10)
+            self.fired.set()
+            self.victim.kill()
+        return True
+
+
+def test_a_worker_killed_as_it_takes_its_id_leaves_a_lease_that_lapses(cluster):
+    """The worker id's lease was HSETNX, then PEXPIRE apart: a worker killed between the two
+    left a heartbeat hash with an owner and no time to live, and every restart under that id
+    waited, then exited 78 ("held by another process") for good; a reader between them saw
+    a live worker's hash with none (a flake of test_heartbeat_outlives_one_timed_out_keeper_command
+    under ASan). The two now go in one MULTI/EXEC (PEXPIRE NX)."""
+    from conftest import Worker
+    proxy = KillAtProxy(cluster.server.port, b"HSETNX")
+    w = Worker(cluster.tmp, f"redis://127.0.0.1:{proxy.port}/0", "mortal", cluster.model, args=["--prefix", "duogen"])
+    proxy.victim = w.proc
+    proxy.armed.set()
+    cluster.workers.append(w)
+    wait_until(proxy.fired.is_set, timeout=20, what="the worker killed as it sends HSETNX")
+    w.proc.wait(10)
+    key = "duogen:worker:mortal"
+    wait_until(lambda: cluster.r.exists(key), timeout=5, what="the lease written")
+    ttl = cluster.r.pttl(key)
+    assert 0 < ttl <= 10000, ttl   # heartbeat_ttl_ms: 5000 + the keeper's command timeout 5000
+    heir = cluster.worker("mortal")   # the id's owner is dead: its lease lapses, the heir takes it
+    wait_until(lambda: "lapsed: taken over" in heir.logs(), timeout=20, what="the dead process's lease taken over")
+    cluster.enqueue("mortaljob", "hello")
+    assert cluster.wait_result("mortaljob", timeout=20)["status"] == b"done"
+    assert heir.alive(), heir.logs()
