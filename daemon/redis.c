@@ -410,6 +410,18 @@ static int refused_for_good(const redisReply *rep) {
             strstr(rep->str, "no password is set") || strstr(rep->str, "DB index is out of range"));
 }
 
+/* A server at its maxclients accepts the connection, writes its refusal and closes it:
+ * the first command's reply is that refusal, the next command's a reset connection (a
+ * refusal read so was ignored as CLIENT SETNAME's, and the worker said only "Connection
+ * reset by peer (is it a TLS port?)"). 1 when rep is it (recorded), to be retried. */
+static int turned_away(dg_redis *r, const redisReply *rep) {
+    if (!dg_reply_is_error(rep, "ERR max number of clients")) return 0;
+    char where[300];
+    snprintf(r->error, sizeof r->error, "%s turned the connection away: %s (the server's maxclients; or fewer "
+             "clients)", dg_redis_where(r, where, sizeof where), rep->str);
+    return 1;
+}
+
 /* Runs one set-up command (AUTH, SELECT); on an error reply records it and returns -1,
  * setting r->fatal for a refusal no retry mends (the worker exits 78 naming it). */
 static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
@@ -418,7 +430,8 @@ static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
         return -1;
     }
     int bad = rep->type == REDIS_REPLY_ERROR;
-    if (bad) {
+    if (bad && turned_away(r, rep)) {
+    } else if (bad) {
         snprintf(r->error, sizeof r->error, "%s refused: %s", what, rep->str);
         if (refused_for_good(rep)) r->fatal = 1;
     }
@@ -474,7 +487,9 @@ static int connect_now(dg_redis *r) {
         snprintf(r->error, sizeof r->error, "CLIENT SETNAME: %s", r->c->errstr);
         goto fail;
     }
+    const int away = turned_away(r, rep);
     freeReplyObject(rep);
+    if (away) goto fail;
     /* a server still loading its dataset accepts connections and answers LOADING to every
      * command but a few: not connected yet, the backoff applies */
     if (!(rep = redisCommand(r->c, "PING"))) {

@@ -564,3 +564,44 @@ def test_events_sent_again_after_a_cut_connection_are_shown_once(cluster):
     assert out.splitlines() == ["started worker=a attempt=1", "text Echo:", "text  one", "text  two",
                                 "started worker=b attempt=2", "text Echo:", "done (stop)"], out
     assert "trimmed" not in err, err
+
+
+def test_watch_into_a_pipe_follows_and_a_reader_that_leaves_ends_it(cluster):
+    """`duogenctl watch` into a pipe printed nothing until its job ended (its lines waited in
+    stdio's buffer): each read's lines now go out before it waits for more. And duogenctl
+    ignores SIGPIPE, so that a Redis server closing the connection is an error naming it
+    (test_queue_faults: a server at maxclients); a reader of its standard output that leaves
+    (`duogenctl watch J | head -1`) still ends it by SIGPIPE, as it ends any writer, watch
+    and top alike, not writing into nothing until the job ends or for ever."""
+    cluster.worker()
+    # 30 s of words, 2.4 KB of lines: less than stdio buffers for a pipe (4 KB), which made
+    # them go out at its end
+    cluster.enqueue("piped", " ".join(["w"] * 300), meta={"fake.step_ms": 100})
+    for args in (["watch", "piped"], ["top", "--interval", "0.1"]):
+        p = subprocess.Popen([CTL, "--redis", cluster.server.url] + args, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        first = p.stdout.readline()
+        assert first, args
+        if args[0] == "watch":
+            assert first.startswith(b"started worker=w1"), first
+            assert not cluster.result("piped"), "the first line came when the job had ended"
+        p.stdout.close()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise AssertionError(f"{args}: still running with its reader gone")
+        assert p.returncode == -13, (args, p.returncode, p.stderr.read())
+
+
+def test_stats_and_top_show_a_worker_before_its_first_beat_as_starting(cluster):
+    """The heartbeat hash holds only the id's lease (`owner`) between the lease and the first
+    beat: stats showed no state and a heartbeat 56 years ago (now - 0), top the same."""
+    cluster.r.hset(cluster.key("worker", "early"), "owner", "1234abcd")
+    p = ctl(cluster, "stats")
+    assert p.returncode == 0, p
+    line = [l for l in p.stdout.splitlines() if l.split()[:1] == ["early"]]
+    assert len(line) == 1 and line[0].split() == ["early", "starting", "-"], line
+    p = ctl(cluster, "top", "--once")
+    line = [l for l in p.stdout.splitlines() if l.split()[:1] == ["early"]]
+    assert len(line) == 1 and line[0].split()[:3] == ["early", "starting", "-"], (line, p.stdout)

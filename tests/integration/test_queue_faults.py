@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 
-from conftest import exposition, free_port, pb, scrape_metrics, wait_until
+from conftest import BUILD, exposition, free_port, pb, scrape_metrics, wait_until
 
 
 def results_of(cluster, ids):
@@ -543,7 +543,10 @@ def test_a_keeper_turned_away_says_the_leases_lapse(cluster):
     """The keeper's own connection refused (maxclients reached: the main connection still
     works) left the leases unrenewed and a live worker's running job was taken over, with
     nothing said but one "Redis unavailable". Now the keeper says what it means, and when it
-    renews again."""
+    renews again. The server's own words are said (its refusal came as the reply to CLIENT
+    SETNAME, which was ignored: the log said "Connection reset by peer (is it a TLS port?)"),
+    and duogenctl says them too (it died of SIGPIPE writing to the closed socket, exit 141
+    with nothing said)."""
     w = cluster.worker("mc")
     cluster.wait_groups()
     cluster.enqueue("long", " ".join(["w"] * 50), meta={"fake.step_ms": 100})
@@ -555,6 +558,11 @@ def test_a_keeper_turned_away_says_the_leases_lapse(cluster):
     admin.client_kill_filter(_id=keeper[0]["id"])
     wait_until(lambda: "the keeper cannot reach Redis" in w.logs(), what="the keeper's word")
     assert "are not renewed" in w.logs()
+    assert "turned the connection away: ERR max number of clients reached (the server's maxclients" in w.logs()
+    assert "TLS" not in w.logs()
+    p = subprocess.run([os.path.join(BUILD, "duogenctl"), "--redis", cluster.server.url, "stats"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 3 and "turned the connection away: ERR max number of clients reached" in p.stderr, p
     admin.config_set("maxclients", "10000")
     wait_until(lambda: "the keeper renews the running jobs' leases again" in w.logs(), what="renewing again")
     assert cluster.wait_result("long")["status"] == b"done"

@@ -29,6 +29,7 @@
 #include "../../daemon/redis.h"
 #include "duogen.pb-c.h"
 #include "html.h"
+#include "out.h"
 #include "top.h"
 #include <jansson.h>
 
@@ -617,7 +618,7 @@ static int cmd_enqueue(int argc, char **argv) {
     parse_enqueue(argc, argv, &o);
     push_job(&o);
     printf("%s\n", o.id);
-    fflush(stdout);
+    dg_ctl_flush();
     int rc = 0;
     if (o.wait) {
         rc = follow(o.id, 1);
@@ -658,7 +659,7 @@ static void bar_show(view *v, const char *what, double frac) {
     if (!v->tty) return;
     if (v->live && !v->bar_shown && v->mid_line) {   /* keep the text's line: the bar goes below it */
         fputc('\n', stdout);
-        fflush(stdout);
+        dg_ctl_flush();
         v->mid_line = 0;
     }
     int width = 30, filled = (int)(frac * width + 0.5);
@@ -685,12 +686,10 @@ static void put_text(view *v, const char *text) {
     }
     bar_clear(v);
     fputs(text, stdout);
-    fflush(stdout);
+    dg_ctl_flush();
     v->mid_line = text[n - 1] != '\n';
 }
 
-/* Reads the job's events from the start; prints text as it arrives (show_text) or one line
- * per event. Returns 0 for done, EXIT_JOB otherwise. */
 /* The answer's text from the result hash (events trimmed away: what was followed is not all
  * of it), on stdout. */
 static void print_result_text(const char *id) {
@@ -718,6 +717,9 @@ static uint64_t event_hash(const redisReply *f) {
     return h;
 }
 
+/* Reads the job's events from the start; prints text as it arrives (show_text) or one line
+ * per event, each read's lines flushed before the next waits (into a pipe they
+ * came all at once when the job ended). Returns 0 for done, EXIT_JOB otherwise. */
 static int follow(const char *id, int show_text) {
     char k_events[512], last[64] = "0", line[8192];   /* an error of 1024 bytes with its code, a path of 4096 */
     key(k_events, sizeof k_events, "events", id);
@@ -818,7 +820,7 @@ static int follow(const char *id, int show_text) {
                         fputs(v.held, stdout);
                         if (v.held[v.n_held - 1] != '\n') fputc('\n', stdout);
                     }
-                    fflush(stdout);
+                    dg_ctl_flush();
                     fprintf(stderr, "%s\n", line);
                     line[0] = 0;
                 }
@@ -826,8 +828,9 @@ static int follow(const char *id, int show_text) {
             if (line[0]) printf("%s\n", line);
         }
         freeReplyObject(rep);
+        dg_ctl_flush();
     }
-    fflush(stdout);
+    dg_ctl_flush();
     free(v.held);
     free(seen);
     return rc;
@@ -1180,10 +1183,10 @@ static void batch_ended(batch_job *b, const char *status, const char *out_dir, i
     if (out_dir) {
         char dir[4400];
         snprintf(dir, sizeof dir, "%s/%s", out_dir, b->id);
-        fflush(stdout);
+        dg_ctl_flush();
         write_result(b->id, dir, NULL, 0);
     }
-    fflush(stdout);
+    dg_ctl_flush();
     progress_show();
 }
 
@@ -1410,9 +1413,13 @@ static int cmd_stats(int argc, char **argv) {
             redisReply *h = cmd(dg_cmd_of("HGETALL", wk, NULL));
             if (!strcmp(hstr(h, "redis_evicts"), "1") && !evicting[0])   /* the first worker that read it */
                 snprintf(evicting, sizeof evicting, "%s", wk + strlen(pattern) - 1);
-            long long age = (long long)(dg_now_ms() - strtoll(hstr(h, "updated_ms"), NULL, 10));
-            printf("  %-28s %-9s %-8s %-8s %-7s %6.1fs ago %s\n", wk + strlen(pattern) - 1, hstr(h, "state"),
-                   hstr(h, "jobs_done"), hstr(h, "jobs_failed"), hstr(h, "jobs_dead"), age / 1000.0, hstr(h, "job"));
+            /* a hash with no beat yet: the id's lease taken (its owner field), the first beat
+             * to come (it showed "starting" nowhere, and a heartbeat 56 years ago) */
+            const char *beat = hstr(h, "updated_ms"), *state = hstr(h, "state");
+            char age[32] = "         -";
+            if (beat[0]) snprintf(age, sizeof age, "%6.1fs ago", (dg_now_ms() - strtoll(beat, NULL, 10)) / 1000.0);
+            printf("  %-28s %-9s %-8s %-8s %-7s %s %s\n", wk + strlen(pattern) - 1, state[0] ? state : "starting",
+                   hstr(h, "jobs_done"), hstr(h, "jobs_failed"), hstr(h, "jobs_dead"), age, hstr(h, "job"));
             freeReplyObject(h);
             n_workers++;
         }
@@ -1913,9 +1920,11 @@ int main(int argc, char **argv) {
     for (size_t k = 0; k < N_OF(files); k++)   /* a file: 3; a bad URL or a file not of its kind: 2 */
         if (files[k].path[0] && access(files[k].path, R_OK))
             die(EXIT_IO, "%s \"%s\": %s", files[k].opt, files[k].path, strerror(errno));
+    signal(SIGPIPE, SIG_IGN);   /* out.h */
     if (dg_redis_init(&R, &cfg, "duogenctl", 10000, err, sizeof err)) die(EXIT_USAGE, "%s", err);
     int rc = c->run(argc - i - 1, argv + i + 1);
     dg_redis_close(&R);
+    dg_ctl_flush();
     if (rc < 0) {
         fprintf(stderr, "usage: duogenctl [OPTION]... %s %s\n", c->name, c->args);
         rc = EXIT_USAGE;

@@ -1,4 +1,5 @@
 #include "top.h"
+#include "out.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -109,8 +110,10 @@ static void put_bar(FILE *out, double frac) {
 /* One line per job a worker runs ("-" when idle), the worker's columns on its first. */
 static void frame_worker(FILE *out, dg_redis *r, const char *prefix, const char *id, const redisReply *w) {
     char jobs[512], head[160];
-    long long age = dg_now_ms() - strtoll(field(w, "updated_ms"), NULL, 10);
-    snprintf(head, sizeof head, "%-20.20s %-9.9s %5.1fs %6s %6s", id, field(w, "state"), age / 1000.0,
+    const char *beat = field(w, "updated_ms"), *state = field(w, "state");   /* none yet: starting */
+    char age[24] = "     -";
+    if (beat[0]) snprintf(age, sizeof age, "%5.1fs", (dg_now_ms() - strtoll(beat, NULL, 10)) / 1000.0);
+    snprintf(head, sizeof head, "%-20.20s %-9.9s %s %6s %6s", id, state[0] ? state : "starting", age,
              field(w, "jobs_done"), field(w, "jobs_failed"));
     snprintf(jobs, sizeof jobs, "%s", field(w, "job"));
     int lines = 0;
@@ -201,7 +204,7 @@ static void draw(const char *frame) {
         }
     }
     fputs("\033[J", stdout);
-    fflush(stdout);
+    dg_ctl_flush();
 }
 
 /* Waits up to ms for a key; returns 1 when q was pressed. A stdin at its end is not read again. */
@@ -224,7 +227,7 @@ int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_
     size_t len = 0;
     if (once) {
         int rc = render(stdout, r, prefix, where, 0);
-        fflush(stdout);
+        dg_ctl_flush();
         return rc ? 3 : 0;
     }
     struct sigaction sa = {0};
@@ -235,7 +238,7 @@ int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_
         while (!stop) {
             render(stdout, r, prefix, where, 0);
             putchar('\n');
-            if (fflush(stdout) || ferror(stdout)) return 3;   /* a full disk (a pipe's reader gone: SIGPIPE) */
+            dg_ctl_flush();   /* a full disk: exit 3, naming it; a pipe whose reader left: SIGPIPE */
             int stdin_open = 0;
             wait_key(interval_ms, &stdin_open);
         }
@@ -262,7 +265,7 @@ int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_
         if (wait_key(interval_ms, &stdin_open)) break;
     }
     fputs("\033[?25h\033[?1049l", stdout);
-    fflush(stdout);
+    dg_ctl_flush();
     if (tty) tcsetattr(STDIN_FILENO, TCSANOW, &saved);
     return 0;
 }

@@ -16,8 +16,8 @@
 
 /* Returns 0 after q, Ctrl-C or one frame (once); 3 when once mode could not read Redis or
  * was refused a command (the frame names it; a producer's ACL user cannot read what top
- * reads), or the frames could not be written (a full disk; a pipe whose reader left ends
- * it by SIGPIPE, as it ends any writer). */
+ * reads). Frames that cannot be written end duogenctl (out.h: a full disk exits 3, naming
+ * it; a pipe whose reader left, SIGPIPE). */
 int dg_top_run(dg_redis *r, const char *prefix, const char *where, int interval_ms, int once);
 
 #endif
