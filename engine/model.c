@@ -102,7 +102,8 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
         if (stat(path, &st))
             return fail(err, errlen, DG_EMODEL, "%s: %s (a model package needs its duogen.json)", path, strerror(errno));
         if (jrc == DG_ENOMEM) return fail(err, errlen, DG_ENOMEM, "%s: out of memory reading it", path);
-        return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+        char why[256];
+        return fail(err, errlen, DG_EMODEL, "%s: %s", path, dg_json_why(&je, why, sizeof why));
     }
     *manifest = j;
     if (!json_is_object(j)) return fail(err, errlen, DG_EMODEL, "%s: not a JSON object", path);
@@ -120,6 +121,11 @@ static int read_package(dg_model *m, json_t **manifest, char *err, size_t errlen
         for (size_t i = 0; i < json_array_size(layers); i++) {
             json_t *v = json_array_get(layers, i);
             if (!json_is_integer(v)) return fail(err, errlen, DG_EMODEL, "%s: condition_layers[%zu] is not an integer", path, i);
+            /* bounded before the cast (2^32 came in as layer 0; checked against the decoder's
+             * layers once it is open) */
+            if (json_integer_value(v) < 0 || json_integer_value(v) > 1 << 20)
+                return fail(err, errlen, DG_EMODEL, "%s: condition_layers[%zu] is %" JSON_INTEGER_FORMAT
+                            ", not a layer number", path, i, json_integer_value(v));
             const int layer = (int)json_integer_value(v);
             for (int k = 0; k < m->n_cond_layers; k++)   /* each layer's rows fill one slot of the connector's */
                 if (m->cond_layers[k] == layer)
@@ -146,7 +152,8 @@ static int load_optional(const char *dir, const char *name, json_t **out, char *
     if (stat(path, &st)) return 0;
     const int jrc = dg_json_load_file(path, 0, out, &je);
     if (jrc == DG_ENOMEM) return fail(err, errlen, DG_ENOMEM, "%s: out of memory reading it", path);
-    if (jrc) return fail(err, errlen, DG_EMODEL, "%s: line %d: %s", path, je.line, je.text);
+    char why[256];
+    if (jrc) return fail(err, errlen, DG_EMODEL, "%s: %s", path, dg_json_why(&je, why, sizeof why));
     return 0;
 }
 

@@ -167,6 +167,13 @@ int dg_sched_new(dg_model *m, const dg_sched_opts *o, dg_sched **out, char *err,
         /* one image can have at most max_context tokens of m² patches each */
         int64_t max_patches = (int64_t)m->max_context * m->pp.merge_size * m->pp.merge_size;
         int64_t by_pixels = m->pp.max_pixels / ((int64_t)m->pp.patch_size * m->pp.patch_size);
+        /* a picture's patches come in whole m x m groups, and at least one (transformers'
+         * smart_resize: sides of m * patch pixels, never below one such square): a
+         * max_pixels of 1960 (10 patches) stopped the start, "max_patches 10 is not a
+         * positive multiple of 4"; it holds 8 */
+        const int64_t group = (int64_t)m->pp.merge_size * m->pp.merge_size;
+        by_pixels = by_pixels / group * group;
+        if (by_pixels < group) by_pixels = group;
         if (by_pixels < max_patches) max_patches = by_pixels;
         if ((rc = dg_vision_state_new(&m->vision, s->be, (int)max_patches, &s->vs, err, errlen)) < 0) goto fail;
         rc = DG_ENOMEM;   /* for each failure below (a 0 from the call above returned the scheduler NULL) */

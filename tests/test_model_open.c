@@ -28,6 +28,10 @@
  *   4 (cut); a DiT file without extra_pos_embed_type (diffusers' default "learnable") or
  *   without concat_padding_mask (diffusers' true: it was refused); while the files of the
  *   published layouts and transformers 5's and diffusers' re-saves still open;
+ * - something other than a regular file in place of a package's file (a FIFO blocked the
+ *   start for ever; a directory said "mmap: No such device" or "not valid JSON: line 1
+ *   column 0"; a link to nowhere in place of the weights "no model.safetensors"), and bytes
+ *   after the last tensor's data (copied into memory: a file grown by 3 GB loaded);
  * And the load's progress: reported as each weight is bound, not only between phases (a
  * GPU upload of billions of weights ran minutes without a word, past systemd's start
  * timeout, which each report extends). */
@@ -35,6 +39,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "common/harness.h"
 #include "common/jobs.h"
@@ -80,6 +86,11 @@ static void wrapping_merge(json_t *j) {   /* merge x patch = 2^32: 0 in an int *
     json_object_set_new(json_object_get(j, "vision_config"), "patch_size", json_integer(65536));
 }
 static void layer_twice(json_t *j) { json_object_set_new(j, "condition_layers", json_pack("[i,i]", 0, 0)); }
+static void layer_past_int(json_t *j) {   /* 2^32: cut to an int, it was layer 0 */
+    json_object_set_new(j, "condition_layers", json_pack("[I,i]", (json_int_t)1 << 32, 1));
+}
+static void rope_scale_zero(json_t *j) { json_object_set_new(j, "rope_scale", json_pack("[f,f,f]", 1.0, 0.0, 1.0)); }
+static void rope_scale_negative(json_t *j) { json_object_set_new(j, "rope_scale", json_pack("[f,f,f]", 1.0, -1.0, 1.0)); }
 static void unmerged(json_t *j) { json_object_set_new(j, "merge_size", json_integer(1)); }
 static void mean_as_text(json_t *j) { json_object_set_new(j, "image_mean", json_pack("[s,s,s]", "0.48", "0.45", "0.40")); }
 static void flat_std(json_t *j) { json_object_set_new(j, "image_std", json_pack("[f,f,f]", 0.26, 0.0, 0.27)); }
@@ -120,6 +131,10 @@ TEST(configs_that_disagree_are_refused_by_name) {
     refused_edit("dit/config.json", no_blocks, "dit/config.json: \"num_layers\" 0 must be 1 .. 65536");
     refused_edit("mllm/config.json", wrapping_merge, "vision_config: \"patch_size\" 65536 must be 1 .. 1024");
     refused_edit("duogen.json", layer_twice, "duogen.json: condition_layers names layer 0 twice");
+    refused_edit("duogen.json", layer_past_int, "duogen.json: condition_layers[0] is 4294967296, not a layer number");
+    /* the RoPE's frequencies infinite or NaN: every picture came out black, the jobs "done" */
+    refused_edit("dit/config.json", rope_scale_zero, "dit/config.json: rope_scale [1, 0, 1]: each must be above 0");
+    refused_edit("dit/config.json", rope_scale_negative, "dit/config.json: rope_scale [1, -1, 1]: each must be above 0");
     refused_edit("mllm/preprocessor_config.json", unmerged,
                  "preprocessor_config.json: patch_size 14, temporal_patch_size 2, merge_size 1 must be config.json's");
     refused_edit("mllm/preprocessor_config.json", mean_as_text,
@@ -545,6 +560,42 @@ TEST(max_image_pixels_bounds_an_input_image) {
     dg_model_close(m);
 }
 
+/* A max_pixels that is not a whole number of 2x2 patch groups (1960: 10 patches of 14x14)
+ * or under one group (100): the start stopped with "vision state: max_patches 10 is not a
+ * positive multiple of 4"; transformers' smart_resize makes such a picture 28x56 (1960) or
+ * 28x28 (100, its least). Both now run a picture, as transformers sizes it. */
+static int64_t small_max_pixels;
+static void set_small_max_pixels(json_t *j) {
+    json_object_set_new(j, "max_pixels", json_integer(small_max_pixels));
+    json_object_set_new(j, "min_pixels", json_integer(small_max_pixels < 784 ? small_max_pixels : 784));
+}
+
+TEST(a_max_pixels_between_patch_groups_runs) {
+    static const int64_t limits[] = {1960, 100};
+    for (size_t k = 0; k < sizeof limits / sizeof limits[0]; k++) {
+        char dir[512], err[512];
+        small_max_pixels = limits[k];
+        if (edited("mllm/preprocessor_config.json", set_small_max_pixels, dir, sizeof dir) < 0) { CHECK(!"package"); return; }
+        dg_model *m = NULL;
+        CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+        if (!m) return;
+        size_t len;
+        uint8_t *png = test_png(60, 40, 1, &len);
+        dg_part parts[2];
+        dg_message msg;
+        dg_request r = question_about(png, len, parts, &msg);
+        dg_sched *s = NULL;
+        test_job c = {0};
+        const int rc = dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err);
+        if (rc) test_fail(__FILE__, __LINE__, "max_pixels %lld: %s", (long long)limits[k], err);
+        if (!rc) CHECK_EQ_INT(test_job_run(s, &r, &c), 0);
+        test_job_free(&c);
+        dg_sched_free(s);
+        free(png);
+        dg_model_close(m);
+    }
+}
+
 /* A picture larger than the DiT's positions reach (max_size / patch: 1920 a side for the
  * tiny model, as for Cosmos-Predict2.5) is refused at submit; it failed at its first
  * denoising step, after the answer's text and a DiT state sized for it. */
@@ -575,6 +626,56 @@ TEST(a_picture_past_the_dits_positions_is_refused_at_submit) {
     }
     dg_sched_free(s);
     dg_model_close(m);
+}
+
+
+/* One tiny package (of this test's own: MADE_MAX a process at most) with dir/file set aside and
+ * replaced by what `put` makes there, which the loader must refuse saying want; the file
+ * is put back after. */
+static void refused_in_place_of(const char *file, int (*put)(const char *path), const char *want) {
+    static char dir[512];
+    char path[700], aside[720];
+    if (!dir[0] && test_make_package("tiny", 3, NULL, dir, sizeof dir) < 0) {
+        test_fail(__FILE__, __LINE__, "cannot make the package");
+        dir[0] = 0;
+        return;
+    }
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    snprintf(aside, sizeof aside, "%s.aside", path);
+    if (rename(path, aside) || put(path)) {
+        test_fail(__FILE__, __LINE__, "cannot put something in place of %s", path);
+        return;
+    }
+    refused(dir, want);
+    if (remove(path) || rename(aside, path)) test_fail(__FILE__, __LINE__, "cannot put %s back", path);
+}
+
+static int put_fifo(const char *path) { return mkfifo(path, 0644); }
+static int put_dir(const char *path) { return mkdir(path, 0755); }
+static int put_dangling(const char *path) { return symlink("nowhere.safetensors", path); }
+
+TEST(odd_files_in_a_package_are_named) {
+    /* a FIFO: the start waited for a writer for ever (open() and jansson's read) */
+    refused_in_place_of("duogen.json", put_fifo, "duogen.json: not a regular file (a FIFO)");
+    refused_in_place_of("mllm/config.json", put_fifo, "mllm/config.json: cannot open: not a regular file (a FIFO)");
+    refused_in_place_of("mllm/vocab.json", put_fifo, "mllm/vocab.json: cannot read: not a regular file (a FIFO)");
+    refused_in_place_of("mllm/merges.txt", put_fifo, "mllm/merges.txt: cannot read: not a regular file (a FIFO)");
+    refused_in_place_of("mllm/model.safetensors", put_fifo, "mllm/model.safetensors: not a regular file (a FIFO)");
+    /* a directory: "mmap: No such device", "not valid JSON: line 1 column 0" */
+    refused_in_place_of("vae/diffusion_pytorch_model.safetensors", put_dir,
+                        "vae/diffusion_pytorch_model.safetensors: not a regular file (a directory)");
+    refused_in_place_of("dit/config.json", put_dir, "dit/config.json: not a regular file (a directory)");
+    /* a link to nowhere: "no model.safetensors or diffusion_pytorch_model.safetensors" */
+    refused_in_place_of("mllm/model.safetensors", put_dangling, "mllm/model.safetensors: No such file or directory");
+}
+
+TEST(bytes_after_the_last_tensor_are_refused) {
+    char dir[512], path[700];
+    CHECK(test_make_package("tiny", 3, NULL, dir, sizeof dir) == 0);
+    snprintf(path, sizeof path, "%s/dit/diffusion_pytorch_model.safetensors", dir);
+    FILE *f = fopen(path, "ab");
+    CHECK(f && fputc(0, f) == 0 && fclose(f) == 0);
+    refused(dir, "dit/diffusion_pytorch_model.safetensors: 1 bytes after the last tensor's data");
 }
 
 int main(void) { return test_main(); }

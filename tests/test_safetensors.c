@@ -100,6 +100,14 @@ TEST(bad_headers_are_errors_naming_the_tensor) {
                        "\"e\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,8]},"
                        "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[16,24]}}", 24, err, sizeof err),
                  0);
+    /* bytes after the last tensor's data: refused as the reference library refuses them
+     * (MetadataIncompleteBuffer); they were copied into memory with the weights */
+    CHECK_EQ_INT(parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", 17, err, sizeof err),
+                 DG_EMODEL);
+    CHECK(strstr(err, "1 bytes after the last tensor's data") != NULL);
+    CHECK_EQ_INT(parse("{\"e\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}}", 4, err, sizeof err),
+                 DG_EMODEL);
+    CHECK_EQ_INT(parse("{}", 0, err, sizeof err), 0);
     /* a header length past the end of the file */
     uint8_t b[16] = {0xff, 0xff, 0, 0, 0, 0, 0, 0, '{', '}'};
     dg_st *st;

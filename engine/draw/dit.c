@@ -115,6 +115,14 @@ static int read_config(dg_dit_config *c, const char *path, char *err, size_t err
                      path, patch[0], patch[1], patch[2], max_size[0], max_size[1], max_size[2]);
             goto out;
         }
+    /* the RoPE's NTK factors, pow(rope_scale, d / (d - 2)) times its theta: 0 or below gave
+     * infinite or NaN frequencies, and every picture came out black with the job "done" */
+    for (int i = 0; i < 3; i++)
+        if (!(c->rope_scale[i] > 0.0f && c->rope_scale[i] <= 1e6f)) {
+            snprintf(err, errlen, "%s: rope_scale [%g, %g, %g]: each must be above 0 (at most 1e6)", path,
+                     c->rope_scale[0], c->rope_scale[1], c->rope_scale[2]);
+            goto out;
+        }
     /* counts and widths bounded before they are multiplied (a head count that wrapped the
      * product to the checkpoint's width loaded, and the first step read past its arrays) */
     static const int most = 1 << 16;

@@ -2,11 +2,13 @@
 #include "io/json_config.h"
 
 #include <pthread.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "duogen.h"
+#include "io/file.h"
 
 /* ---- parsing ---------------------------------------------------------------------------- */
 
@@ -38,7 +40,25 @@ static int parsed(json_t *j, json_t **out, const json_error_t *je) {
 int dg_json_load_file(const char *path, size_t flags, json_t **out, json_error_t *je) {
     pthread_once(&json_alloc_once, json_alloc_set);
     json_oom = 0;
-    return parsed(json_load_file(path, flags, je), out, je);
+    char why[sizeof je->text];
+    const int fd = dg_open_regular(path, why, sizeof why);
+    if (fd < 0) {
+        memset(je, 0, sizeof *je);
+        je->line = je->column = -1;
+        snprintf(je->text, sizeof je->text, "%s", why);
+        snprintf(je->source, sizeof je->source, "%s", "<file>");
+        *out = NULL;
+        return DG_EMODEL;
+    }
+    json_t *j = json_loadfd(fd, flags, je);
+    close(fd);
+    return parsed(j, out, je);
+}
+
+const char *dg_json_why(const json_error_t *je, char *buf, size_t n) {
+    if (je->line > 0) snprintf(buf, n, "line %d column %d: %s", je->line, je->column, je->text);
+    else snprintf(buf, n, "%s", je->text);
+    return buf;
 }
 
 int dg_json_loadb(const char *buf, size_t len, size_t flags, json_t **out, json_error_t *je) {

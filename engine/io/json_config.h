@@ -14,6 +14,9 @@
  * Return 0 (*out set), DG_ENOMEM, or DG_EMODEL (*je says where and why). */
 int dg_json_load_file(const char *path, size_t flags, json_t **out, json_error_t *je);
 int dg_json_loadb(const char *buf, size_t len, size_t flags, json_t **out, json_error_t *je);
+/* A failed parse's reason: "line L column C: what", or what alone where the file could not
+ * be read (dg_open_regular's reason: "Permission denied", "not a regular file (a FIFO)"). */
+const char *dg_json_why(const json_error_t *je, char *buf, size_t n);
 
 /* A non-negative integer (at most 2^30); absent or null: def, or an error when required. */
 int dg_json_int(json_t *root, const char *key, int def, int required, int *out,

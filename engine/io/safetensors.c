@@ -1,5 +1,6 @@
 /* safetensors.c — safetensors parsing, mmap of single and sharded checkpoints. */
 #include "io/safetensors.h"
+#include "io/file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -332,6 +333,21 @@ int dg_st_add_buffer(dg_st *st, const uint8_t *data, size_t size, const char *la
         }
     }
     if (!seeded && (rc = check_disjoint(tmp, n, label, err, errlen)) < 0) goto fail;
+    if (!seeded) {
+        /* the data ends with the last tensor's, as the reference library requires
+         * (MetadataIncompleteBuffer): bytes beyond it were copied into memory with the rest (a
+         * file grown by 3 GB loaded, its resident size 70 times the weights') */
+        size_t end = 0;
+        for (size_t i = 0; i < n; i++)
+            if (tmp[i].nbytes && (size_t)((const uint8_t *)tmp[i].data - payload) + tmp[i].nbytes > end)
+                end = (size_t)((const uint8_t *)tmp[i].data - payload) + tmp[i].nbytes;
+        if (end != payload_len) {
+            snprintf(err, errlen, "%s: %zu bytes after the last tensor's data (the file is %zu bytes; its tensors end at "
+                     "%zu)", label, payload_len - end, size, (size_t)8 + (size_t)hlen + end);
+            rc = DG_EMODEL;
+            goto fail;
+        }
+    }
     if (seeded && (rc = seed_payload(st, seeded, tmp, n, label, err, errlen)) < 0) goto fail;
     rc = DG_EMODEL;
     qsort(tmp, n, sizeof *tmp, by_name);
@@ -421,9 +437,10 @@ static int read_huge(dg_st *st, int fd, const char *path, size_t size, const uin
 
 static int map_file(dg_st *st, const char *path, const uint8_t **data, size_t *size, char *err,
                     size_t errlen) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    char why[128];
+    int fd = dg_open_regular(path, why, sizeof why);
     if (fd < 0) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        snprintf(err, errlen, "%s: %s", path, why);
         return DG_EMODEL;
     }
     struct stat sb;
@@ -478,6 +495,10 @@ static int add_index(dg_st *st, const char *index_path, char *err, size_t errlen
     snprintf(dir, sizeof dir, "%s", index_path);
     char *slash = strrchr(dir, '/');
     if (slash) *slash = 0; else snprintf(dir, sizeof dir, ".");
+    if (!root && je.line < 1) {   /* not read at all: its reason */
+        snprintf(err, errlen, "%s: %s", index_path, je.text);
+        goto out;
+    }
     if (!root || !json_is_object(map = json_object_get(root, "weight_map"))) {
         snprintf(err, errlen, "%s: not an index with a weight_map (%s)", index_path, root ? "" : je.text);
         goto out;
@@ -544,14 +565,17 @@ int dg_st_open_flags(const char *path, int flags, dg_st_tick tick, void *user, d
         /* Hugging Face's names (transformers), then diffusers' */
         static const char *stems[] = {"model", "diffusion_pytorch_model"};
         rc = 1;
+        /* a name present (lstat: a link to nowhere, a file we may not read) is opened, and
+         * what is wrong with it said: it was "no model.safetensors" */
+        struct stat lb;
         for (int i = 0; i < 2 && rc > 0; i++) {
             snprintf(buf, sizeof buf, "%s/%s.safetensors.index.json", path, stems[i]);
-            if (access(buf, R_OK) == 0) {
+            if (lstat(buf, &lb) == 0) {
                 rc = add_index(st, buf, err, errlen);
                 break;
             }
             snprintf(buf, sizeof buf, "%s/%s.safetensors", path, stems[i]);
-            if (access(buf, R_OK) == 0) rc = add_file(st, buf, err, errlen);
+            if (lstat(buf, &lb) == 0) rc = add_file(st, buf, err, errlen);
         }
         if (rc > 0) {
             snprintf(err, errlen, "%s: no model.safetensors or diffusion_pytorch_model.safetensors "

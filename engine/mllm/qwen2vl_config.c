@@ -1,13 +1,16 @@
 /* config.c — config.json reading with jansson. */
 #include "mllm/qwen2vl_config.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "duogen.h"
+#include "io/file.h"
 #include "io/json_config.h"
 
 /* Looks a key up in the nested object first (newer layouts), then in the flat root. */
@@ -430,10 +433,13 @@ int dg_config_parse(const char *json, size_t len, const char *label, dg_qwen2vl_
 int dg_config_load(const char *dir, dg_qwen2vl_config *c, char *err, size_t errlen) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
-    FILE *f = fopen(path, "rb");
+    char why[128];
+    const int fd = dg_open_regular(path, why, sizeof why);
+    FILE *f = fd < 0 ? NULL : fdopen(fd, "rb");
     if (!f) {
-        snprintf(err, errlen, "%s: cannot open", path);
-        return DG_EMODEL;
+        snprintf(err, errlen, "%s: cannot open: %s", path, fd < 0 ? why : strerror(errno));
+        if (fd >= 0) close(fd);
+        return fd < 0 ? DG_EMODEL : DG_ENOMEM;
     }
     char *buf = NULL;
     size_t len = 0, cap = 0, r;

@@ -5,6 +5,7 @@
  * converts into the same tokenizer. Every error names the file and what is wrong in it. */
 #include "text/tokenizer_internal.h"
 #include "duogen.h"
+#include "io/file.h"
 #include "io/json_config.h"
 
 #include <errno.h>
@@ -36,7 +37,9 @@ static int load_json(const char *path, json_t **out, char *err, size_t errlen) {
     json_t *j;
     const int rc = dg_json_load_file(path, JSON_ALLOW_NUL, &j, &je);
     if (rc == DG_ENOMEM) return DG_ENOMEM;   /* dg_tok_files_load says it */
-    if (rc) return fail(err, errlen, "%s: not valid JSON: line %d column %d: %s", path, je.line, je.column, je.text);
+    char why[256];
+    if (rc && je.line < 1) return fail(err, errlen, "%s: cannot read: %s", path, je.text);
+    if (rc) return fail(err, errlen, "%s: not valid JSON: %s", path, dg_json_why(&je, why, sizeof why));
     if (!json_is_object(j)) {
         json_decref(j);
         return fail(err, errlen, "%s: the top level is not a JSON object", path);
@@ -148,8 +151,14 @@ static int merge_add(const json_t *vocab, const char *l, size_t ll, const char *
 
 /* merges.txt: an optional "#version" first line, then "left right" per line (LF or CRLF). */
 static int merges_txt_load(const char *path, const json_t *vocab, dg_tok_files *f, char *err, size_t errlen) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return fail(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+    char why[128];
+    const int fd = dg_open_regular(path, why, sizeof why);
+    if (fd < 0) return fail(err, errlen, "%s: cannot read: %s", path, why);
+    FILE *fp = fdopen(fd, "rb");
+    if (!fp) {
+        close(fd);
+        return DG_ENOMEM;   /* dg_tok_files_load says it */
+    }
     char *line = NULL;
     size_t line_cap = 0, cap = 0;
     ssize_t n;

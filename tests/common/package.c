@@ -12,7 +12,7 @@
  * preset's 1.7 GB: left behind, every run of the suite filled /tmp by another ~100 MB).
  * Only by the process that made them: a child that forks from a test and exits leaves
  * them to it. */
-#define MADE_MAX 64
+#define MADE_MAX 96
 static char  made[MADE_MAX][32];
 static int   n_made;
 static pid_t made_by;
