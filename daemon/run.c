@@ -482,7 +482,13 @@ void dg_run_unstorable(dg_run *r, size_t largest, size_t total) {
 void dg_run_written(dg_run *r) {
     /* files of an earlier attempt beyond this one's images go, once this attempt's result is
      * the visible one (a stale attempt, whose job another worker finished, prunes nothing) */
-    if (!r->retry && dg_job_images_to_files(r->job.pb, r->cfg)) dg_outdir_prune(r->cfg->output_root, r->id, r->n_imgs);
+    if (r->retry) return;
+    /* a job not unpacked (given up past max_attempts, or failed by the taken index's sweep)
+     * names no picture; an earlier attempt may have written some, whatever the job chose
+     * (a job that chose Redis has no files there): they go (they stayed for ever beside a
+     * dead-lettered result that named none) */
+    if (r->job.pb ? dg_job_images_to_files(r->job.pb, r->cfg) : r->cfg->output_root[0] != 0)
+        dg_outdir_prune(r->cfg->output_root, r->id, r->n_imgs);
 }
 
 /* ---- the list of held runs ------------------------------------------------------------------ */

@@ -158,3 +158,21 @@ def test_an_image_that_cannot_be_written_in_the_answers_last_step_is_not_lost(cl
     assert res["status"] == b"failed" and res["error_code"] == b"EXHAUSTED", res
     err = res["error"].decode()
     assert "output_root: cannot write" in err and "Not a directory" in err, err
+
+
+def test_a_job_given_up_after_its_worker_died_leaves_no_files(cluster, tmpdir_path):
+    """A job of max_attempts 1 whose worker died after two of its pictures: the next
+    delivery gives it up (EXHAUSTED, dead-lettered) without unpacking it, and the pictures
+    the dead attempt wrote stayed for ever beside a result that names none."""
+    root = os.path.join(tmpdir_path, "out")
+    os.makedirs(root)
+    w1 = cluster.worker("w1", args=["--output-root", root])
+    cluster.wait_groups()
+    enqueue(cluster, "given-up", 3, max_attempts=1, meta={"fake.step_ms": 300})
+    wait_until(lambda: files_of(root, "given-up")[:2] == ["1.png", "2.png"], timeout=30, what="two files")
+    w1.kill()
+    cluster.worker("w2", args=["--output-root", root])
+    res = cluster.wait_result("given-up", timeout=40)
+    assert res["status"] == b"failed" and res["error_code"] == b"EXHAUSTED", res
+    assert not [p for p in pb.Result.FromString(res["pb"]).output if p.HasField("image")]
+    wait_until(lambda: files_of(root, "given-up") == [], timeout=10, what="the dead attempt's files removed")
