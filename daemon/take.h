@@ -68,6 +68,10 @@ typedef struct {
 
 #define DG_TAKE_STEPS_MAX 8
 #define DG_TAKE_RELEASED_MAX 4096   /* entries given back remembered at once (dg_taker) */
+/* How the job hash's note of a run given back at a stop ends (worker.c give_back_at_stop).
+ * It is written before the give-back: a delivery given up later that reads it as the last
+ * error knows the give-back never came (the worker died between the two), and says so. */
+#define DG_TAKE_NOT_COUNTED ", this attempt not counted"
 
 /* The steps run in order; dg_take_step_count() says with which COUNT, and a step with no
  * count left ends the plan. GROUPS steps take nothing, and a failed GROUPS step ends the

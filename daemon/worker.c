@@ -252,8 +252,8 @@ static void give_back_at_stop(dg_worker *w, int second_signal) {
     snprintf(idle, sizeof idle, "%d", cfg->claim_idle_ms);
     if (second_signal) snprintf(in, sizeof in, "before a second stop signal cut the drain short");
     else snprintf(in, sizeof in, "in the drain time (%d ms)", cfg->drain_ms);
-    snprintf(why, sizeof why, "worker \"%s\" stopped: the job not finished %s; left for another worker, this "
-             "attempt not counted", cfg->worker_id, in);
+    snprintf(why, sizeof why, "worker \"%s\" stopped: the job not finished %s; left for another worker"
+             DG_TAKE_NOT_COUNTED, cfg->worker_id, in);
     dg_utf8_scrub(why);
     fence_lost(w);   /* leases the keeper found lost on its last turns: not ours to give */
     for (dg_run *r = w->runs.first; r; r = r->next) {

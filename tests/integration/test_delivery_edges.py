@@ -1053,3 +1053,25 @@ def test_a_worker_killed_as_it_takes_its_id_leaves_a_lease_that_lapses(cluster):
     cluster.enqueue("mortaljob", "hello")
     assert cluster.wait_result("mortaljob", timeout=20)["status"] == b"done"
     assert heir.alive(), heir.logs()
+
+
+def test_a_give_back_that_never_came_is_not_said_to_be_uncounted(cluster):
+    """A worker stopping notes in the job hash "left for another worker, this attempt not
+    counted", then gives the entry back uncounted (XCLAIM RETRYCOUNT). Killed between the two,
+    the delivery counted: a job of max_attempts 1 is given up, and its dead letter's only
+    reason said the attempt was not counted. The state such a worker leaves is made here: its
+    note, and its delivery of the entry (consumer "gone")."""
+    cluster.r.xgroup_create(cluster.key("jobs"), "duogen", id="0", mkstream=True)
+    cluster.r.xgroup_create(cluster.key("jobs:high"), "duogen", id="0", mkstream=True)
+    cluster.enqueue("cut-short", "hello", max_attempts=1)
+    cluster.r.xreadgroup("duogen", "gone", {cluster.key("jobs"): ">"}, count=1)
+    cluster.r.hset(cluster.key("job", "cut-short"), mapping={
+        "state": "retrying", "worker": "gone", "attempt": "1",
+        "error": 'worker "gone" stopped: the job not finished in the drain time (300 ms); left for another worker, '
+                 "this attempt not counted"})
+    cluster.worker("heir")   # --claim-idle-ms 1500: the entry is taken over, its delivery 2 of 1
+    res = cluster.wait_result("cut-short", timeout=30)
+    assert res["status"] == b"failed" and res["error_code"] == b"EXHAUSTED", res
+    err = res["error"].decode()
+    assert err.endswith("left for another worker, but it died before it gave the job back: that attempt counted"), err
+    assert "not counted" not in err, err
