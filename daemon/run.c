@@ -279,6 +279,9 @@ static void on_finished(void *user, dg_finish_reason reason, const dg_usage *usa
     r->usage = *usage;
     r->timings = *t;
     r->timed = 1;
+    if (usage->nonfinite_images)   /* black there; the warm-up passed: this job's parameters? */
+        log_warn("job \"%s\": %lld of its pictures came out NaN or infinite (black there): the model diverged",
+                 r->id, (long long)usage->nonfinite_images);
     /* an image could not be written: another attempt may, whatever ended the answer (the
      * worker's cancel, or the answer's own end in the step that drew the picture) */
     if (r->out_failed[0]) {

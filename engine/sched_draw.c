@@ -65,6 +65,7 @@ void dg_sched_draw_account(dg_seq *q) {
     q->t.vae_ms += c.vae_ms;
     q->usage.cached_latents += c.cached_latents;
     q->usage.dit_forwards += c.dit_forwards;
+    q->usage.nonfinite_images += c.nonfinite;
 }
 
 /* The drawn image as a PNG (with the job id, seed and model in text chunks) to the sink. */

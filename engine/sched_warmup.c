@@ -60,6 +60,11 @@ int dg_sched_warmup(dg_sched *s, dg_usage *usage, char *err, size_t errlen) {
     int rc = dg_sched_submit(s, &r, &sink, &seq, why, sizeof why);
     while (rc == 0 && !w.done) rc = dg_sched_step(s, why, sizeof why);
     if (rc == 0 && w.code) rc = w.code, snprintf(why, sizeof why, "%s", w.message);
+    /* a package whose weights hold NaN (or whose configs make them: a rope_scale of 0 did)
+     * draws black pictures, each job "done": refused here, not served */
+    if (rc == 0 && w.usage.nonfinite_images)
+        rc = DG_EMODEL, snprintf(why, sizeof why, "its picture came out NaN or infinite (black): the package's DiT, "
+                                                  "VAE or connector weights, or their configs");
     dg_sched_counts_skip(s, &before);   /* a worker's figures are its jobs' */
     if (rc < 0) {
         snprintf(err, errlen, "warm-up: %s", why);

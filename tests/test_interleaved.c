@@ -4,6 +4,7 @@
  * bans it after max_images. A second run of the same job, now served by the prefix KV,
  * vision and latent caches, gives byte-identical text and PNGs; and caches never change
  * an answer, only the work done. */
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -384,6 +385,53 @@ TEST(max_condition_frames_keeps_the_latest_pictures) {
         test_job_free(&again[b]);
     }
     for (int i = 0; i < 3; i++) free(png[i]);
+    dg_model_close(m);
+}
+
+/* dir/file's tensor `name` (BF16) set to NaN in place: 0, or -1 when it is not there. */
+static int nan_tensor(const char *dir, const char *file, const char *name) {
+    char path[700];
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    FILE *f = fopen(path, "r+b");
+    uint8_t len8[8];
+    if (!f || fread(len8, 1, 8, f) != 8) {
+        if (f) fclose(f);
+        return -1;
+    }
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--) hlen = hlen << 8 | len8[i];
+    char *head = malloc(hlen + 1);
+    int rc = -1;
+    json_t *h = head && fread(head, 1, hlen, f) == hlen ? json_loadb(head, hlen, 0, NULL) : NULL;
+    json_t *off = json_object_get(json_object_get(h, name), "data_offsets");
+    const char *dtype = json_string_value(json_object_get(json_object_get(h, name), "dtype"));
+    if (off && dtype && !strcmp(dtype, "BF16")) {
+        const long b = (long)json_integer_value(json_array_get(off, 0)), e = (long)json_integer_value(json_array_get(off, 1));
+        rc = fseek(f, 8 + (long)hlen + b, SEEK_SET);
+        for (long i = b; rc == 0 && i < e; i += 2) rc = fputc(0xc0, f) == EOF || fputc(0x7f, f) == EOF ? -1 : 0;
+    }
+    json_decref(h);
+    free(head);
+    return fclose(f) || rc ? -1 : 0;
+}
+
+/* A package whose DiT weights hold NaN drew black pictures, each job "done", and its
+ * warm-up passed: the warm-up's picture, NaN, now refuses it. */
+TEST(warmup_refuses_a_package_that_draws_nan) {
+    char dir[512], err[512];
+    if (test_make_package("tiny", 3, NULL, dir, sizeof dir) < 0) { CHECK(!"package"); return; }
+    CHECK_EQ_INT(nan_tensor(dir, "dit/diffusion_pytorch_model.safetensors", "proj_out.weight"), 0);
+    dg_model *m = NULL;
+    CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+    if (!m) return;
+    dg_sched *s = NULL;
+    CHECK_EQ_INT(dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err), 0);
+    if (s) {
+        CHECK_EQ_INT(dg_sched_warmup(s, NULL, err, sizeof err), DG_EMODEL);
+        if (!strstr(err, "warm-up: its picture came out NaN or infinite (black)"))
+            test_fail(__FILE__, __LINE__, "message: %s", err);
+    }
+    dg_sched_free(s);
     dg_model_close(m);
 }
 

@@ -400,15 +400,19 @@ int dg_painter_step(dg_painter *p, char *err, size_t errlen) {
     return dg_painter_advance(p, dg_clock_now_ms() - t0, err, errlen);
 }
 
-static void pixels_to_rgb(const float *px, dg_image *img) {
+/* 1 when any value was NaN or infinite. */
+static int pixels_to_rgb(const float *px, dg_image *img) {
     int64_t plane = (int64_t)img->width * img->height;
+    int nonfinite = 0;
     for (int64_t i = 0; i < plane; i++)
         for (int c = 0; c < 3; c++) {
             float v = (px[c * plane + i] + 1.0f) * 127.5f;
+            nonfinite |= !isfinite(v);
             /* NaN (a diverged latent) fails every comparison: it goes to 0, for lrintf's
              * result for it is unspecified (C11 7.12.9.5) */
             img->rgb[i * 3 + c] = (uint8_t)(!(v > 0) ? 0 : v >= 255 ? 255 : lrintf(v));
         }
+    return nonfinite;
 }
 
 int dg_painter_finish(dg_painter *p, dg_image **out, dg_image_digest *hash, char *err, size_t errlen) {
@@ -426,7 +430,7 @@ int dg_painter_finish(dg_painter *p, dg_image **out, dg_image_digest *hash, char
         snprintf(err, errlen, "out of memory for a %dx%d image", W, H);
         goto out;
     }
-    pixels_to_rgb(scr->pixels, img);
+    p->cost.nonfinite = pixels_to_rgb(scr->pixels, img);
     dg_image_hash(img, hash);
     *out = img;
     img = NULL;

@@ -104,6 +104,8 @@ typedef struct {
     int64_t cached_latents;   /* condition images whose latent came from the latent cache */
     int64_t dit_forwards;     /* DiT network evaluations: one per step, two with guidance
                                  (both in one forward) */
+    int64_t nonfinite;        /* 1: the decoded picture held NaN or infinite values (drawn as
+                                 0 there: black) */
 } dg_painter_cost;
 
 /* Pixels of a condition frame when the worker sets no bound (max_condition_pixels 0):
