@@ -269,7 +269,8 @@ static int heartbeat_ttl_ms(const dg_worker *w) {
 
 /* The lease's message when Redis refused one of its commands (the ACL): said once here. */
 static int lease_refused(const dg_worker *w, const redisReply *rep) {
-    log_error("the worker id's lease (%s owner): %s", w->keys.worker, rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
+    log_error("the worker id's lease (%s owner): %s", w->keys.worker,
+              rep->type == REDIS_REPLY_ERROR ? rep->str : rep->type == REDIS_REPLY_NIL ? "transaction aborted" : "?");
     return -2;
 }
 
@@ -278,7 +279,8 @@ static int lease_refused(const dg_worker *w, const redisReply *rep) {
  * dead owner's would never lapse while we wait; one left without any gets one). Apart, a
  * worker killed between the two left a lease that never lapsed (every restart waited, then
  * refused), and a reader between them saw a live worker's hash with no time to live.
- * Redis 6 has no PEXPIRE NX: there the two go one after the other. 1 taken, 0 held by
+ * Taken from a hash that kept its time to live (a clean stop deletes only the owner), NX
+ * leaves that one: it is renewed then. Redis 6 has no PEXPIRE NX: there the two go one after the other. 1 taken, 0 held by
  * another, -1 Redis away, -2 refused (said). */
 static int lease_take(dg_worker *w, dg_redis *rd) {
     char ttl[16];
@@ -294,13 +296,23 @@ static int lease_take(dg_worker *w, dg_redis *rd) {
         else if (rep[2]->type == REDIS_REPLY_ERROR && dg_reply_is_error(rep[2], "NOPERM")) rc = lease_refused(w, rep[2]);
         else if (rep[2]->type == REDIS_REPLY_ERROR) apart = 1;   /* Redis 6: no NX (the EXEC aborted) */
         else if (exec->type == REDIS_REPLY_ARRAY && exec->elements == 2 &&
-                 exec->element[0]->type == REDIS_REPLY_INTEGER)
+                 exec->element[0]->type == REDIS_REPLY_INTEGER) {
             rc = (int)exec->element[0]->integer;
-        else rc = lease_refused(w, exec);
+            /* taken from a hash left with its time to live (a clean stop deletes only the
+             * owner): NX kept that shrinking one; the lease is ours, renewed now */
+            if (rc == 1 && exec->element[1]->type == REDIS_REPLY_INTEGER && exec->element[1]->integer == 0) apart = 2;
+        } else if (exec->type == REDIS_REPLY_ARRAY && exec->elements >= 1) {   /* refused at EXEC: its words */
+            rc = lease_refused(w, exec->element[0]);
+        } else rc = lease_refused(w, exec);
         for (int i = 0; i < 4; i++) freeReplyObject(rep[i]);
     }
     for (int i = 0; i < 4; i++) dg_cmd_free(cmds[i]);
-    if (!apart) return rc;
+    if (apart == 2) {
+        redisReply *x = dg_redis_cmdv(rd, "PEXPIRE", w->keys.worker, ttl, NULL);
+        if (!x) return -1;
+        freeReplyObject(x);
+    }
+    if (apart != 1) return rc;
     redisReply *r = dg_redis_cmdv(rd, "HSETNX", w->keys.worker, "owner", w->instance, NULL);
     if (!r) return -1;
     rc = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : lease_refused(w, r);
@@ -514,7 +526,9 @@ static void *keeper_main(void *arg) {
                     unrenewed_said = 0;
                 }
             }
-            if (now >= next_beat) {
+            /* the first beat as soon as the main thread holds the lease (a beat skipped
+             * before it put the first off by heartbeat_ms: the lease's time to live ran on) */
+            if (now >= next_beat && !w->unchecked) {
                 heartbeat(w, &rd);
                 if (w->cfg->metrics_port) queue_figures(w, &rd);
                 next_beat = now + w->cfg->heartbeat_ms;

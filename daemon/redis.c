@@ -468,6 +468,10 @@ static int connect_now(dg_redis *r) {
     if (r->db && setup_cmd(r, "SELECT", redisCommand(r->c, "SELECT %d", r->db))) goto fail;
     if (r->n_sentinels) {
         redisReply *rep = redisCommand(r->c, "ROLE");
+        if (rep && turned_away(r, rep)) {   /* the first command: a server at its maxclients */
+            freeReplyObject(rep);
+            goto fail;
+        }
         int master = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements > 0 &&
                      rep->element[0]->type == REDIS_REPLY_STRING && !strcmp(rep->element[0]->str, "master");
         if (rep && refused_for_good(rep)) {   /* an ACL without ROLE: no retry mends it */

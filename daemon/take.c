@@ -160,8 +160,8 @@ static void last_error(const redisReply *hash, char *out, size_t outlen, int del
                      *state = field(hash, "state"), *attempt = field(hash, "attempt");
     const size_t nc = sizeof DG_TAKE_NOT_COUNTED - 1;
     if (err && err->type == REDIS_REPLY_STRING && err->len > nc && !strcmp(err->str + err->len - nc, DG_TAKE_NOT_COUNTED))
-        snprintf(out, outlen, "gave up after %d deliveries; last error: %.*s, but it died before it gave the job back: "
-                 "that attempt counted", deliveries - 1, (int)(err->len - nc), err->str);
+        snprintf(out, outlen, "gave up after %d deliveries; last error: %s; a delivery after that note counted (the "
+                 "give-back did not land, or the next worker died before it started the job)", deliveries - 1, err->str);
     else if (err && err->type == REDIS_REPLY_STRING && err->len)
         snprintf(out, outlen, "gave up after %d deliveries; last error: %s", deliveries - 1, err->str);
     else if (state && state->type == REDIS_REPLY_STRING && !strcmp(state->str, "running"))

@@ -69,8 +69,10 @@ typedef struct {
 #define DG_TAKE_STEPS_MAX 8
 #define DG_TAKE_RELEASED_MAX 4096   /* entries given back remembered at once (dg_taker) */
 /* How the job hash's note of a run given back at a stop ends (worker.c give_back_at_stop).
- * It is written before the give-back: a delivery given up later that reads it as the last
- * error knows the give-back never came (the worker died between the two), and says so. */
+ * It is written before the give-back, uncounted: a delivery given up later that reads it
+ * as the last error knows a delivery after it counted (the give-back never came: the
+ * worker died between the two, or Redis did not take it; or the next delivery's worker
+ * died before it marked the job), and says so (its dead letter said "not counted" alone). */
 #define DG_TAKE_NOT_COUNTED ", this attempt not counted"
 
 /* The steps run in order; dg_take_step_count() says with which COUNT, and a step with no

@@ -411,6 +411,38 @@ def test_a_sentinel_user_without_role_exits_78(tmpdir_path):
         stop_all(w, sentinel, master)
 
 
+def test_a_master_at_its_maxclients_is_named_under_sentinel(tmpdir_path):
+    """Under Sentinel with no password, ROLE is the first command: a master at its
+    maxclients answers it with its refusal, and the worker said "not a master (yet)"."""
+    d1, ds = os.path.join(tmpdir_path, "m"), os.path.join(tmpdir_path, "s")
+    os.makedirs(d1)
+    os.makedirs(ds)
+    master = RedisServer(d1)
+    sport = free_port()
+    sconf = write(os.path.join(ds, "sentinel.conf"),
+                  f"port {sport}\nbind 127.0.0.1\ndir {ds}\nsentinel monitor dq 127.0.0.1 {master.port} 1\n")
+    sentinel = subprocess.Popen(["redis-server", sconf, "--sentinel"], stdout=subprocess.DEVNULL)
+    model = os.path.join(tmpdir_path, "model")
+    os.makedirs(model)
+    w = None
+    admin = redis.Redis(port=master.port, single_connection_client=True)
+    try:
+        wait_until(lambda: _ping(redis.Redis(port=sport, socket_timeout=5)), what="sentinel")
+        wait_until(lambda: len(admin.client_list()) >= 2, what="the sentinel's connections to the master")
+        admin.config_set("maxclients", str(len(admin.client_list())))
+        w = Worker(tmpdir_path, "redis://127.0.0.1:1/0", "full", model,
+                   args=["--sentinel", f"127.0.0.1:{sport}", "--master-name", "dq"])
+        wait_until(lambda: "turned the connection away: ERR max number of clients reached" in w.logs(), timeout=20,
+                   what="the refusal named")
+        assert "not a master" not in w.logs(), w.logs()
+        admin.config_set("maxclients", "10000")
+        wait_until(lambda: "reconnected to Redis" in w.logs(), timeout=20, what="the worker connected")
+        assert w.alive()
+    finally:
+        admin.close()
+        stop_all(w, sentinel, master)
+
+
 def test_bad_redis_settings_fail_before_the_model_loads(tmpdir_path):
     """A typo in the Redis URL or a password file that cannot be read is said at once, exit
     78, before the model is opened (with a published package that load takes minutes; the

@@ -1416,7 +1416,7 @@ static int cmd_stats(int argc, char **argv) {
             /* a hash with no beat yet: the id's lease taken (its owner field), the first beat
              * to come (it showed "starting" nowhere, and a heartbeat 56 years ago) */
             const char *beat = hstr(h, "updated_ms"), *state = hstr(h, "state");
-            char age[32] = "         -";
+            char age[32] = "          -";   /* as wide as "%6.1fs ago" */
             if (beat[0]) snprintf(age, sizeof age, "%6.1fs ago", (dg_now_ms() - strtoll(beat, NULL, 10)) / 1000.0);
             printf("  %-28s %-9s %-8s %-8s %-7s %s %s\n", wk + strlen(pattern) - 1, state[0] ? state : "starting",
                    hstr(h, "jobs_done"), hstr(h, "jobs_failed"), hstr(h, "jobs_dead"), age, hstr(h, "job"));
