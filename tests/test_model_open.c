@@ -576,17 +576,16 @@ TEST(a_max_pixels_between_patch_groups_runs) {
         char dir[512], err[512];
         small_max_pixels = limits[k];
         if (edited("mllm/preprocessor_config.json", set_small_max_pixels, dir, sizeof dir) < 0) { CHECK(!"package"); return; }
-        dg_model *m = NULL;
-        CHECK_EQ_INT(dg_model_open(dir, NULL, &m, err, sizeof err), 0);
+        dg_model *m = opens(dir);
         if (!m) return;
+        dg_sched *s = NULL;
+        const int rc = dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err);
         size_t len;
         uint8_t *png = test_png(60, 40, 1, &len);
         dg_part parts[2];
         dg_message msg;
         dg_request r = question_about(png, len, parts, &msg);
-        dg_sched *s = NULL;
         test_job c = {0};
-        const int rc = dg_sched_new(m, &(dg_sched_opts){.max_inflight = 1}, &s, err, sizeof err);
         if (rc) test_fail(__FILE__, __LINE__, "max_pixels %lld: %s", (long long)limits[k], err);
         if (!rc) CHECK_EQ_INT(test_job_run(s, &r, &c), 0);
         test_job_free(&c);

@@ -385,20 +385,27 @@ def test_a_passing_refusal_is_waited_out(tmpdir_path):
         srv.wait(10)
 
 
-def test_a_sentinel_user_without_role_exits_78(tmpdir_path):
-    """Under Sentinel the worker checks the master's ROLE; an ACL without it was reported as
-    "not a master (yet)" for ever. It is a refusal no retry mends: exit 78 naming it."""
+def master_and_sentinel(tmpdir_path):
+    """A master, a Sentinel monitoring it as "dq", and a model directory: (master, the
+    Sentinel's process, its port, the model directory)."""
     d1, ds = os.path.join(tmpdir_path, "m"), os.path.join(tmpdir_path, "s")
     os.makedirs(d1)
     os.makedirs(ds)
     master = RedisServer(d1)
-    master.client().execute_command("ACL", "SETUSER", "w", "on", ">pw", "~*", "&*", "+@all", "-role")
     sport = free_port()
     sconf = write(os.path.join(ds, "sentinel.conf"),
                   f"port {sport}\nbind 127.0.0.1\ndir {ds}\nsentinel monitor dq 127.0.0.1 {master.port} 1\n")
     sentinel = subprocess.Popen(["redis-server", sconf, "--sentinel"], stdout=subprocess.DEVNULL)
     model = os.path.join(tmpdir_path, "model")
     os.makedirs(model)
+    return master, sentinel, sport, model
+
+
+def test_a_sentinel_user_without_role_exits_78(tmpdir_path):
+    """Under Sentinel the worker checks the master's ROLE; an ACL without it was reported as
+    "not a master (yet)" for ever. It is a refusal no retry mends: exit 78 naming it."""
+    master, sentinel, sport, model = master_and_sentinel(tmpdir_path)
+    master.client().execute_command("ACL", "SETUSER", "w", "on", ">pw", "~*", "&*", "+@all", "-role")
     pwfile = write(os.path.join(tmpdir_path, "w.pw"), "pw\n")
     w = None
     try:
@@ -414,16 +421,7 @@ def test_a_sentinel_user_without_role_exits_78(tmpdir_path):
 def test_a_master_at_its_maxclients_is_named_under_sentinel(tmpdir_path):
     """Under Sentinel with no password, ROLE is the first command: a master at its
     maxclients answers it with its refusal, and the worker said "not a master (yet)"."""
-    d1, ds = os.path.join(tmpdir_path, "m"), os.path.join(tmpdir_path, "s")
-    os.makedirs(d1)
-    os.makedirs(ds)
-    master = RedisServer(d1)
-    sport = free_port()
-    sconf = write(os.path.join(ds, "sentinel.conf"),
-                  f"port {sport}\nbind 127.0.0.1\ndir {ds}\nsentinel monitor dq 127.0.0.1 {master.port} 1\n")
-    sentinel = subprocess.Popen(["redis-server", sconf, "--sentinel"], stdout=subprocess.DEVNULL)
-    model = os.path.join(tmpdir_path, "model")
-    os.makedirs(model)
+    master, sentinel, sport, model = master_and_sentinel(tmpdir_path)
     w = None
     admin = redis.Redis(port=master.port, single_connection_client=True)
     try:
