@@ -280,8 +280,8 @@ static int lease_refused(const dg_worker *w, const redisReply *rep) {
  * worker killed between the two left a lease that never lapsed (every restart waited, then
  * refused), and a reader between them saw a live worker's hash with no time to live.
  * Taken from a hash that kept its time to live (a clean stop deletes only the owner), NX
- * leaves that one: it is renewed then. Redis 6 has no PEXPIRE NX: there the two go one after the other. 1 taken, 0 held by
- * another, -1 Redis away, -2 refused (said). */
+ * leaves that one: it is renewed then. Redis 6 has no PEXPIRE NX: there the two go one
+ * after the other. 1 taken, 0 held by another, -1 Redis away, -2 refused (said). */
 static int lease_take(dg_worker *w, dg_redis *rd) {
     char ttl[16];
     snprintf(ttl, sizeof ttl, "%d", heartbeat_ttl_ms(w));

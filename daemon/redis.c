@@ -429,9 +429,8 @@ static int setup_cmd(dg_redis *r, const char *what, redisReply *rep) {
         snprintf(r->error, sizeof r->error, "%s: %s", what, r->c->errstr);
         return -1;
     }
-    int bad = rep->type == REDIS_REPLY_ERROR;
-    if (bad && turned_away(r, rep)) {
-    } else if (bad) {
+    const int bad = rep->type == REDIS_REPLY_ERROR;
+    if (bad && !turned_away(r, rep)) {   /* turned away: said by it, and retried */
         snprintf(r->error, sizeof r->error, "%s refused: %s", what, rep->str);
         if (refused_for_good(rep)) r->fatal = 1;
     }

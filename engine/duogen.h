@@ -214,8 +214,8 @@ typedef struct {
     int64_t dit_forwards;            /* DiT network evaluations: steps per image, twice that
                                         with guidance (both branches run in one forward) */
     int64_t nonfinite_images;        /* drawn pictures whose decoded values held NaN or
-                                        infinities (black there): the warm-up's refuses the
-                                        package */
+                                        infinities (black there): a warm-up with one refuses
+                                        the package */
 } dg_usage;
 
 /* Where a job's time went. A forward that served several jobs at once (docs/DESIGN.md §6
