@@ -307,17 +307,13 @@ static int lease_take(dg_worker *w, dg_redis *rd) {
         for (int i = 0; i < 4; i++) freeReplyObject(rep[i]);
     }
     for (int i = 0; i < 4; i++) dg_cmd_free(cmds[i]);
-    if (apart == 2) {
-        redisReply *x = dg_redis_cmdv(rd, "PEXPIRE", w->keys.worker, ttl, NULL);
-        if (!x) return -1;
-        freeReplyObject(x);
+    if (apart == 1) {   /* Redis 6 */
+        redisReply *r = dg_redis_cmdv(rd, "HSETNX", w->keys.worker, "owner", w->instance, NULL);
+        if (!r) return -1;
+        rc = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : lease_refused(w, r);
+        freeReplyObject(r);
     }
-    if (apart != 1) return rc;
-    redisReply *r = dg_redis_cmdv(rd, "HSETNX", w->keys.worker, "owner", w->instance, NULL);
-    if (!r) return -1;
-    rc = r->type == REDIS_REPLY_INTEGER ? (int)r->integer : lease_refused(w, r);
-    freeReplyObject(r);
-    if (rc == 1) {
+    if (apart && rc == 1) {   /* the lease ours, its time to live set whole */
         redisReply *x = dg_redis_cmdv(rd, "PEXPIRE", w->keys.worker, ttl, NULL);
         if (!x) return -1;
         freeReplyObject(x);

@@ -1,6 +1,8 @@
 /* file.c — opening a model's files for reading (see file.h). */
 #include "io/file.h"
 
+#include "duogen.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -30,4 +32,15 @@ int dg_open_regular(const char *path, char *why, size_t n) {
     const int fl = fcntl(fd, F_GETFL);   /* reads of a regular file block as they always do */
     if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
     return fd;
+}
+
+int dg_fopen_regular(const char *path, FILE **f, char *why, size_t n) {
+    const int fd = dg_open_regular(path, why, n);
+    if (fd < 0) return DG_EMODEL;
+    if (!(*f = fdopen(fd, "rb"))) {
+        snprintf(why, n, "%s", strerror(errno));
+        close(fd);
+        return DG_ENOMEM;
+    }
+    return 0;
 }

@@ -1,13 +1,11 @@
 /* config.c — config.json reading with jansson. */
 #include "mllm/qwen2vl_config.h"
 
-#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "duogen.h"
 #include "io/file.h"
@@ -434,12 +432,11 @@ int dg_config_load(const char *dir, dg_qwen2vl_config *c, char *err, size_t errl
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
     char why[128];
-    const int fd = dg_open_regular(path, why, sizeof why);
-    FILE *f = fd < 0 ? NULL : fdopen(fd, "rb");
-    if (!f) {
-        snprintf(err, errlen, "%s: cannot open: %s", path, fd < 0 ? why : strerror(errno));
-        if (fd >= 0) close(fd);
-        return fd < 0 ? DG_EMODEL : DG_ENOMEM;
+    FILE *f;
+    const int opened = dg_fopen_regular(path, &f, why, sizeof why);
+    if (opened) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, why);
+        return opened;
     }
     char *buf = NULL;
     size_t len = 0, cap = 0, r;

@@ -152,13 +152,10 @@ static int merge_add(const json_t *vocab, const char *l, size_t ll, const char *
 /* merges.txt: an optional "#version" first line, then "left right" per line (LF or CRLF). */
 static int merges_txt_load(const char *path, const json_t *vocab, dg_tok_files *f, char *err, size_t errlen) {
     char why[128];
-    const int fd = dg_open_regular(path, why, sizeof why);
-    if (fd < 0) return fail(err, errlen, "%s: cannot read: %s", path, why);
-    FILE *fp = fdopen(fd, "rb");
-    if (!fp) {
-        close(fd);
-        return DG_ENOMEM;   /* dg_tok_files_load says it */
-    }
+    FILE *fp;
+    const int opened = dg_fopen_regular(path, &fp, why, sizeof why);
+    if (opened == DG_ENOMEM) return DG_ENOMEM;   /* dg_tok_files_load says it */
+    if (opened) return fail(err, errlen, "%s: cannot read: %s", path, why);
     char *line = NULL;
     size_t line_cap = 0, cap = 0;
     ssize_t n;
